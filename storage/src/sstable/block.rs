@@ -1,0 +1,313 @@
+//! Data and index blocks: sorted entries with prefix-compressed keys and restart points.
+//!
+//! ```text
+//! block   = entry* | restart u32 LE * n | n u32 LE
+//! entry   = shared uvarint | unshared uvarint | value_len uvarint | key[shared..] | value
+//! ```
+//!
+//! Every `BLOCK_RESTART_INTERVAL`-th entry is a restart point: it stores its whole key
+//! (`shared = 0`) and its offset is listed in the trailer, so a seek binary-searches the
+//! restart points and then scans at most one interval.
+//!
+//! A block is checked whole when it is loaded ([`Block::parse`]): lengths in range, restarts in
+//! order and at entries with `shared = 0`, keys strictly increasing and structurally valid.
+//! After that, iteration cannot fail.
+
+use std::sync::Arc;
+
+use crate::coding::{put_uvarint, DecodeError, Reader};
+use crate::key::KeyRef;
+use crate::limits::BLOCK_BYTES_MAX;
+
+/// Builds one block.
+#[derive(Debug, Default)]
+pub struct BlockBuilder {
+    buf: Vec<u8>,
+    restarts: Vec<u32>,
+    last_key: Vec<u8>,
+    count: usize,
+    restart_interval: usize,
+}
+
+impl BlockBuilder {
+    /// A builder with the given restart interval.
+    pub fn new(restart_interval: usize) -> Self {
+        BlockBuilder { restart_interval: restart_interval.max(1), ..Default::default() }
+    }
+
+    /// Appends an entry; keys must be strictly increasing.
+    pub fn add(&mut self, key: &[u8], value: &[u8]) {
+        assert!(self.count == 0 || key > self.last_key.as_slice(), "block keys must increase");
+        let shared = if self.count % self.restart_interval == 0 {
+            self.restarts.push(self.buf.len() as u32);
+            0
+        } else {
+            key.iter().zip(&self.last_key).take_while(|(a, b)| a == b).count()
+        };
+        put_uvarint(&mut self.buf, shared as u64);
+        put_uvarint(&mut self.buf, (key.len() - shared) as u64);
+        put_uvarint(&mut self.buf, value.len() as u64);
+        self.buf.extend_from_slice(&key[shared..]);
+        self.buf.extend_from_slice(value);
+        self.last_key.clear();
+        self.last_key.extend_from_slice(key);
+        self.count += 1;
+    }
+
+    /// Bytes the finished block would take.
+    pub fn size_estimate(&self) -> usize {
+        self.buf.len() + 4 * self.restarts.len() + 4
+    }
+
+    /// Entries added.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// True if no entry was added.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The last key added.
+    pub fn last_key(&self) -> &[u8] {
+        &self.last_key
+    }
+
+    /// Finishes the block and resets the builder.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.buf);
+        if self.restarts.is_empty() {
+            self.restarts.push(0);
+        }
+        for r in &self.restarts {
+            out.extend_from_slice(&r.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.restarts.len() as u32).to_le_bytes());
+        self.restarts.clear();
+        self.last_key.clear();
+        self.count = 0;
+        out
+    }
+}
+
+/// One entry's location inside a block's data.
+#[derive(Debug, Clone, Copy)]
+struct EntryPos {
+    key_start: u32,
+    value_start: u32,
+    value_end: u32,
+}
+
+/// A loaded, checked block. Keys are materialised once at load (prefix compression undone) so
+/// that iterators hand out slices.
+#[derive(Debug)]
+pub struct Block {
+    keys: Vec<u8>,
+    data: Vec<u8>,
+    entries: Vec<EntryPos>,
+    key_ends: Vec<u32>,
+}
+
+impl Block {
+    /// Parses and checks a block. `full_keys` requires every key to be a valid internal key.
+    pub fn parse(data: Vec<u8>) -> Result<Block, DecodeError> {
+        if data.len() > BLOCK_BYTES_MAX || data.len() < 4 {
+            return Err("block size out of range");
+        }
+        let n = data.len();
+        let nrestarts = u32::from_le_bytes([data[n - 4], data[n - 3], data[n - 2], data[n - 1]]) as usize;
+        if nrestarts == 0 || nrestarts > (n - 4) / 4 {
+            return Err("bad restart count");
+        }
+        let entries_end = n - 4 - 4 * nrestarts;
+        let mut restarts = Vec::with_capacity(nrestarts);
+        let mut r = Reader::new(&data[entries_end..n - 4]);
+        for _ in 0..nrestarts {
+            restarts.push(r.u32_le()? as usize);
+        }
+        if restarts[0] != 0 || restarts.windows(2).any(|w| w[0] >= w[1]) || restarts.iter().any(|&x| x > entries_end) {
+            return Err("restart points out of order");
+        }
+        let mut keys: Vec<u8> = Vec::new();
+        let mut key_ends = Vec::new();
+        let mut entries = Vec::new();
+        let mut r = Reader::new(&data[..entries_end]);
+        let mut next_restart = 0;
+        let mut prev: Option<(usize, usize)> = None;
+        while !r.is_empty() {
+            let off = r.pos();
+            let at_restart = restarts.get(next_restart) == Some(&off);
+            if restarts.get(next_restart).is_some_and(|&x| x < off) {
+                return Err("restart point inside an entry");
+            }
+            let shared = r.len(BLOCK_BYTES_MAX)?;
+            let unshared = r.len(BLOCK_BYTES_MAX)?;
+            let vlen = r.len(BLOCK_BYTES_MAX)?;
+            if at_restart {
+                next_restart += 1;
+                if shared != 0 {
+                    return Err("restart entry shares a prefix");
+                }
+            }
+            let start = keys.len();
+            match prev {
+                Some((ps, pe)) if shared <= pe - ps => keys.extend_from_within(ps..ps + shared),
+                None if shared == 0 => {}
+                _ => return Err("shared prefix longer than previous key"),
+            }
+            keys.extend_from_slice(r.bytes(unshared)?);
+            let key_start = r.pos() as u32;
+            let value_start = r.pos();
+            r.bytes(vlen)?;
+            let end = keys.len();
+            if let Some((ps, pe)) = prev {
+                if keys[start..end] <= keys[ps..pe] {
+                    return Err("block keys not increasing");
+                }
+            }
+            if KeyRef::parse(&keys[start..end]).is_none() {
+                return Err("malformed key in block");
+            }
+            entries.push(EntryPos { key_start, value_start: value_start as u32, value_end: r.pos() as u32 });
+            key_ends.push(end as u32);
+            prev = Some((start, end));
+        }
+        if next_restart != restarts.len() {
+            return Err("restart point past the last entry");
+        }
+        if entries.is_empty() {
+            return Err("empty block");
+        }
+        Ok(Block { keys, data, entries, key_ends })
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if the block has no entry (never, for a parsed block).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The key of entry `i`.
+    pub fn key(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.key_ends[i - 1] as usize };
+        &self.keys[start..self.key_ends[i] as usize]
+    }
+
+    /// The value of entry `i`.
+    pub fn value(&self, i: usize) -> &[u8] {
+        let e = self.entries[i];
+        debug_assert!(e.key_start <= e.value_start);
+        &self.data[e.value_start as usize..e.value_end as usize]
+    }
+
+    /// Index of the first entry with key >= `target` (`len()` if none).
+    pub fn seek(&self, target: &[u8]) -> usize {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.key(mid) < target {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+}
+
+/// A cursor over a shared block.
+#[derive(Debug, Clone)]
+pub struct BlockIter {
+    block: Arc<Block>,
+    i: usize,
+}
+
+impl BlockIter {
+    /// A cursor at the first entry.
+    pub fn new(block: Arc<Block>) -> Self {
+        BlockIter { block, i: 0 }
+    }
+    /// Moves to the first entry >= `target`.
+    pub fn seek(&mut self, target: &[u8]) {
+        self.i = self.block.seek(target);
+    }
+    /// True while positioned at an entry.
+    pub fn valid(&self) -> bool {
+        self.i < self.block.len()
+    }
+    /// Current key.
+    pub fn key(&self) -> &[u8] {
+        self.block.key(self.i)
+    }
+    /// Current value.
+    pub fn value(&self) -> &[u8] {
+        self.block.value(self.i)
+    }
+    /// Advances.
+    pub fn next(&mut self) {
+        self.i += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::encode;
+    use crate::types::{EventTime, FeatureId, SystemTime};
+
+    fn keys(n: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                encode(format!("entity{:04}", i / 3).as_bytes(), FeatureId(i as u32 % 3), EventTime(5), SystemTime(1))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn build_parse_seek() {
+        let ks = keys(100);
+        let mut b = BlockBuilder::new(16);
+        for (i, k) in ks.iter().enumerate() {
+            b.add(k, format!("v{i}").as_bytes());
+        }
+        let blk = Block::parse(b.finish()).expect("parses");
+        assert_eq!(blk.len(), 100);
+        for (i, k) in ks.iter().enumerate() {
+            assert_eq!(blk.key(i), k.as_slice());
+            assert_eq!(blk.value(i), format!("v{i}").as_bytes());
+            assert_eq!(blk.seek(k), i);
+        }
+        assert_eq!(blk.seek(b"\xff"), 100);
+        assert_eq!(blk.seek(b""), 0);
+    }
+
+    #[test]
+    fn every_truncation_and_flip_is_rejected_or_consistent() {
+        let ks = keys(40);
+        let mut b = BlockBuilder::new(4);
+        for k in &ks {
+            b.add(k, b"x");
+        }
+        let raw = b.finish();
+        for cut in 0..raw.len() {
+            assert!(Block::parse(raw[..cut].to_vec()).is_err(), "cut at {cut}");
+        }
+        for i in 0..raw.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = raw.clone();
+                bad[i] ^= bit;
+                if let Ok(blk) = Block::parse(bad) {
+                    // A flip that still parses must leave a block whose keys are ordered.
+                    for j in 1..blk.len() {
+                        assert!(blk.key(j - 1) < blk.key(j));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Sorted string tables: the immutable files of the LSM tree.
+//!
+//! ```text
+//! table   = data block* | filter block | index block | footer
+//! block on disk = payload | compression u8 (0 none, 1 zstd) | crc u32 LE
+//! crc     = CRC-32 of (payload, compression byte), started from seed(offset of the block)
+//! index   = a block whose entries map the last key of each data block to its handle
+//! handle  = offset uvarint | payload length uvarint
+//! footer  = filter offset u64 | filter len u64 | index offset u64 | index len u64
+//!         | format version u32 | crc u32 (CRC-32 of the 36 bytes before it) | magic u64   (48 bytes, LE)
+//! ```
+//!
+//! The block checksum is seeded with the block's offset so that a block copied or swapped to
+//! another place in the file fails its check. Payloads of compressed blocks decompress to the
+//! block format of [`block`].
+
+pub mod block;
+pub mod bloom;
+pub mod reader;
+pub mod writer;
+
+pub use reader::{Table, TableIter};
+pub use writer::{TableInfo, TableWriter};
+
+/// Magic number at the very end of every table: "QUIVSST1".
+pub const MAGIC: u64 = u64::from_le_bytes(*b"QUIVSST1");
+/// Format version this code writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Oldest format version this code reads.
+pub const FORMAT_VERSION_READ_MIN: u32 = 1;
+
+const FILTER_OFFSET_AT: usize = 0;
+const FILTER_LEN_AT: usize = FILTER_OFFSET_AT + 8;
+const INDEX_OFFSET_AT: usize = FILTER_LEN_AT + 8;
+const INDEX_LEN_AT: usize = INDEX_OFFSET_AT + 8;
+const VERSION_AT: usize = INDEX_LEN_AT + 8;
+const CRC_AT: usize = VERSION_AT + 4;
+const MAGIC_AT: usize = CRC_AT + 4;
+/// Bytes of the footer.
+pub const FOOTER_BYTES: usize = MAGIC_AT + 8;
+const _: () = assert!(FOOTER_BYTES == 48);
+
+/// Bytes after each block payload: compression byte and crc.
+pub const BLOCK_TRAILER_BYTES: usize = 5;
+
+/// Block compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Blocks stored as they are.
+    None,
+    /// zstd at the given level.
+    Zstd(i32),
+}
+
+const COMPRESSION_NONE: u8 = 0;
+const COMPRESSION_ZSTD: u8 = 1;
+
+fn block_crc(offset: u64, payload: &[u8], compression: u8) -> u32 {
+    let seed = (offset as u32) ^ ((offset >> 32) as u32) ^ 0x5353_5431;
+    let mut h = crc32fast::Hasher::new_with_initial(seed);
+    h.update(payload);
+    h.update(&[compression]);
+    h.finalize()
+}
+
+/// Where a block is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockHandle {
+    /// Offset of the payload.
+    pub offset: u64,
+    /// Length of the payload (without trailer).
+    pub len: u64,
+}
+
+/// The decoded footer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footer {
+    /// The filter block.
+    pub filter: BlockHandle,
+    /// The index block.
+    pub index: BlockHandle,
+    /// Format version.
+    pub version: u32,
+}
+
+impl Footer {
+    /// Encodes the footer.
+    pub fn encode(&self) -> [u8; FOOTER_BYTES] {
+        let mut out = [0u8; FOOTER_BYTES];
+        out[FILTER_OFFSET_AT..FILTER_LEN_AT].copy_from_slice(&self.filter.offset.to_le_bytes());
+        out[FILTER_LEN_AT..INDEX_OFFSET_AT].copy_from_slice(&self.filter.len.to_le_bytes());
+        out[INDEX_OFFSET_AT..INDEX_LEN_AT].copy_from_slice(&self.index.offset.to_le_bytes());
+        out[INDEX_LEN_AT..VERSION_AT].copy_from_slice(&self.index.len.to_le_bytes());
+        out[VERSION_AT..CRC_AT].copy_from_slice(&self.version.to_le_bytes());
+        let crc = crc32fast::hash(&out[..CRC_AT]);
+        out[CRC_AT..MAGIC_AT].copy_from_slice(&crc.to_le_bytes());
+        out[MAGIC_AT..].copy_from_slice(&MAGIC.to_le_bytes());
+        out
+    }
+
+    /// Decodes and checks a footer.
+    pub fn decode(b: &[u8; FOOTER_BYTES]) -> Result<Footer, &'static str> {
+        let u64_at = |at: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[at..at + 8]);
+            u64::from_le_bytes(a)
+        };
+        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        if u64_at(MAGIC_AT) != MAGIC {
+            return Err("bad magic number (not a Quiver table)");
+        }
+        if u32_at(CRC_AT) != crc32fast::hash(&b[..CRC_AT]) {
+            return Err("footer checksum mismatch");
+        }
+        let version = u32_at(VERSION_AT);
+        if !(FORMAT_VERSION_READ_MIN..=FORMAT_VERSION).contains(&version) {
+            return Err("unsupported table format version");
+        }
+        Ok(Footer {
+            filter: BlockHandle { offset: u64_at(FILTER_OFFSET_AT), len: u64_at(FILTER_LEN_AT) },
+            index: BlockHandle { offset: u64_at(INDEX_OFFSET_AT), len: u64_at(INDEX_LEN_AT) },
+            version,
+        })
+    }
+}
+
+/// The file name of table `n`.
+pub fn table_name(n: u64) -> String {
+    format!("{n:06}.sst")
+}
+
+/// Parses a table file name.
+pub fn parse_table_name(name: &str) -> Option<u64> {
+    name.strip_suffix(".sst")?.parse().ok()
+}

@@ -1,0 +1,286 @@
+//! Opens and reads tables. Data blocks are read through the [`crate::fs::File`] trait
+//! (`read_exact_at`, i.e. `pread` on [`crate::fs::RealFs`]), the seam where the io_uring tier
+//! plugs in. The index and the filter are read and checked once at open and kept in memory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::block::{Block, BlockIter};
+use super::bloom::{self, Bloom};
+use super::{
+    block_crc, table_name, BlockHandle, Footer, BLOCK_TRAILER_BYTES, COMPRESSION_NONE, COMPRESSION_ZSTD, FOOTER_BYTES,
+};
+use crate::coding::Reader;
+use crate::fs::{File, Fs};
+use crate::key;
+use crate::limits::BLOCK_BYTES_MAX;
+use crate::types::{EventTime, SystemTime};
+use crate::{Error, Result};
+
+/// An open table.
+#[derive(Debug)]
+pub struct Table {
+    file: Arc<dyn File>,
+    path: PathBuf,
+    number: u64,
+    size: u64,
+    index: Vec<(Vec<u8>, BlockHandle)>,
+    filter: Bloom,
+}
+
+impl Table {
+    /// Opens table `number` in `dir`, checking its footer, index and filter.
+    pub fn open(fs: &dyn Fs, dir: &Path, number: u64) -> Result<Arc<Table>> {
+        let path = dir.join(table_name(number));
+        let file = fs.open(&path)?;
+        Self::from_file(file, path, number)
+    }
+
+    /// Opens a table from an open file.
+    pub fn from_file(file: Arc<dyn File>, path: PathBuf, number: u64) -> Result<Arc<Table>> {
+        let size = file.len()?;
+        let corrupt = |offset: u64, what: &str| Error::corruption(&path, offset, what);
+        if size < FOOTER_BYTES as u64 {
+            return Err(corrupt(0, "file shorter than a table footer"));
+        }
+        let mut fb = [0u8; FOOTER_BYTES];
+        let footer_at = size - FOOTER_BYTES as u64;
+        file.read_exact_at(&mut fb, footer_at)?;
+        let footer = Footer::decode(&fb).map_err(|w| corrupt(footer_at, w))?;
+        let end_of =
+            |h: BlockHandle| h.offset.checked_add(h.len).and_then(|e| e.checked_add(BLOCK_TRAILER_BYTES as u64));
+        if end_of(footer.filter) != Some(footer.index.offset) || end_of(footer.index) != Some(footer_at) {
+            return Err(corrupt(footer_at, "footer block handles do not tile the file"));
+        }
+        let mut t = Table {
+            file,
+            path: path.clone(),
+            number,
+            size,
+            index: Vec::new(),
+            filter: Bloom::parse(vec![0, 1]).map_err(|w| corrupt(0, w))?,
+        };
+        let filter_raw = t.read_block_raw(footer.filter)?;
+        t.filter = Bloom::parse(filter_raw).map_err(|w| corrupt(footer.filter.offset, w))?;
+        let index_block = Block::parse(t.read_block_raw(footer.index)?).map_err(|w| corrupt(footer.index.offset, w))?;
+        let mut next_offset = 0u64;
+        for i in 0..index_block.len() {
+            let mut r = Reader::new(index_block.value(i));
+            let h = (|| -> std::result::Result<BlockHandle, &'static str> {
+                let h = BlockHandle { offset: r.uvarint()?, len: r.uvarint()? };
+                if !r.is_empty() {
+                    return Err("trailing bytes in block handle");
+                }
+                Ok(h)
+            })()
+            .map_err(|w| corrupt(footer.index.offset, w))?;
+            if h.offset != next_offset || h.len > BLOCK_BYTES_MAX as u64 {
+                return Err(corrupt(footer.index.offset, "index handle out of place"));
+            }
+            next_offset = end_of(h).ok_or_else(|| corrupt(footer.index.offset, "index handle overflows"))?;
+            t.index.push((index_block.key(i).to_vec(), h));
+        }
+        if next_offset != footer.filter.offset || t.index.is_empty() {
+            return Err(corrupt(footer.index.offset, "index does not cover the data blocks"));
+        }
+        Ok(Arc::new(t))
+    }
+
+    /// File number.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// File size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of data blocks.
+    pub fn block_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Handle of data block `i`.
+    pub fn block_handle(&self, i: usize) -> BlockHandle {
+        self.index[i].1
+    }
+
+    fn read_block_raw(&self, h: BlockHandle) -> Result<Vec<u8>> {
+        let corrupt = |what: &str| Error::corruption(&self.path, h.offset, what);
+        let total =
+            usize::try_from(h.len).ok().filter(|&l| l <= BLOCK_BYTES_MAX).ok_or_else(|| corrupt("block too large"))?;
+        let mut buf = vec![0u8; total + BLOCK_TRAILER_BYTES];
+        self.file.read_exact_at(&mut buf, h.offset)?;
+        let ctype = buf[total];
+        let crc = u32::from_le_bytes([buf[total + 1], buf[total + 2], buf[total + 3], buf[total + 4]]);
+        if block_crc(h.offset, &buf[..total], ctype) != crc {
+            return Err(corrupt("block checksum mismatch"));
+        }
+        buf.truncate(total);
+        match ctype {
+            COMPRESSION_NONE => Ok(buf),
+            COMPRESSION_ZSTD => {
+                zstd::bulk::decompress(&buf, BLOCK_BYTES_MAX).map_err(|_| corrupt("zstd block does not decompress"))
+            }
+            _ => Err(corrupt("unknown block compression")),
+        }
+    }
+
+    /// Reads, checks and parses data block `i`.
+    pub fn read_block(&self, i: usize) -> Result<Arc<Block>> {
+        let h = self.index[i].1;
+        let block = Block::parse(self.read_block_raw(h)?).map_err(|w| Error::corruption(&self.path, h.offset, w))?;
+        if block.key(block.len() - 1) != self.index[i].0.as_slice() {
+            return Err(Error::corruption(&self.path, h.offset, "block's last key differs from its index entry"));
+        }
+        Ok(Arc::new(block))
+    }
+
+    /// False if no key with this `(entity, feature)` prefix is in the table.
+    pub fn may_contain_prefix(&self, prefix: &[u8]) -> bool {
+        self.filter.may_contain(bloom::hash(prefix))
+    }
+
+    /// Index of the first block whose last key is >= `target`.
+    fn block_for(&self, target: &[u8]) -> usize {
+        self.index.partition_point(|(last, _)| last.as_slice() < target)
+    }
+
+    /// An iterator over the table.
+    pub fn iter(self: &Arc<Self>) -> TableIter {
+        TableIter { table: self.clone(), block_idx: self.index.len(), cur: None }
+    }
+
+    /// The newest version of `prefix` visible to an as-of read: the first key at or after
+    /// `(prefix, as_of, MAX)` with event time >= `event_time_min` and system time <= `known_at`.
+    pub fn get_best(
+        &self,
+        prefix: &[u8],
+        seek: &[u8],
+        event_time_min: EventTime,
+        known_at: SystemTime,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        if !self.may_contain_prefix(prefix) {
+            return Ok(None);
+        }
+        let mut bi = self.block_for(seek);
+        let mut first = true;
+        while bi < self.index.len() {
+            let block = self.read_block(bi)?;
+            let mut it = BlockIter::new(block);
+            if first {
+                it.seek(seek);
+                first = false;
+            }
+            while it.valid() {
+                let k = it.key();
+                if key::prefix_of(k) != prefix || key::event_time_of(k) < event_time_min {
+                    return Ok(None);
+                }
+                if key::system_time_of(k) <= known_at {
+                    return Ok(Some((k.to_vec(), it.value().to_vec())));
+                }
+                it.next();
+            }
+            bi += 1;
+        }
+        Ok(None)
+    }
+
+    /// Reads every block and checks every checksum and ordering; returns the entry count.
+    pub fn verify(&self) -> Result<u64> {
+        let mut n = 0u64;
+        let mut prev: Option<Vec<u8>> = None;
+        for i in 0..self.index.len() {
+            let b = self.read_block(i)?;
+            if let Some(p) = &prev {
+                if b.key(0) <= p.as_slice() {
+                    return Err(Error::corruption(
+                        &self.path,
+                        self.index[i].1.offset,
+                        "keys not increasing across blocks",
+                    ));
+                }
+            }
+            prev = Some(b.key(b.len() - 1).to_vec());
+            n += b.len() as u64;
+        }
+        Ok(n)
+    }
+}
+
+/// A cursor over a table's entries in key order.
+#[derive(Debug, Clone)]
+pub struct TableIter {
+    table: Arc<Table>,
+    block_idx: usize,
+    cur: Option<BlockIter>,
+}
+
+impl TableIter {
+    fn load(&mut self) -> Result<()> {
+        self.cur = None;
+        while self.block_idx < self.table.index.len() {
+            let it = BlockIter::new(self.table.read_block(self.block_idx)?);
+            if it.valid() {
+                self.cur = Some(it);
+                return Ok(());
+            }
+            self.block_idx += 1;
+        }
+        Ok(())
+    }
+
+    /// Moves to the first entry.
+    pub fn seek_to_first(&mut self) -> Result<()> {
+        self.block_idx = 0;
+        self.load()
+    }
+
+    /// Moves to the first entry with key >= `target`.
+    pub fn seek(&mut self, target: &[u8]) -> Result<()> {
+        self.block_idx = self.table.block_for(target);
+        self.load()?;
+        if let Some(it) = &mut self.cur {
+            it.seek(target);
+            if !it.valid() {
+                self.block_idx += 1;
+                self.load()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// True while positioned at an entry.
+    pub fn valid(&self) -> bool {
+        self.cur.as_ref().is_some_and(BlockIter::valid)
+    }
+
+    /// Current key (only while valid).
+    pub fn key(&self) -> &[u8] {
+        self.cur.as_ref().map_or(&[], BlockIter::key)
+    }
+
+    /// Current value (only while valid).
+    pub fn value(&self) -> &[u8] {
+        self.cur.as_ref().map_or(&[], BlockIter::value)
+    }
+
+    /// Advances to the next entry.
+    pub fn next(&mut self) -> Result<()> {
+        if let Some(it) = &mut self.cur {
+            it.next();
+            if !it.valid() {
+                self.block_idx += 1;
+                self.load()?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,200 @@
+//! Writes one table: to `NNNNNN.sst.tmp`, fsync, rename to `NNNNNN.sst`, fsync the directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::block::BlockBuilder;
+use super::{
+    block_crc, bloom, table_name, BlockHandle, Compression, Footer, COMPRESSION_NONE, COMPRESSION_ZSTD, FORMAT_VERSION,
+};
+use crate::coding::put_uvarint;
+use crate::fs::{File, Fs};
+use crate::key;
+use crate::limits::{BLOCK_RESTART_INTERVAL, BLOOM_BITS_PER_KEY};
+use crate::types::SystemTime;
+use crate::{Error, Result};
+
+/// What a finished table holds (recorded in the manifest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    /// File number.
+    pub number: u64,
+    /// File size in bytes.
+    pub size: u64,
+    /// Smallest key.
+    pub smallest: Vec<u8>,
+    /// Largest key.
+    pub largest: Vec<u8>,
+    /// Number of entries.
+    pub entries: u64,
+    /// Smallest system time of any entry.
+    pub system_time_min: SystemTime,
+    /// Greatest system time of any entry.
+    pub system_time_max: SystemTime,
+}
+
+/// Builds a table from entries added in key order.
+#[derive(Debug)]
+pub struct TableWriter {
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    file: Arc<dyn File>,
+    tmp: PathBuf,
+    number: u64,
+    offset: u64,
+    block_size: usize,
+    compression: Compression,
+    data: BlockBuilder,
+    index: BlockBuilder,
+    prefix_hashes: Vec<u64>,
+    last_prefix: Vec<u8>,
+    smallest: Vec<u8>,
+    entries: u64,
+    system_time_min: u64,
+    system_time_max: u64,
+    scratch: Vec<u8>,
+}
+
+impl TableWriter {
+    /// Starts table `number` in `dir`.
+    pub fn create(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        number: u64,
+        block_size: usize,
+        compression: Compression,
+    ) -> Result<Self> {
+        let tmp = dir.join(format!("{}.tmp", table_name(number)));
+        let file = fs.create(&tmp)?;
+        Ok(TableWriter {
+            fs,
+            dir: dir.to_path_buf(),
+            file,
+            tmp,
+            number,
+            offset: 0,
+            block_size: block_size.max(64),
+            compression,
+            data: BlockBuilder::new(BLOCK_RESTART_INTERVAL),
+            index: BlockBuilder::new(1),
+            prefix_hashes: Vec::new(),
+            last_prefix: Vec::new(),
+            smallest: Vec::new(),
+            entries: 0,
+            system_time_min: u64::MAX,
+            system_time_max: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Entries added so far.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// Bytes written so far plus the pending block.
+    pub fn size_estimate(&self) -> u64 {
+        self.offset + self.data.size_estimate() as u64
+    }
+
+    /// The table's file number.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// True if the next added key would start a new `(entity, feature)` prefix.
+    pub fn at_prefix_boundary(&self, next_key: &[u8]) -> bool {
+        key::prefix_of(next_key) != self.last_prefix.as_slice()
+    }
+
+    /// Adds an entry; keys must be valid internal keys, strictly increasing.
+    pub fn add(&mut self, k: &[u8], value: &[u8]) -> Result<()> {
+        let prefix = key::prefix_of(k);
+        if self.entries == 0 {
+            self.smallest = k.to_vec();
+        }
+        if self.entries == 0 || prefix != self.last_prefix.as_slice() {
+            self.prefix_hashes.push(bloom::hash(prefix));
+            self.last_prefix.clear();
+            self.last_prefix.extend_from_slice(prefix);
+        }
+        let s = key::system_time_of(k).0;
+        self.system_time_min = self.system_time_min.min(s);
+        self.system_time_max = self.system_time_max.max(s);
+        self.data.add(k, value);
+        self.entries += 1;
+        if self.data.size_estimate() >= self.block_size {
+            self.finish_data_block()?;
+        }
+        Ok(())
+    }
+
+    fn write_block(&mut self, raw: &[u8]) -> Result<BlockHandle> {
+        let (payload, ctype): (std::borrow::Cow<'_, [u8]>, u8) = match self.compression {
+            Compression::None => (raw.into(), COMPRESSION_NONE),
+            Compression::Zstd(level) => match zstd::bulk::compress(raw, level) {
+                Ok(c) if c.len() + c.len() / 8 < raw.len() => (c.into(), COMPRESSION_ZSTD),
+                Ok(_) => (raw.into(), COMPRESSION_NONE),
+                Err(e) => return Err(Error::io(&self.tmp, e)),
+            },
+        };
+        let handle = BlockHandle { offset: self.offset, len: payload.len() as u64 };
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&payload);
+        self.scratch.push(ctype);
+        self.scratch.extend_from_slice(&block_crc(handle.offset, &payload, ctype).to_le_bytes());
+        self.file.append(&self.scratch)?;
+        self.offset += self.scratch.len() as u64;
+        Ok(handle)
+    }
+
+    fn finish_data_block(&mut self) -> Result<()> {
+        if self.data.is_empty() {
+            return Ok(());
+        }
+        let last = self.data.last_key().to_vec();
+        let raw = self.data.finish();
+        let h = self.write_block(&raw)?;
+        let mut v = Vec::with_capacity(16);
+        put_uvarint(&mut v, h.offset);
+        put_uvarint(&mut v, h.len);
+        self.index.add(&last, &v);
+        Ok(())
+    }
+
+    /// Finishes the table and makes it durable under its final name. Returns `None` (and
+    /// removes the temp file) if no entry was added.
+    pub fn finish(mut self) -> Result<Option<TableInfo>> {
+        if self.entries == 0 {
+            drop(self.file);
+            self.fs.remove(&self.tmp)?;
+            return Ok(None);
+        }
+        let largest = self.data.last_key().to_vec();
+        let largest = if largest.is_empty() { self.index.last_key().to_vec() } else { largest };
+        self.finish_data_block()?;
+        let filter_raw = bloom::build(&self.prefix_hashes, BLOOM_BITS_PER_KEY);
+        let saved = self.compression;
+        self.compression = Compression::None;
+        let filter = self.write_block(&filter_raw)?;
+        let index_raw = self.index.finish();
+        let index = self.write_block(&index_raw)?;
+        self.compression = saved;
+        let footer = Footer { filter, index, version: FORMAT_VERSION }.encode();
+        self.file.append(&footer)?;
+        self.offset += footer.len() as u64;
+        self.file.sync()?;
+        let path = self.dir.join(table_name(self.number));
+        self.fs.rename(&self.tmp, &path)?;
+        self.fs.sync_dir(&self.dir)?;
+        Ok(Some(TableInfo {
+            number: self.number,
+            size: self.offset,
+            smallest: std::mem::take(&mut self.smallest),
+            largest,
+            entries: self.entries,
+            system_time_min: SystemTime(self.system_time_min),
+            system_time_max: SystemTime(self.system_time_max),
+        }))
+    }
+}
