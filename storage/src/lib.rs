@@ -15,3 +15,21 @@ pub mod types;
 pub mod wal;
 
 pub use error::{Error, Result};
+pub mod compaction;
+pub mod db;
+pub mod hlc;
+pub mod iter;
+pub mod manifest;
+pub mod memtable;
+pub mod options;
+pub mod version;
+
+pub use batch::WriteBatch;
+pub use db::{Db, LevelStats, ScanItem, ScanIter, ScanRange, Stats, WriteReceipt};
+pub use hlc::{Clock, ManualClock, SystemClock};
+pub use options::{Background, Options};
+pub use sstable::Compression;
+pub use types::{
+    encode_entity_key, AsOf, CellVersion, Durability, EntityKey, EventTime, FeatureId, KeyPart, RegionId, SystemTime,
+    Value, ValueType, VersionVector,
+};

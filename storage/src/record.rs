@@ -11,9 +11,13 @@
 //!
 //! Reading stops at the first record that fails (short header, short payload, bad length, bad
 //! type, bad checksum). In a file whose tail may be torn (the newest WAL segment, the manifest
-//! being recovered) that failure is a *torn tail* when no valid record starts anywhere after it:
-//! the file is valid up to that offset and the caller truncates it there. Otherwise it is
-//! [`crate::Error::Corruption`] at that offset.
+//! being recovered) that failure is a *torn tail* when the record is incomplete (its header or
+//! payload runs past the end of the file) or everything from it to the end is zero bytes, and
+//! no valid record starts anywhere after it: the file is valid up to that offset and the
+//! caller truncates it there. Anything else — a complete record with a bad checksum, a failure
+//! followed by a valid record, any failure in a file that cannot have a torn tail — is
+//! [`crate::Error::Corruption`] at that offset. (A flipped bit in the *length* of the very last
+//! record can make it look incomplete; that case is indistinguishable from a torn write.)
 
 use std::path::Path;
 
@@ -46,9 +50,12 @@ pub fn encode(file_num: u64, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+const TRUNCATED_HEADER: &str = "truncated record header";
+const TRUNCATED_PAYLOAD: &str = "truncated record payload";
+
 /// Decodes the record at `off`: its payload range, or why it is not a record.
 fn decode_at(file_num: u64, buf: &[u8], off: usize) -> std::result::Result<(usize, usize), &'static str> {
-    let Some(h) = buf.get(off..off + HEADER_BYTES) else { return Err("truncated record header") };
+    let Some(h) = buf.get(off..off + HEADER_BYTES) else { return Err(TRUNCATED_HEADER) };
     let crc = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
     let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
     let ty = h[8];
@@ -59,7 +66,7 @@ fn decode_at(file_num: u64, buf: &[u8], off: usize) -> std::result::Result<(usiz
         return Err("record length over limit");
     }
     let start = off + HEADER_BYTES;
-    let Some(payload) = buf.get(start..start + len as usize) else { return Err("truncated record payload") };
+    let Some(payload) = buf.get(start..start + len as usize) else { return Err(TRUNCATED_PAYLOAD) };
     if checksum(file_num, len, ty, payload) != crc {
         return Err("record checksum mismatch");
     }
@@ -87,8 +94,10 @@ pub fn read_all<'a>(path: &Path, file_num: u64, buf: &'a [u8], tail_may_be_torn:
                 off = end;
             }
             Err(what) => {
+                let incomplete = what == TRUNCATED_HEADER || what == TRUNCATED_PAYLOAD;
+                let zeroed = buf[off..].iter().all(|&b| b == 0);
                 let later_valid = (off + 1..buf.len()).any(|o| decode_at(file_num, buf, o).is_ok());
-                if tail_may_be_torn && !later_valid {
+                if tail_may_be_torn && (incomplete || zeroed) && !later_valid {
                     break;
                 }
                 return Err(Error::corruption(path, off as u64, what));
@@ -139,11 +148,15 @@ mod tests {
             Err(Error::Corruption { offset, .. }) => assert_eq!(offset, second as u64),
             other => panic!("expected corruption, got {other:?}"),
         }
-        // The same flip in the last record is a torn tail.
+        // A complete last record with a bad checksum is corruption too, not a torn tail.
         let mut bad = buf.clone();
         let n = bad.len();
         bad[n - 1] ^= 1;
-        assert_eq!(read_all(Path::new("w"), 7, &bad, true).expect("torn").records.len(), 4);
+        assert!(read_all(Path::new("w"), 7, &bad, true).is_err());
+        // Zeroes after the last record (a crash after the size grew, before the data landed).
+        let mut zeroed = buf.clone();
+        zeroed.extend_from_slice(&[0; 100]);
+        assert_eq!(read_all(Path::new("w"), 7, &zeroed, true).expect("torn").records.len(), 5);
         // Records from another file do not verify.
         assert!(read_all(Path::new("w"), 8, &buf, false).is_err());
     }

@@ -22,6 +22,9 @@ impl SystemTime {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FeatureId(pub u32);
 
+/// An entity key: the engine treats it as opaque bytes (see [`encode_entity_key`]).
+pub type EntityKey = Vec<u8>;
+
 /// The id of a region (replication origin).
 pub type RegionId = u32;
 

@@ -1,0 +1,221 @@
+//! Compaction: choosing what to merge (a pure function of a version) and the retention rules
+//! applied to the merged stream.
+//!
+//! # Retention
+//!
+//! With a system-time retention window `W` and an event-time horizon `H`, compaction keeps the
+//! answer of every `value_at(T, K, L)` with `K >= now - W` and `T >= H` unchanged (reads outside
+//! that set may change). Within one `(entity, feature)`, entries arrive in key order (event time
+//! descending, then system time descending). Let `cutoff = now - W`. A version is *settled* when
+//! its system time is `<= cutoff`: every guaranteed read sees it.
+//! 1. After a settled version of event time `e`, older versions of the same `e` are dropped:
+//!    any guaranteed read that could pick them picks the settled one.
+//! 2. After a settled version with event time `<= H`, every later entry of the pair is dropped:
+//!    a guaranteed read has `T >= H`, so it sees that version (or a newer one) whenever it could
+//!    see the older entries, whatever its lookback.
+//! 3. At the bottom level, a settled tombstone with event time `< H` that is the last entry of
+//!    its pair is dropped when no table above the compaction and no memtable holds the pair:
+//!    it shadows nothing, and writes below the horizon are refused, so nothing can come to be
+//!    shadowed by it.
+//!
+//! Without a window no version is settled and nothing is dropped.
+
+use std::sync::Arc;
+
+use crate::limits::LEVELS;
+use crate::version::{TableHandle, Version};
+
+/// Sizing options the picker needs.
+#[derive(Debug, Clone, Copy)]
+pub struct PickerOptions {
+    /// L0 table count that triggers a compaction into L1.
+    pub l0_trigger: usize,
+    /// Target size of L1 in bytes.
+    pub l1_bytes: u64,
+    /// Size ratio between adjacent levels.
+    pub level_multiplier: u64,
+}
+
+/// What one compaction merges.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The level inputs are taken from.
+    pub level: usize,
+    /// Inputs from `level`, in priority order (newest first for L0).
+    pub inputs: Vec<Arc<TableHandle>>,
+    /// Inputs from `level + 1` (or the output level for a full compaction).
+    pub next_inputs: Vec<Arc<TableHandle>>,
+    /// Where outputs go.
+    pub output_level: usize,
+    /// True if no level below the output level overlaps: tombstones may be dropped.
+    pub bottom: bool,
+}
+
+impl Plan {
+    /// All inputs in priority order (newest first).
+    pub fn all_inputs(&self) -> impl Iterator<Item = &Arc<TableHandle>> {
+        self.inputs.iter().chain(self.next_inputs.iter())
+    }
+
+    /// The key range covered by all inputs.
+    pub fn key_range(&self) -> (Vec<u8>, Vec<u8>) {
+        let lo = self.all_inputs().map(|t| t.meta.smallest.clone()).min().unwrap_or_default();
+        let hi = self.all_inputs().map(|t| t.meta.largest.clone()).max().unwrap_or_default();
+        (lo, hi)
+    }
+}
+
+fn level_target(o: &PickerOptions, level: usize) -> u64 {
+    let mut t = o.l1_bytes.max(1);
+    for _ in 1..level {
+        t = t.saturating_mul(o.level_multiplier.max(2));
+    }
+    t
+}
+
+fn is_bottom(v: &Version, output_level: usize, lo: &[u8], hi: &[u8]) -> bool {
+    (output_level + 1..LEVELS).all(|l| v.overlapping(l, lo, hi).is_empty())
+}
+
+/// Picks the most needed compaction, if any level is over its target. `cursor[l]` is the key
+/// after which the next table of level `l` is chosen (round robin over the key space).
+pub fn pick(v: &Version, o: &PickerOptions, cursor: &[Vec<u8>; LEVELS]) -> Option<Plan> {
+    let mut best: Option<(f64, usize)> = None;
+    let l0_score = v.levels[0].len() as f64 / o.l0_trigger.max(1) as f64;
+    if l0_score >= 1.0 {
+        best = Some((l0_score, 0));
+    }
+    for level in 1..LEVELS - 1 {
+        let score = v.level_bytes(level) as f64 / level_target(o, level) as f64;
+        if score >= 1.0 && best.is_none_or(|(s, _)| score > s) {
+            best = Some((score, level));
+        }
+    }
+    let (_, level) = best?;
+    let inputs: Vec<_> = if level == 0 {
+        v.levels[0].clone()
+    } else {
+        let files = &v.levels[level];
+        let i = files.iter().position(|t| t.meta.smallest > cursor[level]).unwrap_or(0);
+        vec![files[i].clone()]
+    };
+    let lo = inputs.iter().map(|t| t.meta.smallest.clone()).min()?;
+    let hi = inputs.iter().map(|t| t.meta.largest.clone()).max()?;
+    let next_inputs = v.overlapping(level + 1, &lo, &hi);
+    let (lo2, hi2) =
+        next_inputs.iter().fold((lo, hi), |(l, h), t| (l.min(t.meta.smallest.clone()), h.max(t.meta.largest.clone())));
+    Some(Plan { level, inputs, next_inputs, output_level: level + 1, bottom: is_bottom(v, level + 1, &lo2, &hi2) })
+}
+
+/// A plan that merges every table of every level into the deepest non-empty level (at least
+/// L1): a manual full compaction. `None` if the version has no tables.
+pub fn pick_full(v: &Version) -> Option<Plan> {
+    let deepest = (1..LEVELS).rev().find(|&l| !v.levels[l].is_empty()).unwrap_or(1);
+    let inputs: Vec<_> = (0..deepest).flat_map(|l| v.levels[l].iter().cloned()).collect();
+    let next_inputs = v.levels[deepest].clone();
+    if inputs.is_empty() && next_inputs.is_empty() {
+        return None;
+    }
+    Some(Plan { level: 0, inputs, next_inputs, output_level: deepest, bottom: true })
+}
+
+/// Retention settings for one compaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Versions with system time `<=` this are settled; `None`: nothing is settled.
+    pub cutoff: Option<u64>,
+    /// The event-time horizon.
+    pub horizon: i64,
+    /// Tombstones may be dropped (output is the bottom level).
+    pub bottom: bool,
+}
+
+/// Decides, entry by entry in key order, what compaction keeps.
+#[derive(Debug)]
+pub struct RetentionFilter {
+    r: Retention,
+    prefix: Vec<u8>,
+    settled_event: Option<i64>,
+    drop_rest: bool,
+}
+
+/// What to do with one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Write it.
+    Keep,
+    /// Drop it.
+    Drop,
+    /// A tombstone that rule 3 may drop if it is the last entry of its pair and no upper source
+    /// holds the pair; the caller decides when it sees the next entry.
+    TombstoneCandidate,
+}
+
+impl RetentionFilter {
+    /// A filter with the given settings.
+    pub fn new(r: Retention) -> Self {
+        RetentionFilter { r, prefix: Vec::new(), settled_event: None, drop_rest: false }
+    }
+
+    /// Decides for the next entry (keys strictly increasing).
+    pub fn decide(&mut self, key: &[u8], tombstone: bool) -> Decision {
+        let prefix = crate::key::prefix_of(key);
+        if prefix != self.prefix.as_slice() {
+            self.prefix.clear();
+            self.prefix.extend_from_slice(prefix);
+            self.settled_event = None;
+            self.drop_rest = false;
+        }
+        let Some(cutoff) = self.r.cutoff else { return Decision::Keep };
+        if self.drop_rest {
+            return Decision::Drop;
+        }
+        let e = crate::key::event_time_of(key).0;
+        if self.settled_event == Some(e) {
+            return Decision::Drop;
+        }
+        let s = crate::key::system_time_of(key).0;
+        if s <= cutoff {
+            self.settled_event = Some(e);
+            if e <= self.r.horizon {
+                self.drop_rest = true;
+                if tombstone && self.r.bottom && e < self.r.horizon {
+                    return Decision::TombstoneCandidate;
+                }
+            }
+        }
+        Decision::Keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::encode;
+    use crate::types::{EventTime, FeatureId, SystemTime};
+
+    fn k(f: u32, e: i64, s: u64) -> Vec<u8> {
+        encode(b"x", FeatureId(f), EventTime(e), SystemTime(s))
+    }
+
+    #[test]
+    fn retention_rules() {
+        let mut f = RetentionFilter::new(Retention { cutoff: Some(100), horizon: 50, bottom: true });
+        // e=90: a recent correction (s=150) and two settled versions: the older settled one goes.
+        assert_eq!(f.decide(&k(1, 90, 150), false), Decision::Keep);
+        assert_eq!(f.decide(&k(1, 90, 80), false), Decision::Keep);
+        assert_eq!(f.decide(&k(1, 90, 70), false), Decision::Drop);
+        // e=60 is above the horizon: kept.
+        assert_eq!(f.decide(&k(1, 60, 10), false), Decision::Keep);
+        // e=40 settled, below the horizon: it stays, everything older goes.
+        assert_eq!(f.decide(&k(1, 40, 10), false), Decision::Keep);
+        assert_eq!(f.decide(&k(1, 30, 10), false), Decision::Drop);
+        // A new pair starts fresh; a settled tombstone below the horizon is a candidate.
+        assert_eq!(f.decide(&k(2, 10, 5), true), Decision::TombstoneCandidate);
+        assert_eq!(f.decide(&k(2, 5, 5), false), Decision::Drop);
+        // Without a window nothing is dropped.
+        let mut f = RetentionFilter::new(Retention { cutoff: None, horizon: i64::MAX, bottom: true });
+        assert_eq!(f.decide(&k(1, 1, 1), true), Decision::Keep);
+        assert_eq!(f.decide(&k(1, 1, 0), false), Decision::Keep);
+    }
+}

@@ -1,0 +1,280 @@
+//! Background work: flushing immutable memtables and compacting levels.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Inner;
+use crate::cell;
+use crate::compaction::{self, Decision, PickerOptions, Plan, Retention, RetentionFilter};
+use crate::iter::{MergingIter, Source};
+use crate::key;
+use crate::manifest::{FileMeta, VersionEdit};
+use crate::sstable::{Table, TableWriter};
+use crate::version::TableHandle;
+use crate::wal;
+use crate::Result;
+
+/// A background thread's job.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Job {
+    Flush,
+    Compact,
+}
+
+/// The loop of a background thread.
+pub(super) fn run(inner: &Inner, job: Job) {
+    while !inner.shutdown.load(Ordering::Acquire) && inner.bg_error.lock().is_none() {
+        let did = match job {
+            Job::Flush => {
+                let wal = inner.current_wal.lock().clone();
+                if wal.unsynced_bytes() > 0 {
+                    if let Err(e) = wal.sync() {
+                        inner.fail(&e);
+                    }
+                }
+                inner.flush_oldest()
+            }
+            Job::Compact => inner.compact_once(),
+        };
+        match did {
+            Ok(true) => continue,
+            Ok(false) => {
+                let mut g = inner.work.lock();
+                if !inner.shutdown.load(Ordering::Acquire) {
+                    let wait = match job {
+                        Job::Flush => inner.opts.async_sync_interval,
+                        Job::Compact => Duration::from_millis(500),
+                    };
+                    inner.work_cv.wait_for(&mut g, wait);
+                }
+            }
+            Err(e) => inner.fail(&e),
+        }
+    }
+}
+
+impl Inner {
+    fn picker_options(&self) -> PickerOptions {
+        PickerOptions {
+            l0_trigger: self.opts.l0_compaction_trigger,
+            l1_bytes: self.opts.l1_bytes,
+            level_multiplier: self.opts.level_multiplier,
+        }
+    }
+
+    /// With [`crate::Background::Inline`]: flush a full memtable and run due compactions.
+    pub(super) fn run_inline_work(&self) -> Result<()> {
+        {
+            let mut w = self.writer.lock();
+            if self.view.read().mem.approximate_bytes() >= self.opts.memtable_bytes {
+                self.switch_memtable(&mut w)?;
+            }
+        }
+        while self.flush_oldest()? {}
+        while self.compact_once()? {}
+        Ok(())
+    }
+
+    /// Flushes the oldest immutable memtable into an L0 table. False if there was none.
+    pub(super) fn flush_oldest(&self) -> Result<bool> {
+        let _g = self.flush_lock.lock();
+        self.check_ok()?;
+        let Some(imm) = self.view.read().imms.last().cloned() else { return Ok(false) };
+        let result = (|| -> Result<()> {
+            let number = self.versions.lock().new_file_number();
+            let mut tw =
+                TableWriter::create(self.fs.clone(), &self.dir, number, self.opts.block_bytes, self.opts.compression)?;
+            imm.for_each(|k, v| tw.add(k, v))?;
+            let mut edit = VersionEdit {
+                log_number: Some(imm.wal_number() + 1),
+                last_seqno: Some(imm.last_seqno()),
+                ..Default::default()
+            };
+            let mut opened = Vec::new();
+            if let Some(info) = tw.finish()? {
+                let meta = FileMeta::from(info);
+                let table = Table::open(self.fs.as_ref(), &self.dir, meta.number)?;
+                edit.added.push((0, meta.clone()));
+                opened.push(TableHandle::new(meta, table, self.fs.clone()));
+            }
+            let mut vs = self.versions.lock();
+            self.log_and_apply(&mut vs, edit, &opened, |view| {
+                view.imms.retain(|m| !Arc::ptr_eq(m, &imm));
+            })?;
+            drop(vs);
+            self.delete_wal_below(imm.wal_number() + 1);
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+                self.notify_work();
+                Ok(true)
+            }
+            Err(e) => {
+                self.fail(&e);
+                Err(e)
+            }
+        }
+    }
+
+    fn delete_wal_below(&self, log_number: u64) {
+        let Ok(names) = self.fs.list(&self.dir) else { return };
+        for n in names {
+            if wal::parse_segment_name(&n).is_some_and(|s| s < log_number) {
+                if let Err(e) = self.fs.remove(&self.dir.join(&n)) {
+                    tracing::warn!(file = %n, error = %e, "could not delete flushed WAL segment");
+                }
+            }
+        }
+    }
+
+    /// Runs one compaction if a level is over its target. False if none was due.
+    pub(super) fn compact_once(&self) -> Result<bool> {
+        let _g = self.compaction_lock.lock();
+        self.check_ok()?;
+        let plan = {
+            let vs = self.versions.lock();
+            compaction::pick(&vs.current, &self.picker_options(), &vs.cursor)
+        };
+        match plan {
+            None => Ok(false),
+            Some(p) => self.run_compaction(&p).map(|()| true),
+        }
+    }
+
+    /// Merges every table into the bottom level.
+    pub(super) fn compact_full(&self) -> Result<()> {
+        let _g = self.compaction_lock.lock();
+        self.check_ok()?;
+        let plan = compaction::pick_full(&self.versions.lock().current);
+        match plan {
+            Some(p) => self.run_compaction(&p),
+            None => Ok(()),
+        }
+    }
+
+    fn run_compaction(&self, plan: &Plan) -> Result<()> {
+        let result = self.run_compaction_inner(plan);
+        if let Err(e) = &result {
+            self.fail(e);
+        }
+        result
+    }
+
+    fn run_compaction_inner(&self, plan: &Plan) -> Result<()> {
+        let horizon = *self.horizon.read();
+        let cutoff = self
+            .opts
+            .retention_window
+            .map(|w| self.opts.clock.now_us().saturating_sub(u64::try_from(w.as_micros()).unwrap_or(u64::MAX)));
+        let retention = Retention { cutoff, horizon, bottom: plan.bottom };
+        // Sources above the compaction, for the tombstone rule: memtables and every table
+        // that is not an input and sits at or above the input level.
+        let view = self.view.read().clone();
+        let input_numbers: Vec<u64> = plan.all_inputs().map(|t| t.meta.number).collect();
+        let upper_tables: Vec<Arc<TableHandle>> = view.version.levels[..=plan.level]
+            .iter()
+            .flatten()
+            .filter(|t| !input_numbers.contains(&t.meta.number))
+            .cloned()
+            .collect();
+        let upper_has = |prefix: &[u8]| -> Result<bool> {
+            if view.mem.has_prefix(prefix) || view.imms.iter().any(|m| m.has_prefix(prefix)) {
+                return Ok(true);
+            }
+            for t in &upper_tables {
+                if key::prefix_of(&t.meta.smallest) <= prefix
+                    && prefix <= key::prefix_of(&t.meta.largest)
+                    && t.table.may_contain_prefix(prefix)
+                {
+                    let mut it = t.table.iter();
+                    it.seek(prefix)?;
+                    if it.valid() && it.key().starts_with(prefix) {
+                        return Ok(true);
+                    }
+                }
+            }
+            Ok(false)
+        };
+
+        let sources = plan.all_inputs().map(|t| Source::Table(t.table.iter())).collect();
+        let mut merge = MergingIter::new(sources);
+        merge.seek(&[])?;
+        let mut filter = RetentionFilter::new(retention);
+        let mut outputs: Vec<Arc<TableHandle>> = Vec::new();
+        let mut added: Vec<FileMeta> = Vec::new();
+        let mut writer: Option<TableWriter> = None;
+        let mut dropped = 0u64;
+        let finish = |w: TableWriter, added: &mut Vec<FileMeta>, outputs: &mut Vec<Arc<TableHandle>>| -> Result<()> {
+            if let Some(info) = w.finish()? {
+                let meta = FileMeta::from(info);
+                let table = Table::open(self.fs.as_ref(), &self.dir, meta.number)?;
+                outputs.push(TableHandle::new(meta.clone(), table, self.fs.clone()));
+                added.push(meta);
+            }
+            Ok(())
+        };
+        while merge.valid() {
+            let (k, v) = (merge.key(), merge.value());
+            let keep = match filter.decide(k, cell::is_tombstone(v)) {
+                Decision::Keep => true,
+                Decision::Drop => false,
+                Decision::TombstoneCandidate => upper_has(key::prefix_of(k))?,
+            };
+            if keep {
+                if let Some(w) = &writer {
+                    if w.size_estimate() >= self.opts.table_bytes && w.at_prefix_boundary(k) {
+                        if let Some(w) = writer.take() {
+                            finish(w, &mut added, &mut outputs)?;
+                        }
+                    }
+                }
+                if writer.is_none() {
+                    let number = self.versions.lock().new_file_number();
+                    writer = Some(TableWriter::create(
+                        self.fs.clone(),
+                        &self.dir,
+                        number,
+                        self.opts.block_bytes,
+                        self.opts.compression,
+                    )?);
+                }
+                if let Some(w) = &mut writer {
+                    w.add(k, v)?;
+                }
+            } else {
+                dropped += 1;
+            }
+            merge.next()?;
+        }
+        if let Some(w) = writer.take() {
+            finish(w, &mut added, &mut outputs)?;
+        }
+
+        let mut vs = self.versions.lock();
+        let mut edit = VersionEdit::default();
+        for (level, tables) in vs.current.levels.iter().enumerate() {
+            for t in tables {
+                if input_numbers.contains(&t.meta.number) {
+                    edit.deleted.push((level, t.meta.number));
+                }
+            }
+        }
+        edit.added = added.into_iter().map(|m| (plan.output_level, m)).collect();
+        let (_, hi) = plan.key_range();
+        if plan.level > 0 {
+            vs.cursor[plan.level] = hi;
+        }
+        self.log_and_apply(&mut vs, edit, &outputs, |_| {})?;
+        drop(vs);
+        for t in plan.all_inputs() {
+            t.mark_obsolete();
+        }
+        self.counters.compactions.fetch_add(1, Ordering::Relaxed);
+        self.counters.entries_dropped.fetch_add(dropped, Ordering::Relaxed);
+        self.notify_work();
+        Ok(())
+    }
+}

@@ -1,0 +1,452 @@
+//! The engine: ties the WAL, memtables, tables, manifest and compaction together.
+//!
+//! # Concurrency
+//! - Writers queue their batches; the writer at the head of the queue becomes the *leader*,
+//!   takes every queued batch, stamps each with the next sequence number and system time,
+//!   appends them to the WAL with one write, fsyncs once if any of them asked for `Sync`
+//!   (group commit), inserts them into the memtable and publishes them. Followers wait.
+//! - A batch becomes visible to readers only when it is published: reads cap their `known_at`
+//!   at the *visible* system time, the stamp of the last published batch, so a reader never
+//!   sees part of a batch, and never a batch that is not yet durable as it asked.
+//! - Readers take a [`ReadView`] (an `Arc` of the memtable, the immutable memtables and the
+//!   current [`Version`]) and never block on writers, flushes or compactions.
+//!
+//! Lock order: `writer` → `versions` → `view`; `flush_lock` → `versions`; `compaction_lock` →
+//! `versions`. `commit` is never held while any other lock is taken.
+
+mod jobs;
+mod read;
+mod recovery;
+mod write;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+pub use read::{ScanItem, ScanIter, ScanRange};
+pub use write::WriteReceipt;
+
+use crate::fs::{Fs, RealFs};
+use crate::hlc::Hlc;
+use crate::limits::LEVELS;
+use crate::manifest::VersionEdit;
+use crate::memtable::Memtable;
+use crate::options::{Background, Options};
+use crate::types::{AsOf, CellVersion, Durability, EntityKey, EventTime, FeatureId};
+use crate::version::{TableHandle, Version};
+use crate::wal::Segment;
+use crate::{Error, Result, WriteBatch};
+
+/// What readers read: the memtables and the file set at one moment.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadView {
+    pub(crate) mem: Arc<Memtable>,
+    /// Newest first.
+    pub(crate) imms: Vec<Arc<Memtable>>,
+    pub(crate) version: Arc<Version>,
+}
+
+#[derive(Debug)]
+struct ManifestWriter {
+    file: Arc<dyn crate::fs::File>,
+    number: u64,
+    bytes: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct VersionSet {
+    current: Arc<Version>,
+    manifest: Option<ManifestWriter>,
+    next_file_number: u64,
+    log_number: u64,
+    last_seqno: u64,
+    event_horizon: i64,
+    cursor: [Vec<u8>; LEVELS],
+}
+
+impl VersionSet {
+    fn new_file_number(&mut self) -> u64 {
+        let n = self.next_file_number;
+        self.next_file_number += 1;
+        n
+    }
+}
+
+#[derive(Debug)]
+struct WriterState {
+    last_seqno: u64,
+    wal: Arc<Segment>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    ticket: u64,
+    batch: WriteBatch,
+    durability: Durability,
+}
+
+#[derive(Debug, Default)]
+struct CommitQueue {
+    pending: VecDeque<Pending>,
+    done: HashMap<u64, Result<WriteReceipt>>,
+    next_ticket: u64,
+    leader: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    flushes: AtomicU64,
+    compactions: AtomicU64,
+    entries_dropped: AtomicU64,
+    write_groups: AtomicU64,
+    wal_syncs: AtomicU64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    opts: Options,
+    view: RwLock<Arc<ReadView>>,
+    versions: Mutex<VersionSet>,
+    writer: Mutex<WriterState>,
+    commit: Mutex<CommitQueue>,
+    commit_cv: Condvar,
+    current_wal: Mutex<Arc<Segment>>,
+    visible: AtomicU64,
+    hlc: Hlc,
+    horizon: RwLock<i64>,
+    work: Mutex<()>,
+    work_cv: Condvar,
+    bg_error: Mutex<Option<String>>,
+    shutdown: AtomicBool,
+    flush_lock: Mutex<()>,
+    compaction_lock: Mutex<()>,
+    counters: Counters,
+}
+
+/// An open engine. Cheap to share behind an `Arc`; all methods take `&self`.
+#[derive(Debug)]
+pub struct Db {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Figures about one level.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LevelStats {
+    /// Tables in the level.
+    pub tables: usize,
+    /// Bytes of those tables.
+    pub bytes: u64,
+    /// Entries in those tables.
+    pub entries: u64,
+}
+
+/// Engine figures.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Per level, L0 first.
+    pub levels: Vec<LevelStats>,
+    /// Bytes in the active memtable.
+    pub memtable_bytes: usize,
+    /// Immutable memtables waiting for flush.
+    pub immutable_memtables: usize,
+    /// Last sequence number written.
+    pub last_seqno: u64,
+    /// Greatest system time issued.
+    pub system_time_high_water: u64,
+    /// The event-time horizon.
+    pub event_horizon: i64,
+    /// Flushes done since open.
+    pub flushes: u64,
+    /// Compactions done since open.
+    pub compactions: u64,
+    /// Entries retention dropped since open.
+    pub entries_dropped: u64,
+    /// Write groups committed since open.
+    pub write_groups: u64,
+    /// WAL fsyncs since open.
+    pub wal_syncs: u64,
+}
+
+impl Db {
+    /// Opens (or creates) the engine in directory `dir` on the local file system.
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Db> {
+        Self::open_with_fs(Arc::new(RealFs), dir.as_ref(), opts)
+    }
+
+    /// Opens the engine on a given file system (tests use [`crate::fs::MemFs`]).
+    pub fn open_with_fs(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Db> {
+        let inner = Arc::new(recovery::open(fs, dir, opts)?);
+        let mut threads = Vec::new();
+        if inner.opts.background == Background::Threads {
+            for job in [jobs::Job::Flush, jobs::Job::Compact] {
+                let i = inner.clone();
+                let name = format!("quiver-{job:?}").to_lowercase();
+                let h = std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || jobs::run(&i, job))
+                    .map_err(|e| Error::io(dir, e))?;
+                threads.push(h);
+            }
+        }
+        Ok(Db { inner, threads })
+    }
+
+    /// Writes a batch atomically. Returns once the batch is visible to reads and as durable as
+    /// `durability` asks. A rejected batch changes nothing.
+    pub fn write(&self, batch: WriteBatch, durability: Durability) -> Result<WriteReceipt> {
+        self.inner.write(batch, durability)
+    }
+
+    /// The value of `(entity, feature)` as DESIGN.md §2 defines `value_at`: `None` if absent
+    /// (no version in the window, or a tombstone wins).
+    pub fn value_at(&self, entity: &[u8], feature: FeatureId, q: AsOf) -> Result<Option<CellVersion>> {
+        Ok(self.version_at(entity, feature, q)?.filter(|v| v.value.is_some()))
+    }
+
+    /// The winning version of `value_at`, tombstones included.
+    pub fn version_at(&self, entity: &[u8], feature: FeatureId, q: AsOf) -> Result<Option<CellVersion>> {
+        let (view, known_at) = self.inner.read_view(q.known_at);
+        self.inner.get(&view, entity, feature, q, known_at)
+    }
+
+    /// `value_at` for every entity x feature pair, in one consistent view. The result is row
+    /// major: `out[e * features.len() + f]`.
+    pub fn multi_get(
+        &self,
+        entities: &[EntityKey],
+        features: &[FeatureId],
+        q: AsOf,
+    ) -> Result<Vec<Option<CellVersion>>> {
+        let (view, known_at) = self.inner.read_view(q.known_at);
+        let mut out = Vec::with_capacity(entities.len() * features.len());
+        for e in entities {
+            for &f in features {
+                out.push(self.inner.get(&view, e, f, q, known_at)?.filter(|v| v.value.is_some()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every version in `range`, in key order (entity, feature, event time descending, system
+    /// time descending), streamed from one consistent view.
+    pub fn scan(&self, range: ScanRange) -> Result<ScanIter> {
+        self.inner.scan(range)
+    }
+
+    /// Flushes every memtable to L0 and waits for it.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush_all()
+    }
+
+    /// Flushes, then merges all tables into the bottom level, applying retention everywhere.
+    pub fn compact_all(&self) -> Result<()> {
+        self.inner.flush_all()?;
+        self.inner.compact_full()
+    }
+
+    /// Runs compactions until no level is over its target.
+    pub fn compact_pending(&self) -> Result<()> {
+        while self.inner.compact_once()? {}
+        Ok(())
+    }
+
+    /// Moves the event-time horizon forward (persisted). Writes with an event time below it are
+    /// refused from now on, and compaction may forget history below it (see
+    /// [`crate::compaction`]).
+    pub fn set_event_horizon(&self, t: EventTime) -> Result<()> {
+        self.inner.set_event_horizon(t)
+    }
+
+    /// Engine figures.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats()
+    }
+
+    /// Reads every table and checks every checksum and ordering.
+    pub fn verify(&self) -> Result<()> {
+        self.inner.verify()
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Stops background work and syncs the WAL. Dropping the engine does the same but cannot
+    /// report an error.
+    pub fn close(mut self) -> Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.inner.shutdown.store(true, Ordering::Release);
+        {
+            let _g = self.inner.work.lock();
+            self.inner.work_cv.notify_all();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let wal = self.inner.current_wal.lock().clone();
+        if self.inner.bg_error.lock().is_none() {
+            wal.sync()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!(error = %e, "closing the engine");
+        }
+    }
+}
+
+impl Inner {
+    fn check_ok(&self) -> Result<()> {
+        if let Some(e) = self.bg_error.lock().as_ref() {
+            return Err(Error::PreviousError(e.clone()));
+        }
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// Records an error that leaves the engine's state uncertain; writes are refused from now on.
+    fn fail(&self, e: &Error) {
+        let mut g = self.bg_error.lock();
+        if g.is_none() {
+            tracing::error!(error = %e, "engine stops accepting writes");
+            *g = Some(e.to_string());
+        }
+        drop(g);
+        let _w = self.work.lock();
+        self.work_cv.notify_all();
+    }
+
+    fn notify_work(&self) {
+        let _g = self.work.lock();
+        self.work_cv.notify_all();
+    }
+
+    /// Appends `edit` to the manifest, then installs the new version (and applies `change` to
+    /// the read view in the same step).
+    fn log_and_apply(
+        &self,
+        vs: &mut VersionSet,
+        mut edit: VersionEdit,
+        opened: &[Arc<TableHandle>],
+        change: impl FnOnce(&mut ReadView),
+    ) -> Result<()> {
+        edit.next_file_number = Some(vs.next_file_number);
+        edit.hlc_high_water = Some(self.hlc.high_water());
+        let next = vs.current.apply(&edit, opened);
+        if let Err(what) = next.check() {
+            let e = Error::PreviousError(format!("internal invariant broken by a version edit: {what}"));
+            self.fail(&e);
+            return Err(e);
+        }
+        if let Err(e) = self.append_edit(vs, &edit) {
+            self.fail(&e);
+            return Err(e);
+        }
+        if let Some(n) = edit.log_number {
+            vs.log_number = n;
+        }
+        if let Some(n) = edit.last_seqno {
+            vs.last_seqno = vs.last_seqno.max(n);
+        }
+        if let Some(h) = edit.event_horizon {
+            vs.event_horizon = h;
+        }
+        vs.current = Arc::new(next);
+        let mut view = self.view.write();
+        let mut nv = ReadView::clone(&view);
+        nv.version = vs.current.clone();
+        change(&mut nv);
+        *view = Arc::new(nv);
+        Ok(())
+    }
+
+    fn append_edit(&self, vs: &mut VersionSet, edit: &VersionEdit) -> Result<()> {
+        let needs_rewrite = vs.manifest.as_ref().is_none_or(|m| m.bytes >= crate::limits::MANIFEST_BYTES_REWRITE);
+        if needs_rewrite {
+            // The snapshot written by the rewrite must include this edit: apply it first.
+            return recovery::write_new_manifest(self.fs.as_ref(), &self.dir, vs, &self.hlc, Some(edit));
+        }
+        let m = vs.manifest.as_mut().ok_or(Error::Closed)?;
+        let mut buf = Vec::new();
+        crate::record::encode(m.number, &edit.encode(), &mut buf);
+        m.file.append(&buf)?;
+        m.file.sync()?;
+        m.bytes += buf.len() as u64;
+        Ok(())
+    }
+
+    fn set_event_horizon(&self, t: EventTime) -> Result<()> {
+        self.check_ok()?;
+        let mut h = self.horizon.write();
+        if t.0 < *h {
+            return Err(Error::InvalidArgument(format!(
+                "event horizon can only move forward (now {}, asked {})",
+                *h, t.0
+            )));
+        }
+        let mut vs = self.versions.lock();
+        self.log_and_apply(&mut vs, VersionEdit { event_horizon: Some(t.0), ..Default::default() }, &[], |_| {})?;
+        *h = t.0;
+        Ok(())
+    }
+
+    fn stats(&self) -> Stats {
+        let view = self.view.read().clone();
+        let levels = view
+            .version
+            .levels
+            .iter()
+            .map(|l| LevelStats {
+                tables: l.len(),
+                bytes: l.iter().map(|t| t.meta.size).sum(),
+                entries: l.iter().map(|t| t.meta.entries).sum(),
+            })
+            .collect();
+        let c = &self.counters;
+        Stats {
+            levels,
+            memtable_bytes: view.mem.approximate_bytes(),
+            immutable_memtables: view.imms.len(),
+            last_seqno: self.writer.lock().last_seqno,
+            system_time_high_water: self.hlc.high_water(),
+            event_horizon: *self.horizon.read(),
+            flushes: c.flushes.load(Ordering::Relaxed),
+            compactions: c.compactions.load(Ordering::Relaxed),
+            entries_dropped: c.entries_dropped.load(Ordering::Relaxed),
+            write_groups: c.write_groups.load(Ordering::Relaxed),
+            wal_syncs: c.wal_syncs.load(Ordering::Relaxed),
+        }
+    }
+
+    fn verify(&self) -> Result<()> {
+        let view = self.view.read().clone();
+        for t in view.version.all_tables() {
+            let n = t.table.verify()?;
+            if n != t.meta.entries {
+                return Err(Error::corruption(
+                    t.table.path(),
+                    0,
+                    format!("table holds {n} entries, the manifest says {}", t.meta.entries),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,247 @@
+//! The read path: as-of point reads and time-travel scans.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{Inner, ReadView};
+use crate::cell;
+use crate::iter::{MemCursor, MergingIter, Source};
+use crate::key::{self, KeyRef};
+use crate::types::{AsOf, CellVersion, EventTime, FeatureId, SystemTime};
+use crate::{Error, Result};
+
+type Found = Option<(Vec<u8>, Vec<u8>)>;
+
+/// Keeps the better of two candidates: the smaller key within one prefix is the greater
+/// (event time, system time). On a tie the earlier (newer) source is kept.
+fn consider(best: &mut Found, cand: Found) {
+    if let Some(c) = cand {
+        if best.as_ref().is_none_or(|b| c.0 < b.0) {
+            *best = Some(c);
+        }
+    }
+}
+
+fn to_version(path: &std::path::Path, k: &[u8], v: &[u8]) -> Result<CellVersion> {
+    let (value, version_vector) =
+        cell::decode(v).map_err(|w| Error::corruption(path, 0, format!("cell value: {w}")))?;
+    Ok(CellVersion { event_time: key::event_time_of(k), system_time: key::system_time_of(k), value, version_vector })
+}
+
+impl Inner {
+    /// The read view and the effective `known_at` (capped at the visible system time). The
+    /// visible stamp is read before the view, so everything it covers is in the view.
+    pub(super) fn read_view(&self, known_at: SystemTime) -> (Arc<ReadView>, SystemTime) {
+        let visible = SystemTime(self.visible.load(Ordering::Acquire));
+        let view = self.view.read().clone();
+        (view, known_at.min(visible))
+    }
+
+    pub(super) fn get(
+        &self,
+        view: &ReadView,
+        entity: &[u8],
+        feature: FeatureId,
+        q: AsOf,
+        known_at: SystemTime,
+    ) -> Result<Option<CellVersion>> {
+        crate::types::check_entity_key(entity)?;
+        let prefix = key::prefix(entity, feature);
+        let mut seek = prefix.clone();
+        key::push_times(&mut seek, q.as_of, SystemTime::MAX);
+        let emin = q.event_time_min();
+        let mut best: Found = None;
+        consider(&mut best, view.mem.get_best(&prefix, &seek, emin, known_at));
+        for m in &view.imms {
+            consider(&mut best, m.get_best(&prefix, &seek, emin, known_at));
+        }
+        let in_range = |t: &crate::version::TableHandle| {
+            key::prefix_of(&t.meta.smallest) <= prefix.as_slice()
+                && prefix.as_slice() <= key::prefix_of(&t.meta.largest)
+        };
+        for t in &view.version.levels[0] {
+            if in_range(t) {
+                consider(&mut best, t.table.get_best(&prefix, &seek, emin, known_at)?);
+            }
+        }
+        for level in &view.version.levels[1..] {
+            let start = level.partition_point(|t| t.meta.largest.as_slice() < seek.as_slice());
+            for t in &level[start..] {
+                if key::prefix_of(&t.meta.smallest) > prefix.as_slice() {
+                    break;
+                }
+                let found = t.table.get_best(&prefix, &seek, emin, known_at)?;
+                if found.is_some() {
+                    consider(&mut best, found);
+                    break;
+                }
+            }
+        }
+        match best {
+            None => Ok(None),
+            Some((k, v)) => to_version(&self.dir, &k, &v).map(Some),
+        }
+    }
+
+    pub(super) fn scan(&self, range: ScanRange) -> Result<ScanIter> {
+        range.check()?;
+        let (view, known_at) = self.read_view(range.system_time_max);
+        let mut sources = vec![Source::Mem(MemCursor::new(view.mem.clone()))];
+        sources.extend(view.imms.iter().map(|m| Source::Mem(MemCursor::new(m.clone()))));
+        for level in &view.version.levels {
+            for t in level {
+                sources.push(Source::Table(t.table.iter()));
+            }
+        }
+        let mut merge = MergingIter::new(sources);
+        merge.seek(&key::entity_prefix(&range.entity_start))?;
+        let end = range.entity_end.as_deref().map(key::entity_prefix);
+        Ok(ScanIter { merge, range, known_at, end, dir: self.dir.clone(), _view: view, done: false })
+    }
+}
+
+/// What a time-travel scan covers. All bounds are inclusive except `entity_end`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanRange {
+    /// First entity key.
+    pub entity_start: Vec<u8>,
+    /// Entity key the scan stops before; `None` scans to the end.
+    pub entity_end: Option<Vec<u8>>,
+    /// Features to include (inclusive range); `None` for all.
+    pub features: Option<(FeatureId, FeatureId)>,
+    /// Oldest event time.
+    pub event_time_min: EventTime,
+    /// Newest event time.
+    pub event_time_max: EventTime,
+    /// Oldest system time.
+    pub system_time_min: SystemTime,
+    /// Newest system time.
+    pub system_time_max: SystemTime,
+}
+
+impl ScanRange {
+    /// All versions of one entity.
+    pub fn entity(entity: &[u8]) -> Self {
+        let mut end = entity.to_vec();
+        end.push(0);
+        ScanRange {
+            entity_start: entity.to_vec(),
+            entity_end: Some(end),
+            features: None,
+            event_time_min: EventTime(i64::MIN),
+            event_time_max: EventTime(i64::MAX),
+            system_time_min: SystemTime(0),
+            system_time_max: SystemTime::MAX,
+        }
+    }
+
+    /// Everything.
+    pub fn all() -> Self {
+        ScanRange { entity_start: Vec::new(), entity_end: None, ..Self::entity(b"") }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.event_time_min > self.event_time_max || self.system_time_min > self.system_time_max {
+            return Err(Error::InvalidArgument("scan time range is empty (min > max)".into()));
+        }
+        if self.features.is_some_and(|(a, b)| a > b) {
+            return Err(Error::InvalidArgument("scan feature range is empty (first > last)".into()));
+        }
+        Ok(())
+    }
+}
+
+/// One version returned by a scan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanItem {
+    /// Entity key.
+    pub entity: Vec<u8>,
+    /// Feature.
+    pub feature: FeatureId,
+    /// The version.
+    pub version: CellVersion,
+}
+
+/// A streaming scan; holds its read view (and so the files it reads) until dropped.
+#[derive(Debug)]
+pub struct ScanIter {
+    merge: MergingIter,
+    range: ScanRange,
+    known_at: SystemTime,
+    end: Option<Vec<u8>>,
+    dir: std::path::PathBuf,
+    _view: Arc<ReadView>,
+    done: bool,
+}
+
+impl ScanIter {
+    fn advance(&mut self) -> Result<Option<ScanItem>> {
+        while self.merge.valid() {
+            let k = self.merge.key();
+            let Some(kr) = KeyRef::parse(k) else {
+                return Err(Error::corruption(&self.dir, 0, "malformed key in scan"));
+            };
+            if self.end.as_deref().is_some_and(|end| kr.entity_prefix() >= end) {
+                return Ok(None);
+            }
+            let f = kr.feature();
+            if let Some((lo, hi)) = self.range.features {
+                if f < lo {
+                    let target = key::prefix(&kr.entity(), lo);
+                    self.merge.seek(&target)?;
+                    continue;
+                }
+                if f > hi {
+                    let mut target = kr.entity_prefix().to_vec();
+                    target.extend_from_slice(&[0xff; 21]);
+                    self.merge.seek(&target)?;
+                    continue;
+                }
+            }
+            let e = kr.event_time();
+            if e > self.range.event_time_max {
+                let mut target = kr.prefix().to_vec();
+                key::push_times(&mut target, self.range.event_time_max, SystemTime::MAX);
+                self.merge.seek(&target)?;
+                continue;
+            }
+            if e < self.range.event_time_min {
+                let mut target = kr.prefix().to_vec();
+                target.extend_from_slice(&[0xff; 17]);
+                self.merge.seek(&target)?;
+                continue;
+            }
+            let s = kr.system_time();
+            if s < self.range.system_time_min || s > self.known_at {
+                self.merge.next()?;
+                continue;
+            }
+            let item =
+                ScanItem { entity: kr.entity(), feature: f, version: to_version(&self.dir, k, self.merge.value())? };
+            self.merge.next()?;
+            return Ok(Some(item));
+        }
+        Ok(None)
+    }
+}
+
+impl Iterator for ScanIter {
+    type Item = Result<ScanItem>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.advance() {
+            Ok(Some(i)) => Some(Ok(i)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Opening the engine: reading the manifest, replaying the WAL, removing leftovers.
+//!
+//! Recovery yields every batch whose WAL record was synced, in sequence order with no gap, and
+//! no part of any batch whose record is torn. Steps:
+//! 1. `CURRENT` names the manifest; its edits rebuild the file set (a torn last edit is ignored:
+//!    it was never acknowledged). Every table the manifest names must exist and open cleanly.
+//! 2. WAL segments numbered at or above the manifest's log number are replayed in order into a
+//!    memtable. Sequence numbers must continue without a gap from the manifest's last sequence.
+//!    Only the newest segment may end in a torn record; it is truncated there and synced.
+//! 3. A new manifest is written (a snapshot) and `CURRENT` switched to it; the replayed
+//!    memtable is flushed to L0, and files nothing refers to are deleted.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use super::{write::insert_batch, CommitQueue, Counters, Inner, ManifestWriter, ReadView, VersionSet, WriterState};
+use crate::batch;
+use crate::fs::{self, Fs};
+use crate::hlc::Hlc;
+use crate::limits::LEVELS;
+use crate::manifest::{self, FileMeta, VersionEdit, CURRENT};
+use crate::memtable::Memtable;
+use crate::options::Options;
+use crate::record;
+use crate::sstable::{self, Table};
+use crate::version::{TableHandle, Version};
+use crate::wal::{self, Segment};
+use crate::{Error, Result};
+
+struct Recovered {
+    levels: [BTreeMap<u64, FileMeta>; LEVELS],
+    manifest_number: Option<u64>,
+    log_number: u64,
+    next_file_number: u64,
+    last_seqno: u64,
+    hlc: u64,
+    horizon: i64,
+}
+
+fn read_manifest(fs: &dyn Fs, dir: &Path) -> Result<Recovered> {
+    let mut r = Recovered {
+        levels: Default::default(),
+        manifest_number: None,
+        log_number: 0,
+        next_file_number: 1,
+        last_seqno: 0,
+        hlc: 0,
+        horizon: i64::MIN,
+    };
+    let current_path = dir.join(CURRENT);
+    if !fs.exists(&current_path) {
+        return Ok(r);
+    }
+    let number = manifest::parse_current(&current_path, &fs::read_all(fs.open(&current_path)?.as_ref())?)?;
+    let path = dir.join(manifest::manifest_name(number));
+    if !fs.exists(&path) {
+        return Err(Error::corruption(&path, 0, "manifest named by CURRENT is missing"));
+    }
+    let bytes = fs::read_all(fs.open(&path)?.as_ref())?;
+    let records = record::read_all(&path, number, &bytes, true)?;
+    if records.records.is_empty() {
+        return Err(Error::corruption(&path, 0, "manifest holds no complete edit"));
+    }
+    for (offset, payload) in records.records {
+        let corrupt = |what: &str| Error::corruption(&path, offset, what);
+        let edit = VersionEdit::decode(payload).map_err(corrupt)?;
+        for (level, n) in &edit.deleted {
+            if r.levels[*level].remove(n).is_none() {
+                return Err(corrupt("edit deletes a table that is not in the version"));
+            }
+        }
+        for (level, meta) in edit.added {
+            if r.levels.iter().any(|l| l.contains_key(&meta.number)) {
+                return Err(corrupt("edit adds a table twice"));
+            }
+            r.levels[level].insert(meta.number, meta);
+        }
+        if let Some(v) = edit.log_number {
+            r.log_number = v;
+        }
+        if let Some(v) = edit.next_file_number {
+            r.next_file_number = v;
+        }
+        if let Some(v) = edit.last_seqno {
+            r.last_seqno = r.last_seqno.max(v);
+        }
+        if let Some(v) = edit.hlc_high_water {
+            r.hlc = r.hlc.max(v);
+        }
+        if let Some(v) = edit.event_horizon {
+            r.horizon = v;
+        }
+    }
+    r.manifest_number = Some(number);
+    Ok(r)
+}
+
+/// Writes a new manifest holding the whole state of `vs` (with `pending` applied) and switches
+/// `CURRENT` to it.
+pub(super) fn write_new_manifest(
+    fs: &dyn Fs,
+    dir: &Path,
+    vs: &mut VersionSet,
+    hlc: &Hlc,
+    pending: Option<&VersionEdit>,
+) -> Result<()> {
+    let number = vs.new_file_number();
+    let mut snapshot = VersionEdit {
+        format_version: Some(manifest::FORMAT_VERSION),
+        log_number: Some(vs.log_number),
+        next_file_number: Some(vs.next_file_number),
+        last_seqno: Some(vs.last_seqno),
+        hlc_high_water: Some(hlc.high_water()),
+        event_horizon: Some(vs.event_horizon),
+        added: Vec::new(),
+        deleted: Vec::new(),
+    };
+    let mut levels: Vec<Vec<FileMeta>> =
+        vs.current.levels.iter().map(|l| l.iter().map(|t| t.meta.clone()).collect()).collect();
+    if let Some(p) = pending {
+        for (level, n) in &p.deleted {
+            levels[*level].retain(|m| m.number != *n);
+        }
+        for (level, m) in &p.added {
+            levels[*level].push(m.clone());
+        }
+        snapshot.log_number = p.log_number.or(snapshot.log_number);
+        snapshot.last_seqno = Some(vs.last_seqno.max(p.last_seqno.unwrap_or(0)));
+        snapshot.event_horizon = p.event_horizon.or(snapshot.event_horizon);
+    }
+    for (level, metas) in levels.into_iter().enumerate() {
+        snapshot.added.extend(metas.into_iter().map(|m| (level, m)));
+    }
+    let path = dir.join(manifest::manifest_name(number));
+    let file = fs.create(&path)?;
+    let mut buf = Vec::new();
+    record::encode(number, &snapshot.encode(), &mut buf);
+    file.append(&buf)?;
+    file.sync()?;
+    fs.sync_dir(dir)?;
+    fs::write_file_atomic(fs, dir, CURRENT, format!("{}\n", manifest::manifest_name(number)).as_bytes())?;
+    let old = vs.manifest.replace(ManifestWriter { file, number, bytes: buf.len() as u64 });
+    if let Some(old) = old {
+        let _ = fs.remove(&dir.join(manifest::manifest_name(old.number)));
+    }
+    Ok(())
+}
+
+fn max_file_number(names: &[String]) -> u64 {
+    names
+        .iter()
+        .filter_map(|n| {
+            let base = n.strip_suffix(".tmp").unwrap_or(n);
+            wal::parse_segment_name(base)
+                .or_else(|| sstable::parse_table_name(base))
+                .or_else(|| manifest::parse_manifest_name(base))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> {
+    fs.create_dir_all(dir)?;
+    let names = fs.list(dir)?;
+    let has_data = names.iter().any(|n| wal::parse_segment_name(n).is_some() || sstable::parse_table_name(n).is_some());
+    if has_data && !names.iter().any(|n| n == CURRENT) {
+        return Err(Error::corruption(dir.join(CURRENT), 0, "CURRENT is missing but the directory holds data files"));
+    }
+    let rec = read_manifest(fs.as_ref(), dir)?;
+
+    // Open every table the manifest names.
+    let mut version = Version::default();
+    for (level, metas) in rec.levels.iter().enumerate() {
+        for meta in metas.values() {
+            let path = dir.join(sstable::table_name(meta.number));
+            if !fs.exists(&path) {
+                return Err(Error::corruption(&path, 0, "table named by the manifest is missing"));
+            }
+            let table = Table::open(fs.as_ref(), dir, meta.number)?;
+            if table.size() != meta.size {
+                return Err(Error::corruption(
+                    &path,
+                    table.size(),
+                    format!("table is {} bytes, the manifest says {}", table.size(), meta.size),
+                ));
+            }
+            version.levels[level].push(TableHandle::new(meta.clone(), table, fs.clone()));
+        }
+    }
+    let version = version.apply(&VersionEdit::default(), &[]);
+    version.check().map_err(|what| Error::corruption(dir.join(CURRENT), 0, what))?;
+
+    let hlc = Hlc::new(opts.clock.clone(), rec.hlc);
+
+    // Replay the WAL.
+    let mut segments: Vec<u64> =
+        names.iter().filter_map(|n| wal::parse_segment_name(n)).filter(|&n| n >= rec.log_number).collect();
+    segments.sort_unstable();
+    let replayed = Arc::new(Memtable::new(segments.last().copied().unwrap_or(0)));
+    let mut last_seqno = rec.last_seqno;
+    for (i, &number) in segments.iter().enumerate() {
+        let path = wal::segment_path(dir, number);
+        let file = fs.open(&path)?;
+        let bytes = fs::read_all(file.as_ref())?;
+        let newest = i + 1 == segments.len();
+        let records = record::read_all(&path, number, &bytes, newest)?;
+        for (offset, payload) in &records.records {
+            let b = batch::decode(payload).map_err(|w| Error::corruption(&path, *offset, w))?;
+            if b.seqno <= rec.last_seqno {
+                // Already in tables (a flush finished but its WAL was not yet deleted).
+                continue;
+            }
+            if b.seqno != last_seqno + 1 {
+                return Err(Error::corruption(
+                    &path,
+                    *offset,
+                    format!("sequence gap: expected batch {}, found {}", last_seqno + 1, b.seqno),
+                ));
+            }
+            insert_batch(&replayed, &b);
+            hlc.observe(b.system_time.0);
+            last_seqno = b.seqno;
+        }
+        if records.valid_len < bytes.len() as u64 {
+            tracing::warn!(file = %path.display(), valid = records.valid_len, len = bytes.len(), "truncating torn WAL tail");
+            file.truncate(records.valid_len)?;
+            file.sync()?;
+        }
+    }
+    replayed.set_last_seqno(last_seqno);
+
+    let mut vs = VersionSet {
+        current: Arc::new(version),
+        manifest: None,
+        next_file_number: rec.next_file_number.max(max_file_number(&names) + 1),
+        log_number: rec.log_number,
+        last_seqno: rec.last_seqno,
+        event_horizon: rec.horizon,
+        cursor: Default::default(),
+    };
+    write_new_manifest(fs.as_ref(), dir, &mut vs, &hlc, None)?;
+    let wal_number = vs.new_file_number();
+    let seg = Arc::new(Segment::create(fs.as_ref(), dir, wal_number)?);
+    let mem = Arc::new(Memtable::new(wal_number));
+    let imms = if replayed.is_empty() { Vec::new() } else { vec![replayed.clone()] };
+    let view = ReadView { mem, imms, version: vs.current.clone() };
+    let horizon = vs.event_horizon;
+    let inner = Inner {
+        fs: fs.clone(),
+        dir: dir.to_path_buf(),
+        view: RwLock::new(Arc::new(view)),
+        versions: Mutex::new(vs),
+        writer: Mutex::new(WriterState { last_seqno, wal: seg.clone() }),
+        commit: Mutex::new(CommitQueue::default()),
+        commit_cv: Condvar::new(),
+        current_wal: Mutex::new(seg),
+        visible: AtomicU64::new(hlc.high_water()),
+        hlc,
+        horizon: RwLock::new(horizon),
+        work: Mutex::new(()),
+        work_cv: Condvar::new(),
+        bg_error: Mutex::new(None),
+        shutdown: std::sync::atomic::AtomicBool::new(false),
+        flush_lock: Mutex::new(()),
+        compaction_lock: Mutex::new(()),
+        counters: Counters::default(),
+        opts,
+    };
+    // Flush what was replayed, then drop the segments it came from.
+    if replayed.is_empty() {
+        let mut vs = inner.versions.lock();
+        inner.log_and_apply(
+            &mut vs,
+            VersionEdit { log_number: Some(wal_number), ..Default::default() },
+            &[],
+            |_| {},
+        )?;
+    } else {
+        while inner.flush_oldest()? {}
+    }
+    remove_leftovers(&inner)?;
+    Ok(inner)
+}
+
+/// Deletes files no version refers to: tables of failed or finished compactions, temp files,
+/// flushed WAL segments, old manifests.
+fn remove_leftovers(inner: &Inner) -> Result<()> {
+    let vs = inner.versions.lock();
+    let live: std::collections::HashSet<u64> = vs.current.all_tables().map(|t| t.meta.number).collect();
+    let manifest_number = vs.manifest.as_ref().map(|m| m.number);
+    let log_number = vs.log_number;
+    drop(vs);
+    for name in inner.fs.list(&inner.dir)? {
+        let stale = name.ends_with(".tmp")
+            || sstable::parse_table_name(&name).is_some_and(|n| !live.contains(&n))
+            || wal::parse_segment_name(&name).is_some_and(|n| n < log_number)
+            || manifest::parse_manifest_name(&name).is_some_and(|n| Some(n) != manifest_number);
+        if stale {
+            inner.fs.remove(&inner.dir.join(&name))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! The write path: group commit, memtable switches.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Inner, Pending, ReadView, WriterState};
+use crate::batch;
+use crate::key;
+use crate::limits::IMMUTABLE_MEMTABLES_MAX;
+use crate::memtable::Memtable;
+use crate::options::Background;
+use crate::types::{Durability, SystemTime};
+use crate::wal::Segment;
+use crate::{Error, Result, WriteBatch};
+
+/// Most bytes of batches one leader commits in one group.
+const GROUP_BYTES_MAX: usize = 4 << 20;
+
+/// What a committed batch was stamped with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteReceipt {
+    /// The batch's sequence number.
+    pub seqno: u64,
+    /// The batch's system time (shared by all its cell versions).
+    pub system_time: SystemTime,
+}
+
+/// A copy of an error for each writer of a failed group.
+fn share(e: &Error) -> Error {
+    match e {
+        Error::Io { path, source } => {
+            Error::Io { path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
+        }
+        Error::Corruption { file, offset, what } => {
+            Error::Corruption { file: file.clone(), offset: *offset, what: what.clone() }
+        }
+        Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
+        Error::PreviousError(s) => Error::PreviousError(s.clone()),
+        Error::Closed => Error::Closed,
+    }
+}
+
+impl Inner {
+    pub(super) fn write(&self, batch: WriteBatch, durability: Durability) -> Result<WriteReceipt> {
+        if batch.is_empty() {
+            return Err(Error::InvalidArgument("write batch is empty".into()));
+        }
+        // Held until the batch is in the memtable, so that a horizon move waits for it.
+        let horizon = self.horizon.read();
+        if let Some(min) = batch.event_time_min() {
+            if min.0 < *horizon {
+                return Err(Error::InvalidArgument(format!(
+                    "event time {} is below the event horizon {}",
+                    min.0, *horizon
+                )));
+            }
+        }
+        self.check_ok()?;
+        let mut q = self.commit.lock();
+        let ticket = q.next_ticket;
+        q.next_ticket += 1;
+        q.pending.push_back(Pending { ticket, batch, durability });
+        loop {
+            if let Some(r) = q.done.remove(&ticket) {
+                return r;
+            }
+            if !q.leader && q.pending.front().map(|p| p.ticket) == Some(ticket) {
+                break;
+            }
+            self.commit_cv.wait(&mut q);
+        }
+        q.leader = true;
+        let mut group = Vec::new();
+        let mut bytes = 0;
+        while let Some(p) = q.pending.front() {
+            if !group.is_empty() && bytes + p.batch.approximate_bytes() > GROUP_BYTES_MAX {
+                break;
+            }
+            bytes += p.batch.approximate_bytes();
+            if let Some(p) = q.pending.pop_front() {
+                group.push(p);
+            }
+        }
+        drop(q);
+        let results = self.commit_group(&group);
+        let mut q = self.commit.lock();
+        q.leader = false;
+        match results {
+            Ok(receipts) => {
+                for (p, r) in group.iter().zip(receipts) {
+                    q.done.insert(p.ticket, Ok(r));
+                }
+            }
+            Err(e) => {
+                for p in &group {
+                    q.done.insert(p.ticket, Err(share(&e)));
+                }
+            }
+        }
+        let mine = q.done.remove(&ticket).unwrap_or(Err(Error::Closed));
+        self.commit_cv.notify_all();
+        drop(q);
+        drop(horizon);
+        if self.opts.background == Background::Inline {
+            self.run_inline_work()?;
+        }
+        mine
+    }
+
+    fn commit_group(&self, group: &[Pending]) -> Result<Vec<WriteReceipt>> {
+        self.check_ok()?;
+        let mut w = self.writer.lock();
+        self.make_room(&mut w)?;
+        let mem = self.view.read().mem.clone();
+        let mut payloads = Vec::with_capacity(group.len());
+        let mut receipts = Vec::with_capacity(group.len());
+        for p in group {
+            let seqno = w.last_seqno + 1;
+            let s = SystemTime(self.hlc.stamp());
+            payloads.push(p.batch.encode(seqno, s, self.opts.region));
+            receipts.push(WriteReceipt { seqno, system_time: s });
+            w.last_seqno = seqno;
+        }
+        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        let durable = (|| -> Result<()> {
+            w.wal.append(&refs)?;
+            if group.iter().any(|p| p.durability == Durability::Sync) {
+                w.wal.sync()?;
+                self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })();
+        if let Err(e) = durable {
+            self.fail(&e);
+            return Err(e);
+        }
+        for p in &payloads {
+            let b =
+                batch::decode_trusted(p).map_err(|w| Error::PreviousError(format!("batch encoding broken: {w}")))?;
+            insert_batch(&mem, &b);
+        }
+        mem.set_last_seqno(w.last_seqno);
+        if let Some(r) = receipts.last() {
+            self.visible.store(r.system_time.0, Ordering::Release);
+        }
+        self.counters.write_groups.fetch_add(1, Ordering::Relaxed);
+        if mem.approximate_bytes() >= self.opts.memtable_bytes {
+            self.notify_work();
+        }
+        Ok(receipts)
+    }
+
+    /// Switches the memtable if it is full, waiting while too many immutable memtables or L0
+    /// tables are queued.
+    fn make_room(&self, w: &mut WriterState) -> Result<()> {
+        loop {
+            self.check_ok()?;
+            let view = self.view.read().clone();
+            if view.mem.approximate_bytes() < self.opts.memtable_bytes {
+                return Ok(());
+            }
+            let stalled =
+                view.imms.len() >= IMMUTABLE_MEMTABLES_MAX || view.version.levels[0].len() >= self.opts.l0_stop_writes;
+            if stalled && self.opts.background == Background::Threads {
+                let mut g = self.work.lock();
+                self.work_cv.notify_all();
+                self.work_cv.wait_for(&mut g, Duration::from_millis(50));
+                continue;
+            }
+            return self.switch_memtable(w);
+        }
+    }
+
+    /// Freezes the active memtable (if not empty) and starts a new one with a new WAL segment.
+    pub(super) fn switch_memtable(&self, w: &mut WriterState) -> Result<()> {
+        if self.view.read().mem.is_empty() {
+            return Ok(());
+        }
+        let result = (|| -> Result<()> {
+            // Every segment but the newest is complete and synced (see crate::wal).
+            w.wal.sync()?;
+            let number = self.versions.lock().new_file_number();
+            let seg = Arc::new(Segment::create(self.fs.as_ref(), &self.dir, number)?);
+            let mem = Arc::new(Memtable::new(number));
+            {
+                let mut view = self.view.write();
+                let mut imms = Vec::with_capacity(view.imms.len() + 1);
+                imms.push(view.mem.clone());
+                imms.extend(view.imms.iter().cloned());
+                *view = Arc::new(ReadView { mem, imms, version: view.version.clone() });
+            }
+            w.wal = seg.clone();
+            *self.current_wal.lock() = seg;
+            Ok(())
+        })();
+        if let Err(e) = &result {
+            self.fail(e);
+        }
+        self.notify_work();
+        result
+    }
+
+    /// Freezes the active memtable and flushes every immutable memtable.
+    pub(super) fn flush_all(&self) -> Result<()> {
+        self.check_ok()?;
+        {
+            let mut w = self.writer.lock();
+            self.switch_memtable(&mut w)?;
+        }
+        while self.flush_oldest()? {}
+        Ok(())
+    }
+}
+
+/// Inserts a decoded batch into a memtable.
+pub(super) fn insert_batch(mem: &Memtable, b: &batch::DecodedBatch<'_>) {
+    for op in &b.ops {
+        mem.insert(key::encode(op.entity, op.feature, op.event_time, b.system_time), op.cell.to_vec());
+    }
+}

@@ -1,0 +1,70 @@
+//! Engine options.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::hlc::{Clock, SystemClock};
+use crate::sstable::Compression;
+use crate::types::RegionId;
+
+/// How background work (flush, compaction) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Background {
+    /// A flush thread and a compaction thread.
+    Threads,
+    /// The writer that fills a memtable flushes it and runs any due compactions before it
+    /// returns. Deterministic: for tests and tools.
+    Inline,
+}
+
+/// Options of an engine. [`Options::default`] suits a server; tests shrink the sizes.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Memtable size that triggers a switch and a flush.
+    pub memtable_bytes: usize,
+    /// Target uncompressed data block size.
+    pub block_bytes: usize,
+    /// Data block compression.
+    pub compression: Compression,
+    /// Number of L0 tables that triggers a compaction.
+    pub l0_compaction_trigger: usize,
+    /// Number of L0 tables at which writes wait for compaction.
+    pub l0_stop_writes: usize,
+    /// Target size of L1.
+    pub l1_bytes: u64,
+    /// Size ratio between levels.
+    pub level_multiplier: u64,
+    /// Target size of one table written by compaction.
+    pub table_bytes: u64,
+    /// System-time retention window: superseded versions settled longer ago than this may be
+    /// dropped by compaction. `None` keeps every version.
+    pub retention_window: Option<Duration>,
+    /// The region this node stamps on its writes' version vectors.
+    pub region: RegionId,
+    /// How background work runs.
+    pub background: Background,
+    /// Upper bound on how long an `Async` write stays unsynced.
+    pub async_sync_interval: Duration,
+    /// The wall clock (tests use [`crate::hlc::ManualClock`]).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            memtable_bytes: 64 << 20,
+            block_bytes: 16 << 10,
+            compression: Compression::Zstd(1),
+            l0_compaction_trigger: 4,
+            l0_stop_writes: 20,
+            l1_bytes: 256 << 20,
+            level_multiplier: 10,
+            table_bytes: 32 << 20,
+            retention_window: None,
+            region: 0,
+            background: Background::Threads,
+            async_sync_interval: Duration::from_millis(100),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
