@@ -62,7 +62,7 @@ impl Source {
                 m.cur = next;
                 Ok(())
             }
-            Source::Table(t) => t.next(),
+            Source::Table(t) => t.step(),
         }
     }
 }
@@ -117,7 +117,7 @@ impl MergingIter {
     }
 
     /// Advances past the current key in every source that has it.
-    pub fn next(&mut self) -> Result<()> {
+    pub fn step(&mut self) -> Result<()> {
         let Some(i) = self.current else { return Ok(()) };
         let k = self.key().to_vec();
         for (j, s) in self.sources.iter_mut().enumerate() {

@@ -73,7 +73,7 @@ impl Version {
                 v.levels[*level].push(t.clone());
             }
         }
-        v.levels[0].sort_by(|a, b| b.meta.number.cmp(&a.meta.number));
+        v.levels[0].sort_by_key(|t| std::cmp::Reverse(t.meta.number));
         for l in &mut v.levels[1..] {
             l.sort_by(|a, b| a.meta.smallest.cmp(&b.meta.smallest));
         }

@@ -247,7 +247,7 @@ impl Inner {
             } else {
                 dropped += 1;
             }
-            merge.next()?;
+            merge.step()?;
         }
         if let Some(w) = writer.take() {
             finish(w, &mut added, &mut outputs)?;

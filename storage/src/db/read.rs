@@ -213,12 +213,12 @@ impl ScanIter {
             }
             let s = kr.system_time();
             if s < self.range.system_time_min || s > self.known_at {
-                self.merge.next()?;
+                self.merge.step()?;
                 continue;
             }
             let item =
                 ScanItem { entity: kr.entity(), feature: f, version: to_version(&self.dir, k, self.merge.value())? };
-            self.merge.next()?;
+            self.merge.step()?;
             return Ok(Some(item));
         }
         Ok(None)

@@ -101,7 +101,7 @@ impl File for MemFile {
         }
         Ok(())
     }
-    fn len(&self) -> Result<u64> {
+    fn size(&self) -> Result<u64> {
         let st = self.state.lock();
         st.check_alive(&self.path)?;
         Ok(st.inodes[&self.ino].data.len() as u64)

@@ -27,7 +27,7 @@ pub trait File: Send + Sync + Debug {
     /// Makes the file's contents durable (fdatasync).
     fn sync(&self) -> Result<()>;
     /// The file's current length.
-    fn len(&self) -> Result<u64>;
+    fn size(&self) -> Result<u64>;
     /// Cuts the file to `len` bytes.
     fn truncate(&self, len: u64) -> Result<()>;
     /// The path the file was opened at.
@@ -58,7 +58,7 @@ pub trait Fs: Send + Sync + Debug {
 
 /// Reads a whole file.
 pub fn read_all(file: &dyn File) -> Result<Vec<u8>> {
-    let len = file.len()?;
+    let len = file.size()?;
     let len = usize::try_from(len).map_err(|_| crate::Error::corruption(file.path(), 0, "file larger than memory"))?;
     let mut buf = vec![0u8; len];
     file.read_exact_at(&mut buf, 0)?;

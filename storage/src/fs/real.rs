@@ -28,7 +28,7 @@ impl File for RealFile {
     fn sync(&self) -> Result<()> {
         self.file.sync_data().map_err(|e| Error::io(&self.path, e))
     }
-    fn len(&self) -> Result<u64> {
+    fn size(&self) -> Result<u64> {
         self.file.metadata().map(|m| m.len()).map_err(|e| Error::io(&self.path, e))
     }
     fn truncate(&self, len: u64) -> Result<()> {

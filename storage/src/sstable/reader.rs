@@ -38,7 +38,7 @@ impl Table {
 
     /// Opens a table from an open file.
     pub fn from_file(file: Arc<dyn File>, path: PathBuf, number: u64) -> Result<Arc<Table>> {
-        let size = file.len()?;
+        let size = file.size()?;
         let corrupt = |offset: u64, what: &str| Error::corruption(&path, offset, what);
         if size < FOOTER_BYTES as u64 {
             return Err(corrupt(0, "file shorter than a table footer"));
@@ -273,7 +273,7 @@ impl TableIter {
     }
 
     /// Advances to the next entry.
-    pub fn next(&mut self) -> Result<()> {
+    pub fn step(&mut self) -> Result<()> {
         if let Some(it) = &mut self.cur {
             it.next();
             if !it.valid() {

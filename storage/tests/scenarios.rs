@@ -1,0 +1,161 @@
+//! Hand-picked scenarios: regressions and behaviours random tests reach only rarely.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quiver_storage::fs::MemFs;
+use quiver_storage::{
+    AsOf, Background, Db, Durability, Error, EventTime, FeatureId, ManualClock, Options, ScanRange, SystemTime, Value,
+    WriteBatch,
+};
+
+fn opts(clock: &ManualClock, window: Option<u64>) -> Options {
+    Options {
+        memtable_bytes: 1 << 20,
+        l0_compaction_trigger: 100,
+        retention_window: window.map(Duration::from_micros),
+        background: Background::Inline,
+        clock: Arc::new(clock.clone()),
+        ..Options::default()
+    }
+}
+
+fn put(db: &Db, entity: &[u8], f: u32, e: i64, v: Option<i64>) -> SystemTime {
+    let mut b = WriteBatch::new();
+    match v {
+        Some(v) => b.put(entity, FeatureId(f), EventTime(e), Value::Int64(v)).expect("put"),
+        None => b.delete(entity, FeatureId(f), EventTime(e)).expect("delete"),
+    }
+    db.write(b, Durability::Sync).expect("write").system_time
+}
+
+fn int(db: &Db, entity: &[u8], f: u32, q: AsOf) -> Option<i64> {
+    match db.value_at(entity, FeatureId(f), q).expect("read").and_then(|v| v.value) {
+        Some(Value::Int64(i)) => Some(i),
+        None => None,
+        other => panic!("unexpected value {other:?}"),
+    }
+}
+
+#[test]
+fn settled_tombstone_is_kept_while_an_older_late_write_sits_above_it() {
+    let clock = ManualClock::new(1_000);
+    let fs = MemFs::new();
+    let o = Options { l0_compaction_trigger: 2, ..opts(&clock, Some(10)) };
+    let db = Db::open_with_fs(Arc::new(fs.clone()), Path::new("/db"), o.clone()).expect("open");
+    put(&db, b"u", 1, 5, Some(1));
+    put(&db, b"u", 1, 10, None); // absent from event time 10 on
+    db.flush().expect("flush");
+    put(&db, b"v", 1, 5, Some(1));
+    db.flush().expect("flush");
+    put(&db, b"w", 1, 5, Some(1)); // runs the due L0 -> L1 compaction: the tombstone is in L1
+    assert_eq!(db.stats().levels[1].tables, 1);
+    clock.advance(100);
+    put(&db, b"u", 1, 3, Some(7)); // a late write of an older event
+    db.flush().expect("flush"); // ... now in L0, above the tombstone
+    db.set_event_horizon(EventTime(20)).expect("horizon");
+    clock.advance(100);
+    db.close().expect("close");
+    // Reopen with a tiny L1 target so that L1 -> L2 (the bottom) is due.
+    let db = Db::open_with_fs(Arc::new(fs), Path::new("/db"), Options { l1_bytes: 1, ..o }).expect("reopen");
+    assert_eq!(int(&db, b"u", 1, AsOf::at(EventTime(25))), None);
+    db.compact_pending().expect("compact");
+    assert!(db.stats().levels[2..].iter().any(|l| l.tables > 0), "L1 -> L2 ran: {:?}", db.stats());
+    assert_eq!(int(&db, b"u", 1, AsOf::at(EventTime(25))), None, "tombstone must still shadow the late write");
+    db.compact_all().expect("compact all");
+    assert_eq!(int(&db, b"u", 1, AsOf::at(EventTime(25))), None);
+}
+
+#[test]
+fn retention_drops_superseded_versions_and_keeps_answers() {
+    let clock = ManualClock::new(1_000);
+    let db = Db::open_with_fs(Arc::new(MemFs::new()), Path::new("/db"), opts(&clock, Some(50))).expect("open");
+    for i in 0..10 {
+        put(&db, b"u", 1, 100, Some(i)); // ten corrections of one cell
+        clock.advance(10);
+    }
+    clock.advance(1_000);
+    let q = AsOf::at(EventTime(100));
+    db.compact_all().expect("compact");
+    assert_eq!(int(&db, b"u", 1, q), Some(9));
+    let s = db.stats();
+    assert_eq!(s.entries_dropped, 9, "nine superseded, settled versions go");
+    assert_eq!(s.levels.iter().map(|l| l.entries).sum::<u64>(), 1);
+}
+
+#[test]
+fn no_retention_window_keeps_every_version() {
+    let clock = ManualClock::new(1_000);
+    let db = Db::open_with_fs(Arc::new(MemFs::new()), Path::new("/db"), opts(&clock, None)).expect("open");
+    let mut stamps = Vec::new();
+    for i in 0..5 {
+        stamps.push(put(&db, b"u", 1, 100, Some(i)));
+        clock.advance(1_000_000);
+    }
+    db.compact_all().expect("compact");
+    for (i, s) in stamps.iter().enumerate() {
+        let q = AsOf { as_of: EventTime(100), known_at: *s, lookback_us: None };
+        assert_eq!(int(&db, b"u", 1, q), Some(i as i64), "as known at {s:?}");
+    }
+    let all: Vec<_> = db.scan(ScanRange::entity(b"u")).expect("scan").collect::<Result<_, _>>().expect("items");
+    assert_eq!(all.len(), 5);
+    assert!(all.windows(2).all(|w| w[0].version.system_time > w[1].version.system_time));
+}
+
+#[test]
+fn lookback_and_known_at_bounds_are_inclusive() {
+    let clock = ManualClock::new(1_000);
+    let db = Db::open_with_fs(Arc::new(MemFs::new()), Path::new("/db"), opts(&clock, None)).expect("open");
+    let s = put(&db, b"u", 1, 100, Some(1));
+    let q = |as_of, known_at, lookback| AsOf {
+        as_of: EventTime(as_of),
+        known_at: SystemTime(known_at),
+        lookback_us: lookback,
+    };
+    assert_eq!(int(&db, b"u", 1, q(100, s.0, Some(0))), Some(1));
+    assert_eq!(int(&db, b"u", 1, q(110, s.0, Some(10))), Some(1));
+    assert_eq!(int(&db, b"u", 1, q(111, s.0, Some(10))), None);
+    assert_eq!(int(&db, b"u", 1, q(99, s.0, None)), None);
+    assert_eq!(int(&db, b"u", 1, q(100, s.0 - 1, None)), None);
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let clock = ManualClock::new(1_000);
+    let db = Db::open_with_fs(Arc::new(MemFs::new()), Path::new("/db"), opts(&clock, None)).expect("open");
+    assert!(matches!(db.write(WriteBatch::new(), Durability::Sync), Err(Error::InvalidArgument(_))));
+    db.set_event_horizon(EventTime(50)).expect("horizon");
+    let mut b = WriteBatch::new();
+    b.put(b"u", FeatureId(1), EventTime(60), Value::Int64(1)).expect("put");
+    b.put(b"u", FeatureId(2), EventTime(40), Value::Int64(2)).expect("put");
+    let err = db.write(b, Durability::Sync).expect_err("below horizon");
+    assert!(err.to_string().contains("horizon"), "{err}");
+    assert_eq!(int(&db, b"u", 1, AsOf::at(EventTime(100))), None, "the rejected batch wrote nothing");
+    assert!(matches!(db.set_event_horizon(EventTime(10)), Err(Error::InvalidArgument(_))));
+    let mut r = ScanRange::all();
+    r.event_time_min = EventTime(5);
+    r.event_time_max = EventTime(4);
+    assert!(matches!(db.scan(r), Err(Error::InvalidArgument(_))));
+    assert!(matches!(db.value_at(b"", FeatureId(1), AsOf::at(EventTime(0))), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn batch_is_all_or_nothing_for_readers_and_shares_one_stamp() {
+    let clock = ManualClock::new(1_000);
+    let db = Db::open_with_fs(Arc::new(MemFs::new()), Path::new("/db"), opts(&clock, None)).expect("open");
+    let mut b = WriteBatch::new();
+    for f in 0..50 {
+        b.put(b"u", FeatureId(f), EventTime(1), Value::Float32(f as f32)).expect("put");
+    }
+    let r = db.write(b, Durability::Async).expect("write");
+    let all: Vec<_> = db.scan(ScanRange::entity(b"u")).expect("scan").collect::<Result<_, _>>().expect("items");
+    assert_eq!(all.len(), 50);
+    assert!(all.iter().all(|i| i.version.system_time == r.system_time));
+    let got = db
+        .multi_get(&[b"u".to_vec()], &(0..50).map(FeatureId).collect::<Vec<_>>(), AsOf::at(EventTime(1)))
+        .expect("mg");
+    assert!(got.iter().all(Option::is_some));
+}
