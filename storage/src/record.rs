@@ -16,8 +16,9 @@
 //! no valid record starts anywhere after it: the file is valid up to that offset and the
 //! caller truncates it there. Anything else — a complete record with a bad checksum, a failure
 //! followed by a valid record, any failure in a file that cannot have a torn tail — is
-//! [`crate::Error::Corruption`] at that offset. (A flipped bit in the *length* of the very last
-//! record can make it look incomplete; that case is indistinguishable from a torn write.)
+//! [`crate::Error::Corruption`] at that offset. A last record that looks incomplete but whose
+//! checksum matches when its length is taken as "the rest of the file" had its length field
+//! damaged: that is corruption too, not a torn write.
 
 use std::path::Path;
 
@@ -94,7 +95,13 @@ pub fn read_all<'a>(path: &Path, file_num: u64, buf: &'a [u8], tail_may_be_torn:
                 off = end;
             }
             Err(what) => {
-                let incomplete = what == TRUNCATED_HEADER || what == TRUNCATED_PAYLOAD;
+                let damaged_len = what == TRUNCATED_PAYLOAD && {
+                    let rest = buf.len() - off - HEADER_BYTES;
+                    let h = &buf[off..off + HEADER_BYTES];
+                    let crc = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+                    checksum(file_num, rest as u32, h[8], &buf[off + HEADER_BYTES..]) == crc
+                };
+                let incomplete = (what == TRUNCATED_HEADER || what == TRUNCATED_PAYLOAD) && !damaged_len;
                 let zeroed = buf[off..].iter().all(|&b| b == 0);
                 let later_valid = (off + 1..buf.len()).any(|o| decode_at(file_num, buf, o).is_ok());
                 if tail_may_be_torn && (incomplete || zeroed) && !later_valid {
@@ -152,6 +159,11 @@ mod tests {
         let mut bad = buf.clone();
         let n = bad.len();
         bad[n - 1] ^= 1;
+        assert!(read_all(Path::new("w"), 7, &bad, true).is_err());
+        // A damaged length in the last record is not mistaken for a torn write.
+        let mut bad = buf.clone();
+        let last = bad.len() - (HEADER_BYTES + "record 4".len());
+        bad[last + 5] ^= 0x01;
         assert!(read_all(Path::new("w"), 7, &bad, true).is_err());
         // Zeroes after the last record (a crash after the size grew, before the data landed).
         let mut zeroed = buf.clone();
