@@ -35,6 +35,12 @@ pub enum Error {
     /// until it is reopened.
     #[error("engine stopped after an earlier error: {0}")]
     PreviousError(String),
+    /// The data directory is open in another process or engine.
+    #[error("data directory {path:?} is in use by another process (LOCK is held)")]
+    InUse {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The engine is shutting down.
     #[error("engine is closed")]
     Closed,

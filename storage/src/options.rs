@@ -24,6 +24,8 @@ pub struct Options {
     pub memtable_bytes: usize,
     /// Target uncompressed data block size.
     pub block_bytes: usize,
+    /// Bytes of parsed data blocks kept in memory; 0 disables the block cache.
+    pub block_cache_bytes: usize,
     /// Data block compression.
     pub compression: Compression,
     /// Number of L0 tables that triggers a compaction.
@@ -54,6 +56,7 @@ impl Default for Options {
         Options {
             memtable_bytes: 64 << 20,
             block_bytes: 16 << 10,
+            block_cache_bytes: 256 << 20,
             compression: Compression::Zstd(1),
             l0_compaction_trigger: 4,
             l0_stop_writes: 20,

@@ -159,3 +159,12 @@ fn batch_is_all_or_nothing_for_readers_and_shares_one_stamp() {
         .expect("mg");
     assert!(got.iter().all(Option::is_some));
 }
+
+#[test]
+fn a_directory_opens_in_one_engine_at_a_time() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let db = Db::open(tmp.path(), Options::default()).expect("open");
+    assert!(matches!(Db::open(tmp.path(), Options::default()), Err(Error::InUse { .. })));
+    db.close().expect("close");
+    Db::open(tmp.path(), Options::default()).expect("reopen after close");
+}

@@ -127,6 +127,8 @@ pub(crate) struct Inner {
     flush_lock: Mutex<()>,
     compaction_lock: Mutex<()>,
     counters: Counters,
+    _lock: Box<dyn std::any::Any + Send + Sync>,
+    block_cache: Option<Arc<crate::sstable::BlockCache>>,
 }
 
 /// An open engine. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -172,6 +174,12 @@ pub struct Stats {
     pub write_groups: u64,
     /// WAL fsyncs since open.
     pub wal_syncs: u64,
+    /// Block cache hits.
+    pub block_cache_hits: u64,
+    /// Block cache misses.
+    pub block_cache_misses: u64,
+    /// Bytes held by the block cache.
+    pub block_cache_bytes: u64,
 }
 
 impl Db {
@@ -420,7 +428,12 @@ impl Inner {
             })
             .collect();
         let c = &self.counters;
+        let (block_cache_hits, block_cache_misses, block_cache_bytes) =
+            self.block_cache.as_ref().map_or((0, 0, 0), |b| b.figures());
         Stats {
+            block_cache_hits,
+            block_cache_misses,
+            block_cache_bytes,
             levels,
             memtable_bytes: view.mem.approximate_bytes(),
             immutable_memtables: view.imms.len(),

@@ -26,7 +26,7 @@ use crate::manifest::{self, FileMeta, VersionEdit, CURRENT};
 use crate::memtable::Memtable;
 use crate::options::Options;
 use crate::record;
-use crate::sstable::{self, Table};
+use crate::sstable::{self, BlockCache, Table};
 use crate::version::{TableHandle, Version};
 use crate::wal::{self, Segment};
 use crate::{Error, Result};
@@ -165,6 +165,7 @@ fn max_file_number(names: &[String]) -> u64 {
 
 pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> {
     fs.create_dir_all(dir)?;
+    let lock = fs.lock_dir(dir)?;
     let names = fs.list(dir)?;
     let has_data = names.iter().any(|n| wal::parse_segment_name(n).is_some() || sstable::parse_table_name(n).is_some());
     if has_data && !names.iter().any(|n| n == CURRENT) {
@@ -172,6 +173,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
     }
     let rec = read_manifest(fs.as_ref(), dir)?;
 
+    let block_cache = (opts.block_cache_bytes > 0).then(|| Arc::new(BlockCache::new(opts.block_cache_bytes)));
     // Open every table the manifest names.
     let mut version = Version::default();
     for (level, metas) in rec.levels.iter().enumerate() {
@@ -180,7 +182,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
             if !fs.exists(&path) {
                 return Err(Error::corruption(&path, 0, "table named by the manifest is missing"));
             }
-            let table = Table::open(fs.as_ref(), dir, meta.number)?;
+            let table = Table::open_cached(fs.as_ref(), dir, meta.number, block_cache.clone())?;
             if table.size() != meta.size {
                 return Err(Error::corruption(
                     &path,
@@ -268,6 +270,8 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         flush_lock: Mutex::new(()),
         compaction_lock: Mutex::new(()),
         counters: Counters::default(),
+        _lock: lock,
+        block_cache,
         opts,
     };
     // Flush what was replayed, then drop the segments it came from.

@@ -37,6 +37,7 @@ fn share(e: &Error) -> Error {
         }
         Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
         Error::PreviousError(s) => Error::PreviousError(s.clone()),
+        Error::InUse { path } => Error::InUse { path: path.clone() },
         Error::Closed => Error::Closed,
     }
 }

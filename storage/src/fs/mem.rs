@@ -251,6 +251,10 @@ impl Fs for MemFs {
     fn exists(&self, path: &Path) -> bool {
         self.state.lock().live.contains_key(path)
     }
+    fn lock_dir(&self, dir: &Path) -> Result<Box<dyn std::any::Any + Send + Sync>> {
+        self.state.lock().check_alive(dir)?;
+        Ok(Box::new(()))
+    }
     fn hard_link(&self, from: &Path, to: &Path) -> Result<()> {
         let mut st = self.state.lock();
         st.step("hard_link", from)?;

@@ -54,6 +54,9 @@ pub trait Fs: Send + Sync + Debug {
     fn exists(&self, path: &Path) -> bool;
     /// Makes a hard link `to` of `from` (for checkpoints).
     fn hard_link(&self, from: &Path, to: &Path) -> Result<()>;
+    /// Takes an exclusive lock on `dir` for as long as the returned guard lives; fails with
+    /// [`crate::Error::InUse`] if another process (or another open engine) holds it.
+    fn lock_dir(&self, dir: &Path) -> Result<Box<dyn std::any::Any + Send + Sync>>;
 }
 
 /// Reads a whole file.

@@ -38,7 +38,7 @@ impl BlockBuilder {
     /// Appends an entry; keys must be strictly increasing.
     pub fn add(&mut self, key: &[u8], value: &[u8]) {
         assert!(self.count == 0 || key > self.last_key.as_slice(), "block keys must increase");
-        let shared = if self.count % self.restart_interval == 0 {
+        let shared = if self.count.is_multiple_of(self.restart_interval) {
             self.restarts.push(self.buf.len() as u32);
             0
         } else {
@@ -185,6 +185,11 @@ impl Block {
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Memory held by the parsed block.
+    pub fn approximate_bytes(&self) -> usize {
+        self.keys.len() + self.data.len() + self.entries.len() * (std::mem::size_of::<EntryPos>() + 4) + 64
     }
 
     /// True if the block has no entry (never, for a parsed block).

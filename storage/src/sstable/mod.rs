@@ -16,9 +16,11 @@
 
 pub mod block;
 pub mod bloom;
+pub mod cache;
 pub mod reader;
 pub mod writer;
 
+pub use cache::BlockCache;
 pub use reader::{Table, TableIter};
 pub use writer::{TableInfo, TableWriter};
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::block::{Block, BlockIter};
 use super::bloom::{self, Bloom};
+use super::cache::BlockCache;
 use super::{
     block_crc, table_name, BlockHandle, Footer, BLOCK_TRAILER_BYTES, COMPRESSION_NONE, COMPRESSION_ZSTD, FOOTER_BYTES,
 };
@@ -26,18 +27,29 @@ pub struct Table {
     size: u64,
     index: Vec<(Vec<u8>, BlockHandle)>,
     filter: Bloom,
+    cache: Option<Arc<BlockCache>>,
 }
 
 impl Table {
     /// Opens table `number` in `dir`, checking its footer, index and filter.
     pub fn open(fs: &dyn Fs, dir: &Path, number: u64) -> Result<Arc<Table>> {
+        Self::open_cached(fs, dir, number, None)
+    }
+
+    /// Opens table `number`, reading data blocks through `cache`.
+    pub fn open_cached(fs: &dyn Fs, dir: &Path, number: u64, cache: Option<Arc<BlockCache>>) -> Result<Arc<Table>> {
         let path = dir.join(table_name(number));
         let file = fs.open(&path)?;
-        Self::from_file(file, path, number)
+        Self::from_file(file, path, number, cache)
     }
 
     /// Opens a table from an open file.
-    pub fn from_file(file: Arc<dyn File>, path: PathBuf, number: u64) -> Result<Arc<Table>> {
+    pub fn from_file(
+        file: Arc<dyn File>,
+        path: PathBuf,
+        number: u64,
+        cache: Option<Arc<BlockCache>>,
+    ) -> Result<Arc<Table>> {
         let size = file.size()?;
         let corrupt = |offset: u64, what: &str| Error::corruption(&path, offset, what);
         if size < FOOTER_BYTES as u64 {
@@ -59,6 +71,7 @@ impl Table {
             size,
             index: Vec::new(),
             filter: Bloom::parse(vec![0, 1]).map_err(|w| corrupt(0, w))?,
+            cache,
         };
         let filter_raw = t.read_block_raw(footer.filter)?;
         t.filter = Bloom::parse(filter_raw).map_err(|w| corrupt(footer.filter.offset, w))?;
@@ -132,8 +145,23 @@ impl Table {
         }
     }
 
-    /// Reads, checks and parses data block `i`.
+    /// Data block `i`, from the cache or read, checked and parsed.
     pub fn read_block(&self, i: usize) -> Result<Arc<Block>> {
+        let h = self.index[i].1;
+        if let Some(c) = &self.cache {
+            if let Some(b) = c.get(self.number, h.offset) {
+                return Ok(b);
+            }
+        }
+        let b = self.load_block(i)?;
+        if let Some(c) = &self.cache {
+            c.insert(self.number, h.offset, b.clone());
+        }
+        Ok(b)
+    }
+
+    /// Reads, checks and parses data block `i`, bypassing the cache.
+    pub fn load_block(&self, i: usize) -> Result<Arc<Block>> {
         let h = self.index[i].1;
         let block = Block::parse(self.read_block_raw(h)?).map_err(|w| Error::corruption(&self.path, h.offset, w))?;
         if block.key(block.len() - 1) != self.index[i].0.as_slice() {
@@ -198,7 +226,7 @@ impl Table {
         let mut n = 0u64;
         let mut prev: Option<Vec<u8>> = None;
         for i in 0..self.index.len() {
-            let b = self.read_block(i)?;
+            let b = self.load_block(i)?;
             if let Some(p) = &prev {
                 if b.key(0) <= p.as_slice() {
                     return Err(Error::corruption(
