@@ -20,6 +20,9 @@ pub const LIST_ELEMENTS_MAX: usize = 65_536;
 /// Largest data block before compression (a single oversized entry may exceed the configured
 /// block size, never this).
 pub const BLOCK_BYTES_MAX: usize = VALUE_BYTES_MAX + 2 * ENTITY_KEY_BYTES_MAX + 4096;
+/// Largest filter or index block of one table. These grow with the table (10 bits per
+/// `(entity, feature)` pair; one entry per data block), so they have their own, larger bound.
+pub const META_BLOCK_BYTES_MAX: usize = 128 << 20;
 /// Number of levels of the LSM tree, L0 included.
 pub const LEVELS: usize = 7;
 /// Most immutable memtables waiting for flush before writers stall.
@@ -33,5 +36,6 @@ pub const MANIFEST_BYTES_REWRITE: u64 = 4 << 20;
 
 const _: () = assert!(RECORD_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(BLOCK_BYTES_MAX <= u32::MAX as usize);
+const _: () = assert!(BLOCK_BYTES_MAX <= META_BLOCK_BYTES_MAX);
 const _: () = assert!(VALUE_BYTES_MAX < BATCH_BYTES_MAX);
 const _: () = assert!(LEVELS >= 2);

@@ -110,9 +110,14 @@ pub struct Block {
 }
 
 impl Block {
-    /// Parses and checks a block. `full_keys` requires every key to be a valid internal key.
+    /// Parses and checks a data block.
     pub fn parse(data: Vec<u8>) -> Result<Block, DecodeError> {
-        if data.len() > BLOCK_BYTES_MAX || data.len() < 4 {
+        Self::parse_sized(data, BLOCK_BYTES_MAX)
+    }
+
+    /// Parses and checks a block of at most `max` bytes (index blocks may exceed a data block).
+    pub fn parse_sized(data: Vec<u8>, max: usize) -> Result<Block, DecodeError> {
+        if data.len() > max || data.len() < 4 {
             return Err("block size out of range");
         }
         let n = data.len();
@@ -141,9 +146,9 @@ impl Block {
             if restarts.get(next_restart).is_some_and(|&x| x < off) {
                 return Err("restart point inside an entry");
             }
-            let shared = r.len(BLOCK_BYTES_MAX)?;
-            let unshared = r.len(BLOCK_BYTES_MAX)?;
-            let vlen = r.len(BLOCK_BYTES_MAX)?;
+            let shared = r.len(max)?;
+            let unshared = r.len(max)?;
+            let vlen = r.len(max)?;
             if at_restart {
                 next_restart += 1;
                 if shared != 0 {

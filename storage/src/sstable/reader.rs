@@ -14,7 +14,7 @@ use super::{
 use crate::coding::Reader;
 use crate::fs::{File, Fs};
 use crate::key;
-use crate::limits::BLOCK_BYTES_MAX;
+use crate::limits::{BLOCK_BYTES_MAX, META_BLOCK_BYTES_MAX};
 use crate::types::{EventTime, SystemTime};
 use crate::{Error, Result};
 
@@ -73,9 +73,11 @@ impl Table {
             filter: Bloom::parse(vec![0, 1]).map_err(|w| corrupt(0, w))?,
             cache,
         };
-        let filter_raw = t.read_block_raw(footer.filter)?;
+        let filter_raw = t.read_block_raw(footer.filter, META_BLOCK_BYTES_MAX)?;
         t.filter = Bloom::parse(filter_raw).map_err(|w| corrupt(footer.filter.offset, w))?;
-        let index_block = Block::parse(t.read_block_raw(footer.index)?).map_err(|w| corrupt(footer.index.offset, w))?;
+        let index_block =
+            Block::parse_sized(t.read_block_raw(footer.index, META_BLOCK_BYTES_MAX)?, META_BLOCK_BYTES_MAX)
+                .map_err(|w| corrupt(footer.index.offset, w))?;
         let mut next_offset = 0u64;
         for i in 0..index_block.len() {
             let mut r = Reader::new(index_block.value(i));
@@ -124,10 +126,9 @@ impl Table {
         self.index[i].1
     }
 
-    fn read_block_raw(&self, h: BlockHandle) -> Result<Vec<u8>> {
+    fn read_block_raw(&self, h: BlockHandle, max: usize) -> Result<Vec<u8>> {
         let corrupt = |what: &str| Error::corruption(&self.path, h.offset, what);
-        let total =
-            usize::try_from(h.len).ok().filter(|&l| l <= BLOCK_BYTES_MAX).ok_or_else(|| corrupt("block too large"))?;
+        let total = usize::try_from(h.len).ok().filter(|&l| l <= max).ok_or_else(|| corrupt("block too large"))?;
         let mut buf = vec![0u8; total + BLOCK_TRAILER_BYTES];
         self.file.read_exact_at(&mut buf, h.offset)?;
         let ctype = buf[total];
@@ -139,7 +140,7 @@ impl Table {
         match ctype {
             COMPRESSION_NONE => Ok(buf),
             COMPRESSION_ZSTD => {
-                zstd::bulk::decompress(&buf, BLOCK_BYTES_MAX).map_err(|_| corrupt("zstd block does not decompress"))
+                zstd::bulk::decompress(&buf, max).map_err(|_| corrupt("zstd block does not decompress"))
             }
             _ => Err(corrupt("unknown block compression")),
         }
@@ -163,7 +164,8 @@ impl Table {
     /// Reads, checks and parses data block `i`, bypassing the cache.
     pub fn load_block(&self, i: usize) -> Result<Arc<Block>> {
         let h = self.index[i].1;
-        let block = Block::parse(self.read_block_raw(h)?).map_err(|w| Error::corruption(&self.path, h.offset, w))?;
+        let block = Block::parse(self.read_block_raw(h, BLOCK_BYTES_MAX)?)
+            .map_err(|w| Error::corruption(&self.path, h.offset, w))?;
         if block.key(block.len() - 1) != self.index[i].0.as_slice() {
             return Err(Error::corruption(&self.path, h.offset, "block's last key differs from its index entry"));
         }

@@ -10,7 +10,7 @@ use super::{
 use crate::coding::put_uvarint;
 use crate::fs::{File, Fs};
 use crate::key;
-use crate::limits::{BLOCK_RESTART_INTERVAL, BLOOM_BITS_PER_KEY};
+use crate::limits::{BLOCK_RESTART_INTERVAL, BLOOM_BITS_PER_KEY, META_BLOCK_BYTES_MAX};
 use crate::types::SystemTime;
 use crate::{Error, Result};
 
@@ -174,6 +174,12 @@ impl TableWriter {
         let largest = if largest.is_empty() { self.index.last_key().to_vec() } else { largest };
         self.finish_data_block()?;
         let filter_raw = bloom::build(&self.prefix_hashes, BLOOM_BITS_PER_KEY);
+        if filter_raw.len() > META_BLOCK_BYTES_MAX || self.index.size_estimate() > META_BLOCK_BYTES_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "table {} would need a filter or index block over {META_BLOCK_BYTES_MAX} bytes; lower the memtable or table size",
+                self.number
+            )));
+        }
         let saved = self.compression;
         self.compression = Compression::None;
         let filter = self.write_block(&filter_raw)?;
@@ -196,5 +202,35 @@ impl TableWriter {
             system_time_min: SystemTime(self.system_time_min),
             system_time_max: SystemTime(self.system_time_max),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::MemFs;
+    use crate::key;
+    use crate::limits::BLOCK_BYTES_MAX;
+    use crate::sstable::Table;
+    use crate::types::{EventTime, FeatureId};
+
+    /// A table with more prefixes than a data block could hold filter bits for (a full
+    /// production memtable): its filter block is larger than a data block and must read back.
+    #[test]
+    fn large_filter_and_index_blocks_read_back() {
+        let fs = Arc::new(MemFs::new());
+        let dir = Path::new("/t");
+        let n = (BLOCK_BYTES_MAX * 8 / BLOOM_BITS_PER_KEY) as u32 + 10_000;
+        let mut w = TableWriter::create(fs.clone(), dir, 1, 4096, crate::sstable::Compression::None).expect("create");
+        for i in 0..n {
+            let k = key::encode(&i.to_be_bytes(), FeatureId(0), EventTime(0), SystemTime(1));
+            w.add(&k, b"v").expect("add");
+        }
+        let info = w.finish().expect("finish").expect("non-empty");
+        assert_eq!(info.entries, u64::from(n));
+        let t = Table::open(fs.as_ref(), dir, 1).expect("open");
+        assert_eq!(t.verify().expect("verify"), u64::from(n));
+        let p = key::prefix(&(n - 1).to_be_bytes(), FeatureId(0));
+        assert!(t.may_contain_prefix(&p));
     }
 }
