@@ -7,6 +7,8 @@ pub mod cell;
 pub mod coding;
 pub mod error;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod key;
 pub mod limits;
 pub mod record;

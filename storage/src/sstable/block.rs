@@ -134,9 +134,10 @@ impl Block {
         if restarts[0] != 0 || restarts.windows(2).any(|w| w[0] >= w[1]) || restarts.iter().any(|&x| x > entries_end) {
             return Err("restart points out of order");
         }
-        let mut keys: Vec<u8> = Vec::new();
-        let mut key_ends = Vec::new();
-        let mut entries = Vec::new();
+        // Materialised keys are longer than their prefix-compressed form; reserve for that.
+        let mut keys: Vec<u8> = Vec::with_capacity(entries_end * 2);
+        let mut key_ends = Vec::with_capacity(nrestarts * 16);
+        let mut entries = Vec::with_capacity(nrestarts * 16);
         let mut r = Reader::new(&data[..entries_end]);
         let mut next_restart = 0;
         let mut prev: Option<(usize, usize)> = None;
@@ -167,7 +168,16 @@ impl Block {
             r.bytes(vlen)?;
             let end = keys.len();
             if let Some((ps, pe)) = prev {
-                if keys[start..end] <= keys[ps..pe] {
+                // The new key equals the previous one up to `shared`; it is greater iff its
+                // first unshared byte is greater, or it extends the previous key. Only when
+                // the writer under-reported the shared prefix is a full comparison needed.
+                let greater = match (keys.get(start + shared), keys.get(ps + shared)) {
+                    (Some(_), None) => true,
+                    (Some(a), Some(b)) if a != b => a > b,
+                    (None, _) => false,
+                    _ => keys[start..end] > keys[ps..pe],
+                };
+                if !greater {
                     return Err("block keys not increasing");
                 }
             }

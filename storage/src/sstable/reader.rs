@@ -18,6 +18,13 @@ use crate::limits::{BLOCK_BYTES_MAX, META_BLOCK_BYTES_MAX};
 use crate::types::{EventTime, SystemTime};
 use crate::{Error, Result};
 
+thread_local! {
+    /// One zstd decompression context per thread: creating one per block costs more than the
+    /// decompression itself.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// An open table.
 #[derive(Debug)]
 pub struct Table {
@@ -140,7 +147,24 @@ impl Table {
         match ctype {
             COMPRESSION_NONE => Ok(buf),
             COMPRESSION_ZSTD => {
-                zstd::bulk::decompress(&buf, max).map_err(|_| corrupt("zstd block does not decompress"))
+                // Allocate exactly the frame's content size (the writer always records it).
+                let n = match zstd::zstd_safe::get_frame_content_size(&buf) {
+                    Ok(Some(n)) if n <= max as u64 => n as usize,
+                    _ => return Err(corrupt("zstd block has no or an oversized content size")),
+                };
+                let mut out = Vec::with_capacity(n);
+                let got = DECOMPRESSOR.with(|d| {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = zstd::bulk::Decompressor::new().ok();
+                    }
+                    d.as_mut().map(|d| d.decompress_to_buffer(&buf, &mut out))
+                });
+                match got {
+                    Some(Ok(len)) if len == n => Ok(out),
+                    Some(_) => Err(corrupt("zstd block does not decompress")),
+                    None => Err(corrupt("zstd decompressor unavailable")),
+                }
             }
             _ => Err(corrupt("unknown block compression")),
         }

@@ -53,6 +53,16 @@ pub struct TableWriter {
     system_time_min: u64,
     system_time_max: u64,
     scratch: Vec<u8>,
+    compressor: Option<Zstd>,
+}
+
+/// A reused zstd compression context (creating one per block costs more than compressing).
+struct Zstd(zstd::bulk::Compressor<'static>);
+
+impl std::fmt::Debug for Zstd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Zstd")
+    }
 }
 
 impl TableWriter {
@@ -84,6 +94,12 @@ impl TableWriter {
             system_time_min: u64::MAX,
             system_time_max: 0,
             scratch: Vec::new(),
+            compressor: match compression {
+                Compression::Zstd(level) => {
+                    Some(Zstd(zstd::bulk::Compressor::new(level).map_err(|e| Error::io(dir, e))?))
+                }
+                Compression::None => None,
+            },
         })
     }
 
@@ -130,9 +146,9 @@ impl TableWriter {
     }
 
     fn write_block(&mut self, raw: &[u8]) -> Result<BlockHandle> {
-        let (payload, ctype): (std::borrow::Cow<'_, [u8]>, u8) = match self.compression {
-            Compression::None => (raw.into(), COMPRESSION_NONE),
-            Compression::Zstd(level) => match zstd::bulk::compress(raw, level) {
+        let (payload, ctype): (std::borrow::Cow<'_, [u8]>, u8) = match (self.compression, &mut self.compressor) {
+            (Compression::None, _) | (_, None) => (raw.into(), COMPRESSION_NONE),
+            (Compression::Zstd(_), Some(c)) => match c.0.compress(raw) {
                 Ok(c) if c.len() + c.len() / 8 < raw.len() => (c.into(), COMPRESSION_ZSTD),
                 Ok(_) => (raw.into(), COMPRESSION_NONE),
                 Err(e) => return Err(Error::io(&self.tmp, e)),

@@ -1,0 +1,3 @@
+#![no_main]
+//! Fuzz target: see `quiver_storage::fuzzing::table`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| quiver_storage::fuzzing::table(data));
