@@ -143,7 +143,18 @@ impl MemFs {
     /// The file system a power loss now would leave: durable directory entries only, each file
     /// its synced bytes plus a prefix of its unsynced appended bytes chosen by `seed`.
     pub fn crash_image(&self, seed: u64) -> MemFs {
+        self.image(Some(seed))
+    }
+
+    /// The file system a power loss would leave if no unsynced byte reached the disk.
+    pub fn synced_image(&self) -> MemFs {
+        self.image(None)
+    }
+
+    fn image(&self, seed: Option<u64>) -> MemFs {
         let st = self.state.lock();
+        let keep_unsynced = seed.is_some();
+        let seed = seed.unwrap_or(0);
         let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
             rng ^= rng << 13;
@@ -158,7 +169,7 @@ impl MemFs {
             }
             let i = &st.inodes[&ino];
             let mut data = i.synced.clone();
-            if i.data.len() > i.synced.len() && i.data.starts_with(&i.synced) {
+            if keep_unsynced && i.data.len() > i.synced.len() && i.data.starts_with(&i.synced) {
                 let extra = i.data.len() - i.synced.len();
                 let keep = (next() % (extra as u64 + 1)) as usize;
                 data.extend_from_slice(&i.data[i.synced.len()..i.synced.len() + keep]);
