@@ -168,3 +168,39 @@ fn a_directory_opens_in_one_engine_at_a_time() {
     db.close().expect("close");
     Db::open(tmp.path(), Options::default()).expect("reopen after close");
 }
+
+#[test]
+fn a_scan_keeps_its_files_alive_through_compaction() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let clock = ManualClock::new(1_000);
+    let db = Db::open(tmp.path(), opts(&clock, None)).expect("open");
+    for i in 0..20 {
+        put(&db, format!("e{i:02}").as_bytes(), 1, 0, Some(i));
+        if i % 5 == 4 {
+            db.flush().expect("flush");
+        }
+    }
+    let tables = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(tmp.path())
+            .expect("dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".sst"))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = tables();
+    assert_eq!(before.len(), 4);
+    let mut scan = db.scan(ScanRange::all()).expect("scan");
+    let first = scan.next().expect("item").expect("ok");
+    assert_eq!(first.entity, b"e00");
+    db.compact_all().expect("compact");
+    let during = tables();
+    assert!(before.iter().all(|t| during.contains(t)), "files a reader holds are not deleted");
+    let rest: Vec<_> = scan.by_ref().collect::<Result<_, _>>().expect("rest of scan");
+    assert_eq!(rest.len(), 19);
+    drop(scan);
+    let after = tables();
+    assert!(before.iter().all(|t| !after.contains(t)), "released files are deleted: {after:?}");
+    assert_eq!(after.len(), 1);
+}
