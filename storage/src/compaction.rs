@@ -14,9 +14,11 @@
 //!    a guaranteed read has `T >= H`, so it sees that version (or a newer one) whenever it could
 //!    see the older entries, whatever its lookback.
 //! 3. At the bottom level, a settled tombstone with event time `< H` that is the last entry of
-//!    its pair is dropped when no table above the compaction and no memtable holds the pair:
-//!    it shadows nothing, and writes below the horizon are refused, so nothing can come to be
-//!    shadowed by it.
+//!    its pair is dropped when no memtable and no table outside the compaction (at any level)
+//!    holds the pair: it shadows nothing, and writes below the horizon are refused, so nothing
+//!    can come to be shadowed by it. (Key-range overlap is not enough to rule out a lower
+//!    table: a pair's newer versions sort first, so a lower table can start with the same pair
+//!    just past the compaction's range.)
 //!
 //! Without a window no version is settled and nothing is dropped.
 

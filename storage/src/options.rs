@@ -71,3 +71,31 @@ impl Default for Options {
         }
     }
 }
+
+impl Options {
+    /// Checks that the options make sense together; [`crate::Db::open`] refuses others.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |what: String| Err(crate::Error::InvalidArgument(format!("options: {what}")));
+        if self.memtable_bytes == 0 || self.block_bytes == 0 || self.table_bytes == 0 || self.l1_bytes == 0 {
+            return bad("memtable_bytes, block_bytes, table_bytes and l1_bytes must be positive".into());
+        }
+        if self.l0_compaction_trigger == 0 || self.l0_stop_writes <= self.l0_compaction_trigger {
+            return bad(format!(
+                "need 0 < l0_compaction_trigger ({}) < l0_stop_writes ({}), or writes could stall forever",
+                self.l0_compaction_trigger, self.l0_stop_writes
+            ));
+        }
+        if self.level_multiplier < 2 {
+            return bad(format!("level_multiplier must be at least 2, not {}", self.level_multiplier));
+        }
+        if let Compression::Zstd(level) = self.compression {
+            if !(-7..=22).contains(&level) {
+                return bad(format!("zstd level {level} is outside -7..=22"));
+            }
+        }
+        if self.async_sync_interval.is_zero() {
+            return bad("async_sync_interval must be positive".into());
+        }
+        Ok(())
+    }
+}

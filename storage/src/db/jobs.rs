@@ -20,31 +20,35 @@ use crate::Result;
 pub(super) enum Job {
     Flush,
     Compact,
+    SyncWal,
 }
 
-/// The loop of a background thread.
+/// The loop of a background thread. A panic in a job stops the engine (writes fail with
+/// `PreviousError`) instead of leaving writers stalled behind work that will never finish.
 pub(super) fn run(inner: &Inner, job: Job) {
     while !inner.shutdown.load(Ordering::Acquire) && inner.bg_error.lock().is_none() {
-        let did = match job {
-            Job::Flush => {
+        let did = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
+            Job::Flush => inner.flush_oldest(),
+            Job::Compact => inner.compact_once(),
+            Job::SyncWal => {
                 let wal = inner.current_wal.lock().clone();
                 if wal.unsynced_bytes() > 0 {
-                    if let Err(e) = wal.sync() {
-                        inner.fail(&e);
-                    }
+                    wal.sync()?;
+                    inner.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
                 }
-                inner.flush_oldest()
+                Ok(false)
             }
-            Job::Compact => inner.compact_once(),
-        };
+        }))
+        .unwrap_or_else(|_| Err(crate::Error::PreviousError(format!("internal: background {job:?} job panicked"))));
         match did {
             Ok(true) => continue,
             Ok(false) => {
                 let mut g = inner.work.lock();
                 if !inner.shutdown.load(Ordering::Acquire) {
                     let wait = match job {
-                        Job::Flush => inner.opts.async_sync_interval,
+                        Job::Flush => Duration::from_millis(500),
                         Job::Compact => Duration::from_millis(500),
+                        Job::SyncWal => inner.opts.async_sync_interval,
                     };
                     inner.work_cv.wait_for(&mut g, wait);
                 }
@@ -164,27 +168,28 @@ impl Inner {
     }
 
     fn run_compaction_inner(&self, plan: &Plan) -> Result<()> {
-        let horizon = *self.horizon.read();
+        // The horizon as the manifest has it: `set_event_horizon` updates it while holding the
+        // horizon write lock, so every accepted write below it is already in a memtable, and
+        // reading it here never waits behind a stalled writer.
+        let horizon = self.versions.lock().event_horizon;
         let cutoff = self
             .opts
             .retention_window
             .map(|w| self.opts.clock.now_us().saturating_sub(u64::try_from(w.as_micros()).unwrap_or(u64::MAX)));
         let retention = Retention { cutoff, horizon, bottom: plan.bottom };
-        // Sources above the compaction, for the tombstone rule: memtables and every table
-        // that is not an input and sits at or above the input level.
+        // Every source outside the compaction, for the tombstone rule: the memtables and every
+        // table that is not an input, at any level. A lower table can hold the pair even when it
+        // does not overlap the inputs' key range (a pair's newer versions sort first), so "no
+        // overlap below" is not enough.
         let view = self.view.read().clone();
         let input_numbers: Vec<u64> = plan.all_inputs().map(|t| t.meta.number).collect();
-        let upper_tables: Vec<Arc<TableHandle>> = view.version.levels[..=plan.level]
-            .iter()
-            .flatten()
-            .filter(|t| !input_numbers.contains(&t.meta.number))
-            .cloned()
-            .collect();
-        let upper_has = |prefix: &[u8]| -> Result<bool> {
+        let other_tables: Vec<Arc<TableHandle>> =
+            view.version.all_tables().filter(|t| !input_numbers.contains(&t.meta.number)).cloned().collect();
+        let held_elsewhere = |prefix: &[u8]| -> Result<bool> {
             if view.mem.has_prefix(prefix) || view.imms.iter().any(|m| m.has_prefix(prefix)) {
                 return Ok(true);
             }
-            for t in &upper_tables {
+            for t in &other_tables {
                 if key::prefix_of(&t.meta.smallest) <= prefix
                     && prefix <= key::prefix_of(&t.meta.largest)
                     && t.table.may_contain_prefix(prefix)
@@ -221,7 +226,7 @@ impl Inner {
             let keep = match filter.decide(k, cell::is_tombstone(v)) {
                 Decision::Keep => true,
                 Decision::Drop => false,
-                Decision::TombstoneCandidate => upper_has(key::prefix_of(k))?,
+                Decision::TombstoneCandidate => held_elsewhere(key::prefix_of(k))?,
             };
             if keep {
                 if let Some(w) = &writer {

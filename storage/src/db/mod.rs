@@ -11,8 +11,13 @@
 //! - Readers take a [`ReadView`] (an `Arc` of the memtable, the immutable memtables and the
 //!   current [`Version`]) and never block on writers, flushes or compactions.
 //!
-//! Lock order: `writer` → `versions` → `view`; `flush_lock` → `versions`; `compaction_lock` →
-//! `versions`. `commit` is never held while any other lock is taken.
+//! Lock order: `horizon` (read, held by a writer for its whole write) → `commit` / `writer` →
+//! `versions` → `view`; `flush_lock` → `versions`; `compaction_lock` → `versions`. `commit` is
+//! never held while another lock is taken. Background jobs and `stats` never take `horizon` or
+//! `writer`: a writer stalled for a flush or compaction holds both, so a job that waited on
+//! them (behind a queued `set_event_horizon`) would deadlock. Compaction reads the horizon from
+//! the version set instead, which `set_event_horizon` updates while holding `horizon` for
+//! writing.
 
 mod jobs;
 mod read;
@@ -118,6 +123,8 @@ pub(crate) struct Inner {
     commit_cv: Condvar,
     current_wal: Mutex<Arc<Segment>>,
     visible: AtomicU64,
+    /// Sequence number of the last published batch (for stats, without the writer lock).
+    published_seqno: AtomicU64,
     hlc: Hlc,
     horizon: RwLock<i64>,
     work: Mutex<()>,
@@ -193,7 +200,7 @@ impl Db {
         let inner = Arc::new(recovery::open(fs, dir, opts)?);
         let mut threads = Vec::new();
         if inner.opts.background == Background::Threads {
-            for job in [jobs::Job::Flush, jobs::Job::Compact] {
+            for job in [jobs::Job::Flush, jobs::Job::Compact, jobs::Job::SyncWal] {
                 let i = inner.clone();
                 let name = format!("quiver-{job:?}").to_lowercase();
                 let h = std::thread::Builder::new()
@@ -392,8 +399,15 @@ impl Inner {
             return recovery::write_new_manifest(self.fs.as_ref(), &self.dir, vs, &self.hlc, Some(edit));
         }
         let m = vs.manifest.as_mut().ok_or(Error::Closed)?;
+        let payload = edit.encode();
+        if payload.len() > crate::limits::RECORD_BYTES_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "a {}-byte version edit is over the record limit",
+                payload.len()
+            )));
+        }
         let mut buf = Vec::new();
-        crate::record::encode(m.number, &edit.encode(), &mut buf);
+        crate::record::encode(m.number, &payload, &mut buf);
         m.file.append(&buf)?;
         m.file.sync()?;
         m.bytes += buf.len() as u64;
@@ -416,7 +430,9 @@ impl Inner {
     }
 
     fn stats(&self) -> Stats {
+        // Never takes the writer or horizon locks: stats must answer during a write stall.
         let view = self.view.read().clone();
+        let event_horizon = self.versions.lock().event_horizon;
         let levels = view
             .version
             .levels
@@ -437,9 +453,9 @@ impl Inner {
             levels,
             memtable_bytes: view.mem.approximate_bytes(),
             immutable_memtables: view.imms.len(),
-            last_seqno: self.writer.lock().last_seqno,
+            last_seqno: self.published_seqno.load(Ordering::Acquire),
             system_time_high_water: self.hlc.high_water(),
-            event_horizon: *self.horizon.read(),
+            event_horizon,
             flushes: c.flushes.load(Ordering::Relaxed),
             compactions: c.compactions.load(Ordering::Relaxed),
             entries_dropped: c.entries_dropped.load(Ordering::Relaxed),

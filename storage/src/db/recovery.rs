@@ -31,6 +31,10 @@ use crate::version::{TableHandle, Version};
 use crate::wal::{self, Segment};
 use crate::{Error, Result};
 
+/// Sanity bound on file and sequence numbers read from disk: far beyond any real use, and far
+/// enough from `u64::MAX` that incrementing never overflows.
+const COUNTER_MAX: u64 = u64::MAX >> 8;
+
 struct Recovered {
     levels: [BTreeMap<u64, FileMeta>; LEVELS],
     manifest_number: Option<u64>,
@@ -135,10 +139,17 @@ pub(super) fn write_new_manifest(
     for (level, metas) in levels.into_iter().enumerate() {
         snapshot.added.extend(metas.into_iter().map(|m| (level, m)));
     }
+    let payload = snapshot.encode();
+    if payload.len() > crate::limits::RECORD_BYTES_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "the file set needs a {}-byte manifest snapshot, over the record limit; compact to fewer tables",
+            payload.len()
+        )));
+    }
     let path = dir.join(manifest::manifest_name(number));
     let file = fs.create(&path)?;
     let mut buf = Vec::new();
-    record::encode(number, &snapshot.encode(), &mut buf);
+    record::encode(number, &payload, &mut buf);
     file.append(&buf)?;
     file.sync()?;
     fs.sync_dir(dir)?;
@@ -161,9 +172,11 @@ fn max_file_number(names: &[String]) -> u64 {
         })
         .max()
         .unwrap_or(0)
+        .saturating_add(1)
 }
 
 pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> {
+    opts.validate()?;
     fs.create_dir_all(dir)?;
     let lock = fs.lock_dir(dir)?;
     let names = fs.list(dir)?;
@@ -235,10 +248,17 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
     }
     replayed.set_last_seqno(last_seqno);
 
+    if rec.next_file_number > COUNTER_MAX || max_file_number(&names) > COUNTER_MAX || last_seqno > COUNTER_MAX {
+        return Err(Error::corruption(
+            dir.join(CURRENT),
+            0,
+            "file number or sequence number near the end of its range (damaged manifest or stray file name)",
+        ));
+    }
     let mut vs = VersionSet {
         current: Arc::new(version),
         manifest: None,
-        next_file_number: rec.next_file_number.max(max_file_number(&names) + 1),
+        next_file_number: rec.next_file_number.max(max_file_number(&names)),
         log_number: rec.log_number,
         last_seqno: rec.last_seqno,
         event_horizon: rec.horizon,
@@ -261,6 +281,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         commit_cv: Condvar::new(),
         current_wal: Mutex::new(seg),
         visible: AtomicU64::new(hlc.high_water()),
+        published_seqno: AtomicU64::new(last_seqno),
         hlc,
         horizon: RwLock::new(horizon),
         work: Mutex::new(()),

@@ -84,7 +84,14 @@ impl Inner {
             }
         }
         drop(q);
-        let results = self.commit_group(&group);
+        // A panic here must not leave `leader` set (every writer would wait forever): it is
+        // turned into an error for the group and stops the engine.
+        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit_group(&group)))
+            .unwrap_or_else(|_| {
+                let e = Error::PreviousError("internal: the commit path panicked".into());
+                self.fail(&e);
+                Err(e)
+            });
         let mut q = self.commit.lock();
         q.leader = false;
         match results {
@@ -103,8 +110,15 @@ impl Inner {
         self.commit_cv.notify_all();
         drop(q);
         drop(horizon);
-        if self.opts.background == Background::Inline {
-            self.run_inline_work()?;
+        if self.opts.background == Background::Inline && mine.is_ok() {
+            // The batch is committed whatever happens here; a failure of the flush or
+            // compaction it triggers stops the engine (see `fail`) and shows on the next call.
+            let work = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inline_work()));
+            match work {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "inline background work failed"),
+                Err(_) => self.fail(&Error::PreviousError("internal: inline background work panicked".into())),
+            }
         }
         mine
     }
@@ -137,14 +151,21 @@ impl Inner {
             return Err(e);
         }
         for p in &payloads {
-            let b =
-                batch::decode_trusted(p).map_err(|w| Error::PreviousError(format!("batch encoding broken: {w}")))?;
+            let b = match batch::decode_trusted(p) {
+                Ok(b) => b,
+                Err(w) => {
+                    let e = Error::PreviousError(format!("internal: a batch this engine encoded does not decode: {w}"));
+                    self.fail(&e);
+                    return Err(e);
+                }
+            };
             insert_batch(&mem, &b);
         }
         mem.set_last_seqno(w.last_seqno);
         if let Some(r) = receipts.last() {
             self.visible.store(r.system_time.0, Ordering::Release);
         }
+        self.published_seqno.store(w.last_seqno, Ordering::Release);
         self.counters.write_groups.fetch_add(1, Ordering::Relaxed);
         if mem.approximate_bytes() >= self.opts.memtable_bytes {
             self.notify_work();

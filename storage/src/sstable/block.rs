@@ -19,6 +19,10 @@ use crate::coding::{put_uvarint, DecodeError, Reader};
 use crate::key::KeyRef;
 use crate::limits::BLOCK_BYTES_MAX;
 
+/// How many times its own size a block's materialised keys may take (prefix compression of
+/// long keys with tiny values reaches ~100x; a crafted block must not exhaust memory).
+const KEYS_EXPANSION_MAX: usize = 256;
+
 /// Builds one block.
 #[derive(Debug, Default)]
 pub struct BlockBuilder {
@@ -135,9 +139,11 @@ impl Block {
             return Err("restart points out of order");
         }
         // Materialised keys are longer than their prefix-compressed form; reserve for that.
+        // (Estimates only; an entry takes at least 3 bytes, so `entries_end / 3` bounds the count.)
+        let estimate = (nrestarts * crate::limits::BLOCK_RESTART_INTERVAL).min(entries_end / 3 + 1);
         let mut keys: Vec<u8> = Vec::with_capacity(entries_end * 2);
-        let mut key_ends = Vec::with_capacity(nrestarts * 16);
-        let mut entries = Vec::with_capacity(nrestarts * 16);
+        let mut key_ends = Vec::with_capacity(estimate);
+        let mut entries = Vec::with_capacity(estimate);
         let mut r = Reader::new(&data[..entries_end]);
         let mut next_restart = 0;
         let mut prev: Option<(usize, usize)> = None;
@@ -163,6 +169,9 @@ impl Block {
                 _ => return Err("shared prefix longer than previous key"),
             }
             keys.extend_from_slice(r.bytes(unshared)?);
+            if keys.len() > KEYS_EXPANSION_MAX * data.len() {
+                return Err("block keys expand beyond the limit");
+            }
             let key_start = r.pos() as u32;
             let value_start = r.pos();
             r.bytes(vlen)?;

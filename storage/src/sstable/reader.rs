@@ -193,6 +193,9 @@ impl Table {
         if block.key(block.len() - 1) != self.index[i].0.as_slice() {
             return Err(Error::corruption(&self.path, h.offset, "block's last key differs from its index entry"));
         }
+        if i > 0 && block.key(0) <= self.index[i - 1].0.as_slice() {
+            return Err(Error::corruption(&self.path, h.offset, "block's first key is not after the previous block"));
+        }
         Ok(Arc::new(block))
     }
 
