@@ -19,12 +19,12 @@
 //! the version set instead, which `set_event_horizon` updates while holding `horizon` for
 //! writing.
 
+mod group;
 mod jobs;
 mod read;
 mod recovery;
 mod write;
 
-use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -89,17 +89,8 @@ struct WriterState {
 
 #[derive(Debug)]
 struct Pending {
-    ticket: u64,
     batch: WriteBatch,
     durability: Durability,
-}
-
-#[derive(Debug, Default)]
-struct CommitQueue {
-    pending: VecDeque<Pending>,
-    done: HashMap<u64, Result<WriteReceipt>>,
-    next_ticket: u64,
-    leader: bool,
 }
 
 #[derive(Debug, Default)]
@@ -119,8 +110,7 @@ pub(crate) struct Inner {
     view: RwLock<Arc<ReadView>>,
     versions: Mutex<VersionSet>,
     writer: Mutex<WriterState>,
-    commit: Mutex<CommitQueue>,
-    commit_cv: Condvar,
+    commit: group::GroupQueue<Pending, Result<WriteReceipt>>,
     current_wal: Mutex<Arc<Segment>>,
     visible: AtomicU64,
     /// Sequence number of the last published batch (for stats, without the writer lock).

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use super::{write::insert_batch, CommitQueue, Counters, Inner, ManifestWriter, ReadView, VersionSet, WriterState};
+use super::{write::insert_batch, Counters, Inner, ManifestWriter, ReadView, VersionSet, WriterState};
 use crate::batch;
 use crate::fs::{self, Fs};
 use crate::hlc::Hlc;
@@ -277,8 +277,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         view: RwLock::new(Arc::new(view)),
         versions: Mutex::new(vs),
         writer: Mutex::new(WriterState { last_seqno, wal: seg.clone() }),
-        commit: Mutex::new(CommitQueue::default()),
-        commit_cv: Condvar::new(),
+        commit: super::group::GroupQueue::new(),
         current_wal: Mutex::new(seg),
         visible: AtomicU64::new(hlc.high_water()),
         published_seqno: AtomicU64::new(last_seqno),

@@ -58,57 +58,26 @@ impl Inner {
             }
         }
         self.check_ok()?;
-        let mut q = self.commit.lock();
-        let ticket = q.next_ticket;
-        q.next_ticket += 1;
-        q.pending.push_back(Pending { ticket, batch, durability });
-        loop {
-            if let Some(r) = q.done.remove(&ticket) {
-                return r;
-            }
-            if !q.leader && q.pending.front().map(|p| p.ticket) == Some(ticket) {
-                break;
-            }
-            self.commit_cv.wait(&mut q);
-        }
-        q.leader = true;
-        let mut group = Vec::new();
-        let mut bytes = 0;
-        while let Some(p) = q.pending.front() {
-            if !group.is_empty() && bytes + p.batch.approximate_bytes() > GROUP_BYTES_MAX {
-                break;
-            }
-            bytes += p.batch.approximate_bytes();
-            if let Some(p) = q.pending.pop_front() {
-                group.push(p);
-            }
-        }
-        drop(q);
-        // A panic here must not leave `leader` set (every writer would wait forever): it is
-        // turned into an error for the group and stops the engine.
-        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit_group(&group)))
-            .unwrap_or_else(|_| {
-                let e = Error::PreviousError("internal: the commit path panicked".into());
-                self.fail(&e);
-                Err(e)
-            });
-        let mut q = self.commit.lock();
-        q.leader = false;
-        match results {
-            Ok(receipts) => {
-                for (p, r) in group.iter().zip(receipts) {
-                    q.done.insert(p.ticket, Ok(r));
+        let mine = self.commit.submit(
+            Pending { batch, durability },
+            |p| p.batch.approximate_bytes(),
+            GROUP_BYTES_MAX,
+            |group| {
+                // A panic here must not leave the queue without a leader's results (every
+                // writer would wait forever): it becomes an error for the group and stops the
+                // engine.
+                let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit_group(group)))
+                    .unwrap_or_else(|_| {
+                        let e = Error::PreviousError("internal: the commit path panicked".into());
+                        self.fail(&e);
+                        Err(e)
+                    });
+                match results {
+                    Ok(receipts) => receipts.into_iter().map(Ok).collect(),
+                    Err(e) => group.iter().map(|_| Err(share(&e))).collect(),
                 }
-            }
-            Err(e) => {
-                for p in &group {
-                    q.done.insert(p.ticket, Err(share(&e)));
-                }
-            }
-        }
-        let mine = q.done.remove(&ticket).unwrap_or(Err(Error::Closed));
-        self.commit_cv.notify_all();
-        drop(q);
+            },
+        );
         drop(horizon);
         if self.opts.background == Background::Inline && mine.is_ok() {
             // The batch is committed whatever happens here; a failure of the flush or
