@@ -21,6 +21,7 @@
 
 mod group;
 mod jobs;
+mod offline;
 mod read;
 mod recovery;
 mod write;
@@ -32,6 +33,7 @@ use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
+pub use offline::{verify_dir, VerifyReport};
 pub use read::{ScanItem, ScanIter, ScanRange};
 pub use write::WriteReceipt;
 
@@ -277,6 +279,13 @@ impl Db {
     /// Reads every table and checks every checksum and ordering.
     pub fn verify(&self) -> Result<()> {
         self.inner.verify()
+    }
+
+    /// Writes a consistent copy of the engine into the new or empty directory `target` by hard
+    /// links (same file system), containing every batch acknowledged before the call. The copy
+    /// opens as an engine of its own.
+    pub fn checkpoint(&self, target: &Path) -> Result<()> {
+        self.inner.checkpoint(target)
     }
 
     /// The data directory.

@@ -35,17 +35,17 @@ use crate::{Error, Result};
 /// enough from `u64::MAX` that incrementing never overflows.
 const COUNTER_MAX: u64 = u64::MAX >> 8;
 
-struct Recovered {
-    levels: [BTreeMap<u64, FileMeta>; LEVELS],
+pub(super) struct Recovered {
+    pub(super) levels: [BTreeMap<u64, FileMeta>; LEVELS],
     manifest_number: Option<u64>,
-    log_number: u64,
+    pub(super) log_number: u64,
     next_file_number: u64,
-    last_seqno: u64,
+    pub(super) last_seqno: u64,
     hlc: u64,
     horizon: i64,
 }
 
-fn read_manifest(fs: &dyn Fs, dir: &Path) -> Result<Recovered> {
+pub(super) fn read_manifest(fs: &dyn Fs, dir: &Path) -> Result<Recovered> {
     let mut r = Recovered {
         levels: Default::default(),
         manifest_number: None,
@@ -159,6 +159,44 @@ pub(super) fn write_new_manifest(
         let _ = fs.remove(&dir.join(manifest::manifest_name(old.number)));
     }
     Ok(())
+}
+
+/// Writes a fresh manifest describing exactly `version` into `dir` (a checkpoint) and points
+/// `CURRENT` at it. The directory holds no WAL, so the log number is past every file number.
+pub(super) fn write_snapshot_manifest(
+    fs: &dyn Fs,
+    dir: &Path,
+    version: &Version,
+    (next_file_number, last_seqno, horizon): (u64, u64, i64),
+    hlc: u64,
+) -> Result<()> {
+    let number = next_file_number;
+    let snapshot = VersionEdit {
+        format_version: Some(manifest::FORMAT_VERSION),
+        log_number: Some(number + 1),
+        next_file_number: Some(number + 2),
+        last_seqno: Some(last_seqno),
+        hlc_high_water: Some(hlc),
+        event_horizon: Some(horizon),
+        added: version
+            .levels
+            .iter()
+            .enumerate()
+            .flat_map(|(l, ts)| ts.iter().map(move |t| (l, t.meta.clone())))
+            .collect(),
+        deleted: Vec::new(),
+    };
+    let payload = snapshot.encode();
+    if payload.len() > crate::limits::RECORD_BYTES_MAX {
+        return Err(Error::InvalidArgument("the file set is too large for one manifest record".into()));
+    }
+    let file = fs.create(&dir.join(manifest::manifest_name(number)))?;
+    let mut buf = Vec::new();
+    record::encode(number, &payload, &mut buf);
+    file.append(&buf)?;
+    file.sync()?;
+    fs.sync_dir(dir)?;
+    fs::write_file_atomic(fs, dir, CURRENT, format!("{}\n", manifest::manifest_name(number)).as_bytes())
 }
 
 fn max_file_number(names: &[String]) -> u64 {
