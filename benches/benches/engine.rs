@@ -16,6 +16,20 @@ const VERSIONS: i64 = 3;
 fn writes(c: &mut Criterion) {
     let mut g = c.benchmark_group("write");
     g.throughput(Throughput::Elements(u64::from(FEATURES) * 2));
+    // Baseline on the same disk in the same run: append one batch's worth of bytes and
+    // fdatasync, which is the floor under a single writer's sync batch.
+    {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut f = std::fs::File::create(tmp.path().join("baseline")).expect("file");
+        let buf = vec![7u8; 100 * 40];
+        g.bench_function("baseline_append_fdatasync", |b| {
+            b.iter(|| {
+                f.write_all(&buf).expect("write");
+                f.sync_data().expect("sync");
+            })
+        });
+    }
     for (name, d) in [("batch100_async", Durability::Async), ("batch100_sync", Durability::Sync)] {
         let tmp = tempfile::tempdir().expect("tmp");
         let db = Db::open(tmp.path(), Options::default()).expect("open");
