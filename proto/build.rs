@@ -1,0 +1,21 @@
+//! Compiles `quiver/v1/*.proto` without a system `protoc`: protox parses them into a file
+//! descriptor set (kept for gRPC reflection), tonic-prost-build generates the code.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "quiver/v1/types.proto",
+        "quiver/v1/registry.proto",
+        "quiver/v1/feature_service.proto",
+        "quiver/v1/admin.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["."])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("quiver_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    Ok(())
+}
