@@ -1,0 +1,499 @@
+//! The registry: entity types and versioned feature groups, stored inside the engine.
+//!
+//! # Storage
+//! Registry objects live in the engine's *reserved keyspace*: entity keys that start with
+//! `0x00`, which [`quiver_storage::encode_entity_key`] never produces (its parts start with tag
+//! `0x01` or `0x02`). So they are durable, checkpointed and (later) replicated with the data.
+//!
+//! | object | entity key | feature id | event time | value |
+//! | --- | --- | --- | --- | --- |
+//! | entity type `n` | `00 "reg" 00 "et" 00 n` | 0 | 0 | bytes: `quiver.v1.EntityType` |
+//! | group `n`, version `v` | `00 "reg" 00 "fg" 00 n` | `v` | 0 | bytes: [`StoredGroup`] |
+//!
+//! # Versions
+//! Applying a group whose definition differs from its latest version creates version
+//! latest + 1 with fresh feature ids: each version is its own keyspace, so a backfill into a
+//! new version never mixes with the serving one, and a type change or a removed feature never
+//! edits history in place. Applying an identical definition is a no-op. Entity types are
+//! immutable once created (their join keys define how every key of theirs is encoded).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prost::Message;
+use quiver_proto::v1 as pb;
+use quiver_storage::{AsOf, Db, Durability, EventTime, FeatureId, ScanRange, Value, WriteBatch};
+
+/// Longest name of an entity type, group or feature.
+pub const NAME_BYTES_MAX: usize = 63;
+/// Most features in one group version.
+pub const FEATURES_PER_GROUP_MAX: usize = 10_000;
+/// Most join keys of one entity type.
+pub const JOIN_KEYS_MAX: usize = 8;
+/// Most objects in one apply.
+pub const OBJECTS_PER_APPLY_MAX: usize = 1_000;
+/// Longest free-text field (description, owner, source, tag).
+pub const TEXT_BYTES_MAX: usize = 4096;
+
+const PREFIX: &[u8] = b"\x00reg\x00";
+const ENTITY_TYPE_PREFIX: &[u8] = b"\x00reg\x00et\x00";
+const GROUP_PREFIX: &[u8] = b"\x00reg\x00fg\x00";
+
+/// How a group version is stored: its definition and the engine feature id of each feature.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredGroup {
+    /// The definition, with `version` and `created_at` set.
+    #[prost(message, optional, tag = "1")]
+    pub def: Option<pb::FeatureGroup>,
+    /// `feature_ids[i]` is the engine feature id of `def.features[i]`.
+    #[prost(uint32, repeated, tag = "2")]
+    pub feature_ids: Vec<u32>,
+}
+
+/// What can go wrong, by the gRPC code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Malformed definition (`INVALID_ARGUMENT`).
+    #[error("{0}")]
+    Invalid(String),
+    /// A change the registry refuses (`FAILED_PRECONDITION`).
+    #[error("{0}")]
+    Refused(String),
+    /// Unknown object (`NOT_FOUND`).
+    #[error("{0}")]
+    NotFound(String),
+    /// Too many objects (`RESOURCE_EXHAUSTED`).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The engine failed.
+    #[error("storage: {0}")]
+    Storage(#[from] quiver_storage::Error),
+}
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+/// A resolved feature reference: where its values live and how to serve them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedFeature {
+    /// The group's name.
+    pub group: String,
+    /// The group version.
+    pub version: u32,
+    /// The feature's name.
+    pub feature: String,
+    /// The engine feature id of this (group version, feature).
+    pub id: FeatureId,
+    /// The feature's type.
+    pub value_type: pb::ValueType,
+    /// The group's TTL (`None`: values never go stale).
+    pub ttl: Option<Duration>,
+    /// The registered default.
+    pub default: Option<pb::Value>,
+    /// The entity type of the group.
+    pub entity_type: String,
+}
+
+#[derive(Debug, Default, Clone)]
+struct State {
+    entity_types: BTreeMap<String, pb::EntityType>,
+    groups: BTreeMap<String, BTreeMap<u32, StoredGroup>>,
+    next_feature_id: u32,
+}
+
+/// The registry of one node.
+#[derive(Debug)]
+pub struct Registry {
+    db: Arc<Db>,
+    state: Mutex<State>,
+}
+
+fn check_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_BYTES_MAX
+        && name.as_bytes()[0].is_ascii_lowercase()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid(format!(
+            "{kind} name {name:?} must match [a-z][a-z0-9_]* and be at most {NAME_BYTES_MAX} bytes"
+        )))
+    }
+}
+
+fn check_text(what: &str, s: &str) -> Result<()> {
+    if s.len() > TEXT_BYTES_MAX {
+        return Err(RegistryError::Invalid(format!("{what} is longer than {TEXT_BYTES_MAX} bytes")));
+    }
+    Ok(())
+}
+
+/// The value type a `pb::Value` holds.
+pub fn value_type_of(v: &pb::Value) -> Option<pb::ValueType> {
+    use pb::value::Kind;
+    Some(match v.kind.as_ref()? {
+        Kind::BoolValue(_) => pb::ValueType::Bool,
+        Kind::Int64Value(_) => pb::ValueType::Int64,
+        Kind::Float32Value(_) => pb::ValueType::Float32,
+        Kind::Float64Value(_) => pb::ValueType::Float64,
+        Kind::StringValue(_) => pb::ValueType::String,
+        Kind::BytesValue(_) => pb::ValueType::Bytes,
+        Kind::Float32Vector(_) => pb::ValueType::Float32Vector,
+        Kind::Int64List(_) => pb::ValueType::Int64List,
+        Kind::StringList(_) => pb::ValueType::StringList,
+    })
+}
+
+fn check_entity_type(e: &pb::EntityType) -> Result<()> {
+    check_name("entity type", &e.name)?;
+    check_text("entity type description", &e.description)?;
+    if e.join_keys.is_empty() || e.join_keys.len() > JOIN_KEYS_MAX {
+        return Err(RegistryError::Invalid(format!(
+            "entity type {} needs 1 to {JOIN_KEYS_MAX} join keys, has {}",
+            e.name,
+            e.join_keys.len()
+        )));
+    }
+    for (i, k) in e.join_keys.iter().enumerate() {
+        check_name("join key", &k.name)?;
+        if e.join_keys[..i].iter().any(|o| o.name == k.name) {
+            return Err(RegistryError::Invalid(format!("entity type {} names join key {} twice", e.name, k.name)));
+        }
+        if !matches!(k.r#type(), pb::JoinKeyType::String | pb::JoinKeyType::Int64) {
+            return Err(RegistryError::Invalid(format!(
+                "join key {}.{} needs a type (string or int64)",
+                e.name, k.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
+    check_name("feature group", &g.name)?;
+    if !entity_known {
+        return Err(RegistryError::Invalid(format!(
+            "feature group {} is on unknown entity type {:?}",
+            g.name, g.entity_type
+        )));
+    }
+    for (what, s) in [("owner", &g.owner), ("description", &g.description), ("source", &g.source)] {
+        check_text(what, s)?;
+    }
+    check_text("transformation", &g.transformation)?;
+    check_text("code hash", &g.code_hash)?;
+    for (k, v) in &g.tags {
+        check_text("tag", k)?;
+        check_text("tag value", v)?;
+    }
+    if let Some(ttl) = &g.ttl {
+        if ttl.seconds < 0 || ttl.nanos < 0 || ttl.nanos % 1000 != 0 {
+            return Err(RegistryError::Invalid(format!(
+                "feature group {}: ttl must be non-negative whole microseconds",
+                g.name
+            )));
+        }
+    }
+    if g.features.is_empty() || g.features.len() > FEATURES_PER_GROUP_MAX {
+        return Err(RegistryError::Invalid(format!(
+            "feature group {} needs 1 to {FEATURES_PER_GROUP_MAX} features, has {}",
+            g.name,
+            g.features.len()
+        )));
+    }
+    for (i, f) in g.features.iter().enumerate() {
+        check_name("feature", &f.name)?;
+        check_text("feature description", &f.description)?;
+        if g.features[..i].iter().any(|o| o.name == f.name) {
+            return Err(RegistryError::Invalid(format!("feature group {} names feature {} twice", g.name, f.name)));
+        }
+        if f.r#type() == pb::ValueType::Unspecified {
+            return Err(RegistryError::Invalid(format!("feature {}:{} needs a type", g.name, f.name)));
+        }
+        if let Some(d) = &f.default_value {
+            if value_type_of(d) != Some(f.r#type()) {
+                return Err(RegistryError::Invalid(format!(
+                    "feature {}:{}: default value does not have type {:?}",
+                    g.name,
+                    f.name,
+                    f.r#type()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A group definition with the registry-assigned fields cleared, for comparison.
+fn comparable(g: &pb::FeatureGroup) -> pb::FeatureGroup {
+    pb::FeatureGroup { version: 0, created_at: None, ..g.clone() }
+}
+
+fn fmt_ttl(d: &Option<prost_types::Duration>) -> String {
+    match d {
+        None => "none".into(),
+        Some(d) => format!("{}s", d.seconds as f64 + f64::from(d.nanos) / 1e9),
+    }
+}
+
+/// Human-readable differences between two definitions of a group.
+fn diff(old: &pb::FeatureGroup, new: &pb::FeatureGroup) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut field = |name: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("~ {name}: {a:?} -> {b:?}"));
+        }
+    };
+    field("entity_type", old.entity_type.clone(), new.entity_type.clone());
+    field("owner", old.owner.clone(), new.owner.clone());
+    field("description", old.description.clone(), new.description.clone());
+    field("ttl", fmt_ttl(&old.ttl), fmt_ttl(&new.ttl));
+    field("source", old.source.clone(), new.source.clone());
+    field("transformation", old.transformation.clone(), new.transformation.clone());
+    field("code_hash", old.code_hash.clone(), new.code_hash.clone());
+    field("tags", format!("{:?}", old.tags), format!("{:?}", new.tags));
+    for f in &new.features {
+        match old.features.iter().find(|o| o.name == f.name) {
+            None => out.push(format!("+ feature {}: {:?}", f.name, f.r#type())),
+            Some(o) if o != f => out.push(format!(
+                "~ feature {}: {:?} -> {:?}{}",
+                f.name,
+                o.r#type(),
+                f.r#type(),
+                if o.default_value != f.default_value || o.description != f.description {
+                    " (default or description changed)"
+                } else {
+                    ""
+                }
+            )),
+            Some(_) => {}
+        }
+    }
+    for o in &old.features {
+        if !new.features.iter().any(|f| f.name == o.name) {
+            out.push(format!("- feature {}", o.name));
+        }
+    }
+    out
+}
+
+fn now_timestamp() -> prost_types::Timestamp {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: (d.subsec_micros() * 1000) as i32 }
+}
+
+impl Registry {
+    /// Loads the registry stored in `db`.
+    pub fn open(db: Arc<Db>) -> Result<Registry> {
+        let mut state = State { next_feature_id: 1, ..State::default() };
+        let mut range = ScanRange::all();
+        range.entity_start = PREFIX.to_vec();
+        let mut end = PREFIX.to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        range.entity_end = Some(end);
+        // Each registry cell is written once; the scan yields it (newest version first).
+        for item in db.scan(range)? {
+            let item = item?;
+            let Some(Value::Bytes(bytes)) = &item.version.value else { continue };
+            let corrupt = |what: &str| {
+                RegistryError::Storage(quiver_storage::Error::InvalidArgument(format!(
+                    "registry object {:?} does not decode: {what}",
+                    String::from_utf8_lossy(&item.entity)
+                )))
+            };
+            if let Some(name) = item.entity.strip_prefix(ENTITY_TYPE_PREFIX) {
+                let e = pb::EntityType::decode(bytes.as_slice()).map_err(|e| corrupt(&e.to_string()))?;
+                state.entity_types.entry(String::from_utf8_lossy(name).into_owned()).or_insert(e);
+            } else if let Some(name) = item.entity.strip_prefix(GROUP_PREFIX) {
+                let g = StoredGroup::decode(bytes.as_slice()).map_err(|e| corrupt(&e.to_string()))?;
+                if let Some(max) = g.feature_ids.iter().max() {
+                    state.next_feature_id = state.next_feature_id.max(max + 1);
+                }
+                let versions = state.groups.entry(String::from_utf8_lossy(name).into_owned()).or_default();
+                versions.entry(item.feature.0).or_insert(g);
+            }
+        }
+        Ok(Registry { db, state: Mutex::new(state) })
+    }
+
+    /// Applies definitions (see the module docs); with `dry_run` only reports the changes.
+    /// All or nothing: one atomic, synced engine batch.
+    pub fn apply(&self, req: &pb::ApplyRegistryRequest) -> Result<Vec<pb::RegistryChange>> {
+        if req.entity_types.len() + req.feature_groups.len() > OBJECTS_PER_APPLY_MAX {
+            return Err(RegistryError::TooLarge(format!("an apply holds at most {OBJECTS_PER_APPLY_MAX} objects")));
+        }
+        let mut st = self.state.lock();
+        let mut next = st.clone();
+        let mut batch = WriteBatch::new();
+        let mut changes = Vec::new();
+        let kind = |k: pb::registry_change::Kind| k as i32;
+        for (i, e) in req.entity_types.iter().enumerate() {
+            check_entity_type(e)?;
+            if req.entity_types[..i].iter().any(|o| o.name == e.name) {
+                return Err(RegistryError::Invalid(format!("entity type {} appears twice", e.name)));
+            }
+            let object = format!("entity_type:{}", e.name);
+            match next.entity_types.get(&e.name) {
+                Some(old) if old == e => changes.push(pb::RegistryChange {
+                    kind: kind(pb::registry_change::Kind::Unchanged),
+                    object,
+                    version: 1,
+                    details: vec![],
+                }),
+                Some(_) => {
+                    return Err(RegistryError::Refused(format!(
+                    "entity type {} exists with a different definition; entity types are immutable (create a new one)",
+                    e.name
+                )))
+                }
+                None => {
+                    let mut key = ENTITY_TYPE_PREFIX.to_vec();
+                    key.extend_from_slice(e.name.as_bytes());
+                    batch.put(&key, FeatureId(0), EventTime(0), Value::Bytes(e.encode_to_vec()))?;
+                    next.entity_types.insert(e.name.clone(), e.clone());
+                    changes.push(pb::RegistryChange {
+                        kind: kind(pb::registry_change::Kind::Created),
+                        object,
+                        version: 1,
+                        details: e
+                            .join_keys
+                            .iter()
+                            .map(|k| format!("+ join key {}: {:?}", k.name, k.r#type()))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        for (i, g) in req.feature_groups.iter().enumerate() {
+            check_group(g, next.entity_types.contains_key(&g.entity_type))?;
+            if req.feature_groups[..i].iter().any(|o| o.name == g.name) {
+                return Err(RegistryError::Invalid(format!("feature group {} appears twice", g.name)));
+            }
+            let object = format!("feature_group:{}", g.name);
+            let latest = next.groups.get(&g.name).and_then(|v| v.iter().next_back()).map(|(v, s)| (*v, s.clone()));
+            let old_def = latest.as_ref().and_then(|(_, s)| s.def.clone());
+            if let (Some((v, _)), Some(old)) = (&latest, &old_def) {
+                if comparable(old) == comparable(g) {
+                    changes.push(pb::RegistryChange {
+                        kind: kind(pb::registry_change::Kind::Unchanged),
+                        object,
+                        version: *v,
+                        details: vec![],
+                    });
+                    continue;
+                }
+            }
+            let version = latest.as_ref().map_or(1, |(v, _)| v + 1);
+            let first_id = next.next_feature_id;
+            let n = g.features.len() as u32;
+            next.next_feature_id =
+                first_id.checked_add(n).ok_or_else(|| RegistryError::TooLarge("feature id space exhausted".into()))?;
+            let def = pb::FeatureGroup { version, created_at: Some(now_timestamp()), ..g.clone() };
+            let stored = StoredGroup { def: Some(def), feature_ids: (first_id..first_id + n).collect() };
+            let mut key = GROUP_PREFIX.to_vec();
+            key.extend_from_slice(g.name.as_bytes());
+            batch.put(&key, FeatureId(version), EventTime(0), Value::Bytes(stored.encode_to_vec()))?;
+            next.groups.entry(g.name.clone()).or_default().insert(version, stored);
+            let (k, details) = match &old_def {
+                None => (
+                    pb::registry_change::Kind::Created,
+                    g.features.iter().map(|f| format!("+ feature {}: {:?}", f.name, f.r#type())).collect(),
+                ),
+                Some(old) => (pb::registry_change::Kind::NewVersion, diff(old, g)),
+            };
+            changes.push(pb::RegistryChange { kind: kind(k), object, version, details });
+        }
+        if !req.dry_run && !batch.is_empty() {
+            self.db.write(batch, Durability::Sync)?;
+            *st = next;
+        }
+        Ok(changes)
+    }
+
+    /// A group version (`version` 0: the serving, latest one).
+    pub fn group(&self, name: &str, version: u32) -> Result<pb::FeatureGroup> {
+        let st = self.state.lock();
+        let versions =
+            st.groups.get(name).ok_or_else(|| RegistryError::NotFound(format!("no feature group {name:?}")))?;
+        let stored = if version == 0 { versions.values().next_back() } else { versions.get(&version) };
+        stored
+            .and_then(|s| s.def.clone())
+            .ok_or_else(|| RegistryError::NotFound(format!("feature group {name:?} has no version {version}")))
+    }
+
+    /// The serving version of every group.
+    pub fn groups(&self) -> Vec<pb::FeatureGroup> {
+        self.state.lock().groups.values().filter_map(|v| v.values().next_back().and_then(|s| s.def.clone())).collect()
+    }
+
+    /// An entity type.
+    pub fn entity_type(&self, name: &str) -> Result<pb::EntityType> {
+        self.state
+            .lock()
+            .entity_types
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(format!("no entity type {name:?}")))
+    }
+
+    /// Every entity type.
+    pub fn entity_types(&self) -> Vec<pb::EntityType> {
+        self.state.lock().entity_types.values().cloned().collect()
+    }
+
+    /// Resolves `group:feature` or `group@N:feature`.
+    pub fn resolve(&self, reference: &str) -> Result<ResolvedFeature> {
+        let bad = || {
+            RegistryError::Invalid(format!("feature reference {reference:?} is not group:feature or group@N:feature"))
+        };
+        let (group_part, feature) = reference.split_once(':').ok_or_else(bad)?;
+        let (group, version) = match group_part.split_once('@') {
+            Some((g, v)) => (g, v.parse::<u32>().ok().filter(|&v| v > 0).ok_or_else(bad)?),
+            None => (group_part, 0),
+        };
+        let st = self.state.lock();
+        let versions =
+            st.groups.get(group).ok_or_else(|| RegistryError::NotFound(format!("no feature group {group:?}")))?;
+        let (version, stored) =
+            if version == 0 { versions.iter().next_back() } else { versions.get_key_value(&version) }
+                .ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} has no version {version}")))?;
+        let def =
+            stored.def.as_ref().ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} is empty")))?;
+        let i = def.features.iter().position(|f| f.name == feature).ok_or_else(|| {
+            RegistryError::NotFound(format!("feature group {group}@{version} has no feature {feature:?}"))
+        })?;
+        let f = &def.features[i];
+        let ttl = def
+            .ttl
+            .as_ref()
+            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .filter(|d| !d.is_zero());
+        Ok(ResolvedFeature {
+            group: group.to_string(),
+            version: *version,
+            feature: feature.to_string(),
+            id: FeatureId(stored.feature_ids.get(i).copied().ok_or_else(bad)?),
+            value_type: f.r#type(),
+            ttl,
+            default: f.default_value.clone(),
+            entity_type: def.entity_type.clone(),
+        })
+    }
+
+    /// The engine this registry writes to.
+    pub fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
+    /// True if the registry cell of `group` version `v` is readable from the engine (used by
+    /// tests to show the registry is stored in the engine, not only in memory).
+    pub fn stored_in_engine(&self, group: &str, v: u32) -> Result<bool> {
+        let mut key = GROUP_PREFIX.to_vec();
+        key.extend_from_slice(group.as_bytes());
+        Ok(self.db.value_at(&key, FeatureId(v), AsOf::at(EventTime(0)))?.is_some())
+    }
+}

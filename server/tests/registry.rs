@@ -1,0 +1,164 @@
+//! Registry: create, no-op re-apply, versioning, dry runs, refusals, persistence, references.
+
+use std::sync::Arc;
+
+use quiver_proto::v1 as pb;
+use quiver_server::registry::{Registry, RegistryError};
+use quiver_storage::{Db, Options};
+
+fn user() -> pb::EntityType {
+    pb::EntityType {
+        name: "user".into(),
+        join_keys: vec![pb::JoinKey { name: "user_id".into(), r#type: pb::JoinKeyType::String as i32 }],
+        description: "a customer".into(),
+    }
+}
+
+fn feature(name: &str, t: pb::ValueType) -> pb::FeatureDef {
+    pb::FeatureDef { name: name.into(), r#type: t as i32, ..Default::default() }
+}
+
+fn stats() -> pb::FeatureGroup {
+    pb::FeatureGroup {
+        name: "user_stats".into(),
+        entity_type: "user".into(),
+        owner: "growth@example.com".into(),
+        ttl: Some(prost_types::Duration { seconds: 3600, nanos: 0 }),
+        features: vec![feature("clicks_1h", pb::ValueType::Int64), feature("spend_1h", pb::ValueType::Float64)],
+        ..Default::default()
+    }
+}
+
+fn apply(
+    r: &Registry,
+    e: Vec<pb::EntityType>,
+    g: Vec<pb::FeatureGroup>,
+    dry_run: bool,
+) -> Result<Vec<pb::RegistryChange>, RegistryError> {
+    r.apply(&pb::ApplyRegistryRequest { entity_types: e, feature_groups: g, dry_run })
+}
+
+fn kinds(c: &[pb::RegistryChange]) -> Vec<(pb::registry_change::Kind, String, u32)> {
+    c.iter().map(|c| (c.kind(), c.object.clone(), c.version)).collect()
+}
+
+fn open(dir: &std::path::Path) -> Registry {
+    Registry::open(Arc::new(Db::open(dir, Options::default()).expect("db"))).expect("registry")
+}
+
+#[test]
+fn apply_creates_then_is_a_no_op_then_versions_on_change() {
+    use pb::registry_change::Kind;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let r = open(tmp.path());
+    let c = apply(&r, vec![user()], vec![stats()], false).expect("apply");
+    assert_eq!(
+        kinds(&c),
+        vec![(Kind::Created, "entity_type:user".into(), 1), (Kind::Created, "feature_group:user_stats".into(), 1)]
+    );
+    let c = apply(&r, vec![user()], vec![stats()], false).expect("re-apply");
+    assert_eq!(
+        kinds(&c),
+        vec![(Kind::Unchanged, "entity_type:user".into(), 1), (Kind::Unchanged, "feature_group:user_stats".into(), 1)]
+    );
+
+    let v1_clicks = r.resolve("user_stats:clicks_1h").expect("resolve");
+    assert_eq!(v1_clicks.version, 1);
+    let mut changed = stats();
+    changed.features[0].r#type = pb::ValueType::Float64 as i32; // a type change
+    changed.features.push(feature("sessions_1h", pb::ValueType::Int64));
+    changed.ttl = Some(prost_types::Duration { seconds: 7200, nanos: 0 });
+    let c = apply(&r, vec![], vec![changed], false).expect("apply v2");
+    assert_eq!(kinds(&c), vec![(Kind::NewVersion, "feature_group:user_stats".into(), 2)]);
+    let details = c[0].details.join("\n");
+    assert!(
+        details.contains("~ ttl")
+            && details.contains("+ feature sessions_1h")
+            && details.contains("~ feature clicks_1h"),
+        "{details}"
+    );
+
+    // The serving version moved; the old one stays addressable and keeps its own keyspace.
+    let v2_clicks = r.resolve("user_stats:clicks_1h").expect("resolve");
+    assert_eq!((v2_clicks.version, v2_clicks.value_type), (2, pb::ValueType::Float64));
+    assert_ne!(v2_clicks.id, v1_clicks.id);
+    assert_eq!(r.resolve("user_stats@1:clicks_1h").expect("pinned"), v1_clicks);
+    assert_eq!(r.group("user_stats", 0).expect("serving").version, 2);
+    assert!(r.stored_in_engine("user_stats", 2).expect("read"));
+}
+
+#[test]
+fn dry_run_and_refusals_change_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let r = open(tmp.path());
+    let c = apply(&r, vec![user()], vec![stats()], true).expect("plan");
+    assert_eq!(c.len(), 2);
+    assert!(r.entity_types().is_empty() && r.groups().is_empty(), "a dry run writes nothing");
+    assert!(!r.stored_in_engine("user_stats", 1).expect("read"));
+
+    apply(&r, vec![user()], vec![stats()], false).expect("apply");
+    let mut other = user();
+    other.join_keys[0].r#type = pb::JoinKeyType::Int64 as i32;
+    // An incompatible entity type edit, in the same apply as a valid group change: nothing lands.
+    let mut changed = stats();
+    changed.owner = "someone-else".into();
+    assert!(matches!(apply(&r, vec![other], vec![changed.clone()], false), Err(RegistryError::Refused(_))));
+    assert_eq!(r.group("user_stats", 0).expect("group").version, 1);
+
+    let bad_cases: Vec<(Vec<pb::EntityType>, Vec<pb::FeatureGroup>)> = vec![
+        (vec![pb::EntityType { name: "Bad-Name".into(), ..user() }], vec![]),
+        (vec![pb::EntityType { join_keys: vec![], ..user() }], vec![]),
+        (vec![], vec![pb::FeatureGroup { entity_type: "nobody".into(), ..stats() }]),
+        (vec![], vec![pb::FeatureGroup { features: vec![], ..stats() }]),
+        (vec![], vec![pb::FeatureGroup { features: vec![feature("x", pb::ValueType::Unspecified)], ..stats() }]),
+        (
+            vec![],
+            vec![pb::FeatureGroup {
+                features: vec![feature("x", pb::ValueType::Int64), feature("x", pb::ValueType::Int64)],
+                ..stats()
+            }],
+        ),
+        (
+            vec![],
+            vec![pb::FeatureGroup {
+                features: vec![pb::FeatureDef {
+                    default_value: Some(pb::Value { kind: Some(pb::value::Kind::StringValue("no".into())) }),
+                    ..feature("x", pb::ValueType::Int64)
+                }],
+                ..stats()
+            }],
+        ),
+        (vec![], vec![pb::FeatureGroup { ttl: Some(prost_types::Duration { seconds: -1, nanos: 0 }), ..stats() }]),
+    ];
+    for (e, g) in bad_cases {
+        let what = format!("{e:?} {g:?}");
+        assert!(matches!(apply(&r, e, g, false), Err(RegistryError::Invalid(_))), "{what}");
+    }
+    assert_eq!(r.groups().len(), 1);
+    assert_eq!(r.group("user_stats", 0).expect("group").version, 1);
+    for bad in ["user_stats", "user_stats:", "user_stats@0:clicks_1h", "user_stats@x:clicks_1h"] {
+        assert!(matches!(r.resolve(bad), Err(RegistryError::Invalid(_) | RegistryError::NotFound(_))), "{bad}");
+    }
+    assert!(matches!(r.resolve("user_stats:nope"), Err(RegistryError::NotFound(_))));
+    assert!(matches!(r.resolve("nope:clicks_1h"), Err(RegistryError::NotFound(_))));
+    assert!(matches!(r.resolve("user_stats@9:clicks_1h"), Err(RegistryError::NotFound(_))));
+}
+
+#[test]
+fn registry_survives_a_restart_and_keeps_allocating_fresh_ids() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let first = {
+        let r = open(tmp.path());
+        apply(&r, vec![user()], vec![stats()], false).expect("apply");
+        r.resolve("user_stats:spend_1h").expect("resolve")
+    };
+    let r = open(tmp.path());
+    assert_eq!(r.resolve("user_stats:spend_1h").expect("resolve after restart"), first);
+    assert_eq!(r.entity_type("user").expect("entity type"), user());
+    let mut changed = stats();
+    changed.description = "v2".into();
+    apply(&r, vec![], vec![changed], false).expect("apply");
+    let second = r.resolve("user_stats:spend_1h").expect("resolve");
+    assert_eq!(second.version, 2);
+    assert!(second.id.0 > first.id.0, "ids are never reused after a restart");
+}
