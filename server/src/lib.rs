@@ -3,4 +3,6 @@
 #![deny(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
+pub mod convert;
+pub mod features;
 pub mod registry;

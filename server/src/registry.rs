@@ -484,6 +484,21 @@ impl Registry {
         })
     }
 
+    /// Resolves `group` or `group@N` to its version and every feature of it.
+    pub fn resolve_group(&self, reference: &str) -> Result<Vec<ResolvedFeature>> {
+        let (name, version) = match reference.split_once('@') {
+            Some((g, v)) => (
+                g,
+                v.parse::<u32>().ok().filter(|&v| v > 0).ok_or_else(|| {
+                    RegistryError::Invalid(format!("group reference {reference:?} is not group or group@N"))
+                })?,
+            ),
+            None => (reference, 0),
+        };
+        let def = self.group(name, version)?;
+        def.features.iter().map(|f| self.resolve(&format!("{name}@{}:{}", def.version, f.name))).collect()
+    }
+
     /// The engine this registry writes to.
     pub fn db(&self) -> &Arc<Db> {
         &self.db

@@ -27,7 +27,7 @@ pub mod options;
 pub mod version;
 
 pub use batch::WriteBatch;
-pub use db::{verify_dir, Db, LevelStats, ScanItem, ScanIter, ScanRange, Stats, VerifyReport, WriteReceipt};
+pub use db::{verify_dir, Db, LevelStats, ScanItem, ScanIter, ScanRange, Snapshot, Stats, VerifyReport, WriteReceipt};
 pub use hlc::{Clock, ManualClock, SystemClock};
 pub use options::{Background, Options};
 pub use sstable::Compression;

@@ -283,3 +283,18 @@ fn checkpoint_is_a_consistent_copy_that_opens_alone_and_verifies_offline() {
     assert_eq!(report.wal_batches, 1);
     assert!(report.torn_tail.is_none());
 }
+
+#[test]
+fn a_snapshot_reads_one_moment_through_later_writes_and_compactions() {
+    let clock = ManualClock::new(1_000);
+    let db = Db::open_with_fs(Arc::new(MemFs::new()), Path::new("/db"), opts(&clock, None)).expect("open");
+    put(&db, b"u", 1, 10, Some(1));
+    let snap = db.snapshot();
+    put(&db, b"u", 1, 10, Some(2));
+    put(&db, b"u", 2, 10, Some(3));
+    db.compact_all().expect("compact");
+    let q = AsOf::at(EventTime(10));
+    assert_eq!(snap.value_at(b"u", FeatureId(1), q).expect("read").and_then(|v| v.value), Some(Value::Int64(1)));
+    assert!(snap.value_at(b"u", FeatureId(2), q).expect("read").is_none());
+    assert_eq!(int(&db, b"u", 1, q), Some(2));
+}

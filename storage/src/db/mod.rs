@@ -43,7 +43,7 @@ use crate::limits::LEVELS;
 use crate::manifest::VersionEdit;
 use crate::memtable::Memtable;
 use crate::options::{Background, Options};
-use crate::types::{AsOf, CellVersion, Durability, EntityKey, EventTime, FeatureId};
+use crate::types::{AsOf, CellVersion, Durability, EntityKey, EventTime, FeatureId, SystemTime};
 use crate::version::{TableHandle, Version};
 use crate::wal::Segment;
 use crate::{Error, Result, WriteBatch};
@@ -135,6 +135,26 @@ pub(crate) struct Inner {
 pub struct Db {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// A consistent read view of the engine (see [`Db::snapshot`]).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    inner: Arc<Inner>,
+    view: Arc<ReadView>,
+    visible: SystemTime,
+}
+
+impl Snapshot {
+    /// `value_at` in this view (`None`: absent).
+    pub fn value_at(&self, entity: &[u8], feature: FeatureId, q: AsOf) -> Result<Option<CellVersion>> {
+        Ok(self.version_at(entity, feature, q)?.filter(|v| v.value.is_some()))
+    }
+
+    /// The winning version in this view, tombstones included.
+    pub fn version_at(&self, entity: &[u8], feature: FeatureId, q: AsOf) -> Result<Option<CellVersion>> {
+        self.inner.get(&self.view, entity, feature, q, q.known_at.min(self.visible))
+    }
 }
 
 /// Figures about one level.
@@ -239,6 +259,13 @@ impl Db {
             }
         }
         Ok(out)
+    }
+
+    /// A consistent read view: every read through it sees the same set of batches, whatever is
+    /// written, flushed or compacted meanwhile (the view holds its files alive).
+    pub fn snapshot(&self) -> Snapshot {
+        let (view, visible) = self.inner.read_view(SystemTime::MAX);
+        Snapshot { inner: self.inner.clone(), view, visible }
     }
 
     /// Every version in `range`, in key order (entity, feature, event time descending, system

@@ -1,0 +1,147 @@
+//! Conversions between the API's types and the engine's, with the checks the API promises:
+//! entity keys against their entity type, values against their feature's type, timestamps to
+//! whole microseconds.
+
+use quiver_proto::v1 as pb;
+use quiver_storage::{encode_entity_key, EventTime, KeyPart, SystemTime, Value};
+
+/// A request the server refuses before touching anything (`INVALID_ARGUMENT`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+type Result<T> = std::result::Result<T, Invalid>;
+
+/// Encodes an entity key after checking it against its entity type's join keys.
+pub fn entity_key(et: &pb::EntityType, key: &pb::EntityKey) -> Result<Vec<u8>> {
+    if key.parts.len() != et.join_keys.len() {
+        return Err(Invalid(format!(
+            "entity key has {} parts, entity type {} has {} join keys",
+            key.parts.len(),
+            et.name,
+            et.join_keys.len()
+        )));
+    }
+    let mut parts = Vec::with_capacity(key.parts.len());
+    for (p, jk) in key.parts.iter().zip(&et.join_keys) {
+        use pb::key_part::Kind;
+        let part = match (p.kind.as_ref(), jk.r#type()) {
+            (Some(Kind::StringValue(s)), pb::JoinKeyType::String) => KeyPart::Str(s),
+            (Some(Kind::Int64Value(i)), pb::JoinKeyType::Int64) => KeyPart::Int(*i),
+            _ => return Err(Invalid(format!("join key {}.{} needs a {:?} value", et.name, jk.name, jk.r#type()))),
+        };
+        parts.push(part);
+    }
+    let encoded = encode_entity_key(&parts);
+    quiver_storage::types::check_entity_key(&encoded).map_err(|e| Invalid(e.to_string()))?;
+    Ok(encoded)
+}
+
+/// Microseconds since the epoch of a timestamp; refuses sub-microsecond precision and
+/// out-of-range values.
+pub fn micros(ts: &prost_types::Timestamp, what: &str) -> Result<i64> {
+    if ts.nanos < 0 || ts.nanos >= 1_000_000_000 || ts.nanos % 1000 != 0 {
+        return Err(Invalid(format!("{what}: nanos must be whole microseconds in 0..1e9, got {}", ts.nanos)));
+    }
+    ts.seconds
+        .checked_mul(1_000_000)
+        .and_then(|s| s.checked_add(i64::from(ts.nanos / 1000)))
+        .ok_or_else(|| Invalid(format!("{what}: timestamp out of range")))
+}
+
+/// An event time from a timestamp.
+pub fn event_time(ts: Option<&prost_types::Timestamp>, what: &str) -> Result<EventTime> {
+    let ts = ts.ok_or_else(|| Invalid(format!("{what} is required")))?;
+    Ok(EventTime(micros(ts, what)?))
+}
+
+/// A system time bound from a timestamp (negative times clamp to 0: nothing is before it).
+pub fn system_time(ts: &prost_types::Timestamp, what: &str) -> Result<SystemTime> {
+    Ok(SystemTime(micros(ts, what)?.max(0) as u64))
+}
+
+/// A timestamp from microseconds.
+pub fn timestamp(us: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: us.div_euclid(1_000_000), nanos: (us.rem_euclid(1_000_000) * 1000) as i32 }
+}
+
+/// An engine value from an API value of the expected type.
+pub fn to_engine(v: &pb::Value, expected: pb::ValueType, what: &str) -> Result<Value> {
+    use pb::value::Kind;
+    let got = crate::registry::value_type_of(v);
+    if got != Some(expected) {
+        return Err(Invalid(format!("{what}: expected a {expected:?} value, got {got:?}")));
+    }
+    Ok(match v.kind.as_ref() {
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::Int64Value(i)) => Value::Int64(*i),
+        Some(Kind::Float32Value(f)) => Value::Float32(*f),
+        Some(Kind::Float64Value(f)) => Value::Float64(*f),
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::BytesValue(b)) => Value::Bytes(b.clone()),
+        Some(Kind::Float32Vector(l)) => Value::Float32Vector(l.values.clone()),
+        Some(Kind::Int64List(l)) => Value::Int64List(l.values.clone()),
+        Some(Kind::StringList(l)) => Value::StringList(l.values.clone()),
+        None => return Err(Invalid(format!("{what}: value is empty"))),
+    })
+}
+
+/// An API value from an engine value.
+pub fn to_api(v: &Value) -> pb::Value {
+    use pb::value::Kind;
+    let kind = match v {
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Int64(i) => Kind::Int64Value(*i),
+        Value::Float32(f) => Kind::Float32Value(*f),
+        Value::Float64(f) => Kind::Float64Value(*f),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Bytes(b) => Kind::BytesValue(b.clone()),
+        Value::Float32Vector(l) => Kind::Float32Vector(pb::Float32List { values: l.clone() }),
+        Value::Int64List(l) => Kind::Int64List(pb::Int64List { values: l.clone() }),
+        Value::StringList(l) => Kind::StringList(pb::StringList { values: l.clone() }),
+    };
+    pb::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_and_reject_sub_microseconds() {
+        for us in [0i64, 1, -1, 1_767_225_600_123_456, -1_000_001] {
+            assert_eq!(micros(&timestamp(us), "t"), Ok(us));
+        }
+        assert!(micros(&prost_types::Timestamp { seconds: 1, nanos: 1 }, "t").is_err());
+        assert!(micros(&prost_types::Timestamp { seconds: 1, nanos: -1000 }, "t").is_err());
+        assert!(micros(&prost_types::Timestamp { seconds: i64::MAX, nanos: 0 }, "t").is_err());
+    }
+
+    #[test]
+    fn entity_keys_are_checked_against_their_type() {
+        let et = pb::EntityType {
+            name: "pair".into(),
+            join_keys: vec![
+                pb::JoinKey { name: "user_id".into(), r#type: pb::JoinKeyType::String as i32 },
+                pb::JoinKey { name: "merchant_id".into(), r#type: pb::JoinKeyType::Int64 as i32 },
+            ],
+            description: String::new(),
+        };
+        let s = |v: &str| pb::KeyPart { kind: Some(pb::key_part::Kind::StringValue(v.into())) };
+        let i = |v: i64| pb::KeyPart { kind: Some(pb::key_part::Kind::Int64Value(v)) };
+        let k = entity_key(&et, &pb::EntityKey { parts: vec![s("u1"), i(7)] }).expect("valid");
+        assert_eq!(k, encode_entity_key(&[KeyPart::Str("u1"), KeyPart::Int(7)]));
+        assert!(entity_key(&et, &pb::EntityKey { parts: vec![s("u1")] }).is_err());
+        assert!(entity_key(&et, &pb::EntityKey { parts: vec![i(7), s("u1")] }).is_err());
+        assert!(entity_key(&et, &pb::EntityKey { parts: vec![s(&"x".repeat(2000)), i(1)] }).is_err());
+    }
+
+    #[test]
+    fn values_round_trip_and_types_are_enforced() {
+        let v = pb::Value { kind: Some(pb::value::Kind::Float32Vector(pb::Float32List { values: vec![0.5, 1.0] })) };
+        let e = to_engine(&v, pb::ValueType::Float32Vector, "f").expect("valid");
+        assert_eq!(to_api(&e), v);
+        assert!(to_engine(&v, pb::ValueType::Float64, "f").is_err());
+        assert!(to_engine(&pb::Value { kind: None }, pb::ValueType::Float64, "f").is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! Feature service logic: online statuses, writes, idempotency, compare-and-swap, bad input.
+
+use std::sync::Arc;
+
+use quiver_proto::v1 as pb;
+use quiver_server::features::{Features, ServiceError};
+use quiver_server::registry::Registry;
+use quiver_storage::{Db, Options};
+
+const HOUR_US: i64 = 3_600_000_000;
+const T0: i64 = 1_767_225_600_000_000;
+
+fn ts(us: i64) -> Option<prost_types::Timestamp> {
+    Some(quiver_server::convert::timestamp(us))
+}
+
+fn key(id: &str) -> pb::EntityKey {
+    pb::EntityKey { parts: vec![pb::KeyPart { kind: Some(pb::key_part::Kind::StringValue(id.into())) }] }
+}
+
+fn int(v: i64) -> pb::Value {
+    pb::Value { kind: Some(pb::value::Kind::Int64Value(v)) }
+}
+
+fn f64v(v: f64) -> pb::Value {
+    pb::Value { kind: Some(pb::value::Kind::Float64Value(v)) }
+}
+
+fn setup() -> (tempfile::TempDir, Features, Arc<Db>) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let db = Arc::new(Db::open(tmp.path(), Options::default()).expect("db"));
+    let reg = Arc::new(Registry::open(db.clone()).expect("registry"));
+    let feature = |name: &str, t: pb::ValueType, default: Option<pb::Value>| pb::FeatureDef {
+        name: name.into(),
+        r#type: t as i32,
+        default_value: default,
+        description: String::new(),
+    };
+    reg.apply(&pb::ApplyRegistryRequest {
+        entity_types: vec![pb::EntityType {
+            name: "user".into(),
+            join_keys: vec![pb::JoinKey { name: "user_id".into(), r#type: pb::JoinKeyType::String as i32 }],
+            description: String::new(),
+        }],
+        feature_groups: vec![pb::FeatureGroup {
+            name: "user_stats".into(),
+            entity_type: "user".into(),
+            ttl: Some(prost_types::Duration { seconds: 3600, nanos: 0 }),
+            features: vec![
+                feature("clicks", pb::ValueType::Int64, None),
+                feature("spend", pb::ValueType::Float64, Some(f64v(-1.0))),
+            ],
+            ..Default::default()
+        }],
+        dry_run: false,
+    })
+    .expect("apply");
+    (tmp, Features::new(reg), db)
+}
+
+fn row(user: &str, at: i64, values: Vec<(&str, pb::Value)>) -> pb::WriteRow {
+    pb::WriteRow {
+        entity: Some(key(user)),
+        group: "user_stats".into(),
+        event_time: ts(at),
+        values: values.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        ..Default::default()
+    }
+}
+
+fn write(f: &Features, rows: Vec<pb::WriteRow>) -> Result<pb::WriteFeaturesResponse, ServiceError> {
+    f.write(&pb::WriteFeaturesRequest { rows, ..Default::default() })
+}
+
+fn online(f: &Features, users: &[&str], as_of: i64) -> pb::GetOnlineFeaturesResponse {
+    f.get_online(
+        &pb::GetOnlineFeaturesRequest {
+            entity_type: "user".into(),
+            entities: users.iter().map(|u| key(u)).collect(),
+            features: vec!["user_stats:clicks".into(), "user_stats:spend".into()],
+            as_of: ts(as_of),
+        },
+        0,
+    )
+    .expect("online")
+}
+
+#[test]
+fn online_statuses_present_not_found_stale_defaulted() {
+    use pb::FeatureStatus::*;
+    let (_tmp, f, _db) = setup();
+    write(
+        &f,
+        vec![
+            row("alice", T0, vec![("clicks", int(5)), ("spend", f64v(2.5))]),
+            row("bob", T0 - 3 * HOUR_US, vec![("clicks", int(9))]),
+        ],
+    )
+    .expect("write");
+    let r = online(&f, &["alice", "bob", "carol"], T0 + 10);
+    let (clicks, spend) = (&r.columns[0], &r.columns[1]);
+    assert_eq!(clicks.statuses, vec![Present as i32, Stale as i32, NotFound as i32]);
+    assert_eq!(clicks.int64_values, vec![5, 0, 0]);
+    assert_eq!(clicks.event_times_us, vec![T0, 0, 0]);
+    assert_eq!(spend.statuses, vec![Present as i32, Defaulted as i32, Defaulted as i32]);
+    assert_eq!(spend.float64_values, vec![2.5, -1.0, -1.0]);
+    // The TTL bound is inclusive: exactly one hour after the event is still present.
+    let r = online(&f, &["alice"], T0 + HOUR_US);
+    assert_eq!(r.columns[0].statuses, vec![Present as i32]);
+    let r = online(&f, &["alice"], T0 + HOUR_US + 1);
+    assert_eq!(r.columns[0].statuses, vec![Stale as i32]);
+    // Before the event, nothing is visible (no leakage from the future).
+    let r = online(&f, &["alice"], T0 - 1);
+    assert_eq!(r.columns[0].statuses, vec![NotFound as i32]);
+}
+
+#[test]
+fn idempotent_retry_applies_once() {
+    let (_tmp, f, db) = setup();
+    let req = pb::WriteFeaturesRequest {
+        rows: vec![row("alice", T0, vec![("clicks", int(1))])],
+        idempotency_key: "load-2026-01-01-part-7".into(),
+        ..Default::default()
+    };
+    let first = f.write(&req).expect("first");
+    let seq = db.stats().last_seqno;
+    let again = f.write(&req).expect("retry");
+    assert!(again.deduplicated && !first.deduplicated);
+    assert_eq!((again.values_written, again.system_time), (first.values_written, first.system_time));
+    assert_eq!(db.stats().last_seqno, seq, "the retry wrote nothing");
+}
+
+#[test]
+fn compare_and_swap_aborts_with_the_current_version() {
+    let (_tmp, f, _db) = setup();
+    let cas = |expected: pb::VersionVector, v: i64| {
+        let mut r = row("alice", T0, vec![("clicks", int(v))]);
+        r.expected_versions.insert("clicks".into(), expected);
+        write(&f, vec![r])
+    };
+    cas(pb::VersionVector::default(), 1).expect("absent cell: empty expectation matches");
+    let current = match cas(pb::VersionVector::default(), 2) {
+        Err(ServiceError::Aborted { current, .. }) => current,
+        other => panic!("expected ABORTED, got {other:?}"),
+    };
+    assert_eq!(current.len(), 1);
+    assert_eq!(current[0].0, "user_stats:clicks");
+    cas(current[0].1.clone(), 3).expect("matching version");
+    let r = online(&f, &["alice"], T0);
+    assert_eq!(r.columns[0].int64_values, vec![3]);
+}
+
+#[test]
+fn bad_writes_fail_clearly_and_change_nothing() {
+    let (_tmp, f, db) = setup();
+    let seq = db.stats().last_seqno;
+    let mut wrong_parts = row("alice", T0, vec![("clicks", int(1))]);
+    wrong_parts.entity = Some(pb::EntityKey { parts: vec![] });
+    let mut sub_us = row("alice", T0, vec![("clicks", int(1))]);
+    sub_us.event_time = Some(prost_types::Timestamp { seconds: 1, nanos: 1 });
+    let mut unknown_group = row("alice", T0, vec![("clicks", int(1))]);
+    unknown_group.group = "nope".into();
+    let cases: Vec<(Vec<pb::WriteRow>, &str)> = vec![
+        (vec![], "invalid"),
+        (vec![row("alice", T0, vec![("clicks", f64v(1.0))])], "invalid"),
+        (vec![row("alice", T0, vec![("nope", int(1))])], "not found"),
+        (vec![unknown_group], "not found"),
+        (vec![wrong_parts], "invalid"),
+        (vec![sub_us], "invalid"),
+        (vec![row("alice", T0, vec![])], "invalid"),
+        // A valid row followed by a bad one: the whole request is refused.
+        (vec![row("alice", T0, vec![("clicks", int(1))]), row("bob", T0, vec![("clicks", f64v(1.0))])], "invalid"),
+        (vec![row("alice", T0, vec![("clicks", int(1))]); quiver_server::features::WRITE_ROWS_MAX + 1], "too large"),
+    ];
+    for (rows, want) in cases {
+        let n = rows.len();
+        let got = match write(&f, rows) {
+            Err(ServiceError::Invalid(_)) => "invalid",
+            Err(ServiceError::NotFound(_)) => "not found",
+            Err(ServiceError::TooLarge(_)) => "too large",
+            other => panic!("{n} rows: unexpected {other:?}"),
+        };
+        assert_eq!(got, want);
+    }
+    assert_eq!(db.stats().last_seqno, seq, "nothing was written");
+    let err = f
+        .get_online(
+            &pb::GetOnlineFeaturesRequest {
+                entity_type: "user".into(),
+                entities: vec![key("alice")],
+                features: vec!["user_stats:nope".into()],
+                as_of: None,
+            },
+            T0,
+        )
+        .expect_err("unknown feature");
+    assert!(matches!(err, ServiceError::NotFound(_)), "{err:?}");
+}
