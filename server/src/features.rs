@@ -128,6 +128,44 @@ fn push_value(col: &mut pb::FeatureColumn, t: pb::ValueType, v: Option<&Value>) 
     }
 }
 
+/// The served status, event time and value of one cell (see the module docs for the order).
+fn read_cell(
+    snap: &quiver_storage::Snapshot,
+    key: &[u8],
+    f: &ResolvedFeature,
+    q: AsOf,
+    default: Option<&Value>,
+) -> Result<(pb::FeatureStatus, i64, Option<Value>)> {
+    if let Some(v) = snap.value_at(key, f.id, q)? {
+        return Ok((pb::FeatureStatus::Present, v.event_time.0, v.value));
+    }
+    if let Some(d) = default {
+        return Ok((pb::FeatureStatus::Defaulted, 0, Some(d.clone())));
+    }
+    let older = q.lookback_us.is_some() && snap.value_at(key, f.id, AsOf { lookback_us: None, ..q })?.is_some();
+    Ok((if older { pb::FeatureStatus::Stale } else { pb::FeatureStatus::NotFound }, 0, None))
+}
+
+fn lookback(f: &ResolvedFeature) -> Option<u64> {
+    f.ttl.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+fn default_of(f: &ResolvedFeature) -> Result<Option<Value>> {
+    match &f.default {
+        Some(d) => Ok(Some(convert::to_engine(d, f.value_type, "default")?)),
+        None => Ok(None),
+    }
+}
+
+/// Rows per streamed chunk of a point-in-time join.
+pub const HISTORICAL_CHUNK_ROWS: usize = 4096;
+/// Most spine rows in one point-in-time join.
+pub const SPINE_ROWS_MAX: usize = 10_000_000;
+/// Versions per streamed chunk of a history scan.
+pub const SCAN_CHUNK_VERSIONS: usize = 1024;
+/// Most versions one history scan returns.
+pub const SCAN_VERSIONS_MAX: u64 = 1_000_000;
+
 /// The feature service of one node.
 #[derive(Debug)]
 pub struct Features {
@@ -136,13 +174,15 @@ pub struct Features {
     /// Plain writes share it; writes with compare-and-swap or an idempotency key take it alone,
     /// so their check and their write are one atomic step (linearizable within this node).
     check_then_write: RwLock<()>,
+    default_durability: Durability,
 }
 
 impl Features {
-    /// A service over `registry` and its engine.
-    pub fn new(registry: Arc<Registry>) -> Self {
+    /// A service over `registry` and its engine; writes that do not say how durable they must
+    /// be get `default_durability`.
+    pub fn new(registry: Arc<Registry>, default_durability: Durability) -> Self {
         let db = registry.db().clone();
-        Features { registry, db, check_then_write: RwLock::new(()) }
+        Features { registry, db, check_then_write: RwLock::new(()), default_durability }
     }
 
     /// `GetOnlineFeatures`, with `now_us` the server's clock (used when the request has no
@@ -155,18 +195,7 @@ impl Features {
                  {FEATURES_PER_REQUEST_MAX} features, {ONLINE_CELLS_MAX} cells)"
             )));
         }
-        if m == 0 {
-            return Err(ServiceError::Invalid("no features requested".into()));
-        }
-        let et = self.registry.entity_type(&req.entity_type)?;
-        let features: Vec<ResolvedFeature> =
-            req.features.iter().map(|r| self.registry.resolve(r)).collect::<std::result::Result<_, _>>()?;
-        if let Some(f) = features.iter().find(|f| f.entity_type != et.name) {
-            return Err(ServiceError::Invalid(format!(
-                "feature {}:{} is on entity type {}, not {}",
-                f.group, f.feature, f.entity_type, et.name
-            )));
-        }
+        let (et, features) = self.resolve_features(&req.entity_type, &req.features)?;
         let keys: Vec<Vec<u8>> =
             req.entities.iter().map(|k| convert::entity_key(&et, k)).collect::<std::result::Result<_, _>>()?;
         let as_of = match &req.as_of {
@@ -177,30 +206,162 @@ impl Features {
         let mut columns = Vec::with_capacity(m);
         for (f, reference) in features.iter().zip(&req.features) {
             let mut col = column(f, reference, n);
-            let lookback_us = f.ttl.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-            let q = AsOf { as_of: EventTime(as_of), known_at: SystemTime::MAX, lookback_us };
-            let default = match &f.default {
-                Some(d) => Some(convert::to_engine(d, f.value_type, "default").map_err(ServiceError::from)?),
-                None => None,
-            };
+            let q = AsOf { as_of: EventTime(as_of), known_at: SystemTime::MAX, lookback_us: lookback(f) };
+            let default = default_of(f)?;
             for key in &keys {
-                let found = snap.value_at(key, f.id, q)?;
-                let (status, event_us, value) = match (&found, &default) {
-                    (Some(v), _) => (pb::FeatureStatus::Present, v.event_time.0, v.value.as_ref()),
-                    (None, Some(d)) => (pb::FeatureStatus::Defaulted, 0, Some(d)),
-                    (None, None) => {
-                        let older = lookback_us.is_some()
-                            && snap.value_at(key, f.id, AsOf { lookback_us: None, ..q })?.is_some();
-                        (if older { pb::FeatureStatus::Stale } else { pb::FeatureStatus::NotFound }, 0, None)
-                    }
-                };
+                let (status, event_us, value) = read_cell(&snap, key, f, q, default.as_ref())?;
                 col.statuses.push(status as i32);
                 col.event_times_us.push(event_us);
-                push_value(&mut col, f.value_type, value);
+                push_value(&mut col, f.value_type, value.as_ref());
             }
             columns.push(col);
         }
         Ok(pb::GetOnlineFeaturesResponse { columns })
+    }
+
+    fn resolve_features(&self, entity_type: &str, refs: &[String]) -> Result<(pb::EntityType, Vec<ResolvedFeature>)> {
+        if refs.is_empty() {
+            return Err(ServiceError::Invalid("no features requested".into()));
+        }
+        if refs.len() > FEATURES_PER_REQUEST_MAX {
+            return Err(ServiceError::TooLarge(format!("more than {FEATURES_PER_REQUEST_MAX} features requested")));
+        }
+        let et = self.registry.entity_type(entity_type)?;
+        let features: Vec<ResolvedFeature> =
+            refs.iter().map(|r| self.registry.resolve(r)).collect::<std::result::Result<_, _>>()?;
+        if let Some(f) = features.iter().find(|f| f.entity_type != et.name) {
+            return Err(ServiceError::Invalid(format!(
+                "feature {}:{} is on entity type {}, not {}",
+                f.group, f.feature, f.entity_type, et.name
+            )));
+        }
+        Ok((et, features))
+    }
+
+    /// `GetHistoricalFeatures`: the point-in-time join of DESIGN.md §2, one output row per
+    /// spine row in spine order, from one snapshot. Chunks of [`HISTORICAL_CHUNK_ROWS`] rows go
+    /// to `emit`; it returns false to stop early (the client went away).
+    pub fn historical(
+        &self,
+        req: &pb::GetHistoricalFeaturesRequest,
+        mut emit: impl FnMut(pb::GetHistoricalFeaturesResponse) -> bool,
+    ) -> Result<()> {
+        if req.spine.len() > SPINE_ROWS_MAX {
+            return Err(ServiceError::TooLarge(format!("spine has more than {SPINE_ROWS_MAX} rows")));
+        }
+        let (et, features) = self.resolve_features(&req.entity_type, &req.features)?;
+        let known_at = match &req.known_at {
+            Some(t) => convert::system_time(t, "known_at")?,
+            None => SystemTime::MAX,
+        };
+        // Check the whole spine before streaming anything.
+        let mut rows = Vec::with_capacity(req.spine.len());
+        for (i, r) in req.spine.iter().enumerate() {
+            let entity =
+                r.entity.as_ref().ok_or_else(|| ServiceError::Invalid(format!("spine row {i}: entity is required")))?;
+            let key =
+                convert::entity_key(&et, entity).map_err(|e| ServiceError::Invalid(format!("spine row {i}: {e}")))?;
+            let t = convert::event_time(r.timestamp.as_ref(), &format!("spine row {i}: timestamp"))?;
+            rows.push((key, t));
+        }
+        let defaults: Vec<Option<Value>> = if req.use_defaults {
+            features.iter().map(default_of).collect::<Result<_>>()?
+        } else {
+            vec![None; features.len()]
+        };
+        let snap = self.db.snapshot();
+        for (c, chunk) in rows.chunks(HISTORICAL_CHUNK_ROWS).enumerate() {
+            let mut columns = Vec::with_capacity(features.len());
+            for ((f, reference), default) in features.iter().zip(&req.features).zip(&defaults) {
+                let mut col = column(f, reference, chunk.len());
+                for (key, t) in chunk {
+                    let k =
+                        if req.strict_availability { known_at.min(SystemTime(t.0.max(0) as u64)) } else { known_at };
+                    let q = AsOf { as_of: *t, known_at: k, lookback_us: lookback(f) };
+                    let (status, event_us, value) = read_cell(&snap, key, f, q, default.as_ref())?;
+                    col.statuses.push(status as i32);
+                    col.event_times_us.push(event_us);
+                    push_value(&mut col, f.value_type, value.as_ref());
+                }
+                columns.push(col);
+            }
+            let first_row = (c * HISTORICAL_CHUNK_ROWS) as u64;
+            if !emit(pb::GetHistoricalFeaturesResponse { first_row, columns }) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `ScanHistory`: every version of one entity's features in range, in key order, in chunks
+    /// of [`SCAN_CHUNK_VERSIONS`] to `emit` (which returns false to stop early).
+    pub fn scan_history(
+        &self,
+        req: &pb::ScanHistoryRequest,
+        mut emit: impl FnMut(pb::ScanHistoryResponse) -> bool,
+    ) -> Result<()> {
+        let features: Vec<ResolvedFeature> = match (req.features.is_empty(), req.group.is_empty()) {
+            (false, _) => {
+                req.features.iter().map(|r| self.registry.resolve(r)).collect::<std::result::Result<_, _>>()?
+            }
+            (true, false) => self.registry.resolve_group(&req.group)?,
+            (true, true) => return Err(ServiceError::Invalid("name features or a group to scan".into())),
+        };
+        let et = self.registry.entity_type(&req.entity_type)?;
+        if let Some(f) = features.iter().find(|f| f.entity_type != et.name) {
+            return Err(ServiceError::Invalid(format!(
+                "feature {}:{} is not on entity type {}",
+                f.group, f.feature, et.name
+            )));
+        }
+        let entity = req.entity.as_ref().ok_or_else(|| ServiceError::Invalid("entity is required".into()))?;
+        let key = convert::entity_key(&et, entity)?;
+        let mut range = quiver_storage::ScanRange::entity(&key);
+        if let Some(t) = &req.event_time_from {
+            range.event_time_min = EventTime(convert::micros(t, "event_time_from")?);
+        }
+        if let Some(t) = &req.event_time_to {
+            range.event_time_max = EventTime(convert::micros(t, "event_time_to")?);
+        }
+        if let Some(t) = &req.system_time_from {
+            range.system_time_min = convert::system_time(t, "system_time_from")?;
+        }
+        if let Some(t) = &req.system_time_to {
+            range.system_time_max = convert::system_time(t, "system_time_to")?;
+        }
+        if range.event_time_min > range.event_time_max || range.system_time_min > range.system_time_max {
+            return Err(ServiceError::Invalid("scan time range is empty (from > to)".into()));
+        }
+        let limit = if req.limit == 0 { SCAN_VERSIONS_MAX } else { req.limit.min(SCAN_VERSIONS_MAX) };
+        let by_id: HashMap<u32, String> =
+            features.iter().map(|f| (f.id.0, format!("{}@{}:{}", f.group, f.version, f.feature))).collect();
+        let mut chunk = Vec::with_capacity(SCAN_CHUNK_VERSIONS);
+        let mut sent = 0u64;
+        for item in self.db.scan(range)? {
+            let item = item?;
+            let Some(name) = by_id.get(&item.feature.0) else { continue };
+            let v = item.version;
+            chunk.push(pb::HistoryVersion {
+                feature_ref: name.clone(),
+                event_time: Some(convert::timestamp(v.event_time.0)),
+                system_time: Some(convert::timestamp(v.system_time.0 as i64)),
+                value: v.value.as_ref().map(convert::to_api),
+                version: Some(api_vv(&v.version_vector)),
+            });
+            sent += 1;
+            if chunk.len() == SCAN_CHUNK_VERSIONS
+                && !emit(pb::ScanHistoryResponse { versions: std::mem::take(&mut chunk) })
+            {
+                return Ok(());
+            }
+            if sent == limit {
+                break;
+            }
+        }
+        if !chunk.is_empty() {
+            emit(pb::ScanHistoryResponse { versions: chunk });
+        }
+        Ok(())
     }
 
     /// `WriteFeatures`: all rows or none.
@@ -225,7 +386,8 @@ impl Features {
         }
         let durability = match req.durability() {
             pb::Durability::Async => Durability::Async,
-            pb::Durability::Sync | pb::Durability::Unspecified => Durability::Sync,
+            pb::Durability::Sync => Durability::Sync,
+            pb::Durability::Unspecified => self.default_durability,
         };
         // Validate and build the whole batch before taking any lock or writing anything.
         let mut batch = WriteBatch::new();

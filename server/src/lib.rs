@@ -6,3 +6,4 @@
 pub mod convert;
 pub mod features;
 pub mod registry;
+pub mod service;

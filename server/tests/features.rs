@@ -55,7 +55,7 @@ fn setup() -> (tempfile::TempDir, Features, Arc<Db>) {
         dry_run: false,
     })
     .expect("apply");
-    (tmp, Features::new(reg), db)
+    (tmp, Features::new(reg, quiver_storage::Durability::Sync), db)
 }
 
 fn row(user: &str, at: i64, values: Vec<(&str, pb::Value)>) -> pb::WriteRow {

@@ -1,0 +1,167 @@
+//! `quiverd`: the Quiver daemon. One data directory, the gRPC API (feature, registry and admin
+//! services, plus standard health checking and reflection), graceful shutdown on SIGTERM.
+//!
+//! Configuration, highest precedence first: command-line flags, `QUIVER_*` environment
+//! variables, the TOML file given by `--config`, defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use quiver_proto::v1 as pb;
+use quiver_server::features::Features;
+use quiver_server::registry::Registry;
+use quiver_server::service::{AdminApi, FeatureApi, RegistryApi};
+use quiver_storage::{Db, Durability, Options};
+use serde::Deserialize;
+
+/// Default memory budget: memtables plus block cache.
+const MEMORY_BUDGET_MB_DEFAULT: u64 = 512;
+/// Smallest memory budget accepted.
+const MEMORY_BUDGET_MB_MIN: u64 = 16;
+/// Largest gRPC message accepted or sent.
+const MESSAGE_BYTES_MAX: usize = 256 << 20;
+
+#[derive(Debug, Parser)]
+#[command(name = "quiverd", version, about = "The Quiver feature store daemon")]
+struct Args {
+    /// Data directory (created if missing).
+    #[arg(long, env = "QUIVER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address (port 0 picks a free port; the address is printed at start).
+    #[arg(long, env = "QUIVER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Durability of writes that do not ask for one: "sync" or "async".
+    #[arg(long, env = "QUIVER_DURABILITY")]
+    durability: Option<String>,
+    /// Memory budget in MiB for memtables and the block cache.
+    #[arg(long, env = "QUIVER_MEMORY_BUDGET_MB")]
+    memory_budget_mb: Option<u64>,
+    /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb.
+    #[arg(long, env = "QUIVER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    durability: Option<String>,
+    memory_budget_mb: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Config {
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    durability: Durability,
+    memory_budget_mb: u64,
+}
+
+fn config(args: Args) -> Result<Config, String> {
+    let file = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("config {}: {e}", p.display()))?;
+            toml::from_str::<FileConfig>(&text).map_err(|e| format!("config {}: {e}", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .ok_or("--data-dir (or QUIVER_DATA_DIR, or data_dir in the config) is required")?;
+    let listen = args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
+    let durability = match args.durability.or(file.durability).as_deref() {
+        None | Some("sync") => Durability::Sync,
+        Some("async") => Durability::Async,
+        Some(other) => return Err(format!("durability must be \"sync\" or \"async\", not {other:?}")),
+    };
+    let memory_budget_mb = args.memory_budget_mb.or(file.memory_budget_mb).unwrap_or(MEMORY_BUDGET_MB_DEFAULT);
+    if memory_budget_mb < MEMORY_BUDGET_MB_MIN {
+        return Err(format!("memory budget must be at least {MEMORY_BUDGET_MB_MIN} MiB"));
+    }
+    Ok(Config { data_dir, listen, durability, memory_budget_mb })
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+async fn run(cfg: Config) -> Result<(), String> {
+    let budget = (cfg.memory_budget_mb << 20) as usize;
+    let opts = Options { memtable_bytes: budget / 8, block_cache_bytes: budget / 2, ..Options::default() };
+    let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
+    let registry = Arc::new(Registry::open(db.clone()).map_err(|e| format!("loading the registry: {e}"))?);
+    let features = Arc::new(Features::new(registry.clone(), cfg.durability));
+
+    let listener =
+        tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listening on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    for name in ["quiver.v1.FeatureService", "quiver.v1.RegistryService", "quiver.v1.AdminService", ""] {
+        health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let feature_svc = pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(features))
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    let registry_svc = pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry));
+    let admin_svc = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(db.clone()));
+    println!("quiverd listening on {addr}, data directory {}", cfg.data_dir.display());
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "serving");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(feature_svc)
+        .add_service(registry_svc)
+        .add_service(admin_svc)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal())
+        .await
+        .map_err(|e| format!("server: {e}"))?;
+    // Requests are finished; close the engine (stops background work, syncs the WAL).
+    match Arc::try_unwrap(db) {
+        Ok(db) => db.close().map_err(|e| format!("closing: {e}"))?,
+        Err(db) => {
+            tracing::warn!("engine still referenced at shutdown; syncing through drop");
+            drop(db);
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = config(Args::parse()).and_then(|cfg| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))?
+            .block_on(run(cfg))
+    });
+    if let Err(e) = result {
+        eprintln!("quiverd: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,296 @@
+//! The gRPC endpoints: thin async wrappers that run the blocking engine work on tokio's
+//! blocking pool and map errors to gRPC codes a client can act on.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use prost::Message;
+use quiver_proto::v1 as pb;
+use quiver_storage::Db;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::features::{Features, ServiceError};
+use crate::registry::{Registry, RegistryError};
+
+/// Maps a service error to a status (DESIGN.md §4).
+pub fn status(e: ServiceError) -> Status {
+    match e {
+        ServiceError::Invalid(m) => Status::invalid_argument(m),
+        ServiceError::NotFound(m) => Status::not_found(m),
+        ServiceError::TooLarge(m) => Status::resource_exhausted(m),
+        ServiceError::Refused(m) => Status::failed_precondition(m),
+        ServiceError::Aborted { message, current } => {
+            let details = pb::CasConflict {
+                cells: current
+                    .into_iter()
+                    .map(|(feature_ref, current)| pb::cas_conflict::Cell { feature_ref, current: Some(current) })
+                    .collect(),
+            };
+            Status::with_details(tonic::Code::Aborted, message, details.encode_to_vec().into())
+        }
+        ServiceError::Storage(e) => storage_status(&e),
+    }
+}
+
+fn storage_status(e: &quiver_storage::Error) -> Status {
+    use quiver_storage::Error as E;
+    match e {
+        E::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+        E::Corruption { .. } => Status::data_loss(e.to_string()),
+        E::PreviousError(_) | E::Closed => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn registry_status(e: RegistryError) -> Status {
+    status(ServiceError::from(e))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))?
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Chunks in flight between a streaming RPC's producer and the client.
+const STREAM_BUFFER_CHUNKS: usize = 4;
+
+/// `quiver.v1.FeatureService`.
+#[derive(Debug, Clone)]
+pub struct FeatureApi {
+    features: Arc<Features>,
+}
+
+impl FeatureApi {
+    /// The endpoints over `features`.
+    pub fn new(features: Arc<Features>) -> Self {
+        FeatureApi { features }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::feature_service_server::FeatureService for FeatureApi {
+    async fn get_online_features(
+        &self,
+        req: Request<pb::GetOnlineFeaturesRequest>,
+    ) -> Result<Response<pb::GetOnlineFeaturesResponse>, Status> {
+        let f = self.features.clone();
+        let req = req.into_inner();
+        blocking(move || f.get_online(&req, now_us()).map_err(status)).await.map(Response::new)
+    }
+
+    async fn write_features(
+        &self,
+        req: Request<pb::WriteFeaturesRequest>,
+    ) -> Result<Response<pb::WriteFeaturesResponse>, Status> {
+        let f = self.features.clone();
+        let req = req.into_inner();
+        blocking(move || f.write(&req).map_err(status)).await.map(Response::new)
+    }
+
+    async fn write_features_stream(
+        &self,
+        req: Request<Streaming<pb::WriteFeaturesRequest>>,
+    ) -> Result<Response<pb::WriteFeaturesStreamResponse>, Status> {
+        let mut stream = req.into_inner();
+        let mut summary = pb::WriteFeaturesStreamResponse::default();
+        while let Some(msg) = stream.message().await? {
+            let f = self.features.clone();
+            let rows = msg.rows.len() as u64;
+            let n = summary.requests;
+            let resp = blocking(move || {
+                f.write(&msg).map_err(|e| {
+                    let s = status(e);
+                    Status::new(
+                        s.code(),
+                        format!("stream message {n} (earlier messages were applied): {}", s.message()),
+                    )
+                })
+            })
+            .await?;
+            summary.requests += 1;
+            summary.rows += rows;
+            summary.values_written += resp.values_written;
+        }
+        Ok(Response::new(summary))
+    }
+
+    type GetHistoricalFeaturesStream = BoxStream<pb::GetHistoricalFeaturesResponse>;
+
+    async fn get_historical_features(
+        &self,
+        req: Request<pb::GetHistoricalFeaturesRequest>,
+    ) -> Result<Response<Self::GetHistoricalFeaturesStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER_CHUNKS);
+        let f = self.features.clone();
+        let req = req.into_inner();
+        tokio::task::spawn_blocking(move || {
+            let result = f.historical(&req, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(status(e)));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ScanHistoryStream = BoxStream<pb::ScanHistoryResponse>;
+
+    async fn scan_history(
+        &self,
+        req: Request<pb::ScanHistoryRequest>,
+    ) -> Result<Response<Self::ScanHistoryStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER_CHUNKS);
+        let f = self.features.clone();
+        let req = req.into_inner();
+        tokio::task::spawn_blocking(move || {
+            let result = f.scan_history(&req, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(status(e)));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// `quiver.v1.RegistryService`.
+#[derive(Debug, Clone)]
+pub struct RegistryApi {
+    registry: Arc<Registry>,
+}
+
+impl RegistryApi {
+    /// The endpoints over `registry`.
+    pub fn new(registry: Arc<Registry>) -> Self {
+        RegistryApi { registry }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::registry_service_server::RegistryService for RegistryApi {
+    async fn apply_registry(
+        &self,
+        req: Request<pb::ApplyRegistryRequest>,
+    ) -> Result<Response<pb::ApplyRegistryResponse>, Status> {
+        let r = self.registry.clone();
+        let req = req.into_inner();
+        blocking(move || r.apply(&req).map_err(registry_status))
+            .await
+            .map(|changes| Response::new(pb::ApplyRegistryResponse { changes }))
+    }
+
+    async fn get_feature_group(
+        &self,
+        req: Request<pb::GetFeatureGroupRequest>,
+    ) -> Result<Response<pb::FeatureGroup>, Status> {
+        let req = req.into_inner();
+        self.registry.group(&req.name, req.version).map(Response::new).map_err(registry_status)
+    }
+
+    async fn list_feature_groups(
+        &self,
+        _req: Request<pb::ListFeatureGroupsRequest>,
+    ) -> Result<Response<pb::ListFeatureGroupsResponse>, Status> {
+        Ok(Response::new(pb::ListFeatureGroupsResponse { feature_groups: self.registry.groups() }))
+    }
+
+    async fn get_entity_type(
+        &self,
+        req: Request<pb::GetEntityTypeRequest>,
+    ) -> Result<Response<pb::EntityType>, Status> {
+        self.registry.entity_type(&req.into_inner().name).map(Response::new).map_err(registry_status)
+    }
+
+    async fn list_entity_types(
+        &self,
+        _req: Request<pb::ListEntityTypesRequest>,
+    ) -> Result<Response<pb::ListEntityTypesResponse>, Status> {
+        Ok(Response::new(pb::ListEntityTypesResponse { entity_types: self.registry.entity_types() }))
+    }
+}
+
+/// `quiver.v1.AdminService`.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    db: Arc<Db>,
+}
+
+impl AdminApi {
+    /// The endpoints over `db`.
+    pub fn new(db: Arc<Db>) -> Self {
+        AdminApi { db }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn flush(&self, _req: Request<pb::FlushRequest>) -> Result<Response<pb::FlushResponse>, Status> {
+        let db = self.db.clone();
+        blocking(move || db.flush().map_err(|e| storage_status(&e))).await?;
+        Ok(Response::new(pb::FlushResponse {}))
+    }
+
+    async fn compact(&self, req: Request<pb::CompactRequest>) -> Result<Response<pb::CompactResponse>, Status> {
+        let db = self.db.clone();
+        let full = req.into_inner().full;
+        blocking(move || if full { db.compact_all() } else { db.compact_pending() }.map_err(|e| storage_status(&e)))
+            .await?;
+        Ok(Response::new(pb::CompactResponse {}))
+    }
+
+    async fn get_stats(&self, _req: Request<pb::GetStatsRequest>) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let s = self.db.stats();
+        Ok(Response::new(pb::GetStatsResponse {
+            levels: s
+                .levels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| pb::LevelStats {
+                    level: i as u32,
+                    tables: l.tables as u64,
+                    bytes: l.bytes,
+                    entries: l.entries,
+                })
+                .collect(),
+            memtable_bytes: s.memtable_bytes as u64,
+            immutable_memtables: s.immutable_memtables as u64,
+            last_sequence: s.last_seqno,
+            flushes: s.flushes,
+            compactions: s.compactions,
+            entries_dropped_by_retention: s.entries_dropped,
+            write_groups: s.write_groups,
+            wal_syncs: s.wal_syncs,
+            block_cache_hits: s.block_cache_hits,
+            block_cache_misses: s.block_cache_misses,
+            block_cache_bytes: s.block_cache_bytes,
+        }))
+    }
+
+    async fn checkpoint(
+        &self,
+        req: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        let path = req.into_inner().path;
+        if path.is_empty() {
+            return Err(Status::invalid_argument("checkpoint path is required"));
+        }
+        let db = self.db.clone();
+        blocking(move || db.checkpoint(std::path::Path::new(&path)).map_err(|e| storage_status(&e))).await?;
+        Ok(Response::new(pb::CheckpointResponse {}))
+    }
+
+    async fn verify(&self, _req: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyResponse>, Status> {
+        let db = self.db.clone();
+        blocking(move || db.verify().map_err(|e| storage_status(&e))).await?;
+        let s = self.db.stats();
+        Ok(Response::new(pb::VerifyResponse {
+            tables: s.levels.iter().map(|l| l.tables as u64).sum(),
+            entries: s.levels.iter().map(|l| l.entries).sum(),
+        }))
+    }
+}

@@ -1,0 +1,164 @@
+//! Harness for end-to-end tests: starts a real `quiverd` on a loopback port with a temp data
+//! directory and connects the generated clients.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use quiver_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// The `quiverd` binary of this build (`cargo test --workspace` builds it with the server's
+/// tests; `QUIVERD` overrides the path).
+pub fn quiverd_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("QUIVERD") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/quiverd
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let p = dir.join("quiverd");
+    assert!(
+        p.exists(),
+        "{} not found: build it with `cargo build -p quiver-server` (cargo test --workspace does)",
+        p.display()
+    );
+    p
+}
+
+/// A running daemon.
+pub struct Daemon {
+    child: Child,
+    /// Its gRPC address.
+    pub addr: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `quiverd` on `data_dir` on a free loopback port and waits until it listens.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Daemon {
+        let mut child = Command::new(quiverd_path())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--memory-budget-mb", "64"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn quiverd");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read the listen line");
+        let addr = line
+            .strip_prefix("quiverd listening on ")
+            .and_then(|r| r.split(',').next())
+            .unwrap_or_else(|| panic!("unexpected first line from quiverd: {line:?}"))
+            .to_string();
+        Daemon { child, addr: format!("http://{addr}"), data_dir: data_dir.to_path_buf() }
+    }
+
+    /// A channel to the daemon.
+    pub async fn channel(&self) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Channel::from_shared(self.addr.clone()).expect("uri").connect().await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("cannot connect to {}: {e}", self.addr),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Stops it with SIGTERM (graceful) and waits; returns whether it exited cleanly.
+    pub fn stop(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// Kills it with SIGKILL and waits.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Generated clients over one channel.
+pub struct Clients {
+    /// FeatureService.
+    pub features: pb::feature_service_client::FeatureServiceClient<Channel>,
+    /// RegistryService.
+    pub registry: pb::registry_service_client::RegistryServiceClient<Channel>,
+    /// AdminService.
+    pub admin: pb::admin_service_client::AdminServiceClient<Channel>,
+}
+
+impl Clients {
+    /// Clients of a running daemon.
+    pub async fn of(d: &Daemon) -> Clients {
+        let c = d.channel().await;
+        Clients {
+            features: pb::feature_service_client::FeatureServiceClient::new(c.clone()),
+            registry: pb::registry_service_client::RegistryServiceClient::new(c.clone()),
+            admin: pb::admin_service_client::AdminServiceClient::new(c),
+        }
+    }
+}
+
+/// A timestamp from microseconds since the epoch.
+pub fn ts(us: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp { seconds: us.div_euclid(1_000_000), nanos: (us.rem_euclid(1_000_000) * 1000) as i32 })
+}
+
+/// A single-part string entity key.
+pub fn key(id: &str) -> pb::EntityKey {
+    pb::EntityKey { parts: vec![pb::KeyPart { kind: Some(pb::key_part::Kind::StringValue(id.into())) }] }
+}
+
+/// An int64 value.
+pub fn int(v: i64) -> pb::Value {
+    pb::Value { kind: Some(pb::value::Kind::Int64Value(v)) }
+}
+
+/// The registry the tests use: `user` and `user_stats` (ttl 1 h; clicks int64, spend float64
+/// with default -1).
+pub fn example_registry() -> pb::ApplyRegistryRequest {
+    let feature = |name: &str, t: pb::ValueType, d: Option<pb::Value>| pb::FeatureDef {
+        name: name.into(),
+        r#type: t as i32,
+        default_value: d,
+        description: String::new(),
+    };
+    pb::ApplyRegistryRequest {
+        entity_types: vec![pb::EntityType {
+            name: "user".into(),
+            join_keys: vec![pb::JoinKey { name: "user_id".into(), r#type: pb::JoinKeyType::String as i32 }],
+            description: "a customer".into(),
+        }],
+        feature_groups: vec![pb::FeatureGroup {
+            name: "user_stats".into(),
+            entity_type: "user".into(),
+            owner: "ml@example.com".into(),
+            ttl: Some(prost_types::Duration { seconds: 3600, nanos: 0 }),
+            features: vec![
+                feature("clicks", pb::ValueType::Int64, None),
+                feature(
+                    "spend",
+                    pb::ValueType::Float64,
+                    Some(pb::Value { kind: Some(pb::value::Kind::Float64Value(-1.0)) }),
+                ),
+            ],
+            ..Default::default()
+        }],
+        dry_run: false,
+    }
+}

@@ -1,0 +1,176 @@
+//! End to end over gRPC against a real quiverd: registry, online statuses, writes with
+//! idempotency and compare-and-swap, bad input (codes, messages, nothing changed), restarts.
+
+use prost::Message;
+use quiver_e2e::{example_registry, int, key, ts, Clients, Daemon};
+use quiver_proto::v1 as pb;
+use tonic::Code;
+
+const HOUR_US: i64 = 3_600_000_000;
+const T0: i64 = 1_767_225_600_000_000;
+
+fn row(user: &str, at: i64, clicks: i64) -> pb::WriteRow {
+    pb::WriteRow {
+        entity: Some(key(user)),
+        group: "user_stats".into(),
+        event_time: ts(at),
+        values: [("clicks".to_string(), int(clicks))].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+fn online_req(users: &[&str], as_of: i64) -> pb::GetOnlineFeaturesRequest {
+    pb::GetOnlineFeaturesRequest {
+        entity_type: "user".into(),
+        entities: users.iter().map(|u| key(u)).collect(),
+        features: vec!["user_stats:clicks".into(), "user_stats:spend".into()],
+        as_of: ts(as_of),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_online_writes_and_restart() {
+    use pb::FeatureStatus::*;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = Daemon::start(tmp.path(), &[]);
+    let mut c = Clients::of(&d).await;
+
+    // Registry: create, then the same apply is a no-op.
+    let changes = c.registry.apply_registry(example_registry()).await.expect("apply").into_inner().changes;
+    assert!(changes.iter().all(|c| c.kind() == pb::registry_change::Kind::Created));
+    let again = c.registry.apply_registry(example_registry()).await.expect("re-apply").into_inner().changes;
+    assert!(again.iter().all(|c| c.kind() == pb::registry_change::Kind::Unchanged));
+
+    // Writes and online statuses.
+    let w = c
+        .features
+        .write_features(pb::WriteFeaturesRequest {
+            rows: vec![row("alice", T0, 5), row("bob", T0 - 3 * HOUR_US, 9)],
+            ..Default::default()
+        })
+        .await
+        .expect("write")
+        .into_inner();
+    assert_eq!(w.values_written, 2);
+    let r = c
+        .features
+        .get_online_features(online_req(&["alice", "bob", "carol"], T0 + 1))
+        .await
+        .expect("online")
+        .into_inner();
+    assert_eq!(r.columns[0].statuses, vec![Present as i32, Stale as i32, NotFound as i32]);
+    assert_eq!(r.columns[0].int64_values, vec![5, 0, 0]);
+    assert_eq!(r.columns[1].statuses, vec![Defaulted as i32; 3]);
+
+    // Idempotent retry.
+    let req = pb::WriteFeaturesRequest {
+        rows: vec![row("dave", T0, 1)],
+        idempotency_key: "batch-1".into(),
+        ..Default::default()
+    };
+    let first = c.features.write_features(req.clone()).await.expect("first").into_inner();
+    let retry = c.features.write_features(req).await.expect("retry").into_inner();
+    assert!(retry.deduplicated && !first.deduplicated && retry.system_time == first.system_time);
+
+    // Compare-and-swap conflict: ABORTED with the current version in the details.
+    let mut cas = row("alice", T0, 6);
+    cas.expected_versions.insert("clicks".into(), pb::VersionVector::default());
+    let err = c
+        .features
+        .write_features(pb::WriteFeaturesRequest { rows: vec![cas], ..Default::default() })
+        .await
+        .expect_err("cas");
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    let conflict = pb::CasConflict::decode(err.details()).expect("details");
+    assert_eq!(conflict.cells.len(), 1);
+    let current = conflict.cells[0].current.clone().expect("current");
+    let mut cas = row("alice", T0, 6);
+    cas.expected_versions.insert("clicks".into(), current);
+    c.features
+        .write_features(pb::WriteFeaturesRequest { rows: vec![cas], ..Default::default() })
+        .await
+        .expect("cas with current version");
+
+    // Graceful restart keeps everything acknowledged.
+    drop(c);
+    assert!(d.stop(), "quiverd exits cleanly on SIGTERM");
+    let d = Daemon::start(tmp.path(), &[]);
+    let mut c = Clients::of(&d).await;
+    let r = c.features.get_online_features(online_req(&["alice", "dave"], T0 + 1)).await.expect("online").into_inner();
+    assert_eq!(r.columns[0].int64_values, vec![6, 1]);
+
+    // SIGKILL right after an acknowledged (sync) write: still there after restart.
+    c.features
+        .write_features(pb::WriteFeaturesRequest { rows: vec![row("erin", T0, 42)], ..Default::default() })
+        .await
+        .expect("write");
+    drop(c);
+    d.kill();
+    let d = Daemon::start(tmp.path(), &[]);
+    let mut c = Clients::of(&d).await;
+    let r = c.features.get_online_features(online_req(&["erin"], T0 + 1)).await.expect("online").into_inner();
+    assert_eq!(r.columns[0].int64_values, vec![42]);
+    let stats = c.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner();
+    assert!(stats.last_sequence > 0);
+    c.admin.verify(pb::VerifyRequest {}).await.expect("verify");
+    assert!(d.stop());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_specific_codes_and_changes_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = Daemon::start(tmp.path(), &[]);
+    let mut c = Clients::of(&d).await;
+    c.registry.apply_registry(example_registry()).await.expect("apply");
+    let before = c.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner().last_sequence;
+
+    let write = |rows: Vec<pb::WriteRow>| pb::WriteFeaturesRequest { rows, ..Default::default() };
+    let mut wrong_type = row("alice", T0, 1);
+    wrong_type.values.insert("clicks".into(), pb::Value { kind: Some(pb::value::Kind::StringValue("x".into())) });
+    let mut unknown_feature = row("alice", T0, 1);
+    unknown_feature.values.insert("nope".into(), int(1));
+    let mut unknown_group = row("alice", T0, 1);
+    unknown_group.group = "nope".into();
+    let mut bad_time = row("alice", T0, 1);
+    bad_time.event_time = Some(prost_types::Timestamp { seconds: 1, nanos: 5 });
+    let cases = vec![
+        (write(vec![]), Code::InvalidArgument, "no rows"),
+        (write(vec![wrong_type]), Code::InvalidArgument, "expected a Int64"),
+        (write(vec![unknown_feature]), Code::NotFound, "no feature"),
+        (write(vec![unknown_group]), Code::NotFound, "no feature group"),
+        (write(vec![bad_time]), Code::InvalidArgument, "microseconds"),
+        (write(vec![row("alice", T0, 1); 10_001]), Code::ResourceExhausted, "limit"),
+    ];
+    for (req, code, needle) in cases {
+        let err = c.features.write_features(req).await.expect_err(needle);
+        assert_eq!(err.code(), code, "{needle}: {err:?}");
+        assert!(err.message().contains(needle), "{needle} not in {:?}", err.message());
+    }
+    let err = c
+        .registry
+        .apply_registry(pb::ApplyRegistryRequest {
+            feature_groups: vec![pb::FeatureGroup {
+                entity_type: "ghost".into(),
+                ..example_registry().feature_groups[0].clone()
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown entity type");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut online = online_req(&["alice"], T0);
+    online.features = vec!["user_stats:nope".into()];
+    assert_eq!(c.features.get_online_features(online).await.expect_err("unknown").code(), Code::NotFound);
+    let after = c.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner().last_sequence;
+    assert_eq!(before, after, "rejected requests wrote nothing");
+
+    // Standard health checking is on.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "quiver.v1.FeatureService".into() })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(h.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    assert!(d.stop());
+}
