@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod convert;
+pub mod daemon;
 pub mod features;
 pub mod registry;
 pub mod service;

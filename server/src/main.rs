@@ -6,22 +6,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Parser;
-use quiver_proto::v1 as pb;
-use quiver_server::features::Features;
-use quiver_server::registry::Registry;
-use quiver_server::service::{AdminApi, FeatureApi, RegistryApi};
-use quiver_storage::{Db, Durability, Options};
+use quiver_server::daemon::{serve, ServeConfig};
+use quiver_storage::Durability;
 use serde::Deserialize;
 
 /// Default memory budget: memtables plus block cache.
 const MEMORY_BUDGET_MB_DEFAULT: u64 = 512;
 /// Smallest memory budget accepted.
 const MEMORY_BUDGET_MB_MIN: u64 = 16;
-/// Largest gRPC message accepted or sent.
-const MESSAGE_BYTES_MAX: usize = 256 << 20;
 
 #[derive(Debug, Parser)]
 #[command(name = "quiverd", version, about = "The Quiver feature store daemon")]
@@ -102,50 +96,18 @@ async fn shutdown_signal() {
 }
 
 async fn run(cfg: Config) -> Result<(), String> {
-    let budget = (cfg.memory_budget_mb << 20) as usize;
-    let opts = Options { memtable_bytes: budget / 8, block_cache_bytes: budget / 2, ..Options::default() };
-    let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
-    let registry = Arc::new(Registry::open(db.clone()).map_err(|e| format!("loading the registry: {e}"))?);
-    let features = Arc::new(Features::new(registry.clone(), cfg.durability));
-
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listening on {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    for name in ["quiver.v1.FeatureService", "quiver.v1.RegistryService", "quiver.v1.AdminService", ""] {
-        health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
-    }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| format!("reflection: {e}"))?;
-    let feature_svc = pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(features))
-        .max_decoding_message_size(MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(MESSAGE_BYTES_MAX);
-    let registry_svc = pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry));
-    let admin_svc = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(db.clone()));
-    println!("quiverd listening on {addr}, data directory {}", cfg.data_dir.display());
-    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "serving");
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(feature_svc)
-        .add_service(registry_svc)
-        .add_service(admin_svc)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal())
-        .await
-        .map_err(|e| format!("server: {e}"))?;
-    // Requests are finished; close the engine (stops background work, syncs the WAL).
-    match Arc::try_unwrap(db) {
-        Ok(db) => db.close().map_err(|e| format!("closing: {e}"))?,
-        Err(db) => {
-            tracing::warn!("engine still referenced at shutdown; syncing through drop");
-            drop(db);
-        }
-    }
-    tracing::info!("stopped");
-    Ok(())
+    let data_dir = cfg.data_dir.clone();
+    let serve_cfg = ServeConfig {
+        data_dir: cfg.data_dir,
+        durability: cfg.durability,
+        memory_budget_bytes: (cfg.memory_budget_mb << 20) as usize,
+    };
+    serve(serve_cfg, listener, shutdown_signal(), |addr| {
+        println!("quiverd listening on {addr}, data directory {}", data_dir.display());
+    })
+    .await
 }
 
 fn main() {

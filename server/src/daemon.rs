@@ -1,0 +1,88 @@
+//! Running the gRPC server: used by `quiverd` and by `quiver demo` (in-process, on a loopback
+//! port).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use quiver_proto::v1 as pb;
+use quiver_storage::{Db, Durability, Options};
+
+use crate::features::Features;
+use crate::registry::Registry;
+use crate::service::{AdminApi, FeatureApi, RegistryApi};
+
+/// Largest gRPC message accepted or sent.
+pub const MESSAGE_BYTES_MAX: usize = 256 << 20;
+
+/// What a server needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Durability of writes that do not ask for one.
+    pub durability: Durability,
+    /// Memory budget for memtables and block cache, in bytes.
+    pub memory_budget_bytes: usize,
+}
+
+/// Opens the engine in `cfg.data_dir` and serves the API on `listener` until `shutdown`
+/// completes; then finishes in-flight requests and closes the engine (syncing the WAL).
+/// `ready` is called with the bound address once the engine is open.
+pub async fn serve(
+    cfg: ServeConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), String> {
+    let budget = cfg.memory_budget_bytes;
+    let opts = Options { memtable_bytes: budget / 8, block_cache_bytes: budget / 2, ..Options::default() };
+    let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
+    let registry = Arc::new(Registry::open(db.clone()).map_err(|e| format!("loading the registry: {e}"))?);
+    let features = Arc::new(Features::new(registry.clone(), cfg.durability));
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    for name in ["quiver.v1.FeatureService", "quiver.v1.RegistryService", "quiver.v1.AdminService", ""] {
+        health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let feature_svc = pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(features))
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    let registry_svc = pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry));
+    let admin_svc = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(db.clone()));
+    // Small responses must not wait for the peer's delayed ACK (Nagle): 40 ms per request.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+        if let Ok(s) = &s {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY");
+            }
+        }
+        s
+    });
+    ready(addr);
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "serving");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(feature_svc)
+        .add_service(registry_svc)
+        .add_service(admin_svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| format!("server: {e}"))?;
+    // Requests are finished; close the engine (stops background work, syncs the WAL).
+    match Arc::try_unwrap(db) {
+        Ok(db) => db.close().map_err(|e| format!("closing: {e}"))?,
+        Err(db) => {
+            tracing::warn!("engine still referenced at shutdown; syncing through drop");
+            drop(db);
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! `quiver`: the command line for users and operators. Every error is one line on stderr and a
+//! non-zero exit.
+
+mod demo;
+mod registry_file;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use quiver_proto::v1 as pb;
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(name = "quiver", version, about = "The Quiver feature store command line")]
+struct Cli {
+    /// Server address.
+    #[arg(long, global = true, env = "QUIVER_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start an embedded server on a temp dir, load synthetic data, serve lookups and a join.
+    Demo {
+        /// Users to simulate.
+        #[arg(long, default_value_t = 5000)]
+        users: u32,
+        /// Hours of hourly events per user.
+        #[arg(long, default_value_t = 72)]
+        hours: u32,
+    },
+    /// Apply a registry file (TOML) and print what changed.
+    Apply {
+        file: PathBuf,
+        /// Only show what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Online lookup of features for entities.
+    Get {
+        #[arg(long)]
+        entity_type: String,
+        /// Entity keys; composite keys as comma-separated parts ("u1,7").
+        #[arg(long = "entity", required = true)]
+        entities: Vec<String>,
+        /// Feature references ("group:feature" or "group@N:feature").
+        #[arg(long = "feature", required = true)]
+        features: Vec<String>,
+    },
+    /// Write one row: values of a group's features for one entity at one event time.
+    Put {
+        /// "group" or "group@N".
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        entity: String,
+        /// Event time in microseconds since the epoch (default: now).
+        #[arg(long)]
+        event_time_us: Option<i64>,
+        /// feature=value pairs.
+        #[arg(required = true)]
+        values: Vec<String>,
+    },
+    /// Operate a running server.
+    Admin {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
+    /// Check every file of a stopped engine's data directory (or a checkpoint), offline.
+    Verify { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCmd {
+    Stats,
+    Flush,
+    Compact {
+        #[arg(long)]
+        full: bool,
+    },
+    Verify,
+    Checkpoint {
+        path: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+fn grpc(e: tonic::Status) -> String {
+    format!("{:?}: {}", e.code(), e.message())
+}
+
+async fn channel(addr: &str) -> Result<Channel> {
+    Channel::from_shared(addr.to_string())
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {addr}: {e}"))
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+fn entity_key(et: &pb::EntityType, s: &str) -> Result<pb::EntityKey> {
+    let parts: Vec<&str> = s.split(',').collect();
+    if parts.len() != et.join_keys.len() {
+        return Err(format!(
+            "entity {s:?} has {} parts, entity type {} has {} join keys",
+            parts.len(),
+            et.name,
+            et.join_keys.len()
+        ));
+    }
+    let mut out = Vec::new();
+    for (p, k) in parts.iter().zip(&et.join_keys) {
+        let kind = match k.r#type() {
+            pb::JoinKeyType::Int64 => pb::key_part::Kind::Int64Value(
+                p.parse().map_err(|_| format!("join key {}: {p:?} is not an int64", k.name))?,
+            ),
+            _ => pb::key_part::Kind::StringValue(p.to_string()),
+        };
+        out.push(pb::KeyPart { kind: Some(kind) });
+    }
+    Ok(pb::EntityKey { parts: out })
+}
+
+fn parse_value(s: &str, t: pb::ValueType) -> Result<pb::Value> {
+    use pb::value::Kind;
+    let bad = || format!("{s:?} is not a {t:?}");
+    let list =
+        |s: &str| -> Vec<String> { s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect() };
+    let kind = match t {
+        pb::ValueType::Bool => Kind::BoolValue(s.parse().map_err(|_| bad())?),
+        pb::ValueType::Int64 => Kind::Int64Value(s.parse().map_err(|_| bad())?),
+        pb::ValueType::Float32 => Kind::Float32Value(s.parse().map_err(|_| bad())?),
+        pb::ValueType::Float64 => Kind::Float64Value(s.parse().map_err(|_| bad())?),
+        pb::ValueType::String => Kind::StringValue(s.to_string()),
+        pb::ValueType::Bytes => Kind::BytesValue(s.as_bytes().to_vec()),
+        pb::ValueType::Float32Vector => Kind::Float32Vector(pb::Float32List {
+            values: list(s).iter().map(|x| x.parse().map_err(|_| bad())).collect::<Result<_>>()?,
+        }),
+        pb::ValueType::Int64List => Kind::Int64List(pb::Int64List {
+            values: list(s).iter().map(|x| x.parse().map_err(|_| bad())).collect::<Result<_>>()?,
+        }),
+        pb::ValueType::StringList => Kind::StringList(pb::StringList { values: list(s) }),
+        pb::ValueType::Unspecified => return Err(bad()),
+    };
+    Ok(pb::Value { kind: Some(kind) })
+}
+
+/// One cell of a column as text.
+pub fn cell_text(col: &pb::FeatureColumn, i: usize) -> String {
+    let status = pb::FeatureStatus::try_from(col.statuses.get(i).copied().unwrap_or(0))
+        .unwrap_or(pb::FeatureStatus::Unspecified);
+    if matches!(status, pb::FeatureStatus::NotFound | pb::FeatureStatus::Stale) {
+        return format!("({})", status.as_str_name().trim_start_matches("FEATURE_STATUS_").to_lowercase());
+    }
+    let v = match col.r#type() {
+        pb::ValueType::Bool => col.bool_values.get(i).map(|v| v.to_string()),
+        pb::ValueType::Int64 => col.int64_values.get(i).map(|v| v.to_string()),
+        pb::ValueType::Float32 => col.float32_values.get(i).map(|v| v.to_string()),
+        pb::ValueType::Float64 => col.float64_values.get(i).map(|v| format!("{v:.2}")),
+        pb::ValueType::String => col.string_values.get(i).cloned(),
+        pb::ValueType::Bytes => col.bytes_values.get(i).map(|v| format!("{} bytes", v.len())),
+        pb::ValueType::Float32Vector => col.float32_vector_values.get(i).map(|v| format!("{:?}", v.values)),
+        pb::ValueType::Int64List => col.int64_list_values.get(i).map(|v| format!("{:?}", v.values)),
+        pb::ValueType::StringList => col.string_list_values.get(i).map(|v| format!("{:?}", v.values)),
+        pb::ValueType::Unspecified => None,
+    };
+    let v = v.unwrap_or_default();
+    if status == pb::FeatureStatus::Defaulted {
+        format!("{v} (default)")
+    } else {
+        v
+    }
+}
+
+fn print_changes(changes: &[pb::RegistryChange], json: bool, dry_run: bool) {
+    for c in changes {
+        let kind = match c.kind() {
+            pb::registry_change::Kind::Created => "create",
+            pb::registry_change::Kind::NewVersion => "new version",
+            pb::registry_change::Kind::Unchanged => "unchanged",
+            pb::registry_change::Kind::Unspecified => "?",
+        };
+        if json {
+            println!(
+                "{{\"object\":{:?},\"change\":{:?},\"version\":{},\"details\":{:?},\"dry_run\":{dry_run}}}",
+                c.object, kind, c.version, c.details
+            );
+        } else {
+            println!("{} {} (v{}){}", kind, c.object, c.version, if dry_run { " [dry run]" } else { "" });
+            for d in &c.details {
+                println!("    {d}");
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Demo { users, hours } => demo::run(users, hours).await,
+        Cmd::Apply { file, dry_run } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let mut req = registry_file::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            req.dry_run = dry_run;
+            let mut c = pb::registry_service_client::RegistryServiceClient::new(channel(&cli.addr).await?);
+            let changes = c.apply_registry(req).await.map_err(grpc)?.into_inner().changes;
+            print_changes(&changes, cli.json, dry_run);
+            Ok(())
+        }
+        Cmd::Get { entity_type, entities, features } => {
+            let ch = channel(&cli.addr).await?;
+            let et = pb::registry_service_client::RegistryServiceClient::new(ch.clone())
+                .get_entity_type(pb::GetEntityTypeRequest { name: entity_type.clone() })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            let keys = entities.iter().map(|e| entity_key(&et, e)).collect::<Result<Vec<_>>>()?;
+            let resp = pb::feature_service_client::FeatureServiceClient::new(ch)
+                .get_online_features(pb::GetOnlineFeaturesRequest {
+                    entity_type,
+                    entities: keys,
+                    features,
+                    as_of: None,
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            for (i, e) in entities.iter().enumerate() {
+                let cells: Vec<String> =
+                    resp.columns.iter().map(|c| format!("{}={}", c.feature_ref, cell_text(c, i))).collect();
+                if cli.json {
+                    let fields: Vec<String> =
+                        resp.columns.iter().map(|c| format!("{:?}:{:?}", c.feature_ref, cell_text(c, i))).collect();
+                    println!("{{\"entity\":{e:?},{}}}", fields.join(","));
+                } else {
+                    println!("{e}: {}", cells.join("  "));
+                }
+            }
+            Ok(())
+        }
+        Cmd::Put { group, entity, event_time_us, values } => {
+            let ch = channel(&cli.addr).await?;
+            let mut reg = pb::registry_service_client::RegistryServiceClient::new(ch.clone());
+            let (name, version) = match group.split_once('@') {
+                Some((g, v)) => (g.to_string(), v.parse().map_err(|_| format!("bad group reference {group:?}"))?),
+                None => (group.clone(), 0),
+            };
+            let def =
+                reg.get_feature_group(pb::GetFeatureGroupRequest { name, version }).await.map_err(grpc)?.into_inner();
+            let et = reg
+                .get_entity_type(pb::GetEntityTypeRequest { name: def.entity_type.clone() })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            let mut row = pb::WriteRow {
+                entity: Some(entity_key(&et, &entity)?),
+                group: group.clone(),
+                event_time: Some(quiver_server::convert::timestamp(event_time_us.unwrap_or_else(now_us))),
+                ..Default::default()
+            };
+            for kv in values {
+                let (k, v) = kv.split_once('=').ok_or_else(|| format!("{kv:?} is not feature=value"))?;
+                let f = def
+                    .features
+                    .iter()
+                    .find(|f| f.name == k)
+                    .ok_or_else(|| format!("group {group} has no feature {k:?}"))?;
+                row.values.insert(k.to_string(), parse_value(v, f.r#type()).map_err(|e| format!("{k}: {e}"))?);
+            }
+            let resp = pb::feature_service_client::FeatureServiceClient::new(ch)
+                .write_features(pb::WriteFeaturesRequest { rows: vec![row], ..Default::default() })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            println!("wrote {} values", resp.values_written);
+            Ok(())
+        }
+        Cmd::Admin { cmd } => {
+            let mut c = pb::admin_service_client::AdminServiceClient::new(channel(&cli.addr).await?);
+            match cmd {
+                AdminCmd::Stats => {
+                    let s = c.get_stats(pb::GetStatsRequest {}).await.map_err(grpc)?.into_inner();
+                    for l in &s.levels {
+                        println!("L{}: {} tables, {} bytes, {} entries", l.level, l.tables, l.bytes, l.entries);
+                    }
+                    println!(
+                        "memtable {} bytes, {} immutable; last sequence {}; {} flushes, {} compactions; {} write groups, {} WAL syncs; block cache {} hits / {} misses, {} bytes",
+                        s.memtable_bytes, s.immutable_memtables, s.last_sequence, s.flushes, s.compactions, s.write_groups, s.wal_syncs,
+                        s.block_cache_hits, s.block_cache_misses, s.block_cache_bytes
+                    );
+                }
+                AdminCmd::Flush => {
+                    c.flush(pb::FlushRequest {}).await.map_err(grpc)?;
+                    println!("flushed");
+                }
+                AdminCmd::Compact { full } => {
+                    c.compact(pb::CompactRequest { full }).await.map_err(grpc)?;
+                    println!("compacted");
+                }
+                AdminCmd::Verify => {
+                    let v = c.verify(pb::VerifyRequest {}).await.map_err(grpc)?.into_inner();
+                    println!("ok: {} tables, {} entries verified", v.tables, v.entries);
+                }
+                AdminCmd::Checkpoint { path } => {
+                    c.checkpoint(pb::CheckpointRequest { path: path.clone() }).await.map_err(grpc)?;
+                    println!("checkpoint written to {path}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Verify { dir } => {
+            let r = quiver_storage::verify_dir(&quiver_storage::fs::RealFs, &dir).map_err(|e| e.to_string())?;
+            if cli.json {
+                println!(
+                    "{{\"tables\":{},\"table_entries\":{},\"wal_segments\":{},\"wal_batches\":{},\"torn_tail\":{}}}",
+                    r.tables,
+                    r.table_entries,
+                    r.wal_segments,
+                    r.wal_batches,
+                    r.torn_tail.is_some()
+                );
+            } else {
+                println!(
+                    "ok: {} tables ({} entries), {} WAL segments ({} batches to replay){}",
+                    r.tables,
+                    r.table_entries,
+                    r.wal_segments,
+                    r.wal_batches,
+                    r.torn_tail
+                        .map(|(p, o)| format!("; torn tail in {} at {o} (recovery truncates it)", p.display()))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))
+        .and_then(|rt| rt.block_on(run(cli)));
+    if let Err(e) = result {
+        eprintln!("quiver: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,252 @@
+//! The declarative registry file `quiver apply` reads (TOML):
+//!
+//! ```toml
+//! [[entity_types]]
+//! name = "user"
+//! description = "a customer"
+//! join_keys = [{ name = "user_id", type = "string" }]
+//!
+//! [[feature_groups]]
+//! name = "user_stats"
+//! entity_type = "user"
+//! owner = "growth@example.com"
+//! ttl = "1h"                      # s, m, h, d; "0s" never goes stale
+//! tags = { team = "growth" }
+//! [[feature_groups.features]]
+//! name = "clicks_1h"
+//! type = "int64"                  # bool int64 float32 float64 string bytes float32_vector int64_list string_list
+//! default = 0
+//! ```
+
+use std::collections::BTreeMap;
+
+use quiver_proto::v1 as pb;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    entity_types: Vec<EntityType>,
+    #[serde(default)]
+    feature_groups: Vec<Group>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntityType {
+    name: String,
+    #[serde(default)]
+    description: String,
+    join_keys: Vec<JoinKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinKey {
+    name: String,
+    #[serde(rename = "type")]
+    ty: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Group {
+    name: String,
+    entity_type: String,
+    #[serde(default)]
+    owner: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    transformation: String,
+    #[serde(default)]
+    code_hash: String,
+    features: Vec<Feature>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Feature {
+    name: String,
+    #[serde(rename = "type")]
+    ty: String,
+    #[serde(default)]
+    default: Option<toml::Value>,
+    #[serde(default)]
+    description: String,
+}
+
+/// Parses a value type name.
+pub fn value_type(s: &str) -> Result<pb::ValueType, String> {
+    Ok(match s {
+        "bool" => pb::ValueType::Bool,
+        "int64" => pb::ValueType::Int64,
+        "float32" => pb::ValueType::Float32,
+        "float64" => pb::ValueType::Float64,
+        "string" => pb::ValueType::String,
+        "bytes" => pb::ValueType::Bytes,
+        "float32_vector" => pb::ValueType::Float32Vector,
+        "int64_list" => pb::ValueType::Int64List,
+        "string_list" => pb::ValueType::StringList,
+        other => return Err(format!("unknown type {other:?}")),
+    })
+}
+
+/// Parses "90s", "15m", "1h", "7d".
+pub fn duration(s: &str) -> Result<prost_types::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = num.parse().map_err(|_| format!("bad duration {s:?} (use e.g. 90s, 15m, 1h, 7d)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("bad duration unit in {s:?} (s, m, h or d)")),
+    };
+    Ok(prost_types::Duration { seconds: secs, nanos: 0 })
+}
+
+fn toml_value(v: &toml::Value, t: pb::ValueType, what: &str) -> Result<pb::Value, String> {
+    use pb::value::Kind;
+    let bad = || format!("{what}: default {v} is not a {t:?}");
+    let kind = match (t, v) {
+        (pb::ValueType::Bool, toml::Value::Boolean(b)) => Kind::BoolValue(*b),
+        (pb::ValueType::Int64, toml::Value::Integer(i)) => Kind::Int64Value(*i),
+        (pb::ValueType::Float32, toml::Value::Float(f)) => Kind::Float32Value(*f as f32),
+        (pb::ValueType::Float32, toml::Value::Integer(i)) => Kind::Float32Value(*i as f32),
+        (pb::ValueType::Float64, toml::Value::Float(f)) => Kind::Float64Value(*f),
+        (pb::ValueType::Float64, toml::Value::Integer(i)) => Kind::Float64Value(*i as f64),
+        (pb::ValueType::String, toml::Value::String(s)) => Kind::StringValue(s.clone()),
+        (pb::ValueType::Bytes, toml::Value::String(s)) => Kind::BytesValue(s.as_bytes().to_vec()),
+        (pb::ValueType::Float32Vector, toml::Value::Array(a)) => Kind::Float32Vector(pb::Float32List {
+            values: a
+                .iter()
+                .map(|x| x.as_float().or(x.as_integer().map(|i| i as f64)).map(|f| f as f32).ok_or_else(bad))
+                .collect::<Result<_, _>>()?,
+        }),
+        (pb::ValueType::Int64List, toml::Value::Array(a)) => Kind::Int64List(pb::Int64List {
+            values: a.iter().map(|x| x.as_integer().ok_or_else(bad)).collect::<Result<_, _>>()?,
+        }),
+        (pb::ValueType::StringList, toml::Value::Array(a)) => Kind::StringList(pb::StringList {
+            values: a.iter().map(|x| x.as_str().map(str::to_string).ok_or_else(bad)).collect::<Result<_, _>>()?,
+        }),
+        _ => return Err(bad()),
+    };
+    Ok(pb::Value { kind: Some(kind) })
+}
+
+/// Parses a registry file into an apply request.
+pub fn parse(text: &str) -> Result<pb::ApplyRegistryRequest, String> {
+    let f: File = toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
+    let mut req = pb::ApplyRegistryRequest::default();
+    for e in f.entity_types {
+        let mut join_keys = Vec::new();
+        for k in e.join_keys {
+            let t = match k.ty.as_str() {
+                "string" => pb::JoinKeyType::String,
+                "int64" => pb::JoinKeyType::Int64,
+                other => {
+                    return Err(format!(
+                        "entity type {}: join key {} has type {other:?} (string or int64)",
+                        e.name, k.name
+                    ))
+                }
+            };
+            join_keys.push(pb::JoinKey { name: k.name, r#type: t as i32 });
+        }
+        req.entity_types.push(pb::EntityType { name: e.name, join_keys, description: e.description });
+    }
+    for g in f.feature_groups {
+        let mut features = Vec::new();
+        for ft in g.features {
+            let t = value_type(&ft.ty).map_err(|e| format!("feature {}:{}: {e}", g.name, ft.name))?;
+            let default = match &ft.default {
+                Some(v) => Some(toml_value(v, t, &format!("feature {}:{}", g.name, ft.name))?),
+                None => None,
+            };
+            features.push(pb::FeatureDef {
+                name: ft.name,
+                r#type: t as i32,
+                default_value: default,
+                description: ft.description,
+            });
+        }
+        let ttl = match &g.ttl {
+            Some(s) => Some(duration(s).map_err(|e| format!("feature group {}: ttl: {e}", g.name))?),
+            None => None,
+        };
+        req.feature_groups.push(pb::FeatureGroup {
+            name: g.name,
+            version: 0,
+            entity_type: g.entity_type,
+            owner: g.owner,
+            description: g.description,
+            tags: g.tags.into_iter().collect(),
+            ttl,
+            source: g.source,
+            transformation: g.transformation,
+            code_hash: g.code_hash,
+            features,
+            created_at: None,
+        });
+    }
+    Ok(req)
+}
+
+/// The registry the demo applies.
+pub const EXAMPLE: &str = r#"
+[[entity_types]]
+name = "user"
+description = "a customer"
+join_keys = [{ name = "user_id", type = "string" }]
+
+[[feature_groups]]
+name = "user_activity"
+entity_type = "user"
+owner = "growth@example.com"
+description = "hourly activity aggregates"
+ttl = "2h"
+source = "events.clicks (kafka)"
+transformation = "hourly_rollup"
+code_hash = "3f9a1c"
+tags = { team = "growth", tier = "online" }
+
+[[feature_groups.features]]
+name = "clicks_1h"
+type = "int64"
+default = 0
+
+[[feature_groups.features]]
+name = "spend_1h"
+type = "float64"
+
+[[feature_groups.features]]
+name = "country"
+type = "string"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_parses_and_bad_files_say_why() {
+        let req = parse(EXAMPLE).expect("example");
+        assert_eq!(req.feature_groups[0].features.len(), 3);
+        assert_eq!(req.feature_groups[0].ttl, Some(prost_types::Duration { seconds: 7200, nanos: 0 }));
+        assert!(parse("[[entity_types]]\nname = 1").is_err());
+        assert!(parse("bogus = 1").expect_err("unknown field").contains("bogus"));
+        let bad_type = EXAMPLE.replace("type = \"int64\"", "type = \"int128\"");
+        assert!(parse(&bad_type).expect_err("type").contains("int128"));
+        let bad_default = EXAMPLE.replace("default = 0", "default = \"zero\"");
+        assert!(parse(&bad_default).expect_err("default").contains("default"));
+        assert!(duration("5x").is_err() && duration("h").is_err());
+    }
+}

@@ -1,0 +1,136 @@
+//! The `quiver` command line end to end: the demo's output, registry apply / re-apply / dry
+//! run, put and get against a real quiverd, admin commands, offline verify, and one-line errors.
+
+use std::process::Command;
+
+use quiver_e2e::Daemon;
+
+fn quiver(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_quiver")).args(args).output().expect("run quiver");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn demo_runs_and_reports_lookups_and_the_join() {
+    let (ok, out, err) = quiver(&["demo", "--users", "300", "--hours", "6"]);
+    assert!(ok, "demo failed: {err}");
+    for needle in [
+        "registry: entity_type:user v1",
+        "registry: feature_group:user_activity v1",
+        "ingest: 5400 feature values (300 users x 3 features x 6 hours)",
+        "online lookup: 100 users x 3 features, 300 values present",
+        "user-000000: clicks_1h=",
+        "point-in-time join: 10000 spine rows -> 10000 output rows, 10000 with clicks_1h within the 2 h TTL",
+        "demo: done",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing from demo output:\n{out}");
+    }
+}
+
+#[test]
+fn apply_put_get_admin_and_verify_against_a_real_server() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let d = Daemon::start(&data, &[]);
+    let addr = d.addr.clone();
+    let file = tmp.path().join("registry.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[entity_types]]
+name = "user"
+join_keys = [{ name = "user_id", type = "string" }]
+
+[[feature_groups]]
+name = "user_stats"
+entity_type = "user"
+ttl = "1h"
+[[feature_groups.features]]
+name = "clicks"
+type = "int64"
+[[feature_groups.features]]
+name = "tags"
+type = "string_list"
+"#,
+    )
+    .expect("write file");
+    let f = file.to_str().expect("path");
+    let (ok, out, err) = quiver(&["--addr", &addr, "apply", f, "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("create feature_group:user_stats (v1) [dry run]"), "{out}");
+    let (ok, out, _) = quiver(&["--addr", &addr, "apply", f]);
+    assert!(ok && out.contains("create entity_type:user (v1)") && out.contains("+ feature clicks: Int64"), "{out}");
+    let (ok, out, _) = quiver(&["--addr", &addr, "apply", f]);
+    assert!(ok && out.contains("unchanged feature_group:user_stats (v1)"), "{out}");
+
+    let (ok, out, err) =
+        quiver(&["--addr", &addr, "put", "--group", "user_stats", "--entity", "alice", "clicks=7", "tags=a,b"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("wrote 2 values"), "{out}");
+    let (ok, out, err) = quiver(&[
+        "--addr",
+        &addr,
+        "get",
+        "--entity-type",
+        "user",
+        "--entity",
+        "alice",
+        "--entity",
+        "bob",
+        "--feature",
+        "user_stats:clicks",
+        "--feature",
+        "user_stats:tags",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("alice: user_stats:clicks=7  user_stats:tags=[\"a\", \"b\"]"), "{out}");
+    assert!(out.contains("bob: user_stats:clicks=(not_found)"), "{out}");
+    let (ok, out, _) = quiver(&[
+        "--addr",
+        &addr,
+        "--json",
+        "get",
+        "--entity-type",
+        "user",
+        "--entity",
+        "alice",
+        "--feature",
+        "user_stats:clicks",
+    ]);
+    assert!(ok && out.trim() == r#"{"entity":"alice","user_stats:clicks":"7"}"#, "{out}");
+
+    for (args, needle) in [
+        (vec!["put", "--group", "user_stats", "--entity", "alice", "clicks=seven"], "is not a Int64"),
+        (vec!["put", "--group", "user_stats", "--entity", "alice", "nope=1"], "no feature \"nope\""),
+        (vec!["get", "--entity-type", "ghost", "--entity", "a", "--feature", "user_stats:clicks"], "NotFound"),
+    ] {
+        let mut a = vec!["--addr", addr.as_str()];
+        a.extend(args);
+        let (ok, out, err) = quiver(&a);
+        assert!(!ok && out.is_empty(), "{a:?} should fail");
+        assert!(err.starts_with("quiver: ") && err.trim().lines().count() == 1 && err.contains(needle), "{a:?}: {err}");
+    }
+    let (ok, out, _) = quiver(&["--addr", &addr, "admin", "flush"]);
+    assert!(ok && out.contains("flushed"));
+    let (ok, out, _) = quiver(&["--addr", &addr, "admin", "stats"]);
+    assert!(ok && out.contains("L0: 1 tables"), "{out}");
+    let (ok, out, _) = quiver(&["--addr", &addr, "admin", "verify"]);
+    assert!(ok && out.starts_with("ok:"), "{out}");
+    assert!(d.stop());
+    let (ok, out, err) = quiver(&["verify", data.to_str().expect("path")]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("ok: 1 tables"), "{out}");
+
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "[[feature_groups]]\nname = \"x\"\nbogus = 1\n").expect("write");
+    let (ok, _, err) = quiver(&["--addr", &addr, "apply", bad.to_str().expect("path")]);
+    assert!(!ok && err.trim().lines().count() == 1 && err.contains("bad.toml"), "{err}");
+    let (ok, _, err) = quiver(&["--addr", "http://127.0.0.1:1", "admin", "stats"]);
+    assert!(!ok && err.contains("cannot reach"), "{err}");
+    let (ok, _, err) = quiver(&["verify", tmp.path().join("nothing").to_str().expect("path")]);
+    assert!(!ok && err.contains("CURRENT"), "{err}");
+}
