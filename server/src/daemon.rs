@@ -9,6 +9,7 @@ use quiver_proto::v1 as pb;
 use quiver_storage::{Db, Durability, Options};
 
 use crate::features::Features;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::service::{AdminApi, FeatureApi, RegistryApi};
 
@@ -32,14 +33,26 @@ pub struct ServeConfig {
 pub async fn serve(
     cfg: ServeConfig,
     listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
-    ready: impl FnOnce(std::net::SocketAddr),
+    ready: impl FnOnce(std::net::SocketAddr, Option<std::net::SocketAddr>),
 ) -> Result<(), String> {
     let budget = cfg.memory_budget_bytes;
     let opts = Options { memtable_bytes: budget / 8, block_cache_bytes: budget / 2, ..Options::default() };
     let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
     let registry = Arc::new(Registry::open(db.clone()).map_err(|e| format!("loading the registry: {e}"))?);
     let features = Arc::new(Features::new(registry.clone(), cfg.durability));
+    let metrics = Metrics::new(db.clone())?;
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = metrics_listener.map(|l| {
+        tokio::spawn(crate::metrics::serve(metrics.clone(), l, async {
+            let _ = metrics_stopped.await;
+        }))
+    });
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     for name in ["quiver.v1.FeatureService", "quiver.v1.RegistryService", "quiver.v1.AdminService", ""] {
@@ -50,11 +63,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
-    let feature_svc = pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(features))
+    let feature_svc = pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(features, metrics.clone()))
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
-    let registry_svc = pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry));
-    let admin_svc = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(db.clone()));
+    let registry_svc =
+        pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry, metrics.clone()));
+    let admin_svc = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(db.clone(), metrics.clone()));
     // Small responses must not wait for the peer's delayed ACK (Nagle): 40 ms per request.
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
         if let Ok(s) = &s {
@@ -64,7 +78,7 @@ pub async fn serve(
         }
         s
     });
-    ready(addr);
+    ready(addr, metrics_addr);
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "serving");
     tonic::transport::Server::builder()
         .add_service(health)
@@ -75,6 +89,11 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("server: {e}"))?;
+    let _ = metrics_stop.send(());
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    drop(metrics);
     // Requests are finished; close the engine (stops background work, syncs the WAL).
     match Arc::try_unwrap(db) {
         Ok(db) => db.close().map_err(|e| format!("closing: {e}"))?,

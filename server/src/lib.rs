@@ -6,5 +6,6 @@
 pub mod convert;
 pub mod daemon;
 pub mod features;
+pub mod metrics;
 pub mod registry;
 pub mod service;

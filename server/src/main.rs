@@ -29,10 +29,13 @@ struct Args {
     /// Durability of writes that do not ask for one: "sync" or "async".
     #[arg(long, env = "QUIVER_DURABILITY")]
     durability: Option<String>,
+    /// Prometheus metrics address (`GET /metrics`), or "off".
+    #[arg(long, env = "QUIVER_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Memory budget in MiB for memtables and the block cache.
     #[arg(long, env = "QUIVER_MEMORY_BUDGET_MB")]
     memory_budget_mb: Option<u64>,
-    /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb.
+    /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -44,6 +47,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     durability: Option<String>,
     memory_budget_mb: Option<u64>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug)]
@@ -52,6 +56,7 @@ struct Config {
     listen: SocketAddr,
     durability: Durability,
     memory_budget_mb: u64,
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn config(args: Args) -> Result<Config, String> {
@@ -76,7 +81,12 @@ fn config(args: Args) -> Result<Config, String> {
     if memory_budget_mb < MEMORY_BUDGET_MB_MIN {
         return Err(format!("memory budget must be at least {MEMORY_BUDGET_MB_MIN} MiB"));
     }
-    Ok(Config { data_dir, listen, durability, memory_budget_mb })
+    let metrics_listen = match args.metrics_listen.or(file.metrics_listen).as_deref() {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        Some("off") => None,
+        Some(a) => Some(a.parse().map_err(|_| format!("metrics address {a:?} is not host:port or \"off\""))?),
+    };
+    Ok(Config { data_dir, listen, durability, memory_budget_mb, metrics_listen })
 }
 
 async fn shutdown_signal() {
@@ -98,14 +108,19 @@ async fn shutdown_signal() {
 async fn run(cfg: Config) -> Result<(), String> {
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listening on {}: {e}", cfg.listen))?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| format!("metrics listening on {a}: {e}"))?),
+        None => None,
+    };
     let data_dir = cfg.data_dir.clone();
     let serve_cfg = ServeConfig {
         data_dir: cfg.data_dir,
         durability: cfg.durability,
         memory_budget_bytes: (cfg.memory_budget_mb << 20) as usize,
     };
-    serve(serve_cfg, listener, shutdown_signal(), |addr| {
-        println!("quiverd listening on {addr}, data directory {}", data_dir.display());
+    serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
+        let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));
+        println!("quiverd listening on {addr}, data directory {}, metrics {metrics}", data_dir.display());
     })
     .await
 }

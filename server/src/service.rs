@@ -12,6 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::features::{Features, ServiceError};
+use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 
 /// Maps a service error to a status (DESIGN.md §4).
@@ -58,19 +59,21 @@ fn now_us() -> i64 {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Chunks in flight between a streaming RPC's producer and the client.
+/// Chunks in flight between a streaming RPC's producer and the client. (For streaming RPCs the
+/// latency metric covers the call up to the start of the stream.)
 const STREAM_BUFFER_CHUNKS: usize = 4;
 
 /// `quiver.v1.FeatureService`.
 #[derive(Debug, Clone)]
 pub struct FeatureApi {
     features: Arc<Features>,
+    metrics: Arc<Metrics>,
 }
 
 impl FeatureApi {
     /// The endpoints over `features`.
-    pub fn new(features: Arc<Features>) -> Self {
-        FeatureApi { features }
+    pub fn new(features: Arc<Features>, metrics: Arc<Metrics>) -> Self {
+        FeatureApi { features, metrics }
     }
 }
 
@@ -80,45 +83,71 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         &self,
         req: Request<pb::GetOnlineFeaturesRequest>,
     ) -> Result<Response<pb::GetOnlineFeaturesResponse>, Status> {
-        let f = self.features.clone();
-        let req = req.into_inner();
-        blocking(move || f.get_online(&req, now_us()).map_err(status)).await.map(Response::new)
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("GetOnlineFeatures", async move {
+                let f = self.features.clone();
+                let req = req.into_inner();
+                blocking(move || f.get_online(&req, now_us()).map_err(status)).await.map(Response::new)
+            })
+            .await
     }
 
     async fn write_features(
         &self,
         req: Request<pb::WriteFeaturesRequest>,
     ) -> Result<Response<pb::WriteFeaturesResponse>, Status> {
-        let f = self.features.clone();
-        let req = req.into_inner();
-        blocking(move || f.write(&req).map_err(status)).await.map(Response::new)
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("WriteFeatures", async move {
+                let f = self.features.clone();
+                let req = req.into_inner();
+                let bytes = req.encoded_len() as u64;
+                let resp = blocking(move || f.write(&req).map_err(status)).await?;
+                if !resp.deduplicated {
+                    self.metrics.values_written.inc_by(resp.values_written);
+                    self.metrics.write_bytes.inc_by(bytes);
+                }
+                Ok(Response::new(resp))
+            })
+            .await
     }
 
     async fn write_features_stream(
         &self,
         req: Request<Streaming<pb::WriteFeaturesRequest>>,
     ) -> Result<Response<pb::WriteFeaturesStreamResponse>, Status> {
-        let mut stream = req.into_inner();
-        let mut summary = pb::WriteFeaturesStreamResponse::default();
-        while let Some(msg) = stream.message().await? {
-            let f = self.features.clone();
-            let rows = msg.rows.len() as u64;
-            let n = summary.requests;
-            let resp = blocking(move || {
-                f.write(&msg).map_err(|e| {
-                    let s = status(e);
-                    Status::new(
-                        s.code(),
-                        format!("stream message {n} (earlier messages were applied): {}", s.message()),
-                    )
-                })
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("WriteFeaturesStream", async move {
+                let mut stream = req.into_inner();
+                let mut summary = pb::WriteFeaturesStreamResponse::default();
+                while let Some(msg) = stream.message().await? {
+                    let f = self.features.clone();
+                    let rows = msg.rows.len() as u64;
+                    let bytes = msg.encoded_len() as u64;
+                    let n = summary.requests;
+                    let resp = blocking(move || {
+                        f.write(&msg).map_err(|e| {
+                            let s = status(e);
+                            Status::new(
+                                s.code(),
+                                format!("stream message {n} (earlier messages were applied): {}", s.message()),
+                            )
+                        })
+                    })
+                    .await?;
+                    summary.requests += 1;
+                    summary.rows += rows;
+                    summary.values_written += resp.values_written;
+                    if !resp.deduplicated {
+                        self.metrics.values_written.inc_by(resp.values_written);
+                        self.metrics.write_bytes.inc_by(bytes);
+                    }
+                }
+                Ok(Response::new(summary))
             })
-            .await?;
-            summary.requests += 1;
-            summary.rows += rows;
-            summary.values_written += resp.values_written;
-        }
-        Ok(Response::new(summary))
+            .await
     }
 
     type GetHistoricalFeaturesStream = BoxStream<pb::GetHistoricalFeaturesResponse>;
@@ -127,16 +156,22 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         &self,
         req: Request<pb::GetHistoricalFeaturesRequest>,
     ) -> Result<Response<Self::GetHistoricalFeaturesStream>, Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER_CHUNKS);
-        let f = self.features.clone();
-        let req = req.into_inner();
-        tokio::task::spawn_blocking(move || {
-            let result = f.historical(&req, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
-            if let Err(e) = result {
-                let _ = tx.blocking_send(Err(status(e)));
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("GetHistoricalFeatures", async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER_CHUNKS);
+                let f = self.features.clone();
+                let req = req.into_inner();
+                tokio::task::spawn_blocking(move || {
+                    let result = f.historical(&req, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
+                    if let Err(e) = result {
+                        let _ = tx.blocking_send(Err(status(e)));
+                    }
+                });
+                let stream: Self::GetHistoricalFeaturesStream = Box::pin(ReceiverStream::new(rx));
+                Ok(Response::new(stream))
+            })
+            .await
     }
 
     type ScanHistoryStream = BoxStream<pb::ScanHistoryResponse>;
@@ -145,16 +180,22 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         &self,
         req: Request<pb::ScanHistoryRequest>,
     ) -> Result<Response<Self::ScanHistoryStream>, Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER_CHUNKS);
-        let f = self.features.clone();
-        let req = req.into_inner();
-        tokio::task::spawn_blocking(move || {
-            let result = f.scan_history(&req, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
-            if let Err(e) = result {
-                let _ = tx.blocking_send(Err(status(e)));
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("ScanHistory", async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER_CHUNKS);
+                let f = self.features.clone();
+                let req = req.into_inner();
+                tokio::task::spawn_blocking(move || {
+                    let result = f.scan_history(&req, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
+                    if let Err(e) = result {
+                        let _ = tx.blocking_send(Err(status(e)));
+                    }
+                });
+                let stream: Self::ScanHistoryStream = Box::pin(ReceiverStream::new(rx));
+                Ok(Response::new(stream))
+            })
+            .await
     }
 }
 
@@ -162,12 +203,13 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
 #[derive(Debug, Clone)]
 pub struct RegistryApi {
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
 }
 
 impl RegistryApi {
     /// The endpoints over `registry`.
-    pub fn new(registry: Arc<Registry>) -> Self {
-        RegistryApi { registry }
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        RegistryApi { registry, metrics }
     }
 }
 
@@ -177,40 +219,65 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         &self,
         req: Request<pb::ApplyRegistryRequest>,
     ) -> Result<Response<pb::ApplyRegistryResponse>, Status> {
-        let r = self.registry.clone();
-        let req = req.into_inner();
-        blocking(move || r.apply(&req).map_err(registry_status))
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("ApplyRegistry", async move {
+                let r = self.registry.clone();
+                let req = req.into_inner();
+                blocking(move || r.apply(&req).map_err(registry_status))
+                    .await
+                    .map(|changes| Response::new(pb::ApplyRegistryResponse { changes }))
+            })
             .await
-            .map(|changes| Response::new(pb::ApplyRegistryResponse { changes }))
     }
 
     async fn get_feature_group(
         &self,
         req: Request<pb::GetFeatureGroupRequest>,
     ) -> Result<Response<pb::FeatureGroup>, Status> {
-        let req = req.into_inner();
-        self.registry.group(&req.name, req.version).map(Response::new).map_err(registry_status)
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("GetFeatureGroup", async move {
+                let req = req.into_inner();
+                self.registry.group(&req.name, req.version).map(Response::new).map_err(registry_status)
+            })
+            .await
     }
 
     async fn list_feature_groups(
         &self,
         _req: Request<pb::ListFeatureGroupsRequest>,
     ) -> Result<Response<pb::ListFeatureGroupsResponse>, Status> {
-        Ok(Response::new(pb::ListFeatureGroupsResponse { feature_groups: self.registry.groups() }))
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("ListFeatureGroups", async move {
+                Ok(Response::new(pb::ListFeatureGroupsResponse { feature_groups: self.registry.groups() }))
+            })
+            .await
     }
 
     async fn get_entity_type(
         &self,
         req: Request<pb::GetEntityTypeRequest>,
     ) -> Result<Response<pb::EntityType>, Status> {
-        self.registry.entity_type(&req.into_inner().name).map(Response::new).map_err(registry_status)
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("GetEntityType", async move {
+                self.registry.entity_type(&req.into_inner().name).map(Response::new).map_err(registry_status)
+            })
+            .await
     }
 
     async fn list_entity_types(
         &self,
         _req: Request<pb::ListEntityTypesRequest>,
     ) -> Result<Response<pb::ListEntityTypesResponse>, Status> {
-        Ok(Response::new(pb::ListEntityTypesResponse { entity_types: self.registry.entity_types() }))
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("ListEntityTypes", async move {
+                Ok(Response::new(pb::ListEntityTypesResponse { entity_types: self.registry.entity_types() }))
+            })
+            .await
     }
 }
 
@@ -218,79 +285,107 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
 #[derive(Debug, Clone)]
 pub struct AdminApi {
     db: Arc<Db>,
+    metrics: Arc<Metrics>,
 }
 
 impl AdminApi {
     /// The endpoints over `db`.
-    pub fn new(db: Arc<Db>) -> Self {
-        AdminApi { db }
+    pub fn new(db: Arc<Db>, metrics: Arc<Metrics>) -> Self {
+        AdminApi { db, metrics }
     }
 }
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
     async fn flush(&self, _req: Request<pb::FlushRequest>) -> Result<Response<pb::FlushResponse>, Status> {
-        let db = self.db.clone();
-        blocking(move || db.flush().map_err(|e| storage_status(&e))).await?;
-        Ok(Response::new(pb::FlushResponse {}))
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("Flush", async move {
+                let db = self.db.clone();
+                blocking(move || db.flush().map_err(|e| storage_status(&e))).await?;
+                Ok(Response::new(pb::FlushResponse {}))
+            })
+            .await
     }
 
     async fn compact(&self, req: Request<pb::CompactRequest>) -> Result<Response<pb::CompactResponse>, Status> {
-        let db = self.db.clone();
-        let full = req.into_inner().full;
-        blocking(move || if full { db.compact_all() } else { db.compact_pending() }.map_err(|e| storage_status(&e)))
-            .await?;
-        Ok(Response::new(pb::CompactResponse {}))
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("Compact", async move {
+                let db = self.db.clone();
+                let full = req.into_inner().full;
+                blocking(move || {
+                    if full { db.compact_all() } else { db.compact_pending() }.map_err(|e| storage_status(&e))
+                })
+                .await?;
+                Ok(Response::new(pb::CompactResponse {}))
+            })
+            .await
     }
 
     async fn get_stats(&self, _req: Request<pb::GetStatsRequest>) -> Result<Response<pb::GetStatsResponse>, Status> {
-        let s = self.db.stats();
-        Ok(Response::new(pb::GetStatsResponse {
-            levels: s
-                .levels
-                .iter()
-                .enumerate()
-                .map(|(i, l)| pb::LevelStats {
-                    level: i as u32,
-                    tables: l.tables as u64,
-                    bytes: l.bytes,
-                    entries: l.entries,
-                })
-                .collect(),
-            memtable_bytes: s.memtable_bytes as u64,
-            immutable_memtables: s.immutable_memtables as u64,
-            last_sequence: s.last_seqno,
-            flushes: s.flushes,
-            compactions: s.compactions,
-            entries_dropped_by_retention: s.entries_dropped,
-            write_groups: s.write_groups,
-            wal_syncs: s.wal_syncs,
-            block_cache_hits: s.block_cache_hits,
-            block_cache_misses: s.block_cache_misses,
-            block_cache_bytes: s.block_cache_bytes,
-        }))
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("GetStats", async move {
+                let s = self.db.stats();
+                Ok(Response::new(pb::GetStatsResponse {
+                    levels: s
+                        .levels
+                        .iter()
+                        .enumerate()
+                        .map(|(i, l)| pb::LevelStats {
+                            level: i as u32,
+                            tables: l.tables as u64,
+                            bytes: l.bytes,
+                            entries: l.entries,
+                        })
+                        .collect(),
+                    memtable_bytes: s.memtable_bytes as u64,
+                    immutable_memtables: s.immutable_memtables as u64,
+                    last_sequence: s.last_seqno,
+                    flushes: s.flushes,
+                    compactions: s.compactions,
+                    entries_dropped_by_retention: s.entries_dropped,
+                    write_groups: s.write_groups,
+                    wal_syncs: s.wal_syncs,
+                    block_cache_hits: s.block_cache_hits,
+                    block_cache_misses: s.block_cache_misses,
+                    block_cache_bytes: s.block_cache_bytes,
+                }))
+            })
+            .await
     }
 
     async fn checkpoint(
         &self,
         req: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
-        let path = req.into_inner().path;
-        if path.is_empty() {
-            return Err(Status::invalid_argument("checkpoint path is required"));
-        }
-        let db = self.db.clone();
-        blocking(move || db.checkpoint(std::path::Path::new(&path)).map_err(|e| storage_status(&e))).await?;
-        Ok(Response::new(pb::CheckpointResponse {}))
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("Checkpoint", async move {
+                let path = req.into_inner().path;
+                if path.is_empty() {
+                    return Err(Status::invalid_argument("checkpoint path is required"));
+                }
+                let db = self.db.clone();
+                blocking(move || db.checkpoint(std::path::Path::new(&path)).map_err(|e| storage_status(&e))).await?;
+                Ok(Response::new(pb::CheckpointResponse {}))
+            })
+            .await
     }
 
     async fn verify(&self, _req: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyResponse>, Status> {
-        let db = self.db.clone();
-        blocking(move || db.verify().map_err(|e| storage_status(&e))).await?;
-        let s = self.db.stats();
-        Ok(Response::new(pb::VerifyResponse {
-            tables: s.levels.iter().map(|l| l.tables as u64).sum(),
-            entries: s.levels.iter().map(|l| l.entries).sum(),
-        }))
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("Verify", async move {
+                let db = self.db.clone();
+                blocking(move || db.verify().map_err(|e| storage_status(&e))).await?;
+                let s = self.db.stats();
+                Ok(Response::new(pb::VerifyResponse {
+                    tables: s.levels.iter().map(|l| l.tables as u64).sum(),
+                    entries: s.levels.iter().map(|l| l.entries).sum(),
+                }))
+            })
+            .await
     }
 }

@@ -32,6 +32,8 @@ pub struct Daemon {
     child: Child,
     /// Its gRPC address.
     pub addr: String,
+    /// Its metrics address (host:port), if metrics are on.
+    pub metrics: Option<String>,
     /// Its data directory.
     pub data_dir: PathBuf,
 }
@@ -42,7 +44,7 @@ impl Daemon {
         let mut child = Command::new(quiverd_path())
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--memory-budget-mb", "64"])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--memory-budget-mb", "64"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -56,7 +58,9 @@ impl Daemon {
             .and_then(|r| r.split(',').next())
             .unwrap_or_else(|| panic!("unexpected first line from quiverd: {line:?}"))
             .to_string();
-        Daemon { child, addr: format!("http://{addr}"), data_dir: data_dir.to_path_buf() }
+        let metrics =
+            line.rsplit_once("metrics http://").map(|(_, m)| m.trim().trim_end_matches("/metrics").to_string());
+        Daemon { child, addr: format!("http://{addr}"), metrics, data_dir: data_dir.to_path_buf() }
     }
 
     /// A channel to the daemon.
@@ -69,6 +73,17 @@ impl Daemon {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
+    }
+
+    /// The metrics page (a plain HTTP/1.1 GET).
+    pub fn scrape(&self) -> String {
+        use std::io::{Read, Write};
+        let addr = self.metrics.as_ref().expect("metrics are on");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out
     }
 
     /// Stops it with SIGTERM (graceful) and waits; returns whether it exited cleanly.

@@ -113,6 +113,22 @@ async fn registry_online_writes_and_restart() {
     let stats = c.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner();
     assert!(stats.last_sequence > 0);
     c.admin.verify(pb::VerifyRequest {}).await.expect("verify");
+    // Prometheus metrics: per-method counts and latency, values written, engine figures.
+    c.features
+        .write_features(pb::WriteFeaturesRequest { rows: vec![row("frank", T0, 1)], ..Default::default() })
+        .await
+        .expect("write");
+    let page = d.scrape();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    for needle in [
+        "quiver_grpc_requests_total{code=\"Ok\",method=\"GetOnlineFeatures\"} 1",
+        "quiver_grpc_requests_total{code=\"Ok\",method=\"WriteFeatures\"} 1",
+        "quiver_grpc_request_seconds_bucket{method=\"Verify\"",
+        "quiver_values_written_total 1",
+        "quiver_engine_wal_syncs",
+    ] {
+        assert!(page.contains(needle), "{needle} missing from metrics:\n{page}");
+    }
     assert!(d.stop());
 }
 

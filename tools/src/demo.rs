@@ -37,7 +37,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         durability: quiver_storage::Durability::Sync,
         memory_budget_bytes: 256 << 20,
     };
-    let server = tokio::spawn(serve(cfg, listener, async { stopped.await.unwrap_or(()) }, |_| {}));
+    let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());
     let ch = connect(&format!("http://{addr}")).await?;
     let mut registry = pb::registry_service_client::RegistryServiceClient::new(ch.clone());

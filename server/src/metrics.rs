@@ -1,0 +1,149 @@
+//! Prometheus metrics over HTTP (`GET /metrics`): request counts by method and code, latency
+//! histograms by method, values and bytes written, and the engine's figures read at scrape time.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+use quiver_storage::Db;
+
+/// Latency buckets in seconds: 50 µs to 10 s.
+const LATENCY_BUCKETS_S: [f64; 14] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 10.0];
+
+/// Reads one engine figure from the engine's stats.
+type Figure = fn(&quiver_storage::Stats) -> i64;
+
+/// The node's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    /// Cell versions written through the API.
+    pub values_written: IntCounter,
+    /// Encoded bytes of accepted write requests.
+    pub write_bytes: IntCounter,
+    engine: Vec<(IntGauge, Figure)>,
+    db: Arc<Db>,
+}
+
+fn err(e: prometheus::Error) -> String {
+    format!("metrics: {e}")
+}
+
+impl Metrics {
+    /// Metrics for a node serving `db`.
+    pub fn new(db: Arc<Db>) -> Result<Arc<Metrics>, String> {
+        let registry = Registry::new_custom(Some("quiver".into()), None).map_err(err)?;
+        let requests = IntCounterVec::new(
+            Opts::new("grpc_requests_total", "gRPC requests by method and status code"),
+            &["method", "code"],
+        )
+        .map_err(err)?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new("grpc_request_seconds", "gRPC request latency by method")
+                .buckets(LATENCY_BUCKETS_S.to_vec()),
+            &["method"],
+        )
+        .map_err(err)?;
+        let values_written =
+            IntCounter::new("values_written_total", "cell versions written through the API").map_err(err)?;
+        let write_bytes =
+            IntCounter::new("write_request_bytes_total", "encoded bytes of accepted write requests").map_err(err)?;
+        registry.register(Box::new(requests.clone())).map_err(err)?;
+        registry.register(Box::new(latency.clone())).map_err(err)?;
+        registry.register(Box::new(values_written.clone())).map_err(err)?;
+        registry.register(Box::new(write_bytes.clone())).map_err(err)?;
+        let figures: [(&str, &str, Figure); 10] = [
+            ("engine_flushes", "memtable flushes since start", |s| s.flushes as i64),
+            ("engine_compactions", "compactions since start", |s| s.compactions as i64),
+            ("engine_entries_dropped", "versions dropped by retention since start", |s| s.entries_dropped as i64),
+            ("engine_wal_syncs", "WAL fsyncs since start", |s| s.wal_syncs as i64),
+            ("engine_write_groups", "group commits since start", |s| s.write_groups as i64),
+            ("engine_memtable_bytes", "bytes in the active memtable", |s| s.memtable_bytes as i64),
+            ("engine_immutable_memtables", "memtables waiting for flush", |s| s.immutable_memtables as i64),
+            ("engine_table_bytes", "bytes of all tables", |s| s.levels.iter().map(|l| l.bytes as i64).sum()),
+            ("engine_block_cache_hits", "block cache hits since start", |s| s.block_cache_hits as i64),
+            ("engine_block_cache_misses", "block cache misses since start", |s| s.block_cache_misses as i64),
+        ];
+        let mut engine = Vec::new();
+        for (name, help, f) in figures {
+            let g = IntGauge::new(name, help).map_err(err)?;
+            registry.register(Box::new(g.clone())).map_err(err)?;
+            engine.push((g, f));
+        }
+        Ok(Arc::new(Metrics { registry, requests, latency, values_written, write_bytes, engine, db }))
+    }
+
+    /// Records one request.
+    pub fn observe(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+        self.requests.with_label_values(&[method, &format!("{code:?}")]).inc();
+        self.latency.with_label_values(&[method]).observe(elapsed.as_secs_f64());
+    }
+
+    /// Times `f` and records it under `method`.
+    pub async fn timed<T>(
+        &self,
+        method: &str,
+        f: impl Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        let t = Instant::now();
+        let r = f.await;
+        self.observe(method, r.as_ref().err().map_or(tonic::Code::Ok, tonic::Status::code), t.elapsed());
+        r
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let stats = self.db.stats();
+        for (g, f) in &self.engine {
+            g.set(f(&stats));
+        }
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            return format!("# metrics encoding failed: {e}\n");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let conn = tokio::select! {
+            _ = &mut shutdown => return,
+            c = listener.accept() => c,
+        };
+        let Ok((stream, _)) = conn else { continue };
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let m = m.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        hyper::Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(m.render())))
+                    } else {
+                        hyper::Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from_static(b"not found; try /metrics\n")))
+                    };
+                    Ok::<_, Infallible>(resp.unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new()))))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+                tracing::debug!(error = %e, "metrics connection");
+            }
+        });
+    }
+}
