@@ -2,6 +2,7 @@
 //! non-zero exit.
 
 mod demo;
+mod offline;
 mod registry_file;
 
 use std::path::PathBuf;
@@ -71,8 +72,53 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AdminCmd,
     },
+    /// Every version of an entity's features (time travel), newest event first.
+    History {
+        #[arg(long)]
+        entity_type: String,
+        #[arg(long)]
+        entity: String,
+        /// "group" or "group@N": all its features.
+        #[arg(long)]
+        group: String,
+        /// Most versions to print.
+        #[arg(long, default_value_t = 1000)]
+        limit: u64,
+    },
     /// Check every file of a stopped engine's data directory (or a checkpoint), offline.
     Verify { dir: PathBuf },
+    /// Offline inspection of table files.
+    Sst {
+        #[command(subcommand)]
+        cmd: SstCmd,
+    },
+    /// Offline inspection of WAL segments.
+    Wal {
+        #[command(subcommand)]
+        cmd: WalCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SstCmd {
+    /// Print a table's blocks and entries.
+    Dump {
+        file: PathBuf,
+        /// Most entries to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WalCmd {
+    /// Print a WAL segment's batches.
+    Dump {
+        file: PathBuf,
+        /// Most batches to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -316,6 +362,43 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::History { entity_type, entity, group, limit } => {
+            let ch = channel(&cli.addr).await?;
+            let et = pb::registry_service_client::RegistryServiceClient::new(ch.clone())
+                .get_entity_type(pb::GetEntityTypeRequest { name: entity_type.clone() })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            let req = pb::ScanHistoryRequest {
+                entity_type,
+                entity: Some(entity_key(&et, &entity)?),
+                group,
+                limit,
+                ..Default::default()
+            };
+            let mut stream = pb::feature_service_client::FeatureServiceClient::new(ch)
+                .scan_history(req)
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            while let Some(chunk) = stream.message().await.map_err(grpc)? {
+                for v in chunk.versions {
+                    let us = |t: &Option<prost_types::Timestamp>| {
+                        t.as_ref().map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000))
+                    };
+                    let value = v.value.as_ref().map_or("(deleted)".to_string(), |x| format!("{:?}", x.kind));
+                    println!(
+                        "{} event_time_us={} system_time_us={} {value}",
+                        v.feature_ref,
+                        us(&v.event_time),
+                        us(&v.system_time)
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Sst { cmd: SstCmd::Dump { file, limit } } => offline::sst_dump(&file, limit),
+        Cmd::Wal { cmd: WalCmd::Dump { file, limit } } => offline::wal_dump(&file, limit),
         Cmd::Verify { dir } => {
             let r = quiver_storage::verify_dir(&quiver_storage::fs::RealFs, &dir).map_err(|e| e.to_string())?;
             if cli.json {

@@ -120,7 +120,46 @@ type = "string_list"
     assert!(ok && out.contains("L0: 1 tables"), "{out}");
     let (ok, out, _) = quiver(&["--addr", &addr, "admin", "verify"]);
     assert!(ok && out.starts_with("ok:"), "{out}");
+    let (ok, _, err) = quiver(&[
+        "--addr",
+        &addr,
+        "put",
+        "--group",
+        "user_stats",
+        "--entity",
+        "alice",
+        "--event-time-us",
+        "5",
+        "clicks=8",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) =
+        quiver(&["--addr", &addr, "history", "--entity-type", "user", "--entity", "alice", "--group", "user_stats"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("user_stats@1:clicks event_time_us=5") && out.contains("Int64Value(8)"), "{out}");
+    assert!(out.contains("user_stats@1:tags") && out.contains("StringList"), "{out}");
     assert!(d.stop());
+    let files = |suffix: &str| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(&data)
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.to_string_lossy().ends_with(suffix) && std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let sst = files(".sst");
+    let (ok, out, err) = quiver(&["sst", "dump", sst[0].to_str().expect("path")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("data blocks") && out.contains("Int64(7)") && out.contains("entries"), "{out}");
+    let wal = files(".wal");
+    let (ok, out, err) = quiver(&["wal", "dump", wal.last().expect("a WAL segment with data").to_str().expect("path")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("batch seqno=") && out.contains("Int64(8)"), "{out}");
+    let (ok, _, err) = quiver(&["sst", "dump", "/nonexistent/000001.sst"]);
+    assert!(!ok && err.starts_with("quiver: ") && err.trim().lines().count() == 1, "{err}");
     let (ok, out, err) = quiver(&["verify", data.to_str().expect("path")]);
     assert!(ok, "{err}");
     assert!(out.starts_with("ok: 1 tables"), "{out}");
