@@ -2,6 +2,7 @@
 //! non-zero exit.
 
 mod demo;
+mod ingest;
 mod offline;
 mod registry_file;
 
@@ -72,6 +73,18 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AdminCmd,
     },
+    /// Bulk-load a CSV file into a group: a header row naming the entity type's join keys,
+    /// `event_time` (microseconds since the Unix epoch) and feature columns (an empty cell
+    /// writes nothing). Rows are sent in atomic batches over the streaming write.
+    Ingest {
+        file: PathBuf,
+        /// "group" or "group@N".
+        #[arg(long)]
+        group: String,
+        /// Rows per atomic batch.
+        #[arg(long, default_value_t = 1000)]
+        batch_rows: usize,
+    },
     /// Every version of an entity's features (time travel), newest event first.
     History {
         #[arg(long)]
@@ -141,7 +154,7 @@ fn grpc(e: tonic::Status) -> String {
     format!("{:?}: {}", e.code(), e.message())
 }
 
-async fn channel(addr: &str) -> Result<Channel> {
+pub(crate) async fn channel(addr: &str) -> Result<Channel> {
     Channel::from_shared(addr.to_string())
         .map_err(|e| format!("bad address {addr:?}: {e}"))?
         .connect()
@@ -153,7 +166,7 @@ fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
-fn entity_key(et: &pb::EntityType, s: &str) -> Result<pb::EntityKey> {
+pub(crate) fn entity_key(et: &pb::EntityType, s: &str) -> Result<pb::EntityKey> {
     let parts: Vec<&str> = s.split(',').collect();
     if parts.len() != et.join_keys.len() {
         return Err(format!(
@@ -176,7 +189,7 @@ fn entity_key(et: &pb::EntityType, s: &str) -> Result<pb::EntityKey> {
     Ok(pb::EntityKey { parts: out })
 }
 
-fn parse_value(s: &str, t: pb::ValueType) -> Result<pb::Value> {
+pub(crate) fn parse_value(s: &str, t: pb::ValueType) -> Result<pb::Value> {
     use pb::value::Kind;
     let bad = || format!("{s:?} is not a {t:?}");
     let list =
@@ -397,6 +410,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Ingest { file, group, batch_rows } => ingest::run(&cli.addr, &file, &group, batch_rows).await,
         Cmd::Sst { cmd: SstCmd::Dump { file, limit } } => offline::sst_dump(&file, limit),
         Cmd::Wal { cmd: WalCmd::Dump { file, limit } } => offline::wal_dump(&file, limit),
         Cmd::Verify { dir } => {

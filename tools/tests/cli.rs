@@ -114,6 +114,44 @@ type = "string_list"
         assert!(!ok && out.is_empty(), "{a:?} should fail");
         assert!(err.starts_with("quiver: ") && err.trim().lines().count() == 1 && err.contains(needle), "{a:?}: {err}");
     }
+    // CSV bulk load: checked whole before anything is sent; batches are atomic.
+    let csv = tmp.path().join("load.csv");
+    let mut text = String::from("user_id,event_time,clicks,tags\n");
+    for i in 0..2500 {
+        text.push_str(&format!("bulk{i},{},{i},\n", 1_000_000 + i));
+    }
+    std::fs::write(&csv, &text).expect("csv");
+    let (ok, out, err) = quiver(&[
+        "--addr",
+        &addr,
+        "ingest",
+        csv.to_str().expect("path"),
+        "--group",
+        "user_stats",
+        "--batch-rows",
+        "1000",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("ingested 2500 rows, 2500 values in 3 batches"), "{out}");
+    let (ok, out, _) = quiver(&[
+        "--addr",
+        &addr,
+        "get",
+        "--entity-type",
+        "user",
+        "--entity",
+        "bulk2499",
+        "--feature",
+        "user_stats:clicks",
+    ]);
+    assert!(ok && out.contains("bulk2499: user_stats:clicks="), "{out}");
+    let bad_csv = tmp.path().join("bad.csv");
+    std::fs::write(&bad_csv, "user_id,event_time,clicks\nzed,1,1\nzed2,2,two\n").expect("csv");
+    let (ok, _, err) = quiver(&["--addr", &addr, "ingest", bad_csv.to_str().expect("path"), "--group", "user_stats"]);
+    assert!(!ok && err.contains("line 3") && err.contains("clicks"), "{err}");
+    let (ok, out, _) =
+        quiver(&["--addr", &addr, "get", "--entity-type", "user", "--entity", "zed", "--feature", "user_stats:clicks"]);
+    assert!(ok && out.contains("(not_found)"), "a rejected file writes nothing: {out}");
     let (ok, out, _) = quiver(&["--addr", &addr, "admin", "flush"]);
     assert!(ok && out.contains("flushed"));
     let (ok, out, _) = quiver(&["--addr", &addr, "admin", "stats"]);
