@@ -25,8 +25,9 @@ pub const FEATURES_PER_REQUEST_MAX: usize = 1_000;
 pub const ONLINE_CELLS_MAX: usize = 1_000_000;
 /// Most rows in one write request.
 pub const WRITE_ROWS_MAX: usize = 10_000;
-/// Most values (and deletes) in one write request.
-pub const WRITE_VALUES_MAX: usize = 1_000_000;
+/// Most values (and deletes) in one write request: one engine batch, less the slot of the
+/// idempotency record.
+pub const WRITE_VALUES_MAX: usize = quiver_storage::limits::BATCH_OPS_MAX - 1;
 /// Longest idempotency key.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
 
@@ -165,6 +166,13 @@ pub const SPINE_ROWS_MAX: usize = 10_000_000;
 pub const SCAN_CHUNK_VERSIONS: usize = 1024;
 /// Most versions one history scan returns.
 pub const SCAN_VERSIONS_MAX: u64 = 1_000_000;
+
+/// A validated write, ready to commit.
+struct Prepared {
+    batch: WriteBatch,
+    cas: Vec<(Vec<u8>, FeatureId, EventTime, String, pb::VersionVector)>,
+    written: u64,
+}
 
 /// The feature service of one node.
 #[derive(Debug)]
@@ -389,7 +397,44 @@ impl Features {
             pb::Durability::Sync => Durability::Sync,
             pb::Durability::Unspecified => self.default_durability,
         };
-        // Validate and build the whole batch before taking any lock or writing anything.
+        if !req.idempotency_key.is_empty() {
+            // A retry gets the first answer whatever changed since (even the registry), so the
+            // record is looked up before anything else, under the exclusive lock.
+            let _alone = self.check_then_write.write();
+            if let Some(resp) = self.replay(&req.idempotency_key)? {
+                return Ok(resp);
+            }
+            let prepared = self.prepare(req)?;
+            return self.commit(req, prepared, durability);
+        }
+        let prepared = self.prepare(req)?;
+        if prepared.cas.is_empty() {
+            let _shared = self.check_then_write.read();
+            self.commit(req, prepared, durability)
+        } else {
+            let _alone = self.check_then_write.write();
+            self.commit(req, prepared, durability)
+        }
+    }
+
+    /// The stored answer of an earlier request with this idempotency key.
+    fn replay(&self, key: &str) -> Result<Option<pb::WriteFeaturesResponse>> {
+        let mut idem_key = IDEMPOTENCY_PREFIX.to_vec();
+        idem_key.extend_from_slice(key.as_bytes());
+        let Some(prev) = self.db.value_at(&idem_key, FeatureId(0), AsOf::at(EventTime(0)))? else { return Ok(None) };
+        let Some(Value::Bytes(b)) = &prev.value else { return Ok(None) };
+        let mut resp = pb::WriteFeaturesResponse::decode(b.as_slice()).map_err(|e| {
+            ServiceError::Storage(quiver_storage::Error::InvalidArgument(format!(
+                "stored idempotency record does not decode: {e}"
+            )))
+        })?;
+        resp.system_time = Some(convert::timestamp(prev.system_time.0 as i64));
+        resp.deduplicated = true;
+        Ok(Some(resp))
+    }
+
+    /// Checks every row against the registry and builds the engine batch; writes nothing.
+    fn prepare(&self, req: &pb::WriteFeaturesRequest) -> Result<Prepared> {
         let mut batch = WriteBatch::new();
         let mut cas: Vec<(Vec<u8>, FeatureId, EventTime, String, pb::VersionVector)> = Vec::new();
         let mut groups: HashMap<&str, (String, HashMap<String, ResolvedFeature>)> = HashMap::new();
@@ -432,36 +477,31 @@ impl Features {
                 cas.push((key.clone(), f.id, e, format!("{}:{name}", row.group), vv.clone()));
             }
         }
-        let exclusive = !cas.is_empty() || !req.idempotency_key.is_empty();
-        let _shared;
-        let _alone;
-        if exclusive {
-            _alone = self.check_then_write.write();
-        } else {
-            _shared = self.check_then_write.read();
-        }
+        Ok(Prepared { batch, cas, written })
+    }
+
+    /// Runs the compare-and-swap checks and commits (the caller holds the right lock).
+    fn commit(
+        &self,
+        req: &pb::WriteFeaturesRequest,
+        prepared: Prepared,
+        durability: Durability,
+    ) -> Result<pb::WriteFeaturesResponse> {
+        let Prepared { mut batch, cas, written } = prepared;
         let mut idem_key = IDEMPOTENCY_PREFIX.to_vec();
         idem_key.extend_from_slice(req.idempotency_key.as_bytes());
-        if !req.idempotency_key.is_empty() {
-            if let Some(prev) = self.db.value_at(&idem_key, FeatureId(0), AsOf::at(EventTime(0)))? {
-                if let Some(Value::Bytes(b)) = &prev.value {
-                    let mut resp = pb::WriteFeaturesResponse::decode(b.as_slice()).map_err(|e| {
-                        ServiceError::Invalid(format!("stored idempotency record does not decode: {e}"))
-                    })?;
-                    resp.system_time = Some(convert::timestamp(prev.system_time.0 as i64));
-                    resp.deduplicated = true;
-                    return Ok(resp);
-                }
-            }
-        }
         let mut mismatches = Vec::new();
         for (key, id, e, name, expected) in &cas {
             let q = AsOf { as_of: *e, known_at: SystemTime::MAX, lookback_us: Some(0) };
             let current = self.db.version_at(key, *id, q)?;
             let current_vv = current.as_ref().filter(|v| v.value.is_some()).map(|v| api_vv(&v.version_vector));
+            // Compare as sets of (region, counter): the order a client lists regions in is not
+            // part of the version.
+            let mut want: Vec<(u32, u64)> = expected.entries.iter().map(|e| (e.region, e.counter)).collect();
+            want.sort_unstable();
             let matches = match &current_vv {
-                None => expected.entries.is_empty(),
-                Some(c) => c == expected,
+                None => want.is_empty(),
+                Some(c) => c.entries.iter().map(|e| (e.region, e.counter)).collect::<Vec<_>>() == want,
             };
             if !matches {
                 mismatches.push((name.clone(), current_vv.unwrap_or_default()));

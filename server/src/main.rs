@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 /// Default memory budget: memtables plus block cache.
 const MEMORY_BUDGET_MB_DEFAULT: u64 = 512;
+/// Largest memory budget accepted (1 TiB).
+const MEMORY_BUDGET_MB_MAX: u64 = 1 << 20;
 /// Smallest memory budget accepted.
 const MEMORY_BUDGET_MB_MIN: u64 = 16;
 
@@ -78,8 +80,8 @@ fn config(args: Args) -> Result<Config, String> {
         Some(other) => return Err(format!("durability must be \"sync\" or \"async\", not {other:?}")),
     };
     let memory_budget_mb = args.memory_budget_mb.or(file.memory_budget_mb).unwrap_or(MEMORY_BUDGET_MB_DEFAULT);
-    if memory_budget_mb < MEMORY_BUDGET_MB_MIN {
-        return Err(format!("memory budget must be at least {MEMORY_BUDGET_MB_MIN} MiB"));
+    if !(MEMORY_BUDGET_MB_MIN..=MEMORY_BUDGET_MB_MAX).contains(&memory_budget_mb) {
+        return Err(format!("memory budget must be {MEMORY_BUDGET_MB_MIN} to {MEMORY_BUDGET_MB_MAX} MiB"));
     }
     let metrics_listen = match args.metrics_listen.or(file.metrics_listen).as_deref() {
         None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),

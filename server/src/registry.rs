@@ -12,10 +12,13 @@
 //!
 //! # Versions
 //! Applying a group whose definition differs from its latest version creates version
-//! latest + 1 with fresh feature ids: each version is its own keyspace, so a backfill into a
-//! new version never mixes with the serving one, and a type change or a removed feature never
-//! edits history in place. Applying an identical definition is a no-op. Entity types are
-//! immutable once created (their join keys define how every key of theirs is encoded).
+//! latest + 1, which becomes the serving version; earlier versions stay addressable as
+//! `group@N:feature`. A feature whose name and type are unchanged keeps its feature id, so its
+//! data stays served across metadata edits, TTL changes and added features; a new or retyped
+//! feature gets a fresh id (its own keyspace, so history of another type is never
+//! reinterpreted); a removed feature is simply absent from the new version. Applying an
+//! identical definition is a no-op. Entity types are immutable once created (their join keys
+//! define how every key of theirs is encoded).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -226,9 +229,21 @@ fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
     Ok(())
 }
 
-/// A group definition with the registry-assigned fields cleared, for comparison.
-fn comparable(g: &pb::FeatureGroup) -> pb::FeatureGroup {
-    pb::FeatureGroup { version: 0, created_at: None, ..g.clone() }
+/// A group definition with the registry-assigned fields cleared and a zero TTL written as
+/// none, encoded with sorted tags: equal bytes mean an equal definition (NaN defaults
+/// included, which `==` on floats would never call equal).
+fn comparable(g: &pb::FeatureGroup) -> Vec<u8> {
+    let ttl = g.ttl.filter(|d| d.seconds != 0 || d.nanos != 0);
+    let mut c = pb::FeatureGroup { version: 0, created_at: None, ttl, ..g.clone() };
+    let tags: BTreeMap<String, String> = c.tags.drain().collect();
+    let mut out = c.encode_to_vec();
+    for (k, v) in tags {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
 }
 
 fn fmt_ttl(d: &Option<prost_types::Duration>) -> String {
@@ -388,12 +403,30 @@ impl Registry {
                 }
             }
             let version = latest.as_ref().map_or(1, |(v, _)| v + 1);
-            let first_id = next.next_feature_id;
-            let n = g.features.len() as u32;
-            next.next_feature_id =
-                first_id.checked_add(n).ok_or_else(|| RegistryError::TooLarge("feature id space exhausted".into()))?;
+            // A feature whose name and type are unchanged keeps its id, so its data stays
+            // served across metadata edits and added features; a new or retyped feature gets
+            // a fresh id (a new keyspace: history of another type is never reinterpreted).
+            let mut feature_ids = Vec::with_capacity(g.features.len());
+            for f in &g.features {
+                let kept = latest.as_ref().and_then(|(_, s)| {
+                    let old = s.def.as_ref()?;
+                    let i = old.features.iter().position(|o| o.name == f.name && o.r#type == f.r#type)?;
+                    s.feature_ids.get(i).copied()
+                });
+                let id = match kept {
+                    Some(id) => id,
+                    None => {
+                        let id = next.next_feature_id;
+                        next.next_feature_id = id
+                            .checked_add(1)
+                            .ok_or_else(|| RegistryError::TooLarge("feature id space exhausted".into()))?;
+                        id
+                    }
+                };
+                feature_ids.push(id);
+            }
             let def = pb::FeatureGroup { version, created_at: Some(now_timestamp()), ..g.clone() };
-            let stored = StoredGroup { def: Some(def), feature_ids: (first_id..first_id + n).collect() };
+            let stored = StoredGroup { def: Some(def), feature_ids };
             let mut key = GROUP_PREFIX.to_vec();
             key.extend_from_slice(g.name.as_bytes());
             batch.put(&key, FeatureId(version), EventTime(0), Value::Bytes(stored.encode_to_vec()))?;

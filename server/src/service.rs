@@ -239,7 +239,8 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         metrics
             .timed("GetFeatureGroup", async move {
                 let req = req.into_inner();
-                self.registry.group(&req.name, req.version).map(Response::new).map_err(registry_status)
+                let r = self.registry.clone();
+                blocking(move || r.group(&req.name, req.version).map(Response::new).map_err(registry_status)).await
             })
             .await
     }
@@ -251,7 +252,8 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("ListFeatureGroups", async move {
-                Ok(Response::new(pb::ListFeatureGroupsResponse { feature_groups: self.registry.groups() }))
+                let r = self.registry.clone();
+                blocking(move || Ok(Response::new(pb::ListFeatureGroupsResponse { feature_groups: r.groups() }))).await
             })
             .await
     }
@@ -263,7 +265,9 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("GetEntityType", async move {
-                self.registry.entity_type(&req.into_inner().name).map(Response::new).map_err(registry_status)
+                let r = self.registry.clone();
+                let name = req.into_inner().name;
+                blocking(move || r.entity_type(&name).map(Response::new).map_err(registry_status)).await
             })
             .await
     }
@@ -275,7 +279,9 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("ListEntityTypes", async move {
-                Ok(Response::new(pb::ListEntityTypesResponse { entity_types: self.registry.entity_types() }))
+                let r = self.registry.clone();
+                blocking(move || Ok(Response::new(pb::ListEntityTypesResponse { entity_types: r.entity_types() })))
+                    .await
             })
             .await
     }

@@ -63,6 +63,7 @@ fn apply_creates_then_is_a_no_op_then_versions_on_change() {
     );
 
     let v1_clicks = r.resolve("user_stats:clicks_1h").expect("resolve");
+    let v1_spend = r.resolve("user_stats:spend_1h").expect("resolve");
     assert_eq!(v1_clicks.version, 1);
     let mut changed = stats();
     changed.features[0].r#type = pb::ValueType::Float64 as i32; // a type change
@@ -81,10 +82,22 @@ fn apply_creates_then_is_a_no_op_then_versions_on_change() {
     // The serving version moved; the old one stays addressable and keeps its own keyspace.
     let v2_clicks = r.resolve("user_stats:clicks_1h").expect("resolve");
     assert_eq!((v2_clicks.version, v2_clicks.value_type), (2, pb::ValueType::Float64));
-    assert_ne!(v2_clicks.id, v1_clicks.id);
+    assert_ne!(v2_clicks.id, v1_clicks.id, "a retyped feature gets a new keyspace");
+    assert_eq!(
+        r.resolve("user_stats:spend_1h").expect("resolve").id,
+        v1_spend.id,
+        "an unchanged feature keeps its data"
+    );
     assert_eq!(r.resolve("user_stats@1:clicks_1h").expect("pinned"), v1_clicks);
     assert_eq!(r.group("user_stats", 0).expect("serving").version, 2);
     assert!(r.stored_in_engine("user_stats", 2).expect("read"));
+    // A zero TTL is the same definition as none; tag order does not matter.
+    let mut zero = stats();
+    zero.ttl = None;
+    apply(&r, vec![], vec![zero.clone()], false).expect("v3");
+    zero.ttl = Some(prost_types::Duration { seconds: 0, nanos: 0 });
+    let c = apply(&r, vec![], vec![zero], false).expect("same as v3");
+    assert_eq!(kinds(&c), vec![(Kind::Unchanged, "feature_group:user_stats".into(), 3)]);
 }
 
 #[test]
@@ -157,8 +170,15 @@ fn registry_survives_a_restart_and_keeps_allocating_fresh_ids() {
     assert_eq!(r.entity_type("user").expect("entity type"), user());
     let mut changed = stats();
     changed.description = "v2".into();
+    changed.features.push(pb::FeatureDef {
+        name: "sessions".into(),
+        r#type: pb::ValueType::Int64 as i32,
+        ..Default::default()
+    });
     apply(&r, vec![], vec![changed], false).expect("apply");
     let second = r.resolve("user_stats:spend_1h").expect("resolve");
-    assert_eq!(second.version, 2);
-    assert!(second.id.0 > first.id.0, "ids are never reused after a restart");
+    assert_eq!((second.version, second.id), (2, first.id), "an unchanged feature keeps its id in a new version");
+    let clicks = r.resolve("user_stats:clicks_1h").expect("resolve");
+    let sessions = r.resolve("user_stats:sessions").expect("resolve");
+    assert!(sessions.id.0 > first.id.0.max(clicks.id.0), "ids are never reused after a restart");
 }

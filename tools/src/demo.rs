@@ -14,6 +14,8 @@ use crate::{cell_text, grpc, now_us, registry_file, Result};
 const HOUR_US: i64 = 3_600_000_000;
 /// Rows per write request while loading.
 const ROWS_PER_REQUEST: u32 = 2000;
+const DEMO_USERS_MAX: u32 = 1_000_000;
+const DEMO_HOURS_MAX: u32 = 24 * 366;
 const COUNTRIES: [&str; 5] = ["DE", "FR", "IN", "US", "BR"];
 
 fn user(i: u32) -> pb::EntityKey {
@@ -25,8 +27,8 @@ fn value(kind: pb::value::Kind) -> pb::Value {
 }
 
 pub async fn run(users: u32, hours: u32) -> Result<()> {
-    if users == 0 || hours == 0 {
-        return Err("--users and --hours must be positive".into());
+    if users == 0 || hours == 0 || users > DEMO_USERS_MAX || hours > DEMO_HOURS_MAX {
+        return Err(format!("--users must be 1..={DEMO_USERS_MAX} and --hours 1..={DEMO_HOURS_MAX}"));
     }
     let tmp = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("listen: {e}"))?;

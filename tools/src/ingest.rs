@@ -79,7 +79,8 @@ pub async fn run(addr: &str, file: &Path, group: &str, batch_rows: usize) -> Res
         })?;
         let mut row = pb::WriteRow {
             entity: Some(pb::EntityKey { parts }),
-            group: group.to_string(),
+            // Pinned to the version checked above, so an apply during the load cannot split it.
+            group: format!("{}@{}", def.name, def.version),
             event_time: Some(quiver_server::convert::timestamp(t)),
             ..Default::default()
         };

@@ -103,13 +103,14 @@ pub fn value_type(s: &str) -> Result<pb::ValueType, String> {
 pub fn duration(s: &str) -> Result<prost_types::Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: i64 = num.parse().map_err(|_| format!("bad duration {s:?} (use e.g. 90s, 15m, 1h, 7d)"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => return Err(format!("bad duration unit in {s:?} (s, m, h or d)")),
     };
+    let secs = n.checked_mul(unit_secs).ok_or_else(|| format!("duration {s:?} is too long"))?;
     Ok(prost_types::Duration { seconds: secs, nanos: 0 })
 }
 
@@ -248,5 +249,6 @@ mod tests {
         let bad_default = EXAMPLE.replace("default = 0", "default = \"zero\"");
         assert!(parse(&bad_default).expect_err("default").contains("default"));
         assert!(duration("5x").is_err() && duration("h").is_err());
+        assert!(duration("9223372036854775807d").is_err());
     }
 }
