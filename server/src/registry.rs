@@ -229,6 +229,46 @@ fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
     Ok(())
 }
 
+/// Parses `group` or `group@N` (N >= 1) into the name and the version (0: the serving one).
+pub fn parse_group_ref(reference: &str) -> Option<(&str, u32)> {
+    match reference.split_once('@') {
+        Some((g, v)) => v.parse::<u32>().ok().filter(|&v| v > 0).map(|v| (g, v)),
+        None => Some((reference, 0)),
+    }
+}
+
+/// Feature `i` of a stored group version, resolved.
+fn resolved(
+    group: &str,
+    version: u32,
+    def: &pb::FeatureGroup,
+    stored: &StoredGroup,
+    i: usize,
+) -> Result<ResolvedFeature> {
+    let f = &def.features[i];
+    let id = stored.feature_ids.get(i).copied().ok_or_else(|| {
+        RegistryError::Storage(quiver_storage::Error::InvalidArgument(format!(
+            "registry record of {group}@{version} has no feature id for {}",
+            f.name
+        )))
+    })?;
+    let ttl = def
+        .ttl
+        .as_ref()
+        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        .filter(|d| !d.is_zero());
+    Ok(ResolvedFeature {
+        group: group.to_string(),
+        version,
+        feature: f.name.clone(),
+        id: FeatureId(id),
+        value_type: f.r#type(),
+        ttl,
+        default: f.default_value.clone(),
+        entity_type: def.entity_type.clone(),
+    })
+}
+
 /// A group definition with the registry-assigned fields cleared and a zero TTL written as
 /// none, encoded with sorted tags: equal bytes mean an equal definition (NaN defaults
 /// included, which `==` on floats would never call equal).
@@ -484,52 +524,36 @@ impl Registry {
             RegistryError::Invalid(format!("feature reference {reference:?} is not group:feature or group@N:feature"))
         };
         let (group_part, feature) = reference.split_once(':').ok_or_else(bad)?;
-        let (group, version) = match group_part.split_once('@') {
-            Some((g, v)) => (g, v.parse::<u32>().ok().filter(|&v| v > 0).ok_or_else(bad)?),
-            None => (group_part, 0),
-        };
+        let (group, version) = parse_group_ref(group_part).ok_or_else(bad)?;
         let st = self.state.lock();
-        let versions =
-            st.groups.get(group).ok_or_else(|| RegistryError::NotFound(format!("no feature group {group:?}")))?;
-        let (version, stored) =
-            if version == 0 { versions.iter().next_back() } else { versions.get_key_value(&version) }
-                .ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} has no version {version}")))?;
+        let (version, stored) = Self::stored(&st, group, version)?;
         let def =
             stored.def.as_ref().ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} is empty")))?;
         let i = def.features.iter().position(|f| f.name == feature).ok_or_else(|| {
             RegistryError::NotFound(format!("feature group {group}@{version} has no feature {feature:?}"))
         })?;
-        let f = &def.features[i];
-        let ttl = def
-            .ttl
-            .as_ref()
-            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-            .filter(|d| !d.is_zero());
-        Ok(ResolvedFeature {
-            group: group.to_string(),
-            version: *version,
-            feature: feature.to_string(),
-            id: FeatureId(stored.feature_ids.get(i).copied().ok_or_else(bad)?),
-            value_type: f.r#type(),
-            ttl,
-            default: f.default_value.clone(),
-            entity_type: def.entity_type.clone(),
-        })
+        resolved(group, version, def, stored, i)
     }
 
     /// Resolves `group` or `group@N` to its version and every feature of it.
     pub fn resolve_group(&self, reference: &str) -> Result<Vec<ResolvedFeature>> {
-        let (name, version) = match reference.split_once('@') {
-            Some((g, v)) => (
-                g,
-                v.parse::<u32>().ok().filter(|&v| v > 0).ok_or_else(|| {
-                    RegistryError::Invalid(format!("group reference {reference:?} is not group or group@N"))
-                })?,
-            ),
-            None => (reference, 0),
-        };
-        let def = self.group(name, version)?;
-        def.features.iter().map(|f| self.resolve(&format!("{name}@{}:{}", def.version, f.name))).collect()
+        let (group, version) = parse_group_ref(reference)
+            .ok_or_else(|| RegistryError::Invalid(format!("group reference {reference:?} is not group or group@N")))?;
+        let st = self.state.lock();
+        let (version, stored) = Self::stored(&st, group, version)?;
+        let def =
+            stored.def.as_ref().ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} is empty")))?;
+        (0..def.features.len()).map(|i| resolved(group, version, def, stored, i)).collect()
+    }
+
+    /// A stored group version (`version` 0: the serving one).
+    fn stored<'s>(st: &'s State, group: &str, version: u32) -> Result<(u32, &'s StoredGroup)> {
+        let versions =
+            st.groups.get(group).ok_or_else(|| RegistryError::NotFound(format!("no feature group {group:?}")))?;
+        let found = if version == 0 { versions.iter().next_back() } else { versions.get_key_value(&version) };
+        found
+            .map(|(v, s)| (*v, s))
+            .ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} has no version {version}")))
     }
 
     /// The engine this registry writes to.

@@ -59,6 +59,22 @@ fn now_us() -> i64 {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Runs a chunk producer on the blocking pool and streams its chunks to the client through a
+/// bounded channel; the producer stops when the client goes away (`emit` returns false), and
+/// an error after some chunks ends the stream with that error.
+fn stream_blocking<T: Send + 'static>(
+    produce: impl FnOnce(&mut dyn FnMut(T) -> bool) -> Result<(), ServiceError> + Send + 'static,
+) -> BoxStream<T> {
+    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER_CHUNKS);
+    tokio::task::spawn_blocking(move || {
+        let result = produce(&mut |chunk| tx.blocking_send(Ok(chunk)).is_ok());
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(status(e)));
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
 /// Chunks in flight between a streaming RPC's producer and the client. (For streaming RPCs the
 /// latency metric covers the call up to the start of the stream.)
 const STREAM_BUFFER_CHUNKS: usize = 4;
@@ -159,17 +175,9 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("GetHistoricalFeatures", async move {
-                let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER_CHUNKS);
                 let f = self.features.clone();
                 let req = req.into_inner();
-                tokio::task::spawn_blocking(move || {
-                    let result = f.historical(&req, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
-                    if let Err(e) = result {
-                        let _ = tx.blocking_send(Err(status(e)));
-                    }
-                });
-                let stream: Self::GetHistoricalFeaturesStream = Box::pin(ReceiverStream::new(rx));
-                Ok(Response::new(stream))
+                Ok(Response::new(stream_blocking(move |emit| f.historical(&req, emit))))
             })
             .await
     }
@@ -183,17 +191,9 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("ScanHistory", async move {
-                let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER_CHUNKS);
                 let f = self.features.clone();
                 let req = req.into_inner();
-                tokio::task::spawn_blocking(move || {
-                    let result = f.scan_history(&req, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
-                    if let Err(e) = result {
-                        let _ = tx.blocking_send(Err(status(e)));
-                    }
-                });
-                let stream: Self::ScanHistoryStream = Box::pin(ReceiverStream::new(rx));
-                Ok(Response::new(stream))
+                Ok(Response::new(stream_blocking(move |emit| f.scan_history(&req, emit))))
             })
             .await
     }

@@ -47,7 +47,13 @@ pub fn table(data: &[u8]) {
         while it.valid() && n < 100_000 {
             let k = it.key().to_vec();
             if let Some(kr) = key::KeyRef::parse(&k) {
-                let _ = t.get_best(kr.prefix(), &k, crate::EventTime(i64::MIN), crate::SystemTime::MAX);
+                let probe = key::Probe {
+                    prefix: kr.prefix(),
+                    seek: &k,
+                    event_time_min: crate::EventTime(i64::MIN),
+                    known_at: crate::SystemTime::MAX,
+                };
+                let _ = t.get_best(&probe);
             }
             if it.step().is_err() {
                 break;

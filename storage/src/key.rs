@@ -159,6 +159,44 @@ pub fn prefix_of(raw: &[u8]) -> &[u8] {
     &raw[..raw.len() - TIME_SUFFIX_BYTES]
 }
 
+/// What an as-of point read does with the next key of a source, in key order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// Past the pair or below the lookback window: nothing further in this source qualifies.
+    Stop,
+    /// The answer of this source (the first visible key at or after the seek key).
+    Take,
+    /// Written after `known_at`: look at the next key.
+    Skip,
+}
+
+/// One as-of point read of one `(entity, feature)` pair, shared by every source (memtables and
+/// tables) so that they agree on what is visible.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe<'a> {
+    /// The pair's prefix.
+    pub prefix: &'a [u8],
+    /// `(prefix, as_of, SystemTime::MAX)`: where the read starts.
+    pub seek: &'a [u8],
+    /// Oldest event time inside the lookback window.
+    pub event_time_min: EventTime,
+    /// Newest system time the read may see.
+    pub known_at: SystemTime,
+}
+
+impl Probe<'_> {
+    /// Judges a key met at or after `seek`, in key order.
+    pub fn judge(&self, k: &[u8]) -> Visibility {
+        if prefix_of(k) != self.prefix || event_time_of(k) < self.event_time_min {
+            Visibility::Stop
+        } else if system_time_of(k) <= self.known_at {
+            Visibility::Take
+        } else {
+            Visibility::Skip
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

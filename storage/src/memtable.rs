@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crossbeam_skiplist::SkipMap;
 
 use crate::key;
-use crate::types::{EventTime, SystemTime};
 
 /// A memtable and the WAL segment that holds its writes.
 #[derive(Debug)]
@@ -65,21 +64,13 @@ impl Memtable {
         self.map.is_empty()
     }
 
-    /// The newest version of `prefix` visible to an as-of read (see `Table::get_best`).
-    pub fn get_best(
-        &self,
-        prefix: &[u8],
-        seek: &[u8],
-        event_time_min: EventTime,
-        known_at: SystemTime,
-    ) -> Option<(Vec<u8>, Vec<u8>)> {
-        for e in self.map.range::<[u8], _>((Bound::Included(seek), Bound::Unbounded)) {
-            let k = e.key();
-            if key::prefix_of(k) != prefix || key::event_time_of(k) < event_time_min {
-                return None;
-            }
-            if key::system_time_of(k) <= known_at {
-                return Some((k.clone(), e.value().clone()));
+    /// The newest version visible to the as-of read `probe` (see [`key::Probe`]).
+    pub fn get_best(&self, probe: &key::Probe<'_>) -> Option<(Vec<u8>, Vec<u8>)> {
+        for e in self.map.range::<[u8], _>((Bound::Included(probe.seek), Bound::Unbounded)) {
+            match probe.judge(e.key()) {
+                key::Visibility::Stop => return None,
+                key::Visibility::Take => return Some((e.key().clone(), e.value().clone())),
+                key::Visibility::Skip => {}
             }
         }
         None

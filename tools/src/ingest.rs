@@ -7,7 +7,7 @@ use std::path::Path;
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_proto::v1 as pb;
 
-use crate::{channel, grpc, parse_value, Result};
+use crate::{channel, fetch_group, grpc, parse_value, Result};
 
 /// Most rows one batch may hold (the server's write limit).
 const BATCH_ROWS_MAX: usize = 10_000;
@@ -17,17 +17,7 @@ pub async fn run(addr: &str, file: &Path, group: &str, batch_rows: usize) -> Res
         return Err(format!("--batch-rows must be 1..={BATCH_ROWS_MAX}"));
     }
     let ch = channel(addr).await?;
-    let mut reg = pb::registry_service_client::RegistryServiceClient::new(ch.clone());
-    let (name, version) = match group.split_once('@') {
-        Some((g, v)) => (g.to_string(), v.parse().map_err(|_| format!("bad group reference {group:?}"))?),
-        None => (group.to_string(), 0),
-    };
-    let def = reg.get_feature_group(pb::GetFeatureGroupRequest { name, version }).await.map_err(grpc)?.into_inner();
-    let et = reg
-        .get_entity_type(pb::GetEntityTypeRequest { name: def.entity_type.clone() })
-        .await
-        .map_err(grpc)?
-        .into_inner();
+    let (def, et) = fetch_group(&ch, group).await?;
 
     let what = file.display().to_string();
     let mut reader = csv::Reader::from_path(file).map_err(|e| format!("{what}: {e}"))?;

@@ -154,6 +154,24 @@ fn grpc(e: tonic::Status) -> String {
     format!("{:?}: {}", e.code(), e.message())
 }
 
+/// A group's definition (`group` or `group@N`) and its entity type, from the registry.
+pub(crate) async fn fetch_group(ch: &Channel, group: &str) -> Result<(pb::FeatureGroup, pb::EntityType)> {
+    let (name, version) = quiver_server::registry::parse_group_ref(group)
+        .ok_or_else(|| format!("bad group reference {group:?} (group or group@N)"))?;
+    let mut reg = pb::registry_service_client::RegistryServiceClient::new(ch.clone());
+    let def = reg
+        .get_feature_group(pb::GetFeatureGroupRequest { name: name.to_string(), version })
+        .await
+        .map_err(grpc)?
+        .into_inner();
+    let et = reg
+        .get_entity_type(pb::GetEntityTypeRequest { name: def.entity_type.clone() })
+        .await
+        .map_err(grpc)?
+        .into_inner();
+    Ok((def, et))
+}
+
 pub(crate) async fn channel(addr: &str) -> Result<Channel> {
     Channel::from_shared(addr.to_string())
         .map_err(|e| format!("bad address {addr:?}: {e}"))?
@@ -307,18 +325,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Put { group, entity, event_time_us, values } => {
             let ch = channel(&cli.addr).await?;
-            let mut reg = pb::registry_service_client::RegistryServiceClient::new(ch.clone());
-            let (name, version) = match group.split_once('@') {
-                Some((g, v)) => (g.to_string(), v.parse().map_err(|_| format!("bad group reference {group:?}"))?),
-                None => (group.clone(), 0),
-            };
-            let def =
-                reg.get_feature_group(pb::GetFeatureGroupRequest { name, version }).await.map_err(grpc)?.into_inner();
-            let et = reg
-                .get_entity_type(pb::GetEntityTypeRequest { name: def.entity_type.clone() })
-                .await
-                .map_err(grpc)?
-                .into_inner();
+            let (def, et) = fetch_group(&ch, &group).await?;
             let mut row = pb::WriteRow {
                 entity: Some(entity_key(&et, &entity)?),
                 group: group.clone(),

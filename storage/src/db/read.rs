@@ -49,11 +49,11 @@ impl Inner {
         let prefix = key::prefix(entity, feature);
         let mut seek = prefix.clone();
         key::push_times(&mut seek, q.as_of, SystemTime::MAX);
-        let emin = q.event_time_min();
+        let probe = key::Probe { prefix: &prefix, seek: &seek, event_time_min: q.event_time_min(), known_at };
         let mut best: Found = None;
-        consider(&mut best, view.mem.get_best(&prefix, &seek, emin, known_at));
+        consider(&mut best, view.mem.get_best(&probe));
         for m in &view.imms {
-            consider(&mut best, m.get_best(&prefix, &seek, emin, known_at));
+            consider(&mut best, m.get_best(&probe));
         }
         let in_range = |t: &crate::version::TableHandle| {
             key::prefix_of(&t.meta.smallest) <= prefix.as_slice()
@@ -61,7 +61,7 @@ impl Inner {
         };
         for t in &view.version.levels[0] {
             if in_range(t) {
-                consider(&mut best, t.table.get_best(&prefix, &seek, emin, known_at)?);
+                consider(&mut best, t.table.get_best(&probe)?);
             }
         }
         for level in &view.version.levels[1..] {
@@ -70,7 +70,7 @@ impl Inner {
                 if key::prefix_of(&t.meta.smallest) > prefix.as_slice() {
                     break;
                 }
-                let found = t.table.get_best(&prefix, &seek, emin, known_at)?;
+                let found = t.table.get_best(&probe)?;
                 if found.is_some() {
                     consider(&mut best, found);
                     break;

@@ -15,7 +15,6 @@ use crate::coding::Reader;
 use crate::fs::{File, Fs};
 use crate::key;
 use crate::limits::{BLOCK_BYTES_MAX, META_BLOCK_BYTES_MAX};
-use crate::types::{EventTime, SystemTime};
 use crate::{Error, Result};
 
 thread_local! {
@@ -214,36 +213,26 @@ impl Table {
         TableIter { table: self.clone(), block_idx: self.index.len(), cur: None }
     }
 
-    /// The newest version of `prefix` visible to an as-of read: the first key at or after
-    /// `(prefix, as_of, MAX)` with event time >= `event_time_min` and system time <= `known_at`.
-    pub fn get_best(
-        &self,
-        prefix: &[u8],
-        seek: &[u8],
-        event_time_min: EventTime,
-        known_at: SystemTime,
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        if !self.may_contain_prefix(prefix) {
+    /// The newest version visible to the as-of read `probe` (see [`key::Probe`]): the first
+    /// visible key at or after its seek key, possibly in a later block.
+    pub fn get_best(&self, probe: &key::Probe<'_>) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        if !self.may_contain_prefix(probe.prefix) {
             return Ok(None);
         }
-        let mut bi = self.block_for(seek);
+        let mut bi = self.block_for(probe.seek);
         let mut first = true;
         while bi < self.index.len() {
-            let block = self.read_block(bi)?;
-            let mut it = BlockIter::new(block);
+            let mut it = BlockIter::new(self.read_block(bi)?);
             if first {
-                it.seek(seek);
+                it.seek(probe.seek);
                 first = false;
             }
             while it.valid() {
-                let k = it.key();
-                if key::prefix_of(k) != prefix || key::event_time_of(k) < event_time_min {
-                    return Ok(None);
+                match probe.judge(it.key()) {
+                    key::Visibility::Stop => return Ok(None),
+                    key::Visibility::Take => return Ok(Some((it.key().to_vec(), it.value().to_vec()))),
+                    key::Visibility::Skip => it.next(),
                 }
-                if key::system_time_of(k) <= known_at {
-                    return Ok(Some((k.to_vec(), it.value().to_vec())));
-                }
-                it.next();
             }
             bi += 1;
         }
