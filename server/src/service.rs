@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::convert;
 use crate::features::{Features, ServiceError};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
@@ -291,13 +292,32 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
 #[derive(Debug, Clone)]
 pub struct AdminApi {
     db: Arc<Db>,
+    registry: Arc<Registry>,
     metrics: Arc<Metrics>,
 }
 
 impl AdminApi {
-    /// The endpoints over `db`.
-    pub fn new(db: Arc<Db>, metrics: Arc<Metrics>) -> Self {
-        AdminApi { db, metrics }
+    /// The endpoints over `db`; entity keys in requests are checked against `registry`.
+    pub fn new(db: Arc<Db>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        AdminApi { db, registry, metrics }
+    }
+
+    /// The encoded `[start, end)` of a compaction range, checked against its entity type.
+    fn entity_range(&self, r: &pb::EntityRange) -> Result<(Vec<u8>, Option<Vec<u8>>), Status> {
+        let et = self.registry.entity_type(&r.entity_type).map_err(registry_status)?;
+        let start = r.start.as_ref().ok_or_else(|| Status::invalid_argument("range.start is required"))?;
+        let start =
+            convert::entity_key(&et, start).map_err(|e| Status::invalid_argument(format!("range.start: {e}")))?;
+        let end = match &r.end {
+            None => None,
+            Some(k) => {
+                Some(convert::entity_key(&et, k).map_err(|e| Status::invalid_argument(format!("range.end: {e}")))?)
+            }
+        };
+        if end.as_ref().is_some_and(|e| *e <= start) {
+            return Err(Status::invalid_argument("range.end must sort after range.start"));
+        }
+        Ok((start, end))
     }
 }
 
@@ -319,9 +339,18 @@ impl pb::admin_service_server::AdminService for AdminApi {
         metrics
             .timed("Compact", async move {
                 let db = self.db.clone();
-                let full = req.into_inner().full;
+                let req = req.into_inner();
+                let range = req.range.as_ref().map(|r| self.entity_range(r)).transpose()?;
+                if req.full && range.is_some() {
+                    return Err(Status::invalid_argument("compact: give either full or range, not both"));
+                }
                 blocking(move || {
-                    if full { db.compact_all() } else { db.compact_pending() }.map_err(|e| storage_status(&e))
+                    match (req.full, range) {
+                        (_, Some((start, end))) => db.compact_range(&start, end.as_deref()),
+                        (true, None) => db.compact_all(),
+                        (false, None) => db.compact_pending(),
+                    }
+                    .map_err(|e| storage_status(&e))
                 })
                 .await?;
                 Ok(Response::new(pb::CompactResponse {}))

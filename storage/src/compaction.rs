@@ -112,13 +112,63 @@ pub fn pick(v: &Version, o: &PickerOptions, cursor: &[Vec<u8>; LEVELS]) -> Optio
 /// A plan that merges every table of every level into the deepest non-empty level (at least
 /// L1): a manual full compaction. `None` if the version has no tables.
 pub fn pick_full(v: &Version) -> Option<Plan> {
-    let deepest = (1..LEVELS).rev().find(|&l| !v.levels[l].is_empty()).unwrap_or(1);
+    let deepest = deepest_level(v);
     let inputs: Vec<_> = (0..deepest).flat_map(|l| v.levels[l].iter().cloned()).collect();
     let next_inputs = v.levels[deepest].clone();
     if inputs.is_empty() && next_inputs.is_empty() {
         return None;
     }
     Some(Plan { level: 0, inputs, next_inputs, output_level: deepest, bottom: true })
+}
+
+/// One step of a manual compaction of the internal-key range `[lo, hi]`: the plan that moves
+/// the range's data from `level` into `level + 1`, where `deepest` is the deepest non-empty
+/// level (at least 1). Running the steps for `level = 0, 1, .., deepest - 1` in turn leaves all
+/// of the range's data in `deepest`, rewritten once with retention applied.
+///
+/// - At L0, tables may overlap one another, so the inputs are every L0 table overlapping
+///   `[lo, hi]` plus, to a fixpoint, every L0 table overlapping the inputs' range: an L0 table
+///   left behind then shares no key with the output and the level order stays "newer above".
+/// - At `level + 1 == deepest` the next-level inputs also cover all of `[lo, hi]`, so the
+///   range's tables at the bottom are rewritten too (retention applies there) even when no
+///   level above holds any of the range.
+///
+/// `None` when the step has nothing to merge.
+pub fn pick_range(v: &Version, level: usize, deepest: usize, lo: &[u8], hi: &[u8]) -> Option<Plan> {
+    if level + 1 >= LEVELS || level >= deepest {
+        return None;
+    }
+    let mut inputs = v.overlapping(level, lo, hi);
+    let bounds = |ts: &[Arc<TableHandle>]| -> Option<(Vec<u8>, Vec<u8>)> {
+        let l = ts.iter().map(|t| t.meta.smallest.clone()).min()?;
+        let h = ts.iter().map(|t| t.meta.largest.clone()).max()?;
+        Some((l, h))
+    };
+    if level == 0 {
+        while let Some((l, h)) = bounds(&inputs) {
+            let grown = v.overlapping(0, &l, &h);
+            if grown.len() == inputs.len() {
+                break;
+            }
+            inputs = grown;
+        }
+    }
+    let (mut nlo, mut nhi) = bounds(&inputs).unwrap_or_else(|| (hi.to_vec(), lo.to_vec()));
+    if level + 1 == deepest {
+        nlo = nlo.min(lo.to_vec());
+        nhi = nhi.max(hi.to_vec());
+    }
+    let next_inputs = if nlo <= nhi { v.overlapping(level + 1, &nlo, &nhi) } else { Vec::new() };
+    if inputs.is_empty() && next_inputs.is_empty() {
+        return None;
+    }
+    let (rlo, rhi) = bounds(&[inputs.as_slice(), next_inputs.as_slice()].concat())?;
+    Some(Plan { level, inputs, next_inputs, output_level: level + 1, bottom: is_bottom(v, level + 1, &rlo, &rhi) })
+}
+
+/// The deepest level holding a table, at least 1: where a manual range compaction ends.
+pub fn deepest_level(v: &Version) -> usize {
+    (1..LEVELS).rev().find(|&l| !v.levels[l].is_empty()).unwrap_or(1)
 }
 
 /// Retention settings for one compaction.

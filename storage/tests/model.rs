@@ -21,12 +21,29 @@ const CLOCK_START: u64 = 1_000_000;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { ops: Vec<(usize, u32, i64, Option<i64>)>, sync: bool },
-    Read { entity: usize, feature: u32, as_of: i64, known_at: Option<u64>, lookback: Option<u64> },
-    Scan { entity: Option<usize>, features: Option<(u32, u32)>, event: (i64, i64), known_at: Option<u64> },
+    Write {
+        ops: Vec<(usize, u32, i64, Option<i64>)>,
+        sync: bool,
+    },
+    Read {
+        entity: usize,
+        feature: u32,
+        as_of: i64,
+        known_at: Option<u64>,
+        lookback: Option<u64>,
+    },
+    Scan {
+        entity: Option<usize>,
+        features: Option<(u32, u32)>,
+        event: (i64, i64),
+        known_at: Option<u64>,
+    },
     Flush,
     CompactAll,
     CompactPending,
+    /// Entities `ENTITIES[a] <= e < ENTITIES[b]` in byte order (`b = None`: no end); a range
+    /// with `end <= start` must be refused.
+    CompactRange(usize, Option<usize>),
     Reopen,
     Advance(u64),
     Horizon(i64),
@@ -43,6 +60,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         1 => Just(Op::CompactAll),
         1 => Just(Op::CompactPending),
+        1 => (0..ENTITIES.len(), prop::option::of(0..ENTITIES.len())).prop_map(|(a, b)| Op::CompactRange(a, b)),
         1 => Just(Op::Reopen),
         1 => (1u64..40).prop_map(Op::Advance),
         1 => (0i64..12).prop_map(Op::Horizon),
@@ -176,6 +194,14 @@ fn run(config: Config, ops: Vec<Op>) -> Result<Vec<String>, TestCaseError> {
             Op::Flush => db.flush().expect("flush"),
             Op::CompactAll => db.compact_all().expect("compact"),
             Op::CompactPending => db.compact_pending().expect("compact"),
+            Op::CompactRange(a, b) => {
+                let r = db.compact_range(ENTITIES[a], b.map(|b| ENTITIES[b]));
+                if b.is_some_and(|b| ENTITIES[b] <= ENTITIES[a]) {
+                    prop_assert!(r.is_err(), "empty compaction range accepted");
+                } else {
+                    r.expect("compact range");
+                }
+            }
             Op::Reopen => {
                 db.close().expect("close");
                 db = open();

@@ -138,9 +138,19 @@ enum WalCmd {
 enum AdminCmd {
     Stats,
     Flush,
+    /// Run due compactions; `--full`: everything into the bottom level; `--entity-type T
+    /// --from K [--to K]`: only the tables holding entities `K_from <= entity < K_to`.
     Compact {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from")]
         full: bool,
+        #[arg(long, requires = "from")]
+        entity_type: Option<String>,
+        /// First entity of the range (join keys comma-separated).
+        #[arg(long, requires = "entity_type")]
+        from: Option<String>,
+        /// End of the range (exclusive); default: to the last entity.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
     },
     Verify,
     Checkpoint {
@@ -367,8 +377,21 @@ async fn run(cli: Cli) -> Result<()> {
                     c.flush(pb::FlushRequest {}).await.map_err(grpc)?;
                     println!("flushed");
                 }
-                AdminCmd::Compact { full } => {
-                    c.compact(pb::CompactRequest { full }).await.map_err(grpc)?;
+                AdminCmd::Compact { full, entity_type, from, to } => {
+                    let range = match (entity_type, from) {
+                        (Some(entity_type), Some(from)) => {
+                            let et = pb::registry_service_client::RegistryServiceClient::new(channel(&cli.addr).await?)
+                                .get_entity_type(pb::GetEntityTypeRequest { name: entity_type.clone() })
+                                .await
+                                .map_err(grpc)?
+                                .into_inner();
+                            let start = Some(entity_key(&et, &from)?);
+                            let end = to.map(|t| entity_key(&et, &t)).transpose()?;
+                            Some(pb::EntityRange { entity_type, start, end })
+                        }
+                        _ => None,
+                    };
+                    c.compact(pb::CompactRequest { full, range }).await.map_err(grpc)?;
                     println!("compacted");
                 }
                 AdminCmd::Verify => {

@@ -158,6 +158,27 @@ type = "string_list"
     assert!(ok && out.contains("L0: 1 tables"), "{out}");
     let (ok, out, _) = quiver(&["--addr", &addr, "admin", "verify"]);
     assert!(ok && out.starts_with("ok:"), "{out}");
+    let range = ["--addr", &addr, "admin", "compact", "--entity-type", "user", "--from", "bulk0"];
+    let (ok, out, err) = quiver(&[&range[..], &["--to", "bulk5"]].concat());
+    assert!(ok && out.contains("compacted"), "{out}{err}");
+    let (ok, out, _) = quiver(&["--addr", &addr, "admin", "stats"]);
+    assert!(ok && out.contains("L0: 0 tables") && out.contains("L1: 1 tables"), "the range moved down: {out}");
+    let (ok, _, err) = quiver(&[&range[..], &["--to", "bulk0"]].concat());
+    assert!(!ok && err.contains("InvalidArgument") && err.contains("after range.start"), "{err}");
+    let (ok, _, err) = quiver(&["--addr", &addr, "admin", "compact", "--entity-type", "ghost", "--from", "x"]);
+    assert!(!ok && err.contains("NotFound") && err.lines().count() == 1, "{err}");
+    let (ok, out, _) = quiver(&[
+        "--addr",
+        &addr,
+        "get",
+        "--entity-type",
+        "user",
+        "--entity",
+        "bulk2499",
+        "--feature",
+        "user_stats:clicks",
+    ]);
+    assert!(ok && out.contains("bulk2499: user_stats:clicks="), "data survives the range compaction: {out}");
     let (ok, _, err) = quiver(&[
         "--addr",
         &addr,

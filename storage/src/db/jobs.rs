@@ -159,6 +159,26 @@ impl Inner {
         }
     }
 
+    /// Moves every table overlapping the internal-key range `[lo, hi]` down, level by level,
+    /// into the deepest level (see [`compaction::pick_range`]). `hi = None`: no upper bound.
+    pub(super) fn compact_range(&self, lo: &[u8], hi: Option<&[u8]>) -> Result<()> {
+        let _g = self.compaction_lock.lock();
+        self.check_ok()?;
+        let (deepest, last) = {
+            let vs = self.versions.lock();
+            let last = vs.current.all_tables().map(|t| t.meta.largest.clone()).max();
+            (compaction::deepest_level(&vs.current), last)
+        };
+        let Some(hi) = hi.map(<[u8]>::to_vec).or(last) else { return Ok(()) };
+        for level in 0..deepest {
+            let plan = compaction::pick_range(&self.versions.lock().current, level, deepest, lo, &hi);
+            if let Some(p) = plan {
+                self.run_compaction(&p)?;
+            }
+        }
+        Ok(())
+    }
+
     fn run_compaction(&self, plan: &Plan) -> Result<()> {
         let result = self.run_compaction_inner(plan);
         if let Err(e) = &result {

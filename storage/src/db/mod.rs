@@ -285,6 +285,21 @@ impl Db {
         self.inner.compact_full()
     }
 
+    /// Flushes, then compacts the entities `start <= entity < end` (encoded entity keys;
+    /// `end = None`: to the last entity) into the deepest level, applying retention there.
+    /// Tables are whole units, so data of neighbouring entities in the same tables is
+    /// rewritten too. Refused if `end <= start`.
+    pub fn compact_range(&self, start: &[u8], end: Option<&[u8]>) -> Result<()> {
+        if end.is_some_and(|e| e <= start) {
+            return Err(Error::InvalidArgument("compact range: end must be after start".into()));
+        }
+        let lo = crate::key::entity_prefix(start);
+        // Every key of an entity before `end` sorts before `end`'s prefix.
+        let hi = end.map(crate::key::entity_prefix);
+        self.inner.flush_all()?;
+        self.inner.compact_range(&lo, hi.as_deref())
+    }
+
     /// Runs compactions until no level is over its target.
     pub fn compact_pending(&self) -> Result<()> {
         while self.inner.compact_once()? {}
