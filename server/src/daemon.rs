@@ -69,7 +69,7 @@ pub async fn serve(
     let registry_svc =
         pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry.clone(), metrics.clone()));
     let admin_svc =
-        pb::admin_service_server::AdminServiceServer::new(AdminApi::new(db.clone(), registry.clone(), metrics.clone()));
+        pb::admin_service_server::AdminServiceServer::new(AdminApi::new(db.clone(), registry, metrics.clone()));
     // Small responses must not wait for the peer's delayed ACK (Nagle): 40 ms per request.
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
         if let Ok(s) = &s {

@@ -1,16 +1,99 @@
-//! `quiver ingest FILE.csv --group G`: a CSV bulk load over the streaming write. The whole file
-//! is checked against the registry (columns, types, keys, times) before the first batch is
-//! sent, so a malformed file writes nothing; each batch of `--batch-rows` rows is atomic.
+//! `quiver ingest FILE.csv|FILE.parquet --group G`: a bulk load over the streaming write.
+//!
+//! Two passes over the file: the first checks every row against the registry (columns, types,
+//! keys, times) and writes nothing, so a malformed file changes nothing; the second reads it
+//! again and streams it in batches of `--batch-rows` rows, each atomic. Memory stays bounded by
+//! a few batches whatever the file's size.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_proto::v1 as pb;
 
-use crate::{channel, fetch_group, grpc, parse_value, Result};
+use crate::tabular::{self, Cell, Location};
+use crate::{channel, fetch_group, grpc, Result};
 
 /// Most rows one batch may hold (the server's write limit).
 const BATCH_ROWS_MAX: usize = 10_000;
+/// Batches in flight between the file reader and the gRPC stream.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// The reader's stop signal when the server has ended the stream (its status says why).
+const STREAM_CLOSED: &str = "stream closed";
+
+/// Which column feeds what.
+struct Columns {
+    what: String,
+    group_ref: String,
+    keys: Vec<(usize, String, pb::JoinKeyType)>,
+    time: usize,
+    features: Vec<(usize, String, pb::ValueType)>,
+}
+
+impl Columns {
+    fn new(what: String, header: &[String], def: &pb::FeatureGroup, et: &pb::EntityType) -> Result<Self> {
+        let col = |name: &str| header.iter().position(|h| h == name);
+        let keys = et
+            .join_keys
+            .iter()
+            .map(|k| {
+                col(&k.name)
+                    .map(|i| (i, k.name.clone(), k.r#type()))
+                    .ok_or_else(|| format!("{what}: no column for join key {:?}", k.name))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let time = col("event_time").ok_or_else(|| format!("{what}: no event_time column"))?;
+        let mut features = Vec::new();
+        for (i, h) in header.iter().enumerate() {
+            if keys.iter().any(|k| k.0 == i) || i == time {
+                continue;
+            }
+            let f = def
+                .features
+                .iter()
+                .find(|f| &f.name == h)
+                .ok_or_else(|| format!("{what}: column {h:?} is not a feature of {}", def.name))?;
+            features.push((i, f.name.clone(), f.r#type()));
+        }
+        // Pinned to the version checked here, so an apply during the load cannot split it.
+        Ok(Columns { what, group_ref: format!("{}@{}", def.name, def.version), keys, time, features })
+    }
+
+    /// The write row of one table row; `None` if it has no value at all.
+    fn row(&self, at: Location, mut cells: Vec<Cell>) -> Result<Option<pb::WriteRow>> {
+        let what = &self.what;
+        let mut take = |i: usize| cells.get_mut(i).map(std::mem::take).unwrap_or_default();
+        let parts = self
+            .keys
+            .iter()
+            .map(|(i, name, t)| tabular::key_part(take(*i), *t).map_err(|e| format!("{what}: {at}: {name}: {e}")))
+            .collect::<Result<_>>()?;
+        let t = tabular::time(take(self.time)).map_err(|e| format!("{what}: {at}: event_time: {e}"))?;
+        let mut row = pb::WriteRow {
+            entity: Some(pb::EntityKey { parts }),
+            group: self.group_ref.clone(),
+            event_time: Some(quiver_server::convert::timestamp(t)),
+            ..Default::default()
+        };
+        for (i, name, ty) in &self.features {
+            if let Some(v) = tabular::value(take(*i), *ty).map_err(|e| format!("{what}: {at}: {name}: {e}"))? {
+                row.values.insert(name.clone(), v);
+            }
+        }
+        Ok((!row.values.is_empty()).then_some(row))
+    }
+}
+
+/// Calls `f` with every row of the file that has a value.
+fn for_each_row(file: &Path, cols: &Columns, mut f: impl FnMut(pb::WriteRow) -> Result<()>) -> Result<()> {
+    let mut rows = tabular::open(file)?;
+    while let Some((at, cells)) = rows.next_row()? {
+        if let Some(row) = cols.row(at, cells)? {
+            f(row)?;
+        }
+    }
+    Ok(())
+}
 
 pub async fn run(addr: &str, file: &Path, group: &str, batch_rows: usize) -> Result<()> {
     if batch_rows == 0 || batch_rows > BATCH_ROWS_MAX {
@@ -18,108 +101,62 @@ pub async fn run(addr: &str, file: &Path, group: &str, batch_rows: usize) -> Res
     }
     let ch = channel(addr).await?;
     let (def, et) = fetch_group(&ch, group).await?;
+    let header = tabular::open(file)?.header().to_vec();
+    let cols = std::sync::Arc::new(Columns::new(file.display().to_string(), &header, &def, &et)?);
 
-    let what = file.display().to_string();
-    let mut reader = csv::Reader::from_path(file).map_err(|e| format!("{what}: {e}"))?;
-    let header: Vec<String> =
-        reader.headers().map_err(|e| format!("{what}: {e}"))?.iter().map(str::to_string).collect();
-    let col = |name: &str| header.iter().position(|h| h == name);
-    let key_cols: Vec<usize> = et
-        .join_keys
-        .iter()
-        .map(|k| col(&k.name).ok_or_else(|| format!("{what}: no column for join key {:?}", k.name)))
-        .collect::<Result<_>>()?;
-    let time_col = col("event_time").ok_or_else(|| format!("{what}: no event_time column"))?;
-    let mut feature_cols = Vec::new();
-    for (i, h) in header.iter().enumerate() {
-        if key_cols.contains(&i) || i == time_col {
-            continue;
-        }
-        let f = def
-            .features
-            .iter()
-            .find(|f| &f.name == h)
-            .ok_or_else(|| format!("{what}: column {h:?} is not a feature of {group}"))?;
-        feature_cols.push((i, f.name.clone(), f.r#type()));
-    }
+    // Pass 1: check everything; a bad row anywhere means nothing is written.
+    let (path, c) = (file.to_path_buf(), cols.clone());
+    let total = tokio::task::spawn_blocking(move || {
+        let mut n = 0u64;
+        for_each_row(&path, &c, |_| {
+            n += 1;
+            Ok(())
+        })
+        .map(|()| n)
+    })
+    .await
+    .map_err(|e| format!("reading {}: {e}", file.display()))??;
 
-    // Parse everything first: a bad line anywhere means nothing is written.
-    let mut rows = Vec::new();
-    for (n, rec) in reader.records().enumerate() {
-        let line = n + 2;
-        let rec = rec.map_err(|e| format!("{what}: line {line}: {e}"))?;
-        let field = |i: usize| rec.get(i).unwrap_or("");
-        let parts: Vec<pb::KeyPart> = key_cols
-            .iter()
-            .zip(&et.join_keys)
-            .map(|(&i, k)| {
-                let v = field(i);
-                Ok(pb::KeyPart {
-                    kind: Some(match k.r#type() {
-                        pb::JoinKeyType::Int64 => pb::key_part::Kind::Int64Value(
-                            v.parse().map_err(|_| format!("{what}: line {line}: {}: {v:?} is not an int64", k.name))?,
-                        ),
-                        _ => pb::key_part::Kind::StringValue(v.to_string()),
-                    }),
-                })
-            })
-            .collect::<Result<_>>()?;
-        let t: i64 = field(time_col).parse().map_err(|_| {
-            format!("{what}: line {line}: event_time {:?} is not microseconds since the epoch", field(time_col))
-        })?;
-        let mut row = pb::WriteRow {
-            entity: Some(pb::EntityKey { parts }),
-            // Pinned to the version checked above, so an apply during the load cannot split it.
-            group: format!("{}@{}", def.name, def.version),
-            event_time: Some(quiver_server::convert::timestamp(t)),
-            ..Default::default()
-        };
-        for (i, name, ty) in &feature_cols {
-            let v = field(*i);
-            if !v.is_empty() {
-                row.values.insert(
-                    name.clone(),
-                    parse_value(v, *ty).map_err(|e| format!("{what}: line {line}: {name}: {e}"))?,
-                );
-            }
-        }
-        if !row.values.is_empty() {
-            rows.push(row);
-        }
-    }
-
-    let total = rows.len() as u64;
+    // Pass 2: stream it.
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} rows {per_sec} ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteFeaturesRequest>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteFeaturesRequest>(BATCHES_IN_FLIGHT);
     let mut client = pb::feature_service_client::FeatureServiceClient::new(ch);
     let call =
         tokio::spawn(
             async move { client.write_features_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await },
         );
-    let mut chunk = Vec::with_capacity(batch_rows);
-    for row in rows {
-        chunk.push(row);
-        if chunk.len() == batch_rows {
-            bar.inc(chunk.len() as u64);
-            if tx
-                .send(pb::WriteFeaturesRequest { rows: std::mem::take(&mut chunk), ..Default::default() })
-                .await
-                .is_err()
-            {
-                break;
+    let (path, b): (PathBuf, ProgressBar) = (file.to_path_buf(), bar.clone());
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut chunk = Vec::with_capacity(batch_rows);
+        let send = |rows: Vec<pb::WriteRow>| {
+            b.inc(rows.len() as u64);
+            // A closed stream means the server ended the call; its status is the error.
+            tx.blocking_send(pb::WriteFeaturesRequest { rows, ..Default::default() }).is_ok()
+        };
+        let r = for_each_row(&path, &cols, |row| {
+            chunk.push(row);
+            if chunk.len() == batch_rows && !send(std::mem::replace(&mut chunk, Vec::with_capacity(batch_rows))) {
+                return Err(STREAM_CLOSED.into());
             }
+            Ok(())
+        });
+        match r {
+            Ok(()) => {
+                if !chunk.is_empty() {
+                    send(chunk);
+                }
+                Ok(())
+            }
+            Err(e) if e == STREAM_CLOSED => Ok(()),
+            Err(e) => Err(format!("the file changed while it was loaded: {e}")),
         }
-    }
-    if !chunk.is_empty() {
-        bar.inc(chunk.len() as u64);
-        let _ = tx.send(pb::WriteFeaturesRequest { rows: chunk, ..Default::default() }).await;
-    }
-    drop(tx);
+    });
     let summary = call.await.map_err(|e| format!("ingest task: {e}"))?.map_err(grpc)?.into_inner();
+    reader.await.map_err(|e| format!("ingest reader: {e}"))??;
     bar.finish_and_clear();
     println!(
         "ingested {} rows, {} values in {} batches into {group}",

@@ -3,8 +3,10 @@
 
 mod demo;
 mod ingest;
+mod join;
 mod offline;
 mod registry_file;
+mod tabular;
 
 use std::path::PathBuf;
 
@@ -73,9 +75,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AdminCmd,
     },
-    /// Bulk-load a CSV file into a group: a header row naming the entity type's join keys,
-    /// `event_time` (microseconds since the Unix epoch) and feature columns (an empty cell
-    /// writes nothing). Rows are sent in atomic batches over the streaming write.
+    /// Bulk-load a CSV or Parquet file into a group: columns named by the entity type's join
+    /// keys, `event_time` (a Parquet timestamp, or microseconds since the Unix epoch) and
+    /// features (an empty cell or null writes nothing). The whole file is checked first; rows
+    /// are then sent in atomic batches over the streaming write.
     Ingest {
         file: PathBuf,
         /// "group" or "group@N".
@@ -84,6 +87,31 @@ enum Cmd {
         /// Rows per atomic batch.
         #[arg(long, default_value_t = 1000)]
         batch_rows: usize,
+    },
+    /// Point-in-time join of a spine (CSV or Parquet: join keys and a time column) with
+    /// features, written as Parquet in the spine's order.
+    Join {
+        /// The spine file (.csv or .parquet).
+        spine: PathBuf,
+        /// Output Parquet file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Feature references ("group:feature" or "group@N:feature"), all of one entity type.
+        #[arg(long = "feature", required = true)]
+        features: Vec<String>,
+        /// The spine's time column.
+        #[arg(long, default_value = "event_time")]
+        time_column: String,
+        /// Only what the store knew at this system time (µs since the epoch): reproducible.
+        #[arg(long)]
+        known_at_us: Option<i64>,
+        /// Only values the online path could have served at each row's time (no leakage from
+        /// late or backfilled data).
+        #[arg(long)]
+        strict_availability: bool,
+        /// Fill registered defaults where nothing is within the TTL.
+        #[arg(long)]
+        use_defaults: bool,
     },
     /// Every version of an entity's features (time travel), newest event first.
     History {
@@ -277,10 +305,10 @@ fn print_changes(changes: &[pb::RegistryChange], json: bool, dry_run: bool) {
             pb::registry_change::Kind::Unspecified => "?",
         };
         if json {
-            println!(
-                "{{\"object\":{:?},\"change\":{:?},\"version\":{},\"details\":{:?},\"dry_run\":{dry_run}}}",
-                c.object, kind, c.version, c.details
-            );
+            let line = serde_json::json!({
+                "object": c.object, "change": kind, "version": c.version, "details": c.details, "dry_run": dry_run,
+            });
+            println!("{line}");
         } else {
             println!("{} {} (v{}){}", kind, c.object, c.version, if dry_run { " [dry run]" } else { "" });
             for d in &c.details {
@@ -324,9 +352,12 @@ async fn run(cli: Cli) -> Result<()> {
                 let cells: Vec<String> =
                     resp.columns.iter().map(|c| format!("{}={}", c.feature_ref, cell_text(c, i))).collect();
                 if cli.json {
-                    let fields: Vec<String> =
-                        resp.columns.iter().map(|c| format!("{:?}:{:?}", c.feature_ref, cell_text(c, i))).collect();
-                    println!("{{\"entity\":{e:?},{}}}", fields.join(","));
+                    let mut line = serde_json::Map::new();
+                    line.insert("entity".into(), e.as_str().into());
+                    for c in &resp.columns {
+                        line.insert(c.feature_ref.clone(), cell_text(c, i).into());
+                    }
+                    println!("{}", serde_json::Value::Object(line));
                 } else {
                     println!("{e}: {}", cells.join("  "));
                 }
@@ -441,6 +472,37 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Ingest { file, group, batch_rows } => ingest::run(&cli.addr, &file, &group, batch_rows).await,
+        Cmd::Join { spine, output, features, time_column, known_at_us, strict_availability, use_defaults } => {
+            let started = std::time::Instant::now();
+            let args = join::JoinArgs {
+                spine,
+                output: output.clone(),
+                features,
+                time_column,
+                known_at_us,
+                strict_availability,
+                use_defaults,
+            };
+            let s = join::run(&cli.addr, args).await?;
+            let secs = started.elapsed().as_secs_f64();
+            if cli.json {
+                let filled: serde_json::Map<String, serde_json::Value> =
+                    s.filled.iter().map(|(n, c)| (n.clone(), (*c).into())).collect();
+                let line = serde_json::json!({
+                    "rows": s.rows, "output": output.display().to_string(), "filled": filled, "seconds": secs,
+                });
+                println!("{line}");
+            } else {
+                let filled: Vec<String> = s.filled.iter().map(|(n, c)| format!("{n} {c}")).collect();
+                println!(
+                    "joined {} spine rows in {secs:.2} s -> {} (rows with a value: {})",
+                    s.rows,
+                    output.display(),
+                    filled.join(", ")
+                );
+            }
+            Ok(())
+        }
         Cmd::Sst { cmd: SstCmd::Dump { file, limit } } => offline::sst_dump(&file, limit),
         Cmd::Wal { cmd: WalCmd::Dump { file, limit } } => offline::wal_dump(&file, limit),
         Cmd::Verify { dir } => {

@@ -232,3 +232,211 @@ type = "string_list"
     let (ok, _, err) = quiver(&["verify", tmp.path().join("nothing").to_str().expect("path")]);
     assert!(!ok && err.contains("CURRENT"), "{err}");
 }
+
+/// Parquet in and out: `ingest` of a typed Parquet file (timestamps, narrow integers, lists,
+/// nulls), refusal of a bad file with nothing written, and `join` of Parquet and CSV spines
+/// checked row by row against the as-of rule computed here.
+#[test]
+fn parquet_ingest_and_join_agree_with_the_as_of_rule() {
+    use std::sync::Arc;
+
+    use arrow_array::builder::{Float32Builder, ListBuilder, StringBuilder};
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, Int64Type, TimestampMicrosecondType};
+    use arrow_array::{Array, TimestampMillisecondArray};
+    use arrow_array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::ArrowWriter;
+
+    const HOUR_US: i64 = 3_600_000_000;
+    const T0_MS: i64 = 1_700_000_000_000;
+    let write_parquet = |path: &std::path::Path, cols: Vec<(&str, ArrayRef)>| {
+        let batch = RecordBatch::try_from_iter(cols).expect("batch");
+        let mut w =
+            ArrowWriter::try_new(std::fs::File::create(path).expect("create"), batch.schema(), None).expect("writer");
+        w.write(&batch).expect("write");
+        w.close().expect("close");
+    };
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = Daemon::start(&tmp.path().join("data"), &[]);
+    let addr = d.addr.clone();
+    let reg = tmp.path().join("registry.toml");
+    std::fs::write(
+        &reg,
+        r#"
+[[entity_types]]
+name = "user"
+join_keys = [{ name = "user_id", type = "string" }]
+
+[[feature_groups]]
+name = "stats"
+entity_type = "user"
+ttl = "1h"
+features = [
+  { name = "clicks", type = "int64" },
+  { name = "spend", type = "float64" },
+  { name = "tags", type = "string_list" },
+  { name = "emb", type = "float32_vector" },
+]
+"#,
+    )
+    .expect("registry");
+    let (ok, _, err) = quiver(&["--addr", &addr, "apply", reg.to_str().expect("path")]);
+    assert!(ok, "{err}");
+
+    // 50 users x 3 events, half an hour apart; user i's clicks at event j = 10 i + j, with the
+    // clicks of event 1 null (nothing written for that feature then).
+    let (users, events) = (50usize, 3usize);
+    let mut ids = Vec::new();
+    let mut times = Vec::new();
+    let mut clicks = Vec::new();
+    let mut spend = Vec::new();
+    let mut tags = ListBuilder::new(StringBuilder::new());
+    let mut emb = ListBuilder::new(Float32Builder::new());
+    for i in 0..users {
+        for j in 0..events {
+            ids.push(format!("u{i}"));
+            times.push(T0_MS + j as i64 * 1_800_000);
+            clicks.push((j != 1).then_some((10 * i + j) as i32));
+            spend.push(i as f64 + j as f64 / 10.0);
+            tags.values().append_value(format!("t{j}"));
+            tags.append(true);
+            emb.values().append_value(j as f32);
+            emb.values().append_value(0.5);
+            emb.append(true);
+        }
+    }
+    let load = tmp.path().join("load.parquet");
+    write_parquet(
+        &load,
+        vec![
+            ("user_id", Arc::new(StringArray::from(ids)) as ArrayRef),
+            ("event_time", Arc::new(TimestampMillisecondArray::from(times).with_timezone("UTC"))),
+            ("clicks", Arc::new(Int32Array::from(clicks))),
+            ("spend", Arc::new(Float64Array::from(spend))),
+            ("tags", Arc::new(tags.finish())),
+            ("emb", Arc::new(emb.finish())),
+        ],
+    );
+    let (ok, out, err) = quiver(&["--addr", &addr, "ingest", load.to_str().expect("path"), "--group", "stats"]);
+    assert!(ok && out.contains("ingested 150 rows, 550 values"), "{out}{err}");
+
+    // A file with a bad cell in its last row writes nothing.
+    let bad = tmp.path().join("bad.parquet");
+    write_parquet(
+        &bad,
+        vec![
+            ("user_id", Arc::new(StringArray::from(vec!["fresh", "fresh2"])) as ArrayRef),
+            ("event_time", Arc::new(Int64Array::from(vec![1, 2]))),
+            ("spend", Arc::new(StringArray::from(vec!["1.5", "lots"]))),
+        ],
+    );
+    let (ok, _, err) = quiver(&["--addr", &addr, "ingest", bad.to_str().expect("path"), "--group", "stats"]);
+    assert!(!ok && err.contains("row 2") && err.contains("spend") && err.trim().lines().count() == 1, "{err}");
+    let (ok, out, _) =
+        quiver(&["--addr", &addr, "get", "--entity-type", "user", "--entity", "fresh", "--feature", "stats:spend"]);
+    assert!(ok && out.contains("(not_found)"), "nothing of the bad file was written: {out}");
+
+    // The spine: every user (and one unknown) at times before, between and after the events.
+    let offsets_us = [-1, 0, HOUR_US / 2 - 1, HOUR_US / 2 + 1, HOUR_US + 5, 2 * HOUR_US, 4 * HOUR_US];
+    let mut spine_ids = Vec::new();
+    let mut spine_ts = Vec::new();
+    for i in 0..=users {
+        for off in offsets_us {
+            spine_ids.push(format!("u{i}"));
+            spine_ts.push(T0_MS * 1000 + off);
+        }
+    }
+    // What the join must answer: the newest event at or before t, within the 1 h TTL.
+    let expect = |user: &str, t: i64, feature: &str| -> Option<f64> {
+        let i: usize = user[1..].parse().ok().filter(|&i| i < users)?;
+        let j = (0..events)
+            .rev()
+            .find(|&j| T0_MS * 1000 + j as i64 * HOUR_US / 2 <= t && (feature != "clicks" || j != 1))?;
+        let at = T0_MS * 1000 + j as i64 * HOUR_US / 2;
+        (t - at <= HOUR_US).then(|| if feature == "clicks" { (10 * i + j) as f64 } else { i as f64 + j as f64 / 10.0 })
+    };
+    let spine_pq = tmp.path().join("spine.parquet");
+    write_parquet(
+        &spine_pq,
+        vec![
+            ("ts", Arc::new(Int64Array::from(spine_ts.clone())) as ArrayRef),
+            ("user_id", Arc::new(StringArray::from(spine_ids.clone()))),
+        ],
+    );
+    let spine_csv = tmp.path().join("spine.csv");
+    let mut text = String::from("user_id,ts\n");
+    for (u, t) in spine_ids.iter().zip(&spine_ts) {
+        text.push_str(&format!("{u},{t}\n"));
+    }
+    std::fs::write(&spine_csv, text).expect("csv");
+
+    for spine in [&spine_pq, &spine_csv] {
+        let out_path = tmp.path().join("out.parquet");
+        let (ok, out, err) = quiver(&[
+            "--addr",
+            &addr,
+            "--json",
+            "join",
+            spine.to_str().expect("path"),
+            "-o",
+            out_path.to_str().expect("path"),
+            "--time-column",
+            "ts",
+            "--feature",
+            "stats:clicks",
+            "--feature",
+            "stats:spend",
+            "--feature",
+            "stats:emb",
+        ]);
+        assert!(ok, "{err}");
+        let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("json summary");
+        assert_eq!(summary["rows"], spine_ids.len());
+
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&out_path).expect("open"))
+            .expect("parquet")
+            .build()
+            .expect("reader");
+        let mut row = 0;
+        let mut filled = 0;
+        for batch in reader {
+            let batch = batch.expect("batch");
+            let names: Vec<&str> = batch.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+            assert_eq!(names, ["user_id", "event_time", "clicks", "spend", "emb"]);
+            let ids = batch.column(0).as_string::<i32>();
+            let ts = batch.column(1).as_primitive::<TimestampMicrosecondType>();
+            let clicks = batch.column(2).as_primitive::<Int64Type>();
+            let spend = batch.column(3).as_primitive::<Float64Type>();
+            let emb = batch.column(4).as_list::<i32>();
+            for k in 0..batch.num_rows() {
+                assert_eq!(ids.value(k), spine_ids[row], "spine order");
+                assert_eq!(ts.value(k), spine_ts[row]);
+                let got_clicks = (!clicks.is_null(k)).then(|| clicks.value(k) as f64);
+                assert_eq!(got_clicks, expect(&spine_ids[row], spine_ts[row], "clicks"), "clicks of row {row}");
+                let got_spend = (!spend.is_null(k)).then(|| spend.value(k));
+                assert_eq!(got_spend, expect(&spine_ids[row], spine_ts[row], "spend"), "spend of row {row}");
+                assert_eq!(emb.is_null(k), got_spend.is_none(), "emb is written with spend");
+                filled += usize::from(got_clicks.is_some());
+                row += 1;
+            }
+        }
+        assert_eq!(row, spine_ids.len());
+        assert_eq!(summary["filled"]["clicks"], filled);
+        assert!(filled > users, "the spine hits values: {filled}");
+    }
+
+    let (ok, _, err) = quiver(&[
+        "--addr",
+        &addr,
+        "join",
+        spine_csv.to_str().expect("path"),
+        "-o",
+        tmp.path().join("x.parquet").to_str().expect("path"),
+        "--feature",
+        "stats:clicks",
+    ]);
+    assert!(!ok && err.contains("no event_time column") && err.trim().lines().count() == 1, "{err}");
+    assert!(d.stop());
+}

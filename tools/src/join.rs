@@ -1,0 +1,274 @@
+//! `quiver join SPINE.csv|SPINE.parquet --feature group:feature ... -o OUT.parquet`: the
+//! point-in-time join of a training spine through `GetHistoricalFeatures`, written as Parquet.
+//!
+//! The spine has one column per join key of the features' entity type and a time column
+//! (`event_time` unless `--time-column` says otherwise; a Parquet timestamp, or microseconds
+//! since the epoch). The output has the spine's rows in the spine's order: the join keys, the
+//! time as `event_time` (timestamp µs, UTC), and one nullable column per feature, named by the
+//! feature (or `group__feature` when two requested groups share a feature name). A value is
+//! null where the join found nothing within the TTL (NOT_FOUND, STALE); `--use-defaults` fills
+//! registered defaults.
+//!
+//! The spine is sent in requests of [`SPINE_ROWS_PER_REQUEST`] rows; each streamed answer
+//! becomes one Parquet row group, so memory holds the spine's keys plus one request's answer.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BinaryBuilder, BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
+};
+use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use quiver_proto::v1 as pb;
+
+use crate::tabular::{self, Location};
+use crate::{channel, fetch_group, grpc, Result};
+
+/// Spine rows per `GetHistoricalFeatures` request (the server takes up to 10,000,000; smaller
+/// requests keep each message and each answer's memory modest).
+pub const SPINE_ROWS_PER_REQUEST: usize = 1_000_000;
+
+/// What to join.
+#[derive(Debug)]
+pub struct JoinArgs {
+    pub spine: PathBuf,
+    pub output: PathBuf,
+    pub features: Vec<String>,
+    pub time_column: String,
+    pub known_at_us: Option<i64>,
+    pub strict_availability: bool,
+    pub use_defaults: bool,
+}
+
+/// What a join did.
+#[derive(Debug)]
+pub struct JoinSummary {
+    pub rows: u64,
+    /// Per feature column: output name and rows with a value.
+    pub filled: Vec<(String, u64)>,
+}
+
+/// The spine: entity keys and times, in file order.
+struct Spine {
+    rows: Vec<pb::SpineRow>,
+}
+
+fn read_spine(path: &Path, et: &pb::EntityType, time_column: &str) -> Result<Spine> {
+    let what = path.display().to_string();
+    let mut table = tabular::open(path)?;
+    let header = table.header().to_vec();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let keys: Vec<(usize, &pb::JoinKey)> = et
+        .join_keys
+        .iter()
+        .map(|k| col(&k.name).map(|i| (i, k)).ok_or_else(|| format!("{what}: no column for join key {:?}", k.name)))
+        .collect::<Result<_>>()?;
+    let time = col(time_column).ok_or_else(|| format!("{what}: no {time_column} column (see --time-column)"))?;
+    let mut rows = Vec::new();
+    while let Some((at, mut cells)) = table.next_row()? {
+        let mut take = |i: usize| cells.get_mut(i).map(std::mem::take).unwrap_or_default();
+        let bad = |at: Location, name: &str, e: String| format!("{what}: {at}: {name}: {e}");
+        let parts = keys
+            .iter()
+            .map(|(i, k)| tabular::key_part(take(*i), k.r#type()).map_err(|e| bad(at, &k.name, e)))
+            .collect::<Result<_>>()?;
+        let t = tabular::time(take(time)).map_err(|e| bad(at, time_column, e))?;
+        rows.push(pb::SpineRow {
+            entity: Some(pb::EntityKey { parts }),
+            timestamp: Some(quiver_server::convert::timestamp(t)),
+        });
+    }
+    Ok(Spine { rows })
+}
+
+fn arrow_type(t: pb::ValueType) -> DataType {
+    let item = |dt: DataType| DataType::List(Arc::new(Field::new("item", dt, true)));
+    match t {
+        pb::ValueType::Bool => DataType::Boolean,
+        pb::ValueType::Int64 => DataType::Int64,
+        pb::ValueType::Float32 => DataType::Float32,
+        pb::ValueType::Float64 | pb::ValueType::Unspecified => DataType::Float64,
+        pb::ValueType::String => DataType::Utf8,
+        pb::ValueType::Bytes => DataType::Binary,
+        pb::ValueType::Float32Vector => item(DataType::Float32),
+        pb::ValueType::Int64List => item(DataType::Int64),
+        pb::ValueType::StringList => item(DataType::Utf8),
+    }
+}
+
+/// One feature column of the answer as Arrow, null where the status carries no value.
+fn feature_array(c: &pb::FeatureColumn) -> ArrayRef {
+    let n = c.statuses.len();
+    let has = |i: usize| {
+        matches!(
+            pb::FeatureStatus::try_from(c.statuses[i]),
+            Ok(pb::FeatureStatus::Present | pb::FeatureStatus::Defaulted)
+        )
+    };
+    macro_rules! scalar {
+        ($b:expr, $vals:expr) => {{
+            let mut b = $b;
+            for i in 0..n {
+                b.append_option($vals.get(i).filter(|_| has(i)).cloned());
+            }
+            Arc::new(b.finish()) as ArrayRef
+        }};
+    }
+    macro_rules! list {
+        ($inner:expr, $vals:expr) => {{
+            let mut b = ListBuilder::new($inner);
+            for i in 0..n {
+                match $vals.get(i).filter(|_| has(i)) {
+                    Some(l) => {
+                        for v in &l.values {
+                            b.values().append_value(v.clone());
+                        }
+                        b.append(true);
+                    }
+                    None => b.append(false),
+                }
+            }
+            Arc::new(b.finish()) as ArrayRef
+        }};
+    }
+    match c.r#type() {
+        pb::ValueType::Bool => scalar!(BooleanBuilder::with_capacity(n), c.bool_values),
+        pb::ValueType::Int64 => scalar!(Int64Builder::with_capacity(n), c.int64_values),
+        pb::ValueType::Float32 => scalar!(Float32Builder::with_capacity(n), c.float32_values),
+        pb::ValueType::Float64 | pb::ValueType::Unspecified => {
+            scalar!(Float64Builder::with_capacity(n), c.float64_values)
+        }
+        pb::ValueType::String => scalar!(StringBuilder::new(), c.string_values),
+        pb::ValueType::Bytes => scalar!(BinaryBuilder::new(), c.bytes_values),
+        pb::ValueType::Float32Vector => list!(Float32Builder::new(), c.float32_vector_values),
+        pb::ValueType::Int64List => list!(Int64Builder::new(), c.int64_list_values),
+        pb::ValueType::StringList => list!(StringBuilder::new(), c.string_list_values),
+    }
+}
+
+/// Output column names: the feature name, or `group__feature` for every feature when two
+/// requested features share a name.
+fn output_names(refs: &[String]) -> Vec<String> {
+    let feature = |r: &str| r.rsplit(':').next().unwrap_or(r).to_string();
+    let names: Vec<String> = refs.iter().map(|r| feature(r)).collect();
+    let unique = names.iter().collect::<std::collections::HashSet<_>>().len() == names.len();
+    if unique {
+        names
+    } else {
+        refs.iter().map(|r| r.replacen(':', "__", 1).replace('@', "_v")).collect()
+    }
+}
+
+fn key_arrays(rows: &[pb::SpineRow], et: &pb::EntityType) -> Vec<ArrayRef> {
+    use pb::key_part::Kind;
+    let part = |r: &pb::SpineRow, j: usize| r.entity.as_ref().and_then(|e| e.parts.get(j)).and_then(|p| p.kind.clone());
+    let mut out: Vec<ArrayRef> = et
+        .join_keys
+        .iter()
+        .enumerate()
+        .map(|(j, k)| match k.r#type() {
+            pb::JoinKeyType::Int64 => Arc::new(Int64Array::from_iter(rows.iter().map(|r| match part(r, j) {
+                Some(Kind::Int64Value(v)) => Some(v),
+                _ => None,
+            }))) as ArrayRef,
+            _ => Arc::new(StringArray::from_iter(rows.iter().map(|r| match part(r, j) {
+                Some(Kind::StringValue(s)) => Some(s),
+                _ => None,
+            }))) as ArrayRef,
+        })
+        .collect();
+    let micros = |r: &pb::SpineRow| r.timestamp.as_ref().map(|t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
+    out.push(Arc::new(TimestampMicrosecondArray::from_iter(rows.iter().map(micros)).with_timezone("UTC")));
+    out
+}
+
+pub async fn run(addr: &str, args: JoinArgs) -> Result<JoinSummary> {
+    let first = args.features.first().ok_or("give at least one --feature group:feature")?;
+    let group = first.split_once(':').map(|(g, _)| g).ok_or_else(|| format!("bad feature reference {first:?}"))?;
+    let ch = channel(addr).await?;
+    let (_, et) = fetch_group(&ch, group).await?;
+    let (path, et2, tc) = (args.spine.clone(), et.clone(), args.time_column.clone());
+    let spine = tokio::task::spawn_blocking(move || read_spine(&path, &et2, &tc))
+        .await
+        .map_err(|e| format!("reading the spine: {e}"))??;
+
+    let names = output_names(&args.features);
+    let mut writer: Option<(ArrowWriter<File>, Arc<Schema>)> = None;
+    let mut filled = vec![0u64; names.len()];
+    let out = args.output.display().to_string();
+    let mut client = pb::feature_service_client::FeatureServiceClient::new(ch)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    for (chunk_no, chunk) in spine.rows.chunks(SPINE_ROWS_PER_REQUEST).enumerate() {
+        let base = chunk_no * SPINE_ROWS_PER_REQUEST;
+        let mut stream = client
+            .get_historical_features(pb::GetHistoricalFeaturesRequest {
+                entity_type: et.name.clone(),
+                spine: chunk.to_vec(),
+                features: args.features.clone(),
+                known_at: args.known_at_us.map(quiver_server::convert::timestamp),
+                strict_availability: args.strict_availability,
+                use_defaults: args.use_defaults,
+            })
+            .await
+            .map_err(grpc)?
+            .into_inner();
+        let mut next = 0usize;
+        while let Some(part) = stream.message().await.map_err(grpc)? {
+            let first = usize::try_from(part.first_row).unwrap_or(usize::MAX);
+            let n = part.columns.first().map_or(0, |c| c.statuses.len());
+            if first != next || part.columns.len() != names.len() || first + n > chunk.len() {
+                return Err(format!("the server's answer is out of order at spine row {}", base + first));
+            }
+            let mut columns = key_arrays(&chunk[first..first + n], &et);
+            for (j, c) in part.columns.iter().enumerate() {
+                let a = feature_array(c);
+                filled[j] += (a.len() - a.null_count()) as u64;
+                columns.push(a);
+            }
+            if writer.is_none() {
+                let mut fields: Vec<Field> = et
+                    .join_keys
+                    .iter()
+                    .zip(&columns)
+                    .map(|(k, a)| Field::new(&k.name, a.data_type().clone(), true))
+                    .collect();
+                fields.push(Field::new(
+                    "event_time",
+                    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                    true,
+                ));
+                for (name, c) in names.iter().zip(&part.columns) {
+                    fields.push(Field::new(name, arrow_type(c.r#type()), true));
+                }
+                let file = File::create(&args.output).map_err(|e| format!("{out}: {e}"))?;
+                let props = WriterProperties::builder()
+                    .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(|e| e.to_string())?))
+                    .build();
+                let schema = Arc::new(Schema::new(fields));
+                let w = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| format!("{out}: {e}"))?;
+                writer = Some((w, schema));
+            }
+            if let Some((w, schema)) = writer.as_mut() {
+                let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| format!("{out}: {e}"))?;
+                w.write(&batch).map_err(|e| format!("{out}: {e}"))?;
+            }
+            next = first + n;
+        }
+        if next != chunk.len() {
+            return Err(format!("the server's answer ended early at spine row {}", base + next));
+        }
+    }
+    match writer {
+        Some((w, _)) => {
+            w.close().map_err(|e| format!("{out}: {e}"))?;
+        }
+        None => return Err(format!("{}: the spine has no rows", args.spine.display())),
+    }
+    Ok(JoinSummary { rows: spine.rows.len() as u64, filled: names.into_iter().zip(filled).collect() })
+}
