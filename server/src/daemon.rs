@@ -38,7 +38,12 @@ pub async fn serve(
     ready: impl FnOnce(std::net::SocketAddr, Option<std::net::SocketAddr>),
 ) -> Result<(), String> {
     let budget = cfg.memory_budget_bytes;
-    let opts = Options { memtable_bytes: budget / 8, block_cache_bytes: budget / 2, ..Options::default() };
+    let opts = Options {
+        memtable_bytes: budget / 8,
+        hot_tier_bytes: budget / 8,
+        block_cache_bytes: budget / 2,
+        ..Options::default()
+    };
     let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
     let registry = Arc::new(Registry::open(db.clone()).map_err(|e| format!("loading the registry: {e}"))?);
     let features = Arc::new(Features::new(registry.clone(), cfg.durability));

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use prost::Message;
 use quiver_proto::v1 as pb;
-use quiver_storage::{AsOf, Db, Durability, EventTime, FeatureId, SystemTime, Value, VersionVector, WriteBatch};
+use quiver_storage::{
+    AsOf, CellVersion, Db, Durability, EventTime, FeatureId, SystemTime, Value, VersionVector, WriteBatch,
+};
 
 use crate::convert::{self, Invalid};
 use crate::registry::{Registry, RegistryError, ResolvedFeature};
@@ -130,21 +132,32 @@ fn push_value(col: &mut pb::FeatureColumn, t: pb::ValueType, v: Option<&Value>) 
 }
 
 /// The served status, event time and value of one cell (see the module docs for the order).
-fn read_cell(
-    snap: &quiver_storage::Snapshot,
-    key: &[u8],
+/// Status, event time and value of one cell from the winning version of a read *without*
+/// lookback (tombstones included): `value_at` with the feature's TTL as lookback is that
+/// version when it lies within the TTL of `as_of`, and absent otherwise (DESIGN.md §2).
+fn cell_status(
+    newest: Option<CellVersion>,
+    as_of: EventTime,
     f: &ResolvedFeature,
-    q: AsOf,
     default: Option<&Value>,
-) -> Result<(pb::FeatureStatus, i64, Option<Value>)> {
-    if let Some(v) = snap.value_at(key, f.id, q)? {
-        return Ok((pb::FeatureStatus::Present, v.event_time.0, v.value));
+) -> (pb::FeatureStatus, i64, Option<Value>) {
+    let q = AsOf { as_of, known_at: SystemTime::MAX, lookback_us: lookback(f) };
+    let (in_ttl, stale) = match newest {
+        Some(CellVersion { value: Some(value), event_time, .. }) => {
+            if event_time >= q.event_time_min() {
+                (Some((event_time, value)), false)
+            } else {
+                (None, true)
+            }
+        }
+        _ => (None, false),
+    };
+    match (in_ttl, default) {
+        (Some((t, v)), _) => (pb::FeatureStatus::Present, t.0, Some(v)),
+        (None, Some(d)) => (pb::FeatureStatus::Defaulted, 0, Some(d.clone())),
+        (None, None) if stale => (pb::FeatureStatus::Stale, 0, None),
+        (None, None) => (pb::FeatureStatus::NotFound, 0, None),
     }
-    if let Some(d) = default {
-        return Ok((pb::FeatureStatus::Defaulted, 0, Some(d.clone())));
-    }
-    let older = q.lookback_us.is_some() && snap.value_at(key, f.id, AsOf { lookback_us: None, ..q })?.is_some();
-    Ok((if older { pb::FeatureStatus::Stale } else { pb::FeatureStatus::NotFound }, 0, None))
 }
 
 fn lookback(f: &ResolvedFeature) -> Option<u64> {
@@ -210,14 +223,17 @@ impl Features {
             Some(ts) => convert::micros(ts, "as_of")?,
             None => now_us,
         };
-        let snap = self.db.snapshot();
+        // One batch read of every pair from one view, hot tier first; TTLs apply per feature.
+        let ids: Vec<FeatureId> = features.iter().map(|f| f.id).collect();
+        let q = AsOf { as_of: EventTime(as_of), known_at: SystemTime::MAX, lookback_us: None };
+        let mut versions = self.db.multi_version_at(&keys, &ids, q)?;
         let mut columns = Vec::with_capacity(m);
-        for (f, reference) in features.iter().zip(&req.features) {
+        for (j, (f, reference)) in features.iter().zip(&req.features).enumerate() {
             let mut col = column(f, reference, n);
-            let q = AsOf { as_of: EventTime(as_of), known_at: SystemTime::MAX, lookback_us: lookback(f) };
             let default = default_of(f)?;
-            for key in &keys {
-                let (status, event_us, value) = read_cell(&snap, key, f, q, default.as_ref())?;
+            for i in 0..n {
+                let v = versions.get_mut(i * m + j).and_then(Option::take);
+                let (status, event_us, value) = cell_status(v, EventTime(as_of), f, default.as_ref());
                 col.statuses.push(status as i32);
                 col.event_times_us.push(event_us);
                 push_value(&mut col, f.value_type, value.as_ref());
@@ -285,8 +301,9 @@ impl Features {
                 for (key, t) in chunk {
                     let k =
                         if req.strict_availability { known_at.min(SystemTime(t.0.max(0) as u64)) } else { known_at };
-                    let q = AsOf { as_of: *t, known_at: k, lookback_us: lookback(f) };
-                    let (status, event_us, value) = read_cell(&snap, key, f, q, default.as_ref())?;
+                    let q = AsOf { as_of: *t, known_at: k, lookback_us: None };
+                    let v = snap.version_at(key, f.id, q)?;
+                    let (status, event_us, value) = cell_status(v, *t, f, default.as_ref());
                     col.statuses.push(status as i32);
                     col.event_times_us.push(event_us);
                     push_value(&mut col, f.value_type, value.as_ref());

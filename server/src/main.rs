@@ -34,7 +34,7 @@ struct Args {
     /// Prometheus metrics address (`GET /metrics`), or "off".
     #[arg(long, env = "QUIVER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
-    /// Memory budget in MiB for memtables and the block cache.
+    /// Memory budget in MiB for memtables, the hot tier and the block cache.
     #[arg(long, env = "QUIVER_MEMORY_BUDGET_MB")]
     memory_budget_mb: Option<u64>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen.

@@ -61,7 +61,7 @@ impl Metrics {
         registry.register(Box::new(latency.clone())).map_err(err)?;
         registry.register(Box::new(values_written.clone())).map_err(err)?;
         registry.register(Box::new(write_bytes.clone())).map_err(err)?;
-        let figures: [(&str, &str, Figure); 10] = [
+        let figures: [(&str, &str, Figure); 15] = [
             ("engine_flushes", "memtable flushes since start", |s| s.flushes as i64),
             ("engine_compactions", "compactions since start", |s| s.compactions as i64),
             ("engine_entries_dropped", "versions dropped by retention since start", |s| s.entries_dropped as i64),
@@ -72,6 +72,11 @@ impl Metrics {
             ("engine_table_bytes", "bytes of all tables", |s| s.levels.iter().map(|l| l.bytes as i64).sum()),
             ("engine_block_cache_hits", "block cache hits since start", |s| s.block_cache_hits as i64),
             ("engine_block_cache_misses", "block cache misses since start", |s| s.block_cache_misses as i64),
+            ("engine_hot_tier_hits", "reads the hot tier answered since start", |s| s.hot.hits as i64),
+            ("engine_hot_tier_misses", "reads the hot tier passed on since start", |s| s.hot.misses as i64),
+            ("engine_hot_tier_evictions", "hot tier evictions since start", |s| s.hot.evictions as i64),
+            ("engine_hot_tier_entries", "pairs held by the hot tier", |s| s.hot.entries as i64),
+            ("engine_hot_tier_bytes", "approximate bytes held by the hot tier", |s| s.hot.bytes as i64),
         ];
         let mut engine = Vec::new();
         for (name, help, f) in figures {

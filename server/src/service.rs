@@ -386,6 +386,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     block_cache_hits: s.block_cache_hits,
                     block_cache_misses: s.block_cache_misses,
                     block_cache_bytes: s.block_cache_bytes,
+                    hot_tier_hits: s.hot.hits,
+                    hot_tier_misses: s.hot.misses,
+                    hot_tier_fills: s.hot.fills,
+                    hot_tier_evictions: s.hot.evictions,
+                    hot_tier_entries: s.hot.entries,
+                    hot_tier_bytes: s.hot.bytes,
                 }))
             })
             .await

@@ -20,6 +20,7 @@ pub use error::{Error, Result};
 pub mod compaction;
 pub mod db;
 pub mod hlc;
+mod hot;
 pub mod iter;
 pub mod manifest;
 pub mod memtable;
@@ -29,6 +30,7 @@ pub mod version;
 pub use batch::WriteBatch;
 pub use db::{verify_dir, Db, LevelStats, ScanItem, ScanIter, ScanRange, Snapshot, Stats, VerifyReport, WriteReceipt};
 pub use hlc::{Clock, ManualClock, SystemClock};
+pub use hot::HotStats;
 pub use options::{Background, Options};
 pub use sstable::Compression;
 pub use types::{

@@ -26,6 +26,9 @@ pub struct Options {
     pub block_bytes: usize,
     /// Bytes of parsed data blocks kept in memory; 0 disables the block cache.
     pub block_cache_bytes: usize,
+    /// Bytes of the hot tier (the newest version of recently read or written pairs, see
+    /// `src/hot.rs`); 0 disables it.
+    pub hot_tier_bytes: usize,
     /// Data block compression.
     pub compression: Compression,
     /// Number of L0 tables that triggers a compaction.
@@ -57,6 +60,7 @@ impl Default for Options {
             memtable_bytes: 64 << 20,
             block_bytes: 16 << 10,
             block_cache_bytes: 256 << 20,
+            hot_tier_bytes: 64 << 20,
             compression: Compression::Zstd(1),
             l0_compaction_trigger: 4,
             l0_stop_writes: 20,

@@ -185,6 +185,16 @@ impl VersionVector {
         VersionVector(Vec::new())
     }
 
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if the vector has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// A vector with one entry.
     pub fn single(region: RegionId, counter: u64) -> Self {
         VersionVector(vec![(region, counter)])

@@ -73,6 +73,7 @@ struct Config {
     block_bytes: usize,
     zstd: bool,
     retention: Option<u64>,
+    hot_tier_bytes: usize,
 }
 
 fn config() -> impl Strategy<Value = Config> {
@@ -81,12 +82,15 @@ fn config() -> impl Strategy<Value = Config> {
         prop_oneof![Just(64usize), Just(256), Just(4096)],
         any::<bool>(),
         prop::option::of(0u64..60),
+        // Hot tier off, tiny (constant eviction and refill), or roomy.
+        prop_oneof![Just(0usize), Just(400), Just(1 << 20)],
     )
-        .prop_map(|(memtable_bytes, block_bytes, zstd, retention)| Config {
+        .prop_map(|(memtable_bytes, block_bytes, zstd, retention, hot_tier_bytes)| Config {
             memtable_bytes,
             block_bytes,
             zstd,
             retention,
+            hot_tier_bytes,
         })
 }
 
@@ -94,6 +98,7 @@ fn options(c: &Config, clock: &ManualClock) -> Options {
     Options {
         memtable_bytes: c.memtable_bytes,
         block_bytes: c.block_bytes,
+        hot_tier_bytes: c.hot_tier_bytes,
         compression: if c.zstd { Compression::Zstd(1) } else { Compression::None },
         l0_compaction_trigger: 2,
         l1_bytes: 2048,

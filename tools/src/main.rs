@@ -403,6 +403,15 @@ async fn run(cli: Cli) -> Result<()> {
                         s.memtable_bytes, s.immutable_memtables, s.last_sequence, s.flushes, s.compactions, s.write_groups, s.wal_syncs,
                         s.block_cache_hits, s.block_cache_misses, s.block_cache_bytes
                     );
+                    println!(
+                        "hot tier {} hits / {} misses, {} fills, {} evictions; {} pairs, {} bytes",
+                        s.hot_tier_hits,
+                        s.hot_tier_misses,
+                        s.hot_tier_fills,
+                        s.hot_tier_evictions,
+                        s.hot_tier_entries,
+                        s.hot_tier_bytes
+                    );
                 }
                 AdminCmd::Flush => {
                     c.flush(pb::FlushRequest {}).await.map_err(grpc)?;

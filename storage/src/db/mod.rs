@@ -128,6 +128,7 @@ pub(crate) struct Inner {
     counters: Counters,
     _lock: Box<dyn std::any::Any + Send + Sync>,
     block_cache: Option<Arc<crate::sstable::BlockCache>>,
+    hot: Option<crate::hot::HotTier>,
 }
 
 /// An open engine. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -199,6 +200,8 @@ pub struct Stats {
     pub block_cache_misses: u64,
     /// Bytes held by the block cache.
     pub block_cache_bytes: u64,
+    /// The hot tier's counters (all zero when it is disabled).
+    pub hot: crate::hot::HotStats,
 }
 
 impl Db {
@@ -251,14 +254,25 @@ impl Db {
         features: &[FeatureId],
         q: AsOf,
     ) -> Result<Vec<Option<CellVersion>>> {
-        let (view, known_at) = self.inner.read_view(q.known_at);
-        let mut out = Vec::with_capacity(entities.len() * features.len());
-        for e in entities {
-            for &f in features {
-                out.push(self.inner.get(&view, e, f, q, known_at)?.filter(|v| v.value.is_some()));
+        let mut out = self.inner.multi_get(entities, features, q)?;
+        for v in &mut out {
+            if v.as_ref().is_some_and(|v| v.value.is_none()) {
+                *v = None;
             }
         }
         Ok(out)
+    }
+
+    /// Like [`Db::multi_get`], but returns the winning version itself, tombstones included
+    /// (`value: None`): the online path tells "deleted" from "never written" and reads the
+    /// event time for staleness. This is the batch path that fills the hot tier.
+    pub fn multi_version_at(
+        &self,
+        entities: &[EntityKey],
+        features: &[FeatureId],
+        q: AsOf,
+    ) -> Result<Vec<Option<CellVersion>>> {
+        self.inner.multi_get(entities, features, q)
     }
 
     /// A consistent read view: every read through it sees the same set of batches, whatever is
@@ -488,6 +502,7 @@ impl Inner {
         let (block_cache_hits, block_cache_misses, block_cache_bytes) =
             self.block_cache.as_ref().map_or((0, 0, 0), |b| b.figures());
         Stats {
+            hot: self.hot.as_ref().map(|h| h.stats()).unwrap_or_default(),
             block_cache_hits,
             block_cache_misses,
             block_cache_bytes,

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use super::{Inner, ReadView};
 use crate::cell;
+use crate::hot::Lookup;
 use crate::iter::{MemCursor, MergingIter, Source};
 use crate::key::{self, KeyRef};
-use crate::types::{AsOf, CellVersion, EventTime, FeatureId, SystemTime};
+use crate::types::{AsOf, CellVersion, EntityKey, EventTime, FeatureId, SystemTime};
 use crate::{Error, Result};
 
 type Found = Option<(Vec<u8>, Vec<u8>)>;
@@ -47,6 +48,68 @@ impl Inner {
     ) -> Result<Option<CellVersion>> {
         crate::types::check_entity_key(entity)?;
         let prefix = key::prefix(entity, feature);
+        if let Some(hot) = &self.hot {
+            if let Lookup::Hit(v) = hot.lookup(&prefix, q.as_of, known_at) {
+                return Ok(v.filter(|v| v.event_time >= q.event_time_min()));
+            }
+        }
+        self.get_in_view(view, &prefix, q, known_at)
+    }
+
+    /// The batch read of the online path: the winning version (tombstones included) of every
+    /// `entity x feature` pair, row major, from one view. Pairs the hot tier does not cover
+    /// are read from the view; when the read is unbounded in system time (`known_at` = MAX),
+    /// the pair's newest version is read instead and offered to the hot tier (it is also the
+    /// answer whenever its event time is at or before `as_of`, the common online case).
+    pub(super) fn multi_get(
+        &self,
+        entities: &[EntityKey],
+        features: &[FeatureId],
+        q: AsOf,
+    ) -> Result<Vec<Option<CellVersion>>> {
+        for e in entities {
+            crate::types::check_entity_key(e)?;
+        }
+        let prefixes: Vec<Vec<u8>> =
+            entities.iter().flat_map(|e| features.iter().map(move |&f| key::prefix(e, f))).collect();
+        let fill = self.hot.as_ref().filter(|_| q.known_at == SystemTime::MAX);
+        // Tickets first, then the view (see `src/hot.rs`).
+        let tickets: Vec<_> = fill.map(|hot| prefixes.iter().map(|p| hot.ticket(p)).collect()).unwrap_or_default();
+        let (view, known_at) = self.read_view(q.known_at);
+        let in_window = |v: Option<CellVersion>| v.filter(|v| v.event_time >= q.event_time_min());
+        let newest_q = AsOf { as_of: EventTime(i64::MAX), known_at: SystemTime::MAX, lookback_us: None };
+        let mut out = Vec::with_capacity(prefixes.len());
+        for (i, p) in prefixes.iter().enumerate() {
+            if let Some(hot) = &self.hot {
+                if let Lookup::Hit(v) = hot.lookup(p, q.as_of, known_at) {
+                    out.push(in_window(v));
+                    continue;
+                }
+            }
+            match (fill, tickets.get(i)) {
+                (Some(hot), Some(&ticket)) => {
+                    let newest = self.get_in_view(&view, p, newest_q, known_at)?;
+                    hot.fill(p, ticket, newest.as_ref());
+                    match newest {
+                        Some(n) if n.event_time > q.as_of => out.push(self.get_in_view(&view, p, q, known_at)?),
+                        n => out.push(in_window(n)),
+                    }
+                }
+                _ => out.push(self.get_in_view(&view, p, q, known_at)?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `get` from the view alone, for the pair `prefix`.
+    fn get_in_view(
+        &self,
+        view: &ReadView,
+        prefix: &[u8],
+        q: AsOf,
+        known_at: SystemTime,
+    ) -> Result<Option<CellVersion>> {
+        let prefix = prefix.to_vec();
         let mut seek = prefix.clone();
         key::push_times(&mut seek, q.as_of, SystemTime::MAX);
         let probe = key::Probe { prefix: &prefix, seek: &seek, event_time_min: q.event_time_min(), known_at };

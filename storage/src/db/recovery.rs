@@ -330,6 +330,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         counters: Counters::default(),
         _lock: lock,
         block_cache,
+        hot: crate::hot::HotTier::new(opts.hot_tier_bytes),
         opts,
     };
     // Flush what was replayed, then drop the segments it came from.

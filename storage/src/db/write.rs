@@ -10,7 +10,7 @@ use crate::key;
 use crate::limits::IMMUTABLE_MEMTABLES_MAX;
 use crate::memtable::Memtable;
 use crate::options::Background;
-use crate::types::{Durability, SystemTime};
+use crate::types::{CellVersion, Durability, SystemTime};
 use crate::wal::Segment;
 use crate::{Error, Result, WriteBatch};
 
@@ -119,20 +119,30 @@ impl Inner {
             self.fail(&e);
             return Err(e);
         }
+        let mut decoded = Vec::with_capacity(payloads.len());
         for p in &payloads {
-            let b = match batch::decode_trusted(p) {
-                Ok(b) => b,
+            match batch::decode_trusted(p) {
+                Ok(b) => decoded.push(b),
                 Err(w) => {
                     let e = Error::PreviousError(format!("internal: a batch this engine encoded does not decode: {w}"));
                     self.fail(&e);
                     return Err(e);
                 }
-            };
-            insert_batch(&mem, &b);
+            }
+        }
+        // The hot tier learns of every version before it is published (see `src/hot.rs`).
+        let announced = self.hot.as_ref().map(|hot| announce(hot, &decoded)).unwrap_or_default();
+        for b in &decoded {
+            insert_batch(&mem, b);
         }
         mem.set_last_seqno(w.last_seqno);
         if let Some(r) = receipts.last() {
             self.visible.store(r.system_time.0, Ordering::Release);
+        }
+        if let Some(hot) = &self.hot {
+            for p in &announced {
+                hot.write_end(p);
+            }
         }
         self.published_seqno.store(w.last_seqno, Ordering::Release);
         self.counters.write_groups.fetch_add(1, Ordering::Relaxed);
@@ -202,6 +212,23 @@ impl Inner {
         while self.flush_oldest()? {}
         Ok(())
     }
+}
+
+/// Calls [`crate::hot::HotTier::write_begin`] for every write of the batches; returns the pair
+/// prefixes for the matching `write_end`s.
+fn announce(hot: &crate::hot::HotTier, batches: &[batch::DecodedBatch<'_>]) -> Vec<Vec<u8>> {
+    let mut prefixes = Vec::with_capacity(batches.iter().map(|b| b.ops.len()).sum());
+    for b in batches {
+        for op in &b.ops {
+            let prefix = key::prefix(op.entity, op.feature);
+            hot.write_begin(&prefix, op.event_time, b.system_time, || {
+                let (value, version_vector) = crate::cell::decode(op.cell).ok()?;
+                Some(CellVersion { event_time: op.event_time, system_time: b.system_time, value, version_vector })
+            });
+            prefixes.push(prefix);
+        }
+    }
+    prefixes
 }
 
 /// Inserts a decoded batch into a memtable.
