@@ -1,4 +1,6 @@
-//! Shared data sets for Quiver's benchmarks.
+//! Shared data sets for Quiver's benchmarks, and the `quiver-bench` load generator ([`load`]).
+
+pub mod load;
 
 use quiver_storage::{Db, Durability, EventTime, FeatureId, Value, WriteBatch};
 

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Side by side: Quiver against Redis on the same online requests, in one run, with one client
+# harness (quiver-bench), alternating the two systems at each step.
+#
+#   benches/compare.sh [--entities N] [--features F] [--duration S] [--out DIR]
+#
+# It installs redis-server (Debian) if missing, starts its own Redis (loopback, port 6390, no
+# persistence) and its own quiverd (temp data dir, port 50071), loads the same N entities x F
+# float features into both, checks that both answer the same on a sample, then measures:
+#   1. one-entity F-feature lookups (Redis HMGET) at concurrency 1, 16, 64 (closed loop);
+#   2. batches of 100 entities (Redis: a pipeline of 100 HMGETs) at concurrency 16;
+#   3. Quiver open loop at 80% of its closed-loop maximum at concurrency 64 (p99 target);
+#   4. ingest over the streaming write with sync durability.
+# Results: a table on stdout (and DIR/results.md) and every raw JSON line in DIR/results.jsonl.
+set -euo pipefail
+
+ENTITIES=1000000
+FEATURES=50
+DURATION=10
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --entities) ENTITIES="$2"; shift 2 ;;
+    --features) FEATURES="$2"; shift 2 ;;
+    --duration) DURATION="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="$(mktemp -d /tmp/quiver-compare.XXXXXX)"
+OUT="${OUT:-$WORK}"
+mkdir -p "$OUT"
+REDIS_PORT=6390
+QUIVER_PORT=50071
+ADDR="http://127.0.0.1:$QUIVER_PORT"
+REDIS="redis://127.0.0.1:$REDIS_PORT"
+
+if ! command -v redis-server >/dev/null; then
+  echo "installing redis-server..."
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
+fi
+
+echo "building (release)..."
+(cd "$ROOT" && cargo build -j2 --release -q -p quiver-server -p quiver-bench)
+QUIVERD="$ROOT/target/release/quiverd"
+BENCH="$ROOT/target/release/quiver-bench"
+
+cleanup() {
+  [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
+  [ -n "${QUIVER_PID:-}" ] && kill "$QUIVER_PID" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
+  --dir "$WORK" --loglevel warning >"$WORK/redis.log" 2>&1 &
+REDIS_PID=$!
+"$QUIVERD" --data-dir "$WORK/quiver" --listen "127.0.0.1:$QUIVER_PORT" --metrics-listen off \
+  >"$WORK/quiverd.log" 2>&1 &
+QUIVER_PID=$!
+for _ in $(seq 100); do
+  if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && grep -q "listening" "$WORK/quiverd.log"; then break; fi
+  sleep 0.1
+done
+
+RESULTS="$OUT/results.jsonl"
+: >"$RESULTS"
+run() { "$BENCH" --json "$@" | tee -a "$RESULTS"; }
+
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $ENTITIES entities x $FEATURES features"
+"$BENCH" setup --addr "$ADDR" --features "$FEATURES" >/dev/null
+run ingest --addr "$ADDR" --entities "$ENTITIES" --features "$FEATURES" --durability sync >/dev/null
+run ingest --redis "$REDIS" --entities "$ENTITIES" --features "$FEATURES" >/dev/null
+"$BENCH" check --addr "$ADDR" --redis "$REDIS" --entities "$ENTITIES" --features "$FEATURES" --sample 500
+
+for c in 1 16 64; do
+  for t in "--addr $ADDR" "--redis $REDIS"; do
+    # shellcheck disable=SC2086
+    run online $t --entities "$ENTITIES" --features "$FEATURES" --batch 1 --concurrency "$c" \
+      --duration "$DURATION" >/dev/null
+  done
+done
+for t in "--addr $ADDR" "--redis $REDIS"; do
+  # shellcheck disable=SC2086
+  run online $t --entities "$ENTITIES" --features "$FEATURES" --batch 100 --concurrency 16 \
+    --duration "$DURATION" >/dev/null
+done
+MAX=$(python3 -c "
+import json,sys
+rows=[json.loads(l) for l in open('$RESULTS') if l.strip()]
+r=[x for x in rows if x.get('target')=='quiver' and x.get('mode')=='closed' and x['batch']==1 and x['concurrency']==64]
+print(r[-1]['requests_per_s'])")
+RATE=$(python3 -c "print(round($MAX*0.8))")
+run online --addr "$ADDR" --entities "$ENTITIES" --features "$FEATURES" --batch 1 --concurrency 64 \
+  --duration "$DURATION" --rate "$RATE" >/dev/null
+
+python3 "$ROOT/benches/report.py" "$RESULTS" | tee "$OUT/results.md"
+echo "raw results: $RESULTS"

@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Turns quiver-bench JSON lines into a side-by-side table with Quiver/Redis ratios.
+
+Usage: benches/report.py results.jsonl
+"""
+import json
+import sys
+
+
+def main(path):
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    print("| step | Quiver | Redis | Quiver / Redis |")
+    print("|---|---|---|---|")
+    ingest = {r["target"]: r for r in rows if r.get("mode") == "ingest"}
+    if ingest:
+        q, r = ingest.get("quiver"), ingest.get("redis")
+        qv = q["values_per_s"] if q else None
+        rv = r["values_per_s"] if r else None
+        ratio = f"{qv / rv:.2f}" if qv and rv else "-"
+        print(f"| ingest values/s (Quiver sync) | {qv or 0:,.0f} | {rv or 0:,.0f} | {ratio} |")
+    closed = [r for r in rows if r.get("mode") == "closed"]
+    keys = []
+    for r in closed:
+        k = (r["batch"], r["concurrency"])
+        if k not in keys:
+            keys.append(k)
+    for batch, conc in keys:
+        by = {r["target"]: r for r in closed if (r["batch"], r["concurrency"]) == (batch, conc)}
+        q, r = by.get("quiver"), by.get("redis")
+        unit = "values/s" if batch > 1 else "req/s"
+        field = "values_per_s" if batch > 1 else "requests_per_s"
+
+        def cell(x):
+            if not x:
+                return "-"
+            lat = x["latency_us"]
+            return f"{x[field]:,.0f} {unit} (p50 {lat['p50']} µs, p99 {lat['p99']} µs)"
+
+        ratio = f"{q[field] / r[field]:.2f}" if q and r and r[field] else "-"
+        print(f"| batch {batch}, concurrency {conc} | {cell(q)} | {cell(r)} | {ratio} |")
+    for r in rows:
+        if r.get("mode") == "open":
+            lat = r["latency_us"]
+            print(
+                f"| open loop {r['rate']:,.0f} req/s (80% of max), concurrency {r['concurrency']} "
+                f"| p50 {lat['p50']} µs, p99 {lat['p99']} µs, p99.9 {lat['p999']} µs | - | - |"
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

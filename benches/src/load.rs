@@ -1,0 +1,323 @@
+//! The `quiver-bench` load generator: one client harness for Quiver (gRPC) and Redis, so both
+//! systems are measured with the same request mix, concurrency and clock.
+//!
+//! - **Data set**: entity `i` is `u{i}` with [`FEATURES`](crate::FEATURES)-style float64
+//!   features `f0..f{F-1}` whose value is [`value_of`]`(i, f)`; in Quiver it is the group
+//!   [`GROUP`] of entity type [`ENTITY_TYPE`], in Redis the hash `u{i}`.
+//! - **Closed loop**: `concurrency` workers each send a request, wait for the answer, repeat:
+//!   maximum throughput.
+//! - **Open loop**: the workers share a fixed rate; request `k` of a worker is *due* at
+//!   `start + k / rate_per_worker` and its latency counts from that due time, so a stalled
+//!   server shows up as latency instead of as fewer requests (no coordinated omission, like
+//!   wrk2).
+//!
+//! Latencies go into HDR histograms (µs, 3 significant digits), merged across workers.
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use quiver_proto::v1 as pb;
+use tonic::transport::Channel;
+
+use crate::Rng;
+
+/// The benchmark's entity type in Quiver.
+pub const ENTITY_TYPE: &str = "bench_user";
+/// The benchmark's feature group in Quiver.
+pub const GROUP: &str = "bench";
+/// Highest latency the histograms record (60 s, in µs); longer requests count as this.
+const LATENCY_MAX_US: u64 = 60_000_000;
+
+/// The value of feature `f` of entity `i` (exact in float64 and in Redis' text form).
+pub fn value_of(i: u64, f: u32) -> f64 {
+    ((i * 31 + u64::from(f)) % 1_000_000) as f64 * 0.5
+}
+
+/// The entity key text of entity `i`.
+pub fn entity_name(i: u64) -> String {
+    format!("u{i}")
+}
+
+/// Feature names `f0..f{n-1}`.
+pub fn feature_names(n: u32) -> Vec<String> {
+    (0..n).map(|f| format!("f{f}")).collect()
+}
+
+/// The registry the benchmark applies.
+pub fn registry(features: u32) -> pb::ApplyRegistryRequest {
+    pb::ApplyRegistryRequest {
+        entity_types: vec![pb::EntityType {
+            name: ENTITY_TYPE.into(),
+            join_keys: vec![pb::JoinKey { name: "user_id".into(), r#type: pb::JoinKeyType::String as i32 }],
+            ..Default::default()
+        }],
+        feature_groups: vec![pb::FeatureGroup {
+            name: GROUP.into(),
+            entity_type: ENTITY_TYPE.into(),
+            features: feature_names(features)
+                .into_iter()
+                .map(|name| pb::FeatureDef { name, r#type: pb::ValueType::Float64 as i32, ..Default::default() })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// A Quiver entity key.
+pub fn entity_key(i: u64) -> pb::EntityKey {
+    pb::EntityKey { parts: vec![pb::KeyPart { kind: Some(pb::key_part::Kind::StringValue(entity_name(i))) }] }
+}
+
+/// One write row: every feature of entity `i` at `event_time_us`.
+pub fn write_row(i: u64, features: u32, event_time_us: i64) -> pb::WriteRow {
+    let t = prost_types::Timestamp {
+        seconds: event_time_us.div_euclid(1_000_000),
+        nanos: (event_time_us.rem_euclid(1_000_000) * 1000) as i32,
+    };
+    pb::WriteRow {
+        entity: Some(entity_key(i)),
+        group: GROUP.into(),
+        event_time: Some(t),
+        values: (0..features)
+            .map(|f| (format!("f{f}"), pb::Value { kind: Some(pb::value::Kind::Float64Value(value_of(i, f))) }))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// How to drive load.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Entities in the data set (requests pick them uniformly).
+    pub entities: u64,
+    /// Features per request.
+    pub features: u32,
+    /// Entities per request.
+    pub batch: usize,
+    /// Concurrent workers.
+    pub concurrency: usize,
+    /// How long to measure (after `warmup`).
+    pub duration: Duration,
+    /// Unmeasured time first.
+    pub warmup: Duration,
+    /// Open loop at this many requests per second; `None`: closed loop.
+    pub rate: Option<f64>,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub requests: u64,
+    pub errors: u64,
+    pub values: u64,
+    pub seconds: f64,
+    pub latency: Histogram<u64>,
+    pub first_error: Option<String>,
+}
+
+impl Report {
+    /// The report as one JSON object.
+    pub fn json(&self, target: &str, spec: &LoadSpec) -> serde_json::Value {
+        let q = |p: f64| self.latency.value_at_quantile(p);
+        serde_json::json!({
+            "target": target,
+            "mode": if spec.rate.is_some() { "open" } else { "closed" },
+            "rate": spec.rate,
+            "entities": spec.entities,
+            "features": spec.features,
+            "batch": spec.batch,
+            "concurrency": spec.concurrency,
+            "seconds": self.seconds,
+            "requests": self.requests,
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "requests_per_s": self.requests as f64 / self.seconds,
+            "values_per_s": self.values as f64 / self.seconds,
+            "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": self.latency.max() },
+        })
+    }
+}
+
+/// A system under test: answers a lookup of some entities' features and returns how many
+/// values came back.
+#[derive(Clone)]
+pub enum Target {
+    /// Quiver over gRPC; one client per connection.
+    Quiver { clients: Vec<pb::feature_service_client::FeatureServiceClient<Channel>>, refs: Vec<String> },
+    /// Redis HMGET (pipelined for batches); one multiplexed connection per connection.
+    Redis { conns: Vec<redis::aio::MultiplexedConnection>, fields: Vec<String> },
+}
+
+impl Target {
+    /// Connects `connections` clients to Quiver at `addr`.
+    pub async fn quiver(addr: &str, connections: usize, features: u32) -> Result<Target, String> {
+        let mut clients = Vec::new();
+        for _ in 0..connections.max(1) {
+            let ch = Channel::from_shared(addr.to_string())
+                .map_err(|e| format!("bad address {addr}: {e}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+            clients.push(
+                pb::feature_service_client::FeatureServiceClient::new(ch)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX),
+            );
+        }
+        Ok(Target::Quiver { clients, refs: feature_names(features).iter().map(|f| format!("{GROUP}:{f}")).collect() })
+    }
+
+    /// Connects `connections` multiplexed connections to Redis at `url`.
+    pub async fn redis(url: &str, connections: usize, features: u32) -> Result<Target, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("redis {url}: {e}"))?;
+        let mut conns = Vec::new();
+        for _ in 0..connections.max(1) {
+            conns.push(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| format!("cannot reach redis {url}: {e}"))?,
+            );
+        }
+        Ok(Target::Redis { conns, fields: feature_names(features) })
+    }
+
+    /// One lookup of `entities` by worker `worker`; the values returned, in row-major order
+    /// (`None`: missing), for checking.
+    pub async fn lookup(&self, worker: usize, entities: &[u64]) -> Result<Vec<Option<f64>>, String> {
+        match self {
+            Target::Quiver { clients, refs } => {
+                let mut c = clients[worker % clients.len()].clone();
+                let resp = c
+                    .get_online_features(pb::GetOnlineFeaturesRequest {
+                        entity_type: ENTITY_TYPE.into(),
+                        entities: entities.iter().map(|&i| entity_key(i)).collect(),
+                        features: refs.clone(),
+                        as_of: None,
+                    })
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                    .into_inner();
+                let mut out = vec![None; entities.len() * refs.len()];
+                for (j, col) in resp.columns.iter().enumerate() {
+                    for (i, v) in col.float64_values.iter().enumerate() {
+                        if col.statuses.get(i) == Some(&(pb::FeatureStatus::Present as i32)) {
+                            out[i * refs.len() + j] = Some(*v);
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            Target::Redis { conns, fields } => {
+                let mut c = conns[worker % conns.len()].clone();
+                let mut pipe = redis::pipe();
+                for &i in entities {
+                    pipe.cmd("HMGET").arg(entity_name(i)).arg(fields);
+                }
+                let rows: Vec<Vec<Option<f64>>> = pipe.query_async(&mut c).await.map_err(|e| e.to_string())?;
+                Ok(rows.into_iter().flatten().collect())
+            }
+        }
+    }
+}
+
+/// Runs a lookup load against `target`.
+pub async fn run_lookups(target: &Target, spec: &LoadSpec) -> Report {
+    let per_worker_rate = spec.rate.map(|r| r / spec.concurrency.max(1) as f64);
+    let start = Instant::now();
+    let measure_from = start + spec.warmup;
+    let end = measure_from + spec.duration;
+    let mut tasks = Vec::new();
+    for w in 0..spec.concurrency.max(1) {
+        let target = target.clone();
+        let spec = spec.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(0x9e37_79b9 ^ ((w as u64 + 1) * 0x1000_0001));
+            let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds");
+            let (mut requests, mut errors, mut values) = (0u64, 0u64, 0u64);
+            let mut first_error = None;
+            let mut k = 0u64;
+            let mut keys = vec![0u64; spec.batch];
+            loop {
+                let due = match per_worker_rate {
+                    Some(r) => {
+                        // Spread the workers' phases so they do not fire together.
+                        let at = start + Duration::from_secs_f64((k as f64 + w as f64 / spec.concurrency as f64) / r);
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => Instant::now(),
+                };
+                if due >= end {
+                    break;
+                }
+                k += 1;
+                for key in keys.iter_mut() {
+                    *key = rng.below(spec.entities);
+                }
+                let r = target.lookup(w, &keys).await;
+                let done = Instant::now();
+                if due >= measure_from {
+                    let us = u64::try_from(done.duration_since(due).as_micros()).unwrap_or(u64::MAX);
+                    hist.saturating_record(us.clamp(1, LATENCY_MAX_US));
+                    requests += 1;
+                    match r {
+                        Ok(v) => values += v.iter().filter(|x| x.is_some()).count() as u64,
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            (hist, requests, errors, values, first_error)
+        }));
+    }
+    let mut report = Report {
+        requests: 0,
+        errors: 0,
+        values: 0,
+        seconds: spec.duration.as_secs_f64(),
+        latency: Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds"),
+        first_error: None,
+    };
+    for t in tasks {
+        match t.await {
+            Ok((h, r, e, v, fe)) => {
+                let _ = report.latency.add(&h);
+                report.requests += r;
+                report.errors += e;
+                report.values += v;
+                if report.first_error.is_none() {
+                    report.first_error = fe;
+                }
+            }
+            Err(e) => {
+                report.errors += 1;
+                report.first_error.get_or_insert(format!("worker failed: {e}"));
+            }
+        }
+    }
+    report
+}
+
+/// Compares both targets' answers for `sample` random entities, all features; returns the
+/// number of values compared or the first disagreement.
+pub async fn check_agreement(a: &Target, b: &Target, entities: u64, sample: u64) -> Result<u64, String> {
+    let mut rng = Rng::new(42);
+    let mut compared = 0u64;
+    for _ in 0..sample {
+        let i = rng.below(entities);
+        let (x, y) = (a.lookup(0, &[i]).await?, b.lookup(0, &[i]).await?);
+        if x != y {
+            return Err(format!("entity {i}: answers differ: {x:?} vs {y:?}"));
+        }
+        if x.iter().any(Option::is_none) {
+            return Err(format!("entity {i}: values missing: {x:?}"));
+        }
+        compared += x.len() as u64;
+    }
+    Ok(compared)
+}
