@@ -25,6 +25,10 @@ pub const ONLINE_ENTITIES_MAX: usize = 10_000;
 pub const FEATURES_PER_REQUEST_MAX: usize = 1_000;
 /// Most entity x feature cells in one online request.
 pub const ONLINE_CELLS_MAX: usize = 1_000_000;
+/// Online requests of at most this many cells run on the gRPC worker thread itself: they are
+/// answered from memory (hot tier, block cache) or a few page-cache reads in microseconds,
+/// and a hop to the blocking pool costs more than that. Larger ones go to the blocking pool.
+pub const ONLINE_INLINE_CELLS_MAX: usize = 5_000;
 /// Most rows in one write request.
 pub const WRITE_ROWS_MAX: usize = 10_000;
 /// Most values (and deletes) in one write request: one engine batch, less the slot of the

@@ -19,6 +19,9 @@ const MEMORY_BUDGET_MB_MAX: u64 = 1 << 20;
 /// Smallest memory budget accepted.
 const MEMORY_BUDGET_MB_MIN: u64 = 16;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "quiverd", version, about = "The Quiver feature store daemon")]
 struct Args {

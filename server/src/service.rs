@@ -12,7 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
-use crate::features::{Features, ServiceError};
+use crate::features::{Features, ServiceError, ONLINE_INLINE_CELLS_MAX};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 
@@ -105,6 +105,9 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
             .timed("GetOnlineFeatures", async move {
                 let f = self.features.clone();
                 let req = req.into_inner();
+                if req.entities.len().saturating_mul(req.features.len()) <= ONLINE_INLINE_CELLS_MAX {
+                    return f.get_online(&req, now_us()).map_err(status).map(Response::new);
+                }
                 blocking(move || f.get_online(&req, now_us()).map_err(status)).await.map(Response::new)
             })
             .await

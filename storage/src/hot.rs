@@ -37,8 +37,13 @@
 //!   ticket either moves `gen` before the fill (refused) or runs after it and replaces what the
 //!   fill inserted. Stripes are shared by many pairs, which only costs a few refused fills.
 //!
-//! Eviction and admission are `quick_cache`'s (S3-FIFO-like, scan resistant), bounded by the
-//! entries' approximate bytes. An evicted pair simply misses.
+//! # Admission and eviction
+//!
+//! A pair is filled on its *second* miss within a window (a TinyLFU-style doorkeeper: one bit
+//! per hash slot, all cleared once an eighth are set), so a one-off scan or a uniformly random
+//! sweep over more pairs than fit does not churn the tier. Eviction is `quick_cache`'s
+//! (S3-FIFO-like, scan resistant), bounded by the entries' approximate bytes. An evicted pair
+//! simply misses.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,8 +58,13 @@ use crate::types::{CellVersion, EventTime, SystemTime, Value};
 const STRIPES: usize = 1024;
 /// Bytes an entry costs beyond its key and value (cache slot, `Arc`, vectors' headers).
 const ENTRY_OVERHEAD_BYTES: usize = 96;
-/// Typical entry size, for sizing the cache's index.
+/// Typical entry size, for sizing the cache's index and the doorkeeper.
 const ENTRY_BYTES_TYPICAL: usize = 128;
+/// Fewest doorkeeper bits (a tiny tier still remembers this many recent misses).
+const DOORKEEPER_BITS_MIN: usize = 1 << 12;
+/// Doorkeeper bits per typical entry; with a reset at 1/8 of the bits set, a first miss is
+/// mistaken for a second one at most 1 time in 8 (hash collisions).
+const DOORKEEPER_BITS_PER_ENTRY: usize = 16;
 
 /// A pair's newest state.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +136,7 @@ struct Stripe {
 /// What a reader saw of a pair's stripe before taking its view (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ticket {
+    hash: u64,
     stripe: usize,
     gen: u64,
     quiet: bool,
@@ -151,6 +162,8 @@ pub struct HotStats {
     pub fills: u64,
     /// Fills refused because a write of the pair could be missing from the reader's view.
     pub fills_refused: u64,
+    /// Fills skipped by the doorkeeper (first miss of a pair within its window).
+    pub fills_deferred: u64,
     /// Entries replaced by writes.
     pub write_updates: u64,
     /// Entries evicted by the admission policy.
@@ -166,16 +179,23 @@ pub struct HotStats {
 pub(crate) struct HotTier {
     cache: Cache<Vec<u8>, Arc<HotEntry>, EntryWeighter, DefaultHashBuilder, CountEvictions>,
     stripes: Box<[Stripe]>,
+    doorkeeper: Box<[AtomicU64]>,
+    doorkeeper_set: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     fills: AtomicU64,
     fills_refused: AtomicU64,
+    fills_deferred: AtomicU64,
     write_updates: AtomicU64,
     evictions: Arc<AtomicU64>,
 }
 
-fn stripe_of(prefix: &[u8]) -> usize {
-    (xxhash_rust::xxh3::xxh3_64(prefix) % STRIPES as u64) as usize
+fn hash_of(prefix: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(prefix)
+}
+
+fn stripe_of(hash: u64) -> usize {
+    (hash % STRIPES as u64) as usize
 }
 
 impl HotTier {
@@ -198,10 +218,18 @@ impl HotTier {
                 CountEvictions(evictions.clone()),
             ),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            doorkeeper: (0..((bytes / ENTRY_BYTES_TYPICAL * DOORKEEPER_BITS_PER_ENTRY)
+                .next_power_of_two()
+                .max(DOORKEEPER_BITS_MIN)
+                / 64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            doorkeeper_set: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             fills: AtomicU64::new(0),
             fills_refused: AtomicU64::new(0),
+            fills_deferred: AtomicU64::new(0),
             write_updates: AtomicU64::new(0),
             evictions,
         })
@@ -226,16 +254,40 @@ impl HotTier {
 
     /// A ticket for a later [`HotTier::fill`] of `prefix`; take it before the read view.
     pub fn ticket(&self, prefix: &[u8]) -> Ticket {
-        let stripe = stripe_of(prefix);
+        let hash = hash_of(prefix);
+        let stripe = stripe_of(hash);
         let s = &self.stripes[stripe];
         let gen = s.gen.load(Ordering::SeqCst);
         let quiet = s.pending.load(Ordering::SeqCst) == 0;
-        Ticket { stripe, gen, quiet }
+        Ticket { hash, stripe, gen, quiet }
+    }
+
+    /// The doorkeeper: true if the pair missed before within the current window (fill it),
+    /// false on a first miss (remember it, do not fill).
+    fn admit(&self, hash: u64) -> bool {
+        let bits = self.doorkeeper.len() * 64;
+        let slot = (hash.rotate_left(32) as usize) & (bits - 1);
+        let (word, bit) = (&self.doorkeeper[slot / 64], 1u64 << (slot % 64));
+        if word.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            return true;
+        }
+        if self.doorkeeper_set.fetch_add(1, Ordering::Relaxed) + 1 >= bits as u64 / 8 {
+            // Start a new window; racing setters only make the reset approximate.
+            for w in self.doorkeeper.iter() {
+                w.store(0, Ordering::Relaxed);
+            }
+            self.doorkeeper_set.store(0, Ordering::Relaxed);
+        }
+        false
     }
 
     /// Offers the pair's newest version as read from a view taken after `ticket` (`None`: the
     /// pair has no version in that view).
     pub fn fill(&self, prefix: &[u8], ticket: Ticket, newest: Option<&CellVersion>) {
+        if !self.admit(ticket.hash) {
+            self.fills_deferred.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let s = &self.stripes[ticket.stripe];
         let _g = s.lock.lock();
         if !ticket.quiet || s.gen.load(Ordering::SeqCst) != ticket.gen {
@@ -259,7 +311,7 @@ impl HotTier {
         system_time: SystemTime,
         version: impl FnOnce() -> Option<CellVersion>,
     ) {
-        let s = &self.stripes[stripe_of(prefix)];
+        let s = &self.stripes[stripe_of(hash_of(prefix))];
         let _g = s.lock.lock();
         s.pending.fetch_add(1, Ordering::SeqCst);
         s.gen.fetch_add(1, Ordering::SeqCst);
@@ -278,7 +330,7 @@ impl HotTier {
 
     /// The version announced by [`HotTier::write_begin`] is published (or abandoned).
     pub fn write_end(&self, prefix: &[u8]) {
-        self.stripes[stripe_of(prefix)].pending.fetch_sub(1, Ordering::SeqCst);
+        self.stripes[stripe_of(hash_of(prefix))].pending.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// The counters.
@@ -288,6 +340,7 @@ impl HotTier {
             misses: self.misses.load(Ordering::Relaxed),
             fills: self.fills.load(Ordering::Relaxed),
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
+            fills_deferred: self.fills_deferred.load(Ordering::Relaxed),
             write_updates: self.write_updates.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             entries: self.cache.len() as u64,
@@ -310,13 +363,37 @@ mod tests {
         }
     }
 
+    /// A fill past the doorkeeper (as on a pair's second miss).
+    fn fill(hot: &HotTier, prefix: &[u8], t: Ticket, newest: Option<&CellVersion>) {
+        hot.admit(t.hash);
+        hot.fill(prefix, t, newest);
+    }
+
+    #[test]
+    fn a_pair_is_filled_on_its_second_miss_only() {
+        let hot = HotTier::new(1 << 20).expect("enabled");
+        let p = b"pair".as_slice();
+        hot.fill(p, hot.ticket(p), Some(&v(1, 1, 1)));
+        assert_eq!(hot.lookup(p, EventTime(1), SystemTime::MAX), Lookup::Miss, "a first miss is only remembered");
+        hot.fill(p, hot.ticket(p), Some(&v(1, 1, 1)));
+        assert_eq!(hot.lookup(p, EventTime(1), SystemTime::MAX), Lookup::Hit(Some(v(1, 1, 1))));
+        let s = hot.stats();
+        assert_eq!((s.fills_deferred, s.fills), (1, 1));
+        // A sweep over many more pairs than the window resets it rather than saturating.
+        for i in 0..100_000u32 {
+            let q = i.to_be_bytes();
+            hot.fill(&q, hot.ticket(&q), None);
+        }
+        assert!(hot.stats().fills < 20_000, "{:?}", hot.stats());
+    }
+
     #[test]
     fn an_entry_answers_only_reads_it_covers() {
         let hot = HotTier::new(1 << 20).expect("enabled");
         let p = b"pair".as_slice();
         assert_eq!(hot.lookup(p, EventTime(10), SystemTime::MAX), Lookup::Miss);
         let t = hot.ticket(p);
-        hot.fill(p, t, Some(&v(10, 5, 1)));
+        fill(&hot, p, t, Some(&v(10, 5, 1)));
         assert_eq!(hot.lookup(p, EventTime(10), SystemTime::MAX), Lookup::Hit(Some(v(10, 5, 1))));
         assert_eq!(hot.lookup(p, EventTime(9), SystemTime::MAX), Lookup::Miss, "as of before the newest event");
         assert_eq!(hot.lookup(p, EventTime(10), SystemTime(4)), Lookup::Miss, "known before the newest version");
@@ -338,25 +415,25 @@ mod tests {
         hot.write_begin(p, EventTime(5), SystemTime(9), || Some(v(5, 9, 1)));
         let t = hot.ticket(p);
         hot.write_end(p);
-        hot.fill(p, t, None);
+        fill(&hot, p, t, None);
         assert_eq!(hot.lookup(p, EventTime(5), SystemTime::MAX), Lookup::Miss);
         // A write that begins after the ticket.
         let t = hot.ticket(p);
         hot.write_begin(p, EventTime(6), SystemTime(10), || Some(v(6, 10, 1)));
         hot.write_end(p);
-        hot.fill(p, t, Some(&v(5, 9, 1)));
+        fill(&hot, p, t, Some(&v(5, 9, 1)));
         assert_eq!(hot.lookup(p, EventTime(6), SystemTime::MAX), Lookup::Miss);
         assert_eq!(hot.stats().fills_refused, 2);
         // A quiet stripe: the fill lands, and an older fill never replaces a newer entry.
         let t = hot.ticket(p);
-        hot.fill(p, t, Some(&v(6, 10, 1)));
+        fill(&hot, p, t, Some(&v(6, 10, 1)));
         let t = hot.ticket(p);
-        hot.fill(p, t, Some(&v(5, 9, 1)));
+        fill(&hot, p, t, Some(&v(5, 9, 1)));
         assert_eq!(hot.lookup(p, EventTime(6), SystemTime::MAX), Lookup::Hit(Some(v(6, 10, 1))));
         // Absent answers any read until a write replaces it.
         let q = b"other".as_slice();
         let t = hot.ticket(q);
-        hot.fill(q, t, None);
+        fill(&hot, q, t, None);
         assert_eq!(hot.lookup(q, EventTime(i64::MIN), SystemTime(0)), Lookup::Hit(None));
         hot.write_begin(q, EventTime(1), SystemTime(11), || Some(v(1, 11, 4)));
         hot.write_end(q);
@@ -370,7 +447,7 @@ mod tests {
         for i in 0..10_000u32 {
             let p = i.to_be_bytes();
             let t = hot.ticket(&p);
-            hot.fill(&p, t, Some(&v(1, 1, 1)));
+            fill(&hot, &p, t, Some(&v(1, 1, 1)));
         }
         let s = hot.stats();
         assert!(s.bytes <= 64 << 10, "{s:?}");
