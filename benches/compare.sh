@@ -18,6 +18,9 @@ ENTITIES=1000000
 FEATURES=50
 DURATION=10
 OUT=""
+# Quiver's memory budget (memtables 1/8, hot tier 1/8, block cache 1/2); Redis holds the whole
+# data set in memory, so give Quiver a comparable amount. Both figures are printed.
+MEMORY_MB="${QUIVER_MEMORY_MB:-4096}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --entities) ENTITIES="$2"; shift 2 ;;
@@ -58,6 +61,7 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --d
   --dir "$WORK" --loglevel warning >"$WORK/redis.log" 2>&1 &
 REDIS_PID=$!
 "$QUIVERD" --data-dir "$WORK/quiver" --listen "127.0.0.1:$QUIVER_PORT" --metrics-listen off \
+  --memory-budget-mb "$MEMORY_MB" \
   >"$WORK/quiverd.log" 2>&1 &
 QUIVER_PID=$!
 for _ in $(seq 100); do
@@ -74,6 +78,7 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $ENTITI
 run ingest --addr "$ADDR" --entities "$ENTITIES" --features "$FEATURES" --durability sync >/dev/null
 run ingest --redis "$REDIS" --entities "$ENTITIES" --features "$FEATURES" >/dev/null
 "$BENCH" check --addr "$ADDR" --redis "$REDIS" --entities "$ENTITIES" --features "$FEATURES" --sample 500
+echo "memory: redis used_memory $(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory_human/ {print $2}' | tr -d '\r'), quiverd RSS $(( $(awk '/VmRSS/ {print $2}' /proc/$QUIVER_PID/status) / 1024 ))MiB (budget ${MEMORY_MB}MiB), data dir $(du -sh "$WORK/quiver" | cut -f1)"
 
 for c in 1 16 64; do
   for t in "--addr $ADDR" "--redis $REDIS"; do

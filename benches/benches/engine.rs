@@ -56,16 +56,17 @@ fn writes(c: &mut Criterion) {
     g.finish();
 }
 
-fn loaded() -> (tempfile::TempDir, Db) {
+fn loaded(hot_tier_bytes: usize) -> (tempfile::TempDir, Db) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let db = Db::open(tmp.path(), Options::default()).expect("open");
+    let db = Db::open(tmp.path(), Options { hot_tier_bytes, ..Options::default() }).expect("open");
     load(&db, ENTITIES, VERSIONS).expect("load");
     db.compact_all().expect("compact");
     (tmp, db)
 }
 
 fn reads(c: &mut Criterion) {
-    let (_tmp, db) = loaded();
+    // Without a hot tier: the engine's own read path (memtables, blooms, block cache).
+    let (_tmp, db) = loaded(0);
     let mut rng = Rng::new(7);
     let q = AsOf::at(EventTime(VERSIONS * 1_000_000));
     // Warm the block cache.
@@ -89,6 +90,20 @@ fn reads(c: &mut Criterion) {
             db.multi_get(&e, &features, q).expect("multi_get")
         })
     });
+    // The same with every pair in the hot tier (it holds the whole data set here).
+    let (_tmp_hot, hot) = loaded(512 << 20);
+    for _ in 0..2 {
+        for e in 0..ENTITIES {
+            hot.multi_get(&[entity(e)], &features, q).expect("multi_get");
+        }
+    }
+    g.bench_function("multi_get_1x50_hot", |b| {
+        b.iter(|| {
+            let e = vec![entity(rng.below(ENTITIES))];
+            hot.multi_get(&e, &features, q).expect("multi_get")
+        })
+    });
+    eprintln!("hot tier: {:?}", hot.stats().hot);
     let span = 100u64;
     g.throughput(Throughput::Elements(span * u64::from(FEATURES) * VERSIONS as u64));
     g.bench_function("scan_100_entities_all_versions", |b| {

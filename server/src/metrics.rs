@@ -74,8 +74,8 @@ impl Metrics {
             ("engine_block_cache_misses", "block cache misses since start", |s| s.block_cache_misses as i64),
             ("engine_hot_tier_hits", "reads the hot tier answered since start", |s| s.hot.hits as i64),
             ("engine_hot_tier_misses", "reads the hot tier passed on since start", |s| s.hot.misses as i64),
-            ("engine_hot_tier_evictions", "hot tier evictions since start", |s| s.hot.evictions as i64),
-            ("engine_hot_tier_entries", "pairs held by the hot tier", |s| s.hot.entries as i64),
+            ("engine_hot_tier_evictions", "hot tier rows evicted since start", |s| s.hot.evictions as i64),
+            ("engine_hot_tier_entries", "entity rows held by the hot tier", |s| s.hot.entries as i64),
             ("engine_hot_tier_bytes", "approximate bytes held by the hot tier", |s| s.hot.bytes as i64),
         ];
         let mut engine = Vec::new();

@@ -39,9 +39,14 @@ pub fn entity_prefix(entity: &[u8]) -> Vec<u8> {
 /// Encodes the `(entity, feature)` prefix.
 pub fn prefix(entity: &[u8], feature: FeatureId) -> Vec<u8> {
     let mut out = Vec::with_capacity(entity.len() + 2 + FEATURE_BYTES + TIME_SUFFIX_BYTES);
-    push_escaped(&mut out, entity);
-    out.extend_from_slice(&feature.0.to_be_bytes());
+    push_prefix(&mut out, entity, feature);
     out
+}
+
+/// Appends the `(entity, feature)` prefix to `out` (reusing its allocation).
+pub fn push_prefix(out: &mut Vec<u8>, entity: &[u8], feature: FeatureId) {
+    push_escaped(out, entity);
+    out.extend_from_slice(&feature.0.to_be_bytes());
 }
 
 fn event_bits(e: EventTime) -> u64 {

@@ -404,7 +404,7 @@ async fn run(cli: Cli) -> Result<()> {
                         s.block_cache_hits, s.block_cache_misses, s.block_cache_bytes
                     );
                     println!(
-                        "hot tier {} hits / {} misses, {} fills, {} evictions; {} pairs, {} bytes",
+                        "hot tier {} hits / {} misses (pairs), {} fills, {} evictions; {} entities, {} bytes",
                         s.hot_tier_hits,
                         s.hot_tier_misses,
                         s.hot_tier_fills,

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use super::{Inner, ReadView};
 use crate::cell;
-use crate::hot::Lookup;
 use crate::iter::{MemCursor, MergingIter, Source};
 use crate::key::{self, KeyRef};
 use crate::types::{AsOf, CellVersion, EntityKey, EventTime, FeatureId, SystemTime};
@@ -47,13 +46,12 @@ impl Inner {
         known_at: SystemTime,
     ) -> Result<Option<CellVersion>> {
         crate::types::check_entity_key(entity)?;
-        let prefix = key::prefix(entity, feature);
         if let Some(hot) = &self.hot {
-            if let Lookup::Hit(v) = hot.lookup(&prefix, q.as_of, known_at) {
+            if let Some(v) = hot.lookup(entity, feature, q.as_of, known_at) {
                 return Ok(v.filter(|v| v.event_time >= q.event_time_min()));
             }
         }
-        self.get_in_view(view, &prefix, q, known_at)
+        self.get_in_view(view, &key::prefix(entity, feature), q, known_at)
     }
 
     /// The batch read of the online path: the winning version (tombstones included) of every
@@ -70,32 +68,42 @@ impl Inner {
         for e in entities {
             crate::types::check_entity_key(e)?;
         }
-        let prefixes: Vec<Vec<u8>> =
-            entities.iter().flat_map(|e| features.iter().map(move |&f| key::prefix(e, f))).collect();
         let fill = self.hot.as_ref().filter(|_| q.known_at == SystemTime::MAX);
         // Tickets first, then the view (see `src/hot.rs`).
-        let tickets: Vec<_> = fill.map(|hot| prefixes.iter().map(|p| hot.ticket(p)).collect()).unwrap_or_default();
+        let tickets: Vec<_> = fill.map(|hot| entities.iter().map(|e| hot.ticket(e)).collect()).unwrap_or_default();
         let (view, known_at) = self.read_view(q.known_at);
         let in_window = |v: Option<CellVersion>| v.filter(|v| v.event_time >= q.event_time_min());
         let newest_q = AsOf { as_of: EventTime(i64::MAX), known_at: SystemTime::MAX, lookback_us: None };
-        let mut out = Vec::with_capacity(prefixes.len());
-        for (i, p) in prefixes.iter().enumerate() {
-            if let Some(hot) = &self.hot {
-                if let Lookup::Hit(v) = hot.lookup(p, q.as_of, known_at) {
+        let mut out = Vec::with_capacity(entities.len() * features.len());
+        let mut prefix = Vec::new();
+        for (i, e) in entities.iter().enumerate() {
+            let row = self.hot.as_ref().and_then(|hot| hot.row(e));
+            let mut filled = Vec::new();
+            let mut hits = 0;
+            for &f in features {
+                if let Some(v) = row.as_ref().and_then(|r| r.answer(f, q.as_of, known_at)) {
                     out.push(in_window(v));
+                    hits += 1;
                     continue;
                 }
-            }
-            match (fill, tickets.get(i)) {
-                (Some(hot), Some(&ticket)) => {
-                    let newest = self.get_in_view(&view, p, newest_q, known_at)?;
-                    hot.fill(p, ticket, newest.as_ref());
-                    match newest {
-                        Some(n) if n.event_time > q.as_of => out.push(self.get_in_view(&view, p, q, known_at)?),
-                        n => out.push(in_window(n)),
+                prefix.clear();
+                key::push_prefix(&mut prefix, e, f);
+                if fill.is_some() {
+                    let newest = self.get_in_view(&view, &prefix, newest_q, known_at)?;
+                    match &newest {
+                        Some(n) if n.event_time > q.as_of => out.push(self.get_in_view(&view, &prefix, q, known_at)?),
+                        n => out.push(in_window(n.clone())),
                     }
+                    filled.push((f, newest));
+                } else {
+                    out.push(self.get_in_view(&view, &prefix, q, known_at)?);
                 }
-                _ => out.push(self.get_in_view(&view, p, q, known_at)?),
+            }
+            if let Some(hot) = &self.hot {
+                hot.count(hits, (features.len() as u64).saturating_sub(hits));
+            }
+            if let (Some(hot), Some(&ticket)) = (fill, tickets.get(i)) {
+                hot.fill(e, ticket, filled);
             }
         }
         Ok(out)
@@ -109,18 +117,17 @@ impl Inner {
         q: AsOf,
         known_at: SystemTime,
     ) -> Result<Option<CellVersion>> {
-        let prefix = prefix.to_vec();
-        let mut seek = prefix.clone();
+        let mut seek = Vec::with_capacity(prefix.len() + key::TIME_SUFFIX_BYTES);
+        seek.extend_from_slice(prefix);
         key::push_times(&mut seek, q.as_of, SystemTime::MAX);
-        let probe = key::Probe { prefix: &prefix, seek: &seek, event_time_min: q.event_time_min(), known_at };
+        let probe = key::Probe { prefix, seek: &seek, event_time_min: q.event_time_min(), known_at };
         let mut best: Found = None;
         consider(&mut best, view.mem.get_best(&probe));
         for m in &view.imms {
             consider(&mut best, m.get_best(&probe));
         }
         let in_range = |t: &crate::version::TableHandle| {
-            key::prefix_of(&t.meta.smallest) <= prefix.as_slice()
-                && prefix.as_slice() <= key::prefix_of(&t.meta.largest)
+            key::prefix_of(&t.meta.smallest) <= prefix && prefix <= key::prefix_of(&t.meta.largest)
         };
         for t in &view.version.levels[0] {
             if in_range(t) {
@@ -130,7 +137,7 @@ impl Inner {
         for level in &view.version.levels[1..] {
             let start = level.partition_point(|t| t.meta.largest.as_slice() < seek.as_slice());
             for t in &level[start..] {
-                if key::prefix_of(&t.meta.smallest) > prefix.as_slice() {
+                if key::prefix_of(&t.meta.smallest) > prefix {
                     break;
                 }
                 let found = t.table.get_best(&probe)?;

@@ -214,21 +214,32 @@ impl Inner {
     }
 }
 
-/// Calls [`crate::hot::HotTier::write_begin`] for every write of the batches; returns the pair
-/// prefixes for the matching `write_end`s.
-fn announce(hot: &crate::hot::HotTier, batches: &[batch::DecodedBatch<'_>]) -> Vec<Vec<u8>> {
-    let mut prefixes = Vec::with_capacity(batches.iter().map(|b| b.ops.len()).sum());
+/// Calls [`crate::hot::HotTier::write_begin`] once per run of writes to one entity in the
+/// batches; returns the entities for the matching `write_end`s.
+fn announce<'a>(hot: &crate::hot::HotTier, batches: &'a [batch::DecodedBatch<'a>]) -> Vec<&'a [u8]> {
+    let mut entities = Vec::new();
     for b in batches {
-        for op in &b.ops {
-            let prefix = key::prefix(op.entity, op.feature);
-            hot.write_begin(&prefix, op.event_time, b.system_time, || {
-                let (value, version_vector) = crate::cell::decode(op.cell).ok()?;
-                Some(CellVersion { event_time: op.event_time, system_time: b.system_time, value, version_vector })
-            });
-            prefixes.push(prefix);
+        for run in b.ops.chunk_by(|x, y| x.entity == y.entity) {
+            let entity = run[0].entity;
+            hot.write_begin(
+                entity,
+                run.iter().map(|op| {
+                    let version = move || {
+                        let (value, version_vector) = crate::cell::decode(op.cell).ok()?;
+                        Some(CellVersion {
+                            event_time: op.event_time,
+                            system_time: b.system_time,
+                            value,
+                            version_vector,
+                        })
+                    };
+                    (op.feature, op.event_time, b.system_time, version)
+                }),
+            );
+            entities.push(entity);
         }
     }
-    prefixes
+    entities
 }
 
 /// Inserts a decoded batch into a memtable.
