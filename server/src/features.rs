@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use prost::Message;
 use quiver_proto::v1 as pb;
 use quiver_storage::{
@@ -195,6 +195,7 @@ struct Prepared {
 #[derive(Debug)]
 pub struct Features {
     registry: Arc<Registry>,
+    resolutions: Mutex<ResolutionCache>,
     db: Arc<Db>,
     /// Plain writes share it; writes with compare-and-swap or an idempotency key take it alone,
     /// so their check and their write are one atomic step (linearizable within this node).
@@ -202,12 +203,38 @@ pub struct Features {
     default_durability: Durability,
 }
 
+/// Distinct (entity type, feature list) resolutions kept; the cache is cleared when full.
+pub const RESOLUTIONS_CACHED_MAX: usize = 1024;
+
+/// A request's entity type and features, checked, with their defaults converted.
+#[derive(Debug)]
+struct Resolution {
+    entity_type: pb::EntityType,
+    refs: Vec<String>,
+    features: Vec<ResolvedFeature>,
+    defaults: Vec<Option<Value>>,
+}
+
+/// Resolutions by a hash of (entity type, refs), valid for one registry generation.
+#[derive(Debug, Default)]
+struct ResolutionCache {
+    generation: u64,
+    hasher: std::collections::hash_map::RandomState,
+    map: std::collections::HashMap<u64, Arc<Resolution>>,
+}
+
 impl Features {
     /// A service over `registry` and its engine; writes that do not say how durable they must
     /// be get `default_durability`.
     pub fn new(registry: Arc<Registry>, default_durability: Durability) -> Self {
         let db = registry.db().clone();
-        Features { registry, db, check_then_write: RwLock::new(()), default_durability }
+        Features {
+            registry,
+            db,
+            resolutions: Mutex::new(ResolutionCache::default()),
+            check_then_write: RwLock::new(()),
+            default_durability,
+        }
     }
 
     /// `GetOnlineFeatures`, with `now_us` the server's clock (used when the request has no
@@ -220,9 +247,10 @@ impl Features {
                  {FEATURES_PER_REQUEST_MAX} features, {ONLINE_CELLS_MAX} cells)"
             )));
         }
-        let (et, features) = self.resolve_features(&req.entity_type, &req.features)?;
+        let resolution = self.resolve_features(&req.entity_type, &req.features)?;
+        let (et, features) = (&resolution.entity_type, &resolution.features);
         let keys: Vec<Vec<u8>> =
-            req.entities.iter().map(|k| convert::entity_key(&et, k)).collect::<std::result::Result<_, _>>()?;
+            req.entities.iter().map(|k| convert::entity_key(et, k)).collect::<std::result::Result<_, _>>()?;
         let as_of = match &req.as_of {
             Some(ts) => convert::micros(ts, "as_of")?,
             None => now_us,
@@ -234,7 +262,7 @@ impl Features {
         let mut columns = Vec::with_capacity(m);
         for (j, (f, reference)) in features.iter().zip(&req.features).enumerate() {
             let mut col = column(f, reference, n);
-            let default = default_of(f)?;
+            let default = &resolution.defaults[j];
             for i in 0..n {
                 let v = versions.get_mut(i * m + j).and_then(Option::take);
                 let (status, event_us, value) = cell_status(v, EventTime(as_of), f, default.as_ref());
@@ -247,7 +275,38 @@ impl Features {
         Ok(pb::GetOnlineFeaturesResponse { columns })
     }
 
-    fn resolve_features(&self, entity_type: &str, refs: &[String]) -> Result<(pb::EntityType, Vec<ResolvedFeature>)> {
+    /// The entity type and features of a request, from the resolution cache when the registry
+    /// has not changed since (the online path asks the same lists again and again).
+    fn resolve_features(&self, entity_type: &str, refs: &[String]) -> Result<Arc<Resolution>> {
+        let generation = self.registry.generation();
+        let hash = {
+            use std::hash::{BuildHasher, Hash, Hasher};
+            let mut h = self.resolutions.lock().hasher.build_hasher();
+            entity_type.hash(&mut h);
+            refs.hash(&mut h);
+            h.finish()
+        };
+        {
+            let cache = self.resolutions.lock();
+            if cache.generation == generation {
+                if let Some(r) = cache.map.get(&hash).filter(|r| r.entity_type.name == entity_type && r.refs == refs) {
+                    return Ok(r.clone());
+                }
+            }
+        }
+        let (et, features) = self.resolve_uncached(entity_type, refs)?;
+        let defaults = features.iter().map(default_of).collect::<Result<Vec<_>>>()?;
+        let r = Arc::new(Resolution { entity_type: et, refs: refs.to_vec(), features, defaults });
+        let mut cache = self.resolutions.lock();
+        if cache.generation != generation || cache.map.len() >= RESOLUTIONS_CACHED_MAX {
+            cache.map.clear();
+            cache.generation = generation;
+        }
+        cache.map.insert(hash, r.clone());
+        Ok(r)
+    }
+
+    fn resolve_uncached(&self, entity_type: &str, refs: &[String]) -> Result<(pb::EntityType, Vec<ResolvedFeature>)> {
         if refs.is_empty() {
             return Err(ServiceError::Invalid("no features requested".into()));
         }
@@ -277,7 +336,8 @@ impl Features {
         if req.spine.len() > SPINE_ROWS_MAX {
             return Err(ServiceError::TooLarge(format!("spine has more than {SPINE_ROWS_MAX} rows")));
         }
-        let (et, features) = self.resolve_features(&req.entity_type, &req.features)?;
+        let resolution = self.resolve_features(&req.entity_type, &req.features)?;
+        let (et, features) = (&resolution.entity_type, &resolution.features);
         let known_at = match &req.known_at {
             Some(t) => convert::system_time(t, "known_at")?,
             None => SystemTime::MAX,
@@ -288,7 +348,7 @@ impl Features {
             let entity =
                 r.entity.as_ref().ok_or_else(|| ServiceError::Invalid(format!("spine row {i}: entity is required")))?;
             let key =
-                convert::entity_key(&et, entity).map_err(|e| ServiceError::Invalid(format!("spine row {i}: {e}")))?;
+                convert::entity_key(et, entity).map_err(|e| ServiceError::Invalid(format!("spine row {i}: {e}")))?;
             let t = convert::event_time(r.timestamp.as_ref(), &format!("spine row {i}: timestamp"))?;
             rows.push((key, t));
         }

@@ -110,6 +110,8 @@ struct State {
 pub struct Registry {
     db: Arc<Db>,
     state: Mutex<State>,
+    /// Bumped by every apply that changes the registry (for caches of resolutions).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn check_name(kind: &str, name: &str) -> Result<()> {
@@ -372,7 +374,7 @@ impl Registry {
                 versions.entry(item.feature.0).or_insert(g);
             }
         }
-        Ok(Registry { db, state: Mutex::new(state) })
+        Ok(Registry { db, state: Mutex::new(state), generation: std::sync::atomic::AtomicU64::new(0) })
     }
 
     /// Applies definitions (see the module docs); with `dry_run` only reports the changes.
@@ -483,6 +485,7 @@ impl Registry {
         if !req.dry_run && !batch.is_empty() {
             self.db.write(batch, Durability::Sync)?;
             *st = next;
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
         }
         Ok(changes)
     }
@@ -554,6 +557,12 @@ impl Registry {
         found
             .map(|(v, s)| (*v, s))
             .ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} has no version {version}")))
+    }
+
+    /// A number that changes whenever the registry does: a resolution made while it read `g`
+    /// stays valid as long as it still reads `g`.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The engine this registry writes to.

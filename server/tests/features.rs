@@ -196,3 +196,52 @@ fn bad_writes_fail_clearly_and_change_nothing() {
         .expect_err("unknown feature");
     assert!(matches!(err, ServiceError::NotFound(_)), "{err:?}");
 }
+
+/// Lookups resolve their feature lists through a cache; an apply must be seen by the very next
+/// lookup (here: a new version with another default, served for a missing value).
+#[test]
+fn a_new_group_version_is_served_by_the_next_lookup() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let db = Arc::new(Db::open(tmp.path(), Options::default()).expect("db"));
+    let reg = Arc::new(Registry::open(db.clone()).expect("registry"));
+    let group = |default: f64| pb::ApplyRegistryRequest {
+        entity_types: vec![pb::EntityType {
+            name: "user".into(),
+            join_keys: vec![pb::JoinKey { name: "user_id".into(), r#type: pb::JoinKeyType::String as i32 }],
+            description: String::new(),
+        }],
+        feature_groups: vec![pb::FeatureGroup {
+            name: "user_stats".into(),
+            entity_type: "user".into(),
+            features: vec![pb::FeatureDef {
+                name: "spend".into(),
+                r#type: pb::ValueType::Float64 as i32,
+                default_value: Some(f64v(default)),
+                description: String::new(),
+            }],
+            ..Default::default()
+        }],
+        dry_run: false,
+    };
+    reg.apply(&group(-1.0)).expect("apply v1");
+    let f = Features::new(reg.clone(), quiver_storage::Durability::Sync);
+    let lookup = || {
+        f.get_online(
+            &pb::GetOnlineFeaturesRequest {
+                entity_type: "user".into(),
+                entities: vec![key("nobody")],
+                features: vec!["user_stats:spend".into()],
+                as_of: ts(T0),
+            },
+            0,
+        )
+        .expect("online")
+    };
+    for _ in 0..2 {
+        let r = lookup();
+        assert_eq!((r.columns[0].group_version, r.columns[0].float64_values.clone()), (1, vec![-1.0]));
+    }
+    reg.apply(&group(-2.0)).expect("apply v2");
+    let r = lookup();
+    assert_eq!((r.columns[0].group_version, r.columns[0].float64_values.clone()), (2, vec![-2.0]));
+}

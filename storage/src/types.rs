@@ -175,14 +175,18 @@ impl Value {
     }
 }
 
+/// Entries a version vector holds without a heap allocation (a read of a cached value copies
+/// its vector; deployments have a handful of regions).
+const VERSION_VECTOR_INLINE: usize = 3;
+
 /// A version vector: region -> counter, sorted by region, at most one entry per region.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct VersionVector(Vec<(RegionId, u64)>);
+pub struct VersionVector(smallvec::SmallVec<[(RegionId, u64); VERSION_VECTOR_INLINE]>);
 
 impl VersionVector {
     /// The empty vector.
     pub fn new() -> Self {
-        VersionVector(Vec::new())
+        VersionVector(smallvec::SmallVec::new())
     }
 
     /// Number of entries.
@@ -197,7 +201,7 @@ impl VersionVector {
 
     /// A vector with one entry.
     pub fn single(region: RegionId, counter: u64) -> Self {
-        VersionVector(vec![(region, counter)])
+        VersionVector(smallvec::smallvec![(region, counter)])
     }
 
     /// Builds a vector from entries; fails on duplicates or too many entries.
@@ -212,7 +216,7 @@ impl VersionVector {
         if entries.windows(2).any(|w| w[0].0 == w[1].0) {
             return Err(Error::InvalidArgument("version vector names a region twice".into()));
         }
-        Ok(VersionVector(entries))
+        Ok(VersionVector(entries.into()))
     }
 
     /// The entries, sorted by region.
