@@ -62,14 +62,12 @@ use parking_lot::Mutex;
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
-use crate::types::{CellVersion, EventTime, FeatureId, SystemTime, Value};
+use crate::types::{CellVersion, EventTime, FeatureId, SystemTime};
 
 /// Stripes of entities sharing one fill/write guard.
 const STRIPES: usize = 1024;
 /// Bytes a row costs beyond its key and states (cache slot, `Arc`, vector headers).
-const ROW_OVERHEAD_BYTES: usize = 96;
-/// Bytes a state costs beyond its value's heap bytes.
-const STATE_OVERHEAD_BYTES: usize = 64;
+const ROW_OVERHEAD_BYTES: usize = 128;
 /// Typical row size, for sizing the cache's index and the doorkeeper.
 const ROW_BYTES_TYPICAL: usize = 1024;
 /// Fewest doorkeeper bits (a tiny tier still remembers this many recent misses).
@@ -77,72 +75,159 @@ const DOORKEEPER_BITS_MIN: usize = 1 << 12;
 /// Doorkeeper bits per typical row; with a reset at 1/8 of the bits set, a first miss is
 /// mistaken for a second one at most 1 time in 8 (hash collisions).
 const DOORKEEPER_BITS_PER_ROW: usize = 16;
+/// `State::len` of a pair with no version.
+const ABSENT: u32 = u32::MAX;
 
-/// A pair's newest state.
+/// A pair's newest state, as offered by readers and writers: `cell` is the encoded cell
+/// (see [`crate::cell`]) of its newest version, `None` when the pair has no version.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum HotEntry {
-    /// The pair has no version.
-    Absent,
-    /// Its newest version (a tombstone has `value: None`).
-    Newest(CellVersion),
+pub(crate) struct NewState {
+    pub event_time: EventTime,
+    pub system_time: SystemTime,
+    pub cell: Option<Vec<u8>>,
 }
 
-impl HotEntry {
+impl NewState {
+    /// The state of a pair with no version.
+    pub fn absent() -> Self {
+        NewState { event_time: EventTime(i64::MIN), system_time: SystemTime(0), cell: None }
+    }
+
+    /// The state of a pair whose newest version is `v`.
+    pub fn of(v: &CellVersion) -> Self {
+        let mut cell = Vec::new();
+        crate::cell::encode(v.value.as_ref(), &v.version_vector, &mut cell);
+        NewState { event_time: v.event_time, system_time: v.system_time, cell: Some(cell) }
+    }
+}
+
+/// One stored state: times and where its encoded cell lies in the row's buffer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct State {
+    event_time: EventTime,
+    system_time: SystemTime,
+    start: u32,
+    /// [`ABSENT`] for a pair with no version.
+    len: u32,
+}
+
+impl State {
     fn order(&self) -> (EventTime, SystemTime) {
-        match self {
-            HotEntry::Absent => (EventTime(i64::MIN), SystemTime(0)),
-            HotEntry::Newest(v) => (v.event_time, v.system_time),
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        STATE_OVERHEAD_BYTES
-            + match self {
-                HotEntry::Absent => 0,
-                HotEntry::Newest(v) => {
-                    let value = match &v.value {
-                        None => 0,
-                        Some(Value::String(s)) => s.len(),
-                        Some(Value::Bytes(b)) => b.len(),
-                        Some(Value::Float32Vector(x)) => x.len() * 4,
-                        Some(Value::Int64List(x)) => x.len() * 8,
-                        Some(Value::StringList(x)) => x.iter().map(|s| s.len() + 24).sum(),
-                        Some(_) => 0,
-                    };
-                    value + v.version_vector.len() * 16
-                }
-            }
-    }
-
-    /// The answer to a read at `as_of` / `known_at` if this state covers it.
-    fn answer(&self, as_of: EventTime, known_at: SystemTime) -> Option<Option<CellVersion>> {
-        match self {
-            HotEntry::Absent => Some(None),
-            HotEntry::Newest(v) if v.event_time <= as_of && v.system_time <= known_at => Some(Some(v.clone())),
-            HotEntry::Newest(_) => None,
-        }
+        (self.event_time, self.system_time)
     }
 }
 
-/// The cached states of one entity's features, sorted by feature.
+/// The cached states of one entity's features, sorted by feature, compact: about 30 bytes
+/// per state plus its encoded cell.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Row {
-    states: Vec<(FeatureId, HotEntry)>,
+    features: Vec<FeatureId>,
+    states: Vec<State>,
+    cells: Vec<u8>,
 }
 
 impl Row {
-    fn get(&self, f: FeatureId) -> Option<&HotEntry> {
-        self.states.binary_search_by_key(&f, |s| s.0).ok().map(|i| &self.states[i].1)
+    fn position(&self, f: FeatureId) -> Option<usize> {
+        self.features.binary_search(&f).ok()
+    }
+
+    fn cell(&self, s: &State) -> &[u8] {
+        self.cells.get(s.start as usize..(s.start as usize + s.len as usize)).unwrap_or(&[])
     }
 
     fn bytes(&self) -> usize {
-        self.states.iter().map(|s| s.1.bytes()).sum()
+        self.features.len() * std::mem::size_of::<FeatureId>()
+            + self.states.len() * std::mem::size_of::<State>()
+            + self.cells.len()
     }
 
-    /// The answer for feature `f` if the row covers the read.
+    /// The answer for feature `f` at `as_of` / `known_at` if the row covers the read: the
+    /// winning version (`None`: absent).
     pub fn answer(&self, f: FeatureId, as_of: EventTime, known_at: SystemTime) -> Option<Option<CellVersion>> {
-        self.get(f).and_then(|e| e.answer(as_of, known_at))
+        let s = &self.states[self.position(f)?];
+        if s.len == ABSENT {
+            return Some(None);
+        }
+        if s.event_time > as_of || s.system_time > known_at {
+            return None;
+        }
+        // Cells were encoded by this engine; one that does not decode is not served from here.
+        let (value, version_vector) = crate::cell::decode(self.cell(s)).ok()?;
+        Some(Some(CellVersion { event_time: s.event_time, system_time: s.system_time, value, version_vector }))
     }
+
+    /// A copy of the row with `updates` (sorted by feature, each newer than what it replaces
+    /// or new to the row) applied.
+    fn with(&self, updates: &[(FeatureId, NewState)]) -> Row {
+        let mut out = Row {
+            features: Vec::with_capacity(self.features.len() + updates.len()),
+            states: Vec::with_capacity(self.features.len() + updates.len()),
+            cells: Vec::with_capacity(self.cells.len() + 32 * updates.len()),
+        };
+        let push = |out: &mut Row, f: FeatureId, e: EventTime, t: SystemTime, cell: Option<&[u8]>| {
+            let start = out.cells.len() as u32;
+            let len = match cell {
+                Some(c) => {
+                    out.cells.extend_from_slice(c);
+                    c.len() as u32
+                }
+                None => ABSENT,
+            };
+            out.features.push(f);
+            out.states.push(State { event_time: e, system_time: t, start, len });
+        };
+        let (mut i, mut j) = (0, 0);
+        while i < self.features.len() || j < updates.len() {
+            let take_update = match (self.features.get(i), updates.get(j)) {
+                (Some(&f), Some((g, _))) => *g <= f,
+                (None, Some(_)) => true,
+                _ => false,
+            };
+            if take_update {
+                let (g, u) = &updates[j];
+                push(&mut out, *g, u.event_time, u.system_time, u.cell.as_deref());
+                if self.features.get(i) == Some(g) {
+                    i += 1;
+                }
+                j += 1;
+            } else {
+                let s = self.states[i];
+                let cell = (s.len != ABSENT).then(|| self.cell(&s));
+                push(&mut out, self.features[i], s.event_time, s.system_time, cell);
+                i += 1;
+            }
+        }
+        out
+    }
+}
+
+/// The offers that replace or add to `row`, sorted by feature, one per feature: the newest
+/// offer of each feature, kept if the row lacks the feature or holds an older state (an equal
+/// one too when `ties_win`: a later write of the same cell in one batch wins in the memtable).
+fn newer_than(row: Option<&Row>, mut offers: Vec<(FeatureId, NewState)>, ties_win: bool) -> Vec<(FeatureId, NewState)> {
+    // Stable sort: among equal features, later offers stay later.
+    offers.sort_by_key(|o| o.0);
+    let mut out: Vec<(FeatureId, NewState)> = Vec::with_capacity(offers.len());
+    for (f, n) in offers {
+        let order = (n.event_time, n.system_time);
+        match out.last_mut() {
+            Some((g, prev)) if *g == f => {
+                if order >= (prev.event_time, prev.system_time) {
+                    *prev = n;
+                }
+            }
+            _ => out.push((f, n)),
+        }
+    }
+    out.retain(|(f, n)| {
+        let order = (n.event_time, n.system_time);
+        match row.and_then(|r| r.position(*f).map(|i| r.states[i])) {
+            None => true,
+            Some(s) if s.len == ABSENT => n.cell.is_some(),
+            Some(s) => order > s.order() || ties_win && order == s.order(),
+        }
+    });
+    out
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -317,9 +402,9 @@ impl HotTier {
         false
     }
 
-    /// Offers the newest versions of some of the entity's pairs, as read from a view taken
-    /// after `ticket` (`None`: the pair has no version in that view).
-    pub fn fill(&self, entity: &[u8], ticket: Ticket, newest: Vec<(FeatureId, Option<CellVersion>)>) {
+    /// Offers the newest states of some of the entity's pairs, as read from a view taken after
+    /// `ticket`.
+    pub fn fill(&self, entity: &[u8], ticket: Ticket, newest: Vec<(FeatureId, NewState)>) {
         if newest.is_empty() {
             return;
         }
@@ -333,62 +418,42 @@ impl HotTier {
             self.fills_refused.fetch_add(newest.len() as u64, Ordering::Relaxed);
             return;
         }
-        let mut row = self.cache.peek(entity).map(|r| (*r).clone()).unwrap_or_default();
-        let mut filled = 0;
-        for (f, v) in newest {
-            let state = v.map_or(HotEntry::Absent, HotEntry::Newest);
-            match row.states.binary_search_by_key(&f, |s| s.0) {
-                Ok(i) if state.order() > row.states[i].1.order() => row.states[i].1 = state,
-                Ok(_) => continue,
-                Err(i) => row.states.insert(i, (f, state)),
-            }
-            filled += 1;
+        let cur = self.cache.peek(entity);
+        let updates = newer_than(cur.as_deref(), newest, false);
+        if updates.is_empty() {
+            return;
         }
-        if filled > 0 {
-            self.cache.insert(entity.to_vec(), Arc::new(row));
-            self.fills.fetch_add(filled, Ordering::Relaxed);
-        }
+        let row = cur.as_deref().map_or_else(Row::default, Row::clone).with(&updates);
+        self.cache.insert(entity.to_vec(), Arc::new(row));
+        self.fills.fetch_add(updates.len() as u64, Ordering::Relaxed);
     }
 
     /// Versions of the entity's pairs are about to be published (`cells`: feature, event
-    /// time, system time, and a builder decoding the version, called only when the pair is in
-    /// the row): replaces the states they are newer than.
-    pub fn write_begin<F>(&self, entity: &[u8], cells: impl Iterator<Item = (FeatureId, EventTime, SystemTime, F)>)
-    where
-        F: FnOnce() -> Option<CellVersion>,
-    {
+    /// time, system time, encoded cell): replaces the states of features in the row that they
+    /// are newer than.
+    pub fn write_begin<'c>(
+        &self,
+        entity: &[u8],
+        cells: impl Iterator<Item = (FeatureId, EventTime, SystemTime, &'c [u8])>,
+    ) {
         let s = &self.stripes[stripe_of(hash_of(entity))];
         let _g = s.lock.lock();
         s.pending.fetch_add(1, Ordering::SeqCst);
         s.gen.fetch_add(1, Ordering::SeqCst);
         let Some(cur) = self.cache.peek(entity) else { return };
-        let mut row: Option<Row> = None;
-        let mut dropped = false;
-        for (f, e, t, version) in cells {
-            let states = &row.as_ref().unwrap_or(cur.as_ref()).states;
-            let Ok(i) = states.binary_search_by_key(&f, |s| s.0) else { continue };
-            // Equal order: a later write of the same cell in one batch, which wins in the
-            // memtable too.
-            if states[i].1.order() > (e, t) {
-                continue;
-            }
-            let r = row.get_or_insert_with(|| (*cur).clone());
-            match version() {
-                Some(v) => r.states[i].1 = HotEntry::Newest(v),
-                None => {
-                    r.states.remove(i);
-                    dropped = true;
-                }
-            }
-            self.write_updates.fetch_add(1, Ordering::Relaxed);
+        let offered = cells
+            .filter(|c| cur.position(c.0).is_some())
+            .map(|(f, e, t, cell)| (f, NewState { event_time: e, system_time: t, cell: Some(cell.to_vec()) }))
+            .collect();
+        let updates = newer_than(Some(&cur), offered, true);
+        if updates.is_empty() {
+            return;
         }
-        if let Some(r) = row {
-            // Remove first: if the new row is not admitted, no stale one may stay behind.
-            self.cache.remove(entity);
-            if !r.states.is_empty() || !dropped {
-                self.cache.insert(entity.to_vec(), Arc::new(r));
-            }
-        }
+        self.write_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
+        let row = cur.with(&updates);
+        // Remove first: if the new row is not admitted, no stale one may stay behind.
+        self.cache.remove(entity);
+        self.cache.insert(entity.to_vec(), Arc::new(row));
     }
 
     /// The versions announced by [`HotTier::write_begin`] for `entity` are published (or
@@ -416,7 +481,7 @@ impl HotTier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::VersionVector;
+    use crate::types::{Value, VersionVector};
 
     fn v(e: i64, s: u64, x: i64) -> CellVersion {
         CellVersion {
@@ -432,12 +497,22 @@ mod tests {
     /// A fill past the doorkeeper (as on an entity's second miss).
     fn fill(hot: &HotTier, entity: &[u8], t: Ticket, newest: Option<CellVersion>) {
         hot.admit(t.hash);
-        hot.fill(entity, t, vec![(F, newest)]);
+        hot.fill(entity, t, vec![(F, state(newest))]);
+    }
+
+    fn state(v: Option<CellVersion>) -> NewState {
+        v.as_ref().map_or_else(NewState::absent, NewState::of)
+    }
+
+    /// Announces a write of `version` to feature `f` (without publishing it).
+    fn begin(hot: &HotTier, entity: &[u8], f: FeatureId, version: CellVersion) {
+        let n = NewState::of(&version);
+        let cell = n.cell.unwrap_or_default();
+        hot.write_begin(entity, std::iter::once((f, n.event_time, n.system_time, cell.as_slice())));
     }
 
     fn write(hot: &HotTier, entity: &[u8], version: CellVersion) {
-        let (e, s) = (version.event_time, version.system_time);
-        hot.write_begin(entity, std::iter::once((F, e, s, move || Some(version))));
+        begin(hot, entity, F, version);
         hot.write_end(entity);
     }
 
@@ -449,16 +524,16 @@ mod tests {
     fn an_entity_is_filled_on_its_second_miss_only() {
         let hot = HotTier::new(1 << 20).expect("enabled");
         let p = b"entity".as_slice();
-        hot.fill(p, hot.ticket(p), vec![(F, Some(v(1, 1, 1)))]);
+        hot.fill(p, hot.ticket(p), vec![(F, state(Some(v(1, 1, 1))))]);
         assert_eq!(read(&hot, p, 1, SystemTime::MAX), None, "a first miss is only remembered");
-        hot.fill(p, hot.ticket(p), vec![(F, Some(v(1, 1, 1)))]);
+        hot.fill(p, hot.ticket(p), vec![(F, state(Some(v(1, 1, 1))))]);
         assert_eq!(read(&hot, p, 1, SystemTime::MAX), Some(Some(v(1, 1, 1))));
         let s = hot.stats();
         assert_eq!((s.fills_deferred, s.fills), (1, 1));
         // A sweep over many more entities than the window resets it rather than saturating.
         for i in 0..100_000u32 {
             let q = i.to_be_bytes();
-            hot.fill(&q, hot.ticket(&q), vec![(F, None)]);
+            hot.fill(&q, hot.ticket(&q), vec![(F, NewState::absent())]);
         }
         assert!(hot.stats().fills < 20_000, "{:?}", hot.stats());
     }
@@ -480,7 +555,7 @@ mod tests {
         assert_eq!(read(&hot, p, 20, SystemTime::MAX), Some(Some(v(10, 7, 3))));
         assert_eq!(hot.stats().write_updates, 1);
         // Writes never add a feature the row does not hold.
-        hot.write_begin(p, std::iter::once((FeatureId(8), EventTime(1), SystemTime(8), || Some(v(1, 8, 1)))));
+        begin(&hot, p, FeatureId(8), v(1, 8, 1));
         hot.write_end(p);
         assert_eq!(hot.lookup(p, FeatureId(8), EventTime(10), SystemTime::MAX), None);
     }
@@ -490,7 +565,7 @@ mod tests {
         let hot = HotTier::new(1 << 20).expect("enabled");
         let p = b"entity".as_slice();
         // A write in flight when the ticket is taken.
-        hot.write_begin(p, std::iter::once((F, EventTime(5), SystemTime(9), || Some(v(5, 9, 1)))));
+        begin(&hot, p, F, v(5, 9, 1));
         let t = hot.ticket(p);
         hot.write_end(p);
         fill(&hot, p, t, None);
@@ -512,6 +587,32 @@ mod tests {
         write(&hot, q, v(1, 11, 4));
         assert_eq!(read(&hot, q, 0, SystemTime::MAX), None);
         assert_eq!(read(&hot, q, 1, SystemTime::MAX), Some(Some(v(1, 11, 4))));
+    }
+
+    #[test]
+    fn rows_merge_updates_in_feature_order() {
+        let hot = HotTier::new(1 << 20).expect("enabled");
+        let p = b"entity".as_slice();
+        let t = hot.ticket(p);
+        hot.admit(t.hash);
+        let offers = vec![
+            (FeatureId(9), state(Some(v(1, 1, 9)))),
+            (FeatureId(2), NewState::absent()),
+            (FeatureId(5), state(Some(v(1, 1, 5)))),
+            (FeatureId(5), state(Some(v(2, 1, 6)))),
+        ];
+        hot.fill(p, t, offers);
+        let at = |f: u32| hot.lookup(p, FeatureId(f), EventTime(10), SystemTime::MAX);
+        assert_eq!(at(2), Some(None));
+        assert_eq!(at(5), Some(Some(v(2, 1, 6))), "the newest of two offers");
+        assert_eq!(at(9), Some(Some(v(1, 1, 9))));
+        assert_eq!(at(3), None);
+        // A write to a feature that was absent gives it a version; others stay as they were.
+        begin(&hot, p, FeatureId(2), v(4, 3, 2));
+        hot.write_end(p);
+        assert_eq!(at(2), Some(Some(v(4, 3, 2))));
+        assert_eq!(at(9), Some(Some(v(1, 1, 9))));
+        assert_eq!(hot.stats().entries, 1);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::{Inner, ReadView};
 use crate::cell;
+use crate::hot::NewState;
 use crate::iter::{MemCursor, MergingIter, Source};
 use crate::key::{self, KeyRef};
 use crate::types::{AsOf, CellVersion, EntityKey, EventTime, FeatureId, SystemTime};
@@ -94,7 +95,7 @@ impl Inner {
                         Some(n) if n.event_time > q.as_of => out.push(self.get_in_view(&view, &prefix, q, known_at)?),
                         n => out.push(in_window(n.clone())),
                     }
-                    filled.push((f, newest));
+                    filled.push((f, newest.as_ref().map_or_else(NewState::absent, NewState::of)));
                 } else {
                     out.push(self.get_in_view(&view, &prefix, q, known_at)?);
                 }

@@ -10,7 +10,7 @@ use crate::key;
 use crate::limits::IMMUTABLE_MEMTABLES_MAX;
 use crate::memtable::Memtable;
 use crate::options::Background;
-use crate::types::{CellVersion, Durability, SystemTime};
+use crate::types::{Durability, SystemTime};
 use crate::wal::Segment;
 use crate::{Error, Result, WriteBatch};
 
@@ -221,21 +221,7 @@ fn announce<'a>(hot: &crate::hot::HotTier, batches: &'a [batch::DecodedBatch<'a>
     for b in batches {
         for run in b.ops.chunk_by(|x, y| x.entity == y.entity) {
             let entity = run[0].entity;
-            hot.write_begin(
-                entity,
-                run.iter().map(|op| {
-                    let version = move || {
-                        let (value, version_vector) = crate::cell::decode(op.cell).ok()?;
-                        Some(CellVersion {
-                            event_time: op.event_time,
-                            system_time: b.system_time,
-                            value,
-                            version_vector,
-                        })
-                    };
-                    (op.feature, op.event_time, b.system_time, version)
-                }),
-            );
+            hot.write_begin(entity, run.iter().map(|op| (op.feature, op.event_time, b.system_time, op.cell)));
             entities.push(entity);
         }
     }
