@@ -175,6 +175,65 @@ fn default_of(f: &ResolvedFeature) -> Result<Option<Value>> {
     }
 }
 
+/// Spine rows x features answered per window of a point-in-time join: the window is sorted by
+/// entity and merged with the engine in one pass; its answers (about 48 bytes each) are held
+/// until they are streamed, so this bounds the join's memory (about 100 MB).
+pub const JOIN_WINDOW_CELLS: usize = 2_000_000;
+
+/// Every version of one entity's requested features, as a sort-merge join reads them: per
+/// distinct feature, `(event time, system time, cell bytes range)` in key order (event time
+/// descending, then system time descending), cells in one buffer.
+struct PairHistory {
+    versions: Vec<Vec<(EventTime, SystemTime, std::ops::Range<usize>)>>,
+    cells: Vec<u8>,
+}
+
+impl PairHistory {
+    fn new(features: usize) -> Self {
+        PairHistory { versions: vec![Vec::new(); features], cells: Vec::new() }
+    }
+
+    /// Reads `entity`'s versions of the `distinct` (sorted) features from the cursor.
+    fn load(
+        &mut self,
+        cursor: &mut quiver_storage::PairCursor,
+        entity: &[u8],
+        lo: FeatureId,
+        hi: FeatureId,
+        distinct: &[FeatureId],
+    ) -> Result<()> {
+        for v in &mut self.versions {
+            v.clear();
+        }
+        self.cells.clear();
+        let (versions, cells) = (&mut self.versions, &mut self.cells);
+        cursor.entity_versions(entity, lo, hi, |f, v| {
+            if let Ok(d) = distinct.binary_search(&f) {
+                let start = cells.len();
+                cells.extend_from_slice(v.cell);
+                versions[d].push((v.event_time, v.system_time, start..cells.len()));
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The winner of `value_at(as_of, known_at)` without lookback (tombstones included) for
+    /// feature slot `d`: the first version in key order at or before `as_of` that was known.
+    fn winner(&self, d: usize, as_of: EventTime, known_at: SystemTime) -> Result<Option<CellVersion>> {
+        let list = &self.versions[d];
+        let first = list.partition_point(|v| v.0 > as_of);
+        let Some((e, s, range)) = list[first..].iter().find(|v| v.1 <= known_at) else { return Ok(None) };
+        let (value, version_vector) = quiver_storage::cell::decode(&self.cells[range.clone()]).map_err(|w| {
+            ServiceError::Storage(quiver_storage::Error::Corruption {
+                file: "(point-in-time join)".into(),
+                offset: 0,
+                what: format!("cell value: {w}"),
+            })
+        })?;
+        Ok(Some(CellVersion { event_time: *e, system_time: *s, value, version_vector }))
+    }
+}
+
 /// Rows per streamed chunk of a point-in-time join.
 pub const HISTORICAL_CHUNK_ROWS: usize = 4096;
 /// Most spine rows in one point-in-time join.
@@ -196,6 +255,7 @@ struct Prepared {
 pub struct Features {
     registry: Arc<Registry>,
     resolutions: Mutex<ResolutionCache>,
+    join_window_cells: usize,
     db: Arc<Db>,
     /// Plain writes share it; writes with compare-and-swap or an idempotency key take it alone,
     /// so their check and their write are one atomic step (linearizable within this node).
@@ -232,9 +292,22 @@ impl Features {
             registry,
             db,
             resolutions: Mutex::new(ResolutionCache::default()),
+            join_window_cells: JOIN_WINDOW_CELLS,
             check_then_write: RwLock::new(()),
             default_durability,
         }
+    }
+
+    /// The registry this service resolves features in.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The same service with joins answered in windows of `cells` spine rows x features
+    /// (tests use tiny windows to cover the window boundaries).
+    pub fn with_join_window_cells(mut self, cells: usize) -> Self {
+        self.join_window_cells = cells.max(1);
+        self
     }
 
     /// `GetOnlineFeatures`, with `now_us` the server's clock (used when the request has no
@@ -357,26 +430,56 @@ impl Features {
         } else {
             vec![None; features.len()]
         };
+        // Sort-merge: each window of the spine is sorted by entity, and one cursor over one
+        // snapshot walks the entities in key order, reading every version of the requested
+        // features of an entity in one forward pass; each row's answer is then the as-of rule
+        // applied to that list. Answers go out in spine order.
         let snap = self.db.snapshot();
-        for (c, chunk) in rows.chunks(HISTORICAL_CHUNK_ROWS).enumerate() {
-            let mut columns = Vec::with_capacity(features.len());
-            for ((f, reference), default) in features.iter().zip(&req.features).zip(&defaults) {
-                let mut col = column(f, reference, chunk.len());
-                for (key, t) in chunk {
+        let mut cursor = snap.pair_cursor(known_at);
+        let m = features.len();
+        let mut distinct: Vec<FeatureId> = features.iter().map(|f| f.id).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let slot: Vec<usize> = features.iter().map(|f| distinct.binary_search(&f.id).unwrap_or(0)).collect();
+        let (lo, hi) = (distinct[0], distinct[distinct.len() - 1]);
+        let mut history = PairHistory::new(distinct.len());
+        let window_rows = (self.join_window_cells / m.max(1)).max(1);
+        for (w, window) in rows.chunks(window_rows).enumerate() {
+            let mut order: Vec<usize> = (0..window.len()).collect();
+            order.sort_by(|&a, &b| window[a].0.cmp(&window[b].0));
+            let mut answers: Vec<(pb::FeatureStatus, i64, Option<Value>)> =
+                vec![(pb::FeatureStatus::NotFound, 0, None); window.len() * m];
+            for group in order.chunk_by(|&a, &b| window[a].0 == window[b].0) {
+                history.load(&mut cursor, &window[group[0]].0, lo, hi, &distinct)?;
+                for &r in group {
+                    let t = window[r].1;
                     let k =
                         if req.strict_availability { known_at.min(SystemTime(t.0.max(0) as u64)) } else { known_at };
-                    let q = AsOf { as_of: *t, known_at: k, lookback_us: None };
-                    let v = snap.version_at(key, f.id, q)?;
-                    let (status, event_us, value) = cell_status(v, *t, f, default.as_ref());
-                    col.statuses.push(status as i32);
-                    col.event_times_us.push(event_us);
-                    push_value(&mut col, f.value_type, value.as_ref());
+                    for (j, f) in features.iter().enumerate() {
+                        let v = history.winner(slot[j], t, k)?;
+                        answers[r * m + j] = cell_status(v, t, f, defaults[j].as_ref());
+                    }
                 }
-                columns.push(col);
             }
-            let first_row = (c * HISTORICAL_CHUNK_ROWS) as u64;
-            if !emit(pb::GetHistoricalFeaturesResponse { first_row, columns }) {
-                break;
+            let base = w * window_rows;
+            for (c, chunk) in answers.chunks_mut(HISTORICAL_CHUNK_ROWS * m).enumerate() {
+                let n = chunk.len() / m;
+                let mut columns = Vec::with_capacity(m);
+                for (j, (f, reference)) in features.iter().zip(&req.features).enumerate() {
+                    let mut col = column(f, reference, n);
+                    for i in 0..n {
+                        let (status, event_us, value) =
+                            std::mem::replace(&mut chunk[i * m + j], (pb::FeatureStatus::NotFound, 0, None));
+                        col.statuses.push(status as i32);
+                        col.event_times_us.push(event_us);
+                        push_value(&mut col, f.value_type, value.as_ref());
+                    }
+                    columns.push(col);
+                }
+                let first_row = (base + c * HISTORICAL_CHUNK_ROWS) as u64;
+                if !emit(pb::GetHistoricalFeaturesResponse { first_row, columns }) {
+                    return Ok(());
+                }
             }
         }
         Ok(())

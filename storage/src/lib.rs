@@ -28,7 +28,10 @@ pub mod options;
 pub mod version;
 
 pub use batch::WriteBatch;
-pub use db::{verify_dir, Db, LevelStats, ScanItem, ScanIter, ScanRange, Snapshot, Stats, VerifyReport, WriteReceipt};
+pub use db::{
+    verify_dir, Db, LevelStats, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange, Snapshot, Stats, VerifyReport,
+    WriteReceipt,
+};
 pub use hlc::{Clock, ManualClock, SystemClock};
 pub use hot::HotStats;
 pub use options::{Background, Options};

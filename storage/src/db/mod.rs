@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 pub use offline::{verify_dir, VerifyReport};
-pub use read::{ScanItem, ScanIter, ScanRange};
+pub use read::{PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
 pub use write::WriteReceipt;
 
 use crate::fs::{Fs, RealFs};
@@ -155,6 +155,11 @@ impl Snapshot {
     /// The winning version in this view, tombstones included.
     pub fn version_at(&self, entity: &[u8], feature: FeatureId, q: AsOf) -> Result<Option<CellVersion>> {
         self.inner.get(&self.view, entity, feature, q, q.known_at.min(self.visible))
+    }
+
+    /// A cursor for sort-merge reads of this view, limited to versions known at `known_at`.
+    pub fn pair_cursor(&self, known_at: SystemTime) -> PairCursor {
+        PairCursor::new(&self.inner, self.view.clone(), known_at.min(self.visible))
     }
 }
 

@@ -316,3 +316,75 @@ impl Iterator for ScanIter {
         }
     }
 }
+
+/// One version as a [`PairCursor`] hands it out: times and the encoded cell (see
+/// [`crate::cell`]; decode it with [`crate::cell::decode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawVersion<'a> {
+    /// Event time.
+    pub event_time: EventTime,
+    /// System time.
+    pub system_time: SystemTime,
+    /// The encoded cell.
+    pub cell: &'a [u8],
+}
+
+/// A cursor over one read view for sort-merge reads (the point-in-time join): it visits
+/// entities in ascending key order and hands out every version of a range of their features
+/// in key order (feature, then event time descending, then system time descending). One
+/// merging iterator serves the whole pass: moving to the next entity is a forward seek, not a
+/// new lookup through every level.
+#[derive(Debug)]
+pub struct PairCursor {
+    merge: MergingIter,
+    known_at: SystemTime,
+    dir: std::path::PathBuf,
+    _view: Arc<ReadView>,
+}
+
+impl PairCursor {
+    pub(super) fn new(inner: &Inner, view: Arc<ReadView>, known_at: SystemTime) -> PairCursor {
+        let mut sources = vec![Source::Mem(MemCursor::new(view.mem.clone()))];
+        sources.extend(view.imms.iter().map(|m| Source::Mem(MemCursor::new(m.clone()))));
+        for level in &view.version.levels {
+            for t in level {
+                sources.push(Source::Table(t.table.iter()));
+            }
+        }
+        PairCursor { merge: MergingIter::new(sources), known_at, dir: inner.dir.clone(), _view: view }
+    }
+
+    /// Calls `f` with every version of `entity`'s features `lo..=hi` known at this cursor's
+    /// `known_at`, in key order.
+    pub fn entity_versions(
+        &mut self,
+        entity: &[u8],
+        lo: FeatureId,
+        hi: FeatureId,
+        mut f: impl FnMut(FeatureId, RawVersion<'_>),
+    ) -> Result<()> {
+        crate::types::check_entity_key(entity)?;
+        let start = key::prefix(entity, lo);
+        let entity_prefix_len = start.len() - 4;
+        self.merge.seek(&start)?;
+        while self.merge.valid() {
+            let k = self.merge.key();
+            if k.len() != start.len() + key::TIME_SUFFIX_BYTES || k[..entity_prefix_len] != start[..entity_prefix_len] {
+                break;
+            }
+            let Some(kr) = KeyRef::parse(k) else {
+                return Err(Error::corruption(&self.dir, 0, "malformed key in a sort-merge read"));
+            };
+            let feature = kr.feature();
+            if feature > hi {
+                break;
+            }
+            let system_time = kr.system_time();
+            if system_time <= self.known_at {
+                f(feature, RawVersion { event_time: kr.event_time(), system_time, cell: self.merge.value() });
+            }
+            self.merge.step()?;
+        }
+        Ok(())
+    }
+}
