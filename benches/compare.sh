@@ -10,14 +10,22 @@
 #   1. one-entity F-feature lookups (Redis HMGET) at concurrency 1, 16, 64 (closed loop);
 #   2. batches of 100 entities (Redis: a pipeline of 100 HMGETs) at concurrency 16;
 #   3. Quiver open loop at 80% of its closed-loop maximum at concurrency 64 (p99 target);
-#   4. ingest over the streaming write with sync durability.
+#   4. ingest over the streaming write with sync durability;
+#   5. a point-in-time join of a 1,000,000-row spine over 100,000 entities x 100 hourly events x
+#      10 features against DuckDB's ASOF JOIN (pip duckdb) on the same data as Parquet, every
+#      output row compared (benches/join_compare.py).
 # Results: a table on stdout (and DIR/results.md) and every raw JSON line in DIR/results.jsonl.
+#   --only online|join   runs one part; --join-entities/--join-events/--join-spine size the join.
 set -euo pipefail
 
 ENTITIES=1000000
 FEATURES=50
 DURATION=10
 OUT=""
+ONLY=all
+JOIN_ENTITIES=100000
+JOIN_EVENTS=100
+JOIN_SPINE=1000000
 # Quiver's memory budget (memtables 1/8, hot tier 1/8, block cache 1/2); Redis holds the whole
 # data set in memory, so give Quiver a comparable amount. Both figures are printed.
 MEMORY_MB="${QUIVER_MEMORY_MB:-4096}"
@@ -27,6 +35,10 @@ while [ $# -gt 0 ]; do
     --features) FEATURES="$2"; shift 2 ;;
     --duration) DURATION="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
+    --only) ONLY="$2"; shift 2 ;;
+    --join-entities) JOIN_ENTITIES="$2"; shift 2 ;;
+    --join-events) JOIN_EVENTS="$2"; shift 2 ;;
+    --join-spine) JOIN_SPINE="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -46,8 +58,13 @@ if ! command -v redis-server >/dev/null; then
 fi
 
 echo "building (release)..."
-(cd "$ROOT" && cargo build -j2 --release -q -p quiver-server -p quiver-bench)
+(cd "$ROOT" && cargo build -j2 --release -q -p quiver-server -p quiver-bench -p quiver-tools)
 QUIVERD="$ROOT/target/release/quiverd"
+QUIVER="$ROOT/target/release/quiver"
+if [ "$ONLY" != online ] && ! python3 -c "import duckdb" 2>/dev/null; then
+  echo "installing duckdb (pip)..."
+  python3 -m pip install --quiet duckdb 2>/dev/null || python3 -m pip install --quiet --break-system-packages duckdb
+fi
 BENCH="$ROOT/target/release/quiver-bench"
 
 cleanup() {
@@ -74,6 +91,7 @@ RESULTS="$OUT/results.jsonl"
 run() { "$BENCH" --json "$@" | tee -a "$RESULTS"; }
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $ENTITIES entities x $FEATURES features"
+if [ "$ONLY" != join ]; then
 "$BENCH" setup --addr "$ADDR" --features "$FEATURES" >/dev/null
 run ingest --addr "$ADDR" --entities "$ENTITIES" --features "$FEATURES" --durability sync >/dev/null
 run ingest --redis "$REDIS" --entities "$ENTITIES" --features "$FEATURES" >/dev/null
@@ -100,6 +118,17 @@ print(r[-1]['requests_per_s'])")
 RATE=$(python3 -c "print(round($MAX*0.8))")
 run online --addr "$ADDR" --entities "$ENTITIES" --features "$FEATURES" --batch 1 --concurrency 64 \
   --duration "$DURATION" --rate "$RATE" >/dev/null
+fi
+
+if [ "$ONLY" != online ]; then
+  echo "join: $JOIN_ENTITIES entities x $JOIN_EVENTS events x 10 features, spine of $JOIN_SPINE rows"
+  "$BENCH" setup --addr "$ADDR" --group jb --features 10 >/dev/null
+  "$BENCH" --json ingest --addr "$ADDR" --group jb --entities "$JOIN_ENTITIES" --events "$JOIN_EVENTS" \
+    --features 10 --durability async | sed 's/"mode":"ingest"/"mode":"join-ingest"/' >>"$RESULTS"
+  "$QUIVER" --addr "$ADDR" admin compact --full >/dev/null
+  python3 "$ROOT/benches/join_compare.py" --addr "$ADDR" --quiver "$QUIVER" --entities "$JOIN_ENTITIES" \
+    --events "$JOIN_EVENTS" --features 10 --spine "$JOIN_SPINE" --work "$WORK/join" --results "$RESULTS" >/dev/null
+fi
 
 python3 "$ROOT/benches/report.py" "$RESULTS" | tee "$OUT/results.md"
 echo "raw results: $RESULTS"

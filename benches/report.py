@@ -9,7 +9,7 @@ import sys
 
 def main(path):
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    print("| step | Quiver | Redis | Quiver / Redis |")
+    print("| step | Quiver | Redis (online) or DuckDB (join) | Quiver / other |")
     print("|---|---|---|---|")
     ingest = {r["target"]: r for r in rows if r.get("mode") == "ingest"}
     if ingest:
@@ -38,6 +38,17 @@ def main(path):
 
         ratio = f"{q[field] / r[field]:.2f}" if q and r and r[field] else "-"
         print(f"| batch {batch}, concurrency {conc} | {cell(q)} | {cell(r)} | {ratio} |")
+    join = {r["target"]: r for r in rows if r.get("mode") == "join"}
+    if join:
+        q, d = join.get("quiver"), join.get("duckdb")
+        ratio = f"{q['rows_per_s'] / d['rows_per_s']:.2f}" if q and d else "-"
+        cell = lambda x: f"{x['rows_per_s']:,.0f} rows/s ({x['seconds']:.1f} s)" if x else "-"
+        print(f"| point-in-time join, {q['rows'] if q else 0:,} spine rows (vs DuckDB ASOF JOIN) | {cell(q)} | {cell(d)} | {ratio} |")
+    for r in rows:
+        if r.get("mode") == "join-check":
+            print(f"| join answers compared | {r['rows']:,} rows, {r['mismatches']} differ | | |")
+        if r.get("mode") == "join-ingest":
+            print(f"| join data ingest (async) | {r['values_per_s']:,.0f} values/s | | |")
     for r in rows:
         if r.get("mode") == "open":
             lat = r["latency_us"]

@@ -28,9 +28,21 @@ pub const GROUP: &str = "bench";
 /// Highest latency the histograms record (60 s, in µs); longer requests count as this.
 const LATENCY_MAX_US: u64 = 60_000_000;
 
-/// The value of feature `f` of entity `i` (exact in float64 and in Redis' text form).
+/// The value of feature `f` of entity `i` at its event `j` (exact in float64, in Redis' text
+/// form and in DuckDB's SQL: `((i * 31 + j * 17 + f) % 1000000) * 0.5`).
+pub fn value_at_event(i: u64, j: u64, f: u32) -> f64 {
+    ((i * 31 + j * 17 + u64::from(f)) % 1_000_000) as f64 * 0.5
+}
+
+/// The value of feature `f` of entity `i` in the online data set (one event).
 pub fn value_of(i: u64, f: u32) -> f64 {
-    ((i * 31 + u64::from(f)) % 1_000_000) as f64 * 0.5
+    value_at_event(i, 0, f)
+}
+
+/// Event time (µs) of entity `i`'s event `j`: hourly events, each entity offset by whole
+/// seconds (`1000000 + j * 3600000000 + (i % 3600) * 1000000` in SQL).
+pub fn event_time_us(i: u64, j: u64) -> i64 {
+    (1_000_000 + j * 3_600_000_000 + (i % 3600) * 1_000_000) as i64
 }
 
 /// The entity key text of entity `i`.
@@ -43,8 +55,8 @@ pub fn feature_names(n: u32) -> Vec<String> {
     (0..n).map(|f| format!("f{f}")).collect()
 }
 
-/// The registry the benchmark applies.
-pub fn registry(features: u32) -> pb::ApplyRegistryRequest {
+/// The registry the benchmark applies: group `group` with float64 features `f0..`, no TTL.
+pub fn registry(group: &str, features: u32) -> pb::ApplyRegistryRequest {
     pb::ApplyRegistryRequest {
         entity_types: vec![pb::EntityType {
             name: ENTITY_TYPE.into(),
@@ -52,7 +64,7 @@ pub fn registry(features: u32) -> pb::ApplyRegistryRequest {
             ..Default::default()
         }],
         feature_groups: vec![pb::FeatureGroup {
-            name: GROUP.into(),
+            name: group.into(),
             entity_type: ENTITY_TYPE.into(),
             features: feature_names(features)
                 .into_iter()
@@ -69,18 +81,19 @@ pub fn entity_key(i: u64) -> pb::EntityKey {
     pb::EntityKey { parts: vec![pb::KeyPart { kind: Some(pb::key_part::Kind::StringValue(entity_name(i))) }] }
 }
 
-/// One write row: every feature of entity `i` at `event_time_us`.
-pub fn write_row(i: u64, features: u32, event_time_us: i64) -> pb::WriteRow {
-    let t = prost_types::Timestamp {
-        seconds: event_time_us.div_euclid(1_000_000),
-        nanos: (event_time_us.rem_euclid(1_000_000) * 1000) as i32,
-    };
+/// One write row: every feature of entity `i` at its event `j`, into `group`.
+pub fn write_row(group: &str, i: u64, j: u64, features: u32) -> pb::WriteRow {
+    let us = event_time_us(i, j);
+    let t =
+        prost_types::Timestamp { seconds: us.div_euclid(1_000_000), nanos: (us.rem_euclid(1_000_000) * 1000) as i32 };
     pb::WriteRow {
         entity: Some(entity_key(i)),
-        group: GROUP.into(),
+        group: group.into(),
         event_time: Some(t),
         values: (0..features)
-            .map(|f| (format!("f{f}"), pb::Value { kind: Some(pb::value::Kind::Float64Value(value_of(i, f))) }))
+            .map(|f| {
+                (format!("f{f}"), pb::Value { kind: Some(pb::value::Kind::Float64Value(value_at_event(i, j, f))) })
+            })
             .collect(),
         ..Default::default()
     }

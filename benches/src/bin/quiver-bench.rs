@@ -47,6 +47,9 @@ enum Cmd {
         addr: String,
         #[arg(long, default_value_t = 50)]
         features: u32,
+        /// Feature group to create.
+        #[arg(long, default_value = load::GROUP)]
+        group: String,
     },
     /// Load entities x features (one event each).
     Ingest {
@@ -56,6 +59,12 @@ enum Cmd {
         entities: u64,
         #[arg(long, default_value_t = 50)]
         features: u32,
+        /// Events per entity (hourly; Quiver only beyond 1).
+        #[arg(long, default_value_t = 1)]
+        events: u64,
+        /// Feature group to write (Quiver).
+        #[arg(long, default_value = load::GROUP)]
+        group: String,
         /// Rows per write request (Quiver) or per pipeline (Redis).
         #[arg(long, default_value_t = 200)]
         rows_per_request: usize,
@@ -122,29 +131,39 @@ fn status(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
-async fn ingest_quiver(
-    addr: &str,
+/// What an ingest writes.
+#[derive(Debug, Clone)]
+struct IngestSpec {
+    group: String,
     entities: u64,
+    events: u64,
     features: u32,
     rows: usize,
     streams: usize,
     durability: pb::Durability,
-) -> Result<u64> {
+}
+
+async fn ingest_quiver(addr: &str, spec: IngestSpec) -> Result<u64> {
+    let IngestSpec { group, entities, events, features, rows, streams, durability } = spec;
     let streams = streams.max(1) as u64;
     let mut tasks = Vec::new();
     for s in 0..streams {
         let mut client = pb::feature_service_client::FeatureServiceClient::new(channel(addr).await?)
             .max_encoding_message_size(usize::MAX);
+        let group = group.clone();
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteFeaturesRequest>(4);
             let call = tokio::spawn(async move {
                 client.write_features_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await
             });
             let mut batch = Vec::with_capacity(rows);
-            let mut i = s;
-            while i < entities {
-                batch.push(load::write_row(i, features, 1_000_000));
-                if batch.len() == rows || i + streams >= entities {
+            // Event by event, so the stream's order resembles a live feed.
+            let total = entities * events;
+            let mut n = s;
+            while n < total {
+                let (j, i) = (n / entities, n % entities);
+                batch.push(load::write_row(&group, i, j, features));
+                if batch.len() == rows || n + streams >= total {
                     let req = pb::WriteFeaturesRequest {
                         rows: std::mem::take(&mut batch),
                         durability: durability as i32,
@@ -154,7 +173,7 @@ async fn ingest_quiver(
                         break;
                     }
                 }
-                i += streams;
+                n += streams;
             }
             drop(tx);
             let r = call.await.map_err(|e| e.to_string())?.map_err(status)?.into_inner();
@@ -201,12 +220,12 @@ async fn ingest_redis(url: &str, entities: u64, features: u32, rows: usize, stre
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Setup { addr, features } => {
+        Cmd::Setup { addr, features, group } => {
             let mut c = pb::registry_service_client::RegistryServiceClient::new(channel(&addr).await?);
-            c.apply_registry(load::registry(features)).await.map_err(status)?;
+            c.apply_registry(load::registry(&group, features)).await.map_err(status)?;
             println!("{}", if cli.json { "{\"setup\":\"ok\"}" } else { "registry applied" });
         }
-        Cmd::Ingest { to, entities, features, rows_per_request, streams, durability } => {
+        Cmd::Ingest { to, entities, features, events, group, rows_per_request, streams, durability } => {
             let started = Instant::now();
             let (target, values) = match (&to.addr, &to.redis) {
                 (Some(addr), _) => {
@@ -215,7 +234,16 @@ async fn run(cli: Cli) -> Result<()> {
                         "async" => pb::Durability::Async,
                         other => return Err(format!("--durability must be sync or async, not {other:?}")),
                     };
-                    ("quiver", ingest_quiver(addr, entities, features, rows_per_request, streams, d).await?)
+                    let spec = IngestSpec {
+                        group: group.clone(),
+                        entities,
+                        events: events.max(1),
+                        features,
+                        rows: rows_per_request,
+                        streams,
+                        durability: d,
+                    };
+                    ("quiver", ingest_quiver(addr, spec).await?)
                 }
                 (None, Some(url)) => ("redis", ingest_redis(url, entities, features, rows_per_request, streams).await?),
                 (None, None) => return Err("give --addr or --redis".into()),
