@@ -175,10 +175,122 @@ fn default_of(f: &ResolvedFeature) -> Result<Option<Value>> {
     }
 }
 
-/// Spine rows x features answered per window of a point-in-time join: the window is sorted by
-/// entity and merged with the engine in one pass; its answers (about 48 bytes each) are held
-/// until they are streamed, so this bounds the join's memory (about 100 MB).
-pub const JOIN_WINDOW_CELLS: usize = 2_000_000;
+/// Bytes of point-in-time join answers held in memory; past this they spill to a temporary
+/// file (the spine's sort keys and 12 bytes per row stay in memory).
+pub const JOIN_SPILL_BYTES: usize = 64 << 20;
+
+/// A join's answers in the order they are computed (entity order), read back in spine order.
+struct AnswerLog {
+    mem: Vec<u8>,
+    file: Option<std::fs::File>,
+    file_len: u64,
+    spill_at: usize,
+}
+
+impl AnswerLog {
+    fn new(spill_at: usize) -> Self {
+        AnswerLog { mem: Vec::new(), file: None, file_len: 0, spill_at }
+    }
+
+    fn io(e: std::io::Error) -> ServiceError {
+        ServiceError::Storage(quiver_storage::Error::Io { path: std::env::temp_dir().join("(join spill)"), source: e })
+    }
+
+    /// Appends a record; returns where it lies.
+    fn append(&mut self, rec: &[u8]) -> Result<u64> {
+        if !self.mem.is_empty() && self.mem.len() + rec.len() > self.spill_at {
+            use std::io::Write;
+            if self.file.is_none() {
+                self.file = Some(tempfile::tempfile().map_err(Self::io)?);
+            }
+            if let Some(f) = self.file.as_mut() {
+                f.write_all(&self.mem).map_err(Self::io)?;
+            }
+            self.file_len += self.mem.len() as u64;
+            self.mem.clear();
+        }
+        let at = self.file_len + self.mem.len() as u64;
+        self.mem.extend_from_slice(rec);
+        Ok(at)
+    }
+
+    /// The record at `at` (`len` bytes), from memory or the spill file (through `buf`).
+    fn read<'a>(&'a self, at: u64, len: usize, buf: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+        if at >= self.file_len {
+            let i = (at - self.file_len) as usize;
+            return Ok(&self.mem[i..i + len]);
+        }
+        use std::os::unix::fs::FileExt;
+        buf.resize(len, 0);
+        let f = self.file.as_ref().ok_or_else(|| Self::io(std::io::Error::other("spill file missing")))?;
+        f.read_exact_at(buf, at).map_err(Self::io)?;
+        Ok(buf)
+    }
+}
+
+/// Appends one answer: its status byte, then for PRESENT the event time and the encoded cell.
+/// `winner` is the as-of winner without lookback (event time, encoded cell); the feature's TTL
+/// and default then decide the status as in [`cell_status`].
+fn encode_answer(
+    rec: &mut Vec<u8>,
+    winner: Option<(EventTime, &[u8])>,
+    as_of: EventTime,
+    f: &ResolvedFeature,
+    has_default: bool,
+) {
+    let q = AsOf { as_of, known_at: SystemTime::MAX, lookback_us: lookback(f) };
+    let (present, stale) = match winner {
+        Some((e, cell)) if !quiver_storage::cell::is_tombstone(cell) => {
+            if e >= q.event_time_min() {
+                (Some((e, cell)), false)
+            } else {
+                (None, true)
+            }
+        }
+        _ => (None, false),
+    };
+    let status = match (present, has_default) {
+        (Some(_), _) => pb::FeatureStatus::Present,
+        (None, true) => pb::FeatureStatus::Defaulted,
+        (None, false) if stale => pb::FeatureStatus::Stale,
+        (None, false) => pb::FeatureStatus::NotFound,
+    };
+    rec.push(status as u8);
+    if let Some((e, cell)) = present {
+        rec.extend_from_slice(&e.0.to_le_bytes());
+        rec.extend_from_slice(&(cell.len() as u32).to_le_bytes());
+        rec.extend_from_slice(cell);
+    }
+}
+
+/// Reads one answer written by [`encode_answer`] from the front of `r`.
+fn decode_answer(r: &mut &[u8], default: Option<&Value>) -> Result<(pb::FeatureStatus, i64, Option<Value>)> {
+    let bad = |what: &str| {
+        ServiceError::Storage(quiver_storage::Error::Corruption {
+            file: "(point-in-time join answers)".into(),
+            offset: 0,
+            what: what.to_string(),
+        })
+    };
+    let (&s, rest) = r.split_first().ok_or_else(|| bad("answer record ends early"))?;
+    *r = rest;
+    let status = pb::FeatureStatus::try_from(i32::from(s)).map_err(|_| bad("bad answer status"))?;
+    match status {
+        pb::FeatureStatus::Present => {
+            if r.len() < 12 {
+                return Err(bad("answer record ends early"));
+            }
+            let e = i64::from_le_bytes(r[..8].try_into().map_err(|_| bad("event time"))?);
+            let n = u32::from_le_bytes(r[8..12].try_into().map_err(|_| bad("cell length"))?) as usize;
+            let cell = r.get(12..12 + n).ok_or_else(|| bad("answer record ends early"))?;
+            let (value, _) = quiver_storage::cell::decode(cell).map_err(|w| bad(&format!("cell value: {w}")))?;
+            *r = &r[12 + n..];
+            Ok((status, e, value))
+        }
+        pb::FeatureStatus::Defaulted => Ok((status, 0, default.cloned())),
+        _ => Ok((status, 0, None)),
+    }
+}
 
 /// Every version of one entity's requested features, as a sort-merge join reads them: per
 /// distinct feature, `(event time, system time, cell bytes range)` in key order (event time
@@ -218,19 +330,12 @@ impl PairHistory {
     }
 
     /// The winner of `value_at(as_of, known_at)` without lookback (tombstones included) for
-    /// feature slot `d`: the first version in key order at or before `as_of` that was known.
-    fn winner(&self, d: usize, as_of: EventTime, known_at: SystemTime) -> Result<Option<CellVersion>> {
+    /// feature slot `d`: the first version in key order at or before `as_of` that was known,
+    /// as its event time and encoded cell.
+    fn winner(&self, d: usize, as_of: EventTime, known_at: SystemTime) -> Option<(EventTime, &[u8])> {
         let list = &self.versions[d];
         let first = list.partition_point(|v| v.0 > as_of);
-        let Some((e, s, range)) = list[first..].iter().find(|v| v.1 <= known_at) else { return Ok(None) };
-        let (value, version_vector) = quiver_storage::cell::decode(&self.cells[range.clone()]).map_err(|w| {
-            ServiceError::Storage(quiver_storage::Error::Corruption {
-                file: "(point-in-time join)".into(),
-                offset: 0,
-                what: format!("cell value: {w}"),
-            })
-        })?;
-        Ok(Some(CellVersion { event_time: *e, system_time: *s, value, version_vector }))
+        list[first..].iter().find(|v| v.1 <= known_at).map(|(e, _, range)| (*e, &self.cells[range.clone()]))
     }
 }
 
@@ -255,7 +360,7 @@ struct Prepared {
 pub struct Features {
     registry: Arc<Registry>,
     resolutions: Mutex<ResolutionCache>,
-    join_window_cells: usize,
+    join_spill_bytes: usize,
     db: Arc<Db>,
     /// Plain writes share it; writes with compare-and-swap or an idempotency key take it alone,
     /// so their check and their write are one atomic step (linearizable within this node).
@@ -292,7 +397,7 @@ impl Features {
             registry,
             db,
             resolutions: Mutex::new(ResolutionCache::default()),
-            join_window_cells: JOIN_WINDOW_CELLS,
+            join_spill_bytes: JOIN_SPILL_BYTES,
             check_then_write: RwLock::new(()),
             default_durability,
         }
@@ -303,10 +408,10 @@ impl Features {
         &self.registry
     }
 
-    /// The same service with joins answered in windows of `cells` spine rows x features
-    /// (tests use tiny windows to cover the window boundaries).
-    pub fn with_join_window_cells(mut self, cells: usize) -> Self {
-        self.join_window_cells = cells.max(1);
+    /// The same service with join answers spilling to disk past `bytes` (tests use tiny
+    /// bounds to cover the spill path).
+    pub fn with_join_spill_bytes(mut self, bytes: usize) -> Self {
+        self.join_spill_bytes = bytes.max(1);
         self
     }
 
@@ -430,56 +535,54 @@ impl Features {
         } else {
             vec![None; features.len()]
         };
-        // Sort-merge: each window of the spine is sorted by entity, and one cursor over one
-        // snapshot walks the entities in key order, reading every version of the requested
-        // features of an entity in one forward pass; each row's answer is then the as-of rule
-        // applied to that list. Answers go out in spine order.
+        // Sort-merge: the spine is sorted by entity, and one cursor over one snapshot walks the
+        // entities in key order, reading every version of an entity's requested features in
+        // one forward pass; each row's answer is the as-of rule applied to that list. Answers
+        // are logged in that order (spilling to a temporary file past a memory bound) and
+        // streamed in spine order.
         let snap = self.db.snapshot();
         let mut cursor = snap.pair_cursor(known_at);
-        let m = features.len();
         let mut distinct: Vec<FeatureId> = features.iter().map(|f| f.id).collect();
         distinct.sort_unstable();
         distinct.dedup();
         let slot: Vec<usize> = features.iter().map(|f| distinct.binary_search(&f.id).unwrap_or(0)).collect();
         let (lo, hi) = (distinct[0], distinct[distinct.len() - 1]);
         let mut history = PairHistory::new(distinct.len());
-        let window_rows = (self.join_window_cells / m.max(1)).max(1);
-        for (w, window) in rows.chunks(window_rows).enumerate() {
-            let mut order: Vec<usize> = (0..window.len()).collect();
-            order.sort_by(|&a, &b| window[a].0.cmp(&window[b].0));
-            let mut answers: Vec<(pb::FeatureStatus, i64, Option<Value>)> =
-                vec![(pb::FeatureStatus::NotFound, 0, None); window.len() * m];
-            for group in order.chunk_by(|&a, &b| window[a].0 == window[b].0) {
-                history.load(&mut cursor, &window[group[0]].0, lo, hi, &distinct)?;
-                for &r in group {
-                    let t = window[r].1;
-                    let k =
-                        if req.strict_availability { known_at.min(SystemTime(t.0.max(0) as u64)) } else { known_at };
-                    for (j, f) in features.iter().enumerate() {
-                        let v = history.winner(slot[j], t, k)?;
-                        answers[r * m + j] = cell_status(v, t, f, defaults[j].as_ref());
-                    }
+        let mut order: Vec<u32> = (0..rows.len() as u32).collect();
+        order.sort_by(|&a, &b| rows[a as usize].0.cmp(&rows[b as usize].0));
+        let mut log = AnswerLog::new(self.join_spill_bytes);
+        let mut at = vec![(0u64, 0u32); rows.len()];
+        let mut rec = Vec::new();
+        for group in order.chunk_by(|&a, &b| rows[a as usize].0 == rows[b as usize].0) {
+            history.load(&mut cursor, &rows[group[0] as usize].0, lo, hi, &distinct)?;
+            for &r in group {
+                let t = rows[r as usize].1;
+                let k = if req.strict_availability { known_at.min(SystemTime(t.0.max(0) as u64)) } else { known_at };
+                rec.clear();
+                for (j, f) in features.iter().enumerate() {
+                    let winner = history.winner(slot[j], t, k);
+                    encode_answer(&mut rec, winner, t, f, defaults[j].is_some());
+                }
+                at[r as usize] = (log.append(&rec)?, rec.len() as u32);
+            }
+        }
+        let mut buf = Vec::new();
+        for (c, chunk) in at.chunks(HISTORICAL_CHUNK_ROWS).enumerate() {
+            let mut columns: Vec<pb::FeatureColumn> =
+                features.iter().zip(&req.features).map(|(f, reference)| column(f, reference, chunk.len())).collect();
+            for &(offset, len) in chunk {
+                let mut r = log.read(offset, len as usize, &mut buf)?;
+                for (j, f) in features.iter().enumerate() {
+                    let (status, event_us, value) = decode_answer(&mut r, defaults[j].as_ref())?;
+                    let col = &mut columns[j];
+                    col.statuses.push(status as i32);
+                    col.event_times_us.push(event_us);
+                    push_value(col, f.value_type, value.as_ref());
                 }
             }
-            let base = w * window_rows;
-            for (c, chunk) in answers.chunks_mut(HISTORICAL_CHUNK_ROWS * m).enumerate() {
-                let n = chunk.len() / m;
-                let mut columns = Vec::with_capacity(m);
-                for (j, (f, reference)) in features.iter().zip(&req.features).enumerate() {
-                    let mut col = column(f, reference, n);
-                    for i in 0..n {
-                        let (status, event_us, value) =
-                            std::mem::replace(&mut chunk[i * m + j], (pb::FeatureStatus::NotFound, 0, None));
-                        col.statuses.push(status as i32);
-                        col.event_times_us.push(event_us);
-                        push_value(&mut col, f.value_type, value.as_ref());
-                    }
-                    columns.push(col);
-                }
-                let first_row = (base + c * HISTORICAL_CHUNK_ROWS) as u64;
-                if !emit(pb::GetHistoricalFeaturesResponse { first_row, columns }) {
-                    return Ok(());
-                }
+            let first_row = (c * HISTORICAL_CHUNK_ROWS) as u64;
+            if !emit(pb::GetHistoricalFeaturesResponse { first_row, columns }) {
+                return Ok(());
             }
         }
         Ok(())

@@ -246,9 +246,9 @@ fn a_new_group_version_is_served_by_the_next_lookup() {
     assert_eq!((r.columns[0].group_version, r.columns[0].float64_values.clone()), (2, vec![-2.0]));
 }
 
-/// The sort-merge join in windows of a few rows (window boundaries inside one entity's rows,
-/// entities revisited in later windows) answers every spine row as the online path answers a
-/// lookup at the row's time, in spine order, for every window size.
+/// The sort-merge join (spine sorted by entity, answers logged in that order and spilled to a
+/// temporary file past a bound) answers every spine row as the online path answers a lookup
+/// at the row's time, in spine order, whether answers stay in memory or spill.
 #[test]
 fn the_join_agrees_with_point_reads_across_window_boundaries() {
     let (_tmp, f, db) = setup();
@@ -299,8 +299,8 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
             )
         })
         .collect();
-    for cells in [1, 2, 5, 7, 1_000_000] {
-        let f = Features::new(f.registry().clone(), quiver_storage::Durability::Sync).with_join_window_cells(cells);
+    for spill in [1, 7, 64, 1 << 20] {
+        let f = Features::new(f.registry().clone(), quiver_storage::Durability::Sync).with_join_spill_bytes(spill);
         let mut got: Vec<(Vec<i32>, Vec<i64>, Vec<f64>)> = Vec::new();
         f.historical(&req, |chunk| {
             assert_eq!(chunk.first_row as usize, got.len(), "chunks in spine order");
@@ -314,6 +314,6 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
             true
         })
         .expect("join");
-        assert_eq!(got, want, "window of {cells} cells");
+        assert_eq!(got, want, "answers spilling past {spill} bytes");
     }
 }
