@@ -145,22 +145,30 @@ fn cell_status(
     f: &ResolvedFeature,
     default: Option<&Value>,
 ) -> (pb::FeatureStatus, i64, Option<Value>) {
+    let value = newest.and_then(|v| Some((v.event_time, v.value?)));
+    match (status_of(value.as_ref().map(|v| v.0), as_of, f, default.is_some()), value) {
+        (pb::FeatureStatus::Present, Some((t, v))) => (pb::FeatureStatus::Present, t.0, Some(v)),
+        (pb::FeatureStatus::Defaulted, _) => (pb::FeatureStatus::Defaulted, 0, default.cloned()),
+        (status, _) => (status, 0, None),
+    }
+}
+
+/// The one status rule: `value_event` is the event time of the winning version of a read
+/// without lookback when that version holds a value (`None`: no version, or a tombstone).
+/// Within the feature's TTL of `as_of` it is PRESENT; otherwise the default if there is one,
+/// else STALE (an older value exists) or NOT_FOUND.
+fn status_of(
+    value_event: Option<EventTime>,
+    as_of: EventTime,
+    f: &ResolvedFeature,
+    has_default: bool,
+) -> pb::FeatureStatus {
     let q = AsOf { as_of, known_at: SystemTime::MAX, lookback_us: lookback(f) };
-    let (in_ttl, stale) = match newest {
-        Some(CellVersion { value: Some(value), event_time, .. }) => {
-            if event_time >= q.event_time_min() {
-                (Some((event_time, value)), false)
-            } else {
-                (None, true)
-            }
-        }
-        _ => (None, false),
-    };
-    match (in_ttl, default) {
-        (Some((t, v)), _) => (pb::FeatureStatus::Present, t.0, Some(v)),
-        (None, Some(d)) => (pb::FeatureStatus::Defaulted, 0, Some(d.clone())),
-        (None, None) if stale => (pb::FeatureStatus::Stale, 0, None),
-        (None, None) => (pb::FeatureStatus::NotFound, 0, None),
+    match value_event {
+        Some(e) if e >= q.event_time_min() => pb::FeatureStatus::Present,
+        _ if has_default => pb::FeatureStatus::Defaulted,
+        Some(_) => pb::FeatureStatus::Stale,
+        None => pb::FeatureStatus::NotFound,
     }
 }
 
@@ -229,8 +237,8 @@ impl AnswerLog {
 }
 
 /// Appends one answer: its status byte, then for PRESENT the event time and the encoded cell.
-/// `winner` is the as-of winner without lookback (event time, encoded cell); the feature's TTL
-/// and default then decide the status as in [`cell_status`].
+/// `winner` is the as-of winner without lookback (event time, encoded cell); [`status_of`]
+/// decides the status.
 fn encode_answer(
     rec: &mut Vec<u8>,
     winner: Option<(EventTime, &[u8])>,
@@ -238,25 +246,10 @@ fn encode_answer(
     f: &ResolvedFeature,
     has_default: bool,
 ) {
-    let q = AsOf { as_of, known_at: SystemTime::MAX, lookback_us: lookback(f) };
-    let (present, stale) = match winner {
-        Some((e, cell)) if !quiver_storage::cell::is_tombstone(cell) => {
-            if e >= q.event_time_min() {
-                (Some((e, cell)), false)
-            } else {
-                (None, true)
-            }
-        }
-        _ => (None, false),
-    };
-    let status = match (present, has_default) {
-        (Some(_), _) => pb::FeatureStatus::Present,
-        (None, true) => pb::FeatureStatus::Defaulted,
-        (None, false) if stale => pb::FeatureStatus::Stale,
-        (None, false) => pb::FeatureStatus::NotFound,
-    };
+    let value = winner.filter(|(_, cell)| !quiver_storage::cell::is_tombstone(cell));
+    let status = status_of(value.map(|v| v.0), as_of, f, has_default);
     rec.push(status as u8);
-    if let Some((e, cell)) = present {
+    if let (pb::FeatureStatus::Present, Some((e, cell))) = (status, value) {
         rec.extend_from_slice(&e.0.to_le_bytes());
         rec.extend_from_slice(&(cell.len() as u32).to_le_bytes());
         rec.extend_from_slice(cell);
@@ -360,6 +353,7 @@ struct Prepared {
 pub struct Features {
     registry: Arc<Registry>,
     resolutions: Mutex<ResolutionCache>,
+    resolution_hasher: std::collections::hash_map::RandomState,
     join_spill_bytes: usize,
     db: Arc<Db>,
     /// Plain writes share it; writes with compare-and-swap or an idempotency key take it alone,
@@ -384,7 +378,6 @@ struct Resolution {
 #[derive(Debug, Default)]
 struct ResolutionCache {
     generation: u64,
-    hasher: std::collections::hash_map::RandomState,
     map: std::collections::HashMap<u64, Arc<Resolution>>,
 }
 
@@ -397,6 +390,7 @@ impl Features {
             registry,
             db,
             resolutions: Mutex::new(ResolutionCache::default()),
+            resolution_hasher: std::collections::hash_map::RandomState::new(),
             join_spill_bytes: JOIN_SPILL_BYTES,
             check_then_write: RwLock::new(()),
             default_durability,
@@ -459,7 +453,7 @@ impl Features {
         let generation = self.registry.generation();
         let hash = {
             use std::hash::{BuildHasher, Hash, Hasher};
-            let mut h = self.resolutions.lock().hasher.build_hasher();
+            let mut h = self.resolution_hasher.build_hasher();
             entity_type.hash(&mut h);
             refs.hash(&mut h);
             h.finish()
