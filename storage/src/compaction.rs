@@ -162,8 +162,10 @@ pub fn pick_range(v: &Version, level: usize, deepest: usize, lo: &[u8], hi: &[u8
     if inputs.is_empty() && next_inputs.is_empty() {
         return None;
     }
-    let (rlo, rhi) = bounds(&[inputs.as_slice(), next_inputs.as_slice()].concat())?;
-    Some(Plan { level, inputs, next_inputs, output_level: level + 1, bottom: is_bottom(v, level + 1, &rlo, &rhi) })
+    let mut plan = Plan { level, inputs, next_inputs, output_level: level + 1, bottom: false };
+    let (rlo, rhi) = plan.key_range();
+    plan.bottom = is_bottom(v, level + 1, &rlo, &rhi);
+    Some(plan)
 }
 
 /// The deepest level holding a table, at least 1: where a manual range compaction ends.

@@ -266,6 +266,11 @@ pub(crate) struct Ticket {
     quiet: bool,
 }
 
+/// A write announced to the hot tier and not yet ended: its entity's stripe.
+#[derive(Debug)]
+#[must_use = "every write_begin needs its write_end, or fills of the stripe stay refused"]
+pub(crate) struct WriteToken(usize);
+
 /// Counters of the hot tier.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HotStats {
@@ -321,8 +326,13 @@ impl HotTier {
         }
         let evictions = Arc::new(AtomicU64::new(0));
         let rows = (bytes / ROW_BYTES_TYPICAL).max(16);
-        let options =
-            OptionsBuilder::new().estimated_items_capacity(rows).weight_capacity(bytes as u64).build().ok()?;
+        let options = match OptionsBuilder::new().estimated_items_capacity(rows).weight_capacity(bytes as u64).build() {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(bytes, error = ?e, "hot tier disabled: its cache options were refused");
+                return None;
+            }
+        };
         Some(HotTier {
             cache: Cache::with_options(
                 options,
@@ -430,36 +440,38 @@ impl HotTier {
 
     /// Versions of the entity's pairs are about to be published (`cells`: feature, event
     /// time, system time, encoded cell): replaces the states of features in the row that they
-    /// are newer than.
+    /// are newer than. Hand the returned token to [`HotTier::write_end`] once published.
     pub fn write_begin<'c>(
         &self,
         entity: &[u8],
         cells: impl Iterator<Item = (FeatureId, EventTime, SystemTime, &'c [u8])>,
-    ) {
-        let s = &self.stripes[stripe_of(hash_of(entity))];
+    ) -> WriteToken {
+        let token = WriteToken(stripe_of(hash_of(entity)));
+        let s = &self.stripes[token.0];
         let _g = s.lock.lock();
         s.pending.fetch_add(1, Ordering::SeqCst);
         s.gen.fetch_add(1, Ordering::SeqCst);
-        let Some(cur) = self.cache.peek(entity) else { return };
+        let Some(cur) = self.cache.peek(entity) else { return token };
         let offered = cells
             .filter(|c| cur.position(c.0).is_some())
             .map(|(f, e, t, cell)| (f, NewState { event_time: e, system_time: t, cell: Some(cell.to_vec()) }))
             .collect();
         let updates = newer_than(Some(&cur), offered, true);
         if updates.is_empty() {
-            return;
+            return token;
         }
         self.write_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
         let row = cur.with(&updates);
         // Remove first: if the new row is not admitted, no stale one may stay behind.
         self.cache.remove(entity);
         self.cache.insert(entity.to_vec(), Arc::new(row));
+        token
     }
 
-    /// The versions announced by [`HotTier::write_begin`] for `entity` are published (or
-    /// abandoned).
-    pub fn write_end(&self, entity: &[u8]) {
-        self.stripes[stripe_of(hash_of(entity))].pending.fetch_sub(1, Ordering::SeqCst);
+    /// The versions announced by the [`HotTier::write_begin`] that returned `token` are
+    /// published (or abandoned).
+    pub fn write_end(&self, token: WriteToken) {
+        self.stripes[token.0].pending.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// The counters.
@@ -505,15 +517,15 @@ mod tests {
     }
 
     /// Announces a write of `version` to feature `f` (without publishing it).
-    fn begin(hot: &HotTier, entity: &[u8], f: FeatureId, version: CellVersion) {
+    fn begin(hot: &HotTier, entity: &[u8], f: FeatureId, version: CellVersion) -> WriteToken {
         let n = NewState::of(&version);
         let cell = n.cell.unwrap_or_default();
-        hot.write_begin(entity, std::iter::once((f, n.event_time, n.system_time, cell.as_slice())));
+        hot.write_begin(entity, std::iter::once((f, n.event_time, n.system_time, cell.as_slice())))
     }
 
     fn write(hot: &HotTier, entity: &[u8], version: CellVersion) {
-        begin(hot, entity, F, version);
-        hot.write_end(entity);
+        let token = begin(hot, entity, F, version);
+        hot.write_end(token);
     }
 
     fn read(hot: &HotTier, entity: &[u8], as_of: i64, known_at: SystemTime) -> Option<Option<CellVersion>> {
@@ -555,8 +567,8 @@ mod tests {
         assert_eq!(read(&hot, p, 20, SystemTime::MAX), Some(Some(v(10, 7, 3))));
         assert_eq!(hot.stats().write_updates, 1);
         // Writes never add a feature the row does not hold.
-        begin(&hot, p, FeatureId(8), v(1, 8, 1));
-        hot.write_end(p);
+        let token = begin(&hot, p, FeatureId(8), v(1, 8, 1));
+        hot.write_end(token);
         assert_eq!(hot.lookup(p, FeatureId(8), EventTime(10), SystemTime::MAX), None);
     }
 
@@ -565,9 +577,9 @@ mod tests {
         let hot = HotTier::new(1 << 20).expect("enabled");
         let p = b"entity".as_slice();
         // A write in flight when the ticket is taken.
-        begin(&hot, p, F, v(5, 9, 1));
+        let token = begin(&hot, p, F, v(5, 9, 1));
         let t = hot.ticket(p);
-        hot.write_end(p);
+        hot.write_end(token);
         fill(&hot, p, t, None);
         assert_eq!(read(&hot, p, 5, SystemTime::MAX), None);
         // A write that begins after the ticket.
@@ -608,8 +620,8 @@ mod tests {
         assert_eq!(at(9), Some(Some(v(1, 1, 9))));
         assert_eq!(at(3), None);
         // A write to a feature that was absent gives it a version; others stay as they were.
-        begin(&hot, p, FeatureId(2), v(4, 3, 2));
-        hot.write_end(p);
+        let token = begin(&hot, p, FeatureId(2), v(4, 3, 2));
+        hot.write_end(token);
         assert_eq!(at(2), Some(Some(v(4, 3, 2))));
         assert_eq!(at(9), Some(Some(v(1, 1, 9))));
         assert_eq!(hot.stats().entries, 1);

@@ -91,11 +91,11 @@ impl Inner {
                 key::push_prefix(&mut prefix, e, f);
                 if fill.is_some() {
                     let newest = self.get_in_view(&view, &prefix, newest_q, known_at)?;
-                    match &newest {
-                        Some(n) if n.event_time > q.as_of => out.push(self.get_in_view(&view, &prefix, q, known_at)?),
-                        n => out.push(in_window(n.clone())),
-                    }
                     filled.push((f, newest.as_ref().map_or_else(NewState::absent, NewState::of)));
+                    match newest {
+                        Some(n) if n.event_time > q.as_of => out.push(self.get_in_view(&view, &prefix, q, known_at)?),
+                        n => out.push(in_window(n)),
+                    }
                 } else {
                     out.push(self.get_in_view(&view, &prefix, q, known_at)?);
                 }

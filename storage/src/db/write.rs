@@ -140,8 +140,8 @@ impl Inner {
             self.visible.store(r.system_time.0, Ordering::Release);
         }
         if let Some(hot) = &self.hot {
-            for p in &announced {
-                hot.write_end(p);
+            for token in announced {
+                hot.write_end(token);
             }
         }
         self.published_seqno.store(w.last_seqno, Ordering::Release);
@@ -215,17 +215,16 @@ impl Inner {
 }
 
 /// Calls [`crate::hot::HotTier::write_begin`] once per run of writes to one entity in the
-/// batches; returns the entities for the matching `write_end`s.
-fn announce<'a>(hot: &crate::hot::HotTier, batches: &'a [batch::DecodedBatch<'a>]) -> Vec<&'a [u8]> {
-    let mut entities = Vec::new();
+/// batches; returns the tokens for the matching `write_end`s.
+fn announce(hot: &crate::hot::HotTier, batches: &[batch::DecodedBatch<'_>]) -> Vec<crate::hot::WriteToken> {
+    let mut tokens = Vec::new();
     for b in batches {
         for run in b.ops.chunk_by(|x, y| x.entity == y.entity) {
-            let entity = run[0].entity;
-            hot.write_begin(entity, run.iter().map(|op| (op.feature, op.event_time, b.system_time, op.cell)));
-            entities.push(entity);
+            let cells = run.iter().map(|op| (op.feature, op.event_time, b.system_time, op.cell));
+            tokens.push(hot.write_begin(run[0].entity, cells));
         }
     }
-    entities
+    tokens
 }
 
 /// Inserts a decoded batch into a memtable.
