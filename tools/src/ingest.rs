@@ -25,27 +25,16 @@ const STREAM_CLOSED: &str = "stream closed";
 struct Columns {
     what: String,
     group_ref: String,
-    keys: Vec<(usize, String, pb::JoinKeyType)>,
-    time: usize,
+    key: tabular::KeyColumns,
     features: Vec<(usize, String, pb::ValueType)>,
 }
 
 impl Columns {
     fn new(what: String, header: &[String], def: &pb::FeatureGroup, et: &pb::EntityType) -> Result<Self> {
-        let col = |name: &str| header.iter().position(|h| h == name);
-        let keys = et
-            .join_keys
-            .iter()
-            .map(|k| {
-                col(&k.name)
-                    .map(|i| (i, k.name.clone(), k.r#type()))
-                    .ok_or_else(|| format!("{what}: no column for join key {:?}", k.name))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let time = col("event_time").ok_or_else(|| format!("{what}: no event_time column"))?;
+        let key = tabular::KeyColumns::locate(&what, header, et, "event_time")?;
         let mut features = Vec::new();
         for (i, h) in header.iter().enumerate() {
-            if keys.iter().any(|k| k.0 == i) || i == time {
+            if key.holds(i) {
                 continue;
             }
             let f = def
@@ -56,27 +45,22 @@ impl Columns {
             features.push((i, f.name.clone(), f.r#type()));
         }
         // Pinned to the version checked here, so an apply during the load cannot split it.
-        Ok(Columns { what, group_ref: format!("{}@{}", def.name, def.version), keys, time, features })
+        Ok(Columns { what, group_ref: format!("{}@{}", def.name, def.version), key, features })
     }
 
     /// The write row of one table row; `None` if it has no value at all.
     fn row(&self, at: Location, mut cells: Vec<Cell>) -> Result<Option<pb::WriteRow>> {
         let what = &self.what;
-        let mut take = |i: usize| cells.get_mut(i).map(std::mem::take).unwrap_or_default();
-        let parts = self
-            .keys
-            .iter()
-            .map(|(i, name, t)| tabular::key_part(take(*i), *t).map_err(|e| format!("{what}: {at}: {name}: {e}")))
-            .collect::<Result<_>>()?;
-        let t = tabular::time(take(self.time)).map_err(|e| format!("{what}: {at}: event_time: {e}"))?;
+        let (entity, t) = self.key.take(at, &mut cells)?;
         let mut row = pb::WriteRow {
-            entity: Some(pb::EntityKey { parts }),
+            entity: Some(entity),
             group: self.group_ref.clone(),
             event_time: Some(quiver_server::convert::timestamp(t)),
             ..Default::default()
         };
         for (i, name, ty) in &self.features {
-            if let Some(v) = tabular::value(take(*i), *ty).map_err(|e| format!("{what}: {at}: {name}: {e}"))? {
+            let cell = cells.get_mut(*i).map(std::mem::take).unwrap_or_default();
+            if let Some(v) = tabular::value(cell, *ty).map_err(|e| format!("{what}: {at}: {name}: {e}"))? {
                 row.values.insert(name.clone(), v);
             }
         }

@@ -26,7 +26,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use quiver_proto::v1 as pb;
 
-use crate::tabular::{self, Location};
+use crate::tabular;
 use crate::{channel, fetch_group, grpc, Result};
 
 /// Spine rows per `GetHistoricalFeatures` request (the server takes up to 10,000,000; smaller
@@ -59,29 +59,13 @@ struct Spine {
 }
 
 fn read_spine(path: &Path, et: &pb::EntityType, time_column: &str) -> Result<Spine> {
-    let what = path.display().to_string();
     let mut table = tabular::open(path)?;
-    let header = table.header().to_vec();
-    let col = |name: &str| header.iter().position(|h| h == name);
-    let keys: Vec<(usize, &pb::JoinKey)> = et
-        .join_keys
-        .iter()
-        .map(|k| col(&k.name).map(|i| (i, k)).ok_or_else(|| format!("{what}: no column for join key {:?}", k.name)))
-        .collect::<Result<_>>()?;
-    let time = col(time_column).ok_or_else(|| format!("{what}: no {time_column} column (see --time-column)"))?;
+    let cols = tabular::KeyColumns::locate(&path.display().to_string(), table.header(), et, time_column)
+        .map_err(|e| format!("{e} (see --time-column)"))?;
     let mut rows = Vec::new();
     while let Some((at, mut cells)) = table.next_row()? {
-        let mut take = |i: usize| cells.get_mut(i).map(std::mem::take).unwrap_or_default();
-        let bad = |at: Location, name: &str, e: String| format!("{what}: {at}: {name}: {e}");
-        let parts = keys
-            .iter()
-            .map(|(i, k)| tabular::key_part(take(*i), k.r#type()).map_err(|e| bad(at, &k.name, e)))
-            .collect::<Result<_>>()?;
-        let t = tabular::time(take(time)).map_err(|e| bad(at, time_column, e))?;
-        rows.push(pb::SpineRow {
-            entity: Some(pb::EntityKey { parts }),
-            timestamp: Some(quiver_server::convert::timestamp(t)),
-        });
+        let (entity, t) = cols.take(at, &mut cells)?;
+        rows.push(pb::SpineRow { entity: Some(entity), timestamp: Some(quiver_server::convert::timestamp(t)) });
     }
     Ok(Spine { rows })
 }
@@ -182,7 +166,8 @@ fn key_arrays(rows: &[pb::SpineRow], et: &pb::EntityType) -> Vec<ArrayRef> {
             }))) as ArrayRef,
         })
         .collect();
-    let micros = |r: &pb::SpineRow| r.timestamp.as_ref().map(|t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
+    let micros =
+        |r: &pb::SpineRow| r.timestamp.as_ref().and_then(|t| quiver_server::convert::micros(t, "spine time").ok());
     out.push(Arc::new(TimestampMicrosecondArray::from_iter(rows.iter().map(micros)).with_timezone("UTC")));
     out
 }

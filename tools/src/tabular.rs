@@ -307,6 +307,51 @@ fn describe(c: &Cell) -> &'static str {
     }
 }
 
+/// Where a table's entity key (one column per join key) and time column are.
+pub struct KeyColumns {
+    what: String,
+    keys: Vec<(usize, String, pb::JoinKeyType)>,
+    time: usize,
+    time_name: String,
+}
+
+impl KeyColumns {
+    /// Finds the join key columns of `et` and the column `time_name` in `header`; `what`
+    /// names the file in errors.
+    pub fn locate(what: &str, header: &[String], et: &pb::EntityType, time_name: &str) -> Result<Self> {
+        let col = |name: &str| header.iter().position(|h| h == name);
+        let keys = et
+            .join_keys
+            .iter()
+            .map(|k| {
+                col(&k.name)
+                    .map(|i| (i, k.name.clone(), k.r#type()))
+                    .ok_or_else(|| format!("{what}: no column for join key {:?}", k.name))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let time = col(time_name).ok_or_else(|| format!("{what}: no {time_name} column"))?;
+        Ok(KeyColumns { what: what.to_string(), keys, time, time_name: time_name.to_string() })
+    }
+
+    /// True if column `i` is a key or the time column.
+    pub fn holds(&self, i: usize) -> bool {
+        i == self.time || self.keys.iter().any(|k| k.0 == i)
+    }
+
+    /// Takes the entity key and the time (µs) out of a row's cells.
+    pub fn take(&self, at: Location, cells: &mut [Cell]) -> Result<(pb::EntityKey, i64)> {
+        let what = &self.what;
+        let mut take = |i: usize| cells.get_mut(i).map(std::mem::take).unwrap_or_default();
+        let parts = self
+            .keys
+            .iter()
+            .map(|(i, name, t)| key_part(take(*i), *t).map_err(|e| format!("{what}: {at}: {name}: {e}")))
+            .collect::<Result<_>>()?;
+        let t = time(take(self.time)).map_err(|e| format!("{what}: {at}: {}: {e}", self.time_name))?;
+        Ok((pb::EntityKey { parts }, t))
+    }
+}
+
 /// A join key part of type `t` from a cell.
 pub fn key_part(c: Cell, t: pb::JoinKeyType) -> Result<pb::KeyPart> {
     use pb::key_part::Kind;
