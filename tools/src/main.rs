@@ -202,12 +202,17 @@ pub(crate) async fn fetch_group(ch: &Channel, group: &str) -> Result<(pb::Featur
         .await
         .map_err(grpc)?
         .into_inner();
-    let et = reg
-        .get_entity_type(pb::GetEntityTypeRequest { name: def.entity_type.clone() })
-        .await
-        .map_err(grpc)?
-        .into_inner();
+    let et = fetch_entity_type(ch, &def.entity_type).await?;
     Ok((def, et))
+}
+
+/// An entity type from the registry.
+pub(crate) async fn fetch_entity_type(ch: &Channel, name: &str) -> Result<pb::EntityType> {
+    pb::registry_service_client::RegistryServiceClient::new(ch.clone())
+        .get_entity_type(pb::GetEntityTypeRequest { name: name.to_string() })
+        .await
+        .map_err(grpc)
+        .map(tonic::Response::into_inner)
 }
 
 pub(crate) async fn channel(addr: &str) -> Result<Channel> {
@@ -332,11 +337,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Get { entity_type, entities, features } => {
             let ch = channel(&cli.addr).await?;
-            let et = pb::registry_service_client::RegistryServiceClient::new(ch.clone())
-                .get_entity_type(pb::GetEntityTypeRequest { name: entity_type.clone() })
-                .await
-                .map_err(grpc)?
-                .into_inner();
+            let et = fetch_entity_type(&ch, &entity_type).await?;
             let keys = entities.iter().map(|e| entity_key(&et, e)).collect::<Result<Vec<_>>>()?;
             let resp = pb::feature_service_client::FeatureServiceClient::new(ch)
                 .get_online_features(pb::GetOnlineFeaturesRequest {
@@ -420,11 +421,7 @@ async fn run(cli: Cli) -> Result<()> {
                 AdminCmd::Compact { full, entity_type, from, to } => {
                     let range = match (entity_type, from) {
                         (Some(entity_type), Some(from)) => {
-                            let et = pb::registry_service_client::RegistryServiceClient::new(channel(&cli.addr).await?)
-                                .get_entity_type(pb::GetEntityTypeRequest { name: entity_type.clone() })
-                                .await
-                                .map_err(grpc)?
-                                .into_inner();
+                            let et = fetch_entity_type(&channel(&cli.addr).await?, &entity_type).await?;
                             let start = Some(entity_key(&et, &from)?);
                             let end = to.map(|t| entity_key(&et, &t)).transpose()?;
                             Some(pb::EntityRange { entity_type, start, end })
@@ -447,11 +444,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::History { entity_type, entity, group, limit } => {
             let ch = channel(&cli.addr).await?;
-            let et = pb::registry_service_client::RegistryServiceClient::new(ch.clone())
-                .get_entity_type(pb::GetEntityTypeRequest { name: entity_type.clone() })
-                .await
-                .map_err(grpc)?
-                .into_inner();
+            let et = fetch_entity_type(&ch, &entity_type).await?;
             let req = pb::ScanHistoryRequest {
                 entity_type,
                 entity: Some(entity_key(&et, &entity)?),
