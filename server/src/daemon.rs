@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use quiver_proto::v1 as pb;
+use quiver_storage::sstable::IoBackend;
 use quiver_storage::{Db, Durability, Options};
 
 use crate::features::Features;
@@ -23,8 +24,10 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// Durability of writes that do not ask for one.
     pub durability: Durability,
-    /// Memory budget for memtables and block cache, in bytes.
+    /// Memory budget for memtables, the hot tier and the block cache, in bytes.
     pub memory_budget_bytes: usize,
+    /// Which backend reads data blocks (`auto` picks io_uring when the kernel offers it).
+    pub io_backend: IoBackend,
 }
 
 /// Opens the engine in `cfg.data_dir` and serves the API on `listener` until `shutdown`
@@ -42,9 +45,12 @@ pub async fn serve(
         memtable_bytes: budget / 8,
         hot_tier_bytes: budget / 8,
         block_cache_bytes: budget / 2,
+        io_backend: cfg.io_backend,
         ..Options::default()
     };
     let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
+    let ssd = db.stats().ssd;
+    tracing::info!(backend = ssd.backend, direct = ssd.direct, "data blocks are read with {}", ssd.backend);
     let registry = Arc::new(Registry::open(db.clone()).map_err(|e| format!("loading the registry: {e}"))?);
     let features = Arc::new(Features::new(registry.clone(), cfg.durability));
     let metrics = Metrics::new(db.clone())?;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use quiver_server::daemon::{serve, ServeConfig};
+use quiver_storage::sstable::IoBackend;
 use quiver_storage::Durability;
 use serde::Deserialize;
 
@@ -40,7 +41,12 @@ struct Args {
     /// Memory budget in MiB for memtables, the hot tier and the block cache.
     #[arg(long, env = "QUIVER_MEMORY_BUDGET_MB")]
     memory_budget_mb: Option<u64>,
-    /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen.
+    /// How data blocks are read: "auto" (io_uring when the kernel offers it, else pread),
+    /// "io_uring" (refuse to start without it) or "pread".
+    #[arg(long, env = "QUIVER_IO_BACKEND")]
+    io_backend: Option<String>,
+    /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
+    /// io_backend.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -53,6 +59,7 @@ struct FileConfig {
     durability: Option<String>,
     memory_budget_mb: Option<u64>,
     metrics_listen: Option<String>,
+    io_backend: Option<String>,
 }
 
 #[derive(Debug)]
@@ -62,6 +69,7 @@ struct Config {
     durability: Durability,
     memory_budget_mb: u64,
     metrics_listen: Option<SocketAddr>,
+    io_backend: IoBackend,
 }
 
 fn config(args: Args) -> Result<Config, String> {
@@ -91,7 +99,11 @@ fn config(args: Args) -> Result<Config, String> {
         Some("off") => None,
         Some(a) => Some(a.parse().map_err(|_| format!("metrics address {a:?} is not host:port or \"off\""))?),
     };
-    Ok(Config { data_dir, listen, durability, memory_budget_mb, metrics_listen })
+    let io_backend = match args.io_backend.or(file.io_backend) {
+        None => IoBackend::Auto,
+        Some(b) => b.parse()?,
+    };
+    Ok(Config { data_dir, listen, durability, memory_budget_mb, metrics_listen, io_backend })
 }
 
 async fn shutdown_signal() {
@@ -122,6 +134,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         data_dir: cfg.data_dir,
         durability: cfg.durability,
         memory_budget_bytes: (cfg.memory_budget_mb << 20) as usize,
+        io_backend: cfg.io_backend,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));

@@ -61,7 +61,7 @@ impl Metrics {
         registry.register(Box::new(latency.clone())).map_err(err)?;
         registry.register(Box::new(values_written.clone())).map_err(err)?;
         registry.register(Box::new(write_bytes.clone())).map_err(err)?;
-        let figures: [(&str, &str, Figure); 15] = [
+        let figures: [(&str, &str, Figure); 19] = [
             ("engine_flushes", "memtable flushes since start", |s| s.flushes as i64),
             ("engine_compactions", "compactions since start", |s| s.compactions as i64),
             ("engine_entries_dropped", "versions dropped by retention since start", |s| s.entries_dropped as i64),
@@ -77,6 +77,12 @@ impl Metrics {
             ("engine_hot_tier_evictions", "hot tier rows evicted since start", |s| s.hot.evictions as i64),
             ("engine_hot_tier_entries", "entity rows held by the hot tier", |s| s.hot.entries as i64),
             ("engine_hot_tier_bytes", "approximate bytes held by the hot tier", |s| s.hot.bytes as i64),
+            ("engine_ssd_io_uring", "1 if data blocks are read with io_uring, 0 for pread", |s| {
+                i64::from(s.ssd.backend == "io_uring")
+            }),
+            ("engine_ssd_block_reads", "data blocks read from files for point reads", |s| s.ssd.block_reads as i64),
+            ("engine_ssd_read_rounds", "rounds of block reads (submissions or preads)", |s| s.ssd.read_rounds as i64),
+            ("engine_ssd_bytes_read", "bytes read from files for point reads", |s| s.ssd.bytes_read as i64),
         ];
         let mut engine = Vec::new();
         for (name, help, f) in figures {

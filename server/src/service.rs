@@ -395,6 +395,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     hot_tier_evictions: s.hot.evictions,
                     hot_tier_entries: s.hot.entries,
                     hot_tier_bytes: s.hot.bytes,
+                    io_backend: s.ssd.backend.to_string(),
+                    direct_reads: s.ssd.direct,
+                    ssd_block_reads: s.ssd.block_reads,
+                    ssd_read_rounds: s.ssd.read_rounds,
+                    ssd_bytes_read: s.ssd.bytes_read,
                 }))
             })
             .await

@@ -39,7 +39,7 @@ pub fn table(data: &[u8]) {
     if f.append(data).is_err() {
         return;
     }
-    let Ok(t) = Table::from_file(f, path, 1, None) else { return };
+    let Ok(t) = Table::from_file(f, path, 1, None, None) else { return };
     let _ = t.verify();
     let mut it = t.iter();
     if it.seek_to_first().is_ok() {
@@ -53,7 +53,7 @@ pub fn table(data: &[u8]) {
                     event_time_min: crate::EventTime(i64::MIN),
                     known_at: crate::SystemTime::MAX,
                 };
-                let _ = t.get_best(&probe);
+                let _ = t.get_best(&probe, None);
             }
             if it.step().is_err() {
                 break;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::hlc::{Clock, SystemClock};
-use crate::sstable::Compression;
+use crate::sstable::{Compression, IoBackend};
 use crate::types::RegionId;
 
 /// How background work (flush, compaction) runs.
@@ -29,6 +29,11 @@ pub struct Options {
     /// Bytes of the hot tier (the newest version of recently read or written pairs, see
     /// `src/hot.rs`); 0 disables it.
     pub hot_tier_bytes: usize,
+    /// Which backend reads data blocks for point reads (`src/sstable/ssd.rs`).
+    pub io_backend: IoBackend,
+    /// Read data blocks for point reads with `O_DIRECT` where the file system takes it, so the
+    /// block cache is their only cache.
+    pub direct_reads: bool,
     /// Data block compression.
     pub compression: Compression,
     /// Number of L0 tables that triggers a compaction.
@@ -61,6 +66,8 @@ impl Default for Options {
             block_bytes: 16 << 10,
             block_cache_bytes: 256 << 20,
             hot_tier_bytes: 64 << 20,
+            io_backend: IoBackend::Auto,
+            direct_reads: true,
             compression: Compression::Zstd(1),
             l0_compaction_trigger: 4,
             l0_stop_writes: 20,

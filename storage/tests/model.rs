@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use quiver_storage::fs::MemFs;
+use quiver_storage::fs::{Fs, MemFs, RealFs};
+use quiver_storage::sstable::IoBackend;
 use quiver_storage::{
     AsOf, Background, Compression, Db, Durability, EventTime, FeatureId, ManualClock, Options, ScanRange, SystemTime,
     Value, WriteBatch,
@@ -74,6 +75,10 @@ struct Config {
     zstd: bool,
     retention: Option<u64>,
     hot_tier_bytes: usize,
+    block_cache_bytes: usize,
+    /// `None`: the simulated file system. `Some(b)`: a temporary directory on the real file
+    /// system, data blocks read by backend `b` (with `O_DIRECT` where the file system takes it).
+    disk: Option<IoBackend>,
 }
 
 fn config() -> impl Strategy<Value = Config> {
@@ -84,14 +89,23 @@ fn config() -> impl Strategy<Value = Config> {
         prop::option::of(0u64..60),
         // Hot tier off, tiny (constant eviction and refill), or roomy.
         prop_oneof![Just(0usize), Just(400), Just(1 << 20)],
+        // Block cache off (every block read from the file), tiny, or roomy.
+        prop_oneof![Just(0usize), Just(2048), Just(1 << 20)],
     )
-        .prop_map(|(memtable_bytes, block_bytes, zstd, retention, hot_tier_bytes)| Config {
+        .prop_map(|(memtable_bytes, block_bytes, zstd, retention, hot_tier_bytes, block_cache_bytes)| Config {
             memtable_bytes,
             block_bytes,
             zstd,
             retention,
             hot_tier_bytes,
+            block_cache_bytes,
+            disk: None,
         })
+}
+
+/// A configuration on the real file system with `backend` reading the blocks.
+fn on_disk(backend: IoBackend) -> impl Strategy<Value = Config> {
+    config().prop_map(move |c| Config { disk: Some(backend), ..c })
 }
 
 fn options(c: &Config, clock: &ManualClock) -> Options {
@@ -99,6 +113,8 @@ fn options(c: &Config, clock: &ManualClock) -> Options {
         memtable_bytes: c.memtable_bytes,
         block_bytes: c.block_bytes,
         hot_tier_bytes: c.hot_tier_bytes,
+        block_cache_bytes: c.block_cache_bytes,
+        io_backend: c.disk.unwrap_or_default(),
         compression: if c.zstd { Compression::Zstd(1) } else { Compression::None },
         l0_compaction_trigger: 2,
         l1_bytes: 2048,
@@ -113,11 +129,19 @@ fn options(c: &Config, clock: &ManualClock) -> Options {
 
 fn run(config: Config, ops: Vec<Op>) -> Result<Vec<String>, TestCaseError> {
     let mut reads = Vec::new();
-    let fs = MemFs::new();
-    let dir = Path::new("/db");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (fs, dir): (Arc<dyn Fs>, &Path) = match config.disk {
+        None => (Arc::new(MemFs::new()), Path::new("/db")),
+        Some(_) => (Arc::new(RealFs), tmp.path()),
+    };
     let clock = ManualClock::new(CLOCK_START);
-    let open = || Db::open_with_fs(Arc::new(fs.clone()), dir, options(&config, &clock)).expect("open");
+    let open = || Db::open_with_fs(fs.clone(), dir, options(&config, &clock)).expect("open");
     let mut db = open();
+    if let Some(backend) = config.disk {
+        let ssd = db.stats().ssd;
+        let want = if backend == IoBackend::Pread { "pread" } else { "io_uring" };
+        prop_assert_eq!(ssd.backend, want, "backend in use");
+    }
     let mut model = Model::default();
     let mut horizon = i64::MIN;
     let mut hlc_last = CLOCK_START;
@@ -237,6 +261,18 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
     #[test]
     fn engine_matches_model(config in config(), ops in prop::collection::vec(op(), 1..80)) {
+        run(config, ops)?;
+    }
+
+    /// The same, on the real file system, with data blocks read through io_uring.
+    #[test]
+    fn engine_matches_model_with_io_uring(config in on_disk(IoBackend::IoUring), ops in prop::collection::vec(op(), 1..80)) {
+        run(config, ops)?;
+    }
+
+    /// The same, on the real file system, with data blocks read through pread.
+    #[test]
+    fn engine_matches_model_with_pread(config in on_disk(IoBackend::Pread), ops in prop::collection::vec(op(), 1..80)) {
         run(config, ops)?;
     }
 

@@ -340,3 +340,109 @@ fn compact_range_applies_retention_to_the_range_and_keeps_every_answer() {
     assert!(versions(&db, b"a") >= 5);
     db.verify().expect("verify");
 }
+
+/// Opens `dir` on the real file system with no hot tier and no block cache, so every block a
+/// read needs comes through `backend`.
+fn open_cold(dir: &Path, backend: quiver_storage::sstable::IoBackend) -> Db {
+    let opts = Options {
+        block_bytes: 256,
+        hot_tier_bytes: 0,
+        block_cache_bytes: 0,
+        io_backend: backend,
+        background: Background::Inline,
+        ..Options::default()
+    };
+    Db::open(dir, opts).expect("open")
+}
+
+#[test]
+fn a_batch_lookup_reads_its_blocks_in_one_io_uring_round_and_one_pread_each_otherwise() {
+    use quiver_storage::sstable::IoBackend;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let entity = |i: usize| format!("user-{i:04}").into_bytes();
+    {
+        let db = open_cold(tmp.path(), IoBackend::Auto);
+        let mut b = WriteBatch::new();
+        for i in 0..400 {
+            for f in 0..5u32 {
+                b.put(&entity(i), FeatureId(f), EventTime(10), Value::Int64((i * 10) as i64 + i64::from(f)))
+                    .expect("put");
+            }
+        }
+        db.write(b, Durability::Sync).expect("write");
+        db.compact_all().expect("compact");
+        db.close().expect("close");
+    }
+    let entities: Vec<Vec<u8>> = (0..400).step_by(4).map(entity).collect();
+    let features: Vec<FeatureId> = (0..5).map(FeatureId).collect();
+    for backend in [IoBackend::IoUring, IoBackend::Pread] {
+        let db = open_cold(tmp.path(), backend);
+        let before = db.stats().ssd;
+        let got = db.multi_get(&entities, &features, AsOf::at(EventTime(i64::MAX))).expect("multi_get");
+        let after = db.stats().ssd;
+        for (k, v) in got.iter().enumerate() {
+            let (i, f) = ((k / 5) * 4, k % 5);
+            assert_eq!(
+                v.as_ref().and_then(|v| v.value.clone()),
+                Some(Value::Int64((i * 10 + f) as i64)),
+                "{backend:?}"
+            );
+        }
+        let (reads, rounds) = (after.block_reads - before.block_reads, after.read_rounds - before.read_rounds);
+        let direct_ok = {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true).custom_flags(libc::O_DIRECT).open(tmp.path().join("LOCK")).is_ok()
+        };
+        assert_eq!(after.direct, direct_ok, "{backend:?}: O_DIRECT is used exactly where the file system takes it");
+        assert!(reads >= 20, "{backend:?}: 100 spread entities should need many blocks, read {reads}");
+        match backend {
+            IoBackend::IoUring => {
+                assert_eq!(after.backend, "io_uring");
+                assert_eq!(rounds, 1, "io_uring: one round for {reads} blocks");
+            }
+            _ => {
+                assert_eq!(after.backend, "pread");
+                assert_eq!(rounds, reads, "pread: one call per block");
+            }
+        }
+        db.close().expect("close");
+    }
+}
+
+#[test]
+fn a_corrupt_block_read_by_either_backend_is_an_error_naming_the_table() {
+    use quiver_storage::sstable::IoBackend;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    {
+        let db = open_cold(tmp.path(), IoBackend::Auto);
+        let mut b = WriteBatch::new();
+        for i in 0..50 {
+            b.put(format!("e{i:03}").as_bytes(), FeatureId(1), EventTime(5), Value::Int64(i)).expect("put");
+        }
+        db.write(b, Durability::Sync).expect("write");
+        db.compact_all().expect("compact");
+        db.close().expect("close");
+    }
+    let table = std::fs::read_dir(tmp.path())
+        .expect("list")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "sst"))
+        .expect("a table");
+    let mut bytes = std::fs::read(&table).expect("read table");
+    bytes[40] ^= 0x10; // inside the first data block
+    std::fs::write(&table, &bytes).expect("write table");
+    for backend in [IoBackend::IoUring, IoBackend::Pread] {
+        let db = open_cold(tmp.path(), backend);
+        let entities: Vec<Vec<u8>> = (0..50).map(|i| format!("e{i:03}").into_bytes()).collect();
+        match db.multi_get(&entities, &[FeatureId(1)], AsOf::at(EventTime(i64::MAX))) {
+            Err(Error::Corruption { file, .. }) => assert_eq!(file, table, "{backend:?}"),
+            other => panic!("{backend:?}: a flipped block bit gave {other:?}"),
+        }
+        match db.value_at(b"e000", FeatureId(1), AsOf::at(EventTime(i64::MAX))) {
+            Err(e) => assert!(e.is_corruption(), "{backend:?}: {e}"),
+            Ok(v) => panic!("{backend:?}: a flipped block bit gave {v:?}"),
+        }
+        db.close().expect("close");
+    }
+}

@@ -106,10 +106,23 @@ async fn registry_online_writes_and_restart() {
         .expect("write");
     drop(c);
     d.kill();
-    let d = Daemon::start(tmp.path(), &[]);
+    // A backend name quiverd does not know is refused before it touches the directory.
+    let bad = std::process::Command::new(quiver_e2e::quiverd_path())
+        .args(["--data-dir"])
+        .arg(tmp.path())
+        .args(["--listen", "127.0.0.1:0", "--io-backend", "mmap"])
+        .output()
+        .expect("run quiverd");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("unknown I/O backend \"mmap\""), "{err}");
+    // Restart with the pread backend: the same data, read the other way.
+    let d = Daemon::start(tmp.path(), &["--io-backend", "pread"]);
     let mut c = Clients::of(&d).await;
     let r = c.features.get_online_features(online_req(&["erin"], T0 + 1)).await.expect("online").into_inner();
     assert_eq!(r.columns[0].int64_values, vec![42]);
+    let stats = c.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner();
+    assert_eq!(stats.io_backend, "pread");
     // The second miss of a pair fills the hot tier (the first is only remembered); the same
     // lookup then hits it.
     for _ in 0..2 {

@@ -38,6 +38,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         data_dir: tmp.path().to_path_buf(),
         durability: quiver_storage::Durability::Sync,
         memory_budget_bytes: 256 << 20,
+        io_backend: quiver_storage::sstable::IoBackend::Auto,
     };
     let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());

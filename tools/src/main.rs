@@ -413,6 +413,14 @@ async fn run(cli: Cli) -> Result<()> {
                         s.hot_tier_entries,
                         s.hot_tier_bytes
                     );
+                    println!(
+                        "ssd tier: {}{}; {} block reads in {} rounds, {} bytes",
+                        s.io_backend,
+                        if s.direct_reads { " (O_DIRECT)" } else { "" },
+                        s.ssd_block_reads,
+                        s.ssd_read_rounds,
+                        s.ssd_bytes_read
+                    );
                 }
                 AdminCmd::Flush => {
                     c.flush(pb::FlushRequest {}).await.map_err(grpc)?;

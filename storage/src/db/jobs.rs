@@ -98,7 +98,7 @@ impl Inner {
             let mut opened = Vec::new();
             if let Some(info) = tw.finish()? {
                 let meta = FileMeta::from(info);
-                let table = Table::open_cached(self.fs.as_ref(), &self.dir, meta.number, self.block_cache.clone())?;
+                let table = Table::open_in(self.fs.as_ref(), &self.dir, meta.number, Some(self.ssd.clone()))?;
                 edit.added.push((0, meta.clone()));
                 opened.push(TableHandle::new(meta, table, self.fs.clone()));
             }
@@ -235,7 +235,7 @@ impl Inner {
         let finish = |w: TableWriter, added: &mut Vec<FileMeta>, outputs: &mut Vec<Arc<TableHandle>>| -> Result<()> {
             if let Some(info) = w.finish()? {
                 let meta = FileMeta::from(info);
-                let table = Table::open_cached(self.fs.as_ref(), &self.dir, meta.number, self.block_cache.clone())?;
+                let table = Table::open_in(self.fs.as_ref(), &self.dir, meta.number, Some(self.ssd.clone()))?;
                 outputs.push(TableHandle::new(meta.clone(), table, self.fs.clone()));
                 added.push(meta);
             }

@@ -127,7 +127,7 @@ pub(crate) struct Inner {
     compaction_lock: Mutex<()>,
     counters: Counters,
     _lock: Box<dyn std::any::Any + Send + Sync>,
-    block_cache: Option<Arc<crate::sstable::BlockCache>>,
+    ssd: Arc<crate::sstable::SsdTier>,
     hot: Option<crate::hot::HotTier>,
 }
 
@@ -205,6 +205,8 @@ pub struct Stats {
     pub block_cache_misses: u64,
     /// Bytes held by the block cache.
     pub block_cache_bytes: u64,
+    /// The SSD tier's backend and counters.
+    pub ssd: crate::sstable::SsdStats,
     /// The hot tier's counters (all zero when it is disabled).
     pub hot: crate::hot::HotStats,
 }
@@ -505,8 +507,9 @@ impl Inner {
             .collect();
         let c = &self.counters;
         let (block_cache_hits, block_cache_misses, block_cache_bytes) =
-            self.block_cache.as_ref().map_or((0, 0, 0), |b| b.figures());
+            self.ssd.cache().map_or((0, 0, 0), |b| b.figures());
         Stats {
+            ssd: self.ssd.stats(),
             hot: self.hot.as_ref().map(|h| h.stats()).unwrap_or_default(),
             block_cache_hits,
             block_cache_misses,

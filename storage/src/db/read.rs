@@ -8,6 +8,7 @@ use crate::cell;
 use crate::hot::NewState;
 use crate::iter::{MemCursor, MergingIter, Source};
 use crate::key::{self, KeyRef};
+use crate::sstable::{Prefetched, Table};
 use crate::types::{AsOf, CellVersion, EntityKey, EventTime, FeatureId, SystemTime};
 use crate::{Error, Result};
 
@@ -52,14 +53,21 @@ impl Inner {
                 return Ok(v.filter(|v| v.event_time >= q.event_time_min()));
             }
         }
-        self.get_in_view(view, &key::prefix(entity, feature), q, known_at)
+        self.get_in_view(view, &key::prefix(entity, feature), q, known_at, None)
     }
 
     /// The batch read of the online path: the winning version (tombstones included) of every
-    /// `entity x feature` pair, row major, from one view. Pairs the hot tier does not cover
-    /// are read from the view; when the read is unbounded in system time (`known_at` = MAX),
-    /// the pair's newest version is read instead and offered to the hot tier (it is also the
-    /// answer whenever its event time is at or before `as_of`, the common online case).
+    /// `entity x feature` pair, row major, from one view, in three passes:
+    ///
+    /// 1. the hot tier answers the pairs it covers;
+    /// 2. with io_uring, the data blocks the other pairs' reads will start in (every table that
+    ///    may hold the pair: key range and bloom filter) and that are not cached are read in
+    ///    one round ([`crate::sstable::SsdTier::prefetch`]);
+    /// 3. the other pairs are read from the view, using those blocks.
+    ///
+    /// When the read is unbounded in system time (`known_at` = MAX), a missed pair's newest
+    /// version is read and offered to the hot tier (it is also the answer whenever its event
+    /// time is at or before `as_of`, the common online case).
     pub(super) fn multi_get(
         &self,
         entities: &[EntityKey],
@@ -75,39 +83,113 @@ impl Inner {
         let (view, known_at) = self.read_view(q.known_at);
         let in_window = |v: Option<CellVersion>| v.filter(|v| v.event_time >= q.event_time_min());
         let newest_q = AsOf { as_of: EventTime(i64::MAX), known_at: SystemTime::MAX, lookback_us: None };
-        let mut out = Vec::with_capacity(entities.len() * features.len());
+
+        // Pass 1: the hot tier. `None` marks a pair it does not cover.
+        let mut answers: Vec<Option<Option<CellVersion>>> = Vec::with_capacity(entities.len() * features.len());
+        for e in entities {
+            let row = self.hot.as_ref().and_then(|hot| hot.row(e));
+            let before = answers.len();
+            answers.extend(features.iter().map(|&f| row.as_ref().and_then(|r| r.answer(f, q.as_of, known_at))));
+            if let Some(hot) = &self.hot {
+                let hits = answers[before..].iter().filter(|a| a.is_some()).count() as u64;
+                hot.count(hits, (features.len() as u64).saturating_sub(hits));
+            }
+        }
+
+        // Pass 2: one round of block reads for the misses.
+        let first_q = if fill.is_some() { newest_q } else { q };
+        let pre = if self.ssd.batches_reads() {
+            self.prefetch_pairs(&view, entities, features, &answers, first_q.as_of)
+        } else {
+            None
+        };
+
+        // Pass 3: the misses, from the view.
         let mut prefix = Vec::new();
         for (i, e) in entities.iter().enumerate() {
-            let row = self.hot.as_ref().and_then(|hot| hot.row(e));
             let mut filled = Vec::new();
-            let mut hits = 0;
-            for &f in features {
-                if let Some(v) = row.as_ref().and_then(|r| r.answer(f, q.as_of, known_at)) {
-                    out.push(in_window(v));
-                    hits += 1;
+            for (j, &f) in features.iter().enumerate() {
+                let slot = &mut answers[i * features.len() + j];
+                if let Some(hit) = slot.take() {
+                    *slot = Some(in_window(hit));
                     continue;
                 }
                 prefix.clear();
                 key::push_prefix(&mut prefix, e, f);
-                if fill.is_some() {
-                    let newest = self.get_in_view(&view, &prefix, newest_q, known_at)?;
+                let got = if fill.is_some() {
+                    let newest = self.get_in_view(&view, &prefix, newest_q, known_at, pre.as_ref())?;
                     filled.push((f, newest.as_ref().map_or_else(NewState::absent, NewState::of)));
                     match newest {
-                        Some(n) if n.event_time > q.as_of => out.push(self.get_in_view(&view, &prefix, q, known_at)?),
-                        n => out.push(in_window(n)),
+                        Some(n) if n.event_time > q.as_of => {
+                            self.get_in_view(&view, &prefix, q, known_at, pre.as_ref())?
+                        }
+                        n => in_window(n),
                     }
                 } else {
-                    out.push(self.get_in_view(&view, &prefix, q, known_at)?);
-                }
-            }
-            if let Some(hot) = &self.hot {
-                hot.count(hits, (features.len() as u64).saturating_sub(hits));
+                    self.get_in_view(&view, &prefix, q, known_at, pre.as_ref())?
+                };
+                *slot = Some(got);
             }
             if let (Some(hot), Some(&ticket)) = (fill, tickets.get(i)) {
                 hot.fill(e, ticket, filled);
             }
         }
-        Ok(out)
+        Ok(answers.into_iter().map(Option::flatten).collect())
+    }
+
+    /// Reads ahead, in one round, the uncached data blocks where reads of the pairs not yet
+    /// answered (`None` in `answers`, row major) will start: in every L0 table and the one table
+    /// per deeper level whose key range holds the pair and whose bloom filter may. `None` if
+    /// there is nothing to read.
+    fn prefetch_pairs(
+        &self,
+        view: &ReadView,
+        entities: &[EntityKey],
+        features: &[FeatureId],
+        answers: &[Option<Option<CellVersion>>],
+        as_of: EventTime,
+    ) -> Option<Prefetched> {
+        if view.version.levels.iter().all(|l| l.is_empty()) {
+            return None;
+        }
+        let mut wanted = Vec::new();
+        let mut seek = Vec::new();
+        for (i, e) in entities.iter().enumerate() {
+            for (j, &f) in features.iter().enumerate() {
+                if answers[i * features.len() + j].is_some() {
+                    continue;
+                }
+                seek.clear();
+                key::push_prefix(&mut seek, e, f);
+                let prefix_len = seek.len();
+                key::push_times(&mut seek, as_of, SystemTime::MAX);
+                let prefix = &seek[..prefix_len];
+                let mut consider = |t: &crate::version::TableHandle| {
+                    let in_range =
+                        key::prefix_of(&t.meta.smallest) <= prefix && prefix <= key::prefix_of(&t.meta.largest);
+                    if in_range && t.table.may_contain_prefix(prefix) {
+                        let b = t.table.block_for(&seek);
+                        if b < t.table.block_count() {
+                            wanted.push((t.table.clone(), b));
+                        }
+                    }
+                };
+                for t in &view.version.levels[0] {
+                    consider(t);
+                }
+                for level in &view.version.levels[1..] {
+                    let at = level.partition_point(|t| t.meta.largest.as_slice() < seek.as_slice());
+                    if let Some(t) = level.get(at) {
+                        consider(t);
+                    }
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return None;
+        }
+        let refs: Vec<(&Table, usize)> = wanted.iter().map(|(t, b)| (t.as_ref(), *b)).collect();
+        Some(self.ssd.prefetch(&refs))
     }
 
     /// `get` from the view alone, for the pair `prefix`.
@@ -117,6 +199,7 @@ impl Inner {
         prefix: &[u8],
         q: AsOf,
         known_at: SystemTime,
+        pre: Option<&Prefetched>,
     ) -> Result<Option<CellVersion>> {
         let mut seek = Vec::with_capacity(prefix.len() + key::TIME_SUFFIX_BYTES);
         seek.extend_from_slice(prefix);
@@ -132,7 +215,7 @@ impl Inner {
         };
         for t in &view.version.levels[0] {
             if in_range(t) {
-                consider(&mut best, t.table.get_best(&probe)?);
+                consider(&mut best, t.table.get_best(&probe, pre)?);
             }
         }
         for level in &view.version.levels[1..] {
@@ -141,7 +224,7 @@ impl Inner {
                 if key::prefix_of(&t.meta.smallest) > prefix {
                     break;
                 }
-                let found = t.table.get_best(&probe)?;
+                let found = t.table.get_best(&probe, pre)?;
                 if found.is_some() {
                     consider(&mut best, found);
                     break;

@@ -26,7 +26,7 @@ use crate::manifest::{self, FileMeta, VersionEdit, CURRENT};
 use crate::memtable::Memtable;
 use crate::options::Options;
 use crate::record;
-use crate::sstable::{self, BlockCache, Table};
+use crate::sstable::{self, SsdTier, Table};
 use crate::version::{TableHandle, Version};
 use crate::wal::{self, Segment};
 use crate::{Error, Result};
@@ -224,7 +224,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
     }
     let rec = read_manifest(fs.as_ref(), dir)?;
 
-    let block_cache = (opts.block_cache_bytes > 0).then(|| Arc::new(BlockCache::new(opts.block_cache_bytes)));
+    let ssd = Arc::new(SsdTier::open(fs.as_ref(), dir, opts.io_backend, opts.direct_reads, opts.block_cache_bytes)?);
     // Open every table the manifest names.
     let mut version = Version::default();
     for (level, metas) in rec.levels.iter().enumerate() {
@@ -233,7 +233,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
             if !fs.exists(&path) {
                 return Err(Error::corruption(&path, 0, "table named by the manifest is missing"));
             }
-            let table = Table::open_cached(fs.as_ref(), dir, meta.number, block_cache.clone())?;
+            let table = Table::open_in(fs.as_ref(), dir, meta.number, Some(ssd.clone()))?;
             if table.size() != meta.size {
                 return Err(Error::corruption(
                     &path,
@@ -329,7 +329,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         compaction_lock: Mutex::new(()),
         counters: Counters::default(),
         _lock: lock,
-        block_cache,
+        ssd,
         hot: crate::hot::HotTier::new(opts.hot_tier_bytes),
         opts,
     };

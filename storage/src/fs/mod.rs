@@ -57,6 +57,12 @@ pub trait Fs: Send + Sync + Debug {
     /// Takes an exclusive lock on `dir` for as long as the returned guard lives; fails with
     /// [`crate::Error::InUse`] if another process (or another open engine) holds it.
     fn lock_dir(&self, dir: &Path) -> Result<Box<dyn std::any::Any + Send + Sync>>;
+    /// Opens `path` read-only as an operating-system file, for the SSD tier's reads
+    /// (`crate::sstable::ssd`), with `O_DIRECT` if `direct`. `None` if this file system has no
+    /// file descriptors or (with `direct`) does not take `O_DIRECT`.
+    fn open_raw(&self, _path: &Path, _direct: bool) -> Result<Option<std::fs::File>> {
+        Ok(None)
+    }
 }
 
 /// Reads a whole file.

@@ -85,6 +85,20 @@ impl Fs for RealFs {
     fn hard_link(&self, from: &Path, to: &Path) -> Result<()> {
         std::fs::hard_link(from, to).map_err(|e| Error::io(from, e))
     }
+    fn open_raw(&self, path: &Path, direct: bool) -> Result<Option<std::fs::File>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        match o.open(path) {
+            Ok(f) => Ok(Some(f)),
+            // The file system does not take O_DIRECT (tmpfs before Linux 6.6, some FUSE).
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
     fn lock_dir(&self, dir: &Path) -> Result<Box<dyn std::any::Any + Send + Sync>> {
         let path = dir.join("LOCK");
         let file = std::fs::OpenOptions::new()

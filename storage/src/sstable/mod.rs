@@ -18,10 +18,12 @@ pub mod block;
 pub mod bloom;
 pub mod cache;
 pub mod reader;
+pub mod ssd;
 pub mod writer;
 
 pub use cache::BlockCache;
 pub use reader::{Table, TableIter};
+pub use ssd::{IoBackend, Prefetched, SsdStats, SsdTier};
 pub use writer::{TableInfo, TableWriter};
 
 /// Magic number at the very end of every table: "QUIVSST1".

@@ -1,13 +1,14 @@
-//! Opens and reads tables. Data blocks are read through the [`crate::fs::File`] trait
-//! (`read_exact_at`, i.e. `pread` on [`crate::fs::RealFs`]), the seam where the io_uring tier
-//! plugs in. The index and the filter are read and checked once at open and kept in memory.
+//! Opens and reads tables. The index and the filter are read and checked once at open and kept
+//! in memory. Point reads get data blocks through the engine's SSD tier ([`super::ssd`]: the
+//! block cache, then io_uring or pread, `O_DIRECT` where the file system takes it); sequential
+//! reads (iterators) use buffered reads through the [`crate::fs::File`] trait.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::block::{Block, BlockIter};
 use super::bloom::{self, Bloom};
-use super::cache::BlockCache;
+use super::ssd::{Prefetched, SsdTier};
 use super::{
     block_crc, table_name, BlockHandle, Footer, BLOCK_TRAILER_BYTES, COMPRESSION_NONE, COMPRESSION_ZSTD, FOOTER_BYTES,
 };
@@ -33,28 +34,35 @@ pub struct Table {
     size: u64,
     index: Vec<(Vec<u8>, BlockHandle)>,
     filter: Bloom,
-    cache: Option<Arc<BlockCache>>,
+    tier: Option<Arc<SsdTier>>,
+    /// This table's own descriptor for the SSD tier's reads (`O_DIRECT` if the tier says so).
+    raw: Option<std::fs::File>,
 }
 
 impl Table {
     /// Opens table `number` in `dir`, checking its footer, index and filter.
     pub fn open(fs: &dyn Fs, dir: &Path, number: u64) -> Result<Arc<Table>> {
-        Self::open_cached(fs, dir, number, None)
+        Self::open_in(fs, dir, number, None)
     }
 
-    /// Opens table `number`, reading data blocks through `cache`.
-    pub fn open_cached(fs: &dyn Fs, dir: &Path, number: u64, cache: Option<Arc<BlockCache>>) -> Result<Arc<Table>> {
+    /// Opens table `number`, reading data blocks for point reads through `tier`.
+    pub fn open_in(fs: &dyn Fs, dir: &Path, number: u64, tier: Option<Arc<SsdTier>>) -> Result<Arc<Table>> {
         let path = dir.join(table_name(number));
         let file = fs.open(&path)?;
-        Self::from_file(file, path, number, cache)
+        let raw = match tier.as_ref().and_then(|t| t.wants_fd()) {
+            Some(direct) => fs.open_raw(&path, direct)?,
+            None => None,
+        };
+        Self::from_file(file, path, number, tier, raw)
     }
 
-    /// Opens a table from an open file.
+    /// Opens a table from an open file (and, for the SSD tier, a descriptor of its own).
     pub fn from_file(
         file: Arc<dyn File>,
         path: PathBuf,
         number: u64,
-        cache: Option<Arc<BlockCache>>,
+        tier: Option<Arc<SsdTier>>,
+        raw: Option<std::fs::File>,
     ) -> Result<Arc<Table>> {
         let size = file.size()?;
         let corrupt = |offset: u64, what: &str| Error::corruption(&path, offset, what);
@@ -77,7 +85,8 @@ impl Table {
             size,
             index: Vec::new(),
             filter: Bloom::parse(vec![0, 1]).map_err(|w| corrupt(0, w))?,
-            cache,
+            tier,
+            raw,
         };
         let filter_raw = t.read_block_raw(footer.filter, META_BLOCK_BYTES_MAX)?;
         t.filter = Bloom::parse(filter_raw).map_err(|w| corrupt(footer.filter.offset, w))?;
@@ -132,22 +141,51 @@ impl Table {
         self.index[i].1
     }
 
+    /// The descriptor the SSD tier reads this table's data blocks through, if it has one.
+    pub fn raw_file(&self) -> Option<&std::fs::File> {
+        self.raw.as_ref()
+    }
+
+    /// Where data block `i` is: its offset, and its length with the trailer.
+    pub fn block_extent(&self, i: usize) -> (u64, usize) {
+        let h = self.index[i].1;
+        (h.offset, h.len as usize + BLOCK_TRAILER_BYTES)
+    }
+
     fn read_block_raw(&self, h: BlockHandle, max: usize) -> Result<Vec<u8>> {
-        let corrupt = |what: &str| Error::corruption(&self.path, h.offset, what);
-        let total = usize::try_from(h.len).ok().filter(|&l| l <= max).ok_or_else(|| corrupt("block too large"))?;
+        let total = usize::try_from(h.len)
+            .ok()
+            .filter(|&l| l <= max)
+            .ok_or_else(|| Error::corruption(&self.path, h.offset, "block too large"))?;
         let mut buf = vec![0u8; total + BLOCK_TRAILER_BYTES];
         self.file.read_exact_at(&mut buf, h.offset)?;
-        let ctype = buf[total];
-        let crc = u32::from_le_bytes([buf[total + 1], buf[total + 2], buf[total + 3], buf[total + 4]]);
-        if block_crc(h.offset, &buf[..total], ctype) != crc {
+        self.check_block(h, buf, 0, max)
+    }
+
+    /// Checks and decompresses the block `h` whose bytes (payload and trailer) are in `buf`
+    /// from `at`; returns the payload.
+    fn check_block(&self, h: BlockHandle, mut buf: Vec<u8>, at: usize, max: usize) -> Result<Vec<u8>> {
+        let corrupt = |what: &str| Error::corruption(&self.path, h.offset, what);
+        let total = usize::try_from(h.len).ok().filter(|&l| l <= max).ok_or_else(|| corrupt("block too large"))?;
+        let Some(bytes) = buf.get(at..at + total + BLOCK_TRAILER_BYTES) else {
+            return Err(corrupt("block extends past the bytes read"));
+        };
+        let (payload, trailer) = bytes.split_at(total);
+        let ctype = trailer[0];
+        let crc = u32::from_le_bytes([trailer[1], trailer[2], trailer[3], trailer[4]]);
+        if block_crc(h.offset, payload, ctype) != crc {
             return Err(corrupt("block checksum mismatch"));
         }
-        buf.truncate(total);
         match ctype {
-            COMPRESSION_NONE => Ok(buf),
+            COMPRESSION_NONE => {
+                buf.truncate(at + total);
+                buf.drain(..at);
+                Ok(buf)
+            }
             COMPRESSION_ZSTD => {
+                let buf = payload;
                 // Allocate exactly the frame's content size (the writer always records it).
-                let n = match zstd::zstd_safe::get_frame_content_size(&buf) {
+                let n = match zstd::zstd_safe::get_frame_content_size(buf) {
                     Ok(Some(n)) if n <= max as u64 => n as usize,
                     _ => return Err(corrupt("zstd block has no or an oversized content size")),
                 };
@@ -157,7 +195,7 @@ impl Table {
                     if d.is_none() {
                         *d = zstd::bulk::Decompressor::new().ok();
                     }
-                    d.as_mut().map(|d| d.decompress_to_buffer(&buf, &mut out))
+                    d.as_mut().map(|d| d.decompress_to_buffer(buf, &mut out))
                 });
                 match got {
                     Some(Ok(len)) if len == n => Ok(out),
@@ -169,26 +207,49 @@ impl Table {
         }
     }
 
-    /// Data block `i`, from the cache or read, checked and parsed.
-    pub fn read_block(&self, i: usize) -> Result<Arc<Block>> {
+    /// Data block `i` for a point read: read ahead, cached, or read through the SSD tier.
+    pub fn read_block(&self, i: usize, pre: Option<&Prefetched>) -> Result<Arc<Block>> {
         let h = self.index[i].1;
-        if let Some(c) = &self.cache {
-            if let Some(b) = c.get(self.number, h.offset) {
-                return Ok(b);
-            }
+        if let Some(b) = pre.and_then(|p| p.get(self.number, h.offset)) {
+            return Ok(b);
+        }
+        let Some(tier) = &self.tier else { return self.load_block(i) };
+        if let Some(b) = tier.cached(self.number, h.offset) {
+            return Ok(b);
+        }
+        tier.read_round(&[(self, i)]).pop().unwrap_or_else(|| self.load_block(i))
+    }
+
+    /// Data block `i` for a sequential read: cached, or read with a buffered read.
+    pub fn read_block_seq(&self, i: usize) -> Result<Arc<Block>> {
+        let h = self.index[i].1;
+        let cache = self.tier.as_ref().and_then(|t| t.cache());
+        if let Some(b) = cache.and_then(|c| c.get(self.number, h.offset)) {
+            return Ok(b);
         }
         let b = self.load_block(i)?;
-        if let Some(c) = &self.cache {
+        if let Some(c) = cache {
             c.insert(self.number, h.offset, b.clone());
         }
         Ok(b)
     }
 
-    /// Reads, checks and parses data block `i`, bypassing the cache.
+    /// Reads, checks and parses data block `i` with a buffered read, bypassing the cache.
     pub fn load_block(&self, i: usize) -> Result<Arc<Block>> {
         let h = self.index[i].1;
-        let block = Block::parse(self.read_block_raw(h, BLOCK_BYTES_MAX)?)
-            .map_err(|w| Error::corruption(&self.path, h.offset, w))?;
+        self.parse_block(i, self.read_block_raw(h, BLOCK_BYTES_MAX)?)
+    }
+
+    /// Checks and parses data block `i` from bytes the SSD tier read: payload and trailer in
+    /// `buf` from `at`.
+    pub(crate) fn finish_block(&self, i: usize, buf: Vec<u8>, at: usize) -> Result<Arc<Block>> {
+        let h = self.index[i].1;
+        self.parse_block(i, self.check_block(h, buf, at, BLOCK_BYTES_MAX)?)
+    }
+
+    fn parse_block(&self, i: usize, payload: Vec<u8>) -> Result<Arc<Block>> {
+        let h = self.index[i].1;
+        let block = Block::parse(payload).map_err(|w| Error::corruption(&self.path, h.offset, w))?;
         if block.key(block.len() - 1) != self.index[i].0.as_slice() {
             return Err(Error::corruption(&self.path, h.offset, "block's last key differs from its index entry"));
         }
@@ -203,8 +264,8 @@ impl Table {
         self.filter.may_contain(bloom::hash(prefix))
     }
 
-    /// Index of the first block whose last key is >= `target`.
-    fn block_for(&self, target: &[u8]) -> usize {
+    /// Index of the first block whose last key is >= `target` (`block_count()` if none).
+    pub fn block_for(&self, target: &[u8]) -> usize {
         self.index.partition_point(|(last, _)| last.as_slice() < target)
     }
 
@@ -214,15 +275,16 @@ impl Table {
     }
 
     /// The newest version visible to the as-of read `probe` (see [`key::Probe`]): the first
-    /// visible key at or after its seek key, possibly in a later block.
-    pub fn get_best(&self, probe: &key::Probe<'_>) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    /// visible key at or after its seek key, possibly in a later block. Blocks in `pre` are
+    /// used without reading them.
+    pub fn get_best(&self, probe: &key::Probe<'_>, pre: Option<&Prefetched>) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         if !self.may_contain_prefix(probe.prefix) {
             return Ok(None);
         }
         let mut bi = self.block_for(probe.seek);
         let mut first = true;
         while bi < self.index.len() {
-            let mut it = BlockIter::new(self.read_block(bi)?);
+            let mut it = BlockIter::new(self.read_block(bi, pre)?);
             if first {
                 it.seek(probe.seek);
                 first = false;
@@ -273,7 +335,7 @@ impl TableIter {
     fn load(&mut self) -> Result<()> {
         self.cur = None;
         while self.block_idx < self.table.index.len() {
-            let it = BlockIter::new(self.table.read_block(self.block_idx)?);
+            let it = BlockIter::new(self.table.read_block_seq(self.block_idx)?);
             if it.valid() {
                 self.cur = Some(it);
                 return Ok(());
