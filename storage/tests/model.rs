@@ -186,13 +186,14 @@ fn run(config: Config, ops: Vec<Op>) -> Result<Vec<String>, TestCaseError> {
                     prop_assert_eq!(v.and_then(|v| v.value), model.value_at(ENTITIES[entity], FeatureId(feature), q));
                 }
                 let all: Vec<Vec<u8>> = ENTITIES.iter().map(|e| e.to_vec()).collect();
-                let feats = [FeatureId(0), FeatureId(1), FeatureId(2)];
+                // Out of order and repeated, as a request may name them.
+                let feats = [FeatureId(2), FeatureId(0), FeatureId(1), FeatureId(0)];
                 let mg = db.multi_get(&all, &feats, q).expect("multi_get");
                 if guaranteed {
                     for (i, e) in all.iter().enumerate() {
                         for (j, f) in feats.iter().enumerate() {
                             prop_assert_eq!(
-                                mg[i * 3 + j].as_ref().and_then(|v| v.value.clone()),
+                                mg[i * feats.len() + j].as_ref().and_then(|v| v.value.clone()),
                                 model.value_at(e, *f, q)
                             );
                         }

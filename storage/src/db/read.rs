@@ -14,6 +14,67 @@ use crate::{Error, Result};
 
 type Found = Option<(Vec<u8>, Vec<u8>)>;
 
+/// The pairs of one entity a batch lookup must read from the view: its features missed by the
+/// hot tier, distinct and ascending, and where each answer goes.
+struct EntityMisses {
+    features: Vec<FeatureId>,
+    /// (column in the request, index in `features`).
+    slots: Vec<(usize, usize)>,
+}
+
+impl EntityMisses {
+    /// From one entity's row of hot-tier answers (`None`: missed).
+    fn new(features: &[FeatureId], row: &[Option<Option<CellVersion>>]) -> Self {
+        let mut missed: Vec<(FeatureId, usize)> =
+            features.iter().zip(row).enumerate().filter(|(_, (_, a))| a.is_none()).map(|(j, (&f, _))| (f, j)).collect();
+        missed.sort_unstable();
+        let mut out = EntityMisses { features: Vec::new(), slots: Vec::with_capacity(missed.len()) };
+        for (f, j) in missed {
+            if out.features.last() != Some(&f) {
+                out.features.push(f);
+            }
+            out.slots.push((j, out.features.len() - 1));
+        }
+        out
+    }
+}
+
+/// The probe keys of one entity's pairs for one as-of read, in one buffer.
+struct EntityProbes {
+    buf: Vec<u8>,
+    /// Per pair: (start, end of prefix, end of seek key) in `buf`.
+    spans: Vec<(usize, usize, usize)>,
+    event_time_min: EventTime,
+    known_at: SystemTime,
+}
+
+impl EntityProbes {
+    fn new(entity: &[u8], features: &[FeatureId], as_of: EventTime, known_at: SystemTime, q: AsOf) -> Self {
+        let mut buf = Vec::with_capacity(features.len() * (entity.len() + 2 + 4 + key::TIME_SUFFIX_BYTES));
+        let mut spans = Vec::with_capacity(features.len());
+        for &f in features {
+            let a = buf.len();
+            key::push_prefix(&mut buf, entity, f);
+            let p = buf.len();
+            key::push_times(&mut buf, as_of, SystemTime::MAX);
+            spans.push((a, p, buf.len()));
+        }
+        EntityProbes { buf, spans, event_time_min: q.event_time_min(), known_at }
+    }
+
+    fn probes(&self) -> Vec<key::Probe<'_>> {
+        self.spans
+            .iter()
+            .map(|&(a, p, e)| key::Probe {
+                prefix: &self.buf[a..p],
+                seek: &self.buf[a..e],
+                event_time_min: self.event_time_min,
+                known_at: self.known_at,
+            })
+            .collect()
+    }
+}
+
 /// Keeps the better of two candidates: the smaller key within one prefix is the greater
 /// (event time, system time). On a tie the earlier (newer) source is kept.
 fn consider(best: &mut Found, cand: Found) {
@@ -96,10 +157,16 @@ impl Inner {
             }
         }
 
+        // The misses of each entity, by feature (distinct, ascending), for one forward pass per
+        // table.
+        let misses: Vec<EntityMisses> = (0..entities.len())
+            .map(|i| EntityMisses::new(features, &answers[i * features.len()..(i + 1) * features.len()]))
+            .collect();
+
         // Pass 2: one round of block reads for the misses.
         let first_q = if fill.is_some() { newest_q } else { q };
         let pre = if self.ssd.batches_reads() {
-            self.prefetch_pairs(&view, entities, features, &answers, first_q.as_of)
+            self.prefetch_entities(&view, entities, &misses, first_q, known_at)
         } else {
             None
         };
@@ -107,28 +174,39 @@ impl Inner {
         // Pass 3: the misses, from the view.
         let mut prefix = Vec::new();
         for (i, e) in entities.iter().enumerate() {
-            let mut filled = Vec::new();
-            for (j, &f) in features.iter().enumerate() {
-                let slot = &mut answers[i * features.len() + j];
+            let row = &mut answers[i * features.len()..(i + 1) * features.len()];
+            for slot in row.iter_mut() {
                 if let Some(hit) = slot.take() {
                     *slot = Some(in_window(hit));
-                    continue;
                 }
-                prefix.clear();
-                key::push_prefix(&mut prefix, e, f);
+            }
+            let m = &misses[i];
+            if m.features.is_empty() {
+                continue;
+            }
+            let probes = EntityProbes::new(e, &m.features, first_q.as_of, known_at, first_q);
+            let firsts = self.entity_in_view(&view, &probes, pre.as_ref())?;
+            let mut answers_by_feature = Vec::with_capacity(firsts.len());
+            let mut filled = Vec::new();
+            for (k, first) in firsts.into_iter().enumerate() {
+                let f = m.features[k];
                 let got = if fill.is_some() {
-                    let newest = self.get_in_view(&view, &prefix, newest_q, known_at, pre.as_ref())?;
-                    filled.push((f, newest.as_ref().map_or_else(NewState::absent, NewState::of)));
-                    match newest {
+                    filled.push((f, first.as_ref().map_or_else(NewState::absent, NewState::of)));
+                    match first {
                         Some(n) if n.event_time > q.as_of => {
+                            prefix.clear();
+                            key::push_prefix(&mut prefix, e, f);
                             self.get_in_view(&view, &prefix, q, known_at, pre.as_ref())?
                         }
                         n => in_window(n),
                     }
                 } else {
-                    self.get_in_view(&view, &prefix, q, known_at, pre.as_ref())?
+                    first
                 };
-                *slot = Some(got);
+                answers_by_feature.push(got);
+            }
+            for &(j, k) in &m.slots {
+                row[j] = Some(answers_by_feature[k].clone());
             }
             if let (Some(hot), Some(&ticket)) = (fill, tickets.get(i)) {
                 hot.fill(e, ticket, filled);
@@ -137,51 +215,77 @@ impl Inner {
         Ok(answers.into_iter().map(Option::flatten).collect())
     }
 
-    /// Reads ahead, in one round, the uncached data blocks where reads of the pairs not yet
-    /// answered (`None` in `answers`, row major) will start: in every L0 table and the one table
-    /// per deeper level whose key range holds the pair and whose bloom filter may. `None` if
-    /// there is nothing to read.
-    fn prefetch_pairs(
+    /// The newest version visible to each probe of one entity, from the view: the memtables
+    /// pair by pair, each table in one forward pass ([`Table::get_best_many`]).
+    fn entity_in_view(
+        &self,
+        view: &ReadView,
+        probes: &EntityProbes,
+        pre: Option<&Prefetched>,
+    ) -> Result<Vec<Option<CellVersion>>> {
+        let probes = probes.probes();
+        let mut best: Vec<Found> = vec![None; probes.len()];
+        for (b, probe) in best.iter_mut().zip(&probes) {
+            consider(b, view.mem.get_best(probe));
+            for m in &view.imms {
+                consider(b, m.get_best(probe));
+            }
+        }
+        for t in self.tables_for(view, &probes) {
+            t.table.get_best_many(&probes, pre, |i, k, v| {
+                if best[i].as_ref().is_none_or(|b| k < b.0.as_slice()) {
+                    best[i] = Some((k.to_vec(), v.to_vec()));
+                }
+            })?;
+        }
+        best.into_iter().map(|b| b.map(|(k, v)| to_version(&self.dir, &k, &v)).transpose()).collect()
+    }
+
+    /// The tables that may hold keys of `probes` (one entity's, ascending): the L0 tables and
+    /// the tables of each deeper level whose key ranges meet the probes' range.
+    fn tables_for<'v>(&self, view: &'v ReadView, probes: &[key::Probe<'_>]) -> Vec<&'v crate::version::TableHandle> {
+        let (Some(f), Some(l)) = (probes.first(), probes.last()) else { return Vec::new() };
+        let (first, last) = (f.seek, l.prefix);
+        let mut out = Vec::new();
+        for (level, tables) in view.version.levels.iter().enumerate() {
+            let start = if level == 0 { 0 } else { tables.partition_point(|t| t.meta.largest.as_slice() < first) };
+            for t in &tables[start..] {
+                let starts_after = key::prefix_of(&t.meta.smallest) > last;
+                if starts_after && level > 0 {
+                    break;
+                }
+                if !starts_after && first <= t.meta.largest.as_slice() {
+                    out.push(t.as_ref());
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads ahead, in one round, the uncached data blocks the forward passes of
+    /// [`Inner::entity_in_view`] will start in, for every entity with misses. `None` if there is
+    /// nothing to read.
+    fn prefetch_entities(
         &self,
         view: &ReadView,
         entities: &[EntityKey],
-        features: &[FeatureId],
-        answers: &[Option<Option<CellVersion>>],
-        as_of: EventTime,
+        misses: &[EntityMisses],
+        q: AsOf,
+        known_at: SystemTime,
     ) -> Option<Prefetched> {
         if view.version.levels.iter().all(|l| l.is_empty()) {
             return None;
         }
         let mut wanted = Vec::new();
-        let mut seek = Vec::new();
-        for (i, e) in entities.iter().enumerate() {
-            for (j, &f) in features.iter().enumerate() {
-                if answers[i * features.len() + j].is_some() {
-                    continue;
-                }
-                seek.clear();
-                key::push_prefix(&mut seek, e, f);
-                let prefix_len = seek.len();
-                key::push_times(&mut seek, as_of, SystemTime::MAX);
-                let prefix = &seek[..prefix_len];
-                let mut consider = |t: &crate::version::TableHandle| {
-                    let in_range =
-                        key::prefix_of(&t.meta.smallest) <= prefix && prefix <= key::prefix_of(&t.meta.largest);
-                    if in_range && t.table.may_contain_prefix(prefix) {
-                        let b = t.table.block_for(&seek);
-                        if b < t.table.block_count() {
-                            wanted.push((t.table.clone(), b));
-                        }
-                    }
-                };
-                for t in &view.version.levels[0] {
-                    consider(t);
-                }
-                for level in &view.version.levels[1..] {
-                    let at = level.partition_point(|t| t.meta.largest.as_slice() < seek.as_slice());
-                    if let Some(t) = level.get(at) {
-                        consider(t);
-                    }
+        for (e, m) in entities.iter().zip(misses) {
+            if m.features.is_empty() {
+                continue;
+            }
+            let probes = EntityProbes::new(e, &m.features, q.as_of, known_at, q);
+            let probes = probes.probes();
+            for t in self.tables_for(view, &probes) {
+                for b in t.table.blocks_for_many(&probes) {
+                    wanted.push((t.table.clone(), b));
                 }
             }
         }

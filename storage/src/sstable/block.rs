@@ -236,7 +236,12 @@ impl Block {
 
     /// Index of the first entry with key >= `target` (`len()` if none).
     pub fn seek(&self, target: &[u8]) -> usize {
-        let (mut lo, mut hi) = (0, self.len());
+        self.seek_from(0, target)
+    }
+
+    /// Index of the first entry at or after `from` with key >= `target` (`len()` if none).
+    pub fn seek_from(&self, from: usize, target: &[u8]) -> usize {
+        let (mut lo, mut hi) = (from.min(self.len()), self.len());
         while lo < hi {
             let mid = (lo + hi) / 2;
             if self.key(mid) < target {
@@ -264,6 +269,10 @@ impl BlockIter {
     /// Moves to the first entry >= `target`.
     pub fn seek(&mut self, target: &[u8]) {
         self.i = self.block.seek(target);
+    }
+    /// Moves to the first entry >= `target` at or after the current one.
+    pub fn seek_forward(&mut self, target: &[u8]) {
+        self.i = self.block.seek_from(self.i, target);
     }
     /// True while positioned at an entry.
     pub fn valid(&self) -> bool {
