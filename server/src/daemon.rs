@@ -28,6 +28,8 @@ pub struct ServeConfig {
     pub memory_budget_bytes: usize,
     /// Which backend reads data blocks (`auto` picks io_uring when the kernel offers it).
     pub io_backend: IoBackend,
+    /// Read data blocks with `O_DIRECT` (where the file system takes it).
+    pub direct_reads: bool,
 }
 
 /// Opens the engine in `cfg.data_dir` and serves the API on `listener` until `shutdown`
@@ -46,6 +48,7 @@ pub async fn serve(
         hot_tier_bytes: budget / 8,
         block_cache_bytes: budget / 2,
         io_backend: cfg.io_backend,
+        direct_reads: cfg.direct_reads,
         ..Options::default()
     };
     let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);

@@ -20,6 +20,9 @@ const MEMORY_BUDGET_MB_MAX: u64 = 1 << 20;
 /// Smallest memory budget accepted.
 const MEMORY_BUDGET_MB_MIN: u64 = 16;
 
+/// Whether data blocks bypass the page cache unless configured otherwise.
+const DIRECT_READS_DEFAULT: bool = true;
+
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -45,8 +48,12 @@ struct Args {
     /// "io_uring" (refuse to start without it) or "pread".
     #[arg(long, env = "QUIVER_IO_BACKEND")]
     io_backend: Option<String>,
+    /// Read data blocks with O_DIRECT, so the block cache is their only cache (true), or
+    /// through the page cache (false).
+    #[arg(long, env = "QUIVER_DIRECT_READS")]
+    direct_reads: Option<bool>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
-    /// io_backend.
+    /// io_backend, direct_reads.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -60,6 +67,7 @@ struct FileConfig {
     memory_budget_mb: Option<u64>,
     metrics_listen: Option<String>,
     io_backend: Option<String>,
+    direct_reads: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -70,6 +78,7 @@ struct Config {
     memory_budget_mb: u64,
     metrics_listen: Option<SocketAddr>,
     io_backend: IoBackend,
+    direct_reads: bool,
 }
 
 fn config(args: Args) -> Result<Config, String> {
@@ -103,7 +112,8 @@ fn config(args: Args) -> Result<Config, String> {
         None => IoBackend::Auto,
         Some(b) => b.parse()?,
     };
-    Ok(Config { data_dir, listen, durability, memory_budget_mb, metrics_listen, io_backend })
+    let direct_reads = args.direct_reads.or(file.direct_reads).unwrap_or(DIRECT_READS_DEFAULT);
+    Ok(Config { data_dir, listen, durability, memory_budget_mb, metrics_listen, io_backend, direct_reads })
 }
 
 async fn shutdown_signal() {
@@ -135,6 +145,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         durability: cfg.durability,
         memory_budget_bytes: (cfg.memory_budget_mb << 20) as usize,
         io_backend: cfg.io_backend,
+        direct_reads: cfg.direct_reads,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));
