@@ -25,6 +25,7 @@ pub mod iter;
 pub mod manifest;
 pub mod memtable;
 pub mod options;
+pub mod replication;
 pub mod version;
 
 pub use batch::WriteBatch;
@@ -37,6 +38,6 @@ pub use hot::HotStats;
 pub use options::{Background, Options};
 pub use sstable::Compression;
 pub use types::{
-    encode_entity_key, AsOf, CellVersion, Durability, EntityKey, EventTime, FeatureId, KeyPart, RegionId, SystemTime,
-    Value, ValueType, VersionVector,
+    encode_entity_key, AsOf, Causality, CellVersion, Durability, EntityKey, EventTime, FeatureId, KeyPart, RegionId,
+    SystemTime, Value, ValueType, VersionVector,
 };

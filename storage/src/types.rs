@@ -228,6 +228,86 @@ impl VersionVector {
     pub fn get(&self, region: RegionId) -> u64 {
         self.0.binary_search_by_key(&region, |e| e.0).map(|i| self.0[i].1).unwrap_or(0)
     }
+
+    /// How `self` relates to `other` in the causal order (absent entries count as 0).
+    pub fn compare(&self, other: &VersionVector) -> Causality {
+        let (mut less, mut greater) = (false, false);
+        let (a, b) = (&self.0, &other.0);
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            let (x, y) = match (a.get(i), b.get(j)) {
+                (Some(&(ra, ca)), Some(&(rb, cb))) if ra == rb => {
+                    i += 1;
+                    j += 1;
+                    (ca, cb)
+                }
+                (Some(&(ra, ca)), Some(&(rb, _))) if ra < rb => {
+                    i += 1;
+                    (ca, 0)
+                }
+                (Some(_), Some(&(_, cb))) | (None, Some(&(_, cb))) => {
+                    j += 1;
+                    (0, cb)
+                }
+                (Some(&(_, ca)), None) => {
+                    i += 1;
+                    (ca, 0)
+                }
+                (None, None) => break,
+            };
+            less |= x < y;
+            greater |= x > y;
+        }
+        match (less, greater) {
+            (false, false) => Causality::Equal,
+            (true, false) => Causality::Before,
+            (false, true) => Causality::After,
+            (true, true) => Causality::Concurrent,
+        }
+    }
+
+    /// The least vector at or above both (entry-wise maximum).
+    pub fn merge(&self, other: &VersionVector) -> VersionVector {
+        let mut out = smallvec::SmallVec::with_capacity(self.0.len().max(other.0.len()));
+        let (a, b) = (&self.0, &other.0);
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            match (a.get(i), b.get(j)) {
+                (Some(&(ra, ca)), Some(&(rb, cb))) if ra == rb => {
+                    out.push((ra, ca.max(cb)));
+                    i += 1;
+                    j += 1;
+                }
+                (Some(&e), Some(&(rb, _))) if e.0 < rb => {
+                    out.push(e);
+                    i += 1;
+                }
+                (_, Some(&e)) => {
+                    out.push(e);
+                    j += 1;
+                }
+                (Some(&e), None) => {
+                    out.push(e);
+                    i += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        VersionVector(out)
+    }
+}
+
+/// The causal order of two version vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Causality {
+    /// Identical (absent entries count as 0).
+    Equal,
+    /// Every entry at or below the other's, one strictly: happened before.
+    Before,
+    /// Every entry at or above the other's, one strictly: happened after (dominates).
+    After,
+    /// Neither: concurrent.
+    Concurrent,
 }
 
 /// One stored version of a cell, as reads return it.
