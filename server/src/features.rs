@@ -332,6 +332,19 @@ impl PairHistory {
     }
 }
 
+/// What one thread of a join produced: its answer log and, per spine row it answered, `(row,
+/// offset, length)` of the answer in that log.
+type RunAnswers = (AnswerLog, Vec<(u32, u64, u32)>);
+
+/// Threads a point-in-time join reads the engine with: one per core, at most
+/// [`JOIN_THREADS_MAX`].
+fn join_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(JOIN_THREADS_MAX)
+}
+
+/// Most threads one point-in-time join uses.
+pub const JOIN_THREADS_MAX: usize = 8;
+
 /// Rows per streamed chunk of a point-in-time join.
 pub const HISTORICAL_CHUNK_ROWS: usize = 4096;
 /// Most spine rows in one point-in-time join.
@@ -355,6 +368,7 @@ pub struct Features {
     resolutions: Mutex<ResolutionCache>,
     resolution_hasher: std::collections::hash_map::RandomState,
     join_spill_bytes: usize,
+    join_threads: usize,
     db: Arc<Db>,
     /// Plain writes share it; writes with compare-and-swap or an idempotency key take it alone,
     /// so their check and their write are one atomic step (linearizable within this node).
@@ -392,6 +406,7 @@ impl Features {
             resolutions: Mutex::new(ResolutionCache::default()),
             resolution_hasher: std::collections::hash_map::RandomState::new(),
             join_spill_bytes: JOIN_SPILL_BYTES,
+            join_threads: join_threads(),
             check_then_write: RwLock::new(()),
             default_durability,
         }
@@ -406,6 +421,13 @@ impl Features {
     /// bounds to cover the spill path).
     pub fn with_join_spill_bytes(mut self, bytes: usize) -> Self {
         self.join_spill_bytes = bytes.max(1);
+        self
+    }
+
+    /// The same service with joins read by `threads` threads (at least 1, at most
+    /// [`JOIN_THREADS_MAX`]).
+    pub fn with_join_threads(mut self, threads: usize) -> Self {
+        self.join_threads = threads.clamp(1, JOIN_THREADS_MAX);
         self
     }
 
@@ -529,43 +551,89 @@ impl Features {
         } else {
             vec![None; features.len()]
         };
-        // Sort-merge: the spine is sorted by entity, and one cursor over one snapshot walks the
+        // Sort-merge: the spine is sorted by entity, and a cursor over one snapshot walks the
         // entities in key order, reading every version of an entity's requested features in
         // one forward pass; each row's answer is the as-of rule applied to that list. Answers
         // are logged in that order (spilling to a temporary file past a memory bound) and
-        // streamed in spine order.
+        // streamed in spine order. The entities are split into runs read by parallel threads.
         let snap = self.db.snapshot();
-        let mut cursor = snap.pair_cursor(known_at);
         let mut distinct: Vec<FeatureId> = features.iter().map(|f| f.id).collect();
         distinct.sort_unstable();
         distinct.dedup();
         let slot: Vec<usize> = features.iter().map(|f| distinct.binary_search(&f.id).unwrap_or(0)).collect();
         let (lo, hi) = (distinct[0], distinct[distinct.len() - 1]);
-        let mut history = PairHistory::new(distinct.len());
         let mut order: Vec<u32> = (0..rows.len() as u32).collect();
         order.sort_by(|&a, &b| rows[a as usize].0.cmp(&rows[b as usize].0));
-        let mut log = AnswerLog::new(self.join_spill_bytes);
-        let mut at = vec![(0u64, 0u32); rows.len()];
-        let mut rec = Vec::new();
-        for group in order.chunk_by(|&a, &b| rows[a as usize].0 == rows[b as usize].0) {
-            history.load(&mut cursor, &rows[group[0] as usize].0, lo, hi, &distinct)?;
-            for &r in group {
-                let t = rows[r as usize].1;
-                let k = if req.strict_availability { known_at.min(SystemTime(t.0.max(0) as u64)) } else { known_at };
-                rec.clear();
-                for (j, f) in features.iter().enumerate() {
-                    let winner = history.winner(slot[j], t, k);
-                    encode_answer(&mut rec, winner, t, f, defaults[j].is_some());
-                }
-                at[r as usize] = (log.append(&rec)?, rec.len() as u32);
+        let groups: Vec<&[u32]> = order.chunk_by(|&a, &b| rows[a as usize].0 == rows[b as usize].0).collect();
+        // The entity groups are cut into JOIN_THREADS runs of about equal row counts; each run
+        // gets its own cursor over the same snapshot and its own answer log.
+        let threads = self.join_threads.min(groups.len()).max(1);
+        let per_run = rows.len().div_ceil(threads);
+        let mut runs: Vec<&[&[u32]]> = Vec::with_capacity(threads);
+        let (mut start, mut rows_so_far) = (0, 0);
+        for (i, g) in groups.iter().enumerate() {
+            rows_so_far += g.len();
+            if runs.len() + 1 < threads && rows_so_far >= per_run * (runs.len() + 1) {
+                runs.push(&groups[start..=i]);
+                start = i + 1;
             }
+        }
+        runs.push(&groups[start..]);
+        let spill_at = self.join_spill_bytes / threads;
+        let answer_run = |run: &[&[u32]]| -> Result<RunAnswers> {
+            let mut cursor = snap.pair_cursor(known_at);
+            let mut history = PairHistory::new(distinct.len());
+            let mut log = AnswerLog::new(spill_at);
+            let mut placed = Vec::with_capacity(run.iter().map(|g| g.len()).sum());
+            let mut rec = Vec::new();
+            for group in run {
+                history.load(&mut cursor, &rows[group[0] as usize].0, lo, hi, &distinct)?;
+                for &r in *group {
+                    let t = rows[r as usize].1;
+                    let k =
+                        if req.strict_availability { known_at.min(SystemTime(t.0.max(0) as u64)) } else { known_at };
+                    rec.clear();
+                    for (j, f) in features.iter().enumerate() {
+                        let winner = history.winner(slot[j], t, k);
+                        encode_answer(&mut rec, winner, t, f, defaults[j].is_some());
+                    }
+                    placed.push((r, log.append(&rec)?, rec.len() as u32));
+                }
+            }
+            Ok((log, placed))
+        };
+        let results: Vec<Result<RunAnswers>> = if threads == 1 {
+            vec![answer_run(runs[0])]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = runs.iter().map(|run| scope.spawn(|| answer_run(run))).collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(ServiceError::Storage(quiver_storage::Error::PreviousError(
+                                "internal: a join worker panicked".into(),
+                            )))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        let mut logs = Vec::with_capacity(threads);
+        let mut at = vec![(0u32, 0u64, 0u32); rows.len()];
+        for (i, result) in results.into_iter().enumerate() {
+            let (log, placed) = result?;
+            for (r, offset, len) in placed {
+                at[r as usize] = (i as u32, offset, len);
+            }
+            logs.push(log);
         }
         let mut buf = Vec::new();
         for (c, chunk) in at.chunks(HISTORICAL_CHUNK_ROWS).enumerate() {
             let mut columns: Vec<pb::FeatureColumn> =
                 features.iter().zip(&req.features).map(|(f, reference)| column(f, reference, chunk.len())).collect();
-            for &(offset, len) in chunk {
-                let mut r = log.read(offset, len as usize, &mut buf)?;
+            for &(i, offset, len) in chunk {
+                let mut r = logs[i as usize].read(offset, len as usize, &mut buf)?;
                 for (j, f) in features.iter().enumerate() {
                     let (status, event_us, value) = decode_answer(&mut r, defaults[j].as_ref())?;
                     let col = &mut columns[j];

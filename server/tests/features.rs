@@ -299,8 +299,10 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
             )
         })
         .collect();
-    for spill in [1, 7, 64, 1 << 20] {
-        let f = Features::new(f.registry().clone(), quiver_storage::Durability::Sync).with_join_spill_bytes(spill);
+    for (spill, threads) in [(1, 1), (7, 2), (64, 3), (1 << 20, 1), (1 << 20, 4)] {
+        let f = Features::new(f.registry().clone(), quiver_storage::Durability::Sync)
+            .with_join_spill_bytes(spill)
+            .with_join_threads(threads);
         let mut got: Vec<(Vec<i32>, Vec<i64>, Vec<f64>)> = Vec::new();
         f.historical(&req, |chunk| {
             assert_eq!(chunk.first_row as usize, got.len(), "chunks in spine order");
@@ -314,6 +316,6 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
             true
         })
         .expect("join");
-        assert_eq!(got, want, "answers spilling past {spill} bytes");
+        assert_eq!(got, want, "answers spilling past {spill} bytes, read by {threads} threads");
     }
 }
