@@ -44,6 +44,13 @@ pub enum Error {
     /// The engine is shutting down.
     #[error("engine is closed")]
     Closed,
+    /// A replication peer asked for batches this node no longer keeps in its log; it must be
+    /// bootstrapped from a checkpoint.
+    #[error("the replication log no longer holds the batches asked for (oldest kept: {oldest})")]
+    LogTruncated {
+        /// Sequence number of the oldest batch still in the log.
+        oldest: u64,
+    },
 }
 
 impl Error {

@@ -30,8 +30,8 @@ pub mod version;
 
 pub use batch::WriteBatch;
 pub use db::{
-    verify_dir, Db, LevelStats, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange, Snapshot, Stats, VerifyReport,
-    WriteReceipt,
+    verify_dir, ApplyReport, Db, LevelStats, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange, ShippedBatch,
+    ShippedOp, Snapshot, Stats, VerifyReport, WriteReceipt, REPLICATION_ENTITY,
 };
 pub use hlc::{Clock, ManualClock, SystemClock};
 pub use hot::HotStats;

@@ -14,6 +14,9 @@
 //!       7 add table       level, number, size, entries, system time min, system time max (uvarints),
 //!                         smallest key, largest key (len uvarint + bytes)
 //!       8 delete table    level, number (uvarints)
+//!       64 knowledge      count uvarint, then (region uvarint, counter uvarint) * count: what this
+//!                         node knew of other regions' writes (REPLICATION.md §2); written only
+//!                         once replication has taught it something
 //!       >= 64             reserved for fields an older reader may skip; other unknown tags are corruption
 //! ```
 //!
@@ -83,6 +86,8 @@ pub struct VersionEdit {
     pub added: Vec<(usize, FileMeta)>,
     /// Tables removed: (level, number).
     pub deleted: Vec<(usize, u64)>,
+    /// The knowledge vector (replication).
+    pub knowledge: Option<crate::types::VersionVector>,
 }
 
 const TAG_FORMAT_VERSION: u64 = 1;
@@ -93,6 +98,7 @@ const TAG_HLC: u64 = 5;
 const TAG_HORIZON: u64 = 6;
 const TAG_ADD: u64 = 7;
 const TAG_DELETE: u64 = 8;
+const TAG_KNOWLEDGE: u64 = 64;
 const TAG_SKIPPABLE_MIN: u64 = 64;
 const KEY_BYTES_MAX: usize = 2 * ENTITY_KEY_BYTES_MAX + 64;
 
@@ -134,6 +140,14 @@ impl VersionEdit {
             let mut b = uv(*level as u64);
             put_uvarint(&mut b, *n);
             field(TAG_DELETE, &b, &mut out);
+        }
+        if let Some(k) = self.knowledge.as_ref().filter(|k| !k.is_empty()) {
+            let mut b = uv(k.len() as u64);
+            for &(r, c) in k.entries() {
+                put_uvarint(&mut b, u64::from(r));
+                put_uvarint(&mut b, c);
+            }
+            field(TAG_KNOWLEDGE, &b, &mut out);
         }
         out
     }
@@ -182,6 +196,19 @@ impl VersionEdit {
                 TAG_DELETE => {
                     let lvl = level(&mut b)?;
                     e.deleted.push((lvl, b.uvarint()?));
+                }
+                TAG_KNOWLEDGE => {
+                    let n = b.uvarint()?;
+                    if n > crate::limits::VERSION_VECTOR_ENTRIES_MAX as u64 {
+                        return Err("knowledge vector too long");
+                    }
+                    let mut entries = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        let r = u32::try_from(b.uvarint()?).map_err(|_| "region id out of range")?;
+                        entries.push((r, b.uvarint()?));
+                    }
+                    e.knowledge =
+                        Some(crate::types::VersionVector::from_entries(entries).map_err(|_| "bad knowledge vector")?);
                 }
                 t if t >= TAG_SKIPPABLE_MIN => continue,
                 _ => return Err("unknown manifest field"),
@@ -251,6 +278,7 @@ mod tests {
                 },
             )],
             deleted: vec![(0, 4), (0, 5)],
+            knowledge: Some(crate::types::VersionVector::from_entries(vec![(1, 900), (2, 950)]).expect("vector")),
         };
         let enc = e.encode();
         assert_eq!(VersionEdit::decode(&enc).as_ref(), Ok(&e));

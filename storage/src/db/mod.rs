@@ -12,7 +12,8 @@
 //!   current [`Version`]) and never block on writers, flushes or compactions.
 //!
 //! Lock order: `horizon` (read, held by a writer for its whole write) → `commit` / `writer` →
-//! `versions` → `view`; `flush_lock` → `versions`; `compaction_lock` → `versions`. `commit` is
+//! `versions` → `view`; `flush_lock` → `versions`; `compaction_lock` → `versions`; `knowledge` is
+//! taken last and alone (it never waits for another lock while held). `commit` is
 //! never held while another lock is taken. Background jobs and `stats` never take `horizon` or
 //! `writer`: a writer stalled for a flush or compaction holds both, so a job that waited on
 //! them (behind a queued `set_event_horizon`) would deadlock. Compaction reads the horizon from
@@ -24,6 +25,7 @@ mod jobs;
 mod offline;
 mod read;
 mod recovery;
+mod replicate;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +37,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 pub use offline::{verify_dir, VerifyReport};
 pub use read::{PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
+pub use replicate::{ApplyReport, ShippedBatch, ShippedOp, REPLICATION_ENTITY};
 pub use write::WriteReceipt;
 
 use crate::fs::{Fs, RealFs};
@@ -73,6 +76,8 @@ pub(crate) struct VersionSet {
     last_seqno: u64,
     event_horizon: i64,
     cursor: [Vec<u8>; LEVELS],
+    /// The knowledge vector as of the last edit (`REPLICATION.md` §2).
+    knowledge: crate::types::VersionVector,
 }
 
 impl VersionSet {
@@ -102,6 +107,7 @@ struct Counters {
     entries_dropped: AtomicU64,
     write_groups: AtomicU64,
     wal_syncs: AtomicU64,
+    replication_conflicts: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -128,6 +134,9 @@ pub(crate) struct Inner {
     counters: Counters,
     _lock: Box<dyn std::any::Any + Send + Sync>,
     ssd: Arc<crate::sstable::SsdTier>,
+    /// What this node knows of other regions' writes: the join of the vectors of every batch
+    /// it applied (`REPLICATION.md` §2). Local batches are stamped with it.
+    knowledge: Mutex<crate::types::VersionVector>,
     hot: Option<crate::hot::HotTier>,
 }
 
@@ -207,6 +216,8 @@ pub struct Stats {
     pub block_cache_bytes: u64,
     /// The SSD tier's backend and counters.
     pub ssd: crate::sstable::SsdStats,
+    /// Replicated versions found concurrent with their cell's winner since open.
+    pub replication_conflicts: u64,
     /// The hot tier's counters (all zero when it is disabled).
     pub hot: crate::hot::HotStats,
 }
@@ -280,6 +291,34 @@ impl Db {
         q: AsOf,
     ) -> Result<Vec<Option<CellVersion>>> {
         self.inner.multi_get(entities, features, q)
+    }
+
+    /// The batches this region wrote with sequence numbers above `after` (at most `max`), as
+    /// replication ships them. [`Error::LogTruncated`] if the log no longer holds them all.
+    pub fn origin_log(&self, after: u64, max: usize) -> Result<Vec<ShippedBatch>> {
+        self.inner.origin_log(after, max)
+    }
+
+    /// Applies a batch another region wrote (`REPLICATION.md` §3), with its cursor, as one
+    /// atomic write. A batch at or below the cursor for its origin changes nothing.
+    pub fn apply_replicated(&self, batch: &ShippedBatch, durability: Durability) -> Result<ApplyReport> {
+        let r = self.inner.apply_replicated(batch, durability)?;
+        if self.inner.opts.background == Background::Inline && !r.already_applied {
+            if let Err(e) = self.inner.run_inline_work() {
+                tracing::error!(error = %e, "inline background work failed");
+            }
+        }
+        Ok(r)
+    }
+
+    /// The origin sequence number this node has applied `origin`'s log through (0: none).
+    pub fn replication_cursor(&self, origin: crate::types::RegionId) -> Result<u64> {
+        self.inner.replication_cursor(origin)
+    }
+
+    /// What this node knows of other regions' writes (see `REPLICATION.md` §2).
+    pub fn knowledge(&self) -> crate::types::VersionVector {
+        self.inner.knowledge.lock().clone()
     }
 
     /// A consistent read view: every read through it sees the same set of batches, whatever is
@@ -426,6 +465,12 @@ impl Inner {
     ) -> Result<()> {
         edit.next_file_number = Some(vs.next_file_number);
         edit.hlc_high_water = Some(self.hlc.high_water());
+        // What the node knows now covers at least what the tables and the WAL hold.
+        let knowledge = self.knowledge.lock().clone();
+        if !knowledge.is_empty() {
+            vs.knowledge = knowledge.clone();
+            edit.knowledge = Some(knowledge);
+        }
         let next = vs.current.apply(&edit, opened);
         if let Err(what) = next.check() {
             let e = Error::PreviousError(format!("internal invariant broken by a version edit: {what}"));
@@ -510,6 +555,7 @@ impl Inner {
             self.ssd.cache().map_or((0, 0, 0), |b| b.figures());
         Stats {
             ssd: self.ssd.stats(),
+            replication_conflicts: c.replication_conflicts.load(Ordering::Relaxed),
             hot: self.hot.as_ref().map(|h| h.stats()).unwrap_or_default(),
             block_cache_hits,
             block_cache_misses,

@@ -297,7 +297,7 @@ impl Inner {
     }
 
     /// `get` from the view alone, for the pair `prefix`.
-    fn get_in_view(
+    pub(super) fn get_in_view(
         &self,
         view: &ReadView,
         prefix: &[u8],

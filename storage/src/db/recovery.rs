@@ -43,6 +43,7 @@ pub(super) struct Recovered {
     pub(super) last_seqno: u64,
     hlc: u64,
     horizon: i64,
+    pub(super) knowledge: crate::types::VersionVector,
 }
 
 pub(super) fn read_manifest(fs: &dyn Fs, dir: &Path) -> Result<Recovered> {
@@ -54,6 +55,7 @@ pub(super) fn read_manifest(fs: &dyn Fs, dir: &Path) -> Result<Recovered> {
         last_seqno: 0,
         hlc: 0,
         horizon: i64::MIN,
+        knowledge: crate::types::VersionVector::new(),
     };
     let current_path = dir.join(CURRENT);
     if !fs.exists(&current_path) {
@@ -98,6 +100,9 @@ pub(super) fn read_manifest(fs: &dyn Fs, dir: &Path) -> Result<Recovered> {
         if let Some(v) = edit.event_horizon {
             r.horizon = v;
         }
+        if let Some(k) = &edit.knowledge {
+            r.knowledge = r.knowledge.merge(k);
+        }
     }
     r.manifest_number = Some(number);
     Ok(r)
@@ -122,6 +127,7 @@ pub(super) fn write_new_manifest(
         event_horizon: Some(vs.event_horizon),
         added: Vec::new(),
         deleted: Vec::new(),
+        knowledge: Some(vs.knowledge.clone()),
     };
     let mut levels: Vec<Vec<FileMeta>> =
         vs.current.levels.iter().map(|l| l.iter().map(|t| t.meta.clone()).collect()).collect();
@@ -185,6 +191,9 @@ pub(super) fn write_snapshot_manifest(
             .flat_map(|(l, ts)| ts.iter().map(move |t| (l, t.meta.clone())))
             .collect(),
         deleted: Vec::new(),
+        // A checkpoint's node learns again from its cursors' batches; an empty vector only
+        // makes its first local writes look concurrent (counted as conflicts) to peers.
+        knowledge: None,
     };
     let payload = snapshot.encode();
     if payload.len() > crate::limits::RECORD_BYTES_MAX {
@@ -255,6 +264,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
     segments.sort_unstable();
     let replayed = Arc::new(Memtable::new(segments.last().copied().unwrap_or(0)));
     let mut last_seqno = rec.last_seqno;
+    let mut knowledge = rec.knowledge.clone();
     for (i, &number) in segments.iter().enumerate() {
         let path = wal::segment_path(dir, number);
         let file = fs.open(&path)?;
@@ -276,6 +286,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
             }
             insert_batch(&replayed, &b);
             hlc.observe(b.system_time.0);
+            knowledge = knowledge.merge(&super::replicate::learned(&b));
             last_seqno = b.seqno;
         }
         if records.valid_len < bytes.len() as u64 {
@@ -301,6 +312,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         last_seqno: rec.last_seqno,
         event_horizon: rec.horizon,
         cursor: Default::default(),
+        knowledge: knowledge.clone(),
     };
     write_new_manifest(fs.as_ref(), dir, &mut vs, &hlc, None)?;
     let wal_number = vs.new_file_number();
@@ -331,6 +343,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         _lock: lock,
         ssd,
         hot: crate::hot::HotTier::new(opts.hot_tier_bytes),
+        knowledge: Mutex::new(knowledge),
         opts,
     };
     // Flush what was replayed, then drop the segments it came from.

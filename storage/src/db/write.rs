@@ -10,7 +10,7 @@ use crate::key;
 use crate::limits::IMMUTABLE_MEMTABLES_MAX;
 use crate::memtable::Memtable;
 use crate::options::Background;
-use crate::types::{Durability, SystemTime};
+use crate::types::{Durability, SystemTime, VersionVector};
 use crate::wal::Segment;
 use crate::{Error, Result, WriteBatch};
 
@@ -39,6 +39,7 @@ fn share(e: &Error) -> Error {
         Error::PreviousError(s) => Error::PreviousError(s.clone()),
         Error::InUse { path } => Error::InUse { path: path.clone() },
         Error::Closed => Error::Closed,
+        Error::LogTruncated { oldest } => Error::LogTruncated { oldest: *oldest },
     }
 }
 
@@ -99,10 +100,13 @@ impl Inner {
         let mem = self.view.read().mem.clone();
         let mut payloads = Vec::with_capacity(group.len());
         let mut receipts = Vec::with_capacity(group.len());
+        // Local writes carry what this node knows of other regions (`REPLICATION.md` §2).
+        let knowledge = self.knowledge.lock().clone();
         for p in group {
             let seqno = w.last_seqno + 1;
             let s = SystemTime(self.hlc.stamp());
-            payloads.push(p.batch.encode(seqno, s, self.opts.region));
+            let local = knowledge.merge(&VersionVector::single(self.opts.region, s.0));
+            payloads.push(p.batch.encode(seqno, s, &local));
             receipts.push(WriteReceipt { seqno, system_time: s });
             w.last_seqno = seqno;
         }
@@ -154,7 +158,7 @@ impl Inner {
 
     /// Switches the memtable if it is full, waiting while too many immutable memtables or L0
     /// tables are queued.
-    fn make_room(&self, w: &mut WriterState) -> Result<()> {
+    pub(super) fn make_room(&self, w: &mut WriterState) -> Result<()> {
         loop {
             self.check_ok()?;
             let view = self.view.read().clone();
@@ -216,11 +220,11 @@ impl Inner {
 
 /// Calls [`crate::hot::HotTier::write_begin`] once per run of writes to one entity in the
 /// batches; returns the tokens for the matching `write_end`s.
-fn announce(hot: &crate::hot::HotTier, batches: &[batch::DecodedBatch<'_>]) -> Vec<crate::hot::WriteToken> {
+pub(super) fn announce(hot: &crate::hot::HotTier, batches: &[batch::DecodedBatch<'_>]) -> Vec<crate::hot::WriteToken> {
     let mut tokens = Vec::new();
     for b in batches {
         for run in b.ops.chunk_by(|x, y| x.entity == y.entity) {
-            let cells = run.iter().map(|op| (op.feature, op.event_time, b.system_time, op.cell));
+            let cells = run.iter().map(|op| (op.feature, op.event_time, op.system_time, op.cell));
             tokens.push(hot.write_begin(run[0].entity, cells));
         }
     }
@@ -230,6 +234,6 @@ fn announce(hot: &crate::hot::HotTier, batches: &[batch::DecodedBatch<'_>]) -> V
 /// Inserts a decoded batch into a memtable.
 pub(super) fn insert_batch(mem: &Memtable, b: &batch::DecodedBatch<'_>) {
     for op in &b.ops {
-        mem.insert(key::encode(op.entity, op.feature, op.event_time, b.system_time), op.cell.to_vec());
+        mem.insert(key::encode(op.entity, op.feature, op.event_time, op.system_time), op.cell.to_vec());
     }
 }

@@ -1,0 +1,297 @@
+//! The engine's half of replication (`REPLICATION.md`): the origin's log of local batches, and
+//! applying a peer's batch with a version-vector compare-and-swap per cell.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use super::write::insert_batch;
+use super::Inner;
+use crate::batch::{self, ResolvedOp};
+use crate::cell;
+use crate::fs;
+use crate::key;
+use crate::limits::BATCH_OPS_MAX;
+use crate::record;
+use crate::replication::{self, Resolution, Stamped};
+use crate::types::{
+    check_entity_key, AsOf, Durability, EventTime, FeatureId, RegionId, SystemTime, Value, VersionVector,
+};
+use crate::wal;
+use crate::{Error, Result};
+
+/// The reserved entity under which a node keeps, per origin region (the feature id), how far
+/// it has applied that region's log: an `Int64` of the origin's sequence number, whose vector
+/// is what those batches taught it (`REPLICATION.md` §2). Entity keys starting with a zero
+/// byte are reserved (user keys are encoded with a type tag first).
+pub const REPLICATION_ENTITY: &[u8] = b"\x00repl\x00cursor";
+
+/// One version of a batch as its origin ships it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShippedOp {
+    /// Entity key.
+    pub entity: Vec<u8>,
+    /// Feature.
+    pub feature: FeatureId,
+    /// Event time.
+    pub event_time: EventTime,
+    /// The encoded cell: value and version vector (see [`crate::cell`]).
+    pub cell: Vec<u8>,
+}
+
+/// A batch written in its origin region, as shipped to peers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShippedBatch {
+    /// The region it was written in.
+    pub origin: RegionId,
+    /// Its sequence number there.
+    pub seqno: u64,
+    /// Its system time there (every version of the batch has it).
+    pub system_time: SystemTime,
+    /// Its versions.
+    pub ops: Vec<ShippedOp>,
+}
+
+/// What applying a shipped batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// True if the batch was at or below this node's cursor for its origin (already applied):
+    /// nothing was written.
+    pub already_applied: bool,
+    /// Versions inserted.
+    pub applied: u64,
+    /// Versions dropped as duplicates or superseded.
+    pub dropped: u64,
+    /// Versions concurrent with the cell's winner.
+    pub conflicts: u64,
+}
+
+/// What a logged replicated batch teaches a node: the join of its versions' vectors (the
+/// same at apply and at WAL replay). Empty for a local batch.
+pub(super) fn learned(b: &batch::DecodedBatch<'_>) -> VersionVector {
+    let mut k = VersionVector::new();
+    if b.origin.is_some() {
+        for op in &b.ops {
+            if let Ok((_, v)) = cell::decode(op.cell) {
+                k = k.merge(&v);
+            }
+        }
+    }
+    k
+}
+
+/// A cell: `(entity, feature, event time)`.
+type CellId<'a> = (&'a [u8], FeatureId, EventTime);
+
+impl Inner {
+    /// The batches this region wrote with sequence numbers above `after`, at most `max`, from
+    /// the WAL segments still on disk.
+    pub(super) fn origin_log(&self, after: u64, max: usize) -> Result<Vec<ShippedBatch>> {
+        let published = self.published_seqno.load(Ordering::Acquire);
+        let mut segments: Vec<u64> =
+            self.fs.list(&self.dir)?.iter().filter_map(|n| wal::parse_segment_name(n)).collect();
+        segments.sort_unstable();
+        let mut out = Vec::new();
+        let mut oldest: Option<u64> = None;
+        for &number in &segments {
+            let path = wal::segment_path(&self.dir, number);
+            // A segment deleted meanwhile (flushed and dropped) is skipped; the truncation check
+            // below notices if what it held was wanted.
+            let Ok(file) = self.fs.open(&path) else { continue };
+            let bytes = fs::read_all(file.as_ref())?;
+            // The newest segment may end in a record being written: stop there.
+            let records = record::read_all(&path, number, &bytes, true)?;
+            for (offset, payload) in &records.records {
+                let b = batch::decode(payload).map_err(|w| Error::corruption(&path, *offset, w))?;
+                if b.seqno > published {
+                    break;
+                }
+                oldest = Some(oldest.map_or(b.seqno, |o| o.min(b.seqno)));
+                if b.seqno <= after || b.origin.is_some() {
+                    continue;
+                }
+                if out.len() >= max {
+                    return Ok(out);
+                }
+                out.push(ShippedBatch {
+                    origin: self.opts.region,
+                    seqno: b.seqno,
+                    system_time: b.system_time,
+                    ops: b
+                        .ops
+                        .iter()
+                        .map(|op| ShippedOp {
+                            entity: op.entity.to_vec(),
+                            feature: op.feature,
+                            event_time: op.event_time,
+                            cell: op.cell.to_vec(),
+                        })
+                        .collect(),
+                });
+            }
+        }
+        if after < published && oldest.is_none_or(|o| o > after + 1) {
+            return Err(Error::LogTruncated { oldest: oldest.unwrap_or(published + 1) });
+        }
+        Ok(out)
+    }
+
+    /// This node's cursor for `origin` and what those batches taught it, from `view`.
+    fn cursor_in(&self, view: &super::ReadView, origin: RegionId) -> Result<(u64, VersionVector)> {
+        let prefix = key::prefix(REPLICATION_ENTITY, FeatureId(origin));
+        let q = AsOf::at(EventTime(0));
+        match self.get_in_view(view, &prefix, q, SystemTime::MAX, None)? {
+            Some(v) => match v.value {
+                Some(Value::Int64(n)) => Ok((n as u64, v.version_vector)),
+                _ => Err(Error::corruption(&self.dir, 0, "replication cursor cell is not an Int64")),
+            },
+            None => Ok((0, VersionVector::new())),
+        }
+    }
+
+    /// This node's cursor for `origin`: the origin sequence number it has applied through.
+    pub(super) fn replication_cursor(&self, origin: RegionId) -> Result<u64> {
+        let (view, _) = self.read_view(SystemTime::MAX);
+        Ok(self.cursor_in(&view, origin)?.0)
+    }
+
+    /// Applies a batch shipped by its origin (see `REPLICATION.md` §3): under the writer lock,
+    /// each version is resolved against its cell's winner, and the survivors, the rewritten
+    /// winners and the new cursor are logged as one WAL record and published together.
+    pub(super) fn apply_replicated(&self, b: &ShippedBatch, durability: Durability) -> Result<ApplyReport> {
+        if b.origin == self.opts.region {
+            return Err(Error::InvalidArgument(format!("batch {} comes from this node's own region", b.seqno)));
+        }
+        if b.ops.is_empty() || b.ops.len() > BATCH_OPS_MAX {
+            return Err(Error::InvalidArgument(format!("a shipped batch holds 1 to {BATCH_OPS_MAX} versions")));
+        }
+        // Check everything first; the last write of a cell in the batch is the one that counts.
+        let mut cells: BTreeMap<CellId<'_>, (Option<Value>, VersionVector, &[u8])> = BTreeMap::new();
+        for op in &b.ops {
+            check_entity_key(&op.entity)?;
+            if op.entity.first() == Some(&0) {
+                return Err(Error::InvalidArgument("a shipped batch writes a reserved entity".into()));
+            }
+            let (value, vector) = cell::decode(&op.cell)
+                .map_err(|w| Error::InvalidArgument(format!("shipped cell does not decode: {w}")))?;
+            cells.insert((op.entity.as_slice(), op.feature, op.event_time), (value, vector, op.cell.as_slice()));
+        }
+        let horizon = self.horizon.read();
+        if cells.keys().any(|k| k.2 .0 < *horizon) {
+            return Err(Error::InvalidArgument(format!("a shipped version is below the event horizon {}", *horizon)));
+        }
+        self.check_ok()?;
+        let mut w = self.writer.lock();
+        self.make_room(&mut w)?;
+        let view = self.view.read().clone();
+        let (cursor, taught) = self.cursor_in(&view, b.origin)?;
+        if b.seqno <= cursor {
+            return Ok(ApplyReport { already_applied: true, ..Default::default() });
+        }
+        self.hlc.observe(b.system_time.0);
+        let mut report = ApplyReport::default();
+        let mut ops = Vec::new();
+        let mut batch_vector = VersionVector::new();
+        for ((entity, feature, event_time), (value, vector, raw)) in &cells {
+            batch_vector = batch_vector.merge(vector);
+            let prefix = key::prefix(entity, *feature);
+            let exact = AsOf { as_of: *event_time, known_at: SystemTime::MAX, lookback_us: Some(0) };
+            let current = self.get_in_view(&view, &prefix, exact, SystemTime::MAX, None)?;
+            let incoming = Stamped { system_time: b.system_time, region: b.origin, vector };
+            let current_stamped = current.as_ref().map(|c| Stamped {
+                system_time: c.system_time,
+                region: replication::origin(&c.version_vector, c.system_time).unwrap_or(self.opts.region),
+                vector: &c.version_vector,
+            });
+            let op = |system_time: SystemTime, cell: Vec<u8>| ResolvedOp {
+                entity: entity.to_vec(),
+                feature: *feature,
+                event_time: *event_time,
+                system_time,
+                cell,
+            };
+            match replication::resolve(current_stamped, incoming) {
+                Resolution::Drop => report.dropped += 1,
+                Resolution::Apply => {
+                    report.applied += 1;
+                    ops.push(op(b.system_time, raw.to_vec()));
+                }
+                Resolution::Conflict { incoming_wins, merged } => {
+                    report.conflicts += 1;
+                    let Some(c) = &current else { continue };
+                    if incoming_wins {
+                        let mut buf = Vec::new();
+                        cell::encode(value.as_ref(), &merged, &mut buf);
+                        ops.push(op(b.system_time, buf));
+                    } else {
+                        // Keep the loser (unless it shares the winner's stamp, and so its key),
+                        // and give the winner the merged vector at its own key.
+                        if b.system_time != c.system_time {
+                            ops.push(op(b.system_time, raw.to_vec()));
+                        }
+                        let mut buf = Vec::new();
+                        cell::encode(c.value.as_ref(), &merged, &mut buf);
+                        ops.push(op(c.system_time, buf));
+                    }
+                }
+            }
+        }
+        // The cursor, with what this origin's batches taught, in the same record.
+        let stamp = SystemTime(self.hlc.stamp());
+        let taught = taught.merge(&batch_vector);
+        let mut cursor_cell = Vec::new();
+        cell::encode(Some(&Value::Int64(b.seqno as i64)), &taught, &mut cursor_cell);
+        ops.push(ResolvedOp {
+            entity: REPLICATION_ENTITY.to_vec(),
+            feature: FeatureId(b.origin),
+            event_time: EventTime(0),
+            system_time: stamp,
+            cell: cursor_cell,
+        });
+        let seqno = w.last_seqno + 1;
+        let payload = batch::encode_replicated(seqno, stamp, (b.origin, b.seqno), &ops);
+        let durable = (|| -> Result<()> {
+            w.wal.append(&[payload.as_slice()])?;
+            if durability == Durability::Sync {
+                w.wal.sync()?;
+                self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })();
+        if let Err(e) = durable {
+            self.fail(&e);
+            return Err(e);
+        }
+        w.last_seqno = seqno;
+        let decoded = match batch::decode_trusted(&payload) {
+            Ok(d) => d,
+            Err(what) => {
+                let e = Error::PreviousError(format!("internal: a replicated batch does not decode: {what}"));
+                self.fail(&e);
+                return Err(e);
+            }
+        };
+        let decoded = [decoded];
+        let announced = self.hot.as_ref().map(|hot| super::write::announce(hot, &decoded)).unwrap_or_default();
+        insert_batch(&view.mem, &decoded[0]);
+        view.mem.set_last_seqno(seqno);
+        self.visible.store(stamp.0, Ordering::Release);
+        if let Some(hot) = &self.hot {
+            for token in announced {
+                hot.write_end(token);
+            }
+        }
+        {
+            let learned = learned(&decoded[0]);
+            let mut k = self.knowledge.lock();
+            *k = k.merge(&learned);
+        }
+        self.published_seqno.store(seqno, Ordering::Release);
+        self.counters.replication_conflicts.fetch_add(report.conflicts, Ordering::Relaxed);
+        drop(w);
+        drop(horizon);
+        if view.mem.approximate_bytes() >= self.opts.memtable_bytes {
+            self.notify_work();
+        }
+        Ok(report)
+    }
+}

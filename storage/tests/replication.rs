@@ -1,0 +1,292 @@
+//! Replication between engines (`REPLICATION.md`): three engines, one per region, write
+//! concurrently to the same cells and ship their logs to each other in random interleavings,
+//! with duplicates, reopens and flushes. After everything is delivered, every engine must hold
+//! the same winner of every cell, and that winner must be the rule's: the version with the
+//! greatest (system time, region), with the join of every version's vector.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use quiver_storage::fs::MemFs;
+use quiver_storage::{
+    cell, AsOf, Background, Causality, Db, Durability, Error, EventTime, FeatureId, ManualClock, Options, ShippedBatch,
+    SystemTime, Value, VersionVector, WriteBatch,
+};
+
+const REGIONS: usize = 3;
+const ENTITIES: [&[u8]; 2] = [b"\x01ann", b"\x01bob"];
+
+type Cell = (usize, u32, i64);
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Region `r` writes a batch.
+    Write {
+        r: usize,
+        cells: Vec<(Cell, Option<i64>)>,
+    },
+    /// Region `to` applies the next `n` batches of `from`'s log it has not applied.
+    Deliver {
+        to: usize,
+        from: usize,
+        n: usize,
+        sync: bool,
+    },
+    /// Region `to` receives again a batch of `from` it already applied.
+    Redeliver {
+        to: usize,
+        from: usize,
+        pick: prop::sample::Index,
+    },
+    Reopen(usize),
+    Flush(usize),
+    /// Region `r`'s wall clock moves (the clocks drift apart, and sometimes meet).
+    Advance {
+        r: usize,
+        d: u64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let cell = (0..ENTITIES.len(), 0u32..2, 0i64..3);
+    prop_oneof![
+        4 => (0..REGIONS, prop::collection::vec((cell, prop::option::weighted(0.85, 0i64..100)), 1..4))
+            .prop_map(|(r, cells)| Op::Write { r, cells }),
+        4 => (0..REGIONS, 0..REGIONS, 1usize..4, any::<bool>()).prop_map(|(to, from, n, sync)| Op::Deliver { to, from, n, sync }),
+        1 => (0..REGIONS, 0..REGIONS, any::<prop::sample::Index>()).prop_map(|(to, from, pick)| Op::Redeliver { to, from, pick }),
+        1 => (0..REGIONS).prop_map(Op::Reopen),
+        1 => (0..REGIONS).prop_map(Op::Flush),
+        1 => (0..REGIONS, 0u64..3).prop_map(|(r, d)| Op::Advance { r, d }),
+    ]
+}
+
+struct Region {
+    fs: MemFs,
+    clock: ManualClock,
+    db: Option<Db>,
+    /// Every batch this region wrote, as shipped, in order.
+    outbox: Vec<ShippedBatch>,
+}
+
+fn options(r: usize, clock: &ManualClock, hot: bool) -> Options {
+    Options {
+        region: r as u32,
+        // No flush inside a write: the test reads each batch from the log right after it.
+        memtable_bytes: 1 << 20,
+        block_bytes: 128,
+        hot_tier_bytes: if hot { 1 << 16 } else { 0 },
+        l0_compaction_trigger: 2,
+        l1_bytes: 4096,
+        table_bytes: 2048,
+        background: Background::Inline,
+        clock: Arc::new(clock.clone()),
+        ..Options::default()
+    }
+}
+
+impl Region {
+    fn db(&self) -> &Db {
+        self.db.as_ref().expect("open")
+    }
+    fn open(&mut self, r: usize, hot: bool) {
+        self.db = Some(
+            Db::open_with_fs(Arc::new(self.fs.clone()), Path::new("/db"), options(r, &self.clock, hot)).expect("open"),
+        );
+    }
+}
+
+/// The cell's winner at one region: (system time, value, vector).
+fn winner(db: &Db, (e, f, t): Cell) -> Option<(u64, Option<Value>, VersionVector)> {
+    let q = AsOf { as_of: EventTime(t), known_at: SystemTime::MAX, lookback_us: Some(0) };
+    db.version_at(ENTITIES[e], FeatureId(f), q).expect("read").map(|v| (v.system_time.0, v.value, v.version_vector))
+}
+
+fn all_cells() -> Vec<Cell> {
+    let mut out = Vec::new();
+    for e in 0..ENTITIES.len() {
+        for f in 0..2 {
+            for t in 0..3 {
+                out.push((e, f, t));
+            }
+        }
+    }
+    out
+}
+
+fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
+    let mut regions: Vec<Region> = (0..REGIONS)
+        .map(|_| Region { fs: MemFs::new(), clock: ManualClock::new(1_000_000), db: None, outbox: Vec::new() })
+        .collect();
+    for (r, region) in regions.iter_mut().enumerate() {
+        region.open(r, hot);
+    }
+    let deliver =
+        |regions: &mut Vec<Region>, to: usize, from: usize, n: usize, sync: bool| -> Result<(), TestCaseError> {
+            let cursor = regions[to].db().replication_cursor(from as u32).expect("cursor");
+            let next: Vec<ShippedBatch> =
+                regions[from].outbox.iter().filter(|b| b.seqno > cursor).take(n).cloned().collect();
+            for b in next {
+                let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
+                let report = regions[to]
+                    .db()
+                    .apply_replicated(&b, if sync { Durability::Sync } else { Durability::Async })
+                    .expect("apply");
+                prop_assert!(!report.already_applied);
+                prop_assert_eq!(regions[to].db().replication_cursor(from as u32).expect("cursor"), b.seqno);
+                // No rollback: every cell's winning vector only grows.
+                for (c, was) in all_cells().into_iter().zip(before) {
+                    if let (Some(was), Some(now)) = (was, winner(regions[to].db(), c)) {
+                        prop_assert!(
+                            matches!(was.2.compare(&now.2), Causality::Before | Causality::Equal),
+                            "cell {c:?} rolled back from {was:?} to {now:?}"
+                        );
+                    }
+                }
+            }
+            Ok(())
+        };
+    for op in ops {
+        match op {
+            Op::Write { r, cells } => {
+                let mut b = WriteBatch::new();
+                for ((e, f, t), v) in cells {
+                    match v {
+                        Some(v) => b.put(ENTITIES[e], FeatureId(f), EventTime(t), Value::Int64(v)).expect("put"),
+                        None => b.delete(ENTITIES[e], FeatureId(f), EventTime(t)).expect("delete"),
+                    }
+                }
+                let region = &mut regions[r];
+                let receipt = region.db().write(b, Durability::Async).expect("write");
+                // The shipper reads the log right away: flushes drop WAL segments, and
+                // retaining them for peers is not built yet.
+                let shipped = region.db().origin_log(receipt.seqno - 1, usize::MAX).expect("origin log");
+                prop_assert_eq!(shipped.len(), 1, "one new local batch");
+                prop_assert!(shipped.iter().all(|b| b.origin == r as u32));
+                region.outbox.extend(shipped);
+            }
+            Op::Deliver { to, from, n, sync } if to != from => deliver(&mut regions, to, from, n, sync)?,
+            Op::Deliver { .. } => {}
+            Op::Redeliver { to, from, pick } if to != from => {
+                let cursor = regions[to].db().replication_cursor(from as u32).expect("cursor");
+                let applied: Vec<_> = regions[from].outbox.iter().filter(|b| b.seqno <= cursor).collect();
+                if !applied.is_empty() {
+                    let b = pick.get(&applied);
+                    let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
+                    let report = regions[to].db().apply_replicated(b, Durability::Async).expect("apply");
+                    prop_assert!(report.already_applied, "a batch below the cursor is not applied again");
+                    let after: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
+                    prop_assert_eq!(before, after);
+                }
+            }
+            Op::Redeliver { .. } => {}
+            Op::Reopen(r) => {
+                let region = &mut regions[r];
+                let cursors: Vec<u64> =
+                    (0..REGIONS).map(|o| region.db().replication_cursor(o as u32).expect("cursor")).collect();
+                let knowledge = region.db().knowledge();
+                region.db.take().expect("open").close().expect("close");
+                region.open(r, hot);
+                let again: Vec<u64> =
+                    (0..REGIONS).map(|o| region.db().replication_cursor(o as u32).expect("cursor")).collect();
+                prop_assert_eq!(cursors, again, "cursors survive a reopen");
+                prop_assert_eq!(knowledge, region.db().knowledge(), "knowledge survives a reopen");
+            }
+            Op::Flush(r) => regions[r].db().flush().expect("flush"),
+            Op::Advance { r, d } => regions[r].clock.advance(d),
+        }
+    }
+    // Heal: every batch everywhere, in log order.
+    for to in 0..REGIONS {
+        for from in 0..REGIONS {
+            if to != from {
+                deliver(&mut regions, to, from, usize::MAX, false)?;
+            }
+        }
+    }
+    // The rule's answer, from every version written: greatest (system time, region) wins and
+    // carries the join of all vectors.
+    let mut model: BTreeMap<Cell, (u64, u32, Option<Value>, VersionVector)> = BTreeMap::new();
+    for (r, region) in regions.iter().enumerate() {
+        for b in &region.outbox {
+            let mut last: BTreeMap<Cell, &[u8]> = BTreeMap::new();
+            for op in &b.ops {
+                let e = ENTITIES.iter().position(|x| *x == op.entity.as_slice()).expect("entity");
+                last.insert((e, op.feature.0, op.event_time.0), &op.cell);
+            }
+            for (c, raw) in last {
+                let (value, vector) = cell::decode(raw).expect("cell");
+                prop_assert!(vector.len() <= REGIONS);
+                let entry = model.entry(c).or_insert((0, 0, None, VersionVector::new()));
+                let joined = entry.3.merge(&vector);
+                if (b.system_time.0, r as u32) > (entry.0, entry.1) {
+                    *entry = (b.system_time.0, r as u32, value, joined);
+                } else {
+                    entry.3 = joined;
+                }
+            }
+        }
+    }
+    for c in all_cells() {
+        let want = model.get(&c).map(|m| (m.0, m.2.clone(), m.3.clone()));
+        for (r, region) in regions.iter().enumerate() {
+            let got = winner(region.db(), c);
+            prop_assert_eq!(&got, &want, "cell {:?} at region {}", c, r);
+        }
+    }
+    for region in regions.iter_mut() {
+        region.db().verify().expect("verify");
+        region.db.take().expect("open").close().expect("close");
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #[test]
+    fn three_engines_converge_on_the_rules_winner(ops in prop::collection::vec(op(), 1..50), hot in any::<bool>()) {
+        run(ops, hot)?;
+    }
+}
+
+#[test]
+fn bad_shipped_batches_are_refused_and_change_nothing() {
+    let fs = MemFs::new();
+    let clock = ManualClock::new(1_000_000);
+    let db = Db::open_with_fs(Arc::new(fs), Path::new("/db"), options(0, &clock, false)).expect("open");
+    let good = quiver_storage::ShippedOp {
+        entity: b"\x01ann".to_vec(),
+        feature: FeatureId(1),
+        event_time: EventTime(5),
+        cell: {
+            let mut c = Vec::new();
+            cell::encode(Some(&Value::Int64(1)), &VersionVector::single(1, 900), &mut c);
+            c
+        },
+    };
+    let batch = |origin: u32, ops: Vec<quiver_storage::ShippedOp>| ShippedBatch {
+        origin,
+        seqno: 3,
+        system_time: SystemTime(900),
+        ops,
+    };
+    let bad_cell = quiver_storage::ShippedOp { cell: vec![0xff, 0xff], ..good.clone() };
+    let reserved = quiver_storage::ShippedOp { entity: b"\x00reg\x00x".to_vec(), ..good.clone() };
+    for (what, b) in [
+        ("own region", batch(0, vec![good.clone()])),
+        ("empty", batch(1, vec![])),
+        ("cell that does not decode", batch(1, vec![good.clone(), bad_cell])),
+        ("reserved entity", batch(1, vec![reserved])),
+    ] {
+        match db.apply_replicated(&b, Durability::Sync) {
+            Err(Error::InvalidArgument(_)) => {}
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    assert_eq!(db.replication_cursor(1).expect("cursor"), 0, "nothing was applied");
+    assert_eq!(db.stats().last_seqno, 0);
+    let r = db.apply_replicated(&batch(1, vec![good]), Durability::Sync).expect("apply");
+    assert_eq!((r.applied, r.dropped, r.conflicts), (1, 0, 0));
+    assert_eq!(db.replication_cursor(1).expect("cursor"), 3);
+}
