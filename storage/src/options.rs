@@ -51,6 +51,10 @@ pub struct Options {
     pub retention_window: Option<Duration>,
     /// The region this node stamps on its writes' version vectors.
     pub region: RegionId,
+    /// Bytes of flushed WAL segments kept for replication peers that have not yet applied
+    /// them ([`crate::Db::retain_log_after`]); past it the oldest go, and a peer that needed
+    /// them must be bootstrapped. 0 (the default) deletes segments once flushed.
+    pub replication_log_bytes: u64,
     /// How background work runs.
     pub background: Background,
     /// Upper bound on how long an `Async` write stays unsynced.
@@ -76,6 +80,7 @@ impl Default for Options {
             table_bytes: 32 << 20,
             retention_window: None,
             region: 0,
+            replication_log_bytes: 0,
             background: Background::Threads,
             async_sync_interval: Duration::from_millis(100),
             clock: Arc::new(SystemClock),

@@ -35,6 +35,9 @@ pub struct Segment {
     written: AtomicU64,
     synced: AtomicU64,
     frame: parking_lot::Mutex<Vec<u8>>,
+    /// Held across an fsync, so concurrent syncs (a `Sync` group and the background syncer)
+    /// coalesce into one.
+    syncing: parking_lot::Mutex<()>,
 }
 
 impl Segment {
@@ -48,6 +51,7 @@ impl Segment {
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             frame: parking_lot::Mutex::new(Vec::new()),
+            syncing: parking_lot::Mutex::new(()),
         })
     }
 
@@ -68,15 +72,17 @@ impl Segment {
         Ok(())
     }
 
-    /// Fsyncs everything appended so far (no-op if already synced).
-    pub fn sync(&self) -> Result<()> {
+    /// Fsyncs everything appended so far; returns false (and does nothing) if that was
+    /// already synced, by this call's turn.
+    pub fn sync(&self) -> Result<bool> {
+        let _one_at_a_time = self.syncing.lock();
         let target = self.written.load(Ordering::Acquire);
         if self.synced.load(Ordering::Acquire) >= target {
-            return Ok(());
+            return Ok(false);
         }
         self.file.sync()?;
         self.synced.fetch_max(target, Ordering::AcqRel);
-        Ok(())
+        Ok(true)
     }
 
     /// Bytes appended and not yet synced.

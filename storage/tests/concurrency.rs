@@ -30,7 +30,6 @@ fn small() -> Options {
 fn readers_never_see_partial_batches_while_background_work_runs() {
     let tmp = tempfile::tempdir().expect("tmp");
     let db = Arc::new(Db::open(tmp.path(), small()).expect("open"));
-    let started = std::time::Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..4u64)
         .map(|w| {
@@ -80,10 +79,9 @@ fn readers_never_see_partial_batches_while_background_work_runs() {
     }
     let s = db.stats();
     assert!(s.flushes > 0 && s.compactions > 0, "background work ran: {s:?}");
-    // At most one fsync per group, plus the background syncer's (at most one per interval; it
-    // may also sync while a `Sync` group is between its append and its own fsync).
-    let syncer_rounds = (started.elapsed().as_millis() / small().async_sync_interval.as_millis().max(1)) as u64 + 1;
-    assert!(s.wal_syncs <= s.write_groups + syncer_rounds, "{s:?}");
+    // Every fsync covers bytes no earlier one did, so there are at most as many as groups
+    // (the background syncer's included: concurrent syncs coalesce).
+    assert!(s.wal_syncs <= s.write_groups, "{s:?}");
     db.verify().expect("verify");
     // Every entity's last batch is complete after a reopen too.
     drop(db);

@@ -73,8 +73,9 @@ struct Region {
 fn options(r: usize, clock: &ManualClock, hot: bool) -> Options {
     Options {
         region: r as u32,
-        // No flush inside a write: the test reads each batch from the log right after it.
-        memtable_bytes: 1 << 20,
+        memtable_bytes: 2048,
+        // Flushed WAL segments stay for the shipper.
+        replication_log_bytes: 1 << 30,
         block_bytes: 128,
         hot_tier_bytes: if hot { 1 << 16 } else { 0 },
         l0_compaction_trigger: 2,
@@ -158,10 +159,11 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
                     }
                 }
                 let region = &mut regions[r];
-                let receipt = region.db().write(b, Durability::Async).expect("write");
-                // The shipper reads the log right away: flushes drop WAL segments, and
-                // retaining them for peers is not built yet.
-                let shipped = region.db().origin_log(receipt.seqno - 1, usize::MAX).expect("origin log");
+                region.db().write(b, Durability::Async).expect("write");
+                // The shipper reads the log from where it stopped; flushes and reopens since
+                // then must not have dropped what it still needs.
+                let after = region.outbox.last().map_or(0, |b| b.seqno);
+                let shipped = region.db().origin_log(after, usize::MAX).expect("origin log");
                 prop_assert_eq!(shipped.len(), 1, "one new local batch");
                 prop_assert!(shipped.iter().all(|b| b.origin == r as u32));
                 region.outbox.extend(shipped);
@@ -289,4 +291,41 @@ fn bad_shipped_batches_are_refused_and_change_nothing() {
     let r = db.apply_replicated(&batch(1, vec![good]), Durability::Sync).expect("apply");
     assert_eq!((r.applied, r.dropped, r.conflicts), (1, 0, 0));
     assert_eq!(db.replication_cursor(1).expect("cursor"), 3);
+}
+
+#[test]
+fn flushed_log_segments_stay_for_peers_until_applied_or_over_the_bound() {
+    let fs = MemFs::new();
+    let clock = ManualClock::new(1_000_000);
+    let open = |bytes: u64| {
+        let opts = Options { replication_log_bytes: bytes, ..options(0, &clock, false) };
+        Db::open_with_fs(Arc::new(fs.clone()), Path::new("/db"), opts).expect("open")
+    };
+    let db = open(1 << 30);
+    let mut seqnos = Vec::new();
+    for i in 0..6 {
+        let mut b = WriteBatch::new();
+        b.put(b"\x01ann", FeatureId(1), EventTime(i), Value::Int64(i)).expect("put");
+        seqnos.push(db.write(b, Durability::Sync).expect("write").seqno);
+        db.flush().expect("flush");
+    }
+    let all = |db: &Db| db.origin_log(0, usize::MAX).map(|l| l.iter().map(|b| b.seqno).collect::<Vec<_>>());
+    assert_eq!(all(&db).expect("log"), seqnos, "every batch is kept across flushes");
+    db.close().expect("close");
+    let db = open(1 << 30);
+    assert_eq!(all(&db).expect("log"), seqnos, "and across a reopen");
+    // Peers have applied the first three: their segments may go at the next flush.
+    db.retain_log_after(seqnos[2]);
+    let mut b = WriteBatch::new();
+    b.put(b"\x01ann", FeatureId(1), EventTime(9), Value::Int64(9)).expect("put");
+    let last = db.write(b, Durability::Sync).expect("write").seqno;
+    db.flush().expect("flush");
+    assert!(matches!(all(&db), Err(Error::LogTruncated { .. })), "batch 1 is gone");
+    let rest: Vec<u64> = db.origin_log(seqnos[2], usize::MAX).expect("log").iter().map(|b| b.seqno).collect();
+    assert_eq!(rest, [&seqnos[3..], &[last]].concat());
+    db.close().expect("close");
+    // Over the byte bound, the oldest go even though no peer applied them.
+    let db = open(1);
+    assert!(matches!(db.origin_log(seqnos[2], usize::MAX), Err(Error::LogTruncated { .. })));
+    assert!(db.origin_log(last, usize::MAX).expect("nothing newer").is_empty());
 }

@@ -32,8 +32,7 @@ pub(super) fn run(inner: &Inner, job: Job) {
             Job::Compact => inner.compact_once(),
             Job::SyncWal => {
                 let wal = inner.current_wal.lock().clone();
-                if wal.unsynced_bytes() > 0 {
-                    wal.sync()?;
+                if wal.unsynced_bytes() > 0 && wal.sync()? {
                     inner.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(false)
@@ -107,7 +106,7 @@ impl Inner {
                 view.imms.retain(|m| !Arc::ptr_eq(m, &imm));
             })?;
             drop(vs);
-            self.delete_wal_below(imm.wal_number() + 1);
+            self.prune_wal(imm.wal_number() + 1);
             Ok(())
         })();
         match result {
@@ -123,14 +122,18 @@ impl Inner {
         }
     }
 
-    fn delete_wal_below(&self, log_number: u64) {
-        let Ok(names) = self.fs.list(&self.dir) else { return };
-        for n in names {
-            if wal::parse_segment_name(&n).is_some_and(|s| s < log_number) {
-                if let Err(e) = self.fs.remove(&self.dir.join(&n)) {
-                    tracing::warn!(file = %n, error = %e, "could not delete flushed WAL segment");
+    /// Deletes flushed WAL segments (numbered below `log_number`) that no replication peer
+    /// needs (see `src/db/replicate.rs`).
+    pub(super) fn prune_wal(&self, log_number: u64) {
+        match self.prunable_segments(log_number) {
+            Ok(doomed) => {
+                for number in doomed {
+                    if let Err(e) = self.fs.remove(&wal::segment_path(&self.dir, number)) {
+                        tracing::warn!(segment = number, error = %e, "could not delete flushed WAL segment");
+                    }
                 }
             }
+            Err(e) => tracing::warn!(error = %e, "could not list flushed WAL segments"),
         }
     }
 

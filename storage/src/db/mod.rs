@@ -137,6 +137,11 @@ pub(crate) struct Inner {
     /// What this node knows of other regions' writes: the join of the vectors of every batch
     /// it applied (`REPLICATION.md` §2). Local batches are stamped with it.
     knowledge: Mutex<crate::types::VersionVector>,
+    /// Peers have applied this region's log through this sequence number (`u64::MAX` when no
+    /// segment is kept for peers).
+    log_needed_after: AtomicU64,
+    /// Last sequence number of each flushed WAL segment kept for peers, learned lazily.
+    segment_last_seqno: Mutex<std::collections::BTreeMap<u64, u64>>,
     hot: Option<crate::hot::HotTier>,
 }
 
@@ -314,6 +319,13 @@ impl Db {
     /// The origin sequence number this node has applied `origin`'s log through (0: none).
     pub fn replication_cursor(&self, origin: crate::types::RegionId) -> Result<u64> {
         self.inner.replication_cursor(origin)
+    }
+
+    /// Tells the engine that every replication peer has applied this region's batches through
+    /// `seqno`: flushed WAL segments holding nothing newer may go. Until it is first called, every
+    /// flushed segment is kept (up to `Options::replication_log_bytes`).
+    pub fn retain_log_after(&self, seqno: u64) {
+        self.inner.log_needed_after.store(seqno, Ordering::Release);
     }
 
     /// What this node knows of other regions' writes (see `REPLICATION.md` §2).

@@ -344,6 +344,8 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         ssd,
         hot: crate::hot::HotTier::new(opts.hot_tier_bytes),
         knowledge: Mutex::new(knowledge),
+        log_needed_after: AtomicU64::new(if opts.replication_log_bytes > 0 { 0 } else { u64::MAX }),
+        segment_last_seqno: Mutex::new(std::collections::BTreeMap::new()),
         opts,
     };
     // Flush what was replayed, then drop the segments it came from.
@@ -373,11 +375,13 @@ fn remove_leftovers(inner: &Inner) -> Result<()> {
     for name in inner.fs.list(&inner.dir)? {
         let stale = name.ends_with(".tmp")
             || sstable::parse_table_name(&name).is_some_and(|n| !live.contains(&n))
-            || wal::parse_segment_name(&name).is_some_and(|n| n < log_number)
             || manifest::parse_manifest_name(&name).is_some_and(|n| Some(n) != manifest_number);
         if stale {
             inner.fs.remove(&inner.dir.join(&name))?;
         }
+    }
+    for number in inner.prunable_segments(log_number)? {
+        inner.fs.remove(&wal::segment_path(&inner.dir, number))?;
     }
     Ok(())
 }

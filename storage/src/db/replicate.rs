@@ -135,6 +135,65 @@ impl Inner {
         Ok(out)
     }
 
+    /// The flushed WAL segments (numbered below `log_number`) that may be deleted: those whose
+    /// batches every peer has applied, and then the oldest while the rest exceed
+    /// `Options::replication_log_bytes`.
+    pub(super) fn prunable_segments(&self, log_number: u64) -> Result<Vec<u64>> {
+        let mut flushed: Vec<u64> = self
+            .fs
+            .list(&self.dir)?
+            .iter()
+            .filter_map(|n| wal::parse_segment_name(n))
+            .filter(|&n| n < log_number)
+            .collect();
+        flushed.sort_unstable();
+        let needed_after = self.log_needed_after.load(Ordering::Acquire);
+        if needed_after == u64::MAX || self.opts.replication_log_bytes == 0 {
+            return Ok(flushed);
+        }
+        let mut known = self.segment_last_seqno.lock();
+        known.retain(|n, _| flushed.binary_search(n).is_ok());
+        let mut doomed = Vec::new();
+        let mut kept = Vec::new();
+        for &number in &flushed {
+            let path = wal::segment_path(&self.dir, number);
+            let file = self.fs.open(&path)?;
+            let size = file.size()?;
+            let last = match known.get(&number) {
+                Some(&l) => l,
+                None => {
+                    let bytes = fs::read_all(file.as_ref())?;
+                    let records = record::read_all(&path, number, &bytes, true)?;
+                    let last = match records.records.last() {
+                        Some((offset, payload)) => {
+                            batch::decode(payload).map_err(|w| Error::corruption(&path, *offset, w))?.seqno
+                        }
+                        None => 0,
+                    };
+                    known.insert(number, last);
+                    last
+                }
+            };
+            if last <= needed_after {
+                doomed.push(number);
+            } else {
+                kept.push((number, size));
+            }
+        }
+        let mut bytes: u64 = kept.iter().map(|k| k.1).sum();
+        for (number, size) in kept {
+            if bytes <= self.opts.replication_log_bytes {
+                break;
+            }
+            doomed.push(number);
+            bytes -= size;
+        }
+        for n in &doomed {
+            known.remove(n);
+        }
+        Ok(doomed)
+    }
+
     /// This node's cursor for `origin` and what those batches taught it, from `view`.
     fn cursor_in(&self, view: &super::ReadView, origin: RegionId) -> Result<(u64, VersionVector)> {
         let prefix = key::prefix(REPLICATION_ENTITY, FeatureId(origin));
@@ -251,8 +310,7 @@ impl Inner {
         let payload = batch::encode_replicated(seqno, stamp, (b.origin, b.seqno), &ops);
         let durable = (|| -> Result<()> {
             w.wal.append(&[payload.as_slice()])?;
-            if durability == Durability::Sync {
-                w.wal.sync()?;
+            if durability == Durability::Sync && w.wal.sync()? {
                 self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())

@@ -113,8 +113,7 @@ impl Inner {
         let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
         let durable = (|| -> Result<()> {
             w.wal.append(&refs)?;
-            if group.iter().any(|p| p.durability == Durability::Sync) {
-                w.wal.sync()?;
+            if group.iter().any(|p| p.durability == Durability::Sync) && w.wal.sync()? {
                 self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
