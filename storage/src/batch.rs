@@ -11,7 +11,7 @@
 
 use crate::cell;
 use crate::coding::{put_bytes, put_uvarint, DecodeError, Reader};
-use crate::limits::{BATCH_BYTES_MAX, BATCH_OPS_MAX, ENTITY_KEY_BYTES_MAX, VALUE_BYTES_MAX};
+use crate::limits::{BATCH_BYTES_MAX, BATCH_OPS_MAX, ENTITY_KEY_BYTES_MAX, VALUE_BYTES_MAX, VERSION_VECTOR_BYTES_MAX};
 use crate::types::{check_entity_key, EventTime, FeatureId, RegionId, SystemTime, Value, VersionVector};
 use crate::{Error, Result};
 
@@ -88,9 +88,10 @@ impl WriteBatch {
         }
         let mut probe = Vec::new();
         cell::encode(value.as_ref(), vv.as_ref().unwrap_or(&VersionVector::single(0, 0)), &mut probe);
-        if probe.len() > VALUE_BYTES_MAX {
+        if probe.len() + VERSION_VECTOR_BYTES_MAX > VALUE_BYTES_MAX {
             return Err(Error::InvalidArgument(format!(
-                "value is {} bytes encoded, more than the limit of {VALUE_BYTES_MAX}",
+                "value is {} bytes encoded; with room for its version vector ({VERSION_VECTOR_BYTES_MAX} bytes) \
+                 it must stay within {VALUE_BYTES_MAX}",
                 probe.len()
             )));
         }

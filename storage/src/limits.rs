@@ -15,6 +15,10 @@ pub const BATCH_BYTES_MAX: usize = 64 << 20;
 pub const RECORD_BYTES_MAX: usize = BATCH_BYTES_MAX + 4096;
 /// Most regions in one version vector.
 pub const VERSION_VECTOR_ENTRIES_MAX: usize = 64;
+/// Most bytes a version vector takes in a cell: a count and, per entry, a region and a counter
+/// (uvarints of at most 5 and 10 bytes). A write's value must leave room for it, since the
+/// vector it is stamped with (what the node knows of every region) is only known at commit.
+pub const VERSION_VECTOR_BYTES_MAX: usize = 1 + VERSION_VECTOR_ENTRIES_MAX * 15;
 /// Most elements of a list or vector value.
 pub const LIST_ELEMENTS_MAX: usize = 65_536;
 /// Largest data block before compression (a single oversized entry may exceed the configured

@@ -68,6 +68,15 @@ pub fn origin(vector: &VersionVector, system_time: SystemTime) -> Option<RegionI
     vector.entries().iter().rev().find(|&&(_, c)| c == system_time.0).map(|&(r, _)| r)
 }
 
+/// [`origin`], or for a vector that breaks its rule (one written through
+/// `WriteBatch::put_with_version`) the region of its greatest entry, ties to the greater
+/// region, and 0 for an empty vector: the same answer on every node.
+pub fn origin_or_guess(vector: &VersionVector, system_time: SystemTime) -> RegionId {
+    origin(vector, system_time)
+        .or_else(|| vector.entries().iter().max_by_key(|&&(r, c)| (c, r)).map(|&(r, _)| r))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

@@ -286,11 +286,56 @@ fn bad_shipped_batches_are_refused_and_change_nothing() {
             other => panic!("{what}: {other:?}"),
         }
     }
+    // A stamp a week ahead of this node's clock.
+    let ahead =
+        ShippedBatch { system_time: SystemTime(1_000_000 + 7 * 86_400_000_000), ..batch(1, vec![good.clone()]) };
+    assert!(matches!(db.apply_replicated(&ahead, Durability::Sync), Err(Error::InvalidArgument(_))));
+    // More regions in all than a vector may hold (each cell's vector is within the limit).
+    let wide = |from: u32| {
+        let mut c = Vec::new();
+        let entries: Vec<(u32, u64)> = (from..from + 40).map(|r| (r, 5)).chain([(1, 900)]).collect();
+        cell::encode(Some(&Value::Int64(1)), &VersionVector::from_entries(entries).expect("vector"), &mut c);
+        quiver_storage::ShippedOp { cell: c, ..good.clone() }
+    };
+    let wide_batch = batch(1, vec![wide(100), quiver_storage::ShippedOp { feature: FeatureId(2), ..wide(200) }]);
+    assert!(matches!(db.apply_replicated(&wide_batch, Durability::Sync), Err(Error::InvalidArgument(_))));
     assert_eq!(db.replication_cursor(1).expect("cursor"), 0, "nothing was applied");
     assert_eq!(db.stats().last_seqno, 0);
-    let r = db.apply_replicated(&batch(1, vec![good]), Durability::Sync).expect("apply");
+    let r = db.apply_replicated(&batch(1, vec![good.clone()]), Durability::Sync).expect("apply");
     assert_eq!((r.applied, r.dropped, r.conflicts), (1, 0, 0));
     assert_eq!(db.replication_cursor(1).expect("cursor"), 3);
+    // Below this node's horizon: dropped, and the cursor still moves on.
+    db.set_event_horizon(EventTime(10)).expect("horizon");
+    let low = ShippedBatch { seqno: 4, ..batch(1, vec![good]) };
+    let r = db.apply_replicated(&low, Durability::Sync).expect("apply");
+    assert_eq!((r.applied, r.dropped), (0, 1));
+    assert_eq!(db.replication_cursor(1).expect("cursor"), 4);
+}
+
+#[test]
+fn a_checkpoint_carries_the_cursors_and_the_knowledge() {
+    let fs = MemFs::new();
+    let clock = ManualClock::new(1_000_000);
+    let db = Db::open_with_fs(Arc::new(fs.clone()), Path::new("/db"), options(0, &clock, false)).expect("open");
+    let mut c = Vec::new();
+    cell::encode(Some(&Value::Int64(1)), &VersionVector::from_entries(vec![(1, 900), (2, 800)]).expect("v"), &mut c);
+    let op = quiver_storage::ShippedOp {
+        entity: b"\x01ann".to_vec(),
+        feature: FeatureId(1),
+        event_time: EventTime(5),
+        cell: c,
+    };
+    db.apply_replicated(
+        &ShippedBatch { origin: 1, seqno: 7, system_time: SystemTime(900), ops: vec![op] },
+        Durability::Sync,
+    )
+    .expect("apply");
+    let knowledge = db.knowledge();
+    assert_eq!(knowledge.entries(), &[(1, 900), (2, 800)]);
+    db.checkpoint(Path::new("/copy")).expect("checkpoint");
+    let copy = Db::open_with_fs(Arc::new(fs), Path::new("/copy"), options(0, &clock, false)).expect("open copy");
+    assert_eq!(copy.knowledge(), knowledge);
+    assert_eq!(copy.replication_cursor(1).expect("cursor"), 7);
 }
 
 #[test]
@@ -321,6 +366,10 @@ fn flushed_log_segments_stay_for_peers_until_applied_or_over_the_bound() {
     let last = db.write(b, Durability::Sync).expect("write").seqno;
     db.flush().expect("flush");
     assert!(matches!(all(&db), Err(Error::LogTruncated { .. })), "batch 1 is gone");
+    assert!(
+        matches!(db.origin_log(0, 1), Err(Error::LogTruncated { .. })),
+        "a gap is reported even when the answer would stop early"
+    );
     let rest: Vec<u64> = db.origin_log(seqnos[2], usize::MAX).expect("log").iter().map(|b| b.seqno).collect();
     assert_eq!(rest, [&seqnos[3..], &[last]].concat());
     db.close().expect("close");

@@ -110,7 +110,8 @@ impl Inner {
             let name = sstable::table_name(t.meta.number);
             self.fs.hard_link(&self.dir.join(&name), &target.join(&name))?;
         }
-        write_snapshot_manifest(self.fs.as_ref(), target, &version, state, self.hlc.high_water())?;
+        let knowledge = self.knowledge.lock().clone();
+        write_snapshot_manifest(self.fs.as_ref(), target, &version, state, self.hlc.high_water(), knowledge)?;
         Ok(())
     }
 }

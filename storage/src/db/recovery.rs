@@ -175,6 +175,7 @@ pub(super) fn write_snapshot_manifest(
     version: &Version,
     (next_file_number, last_seqno, horizon): (u64, u64, i64),
     hlc: u64,
+    knowledge: crate::types::VersionVector,
 ) -> Result<()> {
     let number = next_file_number;
     let snapshot = VersionEdit {
@@ -191,9 +192,8 @@ pub(super) fn write_snapshot_manifest(
             .flat_map(|(l, ts)| ts.iter().map(move |t| (l, t.meta.clone())))
             .collect(),
         deleted: Vec::new(),
-        // A checkpoint's node learns again from its cursors' batches; an empty vector only
-        // makes its first local writes look concurrent (counted as conflicts) to peers.
-        knowledge: None,
+        // A node bootstrapped from the checkpoint stamps its writes with what this one knew.
+        knowledge: Some(knowledge),
     };
     let payload = snapshot.encode();
     if payload.len() > crate::limits::RECORD_BYTES_MAX {

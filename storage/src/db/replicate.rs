@@ -25,6 +25,10 @@ use crate::{Error, Result};
 /// byte are reserved (user keys are encoded with a type tag first).
 pub const REPLICATION_ENTITY: &[u8] = b"\x00repl\x00cursor";
 
+/// How far ahead of this node's wall clock a shipped batch's stamp may be (one day): a
+/// stamp beyond it is refused rather than dragging this node's clock along.
+pub const REPLICATED_STAMP_AHEAD_MAX_US: u64 = 86_400_000_000;
+
 /// One version of a batch as its origin ships it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShippedOp {
@@ -86,26 +90,42 @@ impl Inner {
     /// The batches this region wrote with sequence numbers above `after`, at most `max`, from
     /// the WAL segments still on disk.
     pub(super) fn origin_log(&self, after: u64, max: usize) -> Result<Vec<ShippedBatch>> {
+        // Only durable batches leave the node: one lost in a crash must not be on a peer (the
+        // origin would reuse its sequence number). Older segments were synced at their switch.
+        let wal = self.current_wal.lock().clone();
+        wal.sync()?;
         let published = self.published_seqno.load(Ordering::Acquire);
         let mut segments: Vec<u64> =
             self.fs.list(&self.dir)?.iter().filter_map(|n| wal::parse_segment_name(n)).collect();
         segments.sort_unstable();
         let mut out = Vec::new();
-        let mut oldest: Option<u64> = None;
-        for &number in &segments {
+        // The sequence numbers read so far must run without a gap from at most `after + 1`:
+        // anything else means the log no longer holds a batch the peer may need.
+        let mut prev: Option<u64> = None;
+        let truncated = |first: u64| Error::LogTruncated { oldest: first };
+        'segments: for &number in &segments {
             let path = wal::segment_path(&self.dir, number);
-            // A segment deleted meanwhile (flushed and dropped) is skipped; the truncation check
-            // below notices if what it held was wanted.
-            let Ok(file) = self.fs.open(&path) else { continue };
+            let file = match self.fs.open(&path) {
+                Ok(f) => f,
+                // Deleted since the listing (flushed and released): the gap check below tells
+                // whether it held anything the peer needs.
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             let bytes = fs::read_all(file.as_ref())?;
             // The newest segment may end in a record being written: stop there.
             let records = record::read_all(&path, number, &bytes, true)?;
             for (offset, payload) in &records.records {
                 let b = batch::decode(payload).map_err(|w| Error::corruption(&path, *offset, w))?;
                 if b.seqno > published {
-                    break;
+                    break 'segments;
                 }
-                oldest = Some(oldest.map_or(b.seqno, |o| o.min(b.seqno)));
+                match prev {
+                    None if b.seqno > after + 1 => return Err(truncated(b.seqno)),
+                    Some(p) if b.seqno != p + 1 => return Err(truncated(b.seqno)),
+                    _ => {}
+                }
+                prev = Some(b.seqno);
                 if b.seqno <= after || b.origin.is_some() {
                     continue;
                 }
@@ -129,8 +149,8 @@ impl Inner {
                 });
             }
         }
-        if after < published && oldest.is_none_or(|o| o > after + 1) {
-            return Err(Error::LogTruncated { oldest: oldest.unwrap_or(published + 1) });
+        if after < published && prev.is_none_or(|p| p < published) {
+            return Err(truncated(prev.map_or(published + 1, |p| p + 1)));
         }
         Ok(out)
     }
@@ -220,8 +240,17 @@ impl Inner {
         if b.origin == self.opts.region {
             return Err(Error::InvalidArgument(format!("batch {} comes from this node's own region", b.seqno)));
         }
-        if b.ops.is_empty() || b.ops.len() > BATCH_OPS_MAX {
-            return Err(Error::InvalidArgument(format!("a shipped batch holds 1 to {BATCH_OPS_MAX} versions")));
+        // Each version may become two ops (a kept loser and a rewritten winner), plus the cursor.
+        let ops_max = (BATCH_OPS_MAX - 1) / 2;
+        if b.ops.is_empty() || b.ops.len() > ops_max {
+            return Err(Error::InvalidArgument(format!("a shipped batch holds 1 to {ops_max} versions")));
+        }
+        let ahead_max = self.hlc.wall_us().saturating_add(REPLICATED_STAMP_AHEAD_MAX_US);
+        if b.system_time.0 > ahead_max {
+            return Err(Error::InvalidArgument(format!(
+                "batch {} is stamped {} µs, more than {REPLICATED_STAMP_AHEAD_MAX_US} µs ahead of this node's clock",
+                b.seqno, b.system_time.0
+            )));
         }
         // Check everything first; the last write of a cell in the batch is the one that counts.
         let mut cells: BTreeMap<CellId<'_>, (Option<Value>, VersionVector, &[u8])> = BTreeMap::new();
@@ -232,12 +261,24 @@ impl Inner {
             }
             let (value, vector) = cell::decode(&op.cell)
                 .map_err(|w| Error::InvalidArgument(format!("shipped cell does not decode: {w}")))?;
+            // A version written at the origin carries `origin: stamp` (REPLICATION.md §1); one
+            // written with an explicit vector may not, and is read as if it did, on every node.
+            let vector = vector.merge(&VersionVector::single(b.origin, b.system_time.0));
             cells.insert((op.entity.as_slice(), op.feature, op.event_time), (value, vector, op.cell.as_slice()));
         }
-        let horizon = self.horizon.read();
-        if cells.keys().any(|k| k.2 .0 < *horizon) {
-            return Err(Error::InvalidArgument(format!("a shipped version is below the event horizon {}", *horizon)));
+        let taught = cells.values().fold(self.knowledge.lock().clone(), |k, c| k.merge(&c.1));
+        if taught.len() > crate::limits::VERSION_VECTOR_ENTRIES_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "the batch names more than {} regions in all",
+                crate::limits::VERSION_VECTOR_ENTRIES_MAX
+            )));
         }
+        let horizon = self.horizon.read();
+        // Versions below this node's horizon are dropped (the horizon is a local policy); the
+        // cursor still moves past the batch, or the origin's log would stall here.
+        let below = cells.len();
+        cells.retain(|k, _| k.2 .0 >= *horizon);
+        let below = (below - cells.len()) as u64;
         self.check_ok()?;
         let mut w = self.writer.lock();
         self.make_room(&mut w)?;
@@ -247,7 +288,7 @@ impl Inner {
             return Ok(ApplyReport { already_applied: true, ..Default::default() });
         }
         self.hlc.observe(b.system_time.0);
-        let mut report = ApplyReport::default();
+        let mut report = ApplyReport { dropped: below, ..Default::default() };
         let mut ops = Vec::new();
         let mut batch_vector = VersionVector::new();
         for ((entity, feature, event_time), (value, vector, raw)) in &cells {
@@ -258,7 +299,7 @@ impl Inner {
             let incoming = Stamped { system_time: b.system_time, region: b.origin, vector };
             let current_stamped = current.as_ref().map(|c| Stamped {
                 system_time: c.system_time,
-                region: replication::origin(&c.version_vector, c.system_time).unwrap_or(self.opts.region),
+                region: replication::origin_or_guess(&c.version_vector, c.system_time),
                 vector: &c.version_vector,
             });
             let op = |system_time: SystemTime, cell: Vec<u8>| ResolvedOp {
@@ -272,7 +313,9 @@ impl Inner {
                 Resolution::Drop => report.dropped += 1,
                 Resolution::Apply => {
                     report.applied += 1;
-                    ops.push(op(b.system_time, raw.to_vec()));
+                    let mut buf = Vec::new();
+                    cell::encode(value.as_ref(), vector, &mut buf);
+                    ops.push(op(b.system_time, if buf.as_slice() == *raw { raw.to_vec() } else { buf }));
                 }
                 Resolution::Conflict { incoming_wins, merged } => {
                     report.conflicts += 1;
@@ -285,7 +328,9 @@ impl Inner {
                         // Keep the loser (unless it shares the winner's stamp, and so its key),
                         // and give the winner the merged vector at its own key.
                         if b.system_time != c.system_time {
-                            ops.push(op(b.system_time, raw.to_vec()));
+                            let mut buf = Vec::new();
+                            cell::encode(value.as_ref(), vector, &mut buf);
+                            ops.push(op(b.system_time, buf));
                         }
                         let mut buf = Vec::new();
                         cell::encode(c.value.as_ref(), &merged, &mut buf);
@@ -308,6 +353,14 @@ impl Inner {
         });
         let seqno = w.last_seqno + 1;
         let payload = batch::encode_replicated(seqno, stamp, (b.origin, b.seqno), &ops);
+        // Checked whole before it is logged: a record that would not read back must never
+        // reach the WAL (it would keep the node from opening).
+        if payload.len() > crate::limits::RECORD_BYTES_MAX - 64 {
+            return Err(Error::InvalidArgument(format!("batch {} is too large to log once resolved", b.seqno)));
+        }
+        if let Err(w) = batch::decode(&payload) {
+            return Err(Error::InvalidArgument(format!("batch {} does not log as a valid record: {w}", b.seqno)));
+        }
         let durable = (|| -> Result<()> {
             w.wal.append(&[payload.as_slice()])?;
             if durability == Durability::Sync && w.wal.sync()? {
