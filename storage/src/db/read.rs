@@ -49,14 +49,15 @@ struct EntityProbes {
 }
 
 impl EntityProbes {
-    fn new(entity: &[u8], features: &[FeatureId], as_of: EventTime, known_at: SystemTime, q: AsOf) -> Self {
+    /// The probes of `q` (capped at `known_at`) for `features` of `entity`.
+    fn new(entity: &[u8], features: &[FeatureId], q: AsOf, known_at: SystemTime) -> Self {
         let mut buf = Vec::with_capacity(features.len() * (entity.len() + 2 + 4 + key::TIME_SUFFIX_BYTES));
         let mut spans = Vec::with_capacity(features.len());
         for &f in features {
             let a = buf.len();
             key::push_prefix(&mut buf, entity, f);
             let p = buf.len();
-            key::push_times(&mut buf, as_of, SystemTime::MAX);
+            key::push_times(&mut buf, q.as_of, SystemTime::MAX);
             spans.push((a, p, buf.len()));
         }
         EntityProbes { buf, spans, event_time_min: q.event_time_min(), known_at }
@@ -163,13 +164,13 @@ impl Inner {
             .map(|i| EntityMisses::new(features, &answers[i * features.len()..(i + 1) * features.len()]))
             .collect();
 
-        // Pass 2: one round of block reads for the misses.
+        // The probe keys of each entity's misses, built once for passes 2 and 3.
         let first_q = if fill.is_some() { newest_q } else { q };
-        let pre = if self.ssd.batches_reads() {
-            self.prefetch_entities(&view, entities, &misses, first_q, known_at)
-        } else {
-            None
-        };
+        let probes: Vec<EntityProbes> =
+            entities.iter().zip(&misses).map(|(e, m)| EntityProbes::new(e, &m.features, first_q, known_at)).collect();
+
+        // Pass 2: one round of block reads for the misses.
+        let pre = if self.ssd.batches_reads() { self.prefetch_entities(&view, &probes) } else { None };
 
         // Pass 3: the misses, from the view.
         let mut prefix = Vec::new();
@@ -184,8 +185,7 @@ impl Inner {
             if m.features.is_empty() {
                 continue;
             }
-            let probes = EntityProbes::new(e, &m.features, first_q.as_of, known_at, first_q);
-            let firsts = self.entity_in_view(&view, &probes, pre.as_ref())?;
+            let firsts = self.entity_in_view(&view, &probes[i], pre.as_ref())?;
             let mut answers_by_feature = Vec::with_capacity(firsts.len());
             let mut filled = Vec::new();
             for (k, first) in firsts.into_iter().enumerate() {
@@ -265,24 +265,16 @@ impl Inner {
     /// Reads ahead, in one round, the uncached data blocks the forward passes of
     /// [`Inner::entity_in_view`] will start in, for every entity with misses. `None` if there is
     /// nothing to read.
-    fn prefetch_entities(
-        &self,
-        view: &ReadView,
-        entities: &[EntityKey],
-        misses: &[EntityMisses],
-        q: AsOf,
-        known_at: SystemTime,
-    ) -> Option<Prefetched> {
+    fn prefetch_entities(&self, view: &ReadView, entities: &[EntityProbes]) -> Option<Prefetched> {
         if view.version.levels.iter().all(|l| l.is_empty()) {
             return None;
         }
         let mut wanted = Vec::new();
-        for (e, m) in entities.iter().zip(misses) {
-            if m.features.is_empty() {
+        for probes in entities {
+            let probes = probes.probes();
+            if probes.is_empty() {
                 continue;
             }
-            let probes = EntityProbes::new(e, &m.features, q.as_of, known_at, q);
-            let probes = probes.probes();
             for t in self.tables_for(view, &probes) {
                 for b in t.table.blocks_for_many(&probes) {
                     wanted.push((t.table.clone(), b));

@@ -266,8 +266,8 @@ impl Inner {
             let vector = vector.merge(&VersionVector::single(b.origin, b.system_time.0));
             cells.insert((op.entity.as_slice(), op.feature, op.event_time), (value, vector, op.cell.as_slice()));
         }
-        let taught = cells.values().fold(self.knowledge.lock().clone(), |k, c| k.merge(&c.1));
-        if taught.len() > crate::limits::VERSION_VECTOR_ENTRIES_MAX {
+        let would_know = cells.values().fold(self.knowledge.lock().clone(), |k, c| k.merge(&c.1));
+        if would_know.len() > crate::limits::VERSION_VECTOR_ENTRIES_MAX {
             return Err(Error::InvalidArgument(format!(
                 "the batch names more than {} regions in all",
                 crate::limits::VERSION_VECTOR_ENTRIES_MAX
