@@ -113,16 +113,6 @@ impl Prefetched {
     pub fn get(&self, table: u64, offset: u64) -> Option<Arc<Block>> {
         self.blocks.get(&(table, offset)).cloned()
     }
-
-    /// Number of blocks held.
-    pub fn len(&self) -> usize {
-        self.blocks.len()
-    }
-
-    /// True if no block was read ahead.
-    pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
-    }
 }
 
 thread_local! {
