@@ -31,7 +31,8 @@ pub mod version;
 pub use batch::WriteBatch;
 pub use db::{
     verify_dir, ApplyReport, Db, LevelStats, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange, ShippedBatch,
-    ShippedOp, Snapshot, Stats, VerifyReport, WriteReceipt, REPLICATION_ENTITY,
+    ShippedOp, Snapshot, SnapshotReader, SnapshotVersion, Stats, VerifyReport, WriteReceipt, REPLICATION_ENTITY,
+    SHIPPED_VERSIONS_MAX,
 };
 pub use hlc::{Clock, ManualClock, SystemClock};
 pub use hot::HotStats;

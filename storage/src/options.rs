@@ -55,6 +55,9 @@ pub struct Options {
     /// them ([`crate::Db::retain_log_after`]); past it the oldest go, and a peer that needed
     /// them must be bootstrapped. 0 (the default) deletes segments once flushed.
     pub replication_log_bytes: u64,
+    /// Reserved entity-key prefixes (first byte zero) whose cells replicate like data (the
+    /// server's registry). Every other reserved entity stays local to its node.
+    pub replicated_prefixes: Vec<Vec<u8>>,
     /// How background work runs.
     pub background: Background,
     /// Upper bound on how long an `Async` write stays unsynced.
@@ -81,6 +84,7 @@ impl Default for Options {
             retention_window: None,
             region: 0,
             replication_log_bytes: 0,
+            replicated_prefixes: Vec::new(),
             background: Background::Threads,
             async_sync_interval: Duration::from_millis(100),
             clock: Arc::new(SystemClock),

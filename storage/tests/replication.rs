@@ -40,6 +40,13 @@ enum Op {
         from: usize,
         pick: prop::sample::Index,
     },
+    /// Region `to` applies a snapshot of `from`, in parts of `part` versions (as a peer behind
+    /// the retained log is bootstrapped).
+    Bootstrap {
+        to: usize,
+        from: usize,
+        part: usize,
+    },
     Reopen(usize),
     Flush(usize),
     /// Region `r`'s wall clock moves (the clocks drift apart, and sometimes meet).
@@ -56,6 +63,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(r, cells)| Op::Write { r, cells }),
         4 => (0..REGIONS, 0..REGIONS, 1usize..4, any::<bool>()).prop_map(|(to, from, n, sync)| Op::Deliver { to, from, n, sync }),
         1 => (0..REGIONS, 0..REGIONS, any::<prop::sample::Index>()).prop_map(|(to, from, pick)| Op::Redeliver { to, from, pick }),
+        1 => (0..REGIONS, 0..REGIONS, 1usize..5).prop_map(|(to, from, part)| Op::Bootstrap { to, from, part }),
         1 => (0..REGIONS).prop_map(Op::Reopen),
         1 => (0..REGIONS).prop_map(Op::Flush),
         1 => (0..REGIONS, 0u64..3).prop_map(|(r, d)| Op::Advance { r, d }),
@@ -183,6 +191,45 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
                 }
             }
             Op::Redeliver { .. } => {}
+            Op::Bootstrap { to, from, part } if to != from => {
+                let reader = regions[from].db().replication_snapshot().expect("snapshot");
+                let through = reader.through();
+                let versions: Vec<_> = reader.collect::<Result<_, _>>().expect("snapshot reads");
+                let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
+                let cursor = regions[to].db().replication_cursor(from as u32).expect("cursor");
+                let parts: Vec<&[quiver_storage::SnapshotVersion]> = versions.chunks(part).collect();
+                for (i, p) in parts.iter().enumerate() {
+                    let last = (i + 1 == parts.len()).then_some(through);
+                    regions[to].db().apply_snapshot(from as u32, p, last, Durability::Async).expect("apply part");
+                }
+                if parts.is_empty() {
+                    regions[to].db().apply_snapshot(from as u32, &[], Some(through), Durability::Async).expect("end");
+                }
+                prop_assert_eq!(regions[to].db().replication_cursor(from as u32).expect("cursor"), cursor.max(through));
+                for (c, was) in all_cells().into_iter().zip(before) {
+                    let now = winner(regions[to].db(), c);
+                    if let Some(was) = was {
+                        let now = now.expect("a bootstrap removes nothing");
+                        prop_assert!(
+                            matches!(was.2.compare(&now.2), Causality::Before | Causality::Equal),
+                            "cell {c:?} rolled back from {was:?} to {now:?}"
+                        );
+                    }
+                }
+                // Everything `from` held is now held (or superseded) at `to`.
+                for c in all_cells() {
+                    if let (Some(theirs), Some(ours)) = (winner(regions[from].db(), c), winner(regions[to].db(), c)) {
+                        // Superseded, or concurrent and lost (the winner took the merged vector).
+                        prop_assert!(
+                            matches!(theirs.2.compare(&ours.2), Causality::Before | Causality::Equal),
+                            "cell {c:?}: {theirs:?} at {from} but {ours:?} at {to}"
+                        );
+                    } else {
+                        prop_assert!(winner(regions[from].db(), c).is_none(), "cell {c:?} missing at {to}");
+                    }
+                }
+            }
+            Op::Bootstrap { .. } => {}
             Op::Reopen(r) => {
                 let region = &mut regions[r];
                 let cursors: Vec<u64> =
@@ -277,7 +324,7 @@ fn bad_shipped_batches_are_refused_and_change_nothing() {
     let reserved = quiver_storage::ShippedOp { entity: b"\x00reg\x00x".to_vec(), ..good.clone() };
     for (what, b) in [
         ("own region", batch(0, vec![good.clone()])),
-        ("empty", batch(1, vec![])),
+        ("sequence number 0", ShippedBatch { seqno: 0, ..batch(1, vec![good.clone()]) }),
         ("cell that does not decode", batch(1, vec![good.clone(), bad_cell])),
         ("reserved entity", batch(1, vec![reserved])),
     ] {
@@ -377,4 +424,45 @@ fn flushed_log_segments_stay_for_peers_until_applied_or_over_the_bound() {
     let db = open(1);
     assert!(matches!(db.origin_log(seqnos[2], usize::MAX), Err(Error::LogTruncated { .. })));
     assert!(db.origin_log(last, usize::MAX).expect("nothing newer").is_empty());
+}
+
+#[test]
+fn reserved_entities_replicate_only_under_the_replicated_prefixes() {
+    let clock = ManualClock::new(1_000_000);
+    let open = |r: u32, prefixes: Vec<Vec<u8>>| {
+        let opts = Options { replicated_prefixes: prefixes, ..options(r as usize, &clock, false) };
+        Db::open_with_fs(Arc::new(MemFs::new()), Path::new("/db"), opts).expect("open")
+    };
+    let registry = b"\x00reg\x00".to_vec();
+    let origin = open(0, vec![registry.clone()]);
+    let mut b = WriteBatch::new();
+    b.put(b"\x00reg\x00group", FeatureId(1), EventTime(0), Value::Int64(1)).expect("put");
+    b.put(b"\x00idem\x00key", FeatureId(0), EventTime(0), Value::Int64(2)).expect("put");
+    b.put(b"\x01ann", FeatureId(1), EventTime(0), Value::Int64(3)).expect("put");
+    origin.write(b, Durability::Sync).expect("write");
+    let mut b = WriteBatch::new();
+    b.put(b"\x00idem\x00other", FeatureId(0), EventTime(0), Value::Int64(4)).expect("put");
+    origin.write(b, Durability::Sync).expect("write");
+    let log = origin.origin_log(0, usize::MAX).expect("log");
+    assert_eq!(log.len(), 2);
+    let shipped: Vec<&[u8]> = log[0].ops.iter().map(|o| o.entity.as_slice()).collect();
+    assert_eq!(shipped, [b"\x00reg\x00group".as_slice(), b"\x01ann"], "local reserved entities stay");
+    assert!(log[1].ops.is_empty(), "a batch of local cells ships empty, to move the cursor");
+    let peer = open(1, vec![registry]);
+    for b in &log {
+        peer.apply_replicated(b, Durability::Sync).expect("apply");
+    }
+    assert_eq!(peer.replication_cursor(0).expect("cursor"), log[1].seqno);
+    let at0 = AsOf::at(EventTime(0));
+    assert!(peer.value_at(b"\x00reg\x00group", FeatureId(1), at0).expect("get").is_some());
+    assert!(peer.value_at(b"\x00idem\x00key", FeatureId(0), at0).expect("get").is_none());
+    // A peer that does not replicate the prefix refuses the batch whole.
+    let other = open(2, vec![]);
+    assert!(matches!(other.apply_replicated(&log[0], Durability::Sync), Err(Error::InvalidArgument(_))));
+    assert_eq!(other.replication_cursor(0).expect("cursor"), 0);
+    // A snapshot holds the replicated cells and none of the local ones.
+    let snap = origin.replication_snapshot().expect("snapshot");
+    assert_eq!(snap.through(), log[1].seqno);
+    let entities: Vec<Vec<u8>> = snap.map(|v| v.expect("version").entity).collect();
+    assert_eq!(entities, [b"\x00reg\x00group".to_vec(), b"\x01ann".to_vec()]);
 }

@@ -37,7 +37,9 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 pub use offline::{verify_dir, VerifyReport};
 pub use read::{PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
-pub use replicate::{ApplyReport, ShippedBatch, ShippedOp, REPLICATION_ENTITY};
+pub use replicate::{
+    ApplyReport, ShippedBatch, ShippedOp, SnapshotReader, SnapshotVersion, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
+};
 pub use write::WriteReceipt;
 
 use crate::fs::{Fs, RealFs};
@@ -309,6 +311,33 @@ impl Db {
     pub fn apply_replicated(&self, batch: &ShippedBatch, durability: Durability) -> Result<ApplyReport> {
         let r = self.inner.apply_replicated(batch, durability)?;
         if self.inner.opts.background == Background::Inline && !r.already_applied {
+            if let Err(e) = self.inner.run_inline_work() {
+                tracing::error!(error = %e, "inline background work failed");
+            }
+        }
+        Ok(r)
+    }
+
+    /// A consistent snapshot of every cell this node replicates (each cell's current
+    /// version), to bootstrap a peer that is behind the retained log; the peer applies it
+    /// with [`Db::apply_snapshot`] and continues from the log after
+    /// [`SnapshotReader::through`].
+    pub fn replication_snapshot(&self) -> Result<SnapshotReader> {
+        self.inner.replication_snapshot()
+    }
+
+    /// Applies part of a peer's snapshot (`REPLICATION.md` §5): every version is resolved as a
+    /// replicated one is; `through` (on the last part) raises the cursor for `origin` to the
+    /// snapshot's sequence number, never lowering it.
+    pub fn apply_snapshot(
+        &self,
+        origin: crate::types::RegionId,
+        versions: &[SnapshotVersion],
+        through: Option<u64>,
+        durability: Durability,
+    ) -> Result<ApplyReport> {
+        let r = self.inner.apply_snapshot(origin, versions, through, durability)?;
+        if self.inner.opts.background == Background::Inline {
             if let Err(e) = self.inner.run_inline_work() {
                 tracing::error!(error = %e, "inline background work failed");
             }

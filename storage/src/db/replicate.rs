@@ -86,7 +86,108 @@ pub(super) fn learned(b: &batch::DecodedBatch<'_>) -> VersionVector {
 /// A cell: `(entity, feature, event time)`.
 type CellId<'a> = (&'a [u8], FeatureId, EventTime);
 
+/// Most versions in one shipped batch or snapshot part: each may become two ops (a kept loser
+/// and a rewritten winner), and the cursor takes one more.
+pub const SHIPPED_VERSIONS_MAX: usize = (BATCH_OPS_MAX - 1) / 2;
+
+/// One version of a peer's snapshot: a cell's current version, with its own stamp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotVersion {
+    /// Entity key.
+    pub entity: Vec<u8>,
+    /// Feature.
+    pub feature: FeatureId,
+    /// Event time.
+    pub event_time: EventTime,
+    /// The version's system time at its origin.
+    pub system_time: SystemTime,
+    /// The encoded cell: value and version vector.
+    pub cell: Vec<u8>,
+}
+
+/// A version being applied, checked and decoded.
+struct Incoming<'a> {
+    value: Option<Value>,
+    vector: VersionVector,
+    raw: &'a [u8],
+    system_time: SystemTime,
+    region: RegionId,
+}
+
+/// What applying does to the cursor of the batch's origin.
+#[derive(Debug, Clone, Copy)]
+enum CursorMove {
+    /// A log batch: applied only above the cursor, which moves to it.
+    Batch(u64),
+    /// The end of a snapshot: the cursor moves up to it (never down).
+    Raise(u64),
+    /// A snapshot part: the cursor stays.
+    Keep,
+}
+
+/// A consistent snapshot of the cells this node replicates, for bootstrapping a peer: each
+/// cell's current version (tombstones included), in key order. It holds its read view.
+#[derive(Debug)]
+pub struct SnapshotReader {
+    scan: super::read::ScanIter,
+    through: u64,
+    replicated_prefixes: Vec<Vec<u8>>,
+    last: Option<(Vec<u8>, FeatureId, EventTime)>,
+}
+
+impl SnapshotReader {
+    /// The sequence number of this node's log the snapshot holds every batch through: a peer
+    /// that applied it continues from the log after it.
+    pub fn through(&self) -> u64 {
+        self.through
+    }
+}
+
+impl Iterator for SnapshotReader {
+    type Item = Result<SnapshotVersion>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let item = match self.scan.next()? {
+                Ok(i) => i,
+                Err(e) => return Some(Err(e)),
+            };
+            let local_reserved =
+                item.entity.first() == Some(&0) && !self.replicated_prefixes.iter().any(|p| item.entity.starts_with(p));
+            if local_reserved {
+                continue;
+            }
+            // Versions of one cell come newest first: the first is the cell's winner.
+            let id = (item.entity, item.feature, item.version.event_time);
+            if self.last.as_ref() == Some(&id) {
+                continue;
+            }
+            let mut cell_bytes = Vec::new();
+            cell::encode(item.version.value.as_ref(), &item.version.version_vector, &mut cell_bytes);
+            let v = SnapshotVersion {
+                entity: id.0.clone(),
+                feature: id.1,
+                event_time: id.2,
+                system_time: item.version.system_time,
+                cell: cell_bytes,
+            };
+            self.last = Some(id);
+            return Some(Ok(v));
+        }
+    }
+}
+
 impl Inner {
+    /// A snapshot for a peer (see [`SnapshotReader`]).
+    pub(super) fn replication_snapshot(&self) -> Result<SnapshotReader> {
+        let through = self.published_seqno.load(Ordering::Acquire);
+        let scan = self.scan(super::read::ScanRange::all())?;
+        // Only durable batches leave the node (as in `origin_log`).
+        let wal = self.current_wal.lock().clone();
+        wal.sync()?;
+        Ok(SnapshotReader { scan, through, replicated_prefixes: self.opts.replicated_prefixes.clone(), last: None })
+    }
+
     /// The batches this region wrote with sequence numbers above `after`, at most `max`, from
     /// the WAL segments still on disk.
     pub(super) fn origin_log(&self, after: u64, max: usize) -> Result<Vec<ShippedBatch>> {
@@ -132,6 +233,8 @@ impl Inner {
                 if out.len() >= max {
                     return Ok(out);
                 }
+                // Reserved entities that are local to this node (idempotency keys, cursors)
+                // stay here; a batch of only those still ships, empty, to move the cursor.
                 out.push(ShippedBatch {
                     origin: self.opts.region,
                     seqno: b.seqno,
@@ -139,6 +242,7 @@ impl Inner {
                     ops: b
                         .ops
                         .iter()
+                        .filter(|op| self.replicates(op.entity))
                         .map(|op| ShippedOp {
                             entity: op.entity.to_vec(),
                             feature: op.feature,
@@ -233,6 +337,33 @@ impl Inner {
         Ok(self.cursor_in(&view, origin)?.0)
     }
 
+    /// Whether `entity` replicates: user entities, and reserved ones under
+    /// `Options::replicated_prefixes`.
+    pub(super) fn replicates(&self, entity: &[u8]) -> bool {
+        entity.first() != Some(&0) || self.opts.replicated_prefixes.iter().any(|p| entity.starts_with(p))
+    }
+
+    /// Checks one shipped version: its entity, its cell, its stamp.
+    fn check_shipped(
+        &self,
+        entity: &[u8],
+        cell: &[u8],
+        system_time: SystemTime,
+    ) -> Result<(Option<Value>, VersionVector)> {
+        check_entity_key(entity)?;
+        if !self.replicates(entity) {
+            return Err(Error::InvalidArgument("a shipped batch writes a reserved entity".into()));
+        }
+        let ahead_max = self.hlc.wall_us().saturating_add(REPLICATED_STAMP_AHEAD_MAX_US);
+        if system_time.0 > ahead_max {
+            return Err(Error::InvalidArgument(format!(
+                "a shipped version is stamped {} µs, more than {REPLICATED_STAMP_AHEAD_MAX_US} µs ahead of this node's clock",
+                system_time.0
+            )));
+        }
+        cell::decode(cell).map_err(|w| Error::InvalidArgument(format!("shipped cell does not decode: {w}")))
+    }
+
     /// Applies a batch shipped by its origin (see `REPLICATION.md` §3): under the writer lock,
     /// each version is resolved against its cell's winner, and the survivors, the rewritten
     /// winners and the new cursor are logged as one WAL record and published together.
@@ -240,33 +371,74 @@ impl Inner {
         if b.origin == self.opts.region {
             return Err(Error::InvalidArgument(format!("batch {} comes from this node's own region", b.seqno)));
         }
-        // Each version may become two ops (a kept loser and a rewritten winner), plus the cursor.
-        let ops_max = (BATCH_OPS_MAX - 1) / 2;
-        if b.ops.is_empty() || b.ops.len() > ops_max {
-            return Err(Error::InvalidArgument(format!("a shipped batch holds 1 to {ops_max} versions")));
+        if b.seqno == 0 {
+            return Err(Error::InvalidArgument("a shipped batch has sequence number 0".into()));
         }
-        let ahead_max = self.hlc.wall_us().saturating_add(REPLICATED_STAMP_AHEAD_MAX_US);
-        if b.system_time.0 > ahead_max {
-            return Err(Error::InvalidArgument(format!(
-                "batch {} is stamped {} µs, more than {REPLICATED_STAMP_AHEAD_MAX_US} µs ahead of this node's clock",
-                b.seqno, b.system_time.0
-            )));
+        // Each version may become two ops (a kept loser and a rewritten winner), plus the cursor.
+        let ops_max = SHIPPED_VERSIONS_MAX;
+        if b.ops.len() > ops_max {
+            return Err(Error::InvalidArgument(format!("a shipped batch holds at most {ops_max} versions")));
         }
         // Check everything first; the last write of a cell in the batch is the one that counts.
-        let mut cells: BTreeMap<CellId<'_>, (Option<Value>, VersionVector, &[u8])> = BTreeMap::new();
+        let mut cells: BTreeMap<CellId<'_>, Incoming<'_>> = BTreeMap::new();
         for op in &b.ops {
-            check_entity_key(&op.entity)?;
-            if op.entity.first() == Some(&0) {
-                return Err(Error::InvalidArgument("a shipped batch writes a reserved entity".into()));
-            }
-            let (value, vector) = cell::decode(&op.cell)
-                .map_err(|w| Error::InvalidArgument(format!("shipped cell does not decode: {w}")))?;
+            let (value, vector) = self.check_shipped(&op.entity, &op.cell, b.system_time)?;
             // A version written at the origin carries `origin: stamp` (REPLICATION.md §1); one
             // written with an explicit vector may not, and is read as if it did, on every node.
             let vector = vector.merge(&VersionVector::single(b.origin, b.system_time.0));
-            cells.insert((op.entity.as_slice(), op.feature, op.event_time), (value, vector, op.cell.as_slice()));
+            let incoming =
+                Incoming { value, vector, raw: op.cell.as_slice(), system_time: b.system_time, region: b.origin };
+            cells.insert((op.entity.as_slice(), op.feature, op.event_time), incoming);
         }
-        let would_know = cells.values().fold(self.knowledge.lock().clone(), |k, c| k.merge(&c.1));
+        self.apply_cells(b.origin, CursorMove::Batch(b.seqno), cells, durability)
+    }
+
+    /// Applies part of a peer's snapshot (its cells' current versions, each with its own stamp
+    /// and region read from its vector); the last part raises the cursor for `origin` to the
+    /// sequence number the snapshot was taken at. Parts may be redelivered: a version already
+    /// held is dropped as a duplicate.
+    pub(super) fn apply_snapshot(
+        &self,
+        origin: RegionId,
+        versions: &[SnapshotVersion],
+        through: Option<u64>,
+        durability: Durability,
+    ) -> Result<ApplyReport> {
+        if origin == self.opts.region {
+            return Err(Error::InvalidArgument("a snapshot comes from this node's own region".into()));
+        }
+        if versions.len() > SHIPPED_VERSIONS_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "a snapshot part holds at most {SHIPPED_VERSIONS_MAX} versions"
+            )));
+        }
+        let mut cells: BTreeMap<CellId<'_>, Incoming<'_>> = BTreeMap::new();
+        for v in versions {
+            let (value, vector) = self.check_shipped(&v.entity, &v.cell, v.system_time)?;
+            let region = replication::origin_or_guess(&vector, v.system_time);
+            let id = (v.entity.as_slice(), v.feature, v.event_time);
+            if cells.contains_key(&id) {
+                return Err(Error::InvalidArgument("a snapshot part holds one cell twice".into()));
+            }
+            cells.insert(id, Incoming { value, vector, raw: v.cell.as_slice(), system_time: v.system_time, region });
+        }
+        let cursor = match through {
+            Some(s) => CursorMove::Raise(s),
+            None => CursorMove::Keep,
+        };
+        self.apply_cells(origin, cursor, cells, durability)
+    }
+
+    /// The shared half of [`Inner::apply_replicated`] and [`Inner::apply_snapshot`]: resolve,
+    /// log as one record, publish.
+    fn apply_cells(
+        &self,
+        origin: RegionId,
+        cursor_move: CursorMove,
+        mut cells: BTreeMap<CellId<'_>, Incoming<'_>>,
+        durability: Durability,
+    ) -> Result<ApplyReport> {
+        let would_know = cells.values().fold(self.knowledge.lock().clone(), |k, c| k.merge(&c.vector));
         if would_know.len() > crate::limits::VERSION_VECTOR_ENTRIES_MAX {
             return Err(Error::InvalidArgument(format!(
                 "the batch names more than {} regions in all",
@@ -283,20 +455,30 @@ impl Inner {
         let mut w = self.writer.lock();
         self.make_room(&mut w)?;
         let view = self.view.read().clone();
-        let (cursor, taught) = self.cursor_in(&view, b.origin)?;
-        if b.seqno <= cursor {
-            return Ok(ApplyReport { already_applied: true, ..Default::default() });
+        let (cursor, taught) = self.cursor_in(&view, origin)?;
+        let new_cursor = match cursor_move {
+            CursorMove::Batch(s) if s <= cursor => {
+                return Ok(ApplyReport { already_applied: true, ..Default::default() })
+            }
+            CursorMove::Batch(s) => Some(s),
+            CursorMove::Raise(s) => Some(s.max(cursor)),
+            CursorMove::Keep => None,
+        };
+        if cells.is_empty() && new_cursor == Some(cursor) {
+            return Ok(ApplyReport { dropped: below, ..Default::default() });
         }
-        self.hlc.observe(b.system_time.0);
+        if let Some(newest) = cells.values().map(|c| c.system_time.0).max() {
+            self.hlc.observe(newest);
+        }
         let mut report = ApplyReport { dropped: below, ..Default::default() };
         let mut ops = Vec::new();
         let mut batch_vector = VersionVector::new();
-        for ((entity, feature, event_time), (value, vector, raw)) in &cells {
-            batch_vector = batch_vector.merge(vector);
+        for ((entity, feature, event_time), inc) in &cells {
+            batch_vector = batch_vector.merge(&inc.vector);
             let prefix = key::prefix(entity, *feature);
             let exact = AsOf { as_of: *event_time, known_at: SystemTime::MAX, lookback_us: Some(0) };
             let current = self.get_in_view(&view, &prefix, exact, SystemTime::MAX, None)?;
-            let incoming = Stamped { system_time: b.system_time, region: b.origin, vector };
+            let incoming = Stamped { system_time: inc.system_time, region: inc.region, vector: &inc.vector };
             let current_stamped = current.as_ref().map(|c| Stamped {
                 system_time: c.system_time,
                 region: replication::origin_or_guess(&c.version_vector, c.system_time),
@@ -309,57 +491,65 @@ impl Inner {
                 system_time,
                 cell,
             };
+            let encoded = |value: Option<&Value>, vector: &VersionVector| {
+                let mut buf = Vec::new();
+                cell::encode(value, vector, &mut buf);
+                buf
+            };
             match replication::resolve(current_stamped, incoming) {
                 Resolution::Drop => report.dropped += 1,
                 Resolution::Apply => {
                     report.applied += 1;
-                    let mut buf = Vec::new();
-                    cell::encode(value.as_ref(), vector, &mut buf);
-                    ops.push(op(b.system_time, if buf.as_slice() == *raw { raw.to_vec() } else { buf }));
+                    let buf = encoded(inc.value.as_ref(), &inc.vector);
+                    ops.push(op(inc.system_time, if buf.as_slice() == inc.raw { inc.raw.to_vec() } else { buf }));
                 }
                 Resolution::Conflict { incoming_wins, merged } => {
                     report.conflicts += 1;
                     let Some(c) = &current else { continue };
                     if incoming_wins {
-                        let mut buf = Vec::new();
-                        cell::encode(value.as_ref(), &merged, &mut buf);
-                        ops.push(op(b.system_time, buf));
+                        ops.push(op(inc.system_time, encoded(inc.value.as_ref(), &merged)));
                     } else {
                         // Keep the loser (unless it shares the winner's stamp, and so its key),
                         // and give the winner the merged vector at its own key.
-                        if b.system_time != c.system_time {
-                            let mut buf = Vec::new();
-                            cell::encode(value.as_ref(), vector, &mut buf);
-                            ops.push(op(b.system_time, buf));
+                        if inc.system_time != c.system_time {
+                            ops.push(op(inc.system_time, encoded(inc.value.as_ref(), &inc.vector)));
                         }
-                        let mut buf = Vec::new();
-                        cell::encode(c.value.as_ref(), &merged, &mut buf);
-                        ops.push(op(c.system_time, buf));
+                        ops.push(op(c.system_time, encoded(c.value.as_ref(), &merged)));
                     }
                 }
             }
         }
-        // The cursor, with what this origin's batches taught, in the same record.
         let stamp = SystemTime(self.hlc.stamp());
-        let taught = taught.merge(&batch_vector);
-        let mut cursor_cell = Vec::new();
-        cell::encode(Some(&Value::Int64(b.seqno as i64)), &taught, &mut cursor_cell);
-        ops.push(ResolvedOp {
-            entity: REPLICATION_ENTITY.to_vec(),
-            feature: FeatureId(b.origin),
-            event_time: EventTime(0),
-            system_time: stamp,
-            cell: cursor_cell,
-        });
+        // The cursor, with what this origin's batches taught, in the same record.
+        let origin_seqno = match new_cursor {
+            Some(s) => {
+                let taught = taught.merge(&batch_vector);
+                let mut cursor_cell = Vec::new();
+                cell::encode(Some(&Value::Int64(s as i64)), &taught, &mut cursor_cell);
+                ops.push(ResolvedOp {
+                    entity: REPLICATION_ENTITY.to_vec(),
+                    feature: FeatureId(origin),
+                    event_time: EventTime(0),
+                    system_time: stamp,
+                    cell: cursor_cell,
+                });
+                s
+            }
+            None => 0,
+        };
+        if ops.is_empty() {
+            drop(w);
+            return Ok(report);
+        }
         let seqno = w.last_seqno + 1;
-        let payload = batch::encode_replicated(seqno, stamp, (b.origin, b.seqno), &ops);
+        let payload = batch::encode_replicated(seqno, stamp, (origin, origin_seqno), &ops);
         // Checked whole before it is logged: a record that would not read back must never
         // reach the WAL (it would keep the node from opening).
         if payload.len() > crate::limits::RECORD_BYTES_MAX - 64 {
-            return Err(Error::InvalidArgument(format!("batch {} is too large to log once resolved", b.seqno)));
+            return Err(Error::InvalidArgument("a shipped batch is too large to log once resolved".into()));
         }
         if let Err(w) = batch::decode(&payload) {
-            return Err(Error::InvalidArgument(format!("batch {} does not log as a valid record: {w}", b.seqno)));
+            return Err(Error::InvalidArgument(format!("a shipped batch does not log as a valid record: {w}")));
         }
         let durable = (|| -> Result<()> {
             w.wal.append(&[payload.as_slice()])?;
