@@ -58,6 +58,9 @@ pub struct Options {
     /// Reserved entity-key prefixes (first byte zero) whose cells replicate like data (the
     /// server's registry). Every other reserved entity stays local to its node.
     pub replicated_prefixes: Vec<Vec<u8>>,
+    /// Bytes of the newest local batches kept in memory for peers that keep up (used when
+    /// `replication_log_bytes > 0`); a peer further behind is served from the WAL on disk.
+    pub replication_tail_bytes: usize,
     /// How background work runs.
     pub background: Background,
     /// Upper bound on how long an `Async` write stays unsynced.
@@ -85,6 +88,7 @@ impl Default for Options {
             region: 0,
             replication_log_bytes: 0,
             replicated_prefixes: Vec::new(),
+            replication_tail_bytes: 32 << 20,
             background: Background::Threads,
             async_sync_interval: Duration::from_millis(100),
             clock: Arc::new(SystemClock),

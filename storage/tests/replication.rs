@@ -80,6 +80,9 @@ struct Region {
 
 fn options(r: usize, clock: &ManualClock, hot: bool) -> Options {
     Options {
+        // Region 0 ships from memory, region 1 from the WAL only, region 2 from a tail that
+        // holds a few batches.
+        replication_tail_bytes: [1 << 20, 0, 300][r % 3],
         region: r as u32,
         memtable_bytes: 2048,
         // Flushed WAL segments stay for the shipper.

@@ -144,6 +144,9 @@ pub(crate) struct Inner {
     log_needed_after: AtomicU64,
     /// Last sequence number of each flushed WAL segment kept for peers, learned lazily.
     segment_last_seqno: Mutex<std::collections::BTreeMap<u64, u64>>,
+    /// The newest local batches, in memory, so peers that keep up are served without reading
+    /// the WAL back (only when `replication_log_bytes > 0`).
+    log_tail: Mutex<replicate::LogTail>,
     hot: Option<crate::hot::HotTier>,
 }
 
@@ -355,6 +358,12 @@ impl Db {
     /// flushed segment is kept (up to `Options::replication_log_bytes`).
     pub fn retain_log_after(&self, seqno: u64) {
         self.inner.log_needed_after.store(seqno, Ordering::Release);
+    }
+
+    /// The sequence number of the last published batch (local or replicated): cheap, for
+    /// waiting on new writes.
+    pub fn last_seqno(&self) -> u64 {
+        self.inner.published_seqno.load(Ordering::Acquire)
     }
 
     /// What this node knows of other regions' writes (see `REPLICATION.md` §2).

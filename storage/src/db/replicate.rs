@@ -125,6 +125,35 @@ enum CursorMove {
     Keep,
 }
 
+/// The newest local batches as logged (payloads), so `origin_log` serves peers that keep up
+/// from memory. It holds every local batch with a sequence number at or above `covers_from`.
+#[derive(Debug)]
+pub(super) struct LogTail {
+    batches: std::collections::VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+    bytes_max: usize,
+    covers_from: u64,
+}
+
+impl LogTail {
+    /// An empty tail on a node whose last batch is `last_seqno`.
+    pub(super) fn new(last_seqno: u64, bytes_max: usize) -> LogTail {
+        LogTail { batches: Default::default(), bytes: 0, bytes_max, covers_from: last_seqno + 1 }
+    }
+
+    /// Adds the local batch `seqno` (pushed in increasing order), dropping the oldest past
+    /// the bound.
+    pub(super) fn push(&mut self, seqno: u64, payload: Vec<u8>) {
+        self.bytes += payload.len();
+        self.batches.push_back((seqno, payload));
+        while self.bytes > self.bytes_max {
+            let Some((s, p)) = self.batches.pop_front() else { break };
+            self.bytes -= p.len();
+            self.covers_from = s + 1;
+        }
+    }
+}
+
 /// A consistent snapshot of the cells this node replicates, for bootstrapping a peer: each
 /// cell's current version (tombstones included), in key order. It holds its read view.
 #[derive(Debug)]
@@ -188,14 +217,56 @@ impl Inner {
         Ok(SnapshotReader { scan, through, replicated_prefixes: self.opts.replicated_prefixes.clone(), last: None })
     }
 
-    /// The batches this region wrote with sequence numbers above `after`, at most `max`, from
-    /// the WAL segments still on disk.
+    /// A logged local batch as shipped. Reserved entities that are local to this node
+    /// (idempotency keys, cursors) stay here; a batch of only those still ships, empty, to
+    /// move the peer's cursor.
+    fn shipped(&self, b: &batch::DecodedBatch<'_>) -> ShippedBatch {
+        ShippedBatch {
+            origin: self.opts.region,
+            seqno: b.seqno,
+            system_time: b.system_time,
+            ops: b
+                .ops
+                .iter()
+                .filter(|op| self.replicates(op.entity))
+                .map(|op| ShippedOp {
+                    entity: op.entity.to_vec(),
+                    feature: op.feature,
+                    event_time: op.event_time,
+                    cell: op.cell.to_vec(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The batches this region wrote with sequence numbers above `after`, at most `max`: from
+    /// the in-memory tail when it reaches back far enough, else from the WAL segments still on
+    /// disk.
     pub(super) fn origin_log(&self, after: u64, max: usize) -> Result<Vec<ShippedBatch>> {
         // Only durable batches leave the node: one lost in a crash must not be on a peer (the
         // origin would reuse its sequence number). Older segments were synced at their switch.
+        // `published` first: everything published by then was appended to this segment or to
+        // one synced at its switch.
+        let published = self.published_seqno.load(Ordering::Acquire);
         let wal = self.current_wal.lock().clone();
         wal.sync()?;
-        let published = self.published_seqno.load(Ordering::Acquire);
+        {
+            let tail = self.log_tail.lock();
+            if after + 1 >= tail.covers_from {
+                let mut out = Vec::new();
+                for (seqno, payload) in &tail.batches {
+                    if *seqno <= after || *seqno > published {
+                        continue;
+                    }
+                    if out.len() >= max {
+                        break;
+                    }
+                    let b = batch::decode(payload).map_err(|w| Error::corruption(&self.dir, 0, w))?;
+                    out.push(self.shipped(&b));
+                }
+                return Ok(out);
+            }
+        }
         let mut segments: Vec<u64> =
             self.fs.list(&self.dir)?.iter().filter_map(|n| wal::parse_segment_name(n)).collect();
         segments.sort_unstable();
@@ -204,7 +275,19 @@ impl Inner {
         // anything else means the log no longer holds a batch the peer may need.
         let mut prev: Option<u64> = None;
         let truncated = |first: u64| Error::LogTruncated { oldest: first };
+        let current = wal.number();
         'segments: for &number in &segments {
+            // A closed segment known to hold nothing after `after` is not read again.
+            if number < current {
+                if let Some(&last) = self.segment_last_seqno.lock().get(&number) {
+                    if last <= after {
+                        if last > 0 {
+                            prev = Some(last);
+                        }
+                        continue;
+                    }
+                }
+            }
             let path = wal::segment_path(&self.dir, number);
             let file = match self.fs.open(&path) {
                 Ok(f) => f,
@@ -216,6 +299,15 @@ impl Inner {
             let bytes = fs::read_all(file.as_ref())?;
             // The newest segment may end in a record being written: stop there.
             let records = record::read_all(&path, number, &bytes, true)?;
+            if number < current {
+                let last = match records.records.last() {
+                    Some((offset, payload)) => {
+                        batch::decode(payload).map_err(|w| Error::corruption(&path, *offset, w))?.seqno
+                    }
+                    None => 0,
+                };
+                self.segment_last_seqno.lock().insert(number, last);
+            }
             for (offset, payload) in &records.records {
                 let b = batch::decode(payload).map_err(|w| Error::corruption(&path, *offset, w))?;
                 if b.seqno > published {
@@ -233,24 +325,7 @@ impl Inner {
                 if out.len() >= max {
                     return Ok(out);
                 }
-                // Reserved entities that are local to this node (idempotency keys, cursors)
-                // stay here; a batch of only those still ships, empty, to move the cursor.
-                out.push(ShippedBatch {
-                    origin: self.opts.region,
-                    seqno: b.seqno,
-                    system_time: b.system_time,
-                    ops: b
-                        .ops
-                        .iter()
-                        .filter(|op| self.replicates(op.entity))
-                        .map(|op| ShippedOp {
-                            entity: op.entity.to_vec(),
-                            feature: op.feature,
-                            event_time: op.event_time,
-                            cell: op.cell.to_vec(),
-                        })
-                        .collect(),
-                });
+                out.push(self.shipped(&b));
             }
         }
         if after < published && prev.is_none_or(|p| p < published) {

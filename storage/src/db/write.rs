@@ -149,6 +149,14 @@ impl Inner {
         }
         self.published_seqno.store(w.last_seqno, Ordering::Release);
         self.counters.write_groups.fetch_add(1, Ordering::Relaxed);
+        if self.opts.replication_log_bytes > 0 {
+            drop(decoded);
+            let first = w.last_seqno + 1 - payloads.len() as u64;
+            let mut tail = self.log_tail.lock();
+            for (i, p) in payloads.into_iter().enumerate() {
+                tail.push(first + i as u64, p);
+            }
+        }
         if mem.approximate_bytes() >= self.opts.memtable_bytes {
             self.notify_work();
         }
