@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "quiver/v1/types.proto",
         "quiver/v1/registry.proto",
         "quiver/v1/feature_service.proto",
+        "quiver/v1/replication.proto",
         "quiver/v1/admin.proto",
     ];
     for f in &files {

@@ -15,7 +15,7 @@ mod tests {
     use prost::Message;
 
     #[test]
-    fn descriptor_set_names_the_three_services() {
+    fn descriptor_set_names_the_four_services() {
         let fds = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).expect("descriptor set decodes");
         let services: Vec<String> = fds
             .file
@@ -23,7 +23,7 @@ mod tests {
             .filter(|f| f.package() == "quiver.v1")
             .flat_map(|f| f.service.iter().map(|s| s.name().to_string()))
             .collect();
-        for s in ["FeatureService", "RegistryService", "AdminService"] {
+        for s in ["FeatureService", "RegistryService", "AdminService", "ReplicationService"] {
             assert!(services.iter().any(|x| x == s), "{s} missing from {services:?}");
         }
     }

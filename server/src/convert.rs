@@ -103,6 +103,13 @@ pub fn to_api(v: &Value) -> pb::Value {
     pb::Value { kind: Some(kind) }
 }
 
+/// A version vector on the API.
+pub fn vector_to_proto(vv: &quiver_storage::VersionVector) -> pb::VersionVector {
+    pb::VersionVector {
+        entries: vv.entries().iter().map(|&(region, counter)| pb::version_vector::Entry { region, counter }).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ use quiver_storage::{Db, Durability, Options};
 use crate::features::Features;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::replication::{ClusterConfig, Replicator};
 use crate::service::{AdminApi, FeatureApi, RegistryApi};
 
 /// Largest gRPC message accepted or sent.
@@ -30,6 +31,10 @@ pub struct ServeConfig {
     pub io_backend: IoBackend,
     /// Read data blocks with `O_DIRECT` (where the file system takes it).
     pub direct_reads: bool,
+    /// This node's region and peers.
+    pub cluster: ClusterConfig,
+    /// Bytes of flushed WAL kept for peers that have not applied them (with peers only).
+    pub replication_log_bytes: u64,
 }
 
 /// Opens the engine in `cfg.data_dir` and serves the API on `listener` until `shutdown`
@@ -49,14 +54,21 @@ pub async fn serve(
         block_cache_bytes: budget / 2,
         io_backend: cfg.io_backend,
         direct_reads: cfg.direct_reads,
+        region: cfg.cluster.region,
+        replication_log_bytes: if cfg.cluster.peers.is_empty() { 0 } else { cfg.replication_log_bytes },
+        replicated_prefixes: vec![crate::registry::PREFIX.to_vec()],
         ..Options::default()
     };
+    cfg.cluster.check()?;
     let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
     let ssd = db.stats().ssd;
     tracing::info!(backend = ssd.backend, direct = ssd.direct, "data blocks are read with {}", ssd.backend);
-    let registry = Arc::new(Registry::open(db.clone()).map_err(|e| format!("loading the registry: {e}"))?);
+    let clustered = (!cfg.cluster.peers.is_empty()).then_some(cfg.cluster.region);
+    let registry =
+        Arc::new(Registry::open_in_cluster(db.clone(), clustered).map_err(|e| format!("loading the registry: {e}"))?);
+    let replicator = Replicator::new(db.clone(), registry.clone(), &cfg.cluster);
     let features = Arc::new(Features::new(registry.clone(), cfg.durability));
-    let metrics = Metrics::new(db.clone())?;
+    let metrics = Metrics::new(db.clone(), replicator.clone())?;
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
         None => None,
@@ -69,7 +81,13 @@ pub async fn serve(
     });
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    for name in ["quiver.v1.FeatureService", "quiver.v1.RegistryService", "quiver.v1.AdminService", ""] {
+    for name in [
+        "quiver.v1.FeatureService",
+        "quiver.v1.RegistryService",
+        "quiver.v1.AdminService",
+        "quiver.v1.ReplicationService",
+        "",
+    ] {
         health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
     }
     let reflection = tonic_reflection::server::Builder::configure()
@@ -82,8 +100,13 @@ pub async fn serve(
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
     let registry_svc =
         pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry.clone(), metrics.clone()));
-    let admin_svc =
-        pb::admin_service_server::AdminServiceServer::new(AdminApi::new(db.clone(), registry, metrics.clone()));
+    let admin_svc = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(
+        db.clone(),
+        registry,
+        metrics.clone(),
+        replicator.clone(),
+    ));
+    let replication_svc = crate::replication::service(replicator.clone());
     // Small responses must not wait for the peer's delayed ACK (Nagle): 40 ms per request.
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
         if let Ok(s) = &s {
@@ -94,6 +117,7 @@ pub async fn serve(
         s
     });
     ready(addr, metrics_addr);
+    let pullers = replicator.start();
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "serving");
     tonic::transport::Server::builder()
         .add_service(health)
@@ -101,9 +125,15 @@ pub async fn serve(
         .add_service(feature_svc)
         .add_service(registry_svc)
         .add_service(admin_svc)
+        .add_service(replication_svc)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("server: {e}"))?;
+    replicator.shutdown();
+    for p in pullers {
+        let _ = p.await;
+    }
+    drop(replicator);
     let _ = metrics_stop.send(());
     if let Some(t) = metrics_task {
         let _ = t.await;

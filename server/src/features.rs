@@ -12,9 +12,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
 use quiver_proto::v1 as pb;
-use quiver_storage::{
-    AsOf, CellVersion, Db, Durability, EventTime, FeatureId, SystemTime, Value, VersionVector, WriteBatch,
-};
+use quiver_storage::{AsOf, CellVersion, Db, Durability, EventTime, FeatureId, SystemTime, Value, WriteBatch};
 
 use crate::convert::{self, Invalid};
 use crate::registry::{Registry, RegistryError, ResolvedFeature};
@@ -87,11 +85,7 @@ impl From<RegistryError> for ServiceError {
 
 type Result<T> = std::result::Result<T, ServiceError>;
 
-fn api_vv(vv: &VersionVector) -> pb::VersionVector {
-    pb::VersionVector {
-        entries: vv.entries().iter().map(|&(region, counter)| pb::version_vector::Entry { region, counter }).collect(),
-    }
-}
+use crate::convert::vector_to_proto as api_vv;
 
 fn column(f: &ResolvedFeature, reference: &str, rows: usize) -> pb::FeatureColumn {
     pb::FeatureColumn {

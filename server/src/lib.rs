@@ -8,4 +8,5 @@ pub mod daemon;
 pub mod features;
 pub mod metrics;
 pub mod registry;
+pub mod replication;
 pub mod service;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use quiver_server::daemon::{serve, ServeConfig};
+use quiver_server::replication::{ClusterConfig, Peer};
 use quiver_storage::sstable::IoBackend;
 use quiver_storage::Durability;
 use serde::Deserialize;
@@ -19,6 +20,12 @@ const MEMORY_BUDGET_MB_DEFAULT: u64 = 512;
 const MEMORY_BUDGET_MB_MAX: u64 = 1 << 20;
 /// Smallest memory budget accepted.
 const MEMORY_BUDGET_MB_MIN: u64 = 16;
+
+/// Flushed WAL kept for peers that have not applied it, by default (MiB); past it, a peer
+/// that needs older batches is bootstrapped from a snapshot.
+const REPLICATION_LOG_MB_DEFAULT: u64 = 1024;
+/// Largest replication log bound accepted (MiB).
+const REPLICATION_LOG_MB_MAX: u64 = 1 << 20;
 
 /// Whether data blocks bypass the page cache unless configured otherwise.
 const DIRECT_READS_DEFAULT: bool = true;
@@ -52,8 +59,18 @@ struct Args {
     /// through the page cache (false).
     #[arg(long, env = "QUIVER_DIRECT_READS")]
     direct_reads: Option<bool>,
+    /// This node's region (0 to 63): stamped on every write's version vector.
+    #[arg(long, env = "QUIVER_REGION")]
+    region: Option<u32>,
+    /// A peer region to replicate with, as REGION=HOST:PORT (repeat for each peer).
+    #[arg(long = "peer", env = "QUIVER_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// MiB of flushed WAL kept for peers that have not applied it yet (with peers only).
+    #[arg(long, env = "QUIVER_REPLICATION_LOG_MB")]
+    replication_log_mb: Option<u64>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
-    /// io_backend, direct_reads.
+    /// io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
+    /// replication_log_mb.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -68,6 +85,9 @@ struct FileConfig {
     metrics_listen: Option<String>,
     io_backend: Option<String>,
     direct_reads: Option<bool>,
+    region: Option<u32>,
+    peers: Option<Vec<String>>,
+    replication_log_mb: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -79,6 +99,8 @@ struct Config {
     metrics_listen: Option<SocketAddr>,
     io_backend: IoBackend,
     direct_reads: bool,
+    cluster: ClusterConfig,
+    replication_log_mb: u64,
 }
 
 fn config(args: Args) -> Result<Config, String> {
@@ -113,7 +135,27 @@ fn config(args: Args) -> Result<Config, String> {
         Some(b) => b.parse()?,
     };
     let direct_reads = args.direct_reads.or(file.direct_reads).unwrap_or(DIRECT_READS_DEFAULT);
-    Ok(Config { data_dir, listen, durability, memory_budget_mb, metrics_listen, io_backend, direct_reads })
+    let peers = if args.peers.is_empty() { file.peers.unwrap_or_default() } else { args.peers };
+    let cluster = ClusterConfig {
+        region: args.region.or(file.region).unwrap_or(0),
+        peers: peers.iter().map(|p| p.parse::<Peer>()).collect::<Result<_, _>>()?,
+    };
+    cluster.check()?;
+    let replication_log_mb = args.replication_log_mb.or(file.replication_log_mb).unwrap_or(REPLICATION_LOG_MB_DEFAULT);
+    if replication_log_mb > REPLICATION_LOG_MB_MAX {
+        return Err(format!("replication log must be at most {REPLICATION_LOG_MB_MAX} MiB"));
+    }
+    Ok(Config {
+        data_dir,
+        listen,
+        durability,
+        memory_budget_mb,
+        metrics_listen,
+        io_backend,
+        direct_reads,
+        cluster,
+        replication_log_mb,
+    })
 }
 
 async fn shutdown_signal() {
@@ -146,6 +188,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         memory_budget_bytes: (cfg.memory_budget_mb << 20) as usize,
         io_backend: cfg.io_backend,
         direct_reads: cfg.direct_reads,
+        cluster: cfg.cluster,
+        replication_log_bytes: cfg.replication_log_mb << 20,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));

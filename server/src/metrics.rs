@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use quiver_storage::Db;
 
@@ -32,6 +33,12 @@ pub struct Metrics {
     pub write_bytes: IntCounter,
     engine: Vec<(IntGauge, Figure)>,
     db: Arc<Db>,
+    replicator: Arc<crate::replication::Replicator>,
+    lag_seconds: GaugeVec,
+    lag_seqnos: IntGaugeVec,
+    peer_up: IntGaugeVec,
+    peer_batches: IntGaugeVec,
+    peer_bootstraps: IntGaugeVec,
 }
 
 fn err(e: prometheus::Error) -> String {
@@ -40,7 +47,7 @@ fn err(e: prometheus::Error) -> String {
 
 impl Metrics {
     /// Metrics for a node serving `db`.
-    pub fn new(db: Arc<Db>) -> Result<Arc<Metrics>, String> {
+    pub fn new(db: Arc<Db>, replicator: Arc<crate::replication::Replicator>) -> Result<Arc<Metrics>, String> {
         let registry = Registry::new_custom(Some("quiver".into()), None).map_err(err)?;
         let requests = IntCounterVec::new(
             Opts::new("grpc_requests_total", "gRPC requests by method and status code"),
@@ -61,7 +68,27 @@ impl Metrics {
         registry.register(Box::new(latency.clone())).map_err(err)?;
         registry.register(Box::new(values_written.clone())).map_err(err)?;
         registry.register(Box::new(write_bytes.clone())).map_err(err)?;
-        let figures: [(&str, &str, Figure); 19] = [
+        let lag_seconds = GaugeVec::new(
+            Opts::new(
+                "replication_lag_seconds",
+                "seconds this node is behind a peer's log (peer's clock minus the last applied batch's stamp)",
+            ),
+            &["peer"],
+        )
+        .map_err(err)?;
+        let int_vec = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["peer"]).map_err(err);
+        let lag_seqnos = int_vec("replication_lag_seqnos", "sequence numbers this node is behind a peer's log")?;
+        let peer_up = int_vec("replication_peer_streaming", "1 while this node streams a peer's log without error")?;
+        let peer_batches = int_vec("replication_batches_applied", "a peer's batches applied since start")?;
+        let peer_bootstraps = int_vec("replication_bootstraps", "bootstraps from a peer's snapshot since start")?;
+        for c in [&lag_seqnos, &peer_up, &peer_batches, &peer_bootstraps] {
+            registry.register(Box::new(c.clone())).map_err(err)?;
+        }
+        registry.register(Box::new(lag_seconds.clone())).map_err(err)?;
+        let figures: [(&str, &str, Figure); 20] = [
+            ("replication_conflicts", "replicated versions concurrent with their cell's winner since start", |s| {
+                s.replication_conflicts as i64
+            }),
             ("engine_flushes", "memtable flushes since start", |s| s.flushes as i64),
             ("engine_compactions", "compactions since start", |s| s.compactions as i64),
             ("engine_entries_dropped", "versions dropped by retention since start", |s| s.entries_dropped as i64),
@@ -90,7 +117,21 @@ impl Metrics {
             registry.register(Box::new(g.clone())).map_err(err)?;
             engine.push((g, f));
         }
-        Ok(Arc::new(Metrics { registry, requests, latency, values_written, write_bytes, engine, db }))
+        Ok(Arc::new(Metrics {
+            registry,
+            requests,
+            latency,
+            values_written,
+            write_bytes,
+            engine,
+            db,
+            replicator,
+            lag_seconds,
+            lag_seqnos,
+            peer_up,
+            peer_batches,
+            peer_bootstraps,
+        }))
     }
 
     /// Records one request.
@@ -116,6 +157,14 @@ impl Metrics {
         let stats = self.db.stats();
         for (g, f) in &self.engine {
             g.set(f(&stats));
+        }
+        for (peer, lag_s, lag_n, batches, bootstraps, up) in self.replicator.peer_figures() {
+            let peer = peer.to_string();
+            self.lag_seconds.with_label_values(&[&peer]).set(lag_s);
+            self.lag_seqnos.with_label_values(&[&peer]).set(lag_n as i64);
+            self.peer_batches.with_label_values(&[&peer]).set(batches as i64);
+            self.peer_bootstraps.with_label_values(&[&peer]).set(bootstraps as i64);
+            self.peer_up.with_label_values(&[&peer]).set(i64::from(up));
         }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {

@@ -40,7 +40,12 @@ pub const OBJECTS_PER_APPLY_MAX: usize = 1_000;
 /// Longest free-text field (description, owner, source, tag).
 pub const TEXT_BYTES_MAX: usize = 4096;
 
-const PREFIX: &[u8] = b"\x00reg\x00";
+/// The reserved entity prefix of every registry object: cells under it replicate with the data.
+pub const PREFIX: &[u8] = b"\x00reg\x00";
+
+/// In a cluster, region `r` allocates feature ids `i` with `i % FEATURE_ID_STRIDE == r`
+/// (region ids are below it).
+pub const FEATURE_ID_STRIDE: u32 = 64;
 const ENTITY_TYPE_PREFIX: &[u8] = b"\x00reg\x00et\x00";
 const GROUP_PREFIX: &[u8] = b"\x00reg\x00fg\x00";
 
@@ -112,6 +117,8 @@ pub struct Registry {
     state: Mutex<State>,
     /// Bumped by every apply that changes the registry (for caches of resolutions).
     generation: std::sync::atomic::AtomicU64,
+    /// This node's region when it is part of a cluster (feature ids are strided by region).
+    region: Option<u32>,
 }
 
 fn check_name(kind: &str, name: &str) -> Result<()> {
@@ -342,8 +349,33 @@ fn now_timestamp() -> prost_types::Timestamp {
 }
 
 impl Registry {
-    /// Loads the registry stored in `db`.
+    /// Loads the registry stored in `db` (a single-region node).
     pub fn open(db: Arc<Db>) -> Result<Registry> {
+        Self::open_in_cluster(db, None)
+    }
+
+    /// Loads the registry of a node of a cluster: `region` set, feature ids are allocated
+    /// only from this region's residue class modulo [`FEATURE_ID_STRIDE`], so regions that
+    /// apply new groups concurrently never hand out the same id.
+    pub fn open_in_cluster(db: Arc<Db>, region: Option<u32>) -> Result<Registry> {
+        let state = Self::load(&db)?;
+        Ok(Registry { db, state: Mutex::new(state), generation: std::sync::atomic::AtomicU64::new(0), region })
+    }
+
+    /// Reloads the registry from the engine, after replication applied another region's
+    /// registry changes.
+    pub fn reload(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        let state = Self::load(&self.db)?;
+        if state.entity_types != st.entity_types || state.groups != st.groups {
+            *st = state;
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Reads the registry stored in `db`.
+    fn load(db: &Db) -> Result<State> {
         let mut state = State { next_feature_id: 1, ..State::default() };
         let mut range = ScanRange::all();
         range.entity_start = PREFIX.to_vec();
@@ -374,7 +406,7 @@ impl Registry {
                 versions.entry(item.feature.0).or_insert(g);
             }
         }
-        Ok(Registry { db, state: Mutex::new(state), generation: std::sync::atomic::AtomicU64::new(0) })
+        Ok(state)
     }
 
     /// Applies definitions (see the module docs); with `dry_run` only reports the changes.
@@ -458,10 +490,18 @@ impl Registry {
                 let id = match kept {
                     Some(id) => id,
                     None => {
-                        let id = next.next_feature_id;
-                        next.next_feature_id = id
-                            .checked_add(1)
-                            .ok_or_else(|| RegistryError::TooLarge("feature id space exhausted".into()))?;
+                        let exhausted = || RegistryError::TooLarge("feature id space exhausted".into());
+                        let mut id = next.next_feature_id;
+                        if let Some(r) = self.region {
+                            // The next id of this region's residue class.
+                            let base = id - id % FEATURE_ID_STRIDE + r % FEATURE_ID_STRIDE;
+                            id = if base >= id {
+                                base
+                            } else {
+                                base.checked_add(FEATURE_ID_STRIDE).ok_or_else(exhausted)?
+                            };
+                        }
+                        next.next_feature_id = id.checked_add(1).ok_or_else(exhausted)?;
                         id
                     }
                 };

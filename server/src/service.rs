@@ -297,12 +297,18 @@ pub struct AdminApi {
     db: Arc<Db>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    replicator: Arc<crate::replication::Replicator>,
 }
 
 impl AdminApi {
     /// The endpoints over `db`; entity keys in requests are checked against `registry`.
-    pub fn new(db: Arc<Db>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
-        AdminApi { db, registry, metrics }
+    pub fn new(
+        db: Arc<Db>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        replicator: Arc<crate::replication::Replicator>,
+    ) -> Self {
+        AdminApi { db, registry, metrics, replicator }
     }
 
     /// The encoded `[start, end)` of a compaction range, checked against its entity type.
@@ -434,6 +440,47 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     tables: s.levels.iter().map(|l| l.tables as u64).sum(),
                     entries: s.levels.iter().map(|l| l.entries).sum(),
                 }))
+            })
+            .await
+    }
+
+    async fn get_replication_status(
+        &self,
+        _req: Request<pb::GetReplicationStatusRequest>,
+    ) -> Result<Response<pb::GetReplicationStatusResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics.timed("GetReplicationStatus", async move { Ok(Response::new(self.replicator.status())) }).await
+    }
+
+    async fn pause_replication(&self, req: Request<pb::PeerRequest>) -> Result<Response<pb::PeerResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("PauseReplication", async move {
+                let peer = self.replicator.pause(req.into_inner().region)?;
+                Ok(Response::new(pb::PeerResponse { peer: Some(peer) }))
+            })
+            .await
+    }
+
+    async fn resume_replication(&self, req: Request<pb::PeerRequest>) -> Result<Response<pb::PeerResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("ResumeReplication", async move {
+                let peer = self.replicator.resume(req.into_inner().region)?;
+                Ok(Response::new(pb::PeerResponse { peer: Some(peer) }))
+            })
+            .await
+    }
+
+    async fn rebootstrap_replication(
+        &self,
+        req: Request<pb::PeerRequest>,
+    ) -> Result<Response<pb::PeerResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("RebootstrapReplication", async move {
+                let peer = self.replicator.rebootstrap(req.into_inner().region)?;
+                Ok(Response::new(pb::PeerResponse { peer: Some(peer) }))
             })
             .await
     }

@@ -40,6 +40,8 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         memory_budget_bytes: 256 << 20,
         io_backend: quiver_storage::sstable::IoBackend::Auto,
         direct_reads: true,
+        cluster: Default::default(),
+        replication_log_bytes: 0,
     };
     let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());

@@ -75,6 +75,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AdminCmd,
     },
+    /// Replication with peer regions: status, pause, resume, re-bootstrap.
+    Replication {
+        #[command(subcommand)]
+        cmd: ReplicationCmd,
+    },
     /// Bulk-load a CSV or Parquet file into a group: columns named by the entity type's join
     /// keys, `event_time` (a Parquet timestamp, or microseconds since the Unix epoch) and
     /// features (an empty cell or null writes nothing). The whole file is checked first; rows
@@ -185,6 +190,58 @@ enum AdminCmd {
         path: String,
     },
 }
+
+/// `quiver replication ...`.
+#[derive(Debug, Subcommand)]
+enum ReplicationCmd {
+    /// Per peer: state, cursor, lag in sequence numbers and seconds, last error.
+    Status,
+    /// Stop pulling from the peer region (its log is kept, within the retention bound).
+    Pause {
+        /// The peer's region.
+        region: u32,
+    },
+    /// Resume pulling from the peer region.
+    Resume {
+        /// The peer's region.
+        region: u32,
+    },
+    /// Apply the peer region's snapshot again, then continue from its log.
+    Rebootstrap {
+        /// The peer's region.
+        region: u32,
+    },
+}
+
+fn peer_state(s: i32) -> &'static str {
+    match pb::PeerState::try_from(s) {
+        Ok(pb::PeerState::Connecting) => "connecting",
+        Ok(pb::PeerState::Streaming) => "streaming",
+        Ok(pb::PeerState::Bootstrapping) => "bootstrapping",
+        Ok(pb::PeerState::Paused) => "paused",
+        _ => "unknown",
+    }
+}
+
+fn print_peer(p: &pb::PeerStatus) {
+    let error = if p.last_error.is_empty() { "-".to_string() } else { p.last_error.clone() };
+    println!(
+        "{:>6}  {:<24} {:<13} {:>10} {:>10} {:>9.3} {:>9} {:>10} {:>4}  {}",
+        p.region,
+        p.address,
+        peer_state(p.state),
+        p.cursor,
+        p.lag_seqnos,
+        p.lag_seconds,
+        if p.caught_up { "yes" } else { "no" },
+        p.batches_applied,
+        p.bootstraps,
+        error
+    );
+}
+
+const PEER_HEADER: &str =
+    "  peer  address                  state             cursor  lag(seq)   lag(s) caught-up    batches boot  last error";
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -389,6 +446,49 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(grpc)?
                 .into_inner();
             println!("wrote {} values", resp.values_written);
+            Ok(())
+        }
+        Cmd::Replication { cmd } => {
+            let mut c = pb::admin_service_client::AdminServiceClient::new(channel(&cli.addr).await?);
+            let peer = match cmd {
+                ReplicationCmd::Status => {
+                    let s = c.get_replication_status(pb::GetReplicationStatusRequest {}).await.map_err(grpc)?;
+                    let s = s.into_inner();
+                    let k: Vec<String> = s
+                        .knowledge
+                        .map(|k| k.entries.iter().map(|e| format!("{}:{}", e.region, e.counter)).collect())
+                        .unwrap_or_default();
+                    println!(
+                        "region {}; last sequence {}; {} conflicts; knows [{}]",
+                        s.region,
+                        s.last_seqno,
+                        s.conflicts,
+                        k.join(", ")
+                    );
+                    if s.peers.is_empty() {
+                        println!("no peers: replication is off");
+                    } else {
+                        println!("{PEER_HEADER}");
+                        for p in &s.peers {
+                            print_peer(p);
+                        }
+                    }
+                    None
+                }
+                ReplicationCmd::Pause { region } => {
+                    Some(c.pause_replication(pb::PeerRequest { region }).await.map_err(grpc)?.into_inner())
+                }
+                ReplicationCmd::Resume { region } => {
+                    Some(c.resume_replication(pb::PeerRequest { region }).await.map_err(grpc)?.into_inner())
+                }
+                ReplicationCmd::Rebootstrap { region } => {
+                    Some(c.rebootstrap_replication(pb::PeerRequest { region }).await.map_err(grpc)?.into_inner())
+                }
+            };
+            if let Some(p) = peer.and_then(|r| r.peer) {
+                println!("{PEER_HEADER}");
+                print_peer(&p);
+            }
             Ok(())
         }
         Cmd::Admin { cmd } => {
