@@ -18,6 +18,20 @@ use crate::service::{AdminApi, FeatureApi, RegistryApi};
 /// Largest gRPC message accepted or sent.
 pub const MESSAGE_BYTES_MAX: usize = 256 << 20;
 
+/// Test-only: milliseconds added to this node's wall clock (negative: behind), to test that
+/// clock skew decides which concurrent write wins, never whether regions converge.
+pub const CLOCK_SKEW_ENV: &str = "QUIVER_TEST_CLOCK_SKEW_MS";
+
+/// The system clock moved by a fixed offset.
+#[derive(Debug)]
+struct SkewedClock(i64);
+
+impl quiver_storage::Clock for SkewedClock {
+    fn now_us(&self) -> u64 {
+        quiver_storage::SystemClock.now_us().saturating_add_signed(self.0)
+    }
+}
+
 /// What a server needs.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -58,6 +72,14 @@ pub async fn serve(
         replication_log_bytes: if cfg.cluster.peers.is_empty() { 0 } else { cfg.replication_log_bytes },
         replicated_prefixes: vec![crate::registry::PREFIX.to_vec()],
         ..Options::default()
+    };
+    let skew_ms = std::env::var(CLOCK_SKEW_ENV).ok().and_then(|s| s.parse::<i64>().ok());
+    let opts = match skew_ms {
+        Some(ms) => {
+            tracing::warn!(skew_ms = ms, "test clock skew is on");
+            Options { clock: Arc::new(SkewedClock(ms.saturating_mul(1000))), ..opts }
+        }
+        None => opts,
     };
     cfg.cluster.check()?;
     let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);

@@ -21,6 +21,7 @@
 //! compare-and-swap make applying idempotent); a batch above a gap is never asked for,
 //! because pulls always start from the durable cursor.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -163,6 +164,47 @@ pub struct Replicator {
     stop: Notify,
     /// Replicated batches applied (all peers).
     pub applied_batches: AtomicU64,
+    /// Test-only message faults ([`CHAOS_ENV`]).
+    chaos: Option<Mutex<Chaos>>,
+}
+
+/// Test-only: when this environment variable holds a seed, pullers disorder what they receive
+/// (shuffle and duplicate batches within a message, delay messages, and re-ask for batches
+/// already applied), to check that applying stays exact under reordering and redelivery.
+pub const CHAOS_ENV: &str = "QUIVER_TEST_REPLICATION_CHAOS";
+
+/// A small deterministic generator for [`CHAOS_ENV`] (xorshift64*).
+#[derive(Debug)]
+struct Chaos(u64);
+
+impl Chaos {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+
+    /// Shuffles and duplicates.
+    fn disorder<T: Clone>(&mut self, items: &mut Vec<T>) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
+        }
+        if !items.is_empty() && self.below(4) == 0 {
+            let i = self.below(items.len() as u64) as usize;
+            let dup = items[i].clone();
+            items.push(dup);
+        }
+    }
 }
 
 fn now_us() -> i64 {
@@ -184,9 +226,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
     tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))?
 }
 
-fn to_wire(b: ShippedBatch) -> pb::ShippedBatch {
+fn to_wire(b: ShippedBatch, prev_seqno: u64) -> pb::ShippedBatch {
     pb::ShippedBatch {
         seqno: b.seqno,
+        prev_seqno,
         system_time_us: b.system_time.0,
         ops: b
             .ops
@@ -201,22 +244,25 @@ fn to_wire(b: ShippedBatch) -> pb::ShippedBatch {
     }
 }
 
-fn from_wire(origin: u32, b: pb::ShippedBatch) -> ShippedBatch {
-    ShippedBatch {
-        origin,
-        seqno: b.seqno,
-        system_time: SystemTime(b.system_time_us),
-        ops: b
-            .ops
-            .into_iter()
-            .map(|o| ShippedOp {
-                entity: o.entity,
-                feature: FeatureId(o.feature),
-                event_time: EventTime(o.event_time_us),
-                cell: o.cell,
-            })
-            .collect(),
-    }
+fn from_wire(origin: u32, b: pb::ShippedBatch) -> (u64, ShippedBatch) {
+    (
+        b.prev_seqno,
+        ShippedBatch {
+            origin,
+            seqno: b.seqno,
+            system_time: SystemTime(b.system_time_us),
+            ops: b
+                .ops
+                .into_iter()
+                .map(|o| ShippedOp {
+                    entity: o.entity,
+                    feature: FeatureId(o.feature),
+                    event_time: EventTime(o.event_time_us),
+                    cell: o.cell,
+                })
+                .collect(),
+        },
+    )
 }
 
 fn touches_registry<'a>(mut entities: impl Iterator<Item = &'a [u8]>) -> bool {
@@ -247,6 +293,10 @@ impl Replicator {
             shutdown: AtomicBool::new(false),
             stop: Notify::new(),
             applied_batches: AtomicU64::new(0),
+            chaos: std::env::var(CHAOS_ENV)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(|seed| Mutex::new(Chaos(seed | 1))),
         })
     }
 
@@ -349,20 +399,27 @@ impl Replicator {
     }
 
     /// One Pull stream: applies what it brings until the window ends, an error, a pause or a
-    /// re-bootstrap request.
+    /// re-bootstrap request. Batches are applied strictly in their chain order (each right
+    /// after its predecessor), with `Sync`: a replicated version is visible only once durable,
+    /// so a crash never rolls a cell back.
     async fn pull(&self, slot: &PeerSlot) -> Result<(), Status> {
         let mut client = self.client(slot).await?;
         let origin = slot.peer.region;
         let db = self.db.clone();
-        let cursor = blocking(move || db.replication_cursor(origin).map_err(|e| storage_status(&e))).await?;
+        let mut cursor = blocking(move || db.replication_cursor(origin).map_err(|e| storage_status(&e))).await?;
         slot.info.lock().cursor = cursor;
-        let req =
-            pb::PullRequest { region: self.region, after: cursor, window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32 };
-        let mut stream = client.pull(req).await?.into_inner();
-        {
-            let mut info = slot.info.lock();
-            info.state = pb::PeerState::Streaming as i32;
+        let mut after = cursor;
+        if let Some(chaos) = &self.chaos {
+            // Test-only: ask again for batches already applied (redelivery).
+            after = after.saturating_sub(chaos.lock().below(8));
         }
+        let req = pb::PullRequest { region: self.region, after, window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32 };
+        let mut stream = client.pull(req).await?.into_inner();
+        slot.info.lock().state = pb::PeerState::Streaming as i32;
+        // The last batch of the stream's chain applied or skipped, and batches that arrived
+        // before their predecessor, by predecessor.
+        let mut tip = after;
+        let mut waiting: BTreeMap<u64, ShippedBatch> = BTreeMap::new();
         loop {
             if self.stopping() || slot.paused.load(Ordering::Acquire) || slot.rebootstrap.load(Ordering::Acquire) {
                 return Ok(());
@@ -381,15 +438,52 @@ impl Replicator {
                     slot.peer.address, msg.origin
                 )));
             }
-            let batches: Vec<ShippedBatch> = msg.batches.into_iter().map(|b| from_wire(origin, b)).collect();
-            let n = batches.len() as u64;
-            let last = batches.last().map(|b| (b.seqno, b.system_time.0));
-            let registry_changed = batches.iter().any(|b| touches_registry(b.ops.iter().map(|o| o.entity.as_slice())));
-            if !batches.is_empty() {
+            let mut arrived: Vec<(u64, ShippedBatch)> = msg.batches.into_iter().map(|b| from_wire(origin, b)).collect();
+            let mut redelivered = Vec::new();
+            if let Some(chaos) = &self.chaos {
+                let pause = {
+                    let mut c = chaos.lock();
+                    c.disorder(&mut arrived);
+                    c.below(20)
+                };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            // Follow the stream's chain from `after`; what is at or below the cursor was
+            // applied before.
+            for (prev, b) in arrived {
+                if b.seqno <= tip {
+                    redelivered.push(b);
+                } else if waiting.len() < PULL_BATCHES_PER_MESSAGE_MAX * 4 {
+                    waiting.insert(prev, b);
+                }
+            }
+            let mut ready = Vec::new();
+            while let Some(b) = waiting.remove(&tip) {
+                tip = b.seqno;
+                if b.seqno > cursor {
+                    cursor = b.seqno;
+                    ready.push(b);
+                } else {
+                    redelivered.push(b);
+                }
+            }
+            waiting.retain(|_, b| b.seqno > tip);
+            let n = ready.len() as u64;
+            let last = ready.last().map(|b| (b.seqno, b.system_time.0));
+            let registry_changed = ready.iter().any(|b| touches_registry(b.ops.iter().map(|o| o.entity.as_slice())));
+            let test_redelivery = self.chaos.is_some() && !redelivered.is_empty();
+            if !ready.is_empty() || test_redelivery {
                 let db = self.db.clone();
                 blocking(move || {
-                    for b in &batches {
-                        db.apply_replicated(b, Durability::Async).map_err(|e| storage_status(&e))?;
+                    // Test-only: a redelivered batch must change nothing.
+                    for b in &redelivered {
+                        let r = db.apply_replicated(b, Durability::Sync).map_err(|e| storage_status(&e))?;
+                        if !r.already_applied {
+                            return Err(Status::internal(format!("redelivered batch {} was applied again", b.seqno)));
+                        }
+                    }
+                    for b in &ready {
+                        db.apply_replicated(b, Durability::Sync).map_err(|e| storage_status(&e))?;
                     }
                     Ok(())
                 })
@@ -401,17 +495,17 @@ impl Replicator {
                 blocking(move || registry.reload().map_err(|e| Status::internal(e.to_string()))).await?;
             }
             let mut info = slot.info.lock();
-            if let Some((seqno, stamp)) = last {
-                info.cursor = info.cursor.max(seqno);
+            info.cursor = cursor;
+            if let Some((_, stamp)) = last {
                 info.lag_seconds = ((msg.origin_time_us - stamp as i64).max(0) as f64) / 1e6;
             }
             info.batches_applied += n;
-            info.caught_up = msg.caught_up;
-            if msg.caught_up {
+            info.caught_up = msg.caught_up && waiting.is_empty();
+            if info.caught_up {
                 info.lag_seqnos = 0;
                 info.lag_seconds = 0.0;
             } else {
-                info.lag_seqnos = msg.head_seqno.saturating_sub(info.cursor);
+                info.lag_seqnos = msg.head_seqno.saturating_sub(cursor);
             }
             info.last_contact_us = now_us();
             info.last_error.clear();
@@ -646,15 +740,20 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                     }
                     continue;
                 }
-                if let Some(b) = batches.last() {
-                    after = b.seqno;
-                }
                 let parts = messages(batches);
                 let count = parts.len();
                 for (i, part) in parts.into_iter().enumerate() {
+                    let wire = part
+                        .into_iter()
+                        .map(|b| {
+                            let prev = after;
+                            after = b.seqno;
+                            to_wire(b, prev)
+                        })
+                        .collect();
                     let msg = pb::PullResponse {
                         origin: r.region,
-                        batches: part.into_iter().map(to_wire).collect(),
+                        batches: wire,
                         caught_up: caught_up && i + 1 == count,
                         head_seqno: head,
                         origin_time_us: now_us(),
