@@ -584,10 +584,20 @@ impl Inner {
                     if incoming_wins {
                         ops.push(op(inc.system_time, encoded(inc.value.as_ref(), &merged)));
                     } else {
-                        // Keep the loser (unless it shares the winner's stamp, and so its key),
-                        // and give the winner the merged vector at its own key.
+                        // Keep the loser, unless its key (its stamp) is taken by the winner or
+                        // by an older version of a greater region (two regions issued the same
+                        // stamp: at one key the greater region's version stays, on every node,
+                        // whatever the order of arrival), and give the winner the merged vector
+                        // at its own key.
                         if inc.system_time != c.system_time {
-                            ops.push(op(inc.system_time, encoded(inc.value.as_ref(), &inc.vector)));
+                            let at = AsOf { as_of: *event_time, known_at: inc.system_time, lookback_us: Some(0) };
+                            let taken_by = self
+                                .get_in_view(&view, &prefix, at, inc.system_time, None)?
+                                .filter(|o| o.system_time == inc.system_time)
+                                .map(|o| replication::origin_or_guess(&o.version_vector, o.system_time));
+                            if taken_by.is_none_or(|r| r <= inc.region) {
+                                ops.push(op(inc.system_time, encoded(inc.value.as_ref(), &inc.vector)));
+                            }
                         }
                         ops.push(op(c.system_time, encoded(c.value.as_ref(), &merged)));
                     }
