@@ -33,6 +33,8 @@ enum Op {
         from: usize,
         n: usize,
         sync: bool,
+        /// Applied as one group (`apply_replicated_batches`) rather than one by one.
+        group: bool,
     },
     /// Region `to` receives again a batch of `from` it already applied.
     Redeliver {
@@ -61,7 +63,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..REGIONS, prop::collection::vec((cell, prop::option::weighted(0.85, 0i64..100)), 1..4))
             .prop_map(|(r, cells)| Op::Write { r, cells }),
-        4 => (0..REGIONS, 0..REGIONS, 1usize..4, any::<bool>()).prop_map(|(to, from, n, sync)| Op::Deliver { to, from, n, sync }),
+        4 => (0..REGIONS, 0..REGIONS, 1usize..5, any::<bool>(), any::<bool>())
+            .prop_map(|(to, from, n, sync, group)| Op::Deliver { to, from, n, sync, group }),
         1 => (0..REGIONS, 0..REGIONS, any::<prop::sample::Index>()).prop_map(|(to, from, pick)| Op::Redeliver { to, from, pick }),
         1 => (0..REGIONS, 0..REGIONS, 1usize..5).prop_map(|(to, from, part)| Op::Bootstrap { to, from, part }),
         1 => (0..REGIONS).prop_map(Op::Reopen),
@@ -134,31 +137,61 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
     for (r, region) in regions.iter_mut().enumerate() {
         region.open(r, hot);
     }
-    let deliver =
-        |regions: &mut Vec<Region>, to: usize, from: usize, n: usize, sync: bool| -> Result<(), TestCaseError> {
-            let cursor = regions[to].db().replication_cursor(from as u32).expect("cursor");
-            let next: Vec<ShippedBatch> =
-                regions[from].outbox.iter().filter(|b| b.seqno > cursor).take(n).cloned().collect();
-            for b in next {
-                let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
-                let report = regions[to]
-                    .db()
-                    .apply_replicated(&b, if sync { Durability::Sync } else { Durability::Async })
-                    .expect("apply");
-                prop_assert!(!report.already_applied);
-                prop_assert_eq!(regions[to].db().replication_cursor(from as u32).expect("cursor"), b.seqno);
-                // No rollback: every cell's winning vector only grows.
-                for (c, was) in all_cells().into_iter().zip(before) {
-                    if let (Some(was), Some(now)) = (was, winner(regions[to].db(), c)) {
-                        prop_assert!(
-                            matches!(was.2.compare(&now.2), Causality::Before | Causality::Equal),
-                            "cell {c:?} rolled back from {was:?} to {now:?}"
-                        );
-                    }
+    let deliver = |regions: &mut Vec<Region>,
+                   to: usize,
+                   from: usize,
+                   n: usize,
+                   sync: bool,
+                   group: bool|
+     -> Result<(), TestCaseError> {
+        let cursor = regions[to].db().replication_cursor(from as u32).expect("cursor");
+        let next: Vec<ShippedBatch> =
+            regions[from].outbox.iter().filter(|b| b.seqno > cursor).take(n).cloned().collect();
+        if group {
+            // One group, with a batch already applied in it (a redelivery) when there is one.
+            let mut batches: Vec<ShippedBatch> =
+                regions[from].outbox.iter().filter(|b| b.seqno == cursor).cloned().collect();
+            batches.extend(next.iter().cloned());
+            let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
+            let durability = if sync { Durability::Sync } else { Durability::Async };
+            let reports = regions[to].db().apply_replicated_batches(&batches, durability).expect("apply group");
+            prop_assert_eq!(reports.len(), batches.len());
+            for (b, r) in batches.iter().zip(&reports) {
+                prop_assert_eq!(r.already_applied, b.seqno <= cursor);
+            }
+            if let Some(last) = next.last() {
+                prop_assert_eq!(regions[to].db().replication_cursor(from as u32).expect("cursor"), last.seqno);
+            }
+            for (c, was) in all_cells().into_iter().zip(before) {
+                if let (Some(was), Some(now)) = (was, winner(regions[to].db(), c)) {
+                    prop_assert!(
+                        matches!(was.2.compare(&now.2), Causality::Before | Causality::Equal),
+                        "cell {c:?} rolled back from {was:?} to {now:?}"
+                    );
                 }
             }
-            Ok(())
-        };
+            return Ok(());
+        }
+        for b in next {
+            let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
+            let report = regions[to]
+                .db()
+                .apply_replicated(&b, if sync { Durability::Sync } else { Durability::Async })
+                .expect("apply");
+            prop_assert!(!report.already_applied);
+            prop_assert_eq!(regions[to].db().replication_cursor(from as u32).expect("cursor"), b.seqno);
+            // No rollback: every cell's winning vector only grows.
+            for (c, was) in all_cells().into_iter().zip(before) {
+                if let (Some(was), Some(now)) = (was, winner(regions[to].db(), c)) {
+                    prop_assert!(
+                        matches!(was.2.compare(&now.2), Causality::Before | Causality::Equal),
+                        "cell {c:?} rolled back from {was:?} to {now:?}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    };
     for op in ops {
         match op {
             Op::Write { r, cells } => {
@@ -179,7 +212,7 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
                 prop_assert!(shipped.iter().all(|b| b.origin == r as u32));
                 region.outbox.extend(shipped);
             }
-            Op::Deliver { to, from, n, sync } if to != from => deliver(&mut regions, to, from, n, sync)?,
+            Op::Deliver { to, from, n, sync, group } if to != from => deliver(&mut regions, to, from, n, sync, group)?,
             Op::Deliver { .. } => {}
             Op::Redeliver { to, from, pick } if to != from => {
                 let cursor = regions[to].db().replication_cursor(from as u32).expect("cursor");
@@ -253,7 +286,7 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
     for to in 0..REGIONS {
         for from in 0..REGIONS {
             if to != from {
-                deliver(&mut regions, to, from, usize::MAX, false)?;
+                deliver(&mut regions, to, from, usize::MAX, false, to == 1)?;
             }
         }
     }

@@ -321,6 +321,24 @@ impl Db {
         Ok(r)
     }
 
+    /// Applies several batches shipped by their origins, in order, as one group: like
+    /// [`Db::apply_replicated`] on each, with one WAL sync for all, and all published together
+    /// (with `Sync`, none is visible before all are durable). Any bad batch refuses the whole
+    /// group, with nothing written.
+    pub fn apply_replicated_batches(
+        &self,
+        batches: &[ShippedBatch],
+        durability: Durability,
+    ) -> Result<Vec<ApplyReport>> {
+        let r = self.inner.apply_replicated_group(batches, durability)?;
+        if self.inner.opts.background == Background::Inline && r.iter().any(|r| !r.already_applied) {
+            if let Err(e) = self.inner.run_inline_work() {
+                tracing::error!(error = %e, "inline background work failed");
+            }
+        }
+        Ok(r)
+    }
+
     /// A consistent snapshot of every cell this node replicates (each cell's current
     /// version), to bootstrap a peer that is behind the retained log; the peer applies it
     /// with [`Db::apply_snapshot`] and continues from the log after

@@ -14,7 +14,7 @@ use crate::limits::BATCH_OPS_MAX;
 use crate::record;
 use crate::replication::{self, Resolution, Stamped};
 use crate::types::{
-    check_entity_key, AsOf, Durability, EventTime, FeatureId, RegionId, SystemTime, Value, VersionVector,
+    check_entity_key, AsOf, CellVersion, Durability, EventTime, FeatureId, RegionId, SystemTime, Value, VersionVector,
 };
 use crate::wal;
 use crate::{Error, Result};
@@ -106,10 +106,9 @@ pub struct SnapshotVersion {
 }
 
 /// A version being applied, checked and decoded.
-struct Incoming<'a> {
+struct Incoming {
     value: Option<Value>,
     vector: VersionVector,
-    raw: &'a [u8],
     system_time: SystemTime,
     region: RegionId,
 }
@@ -443,29 +442,8 @@ impl Inner {
     /// each version is resolved against its cell's winner, and the survivors, the rewritten
     /// winners and the new cursor are logged as one WAL record and published together.
     pub(super) fn apply_replicated(&self, b: &ShippedBatch, durability: Durability) -> Result<ApplyReport> {
-        if b.origin == self.opts.region {
-            return Err(Error::InvalidArgument(format!("batch {} comes from this node's own region", b.seqno)));
-        }
-        if b.seqno == 0 {
-            return Err(Error::InvalidArgument("a shipped batch has sequence number 0".into()));
-        }
-        // Each version may become two ops (a kept loser and a rewritten winner), plus the cursor.
-        let ops_max = SHIPPED_VERSIONS_MAX;
-        if b.ops.len() > ops_max {
-            return Err(Error::InvalidArgument(format!("a shipped batch holds at most {ops_max} versions")));
-        }
-        // Check everything first; the last write of a cell in the batch is the one that counts.
-        let mut cells: BTreeMap<CellId<'_>, Incoming<'_>> = BTreeMap::new();
-        for op in &b.ops {
-            let (value, vector) = self.check_shipped(&op.entity, &op.cell, b.system_time)?;
-            // A version written at the origin carries `origin: stamp` (REPLICATION.md §1); one
-            // written with an explicit vector may not, and is read as if it did, on every node.
-            let vector = vector.merge(&VersionVector::single(b.origin, b.system_time.0));
-            let incoming =
-                Incoming { value, vector, raw: op.cell.as_slice(), system_time: b.system_time, region: b.origin };
-            cells.insert((op.entity.as_slice(), op.feature, op.event_time), incoming);
-        }
-        self.apply_cells(b.origin, CursorMove::Batch(b.seqno), cells, durability)
+        let mut r = self.apply_replicated_group(std::slice::from_ref(b), durability)?;
+        Ok(r.pop().unwrap_or_default())
     }
 
     /// Applies part of a peer's snapshot (its cells' current versions, each with its own stamp
@@ -487,7 +465,7 @@ impl Inner {
                 "a snapshot part holds at most {SHIPPED_VERSIONS_MAX} versions"
             )));
         }
-        let mut cells: BTreeMap<CellId<'_>, Incoming<'_>> = BTreeMap::new();
+        let mut cells: BTreeMap<CellId<'_>, Incoming> = BTreeMap::new();
         for v in versions {
             let (value, vector) = self.check_shipped(&v.entity, &v.cell, v.system_time)?;
             let region = replication::origin_or_guess(&vector, v.system_time);
@@ -495,7 +473,7 @@ impl Inner {
             if cells.contains_key(&id) {
                 return Err(Error::InvalidArgument("a snapshot part holds one cell twice".into()));
             }
-            cells.insert(id, Incoming { value, vector, raw: v.cell.as_slice(), system_time: v.system_time, region });
+            cells.insert(id, Incoming { value, vector, system_time: v.system_time, region });
         }
         let cursor = match through {
             Some(s) => CursorMove::Raise(s),
@@ -504,16 +482,61 @@ impl Inner {
         self.apply_cells(origin, cursor, cells, durability)
     }
 
-    /// The shared half of [`Inner::apply_replicated`] and [`Inner::apply_snapshot`]: resolve,
-    /// log as one record, publish.
+    /// The shared half of [`Inner::apply_replicated`] and [`Inner::apply_snapshot`].
     fn apply_cells(
         &self,
         origin: RegionId,
         cursor_move: CursorMove,
-        mut cells: BTreeMap<CellId<'_>, Incoming<'_>>,
+        cells: BTreeMap<CellId<'_>, Incoming>,
         durability: Durability,
     ) -> Result<ApplyReport> {
-        let would_know = cells.values().fold(self.knowledge.lock().clone(), |k, c| k.merge(&c.vector));
+        let mut r = self.apply_group(vec![Pending { origin, cursor_move, cells }], durability)?;
+        Ok(r.pop().unwrap_or_default())
+    }
+
+    /// Applies several batches shipped by their origins, in order, as one group: each is
+    /// resolved against the state the ones before it leave, all are logged (one record each)
+    /// with one sync, then all are published together.
+    pub(super) fn apply_replicated_group(
+        &self,
+        batches: &[ShippedBatch],
+        durability: Durability,
+    ) -> Result<Vec<ApplyReport>> {
+        let mut group = Vec::with_capacity(batches.len());
+        for b in batches {
+            if b.origin == self.opts.region {
+                return Err(Error::InvalidArgument(format!("batch {} comes from this node's own region", b.seqno)));
+            }
+            if b.seqno == 0 {
+                return Err(Error::InvalidArgument("a shipped batch has sequence number 0".into()));
+            }
+            if b.ops.len() > SHIPPED_VERSIONS_MAX {
+                return Err(Error::InvalidArgument(format!(
+                    "a shipped batch holds at most {SHIPPED_VERSIONS_MAX} versions"
+                )));
+            }
+            // Check everything first; the last write of a cell in the batch is the one that
+            // counts.
+            let mut cells: BTreeMap<CellId<'_>, Incoming> = BTreeMap::new();
+            for op in &b.ops {
+                let (value, vector) = self.check_shipped(&op.entity, &op.cell, b.system_time)?;
+                // A version written at the origin carries `origin: stamp` (REPLICATION.md §1);
+                // one written with an explicit vector may not, and is read as if it did, on
+                // every node.
+                let vector = vector.merge(&VersionVector::single(b.origin, b.system_time.0));
+                let incoming = Incoming { value, vector, system_time: b.system_time, region: b.origin };
+                cells.insert((op.entity.as_slice(), op.feature, op.event_time), incoming);
+            }
+            group.push(Pending { origin: b.origin, cursor_move: CursorMove::Batch(b.seqno), cells });
+        }
+        self.apply_group(group, durability)
+    }
+
+    fn apply_group(&self, mut group: Vec<Pending<'_>>, durability: Durability) -> Result<Vec<ApplyReport>> {
+        let mut would_know = self.knowledge.lock().clone();
+        for p in &group {
+            would_know = p.cells.values().fold(would_know, |k, c| k.merge(&c.vector));
+        }
         if would_know.len() > crate::limits::VERSION_VECTOR_ENTRIES_MAX {
             return Err(Error::InvalidArgument(format!(
                 "the batch names more than {} regions in all",
@@ -521,123 +544,151 @@ impl Inner {
             )));
         }
         let horizon = self.horizon.read();
-        // Versions below this node's horizon are dropped (the horizon is a local policy); the
-        // cursor still moves past the batch, or the origin's log would stall here.
-        let below = cells.len();
-        cells.retain(|k, _| k.2 .0 >= *horizon);
-        let below = (below - cells.len()) as u64;
+        let mut reports = Vec::with_capacity(group.len());
+        for p in &mut group {
+            // Versions below this node's horizon are dropped (the horizon is a local policy);
+            // the cursor still moves past the batch, or the origin's log would stall here.
+            let before = p.cells.len();
+            p.cells.retain(|k, _| k.2 .0 >= *horizon);
+            reports.push(ApplyReport { dropped: (before - p.cells.len()) as u64, ..Default::default() });
+        }
         self.check_ok()?;
         let mut w = self.writer.lock();
         self.make_room(&mut w)?;
         let view = self.view.read().clone();
-        let (cursor, taught) = self.cursor_in(&view, origin)?;
-        let new_cursor = match cursor_move {
-            CursorMove::Batch(s) if s <= cursor => {
-                return Ok(ApplyReport { already_applied: true, ..Default::default() })
-            }
-            CursorMove::Batch(s) => Some(s),
-            CursorMove::Raise(s) => Some(s.max(cursor)),
-            CursorMove::Keep => None,
-        };
-        if cells.is_empty() && new_cursor == Some(cursor) {
-            return Ok(ApplyReport { dropped: below, ..Default::default() });
-        }
-        if let Some(newest) = cells.values().map(|c| c.system_time.0).max() {
-            self.hlc.observe(newest);
-        }
-        let mut report = ApplyReport { dropped: below, ..Default::default() };
-        let mut ops = Vec::new();
-        let mut batch_vector = VersionVector::new();
-        for ((entity, feature, event_time), inc) in &cells {
-            batch_vector = batch_vector.merge(&inc.vector);
-            let prefix = key::prefix(entity, *feature);
-            let exact = AsOf { as_of: *event_time, known_at: SystemTime::MAX, lookback_us: Some(0) };
-            let current = self.get_in_view(&view, &prefix, exact, SystemTime::MAX, None)?;
-            let incoming = Stamped { system_time: inc.system_time, region: inc.region, vector: &inc.vector };
-            let current_stamped = current.as_ref().map(|c| Stamped {
-                system_time: c.system_time,
-                region: replication::origin_or_guess(&c.version_vector, c.system_time),
-                vector: &c.version_vector,
-            });
-            let op = |system_time: SystemTime, cell: Vec<u8>| ResolvedOp {
-                entity: entity.to_vec(),
-                feature: *feature,
-                event_time: *event_time,
-                system_time,
-                cell,
+        // What the group has written so far: versions by key, and cursors by origin.
+        let mut overlay = Overlay::default();
+        let mut payloads = Vec::new();
+        let mut stamps = Vec::new();
+        let mut conflicts = 0;
+        for (p, report) in group.iter().zip(reports.iter_mut()) {
+            let (cursor, taught) = match overlay.cursors.get(&p.origin) {
+                Some(c) => c.clone(),
+                None => self.cursor_in(&view, p.origin)?,
             };
-            let encoded = |value: Option<&Value>, vector: &VersionVector| {
-                let mut buf = Vec::new();
-                cell::encode(value, vector, &mut buf);
-                buf
-            };
-            match replication::resolve(current_stamped, incoming) {
-                Resolution::Drop => report.dropped += 1,
-                Resolution::Apply => {
-                    report.applied += 1;
-                    let buf = encoded(inc.value.as_ref(), &inc.vector);
-                    ops.push(op(inc.system_time, if buf.as_slice() == inc.raw { inc.raw.to_vec() } else { buf }));
+            let new_cursor = match p.cursor_move {
+                CursorMove::Batch(s) if s <= cursor => {
+                    *report = ApplyReport { already_applied: true, ..Default::default() };
+                    continue;
                 }
-                Resolution::Conflict { incoming_wins, merged } => {
-                    report.conflicts += 1;
-                    let Some(c) = &current else { continue };
-                    if incoming_wins {
-                        ops.push(op(inc.system_time, encoded(inc.value.as_ref(), &merged)));
-                    } else {
-                        // Keep the loser, unless its key (its stamp) is taken by the winner or
-                        // by an older version of a greater region (two regions issued the same
-                        // stamp: at one key the greater region's version stays, on every node,
-                        // whatever the order of arrival), and give the winner the merged vector
-                        // at its own key.
-                        if inc.system_time != c.system_time {
-                            let at = AsOf { as_of: *event_time, known_at: inc.system_time, lookback_us: Some(0) };
-                            let taken_by = self
-                                .get_in_view(&view, &prefix, at, inc.system_time, None)?
-                                .filter(|o| o.system_time == inc.system_time)
-                                .map(|o| replication::origin_or_guess(&o.version_vector, o.system_time));
-                            if taken_by.is_none_or(|r| r <= inc.region) {
-                                ops.push(op(inc.system_time, encoded(inc.value.as_ref(), &inc.vector)));
+                CursorMove::Batch(s) => Some(s),
+                CursorMove::Raise(s) => Some(s.max(cursor)),
+                CursorMove::Keep => None,
+            };
+            if p.cells.is_empty() && new_cursor == Some(cursor) {
+                continue;
+            }
+            if let Some(newest) = p.cells.values().map(|c| c.system_time.0).max() {
+                self.hlc.observe(newest);
+            }
+            let mut ops = Vec::new();
+            let mut batch_vector = VersionVector::new();
+            for ((entity, feature, event_time), inc) in &p.cells {
+                batch_vector = batch_vector.merge(&inc.vector);
+                let prefix = key::prefix(entity, *feature);
+                let id = (entity.to_vec(), *feature, *event_time);
+                let exact = AsOf { as_of: *event_time, known_at: SystemTime::MAX, lookback_us: Some(0) };
+                let current = overlay.newest(&id, self.get_in_view(&view, &prefix, exact, SystemTime::MAX, None)?);
+                let incoming = Stamped { system_time: inc.system_time, region: inc.region, vector: &inc.vector };
+                let current_stamped = current.as_ref().map(|c| Stamped {
+                    system_time: c.system_time,
+                    region: replication::origin_or_guess(&c.version_vector, c.system_time),
+                    vector: &c.version_vector,
+                });
+                let op = |system_time: SystemTime, value: Option<&Value>, vector: &VersionVector| {
+                    let mut buf = Vec::new();
+                    cell::encode(value, vector, &mut buf);
+                    ResolvedOp {
+                        entity: entity.to_vec(),
+                        feature: *feature,
+                        event_time: *event_time,
+                        system_time,
+                        cell: buf,
+                    }
+                };
+                match replication::resolve(current_stamped, incoming) {
+                    Resolution::Drop => report.dropped += 1,
+                    Resolution::Apply => {
+                        report.applied += 1;
+                        ops.push(op(inc.system_time, inc.value.as_ref(), &inc.vector));
+                    }
+                    Resolution::Conflict { incoming_wins, merged } => {
+                        report.conflicts += 1;
+                        let Some(c) = &current else { continue };
+                        if incoming_wins {
+                            ops.push(op(inc.system_time, inc.value.as_ref(), &merged));
+                        } else {
+                            // Keep the loser, unless its key (its stamp) is taken by the
+                            // winner or by an older version of a greater region (two regions
+                            // issued the same stamp: at one key the greater region's version
+                            // stays, on every node, whatever the order of arrival), and give
+                            // the winner the merged vector at its own key.
+                            if inc.system_time != c.system_time {
+                                let at = AsOf { as_of: *event_time, known_at: inc.system_time, lookback_us: Some(0) };
+                                let taken = match overlay.at(&id, inc.system_time) {
+                                    Some(v) => Some(v),
+                                    None => self
+                                        .get_in_view(&view, &prefix, at, inc.system_time, None)?
+                                        .filter(|o| o.system_time == inc.system_time),
+                                };
+                                let taken_by =
+                                    taken.map(|o| replication::origin_or_guess(&o.version_vector, o.system_time));
+                                if taken_by.is_none_or(|r| r <= inc.region) {
+                                    ops.push(op(inc.system_time, inc.value.as_ref(), &inc.vector));
+                                }
                             }
+                            ops.push(op(c.system_time, c.value.as_ref(), &merged));
                         }
-                        ops.push(op(c.system_time, encoded(c.value.as_ref(), &merged)));
                     }
                 }
             }
-        }
-        let stamp = SystemTime(self.hlc.stamp());
-        // The cursor, with what this origin's batches taught, in the same record.
-        let origin_seqno = match new_cursor {
-            Some(s) => {
-                let taught = taught.merge(&batch_vector);
-                let mut cursor_cell = Vec::new();
-                cell::encode(Some(&Value::Int64(s as i64)), &taught, &mut cursor_cell);
-                ops.push(ResolvedOp {
-                    entity: REPLICATION_ENTITY.to_vec(),
-                    feature: FeatureId(origin),
-                    event_time: EventTime(0),
-                    system_time: stamp,
-                    cell: cursor_cell,
-                });
-                s
+            conflicts += report.conflicts;
+            let stamp = SystemTime(self.hlc.stamp());
+            // The cursor, with what this origin's batches taught, in the same record.
+            let origin_seqno = match new_cursor {
+                Some(s) => {
+                    let taught = taught.merge(&batch_vector);
+                    let mut cursor_cell = Vec::new();
+                    cell::encode(Some(&Value::Int64(s as i64)), &taught, &mut cursor_cell);
+                    ops.push(ResolvedOp {
+                        entity: REPLICATION_ENTITY.to_vec(),
+                        feature: FeatureId(p.origin),
+                        event_time: EventTime(0),
+                        system_time: stamp,
+                        cell: cursor_cell,
+                    });
+                    overlay.cursors.insert(p.origin, (s, taught));
+                    s
+                }
+                None => 0,
+            };
+            if ops.is_empty() {
+                continue;
             }
-            None => 0,
-        };
-        if ops.is_empty() {
-            drop(w);
-            return Ok(report);
+            for op in &ops {
+                if op.entity.as_slice() != REPLICATION_ENTITY {
+                    overlay.put(op);
+                }
+            }
+            let seqno = w.last_seqno + 1 + payloads.len() as u64;
+            let payload = batch::encode_replicated(seqno, stamp, (p.origin, origin_seqno), &ops);
+            // Checked whole before it is logged: a record that would not read back must
+            // never reach the WAL (it would keep the node from opening).
+            if payload.len() > crate::limits::RECORD_BYTES_MAX - 64 {
+                return Err(Error::InvalidArgument("a shipped batch is too large to log once resolved".into()));
+            }
+            if let Err(w) = batch::decode(&payload) {
+                return Err(Error::InvalidArgument(format!("a shipped batch does not log as a valid record: {w}")));
+            }
+            payloads.push(payload);
+            stamps.push(stamp);
         }
-        let seqno = w.last_seqno + 1;
-        let payload = batch::encode_replicated(seqno, stamp, (origin, origin_seqno), &ops);
-        // Checked whole before it is logged: a record that would not read back must never
-        // reach the WAL (it would keep the node from opening).
-        if payload.len() > crate::limits::RECORD_BYTES_MAX - 64 {
-            return Err(Error::InvalidArgument("a shipped batch is too large to log once resolved".into()));
+        if payloads.is_empty() {
+            return Ok(reports);
         }
-        if let Err(w) = batch::decode(&payload) {
-            return Err(Error::InvalidArgument(format!("a shipped batch does not log as a valid record: {w}")));
-        }
+        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
         let durable = (|| -> Result<()> {
-            w.wal.append(&[payload.as_slice()])?;
+            w.wal.append(&refs)?;
             if durability == Durability::Sync && w.wal.sync()? {
                 self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
             }
@@ -647,37 +698,84 @@ impl Inner {
             self.fail(&e);
             return Err(e);
         }
-        w.last_seqno = seqno;
-        let decoded = match batch::decode_trusted(&payload) {
-            Ok(d) => d,
-            Err(what) => {
-                let e = Error::PreviousError(format!("internal: a replicated batch does not decode: {what}"));
-                self.fail(&e);
-                return Err(e);
+        w.last_seqno += payloads.len() as u64;
+        let mut decoded = Vec::with_capacity(payloads.len());
+        for p in &payloads {
+            match batch::decode_trusted(p) {
+                Ok(d) => decoded.push(d),
+                Err(what) => {
+                    let e = Error::PreviousError(format!("internal: a replicated batch does not decode: {what}"));
+                    self.fail(&e);
+                    return Err(e);
+                }
             }
-        };
-        let decoded = [decoded];
+        }
         let announced = self.hot.as_ref().map(|hot| super::write::announce(hot, &decoded)).unwrap_or_default();
-        insert_batch(&view.mem, &decoded[0]);
-        view.mem.set_last_seqno(seqno);
-        self.visible.store(stamp.0, Ordering::Release);
+        for d in &decoded {
+            insert_batch(&view.mem, d);
+        }
+        view.mem.set_last_seqno(w.last_seqno);
+        if let Some(stamp) = stamps.last() {
+            self.visible.store(stamp.0, Ordering::Release);
+        }
         if let Some(hot) = &self.hot {
             for token in announced {
                 hot.write_end(token);
             }
         }
         {
-            let learned = learned(&decoded[0]);
             let mut k = self.knowledge.lock();
-            *k = k.merge(&learned);
+            for d in &decoded {
+                *k = k.merge(&learned(d));
+            }
         }
-        self.published_seqno.store(seqno, Ordering::Release);
-        self.counters.replication_conflicts.fetch_add(report.conflicts, Ordering::Relaxed);
+        self.published_seqno.store(w.last_seqno, Ordering::Release);
+        self.counters.replication_conflicts.fetch_add(conflicts, Ordering::Relaxed);
         drop(w);
         drop(horizon);
         if view.mem.approximate_bytes() >= self.opts.memtable_bytes {
             self.notify_work();
         }
-        Ok(report)
+        Ok(reports)
+    }
+}
+
+/// One batch of a group being applied.
+struct Pending<'a> {
+    origin: RegionId,
+    cursor_move: CursorMove,
+    cells: BTreeMap<CellId<'a>, Incoming>,
+}
+
+/// What a group being applied has written so far (not yet in the memtable).
+#[derive(Default)]
+struct Overlay {
+    /// Versions by cell, then system time.
+    versions: BTreeMap<(Vec<u8>, FeatureId, EventTime), BTreeMap<SystemTime, CellVersion>>,
+    cursors: BTreeMap<RegionId, (u64, VersionVector)>,
+}
+
+impl Overlay {
+    fn put(&mut self, op: &ResolvedOp) {
+        if let Ok((value, version_vector)) = cell::decode(&op.cell) {
+            let v = CellVersion { event_time: op.event_time, system_time: op.system_time, value, version_vector };
+            self.versions.entry((op.entity.clone(), op.feature, op.event_time)).or_default().insert(op.system_time, v);
+        }
+    }
+
+    /// The cell's newest version: the overlay's, or `stored` (the overlay's wins a tie: it is
+    /// the rewrite of that key).
+    fn newest(&self, id: &(Vec<u8>, FeatureId, EventTime), stored: Option<CellVersion>) -> Option<CellVersion> {
+        let mine = self.versions.get(id).and_then(|m| m.values().next_back());
+        match (mine, stored) {
+            (Some(m), Some(s)) if s.system_time > m.system_time => Some(s),
+            (Some(m), _) => Some(m.clone()),
+            (None, s) => s,
+        }
+    }
+
+    /// The overlay's version of the cell at exactly `t`.
+    fn at(&self, id: &(Vec<u8>, FeatureId, EventTime), t: SystemTime) -> Option<CellVersion> {
+        self.versions.get(id).and_then(|m| m.get(&t)).cloned()
     }
 }
