@@ -15,6 +15,9 @@ use crate::registry::Registry;
 use crate::replication::{ClusterConfig, Replicator};
 use crate::service::{AdminApi, FeatureApi, RegistryApi};
 
+/// Most bytes of the newest local batches kept in memory for peers that keep up.
+pub const REPLICATION_TAIL_BYTES_MAX: usize = 32 << 20;
+
 /// Largest gRPC message accepted or sent.
 pub const MESSAGE_BYTES_MAX: usize = 256 << 20;
 
@@ -70,6 +73,8 @@ pub async fn serve(
         direct_reads: cfg.direct_reads,
         region: cfg.cluster.region,
         replication_log_bytes: if cfg.cluster.peers.is_empty() { 0 } else { cfg.replication_log_bytes },
+        // The in-memory tail of the log is part of what is retained, within the same bound.
+        replication_tail_bytes: REPLICATION_TAIL_BYTES_MAX.min(cfg.replication_log_bytes as usize),
         replicated_prefixes: vec![crate::registry::PREFIX.to_vec()],
         ..Options::default()
     };

@@ -400,8 +400,8 @@ impl Replicator {
 
     /// One Pull stream: applies what it brings until the window ends, an error, a pause or a
     /// re-bootstrap request. Batches are applied strictly in their chain order (each right
-    /// after its predecessor), with `Sync`: a replicated version is visible only once durable,
-    /// so a crash never rolls a cell back.
+    /// after its predecessor), each message's as one group with `Sync`: a replicated version
+    /// is visible only once durable, so a crash never rolls a cell back.
     async fn pull(&self, slot: &PeerSlot) -> Result<(), Status> {
         let mut client = self.client(slot).await?;
         let origin = slot.peer.region;
@@ -482,8 +482,9 @@ impl Replicator {
                             return Err(Status::internal(format!("redelivered batch {} was applied again", b.seqno)));
                         }
                     }
-                    for b in &ready {
-                        db.apply_replicated(b, Durability::Sync).map_err(|e| storage_status(&e))?;
+                    // One group: one sync, and nothing visible before all of it is durable.
+                    if !ready.is_empty() {
+                        db.apply_replicated_batches(&ready, Durability::Sync).map_err(|e| storage_status(&e))?;
                     }
                     Ok(())
                 })

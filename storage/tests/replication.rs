@@ -152,12 +152,28 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
             let mut batches: Vec<ShippedBatch> =
                 regions[from].outbox.iter().filter(|b| b.seqno == cursor).cloned().collect();
             batches.extend(next.iter().cloned());
+            // And, interleaved, the next batches of a third region, so one group resolves versions of
+            // different origins against each other.
+            let other = 3 - to - from;
+            let other_cursor = regions[to].db().replication_cursor(other as u32).expect("cursor");
+            let others: Vec<ShippedBatch> =
+                regions[other].outbox.iter().filter(|b| b.seqno > other_cursor).take(2).cloned().collect();
+            for (k, b) in others.iter().enumerate() {
+                batches.insert((2 * k + 1).min(batches.len()), b.clone());
+            }
             let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
             let durability = if sync { Durability::Sync } else { Durability::Async };
             let reports = regions[to].db().apply_replicated_batches(&batches, durability).expect("apply group");
             prop_assert_eq!(reports.len(), batches.len());
             for (b, r) in batches.iter().zip(&reports) {
-                prop_assert_eq!(r.already_applied, b.seqno <= cursor);
+                if b.origin == from as u32 {
+                    prop_assert_eq!(r.already_applied, b.seqno <= cursor);
+                } else {
+                    prop_assert!(!r.already_applied);
+                }
+            }
+            if let Some(last) = others.last() {
+                prop_assert_eq!(regions[to].db().replication_cursor(other as u32).expect("cursor"), last.seqno);
             }
             if let Some(last) = next.last() {
                 prop_assert_eq!(regions[to].db().replication_cursor(from as u32).expect("cursor"), last.seqno);
