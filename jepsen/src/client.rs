@@ -1,0 +1,224 @@
+//! The workload's gRPC operations against one region's node.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quiver_proto::v1 as pb;
+use tonic::transport::Channel;
+
+use crate::history::{Cell, Seen, Vector};
+
+/// The group and feature every operation uses.
+pub const GROUP: &str = "jepsen";
+/// `GROUP:FEATURE`.
+pub const FEATURE_REF: &str = "jepsen:v";
+/// Event time of slot 0, µs; slot `s` is `s` ms earlier (backfill corrections).
+pub const SLOT0_US: i64 = 1_700_000_000_000_000;
+/// Per-operation deadline: past it the operation is indeterminate.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The registry of the workload, applied in one region and replicated to the others.
+pub fn registry() -> pb::ApplyRegistryRequest {
+    pb::ApplyRegistryRequest {
+        entity_types: vec![pb::EntityType {
+            name: "item".into(),
+            join_keys: vec![pb::JoinKey { name: "id".into(), r#type: pb::JoinKeyType::Int64 as i32 }],
+            description: "jepsen cells".into(),
+        }],
+        feature_groups: vec![pb::FeatureGroup {
+            name: GROUP.into(),
+            entity_type: "item".into(),
+            owner: "jepsen".into(),
+            features: vec![pb::FeatureDef {
+                name: "v".into(),
+                r#type: pb::ValueType::Int64 as i32,
+                default_value: None,
+                description: String::new(),
+            }],
+            ..Default::default()
+        }],
+        dry_run: false,
+    }
+}
+
+fn key(entity: u32) -> pb::EntityKey {
+    pb::EntityKey { parts: vec![pb::KeyPart { kind: Some(pb::key_part::Kind::Int64Value(i64::from(entity))) }] }
+}
+
+fn ts(us: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: us.div_euclid(1_000_000), nanos: (us.rem_euclid(1_000_000) * 1000) as i32 }
+}
+
+fn us(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1_000_000 + i64::from(t.nanos) / 1000
+}
+
+fn slot_time(slot: u32) -> i64 {
+    SLOT0_US - i64::from(slot) * 1000
+}
+
+/// A vector from the API.
+pub fn vector(v: &Option<pb::VersionVector>) -> Vector {
+    let mut out: Vector = v.iter().flat_map(|v| v.entries.iter().map(|e| (e.region, e.counter))).collect();
+    out.sort_unstable();
+    out
+}
+
+fn to_api(v: &Vector) -> pb::VersionVector {
+    pb::VersionVector {
+        entries: v.iter().map(|&(region, counter)| pb::version_vector::Entry { region, counter }).collect(),
+    }
+}
+
+/// How a failed call ended: `Err(true)` certainly not applied, `Err(false)` unknown.
+pub fn classify(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(s.code(), Code::InvalidArgument | Code::Aborted | Code::FailedPrecondition | Code::NotFound)
+}
+
+/// Clients of one node.
+#[derive(Debug, Clone)]
+pub struct Node {
+    features: pb::feature_service_client::FeatureServiceClient<Channel>,
+    registry: pb::registry_service_client::RegistryServiceClient<Channel>,
+    admin: pb::admin_service_client::AdminServiceClient<Channel>,
+}
+
+impl Node {
+    /// Clients over a lazily connected channel (it reconnects after a restart).
+    pub fn connect(addr: SocketAddr) -> Result<Node, String> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(OP_TIMEOUT)
+            .connect_lazy();
+        Ok(Node {
+            features: pb::feature_service_client::FeatureServiceClient::new(ch.clone()),
+            registry: pb::registry_service_client::RegistryServiceClient::new(ch.clone()),
+            admin: pb::admin_service_client::AdminServiceClient::new(ch),
+        })
+    }
+
+    /// Applies the workload's registry.
+    pub async fn apply_registry(&mut self) -> Result<(), tonic::Status> {
+        self.registry.apply_registry(registry()).await.map(|_| ())
+    }
+
+    /// Whether the node knows the workload's group yet.
+    pub async fn has_registry(&mut self) -> bool {
+        self.registry.get_feature_group(pb::GetFeatureGroupRequest { name: GROUP.into(), version: 0 }).await.is_ok()
+    }
+
+    /// Writes `value` to `cell` (with `expected` for a CAS), synced; returns its stamp.
+    pub async fn write(&mut self, cell: Cell, value: i64, expected: Option<&Vector>) -> Result<u64, tonic::Status> {
+        let mut values = std::collections::HashMap::new();
+        values.insert("v".to_string(), pb::Value { kind: Some(pb::value::Kind::Int64Value(value)) });
+        let mut expected_versions = std::collections::HashMap::new();
+        if let Some(e) = expected {
+            expected_versions.insert("v".to_string(), to_api(e));
+        }
+        let req = pb::WriteFeaturesRequest {
+            rows: vec![pb::WriteRow {
+                entity: Some(key(cell.entity)),
+                group: GROUP.into(),
+                event_time: Some(ts(slot_time(cell.slot))),
+                values,
+                deletes: vec![],
+                expected_versions,
+            }],
+            durability: pb::Durability::Sync as i32,
+            idempotency_key: String::new(),
+        };
+        let r = self.features.write_features(req).await?.into_inner();
+        let stamp = r.system_time.as_ref().map(us).unwrap_or(0);
+        Ok(stamp as u64)
+    }
+
+    /// Writes many cells in one batch (bulk traffic for the lagging-peer fault).
+    pub async fn write_bulk(&mut self, entities: std::ops::Range<u32>, value: i64) -> Result<(), tonic::Status> {
+        let rows = entities
+            .map(|e| {
+                let mut values = std::collections::HashMap::new();
+                values.insert("v".to_string(), pb::Value { kind: Some(pb::value::Kind::Int64Value(value)) });
+                pb::WriteRow {
+                    entity: Some(key(e)),
+                    group: GROUP.into(),
+                    event_time: Some(ts(slot_time(0))),
+                    values,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let req =
+            pb::WriteFeaturesRequest { rows, durability: pb::Durability::Sync as i32, idempotency_key: String::new() };
+        self.features.write_features(req).await.map(|_| ())
+    }
+
+    /// Every version of `entity`, by slot, newest system time first.
+    pub async fn history(&mut self, entity: u32) -> Result<BTreeMap<u32, Vec<Seen>>, tonic::Status> {
+        let req = pb::ScanHistoryRequest {
+            entity_type: "item".into(),
+            entity: Some(key(entity)),
+            features: vec![FEATURE_REF.into()],
+            group: GROUP.into(),
+            ..Default::default()
+        };
+        let mut stream = self.features.scan_history(req).await?.into_inner();
+        let mut out: BTreeMap<u32, Vec<Seen>> = BTreeMap::new();
+        while let Some(chunk) = stream.message().await? {
+            for v in chunk.versions {
+                let t = v.event_time.as_ref().map(us).unwrap_or(0);
+                let slot = ((SLOT0_US - t) / 1000) as u32;
+                let value = v.value.as_ref().and_then(|x| match x.kind {
+                    Some(pb::value::Kind::Int64Value(i)) => Some(i),
+                    _ => None,
+                });
+                let stamp = v.system_time.as_ref().map(us).unwrap_or(0) as u64;
+                out.entry(slot).or_default().push(Seen { value, stamp, vector: vector(&v.version) });
+            }
+        }
+        for versions in out.values_mut() {
+            versions.sort_by_key(|v| std::cmp::Reverse(v.stamp));
+        }
+        Ok(out)
+    }
+
+    /// The winner of one cell (its newest version), if any.
+    pub async fn read(&mut self, cell: Cell) -> Result<Option<Seen>, tonic::Status> {
+        let req = pb::ScanHistoryRequest {
+            entity_type: "item".into(),
+            entity: Some(key(cell.entity)),
+            features: vec![FEATURE_REF.into()],
+            group: GROUP.into(),
+            event_time_from: Some(ts(slot_time(cell.slot))),
+            event_time_to: Some(ts(slot_time(cell.slot))),
+            ..Default::default()
+        };
+        let mut stream = self.features.scan_history(req).await?.into_inner();
+        let mut best: Option<Seen> = None;
+        while let Some(chunk) = stream.message().await? {
+            for v in chunk.versions {
+                let value = v.value.as_ref().and_then(|x| match x.kind {
+                    Some(pb::value::Kind::Int64Value(i)) => Some(i),
+                    _ => None,
+                });
+                let stamp = v.system_time.as_ref().map(us).unwrap_or(0) as u64;
+                if best.as_ref().is_none_or(|b| stamp > b.stamp) {
+                    best = Some(Seen { value, stamp, vector: vector(&v.version) });
+                }
+            }
+        }
+        Ok(best)
+    }
+
+    /// The node's replication status.
+    pub async fn replication(&mut self) -> Result<pb::GetReplicationStatusResponse, tonic::Status> {
+        self.admin.get_replication_status(pb::GetReplicationStatusRequest {}).await.map(|r| r.into_inner())
+    }
+
+    /// Flushes the node's memtable (so its WAL segments become prunable).
+    pub async fn flush(&mut self) -> Result<(), tonic::Status> {
+        self.admin.flush(pb::FlushRequest {}).await.map(|_| ())
+    }
+}

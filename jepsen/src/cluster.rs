@@ -1,0 +1,254 @@
+//! Three (or more) `quiverd` processes, one per region, on loopback ports; every replication
+//! link goes through its own [`Link`] proxy. Clients talk to their region's node directly.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::proxy::{Link, LinkFaults};
+
+/// The `quiverd` binary of this build (`QUIVERD` overrides it).
+pub fn quiverd_path() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("QUIVERD") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    for dir in exe.ancestors().skip(1).take(2) {
+        let p = dir.join("quiverd");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err("quiverd not found next to this binary: build it with `cargo build -p quiver-server`".into())
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// How the cluster is set up.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Regions, numbered 1..=n.
+    pub regions: u32,
+    /// Clock skew per region in milliseconds (test-only clock offset).
+    pub skew_ms: BTreeMap<u32, i64>,
+    /// Seed of the pullers' message chaos (`None`: off).
+    pub chaos_seed: Option<u64>,
+    /// Retained replication log per node, MiB (small, so a lagging peer must bootstrap).
+    pub replication_log_mb: u64,
+}
+
+/// One region's node.
+#[derive(Debug)]
+pub struct Node {
+    /// Its region.
+    pub region: u32,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    stopped: bool,
+}
+
+/// The cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Nodes by region - 1.
+    pub nodes: Vec<Node>,
+    /// Links by (puller region, origin region).
+    pub links: BTreeMap<(u32, u32), Link>,
+    spec: ClusterSpec,
+    quiverd: PathBuf,
+}
+
+impl Cluster {
+    /// Starts every node under `dir` and waits until each listens.
+    pub async fn start(spec: ClusterSpec, dir: &Path) -> Result<Cluster, String> {
+        let quiverd = quiverd_path()?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut nodes = Vec::new();
+        for region in 1..=spec.regions {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse().map_err(|e| format!("{e}"))?;
+            nodes.push(Node {
+                region,
+                addr,
+                data_dir: dir.join(format!("region-{region}")),
+                log: dir.join(format!("region-{region}.log")),
+                child: None,
+                stopped: false,
+            });
+        }
+        let mut links = BTreeMap::new();
+        for puller in 1..=spec.regions {
+            for origin in 1..=spec.regions {
+                if puller != origin {
+                    let target = nodes[(origin - 1) as usize].addr;
+                    let link = Link::start(target, u64::from(puller * 31 + origin))
+                        .await
+                        .map_err(|e| format!("proxy: {e}"))?;
+                    links.insert((puller, origin), link);
+                }
+            }
+        }
+        let mut c = Cluster { nodes, links, spec, quiverd };
+        for region in 1..=c.spec.regions {
+            c.start_node(region)?;
+        }
+        Ok(c)
+    }
+
+    fn node(&mut self, region: u32) -> &mut Node {
+        &mut self.nodes[(region - 1) as usize]
+    }
+
+    /// Starts (or restarts) one node on its data directory and port.
+    pub fn start_node(&mut self, region: u32) -> Result<(), String> {
+        let peers: Vec<String> = (1..=self.spec.regions)
+            .filter(|&o| o != region)
+            .map(|o| format!("{o}={}", self.links[&(region, o)].addr))
+            .collect();
+        let quiverd = self.quiverd.clone();
+        let skew = self.spec.skew_ms.get(&region).copied();
+        let chaos = self.spec.chaos_seed.map(|s| s + u64::from(region));
+        let log_mb = self.spec.replication_log_mb;
+        let node = self.node(region);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .map_err(|e| format!("{}: {e}", node.log.display()))?;
+        let mut cmd = Command::new(quiverd);
+        cmd.arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--listen", &node.addr.to_string(), "--metrics-listen", "off", "--memory-budget-mb", "64"])
+            .args(["--region", &region.to_string(), "--replication-log-mb", &log_mb.to_string()])
+            .args(["--durability", "sync"])
+            .env("RUST_LOG", "warn,quiver_server::replication=info")
+            .stdout(Stdio::piped())
+            .stderr(log);
+        for p in &peers {
+            cmd.args(["--peer", p]);
+        }
+        if let Some(ms) = skew {
+            cmd.env("QUIVER_TEST_CLOCK_SKEW_MS", ms.to_string());
+        }
+        if let Some(seed) = chaos {
+            cmd.env("QUIVER_TEST_REPLICATION_CHAOS", seed.to_string());
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("starting quiverd: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+        if !line.starts_with("quiverd listening on") {
+            let _ = child.kill();
+            return Err(format!("region {region}: quiverd did not start: {line:?} (see {})", node.log.display()));
+        }
+        node.child = Some(child);
+        node.stopped = false;
+        Ok(())
+    }
+
+    fn signal(&mut self, region: u32, sig: i32) {
+        if let Some(c) = &self.node(region).child {
+            // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// SIGKILL: the process dies with whatever it had not synced.
+    pub fn kill(&mut self, region: u32) {
+        let node = self.node(region);
+        if let Some(mut c) = node.child.take() {
+            if node.stopped {
+                // SAFETY: as in `signal`.
+                unsafe {
+                    libc::kill(c.id() as i32, libc::SIGCONT);
+                }
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        node.stopped = false;
+    }
+
+    /// SIGSTOP: the process freezes (a long GC pause, a stalled VM).
+    pub fn pause(&mut self, region: u32) {
+        self.signal(region, libc::SIGSTOP);
+        self.node(region).stopped = true;
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self, region: u32) {
+        self.signal(region, libc::SIGCONT);
+        self.node(region).stopped = false;
+    }
+
+    /// The faults of the link on which `puller` reads `origin`'s log.
+    pub fn link(&self, puller: u32, origin: u32) -> Arc<LinkFaults> {
+        self.links[&(puller, origin)].faults.clone()
+    }
+
+    /// Every link's faults.
+    pub fn all_links(&self) -> Vec<Arc<LinkFaults>> {
+        self.links.values().map(|l| l.faults.clone()).collect()
+    }
+
+    /// Heals the network, resumes paused nodes and restarts dead ones.
+    pub fn heal(&mut self) -> Result<(), String> {
+        for l in self.all_links() {
+            l.heal();
+        }
+        for region in 1..=self.spec.regions {
+            if self.node(region).stopped {
+                self.resume(region);
+            }
+            if self.node(region).child.is_none() {
+                self.start_node(region)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every node gracefully (SIGTERM), waiting at most `timeout` each.
+    pub fn stop(&mut self, timeout: Duration) {
+        for region in 1..=self.spec.regions {
+            if self.node(region).stopped {
+                self.resume(region);
+            }
+            self.signal(region, libc::SIGTERM);
+            let node = self.node(region);
+            if let Some(mut c) = node.child.take() {
+                let deadline = Instant::now() + timeout;
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
