@@ -6,10 +6,10 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::proxy::{Link, LinkFaults};
+use crate::netns::Netns;
+use crate::proxy::Link;
 
 /// The `quiverd` binary of this build (`QUIVERD` overrides it).
 pub fn quiverd_path() -> Result<PathBuf, String> {
@@ -58,25 +58,42 @@ pub struct Node {
     stopped: bool,
 }
 
+/// How regions reach each other.
+#[derive(Debug)]
+pub enum Net {
+    /// Loopback ports, a proxy per (puller, origin) link.
+    Proxy(BTreeMap<(u32, u32), Link>),
+    /// A network namespace per region on a bridge, faults as nftables and tc rules.
+    Netns(Netns),
+}
+
+/// Port every node listens on inside its namespace.
+const NETNS_PORT: u16 = 7000;
+
 /// The cluster.
 #[derive(Debug)]
 pub struct Cluster {
     /// Nodes by region - 1.
     pub nodes: Vec<Node>,
-    /// Links by (puller region, origin region).
-    pub links: BTreeMap<(u32, u32), Link>,
+    /// The network.
+    pub net: Net,
     spec: ClusterSpec,
     quiverd: PathBuf,
 }
 
 impl Cluster {
-    /// Starts every node under `dir` and waits until each listens.
-    pub async fn start(spec: ClusterSpec, dir: &Path) -> Result<Cluster, String> {
+    /// Starts every node under `dir` and waits until each listens; in network namespaces
+    /// when `netns` (see [`crate::netns::available`]), else on loopback behind proxies.
+    pub async fn start(spec: ClusterSpec, dir: &Path, netns: bool) -> Result<Cluster, String> {
         let quiverd = quiverd_path()?;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let ns = if netns { Some(Netns::create(spec.regions)?) } else { None };
         let mut nodes = Vec::new();
         for region in 1..=spec.regions {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse().map_err(|e| format!("{e}"))?;
+            let addr: SocketAddr = match &ns {
+                Some(n) => SocketAddr::new(n.ip(region), NETNS_PORT),
+                None => format!("127.0.0.1:{}", free_port()?).parse().map_err(|e| format!("{e}"))?,
+            };
             nodes.push(Node {
                 region,
                 addr,
@@ -86,23 +103,86 @@ impl Cluster {
                 stopped: false,
             });
         }
-        let mut links = BTreeMap::new();
-        for puller in 1..=spec.regions {
-            for origin in 1..=spec.regions {
-                if puller != origin {
-                    let target = nodes[(origin - 1) as usize].addr;
-                    let link = Link::start(target, u64::from(puller * 31 + origin))
-                        .await
-                        .map_err(|e| format!("proxy: {e}"))?;
-                    links.insert((puller, origin), link);
+        let net = match ns {
+            Some(n) => Net::Netns(n),
+            None => {
+                let mut links = BTreeMap::new();
+                for puller in 1..=spec.regions {
+                    for origin in 1..=spec.regions {
+                        if puller != origin {
+                            let target = nodes[(origin - 1) as usize].addr;
+                            let link = Link::start(target, u64::from(puller * 31 + origin))
+                                .await
+                                .map_err(|e| format!("proxy: {e}"))?;
+                            links.insert((puller, origin), link);
+                        }
+                    }
                 }
+                Net::Proxy(links)
             }
-        }
-        let mut c = Cluster { nodes, links, spec, quiverd };
+        };
+        let mut c = Cluster { nodes, net, spec, quiverd };
         for region in 1..=c.spec.regions {
             c.start_node(region)?;
         }
         Ok(c)
+    }
+
+    /// "proxy" or "netns".
+    pub fn network(&self) -> &'static str {
+        match self.net {
+            Net::Proxy(_) => "loopback + fault-injecting proxies",
+            Net::Netns(_) => "network namespaces + nftables/tc",
+        }
+    }
+
+    /// Where `puller` reaches `origin`.
+    fn peer_addr(&self, puller: u32, origin: u32) -> String {
+        match &self.net {
+            Net::Proxy(links) => links[&(puller, origin)].addr.to_string(),
+            Net::Netns(_) => self.nodes[(origin - 1) as usize].addr.to_string(),
+        }
+    }
+
+    /// `puller` stops hearing `origin` (until healed).
+    pub fn block(&self, puller: u32, origin: u32) -> Result<(), String> {
+        match &self.net {
+            Net::Proxy(links) => {
+                links[&(puller, origin)].faults.set_blocked(true);
+                Ok(())
+            }
+            Net::Netns(n) => n.block(puller, origin),
+        }
+    }
+
+    /// Every link degrades: packet loss and a bandwidth cap (and latency, through proxies).
+    pub fn flaky(&self) -> Result<&'static str, String> {
+        match &self.net {
+            Net::Proxy(links) => {
+                for l in links.values() {
+                    l.faults.set_delay(Duration::from_millis(15));
+                    l.faults.set_rate(256 << 10);
+                    l.faults.set_loss_ppm(20_000);
+                }
+                Ok("flaky links: 15 ms per chunk, 256 KiB/s cap, 2% of chunks cut the connection")
+            }
+            Net::Netns(n) => {
+                n.flaky(20, 2048)?;
+                Ok("flaky links: 2% of peer packets dropped (nft numgen), 2 Mbit/s cap (tc tbf)")
+            }
+        }
+    }
+
+    fn heal_network(&self) -> Result<(), String> {
+        match &self.net {
+            Net::Proxy(links) => {
+                for l in links.values() {
+                    l.faults.heal();
+                }
+                Ok(())
+            }
+            Net::Netns(n) => n.heal(),
+        }
     }
 
     fn node(&mut self, region: u32) -> &mut Node {
@@ -113,8 +193,12 @@ impl Cluster {
     pub fn start_node(&mut self, region: u32) -> Result<(), String> {
         let peers: Vec<String> = (1..=self.spec.regions)
             .filter(|&o| o != region)
-            .map(|o| format!("{o}={}", self.links[&(region, o)].addr))
+            .map(|o| format!("{o}={}", self.peer_addr(region, o)))
             .collect();
+        let prefix = match &self.net {
+            Net::Netns(n) => n.exec_prefix(region),
+            Net::Proxy(_) => Vec::new(),
+        };
         let quiverd = self.quiverd.clone();
         let skew = self.spec.skew_ms.get(&region).copied();
         let chaos = self.spec.chaos_seed.map(|s| s + u64::from(region));
@@ -125,7 +209,14 @@ impl Cluster {
             .append(true)
             .open(&node.log)
             .map_err(|e| format!("{}: {e}", node.log.display()))?;
-        let mut cmd = Command::new(quiverd);
+        let mut cmd = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(quiverd);
+                c
+            }
+            None => Command::new(quiverd),
+        };
         cmd.arg("--data-dir")
             .arg(&node.data_dir)
             .args(["--listen", &node.addr.to_string(), "--metrics-listen", "off", "--memory-budget-mb", "64"])
@@ -193,21 +284,9 @@ impl Cluster {
         self.node(region).stopped = false;
     }
 
-    /// The faults of the link on which `puller` reads `origin`'s log.
-    pub fn link(&self, puller: u32, origin: u32) -> Arc<LinkFaults> {
-        self.links[&(puller, origin)].faults.clone()
-    }
-
-    /// Every link's faults.
-    pub fn all_links(&self) -> Vec<Arc<LinkFaults>> {
-        self.links.values().map(|l| l.faults.clone()).collect()
-    }
-
     /// Heals the network, resumes paused nodes and restarts dead ones.
     pub fn heal(&mut self) -> Result<(), String> {
-        for l in self.all_links() {
-            l.heal();
-        }
+        self.heal_network()?;
         for region in 1..=self.spec.regions {
             if self.node(region).stopped {
                 self.resume(region);

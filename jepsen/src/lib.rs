@@ -19,6 +19,7 @@ pub mod check;
 pub mod client;
 pub mod cluster;
 pub mod history;
+pub mod netns;
 pub mod proxy;
 
 use std::collections::BTreeMap;
@@ -72,6 +73,19 @@ pub struct Config {
     pub faults: bool,
     /// The pullers' message chaos and the skewed clock.
     pub chaos: bool,
+    /// How regions are connected.
+    pub network: Network,
+}
+
+/// How regions are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// Network namespaces when running as root with `ip netns`, `nft` and `tc`; else proxies.
+    Auto,
+    /// Network namespaces (fails where they cannot be made).
+    Netns,
+    /// Loopback proxies.
+    Proxy,
 }
 
 impl Config {
@@ -87,6 +101,7 @@ impl Config {
             out,
             faults: true,
             chaos: true,
+            network: Network::Auto,
         }
     }
 }
@@ -94,6 +109,8 @@ impl Config {
 /// What a run found.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// How regions were connected.
+    pub network: String,
     /// Operations by kind and outcome.
     pub ops: BTreeMap<String, u64>,
     /// Faults injected, in order.
@@ -260,15 +277,15 @@ async fn inject(cluster: &mut Cluster, nodes: &[Node], fault: Fault, x: u32, hol
     match fault {
         Fault::Partition => {
             for &o in &others {
-                cluster.link(x, o).set_blocked(true);
-                cluster.link(o, x).set_blocked(true);
+                cluster.block(x, o)?;
+                cluster.block(o, x)?;
             }
             tokio::time::sleep(hold).await;
             Ok(format!("partition {x} | rest (both ways)"))
         }
         Fault::OneWay => {
             for &o in &others {
-                cluster.link(x, o).set_blocked(true);
+                cluster.block(x, o)?;
             }
             tokio::time::sleep(hold).await;
             Ok(format!("one-way partition: {x} hears nobody, others hear {x}"))
@@ -286,17 +303,13 @@ async fn inject(cluster: &mut Cluster, nodes: &[Node], fault: Fault, x: u32, hol
             Ok(format!("SIGSTOP {x}, SIGCONT"))
         }
         Fault::Flaky => {
-            for l in cluster.all_links() {
-                l.set_delay(Duration::from_millis(15));
-                l.set_rate(256 << 10);
-                l.set_loss_ppm(20_000);
-            }
+            let name = cluster.flaky()?;
             tokio::time::sleep(hold).await;
-            Ok("flaky links: 15 ms per chunk, 256 KiB/s cap, 2% of chunks cut the connection".into())
+            Ok(name.into())
         }
         Fault::Lagging => {
             for &o in &others {
-                cluster.link(x, o).set_blocked(true);
+                cluster.block(x, o)?;
             }
             // The others write and flush past their retained log (1 MiB), so `x` must bootstrap.
             let start = Instant::now();
@@ -346,7 +359,20 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
         chaos_seed: cfg.chaos.then_some(cfg.seed),
         replication_log_mb: 1,
     };
-    let mut cluster = Cluster::start(spec, &data).await?;
+    let netns = match cfg.network {
+        Network::Auto => netns::available(),
+        Network::Netns => true,
+        Network::Proxy => false,
+    };
+    let mut cluster = match Cluster::start(spec.clone(), &data, netns).await {
+        Ok(c) => c,
+        Err(e) if netns && cfg.network == Network::Auto => {
+            eprintln!("quiver-jepsen: network namespaces failed ({e}); using loopback proxies");
+            let _ = std::fs::remove_dir_all(&data);
+            Cluster::start(spec, &data, false).await?
+        }
+        Err(e) => return Err(e),
+    };
     let nodes: Vec<Node> = cluster.nodes.iter().map(|n| Node::connect(n.addr)).collect::<Result<_, _>>()?;
     // The registry, applied in region 1, must reach every region.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -461,7 +487,9 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
             conflicts.insert(i as u32 + 1, s.conflicts);
         }
     }
+    let network = cluster.network();
     cluster.stop(Duration::from_secs(5));
+    drop(cluster);
     let ops = history.ops();
     let mut violations = check::check(&ops, &finals, cfg.regions);
     if convergence_seconds >= CONVERGENCE_TIMEOUT.as_secs_f64() {
@@ -485,6 +513,7 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
         *counts.entry(format!("{kind} {outcome}")).or_insert(0) += 1;
     }
     let summary = Summary {
+        network: network.to_string(),
         ops: counts,
         faults: history.faults(),
         convergence_seconds,

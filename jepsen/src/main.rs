@@ -31,10 +31,22 @@ struct Args {
     /// No message chaos and no skewed clock.
     #[arg(long)]
     no_chaos: bool,
+    /// "auto" (network namespaces when root with ip/nft/tc, else proxies), "netns" or "proxy".
+    #[arg(long, default_value = "auto")]
+    network: String,
 }
 
 fn main() {
     let a = Args::parse();
+    let network = match a.network.as_str() {
+        "auto" => quiver_jepsen::Network::Auto,
+        "netns" => quiver_jepsen::Network::Netns,
+        "proxy" => quiver_jepsen::Network::Proxy,
+        other => {
+            eprintln!("quiver-jepsen: --network must be auto, netns or proxy, not {other:?}");
+            std::process::exit(2);
+        }
+    };
     let cfg = quiver_jepsen::Config {
         hold: Duration::from_secs(a.hold.max(1)),
         duration: Duration::from_secs(a.seconds),
@@ -42,6 +54,7 @@ fn main() {
         clients: a.clients.clamp(1, 16),
         faults: !a.no_faults,
         chaos: !a.no_chaos,
+        network,
         ..quiver_jepsen::Config::short(a.out)
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

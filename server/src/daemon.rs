@@ -161,6 +161,12 @@ pub async fn serve(
         let _ = p.await;
     }
     drop(replicator);
+    // Streams to peers end within a poll once the server is gone; wait for them to let go of
+    // the engine so it closes cleanly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while Arc::strong_count(&db) > 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let _ = metrics_stop.send(());
     if let Some(t) = metrics_task {
         let _ = t.await;

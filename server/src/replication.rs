@@ -430,6 +430,8 @@ impl Replicator {
                     Err(_) => return Err(Status::deadline_exceeded("the peer's stream went silent")),
                 },
                 _ = self.stop.notified() => return Ok(()),
+                // Paused or asked to re-bootstrap: the loop's top decides.
+                _ = slot.wake.notified() => continue,
             };
             let Some(msg) = msg else { return Ok(()) };
             if msg.origin != origin {
@@ -717,7 +719,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
             let deadline = Instant::now() + window;
             let mut after = req.after;
             let mut last_sent = Instant::now() - PULL_HEARTBEAT;
-            while Instant::now() < deadline && !r.stopping() {
+            while Instant::now() < deadline && !r.stopping() && !tx.is_closed() {
                 let db = r.db.clone();
                 let head = db.last_seqno();
                 let read = blocking(move || {
@@ -736,7 +738,8 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                     // Idle: wait for a new batch (or the next heartbeat).
                     let r2 = r.clone();
                     let wait_until = (last_sent + PULL_HEARTBEAT).min(deadline);
-                    while Instant::now() < wait_until && r2.db.last_seqno() == head && !r2.stopping() {
+                    while Instant::now() < wait_until && r2.db.last_seqno() == head && !r2.stopping() && !tx.is_closed()
+                    {
                         tokio::time::sleep(PULL_IDLE_POLL).await;
                     }
                     continue;

@@ -41,10 +41,15 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `quiverd` on `data_dir` on a free loopback port and waits until it listens.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_at(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts `quiverd` on `data_dir` listening on `listen` and waits until it listens.
+    pub fn start_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Daemon {
         let mut child = Command::new(quiverd_path())
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--memory-budget-mb", "64"])
+            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0", "--memory-budget-mb", "64"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -127,6 +132,12 @@ impl Clients {
             admin: pb::admin_service_client::AdminServiceClient::new(c),
         }
     }
+}
+
+/// A free loopback port (bound, read, released: another process could take it meanwhile).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
 }
 
 /// A timestamp from microseconds since the epoch.

@@ -1,0 +1,178 @@
+//! Replication end to end: two real `quiverd` regions peering over gRPC. The registry and data
+//! cross; operators pause, resume and re-bootstrap a peer; bad cluster configurations and
+//! requests from strangers are refused. (Faults are `jepsen/`'s job.)
+
+use std::time::{Duration, Instant};
+
+use quiver_e2e::{example_registry, free_port, int, key, ts, Clients, Daemon};
+use quiver_proto::v1 as pb;
+use tonic::Code;
+
+const T0: i64 = 1_767_225_600_000_000;
+
+fn row(user: &str, clicks: i64) -> pb::WriteRow {
+    pb::WriteRow {
+        entity: Some(key(user)),
+        group: "user_stats".into(),
+        event_time: ts(T0),
+        values: [("clicks".to_string(), int(clicks))].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// The clicks `user` holds in a region (None: nothing yet).
+async fn clicks(c: &mut Clients, user: &str) -> Option<i64> {
+    let req = pb::GetOnlineFeaturesRequest {
+        entity_type: "user".into(),
+        entities: vec![key(user)],
+        features: vec!["user_stats:clicks".into()],
+        as_of: ts(T0 + 1),
+    };
+    let r = c.features.get_online_features(req).await.ok()?.into_inner();
+    let col = r.columns.first()?;
+    (col.statuses.first() == Some(&(pb::FeatureStatus::Present as i32))).then(|| col.int64_values[0])
+}
+
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn peer_status(c: &mut Clients, region: u32) -> pb::PeerStatus {
+    let s = c.admin.get_replication_status(pb::GetReplicationStatusRequest {}).await.expect("status").into_inner();
+    s.peers.into_iter().find(|p| p.region == region).expect("peer listed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_replicate_and_operators_pause_resume_and_rebootstrap() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (p1, p2) = (free_port(), free_port());
+    let a1 = format!("127.0.0.1:{p1}");
+    let a2 = format!("127.0.0.1:{p2}");
+    let peer_of_1 = format!("2={a2}");
+    let peer_of_2 = format!("1={a1}");
+    let r1 = Daemon::start_at(&dir.path().join("r1"), &a1, &["--region", "1", "--peer", &peer_of_1]);
+    let r2 = Daemon::start_at(&dir.path().join("r2"), &a2, &["--region", "2", "--peer", &peer_of_2]);
+    let mut c1 = Clients::of(&r1).await;
+    let mut c2 = Clients::of(&r2).await;
+
+    // The registry applied in region 1 appears in region 2.
+    c1.registry.apply_registry(example_registry()).await.expect("apply");
+    eventually("the registry in region 2", Duration::from_secs(10), || {
+        let mut r = c2.registry.clone();
+        async move {
+            r.get_feature_group(pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 }).await.is_ok()
+        }
+    })
+    .await;
+
+    // Writes cross both ways.
+    let write = |c: &Clients, user: &'static str, v: i64| {
+        let mut f = c.features.clone();
+        async move {
+            f.write_features(pb::WriteFeaturesRequest { rows: vec![row(user, v)], ..Default::default() })
+                .await
+                .expect("write")
+        }
+    };
+    write(&c1, "alice", 1).await;
+    write(&c2, "bob", 2).await;
+    eventually("alice in region 2", Duration::from_secs(10), || {
+        let mut c = Clients { features: c2.features.clone(), registry: c2.registry.clone(), admin: c2.admin.clone() };
+        async move { clicks(&mut c, "alice").await == Some(1) }
+    })
+    .await;
+    eventually("bob in region 1", Duration::from_secs(10), || {
+        let mut c = Clients { features: c1.features.clone(), registry: c1.registry.clone(), admin: c1.admin.clone() };
+        async move { clicks(&mut c, "bob").await == Some(2) }
+    })
+    .await;
+    let st = peer_status(&mut c2, 1).await;
+    assert_eq!(st.state, pb::PeerState::Streaming as i32, "{st:?}");
+    assert!(st.cursor > 0 && st.batches_applied >= 2 && st.last_error.is_empty(), "{st:?}");
+    let metrics = r2.scrape();
+    assert!(metrics.contains("quiver_replication_lag_seconds{peer=\"1\"}"), "{metrics}");
+    assert!(metrics.contains("quiver_replication_peer_streaming{peer=\"1\"} 1"), "{metrics}");
+
+    // Paused: region 2 stops pulling region 1; resumed: it catches up.
+    let paused = c2.admin.pause_replication(pb::PeerRequest { region: 1 }).await.expect("pause").into_inner();
+    assert_eq!(paused.peer.expect("peer").state, pb::PeerState::Paused as i32);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write(&c1, "alice", 3).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(clicks(&mut c2, "alice").await, Some(1), "nothing is pulled while paused");
+    c2.admin.resume_replication(pb::PeerRequest { region: 1 }).await.expect("resume");
+    eventually("alice's update in region 2", Duration::from_secs(10), || {
+        let mut c = Clients { features: c2.features.clone(), registry: c2.registry.clone(), admin: c2.admin.clone() };
+        async move { clicks(&mut c, "alice").await == Some(3) }
+    })
+    .await;
+
+    // A forced re-bootstrap applies region 1's snapshot and continues from its log.
+    c2.admin.rebootstrap_replication(pb::PeerRequest { region: 1 }).await.expect("rebootstrap");
+    eventually("the bootstrap", Duration::from_secs(10), || {
+        let mut a = c2.admin.clone();
+        async move {
+            let s = a.get_replication_status(pb::GetReplicationStatusRequest {}).await.expect("status").into_inner();
+            s.peers.iter().any(|p| p.region == 1 && p.bootstraps == 1 && p.state == pb::PeerState::Streaming as i32)
+        }
+    })
+    .await;
+    write(&c1, "carol", 4).await;
+    eventually("carol in region 2 after the bootstrap", Duration::from_secs(10), || {
+        let mut c = Clients { features: c2.features.clone(), registry: c2.registry.clone(), admin: c2.admin.clone() };
+        async move { clicks(&mut c, "carol").await == Some(4) }
+    })
+    .await;
+    assert_eq!(clicks(&mut c2, "alice").await, Some(3));
+
+    // Unknown peers and strangers.
+    let e = c2.admin.pause_replication(pb::PeerRequest { region: 9 }).await.expect_err("unknown peer");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let mut repl = pb::replication_service_client::ReplicationServiceClient::new(r1.channel().await);
+    let e = match repl.pull(pb::PullRequest { region: 7, after: 0, window_ms: 10 }).await {
+        Ok(mut s) => s.get_mut().message().await.expect_err("a stranger's pull"),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = match repl.snapshot(pb::SnapshotRequest { region: 7 }).await {
+        Ok(mut s) => s.get_mut().message().await.expect_err("a stranger's snapshot"),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // A single-region node reports no peers.
+    let single = Daemon::start(&dir.path().join("single"), &[]);
+    let mut cs = Clients::of(&single).await;
+    let s = cs.admin.get_replication_status(pb::GetReplicationStatusRequest {}).await.expect("status").into_inner();
+    assert!(s.peers.is_empty());
+    assert!(r1.stop() && r2.stop());
+}
+
+#[test]
+fn quiverd_refuses_bad_cluster_configurations() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (args, says) in [
+        (vec!["--region", "1", "--peer", "1=127.0.0.1:1"], "own region"),
+        (vec!["--region", "1", "--peer", "2"], "REGION=HOST:PORT"),
+        (vec!["--region", "64"], "region must be 0 to 63"),
+        (vec!["--region", "1", "--peer", "2=127.0.0.1:1", "--peer", "2=127.0.0.1:2"], "twice"),
+    ] {
+        let out = std::process::Command::new(quiver_e2e::quiverd_path())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+            .args(&args)
+            .output()
+            .expect("run quiverd");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
