@@ -547,3 +547,41 @@ fn reserved_entities_replicate_only_under_the_replicated_prefixes() {
     let entities: Vec<Vec<u8>> = snap.map(|v| v.expect("version").entity).collect();
     assert_eq!(entities, [b"\x00reg\x00group".to_vec(), b"\x01ann".to_vec()]);
 }
+
+#[test]
+fn a_gap_of_pruned_replicated_records_is_not_a_truncated_log() {
+    let clock = ManualClock::new(1_000_000);
+    // No in-memory tail, and a bound that prunes every flushed segment: the log is the disk.
+    let opts = Options { replication_log_bytes: 1, replication_tail_bytes: 0, ..options(0, &clock, false) };
+    let db = Db::open_with_fs(Arc::new(MemFs::new()), Path::new("/db"), opts).expect("open");
+    let local = |i: i64| {
+        let mut b = WriteBatch::new();
+        b.put(b"\x01ann", FeatureId(1), EventTime(i), Value::Int64(i)).expect("put");
+        db.write(b, Durability::Sync).expect("write").seqno
+    };
+    let shipped = |seqno: u64| {
+        let mut c = Vec::new();
+        cell::encode(Some(&Value::Int64(1)), &VersionVector::single(1, 900 + seqno), &mut c);
+        let op = quiver_storage::ShippedOp {
+            entity: b"\x01bob".to_vec(),
+            feature: FeatureId(1),
+            event_time: EventTime(0),
+            cell: c,
+        };
+        ShippedBatch { origin: 1, seqno, system_time: SystemTime(900 + seqno), ops: vec![op] }
+    };
+    let first = local(1);
+    db.flush().expect("flush");
+    db.retain_log_after(first);
+    for s in 1..=3 {
+        db.apply_replicated(&shipped(s), Durability::Sync).expect("apply");
+        db.flush().expect("flush");
+    }
+    // Everything up to here is pruned; past `first` only replicated records went.
+    assert!(db.origin_log(first, usize::MAX).expect("no local batch was lost").is_empty());
+    let second = local(2);
+    let log: Vec<u64> = db.origin_log(first, usize::MAX).expect("log").iter().map(|b| b.seqno).collect();
+    assert_eq!(log, [second]);
+    // A peer that never applied `first` has lost it.
+    assert!(matches!(db.origin_log(0, usize::MAX), Err(Error::LogTruncated { .. })));
+}

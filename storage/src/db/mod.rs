@@ -143,7 +143,9 @@ pub(crate) struct Inner {
     /// segment is kept for peers).
     log_needed_after: AtomicU64,
     /// Last sequence number of each flushed WAL segment kept for peers, learned lazily.
-    segment_last_seqno: Mutex<std::collections::BTreeMap<u64, u64>>,
+    segment_last_seqno: Mutex<std::collections::BTreeMap<u64, replicate::SegmentSummary>>,
+    /// The greatest sequence number, and local batch's, of the segments pruned since open.
+    pruned_log: Mutex<replicate::SegmentSummary>,
     /// The newest local batches, in memory, so peers that keep up are served without reading
     /// the WAL back (only when `replication_log_bytes > 0`).
     log_tail: Mutex<replicate::LogTail>,

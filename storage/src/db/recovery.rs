@@ -346,6 +346,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         knowledge: Mutex::new(knowledge),
         log_needed_after: AtomicU64::new(if opts.replication_log_bytes > 0 { 0 } else { u64::MAX }),
         segment_last_seqno: Mutex::new(std::collections::BTreeMap::new()),
+        pruned_log: Mutex::new(Default::default()),
         log_tail: Mutex::new(super::replicate::LogTail::new(last_seqno, opts.replication_tail_bytes)),
         opts,
     };

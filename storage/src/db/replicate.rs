@@ -205,6 +205,26 @@ impl Iterator for SnapshotReader {
     }
 }
 
+/// What a closed WAL segment holds: its last sequence number and its last local batch's
+/// (0: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct SegmentSummary {
+    pub(super) last: u64,
+    pub(super) last_local: u64,
+}
+
+fn summarize(path: &std::path::Path, records: &record::Records) -> Result<SegmentSummary> {
+    let mut s = SegmentSummary::default();
+    for (offset, payload) in &records.records {
+        let b = batch::decode(payload).map_err(|w| Error::corruption(path, *offset, w))?;
+        s.last = b.seqno;
+        if b.origin.is_none() {
+            s.last_local = b.seqno;
+        }
+    }
+    Ok(s)
+}
+
 impl Inner {
     /// A snapshot for a peer (see [`SnapshotReader`]).
     pub(super) fn replication_snapshot(&self) -> Result<SnapshotReader> {
@@ -278,10 +298,10 @@ impl Inner {
         'segments: for &number in &segments {
             // A closed segment known to hold nothing after `after` is not read again.
             if number < current {
-                if let Some(&last) = self.segment_last_seqno.lock().get(&number) {
-                    if last <= after {
-                        if last > 0 {
-                            prev = Some(last);
+                if let Some(&summary) = self.segment_last_seqno.lock().get(&number) {
+                    if summary.last <= after {
+                        if summary.last > 0 {
+                            prev = Some(summary.last);
                         }
                         continue;
                     }
@@ -299,13 +319,8 @@ impl Inner {
             // The newest segment may end in a record being written: stop there.
             let records = record::read_all(&path, number, &bytes, true)?;
             if number < current {
-                let last = match records.records.last() {
-                    Some((offset, payload)) => {
-                        batch::decode(payload).map_err(|w| Error::corruption(&path, *offset, w))?.seqno
-                    }
-                    None => 0,
-                };
-                self.segment_last_seqno.lock().insert(number, last);
+                let summary = summarize(&path, &records)?;
+                self.segment_last_seqno.lock().insert(number, summary);
             }
             for (offset, payload) in &records.records {
                 let b = batch::decode(payload).map_err(|w| Error::corruption(&path, *offset, w))?;
@@ -313,7 +328,7 @@ impl Inner {
                     break 'segments;
                 }
                 match prev {
-                    None if b.seqno > after + 1 => return Err(truncated(b.seqno)),
+                    None if b.seqno > after + 1 && !self.gap_pruned(after, b.seqno) => return Err(truncated(b.seqno)),
                     Some(p) if b.seqno != p + 1 => return Err(truncated(b.seqno)),
                     _ => {}
                 }
@@ -327,7 +342,7 @@ impl Inner {
                 out.push(self.shipped(&b));
             }
         }
-        if after < published && prev.is_none_or(|p| p < published) {
+        if after < published && prev.is_none_or(|p| p < published) && !self.gap_pruned(after, published + 1) {
             return Err(truncated(prev.map_or(published + 1, |p| p + 1)));
         }
         Ok(out)
@@ -357,39 +372,47 @@ impl Inner {
             let path = wal::segment_path(&self.dir, number);
             let file = self.fs.open(&path)?;
             let size = file.size()?;
-            let last = match known.get(&number) {
-                Some(&l) => l,
+            let summary = match known.get(&number) {
+                Some(&s) => s,
                 None => {
                     let bytes = fs::read_all(file.as_ref())?;
                     let records = record::read_all(&path, number, &bytes, true)?;
-                    let last = match records.records.last() {
-                        Some((offset, payload)) => {
-                            batch::decode(payload).map_err(|w| Error::corruption(&path, *offset, w))?.seqno
-                        }
-                        None => 0,
-                    };
-                    known.insert(number, last);
-                    last
+                    let s = summarize(&path, &records)?;
+                    known.insert(number, s);
+                    s
                 }
             };
-            if last <= needed_after {
+            if summary.last <= needed_after {
                 doomed.push(number);
             } else {
-                kept.push((number, size));
+                kept.push((number, size, summary));
             }
         }
         let mut bytes: u64 = kept.iter().map(|k| k.1).sum();
-        for (number, size) in kept {
+        for (number, size, _) in &kept {
             if bytes <= self.opts.replication_log_bytes {
                 break;
             }
-            doomed.push(number);
+            doomed.push(*number);
             bytes -= size;
         }
+        // What goes: so a gap the pruning left is told from one that lost local batches.
+        let mut pruned = self.pruned_log.lock();
         for n in &doomed {
-            known.remove(n);
+            if let Some(s) = known.remove(n) {
+                pruned.last = pruned.last.max(s.last);
+                pruned.last_local = pruned.last_local.max(s.last_local);
+            }
         }
         Ok(doomed)
+    }
+
+    /// Whether the sequence numbers from `after + 1` to `first - 1`, missing from the log, were
+    /// pruned since this node opened and held no local batch (only replicated ones, which a
+    /// peer does not need from this node). After a reopen nothing is known: a gap is a gap.
+    fn gap_pruned(&self, after: u64, first: u64) -> bool {
+        let pruned = self.pruned_log.lock();
+        pruned.last + 1 >= first && pruned.last_local <= after
     }
 
     /// This node's cursor for `origin` and what those batches taught it, from `view`.
