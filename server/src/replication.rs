@@ -69,6 +69,33 @@ pub const PULL_SILENCE_MAX: Duration = Duration::from_secs(5);
 /// Largest replication message accepted.
 pub const REPLICATION_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
+/// Opens a channel to a peer's address (a test's simulated network, for instance).
+pub type Connect = Arc<
+    dyn Fn(String) -> Pin<Box<dyn std::future::Future<Output = Result<tonic::transport::Channel, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// How a replicator reaches its peers and runs engine calls. The default is TCP and tokio's
+/// blocking pool; a deterministic simulation swaps in its network and runs engine calls
+/// inline (its engine lives in memory).
+#[derive(Clone, Default)]
+pub struct Transport {
+    /// Opens channels to peers (`None`: TCP).
+    pub connect: Option<Connect>,
+    /// Run engine calls on the calling task instead of the blocking pool.
+    pub inline_engine: bool,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("connect", &self.connect.as_ref().map(|_| "custom"))
+            .field("inline_engine", &self.inline_engine)
+            .finish()
+    }
+}
+
 /// One peer: its region and its gRPC address (`host:port` or `http://host:port`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -166,6 +193,7 @@ pub struct Replicator {
     pub applied_batches: AtomicU64,
     /// Test-only message faults ([`CHAOS_ENV`]).
     chaos: Option<Mutex<Chaos>>,
+    transport: Transport,
 }
 
 /// Test-only: when this environment variable holds a seed, pullers disorder what they receive
@@ -272,6 +300,16 @@ fn touches_registry<'a>(mut entities: impl Iterator<Item = &'a [u8]>) -> bool {
 impl Replicator {
     /// Replication for a node serving `db` (pullers start with [`Replicator::start`]).
     pub fn new(db: Arc<Db>, registry: Arc<Registry>, cluster: &ClusterConfig) -> Arc<Replicator> {
+        Self::with_transport(db, registry, cluster, Transport::default())
+    }
+
+    /// Like [`Replicator::new`], over `transport`.
+    pub fn with_transport(
+        db: Arc<Db>,
+        registry: Arc<Registry>,
+        cluster: &ClusterConfig,
+        transport: Transport,
+    ) -> Arc<Replicator> {
         let peers = cluster
             .peers
             .iter()
@@ -297,6 +335,7 @@ impl Replicator {
                 .ok()
                 .and_then(|s| s.parse::<u64>().ok())
                 .map(|seed| Mutex::new(Chaos(seed | 1))),
+            transport,
         })
     }
 
@@ -318,6 +357,15 @@ impl Replicator {
         self.stop.notify_waiters();
         for p in &self.peers {
             p.wake.notify_waiters();
+        }
+    }
+
+    /// Runs an engine call: on the blocking pool, or inline (see [`Transport`]).
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+        if self.transport.inline_engine {
+            f()
+        } else {
+            blocking(f).await
         }
     }
 
@@ -384,6 +432,15 @@ impl Replicator {
         &self,
         slot: &PeerSlot,
     ) -> Result<pb::replication_service_client::ReplicationServiceClient<tonic::transport::Channel>, Status> {
+        if let Some(connect) = &self.transport.connect {
+            let channel = connect(slot.peer.address.clone())
+                .await
+                .map_err(|e| Status::unavailable(format!("connecting to {}: {e}", slot.peer.address)))?;
+            return Ok(pb::replication_service_client::ReplicationServiceClient::new(channel)
+                .accept_compressed(CompressionEncoding::Zstd)
+                .send_compressed(CompressionEncoding::Zstd)
+                .max_decoding_message_size(REPLICATION_MESSAGE_BYTES_MAX));
+        }
         let endpoint = tonic::transport::Endpoint::from_shared(slot.peer.address.clone())
             .map_err(|e| Status::invalid_argument(format!("peer address {}: {e}", slot.peer.address)))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -406,7 +463,7 @@ impl Replicator {
         let mut client = self.client(slot).await?;
         let origin = slot.peer.region;
         let db = self.db.clone();
-        let mut cursor = blocking(move || db.replication_cursor(origin).map_err(|e| storage_status(&e))).await?;
+        let mut cursor = self.run(move || db.replication_cursor(origin).map_err(|e| storage_status(&e))).await?;
         slot.info.lock().cursor = cursor;
         let mut after = cursor;
         if let Some(chaos) = &self.chaos {
@@ -476,7 +533,7 @@ impl Replicator {
             let test_redelivery = self.chaos.is_some() && !redelivered.is_empty();
             if !ready.is_empty() || test_redelivery {
                 let db = self.db.clone();
-                blocking(move || {
+                self.run(move || {
                     // Test-only: a redelivered batch must change nothing.
                     for b in &redelivered {
                         let r = db.apply_replicated(b, Durability::Sync).map_err(|e| storage_status(&e))?;
@@ -495,7 +552,7 @@ impl Replicator {
             }
             if registry_changed {
                 let registry = self.registry.clone();
-                blocking(move || registry.reload().map_err(|e| Status::internal(e.to_string()))).await?;
+                self.run(move || registry.reload().map_err(|e| Status::internal(e.to_string()))).await?;
             }
             let mut info = slot.info.lock();
             info.cursor = cursor;
@@ -548,7 +605,7 @@ impl Replicator {
                 .collect();
             let through = part.last.then_some(part.through);
             let db = self.db.clone();
-            blocking(move || {
+            self.run(move || {
                 db.apply_snapshot(origin, &versions, through, Durability::Async).map_err(|e| storage_status(&e))
             })
             .await?;
@@ -562,7 +619,7 @@ impl Replicator {
             return Err(Status::unavailable("the peer's snapshot ended early"));
         }
         let registry = self.registry.clone();
-        blocking(move || registry.reload().map_err(|e| Status::internal(e.to_string()))).await?;
+        self.run(move || registry.reload().map_err(|e| Status::internal(e.to_string()))).await?;
         let mut info = slot.info.lock();
         info.bootstraps += 1;
         info.state = pb::PeerState::Streaming as i32;
@@ -722,7 +779,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
             while Instant::now() < deadline && !r.stopping() && !tx.is_closed() {
                 let db = r.db.clone();
                 let head = db.last_seqno();
-                let read = blocking(move || {
+                let read = r.run(move || {
                     db.origin_log(after, PULL_BATCHES_PER_MESSAGE_MAX).map_err(|e| storage_status(&e))
                 })
                 .await;
@@ -777,48 +834,52 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
         self.check_peer(req.region)?;
         let r = self.replicator.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::task::spawn_blocking(move || {
-            let reader = match r.db.replication_snapshot() {
+        tokio::spawn(async move {
+            let db = r.db.clone();
+            let reader = match r.run(move || db.replication_snapshot().map_err(|e| storage_status(&e))).await {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = tx.blocking_send(Err(storage_status(&e)));
+                    let _ = tx.send(Err(e)).await;
                     return;
                 }
             };
             let through = reader.through();
             let part_max = SNAPSHOT_PART_VERSIONS.min(SHIPPED_VERSIONS_MAX);
-            let mut part = Vec::with_capacity(part_max);
             let mut reader = reader.peekable();
-            while let Some(v) = reader.next() {
-                let v = match v {
-                    Ok(v) => v,
+            loop {
+                let read = r
+                    .run(move || {
+                        let mut part = Vec::with_capacity(part_max);
+                        while part.len() < part_max {
+                            match reader.next() {
+                                Some(Ok(v)) => part.push(pb::SnapshotVersion {
+                                    entity: v.entity,
+                                    feature: v.feature.0,
+                                    event_time_us: v.event_time.0,
+                                    system_time_us: v.system_time.0,
+                                    cell: v.cell,
+                                }),
+                                Some(Err(e)) => return Err(storage_status(&e)),
+                                None => break,
+                            }
+                        }
+                        let last = reader.peek().is_none();
+                        Ok((reader, part, last))
+                    })
+                    .await;
+                let (rest, versions, last) = match read {
+                    Ok(x) => x,
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(storage_status(&e)));
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };
-                part.push(pb::SnapshotVersion {
-                    entity: v.entity,
-                    feature: v.feature.0,
-                    event_time_us: v.event_time.0,
-                    system_time_us: v.system_time.0,
-                    cell: v.cell,
-                });
-                let last = reader.peek().is_none();
-                if part.len() >= part_max || last {
-                    let msg = pb::SnapshotPart {
-                        origin: r.region,
-                        versions: std::mem::take(&mut part),
-                        last,
-                        through: if last { through } else { 0 },
-                    };
-                    if tx.blocking_send(Ok(msg)).is_err() || last {
-                        return;
-                    }
+                reader = rest;
+                let msg = pb::SnapshotPart { origin: r.region, versions, last, through: if last { through } else { 0 } };
+                if tx.send(Ok(msg)).await.is_err() || last {
+                    return;
                 }
             }
-            // Nothing to send but the end.
-            let _ = tx.blocking_send(Ok(pb::SnapshotPart { origin: r.region, versions: vec![], last: true, through }));
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
