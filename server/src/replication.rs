@@ -361,7 +361,10 @@ impl Replicator {
     }
 
     /// Runs an engine call: on the blocking pool, or inline (see [`Transport`]).
-    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
         if self.transport.inline_engine {
             f()
         } else {
@@ -471,7 +474,12 @@ impl Replicator {
             after = after.saturating_sub(chaos.lock().below(8));
         }
         let req = pb::PullRequest { region: self.region, after, window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32 };
-        let mut stream = client.pull(req).await?.into_inner();
+        // Every wait on the peer is bounded: a connection a partition cut silently must not
+        // hold the puller forever.
+        let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.pull(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the peer did not answer the pull"))??
+            .into_inner();
         slot.info.lock().state = pb::PeerState::Streaming as i32;
         // The last batch of the stream's chain applied or skipped, and batches that arrived
         // before their predecessor, by predecessor.
@@ -577,7 +585,11 @@ impl Replicator {
         let mut client = self.client(slot).await?;
         let origin = slot.peer.region;
         slot.info.lock().state = pb::PeerState::Bootstrapping as i32;
-        let mut stream = client.snapshot(pb::SnapshotRequest { region: self.region }).await?.into_inner();
+        let mut stream =
+            tokio::time::timeout(PULL_SILENCE_MAX, client.snapshot(pb::SnapshotRequest { region: self.region }))
+                .await
+                .map_err(|_| Status::deadline_exceeded("the peer did not answer the snapshot request"))??
+                .into_inner();
         let mut finished = false;
         while let Some(part) = tokio::time::timeout(PULL_SILENCE_MAX * 4, stream.message())
             .await
@@ -779,10 +791,9 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
             while Instant::now() < deadline && !r.stopping() && !tx.is_closed() {
                 let db = r.db.clone();
                 let head = db.last_seqno();
-                let read = r.run(move || {
-                    db.origin_log(after, PULL_BATCHES_PER_MESSAGE_MAX).map_err(|e| storage_status(&e))
-                })
-                .await;
+                let read = r
+                    .run(move || db.origin_log(after, PULL_BATCHES_PER_MESSAGE_MAX).map_err(|e| storage_status(&e)))
+                    .await;
                 let batches = match read {
                     Ok(b) => b,
                     Err(s) => {
@@ -875,7 +886,8 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                     }
                 };
                 reader = rest;
-                let msg = pb::SnapshotPart { origin: r.region, versions, last, through: if last { through } else { 0 } };
+                let msg =
+                    pb::SnapshotPart { origin: r.region, versions, last, through: if last { through } else { 0 } };
                 if tx.send(Ok(msg)).await.is_err() || last {
                     return;
                 }
