@@ -144,6 +144,9 @@ pub(crate) struct Inner {
     log_needed_after: AtomicU64,
     /// Last sequence number of each flushed WAL segment kept for peers, learned lazily.
     segment_last_seqno: Mutex<std::collections::BTreeMap<u64, replicate::SegmentSummary>>,
+    /// At least the greatest stamp of every version this node wrote itself: the clock's high
+    /// water at open, then each local commit's stamp.
+    own_stamp_max: AtomicU64,
     /// The greatest sequence number, and local batch's, of the segments pruned since open.
     pruned_log: Mutex<replicate::SegmentSummary>,
     /// The newest local batches, in memory, so peers that keep up are served without reading

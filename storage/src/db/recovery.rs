@@ -296,6 +296,8 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         }
     }
     replayed.set_last_seqno(last_seqno);
+    // Nothing this node wrote before is stamped above the clock's high water (after replay).
+    let own_stamp_max = hlc.high_water();
 
     if rec.next_file_number > COUNTER_MAX || max_file_number(&names) > COUNTER_MAX || last_seqno > COUNTER_MAX {
         return Err(Error::corruption(
@@ -347,6 +349,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         log_needed_after: AtomicU64::new(if opts.replication_log_bytes > 0 { 0 } else { u64::MAX }),
         segment_last_seqno: Mutex::new(std::collections::BTreeMap::new()),
         pruned_log: Mutex::new(Default::default()),
+        own_stamp_max: AtomicU64::new(own_stamp_max),
         log_tail: Mutex::new(super::replicate::LogTail::new(last_seqno, opts.replication_tail_bytes)),
         opts,
     };

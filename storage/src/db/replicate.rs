@@ -581,6 +581,12 @@ impl Inner {
         let view = self.view.read().clone();
         // What the group has written so far: versions by key, and cursors by origin.
         let mut overlay = Overlay::default();
+        // Every version this node holds has a vector at or below `bound`: `K` (what it
+        // applied), its own latest stamp, and what the group has planned so far. A version
+        // whose vector is strictly above it dominates whatever its cell holds, and is applied
+        // without reading the cell (REPLICATION.md §6).
+        let own = VersionVector::single(self.opts.region, self.own_stamp_max.load(Ordering::Acquire));
+        let mut bound = self.knowledge.lock().merge(&own);
         let mut payloads = Vec::new();
         let mut stamps = Vec::new();
         let mut conflicts = 0;
@@ -610,6 +616,19 @@ impl Inner {
                 batch_vector = batch_vector.merge(&inc.vector);
                 let prefix = key::prefix(entity, *feature);
                 let id = (entity.to_vec(), *feature, *event_time);
+                if bound.compare(&inc.vector) == crate::types::Causality::Before {
+                    report.applied += 1;
+                    let mut buf = Vec::new();
+                    cell::encode(inc.value.as_ref(), &inc.vector, &mut buf);
+                    ops.push(ResolvedOp {
+                        entity: entity.to_vec(),
+                        feature: *feature,
+                        event_time: *event_time,
+                        system_time: inc.system_time,
+                        cell: buf,
+                    });
+                    continue;
+                }
                 let exact = AsOf { as_of: *event_time, known_at: SystemTime::MAX, lookback_us: Some(0) };
                 let current = overlay.newest(&id, self.get_in_view(&view, &prefix, exact, SystemTime::MAX, None)?);
                 let incoming = Stamped { system_time: inc.system_time, region: inc.region, vector: &inc.vector };
@@ -691,6 +710,9 @@ impl Inner {
             for op in &ops {
                 if op.entity.as_slice() != REPLICATION_ENTITY {
                     overlay.put(op);
+                }
+                if let Ok((_, v)) = cell::decode(&op.cell) {
+                    bound = bound.merge(&v);
                 }
             }
             let seqno = w.last_seqno + 1 + payloads.len() as u64;

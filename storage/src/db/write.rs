@@ -147,6 +147,9 @@ impl Inner {
                 hot.write_end(token);
             }
         }
+        if let Some(r) = receipts.last() {
+            self.own_stamp_max.fetch_max(r.system_time.0, Ordering::AcqRel);
+        }
         self.published_seqno.store(w.last_seqno, Ordering::Release);
         self.counters.write_groups.fetch_add(1, Ordering::Relaxed);
         if self.opts.replication_log_bytes > 0 {
