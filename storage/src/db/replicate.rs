@@ -590,7 +590,8 @@ impl Inner {
         let mut payloads = Vec::new();
         let mut stamps = Vec::new();
         let mut conflicts = 0;
-        for (p, report) in group.iter().zip(reports.iter_mut()) {
+        let group_len = group.len();
+        for (i, (p, report)) in group.iter().zip(reports.iter_mut()).enumerate() {
             let (cursor, taught) = match overlay.cursors.get(&p.origin) {
                 Some(c) => c.clone(),
                 None => self.cursor_in(&view, p.origin)?,
@@ -612,11 +613,21 @@ impl Inner {
             }
             let mut ops = Vec::new();
             let mut batch_vector = VersionVector::new();
+            // The versions of a batch usually share one vector: merge and compare it once.
+            let mut last_vector: Option<(&VersionVector, bool)> = None;
             for ((entity, feature, event_time), inc) in &p.cells {
-                batch_vector = batch_vector.merge(&inc.vector);
+                let dominates = match last_vector {
+                    Some((v, d)) if *v == inc.vector => d,
+                    _ => {
+                        batch_vector = batch_vector.merge(&inc.vector);
+                        let d = bound.compare(&inc.vector) == crate::types::Causality::Before;
+                        last_vector = Some((&inc.vector, d));
+                        d
+                    }
+                };
                 let prefix = key::prefix(entity, *feature);
                 let id = (entity.to_vec(), *feature, *event_time);
-                if bound.compare(&inc.vector) == crate::types::Causality::Before {
+                if dominates {
                     report.applied += 1;
                     let mut buf = Vec::new();
                     cell::encode(inc.value.as_ref(), &inc.vector, &mut buf);
@@ -707,14 +718,17 @@ impl Inner {
             if ops.is_empty() {
                 continue;
             }
-            for op in &ops {
-                if op.entity.as_slice() != REPLICATION_ENTITY {
-                    overlay.put(op);
-                }
-                if let Ok((_, v)) = cell::decode(&op.cell) {
-                    bound = bound.merge(&v);
+            // Later batches of the group resolve against what this one wrote (the last one
+            // has no later batch). Everything written is at or below `bound ⊔ batch_vector`:
+            // a rewritten winner's merged vector joins an incoming vector and a held one.
+            if i + 1 < group_len {
+                for op in &ops {
+                    if op.entity.as_slice() != REPLICATION_ENTITY {
+                        overlay.put(op);
+                    }
                 }
             }
+            bound = bound.merge(&batch_vector);
             let seqno = w.last_seqno + 1 + payloads.len() as u64;
             let payload = batch::encode_replicated(seqno, stamp, (p.origin, origin_seqno), &ops);
             // Checked whole before it is logged: a record that would not read back must
