@@ -182,3 +182,41 @@ fn registry_survives_a_restart_and_keeps_allocating_fresh_ids() {
     let sessions = r.resolve("user_stats:sessions").expect("resolve");
     assert!(sessions.id.0 > first.id.0.max(clicks.id.0), "ids are never reused after a restart");
 }
+
+#[test]
+fn in_a_cluster_each_region_allocates_feature_ids_from_its_own_residue_class() {
+    use quiver_server::registry::FEATURE_ID_STRIDE;
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A directory a single-region node already used (ids 1, 2), copied to two regions that
+    // then add features concurrently (before either has seen the other's apply).
+    let base = tmp.path().join("base");
+    {
+        let r = open(&base);
+        apply(&r, vec![user()], vec![stats()], false).expect("apply");
+    }
+    let mut ids = Vec::new();
+    for region in [5u32, 6] {
+        let dir = tmp.path().join(format!("r{region}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for f in std::fs::read_dir(&base).expect("ls") {
+            let f = f.expect("entry").path();
+            std::fs::copy(&f, dir.join(f.file_name().expect("name"))).expect("copy");
+        }
+        let db = Arc::new(Db::open(&dir, Options { region, ..Options::default() }).expect("db"));
+        let r = Registry::open_in_cluster(db, Some(region)).expect("registry");
+        let mut changed = stats();
+        changed.features.push(feature("sessions", pb::ValueType::Int64));
+        changed.features.push(feature("orders", pb::ValueType::Int64));
+        apply(&r, vec![], vec![changed], false).expect("apply");
+        let sessions = r.resolve("user_stats:sessions").expect("resolve").id.0;
+        let orders = r.resolve("user_stats:orders").expect("resolve").id.0;
+        let old = r.resolve("user_stats:clicks_1h").expect("resolve").id.0;
+        assert_eq!((sessions % FEATURE_ID_STRIDE, orders % FEATURE_ID_STRIDE), (region, region));
+        assert!(sessions > old && orders > sessions, "fresh and increasing: {old} {sessions} {orders}");
+        ids.extend([sessions, orders]);
+    }
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "two regions handed out the same id: {ids:?}");
+}
