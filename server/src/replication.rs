@@ -448,10 +448,17 @@ impl Replicator {
             .map_err(|e| Status::invalid_argument(format!("peer address {}: {e}", slot.peer.address)))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(format!("connecting to {}: {e}", slot.peer.address)))?;
+        let channel = endpoint.connect().await.map_err(|e| {
+            // The transport error's own text is terse ("transport error"): keep its causes.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why.push_str(": ");
+                why.push_str(&s.to_string());
+                source = s.source();
+            }
+            Status::unavailable(format!("connecting to {}: {why}", slot.peer.address))
+        })?;
         Ok(pb::replication_service_client::ReplicationServiceClient::new(channel)
             .accept_compressed(CompressionEncoding::Zstd)
             .send_compressed(CompressionEncoding::Zstd)

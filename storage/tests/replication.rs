@@ -118,6 +118,24 @@ fn winner(db: &Db, (e, f, t): Cell) -> Option<(u64, Option<Value>, VersionVector
     db.version_at(ENTITIES[e], FeatureId(f), q).expect("read").map(|v| (v.system_time.0, v.value, v.version_vector))
 }
 
+/// Every cell's winner at one region.
+fn winners(db: &Db) -> Vec<Option<(u64, Option<Value>, VersionVector)>> {
+    all_cells().into_iter().map(|c| winner(db, c)).collect()
+}
+
+/// No rollback: every cell's winning vector at `db` only grew since `before`.
+fn no_rollback(db: &Db, before: Vec<Option<(u64, Option<Value>, VersionVector)>>) -> Result<(), TestCaseError> {
+    for (c, was) in all_cells().into_iter().zip(before) {
+        if let (Some(was), Some(now)) = (was, winner(db, c)) {
+            prop_assert!(
+                matches!(was.2.compare(&now.2), Causality::Before | Causality::Equal),
+                "cell {c:?} rolled back from {was:?} to {now:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn all_cells() -> Vec<Cell> {
     let mut out = Vec::new();
     for e in 0..ENTITIES.len() {
@@ -161,7 +179,7 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
             for (k, b) in others.iter().enumerate() {
                 batches.insert((2 * k + 1).min(batches.len()), b.clone());
             }
-            let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
+            let before = winners(regions[to].db());
             let durability = if sync { Durability::Sync } else { Durability::Async };
             let reports = regions[to].db().apply_replicated_batches(&batches, durability).expect("apply group");
             prop_assert_eq!(reports.len(), batches.len());
@@ -178,33 +196,18 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
             if let Some(last) = next.last() {
                 prop_assert_eq!(regions[to].db().replication_cursor(from as u32).expect("cursor"), last.seqno);
             }
-            for (c, was) in all_cells().into_iter().zip(before) {
-                if let (Some(was), Some(now)) = (was, winner(regions[to].db(), c)) {
-                    prop_assert!(
-                        matches!(was.2.compare(&now.2), Causality::Before | Causality::Equal),
-                        "cell {c:?} rolled back from {was:?} to {now:?}"
-                    );
-                }
-            }
+            no_rollback(regions[to].db(), before)?;
             return Ok(());
         }
         for b in next {
-            let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
+            let before = winners(regions[to].db());
             let report = regions[to]
                 .db()
                 .apply_replicated(&b, if sync { Durability::Sync } else { Durability::Async })
                 .expect("apply");
             prop_assert!(!report.already_applied);
             prop_assert_eq!(regions[to].db().replication_cursor(from as u32).expect("cursor"), b.seqno);
-            // No rollback: every cell's winning vector only grows.
-            for (c, was) in all_cells().into_iter().zip(before) {
-                if let (Some(was), Some(now)) = (was, winner(regions[to].db(), c)) {
-                    prop_assert!(
-                        matches!(was.2.compare(&now.2), Causality::Before | Causality::Equal),
-                        "cell {c:?} rolled back from {was:?} to {now:?}"
-                    );
-                }
-            }
+            no_rollback(regions[to].db(), before)?;
         }
         Ok(())
     };
@@ -235,7 +238,7 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
                 let applied: Vec<_> = regions[from].outbox.iter().filter(|b| b.seqno <= cursor).collect();
                 if !applied.is_empty() {
                     let b = pick.get(&applied);
-                    let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
+                    let before = winners(regions[to].db());
                     let report = regions[to].db().apply_replicated(b, Durability::Async).expect("apply");
                     prop_assert!(report.already_applied, "a batch below the cursor is not applied again");
                     let after: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
@@ -247,7 +250,7 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
                 let reader = regions[from].db().replication_snapshot().expect("snapshot");
                 let through = reader.through();
                 let versions: Vec<_> = reader.collect::<Result<_, _>>().expect("snapshot reads");
-                let before: Vec<_> = all_cells().into_iter().map(|c| winner(regions[to].db(), c)).collect();
+                let before = winners(regions[to].db());
                 let cursor = regions[to].db().replication_cursor(from as u32).expect("cursor");
                 let parts: Vec<&[quiver_storage::SnapshotVersion]> = versions.chunks(part).collect();
                 for (i, p) in parts.iter().enumerate() {
