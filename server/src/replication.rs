@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
 use crate::registry::{Registry, FEATURE_ID_STRIDE, PREFIX as REGISTRY_PREFIX};
+use crate::service::{blocking, storage_status};
 
 /// Largest region id (feature ids are strided by region, see [`FEATURE_ID_STRIDE`]).
 pub const REGION_ID_MAX: u32 = FEATURE_ID_STRIDE - 1;
@@ -189,8 +190,6 @@ pub struct Replicator {
     peers: Vec<Arc<PeerSlot>>,
     shutdown: AtomicBool,
     stop: Notify,
-    /// Replicated batches applied (all peers).
-    pub applied_batches: AtomicU64,
     /// Test-only message faults ([`CHAOS_ENV`]).
     chaos: Option<Mutex<Chaos>>,
     transport: Transport,
@@ -237,21 +236,6 @@ impl Chaos {
 
 fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
-}
-
-fn storage_status(e: &quiver_storage::Error) -> Status {
-    use quiver_storage::Error as E;
-    match e {
-        E::InvalidArgument(m) => Status::invalid_argument(m.clone()),
-        E::LogTruncated { .. } => Status::out_of_range(e.to_string()),
-        E::Corruption { .. } => Status::data_loss(e.to_string()),
-        E::PreviousError(_) | E::Closed => Status::unavailable(e.to_string()),
-        _ => Status::internal(e.to_string()),
-    }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))?
 }
 
 fn to_wire(b: ShippedBatch, prev_seqno: u64) -> pb::ShippedBatch {
@@ -330,7 +314,6 @@ impl Replicator {
             peers,
             shutdown: AtomicBool::new(false),
             stop: Notify::new(),
-            applied_batches: AtomicU64::new(0),
             chaos: std::env::var(CHAOS_ENV)
                 .ok()
                 .and_then(|s| s.parse::<u64>().ok())
@@ -563,7 +546,6 @@ impl Replicator {
                     Ok(())
                 })
                 .await?;
-                self.applied_batches.fetch_add(n, Ordering::Relaxed);
             }
             if registry_changed {
                 let registry = self.registry.clone();
@@ -913,11 +895,6 @@ pub fn service(
         .send_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(REPLICATION_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(REPLICATION_MESSAGE_BYTES_MAX)
-}
-
-/// Registry entity keys (for tests of what replicates).
-pub fn registry_prefix() -> &'static [u8] {
-    REGISTRY_PREFIX
 }
 
 #[cfg(test)]

@@ -36,10 +36,13 @@ pub fn status(e: ServiceError) -> Status {
     }
 }
 
-fn storage_status(e: &quiver_storage::Error) -> Status {
+/// Maps an engine error to a status.
+pub(crate) fn storage_status(e: &quiver_storage::Error) -> Status {
     use quiver_storage::Error as E;
     match e {
         E::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+        // The replication log no longer reaches back far enough: the peer must bootstrap.
+        E::LogTruncated { .. } => Status::out_of_range(e.to_string()),
         E::Corruption { .. } => Status::data_loss(e.to_string()),
         E::PreviousError(_) | E::Closed => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
@@ -50,7 +53,10 @@ fn registry_status(e: RegistryError) -> Status {
     status(ServiceError::from(e))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+/// Runs engine work on tokio's blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))?
 }
 

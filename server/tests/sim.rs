@@ -213,11 +213,6 @@ async fn region_main(r: u32, shared: Arc<Shared>, seed: u64) -> Result<(), Box<d
 /// A cell's winner: stamp, value, vector.
 type Winner = (u64, Option<Value>, quiver_storage::VersionVector);
 
-/// The region that wrote a version: the greatest region whose vector entry is its stamp.
-fn origin(v: &quiver_storage::VersionVector, stamp: u64) -> u32 {
-    v.entries().iter().filter(|e| e.1 == stamp).map(|e| e.0).max().unwrap_or(0)
-}
-
 fn run_seed(seed: u64) -> Result<(), String> {
     let shared = Arc::new(Shared {
         fs: (0..REGIONS).map(|_| Mutex::new(MemFs::new())).collect(),
@@ -332,7 +327,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
         let Some((ws, wv, wvec)) = winners[0].get(&e) else {
             return Err(format!("seed {seed}: write {value} to entity {e} lost: the cell is empty"));
         };
-        let rank = (*ws, origin(wvec, *ws));
+        let rank = (*ws, quiver_storage::replication::origin_or_guess(wvec, SystemTime(*ws)));
         if rank < (stamp, r) || (rank == (stamp, r) && *wv != Some(Value::Int64(value))) {
             return Err(format!(
                 "seed {seed}: write {value} at {stamp} by region {r} to entity {e} lost to {wv:?} at {rank:?} (faults: {faults:?})"

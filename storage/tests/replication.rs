@@ -118,6 +118,16 @@ fn winner(db: &Db, (e, f, t): Cell) -> Option<(u64, Option<Value>, VersionVector
     db.version_at(ENTITIES[e], FeatureId(f), q).expect("read").map(|v| (v.system_time.0, v.value, v.version_vector))
 }
 
+/// A batch's writes, the last of each cell (the one that counts).
+fn last_writes(b: &ShippedBatch) -> BTreeMap<Cell, &[u8]> {
+    let mut last = BTreeMap::new();
+    for op in &b.ops {
+        let e = ENTITIES.iter().position(|x| *x == op.entity.as_slice()).expect("entity");
+        last.insert((e, op.feature.0, op.event_time.0), op.cell.as_slice());
+    }
+    last
+}
+
 /// Every cell's winner at one region.
 fn winners(db: &Db) -> Vec<Option<(u64, Option<Value>, VersionVector)>> {
     all_cells().into_iter().map(|c| winner(db, c)).collect()
@@ -314,12 +324,7 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
     let mut model: BTreeMap<Cell, (u64, u32, Option<Value>, VersionVector)> = BTreeMap::new();
     for (r, region) in regions.iter().enumerate() {
         for b in &region.outbox {
-            let mut last: BTreeMap<Cell, &[u8]> = BTreeMap::new();
-            for op in &b.ops {
-                let e = ENTITIES.iter().position(|x| *x == op.entity.as_slice()).expect("entity");
-                last.insert((e, op.feature.0, op.event_time.0), &op.cell);
-            }
-            for (c, raw) in last {
+            for (c, raw) in last_writes(b) {
                 let (value, vector) = cell::decode(raw).expect("cell");
                 prop_assert!(vector.len() <= REGIONS);
                 let entry = model.entry(c).or_insert((0, 0, None, VersionVector::new()));
@@ -343,12 +348,7 @@ fn run(ops: Vec<Op>, hot: bool) -> Result<(), TestCaseError> {
     // region issued the same stamp and holds the key (the same on every node).
     for (r, region) in regions.iter().enumerate() {
         for b in &region.outbox {
-            let mut last: BTreeMap<Cell, &[u8]> = BTreeMap::new();
-            for op in &b.ops {
-                let e = ENTITIES.iter().position(|x| *x == op.entity.as_slice()).expect("entity");
-                last.insert((e, op.feature.0, op.event_time.0), &op.cell);
-            }
-            for ((e, f, t), raw) in last {
+            for ((e, f, t), raw) in last_writes(b) {
                 let (value, _) = cell::decode(raw).expect("cell");
                 let q = AsOf { as_of: EventTime(t), known_at: b.system_time, lookback_us: Some(0) };
                 let got = region.db().version_at(ENTITIES[e], FeatureId(f), q).expect("read");
