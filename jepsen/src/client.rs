@@ -77,6 +77,16 @@ pub fn classify(s: &tonic::Status) -> bool {
     matches!(s.code(), Code::InvalidArgument | Code::Aborted | Code::FailedPrecondition | Code::NotFound)
 }
 
+/// What an acknowledged write returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The system time stamped on it.
+    pub stamp: u64,
+    /// The version vector its cell versions carry (`WriteFeaturesResponse.version`); `None`
+    /// from a server that does not return it.
+    pub vector: Option<Vector>,
+}
+
 /// Clients of one node.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -110,8 +120,9 @@ impl Node {
         self.registry.get_feature_group(pb::GetFeatureGroupRequest { name: GROUP.into(), version: 0 }).await.is_ok()
     }
 
-    /// Writes `value` to `cell` (with `expected` for a CAS), synced; returns its stamp.
-    pub async fn write(&mut self, cell: Cell, value: i64, expected: Option<&Vector>) -> Result<u64, tonic::Status> {
+    /// Writes `value` to `cell` (with `expected` for a CAS), synced; returns its stamp and
+    /// vector.
+    pub async fn write(&mut self, cell: Cell, value: i64, expected: Option<&Vector>) -> Result<Written, tonic::Status> {
         let mut values = std::collections::HashMap::new();
         values.insert("v".to_string(), pb::Value { kind: Some(pb::value::Kind::Int64Value(value)) });
         let mut expected_versions = std::collections::HashMap::new();
@@ -131,8 +142,9 @@ impl Node {
             idempotency_key: String::new(),
         };
         let r = self.features.write_features(req).await?.into_inner();
-        let stamp = r.system_time.as_ref().map(us).unwrap_or(0);
-        Ok(stamp as u64)
+        let stamp = r.system_time.as_ref().map(us).unwrap_or(0) as u64;
+        let vector = Some(vector(&r.version)).filter(|v| !v.is_empty());
+        Ok(Written { stamp, vector })
     }
 
     /// Writes many cells in one batch (bulk traffic for the lagging-peer fault).

@@ -4,13 +4,13 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A version vector as the API returns it: sorted `(region, counter)` pairs.
 pub type Vector = Vec<(u32, u64)>;
 
 /// A cell of the workload: entity and event time (one feature).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cell {
     /// Entity id.
     pub entity: u32,
@@ -19,7 +19,7 @@ pub struct Cell {
 }
 
 /// A cell version as read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seen {
     /// Value (`None`: a tombstone).
     pub value: Option<i64>,
@@ -30,7 +30,7 @@ pub struct Seen {
 }
 
 /// What an operation asked.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "f", rename_all = "snake_case")]
 pub enum Invoke {
     /// A plain write of a unique value.
@@ -40,7 +40,8 @@ pub enum Invoke {
         /// The value.
         value: i64,
     },
-    /// A compare-and-swap on the region's own CAS cell.
+    /// A compare-and-swap: on the region's own CAS register, or on the cell every region
+    /// CASes (`CAS_SHARED_ENTITY`).
     Cas {
         /// The cell.
         cell: Cell,
@@ -57,7 +58,7 @@ pub enum Invoke {
 }
 
 /// How an operation ended.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Outcome {
     /// Done: a write's stamp, or what a read saw (`None`: nothing).
@@ -66,6 +67,12 @@ pub enum Outcome {
         stamp: Option<u64>,
         /// A read's result.
         read: Option<Seen>,
+        /// A CAS write's version vector as its node answered it (`WriteFeaturesResponse.version`:
+        /// the vector every cell version of the write carries). `None`: not a CAS, or a server
+        /// that does not return it. Left out of the JSON when `None`, so histories without it
+        /// read the same.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        written: Option<Vector>,
     },
     /// Certainly not applied.
     Fail {
@@ -80,7 +87,7 @@ pub enum Outcome {
 }
 
 /// One completed operation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Op {
     /// Sequence number in the history.
     pub id: u64,
@@ -99,7 +106,7 @@ pub struct Op {
 }
 
 /// A fault the nemesis injected (and when it was healed).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Fault {
     /// What.
     pub name: String,

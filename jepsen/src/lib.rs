@@ -3,7 +3,8 @@
 //! A run starts one `quiverd` per region ([`cluster`]), every replication link behind a
 //! fault-injecting proxy ([`proxy`]); clients in every region run a workload of unique-value
 //! writes (to cells all regions write, including backfill corrections at older event times),
-//! compare-and-swap writes and reads, recorded as a [`history`]; a nemesis injects faults on a
+//! compare-and-swap writes (to the region's own register, and to one cell every region CASes)
+//! and reads, recorded as a [`history`]; a nemesis injects faults on a
 //! schedule; then the cluster is healed, the run waits for convergence, and the [`check`]er
 //! checks the history and every region's final state. The history and a summary go to the
 //! output directory.
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::check::{State, Violation};
-use crate::client::Node;
+use crate::client::{Node, Written};
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::history::{Cell, History, Invoke, Outcome};
 
@@ -41,6 +42,9 @@ pub const SHARED_ENTITIES: u32 = 6;
 pub const SLOTS: u32 = 3;
 /// Entity of region `r`'s CAS register: `CAS_ENTITY_BASE + r`.
 pub const CAS_ENTITY_BASE: u32 = 1000;
+/// Entity of the cell every region CASes (slot 0): a region's compare-and-swap races the
+/// versions its peers replicate into the cell (above every `CAS_ENTITY_BASE + r`, r <= 63).
+pub const CAS_SHARED_ENTITY: u32 = 1100;
 /// Entities the lagging-peer fault writes in bulk.
 pub const BULK_ENTITIES: std::ops::Range<u32> = 10_000..10_400;
 /// Bulk batches the lagging-peer fault writes (alternating between the other regions): about
@@ -124,6 +128,9 @@ pub struct Summary {
     pub bootstraps: BTreeMap<u32, u64>,
     /// Concurrent versions resolved, per region.
     pub conflicts: BTreeMap<u32, u64>,
+    /// The cell every region CASes: acknowledged, refused (aborted) and indeterminate
+    /// operations, and how many acknowledged ones the checker checked.
+    pub shared_cas: check::SharedCas,
     /// Cells compared at the end.
     pub cells: usize,
     /// What the checker found.
@@ -158,6 +165,11 @@ async fn client_loop(
 ) {
     let mut rng = Rng::new(seed);
     let mut counter = 0i64;
+    let done = |r: Result<Written, tonic::Status>, cas: bool| match r {
+        Ok(w) => Outcome::Ok { stamp: Some(w.stamp), read: None, written: if cas { w.vector } else { None } },
+        Err(e) if client::classify(&e) => Outcome::Fail { error: format!("{:?}: {}", e.code(), e.message()) },
+        Err(e) => Outcome::Info { error: format!("{:?}: {}", e.code(), e.message()) },
+    };
     while !stop.load(Ordering::Acquire) {
         counter += 1;
         let value = i64::from(region) * 1_000_000_000 + i64::from(client) * 10_000_000 + counter;
@@ -165,15 +177,14 @@ async fn client_loop(
         let cell =
             Cell { entity: rng.below(u64::from(SHARED_ENTITIES)) as u32, slot: rng.below(u64::from(SLOTS)) as u32 };
         let t = history.now_us();
-        if pick < 50 {
-            let outcome = match node.write(cell, value, None).await {
-                Ok(stamp) => Outcome::Ok { stamp: Some(stamp), read: None },
-                Err(e) if client::classify(&e) => Outcome::Fail { error: e.message().to_string() },
-                Err(e) => Outcome::Info { error: format!("{:?}: {}", e.code(), e.message()) },
-            };
+        if pick < 45 {
+            let outcome = done(node.write(cell, value, None).await, false);
             history.record(region, client, Invoke::Write { cell, value }, t, outcome);
-        } else if pick < 65 {
-            let cell = Cell { entity: CAS_ENTITY_BASE + region, slot: 0 };
+        } else if pick < 72 {
+            // The region's own register, or the cell every region CASes: read the current
+            // version here, then write expecting it.
+            let entity = if pick < 57 { CAS_ENTITY_BASE + region } else { CAS_SHARED_ENTITY };
+            let cell = Cell { entity, slot: 0 };
             let expected = match node.read(cell).await {
                 Ok(s) => s.map(|s| s.vector).unwrap_or_default(),
                 Err(_) => {
@@ -182,15 +193,11 @@ async fn client_loop(
                 }
             };
             let t = history.now_us();
-            let outcome = match node.write(cell, value, Some(&expected)).await {
-                Ok(stamp) => Outcome::Ok { stamp: Some(stamp), read: None },
-                Err(e) if client::classify(&e) => Outcome::Fail { error: e.message().to_string() },
-                Err(e) => Outcome::Info { error: format!("{:?}: {}", e.code(), e.message()) },
-            };
+            let outcome = done(node.write(cell, value, Some(&expected)).await, true);
             history.record(region, client, Invoke::Cas { cell, expected, value }, t, outcome);
         } else {
             let outcome = match node.read(cell).await {
-                Ok(read) => Outcome::Ok { stamp: None, read },
+                Ok(read) => Outcome::Ok { stamp: None, read, written: None },
                 Err(e) => Outcome::Fail { error: format!("{:?}: {}", e.code(), e.message()) },
             };
             history.record(region, client, Invoke::Read { cell }, t, outcome);
@@ -336,6 +343,7 @@ async fn final_state(node: &mut Node, regions: u32) -> Result<State, tonic::Stat
     let mut state = State::new();
     let entities = (0..SHARED_ENTITIES)
         .chain((1..=regions).map(|r| CAS_ENTITY_BASE + r))
+        .chain(std::iter::once(CAS_SHARED_ENTITY))
         .chain(std::iter::once(PROBE_ENTITY))
         .chain(BULK_ENTITIES);
     for e in entities {
@@ -491,7 +499,7 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
     cluster.stop(Duration::from_secs(5));
     drop(cluster);
     let ops = history.ops();
-    let mut violations = check::check(&ops, &finals, cfg.regions);
+    let check::Report { mut violations, shared_cas } = check::report(&ops, &finals, cfg.regions);
     if convergence_seconds >= CONVERGENCE_TIMEOUT.as_secs_f64() {
         violations.push(Violation {
             check: "convergence",
@@ -502,6 +510,7 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
     for op in &ops {
         let kind = match op.invoke {
             Invoke::Write { .. } => "write",
+            Invoke::Cas { cell, .. } if check::is_shared_cas(&cell) => "shared cas",
             Invoke::Cas { .. } => "cas",
             Invoke::Read { .. } => "read",
         };
@@ -520,6 +529,7 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
         probe_lag_ms: lags.summary(),
         bootstraps,
         conflicts,
+        shared_cas,
         cells: finals.values().next().map_or(0, |s| s.len()),
         violations,
     };

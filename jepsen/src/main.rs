@@ -67,6 +67,8 @@ fn main() {
     match rt.block_on(quiver_jepsen::run(&cfg)) {
         Ok(s) => {
             println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            eprintln!("quiver-jepsen: {}", s.shared_cas);
+            eprintln!("quiver-jepsen: {} violations", s.violations.len());
             if !s.violations.is_empty() {
                 std::process::exit(1);
             }

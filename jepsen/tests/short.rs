@@ -1,6 +1,7 @@
 //! The short fault-injection run (about a minute): every fault of the schedule once, on three
 //! real `quiverd` processes; the checker must find nothing, and the faults must have had their
-//! effect (a lagging peer bootstrapped, writes were acknowledged in every region).
+//! effect (a lagging peer bootstrapped, writes were acknowledged in every region, the cell every
+//! region CASes saw successes in several regions and refusals, all of them checked).
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_regions_survive_every_fault_and_converge() {
@@ -13,6 +14,14 @@ async fn three_regions_survive_every_fault_and_converge() {
     assert_eq!(s.faults.len(), 6, "every fault ran once");
     assert!(s.ops.get("write ok").copied().unwrap_or(0) > 100, "writes were acknowledged: {:?}", s.ops);
     assert!(s.ops.get("cas ok").copied().unwrap_or(0) > 10, "CAS writes were acknowledged: {:?}", s.ops);
+    // The cell every region CASes: local CAS writes raced peers' replicated versions (successes
+    // in more than one region, refusals), and every acknowledged one was checked against the
+    // vector it wrote (which needs a server returning `WriteFeaturesResponse.version`).
+    let shared = &s.shared_cas;
+    println!("{shared}");
+    assert!(shared.ok.values().filter(|&&n| n > 0).count() >= 2, "shared CAS acknowledged in 2+ regions: {shared}");
+    assert!(shared.aborted > 0, "some shared CAS writes were refused as ABORTED: {shared}");
+    assert!(shared.checked > 0 && shared.unchecked == 0, "every acknowledged shared CAS was checked: {shared}");
     assert!(s.bootstraps.values().sum::<u64>() >= 1, "the lagging peer bootstrapped: {:?}", s.bootstraps);
     assert!(s.cells > 400, "the final states were compared: {} cells", s.cells);
 }

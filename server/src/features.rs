@@ -9,10 +9,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use prost::Message;
 use quiver_proto::v1 as pb;
-use quiver_storage::{AsOf, CellVersion, Db, Durability, EventTime, FeatureId, SystemTime, Value, WriteBatch};
+use quiver_storage::{
+    AsOf, CellVersion, Db, Durability, EventTime, Expectation, FeatureId, SystemTime, Value, VersionVector, WriteBatch,
+    WriteIf,
+};
 
 use crate::convert::{self, Invalid};
 use crate::registry::{Registry, RegistryError, ResolvedFeature};
@@ -351,7 +354,9 @@ pub const SCAN_VERSIONS_MAX: u64 = 1_000_000;
 /// A validated write, ready to commit.
 struct Prepared {
     batch: WriteBatch,
-    cas: Vec<(Vec<u8>, FeatureId, EventTime, String, pb::VersionVector)>,
+    /// The compare-and-swap expectations, and the `group:feature` each names.
+    expect: Vec<Expectation>,
+    names: Vec<String>,
     written: u64,
 }
 
@@ -364,10 +369,20 @@ pub struct Features {
     join_spill_bytes: usize,
     join_threads: usize,
     db: Arc<Db>,
-    /// Plain writes share it; writes with compare-and-swap or an idempotency key take it alone,
-    /// so their check and their write are one atomic step (linearizable within this node).
-    check_then_write: RwLock<()>,
     default_durability: Durability,
+    #[cfg(feature = "testing")]
+    before_commit: Mutex<Option<Arc<TestHook>>>,
+}
+
+/// A test's code run between a write's preparation and its commit.
+#[cfg(feature = "testing")]
+pub struct TestHook(pub Box<dyn Fn() + Send + Sync>);
+
+#[cfg(feature = "testing")]
+impl std::fmt::Debug for TestHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestHook")
+    }
 }
 
 /// Distinct (entity type, feature list) resolutions kept; the cache is cleared when full.
@@ -401,9 +416,17 @@ impl Features {
             resolution_hasher: std::collections::hash_map::RandomState::new(),
             join_spill_bytes: JOIN_SPILL_BYTES,
             join_threads: join_threads(),
-            check_then_write: RwLock::new(()),
             default_durability,
+            #[cfg(feature = "testing")]
+            before_commit: Mutex::new(None),
         }
+    }
+
+    /// Runs `hook` in every write after the service has prepared it and before the engine
+    /// commits it: tests race other commits (a peer's replicated version) into that window.
+    #[cfg(feature = "testing")]
+    pub fn set_before_commit(&self, hook: Option<TestHook>) {
+        *self.before_commit.lock() = hook.map(Arc::new);
     }
 
     /// The registry this service resolves features in.
@@ -740,46 +763,55 @@ impl Features {
             pb::Durability::Sync => Durability::Sync,
             pb::Durability::Unspecified => self.default_durability,
         };
-        if !req.idempotency_key.is_empty() {
-            // A retry gets the first answer whatever changed since (even the registry), so the
-            // record is looked up before anything else, under the exclusive lock.
-            let _alone = self.check_then_write.write();
-            if let Some(resp) = self.replay(&req.idempotency_key)? {
-                return Ok(resp);
-            }
-            let prepared = self.prepare(req)?;
-            return self.commit(req, prepared, durability);
+        // A retry gets the first answer whatever changed since (even the registry), so the
+        // record is looked up before anything else. Two requests with one key racing past this
+        // look-up are settled by the engine: the record is written only if it is still absent
+        // (below), and the loser replays the winner's answer.
+        if let Some(resp) = self.replay(&req.idempotency_key)? {
+            return Ok(resp);
         }
         let prepared = self.prepare(req)?;
-        if prepared.cas.is_empty() {
-            let _shared = self.check_then_write.read();
-            self.commit(req, prepared, durability)
-        } else {
-            let _alone = self.check_then_write.write();
-            self.commit(req, prepared, durability)
-        }
+        self.commit(req, prepared, durability)
     }
 
-    /// The stored answer of an earlier request with this idempotency key.
+    /// The reserved key of an idempotency record.
+    fn idempotency_key(key: &str) -> Vec<u8> {
+        let mut k = IDEMPOTENCY_PREFIX.to_vec();
+        k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    /// The stored answer of an earlier request with this idempotency key (none for an empty key).
     fn replay(&self, key: &str) -> Result<Option<pb::WriteFeaturesResponse>> {
-        let mut idem_key = IDEMPOTENCY_PREFIX.to_vec();
-        idem_key.extend_from_slice(key.as_bytes());
-        let Some(prev) = self.db.value_at(&idem_key, FeatureId(0), AsOf::at(EventTime(0)))? else { return Ok(None) };
-        let Some(Value::Bytes(b)) = &prev.value else { return Ok(None) };
-        let mut resp = pb::WriteFeaturesResponse::decode(b.as_slice()).map_err(|e| {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        let prev = self.db.value_at(&Self::idempotency_key(key), FeatureId(0), AsOf::at(EventTime(0)))?;
+        prev.as_ref().and_then(Self::replayed).transpose()
+    }
+
+    /// The answer a stored idempotency record gives a retry (`None`: not a record).
+    fn replayed(prev: &CellVersion) -> Option<Result<pb::WriteFeaturesResponse>> {
+        let Some(Value::Bytes(b)) = &prev.value else { return None };
+        let decoded = pb::WriteFeaturesResponse::decode(b.as_slice()).map_err(|e| {
             ServiceError::Storage(quiver_storage::Error::InvalidArgument(format!(
                 "stored idempotency record does not decode: {e}"
             )))
-        })?;
-        resp.system_time = Some(convert::timestamp(prev.system_time.0 as i64));
-        resp.deduplicated = true;
-        Ok(Some(resp))
+        });
+        Some(decoded.map(|mut resp| {
+            // The record was written in the write's own batch: its stamp and vector are the
+            // write's.
+            resp.system_time = Some(convert::timestamp(prev.system_time.0 as i64));
+            resp.version = Some(api_vv(&prev.version_vector));
+            resp.deduplicated = true;
+            resp
+        }))
     }
 
     /// Checks every row against the registry and builds the engine batch; writes nothing.
     fn prepare(&self, req: &pb::WriteFeaturesRequest) -> Result<Prepared> {
         let mut batch = WriteBatch::new();
-        let mut cas: Vec<(Vec<u8>, FeatureId, EventTime, String, pb::VersionVector)> = Vec::new();
+        let (mut expect, mut cas_names) = (Vec::new(), Vec::new());
         let mut groups: HashMap<&str, (String, HashMap<String, ResolvedFeature>)> = HashMap::new();
         let mut written = 0u64;
         for (i, row) in req.rows.iter().enumerate() {
@@ -817,60 +849,91 @@ impl Features {
             }
             for (name, vv) in &row.expected_versions {
                 let f = feature(name)?;
-                cas.push((key.clone(), f.id, e, format!("{}:{name}", row.group), vv.clone()));
+                let entries = vv.entries.iter().map(|x| (x.region, x.counter)).collect();
+                let version = VersionVector::from_entries(entries)
+                    .map_err(|err| ServiceError::Invalid(format!("row {i}: expected version of {name}: {err}")))?;
+                expect.push(Expectation {
+                    entity: key.clone(),
+                    feature: f.id,
+                    event_time: e,
+                    // The empty vector: the cell must hold no value.
+                    version: (!version.is_empty()).then_some(version),
+                });
+                cas_names.push(format!("{}:{name}", row.group));
             }
         }
-        Ok(Prepared { batch, cas, written })
+        Ok(Prepared { batch, expect, names: cas_names, written })
     }
 
-    /// Runs the compare-and-swap checks and commits (the caller holds the right lock).
+    /// Commits a prepared write in one engine step: its compare-and-swap expectations, and
+    /// with an idempotency key the record's absence, are checked under the engine's writer lock
+    /// together with the commit, so no other write (local or replicated) lands in between.
     fn commit(
         &self,
         req: &pb::WriteFeaturesRequest,
         prepared: Prepared,
         durability: Durability,
     ) -> Result<pb::WriteFeaturesResponse> {
-        let Prepared { mut batch, cas, written } = prepared;
-        let mut idem_key = IDEMPOTENCY_PREFIX.to_vec();
-        idem_key.extend_from_slice(req.idempotency_key.as_bytes());
-        let mut mismatches = Vec::new();
-        for (key, id, e, name, expected) in &cas {
-            let q = AsOf { as_of: *e, known_at: SystemTime::MAX, lookback_us: Some(0) };
-            let current = self.db.version_at(key, *id, q)?;
-            let current_vv = current.as_ref().filter(|v| v.value.is_some()).map(|v| api_vv(&v.version_vector));
-            // Compare as sets of (region, counter): the order a client lists regions in is not
-            // part of the version.
-            let mut want: Vec<(u32, u64)> = expected.entries.iter().map(|e| (e.region, e.counter)).collect();
-            want.sort_unstable();
-            let matches = match &current_vv {
-                None => want.is_empty(),
-                Some(c) => c.entries.iter().map(|e| (e.region, e.counter)).collect::<Vec<_>>() == want,
+        let Prepared { mut batch, mut expect, names, written } = prepared;
+        let idempotent = !req.idempotency_key.is_empty();
+        if idempotent {
+            // The answer is stored with the write, in the same atomic batch; its system time
+            // and vector are only known after the commit, so the stored record holds the count
+            // and a retry reads the rest back from the record's own version.
+            let idem_key = Self::idempotency_key(&req.idempotency_key);
+            let record = pb::WriteFeaturesResponse {
+                values_written: written,
+                system_time: None,
+                deduplicated: false,
+                version: None,
             };
-            if !matches {
-                mismatches.push((name.clone(), current_vv.unwrap_or_default()));
-            }
-        }
-        if !mismatches.is_empty() {
-            let names: Vec<&str> = mismatches.iter().map(|m| m.0.as_str()).collect();
-            return Err(ServiceError::Aborted {
-                message: format!("compare-and-swap failed for {}: the current version differs", names.join(", ")),
-                current: mismatches,
+            batch.put(&idem_key, FeatureId(0), EventTime(0), Value::Bytes(record.encode_to_vec()))?;
+            expect.push(Expectation {
+                entity: idem_key,
+                feature: FeatureId(0),
+                event_time: EventTime(0),
+                version: None,
             });
         }
-        let receipt = if req.idempotency_key.is_empty() {
-            self.db.write(batch, durability)?
-        } else {
-            // The answer is stored with the write, in the same atomic batch; its system time
-            // is only known after the commit, so the stored record holds the count and the
-            // retry reads the time back from the record's own version.
-            let record = pb::WriteFeaturesResponse { values_written: written, system_time: None, deduplicated: false };
-            batch.put(&idem_key, FeatureId(0), EventTime(0), Value::Bytes(record.encode_to_vec()))?;
-            self.db.write(batch, durability)?
+        #[cfg(feature = "testing")]
+        {
+            // Not called under the lock: the hook may write through this service itself.
+            let hook = self.before_commit.lock().clone();
+            if let Some(hook) = hook {
+                (hook.0)();
+            }
+        }
+        let receipt = match self.db.write_if(batch, expect, durability)? {
+            WriteIf::Committed(receipt) => receipt,
+            WriteIf::Refused(mismatches) => {
+                // The idempotency record is the last expectation: if it is there, a request
+                // with the same key committed first, and this one is its retry.
+                if idempotent {
+                    if let Some(m) = mismatches.iter().find(|m| m.index == names.len()) {
+                        if let Some(resp) = m.current.as_ref().and_then(Self::replayed) {
+                            return resp;
+                        }
+                    }
+                }
+                let current: Vec<(String, pb::VersionVector)> = mismatches
+                    .iter()
+                    .filter_map(|m| {
+                        let name = names.get(m.index)?;
+                        Some((name.clone(), m.current.as_ref().map(|c| api_vv(&c.version_vector)).unwrap_or_default()))
+                    })
+                    .collect();
+                let listed: Vec<&str> = current.iter().map(|m| m.0.as_str()).collect();
+                return Err(ServiceError::Aborted {
+                    message: format!("compare-and-swap failed for {}: the current version differs", listed.join(", ")),
+                    current,
+                });
+            }
         };
         Ok(pb::WriteFeaturesResponse {
             values_written: written,
             system_time: Some(convert::timestamp(receipt.system_time.0 as i64)),
             deduplicated: false,
+            version: Some(api_vv(&receipt.version_vector)),
         })
     }
 }

@@ -319,3 +319,104 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
         assert_eq!(got, want, "answers spilling past {spill} bytes, read by {threads} threads");
     }
 }
+
+/// The one user cell of the engine: (entity, feature, event time, its current version).
+fn only_user_cell(db: &Db) -> (Vec<u8>, quiver_storage::FeatureId, quiver_storage::CellVersion) {
+    let mut found = None;
+    for item in db.scan(quiver_storage::ScanRange::all()).expect("scan") {
+        let item = item.expect("item");
+        if item.entity.first() != Some(&0) && found.is_none() {
+            found = Some((item.entity.clone(), item.feature, item.version.clone()));
+        }
+    }
+    found.expect("a user cell")
+}
+
+/// Issue 11's lost update: a peer's version of the cell lands between the service's
+/// preparation of a compare-and-swap and its commit. The CAS expected the version before it,
+/// so it must fail, and the peer's version must stay the current one.
+#[test]
+fn a_replicated_version_landing_before_the_commit_fails_the_cas() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (_tmp, f, db) = setup();
+    let cas = |f: &Features, expected: pb::VersionVector, v: i64| {
+        let mut r = row("alice", T0, vec![("clicks", int(v))]);
+        r.expected_versions.insert("clicks".into(), expected);
+        write(f, vec![r])
+    };
+    cas(&f, pb::VersionVector::default(), 1).expect("first CAS on an absent cell");
+    let (entity, feature, v0) = only_user_cell(&db);
+    let expected = quiver_server::convert::vector_to_proto(&v0.version_vector);
+    // Region 2 wrote over v0 (its vector includes v0's) and ships it.
+    let peer_stamp = v0.system_time.0 + 1_000;
+    let peer_vector = v0.version_vector.merge(&quiver_storage::VersionVector::single(2, peer_stamp));
+    let mut peer_cell = Vec::new();
+    quiver_storage::cell::encode(Some(&quiver_storage::Value::Int64(99)), &peer_vector, &mut peer_cell);
+    let shipped = quiver_storage::ShippedBatch {
+        origin: 2,
+        seqno: 1,
+        system_time: quiver_storage::SystemTime(peer_stamp),
+        ops: vec![quiver_storage::ShippedOp { entity, feature, event_time: v0.event_time, cell: peer_cell }],
+    };
+    let applied = Arc::new(AtomicBool::new(false));
+    {
+        let (db, applied) = (db.clone(), applied.clone());
+        f.set_before_commit(Some(quiver_server::features::TestHook(Box::new(move || {
+            if !applied.swap(true, Ordering::SeqCst) {
+                let r = db.apply_replicated(&shipped, quiver_storage::Durability::Sync).expect("apply");
+                assert_eq!(r.applied, 1, "the peer's version dominates v0: {r:?}");
+            }
+        }))));
+    }
+    let outcome = cas(&f, expected, 3);
+    f.set_before_commit(None);
+    assert!(applied.load(Ordering::SeqCst), "the hook ran");
+    match outcome {
+        Err(ServiceError::Aborted { current, .. }) => {
+            assert_eq!(current.len(), 1);
+            assert_eq!(current[0].1, quiver_server::convert::vector_to_proto(&peer_vector));
+        }
+        other => panic!("the CAS expected v0 but the peer's version was current: want ABORTED, got {other:?}"),
+    }
+    let r = online(&f, &["alice"], T0);
+    assert_eq!(r.columns[0].int64_values, vec![99], "the peer's version stays current");
+}
+
+/// Two requests with one idempotency key race past the record look-up: the engine writes the
+/// record only while it is absent, so exactly one applies and the other replays its answer.
+#[test]
+fn racing_requests_with_one_idempotency_key_apply_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (_tmp, f, db) = setup();
+    let f = Arc::new(f);
+    let req = |v: i64| pb::WriteFeaturesRequest {
+        rows: vec![row("alice", T0, vec![("clicks", int(v))])],
+        idempotency_key: "batch-42".into(),
+        ..Default::default()
+    };
+    let inner = Arc::new(parking_lot::Mutex::new(None));
+    let ran = Arc::new(AtomicBool::new(false));
+    {
+        let (f2, inner, ran) = (Arc::downgrade(&f), inner.clone(), ran.clone());
+        f.set_before_commit(Some(quiver_server::features::TestHook(Box::new(move || {
+            // The first request, prepared, waits here while the second runs whole.
+            if !ran.swap(true, Ordering::SeqCst) {
+                if let Some(f) = f2.upgrade() {
+                    *inner.lock() = Some(f.write(&req(2)));
+                }
+            }
+        }))));
+    }
+    let outer = f.write(&req(1)).expect("first request");
+    f.set_before_commit(None);
+    let inner = inner.lock().take().expect("the hook ran").expect("second request");
+    assert!(!inner.deduplicated, "the request that committed first applied");
+    assert!(outer.deduplicated, "the other replays its answer");
+    assert_eq!((outer.system_time, outer.version.clone()), (inner.system_time, inner.version.clone()));
+    assert!(outer.version.is_some_and(|v| !v.entries.is_empty()), "the write's vector is returned");
+    let r = online(&f, &["alice"], T0);
+    assert_eq!(r.columns[0].int64_values, vec![2], "only the second request's value was written");
+    let seq = db.stats().last_seqno;
+    assert!(f.write(&req(3)).expect("retry").deduplicated);
+    assert_eq!(db.stats().last_seqno, seq);
+}

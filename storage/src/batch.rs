@@ -133,7 +133,16 @@ impl WriteBatch {
     pub(crate) fn event_time_min(&self) -> Option<EventTime> {
         self.ops.iter().map(|o| o.event_time).min()
     }
+
+    /// Each write's cell, its value (`None`: a tombstone) and its explicit vector (`None`: it
+    /// gets the batch's local vector), in batch order.
+    pub(crate) fn cells(&self) -> impl Iterator<Item = (CellRef<'_>, Option<&Value>, Option<&VersionVector>)> {
+        self.ops.iter().map(|o| ((o.entity.as_slice(), o.feature, o.event_time), o.value.as_ref(), o.vv.as_ref()))
+    }
 }
+
+/// A cell named by reference: `(entity, feature, event time)`.
+pub(crate) type CellRef<'a> = (&'a [u8], FeatureId, EventTime);
 
 /// Bit of the op count that marks a replicated batch.
 const REPLICATED_FLAG: u32 = 1 << 31;

@@ -30,9 +30,9 @@ pub mod version;
 
 pub use batch::WriteBatch;
 pub use db::{
-    verify_dir, ApplyReport, Db, LevelStats, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange, ShippedBatch,
-    ShippedOp, Snapshot, SnapshotReader, SnapshotVersion, Stats, VerifyReport, WriteReceipt, REPLICATION_ENTITY,
-    SHIPPED_VERSIONS_MAX,
+    verify_dir, ApplyReport, Db, Expectation, LevelStats, Mismatch, PairCursor, RawVersion, ScanItem, ScanIter,
+    ScanRange, ShippedBatch, ShippedOp, Snapshot, SnapshotReader, SnapshotVersion, Stats, VerifyReport, WriteIf,
+    WriteReceipt, EXPECTATIONS_MAX, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
 };
 pub use hlc::{Clock, ManualClock, SystemClock};
 pub use hot::HotStats;

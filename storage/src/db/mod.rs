@@ -5,6 +5,14 @@
 //!   takes every queued batch, stamps each with the next sequence number and system time,
 //!   appends them to the WAL with one write, fsyncs once if any of them asked for `Sync`
 //!   (group commit), inserts them into the memtable and publishes them. Followers wait.
+//! - A conditional batch ([`Db::write_if`]) is checked by the leader, under the writer lock,
+//!   against the published state and the group's earlier batches, just before it is stamped:
+//!   replicated applies take the same lock, so nothing lands between a check and its commit.
+//!   A batch whose expectations fail takes no sequence number; the rest of its group commits.
+//! - Local writes and replicated applies share one commit path (`Inner::publish`): log, sync
+//!   once if asked, insert, publish. It asserts its invariants in debug builds: sequence
+//!   numbers dense, batch stamps rising above the visible stamp, the published sequence number
+//!   rising.
 //! - A batch becomes visible to readers only when it is published: reads cap their `known_at`
 //!   at the *visible* system time, the stamp of the last published batch, so a reader never
 //!   sees part of a batch, and never a batch that is not yet durable as it asked.
@@ -40,7 +48,7 @@ pub use read::{PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
 pub use replicate::{
     ApplyReport, ShippedBatch, ShippedOp, SnapshotReader, SnapshotVersion, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
 };
-pub use write::WriteReceipt;
+pub use write::{Expectation, Mismatch, WriteIf, WriteReceipt, EXPECTATIONS_MAX};
 
 use crate::fs::{Fs, RealFs};
 use crate::hlc::Hlc;
@@ -99,6 +107,7 @@ struct WriterState {
 #[derive(Debug)]
 struct Pending {
     batch: WriteBatch,
+    expect: Vec<write::Expectation>,
     durability: Durability,
 }
 
@@ -120,7 +129,7 @@ pub(crate) struct Inner {
     view: RwLock<Arc<ReadView>>,
     versions: Mutex<VersionSet>,
     writer: Mutex<WriterState>,
-    commit: group::GroupQueue<Pending, Result<WriteReceipt>>,
+    commit: group::GroupQueue<Pending, Result<WriteIf>>,
     current_wal: Mutex<Arc<Segment>>,
     visible: AtomicU64,
     /// Sequence number of the last published batch (for stats, without the writer lock).
@@ -264,7 +273,21 @@ impl Db {
     /// Writes a batch atomically. Returns once the batch is visible to reads and as durable as
     /// `durability` asks. A rejected batch changes nothing.
     pub fn write(&self, batch: WriteBatch, durability: Durability) -> Result<WriteReceipt> {
-        self.inner.write(batch, durability)
+        match self.inner.write(batch, Vec::new(), durability)? {
+            WriteIf::Committed(r) => Ok(r),
+            WriteIf::Refused(_) => {
+                Err(Error::PreviousError("internal: a write without expectations was refused".into()))
+            }
+        }
+    }
+
+    /// Compare-and-swap: writes `batch` atomically only if every expectation holds, checked
+    /// under the writer lock in the same step as the commit, so no other commit (local write,
+    /// replicated apply, snapshot apply) lands between the check and the write. Returns
+    /// [`WriteIf::Refused`] with every failed expectation, and writes nothing, otherwise. Within
+    /// one region, conditional writes are linearizable.
+    pub fn write_if(&self, batch: WriteBatch, expect: Vec<Expectation>, durability: Durability) -> Result<WriteIf> {
+        self.inner.write(batch, expect, durability)
     }
 
     /// The value of `(entity, feature)` as DESIGN.md §2 defines `value_at`: `None` if absent

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use super::write::insert_batch;
 use super::Inner;
 use crate::batch::{self, ResolvedOp};
 use crate::cell;
@@ -588,7 +587,6 @@ impl Inner {
         let own = VersionVector::single(self.opts.region, self.own_stamp_max.load(Ordering::Acquire));
         let mut bound = self.knowledge.lock().merge(&own);
         let mut payloads = Vec::new();
-        let mut stamps = Vec::new();
         let mut conflicts = 0;
         let group_len = group.len();
         for (i, (p, report)) in group.iter().zip(reports.iter_mut()).enumerate() {
@@ -740,61 +738,15 @@ impl Inner {
                 return Err(Error::InvalidArgument(format!("a shipped batch does not log as a valid record: {w}")));
             }
             payloads.push(payload);
-            stamps.push(stamp);
         }
         if payloads.is_empty() {
             return Ok(reports);
         }
-        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-        let durable = (|| -> Result<()> {
-            w.wal.append(&refs)?;
-            if durability == Durability::Sync && w.wal.sync()? {
-                self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(())
-        })();
-        if let Err(e) = durable {
-            self.fail(&e);
-            return Err(e);
-        }
-        w.last_seqno += payloads.len() as u64;
-        let mut decoded = Vec::with_capacity(payloads.len());
-        for p in &payloads {
-            match batch::decode_trusted(p) {
-                Ok(d) => decoded.push(d),
-                Err(what) => {
-                    let e = Error::PreviousError(format!("internal: a replicated batch does not decode: {what}"));
-                    self.fail(&e);
-                    return Err(e);
-                }
-            }
-        }
-        let announced = self.hot.as_ref().map(|hot| super::write::announce(hot, &decoded)).unwrap_or_default();
-        for d in &decoded {
-            insert_batch(&view.mem, d);
-        }
-        view.mem.set_last_seqno(w.last_seqno);
-        if let Some(stamp) = stamps.last() {
-            self.visible.store(stamp.0, Ordering::Release);
-        }
-        if let Some(hot) = &self.hot {
-            for token in announced {
-                hot.write_end(token);
-            }
-        }
-        {
-            let mut k = self.knowledge.lock();
-            for d in &decoded {
-                *k = k.merge(&learned(d));
-            }
-        }
-        self.published_seqno.store(w.last_seqno, Ordering::Release);
+        let sync = durability == Durability::Sync;
+        self.publish(&mut w, &view.mem, payloads, sync)?;
         self.counters.replication_conflicts.fetch_add(conflicts, Ordering::Relaxed);
         drop(w);
         drop(horizon);
-        if view.mem.approximate_bytes() >= self.opts.memtable_bytes {
-            self.notify_work();
-        }
         Ok(reports)
     }
 }

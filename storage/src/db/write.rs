@@ -4,30 +4,73 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use super::{Inner, Pending, ReadView, WriterState};
-use crate::batch;
+use crate::batch::{self, CellRef};
 use crate::key;
 use crate::limits::IMMUTABLE_MEMTABLES_MAX;
 use crate::memtable::Memtable;
 use crate::options::Background;
-use crate::types::{Durability, SystemTime, VersionVector};
+use crate::types::{AsOf, CellVersion, Durability, EventTime, FeatureId, SystemTime, Value, VersionVector};
 use crate::wal::Segment;
 use crate::{Error, Result, WriteBatch};
 
 /// Most bytes of batches one leader commits in one group.
 const GROUP_BYTES_MAX: usize = 4 << 20;
 
+/// Most expectations one conditional write may carry (one per write of a full batch).
+pub const EXPECTATIONS_MAX: usize = crate::limits::BATCH_OPS_MAX;
+
 /// What a committed batch was stamped with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteReceipt {
     /// The batch's sequence number.
     pub seqno: u64,
     /// The batch's system time (shared by all its cell versions).
     pub system_time: SystemTime,
+    /// The version vector of its writes that carry no explicit vector: what this node knew of
+    /// other regions at the commit, joined with `{this region: system_time}`. A later
+    /// [`Db::write_if`](super::Db::write_if) of those cells expects it.
+    pub version_vector: VersionVector,
+}
+
+/// What a conditional write expects of one cell (see [`Db::write_if`](super::Db::write_if)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expectation {
+    /// Entity key.
+    pub entity: Vec<u8>,
+    /// Feature.
+    pub feature: FeatureId,
+    /// Event time: the cell is `(entity, feature, event_time)`, every system time.
+    pub event_time: EventTime,
+    /// The version vector of the cell's current version (its newest system time), compared
+    /// entry for entry; `None`: the cell holds no value (never written, or its current version
+    /// is a tombstone).
+    pub version: Option<VersionVector>,
+}
+
+/// A cell whose current version is not the expected one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mismatch {
+    /// Index of the expectation in the request.
+    pub index: usize,
+    /// The cell's current version (`None`: it holds no value).
+    pub current: Option<CellVersion>,
+}
+
+/// What [`Db::write_if`](super::Db::write_if) did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteIf {
+    /// Every expectation held; the batch is committed.
+    Committed(WriteReceipt),
+    /// At least one expectation failed (every failed one is listed, in request order);
+    /// nothing was written.
+    Refused(Vec<Mismatch>),
 }
 
 /// A copy of an error for each writer of a failed group.
-fn share(e: &Error) -> Error {
+pub(super) fn share(e: &Error) -> Error {
     match e {
         Error::Io { path, source } => {
             Error::Io { path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
@@ -43,10 +86,28 @@ fn share(e: &Error) -> Error {
     }
 }
 
+/// The newest write of each cell by the batches a group has committed so far (not yet in the
+/// memtable), for the expectations of its later batches. A local stamp is newer than every
+/// version the node holds, so such a write is its cell's current version.
+type GroupWrites<'a> = HashMap<CellRef<'a>, (Option<&'a Value>, SystemTime, VersionVector)>;
+
 impl Inner {
-    pub(super) fn write(&self, batch: WriteBatch, durability: Durability) -> Result<WriteReceipt> {
+    /// Commits `batch` if every expectation holds, atomically with respect to every other
+    /// commit (local writes, replicated applies): the expectations are checked by the group's
+    /// leader under the writer lock, against the memtables, the tables and the group's earlier
+    /// batches.
+    pub(super) fn write(&self, batch: WriteBatch, expect: Vec<Expectation>, durability: Durability) -> Result<WriteIf> {
         if batch.is_empty() {
             return Err(Error::InvalidArgument("write batch is empty".into()));
+        }
+        if expect.len() > EXPECTATIONS_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "a write carries {} expectations, more than the limit of {EXPECTATIONS_MAX}",
+                expect.len()
+            )));
+        }
+        for e in &expect {
+            crate::types::check_entity_key(&e.entity)?;
         }
         // Held until the batch is in the memtable, so that a horizon move waits for it.
         let horizon = self.horizon.read();
@@ -60,7 +121,7 @@ impl Inner {
         }
         self.check_ok()?;
         let mine = self.commit.submit(
-            Pending { batch, durability },
+            Pending { batch, expect, durability },
             |p| p.batch.approximate_bytes(),
             GROUP_BYTES_MAX,
             |group| {
@@ -74,13 +135,13 @@ impl Inner {
                         Err(e)
                     });
                 match results {
-                    Ok(receipts) => receipts.into_iter().map(Ok).collect(),
+                    Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
                     Err(e) => group.iter().map(|_| Err(share(&e))).collect(),
                 }
             },
         );
         drop(horizon);
-        if self.opts.background == Background::Inline && mine.is_ok() {
+        if self.opts.background == Background::Inline && matches!(mine, Ok(WriteIf::Committed(_))) {
             // The batch is committed whatever happens here; a failure of the flush or
             // compaction it triggers stops the engine (see `fail`) and shows on the next call.
             let work = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inline_work()));
@@ -93,27 +154,103 @@ impl Inner {
         mine
     }
 
-    fn commit_group(&self, group: &[Pending]) -> Result<Vec<WriteReceipt>> {
+    /// The leader's step: checks each batch's expectations, stamps those that hold, and
+    /// publishes them as one group.
+    fn commit_group(&self, group: &[Pending]) -> Result<Vec<WriteIf>> {
         self.check_ok()?;
         let mut w = self.writer.lock();
         self.make_room(&mut w)?;
-        let mem = self.view.read().mem.clone();
+        let view = self.view.read().clone();
+        // Only groups with a conditional batch track their writes.
+        let mut written: Option<GroupWrites<'_>> = group.iter().any(|p| !p.expect.is_empty()).then(HashMap::new);
         let mut payloads = Vec::with_capacity(group.len());
-        let mut receipts = Vec::with_capacity(group.len());
+        let mut outcomes = Vec::with_capacity(group.len());
         // Local writes carry what this node knows of other regions (`REPLICATION.md` §2).
         let knowledge = self.knowledge.lock().clone();
+        let mut seqno = w.last_seqno;
         for p in group {
-            let seqno = w.last_seqno + 1;
+            if let Some(written) = &written {
+                let mismatches = self.check_expectations(&view, written, &p.expect)?;
+                if !mismatches.is_empty() {
+                    outcomes.push(WriteIf::Refused(mismatches));
+                    continue;
+                }
+            }
+            seqno += 1;
             let s = SystemTime(self.hlc.stamp());
             let local = knowledge.merge(&VersionVector::single(self.opts.region, s.0));
             payloads.push(p.batch.encode(seqno, s, &local));
-            receipts.push(WriteReceipt { seqno, system_time: s });
-            w.last_seqno = seqno;
+            if let Some(written) = &mut written {
+                for (cell, value, vv) in p.batch.cells() {
+                    written.insert(cell, (value, s, vv.unwrap_or(&local).clone()));
+                }
+            }
+            outcomes.push(WriteIf::Committed(WriteReceipt { seqno, system_time: s, version_vector: local }));
         }
+        if payloads.is_empty() {
+            return Ok(outcomes);
+        }
+        let sync = group
+            .iter()
+            .zip(&outcomes)
+            .any(|(p, o)| p.durability == Durability::Sync && matches!(o, WriteIf::Committed(_)));
+        self.publish(&mut w, &view.mem, payloads, sync)?;
+        Ok(outcomes)
+    }
+
+    /// The expectations of one batch that do not hold, read under the writer lock: from the
+    /// group's earlier writes, else from the view (which holds every published batch).
+    fn check_expectations(
+        &self,
+        view: &ReadView,
+        written: &GroupWrites<'_>,
+        expect: &[Expectation],
+    ) -> Result<Vec<Mismatch>> {
+        let mut out = Vec::new();
+        for (index, e) in expect.iter().enumerate() {
+            let cell = (e.entity.as_slice(), e.feature, e.event_time);
+            let current = match written.get(&cell) {
+                Some((value, system_time, vv)) => value.map(|v| CellVersion {
+                    event_time: e.event_time,
+                    system_time: *system_time,
+                    value: Some(v.clone()),
+                    version_vector: vv.clone(),
+                }),
+                None => {
+                    let exact = AsOf { as_of: e.event_time, known_at: SystemTime::MAX, lookback_us: Some(0) };
+                    let prefix = key::prefix(&e.entity, e.feature);
+                    self.get_in_view(view, &prefix, exact, SystemTime::MAX, None)?.filter(|c| c.value.is_some())
+                }
+            };
+            let holds = match (&current, &e.version) {
+                (None, None) => true,
+                (Some(c), Some(want)) => c.version_vector == *want,
+                _ => false,
+            };
+            if !holds {
+                out.push(Mismatch { index, current });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The one commit path, for local writes and replicated applies alike: logs `payloads`
+    /// (batches the writer encoded with the sequence numbers after `w.last_seqno`, in order,
+    /// each stamped above the last), syncs the WAL once if `sync`, then inserts them into `mem`
+    /// and publishes them together. Afterwards readers see all of them or none, and a crash
+    /// keeps all of them or a prefix (all, once a sync was asked for).
+    pub(super) fn publish(
+        &self,
+        w: &mut WriterState,
+        mem: &Memtable,
+        payloads: Vec<Vec<u8>>,
+        sync: bool,
+    ) -> Result<()> {
+        debug_assert!(!payloads.is_empty(), "publish needs a batch");
         let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
         let durable = (|| -> Result<()> {
             w.wal.append(&refs)?;
-            if group.iter().any(|p| p.durability == Durability::Sync) && w.wal.sync()? {
+            if sync && w.wal.sync()? {
                 self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
@@ -122,48 +259,91 @@ impl Inner {
             self.fail(&e);
             return Err(e);
         }
-        let mut decoded = Vec::with_capacity(payloads.len());
-        for p in &payloads {
-            match batch::decode_trusted(p) {
-                Ok(b) => decoded.push(b),
-                Err(w) => {
-                    let e = Error::PreviousError(format!("internal: a batch this engine encoded does not decode: {w}"));
+        // From here on the batches are in the log: whatever goes wrong must stop the engine,
+        // or the next commit would reuse their sequence numbers.
+        let published =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.publish_logged(w, mem, &payloads)));
+        let local =
+            match published.unwrap_or_else(|_| Err(Error::PreviousError("internal: publishing panicked".into()))) {
+                Ok(local) => local,
+                Err(e) => {
                     self.fail(&e);
                     return Err(e);
                 }
-            }
-        }
-        // The hot tier learns of every version before it is published (see `src/hot.rs`).
-        let announced = self.hot.as_ref().map(|hot| announce(hot, &decoded)).unwrap_or_default();
-        for b in &decoded {
-            insert_batch(&mem, b);
-        }
-        mem.set_last_seqno(w.last_seqno);
-        if let Some(r) = receipts.last() {
-            self.visible.store(r.system_time.0, Ordering::Release);
-        }
-        if let Some(hot) = &self.hot {
-            for token in announced {
-                hot.write_end(token);
-            }
-        }
-        if let Some(r) = receipts.last() {
-            self.own_stamp_max.fetch_max(r.system_time.0, Ordering::AcqRel);
-        }
-        self.published_seqno.store(w.last_seqno, Ordering::Release);
-        self.counters.write_groups.fetch_add(1, Ordering::Relaxed);
-        if self.opts.replication_log_bytes > 0 {
-            drop(decoded);
+            };
+        // Peers that keep up are served this region's batches from memory.
+        if self.opts.replication_log_bytes > 0 && local.iter().any(|&l| l) {
             let first = w.last_seqno + 1 - payloads.len() as u64;
             let mut tail = self.log_tail.lock();
-            for (i, p) in payloads.into_iter().enumerate() {
-                tail.push(first + i as u64, p);
+            for (i, (p, l)) in payloads.into_iter().zip(local).enumerate() {
+                if l {
+                    tail.push(first + i as u64, p);
+                }
             }
         }
         if mem.approximate_bytes() >= self.opts.memtable_bytes {
             self.notify_work();
         }
-        Ok(receipts)
+        Ok(())
+    }
+
+    /// Publishes logged batches; returns which are local (written in this region).
+    fn publish_logged(&self, w: &mut WriterState, mem: &Memtable, payloads: &[Vec<u8>]) -> Result<Vec<bool>> {
+        let mut decoded = Vec::with_capacity(payloads.len());
+        for p in payloads {
+            match batch::decode_trusted(p) {
+                Ok(b) => decoded.push(b),
+                Err(what) => {
+                    return Err(Error::PreviousError(format!(
+                        "internal: a batch this engine encoded does not decode: {what}"
+                    )))
+                }
+            }
+        }
+        let first = w.last_seqno + 1;
+        let visible_before = self.visible.load(Ordering::Acquire);
+        // Invariants of the log: sequence numbers dense, batch stamps rising.
+        for (i, b) in decoded.iter().enumerate() {
+            debug_assert_eq!(b.seqno, first + i as u64, "sequence numbers must be dense");
+            debug_assert!(b.system_time.0 > visible_before, "a batch's stamp must be above the visible stamp");
+            debug_assert!(i == 0 || decoded[i - 1].system_time < b.system_time, "batch stamps must rise");
+        }
+        let (Some(last), Some(newest)) = (decoded.last().map(|b| b.seqno), decoded.last().map(|b| b.system_time))
+        else {
+            return Ok(Vec::new());
+        };
+        w.last_seqno = last;
+        // The hot tier learns of every version before it is published (see `src/hot.rs`).
+        let announced = self.hot.as_ref().map(|hot| announce(hot, &decoded)).unwrap_or_default();
+        for b in &decoded {
+            insert_batch(mem, b);
+        }
+        mem.set_last_seqno(last);
+        self.visible.fetch_max(newest.0, Ordering::AcqRel);
+        if let Some(hot) = &self.hot {
+            for token in announced {
+                hot.write_end(token);
+            }
+        }
+        let mut local_stamp_max = None;
+        {
+            let mut k = None;
+            for b in &decoded {
+                if b.origin.is_none() {
+                    local_stamp_max = Some(b.system_time);
+                } else {
+                    let k = k.get_or_insert_with(|| self.knowledge.lock());
+                    **k = k.merge(&super::replicate::learned(b));
+                }
+            }
+        }
+        if let Some(s) = local_stamp_max {
+            self.own_stamp_max.fetch_max(s.0, Ordering::AcqRel);
+        }
+        let previous = self.published_seqno.swap(last, Ordering::AcqRel);
+        debug_assert!(previous < first, "the published sequence number must rise");
+        self.counters.write_groups.fetch_add(1, Ordering::Relaxed);
+        Ok(decoded.iter().map(|b| b.origin.is_none()).collect())
     }
 
     /// Switches the memtable if it is full, waiting while too many immutable memtables or L0
