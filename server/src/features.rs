@@ -1,6 +1,6 @@
 //! The feature service's logic, independent of gRPC: online lookups and atomic writes.
 //!
-//! Online statuses (DESIGN.md §2, online = `value_at(as_of, now, ttl)`), in this order:
+//! Online statuses (`storage/READS.md`, online = `value_at(as_of, now, ttl)`), in this order:
 //! `PRESENT` if a value lies within the group's TTL of `as_of`; else `DEFAULTED` if the feature
 //! has a registered default (the default is served); else `STALE` if an older value exists;
 //! else `NOT_FOUND`. All features of one request are read from one engine snapshot, so a batch
@@ -135,7 +135,7 @@ fn push_value(col: &mut pb::FeatureColumn, t: pb::ValueType, v: Option<&Value>) 
 /// The served status, event time and value of one cell (see the module docs for the order).
 /// Status, event time and value of one cell from the winning version of a read *without*
 /// lookback (tombstones included): `value_at` with the feature's TTL as lookback is that
-/// version when it lies within the TTL of `as_of`, and absent otherwise (DESIGN.md §2).
+/// version when it lies within the TTL of `as_of`, and absent otherwise (`storage/READS.md`).
 fn cell_status(
     newest: Option<CellVersion>,
     as_of: EventTime,
@@ -323,9 +323,8 @@ impl PairHistory {
     /// feature slot `d`: the first version in key order at or before `as_of` that was known,
     /// as its event time and encoded cell.
     fn winner(&self, d: usize, as_of: EventTime, known_at: SystemTime) -> Option<(EventTime, &[u8])> {
-        let list = &self.versions[d];
-        let first = list.partition_point(|v| v.0 > as_of);
-        list[first..].iter().find(|v| v.1 <= known_at).map(|(e, _, range)| (*e, &self.cells[range.clone()]))
+        quiver_storage::asof::winner_in_sorted(&self.versions[d], |v| (v.0, v.1), as_of, known_at)
+            .map(|(e, _, range)| (*e, &self.cells[range.clone()]))
     }
 }
 
@@ -536,7 +535,7 @@ impl Features {
         Ok((et, features))
     }
 
-    /// `GetHistoricalFeatures`: the point-in-time join of DESIGN.md §2, one output row per
+    /// `GetHistoricalFeatures`: the point-in-time join of `storage/READS.md`, one output row per
     /// spine row in spine order, from one snapshot. Chunks of [`HISTORICAL_CHUNK_ROWS`] rows go
     /// to `emit`; it returns false to stop early (the client went away).
     pub fn historical(
@@ -607,8 +606,11 @@ impl Features {
                 history.load(&mut cursor, &rows[group[0] as usize].0, lo, hi, &distinct)?;
                 for &r in *group {
                     let t = rows[r as usize].1;
-                    let k =
-                        if req.strict_availability { known_at.min(SystemTime(t.0.max(0) as u64)) } else { known_at };
+                    let k = if req.strict_availability {
+                        quiver_storage::asof::strict_known_at(known_at, t)
+                    } else {
+                        known_at
+                    };
                     rec.clear();
                     for (j, f) in features.iter().enumerate() {
                         let winner = history.winner(slot[j], t, k);

@@ -16,7 +16,7 @@ use crate::features::{Features, ServiceError, ONLINE_INLINE_CELLS_MAX};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 
-/// Maps a service error to a status (DESIGN.md §4).
+/// Maps a service error to a status (the error codes of the README, "The API").
 pub fn status(e: ServiceError) -> Status {
     match e {
         ServiceError::Invalid(m) => Status::invalid_argument(m),

@@ -148,7 +148,7 @@ impl Row {
         if s.len == ABSENT {
             return Some(None);
         }
-        if s.event_time > as_of || s.system_time > known_at {
+        if !crate::asof::answers((s.event_time, s.system_time), as_of, known_at) {
             return None;
         }
         // Cells were encoded by this engine; one that does not decode is not served from here.

@@ -13,6 +13,7 @@
 //! Example: entity `b"u1"`, feature 7, event time 0, system time 1 encodes as
 //! `75 31 00 01 | 00 00 00 07 | 7f ff ff ff ff ff ff ff | ff ff ff ff ff ff ff fe`.
 
+use crate::asof::Visibility;
 use crate::types::{EventTime, FeatureId, SystemTime};
 
 /// Bytes of the time suffix (event time + system time).
@@ -164,17 +165,6 @@ pub fn prefix_of(raw: &[u8]) -> &[u8] {
     &raw[..raw.len() - TIME_SUFFIX_BYTES]
 }
 
-/// What an as-of point read does with the next key of a source, in key order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Visibility {
-    /// Past the pair or below the lookback window: nothing further in this source qualifies.
-    Stop,
-    /// The answer of this source (the first visible key at or after the seek key).
-    Take,
-    /// Written after `known_at`: look at the next key.
-    Skip,
-}
-
 /// One as-of point read of one `(entity, feature)` pair, shared by every source (memtables and
 /// tables) so that they agree on what is visible.
 #[derive(Debug, Clone, Copy)]
@@ -190,15 +180,13 @@ pub struct Probe<'a> {
 }
 
 impl Probe<'_> {
-    /// Judges a key met at or after `seek`, in key order.
+    /// Judges a key met at or after `seek`, in key order: past the pair, stop; else as
+    /// [`crate::asof::judge`] rules.
     pub fn judge(&self, k: &[u8]) -> Visibility {
-        if prefix_of(k) != self.prefix || event_time_of(k) < self.event_time_min {
-            Visibility::Stop
-        } else if system_time_of(k) <= self.known_at {
-            Visibility::Take
-        } else {
-            Visibility::Skip
+        if prefix_of(k) != self.prefix {
+            return Visibility::Stop;
         }
+        crate::asof::judge(event_time_of(k), system_time_of(k), self.event_time_min, self.known_at)
     }
 }
 

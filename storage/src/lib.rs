@@ -2,6 +2,7 @@
 #![deny(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
+pub mod asof;
 pub mod batch;
 pub mod cell;
 pub mod coding;

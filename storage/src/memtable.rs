@@ -68,9 +68,9 @@ impl Memtable {
     pub fn get_best(&self, probe: &key::Probe<'_>) -> Option<(Vec<u8>, Vec<u8>)> {
         for e in self.map.range::<[u8], _>((Bound::Included(probe.seek), Bound::Unbounded)) {
             match probe.judge(e.key()) {
-                key::Visibility::Stop => return None,
-                key::Visibility::Take => return Some((e.key().clone(), e.value().clone())),
-                key::Visibility::Skip => {}
+                crate::asof::Visibility::Stop => return None,
+                crate::asof::Visibility::Take => return Some((e.key().clone(), e.value().clone())),
+                crate::asof::Visibility::Skip => {}
             }
         }
         None

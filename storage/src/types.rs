@@ -1,4 +1,4 @@
-//! The data model of DESIGN.md §1: cells `(entity, feature, event_time)` and their versions.
+//! The data model (README, "Read semantics"; `storage/READS.md`): cells `(entity, feature, event_time)` and their versions.
 
 use crate::limits::{ENTITY_KEY_BYTES_MAX, LIST_ELEMENTS_MAX, VERSION_VECTOR_ENTRIES_MAX};
 use crate::{Error, Result};
@@ -323,7 +323,7 @@ pub struct CellVersion {
     pub version_vector: VersionVector,
 }
 
-/// The parameters of an as-of read (DESIGN.md §2).
+/// The parameters of an as-of read (`storage/READS.md`; the rule is in [`crate::asof`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AsOf {
     /// Latest event time to consider (inclusive).
@@ -338,14 +338,6 @@ impl AsOf {
     /// A read at `as_of` with no `known_at` limit and no lookback bound.
     pub fn at(as_of: EventTime) -> Self {
         AsOf { as_of, known_at: SystemTime::MAX, lookback_us: None }
-    }
-
-    /// The oldest event time inside the lookback window.
-    pub fn event_time_min(&self) -> EventTime {
-        match self.lookback_us {
-            None => EventTime(i64::MIN),
-            Some(l) => EventTime((i128::from(self.as_of.0) - i128::from(l)).max(i128::from(i64::MIN)) as i64),
-        }
     }
 }
 
@@ -372,13 +364,5 @@ mod tests {
         assert!(encode_entity_key(&[KeyPart::Int(-5)]) < encode_entity_key(&[KeyPart::Int(3)]));
         assert!(encode_entity_key(&[KeyPart::Str("ab")]) < encode_entity_key(&[KeyPart::Str("b")]));
         assert!(encode_entity_key(&[KeyPart::Str("a")]) < encode_entity_key(&[KeyPart::Str("a\0")]));
-    }
-
-    #[test]
-    fn lookback_saturates() {
-        let q = AsOf { as_of: EventTime(i64::MIN + 5), known_at: SystemTime::MAX, lookback_us: Some(100) };
-        assert_eq!(q.event_time_min(), EventTime(i64::MIN));
-        let q = AsOf { as_of: EventTime(100), known_at: SystemTime::MAX, lookback_us: Some(40) };
-        assert_eq!(q.event_time_min(), EventTime(60));
     }
 }

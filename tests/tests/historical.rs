@@ -13,7 +13,7 @@ const USERS: usize = 12;
 struct Model(Vec<(usize, i64, i64, i64)>);
 
 impl Model {
-    /// DESIGN.md §2: greatest event time in [t - ttl, t] with system time <= k, then greatest
+    /// `storage/READS.md`: greatest event time in [t - ttl, t] with system time <= k, then greatest
     /// system time.
     fn value_at(&self, user: usize, t: i64, k: i64) -> Option<(i64, i64)> {
         self.0

@@ -182,7 +182,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// `value_at` in this view (`None`: absent).
     pub fn value_at(&self, entity: &[u8], feature: FeatureId, q: AsOf) -> Result<Option<CellVersion>> {
-        Ok(self.version_at(entity, feature, q)?.filter(|v| v.value.is_some()))
+        Ok(crate::asof::present(self.version_at(entity, feature, q)?))
     }
 
     /// The winning version in this view, tombstones included.
@@ -290,10 +290,10 @@ impl Db {
         self.inner.write(batch, expect, durability)
     }
 
-    /// The value of `(entity, feature)` as DESIGN.md §2 defines `value_at`: `None` if absent
-    /// (no version in the window, or a tombstone wins).
+    /// The value of `(entity, feature)` as `storage/READS.md` defines `value_at`
+    /// ([`crate::asof`]): `None` if absent (no version in the window, or a tombstone wins).
     pub fn value_at(&self, entity: &[u8], feature: FeatureId, q: AsOf) -> Result<Option<CellVersion>> {
-        Ok(self.version_at(entity, feature, q)?.filter(|v| v.value.is_some()))
+        Ok(crate::asof::present(self.version_at(entity, feature, q)?))
     }
 
     /// The winning version of `value_at`, tombstones included.
@@ -310,13 +310,8 @@ impl Db {
         features: &[FeatureId],
         q: AsOf,
     ) -> Result<Vec<Option<CellVersion>>> {
-        let mut out = self.inner.multi_get(entities, features, q)?;
-        for v in &mut out {
-            if v.as_ref().is_some_and(|v| v.value.is_none()) {
-                *v = None;
-            }
-        }
-        Ok(out)
+        let out = self.inner.multi_get(entities, features, q)?;
+        Ok(out.into_iter().map(crate::asof::present).collect())
     }
 
     /// Like [`Db::multi_get`], but returns the winning version itself, tombstones included

@@ -4,6 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{Inner, ReadView};
+use crate::asof;
 use crate::cell;
 use crate::hot::NewState;
 use crate::iter::{MemCursor, MergingIter, Source};
@@ -76,11 +77,16 @@ impl EntityProbes {
     }
 }
 
-/// Keeps the better of two candidates: the smaller key within one prefix is the greater
-/// (event time, system time). On a tie the earlier (newer) source is kept.
+/// The times of a key, as [`asof::newer`] compares them.
+fn times(k: &[u8]) -> (EventTime, SystemTime) {
+    (key::event_time_of(k), key::system_time_of(k))
+}
+
+/// Keeps the better of two candidates of one pair ([`asof::newer`]; on a tie the earlier,
+/// newer source is kept).
 fn consider(best: &mut Found, cand: Found) {
     if let Some(c) = cand {
-        if best.as_ref().is_none_or(|b| c.0 < b.0) {
+        if asof::newer(times(&c.0), best.as_ref().map(|b| times(&b.0))) {
             *best = Some(c);
         }
     }
@@ -112,7 +118,7 @@ impl Inner {
         crate::types::check_entity_key(entity)?;
         if let Some(hot) = &self.hot {
             if let Some(v) = hot.lookup(entity, feature, q.as_of, known_at) {
-                return Ok(v.filter(|v| v.event_time >= q.event_time_min()));
+                return Ok(asof::in_window(v, &q));
             }
         }
         self.get_in_view(view, &key::prefix(entity, feature), q, known_at, None)
@@ -143,7 +149,7 @@ impl Inner {
         // Tickets first, then the view (see `src/hot.rs`).
         let tickets: Vec<_> = fill.map(|hot| entities.iter().map(|e| hot.ticket(e)).collect()).unwrap_or_default();
         let (view, known_at) = self.read_view(q.known_at);
-        let in_window = |v: Option<CellVersion>| v.filter(|v| v.event_time >= q.event_time_min());
+        let in_window = |v: Option<CellVersion>| asof::in_window(v, &q);
         let newest_q = AsOf { as_of: EventTime(i64::MAX), known_at: SystemTime::MAX, lookback_us: None };
 
         // Pass 1: the hot tier. `None` marks a pair it does not cover.
@@ -233,7 +239,7 @@ impl Inner {
         }
         for t in self.tables_for(view, &probes) {
             t.table.get_best_many(&probes, pre, |i, k, v| {
-                if best[i].as_ref().is_none_or(|b| k < b.0.as_slice()) {
+                if asof::newer(times(k), best[i].as_ref().map(|b| times(&b.0))) {
                     best[i] = Some((k.to_vec(), v.to_vec()));
                 }
             })?;

@@ -291,9 +291,9 @@ impl Table {
             }
             while it.valid() {
                 match probe.judge(it.key()) {
-                    key::Visibility::Stop => return Ok(None),
-                    key::Visibility::Take => return Ok(Some((it.key().to_vec(), it.value().to_vec()))),
-                    key::Visibility::Skip => it.next(),
+                    crate::asof::Visibility::Stop => return Ok(None),
+                    crate::asof::Visibility::Take => return Ok(Some((it.key().to_vec(), it.value().to_vec()))),
+                    crate::asof::Visibility::Skip => it.next(),
                 }
             }
             bi += 1;
@@ -348,12 +348,12 @@ impl Table {
                     continue;
                 }
                 match probe.judge(it.key()) {
-                    key::Visibility::Stop => break,
-                    key::Visibility::Take => {
+                    crate::asof::Visibility::Stop => break,
+                    crate::asof::Visibility::Take => {
                         found(i, it.key(), it.value());
                         break;
                     }
-                    key::Visibility::Skip => it.next(),
+                    crate::asof::Visibility::Skip => it.next(),
                 }
             }
             cur = Some((bi, it));

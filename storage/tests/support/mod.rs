@@ -1,4 +1,4 @@
-//! Test support: the reference model of DESIGN.md §2 over a plain list of versions.
+//! Test support: the reference model of `storage/READS.md` over a plain list of versions.
 #![allow(dead_code)]
 
 use quiver_storage::{AsOf, CellVersion, EventTime, FeatureId, ScanItem, ScanRange, SystemTime, Value};
@@ -40,7 +40,7 @@ impl Model {
         }
     }
 
-    /// `value_at` exactly as DESIGN.md §2 writes it, tombstones included in the result.
+    /// `value_at` exactly as `storage/READS.md` writes it, tombstones included in the result.
     pub fn version_at(&self, entity: &[u8], feature: FeatureId, q: AsOf) -> Option<&Row> {
         let lo = q.lookback_us.map(|l| i128::from(q.as_of.0) - i128::from(l));
         self.rows
