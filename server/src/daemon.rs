@@ -25,6 +25,20 @@ pub const MESSAGE_BYTES_MAX: usize = 256 << 20;
 /// clock skew decides which concurrent write wins, never whether regions converge.
 pub const CLOCK_SKEW_ENV: &str = "QUIVER_TEST_CLOCK_SKEW_MS";
 
+/// The test-only switches a `quiverd` reads from its environment.
+pub const TEST_SWITCHES: [&str; 2] = [CLOCK_SKEW_ENV, crate::replication::CHAOS_ENV];
+
+/// The value of the test-only switch `name`. Builds without the `testing` cargo feature (every
+/// release build) have no test switches: one set in the environment is refused, so a test
+/// never runs believing it injects faults it does not.
+pub fn test_switch(name: &str) -> Result<Option<String>, String> {
+    let value = std::env::var(name).ok();
+    if cfg!(feature = "testing") || value.is_none() {
+        return Ok(value);
+    }
+    Err(format!("{name} is set, but this quiverd was built without the `testing` feature (test-only switches)"))
+}
+
 /// The system clock moved by a fixed offset.
 #[derive(Debug)]
 struct SkewedClock(i64);
@@ -54,6 +68,10 @@ pub struct ServeConfig {
     pub replication_log_bytes: u64,
 }
 
+/// How long a stopping daemon waits for the last holders of the engine (streams to peers
+/// ending) before it closes the engine through its drop.
+pub const SHUTDOWN_ENGINE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Opens the engine in `cfg.data_dir` and serves the API on `listener` until `shutdown`
 /// completes; then finishes in-flight requests and closes the engine (syncing the WAL).
 /// `ready` is called with the bound address once the engine is open.
@@ -78,7 +96,10 @@ pub async fn serve(
         replicated_prefixes: vec![crate::registry::PREFIX.to_vec()],
         ..Options::default()
     };
-    let skew_ms = std::env::var(CLOCK_SKEW_ENV).ok().and_then(|s| s.parse::<i64>().ok());
+    for name in TEST_SWITCHES {
+        test_switch(name)?;
+    }
+    let skew_ms = test_switch(CLOCK_SKEW_ENV)?.and_then(|s| s.parse::<i64>().ok());
     let opts = match skew_ms {
         Some(ms) => {
             tracing::warn!(skew_ms = ms, "test clock skew is on");
@@ -161,17 +182,19 @@ pub async fn serve(
         let _ = p.await;
     }
     drop(replicator);
-    // Streams to peers end within a poll once the server is gone; wait for them to let go of
-    // the engine so it closes cleanly.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while Arc::strong_count(&db) > 1 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    // The metrics endpoint holds the engine (and the replicator): stop it first, so that the
+    // wait below only waits for what may really still run.
     let _ = metrics_stop.send(());
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
     drop(metrics);
+    // Streams to peers end within a poll once the server is gone; wait for them to let go of
+    // the engine so it closes cleanly (at most SHUTDOWN_ENGINE_WAIT).
+    let deadline = std::time::Instant::now() + SHUTDOWN_ENGINE_WAIT;
+    while Arc::strong_count(&db) > 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     // Requests are finished; close the engine (stops background work, syncs the WAL).
     match Arc::try_unwrap(db) {
         Ok(db) => db.close().map_err(|e| format!("closing: {e}"))?,

@@ -38,7 +38,7 @@ pub const WRITE_VALUES_MAX: usize = quiver_storage::limits::BATCH_OPS_MAX - 1;
 /// Longest idempotency key.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
 
-const IDEMPOTENCY_PREFIX: &[u8] = b"\x00idem\x00";
+const IDEMPOTENCY_PREFIX: &[u8] = quiver_storage::reserved::IDEMPOTENCY;
 
 /// Why a request failed, by the gRPC code it maps to.
 #[derive(Debug, thiserror::Error)]

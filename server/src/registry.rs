@@ -41,13 +41,13 @@ pub const OBJECTS_PER_APPLY_MAX: usize = 1_000;
 pub const TEXT_BYTES_MAX: usize = 4096;
 
 /// The reserved entity prefix of every registry object: cells under it replicate with the data.
-pub const PREFIX: &[u8] = b"\x00reg\x00";
+pub const PREFIX: &[u8] = quiver_storage::reserved::REGISTRY;
 
 /// In a cluster, region `r` allocates feature ids `i` with `i % FEATURE_ID_STRIDE == r`
 /// (region ids are below it).
 pub const FEATURE_ID_STRIDE: u32 = 64;
-const ENTITY_TYPE_PREFIX: &[u8] = b"\x00reg\x00et\x00";
-const GROUP_PREFIX: &[u8] = b"\x00reg\x00fg\x00";
+const ENTITY_TYPE_PREFIX: &[u8] = quiver_storage::reserved::REGISTRY_ENTITY_TYPES;
+const GROUP_PREFIX: &[u8] = quiver_storage::reserved::REGISTRY_GROUPS;
 
 /// How a group version is stored: its definition and the engine feature id of each feature.
 #[derive(Clone, PartialEq, prost::Message)]

@@ -71,7 +71,10 @@ impl Hlc {
         loop {
             let next = now.max(last.saturating_add(1));
             match self.last.compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return next,
+                Ok(_) => {
+                    debug_assert!(next > last || last == u64::MAX, "stamps strictly increase");
+                    return next;
+                }
                 Err(l) => last = l,
             }
         }

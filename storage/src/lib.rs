@@ -27,6 +27,7 @@ pub mod manifest;
 pub mod memtable;
 pub mod options;
 pub mod replication;
+pub mod reserved;
 pub mod version;
 
 pub use batch::WriteBatch;

@@ -20,9 +20,8 @@ use crate::{Error, Result};
 
 /// The reserved entity under which a node keeps, per origin region (the feature id), how far
 /// it has applied that region's log: an `Int64` of the origin's sequence number, whose vector
-/// is what those batches taught it (`REPLICATION.md` §2). Entity keys starting with a zero
-/// byte are reserved (user keys are encoded with a type tag first).
-pub const REPLICATION_ENTITY: &[u8] = b"\x00repl\x00cursor";
+/// is what those batches taught it (`REPLICATION.md` §2). See [`crate::reserved`].
+pub const REPLICATION_ENTITY: &[u8] = crate::reserved::REPLICATION_CURSOR;
 
 /// How far ahead of this node's wall clock a shipped batch's stamp may be (one day): a
 /// stamp beyond it is refused rather than dragging this node's clock along.
@@ -142,6 +141,8 @@ impl LogTail {
     /// Adds the local batch `seqno` (pushed in increasing order), dropping the oldest past
     /// the bound.
     pub(super) fn push(&mut self, seqno: u64, payload: Vec<u8>) {
+        debug_assert!(self.batches.back().is_none_or(|b| b.0 < seqno), "the log tail only grows forward");
+        debug_assert!(seqno >= self.covers_from, "the log tail covers every batch from covers_from");
         self.bytes += payload.len();
         self.batches.push_back((seqno, payload));
         while self.bytes > self.bytes_max {
@@ -179,8 +180,8 @@ impl Iterator for SnapshotReader {
                 Ok(i) => i,
                 Err(e) => return Some(Err(e)),
             };
-            let local_reserved =
-                item.entity.first() == Some(&0) && !self.replicated_prefixes.iter().any(|p| item.entity.starts_with(p));
+            let local_reserved = crate::reserved::is_reserved(&item.entity)
+                && !self.replicated_prefixes.iter().any(|p| item.entity.starts_with(p));
             if local_reserved {
                 continue;
             }
@@ -436,7 +437,7 @@ impl Inner {
     /// Whether `entity` replicates: user entities, and reserved ones under
     /// `Options::replicated_prefixes`.
     pub(super) fn replicates(&self, entity: &[u8]) -> bool {
-        entity.first() != Some(&0) || self.opts.replicated_prefixes.iter().any(|p| entity.starts_with(p))
+        !crate::reserved::is_reserved(entity) || self.opts.replicated_prefixes.iter().any(|p| entity.starts_with(p))
     }
 
     /// Checks one shipped version: its entity, its cell, its stamp.
@@ -698,6 +699,7 @@ impl Inner {
             // The cursor, with what this origin's batches taught, in the same record.
             let origin_seqno = match new_cursor {
                 Some(s) => {
+                    debug_assert!(s >= cursor, "a replication cursor never lowers ({cursor} -> {s})");
                     let taught = taught.merge(&batch_vector);
                     let mut cursor_cell = Vec::new();
                     cell::encode(Some(&Value::Int64(s as i64)), &taught, &mut cursor_cell);

@@ -1,0 +1,56 @@
+//! The reserved keyspace, every prefix of it named here.
+//!
+//! Entity keys that start with a zero byte are reserved: user keys are encoded with a type tag
+//! first ([`crate::encode_entity_key`]), never zero, so no user key can reach this space. The
+//! engine and the service keep their own records there, in the engine itself (durable,
+//! versioned, and — for the prefixes a node lists in `Options::replicated_prefixes` —
+//! replicated like data):
+//!
+//! | prefix | holds | replicated |
+//! | --- | --- | --- |
+//! | [`REGISTRY`] | the feature registry: [`REGISTRY_ENTITY_TYPES`], [`REGISTRY_GROUPS`] | yes (quiverd lists it) |
+//! | [`IDEMPOTENCY`] | the stored answer of each idempotent write, by key | no: a retry goes to the node that took the write |
+//! | [`REPLICATION_CURSOR`] | per origin region, how far this node applied its log | no: each node's own progress |
+
+/// The first byte of every reserved entity key.
+pub const RESERVED_BYTE: u8 = 0;
+
+/// The feature registry (the service's entity types and feature groups).
+pub const REGISTRY: &[u8] = b"\x00reg\x00";
+/// Registry entity types, by name.
+pub const REGISTRY_ENTITY_TYPES: &[u8] = b"\x00reg\x00et\x00";
+/// Registry feature groups, by name.
+pub const REGISTRY_GROUPS: &[u8] = b"\x00reg\x00fg\x00";
+/// Idempotency records, by idempotency key.
+pub const IDEMPOTENCY: &[u8] = b"\x00idem\x00";
+/// The one entity holding this node's replication cursors (feature = origin region).
+pub const REPLICATION_CURSOR: &[u8] = b"\x00repl\x00cursor";
+
+/// Every top-level reserved prefix.
+pub const ALL: [&[u8]; 3] = [REGISTRY, IDEMPOTENCY, REPLICATION_CURSOR];
+
+/// True for an entity key in the reserved space.
+pub fn is_reserved(entity: &[u8]) -> bool {
+    entity.first() == Some(&RESERVED_BYTE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_reserved_disjoint_and_never_a_user_key() {
+        for (i, a) in ALL.iter().enumerate() {
+            assert!(is_reserved(a));
+            for b in &ALL[i + 1..] {
+                assert!(!a.starts_with(b) && !b.starts_with(a), "{a:?} and {b:?} overlap");
+            }
+        }
+        for sub in [REGISTRY_ENTITY_TYPES, REGISTRY_GROUPS] {
+            assert!(sub.starts_with(REGISTRY));
+        }
+        let user = crate::encode_entity_key(&[crate::KeyPart::Str("")]);
+        assert!(!is_reserved(&user));
+        assert!(!is_reserved(&crate::encode_entity_key(&[crate::KeyPart::Int(0)])));
+    }
+}
