@@ -9,7 +9,8 @@ use quiver_proto::v1 as pb;
 use quiver_server::daemon::{serve, ServeConfig};
 use tonic::transport::Channel;
 
-use crate::{cell_text, grpc, now_us, registry_file, Result};
+use crate::common::{cell_text, grpc, now_us, Result};
+use crate::registry_file;
 
 const HOUR_US: i64 = 3_600_000_000;
 /// Rows per write request while loading.

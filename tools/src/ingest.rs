@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_proto::v1 as pb;
 
+use crate::common::{channel, fetch_group, grpc, Result};
 use crate::tabular::{self, Cell, Location};
-use crate::{channel, fetch_group, grpc, Result};
 
 /// Most rows one batch may hold (the server's write limit).
 const BATCH_ROWS_MAX: usize = 10_000;

@@ -26,8 +26,8 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use quiver_proto::v1 as pb;
 
+use crate::common::{channel, fetch_group, grpc, Result};
 use crate::tabular;
-use crate::{channel, fetch_group, grpc, Result};
 
 /// Spine rows per `GetHistoricalFeatures` request (the server takes up to 10,000,000; smaller
 /// requests keep each message and each answer's memory modest).
@@ -172,7 +172,33 @@ fn key_arrays(rows: &[pb::SpineRow], et: &pb::EntityType) -> Vec<ArrayRef> {
     out
 }
 
-pub async fn run(addr: &str, args: JoinArgs) -> Result<JoinSummary> {
+/// `quiver join`: runs the join and prints what it did (one JSON line with `json`).
+pub async fn run(addr: &str, json: bool, args: JoinArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let output = args.output.clone();
+    let s = join(addr, args).await?;
+    let secs = started.elapsed().as_secs_f64();
+    if json {
+        let filled: serde_json::Map<String, serde_json::Value> =
+            s.filled.iter().map(|(n, c)| (n.clone(), (*c).into())).collect();
+        let line = serde_json::json!({
+            "rows": s.rows, "output": output.display().to_string(), "filled": filled, "seconds": secs,
+        });
+        println!("{line}");
+    } else {
+        let filled: Vec<String> = s.filled.iter().map(|(n, c)| format!("{n} {c}")).collect();
+        println!(
+            "joined {} spine rows in {secs:.2} s -> {} (rows with a value: {})",
+            s.rows,
+            output.display(),
+            filled.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Joins the spine with the features and writes the Parquet output.
+pub async fn join(addr: &str, args: JoinArgs) -> Result<JoinSummary> {
     let first = args.features.first().ok_or("give at least one --feature group:feature")?;
     let group = first.split_once(':').map(|(g, _)| g).ok_or_else(|| format!("bad feature reference {first:?}"))?;
     let ch = channel(addr).await?;

@@ -1,5 +1,5 @@
-//! Offline inspection through the storage crate's public readers: `quiver sst dump`,
-//! `quiver wal dump`. They read files only; nothing is changed.
+//! Offline inspection through the storage crate's public readers: `quiver verify`,
+//! `quiver sst dump`, `quiver wal dump`. They read files only; nothing is changed.
 
 use std::path::Path;
 
@@ -8,7 +8,7 @@ use quiver_storage::key::KeyRef;
 use quiver_storage::sstable::Table;
 use quiver_storage::{batch, cell, record, sstable, wal};
 
-use crate::Result;
+use crate::common::Result;
 
 fn file_number(path: &Path, parse: fn(&str) -> Option<u64>, kind: &str) -> Result<u64> {
     path.file_name()
@@ -87,6 +87,34 @@ pub fn wal_dump(path: &Path, limit: usize) -> Result<()> {
             "torn tail at offset {} ({} bytes recovery would truncate)",
             recs.valid_len,
             bytes.len() as u64 - recs.valid_len
+        );
+    }
+    Ok(())
+}
+
+/// Checks every file of a stopped engine's data directory (or a checkpoint) and prints what it
+/// holds.
+pub fn verify(dir: &Path, json: bool) -> Result<()> {
+    let r = quiver_storage::verify_dir(&RealFs, dir).map_err(|e| e.to_string())?;
+    if json {
+        println!(
+            "{{\"tables\":{},\"table_entries\":{},\"wal_segments\":{},\"wal_batches\":{},\"torn_tail\":{}}}",
+            r.tables,
+            r.table_entries,
+            r.wal_segments,
+            r.wal_batches,
+            r.torn_tail.is_some()
+        );
+    } else {
+        println!(
+            "ok: {} tables ({} entries), {} WAL segments ({} batches to replay){}",
+            r.tables,
+            r.table_entries,
+            r.wal_segments,
+            r.wal_batches,
+            r.torn_tail
+                .map(|(p, o)| format!("; torn tail in {} at {o} (recovery truncates it)", p.display()))
+                .unwrap_or_default()
         );
     }
     Ok(())

@@ -31,7 +31,7 @@ use arrow_schema::{DataType, TimeUnit};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use quiver_proto::v1 as pb;
 
-use crate::{parse_value, Result};
+use crate::common::{parse_value, Result};
 
 /// Rows per Parquet record batch read at once.
 const PARQUET_BATCH_ROWS: usize = 8192;
