@@ -22,6 +22,7 @@ pub mod compaction;
 pub mod db;
 pub mod hlc;
 mod hot;
+pub mod inspect;
 pub mod iter;
 pub mod manifest;
 pub mod memtable;
