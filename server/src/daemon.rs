@@ -25,8 +25,13 @@ pub const MESSAGE_BYTES_MAX: usize = 256 << 20;
 /// clock skew decides which concurrent write wins, never whether regions converge.
 pub const CLOCK_SKEW_ENV: &str = "QUIVER_TEST_CLOCK_SKEW_MS";
 
+/// Test-only: the node's clock starts at this time (microseconds since the epoch) and moves
+/// only when `AdminService.SetTestClock` sets it, so end-to-end tests give writes exact system
+/// times.
+pub const MANUAL_CLOCK_ENV: &str = "QUIVER_TEST_MANUAL_CLOCK_US";
+
 /// The test-only switches a `quiverd` reads from its environment.
-pub const TEST_SWITCHES: [&str; 2] = [CLOCK_SKEW_ENV, crate::replication::CHAOS_ENV];
+pub const TEST_SWITCHES: [&str; 3] = [CLOCK_SKEW_ENV, MANUAL_CLOCK_ENV, crate::replication::CHAOS_ENV];
 
 /// The value of the test-only switch `name`. Builds without the `testing` cargo feature (every
 /// release build) have no test switches: one set in the environment is refused, so a test
@@ -100,12 +105,23 @@ pub async fn serve(
         test_switch(name)?;
     }
     let skew_ms = test_switch(CLOCK_SKEW_ENV)?.and_then(|s| s.parse::<i64>().ok());
-    let opts = match skew_ms {
-        Some(ms) => {
+    let manual = match test_switch(MANUAL_CLOCK_ENV)? {
+        Some(s) => Some(quiver_storage::ManualClock::new(
+            s.parse::<u64>().map_err(|e| format!("{MANUAL_CLOCK_ENV}={s:?}: {e}"))?,
+        )),
+        None => None,
+    };
+    let opts = match (skew_ms, &manual) {
+        (Some(_), Some(_)) => return Err(format!("{CLOCK_SKEW_ENV} and {MANUAL_CLOCK_ENV} exclude each other")),
+        (Some(ms), None) => {
             tracing::warn!(skew_ms = ms, "test clock skew is on");
             Options { clock: Arc::new(SkewedClock(ms.saturating_mul(1000))), ..opts }
         }
-        None => opts,
+        (None, Some(clock)) => {
+            tracing::warn!("the manual test clock is on: system times move only when SetTestClock sets them");
+            Options { clock: Arc::new(clock.clone()), ..opts }
+        }
+        (None, None) => opts,
     };
     cfg.cluster.check()?;
     let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
@@ -148,12 +164,9 @@ pub async fn serve(
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
     let registry_svc =
         pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry.clone(), metrics.clone()));
-    let admin_svc = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(
-        db.clone(),
-        registry,
-        metrics.clone(),
-        replicator.clone(),
-    ));
+    let admin_svc = pb::admin_service_server::AdminServiceServer::new(
+        AdminApi::new(db.clone(), registry, metrics.clone(), replicator.clone()).with_test_clock(manual),
+    );
     let replication_svc = crate::replication::service(replicator.clone());
     // Small responses must not wait for the peer's delayed ACK (Nagle): 40 ms per request.
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {

@@ -304,9 +304,17 @@ pub struct AdminApi {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     replicator: Arc<crate::replication::Replicator>,
+    test_clock: Option<quiver_storage::ManualClock>,
 }
 
 impl AdminApi {
+    /// The same endpoints with `SetTestClock` moving `clock` (the engine's clock); without one
+    /// it answers `FAILED_PRECONDITION`.
+    pub fn with_test_clock(mut self, clock: Option<quiver_storage::ManualClock>) -> Self {
+        self.test_clock = clock;
+        self
+    }
+
     /// The endpoints over `db`; entity keys in requests are checked against `registry`.
     pub fn new(
         db: Arc<Db>,
@@ -314,7 +322,7 @@ impl AdminApi {
         metrics: Arc<Metrics>,
         replicator: Arc<crate::replication::Replicator>,
     ) -> Self {
-        AdminApi { db, registry, metrics, replicator }
+        AdminApi { db, registry, metrics, replicator, test_clock: None }
     }
 
     /// The encoded `[start, end)` of a compaction range, checked against its entity type.
@@ -474,6 +482,29 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .timed("ResumeReplication", async move {
                 let peer = self.replicator.resume(req.into_inner().region)?;
                 Ok(Response::new(pb::PeerResponse { peer: Some(peer) }))
+            })
+            .await
+    }
+
+    async fn set_test_clock(
+        &self,
+        req: Request<pb::SetTestClockRequest>,
+    ) -> Result<Response<pb::SetTestClockResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("SetTestClock", async move {
+                let Some(clock) = &self.test_clock else {
+                    return Err(Status::failed_precondition(
+                        "this node does not run the test clock (QUIVER_TEST_MANUAL_CLOCK_US, testing builds only)",
+                    ));
+                };
+                let now = req.into_inner().now.ok_or_else(|| Status::invalid_argument("now is required"))?;
+                let us = convert::system_time(&now, "now").map_err(|e| Status::invalid_argument(e.0))?;
+                clock.set(us.0);
+                let high_water = self.db.stats().system_time_high_water;
+                Ok(Response::new(pb::SetTestClockResponse {
+                    high_water: Some(convert::timestamp(high_water.min(i64::MAX as u64) as i64)),
+                }))
             })
             .await
     }
