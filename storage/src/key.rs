@@ -97,11 +97,6 @@ impl<'a> KeyRef<'a> {
         None
     }
 
-    /// The raw bytes.
-    pub fn raw(&self) -> &'a [u8] {
-        self.raw
-    }
-
     /// The `(entity, feature)` prefix.
     pub fn prefix(&self) -> &'a [u8] {
         &self.raw[..self.raw.len() - TIME_SUFFIX_BYTES]

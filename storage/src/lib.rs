@@ -1,35 +1,43 @@
 //! Quiver's storage engine: an LSM tree of bitemporal feature cells.
+//!
+//! The public surface: [`Db`] (open, write, `write_if`, reads, scans, replication, operator
+//! calls) with its options and results; the data model ([`types`]); the read contract
+//! ([`asof`], `storage/READS.md`); encoded cells ([`cell`]); the reserved keyspace
+//! ([`reserved`]); the conflict rule of replication ([`replication`]); offline inspection of
+//! files ([`inspect`]); limits ([`limits`]); and, for tests and tools that need them, the file
+//! system seam ([`fs`]) and table reading ([`sstable`]). Everything else (WAL, batches,
+//! records, keys, manifest, memtables, compaction) is internal.
 #![deny(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
 pub mod asof;
-pub mod batch;
+pub(crate) mod batch;
 pub mod cell;
-pub mod coding;
-pub mod error;
+pub(crate) mod coding;
+pub(crate) mod error;
 pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod key;
+pub(crate) mod key;
 pub mod limits;
-pub mod record;
+pub(crate) mod record;
 pub mod sstable;
 pub mod types;
-pub mod wal;
+pub(crate) mod wal;
 
 pub use error::{Error, Result};
-pub mod compaction;
-pub mod db;
-pub mod hlc;
+pub(crate) mod compaction;
+pub(crate) mod db;
+pub(crate) mod hlc;
 mod hot;
 pub mod inspect;
-pub mod iter;
-pub mod manifest;
-pub mod memtable;
-pub mod options;
+pub(crate) mod iter;
+pub(crate) mod manifest;
+pub(crate) mod memtable;
+pub(crate) mod options;
 pub mod replication;
 pub mod reserved;
-pub mod version;
+pub(crate) mod version;
 
 pub use batch::WriteBatch;
 pub use db::{

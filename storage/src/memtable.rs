@@ -54,11 +54,6 @@ impl Memtable {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// Number of entries.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
     /// True if empty.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
