@@ -27,20 +27,5 @@ pub fn load(db: &Db, entities: u64, versions: i64) -> quiver_storage::Result<()>
     Ok(())
 }
 
-/// A small deterministic generator (xorshift64*), so runs are repeatable.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed | 1)
-    }
-    /// The next number below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
-    }
-}
+/// The small deterministic generator the benchmarks draw keys with, so runs are repeatable.
+pub use quiver_testkit::Rng;

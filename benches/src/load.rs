@@ -84,8 +84,7 @@ pub fn entity_key(i: u64) -> pb::EntityKey {
 /// One write row: every feature of entity `i` at its event `j`, into `group`.
 pub fn write_row(group: &str, i: u64, j: u64, features: u32) -> pb::WriteRow {
     let us = event_time_us(i, j);
-    let t =
-        prost_types::Timestamp { seconds: us.div_euclid(1_000_000), nanos: (us.rem_euclid(1_000_000) * 1000) as i32 };
+    let t = quiver_testkit::micros_to_timestamp(us);
     pb::WriteRow {
         entity: Some(entity_key(i)),
         group: group.into(),

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use quiver_proto::v1 as pb;
+use quiver_testkit::{micros_to_timestamp as ts, timestamp_to_micros, value_at, Version};
 use tonic::transport::Channel;
 
 use crate::history::{Cell, Seen, Vector};
@@ -46,12 +47,9 @@ fn key(entity: u32) -> pb::EntityKey {
     pb::EntityKey { parts: vec![pb::KeyPart { kind: Some(pb::key_part::Kind::Int64Value(i64::from(entity))) }] }
 }
 
-fn ts(us: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: us.div_euclid(1_000_000), nanos: (us.rem_euclid(1_000_000) * 1000) as i32 }
-}
-
-fn us(t: &prost_types::Timestamp) -> i64 {
-    t.seconds * 1_000_000 + i64::from(t.nanos) / 1000
+/// Microseconds of a timestamp the server returned (0 when missing or out of range).
+fn us(t: &Option<prost_types::Timestamp>) -> i64 {
+    t.as_ref().and_then(timestamp_to_micros).unwrap_or(0)
 }
 
 fn slot_time(slot: u32) -> i64 {
@@ -142,7 +140,7 @@ impl Node {
             idempotency_key: String::new(),
         };
         let r = self.features.write_features(req).await?.into_inner();
-        let stamp = r.system_time.as_ref().map(us).unwrap_or(0) as u64;
+        let stamp = us(&r.system_time) as u64;
         let vector = Some(vector(&r.version)).filter(|v| !v.is_empty());
         Ok(Written { stamp, vector })
     }
@@ -180,13 +178,13 @@ impl Node {
         let mut out: BTreeMap<u32, Vec<Seen>> = BTreeMap::new();
         while let Some(chunk) = stream.message().await? {
             for v in chunk.versions {
-                let t = v.event_time.as_ref().map(us).unwrap_or(0);
+                let t = us(&v.event_time);
                 let slot = ((SLOT0_US - t) / 1000) as u32;
                 let value = v.value.as_ref().and_then(|x| match x.kind {
                     Some(pb::value::Kind::Int64Value(i)) => Some(i),
                     _ => None,
                 });
-                let stamp = v.system_time.as_ref().map(us).unwrap_or(0) as u64;
+                let stamp = us(&v.system_time) as u64;
                 out.entry(slot).or_default().push(Seen { value, stamp, vector: vector(&v.version) });
             }
         }
@@ -196,7 +194,8 @@ impl Node {
         Ok(out)
     }
 
-    /// The winner of one cell (its newest version), if any.
+    /// The winner of one cell (`value_at` at the cell's event time with no lookback: its
+    /// newest version), if any.
     pub async fn read(&mut self, cell: Cell) -> Result<Option<Seen>, tonic::Status> {
         let req = pb::ScanHistoryRequest {
             entity_type: "item".into(),
@@ -208,20 +207,21 @@ impl Node {
             ..Default::default()
         };
         let mut stream = self.features.scan_history(req).await?.into_inner();
-        let mut best: Option<Seen> = None;
+        // Every version as the model holds it; a tombstone is a `Seen` without a value.
+        let mut versions: Vec<Version<Seen>> = Vec::new();
         while let Some(chunk) = stream.message().await? {
             for v in chunk.versions {
                 let value = v.value.as_ref().and_then(|x| match x.kind {
                     Some(pb::value::Kind::Int64Value(i)) => Some(i),
                     _ => None,
                 });
-                let stamp = v.system_time.as_ref().map(us).unwrap_or(0) as u64;
-                if best.as_ref().is_none_or(|b| stamp > b.stamp) {
-                    best = Some(Seen { value, stamp, vector: vector(&v.version) });
-                }
+                let stamp = us(&v.system_time) as u64;
+                let seen = Seen { value, stamp, vector: vector(&v.version) };
+                versions.push(Version { event_time: us(&v.event_time), system_time: stamp, value: Some(seen) });
             }
         }
-        Ok(best)
+        let t = slot_time(cell.slot);
+        Ok(value_at(&versions, t, u64::MAX, Some(0)).and_then(|w| w.value.clone()))
     }
 
     /// The node's replication status.

@@ -2,35 +2,15 @@
 //! link goes through its own [`Link`] proxy. Clients talk to their region's node directly.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+
+use quiver_testkit::quiverd;
 
 use crate::netns::Netns;
 use crate::proxy::Link;
-
-/// The `quiverd` binary of this build (`QUIVERD` overrides it).
-pub fn quiverd_path() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("QUIVERD") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    // target/<profile>/deps/<test> or target/<profile>/<bin>
-    for dir in exe.ancestors().skip(1).take(2) {
-        let p = dir.join("quiverd");
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    Err("quiverd not found next to this binary: build it with `cargo build -p quiver-server`".into())
-}
-
-fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
-}
 
 /// How the cluster is set up.
 #[derive(Debug, Clone)]
@@ -85,14 +65,14 @@ impl Cluster {
     /// Starts every node under `dir` and waits until each listens; in network namespaces
     /// when `netns` (see [`crate::netns::available`]), else on loopback behind proxies.
     pub async fn start(spec: ClusterSpec, dir: &Path, netns: bool) -> Result<Cluster, String> {
-        let quiverd = quiverd_path()?;
+        let quiverd = quiverd::path()?;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let ns = if netns { Some(Netns::create(spec.regions)?) } else { None };
         let mut nodes = Vec::new();
         for region in 1..=spec.regions {
             let addr: SocketAddr = match &ns {
                 Some(n) => SocketAddr::new(n.ip(region), NETNS_PORT),
-                None => format!("127.0.0.1:{}", free_port()?).parse().map_err(|e| format!("{e}"))?,
+                None => format!("127.0.0.1:{}", quiverd::free_port()?).parse().map_err(|e| format!("{e}"))?,
             };
             nodes.push(Node {
                 region,
@@ -223,7 +203,6 @@ impl Cluster {
             .args(["--region", &region.to_string(), "--replication-log-mb", &log_mb.to_string()])
             .args(["--durability", "sync"])
             .env("RUST_LOG", "warn,quiver_server::replication=info")
-            .stdout(Stdio::piped())
             .stderr(log);
         for p in &peers {
             cmd.args(["--peer", p]);
@@ -234,14 +213,8 @@ impl Cluster {
         if let Some(seed) = chaos {
             cmd.env("QUIVER_TEST_REPLICATION_CHAOS", seed.to_string());
         }
-        let mut child = cmd.spawn().map_err(|e| format!("starting quiverd: {e}"))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
-        if !line.starts_with("quiverd listening on") {
-            let _ = child.kill();
-            return Err(format!("region {region}: quiverd did not start: {line:?} (see {})", node.log.display()));
-        }
+        let (child, _) =
+            quiverd::start(&mut cmd).map_err(|e| format!("region {region}: {e} (see {})", node.log.display()))?;
         node.child = Some(child);
         node.stopped = false;
         Ok(())

@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,7 +29,7 @@ pub struct LinkFaults {
     loss_ppm: AtomicU64,
     /// Bumped to cut every open connection.
     epoch: AtomicU64,
-    seed: AtomicU64,
+    rng: Mutex<quiver_testkit::Rng>,
 }
 
 impl LinkFaults {
@@ -69,13 +69,8 @@ impl LinkFaults {
     }
 
     fn roll(&self) -> u64 {
-        // A shared xorshift; races only perturb the sequence.
-        let mut x = self.seed.load(Ordering::Relaxed) | 1;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.seed.store(x, Ordering::Relaxed);
-        x % 1_000_000
+        // Shared by the link's connections: their interleaving only perturbs the sequence.
+        self.rng.lock().unwrap_or_else(|p| p.into_inner()).below(1_000_000)
     }
 }
 
@@ -101,7 +96,7 @@ impl Link {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let faults = Arc::new(LinkFaults::default());
-        faults.seed.store(seed | 1, Ordering::Relaxed);
+        *faults.rng.lock().unwrap_or_else(|p| p.into_inner()) = quiver_testkit::Rng::new(seed);
         let f = faults.clone();
         let task = tokio::spawn(async move {
             loop {

@@ -11,7 +11,7 @@ const HOUR_US: i64 = 3_600_000_000;
 const T0: i64 = 1_767_225_600_000_000;
 
 fn ts(us: i64) -> Option<prost_types::Timestamp> {
-    Some(quiver_server::convert::timestamp(us))
+    Some(quiver_testkit::micros_to_timestamp(us))
 }
 
 fn key(id: &str) -> pb::EntityKey {
@@ -253,13 +253,8 @@ fn a_new_group_version_is_served_by_the_next_lookup() {
 fn the_join_agrees_with_point_reads_across_window_boundaries() {
     let (_tmp, f, db) = setup();
     let users = ["ann", "ben", "cat", "dan", "eve"];
-    let mut x = 0x2545_f491_u64;
-    let mut next = |n: u64| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % n
-    };
+    let mut rng = quiver_testkit::Rng::new(0x2545_f491);
+    let mut next = |n: u64| rng.below(n);
     for round in 0..6 {
         let mut rows = Vec::new();
         for u in users {

@@ -23,6 +23,7 @@ use quiver_storage::fs::MemFs;
 use quiver_storage::{
     AsOf, Background, Clock, Db, Durability, EventTime, FeatureId, Options, SystemTime, Value, WriteBatch,
 };
+use quiver_testkit::Rng;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const REGIONS: u32 = 3;
@@ -132,18 +133,6 @@ fn entity(e: u32) -> Vec<u8> {
     vec![1, b'e', e as u8]
 }
 
-/// A small seeded generator.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
 async fn region_main(r: u32, shared: Arc<Shared>, seed: u64) -> Result<(), Box<dyn std::error::Error>> {
     let fs = shared.fs[(r - 1) as usize].lock().map_err(|_| "poisoned")?.clone();
     let db = Arc::new(Db::open_with_fs(Arc::new(fs), Path::new("/db"), options(r))?);
@@ -175,7 +164,7 @@ async fn region_main(r: u32, shared: Arc<Shared>, seed: u64) -> Result<(), Box<d
     let writer_db = db.clone();
     let writer_shared = shared.clone();
     tokio::spawn(async move {
-        let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(u64::from(r)) | 1);
+        let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(u64::from(r)));
         let mut n = 0i64;
         while writer_shared.writing.load(Ordering::Acquire) {
             tokio::time::sleep(Duration::from_millis(20 + rng.below(60))).await;
@@ -235,7 +224,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
         tokio::time::sleep(FAULTY + SETTLE).await;
         Ok(())
     });
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut next_fault = Duration::from_millis(500);
     let mut heal_at: Option<(Duration, Vec<u32>)> = None;
     let mut healed = false;

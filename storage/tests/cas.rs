@@ -164,10 +164,7 @@ fn replicated_applies_never_slip_between_a_cas_check_and_its_commit() {
                 } else {
                     VersionVector::new()
                 };
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_micros() as u64)
-                    .unwrap_or(0);
+                let now = quiver_testkit::now_us() as u64;
                 let seen_max = seen.entries().iter().map(|e| e.1).max().unwrap_or(0);
                 stamp = stamp.max(now).max(seen_max) + 1;
                 let vector = seen.merge(&VersionVector::single(2, stamp));

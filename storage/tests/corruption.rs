@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use quiver_storage::sstable::Table;
 use quiver_storage::{
-    AsOf, Background, Compression, Db, Durability, Error, EventTime, FeatureId, Options, Value, WriteBatch,
+    AsOf, Background, Compression, Db, Durability, Error, EventTime, FeatureId, Options, SystemTime, Value, WriteBatch,
 };
 use support::Model;
 
@@ -234,7 +234,7 @@ fn wal_truncation_recovers_a_prefix_of_batches() {
     let path = wal_segment(&dir);
     let good = std::fs::read(&path).expect("read");
     let stamps: Vec<_> = {
-        let mut s: Vec<_> = model.rows.iter().map(|r| r.system_time).collect();
+        let mut s: Vec<_> = model.rows().map(|r| r.3).collect();
         s.sort();
         s.dedup();
         s
@@ -248,13 +248,13 @@ fn wal_truncation_recovers_a_prefix_of_batches() {
         let present = stamps
             .iter()
             .take_while(|s| {
-                let row = model.rows.iter().find(|r| r.system_time == **s).expect("row");
-                let q = AsOf { known_at: **s, lookback_us: Some(0), ..AsOf::at(row.event_time) };
-                db.value_at(&row.entity, row.feature, q).expect("read").is_some()
+                let (entity, feature, event_time, _, _) = model.rows().find(|r| r.3 == **s).expect("row");
+                let q = AsOf { known_at: **s, lookback_us: Some(0), ..AsOf::at(event_time) };
+                db.value_at(&entity, feature, q).expect("read").is_some()
             })
             .count();
         let mut m = model.clone();
-        m.rows.retain(|r| stamps[..present].contains(&r.system_time));
+        m.0.retain(|_, v| stamps[..present].contains(&SystemTime(v.system_time)));
         assert_eq!(reads_are_right_or_corrupt(&db, &m), 0, "truncated to {len}: recovered state is not a prefix");
     }
 }

@@ -60,7 +60,7 @@ fn parent() -> Result<(), String> {
     let dir = tmp.path().join("db");
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut acked_all: Vec<u64> = Vec::new();
-    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rng = quiver_testkit::Rng::new(0x2545_f491_4f6c_dd1d);
     for cycle in 0..CYCLES {
         let start = cycle * 1_000_000;
         let mut proc = Command::new(&exe)
@@ -81,10 +81,7 @@ fn parent() -> Result<(), String> {
                 }
             })
         };
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let wait = Duration::from_millis(80 + seed % 400);
+        let wait = Duration::from_millis(80 + rng.below(400));
         let t0 = Instant::now();
         while t0.elapsed() < wait {
             if let Some(status) = proc.try_wait().map_err(|e| e.to_string())? {

@@ -1,30 +1,18 @@
 //! Harness for end-to-end tests: starts a real `quiverd` on a loopback port with a temp data
 //! directory and connects the generated clients.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use quiver_proto::v1 as pb;
+use quiver_testkit::quiverd;
 use tonic::transport::Channel;
 
 /// The `quiverd` binary of this build (`cargo test --workspace` builds it with the server's
-/// tests; `QUIVERD` overrides the path).
+/// tests; `QUIVERD` overrides the path); panics when there is none.
 pub fn quiverd_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("QUIVERD") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/quiverd
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
-    let p = dir.join("quiverd");
-    assert!(
-        p.exists(),
-        "{} not found: build it with `cargo build -p quiver-server` (cargo test --workspace does)",
-        p.display()
-    );
-    p
+    quiverd::path().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A running daemon.
@@ -46,26 +34,21 @@ impl Daemon {
 
     /// Starts `quiverd` on `data_dir` listening on `listen` and waits until it listens.
     pub fn start_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Daemon {
-        let mut child = Command::new(quiverd_path())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0", "--memory-budget-mb", "64"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn quiverd");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read the listen line");
-        let addr = line
-            .strip_prefix("quiverd listening on ")
-            .and_then(|r| r.split(',').next())
-            .unwrap_or_else(|| panic!("unexpected first line from quiverd: {line:?}"))
-            .to_string();
-        let metrics =
-            line.rsplit_once("metrics http://").map(|(_, m)| m.trim().trim_end_matches("/metrics").to_string());
-        Daemon { child, addr: format!("http://{addr}"), metrics, data_dir: data_dir.to_path_buf() }
+        let (child, listening) = quiverd::start(
+            Command::new(quiverd_path())
+                .arg("--data-dir")
+                .arg(data_dir)
+                .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0", "--memory-budget-mb", "64"])
+                .args(extra)
+                .env("RUST_LOG", "warn"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Daemon {
+            child,
+            addr: format!("http://{}", listening.addr),
+            metrics: listening.metrics,
+            data_dir: data_dir.to_path_buf(),
+        }
     }
 
     /// A channel to the daemon.
@@ -136,13 +119,12 @@ impl Clients {
 
 /// A free loopback port (bound, read, released: another process could take it meanwhile).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    quiverd::free_port().unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A timestamp from microseconds since the epoch.
+/// A timestamp from microseconds since the epoch, as a message field.
 pub fn ts(us: i64) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp { seconds: us.div_euclid(1_000_000), nanos: (us.rem_euclid(1_000_000) * 1000) as i32 })
+    Some(quiver_testkit::micros_to_timestamp(us))
 }
 
 /// A single-part string entity key.

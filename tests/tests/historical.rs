@@ -4,49 +4,27 @@
 
 use quiver_e2e::{example_registry, int, key, ts, Clients, Daemon};
 use quiver_proto::v1 as pb;
+use quiver_testkit::{now_us, timestamp_to_micros, Model, Rng};
 
 const HOUR_US: i64 = 3_600_000_000;
 const USERS: usize = 12;
 
-/// (user, event time, system time, value) of every write.
-#[derive(Default)]
-struct Model(Vec<(usize, i64, i64, i64)>);
-
-impl Model {
-    /// `storage/READS.md`: greatest event time in [t - ttl, t] with system time <= k, then greatest
-    /// system time.
-    fn value_at(&self, user: usize, t: i64, k: i64) -> Option<(i64, i64)> {
-        self.0
-            .iter()
-            .filter(|r| r.0 == user && r.1 <= t && r.1 >= t - HOUR_US && r.2 <= k)
-            .max_by_key(|r| (r.1, r.2))
-            .map(|r| (r.1, r.3))
-    }
-    fn any_older(&self, user: usize, t: i64, k: i64) -> bool {
-        self.0.iter().any(|r| r.0 == user && r.1 <= t && r.2 <= k)
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+/// Every write: per user, (event time, system time, value).
+type Writes = Model<usize, i64>;
 
 fn micros(t: &Option<prost_types::Timestamp>) -> i64 {
-    let t = t.as_ref().expect("timestamp");
-    t.seconds * 1_000_000 + i64::from(t.nanos / 1000)
+    timestamp_to_micros(t.as_ref().expect("timestamp")).expect("a timestamp in range")
+}
+
+fn stamp(us: i64) -> u64 {
+    u64::try_from(us).expect("a system time after 1970")
 }
 
 fn user_name(u: usize) -> String {
     format!("u{u:02}")
 }
 
-async fn write(c: &mut Clients, model: &mut Model, rows: Vec<(usize, i64, i64)>) -> i64 {
+async fn write(c: &mut Clients, model: &mut Writes, rows: Vec<(usize, i64, i64)>) -> i64 {
     let req = pb::WriteFeaturesRequest {
         rows: rows
             .iter()
@@ -61,12 +39,8 @@ async fn write(c: &mut Clients, model: &mut Model, rows: Vec<(usize, i64, i64)>)
         ..Default::default()
     };
     let s = micros(&c.features.write_features(req).await.expect("write").into_inner().system_time);
-    // Within one request a later row of the same cell replaces an earlier one.
-    for (i, &(u, e, v)) in rows.iter().enumerate() {
-        if !rows[i + 1..].iter().any(|r| r.0 == u && r.1 == e) {
-            model.0.push((u, e, s, v));
-        }
-    }
+    // Within one request a later row of the same cell replaces an earlier one (so in the model).
+    model.apply(stamp(s), rows.iter().map(|&(u, e, v)| (u, e, Some(v))));
     s
 }
 
@@ -94,14 +68,19 @@ async fn join(c: &mut Clients, spine: &[(usize, i64)], known_at: Option<i64>, st
     out
 }
 
-fn expected(model: &Model, spine: &[(usize, i64)], k: impl Fn(i64) -> i64) -> Vec<(i32, i64, i64)> {
+/// Per spine row: `value_at(t, k(t), TTL)` is PRESENT; else STALE if any version is older
+/// (`value_at` without lookback); else NOT_FOUND. The test writes no tombstones.
+fn expected(model: &Writes, spine: &[(usize, i64)], k: impl Fn(i64) -> i64) -> Vec<(i32, i64, i64)> {
     use pb::FeatureStatus::*;
     spine
         .iter()
-        .map(|&(u, t)| match model.value_at(u, t, k(t)) {
-            Some((e, v)) => (Present as i32, e, v),
-            None if model.any_older(u, t, k(t)) => (Stale as i32, 0, 0),
-            None => (NotFound as i32, 0, 0),
+        .map(|&(u, t)| {
+            let k = stamp(k(t));
+            match model.version_at(&u, t, k, Some(HOUR_US as u64)) {
+                Some(w) => (Present as i32, w.event_time, w.value.expect("no tombstones")),
+                None if model.version_at(&u, t, k, None).is_some() => (Stale as i32, 0, 0),
+                None => (NotFound as i32, 0, 0),
+            }
         })
         .collect()
 }
@@ -112,10 +91,10 @@ async fn point_in_time_join_matches_the_model() {
     let d = Daemon::start(tmp.path(), &[]);
     let mut c = Clients::of(&d).await;
     c.registry.apply_registry(example_registry()).await.expect("apply");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_micros() as i64;
-    let base = now - 6 * HOUR_US;
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut model = Model::default();
+    let base = now_us() - 6 * HOUR_US;
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut model = Writes::new();
+    let mut written: Vec<(usize, i64)> = Vec::new();
     // Events on a coarse grid so that ties (same event time, several versions) are common.
     for _ in 0..30 {
         let rows: Vec<(usize, i64, i64)> = (0..8)
@@ -127,6 +106,7 @@ async fn point_in_time_join_matches_the_model() {
                 )
             })
             .collect();
+        written.extend(rows.iter().map(|&(u, e, _)| (u, e)));
         write(&mut c, &mut model, rows).await;
     }
     let pinned = micros(
@@ -150,7 +130,7 @@ async fn point_in_time_join_matches_the_model() {
     // The spine: random rows, rows exactly on event times and TTL edges, duplicates kept.
     let mut spine: Vec<(usize, i64)> =
         (0..400).map(|_| (rng.below(USERS as u64) as usize, base + rng.below(8 * 3600) as i64 * 1_000_000)).collect();
-    for &(u, e, _, _) in model.0.iter().take(40) {
+    for &(u, e) in written.iter().take(40) {
         spine.extend([(u, e), (u, e + HOUR_US), (u, e + HOUR_US + 1), (u, e - 1)]);
     }
     spine.push(spine[0]);
