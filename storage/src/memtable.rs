@@ -35,6 +35,7 @@ impl Memtable {
 
     /// Inserts an entry (replacing an equal key: the later write of a batch wins).
     pub fn insert(&self, k: Vec<u8>, v: Vec<u8>) {
+        debug_assert!(crate::key::KeyRef::parse(&k).is_some(), "the memtable holds internal keys only");
         self.bytes.fetch_add(k.len() + v.len() + ENTRY_OVERHEAD_BYTES, Ordering::Relaxed);
         self.map.insert(k, v);
     }

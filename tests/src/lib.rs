@@ -34,13 +34,19 @@ impl Daemon {
 
     /// Starts `quiverd` on `data_dir` listening on `listen` and waits until it listens.
     pub fn start_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_with_env(data_dir, listen, extra, &[])
+    }
+
+    /// Like [`Daemon::start_at`], with extra environment variables (the test-only switches).
+    pub fn start_with_env(data_dir: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let (child, listening) = quiverd::start(
             Command::new(quiverd_path())
                 .arg("--data-dir")
                 .arg(data_dir)
                 .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0", "--memory-budget-mb", "64"])
                 .args(extra)
-                .env("RUST_LOG", "warn"),
+                .env("RUST_LOG", "warn")
+                .envs(env.iter().copied()),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         Daemon {
