@@ -772,8 +772,17 @@ impl Features {
         if let Some(resp) = self.replay(&req.idempotency_key)? {
             return Ok(resp);
         }
-        let prepared = self.prepare(req)?;
-        self.commit(req, prepared, durability)
+        let result = self.prepare(req).and_then(|prepared| self.commit(req, prepared, durability));
+        match result {
+            // A request with the same key may have committed since the look-up, and then
+            // changed what this one is checked against (the registry, the event horizon): the
+            // retry still gets the first answer.
+            Err(e) if !req.idempotency_key.is_empty() => match self.replay(&req.idempotency_key)? {
+                Some(resp) => Ok(resp),
+                None => Err(e),
+            },
+            other => other,
+        }
     }
 
     /// The reserved key of an idempotency record.

@@ -415,3 +415,74 @@ fn racing_requests_with_one_idempotency_key_apply_once() {
     assert!(f.write(&req(3)).expect("retry").deduplicated);
     assert_eq!(db.stats().last_seqno, seq);
 }
+
+/// The event horizon applies to feature values, not to the service's own records (kept at
+/// event time 0): idempotent writes and registry changes go on after it moves.
+#[test]
+fn idempotent_writes_and_registry_changes_work_past_the_event_horizon() {
+    let (_tmp, f, db) = setup();
+    db.set_event_horizon(quiver_storage::EventTime(T0 - HOUR_US)).expect("horizon");
+    let req = pb::WriteFeaturesRequest {
+        rows: vec![row("alice", T0, vec![("clicks", int(1))])],
+        idempotency_key: "after-the-horizon".into(),
+        ..Default::default()
+    };
+    let first = f.write(&req).expect("an idempotent write above the horizon");
+    assert!(f.write(&req).expect("retry").deduplicated);
+    assert_eq!(f.write(&req).expect("retry").system_time, first.system_time);
+    let below = pb::WriteFeaturesRequest {
+        rows: vec![row("alice", T0 - 2 * HOUR_US, vec![("clicks", int(1))])],
+        idempotency_key: "below".into(),
+        ..Default::default()
+    };
+    assert!(matches!(f.write(&below), Err(ServiceError::Storage(_))), "values below the horizon are still refused");
+    let apply = pb::ApplyRegistryRequest {
+        feature_groups: vec![pb::FeatureGroup {
+            name: "user_more".into(),
+            entity_type: "user".into(),
+            features: vec![pb::FeatureDef {
+                name: "visits".into(),
+                r#type: pb::ValueType::Int64 as i32,
+                default_value: None,
+                description: String::new(),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    f.registry().apply(&apply).expect("a registry change past the horizon");
+    assert!(f.registry().resolve("user_more:visits").is_ok());
+}
+
+/// A retry whose first request committed between the retry's record look-up and its own
+/// commit gets the first answer, even when what the retry is checked against changed since.
+#[test]
+fn a_retry_racing_its_first_request_gets_the_first_answer_whatever_changed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (_tmp, f, db) = setup();
+    let f = Arc::new(f);
+    let req = pb::WriteFeaturesRequest {
+        rows: vec![row("alice", T0, vec![("clicks", int(7))])],
+        idempotency_key: "raced".into(),
+        ..Default::default()
+    };
+    let first = Arc::new(parking_lot::Mutex::new(None));
+    let ran = Arc::new(AtomicBool::new(false));
+    {
+        let (weak, first, ran, req, db) = (Arc::downgrade(&f), first.clone(), ran.clone(), req.clone(), db.clone());
+        f.set_before_commit(Some(quiver_server::features::TestHook(Box::new(move || {
+            if !ran.swap(true, Ordering::SeqCst) {
+                if let Some(f) = weak.upgrade() {
+                    *first.lock() = Some(f.write(&req).expect("the first request"));
+                }
+                // Then the horizon passes the retry's values.
+                db.set_event_horizon(quiver_storage::EventTime(T0 + 1)).expect("horizon");
+            }
+        }))));
+    }
+    let retry = f.write(&req).expect("the retry gets the first answer, not an error");
+    f.set_before_commit(None);
+    let first = first.lock().take().expect("the hook ran");
+    assert!(retry.deduplicated);
+    assert_eq!((retry.system_time, retry.version), (first.system_time, first.version));
+}

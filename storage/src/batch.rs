@@ -129,9 +129,10 @@ impl WriteBatch {
         self.bytes
     }
 
-    /// The smallest event time in the batch.
+    /// The smallest event time of the batch's user cells (the event horizon applies to them;
+    /// reserved records — registry, idempotency, cursors — live at event time 0 whatever it is).
     pub(crate) fn event_time_min(&self) -> Option<EventTime> {
-        self.ops.iter().map(|o| o.event_time).min()
+        self.ops.iter().filter(|o| !crate::reserved::is_reserved(&o.entity)).map(|o| o.event_time).min()
     }
 
     /// Each write's cell, its value (`None`: a tombstone) and its explicit vector (`None`: it

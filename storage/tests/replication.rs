@@ -588,3 +588,41 @@ fn a_gap_of_pruned_replicated_records_is_not_a_truncated_log() {
     // A peer that never applied `first` has lost it.
     assert!(matches!(db.origin_log(0, usize::MAX), Err(Error::LogTruncated { .. })));
 }
+
+/// The event horizon drops a peer's feature values below it, never its replicated reserved
+/// records (the registry lives at event time 0), and a local write's reserved records pass it.
+#[test]
+fn the_event_horizon_applies_to_values_not_to_replicated_registry_records() {
+    use quiver_storage::{
+        cell, AsOf, Db, Durability, EventTime, FeatureId, Options, ShippedBatch, ShippedOp, SystemTime, Value,
+        VersionVector, WriteBatch,
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let registry = quiver_storage::reserved::REGISTRY.to_vec();
+    let opts = Options { region: 1, replicated_prefixes: vec![registry.clone()], ..Options::default() };
+    let db = Db::open(tmp.path(), opts).expect("open");
+    db.set_event_horizon(EventTime(1_000)).expect("horizon");
+    let stamp = quiver_testkit::now_us() as u64;
+    let mut record = registry.clone();
+    record.extend_from_slice(b"fg\x00g");
+    let op = |entity: &[u8], event: i64| {
+        let mut c = Vec::new();
+        cell::encode(Some(&Value::Int64(1)), &VersionVector::single(2, stamp), &mut c);
+        ShippedOp { entity: entity.to_vec(), feature: FeatureId(1), event_time: EventTime(event), cell: c }
+    };
+    let b = ShippedBatch {
+        origin: 2,
+        seqno: 1,
+        system_time: SystemTime(stamp),
+        ops: vec![op(&record, 0), op(b"\x01user", 0), op(b"\x01user", 2_000)],
+    };
+    db.apply_replicated(&b, Durability::Sync).expect("apply");
+    let at = |e: &[u8], t| db.value_at(e, FeatureId(1), AsOf::at(EventTime(t))).expect("read");
+    assert!(at(&record, 0).is_some(), "the registry record replicated");
+    assert!(at(b"\x01user", 2_000).is_some(), "a value above the horizon replicated");
+    assert!(at(b"\x01user", 999).is_none(), "a value below the horizon was dropped");
+    let mut local = WriteBatch::new();
+    local.put(&record, FeatureId(2), EventTime(0), Value::Int64(2)).expect("put");
+    local.put(b"\x01user", FeatureId(2), EventTime(5_000), Value::Int64(2)).expect("put");
+    db.write(local, Durability::Sync).expect("a local write with a reserved record passes the horizon");
+}

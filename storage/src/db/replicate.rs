@@ -572,7 +572,7 @@ impl Inner {
             // Versions below this node's horizon are dropped (the horizon is a local policy);
             // the cursor still moves past the batch, or the origin's log would stall here.
             let before = p.cells.len();
-            p.cells.retain(|k, _| k.2 .0 >= *horizon);
+            p.cells.retain(|k, _| k.2 .0 >= *horizon || crate::reserved::is_reserved(k.0));
             reports.push(ApplyReport { dropped: (before - p.cells.len()) as u64, ..Default::default() });
         }
         self.check_ok()?;

@@ -135,7 +135,7 @@ impl Inner {
                         Err(e)
                     });
                 match results {
-                    Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+                    Ok(outcomes) => outcomes,
                     Err(e) => group.iter().map(|_| Err(share(&e))).collect(),
                 }
             },
@@ -155,8 +155,9 @@ impl Inner {
     }
 
     /// The leader's step: checks each batch's expectations, stamps those that hold, and
-    /// publishes them as one group.
-    fn commit_group(&self, group: &[Pending]) -> Result<Vec<WriteIf>> {
+    /// publishes them as one group. A batch whose expectations cannot be read (an I/O error,
+    /// corruption) fails alone; the rest of the group goes on.
+    fn commit_group(&self, group: &[Pending]) -> Result<Vec<Result<WriteIf>>> {
         self.check_ok()?;
         let mut w = self.writer.lock();
         self.make_room(&mut w)?;
@@ -170,10 +171,16 @@ impl Inner {
         let mut seqno = w.last_seqno;
         for p in group {
             if let Some(written) = &written {
-                let mismatches = self.check_expectations(&view, written, &p.expect)?;
-                if !mismatches.is_empty() {
-                    outcomes.push(WriteIf::Refused(mismatches));
-                    continue;
+                match self.check_expectations(&view, written, &p.expect) {
+                    Ok(m) if m.is_empty() => {}
+                    Ok(m) => {
+                        outcomes.push(Ok(WriteIf::Refused(m)));
+                        continue;
+                    }
+                    Err(e) => {
+                        outcomes.push(Err(e));
+                        continue;
+                    }
                 }
             }
             seqno += 1;
@@ -185,15 +192,28 @@ impl Inner {
                     written.insert(cell, (value, s, vv.unwrap_or(&local).clone()));
                 }
             }
-            outcomes.push(WriteIf::Committed(WriteReceipt { seqno, system_time: s, version_vector: local }));
+            outcomes.push(Ok(WriteIf::Committed(WriteReceipt { seqno, system_time: s, version_vector: local })));
         }
+        // Any `Sync` writer makes the group sync, refused ones too: a refusal may be answered
+        // with the state it saw (an idempotent retry replays the first write), which must then
+        // be as durable as the refused writer asked.
+        let sync = group.iter().any(|p| p.durability == Durability::Sync);
         if payloads.is_empty() {
+            if sync {
+                let synced = w.wal.sync();
+                match synced {
+                    Ok(true) => {
+                        self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.fail(&e);
+                        return Err(e);
+                    }
+                }
+            }
             return Ok(outcomes);
         }
-        let sync = group
-            .iter()
-            .zip(&outcomes)
-            .any(|(p, o)| p.durability == Durability::Sync && matches!(o, WriteIf::Committed(_)));
         self.publish(&mut w, &view.mem, payloads, sync)?;
         Ok(outcomes)
     }
