@@ -327,12 +327,29 @@ fn only_user_cell(db: &Db) -> (Vec<u8>, quiver_storage::FeatureId, quiver_storag
     found.expect("a user cell")
 }
 
+/// Runs `action` once, in the first write after the service prepared it and before the engine
+/// commits it; the flag tells whether it ran.
+fn before_next_commit(f: &Features, action: impl FnOnce() + Send + 'static) -> Arc<std::sync::atomic::AtomicBool> {
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let action = parking_lot::Mutex::new(Some(Box::new(action) as Box<dyn FnOnce() + Send>));
+    let flag = ran.clone();
+    f.set_before_commit(Some(quiver_server::features::TestHook(Box::new(move || {
+        // Taken out of the lock first: the action may write through the service itself.
+        let once = action.lock().take();
+        if let Some(a) = once {
+            a();
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }))));
+    ran
+}
+
 /// Issue 11's lost update: a peer's version of the cell lands between the service's
 /// preparation of a compare-and-swap and its commit. The CAS expected the version before it,
 /// so it must fail, and the peer's version must stay the current one.
 #[test]
 fn a_replicated_version_landing_before_the_commit_fails_the_cas() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     let (_tmp, f, db) = setup();
     let cas = |f: &Features, expected: pb::VersionVector, v: i64| {
         let mut r = row("alice", T0, vec![("clicks", int(v))]);
@@ -353,16 +370,11 @@ fn a_replicated_version_landing_before_the_commit_fails_the_cas() {
         system_time: quiver_storage::SystemTime(peer_stamp),
         ops: vec![quiver_storage::ShippedOp { entity, feature, event_time: v0.event_time, cell: peer_cell }],
     };
-    let applied = Arc::new(AtomicBool::new(false));
-    {
-        let (db, applied) = (db.clone(), applied.clone());
-        f.set_before_commit(Some(quiver_server::features::TestHook(Box::new(move || {
-            if !applied.swap(true, Ordering::SeqCst) {
-                let r = db.apply_replicated(&shipped, quiver_storage::Durability::Sync).expect("apply");
-                assert_eq!(r.applied, 1, "the peer's version dominates v0: {r:?}");
-            }
-        }))));
-    }
+    let peer = db.clone();
+    let applied = before_next_commit(&f, move || {
+        let r = peer.apply_replicated(&shipped, quiver_storage::Durability::Sync).expect("apply");
+        assert_eq!(r.applied, 1, "the peer's version dominates v0: {r:?}");
+    });
     let outcome = cas(&f, expected, 3);
     f.set_before_commit(None);
     assert!(applied.load(Ordering::SeqCst), "the hook ran");
@@ -381,7 +393,6 @@ fn a_replicated_version_landing_before_the_commit_fails_the_cas() {
 /// record only while it is absent, so exactly one applies and the other replays its answer.
 #[test]
 fn racing_requests_with_one_idempotency_key_apply_once() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let (_tmp, f, db) = setup();
     let f = Arc::new(f);
     let req = |v: i64| pb::WriteFeaturesRequest {
@@ -390,17 +401,14 @@ fn racing_requests_with_one_idempotency_key_apply_once() {
         ..Default::default()
     };
     let inner = Arc::new(parking_lot::Mutex::new(None));
-    let ran = Arc::new(AtomicBool::new(false));
     {
-        let (f2, inner, ran) = (Arc::downgrade(&f), inner.clone(), ran.clone());
-        f.set_before_commit(Some(quiver_server::features::TestHook(Box::new(move || {
-            // The first request, prepared, waits here while the second runs whole.
-            if !ran.swap(true, Ordering::SeqCst) {
-                if let Some(f) = f2.upgrade() {
-                    *inner.lock() = Some(f.write(&req(2)));
-                }
+        let (f2, inner) = (Arc::downgrade(&f), inner.clone());
+        // The first request, prepared, waits here while the second runs whole.
+        before_next_commit(&f, move || {
+            if let Some(f) = f2.upgrade() {
+                *inner.lock() = Some(f.write(&req(2)));
             }
-        }))));
+        });
     }
     let outer = f.write(&req(1)).expect("first request");
     f.set_before_commit(None);
@@ -458,7 +466,6 @@ fn idempotent_writes_and_registry_changes_work_past_the_event_horizon() {
 /// commit gets the first answer, even when what the retry is checked against changed since.
 #[test]
 fn a_retry_racing_its_first_request_gets_the_first_answer_whatever_changed() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let (_tmp, f, db) = setup();
     let f = Arc::new(f);
     let req = pb::WriteFeaturesRequest {
@@ -467,18 +474,15 @@ fn a_retry_racing_its_first_request_gets_the_first_answer_whatever_changed() {
         ..Default::default()
     };
     let first = Arc::new(parking_lot::Mutex::new(None));
-    let ran = Arc::new(AtomicBool::new(false));
     {
-        let (weak, first, ran, req, db) = (Arc::downgrade(&f), first.clone(), ran.clone(), req.clone(), db.clone());
-        f.set_before_commit(Some(quiver_server::features::TestHook(Box::new(move || {
-            if !ran.swap(true, Ordering::SeqCst) {
-                if let Some(f) = weak.upgrade() {
-                    *first.lock() = Some(f.write(&req).expect("the first request"));
-                }
-                // Then the horizon passes the retry's values.
-                db.set_event_horizon(quiver_storage::EventTime(T0 + 1)).expect("horizon");
+        let (weak, first, req, db) = (Arc::downgrade(&f), first.clone(), req.clone(), db.clone());
+        before_next_commit(&f, move || {
+            if let Some(f) = weak.upgrade() {
+                *first.lock() = Some(f.write(&req).expect("the first request"));
             }
-        }))));
+            // Then the horizon passes the retry's values.
+            db.set_event_horizon(quiver_storage::EventTime(T0 + 1)).expect("horizon");
+        });
     }
     let retry = f.write(&req).expect("the retry gets the first answer, not an error");
     f.set_before_commit(None);

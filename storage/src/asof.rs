@@ -77,6 +77,14 @@ pub fn newer(candidate: (EventTime, SystemTime), best: Option<(EventTime, System
     best.is_none_or(|b| candidate > b)
 }
 
+/// [`newer`] on two internal keys of one pair, without decoding them: keys order event time,
+/// then system time, descending, so the smaller key is the newer version (`storage/FORMAT.md`).
+/// The read path's hot loops compare candidates this way.
+#[inline]
+pub(crate) fn newer_key(candidate: &[u8], best: Option<&[u8]>) -> bool {
+    best.is_none_or(|b| candidate < b)
+}
+
 /// A winner found without the lookback bound, with it applied: a winner older than the window
 /// means absent (no other version can be in the window: the winner is the newest at or before
 /// `as_of`).
@@ -151,6 +159,21 @@ mod tests {
                     .filter(|x| x.0 .0 <= as_of)
                     .find(|x| judge(x.0, x.1, EventTime(i64::MIN), SystemTime(known_at)) == Visibility::Take);
                 assert_eq!(w(as_of, known_at).as_ref(), walked);
+            }
+        }
+    }
+
+    #[test]
+    fn newer_key_is_newer_on_encoded_keys() {
+        let times = [(i64::MIN, 0), (-5, 3), (-5, 9), (0, 0), (0, u64::MAX), (7, 1), (i64::MAX, 2)];
+        for &(e1, s1) in &times {
+            for &(e2, s2) in &times {
+                let (a, b) = (
+                    crate::key::encode(b"e", crate::types::FeatureId(1), EventTime(e1), SystemTime(s1)),
+                    crate::key::encode(b"e", crate::types::FeatureId(1), EventTime(e2), SystemTime(s2)),
+                );
+                let by_times = newer((EventTime(e1), SystemTime(s1)), Some((EventTime(e2), SystemTime(s2))));
+                assert_eq!(newer_key(&a, Some(&b)), by_times, "{e1},{s1} vs {e2},{s2}");
             }
         }
     }

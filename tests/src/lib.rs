@@ -123,6 +123,35 @@ impl Clients {
     }
 }
 
+/// The point-in-time join of `user_stats:clicks` (the example registry) for spine rows
+/// `(user, time)`: per row `(status, event time, value)`, in spine order (checked chunk by
+/// chunk).
+pub async fn join_clicks(
+    c: &mut Clients,
+    spine: &[(String, i64)],
+    known_at: Option<i64>,
+    strict: bool,
+) -> Vec<(i32, i64, i64)> {
+    let req = pb::GetHistoricalFeaturesRequest {
+        entity_type: "user".into(),
+        spine: spine.iter().map(|(u, t)| pb::SpineRow { entity: Some(key(u)), timestamp: ts(*t) }).collect(),
+        features: vec!["user_stats:clicks".into()],
+        known_at: known_at.and_then(ts),
+        strict_availability: strict,
+        use_defaults: false,
+    };
+    let mut stream = c.features.get_historical_features(req).await.expect("join").into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        assert_eq!(chunk.first_row as usize, out.len(), "chunks arrive in spine order");
+        let col = &chunk.columns[0];
+        for i in 0..col.statuses.len() {
+            out.push((col.statuses[i], col.event_times_us[i], col.int64_values[i]));
+        }
+    }
+    out
+}
+
 /// A free loopback port (bound, read, released: another process could take it meanwhile).
 pub fn free_port() -> u16 {
     quiverd::free_port().unwrap_or_else(|e| panic!("{e}"))

@@ -2,7 +2,7 @@
 //! writes exact system times, so `strict_availability` and `known_at` are checked against exact
 //! stamps, bounds included, rather than against the wall clock.
 
-use quiver_e2e::{example_registry, int, key, ts, Clients, Daemon};
+use quiver_e2e::{example_registry, int, join_clicks, key, ts, Clients, Daemon};
 use quiver_proto::v1 as pb;
 use quiver_testkit::timestamp_to_micros;
 
@@ -31,21 +31,8 @@ async fn write(c: &mut Clients, v: i64) -> i64 {
 
 /// (status, value) of `clicks` for alice at each spine time.
 async fn join(c: &mut Clients, times: &[i64], known_at: Option<i64>, strict: bool) -> Vec<(i32, i64)> {
-    let req = pb::GetHistoricalFeaturesRequest {
-        entity_type: "user".into(),
-        spine: times.iter().map(|&t| pb::SpineRow { entity: Some(key("alice")), timestamp: ts(t) }).collect(),
-        features: vec!["user_stats:clicks".into()],
-        known_at: known_at.and_then(ts),
-        strict_availability: strict,
-        use_defaults: false,
-    };
-    let mut stream = c.features.get_historical_features(req).await.expect("join").into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.message().await.expect("chunk") {
-        let col = &chunk.columns[0];
-        out.extend(col.statuses.iter().copied().zip(col.int64_values.iter().copied()));
-    }
-    out
+    let spine: Vec<(String, i64)> = times.iter().map(|&t| ("alice".to_string(), t)).collect();
+    join_clicks(c, &spine, known_at, strict).await.into_iter().map(|(status, _, value)| (status, value)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

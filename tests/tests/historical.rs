@@ -2,7 +2,7 @@
 //! `value_at` on random data with ties; `strict_availability` hides late writes; a pinned
 //! `known_at` gives the identical answer after a backfill.
 
-use quiver_e2e::{example_registry, int, key, ts, Clients, Daemon};
+use quiver_e2e::{example_registry, int, join_clicks, key, ts, Clients, Daemon};
 use quiver_proto::v1 as pb;
 use quiver_testkit::{now_us, timestamp_to_micros, Model, Rng};
 
@@ -45,27 +45,8 @@ async fn write(c: &mut Clients, model: &mut Writes, rows: Vec<(usize, i64, i64)>
 }
 
 async fn join(c: &mut Clients, spine: &[(usize, i64)], known_at: Option<i64>, strict: bool) -> Vec<(i32, i64, i64)> {
-    let req = pb::GetHistoricalFeaturesRequest {
-        entity_type: "user".into(),
-        spine: spine
-            .iter()
-            .map(|&(u, t)| pb::SpineRow { entity: Some(key(&user_name(u))), timestamp: ts(t) })
-            .collect(),
-        features: vec!["user_stats:clicks".into()],
-        known_at: known_at.and_then(ts),
-        strict_availability: strict,
-        use_defaults: false,
-    };
-    let mut stream = c.features.get_historical_features(req).await.expect("join").into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.message().await.expect("chunk") {
-        assert_eq!(chunk.first_row as usize, out.len(), "chunks arrive in spine order");
-        let col = &chunk.columns[0];
-        for i in 0..col.statuses.len() {
-            out.push((col.statuses[i], col.event_times_us[i], col.int64_values[i]));
-        }
-    }
-    out
+    let named: Vec<(String, i64)> = spine.iter().map(|&(u, t)| (user_name(u), t)).collect();
+    join_clicks(c, &named, known_at, strict).await
 }
 
 /// Per spine row: `value_at(t, k(t), TTL)` is PRESENT; else STALE if any version is older

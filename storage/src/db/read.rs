@@ -77,16 +77,11 @@ impl EntityProbes {
     }
 }
 
-/// The times of a key, as [`asof::newer`] compares them.
-fn times(k: &[u8]) -> (EventTime, SystemTime) {
-    (key::event_time_of(k), key::system_time_of(k))
-}
-
-/// Keeps the better of two candidates of one pair ([`asof::newer`]; on a tie the earlier,
+/// Keeps the better of two candidates of one pair ([`asof::newer_key`]; on a tie the earlier,
 /// newer source is kept).
 fn consider(best: &mut Found, cand: Found) {
     if let Some(c) = cand {
-        if asof::newer(times(&c.0), best.as_ref().map(|b| times(&b.0))) {
+        if asof::newer_key(&c.0, best.as_ref().map(|b| b.0.as_slice())) {
             *best = Some(c);
         }
     }
@@ -239,7 +234,7 @@ impl Inner {
         }
         for t in self.tables_for(view, &probes) {
             t.table.get_best_many(&probes, pre, |i, k, v| {
-                if asof::newer(times(k), best[i].as_ref().map(|b| times(&b.0))) {
+                if asof::newer_key(k, best[i].as_ref().map(|b| b.0.as_slice())) {
                     best[i] = Some((k.to_vec(), v.to_vec()));
                 }
             })?;

@@ -200,16 +200,9 @@ impl Inner {
         let sync = group.iter().any(|p| p.durability == Durability::Sync);
         if payloads.is_empty() {
             if sync {
-                let synced = w.wal.sync();
-                match synced {
-                    Ok(true) => {
-                        self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        self.fail(&e);
-                        return Err(e);
-                    }
+                if let Err(e) = self.sync_wal(w.wal.as_ref()) {
+                    self.fail(&e);
+                    return Err(e);
                 }
             }
             return Ok(outcomes);
@@ -268,13 +261,7 @@ impl Inner {
     ) -> Result<()> {
         debug_assert!(!payloads.is_empty(), "publish needs a batch");
         let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-        let durable = (|| -> Result<()> {
-            w.wal.append(&refs)?;
-            if sync && w.wal.sync()? {
-                self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(())
-        })();
+        let durable = w.wal.append(&refs).and_then(|()| if sync { self.sync_wal(w.wal.as_ref()) } else { Ok(()) });
         if let Err(e) = durable {
             self.fail(&e);
             return Err(e);
@@ -303,6 +290,14 @@ impl Inner {
         }
         if mem.approximate_bytes() >= self.opts.memtable_bytes {
             self.notify_work();
+        }
+        Ok(())
+    }
+
+    /// Syncs the WAL segment, counting the fsync if one was needed.
+    fn sync_wal(&self, wal: &Segment) -> Result<()> {
+        if wal.sync()? {
+            self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
