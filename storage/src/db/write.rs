@@ -442,3 +442,89 @@ pub(super) fn insert_batch(mem: &Memtable, b: &batch::DecodedBatch<'_>) {
         mem.insert(key::encode(op.entity, op.feature, op.event_time, op.system_time), op.cell.to_vec());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The group's own writes as the current state of later conditional batches: driven through
+    //! `commit_group` with a hand-built group, so that two conditional batches share one group
+    //! every time (through `Db::write_if` that depends on thread timing).
+
+    use super::super::{Db, Pending};
+    use super::{Expectation, WriteIf};
+    use crate::types::{AsOf, Durability, EventTime, FeatureId, SystemTime, Value, VersionVector};
+    use crate::{Options, WriteBatch};
+
+    const E: &[u8] = b"\x01cell";
+    const F: FeatureId = FeatureId(1);
+    const T: EventTime = EventTime(100);
+
+    fn pending(value: Option<i64>, expect: Option<Option<VersionVector>>) -> Pending {
+        let mut batch = WriteBatch::new();
+        match value {
+            Some(v) => batch.put(E, F, T, Value::Int64(v)).expect("put"),
+            None => batch.delete(E, F, T).expect("delete"),
+        }
+        let expect = expect
+            .map(|version| Expectation { entity: E.to_vec(), feature: F, event_time: T, version })
+            .into_iter()
+            .collect();
+        Pending { batch, expect, durability: Durability::Async }
+    }
+
+    fn receipt(r: &crate::Result<WriteIf>) -> super::WriteReceipt {
+        match r {
+            Ok(WriteIf::Committed(r)) => r.clone(),
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn later_batches_of_a_group_see_the_earlier_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path(), Options { region: 1, ..Options::default() }).expect("open");
+        // Group 1: "create if absent" twice; the second sees the first's write and is refused,
+        // with the first's version as the current one.
+        let outcomes =
+            db.inner.commit_group(&[pending(Some(1), Some(None)), pending(Some(2), Some(None))]).expect("group");
+        let first = receipt(&outcomes[0]);
+        match &outcomes[1] {
+            Ok(WriteIf::Refused(m)) => {
+                assert_eq!(m.len(), 1);
+                let current = m[0].current.as_ref().expect("the first batch's write is current");
+                assert_eq!(current.value, Some(Value::Int64(1)));
+                assert_eq!(current.version_vector, first.version_vector);
+                assert_eq!(current.system_time, first.system_time);
+            }
+            other => panic!("the second create must be refused, got {other:?}"),
+        }
+        // Group 2: a CAS over the first version commits; a second CAS over the same version is
+        // refused (the group's earlier batch replaced it); an unconditional delete commits and
+        // the "create if absent" after it sees no value.
+        let outcomes = db
+            .inner
+            .commit_group(&[
+                pending(Some(3), Some(Some(first.version_vector.clone()))),
+                pending(Some(4), Some(Some(first.version_vector.clone()))),
+                pending(None, None),
+                pending(Some(5), Some(None)),
+            ])
+            .expect("group");
+        let third = receipt(&outcomes[0]);
+        assert_eq!(third.seqno, first.seqno + 1, "the refused batch took no sequence number");
+        match &outcomes[1] {
+            Ok(WriteIf::Refused(m)) => {
+                assert_eq!(m[0].current.as_ref().and_then(|c| c.value.clone()), Some(Value::Int64(3)))
+            }
+            other => panic!("the second CAS must be refused, got {other:?}"),
+        }
+        let deleted = receipt(&outcomes[2]);
+        let fifth = receipt(&outcomes[3]);
+        assert_eq!((deleted.seqno, fifth.seqno), (third.seqno + 1, third.seqno + 2));
+        let now = db
+            .version_at(E, F, AsOf { as_of: T, known_at: SystemTime::MAX, lookback_us: Some(0) })
+            .expect("read")
+            .expect("a value");
+        assert_eq!(now.value, Some(Value::Int64(5)));
+        assert_eq!(now.version_vector, fifth.version_vector);
+    }
+}
