@@ -115,6 +115,9 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// Open loop at this many requests per second; `None`: closed loop.
     pub rate: Option<f64>,
+    /// The server's process (on this machine): its CPU time over the measured window is
+    /// reported per request.
+    pub server_pid: Option<u32>,
 }
 
 /// What a run measured.
@@ -126,6 +129,8 @@ pub struct Report {
     pub seconds: f64,
     pub latency: Histogram<u64>,
     pub first_error: Option<String>,
+    /// The server's CPU time (µs) over the measured window, if its pid was given.
+    pub server_cpu_us: Option<u64>,
 }
 
 impl Report {
@@ -145,6 +150,8 @@ impl Report {
             "errors": self.errors,
             "first_error": self.first_error,
             "requests_per_s": self.requests as f64 / self.seconds,
+            "server_cpu_us_per_request": self.server_cpu_us.filter(|_| self.requests > 0).map(|c| c as f64 / self.requests as f64),
+            "server_cpu_share": self.server_cpu_us.map(|c| c as f64 / 1e6 / self.seconds),
             "values_per_s": self.values as f64 / self.seconds,
             "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": self.latency.max() },
         })
@@ -241,6 +248,16 @@ pub async fn run_lookups(target: &Target, spec: &LoadSpec) -> Report {
     let start = Instant::now();
     let measure_from = start + spec.warmup;
     let end = measure_from + spec.duration;
+    // The server's CPU time at the start and the end of the measured window.
+    let cpu = spec.server_pid.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let a = process_cpu_us(pid);
+            tokio::time::sleep_until(end.into()).await;
+            let b = process_cpu_us(pid);
+            a.zip(b).map(|(a, b)| b.saturating_sub(a))
+        })
+    });
     let mut tasks = Vec::new();
     for w in 0..spec.concurrency.max(1) {
         let target = target.clone();
@@ -294,6 +311,7 @@ pub async fn run_lookups(target: &Target, spec: &LoadSpec) -> Report {
         seconds: spec.duration.as_secs_f64(),
         latency: Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds"),
         first_error: None,
+        server_cpu_us: None,
     };
     for t in tasks {
         match t.await {
@@ -311,6 +329,9 @@ pub async fn run_lookups(target: &Target, spec: &LoadSpec) -> Report {
                 report.first_error.get_or_insert(format!("worker failed: {e}"));
             }
         }
+    }
+    if let Some(cpu) = cpu {
+        report.server_cpu_us = cpu.await.ok().flatten();
     }
     report
 }
@@ -332,4 +353,36 @@ pub async fn check_agreement(a: &Target, b: &Target, entities: u64, sample: u64)
         compared += x.len() as u64;
     }
     Ok(compared)
+}
+
+/// CPU time (user + system, µs) a process has used so far, from `/proc/PID/stat`; `None` if
+/// the process is gone or the file is unreadable.
+pub fn process_cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2 (comm) is in parentheses and may hold spaces: parse after its closing one.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the file, 12 and 13 after comm and state.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks * 1_000_000 / clock_ticks_per_second())
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`; 100 on every Linux we run on).
+fn clock_ticks_per_second() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
+/// Resident memory of a process (MiB), from `/proc/PID/status`.
+pub fn process_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }

@@ -26,6 +26,24 @@
 //! the engine would, whatever snapshot it reads from: a snapshot older than the state misses on
 //! `system_time <= K`.
 //!
+//! # Complete mode: the online tier
+//!
+//! An engine opened on an empty directory starts its tier *complete*: every entity that has a
+//! version has a row, and every row holds a state for every pair of its entity that has a
+//! version. Writes keep it so: in complete mode they create rows and add features (a write into
+//! an empty engine knows every version there is). Then a missing row, or a feature missing from
+//! a row, answers *absent* — online lookups never touch memtables or tables, whether the
+//! entity exists or not.
+//!
+//! Completeness is kept while the rows fit the budget: no row is evicted while complete (rows
+//! are pinned in the cache, whose capacity is set above the budget so shards never fill). The
+//! insert that would take the tier past its budget first clears the flag, then lowers the
+//! cache's capacity to the budget; only then can rows be evicted, and from then on the tier is
+//! the cache described above. A reader looks up the row *before* reading the flag: if the row
+//! was evicted before its lookup, the flag was cleared before that, so the reader sees it
+//! cleared and misses instead of answering absent. An engine opened on existing data starts in
+//! cache mode.
+//!
 //! # Keeping states newest
 //!
 //! - **Writes** (the commit path, under the writer lock, in commit order): before a batch is
@@ -55,7 +73,7 @@
 //! `quick_cache`'s (S3-FIFO-like, scan resistant), bounded by the rows' approximate bytes. An
 //! evicted row simply misses.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -77,6 +95,15 @@ const DOORKEEPER_BITS_MIN: usize = 1 << 12;
 const DOORKEEPER_BITS_PER_ROW: usize = 16;
 /// `State::len` of a pair with no version.
 const ABSENT: u32 = u32::MAX;
+/// In complete mode the cache's capacity is this many times the budget, so that no shard of
+/// it fills (and evicts) before the rows as a whole reach the budget.
+const COMPLETE_CAPACITY_FACTOR: u64 = 4;
+/// In complete mode a row heavier than the budget over this ends completeness before it is
+/// inserted: the cache refuses (and so drops) a row heavier than about one shard's capacity,
+/// `budget x COMPLETE_CAPACITY_FACTOR / CACHE_SHARDS x 0.97`, a 16th of the budget.
+const COMPLETE_ROW_FRACTION: u64 = 32;
+/// Shards of the cache (each has its own lock and an equal share of the capacity).
+const CACHE_SHARDS: usize = 64;
 
 /// A pair's newest state, as offered by readers and writers: `cell` is the encoded cell
 /// (see [`crate::cell`]) of its newest version, `None` when the pair has no version.
@@ -142,9 +169,17 @@ impl Row {
     }
 
     /// The answer for feature `f` at `as_of` / `known_at` if the row covers the read: the
-    /// winning version (`None`: absent).
-    pub fn answer(&self, f: FeatureId, as_of: EventTime, known_at: SystemTime) -> Option<Option<CellVersion>> {
-        let s = &self.states[self.position(f)?];
+    /// winning version (`None`: absent). `complete`: the row holds every pair of its entity
+    /// that has a version, so a feature it lacks is absent.
+    pub fn answer(
+        &self,
+        f: FeatureId,
+        as_of: EventTime,
+        known_at: SystemTime,
+        complete: bool,
+    ) -> Option<Option<CellVersion>> {
+        let Some(i) = self.position(f) else { return complete.then_some(None) };
+        let s = &self.states[i];
         if s.len == ABSENT {
             return Some(None);
         }
@@ -239,14 +274,40 @@ impl Weighter<Vec<u8>, Arc<Row>> for RowWeighter {
     }
 }
 
+/// The cache's policy: rows are pinned while the tier is complete; evictions are counted.
 #[derive(Debug, Clone, Default)]
-struct CountEvictions(Arc<AtomicU64>);
+struct Policy {
+    evictions: Arc<AtomicU64>,
+    complete: Arc<AtomicBool>,
+}
 
-impl Lifecycle<Vec<u8>, Arc<Row>> for CountEvictions {
+impl Lifecycle<Vec<u8>, Arc<Row>> for Policy {
     type RequestState = ();
 
+    fn is_pinned(&self, _key: &Vec<u8>, _val: &Arc<Row>) -> bool {
+        self.complete.load(Ordering::SeqCst)
+    }
+
     fn on_evict(&self, _state: &mut Self::RequestState, _key: Vec<u8>, _val: Arc<Row>) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the tier holds of one entity, for answering several of its pairs.
+#[derive(Debug, Clone)]
+pub(crate) struct EntityView {
+    row: Option<Arc<Row>>,
+    complete: bool,
+}
+
+impl EntityView {
+    /// The answer for feature `f`, if the tier covers the read (see [`Row::answer`]).
+    pub fn answer(&self, f: FeatureId, as_of: EventTime, known_at: SystemTime) -> Option<Option<CellVersion>> {
+        match &self.row {
+            Some(row) => row.answer(f, as_of, known_at, self.complete),
+            // No row in complete mode: the entity has no version at all.
+            None => self.complete.then_some(None),
+        }
     }
 }
 
@@ -290,6 +351,8 @@ pub struct HotStats {
     pub evictions: u64,
     /// Rows (entities) held.
     pub entries: u64,
+    /// Whether the tier is complete (holds every entity's newest states; see `src/hot.rs`).
+    pub complete: bool,
     /// Approximate bytes held.
     pub bytes: u64,
 }
@@ -297,7 +360,15 @@ pub struct HotStats {
 /// The hot tier of one engine.
 #[derive(Debug)]
 pub(crate) struct HotTier {
-    cache: Cache<Vec<u8>, Arc<Row>, RowWeighter, DefaultHashBuilder, CountEvictions>,
+    cache: Cache<Vec<u8>, Arc<Row>, RowWeighter, DefaultHashBuilder, Policy>,
+    /// The budget, bytes.
+    budget: u64,
+    /// Complete mode (see the module docs); shared with the cache's policy.
+    complete: Arc<AtomicBool>,
+    /// Bytes held, tracked while complete (no evictions happen then).
+    held: AtomicU64,
+    /// Serialises the inserts of complete mode with the switch out of it.
+    grow: Mutex<()>,
     stripes: Box<[Stripe]>,
     doorkeeper: Box<[AtomicU64]>,
     doorkeeper_set: AtomicU64,
@@ -319,27 +390,40 @@ fn stripe_of(hash: u64) -> usize {
 }
 
 impl HotTier {
-    /// A hot tier of about `bytes`; `None` when `bytes` is 0 (disabled).
-    pub fn new(bytes: usize) -> Option<HotTier> {
+    /// A hot tier of about `bytes`; `None` when `bytes` is 0 (disabled). `complete`: the
+    /// engine holds no version yet, so the tier starts complete (see the module docs).
+    pub fn new(bytes: usize, complete: bool) -> Option<HotTier> {
         if bytes == 0 {
             return None;
         }
         let evictions = Arc::new(AtomicU64::new(0));
         let rows = (bytes / ROW_BYTES_TYPICAL).max(16);
-        let options = match OptionsBuilder::new().estimated_items_capacity(rows).weight_capacity(bytes as u64).build() {
+        let budget = bytes as u64;
+        let capacity = if complete { budget.saturating_mul(COMPLETE_CAPACITY_FACTOR) } else { budget };
+        let options = match OptionsBuilder::new()
+            .estimated_items_capacity(rows)
+            .weight_capacity(capacity)
+            .shards(CACHE_SHARDS)
+            .build()
+        {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(bytes, error = ?e, "hot tier disabled: its cache options were refused");
                 return None;
             }
         };
+        let complete = Arc::new(AtomicBool::new(complete));
         Some(HotTier {
             cache: Cache::with_options(
                 options,
                 RowWeighter,
                 DefaultHashBuilder::default(),
-                CountEvictions(evictions.clone()),
+                Policy { evictions: evictions.clone(), complete: complete.clone() },
             ),
+            budget,
+            complete,
+            held: AtomicU64::new(0),
+            grow: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             doorkeeper: (0..((rows * DOORKEEPER_BITS_PER_ROW).next_power_of_two().max(DOORKEEPER_BITS_MIN) / 64))
                 .map(|_| AtomicU64::new(0))
@@ -355,9 +439,52 @@ impl HotTier {
         })
     }
 
-    /// The entity's row, if cached (one probe for all of its features).
-    pub fn row(&self, entity: &[u8]) -> Option<Arc<Row>> {
-        self.cache.get(entity)
+    /// What the tier holds of `entity` (one probe for all of its features). The row is looked
+    /// up before the flag is read (see the module docs).
+    pub fn entity(&self, entity: &[u8]) -> EntityView {
+        let row = self.cache.get(entity);
+        EntityView { row, complete: self.complete.load(Ordering::SeqCst) }
+    }
+
+    /// Whether the tier is complete.
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::SeqCst)
+    }
+
+    /// Ends complete mode: clears the flag, then lets the cache evict down to the budget.
+    fn end_complete(&self, why: &str) {
+        if self.complete.swap(false, Ordering::SeqCst) {
+            self.cache.set_capacity(self.budget);
+            tracing::info!(
+                budget = self.budget,
+                why,
+                "hot tier no longer complete: online reads of missing rows go to tables"
+            );
+        }
+    }
+
+    /// Stores `row` as the entity's row, replacing `old`. In complete mode the row replaces
+    /// the old one in one step (a reader never sees the entity without a row), unless it would
+    /// take the tier past its budget, which ends complete mode first.
+    fn store(&self, entity: &[u8], old: Option<&Row>, row: Row) {
+        let weight = |r: &Row| (entity.len() + r.bytes() + ROW_OVERHEAD_BYTES) as u64;
+        if self.complete.load(Ordering::SeqCst) {
+            let _g = self.grow.lock();
+            let (new, old) = (weight(&row), old.map_or(0, weight));
+            let held = self.held.load(Ordering::Relaxed);
+            let after = held.saturating_add(new).saturating_sub(old);
+            if after <= self.budget && new <= self.budget / COMPLETE_ROW_FRACTION {
+                self.held.store(after, Ordering::Relaxed);
+                self.cache.insert(entity.to_vec(), Arc::new(row));
+                return;
+            }
+            self.end_complete(if after > self.budget { "budget reached" } else { "a row is too large" });
+        }
+        // Remove first: if the new row is not admitted, no stale one may stay behind.
+        if old.is_some() {
+            self.cache.remove(entity);
+        }
+        self.cache.insert(entity.to_vec(), Arc::new(row));
     }
 
     /// Counts `hits` and `misses` pair reads.
@@ -378,7 +505,7 @@ impl HotTier {
         as_of: EventTime,
         known_at: SystemTime,
     ) -> Option<Option<CellVersion>> {
-        let r = self.row(entity).and_then(|row| row.answer(f, as_of, known_at));
+        let r = self.entity(entity).answer(f, as_of, known_at);
         self.count(u64::from(r.is_some()), u64::from(r.is_none()));
         r
     }
@@ -415,7 +542,8 @@ impl HotTier {
     /// Offers the newest states of some of the entity's pairs, as read from a view taken after
     /// `ticket`.
     pub fn fill(&self, entity: &[u8], ticket: Ticket, newest: Vec<(FeatureId, NewState)>) {
-        if newest.is_empty() {
+        // A complete tier holds every newest state already.
+        if newest.is_empty() || self.is_complete() {
             return;
         }
         if !self.admit(ticket.hash) {
@@ -434,13 +562,14 @@ impl HotTier {
             return;
         }
         let row = cur.as_deref().map_or_else(Row::default, Row::clone).with(&updates);
-        self.cache.insert(entity.to_vec(), Arc::new(row));
+        self.store(entity, cur.as_deref(), row);
         self.fills.fetch_add(updates.len() as u64, Ordering::Relaxed);
     }
 
     /// Versions of the entity's pairs are about to be published (`cells`: feature, event
     /// time, system time, encoded cell): replaces the states of features in the row that they
-    /// are newer than. Hand the returned token to [`HotTier::write_end`] once published.
+    /// are newer than, and in complete mode adds the features (and the row) that are missing.
+    /// Hand the returned token to [`HotTier::write_end`] once published.
     pub fn write_begin<'c>(
         &self,
         entity: &[u8],
@@ -451,20 +580,25 @@ impl HotTier {
         let _g = s.lock.lock();
         s.pending.fetch_add(1, Ordering::SeqCst);
         s.gen.fetch_add(1, Ordering::SeqCst);
-        let Some(cur) = self.cache.peek(entity) else { return token };
+        let complete = self.is_complete();
+        let cur = self.cache.peek(entity);
+        if cur.is_none() && !complete {
+            return token;
+        }
         let offered = cells
-            .filter(|c| cur.position(c.0).is_some())
+            .filter(|c| complete || cur.as_ref().is_some_and(|r| r.position(c.0).is_some()))
             .map(|(f, e, t, cell)| (f, NewState { event_time: e, system_time: t, cell: Some(cell.to_vec()) }))
             .collect();
-        let updates = newer_than(Some(&cur), offered, true);
+        let updates = newer_than(cur.as_deref(), offered, true);
         if updates.is_empty() {
             return token;
         }
         self.write_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
-        let row = cur.with(&updates);
-        // Remove first: if the new row is not admitted, no stale one may stay behind.
-        self.cache.remove(entity);
-        self.cache.insert(entity.to_vec(), Arc::new(row));
+        let row = match cur.as_deref() {
+            Some(r) => r.with(&updates),
+            None => Row::default().with(&updates),
+        };
+        self.store(entity, cur.as_deref(), row);
         token
     }
 
@@ -485,6 +619,7 @@ impl HotTier {
             write_updates: self.write_updates.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             entries: self.cache.len() as u64,
+            complete: self.is_complete(),
             bytes: self.cache.weight(),
         }
     }
@@ -534,7 +669,7 @@ mod tests {
 
     #[test]
     fn an_entity_is_filled_on_its_second_miss_only() {
-        let hot = HotTier::new(1 << 20).expect("enabled");
+        let hot = HotTier::new(1 << 20, false).expect("enabled");
         let p = b"entity".as_slice();
         hot.fill(p, hot.ticket(p), vec![(F, state(Some(v(1, 1, 1))))]);
         assert_eq!(read(&hot, p, 1, SystemTime::MAX), None, "a first miss is only remembered");
@@ -552,7 +687,7 @@ mod tests {
 
     #[test]
     fn a_state_answers_only_reads_it_covers() {
-        let hot = HotTier::new(1 << 20).expect("enabled");
+        let hot = HotTier::new(1 << 20, false).expect("enabled");
         let p = b"entity".as_slice();
         assert_eq!(read(&hot, p, 10, SystemTime::MAX), None);
         fill(&hot, p, hot.ticket(p), Some(v(10, 5, 1)));
@@ -574,7 +709,7 @@ mod tests {
 
     #[test]
     fn fills_are_refused_while_a_write_may_be_missing_from_the_view() {
-        let hot = HotTier::new(1 << 20).expect("enabled");
+        let hot = HotTier::new(1 << 20, false).expect("enabled");
         let p = b"entity".as_slice();
         // A write in flight when the ticket is taken.
         let token = begin(&hot, p, F, v(5, 9, 1));
@@ -603,7 +738,7 @@ mod tests {
 
     #[test]
     fn rows_merge_updates_in_feature_order() {
-        let hot = HotTier::new(1 << 20).expect("enabled");
+        let hot = HotTier::new(1 << 20, false).expect("enabled");
         let p = b"entity".as_slice();
         let t = hot.ticket(p);
         hot.admit(t.hash);
@@ -629,7 +764,7 @@ mod tests {
 
     #[test]
     fn the_budget_bounds_the_bytes_held() {
-        let hot = HotTier::new(64 << 10).expect("enabled");
+        let hot = HotTier::new(64 << 10, false).expect("enabled");
         for i in 0..10_000u32 {
             let p = i.to_be_bytes();
             fill(&hot, &p, hot.ticket(&p), Some(v(1, 1, 1)));
@@ -637,5 +772,57 @@ mod tests {
         let s = hot.stats();
         assert!(s.bytes <= 64 << 10, "{s:?}");
         assert!(s.evictions > 0 && s.entries > 0, "{s:?}");
+    }
+
+    #[test]
+    fn a_complete_tier_answers_absent_for_what_it_lacks() {
+        let hot = HotTier::new(1 << 20, true).expect("enabled");
+        let p = b"entity".as_slice();
+        assert_eq!(read(&hot, p, 10, SystemTime::MAX), Some(None), "no row: the entity has no version");
+        write(&hot, p, v(10, 5, 1));
+        assert_eq!(read(&hot, p, 10, SystemTime::MAX), Some(Some(v(10, 5, 1))), "writes create rows");
+        assert_eq!(hot.lookup(p, FeatureId(8), EventTime(10), SystemTime::MAX), Some(None), "a feature it lacks");
+        // A late write of an older event leaves the newest state; the read before it misses.
+        write(&hot, p, v(3, 6, 2));
+        assert_eq!(read(&hot, p, 20, SystemTime::MAX), Some(Some(v(10, 5, 1))));
+        assert_eq!(read(&hot, p, 9, SystemTime::MAX), None);
+        // Writes add features to rows; a known_at before the state misses.
+        let token = begin(&hot, p, FeatureId(8), v(4, 7, 9));
+        hot.write_end(token);
+        assert_eq!(hot.lookup(p, FeatureId(8), EventTime(10), SystemTime::MAX), Some(Some(v(4, 7, 9))));
+        assert_eq!(hot.lookup(p, FeatureId(8), EventTime(10), SystemTime(6)), None);
+        // Fills are not needed, and not taken.
+        fill(&hot, b"other", hot.ticket(b"other"), Some(v(1, 1, 1)));
+        assert_eq!(hot.stats().fills, 0);
+        assert!(hot.stats().complete);
+    }
+
+    #[test]
+    fn a_complete_tier_past_its_budget_becomes_a_cache() {
+        let hot = HotTier::new(16 << 10, true).expect("enabled");
+        let mut n = 0u32;
+        while hot.is_complete() {
+            write(&hot, &n.to_be_bytes(), v(1, u64::from(n) + 1, 1));
+            n += 1;
+            assert!(n < 10_000, "the budget must end complete mode");
+        }
+        let s = hot.stats();
+        assert!(s.bytes <= 16 << 10, "nothing past the budget is kept: {s:?}");
+        // Every row written while complete that is still held answers; a row that is not held
+        // (the one that ended complete mode, or an evicted one) now misses instead of
+        // answering absent.
+        let (mut held, mut missed) = (0, 0);
+        for i in 0..n {
+            match read(&hot, &i.to_be_bytes(), 1, SystemTime::MAX) {
+                Some(Some(got)) => {
+                    assert_eq!(got, v(1, u64::from(i) + 1, 1));
+                    held += 1;
+                }
+                None => missed += 1,
+                Some(None) => panic!("entity {i} answered absent after complete mode ended"),
+            }
+        }
+        assert!(held > 0 && missed > 0, "held {held}, missed {missed}");
+        assert_eq!(hot.lookup(b"never", F, EventTime(1), SystemTime::MAX), None);
     }
 }

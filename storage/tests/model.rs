@@ -87,8 +87,9 @@ fn config() -> impl Strategy<Value = Config> {
         prop_oneof![Just(64usize), Just(256), Just(4096)],
         any::<bool>(),
         prop::option::of(0u64..60),
-        // Hot tier off, tiny (constant eviction and refill), or roomy.
-        prop_oneof![Just(0usize), Just(400), Just(1 << 20)],
+        // Hot tier off, tiny (constant eviction and refill), small (complete on a fresh engine
+        // until a few rows fill it, then a cache), or roomy (complete until the first reopen).
+        prop_oneof![Just(0usize), Just(400), Just(4096), Just(1 << 20)],
         // Block cache off (every block read from the file), tiny, or roomy.
         prop_oneof![Just(0usize), Just(2048), Just(1 << 20)],
     )

@@ -27,6 +27,10 @@ struct Cli {
     /// One JSON object per result instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// The server's process id (same machine): `online` and `ingest` report its CPU time per
+    /// request or value, read from `/proc/PID/stat` over the measured window, and its RSS.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -226,6 +230,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", if cli.json { "{\"setup\":\"ok\"}" } else { "registry applied" });
         }
         Cmd::Ingest { to, entities, features, events, group, rows_per_request, streams, durability } => {
+            let cpu_before = cli.server_pid.and_then(load::process_cpu_us);
             let started = Instant::now();
             let (target, values) = match (&to.addr, &to.redis) {
                 (Some(addr), _) => {
@@ -249,14 +254,23 @@ async fn run(cli: Cli) -> Result<()> {
                 (None, None) => return Err("give --addr or --redis".into()),
             };
             let secs = started.elapsed().as_secs_f64();
+            let cpu_us =
+                cli.server_pid.and_then(load::process_cpu_us).zip(cpu_before).map(|(b, a)| b.saturating_sub(a));
+            let cpu_per_value = cpu_us.filter(|_| values > 0).map(|c| c as f64 / values as f64);
+            let rss = cli.server_pid.and_then(load::process_rss_mib);
             if cli.json {
                 let line = serde_json::json!({
                     "target": target, "mode": "ingest", "durability": durability, "values": values,
                     "seconds": secs, "values_per_s": values as f64 / secs,
+                    "server_cpu_us_per_value": cpu_per_value, "server_rss_mib": rss,
                 });
                 println!("{line}");
             } else {
-                println!("{target}: ingested {values} values in {secs:.2} s: {:.0} values/s", values as f64 / secs);
+                println!(
+                    "{target}: ingested {values} values in {secs:.2} s: {:.0} values/s{}",
+                    values as f64 / secs,
+                    cpu_per_value.map(|c| format!(", server CPU {c:.2} µs/value")).unwrap_or_default()
+                );
             }
         }
         Cmd::Online { to, entities, features, batch, concurrency, connections, duration, warmup, rate } => {
@@ -276,6 +290,7 @@ async fn run(cli: Cli) -> Result<()> {
                 duration: Duration::from_secs_f64(duration),
                 warmup: Duration::from_secs_f64(warmup),
                 rate,
+                server_pid: cli.server_pid,
             };
             let r = load::run_lookups(&target, &spec).await;
             if cli.json {
@@ -283,7 +298,7 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 let q = |p: f64| r.latency.value_at_quantile(p);
                 println!(
-                    "{name}: {} requests ({} errors) in {:.1} s: {:.0} req/s, {:.0} values/s; latency µs p50 {} p99 {} p99.9 {} max {}{}",
+                    "{name}: {} requests ({} errors) in {:.1} s: {:.0} req/s, {:.0} values/s; latency µs p50 {} p99 {} p99.9 {} max {}{}{}",
                     r.requests,
                     r.errors,
                     r.seconds,
@@ -293,6 +308,10 @@ async fn run(cli: Cli) -> Result<()> {
                     q(0.99),
                     q(0.999),
                     r.latency.max(),
+                    r.server_cpu_us
+                        .filter(|_| r.requests > 0)
+                        .map(|c| format!("; server CPU {:.1} µs/request", c as f64 / r.requests as f64))
+                        .unwrap_or_default(),
                     r.first_error.as_ref().map(|e| format!("; first error: {e}")).unwrap_or_default()
                 );
             }

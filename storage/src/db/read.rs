@@ -140,7 +140,8 @@ impl Inner {
         for e in entities {
             crate::types::check_entity_key(e)?;
         }
-        let fill = self.hot.as_ref().filter(|_| q.known_at == SystemTime::MAX);
+        // A complete tier needs no fills.
+        let fill = self.hot.as_ref().filter(|hot| q.known_at == SystemTime::MAX && !hot.is_complete());
         // Tickets first, then the view (see `src/hot.rs`).
         let tickets: Vec<_> = fill.map(|hot| entities.iter().map(|e| hot.ticket(e)).collect()).unwrap_or_default();
         let (view, known_at) = self.read_view(q.known_at);
@@ -150,9 +151,9 @@ impl Inner {
         // Pass 1: the hot tier. `None` marks a pair it does not cover.
         let mut answers: Vec<Option<Option<CellVersion>>> = Vec::with_capacity(entities.len() * features.len());
         for e in entities {
-            let row = self.hot.as_ref().and_then(|hot| hot.row(e));
+            let held = self.hot.as_ref().map(|hot| hot.entity(e));
             let before = answers.len();
-            answers.extend(features.iter().map(|&f| row.as_ref().and_then(|r| r.answer(f, q.as_of, known_at))));
+            answers.extend(features.iter().map(|&f| held.as_ref().and_then(|h| h.answer(f, q.as_of, known_at))));
             if let Some(hot) = &self.hot {
                 let hits = answers[before..].iter().filter(|a| a.is_some()).count() as u64;
                 hot.count(hits, (features.len() as u64).saturating_sub(hits));

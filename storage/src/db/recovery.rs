@@ -321,6 +321,8 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
     let seg = Arc::new(Segment::create(fs.as_ref(), dir, wal_number)?);
     let mem = Arc::new(Memtable::new(wal_number));
     let imms = if replayed.is_empty() { Vec::new() } else { vec![replayed.clone()] };
+    // An engine holding no version yet starts its hot tier complete (see `src/hot.rs`).
+    let fresh = replayed.is_empty() && vs.current.levels.iter().all(|l| l.is_empty());
     let view = ReadView { mem, imms, version: vs.current.clone() };
     let horizon = vs.event_horizon;
     let inner = Inner {
@@ -344,7 +346,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         counters: Counters::default(),
         _lock: lock,
         ssd,
-        hot: crate::hot::HotTier::new(opts.hot_tier_bytes),
+        hot: crate::hot::HotTier::new(opts.hot_tier_bytes, fresh),
         knowledge: Mutex::new(knowledge),
         log_needed_after: AtomicU64::new(if opts.replication_log_bytes > 0 { 0 } else { u64::MAX }),
         segment_last_seqno: Mutex::new(std::collections::BTreeMap::new()),
