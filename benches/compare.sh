@@ -14,8 +14,14 @@
 #   5. a point-in-time join of a 1,000,000-row spine over 100,000 entities x 100 hourly events x
 #      10 features against DuckDB's ASOF JOIN (pip duckdb) on the same data as Parquet, every
 #      output row compared (benches/join_compare.py).
+# Each online and ingest step also records the server's CPU time per request (or value), read
+# from /proc/PID/stat over the measured window (quiver-bench --server-pid), and the memory each
+# server holds the online set in (quiverd RSS; Redis used_memory and RSS). After Quiver's ingest
+# the script waits for quiverd's background flushes and compactions to finish (Redis has none)
+# so they are not charged to the lookups.
 # Results: a table on stdout (and DIR/results.md) and every raw JSON line in DIR/results.jsonl.
 #   --only online|join   runs one part; --join-entities/--join-events/--join-spine size the join.
+#   --memory-mb M        quiverd's memory budget (default 4096; e.g. Redis's used_memory).
 set -euo pipefail
 
 ENTITIES=1000000
@@ -26,7 +32,7 @@ ONLY=all
 JOIN_ENTITIES=100000
 JOIN_EVENTS=100
 JOIN_SPINE=1000000
-# Quiver's memory budget (memtables 1/8, hot tier 1/8, block cache 1/2); Redis holds the whole
+# Quiver's memory budget (memtables 1/8, hot tier 1/2, block cache 1/4); Redis holds the whole
 # data set in memory, so give Quiver a comparable amount. Both figures are printed.
 MEMORY_MB="${QUIVER_MEMORY_MB:-4096}"
 while [ $# -gt 0 ]; do
@@ -39,6 +45,7 @@ while [ $# -gt 0 ]; do
     --join-entities) JOIN_ENTITIES="$2"; shift 2 ;;
     --join-events) JOIN_EVENTS="$2"; shift 2 ;;
     --join-spine) JOIN_SPINE="$2"; shift 2 ;;
+    --memory-mb) MEMORY_MB="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -54,6 +61,7 @@ REDIS="redis://127.0.0.1:$REDIS_PORT"
 
 if ! command -v redis-server >/dev/null; then
   echo "installing redis-server..."
+  apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
 fi
 
@@ -89,23 +97,39 @@ done
 RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"
 run() { "$BENCH" --json "$@" | tee -a "$RESULTS"; }
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+rss_mib() { echo $(( $(awk '/VmRSS/ {print $2}' "/proc/$1/status") / 1024 )); }
+# Waits (at most 300 s) until quiverd uses under 3% of a core for 2 s: its flushes and
+# compactions after an ingest are done.
+settle() {
+  local start=$SECONDS a b
+  for _ in $(seq 150); do
+    a=$(cpu_ticks "$QUIVER_PID"); sleep 2; b=$(cpu_ticks "$QUIVER_PID")
+    [ $((b - a)) -le 6 ] && break
+  done
+  echo "quiverd settled after ingest in $((SECONDS - start)) s"
+}
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $ENTITIES entities x $FEATURES features"
 if [ "$ONLY" != join ]; then
 "$BENCH" setup --addr "$ADDR" --features "$FEATURES" >/dev/null
-run ingest --addr "$ADDR" --entities "$ENTITIES" --features "$FEATURES" --durability sync >/dev/null
-run ingest --redis "$REDIS" --entities "$ENTITIES" --features "$FEATURES" >/dev/null
+run ingest --server-pid "$QUIVER_PID" --addr "$ADDR" --entities "$ENTITIES" --features "$FEATURES" --durability sync >/dev/null
+settle
+run ingest --server-pid "$REDIS_PID" --redis "$REDIS" --entities "$ENTITIES" --features "$FEATURES" >/dev/null
 "$BENCH" check --addr "$ADDR" --redis "$REDIS" --entities "$ENTITIES" --features "$FEATURES" --sample 500
-echo "memory: redis used_memory $(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory_human/ {print $2}' | tr -d '\r'), quiverd RSS $(( $(awk '/VmRSS/ {print $2}' /proc/$QUIVER_PID/status) / 1024 ))MiB (budget ${MEMORY_MB}MiB), data dir $(du -sh "$WORK/quiver" | cut -f1)"
+REDIS_USED=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r')
+HOT_BYTES=$("$QUIVER" --addr "$ADDR" admin stats 2>/dev/null | awk '/hot tier/ && /bytes/ {for (i=1;i<=NF;i++) if ($i ~ /^[0-9]+$/) v=$i} END {print v+0}')
+echo "{\"mode\":\"memory\",\"values\":$((ENTITIES * FEATURES)),\"quiver_rss_mib\":$(rss_mib "$QUIVER_PID"),\"quiver_budget_mib\":$MEMORY_MB,\"redis_used_memory_mib\":$((REDIS_USED / 1048576)),\"redis_rss_mib\":$(rss_mib "$REDIS_PID"),\"quiver_hot_tier_bytes\":$HOT_BYTES,\"redis_used_memory_bytes\":$REDIS_USED}" | tee -a "$RESULTS"
+echo "data dir $(du -sh "$WORK/quiver" | cut -f1)"
 
 for c in 1 16 64; do
-  for t in "--addr $ADDR" "--redis $REDIS"; do
+  for t in "--server-pid $QUIVER_PID --addr $ADDR" "--server-pid $REDIS_PID --redis $REDIS"; do
     # shellcheck disable=SC2086
     run online $t --entities "$ENTITIES" --features "$FEATURES" --batch 1 --concurrency "$c" \
       --duration "$DURATION" >/dev/null
   done
 done
-for t in "--addr $ADDR" "--redis $REDIS"; do
+for t in "--server-pid $QUIVER_PID --addr $ADDR" "--server-pid $REDIS_PID --redis $REDIS"; do
   # shellcheck disable=SC2086
   run online $t --entities "$ENTITIES" --features "$FEATURES" --batch 100 --concurrency 16 \
     --duration "$DURATION" >/dev/null
@@ -116,8 +140,8 @@ rows=[json.loads(l) for l in open('$RESULTS') if l.strip()]
 r=[x for x in rows if x.get('target')=='quiver' and x.get('mode')=='closed' and x['batch']==1 and x['concurrency']==64]
 print(r[-1]['requests_per_s'])")
 RATE=$(python3 -c "print(round($MAX*0.8))")
-run online --addr "$ADDR" --entities "$ENTITIES" --features "$FEATURES" --batch 1 --concurrency 64 \
-  --duration "$DURATION" --rate "$RATE" >/dev/null
+run online --server-pid "$QUIVER_PID" --addr "$ADDR" --entities "$ENTITIES" --features "$FEATURES" --batch 1 \
+  --concurrency 64 --duration "$DURATION" --rate "$RATE" >/dev/null
 fi
 
 if [ "$ONLY" != online ]; then

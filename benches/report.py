@@ -17,7 +17,22 @@ def main(path):
         qv = q["values_per_s"] if q else None
         rv = r["values_per_s"] if r else None
         ratio = f"{qv / rv:.2f}" if qv and rv else "-"
-        print(f"| ingest values/s (Quiver sync) | {qv or 0:,.0f} | {rv or 0:,.0f} | {ratio} |")
+        print(f"| ingest values/s (Quiver sync, Redis pipelined HSET) | {qv or 0:,.0f} | {rv or 0:,.0f} | {ratio} |")
+        qc = q.get("server_cpu_us_per_value") if q else None
+        rc = r.get("server_cpu_us_per_value") if r else None
+        if qc and rc:
+            print(f"| ingest, server CPU per value | {qc:.2f} µs | {rc:.2f} µs | {qc / rc:.2f}x the CPU |")
+    for m in rows:
+        if m.get("mode") == "memory":
+            n = m["values"]
+            qb = m["quiver_rss_mib"] * 1048576 / n
+            rb = m["redis_used_memory_bytes"] / n
+            hot = m.get("quiver_hot_tier_bytes") or 0
+            print(
+                f"| memory holding {n:,} values | RSS {m['quiver_rss_mib']:,} MiB (budget {m['quiver_budget_mib']:,} MiB; "
+                f"hot tier {hot / 1048576:,.0f} MiB, {hot / n:.1f} B/value) | used_memory {m['redis_used_memory_mib']:,} MiB "
+                f"(RSS {m['redis_rss_mib']:,} MiB) | {qb / rb:.2f}x ({qb:.1f} vs {rb:.1f} B/value) |"
+            )
     closed = [r for r in rows if r.get("mode") == "closed"]
     keys = []
     for r in closed:
@@ -38,6 +53,10 @@ def main(path):
 
         ratio = f"{q[field] / r[field]:.2f}" if q and r and r[field] else "-"
         print(f"| batch {batch}, concurrency {conc} | {cell(q)} | {cell(r)} | {ratio} |")
+        qc = q.get("server_cpu_us_per_request") if q else None
+        rc = r.get("server_cpu_us_per_request") if r else None
+        if qc and rc:
+            print(f"| same, server CPU per request | {qc:.1f} µs | {rc:.1f} µs | {qc / rc:.2f}x the CPU |")
     join = {r["target"]: r for r in rows if r.get("mode") == "join"}
     if join:
         q, d = join.get("quiver"), join.get("duckdb")
@@ -52,9 +71,11 @@ def main(path):
     for r in rows:
         if r.get("mode") == "open":
             lat = r["latency_us"]
+            cpu = r.get("server_cpu_us_per_request")
+            cpu = f", server CPU {cpu:.1f} µs/request" if cpu else ""
             print(
                 f"| open loop {r['rate']:,.0f} req/s (80% of max), concurrency {r['concurrency']} "
-                f"| p50 {lat['p50']} µs, p99 {lat['p99']} µs, p99.9 {lat['p999']} µs | - | - |"
+                f"| p50 {lat['p50']} µs, p99 {lat['p99']} µs, p99.9 {lat['p999']} µs{cpu} | - | - |"
             )
 
 

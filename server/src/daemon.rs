@@ -89,9 +89,11 @@ pub async fn serve(
 ) -> Result<(), String> {
     let budget = cfg.memory_budget_bytes;
     let opts = Options {
+        // Online lookups are served from the hot tier (complete on a fresh engine while the
+        // online set fits): it gets the largest share.
         memtable_bytes: budget / 8,
-        hot_tier_bytes: budget / 8,
-        block_cache_bytes: budget / 2,
+        hot_tier_bytes: budget / 2,
+        block_cache_bytes: budget / 4,
         io_backend: cfg.io_backend,
         direct_reads: cfg.direct_reads,
         region: cfg.cluster.region,

@@ -85,7 +85,7 @@ impl Metrics {
             registry.register(Box::new(c.clone())).map_err(err)?;
         }
         registry.register(Box::new(lag_seconds.clone())).map_err(err)?;
-        let figures: [(&str, &str, Figure); 20] = [
+        let figures: [(&str, &str, Figure); 21] = [
             ("replication_conflicts", "replicated versions concurrent with their cell's winner since start", |s| {
                 s.replication_conflicts as i64
             }),
@@ -104,6 +104,11 @@ impl Metrics {
             ("engine_hot_tier_evictions", "hot tier rows evicted since start", |s| s.hot.evictions as i64),
             ("engine_hot_tier_entries", "entity rows held by the hot tier", |s| s.hot.entries as i64),
             ("engine_hot_tier_bytes", "approximate bytes held by the hot tier", |s| s.hot.bytes as i64),
+            (
+                "engine_hot_tier_complete",
+                "1 while the hot tier holds every entity's newest states (online reads never touch tables)",
+                |s| i64::from(s.hot.complete),
+            ),
             ("engine_ssd_io_uring", "1 if data blocks are read with io_uring, 0 for pread", |s| {
                 i64::from(s.ssd.backend == "io_uring")
             }),
