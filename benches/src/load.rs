@@ -367,16 +367,20 @@ pub fn process_cpu_us(pid: u32) -> Option<u64> {
     Some(ticks * 1_000_000 / clock_ticks_per_second())
 }
 
-/// The kernel's clock ticks per second (`getconf CLK_TCK`; 100 on every Linux we run on).
+/// The kernel's clock ticks per second (`getconf CLK_TCK`, asked once; 100 on every Linux we
+/// run on, and the fallback).
 fn clock_ticks_per_second() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|&t| t > 0)
-        .unwrap_or(100)
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
 }
 
 /// Resident memory of a process (MiB), from `/proc/PID/status`.

@@ -71,22 +71,37 @@ fn string(r: &mut Reader<'_>) -> Result<String, DecodeError> {
 
 /// Decodes a cell value; the whole input must be consumed.
 pub fn decode(raw: &[u8]) -> Result<(Option<Value>, VersionVector), DecodeError> {
+    decode_with(raw, None)
+}
+
+/// Decodes a cell value, in the [`compact`] form too when `own_stamp` gives the version's
+/// system time (files never hold that form, so [`decode`] refuses it).
+fn decode_with(raw: &[u8], own_stamp: Option<u64>) -> Result<(Option<Value>, VersionVector), DecodeError> {
     let mut r = Reader::new(raw);
-    let flags = r.u8()?;
+    let mut flags = r.u8()?;
+    let vv = match own_stamp {
+        Some(stamp) if flags & FLAG_OWN_STAMP != 0 => {
+            flags &= !FLAG_OWN_STAMP;
+            let region = u32::try_from(r.uvarint()?).map_err(|_| "region id over u32")?;
+            VersionVector::single(region, stamp)
+        }
+        _ => {
+            let n = r.len(VERSION_VECTOR_ENTRIES_MAX)?;
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let region = u32::try_from(r.uvarint()?).map_err(|_| "region id over u32")?;
+                let counter = r.uvarint()?;
+                if entries.last().is_some_and(|&(prev, _)| prev >= region) {
+                    return Err("version vector not sorted");
+                }
+                entries.push((region, counter));
+            }
+            VersionVector::from_entries(entries).map_err(|_| "bad version vector")?
+        }
+    };
     if flags & !FLAG_TOMBSTONE != 0 {
         return Err("unknown cell flags");
     }
-    let n = r.len(VERSION_VECTOR_ENTRIES_MAX)?;
-    let mut entries = Vec::with_capacity(n);
-    for _ in 0..n {
-        let region = u32::try_from(r.uvarint()?).map_err(|_| "region id over u32")?;
-        let counter = r.uvarint()?;
-        if entries.last().is_some_and(|&(prev, _)| prev >= region) {
-            return Err("version vector not sorted");
-        }
-        entries.push((region, counter));
-    }
-    let vv = VersionVector::from_entries(entries).map_err(|_| "bad version vector")?;
     let value = read_value(flags, &mut r)?;
     if !r.is_empty() {
         return Err("trailing bytes after cell value");
@@ -94,46 +109,43 @@ pub fn decode(raw: &[u8]) -> Result<(Option<Value>, VersionVector), DecodeError>
     Ok((value, vv))
 }
 
+/// For an encoded cell whose version vector is exactly `{region: system_time}`: its flags,
+/// where the region's uvarint lies, and where the value part starts.
+fn own_stamp_parts(raw: &[u8], system_time: u64) -> Option<(u8, std::ops::Range<usize>, usize)> {
+    let mut r = Reader::new(raw);
+    let flags = r.u8().ok()?;
+    if r.uvarint().ok()? != 1 {
+        return None;
+    }
+    let region_start = r.pos();
+    r.uvarint().ok()?;
+    let region = region_start..r.pos();
+    (r.uvarint().ok()? == system_time).then(|| (flags, region, r.pos()))
+}
+
 /// The compact in-memory form of an encoded cell whose version has system time
 /// `system_time` (the hot tier's): a version vector `{region: system_time}`, which every local
 /// write has when no other region is known, is replaced by the region alone, so a float64
 /// takes 11 bytes instead of 20. Other cells are kept as they are.
 pub(crate) fn compact(raw: &[u8], system_time: u64, out: &mut Vec<u8>) {
-    let mut r = Reader::new(raw);
-    let own = (|| {
-        let flags = r.u8().ok()?;
-        if r.uvarint().ok()? != 1 {
-            return None;
-        }
-        let region = r.uvarint().ok()?;
-        (r.uvarint().ok()? == system_time).then_some((flags, region))
-    })();
-    match own {
-        Some((flags, region)) => {
+    match own_stamp_parts(raw, system_time) {
+        Some((flags, region, value)) => {
             out.push(flags | FLAG_OWN_STAMP);
-            put_uvarint(out, region);
-            out.extend_from_slice(&raw[raw.len() - r.remaining()..]);
+            out.extend_from_slice(&raw[region]);
+            out.extend_from_slice(&raw[value..]);
         }
         None => out.extend_from_slice(raw),
     }
 }
 
+/// The length of [`compact`]'s output for the same arguments.
+pub(crate) fn compact_len(raw: &[u8], system_time: u64) -> usize {
+    own_stamp_parts(raw, system_time).map_or(raw.len(), |(_, region, value)| 1 + region.len() + raw.len() - value)
+}
+
 /// Decodes the [`compact`] form of a cell whose version has system time `system_time`.
 pub(crate) fn decode_compact(raw: &[u8], system_time: u64) -> Result<(Option<Value>, VersionVector), DecodeError> {
-    if raw.first().is_some_and(|f| f & FLAG_OWN_STAMP == 0) {
-        return decode(raw);
-    }
-    let mut r = Reader::new(raw);
-    let flags = r.u8()? & !FLAG_OWN_STAMP;
-    if flags & !FLAG_TOMBSTONE != 0 {
-        return Err("unknown cell flags");
-    }
-    let region = u32::try_from(r.uvarint()?).map_err(|_| "region id over u32")?;
-    let value = read_value(flags, &mut r)?;
-    if !r.is_empty() {
-        return Err("trailing bytes after cell value");
-    }
-    Ok((value, VersionVector::single(region, system_time)))
+    decode_with(raw, Some(system_time))
 }
 
 /// The value part of a cell (after its version vector).
@@ -207,16 +219,18 @@ mod tests {
             (Some(Value::Int64(4)), VersionVector::from_entries(vec![(1, 5), (2, 77)]).expect("vv"), 77, 0),
             (Some(Value::Bool(true)), VersionVector::new(), 77, 0),
         ];
-        for (value, vv, stamp, compact_len) in cases {
+        for (value, vv, stamp, want_len) in cases {
             let mut raw = Vec::new();
             encode(value.as_ref(), &vv, &mut raw);
             let mut c = Vec::new();
             compact(&raw, stamp, &mut c);
-            if compact_len > 0 {
-                assert_eq!(c.len(), compact_len, "{value:?} {vv:?}");
+            if want_len > 0 {
+                assert_eq!(c.len(), want_len, "{value:?} {vv:?}");
+                assert!(decode(&c).is_err(), "files never hold the compact form");
             } else {
                 assert_eq!(c, raw);
             }
+            assert_eq!(compact_len(&raw, stamp), c.len());
             assert_eq!(decode_compact(&c, stamp), Ok((value.clone(), vv.clone())));
             assert!(decode_compact(&c[..c.len() - 1], stamp).is_err());
         }

@@ -200,34 +200,42 @@ impl Row {
     /// A copy of the row with `updates` (sorted by feature, each newer than what it replaces
     /// or new to the row) applied; the copy's buffers are exactly as large as they need to be.
     fn with(&self, updates: &[(FeatureId, Offer<'_>)]) -> Row {
-        // The merged feature list first, to size the buffers.
-        let mut merged: Vec<(FeatureId, Result<usize, usize>)> =
-            Vec::with_capacity(self.features.len() + updates.len());
+        /// Where a state of the merged row comes from.
+        enum Src {
+            /// The state at this index of `self`.
+            Kept(usize),
+            /// The update at this index.
+            New(usize),
+        }
+        // The merged feature list first, to size the buffers exactly.
+        let mut merged: Vec<(FeatureId, Src)> = Vec::with_capacity(self.features.len() + updates.len());
         let (mut i, mut j) = (0, 0);
-        while i < self.features.len() || j < updates.len() {
+        loop {
             match (self.features.get(i), updates.get(j)) {
                 (Some(&f), Some((g, _))) if *g <= f => {
-                    merged.push((*g, Err(j)));
+                    merged.push((*g, Src::New(j)));
                     i += usize::from(*g == f);
                     j += 1;
                 }
                 (Some(&f), _) => {
-                    merged.push((f, Ok(i)));
+                    merged.push((f, Src::Kept(i)));
                     i += 1;
                 }
                 (None, Some((g, _))) => {
-                    merged.push((*g, Err(j)));
+                    merged.push((*g, Src::New(j)));
                     j += 1;
                 }
                 (None, None) => break,
             }
         }
-        // At most this long: new cells only shrink in compact form.
         let cells_len: usize = merged
             .iter()
-            .map(|(_, src)| match src {
-                Ok(i) => self.state(*i).map_or(0, |(_, c)| c.len()),
-                Err(j) => updates[*j].1.cell.map_or(0, <[u8]>::len),
+            .map(|(_, src)| match *src {
+                Src::Kept(i) => self.state(i).map_or(0, |(_, c)| c.len()),
+                Src::New(j) => {
+                    let u = &updates[j].1;
+                    u.cell.map_or(0, |c| crate::cell::compact_len(c, u.system_time.0))
+                }
             })
             .sum();
         let n = merged.len();
@@ -240,14 +248,11 @@ impl Row {
         };
         for (f, src) in merged {
             let times = match src {
-                Ok(i) => match self.state(i) {
-                    Some((t, c)) => {
-                        out.cells.extend_from_slice(c);
-                        Some(t)
-                    }
-                    None => None,
-                },
-                Err(j) => {
+                Src::Kept(i) => self.state(i).map(|(t, c)| {
+                    out.cells.extend_from_slice(c);
+                    t
+                }),
+                Src::New(j) => {
                     let u = &updates[j].1;
                     u.cell.map(|c| {
                         crate::cell::compact(c, u.system_time.0, &mut out.cells);
@@ -270,7 +275,7 @@ impl Row {
             out.ends.push(out.cells.len() as u32);
         }
         out.times.shrink_to_fit();
-        out.cells.shrink_to_fit();
+        debug_assert_eq!(out.cells.len(), cells_len, "compact_len must match compact");
         out
     }
 }
@@ -313,8 +318,13 @@ struct RowWeighter;
 
 impl Weighter<Vec<u8>, Arc<Row>> for RowWeighter {
     fn weight(&self, key: &Vec<u8>, val: &Arc<Row>) -> u64 {
-        (key.len() + val.bytes() + ROW_OVERHEAD_BYTES) as u64
+        row_weight(key, val)
     }
+}
+
+/// What the tier counts a row as: its key, its states and [`ROW_OVERHEAD_BYTES`].
+fn row_weight(key: &[u8], row: &Row) -> u64 {
+    (key.len() + row.bytes() + ROW_OVERHEAD_BYTES) as u64
 }
 
 /// The cache's policy: rows are pinned while the tier is complete; evictions are counted.
@@ -510,10 +520,9 @@ impl HotTier {
     /// the old one in one step (a reader never sees the entity without a row), unless it would
     /// take the tier past its budget, which ends complete mode first.
     fn store(&self, entity: &[u8], old: Option<&Row>, row: Row) {
-        let weight = |r: &Row| (entity.len() + r.bytes() + ROW_OVERHEAD_BYTES) as u64;
         if self.complete.load(Ordering::SeqCst) {
             let _g = self.grow.lock();
-            let (new, old) = (weight(&row), old.map_or(0, weight));
+            let (new, old) = (row_weight(entity, &row), old.map_or(0, |r| row_weight(entity, r)));
             let held = self.held.load(Ordering::Relaxed);
             let after = held.saturating_add(new).saturating_sub(old);
             if after <= self.budget && new <= self.budget / COMPLETE_ROW_FRACTION {
