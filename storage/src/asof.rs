@@ -18,7 +18,8 @@
 //! - [`AsOf::event_time_min`]: where the lookback window starts.
 //! - [`judge`]: what a read does with the next version of its pair met in key order (event time
 //!   descending, then system time descending) — the memtables and the tables walk with it.
-//! - [`newer`]: the winner among the candidates of several sources (memtables, tables).
+//! - [`newer`]: the winner among candidates by their times (the hot tier's states), and
+//!   [`newer_key`], the same order on internal keys (the memtables' and tables' candidates).
 //! - [`in_window`]: the lookback applied to a winner found without it (the hot tier, the
 //!   online path's newest-version reads, the service's statuses).
 //! - [`answers`]: whether a pair's newest version alone answers a read (the hot tier's

@@ -129,10 +129,14 @@ impl WriteBatch {
         self.bytes
     }
 
-    /// The smallest event time of the batch's user cells (the event horizon applies to them;
-    /// reserved records — registry, idempotency, cursors — live at event time 0 whatever it is).
-    pub(crate) fn event_time_min(&self) -> Option<EventTime> {
-        self.ops.iter().filter(|o| !crate::reserved::is_reserved(&o.entity)).map(|o| o.event_time).min()
+    /// The smallest event time below the event horizon `horizon` among the batch's cells
+    /// ([`crate::reserved::below_horizon`]), if any.
+    pub(crate) fn below_horizon(&self, horizon: i64) -> Option<EventTime> {
+        self.ops
+            .iter()
+            .filter(|o| crate::reserved::below_horizon(&o.entity, o.event_time, horizon))
+            .map(|o| o.event_time)
+            .min()
     }
 
     /// Each write's cell, its value (`None`: a tombstone) and its explicit vector (`None`: it

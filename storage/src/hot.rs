@@ -307,7 +307,7 @@ fn newer_than<'a>(
         match row.and_then(|r| r.position(*f).map(|i| r.state(i).map(|(t, _)| t))) {
             None => true,
             Some(None) => n.cell.is_some(),
-            Some(Some(s)) => order > s || ties_win && order == s,
+            Some(Some(s)) => crate::asof::newer(order, Some(s)) || ties_win && order == s,
         }
     });
     out

@@ -34,6 +34,13 @@ pub fn is_reserved(entity: &[u8]) -> bool {
     entity.first() == Some(&RESERVED_BYTE)
 }
 
+/// Whether a version of `entity` at `event_time` is below the event horizon `horizon`: the
+/// horizon bounds feature values only, never the service's reserved records (written at event
+/// time 0). Local writes are refused and replicated versions dropped by this one rule.
+pub(crate) fn below_horizon(entity: &[u8], event_time: crate::types::EventTime, horizon: i64) -> bool {
+    event_time.0 < horizon && !is_reserved(entity)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

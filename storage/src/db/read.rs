@@ -290,6 +290,19 @@ impl Inner {
         Some(self.ssd.prefetch(&refs))
     }
 
+    /// The current version of the cell `(entity, feature, event_time)` in `view`: its newest
+    /// system time, tombstones included. Compare-and-swap and replicated applies judge against it.
+    pub(super) fn cell_in_view(
+        &self,
+        view: &ReadView,
+        entity: &[u8],
+        feature: FeatureId,
+        event_time: EventTime,
+    ) -> Result<Option<CellVersion>> {
+        let exact = AsOf { as_of: event_time, known_at: SystemTime::MAX, lookback_us: Some(0) };
+        self.get_in_view(view, &key::prefix(entity, feature), exact, SystemTime::MAX, None)
+    }
+
     /// `get` from the view alone, for the pair `prefix`.
     pub(super) fn get_in_view(
         &self,

@@ -572,7 +572,7 @@ impl Inner {
             // Versions below this node's horizon are dropped (the horizon is a local policy);
             // the cursor still moves past the batch, or the origin's log would stall here.
             let before = p.cells.len();
-            p.cells.retain(|k, _| k.2 .0 >= *horizon || crate::reserved::is_reserved(k.0));
+            p.cells.retain(|k, _| !crate::reserved::below_horizon(k.0, k.2, *horizon));
             reports.push(ApplyReport { dropped: (before - p.cells.len()) as u64, ..Default::default() });
         }
         self.check_ok()?;
@@ -639,8 +639,7 @@ impl Inner {
                     });
                     continue;
                 }
-                let exact = AsOf { as_of: *event_time, known_at: SystemTime::MAX, lookback_us: Some(0) };
-                let current = overlay.newest(&id, self.get_in_view(&view, &prefix, exact, SystemTime::MAX, None)?);
+                let current = overlay.newest(&id, self.cell_in_view(&view, entity, *feature, *event_time)?);
                 let incoming = Stamped { system_time: inc.system_time, region: inc.region, vector: &inc.vector };
                 let current_stamped = current.as_ref().map(|c| Stamped {
                     system_time: c.system_time,

@@ -12,7 +12,7 @@ use crate::key;
 use crate::limits::IMMUTABLE_MEMTABLES_MAX;
 use crate::memtable::Memtable;
 use crate::options::Background;
-use crate::types::{AsOf, CellVersion, Durability, EventTime, FeatureId, SystemTime, Value, VersionVector};
+use crate::types::{CellVersion, Durability, EventTime, FeatureId, SystemTime, Value, VersionVector};
 use crate::wal::Segment;
 use crate::{Error, Result, WriteBatch};
 
@@ -111,13 +111,11 @@ impl Inner {
         }
         // Held until the batch is in the memtable, so that a horizon move waits for it.
         let horizon = self.horizon.read();
-        if let Some(min) = batch.event_time_min() {
-            if min.0 < *horizon {
-                return Err(Error::InvalidArgument(format!(
-                    "event time {} is below the event horizon {}",
-                    min.0, *horizon
-                )));
-            }
+        if let Some(below) = batch.below_horizon(*horizon) {
+            return Err(Error::InvalidArgument(format!(
+                "event time {} is below the event horizon {}",
+                below.0, *horizon
+            )));
         }
         self.check_ok()?;
         let mine = self.commit.submit(
@@ -229,11 +227,7 @@ impl Inner {
                     value: Some(v.clone()),
                     version_vector: vv.clone(),
                 }),
-                None => {
-                    let exact = AsOf { as_of: e.event_time, known_at: SystemTime::MAX, lookback_us: Some(0) };
-                    let prefix = key::prefix(&e.entity, e.feature);
-                    self.get_in_view(view, &prefix, exact, SystemTime::MAX, None)?.filter(|c| c.value.is_some())
-                }
+                None => crate::asof::present(self.cell_in_view(view, &e.entity, e.feature, e.event_time)?),
             };
             let holds = match (&current, &e.version) {
                 (None, None) => true,
@@ -279,13 +273,11 @@ impl Inner {
                 }
             };
         // Peers that keep up are served this region's batches from memory.
-        if self.opts.replication_log_bytes > 0 && local.iter().any(|&l| l) {
+        if self.opts.replication_log_bytes > 0 && local {
             let first = w.last_seqno + 1 - payloads.len() as u64;
             let mut tail = self.log_tail.lock();
-            for (i, (p, l)) in payloads.into_iter().zip(local).enumerate() {
-                if l {
-                    tail.push(first + i as u64, p);
-                }
+            for (i, p) in payloads.into_iter().enumerate() {
+                tail.push(first + i as u64, p);
             }
         }
         if mem.approximate_bytes() >= self.opts.memtable_bytes {
@@ -302,8 +294,9 @@ impl Inner {
         Ok(())
     }
 
-    /// Publishes logged batches; returns which are local (written in this region).
-    fn publish_logged(&self, w: &mut WriterState, mem: &Memtable, payloads: &[Vec<u8>]) -> Result<Vec<bool>> {
+    /// Publishes logged batches; returns whether they are local (written in this region). A
+    /// group is all local (a commit) or all replicated (an apply).
+    fn publish_logged(&self, w: &mut WriterState, mem: &Memtable, payloads: &[Vec<u8>]) -> Result<bool> {
         let mut decoded = Vec::with_capacity(payloads.len());
         for p in payloads {
             match batch::decode_trusted(p) {
@@ -323,10 +316,11 @@ impl Inner {
             debug_assert!(b.system_time.0 > visible_before, "a batch's stamp must be above the visible stamp");
             debug_assert!(i == 0 || decoded[i - 1].system_time < b.system_time, "batch stamps must rise");
         }
-        let (Some(last), Some(newest)) = (decoded.last().map(|b| b.seqno), decoded.last().map(|b| b.system_time))
-        else {
-            return Ok(Vec::new());
+        let Some((last, newest)) = decoded.last().map(|b| (b.seqno, b.system_time)) else {
+            return Err(Error::PreviousError("internal: publish of no batch".into()));
         };
+        let local = decoded[0].origin.is_none();
+        debug_assert!(decoded.iter().all(|b| b.origin.is_none() == local), "a group is all local or all replicated");
         w.last_seqno = last;
         // The hot tier learns of every version before it is published (see `src/hot.rs`).
         let announced = self.hot.as_ref().map(|hot| announce(hot, &decoded)).unwrap_or_default();
@@ -340,25 +334,18 @@ impl Inner {
                 hot.write_end(token);
             }
         }
-        let mut local_stamp_max = None;
-        {
-            let mut k = None;
+        if local {
+            self.own_stamp_max.fetch_max(newest.0, Ordering::AcqRel);
+        } else {
+            let mut k = self.knowledge.lock();
             for b in &decoded {
-                if b.origin.is_none() {
-                    local_stamp_max = Some(b.system_time);
-                } else {
-                    let k = k.get_or_insert_with(|| self.knowledge.lock());
-                    **k = k.merge(&super::replicate::learned(b));
-                }
+                *k = k.merge(&super::replicate::learned(b));
             }
-        }
-        if let Some(s) = local_stamp_max {
-            self.own_stamp_max.fetch_max(s.0, Ordering::AcqRel);
         }
         let previous = self.published_seqno.swap(last, Ordering::AcqRel);
         debug_assert!(previous < first, "the published sequence number must rise");
         self.counters.write_groups.fetch_add(1, Ordering::Relaxed);
-        Ok(decoded.iter().map(|b| b.origin.is_none()).collect())
+        Ok(local)
     }
 
     /// Switches the memtable if it is full, waiting while too many immutable memtables or L0
