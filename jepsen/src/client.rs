@@ -48,8 +48,12 @@ fn key(entity: u32) -> pb::EntityKey {
 }
 
 /// Microseconds of a timestamp the server returned (0 when missing or out of range).
-fn us(t: &Option<prost_types::Timestamp>) -> i64 {
-    t.as_ref().and_then(timestamp_to_micros).unwrap_or(0)
+/// A time the server must have sent; a missing or out-of-range one fails the operation
+/// rather than reading as 0 (which the checker could mistake for a real stamp).
+fn us(t: &Option<prost_types::Timestamp>, what: &str) -> Result<i64, tonic::Status> {
+    t.as_ref()
+        .and_then(timestamp_to_micros)
+        .ok_or_else(|| tonic::Status::internal(format!("the server answered without a valid {what}")))
 }
 
 fn slot_time(slot: u32) -> i64 {
@@ -140,7 +144,7 @@ impl Node {
             idempotency_key: String::new(),
         };
         let r = self.features.write_features(req).await?.into_inner();
-        let stamp = us(&r.system_time) as u64;
+        let stamp = us(&r.system_time, "system_time")? as u64;
         let vector = Some(vector(&r.version)).filter(|v| !v.is_empty());
         Ok(Written { stamp, vector })
     }
@@ -178,13 +182,13 @@ impl Node {
         let mut out: BTreeMap<u32, Vec<Seen>> = BTreeMap::new();
         while let Some(chunk) = stream.message().await? {
             for v in chunk.versions {
-                let t = us(&v.event_time);
+                let t = us(&v.event_time, "event_time")?;
                 let slot = ((SLOT0_US - t) / 1000) as u32;
                 let value = v.value.as_ref().and_then(|x| match x.kind {
                     Some(pb::value::Kind::Int64Value(i)) => Some(i),
                     _ => None,
                 });
-                let stamp = us(&v.system_time) as u64;
+                let stamp = us(&v.system_time, "system_time")? as u64;
                 out.entry(slot).or_default().push(Seen { value, stamp, vector: vector(&v.version) });
             }
         }
@@ -215,9 +219,13 @@ impl Node {
                     Some(pb::value::Kind::Int64Value(i)) => Some(i),
                     _ => None,
                 });
-                let stamp = us(&v.system_time) as u64;
+                let stamp = us(&v.system_time, "system_time")? as u64;
                 let seen = Seen { value, stamp, vector: vector(&v.version) };
-                versions.push(Version { event_time: us(&v.event_time), system_time: stamp, value: Some(seen) });
+                versions.push(Version {
+                    event_time: us(&v.event_time, "event_time")?,
+                    system_time: stamp,
+                    value: Some(seen),
+                });
             }
         }
         let t = slot_time(cell.slot);

@@ -30,9 +30,6 @@ pub const CLOCK_SKEW_ENV: &str = "QUIVER_TEST_CLOCK_SKEW_MS";
 /// times.
 pub const MANUAL_CLOCK_ENV: &str = "QUIVER_TEST_MANUAL_CLOCK_US";
 
-/// The test-only switches a `quiverd` reads from its environment.
-pub const TEST_SWITCHES: [&str; 3] = [CLOCK_SKEW_ENV, MANUAL_CLOCK_ENV, crate::replication::CHAOS_ENV];
-
 /// The value of the test-only switch `name`. Builds without the `testing` cargo feature (every
 /// release build) have no test switches: one set in the environment is refused, so a test
 /// never runs believing it injects faults it does not.
@@ -42,6 +39,17 @@ pub fn test_switch(name: &str) -> Result<Option<String>, String> {
         return Ok(value);
     }
     Err(format!("{name} is set, but this quiverd was built without the `testing` feature (test-only switches)"))
+}
+
+/// [`test_switch`], parsed; a value that does not parse is refused, not ignored.
+fn test_switch_value<T: std::str::FromStr>(name: &str) -> Result<Option<T>, String>
+where
+    T::Err: std::fmt::Display,
+{
+    match test_switch(name)? {
+        Some(s) => s.parse().map(Some).map_err(|e| format!("{name}={s:?}: {e}")),
+        None => Ok(None),
+    }
 }
 
 /// The system clock moved by a fixed offset.
@@ -103,16 +111,9 @@ pub async fn serve(
         replicated_prefixes: vec![crate::registry::PREFIX.to_vec()],
         ..Options::default()
     };
-    for name in TEST_SWITCHES {
-        test_switch(name)?;
-    }
-    let skew_ms = test_switch(CLOCK_SKEW_ENV)?.and_then(|s| s.parse::<i64>().ok());
-    let manual = match test_switch(MANUAL_CLOCK_ENV)? {
-        Some(s) => Some(quiver_storage::ManualClock::new(
-            s.parse::<u64>().map_err(|e| format!("{MANUAL_CLOCK_ENV}={s:?}: {e}"))?,
-        )),
-        None => None,
-    };
+    let skew_ms: Option<i64> = test_switch_value(CLOCK_SKEW_ENV)?;
+    let manual = test_switch_value::<u64>(MANUAL_CLOCK_ENV)?.map(quiver_storage::ManualClock::new);
+    let chaos_seed: Option<u64> = test_switch_value(crate::replication::CHAOS_ENV)?;
     let opts = match (skew_ms, &manual) {
         (Some(_), Some(_)) => return Err(format!("{CLOCK_SKEW_ENV} and {MANUAL_CLOCK_ENV} exclude each other")),
         (Some(ms), None) => {
@@ -132,7 +133,8 @@ pub async fn serve(
     let clustered = (!cfg.cluster.peers.is_empty()).then_some(cfg.cluster.region);
     let registry =
         Arc::new(Registry::open_in_cluster(db.clone(), clustered).map_err(|e| format!("loading the registry: {e}"))?);
-    let replicator = Replicator::new(db.clone(), registry.clone(), &cfg.cluster);
+    let transport = crate::replication::Transport { chaos_seed, ..Default::default() };
+    let replicator = Replicator::with_transport(db.clone(), registry.clone(), &cfg.cluster, transport);
     let features = Arc::new(Features::new(registry.clone(), cfg.durability));
     let metrics = Metrics::new(db.clone(), replicator.clone())?;
     let metrics_addr = match &metrics_listener {

@@ -777,9 +777,14 @@ impl Features {
             // A request with the same key may have committed since the look-up, and then
             // changed what this one is checked against (the registry, the event horizon): the
             // retry still gets the first answer.
-            Err(e) if !req.idempotency_key.is_empty() => match self.replay(&req.idempotency_key)? {
-                Some(resp) => Ok(resp),
-                None => Err(e),
+            // If that look-up fails too, the write's own error is the one to report.
+            Err(e) if !req.idempotency_key.is_empty() => match self.replay(&req.idempotency_key) {
+                Ok(Some(resp)) => Ok(resp),
+                Ok(None) => Err(e),
+                Err(again) => {
+                    tracing::warn!(error = %again, "idempotency record unreadable after a failed write");
+                    Err(e)
+                }
             },
             other => other,
         }

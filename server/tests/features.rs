@@ -317,14 +317,12 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
 
 /// The one user cell of the engine: (entity, feature, event time, its current version).
 fn only_user_cell(db: &Db) -> (Vec<u8>, quiver_storage::FeatureId, quiver_storage::CellVersion) {
-    let mut found = None;
-    for item in db.scan(quiver_storage::ScanRange::all()).expect("scan") {
-        let item = item.expect("item");
-        if item.entity.first() != Some(&0) && found.is_none() {
-            found = Some((item.entity.clone(), item.feature, item.version.clone()));
-        }
-    }
-    found.expect("a user cell")
+    db.scan(quiver_storage::ScanRange::all())
+        .expect("scan")
+        .map(|item| item.expect("item"))
+        .find(|item| !quiver_storage::reserved::is_reserved(&item.entity))
+        .map(|item| (item.entity, item.feature, item.version))
+        .expect("a user cell")
 }
 
 /// Runs `action` once, in the first write after the service prepared it and before the engine

@@ -86,15 +86,15 @@ pub async fn history(addr: &str, entity_type: String, entity: String, group: Str
         pb::feature_service_client::FeatureServiceClient::new(ch).scan_history(req).await.map_err(grpc)?.into_inner();
     while let Some(chunk) = stream.message().await.map_err(grpc)? {
         for v in chunk.versions {
-            let us = |t: &Option<prost_types::Timestamp>| {
-                t.as_ref().map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000))
+            let us = |t: &Option<prost_types::Timestamp>, what: &str| -> Result<i64> {
+                t.as_ref().map_or(Ok(0), |t| quiver_server::convert::micros(t, what).map_err(|e| e.to_string()))
             };
             let value = v.value.as_ref().map_or("(deleted)".to_string(), |x| format!("{:?}", x.kind));
             println!(
                 "{} event_time_us={} system_time_us={} {value}",
                 v.feature_ref,
-                us(&v.event_time),
-                us(&v.system_time)
+                us(&v.event_time, "event_time")?,
+                us(&v.system_time, "system_time")?
             );
         }
     }

@@ -75,14 +75,14 @@ pub fn wal_dump(path: &Path, limit: usize) -> Result<()> {
 pub fn verify(dir: &Path, json: bool) -> Result<()> {
     let r = inspect::verify(dir).map_err(|e| e.to_string())?;
     if json {
-        println!(
-            "{{\"tables\":{},\"table_entries\":{},\"wal_segments\":{},\"wal_batches\":{},\"torn_tail\":{}}}",
-            r.tables,
-            r.table_entries,
-            r.wal_segments,
-            r.wal_batches,
-            r.torn_tail.is_some()
-        );
+        let line = serde_json::json!({
+            "tables": r.tables,
+            "table_entries": r.table_entries,
+            "wal_segments": r.wal_segments,
+            "wal_batches": r.wal_batches,
+            "torn_tail": r.torn_tail.is_some(),
+        });
+        println!("{line}");
     } else {
         println!(
             "ok: {} tables ({} entries), {} WAL segments ({} batches to replay){}",

@@ -6,23 +6,35 @@
 /// already applied), to check that applying stays exact under reordering and redelivery.
 pub const CHAOS_ENV: &str = "QUIVER_TEST_REPLICATION_CHAOS";
 
-/// A small deterministic generator for [`CHAOS_ENV`] (xorshift64*).
+/// The generator behind [`CHAOS_ENV`]: the shared test generator, in builds with `testing`.
+#[cfg(feature = "testing")]
 #[derive(Debug)]
-pub(super) struct Chaos(pub(super) u64);
+pub(super) struct Chaos(quiver_testkit::Rng);
+
+/// Without `testing` there is no chaos: the type has no value.
+#[cfg(not(feature = "testing"))]
+#[derive(Debug)]
+pub(super) enum Chaos {}
 
 impl Chaos {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    /// Chaos from `seed`; `None` in builds without `testing` (quiverd refuses the switch there).
+    pub(super) fn from_seed(seed: u64) -> Option<Chaos> {
+        #[cfg(feature = "testing")]
+        return Some(Chaos(quiver_testkit::Rng::new(seed)));
+        #[cfg(not(feature = "testing"))]
+        {
+            let _ = seed;
+            None
+        }
     }
 
     pub(super) fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
+        #[cfg(feature = "testing")]
+        return self.0.below(n);
+        #[cfg(not(feature = "testing"))]
+        {
+            let _ = n;
+            match *self {}
         }
     }
 

@@ -22,6 +22,9 @@ pub struct Transport {
     pub connect: Option<Connect>,
     /// Run engine calls on the calling task instead of the blocking pool.
     pub inline_engine: bool,
+    /// Test-only: pullers disorder what they receive, from this seed
+    /// ([`CHAOS_ENV`](super::CHAOS_ENV); quiverd sets it only in builds with `testing`).
+    pub chaos_seed: Option<u64>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -29,6 +32,7 @@ impl std::fmt::Debug for Transport {
         f.debug_struct("Transport")
             .field("connect", &self.connect.as_ref().map(|_| "custom"))
             .field("inline_engine", &self.inline_engine)
+            .field("chaos_seed", &self.chaos_seed)
             .finish()
     }
 }

@@ -13,8 +13,10 @@ use tokio::sync::Notify;
 use tonic::codec::CompressionEncoding;
 use tonic::Status;
 
-use super::chain::Chain;
-use super::chaos::{Chaos, CHAOS_ENV};
+use super::chain::{Accepted, Chain};
+use super::chaos::Chaos;
+#[cfg(doc)]
+use super::chaos::CHAOS_ENV;
 use super::config::{ClusterConfig, Peer, Transport};
 use super::wire::{from_wire, now_us, touches_registry};
 use super::*;
@@ -94,11 +96,7 @@ impl Replicator {
             peers,
             shutdown: AtomicBool::new(false),
             stop: Notify::new(),
-            chaos: crate::daemon::test_switch(CHAOS_ENV)
-                .ok()
-                .flatten()
-                .and_then(|s| s.parse::<u64>().ok())
-                .map(|seed| Mutex::new(Chaos(seed | 1))),
+            chaos: transport.chaos_seed.and_then(Chaos::from_seed).map(Mutex::new),
             transport,
         })
     }
@@ -274,7 +272,6 @@ impl Replicator {
                 )));
             }
             let mut arrived: Vec<(u64, ShippedBatch)> = msg.batches.into_iter().map(|b| from_wire(origin, b)).collect();
-            let mut redelivered = Vec::new();
             if let Some(chaos) = &self.chaos {
                 let pause = {
                     let mut c = chaos.lock();
@@ -285,9 +282,7 @@ impl Replicator {
             }
             // Follow the stream's chain from `after`; what is at or below the cursor was
             // applied before.
-            let accepted = chain.accept(arrived);
-            let ready = accepted.ready;
-            redelivered.extend(accepted.redelivered);
+            let Accepted { ready, redelivered } = chain.accept(arrived);
             cursor = chain.cursor();
             let n = ready.len() as u64;
             let last = ready.last().map(|b| (b.seqno, b.system_time.0));

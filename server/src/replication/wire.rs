@@ -5,9 +5,7 @@ use quiver_storage::{EventTime, FeatureId, ShippedBatch, ShippedOp, SystemTime};
 
 use crate::registry::PREFIX as REGISTRY_PREFIX;
 
-pub(super) fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
-}
+pub(super) use crate::service::now_us;
 
 pub(super) fn to_wire(b: ShippedBatch, prev_seqno: u64) -> pb::ShippedBatch {
     pb::ShippedBatch {
