@@ -8,7 +8,7 @@
 //! groups never overlap.
 //!
 //! The protocol is hand-written on a mutex and a condition variable, so it is model-checked with
-//! `loom` (`RUSTFLAGS="--cfg loom" cargo test -p quiver-storage --release --lib group`).
+//! `loom` (`RUSTFLAGS="--cfg loom" cargo test -p quiver-storage --release --lib db::group::`).
 
 use std::collections::{HashMap, VecDeque};
 

@@ -430,7 +430,7 @@ pub(super) fn insert_batch(mem: &Memtable, b: &batch::DecodedBatch<'_>) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     //! The group's own writes as the current state of later conditional batches: driven through
     //! `commit_group` with a hand-built group, so that two conditional batches share one group
