@@ -2,11 +2,18 @@
 //!
 //! Sources are given newest first. The merged stream is in key order; for a key present in
 //! several sources only the newest source's entry appears.
+//!
+//! A level below L0 is one source ([`LevelIter`]): its tables are sorted and do not overlap
+//! (`version.rs`), so it is read as one concatenated run. A merge over a view therefore has one
+//! source per memtable, per L0 table and per non-empty lower level, however many tables those
+//! levels hold; each step compares that handful of current keys.
 
 use std::sync::Arc;
 
+use crate::db::ReadView;
 use crate::memtable::Memtable;
 use crate::sstable::TableIter;
+use crate::version::TableHandle;
 use crate::Result;
 
 /// A cursor over a memtable. Each step is a skip-list search from the last key, so the cursor
@@ -24,6 +31,84 @@ impl MemCursor {
     }
 }
 
+/// A cursor over one level below L0: its tables (sorted by smallest key, not overlapping) read
+/// as one run. Only the table under the cursor is open.
+#[derive(Debug)]
+pub struct LevelIter {
+    tables: Vec<Arc<TableHandle>>,
+    /// Index of the table `cur` reads; `tables.len()` once past the end.
+    idx: usize,
+    cur: Option<TableIter>,
+}
+
+impl LevelIter {
+    /// A cursor over `tables` (sorted, non-overlapping), not positioned.
+    pub fn new(tables: Vec<Arc<TableHandle>>) -> Self {
+        let idx = tables.len();
+        LevelIter { tables, idx, cur: None }
+    }
+
+    /// Opens table `idx` at its first entry, moving on past empty tables.
+    fn open_from(&mut self, mut idx: usize) -> Result<()> {
+        self.cur = None;
+        while idx < self.tables.len() {
+            let mut it = self.tables[idx].table.iter();
+            it.seek_to_first()?;
+            if it.valid() {
+                self.idx = idx;
+                self.cur = Some(it);
+                return Ok(());
+            }
+            idx += 1;
+        }
+        self.idx = self.tables.len();
+        Ok(())
+    }
+
+    fn seek(&mut self, target: &[u8]) -> Result<()> {
+        // The first table whose largest key is >= target; earlier tables hold only smaller keys.
+        let idx = self.tables.partition_point(|t| t.meta.largest.as_slice() < target);
+        if idx >= self.tables.len() {
+            self.idx = idx;
+            self.cur = None;
+            return Ok(());
+        }
+        if idx != self.idx || self.cur.is_none() {
+            self.idx = idx;
+            self.cur = Some(self.tables[idx].table.iter());
+        }
+        if let Some(it) = &mut self.cur {
+            it.seek(target)?;
+            if !it.valid() {
+                return self.open_from(idx + 1);
+            }
+        }
+        Ok(())
+    }
+
+    fn valid(&self) -> bool {
+        self.cur.as_ref().is_some_and(TableIter::valid)
+    }
+
+    fn key(&self) -> &[u8] {
+        self.cur.as_ref().map_or(&[], TableIter::key)
+    }
+
+    fn value(&self) -> &[u8] {
+        self.cur.as_ref().map_or(&[], TableIter::value)
+    }
+
+    fn next(&mut self) -> Result<()> {
+        if let Some(it) = &mut self.cur {
+            it.step()?;
+            if !it.valid() {
+                return self.open_from(self.idx + 1);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One input of a merge.
 #[derive(Debug)]
 pub enum Source {
@@ -31,6 +116,21 @@ pub enum Source {
     Mem(MemCursor),
     /// A table.
     Table(TableIter),
+    /// A level below L0.
+    Level(LevelIter),
+}
+
+impl Source {
+    /// The sources of a merge over `view`, newest first: the active memtable, the immutable
+    /// ones, each L0 table, then one [`LevelIter`] per non-empty lower level.
+    pub fn of_view(view: &ReadView) -> Vec<Source> {
+        let mut sources = vec![Source::Mem(MemCursor::new(view.mem.clone()))];
+        sources.extend(view.imms.iter().map(|m| Source::Mem(MemCursor::new(m.clone()))));
+        let (l0, lower) = view.version.levels.split_at(1);
+        sources.extend(l0[0].iter().map(|t| Source::Table(t.table.iter())));
+        sources.extend(lower.iter().filter(|l| !l.is_empty()).map(|l| Source::Level(LevelIter::new(l.clone()))));
+        sources
+    }
 }
 
 impl Source {
@@ -41,18 +141,21 @@ impl Source {
                 Ok(())
             }
             Source::Table(t) => t.seek(target),
+            Source::Level(l) => l.seek(target),
         }
     }
     fn key(&self) -> Option<&[u8]> {
         match self {
             Source::Mem(m) => m.cur.as_ref().map(|(k, _)| k.as_slice()),
             Source::Table(t) => t.valid().then(|| t.key()),
+            Source::Level(l) => l.valid().then(|| l.key()),
         }
     }
     fn value(&self) -> &[u8] {
         match self {
             Source::Mem(m) => m.cur.as_ref().map_or(&[], |(_, v)| v.as_slice()),
             Source::Table(t) => t.value(),
+            Source::Level(l) => l.value(),
         }
     }
     fn next(&mut self) -> Result<()> {
@@ -63,33 +166,44 @@ impl Source {
                 Ok(())
             }
             Source::Table(t) => t.step(),
+            Source::Level(l) => l.next(),
         }
     }
 }
 
 /// The merge of several sources.
+///
+/// Besides the current source it remembers the best of the others (`runner_up`), so a step that
+/// leaves the current source still ahead (the common case: a long run from one table) costs one
+/// key comparison, not one per source.
 #[derive(Debug)]
 pub struct MergingIter {
     sources: Vec<Source>,
     current: Option<usize>,
+    runner_up: Option<usize>,
 }
 
 impl MergingIter {
     /// A merge of `sources`, newest first. Call [`MergingIter::seek`] before reading.
     pub fn new(sources: Vec<Source>) -> Self {
-        MergingIter { sources, current: None }
+        MergingIter { sources, current: None, runner_up: None }
     }
 
+    /// Finds the smallest key (the newest source on ties) and the best of the rest.
     fn pick(&mut self) {
-        let mut best: Option<(usize, &[u8])> = None;
+        let (mut best, mut second): (Option<usize>, Option<usize>) = (None, None);
         for (i, s) in self.sources.iter().enumerate() {
-            if let Some(k) = s.key() {
-                if best.is_none_or(|(_, bk)| k < bk) {
-                    best = Some((i, k));
-                }
+            let Some(k) = s.key() else { continue };
+            let key_of = |j: Option<usize>| j.and_then(|j| self.sources[j].key());
+            if key_of(best).is_none_or(|b| k < b) {
+                second = best;
+                best = Some(i);
+            } else if key_of(second).is_none_or(|b| k < b) {
+                second = Some(i);
             }
         }
-        self.current = best.map(|(i, _)| i);
+        self.current = best;
+        self.runner_up = second;
     }
 
     /// Moves every source to the first key >= `target`.
@@ -119,13 +233,77 @@ impl MergingIter {
     /// Advances past the current key in every source that has it.
     pub fn step(&mut self) -> Result<()> {
         let Some(i) = self.current else { return Ok(()) };
-        let k = self.key().to_vec();
-        for (j, s) in self.sources.iter_mut().enumerate() {
-            if j == i || s.key() == Some(k.as_slice()) {
-                s.next()?;
+        let other = self.runner_up;
+        if other.is_some_and(|o| self.sources[o].key() == self.sources[i].key()) {
+            // The same key in older sources (rare): each moves past it, compared against the
+            // current source's key in place; then the current source moves.
+            for j in 0..self.sources.len() {
+                if j != i && self.sources[j].key().is_some() && self.sources[j].key() == self.sources[i].key() {
+                    self.sources[j].next()?;
+                }
+            }
+            self.sources[i].next()?;
+            self.pick();
+            return Ok(());
+        }
+        self.sources[i].next()?;
+        // Still ahead of every other source: stays current, and the runner-up has not moved.
+        let ahead = match (self.sources[i].key(), other.and_then(|o| self.sources[o].key())) {
+            (Some(k), Some(o)) => k < o,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !ahead {
+            self.pick();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::key;
+    use crate::types::{EventTime, FeatureId, SystemTime};
+
+    fn internal_key() -> impl Strategy<Value = Vec<u8>> {
+        (prop::sample::select(vec![&b"a"[..], b"ab", b"b"]), 0u32..3, 0i64..4, 0u64..3)
+            .prop_map(|(e, f, t, s)| key::encode(e, FeatureId(f), EventTime(t), SystemTime(s)))
+    }
+
+    proptest! {
+        /// The merge of overlapping memtables is every key once, in order, with the newest
+        /// source's value; after any seek it continues from the first key >= the target.
+        #[test]
+        fn merge_is_newest_value_per_key_in_order(
+            sources in prop::collection::vec(prop::collection::btree_map(internal_key(), any::<u8>(), 0..12), 1..5),
+            target in internal_key(),
+        ) {
+            let mut want: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            let mut cursors = Vec::new();
+            for (age, keys) in sources.iter().enumerate() {
+                let mem = Arc::new(Memtable::new(age as u64));
+                for (k, v) in keys {
+                    mem.insert(k.clone(), vec![*v, age as u8]);
+                    want.entry(k.clone()).or_insert_with(|| vec![*v, age as u8]);
+                }
+                cursors.push(Source::Mem(MemCursor::new(mem)));
+            }
+            let mut merge = MergingIter::new(cursors);
+            for start in [Vec::new(), target] {
+                merge.seek(&start).expect("seek");
+                let mut got = Vec::new();
+                while merge.valid() {
+                    got.push((merge.key().to_vec(), merge.value().to_vec()));
+                    merge.step().expect("step");
+                }
+                let expected: Vec<_> = want.range(start..).map(|(k, v)| (k.clone(), v.clone())).collect();
+                prop_assert_eq!(got, expected);
             }
         }
-        self.pick();
-        Ok(())
     }
 }

@@ -7,7 +7,7 @@ use super::{Inner, ReadView};
 use crate::asof;
 use crate::cell;
 use crate::hot::NewState;
-use crate::iter::{MemCursor, MergingIter, Source};
+use crate::iter::{MergingIter, Source};
 use crate::key::{self, KeyRef};
 use crate::sstable::{Prefetched, Table};
 use crate::types::{AsOf, CellVersion, EntityKey, EventTime, FeatureId, SystemTime};
@@ -351,14 +351,7 @@ impl Inner {
     pub(super) fn scan(&self, range: ScanRange) -> Result<ScanIter> {
         range.check()?;
         let (view, known_at) = self.read_view(range.system_time_max);
-        let mut sources = vec![Source::Mem(MemCursor::new(view.mem.clone()))];
-        sources.extend(view.imms.iter().map(|m| Source::Mem(MemCursor::new(m.clone()))));
-        for level in &view.version.levels {
-            for t in level {
-                sources.push(Source::Table(t.table.iter()));
-            }
-        }
-        let mut merge = MergingIter::new(sources);
+        let mut merge = MergingIter::new(Source::of_view(&view));
         merge.seek(&key::entity_prefix(&range.entity_start))?;
         let end = range.entity_end.as_deref().map(key::entity_prefix);
         Ok(ScanIter { merge, range, known_at, end, dir: self.dir.clone(), _view: view, done: false })
@@ -538,14 +531,7 @@ pub struct PairCursor {
 
 impl PairCursor {
     pub(super) fn new(inner: &Inner, view: Arc<ReadView>, known_at: SystemTime) -> PairCursor {
-        let mut sources = vec![Source::Mem(MemCursor::new(view.mem.clone()))];
-        sources.extend(view.imms.iter().map(|m| Source::Mem(MemCursor::new(m.clone()))));
-        for level in &view.version.levels {
-            for t in level {
-                sources.push(Source::Table(t.table.iter()));
-            }
-        }
-        PairCursor { merge: MergingIter::new(sources), known_at, dir: inner.dir.clone(), _view: view }
+        PairCursor { merge: MergingIter::new(Source::of_view(&view)), known_at, dir: inner.dir.clone(), _view: view }
     }
 
     /// Calls `f` with every version of `entity`'s features `lo..=hi` known at this cursor's

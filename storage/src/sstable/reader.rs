@@ -422,12 +422,21 @@ impl TableIter {
         self.load()
     }
 
-    /// Moves to the first entry with key >= `target`.
+    /// Moves to the first entry with key >= `target`. A seek into the block already under
+    /// the cursor reuses it (forward seeks of a sort-merge read land there most of the time).
     pub fn seek(&mut self, target: &[u8]) -> Result<()> {
-        self.block_idx = self.table.block_for(target);
-        self.load()?;
+        let block = self.table.block_for(target);
+        let same = block == self.block_idx && self.cur.is_some();
+        if !same {
+            self.block_idx = block;
+            self.load()?;
+        }
         if let Some(it) = &mut self.cur {
-            it.seek(target);
+            if same && it.valid() && it.key() <= target {
+                it.seek_forward(target);
+            } else {
+                it.seek(target);
+            }
             if !it.valid() {
                 self.block_idx += 1;
                 self.load()?;
