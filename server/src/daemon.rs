@@ -9,7 +9,7 @@ use quiver_proto::v1 as pb;
 use quiver_storage::sstable::IoBackend;
 use quiver_storage::{Db, Durability, Options};
 
-use crate::features::Features;
+use crate::features::{Features, JOIN_MEMORY_SHARE_DIVISOR};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::replication::{ClusterConfig, Replicator};
@@ -135,7 +135,11 @@ pub async fn serve(
         Arc::new(Registry::open_in_cluster(db.clone(), clustered).map_err(|e| format!("loading the registry: {e}"))?);
     let transport = crate::replication::Transport { chaos_seed, ..Default::default() };
     let replicator = Replicator::with_transport(db.clone(), registry.clone(), &cfg.cluster, transport);
-    let features = Arc::new(Features::new(registry.clone(), cfg.durability));
+    // A join's answers stay in memory up to 1/16 of the budget (what the engine's shares leave
+    // is 1/8), then spill.
+    let features = Arc::new(
+        Features::new(registry.clone(), cfg.durability).with_join_spill_bytes(budget / JOIN_MEMORY_SHARE_DIVISOR),
+    );
     let metrics = Metrics::new(db.clone(), replicator.clone())?;
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),

@@ -180,9 +180,13 @@ fn default_of(f: &ResolvedFeature) -> Result<Option<Value>> {
     }
 }
 
-/// Bytes of point-in-time join answers held in memory; past this they spill to a temporary
-/// file (the spine's sort keys and 12 bytes per row stay in memory).
+/// Bytes of point-in-time join answers held in memory by default; past this they spill to a
+/// temporary file (the spine's sort keys and 12 bytes per row stay in memory). quiverd sets it
+/// to its memory budget / [`JOIN_MEMORY_SHARE_DIVISOR`] instead.
 pub const JOIN_SPILL_BYTES: usize = 64 << 20;
+
+/// quiverd holds a join's answers in memory up to its memory budget divided by this.
+pub const JOIN_MEMORY_SHARE_DIVISOR: usize = 16;
 
 /// A join's answers in the order they are computed (entity order), read back in spine order.
 struct AnswerLog {
@@ -193,8 +197,10 @@ struct AnswerLog {
 }
 
 impl AnswerLog {
-    fn new(spill_at: usize) -> Self {
-        AnswerLog { mem: Vec::new(), file: None, file_len: 0, spill_at }
+    /// A log expecting about `expected` bytes (memory reserved up to the spill bound, so the
+    /// buffer is not copied as it grows).
+    fn new(spill_at: usize, expected: usize) -> Self {
+        AnswerLog { mem: Vec::with_capacity(expected.min(spill_at)), file: None, file_len: 0, spill_at }
     }
 
     fn io(e: std::io::Error) -> ServiceError {
@@ -326,6 +332,11 @@ impl PairHistory {
         quiver_storage::asof::winner_in_sorted(&self.versions[d], |v| (v.0, v.1), as_of, known_at)
             .map(|(e, _, range)| (*e, &self.cells[range.clone()]))
     }
+}
+
+/// The error of a join whose worker thread panicked.
+fn worker_panicked() -> ServiceError {
+    ServiceError::Storage(quiver_storage::Error::PreviousError("internal: a join worker panicked".into()))
 }
 
 /// What one thread of a join produced: its answer log and, per spine row it answered, `(row,
@@ -579,7 +590,8 @@ impl Features {
         let slot: Vec<usize> = features.iter().map(|f| distinct.binary_search(&f.id).unwrap_or(0)).collect();
         let (lo, hi) = (distinct[0], distinct[distinct.len() - 1]);
         let mut order: Vec<u32> = (0..rows.len() as u32).collect();
-        order.sort_by(|&a, &b| rows[a as usize].0.cmp(&rows[b as usize].0));
+        // Rows of one entity may come in any order: each answer is placed by its row number.
+        order.sort_unstable_by(|&a, &b| rows[a as usize].0.cmp(&rows[b as usize].0));
         let groups: Vec<&[u32]> = order.chunk_by(|&a, &b| rows[a as usize].0 == rows[b as usize].0).collect();
         // The entity groups are cut into JOIN_THREADS runs of about equal row counts; each run
         // gets its own cursor over the same snapshot and its own answer log.
@@ -599,8 +611,10 @@ impl Features {
         let answer_run = |run: &[&[u32]]| -> Result<RunAnswers> {
             let mut cursor = snap.pair_cursor(known_at);
             let mut history = PairHistory::new(distinct.len());
-            let mut log = AnswerLog::new(spill_at);
-            let mut placed = Vec::with_capacity(run.iter().map(|g| g.len()).sum());
+            let run_rows: usize = run.iter().map(|g| g.len()).sum();
+            // A status byte per answer, and for values an event time, a length and a small cell.
+            let mut log = AnswerLog::new(spill_at, run_rows * features.len() * 24);
+            let mut placed = Vec::with_capacity(run_rows);
             let mut rec = Vec::new();
             for group in run {
                 history.load(&mut cursor, &rows[group[0] as usize].0, lo, hi, &distinct)?;
@@ -626,16 +640,7 @@ impl Features {
         } else {
             std::thread::scope(|scope| {
                 let handles: Vec<_> = runs.iter().map(|run| scope.spawn(|| answer_run(run))).collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(ServiceError::Storage(quiver_storage::Error::PreviousError(
-                                "internal: a join worker panicked".into(),
-                            )))
-                        })
-                    })
-                    .collect()
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(worker_panicked()))).collect()
             })
         };
         let mut logs = Vec::with_capacity(threads);
@@ -647,12 +652,14 @@ impl Features {
             }
             logs.push(log);
         }
-        let mut buf = Vec::new();
-        for (c, chunk) in at.chunks(HISTORICAL_CHUNK_ROWS).enumerate() {
+        // Chunks in spine order, built from the answer logs by the same number of threads (each
+        // takes every `workers`-th chunk) and emitted here in order.
+        let build = |c: usize, buf: &mut Vec<u8>| -> Result<pb::GetHistoricalFeaturesResponse> {
+            let chunk = &at[c * HISTORICAL_CHUNK_ROWS..((c + 1) * HISTORICAL_CHUNK_ROWS).min(at.len())];
             let mut columns: Vec<pb::FeatureColumn> =
                 features.iter().zip(&req.features).map(|(f, reference)| column(f, reference, chunk.len())).collect();
             for &(i, offset, len) in chunk {
-                let mut r = logs[i as usize].read(offset, len as usize, &mut buf)?;
+                let mut r = logs[i as usize].read(offset, len as usize, buf)?;
                 for (j, f) in features.iter().enumerate() {
                     let (status, event_us, value) = decode_answer(&mut r, defaults[j].as_ref())?;
                     let col = &mut columns[j];
@@ -661,12 +668,62 @@ impl Features {
                     push_value(col, f.value_type, value.as_ref());
                 }
             }
-            let first_row = (c * HISTORICAL_CHUNK_ROWS) as u64;
-            if !emit(pb::GetHistoricalFeaturesResponse { first_row, columns }) {
-                return Ok(());
+            Ok(pb::GetHistoricalFeaturesResponse { first_row: (c * HISTORICAL_CHUNK_ROWS) as u64, columns })
+        };
+        let chunks = at.len().div_ceil(HISTORICAL_CHUNK_ROWS);
+        let workers = threads.min(chunks).max(1);
+        if workers == 1 {
+            let mut buf = Vec::new();
+            for c in 0..chunks {
+                if !emit(build(c, &mut buf)?) {
+                    return Ok(());
+                }
             }
+            return Ok(());
         }
-        Ok(())
+        std::thread::scope(|scope| {
+            let (mut receivers, mut handles) = (Vec::with_capacity(workers), Vec::with_capacity(workers));
+            for w in 0..workers {
+                // Two chunks ahead per worker: enough to keep the sender busy, bounded memory.
+                let (tx, rx) = std::sync::mpsc::sync_channel(2);
+                receivers.push(rx);
+                let build = &build;
+                handles.push(scope.spawn(move || {
+                    let mut buf = Vec::new();
+                    for c in (w..chunks).step_by(workers) {
+                        let r = build(c, &mut buf);
+                        let failed = r.is_err();
+                        // A closed channel: the client went away or another chunk failed.
+                        if tx.send(r).is_err() || failed {
+                            break;
+                        }
+                    }
+                }));
+            }
+            let result = (|| {
+                for c in 0..chunks {
+                    match receivers[c % workers].recv() {
+                        Ok(chunk) => {
+                            if !emit(chunk?) {
+                                return Ok(());
+                            }
+                        }
+                        Err(_) => return Err(worker_panicked()),
+                    }
+                }
+                Ok(())
+            })();
+            drop(receivers);
+            // Every worker is joined (not short-circuited) before the scope ends.
+            let mut panicked = false;
+            for h in handles {
+                panicked |= h.join().is_err();
+            }
+            if panicked && result.is_ok() {
+                return Err(worker_panicked());
+            }
+            result
+        })
     }
 
     /// `ScanHistory`: every version of one entity's features in range, in key order, in chunks

@@ -274,8 +274,10 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
             db.flush().expect("flush");
         }
     }
+    // Over two chunks of HISTORICAL_CHUNK_ROWS, so parallel chunk building must keep the order.
+    let rows = 2 * quiver_server::features::HISTORICAL_CHUNK_ROWS + 40;
     let spine: Vec<(usize, i64)> =
-        (0..40).map(|_| (next(users.len() as u64) as usize, T0 - HOUR_US + next(9) as i64 * HOUR_US / 2)).collect();
+        (0..rows).map(|_| (next(users.len() as u64) as usize, T0 - HOUR_US + next(9) as i64 * HOUR_US / 2)).collect();
     let req = pb::GetHistoricalFeaturesRequest {
         entity_type: "user".into(),
         spine: spine.iter().map(|&(u, t)| pb::SpineRow { entity: Some(key(users[u])), timestamp: ts(t) }).collect(),
@@ -312,6 +314,14 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
         })
         .expect("join");
         assert_eq!(got, want, "answers spilling past {spill} bytes, read by {threads} threads");
+        // A client that goes away after the first chunk stops the join, and nothing hangs.
+        let mut chunks = 0;
+        f.historical(&req, |_| {
+            chunks += 1;
+            false
+        })
+        .expect("join stopped early");
+        assert_eq!(chunks, 1);
     }
 }
 
