@@ -315,8 +315,18 @@ impl PairHistory {
         }
         self.cells.clear();
         let (versions, cells) = (&mut self.versions, &mut self.cells);
+        // Versions come in runs of one feature: its slot is looked up once per run.
+        let mut run: Option<(FeatureId, Option<usize>)> = None;
         cursor.entity_versions(entity, lo, hi, |f, v| {
-            if let Ok(d) = distinct.binary_search(&f) {
+            let slot = match run {
+                Some((g, slot)) if g == f => slot,
+                _ => {
+                    let slot = distinct.binary_search(&f).ok();
+                    run = Some((f, slot));
+                    slot
+                }
+            };
+            if let Some(d) = slot {
                 let start = cells.len();
                 cells.extend_from_slice(v.cell);
                 versions[d].push((v.event_time, v.system_time, start..cells.len()));

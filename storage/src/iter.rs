@@ -109,6 +109,26 @@ impl LevelIter {
     }
 }
 
+/// Merge sources for `tables` given in priority order (newest first): each maximal stretch of
+/// consecutive tables that are in key order and do not overlap (a level below L0, or the part
+/// of one a compaction takes) becomes one [`LevelIter`]; any other table is its own source.
+/// Within a stretch no two tables share a key, so the priority between sources is unchanged.
+pub fn table_runs(tables: impl IntoIterator<Item = Arc<TableHandle>>) -> Vec<Source> {
+    let mut runs: Vec<Vec<Arc<TableHandle>>> = Vec::new();
+    for t in tables {
+        match runs.last_mut() {
+            Some(run) if run.last().is_some_and(|p| p.meta.largest < t.meta.smallest) => run.push(t),
+            _ => runs.push(vec![t]),
+        }
+    }
+    runs.into_iter()
+        .map(|mut run| match run.len() {
+            1 => Source::Table(run.remove(0).table.iter()),
+            _ => Source::Level(LevelIter::new(run)),
+        })
+        .collect()
+}
+
 /// One input of a merge.
 #[derive(Debug)]
 pub enum Source {

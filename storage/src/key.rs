@@ -18,7 +18,8 @@ use crate::types::{EventTime, FeatureId, SystemTime};
 
 /// Bytes of the time suffix (event time + system time).
 pub const TIME_SUFFIX_BYTES: usize = 16;
-const FEATURE_BYTES: usize = 4;
+/// Bytes of the feature id in a key.
+pub const FEATURE_BYTES: usize = 4;
 
 fn push_escaped(out: &mut Vec<u8>, entity: &[u8]) {
     for &b in entity {
@@ -95,6 +96,15 @@ impl<'a> KeyRef<'a> {
             }
         }
         None
+    }
+
+    /// `raw` as a key when its start is known to be valid: it begins with `entity_prefix` (an
+    /// escaped entity with its terminator, as [`push_prefix`] writes it) and is exactly a
+    /// feature id and a time suffix longer. Checks just that, in constant time plus one
+    /// comparison, where [`KeyRef::parse`] scans the entity byte by byte.
+    pub fn with_entity_prefix(raw: &'a [u8], entity_prefix: &[u8]) -> Option<KeyRef<'a>> {
+        (raw.len() == entity_prefix.len() + FEATURE_BYTES + TIME_SUFFIX_BYTES && raw.starts_with(entity_prefix))
+            .then_some(KeyRef { raw })
     }
 
     /// The `(entity, feature)` prefix.

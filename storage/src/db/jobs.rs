@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::Inner;
 use crate::cell;
 use crate::compaction::{self, Decision, PickerOptions, Plan, Retention, RetentionFilter};
-use crate::iter::{MergingIter, Source};
+use crate::iter::MergingIter;
 use crate::key;
 use crate::manifest::{FileMeta, VersionEdit};
 use crate::sstable::{Table, TableWriter};
@@ -227,8 +227,7 @@ impl Inner {
             Ok(false)
         };
 
-        let sources = plan.all_inputs().map(|t| Source::Table(t.table.iter())).collect();
-        let mut merge = MergingIter::new(sources);
+        let mut merge = MergingIter::new(crate::iter::table_runs(plan.all_inputs().cloned()));
         merge.seek(&[])?;
         let mut filter = RetentionFilter::new(retention);
         let mut outputs: Vec<Arc<TableHandle>> = Vec::new();

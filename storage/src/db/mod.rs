@@ -192,7 +192,7 @@ impl Snapshot {
 
     /// A cursor for sort-merge reads of this view, limited to versions known at `known_at`.
     pub fn pair_cursor(&self, known_at: SystemTime) -> PairCursor {
-        PairCursor::new(&self.inner, self.view.clone(), known_at.min(self.visible))
+        PairCursor::new(self.view.clone(), known_at.min(self.visible))
     }
 }
 

@@ -525,13 +525,12 @@ pub struct RawVersion<'a> {
 pub struct PairCursor {
     merge: MergingIter,
     known_at: SystemTime,
-    dir: std::path::PathBuf,
     _view: Arc<ReadView>,
 }
 
 impl PairCursor {
-    pub(super) fn new(inner: &Inner, view: Arc<ReadView>, known_at: SystemTime) -> PairCursor {
-        PairCursor { merge: MergingIter::new(Source::of_view(&view)), known_at, dir: inner.dir.clone(), _view: view }
+    pub(super) fn new(view: Arc<ReadView>, known_at: SystemTime) -> PairCursor {
+        PairCursor { merge: MergingIter::new(Source::of_view(&view)), known_at, _view: view }
     }
 
     /// Calls `f` with every version of `entity`'s features `lo..=hi` known at this cursor's
@@ -545,15 +544,12 @@ impl PairCursor {
     ) -> Result<()> {
         crate::types::check_entity_key(entity)?;
         let start = key::prefix(entity, lo);
-        let entity_prefix_len = start.len() - 4;
+        let entity_prefix = &start[..start.len() - key::FEATURE_BYTES];
         self.merge.seek(&start)?;
         while self.merge.valid() {
-            let k = self.merge.key();
-            if k.len() != start.len() + key::TIME_SUFFIX_BYTES || k[..entity_prefix_len] != start[..entity_prefix_len] {
+            // A key of another entity (or malformed) ends the entity's run.
+            let Some(kr) = KeyRef::with_entity_prefix(self.merge.key(), entity_prefix) else {
                 break;
-            }
-            let Some(kr) = KeyRef::parse(k) else {
-                return Err(Error::corruption(&self.dir, 0, "malformed key in a sort-merge read"));
             };
             let feature = kr.feature();
             if feature > hi {
