@@ -79,6 +79,8 @@ pub struct ServeConfig {
     pub cluster: ClusterConfig,
     /// Bytes of flushed WAL kept for peers that have not applied them (with peers only).
     pub replication_log_bytes: u64,
+    /// Threads per point-in-time join (`None`: one per core, at most `JOIN_THREADS_MAX`).
+    pub join_threads: Option<usize>,
 }
 
 /// How long a stopping daemon waits for the last holders of the engine (streams to peers
@@ -137,9 +139,12 @@ pub async fn serve(
     let replicator = Replicator::with_transport(db.clone(), registry.clone(), &cfg.cluster, transport);
     // A join's answers stay in memory up to 1/16 of the budget (what the engine's shares leave
     // is 1/8), then spill.
-    let features = Arc::new(
-        Features::new(registry.clone(), cfg.durability).with_join_spill_bytes(budget / JOIN_MEMORY_SHARE_DIVISOR),
-    );
+    let mut features =
+        Features::new(registry.clone(), cfg.durability).with_join_spill_bytes(budget / JOIN_MEMORY_SHARE_DIVISOR);
+    if let Some(n) = cfg.join_threads {
+        features = features.with_join_threads(n);
+    }
+    let features = Arc::new(features);
     let metrics = Metrics::new(db.clone(), replicator.clone())?;
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use quiver_server::daemon::{serve, ServeConfig};
+use quiver_server::features::JOIN_THREADS_MAX;
 use quiver_server::replication::{ClusterConfig, Peer};
 use quiver_storage::sstable::IoBackend;
 use quiver_storage::Durability;
@@ -68,9 +69,13 @@ struct Args {
     /// MiB of flushed WAL kept for peers that have not applied it yet (with peers only).
     #[arg(long, env = "QUIVER_REPLICATION_LOG_MB")]
     replication_log_mb: Option<u64>,
+    /// Threads one point-in-time join reads and answers with (1 to 8; default: one per core,
+    /// at most 8).
+    #[arg(long, env = "QUIVER_JOIN_THREADS")]
+    join_threads: Option<usize>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
     /// io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
-    /// replication_log_mb.
+    /// replication_log_mb, join_threads.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -88,6 +93,7 @@ struct FileConfig {
     region: Option<u32>,
     peers: Option<Vec<String>>,
     replication_log_mb: Option<u64>,
+    join_threads: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -101,6 +107,7 @@ struct Config {
     direct_reads: bool,
     cluster: ClusterConfig,
     replication_log_mb: u64,
+    join_threads: Option<usize>,
 }
 
 fn config(args: Args) -> Result<Config, String> {
@@ -145,7 +152,12 @@ fn config(args: Args) -> Result<Config, String> {
     if replication_log_mb > REPLICATION_LOG_MB_MAX {
         return Err(format!("replication log must be at most {REPLICATION_LOG_MB_MAX} MiB"));
     }
+    let join_threads = args.join_threads.or(file.join_threads);
+    if join_threads.is_some_and(|n| !(1..=JOIN_THREADS_MAX).contains(&n)) {
+        return Err(format!("join threads must be 1 to {JOIN_THREADS_MAX}"));
+    }
     Ok(Config {
+        join_threads,
         data_dir,
         listen,
         durability,
@@ -190,6 +202,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         direct_reads: cfg.direct_reads,
         cluster: cfg.cluster,
         replication_log_bytes: cfg.replication_log_mb << 20,
+        join_threads: cfg.join_threads,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));

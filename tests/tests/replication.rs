@@ -163,6 +163,8 @@ fn quiverd_refuses_bad_cluster_configurations() {
         (vec!["--region", "1", "--peer", "2"], "REGION=HOST:PORT"),
         (vec!["--region", "64"], "region must be 0 to 63"),
         (vec!["--region", "1", "--peer", "2=127.0.0.1:1", "--peer", "2=127.0.0.1:2"], "twice"),
+        (vec!["--join-threads", "0"], "join threads must be 1 to 8"),
+        (vec!["--join-threads", "9"], "join threads must be 1 to 8"),
     ] {
         let out = std::process::Command::new(quiver_e2e::quiverd_path())
             .arg("--data-dir")

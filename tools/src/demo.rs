@@ -43,6 +43,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         direct_reads: true,
         cluster: Default::default(),
         replication_log_bytes: 0,
+        join_threads: None,
     };
     let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());
