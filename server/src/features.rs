@@ -344,9 +344,14 @@ impl PairHistory {
     }
 }
 
-/// The error of a join whose worker thread panicked.
-fn worker_panicked() -> ServiceError {
-    ServiceError::Storage(quiver_storage::Error::PreviousError("internal: a join worker panicked".into()))
+/// The error of a join whose worker thread panicked, with the panic's message.
+fn worker_panicked(payload: &(dyn std::any::Any + Send)) -> ServiceError {
+    let why = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    ServiceError::Storage(quiver_storage::Error::PreviousError(format!("internal: a join worker panicked: {why}")))
 }
 
 /// What one thread of a join produced: its answer log and, per spine row it answered, `(row,
@@ -650,7 +655,7 @@ impl Features {
         } else {
             std::thread::scope(|scope| {
                 let handles: Vec<_> = runs.iter().map(|run| scope.spawn(|| answer_run(run))).collect();
-                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(worker_panicked()))).collect()
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|p| Err(worker_panicked(&*p)))).collect()
             })
         };
         let mut logs = Vec::with_capacity(threads);
@@ -718,21 +723,30 @@ impl Features {
                                 return Ok(());
                             }
                         }
-                        Err(_) => return Err(worker_panicked()),
+                        // The worker is gone before its chunk: it panicked, and its join
+                        // below gives the error with the panic's message.
+                        Err(_) => {
+                            return Err(ServiceError::Storage(quiver_storage::Error::PreviousError(
+                                "internal: a join worker stopped early".into(),
+                            )))
+                        }
                     }
                 }
                 Ok(())
             })();
             drop(receivers);
-            // Every worker is joined (not short-circuited) before the scope ends.
-            let mut panicked = false;
+            // Every worker is joined (not short-circuited) before the scope ends; a panic is
+            // the error, with its message.
+            let mut panic = None;
             for h in handles {
-                panicked |= h.join().is_err();
+                if let Err(p) = h.join() {
+                    panic.get_or_insert(p);
+                }
             }
-            if panicked && result.is_ok() {
-                return Err(worker_panicked());
+            match panic {
+                Some(p) => Err(worker_panicked(&*p)),
+                None => result,
             }
-            result
         })
     }
 

@@ -122,8 +122,8 @@ pub fn table_runs(tables: impl IntoIterator<Item = Arc<TableHandle>>) -> Vec<Sou
         }
     }
     runs.into_iter()
-        .map(|mut run| match run.len() {
-            1 => Source::Table(run.remove(0).table.iter()),
+        .map(|run| match run.len() {
+            1 => Source::Table(run[0].table.iter()),
             _ => Source::Level(LevelIter::new(run)),
         })
         .collect()
@@ -258,7 +258,7 @@ impl MergingIter {
             // The same key in older sources (rare): each moves past it, compared against the
             // current source's key in place; then the current source moves.
             for j in 0..self.sources.len() {
-                if j != i && self.sources[j].key().is_some() && self.sources[j].key() == self.sources[i].key() {
+                if j != i && self.sources[j].key() == self.sources[i].key() {
                     self.sources[j].next()?;
                 }
             }
