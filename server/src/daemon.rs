@@ -9,6 +9,9 @@ use quiver_proto::v1 as pb;
 use quiver_storage::sstable::IoBackend;
 use quiver_storage::{Db, Durability, Options};
 
+use tonic::service::interceptor::InterceptedService;
+
+use crate::auth::{AuthMode, Authenticator, BearerToken, Scope};
 use crate::features::{Features, JOIN_MEMORY_SHARE_DIVISOR};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -81,6 +84,10 @@ pub struct ServeConfig {
     pub replication_log_bytes: u64,
     /// Threads per point-in-time join (`None`: one per core, at most `JOIN_THREADS_MAX`).
     pub join_threads: Option<usize>,
+    /// How clients are authenticated (the token file is reread on SIGHUP).
+    pub auth: AuthMode,
+    /// The token this node's pullers present to its peers.
+    pub peer_token: BearerToken,
 }
 
 /// How long a stopping daemon waits for the last holders of the engine (streams to peers
@@ -129,13 +136,24 @@ pub async fn serve(
         (None, None) => opts,
     };
     cfg.cluster.check()?;
+    let auth = Authenticator::new(cfg.auth.clone())?;
+    match auth.mode() {
+        AuthMode::None => tracing::warn!(
+            "AUTHENTICATION IS OFF (auth = \"none\"): anyone who reaches {} may read, write and administer \
+             everything; use a token file outside local development",
+            listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        ),
+        AuthMode::Tokens(path) => {
+            tracing::info!(tokens = %path.display(), "clients authenticate with bearer tokens (SIGHUP rereads the file)")
+        }
+    }
     let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
     let ssd = db.stats().ssd;
     tracing::info!(backend = ssd.backend, direct = ssd.direct, "data blocks are read with {}", ssd.backend);
     let clustered = (!cfg.cluster.peers.is_empty()).then_some(cfg.cluster.region);
     let registry =
         Arc::new(Registry::open_in_cluster(db.clone(), clustered).map_err(|e| format!("loading the registry: {e}"))?);
-    let transport = crate::replication::Transport { chaos_seed, ..Default::default() };
+    let transport = crate::replication::Transport { chaos_seed, token: cfg.peer_token.clone(), ..Default::default() };
     let replicator = Replicator::with_transport(db.clone(), registry.clone(), &cfg.cluster, transport);
     // A join's answers stay in memory up to 1/16 of the budget (what the engine's shares leave
     // is 1/8), then spill.
@@ -172,15 +190,25 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
-    let feature_svc = pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(features, metrics.clone()))
-        .max_decoding_message_size(MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(MESSAGE_BYTES_MAX);
-    let registry_svc =
-        pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry.clone(), metrics.clone()));
-    let admin_svc = pb::admin_service_server::AdminServiceServer::new(
-        AdminApi::new(db.clone(), registry, metrics.clone(), replicator.clone()).with_test_clock(manual),
+    // Every service but health and reflection authenticates its calls (crate::auth).
+    let feature_svc = InterceptedService::new(
+        pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(features, metrics.clone()))
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX),
+        auth.interceptor(None),
     );
-    let replication_svc = crate::replication::service(replicator.clone());
+    let registry_svc = InterceptedService::new(
+        pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry.clone(), metrics.clone())),
+        auth.interceptor(None),
+    );
+    let admin_svc = InterceptedService::new(
+        pb::admin_service_server::AdminServiceServer::new(
+            AdminApi::new(db.clone(), registry, metrics.clone(), replicator.clone()).with_test_clock(manual),
+        ),
+        auth.interceptor(Some(Scope::Admin)),
+    );
+    let replication_svc = crate::replication::service(replicator.clone(), &auth);
+    let reload_task = matches!(auth.mode(), AuthMode::Tokens(_)).then(|| tokio::spawn(reload_on_hangup(auth.clone())));
     // Small responses must not wait for the peer's delayed ACK (Nagle): 40 ms per request.
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
         if let Ok(s) = &s {
@@ -203,6 +231,9 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("server: {e}"))?;
+    if let Some(t) = reload_task {
+        t.abort();
+    }
     replicator.shutdown();
     for p in pullers {
         let _ = p.await;
@@ -231,4 +262,18 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Rereads the token file on every SIGHUP; a file that does not load leaves the tokens in force.
+async fn reload_on_hangup(auth: Arc<Authenticator>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: the token file will not be reread");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match auth.reload() {
+            Ok(n) => tracing::info!(tokens = n, "token file reread"),
+            Err(e) => tracing::error!(error = %e, "token file not reread; the tokens in force stay"),
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! Quiver's service layer. It owns no storage logic: it maps the `quiver.v1` API onto the
-//! engine's public API. This step holds the registry; the gRPC services and `quiverd` follow.
+//! engine's public API: the registry, the gRPC services, authentication, and `quiverd`.
 #![deny(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod convert;
 pub mod daemon;
 pub mod features;

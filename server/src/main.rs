@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use quiver_server::auth::{AuthMode, BearerToken};
 use quiver_server::daemon::{serve, ServeConfig};
 use quiver_server::features::JOIN_THREADS_MAX;
 use quiver_server::replication::{ClusterConfig, Peer};
@@ -73,9 +74,21 @@ struct Args {
     /// at most 8).
     #[arg(long, env = "QUIVER_JOIN_THREADS")]
     join_threads: Option<usize>,
+    /// How clients authenticate: "tokens" (bearer tokens from --auth-tokens) or "none" (local
+    /// development only; on a non-loopback address it must be asked for). Default: "tokens"
+    /// when a token file is given, else "none" on loopback.
+    #[arg(long, env = "QUIVER_AUTH")]
+    auth: Option<String>,
+    /// The token file (`quiver auth create` writes it; SIGHUP rereads it).
+    #[arg(long, env = "QUIVER_AUTH_TOKENS")]
+    auth_tokens: Option<PathBuf>,
+    /// A file holding the token this node presents to its peers (a replication token for its
+    /// region, created on each peer).
+    #[arg(long, env = "QUIVER_PEER_TOKEN_FILE")]
+    peer_token_file: Option<PathBuf>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
     /// io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
-    /// replication_log_mb, join_threads.
+    /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -94,6 +107,9 @@ struct FileConfig {
     peers: Option<Vec<String>>,
     replication_log_mb: Option<u64>,
     join_threads: Option<usize>,
+    auth: Option<String>,
+    auth_tokens: Option<PathBuf>,
+    peer_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -108,6 +124,8 @@ struct Config {
     cluster: ClusterConfig,
     replication_log_mb: u64,
     join_threads: Option<usize>,
+    auth: AuthMode,
+    peer_token: BearerToken,
 }
 
 fn config(args: Args) -> Result<Config, String> {
@@ -156,7 +174,27 @@ fn config(args: Args) -> Result<Config, String> {
     if join_threads.is_some_and(|n| !(1..=JOIN_THREADS_MAX).contains(&n)) {
         return Err(format!("join threads must be 1 to {JOIN_THREADS_MAX}"));
     }
+    let auth = match (args.auth.or(file.auth).as_deref(), args.auth_tokens.or(file.auth_tokens)) {
+        (None | Some("tokens"), Some(path)) => AuthMode::Tokens(path),
+        (Some("tokens"), None) => return Err("auth \"tokens\" needs a token file (--auth-tokens)".into()),
+        (Some("none"), Some(_)) => return Err("auth \"none\" and a token file exclude each other".into()),
+        (Some("none"), None) => AuthMode::None,
+        (None, None) if listen.ip().is_loopback() => AuthMode::None,
+        (None, None) => {
+            return Err(format!(
+                "listening on {listen} without authentication: give a token file (--auth-tokens), or --auth none \
+                 to serve everyone who can reach it"
+            ))
+        }
+        (Some(other), _) => return Err(format!("auth must be \"tokens\" or \"none\", not {other:?}")),
+    };
+    let peer_token = match args.peer_token_file.or(file.peer_token_file) {
+        Some(p) => BearerToken::from_file(&p)?,
+        None => BearerToken::default(),
+    };
     Ok(Config {
+        auth,
+        peer_token,
         join_threads,
         data_dir,
         listen,
@@ -203,6 +241,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         cluster: cfg.cluster,
         replication_log_bytes: cfg.replication_log_mb << 20,
         join_threads: cfg.join_threads,
+        auth: cfg.auth,
+        peer_token: cfg.peer_token,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));

@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{self, Scope};
 use crate::convert;
 use crate::features::{Features, ServiceError, ONLINE_INLINE_CELLS_MAX};
 use crate::metrics::Metrics;
@@ -51,6 +52,19 @@ pub(crate) fn storage_status(e: &quiver_storage::Error) -> Status {
 
 fn registry_status(e: RegistryError) -> Status {
     status(ServiceError::from(e))
+}
+
+/// `PERMISSION_DENIED` unless the caller holds `scope` for every group `refs` name (group or
+/// feature references; no references: the scope alone).
+fn authorize<'a, T>(req: &Request<T>, scope: Scope, refs: impl IntoIterator<Item = &'a str>) -> Result<(), Status> {
+    let p = auth::principal(req)?;
+    p.require(scope)?;
+    if p.limited() {
+        for r in refs {
+            p.require_group(scope, r)?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs engine work on tokio's blocking pool.
@@ -110,6 +124,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("GetOnlineFeatures", async move {
+                authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
                 let f = self.features.clone();
                 let req = req.into_inner();
                 if req.entities.len().saturating_mul(req.features.len()) <= ONLINE_INLINE_CELLS_MAX {
@@ -127,6 +142,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("WriteFeatures", async move {
+                authorize(&req, Scope::Write, req.get_ref().rows.iter().map(|r| r.group.as_str()))?;
                 let f = self.features.clone();
                 let req = req.into_inner();
                 let bytes = req.encoded_len() as u64;
@@ -147,9 +163,23 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("WriteFeaturesStream", async move {
+                let principal = auth::principal(&req)?;
+                principal.require(Scope::Write)?;
                 let mut stream = req.into_inner();
                 let mut summary = pb::WriteFeaturesStreamResponse::default();
                 while let Some(msg) = stream.message().await? {
+                    for row in &msg.rows {
+                        principal.require_group(Scope::Write, &row.group).map_err(|s| {
+                            Status::new(
+                                s.code(),
+                                format!(
+                                    "stream message {} (earlier messages were applied): {}",
+                                    summary.requests,
+                                    s.message()
+                                ),
+                            )
+                        })?;
+                    }
                     let f = self.features.clone();
                     let rows = msg.rows.len() as u64;
                     let bytes = msg.encoded_len() as u64;
@@ -186,6 +216,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("GetHistoricalFeatures", async move {
+                authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
                 let f = self.features.clone();
                 let req = req.into_inner();
                 Ok(Response::new(stream_blocking(move |emit| f.historical(&req, emit))))
@@ -202,6 +233,8 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("ScanHistory", async move {
+                let r = req.get_ref();
+                authorize(&req, Scope::Read, r.features.iter().map(String::as_str).chain([r.group.as_str()]))?;
                 let f = self.features.clone();
                 let req = req.into_inner();
                 Ok(Response::new(stream_blocking(move |emit| f.scan_history(&req, emit))))
@@ -233,6 +266,20 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("ApplyRegistry", async move {
+                authorize(&req, Scope::Registry, req.get_ref().feature_groups.iter().map(|g| g.name.as_str()))?;
+                let p = auth::principal(&req)?;
+                if p.limited() {
+                    // Entity types are shared by every group: a token limited to some groups
+                    // may send them only as they are.
+                    for et in &req.get_ref().entity_types {
+                        if self.registry.entity_type(&et.name).ok().as_ref() != Some(et) {
+                            return Err(Status::permission_denied(format!(
+                                "token {:?} is limited to some groups: it may not create or change entity type {:?}",
+                                p.name, et.name
+                            )));
+                        }
+                    }
+                }
                 let r = self.registry.clone();
                 let req = req.into_inner();
                 blocking(move || r.apply(&req).map_err(registry_status))
@@ -249,6 +296,7 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("GetFeatureGroup", async move {
+                auth::principal(&req)?.require_group_visible(&req.get_ref().name)?;
                 let req = req.into_inner();
                 let r = self.registry.clone();
                 blocking(move || r.group(&req.name, req.version).map(Response::new).map_err(registry_status)).await
@@ -258,13 +306,19 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
 
     async fn list_feature_groups(
         &self,
-        _req: Request<pb::ListFeatureGroupsRequest>,
+        req: Request<pb::ListFeatureGroupsRequest>,
     ) -> Result<Response<pb::ListFeatureGroupsResponse>, Status> {
         let metrics = self.metrics.clone();
         metrics
             .timed("ListFeatureGroups", async move {
+                let p = auth::principal(&req)?;
                 let r = self.registry.clone();
-                blocking(move || Ok(Response::new(pb::ListFeatureGroupsResponse { feature_groups: r.groups() }))).await
+                blocking(move || {
+                    let mut feature_groups = r.groups();
+                    feature_groups.retain(|g| p.may_see(&g.name));
+                    Ok(Response::new(pb::ListFeatureGroupsResponse { feature_groups }))
+                })
+                .await
             })
             .await
     }
@@ -276,6 +330,7 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("GetEntityType", async move {
+                auth::principal(&req)?;
                 let r = self.registry.clone();
                 let name = req.into_inner().name;
                 blocking(move || r.entity_type(&name).map(Response::new).map_err(registry_status)).await
@@ -285,11 +340,12 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
 
     async fn list_entity_types(
         &self,
-        _req: Request<pb::ListEntityTypesRequest>,
+        req: Request<pb::ListEntityTypesRequest>,
     ) -> Result<Response<pb::ListEntityTypesResponse>, Status> {
         let metrics = self.metrics.clone();
         metrics
             .timed("ListEntityTypes", async move {
+                auth::principal(&req)?;
                 let r = self.registry.clone();
                 blocking(move || Ok(Response::new(pb::ListEntityTypesResponse { entity_types: r.entity_types() })))
                     .await

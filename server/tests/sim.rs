@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use quiver_server::auth::{AuthMode, Authenticator};
 use quiver_server::registry::Registry;
 use quiver_server::replication::{service, ClusterConfig, Peer, Replicator, Transport};
 use quiver_storage::fs::MemFs;
@@ -158,6 +159,7 @@ async fn region_main(r: u32, shared: Arc<Shared>, seed: u64) -> Result<(), Box<d
         })),
         inline_engine: true,
         chaos_seed: None,
+        token: Default::default(),
     };
     let replicator = Replicator::with_transport(db.clone(), registry, &cluster, transport);
     let _pullers = replicator.start();
@@ -194,7 +196,7 @@ async fn region_main(r: u32, shared: Arc<Shared>, seed: u64) -> Result<(), Box<d
         }
     });
     tonic::transport::Server::builder()
-        .add_service(service(replicator))
+        .add_service(service(replicator, &Authenticator::new(AuthMode::None)?))
         .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?;
     Ok(())

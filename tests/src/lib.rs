@@ -80,6 +80,11 @@ impl Daemon {
         out
     }
 
+    /// Its process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops it with SIGTERM (graceful) and waits; returns whether it exited cleanly.
     pub fn stop(mut self) -> bool {
         let pid = self.child.id().to_string();
@@ -101,20 +106,54 @@ impl Drop for Daemon {
     }
 }
 
+/// A channel that sends `authorization: Bearer <token>` with every call (nothing without one),
+/// as any gRPC client of a quiverd with tokens does.
+pub type TokenChannel = tonic::service::interceptor::InterceptedService<Channel, Token>;
+
+/// The client side of bearer-token authentication.
+#[derive(Debug, Clone, Default)]
+pub struct Token(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Token {
+    /// Sends `token`.
+    pub fn new(token: &str) -> Token {
+        Token(Some(format!("Bearer {token}").parse().expect("a token is ASCII")))
+    }
+}
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
 /// Generated clients over one channel.
 pub struct Clients {
     /// FeatureService.
-    pub features: pb::feature_service_client::FeatureServiceClient<Channel>,
+    pub features: pb::feature_service_client::FeatureServiceClient<TokenChannel>,
     /// RegistryService.
-    pub registry: pb::registry_service_client::RegistryServiceClient<Channel>,
+    pub registry: pb::registry_service_client::RegistryServiceClient<TokenChannel>,
     /// AdminService.
-    pub admin: pb::admin_service_client::AdminServiceClient<Channel>,
+    pub admin: pb::admin_service_client::AdminServiceClient<TokenChannel>,
 }
 
 impl Clients {
-    /// Clients of a running daemon.
+    /// Clients of a running daemon, without a token.
     pub async fn of(d: &Daemon) -> Clients {
-        let c = d.channel().await;
+        Clients::over(d.channel().await, Token::default())
+    }
+
+    /// Clients of a running daemon sending `token`.
+    pub async fn with_token(d: &Daemon, token: &str) -> Clients {
+        Clients::over(d.channel().await, Token::new(token))
+    }
+
+    /// Clients over `c`, sending `token`.
+    pub fn over(c: Channel, token: Token) -> Clients {
+        let c = TokenChannel::new(c, token);
         Clients {
             features: pb::feature_service_client::FeatureServiceClient::new(c.clone()),
             registry: pb::registry_service_client::RegistryServiceClient::new(c.clone()),

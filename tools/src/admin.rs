@@ -2,12 +2,12 @@
 
 use quiver_proto::v1 as pb;
 
-use crate::common::{channel, entity_key, fetch_entity_type, grpc, Result};
+use crate::common::{entity_key, fetch_entity_type, grpc, Result, Server};
 use crate::{AdminCmd, ReplicationCmd};
 
 /// `quiver admin ...`.
-pub async fn admin(addr: &str, cmd: AdminCmd) -> Result<()> {
-    let mut c = pb::admin_service_client::AdminServiceClient::new(channel(addr).await?);
+pub async fn admin(server: &Server, cmd: AdminCmd) -> Result<()> {
+    let mut c = pb::admin_service_client::AdminServiceClient::new(server.channel().await?);
     match cmd {
         AdminCmd::Stats => {
             let s = c.get_stats(pb::GetStatsRequest {}).await.map_err(grpc)?.into_inner();
@@ -44,7 +44,7 @@ pub async fn admin(addr: &str, cmd: AdminCmd) -> Result<()> {
         AdminCmd::Compact { full, entity_type, from, to } => {
             let range = match (entity_type, from) {
                 (Some(entity_type), Some(from)) => {
-                    let et = fetch_entity_type(&channel(addr).await?, &entity_type).await?;
+                    let et = fetch_entity_type(&server.channel().await?, &entity_type).await?;
                     let start = Some(entity_key(&et, &from)?);
                     let end = to.map(|t| entity_key(&et, &t)).transpose()?;
                     Some(pb::EntityRange { entity_type, start, end })
@@ -68,8 +68,8 @@ pub async fn admin(addr: &str, cmd: AdminCmd) -> Result<()> {
 
 /// `quiver replication ...`: the server's replication status, or one peer's after pausing,
 /// resuming or re-bootstrapping it.
-pub async fn replication(addr: &str, cmd: ReplicationCmd) -> Result<()> {
-    let mut c = pb::admin_service_client::AdminServiceClient::new(channel(addr).await?);
+pub async fn replication(server: &Server, cmd: ReplicationCmd) -> Result<()> {
+    let mut c = pb::admin_service_client::AdminServiceClient::new(server.channel().await?);
     let peer = match cmd {
         ReplicationCmd::Status => {
             let s = c.get_replication_status(pb::GetReplicationStatusRequest {}).await.map_err(grpc)?;

@@ -2,6 +2,7 @@
 //! registry look-ups, the clock, and entity keys and values as text.
 
 use quiver_proto::v1 as pb;
+use quiver_server::auth::{AuthChannel, BearerToken};
 use tonic::transport::Channel;
 
 /// Every error is one line of text: `main` prints it after `quiver: ` and exits non-zero.
@@ -12,17 +13,33 @@ pub fn grpc(e: tonic::Status) -> String {
     format!("{:?}: {}", e.code(), e.message())
 }
 
-/// A connection to the server at `addr`.
-pub async fn channel(addr: &str) -> Result<Channel> {
-    Channel::from_shared(addr.to_string())
-        .map_err(|e| format!("bad address {addr:?}: {e}"))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {addr}: {e}"))
+/// A connection that sends the command line's token (if any) with every call.
+pub type Conn = AuthChannel;
+
+/// The server a command talks to, and how it proves who it is.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Its address (`http://host:port`).
+    pub addr: String,
+    /// The token sent with every call.
+    pub token: BearerToken,
+}
+
+impl Server {
+    /// A connection to it.
+    pub async fn channel(&self) -> Result<Conn> {
+        let addr = &self.addr;
+        let ch = Channel::from_shared(addr.to_string())
+            .map_err(|e| format!("bad address {addr:?}: {e}"))?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+        Ok(Conn::new(ch, self.token.clone()))
+    }
 }
 
 /// A group's definition (`group` or `group@N`) and its entity type, from the registry.
-pub async fn fetch_group(ch: &Channel, group: &str) -> Result<(pb::FeatureGroup, pb::EntityType)> {
+pub async fn fetch_group(ch: &Conn, group: &str) -> Result<(pb::FeatureGroup, pb::EntityType)> {
     let (name, version) = quiver_server::registry::parse_group_ref(group)
         .ok_or_else(|| format!("bad group reference {group:?} (group or group@N)"))?;
     let mut reg = pb::registry_service_client::RegistryServiceClient::new(ch.clone());
@@ -36,7 +53,7 @@ pub async fn fetch_group(ch: &Channel, group: &str) -> Result<(pb::FeatureGroup,
 }
 
 /// An entity type from the registry.
-pub async fn fetch_entity_type(ch: &Channel, name: &str) -> Result<pb::EntityType> {
+pub async fn fetch_entity_type(ch: &Conn, name: &str) -> Result<pb::EntityType> {
     pb::registry_service_client::RegistryServiceClient::new(ch.clone())
         .get_entity_type(pb::GetEntityTypeRequest { name: name.to_string() })
         .await

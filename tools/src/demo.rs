@@ -9,7 +9,7 @@ use quiver_proto::v1 as pb;
 use quiver_server::daemon::{serve, ServeConfig};
 use tonic::transport::Channel;
 
-use crate::common::{cell_text, grpc, now_us, Result};
+use crate::common::{cell_text, grpc, now_us, Conn, Result};
 use crate::registry_file;
 
 const HOUR_US: i64 = 3_600_000_000;
@@ -44,6 +44,8 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         cluster: Default::default(),
         replication_log_bytes: 0,
         join_threads: None,
+        auth: quiver_server::auth::AuthMode::None,
+        peer_token: Default::default(),
     };
     let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());
@@ -191,10 +193,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
     Ok(())
 }
 
-async fn write(
-    c: &mut pb::feature_service_client::FeatureServiceClient<Channel>,
-    rows: Vec<pb::WriteRow>,
-) -> Result<u64> {
+async fn write(c: &mut pb::feature_service_client::FeatureServiceClient<Conn>, rows: Vec<pb::WriteRow>) -> Result<u64> {
     let r = c
         .write_features(pb::WriteFeaturesRequest {
             rows,
@@ -206,11 +205,11 @@ async fn write(
     Ok(r.into_inner().values_written)
 }
 
-async fn connect(addr: &str) -> Result<Channel> {
+async fn connect(addr: &str) -> Result<Conn> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match Channel::from_shared(addr.to_string()).map_err(|e| e.to_string())?.connect().await {
-            Ok(c) => return Ok(c),
+            Ok(c) => return Ok(Conn::new(c, Default::default())),
             Err(e) if Instant::now() > deadline => return Err(format!("embedded server did not come up: {e}")),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }

@@ -2,19 +2,17 @@
 
 use quiver_proto::v1 as pb;
 
-use crate::common::{
-    cell_text, channel, entity_key, fetch_entity_type, fetch_group, grpc, now_us, parse_value, Result,
-};
+use crate::common::{cell_text, entity_key, fetch_entity_type, fetch_group, grpc, now_us, parse_value, Result, Server};
 
 /// `quiver get`: online lookup of `features` for `entities`, one line per entity.
 pub async fn get(
-    addr: &str,
+    server: &Server,
     json: bool,
     entity_type: String,
     entities: Vec<String>,
     features: Vec<String>,
 ) -> Result<()> {
-    let ch = channel(addr).await?;
+    let ch = server.channel().await?;
     let et = fetch_entity_type(&ch, &entity_type).await?;
     let keys = entities.iter().map(|e| entity_key(&et, e)).collect::<Result<Vec<_>>>()?;
     let resp = pb::feature_service_client::FeatureServiceClient::new(ch)
@@ -42,13 +40,13 @@ pub async fn get(
 /// `quiver put`: one row of `feature=value` pairs for one entity at one event time (default:
 /// now).
 pub async fn put(
-    addr: &str,
+    server: &Server,
     group: String,
     entity: String,
     event_time_us: Option<i64>,
     values: Vec<String>,
 ) -> Result<()> {
-    let ch = channel(addr).await?;
+    let ch = server.channel().await?;
     let (def, et) = fetch_group(&ch, &group).await?;
     let mut row = pb::WriteRow {
         entity: Some(entity_key(&et, &entity)?),
@@ -72,8 +70,8 @@ pub async fn put(
 }
 
 /// `quiver history`: every version of an entity's features in `group`, newest event first.
-pub async fn history(addr: &str, entity_type: String, entity: String, group: String, limit: u64) -> Result<()> {
-    let ch = channel(addr).await?;
+pub async fn history(server: &Server, entity_type: String, entity: String, group: String, limit: u64) -> Result<()> {
+    let ch = server.channel().await?;
     let et = fetch_entity_type(&ch, &entity_type).await?;
     let req = pb::ScanHistoryRequest {
         entity_type,

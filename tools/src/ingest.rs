@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_proto::v1 as pb;
 
-use crate::common::{channel, fetch_group, grpc, Result};
+use crate::common::{fetch_group, grpc, Result, Server};
 use crate::tabular::{self, Cell, Location};
 
 /// Most rows one batch may hold (the server's write limit).
@@ -79,11 +79,11 @@ fn for_each_row(file: &Path, cols: &Columns, mut f: impl FnMut(pb::WriteRow) -> 
     Ok(())
 }
 
-pub async fn run(addr: &str, file: &Path, group: &str, batch_rows: usize) -> Result<()> {
+pub async fn run(server: &Server, file: &Path, group: &str, batch_rows: usize) -> Result<()> {
     if batch_rows == 0 || batch_rows > BATCH_ROWS_MAX {
         return Err(format!("--batch-rows must be 1..={BATCH_ROWS_MAX}"));
     }
-    let ch = channel(addr).await?;
+    let ch = server.channel().await?;
     let (def, et) = fetch_group(&ch, group).await?;
     let header = tabular::open(file)?.header().to_vec();
     let cols = std::sync::Arc::new(Columns::new(file.display().to_string(), &header, &def, &et)?);

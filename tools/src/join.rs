@@ -26,7 +26,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use quiver_proto::v1 as pb;
 
-use crate::common::{channel, fetch_group, grpc, Result};
+use crate::common::{fetch_group, grpc, Result, Server};
 use crate::tabular;
 
 /// Spine rows per `GetHistoricalFeatures` request (the server takes up to 10,000,000; smaller
@@ -173,10 +173,10 @@ fn key_arrays(rows: &[pb::SpineRow], et: &pb::EntityType) -> Vec<ArrayRef> {
 }
 
 /// `quiver join`: runs the join and prints what it did (one JSON line with `json`).
-pub async fn run(addr: &str, json: bool, args: JoinArgs) -> Result<()> {
+pub async fn run(server: &Server, json: bool, args: JoinArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let output = args.output.clone();
-    let s = join(addr, args).await?;
+    let s = join(server, args).await?;
     let secs = started.elapsed().as_secs_f64();
     if json {
         let filled: serde_json::Map<String, serde_json::Value> =
@@ -198,10 +198,10 @@ pub async fn run(addr: &str, json: bool, args: JoinArgs) -> Result<()> {
 }
 
 /// Joins the spine with the features and writes the Parquet output.
-pub async fn join(addr: &str, args: JoinArgs) -> Result<JoinSummary> {
+pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
     let first = args.features.first().ok_or("give at least one --feature group:feature")?;
     let group = first.split_once(':').map(|(g, _)| g).ok_or_else(|| format!("bad feature reference {first:?}"))?;
-    let ch = channel(addr).await?;
+    let ch = server.channel().await?;
     let (_, et) = fetch_group(&ch, group).await?;
     let (path, et2, tc) = (args.spine.clone(), et.clone(), args.time_column.clone());
     let spine = tokio::task::spawn_blocking(move || read_spine(&path, &et2, &tc))

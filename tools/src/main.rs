@@ -2,6 +2,7 @@
 //! non-zero exit.
 
 mod admin;
+mod auth;
 mod common;
 mod demo;
 mod features;
@@ -24,6 +25,12 @@ struct Cli {
     /// Server address.
     #[arg(long, global = true, env = "QUIVER_ADDR", default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// The bearer token sent with every call (a `quiver auth create` token).
+    #[arg(long, global = true, env = "QUIVER_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    token: Option<String>,
+    /// A file holding the token (its first line), to keep it off the command line.
+    #[arg(long, global = true, env = "QUIVER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
@@ -73,6 +80,11 @@ enum Cmd {
         /// feature=value pairs.
         #[arg(required = true)]
         values: Vec<String>,
+    },
+    /// Manage the token file quiverd reads (--auth-tokens); `kill -HUP` quiverd to apply.
+    Auth {
+        #[command(subcommand)]
+        cmd: AuthCmd,
     },
     /// Operate a running server.
     Admin {
@@ -150,6 +162,40 @@ enum Cmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum AuthCmd {
+    /// Create a token and print it (once: the file keeps only its hash).
+    Create {
+        /// The token file (created if missing).
+        #[arg(long)]
+        file: PathBuf,
+        /// A unique name (letters, digits, '-', '_', '.').
+        #[arg(long)]
+        name: String,
+        /// read, write, registry, admin or replication (repeat for several).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Limit read, write and registry to groups whose name starts with this (repeat).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// With the replication scope: the peer region the token speaks for.
+        #[arg(long)]
+        region: Option<u32>,
+    },
+    /// List tokens: names, scopes, groups, regions (never secrets).
+    List {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Revoke a token.
+    Revoke {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum SstCmd {
     /// Print a table's blocks and entries.
     Dump {
@@ -218,30 +264,41 @@ enum ReplicationCmd {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let addr = &cli.addr;
+    let token = match (&cli.token, &cli.token_file) {
+        (_, Some(f)) => quiver_server::auth::BearerToken::from_file(f)?,
+        (t, None) => quiver_server::auth::BearerToken::new(t.as_deref())?,
+    };
+    let server = &common::Server { addr: cli.addr.clone(), token };
     match cli.cmd {
         Cmd::Demo { users, hours } => demo::run(users, hours).await,
-        Cmd::Apply { file, dry_run } => registry::apply(addr, cli.json, &file, dry_run).await,
+        Cmd::Apply { file, dry_run } => registry::apply(server, cli.json, &file, dry_run).await,
         Cmd::Get { entity_type, entities, features } => {
-            features::get(addr, cli.json, entity_type, entities, features).await
+            features::get(server, cli.json, entity_type, entities, features).await
         }
         Cmd::Put { group, entity, event_time_us, values } => {
-            features::put(addr, group, entity, event_time_us, values).await
+            features::put(server, group, entity, event_time_us, values).await
         }
-        Cmd::Replication { cmd } => admin::replication(addr, cmd).await,
-        Cmd::Admin { cmd } => admin::admin(addr, cmd).await,
+        Cmd::Replication { cmd } => admin::replication(server, cmd).await,
+        Cmd::Admin { cmd } => admin::admin(server, cmd).await,
         Cmd::History { entity_type, entity, group, limit } => {
-            features::history(addr, entity_type, entity, group, limit).await
+            features::history(server, entity_type, entity, group, limit).await
         }
-        Cmd::Ingest { file, group, batch_rows } => ingest::run(addr, &file, &group, batch_rows).await,
+        Cmd::Ingest { file, group, batch_rows } => ingest::run(server, &file, &group, batch_rows).await,
         Cmd::Join { spine, output, features, time_column, known_at_us, strict_availability, use_defaults } => {
             let args =
                 join::JoinArgs { spine, output, features, time_column, known_at_us, strict_availability, use_defaults };
-            join::run(addr, cli.json, args).await
+            join::run(server, cli.json, args).await
         }
         Cmd::Sst { cmd: SstCmd::Dump { file, limit } } => offline::sst_dump(&file, limit),
         Cmd::Wal { cmd: WalCmd::Dump { file, limit } } => offline::wal_dump(&file, limit),
         Cmd::Verify { dir } => offline::verify(&dir, cli.json),
+        Cmd::Auth { cmd } => match cmd {
+            AuthCmd::Create { file, name, scopes, groups, region } => {
+                auth::create(&file, cli.json, &name, &scopes, groups, region)
+            }
+            AuthCmd::List { file } => auth::list(&file, cli.json),
+            AuthCmd::Revoke { file, name } => auth::revoke(&file, &name),
+        },
     }
 }
 

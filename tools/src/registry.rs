@@ -4,16 +4,16 @@ use std::path::Path;
 
 use quiver_proto::v1 as pb;
 
-use crate::common::{channel, grpc, Result};
+use crate::common::{grpc, Result, Server};
 use crate::registry_file;
 
 /// `quiver apply`: applies the registry file at `file` (or, with `dry_run`, only asks what
 /// would change) and prints the changes.
-pub async fn apply(addr: &str, json: bool, file: &Path, dry_run: bool) -> Result<()> {
+pub async fn apply(server: &Server, json: bool, file: &Path, dry_run: bool) -> Result<()> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let mut req = registry_file::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
     req.dry_run = dry_run;
-    let mut c = pb::registry_service_client::RegistryServiceClient::new(channel(addr).await?);
+    let mut c = pb::registry_service_client::RegistryServiceClient::new(server.channel().await?);
     let changes = c.apply_registry(req).await.map_err(grpc)?.into_inner().changes;
     print_changes(&changes, json, dry_run);
     Ok(())

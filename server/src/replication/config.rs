@@ -25,6 +25,8 @@ pub struct Transport {
     /// Test-only: pullers disorder what they receive, from this seed
     /// ([`CHAOS_ENV`](super::CHAOS_ENV); quiverd sets it only in builds with `testing`).
     pub chaos_seed: Option<u64>,
+    /// The token pullers present to peers (a `replication` token for this node's region).
+    pub token: crate::auth::BearerToken,
 }
 
 impl std::fmt::Debug for Transport {
@@ -33,6 +35,7 @@ impl std::fmt::Debug for Transport {
             .field("connect", &self.connect.as_ref().map(|_| "custom"))
             .field("inline_engine", &self.inline_engine)
             .field("chaos_seed", &self.chaos_seed)
+            .field("token", &"(secret)")
             .finish()
     }
 }

@@ -196,12 +196,13 @@ impl Replicator {
     async fn client(
         &self,
         slot: &PeerSlot,
-    ) -> Result<pb::replication_service_client::ReplicationServiceClient<tonic::transport::Channel>, Status> {
+    ) -> Result<pb::replication_service_client::ReplicationServiceClient<crate::auth::AuthChannel>, Status> {
+        let token = self.transport.token.clone();
         if let Some(connect) = &self.transport.connect {
             let channel = connect(slot.peer.address.clone())
                 .await
                 .map_err(|e| Status::unavailable(format!("connecting to {}: {e}", slot.peer.address)))?;
-            return Ok(pb::replication_service_client::ReplicationServiceClient::new(channel)
+            return Ok(pb::replication_service_client::ReplicationServiceClient::with_interceptor(channel, token)
                 .accept_compressed(CompressionEncoding::Zstd)
                 .send_compressed(CompressionEncoding::Zstd)
                 .max_decoding_message_size(REPLICATION_MESSAGE_BYTES_MAX));
@@ -221,7 +222,7 @@ impl Replicator {
             }
             Status::unavailable(format!("connecting to {}: {why}", slot.peer.address))
         })?;
-        Ok(pb::replication_service_client::ReplicationServiceClient::new(channel)
+        Ok(pb::replication_service_client::ReplicationServiceClient::with_interceptor(channel, token)
             .accept_compressed(CompressionEncoding::Zstd)
             .send_compressed(CompressionEncoding::Zstd)
             .max_decoding_message_size(REPLICATION_MESSAGE_BYTES_MAX))

@@ -10,11 +10,13 @@ use quiver_storage::{ShippedBatch, SHIPPED_VERSIONS_MAX};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use super::puller::Replicator;
 use super::wire::{now_us, to_wire};
 use super::*;
+use crate::auth::AuthInterceptor;
 use crate::service::storage_status;
 
 /// The `ReplicationService` a node serves to its peers.
@@ -67,6 +69,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
     type SnapshotStream = StreamOf<pb::SnapshotPart>;
 
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<Self::PullStream>, Status> {
+        crate::auth::principal(&req)?.require_region(req.get_ref().region)?;
         let req = req.into_inner();
         self.check_peer(req.region)?;
         let r = self.replicator.clone();
@@ -133,6 +136,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
     }
 
     async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        crate::auth::principal(&req)?.require_region(req.get_ref().region)?;
         let req = req.into_inner();
         self.check_peer(req.region)?;
         let r = self.replicator.clone();
@@ -189,15 +193,18 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
     }
 }
 
-/// The service with its limits and compression.
+/// The service with its limits and compression; `auth` decides who may pull (a peer region,
+/// for its own stream only).
 pub fn service(
     replicator: Arc<Replicator>,
-) -> pb::replication_service_server::ReplicationServiceServer<ReplicationApi> {
-    pb::replication_service_server::ReplicationServiceServer::new(ReplicationApi::new(replicator))
+    auth: &Arc<crate::auth::Authenticator>,
+) -> InterceptedService<pb::replication_service_server::ReplicationServiceServer<ReplicationApi>, AuthInterceptor> {
+    let svc = pb::replication_service_server::ReplicationServiceServer::new(ReplicationApi::new(replicator))
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(REPLICATION_MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(REPLICATION_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(REPLICATION_MESSAGE_BYTES_MAX);
+    InterceptedService::new(svc, auth.interceptor(Some(crate::auth::Scope::Replication)))
 }
 
 #[cfg(test)]

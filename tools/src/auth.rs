@@ -1,0 +1,71 @@
+//! `quiver auth ...`: the token file quiverd reads (`--auth-tokens`). Creating a token prints
+//! it once; the file keeps only its hash. quiverd rereads the file on SIGHUP.
+
+use std::path::Path;
+
+use quiver_server::auth::{Scope, TokenFile};
+
+use crate::common::Result;
+
+/// `quiver auth create`: adds a token and prints it.
+pub fn create(
+    file: &Path,
+    json: bool,
+    name: &str,
+    scopes: &[String],
+    groups: Vec<String>,
+    region: Option<u32>,
+) -> Result<()> {
+    let scopes = scopes.iter().map(|s| s.parse::<Scope>()).collect::<Result<Vec<_>>>()?;
+    let mut tokens = TokenFile::load_or_empty(file)?;
+    let token = tokens.create(name, scopes, groups, region)?;
+    tokens.save(file)?;
+    if json {
+        println!("{}", serde_json::json!({ "name": name, "token": token }));
+    } else {
+        println!("{token}");
+        eprintln!(
+            "token {name:?} added to {} (only its hash is kept: store the token now); `kill -HUP` quiverd to use it",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+/// `quiver auth list`: names, scopes and limits (never secrets).
+pub fn list(file: &Path, json: bool) -> Result<()> {
+    let tokens = TokenFile::load(file)?;
+    if json {
+        let rows: Vec<_> = tokens
+            .tokens
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name,
+                    "scopes": t.scopes.iter().map(|s| s.name()).collect::<Vec<_>>(),
+                    "groups": t.groups,
+                    "region": t.region,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!("{:<24} {:<36} {:<24} region", "name", "scopes", "groups");
+    for t in &tokens.tokens {
+        let scopes: Vec<&str> = t.scopes.iter().map(|s| s.name()).collect();
+        let groups = if t.groups.is_empty() { "(all)".to_string() } else { t.groups.join(",") };
+        let region = t.region.map_or("-".to_string(), |r| r.to_string());
+        println!("{:<24} {:<36} {:<24} {region}", t.name, scopes.join(","), groups);
+    }
+    Ok(())
+}
+
+/// `quiver auth revoke`: removes a token.
+pub fn revoke(file: &Path, name: &str) -> Result<()> {
+    let mut tokens = TokenFile::load(file)?;
+    tokens.revoke(name)?;
+    tokens.save(file)?;
+    eprintln!("token {name:?} revoked in {}; `kill -HUP` quiverd to apply", file.display());
+    Ok(())
+}

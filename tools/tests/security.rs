@@ -1,0 +1,262 @@
+//! Who may do what, end to end: tokens made with `quiver auth`, a real quiverd reading them,
+//! scopes and group limits over gRPC and on the command line, revocation on SIGHUP, replication
+//! tokens bound to their region, and the refusal to serve a network address unauthenticated.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use quiver_e2e::{example_registry, key, Clients, Daemon, Token};
+use quiver_proto::v1 as pb;
+use tonic::Code;
+
+fn quiver(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_quiver")).args(args).output().expect("run quiver");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `quiver auth create` and the token it printed.
+fn create_token(file: &Path, name: &str, extra: &[&str]) -> String {
+    let mut args = vec!["auth", "create", "--file", file.to_str().expect("utf-8"), "--name", name];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = quiver(&args);
+    assert!(ok, "auth create {name}: {err}");
+    let token = out.trim().to_string();
+    assert!(token.starts_with("qvt_") && token.len() == 4 + 64, "{token:?}");
+    token
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_micros() as i64
+}
+
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// The example registry plus a second group, `fraud_scores`, on the same entity type.
+fn two_groups() -> pb::ApplyRegistryRequest {
+    let mut req = example_registry();
+    let mut fraud = req.feature_groups[0].clone();
+    fraud.name = "fraud_scores".into();
+    req.feature_groups.push(fraud);
+    req
+}
+
+fn online(feature: &str) -> pb::GetOnlineFeaturesRequest {
+    pb::GetOnlineFeaturesRequest {
+        entity_type: "user".into(),
+        entities: vec![key("u1")],
+        features: vec![feature.into()],
+        as_of: None,
+    }
+}
+
+fn write(group: &str) -> pb::WriteFeaturesRequest {
+    let mut values = std::collections::HashMap::new();
+    values.insert("clicks".to_string(), quiver_e2e::int(7));
+    pb::WriteFeaturesRequest {
+        rows: vec![pb::WriteRow {
+            entity: Some(key("u1")),
+            group: group.into(),
+            // Now: within the group's 1 h TTL for the online reads below.
+            event_time: quiver_e2e::ts(now_us()),
+            values,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_scopes_groups_and_revocation() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tokens = tmp.path().join("tokens.toml");
+    let admin = create_token(&tokens, "ops", &["--scope", "admin", "--scope", "registry", "--scope", "write"]);
+    let fraud_reader = create_token(&tokens, "fraud-reader", &["--scope", "read", "--group", "fraud_"]);
+    let fraud_registry = create_token(&tokens, "fraud-registry", &["--scope", "registry", "--group", "fraud_"]);
+    let text = std::fs::read_to_string(&tokens).expect("token file");
+    assert!(!text.contains(&admin) && !text.contains(&fraud_reader), "the file holds hashes, never tokens");
+
+    let (ok, out, _) = quiver(&["auth", "list", "--file", tokens.to_str().expect("utf-8"), "--json"]);
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(listed[1]["name"], "fraud-reader");
+    assert_eq!(listed[1]["groups"][0], "fraud_");
+    assert!(!out.contains("qvt_"), "list never shows secrets");
+
+    let d = Daemon::start(&tmp.path().join("data"), &["--auth-tokens", tokens.to_str().expect("utf-8")]);
+
+    // No token, a malformed one, an unknown one: UNAUTHENTICATED, on every authenticated service.
+    let mut anon = Clients::of(&d).await;
+    assert_eq!(code(anon.features.get_online_features(online("user_stats:clicks")).await), Code::Unauthenticated);
+    assert_eq!(code(anon.registry.list_feature_groups(pb::ListFeatureGroupsRequest {}).await), Code::Unauthenticated);
+    assert_eq!(code(anon.admin.get_stats(pb::GetStatsRequest {}).await), Code::Unauthenticated);
+    let flipped = format!("{}{}", &admin[..admin.len() - 1], if admin.ends_with('0') { '1' } else { '0' });
+    for bad in ["not-a-token", "qvt_0123", &flipped] {
+        let mut c = Clients::with_token(&d, bad).await;
+        assert_eq!(
+            code(c.registry.list_feature_groups(pb::ListFeatureGroupsRequest {}).await),
+            Code::Unauthenticated,
+            "{bad}"
+        );
+    }
+    // Health checks and metrics need no token.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    let h = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("health");
+    assert_eq!(h.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert!(d.scrape().contains("quiver_"), "metrics are served without a token");
+
+    let mut ops = Clients::with_token(&d, &admin).await;
+    ops.registry.apply_registry(two_groups()).await.expect("apply with the registry scope");
+    ops.features.write_features(write("user_stats")).await.expect("write");
+    ops.features.write_features(write("fraud_scores")).await.expect("write");
+    ops.admin.get_stats(pb::GetStatsRequest {}).await.expect("admin");
+    // The ops token has no read scope.
+    assert_eq!(code(ops.features.get_online_features(online("user_stats:clicks")).await), Code::PermissionDenied);
+
+    // A reader limited to fraud_: reads those groups only, sees only them, does nothing else.
+    let mut reader = Clients::with_token(&d, &fraud_reader).await;
+    let got = reader.features.get_online_features(online("fraud_scores:clicks")).await.expect("read fraud_");
+    assert_eq!(got.into_inner().columns[0].int64_values, vec![7]);
+    assert_eq!(code(reader.features.get_online_features(online("user_stats:clicks")).await), Code::PermissionDenied);
+    let mixed = pb::GetOnlineFeaturesRequest {
+        features: vec!["fraud_scores:clicks".into(), "user_stats@1:clicks".into()],
+        ..online("fraud_scores:clicks")
+    };
+    assert_eq!(code(reader.features.get_online_features(mixed).await), Code::PermissionDenied);
+    assert_eq!(code(reader.features.write_features(write("fraud_scores")).await), Code::PermissionDenied);
+    assert_eq!(code(reader.admin.get_stats(pb::GetStatsRequest {}).await), Code::PermissionDenied);
+    assert_eq!(code(reader.registry.apply_registry(two_groups()).await), Code::PermissionDenied);
+    let listed = reader.registry.list_feature_groups(pb::ListFeatureGroupsRequest {}).await.expect("list");
+    let names: Vec<String> = listed.into_inner().feature_groups.into_iter().map(|g| g.name).collect();
+    assert_eq!(names, vec!["fraud_scores".to_string()]);
+    let hidden = pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 };
+    assert_eq!(code(reader.registry.get_feature_group(hidden).await), Code::PermissionDenied);
+    reader.registry.get_entity_type(pb::GetEntityTypeRequest { name: "user".into() }).await.expect("entity types");
+    let spine = pb::GetHistoricalFeaturesRequest {
+        entity_type: "user".into(),
+        spine: vec![pb::SpineRow { entity: Some(key("u1")), timestamp: quiver_e2e::ts(2_000_000) }],
+        features: vec!["user_stats:clicks".into()],
+        ..Default::default()
+    };
+    assert_eq!(code(reader.features.get_historical_features(spine).await), Code::PermissionDenied);
+
+    // A registry token limited to fraud_ may change fraud_ groups, and send the shared entity
+    // type only unchanged.
+    let mut fraud_reg = Clients::with_token(&d, &fraud_registry).await;
+    let mut only_fraud = two_groups();
+    only_fraud.feature_groups.remove(0);
+    only_fraud.feature_groups[0].description = "scores v2".into();
+    fraud_reg.registry.apply_registry(only_fraud.clone()).await.expect("apply fraud_ with the same entity type");
+    only_fraud.entity_types[0].description = "changed".into();
+    assert_eq!(code(fraud_reg.registry.apply_registry(only_fraud).await), Code::PermissionDenied);
+    assert_eq!(code(fraud_reg.registry.apply_registry(two_groups()).await), Code::PermissionDenied);
+
+    // The command line sends --token; without it the server says why it refused.
+    let addr = d.addr.clone();
+    let get = ["get", "--addr", &addr, "--entity-type", "user", "--entity", "u1", "--feature", "fraud_scores:clicks"];
+    let (ok, out, err) = quiver(&[&get[..], &["--token", &fraud_reader]].concat());
+    assert!(ok, "{err}");
+    assert!(out.contains('7'), "{out}");
+    let (ok, _, err) = quiver(&get);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let token_file = tmp.path().join("reader.token");
+    std::fs::write(&token_file, format!("{fraud_reader}\n")).expect("write");
+    let (ok, _, err) = quiver(&[&get[..], &["--token-file", token_file.to_str().expect("utf-8")]].concat());
+    assert!(ok, "{err}");
+
+    // Revoked, then SIGHUP: refused from then on; the other tokens keep working.
+    let (ok, _, err) = quiver(&["auth", "revoke", "--file", tokens.to_str().expect("utf-8"), "--name", "fraud-reader"]);
+    assert!(ok, "{err}");
+    let pid = d.pid().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = code(reader.features.get_online_features(online("fraud_scores:clicks")).await);
+        if c == Code::Unauthenticated {
+            break;
+        }
+        assert_eq!(c, Code::Ok);
+        assert!(Instant::now() < deadline, "a revoked token still works 10 s after SIGHUP");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ops.admin.get_stats(pb::GetStatsRequest {}).await.expect("other tokens still work");
+    // A broken file on SIGHUP keeps the tokens in force (and the daemon running).
+    std::fs::write(&tokens, "[[token]]\nname = 7\n").expect("write");
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ops.admin.get_stats(pb::GetStatsRequest {}).await.expect("tokens in force survive a bad reload");
+    assert!(d.stop(), "clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_tokens_pull_only_their_own_region() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tokens = tmp.path().join("tokens.toml");
+    let region2 = create_token(&tokens, "region-2", &["--scope", "replication", "--region", "2"]);
+    let region3 = create_token(&tokens, "region-3", &["--scope", "replication", "--region", "3"]);
+    let admin = create_token(&tokens, "ops", &["--scope", "admin"]);
+    let (ok, _, err) =
+        quiver(&["auth", "create", "--file", tokens.to_str().expect("utf-8"), "--name", "x", "--scope", "replication"]);
+    assert!(!ok && err.contains("needs the region"), "{err}");
+    // Region 1 with peers 2 and 3 (not running: only their pulls from region 1 matter here).
+    let d = Daemon::start(
+        &tmp.path().join("data"),
+        &[
+            "--auth-tokens",
+            tokens.to_str().expect("utf-8"),
+            "--region",
+            "1",
+            "--peer",
+            "2=127.0.0.1:9",
+            "--peer",
+            "3=127.0.0.1:9",
+        ],
+    );
+    let pull = |region| pb::PullRequest { region, after: 0, window_ms: 1 };
+    let client = |token: &str| {
+        let token = Token::new(token);
+        let d = &d;
+        async move { pb::replication_service_client::ReplicationServiceClient::with_interceptor(d.channel().await, token) }
+    };
+    let mut as2 = client(&region2).await;
+    let mut stream = as2.pull(pull(2)).await.expect("region 2 pulls its own stream").into_inner();
+    while stream.message().await.expect("message").is_some() {}
+    assert_eq!(code(as2.pull(pull(3)).await), Code::PermissionDenied, "region 2's token cannot pull as region 3");
+    let snap = pb::SnapshotRequest { region: 3 };
+    assert_eq!(code(as2.snapshot(snap).await), Code::PermissionDenied);
+    let mut as3 = client(&region3).await;
+    as3.pull(pull(3)).await.expect("region 3 pulls its own stream");
+    let mut ops = client(&admin).await;
+    assert_eq!(code(ops.pull(pull(2)).await), Code::PermissionDenied, "admin is not replication");
+    let mut anon = pb::replication_service_client::ReplicationServiceClient::new(d.channel().await);
+    assert_eq!(code(anon.pull(pull(2)).await), Code::Unauthenticated);
+    drop(d);
+}
+
+#[test]
+fn a_network_address_without_authentication_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = Command::new(quiver_e2e::quiverd_path())
+        .args(["--data-dir", tmp.path().to_str().expect("utf-8"), "--listen", "0.0.0.0:0", "--metrics-listen", "off"])
+        .output()
+        .expect("run quiverd");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("without authentication") && err.contains("--auth none"), "{err}");
+    let out = Command::new(quiver_e2e::quiverd_path())
+        .args(["--data-dir", tmp.path().to_str().expect("utf-8"), "--auth", "tokens"])
+        .output()
+        .expect("run quiverd");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a token file"));
+    assert!(!tmp.path().join("CURRENT").exists(), "a refused start creates nothing");
+}
