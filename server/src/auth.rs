@@ -42,6 +42,9 @@
 //! or the group is `PERMISSION_DENIED`. With `auth = "none"` every request may do everything; the
 //! daemon logs that loudly and refuses it on a non-loopback address unless it was asked for
 //! explicitly.
+//!
+//! Between regions over mutual TLS, the peer's region comes from its certificate (see
+//! [`crate::tls`]), never from the request.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -458,7 +461,9 @@ impl Authenticator {
     }
 
     /// The interceptor for one service: authenticates every call, attaches its [`Principal`],
-    /// and, for a service whose every method needs one scope, checks it.
+    /// and, for a service whose every method needs one scope, checks it. A caller whose
+    /// verified client certificate names a region ([`crate::tls`]) speaks for that region only;
+    /// without a token it may replicate and nothing else.
     pub fn interceptor(self: &Arc<Self>, scope: Option<Scope>) -> AuthInterceptor {
         AuthInterceptor { auth: self.clone(), scope }
     }
@@ -473,7 +478,25 @@ pub struct AuthInterceptor {
 
 impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let principal = self.auth.authenticate(req.metadata())?;
+        let cert_region = crate::tls::peer_region(&req)?;
+        let has_token = req.metadata().contains_key("authorization");
+        let principal = match cert_region {
+            // A peer that proved its region and sends no token: replication for that region.
+            Some(region) if !has_token && self.auth.mode != AuthMode::None => Arc::new(Principal::peer(region)),
+            // Otherwise the token decides what it may do, and the certificate which region
+            // it speaks for.
+            Some(region) => {
+                let p = self.auth.authenticate(req.metadata())?;
+                if p.region.is_some_and(|r| r != region) {
+                    return Err(Status::permission_denied(format!(
+                        "token {:?} speaks for region {:?}, its certificate for region {region}",
+                        p.name, p.region
+                    )));
+                }
+                Arc::new(Principal { region: Some(region), ..(*p).clone() })
+            }
+            None => self.auth.authenticate(req.metadata())?,
+        };
         if let Some(scope) = self.scope {
             principal.require(scope)?;
         }

@@ -88,6 +88,8 @@ pub struct ServeConfig {
     pub auth: AuthMode,
     /// The token this node's pullers present to its peers.
     pub peer_token: BearerToken,
+    /// TLS for every gRPC connection, and mutual TLS toward peers (`None`: plaintext).
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// How long a stopping daemon waits for the last holders of the engine (streams to peers
@@ -153,7 +155,12 @@ pub async fn serve(
     let clustered = (!cfg.cluster.peers.is_empty()).then_some(cfg.cluster.region);
     let registry =
         Arc::new(Registry::open_in_cluster(db.clone(), clustered).map_err(|e| format!("loading the registry: {e}"))?);
-    let transport = crate::replication::Transport { chaos_seed, token: cfg.peer_token.clone(), ..Default::default() };
+    let transport = crate::replication::Transport {
+        chaos_seed,
+        token: cfg.peer_token.clone(),
+        tls: cfg.tls.as_ref().and_then(|t| t.peer_client()),
+        ..Default::default()
+    };
     let replicator = Replicator::with_transport(db.clone(), registry.clone(), &cfg.cluster, transport);
     // A join's answers stay in memory up to 1/16 of the budget (what the engine's shares leave
     // is 1/8), then spill.
@@ -221,7 +228,11 @@ pub async fn serve(
     ready(addr, metrics_addr);
     let pullers = replicator.start();
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "serving");
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        builder = builder.tls_config(tls.server()).map_err(|e| format!("TLS: {e}"))?;
+    }
+    builder
         .add_service(health)
         .add_service(reflection)
         .add_service(feature_svc)

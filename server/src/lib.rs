@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod registry;
 pub mod replication;
 pub mod service;
+pub mod tls;

@@ -12,6 +12,7 @@ use quiver_server::auth::{AuthMode, BearerToken};
 use quiver_server::daemon::{serve, ServeConfig};
 use quiver_server::features::JOIN_THREADS_MAX;
 use quiver_server::replication::{ClusterConfig, Peer};
+use quiver_server::tls::TlsConfig;
 use quiver_storage::sstable::IoBackend;
 use quiver_storage::Durability;
 use serde::Deserialize;
@@ -86,9 +87,20 @@ struct Args {
     /// region, created on each peer).
     #[arg(long, env = "QUIVER_PEER_TOKEN_FILE")]
     peer_token_file: Option<PathBuf>,
+    /// The node's TLS certificate chain (PEM): with --tls-key, every gRPC connection is TLS.
+    #[arg(long, env = "QUIVER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The node's TLS private key (PEM).
+    #[arg(long, env = "QUIVER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The deployment's CA (PEM): verifies client certificates (optional for clients; a peer's
+    /// names its region) and peers' server certificates.
+    #[arg(long, env = "QUIVER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
     /// io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
-    /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file.
+    /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file, tls_cert, tls_key,
+    /// tls_ca.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -110,6 +122,9 @@ struct FileConfig {
     auth: Option<String>,
     auth_tokens: Option<PathBuf>,
     peer_token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -126,6 +141,7 @@ struct Config {
     join_threads: Option<usize>,
     auth: AuthMode,
     peer_token: BearerToken,
+    tls: Option<TlsConfig>,
 }
 
 fn config(args: Args) -> Result<Config, String> {
@@ -192,7 +208,19 @@ fn config(args: Args) -> Result<Config, String> {
         Some(p) => BearerToken::from_file(&p)?,
         None => BearerToken::default(),
     };
+    let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key), args.tls_ca.or(file.tls_ca)) {
+        (Some(cert), Some(key), ca) => Some(TlsConfig::load(&cert, &key, ca.as_deref())?),
+        (None, None, None) => None,
+        (None, None, Some(_)) => {
+            return Err("tls_ca needs the node's own certificate and key (tls_cert, tls_key)".into())
+        }
+        _ => return Err("tls_cert and tls_key go together".into()),
+    };
+    if tls.as_ref().is_some_and(|t| t.peer_client().is_none()) && !cluster.peers.is_empty() {
+        return Err("a node with TLS and peers needs tls_ca to verify them".into());
+    }
     Ok(Config {
+        tls,
         auth,
         peer_token,
         join_threads,
@@ -243,6 +271,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         join_threads: cfg.join_threads,
         auth: cfg.auth,
         peer_token: cfg.peer_token,
+        tls: cfg.tls,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));

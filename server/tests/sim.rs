@@ -160,6 +160,7 @@ async fn region_main(r: u32, shared: Arc<Shared>, seed: u64) -> Result<(), Box<d
         inline_engine: true,
         chaos_seed: None,
         token: Default::default(),
+        tls: None,
     };
     let replicator = Replicator::with_transport(db.clone(), registry, &cluster, transport);
     let _pullers = replicator.start();

@@ -69,6 +69,11 @@ impl Daemon {
         }
     }
 
+    /// A plaintext channel that connects on first use (for a daemon that may refuse it).
+    pub fn channel_lazy(&self) -> Channel {
+        Channel::from_shared(self.addr.clone()).expect("uri").connect_lazy()
+    }
+
     /// The metrics page (a plain HTTP/1.1 GET).
     pub fn scrape(&self) -> String {
         use std::io::{Read, Write};

@@ -23,17 +23,26 @@ pub struct Server {
     pub addr: String,
     /// The token sent with every call.
     pub token: BearerToken,
+    /// The CA (PEM) that signed the server's certificate, for `https://` addresses.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Server {
     /// A connection to it.
     pub async fn channel(&self) -> Result<Conn> {
         let addr = &self.addr;
-        let ch = Channel::from_shared(addr.to_string())
-            .map_err(|e| format!("bad address {addr:?}: {e}"))?
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+        let mut endpoint = Channel::from_shared(addr.to_string()).map_err(|e| format!("bad address {addr:?}: {e}"))?;
+        match (addr.starts_with("https://"), &self.ca_pem) {
+            (true, Some(ca)) => {
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+                endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+            }
+            (true, None) => return Err(format!("{addr} is TLS: give the CA that signed its certificate (--ca-cert)")),
+            (false, Some(_)) => return Err(format!("--ca-cert is for https:// addresses, not {addr}")),
+            (false, None) => {}
+        }
+        let ch = endpoint.connect().await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
         Ok(Conn::new(ch, self.token.clone()))
     }
 }

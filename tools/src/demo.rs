@@ -46,6 +46,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         join_threads: None,
         auth: quiver_server::auth::AuthMode::None,
         peer_token: Default::default(),
+        tls: None,
     };
     let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());

@@ -31,6 +31,9 @@ struct Cli {
     /// A file holding the token (its first line), to keep it off the command line.
     #[arg(long, global = true, env = "QUIVER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the server's, for an `https://` address.
+    #[arg(long, global = true, env = "QUIVER_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
@@ -268,7 +271,11 @@ async fn run(cli: Cli) -> Result<()> {
         (_, Some(f)) => quiver_server::auth::BearerToken::from_file(f)?,
         (t, None) => quiver_server::auth::BearerToken::new(t.as_deref())?,
     };
-    let server = &common::Server { addr: cli.addr.clone(), token };
+    let ca_pem = match &cli.ca_cert {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("--ca-cert {}: {e}", p.display()))?),
+        None => None,
+    };
+    let server = &common::Server { addr: cli.addr.clone(), token, ca_pem };
     match cli.cmd {
         Cmd::Demo { users, hours } => demo::run(users, hours).await,
         Cmd::Apply { file, dry_run } => registry::apply(server, cli.json, &file, dry_run).await,

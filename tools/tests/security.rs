@@ -260,3 +260,161 @@ fn a_network_address_without_authentication_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a token file"));
     assert!(!tmp.path().join("CURRENT").exists(), "a refused start creates nothing");
 }
+
+/// A CA and certificates it signs, made here (rcgen), written as PEM files.
+struct Pki {
+    ca: rcgen::Certificate,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let ca = params.self_signed(&key).expect("self-sign");
+        Pki { ca, issuer: rcgen::Issuer::new(params, key) }
+    }
+
+    /// A certificate for 127.0.0.1, naming `region` if given: (cert PEM, key PEM).
+    fn leaf(&self, region: Option<u32>) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.subject_alt_names.push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        if let Some(r) = region {
+            let uri = rcgen::string::Ia5String::try_from(format!("urn:quiver:region:{r}")).expect("ia5");
+            params.subject_alt_names.push(rcgen::SanType::URI(uri));
+        }
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn write(&self, dir: &Path, name: &str, region: Option<u32>) -> (String, String) {
+        let (cert, key) = self.leaf(region);
+        let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        std::fs::write(&c, &cert).expect("write");
+        std::fs::write(&k, &key).expect("write");
+        (c.to_str().expect("utf-8").to_string(), k.to_str().expect("utf-8").to_string())
+    }
+}
+
+/// A TLS channel to `d` trusting `ca`, presenting `identity` if given.
+async fn tls_channel(
+    d: &Daemon,
+    ca: &str,
+    identity: Option<&(String, String)>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    tonic::transport::Channel::from_shared(d.addr.replace("http://", "https://"))
+        .expect("uri")
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_for_clients_and_mutual_tls_between_regions() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let pki = Pki::new("quiver test CA");
+    let ca_pem = pki.ca.pem();
+    let ca_file = dir.join("ca.crt");
+    std::fs::write(&ca_file, &ca_pem).expect("write");
+    let ca = ca_file.to_str().expect("utf-8");
+    let (c1, k1) = pki.write(dir, "r1", Some(1));
+    let (c2, k2) = pki.write(dir, "r2", Some(2));
+    // Each region's token file: one token for the test's client (no peer tokens: the peers'
+    // certificates name their regions).
+    let (t1, t2) = (dir.join("t1.toml"), dir.join("t2.toml"));
+    let scopes = ["--scope", "read", "--scope", "write", "--scope", "registry", "--scope", "admin"];
+    let user1 = create_token(&t1, "user", &scopes);
+    let user2 = create_token(&t2, "user", &scopes);
+
+    let (p1, p2) = (quiver_e2e::free_port(), quiver_e2e::free_port());
+    let (a1, a2) = (format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}"));
+    let start = |data: &str, listen: &str, cert: &str, key: &str, tokens: &Path, region: &str, peers: &[String]| {
+        let mut args = vec![
+            "--tls-cert".to_string(),
+            cert.into(),
+            "--tls-key".into(),
+            key.into(),
+            "--tls-ca".into(),
+            ca.into(),
+            "--auth-tokens".into(),
+            tokens.to_str().expect("utf-8").into(),
+            "--region".into(),
+            region.into(),
+        ];
+        for p in peers {
+            args.extend(["--peer".to_string(), p.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_at(&dir.join(data), listen, &args)
+    };
+    // Region 1's peers: 2 (running) and 3 (never started: only who may pull as it matters).
+    let r1 = start("d1", &a1, &c1, &k1, &t1, "1", &[format!("2={a2}"), "3=127.0.0.1:9".to_string()]);
+    let r2 = start("d2", &a2, &c2, &k2, &t2, "2", &[format!("1={a1}")]);
+
+    // Clients over TLS with a token: written in region 1, replicated to region 2 over mutual TLS.
+    let mut u1 = Clients::over(tls_channel(&r1, &ca_pem, None).await.expect("TLS to r1"), Token::new(&user1));
+    let mut u2 = Clients::over(tls_channel(&r2, &ca_pem, None).await.expect("TLS to r2"), Token::new(&user2));
+    u1.registry.apply_registry(two_groups()).await.expect("apply");
+    u1.features.write_features(write("user_stats")).await.expect("write");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = u2.features.get_online_features(online("user_stats:clicks")).await {
+            if r.into_inner().columns[0].int64_values == vec![7] {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "region 2 never received region 1's write over mutual TLS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = u1.admin.get_replication_status(pb::GetReplicationStatusRequest {}).await.expect("status");
+    let peer2 = status.into_inner().peers.into_iter().find(|p| p.region == 2).expect("peer 2");
+    assert!(peer2.last_error.is_empty() || peer2.caught_up, "{peer2:?}");
+
+    // Plaintext to a TLS port fails; so does a certificate from another CA.
+    let mut plain = Clients::over(r1.channel_lazy(), Token::new(&user1));
+    assert_ne!(code(plain.admin.get_stats(pb::GetStatsRequest {}).await), Code::Ok);
+    let rogue = Pki::new("rogue CA").leaf(Some(2));
+    match tls_channel(&r1, &ca_pem, Some(&rogue)).await {
+        Err(_) => {}
+        Ok(ch) => {
+            let mut c = pb::replication_service_client::ReplicationServiceClient::new(ch);
+            assert_ne!(code(c.pull(pb::PullRequest { region: 2, after: 0, window_ms: 1 }).await), Code::Ok);
+        }
+    }
+
+    // A client with region 2's certificate and no token: replicates as region 2 only.
+    let as2 = pki.leaf(Some(2));
+    let ch = tls_channel(&r1, &ca_pem, Some(&as2)).await.expect("mutual TLS");
+    let mut repl = pb::replication_service_client::ReplicationServiceClient::new(ch.clone());
+    let mut s =
+        repl.pull(pb::PullRequest { region: 2, after: 0, window_ms: 1 }).await.expect("own stream").into_inner();
+    while s.message().await.expect("message").is_some() {}
+    assert_eq!(code(repl.pull(pb::PullRequest { region: 3, after: 0, window_ms: 1 }).await), Code::PermissionDenied);
+    assert_eq!(code(repl.snapshot(pb::SnapshotRequest { region: 3 }).await), Code::PermissionDenied);
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(ch);
+    assert_eq!(code(admin.get_stats(pb::GetStatsRequest {}).await), Code::PermissionDenied, "a peer is not an admin");
+    // A certificate without a region identifies nobody: it needs a token.
+    let nobody = pki.leaf(None);
+    let ch = tls_channel(&r1, &ca_pem, Some(&nobody)).await.expect("TLS");
+    let mut repl = pb::replication_service_client::ReplicationServiceClient::new(ch);
+    assert_eq!(code(repl.pull(pb::PullRequest { region: 2, after: 0, window_ms: 1 }).await), Code::Unauthenticated);
+
+    // The command line over TLS.
+    let https = r1.addr.replace("http://", "https://");
+    let get = ["get", "--addr", &https, "--entity-type", "user", "--entity", "u1", "--feature", "user_stats:clicks"];
+    let (ok, out, err) = quiver(&[&get[..], &["--ca-cert", ca, "--token", &user1]].concat());
+    assert!(ok && out.contains('7'), "{out} {err}");
+    let (ok, _, err) = quiver(&[&get[..], &["--token", &user1]].concat());
+    assert!(!ok && err.contains("--ca-cert"), "{err}");
+    assert!(r1.stop() && r2.stop(), "clean stops");
+}

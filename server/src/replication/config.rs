@@ -27,6 +27,8 @@ pub struct Transport {
     pub chaos_seed: Option<u64>,
     /// The token pullers present to peers (a `replication` token for this node's region).
     pub token: crate::auth::BearerToken,
+    /// TLS toward peers (their certificates verified, this node's presented); `None`: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -36,6 +38,7 @@ impl std::fmt::Debug for Transport {
             .field("inline_engine", &self.inline_engine)
             .field("chaos_seed", &self.chaos_seed)
             .field("token", &"(secret)")
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }

@@ -207,10 +207,20 @@ impl Replicator {
                 .send_compressed(CompressionEncoding::Zstd)
                 .max_decoding_message_size(REPLICATION_MESSAGE_BYTES_MAX));
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(slot.peer.address.clone())
+        // A node with TLS speaks TLS to its peers, whatever scheme their address was given with.
+        let address = match (&self.transport.tls, slot.peer.address.strip_prefix("http://")) {
+            (Some(_), Some(rest)) => format!("https://{rest}"),
+            _ => slot.peer.address.clone(),
+        };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(address)
             .map_err(|e| Status::invalid_argument(format!("peer address {}: {e}", slot.peer.address)))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        if let Some(tls) = &self.transport.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| Status::invalid_argument(format!("TLS toward {}: {e}", slot.peer.address)))?;
+        }
         let channel = endpoint.connect().await.map_err(|e| {
             // The transport error's own text is terse ("transport error"): keep its causes.
             let mut why = e.to_string();
