@@ -90,6 +90,8 @@ pub struct ServeConfig {
     pub peer_token: BearerToken,
     /// TLS for every gRPC connection, and mutual TLS toward peers (`None`: plaintext).
     pub tls: Option<crate::tls::TlsConfig>,
+    /// The directory `Checkpoint` may write under (`None`: checkpoints are refused).
+    pub checkpoint_root: Option<PathBuf>,
 }
 
 /// How long a stopping daemon waits for the last holders of the engine (streams to peers
@@ -150,6 +152,10 @@ pub async fn serve(
         }
     }
     let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
+    let checkpoint_root = match &cfg.checkpoint_root {
+        Some(root) => Some(crate::checkpoint::CheckpointRoot::new(root, &cfg.data_dir)?),
+        None => None,
+    };
     let ssd = db.stats().ssd;
     tracing::info!(backend = ssd.backend, direct = ssd.direct, "data blocks are read with {}", ssd.backend);
     let clustered = (!cfg.cluster.peers.is_empty()).then_some(cfg.cluster.region);
@@ -210,7 +216,9 @@ pub async fn serve(
     );
     let admin_svc = InterceptedService::new(
         pb::admin_service_server::AdminServiceServer::new(
-            AdminApi::new(db.clone(), registry, metrics.clone(), replicator.clone()).with_test_clock(manual),
+            AdminApi::new(db.clone(), registry, metrics.clone(), replicator.clone())
+                .with_test_clock(manual)
+                .with_checkpoint_root(checkpoint_root),
         ),
         auth.interceptor(Some(Scope::Admin)),
     );

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod checkpoint;
 pub mod convert;
 pub mod daemon;
 pub mod features;

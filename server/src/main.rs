@@ -97,10 +97,14 @@ struct Args {
     /// names its region) and peers' server certificates.
     #[arg(long, env = "QUIVER_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// The directory checkpoints may be written under (created if missing; without it the
+    /// Checkpoint RPC is refused).
+    #[arg(long, env = "QUIVER_CHECKPOINT_ROOT")]
+    checkpoint_root: Option<PathBuf>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
     /// io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
     /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file, tls_cert, tls_key,
-    /// tls_ca.
+    /// tls_ca, checkpoint_root.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -125,6 +129,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
+    checkpoint_root: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -142,6 +147,7 @@ struct Config {
     auth: AuthMode,
     peer_token: BearerToken,
     tls: Option<TlsConfig>,
+    checkpoint_root: Option<PathBuf>,
 }
 
 fn config(args: Args) -> Result<Config, String> {
@@ -220,6 +226,7 @@ fn config(args: Args) -> Result<Config, String> {
         return Err("a node with TLS and peers needs tls_ca to verify them".into());
     }
     Ok(Config {
+        checkpoint_root: args.checkpoint_root.or(file.checkpoint_root),
         tls,
         auth,
         peer_token,
@@ -272,6 +279,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         auth: cfg.auth,
         peer_token: cfg.peer_token,
         tls: cfg.tls,
+        checkpoint_root: cfg.checkpoint_root,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));

@@ -362,6 +362,7 @@ pub struct AdminApi {
     metrics: Arc<Metrics>,
     replicator: Arc<crate::replication::Replicator>,
     test_clock: Option<quiver_storage::ManualClock>,
+    checkpoint_root: Option<Arc<crate::checkpoint::CheckpointRoot>>,
 }
 
 impl AdminApi {
@@ -372,6 +373,13 @@ impl AdminApi {
         self
     }
 
+    /// The same endpoints with `Checkpoint` confined to `root` (without one it answers
+    /// `FAILED_PRECONDITION`).
+    pub fn with_checkpoint_root(mut self, root: Option<crate::checkpoint::CheckpointRoot>) -> Self {
+        self.checkpoint_root = root.map(Arc::new);
+        self
+    }
+
     /// The endpoints over `db`; entity keys in requests are checked against `registry`.
     pub fn new(
         db: Arc<Db>,
@@ -379,7 +387,7 @@ impl AdminApi {
         metrics: Arc<Metrics>,
         replicator: Arc<crate::replication::Replicator>,
     ) -> Self {
-        AdminApi { db, registry, metrics, replicator, test_clock: None }
+        AdminApi { db, registry, metrics, replicator, test_clock: None, checkpoint_root: None }
     }
 
     /// The encoded `[start, end)` of a compaction range, checked against its entity type.
@@ -490,11 +498,19 @@ impl pb::admin_service_server::AdminService for AdminApi {
         metrics
             .timed("Checkpoint", async move {
                 let path = req.into_inner().path;
-                if path.is_empty() {
-                    return Err(Status::invalid_argument("checkpoint path is required"));
-                }
+                let root = self.checkpoint_root.clone().ok_or_else(|| {
+                    Status::failed_precondition("this node has no checkpoint root (--checkpoint-root)")
+                })?;
                 let db = self.db.clone();
-                blocking(move || db.checkpoint(std::path::Path::new(&path)).map_err(|e| storage_status(&e))).await?;
+                blocking(move || {
+                    let target = root.target(&path).map_err(Status::invalid_argument)?;
+                    db.checkpoint(&target.path).map_err(|e| {
+                        target.clean_up();
+                        storage_status(&e)
+                    })?;
+                    Ok(target.path)
+                })
+                .await?;
                 Ok(Response::new(pb::CheckpointResponse {}))
             })
             .await

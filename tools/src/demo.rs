@@ -47,6 +47,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         auth: quiver_server::auth::AuthMode::None,
         peer_token: Default::default(),
         tls: None,
+        checkpoint_root: None,
     };
     let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());

@@ -239,7 +239,10 @@ enum AdminCmd {
         to: Option<String>,
     },
     Verify,
+    /// Hard-link a consistent copy of the engine into a new directory under the server's
+    /// checkpoint root (quiverd --checkpoint-root).
     Checkpoint {
+        /// Relative to the checkpoint root (or absolute, under it).
         path: String,
     },
 }

@@ -418,3 +418,36 @@ async fn tls_for_clients_and_mutual_tls_between_regions() {
     assert!(!ok && err.contains("--ca-cert"), "{err}");
     assert!(r1.stop() && r2.stop(), "clean stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_stay_under_the_checkpoint_root() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let base = std::fs::canonicalize(tmp.path()).expect("canonical");
+    let d = Daemon::start(&base.join("plain"), &[]);
+    let mut c = Clients::of(&d).await;
+    let req = |p: &str| pb::CheckpointRequest { path: p.to_string() };
+    assert_eq!(code(c.admin.checkpoint(req("x")).await), Code::FailedPrecondition, "no root: no checkpoints");
+    drop(d);
+
+    let root = base.join("ck");
+    let outside = base.join("outside");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    let d = Daemon::start(&base.join("data"), &["--checkpoint-root", root.to_str().expect("utf-8")]);
+    let mut c = Clients::of(&d).await;
+    c.registry.apply_registry(two_groups()).await.expect("apply");
+    c.features.write_features(write("user_stats")).await.expect("write");
+    std::os::unix::fs::symlink(&outside, root.join("link")).expect("symlink");
+    let data = base.join("data").to_string_lossy().into_owned();
+    let outside_abs = outside.join("x").to_string_lossy().into_owned();
+    for bad in ["", "../outside/x", "daily/../../outside", "link/x", &outside_abs, &data] {
+        assert_eq!(code(c.admin.checkpoint(req(bad)).await), Code::InvalidArgument, "{bad:?}");
+    }
+    assert_eq!(std::fs::read_dir(&outside).expect("dir").count(), 0, "nothing was written outside the root");
+    c.admin.checkpoint(req("daily/2026-11-26")).await.expect("checkpoint under the root");
+    let (ok, out, err) = quiver(&["verify", root.join("daily/2026-11-26").to_str().expect("utf-8")]);
+    assert!(ok, "the checkpoint verifies: {out} {err}");
+    assert_eq!(code(c.admin.checkpoint(req("daily/2026-11-26")).await), Code::InvalidArgument, "not empty");
+    let (ok, _, err) = quiver(&["admin", "--addr", &d.addr, "checkpoint", "../x"]);
+    assert!(!ok && err.contains("InvalidArgument") && err.contains(".."), "{err}");
+    assert!(d.stop());
+}
