@@ -11,6 +11,7 @@ use quiver_storage::{Db, Durability, Options};
 
 use tonic::service::interceptor::InterceptedService;
 
+use crate::admission::{Admission, REQUEST_MEMORY_SHARE_DIVISOR};
 use crate::auth::{AuthMode, Authenticator, BearerToken, Scope};
 use crate::features::{Features, JOIN_MEMORY_SHARE_DIVISOR};
 use crate::metrics::Metrics;
@@ -92,6 +93,8 @@ pub struct ServeConfig {
     pub tls: Option<crate::tls::TlsConfig>,
     /// The directory `Checkpoint` may write under (`None`: checkpoints are refused).
     pub checkpoint_root: Option<PathBuf>,
+    /// Data requests served at once; more are shed with `RESOURCE_EXHAUSTED`.
+    pub max_concurrent_requests: usize,
 }
 
 /// How long a stopping daemon waits for the last holders of the engine (streams to peers
@@ -176,7 +179,8 @@ pub async fn serve(
         features = features.with_join_threads(n);
     }
     let features = Arc::new(features);
-    let metrics = Metrics::new(db.clone(), replicator.clone())?;
+    let admission = Admission::new(cfg.max_concurrent_requests, budget / REQUEST_MEMORY_SHARE_DIVISOR);
+    let metrics = Metrics::new(db.clone(), replicator.clone(), admission.clone())?;
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
         None => None,
@@ -204,12 +208,12 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
     // Every service but health and reflection authenticates its calls (crate::auth).
-    let feature_svc = InterceptedService::new(
-        pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(features, metrics.clone()))
+    let feature_svc = crate::admission::HoldTickets(InterceptedService::new(
+        pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(features, metrics.clone(), admission))
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX),
         auth.interceptor(None),
-    );
+    ));
     let registry_svc = InterceptedService::new(
         pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry.clone(), metrics.clone())),
         auth.interceptor(None),

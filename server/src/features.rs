@@ -17,6 +17,7 @@ use quiver_storage::{
     WriteIf,
 };
 
+use crate::admission::ONLINE_ANSWER_BYTES_MAX;
 use crate::convert::{self, Invalid};
 use crate::registry::{Registry, RegistryError, ResolvedFeature};
 
@@ -49,9 +50,12 @@ pub enum ServiceError {
     /// `NOT_FOUND`
     #[error("{0}")]
     NotFound(String),
-    /// `RESOURCE_EXHAUSTED`
+    /// `RESOURCE_EXHAUSTED`: the request is over a limit whatever the load.
     #[error("{0}")]
     TooLarge(String),
+    /// `RESOURCE_EXHAUSTED` with retry advice: the server is too busy for it now.
+    #[error("{0}")]
+    Overloaded(String),
     /// `FAILED_PRECONDITION`
     #[error("{0}")]
     Refused(String),
@@ -177,6 +181,38 @@ fn default_of(f: &ResolvedFeature) -> Result<Option<Value>> {
     match &f.default {
         Some(d) => Ok(Some(convert::to_engine(d, f.value_type, "default")?)),
         None => Ok(None),
+    }
+}
+
+/// What an online answer may still allocate: the request's own bound and the server's charge.
+struct AnswerBudget<'a> {
+    spent: usize,
+    max: usize,
+    charge: &'a mut dyn FnMut(usize) -> bool,
+    too_large: bool,
+}
+
+impl AnswerBudget<'_> {
+    /// Whether `bytes` more fit (charged if they do).
+    fn spend(&mut self, bytes: usize) -> bool {
+        self.spent = self.spent.saturating_add(bytes);
+        self.too_large = self.spent > self.max;
+        !self.too_large && (self.charge)(bytes)
+    }
+
+    /// Why the last [`AnswerBudget::spend`] was refused.
+    fn refusal(&self) -> ServiceError {
+        if self.too_large {
+            ServiceError::TooLarge(format!(
+                "the answer is over {} bytes (ONLINE_ANSWER_BYTES_MAX, or less: the server's memory for requests in \
+                 flight): ask for fewer entities or features per request",
+                self.max
+            ))
+        } else {
+            ServiceError::Overloaded(
+                "overloaded: requests in flight hold the memory this answer needs; retry shortly".into(),
+            )
+        }
     }
 }
 
@@ -420,6 +456,34 @@ struct Resolution {
     refs: Vec<String>,
     features: Vec<ResolvedFeature>,
     defaults: Vec<Option<Value>>,
+    /// The distinct feature ids, in order of first mention (a feature named twice is read once).
+    distinct: Vec<FeatureId>,
+    /// Per requested feature: its index in `distinct`.
+    slot: Vec<usize>,
+    /// Per distinct feature: the last requested feature it answers (its value moves there).
+    last_use: Vec<usize>,
+}
+
+impl Resolution {
+    fn new(entity_type: pb::EntityType, refs: Vec<String>, features: Vec<ResolvedFeature>) -> Result<Resolution> {
+        let defaults = features.iter().map(default_of).collect::<Result<Vec<_>>>()?;
+        let mut distinct: Vec<FeatureId> = Vec::with_capacity(features.len());
+        let mut seen: HashMap<FeatureId, usize> = HashMap::with_capacity(features.len());
+        let slot: Vec<usize> = features
+            .iter()
+            .map(|f| {
+                *seen.entry(f.id).or_insert_with(|| {
+                    distinct.push(f.id);
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        let mut last_use = vec![0; distinct.len()];
+        for (j, &k) in slot.iter().enumerate() {
+            last_use[k] = j;
+        }
+        Ok(Resolution { entity_type, refs, features, defaults, distinct, slot, last_use })
+    }
 }
 
 /// Resolutions by a hash of (entity type, refs), valid for one registry generation.
@@ -459,6 +523,11 @@ impl Features {
         &self.registry
     }
 
+    /// Bytes of answers a join holds in memory before it spills.
+    pub fn join_spill_bytes(&self) -> usize {
+        self.join_spill_bytes
+    }
+
     /// The same service with join answers spilling to disk past `bytes` (tests use tiny
     /// bounds to cover the spill path).
     pub fn with_join_spill_bytes(mut self, bytes: usize) -> Self {
@@ -476,6 +545,19 @@ impl Features {
     /// `GetOnlineFeatures`, with `now_us` the server's clock (used when the request has no
     /// `as_of`).
     pub fn get_online(&self, req: &pb::GetOnlineFeaturesRequest, now_us: i64) -> Result<pb::GetOnlineFeaturesResponse> {
+        self.get_online_charged(req, now_us, ONLINE_ANSWER_BYTES_MAX, &mut |_| true)
+    }
+
+    /// [`Features::get_online`], charging the answer's memory to `charge` as it is read and as
+    /// its columns are built; `Overloaded` when a charge is refused, `TooLarge` past
+    /// `answer_max` bytes (at most [`ONLINE_ANSWER_BYTES_MAX`]).
+    pub fn get_online_charged(
+        &self,
+        req: &pb::GetOnlineFeaturesRequest,
+        now_us: i64,
+        answer_max: usize,
+        charge: &mut dyn FnMut(usize) -> bool,
+    ) -> Result<pb::GetOnlineFeaturesResponse> {
         let (n, m) = (req.entities.len(), req.features.len());
         if n > ONLINE_ENTITIES_MAX || m > FEATURES_PER_REQUEST_MAX || n * m > ONLINE_CELLS_MAX {
             return Err(ServiceError::TooLarge(format!(
@@ -491,17 +573,41 @@ impl Features {
             Some(ts) => convert::micros(ts, "as_of")?,
             None => now_us,
         };
-        // One batch read of every pair from one view, hot tier first; TTLs apply per feature.
-        let ids: Vec<FeatureId> = features.iter().map(|f| f.id).collect();
+        // One batch read of every distinct pair from one view, hot tier first; TTLs apply per
+        // feature. A feature asked for twice is read once.
+        let (ids, slot, last_use) = (&resolution.distinct, &resolution.slot, &resolution.last_use);
+        let d = ids.len();
         let q = AsOf { as_of: EventTime(as_of), known_at: SystemTime::MAX, lookback_us: None };
-        let mut versions = self.db.multi_version_at(&keys, &ids, q)?;
+        let mut budget = AnswerBudget { spent: 0, max: answer_max, charge, too_large: false };
+        let read = self.db.multi_version_at_charged(&keys, ids, q, &mut |bytes| budget.spend(bytes));
+        let mut versions = match read {
+            Err(quiver_storage::Error::OverBudget(_)) => return Err(budget.refusal()),
+            r => r?,
+        };
+        // The columns are charged as they are built: the values they copy, and each cell's
+        // status, event time and value slot.
+        const CELL_BYTES: usize = 4 + 8 + std::mem::size_of::<String>();
+        const CHARGE_EVERY: usize = 256 << 10;
+        let mut pending = 0usize;
         let mut columns = Vec::with_capacity(m);
         for (j, (f, reference)) in features.iter().zip(&req.features).enumerate() {
             let mut col = column(f, reference, n);
             let default = &resolution.defaults[j];
+            let k = slot[j];
             for i in 0..n {
-                let v = versions.get_mut(i * m + j).and_then(Option::take);
+                let v = match versions.get_mut(i * d + k) {
+                    Some(v) if last_use[k] == j => v.take(),
+                    Some(v) => v.clone(),
+                    None => None,
+                };
                 let (status, event_us, value) = cell_status(v, EventTime(as_of), f, default.as_ref());
+                pending += CELL_BYTES + value.as_ref().map_or(0, Value::heap_bytes);
+                if pending >= CHARGE_EVERY {
+                    if !budget.spend(pending) {
+                        return Err(budget.refusal());
+                    }
+                    pending = 0;
+                }
                 col.statuses.push(status as i32);
                 col.event_times_us.push(event_us);
                 push_value(&mut col, f.value_type, value.as_ref());
@@ -531,8 +637,7 @@ impl Features {
             }
         }
         let (et, features) = self.resolve_uncached(entity_type, refs)?;
-        let defaults = features.iter().map(default_of).collect::<Result<Vec<_>>>()?;
-        let r = Arc::new(Resolution { entity_type: et, refs: refs.to_vec(), features, defaults });
+        let r = Arc::new(Resolution::new(et, refs.to_vec(), features)?);
         let mut cache = self.resolutions.lock();
         if cache.generation != generation || cache.map.len() >= RESOLUTIONS_CACHED_MAX {
             cache.map.clear();

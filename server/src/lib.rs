@@ -3,6 +3,7 @@
 #![deny(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod auth;
 pub mod checkpoint;
 pub mod convert;

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use quiver_server::admission::{REQUESTS_IN_FLIGHT_MAX, REQUESTS_IN_FLIGHT_MAX_DEFAULT};
 use quiver_server::auth::{AuthMode, BearerToken};
 use quiver_server::daemon::{serve, ServeConfig};
 use quiver_server::features::JOIN_THREADS_MAX;
@@ -101,10 +102,14 @@ struct Args {
     /// Checkpoint RPC is refused).
     #[arg(long, env = "QUIVER_CHECKPOINT_ROOT")]
     checkpoint_root: Option<PathBuf>,
+    /// Data requests (lookups, writes, joins, scans) served at once; more are refused with
+    /// RESOURCE_EXHAUSTED and retry advice.
+    #[arg(long, env = "QUIVER_MAX_CONCURRENT_REQUESTS")]
+    max_concurrent_requests: Option<usize>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
     /// io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
     /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file, tls_cert, tls_key,
-    /// tls_ca, checkpoint_root.
+    /// tls_ca, checkpoint_root, max_concurrent_requests.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -130,6 +135,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     checkpoint_root: Option<PathBuf>,
+    max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -148,6 +154,7 @@ struct Config {
     peer_token: BearerToken,
     tls: Option<TlsConfig>,
     checkpoint_root: Option<PathBuf>,
+    max_concurrent_requests: usize,
 }
 
 fn config(args: Args) -> Result<Config, String> {
@@ -225,7 +232,13 @@ fn config(args: Args) -> Result<Config, String> {
     if tls.as_ref().is_some_and(|t| t.peer_client().is_none()) && !cluster.peers.is_empty() {
         return Err("a node with TLS and peers needs tls_ca to verify them".into());
     }
+    let max_concurrent_requests =
+        args.max_concurrent_requests.or(file.max_concurrent_requests).unwrap_or(REQUESTS_IN_FLIGHT_MAX_DEFAULT);
+    if !(1..=REQUESTS_IN_FLIGHT_MAX).contains(&max_concurrent_requests) {
+        return Err(format!("max concurrent requests must be 1 to {REQUESTS_IN_FLIGHT_MAX}"));
+    }
     Ok(Config {
+        max_concurrent_requests,
         checkpoint_root: args.checkpoint_root.or(file.checkpoint_root),
         tls,
         auth,
@@ -280,6 +293,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         peer_token: cfg.peer_token,
         tls: cfg.tls,
         checkpoint_root: cfg.checkpoint_root,
+        max_concurrent_requests: cfg.max_concurrent_requests,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));

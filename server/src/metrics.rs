@@ -39,6 +39,8 @@ pub struct Metrics {
     peer_up: IntGaugeVec,
     peer_batches: IntGaugeVec,
     peer_bootstraps: IntGaugeVec,
+    admission: Arc<crate::admission::Admission>,
+    admission_figures: [IntGauge; 3],
 }
 
 fn err(e: prometheus::Error) -> String {
@@ -47,7 +49,11 @@ fn err(e: prometheus::Error) -> String {
 
 impl Metrics {
     /// Metrics for a node serving `db`.
-    pub fn new(db: Arc<Db>, replicator: Arc<crate::replication::Replicator>) -> Result<Arc<Metrics>, String> {
+    pub fn new(
+        db: Arc<Db>,
+        replicator: Arc<crate::replication::Replicator>,
+        admission: Arc<crate::admission::Admission>,
+    ) -> Result<Arc<Metrics>, String> {
         let registry = Registry::new_custom(Some("quiver".into()), None).map_err(err)?;
         let requests = IntCounterVec::new(
             Opts::new("grpc_requests_total", "gRPC requests by method and status code"),
@@ -122,7 +128,19 @@ impl Metrics {
             registry.register(Box::new(g.clone())).map_err(err)?;
             engine.push((g, f));
         }
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, String> {
+            let g = IntGauge::new(name, help).map_err(err)?;
+            registry.register(Box::new(g.clone())).map_err(err)?;
+            Ok(g)
+        };
+        let admission_figures = [
+            gauge("requests_in_flight", "data requests being served (lookups, writes, joins, scans)")?,
+            gauge("request_bytes_in_flight", "bytes of memory reserved by data requests being served")?,
+            gauge("requests_shed_total", "data requests refused with RESOURCE_EXHAUSTED for load since start")?,
+        ];
         Ok(Arc::new(Metrics {
+            admission,
+            admission_figures,
             registry,
             requests,
             latency,
@@ -163,6 +181,11 @@ impl Metrics {
         for (g, f) in &self.engine {
             g.set(f(&stats));
         }
+        let a = &self.admission;
+        let [requests, bytes, shed] = &self.admission_figures;
+        requests.set(a.requests_in_flight() as i64);
+        bytes.set(a.bytes_in_flight() as i64);
+        shed.set(a.shed_total().min(i64::MAX as u64) as i64);
         for (peer, lag_s, lag_n, batches, bootstraps, up) in self.replicator.peer_figures() {
             let peer = peer.to_string();
             self.lag_seconds.with_label_values(&[&peer]).set(lag_s);

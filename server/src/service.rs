@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::admission::{Admission, HeldTicket, ONLINE_ANSWER_BYTES_MAX, ONLINE_ANSWER_SHARE_DIVISOR};
 use crate::auth::{self, Scope};
 use crate::convert;
 use crate::features::{Features, ServiceError, ONLINE_INLINE_CELLS_MAX};
@@ -23,6 +24,7 @@ pub fn status(e: ServiceError) -> Status {
         ServiceError::Invalid(m) => Status::invalid_argument(m),
         ServiceError::NotFound(m) => Status::not_found(m),
         ServiceError::TooLarge(m) => Status::resource_exhausted(m),
+        ServiceError::Overloaded(m) => crate::admission::shed_status(m),
         ServiceError::Refused(m) => Status::failed_precondition(m),
         ServiceError::Aborted { message, current } => {
             let details = pb::CasConflict {
@@ -42,6 +44,7 @@ pub(crate) fn storage_status(e: &quiver_storage::Error) -> Status {
     use quiver_storage::Error as E;
     match e {
         E::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+        E::OverBudget(m) => crate::admission::shed_status(m.clone()),
         // The replication log no longer reaches back far enough: the peer must bootstrap.
         E::LogTruncated { .. } => Status::out_of_range(e.to_string()),
         E::Corruption { .. } => Status::data_loss(e.to_string()),
@@ -106,14 +109,19 @@ const STREAM_BUFFER_CHUNKS: usize = 4;
 pub struct FeatureApi {
     features: Arc<Features>,
     metrics: Arc<Metrics>,
+    admission: Arc<Admission>,
 }
 
 impl FeatureApi {
-    /// The endpoints over `features`.
-    pub fn new(features: Arc<Features>, metrics: Arc<Metrics>) -> Self {
-        FeatureApi { features, metrics }
+    /// The endpoints over `features`; every call is admitted by `admission` first.
+    pub fn new(features: Arc<Features>, metrics: Arc<Metrics>, admission: Arc<Admission>) -> Self {
+        FeatureApi { features, metrics, admission }
     }
 }
+
+/// Memory a decoded request holds, about, per byte of its encoding (owned strings and
+/// vectors, each with its header).
+const DECODED_BYTES_PER_ENCODED: usize = 2;
 
 #[tonic::async_trait]
 impl pb::feature_service_server::FeatureService for FeatureApi {
@@ -125,12 +133,27 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         metrics
             .timed("GetOnlineFeatures", async move {
                 authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
+                let mut ticket = self.admission.admit(req.get_ref().encoded_len() * DECODED_BYTES_PER_ENCODED)?;
+                // One answer may take a quarter of the requests' memory at most, so that a few
+                // huge requests cannot starve the rest.
+                let answer_max = ONLINE_ANSWER_BYTES_MAX.min(self.admission.bytes_max() / ONLINE_ANSWER_SHARE_DIVISOR);
                 let f = self.features.clone();
                 let req = req.into_inner();
+                // The ticket stays with the response until it has been sent (HoldTickets).
+                let held = |answer, ticket| {
+                    let mut resp = Response::new(answer);
+                    resp.extensions_mut().insert(HeldTicket(Arc::new(ticket)));
+                    resp
+                };
                 if req.entities.len().saturating_mul(req.features.len()) <= ONLINE_INLINE_CELLS_MAX {
-                    return f.get_online(&req, now_us()).map_err(status).map(Response::new);
+                    let answer = f.get_online_charged(&req, now_us(), answer_max, &mut |b| ticket.charge(b));
+                    return answer.map_err(status).map(|a| held(a, ticket));
                 }
-                blocking(move || f.get_online(&req, now_us()).map_err(status)).await.map(Response::new)
+                blocking(move || {
+                    let answer = f.get_online_charged(&req, now_us(), answer_max, &mut |b| ticket.charge(b));
+                    answer.map_err(status).map(|a| held(a, ticket))
+                })
+                .await
             })
             .await
     }
@@ -146,7 +169,13 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 let f = self.features.clone();
                 let req = req.into_inner();
                 let bytes = req.encoded_len() as u64;
-                let resp = blocking(move || f.write(&req).map_err(status)).await?;
+                // The decoded request, and the engine batch made of it.
+                let ticket = self.admission.admit(bytes as usize * (DECODED_BYTES_PER_ENCODED + 1))?;
+                let resp = blocking(move || {
+                    let _ticket = ticket;
+                    f.write(&req).map_err(status)
+                })
+                .await?;
                 if !resp.deduplicated {
                     self.metrics.values_written.inc_by(resp.values_written);
                     self.metrics.write_bytes.inc_by(bytes);
@@ -165,6 +194,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
             .timed("WriteFeaturesStream", async move {
                 let principal = auth::principal(&req)?;
                 principal.require(Scope::Write)?;
+                let _stream_ticket = self.admission.admit(0)?;
                 let mut stream = req.into_inner();
                 let mut summary = pb::WriteFeaturesStreamResponse::default();
                 while let Some(msg) = stream.message().await? {
@@ -184,7 +214,9 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                     let rows = msg.rows.len() as u64;
                     let bytes = msg.encoded_len() as u64;
                     let n = summary.requests;
+                    let ticket = self.admission.admit(bytes as usize * (DECODED_BYTES_PER_ENCODED + 1))?;
                     let resp = blocking(move || {
+                        let _ticket = ticket;
                         f.write(&msg).map_err(|e| {
                             let s = status(e);
                             Status::new(
@@ -217,9 +249,15 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         metrics
             .timed("GetHistoricalFeatures", async move {
                 authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
+                // The spine, and the answers the join holds in memory before it spills.
+                let bytes = req.get_ref().encoded_len() * DECODED_BYTES_PER_ENCODED + self.features.join_spill_bytes();
+                let ticket = self.admission.admit(bytes)?;
                 let f = self.features.clone();
                 let req = req.into_inner();
-                Ok(Response::new(stream_blocking(move |emit| f.historical(&req, emit))))
+                Ok(Response::new(stream_blocking(move |emit| {
+                    let _ticket = ticket;
+                    f.historical(&req, emit)
+                })))
             })
             .await
     }
@@ -235,13 +273,20 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
             .timed("ScanHistory", async move {
                 let r = req.get_ref();
                 authorize(&req, Scope::Read, r.features.iter().map(String::as_str).chain([r.group.as_str()]))?;
+                let ticket = self.admission.admit(r.encoded_len() * DECODED_BYTES_PER_ENCODED + SCAN_RESERVE_BYTES)?;
                 let f = self.features.clone();
                 let req = req.into_inner();
-                Ok(Response::new(stream_blocking(move |emit| f.scan_history(&req, emit))))
+                Ok(Response::new(stream_blocking(move |emit| {
+                    let _ticket = ticket;
+                    f.scan_history(&req, emit)
+                })))
             })
             .await
     }
 }
+
+/// Memory reserved for a history scan's chunks in flight (its request aside).
+const SCAN_RESERVE_BYTES: usize = 4 << 20;
 
 /// `quiver.v1.RegistryService`.
 #[derive(Debug, Clone)]

@@ -41,6 +41,10 @@ pub enum Error {
         /// The directory.
         path: PathBuf,
     },
+    /// A read's answer grew past the memory its caller allowed it (see
+    /// [`crate::Db::multi_version_at_charged`]); nothing was changed.
+    #[error("over budget: {0}")]
+    OverBudget(String),
     /// The engine is shutting down.
     #[error("engine is closed")]
     Closed,

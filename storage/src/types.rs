@@ -158,6 +158,18 @@ impl Value {
         }
     }
 
+    /// Bytes the value holds on the heap (what a read that returns it allocates, about).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Value::Bool(_) | Value::Int64(_) | Value::Float32(_) | Value::Float64(_) => 0,
+            Value::String(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            Value::Float32Vector(v) => v.len() * 4,
+            Value::Int64List(v) => v.len() * 8,
+            Value::StringList(v) => v.iter().map(|s| s.len() + std::mem::size_of::<String>()).sum(),
+        }
+    }
+
     /// Checks list lengths against [`LIST_ELEMENTS_MAX`].
     pub(crate) fn check(&self) -> Result<()> {
         let n = match self {

@@ -446,3 +446,51 @@ fn a_corrupt_block_read_by_either_backend_is_an_error_naming_the_table() {
         db.close().expect("close");
     }
 }
+
+#[test]
+fn a_charged_multi_read_stops_at_its_budget_and_otherwise_answers_the_same() {
+    // From the hot tier (pass 1) and without it (tables and memtables, pass 3).
+    for hot_tier_bytes in [64 << 20, 0] {
+        charged_multi_read(hot_tier_bytes);
+    }
+}
+
+fn charged_multi_read(hot_tier_bytes: usize) {
+    let clock = ManualClock::new(1_000);
+    let o = Options { hot_tier_bytes, ..opts(&clock, None) };
+    let db = Db::open_with_fs(Arc::new(MemFs::new()), Path::new("/db"), o).expect("open");
+    let big = "x".repeat(20_000);
+    let entities: Vec<Vec<u8>> = (0..10u8).map(|i| vec![b'e', i]).collect();
+    for (i, e) in entities.iter().enumerate() {
+        let mut b = WriteBatch::new();
+        for f in 0..3 {
+            b.put(e, FeatureId(f), EventTime(10), Value::String(big.clone())).expect("put");
+        }
+        db.write(b, Durability::Sync).expect("write");
+        if i == 4 {
+            db.flush().expect("flush"); // half from tables, half from the memtable
+        }
+    }
+    let features = [FeatureId(0), FeatureId(1), FeatureId(2), FeatureId(1)];
+    let q = AsOf { as_of: EventTime(100), known_at: SystemTime::MAX, lookback_us: None };
+    let plain = db.multi_version_at(&entities, &features, q).expect("read");
+    let mut charged = 0usize;
+    let same = db
+        .multi_version_at_charged(&entities, &features, q, &mut |b| {
+            charged += b;
+            true
+        })
+        .expect("read");
+    assert_eq!(same, plain);
+    assert!(charged >= 40 * 20_000, "every value is charged, repeats included: {charged}");
+    let mut calls = 0;
+    let mut budget = 100_000usize;
+    let over = db.multi_version_at_charged(&entities, &features, q, &mut |b| {
+        calls += 1;
+        budget = budget.saturating_sub(b);
+        budget > 0
+    });
+    assert!(matches!(over, Err(Error::OverBudget(_))), "{over:?}");
+    let most = if hot_tier_bytes == 0 { entities.len() + 2 } else { 2 };
+    assert!(calls <= most, "the read stops at the first entity past the budget ({calls} charges)");
+}

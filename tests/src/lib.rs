@@ -27,7 +27,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `quiverd` on `data_dir` on a free loopback port and waits until it listens.
+    /// Starts `quiverd` on `data_dir` on a free loopback port and waits until it listens (with a
+    /// 64 MiB memory budget unless `extra` gives one).
     pub fn start(data_dir: &Path, extra: &[&str]) -> Daemon {
         Daemon::start_at(data_dir, "127.0.0.1:0", extra)
     }
@@ -43,7 +44,8 @@ impl Daemon {
             Command::new(quiverd_path())
                 .arg("--data-dir")
                 .arg(data_dir)
-                .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0", "--memory-budget-mb", "64"])
+                .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+                .args(if extra.contains(&"--memory-budget-mb") { &[][..] } else { &["--memory-budget-mb", "64"][..] })
                 .args(extra)
                 .env("RUST_LOG", "warn")
                 .envs(env.iter().copied()),

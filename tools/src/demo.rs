@@ -48,6 +48,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         peer_token: Default::default(),
         tls: None,
         checkpoint_root: None,
+        max_concurrent_requests: quiver_server::admission::REQUESTS_IN_FLIGHT_MAX_DEFAULT,
     };
     let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());

@@ -310,7 +310,7 @@ impl Db {
         features: &[FeatureId],
         q: AsOf,
     ) -> Result<Vec<Option<CellVersion>>> {
-        let out = self.inner.multi_get(entities, features, q)?;
+        let out = self.inner.multi_get(entities, features, q, &mut |_| true)?;
         Ok(out.into_iter().map(crate::asof::present).collect())
     }
 
@@ -323,7 +323,22 @@ impl Db {
         features: &[FeatureId],
         q: AsOf,
     ) -> Result<Vec<Option<CellVersion>>> {
-        self.inner.multi_get(entities, features, q)
+        self.inner.multi_get(entities, features, q, &mut |_| true)
+    }
+
+    /// [`Db::multi_version_at`], charging the answer's memory as it grows: after each entity's
+    /// values are read, `charge` is called with the bytes they hold (each answer's fixed size
+    /// plus its value's heap bytes); when it returns false the read stops with
+    /// [`Error::OverBudget`]. A caller bounds the memory of many concurrent reads with it (one
+    /// entity's row past the budget at most).
+    pub fn multi_version_at_charged(
+        &self,
+        entities: &[EntityKey],
+        features: &[FeatureId],
+        q: AsOf,
+        charge: &mut dyn FnMut(usize) -> bool,
+    ) -> Result<Vec<Option<CellVersion>>> {
+        self.inner.multi_get(entities, features, q, charge)
     }
 
     /// The batches this region wrote with sequence numbers above `after` (at most `max`), as

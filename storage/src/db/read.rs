@@ -10,7 +10,7 @@ use crate::hot::NewState;
 use crate::iter::{MergingIter, Source};
 use crate::key::{self, KeyRef};
 use crate::sstable::{Prefetched, Table};
-use crate::types::{AsOf, CellVersion, EntityKey, EventTime, FeatureId, SystemTime};
+use crate::types::{AsOf, CellVersion, EntityKey, EventTime, FeatureId, SystemTime, Value};
 use crate::{Error, Result};
 
 type Found = Option<(Vec<u8>, Vec<u8>)>;
@@ -136,10 +136,18 @@ impl Inner {
         entities: &[EntityKey],
         features: &[FeatureId],
         q: AsOf,
+        charge: &mut dyn FnMut(usize) -> bool,
     ) -> Result<Vec<Option<CellVersion>>> {
         for e in entities {
             crate::types::check_entity_key(e)?;
         }
+        let mut charge = |bytes: usize| {
+            if charge(bytes) {
+                Ok(())
+            } else {
+                Err(Error::OverBudget("the answer is over the memory budget of its request".into()))
+            }
+        };
         // A complete tier needs no fills.
         let fill = self.hot.as_ref().filter(|hot| q.known_at == SystemTime::MAX && !hot.is_complete());
         // Tickets first, then the view (see `src/hot.rs`).
@@ -158,6 +166,8 @@ impl Inner {
                 let hits = answers[before..].iter().filter(|a| a.is_some()).count() as u64;
                 hot.count(hits, (features.len() as u64).saturating_sub(hits));
             }
+            // The hits are charged now, the misses once they are read (pass 3).
+            charge(answers[before..].iter().map(answer_bytes).sum())?;
         }
 
         // The misses of each entity, by feature (distinct, ascending), for one forward pass per
@@ -210,6 +220,7 @@ impl Inner {
             for &(j, k) in &m.slots {
                 row[j] = Some(answers_by_feature[k].clone());
             }
+            charge(m.slots.iter().map(|&(j, _)| value_bytes(&row[j])).sum())?;
             if let (Some(hot), Some(&ticket)) = (fill, tickets.get(i)) {
                 hot.fill(e, ticket, filled);
             }
@@ -563,4 +574,14 @@ impl PairCursor {
         }
         Ok(())
     }
+}
+
+/// Memory one answer of a multi-read holds: its slot and its value's heap bytes.
+fn answer_bytes(a: &Option<Option<CellVersion>>) -> usize {
+    std::mem::size_of::<Option<CellVersion>>() + value_bytes(a)
+}
+
+/// The heap bytes of an answer's value.
+fn value_bytes(a: &Option<Option<CellVersion>>) -> usize {
+    a.as_ref().and_then(|v| v.as_ref()?.value.as_ref()).map_or(0, Value::heap_bytes)
 }

@@ -79,6 +79,7 @@ pub(super) fn share(e: &Error) -> Error {
             Error::Corruption { file: file.clone(), offset: *offset, what: what.clone() }
         }
         Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
+        Error::OverBudget(s) => Error::OverBudget(s.clone()),
         Error::PreviousError(s) => Error::PreviousError(s.clone()),
         Error::InUse { path } => Error::InUse { path: path.clone() },
         Error::Closed => Error::Closed,

@@ -1,0 +1,270 @@
+//! Load shedding: a bound on concurrent data requests and on the memory they hold.
+//!
+//! Every `FeatureService` call is admitted before it does any work, or refused at once with
+//! `RESOURCE_EXHAUSTED` and retry advice (a `google.rpc.RetryInfo` in the status details), so
+//! overload never queues without bound:
+//! - at most `max_requests` calls run at once (streams count until they end);
+//! - the bytes they hold are charged against one budget (quiverd: its memory budget /
+//!   [`REQUEST_MEMORY_SHARE_DIVISOR`]). A call reserves what it knows before work starts (its
+//!   decoded request, the fixed part of its answer, a join's in-memory answer buffer) and
+//!   charges more as its answer grows (an online lookup's values, as the engine reads them);
+//!   a charge that does not fit stops the call with `RESOURCE_EXHAUSTED`, and everything it
+//!   reserved is returned when it ends.
+//!
+//! A unary answer is still in memory while it is encoded and sent: the handler attaches its
+//! ticket to the response ([`HeldTicket`]) and [`HoldTickets`] keeps it until the response body
+//! has been sent (or dropped), so a slow reader holds its share of the budget, not more.
+//!
+//! One online answer is also bounded on its own (by [`ONLINE_ANSWER_BYTES_MAX`] and a quarter
+//! of the requests' memory, [`ONLINE_ANSWER_SHARE_DIVISOR`]): past it the request is refused
+//! whatever the load, as too large to serve online, without retry advice.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::codegen::{http, Service};
+use tonic::server::NamedService;
+use tonic::Status;
+
+/// quiverd lets requests in flight hold its memory budget divided by this.
+pub const REQUEST_MEMORY_SHARE_DIVISOR: usize = 8;
+/// Data requests running at once, unless configured otherwise.
+pub const REQUESTS_IN_FLIGHT_MAX_DEFAULT: usize = 256;
+/// Largest `--max-concurrent-requests`.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 100_000;
+/// Most memory one online answer may hold (its values read, then its columns).
+pub const ONLINE_ANSWER_BYTES_MAX: usize = 64 << 20;
+/// One online answer may also hold at most the requests' memory divided by this.
+pub const ONLINE_ANSWER_SHARE_DIVISOR: usize = 4;
+/// The retry advice sent with a shed request.
+pub const RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// The admission state of one server.
+#[derive(Debug)]
+pub struct Admission {
+    requests_max: usize,
+    requests: AtomicUsize,
+    bytes_max: usize,
+    bytes: AtomicUsize,
+    shed: AtomicU64,
+}
+
+/// An admitted call: holds its request slot and its reserved bytes until dropped.
+#[derive(Debug)]
+pub struct Ticket {
+    admission: Arc<Admission>,
+    bytes: usize,
+}
+
+/// `RESOURCE_EXHAUSTED` with retry advice.
+pub fn shed_status(message: String) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(RETRY_AFTER)),
+    )
+}
+
+impl Admission {
+    /// At most `requests_max` calls at once holding at most `bytes_max` bytes.
+    pub fn new(requests_max: usize, bytes_max: usize) -> Arc<Admission> {
+        Arc::new(Admission {
+            requests_max,
+            requests: AtomicUsize::new(0),
+            bytes_max,
+            bytes: AtomicUsize::new(0),
+            shed: AtomicU64::new(0),
+        })
+    }
+
+    /// Admits a call reserving `bytes`, or sheds it.
+    pub fn admit(self: &Arc<Self>, bytes: usize) -> Result<Ticket, Status> {
+        let n = self.requests.fetch_add(1, Ordering::AcqRel);
+        if n >= self.requests_max {
+            self.requests.fetch_sub(1, Ordering::AcqRel);
+            self.shed.fetch_add(1, Ordering::Relaxed);
+            return Err(shed_status(format!(
+                "overloaded: {} requests in flight (the most is {}); retry shortly",
+                n, self.requests_max
+            )));
+        }
+        let mut ticket = Ticket { admission: self.clone(), bytes: 0 };
+        if !ticket.charge(bytes) {
+            return Err(shed_status(format!(
+                "overloaded: this request needs {bytes} bytes and requests in flight hold {} of {}; retry shortly",
+                self.bytes.load(Ordering::Relaxed),
+                self.bytes_max
+            )));
+        }
+        Ok(ticket)
+    }
+
+    /// The most bytes calls in flight may hold.
+    pub fn bytes_max(&self) -> usize {
+        self.bytes_max
+    }
+
+    /// Bytes reserved by calls in flight.
+    pub fn bytes_in_flight(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Calls in flight.
+    pub fn requests_in_flight(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Calls shed since start.
+    pub fn shed_total(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
+    }
+}
+
+impl Ticket {
+    /// Reserves `more` bytes for this call; false (and nothing reserved) if they do not fit.
+    pub fn charge(&mut self, more: usize) -> bool {
+        let a = &self.admission;
+        let fits = a
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(more).filter(|&total| total <= a.bytes_max)
+            })
+            .is_ok();
+        if fits {
+            self.bytes += more;
+        } else {
+            a.shed.fetch_add(1, Ordering::Relaxed);
+        }
+        fits
+    }
+
+    /// Bytes this call holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.admission.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.admission.requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A ticket attached to a response (`Response::extensions_mut().insert(...)`), released when
+/// the response body is done.
+#[derive(Debug, Clone)]
+pub struct HeldTicket(pub Arc<Ticket>);
+
+/// Wraps a gRPC service so that a [`HeldTicket`] in a response's extensions lives as long as
+/// the response body, and big data frames go out in slices (see [`RESPONSE_SLICE_BYTES`]).
+#[derive(Debug, Clone)]
+pub struct HoldTickets<S>(pub S);
+
+impl<S: NamedService> NamedService for HoldTickets<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, RB> Service<http::Request<B>> for HoldTickets<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            let (mut parts, body) = fut.await?.into_parts();
+            let ticket = parts.extensions.remove::<HeldTicket>();
+            let body = TicketBody { body: Box::pin(body), rest: Bytes::new(), _ticket: ticket };
+            Ok(http::Response::from_parts(parts, tonic::body::Body::new(body)))
+        })
+    }
+}
+
+/// Largest data frame a response body hands to HTTP/2 at once. The server's HTTP/2 layer
+/// waits for send capacity between frames but buffers a whole frame, so a big answer goes out
+/// in slices: what waits for a slow reader stays here, charged to its ticket, instead of
+/// piling up uncharged in the connection's send buffer.
+pub const RESPONSE_SLICE_BYTES: usize = 64 << 10;
+
+/// A response body that holds its call's ticket and hands out its data in slices of at most
+/// [`RESPONSE_SLICE_BYTES`].
+struct TicketBody<B> {
+    body: std::pin::Pin<Box<B>>,
+    rest: Bytes,
+    _ticket: Option<HeldTicket>,
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for TicketBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        use std::task::Poll;
+        if self.rest.is_empty() {
+            match self.body.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => self.rest = data,
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                other => return other,
+            }
+        }
+        let n = self.rest.len().min(RESPONSE_SLICE_BYTES);
+        Poll::Ready(Some(Ok(http_body::Frame::data(self.rest.split_to(n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let inner = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_and_bytes_are_bounded_and_returned() {
+        let a = Admission::new(2, 1000);
+        let t1 = a.admit(600).expect("first");
+        let shed = a.admit(600).expect_err("bytes do not fit");
+        assert_eq!(shed.code(), tonic::Code::ResourceExhausted);
+        use tonic_types::StatusExt;
+        assert_eq!(shed.get_details_retry_info().and_then(|r| r.retry_delay), Some(RETRY_AFTER));
+        let mut t2 = a.admit(100).expect("second");
+        assert_eq!(a.admit(0).map(|_| ()).map_err(|s| s.code()), Err(tonic::Code::ResourceExhausted), "two calls");
+        assert!(t2.charge(300) && !t2.charge(1), "charges stop at the budget");
+        assert_eq!((a.bytes_in_flight(), a.requests_in_flight()), (1000, 2));
+        drop(t1);
+        drop(t2);
+        assert_eq!((a.bytes_in_flight(), a.requests_in_flight()), (0, 0));
+        assert_eq!(a.shed_total(), 3);
+    }
+}
