@@ -95,7 +95,14 @@ pub struct ServeConfig {
     pub checkpoint_root: Option<PathBuf>,
     /// Data requests served at once; more are shed with `RESOURCE_EXHAUSTED`.
     pub max_concurrent_requests: usize,
+    /// Connections open at once; more are closed as they are accepted.
+    pub max_connections: usize,
+    /// How long a stop waits for requests in flight before it closes their connections.
+    pub shutdown_timeout: std::time::Duration,
 }
+
+/// How long a stop waits for requests in flight, unless configured otherwise.
+pub const SHUTDOWN_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a stopping daemon waits for the last holders of the engine (streams to peers
 /// ending) before it closes the engine through its drop.
@@ -180,7 +187,9 @@ pub async fn serve(
     }
     let features = Arc::new(features);
     let admission = Admission::new(cfg.max_concurrent_requests, budget / REQUEST_MEMORY_SHARE_DIVISOR);
-    let metrics = Metrics::new(db.clone(), replicator.clone(), admission.clone())?;
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let conn_stats = Arc::new(crate::conn::ConnStats::default());
+    let metrics = Metrics::new(db.clone(), replicator.clone(), admission.clone(), conn_stats.clone())?;
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
         None => None,
@@ -209,9 +218,11 @@ pub async fn serve(
         .map_err(|e| format!("reflection: {e}"))?;
     // Every service but health and reflection authenticates its calls (crate::auth).
     let feature_svc = crate::admission::HoldTickets(InterceptedService::new(
-        pb::feature_service_server::FeatureServiceServer::new(FeatureApi::new(features, metrics.clone(), admission))
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX),
+        pb::feature_service_server::FeatureServiceServer::new(
+            FeatureApi::new(features, metrics.clone(), admission).with_stopping(stopping_rx.clone()),
+        )
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX),
         auth.interceptor(None),
     ));
     let registry_svc = InterceptedService::new(
@@ -228,32 +239,44 @@ pub async fn serve(
     );
     let replication_svc = crate::replication::service(replicator.clone(), &auth);
     let reload_task = matches!(auth.mode(), AuthMode::Tokens(_)).then(|| tokio::spawn(reload_on_hangup(auth.clone())));
-    // Small responses must not wait for the peer's delayed ACK (Nagle): 40 ms per request.
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-        if let Ok(s) = &s {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::warn!(error = %e, "could not set TCP_NODELAY");
-            }
-        }
-        s
-    });
+    let incoming = crate::conn::incoming(listener, cfg.max_connections, conn_stats);
     ready(addr, metrics_addr);
     let pullers = replicator.start();
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "serving");
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(crate::conn::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(crate::conn::KEEPALIVE_TIMEOUT));
     if let Some(tls) = &cfg.tls {
         builder = builder.tls_config(tls.server()).map_err(|e| format!("TLS: {e}"))?;
     }
-    builder
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(feature_svc)
-        .add_service(registry_svc)
-        .add_service(admin_svc)
-        .add_service(replication_svc)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| format!("server: {e}"))?;
+    let mut server = Box::pin(
+        builder
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(feature_svc)
+            .add_service(registry_svc)
+            .add_service(admin_svc)
+            .add_service(replication_svc)
+            .serve_with_incoming_shutdown(incoming, async move {
+                shutdown.await;
+                tracing::info!("stopping: no new connections; open streams end with UNAVAILABLE");
+                let _ = stopping_tx.send(true);
+            }),
+    );
+    // The stop has a deadline: past it, connections still open are closed (dropping the server).
+    let mut stopping = stopping_rx.clone();
+    let deadline = cfg.shutdown_timeout;
+    tokio::select! {
+        r = &mut server => r.map_err(|e| format!("server: {e}"))?,
+        _ = async move {
+            if stopping.wait_for(|s| *s).await.is_ok() {
+                tokio::time::sleep(deadline).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => tracing::warn!(deadline_s = deadline.as_secs_f64(), "shutdown deadline passed: closing the connections still open"),
+    }
+    drop(server);
     if let Some(t) = reload_task {
         t.abort();
     }

@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod auth;
 pub mod checkpoint;
+pub mod conn;
 pub mod convert;
 pub mod daemon;
 pub mod features;

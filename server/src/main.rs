@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use quiver_server::admission::{REQUESTS_IN_FLIGHT_MAX, REQUESTS_IN_FLIGHT_MAX_DEFAULT};
 use quiver_server::auth::{AuthMode, BearerToken};
-use quiver_server::daemon::{serve, ServeConfig};
+use quiver_server::conn::{CONNECTIONS_MAX, CONNECTIONS_MAX_DEFAULT};
+use quiver_server::daemon::{serve, ServeConfig, SHUTDOWN_TIMEOUT_DEFAULT};
 use quiver_server::features::JOIN_THREADS_MAX;
 use quiver_server::replication::{ClusterConfig, Peer};
 use quiver_server::tls::TlsConfig;
@@ -106,10 +107,17 @@ struct Args {
     /// RESOURCE_EXHAUSTED and retry advice.
     #[arg(long, env = "QUIVER_MAX_CONCURRENT_REQUESTS")]
     max_concurrent_requests: Option<usize>,
+    /// Connections open at once; more are closed as they are accepted.
+    #[arg(long, env = "QUIVER_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Milliseconds a stop waits for requests in flight (open streams end with UNAVAILABLE)
+    /// before it closes the connections still open.
+    #[arg(long, env = "QUIVER_SHUTDOWN_TIMEOUT_MS")]
+    shutdown_timeout_ms: Option<u64>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
     /// io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
     /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file, tls_cert, tls_key,
-    /// tls_ca, checkpoint_root, max_concurrent_requests.
+    /// tls_ca, checkpoint_root, max_concurrent_requests, max_connections, shutdown_timeout_ms.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -136,6 +144,8 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     checkpoint_root: Option<PathBuf>,
     max_concurrent_requests: Option<usize>,
+    max_connections: Option<usize>,
+    shutdown_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -155,7 +165,12 @@ struct Config {
     tls: Option<TlsConfig>,
     checkpoint_root: Option<PathBuf>,
     max_concurrent_requests: usize,
+    max_connections: usize,
+    shutdown_timeout: std::time::Duration,
 }
+
+/// Longest `--shutdown-timeout-ms` (an hour).
+const SHUTDOWN_TIMEOUT_MS_MAX: u64 = 3_600_000;
 
 fn config(args: Args) -> Result<Config, String> {
     let file = match &args.config {
@@ -237,7 +252,18 @@ fn config(args: Args) -> Result<Config, String> {
     if !(1..=REQUESTS_IN_FLIGHT_MAX).contains(&max_concurrent_requests) {
         return Err(format!("max concurrent requests must be 1 to {REQUESTS_IN_FLIGHT_MAX}"));
     }
+    let max_connections = args.max_connections.or(file.max_connections).unwrap_or(CONNECTIONS_MAX_DEFAULT);
+    if !(1..=CONNECTIONS_MAX).contains(&max_connections) {
+        return Err(format!("max connections must be 1 to {CONNECTIONS_MAX}"));
+    }
+    let shutdown_timeout = match args.shutdown_timeout_ms.or(file.shutdown_timeout_ms) {
+        None => SHUTDOWN_TIMEOUT_DEFAULT,
+        Some(ms) if ms <= SHUTDOWN_TIMEOUT_MS_MAX => std::time::Duration::from_millis(ms),
+        Some(_) => return Err(format!("shutdown timeout must be at most {SHUTDOWN_TIMEOUT_MS_MAX} ms")),
+    };
     Ok(Config {
+        max_connections,
+        shutdown_timeout,
         max_concurrent_requests,
         checkpoint_root: args.checkpoint_root.or(file.checkpoint_root),
         tls,
@@ -294,6 +320,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         tls: cfg.tls,
         checkpoint_root: cfg.checkpoint_root,
         max_concurrent_requests: cfg.max_concurrent_requests,
+        max_connections: cfg.max_connections,
+        shutdown_timeout: cfg.shutdown_timeout,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));

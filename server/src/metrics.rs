@@ -41,6 +41,8 @@ pub struct Metrics {
     peer_bootstraps: IntGaugeVec,
     admission: Arc<crate::admission::Admission>,
     admission_figures: [IntGauge; 3],
+    conns: Arc<crate::conn::ConnStats>,
+    conn_figures: [IntGauge; 4],
 }
 
 fn err(e: prometheus::Error) -> String {
@@ -53,6 +55,7 @@ impl Metrics {
         db: Arc<Db>,
         replicator: Arc<crate::replication::Replicator>,
         admission: Arc<crate::admission::Admission>,
+        conns: Arc<crate::conn::ConnStats>,
     ) -> Result<Arc<Metrics>, String> {
         let registry = Registry::new_custom(Some("quiver".into()), None).map_err(err)?;
         let requests = IntCounterVec::new(
@@ -138,7 +141,15 @@ impl Metrics {
             gauge("request_bytes_in_flight", "bytes of memory reserved by data requests being served")?,
             gauge("requests_shed_total", "data requests refused with RESOURCE_EXHAUSTED for load since start")?,
         ];
+        let conn_figures = [
+            gauge("connections_open", "gRPC connections open")?,
+            gauge("connections_refused_total", "connections closed at once because --max-connections were open")?,
+            gauge("connections_silent_closed_total", "connections closed because they sent nothing in time")?,
+            gauge("accept_errors_total", "failed accepts (out of file descriptors...) since start")?,
+        ];
         Ok(Arc::new(Metrics {
+            conns,
+            conn_figures,
             admission,
             admission_figures,
             registry,
@@ -186,6 +197,12 @@ impl Metrics {
         requests.set(a.requests_in_flight() as i64);
         bytes.set(a.bytes_in_flight() as i64);
         shed.set(a.shed_total().min(i64::MAX as u64) as i64);
+        let c = &self.conns;
+        let [open, refused, silent, errors] = &self.conn_figures;
+        open.set(c.open.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        for (g, n) in [(refused, &c.refused), (silent, &c.silent), (errors, &c.accept_errors)] {
+            g.set(n.load(std::sync::atomic::Ordering::Relaxed).min(i64::MAX as u64) as i64);
+        }
         for (peer, lag_s, lag_n, batches, bootstraps, up) in self.replicator.peer_figures() {
             let peer = peer.to_string();
             self.lag_seconds.with_label_values(&[&peer]).set(lag_s);

@@ -87,18 +87,33 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// Runs a chunk producer on the blocking pool and streams its chunks to the client through a
 /// bounded channel; the producer stops when the client goes away (`emit` returns false), and
 /// an error after some chunks ends the stream with that error.
+/// A server that is stopping (`stopping` true) ends the stream with `UNAVAILABLE` after the
+/// chunks already made.
 fn stream_blocking<T: Send + 'static>(
+    stopping: Option<Stopping>,
     produce: impl FnOnce(&mut dyn FnMut(T) -> bool) -> Result<(), ServiceError> + Send + 'static,
 ) -> BoxStream<T> {
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER_CHUNKS);
     tokio::task::spawn_blocking(move || {
-        let result = produce(&mut |chunk| tx.blocking_send(Ok(chunk)).is_ok());
-        if let Err(e) = result {
+        let mut stopped = false;
+        let result = produce(&mut |chunk| {
+            if stopping.as_ref().is_some_and(|s| *s.borrow()) {
+                stopped = true;
+                return false;
+            }
+            tx.blocking_send(Ok(chunk)).is_ok()
+        });
+        if stopped {
+            let _ = tx.blocking_send(Err(Status::unavailable("the server is stopping; the stream was cut short")));
+        } else if let Err(e) = result {
             let _ = tx.blocking_send(Err(status(e)));
         }
     });
     Box::pin(ReceiverStream::new(rx))
 }
+
+/// Turns true when the server starts to stop.
+pub type Stopping = tokio::sync::watch::Receiver<bool>;
 
 /// Chunks in flight between a streaming RPC's producer and the client. (For streaming RPCs the
 /// latency metric covers the call up to the start of the stream.)
@@ -110,12 +125,19 @@ pub struct FeatureApi {
     features: Arc<Features>,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
+    stopping: Option<Stopping>,
 }
 
 impl FeatureApi {
     /// The endpoints over `features`; every call is admitted by `admission` first.
     pub fn new(features: Arc<Features>, metrics: Arc<Metrics>, admission: Arc<Admission>) -> Self {
-        FeatureApi { features, metrics, admission }
+        FeatureApi { features, metrics, admission, stopping: None }
+    }
+
+    /// The same endpoints ending their streams with `UNAVAILABLE` once `stopping` turns true.
+    pub fn with_stopping(mut self, stopping: Stopping) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 }
 
@@ -197,7 +219,19 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 let _stream_ticket = self.admission.admit(0)?;
                 let mut stream = req.into_inner();
                 let mut summary = pb::WriteFeaturesStreamResponse::default();
-                while let Some(msg) = stream.message().await? {
+                let mut stopping = self.stopping.clone();
+                loop {
+                    let next = match stopping.as_mut() {
+                        Some(s) => tokio::select! {
+                            m = stream.message() => m,
+                            Ok(_) = s.wait_for(|stop| *stop) => return Err(Status::unavailable(format!(
+                                "the server is stopping; the stream's first {} messages were applied",
+                                summary.requests
+                            ))),
+                        },
+                        None => stream.message().await,
+                    };
+                    let Some(msg) = next? else { break };
                     for row in &msg.rows {
                         principal.require_group(Scope::Write, &row.group).map_err(|s| {
                             Status::new(
@@ -254,7 +288,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 let ticket = self.admission.admit(bytes)?;
                 let f = self.features.clone();
                 let req = req.into_inner();
-                Ok(Response::new(stream_blocking(move |emit| {
+                Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {
                     let _ticket = ticket;
                     f.historical(&req, emit)
                 })))
@@ -276,7 +310,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 let ticket = self.admission.admit(r.encoded_len() * DECODED_BYTES_PER_ENCODED + SCAN_RESERVE_BYTES)?;
                 let f = self.features.clone();
                 let req = req.into_inner();
-                Ok(Response::new(stream_blocking(move |emit| {
+                Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {
                     let _ticket = ticket;
                     f.scan_history(&req, emit)
                 })))

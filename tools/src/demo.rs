@@ -49,6 +49,8 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         tls: None,
         checkpoint_root: None,
         max_concurrent_requests: quiver_server::admission::REQUESTS_IN_FLIGHT_MAX_DEFAULT,
+        max_connections: quiver_server::conn::CONNECTIONS_MAX_DEFAULT,
+        shutdown_timeout: quiver_server::daemon::SHUTDOWN_TIMEOUT_DEFAULT,
     };
     let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());
