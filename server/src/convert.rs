@@ -37,11 +37,22 @@ pub fn entity_key(et: &pb::EntityType, key: &pb::EntityKey) -> Result<Vec<u8>> {
     Ok(encoded)
 }
 
-/// Microseconds since the epoch of a timestamp; refuses sub-microsecond precision and
-/// out-of-range values.
+/// Earliest timestamp protobuf defines: 0001-01-01T00:00:00Z, in seconds since the epoch.
+pub const TIMESTAMP_SECONDS_MIN: i64 = -62_135_596_800;
+/// Latest timestamp protobuf defines: 9999-12-31T23:59:59Z, in seconds since the epoch.
+pub const TIMESTAMP_SECONDS_MAX: i64 = 253_402_300_799;
+
+/// Microseconds since the epoch of a timestamp; refuses sub-microsecond precision and times
+/// outside protobuf's range (0001-01-01 to 9999-12-31).
 pub fn micros(ts: &prost_types::Timestamp, what: &str) -> Result<i64> {
     if ts.nanos < 0 || ts.nanos >= 1_000_000_000 || ts.nanos % 1000 != 0 {
         return Err(Invalid(format!("{what}: nanos must be whole microseconds in 0..1e9, got {}", ts.nanos)));
+    }
+    if !(TIMESTAMP_SECONDS_MIN..=TIMESTAMP_SECONDS_MAX).contains(&ts.seconds) {
+        return Err(Invalid(format!(
+            "{what}: {} seconds since the epoch is outside protobuf's timestamp range (0001-01-01 to 9999-12-31)",
+            ts.seconds
+        )));
     }
     ts.seconds
         .checked_mul(1_000_000)
@@ -122,6 +133,12 @@ mod tests {
         assert!(micros(&prost_types::Timestamp { seconds: 1, nanos: 1 }, "t").is_err());
         assert!(micros(&prost_types::Timestamp { seconds: 1, nanos: -1000 }, "t").is_err());
         assert!(micros(&prost_types::Timestamp { seconds: i64::MAX, nanos: 0 }, "t").is_err());
+        // Protobuf's range, inclusive at both ends.
+        let at = |seconds, nanos| micros(&prost_types::Timestamp { seconds, nanos }, "t");
+        assert!(at(TIMESTAMP_SECONDS_MIN, 0).is_ok());
+        assert!(at(TIMESTAMP_SECONDS_MAX, 999_999_000).is_ok());
+        assert!(at(TIMESTAMP_SECONDS_MIN - 1, 999_999_000).is_err());
+        assert!(at(TIMESTAMP_SECONDS_MAX + 1, 0).is_err());
     }
 
     #[test]

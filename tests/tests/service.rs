@@ -170,12 +170,19 @@ async fn bad_input_gets_specific_codes_and_changes_nothing() {
     unknown_group.group = "nope".into();
     let mut bad_time = row("alice", T0, 1);
     bad_time.event_time = Some(prost_types::Timestamp { seconds: 1, nanos: 5 });
+    // Year 10000 and year 0: outside protobuf's timestamp range.
+    let mut after_9999 = row("alice", T0, 1);
+    after_9999.event_time = Some(prost_types::Timestamp { seconds: 253_402_300_800, nanos: 0 });
+    let mut before_0001 = row("alice", T0, 1);
+    before_0001.event_time = Some(prost_types::Timestamp { seconds: -62_135_596_801, nanos: 0 });
     let cases = vec![
         (write(vec![]), Code::InvalidArgument, "no rows"),
         (write(vec![wrong_type]), Code::InvalidArgument, "expected a Int64"),
         (write(vec![unknown_feature]), Code::NotFound, "no feature"),
         (write(vec![unknown_group]), Code::NotFound, "no feature group"),
         (write(vec![bad_time]), Code::InvalidArgument, "microseconds"),
+        (write(vec![after_9999]), Code::InvalidArgument, "9999-12-31"),
+        (write(vec![before_0001]), Code::InvalidArgument, "0001-01-01"),
         (write(vec![row("alice", T0, 1); 10_001]), Code::ResourceExhausted, "limit"),
     ];
     for (req, code, needle) in cases {
