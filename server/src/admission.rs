@@ -124,6 +124,13 @@ impl Admission {
 }
 
 impl Ticket {
+    /// Returns `bytes` of what this call reserved (a stream between messages).
+    pub fn refund(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.bytes);
+        self.admission.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.bytes -= bytes;
+    }
+
     /// Reserves `more` bytes for this call; false (and nothing reserved) if they do not fit.
     pub fn charge(&mut self, more: usize) -> bool {
         let a = &self.admission;
@@ -139,11 +146,6 @@ impl Ticket {
             a.shed.fetch_add(1, Ordering::Relaxed);
         }
         fits
-    }
-
-    /// Bytes this call holds.
-    pub fn bytes(&self) -> usize {
-        self.bytes
     }
 }
 
@@ -261,6 +263,9 @@ mod tests {
         let mut t2 = a.admit(100).expect("second");
         assert_eq!(a.admit(0).map(|_| ()).map_err(|s| s.code()), Err(tonic::Code::ResourceExhausted), "two calls");
         assert!(t2.charge(300) && !t2.charge(1), "charges stop at the budget");
+        t2.refund(300);
+        assert_eq!(a.bytes_in_flight(), 700, "a refund returns bytes, not the call's slot");
+        assert!(t2.charge(300));
         assert_eq!((a.bytes_in_flight(), a.requests_in_flight()), (1000, 2));
         drop(t1);
         drop(t2);

@@ -242,8 +242,7 @@ impl TokenFile {
             if !names.insert(&t.name) {
                 return Err(err("the name is used twice".into()));
             }
-            let digest = t.hash.strip_prefix(HASH_PREFIX).unwrap_or("");
-            if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            if stored_digest(&t.hash).is_none() {
                 return Err(err(format!("hash must be {HASH_PREFIX} and 64 lower-case hex digits")));
             }
             if !hashes.insert(&t.hash) {
@@ -275,9 +274,32 @@ impl TokenFile {
     }
 }
 
+/// The SHA-256 of a token's text.
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
 /// The stored form of a token: `sha256:` and the hex digest of its text.
 pub fn hash_token(token: &str) -> String {
-    format!("{HASH_PREFIX}{}", hex(&Sha256::digest(token.as_bytes())))
+    format!("{HASH_PREFIX}{}", hex(&digest(token)))
+}
+
+/// The digest a stored hash names (`None` unless it is `sha256:` and 64 lower-case hex digits).
+fn stored_digest(hash: &str) -> Option<[u8; 32]> {
+    let hex = hash.strip_prefix(HASH_PREFIX)?.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -353,7 +375,7 @@ impl Principal {
         if self.may_see(name) {
             return Ok(());
         }
-        Err(Status::permission_denied(format!("token {:?} may not see feature group {name:?}", self.name)))
+        Err(Status::permission_denied(format!("token {:?} may not use feature group {name:?}", self.name)))
     }
 
     /// `PERMISSION_DENIED` unless it may act for peer region `region` (replication).
@@ -372,11 +394,7 @@ impl Principal {
     /// reference `name[@N]:feature`).
     pub fn require_group(&self, scope: Scope, reference: &str) -> Result<(), Status> {
         self.require(scope)?;
-        let group = group_of(reference);
-        if self.may_see(group) {
-            return Ok(());
-        }
-        Err(Status::permission_denied(format!("token {:?} may not use feature group {group:?}", self.name)))
+        self.require_group_visible(group_of(reference))
     }
 }
 
@@ -405,7 +423,8 @@ pub enum AuthMode {
 #[derive(Debug)]
 pub struct Authenticator {
     mode: AuthMode,
-    tokens: RwLock<Arc<HashMap<String, Arc<Principal>>>>,
+    /// Principals by the SHA-256 of their token (a lookup hashes and allocates nothing else).
+    tokens: RwLock<Arc<HashMap<[u8; 32], Arc<Principal>>>>,
     anonymous: Arc<Principal>,
 }
 
@@ -431,8 +450,9 @@ impl Authenticator {
     pub fn reload(&self) -> Result<usize, String> {
         let AuthMode::Tokens(path) = &self.mode else { return Ok(0) };
         let file = TokenFile::load(path)?;
-        let map: HashMap<String, Arc<Principal>> =
-            file.tokens.iter().map(|t| (t.hash.clone(), Arc::new(Principal::of(t)))).collect();
+        // `load` checked every hash.
+        let map: HashMap<[u8; 32], Arc<Principal>> =
+            file.tokens.iter().filter_map(|t| Some((stored_digest(&t.hash)?, Arc::new(Principal::of(t))))).collect();
         let n = map.len();
         *self.tokens.write() = Arc::new(map);
         Ok(n)
@@ -455,7 +475,7 @@ impl Authenticator {
             .ok_or_else(|| Status::unauthenticated("authorization metadata is not \"Bearer qvt_...\""))?;
         self.tokens
             .read()
-            .get(&hash_token(token))
+            .get(&digest(token))
             .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))
     }
@@ -613,6 +633,11 @@ mod tests {
         assert!(TokenFile::load(&p).expect_err("short hash").contains("64 lower-case hex"));
         std::fs::write(&p, "[[token]]\nname = \"x\"\nhash = \"sha256:abc\"\nscopes = [\"sudo\"]\n").expect("write");
         assert!(TokenFile::load(&p).is_err());
+        // Stored hashes decode to the digests requests are looked up by; upper case is refused.
+        let h = hash_token("qvt_x");
+        assert_eq!(stored_digest(&h), Some(digest("qvt_x")));
+        assert_eq!(stored_digest(&h.to_uppercase().replace("SHA256:", "sha256:")), None);
+        assert_eq!(stored_digest(&h[..h.len() - 1]), None);
     }
 
     #[test]

@@ -46,11 +46,6 @@ impl CheckpointRoot {
         Ok(CheckpointRoot { root, data_dir })
     }
 
-    /// The root, resolved.
-    pub fn path(&self) -> &Path {
-        &self.root
-    }
-
     /// Checks `requested` against the rules in the module documentation.
     pub fn target(&self, requested: &str) -> Result<Target, String> {
         if requested.is_empty() {

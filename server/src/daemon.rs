@@ -263,18 +263,18 @@ pub async fn serve(
                 let _ = stopping_tx.send(true);
             }),
     );
-    // The stop has a deadline: past it, connections still open are closed (dropping the server).
+    // The stop has a deadline: past it the server stops waiting for open connections. Their
+    // tasks (spawned by the server) end with the runtime when `main` returns, right after the
+    // engine is closed below. (The signal's sender lives in the server future: the wait below
+    // ends early only if the server has returned, and then the first branch has won.)
     let mut stopping = stopping_rx.clone();
     let deadline = cfg.shutdown_timeout;
     tokio::select! {
         r = &mut server => r.map_err(|e| format!("server: {e}"))?,
         _ = async move {
-            if stopping.wait_for(|s| *s).await.is_ok() {
-                tokio::time::sleep(deadline).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        } => tracing::warn!(deadline_s = deadline.as_secs_f64(), "shutdown deadline passed: closing the connections still open"),
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(deadline).await;
+        } => tracing::warn!(deadline_s = deadline.as_secs_f64(), "shutdown deadline passed: not waiting for the connections still open"),
     }
     drop(server);
     if let Some(t) = reload_task {

@@ -57,17 +57,21 @@ fn registry_status(e: RegistryError) -> Status {
     status(ServiceError::from(e))
 }
 
-/// `PERMISSION_DENIED` unless the caller holds `scope` for every group `refs` name (group or
-/// feature references; no references: the scope alone).
-fn authorize<'a, T>(req: &Request<T>, scope: Scope, refs: impl IntoIterator<Item = &'a str>) -> Result<(), Status> {
+/// The caller, if it holds `scope` for every group `refs` name (group or feature references;
+/// no references: the scope alone); `PERMISSION_DENIED` otherwise.
+fn authorize<'a, T>(
+    req: &Request<T>,
+    scope: Scope,
+    refs: impl IntoIterator<Item = &'a str>,
+) -> Result<Arc<auth::Principal>, Status> {
     let p = auth::principal(req)?;
     p.require(scope)?;
     if p.limited() {
         for r in refs {
-            p.require_group(scope, r)?;
+            p.require_group_visible(auth::group_of(r))?;
         }
     }
-    Ok(())
+    Ok(p)
 }
 
 /// Runs engine work on tokio's blocking pool.
@@ -161,21 +165,20 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 let answer_max = ONLINE_ANSWER_BYTES_MAX.min(self.admission.bytes_max() / ONLINE_ANSWER_SHARE_DIVISOR);
                 let f = self.features.clone();
                 let req = req.into_inner();
+                let inline = req.entities.len().saturating_mul(req.features.len()) <= ONLINE_INLINE_CELLS_MAX;
                 // The ticket stays with the response until it has been sent (HoldTickets).
-                let held = |answer, ticket| {
-                    let mut resp = Response::new(answer);
-                    resp.extensions_mut().insert(HeldTicket(Arc::new(ticket)));
-                    resp
+                let answer = move || {
+                    let answer = f.get_online_charged(&req, now_us(), answer_max, &mut |b| ticket.charge(b));
+                    answer.map_err(status).map(|a| {
+                        let mut resp = Response::new(a);
+                        resp.extensions_mut().insert(HeldTicket(Arc::new(ticket)));
+                        resp
+                    })
                 };
-                if req.entities.len().saturating_mul(req.features.len()) <= ONLINE_INLINE_CELLS_MAX {
-                    let answer = f.get_online_charged(&req, now_us(), answer_max, &mut |b| ticket.charge(b));
-                    return answer.map_err(status).map(|a| held(a, ticket));
+                if inline {
+                    return answer();
                 }
-                blocking(move || {
-                    let answer = f.get_online_charged(&req, now_us(), answer_max, &mut |b| ticket.charge(b));
-                    answer.map_err(status).map(|a| held(a, ticket))
-                })
-                .await
+                blocking(answer).await
             })
             .await
     }
@@ -214,9 +217,15 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("WriteFeaturesStream", async move {
-                let principal = auth::principal(&req)?;
-                principal.require(Scope::Write)?;
-                let _stream_ticket = self.admission.admit(0)?;
+                let principal = authorize(&req, Scope::Write, [])?;
+                // One slot for the whole stream; each message's bytes are reserved while it is
+                // written.
+                let mut ticket = self.admission.admit(0)?;
+                // An error of message `n`, keeping its details (retry advice, CAS conflicts).
+                let in_message = |n: u64, s: Status| {
+                    let message = format!("stream message {n} (earlier messages were applied): {}", s.message());
+                    Status::with_details(s.code(), message, s.details().to_vec().into())
+                };
                 let mut stream = req.into_inner();
                 let mut summary = pb::WriteFeaturesStreamResponse::default();
                 let mut stopping = self.stopping.clone();
@@ -232,34 +241,22 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                         None => stream.message().await,
                     };
                     let Some(msg) = next? else { break };
+                    let n = summary.requests;
                     for row in &msg.rows {
-                        principal.require_group(Scope::Write, &row.group).map_err(|s| {
-                            Status::new(
-                                s.code(),
-                                format!(
-                                    "stream message {} (earlier messages were applied): {}",
-                                    summary.requests,
-                                    s.message()
-                                ),
-                            )
-                        })?;
+                        principal.require_group(Scope::Write, &row.group).map_err(|s| in_message(n, s))?;
                     }
                     let f = self.features.clone();
                     let rows = msg.rows.len() as u64;
                     let bytes = msg.encoded_len() as u64;
-                    let n = summary.requests;
-                    let ticket = self.admission.admit(bytes as usize * (DECODED_BYTES_PER_ENCODED + 1))?;
-                    let resp = blocking(move || {
-                        let _ticket = ticket;
-                        f.write(&msg).map_err(|e| {
-                            let s = status(e);
-                            Status::new(
-                                s.code(),
-                                format!("stream message {n} (earlier messages were applied): {}", s.message()),
-                            )
-                        })
-                    })
-                    .await?;
+                    let reserved = bytes as usize * (DECODED_BYTES_PER_ENCODED + 1);
+                    if !ticket.charge(reserved) {
+                        let shed = crate::admission::shed_status(
+                            "overloaded: requests in flight hold the memory this message needs; retry shortly".into(),
+                        );
+                        return Err(in_message(n, shed));
+                    }
+                    let resp = blocking(move || f.write(&msg).map_err(status)).await.map_err(|s| in_message(n, s))?;
+                    ticket.refund(reserved);
                     summary.requests += 1;
                     summary.rows += rows;
                     summary.values_written += resp.values_written;
@@ -345,8 +342,7 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("ApplyRegistry", async move {
-                authorize(&req, Scope::Registry, req.get_ref().feature_groups.iter().map(|g| g.name.as_str()))?;
-                let p = auth::principal(&req)?;
+                let p = authorize(&req, Scope::Registry, req.get_ref().feature_groups.iter().map(|g| g.name.as_str()))?;
                 if p.limited() {
                     // Entity types are shared by every group: a token limited to some groups
                     // may send them only as they are.

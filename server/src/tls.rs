@@ -61,11 +61,6 @@ impl TlsConfig {
         })
     }
 
-    /// From PEM text (tests).
-    pub fn from_pem(cert_pem: Vec<u8>, key_pem: Vec<u8>, ca_pem: Option<Vec<u8>>) -> TlsConfig {
-        TlsConfig { cert_pem, key_pem, ca_pem }
-    }
-
     /// The server side: the node's identity; with a CA, client certificates are requested and
     /// verified (optional).
     pub fn server(&self) -> ServerTlsConfig {

@@ -84,6 +84,15 @@ async fn registry_online_writes_and_restart() {
     let conflict = pb::CasConflict::decode(err.details()).expect("details");
     assert_eq!(conflict.cells.len(), 1);
     let current = conflict.cells[0].current.clone().expect("current");
+    // The same conflict in a write stream keeps its details, and says which message failed.
+    let mut stale = row("alice", T0, 6);
+    stale.expected_versions.insert("clicks".into(), pb::VersionVector::default());
+    let msg = pb::WriteFeaturesRequest { rows: vec![stale], ..Default::default() };
+    let err = c.features.write_features_stream(tokio_stream::iter(vec![msg])).await.expect_err("cas in a stream");
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(err.message().starts_with("stream message 0"), "{}", err.message());
+    let in_stream = pb::CasConflict::decode(err.details()).expect("details survive the stream");
+    assert_eq!(in_stream.cells[0].current.as_ref(), Some(&current));
     let mut cas = row("alice", T0, 6);
     cas.expected_versions.insert("clicks".into(), current);
     c.features

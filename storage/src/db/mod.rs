@@ -310,7 +310,7 @@ impl Db {
         features: &[FeatureId],
         q: AsOf,
     ) -> Result<Vec<Option<CellVersion>>> {
-        let out = self.inner.multi_get(entities, features, q, &mut |_| true)?;
+        let out = self.multi_version_at(entities, features, q)?;
         Ok(out.into_iter().map(crate::asof::present).collect())
     }
 
@@ -323,7 +323,7 @@ impl Db {
         features: &[FeatureId],
         q: AsOf,
     ) -> Result<Vec<Option<CellVersion>>> {
-        self.inner.multi_get(entities, features, q, &mut |_| true)
+        self.multi_version_at_charged(entities, features, q, &mut |_| true)
     }
 
     /// [`Db::multi_version_at`], charging the answer's memory as it grows: after each entity's
