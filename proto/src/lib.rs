@@ -1,6 +1,8 @@
 //! The gRPC contract of Quiver, package `quiver.v1` (see `proto/quiver/v1/*.proto`).
 #![allow(missing_docs, clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod codec;
+
 /// Generated messages and services of `quiver.v1`.
 pub mod v1 {
     tonic::include_proto!("quiver.v1");

@@ -15,6 +15,12 @@
 //! ticket to the response ([`HeldTicket`]) and [`HoldTickets`] keeps it until the response body
 //! has been sent (or dropped), so a slow reader holds its share of the budget, not more.
 //!
+//! A request's own bytes are charged to the same budget while they arrive, before tonic
+//! buffers and decodes them ([`AdmitRequests`]): each gRPC message's length prefix is read as
+//! it comes in and the whole message is reserved up front, so a message over its service's
+//! size limit, or over the whole budget, is refused with `RESOURCE_EXHAUSTED` before a byte of
+//! it is buffered, and one that does not fit now is shed with retry advice.
+//!
 //! One online answer is also bounded on its own (by [`ONLINE_ANSWER_BYTES_MAX`] and a quarter
 //! of the requests' memory, [`ONLINE_ANSWER_SHARE_DIVISOR`]): past it the request is refused
 //! whatever the load, as too large to serve online, without retry advice.
@@ -123,6 +129,22 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// Adds `more` to the bytes held if they fit; counts a shed request otherwise.
+    fn try_hold(&self, more: usize) -> bool {
+        let fits = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(more).filter(|&total| total <= self.bytes_max)
+            })
+            .is_ok();
+        if !fits {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+        }
+        fits
+    }
+}
+
 impl Ticket {
     /// Returns `bytes` of what this call reserved (a stream between messages).
     pub fn refund(&mut self, bytes: usize) {
@@ -133,17 +155,9 @@ impl Ticket {
 
     /// Reserves `more` bytes for this call; false (and nothing reserved) if they do not fit.
     pub fn charge(&mut self, more: usize) -> bool {
-        let a = &self.admission;
-        let fits = a
-            .bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(more).filter(|&total| total <= a.bytes_max)
-            })
-            .is_ok();
+        let fits = self.admission.try_hold(more);
         if fits {
             self.bytes += more;
-        } else {
-            a.shed.fetch_add(1, Ordering::Relaxed);
         }
         fits
     }
@@ -248,6 +262,185 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for TicketBody<B> {
     }
 }
 
+/// Wraps a gRPC service so that each request message is reserved against the budget as its
+/// length prefix arrives (see the module doc), and refused over `message_max`.
+#[derive(Debug, Clone)]
+pub struct AdmitRequests<S> {
+    inner: S,
+    admission: Arc<Admission>,
+    message_max: usize,
+}
+
+impl<S> AdmitRequests<S> {
+    /// `inner`, taking messages of at most `message_max` bytes while they fit in `admission`.
+    pub fn new(inner: S, admission: Arc<Admission>, message_max: usize) -> Self {
+        AdmitRequests { inner, admission, message_max }
+    }
+}
+
+impl<S: NamedService> NamedService for AdmitRequests<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for AdmitRequests<S>
+where
+    S: Service<http::Request<tonic::body::Body>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> S::Future {
+        let (parts, body) = req.into_parts();
+        let body = MeteredBody {
+            body: Box::pin(body),
+            framing: Framing::default(),
+            held: 0,
+            admission: self.admission.clone(),
+            message_max: self.message_max,
+            failed: false,
+        };
+        self.inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body)))
+    }
+}
+
+/// Where a request body stands in gRPC's framing: `flag u8 | length u32 (big-endian) | message`.
+#[derive(Debug, Default)]
+struct Framing {
+    header: [u8; 5],
+    header_len: usize,
+    message_left: u64,
+}
+
+impl Framing {
+    /// Walks `data`, calling `begin(len)` at each message's length prefix.
+    fn observe(&mut self, mut data: &[u8], mut begin: impl FnMut(usize) -> Result<(), Status>) -> Result<(), Status> {
+        while !data.is_empty() {
+            if self.message_left > 0 {
+                let n = self.message_left.min(data.len() as u64);
+                self.message_left -= n;
+                data = &data[n as usize..];
+                continue;
+            }
+            let take = (5 - self.header_len).min(data.len());
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&data[..take]);
+            self.header_len += take;
+            data = &data[take..];
+            if self.header_len == 5 {
+                self.header_len = 0;
+                let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
+                begin(len as usize)?;
+                self.message_left = u64::from(len);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request body whose current message is reserved against the budget (released at the next
+/// message, the end of the body, or its drop).
+struct MeteredBody<B> {
+    body: std::pin::Pin<Box<B>>,
+    framing: Framing,
+    held: usize,
+    admission: Arc<Admission>,
+    message_max: usize,
+    failed: bool,
+}
+
+impl<B> MeteredBody<B> {
+    fn release(&mut self) {
+        self.admission.bytes.fetch_sub(self.held, Ordering::AcqRel);
+        self.held = 0;
+    }
+
+    fn begin_message(&mut self, len: usize) -> Result<(), Status> {
+        self.release();
+        if len > self.message_max {
+            return Err(Status::resource_exhausted(format!(
+                "request message is {len} bytes, over this service's limit of {} bytes",
+                self.message_max
+            )));
+        }
+        if len > self.admission.bytes_max {
+            return Err(Status::resource_exhausted(format!(
+                "request message is {len} bytes, more than this server's memory for requests ({} bytes)",
+                self.admission.bytes_max
+            )));
+        }
+        if !self.admission.try_hold(len) {
+            return Err(shed_status(format!(
+                "overloaded: a request message of {len} bytes does not fit ({} of {} bytes held); retry shortly",
+                self.admission.bytes.load(Ordering::Relaxed),
+                self.admission.bytes_max
+            )));
+        }
+        self.held = len;
+        Ok(())
+    }
+}
+
+impl<B> Drop for MeteredBody<B> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl<B> http_body::Body for MeteredBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        use std::task::Poll;
+        if self.failed {
+            return Poll::Ready(None);
+        }
+        let this = &mut *self;
+        match this.body.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let mut framing = std::mem::take(&mut this.framing);
+                    let seen = framing.observe(data, |len| this.begin_message(len));
+                    this.framing = framing;
+                    if let Err(status) = seen {
+                        this.failed = true;
+                        this.release();
+                        return Poll::Ready(Some(Err(status)));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Status::from_error(e.into())))),
+            Poll::Ready(None) => {
+                this.release();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,5 +464,66 @@ mod tests {
         drop(t2);
         assert_eq!((a.bytes_in_flight(), a.requests_in_flight()), (0, 0));
         assert_eq!(a.shed_total(), 3);
+    }
+
+    fn framed(messages: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in messages {
+            out.push(0);
+            out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+            out.extend_from_slice(m);
+        }
+        out
+    }
+
+    #[test]
+    fn framing_finds_every_length_prefix_across_any_split() {
+        let wire = framed(&[&[1; 7], &[], &[2; 300], &[3; 1]]);
+        for chunk in 1..=wire.len() {
+            let mut f = Framing::default();
+            let mut seen = Vec::new();
+            for piece in wire.chunks(chunk) {
+                f.observe(piece, |len| {
+                    seen.push(len);
+                    Ok(())
+                })
+                .expect("observes");
+            }
+            assert_eq!(seen, [7, 0, 300, 1], "chunks of {chunk}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_body_holds_its_message_and_is_refused_over_the_limits() {
+        use http_body_util::BodyExt;
+        let a = Admission::new(10, 1000);
+        let body = |bytes: Vec<u8>, max| MeteredBody {
+            body: Box::pin(http_body_util::Full::new(Bytes::from(bytes))),
+            framing: Framing::default(),
+            held: 0,
+            admission: a.clone(),
+            message_max: max,
+            failed: false,
+        };
+        // Held while it arrives, returned at the end.
+        let mut b = body(framed(&[&[9; 600]]), 800);
+        let frame = b.frame().await.expect("a frame").expect("data");
+        assert!(frame.is_data());
+        assert_eq!(a.bytes_in_flight(), 600);
+        assert!(b.frame().await.is_none());
+        assert_eq!(a.bytes_in_flight(), 0);
+        // Over the service's limit, over the budget, or not fitting now.
+        let over = body(framed(&[&[9; 900]]), 800).collect().await.expect_err("over the limit");
+        assert_eq!(over.code(), tonic::Code::ResourceExhausted);
+        assert!(over.message().contains("limit of 800"), "{}", over.message());
+        let huge = body(framed(&[&[9; 1200]]), 5000).collect().await.expect_err("over the budget");
+        assert!(huge.message().contains("memory for requests"), "{}", huge.message());
+        let mut holder = body(framed(&[&[9; 700]]), 5000);
+        let _ = holder.frame().await;
+        let shed = body(framed(&[&[9; 400]]), 5000).collect().await.expect_err("does not fit now");
+        use tonic_types::StatusExt;
+        assert_eq!(shed.get_details_retry_info().and_then(|r| r.retry_delay), Some(RETRY_AFTER));
+        drop(holder);
+        assert_eq!(a.bytes_in_flight(), 0, "a dropped body returns what it held");
     }
 }

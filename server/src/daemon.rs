@@ -11,7 +11,7 @@ use quiver_storage::{Db, Durability, Options};
 
 use tonic::service::interceptor::InterceptedService;
 
-use crate::admission::{Admission, REQUEST_MEMORY_SHARE_DIVISOR};
+use crate::admission::{Admission, AdmitRequests, REQUEST_MEMORY_SHARE_DIVISOR};
 use crate::auth::{AuthMode, Authenticator, BearerToken, Scope};
 use crate::features::{Features, JOIN_MEMORY_SHARE_DIVISOR};
 use crate::metrics::Metrics;
@@ -217,27 +217,50 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
     // Every service but health and reflection authenticates its calls (crate::auth).
-    let feature_svc = crate::admission::HoldTickets(InterceptedService::new(
-        pb::feature_service_server::FeatureServiceServer::new(
-            FeatureApi::new(features, metrics.clone(), admission).with_stopping(stopping_rx.clone()),
-        )
-        .max_decoding_message_size(MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(MESSAGE_BYTES_MAX),
-        auth.interceptor(None),
-    ));
-    let registry_svc = InterceptedService::new(
-        pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(registry.clone(), metrics.clone())),
-        auth.interceptor(None),
-    );
-    let admin_svc = InterceptedService::new(
-        pb::admin_service_server::AdminServiceServer::new(
-            AdminApi::new(db.clone(), registry, metrics.clone(), replicator.clone())
-                .with_test_clock(manual)
-                .with_checkpoint_root(checkpoint_root),
+    // Request messages are reserved against the requests' memory as they arrive, and refused
+    // over their service's size limit, before tonic buffers them (crate::admission).
+    let feature_svc = crate::admission::HoldTickets(AdmitRequests::new(
+        InterceptedService::new(
+            pb::feature_service_server::FeatureServiceServer::new(
+                FeatureApi::new(features, metrics.clone(), admission.clone()).with_stopping(stopping_rx.clone()),
+            )
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX),
+            auth.interceptor(None),
         ),
-        auth.interceptor(Some(Scope::Admin)),
+        admission.clone(),
+        MESSAGE_BYTES_MAX,
+    ));
+    let registry_svc = AdmitRequests::new(
+        InterceptedService::new(
+            pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(
+                registry.clone(),
+                metrics.clone(),
+            ))
+            .max_decoding_message_size(MESSAGE_BYTES_MAX),
+            auth.interceptor(None),
+        ),
+        admission.clone(),
+        MESSAGE_BYTES_MAX,
     );
-    let replication_svc = crate::replication::service(replicator.clone(), &auth);
+    let admin_svc = AdmitRequests::new(
+        InterceptedService::new(
+            pb::admin_service_server::AdminServiceServer::new(
+                AdminApi::new(db.clone(), registry, metrics.clone(), replicator.clone())
+                    .with_test_clock(manual)
+                    .with_checkpoint_root(checkpoint_root),
+            )
+            .max_decoding_message_size(MESSAGE_BYTES_MAX),
+            auth.interceptor(Some(Scope::Admin)),
+        ),
+        admission.clone(),
+        MESSAGE_BYTES_MAX,
+    );
+    let replication_svc = AdmitRequests::new(
+        crate::replication::service(replicator.clone(), &auth),
+        admission.clone(),
+        crate::replication::REPLICATION_MESSAGE_BYTES_MAX,
+    );
     let reload_task = matches!(auth.mode(), AuthMode::Tokens(_)).then(|| tokio::spawn(reload_on_hangup(auth.clone())));
     let incoming = crate::conn::incoming(listener, cfg.max_connections, conn_stats);
     ready(addr, metrics_addr);

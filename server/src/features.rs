@@ -20,6 +20,7 @@ use quiver_storage::{
 use crate::admission::ONLINE_ANSWER_BYTES_MAX;
 use crate::convert::{self, Invalid};
 use crate::registry::{Registry, RegistryError, ResolvedFeature};
+use crate::replication::REGION_ID_MAX;
 
 /// Most entities in one online request.
 pub const ONLINE_ENTITIES_MAX: usize = 10_000;
@@ -40,6 +41,71 @@ pub const WRITE_VALUES_MAX: usize = quiver_storage::limits::BATCH_OPS_MAX - 1;
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
 
 const IDEMPOTENCY_PREFIX: &[u8] = quiver_storage::reserved::IDEMPOTENCY;
+
+/// What an idempotency record stores (under `IDEMPOTENCY_PREFIX + key`, feature 0, event
+/// time 0, written in the write's own batch): the answer's count, and the SHA-256 of the
+/// request it answered ([`request_digest`]), so that the key reused for a different request
+/// is refused instead of answered with the first one's result. The system time and version of
+/// the answer are the record's own. Records written before the digest existed hold only field
+/// 1 (they were encoded `WriteFeaturesResponse`s, whose other fields were unset) and are
+/// replayed without the check.
+#[derive(Clone, PartialEq, prost::Message)]
+struct IdempotencyRecord {
+    #[prost(uint64, tag = "1")]
+    values_written: u64,
+    #[prost(bytes = "vec", tag = "15")]
+    request_digest: Vec<u8>,
+}
+
+/// SHA-256 of everything in a write request but its idempotency key, in a canonical order
+/// (a row's values and expected versions by feature name; protobuf maps have none), so that
+/// the same request encoded by another client hashes the same.
+fn request_digest(req: &pb::WriteFeaturesRequest) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut buf = Vec::new();
+    let part = |h: &mut Sha256, bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    h.update(req.durability.to_le_bytes());
+    h.update((req.rows.len() as u64).to_le_bytes());
+    for row in &req.rows {
+        part(&mut h, row.group.as_bytes());
+        buf.clear();
+        if let Some(e) = &row.entity {
+            e.encode(&mut buf).ok();
+        }
+        part(&mut h, &buf);
+        let t = row.event_time.unwrap_or_default();
+        h.update([u8::from(row.event_time.is_some())]);
+        h.update(t.seconds.to_le_bytes());
+        h.update(t.nanos.to_le_bytes());
+        let mut names: Vec<&String> = row.values.keys().collect();
+        names.sort();
+        h.update((names.len() as u64).to_le_bytes());
+        for name in names {
+            part(&mut h, name.as_bytes());
+            buf.clear();
+            row.values[name].encode(&mut buf).ok();
+            part(&mut h, &buf);
+        }
+        h.update((row.deletes.len() as u64).to_le_bytes());
+        for name in &row.deletes {
+            part(&mut h, name.as_bytes());
+        }
+        let mut names: Vec<&String> = row.expected_versions.keys().collect();
+        names.sort();
+        h.update((names.len() as u64).to_le_bytes());
+        for name in names {
+            part(&mut h, name.as_bytes());
+            buf.clear();
+            row.expected_versions[name].encode(&mut buf).ok();
+            part(&mut h, &buf);
+        }
+    }
+    h.finalize().into()
+}
 
 /// Why a request failed, by the gRPC code it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -946,27 +1012,35 @@ impl Features {
                 "idempotency key is longer than {IDEMPOTENCY_KEY_BYTES_MAX} bytes"
             )));
         }
-        let durability = match req.durability() {
-            pb::Durability::Async => Durability::Async,
-            pb::Durability::Sync => Durability::Sync,
-            pb::Durability::Unspecified => self.default_durability,
+        let durability = match pb::Durability::try_from(req.durability) {
+            Ok(pb::Durability::Async) => Durability::Async,
+            Ok(pb::Durability::Sync) => Durability::Sync,
+            Ok(pb::Durability::Unspecified) => self.default_durability,
+            Err(_) => {
+                return Err(ServiceError::Invalid(format!(
+                    "durability {} is not a Durability (0 unspecified, 1 sync, 2 async)",
+                    req.durability
+                )))
+            }
         };
         // A retry gets the first answer whatever changed since (even the registry), so the
         // record is looked up before anything else. Two requests with one key racing past this
         // look-up are settled by the engine: the record is written only if it is still absent
         // (below), and the loser replays the winner's answer.
-        if let Some(resp) = self.replay(&req.idempotency_key)? {
+        let digest = if req.idempotency_key.is_empty() { [0; 32] } else { request_digest(req) };
+        if let Some(resp) = self.replay(&req.idempotency_key, &digest)? {
             return Ok(resp);
         }
-        let result = self.prepare(req).and_then(|prepared| self.commit(req, prepared, durability));
+        let result = self.prepare(req).and_then(|prepared| self.commit(req, &digest, prepared, durability));
         match result {
             // A request with the same key may have committed since the look-up, and then
             // changed what this one is checked against (the registry, the event horizon): the
             // retry still gets the first answer.
             // If that look-up fails too, the write's own error is the one to report.
-            Err(e) if !req.idempotency_key.is_empty() => match self.replay(&req.idempotency_key) {
+            Err(e) if !req.idempotency_key.is_empty() => match self.replay(&req.idempotency_key, &digest) {
                 Ok(Some(resp)) => Ok(resp),
                 Ok(None) => Err(e),
+                Err(refused @ ServiceError::Refused(_)) => Err(refused),
                 Err(again) => {
                     tracing::warn!(error = %again, "idempotency record unreadable after a failed write");
                     Err(e)
@@ -983,30 +1057,38 @@ impl Features {
         k
     }
 
-    /// The stored answer of an earlier request with this idempotency key (none for an empty key).
-    fn replay(&self, key: &str) -> Result<Option<pb::WriteFeaturesResponse>> {
+    /// The stored answer of an earlier request with this idempotency key (none for an empty
+    /// key); `FAILED_PRECONDITION` if that request was not this one (`digest`).
+    fn replay(&self, key: &str, digest: &[u8; 32]) -> Result<Option<pb::WriteFeaturesResponse>> {
         if key.is_empty() {
             return Ok(None);
         }
         let prev = self.db.value_at(&Self::idempotency_key(key), FeatureId(0), AsOf::at(EventTime(0)))?;
-        prev.as_ref().and_then(Self::replayed).transpose()
+        prev.as_ref().and_then(|p| Self::replayed(key, digest, p)).transpose()
     }
 
     /// The answer a stored idempotency record gives a retry (`None`: not a record).
-    fn replayed(prev: &CellVersion) -> Option<Result<pb::WriteFeaturesResponse>> {
+    fn replayed(key: &str, digest: &[u8; 32], prev: &CellVersion) -> Option<Result<pb::WriteFeaturesResponse>> {
         let Some(Value::Bytes(b)) = &prev.value else { return None };
-        let decoded = pb::WriteFeaturesResponse::decode(b.as_slice()).map_err(|e| {
-            ServiceError::Storage(quiver_storage::Error::InvalidArgument(format!(
-                "stored idempotency record does not decode: {e}"
-            )))
-        });
-        Some(decoded.map(|mut resp| {
-            // The record was written in the write's own batch: its stamp and vector are the
-            // write's.
-            resp.system_time = Some(convert::timestamp(prev.system_time.0 as i64));
-            resp.version = Some(api_vv(&prev.version_vector));
-            resp.deduplicated = true;
-            resp
+        let record = match IdempotencyRecord::decode(b.as_slice()) {
+            Ok(r) => r,
+            Err(e) => {
+                return Some(Err(ServiceError::Storage(quiver_storage::Error::InvalidArgument(format!(
+                    "stored idempotency record does not decode: {e}"
+                )))))
+            }
+        };
+        if !record.request_digest.is_empty() && record.request_digest != digest {
+            return Some(Err(ServiceError::Refused(format!(
+                "idempotency key {key:?} was used for a different request; a new request needs a new key"
+            ))));
+        }
+        // The record was written in the write's own batch: its stamp and vector are the write's.
+        Some(Ok(pb::WriteFeaturesResponse {
+            values_written: record.values_written,
+            system_time: Some(convert::timestamp(prev.system_time.0 as i64)),
+            deduplicated: true,
+            version: Some(api_vv(&prev.version_vector)),
         }))
     }
 
@@ -1015,6 +1097,9 @@ impl Features {
         let mut batch = WriteBatch::new();
         let (mut expect, mut cas_names) = (Vec::new(), Vec::new());
         let mut groups: HashMap<&str, (String, HashMap<String, ResolvedFeature>)> = HashMap::new();
+        // A later write of a cell in the same batch replaces an earlier one: `written` counts
+        // the versions stored, one per distinct (entity, feature, event time).
+        let mut cells: HashMap<(Vec<u8>, i64), std::collections::HashSet<u32>> = HashMap::new();
         let mut written = 0u64;
         for (i, row) in req.rows.iter().enumerate() {
             if !groups.contains_key(row.group.as_str()) {
@@ -1036,21 +1121,28 @@ impl Features {
                     ServiceError::NotFound(format!("row {i}: group {} has no feature {name:?}", row.group))
                 })
             };
+            let row_cells = cells.entry((key.clone(), e.0)).or_default();
             let mut names: Vec<&String> = row.values.keys().collect();
             names.sort();
             for name in names {
                 let f = feature(name)?;
                 let v = convert::to_engine(&row.values[name], f.value_type, &format!("row {i}: {}", name))?;
                 batch.put(&key, f.id, e, v).map_err(|err| ServiceError::Invalid(format!("row {i}: {name}: {err}")))?;
-                written += 1;
+                written += u64::from(row_cells.insert(f.id.0));
             }
             for name in &row.deletes {
                 let f = feature(name)?;
                 batch.delete(&key, f.id, e).map_err(|err| ServiceError::Invalid(format!("row {i}: {name}: {err}")))?;
-                written += 1;
+                written += u64::from(row_cells.insert(f.id.0));
             }
             for (name, vv) in &row.expected_versions {
                 let f = feature(name)?;
+                if let Some(x) = vv.entries.iter().find(|x| x.region > REGION_ID_MAX) {
+                    return Err(ServiceError::Invalid(format!(
+                        "row {i}: expected version of {name} names region {}; regions are 0 to {REGION_ID_MAX}",
+                        x.region
+                    )));
+                }
                 let entries = vv.entries.iter().map(|x| (x.region, x.counter)).collect();
                 let version = VersionVector::from_entries(entries)
                     .map_err(|err| ServiceError::Invalid(format!("row {i}: expected version of {name}: {err}")))?;
@@ -1073,6 +1165,7 @@ impl Features {
     fn commit(
         &self,
         req: &pb::WriteFeaturesRequest,
+        digest: &[u8; 32],
         prepared: Prepared,
         durability: Durability,
     ) -> Result<pb::WriteFeaturesResponse> {
@@ -1083,12 +1176,7 @@ impl Features {
             // and vector are only known after the commit, so the stored record holds the count
             // and a retry reads the rest back from the record's own version.
             let idem_key = Self::idempotency_key(&req.idempotency_key);
-            let record = pb::WriteFeaturesResponse {
-                values_written: written,
-                system_time: None,
-                deduplicated: false,
-                version: None,
-            };
+            let record = IdempotencyRecord { values_written: written, request_digest: digest.to_vec() };
             batch.put(&idem_key, FeatureId(0), EventTime(0), Value::Bytes(record.encode_to_vec()))?;
             expect.push(Expectation {
                 entity: idem_key,
@@ -1112,7 +1200,9 @@ impl Features {
                 // with the same key committed first, and this one is its retry.
                 if idempotent {
                     if let Some(m) = mismatches.iter().find(|m| m.index == names.len()) {
-                        if let Some(resp) = m.current.as_ref().and_then(Self::replayed) {
+                        if let Some(resp) =
+                            m.current.as_ref().and_then(|p| Self::replayed(&req.idempotency_key, digest, p))
+                        {
                             return resp;
                         }
                     }

@@ -39,6 +39,9 @@ pub const JOIN_KEYS_MAX: usize = 8;
 pub const OBJECTS_PER_APPLY_MAX: usize = 1_000;
 /// Longest free-text field (description, owner, source, tag).
 pub const TEXT_BYTES_MAX: usize = 4096;
+/// Most versions of one feature group: every version stays addressable (`group@N`) and in
+/// memory, so repeated applies stop here instead of growing the registry without end.
+pub const GROUP_VERSIONS_MAX: u32 = 1_000;
 
 /// The reserved entity prefix of every registry object: cells under it replicate with the data.
 pub const PREFIX: &[u8] = quiver_storage::reserved::REGISTRY;
@@ -205,6 +208,19 @@ fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
             return Err(RegistryError::Invalid(format!(
                 "feature group {}: ttl must be non-negative whole microseconds",
                 g.name
+            )));
+        }
+        // google.protobuf.Duration spans at most ±315,576,000,000 s (about 10,000 years).
+        if ttl.seconds > 315_576_000_000 {
+            return Err(RegistryError::Invalid(format!(
+                "feature group {}: ttl of {} s is outside google.protobuf.Duration's range",
+                g.name, ttl.seconds
+            )));
+        }
+        if ttl.nanos >= 1_000_000_000 {
+            return Err(RegistryError::Invalid(format!(
+                "feature group {}: ttl is not a normalised Duration (nanos {} must be below 1,000,000,000)",
+                g.name, ttl.nanos
             )));
         }
     }
@@ -477,6 +493,13 @@ impl Registry {
                 }
             }
             let version = latest.as_ref().map_or(1, |(v, _)| v + 1);
+            if version > GROUP_VERSIONS_MAX {
+                return Err(RegistryError::TooLarge(format!(
+                    "feature group {} has {GROUP_VERSIONS_MAX} versions, the most one group may have; \
+                     define a new group for further changes",
+                    g.name
+                )));
+            }
             // A feature whose name and type are unchanged keeps its id, so its data stays
             // served across metadata edits and added features; a new or retyped feature gets
             // a fresh id (a new keyspace: history of another type is never reinterpreted).

@@ -147,6 +147,17 @@ async fn two_regions_replicate_and_operators_pause_resume_and_rebootstrap() {
         Err(e) => e,
     };
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // A cursor past region 1's log is refused and not taken as region 2's acknowledgement.
+    let last = c1.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner().last_sequence;
+    let e = match repl.pull(pb::PullRequest { region: 2, after: last + 1_000_000, window_ms: 10 }).await {
+        Ok(mut s) => s.get_mut().message().await.expect_err("a cursor from the future"),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("past this node's last sequence number"), "{e:?}");
+    let acked = peer_status(&mut c1, 2).await.peer_acknowledged;
+    let last = c1.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner().last_sequence;
+    assert!(acked <= last, "acknowledged {acked} is past the log's end {last}");
     // A single-region node reports no peers.
     let single = Daemon::start(&dir.path().join("single"), &[]);
     let mut cs = Clients::of(&single).await;

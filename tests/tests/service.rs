@@ -227,3 +227,162 @@ async fn bad_input_gets_specific_codes_and_changes_nothing() {
     assert_eq!(h.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
     assert!(d.stop());
 }
+
+/// Sends `bytes` as the request message of `method`, bypassing the client's encoder.
+async fn raw_call(channel: tonic::transport::Channel, method: &'static str, bytes: Vec<u8>) -> tonic::Status {
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    #[derive(Default)]
+    struct Raw;
+    struct RawEnc;
+    struct RawDec;
+    impl Encoder for RawEnc {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            use bytes::BufMut;
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+    impl Decoder for RawDec {
+        type Item = ();
+        type Error = tonic::Status;
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+            use bytes::Buf;
+            buf.advance(buf.remaining());
+            Ok(Some(()))
+        }
+    }
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = ();
+        type Encoder = RawEnc;
+        type Decoder = RawDec;
+        fn encoder(&mut self) -> RawEnc {
+            RawEnc
+        }
+        fn decoder(&mut self) -> RawDec {
+            RawDec
+        }
+    }
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    grpc.unary(tonic::Request::new(bytes), path, Raw).await.expect_err("the server refuses the bytes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_by_the_book() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // 64 MiB of memory: requests may hold 8 MiB.
+    let d = Daemon::start(tmp.path(), &["--memory-budget-mb", "64"]);
+    let mut c = Clients::of(&d).await;
+    c.registry.apply_registry(example_registry()).await.expect("apply");
+    let before = c.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner().last_sequence;
+
+    // Malformed protobuf: field 1 (rows) claims 127 bytes and 1 follows.
+    let s = raw_call(d.channel().await, "/quiver.v1.FeatureService/WriteFeatures", vec![0x0a, 0x7f, 0x01]).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("malformed WriteFeaturesRequest"), "{s:?}");
+    let s = raw_call(d.channel().await, "/quiver.v1.RegistryService/ApplyRegistry", vec![0xff; 9]).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+
+    // A message over the server's memory for requests: RESOURCE_EXHAUSTED before it is buffered.
+    let s = raw_call(d.channel().await, "/quiver.v1.FeatureService/WriteFeatures", vec![0; 9 << 20]).await;
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("memory for requests"), "{s:?}");
+
+    // An unknown enum value, and a CAS vector naming a region that cannot exist.
+    let durability_99 =
+        pb::WriteFeaturesRequest { rows: vec![row("alice", T0, 1)], durability: 99, ..Default::default() };
+    let mut region_64 = row("alice", T0, 1);
+    region_64.expected_versions.insert(
+        "clicks".into(),
+        pb::VersionVector { entries: vec![pb::version_vector::Entry { region: 64, counter: 1 }] },
+    );
+    for (req, needle) in [
+        (durability_99, "durability 99"),
+        (pb::WriteFeaturesRequest { rows: vec![region_64], ..Default::default() }, "region 64"),
+    ] {
+        let e = c.features.write_features(req).await.expect_err(needle);
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(needle), "{needle} not in {e:?}");
+    }
+
+    // A non-normalised Duration.
+    let mut group = example_registry().feature_groups[0].clone();
+    group.ttl = Some(prost_types::Duration { seconds: 1, nanos: 1_000_000_000 });
+    let e = c
+        .registry
+        .apply_registry(pb::ApplyRegistryRequest { feature_groups: vec![group], ..Default::default() })
+        .await
+        .expect_err("nanos of a second");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("normalised"), "{e:?}");
+    let after = c.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner().last_sequence;
+    assert_eq!(after, before, "refused requests wrote nothing");
+
+    // An idempotency key reused for a different request is refused, naming the key; the same
+    // request retried (its map encoded in another order) is answered with the first result.
+    let mut two = row("erin", T0, 1);
+    two.values.insert("spend".into(), pb::Value { kind: Some(pb::value::Kind::Float64Value(2.5)) });
+    let req = pb::WriteFeaturesRequest { rows: vec![two], idempotency_key: "order-17".into(), ..Default::default() };
+    let first = c.features.write_features(req.clone()).await.expect("first").into_inner();
+    let retry = c.features.write_features(req.clone()).await.expect("retry").into_inner();
+    assert!(retry.deduplicated && retry.values_written == first.values_written && first.values_written == 2);
+    let mut other = req.clone();
+    other.rows[0].values.insert("clicks".into(), int(2));
+    let e = c.features.write_features(other).await.expect_err("same key, other body");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("\"order-17\""), "{e:?}");
+    let mut sync = req.clone();
+    sync.durability = pb::Durability::Async as i32;
+    let e = c.features.write_features(sync).await.expect_err("same key, other durability");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // values_written counts stored versions: a cell written twice in one request is one.
+    let mut delete_too = row("frank", T0, 3);
+    delete_too.deletes.push("clicks".into());
+    let w = c
+        .features
+        .write_features(pb::WriteFeaturesRequest {
+            rows: vec![row("frank", T0, 1), row("frank", T0, 2), delete_too, row("frank", T0 + 1, 4)],
+            ..Default::default()
+        })
+        .await
+        .expect("write")
+        .into_inner();
+    assert_eq!(w.values_written, 2, "one cell at T0 and one at T0 + 1");
+    let r = c.features.get_online_features(online_req(&["frank"], T0)).await.expect("online").into_inner();
+    assert_eq!(r.columns[0].statuses, vec![pb::FeatureStatus::NotFound as i32], "the last write of the cell wins");
+    assert!(d.stop());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_has_at_most_group_versions_max_versions() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = Daemon::start(tmp.path(), &[]);
+    let mut c = Clients::of(&d).await;
+    c.registry.apply_registry(example_registry()).await.expect("apply");
+    let apply = |n: u32| {
+        let mut g = example_registry().feature_groups[0].clone();
+        g.description = format!("edit {n}");
+        pb::ApplyRegistryRequest { feature_groups: vec![g], ..Default::default() }
+    };
+    // Version 1 exists; every changed apply makes one more, up to 1,000.
+    for n in 2..=1000 {
+        c.registry.apply_registry(apply(n)).await.expect("within the limit");
+    }
+    let e = c.registry.apply_registry(apply(1001)).await.expect_err("version 1,001");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("1000 versions"), "{e:?}");
+    let g = c
+        .registry
+        .get_feature_group(pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 })
+        .await
+        .expect("group")
+        .into_inner();
+    assert_eq!(g.version, 1000, "the refused apply changed nothing");
+    assert!(d.stop());
+}

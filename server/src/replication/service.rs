@@ -73,6 +73,17 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
         let req = req.into_inner();
         self.check_peer(req.region)?;
         let r = self.replicator.clone();
+        // A cursor past this node's log is not this log's (the node was restored from an
+        // older copy, or the peer is confused): refused, and never taken as an acknowledgement,
+        // which would let the log be pruned of batches the peer never had.
+        let last = r.db.last_seqno();
+        if req.after > last {
+            return Err(Status::failed_precondition(format!(
+                "cursor {} is past this node's last sequence number {last}: the puller followed another log \
+                 (was this node restored from an older copy?); re-bootstrap it from a snapshot",
+                req.after
+            )));
+        }
         r.acknowledge(req.region, req.after);
         let window = match req.window_ms {
             0 => PULL_WINDOW_DEFAULT,
