@@ -13,6 +13,8 @@
 //! hash = "sha256:9f86d0..."
 //! scopes = ["read"]
 //! groups = ["fraud_", "ads_"]       # optional: group-name prefixes this token is limited to
+//! requests_per_second = 100         # optional rate limits (see "Rate limits")
+//! values_per_second = 1000000
 //!
 //! [[token]]
 //! name = "region-2"
@@ -43,6 +45,17 @@
 //! daemon logs that loudly and refuses it on a non-loopback address unless it was asked for
 //! explicitly.
 //!
+//! # Rate limits
+//! A token may carry `requests_per_second` (every call it makes, each message of a write
+//! stream included) and `values_per_second` (cells asked of `GetOnlineFeatures`, entities x
+//! features; values and deletes written; spine rows x features of a point-in-time join). Each
+//! is a token bucket holding one second of its rate. A call is let in while the bucket is not
+//! in debt, and then takes its whole cost, so one call bigger than a second's worth still
+//! runs (when the bucket is full) and the average stays the rate. A call over the limit is
+//! `RESOURCE_EXHAUSTED` with retry advice: the time until the bucket is out of debt. The
+//! buckets live with the token in memory: a SIGHUP keeps a token's buckets when its limits
+//! are unchanged.
+//!
 //! Between regions over mutual TLS, the peer's region comes from its certificate (see
 //! [`crate::tls`]), never from the request.
 
@@ -69,6 +82,10 @@ pub const TOKEN_NAME_BYTES_MAX: usize = 64;
 pub const TOKEN_GROUPS_MAX: usize = 64;
 /// How a stored hash starts.
 const HASH_PREFIX: &str = "sha256:";
+/// Highest `requests_per_second` a token may be given.
+pub const TOKEN_REQUESTS_PER_SECOND_MAX: u64 = 10_000_000;
+/// Highest `values_per_second` a token may be given.
+pub const TOKEN_VALUES_PER_SECOND_MAX: u64 = 10_000_000_000;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -132,6 +149,21 @@ pub struct TokenEntry {
     /// With `replication`: the region it speaks for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<u32>,
+    /// Calls per second it may make (none: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<u64>,
+    /// Values per second it may read or write (none: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values_per_second: Option<u64>,
+}
+
+/// The rate limits of a token (`quiver auth create --requests-per-second/--values-per-second`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rates {
+    /// Calls per second.
+    pub requests_per_second: Option<u64>,
+    /// Values per second.
+    pub values_per_second: Option<u64>,
 }
 
 /// The token file.
@@ -196,6 +228,7 @@ impl TokenFile {
         scopes: Vec<Scope>,
         groups: Vec<String>,
         region: Option<u32>,
+        rates: Rates,
     ) -> Result<String, String> {
         if self.tokens.iter().any(|t| t.name == name) {
             return Err(format!("a token named {name:?} exists (revoke it first)"));
@@ -206,7 +239,15 @@ impl TokenFile {
         let mut scopes = scopes;
         scopes.sort();
         scopes.dedup();
-        self.tokens.push(TokenEntry { name: name.to_string(), hash: hash_token(&token), scopes, groups, region });
+        self.tokens.push(TokenEntry {
+            name: name.to_string(),
+            hash: hash_token(&token),
+            scopes,
+            groups,
+            region,
+            requests_per_second: rates.requests_per_second,
+            values_per_second: rates.values_per_second,
+        });
         if let Err(e) = self.check() {
             self.tokens.pop();
             return Err(e);
@@ -269,8 +310,77 @@ impl TokenFile {
                 }
                 _ => {}
             }
+            for (what, rate, max) in [
+                ("requests_per_second", t.requests_per_second, TOKEN_REQUESTS_PER_SECOND_MAX),
+                ("values_per_second", t.values_per_second, TOKEN_VALUES_PER_SECOND_MAX),
+            ] {
+                if rate.is_some_and(|r| r == 0 || r > max) {
+                    return Err(err(format!("{what} is 1 to {max} (leave it out for no limit)")));
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// A token bucket holding one second of `rate`, which may go into debt (see the module doc).
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    level: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Bucket {
+        Bucket { rate: rate as f64, level: rate as f64, at: std::time::Instant::now() }
+    }
+
+    /// Takes `cost` if the bucket is out of debt (and holds a whole unit); otherwise how long
+    /// until it will be.
+    fn take(&mut self, cost: u64) -> Result<(), std::time::Duration> {
+        let now = std::time::Instant::now();
+        self.level = (self.level + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
+        self.at = now;
+        let need = (cost as f64).min(self.rate).min(1.0);
+        if self.level >= need {
+            self.level -= cost as f64;
+            return Ok(());
+        }
+        Err(std::time::Duration::from_secs_f64(((need - self.level) / self.rate).min(3600.0)))
+    }
+}
+
+/// A token's buckets.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rates: Rates,
+    requests: Option<parking_lot::Mutex<Bucket>>,
+    values: Option<parking_lot::Mutex<Bucket>>,
+    /// The server's count of calls refused by rate limits.
+    limited: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RateLimiter {
+    fn new(rates: Rates, limited: &Arc<std::sync::atomic::AtomicU64>) -> Option<Arc<RateLimiter>> {
+        (rates != Rates::default()).then(|| {
+            Arc::new(RateLimiter {
+                rates,
+                requests: rates.requests_per_second.map(|r| parking_lot::Mutex::new(Bucket::new(r))),
+                values: rates.values_per_second.map(|r| parking_lot::Mutex::new(Bucket::new(r))),
+                limited: limited.clone(),
+            })
+        })
+    }
+
+    fn refuse(&self, name: &str, what: &str, rate: u64, wait: std::time::Duration) -> Status {
+        use tonic_types::{ErrorDetails, StatusExt};
+        self.limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            format!("token {name:?} is over its rate limit of {rate} {what} per second; retry in {wait:?}"),
+            ErrorDetails::with_retry_info(Some(wait)),
+        )
     }
 }
 
@@ -320,21 +430,42 @@ pub struct Principal {
     groups: Vec<String>,
     /// The region a replication peer speaks for (`None`: any, without authentication).
     pub region: Option<u32>,
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Principal {
     /// May do everything (`auth = "none"`).
     pub fn unrestricted() -> Principal {
-        Principal { name: "anonymous".into(), scopes: u8::MAX, groups: Vec::new(), region: None }
+        Principal { name: "anonymous".into(), scopes: u8::MAX, groups: Vec::new(), region: None, limiter: None }
     }
 
-    fn of(t: &TokenEntry) -> Principal {
+    /// The principal of token `t`, keeping `old`'s buckets if its rates are the same.
+    fn of(t: &TokenEntry, old: Option<&Principal>, limited: &Arc<std::sync::atomic::AtomicU64>) -> Principal {
+        let rates = Rates { requests_per_second: t.requests_per_second, values_per_second: t.values_per_second };
+        let kept = old.and_then(|o| o.limiter.clone()).filter(|l| l.rates == rates);
         Principal {
             name: t.name.clone(),
             scopes: t.scopes.iter().fold(0, |b, s| b | s.bit()),
             groups: t.groups.clone(),
             region: t.region,
+            limiter: kept.or_else(|| RateLimiter::new(rates, limited)),
         }
+    }
+
+    /// Counts one call against the token's `requests_per_second`.
+    pub fn take_request(&self) -> Result<(), Status> {
+        let Some(l) = &self.limiter else { return Ok(()) };
+        let Some(b) = &l.requests else { return Ok(()) };
+        let taken = b.lock().take(1);
+        taken.map_err(|wait| l.refuse(&self.name, "requests", l.rates.requests_per_second.unwrap_or(0), wait))
+    }
+
+    /// Counts `n` values against the token's `values_per_second`.
+    pub fn take_values(&self, n: u64) -> Result<(), Status> {
+        let Some(l) = &self.limiter else { return Ok(()) };
+        let Some(b) = &l.values else { return Ok(()) };
+        let taken = b.lock().take(n);
+        taken.map_err(|wait| l.refuse(&self.name, "values", l.rates.values_per_second.unwrap_or(0), wait))
     }
 
     /// A peer region authenticated by its certificate: replication for that region only.
@@ -344,6 +475,7 @@ impl Principal {
             scopes: Scope::Replication.bit(),
             groups: Vec::new(),
             region: Some(region),
+            limiter: None,
         }
     }
 
@@ -426,6 +558,7 @@ pub struct Authenticator {
     /// Principals by the SHA-256 of their token (a lookup hashes and allocates nothing else).
     tokens: RwLock<Arc<HashMap<[u8; 32], Arc<Principal>>>>,
     anonymous: Arc<Principal>,
+    rate_limited: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Authenticator {
@@ -435,9 +568,15 @@ impl Authenticator {
             mode,
             tokens: RwLock::new(Arc::new(HashMap::new())),
             anonymous: Arc::new(Principal::unrestricted()),
+            rate_limited: Default::default(),
         };
         a.reload()?;
         Ok(Arc::new(a))
+    }
+
+    /// Calls refused by tokens' rate limits since start.
+    pub fn rate_limited_total(&self) -> u64 {
+        self.rate_limited.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether tokens are checked.
@@ -450,9 +589,17 @@ impl Authenticator {
     pub fn reload(&self) -> Result<usize, String> {
         let AuthMode::Tokens(path) = &self.mode else { return Ok(0) };
         let file = TokenFile::load(path)?;
+        let old = self.tokens.read().clone();
+        let old_by_name: HashMap<&str, &Principal> = old.values().map(|p| (p.name.as_str(), p.as_ref())).collect();
         // `load` checked every hash.
-        let map: HashMap<[u8; 32], Arc<Principal>> =
-            file.tokens.iter().filter_map(|t| Some((stored_digest(&t.hash)?, Arc::new(Principal::of(t))))).collect();
+        let map: HashMap<[u8; 32], Arc<Principal>> = file
+            .tokens
+            .iter()
+            .filter_map(|t| {
+                let p = Principal::of(t, old_by_name.get(t.name.as_str()).copied(), &self.rate_limited);
+                Some((stored_digest(&t.hash)?, Arc::new(p)))
+            })
+            .collect();
         let n = map.len();
         *self.tokens.write() = Arc::new(map);
         Ok(n)
@@ -520,6 +667,7 @@ impl tonic::service::Interceptor for AuthInterceptor {
         if let Some(scope) = self.scope {
             principal.require(scope)?;
         }
+        principal.take_request()?;
         req.extensions_mut().insert(principal);
         Ok(req)
     }
@@ -566,6 +714,24 @@ pub type AuthChannel = tonic::service::interceptor::InterceptedService<tonic::tr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_bucket_admits_a_second_of_its_rate_then_runs_in_debt() {
+        let mut b = Bucket::new(10);
+        for _ in 0..10 {
+            b.take(1).expect("a second's worth");
+        }
+        let wait = b.take(1).expect_err("empty");
+        assert!(wait > std::time::Duration::ZERO && wait <= std::time::Duration::from_millis(100), "{wait:?}");
+        // A call bigger than the bucket runs when it is full, and leaves it in debt.
+        let mut b = Bucket::new(10);
+        b.take(50).expect("full bucket: a big call runs");
+        let wait = b.take(1).expect_err("in debt");
+        assert!(wait > std::time::Duration::from_secs(4), "owes 41 of 10 per second: {wait:?}");
+        // Time pays the debt back.
+        b.at -= std::time::Duration::from_secs(5);
+        b.take(1).expect("paid back");
+    }
+
     use super::*;
 
     fn header(token: &str) -> tonic::metadata::MetadataMap {
@@ -579,8 +745,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("tokens.toml");
         let mut file = TokenFile::default();
-        let reader = file.create("reader", vec![Scope::Read], vec!["fraud_".into()], None).expect("create");
-        let admin = file.create("ops", vec![Scope::Admin, Scope::Read], vec![], None).expect("create");
+        let reader =
+            file.create("reader", vec![Scope::Read], vec!["fraud_".into()], None, Rates::default()).expect("create");
+        let admin =
+            file.create("ops", vec![Scope::Admin, Scope::Read], vec![], None, Rates::default()).expect("create");
         file.save(&path).expect("save");
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(!text.contains(&reader) && !text.contains(&admin), "the file holds hashes only");
@@ -617,15 +785,24 @@ mod tests {
     #[test]
     fn bad_token_files_are_refused() {
         let mut f = TokenFile::default();
-        assert!(f.create("a", vec![Scope::Admin], vec!["g".into()], None).is_err(), "admin is node-wide");
-        assert!(f.create("b", vec![Scope::Replication], vec![], None).is_err(), "replication needs a region");
-        assert!(f.create("c", vec![Scope::Read], vec![], Some(1)).is_err(), "only replication has a region");
-        assert!(f.create("d d", vec![Scope::Read], vec![], None).is_err(), "names are plain");
-        assert!(f.create("e", vec![], vec![], None).is_err(), "no scopes");
-        assert!(f.create("f", vec![Scope::Replication], vec![], Some(64)).is_err(), "no region 64");
+        assert!(
+            f.create("a", vec![Scope::Admin], vec!["g".into()], None, Rates::default()).is_err(),
+            "admin is node-wide"
+        );
+        assert!(
+            f.create("b", vec![Scope::Replication], vec![], None, Rates::default()).is_err(),
+            "replication needs a region"
+        );
+        assert!(
+            f.create("c", vec![Scope::Read], vec![], Some(1), Rates::default()).is_err(),
+            "only replication has a region"
+        );
+        assert!(f.create("d d", vec![Scope::Read], vec![], None, Rates::default()).is_err(), "names are plain");
+        assert!(f.create("e", vec![], vec![], None, Rates::default()).is_err(), "no scopes");
+        assert!(f.create("f", vec![Scope::Replication], vec![], Some(64), Rates::default()).is_err(), "no region 64");
         assert!(f.tokens.is_empty(), "a refused token is not kept");
-        f.create("g", vec![Scope::Read], vec![], None).expect("create");
-        assert!(f.create("g", vec![Scope::Read], vec![], None).is_err(), "names are unique");
+        f.create("g", vec![Scope::Read], vec![], None, Rates::default()).expect("create");
+        assert!(f.create("g", vec![Scope::Read], vec![], None, Rates::default()).is_err(), "names are unique");
         assert!(f.revoke("nobody").is_err());
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("t.toml");

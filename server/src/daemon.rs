@@ -189,7 +189,7 @@ pub async fn serve(
     let admission = Admission::new(cfg.max_concurrent_requests, budget / REQUEST_MEMORY_SHARE_DIVISOR);
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let conn_stats = Arc::new(crate::conn::ConnStats::default());
-    let metrics = Metrics::new(db.clone(), replicator.clone(), admission.clone(), conn_stats.clone())?;
+    let metrics = Metrics::new(db.clone(), replicator.clone(), admission.clone(), conn_stats.clone(), auth.clone())?;
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
         None => None,

@@ -41,6 +41,8 @@ pub struct Metrics {
     peer_bootstraps: IntGaugeVec,
     admission: Arc<crate::admission::Admission>,
     admission_figures: [IntGauge; 3],
+    auth: Arc<crate::auth::Authenticator>,
+    rate_limited: IntGauge,
     conns: Arc<crate::conn::ConnStats>,
     conn_figures: [IntGauge; 4],
 }
@@ -56,6 +58,7 @@ impl Metrics {
         replicator: Arc<crate::replication::Replicator>,
         admission: Arc<crate::admission::Admission>,
         conns: Arc<crate::conn::ConnStats>,
+        auth: Arc<crate::auth::Authenticator>,
     ) -> Result<Arc<Metrics>, String> {
         let registry = Registry::new_custom(Some("quiver".into()), None).map_err(err)?;
         let requests = IntCounterVec::new(
@@ -141,6 +144,8 @@ impl Metrics {
             gauge("request_bytes_in_flight", "bytes of memory reserved by data requests being served")?,
             gauge("requests_shed_total", "data requests refused with RESOURCE_EXHAUSTED for load since start")?,
         ];
+        let rate_limited =
+            gauge("requests_rate_limited_total", "calls refused by their token's rate limits since start")?;
         let conn_figures = [
             gauge("connections_open", "gRPC connections open")?,
             gauge("connections_refused_total", "connections closed at once because --max-connections were open")?,
@@ -148,6 +153,8 @@ impl Metrics {
             gauge("accept_errors_total", "failed accepts (out of file descriptors...) since start")?,
         ];
         Ok(Arc::new(Metrics {
+            auth,
+            rate_limited,
             conns,
             conn_figures,
             admission,
@@ -197,6 +204,7 @@ impl Metrics {
         requests.set(a.requests_in_flight() as i64);
         bytes.set(a.bytes_in_flight() as i64);
         shed.set(a.shed_total().min(i64::MAX as u64) as i64);
+        self.rate_limited.set(self.auth.rate_limited_total().min(i64::MAX as u64) as i64);
         let c = &self.conns;
         let [open, refused, silent, errors] = &self.conn_figures;
         open.set(c.open.load(std::sync::atomic::Ordering::Relaxed) as i64);

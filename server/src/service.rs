@@ -74,6 +74,11 @@ fn authorize<'a, T>(
     Ok(p)
 }
 
+/// Values and deletes in a write: what it costs against a token's `values_per_second`.
+fn values_in(req: &pb::WriteFeaturesRequest) -> u64 {
+    req.rows.iter().map(|r| (r.values.len() + r.deletes.len()) as u64).sum()
+}
+
 /// Runs engine work on tokio's blocking pool.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
@@ -158,7 +163,9 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("GetOnlineFeatures", async move {
-                authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
+                let p = authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
+                let r = req.get_ref();
+                p.take_values(r.entities.len() as u64 * r.features.len() as u64)?;
                 let mut ticket = self.admission.admit(req.get_ref().encoded_len() * DECODED_BYTES_PER_ENCODED)?;
                 // One answer may take a quarter of the requests' memory at most, so that a few
                 // huge requests cannot starve the rest.
@@ -190,7 +197,8 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("WriteFeatures", async move {
-                authorize(&req, Scope::Write, req.get_ref().rows.iter().map(|r| r.group.as_str()))?;
+                let p = authorize(&req, Scope::Write, req.get_ref().rows.iter().map(|r| r.group.as_str()))?;
+                p.take_values(values_in(req.get_ref()))?;
                 let f = self.features.clone();
                 let req = req.into_inner();
                 let bytes = req.encoded_len() as u64;
@@ -245,6 +253,12 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                     for row in &msg.rows {
                         principal.require_group(Scope::Write, &row.group).map_err(|s| in_message(n, s))?;
                     }
+                    // Each message after the first is a request of its own for the rate limit
+                    // (the first was counted when the call came in).
+                    if n > 0 {
+                        principal.take_request().map_err(|s| in_message(n, s))?;
+                    }
+                    principal.take_values(values_in(&msg)).map_err(|s| in_message(n, s))?;
                     let f = self.features.clone();
                     let rows = msg.rows.len() as u64;
                     let bytes = msg.encoded_len() as u64;
@@ -279,7 +293,9 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("GetHistoricalFeatures", async move {
-                authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
+                let p = authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
+                let r = req.get_ref();
+                p.take_values(r.spine.len() as u64 * r.features.len() as u64)?;
                 // The spine, and the answers the join holds in memory before it spills.
                 let bytes = req.get_ref().encoded_len() * DECODED_BYTES_PER_ENCODED + self.features.join_spill_bytes();
                 let ticket = self.admission.admit(bytes)?;

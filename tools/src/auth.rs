@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use quiver_server::auth::{Scope, TokenFile};
+use quiver_server::auth::{Rates, Scope, TokenFile};
 
 use crate::common::Result;
 
@@ -15,10 +15,11 @@ pub fn create(
     scopes: &[String],
     groups: Vec<String>,
     region: Option<u32>,
+    rates: Rates,
 ) -> Result<()> {
     let scopes = scopes.iter().map(|s| s.parse::<Scope>()).collect::<Result<Vec<_>>>()?;
     let mut tokens = TokenFile::load_or_empty(file)?;
-    let token = tokens.create(name, scopes, groups, region)?;
+    let token = tokens.create(name, scopes, groups, region, rates)?;
     tokens.save(file)?;
     if json {
         println!("{}", serde_json::json!({ "name": name, "token": token }));
@@ -45,18 +46,31 @@ pub fn list(file: &Path, json: bool) -> Result<()> {
                     "scopes": t.scopes.iter().map(|s| s.name()).collect::<Vec<_>>(),
                     "groups": t.groups,
                     "region": t.region,
+                    "requests_per_second": t.requests_per_second,
+                    "values_per_second": t.values_per_second,
                 })
             })
             .collect();
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
-    println!("{:<24} {:<36} {:<24} region", "name", "scopes", "groups");
+    println!(
+        "{:<24} {:<36} {:<24} {:<7} {:>10} {:>12}",
+        "name", "scopes", "groups", "region", "requests/s", "values/s"
+    );
+    let rate = |r: Option<u64>| r.map_or("-".to_string(), |r| r.to_string());
     for t in &tokens.tokens {
         let scopes: Vec<&str> = t.scopes.iter().map(|s| s.name()).collect();
         let groups = if t.groups.is_empty() { "(all)".to_string() } else { t.groups.join(",") };
         let region = t.region.map_or("-".to_string(), |r| r.to_string());
-        println!("{:<24} {:<36} {:<24} {region}", t.name, scopes.join(","), groups);
+        println!(
+            "{:<24} {:<36} {:<24} {region:<7} {:>10} {:>12}",
+            t.name,
+            scopes.join(","),
+            groups,
+            rate(t.requests_per_second),
+            rate(t.values_per_second)
+        );
     }
     Ok(())
 }

@@ -183,6 +183,12 @@ enum AuthCmd {
         /// With the replication scope: the peer region the token speaks for.
         #[arg(long)]
         region: Option<u32>,
+        /// Calls per second the token may make (default: no limit).
+        #[arg(long)]
+        requests_per_second: Option<u64>,
+        /// Values per second it may read or write (default: no limit).
+        #[arg(long)]
+        values_per_second: Option<u64>,
     },
     /// List tokens: names, scopes, groups, regions (never secrets).
     List {
@@ -303,8 +309,9 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Wal { cmd: WalCmd::Dump { file, limit } } => offline::wal_dump(&file, limit),
         Cmd::Verify { dir } => offline::verify(&dir, cli.json),
         Cmd::Auth { cmd } => match cmd {
-            AuthCmd::Create { file, name, scopes, groups, region } => {
-                auth::create(&file, cli.json, &name, &scopes, groups, region)
+            AuthCmd::Create { file, name, scopes, groups, region, requests_per_second, values_per_second } => {
+                let rates = quiver_server::auth::Rates { requests_per_second, values_per_second };
+                auth::create(&file, cli.json, &name, &scopes, groups, region, rates)
             }
             AuthCmd::List { file } => auth::list(&file, cli.json),
             AuthCmd::Revoke { file, name } => auth::revoke(&file, &name),

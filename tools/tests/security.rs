@@ -451,3 +451,84 @@ async fn checkpoints_stay_under_the_checkpoint_root() {
     assert!(!ok && err.contains("InvalidArgument") && err.contains(".."), "{err}");
     assert!(d.stop());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_have_request_and_value_rate_limits() {
+    use tonic_types::StatusExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tokens = tmp.path().join("tokens.toml");
+    let ops = create_token(&tokens, "ops", &["--scope", "registry", "--scope", "write"]);
+    // One call per second; one value per second (a bigger call runs once, then owes the rest).
+    let slow = create_token(&tokens, "slow", &["--scope", "read", "--requests-per-second", "1"]);
+    let frugal = create_token(&tokens, "frugal", &["--scope", "read", "--values-per-second", "1"]);
+    let (ok, _, err) = quiver(&[
+        "auth",
+        "create",
+        "--file",
+        tokens.to_str().expect("utf-8"),
+        "--name",
+        "zero",
+        "--scope",
+        "read",
+        "--values-per-second",
+        "0",
+    ]);
+    assert!(!ok && err.contains("values_per_second is 1 to"), "{err}");
+    let (ok, out, _) = quiver(&["auth", "list", "--file", tokens.to_str().expect("utf-8"), "--json"]);
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(listed[1]["requests_per_second"], 1);
+    assert_eq!(listed[2]["values_per_second"], 1);
+
+    let d = Daemon::start(&tmp.path().join("data"), &["--auth-tokens", tokens.to_str().expect("utf-8")]);
+    let mut o = Clients::with_token(&d, &ops).await;
+    o.registry.apply_registry(two_groups()).await.expect("apply");
+    o.features.write_features(write("user_stats")).await.expect("write");
+
+    // Requests: a burst of ten admits about one per elapsed second; the rest are
+    // RESOURCE_EXHAUSTED with retry advice.
+    let mut c = Clients::with_token(&d, &slow).await;
+    let started = Instant::now();
+    let mut admitted = 0;
+    let mut refused = None;
+    for _ in 0..10 {
+        match c.features.get_online_features(online("user_stats:clicks")).await {
+            Ok(_) => admitted += 1,
+            Err(s) => refused = Some(s),
+        }
+    }
+    let bound = 1 + started.elapsed().as_secs() + 1;
+    assert!(admitted >= 1 && admitted <= bound, "{admitted} admitted, at most {bound} expected");
+    let s = refused.expect("some calls refused");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("\"slow\"") && s.message().contains("1 requests per second"), "{s:?}");
+    let wait = s.get_details_retry_info().and_then(|r| r.retry_delay).expect("retry advice");
+    assert!(wait <= Duration::from_secs(1), "{wait:?}");
+
+    // Values: 300 cells run once (the bucket was full), then the token owes 299 s of values.
+    let mut f = Clients::with_token(&d, &frugal).await;
+    let big = pb::GetOnlineFeaturesRequest {
+        entities: (0..300).map(|i| key(&format!("u{i}"))).collect(),
+        ..online("user_stats:clicks")
+    };
+    f.features.get_online_features(big).await.expect("the first call runs");
+    let s = f.features.get_online_features(online("user_stats:clicks")).await.expect_err("in debt");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    let wait = s.get_details_retry_info().and_then(|r| r.retry_delay).expect("retry advice");
+    assert!(wait > Duration::from_secs(250), "{wait:?}");
+    // A SIGHUP that leaves the token's limits alone keeps its debt.
+    let pid = d.pid().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = f.features.get_online_features(online("user_stats:clicks")).await;
+    assert_eq!(code(again), Code::ResourceExhausted, "the debt survives a reload");
+    // Other tokens are not affected.
+    o.features.write_features(write("user_stats")).await.expect("ops is unlimited");
+    let limited: u64 = d
+        .scrape()
+        .lines()
+        .find_map(|l| l.strip_prefix("quiver_requests_rate_limited_total ")?.trim().parse().ok())
+        .expect("the rate-limited metric");
+    assert!(limited >= 3, "{limited}");
+    assert!(d.stop());
+}
