@@ -24,6 +24,35 @@ pub const REPLICATION_TAIL_BYTES_MAX: usize = 32 << 20;
 
 /// Largest gRPC message accepted or sent.
 pub const MESSAGE_BYTES_MAX: usize = 256 << 20;
+/// The health-check name whose status says whether the node takes writes.
+pub const WRITES_HEALTH_SERVICE: &str = "quiver.v1.Writes";
+/// How often the writes' health is checked.
+pub const WRITES_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Keeps [`WRITES_HEALTH_SERVICE`] NOT_SERVING while the engine refuses writes, and logs each
+/// change.
+async fn watch_writes(db: Arc<Db>, health: tonic_health::server::HealthReporter) {
+    let mut refused: Option<quiver_storage::WritesRefused> = None;
+    loop {
+        let now = db.writes_refused();
+        if now != refused {
+            match &now {
+                Some(why) => {
+                    tracing::warn!(reason = %why, "writes are refused; health {WRITES_HEALTH_SERVICE} is NOT_SERVING")
+                }
+                None => tracing::info!("writes are taken again; health {WRITES_HEALTH_SERVICE} is SERVING"),
+            }
+            let status = if now.is_some() {
+                tonic_health::ServingStatus::NotServing
+            } else {
+                tonic_health::ServingStatus::Serving
+            };
+            health.set_service_status(WRITES_HEALTH_SERVICE, status).await;
+            refused = now;
+        }
+        tokio::time::sleep(WRITES_HEALTH_INTERVAL).await;
+    }
+}
 
 /// Test-only: milliseconds added to this node's wall clock (negative: behind), to test that
 /// clock skew decides which concurrent write wins, never whether regions converge.
@@ -211,6 +240,10 @@ pub async fn serve(
     ] {
         health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
     }
+    // Readiness for writes: NOT_SERVING while the engine refuses them (a full disk, a read-only
+    // open, an I/O error); the rest stays SERVING while reads work.
+    health_reporter.set_service_status(WRITES_HEALTH_SERVICE, tonic_health::ServingStatus::Serving).await;
+    let write_health = tokio::spawn(watch_writes(db.clone(), health_reporter.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -303,6 +336,7 @@ pub async fn serve(
     if let Some(t) = reload_task {
         t.abort();
     }
+    write_health.abort();
     replicator.shutdown();
     for p in pullers {
         let _ = p.await;

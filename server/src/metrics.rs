@@ -43,6 +43,10 @@ pub struct Metrics {
     admission_figures: [IntGauge; 3],
     auth: Arc<crate::auth::Authenticator>,
     rate_limited: IntGauge,
+    /// 1 while the engine refuses writes, by reason (`stopped`, `read_only`, `disk_full`).
+    writes_refused: IntGaugeVec,
+    /// 1 while flushes or compactions wait for space.
+    background_disk_full: IntGaugeVec,
     conns: Arc<crate::conn::ConnStats>,
     conn_figures: [IntGauge; 4],
 }
@@ -144,6 +148,26 @@ impl Metrics {
             gauge("request_bytes_in_flight", "bytes of memory reserved by data requests being served")?,
             gauge("requests_shed_total", "data requests refused with RESOURCE_EXHAUSTED for load since start")?,
         ];
+        let writes_refused = IntGaugeVec::new(
+            Opts::new(
+                "writes_refused",
+                "1 while the engine refuses writes: disk_full (resumes by itself), read_only (opened on a full \
+                 disk), stopped (after an I/O error); reads keep working",
+            ),
+            &["reason"],
+        )
+        .map_err(err)?;
+        registry.register(Box::new(writes_refused.clone())).map_err(err)?;
+        let background_disk_full = IntGaugeVec::new(
+            Opts::new(
+                "background_disk_full",
+                "1 while flushes or compactions wait for disk space (a compaction needs room for its outputs \
+                 before its inputs go)",
+            ),
+            &["work"],
+        )
+        .map_err(err)?;
+        registry.register(Box::new(background_disk_full.clone())).map_err(err)?;
         let rate_limited =
             gauge("requests_rate_limited_total", "calls refused by their token's rate limits since start")?;
         let conn_figures = [
@@ -155,6 +179,8 @@ impl Metrics {
         Ok(Arc::new(Metrics {
             auth,
             rate_limited,
+            writes_refused,
+            background_disk_full,
             conns,
             conn_figures,
             admission,
@@ -204,6 +230,19 @@ impl Metrics {
         requests.set(a.requests_in_flight() as i64);
         bytes.set(a.bytes_in_flight() as i64);
         shed.set(a.shed_total().min(i64::MAX as u64) as i64);
+        let refused = self.db.writes_refused();
+        for reason in ["disk_full", "read_only", "stopped"] {
+            let on = match &refused {
+                Some(quiver_storage::WritesRefused::DiskFull(_)) => reason == "disk_full",
+                Some(quiver_storage::WritesRefused::ReadOnly(_)) => reason == "read_only",
+                Some(quiver_storage::WritesRefused::Stopped(_)) => reason == "stopped",
+                None => false,
+            };
+            self.writes_refused.with_label_values(&[reason]).set(i64::from(on));
+        }
+        let (flush, compaction) = self.db.background_waiting_for_space();
+        self.background_disk_full.with_label_values(&["flush"]).set(i64::from(flush));
+        self.background_disk_full.with_label_values(&["compaction"]).set(i64::from(compaction));
         self.rate_limited.set(self.auth.rate_limited_total().min(i64::MAX as u64) as i64);
         let c = &self.conns;
         let [open, refused, silent, errors] = &self.conn_figures;

@@ -48,6 +48,13 @@ pub(crate) fn storage_status(e: &quiver_storage::Error) -> Status {
         // The replication log no longer reaches back far enough: the peer must bootstrap.
         E::LogTruncated { .. } => Status::out_of_range(e.to_string()),
         E::Corruption { .. } => Status::data_loss(e.to_string()),
+        // Nothing was written; reads still work.
+        E::NoSpace { read_only: false, .. } => Status::resource_exhausted(format!(
+            "{e} (nothing was written; reads still work, and writes resume by themselves once space is freed)"
+        )),
+        E::NoSpace { read_only: true, .. } => Status::resource_exhausted(format!(
+            "{e} (nothing was written; reads still work; restart the server once space is freed)"
+        )),
         E::PreviousError(_) | E::Closed => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
     }

@@ -45,6 +45,21 @@ pub enum Error {
     /// [`crate::Db::multi_version_at_charged`]); nothing was changed.
     #[error("over budget: {0}")]
     OverBudget(String),
+    /// The disk is full (`ENOSPC`, `EDQUOT`) while writing `path`. Nothing was changed: the
+    /// write was not logged, a flush or compaction left no trace. The engine keeps serving
+    /// reads, retries its background work, and takes writes again by itself once space is
+    /// freed. (A failed fsync is never this: after one, what reached the disk is unknown, and
+    /// the engine stops with [`Error::PreviousError`].)
+    #[error("disk full: no space left writing {path:?}: {what}")]
+    NoSpace {
+        /// The file (or, for an engine opened read-only, the data directory).
+        path: PathBuf,
+        /// What failed.
+        what: String,
+        /// True for an engine that opened on a full disk: it takes writes only after a
+        /// restart with space to spare. False: writes resume by themselves.
+        read_only: bool,
+    },
     /// The engine is shutting down.
     #[error("engine is closed")]
     Closed,
@@ -58,8 +73,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// An I/O error; a full disk is [`Error::NoSpace`].
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        if is_no_space(&source) {
+            return Error::NoSpace { path: path.into(), what: source.to_string(), read_only: false };
+        }
         Error::Io { path: path.into(), source }
+    }
+
+    /// An I/O error of an fsync: never [`Error::NoSpace`], whatever its cause (see there).
+    pub(crate) fn io_sync(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    /// True for [`Error::NoSpace`].
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Error::NoSpace { .. })
     }
 
     pub(crate) fn corruption(file: impl Into<PathBuf>, offset: u64, what: impl Into<String>) -> Self {
@@ -70,4 +99,11 @@ impl Error {
     pub fn is_corruption(&self) -> bool {
         matches!(self, Error::Corruption { .. })
     }
+}
+
+/// `ENOSPC` (no space left on device) or `EDQUOT` (disk quota exceeded).
+fn is_no_space(e: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT)) || e.kind() == std::io::ErrorKind::StorageFull
 }

@@ -43,7 +43,7 @@ pub use batch::WriteBatch;
 pub use db::{
     verify_dir, ApplyReport, Db, Expectation, LevelStats, Mismatch, PairCursor, RawVersion, ScanItem, ScanIter,
     ScanRange, ShippedBatch, ShippedOp, Snapshot, SnapshotReader, SnapshotVersion, Stats, VerifyReport, WriteIf,
-    WriteReceipt, EXPECTATIONS_MAX, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
+    WriteReceipt, WritesRefused, EXPECTATIONS_MAX, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
 };
 pub use hlc::{Clock, ManualClock, SystemClock};
 pub use hot::HotStats;

@@ -55,6 +55,27 @@ impl Segment {
         })
     }
 
+    /// Opens the existing segment `number` without writing to it (an engine opened
+    /// read-only): its bytes count as written and synced.
+    pub fn open_existing(fs: &dyn Fs, dir: &Path, number: u64) -> Result<Segment> {
+        let file = fs.open(&dir.join(segment_name(number)))?;
+        let len = file.size()?;
+        Ok(Segment {
+            file,
+            number,
+            written: AtomicU64::new(len),
+            synced: AtomicU64::new(len),
+            frame: parking_lot::Mutex::new(Vec::new()),
+            syncing: parking_lot::Mutex::new(()),
+        })
+    }
+
+    /// Cuts off what a failed append may have left after the last whole one (a full disk
+    /// takes part of a write): the segment ends with a whole record again.
+    pub fn rollback(&self) -> Result<()> {
+        self.file.truncate(self.written.load(Ordering::Acquire))
+    }
+
     /// The segment's file number.
     pub fn number(&self) -> u64 {
         self.number

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Inner;
+use super::{Inner, Work};
 use crate::cell;
 use crate::compaction::{self, Decision, PickerOptions, Plan, Retention, RetentionFilter};
 use crate::iter::MergingIter;
@@ -52,6 +52,14 @@ pub(super) fn run(inner: &Inner, job: Job) {
                     inner.work_cv.wait_for(&mut g, wait);
                 }
             }
+            // A full disk: the job left nothing behind and waits for space, then retries.
+            Err(e) if e.is_no_space() => {
+                let until = std::time::Instant::now() + super::NO_SPACE_RETRY_INTERVAL;
+                let mut g = inner.work.lock();
+                while !inner.shutdown.load(Ordering::Acquire) && std::time::Instant::now() < until {
+                    inner.work_cv.wait_until(&mut g, until);
+                }
+            }
             Err(e) => inner.fail(&e),
         }
     }
@@ -83,9 +91,14 @@ impl Inner {
     pub(super) fn flush_oldest(&self) -> Result<bool> {
         let _g = self.flush_lock.lock();
         self.check_ok()?;
-        let Some(imm) = self.view.read().imms.last().cloned() else { return Ok(false) };
+        let Some(imm) = self.view.read().imms.last().cloned() else {
+            self.background_has_space(Work::Flush);
+            return Ok(false);
+        };
+        let mut created = None;
         let result = (|| -> Result<()> {
             let number = self.versions.lock().new_file_number();
+            created = Some(number);
             let mut tw =
                 TableWriter::create(self.fs.clone(), &self.dir, number, self.opts.block_bytes, self.opts.compression)?;
             imm.for_each(|k, v| tw.add(k, v))?;
@@ -112,8 +125,16 @@ impl Inner {
         match result {
             Ok(()) => {
                 self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+                self.background_has_space(Work::Flush);
                 self.notify_work();
                 Ok(true)
+            }
+            // A full disk: the memtable stays immutable and in memory, its table goes, and
+            // the flush is retried (see `run`).
+            Err(e) if e.is_no_space() => {
+                self.discard_tables(created.as_slice());
+                self.background_full(Work::Flush, &e);
+                Err(e)
             }
             Err(e) => {
                 self.fail(&e);
@@ -146,7 +167,10 @@ impl Inner {
             compaction::pick(&vs.current, &self.picker_options(), &vs.cursor)
         };
         match plan {
-            None => Ok(false),
+            None => {
+                self.background_has_space(Work::Compaction);
+                Ok(false)
+            }
             Some(p) => self.run_compaction(&p).map(|()| true),
         }
     }
@@ -183,14 +207,21 @@ impl Inner {
     }
 
     fn run_compaction(&self, plan: &Plan) -> Result<()> {
-        let result = self.run_compaction_inner(plan);
-        if let Err(e) = &result {
-            self.fail(e);
+        let mut created = Vec::new();
+        let result = self.run_compaction_inner(plan, &mut created);
+        match &result {
+            Ok(()) => self.background_has_space(Work::Compaction),
+            // A full disk: the inputs stay in force and the outputs go.
+            Err(e) if e.is_no_space() => {
+                self.discard_tables(&created);
+                self.background_full(Work::Compaction, e);
+            }
+            Err(e) => self.fail(e),
         }
         result
     }
 
-    fn run_compaction_inner(&self, plan: &Plan) -> Result<()> {
+    fn run_compaction_inner(&self, plan: &Plan, created: &mut Vec<u64>) -> Result<()> {
         // The horizon as the manifest has it: `set_event_horizon` updates it while holding the
         // horizon write lock, so every accepted write below it is already in a memtable, and
         // reading it here never waits behind a stalled writer.
@@ -260,6 +291,7 @@ impl Inner {
                 }
                 if writer.is_none() {
                     let number = self.versions.lock().new_file_number();
+                    created.push(number);
                     writer = Some(TableWriter::create(
                         self.fs.clone(),
                         &self.dir,

@@ -139,6 +139,10 @@ pub(crate) struct Inner {
     work: Mutex<()>,
     work_cv: Condvar,
     bg_error: Mutex<Option<String>>,
+    /// Disk-full conditions, each cleared by the next success of the step that hit it.
+    no_space: NoSpace,
+    /// Set when the engine opened on a full disk: it serves reads and refuses every write.
+    read_only: Option<String>,
     shutdown: AtomicBool,
     flush_lock: Mutex<()>,
     compaction_lock: Mutex<()>,
@@ -164,11 +168,56 @@ pub(crate) struct Inner {
     hot: Option<crate::hot::HotTier>,
 }
 
+/// Where the disk was found full, and what the error said (see [`Error::NoSpace`]).
+#[derive(Debug, Default)]
+struct NoSpace {
+    /// A write was refused for space (its WAL append or new segment found the disk full, or
+    /// it would have waited for background work that did): cleared by the next logged write.
+    wal: Mutex<Option<String>>,
+    wal_set: AtomicBool,
+    /// A flush, or a compaction: each cleared by the next run of its kind that finishes or
+    /// finds nothing to do. While either is set, a writer that would wait for background
+    /// work is refused instead.
+    flush: Mutex<Option<String>>,
+    compaction: Mutex<Option<String>>,
+}
+
+/// The kinds of background work that can find the disk full.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Work {
+    Flush,
+    Compaction,
+}
+
+/// How long background work waits before it retries a step that found the disk full.
+pub const NO_SPACE_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// An open engine. Cheap to share behind an `Arc`; all methods take `&self`.
 #[derive(Debug)]
 pub struct Db {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// Why an engine refuses writes (see [`Db::writes_refused`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WritesRefused {
+    /// An I/O or internal error stopped writes until the engine is reopened.
+    Stopped(String),
+    /// Opened on a full disk: read-only until reopened with space to spare.
+    ReadOnly(String),
+    /// The disk is full; writes resume by themselves once space is freed.
+    DiskFull(String),
+}
+
+impl std::fmt::Display for WritesRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WritesRefused::Stopped(e) => write!(f, "stopped after an error: {e}"),
+            WritesRefused::ReadOnly(e) => write!(f, "read-only: {e}"),
+            WritesRefused::DiskFull(e) => write!(f, "disk full: {e}"),
+        }
+    }
 }
 
 /// A consistent read view of the engine (see [`Db::snapshot`]).
@@ -479,6 +528,28 @@ impl Db {
         self.inner.set_event_horizon(t)
     }
 
+    /// Why writes are refused now, if they are: the engine stopped after an error (until it is
+    /// reopened), it opened read-only on a full disk (until it is reopened), or the disk is full
+    /// (until space is freed: the engine retries by itself). Reads work in every case.
+    pub fn writes_refused(&self) -> Option<WritesRefused> {
+        let i = &self.inner;
+        if let Some(e) = i.bg_error.lock().as_ref() {
+            return Some(WritesRefused::Stopped(e.clone()));
+        }
+        if let Some(e) = &i.read_only {
+            return Some(WritesRefused::ReadOnly(e.clone()));
+        }
+        i.no_space.wal.lock().clone().map(WritesRefused::DiskFull)
+    }
+
+    /// Whether flushes, and compactions, are waiting for disk space (the last run of each
+    /// found the disk full). Writes go on meanwhile until memtables or level 0 fill up; then
+    /// they are refused ([`Db::writes_refused`]).
+    pub fn background_waiting_for_space(&self) -> (bool, bool) {
+        let n = &self.inner.no_space;
+        (n.flush.lock().is_some(), n.compaction.lock().is_some())
+    }
+
     /// Engine figures.
     pub fn stats(&self) -> Stats {
         self.inner.stats()
@@ -537,6 +608,9 @@ impl Inner {
         if let Some(e) = self.bg_error.lock().as_ref() {
             return Err(Error::PreviousError(e.clone()));
         }
+        if let Some(what) = &self.read_only {
+            return Err(Error::NoSpace { path: self.dir.clone(), what: what.clone(), read_only: true });
+        }
         if self.shutdown.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -553,6 +627,73 @@ impl Inner {
         drop(g);
         let _w = self.work.lock();
         self.work_cv.notify_all();
+    }
+
+    /// Records that a WAL step found the disk full (the step left nothing behind).
+    fn wal_full(&self, e: &Error) {
+        let mut g = self.no_space.wal.lock();
+        if g.is_none() {
+            tracing::warn!(error = %e, "disk full: writes are refused until space is freed");
+        }
+        *g = Some(e.to_string());
+        self.no_space.wal_set.store(true, Ordering::Release);
+    }
+
+    /// A write was logged: the WAL has space again.
+    fn wal_has_space(&self) {
+        if self.no_space.wal_set.load(Ordering::Acquire) {
+            self.no_space.wal_set.store(false, Ordering::Release);
+            if self.no_space.wal.lock().take().is_some() {
+                tracing::info!("disk space is back: writes are logged again");
+            }
+        }
+    }
+
+    fn work_slot(&self, work: Work) -> &Mutex<Option<String>> {
+        match work {
+            Work::Flush => &self.no_space.flush,
+            Work::Compaction => &self.no_space.compaction,
+        }
+    }
+
+    /// Records that a flush or compaction found the disk full (it left nothing behind).
+    pub(super) fn background_full(&self, work: Work, e: &Error) {
+        let mut g = self.work_slot(work).lock();
+        if g.is_none() {
+            tracing::warn!(error = %e, ?work, "disk full: background work waits for space");
+        }
+        *g = Some(e.to_string());
+    }
+
+    /// A flush or compaction finished, or found nothing to do: it no longer waits for space.
+    pub(super) fn background_has_space(&self, work: Work) {
+        if self.work_slot(work).lock().take().is_some() {
+            tracing::info!(?work, "disk space is back: background work runs again");
+        }
+    }
+
+    /// The disk-full error a flush or compaction last hit, while it stands.
+    fn background_no_space(&self) -> Option<Error> {
+        let what = self.no_space.flush.lock().clone().or_else(|| self.no_space.compaction.lock().clone())?;
+        Some(Error::NoSpace {
+            path: self.dir.clone(),
+            what: format!("{what}; writes resume once flushes find space again"),
+            read_only: false,
+        })
+    }
+
+    /// Removes the files of tables a failed flush or compaction made (finished or not).
+    fn discard_tables(&self, numbers: &[u64]) {
+        for &n in numbers {
+            let name = crate::sstable::table_name(n);
+            for path in [self.dir.join(&name), self.dir.join(format!("{name}.tmp"))] {
+                if self.fs.exists(&path) {
+                    if let Err(e) = self.fs.remove(&path) {
+                        tracing::warn!(path = %path.display(), error = %e, "could not remove a discarded table; it is removed at next open");
+                    }
+                }
+            }
+        }
     }
 
     fn notify_work(&self) {
@@ -584,7 +725,10 @@ impl Inner {
             return Err(e);
         }
         if let Err(e) = self.append_edit(vs, &edit) {
-            self.fail(&e);
+            // A full disk left the manifest as it was (see `append_edit`): nothing changed.
+            if !e.is_no_space() {
+                self.fail(&e);
+            }
             return Err(e);
         }
         if let Some(n) = edit.log_number {
@@ -621,7 +765,14 @@ impl Inner {
         }
         let mut buf = Vec::new();
         crate::record::encode(m.number, &payload, &mut buf);
-        m.file.append(&buf)?;
+        if let Err(e) = m.file.append(&buf) {
+            // Cut off whatever part of the edit reached the file; if that fails too, the
+            // manifest's tail is unknown and the error is fatal.
+            if e.is_no_space() {
+                m.file.truncate(m.bytes).map_err(|t| Error::PreviousError(format!("{e}; then {t}")))?;
+            }
+            return Err(e);
+        }
         m.file.sync()?;
         m.bytes += buf.len() as u64;
         Ok(())

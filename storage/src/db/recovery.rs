@@ -9,6 +9,11 @@
 //!    Only the newest segment may end in a torn record; it is truncated there and synced.
 //! 3. A new manifest is written (a snapshot) and `CURRENT` switched to it; the replayed
 //!    memtable is flushed to L0, and files nothing refers to are deleted.
+//! 4. On a full disk: if step 3's manifest or new WAL segment finds no space, the engine opens
+//!    *read-only* (what was replayed is served from memory, every write is refused with
+//!    [`Error::NoSpace`], nothing on disk changes) rather than refusing to start. If only the
+//!    flush of the replayed memtable finds no space, the engine opens normally and the
+//!    background work flushes it once space is freed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -153,13 +158,27 @@ pub(super) fn write_new_manifest(
         )));
     }
     let path = dir.join(manifest::manifest_name(number));
-    let file = fs.create(&path)?;
     let mut buf = Vec::new();
     record::encode(number, &payload, &mut buf);
-    file.append(&buf)?;
-    file.sync()?;
-    fs.sync_dir(dir)?;
-    fs::write_file_atomic(fs, dir, CURRENT, format!("{}\n", manifest::manifest_name(number)).as_bytes())?;
+    let file = (|| {
+        let file = fs.create(&path)?;
+        file.append(&buf)?;
+        file.sync()?;
+        fs.sync_dir(dir)?;
+        fs::write_file_atomic(fs, dir, CURRENT, format!("{}\n", manifest::manifest_name(number)).as_bytes())?;
+        Ok(file)
+    })()
+    .inspect_err(|e: &Error| {
+        // A full disk stopped it before `CURRENT` changed (the rename needs no space): the old
+        // manifest stays in force, and the new one's pieces go.
+        if e.is_no_space() {
+            for p in [path.clone(), dir.join(format!("{CURRENT}.tmp"))] {
+                if fs.exists(&p) {
+                    let _ = fs.remove(&p);
+                }
+            }
+        }
+    })?;
     let old = vs.manifest.replace(ManifestWriter { file, number, bytes: buf.len() as u64 });
     if let Some(old) = old {
         let _ = fs.remove(&dir.join(manifest::manifest_name(old.number)));
@@ -316,13 +335,36 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         cursor: Default::default(),
         knowledge: knowledge.clone(),
     };
-    write_new_manifest(fs.as_ref(), dir, &mut vs, &hlc, None)?;
-    let wal_number = vs.new_file_number();
-    let seg = Arc::new(Segment::create(fs.as_ref(), dir, wal_number)?);
+    // The first writes of the open: a new manifest and a new WAL segment. On a full disk the
+    // engine opens read-only instead (step 4 of the module doc).
+    let mut created = None;
+    let started = (|| {
+        write_new_manifest(fs.as_ref(), dir, &mut vs, &hlc, None)?;
+        let number = vs.new_file_number();
+        created = Some(number);
+        Segment::create(fs.as_ref(), dir, number)
+    })();
+    let (seg, read_only) = match started {
+        Ok(seg) => (Arc::new(seg), None),
+        Err(e) if e.is_no_space() => {
+            if let Some(path) = created.map(|n| wal::segment_path(dir, n)) {
+                if fs.exists(&path) {
+                    let _ = fs.remove(&path);
+                }
+            }
+            // The newest segment stands in for the WAL: nothing is appended to it.
+            let Some(&newest) = segments.last() else { return Err(e) };
+            let what = format!("the disk was full when the engine opened ({e}): it serves reads only");
+            tracing::error!(dir = %dir.display(), "{what}");
+            (Arc::new(Segment::open_existing(fs.as_ref(), dir, newest)?), Some(what))
+        }
+        Err(e) => return Err(e),
+    };
+    let wal_number = seg.number();
     let mem = Arc::new(Memtable::new(wal_number));
     let imms = if replayed.is_empty() { Vec::new() } else { vec![replayed.clone()] };
     // An engine holding no version yet starts its hot tier complete (see `src/hot.rs`).
-    let fresh = replayed.is_empty() && vs.current.levels.iter().all(|l| l.is_empty());
+    let fresh = read_only.is_none() && replayed.is_empty() && vs.current.levels.iter().all(|l| l.is_empty());
     let view = ReadView { mem, imms, version: vs.current.clone() };
     let horizon = vs.event_horizon;
     let inner = Inner {
@@ -340,6 +382,8 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         work: Mutex::new(()),
         work_cv: Condvar::new(),
         bg_error: Mutex::new(None),
+        no_space: Default::default(),
+        read_only,
         shutdown: std::sync::atomic::AtomicBool::new(false),
         flush_lock: Mutex::new(()),
         compaction_lock: Mutex::new(()),
@@ -355,7 +399,12 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         log_tail: Mutex::new(super::replicate::LogTail::new(last_seqno, opts.replication_tail_bytes)),
         opts,
     };
-    // Flush what was replayed, then drop the segments it came from.
+    if inner.read_only.is_some() {
+        return Ok(inner);
+    }
+    // Flush what was replayed, then drop the segments it came from. On a full disk the
+    // replayed memtable stays in memory, to be flushed by the background work once there is
+    // space; its segments stay until then.
     if replayed.is_empty() {
         let mut vs = inner.versions.lock();
         inner.log_and_apply(
@@ -365,7 +414,14 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
             |_| {},
         )?;
     } else {
-        while inner.flush_oldest()? {}
+        loop {
+            match inner.flush_oldest() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) if e.is_no_space() => break,
+                Err(e) => return Err(e),
+            }
+        }
     }
     remove_leftovers(&inner)?;
     Ok(inner)

@@ -80,6 +80,9 @@ pub(super) fn share(e: &Error) -> Error {
         }
         Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
         Error::OverBudget(s) => Error::OverBudget(s.clone()),
+        Error::NoSpace { path, what, read_only } => {
+            Error::NoSpace { path: path.clone(), what: what.clone(), read_only: *read_only }
+        }
         Error::PreviousError(s) => Error::PreviousError(s.clone()),
         Error::InUse { path } => Error::InUse { path: path.clone() },
         Error::Closed => Error::Closed,
@@ -256,11 +259,32 @@ impl Inner {
     ) -> Result<()> {
         debug_assert!(!payloads.is_empty(), "publish needs a batch");
         let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-        let durable = w.wal.append(&refs).and_then(|()| if sync { self.sync_wal(w.wal.as_ref()) } else { Ok(()) });
-        if let Err(e) = durable {
+        if let Err(e) = w.wal.append(&refs) {
+            // A full disk: once the partial record is cut off, nothing was logged and the
+            // next commit reuses these sequence numbers. Any other failure is fatal.
+            if e.is_no_space() {
+                match w.wal.rollback() {
+                    Ok(()) => {
+                        self.wal_full(&e);
+                        return Err(e);
+                    }
+                    Err(t) => {
+                        let e = Error::PreviousError(format!("{e}; cutting the partial record failed: {t}"));
+                        self.fail(&e);
+                        return Err(e);
+                    }
+                }
+            }
             self.fail(&e);
             return Err(e);
         }
+        if sync {
+            if let Err(e) = self.sync_wal(w.wal.as_ref()) {
+                self.fail(&e);
+                return Err(e);
+            }
+        }
+        self.wal_has_space();
         // From here on the batches are in the log: whatever goes wrong must stop the engine,
         // or the next commit would reuse their sequence numbers.
         let published =
@@ -360,6 +384,13 @@ impl Inner {
             }
             let stalled =
                 view.imms.len() >= IMMUTABLE_MEMTABLES_MAX || view.version.levels[0].len() >= self.opts.l0_stop_writes;
+            if stalled {
+                // Flushes that cannot find space would keep the writer waiting without end.
+                if let Some(e) = self.background_no_space() {
+                    self.wal_full(&e);
+                    return Err(e);
+                }
+            }
             if stalled && self.opts.background == Background::Threads {
                 let mut g = self.work.lock();
                 self.work_cv.notify_all();
@@ -375,10 +406,12 @@ impl Inner {
         if self.view.read().mem.is_empty() {
             return Ok(());
         }
+        let mut created = None;
         let result = (|| -> Result<()> {
             // Every segment but the newest is complete and synced (see crate::wal).
             w.wal.sync()?;
             let number = self.versions.lock().new_file_number();
+            created = Some(number);
             let seg = Arc::new(Segment::create(self.fs.as_ref(), &self.dir, number)?);
             let mem = Arc::new(Memtable::new(number));
             {
@@ -392,8 +425,19 @@ impl Inner {
             *self.current_wal.lock() = seg;
             Ok(())
         })();
-        if let Err(e) = &result {
-            self.fail(e);
+        match &result {
+            // A full disk kept the new segment from being made: the memtable stays active
+            // (writes to it are refused while it is full) and the attempt leaves nothing.
+            Err(e) if e.is_no_space() => {
+                if let Some(path) = created.map(|n| crate::wal::segment_path(&self.dir, n)) {
+                    if self.fs.exists(&path) {
+                        let _ = self.fs.remove(&path);
+                    }
+                }
+                self.wal_full(e);
+            }
+            Err(e) => self.fail(e),
+            Ok(()) => {}
         }
         self.notify_work();
         result

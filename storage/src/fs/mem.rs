@@ -8,6 +8,9 @@
 //! Every mutating call is one numbered *step*. [`MemFs::set_crash_at`] makes the process "die"
 //! at a step: that call and every later call (reads included) fail with an I/O error, as if
 //! nothing after that moment reached the disk.
+//!
+//! [`MemFs::set_capacity`] makes the disk fill up: an append that does not fit writes what fits
+//! and fails with `ENOSPC` (as `write(2)` does), and creating a file on a full disk fails.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -33,6 +36,7 @@ struct State {
     steps: u64,
     crash_at: Option<u64>,
     crashed: bool,
+    capacity: Option<u64>,
 }
 
 impl State {
@@ -51,6 +55,17 @@ impl State {
             return Err(Error::io(path, std::io::Error::other("simulated crash: process is dead")));
         }
         Ok(())
+    }
+
+    /// Bytes of the files that have a name.
+    fn used(&self) -> u64 {
+        let live: std::collections::HashSet<u64> = self.live.values().copied().collect();
+        live.iter().map(|i| self.inodes.get(i).map_or(0, |n| n.data.len() as u64)).sum()
+    }
+
+    /// Bytes left before the disk is full (`u64::MAX` without a capacity).
+    fn free(&self) -> u64 {
+        self.capacity.map_or(u64::MAX, |c| c.saturating_sub(self.used()))
     }
 
     fn ino(&self, path: &Path) -> Result<u64> {
@@ -88,8 +103,12 @@ impl File for MemFile {
     fn append(&self, data: &[u8]) -> Result<()> {
         let mut st = self.state.lock();
         st.step("append", &self.path)?;
+        let fits = usize::try_from(st.free()).unwrap_or(usize::MAX).min(data.len());
         if let Some(i) = st.inodes.get_mut(&self.ino) {
-            i.data.extend_from_slice(data);
+            i.data.extend_from_slice(&data[..fits]);
+        }
+        if fits < data.len() {
+            return Err(Error::io(&self.path, no_space()));
         }
         Ok(())
     }
@@ -133,6 +152,16 @@ impl MemFs {
     /// Makes the process die at mutating step `n` (1-based): that step and all later calls fail.
     pub fn set_crash_at(&self, n: Option<u64>) {
         self.state.lock().crash_at = n;
+    }
+
+    /// Limits the bytes all named files may hold (`None`: no limit); see the module doc.
+    pub fn set_capacity(&self, bytes: Option<u64>) {
+        self.state.lock().capacity = bytes;
+    }
+
+    /// Bytes all named files hold now.
+    pub fn used_bytes(&self) -> u64 {
+        self.state.lock().used()
     }
 
     /// True once the simulated process has died.
@@ -203,10 +232,18 @@ impl MemFs {
     }
 }
 
+/// What `write(2)` says on a full disk.
+fn no_space() -> std::io::Error {
+    std::io::Error::from_raw_os_error(28)
+}
+
 impl Fs for MemFs {
     fn create(&self, path: &Path) -> Result<Arc<dyn File>> {
         let mut st = self.state.lock();
         st.step("create", path)?;
+        if st.free() == 0 {
+            return Err(Error::io(path, no_space()));
+        }
         st.next_ino += 1;
         let ino = st.next_ino;
         st.inodes.insert(ino, Inode::default());

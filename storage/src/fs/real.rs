@@ -26,7 +26,7 @@ impl File for RealFile {
         (&self.file).write_all(data).map_err(|e| Error::io(&self.path, e))
     }
     fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+        self.file.sync_data().map_err(|e| Error::io_sync(&self.path, e))
     }
     fn size(&self) -> Result<u64> {
         self.file.metadata().map(|m| m.len()).map_err(|e| Error::io(&self.path, e))
@@ -77,7 +77,7 @@ impl Fs for RealFs {
     }
     fn sync_dir(&self, dir: &Path) -> Result<()> {
         let d = std::fs::File::open(dir).map_err(|e| Error::io(dir, e))?;
-        d.sync_all().map_err(|e| Error::io(dir, e))
+        d.sync_all().map_err(|e| Error::io_sync(dir, e))
     }
     fn exists(&self, path: &Path) -> bool {
         path.is_file()
