@@ -89,26 +89,46 @@ pub struct Written {
     pub vector: Option<Vector>,
 }
 
+/// Adds the clients' bearer token to every call.
+#[derive(Debug, Clone)]
+pub struct Bearer(tonic::metadata::AsciiMetadataValue);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
 /// Clients of one node.
 #[derive(Debug, Clone)]
 pub struct Node {
-    features: pb::feature_service_client::FeatureServiceClient<Channel>,
-    registry: pb::registry_service_client::RegistryServiceClient<Channel>,
-    admin: pb::admin_service_client::AdminServiceClient<Channel>,
+    features: pb::feature_service_client::FeatureServiceClient<Authed>,
+    registry: pb::registry_service_client::RegistryServiceClient<Authed>,
+    admin: pb::admin_service_client::AdminServiceClient<Authed>,
 }
 
 impl Node {
-    /// Clients over a lazily connected channel (it reconnects after a restart).
-    pub fn connect(addr: SocketAddr) -> Result<Node, String> {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    /// Clients over a lazily connected TLS channel trusting `ca_pem` (it reconnects after a
+    /// restart), sending `token`.
+    pub fn connect(addr: SocketAddr, ca_pem: &str, token: &str) -> Result<Node, String> {
+        let tls =
+            tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| e.to_string())?
+            .tls_config(tls)
+            .map_err(|e| format!("TLS: {e}"))?
             .connect_timeout(Duration::from_millis(500))
             .timeout(OP_TIMEOUT)
             .connect_lazy();
+        let bearer = Bearer(format!("Bearer {token}").parse().map_err(|_| "a token is ASCII".to_string())?);
+        let authed = |ch: Channel| tonic::service::interceptor::InterceptedService::new(ch, bearer.clone());
         Ok(Node {
-            features: pb::feature_service_client::FeatureServiceClient::new(ch.clone()),
-            registry: pb::registry_service_client::RegistryServiceClient::new(ch.clone()),
-            admin: pb::admin_service_client::AdminServiceClient::new(ch),
+            features: pb::feature_service_client::FeatureServiceClient::new(authed(ch.clone())),
+            registry: pb::registry_service_client::RegistryServiceClient::new(authed(ch.clone())),
+            admin: pb::admin_service_client::AdminServiceClient::new(authed(ch)),
         })
     }
 

@@ -1,5 +1,9 @@
 //! Three (or more) `quiverd` processes, one per region, on loopback ports; every replication
 //! link goes through its own [`Link`] proxy. Clients talk to their region's node directly.
+//!
+//! The nodes run as in production: TLS on every connection, regions authenticating each other
+//! by certificate (mutual TLS, the region named in the certificate) and clients by a bearer
+//! token. [`Security`] makes the CA, the certificates and the token file for each run.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -47,6 +51,56 @@ pub enum Net {
     Netns(Netns),
 }
 
+/// What the cluster's nodes and clients authenticate with (made fresh for each run).
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// The CA certificate, PEM (clients trust it).
+    pub ca_pem: String,
+    /// The clients' bearer token (scopes read, write, registry, admin).
+    pub token: String,
+    dir: PathBuf,
+}
+
+impl Security {
+    /// A CA, a certificate per region (for its address and 127.0.0.1, naming the region) and
+    /// a token file, under `dir`.
+    fn create(dir: &Path, nodes: &[Node]) -> Result<Security, String> {
+        use sha2::Digest;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let pki = quiver_testkit::pki::Pki::new("quiver jepsen CA")?;
+        let ca_pem = pki.ca_pem();
+        std::fs::write(dir.join("ca.crt"), &ca_pem).map_err(|e| format!("ca.crt: {e}"))?;
+        for n in nodes {
+            pki.write(dir, &format!("region-{}", n.region), Some(n.region), &[n.addr.ip()])?;
+        }
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| format!("randomness: {e}"))?;
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let token = format!("qvt_{}", hex(&secret));
+        let file = format!(
+            "[[token]]\nname = \"jepsen\"\nhash = \"sha256:{}\"\nscopes = [\"read\", \"write\", \"registry\", \"admin\"]\n",
+            hex(&sha2::Sha256::digest(token.as_bytes()))
+        );
+        std::fs::write(dir.join("tokens.toml"), file).map_err(|e| format!("tokens.toml: {e}"))?;
+        Ok(Security { ca_pem, token, dir: dir.to_path_buf() })
+    }
+
+    /// quiverd's flags for region `region`.
+    fn args(&self, region: u32) -> Vec<String> {
+        let path = |name: String| self.dir.join(name).to_string_lossy().into_owned();
+        vec![
+            "--tls-cert".into(),
+            path(format!("region-{region}.crt")),
+            "--tls-key".into(),
+            path(format!("region-{region}.key")),
+            "--tls-ca".into(),
+            path("ca.crt".into()),
+            "--auth-tokens".into(),
+            path("tokens.toml".into()),
+        ]
+    }
+}
+
 /// Port every node listens on inside its namespace.
 const NETNS_PORT: u16 = 7000;
 
@@ -57,6 +111,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// The network.
     pub net: Net,
+    /// Certificates and the clients' token.
+    pub security: Security,
     spec: ClusterSpec,
     quiverd: PathBuf,
 }
@@ -101,7 +157,8 @@ impl Cluster {
                 Net::Proxy(links)
             }
         };
-        let mut c = Cluster { nodes, net, spec, quiverd };
+        let security = Security::create(&dir.join("security"), &nodes)?;
+        let mut c = Cluster { nodes, net, security, spec, quiverd };
         for region in 1..=c.spec.regions {
             c.start_node(region)?;
         }
@@ -180,6 +237,7 @@ impl Cluster {
             Net::Proxy(_) => Vec::new(),
         };
         let quiverd = self.quiverd.clone();
+        let security = self.security.args(region);
         let skew = self.spec.skew_ms.get(&region).copied();
         let chaos = self.spec.chaos_seed.map(|s| s + u64::from(region));
         let log_mb = self.spec.replication_log_mb;
@@ -202,9 +260,8 @@ impl Cluster {
             .args(["--listen", &node.addr.to_string(), "--metrics-listen", "off", "--memory-budget-mb", "64"])
             .args(["--region", &region.to_string(), "--replication-log-mb", &log_mb.to_string()])
             .args(["--durability", "sync"])
-            // Tokens and mutual TLS between regions are tested by quiver-e2e; the fault runs
-            // exercise replication itself.
-            .args(["--auth", "none"])
+            // TLS, mutual TLS between regions, tokens for clients (see `Security`).
+            .args(&security)
             .env("RUST_LOG", "warn,quiver_server::replication=info")
             .stderr(log);
         for p in &peers {

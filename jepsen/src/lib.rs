@@ -116,6 +116,8 @@ impl Config {
 pub struct Summary {
     /// How regions were connected.
     pub network: String,
+    /// How nodes and clients authenticated.
+    pub security: &'static str,
     /// Operations by kind and outcome.
     pub ops: BTreeMap<String, u64>,
     /// Faults injected, in order.
@@ -364,7 +366,9 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
         }
         Err(e) => return Err(e),
     };
-    let nodes: Vec<Node> = cluster.nodes.iter().map(|n| Node::connect(n.addr)).collect::<Result<_, _>>()?;
+    let (ca, token) = (cluster.security.ca_pem.clone(), cluster.security.token.clone());
+    let nodes: Vec<Node> =
+        cluster.nodes.iter().map(|n| Node::connect(n.addr, &ca, &token)).collect::<Result<_, _>>()?;
     // The registry, applied in region 1, must reach every region.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut first = nodes[0].clone();
@@ -506,6 +510,7 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
     }
     let summary = Summary {
         network: network.to_string(),
+        security: "TLS on every connection; regions by certificate (mutual TLS); clients by bearer token",
         ops: counts,
         faults: history.faults(),
         convergence_seconds,

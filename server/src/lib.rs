@@ -10,6 +10,7 @@ pub mod conn;
 pub mod convert;
 pub mod daemon;
 pub mod features;
+pub mod fuzzing;
 pub mod metrics;
 pub mod registry;
 pub mod replication;

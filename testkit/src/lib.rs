@@ -5,7 +5,8 @@
 //! - [`rng`]: a small deterministic generator;
 //! - [`time`]: `prost_types::Timestamp` <-> microseconds (checked), and the wall clock in
 //!   microseconds;
-//! - [`quiverd`]: finding the built `quiverd` and starting one, reading the address it prints.
+//! - [`quiverd`]: finding the built `quiverd` and starting one, reading the address it prints;
+//! - `pki` (feature `pki`): a throwaway CA and region certificates for TLS tests.
 //!
 //! It depends on neither `quiver-storage` nor `quiver-server` (so any crate may dev-depend on it
 //! without a cycle): times are plain `i64` event times and `u64` system times, and values are
@@ -13,6 +14,8 @@
 #![warn(missing_docs)]
 
 pub mod model;
+#[cfg(feature = "pki")]
+pub mod pki;
 pub mod quiverd;
 pub mod rng;
 pub mod time;

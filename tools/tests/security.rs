@@ -261,43 +261,22 @@ fn a_network_address_without_authentication_is_refused() {
     assert!(!tmp.path().join("CURRENT").exists(), "a refused start creates nothing");
 }
 
-/// A CA and certificates it signs, made here (rcgen), written as PEM files.
-struct Pki {
-    ca: rcgen::Certificate,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
+/// The test CA (`quiver_testkit::pki`), with certificates written as path strings.
+struct Pki(quiver_testkit::pki::Pki);
 
 impl Pki {
     fn new(name: &str) -> Pki {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().expect("key");
-        let ca = params.self_signed(&key).expect("self-sign");
-        Pki { ca, issuer: rcgen::Issuer::new(params, key) }
+        Pki(quiver_testkit::pki::Pki::new(name).expect("test CA"))
     }
 
     /// A certificate for 127.0.0.1, naming `region` if given: (cert PEM, key PEM).
     fn leaf(&self, region: Option<u32>) -> (String, String) {
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-        params.subject_alt_names.push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-        if let Some(r) = region {
-            let uri = rcgen::string::Ia5String::try_from(format!("urn:quiver:region:{r}")).expect("ia5");
-            params.subject_alt_names.push(rcgen::SanType::URI(uri));
-        }
-        params.extended_key_usages =
-            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        (cert.pem(), key.serialize_pem())
+        self.0.leaf(region, &[]).expect("certificate")
     }
 
     fn write(&self, dir: &Path, name: &str, region: Option<u32>) -> (String, String) {
-        let (cert, key) = self.leaf(region);
-        let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
-        std::fs::write(&c, &cert).expect("write");
-        std::fs::write(&k, &key).expect("write");
-        (c.to_str().expect("utf-8").to_string(), k.to_str().expect("utf-8").to_string())
+        let f = self.0.write(dir, name, region, &[]).expect("write certificate");
+        (f.cert.to_str().expect("utf-8").to_string(), f.key.to_str().expect("utf-8").to_string())
     }
 }
 
@@ -323,7 +302,7 @@ async fn tls_for_clients_and_mutual_tls_between_regions() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let pki = Pki::new("quiver test CA");
-    let ca_pem = pki.ca.pem();
+    let ca_pem = pki.0.ca_pem();
     let ca_file = dir.join("ca.crt");
     std::fs::write(&ca_file, &ca_pem).expect("write");
     let ca = ca_file.to_str().expect("utf-8");
