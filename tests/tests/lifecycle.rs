@@ -123,3 +123,49 @@ async fn connections_past_the_limit_are_closed_at_once() {
     assert!(refused_total >= 1, "the refused connection is counted");
     assert!(d.stop());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_speaks_is_closed_after_the_first_bytes_timeout() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = Daemon::start(tmp.path(), &[]);
+    let addr = d.addr.trim_start_matches("http://").to_string();
+    let started = Instant::now();
+    // A silent socket, and one that sent the HTTP/2 preface and then fell silent.
+    let mut silent = std::net::TcpStream::connect(&addr).expect("connect");
+    let mut spoke = std::net::TcpStream::connect(&addr).expect("connect");
+    std::io::Write::write_all(&mut spoke, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").expect("preface");
+    let closed = tokio::task::spawn_blocking(move || {
+        silent.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut buf = [0u8; 64];
+        // The server sends nothing to a client that sent nothing: the read ends at the close.
+        loop {
+            match silent.read(&mut buf) {
+                Ok(0) => return Ok(Instant::now()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(Instant::now()),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("join")
+    .expect("the silent connection is closed, not left open");
+    let after = closed.duration_since(started);
+    // quiverd's FIRST_BYTES_TIMEOUT is 10 s.
+    assert!(after >= Duration::from_secs(9), "closed after {after:?}, before the timeout");
+    let silent_closed = d
+        .scrape()
+        .lines()
+        .find_map(|l| l.strip_prefix("quiver_connections_silent_closed_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .expect("quiver_connections_silent_closed_total");
+    assert_eq!(silent_closed, 1, "only the connection that never spoke is closed for silence");
+    // The one that spoke is still open (HTTP/2 keepalive looks after it from then on).
+    spoke.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let mut buf = [0u8; 256];
+    let n = spoke.read(&mut buf).expect("the server answered the preface with its SETTINGS");
+    assert!(n > 0);
+    drop(spoke);
+    assert!(d.stop());
+}
