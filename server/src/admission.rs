@@ -17,9 +17,12 @@
 //!
 //! A request's own bytes are charged to the same budget while they arrive, before tonic
 //! buffers and decodes them ([`AdmitRequests`]): each gRPC message's length prefix is read as
-//! it comes in and the whole message is reserved up front, so a message over its service's
-//! size limit, or over the whole budget, is refused with `RESOURCE_EXHAUSTED` before a byte of
-//! it is buffered, and one that does not fit now is shed with retry advice.
+//! it comes in, so a message over its service's size limit, or over the whole budget, is
+//! refused with `RESOURCE_EXHAUSTED` before a byte of it is buffered; its bytes are charged as
+//! they arrive (a stalled sender holds only what it sent) and returned once it is complete,
+//! when tonic decodes it and the handler charges what it holds; a message that does not fit
+//! now is shed with retry advice. (Replication messages may be zstd-compressed: there the
+//! prefix is the compressed length, and tonic bounds the decompressed one.)
 //!
 //! One online answer is also bounded on its own (by [`ONLINE_ANSWER_BYTES_MAX`] and a quarter
 //! of the requests' memory, [`ONLINE_ANSWER_SHARE_DIVISOR`]): past it the request is refused
@@ -318,14 +321,29 @@ struct Framing {
     message_left: u64,
 }
 
+/// What [`Framing::observe`] sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// A message's length prefix: the message is this long.
+    Begin(usize),
+    /// This many bytes of the current message arrived.
+    Bytes(usize),
+    /// The current message is complete.
+    End,
+}
+
 impl Framing {
-    /// Walks `data`, calling `begin(len)` at each message's length prefix.
-    fn observe(&mut self, mut data: &[u8], mut begin: impl FnMut(usize) -> Result<(), Status>) -> Result<(), Status> {
+    /// Walks `data`, reporting each message's length prefix, its bytes and its end.
+    fn observe(&mut self, mut data: &[u8], mut on: impl FnMut(Seen) -> Result<(), Status>) -> Result<(), Status> {
         while !data.is_empty() {
             if self.message_left > 0 {
                 let n = self.message_left.min(data.len() as u64);
                 self.message_left -= n;
                 data = &data[n as usize..];
+                on(Seen::Bytes(n as usize))?;
+                if self.message_left == 0 {
+                    on(Seen::End)?;
+                }
                 continue;
             }
             let take = (5 - self.header_len).min(data.len());
@@ -335,16 +353,20 @@ impl Framing {
             if self.header_len == 5 {
                 self.header_len = 0;
                 let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
-                begin(len as usize)?;
+                on(Seen::Begin(len as usize))?;
                 self.message_left = u64::from(len);
+                if len == 0 {
+                    on(Seen::End)?;
+                }
             }
         }
         Ok(())
     }
 }
 
-/// A request body whose current message is reserved against the budget (released at the next
-/// message, the end of the body, or its drop).
+/// A request body whose arriving message is charged to the budget as its bytes come in
+/// (returned when the message is complete: tonic decodes it then, and the handler charges
+/// what it holds), and refused at its length prefix when it could never fit.
 struct MeteredBody<B> {
     body: std::pin::Pin<Box<B>>,
     framing: Framing,
@@ -360,29 +382,40 @@ impl<B> MeteredBody<B> {
         self.held = 0;
     }
 
-    fn begin_message(&mut self, len: usize) -> Result<(), Status> {
-        self.release();
-        if len > self.message_max {
-            return Err(Status::resource_exhausted(format!(
-                "request message is {len} bytes, over this service's limit of {} bytes",
-                self.message_max
-            )));
+    fn seen(&mut self, event: Seen) -> Result<(), Status> {
+        match event {
+            Seen::Begin(len) => {
+                self.release();
+                if len > self.message_max {
+                    return Err(Status::resource_exhausted(format!(
+                        "request message is {len} bytes, over this service's limit of {} bytes",
+                        self.message_max
+                    )));
+                }
+                if len > self.admission.bytes_max {
+                    return Err(Status::resource_exhausted(format!(
+                        "request message is {len} bytes, more than this server's memory for requests ({} bytes)",
+                        self.admission.bytes_max
+                    )));
+                }
+                Ok(())
+            }
+            Seen::Bytes(n) => {
+                if !self.admission.try_hold(n) {
+                    return Err(shed_status(format!(
+                        "overloaded: requests in flight hold {} of {} bytes; retry shortly",
+                        self.admission.bytes.load(Ordering::Relaxed),
+                        self.admission.bytes_max
+                    )));
+                }
+                self.held += n;
+                Ok(())
+            }
+            Seen::End => {
+                self.release();
+                Ok(())
+            }
         }
-        if len > self.admission.bytes_max {
-            return Err(Status::resource_exhausted(format!(
-                "request message is {len} bytes, more than this server's memory for requests ({} bytes)",
-                self.admission.bytes_max
-            )));
-        }
-        if !self.admission.try_hold(len) {
-            return Err(shed_status(format!(
-                "overloaded: a request message of {len} bytes does not fit ({} of {} bytes held); retry shortly",
-                self.admission.bytes.load(Ordering::Relaxed),
-                self.admission.bytes_max
-            )));
-        }
-        self.held = len;
-        Ok(())
     }
 }
 
@@ -413,7 +446,7 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let mut framing = std::mem::take(&mut this.framing);
-                    let seen = framing.observe(data, |len| this.begin_message(len));
+                    let seen = framing.observe(data, |event| this.seen(event));
                     this.framing = framing;
                     if let Err(status) = seen {
                         this.failed = true;
@@ -477,50 +510,71 @@ mod tests {
     }
 
     #[test]
-    fn framing_finds_every_length_prefix_across_any_split() {
+    fn framing_finds_every_message_across_any_split() {
         let wire = framed(&[&[1; 7], &[], &[2; 300], &[3; 1]]);
         for chunk in 1..=wire.len() {
             let mut f = Framing::default();
-            let mut seen = Vec::new();
+            let (mut begins, mut bytes, mut ends) = (Vec::new(), Vec::new(), 0);
             for piece in wire.chunks(chunk) {
-                f.observe(piece, |len| {
-                    seen.push(len);
+                f.observe(piece, |event| {
+                    match event {
+                        Seen::Begin(len) => {
+                            begins.push(len);
+                            bytes.push(0);
+                        }
+                        Seen::Bytes(n) => *bytes.last_mut().expect("inside a message") += n,
+                        Seen::End => ends += 1,
+                    }
                     Ok(())
                 })
                 .expect("observes");
             }
-            assert_eq!(seen, [7, 0, 300, 1], "chunks of {chunk}");
+            assert_eq!(begins, [7, 0, 300, 1], "chunks of {chunk}");
+            assert_eq!(bytes, begins, "every byte of every message, chunks of {chunk}");
+            assert_eq!(ends, 4, "chunks of {chunk}");
         }
     }
 
     #[tokio::test]
-    async fn a_request_body_holds_its_message_and_is_refused_over_the_limits() {
+    async fn a_request_body_holds_what_arrived_of_its_message_and_is_refused_over_the_limits() {
         use http_body_util::BodyExt;
+        type Pieces = http_body_util::StreamBody<
+            tokio_stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::convert::Infallible>>>,
+        >;
         let a = Admission::new(10, 1000);
-        let body = |bytes: Vec<u8>, max| MeteredBody {
-            body: Box::pin(http_body_util::Full::new(Bytes::from(bytes))),
-            framing: Framing::default(),
-            held: 0,
-            admission: a.clone(),
-            message_max: max,
-            failed: false,
+        let body = |bytes: Vec<u8>, cut: usize, max| {
+            let (head, tail) = bytes.split_at(cut.min(bytes.len()));
+            let frames = vec![
+                Ok(http_body::Frame::data(Bytes::copy_from_slice(head))),
+                Ok(http_body::Frame::data(Bytes::copy_from_slice(tail))),
+            ];
+            MeteredBody::<Pieces> {
+                body: Box::pin(http_body_util::StreamBody::new(tokio_stream::iter(frames))),
+                framing: Framing::default(),
+                held: 0,
+                admission: a.clone(),
+                message_max: max,
+                failed: false,
+            }
         };
-        // Held while it arrives, returned at the end.
-        let mut b = body(framed(&[&[9; 600]]), 800);
-        let frame = b.frame().await.expect("a frame").expect("data");
-        assert!(frame.is_data());
-        assert_eq!(a.bytes_in_flight(), 600);
+        // What arrived of a message is held until it is complete.
+        let mut b = body(framed(&[&[9; 600]]), 5 + 250, 800);
+        assert!(b.frame().await.expect("a frame").expect("data").is_data());
+        assert_eq!(a.bytes_in_flight(), 250);
+        assert!(b.frame().await.expect("a frame").expect("data").is_data());
+        assert_eq!(a.bytes_in_flight(), 0, "returned once the message is complete");
         assert!(b.frame().await.is_none());
-        assert_eq!(a.bytes_in_flight(), 0);
-        // Over the service's limit, over the budget, or not fitting now.
-        let over = body(framed(&[&[9; 900]]), 800).collect().await.expect_err("over the limit");
+        // Over the service's limit or over the budget: refused at the length prefix.
+        let over = body(framed(&[&[9; 900]]), 5, 800).collect().await.expect_err("over the limit");
         assert_eq!(over.code(), tonic::Code::ResourceExhausted);
         assert!(over.message().contains("limit of 800"), "{}", over.message());
-        let huge = body(framed(&[&[9; 1200]]), 5000).collect().await.expect_err("over the budget");
+        let huge = body(framed(&[&[9; 1200]]), 5, 5000).collect().await.expect_err("over the budget");
         assert!(huge.message().contains("memory for requests"), "{}", huge.message());
-        let mut holder = body(framed(&[&[9; 700]]), 5000);
+        // Bytes that do not fit now: shed with retry advice.
+        let mut holder = body(framed(&[&[9; 800]]), 5 + 700, 5000);
         let _ = holder.frame().await;
-        let shed = body(framed(&[&[9; 400]]), 5000).collect().await.expect_err("does not fit now");
+        assert_eq!(a.bytes_in_flight(), 700);
+        let shed = body(framed(&[&[9; 400]]), 5 + 400, 5000).collect().await.expect_err("does not fit now");
         use tonic_types::StatusExt;
         assert_eq!(shed.get_details_retry_info().and_then(|r| r.retry_delay), Some(RETRY_AFTER));
         drop(holder);

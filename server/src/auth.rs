@@ -49,10 +49,12 @@
 //! A token may carry `requests_per_second` (every call it makes, each message of a write
 //! stream included) and `values_per_second` (cells asked of `GetOnlineFeatures`, entities x
 //! features; values and deletes written; spine rows x features of a point-in-time join). Each
-//! is a token bucket holding one second of its rate. A call is let in while the bucket is not
-//! in debt, and then takes its whole cost, so one call bigger than a second's worth still
-//! runs (when the bucket is full) and the average stays the rate. A call over the limit is
-//! `RESOURCE_EXHAUSTED` with retry advice: the time until the bucket is out of debt. The
+//! is a token bucket holding one second of its rate. A call is let in while the bucket holds
+//! at least one unit, and then takes its whole cost, so one call bigger than a second's worth
+//! still runs (when the bucket is full) and the bucket goes into debt: the average stays the
+//! rate. Values are charged once the call is admitted (a shed call pays none) and at most
+//! the request's own limit. A call over the limit is `RESOURCE_EXHAUSTED` with retry advice:
+//! the time until the bucket holds a unit again. The
 //! buckets live with the token in memory: a SIGHUP keeps a token's buckets when its limits
 //! are unchanged.
 //!

@@ -33,6 +33,10 @@ pub const WRITES_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::fro
 /// change.
 async fn watch_writes(db: Arc<Db>, health: tonic_health::server::HealthReporter) {
     let mut refused: Option<quiver_storage::WritesRefused> = None;
+    if let Some(why) = db.writes_refused() {
+        tracing::warn!(reason = %why, "writes are refused; health {WRITES_HEALTH_SERVICE} is NOT_SERVING");
+        refused = Some(why);
+    }
     loop {
         let now = db.writes_refused();
         if now != refused {
@@ -242,7 +246,12 @@ pub async fn serve(
     }
     // Readiness for writes: NOT_SERVING while the engine refuses them (a full disk, a read-only
     // open, an I/O error); the rest stays SERVING while reads work.
-    health_reporter.set_service_status(WRITES_HEALTH_SERVICE, tonic_health::ServingStatus::Serving).await;
+    let writes = if db.writes_refused().is_some() {
+        tonic_health::ServingStatus::NotServing
+    } else {
+        tonic_health::ServingStatus::Serving
+    };
+    health_reporter.set_service_status(WRITES_HEALTH_SERVICE, writes).await;
     let write_health = tokio::spawn(watch_writes(db.clone(), health_reporter.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)

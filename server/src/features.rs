@@ -58,8 +58,10 @@ struct IdempotencyRecord {
 }
 
 /// SHA-256 of everything in a write request but its idempotency key, in a canonical order
-/// (a row's values and expected versions by feature name; protobuf maps have none), so that
-/// the same request encoded by another client hashes the same.
+/// (within a row: values, deletes and expected versions by feature name, a vector's entries by
+/// region; protobuf maps have no order), so that the same request sent in another order
+/// hashes the same. Rows keep their order: a later row's write of a cell replaces an earlier
+/// one's.
 fn request_digest(req: &pb::WriteFeaturesRequest) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -90,8 +92,10 @@ fn request_digest(req: &pb::WriteFeaturesRequest) -> [u8; 32] {
             row.values[name].encode(&mut buf).ok();
             part(&mut h, &buf);
         }
-        h.update((row.deletes.len() as u64).to_le_bytes());
-        for name in &row.deletes {
+        let mut deletes: Vec<&String> = row.deletes.iter().collect();
+        deletes.sort();
+        h.update((deletes.len() as u64).to_le_bytes());
+        for name in deletes {
             part(&mut h, name.as_bytes());
         }
         let mut names: Vec<&String> = row.expected_versions.keys().collect();
@@ -99,9 +103,14 @@ fn request_digest(req: &pb::WriteFeaturesRequest) -> [u8; 32] {
         h.update((names.len() as u64).to_le_bytes());
         for name in names {
             part(&mut h, name.as_bytes());
-            buf.clear();
-            row.expected_versions[name].encode(&mut buf).ok();
-            part(&mut h, &buf);
+            let mut entries: Vec<(u32, u64)> =
+                row.expected_versions[name].entries.iter().map(|e| (e.region, e.counter)).collect();
+            entries.sort_unstable();
+            h.update((entries.len() as u64).to_le_bytes());
+            for (region, counter) in entries {
+                h.update(region.to_le_bytes());
+                h.update(counter.to_le_bytes());
+            }
         }
     }
     h.finalize().into()

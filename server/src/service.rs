@@ -14,7 +14,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::admission::{Admission, HeldTicket, ONLINE_ANSWER_BYTES_MAX, ONLINE_ANSWER_SHARE_DIVISOR};
 use crate::auth::{self, Scope};
 use crate::convert;
-use crate::features::{Features, ServiceError, ONLINE_INLINE_CELLS_MAX};
+use crate::features::{
+    Features, ServiceError, FEATURES_PER_REQUEST_MAX, ONLINE_CELLS_MAX, ONLINE_INLINE_CELLS_MAX, SPINE_ROWS_MAX,
+    WRITE_VALUES_MAX,
+};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 
@@ -81,9 +84,11 @@ fn authorize<'a, T>(
     Ok(p)
 }
 
-/// Values and deletes in a write: what it costs against a token's `values_per_second`.
+/// Values and deletes in a write: what it costs against a token's `values_per_second` (at
+/// most the most a write may hold: a bigger one is refused whole).
 fn values_in(req: &pb::WriteFeaturesRequest) -> u64 {
-    req.rows.iter().map(|r| (r.values.len() + r.deletes.len()) as u64).sum()
+    let n: u64 = req.rows.iter().map(|r| (r.values.len() + r.deletes.len()) as u64).sum();
+    n.min(WRITE_VALUES_MAX as u64)
 }
 
 /// Runs engine work on tokio's blocking pool.
@@ -171,9 +176,9 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         metrics
             .timed("GetOnlineFeatures", async move {
                 let p = authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
-                let r = req.get_ref();
-                p.take_values(r.entities.len() as u64 * r.features.len() as u64)?;
                 let mut ticket = self.admission.admit(req.get_ref().encoded_len() * DECODED_BYTES_PER_ENCODED)?;
+                let r = req.get_ref();
+                p.take_values((r.entities.len() as u64 * r.features.len() as u64).min(ONLINE_CELLS_MAX as u64))?;
                 // One answer may take a quarter of the requests' memory at most, so that a few
                 // huge requests cannot starve the rest.
                 let answer_max = ONLINE_ANSWER_BYTES_MAX.min(self.admission.bytes_max() / ONLINE_ANSWER_SHARE_DIVISOR);
@@ -205,12 +210,12 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         metrics
             .timed("WriteFeatures", async move {
                 let p = authorize(&req, Scope::Write, req.get_ref().rows.iter().map(|r| r.group.as_str()))?;
-                p.take_values(values_in(req.get_ref()))?;
                 let f = self.features.clone();
                 let req = req.into_inner();
                 let bytes = req.encoded_len() as u64;
                 // The decoded request, and the engine batch made of it.
                 let ticket = self.admission.admit(bytes as usize * (DECODED_BYTES_PER_ENCODED + 1))?;
+                p.take_values(values_in(&req))?;
                 let resp = blocking(move || {
                     let _ticket = ticket;
                     f.write(&req).map_err(status)
@@ -265,7 +270,6 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                     if n > 0 {
                         principal.take_request().map_err(|s| in_message(n, s))?;
                     }
-                    principal.take_values(values_in(&msg)).map_err(|s| in_message(n, s))?;
                     let f = self.features.clone();
                     let rows = msg.rows.len() as u64;
                     let bytes = msg.encoded_len() as u64;
@@ -276,6 +280,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                         );
                         return Err(in_message(n, shed));
                     }
+                    principal.take_values(values_in(&msg)).map_err(|s| in_message(n, s))?;
                     let resp = blocking(move || f.write(&msg).map_err(status)).await.map_err(|s| in_message(n, s))?;
                     ticket.refund(reserved);
                     summary.requests += 1;
@@ -301,11 +306,13 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         metrics
             .timed("GetHistoricalFeatures", async move {
                 let p = authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
-                let r = req.get_ref();
-                p.take_values(r.spine.len() as u64 * r.features.len() as u64)?;
                 // The spine, and the answers the join holds in memory before it spills.
                 let bytes = req.get_ref().encoded_len() * DECODED_BYTES_PER_ENCODED + self.features.join_spill_bytes();
                 let ticket = self.admission.admit(bytes)?;
+                let r = req.get_ref();
+                let cells =
+                    r.spine.len().min(SPINE_ROWS_MAX) as u64 * r.features.len().min(FEATURES_PER_REQUEST_MAX) as u64;
+                p.take_values(cells)?;
                 let f = self.features.clone();
                 let req = req.into_inner();
                 Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {

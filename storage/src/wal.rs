@@ -71,9 +71,13 @@ impl Segment {
     }
 
     /// Cuts off what a failed append may have left after the last whole one (a full disk
-    /// takes part of a write): the segment ends with a whole record again.
+    /// takes part of a write), durably: the segment ends with a whole record again, and no
+    /// batch of the failed append can come back after a crash (part of it may already have
+    /// reached the disk through writeback or a background sync).
     pub fn rollback(&self) -> Result<()> {
-        self.file.truncate(self.written.load(Ordering::Acquire))
+        let _one_at_a_time = self.syncing.lock();
+        self.file.truncate(self.written.load(Ordering::Acquire))?;
+        self.file.sync()
     }
 
     /// The segment's file number.

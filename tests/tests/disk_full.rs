@@ -190,8 +190,10 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
     assert!(d.scrape().contains("quiver_writes_refused{reason=\"disk_full\"} 1"), "{}", d.scrape());
     check(&mut c, &acked, "full").await;
 
-    // Space is freed: writes resume without a restart.
+    // Space is freed: readiness comes back by itself (no client has to try a write first),
+    // and writes resume without a restart.
     std::fs::remove_file(&spare).expect("free space");
+    eventually_health(&d, ServingStatus::Serving, "space freed, before any write").await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut j = i + 2;
     loop {
@@ -206,7 +208,7 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         j += 1;
     }
-    eventually_health(&d, ServingStatus::Serving, "space freed").await;
+    assert_eq!(writes_health(&d).await, ServingStatus::Serving);
     check(&mut c, &acked, "resumed").await;
 
     // A restart on a full disk opens read-only: reads work, writes are refused, health says so.

@@ -336,6 +336,15 @@ async fn bad_input_by_the_book() {
     let e = c.features.write_features(other).await.expect_err("same key, other body");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("\"order-17\""), "{e:?}");
+    // Deletes and maps in another order are the same request.
+    let mut gone = row("gina", T0, 1);
+    gone.values.clear();
+    gone.deletes = vec!["clicks".into(), "spend".into()];
+    let del = pb::WriteFeaturesRequest { rows: vec![gone], idempotency_key: "order-18".into(), ..Default::default() };
+    c.features.write_features(del.clone()).await.expect("deletes");
+    let mut reordered = del.clone();
+    reordered.rows[0].deletes.reverse();
+    assert!(c.features.write_features(reordered).await.expect("same request").into_inner().deduplicated);
     let mut sync = req.clone();
     sync.durability = pb::Durability::Async as i32;
     let e = c.features.write_features(sync).await.expect_err("same key, other durability");

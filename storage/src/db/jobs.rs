@@ -31,6 +31,7 @@ pub(super) fn run(inner: &Inner, job: Job) {
             Job::Flush => inner.flush_oldest(),
             Job::Compact => inner.compact_once(),
             Job::SyncWal => {
+                inner.probe_wal_space();
                 let wal = inner.current_wal.lock().clone();
                 if wal.unsynced_bytes() > 0 && wal.sync()? {
                     inner.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
@@ -97,6 +98,10 @@ impl Inner {
         };
         let mut created = None;
         let result = (|| -> Result<()> {
+            // On a visibly full disk, wait without writing a byte.
+            if let Some(e) = self.lacks_room_for(imm.approximate_bytes() as u64) {
+                return Err(e);
+            }
             let number = self.versions.lock().new_file_number();
             created = Some(number);
             let mut tw =
@@ -222,6 +227,11 @@ impl Inner {
     }
 
     fn run_compaction_inner(&self, plan: &Plan, created: &mut Vec<u64>) -> Result<()> {
+        // Its outputs need room before its inputs go: on a disk that visibly lacks it, wait
+        // without writing (a compaction that fills the disk would make writes fail meanwhile).
+        if let Some(e) = self.lacks_room_for(plan.all_inputs().map(|t| t.meta.size).sum()) {
+            return Err(e);
+        }
         // The horizon as the manifest has it: `set_event_horizon` updates it while holding the
         // horizon write lock, so every accepted write below it is already in a memtable, and
         // reading it here never waits behind a stalled writer.

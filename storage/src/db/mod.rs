@@ -171,9 +171,9 @@ pub(crate) struct Inner {
 /// Where the disk was found full, and what the error said (see [`Error::NoSpace`]).
 #[derive(Debug, Default)]
 struct NoSpace {
-    /// A write was refused for space (its WAL append or new segment found the disk full, or
-    /// it would have waited for background work that did): cleared by the next logged write.
-    wal: Mutex<Option<String>>,
+    /// A WAL step found the disk full (an append, or a new segment): cleared by the next logged
+    /// write, or once the disk has room again (checked by the WAL syncer).
+    wal: Mutex<Option<WalFull>>,
     wal_set: AtomicBool,
     /// A flush, or a compaction: each cleared by the next run of its kind that finishes or
     /// finds nothing to do. While either is set, a writer that would wait for background
@@ -181,6 +181,19 @@ struct NoSpace {
     flush: Mutex<Option<String>>,
     compaction: Mutex<Option<String>>,
 }
+
+/// A WAL step that found the disk full.
+#[derive(Debug, Clone)]
+struct WalFull {
+    what: String,
+    /// Bytes it needed.
+    needed: u64,
+}
+
+/// Free space, beyond what a refused WAL step needed, at which the refusal is lifted without
+/// waiting for a write to succeed (and beyond a table's estimated size, at which background
+/// work tries to write it).
+pub const NO_SPACE_RESUME_MARGIN: u64 = 1 << 20;
 
 /// The kinds of background work that can find the disk full.
 #[derive(Debug, Clone, Copy)]
@@ -539,7 +552,11 @@ impl Db {
         if let Some(e) = &i.read_only {
             return Some(WritesRefused::ReadOnly(e.clone()));
         }
-        i.no_space.wal.lock().clone().map(WritesRefused::DiskFull)
+        if let Some(w) = i.no_space.wal.lock().as_ref() {
+            return Some(WritesRefused::DiskFull(w.what.clone()));
+        }
+        let view = i.view.read().clone();
+        i.stalled_for_space(&view).map(|e| WritesRefused::DiskFull(e.to_string()))
     }
 
     /// Whether flushes, and compactions, are waiting for disk space (the last run of each
@@ -629,14 +646,41 @@ impl Inner {
         self.work_cv.notify_all();
     }
 
-    /// Records that a WAL step found the disk full (the step left nothing behind).
-    fn wal_full(&self, e: &Error) {
+    /// Records that a WAL step needing `needed` bytes found the disk full (the step left
+    /// nothing behind).
+    fn wal_full(&self, e: &Error, needed: u64) {
         let mut g = self.no_space.wal.lock();
         if g.is_none() {
             tracing::warn!(error = %e, "disk full: writes are refused until space is freed");
         }
-        *g = Some(e.to_string());
+        *g = Some(WalFull { what: e.to_string(), needed });
         self.no_space.wal_set.store(true, Ordering::Release);
+    }
+
+    /// Lifts a WAL refusal once the disk has room for the refused step and a margin (so
+    /// readiness recovers without a client having to try a write first).
+    pub(super) fn probe_wal_space(&self) {
+        if !self.no_space.wal_set.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(available) = self.fs.available_bytes(&self.dir) else { return };
+        let mut g = self.no_space.wal.lock();
+        if g.as_ref().is_some_and(|w| available >= w.needed.saturating_add(NO_SPACE_RESUME_MARGIN)) {
+            *g = None;
+            self.no_space.wal_set.store(false, Ordering::Release);
+            tracing::info!(available, "disk space is back: writes are taken again");
+        }
+    }
+
+    /// NoSpace without writing a byte, if the disk visibly lacks room for `estimate` bytes of
+    /// tables (and the margin); `None` when it has room or cannot tell.
+    pub(super) fn lacks_room_for(&self, estimate: u64) -> Option<Error> {
+        let available = self.fs.available_bytes(&self.dir)?;
+        (available < estimate.saturating_add(NO_SPACE_RESUME_MARGIN)).then(|| Error::NoSpace {
+            path: self.dir.clone(),
+            what: format!("needs about {estimate} bytes for new tables, {available} available"),
+            read_only: false,
+        })
     }
 
     /// A write was logged: the WAL has space again.
@@ -672,12 +716,25 @@ impl Inner {
         }
     }
 
-    /// The disk-full error a flush or compaction last hit, while it stands.
-    fn background_no_space(&self) -> Option<Error> {
-        let what = self.no_space.flush.lock().clone().or_else(|| self.no_space.compaction.lock().clone())?;
+    /// NoSpace if writers would wait for background work that waits for space: too many
+    /// immutable memtables while flushes find the disk full, or too many level-0 tables while
+    /// compactions do.
+    pub(super) fn stalled_for_space(&self, view: &ReadView) -> Option<Error> {
+        let what = if view.imms.len() >= crate::limits::IMMUTABLE_MEMTABLES_MAX {
+            self.no_space.flush.lock().clone()
+        } else {
+            None
+        };
+        let what = what.or_else(|| {
+            if view.version.levels[0].len() >= self.opts.l0_stop_writes {
+                self.no_space.compaction.lock().clone()
+            } else {
+                None
+            }
+        })?;
         Some(Error::NoSpace {
             path: self.dir.clone(),
-            what: format!("{what}; writes resume once flushes find space again"),
+            what: format!("{what}; writes resume once background work finds space again"),
             read_only: false,
         })
     }

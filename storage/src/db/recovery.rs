@@ -11,9 +11,10 @@
 //!    memtable is flushed to L0, and files nothing refers to are deleted.
 //! 4. On a full disk: if step 3's manifest or new WAL segment finds no space, the engine opens
 //!    *read-only* (what was replayed is served from memory, every write is refused with
-//!    [`Error::NoSpace`], nothing on disk changes) rather than refusing to start. If only the
-//!    flush of the replayed memtable finds no space, the engine opens normally and the
-//!    background work flushes it once space is freed.
+//!    [`Error::NoSpace`]) rather than refusing to start; the attempt's pieces are removed and
+//!    nothing else changes on disk (beyond step 2's cut of a torn tail). If only the flush of
+//!    the replayed memtable, or the edit retiring old segments, finds no space, the engine
+//!    opens normally and the background work catches up once space is freed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -407,12 +408,13 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
     // space; its segments stay until then.
     if replayed.is_empty() {
         let mut vs = inner.versions.lock();
-        inner.log_and_apply(
-            &mut vs,
-            VersionEdit { log_number: Some(wal_number), ..Default::default() },
-            &[],
-            |_| {},
-        )?;
+        let edit = VersionEdit { log_number: Some(wal_number), ..Default::default() };
+        match inner.log_and_apply(&mut vs, edit, &[], |_| {}) {
+            // The old segments hold nothing unflushed: replaying them next time skips every
+            // batch, and the next flush's edit moves the log number past them.
+            Err(e) if e.is_no_space() => tracing::warn!(error = %e, "disk full: old WAL segments kept until a flush"),
+            other => other?,
+        }
     } else {
         loop {
             match inner.flush_oldest() {

@@ -265,7 +265,7 @@ impl Inner {
             if e.is_no_space() {
                 match w.wal.rollback() {
                     Ok(()) => {
-                        self.wal_full(&e);
+                        self.wal_full(&e, refs.iter().map(|r| r.len() as u64 + 32).sum());
                         return Err(e);
                     }
                     Err(t) => {
@@ -385,9 +385,9 @@ impl Inner {
             let stalled =
                 view.imms.len() >= IMMUTABLE_MEMTABLES_MAX || view.version.levels[0].len() >= self.opts.l0_stop_writes;
             if stalled {
-                // Flushes that cannot find space would keep the writer waiting without end.
-                if let Some(e) = self.background_no_space() {
-                    self.wal_full(&e);
+                // Background work that cannot find space would keep the writer waiting
+                // without end.
+                if let Some(e) = self.stalled_for_space(&view) {
                     return Err(e);
                 }
             }
@@ -434,7 +434,7 @@ impl Inner {
                         let _ = self.fs.remove(&path);
                     }
                 }
-                self.wal_full(e);
+                self.wal_full(e, 0);
             }
             Err(e) => self.fail(e),
             Ok(()) => {}

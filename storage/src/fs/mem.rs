@@ -299,6 +299,10 @@ impl Fs for MemFs {
     fn exists(&self, path: &Path) -> bool {
         self.state.lock().live.contains_key(path)
     }
+    fn available_bytes(&self, _dir: &Path) -> Option<u64> {
+        let st = self.state.lock();
+        st.capacity.map(|_| st.free())
+    }
     fn lock_dir(&self, dir: &Path) -> Result<Box<dyn std::any::Any + Send + Sync>> {
         self.state.lock().check_alive(dir)?;
         Ok(Box::new(()))

@@ -63,6 +63,12 @@ pub trait Fs: Send + Sync + Debug {
     fn open_raw(&self, _path: &Path, _direct: bool) -> Result<Option<std::fs::File>> {
         Ok(None)
     }
+    /// Bytes an unprivileged writer may still write on the file system holding `dir`, if
+    /// known: background work checks it before writing a table, and a full disk's refusal of
+    /// writes is lifted when space is back.
+    fn available_bytes(&self, _dir: &Path) -> Option<u64> {
+        None
+    }
 }
 
 /// Reads a whole file.

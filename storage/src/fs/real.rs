@@ -99,6 +99,21 @@ impl Fs for RealFs {
             Err(e) => Err(Error::io(path, e)),
         }
     }
+    fn available_bytes(&self, dir: &Path) -> Option<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs(3) reads the NUL-terminated path, which outlives the call, and fills
+        // the zeroed struct it is given; nothing else is touched.
+        let st = unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            if libc::statvfs(path.as_ptr(), &mut st) != 0 {
+                return None;
+            }
+            st
+        };
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
     fn lock_dir(&self, dir: &Path) -> Result<Box<dyn std::any::Any + Send + Sync>> {
         let path = dir.join("LOCK");
         let file = std::fs::OpenOptions::new()
@@ -112,5 +127,19 @@ impl Fs for RealFs {
             Err(std::fs::TryLockError::WouldBlock) => Err(Error::InUse { path: dir.to_path_buf() }),
             Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn available_bytes_reads_the_file_system() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let fs = RealFs;
+        let free = fs.available_bytes(dir.path()).expect("statvfs of a directory");
+        assert!(free > 0, "{free}");
+        assert_eq!(fs.available_bytes(&dir.path().join("missing")), None);
     }
 }
