@@ -91,7 +91,10 @@ PIDS+=($!)
 # The slow client's proxy.
 python3 "$HELPERS" throttle "$SLOW_PORT" "$PORT" 65536 &
 PIDS+=($!)
-sleep 0.5
+for _ in $(seq 100); do
+  python3 -c "import socket; socket.create_connection(('127.0.0.1', $SLOW_PORT), timeout=1)" 2>/dev/null && break
+  sleep 0.1
+done
 
 "$BENCH" --json online --addr "$ADDR" --entities "$ENTITIES" --features 50 --batch 1 --concurrency 64 \
   --connections 4 --warmup 0 --duration "$SECONDS_TOTAL" --rate "$RATE" >"$OUT/open.json" 2>"$OUT/open.err" &

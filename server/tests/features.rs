@@ -398,7 +398,8 @@ fn a_replicated_version_landing_before_the_commit_fails_the_cas() {
 }
 
 /// Two requests with one idempotency key race past the record look-up: the engine writes the
-/// record only while it is absent, so exactly one applies and the other replays its answer.
+/// record only while it is absent, so exactly one applies and the other replays its answer. The
+/// key sent with another request is refused.
 #[test]
 fn racing_requests_with_one_idempotency_key_apply_once() {
     let (_tmp, f, db) = setup();
@@ -418,7 +419,7 @@ fn racing_requests_with_one_idempotency_key_apply_once() {
             }
         });
     }
-    let outer = f.write(&req(1)).expect("first request");
+    let outer = f.write(&req(2)).expect("first request");
     f.set_before_commit(None);
     let inner = inner.lock().take().expect("the hook ran").expect("second request");
     assert!(!inner.deduplicated, "the request that committed first applied");
@@ -426,10 +427,14 @@ fn racing_requests_with_one_idempotency_key_apply_once() {
     assert_eq!((outer.system_time, outer.version.clone()), (inner.system_time, inner.version.clone()));
     assert!(outer.version.is_some_and(|v| !v.entries.is_empty()), "the write's vector is returned");
     let r = online(&f, &["alice"], T0);
-    assert_eq!(r.columns[0].int64_values, vec![2], "only the second request's value was written");
+    assert_eq!(r.columns[0].int64_values, vec![2]);
     let seq = db.stats().last_seqno;
-    assert!(f.write(&req(3)).expect("retry").deduplicated);
-    assert_eq!(db.stats().last_seqno, seq);
+    assert!(f.write(&req(2)).expect("retry").deduplicated);
+    match f.write(&req(3)) {
+        Err(ServiceError::Refused(m)) => assert!(m.contains("\"batch-42\""), "{m}"),
+        other => panic!("the key with another request: want FAILED_PRECONDITION, got {other:?}"),
+    }
+    assert_eq!(db.stats().last_seqno, seq, "neither the retry nor the refused request wrote");
 }
 
 /// The event horizon applies to feature values, not to the service's own records (kept at
