@@ -60,9 +60,11 @@ def flood(target_port: int, n: int, hold: float, seconds: float) -> None:
                 break
         time.sleep(hold)
         for s in previous:
+            # The server speaks first (its HTTP/2 settings): drain that, then look for the close.
             try:
-                if s.recv(1) == b"":
-                    closed_by_server += 1
+                while s.recv(65536):
+                    pass
+                closed_by_server += 1
             except BlockingIOError:
                 pass
             except OSError:
