@@ -183,6 +183,22 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
         "{refused:?}"
     );
     assert!(refused.message().contains("resume by themselves"), "{refused:?}");
+    // A failed flush frees what it wrote, which can be room enough again: take the last of
+    // it, so the disk stays full while the test looks.
+    let squeeze = fill(&disk.0.join("squeeze"));
+    let mut k = i;
+    loop {
+        k += 1;
+        match c.features.write_features(write(k)).await {
+            Ok(_) => {
+                acked.insert(k % 50, k);
+            }
+            Err(s) if s.code() == Code::ResourceExhausted => break,
+            Err(s) => panic!("{s:?}"),
+        }
+        assert!(k < i + 1_000, "the disk never filled again");
+    }
+    let i = k;
     eventually_health(&d, ServingStatus::NotServing, "full").await;
     let mut h = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
     let all = h.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("health");
@@ -193,6 +209,7 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
     // Space is freed: readiness comes back by itself (no client has to try a write first),
     // and writes resume without a restart.
     std::fs::remove_file(&spare).expect("free space");
+    std::fs::remove_file(&squeeze).expect("free space");
     eventually_health(&d, ServingStatus::Serving, "space freed, before any write").await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut j = i + 2;
