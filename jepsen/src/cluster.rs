@@ -65,7 +65,6 @@ impl Security {
     /// A CA, a certificate per region (for its address and 127.0.0.1, naming the region) and
     /// a token file, under `dir`.
     fn create(dir: &Path, nodes: &[Node]) -> Result<Security, String> {
-        use sha2::Digest;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let pki = quiver_testkit::pki::Pki::new("quiver jepsen CA")?;
         let ca_pem = pki.ca_pem();
@@ -73,15 +72,11 @@ impl Security {
         for n in nodes {
             pki.write(dir, &format!("region-{}", n.region), Some(n.region), &[n.addr.ip()])?;
         }
-        let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret).map_err(|e| format!("randomness: {e}"))?;
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        let token = format!("qvt_{}", hex(&secret));
-        let file = format!(
-            "[[token]]\nname = \"jepsen\"\nhash = \"sha256:{}\"\nscopes = [\"read\", \"write\", \"registry\", \"admin\"]\n",
-            hex(&sha2::Sha256::digest(token.as_bytes()))
-        );
-        std::fs::write(dir.join("tokens.toml"), file).map_err(|e| format!("tokens.toml: {e}"))?;
+        use quiver_server::auth::{Rates, Scope, TokenFile};
+        let mut tokens = TokenFile::default();
+        let scopes = vec![Scope::Read, Scope::Write, Scope::Registry, Scope::Admin];
+        let token = tokens.create("jepsen", scopes, Vec::new(), None, Rates::default())?;
+        tokens.save(&dir.join("tokens.toml"))?;
         Ok(Security { ca_pem, token, dir: dir.to_path_buf() })
     }
 

@@ -288,7 +288,7 @@ impl<S: NamedService> NamedService for AdmitRequests<S> {
 impl<S, B> Service<http::Request<B>> for AdmitRequests<S>
 where
     S: Service<http::Request<tonic::body::Body>>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<tonic::codegen::StdError>,
 {
     type Response = S::Response;
@@ -302,7 +302,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> S::Future {
         let (parts, body) = req.into_parts();
         let body = MeteredBody {
-            body: Box::pin(body),
+            body,
             framing: Framing::default(),
             held: 0,
             admission: self.admission.clone(),
@@ -367,8 +367,10 @@ impl Framing {
 /// A request body whose arriving message is charged to the budget as its bytes come in
 /// (returned when the message is complete: tonic decodes it then, and the handler charges
 /// what it holds), and refused at its length prefix when it could never fit.
+/// (The incoming body is `Unpin`, as hyper's and tonic's are: it is polled in place, with no
+/// allocation per request.)
 struct MeteredBody<B> {
-    body: std::pin::Pin<Box<B>>,
+    body: B,
     framing: Framing,
     held: usize,
     admission: Arc<Admission>,
@@ -427,7 +429,7 @@ impl<B> Drop for MeteredBody<B> {
 
 impl<B> http_body::Body for MeteredBody<B>
 where
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<tonic::codegen::StdError>,
 {
     type Data = Bytes;
@@ -442,7 +444,7 @@ where
             return Poll::Ready(None);
         }
         let this = &mut *self;
-        match this.body.as_mut().poll_frame(cx) {
+        match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let mut framing = std::mem::take(&mut this.framing);
@@ -549,7 +551,7 @@ mod tests {
                 Ok(http_body::Frame::data(Bytes::copy_from_slice(tail))),
             ];
             MeteredBody::<Pieces> {
-                body: Box::pin(http_body_util::StreamBody::new(tokio_stream::iter(frames))),
+                body: http_body_util::StreamBody::new(tokio_stream::iter(frames)),
                 framing: Framing::default(),
                 held: 0,
                 admission: a.clone(),

@@ -456,18 +456,25 @@ impl Principal {
 
     /// Counts one call against the token's `requests_per_second`.
     pub fn take_request(&self) -> Result<(), Status> {
-        let Some(l) = &self.limiter else { return Ok(()) };
-        let Some(b) = &l.requests else { return Ok(()) };
-        let taken = b.lock().take(1);
-        taken.map_err(|wait| l.refuse(&self.name, "requests", l.rates.requests_per_second.unwrap_or(0), wait))
+        self.take(|l| l.requests.as_ref(), "requests", 1)
     }
 
     /// Counts `n` values against the token's `values_per_second`.
     pub fn take_values(&self, n: u64) -> Result<(), Status> {
+        self.take(|l| l.values.as_ref(), "values", n)
+    }
+
+    /// Takes `cost` from the bucket `bucket` picks, if the token has it.
+    fn take(
+        &self,
+        bucket: impl Fn(&RateLimiter) -> Option<&parking_lot::Mutex<Bucket>>,
+        what: &str,
+        cost: u64,
+    ) -> Result<(), Status> {
         let Some(l) = &self.limiter else { return Ok(()) };
-        let Some(b) = &l.values else { return Ok(()) };
-        let taken = b.lock().take(n);
-        taken.map_err(|wait| l.refuse(&self.name, "values", l.rates.values_per_second.unwrap_or(0), wait))
+        let Some(b) = bucket(l) else { return Ok(()) };
+        let mut b = b.lock();
+        b.take(cost).map_err(|wait| l.refuse(&self.name, what, b.rate as u64, wait))
     }
 
     /// A peer region authenticated by its certificate: replication for that region only.

@@ -29,32 +29,37 @@ pub const WRITES_HEALTH_SERVICE: &str = "quiver.v1.Writes";
 /// How often the writes' health is checked.
 pub const WRITES_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Keeps [`WRITES_HEALTH_SERVICE`] NOT_SERVING while the engine refuses writes, and logs each
-/// change.
-async fn watch_writes(db: Arc<Db>, health: tonic_health::server::HealthReporter) {
-    let mut refused: Option<quiver_storage::WritesRefused> = None;
-    if let Some(why) = db.writes_refused() {
-        tracing::warn!(reason = %why, "writes are refused; health {WRITES_HEALTH_SERVICE} is NOT_SERVING");
-        refused = Some(why);
+/// Sets [`WRITES_HEALTH_SERVICE`] from why writes are refused (`None`: they are taken), and
+/// logs it unless it is the start and writes are taken.
+async fn report_writes(
+    health: &tonic_health::server::HealthReporter,
+    refused: &Option<quiver_storage::WritesRefused>,
+    at_start: bool,
+) {
+    match refused {
+        Some(why) => tracing::warn!(reason = %why, "writes are refused; health {WRITES_HEALTH_SERVICE} is NOT_SERVING"),
+        None if !at_start => tracing::info!("writes are taken again; health {WRITES_HEALTH_SERVICE} is SERVING"),
+        None => {}
     }
+    let status =
+        if refused.is_some() { tonic_health::ServingStatus::NotServing } else { tonic_health::ServingStatus::Serving };
+    health.set_service_status(WRITES_HEALTH_SERVICE, status).await;
+}
+
+/// Keeps [`WRITES_HEALTH_SERVICE`] NOT_SERVING while the engine refuses writes (it was last
+/// reported for `refused`).
+async fn watch_writes(
+    db: Arc<Db>,
+    health: tonic_health::server::HealthReporter,
+    mut refused: Option<quiver_storage::WritesRefused>,
+) {
     loop {
+        tokio::time::sleep(WRITES_HEALTH_INTERVAL).await;
         let now = db.writes_refused();
         if now != refused {
-            match &now {
-                Some(why) => {
-                    tracing::warn!(reason = %why, "writes are refused; health {WRITES_HEALTH_SERVICE} is NOT_SERVING")
-                }
-                None => tracing::info!("writes are taken again; health {WRITES_HEALTH_SERVICE} is SERVING"),
-            }
-            let status = if now.is_some() {
-                tonic_health::ServingStatus::NotServing
-            } else {
-                tonic_health::ServingStatus::Serving
-            };
-            health.set_service_status(WRITES_HEALTH_SERVICE, status).await;
+            report_writes(&health, &now, false).await;
             refused = now;
         }
-        tokio::time::sleep(WRITES_HEALTH_INTERVAL).await;
     }
 }
 
@@ -246,13 +251,9 @@ pub async fn serve(
     }
     // Readiness for writes: NOT_SERVING while the engine refuses them (a full disk, a read-only
     // open, an I/O error); the rest stays SERVING while reads work.
-    let writes = if db.writes_refused().is_some() {
-        tonic_health::ServingStatus::NotServing
-    } else {
-        tonic_health::ServingStatus::Serving
-    };
-    health_reporter.set_service_status(WRITES_HEALTH_SERVICE, writes).await;
-    let write_health = tokio::spawn(watch_writes(db.clone(), health_reporter.clone()));
+    let refused = db.writes_refused();
+    report_writes(&health_reporter, &refused, true).await;
+    let write_health = tokio::spawn(watch_writes(db.clone(), health_reporter.clone(), refused));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -493,7 +493,6 @@ struct Prepared {
     /// The compare-and-swap expectations, and the `group:feature` each names.
     expect: Vec<Expectation>,
     names: Vec<String>,
-    written: u64,
 }
 
 /// The feature service of one node.
@@ -1106,10 +1105,6 @@ impl Features {
         let mut batch = WriteBatch::new();
         let (mut expect, mut cas_names) = (Vec::new(), Vec::new());
         let mut groups: HashMap<&str, (String, HashMap<String, ResolvedFeature>)> = HashMap::new();
-        // A later write of a cell in the same batch replaces an earlier one: `written` counts
-        // the versions stored, one per distinct (entity, feature, event time).
-        let mut cells: HashMap<(Vec<u8>, i64), std::collections::HashSet<u32>> = HashMap::new();
-        let mut written = 0u64;
         for (i, row) in req.rows.iter().enumerate() {
             if !groups.contains_key(row.group.as_str()) {
                 let feats = self.registry.resolve_group(&row.group)?;
@@ -1130,19 +1125,16 @@ impl Features {
                     ServiceError::NotFound(format!("row {i}: group {} has no feature {name:?}", row.group))
                 })
             };
-            let row_cells = cells.entry((key.clone(), e.0)).or_default();
             let mut names: Vec<&String> = row.values.keys().collect();
             names.sort();
             for name in names {
                 let f = feature(name)?;
                 let v = convert::to_engine(&row.values[name], f.value_type, &format!("row {i}: {}", name))?;
                 batch.put(&key, f.id, e, v).map_err(|err| ServiceError::Invalid(format!("row {i}: {name}: {err}")))?;
-                written += u64::from(row_cells.insert(f.id.0));
             }
             for name in &row.deletes {
                 let f = feature(name)?;
                 batch.delete(&key, f.id, e).map_err(|err| ServiceError::Invalid(format!("row {i}: {name}: {err}")))?;
-                written += u64::from(row_cells.insert(f.id.0));
             }
             for (name, vv) in &row.expected_versions {
                 let f = feature(name)?;
@@ -1165,7 +1157,7 @@ impl Features {
                 cas_names.push(format!("{}:{name}", row.group));
             }
         }
-        Ok(Prepared { batch, expect, names: cas_names, written })
+        Ok(Prepared { batch, expect, names: cas_names })
     }
 
     /// Commits a prepared write in one engine step: its compare-and-swap expectations, and
@@ -1178,7 +1170,9 @@ impl Features {
         prepared: Prepared,
         durability: Durability,
     ) -> Result<pb::WriteFeaturesResponse> {
-        let Prepared { mut batch, mut expect, names, written } = prepared;
+        let Prepared { mut batch, mut expect, names } = prepared;
+        // Cell versions stored: a later write of a cell in the batch replaces an earlier one.
+        let written = batch.distinct_cells() as u64;
         let idempotent = !req.idempotency_key.is_empty();
         if idempotent {
             // The answer is stored with the write, in the same atomic batch; its system time

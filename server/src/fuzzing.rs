@@ -122,12 +122,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
     let user = |id: &str| pb::EntityKey {
         parts: vec![pb::KeyPart { kind: Some(pb::key_part::Kind::StringValue(id.into())) }],
     };
-    let ts = |us: i64| {
-        Some(prost_types::Timestamp {
-            seconds: us.div_euclid(1_000_000),
-            nanos: (us.rem_euclid(1_000_000) * 1000) as i32,
-        })
-    };
+    let ts = |us: i64| Some(crate::convert::timestamp(us));
     let value = |k: pb::value::Kind| pb::Value { kind: Some(k) };
     let row = pb::WriteRow {
         entity: Some(user("alice")),

@@ -231,13 +231,8 @@ impl Metrics {
         bytes.set(a.bytes_in_flight() as i64);
         shed.set(a.shed_total().min(i64::MAX as u64) as i64);
         let refused = self.db.writes_refused();
-        for reason in ["disk_full", "read_only", "stopped"] {
-            let on = match &refused {
-                Some(quiver_storage::WritesRefused::DiskFull(_)) => reason == "disk_full",
-                Some(quiver_storage::WritesRefused::ReadOnly(_)) => reason == "read_only",
-                Some(quiver_storage::WritesRefused::Stopped(_)) => reason == "stopped",
-                None => false,
-            };
+        for reason in quiver_storage::WritesRefused::REASONS {
+            let on = refused.as_ref().is_some_and(|r| r.reason() == reason);
             self.writes_refused.with_label_values(&[reason]).set(i64::from(on));
         }
         let (flush, compaction) = self.db.background_waiting_for_space();

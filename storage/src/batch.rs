@@ -139,6 +139,13 @@ impl WriteBatch {
             .min()
     }
 
+    /// The cell versions the batch stores: its distinct cells (a later write of a cell in the
+    /// batch replaces an earlier one).
+    pub fn distinct_cells(&self) -> usize {
+        let mut seen = std::collections::HashSet::with_capacity(self.ops.len());
+        self.ops.iter().filter(|o| seen.insert((o.entity.as_slice(), o.feature, o.event_time))).count()
+    }
+
     /// Each write's cell, its value (`None`: a tombstone) and its explicit vector (`None`: it
     /// gets the batch's local vector), in batch order.
     pub(crate) fn cells(&self) -> impl Iterator<Item = (CellRef<'_>, Option<&Value>, Option<&VersionVector>)> {
@@ -262,6 +269,17 @@ fn decode_inner(payload: &[u8], check_cells: bool) -> Result<DecodedBatch<'_>, D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_cells_count_a_rewritten_cell_once() {
+        let mut b = WriteBatch::new();
+        b.put(b"e", FeatureId(1), EventTime(0), Value::Int64(1)).expect("put");
+        b.put(b"e", FeatureId(1), EventTime(0), Value::Int64(2)).expect("put");
+        b.delete(b"e", FeatureId(1), EventTime(0)).expect("delete");
+        b.put(b"e", FeatureId(1), EventTime(1), Value::Int64(3)).expect("put");
+        b.put(b"f", FeatureId(1), EventTime(0), Value::Int64(4)).expect("put");
+        assert_eq!((b.len(), b.distinct_cells()), (5, 3));
+    }
 
     #[test]
     fn round_trip_and_limits() {

@@ -87,6 +87,17 @@ impl Daemon {
         out
     }
 
+    /// The value of the unlabelled metric `name` (e.g. `quiver_requests_shed_total`); panics if
+    /// the page lacks it.
+    pub fn metric(&self, name: &str) -> u64 {
+        let page = self.scrape();
+        let prefix = format!("{name} ");
+        page.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .unwrap_or_else(|| panic!("metric {name} missing from {page}"))
+    }
+
     /// Its process id (to signal it).
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -67,15 +67,8 @@ fn fill(path: &Path) -> PathBuf {
 
 /// A pseudo-random value (so compression cannot make room).
 fn blob(i: u64) -> pb::Value {
-    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let bytes = (0..VALUE_BYTES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut rng = quiver_testkit::Rng::new(i);
+    let bytes = (0..VALUE_BYTES).map(|_| rng.next_u64() as u8).collect();
     pb::Value { kind: Some(pb::value::Kind::BytesValue(bytes)) }
 }
 

@@ -114,12 +114,7 @@ async fn connections_past_the_limit_are_closed_at_once() {
     };
     c.get_stats(pb::GetStatsRequest {}).await.expect("served");
     drop(second);
-    let refused_total = d
-        .scrape()
-        .lines()
-        .find_map(|l| l.strip_prefix("quiver_connections_refused_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .expect("quiver_connections_refused_total");
+    let refused_total = d.metric("quiver_connections_refused_total");
     assert!(refused_total >= 1, "the refused connection is counted");
     assert!(d.stop());
 }
@@ -154,12 +149,7 @@ async fn a_connection_that_never_speaks_is_closed_after_the_first_bytes_timeout(
     let after = closed.duration_since(started);
     // quiverd's FIRST_BYTES_TIMEOUT is 10 s.
     assert!(after >= Duration::from_secs(9), "closed after {after:?}, before the timeout");
-    let silent_closed = d
-        .scrape()
-        .lines()
-        .find_map(|l| l.strip_prefix("quiver_connections_silent_closed_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .expect("quiver_connections_silent_closed_total");
+    let silent_closed = d.metric("quiver_connections_silent_closed_total");
     assert_eq!(silent_closed, 1, "only the connection that never spoke is closed for silence");
     // The one that spoke is still open (HTTP/2 keepalive looks after it from then on).
     spoke.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");

@@ -503,11 +503,7 @@ async fn tokens_have_request_and_value_rate_limits() {
     assert_eq!(code(again), Code::ResourceExhausted, "the debt survives a reload");
     // Other tokens are not affected.
     o.features.write_features(write("user_stats")).await.expect("ops is unlimited");
-    let limited: u64 = d
-        .scrape()
-        .lines()
-        .find_map(|l| l.strip_prefix("quiver_requests_rate_limited_total ")?.trim().parse().ok())
-        .expect("the rate-limited metric");
+    let limited = d.metric("quiver_requests_rate_limited_total");
     assert!(limited >= 3, "{limited}");
     assert!(d.stop());
 }

@@ -223,6 +223,20 @@ pub enum WritesRefused {
     DiskFull(String),
 }
 
+impl WritesRefused {
+    /// Every reason's short name (`stopped`, `read_only`, `disk_full`), for metrics labels.
+    pub const REASONS: [&'static str; 3] = ["stopped", "read_only", "disk_full"];
+
+    /// This reason's short name (one of [`WritesRefused::REASONS`]).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WritesRefused::Stopped(_) => "stopped",
+            WritesRefused::ReadOnly(_) => "read_only",
+            WritesRefused::DiskFull(_) => "disk_full",
+        }
+    }
+}
+
 impl std::fmt::Display for WritesRefused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
