@@ -104,6 +104,36 @@ impl quiver_storage::Clock for SkewedClock {
     }
 }
 
+/// How the memory budget is shared, in sixteenths. Together they are the whole budget, so
+/// quiverd's resident memory stays within it:
+/// - the hot tier, [`HOT_TIER_SIXTEENTHS`] (online reads are served from it);
+/// - the block cache, [`BLOCK_CACHE_SIXTEENTHS`], which also holds the open tables' indexes
+///   and filters (blocks get what those leave);
+/// - memtables, [`MEMTABLE_SIXTEENTHS`] each: the active one and one being flushed (writers
+///   wait for the flush rather than freeze a third);
+/// - requests in flight, 1/[`REQUEST_MEMORY_SHARE_DIVISOR`];
+/// - a join's answers before they spill, 1/[`JOIN_MEMORY_SHARE_DIVISOR`];
+/// - [`PROCESS_SIXTEENTHS`] for the process itself: threads, connections, a flush's or
+///   compaction's buffers, the allocator's slack.
+pub const HOT_TIER_SIXTEENTHS: usize = 7;
+/// See [`HOT_TIER_SIXTEENTHS`].
+pub const BLOCK_CACHE_SIXTEENTHS: usize = 3;
+/// See [`HOT_TIER_SIXTEENTHS`].
+pub const MEMTABLE_SIXTEENTHS: usize = 1;
+/// Memtables: the active one and at most this many being flushed.
+pub const IMMUTABLE_MEMTABLES: usize = 1;
+/// See [`HOT_TIER_SIXTEENTHS`].
+pub const PROCESS_SIXTEENTHS: usize = 1;
+const _: () = assert!(
+    HOT_TIER_SIXTEENTHS
+        + BLOCK_CACHE_SIXTEENTHS
+        + MEMTABLE_SIXTEENTHS * (1 + IMMUTABLE_MEMTABLES)
+        + 16 / REQUEST_MEMORY_SHARE_DIVISOR
+        + 16 / JOIN_MEMORY_SHARE_DIVISOR
+        + PROCESS_SIXTEENTHS
+        == 16
+);
+
 /// What a server needs.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -111,7 +141,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// Durability of writes that do not ask for one.
     pub durability: Durability,
-    /// Memory budget for memtables, the hot tier and the block cache, in bytes.
+    /// Memory budget, in bytes (shared as [`HOT_TIER_SIXTEENTHS`] says).
     pub memory_budget_bytes: usize,
     /// Which backend reads data blocks (`auto` picks io_uring when the kernel offers it).
     pub io_backend: IoBackend,
@@ -160,9 +190,10 @@ pub async fn serve(
     let opts = Options {
         // Online lookups are served from the hot tier (complete on a fresh engine while the
         // online set fits): it gets the largest share.
-        memtable_bytes: budget / 8,
-        hot_tier_bytes: budget / 2,
-        block_cache_bytes: budget / 4,
+        memtable_bytes: budget / 16 * MEMTABLE_SIXTEENTHS,
+        immutable_memtables_max: IMMUTABLE_MEMTABLES,
+        hot_tier_bytes: budget / 16 * HOT_TIER_SIXTEENTHS,
+        block_cache_bytes: budget / 16 * BLOCK_CACHE_SIXTEENTHS,
         io_backend: cfg.io_backend,
         direct_reads: cfg.direct_reads,
         region: cfg.cluster.region,
@@ -216,8 +247,7 @@ pub async fn serve(
         ..Default::default()
     };
     let replicator = Replicator::with_transport(db.clone(), registry.clone(), &cfg.cluster, transport);
-    // A join's answers stay in memory up to 1/16 of the budget (what the engine's shares leave
-    // is 1/8), then spill.
+    // A join's answers stay in memory up to 1/16 of the budget, then spill.
     let mut features =
         Features::new(registry.clone(), cfg.durability).with_join_spill_bytes(budget / JOIN_MEMORY_SHARE_DIVISOR);
     if let Some(n) = cfg.join_threads {

@@ -101,7 +101,7 @@ impl Metrics {
             registry.register(Box::new(c.clone())).map_err(err)?;
         }
         registry.register(Box::new(lag_seconds.clone())).map_err(err)?;
-        let figures: [(&str, &str, Figure); 21] = [
+        let figures: [(&str, &str, Figure); 25] = [
             ("replication_conflicts", "replicated versions concurrent with their cell's winner since start", |s| {
                 s.replication_conflicts as i64
             }),
@@ -112,7 +112,19 @@ impl Metrics {
             ("engine_write_groups", "group commits since start", |s| s.write_groups as i64),
             ("engine_memtable_bytes", "bytes in the active memtable", |s| s.memtable_bytes as i64),
             ("engine_immutable_memtables", "memtables waiting for flush", |s| s.immutable_memtables as i64),
+            ("engine_immutable_memtable_bytes", "bytes in the memtables waiting for flush", |s| {
+                s.immutable_memtable_bytes as i64
+            }),
             ("engine_table_bytes", "bytes of all tables", |s| s.levels.iter().map(|l| l.bytes as i64).sum()),
+            ("engine_table_memory_bytes", "bytes the open tables hold in memory (indexes and filters)", |s| {
+                s.table_memory_bytes as i64
+            }),
+            ("engine_block_cache_bytes", "bytes held by the block cache", |s| s.block_cache_bytes as i64),
+            (
+                "engine_block_cache_capacity_bytes",
+                "bytes the block cache may hold: its share less the open tables' indexes and filters",
+                |s| s.block_cache_capacity as i64,
+            ),
             ("engine_block_cache_hits", "block cache hits since start", |s| s.block_cache_hits as i64),
             ("engine_block_cache_misses", "block cache misses since start", |s| s.block_cache_misses as i64),
             ("engine_hot_tier_hits", "reads the hot tier answered since start", |s| s.hot.hits as i64),

@@ -39,20 +39,28 @@ pub struct LevelIter {
     /// Index of the table `cur` reads; `tables.len()` once past the end.
     idx: usize,
     cur: Option<TableIter>,
+    /// Whether the blocks read are added to the block cache (see [`crate::sstable::Table::iter_filling`]).
+    fill_cache: bool,
 }
 
 impl LevelIter {
     /// A cursor over `tables` (sorted, non-overlapping), not positioned.
     pub fn new(tables: Vec<Arc<TableHandle>>) -> Self {
+        Self::filling(tables, true)
+    }
+
+    /// A cursor over `tables` that adds the blocks it reads to the block cache only if
+    /// `fill_cache`.
+    pub fn filling(tables: Vec<Arc<TableHandle>>, fill_cache: bool) -> Self {
         let idx = tables.len();
-        LevelIter { tables, idx, cur: None }
+        LevelIter { tables, idx, cur: None, fill_cache }
     }
 
     /// Opens table `idx` at its first entry, moving on past empty tables.
     fn open_from(&mut self, mut idx: usize) -> Result<()> {
         self.cur = None;
         while idx < self.tables.len() {
-            let mut it = self.tables[idx].table.iter();
+            let mut it = self.tables[idx].table.iter_filling(self.fill_cache);
             it.seek_to_first()?;
             if it.valid() {
                 self.idx = idx;
@@ -75,7 +83,7 @@ impl LevelIter {
         }
         if idx != self.idx || self.cur.is_none() {
             self.idx = idx;
-            self.cur = Some(self.tables[idx].table.iter());
+            self.cur = Some(self.tables[idx].table.iter_filling(self.fill_cache));
         }
         if let Some(it) = &mut self.cur {
             it.seek(target)?;
@@ -113,6 +121,7 @@ impl LevelIter {
 /// consecutive tables that are in key order and do not overlap (a level below L0, or the part
 /// of one a compaction takes) becomes one [`LevelIter`]; any other table is its own source.
 /// Within a stretch no two tables share a key, so the priority between sources is unchanged.
+/// These are a compaction's inputs: the blocks they read are not added to the block cache.
 pub fn table_runs(tables: impl IntoIterator<Item = Arc<TableHandle>>) -> Vec<Source> {
     let mut runs: Vec<Vec<Arc<TableHandle>>> = Vec::new();
     for t in tables {
@@ -123,8 +132,8 @@ pub fn table_runs(tables: impl IntoIterator<Item = Arc<TableHandle>>) -> Vec<Sou
     }
     runs.into_iter()
         .map(|run| match run.len() {
-            1 => Source::Table(run[0].table.iter()),
-            _ => Source::Level(LevelIter::new(run)),
+            1 => Source::Table(run[0].table.iter_filling(false)),
+            _ => Source::Level(LevelIter::filling(run, false)),
         })
         .collect()
 }

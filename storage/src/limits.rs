@@ -29,8 +29,14 @@ pub const BLOCK_BYTES_MAX: usize = VALUE_BYTES_MAX + 2 * ENTITY_KEY_BYTES_MAX + 
 pub const META_BLOCK_BYTES_MAX: usize = 128 << 20;
 /// Number of levels of the LSM tree, L0 included.
 pub const LEVELS: usize = 7;
-/// Most immutable memtables waiting for flush before writers stall.
+/// Most immutable memtables waiting for flush before writers stall (the default and the
+/// largest `Options::immutable_memtables_max`).
 pub const IMMUTABLE_MEMTABLES_MAX: usize = 4;
+/// Most `(entity, feature)` pairs in one table written by compaction: its writer keeps an
+/// 8-byte hash per pair for the filter until the table is finished, so this bounds that memory
+/// (16 MiB) whatever the table's byte size (one version per pair packs about 5 million pairs
+/// into a 32 MiB table).
+pub const TABLE_PAIRS_MAX: usize = 1 << 21;
 /// Bloom filter bits per (entity, feature) prefix.
 pub const BLOOM_BITS_PER_KEY: usize = 10;
 /// Entries between restart points in a data block.

@@ -22,6 +22,10 @@ pub enum Background {
 pub struct Options {
     /// Memtable size that triggers a switch and a flush.
     pub memtable_bytes: usize,
+    /// Most immutable memtables waiting for flush before writers stall (1 to
+    /// [`crate::limits::IMMUTABLE_MEMTABLES_MAX`]). Memtables hold at most
+    /// `memtable_bytes x (1 + immutable_memtables_max)`.
+    pub immutable_memtables_max: usize,
     /// Target uncompressed data block size.
     pub block_bytes: usize,
     /// Bytes of parsed data blocks kept in memory; 0 disables the block cache.
@@ -73,6 +77,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             memtable_bytes: 64 << 20,
+            immutable_memtables_max: crate::limits::IMMUTABLE_MEMTABLES_MAX,
             block_bytes: 16 << 10,
             block_cache_bytes: 256 << 20,
             hot_tier_bytes: 64 << 20,
@@ -102,6 +107,13 @@ impl Options {
         let bad = |what: String| Err(crate::Error::InvalidArgument(format!("options: {what}")));
         if self.memtable_bytes == 0 || self.block_bytes == 0 || self.table_bytes == 0 || self.l1_bytes == 0 {
             return bad("memtable_bytes, block_bytes, table_bytes and l1_bytes must be positive".into());
+        }
+        if !(1..=crate::limits::IMMUTABLE_MEMTABLES_MAX).contains(&self.immutable_memtables_max) {
+            return bad(format!(
+                "immutable_memtables_max must be 1 to {}, not {}",
+                crate::limits::IMMUTABLE_MEMTABLES_MAX,
+                self.immutable_memtables_max
+            ));
         }
         if self.l0_compaction_trigger == 0 || self.l0_stop_writes <= self.l0_compaction_trigger {
             return bad(format!(

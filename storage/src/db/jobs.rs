@@ -226,6 +226,28 @@ impl Inner {
         result
     }
 
+    /// Whether any source but the tables numbered `inputs` (a compaction's) holds a version of
+    /// the pair `prefix`, in the current view.
+    fn held_outside(&self, inputs: &[u64], prefix: &[u8]) -> Result<bool> {
+        let view = self.view.read().clone();
+        if view.mem.has_prefix(prefix) || view.imms.iter().any(|m| m.has_prefix(prefix)) {
+            return Ok(true);
+        }
+        for t in view.version.all_tables().filter(|t| !inputs.contains(&t.meta.number)) {
+            if key::prefix_of(&t.meta.smallest) <= prefix
+                && prefix <= key::prefix_of(&t.meta.largest)
+                && t.table.may_contain_prefix(prefix)
+            {
+                let mut it = t.table.iter_filling(false);
+                it.seek(prefix)?;
+                if it.valid() && it.key().starts_with(prefix) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     fn run_compaction_inner(&self, plan: &Plan, created: &mut Vec<u64>) -> Result<()> {
         // Its outputs need room before its inputs go: on a disk that visibly lacks it, wait
         // without writing (a compaction that fills the disk would make writes fail meanwhile).
@@ -244,29 +266,12 @@ impl Inner {
         // Every source outside the compaction, for the tombstone rule: the memtables and every
         // table that is not an input, at any level. A lower table can hold the pair even when it
         // does not overlap the inputs' key range (a pair's newer versions sort first), so "no
-        // overlap below" is not enough.
-        let view = self.view.read().clone();
+        // overlap below" is not enough. The sources are those of the view current at each
+        // question: they hold at least what the view at the start held (a memtable flushed
+        // since is a table now; only compactions, which this one excludes, remove tables), and
+        // no memtable flushed meanwhile is kept in memory for the compaction's whole run.
         let input_numbers: Vec<u64> = plan.all_inputs().map(|t| t.meta.number).collect();
-        let other_tables: Vec<Arc<TableHandle>> =
-            view.version.all_tables().filter(|t| !input_numbers.contains(&t.meta.number)).cloned().collect();
-        let held_elsewhere = |prefix: &[u8]| -> Result<bool> {
-            if view.mem.has_prefix(prefix) || view.imms.iter().any(|m| m.has_prefix(prefix)) {
-                return Ok(true);
-            }
-            for t in &other_tables {
-                if key::prefix_of(&t.meta.smallest) <= prefix
-                    && prefix <= key::prefix_of(&t.meta.largest)
-                    && t.table.may_contain_prefix(prefix)
-                {
-                    let mut it = t.table.iter();
-                    it.seek(prefix)?;
-                    if it.valid() && it.key().starts_with(prefix) {
-                        return Ok(true);
-                    }
-                }
-            }
-            Ok(false)
-        };
+        let held_elsewhere = |prefix: &[u8]| self.held_outside(&input_numbers, prefix);
 
         let mut merge = MergingIter::new(crate::iter::table_runs(plan.all_inputs().cloned()));
         merge.seek(&[])?;
@@ -293,7 +298,9 @@ impl Inner {
             };
             if keep {
                 if let Some(w) = &writer {
-                    if w.size_estimate() >= self.opts.table_bytes && w.at_prefix_boundary(k) {
+                    let full =
+                        w.size_estimate() >= self.opts.table_bytes || w.pairs() >= crate::limits::TABLE_PAIRS_MAX;
+                    if full && w.at_prefix_boundary(k) {
                         if let Some(w) = writer.take() {
                             finish(w, &mut added, &mut outputs)?;
                         }

@@ -292,6 +292,10 @@ pub struct Stats {
     pub memtable_bytes: usize,
     /// Immutable memtables waiting for flush.
     pub immutable_memtables: usize,
+    /// Bytes in the immutable memtables.
+    pub immutable_memtable_bytes: usize,
+    /// Bytes the open tables hold in memory (their indexes and filters).
+    pub table_memory_bytes: u64,
     /// Last sequence number written.
     pub last_seqno: u64,
     /// Greatest system time issued.
@@ -314,6 +318,9 @@ pub struct Stats {
     pub block_cache_misses: u64,
     /// Bytes held by the block cache.
     pub block_cache_bytes: u64,
+    /// Bytes the block cache may hold now: its share less the open tables' indexes and
+    /// filters (see `sstable::cache`).
+    pub block_cache_capacity: u64,
     /// The SSD tier's backend and counters.
     pub ssd: crate::sstable::SsdStats,
     /// Replicated versions found concurrent with their cell's winner since open.
@@ -331,6 +338,7 @@ impl Db {
     /// Opens the engine on a given file system (tests use [`crate::fs::MemFs`]).
     pub fn open_with_fs(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Db> {
         let inner = Arc::new(recovery::open(fs, dir, opts)?);
+        inner.charge_table_memory(&inner.versions.lock().current);
         let mut threads = Vec::new();
         if inner.opts.background == Background::Threads {
             for job in [jobs::Job::Flush, jobs::Job::Compact, jobs::Job::SyncWal] {
@@ -734,7 +742,7 @@ impl Inner {
     /// immutable memtables while flushes find the disk full, or too many level-0 tables while
     /// compactions do.
     pub(super) fn stalled_for_space(&self, view: &ReadView) -> Option<Error> {
-        let what = if view.imms.len() >= crate::limits::IMMUTABLE_MEMTABLES_MAX {
+        let what = if view.imms.len() >= self.opts.immutable_memtables_max {
             self.no_space.flush.lock().clone()
         } else {
             None
@@ -812,12 +820,20 @@ impl Inner {
             vs.event_horizon = h;
         }
         vs.current = Arc::new(next);
+        self.charge_table_memory(&vs.current);
         let mut view = self.view.write();
         let mut nv = ReadView::clone(&view);
         nv.version = vs.current.clone();
         change(&mut nv);
         *view = Arc::new(nv);
         Ok(())
+    }
+
+    /// Charges the indexes and filters of `version`'s tables to the block cache's share.
+    fn charge_table_memory(&self, version: &Version) {
+        if let Some(cache) = self.ssd.cache() {
+            cache.reserve(version.all_tables().map(|t| t.table.memory_bytes()).sum());
+        }
     }
 
     fn append_edit(&self, vs: &mut VersionSet, edit: &VersionEdit) -> Result<()> {
@@ -888,9 +904,12 @@ impl Inner {
             block_cache_hits,
             block_cache_misses,
             block_cache_bytes,
+            block_cache_capacity: self.ssd.cache().map_or(0, |c| c.capacity()),
             levels,
             memtable_bytes: view.mem.approximate_bytes(),
             immutable_memtables: view.imms.len(),
+            immutable_memtable_bytes: view.imms.iter().map(|m| m.approximate_bytes()).sum(),
+            table_memory_bytes: view.version.all_tables().map(|t| t.table.memory_bytes()).sum(),
             last_seqno: self.published_seqno.load(Ordering::Acquire),
             system_time_high_water: self.hlc.high_water(),
             event_horizon,

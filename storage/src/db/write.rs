@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use super::{Inner, Pending, ReadView, WriterState};
 use crate::batch::{self, CellRef};
 use crate::key;
-use crate::limits::IMMUTABLE_MEMTABLES_MAX;
 use crate::memtable::Memtable;
 use crate::options::Background;
 use crate::types::{CellVersion, Durability, EventTime, FeatureId, SystemTime, Value, VersionVector};
@@ -382,8 +381,8 @@ impl Inner {
             if view.mem.approximate_bytes() < self.opts.memtable_bytes {
                 return Ok(());
             }
-            let stalled =
-                view.imms.len() >= IMMUTABLE_MEMTABLES_MAX || view.version.levels[0].len() >= self.opts.l0_stop_writes;
+            let stalled = view.imms.len() >= self.opts.immutable_memtables_max
+                || view.version.levels[0].len() >= self.opts.l0_stop_writes;
             if stalled {
                 // Background work that cannot find space would keep the writer waiting
                 // without end.

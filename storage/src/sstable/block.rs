@@ -203,6 +203,10 @@ impl Block {
         if entries.is_empty() {
             return Err("empty block");
         }
+        // The reservations above are estimates; a cached block holds only what it uses.
+        keys.shrink_to_fit();
+        entries.shrink_to_fit();
+        key_ends.shrink_to_fit();
         Ok(Block { keys, data, entries, key_ends })
     }
 
@@ -211,9 +215,13 @@ impl Block {
         self.entries.len()
     }
 
-    /// Memory held by the parsed block.
+    /// Memory held by the parsed block (what its buffers reserve, and its header).
     pub fn approximate_bytes(&self) -> usize {
-        self.keys.len() + self.data.len() + self.entries.len() * (std::mem::size_of::<EntryPos>() + 4) + 64
+        self.keys.capacity()
+            + self.data.capacity()
+            + self.entries.capacity() * std::mem::size_of::<EntryPos>()
+            + self.key_ends.capacity() * std::mem::size_of::<u32>()
+            + std::mem::size_of::<Self>()
     }
 
     /// True if the block has no entry (never, for a parsed block).

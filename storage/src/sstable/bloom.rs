@@ -54,6 +54,11 @@ impl Bloom {
         Ok(Bloom { bits: raw, k })
     }
 
+    /// Bytes the filter holds in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.bits.capacity()
+    }
+
     /// False only if the prefix with this hash was certainly not added.
     pub fn may_contain(&self, h: u64) -> bool {
         let nbits = (self.bits.len() * 8) as u64;

@@ -19,21 +19,30 @@ impl Weighter<(u64, u64), Arc<Block>> for BlockWeighter {
 }
 
 /// A cache of parsed blocks keyed by (table number, block offset).
+///
+/// Its share of memory also holds the open tables' indexes and filters (which stay in memory
+/// while a table is open): [`BlockCache::reserve`] gives blocks what those leave, and at least
+/// [`BLOCKS_SHARE_MIN_DIVISOR`]th of the share.
 #[derive(Debug)]
 pub struct BlockCache {
     cache: Cache<(u64, u64), Arc<Block>, BlockWeighter>,
+    /// The whole share, bytes.
+    share: u64,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
 /// Typical parsed block size, used to size the cache's index.
 const BLOCK_BYTES_TYPICAL: usize = 32 << 10;
+/// Blocks keep at least this fraction (1/n) of the share, however much tables hold.
+pub const BLOCKS_SHARE_MIN_DIVISOR: u64 = 16;
 
 impl BlockCache {
     /// A cache holding about `bytes` of blocks.
     pub fn new(bytes: usize) -> Self {
         BlockCache {
             cache: Cache::with_weighter((bytes / BLOCK_BYTES_TYPICAL).max(16), bytes as u64, BlockWeighter),
+            share: bytes as u64,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -52,6 +61,18 @@ impl BlockCache {
     /// Adds a block.
     pub fn insert(&self, table: u64, offset: u64, block: Arc<Block>) {
         self.cache.insert((table, offset), block);
+    }
+
+    /// Sets aside `bytes` of the share for the open tables' indexes and filters: blocks get
+    /// the rest (at least a [`BLOCKS_SHARE_MIN_DIVISOR`]th), evicting down to it.
+    pub fn reserve(&self, bytes: u64) {
+        let floor = (self.share / BLOCKS_SHARE_MIN_DIVISOR).max(1);
+        self.cache.set_capacity(self.share.saturating_sub(bytes).max(floor));
+    }
+
+    /// Bytes blocks may hold now.
+    pub fn capacity(&self) -> u64 {
+        self.cache.capacity()
     }
 
     /// (hits, misses, bytes held).

@@ -121,6 +121,13 @@ impl Table {
         self.number
     }
 
+    /// Bytes this open table holds in memory: its index (keys and handles) and its filter.
+    pub fn memory_bytes(&self) -> u64 {
+        let entry = std::mem::size_of::<(Vec<u8>, BlockHandle)>();
+        let index: usize = self.index.iter().map(|(k, _)| k.capacity() + entry).sum();
+        (index + self.filter.memory_bytes()) as u64
+    }
+
     /// File size.
     pub fn size(&self) -> u64 {
         self.size
@@ -220,15 +227,16 @@ impl Table {
         tier.read_round(&[(self, i)]).pop().unwrap_or_else(|| self.load_block(i))
     }
 
-    /// Data block `i` for a sequential read: cached, or read with a buffered read.
-    pub fn read_block_seq(&self, i: usize) -> Result<Arc<Block>> {
+    /// Data block `i` for a sequential read: cached, or read with a buffered read (and cached
+    /// if `fill_cache`).
+    pub fn read_block_seq(&self, i: usize, fill_cache: bool) -> Result<Arc<Block>> {
         let h = self.index[i].1;
         let cache = self.tier.as_ref().and_then(|t| t.cache());
         if let Some(b) = cache.and_then(|c| c.get(self.number, h.offset)) {
             return Ok(b);
         }
         let b = self.load_block(i)?;
-        if let Some(c) = cache {
+        if let Some(c) = cache.filter(|_| fill_cache) {
             c.insert(self.number, h.offset, b.clone());
         }
         Ok(b)
@@ -269,9 +277,16 @@ impl Table {
         self.index.partition_point(|(last, _)| last.as_slice() < target)
     }
 
-    /// An iterator over the table.
+    /// An iterator over the table; the blocks it reads are added to the block cache.
     pub fn iter(self: &Arc<Self>) -> TableIter {
-        TableIter { table: self.clone(), block_idx: self.index.len(), cur: None }
+        self.iter_filling(true)
+    }
+
+    /// An iterator over the table that adds the blocks it reads to the block cache only if
+    /// `fill_cache` (compactions read each block once: caching them would only evict blocks
+    /// readers want, and hold memory for nothing).
+    pub fn iter_filling(self: &Arc<Self>, fill_cache: bool) -> TableIter {
+        TableIter { table: self.clone(), block_idx: self.index.len(), cur: None, fill_cache }
     }
 
     /// The newest version visible to the as-of read `probe` (see [`key::Probe`]): the first
@@ -400,13 +415,14 @@ pub struct TableIter {
     table: Arc<Table>,
     block_idx: usize,
     cur: Option<BlockIter>,
+    fill_cache: bool,
 }
 
 impl TableIter {
     fn load(&mut self) -> Result<()> {
         self.cur = None;
         while self.block_idx < self.table.index.len() {
-            let it = BlockIter::new(self.table.read_block_seq(self.block_idx)?);
+            let it = BlockIter::new(self.table.read_block_seq(self.block_idx, self.fill_cache)?);
             if it.valid() {
                 self.cur = Some(it);
                 return Ok(());

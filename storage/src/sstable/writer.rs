@@ -108,6 +108,11 @@ impl TableWriter {
         self.entries
     }
 
+    /// `(entity, feature)` pairs added so far.
+    pub fn pairs(&self) -> usize {
+        self.prefix_hashes.len()
+    }
+
     /// Bytes written so far plus the pending block.
     pub fn size_estimate(&self) -> u64 {
         self.offset + self.data.size_estimate() as u64
