@@ -58,6 +58,12 @@ impl BlockCache {
         b
     }
 
+    /// The cached block, if any, without counting a hit or a miss (for compactions, which
+    /// use a cached block but are not the readers the cache is for).
+    pub fn peek(&self, table: u64, offset: u64) -> Option<Arc<Block>> {
+        self.cache.peek(&(table, offset))
+    }
+
     /// Adds a block.
     pub fn insert(&self, table: u64, offset: u64, block: Arc<Block>) {
         self.cache.insert((table, offset), block);

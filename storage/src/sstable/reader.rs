@@ -227,12 +227,14 @@ impl Table {
         tier.read_round(&[(self, i)]).pop().unwrap_or_else(|| self.load_block(i))
     }
 
-    /// Data block `i` for a sequential read: cached, or read with a buffered read (and cached
-    /// if `fill_cache`).
+    /// Data block `i` for a sequential read: cached, or read with a buffered read (and then
+    /// cached if `fill_cache`; without it, the cache's hits and misses are not counted either).
     pub fn read_block_seq(&self, i: usize, fill_cache: bool) -> Result<Arc<Block>> {
         let h = self.index[i].1;
         let cache = self.tier.as_ref().and_then(|t| t.cache());
-        if let Some(b) = cache.and_then(|c| c.get(self.number, h.offset)) {
+        let cached =
+            cache.and_then(|c| if fill_cache { c.get(self.number, h.offset) } else { c.peek(self.number, h.offset) });
+        if let Some(b) = cached {
             return Ok(b);
         }
         let b = self.load_block(i)?;
