@@ -6,8 +6,10 @@
 #
 # quiverd (release, temp data dir, port 50081, metrics on 50082) gets N entities x 50 float
 # features, then, for M minutes (default 30), all at once:
-#   - one-entity lookups in an open loop at 80% of the closed-loop maximum measured first
-#     (concurrency 64);
+#   - one-entity lookups in an open loop at 80% of the closed-loop maximum (concurrency 64),
+#     measured for 10 s while the three loads below already run (measured alone, the maximum
+#     is more than the server can give the lookups beside them, and the open loop would only
+#     build a backlog);
 #   - a writer: 2,000 entities x 50 features over the streaming write every few seconds;
 #   - a slow client: 500-entity lookups (about 200 KB answers) through a proxy that passes the
 #     answers at 64 KiB/s, so the server must hold them while they trickle out;
@@ -71,11 +73,8 @@ echo "loading $ENTITIES entities x 50 features..."
 "$BENCH" --json ingest --addr "$ADDR" --entities "$ENTITIES" --features 50 --rows-per-request 200 --streams 2 \
   | tee "$OUT/load.json"
 
-echo "measuring the closed-loop maximum (concurrency 64, 10 s)..."
-MAX=$("$BENCH" --json online --addr "$ADDR" --entities "$ENTITIES" --features 50 --batch 1 --concurrency 64 \
-  --duration 10 | tee "$OUT/max.json" | python3 -c "import json,sys; print(json.load(sys.stdin)['requests_per_s'])")
-RATE=$(python3 -c "print(round($MAX * 0.8))")
-echo "max $MAX req/s; soaking at $RATE req/s for $MINUTES minutes"
+# Every load but the lookups runs for the measurement as well as the soak.
+LOAD_SECONDS=$((SECONDS_TOTAL + 20))
 
 # RSS every 10 s.
 (
@@ -96,16 +95,13 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
-"$BENCH" --json online --addr "$ADDR" --entities "$ENTITIES" --features 50 --batch 1 --concurrency 64 \
-  --connections 4 --warmup 0 --duration "$SECONDS_TOTAL" --rate "$RATE" >"$OUT/open.json" 2>"$OUT/open.err" &
-OPEN=$!
 "$BENCH" --json online --addr "http://127.0.0.1:$SLOW_PORT" --entities "$ENTITIES" --features 50 --batch 500 \
-  --concurrency 4 --connections 1 --warmup 0 --duration "$SECONDS_TOTAL" >"$OUT/slow.json" 2>"$OUT/slow.err" &
+  --concurrency 4 --connections 1 --warmup 0 --duration "$LOAD_SECONDS" >"$OUT/slow.json" 2>"$OUT/slow.err" &
 SLOW=$!
-python3 "$HELPERS" flood "$PORT" 1000 6 "$SECONDS_TOTAL" >"$OUT/flood.txt" 2>&1 &
+python3 "$HELPERS" flood "$PORT" 1000 6 "$LOAD_SECONDS" >"$OUT/flood.txt" 2>&1 &
 FLOOD=$!
 (
-  end=$(( $(date +%s) + SECONDS_TOTAL ))
+  end=$(( $(date +%s) + LOAD_SECONDS ))
   while [ "$(date +%s)" -lt "$end" ]; do
     "$BENCH" --json ingest --addr "$ADDR" --entities 2000 --features 50 --rows-per-request 100 --streams 1 \
       >>"$OUT/writes.jsonl" 2>>"$OUT/writes.err" || echo '{"failed": true}' >>"$OUT/writes.jsonl"
@@ -114,6 +110,16 @@ FLOOD=$!
 ) &
 WRITER=$!
 PIDS+=("$WRITER")
+
+echo "measuring the closed-loop maximum beside the other loads (concurrency 64, 10 s)..."
+MAX=$("$BENCH" --json online --addr "$ADDR" --entities "$ENTITIES" --features 50 --batch 1 --concurrency 64 \
+  --duration 10 | tee "$OUT/max.json" | python3 -c "import json,sys; print(json.load(sys.stdin)['requests_per_s'])")
+RATE=$(python3 -c "print(round($MAX * 0.8))")
+echo "max $MAX req/s; soaking at $RATE req/s for $MINUTES minutes"
+
+"$BENCH" --json online --addr "$ADDR" --entities "$ENTITIES" --features 50 --batch 1 --concurrency 64 \
+  --connections 4 --warmup 0 --duration "$SECONDS_TOTAL" --rate "$RATE" >"$OUT/open.json" 2>"$OUT/open.err" &
+OPEN=$!
 
 wait "$OPEN" || true
 wait "$SLOW" || true
