@@ -32,8 +32,9 @@ ONLY=all
 JOIN_ENTITIES=100000
 JOIN_EVENTS=100
 JOIN_SPINE=1000000
-# Quiver's memory budget (memtables 1/8, hot tier 1/2, block cache 1/4); Redis holds the whole
-# data set in memory, so give Quiver a comparable amount. Both figures are printed.
+# Quiver's memory budget (hot tier 7/16, block cache 3/16, memtables 2/16; see the README's
+# Limits); Redis holds the whole data set in memory, so give Quiver a comparable amount. Both
+# figures are printed.
 MEMORY_MB="${QUIVER_MEMORY_MB:-4096}"
 while [ $# -gt 0 ]; do
   case "$1" in
