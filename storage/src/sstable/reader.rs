@@ -37,6 +37,8 @@ pub struct Table {
     tier: Option<Arc<SsdTier>>,
     /// This table's own descriptor for the SSD tier's reads (`O_DIRECT` if the tier says so).
     raw: Option<std::fs::File>,
+    /// Bytes the index and filter hold in memory (fixed once the table is open).
+    memory_bytes: u64,
 }
 
 impl Table {
@@ -87,6 +89,7 @@ impl Table {
             filter: Bloom::parse(vec![0, 1]).map_err(|w| corrupt(0, w))?,
             tier,
             raw,
+            memory_bytes: 0,
         };
         let filter_raw = t.read_block_raw(footer.filter, META_BLOCK_BYTES_MAX)?;
         t.filter = Bloom::parse(filter_raw).map_err(|w| corrupt(footer.filter.offset, w))?;
@@ -113,6 +116,10 @@ impl Table {
         if next_offset != footer.filter.offset || t.index.is_empty() {
             return Err(corrupt(footer.index.offset, "index does not cover the data blocks"));
         }
+        t.index.shrink_to_fit();
+        let entry = std::mem::size_of::<(Vec<u8>, BlockHandle)>();
+        let index: usize = t.index.iter().map(|(k, _)| k.capacity() + entry).sum();
+        t.memory_bytes = (index + t.filter.memory_bytes()) as u64;
         Ok(Arc::new(t))
     }
 
@@ -123,9 +130,7 @@ impl Table {
 
     /// Bytes this open table holds in memory: its index (keys and handles) and its filter.
     pub fn memory_bytes(&self) -> u64 {
-        let entry = std::mem::size_of::<(Vec<u8>, BlockHandle)>();
-        let index: usize = self.index.iter().map(|(k, _)| k.capacity() + entry).sum();
-        (index + self.filter.memory_bytes()) as u64
+        self.memory_bytes
     }
 
     /// File size.
