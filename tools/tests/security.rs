@@ -355,9 +355,17 @@ async fn tls_for_clients_and_mutual_tls_between_regions() {
         assert!(Instant::now() < deadline, "region 2 never received region 1's write over mutual TLS");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = u1.admin.get_replication_status(pb::GetReplicationStatusRequest {}).await.expect("status");
-    let peer2 = status.into_inner().peers.into_iter().find(|p| p.region == 2).expect("peer 2");
-    assert!(peer2.last_error.is_empty() || peer2.caught_up, "{peer2:?}");
+    // Region 1 pulls from region 2 over mutual TLS too. Region 2 started after region 1, so
+    // region 1's first attempts may have been refused: wait for a retry to catch up.
+    loop {
+        let status = u1.admin.get_replication_status(pb::GetReplicationStatusRequest {}).await.expect("status");
+        let peer2 = status.into_inner().peers.into_iter().find(|p| p.region == 2).expect("peer 2");
+        if peer2.caught_up && peer2.last_contact_us > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "region 1 never caught up with region 2 over mutual TLS: {peer2:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Plaintext to a TLS port fails; so does a certificate from another CA.
     let mut plain = Clients::over(r1.channel_lazy(), Token::new(&user1));
