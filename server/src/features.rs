@@ -350,35 +350,44 @@ impl AnswerLog {
     }
 }
 
-/// Appends one answer: its status byte, then for PRESENT the event time and the encoded cell.
-/// `winner` is the as-of winner without lookback (event time, encoded cell); [`status_of`]
-/// decides the status.
+/// Appends one answer: its status byte, then for PRESENT the event time and the cell's value
+/// part (its version vector is not part of the answer). `winner` is the as-of winner without
+/// lookback (event time, encoded cell); [`status_of`] decides the status.
 fn encode_answer(
     rec: &mut Vec<u8>,
     winner: Option<(EventTime, &[u8])>,
     as_of: EventTime,
     f: &ResolvedFeature,
     has_default: bool,
-) {
-    let value = winner.filter(|(_, cell)| !quiver_storage::cell::is_tombstone(cell));
+) -> Result<()> {
+    let value = match winner {
+        Some((e, cell)) => quiver_storage::cell::value_part(cell)
+            .map_err(|w| answers_corrupt(&format!("cell value: {w}")))?
+            .map(|part| (e, part)),
+        None => None,
+    };
     let status = status_of(value.map(|v| v.0), as_of, f, has_default);
     rec.push(status as u8);
-    if let (pb::FeatureStatus::Present, Some((e, cell))) = (status, value) {
+    if let (pb::FeatureStatus::Present, Some((e, part))) = (status, value) {
         rec.extend_from_slice(&e.0.to_le_bytes());
-        rec.extend_from_slice(&(cell.len() as u32).to_le_bytes());
-        rec.extend_from_slice(cell);
+        rec.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        rec.extend_from_slice(part);
     }
+    Ok(())
+}
+
+/// A join's answer (or the cell it came from) that does not decode.
+fn answers_corrupt(what: &str) -> ServiceError {
+    ServiceError::Storage(quiver_storage::Error::Corruption {
+        file: "(point-in-time join answers)".into(),
+        offset: 0,
+        what: what.to_string(),
+    })
 }
 
 /// Reads one answer written by [`encode_answer`] from the front of `r`.
 fn decode_answer(r: &mut &[u8], default: Option<&Value>) -> Result<(pb::FeatureStatus, i64, Option<Value>)> {
-    let bad = |what: &str| {
-        ServiceError::Storage(quiver_storage::Error::Corruption {
-            file: "(point-in-time join answers)".into(),
-            offset: 0,
-            what: what.to_string(),
-        })
-    };
+    let bad = answers_corrupt;
     let (&s, rest) = r.split_first().ok_or_else(|| bad("answer record ends early"))?;
     *r = rest;
     let status = pb::FeatureStatus::try_from(i32::from(s)).map_err(|_| bad("bad answer status"))?;
@@ -390,9 +399,9 @@ fn decode_answer(r: &mut &[u8], default: Option<&Value>) -> Result<(pb::FeatureS
             let e = i64::from_le_bytes(r[..8].try_into().map_err(|_| bad("event time"))?);
             let n = u32::from_le_bytes(r[8..12].try_into().map_err(|_| bad("cell length"))?) as usize;
             let cell = r.get(12..12 + n).ok_or_else(|| bad("answer record ends early"))?;
-            let (value, _) = quiver_storage::cell::decode(cell).map_err(|w| bad(&format!("cell value: {w}")))?;
+            let value = quiver_storage::cell::decode_value_part(cell).map_err(|w| bad(&format!("cell value: {w}")))?;
             *r = &r[12 + n..];
-            Ok((status, e, value))
+            Ok((status, e, Some(value)))
         }
         pb::FeatureStatus::Defaulted => Ok((status, 0, default.cloned())),
         _ => Ok((status, 0, None)),
@@ -822,7 +831,7 @@ impl Features {
                     rec.clear();
                     for (j, f) in features.iter().enumerate() {
                         let winner = history.winner(slot[j], t, k);
-                        encode_answer(&mut rec, winner, t, f, defaults[j].is_some());
+                        encode_answer(&mut rec, winner, t, f, defaults[j].is_some())?;
                     }
                     placed.push((r, log.append(&rec)?, rec.len() as u32));
                 }

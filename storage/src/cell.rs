@@ -74,6 +74,33 @@ pub fn decode(raw: &[u8]) -> Result<(Option<Value>, VersionVector), DecodeError>
     decode_with(raw, None)
 }
 
+/// The value part of a cell as stored (type and payload, after the flags and the version
+/// vector), for readers that want the value alone: `None` for a tombstone. Decode it with
+/// [`decode_value_part`].
+pub fn value_part(raw: &[u8]) -> Result<Option<&[u8]>, DecodeError> {
+    let mut r = Reader::new(raw);
+    let flags = r.u8()?;
+    if flags & !FLAG_TOMBSTONE != 0 {
+        return Err("unknown cell flags");
+    }
+    let n = r.len(VERSION_VECTOR_ENTRIES_MAX)?;
+    for _ in 0..n {
+        r.uvarint()?;
+        r.uvarint()?;
+    }
+    Ok((flags & FLAG_TOMBSTONE == 0).then(|| &raw[r.pos()..]))
+}
+
+/// Decodes a [`value_part`]; the whole input must be consumed.
+pub fn decode_value_part(part: &[u8]) -> Result<Value, DecodeError> {
+    let mut r = Reader::new(part);
+    let value = read_value(0, &mut r)?.ok_or("no value")?;
+    if !r.is_empty() {
+        return Err("trailing bytes after cell value");
+    }
+    Ok(value)
+}
+
 /// Decodes a cell value, in the [`compact`] form too when `own_stamp` gives the version's
 /// system time (files never hold that form, so [`decode`] refuses it).
 fn decode_with(raw: &[u8], own_stamp: Option<u64>) -> Result<(Option<Value>, VersionVector), DecodeError> {
@@ -207,6 +234,9 @@ mod tests {
         encode(None, &VersionVector::new(), &mut t);
         assert_eq!(t, [0x01, 0x00]);
         assert!(is_tombstone(&t));
+        assert_eq!(value_part(&t), Ok(None));
+        assert_eq!(value_part(&out), Ok(Some(&out[4..])));
+        assert!(value_part(&[0x04, 0x00]).is_err(), "unknown flags");
     }
 
     #[test]
@@ -253,7 +283,10 @@ mod tests {
         for v in vals {
             let mut out = Vec::new();
             encode(Some(&v), &vv, &mut out);
-            assert_eq!(decode(&out), Ok((Some(v), vv.clone())));
+            assert_eq!(decode(&out), Ok((Some(v.clone()), vv.clone())));
+            let part = value_part(&out).expect("value part").expect("not a tombstone");
+            assert_eq!(decode_value_part(part), Ok(v.clone()));
+            assert!(decode_value_part(&part[..part.len() - 1]).is_err());
             assert!(decode(&out[..out.len() - 1]).is_err());
             out.push(0);
             assert!(decode(&out).is_err());

@@ -44,12 +44,7 @@ pub struct LevelIter {
 }
 
 impl LevelIter {
-    /// A cursor over `tables` (sorted, non-overlapping), not positioned.
-    pub fn new(tables: Vec<Arc<TableHandle>>) -> Self {
-        Self::filling(tables, true)
-    }
-
-    /// A cursor over `tables` that adds the blocks it reads to the block cache only if
+    /// A cursor over `tables` (sorted, non-overlapping), not positioned, that adds the blocks it reads to the block cache only if
     /// `fill_cache`.
     pub fn filling(tables: Vec<Arc<TableHandle>>, fill_cache: bool) -> Self {
         let idx = tables.len();
@@ -153,11 +148,20 @@ impl Source {
     /// The sources of a merge over `view`, newest first: the active memtable, the immutable
     /// ones, each L0 table, then one [`LevelIter`] per non-empty lower level.
     pub fn of_view(view: &ReadView) -> Vec<Source> {
+        Self::of_view_filling(view, true)
+    }
+
+    /// [`Source::of_view`], adding the blocks read to the block cache only if `fill_cache`
+    /// (a sort-merge pass reads each block once: caching them would evict what point reads
+    /// want, for nothing).
+    pub fn of_view_filling(view: &ReadView, fill_cache: bool) -> Vec<Source> {
         let mut sources = vec![Source::Mem(MemCursor::new(view.mem.clone()))];
         sources.extend(view.imms.iter().map(|m| Source::Mem(MemCursor::new(m.clone()))));
         let (l0, lower) = view.version.levels.split_at(1);
-        sources.extend(l0[0].iter().map(|t| Source::Table(t.table.iter())));
-        sources.extend(lower.iter().filter(|l| !l.is_empty()).map(|l| Source::Level(LevelIter::new(l.clone()))));
+        sources.extend(l0[0].iter().map(|t| Source::Table(t.table.iter_filling(fill_cache))));
+        sources.extend(
+            lower.iter().filter(|l| !l.is_empty()).map(|l| Source::Level(LevelIter::filling(l.clone(), fill_cache))),
+        );
         sources
     }
 }

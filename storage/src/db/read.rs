@@ -531,7 +531,8 @@ pub struct RawVersion<'a> {
 /// entities in ascending key order and hands out every version of a range of their features
 /// in key order (feature, then event time descending, then system time descending). One
 /// merging iterator serves the whole pass: moving to the next entity is a forward seek, not a
-/// new lookup through every level.
+/// new lookup through every level. It reads around the block cache (using blocks already
+/// there, adding none): a pass reads each block once.
 #[derive(Debug)]
 pub struct PairCursor {
     merge: MergingIter,
@@ -541,7 +542,7 @@ pub struct PairCursor {
 
 impl PairCursor {
     pub(super) fn new(view: Arc<ReadView>, known_at: SystemTime) -> PairCursor {
-        PairCursor { merge: MergingIter::new(Source::of_view(&view)), known_at, _view: view }
+        PairCursor { merge: MergingIter::new(Source::of_view_filling(&view, false)), known_at, _view: view }
     }
 
     /// Calls `f` with every version of `entity`'s features `lo..=hi` known at this cursor's

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use crate::coding::{put_uvarint, DecodeError, Reader};
-use crate::key::KeyRef;
+use crate::key::{KeyRef, FEATURE_BYTES, TIME_SUFFIX_BYTES};
 use crate::limits::BLOCK_BYTES_MAX;
 
 /// How many times its own size a block's materialised keys may take (prefix compression of
@@ -190,7 +190,13 @@ impl Block {
                     return Err("block keys not increasing");
                 }
             }
-            if KeyRef::parse(&keys[start..end]).is_none() {
+            // A key as long as the previous one that shares at least its entity part (escaped
+            // entity and terminator) has the same, already checked, entity part: only its
+            // length matters to `KeyRef::parse`, so the byte-by-byte scan is skipped.
+            let same_entity = prev.is_some_and(|(ps, pe)| {
+                end - start == pe - ps && shared + FEATURE_BYTES + TIME_SUFFIX_BYTES >= pe - ps
+            });
+            if !same_entity && KeyRef::parse(&keys[start..end]).is_none() {
                 return Err("malformed key in block");
             }
             entries.push(EntryPos { key_start, value_start: value_start as u32, value_end: r.pos() as u32 });
@@ -348,12 +354,36 @@ mod tests {
                 let mut bad = raw.clone();
                 bad[i] ^= bit;
                 if let Ok(blk) = Block::parse(bad) {
-                    // A flip that still parses must leave a block whose keys are ordered.
-                    for j in 1..blk.len() {
-                        assert!(blk.key(j - 1) < blk.key(j));
+                    // A flip that still parses must leave a block whose keys are ordered and
+                    // well formed.
+                    for j in 0..blk.len() {
+                        assert!(KeyRef::parse(blk.key(j)).is_some(), "flip {i}/{bit}: key {j} malformed");
+                        assert!(j == 0 || blk.key(j - 1) < blk.key(j));
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_malformed_key_after_a_valid_one_of_the_same_length_is_rejected() {
+        // Same length as the first key, sharing less than its entity part: the entity part
+        // must be checked (a stray zero byte is not an escape).
+        let good = encode(b"entity01", FeatureId(1), EventTime(5), SystemTime(1));
+        let mut bad = good.clone();
+        bad[7] = 0x00;
+        bad[6] = b'z';
+        assert_eq!(bad.len(), good.len());
+        assert!(KeyRef::parse(&bad).is_none());
+        let mut b = BlockBuilder::new(16);
+        b.add(&good, b"x");
+        b.add(&bad, b"y");
+        assert_eq!(Block::parse(b.finish()).err(), Some("malformed key in block"));
+        // Sharing the whole entity part and as long: the shortcut applies, and is right.
+        let next = encode(b"entity01", FeatureId(2), EventTime(5), SystemTime(1));
+        let mut b = BlockBuilder::new(16);
+        b.add(&good, b"x");
+        b.add(&next, b"y");
+        assert!(Block::parse(b.finish()).is_ok());
     }
 }
