@@ -408,59 +408,52 @@ fn decode_answer(r: &mut &[u8], default: Option<&Value>) -> Result<(pb::FeatureS
     }
 }
 
-/// Every version of one entity's requested features, as a sort-merge join reads them: per
-/// distinct feature, `(event time, system time, cell bytes range)` in key order (event time
-/// descending, then system time descending), cells in one buffer.
+/// Where each requested feature's versions lie among one entity's gathered versions (a
+/// [`quiver_storage::EntityVersions`], in key order: one run per feature, event time
+/// descending, then system time descending).
 struct PairHistory {
-    versions: Vec<Vec<(EventTime, SystemTime, std::ops::Range<usize>)>>,
-    cells: Vec<u8>,
+    runs: Vec<std::ops::Range<usize>>,
 }
 
 impl PairHistory {
     fn new(features: usize) -> Self {
-        PairHistory { versions: vec![Vec::new(); features], cells: Vec::new() }
+        PairHistory { runs: vec![0..0; features] }
     }
 
-    /// Reads `entity`'s versions of the `distinct` (sorted) features from the cursor.
-    fn load(
-        &mut self,
-        cursor: &mut quiver_storage::PairCursor,
-        entity: &[u8],
-        lo: FeatureId,
-        hi: FeatureId,
-        distinct: &[FeatureId],
-    ) -> Result<()> {
-        for v in &mut self.versions {
-            v.clear();
+    /// Finds the runs of the `distinct` (sorted) features in `versions`.
+    fn index(&mut self, versions: &quiver_storage::EntityVersions<'_>, distinct: &[FeatureId]) {
+        for r in &mut self.runs {
+            *r = 0..0;
         }
-        self.cells.clear();
-        let (versions, cells) = (&mut self.versions, &mut self.cells);
-        // Versions come in runs of one feature: its slot is looked up once per run.
-        let mut run: Option<(FeatureId, Option<usize>)> = None;
-        cursor.entity_versions(entity, lo, hi, |f, v| {
-            let slot = match run {
-                Some((g, slot)) if g == f => slot,
-                _ => {
-                    let slot = distinct.binary_search(&f).ok();
-                    run = Some((f, slot));
-                    slot
-                }
-            };
-            if let Some(d) = slot {
-                let start = cells.len();
-                cells.extend_from_slice(v.cell);
-                versions[d].push((v.event_time, v.system_time, start..cells.len()));
+        for (f, run) in versions.runs() {
+            if let Ok(d) = distinct.binary_search(&f) {
+                self.runs[d] = run;
             }
-        })?;
-        Ok(())
+        }
     }
 
     /// The winner of `value_at(as_of, known_at)` without lookback (tombstones included) for
     /// feature slot `d`: the first version in key order at or before `as_of` that was known,
     /// as its event time and encoded cell.
-    fn winner(&self, d: usize, as_of: EventTime, known_at: SystemTime) -> Option<(EventTime, &[u8])> {
-        quiver_storage::asof::winner_in_sorted(&self.versions[d], |v| (v.0, v.1), as_of, known_at)
-            .map(|(e, _, range)| (*e, &self.cells[range.clone()]))
+    fn winner<'a>(
+        &self,
+        versions: &quiver_storage::EntityVersions<'a>,
+        d: usize,
+        as_of: EventTime,
+        known_at: SystemTime,
+    ) -> Option<(EventTime, &'a [u8])> {
+        let run = &versions.versions()[self.runs[d].clone()];
+        quiver_storage::asof::winner_in_sorted(run, |v| (v.event_time, v.system_time), as_of, known_at)
+            .map(|v| (v.event_time, versions.cell(v)))
+    }
+}
+
+/// Logs (at debug) when a join's answer has been streamed, however it ends.
+struct Streamed(std::time::Instant);
+
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        tracing::debug!(elapsed = ?self.0.elapsed(), "point-in-time join streamed");
     }
 }
 
@@ -760,6 +753,7 @@ impl Features {
         if req.spine.len() > SPINE_ROWS_MAX {
             return Err(ServiceError::TooLarge(format!("spine has more than {SPINE_ROWS_MAX} rows")));
         }
+        let started = std::time::Instant::now();
         let resolution = self.resolve_features(&req.entity_type, &req.features)?;
         let (et, features) = (&resolution.entity_type, &resolution.features);
         let known_at = match &req.known_at {
@@ -786,15 +780,25 @@ impl Features {
         // one forward pass; each row's answer is the as-of rule applied to that list. Answers
         // are logged in that order (spilling to a temporary file past a memory bound) and
         // streamed in spine order. The entities are split into runs read by parallel threads.
+        let checked = started.elapsed();
         let snap = self.db.snapshot();
         let mut distinct: Vec<FeatureId> = features.iter().map(|f| f.id).collect();
         distinct.sort_unstable();
         distinct.dedup();
         let slot: Vec<usize> = features.iter().map(|f| distinct.binary_search(&f.id).unwrap_or(0)).collect();
         let (lo, hi) = (distinct[0], distinct[distinct.len() - 1]);
-        let mut order: Vec<u32> = (0..rows.len() as u32).collect();
         // Rows of one entity may come in any order: each answer is placed by its row number.
-        order.sort_unstable_by(|&a, &b| rows[a as usize].0.cmp(&rows[b as usize].0));
+        // Sorted by the keys' first 8 bytes (big-endian, so integer order is byte order) with
+        // the whole key only to break ties: most comparisons touch no key.
+        let head = |k: &[u8]| {
+            let mut b = [0u8; 8];
+            let n = k.len().min(8);
+            b[..n].copy_from_slice(&k[..n]);
+            u64::from_be_bytes(b)
+        };
+        let mut keyed: Vec<(u64, u32)> = rows.iter().enumerate().map(|(i, r)| (head(&r.0), i as u32)).collect();
+        keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| rows[a.1 as usize].0.cmp(&rows[b.1 as usize].0)));
+        let order: Vec<u32> = keyed.into_iter().map(|(_, i)| i).collect();
         let groups: Vec<&[u32]> = order.chunk_by(|&a, &b| rows[a as usize].0 == rows[b as usize].0).collect();
         // The entity groups are cut into JOIN_THREADS runs of about equal row counts; each run
         // gets its own cursor over the same snapshot and its own answer log.
@@ -810,8 +814,10 @@ impl Features {
             }
         }
         runs.push(&groups[start..]);
+        let sorted = started.elapsed();
         let spill_at = self.join_spill_bytes / threads;
         let answer_run = |run: &[&[u32]]| -> Result<RunAnswers> {
+            let run_started = std::time::Instant::now();
             let mut cursor = snap.pair_cursor(known_at);
             let mut history = PairHistory::new(distinct.len());
             let run_rows: usize = run.iter().map(|g| g.len()).sum();
@@ -820,7 +826,8 @@ impl Features {
             let mut placed = Vec::with_capacity(run_rows);
             let mut rec = Vec::new();
             for group in run {
-                history.load(&mut cursor, &rows[group[0] as usize].0, lo, hi, &distinct)?;
+                let versions = cursor.entity(&rows[group[0] as usize].0, lo, hi)?;
+                history.index(&versions, &distinct);
                 for &r in *group {
                     let t = rows[r as usize].1;
                     let k = if req.strict_availability {
@@ -830,12 +837,13 @@ impl Features {
                     };
                     rec.clear();
                     for (j, f) in features.iter().enumerate() {
-                        let winner = history.winner(slot[j], t, k);
+                        let winner = history.winner(&versions, slot[j], t, k);
                         encode_answer(&mut rec, winner, t, f, defaults[j].is_some())?;
                     }
                     placed.push((r, log.append(&rec)?, rec.len() as u32));
                 }
             }
+            tracing::debug!(rows = placed.len(), elapsed = ?run_started.elapsed(), spilled = log.file_len, "join run answered");
             Ok((log, placed))
         };
         let results: Vec<Result<RunAnswers>> = if threads == 1 {
@@ -846,6 +854,8 @@ impl Features {
                 handles.into_iter().map(|h| h.join().unwrap_or_else(|p| Err(worker_panicked(&*p)))).collect()
             })
         };
+        let answered = started.elapsed();
+        tracing::debug!(rows = rows.len(), threads, ?checked, ?sorted, ?answered, "point-in-time join answered");
         let mut logs = Vec::with_capacity(threads);
         let mut at = vec![(0u32, 0u64, 0u32); rows.len()];
         for (i, result) in results.into_iter().enumerate() {
@@ -875,6 +885,7 @@ impl Features {
         };
         let chunks = at.len().div_ceil(HISTORICAL_CHUNK_ROWS);
         let workers = threads.min(chunks).max(1);
+        let _streamed = Streamed(started);
         if workers == 1 {
             let mut buf = Vec::new();
             for c in 0..chunks {

@@ -59,6 +59,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads `n` bytes.
+    #[inline]
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if n > self.remaining() {
             return Err("truncated field");
@@ -88,7 +89,19 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads an unsigned LEB128 varint of at most 10 bytes.
+    #[inline]
     pub fn uvarint(&mut self) -> Result<u64, DecodeError> {
+        // One byte is the common case (lengths in blocks and cells).
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(u64::from(b));
+            }
+        }
+        self.uvarint_long()
+    }
+
+    fn uvarint_long(&mut self) -> Result<u64, DecodeError> {
         let mut v: u64 = 0;
         for i in 0..10 {
             let b = self.u8()?;
@@ -104,6 +117,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a varint that must fit in `usize` and be at most `max`.
+    #[inline]
     pub fn len(&mut self, max: usize) -> Result<usize, DecodeError> {
         let v = self.uvarint()?;
         if v > max as u64 {

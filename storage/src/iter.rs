@@ -93,6 +93,17 @@ impl LevelIter {
         self.cur.as_ref().is_some_and(TableIter::valid)
     }
 
+    /// [`TableIter::visit`] across the level's tables.
+    fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8]) -> bool) -> Result<bool> {
+        while let Some(it) = &mut self.cur {
+            if it.visit(f)? {
+                return Ok(true);
+            }
+            self.open_from(self.idx + 1)?;
+        }
+        Ok(false)
+    }
+
     fn key(&self) -> &[u8] {
         self.cur.as_ref().map_or(&[], TableIter::key)
     }
@@ -167,7 +178,7 @@ impl Source {
 }
 
 impl Source {
-    fn seek(&mut self, target: &[u8]) -> Result<()> {
+    pub(crate) fn seek(&mut self, target: &[u8]) -> Result<()> {
         match self {
             Source::Mem(m) => {
                 m.cur = m.mem.next_after(target, None);
@@ -177,21 +188,39 @@ impl Source {
             Source::Level(l) => l.seek(target),
         }
     }
-    fn key(&self) -> Option<&[u8]> {
+    pub(crate) fn key(&self) -> Option<&[u8]> {
         match self {
             Source::Mem(m) => m.cur.as_ref().map(|(k, _)| k.as_slice()),
             Source::Table(t) => t.valid().then(|| t.key()),
             Source::Level(l) => l.valid().then(|| l.key()),
         }
     }
-    fn value(&self) -> &[u8] {
+    pub(crate) fn value(&self) -> &[u8] {
         match self {
             Source::Mem(m) => m.cur.as_ref().map_or(&[], |(_, v)| v.as_slice()),
             Source::Table(t) => t.value(),
             Source::Level(l) => l.value(),
         }
     }
-    fn next(&mut self) -> Result<()> {
+    /// Calls `f` with each entry from the current one on, in order, until it returns false
+    /// (the source stays at that entry) or the source runs out.
+    pub(crate) fn visit(&mut self, mut f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
+        match self {
+            Source::Table(t) => t.visit(&mut f).map(drop),
+            Source::Level(l) => l.visit(&mut f).map(drop),
+            Source::Mem(_) => {
+                while let Some(k) = self.key() {
+                    if !f(k, self.value()) {
+                        break;
+                    }
+                    self.next()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn next(&mut self) -> Result<()> {
         match self {
             Source::Mem(m) => {
                 let next = m.cur.as_ref().and_then(|(k, _)| m.mem.next_after(k, Some(k)));

@@ -44,7 +44,7 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 pub use offline::{verify_dir, VerifyReport};
-pub use read::{PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
+pub use read::{EntityVersions, Gathered, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
 pub use replicate::{
     ApplyReport, ShippedBatch, ShippedOp, SnapshotReader, SnapshotVersion, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
 };

@@ -529,24 +529,157 @@ pub struct RawVersion<'a> {
 
 /// A cursor over one read view for sort-merge reads (the point-in-time join): it visits
 /// entities in ascending key order and hands out every version of a range of their features
-/// in key order (feature, then event time descending, then system time descending). One
-/// merging iterator serves the whole pass: moving to the next entity is a forward seek, not a
-/// new lookup through every level. It reads around the block cache (using blocks already
-/// there, adding none): a pass reads each block once.
+/// in key order (feature, then event time descending, then system time descending).
+///
+/// Each source of the view (memtables, L0 tables, lower levels) keeps its own cursor for the
+/// whole pass: moving to the next entity is a forward seek, skipped when the source is already
+/// past it. An entity's versions are gathered source by source, with no comparison between
+/// sources per version; only when more than one source holds versions of the entity are they
+/// sorted into key order, keeping the newest source's version of equal keys (as the merging
+/// iterator does). It reads around the block cache (using blocks already there, adding none): a
+/// pass reads each block once.
 #[derive(Debug)]
 pub struct PairCursor {
-    merge: MergingIter,
+    sources: Vec<Source>,
+    /// Whether each source has been positioned (an unpositioned one has no key either).
+    positioned: Vec<bool>,
     known_at: SystemTime,
+    found: Vec<Gathered>,
+    cells: Vec<u8>,
     _view: Arc<ReadView>,
+}
+
+/// One version a [`PairCursor`] gathered: its key's times, its feature, and (private) its
+/// source and where its cell lies.
+#[derive(Debug, Clone)]
+pub struct Gathered {
+    /// The feature.
+    pub feature: FeatureId,
+    /// Event time.
+    pub event_time: EventTime,
+    /// System time.
+    pub system_time: SystemTime,
+    source: usize,
+    cell: std::ops::Range<usize>,
+}
+
+impl Gathered {
+    /// Key order, then source order (the newest source first).
+    fn order(&self, o: &Gathered) -> std::cmp::Ordering {
+        self.feature
+            .cmp(&o.feature)
+            .then(o.event_time.cmp(&self.event_time))
+            .then(o.system_time.cmp(&self.system_time))
+            .then(self.source.cmp(&o.source))
+    }
+
+    fn same_key(&self, o: &Gathered) -> bool {
+        (self.feature, self.event_time, self.system_time) == (o.feature, o.event_time, o.system_time)
+    }
+}
+
+/// One entity's versions as [`PairCursor::entity`] gathered them, in key order: each
+/// feature's versions are one run, event time descending, then system time descending.
+#[derive(Debug, Clone, Copy)]
+pub struct EntityVersions<'a> {
+    found: &'a [Gathered],
+    cells: &'a [u8],
+}
+
+impl<'a> EntityVersions<'a> {
+    /// The versions, in key order.
+    pub fn versions(&self) -> &'a [Gathered] {
+        self.found
+    }
+
+    /// The encoded cell of `v` (one of [`EntityVersions::versions`]).
+    pub fn cell(&self, v: &Gathered) -> &'a [u8] {
+        &self.cells[v.cell.clone()]
+    }
+
+    /// Each feature's run of versions: `(feature, range in versions())`, features ascending.
+    pub fn runs(&self) -> impl Iterator<Item = (FeatureId, std::ops::Range<usize>)> + 'a {
+        let found = self.found;
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let f = found.get(at)?.feature;
+            let end = at + found[at..].partition_point(|g| g.feature == f);
+            let run = at..end;
+            at = end;
+            Some((f, run))
+        })
+    }
 }
 
 impl PairCursor {
     pub(super) fn new(view: Arc<ReadView>, known_at: SystemTime) -> PairCursor {
-        PairCursor { merge: MergingIter::new(Source::of_view_filling(&view, false)), known_at, _view: view }
+        let sources = Source::of_view_filling(&view, false);
+        PairCursor {
+            positioned: vec![false; sources.len()],
+            sources,
+            known_at,
+            found: Vec::new(),
+            cells: Vec::new(),
+            _view: view,
+        }
     }
 
-    /// Calls `f` with every version of `entity`'s features `lo..=hi` known at this cursor's
-    /// `known_at`, in key order.
+    /// Gathers every version of `entity`'s features `lo..=hi` known at this cursor's
+    /// `known_at`, in key order. Entities must come in ascending order.
+    pub fn entity(&mut self, entity: &[u8], lo: FeatureId, hi: FeatureId) -> Result<EntityVersions<'_>> {
+        crate::types::check_entity_key(entity)?;
+        let start = key::prefix(entity, lo);
+        let entity_prefix = &start[..start.len() - key::FEATURE_BYTES];
+        let (found, cells, known_at) = (&mut self.found, &mut self.cells, self.known_at);
+        found.clear();
+        cells.clear();
+        let mut holding = 0;
+        for (i, s) in self.sources.iter_mut().enumerate() {
+            // A source already at or past `start` has nothing before it: no seek. (One that
+            // ran out stays out: what a memtable gains later is not in this view's known_at.)
+            let behind = match s.key() {
+                Some(k) => k < start.as_slice(),
+                None => !self.positioned[i],
+            };
+            if behind {
+                s.seek(&start)?;
+                self.positioned[i] = true;
+            }
+            let before = found.len();
+            s.visit(|k, v| {
+                // A key of another entity (or malformed) ends the entity's run.
+                let Some(kr) = KeyRef::with_entity_prefix(k, entity_prefix) else {
+                    return false;
+                };
+                let feature = kr.feature();
+                if feature > hi {
+                    return false;
+                }
+                let system_time = kr.system_time();
+                if system_time <= known_at {
+                    let at = cells.len();
+                    cells.extend_from_slice(v);
+                    found.push(Gathered {
+                        feature,
+                        event_time: kr.event_time(),
+                        system_time,
+                        source: i,
+                        cell: at..cells.len(),
+                    });
+                }
+                true
+            })?;
+            holding += usize::from(found.len() > before);
+        }
+        if holding > 1 {
+            found.sort_unstable_by(Gathered::order);
+            // Equal keys: the first (newest source) stays.
+            found.dedup_by(|later, kept| later.same_key(kept));
+        }
+        Ok(EntityVersions { found, cells })
+    }
+
+    /// Calls `f` with every version [`PairCursor::entity`] gathers, in key order.
     pub fn entity_versions(
         &mut self,
         entity: &[u8],
@@ -554,24 +687,9 @@ impl PairCursor {
         hi: FeatureId,
         mut f: impl FnMut(FeatureId, RawVersion<'_>),
     ) -> Result<()> {
-        crate::types::check_entity_key(entity)?;
-        let start = key::prefix(entity, lo);
-        let entity_prefix = &start[..start.len() - key::FEATURE_BYTES];
-        self.merge.seek(&start)?;
-        while self.merge.valid() {
-            // A key of another entity (or malformed) ends the entity's run.
-            let Some(kr) = KeyRef::with_entity_prefix(self.merge.key(), entity_prefix) else {
-                break;
-            };
-            let feature = kr.feature();
-            if feature > hi {
-                break;
-            }
-            let system_time = kr.system_time();
-            if system_time <= self.known_at {
-                f(feature, RawVersion { event_time: kr.event_time(), system_time, cell: self.merge.value() });
-            }
-            self.merge.step()?;
+        let e = self.entity(entity, lo, hi)?;
+        for g in e.versions() {
+            f(g.feature, RawVersion { event_time: g.event_time, system_time: g.system_time, cell: e.cell(g) });
         }
         Ok(())
     }

@@ -280,6 +280,20 @@ impl BlockIter {
     pub fn new(block: Arc<Block>) -> Self {
         BlockIter { block, i: 0 }
     }
+    /// Calls `f` with each entry from the current one on, until it returns false (the cursor
+    /// stays at that entry; returns false) or the block runs out (returns true).
+    #[inline]
+    pub fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8]) -> bool) -> bool {
+        let b = &*self.block;
+        while self.i < b.len() {
+            if !f(b.key(self.i), b.value(self.i)) {
+                return false;
+            }
+            self.i += 1;
+        }
+        true
+    }
+
     /// Moves to the first entry >= `target`.
     pub fn seek(&mut self, target: &[u8]) {
         self.i = self.block.seek(target);

@@ -483,6 +483,20 @@ impl TableIter {
         self.cur.as_ref().map_or(&[], BlockIter::value)
     }
 
+    /// Calls `f` with each entry from the current one on, in order, until it returns false
+    /// (the cursor stays at that entry; returns true) or the table runs out (returns false).
+    /// One call walks many entries without a cursor step each.
+    pub fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8]) -> bool) -> Result<bool> {
+        while let Some(it) = &mut self.cur {
+            if !it.visit(f) {
+                return Ok(true);
+            }
+            self.block_idx += 1;
+            self.load()?;
+        }
+        Ok(false)
+    }
+
     /// Advances to the next entry.
     pub fn step(&mut self) -> Result<()> {
         if let Some(it) = &mut self.cur {
