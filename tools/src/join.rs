@@ -24,6 +24,7 @@ use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use quiver_proto::v1 as pb;
 
 use crate::common::{fetch_group, grpc, Result, Server};
@@ -258,9 +259,16 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
                     fields.push(Field::new(name, arrow_type(c.r#type()), true));
                 }
                 let file = File::create(&args.output).map_err(|e| format!("{out}: {e}"))?;
-                let props = WriterProperties::builder()
-                    .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(|e| e.to_string())?))
-                    .build();
+                // zstd at level 1, and dictionaries only for the join keys (which repeat): feature
+                // values rarely do, and building their dictionaries cost more than the rest of
+                // the write.
+                let mut props = WriterProperties::builder()
+                    .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).map_err(|e| e.to_string())?))
+                    .set_dictionary_enabled(false);
+                for k in &et.join_keys {
+                    props = props.set_column_dictionary_enabled(ColumnPath::from(k.name.as_str()), true);
+                }
+                let props = props.build();
                 let schema = Arc::new(Schema::new(fields));
                 let w = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| format!("{out}: {e}"))?;
                 writer = Some((w, schema));
