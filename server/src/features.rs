@@ -448,6 +448,27 @@ impl PairHistory {
     }
 }
 
+/// Spine rows from which a join checks and sorts its spine in parts, one per join thread.
+pub const SPINE_ROWS_PER_PART_MIN: usize = 1 << 16;
+
+/// The merge of two sorted lists.
+fn merge_sorted<T: Copy>(a: &[T], b: &[T], cmp: impl Fn(&T, &T) -> std::cmp::Ordering) -> Vec<T> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if cmp(&b[j], &a[i]).is_lt() {
+            out.push(b[j]);
+            j += 1;
+        } else {
+            out.push(a[i]);
+            i += 1;
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
+}
+
 /// Logs (at debug) when a join's answer has been streamed, however it ends.
 struct Streamed(std::time::Instant);
 
@@ -760,16 +781,42 @@ impl Features {
             Some(t) => convert::system_time(t, "known_at")?,
             None => SystemTime::MAX,
         };
-        // Check the whole spine before streaming anything.
-        let mut rows = Vec::with_capacity(req.spine.len());
-        for (i, r) in req.spine.iter().enumerate() {
-            let entity =
-                r.entity.as_ref().ok_or_else(|| ServiceError::Invalid(format!("spine row {i}: entity is required")))?;
-            let key =
-                convert::entity_key(et, entity).map_err(|e| ServiceError::Invalid(format!("spine row {i}: {e}")))?;
-            let t = convert::event_time(r.timestamp.as_ref(), &format!("spine row {i}: timestamp"))?;
-            rows.push((key, t));
-        }
+        // Check the whole spine before streaming anything: a long spine in parts, one per
+        // join thread (the first failing row is reported either way).
+        let check = |base: usize, spine: &[pb::SpineRow]| -> Result<Vec<(Vec<u8>, EventTime)>> {
+            let mut rows = Vec::with_capacity(spine.len());
+            for (i, r) in spine.iter().enumerate().map(|(i, r)| (base + i, r)) {
+                let entity = r
+                    .entity
+                    .as_ref()
+                    .ok_or_else(|| ServiceError::Invalid(format!("spine row {i}: entity is required")))?;
+                let key = convert::entity_key(et, entity)
+                    .map_err(|e| ServiceError::Invalid(format!("spine row {i}: {e}")))?;
+                let t = convert::event_time(r.timestamp.as_ref(), &format!("spine row {i}: timestamp"))?;
+                rows.push((key, t));
+            }
+            Ok(rows)
+        };
+        let parts = if req.spine.len() >= SPINE_ROWS_PER_PART_MIN { self.join_threads } else { 1 };
+        let part_rows = req.spine.len().div_ceil(parts).max(1);
+        let rows = if parts == 1 {
+            check(0, &req.spine)?
+        } else {
+            std::thread::scope(|scope| -> Result<_> {
+                let check = &check;
+                let handles: Vec<_> = req
+                    .spine
+                    .chunks(part_rows)
+                    .enumerate()
+                    .map(|(p, c)| scope.spawn(move || check(p * part_rows, c)))
+                    .collect();
+                let mut rows = Vec::with_capacity(req.spine.len());
+                for h in handles {
+                    rows.extend(h.join().unwrap_or_else(|p| Err(worker_panicked(&*p)))?);
+                }
+                Ok(rows)
+            })?
+        };
         let defaults: Vec<Option<Value>> = if req.use_defaults {
             features.iter().map(default_of).collect::<Result<_>>()?
         } else {
@@ -797,8 +844,25 @@ impl Features {
             u64::from_be_bytes(b)
         };
         let mut keyed: Vec<(u64, u32)> = rows.iter().enumerate().map(|(i, r)| (head(&r.0), i as u32)).collect();
-        keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| rows[a.1 as usize].0.cmp(&rows[b.1 as usize].0)));
-        let order: Vec<u32> = keyed.into_iter().map(|(_, i)| i).collect();
+        let by_key = |a: &(u64, u32), b: &(u64, u32)| {
+            a.0.cmp(&b.0).then_with(|| rows[a.1 as usize].0.cmp(&rows[b.1 as usize].0))
+        };
+        // A long spine is sorted in parts in parallel, then merged.
+        let order: Vec<u32> = if parts == 1 {
+            keyed.sort_unstable_by(by_key);
+            keyed.into_iter().map(|(_, i)| i).collect()
+        } else {
+            std::thread::scope(|scope| {
+                for part in keyed.chunks_mut(part_rows) {
+                    scope.spawn(move || part.sort_unstable_by(by_key));
+                }
+            });
+            let mut merged: Vec<(u64, u32)> = Vec::new();
+            for part in keyed.chunks(part_rows) {
+                merged = merge_sorted(&merged, part, by_key);
+            }
+            merged.into_iter().map(|(_, i)| i).collect()
+        };
         let groups: Vec<&[u32]> = order.chunk_by(|&a, &b| rows[a as usize].0 == rows[b as usize].0).collect();
         // The entity groups are cut into JOIN_THREADS runs of about equal row counts; each run
         // gets its own cursor over the same snapshot and its own answer log.

@@ -274,8 +274,10 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
             db.flush().expect("flush");
         }
     }
-    // Over two chunks of HISTORICAL_CHUNK_ROWS, so parallel chunk building must keep the order.
-    let rows = 2 * quiver_server::features::HISTORICAL_CHUNK_ROWS + 40;
+    // Over two chunks of HISTORICAL_CHUNK_ROWS, so parallel chunk building must keep the order,
+    // and long enough to be checked and sorted in parts by several threads.
+    let rows =
+        (2 * quiver_server::features::HISTORICAL_CHUNK_ROWS).max(quiver_server::features::SPINE_ROWS_PER_PART_MIN) + 40;
     let spine: Vec<(usize, i64)> =
         (0..rows).map(|_| (next(users.len() as u64) as usize, T0 - HOUR_US + next(9) as i64 * HOUR_US / 2)).collect();
     let req = pb::GetHistoricalFeaturesRequest {
@@ -285,15 +287,22 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
         use_defaults: true,
         ..Default::default()
     };
+    // The spine repeats a few (user, time) pairs: each is read once.
+    let mut reads = std::collections::HashMap::new();
     let want: Vec<(Vec<i32>, Vec<i64>, Vec<f64>)> = spine
         .iter()
         .map(|&(u, t)| {
-            let r = online(&f, &[users[u]], t);
-            (
-                r.columns.iter().map(|c| c.statuses[0]).collect(),
-                r.columns[0].int64_values.clone(),
-                r.columns[1].float64_values.clone(),
-            )
+            reads
+                .entry((u, t))
+                .or_insert_with(|| {
+                    let r = online(&f, &[users[u]], t);
+                    (
+                        r.columns.iter().map(|c| c.statuses[0]).collect(),
+                        r.columns[0].int64_values.clone(),
+                        r.columns[1].float64_values.clone(),
+                    )
+                })
+                .clone()
         })
         .collect();
     for (spill, threads) in [(1, 1), (7, 2), (64, 3), (1 << 20, 1), (1 << 20, 4)] {
@@ -322,6 +331,19 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
         })
         .expect("join stopped early");
         assert_eq!(chunks, 1);
+        // Bad rows: the first is reported, whichever part of the spine it is checked in.
+        for bad in [[rows - 3, rows - 2], [5, rows - 2]] {
+            let mut r = req.clone();
+            for &i in &bad {
+                r.spine[i].entity = None;
+            }
+            match f.historical(&r, |_| panic!("nothing streams before the spine is checked")) {
+                Err(ServiceError::Invalid(m)) => {
+                    assert!(m.starts_with(&format!("spine row {}: entity is required", bad[0])), "{m}")
+                }
+                other => panic!("bad spine rows {bad:?}: {other:?}"),
+            }
+        }
     }
 }
 
