@@ -114,13 +114,26 @@ pub struct Block {
 }
 
 impl Block {
-    /// Parses and checks a data block.
+    /// Parses and checks a data block, its buffers trimmed to what they hold (for blocks
+    /// that may be cached: the cache counts capacities).
     pub fn parse(data: Vec<u8>) -> Result<Block, DecodeError> {
         Self::parse_sized(data, BLOCK_BYTES_MAX)
     }
 
-    /// Parses and checks a block of at most `max` bytes (index blocks may exceed a data block).
+    /// [`Block::parse`] without trimming the buffers: for a block read once and dropped (a
+    /// pass that reads around the cache), where trimming is a reallocation and a copy for
+    /// nothing.
+    pub fn parse_transient(data: Vec<u8>) -> Result<Block, DecodeError> {
+        Self::parse_with(data, BLOCK_BYTES_MAX, false)
+    }
+
+    /// Parses and checks a block of at most `max` bytes (index blocks may exceed a data
+    /// block), trimmed.
     pub fn parse_sized(data: Vec<u8>, max: usize) -> Result<Block, DecodeError> {
+        Self::parse_with(data, max, true)
+    }
+
+    fn parse_with(data: Vec<u8>, max: usize, trim: bool) -> Result<Block, DecodeError> {
         if data.len() > max || data.len() < 4 {
             return Err("block size out of range");
         }
@@ -210,9 +223,11 @@ impl Block {
             return Err("empty block");
         }
         // The reservations above are estimates; a cached block holds only what it uses.
-        keys.shrink_to_fit();
-        entries.shrink_to_fit();
-        key_ends.shrink_to_fit();
+        if trim {
+            keys.shrink_to_fit();
+            entries.shrink_to_fit();
+            key_ends.shrink_to_fit();
+        }
         Ok(Block { keys, data, entries, key_ends })
     }
 
@@ -399,5 +414,21 @@ mod tests {
         b.add(&good, b"x");
         b.add(&next, b"y");
         assert!(Block::parse(b.finish()).is_ok());
+    }
+
+    #[test]
+    fn a_transient_parse_is_the_same_block_untrimmed() {
+        let ks = keys(50);
+        let mut b = BlockBuilder::new(16);
+        for k in &ks {
+            b.add(k, b"v");
+        }
+        let raw = b.finish();
+        let (kept, once) = (Block::parse(raw.clone()).expect("parses"), Block::parse_transient(raw).expect("parses"));
+        assert_eq!(kept.len(), once.len());
+        for i in 0..kept.len() {
+            assert_eq!((kept.key(i), kept.value(i)), (once.key(i), once.value(i)));
+        }
+        assert!(kept.approximate_bytes() < once.approximate_bytes(), "only the kept block is trimmed");
     }
 }

@@ -242,7 +242,8 @@ impl Table {
         if let Some(b) = cached {
             return Ok(b);
         }
-        let b = self.load_block(i)?;
+        let h = self.index[i].1;
+        let b = self.parse_block(i, self.read_block_raw(h, BLOCK_BYTES_MAX)?, fill_cache)?;
         if let Some(c) = cache.filter(|_| fill_cache) {
             c.insert(self.number, h.offset, b.clone());
         }
@@ -252,19 +253,22 @@ impl Table {
     /// Reads, checks and parses data block `i` with a buffered read, bypassing the cache.
     pub fn load_block(&self, i: usize) -> Result<Arc<Block>> {
         let h = self.index[i].1;
-        self.parse_block(i, self.read_block_raw(h, BLOCK_BYTES_MAX)?)
+        self.parse_block(i, self.read_block_raw(h, BLOCK_BYTES_MAX)?, true)
     }
 
     /// Checks and parses data block `i` from bytes the SSD tier read: payload and trailer in
     /// `buf` from `at`.
     pub(crate) fn finish_block(&self, i: usize, buf: Vec<u8>, at: usize) -> Result<Arc<Block>> {
         let h = self.index[i].1;
-        self.parse_block(i, self.check_block(h, buf, at, BLOCK_BYTES_MAX)?)
+        self.parse_block(i, self.check_block(h, buf, at, BLOCK_BYTES_MAX)?, true)
     }
 
-    fn parse_block(&self, i: usize, payload: Vec<u8>) -> Result<Arc<Block>> {
+    /// Checks and parses data block `i`; `kept` if it may be cached (trimmed, see
+    /// [`Block::parse`]).
+    fn parse_block(&self, i: usize, payload: Vec<u8>, kept: bool) -> Result<Arc<Block>> {
         let h = self.index[i].1;
-        let block = Block::parse(payload).map_err(|w| Error::corruption(&self.path, h.offset, w))?;
+        let parsed = if kept { Block::parse(payload) } else { Block::parse_transient(payload) };
+        let block = parsed.map_err(|w| Error::corruption(&self.path, h.offset, w))?;
         if block.key(block.len() - 1) != self.index[i].0.as_slice() {
             return Err(Error::corruption(&self.path, h.offset, "block's last key differs from its index entry"));
         }
