@@ -151,6 +151,9 @@ if [ "$ONLY" != online ]; then
   "$BENCH" --json ingest --addr "$ADDR" --group jb --entities "$JOIN_ENTITIES" --events "$JOIN_EVENTS" \
     --features 10 --durability async | sed 's/"mode":"ingest"/"mode":"join-ingest"/' >>"$RESULTS"
   "$QUIVER" --addr "$ADDR" admin compact --full >/dev/null
+  # As after the online ingest: the join starts once compactions are done, as DuckDB's does
+  # on an idle machine.
+  settle
   python3 "$ROOT/benches/join_compare.py" --addr "$ADDR" --quiver "$QUIVER" --entities "$JOIN_ENTITIES" \
     --events "$JOIN_EVENTS" --features 10 --spine "$JOIN_SPINE" --work "$WORK/join" --results "$RESULTS" >/dev/null
 fi

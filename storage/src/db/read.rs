@@ -9,6 +9,7 @@ use crate::cell;
 use crate::hot::NewState;
 use crate::iter::{MergingIter, Source};
 use crate::key::{self, KeyRef};
+use crate::sstable::block::Block;
 use crate::sstable::{Prefetched, Table};
 use crate::types::{AsOf, CellVersion, EntityKey, EventTime, FeatureId, SystemTime, Value};
 use crate::{Error, Result};
@@ -536,8 +537,9 @@ pub struct RawVersion<'a> {
 /// past it. An entity's versions are gathered source by source, with no comparison between
 /// sources per version; only when more than one source holds versions of the entity are they
 /// sorted into key order, keeping the newest source's version of equal keys (as the merging
-/// iterator does). It reads around the block cache (using blocks already there, adding none): a
-/// pass reads each block once.
+/// iterator does). A version from a table keeps its cell in its block (the cursor holds the
+/// entity's blocks until the next entity); only a memtable's cells are copied. It reads around
+/// the block cache (using blocks already there, adding none): a pass reads each block once.
 #[derive(Debug)]
 pub struct PairCursor {
     sources: Vec<Source>,
@@ -546,6 +548,9 @@ pub struct PairCursor {
     known_at: SystemTime,
     found: Vec<Gathered>,
     cells: Vec<u8>,
+    /// The table blocks the current entity's versions lie in (held so their cells need no
+    /// copy; dropped at the next entity).
+    blocks: Vec<Arc<Block>>,
     _view: Arc<ReadView>,
 }
 
@@ -560,7 +565,15 @@ pub struct Gathered {
     /// System time.
     pub system_time: SystemTime,
     source: usize,
-    cell: std::ops::Range<usize>,
+    cell: CellAt,
+}
+
+/// Where a gathered version's cell lies: copied into the cursor's buffer (from a memtable), or
+/// in a table block the cursor holds for the entity (index in its list, entry in the block).
+#[derive(Debug, Clone, Copy)]
+enum CellAt {
+    Copied(usize, usize),
+    Block(u32, u32),
 }
 
 impl Gathered {
@@ -584,6 +597,7 @@ impl Gathered {
 pub struct EntityVersions<'a> {
     found: &'a [Gathered],
     cells: &'a [u8],
+    blocks: &'a [Arc<Block>],
 }
 
 impl<'a> EntityVersions<'a> {
@@ -594,7 +608,10 @@ impl<'a> EntityVersions<'a> {
 
     /// The encoded cell of `v` (one of [`EntityVersions::versions`]).
     pub fn cell(&self, v: &Gathered) -> &'a [u8] {
-        &self.cells[v.cell.clone()]
+        match v.cell {
+            CellAt::Copied(a, b) => &self.cells[a..b],
+            CellAt::Block(block, i) => self.blocks[block as usize].value(i as usize),
+        }
     }
 
     /// Each feature's run of versions: `(feature, range in versions())`, features ascending.
@@ -620,6 +637,7 @@ impl PairCursor {
             known_at,
             found: Vec::new(),
             cells: Vec::new(),
+            blocks: Vec::new(),
             _view: view,
         }
     }
@@ -630,9 +648,10 @@ impl PairCursor {
         crate::types::check_entity_key(entity)?;
         let start = key::prefix(entity, lo);
         let entity_prefix = &start[..start.len() - key::FEATURE_BYTES];
-        let (found, cells, known_at) = (&mut self.found, &mut self.cells, self.known_at);
+        let (found, cells, blocks, known_at) = (&mut self.found, &mut self.cells, &mut self.blocks, self.known_at);
         found.clear();
         cells.clear();
+        blocks.clear();
         let mut holding = 0;
         for (i, s) in self.sources.iter_mut().enumerate() {
             // A source already at or past `start` has nothing before it: no seek. (One that
@@ -646,7 +665,7 @@ impl PairCursor {
                 self.positioned[i] = true;
             }
             let before = found.len();
-            s.visit(|k, v| {
+            s.visit(|k, v, at| {
                 // A key of another entity (or malformed) ends the entity's run.
                 let Some(kr) = KeyRef::with_entity_prefix(k, entity_prefix) else {
                     return false;
@@ -657,15 +676,22 @@ impl PairCursor {
                 }
                 let system_time = kr.system_time();
                 if system_time <= known_at {
-                    let at = cells.len();
-                    cells.extend_from_slice(v);
-                    found.push(Gathered {
-                        feature,
-                        event_time: kr.event_time(),
-                        system_time,
-                        source: i,
-                        cell: at..cells.len(),
-                    });
+                    // A table's cell stays in its block (entry indexes fit in u32: a block is
+                    // at most BLOCK_BYTES_MAX); a memtable's is copied.
+                    let cell = match at {
+                        Some((block, entry)) => {
+                            if !blocks.last().is_some_and(|b| Arc::ptr_eq(b, block)) {
+                                blocks.push(block.clone());
+                            }
+                            CellAt::Block((blocks.len() - 1) as u32, entry as u32)
+                        }
+                        None => {
+                            let start = cells.len();
+                            cells.extend_from_slice(v);
+                            CellAt::Copied(start, cells.len())
+                        }
+                    };
+                    found.push(Gathered { feature, event_time: kr.event_time(), system_time, source: i, cell });
                 }
                 true
             })?;
@@ -676,7 +702,7 @@ impl PairCursor {
             // Equal keys: the first (newest source) stays.
             found.dedup_by(|later, kept| later.same_key(kept));
         }
-        Ok(EntityVersions { found, cells })
+        Ok(EntityVersions { found, cells, blocks })
     }
 
     /// Calls `f` with every version [`PairCursor::entity`] gathers, in key order.

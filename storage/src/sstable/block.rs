@@ -295,13 +295,15 @@ impl BlockIter {
     pub fn new(block: Arc<Block>) -> Self {
         BlockIter { block, i: 0 }
     }
-    /// Calls `f` with each entry from the current one on, until it returns false (the cursor
-    /// stays at that entry; returns false) or the block runs out (returns true).
+    /// Calls `f` with each entry from the current one on (its key, its value, and the block
+    /// and index it lies at, for a caller that keeps the value without copying it), until it
+    /// returns false (the cursor stays at that entry; returns false) or the block runs out
+    /// (returns true).
     #[inline]
-    pub fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8]) -> bool) -> bool {
-        let b = &*self.block;
+    pub fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8], Option<(&Arc<Block>, usize)>) -> bool) -> bool {
+        let b = &self.block;
         while self.i < b.len() {
-            if !f(b.key(self.i), b.value(self.i)) {
+            if !f(b.key(self.i), b.value(self.i), Some((b, self.i))) {
                 return false;
             }
             self.i += 1;

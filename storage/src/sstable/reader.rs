@@ -490,7 +490,7 @@ impl TableIter {
     /// Calls `f` with each entry from the current one on, in order, until it returns false
     /// (the cursor stays at that entry; returns true) or the table runs out (returns false).
     /// One call walks many entries without a cursor step each.
-    pub fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8]) -> bool) -> Result<bool> {
+    pub fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8], Option<(&Arc<Block>, usize)>) -> bool) -> Result<bool> {
         while let Some(it) = &mut self.cur {
             if !it.visit(f) {
                 return Ok(true);
