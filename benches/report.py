@@ -62,7 +62,9 @@ def main(path):
         q, d = join.get("quiver"), join.get("duckdb")
         ratio = f"{q['rows_per_s'] / d['rows_per_s']:.2f}" if q and d else "-"
         cell = lambda x: f"{x['rows_per_s']:,.0f} rows/s ({x['seconds']:.1f} s)" if x else "-"
-        print(f"| point-in-time join, {q['rows'] if q else 0:,} spine rows (vs DuckDB ASOF JOIN) | {cell(q)} | {cell(d)} | {ratio} |")
+        runs = len(q.get("rounds", [])) if q else 0
+        median = f", median of {runs} alternating runs" if runs > 1 else ""
+        print(f"| point-in-time join, {q['rows'] if q else 0:,} spine rows{median} (vs DuckDB ASOF JOIN) | {cell(q)} | {cell(d)} | {ratio} |")
     for r in rows:
         if r.get("mode") == "join-check":
             print(f"| join answers compared | {r['rows']:,} rows, {r['mismatches']} differ | | |")
