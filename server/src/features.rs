@@ -362,7 +362,7 @@ fn encode_answer(
 ) -> Result<()> {
     let value = match winner {
         Some((e, cell)) => quiver_storage::cell::value_part(cell)
-            .map_err(|w| answers_corrupt(&format!("cell value: {w}")))?
+            .map_err(|w| corrupt(STORED_CELL, &format!("cell value: {w}")))?
             .map(|part| (e, part)),
         None => None,
     };
@@ -376,18 +376,19 @@ fn encode_answer(
     Ok(())
 }
 
-/// A join's answer (or the cell it came from) that does not decode.
-fn answers_corrupt(what: &str) -> ServiceError {
-    ServiceError::Storage(quiver_storage::Error::Corruption {
-        file: "(point-in-time join answers)".into(),
-        offset: 0,
-        what: what.to_string(),
-    })
+/// Where a join's corruption error lies: its answer log, or a stored cell it read (its table
+/// passed its checksum, so this is a cell written wrong, not a flipped bit).
+const ANSWER_LOG: &str = "(point-in-time join answers)";
+const STORED_CELL: &str = "(a stored cell the point-in-time join read)";
+
+/// A join's answer log, or a stored cell it read, that does not decode.
+fn corrupt(file: &str, what: &str) -> ServiceError {
+    ServiceError::Storage(quiver_storage::Error::Corruption { file: file.into(), offset: 0, what: what.to_string() })
 }
 
 /// Reads one answer written by [`encode_answer`] from the front of `r`.
 fn decode_answer(r: &mut &[u8], default: Option<&Value>) -> Result<(pb::FeatureStatus, i64, Option<Value>)> {
-    let bad = answers_corrupt;
+    let bad = |what: &str| corrupt(ANSWER_LOG, what);
     let (&s, rest) = r.split_first().ok_or_else(|| bad("answer record ends early"))?;
     *r = rest;
     let status = pb::FeatureStatus::try_from(i32::from(s)).map_err(|_| bad("bad answer status"))?;

@@ -45,8 +45,8 @@ pub struct LevelIter {
 }
 
 impl LevelIter {
-    /// A cursor over `tables` (sorted, non-overlapping), not positioned, that adds the blocks it reads to the block cache only if
-    /// `fill_cache`.
+    /// A cursor over `tables` (sorted, non-overlapping), not positioned, that adds the blocks
+    /// it reads to the block cache only if `fill_cache`.
     pub fn filling(tables: Vec<Arc<TableHandle>>, fill_cache: bool) -> Self {
         let idx = tables.len();
         LevelIter { tables, idx, cur: None, fill_cache }
@@ -196,7 +196,7 @@ impl Source {
             Source::Level(l) => l.valid().then(|| l.key()),
         }
     }
-    pub(crate) fn value(&self) -> &[u8] {
+    fn value(&self) -> &[u8] {
         match self {
             Source::Mem(m) => m.cur.as_ref().map_or(&[], |(_, v)| v.as_slice()),
             Source::Table(t) => t.value(),
@@ -225,7 +225,7 @@ impl Source {
         }
     }
 
-    pub(crate) fn next(&mut self) -> Result<()> {
+    fn next(&mut self) -> Result<()> {
         match self {
             Source::Mem(m) => {
                 let next = m.cur.as_ref().and_then(|(k, _)| m.mem.next_after(k, Some(k)));

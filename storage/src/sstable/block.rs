@@ -351,6 +351,15 @@ mod tests {
             .collect()
     }
 
+    /// A block of `entries` (key, value) with restart interval `restart`.
+    fn block_of<K: AsRef<[u8]>, V: AsRef<[u8]>>(entries: impl IntoIterator<Item = (K, V)>, restart: usize) -> Vec<u8> {
+        let mut b = BlockBuilder::new(restart);
+        for (k, v) in entries {
+            b.add(k.as_ref(), v.as_ref());
+        }
+        b.finish()
+    }
+
     #[test]
     fn build_parse_seek() {
         let ks = keys(100);
@@ -371,12 +380,7 @@ mod tests {
 
     #[test]
     fn every_truncation_and_flip_is_rejected_or_consistent() {
-        let ks = keys(40);
-        let mut b = BlockBuilder::new(4);
-        for k in &ks {
-            b.add(k, b"x");
-        }
-        let raw = b.finish();
+        let raw = block_of(keys(40).into_iter().map(|k| (k, b"x")), 4);
         for cut in 0..raw.len() {
             assert!(Block::parse(raw[..cut].to_vec()).is_err(), "cut at {cut}");
         }
@@ -406,26 +410,15 @@ mod tests {
         bad[6] = b'z';
         assert_eq!(bad.len(), good.len());
         assert!(KeyRef::parse(&bad).is_none());
-        let mut b = BlockBuilder::new(16);
-        b.add(&good, b"x");
-        b.add(&bad, b"y");
-        assert_eq!(Block::parse(b.finish()).err(), Some("malformed key in block"));
+        assert_eq!(Block::parse(block_of([(&good, b"x"), (&bad, b"y")], 16)).err(), Some("malformed key in block"));
         // Sharing the whole entity part and as long: the shortcut applies, and is right.
         let next = encode(b"entity01", FeatureId(2), EventTime(5), SystemTime(1));
-        let mut b = BlockBuilder::new(16);
-        b.add(&good, b"x");
-        b.add(&next, b"y");
-        assert!(Block::parse(b.finish()).is_ok());
+        assert!(Block::parse(block_of([(&good, b"x"), (&next, b"y")], 16)).is_ok());
     }
 
     #[test]
     fn a_transient_parse_is_the_same_block_untrimmed() {
-        let ks = keys(50);
-        let mut b = BlockBuilder::new(16);
-        for k in &ks {
-            b.add(k, b"v");
-        }
-        let raw = b.finish();
+        let raw = block_of(keys(50).into_iter().map(|k| (k, b"v")), 16);
         let (kept, once) = (Block::parse(raw.clone()).expect("parses"), Block::parse_transient(raw).expect("parses"));
         assert_eq!(kept.len(), once.len());
         for i in 0..kept.len() {
