@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "quiver/v1/feature_service.proto",
         "quiver/v1/replication.proto",
         "quiver/v1/admin.proto",
+        "quiver/v1/monitor.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

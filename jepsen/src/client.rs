@@ -36,6 +36,7 @@ pub fn registry() -> pb::ApplyRegistryRequest {
                 r#type: pb::ValueType::Int64 as i32,
                 default_value: None,
                 description: String::new(),
+                ..Default::default()
             }],
             ..Default::default()
         }],

@@ -17,7 +17,7 @@ mod tests {
     use prost::Message;
 
     #[test]
-    fn descriptor_set_names_the_four_services() {
+    fn descriptor_set_names_every_service() {
         let fds = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).expect("descriptor set decodes");
         let services: Vec<String> = fds
             .file
@@ -25,7 +25,7 @@ mod tests {
             .filter(|f| f.package() == "quiver.v1")
             .flat_map(|f| f.service.iter().map(|s| s.name().to_string()))
             .collect();
-        for s in ["FeatureService", "RegistryService", "AdminService", "ReplicationService"] {
+        for s in ["FeatureService", "RegistryService", "AdminService", "ReplicationService", "MonitorService"] {
             assert!(services.iter().any(|x| x == s), "{s} missing from {services:?}");
         }
     }

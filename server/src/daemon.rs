@@ -72,6 +72,10 @@ pub const CLOCK_SKEW_ENV: &str = "QUIVER_TEST_CLOCK_SKEW_MS";
 /// times.
 pub const MANUAL_CLOCK_ENV: &str = "QUIVER_TEST_MANUAL_CLOCK_US";
 
+/// Test-only: how often changed feature-group watermarks are stored, in milliseconds, instead
+/// of `health::WATERMARK_PERSIST_INTERVAL` (so tests see them replicate without waiting a minute).
+pub const WATERMARK_INTERVAL_ENV: &str = "QUIVER_TEST_WATERMARK_INTERVAL_MS";
+
 /// The value of the test-only switch `name`. Builds without the `testing` cargo feature (every
 /// release build) have no test switches: one set in the environment is refused, so a test
 /// never runs believing it injects faults it does not.
@@ -200,7 +204,8 @@ pub async fn serve(
         replication_log_bytes: if cfg.cluster.peers.is_empty() { 0 } else { cfg.replication_log_bytes },
         // The in-memory tail of the log is part of what is retained, within the same bound.
         replication_tail_bytes: REPLICATION_TAIL_BYTES_MAX.min(cfg.replication_log_bytes as usize),
-        replicated_prefixes: vec![crate::registry::PREFIX.to_vec()],
+        // The registry and the monitoring watermarks replicate with the data.
+        replicated_prefixes: vec![crate::registry::PREFIX.to_vec(), quiver_storage::reserved::MONITOR.to_vec()],
         ..Options::default()
     };
     let skew_ms: Option<i64> = test_switch_value(CLOCK_SKEW_ENV)?;
@@ -247,9 +252,16 @@ pub async fn serve(
         ..Default::default()
     };
     let replicator = Replicator::with_transport(db.clone(), registry.clone(), &cfg.cluster, transport);
+    let peer_regions: Vec<u32> = cfg.cluster.peers.iter().map(|p| p.region).collect();
+    let mut feature_health = crate::health::Health::new(registry.clone(), cfg.cluster.region, &peer_regions)?;
+    if let Some(ms) = test_switch_value::<u64>(WATERMARK_INTERVAL_ENV)? {
+        feature_health.set_persist_interval(std::time::Duration::from_millis(ms.max(1)));
+    }
+    let feature_health = Arc::new(feature_health);
     // A join's answers stay in memory up to 1/16 of the budget, then spill.
-    let mut features =
-        Features::new(registry.clone(), cfg.durability).with_join_spill_bytes(budget / JOIN_MEMORY_SHARE_DIVISOR);
+    let mut features = Features::new(registry.clone(), cfg.durability)
+        .with_join_spill_bytes(budget / JOIN_MEMORY_SHARE_DIVISOR)
+        .with_health(feature_health.clone());
     if let Some(n) = cfg.join_threads {
         features = features.with_join_threads(n);
     }
@@ -257,7 +269,15 @@ pub async fn serve(
     let admission = Admission::new(cfg.max_concurrent_requests, budget / REQUEST_MEMORY_SHARE_DIVISOR);
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let conn_stats = Arc::new(crate::conn::ConnStats::default());
-    let metrics = Metrics::new(db.clone(), replicator.clone(), admission.clone(), conn_stats.clone(), auth.clone())?;
+    let metrics = Metrics::new(
+        db.clone(),
+        replicator.clone(),
+        admission.clone(),
+        conn_stats.clone(),
+        auth.clone(),
+        feature_health.clone(),
+    )?;
+    let persist_task = tokio::spawn(feature_health.clone().persist_every_interval());
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
         None => None,
@@ -275,6 +295,7 @@ pub async fn serve(
         "quiver.v1.RegistryService",
         "quiver.v1.AdminService",
         "quiver.v1.ReplicationService",
+        "quiver.v1.MonitorService",
         "",
     ] {
         health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
@@ -307,6 +328,19 @@ pub async fn serve(
     let registry_svc = AdmitRequests::new(
         InterceptedService::new(
             pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(
+                registry.clone(),
+                metrics.clone(),
+            ))
+            .max_decoding_message_size(MESSAGE_BYTES_MAX),
+            auth.interceptor(None),
+        ),
+        admission.clone(),
+        MESSAGE_BYTES_MAX,
+    );
+    let monitor_svc = AdmitRequests::new(
+        InterceptedService::new(
+            pb::monitor_service_server::MonitorServiceServer::new(crate::service::MonitorApi::new(
+                feature_health.clone(),
                 registry.clone(),
                 metrics.clone(),
             ))
@@ -352,6 +386,7 @@ pub async fn serve(
             .add_service(feature_svc)
             .add_service(registry_svc)
             .add_service(admin_svc)
+            .add_service(monitor_svc)
             .add_service(replication_svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
@@ -382,6 +417,12 @@ pub async fn serve(
         let _ = p.await;
     }
     drop(replicator);
+    // The watermarks written since the last interval, so that a restart knows them.
+    persist_task.abort();
+    if let Err(e) = feature_health.persist() {
+        tracing::warn!(error = %e, "feature group watermarks not stored at stop");
+    }
+    drop(feature_health);
     // The metrics endpoint holds the engine (and the replicator): stop it first, so that the
     // wait below only waits for what may really still run.
     let _ = metrics_stop.send(());

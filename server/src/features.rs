@@ -19,6 +19,7 @@ use quiver_storage::{
 
 use crate::admission::ONLINE_ANSWER_BYTES_MAX;
 use crate::convert::{self, Invalid};
+use crate::health::{status_index, Health, ServedCounts, ServedTrack, Written};
 use crate::registry::{Registry, RegistryError, ResolvedFeature};
 use crate::replication::REGION_ID_MAX;
 
@@ -529,6 +530,8 @@ pub struct Features {
     join_threads: usize,
     db: Arc<Db>,
     default_durability: Durability,
+    /// Where writes and online answers are recorded for monitoring (`None`: not recorded).
+    health: Option<Arc<Health>>,
     #[cfg(feature = "testing")]
     before_commit: Mutex<Option<Arc<TestHook>>>,
 }
@@ -560,10 +563,25 @@ struct Resolution {
     slot: Vec<usize>,
     /// Per distinct feature: the last requested feature it answers (its value moves there).
     last_use: Vec<usize>,
+    /// Per requested feature: where its served statuses are counted (empty: not counted).
+    served: Vec<Arc<ServedTrack>>,
 }
 
 impl Resolution {
-    fn new(entity_type: pb::EntityType, refs: Vec<String>, features: Vec<ResolvedFeature>) -> Result<Resolution> {
+    fn new(
+        entity_type: pb::EntityType,
+        refs: Vec<String>,
+        features: Vec<ResolvedFeature>,
+        health: Option<&Health>,
+    ) -> Result<Resolution> {
+        let served = match health {
+            Some(h) => features
+                .iter()
+                .map(|f| h.served(&f.group, &f.feature))
+                .collect::<std::result::Result<Vec<_>, String>>()
+                .map_err(|e| ServiceError::Storage(quiver_storage::Error::InvalidArgument(e)))?,
+            None => Vec::new(),
+        };
         let defaults = features.iter().map(default_of).collect::<Result<Vec<_>>>()?;
         let mut distinct: Vec<FeatureId> = Vec::with_capacity(features.len());
         let mut seen: HashMap<FeatureId, usize> = HashMap::with_capacity(features.len());
@@ -580,7 +598,7 @@ impl Resolution {
         for (j, &k) in slot.iter().enumerate() {
             last_use[k] = j;
         }
-        Ok(Resolution { entity_type, refs, features, defaults, distinct, slot, last_use })
+        Ok(Resolution { entity_type, refs, features, defaults, distinct, slot, last_use, served })
     }
 }
 
@@ -604,6 +622,7 @@ impl Features {
             join_spill_bytes: JOIN_SPILL_BYTES,
             join_threads: join_threads(),
             default_durability,
+            health: None,
             #[cfg(feature = "testing")]
             before_commit: Mutex::new(None),
         }
@@ -630,6 +649,12 @@ impl Features {
     /// bounds to cover the spill path).
     pub fn with_join_spill_bytes(mut self, bytes: usize) -> Self {
         self.join_spill_bytes = bytes.max(1);
+        self
+    }
+
+    /// The same service recording writes and online answers in `health`.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
         self
     }
 
@@ -692,6 +717,7 @@ impl Features {
             let mut col = column(f, reference, n);
             let default = &resolution.defaults[j];
             let k = slot[j];
+            let mut counts: ServedCounts = Default::default();
             for i in 0..n {
                 let v = match versions.get_mut(i * d + k) {
                     Some(v) if last_use[k] == j => v.take(),
@@ -706,9 +732,15 @@ impl Features {
                     }
                     pending = 0;
                 }
+                if let Some(s) = status_index(status) {
+                    counts[s] += 1;
+                }
                 col.statuses.push(status as i32);
                 col.event_times_us.push(event_us);
                 push_value(&mut col, f.value_type, value.as_ref());
+            }
+            if let Some(track) = resolution.served.get(j) {
+                track.add(&counts, now_us);
             }
             columns.push(col);
         }
@@ -735,7 +767,7 @@ impl Features {
             }
         }
         let (et, features) = self.resolve_uncached(entity_type, refs)?;
-        let r = Arc::new(Resolution::new(et, refs.to_vec(), features)?);
+        let r = Arc::new(Resolution::new(et, refs.to_vec(), features, self.health.as_deref())?);
         let mut cache = self.resolutions.lock();
         if cache.generation != generation || cache.map.len() >= RESOLUTIONS_CACHED_MAX {
             cache.map.clear();
@@ -1125,6 +1157,18 @@ impl Features {
             return Ok(resp);
         }
         let result = self.prepare(req).and_then(|prepared| self.commit(req, &digest, prepared, durability));
+        if let (Ok(resp @ pb::WriteFeaturesResponse { deduplicated: false, .. }), Some(health)) =
+            (&result, &self.health)
+        {
+            let system_us = resp.system_time.as_ref().map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+            // `prepare` checked every row: groups and event times are well formed.
+            let rows = req.rows.iter().filter_map(|row| {
+                let (group, _) = crate::registry::parse_group_ref(&row.group)?;
+                let event_us = convert::event_time(row.event_time.as_ref(), "event_time").ok()?.0;
+                Some(Written { group, event_us, values: (row.values.len() + row.deletes.len()) as u64 })
+            });
+            health.written(rows, system_us);
+        }
         match result {
             // A request with the same key may have committed since the look-up, and then
             // changed what this one is checked against (the registry, the event horizon): the
@@ -1215,6 +1259,16 @@ impl Features {
             for name in names {
                 let f = feature(name)?;
                 let v = convert::to_engine(&row.values[name], f.value_type, &format!("row {i}: {}", name))?;
+                if let Value::Float32Vector(x) = &v {
+                    if f.dim != 0 && x.len() != f.dim as usize {
+                        return Err(ServiceError::Invalid(format!(
+                            "row {i}: {name}: a vector of {} elements; {}:{name} has dim {}",
+                            x.len(),
+                            row.group,
+                            f.dim
+                        )));
+                    }
+                }
                 batch.put(&key, f.id, e, v).map_err(|err| ServiceError::Invalid(format!("row {i}: {name}: {err}")))?;
             }
             for name in &row.deletes {

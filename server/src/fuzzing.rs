@@ -75,6 +75,7 @@ pub fn registry_request() -> pb::ApplyRegistryRequest {
         r#type: t as i32,
         default_value: None,
         description: String::new(),
+        ..Default::default()
     };
     let key = |name: &str, t: pb::JoinKeyType| pb::JoinKey { name: name.into(), r#type: t as i32 };
     pb::ApplyRegistryRequest {

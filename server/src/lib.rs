@@ -11,6 +11,7 @@ pub mod convert;
 pub mod daemon;
 pub mod features;
 pub mod fuzzing;
+pub mod health;
 pub mod metrics;
 pub mod registry;
 pub mod replication;

@@ -1,5 +1,6 @@
 //! Prometheus metrics over HTTP (`GET /metrics`): request counts by method and code, latency
-//! histograms by method, values and bytes written, and the engine's figures read at scrape time.
+//! histograms by method, values and bytes written, the engine's figures read at scrape time, and
+//! feature health (`crate::health`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -49,6 +50,7 @@ pub struct Metrics {
     background_disk_full: IntGaugeVec,
     conns: Arc<crate::conn::ConnStats>,
     conn_figures: [IntGauge; 4],
+    health: Arc<crate::health::Health>,
 }
 
 fn err(e: prometheus::Error) -> String {
@@ -63,8 +65,12 @@ impl Metrics {
         admission: Arc<crate::admission::Admission>,
         conns: Arc<crate::conn::ConnStats>,
         auth: Arc<crate::auth::Authenticator>,
+        health: Arc<crate::health::Health>,
     ) -> Result<Arc<Metrics>, String> {
         let registry = Registry::new_custom(Some("quiver".into()), None).map_err(err)?;
+        for c in health.collectors() {
+            registry.register(c).map_err(err)?;
+        }
         let requests = IntCounterVec::new(
             Opts::new("grpc_requests_total", "gRPC requests by method and status code"),
             &["method", "code"],
@@ -189,6 +195,7 @@ impl Metrics {
             gauge("accept_errors_total", "failed accepts (out of file descriptors...) since start")?,
         ];
         Ok(Arc::new(Metrics {
+            health,
             auth,
             rate_limited,
             writes_refused,
@@ -265,6 +272,7 @@ impl Metrics {
             self.peer_bootstraps.with_label_values(&[&peer]).set(bootstraps as i64);
             self.peer_up.with_label_values(&[&peer]).set(i64::from(up));
         }
+        self.health.refresh_gauges(crate::service::now_us());
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             return format!("# metrics encoding failed: {e}\n");

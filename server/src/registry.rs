@@ -13,9 +13,9 @@
 //! # Versions
 //! Applying a group whose definition differs from its latest version creates version
 //! latest + 1, which becomes the serving version; earlier versions stay addressable as
-//! `group@N:feature`. A feature whose name and type are unchanged keeps its feature id, so its
-//! data stays served across metadata edits, TTL changes and added features; a new or retyped
-//! feature gets a fresh id (its own keyspace, so history of another type is never
+//! `group@N:feature`. A feature whose name, type and `dim` are unchanged keeps its feature id,
+//! so its data stays served across metadata edits, TTL changes and added features; a new,
+//! retyped or resized feature gets a fresh id (its own keyspace, so history of another type is never
 //! reinterpreted); a removed feature is simply absent from the new version. Applying an
 //! identical definition is a no-op. Entity types are immutable once created (their join keys
 //! define how every key of theirs is encoded).
@@ -39,6 +39,8 @@ pub const JOIN_KEYS_MAX: usize = 8;
 pub const OBJECTS_PER_APPLY_MAX: usize = 1_000;
 /// Longest free-text field (description, owner, source, tag).
 pub const TEXT_BYTES_MAX: usize = 4096;
+/// The longest `dim` a float32_vector feature may declare.
+pub const VECTOR_DIM_MAX: u32 = 65_536;
 /// Most versions of one feature group: every version stays addressable (`group@N`) and in
 /// memory, so repeated applies stop here instead of growing the registry without end.
 pub const GROUP_VERSIONS_MAX: u32 = 1_000;
@@ -104,6 +106,8 @@ pub struct ResolvedFeature {
     pub default: Option<pb::Value>,
     /// The entity type of the group.
     pub entity_type: String,
+    /// For a float32_vector: the length every written vector must have (0: any).
+    pub dim: u32,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -186,6 +190,36 @@ fn check_entity_type(e: &pb::EntityType) -> Result<()> {
     Ok(())
 }
 
+/// A group's duration field (`ttl`, `freshness_sla`): non-negative whole microseconds, within
+/// `google.protobuf.Duration`'s range and normalised.
+fn check_duration(group: &str, what: &str, d: Option<&prost_types::Duration>) -> Result<()> {
+    let Some(d) = d else { return Ok(()) };
+    if d.seconds < 0 || d.nanos < 0 || d.nanos % 1000 != 0 {
+        return Err(RegistryError::Invalid(format!(
+            "feature group {group}: {what} must be non-negative whole microseconds"
+        )));
+    }
+    // google.protobuf.Duration spans at most ±315,576,000,000 s (about 10,000 years).
+    if d.seconds > 315_576_000_000 {
+        return Err(RegistryError::Invalid(format!(
+            "feature group {group}: {what} of {} s is outside google.protobuf.Duration's range",
+            d.seconds
+        )));
+    }
+    if d.nanos >= 1_000_000_000 {
+        return Err(RegistryError::Invalid(format!(
+            "feature group {group}: {what} is not a normalised Duration (nanos {} must be below 1,000,000,000)",
+            d.nanos
+        )));
+    }
+    Ok(())
+}
+
+/// A positive duration field as a [`Duration`] (`None` when unset or zero).
+fn positive(d: Option<&prost_types::Duration>) -> Option<Duration> {
+    d.map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)).filter(|d| !d.is_zero())
+}
+
 fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
     check_name("feature group", &g.name)?;
     if !entity_known {
@@ -203,27 +237,8 @@ fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
         check_text("tag", k)?;
         check_text("tag value", v)?;
     }
-    if let Some(ttl) = &g.ttl {
-        if ttl.seconds < 0 || ttl.nanos < 0 || ttl.nanos % 1000 != 0 {
-            return Err(RegistryError::Invalid(format!(
-                "feature group {}: ttl must be non-negative whole microseconds",
-                g.name
-            )));
-        }
-        // google.protobuf.Duration spans at most ±315,576,000,000 s (about 10,000 years).
-        if ttl.seconds > 315_576_000_000 {
-            return Err(RegistryError::Invalid(format!(
-                "feature group {}: ttl of {} s is outside google.protobuf.Duration's range",
-                g.name, ttl.seconds
-            )));
-        }
-        if ttl.nanos >= 1_000_000_000 {
-            return Err(RegistryError::Invalid(format!(
-                "feature group {}: ttl is not a normalised Duration (nanos {} must be below 1,000,000,000)",
-                g.name, ttl.nanos
-            )));
-        }
-    }
+    check_duration(&g.name, "ttl", g.ttl.as_ref())?;
+    check_duration(&g.name, "freshness_sla", g.freshness_sla.as_ref())?;
     if g.features.is_empty() || g.features.len() > FEATURES_PER_GROUP_MAX {
         return Err(RegistryError::Invalid(format!(
             "feature group {} needs 1 to {FEATURES_PER_GROUP_MAX} features, has {}",
@@ -248,6 +263,41 @@ fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
                     f.name,
                     f.r#type()
                 )));
+            }
+        }
+        if let Some(r) = f.max_null_rate {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(RegistryError::Invalid(format!(
+                    "feature {}:{}: max_null_rate {r} is not a share between 0 and 1",
+                    g.name, f.name
+                )));
+            }
+        }
+        if f.dim != 0 {
+            if f.r#type() != pb::ValueType::Float32Vector {
+                return Err(RegistryError::Invalid(format!(
+                    "feature {}:{}: dim is for float32_vector features, not {:?}",
+                    g.name,
+                    f.name,
+                    f.r#type()
+                )));
+            }
+            if f.dim > VECTOR_DIM_MAX {
+                return Err(RegistryError::Invalid(format!(
+                    "feature {}:{}: dim {} is over VECTOR_DIM_MAX ({VECTOR_DIM_MAX})",
+                    g.name, f.name, f.dim
+                )));
+            }
+            if let Some(pb::value::Kind::Float32Vector(v)) = f.default_value.as_ref().and_then(|d| d.kind.as_ref()) {
+                if v.values.len() != f.dim as usize {
+                    return Err(RegistryError::Invalid(format!(
+                        "feature {}:{}: the default has {} elements, not dim {}",
+                        g.name,
+                        f.name,
+                        v.values.len(),
+                        f.dim
+                    )));
+                }
             }
         }
     }
@@ -277,11 +327,7 @@ fn resolved(
             f.name
         )))
     })?;
-    let ttl = def
-        .ttl
-        .as_ref()
-        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-        .filter(|d| !d.is_zero());
+    let ttl = positive(def.ttl.as_ref());
     Ok(ResolvedFeature {
         group: group.to_string(),
         version,
@@ -291,6 +337,7 @@ fn resolved(
         ttl,
         default: f.default_value.clone(),
         entity_type: def.entity_type.clone(),
+        dim: f.dim,
     })
 }
 
@@ -299,7 +346,8 @@ fn resolved(
 /// included, which `==` on floats would never call equal).
 fn comparable(g: &pb::FeatureGroup) -> Vec<u8> {
     let ttl = g.ttl.filter(|d| d.seconds != 0 || d.nanos != 0);
-    let mut c = pb::FeatureGroup { version: 0, created_at: None, ttl, ..g.clone() };
+    let freshness_sla = g.freshness_sla.filter(|d| d.seconds != 0 || d.nanos != 0);
+    let mut c = pb::FeatureGroup { version: 0, created_at: None, ttl, freshness_sla, ..g.clone() };
     let tags: BTreeMap<String, String> = c.tags.drain().collect();
     let mut out = c.encode_to_vec();
     for (k, v) in tags {
@@ -330,6 +378,7 @@ fn diff(old: &pb::FeatureGroup, new: &pb::FeatureGroup) -> Vec<String> {
     field("owner", old.owner.clone(), new.owner.clone());
     field("description", old.description.clone(), new.description.clone());
     field("ttl", fmt_ttl(&old.ttl), fmt_ttl(&new.ttl));
+    field("freshness_sla", fmt_ttl(&old.freshness_sla), fmt_ttl(&new.freshness_sla));
     field("source", old.source.clone(), new.source.clone());
     field("transformation", old.transformation.clone(), new.transformation.clone());
     field("code_hash", old.code_hash.clone(), new.code_hash.clone());
@@ -337,17 +386,20 @@ fn diff(old: &pb::FeatureGroup, new: &pb::FeatureGroup) -> Vec<String> {
     for f in &new.features {
         match old.features.iter().find(|o| o.name == f.name) {
             None => out.push(format!("+ feature {}: {:?}", f.name, f.r#type())),
-            Some(o) if o != f => out.push(format!(
-                "~ feature {}: {:?} -> {:?}{}",
-                f.name,
-                o.r#type(),
-                f.r#type(),
-                if o.default_value != f.default_value || o.description != f.description {
-                    " (default or description changed)"
-                } else {
-                    ""
+            Some(o) if o != f => {
+                let mut what = Vec::new();
+                if o.dim != f.dim {
+                    what.push(format!("dim {} -> {}", o.dim, f.dim));
                 }
-            )),
+                if o.max_null_rate != f.max_null_rate {
+                    what.push(format!("max_null_rate {:?} -> {:?}", o.max_null_rate, f.max_null_rate));
+                }
+                if o.default_value != f.default_value || o.description != f.description {
+                    what.push("default or description changed".into());
+                }
+                let what = if what.is_empty() { String::new() } else { format!(" ({})", what.join(", ")) };
+                out.push(format!("~ feature {}: {:?} -> {:?}{what}", f.name, o.r#type(), f.r#type()))
+            }
             Some(_) => {}
         }
     }
@@ -500,14 +552,16 @@ impl Registry {
                     g.name
                 )));
             }
-            // A feature whose name and type are unchanged keeps its id, so its data stays
-            // served across metadata edits and added features; a new or retyped feature gets
-            // a fresh id (a new keyspace: history of another type is never reinterpreted).
+            // A feature whose name, type and dim are unchanged keeps its id, so its data stays
+            // served across metadata edits and added features; a new, retyped or resized
+            // feature gets a fresh id (a new keyspace: history of another type or length is
+            // never reinterpreted).
             let mut feature_ids = Vec::with_capacity(g.features.len());
             for f in &g.features {
                 let kept = latest.as_ref().and_then(|(_, s)| {
                     let old = s.def.as_ref()?;
-                    let i = old.features.iter().position(|o| o.name == f.name && o.r#type == f.r#type)?;
+                    let i =
+                        old.features.iter().position(|o| o.name == f.name && o.r#type == f.r#type && o.dim == f.dim)?;
                     s.feature_ids.get(i).copied()
                 });
                 let id = match kept {

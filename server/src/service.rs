@@ -700,3 +700,53 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .await
     }
 }
+
+/// `quiver.v1.MonitorService`.
+#[derive(Debug, Clone)]
+pub struct MonitorApi {
+    health: Arc<crate::health::Health>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+}
+
+impl MonitorApi {
+    /// The endpoints over `health`.
+    pub fn new(health: Arc<crate::health::Health>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        MonitorApi { health, registry, metrics }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::monitor_service_server::MonitorService for MonitorApi {
+    async fn get_feature_health(
+        &self,
+        req: Request<pb::GetFeatureHealthRequest>,
+    ) -> Result<Response<pb::GetFeatureHealthResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("GetFeatureHealth", async move {
+                let group = req.get_ref().group.clone();
+                let p = authorize(&req, Scope::Read, (!group.is_empty()).then_some(group.as_str()))?;
+                if !group.is_empty() {
+                    // An unknown group is NOT_FOUND, not an empty report.
+                    self.registry.group(&group, 0).map_err(registry_status)?;
+                }
+                let health = self.health.clone();
+                blocking(move || {
+                    let now = now_us();
+                    let only = (!group.is_empty()).then_some(group.as_str());
+                    let groups = health.report(now, only, |g| p.may_see(g)).map_err(|e| storage_status(&e))?;
+                    Ok(Response::new(pb::GetFeatureHealthResponse {
+                        now: Some(convert::timestamp(now)),
+                        window: Some(prost_types::Duration {
+                            seconds: crate::health::HEALTH_WINDOW.as_secs() as i64,
+                            nanos: 0,
+                        }),
+                        groups,
+                    }))
+                })
+                .await
+            })
+            .await
+    }
+}

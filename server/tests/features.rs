@@ -35,6 +35,7 @@ fn setup() -> (tempfile::TempDir, Features, Arc<Db>) {
         r#type: t as i32,
         default_value: default,
         description: String::new(),
+        ..Default::default()
     };
     reg.apply(&pb::ApplyRegistryRequest {
         entity_types: vec![pb::EntityType {
@@ -218,6 +219,7 @@ fn a_new_group_version_is_served_by_the_next_lookup() {
                 r#type: pb::ValueType::Float64 as i32,
                 default_value: Some(f64v(default)),
                 description: String::new(),
+                ..Default::default()
             }],
             ..Default::default()
         }],
@@ -488,6 +490,7 @@ fn idempotent_writes_and_registry_changes_work_past_the_event_horizon() {
                 r#type: pb::ValueType::Int64 as i32,
                 default_value: None,
                 description: String::new(),
+                ..Default::default()
             }],
             ..Default::default()
         }],

@@ -142,7 +142,37 @@ fn dry_run_and_refusals_change_nothing() {
             }],
         ),
         (vec![], vec![pb::FeatureGroup { ttl: Some(prost_types::Duration { seconds: -1, nanos: 0 }), ..stats() }]),
+        (
+            vec![],
+            vec![pb::FeatureGroup { freshness_sla: Some(prost_types::Duration { seconds: -1, nanos: 0 }), ..stats() }],
+        ),
+        (
+            vec![],
+            vec![pb::FeatureGroup {
+                freshness_sla: Some(prost_types::Duration { seconds: 1, nanos: 1_000_000_000 }),
+                ..stats()
+            }],
+        ),
     ];
+    let with = |f: pb::FeatureDef| vec![pb::FeatureGroup { features: vec![f], ..stats() }];
+    let vector = || feature("embedding", pb::ValueType::Float32Vector);
+    let mut bad_features = vec![
+        // dim is for vectors only, and bounded.
+        with(pb::FeatureDef { dim: 3, ..feature("x", pb::ValueType::Int64List) }),
+        with(pb::FeatureDef { dim: quiver_server::registry::VECTOR_DIM_MAX + 1, ..vector() }),
+        // The default must have the dim.
+        with(pb::FeatureDef {
+            dim: 3,
+            default_value: Some(pb::Value {
+                kind: Some(pb::value::Kind::Float32Vector(pb::Float32List { values: vec![0.0; 2] })),
+            }),
+            ..vector()
+        }),
+    ];
+    for rate in [-0.1, 1.5, f64::NAN, f64::INFINITY] {
+        bad_features.push(with(pb::FeatureDef { max_null_rate: Some(rate), ..feature("x", pb::ValueType::Int64) }));
+    }
+    let bad_cases = bad_cases.into_iter().chain(bad_features.into_iter().map(|g| (vec![], g)));
     for (e, g) in bad_cases {
         let what = format!("{e:?} {g:?}");
         assert!(matches!(apply(&r, e, g, false), Err(RegistryError::Invalid(_))), "{what}");
@@ -155,6 +185,37 @@ fn dry_run_and_refusals_change_nothing() {
     assert!(matches!(r.resolve("user_stats:nope"), Err(RegistryError::NotFound(_))));
     assert!(matches!(r.resolve("nope:clicks_1h"), Err(RegistryError::NotFound(_))));
     assert!(matches!(r.resolve("user_stats@9:clicks_1h"), Err(RegistryError::NotFound(_))));
+}
+
+#[test]
+fn monitoring_fields_version_the_group_and_a_new_dim_is_a_new_feature() {
+    use pb::registry_change::Kind;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let r = open(tmp.path());
+    let mut g = stats();
+    g.features.push(pb::FeatureDef { dim: 4, ..feature("embedding", pb::ValueType::Float32Vector) });
+    apply(&r, vec![user()], vec![g.clone()], false).expect("apply");
+    let first = r.resolve("user_stats:embedding").expect("resolve");
+    assert_eq!(first.dim, 4);
+    // A zero SLA is no SLA: the same definition.
+    let zero = pb::FeatureGroup { freshness_sla: Some(prost_types::Duration::default()), ..g.clone() };
+    assert_eq!(kinds(&apply(&r, vec![], vec![zero], false).expect("apply"))[0].0, Kind::Unchanged);
+    // An SLA and a null-rate bound are metadata: a new version, the same ids.
+    g.freshness_sla = Some(prost_types::Duration { seconds: 7200, nanos: 0 });
+    g.features[0].max_null_rate = Some(0.25);
+    let c = apply(&r, vec![], vec![g.clone()], false).expect("apply");
+    assert_eq!(kinds(&c)[0], (Kind::NewVersion, "feature_group:user_stats".into(), 2));
+    let details = c[0].details.join("\n");
+    assert!(details.contains("freshness_sla") && details.contains("max_null_rate"), "{details}");
+    assert_eq!(r.resolve("user_stats:embedding").expect("resolve").id, first.id);
+    assert_eq!(r.group("user_stats", 0).expect("group").features[0].max_null_rate, Some(0.25));
+    // A new length is a new keyspace: vectors of the old length are never served as the new.
+    g.features[2].dim = 8;
+    let c = apply(&r, vec![], vec![g], false).expect("apply");
+    assert!(c[0].details.join("\n").contains("dim 4 -> 8"), "{:?}", c[0].details);
+    let resized = r.resolve("user_stats:embedding").expect("resolve");
+    assert_ne!(resized.id, first.id);
+    assert_eq!(r.resolve("user_stats@2:embedding").expect("resolve").id, first.id);
 }
 
 #[test]

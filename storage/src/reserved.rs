@@ -11,6 +11,7 @@
 //! | [`REGISTRY`] | the feature registry: [`REGISTRY_ENTITY_TYPES`], [`REGISTRY_GROUPS`] | yes (quiverd lists it) |
 //! | [`IDEMPOTENCY`] | the stored answer of each idempotent write, by key | no: a retry goes to the node that took the write |
 //! | [`REPLICATION_CURSOR`] | per origin region, how far this node applied its log | no: each node's own progress |
+//! | [`MONITOR`] | feature monitoring: [`MONITOR_WATERMARKS`], each group's newest ingested times per region | yes (quiverd lists it) |
 
 /// The first byte of every reserved entity key.
 pub const RESERVED_BYTE: u8 = 0;
@@ -26,8 +27,14 @@ pub const IDEMPOTENCY: &[u8] = b"\x00idem\x00";
 /// The one entity holding this node's replication cursors (feature = origin region).
 pub const REPLICATION_CURSOR: &[u8] = b"\x00repl\x00cursor";
 
+/// Feature monitoring records.
+pub const MONITOR: &[u8] = b"\x00mon\x00";
+/// Per feature group (entity `MONITOR_WATERMARKS` + group name) and writing region (feature
+/// id): the newest event and system times written.
+pub const MONITOR_WATERMARKS: &[u8] = b"\x00mon\x00wm\x00";
+
 /// Every top-level reserved prefix.
-pub const ALL: [&[u8]; 3] = [REGISTRY, IDEMPOTENCY, REPLICATION_CURSOR];
+pub const ALL: [&[u8]; 4] = [REGISTRY, IDEMPOTENCY, REPLICATION_CURSOR, MONITOR];
 
 /// True for an entity key in the reserved space.
 pub fn is_reserved(entity: &[u8]) -> bool {
@@ -56,6 +63,7 @@ mod tests {
         for sub in [REGISTRY_ENTITY_TYPES, REGISTRY_GROUPS] {
             assert!(sub.starts_with(REGISTRY));
         }
+        assert!(MONITOR_WATERMARKS.starts_with(MONITOR));
         let user = crate::encode_entity_key(&[crate::KeyPart::Str("")]);
         assert!(!is_reserved(&user));
         assert!(!is_reserved(&crate::encode_entity_key(&[crate::KeyPart::Int(0)])));

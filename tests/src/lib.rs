@@ -149,6 +149,7 @@ impl tonic::service::Interceptor for Token {
 }
 
 /// Generated clients over one channel.
+#[derive(Clone)]
 pub struct Clients {
     /// FeatureService.
     pub features: pb::feature_service_client::FeatureServiceClient<TokenChannel>,
@@ -156,6 +157,8 @@ pub struct Clients {
     pub registry: pb::registry_service_client::RegistryServiceClient<TokenChannel>,
     /// AdminService.
     pub admin: pb::admin_service_client::AdminServiceClient<TokenChannel>,
+    /// MonitorService.
+    pub monitor: pb::monitor_service_client::MonitorServiceClient<TokenChannel>,
 }
 
 impl Clients {
@@ -175,7 +178,8 @@ impl Clients {
         Clients {
             features: pb::feature_service_client::FeatureServiceClient::new(c.clone()),
             registry: pb::registry_service_client::RegistryServiceClient::new(c.clone()),
-            admin: pb::admin_service_client::AdminServiceClient::new(c),
+            admin: pb::admin_service_client::AdminServiceClient::new(c.clone()),
+            monitor: pb::monitor_service_client::MonitorServiceClient::new(c),
         }
     }
 }
@@ -237,6 +241,7 @@ pub fn example_registry() -> pb::ApplyRegistryRequest {
         r#type: t as i32,
         default_value: d,
         description: String::new(),
+        ..Default::default()
     };
     pb::ApplyRegistryRequest {
         entity_types: vec![pb::EntityType {

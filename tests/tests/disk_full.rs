@@ -82,6 +82,7 @@ fn registry() -> pb::ApplyRegistryRequest {
             r#type: pb::ValueType::Bytes as i32,
             default_value: None,
             description: String::new(),
+            ..Default::default()
         }],
         ..Default::default()
     });

@@ -48,6 +48,7 @@ async fn huge_answers_are_refused_and_a_flood_is_shed_within_the_memory_budget()
         r#type: pb::ValueType::String as i32,
         default_value: None,
         description: String::new(),
+        ..Default::default()
     }];
     reg.feature_groups = vec![blobs];
     c.registry.apply_registry(reg).await.expect("apply");

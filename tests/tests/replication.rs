@@ -58,8 +58,10 @@ async fn two_regions_replicate_and_operators_pause_resume_and_rebootstrap() {
     let a2 = format!("127.0.0.1:{p2}");
     let peer_of_1 = format!("2={a2}");
     let peer_of_2 = format!("1={a1}");
-    let r1 = Daemon::start_at(&dir.path().join("r1"), &a1, &["--region", "1", "--peer", &peer_of_1]);
-    let r2 = Daemon::start_at(&dir.path().join("r2"), &a2, &["--region", "2", "--peer", &peer_of_2]);
+    // Watermarks are stored every 50 ms (not every minute) so that region 2 sees them soon.
+    let env = [("QUIVER_TEST_WATERMARK_INTERVAL_MS", "50")];
+    let r1 = Daemon::start_with_env(&dir.path().join("r1"), &a1, &["--region", "1", "--peer", &peer_of_1], &env);
+    let r2 = Daemon::start_with_env(&dir.path().join("r2"), &a2, &["--region", "2", "--peer", &peer_of_2], &env);
     let mut c1 = Clients::of(&r1).await;
     let mut c2 = Clients::of(&r2).await;
 
@@ -85,13 +87,30 @@ async fn two_regions_replicate_and_operators_pause_resume_and_rebootstrap() {
     write(&c1, "alice", 1).await;
     write(&c2, "bob", 2).await;
     eventually("alice in region 2", Duration::from_secs(10), || {
-        let mut c = Clients { features: c2.features.clone(), registry: c2.registry.clone(), admin: c2.admin.clone() };
+        let mut c = c2.clone();
         async move { clicks(&mut c, "alice").await == Some(1) }
     })
     .await;
     eventually("bob in region 1", Duration::from_secs(10), || {
-        let mut c = Clients { features: c1.features.clone(), registry: c1.registry.clone(), admin: c1.admin.clone() };
+        let mut c = c1.clone();
         async move { clicks(&mut c, "bob").await == Some(2) }
+    })
+    .await;
+    // Region 1's freshness watermark crosses with its data: region 2 knows how fresh the group
+    // is although it never took a write this new itself.
+    let mut newer = row("carol", 4);
+    newer.event_time = ts(T0 + 5_000_000);
+    c1.features
+        .write_features(pb::WriteFeaturesRequest { rows: vec![newer], ..Default::default() })
+        .await
+        .expect("write");
+    eventually("region 1's watermark in region 2", Duration::from_secs(10), || {
+        let mut m = c2.monitor.clone();
+        async move {
+            let r = m.get_feature_health(pb::GetFeatureHealthRequest { group: "user_stats".into() }).await;
+            let g = r.expect("health").into_inner().groups.remove(0);
+            g.newest_event_time == ts(T0 + 5_000_000) && g.values_written == 1
+        }
     })
     .await;
     let st = peer_status(&mut c2, 1).await;
@@ -110,7 +129,7 @@ async fn two_regions_replicate_and_operators_pause_resume_and_rebootstrap() {
     assert_eq!(clicks(&mut c2, "alice").await, Some(1), "nothing is pulled while paused");
     c2.admin.resume_replication(pb::PeerRequest { region: 1 }).await.expect("resume");
     eventually("alice's update in region 2", Duration::from_secs(10), || {
-        let mut c = Clients { features: c2.features.clone(), registry: c2.registry.clone(), admin: c2.admin.clone() };
+        let mut c = c2.clone();
         async move { clicks(&mut c, "alice").await == Some(3) }
     })
     .await;
@@ -127,7 +146,7 @@ async fn two_regions_replicate_and_operators_pause_resume_and_rebootstrap() {
     .await;
     write(&c1, "carol", 4).await;
     eventually("carol in region 2 after the bootstrap", Duration::from_secs(10), || {
-        let mut c = Clients { features: c2.features.clone(), registry: c2.registry.clone(), admin: c2.admin.clone() };
+        let mut c = c2.clone();
         async move { clicks(&mut c, "carol").await == Some(4) }
     })
     .await;

@@ -8,6 +8,7 @@ mod demo;
 mod features;
 mod ingest;
 mod join;
+mod monitor;
 mod offline;
 mod registry;
 mod registry_file;
@@ -149,6 +150,13 @@ enum Cmd {
         /// Most versions to print.
         #[arg(long, default_value_t = 1000)]
         limit: u64,
+    },
+    /// Every feature group's health: freshness against its SLA and null rates against their
+    /// bounds. Exits with 2 when something breaches (1 on errors).
+    Monitor {
+        /// Only this group.
+        #[arg(long)]
+        group: Option<String>,
     },
     /// Check every file of a stopped engine's data directory (or a checkpoint), offline.
     Verify { dir: PathBuf },
@@ -304,6 +312,12 @@ async fn run(cli: Cli) -> Result<()> {
             let args =
                 join::JoinArgs { spine, output, features, time_column, known_at_us, strict_availability, use_defaults };
             join::run(server, cli.json, args).await
+        }
+        Cmd::Monitor { group } => {
+            if monitor::run(server, cli.json, group).await? {
+                std::process::exit(monitor::EXIT_BREACHED);
+            }
+            Ok(())
         }
         Cmd::Sst { cmd: SstCmd::Dump { file, limit } } => offline::sst_dump(&file, limit),
         Cmd::Wal { cmd: WalCmd::Dump { file, limit } } => offline::wal_dump(&file, limit),

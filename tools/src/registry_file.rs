@@ -11,11 +11,17 @@
 //! entity_type = "user"
 //! owner = "growth@example.com"
 //! ttl = "1h"                      # s, m, h, d; "0s" never goes stale
+//! freshness_sla = "2h"            # optional: breached when the newest event is older
 //! tags = { team = "growth" }
 //! [[feature_groups.features]]
 //! name = "clicks_1h"
 //! type = "int64"                  # bool int64 float32 float64 string bytes float32_vector int64_list string_list
 //! default = 0
+//! max_null_rate = 0.05            # optional: share of null online answers allowed
+//! [[feature_groups.features]]
+//! name = "embedding"
+//! type = "float32_vector"
+//! dim = 64                        # optional: every written vector has 64 elements
 //! ```
 
 use std::collections::BTreeMap;
@@ -63,6 +69,8 @@ struct Group {
     #[serde(default)]
     ttl: Option<String>,
     #[serde(default)]
+    freshness_sla: Option<String>,
+    #[serde(default)]
     source: String,
     #[serde(default)]
     transformation: String,
@@ -81,6 +89,10 @@ struct Feature {
     default: Option<toml::Value>,
     #[serde(default)]
     description: String,
+    #[serde(default)]
+    max_null_rate: Option<f64>,
+    #[serde(default)]
+    dim: u32,
 }
 
 /// Parses a value type name.
@@ -177,10 +189,16 @@ pub fn parse(text: &str) -> Result<pb::ApplyRegistryRequest, String> {
                 r#type: t as i32,
                 default_value: default,
                 description: ft.description,
+                max_null_rate: ft.max_null_rate,
+                dim: ft.dim,
             });
         }
         let ttl = match &g.ttl {
             Some(s) => Some(duration(s).map_err(|e| format!("feature group {}: ttl: {e}", g.name))?),
+            None => None,
+        };
+        let freshness_sla = match &g.freshness_sla {
+            Some(s) => Some(duration(s).map_err(|e| format!("feature group {}: freshness_sla: {e}", g.name))?),
             None => None,
         };
         req.feature_groups.push(pb::FeatureGroup {
@@ -196,6 +214,7 @@ pub fn parse(text: &str) -> Result<pb::ApplyRegistryRequest, String> {
             code_hash: g.code_hash,
             features,
             created_at: None,
+            freshness_sla,
         });
     }
     Ok(req)
@@ -218,6 +237,7 @@ source = "events.clicks (kafka)"
 transformation = "hourly_rollup"
 code_hash = "3f9a1c"
 tags = { team = "growth", tier = "online" }
+freshness_sla = "3h"
 
 [[feature_groups.features]]
 name = "clicks_1h"
@@ -227,6 +247,7 @@ default = 0
 [[feature_groups.features]]
 name = "spend_1h"
 type = "float64"
+max_null_rate = 0.5
 
 [[feature_groups.features]]
 name = "country"
@@ -242,6 +263,12 @@ mod tests {
         let req = parse(EXAMPLE).expect("example");
         assert_eq!(req.feature_groups[0].features.len(), 3);
         assert_eq!(req.feature_groups[0].ttl, Some(prost_types::Duration { seconds: 7200, nanos: 0 }));
+        assert_eq!(req.feature_groups[0].freshness_sla, Some(prost_types::Duration { seconds: 3 * 3600, nanos: 0 }));
+        assert_eq!(req.feature_groups[0].features[1].max_null_rate, Some(0.5));
+        let vector = EXAMPLE.replace("type = \"string\"\n", "type = \"float32_vector\"\ndim = 8\n");
+        assert_eq!(parse(&vector).expect("dim").feature_groups[0].features[2].dim, 8);
+        let bad_sla = EXAMPLE.replace("freshness_sla = \"3h\"", "freshness_sla = \"3 hours\"");
+        assert!(parse(&bad_sla).expect_err("sla").contains("freshness_sla"));
         assert!(parse("[[entity_types]]\nname = 1").is_err());
         assert!(parse("bogus = 1").expect_err("unknown field").contains("bogus"));
         let bad_type = EXAMPLE.replace("type = \"int64\"", "type = \"int128\"");

@@ -440,3 +440,79 @@ features = [
     assert!(!ok && err.contains("no event_time column") && err.trim().lines().count() == 1, "{err}");
     assert!(d.stop());
 }
+
+#[test]
+fn monitor_reports_freshness_and_exits_2_on_a_breach() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = Daemon::start(&tmp.path().join("data"), &[]);
+    let addr = d.addr.clone();
+    let file = tmp.path().join("registry.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[entity_types]]
+name = "user"
+join_keys = [{ name = "user_id", type = "string" }]
+
+[[feature_groups]]
+name = "user_stats"
+entity_type = "user"
+freshness_sla = "1h"
+[[feature_groups.features]]
+name = "clicks"
+type = "int64"
+max_null_rate = 0.1
+"#,
+    )
+    .expect("write file");
+    let (ok, _, err) = quiver(&["--addr", &addr, "apply", file.to_str().expect("path")]);
+    assert!(ok, "{err}");
+    let monitor = |json: bool| {
+        let mut args = vec!["--addr", &addr, "monitor"];
+        if json {
+            args.push("--json");
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_quiver")).args(&args).output().expect("run quiver");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_micros() as i64;
+    let two_hours_ago = (now - 7_200_000_000).to_string();
+    let (ok, _, err) = quiver(&[
+        "--addr",
+        &addr,
+        "put",
+        "--group",
+        "user_stats",
+        "--entity",
+        "alice",
+        "--event-time-us",
+        &two_hours_ago,
+        "clicks=1",
+    ]);
+    assert!(ok, "{err}");
+    let (code, out) = monitor(false);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("user_stats v1: BREACHED: freshness 2h 0m (SLA 1h 0m)"), "{out}");
+    let (code, out) = monitor(true);
+    assert_eq!(code, Some(2), "{out}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(report["groups"][0]["sla_breached"], true, "{report}");
+    assert_eq!(report["groups"][0]["freshness_sla_seconds"], 3600.0, "{report}");
+
+    let (ok, _, err) = quiver(&["--addr", &addr, "put", "--group", "user_stats", "--entity", "bob", "clicks=2"]);
+    assert!(ok, "{err}");
+    let (code, out) = monitor(false);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("user_stats v1: ok: freshness ") && out.contains("s (SLA 1h 0m); 2 values written here"),
+        "{out}"
+    );
+    assert!(out.contains("clicks: null rate - (max 10.0%) of 0 answers in the last 15m 0s"), "{out}");
+    // Errors are one line and exit 1, not 2.
+    let out = Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args(["--addr", &addr, "monitor", "--group", "nope"])
+        .output()
+        .expect("run quiver");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"), "{out:?}");
+}

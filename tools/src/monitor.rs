@@ -1,0 +1,114 @@
+//! `quiver monitor`: one report of every feature group's health (README "Monitoring"), and an
+//! exit status scripts and cron jobs can act on.
+
+use quiver_proto::v1 as pb;
+
+use crate::common::{grpc, Result, Server};
+
+/// The exit status of `quiver monitor` when something breaches (errors exit with 1).
+pub const EXIT_BREACHED: i32 = 2;
+
+fn secs(d: &prost_types::Duration) -> f64 {
+    d.seconds as f64 + f64::from(d.nanos) / 1e9
+}
+
+/// A duration for people: "42s", "3m 5s", "2h 0m", "4d 1h".
+fn human(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// Whether a group breaches anything: its SLA or a feature's null rate.
+fn breached(g: &pb::GroupHealth) -> bool {
+    g.sla_breached || g.features.iter().any(|f| f.null_rate_breached)
+}
+
+fn json_of(g: &pb::GroupHealth) -> serde_json::Value {
+    serde_json::json!({
+        "group": g.group,
+        "version": g.version,
+        "newest_event_time_us": g.newest_event_time.as_ref().map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000),
+        "freshness_seconds": g.freshness.as_ref().map(secs),
+        "freshness_sla_seconds": g.freshness_sla.as_ref().map(secs),
+        "sla_breached": g.sla_breached,
+        "values_written": g.values_written,
+        "breached": breached(g),
+        "features": g.features.iter().map(|f| serde_json::json!({
+            "feature": f.feature,
+            "present": f.present,
+            "not_found": f.not_found,
+            "stale": f.stale,
+            "defaulted": f.defaulted,
+            "null_rate": f.null_rate,
+            "max_null_rate": f.max_null_rate,
+            "null_rate_breached": f.null_rate_breached,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `quiver monitor`: prints the report (one JSON object with `json`); `Ok(true)` when
+/// something breaches.
+pub async fn run(server: &Server, json: bool, group: Option<String>) -> Result<bool> {
+    let mut c = pb::monitor_service_client::MonitorServiceClient::new(server.channel().await?);
+    let r = c
+        .get_feature_health(pb::GetFeatureHealthRequest { group: group.unwrap_or_default() })
+        .await
+        .map_err(grpc)?
+        .into_inner();
+    let any = r.groups.iter().any(breached);
+    if json {
+        let out = serde_json::json!({
+            "window_seconds": r.window.as_ref().map(secs),
+            "breached": any,
+            "groups": r.groups.iter().map(json_of).collect::<Vec<_>>(),
+        });
+        println!("{out}");
+        return Ok(any);
+    }
+    let window = r.window.as_ref().map_or(0.0, secs);
+    for g in &r.groups {
+        let fresh = match (&g.freshness, &g.freshness_sla) {
+            (Some(f), Some(s)) => format!("freshness {} (SLA {})", human(secs(f)), human(secs(s))),
+            (Some(f), None) => format!("freshness {} (no SLA)", human(secs(f))),
+            (None, Some(s)) => format!("never written (SLA {})", human(secs(s))),
+            (None, None) => "never written (no SLA)".to_string(),
+        };
+        let mark = if breached(g) { "BREACHED" } else { "ok" };
+        println!("{} v{}: {mark}: {fresh}; {} values written here since start", g.group, g.version, g.values_written);
+        for f in &g.features {
+            let answers = f.present + f.not_found + f.stale + f.defaulted;
+            let rate = f.null_rate.map_or("-".to_string(), |r| format!("{:.1}%", r * 100.0));
+            let max = f.max_null_rate.map_or("no bound".to_string(), |m| format!("max {:.1}%", m * 100.0));
+            let mark = if f.null_rate_breached { "  BREACHED" } else { "" };
+            println!(
+                "    {}: null rate {rate} ({max}) of {answers} answers in the last {}{mark}",
+                f.feature,
+                human(window)
+            );
+        }
+    }
+    if r.groups.is_empty() {
+        println!("no feature groups");
+    }
+    Ok(any)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(human(0.0), "0s");
+        assert_eq!(human(59.9), "59s");
+        assert_eq!(human(185.0), "3m 5s");
+        assert_eq!(human(7200.0), "2h 0m");
+        assert_eq!(human(4.0 * 86_400.0 + 3700.0), "4d 1h");
+        assert_eq!(human(-5.0), "0s");
+    }
+}
