@@ -215,6 +215,7 @@ impl Target {
                         entities: entities.iter().map(|&i| entity_key(i)).collect(),
                         features: refs.clone(),
                         as_of: None,
+                        ..Default::default()
                     })
                     .await
                     .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?

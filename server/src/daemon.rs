@@ -76,6 +76,10 @@ pub const MANUAL_CLOCK_ENV: &str = "QUIVER_TEST_MANUAL_CLOCK_US";
 /// of `health::WATERMARK_PERSIST_INTERVAL` (so tests see them replicate without waiting a minute).
 pub const WATERMARK_INTERVAL_ENV: &str = "QUIVER_TEST_WATERMARK_INTERVAL_MS";
 
+/// Test-only: every round of data-block reads first sleeps this many milliseconds (a slow SSD),
+/// to show that online lookups with a deadline still answer from the hot tier in time.
+pub const SSD_READ_DELAY_ENV: &str = "QUIVER_TEST_SSD_READ_DELAY_MS";
+
 /// The value of the test-only switch `name`. Builds without the `testing` cargo feature (every
 /// release build) have no test switches: one set in the environment is refused, so a test
 /// never runs believing it injects faults it does not.
@@ -236,6 +240,14 @@ pub async fn serve(
         }
     }
     let db = Arc::new(Db::open(&cfg.data_dir, opts).map_err(|e| format!("opening {}: {e}", cfg.data_dir.display()))?);
+    let ssd_read_delay_ms: Option<u64> = test_switch_value(SSD_READ_DELAY_ENV)?;
+    #[cfg(feature = "testing")]
+    if let Some(ms) = ssd_read_delay_ms {
+        tracing::warn!(ms, "test switch: every round of SSD reads is delayed");
+        db.set_ssd_read_delay(std::time::Duration::from_millis(ms));
+    }
+    #[cfg(not(feature = "testing"))]
+    let _ = ssd_read_delay_ms; // Refused above: set without the `testing` feature.
     let checkpoint_root = match &cfg.checkpoint_root {
         Some(root) => Some(crate::checkpoint::CheckpointRoot::new(root, &cfg.data_dir)?),
         None => None,

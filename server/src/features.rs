@@ -668,18 +668,21 @@ impl Features {
     /// `GetOnlineFeatures`, with `now_us` the server's clock (used when the request has no
     /// `as_of`).
     pub fn get_online(&self, req: &pb::GetOnlineFeaturesRequest, now_us: i64) -> Result<pb::GetOnlineFeaturesResponse> {
-        self.get_online_charged(req, now_us, ONLINE_ANSWER_BYTES_MAX, &mut |_| true)
+        self.get_online_charged(req, now_us, ONLINE_ANSWER_BYTES_MAX, &mut |_| true, None)
     }
 
     /// [`Features::get_online`], charging the answer's memory to `charge` as it is read and as
     /// its columns are built; `Overloaded` when a charge is refused, `TooLarge` past
-    /// `answer_max` bytes (at most [`ONLINE_ANSWER_BYTES_MAX`]).
+    /// `answer_max` bytes (at most [`ONLINE_ANSWER_BYTES_MAX`]). With a `deadline`, features
+    /// the hot tier does not hold are read only while that is expected to end before it; the
+    /// others come back UNAVAILABLE (or DEFAULTED, if the request asks), never as an error.
     pub fn get_online_charged(
         &self,
         req: &pb::GetOnlineFeaturesRequest,
         now_us: i64,
         answer_max: usize,
         charge: &mut dyn FnMut(usize) -> bool,
+        deadline: Option<std::time::Instant>,
     ) -> Result<pb::GetOnlineFeaturesResponse> {
         let (n, m) = (req.entities.len(), req.features.len());
         if n > ONLINE_ENTITIES_MAX || m > FEATURES_PER_REQUEST_MAX || n * m > ONLINE_CELLS_MAX {
@@ -702,11 +705,16 @@ impl Features {
         let d = ids.len();
         let q = AsOf { as_of: EventTime(as_of), known_at: SystemTime::MAX, lookback_us: None };
         let mut budget = AnswerBudget { spent: 0, max: answer_max, charge, too_large: false };
-        let read = self.db.multi_version_at_charged(&keys, ids, q, &mut |bytes| budget.spend(bytes));
-        let mut versions = match read {
+        let read = self.db.multi_version_at_within(&keys, ids, q, &mut |bytes| budget.spend(bytes), deadline);
+        let quiver_storage::BatchRead { mut versions, unread } = match read {
             Err(quiver_storage::Error::OverBudget(_)) => return Err(budget.refusal()),
             r => r?,
         };
+        if unread.contains(&true) {
+            if let Some(h) = &self.health {
+                h.cut_short();
+            }
+        }
         // The columns are charged as they are built: the values they copy, and each cell's
         // status, event time and value slot.
         const CELL_BYTES: usize = 4 + 8 + std::mem::size_of::<String>();
@@ -724,7 +732,21 @@ impl Features {
                     Some(v) => v.clone(),
                     None => None,
                 };
-                let (status, event_us, value) = cell_status(v, EventTime(as_of), f, default.as_ref());
+                let (status, event_us, value) = if unread.get(i * d + k).copied().unwrap_or(false) {
+                    if req.default_unavailable {
+                        (pb::FeatureStatus::Defaulted, 0, default.clone())
+                    } else {
+                        (pb::FeatureStatus::Unavailable, 0, None)
+                    }
+                } else {
+                    match cell_status(v, EventTime(as_of), f, default.as_ref()) {
+                        // Without a registered default, the type's zero value (`None` here).
+                        (pb::FeatureStatus::NotFound | pb::FeatureStatus::Stale, _, _) if req.default_missing => {
+                            (pb::FeatureStatus::Defaulted, 0, None)
+                        }
+                        answer => answer,
+                    }
+                };
                 pending += CELL_BYTES + value.as_ref().map_or(0, Value::heap_bytes);
                 if pending >= CHARGE_EVERY {
                     if !budget.spend(pending) {

@@ -147,6 +147,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         entities: vec![user("alice"), user("bob")],
         features: vec!["user_stats:clicks".into(), "user_stats@1:spend".into(), "user_stats:country".into()],
         as_of: ts(NOW_US),
+        default_missing: true,
+        default_unavailable: false,
     };
     let historical = pb::GetHistoricalFeaturesRequest {
         entity_type: "user".into(),
@@ -202,7 +204,7 @@ pub fn requests(data: &[u8]) {
         }
         Kind::Online => {
             let Ok(req) = pb::GetOnlineFeaturesRequest::decode(body) else { return };
-            if let Ok(resp) = fx.features.get_online_charged(&req, NOW_US, 1 << 20, &mut |_| true) {
+            if let Ok(resp) = fx.features.get_online_charged(&req, NOW_US, 1 << 20, &mut |_| true, None) {
                 assert_eq!(resp.columns.len(), req.features.len(), "a column per feature");
                 for c in &resp.columns {
                     assert_eq!(c.statuses.len(), req.entities.len(), "a status per entity");

@@ -53,11 +53,12 @@ const DELAY_BUCKETS_S: [f64; 12] =
     [0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0, 86_400.0, 3.0 * 86_400.0, 7.0 * 86_400.0];
 
 /// The statuses counted, in the order of [`ServedCounts`].
-pub const STATUSES: [(pb::FeatureStatus, &str); 4] = [
+pub const STATUSES: [(pb::FeatureStatus, &str); 5] = [
     (pb::FeatureStatus::Present, "present"),
     (pb::FeatureStatus::NotFound, "not_found"),
     (pb::FeatureStatus::Stale, "stale"),
     (pb::FeatureStatus::Defaulted, "defaulted"),
+    (pb::FeatureStatus::Unavailable, "unavailable"),
 ];
 
 /// Answers by status, indexed as [`STATUSES`].
@@ -160,7 +161,7 @@ pub fn null_rate(counts: &ServedCounts, max: Option<f64>) -> (Option<f64>, bool)
     if total == 0 {
         return (None, false);
     }
-    let rate = (total - counts[0]) as f64 / total as f64;
+    let rate = (counts[1] + counts[2] + counts[3]) as f64 / total as f64;
     let breached = total >= NULL_RATE_ANSWERS_MIN && max.is_some_and(|m| rate > m);
     (Some(rate), breached)
 }
@@ -169,6 +170,7 @@ pub fn null_rate(counts: &ServedCounts, max: Option<f64>) -> (Option<f64>, bool)
 #[derive(Debug)]
 struct Gauges {
     served: IntCounterVec,
+    cut_short: IntCounter,
     delay: HistogramVec,
     values: IntCounterVec,
     freshness: GaugeVec,
@@ -195,6 +197,11 @@ impl Gauges {
             served: IntCounterVec::new(
                 Opts::new("served_values_total", "online answers per feature by status, since start"),
                 &["group", "feature", "status"],
+            )
+            .map_err(err)?,
+            cut_short: IntCounter::new(
+                "online_requests_cut_short_total",
+                "online lookups answered in part (some features UNAVAILABLE or defaulted) because their deadline was near",
             )
             .map_err(err)?,
             delay: HistogramVec::new(
@@ -251,6 +258,7 @@ impl Gauges {
     fn collectors(&self) -> Vec<Box<dyn Collector>> {
         vec![
             Box::new(self.served.clone()),
+            Box::new(self.cut_short.clone()),
             Box::new(self.delay.clone()),
             Box::new(self.values.clone()),
             Box::new(self.freshness.clone()),
@@ -351,6 +359,11 @@ impl Health {
             t.newest = Watermark::max(t.newest, Some(Watermark { event_us, system_us }));
             t.values += values;
         }
+    }
+
+    /// Counts an online lookup answered in part because its deadline was near.
+    pub fn cut_short(&self) {
+        self.gauges.cut_short.inc();
     }
 
     /// The served-status record of `group:feature` (kept for as long as the server runs).
@@ -485,6 +498,7 @@ impl Health {
                             not_found: counts[1],
                             stale: counts[2],
                             defaulted: counts[3],
+                            unavailable: counts[4],
                             null_rate: rate,
                             max_null_rate: f.max_null_rate,
                             null_rate_breached: breached,
@@ -563,15 +577,17 @@ mod tests {
 
     #[test]
     fn null_rate_counts_every_status_but_present_and_needs_enough_answers() {
-        assert_eq!(null_rate(&[0, 0, 0, 0], Some(0.0)), (None, false));
+        assert_eq!(null_rate(&[0, 0, 0, 0, 0], Some(0.0)), (None, false));
         // 3 of 4 null, but too few answers to breach.
-        assert_eq!(null_rate(&[1, 1, 1, 1], Some(0.5)), (Some(0.75), false));
-        assert_eq!(null_rate(&[25, 25, 25, 25], Some(0.5)), (Some(0.75), true));
-        assert_eq!(null_rate(&[25, 25, 25, 25], Some(0.75)), (Some(0.75), false));
-        assert_eq!(null_rate(&[25, 25, 25, 25], None), (Some(0.75), false));
-        assert_eq!(null_rate(&[0, 100, 0, 0], Some(1.0)), (Some(1.0), false));
-        assert_eq!(null_rate(&[100, 0, 0, 0], Some(0.0)), (Some(0.0), false));
-        assert_eq!(null_rate(&[99, 1, 0, 0], Some(0.0)), (Some(0.01), true));
+        assert_eq!(null_rate(&[1, 1, 1, 1, 0], Some(0.5)), (Some(0.75), false));
+        assert_eq!(null_rate(&[25, 25, 25, 25, 0], Some(0.5)), (Some(0.75), true));
+        assert_eq!(null_rate(&[25, 25, 25, 25, 0], Some(0.75)), (Some(0.75), false));
+        assert_eq!(null_rate(&[25, 25, 25, 25, 0], None), (Some(0.75), false));
+        assert_eq!(null_rate(&[0, 100, 0, 0, 0], Some(1.0)), (Some(1.0), false));
+        assert_eq!(null_rate(&[100, 0, 0, 0, 0], Some(0.0)), (Some(0.0), false));
+        assert_eq!(null_rate(&[99, 1, 0, 0, 0], Some(0.0)), (Some(0.01), true));
+        // Answers not read in time are answers, not nulls.
+        assert_eq!(null_rate(&[50, 0, 0, 0, 50], Some(0.0)), (Some(0.0), false));
     }
 
     #[test]
@@ -582,17 +598,17 @@ mod tests {
         };
         let min = 60_000_000i64;
         let start = 1_000_000 * min;
-        t.add(&[1, 0, 0, 0], start);
-        t.add(&[0, 2, 0, 0], start + 5 * min);
-        t.add(&[0, 0, 3, 0], start + 14 * min + min / 2);
-        assert_eq!(t.window(start + 13 * min), [1, 2, 0, 0]);
-        assert_eq!(t.window(start + 15 * min - 1), [1, 2, 3, 0]);
+        t.add(&[1, 0, 0, 0, 0], start);
+        t.add(&[0, 2, 0, 0, 0], start + 5 * min);
+        t.add(&[0, 0, 3, 0, 0], start + 14 * min + min / 2);
+        assert_eq!(t.window(start + 13 * min), [1, 2, 0, 0, 0]);
+        assert_eq!(t.window(start + 15 * min - 1), [1, 2, 3, 0, 0]);
         // The first minute leaves the window.
-        assert_eq!(t.window(start + 15 * min), [0, 2, 3, 0]);
+        assert_eq!(t.window(start + 15 * min), [0, 2, 3, 0, 0]);
         // A slot reused a lap later starts from zero.
-        t.add(&[0, 0, 0, 4], start + 20 * min);
-        assert_eq!(t.window(start + 20 * min), [0, 0, 3, 4]);
+        t.add(&[0, 0, 0, 4, 0], start + 20 * min);
+        assert_eq!(t.window(start + 20 * min), [0, 0, 3, 4, 0]);
         assert_eq!(t.counters[1].get(), 2);
-        assert_eq!(t.window(start + 40 * min), [0, 0, 0, 0]);
+        assert_eq!(t.window(start + 40 * min), [0, 0, 0, 0, 0]);
     }
 }

@@ -162,6 +162,43 @@ impl FeatureApi {
     }
 }
 
+/// Of an online lookup's gRPC deadline, the time kept to encode and send the answer: reads
+/// that would end later are skipped (at most half the timeout).
+pub const DEADLINE_RESERVE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// When a request that arrived at `arrived` must have its answer ready: its `grpc-timeout`
+/// less [`DEADLINE_RESERVE`] (`None`: no deadline). A malformed header is `INVALID_ARGUMENT`.
+fn deadline_of(
+    metadata: &tonic::metadata::MetadataMap,
+    arrived: std::time::Instant,
+) -> Result<Option<std::time::Instant>, Status> {
+    let Some(v) = metadata.get("grpc-timeout") else { return Ok(None) };
+    let timeout = v.to_str().ok().and_then(parse_grpc_timeout).ok_or_else(|| {
+        Status::invalid_argument(format!("grpc-timeout {v:?} is not 1 to 8 digits and a unit (H, M, S, m, u, n)"))
+    })?;
+    let reserve = DEADLINE_RESERVE.min(timeout / 2);
+    Ok(arrived.checked_add(timeout - reserve))
+}
+
+/// A `grpc-timeout` value (the gRPC over HTTP/2 spec: `TimeoutValue TimeoutUnit`).
+fn parse_grpc_timeout(s: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = s.split_at(s.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Memory a decoded request holds, about, per byte of its encoding (owned strings and
 /// vectors, each with its header).
 const DECODED_BYTES_PER_ENCODED: usize = 2;
@@ -175,6 +212,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         let metrics = self.metrics.clone();
         metrics
             .timed("GetOnlineFeatures", async move {
+                let deadline = deadline_of(req.metadata(), std::time::Instant::now())?;
                 let p = authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
                 let mut ticket = self.admission.admit(req.get_ref().encoded_len() * DECODED_BYTES_PER_ENCODED)?;
                 let r = req.get_ref();
@@ -187,7 +225,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 let inline = req.entities.len().saturating_mul(req.features.len()) <= ONLINE_INLINE_CELLS_MAX;
                 // The ticket stays with the response until it has been sent (HoldTickets).
                 let answer = move || {
-                    let answer = f.get_online_charged(&req, now_us(), answer_max, &mut |b| ticket.charge(b));
+                    let answer = f.get_online_charged(&req, now_us(), answer_max, &mut |b| ticket.charge(b), deadline);
                     answer.map_err(status).map(|a| {
                         let mut resp = Response::new(a);
                         resp.extensions_mut().insert(HeldTicket(Arc::new(ticket)));
@@ -748,5 +786,31 @@ impl pb::monitor_service_server::MonitorService for MonitorApi {
                 .await
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn grpc_timeouts_parse_by_the_spec_and_keep_a_reserve() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "100", "123456789m", "1.5S", "-1S", "10x", "10 m"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+        let now = Instant::now();
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(deadline_of(&m, now).expect("none"), None);
+        m.insert("grpc-timeout", "100m".parse().expect("ascii"));
+        assert_eq!(deadline_of(&m, now).expect("deadline"), Some(now + Duration::from_millis(99)));
+        // A tiny timeout keeps half of itself for the answer.
+        m.insert("grpc-timeout", "1000u".parse().expect("ascii"));
+        assert_eq!(deadline_of(&m, now).expect("deadline"), Some(now + Duration::from_micros(500)));
+        m.insert("grpc-timeout", "soon".parse().expect("ascii"));
+        assert_eq!(deadline_of(&m, now).expect_err("bad").code(), tonic::Code::InvalidArgument);
     }
 }

@@ -80,6 +80,7 @@ fn online(f: &Features, users: &[&str], as_of: i64) -> pb::GetOnlineFeaturesResp
             entities: users.iter().map(|u| key(u)).collect(),
             features: vec!["user_stats:clicks".into(), "user_stats:spend".into()],
             as_of: ts(as_of),
+            ..Default::default()
         },
         0,
     )
@@ -191,6 +192,7 @@ fn bad_writes_fail_clearly_and_change_nothing() {
                 entities: vec![key("alice")],
                 features: vec!["user_stats:nope".into()],
                 as_of: None,
+                ..Default::default()
             },
             T0,
         )
@@ -234,6 +236,7 @@ fn a_new_group_version_is_served_by_the_next_lookup() {
                 entities: vec![key("nobody")],
                 features: vec!["user_stats:spend".into()],
                 as_of: ts(T0),
+                ..Default::default()
             },
             0,
         )

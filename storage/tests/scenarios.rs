@@ -494,3 +494,53 @@ fn charged_multi_read(hot_tier_bytes: usize) {
     let most = if hot_tier_bytes == 0 { entities.len() + 2 } else { 2 };
     assert!(calls <= most, "the read stops at the first entity past the budget ({calls} charges)");
 }
+
+#[test]
+fn a_batch_read_under_a_past_deadline_answers_from_the_hot_tier_and_marks_the_rest_unread() {
+    use quiver_storage::sstable::IoBackend;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let entity = |i: usize| format!("user-{i:04}").into_bytes();
+    {
+        let db = open_cold(tmp.path(), IoBackend::Auto);
+        let mut b = WriteBatch::new();
+        for i in 0..50 {
+            for f in 0..3u32 {
+                b.put(&entity(i), FeatureId(f), EventTime(10), Value::Int64((i * 10) as i64 + i64::from(f)))
+                    .expect("put");
+            }
+        }
+        db.write(b, Durability::Sync).expect("write");
+        db.compact_all().expect("compact");
+        db.close().expect("close");
+    }
+    // Reopened with a hot tier: it is not complete (the tables hold what it has not seen).
+    let db =
+        Db::open(tmp.path(), Options { hot_tier_bytes: 1 << 20, background: Background::Inline, ..Options::default() })
+            .expect("open");
+    let features: Vec<FeatureId> = (0..3).map(FeatureId).collect();
+    let q = AsOf::at(EventTime(i64::MAX));
+    // Entity 7 read twice (the tier's doorkeeper fills on a second miss): its pairs are in the
+    // hot tier now.
+    for _ in 0..2 {
+        db.multi_version_at(&[entity(7)], &features, q).expect("warm");
+    }
+    let entities = vec![entity(7), entity(8), entity(9)];
+    let value = |v: &Option<quiver_storage::CellVersion>| v.as_ref().and_then(|v| v.value.clone());
+    let past = std::time::Instant::now() - std::time::Duration::from_millis(1);
+    let read = db.multi_version_at_within(&entities, &features, q, &mut |_| true, Some(past)).expect("read");
+    let expect_unread: Vec<bool> = (0..9).map(|k| k >= 3).collect();
+    assert_eq!(read.unread, expect_unread, "the hot tier's pairs are read, the others are not");
+    for f in 0..3 {
+        assert_eq!(value(&read.versions[f]), Some(Value::Int64(70 + f as i64)));
+        assert_eq!(read.versions[3 + f], None);
+    }
+    // Without a deadline (or with one far off) every pair is read, the same as before.
+    let far = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for deadline in [None, Some(far)] {
+        let read = db.multi_version_at_within(&entities, &features, q, &mut |_| true, deadline).expect("read");
+        assert!(read.unread.is_empty(), "{deadline:?}");
+        assert_eq!(read.versions, db.multi_version_at(&entities, &features, q).expect("read"));
+        assert_eq!(value(&read.versions[8]), Some(Value::Int64(92)));
+    }
+    assert!(db.stats().ssd.round_latency_us > 0 || db.stats().ssd.read_rounds == 0);
+}

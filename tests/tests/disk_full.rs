@@ -112,6 +112,7 @@ async fn check(c: &mut Clients, acked: &BTreeMap<u64, u64>, what: &str) {
             entities: chunk.iter().map(|e| key(&format!("u{e}"))).collect(),
             features: vec!["blobs:payload".into()],
             as_of: ts(T0 + 1_000_000),
+            ..Default::default()
         };
         let r = c.features.get_online_features(req).await.unwrap_or_else(|e| panic!("{what}: read: {e}")).into_inner();
         let col = &r.columns[0];

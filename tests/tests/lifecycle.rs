@@ -25,6 +25,7 @@ async fn alice_clicks(c: &mut Clients) -> Vec<i64> {
         entities: vec![key("alice")],
         features: vec!["user_stats:clicks".into()],
         as_of: ts(1_000_001),
+        ..Default::default()
     };
     c.features.get_online_features(req).await.expect("lookup").into_inner().columns.swap_remove(0).int64_values
 }

@@ -115,6 +115,7 @@ async fn freshness_slas_null_rates_dims_and_a_restart() {
         entities: users.iter().map(|u| key(u)).collect(),
         features: vec!["user_stats:clicks".into(), "user_stats:spend".into()],
         as_of: None,
+        ..Default::default()
     };
     let mut users: Vec<String> = (0..198).map(|i| format!("nobody-{i}")).collect();
     users.extend(["alice".to_string(), "bob".to_string()]);
@@ -163,6 +164,7 @@ async fn freshness_slas_null_rates_dims_and_a_restart() {
         entities: vec![key("alice")],
         features: vec!["embeddings:vec".into()],
         as_of: None,
+        ..Default::default()
     };
     let r = c.features.get_online_features(get_vec.clone()).await.expect("lookup").into_inner();
     assert_eq!(r.columns[0].statuses, vec![pb::FeatureStatus::NotFound as i32]);
@@ -237,6 +239,7 @@ async fn alert_rules_pass_promtool_and_rules_and_dashboard_name_only_exported_me
         entities: vec![key("alice")],
         features: vec!["user_stats:clicks".into()],
         as_of: None,
+        ..Default::default()
     };
     c.features.get_online_features(lookup).await.expect("lookup");
     let page = d.scrape();
@@ -253,4 +256,113 @@ async fn alert_rules_pass_promtool_and_rules_and_dashboard_name_only_exported_me
         serde_json::from_str(&std::fs::read_to_string(monitoring_dir().join("grafana-dashboard.json")).expect("read"))
             .expect("the dashboard is JSON");
     assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() > 10));
+}
+
+/// An online lookup of clicks and spend for `users` (spend has a registered default, -1).
+fn lookup(users: &[&str], default_missing: bool, default_unavailable: bool) -> pb::GetOnlineFeaturesRequest {
+    pb::GetOnlineFeaturesRequest {
+        entity_type: "user".into(),
+        entities: users.iter().map(|u| key(u)).collect(),
+        features: vec!["user_stats:clicks".into(), "user_stats:spend".into()],
+        as_of: None,
+        default_missing,
+        default_unavailable,
+    }
+}
+
+/// Per feature column: (statuses, int64 or float64 values as f64).
+fn answers(r: &pb::GetOnlineFeaturesResponse) -> Vec<(Vec<pb::FeatureStatus>, Vec<f64>)> {
+    r.columns
+        .iter()
+        .map(|c| {
+            let statuses = c.statuses.iter().map(|&s| pb::FeatureStatus::try_from(s).expect("status")).collect();
+            let values = if c.int64_values.is_empty() {
+                c.float64_values.clone()
+            } else {
+                c.int64_values.iter().map(|&v| v as f64).collect()
+            };
+            (statuses, values)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_returns_hot_answers_in_time_and_the_rest_unavailable_or_defaulted() {
+    use pb::FeatureStatus::*;
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Every round of SSD reads takes a second.
+    let env = [("QUIVER_TEST_SSD_READ_DELAY_MS", "1000")];
+    {
+        let d = Daemon::start_with_env(tmp.path(), "127.0.0.1:0", &[], &env);
+        let mut c = Clients::of(&d).await;
+        c.registry.apply_registry(example_registry()).await.expect("apply");
+        let now = now_us();
+        for user in ["hot", "cold"] {
+            c.features.write_features(clicks(user, now)).await.expect("write");
+        }
+        // Fillers that sort between the registry, `cold` and `hot`, so that each of them sits in
+        // a data block of its own (none read by the registry's load at start).
+        for prefix in ["b", "d"] {
+            let mut req = clicks("x", now);
+            req.rows = (0..400).map(|i| clicks(&format!("{prefix}-filler-{i:04}"), now).rows.remove(0)).collect();
+            c.features.write_features(req).await.expect("write fillers");
+        }
+        c.admin.flush(pb::FlushRequest {}).await.expect("flush to a table");
+        assert!(d.stop(), "clean stop");
+    }
+    // Restarted, the hot tier holds nothing: what it has not been asked for is on the SSD.
+    let d = Daemon::start_with_env(tmp.path(), "127.0.0.1:0", &[], &env);
+    let mut c = Clients::of(&d).await;
+    // Asked twice (the tier fills on a second miss), `hot` is in the hot tier; each ask waits
+    // for the slow SSD.
+    for _ in 0..2 {
+        let r = c.features.get_online_features(lookup(&["hot"], false, false)).await.expect("lookup");
+        assert_eq!(answers(r.get_ref())[0].0, vec![Present]);
+    }
+
+    // With a 300 ms deadline: `hot` is answered from memory, `cold` is not read, and the
+    // answer comes well before the SSD's second.
+    let timed = |req: pb::GetOnlineFeaturesRequest| {
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(std::time::Duration::from_millis(300));
+        r
+    };
+    let started = std::time::Instant::now();
+    let r = c.features.get_online_features(timed(lookup(&["hot", "cold"], false, false))).await.expect("lookup");
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_millis(900), "answered in {took:?}, not before the deadline");
+    let a = answers(r.get_ref());
+    assert_eq!(a[0], (vec![Present, Unavailable], vec![1.0, 0.0]), "clicks");
+    assert_eq!(a[1], (vec![Defaulted, Unavailable], vec![-1.0, 0.0]), "spend: hot has its default");
+
+    // Asked for defaults on timeout: a complete vector (the registered default, else zero).
+    let r = c.features.get_online_features(timed(lookup(&["hot", "cold"], false, true))).await.expect("lookup");
+    let a = answers(r.get_ref());
+    assert_eq!(a[0], (vec![Present, Defaulted], vec![1.0, 0.0]), "clicks");
+    assert_eq!(a[1], (vec![Defaulted, Defaulted], vec![-1.0, -1.0]), "spend");
+
+    // Counted: two requests cut short, four unavailable answers (two of them served as
+    // defaults, which count as defaulted).
+    let page = d.scrape();
+    assert_eq!(
+        series(&page, "quiver_online_requests_cut_short_total", &[]).or_else(|| {
+            page.lines().find_map(|l| l.strip_prefix("quiver_online_requests_cut_short_total ")?.trim().parse().ok())
+        }),
+        Some(2.0),
+        "{page}"
+    );
+    let unavailable = ["group=\"user_stats\"", "feature=\"clicks\"", "status=\"unavailable\""];
+    assert_eq!(series(&page, "quiver_served_values_total", &unavailable), Some(1.0), "{page}");
+    assert_eq!(health(&mut c, "user_stats").await.features[1].unavailable, 1);
+
+    // Without a deadline everything is read (slowly); default_missing completes the vector of
+    // a user never written: clicks' zero value, spend's default.
+    let r = c.features.get_online_features(lookup(&["cold", "nobody"], true, false)).await.expect("lookup");
+    let a = answers(r.get_ref());
+    assert_eq!(a[0], (vec![Present, Defaulted], vec![1.0, 0.0]), "clicks");
+    assert_eq!(a[1], (vec![Defaulted, Defaulted], vec![-1.0, -1.0]), "spend");
+    // A malformed deadline is refused, not ignored.
+    let mut bad = tonic::Request::new(lookup(&["hot"], false, false));
+    bad.metadata_mut().insert("grpc-timeout", "soon".parse().expect("ascii"));
+    assert_eq!(c.features.get_online_features(bad).await.expect_err("bad timeout").code(), Code::InvalidArgument);
 }

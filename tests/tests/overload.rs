@@ -31,6 +31,7 @@ fn lookup(entities: usize, repeats: usize) -> pb::GetOnlineFeaturesRequest {
         entities: (0..entities).map(|i| key(&format!("u{i}"))).collect(),
         features: vec!["blobs:blob".to_string(); repeats],
         as_of: None,
+        ..Default::default()
     }
 }
 

@@ -27,6 +27,7 @@ async fn clicks(c: &mut Clients, user: &str) -> Option<i64> {
         entities: vec![key(user)],
         features: vec!["user_stats:clicks".into()],
         as_of: ts(T0 + 1),
+        ..Default::default()
     };
     let r = c.features.get_online_features(req).await.ok()?.into_inner();
     let col = r.columns.first()?;

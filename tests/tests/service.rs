@@ -25,6 +25,7 @@ fn online_req(users: &[&str], as_of: i64) -> pb::GetOnlineFeaturesRequest {
         entities: users.iter().map(|u| key(u)).collect(),
         features: vec!["user_stats:clicks".into(), "user_stats:spend".into()],
         as_of: ts(as_of),
+        ..Default::default()
     }
 }
 

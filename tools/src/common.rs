@@ -128,7 +128,7 @@ pub fn parse_value(s: &str, t: pb::ValueType) -> Result<pb::Value> {
 pub fn cell_text(col: &pb::FeatureColumn, i: usize) -> String {
     let status = pb::FeatureStatus::try_from(col.statuses.get(i).copied().unwrap_or(0))
         .unwrap_or(pb::FeatureStatus::Unspecified);
-    if matches!(status, pb::FeatureStatus::NotFound | pb::FeatureStatus::Stale) {
+    if matches!(status, pb::FeatureStatus::NotFound | pb::FeatureStatus::Stale | pb::FeatureStatus::Unavailable) {
         return format!("({})", status.as_str_name().trim_start_matches("FEATURE_STATUS_").to_lowercase());
     }
     let v = match col.r#type() {

@@ -109,6 +109,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
             "user_activity:country".into(),
         ],
         as_of: None,
+        ..Default::default()
     };
     let mut times = Vec::new();
     let mut resp = pb::GetOnlineFeaturesResponse::default();

@@ -4,6 +4,15 @@ use quiver_proto::v1 as pb;
 
 use crate::common::{cell_text, entity_key, fetch_entity_type, fetch_group, grpc, now_us, parse_value, Result, Server};
 
+/// How `quiver get` asks: defaults for missing features, and a deadline.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GetOptions {
+    /// Serve defaults (or zero values) for features with nothing within the TTL.
+    pub default_missing: bool,
+    /// The call's deadline: features not read by then come back unavailable.
+    pub timeout: Option<std::time::Duration>,
+}
+
 /// `quiver get`: online lookup of `features` for `entities`, one line per entity.
 pub async fn get(
     server: &Server,
@@ -11,12 +20,23 @@ pub async fn get(
     entity_type: String,
     entities: Vec<String>,
     features: Vec<String>,
+    opts: GetOptions,
 ) -> Result<()> {
     let ch = server.channel().await?;
     let et = fetch_entity_type(&ch, &entity_type).await?;
     let keys = entities.iter().map(|e| entity_key(&et, e)).collect::<Result<Vec<_>>>()?;
+    let mut req = tonic::Request::new(pb::GetOnlineFeaturesRequest {
+        entity_type,
+        entities: keys,
+        features,
+        default_missing: opts.default_missing,
+        ..Default::default()
+    });
+    if let Some(t) = opts.timeout {
+        req.set_timeout(t);
+    }
     let resp = pb::feature_service_client::FeatureServiceClient::new(ch)
-        .get_online_features(pb::GetOnlineFeaturesRequest { entity_type, entities: keys, features, as_of: None })
+        .get_online_features(req)
         .await
         .map_err(grpc)?
         .into_inner();

@@ -70,6 +70,12 @@ enum Cmd {
         /// Feature references ("group:feature" or "group@N:feature").
         #[arg(long = "feature", required = true)]
         features: Vec<String>,
+        /// Serve registered defaults (or zero values) where nothing is within the TTL.
+        #[arg(long)]
+        default_missing: bool,
+        /// The call's deadline in milliseconds: features not read by then are "(unavailable)".
+        #[arg(long)]
+        timeout_ms: Option<u64>,
     },
     /// Write one row: values of a group's features for one entity at one event time.
     Put {
@@ -296,8 +302,10 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Demo { users, hours } => demo::run(users, hours).await,
         Cmd::Apply { file, dry_run } => registry::apply(server, cli.json, &file, dry_run).await,
-        Cmd::Get { entity_type, entities, features } => {
-            features::get(server, cli.json, entity_type, entities, features).await
+        Cmd::Get { entity_type, entities, features, default_missing, timeout_ms } => {
+            let opts =
+                features::GetOptions { default_missing, timeout: timeout_ms.map(std::time::Duration::from_millis) };
+            features::get(server, cli.json, entity_type, entities, features, opts).await
         }
         Cmd::Put { group, entity, event_time_us, values } => {
             features::put(server, group, entity, event_time_us, values).await

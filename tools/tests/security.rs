@@ -56,6 +56,7 @@ fn online(feature: &str) -> pb::GetOnlineFeaturesRequest {
         entities: vec![key("u1")],
         features: vec![feature.into()],
         as_of: None,
+        ..Default::default()
     }
 }
 

@@ -44,7 +44,7 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 pub use offline::{verify_dir, VerifyReport};
-pub use read::{EntityVersions, Gathered, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
+pub use read::{BatchRead, EntityVersions, Gathered, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
 pub use replicate::{
     ApplyReport, ShippedBatch, ShippedOp, SnapshotReader, SnapshotVersion, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
 };
@@ -422,7 +422,33 @@ impl Db {
         q: AsOf,
         charge: &mut dyn FnMut(usize) -> bool,
     ) -> Result<Vec<Option<CellVersion>>> {
-        self.inner.multi_get(entities, features, q, charge)
+        let read = self.inner.multi_get(entities, features, q, charge, None)?;
+        Ok(read.versions)
+    }
+
+    /// [`Db::multi_version_at_charged`] under a deadline: the hot tier always answers, but
+    /// pairs it misses are read from tables only while the read is expected to end before
+    /// `deadline`, judged by the SSD tier's recent read latency
+    /// ([`crate::sstable::SsdStats::round_latency_us`]) before each entity. Pairs not read are
+    /// marked in [`BatchRead::unread`]. One round of block reads already started is not cut
+    /// short, so a device slower than its recent latency can still pass the deadline by one
+    /// round.
+    pub fn multi_version_at_within(
+        &self,
+        entities: &[EntityKey],
+        features: &[FeatureId],
+        q: AsOf,
+        charge: &mut dyn FnMut(usize) -> bool,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<BatchRead> {
+        self.inner.multi_get(entities, features, q, charge, deadline)
+    }
+
+    /// Test-only: every round of data-block reads from files first sleeps `delay` (a slow
+    /// device), so tests can show what a deadline does.
+    #[cfg(feature = "testing")]
+    pub fn set_ssd_read_delay(&self, delay: std::time::Duration) {
+        self.inner.ssd.set_read_delay(delay);
     }
 
     /// The batches this region wrote with sequence numbers above `after` (at most `max`), as

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::{Inner, ReadView};
 use crate::asof;
@@ -15,6 +16,17 @@ use crate::types::{AsOf, CellVersion, EntityKey, EventTime, FeatureId, SystemTim
 use crate::{Error, Result};
 
 type Found = Option<(Vec<u8>, Vec<u8>)>;
+
+/// What a batch read under a deadline found ([`crate::Db::multi_version_at_within`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchRead {
+    /// Row major, `versions[e * features + f]`: the winning version of each pair (tombstones
+    /// included); `None` for pairs not read.
+    pub versions: Vec<Option<CellVersion>>,
+    /// Empty when every pair was read; otherwise `unread[i]` is true for each pair left unread
+    /// because the deadline was near.
+    pub unread: Vec<bool>,
+}
 
 /// The pairs of one entity a batch lookup must read from the view: its features missed by the
 /// hot tier, distinct and ascending, and where each answer goes.
@@ -138,7 +150,8 @@ impl Inner {
         features: &[FeatureId],
         q: AsOf,
         charge: &mut dyn FnMut(usize) -> bool,
-    ) -> Result<Vec<Option<CellVersion>>> {
+        deadline: Option<Instant>,
+    ) -> Result<BatchRead> {
         for e in entities {
             crate::types::check_entity_key(e)?;
         }
@@ -182,8 +195,18 @@ impl Inner {
         let probes: Vec<EntityProbes> =
             entities.iter().zip(&misses).map(|(e, m)| EntityProbes::new(e, &m.features, first_q, known_at)).collect();
 
+        // Past the deadline once a round of block reads (as long as recent ones took) would
+        // end after it.
+        let late = || {
+            deadline.is_some_and(|d| {
+                Instant::now() + std::time::Duration::from_micros(self.ssd.stats().round_latency_us) > d
+            })
+        };
+        let mut unread: Vec<bool> = Vec::new();
+        let mut out_of_time = misses.iter().any(|m| !m.features.is_empty()) && late();
+
         // Pass 2: one round of block reads for the misses.
-        let pre = if self.ssd.batches_reads() { self.prefetch_entities(&view, &probes) } else { None };
+        let pre = if self.ssd.batches_reads() && !out_of_time { self.prefetch_entities(&view, &probes) } else { None };
 
         // Pass 3: the misses, from the view.
         let mut prefix = Vec::new();
@@ -196,6 +219,14 @@ impl Inner {
             }
             let m = &misses[i];
             if m.features.is_empty() {
+                continue;
+            }
+            out_of_time = out_of_time || late();
+            if out_of_time {
+                unread.resize(answers.len(), false);
+                for &(j, _) in &m.slots {
+                    unread[i * features.len() + j] = true;
+                }
                 continue;
             }
             let firsts = self.entity_in_view(&view, &probes[i], pre.as_ref())?;
@@ -226,7 +257,7 @@ impl Inner {
                 hot.fill(e, ticket, filled);
             }
         }
-        Ok(answers.into_iter().map(Option::flatten).collect())
+        Ok(BatchRead { versions: answers.into_iter().map(Option::flatten).collect(), unread })
     }
 
     /// The newest version visible to each probe of one entity, from the view: the memtables

@@ -87,6 +87,9 @@ pub struct SsdStats {
     pub read_rounds: u64,
     /// Bytes read from files for point reads since open (aligned extents included).
     pub bytes_read: u64,
+    /// How long a round of reads took lately, in µs (a moving average; 0 before the first):
+    /// batch reads under a deadline skip table reads that would end after it.
+    pub round_latency_us: u64,
 }
 
 /// The engine's SSD tier: the block cache and the backend that fills it.
@@ -99,6 +102,11 @@ pub struct SsdTier {
     block_reads: AtomicU64,
     read_rounds: AtomicU64,
     bytes_read: AtomicU64,
+    /// How long recent rounds of reads took, in µs: a moving average (weight 1/8 for the newest).
+    round_latency_us: AtomicU64,
+    /// Test-only: each round first sleeps this long, in µs (a slow device).
+    #[cfg(feature = "testing")]
+    read_delay_us: AtomicU64,
 }
 
 /// Data blocks read ahead of a batch lookup, by (table number, block offset). Only blocks that
@@ -212,7 +220,16 @@ impl SsdTier {
             block_reads: AtomicU64::new(0),
             read_rounds: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
+            round_latency_us: AtomicU64::new(0),
+            #[cfg(feature = "testing")]
+            read_delay_us: AtomicU64::new(0),
         })
+    }
+
+    /// Test-only: every round of reads first sleeps `delay`.
+    #[cfg(feature = "testing")]
+    pub fn set_read_delay(&self, delay: std::time::Duration) {
+        self.read_delay_us.store(delay.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// True if tables should open a descriptor of their own for point reads, and whether it
@@ -239,6 +256,7 @@ impl SsdTier {
             block_reads: self.block_reads.load(Ordering::Relaxed),
             read_rounds: self.read_rounds.load(Ordering::Relaxed),
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            round_latency_us: self.round_latency_us.load(Ordering::Relaxed),
         }
     }
 
@@ -257,6 +275,14 @@ impl SsdTier {
             ios.push(table.raw_file().map(|f| Io::new(std::os::fd::AsRawFd::as_raw_fd(f), offset, need, align)));
         }
         let mut with_fd: Vec<&mut Io> = ios.iter_mut().flatten().collect();
+        let started = std::time::Instant::now();
+        #[cfg(feature = "testing")]
+        {
+            let delay = self.read_delay_us.load(Ordering::Relaxed);
+            if delay > 0 && !reads.is_empty() {
+                std::thread::sleep(std::time::Duration::from_micros(delay));
+            }
+        }
         if !with_fd.is_empty() {
             self.read_rounds.fetch_add(if self.uring { 1 } else { with_fd.len() as u64 }, Ordering::Relaxed);
             if self.uring {
@@ -271,6 +297,13 @@ impl SsdTier {
                     io.pread(f);
                 }
             }
+        }
+        if !reads.is_empty() {
+            // Relaxed read-modify-write races between threads lose an update at worst.
+            let took = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+            let old = self.round_latency_us.load(Ordering::Relaxed);
+            let avg = if old == 0 { took } else { old - old / 8 + took / 8 };
+            self.round_latency_us.store(avg, Ordering::Relaxed);
         }
         let mut out = Vec::with_capacity(reads.len());
         for (&(table, i), io) in reads.iter().zip(ios) {
