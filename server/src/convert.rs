@@ -121,6 +121,31 @@ pub fn vector_to_proto(vv: &quiver_storage::VersionVector) -> pb::VersionVector 
     }
 }
 
+/// The value row `i` of an answer column serves (`None` for statuses that serve none).
+pub fn column_value(col: &pb::FeatureColumn, i: usize) -> Option<pb::Value> {
+    use pb::value::Kind;
+    let served = matches!(
+        pb::FeatureStatus::try_from(col.statuses.get(i).copied().unwrap_or(0)),
+        Ok(pb::FeatureStatus::Present | pb::FeatureStatus::Defaulted)
+    );
+    if !served {
+        return None;
+    }
+    let kind = match col.r#type() {
+        pb::ValueType::Bool => Kind::BoolValue(*col.bool_values.get(i)?),
+        pb::ValueType::Int64 => Kind::Int64Value(*col.int64_values.get(i)?),
+        pb::ValueType::Float32 => Kind::Float32Value(*col.float32_values.get(i)?),
+        pb::ValueType::Float64 => Kind::Float64Value(*col.float64_values.get(i)?),
+        pb::ValueType::String => Kind::StringValue(col.string_values.get(i)?.clone()),
+        pb::ValueType::Bytes => Kind::BytesValue(col.bytes_values.get(i)?.clone()),
+        pb::ValueType::Float32Vector => Kind::Float32Vector(col.float32_vector_values.get(i)?.clone()),
+        pb::ValueType::Int64List => Kind::Int64List(col.int64_list_values.get(i)?.clone()),
+        pb::ValueType::StringList => Kind::StringList(col.string_list_values.get(i)?.clone()),
+        pb::ValueType::Unspecified => return None,
+    };
+    Some(pb::Value { kind: Some(kind) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,6 +175,10 @@ pub struct ServeConfig {
     pub max_connections: usize,
     /// How long a stop waits for requests in flight before it closes their connections.
     pub shutdown_timeout: std::time::Duration,
+    /// The share of entities whose online answers are logged, for groups that do not say.
+    pub log_sample_rate: f64,
+    /// How long logged answers are kept.
+    pub log_retention: std::time::Duration,
 }
 
 /// How long a stop waits for requests in flight, unless configured otherwise.
@@ -210,6 +214,7 @@ pub async fn serve(
         replication_tail_bytes: REPLICATION_TAIL_BYTES_MAX.min(cfg.replication_log_bytes as usize),
         // The registry and the monitoring watermarks replicate with the data.
         replicated_prefixes: vec![crate::registry::PREFIX.to_vec(), quiver_storage::reserved::MONITOR.to_vec()],
+        served_log_retention: Some(cfg.log_retention),
         ..Options::default()
     };
     let skew_ms: Option<i64> = test_switch_value(CLOCK_SKEW_ENV)?;
@@ -271,9 +276,11 @@ pub async fn serve(
     }
     let feature_health = Arc::new(feature_health);
     // A join's answers stay in memory up to 1/16 of the budget, then spill.
+    let served_log = Arc::new(crate::servedlog::ServedLog::start(db.clone(), cfg.cluster.region, cfg.log_sample_rate)?);
     let mut features = Features::new(registry.clone(), cfg.durability)
         .with_join_spill_bytes(budget / JOIN_MEMORY_SHARE_DIVISOR)
-        .with_health(feature_health.clone());
+        .with_health(feature_health.clone())
+        .with_served_log(served_log.clone());
     if let Some(n) = cfg.join_threads {
         features = features.with_join_threads(n);
     }
@@ -288,6 +295,7 @@ pub async fn serve(
         conn_stats.clone(),
         auth.clone(),
         feature_health.clone(),
+        served_log.clone(),
     )?;
     let persist_task = tokio::spawn(feature_health.clone().persist_every_interval());
     let metrics_addr = match &metrics_listener {
@@ -351,12 +359,17 @@ pub async fn serve(
     );
     let monitor_svc = AdmitRequests::new(
         InterceptedService::new(
-            pb::monitor_service_server::MonitorServiceServer::new(crate::service::MonitorApi::new(
-                feature_health.clone(),
-                registry.clone(),
-                metrics.clone(),
-            ))
-            .max_decoding_message_size(MESSAGE_BYTES_MAX),
+            pb::monitor_service_server::MonitorServiceServer::new(
+                crate::service::MonitorApi::new(
+                    feature_health.clone(),
+                    served_log.clone(),
+                    registry.clone(),
+                    metrics.clone(),
+                )
+                .with_stopping(stopping_rx.clone()),
+            )
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX),
             auth.interceptor(None),
         ),
         admission.clone(),
@@ -435,6 +448,9 @@ pub async fn serve(
         tracing::warn!(error = %e, "feature group watermarks not stored at stop");
     }
     drop(feature_health);
+    // The answers still queued for the log are written before the engine closes.
+    served_log.close();
+    drop(served_log);
     // The metrics endpoint holds the engine (and the replicator): stop it first, so that the
     // wait below only waits for what may really still run.
     let _ = metrics_stop.send(());

@@ -212,6 +212,50 @@ fn push_value(col: &mut pb::FeatureColumn, t: pb::ValueType, v: Option<&Value>) 
     }
 }
 
+/// Offers the answers of the entities the features' groups sample to the served log.
+#[allow(clippy::too_many_arguments)]
+fn log_answers(
+    log: &crate::servedlog::ServedLog,
+    req: &pb::GetOnlineFeaturesRequest,
+    entity_type: &str,
+    features: &[ResolvedFeature],
+    keys: &[Vec<u8>],
+    columns: &[pb::FeatureColumn],
+    now_us: i64,
+    request_id: Option<&str>,
+) {
+    let rates: Vec<f64> = features.iter().map(|f| f.log_sample_rate.unwrap_or(log.default_rate())).collect();
+    let Some(most) = rates.iter().copied().reduce(f64::max).filter(|&r| r > 0.0) else { return };
+    let mut id: Option<String> = request_id.map(str::to_string);
+    for (i, key) in keys.iter().enumerate() {
+        let point = crate::servedlog::sample_point(key);
+        if point >= most {
+            continue;
+        }
+        let logged: Vec<pb::LoggedFeature> = (0..features.len())
+            .filter(|&j| point < rates[j])
+            .map(|j| {
+                let col = &columns[j];
+                pb::LoggedFeature {
+                    feature_ref: col.feature_ref.clone(),
+                    status: col.statuses[i],
+                    event_time_us: col.event_times_us[i],
+                    value: convert::column_value(col, i),
+                }
+            })
+            .collect();
+        let answer = pb::LoggedAnswer {
+            request_id: id.get_or_insert_with(|| log.next_request_id()).clone(),
+            served_at: Some(convert::timestamp(now_us)),
+            as_of: req.as_of,
+            entity_type: entity_type.to_string(),
+            entity: req.entities.get(i).cloned(),
+            features: logged,
+        };
+        log.offer(&answer, now_us);
+    }
+}
+
 /// The served status, event time and value of one cell (see the module docs for the order).
 /// Status, event time and value of one cell from the winning version of a read *without*
 /// lookback (tombstones included): `value_at` with the feature's TTL as lookback is that
@@ -532,6 +576,8 @@ pub struct Features {
     default_durability: Durability,
     /// Where writes and online answers are recorded for monitoring (`None`: not recorded).
     health: Option<Arc<Health>>,
+    /// Where sampled online answers are logged (`None`: not logged).
+    served_log: Option<Arc<crate::servedlog::ServedLog>>,
     #[cfg(feature = "testing")]
     before_commit: Mutex<Option<Arc<TestHook>>>,
 }
@@ -623,6 +669,7 @@ impl Features {
             join_threads: join_threads(),
             default_durability,
             health: None,
+            served_log: None,
             #[cfg(feature = "testing")]
             before_commit: Mutex::new(None),
         }
@@ -658,6 +705,12 @@ impl Features {
         self
     }
 
+    /// The same service logging sampled online answers to `log`.
+    pub fn with_served_log(mut self, log: Arc<crate::servedlog::ServedLog>) -> Self {
+        self.served_log = Some(log);
+        self
+    }
+
     /// The same service with joins read by `threads` threads (at least 1, at most
     /// [`JOIN_THREADS_MAX`]).
     pub fn with_join_threads(mut self, threads: usize) -> Self {
@@ -668,7 +721,7 @@ impl Features {
     /// `GetOnlineFeatures`, with `now_us` the server's clock (used when the request has no
     /// `as_of`).
     pub fn get_online(&self, req: &pb::GetOnlineFeaturesRequest, now_us: i64) -> Result<pb::GetOnlineFeaturesResponse> {
-        self.get_online_charged(req, now_us, ONLINE_ANSWER_BYTES_MAX, &mut |_| true, None)
+        self.get_online_charged(req, now_us, ONLINE_ANSWER_BYTES_MAX, &mut |_| true, None, None)
     }
 
     /// [`Features::get_online`], charging the answer's memory to `charge` as it is read and as
@@ -683,6 +736,7 @@ impl Features {
         answer_max: usize,
         charge: &mut dyn FnMut(usize) -> bool,
         deadline: Option<std::time::Instant>,
+        request_id: Option<&str>,
     ) -> Result<pb::GetOnlineFeaturesResponse> {
         let (n, m) = (req.entities.len(), req.features.len());
         if n > ONLINE_ENTITIES_MAX || m > FEATURES_PER_REQUEST_MAX || n * m > ONLINE_CELLS_MAX {
@@ -765,6 +819,9 @@ impl Features {
                 track.add(&counts, now_us);
             }
             columns.push(col);
+        }
+        if let Some(log) = &self.served_log {
+            log_answers(log, req, &et.name, features, &keys, &columns, now_us, request_id);
         }
         Ok(pb::GetOnlineFeaturesResponse { columns })
     }

@@ -204,7 +204,7 @@ pub fn requests(data: &[u8]) {
         }
         Kind::Online => {
             let Ok(req) = pb::GetOnlineFeaturesRequest::decode(body) else { return };
-            if let Ok(resp) = fx.features.get_online_charged(&req, NOW_US, 1 << 20, &mut |_| true, None) {
+            if let Ok(resp) = fx.features.get_online_charged(&req, NOW_US, 1 << 20, &mut |_| true, None, None) {
                 assert_eq!(resp.columns.len(), req.features.len(), "a column per feature");
                 for c in &resp.columns {
                     assert_eq!(c.statuses.len(), req.entities.len(), "a status per entity");

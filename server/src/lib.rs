@@ -15,5 +15,6 @@ pub mod health;
 pub mod metrics;
 pub mod registry;
 pub mod replication;
+pub mod servedlog;
 pub mod service;
 pub mod tls;

@@ -114,10 +114,18 @@ struct Args {
     /// before it closes the connections still open.
     #[arg(long, env = "QUIVER_SHUTDOWN_TIMEOUT_MS")]
     shutdown_timeout_ms: Option<u64>,
+    /// The share (0 to 1) of entities whose online answers are logged, by a stable hash of the
+    /// entity key; a group's log_sample_rate overrides it. Default 0: no logging.
+    #[arg(long, env = "QUIVER_LOG_SAMPLE_RATE")]
+    log_sample_rate: Option<f64>,
+    /// Hours logged answers are kept (compaction drops older ones). Default 168 (7 days).
+    #[arg(long, env = "QUIVER_LOG_RETENTION_HOURS")]
+    log_retention_hours: Option<u64>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
     /// io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
     /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file, tls_cert, tls_key,
-    /// tls_ca, checkpoint_root, max_concurrent_requests, max_connections, shutdown_timeout_ms.
+    /// tls_ca, checkpoint_root, max_concurrent_requests, max_connections, shutdown_timeout_ms,
+    /// log_sample_rate, log_retention_hours.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -146,6 +154,8 @@ struct FileConfig {
     max_concurrent_requests: Option<usize>,
     max_connections: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
+    log_sample_rate: Option<f64>,
+    log_retention_hours: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -167,7 +177,12 @@ struct Config {
     max_concurrent_requests: usize,
     max_connections: usize,
     shutdown_timeout: std::time::Duration,
+    log_sample_rate: f64,
+    log_retention: std::time::Duration,
 }
+
+/// Longest `--log-retention-hours` (ten years).
+const LOG_RETENTION_HOURS_MAX: u64 = 10 * 366 * 24;
 
 /// Longest `--shutdown-timeout-ms` (an hour).
 const SHUTDOWN_TIMEOUT_MS_MAX: u64 = 3_600_000;
@@ -261,7 +276,18 @@ fn config(args: Args) -> Result<Config, String> {
         Some(ms) if ms <= SHUTDOWN_TIMEOUT_MS_MAX => std::time::Duration::from_millis(ms),
         Some(_) => return Err(format!("shutdown timeout must be at most {SHUTDOWN_TIMEOUT_MS_MAX} ms")),
     };
+    let log_sample_rate = args.log_sample_rate.or(file.log_sample_rate).unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&log_sample_rate) {
+        return Err(format!("log sample rate must be between 0 and 1, not {log_sample_rate}"));
+    }
+    let log_retention = match args.log_retention_hours.or(file.log_retention_hours) {
+        None => quiver_server::servedlog::LOG_RETENTION_DEFAULT,
+        Some(h) if (1..=LOG_RETENTION_HOURS_MAX).contains(&h) => std::time::Duration::from_secs(h * 3600),
+        Some(_) => return Err(format!("log retention must be 1 to {LOG_RETENTION_HOURS_MAX} hours")),
+    };
     Ok(Config {
+        log_sample_rate,
+        log_retention,
         max_connections,
         shutdown_timeout,
         max_concurrent_requests,
@@ -322,6 +348,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         max_concurrent_requests: cfg.max_concurrent_requests,
         max_connections: cfg.max_connections,
         shutdown_timeout: cfg.shutdown_timeout,
+        log_sample_rate: cfg.log_sample_rate,
+        log_retention: cfg.log_retention,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));

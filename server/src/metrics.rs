@@ -51,6 +51,7 @@ pub struct Metrics {
     conns: Arc<crate::conn::ConnStats>,
     conn_figures: [IntGauge; 4],
     health: Arc<crate::health::Health>,
+    served_log: Arc<crate::servedlog::ServedLog>,
 }
 
 fn err(e: prometheus::Error) -> String {
@@ -66,9 +67,10 @@ impl Metrics {
         conns: Arc<crate::conn::ConnStats>,
         auth: Arc<crate::auth::Authenticator>,
         health: Arc<crate::health::Health>,
+        served_log: Arc<crate::servedlog::ServedLog>,
     ) -> Result<Arc<Metrics>, String> {
         let registry = Registry::new_custom(Some("quiver".into()), None).map_err(err)?;
-        for c in health.collectors() {
+        for c in health.collectors().into_iter().chain(served_log.collectors()) {
             registry.register(c).map_err(err)?;
         }
         let requests = IntCounterVec::new(
@@ -196,6 +198,7 @@ impl Metrics {
         ];
         Ok(Arc::new(Metrics {
             health,
+            served_log,
             auth,
             rate_limited,
             writes_refused,
@@ -273,6 +276,7 @@ impl Metrics {
             self.peer_up.with_label_values(&[&peer]).set(i64::from(up));
         }
         self.health.refresh_gauges(crate::service::now_us());
+        self.served_log.refresh_gauges();
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             return format!("# metrics encoding failed: {e}\n");

@@ -108,6 +108,8 @@ pub struct ResolvedFeature {
     pub entity_type: String,
     /// For a float32_vector: the length every written vector must have (0: any).
     pub dim: u32,
+    /// The group's share of entities whose answers are logged (`None`: the server's default).
+    pub log_sample_rate: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -239,6 +241,14 @@ fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
     }
     check_duration(&g.name, "ttl", g.ttl.as_ref())?;
     check_duration(&g.name, "freshness_sla", g.freshness_sla.as_ref())?;
+    if let Some(r) = g.log_sample_rate {
+        if !(0.0..=1.0).contains(&r) {
+            return Err(RegistryError::Invalid(format!(
+                "feature group {}: log_sample_rate {r} is not a share between 0 and 1",
+                g.name
+            )));
+        }
+    }
     if g.features.is_empty() || g.features.len() > FEATURES_PER_GROUP_MAX {
         return Err(RegistryError::Invalid(format!(
             "feature group {} needs 1 to {FEATURES_PER_GROUP_MAX} features, has {}",
@@ -338,6 +348,7 @@ fn resolved(
         default: f.default_value.clone(),
         entity_type: def.entity_type.clone(),
         dim: f.dim,
+        log_sample_rate: def.log_sample_rate,
     })
 }
 
@@ -379,6 +390,7 @@ fn diff(old: &pb::FeatureGroup, new: &pb::FeatureGroup) -> Vec<String> {
     field("description", old.description.clone(), new.description.clone());
     field("ttl", fmt_ttl(&old.ttl), fmt_ttl(&new.ttl));
     field("freshness_sla", fmt_ttl(&old.freshness_sla), fmt_ttl(&new.freshness_sla));
+    field("log_sample_rate", format!("{:?}", old.log_sample_rate), format!("{:?}", new.log_sample_rate));
     field("source", old.source.clone(), new.source.clone());
     field("transformation", old.transformation.clone(), new.transformation.clone());
     field("code_hash", old.code_hash.clone(), new.code_hash.clone());

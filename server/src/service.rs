@@ -180,6 +180,19 @@ fn deadline_of(
     Ok(arrived.checked_add(timeout - reserve))
 }
 
+/// The caller's `x-request-id` (logged with its answers), if it sent one: printable ASCII of
+/// at most `REQUEST_ID_BYTES_MAX` bytes, else `INVALID_ARGUMENT`.
+fn request_id_of(metadata: &tonic::metadata::MetadataMap) -> Result<Option<String>, Status> {
+    use crate::servedlog::REQUEST_ID_BYTES_MAX;
+    let Some(v) = metadata.get("x-request-id") else { return Ok(None) };
+    match v.to_str() {
+        Ok(s) if !s.is_empty() && s.len() <= REQUEST_ID_BYTES_MAX => Ok(Some(s.to_string())),
+        _ => Err(Status::invalid_argument(format!(
+            "x-request-id must be 1 to {REQUEST_ID_BYTES_MAX} printable ASCII characters"
+        ))),
+    }
+}
+
 /// A `grpc-timeout` value (the gRPC over HTTP/2 spec: `TimeoutValue TimeoutUnit`).
 fn parse_grpc_timeout(s: &str) -> Option<std::time::Duration> {
     use std::time::Duration;
@@ -213,6 +226,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         metrics
             .timed("GetOnlineFeatures", async move {
                 let deadline = deadline_of(req.metadata(), std::time::Instant::now())?;
+                let request_id = request_id_of(req.metadata())?;
                 let p = authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
                 let mut ticket = self.admission.admit(req.get_ref().encoded_len() * DECODED_BYTES_PER_ENCODED)?;
                 let r = req.get_ref();
@@ -225,7 +239,14 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 let inline = req.entities.len().saturating_mul(req.features.len()) <= ONLINE_INLINE_CELLS_MAX;
                 // The ticket stays with the response until it has been sent (HoldTickets).
                 let answer = move || {
-                    let answer = f.get_online_charged(&req, now_us(), answer_max, &mut |b| ticket.charge(b), deadline);
+                    let answer = f.get_online_charged(
+                        &req,
+                        now_us(),
+                        answer_max,
+                        &mut |b| ticket.charge(b),
+                        deadline,
+                        request_id.as_deref(),
+                    );
                     answer.map_err(status).map(|a| {
                         let mut resp = Response::new(a);
                         resp.extensions_mut().insert(HeldTicket(Arc::new(ticket)));
@@ -743,19 +764,71 @@ impl pb::admin_service_server::AdminService for AdminApi {
 #[derive(Debug, Clone)]
 pub struct MonitorApi {
     health: Arc<crate::health::Health>,
+    served_log: Arc<crate::servedlog::ServedLog>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    stopping: Option<Stopping>,
 }
 
 impl MonitorApi {
-    /// The endpoints over `health`.
-    pub fn new(health: Arc<crate::health::Health>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
-        MonitorApi { health, registry, metrics }
+    /// The endpoints over `health` and `served_log`.
+    pub fn new(
+        health: Arc<crate::health::Health>,
+        served_log: Arc<crate::servedlog::ServedLog>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        MonitorApi { health, served_log, registry, metrics, stopping: None }
+    }
+
+    /// The same endpoints ending their streams with `UNAVAILABLE` once `stopping` turns true.
+    pub fn with_stopping(mut self, stopping: Stopping) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 }
 
 #[tonic::async_trait]
 impl pb::monitor_service_server::MonitorService for MonitorApi {
+    type ScanServedLogStream = BoxStream<pb::ScanServedLogResponse>;
+
+    async fn scan_served_log(
+        &self,
+        req: Request<pb::ScanServedLogRequest>,
+    ) -> Result<Response<Self::ScanServedLogStream>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("ScanServedLog", async move {
+                let p = authorize(&req, Scope::Read, std::iter::empty())?;
+                let r = req.into_inner();
+                let from = r.from.as_ref().ok_or_else(|| Status::invalid_argument("from is required"))?;
+                let to = r.to.as_ref().ok_or_else(|| Status::invalid_argument("to is required"))?;
+                let from = convert::micros(from, "from").map_err(|e| status(e.into()))?;
+                let to = convert::micros(to, "to").map_err(|e| status(e.into()))?;
+                if to <= from {
+                    return Err(Status::invalid_argument("to must be after from"));
+                }
+                let log = self.served_log.clone();
+                Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {
+                    log.scan(from, to, &mut |mut answers| {
+                        if p.limited() {
+                            // A token limited to groups sees only their features.
+                            for a in &mut answers {
+                                a.features.retain(|f| p.may_see(auth::group_of(&f.feature_ref)));
+                            }
+                            answers.retain(|a| !a.features.is_empty());
+                            if answers.is_empty() {
+                                return true;
+                            }
+                        }
+                        emit(pb::ScanServedLogResponse { answers })
+                    })
+                    .map_err(ServiceError::Storage)
+                })))
+            })
+            .await
+    }
+
     async fn get_feature_health(
         &self,
         req: Request<pb::GetFeatureHealthRequest>,

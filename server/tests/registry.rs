@@ -154,6 +154,10 @@ fn dry_run_and_refusals_change_nothing() {
             }],
         ),
     ];
+    let bad_cases: Vec<(Vec<pb::EntityType>, Vec<pb::FeatureGroup>)> = bad_cases
+        .into_iter()
+        .chain([-0.5, 1.5, f64::NAN].map(|r| (vec![], vec![pb::FeatureGroup { log_sample_rate: Some(r), ..stats() }])))
+        .collect();
     let with = |f: pb::FeatureDef| vec![pb::FeatureGroup { features: vec![f], ..stats() }];
     let vector = || feature("embedding", pb::ValueType::Float32Vector);
     let mut bad_features = vec![

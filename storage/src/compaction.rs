@@ -20,7 +20,11 @@
 //!    table: a pair's newer versions sort first, so a lower table can start with the same pair
 //!    just past the compaction's range.)
 //!
-//! Without a window no version is settled and nothing is dropped.
+//! 4. A version of the served log ([`crate::reserved::SERVED_LOG`]) with a system time older
+//!    than the log's retention is dropped: every log record is a pair of its own, written once,
+//!    so nothing else answers through it.
+//!
+//! Without a window no version is settled and nothing is dropped by rules 1 to 3.
 
 use std::sync::Arc;
 
@@ -182,12 +186,16 @@ pub struct Retention {
     pub horizon: i64,
     /// Tombstones may be dropped (output is the bottom level).
     pub bottom: bool,
+    /// Served-log versions with system time `<` this are dropped (rule 4); `None`: kept.
+    pub log_cutoff: Option<u64>,
 }
 
 /// Decides, entry by entry in key order, what compaction keeps.
 #[derive(Debug)]
 pub struct RetentionFilter {
     r: Retention,
+    /// The escaped served-log prefix every internal key of a log record starts with.
+    log_keys: Vec<u8>,
     prefix: Vec<u8>,
     settled_event: Option<i64>,
     drop_rest: bool,
@@ -208,7 +216,11 @@ pub enum Decision {
 impl RetentionFilter {
     /// A filter with the given settings.
     pub fn new(r: Retention) -> Self {
-        RetentionFilter { r, prefix: Vec::new(), settled_event: None, drop_rest: false }
+        // The escaped prefix, less the entity terminator: escaping is byte-wise, so the escaped
+        // prefix of an entity is the escape of its prefix.
+        let mut log_keys = crate::key::entity_prefix(crate::reserved::SERVED_LOG);
+        log_keys.truncate(log_keys.len() - 2);
+        RetentionFilter { r, log_keys, prefix: Vec::new(), settled_event: None, drop_rest: false }
     }
 
     /// Decides for the next entry (keys strictly increasing).
@@ -219,6 +231,11 @@ impl RetentionFilter {
             self.prefix.extend_from_slice(prefix);
             self.settled_event = None;
             self.drop_rest = false;
+        }
+        if let Some(c) = self.r.log_cutoff {
+            if key.starts_with(&self.log_keys) && crate::key::system_time_of(key).0 < c {
+                return Decision::Drop;
+            }
         }
         let Some(cutoff) = self.r.cutoff else { return Decision::Keep };
         if self.drop_rest {
@@ -254,7 +271,7 @@ mod tests {
 
     #[test]
     fn retention_rules() {
-        let mut f = RetentionFilter::new(Retention { cutoff: Some(100), horizon: 50, bottom: true });
+        let mut f = RetentionFilter::new(Retention { cutoff: Some(100), horizon: 50, bottom: true, log_cutoff: None });
         // e=90: a recent correction (s=150) and two settled versions: the older settled one goes.
         assert_eq!(f.decide(&k(1, 90, 150), false), Decision::Keep);
         assert_eq!(f.decide(&k(1, 90, 80), false), Decision::Keep);
@@ -268,8 +285,30 @@ mod tests {
         assert_eq!(f.decide(&k(2, 10, 5), true), Decision::TombstoneCandidate);
         assert_eq!(f.decide(&k(2, 5, 5), false), Decision::Drop);
         // Without a window nothing is dropped.
-        let mut f = RetentionFilter::new(Retention { cutoff: None, horizon: i64::MAX, bottom: true });
+        let mut f = RetentionFilter::new(Retention { cutoff: None, horizon: i64::MAX, bottom: true, log_cutoff: None });
         assert_eq!(f.decide(&k(1, 1, 1), true), Decision::Keep);
         assert_eq!(f.decide(&k(1, 1, 0), false), Decision::Keep);
+    }
+
+    #[test]
+    fn served_log_records_expire_by_system_time_and_nothing_else_does() {
+        let log = |n: u8, s: u64| {
+            let mut entity = crate::reserved::SERVED_LOG.to_vec();
+            entity.extend_from_slice(&[0, 0, 0, n]);
+            encode(&entity, FeatureId(0), EventTime(s as i64), SystemTime(s))
+        };
+        let r = Retention { cutoff: None, horizon: i64::MIN, bottom: false, log_cutoff: Some(100) };
+        let mut f = RetentionFilter::new(r);
+        assert_eq!(f.decide(&log(1, 99), false), Decision::Drop);
+        assert_eq!(f.decide(&log(2, 100), false), Decision::Keep);
+        assert_eq!(f.decide(&log(3, 150), false), Decision::Keep);
+        // Other reserved records and feature values of any age stay.
+        let mut f = RetentionFilter::new(r);
+        let monitor = encode(crate::reserved::MONITOR_WATERMARKS, FeatureId(0), EventTime(0), SystemTime(1));
+        assert_eq!(f.decide(&monitor, false), Decision::Keep);
+        assert_eq!(f.decide(&k(1, 1, 1), false), Decision::Keep);
+        // Without a log retention nothing expires.
+        let mut f = RetentionFilter::new(Retention { log_cutoff: None, ..r });
+        assert_eq!(f.decide(&log(1, 1), false), Decision::Keep);
     }
 }

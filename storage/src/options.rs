@@ -53,6 +53,9 @@ pub struct Options {
     /// System-time retention window: superseded versions settled longer ago than this may be
     /// dropped by compaction. `None` keeps every version.
     pub retention_window: Option<Duration>,
+    /// How long logged online answers ([`crate::reserved::SERVED_LOG`]) are kept, by system
+    /// time: compaction drops older ones. `None` keeps them.
+    pub served_log_retention: Option<Duration>,
     /// The region this node stamps on its writes' version vectors.
     pub region: RegionId,
     /// Bytes of flushed WAL segments kept for replication peers that have not yet applied
@@ -90,6 +93,7 @@ impl Default for Options {
             level_multiplier: 10,
             table_bytes: 32 << 20,
             retention_window: None,
+            served_log_retention: None,
             region: 0,
             replication_log_bytes: 0,
             replicated_prefixes: Vec::new(),

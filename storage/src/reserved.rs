@@ -11,6 +11,7 @@
 //! | [`REGISTRY`] | the feature registry: [`REGISTRY_ENTITY_TYPES`], [`REGISTRY_GROUPS`] | yes (quiverd lists it) |
 //! | [`IDEMPOTENCY`] | the stored answer of each idempotent write, by key | no: a retry goes to the node that took the write |
 //! | [`REPLICATION_CURSOR`] | per origin region, how far this node applied its log | no: each node's own progress |
+//! | [`SERVED_LOG`] | logged online answers, by served-at time (expire after `Options::served_log_retention`) | no: each node logs what it served |
 //! | [`MONITOR`] | feature monitoring: [`MONITOR_WATERMARKS`], each group's newest ingested times per region | yes (quiverd lists it) |
 
 /// The first byte of every reserved entity key.
@@ -33,8 +34,13 @@ pub const MONITOR: &[u8] = b"\x00mon\x00";
 /// id): the newest event and system times written.
 pub const MONITOR_WATERMARKS: &[u8] = b"\x00mon\x00wm\x00";
 
+/// Logged online answers: entity `SERVED_LOG` + served-at time (µs, sign bit flipped, big
+/// endian) + a per-node sequence number (big endian), so that time ranges are key ranges.
+/// Compaction drops them once older than `Options::served_log_retention` (system time).
+pub const SERVED_LOG: &[u8] = b"\x00log\x00";
+
 /// Every top-level reserved prefix.
-pub const ALL: [&[u8]; 4] = [REGISTRY, IDEMPOTENCY, REPLICATION_CURSOR, MONITOR];
+pub const ALL: [&[u8]; 5] = [REGISTRY, IDEMPOTENCY, REPLICATION_CURSOR, MONITOR, SERVED_LOG];
 
 /// True for an entity key in the reserved space.
 pub fn is_reserved(entity: &[u8]) -> bool {

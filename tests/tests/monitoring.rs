@@ -366,3 +366,84 @@ async fn a_deadline_returns_hot_answers_in_time_and_the_rest_unavailable_or_defa
     bad.metadata_mut().insert("grpc-timeout", "soon".parse().expect("ascii"));
     assert_eq!(c.features.get_online_features(bad).await.expect_err("bad timeout").code(), Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_logging_keeps_a_stable_tenth_of_entities_as_served() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = Daemon::start(tmp.path(), &["--log-sample-rate", "0.1"]);
+    let mut c = Clients::of(&d).await;
+    c.registry.apply_registry(example_registry()).await.expect("apply");
+    let start = now_us();
+    let users: Vec<String> = (0..2000).map(|i| format!("u-{i}")).collect();
+    let mut write = clicks("x", start);
+    write.rows = users.iter().map(|u| clicks(u, start).rows.remove(0)).collect();
+    c.features.write_features(write).await.expect("write");
+    let ask = |id: &str| {
+        let mut r = tonic::Request::new(lookup(&users.iter().map(String::as_str).collect::<Vec<_>>(), false, false));
+        r.metadata_mut().insert("x-request-id", id.parse().expect("ascii"));
+        r
+    };
+    c.features.get_online_features(ask("req-a")).await.expect("lookup");
+    c.features.get_online_features(ask("req-b")).await.expect("lookup");
+    // A request id too long is refused before anything is read.
+    let e = c.features.get_online_features(ask(&"x".repeat(200))).await.expect_err("long id");
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // The log is written behind the answers: wait for both requests' answers.
+    let scan = |c: &Clients| {
+        let mut m = c.monitor.clone();
+        async move {
+            let req = pb::ScanServedLogRequest { from: ts(start), to: ts(now_us() + 60_000_000) };
+            let mut s = m.scan_served_log(req).await.expect("scan").into_inner();
+            let mut out = Vec::new();
+            while let Some(chunk) = s.message().await.expect("chunk") {
+                out.extend(chunk.answers);
+            }
+            out
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let logged = loop {
+        let logged = scan(&c).await;
+        let page = d.scrape();
+        let written =
+            page.lines().find_map(|l| l.strip_prefix("quiver_served_log_answers_total ")?.trim().parse::<f64>().ok());
+        if written.is_some_and(|w| w as usize == logged.len()) && logged.iter().any(|a| a.request_id == "req-b") {
+            break logged;
+        }
+        assert!(std::time::Instant::now() < deadline, "the log did not catch up: {} answers", logged.len());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let entities = |id: &str| -> Vec<pb::EntityKey> {
+        logged.iter().filter(|a| a.request_id == id).filter_map(|a| a.entity.clone()).collect()
+    };
+    let (a, b) = (entities("req-a"), entities("req-b"));
+    // About a tenth (2000 x 0.1 = 200; sd 13), and the same entities both times.
+    assert!((140..=260).contains(&a.len()), "{} of 2000 entities logged", a.len());
+    assert_eq!(a, b, "sampling is stable per entity");
+    assert_eq!(logged.len(), a.len() + b.len());
+    for answer in &logged {
+        assert_eq!(answer.entity_type, "user");
+        let served = answer.served_at.as_ref().map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+        assert!(served.is_some_and(|s| s >= start), "{answer:?}");
+        assert_eq!(answer.features.len(), 2);
+        let (clicks_f, spend_f) = (&answer.features[0], &answer.features[1]);
+        assert_eq!(
+            (clicks_f.feature_ref.as_str(), clicks_f.status),
+            ("user_stats:clicks", pb::FeatureStatus::Present as i32)
+        );
+        assert_eq!((clicks_f.value.clone(), clicks_f.event_time_us), (Some(int(1)), start));
+        assert_eq!(spend_f.status, pb::FeatureStatus::Defaulted as i32);
+    }
+    // A scan range must be a range.
+    let bad = pb::ScanServedLogRequest { from: ts(start), to: ts(start) };
+    assert_eq!(c.monitor.scan_served_log(bad).await.expect_err("empty range").code(), Code::InvalidArgument);
+
+    // The group's own rate overrides the server's: 0 logs nothing more.
+    let mut reg = example_registry();
+    reg.feature_groups[0].log_sample_rate = Some(0.0);
+    c.registry.apply_registry(reg).await.expect("apply");
+    c.features.get_online_features(ask("req-c")).await.expect("lookup");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(scan(&c).await.iter().all(|a| a.request_id != "req-c"));
+}

@@ -51,6 +51,8 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         max_concurrent_requests: quiver_server::admission::REQUESTS_IN_FLIGHT_MAX_DEFAULT,
         max_connections: quiver_server::conn::CONNECTIONS_MAX_DEFAULT,
         shutdown_timeout: quiver_server::daemon::SHUTDOWN_TIMEOUT_DEFAULT,
+        log_sample_rate: 0.0,
+        log_retention: quiver_server::servedlog::LOG_RETENTION_DEFAULT,
     };
     let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());

@@ -71,7 +71,7 @@ fn read_spine(path: &Path, et: &pb::EntityType, time_column: &str) -> Result<Spi
     Ok(Spine { rows })
 }
 
-fn arrow_type(t: pb::ValueType) -> DataType {
+pub(crate) fn arrow_type(t: pb::ValueType) -> DataType {
     let item = |dt: DataType| DataType::List(Arc::new(Field::new("item", dt, true)));
     match t {
         pb::ValueType::Bool => DataType::Boolean,
@@ -87,7 +87,7 @@ fn arrow_type(t: pb::ValueType) -> DataType {
 }
 
 /// One feature column of the answer as Arrow, null where the status carries no value.
-fn feature_array(c: &pb::FeatureColumn) -> ArrayRef {
+pub(crate) fn feature_array(c: &pb::FeatureColumn) -> ArrayRef {
     let n = c.statuses.len();
     let has = |i: usize| {
         matches!(
@@ -138,7 +138,7 @@ fn feature_array(c: &pb::FeatureColumn) -> ArrayRef {
 
 /// Output column names: the feature name, or `group__feature` for every feature when two
 /// requested features share a name.
-fn output_names(refs: &[String]) -> Vec<String> {
+pub(crate) fn output_names(refs: &[String]) -> Vec<String> {
     let feature = |r: &str| r.rsplit(':').next().unwrap_or(r).to_string();
     let names: Vec<String> = refs.iter().map(|r| feature(r)).collect();
     let unique = names.iter().collect::<std::collections::HashSet<_>>().len() == names.len();
@@ -149,7 +149,7 @@ fn output_names(refs: &[String]) -> Vec<String> {
     }
 }
 
-fn key_arrays(rows: &[pb::SpineRow], et: &pb::EntityType) -> Vec<ArrayRef> {
+pub(crate) fn key_arrays(rows: &[pb::SpineRow], et: &pb::EntityType) -> Vec<ArrayRef> {
     use pb::key_part::Kind;
     let part = |r: &pb::SpineRow, j: usize| r.entity.as_ref().and_then(|e| e.parts.get(j)).and_then(|p| p.kind.clone());
     let mut out: Vec<ArrayRef> = et

@@ -8,6 +8,7 @@ mod demo;
 mod features;
 mod ingest;
 mod join;
+mod logs;
 mod monitor;
 mod offline;
 mod registry;
@@ -157,6 +158,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         limit: u64,
     },
+    /// The served-feature log (quiverd --log-sample-rate, or a group's log_sample_rate).
+    Logs {
+        #[command(subcommand)]
+        cmd: LogsCmd,
+    },
     /// Every feature group's health: freshness against its SLA and null rates against their
     /// bounds. Exits with 2 when something breaches (1 on errors).
     Monitor {
@@ -215,6 +221,25 @@ enum AuthCmd {
         file: PathBuf,
         #[arg(long)]
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LogsCmd {
+    /// Write the answers served in [--from, --to) as Parquet (one row per entity and lookup).
+    Export {
+        /// First served-at time: RFC 3339 (2026-11-26T18:00:00Z) or µs since the epoch.
+        #[arg(long)]
+        from: String,
+        /// End of the range (exclusive), as --from.
+        #[arg(long)]
+        to: String,
+        /// Output Parquet file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Only answers of this entity type (required when the range holds several).
+        #[arg(long)]
+        entity_type: Option<String>,
     },
 }
 
@@ -320,6 +345,9 @@ async fn run(cli: Cli) -> Result<()> {
             let args =
                 join::JoinArgs { spine, output, features, time_column, known_at_us, strict_availability, use_defaults };
             join::run(server, cli.json, args).await
+        }
+        Cmd::Logs { cmd: LogsCmd::Export { from, to, output, entity_type } } => {
+            logs::export(server, cli.json, logs::ExportArgs { from, to, output, entity_type }).await
         }
         Cmd::Monitor { group } => {
             if monitor::run(server, cli.json, group).await? {

@@ -12,6 +12,7 @@
 //! owner = "growth@example.com"
 //! ttl = "1h"                      # s, m, h, d; "0s" never goes stale
 //! freshness_sla = "2h"            # optional: breached when the newest event is older
+//! log_sample_rate = 0.1           # optional: log online answers of 10% of entities
 //! tags = { team = "growth" }
 //! [[feature_groups.features]]
 //! name = "clicks_1h"
@@ -70,6 +71,8 @@ struct Group {
     ttl: Option<String>,
     #[serde(default)]
     freshness_sla: Option<String>,
+    #[serde(default)]
+    log_sample_rate: Option<f64>,
     #[serde(default)]
     source: String,
     #[serde(default)]
@@ -215,6 +218,7 @@ pub fn parse(text: &str) -> Result<pb::ApplyRegistryRequest, String> {
             features,
             created_at: None,
             freshness_sla,
+            log_sample_rate: g.log_sample_rate,
         });
     }
     Ok(req)

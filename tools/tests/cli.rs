@@ -516,3 +516,106 @@ max_null_rate = 0.1
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"), "{out:?}");
 }
+
+#[test]
+fn logs_export_writes_the_served_answers_as_parquet() {
+    use arrow_array::{Array, Int64Array, StringArray};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = Daemon::start(&tmp.path().join("data"), &["--log-sample-rate", "1"]);
+    let addr = d.addr.clone();
+    let file = tmp.path().join("registry.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[entity_types]]
+name = "user"
+join_keys = [{ name = "user_id", type = "string" }]
+
+[[feature_groups]]
+name = "user_stats"
+entity_type = "user"
+ttl = "1h"
+[[feature_groups.features]]
+name = "clicks"
+type = "int64"
+[[feature_groups.features]]
+name = "country"
+type = "string"
+"#,
+    )
+    .expect("write file");
+    let (ok, _, err) = quiver(&["--addr", &addr, "apply", file.to_str().expect("path")]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = quiver(&["--addr", &addr, "put", "--group", "user_stats", "--entity", "alice", "clicks=7"]);
+    assert!(ok, "{err}");
+    let get = ["--addr", &addr, "get", "--entity-type", "user", "--entity", "alice", "--entity", "bob"];
+    let (ok, out, err) =
+        quiver(&[&get[..], &["--feature", "user_stats:clicks", "--feature", "user_stats:country"]].concat());
+    assert!(ok, "{err}");
+    assert!(out.contains("alice: user_stats:clicks=7  user_stats:country=(not_found)"), "{out}");
+    let (ok, out, err) = quiver(&[&get[..], &["--feature", "user_stats:clicks", "--default-missing"]].concat());
+    assert!(ok && out.contains("bob: user_stats:clicks=0 (default)"), "{out}{err}");
+
+    let parquet = tmp.path().join("served.parquet");
+    let out_path = parquet.to_str().expect("path");
+    // The log is written behind the answers: retry until all three answers are there.
+    let mut last = String::new();
+    for _ in 0..100 {
+        let (ok, out, err) =
+            quiver(&["--addr", &addr, "logs", "export", "--from", "0", "--to", "2100-01-01T00:00:00Z", "-o", out_path]);
+        assert!(ok, "{err}");
+        last = out;
+        if last.contains("exported 4 logged answers (2 features)") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(last.contains("exported 4 logged answers (2 features)"), "{last}");
+    let f = std::fs::File::open(&parquet).expect("open");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).expect("parquet").build();
+    let batch = reader.expect("reader").next().expect("a batch").expect("batch");
+    let names: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(
+        names,
+        [
+            "request_id",
+            "served_at",
+            "as_of",
+            "user_id",
+            "clicks",
+            "clicks__status",
+            "clicks__event_time",
+            "country",
+            "country__status",
+            "country__event_time"
+        ]
+    );
+    let col = |name: &str| batch.column(batch.schema().index_of(name).expect("column")).clone();
+    let users = col("user_id");
+    let users = users.as_any().downcast_ref::<StringArray>().expect("strings");
+    let clicks = col("clicks");
+    let clicks = clicks.as_any().downcast_ref::<Int64Array>().expect("ints");
+    let status = col("clicks__status");
+    let status = status.as_any().downcast_ref::<StringArray>().expect("strings");
+    let rows: Vec<(String, Option<i64>, String)> = (0..batch.num_rows())
+        .map(|i| {
+            let c = (!clicks.is_null(i)).then(|| clicks.value(i));
+            (users.value(i).to_string(), c, status.value(i).to_string())
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("alice".to_string(), Some(7), "present".to_string()),
+            ("bob".to_string(), None, "not_found".to_string()),
+            ("alice".to_string(), Some(7), "present".to_string()),
+            ("bob".to_string(), Some(0), "defaulted".to_string()),
+        ]
+    );
+    // The second lookup asked for clicks only: its country cells are null, with no status.
+    let country = col("country__status");
+    let country = country.as_any().downcast_ref::<StringArray>().expect("strings");
+    assert!(!country.is_null(0) && country.is_null(2), "{country:?}");
+    let (ok, _, err) = quiver(&["--addr", &addr, "logs", "export", "--from", "soon", "--to", "0", "-o", out_path]);
+    assert!(!ok && err.contains("--from \"soon\" is neither RFC 3339"), "{err}");
+}

@@ -262,7 +262,11 @@ impl Inner {
             .opts
             .retention_window
             .map(|w| self.opts.clock.now_us().saturating_sub(u64::try_from(w.as_micros()).unwrap_or(u64::MAX)));
-        let retention = Retention { cutoff, horizon, bottom: plan.bottom };
+        let log_cutoff = self
+            .opts
+            .served_log_retention
+            .map(|w| self.opts.clock.now_us().saturating_sub(u64::try_from(w.as_micros()).unwrap_or(u64::MAX)));
+        let retention = Retention { cutoff, horizon, bottom: plan.bottom, log_cutoff };
         // Every source outside the compaction, for the tombstone rule: the memtables and every
         // table that is not an input, at any level. A lower table can hold the pair even when it
         // does not overlap the inputs' key range (a pair's newer versions sort first), so "no
