@@ -336,7 +336,8 @@ pub async fn serve(
     let feature_svc = crate::admission::HoldTickets(AdmitRequests::new(
         InterceptedService::new(
             pb::feature_service_server::FeatureServiceServer::new(
-                FeatureApi::new(features, metrics.clone(), admission.clone()).with_stopping(stopping_rx.clone()),
+                FeatureApi::new(features.clone(), metrics.clone(), admission.clone())
+                    .with_stopping(stopping_rx.clone()),
             )
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX),
@@ -366,6 +367,7 @@ pub async fn serve(
                     registry.clone(),
                     metrics.clone(),
                 )
+                .with_features(features.clone())
                 .with_stopping(stopping_rx.clone()),
             )
             .max_decoding_message_size(MESSAGE_BYTES_MAX)

@@ -212,8 +212,16 @@ fn push_value(col: &mut pb::FeatureColumn, t: pb::ValueType, v: Option<&Value>) 
     }
 }
 
+/// When and how an online answer was served, as logged.
+struct Served<'a> {
+    /// The engine's system time after the read (the replay's known_at).
+    at_us: i64,
+    /// The time the lookup read as of.
+    as_of_us: i64,
+    request_id: Option<&'a str>,
+}
+
 /// Offers the answers of the entities the features' groups sample to the served log.
-#[allow(clippy::too_many_arguments)]
 fn log_answers(
     log: &crate::servedlog::ServedLog,
     req: &pb::GetOnlineFeaturesRequest,
@@ -221,12 +229,11 @@ fn log_answers(
     features: &[ResolvedFeature],
     keys: &[Vec<u8>],
     columns: &[pb::FeatureColumn],
-    now_us: i64,
-    request_id: Option<&str>,
+    served: &Served<'_>,
 ) {
     let rates: Vec<f64> = features.iter().map(|f| f.log_sample_rate.unwrap_or(log.default_rate())).collect();
     let Some(most) = rates.iter().copied().reduce(f64::max).filter(|&r| r > 0.0) else { return };
-    let mut id: Option<String> = request_id.map(str::to_string);
+    let mut id: Option<String> = served.request_id.map(str::to_string);
     for (i, key) in keys.iter().enumerate() {
         let point = crate::servedlog::sample_point(key);
         if point >= most {
@@ -241,18 +248,20 @@ fn log_answers(
                     status: col.statuses[i],
                     event_time_us: col.event_times_us[i],
                     value: convert::column_value(col, i),
+                    group_version: col.group_version,
                 }
             })
             .collect();
         let answer = pb::LoggedAnswer {
             request_id: id.get_or_insert_with(|| log.next_request_id()).clone(),
-            served_at: Some(convert::timestamp(now_us)),
-            as_of: req.as_of,
+            served_at: Some(convert::timestamp(served.at_us)),
+            as_of: Some(convert::timestamp(served.as_of_us)),
             entity_type: entity_type.to_string(),
             entity: req.entities.get(i).cloned(),
             features: logged,
+            default_missing: req.default_missing,
         };
-        log.offer(&answer, now_us);
+        log.offer(&answer, served.at_us);
     }
 }
 
@@ -821,7 +830,8 @@ impl Features {
             columns.push(col);
         }
         if let Some(log) = &self.served_log {
-            log_answers(log, req, &et.name, features, &keys, &columns, now_us, request_id);
+            let served = Served { at_us: self.db.system_time_now().0 as i64, as_of_us: as_of, request_id };
+            log_answers(log, req, &et.name, features, &keys, &columns, &served);
         }
         Ok(pb::GetOnlineFeaturesResponse { columns })
     }

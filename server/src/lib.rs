@@ -17,4 +17,5 @@ pub mod registry;
 pub mod replication;
 pub mod servedlog;
 pub mod service;
+pub mod skew;
 pub mod tls;

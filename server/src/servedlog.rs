@@ -189,6 +189,18 @@ impl ServedLog {
         }
     }
 
+    /// Waits until every answer offered so far is written (or `timeout` passes); true if so.
+    pub fn wait_written(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.queued.load(Ordering::Acquire) > 0 {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
     /// Writes what is queued and stops the writer (at shutdown, before the engine closes).
     pub fn close(&self) {
         drop(self.tx.lock().take());

@@ -763,6 +763,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
 /// `quiver.v1.MonitorService`.
 #[derive(Debug, Clone)]
 pub struct MonitorApi {
+    features: Option<Arc<Features>>,
     health: Arc<crate::health::Health>,
     served_log: Arc<crate::servedlog::ServedLog>,
     registry: Arc<Registry>,
@@ -778,7 +779,14 @@ impl MonitorApi {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        MonitorApi { health, served_log, registry, metrics, stopping: None }
+        MonitorApi { features: None, health, served_log, registry, metrics, stopping: None }
+    }
+
+    /// The same endpoints replaying the log through `features` (`MeasureSkew`; without it the
+    /// call is `FAILED_PRECONDITION`).
+    pub fn with_features(mut self, features: Arc<Features>) -> Self {
+        self.features = Some(features);
+        self
     }
 
     /// The same endpoints ending their streams with `UNAVAILABLE` once `stopping` turns true.
@@ -791,6 +799,30 @@ impl MonitorApi {
 #[tonic::async_trait]
 impl pb::monitor_service_server::MonitorService for MonitorApi {
     type ScanServedLogStream = BoxStream<pb::ScanServedLogResponse>;
+
+    async fn measure_skew(
+        &self,
+        req: Request<pb::MeasureSkewRequest>,
+    ) -> Result<Response<pb::MeasureSkewResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("MeasureSkew", async move {
+                let group = req.get_ref().group.clone();
+                let p = authorize(&req, Scope::Read, (!group.is_empty()).then_some(group.as_str()))?;
+                if !group.is_empty() {
+                    self.registry.group(&group, 0).map_err(registry_status)?;
+                }
+                let features =
+                    self.features.clone().ok_or_else(|| Status::failed_precondition("skew is not measured here"))?;
+                let (log, req) = (self.served_log.clone(), req.into_inner());
+                // A replay is a join: admitted like one would be, on the blocking pool.
+                blocking(move || {
+                    crate::skew::measure(&features, &log, &req, |g| p.may_see(g)).map(Response::new).map_err(status)
+                })
+                .await
+            })
+            .await
+    }
 
     async fn scan_served_log(
         &self,

@@ -2,8 +2,8 @@
 //! (README "Served-feature logging") as Parquet, ready to be used as training data.
 //!
 //! One row per logged answer (one entity of one online lookup), in served-at order:
-//! `request_id`, `served_at` and `as_of` (timestamps µs, UTC; `as_of` null when the lookup read
-//! as of its serving time), the entity type's join keys, then per logged feature its value
+//! `request_id`, `served_at` (the server's system time after the read) and `as_of` (the time the
+//! lookup read as of; timestamps µs, UTC), the entity type's join keys, then per logged feature its value
 //! (named as `quiver join` names features; null where nothing was served or the feature was not
 //! logged for that row), `<name>__status` (present, not_found, stale, defaulted, unavailable)
 //! and `<name>__event_time`. Every row has one entity type: a log holding several needs

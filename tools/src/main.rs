@@ -13,6 +13,7 @@ mod monitor;
 mod offline;
 mod registry;
 mod registry_file;
+mod skew;
 mod tabular;
 
 use std::path::PathBuf;
@@ -162,6 +163,22 @@ enum Cmd {
     Logs {
         #[command(subcommand)]
         cmd: LogsCmd,
+    },
+    /// Online against offline: replay the served-feature log in [--from, --to) through the
+    /// point-in-time join and compare every served value. Exits with 2 on any mismatch.
+    Skew {
+        /// First served-at time: RFC 3339 or µs since the epoch.
+        #[arg(long)]
+        from: String,
+        /// End of the range (exclusive), as --from.
+        #[arg(long)]
+        to: String,
+        /// Only this group's features.
+        #[arg(long)]
+        group: Option<String>,
+        /// Mismatches to show per feature (at most 100).
+        #[arg(long, default_value_t = 5)]
+        examples: u32,
     },
     /// Every feature group's health: freshness against its SLA and null rates against their
     /// bounds. Exits with 2 when something breaches (1 on errors).
@@ -348,6 +365,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Logs { cmd: LogsCmd::Export { from, to, output, entity_type } } => {
             logs::export(server, cli.json, logs::ExportArgs { from, to, output, entity_type }).await
+        }
+        Cmd::Skew { from, to, group, examples } => {
+            if skew::run(server, cli.json, &from, &to, group, examples).await? {
+                std::process::exit(skew::EXIT_MISMATCHED);
+            }
+            Ok(())
         }
         Cmd::Monitor { group } => {
             if monitor::run(server, cli.json, group).await? {

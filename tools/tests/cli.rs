@@ -616,6 +616,16 @@ type = "string"
     let country = col("country__status");
     let country = country.as_any().downcast_ref::<StringArray>().expect("strings");
     assert!(!country.is_null(0) && country.is_null(2), "{country:?}");
+    // Replayed through the join, every served value is what the store gives (exit 0).
+    let out = Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args(["--addr", &addr, "skew", "--from", "0", "--to", "2100-01-01T00:00:00Z"])
+        .output()
+        .expect("run quiver");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("4 logged answers replayed"), "{text}");
+    assert!(text.contains("user_stats:clicks: 4 compared, 4 equal, 0 mismatched, 0 missing"), "{text}");
+    assert!(text.contains("user_stats:country: 2 compared, 2 equal, 0 mismatched, 0 missing"), "{text}");
     let (ok, _, err) = quiver(&["--addr", &addr, "logs", "export", "--from", "soon", "--to", "0", "-o", out_path]);
     assert!(!ok && err.contains("--from \"soon\" is neither RFC 3339"), "{err}");
 }

@@ -444,6 +444,13 @@ impl Db {
         self.inner.multi_get(entities, features, q, charge, deadline)
     }
 
+    /// A system time no earlier than any version a read that ended before this call could
+    /// see (the clock's high-water mark, or the wall clock if later): replaying such a read
+    /// with this as `known_at` sees what it saw.
+    pub fn system_time_now(&self) -> SystemTime {
+        SystemTime(self.inner.hlc.high_water().max(self.inner.hlc.wall_us()))
+    }
+
     /// Test-only: every round of data-block reads from files first sleeps `delay` (a slow
     /// device), so tests can show what a deadline does.
     #[cfg(feature = "testing")]
