@@ -11,6 +11,9 @@
 #   2. batches of 100 entities (Redis: a pipeline of 100 HMGETs) at concurrency 16;
 #   3. Quiver open loop at 80% of its closed-loop maximum at concurrency 64 (p99 target);
 #   4. ingest over the streaming write with sync durability;
+#   6. (Quiver only) what served-feature logging costs the online path: closed-loop lookups
+#      (batch 1 and 100, concurrency 16) with the group logging 0%, 1% and 100% of entities,
+#      with the answers logged and dropped in each run (from quiverd's metrics);
 #   5. a point-in-time join of a 1,000,000-row spine over 100,000 entities x 100 hourly events x
 #      10 features against DuckDB's ASOF JOIN (pip duckdb) on the same data as Parquet, every
 #      output row compared (benches/join_compare.py).
@@ -86,7 +89,8 @@ trap cleanup EXIT
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
   --dir "$WORK" --loglevel warning >"$WORK/redis.log" 2>&1 &
 REDIS_PID=$!
-"$QUIVERD" --data-dir "$WORK/quiver" --listen "127.0.0.1:$QUIVER_PORT" --metrics-listen off \
+METRICS="127.0.0.1:50072"
+"$QUIVERD" --data-dir "$WORK/quiver" --listen "127.0.0.1:$QUIVER_PORT" --metrics-listen "$METRICS" \
   --memory-budget-mb "$MEMORY_MB" \
   >"$WORK/quiverd.log" 2>&1 &
 QUIVER_PID=$!
@@ -143,6 +147,24 @@ print(r[-1]['requests_per_s'])")
 RATE=$(python3 -c "print(round($MAX*0.8))")
 run online --server-pid "$QUIVER_PID" --addr "$ADDR" --entities "$ENTITIES" --features "$FEATURES" --batch 1 \
   --concurrency 64 --duration "$DURATION" --rate "$RATE" >/dev/null
+
+# Served-feature logging: the group re-applied with each sample rate (a new version over the same
+# data), the same lookups, and the log's counters read around each run.
+metric() { curl -s "http://$METRICS/metrics" | awk -v m="$1" '$1 == m {print $2 + 0}'; }
+for rate in 0 0.01 1; do
+  "$BENCH" setup --addr "$ADDR" --features "$FEATURES" --log-sample-rate "$rate" >/dev/null
+  for b in 1 100; do
+    logged0=$(metric quiver_served_log_answers_total); dropped0=$(metric quiver_served_log_dropped_total)
+    line=$("$BENCH" --json online --server-pid "$QUIVER_PID" --addr "$ADDR" --entities "$ENTITIES" \
+      --features "$FEATURES" --batch "$b" --concurrency 16 --duration "$DURATION")
+    sleep 1
+    logged=$(( $(metric quiver_served_log_answers_total) - logged0 ))
+    dropped=$(( $(metric quiver_served_log_dropped_total) - dropped0 ))
+    echo "$line" | sed "s/\"mode\":\"closed\"/\"mode\":\"logging\",\"log_sample_rate\":$rate,\"logged\":$logged,\"dropped\":$dropped/" \
+      | tee -a "$RESULTS" >/dev/null
+  done
+done
+"$BENCH" setup --addr "$ADDR" --features "$FEATURES" --log-sample-rate 0 >/dev/null
 fi
 
 if [ "$ONLY" != online ]; then

@@ -70,6 +70,20 @@ def main(path):
             print(f"| join answers compared | {r['rows']:,} rows, {r['mismatches']} differ | | |")
         if r.get("mode") == "join-ingest":
             print(f"| join data ingest (async) | {r['values_per_s']:,.0f} values/s | | |")
+    logging = [r for r in rows if r.get("mode") == "logging"]
+    for batch in sorted({r["batch"] for r in logging}):
+        runs = sorted((r for r in logging if r["batch"] == batch), key=lambda r: r["log_sample_rate"])
+        base = next((r for r in runs if r["log_sample_rate"] == 0), None)
+        field = "values_per_s" if batch > 1 else "requests_per_s"
+        unit = "values/s" if batch > 1 else "req/s"
+        cells = []
+        for r in runs:
+            ratio = f", {r[field] / base[field]:.2f}x" if base and base[field] and r is not base else ""
+            cpu = r.get("server_cpu_us_per_request")
+            cpu = f", CPU {cpu:.1f} µs/req" if cpu else ""
+            logged = f", {r['logged']:,} logged, {r['dropped']:,} dropped" if r["log_sample_rate"] else ""
+            cells.append(f"{r['log_sample_rate']:.0%}: {r[field]:,.0f} {unit} (p99 {r['latency_us']['p99']} µs{cpu}{ratio}{logged})")
+        print(f"| served-feature logging, batch {batch}, concurrency {r['concurrency']} | {'; '.join(cells)} | - | - |")
     for r in rows:
         if r.get("mode") == "open":
             lat = r["latency_us"]

@@ -55,8 +55,9 @@ pub fn feature_names(n: u32) -> Vec<String> {
     (0..n).map(|f| format!("f{f}")).collect()
 }
 
-/// The registry the benchmark applies: group `group` with float64 features `f0..`, no TTL.
-pub fn registry(group: &str, features: u32) -> pb::ApplyRegistryRequest {
+/// The registry the benchmark applies: group `group` with float64 features `f0..`, no TTL,
+/// its online answers logged for `log_sample_rate` of entities (`None`: the server's default).
+pub fn registry(group: &str, features: u32, log_sample_rate: Option<f64>) -> pb::ApplyRegistryRequest {
     pb::ApplyRegistryRequest {
         entity_types: vec![pb::EntityType {
             name: ENTITY_TYPE.into(),
@@ -70,6 +71,7 @@ pub fn registry(group: &str, features: u32) -> pb::ApplyRegistryRequest {
                 .into_iter()
                 .map(|name| pb::FeatureDef { name, r#type: pb::ValueType::Float64 as i32, ..Default::default() })
                 .collect(),
+            log_sample_rate,
             ..Default::default()
         }],
         ..Default::default()

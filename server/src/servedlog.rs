@@ -163,6 +163,11 @@ impl ServedLog {
         self.queue_bytes.set(self.queued.load(Ordering::Relaxed) as i64);
     }
 
+    /// Answers written and dropped since start.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.logged.get(), self.dropped.get())
+    }
+
     /// A request id for a lookup that brought none.
     pub fn next_request_id(&self) -> String {
         format!("{}-{}", self.region, self.seq.fetch_add(1, Ordering::Relaxed))

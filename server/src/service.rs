@@ -875,6 +875,7 @@ impl pb::monitor_service_server::MonitorService for MonitorApi {
                     self.registry.group(&group, 0).map_err(registry_status)?;
                 }
                 let health = self.health.clone();
+                let (log_answers_written, log_answers_dropped) = self.served_log.counts();
                 blocking(move || {
                     let now = now_us();
                     let only = (!group.is_empty()).then_some(group.as_str());
@@ -886,6 +887,8 @@ impl pb::monitor_service_server::MonitorService for MonitorApi {
                             nanos: 0,
                         }),
                         groups,
+                        log_answers_written,
+                        log_answers_dropped,
                     }))
                 })
                 .await

@@ -65,6 +65,8 @@ pub async fn run(server: &Server, json: bool, group: Option<String>) -> Result<b
         let out = serde_json::json!({
             "window_seconds": r.window.as_ref().map(secs),
             "breached": any,
+            "log_answers_written": r.log_answers_written,
+            "log_answers_dropped": r.log_answers_dropped,
             "groups": r.groups.iter().map(json_of).collect::<Vec<_>>(),
         });
         println!("{out}");
@@ -95,6 +97,10 @@ pub async fn run(server: &Server, json: bool, group: Option<String>) -> Result<b
     if r.groups.is_empty() {
         println!("no feature groups");
     }
+    println!(
+        "served-feature log: {} answers written, {} dropped since the server started",
+        r.log_answers_written, r.log_answers_dropped
+    );
     Ok(any)
 }
 

@@ -508,6 +508,7 @@ max_null_rate = 0.1
         "{out}"
     );
     assert!(out.contains("clicks: null rate - (max 10.0%) of 0 answers in the last 15m 0s"), "{out}");
+    assert!(out.contains("served-feature log: 0 answers written, 0 dropped since the server started"), "{out}");
     // Errors are one line and exit 1, not 2.
     let out = Command::new(env!("CARGO_BIN_EXE_quiver"))
         .args(["--addr", &addr, "monitor", "--group", "nope"])

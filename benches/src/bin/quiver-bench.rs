@@ -54,6 +54,10 @@ enum Cmd {
         /// Feature group to create.
         #[arg(long, default_value = load::GROUP)]
         group: String,
+        /// Share of entities whose online answers the group logs (re-applying with another
+        /// share makes a new group version over the same data).
+        #[arg(long)]
+        log_sample_rate: Option<f64>,
     },
     /// Load entities x features (one event each).
     Ingest {
@@ -224,9 +228,9 @@ async fn ingest_redis(url: &str, entities: u64, features: u32, rows: usize, stre
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Setup { addr, features, group } => {
+        Cmd::Setup { addr, features, group, log_sample_rate } => {
             let mut c = pb::registry_service_client::RegistryServiceClient::new(channel(&addr).await?);
-            c.apply_registry(load::registry(&group, features)).await.map_err(status)?;
+            c.apply_registry(load::registry(&group, features, log_sample_rate)).await.map_err(status)?;
             println!("{}", if cli.json { "{\"setup\":\"ok\"}" } else { "registry applied" });
         }
         Cmd::Ingest { to, entities, features, events, group, rows_per_request, streams, durability } => {
