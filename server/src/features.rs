@@ -226,20 +226,19 @@ fn log_answers(
     log: &crate::servedlog::ServedLog,
     req: &pb::GetOnlineFeaturesRequest,
     entity_type: &str,
-    features: &[ResolvedFeature],
+    rates: &[f64],
     keys: &[Vec<u8>],
     columns: &[pb::FeatureColumn],
     served: &Served<'_>,
 ) {
-    let rates: Vec<f64> = features.iter().map(|f| f.log_sample_rate.unwrap_or(log.default_rate())).collect();
-    let Some(most) = rates.iter().copied().reduce(f64::max).filter(|&r| r > 0.0) else { return };
+    let most = rates.iter().copied().fold(0.0, f64::max);
     let mut id: Option<String> = served.request_id.map(str::to_string);
     for (i, key) in keys.iter().enumerate() {
         let point = crate::servedlog::sample_point(key);
         if point >= most {
             continue;
         }
-        let logged: Vec<pb::LoggedFeature> = (0..features.len())
+        let logged: Vec<pb::LoggedFeature> = (0..rates.len())
             .filter(|&j| point < rates[j])
             .map(|j| {
                 let col = &columns[j];
@@ -620,6 +619,8 @@ struct Resolution {
     last_use: Vec<usize>,
     /// Per requested feature: where its served statuses are counted (empty: not counted).
     served: Vec<Arc<ServedTrack>>,
+    /// Per requested feature: the share of entities whose answers are logged (empty: none).
+    log_rates: Vec<f64>,
 }
 
 impl Resolution {
@@ -628,7 +629,13 @@ impl Resolution {
         refs: Vec<String>,
         features: Vec<ResolvedFeature>,
         health: Option<&Health>,
+        served_log: Option<&crate::servedlog::ServedLog>,
     ) -> Result<Resolution> {
+        let log_rates: Vec<f64> = match served_log {
+            Some(log) => features.iter().map(|f| f.log_sample_rate.unwrap_or(log.default_rate())).collect(),
+            None => Vec::new(),
+        };
+        let log_rates = if log_rates.iter().any(|&r| r > 0.0) { log_rates } else { Vec::new() };
         let served = match health {
             Some(h) => features
                 .iter()
@@ -653,7 +660,7 @@ impl Resolution {
         for (j, &k) in slot.iter().enumerate() {
             last_use[k] = j;
         }
-        Ok(Resolution { entity_type, refs, features, defaults, distinct, slot, last_use, served })
+        Ok(Resolution { entity_type, refs, features, defaults, distinct, slot, last_use, served, log_rates })
     }
 }
 
@@ -829,9 +836,9 @@ impl Features {
             }
             columns.push(col);
         }
-        if let Some(log) = &self.served_log {
+        if let (Some(log), false) = (&self.served_log, resolution.log_rates.is_empty()) {
             let served = Served { at_us: self.db.system_time_now().0 as i64, as_of_us: as_of, request_id };
-            log_answers(log, req, &et.name, features, &keys, &columns, &served);
+            log_answers(log, req, &et.name, &resolution.log_rates, &keys, &columns, &served);
         }
         Ok(pb::GetOnlineFeaturesResponse { columns })
     }
@@ -856,7 +863,8 @@ impl Features {
             }
         }
         let (et, features) = self.resolve_uncached(entity_type, refs)?;
-        let r = Arc::new(Resolution::new(et, refs.to_vec(), features, self.health.as_deref())?);
+        let r =
+            Arc::new(Resolution::new(et, refs.to_vec(), features, self.health.as_deref(), self.served_log.as_deref())?);
         let mut cache = self.resolutions.lock();
         if cache.generation != generation || cache.map.len() >= RESOLUTIONS_CACHED_MAX {
             cache.map.clear();

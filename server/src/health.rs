@@ -27,6 +27,7 @@
 //! registry's size.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,9 +65,10 @@ pub const STATUSES: [(pb::FeatureStatus, &str); 5] = [
 /// Answers by status, indexed as [`STATUSES`].
 pub type ServedCounts = [u64; STATUSES.len()];
 
-/// The index of a status in [`ServedCounts`] (`None`: not counted).
+/// The index of a status in [`ServedCounts`] (`None`: not counted). [`STATUSES`] lists them in
+/// the order of their numbers, from 1.
 pub fn status_index(status: pb::FeatureStatus) -> Option<usize> {
-    STATUSES.iter().position(|(s, _)| *s == status)
+    (status as usize).checked_sub(1).filter(|&i| i < STATUSES.len())
 }
 
 /// How a region's watermark of one group is stored.
@@ -104,17 +106,19 @@ struct GroupTrack {
     values: u64,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+/// One minute of a window: which minute it holds, and its counts.
+#[derive(Debug, Default)]
 struct Slot {
-    minute: u64,
-    counts: ServedCounts,
+    minute: AtomicU64,
+    counts: [AtomicU64; STATUSES.len()],
 }
 
-/// One served (group, feature): its status counters and its window.
+/// One served (group, feature): its status counters and its window (atomics only: the online
+/// path never takes a lock here).
 #[derive(Debug)]
 pub struct ServedTrack {
     counters: [IntCounter; STATUSES.len()],
-    window: Mutex<[Slot; WINDOW_SLOTS]>,
+    window: [Slot; WINDOW_SLOTS],
 }
 
 fn minute_of(now_us: i64) -> u64 {
@@ -122,6 +126,10 @@ fn minute_of(now_us: i64) -> u64 {
 }
 
 impl ServedTrack {
+    fn new(counters: [IntCounter; STATUSES.len()]) -> ServedTrack {
+        ServedTrack { counters, window: std::array::from_fn(|_| Slot::default()) }
+    }
+
     /// Adds one answer's counts, at `now_us`.
     pub fn add(&self, counts: &ServedCounts, now_us: i64) {
         for (c, &n) in self.counters.iter().zip(counts) {
@@ -130,13 +138,20 @@ impl ServedTrack {
             }
         }
         let minute = minute_of(now_us);
-        let mut w = self.window.lock();
-        let slot = &mut w[(minute % WINDOW_SLOTS as u64) as usize];
-        if slot.minute != minute {
-            *slot = Slot { minute, counts: [0; STATUSES.len()] };
+        let slot = &self.window[(minute % WINDOW_SLOTS as u64) as usize];
+        let seen = slot.minute.load(Ordering::Acquire);
+        // The first add of a minute a lap later clears the slot: one thread wins the exchange.
+        // An add racing the clear may be lost, or counted in the new minute (counts are
+        // approximate for that instant; the counters above are exact).
+        if seen != minute && slot.minute.compare_exchange(seen, minute, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            for c in &slot.counts {
+                c.store(0, Ordering::Relaxed);
+            }
         }
-        for (a, &n) in slot.counts.iter_mut().zip(counts) {
-            *a += n;
+        for (a, &n) in slot.counts.iter().zip(counts) {
+            if n > 0 {
+                a.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 
@@ -144,10 +159,11 @@ impl ServedTrack {
     fn window(&self, now_us: i64) -> ServedCounts {
         let now = minute_of(now_us);
         let mut out = [0; STATUSES.len()];
-        for slot in self.window.lock().iter() {
-            if slot.minute <= now && slot.minute + WINDOW_SLOTS as u64 > now {
-                for (a, n) in out.iter_mut().zip(slot.counts) {
-                    *a += n;
+        for slot in &self.window {
+            let minute = slot.minute.load(Ordering::Acquire);
+            if minute <= now && minute + WINDOW_SLOTS as u64 > now {
+                for (a, n) in out.iter_mut().zip(&slot.counts) {
+                    *a += n.load(Ordering::Relaxed);
                 }
             }
         }
@@ -378,7 +394,7 @@ impl Health {
         }
         let counters: [IntCounter; STATUSES.len()] =
             counters.try_into().map_err(|_| "metrics: status counters".to_string())?;
-        let t = Arc::new(ServedTrack { counters, window: Mutex::new([Slot::default(); WINDOW_SLOTS]) });
+        let t = Arc::new(ServedTrack::new(counters));
         served.insert((group.to_string(), feature.to_string()), t.clone());
         Ok(t)
     }
@@ -576,6 +592,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn status_indexes_follow_the_list() {
+        for (i, (s, _)) in STATUSES.iter().enumerate() {
+            assert_eq!(status_index(*s), Some(i));
+        }
+        assert_eq!(status_index(pb::FeatureStatus::Unspecified), None);
+    }
+
+    #[test]
     fn null_rate_counts_every_status_but_present_and_needs_enough_answers() {
         assert_eq!(null_rate(&[0, 0, 0, 0, 0], Some(0.0)), (None, false));
         // 3 of 4 null, but too few answers to breach.
@@ -592,10 +616,7 @@ mod tests {
 
     #[test]
     fn the_window_keeps_the_last_fifteen_minutes() {
-        let t = ServedTrack {
-            counters: std::array::from_fn(|i| IntCounter::new(format!("c{i}"), "test").expect("counter")),
-            window: Mutex::new([Slot::default(); WINDOW_SLOTS]),
-        };
+        let t = ServedTrack::new(std::array::from_fn(|i| IntCounter::new(format!("c{i}"), "test").expect("counter")));
         let min = 60_000_000i64;
         let start = 1_000_000 * min;
         t.add(&[1, 0, 0, 0, 0], start);

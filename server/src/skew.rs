@@ -21,6 +21,9 @@ use crate::servedlog::ServedLog;
 
 /// Most logged answers one `MeasureSkew` replays.
 pub const SKEW_ANSWERS_MAX: usize = 1_000_000;
+/// Most bytes of logged answers (encoded) one `MeasureSkew` holds: the replay keeps the range in
+/// memory, so a range of wide answers is refused before it grows past this.
+pub const SKEW_LOG_BYTES_MAX: usize = 32 << 20;
 /// Most mismatches shown per feature.
 pub const SKEW_EXAMPLES_MAX: u32 = 100;
 /// Mismatches shown per feature when the request does not say.
@@ -112,15 +115,18 @@ pub fn measure(
     }
     let examples = if req.examples == 0 { SKEW_EXAMPLES_DEFAULT } else { req.examples } as usize;
     let mut answers: Vec<pb::LoggedAnswer> = Vec::new();
-    let mut too_many = false;
+    let (mut too_many, mut bytes) = (false, 0usize);
     log.scan(from, to, &mut |chunk| {
+        bytes += chunk.iter().map(Message::encoded_len).sum::<usize>();
         answers.extend(chunk);
-        too_many = answers.len() > SKEW_ANSWERS_MAX;
+        too_many = answers.len() > SKEW_ANSWERS_MAX || bytes > SKEW_LOG_BYTES_MAX;
         !too_many
     })?;
     if too_many {
         return Err(ServiceError::TooLarge(format!(
-            "the range holds more than {SKEW_ANSWERS_MAX} logged answers (SKEW_ANSWERS_MAX): measure a shorter one"
+            "the range holds more than {SKEW_ANSWERS_MAX} logged answers or {} MiB of them (SKEW_ANSWERS_MAX, \
+             SKEW_LOG_BYTES_MAX): measure a shorter range",
+            SKEW_LOG_BYTES_MAX >> 20
         )));
     }
     let keep = |f: &pb::LoggedFeature| {
