@@ -83,6 +83,8 @@ cleanup() {
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
   [ -n "${QUIVER_PID:-}" ] && kill "$QUIVER_PID" 2>/dev/null || true
   wait 2>/dev/null || true
+  # The data (1.6 GB a run) goes; the results stay.
+  rm -rf "$WORK/quiver" "$WORK/join" "$WORK/dump.rdb"
 }
 trap cleanup EXIT
 
