@@ -446,6 +446,7 @@ pub async fn serve(
     drop(replicator);
     // The watermarks written since the last interval, so that a restart knows them.
     persist_task.abort();
+    let _ = persist_task.await;
     if let Err(e) = feature_health.persist() {
         tracing::warn!(error = %e, "feature group watermarks not stored at stop");
     }
@@ -453,6 +454,8 @@ pub async fn serve(
     // The answers still queued for the log are written before the engine closes.
     served_log.close();
     drop(served_log);
+    // The feature service (kept here for the monitor's replays) holds the engine too.
+    drop(features);
     // The metrics endpoint holds the engine (and the replicator): stop it first, so that the
     // wait below only waits for what may really still run.
     let _ = metrics_stop.send(());
