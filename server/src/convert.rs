@@ -146,6 +146,37 @@ pub fn column_value(col: &pb::FeatureColumn, i: usize) -> Option<pb::Value> {
     Some(pb::Value { kind: Some(kind) })
 }
 
+/// Appends one row's value (or the type's zero value when `v` is `None`) to a column.
+pub fn push_value(col: &mut pb::FeatureColumn, t: pb::ValueType, v: Option<&Value>) {
+    match (t, v) {
+        (pb::ValueType::Bool, Some(Value::Bool(b))) => col.bool_values.push(*b),
+        (pb::ValueType::Bool, _) => col.bool_values.push(false),
+        (pb::ValueType::Int64, Some(Value::Int64(i))) => col.int64_values.push(*i),
+        (pb::ValueType::Int64, _) => col.int64_values.push(0),
+        (pb::ValueType::Float32, Some(Value::Float32(x))) => col.float32_values.push(*x),
+        (pb::ValueType::Float32, _) => col.float32_values.push(0.0),
+        (pb::ValueType::Float64, Some(Value::Float64(x))) => col.float64_values.push(*x),
+        (pb::ValueType::Float64, _) => col.float64_values.push(0.0),
+        (pb::ValueType::String, Some(Value::String(s))) => col.string_values.push(s.clone()),
+        (pb::ValueType::String, _) => col.string_values.push(String::new()),
+        (pb::ValueType::Bytes, Some(Value::Bytes(b))) => col.bytes_values.push(b.clone()),
+        (pb::ValueType::Bytes, _) => col.bytes_values.push(Vec::new()),
+        (pb::ValueType::Float32Vector, Some(Value::Float32Vector(l))) => {
+            col.float32_vector_values.push(pb::Float32List { values: l.clone() })
+        }
+        (pb::ValueType::Float32Vector, _) => col.float32_vector_values.push(pb::Float32List::default()),
+        (pb::ValueType::Int64List, Some(Value::Int64List(l))) => {
+            col.int64_list_values.push(pb::Int64List { values: l.clone() })
+        }
+        (pb::ValueType::Int64List, _) => col.int64_list_values.push(pb::Int64List::default()),
+        (pb::ValueType::StringList, Some(Value::StringList(l))) => {
+            col.string_list_values.push(pb::StringList { values: l.clone() })
+        }
+        (pb::ValueType::StringList, _) => col.string_list_values.push(pb::StringList::default()),
+        (pb::ValueType::Unspecified, _) => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

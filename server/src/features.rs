@@ -18,7 +18,7 @@ use quiver_storage::{
 };
 
 use crate::admission::ONLINE_ANSWER_BYTES_MAX;
-use crate::convert::{self, Invalid};
+use crate::convert::{self, push_value, Invalid};
 use crate::health::{status_index, Health, ServedCounts, ServedTrack, Written};
 use crate::registry::{Registry, RegistryError, ResolvedFeature};
 use crate::replication::REGION_ID_MAX;
@@ -178,37 +178,6 @@ fn column(f: &ResolvedFeature, reference: &str, rows: usize) -> pb::FeatureColum
         statuses: Vec::with_capacity(rows),
         event_times_us: Vec::with_capacity(rows),
         ..Default::default()
-    }
-}
-
-/// Appends one row's value (or the type's zero value when `v` is `None`) to a column.
-fn push_value(col: &mut pb::FeatureColumn, t: pb::ValueType, v: Option<&Value>) {
-    match (t, v) {
-        (pb::ValueType::Bool, Some(Value::Bool(b))) => col.bool_values.push(*b),
-        (pb::ValueType::Bool, _) => col.bool_values.push(false),
-        (pb::ValueType::Int64, Some(Value::Int64(i))) => col.int64_values.push(*i),
-        (pb::ValueType::Int64, _) => col.int64_values.push(0),
-        (pb::ValueType::Float32, Some(Value::Float32(x))) => col.float32_values.push(*x),
-        (pb::ValueType::Float32, _) => col.float32_values.push(0.0),
-        (pb::ValueType::Float64, Some(Value::Float64(x))) => col.float64_values.push(*x),
-        (pb::ValueType::Float64, _) => col.float64_values.push(0.0),
-        (pb::ValueType::String, Some(Value::String(s))) => col.string_values.push(s.clone()),
-        (pb::ValueType::String, _) => col.string_values.push(String::new()),
-        (pb::ValueType::Bytes, Some(Value::Bytes(b))) => col.bytes_values.push(b.clone()),
-        (pb::ValueType::Bytes, _) => col.bytes_values.push(Vec::new()),
-        (pb::ValueType::Float32Vector, Some(Value::Float32Vector(l))) => {
-            col.float32_vector_values.push(pb::Float32List { values: l.clone() })
-        }
-        (pb::ValueType::Float32Vector, _) => col.float32_vector_values.push(pb::Float32List::default()),
-        (pb::ValueType::Int64List, Some(Value::Int64List(l))) => {
-            col.int64_list_values.push(pb::Int64List { values: l.clone() })
-        }
-        (pb::ValueType::Int64List, _) => col.int64_list_values.push(pb::Int64List::default()),
-        (pb::ValueType::StringList, Some(Value::StringList(l))) => {
-            col.string_list_values.push(pb::StringList { values: l.clone() })
-        }
-        (pb::ValueType::StringList, _) => col.string_list_values.push(pb::StringList::default()),
-        (pb::ValueType::Unspecified, _) => {}
     }
 }
 
@@ -565,11 +534,13 @@ pub const SCAN_CHUNK_VERSIONS: usize = 1024;
 pub const SCAN_VERSIONS_MAX: u64 = 1_000_000;
 
 /// A validated write, ready to commit.
-struct Prepared {
+struct Prepared<'a> {
     batch: WriteBatch,
     /// The compare-and-swap expectations, and the `group:feature` each names.
     expect: Vec<Expectation>,
     names: Vec<String>,
+    /// Each row's group and event time, for feature health once committed.
+    written: Vec<Written<'a>>,
 }
 
 /// The feature service of one node.
@@ -636,14 +607,8 @@ impl Resolution {
             None => Vec::new(),
         };
         let log_rates = if log_rates.iter().any(|&r| r > 0.0) { log_rates } else { Vec::new() };
-        let served = match health {
-            Some(h) => features
-                .iter()
-                .map(|f| h.served(&f.group, &f.feature))
-                .collect::<std::result::Result<Vec<_>, String>>()
-                .map_err(|e| ServiceError::Storage(quiver_storage::Error::InvalidArgument(e)))?,
-            None => Vec::new(),
-        };
+        let served =
+            health.map_or_else(Vec::new, |h| features.iter().map(|f| h.served(&f.group, &f.feature)).collect());
         let defaults = features.iter().map(default_of).collect::<Result<Vec<_>>>()?;
         let mut distinct: Vec<FeatureId> = Vec::with_capacity(features.len());
         let mut seen: HashMap<FeatureId, usize> = HashMap::with_capacity(features.len());
@@ -1254,18 +1219,6 @@ impl Features {
             return Ok(resp);
         }
         let result = self.prepare(req).and_then(|prepared| self.commit(req, &digest, prepared, durability));
-        if let (Ok(resp @ pb::WriteFeaturesResponse { deduplicated: false, .. }), Some(health)) =
-            (&result, &self.health)
-        {
-            let system_us = resp.system_time.as_ref().map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
-            // `prepare` checked every row: groups and event times are well formed.
-            let rows = req.rows.iter().filter_map(|row| {
-                let (group, _) = crate::registry::parse_group_ref(&row.group)?;
-                let event_us = convert::event_time(row.event_time.as_ref(), "event_time").ok()?.0;
-                Some(Written { group, event_us, values: (row.values.len() + row.deletes.len()) as u64 })
-            });
-            health.written(rows, system_us);
-        }
         match result {
             // A request with the same key may have committed since the look-up, and then
             // changed what this one is checked against (the registry, the event horizon): the
@@ -1327,8 +1280,9 @@ impl Features {
     }
 
     /// Checks every row against the registry and builds the engine batch; writes nothing.
-    fn prepare(&self, req: &pb::WriteFeaturesRequest) -> Result<Prepared> {
+    fn prepare<'a>(&self, req: &'a pb::WriteFeaturesRequest) -> Result<Prepared<'a>> {
         let mut batch = WriteBatch::new();
+        let mut written = Vec::with_capacity(req.rows.len());
         let (mut expect, mut cas_names) = (Vec::new(), Vec::new());
         let mut groups: HashMap<&str, (String, HashMap<String, ResolvedFeature>)> = HashMap::new();
         for (i, row) in req.rows.iter().enumerate() {
@@ -1343,6 +1297,9 @@ impl Features {
                 row.entity.as_ref().ok_or_else(|| ServiceError::Invalid(format!("row {i}: entity is required")))?;
             let key = convert::entity_key(&et, entity).map_err(|e| ServiceError::Invalid(format!("row {i}: {e}")))?;
             let e = convert::event_time(row.event_time.as_ref(), &format!("row {i}: event_time"))?;
+            if let Some((group, _)) = crate::registry::parse_group_ref(&row.group) {
+                written.push(Written { group, event_us: e.0, values: (row.values.len() + row.deletes.len()) as u64 });
+            }
             if row.values.is_empty() && row.deletes.is_empty() {
                 return Err(ServiceError::Invalid(format!("row {i} writes nothing")));
             }
@@ -1393,7 +1350,7 @@ impl Features {
                 cas_names.push(format!("{}:{name}", row.group));
             }
         }
-        Ok(Prepared { batch, expect, names: cas_names })
+        Ok(Prepared { batch, expect, names: cas_names, written })
     }
 
     /// Commits a prepared write in one engine step: its compare-and-swap expectations, and
@@ -1403,10 +1360,10 @@ impl Features {
         &self,
         req: &pb::WriteFeaturesRequest,
         digest: &[u8; 32],
-        prepared: Prepared,
+        prepared: Prepared<'_>,
         durability: Durability,
     ) -> Result<pb::WriteFeaturesResponse> {
-        let Prepared { mut batch, mut expect, names } = prepared;
+        let Prepared { mut batch, mut expect, names, written: rows } = prepared;
         // Cell versions stored: a later write of a cell in the batch replaces an earlier one.
         let written = batch.distinct_cells() as u64;
         let idempotent = !req.idempotency_key.is_empty();
@@ -1460,6 +1417,9 @@ impl Features {
                 });
             }
         };
+        if let Some(health) = &self.health {
+            health.written(&rows, receipt.system_time.0 as i64);
+        }
         Ok(pb::WriteFeaturesResponse {
             values_written: written,
             system_time: Some(convert::timestamp(receipt.system_time.0 as i64)),

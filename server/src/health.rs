@@ -33,10 +33,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use prometheus::core::Collector;
-use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts};
 use prost::Message;
 use quiver_proto::v1 as pb;
-use quiver_storage::{AsOf, Db, Durability, EventTime, FeatureId, Value, WriteBatch};
+use quiver_storage::{AsOf, Durability, EventTime, FeatureId, Value, WriteBatch};
 
 use crate::registry::Registry;
 
@@ -99,11 +99,25 @@ impl Watermark {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct GroupTrack {
     newest: Option<Watermark>,
     persisted: Option<Watermark>,
-    values: u64,
+    /// The group's series of `quiver_feature_group_values_written_total` (values since start).
+    values: IntCounter,
+    /// The group's series of the ingestion delay histogram.
+    delay: Histogram,
+}
+
+impl GroupTrack {
+    fn new(gauges: &Gauges, group: &str) -> GroupTrack {
+        GroupTrack {
+            newest: None,
+            persisted: None,
+            values: gauges.values.with_label_values(&[group]),
+            delay: gauges.delay.with_label_values(&[group]),
+        }
+    }
 }
 
 /// One minute of a window: which minute it holds, and its counts.
@@ -303,7 +317,6 @@ pub struct Written<'a> {
 /// The health of this node's feature groups.
 #[derive(Debug)]
 pub struct Health {
-    db: Arc<Db>,
     registry: Arc<Registry>,
     /// This node's region (the feature id of its watermark cells).
     region: u32,
@@ -313,10 +326,6 @@ pub struct Health {
     served: Mutex<HashMap<(String, String), Arc<ServedTrack>>>,
     gauges: Gauges,
     persist_interval: Duration,
-}
-
-fn micros_to_timestamp(us: i64) -> prost_types::Timestamp {
-    crate::convert::timestamp(us)
 }
 
 fn duration_of(us: i64) -> prost_types::Duration {
@@ -329,7 +338,6 @@ impl Health {
         let mut regions = vec![region];
         regions.extend(peers.iter().copied().filter(|&p| p != region));
         Ok(Health {
-            db: registry.db().clone(),
             registry,
             region,
             regions,
@@ -350,30 +358,38 @@ impl Health {
         self.gauges.collectors()
     }
 
-    /// Records a committed write: its rows (by group) and its system time.
-    pub fn written<'a>(&self, rows: impl IntoIterator<Item = Written<'a>>, system_us: i64) {
-        // Most writes name one group: aggregate before taking the lock.
-        let mut by_group: Vec<(&str, i64, u64, prometheus::Histogram)> = Vec::new();
-        for row in rows {
-            let i = match by_group.iter().position(|g| g.0 == row.group) {
-                Some(i) => i,
-                None => {
-                    let h = self.gauges.delay.with_label_values(&[row.group]);
-                    by_group.push((row.group, i64::MIN, 0, h));
-                    by_group.len() - 1
+    /// Records a committed write: its rows and its system time.
+    pub fn written(&self, rows: &[Written<'_>], system_us: i64) {
+        // Most writes name one group: aggregate by group before taking the lock once.
+        let mut by_group: Vec<(&str, i64, u64)> = Vec::new();
+        for r in rows {
+            match by_group.iter_mut().find(|g| g.0 == r.group) {
+                Some(g) => {
+                    g.1 = g.1.max(r.event_us);
+                    g.2 += r.values;
                 }
-            };
-            let g = &mut by_group[i];
-            g.1 = g.1.max(row.event_us);
-            g.2 += row.values;
-            g.3.observe(system_us.saturating_sub(row.event_us).max(0) as f64 / 1e6);
+                None => by_group.push((r.group, r.event_us, r.values)),
+            }
         }
-        let mut groups = self.groups.lock();
-        for (name, event_us, values, _) in by_group {
-            self.gauges.values.with_label_values(&[name]).inc_by(values);
-            let t = groups.entry(name.to_string()).or_default();
-            t.newest = Watermark::max(t.newest, Some(Watermark { event_us, system_us }));
-            t.values += values;
+        let delays: Vec<Histogram> = {
+            let mut groups = self.groups.lock();
+            by_group
+                .iter()
+                .map(|&(name, event_us, values)| {
+                    if !groups.contains_key(name) {
+                        groups.insert(name.to_string(), GroupTrack::new(&self.gauges, name));
+                    }
+                    let t = groups.get_mut(name).expect("inserted above");
+                    t.newest = Watermark::max(t.newest, Some(Watermark { event_us, system_us }));
+                    t.values.inc_by(values);
+                    t.delay.clone()
+                })
+                .collect()
+        };
+        for r in rows {
+            if let Some(i) = by_group.iter().position(|g| g.0 == r.group) {
+                delays[i].observe(system_us.saturating_sub(r.event_us).max(0) as f64 / 1e6);
+            }
         }
     }
 
@@ -383,20 +399,18 @@ impl Health {
     }
 
     /// The served-status record of `group:feature` (kept for as long as the server runs).
-    pub fn served(&self, group: &str, feature: &str) -> Result<Arc<ServedTrack>, String> {
+    pub fn served(&self, group: &str, feature: &str) -> Arc<ServedTrack> {
+        let key = (group.to_string(), feature.to_string());
         let mut served = self.served.lock();
-        if let Some(t) = served.get(&(group.to_string(), feature.to_string())) {
-            return Ok(t.clone());
-        }
-        let mut counters = Vec::with_capacity(STATUSES.len());
-        for (_, name) in STATUSES {
-            counters.push(self.gauges.served.get_metric_with_label_values(&[group, feature, name]).map_err(err)?);
-        }
-        let counters: [IntCounter; STATUSES.len()] =
-            counters.try_into().map_err(|_| "metrics: status counters".to_string())?;
-        let t = Arc::new(ServedTrack::new(counters));
-        served.insert((group.to_string(), feature.to_string()), t.clone());
-        Ok(t)
+        served
+            .entry(key)
+            .or_insert_with(|| {
+                // Three labels, as the vector was made with: `with_label_values` cannot fail.
+                let counters =
+                    STATUSES.map(|(_, status)| self.gauges.served.with_label_values(&[group, feature, status]));
+                Arc::new(ServedTrack::new(counters))
+            })
+            .clone()
     }
 
     fn watermark_key(group: &str) -> Vec<u8> {
@@ -410,7 +424,7 @@ impl Health {
         let key = Self::watermark_key(group);
         let mut newest = None;
         for &r in &self.regions {
-            let v = self.db.value_at(&key, FeatureId(r), AsOf::at(EventTime(0)))?;
+            let v = self.registry.db().value_at(&key, FeatureId(r), AsOf::at(EventTime(0)))?;
             if let Some(Value::Bytes(b)) = v.and_then(|v| v.value) {
                 match StoredWatermark::decode(b.as_slice()) {
                     Ok(w) => {
@@ -448,7 +462,7 @@ impl Health {
                 Value::Bytes(v.encode_to_vec()),
             )?;
         }
-        self.db.write(batch, Durability::Async)?;
+        self.registry.db().write(batch, Durability::Async)?;
         let mut groups = self.groups.lock();
         for (g, w) in &changed {
             if let Some(t) = groups.get_mut(g) {
@@ -488,7 +502,7 @@ impl Health {
             }
             let (local, values) = {
                 let groups = self.groups.lock();
-                groups.get(&def.name).map_or((None, 0), |t| (t.newest, t.values))
+                groups.get(&def.name).map_or((None, 0), |t| (t.newest, t.values.get()))
             };
             let newest = Watermark::max(local, self.stored(&def.name)?);
             let sla = def.freshness_sla.filter(|d| d.seconds > 0 || d.nanos > 0);
@@ -525,8 +539,8 @@ impl Health {
             out.push(pb::GroupHealth {
                 group: def.name.clone(),
                 version: def.version,
-                newest_event_time: newest.map(|w| micros_to_timestamp(w.event_us)),
-                newest_system_time: newest.map(|w| micros_to_timestamp(w.system_us)),
+                newest_event_time: newest.map(|w| crate::convert::timestamp(w.event_us)),
+                newest_system_time: newest.map(|w| crate::convert::timestamp(w.system_us)),
                 freshness: freshness_us.map(duration_of),
                 freshness_sla: sla,
                 sla_breached,

@@ -64,6 +64,20 @@ pub fn sample_point(entity_key: &[u8]) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// A `[from, to)` range of served-at times from a request: both required, `to` after `from`.
+pub fn served_range(
+    from: Option<&prost_types::Timestamp>,
+    to: Option<&prost_types::Timestamp>,
+) -> Result<(i64, i64), crate::convert::Invalid> {
+    use crate::convert::{micros, Invalid};
+    let from = micros(from.ok_or_else(|| Invalid("from is required".into()))?, "from")?;
+    let to = micros(to.ok_or_else(|| Invalid("to is required".into()))?, "to")?;
+    if to <= from {
+        return Err(Invalid("to must be after from".into()));
+    }
+    Ok((from, to))
+}
+
 /// The key of the log record served at `served_us`, number `seq`.
 fn record_key(served_us: i64, seq: Option<u64>) -> Vec<u8> {
     let mut k = quiver_storage::reserved::SERVED_LOG.to_vec();
@@ -93,12 +107,6 @@ pub struct ServedLog {
     logged: IntCounter,
     dropped: IntCounter,
     queue_bytes: IntGauge,
-}
-
-impl std::fmt::Debug for Entry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry").field("served_us", &self.served_us).field("bytes", &self.value.len()).finish()
-    }
 }
 
 fn err(e: prometheus::Error) -> String {

@@ -833,13 +833,8 @@ impl pb::monitor_service_server::MonitorService for MonitorApi {
             .timed("ScanServedLog", async move {
                 let p = authorize(&req, Scope::Read, std::iter::empty())?;
                 let r = req.into_inner();
-                let from = r.from.as_ref().ok_or_else(|| Status::invalid_argument("from is required"))?;
-                let to = r.to.as_ref().ok_or_else(|| Status::invalid_argument("to is required"))?;
-                let from = convert::micros(from, "from").map_err(|e| status(e.into()))?;
-                let to = convert::micros(to, "to").map_err(|e| status(e.into()))?;
-                if to <= from {
-                    return Err(Status::invalid_argument("to must be after from"));
-                }
+                let (from, to) =
+                    crate::servedlog::served_range(r.from.as_ref(), r.to.as_ref()).map_err(|e| status(e.into()))?;
                 let log = self.served_log.clone();
                 Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {
                     log.scan(from, to, &mut |mut answers| {

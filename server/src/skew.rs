@@ -45,11 +45,10 @@ struct Row<'a> {
     served: Vec<Option<&'a pb::LoggedFeature>>,
 }
 
-/// Logged answers of one entity type and one list of pinned features.
+/// Logged answers of one entity type and one list of pinned features (the batch's key).
 #[derive(Default)]
 struct Batch<'a> {
-    /// Pinned references, and the references as logged.
-    pinned: Vec<String>,
+    /// The features as logged, in the order of the pinned ones.
     logged: Vec<String>,
     rows: Vec<Row<'a>>,
 }
@@ -104,12 +103,7 @@ pub fn measure(
     req: &pb::MeasureSkewRequest,
     visible: impl Fn(&str) -> bool,
 ) -> Result<pb::MeasureSkewResponse> {
-    let from = req.from.as_ref().ok_or_else(|| ServiceError::Invalid("from is required".into()))?;
-    let to = req.to.as_ref().ok_or_else(|| ServiceError::Invalid("to is required".into()))?;
-    let (from, to) = (crate::convert::micros(from, "from")?, crate::convert::micros(to, "to")?);
-    if to <= from {
-        return Err(ServiceError::Invalid("to must be after from".into()));
-    }
+    let (from, to) = crate::servedlog::served_range(req.from.as_ref(), req.to.as_ref())?;
     if req.examples > SKEW_EXAMPLES_MAX {
         return Err(ServiceError::Invalid(format!("examples must be at most {SKEW_EXAMPLES_MAX}")));
     }
@@ -157,16 +151,15 @@ pub fn measure(
             continue;
         }
         replayed_answers += 1;
-        let b = batches.entry((a.entity_type.clone(), pins.clone())).or_default();
-        if b.pinned.is_empty() {
-            b.pinned = pins;
+        let b = batches.entry((a.entity_type.clone(), pins)).or_default();
+        if b.logged.is_empty() {
             b.logged = served.iter().map(|f| f.feature_ref.clone()).collect();
         }
         b.rows.push(Row { answer: a, served: served.into_iter().map(Some).collect() });
     }
-    for ((entity_type, _), batch) in &batches {
+    for ((entity_type, pinned), batch) in &batches {
         // A group version that is gone makes the whole batch missing.
-        if let Some(gone) = batch.pinned.iter().find(|p| features.registry().resolve(p).is_err()) {
+        if let Some(gone) = pinned.iter().find(|p| features.registry().resolve(p).is_err()) {
             tracing::debug!(feature = %gone, "skew: group version gone; its rows are missing");
             for r in &batch.logged {
                 if let Some(s) = stats.get_mut(r) {
@@ -185,7 +178,7 @@ pub fn measure(
                 .iter()
                 .map(|r| pb::SpineRow { entity: r.answer.entity.clone(), timestamp: r.answer.as_of })
                 .collect();
-            let got = replay(features, entity_type, &batch.pinned, spine, known_at)?;
+            let got = replay(features, entity_type, pinned, spine, known_at)?;
             if got.len() != rows.len() {
                 return Err(ServiceError::Storage(quiver_storage::Error::InvalidArgument(format!(
                     "a replay of {} rows answered {}",
@@ -233,8 +226,9 @@ pub fn measure(
     Ok(pb::MeasureSkewResponse { answers: replayed_answers, features: stats.into_values().collect() })
 }
 
+/// A logged time in µs (0 if absent or malformed: such a record was not written by quiverd).
 fn micros(t: &Option<prost_types::Timestamp>) -> i64 {
-    t.as_ref().map_or(0, |t| t.seconds.saturating_mul(1_000_000).saturating_add(i64::from(t.nanos) / 1000))
+    t.as_ref().and_then(|t| crate::convert::micros(t, "served_at").ok()).unwrap_or(0)
 }
 
 /// The zero value online serves a `default_missing` lookup for a feature without a default:

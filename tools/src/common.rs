@@ -124,12 +124,18 @@ pub fn parse_value(s: &str, t: pb::ValueType) -> Result<pb::Value> {
     Ok(pb::Value { kind: Some(kind) })
 }
 
+/// A feature status as a word (`present`, `not_found`, ...; `None` for unspecified or unknown).
+pub fn status_name(status: i32) -> Option<String> {
+    let s = pb::FeatureStatus::try_from(status).ok().filter(|s| *s != pb::FeatureStatus::Unspecified)?;
+    Some(s.as_str_name().trim_start_matches("FEATURE_STATUS_").to_lowercase())
+}
+
 /// One cell of a column as text.
 pub fn cell_text(col: &pb::FeatureColumn, i: usize) -> String {
     let status = pb::FeatureStatus::try_from(col.statuses.get(i).copied().unwrap_or(0))
         .unwrap_or(pb::FeatureStatus::Unspecified);
     if matches!(status, pb::FeatureStatus::NotFound | pb::FeatureStatus::Stale | pb::FeatureStatus::Unavailable) {
-        return format!("({})", status.as_str_name().trim_start_matches("FEATURE_STATUS_").to_lowercase());
+        return format!("({})", status_name(status as i32).unwrap_or_default());
     }
     let v = match col.r#type() {
         pb::ValueType::Bool => col.bool_values.get(i).map(|v| v.to_string()),

@@ -17,7 +17,7 @@ use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use parquet::arrow::ArrowWriter;
 use quiver_proto::v1 as pb;
 
-use crate::common::{fetch_entity_type, fetch_group, grpc, Result, Server};
+use crate::common::{fetch_entity_type, fetch_group, grpc, status_name, Result, Server};
 
 /// What to export.
 #[derive(Debug)]
@@ -43,54 +43,7 @@ pub fn parse_time(what: &str, s: &str) -> Result<prost_types::Timestamp> {
 }
 
 fn micros(t: &Option<prost_types::Timestamp>) -> Option<i64> {
-    t.as_ref().map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000)
-}
-
-/// Appends one row's value (or the type's zero value) to a column, as the server builds them.
-fn push(col: &mut pb::FeatureColumn, v: Option<&pb::Value>) {
-    use pb::value::Kind;
-    let kind = v.and_then(|v| v.kind.as_ref());
-    match col.r#type() {
-        pb::ValueType::Bool => col.bool_values.push(matches!(kind, Some(Kind::BoolValue(true)))),
-        pb::ValueType::Int64 => col.int64_values.push(match kind {
-            Some(Kind::Int64Value(x)) => *x,
-            _ => 0,
-        }),
-        pb::ValueType::Float32 => col.float32_values.push(match kind {
-            Some(Kind::Float32Value(x)) => *x,
-            _ => 0.0,
-        }),
-        pb::ValueType::Float64 | pb::ValueType::Unspecified => col.float64_values.push(match kind {
-            Some(Kind::Float64Value(x)) => *x,
-            _ => 0.0,
-        }),
-        pb::ValueType::String => col.string_values.push(match kind {
-            Some(Kind::StringValue(x)) => x.clone(),
-            _ => String::new(),
-        }),
-        pb::ValueType::Bytes => col.bytes_values.push(match kind {
-            Some(Kind::BytesValue(x)) => x.clone(),
-            _ => Vec::new(),
-        }),
-        pb::ValueType::Float32Vector => col.float32_vector_values.push(match kind {
-            Some(Kind::Float32Vector(x)) => x.clone(),
-            _ => Default::default(),
-        }),
-        pb::ValueType::Int64List => col.int64_list_values.push(match kind {
-            Some(Kind::Int64List(x)) => x.clone(),
-            _ => Default::default(),
-        }),
-        pb::ValueType::StringList => col.string_list_values.push(match kind {
-            Some(Kind::StringList(x)) => x.clone(),
-            _ => Default::default(),
-        }),
-    }
-}
-
-/// The status of a logged feature as a word.
-fn status_word(s: i32) -> Option<String> {
-    let s = pb::FeatureStatus::try_from(s).ok().filter(|s| *s != pb::FeatureStatus::Unspecified)?;
-    Some(s.as_str_name().trim_start_matches("FEATURE_STATUS_").to_lowercase())
+    t.as_ref().and_then(|t| quiver_server::convert::micros(t, "time").ok())
 }
 
 /// `quiver logs export`: writes the log's answers in the range; returns how many.
@@ -135,7 +88,21 @@ pub async fn export(server: &Server, json: bool, args: ExportArgs) -> Result<()>
     for r in &refs {
         let (group, feature) = r.split_once(':').ok_or_else(|| format!("logged feature {r:?} is not group:feature"))?;
         let (def, _) = fetch_group(&ch, group).await?;
-        let t = def.features.iter().find(|f| f.name == feature).map_or(pb::ValueType::Unspecified, |f| f.r#type());
+        // The registry's type; for a feature no longer defined, the type of its logged values.
+        let logged_type = || {
+            answers
+                .iter()
+                .flat_map(|a| &a.features)
+                .filter(|f| f.feature_ref == *r)
+                .find_map(|f| f.value.as_ref().and_then(quiver_server::registry::value_type_of))
+        };
+        let t = def
+            .features
+            .iter()
+            .find(|f| f.name == feature)
+            .map(|f| f.r#type())
+            .or_else(logged_type)
+            .unwrap_or(pb::ValueType::Float64);
         columns.push(pb::FeatureColumn { feature_ref: r.clone(), r#type: t as i32, ..Default::default() });
     }
     let mut event_times: Vec<Vec<Option<i64>>> = vec![Vec::with_capacity(answers.len()); refs.len()];
@@ -145,7 +112,10 @@ pub async fn export(server: &Server, json: bool, args: ExportArgs) -> Result<()>
             col.statuses.push(f.map_or(0, |f| f.status));
             col.event_times_us.push(f.map_or(0, |f| f.event_time_us));
             event_times[k].push(f.map(|f| f.event_time_us).filter(|&t| t != 0));
-            push(col, f.and_then(|f| f.value.as_ref()));
+            let value = f.and_then(|f| f.value.as_ref());
+            let value = value.map(|v| quiver_server::convert::to_engine(v, col.r#type(), &refs[k])).transpose();
+            let value = value.map_err(|e| format!("a logged value of {}: {e}", refs[k]))?;
+            quiver_server::convert::push_value(col, col.r#type(), value.as_ref());
         }
     }
     let ts = |v: Vec<Option<i64>>| Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC")) as ArrayRef;
@@ -174,7 +144,7 @@ pub async fn export(server: &Server, json: bool, args: ExportArgs) -> Result<()>
         fields.push(Field::new(name, crate::join::arrow_type(col.r#type()), true));
         arrays.push(crate::join::feature_array(col));
         fields.push(Field::new(format!("{name}__status"), DataType::Utf8, true));
-        arrays.push(Arc::new(StringArray::from_iter(col.statuses.iter().map(|&s| status_word(s)))));
+        arrays.push(Arc::new(StringArray::from_iter(col.statuses.iter().map(|&s| status_name(s)))));
         fields.push(Field::new(format!("{name}__event_time"), ts_type.clone(), true));
         arrays.push(ts(times));
     }

@@ -32,7 +32,7 @@ fn json_of(g: &pb::GroupHealth) -> serde_json::Value {
     serde_json::json!({
         "group": g.group,
         "version": g.version,
-        "newest_event_time_us": g.newest_event_time.as_ref().map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000),
+        "newest_event_time_us": g.newest_event_time.as_ref().and_then(|t| quiver_server::convert::micros(t, "time").ok()),
         "freshness_seconds": g.freshness.as_ref().map(secs),
         "freshness_sla_seconds": g.freshness_sla.as_ref().map(secs),
         "sla_breached": g.sla_breached,

@@ -3,7 +3,7 @@
 
 use quiver_proto::v1 as pb;
 
-use crate::common::{grpc, Result, Server};
+use crate::common::{grpc, status_name, Result, Server};
 use crate::logs::parse_time;
 
 /// The exit status of `quiver skew` when a served value differs from its replay.
@@ -25,8 +25,7 @@ fn entity_text(e: &Option<pb::EntityKey>) -> String {
 
 fn served_text(f: &Option<pb::LoggedFeature>) -> String {
     let Some(f) = f else { return "-".into() };
-    let status = pb::FeatureStatus::try_from(f.status)
-        .map_or("?".to_string(), |s| s.as_str_name().trim_start_matches("FEATURE_STATUS_").to_lowercase());
+    let status = status_name(f.status).unwrap_or_else(|| "?".into());
     let value = f.value.as_ref().and_then(|v| v.kind.as_ref()).map_or(String::new(), |k| format!(" {k:?}"));
     format!("{status}{value} @ {} µs", f.event_time_us)
 }

@@ -198,9 +198,7 @@ impl Inner {
         // Past the deadline once a round of block reads (as long as recent ones took) would
         // end after it.
         let late = || {
-            deadline.is_some_and(|d| {
-                Instant::now() + std::time::Duration::from_micros(self.ssd.stats().round_latency_us) > d
-            })
+            deadline.is_some_and(|d| Instant::now() + std::time::Duration::from_micros(self.ssd.round_latency_us()) > d)
         };
         let mut unread: Vec<bool> = Vec::new();
         let mut out_of_time = misses.iter().any(|m| !m.features.is_empty()) && late();

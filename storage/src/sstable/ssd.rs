@@ -260,6 +260,11 @@ impl SsdTier {
         }
     }
 
+    /// How long a round of reads took lately, in µs ([`SsdStats::round_latency_us`]).
+    pub fn round_latency_us(&self) -> u64 {
+        self.round_latency_us.load(Ordering::Relaxed)
+    }
+
     /// The cached block at `offset` of table `table`.
     pub fn cached(&self, table: u64, offset: u64) -> Option<Arc<Block>> {
         self.cache.as_ref().and_then(|c| c.get(table, offset))
