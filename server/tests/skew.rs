@@ -5,59 +5,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use quiver_e2e::{example_registry, int, key, ts};
 use quiver_proto::v1 as pb;
 use quiver_server::features::Features;
 use quiver_server::registry::Registry;
 use quiver_server::servedlog::ServedLog;
 use quiver_storage::{Db, Durability, Options};
+use quiver_testkit::now_us;
 
 const MINUTE_US: i64 = 60_000_000;
 
-fn ts(us: i64) -> Option<prost_types::Timestamp> {
-    Some(quiver_testkit::micros_to_timestamp(us))
-}
-
-fn key(id: &str) -> pb::EntityKey {
-    pb::EntityKey { parts: vec![pb::KeyPart { kind: Some(pb::key_part::Kind::StringValue(id.into())) }] }
-}
-
-fn int(v: i64) -> pb::Value {
-    pb::Value { kind: Some(pb::value::Kind::Int64Value(v)) }
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_micros() as i64
-}
-
+/// The tests' example registry (`user_stats`: clicks, spend with default -1) with a TTL of `ttl_s`.
 fn registry(ttl_s: i64) -> pb::ApplyRegistryRequest {
-    let feature = |name: &str, t: pb::ValueType, default: Option<pb::Value>| pb::FeatureDef {
-        name: name.into(),
-        r#type: t as i32,
-        default_value: default,
-        ..Default::default()
-    };
-    pb::ApplyRegistryRequest {
-        entity_types: vec![pb::EntityType {
-            name: "user".into(),
-            join_keys: vec![pb::JoinKey { name: "user_id".into(), r#type: pb::JoinKeyType::String as i32 }],
-            description: String::new(),
-        }],
-        feature_groups: vec![pb::FeatureGroup {
-            name: "user_stats".into(),
-            entity_type: "user".into(),
-            ttl: Some(prost_types::Duration { seconds: ttl_s, nanos: 0 }),
-            features: vec![
-                feature("clicks", pb::ValueType::Int64, None),
-                feature(
-                    "spend",
-                    pb::ValueType::Float64,
-                    Some(pb::Value { kind: Some(pb::value::Kind::Float64Value(-1.0)) }),
-                ),
-            ],
-            ..Default::default()
-        }],
-        dry_run: false,
-    }
+    let mut req = example_registry();
+    req.feature_groups[0].ttl = Some(prost_types::Duration { seconds: ttl_s, nanos: 0 });
+    req
 }
 
 fn write(f: &Features, user: &str, at: i64, clicks: Option<i64>) {
@@ -142,7 +104,7 @@ fn the_logged_answers_replay_to_what_was_served_and_a_perturbed_one_is_caught() 
     let mut perturbed = logged.iter().find(|a| a.entity == Some(key("u4"))).expect("u4 logged").clone();
     perturbed.request_id = "perturbed".into();
     perturbed.features[0].value = Some(int(12345));
-    let served_us = perturbed.served_at.map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+    let served_us = perturbed.served_at.as_ref().and_then(quiver_testkit::timestamp_to_micros).expect("served_at");
     log.offer(&perturbed, served_us);
     let r = measure(&f, &log, start - MINUTE_US);
     let clicks = r.features.iter().find(|s| s.feature_ref == "user_stats:clicks").expect("clicks");

@@ -4,14 +4,11 @@
 
 use quiver_e2e::{example_registry, int, key, ts, Clients, Daemon};
 use quiver_proto::v1 as pb;
+use quiver_testkit::now_us;
 use tonic::Code;
 
 const MINUTE_US: i64 = 60_000_000;
 const HOUR_US: i64 = 60 * MINUTE_US;
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_micros() as i64
-}
 
 /// The example registry with a 1 h freshness SLA on `user_stats`, at most half of the clicks
 /// answers null, and `embeddings:vec`, a float32 vector of 3.
@@ -344,13 +341,7 @@ async fn a_deadline_returns_hot_answers_in_time_and_the_rest_unavailable_or_defa
     // Counted: two requests cut short, four unavailable answers (two of them served as
     // defaults, which count as defaulted).
     let page = d.scrape();
-    assert_eq!(
-        series(&page, "quiver_online_requests_cut_short_total", &[]).or_else(|| {
-            page.lines().find_map(|l| l.strip_prefix("quiver_online_requests_cut_short_total ")?.trim().parse().ok())
-        }),
-        Some(2.0),
-        "{page}"
-    );
+    assert_eq!(d.metric("quiver_online_requests_cut_short_total"), 2, "{page}");
     let unavailable = ["group=\"user_stats\"", "feature=\"clicks\"", "status=\"unavailable\""];
     assert_eq!(series(&page, "quiver_served_values_total", &unavailable), Some(1.0), "{page}");
     assert_eq!(health(&mut c, "user_stats").await.features[1].unavailable, 1);
@@ -405,10 +396,8 @@ async fn sampled_logging_keeps_a_stable_tenth_of_entities_as_served() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let logged = loop {
         let logged = scan(&c).await;
-        let page = d.scrape();
-        let written =
-            page.lines().find_map(|l| l.strip_prefix("quiver_served_log_answers_total ")?.trim().parse::<f64>().ok());
-        if written.is_some_and(|w| w as usize == logged.len()) && logged.iter().any(|a| a.request_id == "req-b") {
+        let written = d.metric("quiver_served_log_answers_total");
+        if written as usize == logged.len() && logged.iter().any(|a| a.request_id == "req-b") {
             break logged;
         }
         assert!(std::time::Instant::now() < deadline, "the log did not catch up: {} answers", logged.len());
@@ -424,7 +413,7 @@ async fn sampled_logging_keeps_a_stable_tenth_of_entities_as_served() {
     assert_eq!(logged.len(), a.len() + b.len());
     for answer in &logged {
         assert_eq!(answer.entity_type, "user");
-        let served = answer.served_at.as_ref().map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+        let served = answer.served_at.as_ref().and_then(quiver_testkit::timestamp_to_micros);
         assert!(served.is_some_and(|s| s >= start), "{answer:?}");
         assert_eq!(answer.features.len(), 2);
         let (clicks_f, spend_f) = (&answer.features[0], &answer.features[1]);

@@ -14,6 +14,21 @@ fn quiver(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The `user` entity type, as registry files in these tests declare it.
+const USER: &str = r#"
+[[entity_types]]
+name = "user"
+join_keys = [{ name = "user_id", type = "string" }]
+"#;
+
+/// Writes `USER` and `groups` as a registry file in `dir` and applies it.
+fn apply_registry(addr: &str, dir: &std::path::Path, groups: &str) {
+    let file = dir.join("registry.toml");
+    std::fs::write(&file, format!("{USER}{groups}")).expect("write file");
+    let (ok, _, err) = quiver(&["--addr", addr, "apply", file.to_str().expect("path")]);
+    assert!(ok, "{err}");
+}
+
 #[test]
 fn demo_runs_and_reports_lookups_and_the_join() {
     let (ok, out, err) = quiver(&["demo", "--users", "300", "--hours", "6"]);
@@ -446,14 +461,10 @@ fn monitor_reports_freshness_and_exits_2_on_a_breach() {
     let tmp = tempfile::tempdir().expect("tmp");
     let d = Daemon::start(&tmp.path().join("data"), &[]);
     let addr = d.addr.clone();
-    let file = tmp.path().join("registry.toml");
-    std::fs::write(
-        &file,
+    apply_registry(
+        &addr,
+        tmp.path(),
         r#"
-[[entity_types]]
-name = "user"
-join_keys = [{ name = "user_id", type = "string" }]
-
 [[feature_groups]]
 name = "user_stats"
 entity_type = "user"
@@ -463,10 +474,7 @@ name = "clicks"
 type = "int64"
 max_null_rate = 0.1
 "#,
-    )
-    .expect("write file");
-    let (ok, _, err) = quiver(&["--addr", &addr, "apply", file.to_str().expect("path")]);
-    assert!(ok, "{err}");
+    );
     let monitor = |json: bool| {
         let mut args = vec!["--addr", &addr, "monitor"];
         if json {
@@ -475,8 +483,7 @@ max_null_rate = 0.1
         let out = Command::new(env!("CARGO_BIN_EXE_quiver")).args(&args).output().expect("run quiver");
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_micros() as i64;
-    let two_hours_ago = (now - 7_200_000_000).to_string();
+    let two_hours_ago = (quiver_testkit::now_us() - 7_200_000_000).to_string();
     let (ok, _, err) = quiver(&[
         "--addr",
         &addr,
@@ -524,14 +531,10 @@ fn logs_export_writes_the_served_answers_as_parquet() {
     let tmp = tempfile::tempdir().expect("tmp");
     let d = Daemon::start(&tmp.path().join("data"), &["--log-sample-rate", "1"]);
     let addr = d.addr.clone();
-    let file = tmp.path().join("registry.toml");
-    std::fs::write(
-        &file,
+    apply_registry(
+        &addr,
+        tmp.path(),
         r#"
-[[entity_types]]
-name = "user"
-join_keys = [{ name = "user_id", type = "string" }]
-
 [[feature_groups]]
 name = "user_stats"
 entity_type = "user"
@@ -543,10 +546,7 @@ type = "int64"
 name = "country"
 type = "string"
 "#,
-    )
-    .expect("write file");
-    let (ok, _, err) = quiver(&["--addr", &addr, "apply", file.to_str().expect("path")]);
-    assert!(ok, "{err}");
+    );
     let (ok, _, err) = quiver(&["--addr", &addr, "put", "--group", "user_stats", "--entity", "alice", "clicks=7"]);
     assert!(ok, "{err}");
     let get = ["--addr", &addr, "get", "--entity-type", "user", "--entity", "alice", "--entity", "bob"];
