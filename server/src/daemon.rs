@@ -76,6 +76,10 @@ pub const MANUAL_CLOCK_ENV: &str = "QUIVER_TEST_MANUAL_CLOCK_US";
 /// of `health::WATERMARK_PERSIST_INTERVAL` (so tests see them replicate without waiting a minute).
 pub const WATERMARK_INTERVAL_ENV: &str = "QUIVER_TEST_WATERMARK_INTERVAL_MS";
 
+/// Test-only: how often drift is measured for the gauges and `GetFeatureHealth`, in
+/// milliseconds, instead of `drift::DRIFT_INTERVAL`.
+pub const DRIFT_INTERVAL_ENV: &str = "QUIVER_TEST_DRIFT_INTERVAL_MS";
+
 /// Test-only: every round of data-block reads first sleeps this many milliseconds (a slow SSD),
 /// to show that online lookups with a deadline still answer from the hot tier in time.
 pub const SSD_READ_DELAY_ENV: &str = "QUIVER_TEST_SSD_READ_DELAY_MS";
@@ -298,6 +302,14 @@ pub async fn serve(
         served_log.clone(),
     )?;
     let persist_task = tokio::spawn(feature_health.clone().persist_every_interval());
+    let drift_interval = test_switch_value::<u64>(DRIFT_INTERVAL_ENV)?
+        .map_or(crate::drift::DRIFT_INTERVAL, |ms| std::time::Duration::from_millis(ms.max(1)));
+    let drift_task = tokio::spawn(crate::drift::measure_every_interval(
+        registry.clone(),
+        served_log.clone(),
+        feature_health.clone(),
+        drift_interval,
+    ));
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
         None => None,
@@ -447,6 +459,8 @@ pub async fn serve(
     // The watermarks written since the last interval, so that a restart knows them.
     persist_task.abort();
     let _ = persist_task.await;
+    drift_task.abort();
+    let _ = drift_task.await;
     if let Err(e) = feature_health.persist() {
         tracing::warn!(error = %e, "feature group watermarks not stored at stop");
     }

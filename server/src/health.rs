@@ -211,6 +211,8 @@ struct Gauges {
     null_rate: GaugeVec,
     max_null_rate: GaugeVec,
     null_rate_breached: IntGaugeVec,
+    drift: GaugeVec,
+    drift_breached: IntGaugeVec,
 }
 
 fn err(e: prometheus::Error) -> String {
@@ -282,6 +284,17 @@ impl Gauges {
                 feature,
             )
             .map_err(err)?,
+            drift: gauge(
+                "feature_drift",
+                "drift of the served values against the group's newest baseline over the last hour (stat: psi, js, ks)",
+                &["group", "feature", "stat"],
+            )?,
+            drift_breached: flag(
+                "feature_drift_breached",
+                "1 while a feature's PSI is over its max_psi or its KS over its max_ks",
+                feature,
+            )
+            .map_err(err)?,
         })
     }
 
@@ -299,6 +312,8 @@ impl Gauges {
             Box::new(self.null_rate.clone()),
             Box::new(self.max_null_rate.clone()),
             Box::new(self.null_rate_breached.clone()),
+            Box::new(self.drift.clone()),
+            Box::new(self.drift_breached.clone()),
         ]
     }
 }
@@ -326,6 +341,8 @@ pub struct Health {
     served: Mutex<HashMap<(String, String), Arc<ServedTrack>>>,
     gauges: Gauges,
     persist_interval: Duration,
+    /// The last drift measurement per group (`crate::drift::measure_every_interval`).
+    drift: Mutex<HashMap<String, pb::MeasureDriftResponse>>,
 }
 
 fn duration_of(us: i64) -> prost_types::Duration {
@@ -345,6 +362,7 @@ impl Health {
             served: Mutex::new(HashMap::new()),
             gauges: Gauges::new()?,
             persist_interval: WATERMARK_PERSIST_INTERVAL,
+            drift: Mutex::new(HashMap::new()),
         })
     }
 
@@ -391,6 +409,40 @@ impl Health {
                 delays[i].observe(system_us.saturating_sub(r.event_us).max(0) as f64 / 1e6);
             }
         }
+    }
+
+    /// Keeps the drift measured of each group with a baseline (replacing the last measurement)
+    /// and sets the drift gauges to it.
+    pub fn set_drift(&self, measured: Vec<pb::MeasureDriftResponse>) {
+        let g = &self.gauges;
+        let mut drift = self.drift.lock();
+        let now: HashMap<String, pb::MeasureDriftResponse> =
+            measured.into_iter().map(|m| (m.group.clone(), m)).collect();
+        for (group, old) in drift.iter() {
+            for f in &old.features {
+                if !now.get(group).is_some_and(|m| m.features.iter().any(|n| n.feature == f.feature)) {
+                    for stat in ["psi", "js", "ks"] {
+                        let _ = g.drift.remove_label_values(&[group, &f.feature, stat]);
+                    }
+                    let _ = g.drift_breached.remove_label_values(&[group, &f.feature]);
+                }
+            }
+        }
+        for (group, m) in &now {
+            for f in &m.features {
+                for (stat, v) in [("psi", f.psi), ("js", f.js), ("ks", f.ks)] {
+                    let labels = [group.as_str(), f.feature.as_str(), stat];
+                    match v {
+                        Some(v) => g.drift.with_label_values(&labels).set(v),
+                        None => {
+                            let _ = g.drift.remove_label_values(&labels);
+                        }
+                    }
+                }
+                g.drift_breached.with_label_values(&[group, &f.feature]).set(i64::from(f.breached));
+            }
+        }
+        *drift = now;
     }
 
     /// Counts an online lookup answered in part because its deadline was near.
@@ -546,6 +598,7 @@ impl Health {
                 sla_breached,
                 features,
                 values_written: values,
+                drift: self.drift.lock().get(&def.name).cloned(),
             });
         }
         Ok(out)

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod conn;
 pub mod convert;
 pub mod daemon;
+pub mod drift;
 pub mod features;
 pub mod fuzzing;
 pub mod health;

@@ -283,6 +283,22 @@ fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
                 )));
             }
         }
+        if let Some(p) = f.max_psi {
+            if !(p >= 0.0 && p.is_finite()) {
+                return Err(RegistryError::Invalid(format!(
+                    "feature {}:{}: max_psi {p} is not a finite number at least 0",
+                    g.name, f.name
+                )));
+            }
+        }
+        if let Some(k) = f.max_ks {
+            if !(0.0..=1.0).contains(&k) {
+                return Err(RegistryError::Invalid(format!(
+                    "feature {}:{}: max_ks {k} is not between 0 and 1",
+                    g.name, f.name
+                )));
+            }
+        }
         if f.dim != 0 {
             if f.r#type() != pb::ValueType::Float32Vector {
                 return Err(RegistryError::Invalid(format!(
@@ -405,6 +421,12 @@ fn diff(old: &pb::FeatureGroup, new: &pb::FeatureGroup) -> Vec<String> {
                 }
                 if o.max_null_rate != f.max_null_rate {
                     what.push(format!("max_null_rate {:?} -> {:?}", o.max_null_rate, f.max_null_rate));
+                }
+                if o.max_psi != f.max_psi {
+                    what.push(format!("max_psi {:?} -> {:?}", o.max_psi, f.max_psi));
+                }
+                if o.max_ks != f.max_ks {
+                    what.push(format!("max_ks {:?} -> {:?}", o.max_ks, f.max_ks));
                 }
                 if o.default_value != f.default_value || o.description != f.description {
                     what.push("default or description changed".into());

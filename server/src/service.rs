@@ -856,6 +856,71 @@ impl pb::monitor_service_server::MonitorService for MonitorApi {
             .await
     }
 
+    async fn put_baseline(
+        &self,
+        req: Request<pb::PutBaselineRequest>,
+    ) -> Result<Response<pb::PutBaselineResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("PutBaseline", async move {
+                let group = req.get_ref().baseline.as_ref().map(|b| b.group.clone()).unwrap_or_default();
+                authorize(&req, Scope::Admin, Some(group.as_str()))?;
+                let baseline = req
+                    .into_inner()
+                    .baseline
+                    .ok_or_else(|| Status::invalid_argument("PutBaseline needs a baseline"))?;
+                let registry = self.registry.clone();
+                blocking(move || {
+                    let stored = crate::drift::put(&registry, baseline, now_us()).map_err(status)?;
+                    Ok(Response::new(pb::PutBaselineResponse { captured_at: stored.captured_at }))
+                })
+                .await
+            })
+            .await
+    }
+
+    async fn list_baselines(
+        &self,
+        req: Request<pb::ListBaselinesRequest>,
+    ) -> Result<Response<pb::ListBaselinesResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("ListBaselines", async move {
+                let group = req.get_ref().group.clone();
+                let p = authorize(&req, Scope::Read, (!group.is_empty()).then_some(group.as_str()))?;
+                if !group.is_empty() {
+                    self.registry.group(&group, 0).map_err(registry_status)?;
+                }
+                let registry = self.registry.clone();
+                blocking(move || {
+                    let only = (!group.is_empty()).then_some(group.as_str());
+                    let mut baselines = crate::drift::list(registry.db(), only).map_err(status)?;
+                    baselines.retain(|b| p.may_see(&b.group));
+                    Ok(Response::new(pb::ListBaselinesResponse { baselines }))
+                })
+                .await
+            })
+            .await
+    }
+
+    async fn measure_drift(
+        &self,
+        req: Request<pb::MeasureDriftRequest>,
+    ) -> Result<Response<pb::MeasureDriftResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("MeasureDrift", async move {
+                let group = req.get_ref().group.clone();
+                authorize(&req, Scope::Read, Some(group.as_str()))?;
+                let (registry, log, req) = (self.registry.clone(), self.served_log.clone(), req.into_inner());
+                blocking(move || {
+                    crate::drift::measure_one(&registry, &log, &req, now_us()).map(Response::new).map_err(status)
+                })
+                .await
+            })
+            .await
+    }
+
     async fn get_feature_health(
         &self,
         req: Request<pb::GetFeatureHealthRequest>,

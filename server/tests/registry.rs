@@ -175,6 +175,10 @@ fn dry_run_and_refusals_change_nothing() {
     ];
     for rate in [-0.1, 1.5, f64::NAN, f64::INFINITY] {
         bad_features.push(with(pb::FeatureDef { max_null_rate: Some(rate), ..feature("x", pb::ValueType::Int64) }));
+        bad_features.push(with(pb::FeatureDef { max_ks: Some(rate), ..feature("x", pb::ValueType::Int64) }));
+    }
+    for psi in [-0.1, f64::NAN, f64::INFINITY] {
+        bad_features.push(with(pb::FeatureDef { max_psi: Some(psi), ..feature("x", pb::ValueType::Int64) }));
     }
     let bad_cases = bad_cases.into_iter().chain(bad_features.into_iter().map(|g| (vec![], g)));
     for (e, g) in bad_cases {
@@ -207,10 +211,12 @@ fn monitoring_fields_version_the_group_and_a_new_dim_is_a_new_feature() {
     // An SLA and a null-rate bound are metadata: a new version, the same ids.
     g.freshness_sla = Some(prost_types::Duration { seconds: 7200, nanos: 0 });
     g.features[0].max_null_rate = Some(0.25);
+    g.features[0].max_psi = Some(0.3);
     let c = apply(&r, vec![], vec![g.clone()], false).expect("apply");
     assert_eq!(kinds(&c)[0], (Kind::NewVersion, "feature_group:user_stats".into(), 2));
     let details = c[0].details.join("\n");
     assert!(details.contains("freshness_sla") && details.contains("max_null_rate"), "{details}");
+    assert!(details.contains("max_psi None -> Some(0.3)"), "{details}");
     assert_eq!(r.resolve("user_stats:embedding").expect("resolve").id, first.id);
     assert_eq!(r.group("user_stats", 0).expect("group").features[0].max_null_rate, Some(0.25));
     // A new length is a new keyspace: vectors of the old length are never served as the new.

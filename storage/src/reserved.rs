@@ -12,7 +12,7 @@
 //! | [`IDEMPOTENCY`] | the stored answer of each idempotent write, by key | no: a retry goes to the node that took the write |
 //! | [`REPLICATION_CURSOR`] | per origin region, how far this node applied its log | no: each node's own progress |
 //! | [`SERVED_LOG`] | logged online answers, by served-at time (expire after `Options::served_log_retention`) | no: each node logs what it served |
-//! | [`MONITOR`] | feature monitoring: [`MONITOR_WATERMARKS`], each group's newest ingested times per region | yes (quiverd lists it) |
+//! | [`MONITOR`] | feature monitoring: [`MONITOR_WATERMARKS`], each group's newest ingested times per region; [`MONITOR_BASELINES`], drift baselines | yes (quiverd lists it) |
 
 /// The first byte of every reserved entity key.
 pub const RESERVED_BYTE: u8 = 0;
@@ -33,6 +33,9 @@ pub const MONITOR: &[u8] = b"\x00mon\x00";
 /// Per feature group (entity `MONITOR_WATERMARKS` + group name) and writing region (feature
 /// id): the newest event and system times written.
 pub const MONITOR_WATERMARKS: &[u8] = b"\x00mon\x00wm\x00";
+/// Drift baselines: entity `MONITOR_BASELINES` + group + `0x00` + baseline name, feature 0,
+/// event time 0, value the encoded baseline (newest version: the baseline).
+pub const MONITOR_BASELINES: &[u8] = b"\x00mon\x00bl\x00";
 
 /// Logged online answers: entity `SERVED_LOG` + served-at time (µs, sign bit flipped, big
 /// endian) + a per-node sequence number (big endian), so that time ranges are key ranges.

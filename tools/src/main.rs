@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 mod common;
 mod demo;
+mod drift;
 mod features;
 mod ingest;
 mod join;
@@ -180,8 +181,28 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         examples: u32,
     },
-    /// Every feature group's health: freshness against its SLA and null rates against their
-    /// bounds. Exits with 2 when something breaches (1 on errors).
+    /// Drift baselines: summaries of a group's features in a training set.
+    Baseline {
+        #[command(subcommand)]
+        cmd: BaselineCmd,
+    },
+    /// The drift of a group's served values (from the served-feature log) against a baseline:
+    /// PSI, Jensen-Shannon and KS per feature. Exits with 2 when a feature breaches its bounds.
+    Drift {
+        #[arg(long)]
+        group: String,
+        /// The baseline (default: the group's newest).
+        #[arg(long)]
+        baseline: Option<String>,
+        /// First served-at time: RFC 3339 or µs since the epoch (default: an hour before --to).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the range (exclusive; default: now).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Every feature group's health: freshness against its SLA, null rates against their
+    /// bounds, drift against the newest baseline. Exits with 2 when something breaches (1 on errors).
     Monitor {
         /// Only this group.
         #[arg(long)]
@@ -238,6 +259,28 @@ enum AuthCmd {
         file: PathBuf,
         #[arg(long)]
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BaselineCmd {
+    /// Summarise the group's features in a training file (CSV or Parquet, as `quiver join`
+    /// writes) and store the summary as baseline --name (replacing one of that name).
+    Capture {
+        /// The training file.
+        #[arg(long = "from")]
+        file: PathBuf,
+        /// [a-z0-9][a-z0-9_.-]{0,62}
+        #[arg(long)]
+        name: String,
+        /// The feature group whose features the file's columns hold.
+        #[arg(long)]
+        group: String,
+    },
+    /// The stored baselines, newest first.
+    List {
+        #[arg(long)]
+        group: Option<String>,
     },
 }
 
@@ -369,6 +412,16 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Skew { from, to, group, examples } => {
             if skew::run(server, cli.json, &from, &to, group, examples).await? {
                 std::process::exit(skew::EXIT_MISMATCHED);
+            }
+            Ok(())
+        }
+        Cmd::Baseline { cmd: BaselineCmd::Capture { file, name, group } } => {
+            drift::capture(server, cli.json, &file, &group, &name).await
+        }
+        Cmd::Baseline { cmd: BaselineCmd::List { group } } => drift::list(server, cli.json, group).await,
+        Cmd::Drift { group, baseline, from, to } => {
+            if drift::run(server, cli.json, &group, baseline, from, to).await? {
+                std::process::exit(drift::EXIT_DRIFTED);
             }
             Ok(())
         }

@@ -23,9 +23,11 @@ fn human(s: f64) -> String {
     }
 }
 
-/// Whether a group breaches anything: its SLA or a feature's null rate.
+/// Whether a group breaches anything: its SLA, a feature's null rate or its drift.
 fn breached(g: &pb::GroupHealth) -> bool {
-    g.sla_breached || g.features.iter().any(|f| f.null_rate_breached)
+    g.sla_breached
+        || g.features.iter().any(|f| f.null_rate_breached)
+        || g.drift.as_ref().is_some_and(|d| d.features.iter().any(|f| f.breached))
 }
 
 fn json_of(g: &pb::GroupHealth) -> serde_json::Value {
@@ -48,6 +50,7 @@ fn json_of(g: &pb::GroupHealth) -> serde_json::Value {
             "max_null_rate": f.max_null_rate,
             "null_rate_breached": f.null_rate_breached,
         })).collect::<Vec<_>>(),
+        "drift": g.drift.as_ref().map(crate::drift::drift_json),
     })
 }
 
@@ -92,6 +95,13 @@ pub async fn run(server: &Server, json: bool, group: Option<String>) -> Result<b
                 f.feature,
                 human(window)
             );
+        }
+        match &g.drift {
+            Some(d) => {
+                println!("    drift against baseline {} ({} logged answers in the last hour):", d.baseline, d.answers);
+                crate::drift::print_drift(d, "        ");
+            }
+            None => println!("    drift: no baseline (or not measured yet)"),
         }
     }
     if r.groups.is_empty() {

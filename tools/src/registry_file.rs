@@ -19,6 +19,8 @@
 //! type = "int64"                  # bool int64 float32 float64 string bytes float32_vector int64_list string_list
 //! default = 0
 //! max_null_rate = 0.05            # optional: share of null online answers allowed
+//! max_psi = 0.25                  # optional: drift bound, population stability index (default 0.2)
+//! max_ks = 0.15                   # optional: drift bound, KS statistic (default 0.1)
 //! [[feature_groups.features]]
 //! name = "embedding"
 //! type = "float32_vector"
@@ -94,6 +96,10 @@ struct Feature {
     description: String,
     #[serde(default)]
     max_null_rate: Option<f64>,
+    #[serde(default)]
+    max_psi: Option<f64>,
+    #[serde(default)]
+    max_ks: Option<f64>,
     #[serde(default)]
     dim: u32,
 }
@@ -193,6 +199,8 @@ pub fn parse(text: &str) -> Result<pb::ApplyRegistryRequest, String> {
                 default_value: default,
                 description: ft.description,
                 max_null_rate: ft.max_null_rate,
+                max_psi: ft.max_psi,
+                max_ks: ft.max_ks,
                 dim: ft.dim,
             });
         }
@@ -252,6 +260,7 @@ default = 0
 name = "spend_1h"
 type = "float64"
 max_null_rate = 0.5
+max_psi = 0.3
 
 [[feature_groups.features]]
 name = "country"
@@ -269,6 +278,8 @@ mod tests {
         assert_eq!(req.feature_groups[0].ttl, Some(prost_types::Duration { seconds: 7200, nanos: 0 }));
         assert_eq!(req.feature_groups[0].freshness_sla, Some(prost_types::Duration { seconds: 3 * 3600, nanos: 0 }));
         assert_eq!(req.feature_groups[0].features[1].max_null_rate, Some(0.5));
+        assert_eq!(req.feature_groups[0].features[1].max_psi, Some(0.3));
+        assert_eq!(req.feature_groups[0].features[1].max_ks, None);
         let vector = EXAMPLE.replace("type = \"string\"\n", "type = \"float32_vector\"\ndim = 8\n");
         assert_eq!(parse(&vector).expect("dim").feature_groups[0].features[2].dim, 8);
         let bad_sla = EXAMPLE.replace("freshness_sla = \"3h\"", "freshness_sla = \"3 hours\"");
