@@ -166,20 +166,38 @@ enum Cmd {
         cmd: LogsCmd,
     },
     /// Online against offline: replay the served-feature log in [--from, --to) through the
-    /// point-in-time join and compare every served value. Exits with 2 on any mismatch.
+    /// point-in-time join and compare every served value; or, with --training-set, compare a
+    /// training set built elsewhere with Quiver's join of its own spine. Exits with 2 on any
+    /// mismatch.
     Skew {
         /// First served-at time: RFC 3339 or µs since the epoch.
-        #[arg(long)]
-        from: String,
+        #[arg(long, required_unless_present = "training_set", conflicts_with = "training_set")]
+        from: Option<String>,
         /// End of the range (exclusive), as --from.
-        #[arg(long)]
-        to: String,
-        /// Only this group's features.
-        #[arg(long)]
+        #[arg(long, required_unless_present = "training_set", conflicts_with = "training_set")]
+        to: Option<String>,
+        /// Only this group's features (served-log replays).
+        #[arg(long, conflicts_with = "training_set")]
         group: Option<String>,
         /// Mismatches to show per feature (at most 100).
         #[arg(long, default_value_t = 5)]
         examples: u32,
+        /// A training set (CSV or Parquet): the spine's key and time columns and one column per
+        /// --feature, named as `quiver join` names them.
+        #[arg(long, requires = "features")]
+        training_set: Option<PathBuf>,
+        /// With --training-set: the features its columns hold, group:feature (repeat).
+        #[arg(long = "feature")]
+        features: Vec<String>,
+        /// With --training-set: the spine's time column.
+        #[arg(long, default_value = "event_time")]
+        time_column: String,
+        /// With --training-set: join with this known-at time (µs), as `quiver join`.
+        #[arg(long)]
+        known_at_us: Option<i64>,
+        /// With --training-set: fill registered defaults, as `quiver join --use-defaults`.
+        #[arg(long)]
+        use_defaults: bool,
     },
     /// Drift baselines: summaries of a group's features in a training set.
     Baseline {
@@ -409,8 +427,16 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Logs { cmd: LogsCmd::Export { from, to, output, entity_type } } => {
             logs::export(server, cli.json, logs::ExportArgs { from, to, output, entity_type }).await
         }
-        Cmd::Skew { from, to, group, examples } => {
-            if skew::run(server, cli.json, &from, &to, group, examples).await? {
+        Cmd::Skew { from, to, group, examples, training_set, features, time_column, known_at_us, use_defaults } => {
+            let mismatched = match (training_set, from, to) {
+                (Some(file), _, _) => {
+                    let args = skew::TrainingArgs { file, features, time_column, known_at_us, use_defaults, examples };
+                    skew::training(server, cli.json, args).await?
+                }
+                (None, Some(from), Some(to)) => skew::run(server, cli.json, &from, &to, group, examples).await?,
+                _ => return Err("give --from and --to, or --training-set".into()),
+            };
+            if mismatched {
                 std::process::exit(skew::EXIT_MISMATCHED);
             }
             Ok(())
