@@ -309,74 +309,202 @@ pub fn ks(a: &[f64], b: &[f64]) -> Option<f64> {
     Some(d)
 }
 
-/// The current values of one feature, bucketed like its baseline.
-#[derive(Debug)]
-struct Current<'a> {
-    base: &'a pb::FeatureBaseline,
+/// Where an observation goes among a baseline's buckets.
+enum Class {
+    Null,
+    /// A bucket, and the number (numeric features) kept for KS.
+    Bucket(usize, Option<f64>),
+    /// A value of another kind (a group version where the feature had another type): left out.
+    Skip,
+}
+
+fn classify(base: &pb::FeatureBaseline, o: Observation) -> Class {
+    match (o, &base.summary) {
+        (Observation::Null, _) => Class::Null,
+        (Observation::Number(x), Some(pb::feature_baseline::Summary::Numeric(n))) => {
+            Class::Bucket(bin(&n.edges, x), Some(x))
+        }
+        (Observation::Category(v), Some(pb::feature_baseline::Summary::Categorical(c))) => {
+            Class::Bucket(c.categories.iter().position(|k| *k == v).unwrap_or(c.categories.len()), None)
+        }
+        _ => Class::Skip,
+    }
+}
+
+fn bucket_count(base: &pb::FeatureBaseline) -> usize {
+    match &base.summary {
+        Some(pb::feature_baseline::Summary::Numeric(n)) => n.edges.len() + 1,
+        Some(pb::feature_baseline::Summary::Categorical(c)) => c.categories.len() + 1,
+        None => 0,
+    }
+}
+
+/// Values bucketed like a baseline, and numbers sampled for KS.
+#[derive(Debug, Clone)]
+struct Tally {
     buckets: Vec<u64>,
     nulls: u64,
     values: u64,
     numbers: Reservoir,
 }
 
+impl Tally {
+    fn new(base: &pb::FeatureBaseline, sample: usize) -> Self {
+        Tally { buckets: vec![0; bucket_count(base)], nulls: 0, values: 0, numbers: Reservoir::new(sample) }
+    }
+
+    fn add(&mut self, base: &pb::FeatureBaseline, o: Observation) {
+        match classify(base, o) {
+            Class::Null => self.nulls += 1,
+            Class::Bucket(i, x) => {
+                if let Some(b) = self.buckets.get_mut(i) {
+                    *b += 1;
+                    self.values += 1;
+                }
+                if let Some(x) = x {
+                    self.numbers.add(x);
+                }
+            }
+            Class::Skip => {}
+        }
+    }
+}
+
+/// The drift of `current` (its numbers sorted in `sorted`) against `base`, with the bounds of
+/// `def`.
+fn drift_of(
+    base: &pb::FeatureBaseline,
+    def: Option<&pb::FeatureDef>,
+    buckets: &[u64],
+    nulls: u64,
+    values: u64,
+    sorted: &[f64],
+) -> pb::FeatureDrift {
+    let max_psi = def.and_then(|d| d.max_psi).unwrap_or(MAX_PSI_DEFAULT);
+    let max_ks = def.and_then(|d| d.max_ks).unwrap_or(MAX_KS_DEFAULT);
+    let (base_counts, base_sample): (Vec<u64>, &[f64]) = match &base.summary {
+        Some(pb::feature_baseline::Summary::Numeric(n)) => (n.counts.clone(), &n.sample),
+        Some(pb::feature_baseline::Summary::Categorical(c)) => {
+            (c.counts.iter().copied().chain([c.other]).collect(), &[])
+        }
+        None => (Vec::new(), &[]),
+    };
+    let (psi_v, js_v) = match (shares(&base_counts, base.nulls, base.rows), shares(buckets, nulls, values + nulls)) {
+        (Some(b), Some(c)) if b.len() == c.len() => (Some(psi(&b, &c)), Some(js(&b, &c))),
+        _ => (None, None),
+    };
+    let numeric_base = matches!(base.summary, Some(pb::feature_baseline::Summary::Numeric(_)));
+    let ks_v = if numeric_base { ks(base_sample, sorted) } else { None };
+    let breached = psi_v.is_some_and(|p| p > max_psi) || ks_v.is_some_and(|k| k > max_ks);
+    pb::FeatureDrift {
+        feature: base.feature.clone(),
+        values,
+        nulls,
+        psi: psi_v,
+        js: js_v,
+        ks: ks_v,
+        max_psi,
+        max_ks,
+        breached,
+    }
+}
+
+/// The current values of one feature, bucketed like its baseline.
+#[derive(Debug)]
+struct Current<'a> {
+    base: &'a pb::FeatureBaseline,
+    tally: Tally,
+}
+
 impl<'a> Current<'a> {
     fn new(base: &'a pb::FeatureBaseline) -> Self {
-        let buckets = match &base.summary {
-            Some(pb::feature_baseline::Summary::Numeric(n)) => vec![0; n.edges.len() + 1],
-            Some(pb::feature_baseline::Summary::Categorical(c)) => vec![0; c.categories.len() + 1],
-            None => Vec::new(),
-        };
-        Current { base, buckets, nulls: 0, values: 0, numbers: Reservoir::new(DRIFT_VALUES_MAX) }
+        Current { base, tally: Tally::new(base, DRIFT_VALUES_MAX) }
     }
 
     fn add(&mut self, o: Observation) {
-        match (o, &self.base.summary) {
-            (Observation::Null, _) => self.nulls += 1,
-            (Observation::Number(x), Some(pb::feature_baseline::Summary::Numeric(n))) => {
-                self.buckets[bin(&n.edges, x)] += 1;
-                self.numbers.add(x);
-                self.values += 1;
-            }
-            (Observation::Category(v), Some(pb::feature_baseline::Summary::Categorical(c))) => {
-                let i = c.categories.iter().position(|k| *k == v).unwrap_or(c.categories.len());
-                self.buckets[i] += 1;
-                self.values += 1;
-            }
-            // A value of another kind (a group version where the feature had another type).
-            _ => {}
-        }
+        self.tally.add(self.base, o);
     }
 
     fn drift(self, def: Option<&pb::FeatureDef>) -> pb::FeatureDrift {
-        let max_psi = def.and_then(|d| d.max_psi).unwrap_or(MAX_PSI_DEFAULT);
-        let max_ks = def.and_then(|d| d.max_ks).unwrap_or(MAX_KS_DEFAULT);
-        let (base_counts, base_sample): (Vec<u64>, &[f64]) = match &self.base.summary {
-            Some(pb::feature_baseline::Summary::Numeric(n)) => (n.counts.clone(), &n.sample),
-            Some(pb::feature_baseline::Summary::Categorical(c)) => {
-                (c.counts.iter().copied().chain([c.other]).collect(), &[])
-            }
-            None => (Vec::new(), &[]),
-        };
-        let rows = self.values + self.nulls;
-        let (psi_v, js_v) =
-            match (shares(&base_counts, self.base.nulls, self.base.rows), shares(&self.buckets, self.nulls, rows)) {
-                (Some(b), Some(c)) if b.len() == c.len() => (Some(psi(&b, &c)), Some(js(&b, &c))),
-                _ => (None, None),
-            };
-        let numeric_base = matches!(self.base.summary, Some(pb::feature_baseline::Summary::Numeric(_)));
-        let ks_v = if numeric_base { ks(base_sample, &self.numbers.sorted()) } else { None };
-        let breached = psi_v.is_some_and(|p| p > max_psi) || ks_v.is_some_and(|k| k > max_ks);
-        pb::FeatureDrift {
-            feature: self.base.feature.clone(),
-            values: self.values,
-            nulls: self.nulls,
-            psi: psi_v,
-            js: js_v,
-            ks: ks_v,
-            max_psi,
-            max_ks,
-            breached,
+        let t = self.tally;
+        drift_of(self.base, def, &t.buckets, t.nulls, t.values, &t.numbers.sorted())
+    }
+}
+
+/// Slots of the ingested-values window ([`DRIFT_WINDOW`] / `INGEST_SLOTS` each).
+pub const INGEST_SLOTS: usize = 4;
+/// Written values each slot keeps for KS (a uniform sample of the slot's).
+pub const INGEST_SLOT_VALUES: usize = 256;
+
+fn slot_us() -> i64 {
+    (DRIFT_WINDOW.as_micros() as i64 / INGEST_SLOTS as i64).max(1)
+}
+
+/// One feature's written values over the last [`DRIFT_WINDOW`] (to within one slot), bucketed
+/// like its baseline: exact counts, and a sample of [`INGEST_SLOT_VALUES`] numbers per slot.
+#[derive(Debug, Clone)]
+pub struct IngestSketch {
+    base: pb::FeatureBaseline,
+    /// Per slot: its number (time / slot length) and tally.
+    slots: Vec<(i64, Tally)>,
+}
+
+impl IngestSketch {
+    /// An empty sketch against `base`.
+    pub fn new(base: pb::FeatureBaseline) -> Self {
+        let empty = Tally::new(&base, INGEST_SLOT_VALUES);
+        IngestSketch { slots: vec![(i64::MIN, empty); INGEST_SLOTS], base }
+    }
+
+    /// Adds a value written at `now_us`.
+    pub fn add(&mut self, o: Observation, now_us: i64) {
+        let epoch = now_us.div_euclid(slot_us());
+        let i = epoch.rem_euclid(INGEST_SLOTS as i64) as usize;
+        if self.slots[i].0 != epoch {
+            self.slots[i] = (epoch, Tally::new(&self.base, INGEST_SLOT_VALUES));
         }
+        self.slots[i].1.add(&self.base, o);
+    }
+
+    /// The drift of the values written in the slots that are not older than the window at
+    /// `now_us`. The slots' samples are merged in proportion to the values each stands for.
+    pub fn drift(&self, def: Option<&pb::FeatureDef>, now_us: i64) -> pb::FeatureDrift {
+        let epoch = now_us.div_euclid(slot_us());
+        let live: Vec<&Tally> = self
+            .slots
+            .iter()
+            .filter(|(e, _)| *e <= epoch && *e > epoch - INGEST_SLOTS as i64)
+            .map(|(_, t)| t)
+            .collect();
+        let mut buckets = vec![0u64; bucket_count(&self.base)];
+        let (mut nulls, mut values) = (0u64, 0u64);
+        for t in &live {
+            for (b, n) in buckets.iter_mut().zip(&t.buckets) {
+                *b += n;
+            }
+            nulls += t.nulls;
+            values += t.values;
+        }
+        // The smallest share of its numbers a slot kept: every slot contributes that share.
+        let ratio = live
+            .iter()
+            .filter(|t| t.numbers.seen > 0)
+            .map(|t| t.numbers.values.len() as f64 / t.numbers.seen as f64)
+            .fold(1.0f64, f64::min);
+        let mut sorted = Vec::new();
+        for t in &live {
+            let k = ((t.numbers.seen as f64 * ratio).round() as usize).min(t.numbers.values.len());
+            let mut pool = t.numbers.values.clone();
+            let mut rng = Rng(t.numbers.seen);
+            // A uniform k-subset of the slot's sample (partial Fisher-Yates).
+            for j in 0..k {
+                let r = j + rng.below((pool.len() - j) as u64) as usize;
+                pool.swap(j, r);
+            }
+            sorted.extend_from_slice(&pool[..k]);
+        }
+        sorted.sort_by(f64::total_cmp);
+        drift_of(&self.base, def, &buckets, nulls, values, &sorted)
     }
 }
 
@@ -561,6 +689,7 @@ pub fn measure(
             to: Some(crate::convert::timestamp(to_us)),
             answers,
             features: drift,
+            source: pb::DriftSource::Served as i32,
         });
     }
     Ok(out)
@@ -570,6 +699,7 @@ pub fn measure(
 pub fn measure_one(
     registry: &Registry,
     log: &ServedLog,
+    health: &crate::health::Health,
     req: &pb::MeasureDriftRequest,
     now_us: i64,
 ) -> Result<pb::MeasureDriftResponse> {
@@ -577,6 +707,28 @@ pub fn measure_one(
         return Err(invalid("MeasureDrift needs a group".into()));
     }
     registry.group(&req.group, 0).map_err(ServiceError::from)?;
+    if req.source() == pb::DriftSource::Ingested {
+        if req.from.is_some() || req.to.is_some() {
+            return Err(invalid(
+                "ingested values are measured over the last window only: leave from and to unset".into(),
+            ));
+        }
+        let newest = list(registry.db(), Some(&req.group))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ServiceError::NotFound(format!("group {} has no baseline", req.group)))?;
+        if !req.baseline.is_empty() && req.baseline != newest.name {
+            return Err(ServiceError::Refused(format!(
+                "written values are sketched against the group's newest baseline ({:?}) only",
+                newest.name
+            )));
+        }
+        // A baseline that arrived by replication is sketched from now on.
+        health.watch_group(&newest);
+        return health
+            .ingested_drift(&req.group, now_us)
+            .ok_or_else(|| ServiceError::NotFound(format!("group {} has no baseline", req.group)));
+    }
     let (from_us, to_us) = match (&req.from, &req.to) {
         (None, None) => (now_us - DRIFT_WINDOW.as_micros() as i64, now_us),
         (f, t) => {
@@ -624,8 +776,9 @@ pub async fn measure_every_interval(
                     newest.push(b);
                 }
             }
+            h.watch(&newest);
             let measured = measure(&r, &l, &newest, now - DRIFT_WINDOW.as_micros() as i64, now)?;
-            h.set_drift(measured);
+            h.set_drift(measured, now);
             Ok(())
         })
         .await;
@@ -740,6 +893,43 @@ mod tests {
         let want = (0.5 - 1e-4) * (0.5f64 / 1e-4).ln() + (0.5 - 1.0) * (0.5f64).ln();
         assert!(close(d.psi.expect("psi"), want), "{d:?}");
         assert!(d.breached && d.ks.is_none(), "{d:?}");
+    }
+
+    #[test]
+    fn ingest_sketches_keep_the_last_window_and_merge_slots_in_proportion() {
+        let xs: Vec<f64> = (0..100).map(f64::from).collect();
+        let base = numbers(&xs, 0);
+        let mut s = IngestSketch::new(base.clone());
+        let slot = slot_us();
+        let t0 = 1_000 * slot;
+        // 1,000 values in the first slot (sampled to 256), 10 in the second.
+        for i in 0..1_000 {
+            s.add(Observation::Number(f64::from(i % 100)), t0);
+        }
+        for _ in 0..10 {
+            s.add(Observation::Number(500.0), t0 + slot);
+        }
+        s.add(Observation::Null, t0 + slot);
+        let d = s.drift(None, t0 + slot);
+        assert_eq!((d.values, d.nulls), (1_010, 1));
+        // The buckets are exact: 100 values per decile bin, 10 more in the last.
+        let mut want_buckets = vec![100u64; 10];
+        want_buckets[9] += 10;
+        let want = drift_of(&base, None, &want_buckets, 1, 1_010, &[]);
+        assert!(close(d.psi.expect("psi"), want.psi.expect("psi")), "{d:?}");
+        // KS over the merged sample: the second slot stands for ~1% of it, as it should.
+        let ks = d.ks.expect("ks");
+        assert!(ks < 0.05, "{ks}");
+        // A window later, the first slot has left it; four slots later, everything has.
+        let d = s.drift(None, t0 + INGEST_SLOTS as i64 * slot);
+        assert_eq!((d.values, d.nulls), (10, 1));
+        assert_eq!(d.ks, Some(1.0));
+        let d = s.drift(None, t0 + (INGEST_SLOTS as i64 + 1) * slot);
+        assert_eq!((d.values, d.nulls, d.psi, d.ks), (0, 0, None, None));
+        // A slot reused a lap later starts from zero.
+        s.add(Observation::Number(1.0), t0 + INGEST_SLOTS as i64 * slot);
+        let d = s.drift(None, t0 + INGEST_SLOTS as i64 * slot);
+        assert_eq!(d.values, 11);
     }
 
     #[test]

@@ -1298,7 +1298,12 @@ impl Features {
             let key = convert::entity_key(&et, entity).map_err(|e| ServiceError::Invalid(format!("row {i}: {e}")))?;
             let e = convert::event_time(row.event_time.as_ref(), &format!("row {i}: event_time"))?;
             if let Some((group, _)) = crate::registry::parse_group_ref(&row.group) {
-                written.push(Written { group, event_us: e.0, values: (row.values.len() + row.deletes.len()) as u64 });
+                written.push(Written {
+                    group,
+                    event_us: e.0,
+                    values: (row.values.len() + row.deletes.len()) as u64,
+                    row,
+                });
             }
             if row.values.is_empty() && row.deletes.is_empty() {
                 return Err(ServiceError::Invalid(format!("row {i} writes nothing")));

@@ -27,7 +27,7 @@
 //! registry's size.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -286,13 +286,13 @@ impl Gauges {
             .map_err(err)?,
             drift: gauge(
                 "feature_drift",
-                "drift of the served values against the group's newest baseline over the last hour (stat: psi, js, ks)",
-                &["group", "feature", "stat"],
+                "drift against the group's newest baseline over the last hour (stat: psi, js, ks; source: served, ingested)",
+                &["group", "feature", "stat", "source"],
             )?,
             drift_breached: flag(
                 "feature_drift_breached",
-                "1 while a feature's PSI is over its max_psi or its KS over its max_ks",
-                feature,
+                "1 while a feature's PSI is over its max_psi or its KS over its max_ks (source: served, ingested)",
+                &["group", "feature", "source"],
             )
             .map_err(err)?,
         })
@@ -327,6 +327,8 @@ pub struct Written<'a> {
     pub event_us: i64,
     /// Values and deletes the row wrote.
     pub values: u64,
+    /// The row (its values feed the drift sketches of groups with a baseline).
+    pub row: &'a pb::WriteRow,
 }
 
 /// The health of this node's feature groups.
@@ -341,8 +343,25 @@ pub struct Health {
     served: Mutex<HashMap<(String, String), Arc<ServedTrack>>>,
     gauges: Gauges,
     persist_interval: Duration,
-    /// The last drift measurement per group (`crate::drift::measure_every_interval`).
-    drift: Mutex<HashMap<String, pb::MeasureDriftResponse>>,
+    /// The last drift measurements per group (`crate::drift::measure_every_interval`): served
+    /// values, and ingested values.
+    drift: Mutex<HashMap<String, Drifts>>,
+    /// Per group with a baseline: the baseline (name, capture time) and its features' sketches
+    /// of the values written through this node.
+    ingest: Mutex<HashMap<String, Ingest>>,
+    /// Whether any group has a baseline (the write path takes no lock otherwise).
+    watching: AtomicBool,
+}
+
+/// A group's last drift measurements: of its served values, and of its written values.
+type Drifts = (Option<pb::MeasureDriftResponse>, Option<pb::MeasureDriftResponse>);
+
+/// The sketches of one group's written values against its newest baseline.
+#[derive(Debug)]
+struct Ingest {
+    baseline: String,
+    captured_at: Option<prost_types::Timestamp>,
+    features: HashMap<String, crate::drift::IngestSketch>,
 }
 
 fn duration_of(us: i64) -> prost_types::Duration {
@@ -363,6 +382,8 @@ impl Health {
             gauges: Gauges::new()?,
             persist_interval: WATERMARK_PERSIST_INTERVAL,
             drift: Mutex::new(HashMap::new()),
+            ingest: Mutex::new(HashMap::new()),
+            watching: AtomicBool::new(false),
         })
     }
 
@@ -409,29 +430,109 @@ impl Health {
                 delays[i].observe(system_us.saturating_sub(r.event_us).max(0) as f64 / 1e6);
             }
         }
+        if self.watching.load(Ordering::Relaxed) {
+            let mut ingest = self.ingest.lock();
+            for r in rows {
+                let Some(g) = ingest.get_mut(r.group) else { continue };
+                for (name, v) in &r.row.values {
+                    if let Some(s) = g.features.get_mut(name) {
+                        s.add(crate::drift::observe(Some(v)), system_us);
+                    }
+                }
+                for name in &r.row.deletes {
+                    if let Some(s) = g.features.get_mut(name) {
+                        s.add(crate::drift::Observation::Null, system_us);
+                    }
+                }
+            }
+        }
     }
 
-    /// Keeps the drift measured of each group with a baseline (replacing the last measurement)
-    /// and sets the drift gauges to it.
-    pub fn set_drift(&self, measured: Vec<pb::MeasureDriftResponse>) {
+    /// Sketches the values written to each group of `newest` (a group's newest baseline) from
+    /// now on; a group whose baseline changed starts over, one with none is no longer sketched.
+    pub fn watch(&self, newest: &[pb::Baseline]) {
+        let mut ingest = self.ingest.lock();
+        ingest.retain(|g, _| newest.iter().any(|b| b.group == *g));
+        for b in newest {
+            Self::sketch(&mut ingest, b);
+        }
+        self.watching.store(!ingest.is_empty(), Ordering::Relaxed);
+    }
+
+    /// Like [`Health::watch`] for one group's newest baseline `b` (others are left as they are).
+    pub fn watch_group(&self, b: &pb::Baseline) {
+        let mut ingest = self.ingest.lock();
+        Self::sketch(&mut ingest, b);
+        self.watching.store(true, Ordering::Relaxed);
+    }
+
+    fn sketch(ingest: &mut HashMap<String, Ingest>, b: &pb::Baseline) {
+        if ingest.get(&b.group).is_some_and(|i| i.baseline == b.name && i.captured_at == b.captured_at) {
+            return;
+        }
+        let features =
+            b.features.iter().map(|f| (f.feature.clone(), crate::drift::IngestSketch::new(f.clone()))).collect();
+        ingest.insert(b.group.clone(), Ingest { baseline: b.name.clone(), captured_at: b.captured_at, features });
+    }
+
+    /// The drift of the values written through this node to `group` over the last window.
+    pub fn ingested_drift(&self, group: &str, now_us: i64) -> Option<pb::MeasureDriftResponse> {
+        let defs = self.registry.group(group, 0).map(|g| g.features).unwrap_or_default();
+        let ingest = self.ingest.lock();
+        let g = ingest.get(group)?;
+        let mut features: Vec<(&String, &crate::drift::IngestSketch)> = g.features.iter().collect();
+        // In the group's definition order.
+        features.sort_by_key(|(name, _)| defs.iter().position(|d| d.name == **name).unwrap_or(usize::MAX));
+        let from = now_us - crate::drift::DRIFT_WINDOW.as_micros() as i64;
+        Some(pb::MeasureDriftResponse {
+            group: group.to_string(),
+            baseline: g.baseline.clone(),
+            from: Some(crate::convert::timestamp(from)),
+            to: Some(crate::convert::timestamp(now_us)),
+            answers: 0,
+            features: features
+                .into_iter()
+                .map(|(name, s)| s.drift(defs.iter().find(|d| d.name == *name), now_us))
+                .collect(),
+            source: pb::DriftSource::Ingested as i32,
+        })
+    }
+
+    /// Keeps the drift measured of each group with a baseline — `served` from the log, and the
+    /// ingested values' at `now_us` — replacing the last measurement, and sets the drift gauges.
+    pub fn set_drift(&self, served: Vec<pb::MeasureDriftResponse>, now_us: i64) {
+        let mut now: HashMap<String, Drifts> = served.into_iter().map(|m| (m.group.clone(), (Some(m), None))).collect();
+        let groups: Vec<String> = self.ingest.lock().keys().cloned().collect();
+        for g in groups {
+            let ingested = self.ingested_drift(&g, now_us);
+            now.entry(g).or_default().1 = ingested;
+        }
         let g = &self.gauges;
+        let labels_of = |m: &Drifts| {
+            let mut out = Vec::new();
+            for (source, d) in [("served", &m.0), ("ingested", &m.1)] {
+                for f in d.iter().flat_map(|d| &d.features) {
+                    out.push((f.feature.clone(), source, f.clone()));
+                }
+            }
+            out
+        };
         let mut drift = self.drift.lock();
-        let now: HashMap<String, pb::MeasureDriftResponse> =
-            measured.into_iter().map(|m| (m.group.clone(), m)).collect();
         for (group, old) in drift.iter() {
-            for f in &old.features {
-                if !now.get(group).is_some_and(|m| m.features.iter().any(|n| n.feature == f.feature)) {
+            let kept = now.get(group).map(labels_of).unwrap_or_default();
+            for (feature, source, _) in labels_of(old) {
+                if !kept.iter().any(|(f, s, _)| *f == feature && *s == source) {
                     for stat in ["psi", "js", "ks"] {
-                        let _ = g.drift.remove_label_values(&[group, &f.feature, stat]);
+                        let _ = g.drift.remove_label_values(&[group, &feature, stat, source]);
                     }
-                    let _ = g.drift_breached.remove_label_values(&[group, &f.feature]);
+                    let _ = g.drift_breached.remove_label_values(&[group, &feature, source]);
                 }
             }
         }
         for (group, m) in &now {
-            for f in &m.features {
+            for (feature, source, f) in labels_of(m) {
                 for (stat, v) in [("psi", f.psi), ("js", f.js), ("ks", f.ks)] {
-                    let labels = [group.as_str(), f.feature.as_str(), stat];
+                    let labels = [group.as_str(), feature.as_str(), stat, source];
                     match v {
                         Some(v) => g.drift.with_label_values(&labels).set(v),
                         None => {
@@ -439,7 +540,7 @@ impl Health {
                         }
                     }
                 }
-                g.drift_breached.with_label_values(&[group, &f.feature]).set(i64::from(f.breached));
+                g.drift_breached.with_label_values(&[group, &feature, source]).set(i64::from(f.breached));
             }
         }
         *drift = now;
@@ -588,6 +689,8 @@ impl Health {
                     })
                     .collect()
             };
+            // One lock: a guard in the literal below would live to the end of the statement.
+            let (drift, ingested_drift) = self.drift.lock().get(&def.name).cloned().unwrap_or_default();
             out.push(pb::GroupHealth {
                 group: def.name.clone(),
                 version: def.version,
@@ -598,7 +701,8 @@ impl Health {
                 sla_breached,
                 features,
                 values_written: values,
-                drift: self.drift.lock().get(&def.name).cloned(),
+                drift,
+                ingested_drift,
             });
         }
         Ok(out)

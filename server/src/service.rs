@@ -869,9 +869,11 @@ impl pb::monitor_service_server::MonitorService for MonitorApi {
                     .into_inner()
                     .baseline
                     .ok_or_else(|| Status::invalid_argument("PutBaseline needs a baseline"))?;
-                let registry = self.registry.clone();
+                let (registry, health) = (self.registry.clone(), self.health.clone());
                 blocking(move || {
                     let stored = crate::drift::put(&registry, baseline, now_us()).map_err(status)?;
+                    // Written values are sketched against it from now on.
+                    health.watch_group(&stored);
                     Ok(Response::new(pb::PutBaselineResponse { captured_at: stored.captured_at }))
                 })
                 .await
@@ -913,8 +915,11 @@ impl pb::monitor_service_server::MonitorService for MonitorApi {
                 let group = req.get_ref().group.clone();
                 authorize(&req, Scope::Read, Some(group.as_str()))?;
                 let (registry, log, req) = (self.registry.clone(), self.served_log.clone(), req.into_inner());
+                let health = self.health.clone();
                 blocking(move || {
-                    crate::drift::measure_one(&registry, &log, &req, now_us()).map(Response::new).map_err(status)
+                    crate::drift::measure_one(&registry, &log, &health, &req, now_us())
+                        .map(Response::new)
+                        .map_err(status)
                 })
                 .await
             })

@@ -220,16 +220,39 @@ fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alert_rules_pass_promtool_and_rules_and_dashboard_name_only_exported_metrics() {
     let out = promtool(&["check", "rules", "quiver-alerts.yml"]);
-    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
     promtool(&["test", "rules", "quiver-alerts.test.yml"]);
 
     // A node with a peer (unreachable: its replication series exist all the same), a group with
     // an SLA and bounds, one write and one lookup: every series the rules and the dashboard use
     // is on its page.
     let tmp = tempfile::tempdir().expect("tmp");
-    let d = Daemon::start(tmp.path(), &["--region", "1", "--peer", "2=127.0.0.1:9"]);
+    let d = Daemon::start_with_env(
+        tmp.path(),
+        "127.0.0.1:0",
+        &["--region", "1", "--peer", "2=127.0.0.1:9"],
+        &[("QUIVER_TEST_DRIFT_INTERVAL_MS", "100")],
+    );
     let mut c = Clients::of(&d).await;
     c.registry.apply_registry(registry()).await.expect("apply");
+    // A baseline, so that the written value is sketched and the drift series exist.
+    let baseline = pb::Baseline {
+        group: "user_stats".into(),
+        name: "b1".into(),
+        features: vec![pb::FeatureBaseline {
+            feature: "clicks".into(),
+            r#type: pb::ValueType::Int64 as i32,
+            rows: 1,
+            nulls: 0,
+            summary: Some(pb::feature_baseline::Summary::Numeric(pb::NumericSummary {
+                edges: vec![],
+                counts: vec![1],
+                sample: vec![1.0],
+            })),
+        }],
+        ..Default::default()
+    };
+    c.monitor.put_baseline(pb::PutBaselineRequest { baseline: Some(baseline) }).await.expect("baseline");
     c.features.write_features(clicks("alice", now_us())).await.expect("write");
     let lookup = pb::GetOnlineFeaturesRequest {
         entity_type: "user".into(),
@@ -239,7 +262,13 @@ async fn alert_rules_pass_promtool_and_rules_and_dashboard_name_only_exported_me
         ..Default::default()
     };
     c.features.get_online_features(lookup).await.expect("lookup");
-    let page = d.scrape();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut page = d.scrape();
+    while !page.contains("quiver_feature_drift_breached{") {
+        assert!(std::time::Instant::now() < deadline, "drift never measured:\n{page}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        page = d.scrape();
+    }
     let exported: std::collections::BTreeSet<String> =
         page.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next().map(str::to_string)).collect();
     for file in ["quiver-alerts.yml", "grafana-dashboard.json"] {

@@ -174,6 +174,7 @@ pub fn drift_json(m: &pb::MeasureDriftResponse) -> serde_json::Value {
         "from_us": m.from.as_ref().and_then(|t| quiver_server::convert::micros(t, "time").ok()),
         "to_us": m.to.as_ref().and_then(|t| quiver_server::convert::micros(t, "time").ok()),
         "answers": m.answers,
+        "source": if m.source() == pb::DriftSource::Ingested { "ingested" } else { "served" },
         "breached": m.features.iter().any(|f| f.breached),
         "features": m.features.iter().map(|f| serde_json::json!({
             "feature": f.feature, "values": f.values, "nulls": f.nulls, "psi": f.psi, "js": f.js,
@@ -190,12 +191,15 @@ pub async fn run(
     baseline: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    ingested: bool,
 ) -> Result<bool> {
+    let source = if ingested { pb::DriftSource::Ingested } else { pb::DriftSource::Served };
     let req = pb::MeasureDriftRequest {
         group: group.to_string(),
         baseline: baseline.unwrap_or_default(),
         from: from.as_deref().map(|s| parse_time("--from", s)).transpose()?,
         to: to.as_deref().map(|s| parse_time("--to", s)).transpose()?,
+        source: source as i32,
     };
     let m = pb::monitor_service_client::MonitorServiceClient::new(server.channel().await?)
         .measure_drift(req)
@@ -206,7 +210,14 @@ pub async fn run(
     if json {
         println!("{}", drift_json(&m));
     } else {
-        println!("{} against baseline {}: {} logged answers", m.group, m.baseline, m.answers);
+        match m.source() {
+            pb::DriftSource::Ingested => {
+                println!("{} against baseline {}: values written in the last hour", m.group, m.baseline)
+            }
+            pb::DriftSource::Served => {
+                println!("{} against baseline {}: {} logged answers", m.group, m.baseline, m.answers)
+            }
+        }
         print_drift(&m, "    ");
     }
     Ok(any)

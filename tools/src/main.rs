@@ -218,6 +218,10 @@ enum Cmd {
         /// End of the range (exclusive; default: now).
         #[arg(long)]
         to: Option<String>,
+        /// The values written to the group through the server over the last hour (sketched on
+        /// the write path against the newest baseline) instead of the served ones.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        ingested: bool,
     },
     /// Every feature group's health: freshness against its SLA, null rates against their
     /// bounds, drift against the newest baseline. Exits with 2 when something breaches (1 on errors).
@@ -445,8 +449,8 @@ async fn run(cli: Cli) -> Result<()> {
             drift::capture(server, cli.json, &file, &group, &name).await
         }
         Cmd::Baseline { cmd: BaselineCmd::List { group } } => drift::list(server, cli.json, group).await,
-        Cmd::Drift { group, baseline, from, to } => {
-            if drift::run(server, cli.json, &group, baseline, from, to).await? {
+        Cmd::Drift { group, baseline, from, to, ingested } => {
+            if drift::run(server, cli.json, &group, baseline, from, to, ingested).await? {
                 std::process::exit(drift::EXIT_DRIFTED);
             }
             Ok(())

@@ -27,7 +27,9 @@ fn human(s: f64) -> String {
 fn breached(g: &pb::GroupHealth) -> bool {
     g.sla_breached
         || g.features.iter().any(|f| f.null_rate_breached)
-        || g.drift.as_ref().is_some_and(|d| d.features.iter().any(|f| f.breached))
+        || [&g.drift, &g.ingested_drift]
+            .iter()
+            .any(|d| d.as_ref().is_some_and(|d| d.features.iter().any(|f| f.breached)))
 }
 
 fn json_of(g: &pb::GroupHealth) -> serde_json::Value {
@@ -51,6 +53,7 @@ fn json_of(g: &pb::GroupHealth) -> serde_json::Value {
             "null_rate_breached": f.null_rate_breached,
         })).collect::<Vec<_>>(),
         "drift": g.drift.as_ref().map(crate::drift::drift_json),
+        "ingested_drift": g.ingested_drift.as_ref().map(crate::drift::drift_json),
     })
 }
 
@@ -102,6 +105,10 @@ pub async fn run(server: &Server, json: bool, group: Option<String>) -> Result<b
                 crate::drift::print_drift(d, "        ");
             }
             None => println!("    drift: no baseline (or not measured yet)"),
+        }
+        if let Some(d) = &g.ingested_drift {
+            println!("    drift of the values written here in the last hour, against baseline {}:", d.baseline);
+            crate::drift::print_drift(d, "        ");
         }
     }
     if r.groups.is_empty() {

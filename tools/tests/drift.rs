@@ -282,18 +282,46 @@ async fn drift_against_a_captured_baseline_matches_scipy() {
         })
         .collect();
     assert_eq!(features.len(), 4, "blob (bytes) has no baseline: {listed}");
-    let want = independent(&json!({ "features": features }));
-    for f in measured["features"].as_array().expect("features") {
-        let name = f["feature"].as_str().expect("name");
-        let w = &want[name];
-        assert_eq!(w["edges_ok"], true, "{name}: stored edges or categories differ from the deciles: {listed}");
-        for stat in ["psi", "js", "ks"] {
-            close(&f[stat], &w[stat], &format!("{name} {stat}"));
+    let check = |measured: &Json, features: Vec<Json>| {
+        let want = independent(&json!({ "features": features }));
+        for f in measured["features"].as_array().expect("features") {
+            let name = f["feature"].as_str().expect("name");
+            let w = &want[name];
+            assert_eq!(w["edges_ok"], true, "{name}: stored edges or categories differ from the deciles: {listed}");
+            for stat in ["psi", "js", "ks"] {
+                close(&f[stat], &w[stat], &format!("{} {name} {stat}", measured["source"]));
+            }
+            let psi_over = f["psi"].as_f64().is_some_and(|p| p > f["max_psi"].as_f64().expect("max_psi"));
+            let ks_over = f["ks"].as_f64().is_some_and(|k| k > f["max_ks"].as_f64().expect("max_ks"));
+            assert_eq!(f["breached"], json!(psi_over || ks_over), "{f}");
         }
-        let psi_over = f["psi"].as_f64().is_some_and(|p| p > f["max_psi"].as_f64().expect("max_psi"));
-        let ks_over = f["ks"].as_f64().is_some_and(|k| k > f["max_ks"].as_f64().expect("max_ks"));
-        assert_eq!(f["breached"], json!(psi_over || ks_over), "{f}");
-    }
+    };
+    check(&measured, features.clone());
+
+    // The written values, sketched on the write path: only what was written (n for half the
+    // users), no nulls.
+    let (code, out, err) = quiver(&["--addr", &addr, "--json", "drift", "--group", "g", "--ingested"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    let ingested: Json = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(ingested["source"], "ingested", "{ingested}");
+    let written: Vec<Row> = cur.iter().filter(|r| r.0.is_some()).cloned().collect();
+    let written_cols = columns(&written);
+    let ingested_features: Vec<Json> = features
+        .iter()
+        .map(|f| {
+            let name = f["feature"].as_str().expect("name");
+            let values: Vec<Json> = written_cols[name].iter().filter(|v| !v.is_null()).cloned().collect();
+            let mut f = f.clone();
+            f["current"] = json!(values);
+            f
+        })
+        .collect();
+    check(&ingested, ingested_features);
+    let n = ingested["features"].as_array().expect("features").iter().find(|f| f["feature"] == "n").cloned();
+    assert_eq!(n.map(|n| (n["values"].clone(), n["nulls"].clone())), Some((json!(125), json!(0))), "{ingested}");
+    let (code, _, err) = quiver(&["--addr", &addr, "drift", "--group", "g", "--ingested", "--baseline", "old"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("FailedPrecondition") && err.contains("newest baseline"), "{err}");
     let by_name = |n: &str| {
         measured["features"].as_array().expect("features").iter().find(|f| f["feature"] == n).cloned().expect(n)
     };
@@ -309,12 +337,16 @@ async fn drift_against_a_captured_baseline_matches_scipy() {
     loop {
         let page = d.scrape();
         let gauge = page.lines().find(|l| {
-            l.starts_with("quiver_feature_drift{") && l.contains("feature=\"x\"") && l.contains("stat=\"psi\"")
+            l.starts_with("quiver_feature_drift{")
+                && l.contains("feature=\"x\"")
+                && l.contains("stat=\"psi\"")
+                && l.contains("source=\"served\"")
         });
         if let Some(v) = gauge.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok()) {
             if (v - x_psi).abs() < 1e-9 {
                 assert!(page.lines().any(|l| l.starts_with("quiver_feature_drift_breached{")
                     && l.contains("feature=\"x\"")
+                    && l.contains("source=\"served\"")
                     && l.ends_with(" 1")));
                 break;
             }
@@ -326,4 +358,12 @@ async fn drift_against_a_captured_baseline_matches_scipy() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("drift against baseline v1 (300 logged answers in the last hour):"), "{out}");
     assert!(out.lines().any(|l| l.trim_start().starts_with("x: psi ") && l.ends_with("BREACHED")), "{out}");
+    assert!(out.contains("drift of the values written here in the last hour, against baseline v1:"), "{out}");
+    let page = d.scrape();
+    assert!(
+        page.lines().any(|l| l.starts_with("quiver_feature_drift{")
+            && l.contains("source=\"ingested\"")
+            && l.contains("feature=\"n\"")),
+        "{page}"
+    );
 }

@@ -141,6 +141,34 @@ async fn tokens_scopes_groups_and_revocation() {
     assert_eq!(names, vec!["fraud_scores".to_string()]);
     let hidden = pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 };
     assert_eq!(code(reader.registry.get_feature_group(hidden).await), Code::PermissionDenied);
+    // Baselines: stored with the admin scope only; a reader sees and measures its groups' only.
+    let baseline = |group: &str| pb::PutBaselineRequest {
+        baseline: Some(pb::Baseline {
+            group: group.into(),
+            name: "b1".into(),
+            features: vec![pb::FeatureBaseline {
+                feature: "clicks".into(),
+                r#type: pb::ValueType::Int64 as i32,
+                rows: 1,
+                nulls: 0,
+                summary: Some(pb::feature_baseline::Summary::Numeric(pb::NumericSummary {
+                    edges: vec![],
+                    counts: vec![1],
+                    sample: vec![7.0],
+                })),
+            }],
+            ..Default::default()
+        }),
+    };
+    assert_eq!(code(reader.monitor.put_baseline(baseline("fraud_scores")).await), Code::PermissionDenied);
+    ops.monitor.put_baseline(baseline("fraud_scores")).await.expect("admin puts a baseline");
+    ops.monitor.put_baseline(baseline("user_stats")).await.expect("admin puts a baseline");
+    let listed = reader.monitor.list_baselines(pb::ListBaselinesRequest::default()).await.expect("list");
+    let groups: Vec<String> = listed.into_inner().baselines.into_iter().map(|b| b.group).collect();
+    assert_eq!(groups, vec!["fraud_scores".to_string()]);
+    let drift = |group: &str| pb::MeasureDriftRequest { group: group.into(), ..Default::default() };
+    reader.monitor.measure_drift(drift("fraud_scores")).await.expect("measure its group");
+    assert_eq!(code(reader.monitor.measure_drift(drift("user_stats")).await), Code::PermissionDenied);
     reader.registry.get_entity_type(pb::GetEntityTypeRequest { name: "user".into() }).await.expect("entity types");
     let spine = pb::GetHistoricalFeaturesRequest {
         entity_type: "user".into(),
