@@ -213,6 +213,7 @@ struct Gauges {
     null_rate_breached: IntGaugeVec,
     drift: GaugeVec,
     drift_breached: IntGaugeVec,
+    skew: IntCounterVec,
 }
 
 fn err(e: prometheus::Error) -> String {
@@ -289,6 +290,14 @@ impl Gauges {
                 "drift against the group's newest baseline over the last hour (stat: psi, js, ks; source: served, ingested)",
                 &["group", "feature", "stat", "source"],
             )?,
+            skew: IntCounterVec::new(
+                Opts::new(
+                    "skew_values_total",
+                    "served values replayed by MeasureSkew on this node, by result (equal, mismatched, missing)",
+                ),
+                &["group", "feature", "result"],
+            )
+            .map_err(err)?,
             drift_breached: flag(
                 "feature_drift_breached",
                 "1 while a feature's PSI is over its max_psi or its KS over its max_ks (source: served, ingested)",
@@ -314,6 +323,7 @@ impl Gauges {
             Box::new(self.null_rate_breached.clone()),
             Box::new(self.drift.clone()),
             Box::new(self.drift_breached.clone()),
+            Box::new(self.skew.clone()),
         ]
     }
 }
@@ -351,6 +361,8 @@ pub struct Health {
     ingest: Mutex<HashMap<String, Ingest>>,
     /// Whether any group has a baseline (the write path takes no lock otherwise).
     watching: AtomicBool,
+    /// The last skew measurement that covered each group.
+    skew: Mutex<HashMap<String, pb::SkewCounts>>,
 }
 
 /// A group's last drift measurements: of its served values, and of its written values.
@@ -384,6 +396,7 @@ impl Health {
             drift: Mutex::new(HashMap::new()),
             ingest: Mutex::new(HashMap::new()),
             watching: AtomicBool::new(false),
+            skew: Mutex::new(HashMap::new()),
         })
     }
 
@@ -546,6 +559,27 @@ impl Health {
         *drift = now;
     }
 
+    /// Records a skew measurement of `[from_us, to_us)` made at `now_us`: its counts per
+    /// feature (the counters) and, per group it covered, as that group's last measurement.
+    pub fn record_skew(&self, r: &pb::MeasureSkewResponse, from_us: i64, to_us: i64, now_us: i64) {
+        let mut by_group: HashMap<String, pb::SkewCounts> = HashMap::new();
+        for f in &r.features {
+            let group = crate::auth::group_of(&f.feature_ref);
+            let feature = f.feature_ref.split_once(':').map_or("", |(_, n)| n);
+            for (result, n) in [("equal", f.equal), ("mismatched", f.mismatched), ("missing", f.missing)] {
+                self.gauges.skew.with_label_values(&[group, feature, result]).inc_by(n);
+            }
+            let counts = by_group.entry(group.to_string()).or_insert_with(|| pb::SkewCounts {
+                measured_at: Some(crate::convert::timestamp(now_us)),
+                from: Some(crate::convert::timestamp(from_us)),
+                to: Some(crate::convert::timestamp(to_us)),
+                features: Vec::new(),
+            });
+            counts.features.push(pb::FeatureSkew { examples: Vec::new(), ..f.clone() });
+        }
+        self.skew.lock().extend(by_group);
+    }
+
     /// Counts an online lookup answered in part because its deadline was near.
     pub fn cut_short(&self) {
         self.gauges.cut_short.inc();
@@ -689,6 +723,7 @@ impl Health {
                     })
                     .collect()
             };
+            let skew = self.skew.lock().get(&def.name).cloned();
             // One lock: a guard in the literal below would live to the end of the statement.
             let (drift, ingested_drift) = self.drift.lock().get(&def.name).cloned().unwrap_or_default();
             out.push(pb::GroupHealth {
@@ -703,6 +738,7 @@ impl Health {
                 values_written: values,
                 drift,
                 ingested_drift,
+                skew,
             });
         }
         Ok(out)

@@ -814,10 +814,14 @@ impl pb::monitor_service_server::MonitorService for MonitorApi {
                 }
                 let features =
                     self.features.clone().ok_or_else(|| Status::failed_precondition("skew is not measured here"))?;
-                let (log, req) = (self.served_log.clone(), req.into_inner());
+                let (log, req, health) = (self.served_log.clone(), req.into_inner(), self.health.clone());
                 // A replay is a join: admitted like one would be, on the blocking pool.
                 blocking(move || {
-                    crate::skew::measure(&features, &log, &req, |g| p.may_see(g)).map(Response::new).map_err(status)
+                    let r = crate::skew::measure(&features, &log, &req, |g| p.may_see(g)).map_err(status)?;
+                    let (from, to) = crate::servedlog::served_range(req.from.as_ref(), req.to.as_ref())
+                        .map_err(|e| status(e.into()))?;
+                    health.record_skew(&r, from, to, now_us());
+                    Ok(Response::new(r))
                 })
                 .await
             })

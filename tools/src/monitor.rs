@@ -23,13 +23,15 @@ fn human(s: f64) -> String {
     }
 }
 
-/// Whether a group breaches anything: its SLA, a feature's null rate or its drift.
+/// Whether a group breaches anything: its SLA, a feature's null rate, its drift, or a mismatch
+/// in the last skew measurement.
 fn breached(g: &pb::GroupHealth) -> bool {
     g.sla_breached
         || g.features.iter().any(|f| f.null_rate_breached)
         || [&g.drift, &g.ingested_drift]
             .iter()
             .any(|d| d.as_ref().is_some_and(|d| d.features.iter().any(|f| f.breached)))
+        || g.skew.as_ref().is_some_and(|s| s.features.iter().any(|f| f.mismatched > 0))
 }
 
 fn json_of(g: &pb::GroupHealth) -> serde_json::Value {
@@ -54,6 +56,13 @@ fn json_of(g: &pb::GroupHealth) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "drift": g.drift.as_ref().map(crate::drift::drift_json),
         "ingested_drift": g.ingested_drift.as_ref().map(crate::drift::drift_json),
+        "skew": g.skew.as_ref().map(|s| serde_json::json!({
+            "measured_at_us": s.measured_at.as_ref().and_then(|t| quiver_server::convert::micros(t, "time").ok()),
+            "features": s.features.iter().map(|f| serde_json::json!({
+                "feature": f.feature_ref, "compared": f.compared, "equal": f.equal,
+                "mismatched": f.mismatched, "missing": f.missing,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -106,6 +115,14 @@ pub async fn run(server: &Server, json: bool, group: Option<String>) -> Result<b
             }
             None => println!("    drift: no baseline (or not measured yet)"),
         }
+        if let Some(sk) = &g.skew {
+            let (compared, mismatched, missing) =
+                sk.features.iter().fold((0, 0, 0), |a, f| (a.0 + f.compared, a.1 + f.mismatched, a.2 + f.missing));
+            let mark = if mismatched > 0 { "  BREACHED" } else { "" };
+            println!(
+                "    skew (last measured here): {compared} compared, {mismatched} mismatched, {missing} missing{mark}"
+            );
+        }
         if let Some(d) = &g.ingested_drift {
             println!("    drift of the values written here in the last hour, against baseline {}:", d.baseline);
             crate::drift::print_drift(d, "        ");
@@ -124,6 +141,17 @@ pub async fn run(server: &Server, json: bool, group: Option<String>) -> Result<b
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mismatch_in_the_last_skew_measurement_is_a_breach() {
+        let mut g = pb::GroupHealth::default();
+        assert!(!breached(&g));
+        let f = pb::FeatureSkew { feature_ref: "g:x".into(), compared: 3, equal: 3, ..Default::default() };
+        g.skew = Some(pb::SkewCounts { features: vec![f.clone()], ..Default::default() });
+        assert!(!breached(&g));
+        g.skew = Some(pb::SkewCounts { features: vec![pb::FeatureSkew { mismatched: 1, ..f }], ..Default::default() });
+        assert!(breached(&g));
+    }
 
     #[test]
     fn durations_read_as_people_write_them() {

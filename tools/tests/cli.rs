@@ -627,6 +627,25 @@ type = "string"
     assert!(text.contains("4 logged answers replayed"), "{text}");
     assert!(text.contains("user_stats:clicks: 4 compared, 4 equal, 0 mismatched, 0 missing"), "{text}");
     assert!(text.contains("user_stats:country: 2 compared, 2 equal, 0 mismatched, 0 missing"), "{text}");
+    // The measurement is kept: in `quiver monitor` and the counters.
+    let (ok, out, err) = quiver(&["--addr", &addr, "--json", "monitor", "--group", "user_stats"]);
+    assert!(ok, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    let skew = &report["groups"][0]["skew"]["features"];
+    assert_eq!(skew[0]["feature"], "user_stats:clicks", "{report}");
+    assert_eq!(
+        (&skew[0]["compared"], &skew[0]["mismatched"]),
+        (&serde_json::json!(4), &serde_json::json!(0)),
+        "{report}"
+    );
+    let page = d.scrape();
+    assert!(
+        page.lines().any(|l| l.starts_with("quiver_skew_values_total{")
+            && l.contains("feature=\"clicks\"")
+            && l.contains("result=\"equal\"")
+            && l.ends_with(" 4")),
+        "{page}"
+    );
     let (ok, _, err) = quiver(&["--addr", &addr, "logs", "export", "--from", "soon", "--to", "0", "-o", out_path]);
     assert!(!ok && err.contains("--from \"soon\" is neither RFC 3339"), "{err}");
 }
