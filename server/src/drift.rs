@@ -16,7 +16,7 @@
 //!   (all values when there are that few, else the values at evenly spaced ranks);
 //! - categorical (string, bool): the [`BASELINE_CATEGORIES_MAX`] most frequent values and the
 //!   count of every other;
-//! - the rows with no value (nulls; a NaN counts as null).
+//! - the rows with no value (nulls; NaN and ±infinity count as null).
 //!
 //! A file with more than [`CAPTURE_VALUES_MAX`] values of a numeric feature is summarised from
 //! a uniform sample of that many (reservoir sampling, seeded: the same file gives the same
@@ -39,6 +39,9 @@
 //!   0 · log 0 = 0: in [0, 1], no floor needed;
 //! - KS = sup over x of |F_b(x) − F_c(x)|, the empirical CDFs of the non-null numeric values
 //!   (the baseline's sample against the current values): the two-sample statistic.
+//!
+//! Written values (the ingest sketches) carry no null rows — a delete is not a null answer — so
+//! they are compared over the value buckets only, the baseline's nulls left out on both sides.
 //!
 //! PSI and JS are absent when a side has no rows, KS when a side has no non-null value. A
 //! feature breaches when PSI is over its `max_psi` or KS over its `max_ks` (registry; defaults
@@ -109,10 +112,10 @@ pub fn numeric(t: pb::ValueType) -> bool {
 /// A value (`None`: no value) as an observation; kinds that are not summarised are null.
 pub fn observe(v: Option<&pb::Value>) -> Observation {
     use pb::value::Kind;
-    let number = |x: f64| if x.is_nan() { Observation::Null } else { Observation::Number(x) };
+    let number = |x: f64| if x.is_finite() { Observation::Number(x) } else { Observation::Null };
     match v.and_then(|v| v.kind.as_ref()) {
         Some(Kind::BoolValue(b)) => Observation::Category(b.to_string()),
-        Some(Kind::Int64Value(i)) => Observation::Number(*i as f64),
+        Some(Kind::Int64Value(i)) => number(*i as f64),
         Some(Kind::Float32Value(f)) => number(f64::from(*f)),
         Some(Kind::Float64Value(f)) => number(*f),
         Some(Kind::StringValue(s)) => Observation::Category(s.clone()),
@@ -257,7 +260,7 @@ pub fn shares(counts: &[u64], nulls: u64, rows: u64) -> Option<Vec<f64>> {
     if rows == 0 {
         return None;
     }
-    let total: u64 = counts.iter().sum();
+    let total = counts.iter().fold(0u64, |a, &n| a.saturating_add(n));
     let non_null = rows.saturating_sub(nulls) as f64 / rows as f64;
     let mut s: Vec<f64> =
         counts.iter().map(|&c| if total == 0 { 0.0 } else { c as f64 / total as f64 * non_null }).collect();
@@ -370,15 +373,25 @@ impl Tally {
     }
 }
 
+/// Whether the null bucket takes part in PSI and JS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nulls {
+    /// Served values: a null answer is an outcome to compare with the training set's nulls.
+    Compared,
+    /// Written values: a write carries values (a delete is not a null row), so both sides are
+    /// compared over their values only.
+    Left,
+}
+
 /// The drift of `current` (its numbers sorted in `sorted`) against `base`, with the bounds of
 /// `def`.
 fn drift_of(
     base: &pb::FeatureBaseline,
     def: Option<&pb::FeatureDef>,
     buckets: &[u64],
-    nulls: u64,
-    values: u64,
+    (nulls, values): (u64, u64),
     sorted: &[f64],
+    null_bucket: Nulls,
 ) -> pb::FeatureDrift {
     let max_psi = def.and_then(|d| d.max_psi).unwrap_or(MAX_PSI_DEFAULT);
     let max_ks = def.and_then(|d| d.max_ks).unwrap_or(MAX_KS_DEFAULT);
@@ -389,7 +402,14 @@ fn drift_of(
         }
         None => (Vec::new(), &[]),
     };
-    let (psi_v, js_v) = match (shares(&base_counts, base.nulls, base.rows), shares(buckets, nulls, values + nulls)) {
+    let (b, c) = match null_bucket {
+        Nulls::Compared => (shares(&base_counts, base.nulls, base.rows), shares(buckets, nulls, values + nulls)),
+        Nulls::Left => {
+            let base_values = base_counts.iter().fold(0u64, |a, &n| a.saturating_add(n));
+            (shares(&base_counts, 0, base_values), shares(buckets, 0, values))
+        }
+    };
+    let (psi_v, js_v) = match (b, c) {
         (Some(b), Some(c)) if b.len() == c.len() => (Some(psi(&b, &c)), Some(js(&b, &c))),
         _ => (None, None),
     };
@@ -427,7 +447,7 @@ impl<'a> Current<'a> {
 
     fn drift(self, def: Option<&pb::FeatureDef>) -> pb::FeatureDrift {
         let t = self.tally;
-        drift_of(self.base, def, &t.buckets, t.nulls, t.values, &t.numbers.sorted())
+        drift_of(self.base, def, &t.buckets, (t.nulls, t.values), &t.numbers.sorted(), Nulls::Compared)
     }
 }
 
@@ -504,7 +524,7 @@ impl IngestSketch {
             sorted.extend_from_slice(&pool[..k]);
         }
         sorted.sort_by(f64::total_cmp);
-        drift_of(&self.base, def, &buckets, nulls, values, &sorted)
+        drift_of(&self.base, def, &buckets, (nulls, values), &sorted, Nulls::Left)
     }
 }
 
@@ -556,9 +576,12 @@ pub fn validate(registry: &Registry, b: &pb::Baseline) -> Result<()> {
         if f.nulls > f.rows {
             return Err(invalid(format!("baseline {:?}: feature {} has more nulls than rows", b.name, f.feature)));
         }
+        let sum = |xs: &[u64], more: u64| xs.iter().try_fold(more, |a, &n| a.checked_add(n));
+        let values = f.rows - f.nulls;
         let ok = match &f.summary {
             Some(pb::feature_baseline::Summary::Numeric(n)) => {
-                numeric(def.r#type())
+                sum(&n.counts, 0).is_some_and(|t| t <= values)
+                    && numeric(def.r#type())
                     && n.edges.len() < BASELINE_BINS
                     && n.counts.len() == n.edges.len() + 1
                     && n.edges.iter().all(|e| e.is_finite())
@@ -568,7 +591,8 @@ pub fn validate(registry: &Registry, b: &pb::Baseline) -> Result<()> {
                     && n.sample.windows(2).all(|w| w[0] <= w[1])
             }
             Some(pb::feature_baseline::Summary::Categorical(c)) => {
-                !numeric(def.r#type())
+                sum(&c.counts, c.other).is_some_and(|t| t <= values)
+                    && !numeric(def.r#type())
                     && c.categories.len() <= BASELINE_CATEGORIES_MAX
                     && c.counts.len() == c.categories.len()
             }
@@ -718,6 +742,9 @@ pub fn measure_one(
             .next()
             .ok_or_else(|| ServiceError::NotFound(format!("group {} has no baseline", req.group)))?;
         if !req.baseline.is_empty() && req.baseline != newest.name {
+            if !list(registry.db(), Some(&req.group))?.iter().any(|b| b.name == req.baseline) {
+                return Err(ServiceError::NotFound(format!("group {} has no baseline {:?}", req.group, req.baseline)));
+            }
             return Err(ServiceError::Refused(format!(
                 "written values are sketched against the group's newest baseline ({:?}) only",
                 newest.name
@@ -915,7 +942,15 @@ mod tests {
         // The buckets are exact: 100 values per decile bin, 10 more in the last.
         let mut want_buckets = vec![100u64; 10];
         want_buckets[9] += 10;
-        let want = drift_of(&base, None, &want_buckets, 1, 1_010, &[]);
+        let want = drift_of(&base, None, &want_buckets, (1, 1_010), &[], Nulls::Left);
+        // Written values are compared over their values: a baseline with nulls does not make
+        // them drift.
+        let with_nulls = numbers(&xs, 25);
+        let mut s2 = IngestSketch::new(with_nulls);
+        for i in 0..100 {
+            s2.add(Observation::Number(f64::from(i)), t0);
+        }
+        assert_eq!(s2.drift(None, t0).psi, Some(0.0));
         assert!(close(d.psi.expect("psi"), want.psi.expect("psi")), "{d:?}");
         // KS over the merged sample: the second slot stands for ~1% of it, as it should.
         let ks = d.ks.expect("ks");

@@ -480,8 +480,13 @@ impl Health {
     }
 
     fn sketch(ingest: &mut HashMap<String, Ingest>, b: &pb::Baseline) {
-        if ingest.get(&b.group).is_some_and(|i| i.baseline == b.name && i.captured_at == b.captured_at) {
-            return;
+        let at = |t: &Option<prost_types::Timestamp>| t.as_ref().map_or((0, 0), |t| (t.seconds, t.nanos));
+        if let Some(i) = ingest.get(&b.group) {
+            // The same baseline, or an older one than this node sketches (a listing made before
+            // a PutBaseline): keep the sketch.
+            if (i.baseline == b.name && i.captured_at == b.captured_at) || at(&i.captured_at) > at(&b.captured_at) {
+                return;
+            }
         }
         let features =
             b.features.iter().map(|f| (f.feature.clone(), crate::drift::IngestSketch::new(f.clone()))).collect();

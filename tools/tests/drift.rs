@@ -284,6 +284,7 @@ async fn drift_against_a_captured_baseline_matches_scipy() {
     assert_eq!(features.len(), 4, "blob (bytes) has no baseline: {listed}");
     let check = |measured: &Json, features: Vec<Json>| {
         let want = independent(&json!({ "features": features }));
+        assert_eq!(measured["features"].as_array().map(Vec::len), Some(4), "{measured}");
         for f in measured["features"].as_array().expect("features") {
             let name = f["feature"].as_str().expect("name");
             let w = &want[name];
@@ -311,17 +312,25 @@ async fn drift_against_a_captured_baseline_matches_scipy() {
         .map(|f| {
             let name = f["feature"].as_str().expect("name");
             let values: Vec<Json> = written_cols[name].iter().filter(|v| !v.is_null()).cloned().collect();
+            // Written values are compared over values only: the baseline's nulls are left out.
+            let base: Vec<Json> =
+                f["baseline"].as_array().expect("baseline").iter().filter(|v| !v.is_null()).cloned().collect();
             let mut f = f.clone();
             f["current"] = json!(values);
+            f["baseline"] = json!(base);
             f
         })
         .collect();
     check(&ingested, ingested_features);
     let n = ingested["features"].as_array().expect("features").iter().find(|f| f["feature"] == "n").cloned();
     assert_eq!(n.map(|n| (n["values"].clone(), n["nulls"].clone())), Some((json!(125), json!(0))), "{ingested}");
+    // x is 4% null in training: compared over values, its written values drift by their shift
+    // alone (an unchanged x would not breach for want of nulls).
+    let x = ingested["features"].as_array().expect("features").iter().find(|f| f["feature"] == "x").cloned();
+    assert_eq!(x.map(|x| x["breached"].clone()), Some(json!(true)), "{ingested}");
     let (code, _, err) = quiver(&["--addr", &addr, "drift", "--group", "g", "--ingested", "--baseline", "old"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("FailedPrecondition") && err.contains("newest baseline"), "{err}");
+    assert!(err.contains("NotFound") && err.contains("no baseline \"old\""), "{err}");
     let by_name = |n: &str| {
         measured["features"].as_array().expect("features").iter().find(|f| f["feature"] == n).cloned().expect(n)
     };
@@ -363,7 +372,7 @@ async fn drift_against_a_captured_baseline_matches_scipy() {
     assert!(
         page.lines().any(|l| l.starts_with("quiver_feature_drift{")
             && l.contains("source=\"ingested\"")
-            && l.contains("feature=\"n\"")),
+            && l.contains("feature=\"x\"")),
         "{page}"
     );
 }
