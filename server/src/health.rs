@@ -564,9 +564,9 @@ impl Health {
         *drift = now;
     }
 
-    /// Records a skew measurement of `[from_us, to_us)` made at `now_us`: its counts per
+    /// Records the skew measurement `req` made at `now_us`: its counts per
     /// feature (the counters) and, per group it covered, as that group's last measurement.
-    pub fn record_skew(&self, r: &pb::MeasureSkewResponse, from_us: i64, to_us: i64, now_us: i64) {
+    pub fn record_skew(&self, r: &pb::MeasureSkewResponse, req: &pb::MeasureSkewRequest, now_us: i64) {
         let mut by_group: HashMap<String, pb::SkewCounts> = HashMap::new();
         for f in &r.features {
             let group = crate::auth::group_of(&f.feature_ref);
@@ -576,8 +576,8 @@ impl Health {
             }
             let counts = by_group.entry(group.to_string()).or_insert_with(|| pb::SkewCounts {
                 measured_at: Some(crate::convert::timestamp(now_us)),
-                from: Some(crate::convert::timestamp(from_us)),
-                to: Some(crate::convert::timestamp(to_us)),
+                from: req.from,
+                to: req.to,
                 features: Vec::new(),
             });
             counts.features.push(pb::FeatureSkew { examples: Vec::new(), ..f.clone() });

@@ -818,9 +818,7 @@ impl pb::monitor_service_server::MonitorService for MonitorApi {
                 // A replay is a join: admitted like one would be, on the blocking pool.
                 blocking(move || {
                     let r = crate::skew::measure(&features, &log, &req, |g| p.may_see(g)).map_err(status)?;
-                    let (from, to) = crate::servedlog::served_range(req.from.as_ref(), req.to.as_ref())
-                        .map_err(|e| status(e.into()))?;
-                    health.record_skew(&r, from, to, now_us());
+                    health.record_skew(&r, &req, now_us());
                     Ok(Response::new(r))
                 })
                 .await

@@ -267,3 +267,26 @@ pub fn example_registry() -> pb::ApplyRegistryRequest {
         dry_run: false,
     }
 }
+
+/// A one-feature numeric drift baseline of `group:feature` (int64) with no bins: every value of
+/// `sample` in one bin, for tests that need a baseline to exist.
+pub fn int64_baseline(group: &str, feature: &str, sample: Vec<f64>) -> pb::PutBaselineRequest {
+    pb::PutBaselineRequest {
+        baseline: Some(pb::Baseline {
+            group: group.into(),
+            name: "b1".into(),
+            features: vec![pb::FeatureBaseline {
+                feature: feature.into(),
+                r#type: pb::ValueType::Int64 as i32,
+                rows: sample.len() as u64,
+                nulls: 0,
+                summary: Some(pb::feature_baseline::Summary::Numeric(pb::NumericSummary {
+                    edges: vec![],
+                    counts: vec![sample.len() as u64],
+                    sample,
+                })),
+            }],
+            ..Default::default()
+        }),
+    }
+}

@@ -236,23 +236,7 @@ async fn alert_rules_pass_promtool_and_rules_and_dashboard_name_only_exported_me
     let mut c = Clients::of(&d).await;
     c.registry.apply_registry(registry()).await.expect("apply");
     // A baseline, so that the written value is sketched and the drift series exist.
-    let baseline = pb::Baseline {
-        group: "user_stats".into(),
-        name: "b1".into(),
-        features: vec![pb::FeatureBaseline {
-            feature: "clicks".into(),
-            r#type: pb::ValueType::Int64 as i32,
-            rows: 1,
-            nulls: 0,
-            summary: Some(pb::feature_baseline::Summary::Numeric(pb::NumericSummary {
-                edges: vec![],
-                counts: vec![1],
-                sample: vec![1.0],
-            })),
-        }],
-        ..Default::default()
-    };
-    c.monitor.put_baseline(pb::PutBaselineRequest { baseline: Some(baseline) }).await.expect("baseline");
+    c.monitor.put_baseline(quiver_e2e::int64_baseline("user_stats", "clicks", vec![1.0])).await.expect("baseline");
     c.features.write_features(clicks("alice", now_us())).await.expect("write");
     let lookup = pb::GetOnlineFeaturesRequest {
         entity_type: "user".into(),

@@ -142,24 +142,7 @@ async fn tokens_scopes_groups_and_revocation() {
     let hidden = pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 };
     assert_eq!(code(reader.registry.get_feature_group(hidden).await), Code::PermissionDenied);
     // Baselines: stored with the admin scope only; a reader sees and measures its groups' only.
-    let baseline = |group: &str| pb::PutBaselineRequest {
-        baseline: Some(pb::Baseline {
-            group: group.into(),
-            name: "b1".into(),
-            features: vec![pb::FeatureBaseline {
-                feature: "clicks".into(),
-                r#type: pb::ValueType::Int64 as i32,
-                rows: 1,
-                nulls: 0,
-                summary: Some(pb::feature_baseline::Summary::Numeric(pb::NumericSummary {
-                    edges: vec![],
-                    counts: vec![1],
-                    sample: vec![7.0],
-                })),
-            }],
-            ..Default::default()
-        }),
-    };
+    let baseline = |group: &str| quiver_e2e::int64_baseline(group, "clicks", vec![7.0]);
     assert_eq!(code(reader.monitor.put_baseline(baseline("fraud_scores")).await), Code::PermissionDenied);
     ops.monitor.put_baseline(baseline("fraud_scores")).await.expect("admin puts a baseline");
     ops.monitor.put_baseline(baseline("user_stats")).await.expect("admin puts a baseline");
