@@ -41,6 +41,7 @@ pub fn registry() -> pb::ApplyRegistryRequest {
             ..Default::default()
         }],
         dry_run: false,
+        promote: false,
     }
 }
 

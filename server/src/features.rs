@@ -827,7 +827,7 @@ impl Features {
                 }
             }
         }
-        let (et, features) = self.resolve_uncached(entity_type, refs)?;
+        let (et, features) = self.resolve_uncached(entity_type, refs, SystemTime::MAX)?;
         let r =
             Arc::new(Resolution::new(et, refs.to_vec(), features, self.health.as_deref(), self.served_log.as_deref())?);
         let mut cache = self.resolutions.lock();
@@ -839,7 +839,14 @@ impl Features {
         Ok(r)
     }
 
-    fn resolve_uncached(&self, entity_type: &str, refs: &[String]) -> Result<(pb::EntityType, Vec<ResolvedFeature>)> {
+    /// The entity type and features of a request, unpinned references resolved as of
+    /// `known_at` (`SystemTime::MAX`: the serving versions now).
+    fn resolve_uncached(
+        &self,
+        entity_type: &str,
+        refs: &[String],
+        known_at: SystemTime,
+    ) -> Result<(pb::EntityType, Vec<ResolvedFeature>)> {
         if refs.is_empty() {
             return Err(ServiceError::Invalid("no features requested".into()));
         }
@@ -848,7 +855,7 @@ impl Features {
         }
         let et = self.registry.entity_type(entity_type)?;
         let features: Vec<ResolvedFeature> =
-            refs.iter().map(|r| self.registry.resolve(r)).collect::<std::result::Result<_, _>>()?;
+            refs.iter().map(|r| self.registry.resolve_at(r, known_at)).collect::<std::result::Result<_, _>>()?;
         if let Some(f) = features.iter().find(|f| f.entity_type != et.name) {
             return Err(ServiceError::Invalid(format!(
                 "feature {}:{} is on entity type {}, not {}",
@@ -870,12 +877,19 @@ impl Features {
             return Err(ServiceError::TooLarge(format!("spine has more than {SPINE_ROWS_MAX} rows")));
         }
         let started = std::time::Instant::now();
-        let resolution = self.resolve_features(&req.entity_type, &req.features)?;
-        let (et, features) = (&resolution.entity_type, &resolution.features);
         let known_at = match &req.known_at {
             Some(t) => convert::system_time(t, "known_at")?,
             None => SystemTime::MAX,
         };
+        // Unpinned references resolve to the versions that served as of `known_at`, so a
+        // pinned training set does not change when a group's serving version does.
+        let resolution = if known_at == SystemTime::MAX {
+            self.resolve_features(&req.entity_type, &req.features)?
+        } else {
+            let (et, features) = self.resolve_uncached(&req.entity_type, &req.features, known_at)?;
+            Arc::new(Resolution::new(et, req.features.clone(), features, None, None)?)
+        };
+        let (et, features) = (&resolution.entity_type, &resolution.features);
         // Check the whole spine before streaming anything: a long spine in parts, one per
         // join thread (the first failing row is reported either way).
         let check = |base: usize, spine: &[pb::SpineRow]| -> Result<Vec<(Vec<u8>, EventTime)>> {

@@ -115,6 +115,7 @@ pub fn registry_request() -> pb::ApplyRegistryRequest {
             },
         ],
         dry_run: false,
+        promote: false,
     }
 }
 

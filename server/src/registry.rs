@@ -3,22 +3,48 @@
 //! # Storage
 //! Registry objects live in the engine's *reserved keyspace*: entity keys that start with
 //! `0x00`, which [`quiver_storage::encode_entity_key`] never produces (its parts start with tag
-//! `0x01` or `0x02`). So they are durable, checkpointed and (later) replicated with the data.
+//! `0x01` or `0x02`). So they are durable, checkpointed and replicated with the data.
 //!
 //! | object | entity key | feature id | event time | value |
 //! | --- | --- | --- | --- | --- |
 //! | entity type `n` | `00 "reg" 00 "et" 00 n` | 0 | 0 | bytes: `quiver.v1.EntityType` |
 //! | group `n`, version `v` | `00 "reg" 00 "fg" 00 n` | `v` | 0 | bytes: [`StoredGroup`] |
+//! | a change of group `n`'s serving version | `00 "reg" 00 "sv" 00 n` | 0 | when it took effect (µs) | bytes: `quiver.v1.GroupPromotion` |
+//!
+//! Every cell is written once (a new event time for each serving change), so nothing is ever
+//! overwritten and the whole history stays readable.
 //!
 //! # Versions
 //! Applying a group whose definition differs from its latest version creates version
-//! latest + 1, which becomes the serving version; earlier versions stay addressable as
-//! `group@N:feature`. A feature whose name, type and `dim` are unchanged keeps its feature id,
-//! so its data stays served across metadata edits, TTL changes and added features; a new,
-//! retyped or resized feature gets a fresh id (its own keyspace, so history of another type is never
-//! reinterpreted); a removed feature is simply absent from the new version. Applying an
-//! identical definition is a no-op. Entity types are immutable once created (their join keys
-//! define how every key of theirs is encoded).
+//! latest + 1. A group's first version serves at once; a later one is *staged*: unpinned
+//! references (`group:feature`, writes to `group`) keep resolving to the serving version, and
+//! `group@N:feature` reads or writes any version. `promote` (or an apply with `promote`) makes
+//! a version serve, `rollback` returns to the version that served before the current one was
+//! promoted; each is one registry cell, written in one synced batch, and resolutions are
+//! cached per registry generation, so one request resolves every reference against one
+//! serving version.
+//!
+//! A feature of a new version *shares its data* with the latest version (keeps its feature id)
+//! when its name, type and `dim` are unchanged and the group's `transformation` and `code_hash`
+//! are unchanged: metadata edits, TTL changes and added features need no backfill. Otherwise —
+//! a new, retyped or resized feature, or any feature of a group whose code changed — it gets a
+//! fresh id (its own keyspace: a backfill of the staged version never touches serving data, and
+//! history of another type is never reinterpreted). A removed feature is simply absent from the
+//! new version. Applying an identical definition is a no-op. Entity types are immutable once
+//! created (their join keys define how every key of theirs is encoded).
+//!
+//! # The serving version, now and as of a `known_at`
+//! The serving version is the `to_version` of the serving cell with the greatest event time
+//! whose version this node has (the read rule of `storage/READS.md` at `as_of = +inf`: regions
+//! that promote concurrently converge on the later promotion). A join pinned to `known_at = K`
+//! resolves unpinned references with the same rule over the cells with system time `<= K`;
+//! before a group's first serving cell (groups registered before serving pointers existed) its
+//! serving version is its newest version written by `K`, and a group with no version by `K`
+//! resolves to its first version (whose values at `K` are all missing).
+//!
+//! A group without serving cells (registered before pointers existed) serves its newest
+//! version; the first staged apply writes its serving version down (`KIND_PINNED`) in the same
+//! batch, so staging never moves it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,7 +53,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use prost::Message;
 use quiver_proto::v1 as pb;
-use quiver_storage::{AsOf, Db, Durability, EventTime, FeatureId, ScanRange, Value, WriteBatch};
+use quiver_storage::{AsOf, Db, Durability, EventTime, FeatureId, ScanRange, SystemTime, Value, WriteBatch};
 
 /// Longest name of an entity type, group or feature.
 pub const NAME_BYTES_MAX: usize = 63;
@@ -53,6 +79,7 @@ pub const PREFIX: &[u8] = quiver_storage::reserved::REGISTRY;
 pub const FEATURE_ID_STRIDE: u32 = 64;
 const ENTITY_TYPE_PREFIX: &[u8] = quiver_storage::reserved::REGISTRY_ENTITY_TYPES;
 const GROUP_PREFIX: &[u8] = quiver_storage::reserved::REGISTRY_GROUPS;
+const SERVING_PREFIX: &[u8] = quiver_storage::reserved::REGISTRY_SERVING;
 
 /// How a group version is stored: its definition and the engine feature id of each feature.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -112,11 +139,46 @@ pub struct ResolvedFeature {
     pub log_sample_rate: Option<f64>,
 }
 
-#[derive(Debug, Default, Clone)]
+/// One serving cell of a group.
+#[derive(Debug, Clone, PartialEq)]
+struct Pointer {
+    /// The cell's event time: when the change took effect (µs).
+    event_us: i64,
+    /// The cell's system time.
+    system_time: u64,
+    promotion: pb::GroupPromotion,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
 struct State {
     entity_types: BTreeMap<String, pb::EntityType>,
     groups: BTreeMap<String, BTreeMap<u32, StoredGroup>>,
+    /// The system time of each group version's cell.
+    created: BTreeMap<String, BTreeMap<u32, u64>>,
+    /// Each group's serving cells, by event time (oldest first).
+    serving: BTreeMap<String, Vec<Pointer>>,
     next_feature_id: u32,
+}
+
+impl State {
+    /// The serving version of `group` as of `known_at` (`u64::MAX`: now); see the module docs.
+    fn serving_at(&self, group: &str, known_at: u64) -> Option<u32> {
+        let versions = self.groups.get(group)?;
+        let pointed = self.serving.get(group).and_then(|h| {
+            h.iter().rev().find(|p| p.system_time <= known_at && versions.contains_key(&p.promotion.to_version))
+        });
+        if let Some(p) = pointed {
+            return Some(p.promotion.to_version);
+        }
+        let created = self.created.get(group);
+        let by_then = versions.keys().rev().find(|v| created.and_then(|c| c.get(v)).is_none_or(|&t| t <= known_at));
+        by_then.or_else(|| versions.keys().next()).copied()
+    }
+
+    /// The newest serving cell of `group`.
+    fn last_pointer(&self, group: &str) -> Option<&Pointer> {
+        self.serving.get(group).and_then(|h| h.last())
+    }
 }
 
 /// The registry of one node.
@@ -469,7 +531,7 @@ impl Registry {
     pub fn reload(&self) -> Result<()> {
         let mut st = self.state.lock();
         let state = Self::load(&self.db)?;
-        if state.entity_types != st.entity_types || state.groups != st.groups {
+        if state != *st {
             *st = state;
             self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
         }
@@ -479,6 +541,7 @@ impl Registry {
     /// Reads the registry stored in `db`.
     fn load(db: &Db) -> Result<State> {
         let mut state = State { next_feature_id: 1, ..State::default() };
+        let mut serving: BTreeMap<String, BTreeMap<i64, Pointer>> = BTreeMap::new();
         let mut range = ScanRange::all();
         range.entity_start = PREFIX.to_vec();
         let mut end = PREFIX.to_vec();
@@ -504,16 +567,42 @@ impl Registry {
                 if let Some(max) = g.feature_ids.iter().max() {
                     state.next_feature_id = state.next_feature_id.max(max + 1);
                 }
-                let versions = state.groups.entry(String::from_utf8_lossy(name).into_owned()).or_default();
-                versions.entry(item.feature.0).or_insert(g);
+                let name = String::from_utf8_lossy(name).into_owned();
+                state
+                    .created
+                    .entry(name.clone())
+                    .or_default()
+                    .entry(item.feature.0)
+                    .or_insert(item.version.system_time.0);
+                state.groups.entry(name).or_default().entry(item.feature.0).or_insert(g);
+            } else if let Some(name) = item.entity.strip_prefix(SERVING_PREFIX) {
+                let promotion = pb::GroupPromotion::decode(bytes.as_slice()).map_err(|e| corrupt(&e.to_string()))?;
+                // The scan yields a cell's winning version first (two regions may write the
+                // same event time): keep it.
+                serving
+                    .entry(String::from_utf8_lossy(name).into_owned())
+                    .or_default()
+                    .entry(item.version.event_time.0)
+                    .or_insert(Pointer {
+                        event_us: item.version.event_time.0,
+                        system_time: item.version.system_time.0,
+                        promotion,
+                    });
             }
         }
+        state.serving = serving.into_iter().map(|(g, h)| (g, h.into_values().collect())).collect();
         Ok(state)
     }
 
-    /// Applies definitions (see the module docs); with `dry_run` only reports the changes.
-    /// All or nothing: one atomic, synced engine batch.
+    /// Applies definitions as an unnamed local caller (tests, tools on files).
     pub fn apply(&self, req: &pb::ApplyRegistryRequest) -> Result<Vec<pb::RegistryChange>> {
+        self.apply_as(req, "local")
+    }
+
+    /// Applies definitions (see the module docs) on behalf of `by` (kept in the serving
+    /// history); with `dry_run` only reports the changes. All or nothing: one atomic, synced
+    /// engine batch.
+    pub fn apply_as(&self, req: &pb::ApplyRegistryRequest, by: &str) -> Result<Vec<pb::RegistryChange>> {
         if req.entity_types.len() + req.feature_groups.len() > OBJECTS_PER_APPLY_MAX {
             return Err(RegistryError::TooLarge(format!("an apply holds at most {OBJECTS_PER_APPLY_MAX} objects")));
         }
@@ -521,6 +610,10 @@ impl Registry {
         let mut next = st.clone();
         let mut batch = WriteBatch::new();
         let mut changes = Vec::new();
+        // Group versions and serving cells this apply writes: their system time is the batch's.
+        let mut new_versions: Vec<(String, u32)> = Vec::new();
+        let mut new_pointers: Vec<(String, Pointer)> = Vec::new();
+        let mut at = self.next_event_us(&st);
         let kind = |k: pb::registry_change::Kind| k as i32;
         for (i, e) in req.entity_types.iter().enumerate() {
             check_entity_type(e)?;
@@ -534,6 +627,7 @@ impl Registry {
                     object,
                     version: 1,
                     details: vec![],
+                    serving: false,
                 }),
                 Some(_) => {
                     return Err(RegistryError::Refused(format!(
@@ -555,6 +649,7 @@ impl Registry {
                             .iter()
                             .map(|k| format!("+ join key {}: {:?}", k.name, k.r#type()))
                             .collect(),
+                        serving: false,
                     });
                 }
             }
@@ -567,13 +662,25 @@ impl Registry {
             let object = format!("feature_group:{}", g.name);
             let latest = next.groups.get(&g.name).and_then(|v| v.iter().next_back()).map(|(v, s)| (*v, s.clone()));
             let old_def = latest.as_ref().and_then(|(_, s)| s.def.clone());
+            let serving_before = next.serving_at(&g.name, u64::MAX);
             if let (Some((v, _)), Some(old)) = (&latest, &old_def) {
                 if comparable(old) == comparable(g) {
+                    // An apply with `promote` of the latest definition makes it serve.
+                    let mut details = vec![];
+                    if req.promote && serving_before != Some(*v) {
+                        let from = serving_before.unwrap_or(0);
+                        details.push(format!("~ serving: v{from} -> v{v}"));
+                        let p =
+                            self.pointer(&mut at, pb::group_promotion::Kind::Promoted, from, *v, by, "apply --promote");
+                        Self::put_pointer(&mut batch, &g.name, &p)?;
+                        new_pointers.push((g.name.clone(), p));
+                    }
                     changes.push(pb::RegistryChange {
                         kind: kind(pb::registry_change::Kind::Unchanged),
                         object,
                         version: *v,
-                        details: vec![],
+                        details,
+                        serving: req.promote || serving_before == Some(*v),
                     });
                     continue;
                 }
@@ -586,14 +693,18 @@ impl Registry {
                     g.name
                 )));
             }
-            // A feature whose name, type and dim are unchanged keeps its id, so its data stays
-            // served across metadata edits and added features; a new, retyped or resized
-            // feature gets a fresh id (a new keyspace: history of another type or length is
-            // never reinterpreted).
+            // A feature whose name, type and dim are unchanged, in a group whose code is
+            // unchanged, keeps its id, so its data stays served across metadata edits and
+            // added features; any other feature gets a fresh id (a new keyspace: a staged
+            // version's backfill never touches serving data, and history of another type or
+            // length is never reinterpreted).
             let mut feature_ids = Vec::with_capacity(g.features.len());
             for f in &g.features {
                 let kept = latest.as_ref().and_then(|(_, s)| {
                     let old = s.def.as_ref()?;
+                    if old.transformation != g.transformation || old.code_hash != g.code_hash {
+                        return None;
+                    }
                     let i =
                         old.features.iter().position(|o| o.name == f.name && o.r#type == f.r#type && o.dim == f.dim)?;
                     s.feature_ids.get(i).copied()
@@ -619,42 +730,234 @@ impl Registry {
                 feature_ids.push(id);
             }
             let def = pb::FeatureGroup { version, created_at: Some(now_timestamp()), ..g.clone() };
+            let shared = feature_ids
+                .iter()
+                .filter(|id| latest.as_ref().is_some_and(|(_, s)| s.feature_ids.contains(id)))
+                .count();
             let stored = StoredGroup { def: Some(def), feature_ids };
             let mut key = GROUP_PREFIX.to_vec();
             key.extend_from_slice(g.name.as_bytes());
             batch.put(&key, FeatureId(version), EventTime(0), Value::Bytes(stored.encode_to_vec()))?;
             next.groups.entry(g.name.clone()).or_default().insert(version, stored);
-            let (k, details) = match &old_def {
+            new_versions.push((g.name.clone(), version));
+            use pb::group_promotion::Kind as P;
+            let (k, mut details, pointer) = match &old_def {
                 None => (
                     pb::registry_change::Kind::Created,
                     g.features.iter().map(|f| format!("+ feature {}: {:?}", f.name, f.r#type())).collect(),
+                    Some(self.pointer(&mut at, P::Created, 0, version, by, "")),
                 ),
-                Some(old) => (pb::registry_change::Kind::NewVersion, diff(old, g)),
+                Some(old) => {
+                    let from = serving_before.unwrap_or(0);
+                    let pointer = if req.promote {
+                        Some(self.pointer(&mut at, P::Promoted, from, version, by, "apply --promote"))
+                    } else if next.last_pointer(&g.name).is_none() {
+                        // Written down so that staging never moves it (module docs).
+                        Some(self.pointer(&mut at, P::Pinned, from, from, by, "staged a new version"))
+                    } else {
+                        None
+                    };
+                    (pb::registry_change::Kind::NewVersion, diff(old, g), pointer)
+                }
             };
-            changes.push(pb::RegistryChange { kind: kind(k), object, version, details });
+            let serving = old_def.is_none() || req.promote;
+            if old_def.is_some() {
+                details.push(format!(
+                    "{}: {shared} of {} features share data with v{}",
+                    if serving { "serving" } else { "staged (quiver promote to serve it)" },
+                    g.features.len(),
+                    version - 1
+                ));
+            }
+            if let Some(p) = pointer {
+                Self::put_pointer(&mut batch, &g.name, &p)?;
+                new_pointers.push((g.name.clone(), p));
+            }
+            changes.push(pb::RegistryChange { kind: kind(k), object, version, details, serving });
         }
         if !req.dry_run && !batch.is_empty() {
-            self.db.write(batch, Durability::Sync)?;
+            let receipt = self.db.write(batch, Durability::Sync)?;
+            for (g, v) in new_versions {
+                next.created.entry(g).or_default().insert(v, receipt.system_time.0);
+            }
+            for (g, mut p) in new_pointers {
+                p.system_time = receipt.system_time.0;
+                next.serving.entry(g).or_default().push(p);
+            }
             *st = next;
             self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
         }
         Ok(changes)
     }
 
-    /// A group version (`version` 0: the serving, latest one).
-    pub fn group(&self, name: &str, version: u32) -> Result<pb::FeatureGroup> {
+    /// The event time for the next serving cell: the clock, after every cell this node has.
+    fn next_event_us(&self, st: &State) -> i64 {
+        let last = st.serving.values().filter_map(|h| h.last()).map(|p| p.event_us).max().unwrap_or(i64::MIN);
+        (self.db.system_time_now().0 as i64).max(last.saturating_add(1))
+    }
+
+    /// A serving cell taking effect at `*at` (which moves on by 1 µs, so cells of one apply
+    /// differ); its system time is set once written.
+    fn pointer(
+        &self,
+        at: &mut i64,
+        kind: pb::group_promotion::Kind,
+        from: u32,
+        to: u32,
+        by: &str,
+        reason: &str,
+    ) -> Pointer {
+        let event_us = *at;
+        *at = at.saturating_add(1);
+        let promotion = pb::GroupPromotion {
+            kind: kind as i32,
+            from_version: from,
+            to_version: to,
+            by: by.to_string(),
+            at: Some(prost_types::Timestamp {
+                seconds: event_us.div_euclid(1_000_000),
+                nanos: (event_us.rem_euclid(1_000_000) * 1000) as i32,
+            }),
+            reason: reason.to_string(),
+            forced: false,
+        };
+        Pointer { event_us, system_time: 0, promotion }
+    }
+
+    fn put_pointer(batch: &mut WriteBatch, group: &str, p: &Pointer) -> Result<()> {
+        let mut key = SERVING_PREFIX.to_vec();
+        key.extend_from_slice(group.as_bytes());
+        batch.put(&key, FeatureId(0), EventTime(p.event_us), Value::Bytes(p.promotion.encode_to_vec()))?;
+        Ok(())
+    }
+
+    /// Writes one serving cell of `group` and makes it the state's.
+    fn write_pointer(&self, st: &mut State, group: &str, mut p: Pointer) -> Result<pb::GroupPromotion> {
+        let mut batch = WriteBatch::new();
+        Self::put_pointer(&mut batch, group, &p)?;
+        let receipt = self.db.write(batch, Durability::Sync)?;
+        p.system_time = receipt.system_time.0;
+        let promotion = p.promotion.clone();
+        st.serving.entry(group.to_string()).or_default().push(p);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+        Ok(promotion)
+    }
+
+    /// Makes `group@version` the serving version (one synced registry write) on behalf of
+    /// `by`. Returns the promotion and whether anything changed (false: it already served).
+    pub fn promote(
+        &self,
+        group: &str,
+        version: u32,
+        force: bool,
+        reason: &str,
+        by: &str,
+    ) -> Result<(pb::GroupPromotion, bool)> {
+        check_text("reason", reason)?;
+        if version == 0 {
+            return Err(RegistryError::Invalid(format!("promote {group}: the version must be at least 1")));
+        }
+        let mut st = self.state.lock();
+        Self::stored(&st, group, version)?;
+        let serving = st.serving_at(group, u64::MAX).unwrap_or(0);
+        if serving == version {
+            let made = st.serving.get(group).and_then(|h| h.iter().rev().find(|p| p.promotion.to_version == version));
+            let promotion = made
+                .map(|p| p.promotion.clone())
+                .unwrap_or_else(|| pb::GroupPromotion { to_version: version, ..Default::default() });
+            return Ok((promotion, false));
+        }
+        let mut at = self.next_event_us(&st);
+        let mut p = self.pointer(&mut at, pb::group_promotion::Kind::Promoted, serving, version, by, reason);
+        p.promotion.forced = force;
+        Ok((self.write_pointer(&mut st, group, p)?, true))
+    }
+
+    /// Points `group` back at the version that served before the current one was promoted
+    /// (walking back through earlier rollbacks), in one synced registry write.
+    pub fn rollback(&self, group: &str, reason: &str, by: &str) -> Result<pb::GroupPromotion> {
+        check_text("reason", reason)?;
+        let mut st = self.state.lock();
+        Self::stored(&st, group, 0)?;
+        let serving = st.serving_at(group, u64::MAX).unwrap_or(0);
+        let versions = st.groups.get(group);
+        // The newest change that made the serving version serve, other than a rollback to it.
+        let previous = st
+            .serving
+            .get(group)
+            .and_then(|h| {
+                h.iter().rev().find(|p| {
+                    p.promotion.to_version == serving
+                        && p.promotion.from_version != serving
+                        && p.promotion.kind() != pb::group_promotion::Kind::RolledBack
+                })
+            })
+            .map(|p| p.promotion.from_version)
+            .filter(|v| *v != 0 && versions.is_some_and(|vs| vs.contains_key(v)));
+        let Some(to) = previous else {
+            return Err(RegistryError::Refused(format!(
+                "feature group {group}: v{serving} was not promoted over another version, so there is nothing to roll back to"
+            )));
+        };
+        let mut at = self.next_event_us(&st);
+        let p = self.pointer(&mut at, pb::group_promotion::Kind::RolledBack, serving, to, by, reason);
+        self.write_pointer(&mut st, group, p)
+    }
+
+    /// Every version of `group`, its state, and its serving history.
+    pub fn versions(&self, group: &str) -> Result<pb::ListGroupVersionsResponse> {
         let st = self.state.lock();
         let versions =
-            st.groups.get(name).ok_or_else(|| RegistryError::NotFound(format!("no feature group {name:?}")))?;
-        let stored = if version == 0 { versions.values().next_back() } else { versions.get(&version) };
+            st.groups.get(group).ok_or_else(|| RegistryError::NotFound(format!("no feature group {group:?}")))?;
+        let serving = st.serving_at(group, u64::MAX).unwrap_or(0);
+        let history: Vec<pb::GroupPromotion> =
+            st.serving.get(group).map(|h| h.iter().map(|p| p.promotion.clone()).collect()).unwrap_or_default();
+        let served = |v: u32| history.iter().any(|p| p.to_version == v);
+        let mut out = Vec::with_capacity(versions.len());
+        let mut before: Option<&StoredGroup> = None;
+        for (&v, stored) in versions {
+            use pb::group_version::State as S;
+            let state = if v == serving {
+                S::Serving
+            } else if v > serving && !served(v) {
+                S::Staged
+            } else {
+                S::Inactive
+            };
+            let def = stored.def.clone().unwrap_or_default();
+            let (details, shared) = match before.and_then(|b| b.def.as_ref().map(|d| (b, d))) {
+                Some((b, d)) => {
+                    (diff(d, &def), stored.feature_ids.iter().filter(|id| b.feature_ids.contains(id)).count())
+                }
+                None => (Vec::new(), 0),
+            };
+            out.push(pb::GroupVersion {
+                version: v,
+                state: state as i32,
+                created_at: def.created_at,
+                details,
+                shared_features: shared as u32,
+                own_features: (stored.feature_ids.len() - shared) as u32,
+            });
+            before = Some(stored);
+        }
+        Ok(pb::ListGroupVersionsResponse { serving_version: serving, versions: out, promotions: history })
+    }
+
+    /// A group version (`version` 0: the serving one).
+    pub fn group(&self, name: &str, version: u32) -> Result<pb::FeatureGroup> {
+        let st = self.state.lock();
+        let (version, stored) = Self::stored(&st, name, version)?;
         stored
-            .and_then(|s| s.def.clone())
+            .def
+            .clone()
             .ok_or_else(|| RegistryError::NotFound(format!("feature group {name:?} has no version {version}")))
     }
 
     /// The serving version of every group.
     pub fn groups(&self) -> Vec<pb::FeatureGroup> {
-        self.state.lock().groups.values().filter_map(|v| v.values().next_back().and_then(|s| s.def.clone())).collect()
+        let st = self.state.lock();
+        st.groups.keys().filter_map(|g| Self::stored(&st, g, 0).ok().and_then(|(_, s)| s.def.clone())).collect()
     }
 
     /// An entity type.
@@ -672,15 +975,21 @@ impl Registry {
         self.state.lock().entity_types.values().cloned().collect()
     }
 
-    /// Resolves `group:feature` or `group@N:feature`.
+    /// Resolves `group:feature` or `group@N:feature` (unpinned: the serving version).
     pub fn resolve(&self, reference: &str) -> Result<ResolvedFeature> {
+        self.resolve_at(reference, SystemTime::MAX)
+    }
+
+    /// Resolves `group:feature` or `group@N:feature`, an unpinned reference to the version that
+    /// served as of `known_at` (module docs; `SystemTime::MAX`: now).
+    pub fn resolve_at(&self, reference: &str, known_at: SystemTime) -> Result<ResolvedFeature> {
         let bad = || {
             RegistryError::Invalid(format!("feature reference {reference:?} is not group:feature or group@N:feature"))
         };
         let (group_part, feature) = reference.split_once(':').ok_or_else(bad)?;
         let (group, version) = parse_group_ref(group_part).ok_or_else(bad)?;
         let st = self.state.lock();
-        let (version, stored) = Self::stored(&st, group, version)?;
+        let (version, stored) = Self::stored_at(&st, group, version, known_at)?;
         let def =
             stored.def.as_ref().ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} is empty")))?;
         let i = def.features.iter().position(|f| f.name == feature).ok_or_else(|| {
@@ -702,10 +1011,16 @@ impl Registry {
 
     /// A stored group version (`version` 0: the serving one).
     fn stored<'s>(st: &'s State, group: &str, version: u32) -> Result<(u32, &'s StoredGroup)> {
+        Self::stored_at(st, group, version, SystemTime::MAX)
+    }
+
+    /// A stored group version (`version` 0: the one serving as of `known_at`).
+    fn stored_at<'s>(st: &'s State, group: &str, version: u32, known_at: SystemTime) -> Result<(u32, &'s StoredGroup)> {
         let versions =
             st.groups.get(group).ok_or_else(|| RegistryError::NotFound(format!("no feature group {group:?}")))?;
-        let found = if version == 0 { versions.iter().next_back() } else { versions.get_key_value(&version) };
-        found
+        let version = if version == 0 { st.serving_at(group, known_at.0).unwrap_or(0) } else { version };
+        versions
+            .get_key_value(&version)
             .map(|(v, s)| (*v, s))
             .ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} has no version {version}")))
     }

@@ -446,9 +446,63 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
                 }
                 let r = self.registry.clone();
                 let req = req.into_inner();
-                blocking(move || r.apply(&req).map_err(registry_status))
+                blocking(move || r.apply_as(&req, &p.name).map_err(registry_status))
                     .await
                     .map(|changes| Response::new(pb::ApplyRegistryResponse { changes }))
+            })
+            .await
+    }
+
+    async fn promote_group(
+        &self,
+        req: Request<pb::PromoteGroupRequest>,
+    ) -> Result<Response<pb::PromoteGroupResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("PromoteGroup", async move {
+                let p = authorize(&req, Scope::Registry, Some(req.get_ref().group.as_str()))?;
+                let r = self.registry.clone();
+                let req = req.into_inner();
+                blocking(move || {
+                    let (promotion, changed) =
+                        r.promote(&req.group, req.version, req.force, &req.reason, &p.name).map_err(registry_status)?;
+                    Ok(Response::new(pb::PromoteGroupResponse { promotion: Some(promotion), changed }))
+                })
+                .await
+            })
+            .await
+    }
+
+    async fn rollback_group(
+        &self,
+        req: Request<pb::RollbackGroupRequest>,
+    ) -> Result<Response<pb::RollbackGroupResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("RollbackGroup", async move {
+                let p = authorize(&req, Scope::Registry, Some(req.get_ref().group.as_str()))?;
+                let r = self.registry.clone();
+                let req = req.into_inner();
+                blocking(move || {
+                    let promotion = r.rollback(&req.group, &req.reason, &p.name).map_err(registry_status)?;
+                    Ok(Response::new(pb::RollbackGroupResponse { promotion: Some(promotion) }))
+                })
+                .await
+            })
+            .await
+    }
+
+    async fn list_group_versions(
+        &self,
+        req: Request<pb::ListGroupVersionsRequest>,
+    ) -> Result<Response<pb::ListGroupVersionsResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("ListGroupVersions", async move {
+                auth::principal(&req)?.require_group_visible(&req.get_ref().group)?;
+                let r = self.registry.clone();
+                let group = req.into_inner().group;
+                blocking(move || r.versions(&group).map(Response::new).map_err(registry_status)).await
             })
             .await
     }

@@ -54,6 +54,7 @@ fn setup() -> (tempfile::TempDir, Features, Arc<Db>) {
             ..Default::default()
         }],
         dry_run: false,
+        promote: false,
     })
     .expect("apply");
     (tmp, Features::new(reg, quiver_storage::Durability::Sync), db)
@@ -226,6 +227,7 @@ fn a_new_group_version_is_served_by_the_next_lookup() {
             ..Default::default()
         }],
         dry_run: false,
+        promote: false,
     };
     reg.apply(&group(-1.0)).expect("apply v1");
     let f = Features::new(reg.clone(), quiver_storage::Durability::Sync);

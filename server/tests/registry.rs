@@ -29,13 +29,19 @@ fn stats() -> pb::FeatureGroup {
     }
 }
 
+/// Applies with `promote` (a new version serves at once), as most tests here want.
 fn apply(
     r: &Registry,
     e: Vec<pb::EntityType>,
     g: Vec<pb::FeatureGroup>,
     dry_run: bool,
 ) -> Result<Vec<pb::RegistryChange>, RegistryError> {
-    r.apply(&pb::ApplyRegistryRequest { entity_types: e, feature_groups: g, dry_run })
+    r.apply(&pb::ApplyRegistryRequest { entity_types: e, feature_groups: g, dry_run, promote: true })
+}
+
+/// Applies without `promote`: a new version of an existing group is staged.
+fn stage(r: &Registry, g: pb::FeatureGroup) -> Vec<pb::RegistryChange> {
+    r.apply_as(&pb::ApplyRegistryRequest { feature_groups: vec![g], ..Default::default() }, "alice").expect("stage")
 }
 
 fn kinds(c: &[pb::RegistryChange]) -> Vec<(pb::registry_change::Kind, String, u32)> {
@@ -290,4 +296,136 @@ fn in_a_cluster_each_region_allocates_feature_ids_from_its_own_residue_class() {
     unique.sort_unstable();
     unique.dedup();
     assert_eq!(unique.len(), ids.len(), "two regions handed out the same id: {ids:?}");
+}
+
+fn states(r: &Registry, group: &str) -> Vec<(u32, pb::group_version::State)> {
+    r.versions(group).expect("versions").versions.iter().map(|v| (v.version, v.state())).collect()
+}
+
+#[test]
+fn a_staged_version_serves_only_once_promoted_and_rollback_walks_back_the_promotions() {
+    use pb::group_promotion::Kind as P;
+    use pb::group_version::State as S;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let r = open(tmp.path());
+    apply(&r, vec![user()], vec![stats()], false).expect("v1");
+    let v1 = r.resolve("user_stats:clicks_1h").expect("resolve");
+
+    // New code: v2 is staged, every feature in its own keyspace; serving is untouched.
+    let mut v2_def = stats();
+    v2_def.code_hash = "b2".into();
+    let c = stage(&r, v2_def.clone());
+    assert_eq!((c[0].kind(), c[0].version, c[0].serving), (pb::registry_change::Kind::NewVersion, 2, false));
+    assert!(c[0].details.iter().any(|d| d.contains("0 of 2 features share data with v1")), "{:?}", c[0].details);
+    let generation = r.generation();
+    assert_eq!(r.resolve("user_stats:clicks_1h").expect("resolve"), v1);
+    assert_eq!(r.group("user_stats", 0).expect("serving").version, 1);
+    assert_eq!(r.groups()[0].version, 1);
+    let staged = r.resolve("user_stats@2:clicks_1h").expect("pinned");
+    assert_ne!(staged.id, v1.id, "a group whose code changed gets fresh keyspaces");
+    assert_eq!(r.resolve_group("user_stats").expect("group")[0].version, 1, "writes to the group go to v1");
+    assert_eq!(states(&r, "user_stats"), vec![(1, S::Serving), (2, S::Staged)]);
+
+    // Promote: one write, the generation moves (resolution caches drop), v2 serves.
+    let (p, changed) = r.promote("user_stats", 2, false, "backfilled", "bob").expect("promote");
+    assert!(changed && r.generation() > generation);
+    assert_eq!((p.kind(), p.from_version, p.to_version, p.by.as_str()), (P::Promoted, 1, 2, "bob"));
+    assert_eq!(r.resolve("user_stats:clicks_1h").expect("resolve"), staged);
+    let (_, changed) = r.promote("user_stats", 2, false, "", "bob").expect("again");
+    assert!(!changed, "promoting the serving version writes nothing");
+    assert!(matches!(r.promote("user_stats", 9, false, "", "bob"), Err(RegistryError::NotFound(_))));
+
+    // v3 changes only the TTL: staged, sharing v2's data; promote, then roll back twice.
+    let mut v3_def = v2_def.clone();
+    v3_def.ttl = Some(prost_types::Duration { seconds: 60, nanos: 0 });
+    let c = stage(&r, v3_def);
+    assert!(c[0].details.iter().any(|d| d.contains("2 of 2 features share data with v2")), "{:?}", c[0].details);
+    assert_eq!(r.resolve("user_stats@3:clicks_1h").expect("pinned").id, staged.id);
+    r.promote("user_stats", 3, true, "", "bob").expect("promote v3");
+    let back = r.rollback("user_stats", "bad ttl", "carol").expect("rollback");
+    assert_eq!((back.kind(), back.from_version, back.to_version), (P::RolledBack, 3, 2));
+    assert_eq!(r.rollback("user_stats", "", "carol").expect("rollback").to_version, 1);
+    assert!(
+        matches!(r.rollback("user_stats", "", "carol"), Err(RegistryError::Refused(_))),
+        "v1 was never promoted over another"
+    );
+    assert_eq!(states(&r, "user_stats"), vec![(1, S::Serving), (2, S::Inactive), (3, S::Inactive)]);
+
+    // The history survives a restart, oldest first, with who, why and `force`.
+    drop(r);
+    let r = open(tmp.path());
+    let v = r.versions("user_stats").expect("versions");
+    assert_eq!(v.serving_version, 1);
+    let h: Vec<_> =
+        v.promotions.iter().map(|p| (p.kind(), p.from_version, p.to_version, p.by.as_str(), p.forced)).collect();
+    assert_eq!(
+        h,
+        vec![
+            (P::Created, 0, 1, "local", false),
+            (P::Promoted, 1, 2, "bob", false),
+            (P::Promoted, 2, 3, "bob", true),
+            (P::RolledBack, 3, 2, "carol", false),
+            (P::RolledBack, 2, 1, "carol", false),
+        ]
+    );
+    assert_eq!(v.promotions[3].reason, "bad ttl");
+    assert_eq!(r.resolve("user_stats:clicks_1h").expect("resolve"), v1);
+    assert_eq!(v.versions[2].shared_features, 2);
+    assert_eq!(v.versions[1].own_features, 2);
+}
+
+#[test]
+fn unpinned_references_resolve_to_the_version_serving_as_of_known_at() {
+    use quiver_storage::SystemTime;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let db = Arc::new(Db::open(tmp.path(), Options::default()).expect("db"));
+    let r = Registry::open(db.clone()).expect("registry");
+    let before_group = db.system_time_now();
+    apply(&r, vec![user()], vec![stats()], false).expect("v1");
+    let mut v2 = stats();
+    v2.code_hash = "b2".into();
+    stage(&r, v2);
+    let staged = db.system_time_now();
+    r.promote("user_stats", 2, false, "", "bob").expect("promote");
+    let promoted = db.system_time_now();
+    r.rollback("user_stats", "", "bob").expect("rollback");
+    let at = |k: SystemTime| r.resolve_at("user_stats:clicks_1h", k).expect("resolve").version;
+    assert_eq!(at(before_group), 1, "a group not yet registered resolves to its first version");
+    assert_eq!(at(staged), 1);
+    assert_eq!(at(promoted), 2);
+    assert_eq!(at(SystemTime::MAX), 1);
+    assert_eq!(r.resolve_at("user_stats@2:clicks_1h", staged).expect("pinned").version, 2, "a pin wins");
+}
+
+#[test]
+fn a_group_registered_before_serving_pointers_keeps_serving_its_newest_version_when_one_is_staged() {
+    use prost::Message;
+    use quiver_storage::{Durability, EventTime, FeatureId, Value, WriteBatch};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let db = Arc::new(Db::open(tmp.path(), Options::default()).expect("db"));
+    // Version cells written the way registries before serving pointers wrote them.
+    let r = Registry::open(db.clone()).expect("registry");
+    apply(&r, vec![user()], vec![], false).expect("entity type");
+    drop(r);
+    let mut key = quiver_storage::reserved::REGISTRY_GROUPS.to_vec();
+    key.extend_from_slice(b"user_stats");
+    for (v, ids) in [(1u32, vec![1u32, 2]), (2, vec![1, 3])] {
+        let def = pb::FeatureGroup { version: v, ..stats() };
+        let stored = quiver_server::registry::StoredGroup { def: Some(def), feature_ids: ids };
+        let mut b = WriteBatch::new();
+        b.put(&key, FeatureId(v), EventTime(0), Value::Bytes(stored.encode_to_vec())).expect("put");
+        db.write(b, Durability::Sync).expect("write");
+    }
+    let between = db.system_time_now();
+    let r = Registry::open(db.clone()).expect("registry");
+    assert_eq!(r.group("user_stats", 0).expect("serving").version, 2, "no pointer: the newest version serves");
+    let mut v3 = stats();
+    v3.description = "v3".into();
+    stage(&r, v3);
+    assert_eq!(r.group("user_stats", 0).expect("serving").version, 2, "staging wrote the serving version down");
+    let h = r.versions("user_stats").expect("versions").promotions;
+    assert_eq!((h.len(), h[0].kind(), h[0].to_version), (1, pb::group_promotion::Kind::Pinned, 2));
+    assert_eq!(r.resolve_at("user_stats:spend_1h", between).expect("resolve").version, 2);
+    let r = Registry::open(db).expect("reopen");
+    assert_eq!(r.group("user_stats", 0).expect("serving").version, 2);
 }

@@ -8,7 +8,7 @@
 //!
 //! | prefix | holds | replicated |
 //! | --- | --- | --- |
-//! | [`REGISTRY`] | the feature registry: [`REGISTRY_ENTITY_TYPES`], [`REGISTRY_GROUPS`] | yes (quiverd lists it) |
+//! | [`REGISTRY`] | the feature registry: [`REGISTRY_ENTITY_TYPES`], [`REGISTRY_GROUPS`], [`REGISTRY_SERVING`] | yes (quiverd lists it) |
 //! | [`IDEMPOTENCY`] | the stored answer of each idempotent write, by key | no: a retry goes to the node that took the write |
 //! | [`REPLICATION_CURSOR`] | per origin region, how far this node applied its log | no: each node's own progress |
 //! | [`SERVED_LOG`] | logged online answers, by served-at time (expire after `Options::served_log_retention`) | no: each node logs what it served |
@@ -23,6 +23,9 @@ pub const REGISTRY: &[u8] = b"\x00reg\x00";
 pub const REGISTRY_ENTITY_TYPES: &[u8] = b"\x00reg\x00et\x00";
 /// Registry feature groups, by name.
 pub const REGISTRY_GROUPS: &[u8] = b"\x00reg\x00fg\x00";
+/// Each group's serving-version history, by group name: one cell per change, at event time =
+/// when it took effect (the newest event time is the serving version).
+pub const REGISTRY_SERVING: &[u8] = b"\x00reg\x00sv\x00";
 /// Idempotency records, by idempotency key.
 pub const IDEMPOTENCY: &[u8] = b"\x00idem\x00";
 /// The one entity holding this node's replication cursors (feature = origin region).
@@ -69,7 +72,7 @@ mod tests {
                 assert!(!a.starts_with(b) && !b.starts_with(a), "{a:?} and {b:?} overlap");
             }
         }
-        for sub in [REGISTRY_ENTITY_TYPES, REGISTRY_GROUPS] {
+        for sub in [REGISTRY_ENTITY_TYPES, REGISTRY_GROUPS, REGISTRY_SERVING] {
             assert!(sub.starts_with(REGISTRY));
         }
         assert!(MONITOR_WATERMARKS.starts_with(MONITOR));

@@ -265,6 +265,7 @@ pub fn example_registry() -> pb::ApplyRegistryRequest {
             ..Default::default()
         }],
         dry_run: false,
+        promote: false,
     }
 }
 
