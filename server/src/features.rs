@@ -854,8 +854,7 @@ impl Features {
             return Err(ServiceError::TooLarge(format!("more than {FEATURES_PER_REQUEST_MAX} features requested")));
         }
         let et = self.registry.entity_type(entity_type)?;
-        let features: Vec<ResolvedFeature> =
-            refs.iter().map(|r| self.registry.resolve_at(r, known_at)).collect::<std::result::Result<_, _>>()?;
+        let features = self.registry.resolve_all_at(refs, known_at)?;
         if let Some(f) = features.iter().find(|f| f.entity_type != et.name) {
             return Err(ServiceError::Invalid(format!(
                 "feature {}:{} is on entity type {}, not {}",
@@ -1130,9 +1129,7 @@ impl Features {
         mut emit: impl FnMut(pb::ScanHistoryResponse) -> bool,
     ) -> Result<()> {
         let features: Vec<ResolvedFeature> = match (req.features.is_empty(), req.group.is_empty()) {
-            (false, _) => {
-                req.features.iter().map(|r| self.registry.resolve(r)).collect::<std::result::Result<_, _>>()?
-            }
+            (false, _) => self.registry.resolve_all_at(&req.features, SystemTime::MAX)?,
             (true, false) => self.registry.resolve_group(&req.group)?,
             (true, true) => return Err(ServiceError::Invalid("name features or a group to scan".into())),
         };

@@ -983,13 +983,23 @@ impl Registry {
     /// Resolves `group:feature` or `group@N:feature`, an unpinned reference to the version that
     /// served as of `known_at` (module docs; `SystemTime::MAX`: now).
     pub fn resolve_at(&self, reference: &str, known_at: SystemTime) -> Result<ResolvedFeature> {
+        Self::resolve_in(&self.state.lock(), reference, known_at)
+    }
+
+    /// Resolves every reference of one request against one state of the registry, so a
+    /// promotion meanwhile never gives it features of two versions of a group.
+    pub fn resolve_all_at(&self, references: &[String], known_at: SystemTime) -> Result<Vec<ResolvedFeature>> {
+        let st = self.state.lock();
+        references.iter().map(|r| Self::resolve_in(&st, r, known_at)).collect()
+    }
+
+    fn resolve_in(st: &State, reference: &str, known_at: SystemTime) -> Result<ResolvedFeature> {
         let bad = || {
             RegistryError::Invalid(format!("feature reference {reference:?} is not group:feature or group@N:feature"))
         };
         let (group_part, feature) = reference.split_once(':').ok_or_else(bad)?;
         let (group, version) = parse_group_ref(group_part).ok_or_else(bad)?;
-        let st = self.state.lock();
-        let (version, stored) = Self::stored_at(&st, group, version, known_at)?;
+        let (version, stored) = Self::stored_at(st, group, version, known_at)?;
         let def =
             stored.def.as_ref().ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} is empty")))?;
         let i = def.features.iter().position(|f| f.name == feature).ok_or_else(|| {

@@ -114,6 +114,45 @@ async fn two_regions_replicate_and_operators_pause_resume_and_rebootstrap() {
         }
     })
     .await;
+    // A version staged and promoted in region 1 serves in region 2; a rollback in region 2
+    // serves in region 1: the serving version is one replicated registry cell per change.
+    let serving = |c: &Clients| {
+        let mut r = c.registry.clone();
+        async move {
+            let g = r.get_feature_group(pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 }).await;
+            g.map(|g| g.into_inner().version).unwrap_or(0)
+        }
+    };
+    let mut v2 = example_registry();
+    v2.feature_groups[0].description = "v2".into();
+    let staged = c1.registry.apply_registry(v2).await.expect("stage v2").into_inner();
+    assert!(!staged.changes[1].serving, "{staged:?}");
+    c1.registry
+        .promote_group(pb::PromoteGroupRequest { group: "user_stats".into(), version: 2, ..Default::default() })
+        .await
+        .expect("promote in region 1");
+    eventually("the promotion in region 2", Duration::from_secs(10), || {
+        let f = serving(&c2);
+        async move { f.await == 2 }
+    })
+    .await;
+    c2.registry
+        .rollback_group(pb::RollbackGroupRequest { group: "user_stats".into(), reason: "from region 2".into() })
+        .await
+        .expect("rollback in region 2");
+    eventually("the rollback in region 1", Duration::from_secs(10), || {
+        let f = serving(&c1);
+        async move { f.await == 1 }
+    })
+    .await;
+    let h = c1
+        .registry
+        .list_group_versions(pb::ListGroupVersionsRequest { group: "user_stats".into() })
+        .await
+        .expect("versions")
+        .into_inner();
+    assert_eq!(h.promotions.last().map(|p| (p.to_version, p.reason.as_str())), Some((1, "from region 2")));
+
     let st = peer_status(&mut c2, 1).await;
     assert_eq!(st.state, pb::PeerState::Streaming as i32, "{st:?}");
     assert!(st.cursor > 0 && st.batches_applied >= 2 && st.last_error.is_empty(), "{st:?}");

@@ -56,13 +56,37 @@ enum Cmd {
         #[arg(long, default_value_t = 72)]
         hours: u32,
     },
-    /// Apply a registry file (TOML) and print what changed.
+    /// Apply a registry file (TOML) and print what changed. A changed group gets a new,
+    /// staged version (serving is unchanged) unless --promote is given.
     Apply {
         file: PathBuf,
         /// Only show what would change.
         #[arg(long)]
         dry_run: bool,
+        /// Make each new version serve at once (no release gate).
+        #[arg(long)]
+        promote: bool,
     },
+    /// Make a group version serve ("group@N"), in one registry write.
+    Promote {
+        /// "group@N".
+        version: String,
+        /// Skip the release gate (recorded in the history).
+        #[arg(long)]
+        force: bool,
+        /// Why, kept in the history.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Serve the version that served before the current one was promoted.
+    Rollback {
+        group: String,
+        /// Why, kept in the history.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// A group's versions (serving, staged, inactive) and the history of its serving version.
+    Versions { group: String },
     /// Online lookup of features for entities.
     Get {
         #[arg(long)]
@@ -408,7 +432,10 @@ async fn run(cli: Cli) -> Result<()> {
     let server = &common::Server { addr: cli.addr.clone(), token, ca_pem };
     match cli.cmd {
         Cmd::Demo { users, hours } => demo::run(users, hours).await,
-        Cmd::Apply { file, dry_run } => registry::apply(server, cli.json, &file, dry_run).await,
+        Cmd::Apply { file, dry_run, promote } => registry::apply(server, cli.json, &file, dry_run, promote).await,
+        Cmd::Promote { version, force, reason } => registry::promote(server, cli.json, &version, force, reason).await,
+        Cmd::Rollback { group, reason } => registry::rollback(server, cli.json, group, reason).await,
+        Cmd::Versions { group } => registry::versions(server, cli.json, group).await,
         Cmd::Get { entity_type, entities, features, default_missing, timeout_ms } => {
             let opts =
                 features::GetOptions { default_missing, timeout: timeout_ms.map(std::time::Duration::from_millis) };

@@ -755,3 +755,83 @@ type = "string"
     let (ok, _, err) = quiver(&["--addr", &addr, "skew", "--training-set", "x.csv"]);
     assert!(!ok && err.contains("--feature"), "{err}");
 }
+
+#[test]
+fn apply_stages_a_changed_group_and_promote_rollback_and_versions_manage_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = Daemon::start(&tmp.path().join("data"), &[]);
+    let addr = d.addr.clone();
+    let group = |code: &str| {
+        format!(
+            "\n[[feature_groups]]\nname = \"user_stats\"\nentity_type = \"user\"\ncode_hash = \"{code}\"\n\
+             [[feature_groups.features]]\nname = \"clicks\"\ntype = \"int64\"\n"
+        )
+    };
+    apply_registry(&addr, tmp.path(), &group("a1"));
+    let file = tmp.path().join("registry.toml");
+    std::fs::write(&file, format!("{USER}{}", group("b2"))).expect("write file");
+    let f = file.to_str().expect("path");
+    let (ok, out, err) = quiver(&["--addr", &addr, "apply", f]);
+    assert!(ok, "{err}");
+    assert!(out.contains("new version feature_group:user_stats (v2) staged"), "{out}");
+    assert!(out.contains("staged (quiver promote to serve it): 0 of 1 features share data with v1"), "{out}");
+    let put = |group: &str, v: &str| {
+        let (ok, _, err) =
+            quiver(&["--addr", &addr, "put", "--group", group, "--entity", "alice", &format!("clicks={v}")]);
+        assert!(ok, "{err}");
+    };
+    put("user_stats", "1");
+    put("user_stats@2", "2");
+    let get = || {
+        let (ok, out, err) = quiver(&[
+            "--addr",
+            &addr,
+            "get",
+            "--entity-type",
+            "user",
+            "--entity",
+            "alice",
+            "--feature",
+            "user_stats:clicks",
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    assert!(get().contains("clicks=1"), "the staged version does not serve");
+
+    let (ok, out, err) = quiver(&["--addr", &addr, "versions", "user_stats"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("user_stats: v1 serves") && out.contains("staged"), "{out}");
+    let (ok, out, err) = quiver(&["--addr", &addr, "promote", "user_stats@2", "--reason", "backfilled"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("promoted user_stats v1 -> v2 by anonymous") && out.contains(": backfilled"), "{out}");
+    assert!(get().contains("clicks=2"));
+    let (ok, out, _) = quiver(&["--addr", &addr, "promote", "user_stats@2"]);
+    assert!(ok && out.contains("already serves"), "{out}");
+    let (ok, out, err) = quiver(&["--addr", &addr, "rollback", "user_stats"]);
+    assert!(ok && out.contains("rolled back user_stats v2 -> v1"), "{out}{err}");
+    assert!(get().contains("clicks=1"));
+    let (ok, out, err) = quiver(&["--addr", &addr, "--json", "versions", "user_stats"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v["serving"], 1);
+    let kinds: Vec<&str> =
+        v["history"].as_array().expect("history").iter().filter_map(|h| h["kind"].as_str()).collect();
+    assert_eq!(kinds, ["created", "promoted", "rolled back"]);
+    assert_eq!(v["versions"][1]["state"], "inactive");
+
+    for (args, needle) in [
+        (vec!["promote", "user_stats"], "is not group@N"),
+        (vec!["promote", "user_stats@0"], "is not group@N"),
+        (vec!["promote", "user_stats@7"], "NotFound"),
+        (vec!["rollback", "user_stats"], "nothing to roll back to"),
+        (vec!["versions", "ghost"], "NotFound"),
+    ] {
+        let mut a = vec!["--addr", addr.as_str()];
+        a.extend(args);
+        let (ok, out, err) = quiver(&a);
+        assert!(!ok && out.is_empty(), "{a:?} should fail: {out}");
+        assert!(err.starts_with("quiver: ") && err.trim().lines().count() == 1 && err.contains(needle), "{a:?}: {err}");
+    }
+    assert!(get().contains("clicks=1"), "refused commands changed nothing");
+}
