@@ -171,6 +171,17 @@ async fn tokens_scopes_groups_and_revocation() {
     only_fraud.entity_types[0].description = "changed".into();
     assert_eq!(code(fraud_reg.registry.apply_registry(only_fraud).await), Code::PermissionDenied);
     assert_eq!(code(fraud_reg.registry.apply_registry(two_groups()).await), Code::PermissionDenied);
+    // Promotions and rollbacks need the registry scope for the group; the history is a read.
+    let promote = |group: &str, version| pb::PromoteGroupRequest { group: group.into(), version, ..Default::default() };
+    assert_eq!(code(reader.registry.promote_group(promote("fraud_scores", 2)).await), Code::PermissionDenied);
+    assert_eq!(code(fraud_reg.registry.promote_group(promote("user_stats", 1)).await), Code::PermissionDenied);
+    let back = |group: &str| pb::RollbackGroupRequest { group: group.into(), reason: String::new() };
+    assert_eq!(code(reader.registry.rollback_group(back("fraud_scores")).await), Code::PermissionDenied);
+    let p = fraud_reg.registry.promote_group(promote("fraud_scores", 2)).await.expect("promote its group");
+    assert_eq!(p.into_inner().promotion.map(|p| p.by), Some("fraud-registry".to_string()), "the token's name is kept");
+    let versions = |group: &str| pb::ListGroupVersionsRequest { group: group.into() };
+    reader.registry.list_group_versions(versions("fraud_scores")).await.expect("history of its group");
+    assert_eq!(code(reader.registry.list_group_versions(versions("user_stats")).await), Code::PermissionDenied);
 
     // The command line sends --token; without it the server says why it refused.
     let addr = d.addr.clone();
