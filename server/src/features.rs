@@ -668,6 +668,11 @@ impl Features {
         &self.registry
     }
 
+    /// The engine this service reads and writes.
+    pub fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
     /// Bytes of answers a join holds in memory before it spills.
     pub fn join_spill_bytes(&self) -> usize {
         self.join_spill_bytes

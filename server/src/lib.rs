@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod backfill;
 pub mod checkpoint;
 pub mod conn;
 pub mod convert;

@@ -931,7 +931,19 @@ impl Registry {
                 }
                 None => (Vec::new(), 0),
             };
+            let serving_ids = versions.get(&serving).map(|s| s.feature_ids.as_slice()).unwrap_or_default();
+            let shared_with_serving = if v == serving {
+                Vec::new()
+            } else {
+                def.features
+                    .iter()
+                    .zip(&stored.feature_ids)
+                    .filter(|(_, id)| serving_ids.contains(id))
+                    .map(|(f, _)| f.name.clone())
+                    .collect()
+            };
             out.push(pb::GroupVersion {
+                shared_with_serving,
                 version: v,
                 state: state as i32,
                 created_at: def.created_at,

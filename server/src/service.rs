@@ -383,6 +383,24 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
     }
 
     type ScanHistoryStream = BoxStream<pb::ScanHistoryResponse>;
+    type CopyFeatureHistoryStream = BoxStream<pb::CopyFeatureHistoryProgress>;
+
+    async fn copy_feature_history(
+        &self,
+        req: Request<pb::CopyFeatureHistoryRequest>,
+    ) -> Result<Response<Self::CopyFeatureHistoryStream>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("CopyFeatureHistory", async move {
+                authorize(&req, Scope::Write, Some(req.get_ref().group.as_str()))?;
+                let f = self.features.clone();
+                let req = req.into_inner();
+                Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {
+                    crate::backfill::copy_history(f.db(), f.registry(), &req, emit)
+                })))
+            })
+            .await
+    }
 
     async fn scan_history(
         &self,

@@ -202,7 +202,8 @@ fn bad_writes_fail_clearly_and_change_nothing() {
 }
 
 /// Lookups resolve their feature lists through a cache; an apply must be seen by the very next
-/// lookup (here: a new version with another default, served for a missing value).
+/// lookup (here: a new version with another default, promoted as it is applied, served for a
+/// missing value).
 #[test]
 fn a_new_group_version_is_served_by_the_next_lookup() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -227,7 +228,7 @@ fn a_new_group_version_is_served_by_the_next_lookup() {
             ..Default::default()
         }],
         dry_run: false,
-        promote: false,
+        promote: true,
     };
     reg.apply(&group(-1.0)).expect("apply v1");
     let f = Features::new(reg.clone(), quiver_storage::Durability::Sync);

@@ -43,6 +43,11 @@ impl WriteBatch {
         self.ops.len()
     }
 
+    /// The batch's size as counted against [`BATCH_BYTES_MAX`].
+    pub fn size_bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// True if the batch holds no writes.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()

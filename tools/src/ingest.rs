@@ -22,7 +22,7 @@ const BATCHES_IN_FLIGHT: usize = 4;
 const STREAM_CLOSED: &str = "stream closed";
 
 /// Which column feeds what.
-struct Columns {
+pub(crate) struct Columns {
     what: String,
     group_ref: String,
     key: tabular::KeyColumns,
@@ -30,7 +30,7 @@ struct Columns {
 }
 
 impl Columns {
-    fn new(what: String, header: &[String], def: &pb::FeatureGroup, et: &pb::EntityType) -> Result<Self> {
+    pub(crate) fn new(what: String, header: &[String], def: &pb::FeatureGroup, et: &pb::EntityType) -> Result<Self> {
         let key = tabular::KeyColumns::locate(&what, header, et, "event_time")?;
         let mut features = Vec::new();
         for (i, h) in header.iter().enumerate() {
@@ -46,6 +46,11 @@ impl Columns {
         }
         // Pinned to the version checked here, so an apply during the load cannot split it.
         Ok(Columns { what, group_ref: format!("{}@{}", def.name, def.version), key, features })
+    }
+
+    /// The names of the features the file has columns for.
+    pub(crate) fn feature_names(&self) -> impl Iterator<Item = &str> {
+        self.features.iter().map(|(_, n, _)| n.as_str())
     }
 
     /// The write row of one table row; `None` if it has no value at all.
@@ -69,7 +74,7 @@ impl Columns {
 }
 
 /// Calls `f` with every row of the file that has a value.
-fn for_each_row(file: &Path, cols: &Columns, mut f: impl FnMut(pb::WriteRow) -> Result<()>) -> Result<()> {
+pub(crate) fn for_each_row(file: &Path, cols: &Columns, mut f: impl FnMut(pb::WriteRow) -> Result<()>) -> Result<()> {
     let mut rows = tabular::open(file)?;
     while let Some((at, cells)) = rows.next_row()? {
         if let Some(row) = cols.row(at, cells)? {

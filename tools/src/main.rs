@@ -3,6 +3,7 @@
 
 mod admin;
 mod auth;
+mod backfill;
 mod common;
 mod demo;
 mod drift;
@@ -87,6 +88,33 @@ enum Cmd {
     },
     /// A group's versions (serving, staged, inactive) and the history of its serving version.
     Versions { group: String },
+    /// Fill a staged version with history, resumably: rows from a file, or features copied
+    /// from another version inside the engine.
+    Backfill {
+        /// "group@N": the version to fill (not the serving one).
+        #[arg(long)]
+        group: String,
+        /// Rows to load (.csv or .parquet; columns as for `quiver ingest`).
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Copy history from this version of the group instead.
+        #[arg(long)]
+        copy_from: Option<u32>,
+        /// With --copy-from: a feature to copy (repeat; default every feature both versions
+        /// have with the same type whose data is not already shared).
+        #[arg(long = "feature")]
+        features: Vec<String>,
+        /// Rows per atomic batch (--from).
+        #[arg(long, default_value_t = 1000)]
+        batch_rows: usize,
+        /// Where progress is kept (default: beside the file, or in the current directory for
+        /// a copy).
+        #[arg(long)]
+        progress_file: Option<PathBuf>,
+        /// Start over, ignoring saved progress.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Online lookup of features for entities.
     Get {
         #[arg(long)]
@@ -436,6 +464,10 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Promote { version, force, reason } => registry::promote(server, cli.json, &version, force, reason).await,
         Cmd::Rollback { group, reason } => registry::rollback(server, cli.json, group, reason).await,
         Cmd::Versions { group } => registry::versions(server, cli.json, group).await,
+        Cmd::Backfill { group, from, copy_from, features, batch_rows, progress_file, restart } => {
+            let args = backfill::Args { group, from, copy_from, features, batch_rows, progress_file, restart };
+            backfill::run(server, cli.json, args).await
+        }
         Cmd::Get { entity_type, entities, features, default_missing, timeout_ms } => {
             let opts =
                 features::GetOptions { default_missing, timeout: timeout_ms.map(std::time::Duration::from_millis) };
