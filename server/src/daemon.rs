@@ -183,6 +183,10 @@ pub struct ServeConfig {
     pub log_sample_rate: f64,
     /// How long logged answers are kept.
     pub log_retention: std::time::Duration,
+    /// Staged versions to shadow ("group@N" each).
+    pub shadow: Vec<String>,
+    /// The share of eligible lookups shadowed.
+    pub shadow_sample_rate: f64,
 }
 
 /// How long a stop waits for requests in flight, unless configured otherwise.
@@ -274,7 +278,9 @@ pub async fn serve(
     };
     let replicator = Replicator::with_transport(db.clone(), registry.clone(), &cfg.cluster, transport);
     let peer_regions: Vec<u32> = cfg.cluster.peers.iter().map(|p| p.region).collect();
+    let shadow = Arc::new(crate::shadow::Shadow::new(&cfg.shadow, cfg.shadow_sample_rate)?);
     let mut feature_health = crate::health::Health::new(registry.clone(), cfg.cluster.region, &peer_regions)?;
+    feature_health.set_shadow(shadow.clone());
     if let Some(ms) = test_switch_value::<u64>(WATERMARK_INTERVAL_ENV)? {
         feature_health.set_persist_interval(std::time::Duration::from_millis(ms.max(1)));
     }
@@ -284,11 +290,16 @@ pub async fn serve(
     let mut features = Features::new(registry.clone(), cfg.durability)
         .with_join_spill_bytes(budget / JOIN_MEMORY_SHARE_DIVISOR)
         .with_health(feature_health.clone())
-        .with_served_log(served_log.clone());
+        .with_served_log(served_log.clone())
+        .with_shadow(shadow.clone());
     if let Some(n) = cfg.join_threads {
         features = features.with_join_threads(n);
     }
     let features = Arc::new(features);
+    if !shadow.is_empty() {
+        shadow.start(Arc::downgrade(&features))?;
+        tracing::info!(targets = ?cfg.shadow, rate = cfg.shadow_sample_rate, "shadow reads on");
+    }
     let admission = Admission::new(cfg.max_concurrent_requests, budget / REQUEST_MEMORY_SHARE_DIVISOR);
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let conn_stats = Arc::new(crate::conn::ConnStats::default());
@@ -360,10 +371,9 @@ pub async fn serve(
     ));
     let registry_svc = AdmitRequests::new(
         InterceptedService::new(
-            pb::registry_service_server::RegistryServiceServer::new(RegistryApi::new(
-                registry.clone(),
-                metrics.clone(),
-            ))
+            pb::registry_service_server::RegistryServiceServer::new(
+                RegistryApi::new(registry.clone(), metrics.clone()).with_shadow(shadow.clone()),
+            )
             .max_decoding_message_size(MESSAGE_BYTES_MAX),
             auth.interceptor(None),
         ),

@@ -186,12 +186,17 @@ pub struct Summary {
 impl Summary {
     /// An empty summary of `feature` of type `t`.
     pub fn new(feature: &str, t: pb::ValueType) -> Self {
+        Self::sampling(feature, t, CAPTURE_VALUES_MAX)
+    }
+
+    /// An empty summary keeping a uniform sample of at most `numbers` values.
+    pub fn sampling(feature: &str, t: pb::ValueType, numbers: usize) -> Self {
         Summary {
             feature: feature.to_string(),
             value_type: t,
             rows: 0,
             nulls: 0,
-            numbers: Reservoir::new(CAPTURE_VALUES_MAX),
+            numbers: Reservoir::new(numbers),
             categories: HashMap::new(),
         }
     }
@@ -449,6 +454,21 @@ impl<'a> Current<'a> {
         let t = self.tally;
         drift_of(self.base, def, &t.buckets, (t.nulls, t.values), &t.numbers.sorted(), Nulls::Compared)
     }
+}
+
+/// The drift of `observations` (one per row, nulls included and compared) against `base`,
+/// with the bounds of `def`: how the release gate compares a candidate version's values with
+/// the serving version's and with the group's baseline.
+pub fn compare(
+    base: &pb::FeatureBaseline,
+    def: Option<&pb::FeatureDef>,
+    observations: impl IntoIterator<Item = Observation>,
+) -> pb::FeatureDrift {
+    let mut c = Current::new(base);
+    for o in observations {
+        c.add(o);
+    }
+    c.drift(def)
 }
 
 /// Slots of the ingested-values window ([`DRIFT_WINDOW`] / `INGEST_SLOTS` each).

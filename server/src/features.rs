@@ -557,6 +557,8 @@ pub struct Features {
     health: Option<Arc<Health>>,
     /// Where sampled online answers are logged (`None`: not logged).
     served_log: Option<Arc<crate::servedlog::ServedLog>>,
+    /// Where sampled lookups are offered for shadow reads (`None`: none).
+    shadow: Option<Arc<crate::shadow::Shadow>>,
     #[cfg(feature = "testing")]
     before_commit: Mutex<Option<Arc<TestHook>>>,
 }
@@ -651,6 +653,7 @@ impl Features {
             default_durability,
             health: None,
             served_log: None,
+            shadow: None,
             #[cfg(feature = "testing")]
             before_commit: Mutex::new(None),
         }
@@ -697,6 +700,25 @@ impl Features {
         self
     }
 
+    /// The same service offering sampled lookups to `shadow` (none if it shadows no group).
+    pub fn with_shadow(mut self, shadow: Arc<crate::shadow::Shadow>) -> Self {
+        self.shadow = (!shadow.is_empty()).then_some(shadow);
+        self
+    }
+
+    /// An online lookup that is neither logged, counted in the feature health nor shadowed:
+    /// the shadow reads of a staged version.
+    pub fn get_online_quiet(
+        &self,
+        req: &pb::GetOnlineFeaturesRequest,
+        now_us: i64,
+    ) -> Result<pb::GetOnlineFeaturesResponse> {
+        let (et, features) = self.resolve_uncached(&req.entity_type, &req.features, SystemTime::MAX)?;
+        let resolution = Resolution::new(et, req.features.clone(), features, None, None)?;
+        let mut yes = |_| true;
+        self.answer_online(req, &resolution, now_us, ONLINE_ANSWER_BYTES_MAX, &mut yes, None, None, false)
+    }
+
     /// The same service with joins read by `threads` threads (at least 1, at most
     /// [`JOIN_THREADS_MAX`]).
     pub fn with_join_threads(mut self, threads: usize) -> Self {
@@ -732,6 +754,23 @@ impl Features {
             )));
         }
         let resolution = self.resolve_features(&req.entity_type, &req.features)?;
+        self.answer_online(req, &resolution, now_us, answer_max, charge, deadline, request_id, true)
+    }
+
+    /// Answers an online lookup with its features resolved; `shadow`: offer it for shadow reads.
+    #[allow(clippy::too_many_arguments)]
+    fn answer_online(
+        &self,
+        req: &pb::GetOnlineFeaturesRequest,
+        resolution: &Resolution,
+        now_us: i64,
+        answer_max: usize,
+        charge: &mut dyn FnMut(usize) -> bool,
+        deadline: Option<std::time::Instant>,
+        request_id: Option<&str>,
+        shadow: bool,
+    ) -> Result<pb::GetOnlineFeaturesResponse> {
+        let (n, m) = (req.entities.len(), req.features.len());
         let (et, features) = (&resolution.entity_type, &resolution.features);
         let keys: Vec<Vec<u8>> =
             req.entities.iter().map(|k| convert::entity_key(et, k)).collect::<std::result::Result<_, _>>()?;
@@ -809,6 +848,9 @@ impl Features {
         if let (Some(log), false) = (&self.served_log, resolution.log_rates.is_empty()) {
             let served = Served { at_us: self.db.system_time_now().0 as i64, as_of_us: as_of, request_id };
             log_answers(log, req, &et.name, &resolution.log_rates, &keys, &columns, &served);
+        }
+        if let (Some(s), true) = (&self.shadow, shadow) {
+            s.offer(req, as_of, features, &columns);
         }
         Ok(pb::GetOnlineFeaturesResponse { columns })
     }

@@ -363,6 +363,8 @@ pub struct Health {
     watching: AtomicBool,
     /// The last skew measurement that covered each group.
     skew: Mutex<HashMap<String, pb::SkewCounts>>,
+    /// The node's shadow reads, if it shadows any group.
+    shadow: Option<Arc<crate::shadow::Shadow>>,
 }
 
 /// A group's last drift measurements: of its served values, and of its written values.
@@ -397,6 +399,7 @@ impl Health {
             ingest: Mutex::new(HashMap::new()),
             watching: AtomicBool::new(false),
             skew: Mutex::new(HashMap::new()),
+            shadow: None,
         })
     }
 
@@ -407,7 +410,16 @@ impl Health {
 
     /// The Prometheus collectors to register.
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
-        self.gauges.collectors()
+        let mut c = self.gauges.collectors();
+        if let Some(s) = &self.shadow {
+            c.extend(s.collectors());
+        }
+        c
+    }
+
+    /// Reports (and exports) the shadow reads of `shadow` with each group's health.
+    pub fn set_shadow(&mut self, shadow: Arc<crate::shadow::Shadow>) {
+        self.shadow = (!shadow.is_empty()).then_some(shadow);
     }
 
     /// Records a committed write: its rows and its system time.
@@ -744,6 +756,7 @@ impl Health {
                 drift,
                 ingested_drift,
                 skew,
+                shadow: self.shadow.as_ref().and_then(|s| s.report(&def.name)),
             });
         }
         Ok(out)
@@ -751,6 +764,9 @@ impl Health {
 
     /// Sets the health gauges to the report at `now_us` (at every scrape).
     pub fn refresh_gauges(&self, now_us: i64) {
+        if let Some(s) = &self.shadow {
+            s.refresh_gauges();
+        }
         let report = match self.report(now_us, None, |_| true) {
             Ok(r) => r,
             Err(e) => {

@@ -121,11 +121,18 @@ struct Args {
     /// Hours logged answers are kept (compaction drops older ones). Default 168 (7 days).
     #[arg(long, env = "QUIVER_LOG_RETENTION_HOURS")]
     log_retention_hours: Option<u64>,
+    /// Shadow a staged version ("group@N", repeatable): a sample of online lookups of the
+    /// group's serving version is read again from version N and compared (quiver monitor).
+    #[arg(long = "shadow")]
+    shadow: Vec<String>,
+    /// The share (above 0, at most 1) of eligible lookups shadowed. Default 0.01.
+    #[arg(long, env = "QUIVER_SHADOW_SAMPLE_RATE")]
+    shadow_sample_rate: Option<f64>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
     /// io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
     /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file, tls_cert, tls_key,
     /// tls_ca, checkpoint_root, max_concurrent_requests, max_connections, shutdown_timeout_ms,
-    /// log_sample_rate, log_retention_hours.
+    /// log_sample_rate, log_retention_hours, shadow (a list of "group@N"), shadow_sample_rate.
     #[arg(long, env = "QUIVER_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -156,6 +163,8 @@ struct FileConfig {
     shutdown_timeout_ms: Option<u64>,
     log_sample_rate: Option<f64>,
     log_retention_hours: Option<u64>,
+    shadow: Option<Vec<String>>,
+    shadow_sample_rate: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -179,6 +188,8 @@ struct Config {
     shutdown_timeout: std::time::Duration,
     log_sample_rate: f64,
     log_retention: std::time::Duration,
+    shadow: Vec<String>,
+    shadow_sample_rate: f64,
 }
 
 /// Longest `--log-retention-hours` (ten years).
@@ -285,7 +296,16 @@ fn config(args: Args) -> Result<Config, String> {
         Some(h) if (1..=LOG_RETENTION_HOURS_MAX).contains(&h) => std::time::Duration::from_secs(h * 3600),
         Some(_) => return Err(format!("log retention must be 1 to {LOG_RETENTION_HOURS_MAX} hours")),
     };
+    let shadow = if args.shadow.is_empty() { file.shadow.unwrap_or_default() } else { args.shadow };
+    let shadow_sample_rate = args
+        .shadow_sample_rate
+        .or(file.shadow_sample_rate)
+        .unwrap_or(quiver_server::shadow::SHADOW_SAMPLE_RATE_DEFAULT);
+    // Checked here so that a bad value is refused before anything starts.
+    quiver_server::shadow::Shadow::new(&shadow, shadow_sample_rate)?;
     Ok(Config {
+        shadow,
+        shadow_sample_rate,
         log_sample_rate,
         log_retention,
         max_connections,
@@ -350,6 +370,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         shutdown_timeout: cfg.shutdown_timeout,
         log_sample_rate: cfg.log_sample_rate,
         log_retention: cfg.log_retention,
+        shadow: cfg.shadow,
+        shadow_sample_rate: cfg.shadow_sample_rate,
     };
     serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
         let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));

@@ -303,12 +303,18 @@ fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
     }
     check_duration(&g.name, "ttl", g.ttl.as_ref())?;
     check_duration(&g.name, "freshness_sla", g.freshness_sla.as_ref())?;
-    if let Some(r) = g.log_sample_rate {
-        if !(0.0..=1.0).contains(&r) {
-            return Err(RegistryError::Invalid(format!(
-                "feature group {}: log_sample_rate {r} is not a share between 0 and 1",
-                g.name
-            )));
+    for (what, r) in [
+        ("log_sample_rate", g.log_sample_rate),
+        ("min_coverage_ratio", g.min_coverage_ratio),
+        ("max_shadow_mismatch_rate", g.max_shadow_mismatch_rate),
+    ] {
+        if let Some(r) = r {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(RegistryError::Invalid(format!(
+                    "feature group {}: {what} {r} is not a share between 0 and 1",
+                    g.name
+                )));
+            }
         }
     }
     if g.features.is_empty() || g.features.len() > FEATURES_PER_GROUP_MAX {
@@ -469,6 +475,12 @@ fn diff(old: &pb::FeatureGroup, new: &pb::FeatureGroup) -> Vec<String> {
     field("ttl", fmt_ttl(&old.ttl), fmt_ttl(&new.ttl));
     field("freshness_sla", fmt_ttl(&old.freshness_sla), fmt_ttl(&new.freshness_sla));
     field("log_sample_rate", format!("{:?}", old.log_sample_rate), format!("{:?}", new.log_sample_rate));
+    field("min_coverage_ratio", format!("{:?}", old.min_coverage_ratio), format!("{:?}", new.min_coverage_ratio));
+    field(
+        "max_shadow_mismatch_rate",
+        format!("{:?}", old.max_shadow_mismatch_rate),
+        format!("{:?}", new.max_shadow_mismatch_rate),
+    );
     field("source", old.source.clone(), new.source.clone());
     field("transformation", old.transformation.clone(), new.transformation.clone());
     field("code_hash", old.code_hash.clone(), new.code_hash.clone());

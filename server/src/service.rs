@@ -431,12 +431,20 @@ const SCAN_RESERVE_BYTES: usize = 4 << 20;
 pub struct RegistryApi {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    /// Shadow reads, whose mismatch rates the release gate checks.
+    shadow: Option<Arc<crate::shadow::Shadow>>,
 }
 
 impl RegistryApi {
     /// The endpoints over `registry`.
     pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
-        RegistryApi { registry, metrics }
+        RegistryApi { registry, metrics, shadow: None }
+    }
+
+    /// The same endpoints, the release gate reading `shadow`'s comparisons.
+    pub fn with_shadow(mut self, shadow: Arc<crate::shadow::Shadow>) -> Self {
+        self.shadow = Some(shadow);
+        self
     }
 }
 
@@ -480,11 +488,45 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
             .timed("PromoteGroup", async move {
                 let p = authorize(&req, Scope::Registry, Some(req.get_ref().group.as_str()))?;
                 let r = self.registry.clone();
+                let shadow = self.shadow.clone();
                 let req = req.into_inner();
+                if req.version == 0 {
+                    return Err(Status::invalid_argument(format!(
+                        "promote {}: the version must be at least 1",
+                        req.group
+                    )));
+                }
+                if req.reason.len() > crate::registry::TEXT_BYTES_MAX {
+                    return Err(Status::invalid_argument(format!(
+                        "the reason is longer than {} bytes",
+                        crate::registry::TEXT_BYTES_MAX
+                    )));
+                }
                 blocking(move || {
+                    // The gate reads outside the registry's lock; the promotion is one write.
+                    let serving = r.group(&req.group, 0).map_err(registry_status)?.version;
+                    r.group(&req.group, req.version).map_err(registry_status)?;
+                    let gate = if !req.dry_run && (req.force || serving == req.version) {
+                        None
+                    } else {
+                        let counts = |f: &str| shadow.as_ref().and_then(|s| s.counts(&req.group, req.version, f));
+                        let report = crate::gate::check(r.db(), &r, &req.group, req.version, counts).map_err(status)?;
+                        if !report.passed && !req.dry_run {
+                            let message = crate::gate::failures(&report);
+                            return Err(Status::with_details(
+                                tonic::Code::FailedPrecondition,
+                                message,
+                                report.encode_to_vec().into(),
+                            ));
+                        }
+                        Some(report)
+                    };
+                    if req.dry_run {
+                        return Ok(Response::new(pb::PromoteGroupResponse { promotion: None, changed: false, gate }));
+                    }
                     let (promotion, changed) =
                         r.promote(&req.group, req.version, req.force, &req.reason, &p.name).map_err(registry_status)?;
-                    Ok(Response::new(pb::PromoteGroupResponse { promotion: Some(promotion), changed }))
+                    Ok(Response::new(pb::PromoteGroupResponse { promotion: Some(promotion), changed, gate }))
                 })
                 .await
             })

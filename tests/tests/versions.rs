@@ -84,8 +84,10 @@ fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
+/// A forced promotion (v2's values differ from v1's on purpose, which the release gate would
+/// refuse: here only the switch is under test).
 async fn promote(c: &mut Clients, version: u32) -> Result<pb::PromoteGroupResponse, tonic::Status> {
-    let req = pb::PromoteGroupRequest { group: "user_stats".into(), version, ..Default::default() };
+    let req = pb::PromoteGroupRequest { group: "user_stats".into(), version, force: true, ..Default::default() };
     c.registry.promote_group(req).await.map(|r| r.into_inner())
 }
 
@@ -192,4 +194,150 @@ async fn staged_versions_promote_atomically_roll_back_and_leave_pinned_joins_alo
     assert_eq!(states, vec![(1, pb::group_version::State::Inactive, 2), (2, pb::group_version::State::Serving, 2)]);
     let lookups = d.scrape();
     assert!(lookups.contains("PromoteGroup"), "promotions are counted in the RPC metrics");
+}
+
+/// `clicks` and `spend` of `users` into `group` at T0 (`None` leaves a feature out of a row).
+async fn write_values(
+    c: &mut Clients,
+    group: &str,
+    users: std::ops::Range<usize>,
+    v: impl Fn(usize) -> (Option<i64>, Option<f64>),
+) {
+    let rows = users
+        .map(|i| {
+            let (clicks, spend) = v(i);
+            let mut values = std::collections::HashMap::new();
+            if let Some(x) = clicks {
+                values.insert("clicks".to_string(), int(x));
+            }
+            if let Some(x) = spend {
+                values.insert("spend".to_string(), pb::Value { kind: Some(pb::value::Kind::Float64Value(x)) });
+            }
+            pb::WriteRow {
+                entity: Some(key(&user(i))),
+                group: group.into(),
+                event_time: ts(T0),
+                values,
+                ..Default::default()
+            }
+        })
+        .collect();
+    c.features.write_features(pb::WriteFeaturesRequest { rows, ..Default::default() }).await.expect("write");
+}
+
+fn stage_code(code: &str) -> pb::ApplyRegistryRequest {
+    let mut r = example_registry();
+    r.feature_groups[0].code_hash = code.into();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_reads_measure_an_injected_difference_and_the_gate_refuses_bad_versions() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = Daemon::start(dir.path(), &["--shadow", "user_stats@2", "--shadow-sample-rate", "1"]);
+    let mut c = Clients::of(&d).await;
+    c.registry.apply_registry(example_registry()).await.expect("v1");
+    const N: usize = 50;
+    write_values(&mut c, "user_stats", 0..N, |i| (Some(i as i64), Some(i as f64))).await;
+    // v2: the same values but clicks + 5 for the first 10 users, and spend for 20 users only.
+    c.registry.apply_registry(stage_code("v2")).await.expect("v2");
+    write_values(&mut c, "user_stats@2", 0..N, |i| {
+        (Some(i as i64 + if i < 10 { 5 } else { 0 }), (i < 20).then_some(i as f64))
+    })
+    .await;
+
+    let lookup = pb::GetOnlineFeaturesRequest {
+        entity_type: "user".into(),
+        entities: (0..N).map(|i| key(&user(i))).collect(),
+        features: vec!["user_stats:clicks".into(), "user_stats:spend".into()],
+        as_of: ts(T0 + 1),
+        ..Default::default()
+    };
+    for _ in 0..20 {
+        let r = c.features.get_online_features(lookup.clone()).await.expect("lookup").into_inner();
+        assert_eq!(r.columns[0].int64_values, (0..N as i64).collect::<Vec<_>>(), "shadow reads never change answers");
+        assert_eq!(r.columns[0].group_version, 1);
+    }
+    let shadow = loop {
+        let h = c.monitor.get_feature_health(pb::GetFeatureHealthRequest { group: "user_stats".into() }).await;
+        let s = h.expect("health").into_inner().groups.remove(0).shadow.expect("shadowed");
+        if s.features.iter().map(|f| f.compared).sum::<u64>() == 2 * 20 * N as u64 {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!((shadow.staged_version, shadow.lookups, shadow.dropped), (2, 20, 0));
+    let clicks = &shadow.features[0];
+    assert_eq!((clicks.feature.as_str(), clicks.compared, clicks.mismatched), ("clicks", 1000, 200));
+    assert_eq!(clicks.abs_diff_quantiles, vec![0.0, 5.0, 5.0]);
+    let spend = &shadow.features[1];
+    assert_eq!((spend.feature.as_str(), spend.mismatched), ("spend", 600), "30 of 50 users have no staged spend");
+    assert!(d
+        .scrape()
+        .contains(r#"quiver_shadow_values_total{feature="clicks",group="user_stats",result="mismatch"} 200"#));
+
+    // The gate refuses v2: coverage of spend, and the shadow mismatches of clicks.
+    let promote = |version: u32, dry_run: bool| pb::PromoteGroupRequest {
+        group: "user_stats".into(),
+        version,
+        dry_run,
+        ..Default::default()
+    };
+    let dry = c.registry.promote_group(promote(2, true)).await.expect("dry run").into_inner();
+    let report = dry.gate.expect("report");
+    assert!(!report.passed && dry.promotion.is_none() && !dry.changed);
+    assert_eq!(report.entities, N as u64);
+    let by_name = |r: &pb::GateReport, f: &str| r.features.iter().find(|x| x.feature == f).cloned().expect("feature");
+    let spend_gate = by_name(&report, "spend");
+    assert_eq!((spend_gate.coverage_serving, spend_gate.coverage_candidate), (1.0, 0.4));
+    assert!(spend_gate.failures.iter().any(|f| f.contains("coverage 40.00%")), "{spend_gate:?}");
+    let clicks_gate = by_name(&report, "clicks");
+    assert_eq!(clicks_gate.shadow_mismatch_rate, Some(0.2));
+    assert!(clicks_gate.failures.iter().any(|f| f.contains("shadow reads differed")), "{clicks_gate:?}");
+    let refused = c.registry.promote_group(promote(2, false)).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("spend: coverage"), "{}", refused.message());
+    let detailed = <pb::GateReport as prost::Message>::decode(refused.details()).expect("report in details");
+    assert_eq!(detailed.features.len(), 2);
+    assert_eq!(lookup_version(&mut c).await, 1, "a refused promotion changes nothing");
+
+    // v3: clicks scaled by 1,000 — drift against the serving version.
+    c.registry.apply_registry(stage_code("v3")).await.expect("v3");
+    write_values(&mut c, "user_stats@3", 0..N, |i| (Some(i as i64 * 1000 + 7), Some(i as f64))).await;
+    let refused = c.registry.promote_group(promote(3, false)).await.expect_err("refused");
+    assert!(refused.message().contains("clicks: drift against the serving version"), "{}", refused.message());
+
+    // v4: both features copied from v1 inside the engine — it passes and serves.
+    c.registry.apply_registry(stage_code("v4")).await.expect("v4");
+    let copy = pb::CopyFeatureHistoryRequest {
+        group: "user_stats".into(),
+        from_version: 1,
+        to_version: 4,
+        ..Default::default()
+    };
+    let mut s = c.features.copy_feature_history(copy).await.expect("copy").into_inner();
+    let mut last = None;
+    while let Some(p) = s.message().await.expect("progress") {
+        last = Some(p);
+    }
+    let last = last.expect("progress");
+    assert!(last.done && last.cells_copied == 2 * N as u64, "{last:?}");
+    let ok = c.registry.promote_group(promote(4, false)).await.expect("the gate passes").into_inner();
+    assert!(ok.changed && ok.gate.is_some_and(|g| g.passed));
+    assert_eq!(lookup_version(&mut c).await, 4);
+    // A forced promotion skips the gate and says so in the history.
+    let forced = pb::PromoteGroupRequest { force: true, ..promote(3, false) };
+    let p = c.registry.promote_group(forced).await.expect("forced").into_inner();
+    assert!(p.gate.is_none() && p.promotion.is_some_and(|p| p.forced));
+}
+
+async fn lookup_version(c: &mut Clients) -> u32 {
+    let req = pb::GetOnlineFeaturesRequest {
+        entity_type: "user".into(),
+        entities: vec![key(&user(0))],
+        features: vec!["user_stats:clicks".into()],
+        as_of: ts(T0 + 1),
+        ..Default::default()
+    };
+    c.features.get_online_features(req).await.expect("lookup").into_inner().columns[0].group_version
 }

@@ -53,6 +53,8 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         shutdown_timeout: quiver_server::daemon::SHUTDOWN_TIMEOUT_DEFAULT,
         log_sample_rate: 0.0,
         log_retention: quiver_server::servedlog::LOG_RETENTION_DEFAULT,
+        shadow: Vec::new(),
+        shadow_sample_rate: quiver_server::shadow::SHADOW_SAMPLE_RATE_DEFAULT,
     };
     let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());

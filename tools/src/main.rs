@@ -68,13 +68,17 @@ enum Cmd {
         #[arg(long)]
         promote: bool,
     },
-    /// Make a group version serve ("group@N"), in one registry write.
+    /// Make a group version serve ("group@N"), in one registry write, if the release gate
+    /// passes (exit 2 with its report when it refuses).
     Promote {
         /// "group@N".
         version: String,
         /// Skip the release gate (recorded in the history).
         #[arg(long)]
         force: bool,
+        /// Only run the release gate and print its report.
+        #[arg(long)]
+        dry_run: bool,
         /// Why, kept in the history.
         #[arg(long, default_value = "")]
         reason: String,
@@ -461,7 +465,12 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Demo { users, hours } => demo::run(users, hours).await,
         Cmd::Apply { file, dry_run, promote } => registry::apply(server, cli.json, &file, dry_run, promote).await,
-        Cmd::Promote { version, force, reason } => registry::promote(server, cli.json, &version, force, reason).await,
+        Cmd::Promote { version, force, dry_run, reason } => {
+            if !registry::promote(server, cli.json, &version, force, dry_run, reason).await? {
+                std::process::exit(registry::EXIT_GATE_REFUSED);
+            }
+            Ok(())
+        }
         Cmd::Rollback { group, reason } => registry::rollback(server, cli.json, group, reason).await,
         Cmd::Versions { group } => registry::versions(server, cli.json, group).await,
         Cmd::Backfill { group, from, copy_from, features, batch_rows, progress_file, restart } => {

@@ -63,6 +63,14 @@ fn json_of(g: &pb::GroupHealth) -> serde_json::Value {
                 "mismatched": f.mismatched, "missing": f.missing,
             })).collect::<Vec<_>>(),
         })),
+        "shadow": g.shadow.as_ref().map(|s| serde_json::json!({
+            "staged_version": s.staged_version, "lookups": s.lookups, "dropped": s.dropped,
+            "features": s.features.iter().map(|f| serde_json::json!({
+                "feature": f.feature, "compared": f.compared, "mismatched": f.mismatched,
+                "mismatch_rate": f.mismatch_rate, "abs_diff_quantiles": f.abs_diff_quantiles,
+                "rel_diff_quantiles": f.rel_diff_quantiles, "psi": f.psi,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -126,6 +134,31 @@ pub async fn run(server: &Server, json: bool, group: Option<String>) -> Result<b
         if let Some(d) = &g.ingested_drift {
             println!("    drift of the values written here in the last hour, against baseline {}:", d.baseline);
             crate::drift::print_drift(d, "        ");
+        }
+        if let Some(sh) = &g.shadow {
+            println!(
+                "    shadow reads of v{} since start: {} lookups sampled, {} dropped",
+                sh.staged_version, sh.lookups, sh.dropped
+            );
+            for f in &sh.features {
+                let q = |x: &[f64]| {
+                    if x.is_empty() {
+                        "-".to_string()
+                    } else {
+                        x.iter().map(|v| format!("{v:.4}")).collect::<Vec<_>>().join("/")
+                    }
+                };
+                println!(
+                    "        {:<24} {} compared, {} differ ({:.2}%), |diff| p50/p90/p99 {}, relative {}, psi {}",
+                    f.feature,
+                    f.compared,
+                    f.mismatched,
+                    f.mismatch_rate * 100.0,
+                    q(&f.abs_diff_quantiles),
+                    q(&f.rel_diff_quantiles),
+                    f.psi.map_or("-".to_string(), |p| format!("{p:.4}"))
+                );
+            }
         }
     }
     if r.groups.is_empty() {

@@ -87,14 +87,118 @@ fn print_promotion(group: &str, p: &pb::GroupPromotion) {
     );
 }
 
-/// `quiver promote group@N`.
-pub async fn promote(server: &Server, json: bool, reference: &str, force: bool, reason: String) -> Result<()> {
+/// The exit code of `quiver promote` when the release gate refuses (or, with `--dry-run`,
+/// would refuse).
+pub const EXIT_GATE_REFUSED: i32 = 2;
+
+fn pct(x: f64) -> String {
+    format!("{:.2}%", x * 100.0)
+}
+
+fn opt(x: Option<f64>) -> String {
+    x.map_or("-".to_string(), |v| format!("{v:.4}"))
+}
+
+/// Prints the release gate's report.
+fn print_gate(r: &pb::GateReport, json: bool) {
+    if json {
+        let features: Vec<_> = r
+            .features
+            .iter()
+            .map(|f| {
+                let drift = |d: &Option<pb::FeatureDrift>| {
+                    d.as_ref().map(
+                        |d| serde_json::json!({ "psi": d.psi, "ks": d.ks, "max_psi": d.max_psi, "max_ks": d.max_ks }),
+                    )
+                };
+                serde_json::json!({
+                    "feature": f.feature, "coverage_serving": f.coverage_serving,
+                    "coverage_candidate": f.coverage_candidate, "null_rate": f.null_rate,
+                    "max_null_rate": f.max_null_rate, "versus_serving": drift(&f.versus_serving),
+                    "versus_baseline": drift(&f.versus_baseline), "shadow_compared": f.shadow_compared,
+                    "shadow_mismatch_rate": f.shadow_mismatch_rate, "failures": f.failures,
+                })
+            })
+            .collect();
+        let line = serde_json::json!({
+            "group": r.group, "serving": r.serving_version, "candidate": r.candidate_version, "entities": r.entities,
+            "truncated": r.truncated, "baseline": r.baseline, "passed": r.passed, "features": features,
+        });
+        println!("{line}");
+        return;
+    }
+    println!(
+        "release gate {}@{} against serving v{}: {} ({} entities{}{})",
+        r.group,
+        r.candidate_version,
+        r.serving_version,
+        if r.passed { "PASSED" } else { "REFUSED" },
+        r.entities,
+        if r.truncated { ", the first ones only" } else { "" },
+        if r.baseline.is_empty() { String::new() } else { format!(", baseline {}", r.baseline) }
+    );
+    println!(
+        "  {:<24} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "feature", "coverage", "serving", "nulls", "psi/serv", "ks/serv", "psi/base", "ks/base", "shadow"
+    );
+    for f in &r.features {
+        let (ps, ks) = f.versus_serving.as_ref().map_or((None, None), |d| (d.psi, d.ks));
+        let (pb_, kb) = f.versus_baseline.as_ref().map_or((None, None), |d| (d.psi, d.ks));
+        println!(
+            "  {:<24} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            f.feature,
+            pct(f.coverage_candidate),
+            pct(f.coverage_serving),
+            pct(f.null_rate),
+            opt(ps),
+            opt(ks),
+            opt(pb_),
+            opt(kb),
+            f.shadow_mismatch_rate.map_or("-".to_string(), pct)
+        );
+        for x in &f.failures {
+            println!("      FAIL {x}");
+        }
+    }
+}
+
+/// `quiver promote group@N`: false when the release gate refused (its report printed).
+pub async fn promote(
+    server: &Server,
+    json: bool,
+    reference: &str,
+    force: bool,
+    dry_run: bool,
+    reason: String,
+) -> Result<bool> {
     let bad = || format!("{reference:?} is not group@N (N >= 1)");
     let (group, version) = reference.split_once('@').ok_or_else(bad)?;
     let version: u32 = version.parse().ok().filter(|v| *v > 0).ok_or_else(bad)?;
     let mut c = pb::registry_service_client::RegistryServiceClient::new(server.channel().await?);
-    let req = pb::PromoteGroupRequest { group: group.to_string(), version, force, reason };
-    let r = c.promote_group(req).await.map_err(grpc)?.into_inner();
+    let req = pb::PromoteGroupRequest { group: group.to_string(), version, force, reason, dry_run };
+    let r = match c.promote_group(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            use prost::Message;
+            match pb::GateReport::decode(s.details()) {
+                Ok(report) if !report.group.is_empty() => {
+                    print_gate(&report, json);
+                    if !json {
+                        println!("not promoted; fix the version, or promote with --force");
+                    }
+                    return Ok(false);
+                }
+                _ => return Err(grpc(s)),
+            }
+        }
+        Err(s) => return Err(grpc(s)),
+    };
+    if let Some(g) = &r.gate {
+        print_gate(g, json);
+        if dry_run {
+            return Ok(g.passed);
+        }
+    }
     let p = r.promotion.unwrap_or_default();
     if json {
         println!("{}", serde_json::json!({ "group": group, "changed": r.changed, "promotion": promotion_json(&p) }));
@@ -103,7 +207,7 @@ pub async fn promote(server: &Server, json: bool, reference: &str, force: bool, 
     } else {
         println!("{group} v{version} already serves");
     }
-    Ok(())
+    Ok(true)
 }
 
 /// `quiver rollback group`.

@@ -13,6 +13,9 @@
 //! ttl = "1h"                      # s, m, h, d; "0s" never goes stale
 //! freshness_sla = "2h"            # optional: breached when the newest event is older
 //! log_sample_rate = 0.1           # optional: log online answers of 10% of entities
+//! code_hash = "3f9a1c"            # a changed code hash gives a new version's features their own data
+//! min_coverage_ratio = 0.95       # optional: release gate, coverage vs the serving version
+//! max_shadow_mismatch_rate = 0.01 # optional: release gate, shadow reads that may differ
 //! tags = { team = "growth" }
 //! [[feature_groups.features]]
 //! name = "clicks_1h"
@@ -75,6 +78,10 @@ struct Group {
     freshness_sla: Option<String>,
     #[serde(default)]
     log_sample_rate: Option<f64>,
+    #[serde(default)]
+    min_coverage_ratio: Option<f64>,
+    #[serde(default)]
+    max_shadow_mismatch_rate: Option<f64>,
     #[serde(default)]
     source: String,
     #[serde(default)]
@@ -227,6 +234,8 @@ pub fn parse(text: &str) -> Result<pb::ApplyRegistryRequest, String> {
             created_at: None,
             freshness_sla,
             log_sample_rate: g.log_sample_rate,
+            min_coverage_ratio: g.min_coverage_ratio,
+            max_shadow_mismatch_rate: g.max_shadow_mismatch_rate,
         });
     }
     Ok(req)

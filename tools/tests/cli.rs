@@ -802,8 +802,20 @@ fn apply_stages_a_changed_group_and_promote_rollback_and_versions_manage_it() {
     let (ok, out, err) = quiver(&["--addr", &addr, "versions", "user_stats"]);
     assert!(ok, "{err}");
     assert!(out.contains("user_stats: v1 serves") && out.contains("staged"), "{out}");
-    let (ok, out, err) = quiver(&["--addr", &addr, "promote", "user_stats@2", "--reason", "backfilled"]);
+    // v2's clicks (2) differ from v1's (1): the release gate refuses, with its report, exit 2.
+    for extra in [&["--dry-run"][..], &[][..]] {
+        let mut a = vec!["--addr", addr.as_str(), "promote", "user_stats@2"];
+        a.extend(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_quiver")).args(&a).output().expect("run quiver");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{a:?}: {stdout}");
+        assert!(stdout.contains("release gate user_stats@2 against serving v1: REFUSED (1 entities)"), "{stdout}");
+        assert!(stdout.contains("FAIL drift against the serving version"), "{stdout}");
+    }
+    assert!(get().contains("clicks=1"), "a refused promotion changes nothing");
+    let (ok, out, err) = quiver(&["--addr", &addr, "promote", "user_stats@2", "--force", "--reason", "backfilled"]);
     assert!(ok, "{err}");
+    assert!(out.contains("(forced)"), "{out}");
     assert!(out.contains("promoted user_stats v1 -> v2 by anonymous") && out.contains(": backfilled"), "{out}");
     assert!(get().contains("clicks=2"));
     let (ok, out, _) = quiver(&["--addr", &addr, "promote", "user_stats@2"]);
