@@ -24,6 +24,11 @@
 //!    than the log's retention is dropped: every log record is a pair of its own, written once,
 //!    so nothing else answers through it.
 //!
+//! 5. A version of a user key (not reserved) whose feature id is in the *dropped features*
+//!    ([`crate::Db::set_dropped_features`]) is dropped: the service names the feature ids that
+//!    no registry version can read any more (retired group versions past their retention), so
+//!    no read can reach them.
+//!
 //! Without a window no version is settled and nothing is dropped by rules 1 to 3.
 
 use std::sync::Arc;
@@ -194,6 +199,8 @@ pub struct Retention {
 #[derive(Debug)]
 pub struct RetentionFilter {
     r: Retention,
+    /// Rule 5: feature ids whose versions are dropped (sorted).
+    dropped_features: Arc<Vec<u32>>,
     /// The escaped served-log prefix every internal key of a log record starts with.
     log_keys: Vec<u8>,
     prefix: Vec<u8>,
@@ -220,7 +227,21 @@ impl RetentionFilter {
         // prefix of an entity is the escape of its prefix.
         let mut log_keys = crate::key::entity_prefix(crate::reserved::SERVED_LOG);
         log_keys.truncate(log_keys.len() - 2);
-        RetentionFilter { r, log_keys, prefix: Vec::new(), settled_event: None, drop_rest: false }
+        RetentionFilter {
+            r,
+            dropped_features: Arc::new(Vec::new()),
+            log_keys,
+            prefix: Vec::new(),
+            settled_event: None,
+            drop_rest: false,
+        }
+    }
+
+    /// The same filter dropping every version of user keys of the (sorted) feature ids
+    /// `features` (rule 5).
+    pub fn with_dropped_features(mut self, features: Arc<Vec<u32>>) -> Self {
+        self.dropped_features = features;
+        self
     }
 
     /// Decides for the next entry (keys strictly increasing).
@@ -231,6 +252,13 @@ impl RetentionFilter {
             self.prefix.extend_from_slice(prefix);
             self.settled_event = None;
             self.drop_rest = false;
+        }
+        if !self.dropped_features.is_empty() && key.first() != Some(&crate::reserved::RESERVED_BYTE) {
+            if let Some(f) = crate::key::KeyRef::parse(key).map(|k| k.feature().0) {
+                if self.dropped_features.binary_search(&f).is_ok() {
+                    return Decision::Drop;
+                }
+            }
         }
         if let Some(c) = self.r.log_cutoff {
             if key.starts_with(&self.log_keys) && crate::key::system_time_of(key).0 < c {
@@ -310,5 +338,20 @@ mod tests {
         // Without a log retention nothing expires.
         let mut f = RetentionFilter::new(Retention { log_cutoff: None, ..r });
         assert_eq!(f.decide(&log(1, 1), false), Decision::Keep);
+    }
+
+    #[test]
+    fn dropped_features_go_from_user_keys_only() {
+        let r = Retention { cutoff: None, horizon: i64::MIN, bottom: false, log_cutoff: None };
+        let mut f = RetentionFilter::new(r).with_dropped_features(Arc::new(vec![3, 7]));
+        assert_eq!(f.decide(&k(1, 5, 5), false), Decision::Keep);
+        assert_eq!(f.decide(&k(3, 5, 5), false), Decision::Drop);
+        assert_eq!(f.decide(&k(3, 4, 5), true), Decision::Drop);
+        assert_eq!(f.decide(&k(5, 5, 5), false), Decision::Keep);
+        assert_eq!(f.decide(&k(7, 1, 1), false), Decision::Drop);
+        // A registry cell whose feature id (a group version) is 3 stays.
+        let reg = encode(crate::reserved::REGISTRY_GROUPS, FeatureId(3), EventTime(0), SystemTime(1));
+        let mut f = RetentionFilter::new(r).with_dropped_features(Arc::new(vec![3]));
+        assert_eq!(f.decide(&reg, false), Decision::Keep);
     }
 }

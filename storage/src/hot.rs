@@ -65,6 +65,12 @@
 //!
 //! Rows are immutable once shared: updates build a new row and replace the entry.
 //!
+//! # Dropped features
+//!
+//! Feature ids the service has dropped ([`crate::Db::set_dropped_features`]) are never answered
+//! here: compaction removes their versions, which a state could not follow, so their reads
+//! miss and go to the engine (which answers what its files still hold).
+//!
 //! # Admission and eviction
 //!
 //! An entity's pairs are filled on its *second* miss within a window (a TinyLFU-style
@@ -351,11 +357,16 @@ impl Lifecycle<Vec<u8>, Arc<Row>> for Policy {
 pub(crate) struct EntityView {
     row: Option<Arc<Row>>,
     complete: bool,
+    /// Dropped feature ids (sorted), when there are any.
+    dropped: Option<Arc<Vec<u32>>>,
 }
 
 impl EntityView {
     /// The answer for feature `f`, if the tier covers the read (see [`Row::answer`]).
     pub fn answer(&self, f: FeatureId, as_of: EventTime, known_at: SystemTime) -> Option<Option<CellVersion>> {
+        if self.dropped.as_ref().is_some_and(|d| d.binary_search(&f.0).is_ok()) {
+            return None;
+        }
         match &self.row {
             Some(row) => row.answer(f, as_of, known_at, self.complete),
             // No row in complete mode: the entity has no version at all.
@@ -432,6 +443,9 @@ pub(crate) struct HotTier {
     fills_deferred: AtomicU64,
     write_updates: AtomicU64,
     evictions: Arc<AtomicU64>,
+    /// Dropped feature ids (sorted; see the module docs), and whether there are any.
+    dropped: parking_lot::RwLock<Arc<Vec<u32>>>,
+    any_dropped: AtomicBool,
 }
 
 fn hash_of(entity: &[u8]) -> u64 {
@@ -489,6 +503,8 @@ impl HotTier {
             fills_deferred: AtomicU64::new(0),
             write_updates: AtomicU64::new(0),
             evictions,
+            dropped: parking_lot::RwLock::new(Arc::new(Vec::new())),
+            any_dropped: AtomicBool::new(false),
         })
     }
 
@@ -496,7 +512,15 @@ impl HotTier {
     /// up before the flag is read (see the module docs).
     pub fn entity(&self, entity: &[u8]) -> EntityView {
         let row = self.cache.get(entity);
-        EntityView { row, complete: self.complete.load(Ordering::SeqCst) }
+        let dropped = self.any_dropped.load(Ordering::Acquire).then(|| self.dropped.read().clone());
+        EntityView { row, complete: self.complete.load(Ordering::SeqCst), dropped }
+    }
+
+    /// Stops answering the (sorted) feature ids `ids` (see the module docs).
+    pub fn set_dropped(&self, ids: Arc<Vec<u32>>) {
+        let any = !ids.is_empty();
+        *self.dropped.write() = ids;
+        self.any_dropped.store(any, Ordering::Release);
     }
 
     /// Whether the tier is complete.

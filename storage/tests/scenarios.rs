@@ -544,3 +544,28 @@ fn a_batch_read_under_a_past_deadline_answers_from_the_hot_tier_and_marks_the_re
     }
     assert!(db.stats().ssd.round_latency_us > 0 || db.stats().ssd.read_rounds == 0);
 }
+
+#[test]
+fn dropped_features_leave_at_the_next_compaction_and_only_they_do() {
+    let clock = ManualClock::new(1_000);
+    let db = Db::open_with_fs(Arc::new(MemFs::new()), Path::new("/db"), opts(&clock, None)).expect("open");
+    for (f, v) in [(3, 30), (4, 40)] {
+        put(&db, b"u", f, 100, Some(v));
+        put(&db, b"w", f, 100, Some(v + 1));
+    }
+    let mut b = WriteBatch::new();
+    b.put(b"\x00reg\x00x", FeatureId(3), EventTime(0), Value::Int64(9)).expect("put");
+    db.write(b, Durability::Sync).expect("write");
+    db.set_dropped_features(&[FeatureId(3)]);
+    let q = AsOf::at(EventTime(100));
+    assert_eq!(int(&db, b"u", 3, q), Some(30), "nothing leaves before a compaction rewrites it");
+    db.compact_all().expect("compact");
+    assert_eq!((int(&db, b"u", 3, q), int(&db, b"w", 3, q)), (None, None));
+    assert_eq!((int(&db, b"u", 4, q), int(&db, b"w", 4, q)), (Some(40), Some(41)));
+    assert_eq!(int(&db, b"\x00reg\x00x", 3, AsOf::at(EventTime(0))), Some(9), "reserved keys stay");
+    // An emptied set drops nothing more.
+    db.set_dropped_features(&[]);
+    put(&db, b"u", 3, 200, Some(31));
+    db.compact_all().expect("compact");
+    assert_eq!(int(&db, b"u", 3, AsOf::at(EventTime(200))), Some(31));
+}

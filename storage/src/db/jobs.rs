@@ -279,7 +279,8 @@ impl Inner {
 
         let mut merge = MergingIter::new(crate::iter::table_runs(plan.all_inputs().cloned()));
         merge.seek(&[])?;
-        let mut filter = RetentionFilter::new(retention);
+        let dropped = self.dropped_features.read().clone();
+        let mut filter = RetentionFilter::new(retention).with_dropped_features(dropped);
         let mut outputs: Vec<Arc<TableHandle>> = Vec::new();
         let mut added: Vec<FileMeta> = Vec::new();
         let mut writer: Option<TableWriter> = None;

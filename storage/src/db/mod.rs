@@ -166,6 +166,8 @@ pub(crate) struct Inner {
     /// the WAL back (only when `replication_log_bytes > 0`).
     log_tail: Mutex<replicate::LogTail>,
     hot: Option<crate::hot::HotTier>,
+    /// Feature ids whose versions compaction drops (rule 5 of `crate::compaction`), sorted.
+    dropped_features: RwLock<Arc<Vec<u32>>>,
 }
 
 /// Where the disk was found full, and what the error said (see [`Error::NoSpace`]).
@@ -442,6 +444,21 @@ impl Db {
         deadline: Option<std::time::Instant>,
     ) -> Result<BatchRead> {
         self.inner.multi_get(entities, features, q, charge, deadline)
+    }
+
+    /// Sets the feature ids whose versions compactions from now on drop (rule 5 of
+    /// `crate::compaction`): ids no reader can reach any more. Replaces the previous set; not
+    /// persisted (the service sets it again after a restart).
+    pub fn set_dropped_features(&self, features: &[FeatureId]) {
+        let mut ids: Vec<u32> = features.iter().map(|f| f.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let ids = Arc::new(ids);
+        // The hot tier stops answering them first: from now on their reads go to the files.
+        if let Some(hot) = &self.inner.hot {
+            hot.set_dropped(ids.clone());
+        }
+        *self.inner.dropped_features.write() = ids;
     }
 
     /// A system time no earlier than any version a read that ended before this call could
