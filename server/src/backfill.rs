@@ -54,6 +54,9 @@ pub fn copy_history(
     let from = registry.resolve_group(&format!("{}@{}", req.group, req.from_version))?;
     let to = registry.resolve_group(&format!("{}@{}", req.group, req.to_version))?;
     let serving = registry.group(&req.group, 0)?.version;
+    if registry.is_retired(&req.group, req.to_version) {
+        return Err(ServiceError::Refused(format!("{}@{} is retired: it takes no writes", req.group, req.to_version)));
+    }
     if serving == req.to_version {
         return Err(ServiceError::Refused(format!(
             "{}@{} is the serving version: a copy into it would change what is served; copy into a staged version",

@@ -189,6 +189,9 @@ pub struct ServeConfig {
     pub shadow_sample_rate: f64,
 }
 
+/// How often retired versions are checked for a passed retention.
+pub const RETIREMENT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long a stop waits for requests in flight, unless configured otherwise.
 pub const SHUTDOWN_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -313,6 +316,18 @@ pub async fn serve(
         served_log.clone(),
     )?;
     let persist_task = tokio::spawn(feature_health.clone().persist_every_interval());
+    // Retired versions pass their retention with time alone: hand their ids to compaction.
+    let retire_task = {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RETIREMENT_CHECK_INTERVAL);
+            loop {
+                tick.tick().await;
+                let r = registry.clone();
+                let _ = tokio::task::spawn_blocking(move || r.refresh_dropped_features(crate::service::now_us())).await;
+            }
+        })
+    };
     let drift_interval = test_switch_value::<u64>(DRIFT_INTERVAL_ENV)?
         .map_or(crate::drift::DRIFT_INTERVAL, |ms| std::time::Duration::from_millis(ms.max(1)));
     let drift_task = tokio::spawn(crate::drift::measure_every_interval(
@@ -469,6 +484,8 @@ pub async fn serve(
     // The watermarks written since the last interval, so that a restart knows them.
     persist_task.abort();
     let _ = persist_task.await;
+    retire_task.abort();
+    let _ = retire_task.await;
     drift_task.abort();
     let _ = drift_task.await;
     if let Err(e) = feature_health.persist() {

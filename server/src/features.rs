@@ -1346,6 +1346,12 @@ impl Features {
         for (i, row) in req.rows.iter().enumerate() {
             if !groups.contains_key(row.group.as_str()) {
                 let feats = self.registry.resolve_group(&row.group)?;
+                if let Some(f) = feats.first().filter(|f| self.registry.is_retired(&f.group, f.version)) {
+                    return Err(ServiceError::Refused(format!(
+                        "row {i}: {}@{} is retired: it takes no writes",
+                        f.group, f.version
+                    )));
+                }
                 let et = feats.first().map(|f| f.entity_type.clone()).unwrap_or_default();
                 groups.insert(&row.group, (et, feats.into_iter().map(|f| (f.feature.clone(), f)).collect()));
             }

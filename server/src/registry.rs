@@ -10,6 +10,7 @@
 //! | entity type `n` | `00 "reg" 00 "et" 00 n` | 0 | 0 | bytes: `quiver.v1.EntityType` |
 //! | group `n`, version `v` | `00 "reg" 00 "fg" 00 n` | `v` | 0 | bytes: [`StoredGroup`] |
 //! | a change of group `n`'s serving version | `00 "reg" 00 "sv" 00 n` | 0 | when it took effect (µs) | bytes: `quiver.v1.GroupPromotion` |
+//! | group `n`, version `v` retired | `00 "reg" 00 "rt" 00 n` | `v` | 0 | bytes: `quiver.v1.GroupRetirement` |
 //!
 //! Every cell is written once (a new event time for each serving change), so nothing is ever
 //! overwritten and the whole history stays readable.
@@ -41,6 +42,13 @@
 //! before a group's first serving cell (groups registered before serving pointers existed) its
 //! serving version is its newest version written by `K`, and a group with no version by `K`
 //! resolves to its first version (whose values at `K` are all missing).
+//!
+//! # Retirement
+//! A version that does not serve can be retired: from then on writes to it are refused, it can
+//! never serve again (promote and rollback refuse it), and once its retention has passed
+//! ([`Registry::dropped_feature_ids`]) the feature ids that only retired versions past their
+//! retention use are handed to the engine, whose compactions drop their data. An id that any
+//! other version uses (shared data) is never dropped.
 //!
 //! A group without serving cells (registered before pointers existed) serves its newest
 //! version; the first staged apply writes its serving version down (`KIND_PINNED`) in the same
@@ -80,6 +88,13 @@ pub const FEATURE_ID_STRIDE: u32 = 64;
 const ENTITY_TYPE_PREFIX: &[u8] = quiver_storage::reserved::REGISTRY_ENTITY_TYPES;
 const GROUP_PREFIX: &[u8] = quiver_storage::reserved::REGISTRY_GROUPS;
 const SERVING_PREFIX: &[u8] = quiver_storage::reserved::REGISTRY_SERVING;
+const RETIRED_PREFIX: &[u8] = quiver_storage::reserved::REGISTRY_RETIRED;
+
+/// How long a retired version's data stays before compaction may drop it, unless the
+/// retirement says otherwise.
+pub const RETIREMENT_RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The longest retention a retirement may ask (ten years).
+pub const RETIREMENT_RETENTION_MAX: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
 /// How a group version is stored: its definition and the engine feature id of each feature.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -157,6 +172,8 @@ struct State {
     created: BTreeMap<String, BTreeMap<u32, u64>>,
     /// Each group's serving cells, by event time (oldest first).
     serving: BTreeMap<String, Vec<Pointer>>,
+    /// Each group's retired versions.
+    retired: BTreeMap<String, BTreeMap<u32, pb::GroupRetirement>>,
     next_feature_id: u32,
 }
 
@@ -173,6 +190,10 @@ impl State {
         let created = self.created.get(group);
         let by_then = versions.keys().rev().find(|v| created.and_then(|c| c.get(v)).is_none_or(|&t| t <= known_at));
         by_then.or_else(|| versions.keys().next()).copied()
+    }
+
+    fn is_retired(&self, group: &str, version: u32) -> bool {
+        self.retired.get(group).is_some_and(|r| r.contains_key(&version))
     }
 
     /// The newest serving cell of `group`.
@@ -535,7 +556,9 @@ impl Registry {
     /// apply new groups concurrently never hand out the same id.
     pub fn open_in_cluster(db: Arc<Db>, region: Option<u32>) -> Result<Registry> {
         let state = Self::load(&db)?;
-        Ok(Registry { db, state: Mutex::new(state), generation: std::sync::atomic::AtomicU64::new(0), region })
+        let r = Registry { db, state: Mutex::new(state), generation: std::sync::atomic::AtomicU64::new(0), region };
+        r.refresh_dropped_features(r.db.system_time_now().0 as i64);
+        Ok(r)
     }
 
     /// Reloads the registry from the engine, after replication applied another region's
@@ -547,6 +570,9 @@ impl Registry {
             *st = state;
             self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
         }
+        drop(st);
+        // A retirement may have arrived.
+        self.refresh_dropped_features(self.db.system_time_now().0 as i64);
         Ok(())
     }
 
@@ -587,6 +613,10 @@ impl Registry {
                     .entry(item.feature.0)
                     .or_insert(item.version.system_time.0);
                 state.groups.entry(name).or_default().entry(item.feature.0).or_insert(g);
+            } else if let Some(name) = item.entity.strip_prefix(RETIRED_PREFIX) {
+                let r = pb::GroupRetirement::decode(bytes.as_slice()).map_err(|e| corrupt(&e.to_string()))?;
+                let name = String::from_utf8_lossy(name).into_owned();
+                state.retired.entry(name).or_default().entry(item.feature.0).or_insert(r);
             } else if let Some(name) = item.entity.strip_prefix(SERVING_PREFIX) {
                 let promotion = pb::GroupPromotion::decode(bytes.as_slice()).map_err(|e| corrupt(&e.to_string()))?;
                 // The scan yields a cell's winning version first (two regions may write the
@@ -871,6 +901,9 @@ impl Registry {
         }
         let mut st = self.state.lock();
         Self::stored(&st, group, version)?;
+        if st.is_retired(group, version) {
+            return Err(RegistryError::Refused(format!("{group}@{version} is retired: it can never serve again")));
+        }
         let serving = st.serving_at(group, u64::MAX).unwrap_or(0);
         if serving == version {
             let made = st.serving.get(group).and_then(|h| h.iter().rev().find(|p| p.promotion.to_version == version));
@@ -911,9 +944,93 @@ impl Registry {
                 "feature group {group}: v{serving} was not promoted over another version, so there is nothing to roll back to"
             )));
         };
+        if st.is_retired(group, to) {
+            return Err(RegistryError::Refused(format!(
+                "feature group {group}: the version before v{serving}, v{to}, is retired; promote another version"
+            )));
+        }
         let mut at = self.next_event_us(&st);
         let p = self.pointer(&mut at, pb::group_promotion::Kind::RolledBack, serving, to, by, reason);
         self.write_pointer(&mut st, group, p)
+    }
+
+    /// Retires `group@version` on behalf of `by` (module docs): its data may be dropped
+    /// `retention` after now. Returns the retirement and whether it is new.
+    pub fn retire(
+        &self,
+        group: &str,
+        version: u32,
+        retention: Duration,
+        reason: &str,
+        by: &str,
+    ) -> Result<(pb::GroupRetirement, bool)> {
+        check_text("reason", reason)?;
+        if retention > RETIREMENT_RETENTION_MAX {
+            return Err(RegistryError::Invalid(format!(
+                "a retention of {} s is over the most, {} s",
+                retention.as_secs(),
+                RETIREMENT_RETENTION_MAX.as_secs()
+            )));
+        }
+        let mut st = self.state.lock();
+        Self::stored(&st, group, version)?;
+        if let Some(r) = st.retired.get(group).and_then(|r| r.get(&version)) {
+            return Ok((r.clone(), false));
+        }
+        if st.serving_at(group, u64::MAX) == Some(version) {
+            return Err(RegistryError::Refused(format!(
+                "{group}@{version} is the serving version: promote another version before retiring it"
+            )));
+        }
+        let now = self.db.system_time_now().0 as i64;
+        let drop_us = now.saturating_add(retention.as_micros().min(i64::MAX as u128) as i64);
+        let r = pb::GroupRetirement {
+            version,
+            by: by.to_string(),
+            at: Some(crate::convert::timestamp(now)),
+            drop_after: Some(crate::convert::timestamp(drop_us)),
+            reason: reason.to_string(),
+        };
+        let mut key = RETIRED_PREFIX.to_vec();
+        key.extend_from_slice(group.as_bytes());
+        let mut batch = WriteBatch::new();
+        batch.put(&key, FeatureId(version), EventTime(0), Value::Bytes(r.encode_to_vec()))?;
+        self.db.write(batch, Durability::Sync)?;
+        st.retired.entry(group.to_string()).or_default().insert(version, r.clone());
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+        Ok((r, true))
+    }
+
+    /// Whether `group@version` is retired (writes to it are refused).
+    pub fn is_retired(&self, group: &str, version: u32) -> bool {
+        self.state.lock().is_retired(group, version)
+    }
+
+    /// The feature ids no version can read any more at `now_us`: those of retired versions
+    /// past their retention that no other version (retired within its retention, or not
+    /// retired) uses.
+    pub fn dropped_feature_ids(&self, now_us: i64) -> Vec<FeatureId> {
+        let st = self.state.lock();
+        let (mut dead, mut live) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+        for (group, versions) in &st.groups {
+            for (v, stored) in versions {
+                let expired = st
+                    .retired
+                    .get(group)
+                    .and_then(|r| r.get(v))
+                    .and_then(|r| r.drop_after.as_ref())
+                    .and_then(|t| crate::convert::micros(t, "drop_after").ok())
+                    .is_some_and(|t| t <= now_us);
+                let set = if expired { &mut dead } else { &mut live };
+                set.extend(stored.feature_ids.iter().copied());
+            }
+        }
+        dead.difference(&live).map(|&id| FeatureId(id)).collect()
+    }
+
+    /// Hands [`Registry::dropped_feature_ids`] at `now_us` to the engine's compactions.
+    pub fn refresh_dropped_features(&self, now_us: i64) {
+        self.db.set_dropped_features(&self.dropped_feature_ids(now_us));
     }
 
     /// Every version of `group`, its state, and its serving history.
@@ -929,8 +1046,11 @@ impl Registry {
         let mut before: Option<&StoredGroup> = None;
         for (&v, stored) in versions {
             use pb::group_version::State as S;
+            let retirement = st.retired.get(group).and_then(|r| r.get(&v)).cloned();
             let state = if v == serving {
                 S::Serving
+            } else if retirement.is_some() {
+                S::Retired
             } else if v > serving && !served(v) {
                 S::Staged
             } else {
@@ -955,6 +1075,7 @@ impl Registry {
                     .collect()
             };
             out.push(pb::GroupVersion {
+                retirement,
                 shared_with_serving,
                 version: v,
                 state: state as i32,

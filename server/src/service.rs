@@ -552,6 +552,37 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
             .await
     }
 
+    async fn retire_group_version(
+        &self,
+        req: Request<pb::RetireGroupVersionRequest>,
+    ) -> Result<Response<pb::RetireGroupVersionResponse>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("RetireGroupVersion", async move {
+                let p = authorize(&req, Scope::Registry, Some(req.get_ref().group.as_str()))?;
+                let req = req.into_inner();
+                let retention = match &req.retention {
+                    None => crate::registry::RETIREMENT_RETENTION_DEFAULT,
+                    Some(d) if d.seconds >= 0 && d.nanos == 0 => std::time::Duration::from_secs(d.seconds as u64),
+                    Some(_) => {
+                        return Err(Status::invalid_argument("retention must be whole, non-negative seconds"));
+                    }
+                };
+                if req.version == 0 {
+                    return Err(Status::invalid_argument("retire: the version must be at least 1"));
+                }
+                let r = self.registry.clone();
+                blocking(move || {
+                    let (retirement, changed) =
+                        r.retire(&req.group, req.version, retention, &req.reason, &p.name).map_err(registry_status)?;
+                    r.refresh_dropped_features(r.db().system_time_now().0 as i64);
+                    Ok(Response::new(pb::RetireGroupVersionResponse { retirement: Some(retirement), changed }))
+                })
+                .await
+            })
+            .await
+    }
+
     async fn list_group_versions(
         &self,
         req: Request<pb::ListGroupVersionsRequest>,

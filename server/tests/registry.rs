@@ -429,3 +429,50 @@ fn a_group_registered_before_serving_pointers_keeps_serving_its_newest_version_w
     let r = Registry::open(db).expect("reopen");
     assert_eq!(r.group("user_stats", 0).expect("serving").version, 2);
 }
+
+#[test]
+fn retirement_is_for_good_and_frees_only_ids_no_other_version_uses() {
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let r = open(tmp.path());
+    apply(&r, vec![user()], vec![stats()], false).expect("v1");
+    let mut v2 = stats();
+    v2.code_hash = "b2".into(); // own ids
+    stage(&r, v2.clone());
+    let mut v3 = v2.clone();
+    v3.description = "v3".into(); // shares v2's ids
+    stage(&r, v3);
+    let v1_ids: Vec<_> = r.resolve_group("user_stats@1").expect("v1").iter().map(|f| f.id).collect();
+    let v2_ids: Vec<_> = r.resolve_group("user_stats@2").expect("v2").iter().map(|f| f.id).collect();
+
+    assert!(
+        matches!(r.retire("user_stats", 1, Duration::ZERO, "", "ops"), Err(RegistryError::Refused(_))),
+        "v1 serves"
+    );
+    assert!(matches!(r.retire("user_stats", 9, Duration::ZERO, "", "ops"), Err(RegistryError::NotFound(_))));
+    let (ret, changed) = r.retire("user_stats", 2, Duration::from_secs(3600), "superseded", "ops").expect("retire v2");
+    assert!(changed && ret.by == "ops" && ret.reason == "superseded");
+    assert!(!r.retire("user_stats", 2, Duration::ZERO, "", "ops").expect("again").1, "the first retirement stands");
+    assert!(r.is_retired("user_stats", 2) && !r.is_retired("user_stats", 3));
+    assert!(matches!(r.promote("user_stats", 2, true, "", "ops"), Err(RegistryError::Refused(_))));
+    let state = |v: usize| r.versions("user_stats").expect("versions").versions[v].state();
+    assert_eq!(state(1), pb::group_version::State::Retired);
+
+    let at = |ret: &pb::GroupRetirement| {
+        quiver_server::convert::micros(ret.drop_after.as_ref().expect("t"), "t").expect("us")
+    };
+    let after = at(&ret) + 1;
+    // v3 still uses v2's ids: nothing is dropped, before or after v2's retention.
+    assert!(r.dropped_feature_ids(after).is_empty());
+    let (ret3, _) = r.retire("user_stats", 3, Duration::ZERO, "", "ops").expect("retire v3");
+    assert!(r.dropped_feature_ids(at(&ret) - 1).is_empty(), "v2 is within its retention");
+    let mut dropped = r.dropped_feature_ids(after.max(at(&ret3) + 1));
+    dropped.sort();
+    assert_eq!(dropped, v2_ids);
+    assert!(v1_ids.iter().all(|id| !dropped.contains(id)), "the serving version's data is never dropped");
+
+    // The retirement survives a restart.
+    drop(r);
+    let r = open(tmp.path());
+    assert!(r.is_retired("user_stats", 2) && r.is_retired("user_stats", 3));
+}

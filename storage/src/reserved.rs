@@ -8,7 +8,7 @@
 //!
 //! | prefix | holds | replicated |
 //! | --- | --- | --- |
-//! | [`REGISTRY`] | the feature registry: [`REGISTRY_ENTITY_TYPES`], [`REGISTRY_GROUPS`], [`REGISTRY_SERVING`] | yes (quiverd lists it) |
+//! | [`REGISTRY`] | the feature registry: [`REGISTRY_ENTITY_TYPES`], [`REGISTRY_GROUPS`], [`REGISTRY_SERVING`], [`REGISTRY_RETIRED`] | yes (quiverd lists it) |
 //! | [`IDEMPOTENCY`] | the stored answer of each idempotent write, by key | no: a retry goes to the node that took the write |
 //! | [`REPLICATION_CURSOR`] | per origin region, how far this node applied its log | no: each node's own progress |
 //! | [`SERVED_LOG`] | logged online answers, by served-at time (expire after `Options::served_log_retention`) | no: each node logs what it served |
@@ -26,6 +26,9 @@ pub const REGISTRY_GROUPS: &[u8] = b"\x00reg\x00fg\x00";
 /// Each group's serving-version history, by group name: one cell per change, at event time =
 /// when it took effect (the newest event time is the serving version).
 pub const REGISTRY_SERVING: &[u8] = b"\x00reg\x00sv\x00";
+/// Retired group versions: entity `REGISTRY_RETIRED` + group name, feature = the version,
+/// event time 0, value `quiver.v1.GroupRetirement`.
+pub const REGISTRY_RETIRED: &[u8] = b"\x00reg\x00rt\x00";
 /// Idempotency records, by idempotency key.
 pub const IDEMPOTENCY: &[u8] = b"\x00idem\x00";
 /// The one entity holding this node's replication cursors (feature = origin region).
@@ -72,7 +75,7 @@ mod tests {
                 assert!(!a.starts_with(b) && !b.starts_with(a), "{a:?} and {b:?} overlap");
             }
         }
-        for sub in [REGISTRY_ENTITY_TYPES, REGISTRY_GROUPS, REGISTRY_SERVING] {
+        for sub in [REGISTRY_ENTITY_TYPES, REGISTRY_GROUPS, REGISTRY_SERVING, REGISTRY_RETIRED] {
             assert!(sub.starts_with(REGISTRY));
         }
         assert!(MONITOR_WATERMARKS.starts_with(MONITOR));

@@ -341,3 +341,66 @@ async fn lookup_version(c: &mut Clients) -> u32 {
     };
     c.features.get_online_features(req).await.expect("lookup").into_inner().columns[0].group_version
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_version_takes_no_writes_never_serves_and_its_own_data_is_compacted_away() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = Daemon::start(dir.path(), &[]);
+    let mut c = Clients::of(&d).await;
+    c.registry.apply_registry(example_registry()).await.expect("v1");
+    write_all(&mut c, "user_stats", 1).await;
+    c.registry.apply_registry(stage_code("v2")).await.expect("v2");
+    write_all(&mut c, "user_stats@2", 2).await;
+    let read = |c: &Clients, group: &'static str| {
+        let mut f = c.features.clone();
+        async move {
+            let req = pb::GetOnlineFeaturesRequest {
+                entity_type: "user".into(),
+                entities: vec![key(&user(0))],
+                features: vec![format!("{group}:clicks")],
+                as_of: ts(T0 + 1),
+                ..Default::default()
+            };
+            let col = f.get_online_features(req).await.expect("lookup").into_inner().columns.remove(0);
+            (col.statuses[0], col.int64_values[0])
+        }
+    };
+    let present = pb::FeatureStatus::Present as i32;
+    assert_eq!(read(&c, "user_stats@2").await, (present, 2));
+
+    let retire = |version: u32, hours: i64| pb::RetireGroupVersionRequest {
+        group: "user_stats".into(),
+        version,
+        retention: Some(prost_types::Duration { seconds: hours * 3600, nanos: 0 }),
+        reason: "superseded".into(),
+    };
+    let serving = c.registry.retire_group_version(retire(1, 0)).await.expect_err("v1 serves");
+    assert_eq!(serving.code(), Code::FailedPrecondition);
+    let r = c.registry.retire_group_version(retire(2, 0)).await.expect("retire").into_inner();
+    assert!(r.changed && r.retirement.is_some_and(|r| r.by == "anonymous"));
+
+    // Read-only, never served again.
+    let row = pb::WriteRow {
+        entity: Some(key(&user(0))),
+        group: "user_stats@2".into(),
+        event_time: ts(T0 + 5),
+        values: [("clicks".to_string(), int(3))].into_iter().collect(),
+        ..Default::default()
+    };
+    let refused = c.features.write_features(pb::WriteFeaturesRequest { rows: vec![row], ..Default::default() }).await;
+    assert_eq!(refused.expect_err("retired").code(), Code::FailedPrecondition);
+    let promote = pb::PromoteGroupRequest { group: "user_stats".into(), version: 2, force: true, ..Default::default() };
+    assert_eq!(c.registry.promote_group(promote).await.expect_err("retired").code(), Code::FailedPrecondition);
+
+    // Its retention (0 h) has passed: a full compaction drops its data, and only its data.
+    c.admin.compact(pb::CompactRequest { full: true, ..Default::default() }).await.expect("compact");
+    assert_eq!(read(&c, "user_stats@2").await.0, pb::FeatureStatus::NotFound as i32);
+    assert_eq!(read(&c, "user_stats").await, (present, 1));
+    let v = c
+        .registry
+        .list_group_versions(pb::ListGroupVersionsRequest { group: "user_stats".into() })
+        .await
+        .expect("versions")
+        .into_inner();
+    assert_eq!(v.versions[1].state(), pb::group_version::State::Retired);
+}

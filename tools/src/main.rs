@@ -90,8 +90,21 @@ enum Cmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// A group's versions (serving, staged, inactive) and the history of its serving version.
+    /// A group's versions (serving, staged, inactive, retired) and the history of its serving
+    /// version.
     Versions { group: String },
+    /// Retire a version that does not serve ("group@N"): read-only for good, never served
+    /// again, its own data dropped by compaction after the retention.
+    Retire {
+        /// "group@N".
+        version: String,
+        /// Hours before compaction may drop its data (default 168: 7 days).
+        #[arg(long)]
+        retention_hours: Option<u64>,
+        /// Why, kept with the retirement.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Fill a staged version with history, resumably: rows from a file, or features copied
     /// from another version inside the engine.
     Backfill {
@@ -473,6 +486,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Rollback { group, reason } => registry::rollback(server, cli.json, group, reason).await,
         Cmd::Versions { group } => registry::versions(server, cli.json, group).await,
+        Cmd::Retire { version, retention_hours, reason } => {
+            registry::retire(server, cli.json, &version, retention_hours, reason).await
+        }
         Cmd::Backfill { group, from, copy_from, features, batch_rows, progress_file, restart } => {
             let args = backfill::Args { group, from, copy_from, features, batch_rows, progress_file, restart };
             backfill::run(server, cli.json, args).await

@@ -232,6 +232,7 @@ pub async fn versions(server: &Server, json: bool, group: String) -> Result<()> 
         pb::group_version::State::Serving => "serving",
         pb::group_version::State::Staged => "staged",
         pb::group_version::State::Inactive => "inactive",
+        pb::group_version::State::Retired => "retired",
         pb::group_version::State::Unspecified => "?",
     };
     if json {
@@ -263,6 +264,9 @@ pub async fn versions(server: &Server, json: bool, group: String) -> Result<()> 
             v.shared_features,
             v.version.saturating_sub(1)
         );
+        if let Some(r) = &v.retirement {
+            println!("        retired by {} at {}; data dropped after {}", r.by, at(&r.at), at(&r.drop_after));
+        }
         for d in &v.details {
             println!("        {d}");
         }
@@ -271,6 +275,42 @@ pub async fn versions(server: &Server, json: bool, group: String) -> Result<()> 
     for p in &r.promotions {
         print!("  ");
         print_promotion(&group, p);
+    }
+    Ok(())
+}
+
+/// The longest `--retention-hours` (ten years).
+const RETENTION_HOURS_MAX: u64 = 10 * 366 * 24;
+
+/// `quiver retire group@N`.
+pub async fn retire(
+    server: &Server,
+    json: bool,
+    reference: &str,
+    retention_hours: Option<u64>,
+    reason: String,
+) -> Result<()> {
+    let bad = || format!("{reference:?} is not group@N (N >= 1)");
+    let (group, version) = reference.split_once('@').ok_or_else(bad)?;
+    let version: u32 = version.parse().ok().filter(|v| *v > 0).ok_or_else(bad)?;
+    if retention_hours.is_some_and(|h| h > RETENTION_HOURS_MAX) {
+        return Err(format!("--retention-hours must be at most {RETENTION_HOURS_MAX}"));
+    }
+    let retention = retention_hours.map(|h| prost_types::Duration { seconds: (h * 3600) as i64, nanos: 0 });
+    let mut c = pb::registry_service_client::RegistryServiceClient::new(server.channel().await?);
+    let req = pb::RetireGroupVersionRequest { group: group.to_string(), version, retention, reason };
+    let r = c.retire_group_version(req).await.map_err(grpc)?.into_inner();
+    let ret = r.retirement.unwrap_or_default();
+    if json {
+        let line = serde_json::json!({
+            "group": group, "version": version, "changed": r.changed, "by": ret.by, "at": at(&ret.at),
+            "drop_after": at(&ret.drop_after), "reason": ret.reason,
+        });
+        println!("{line}");
+    } else if r.changed {
+        println!("retired {group}@{version}; its own data is dropped by compaction after {}", at(&ret.drop_after));
+    } else {
+        println!("{group}@{version} was already retired (by {} at {})", ret.by, at(&ret.at));
     }
     Ok(())
 }

@@ -838,6 +838,8 @@ fn apply_stages_a_changed_group_and_promote_rollback_and_versions_manage_it() {
         (vec!["promote", "user_stats@7"], "NotFound"),
         (vec!["rollback", "user_stats"], "nothing to roll back to"),
         (vec!["versions", "ghost"], "NotFound"),
+        (vec!["retire", "user_stats@1"], "is the serving version"),
+        (vec!["retire", "user_stats"], "is not group@N"),
     ] {
         let mut a = vec!["--addr", addr.as_str()];
         a.extend(args);
@@ -846,4 +848,8 @@ fn apply_stages_a_changed_group_and_promote_rollback_and_versions_manage_it() {
         assert!(err.starts_with("quiver: ") && err.trim().lines().count() == 1 && err.contains(needle), "{a:?}: {err}");
     }
     assert!(get().contains("clicks=1"), "refused commands changed nothing");
+    let (ok, out, err) = quiver(&["--addr", &addr, "retire", "user_stats@2", "--retention-hours", "1"]);
+    assert!(ok && out.contains("retired user_stats@2"), "{out}{err}");
+    let (ok, out, _) = quiver(&["--addr", &addr, "versions", "user_stats"]);
+    assert!(ok && out.contains("retired") && out.contains("retired by anonymous"), "{out}");
 }
