@@ -45,6 +45,14 @@ pub fn registry() -> pb::ApplyRegistryRequest {
     }
 }
 
+/// The workload's group version 2: a description change, so it shares version 1's data and the
+/// workload reads the same cells whichever version serves.
+pub fn registry_v2() -> pb::ApplyRegistryRequest {
+    let mut r = registry();
+    r.feature_groups[0].description = "jepsen v2 (shares v1's data)".into();
+    r
+}
+
 fn key(entity: u32) -> pb::EntityKey {
     pb::EntityKey { parts: vec![pb::KeyPart { kind: Some(pb::key_part::Kind::Int64Value(i64::from(entity))) }] }
 }
@@ -137,6 +145,37 @@ impl Node {
     /// Applies the workload's registry.
     pub async fn apply_registry(&mut self) -> Result<(), tonic::Status> {
         self.registry.apply_registry(registry()).await.map(|_| ())
+    }
+
+    /// Stages the group's version 2.
+    pub async fn stage_v2(&mut self) -> Result<(), tonic::Status> {
+        self.registry.apply_registry(registry_v2()).await.map(|_| ())
+    }
+
+    /// Makes `version` serve (forced: the workload measures the switch, not the gate).
+    pub async fn promote(&mut self, version: u32) -> Result<(), tonic::Status> {
+        let req = pb::PromoteGroupRequest {
+            group: GROUP.into(),
+            version,
+            force: true,
+            reason: "jepsen".into(),
+            dry_run: false,
+        };
+        self.registry.promote_group(req).await.map(|_| ())
+    }
+
+    /// Rolls the group back.
+    pub async fn rollback(&mut self) -> Result<(), tonic::Status> {
+        let req = pb::RollbackGroupRequest { group: GROUP.into(), reason: "jepsen".into() };
+        self.registry.rollback_group(req).await.map(|_| ())
+    }
+
+    /// The group's serving version, how many versions the node knows, and the length of its
+    /// serving history.
+    pub async fn serving(&mut self) -> Result<(u32, usize, usize), tonic::Status> {
+        let r = self.registry.list_group_versions(pb::ListGroupVersionsRequest { group: GROUP.into() }).await?;
+        let r = r.into_inner();
+        Ok((r.serving_version, r.versions.len(), r.promotions.len()))
     }
 
     /// Whether the node knows the workload's group yet.

@@ -136,8 +136,45 @@ pub struct Summary {
     pub shared_cas: check::SharedCas,
     /// Cells compared at the end.
     pub cells: usize,
+    /// The group's serving version in each region at the end.
+    pub serving_versions: BTreeMap<u32, u32>,
     /// What the checker found.
     pub violations: Vec<Violation>,
+}
+
+/// Every region's (serving version, serving history length) of the workload's group.
+async fn serving_versions(nodes: &[Node]) -> BTreeMap<u32, (u32, usize)> {
+    let mut out = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        if let Ok((v, _, h)) = n.clone().serving().await {
+            out.insert(i as u32 + 1, (v, h));
+        }
+    }
+    out
+}
+
+/// Promotes version 2 or rolls back, in a random region every 200-600 ms, until `stop`;
+/// counts the outcomes (refusals and faults included: a rollback with nothing to roll back
+/// to, an unreachable region).
+async fn promotion_loop(
+    nodes: Vec<Node>,
+    stop: Arc<AtomicBool>,
+    counts: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    seed: u64,
+) {
+    let mut rng = Rng::new(seed ^ 0x7072_6f6d);
+    while !stop.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(200 + rng.below(400))).await;
+        let mut n = nodes[rng.below(nodes.len() as u64) as usize].clone();
+        let (kind, r) =
+            if rng.below(2) == 0 { ("promote", n.promote(2).await) } else { ("rollback", n.rollback().await) };
+        let outcome = if r.is_ok() { "ok" } else { "fail" };
+        *counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(format!("{kind} {outcome}"))
+            .or_insert(0) += 1;
+    }
 }
 
 async fn client_loop(
@@ -387,6 +424,22 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // Version 2, staged in region 1, must reach every region before promotions start.
+    while first.stage_v2().await.is_err() {
+        if Instant::now() > deadline {
+            return Err("region 1 never staged version 2".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let mut n = n.clone();
+        while !matches!(n.serving().await, Ok((_, 2, _))) {
+            if Instant::now() > deadline {
+                return Err(format!("version 2 never reached region {}", i + 1));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let history = Arc::new(History::new());
     let stop = Arc::new(AtomicBool::new(false));
     let calm = Arc::new(AtomicBool::new(true));
@@ -399,6 +452,8 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
         }
     }
     tasks.push(tokio::spawn(probe_loop(nodes.clone(), stop.clone(), calm.clone(), lags.clone())));
+    let promotions = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u64>::new()));
+    tasks.push(tokio::spawn(promotion_loop(nodes.clone(), stop.clone(), promotions.clone(), cfg.seed)));
     // The nemesis.
     let started = Instant::now();
     let mut rng = Rng::new(cfg.seed);
@@ -458,7 +513,10 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
             }
             let winners: Vec<BTreeMap<&Cell, Option<&history::Seen>>> =
                 finals.values().map(|s| s.iter().map(|(c, v)| (c, v.first())).collect()).collect();
-            if finals.len() == cfg.regions as usize && winners.windows(2).all(|w| w[0] == w[1]) {
+            let serving = serving_versions(&nodes).await;
+            let same_serving =
+                serving.len() == nodes.len() && serving.values().collect::<Vec<_>>().windows(2).all(|w| w[0] == w[1]);
+            if finals.len() == cfg.regions as usize && winners.windows(2).all(|w| w[0] == w[1]) && same_serving {
                 break;
             }
         }
@@ -482,6 +540,9 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
             conflicts.insert(i as u32 + 1, s.conflicts);
         }
     }
+    // Promotions and rollbacks replicate like data: every region ends on the same serving
+    // version, with the same history.
+    let serving = serving_versions(&nodes).await;
     let network = cluster.network();
     cluster.stop(Duration::from_secs(5));
     drop(cluster);
@@ -493,7 +554,14 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
             detail: format!("not converged {} s after the heal", CONVERGENCE_TIMEOUT.as_secs()),
         });
     }
-    let mut counts = BTreeMap::new();
+    let distinct: std::collections::BTreeSet<_> = serving.values().collect();
+    if serving.len() != cfg.regions as usize || distinct.len() != 1 {
+        violations.push(Violation {
+            check: "serving version",
+            detail: format!("regions end on different serving versions or histories: {serving:?}"),
+        });
+    }
+    let mut counts = promotions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     for op in &ops {
         let kind = match op.invoke {
             Invoke::Write { .. } => "write",
@@ -519,6 +587,7 @@ pub async fn run(cfg: &Config) -> Result<Summary, String> {
         conflicts,
         shared_cas,
         cells: finals.values().next().map_or(0, |s| s.len()),
+        serving_versions: serving.into_iter().map(|(r, (v, _))| (r, v)).collect(),
         violations,
     };
     write_out(&cfg.out, &ops, &summary)?;

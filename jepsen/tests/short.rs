@@ -24,4 +24,12 @@ async fn three_regions_survive_every_fault_and_converge() {
     assert!(shared.checked > 0 && shared.unchecked == 0, "every acknowledged shared CAS was checked: {shared}");
     assert!(s.bootstraps.values().sum::<u64>() >= 1, "the lagging peer bootstrapped: {:?}", s.bootstraps);
     assert!(s.cells > 400, "the final states were compared: {} cells", s.cells);
+    // Promotions and rollbacks ran in several regions through the faults; every region ended
+    // on the same serving version (the checker's "serving version" check).
+    assert!(
+        s.ops.get("promote ok").copied().unwrap_or(0) > 0 && s.ops.get("rollback ok").copied().unwrap_or(0) > 0,
+        "{:?}",
+        s.ops
+    );
+    assert_eq!(s.serving_versions.len(), 3, "{:?}", s.serving_versions);
 }

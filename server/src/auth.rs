@@ -25,15 +25,15 @@
 //!
 //! Scopes and what they allow:
 //! - `read`: `GetOnlineFeatures`, `GetHistoricalFeatures`, `ScanHistory`;
-//! - `write`: `WriteFeatures`, `WriteFeaturesStream`;
-//! - `registry`: `ApplyRegistry`, `PromoteGroup`, `RollbackGroup`;
+//! - `write`: `WriteFeatures`, `WriteFeaturesStream`, `CopyFeatureHistory`;
+//! - `registry`: `ApplyRegistry`, `PromoteGroup`, `RollbackGroup`, `RetireGroupVersion`;
 //! - `admin`: every `AdminService` RPC;
 //! - `replication`: `ReplicationService` (`Pull`, `Snapshot`) for the token's own region only.
 //!
 //! Registry reads (`GetFeatureGroup`, `ListFeatureGroups`, `GetEntityType`, `ListEntityTypes`,
-//! `ListGroupVersions`) need any valid token: clients must see the schema to form requests. A token limited to
-//! groups sees only those groups, may name only those groups in `read`, `write` and
-//! `registry` requests, and may send entity types to `ApplyRegistry` only unchanged (entity
+//! `ListGroupVersions`) need any valid token: clients must see the schema to form requests. A
+//! token limited to groups sees only those groups, may name only those groups in `read`,
+//! `write` and `registry` requests, and may send entity types to `ApplyRegistry` only unchanged (entity
 //! types are shared by every group). `admin` and `replication` are node-wide: a token with
 //! either and a group limit is refused when the file is loaded.
 //!
