@@ -56,7 +56,8 @@ pub fn feature_names(n: u32) -> Vec<String> {
 }
 
 /// The registry the benchmark applies: group `group` with float64 features `f0..`, no TTL,
-/// its online answers logged for `log_sample_rate` of entities (`None`: the server's default).
+/// its online answers logged for `log_sample_rate` of entities (`None`: the server's default);
+/// applied with `promote`, so a changed share serves at once.
 pub fn registry(group: &str, features: u32, log_sample_rate: Option<f64>) -> pb::ApplyRegistryRequest {
     pb::ApplyRegistryRequest {
         entity_types: vec![pb::EntityType {
@@ -74,6 +75,8 @@ pub fn registry(group: &str, features: u32, log_sample_rate: Option<f64>) -> pb:
             log_sample_rate,
             ..Default::default()
         }],
+        // A changed share is a new version over the same data: it serves at once.
+        promote: true,
         ..Default::default()
     }
 }

@@ -83,8 +83,9 @@ fn the_logged_answers_replay_to_what_was_served_and_a_perturbed_one_is_caught() 
     // A correction at the same event time, then a lookup as of the past.
     write(&f, "u0", start - 10 * MINUTE_US, Some(1000));
     lookup(&f, &users, Some(start - 15 * MINUTE_US), false);
-    // A new group version (TTL one minute): pinned replays still use the version that answered.
-    reg.apply(&registry(60)).expect("apply v2");
+    // A new group version (TTL one minute), serving at once: pinned replays still use the
+    // version that answered.
+    reg.apply(&pb::ApplyRegistryRequest { promote: true, ..registry(60) }).expect("apply v2");
     lookup(&f, &users, None, false);
 
     let r = measure(&f, &log, start - MINUTE_US);

@@ -444,6 +444,7 @@ async fn sampled_logging_keeps_a_stable_tenth_of_entities_as_served() {
     // The group's own rate overrides the server's: 0 logs nothing more.
     let mut reg = example_registry();
     reg.feature_groups[0].log_sample_rate = Some(0.0);
+    reg.promote = true;
     c.registry.apply_registry(reg).await.expect("apply");
     c.features.get_online_features(ask("req-c")).await.expect("lookup");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -378,7 +378,7 @@ async fn a_group_has_at_most_group_versions_max_versions() {
     let apply = |n: u32| {
         let mut g = example_registry().feature_groups[0].clone();
         g.description = format!("edit {n}");
-        pb::ApplyRegistryRequest { feature_groups: vec![g], ..Default::default() }
+        pb::ApplyRegistryRequest { feature_groups: vec![g], promote: true, ..Default::default() }
     };
     // Version 1 exists; every changed apply makes one more, up to 1,000.
     for n in 2..=1000 {
