@@ -27,7 +27,6 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 use prometheus::core::Collector;
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, Opts};
-use prost::Message;
 use quiver_proto::v1 as pb;
 
 use crate::drift::{self, Observation};
@@ -260,8 +259,7 @@ impl Shadow {
             for i in 0..served.statuses.len() {
                 let a = (served.statuses[i], crate::convert::column_value(served, i));
                 let b = (staged.statuses.get(i).copied().unwrap_or(0), crate::convert::column_value(staged, i));
-                let same =
-                    a.0 == b.0 && a.1.as_ref().map(Message::encode_to_vec) == b.1.as_ref().map(Message::encode_to_vec);
+                let same = a.0 == b.0 && same_value(a.1.as_ref(), b.1.as_ref());
                 if same {
                     matched += 1;
                 } else {
@@ -328,5 +326,40 @@ impl Shadow {
                 }
             }
         }
+    }
+}
+
+/// Whether two served values are the same, floats bit for bit (NaN equals NaN, 0.0 is not -0.0).
+fn same_value(a: Option<&pb::Value>, b: Option<&pb::Value>) -> bool {
+    use pb::value::Kind;
+    match (a.and_then(|v| v.kind.as_ref()), b.and_then(|v| v.kind.as_ref())) {
+        (Some(Kind::Float64Value(x)), Some(Kind::Float64Value(y))) => x.to_bits() == y.to_bits(),
+        (Some(Kind::Float32Value(x)), Some(Kind::Float32Value(y))) => x.to_bits() == y.to_bits(),
+        (Some(Kind::Float32Vector(x)), Some(Kind::Float32Vector(y))) => {
+            x.values.len() == y.values.len() && x.values.iter().zip(&y.values).all(|(p, q)| p.to_bits() == q.to_bits())
+        }
+        (x, y) => x == y,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f64v(x: f64) -> pb::Value {
+        pb::Value { kind: Some(pb::value::Kind::Float64Value(x)) }
+    }
+
+    #[test]
+    fn values_compare_bit_for_bit() {
+        assert!(same_value(Some(&f64v(f64::NAN)), Some(&f64v(f64::NAN))));
+        assert!(!same_value(Some(&f64v(0.0)), Some(&f64v(-0.0))));
+        assert!(same_value(Some(&f64v(1.5)), Some(&f64v(1.5))));
+        assert!(!same_value(Some(&f64v(1.5)), None));
+        assert!(same_value(None, None));
+        let s = |x: &str| pb::Value { kind: Some(pb::value::Kind::StringValue(x.into())) };
+        assert!(same_value(Some(&s("a")), Some(&s("a"))) && !same_value(Some(&s("a")), Some(&s("b"))));
+        assert_eq!(quantiles(vec![3.0, 1.0, 2.0]), vec![2.0, 3.0, 3.0]);
+        assert!(quantiles(Vec::new()).is_empty());
     }
 }
