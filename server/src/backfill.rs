@@ -64,6 +64,23 @@ pub fn copy_history(
         )));
     }
     let (pairs, copying, already_shared) = plan(&from, &to, &req.features, &req.group)?;
+    // A target feature whose data the serving version shares (a later version keeping the id
+    // of a serving one) would change what is served.
+    let serving_ids: Vec<FeatureId> =
+        registry.resolve_group(&format!("{}@{serving}", req.group))?.iter().map(|f| f.id).collect();
+    let touching: Vec<&str> = to
+        .iter()
+        .filter(|t| pairs.iter().any(|(_, id)| *id == t.id) && serving_ids.contains(&t.id))
+        .map(|t| t.feature.as_str())
+        .collect();
+    if !touching.is_empty() {
+        return Err(ServiceError::Refused(format!(
+            "{}@{}: {} share their data with the serving version v{serving}; a copy into them would change what is served",
+            req.group,
+            req.to_version,
+            touching.join(", ")
+        )));
+    }
     let mut progress = pb::CopyFeatureHistoryProgress {
         copying,
         already_shared,

@@ -324,7 +324,9 @@ pub async fn serve(
             loop {
                 tick.tick().await;
                 let r = registry.clone();
-                let _ = tokio::task::spawn_blocking(move || r.refresh_dropped_features(crate::service::now_us())).await;
+                let _ =
+                    tokio::task::spawn_blocking(move || r.refresh_dropped_features(r.db().system_time_now().0 as i64))
+                        .await;
             }
         })
     };

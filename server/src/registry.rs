@@ -710,6 +710,12 @@ impl Registry {
                     // An apply with `promote` of the latest definition makes it serve.
                     let mut details = vec![];
                     if req.promote && serving_before != Some(*v) {
+                        if next.is_retired(&g.name, *v) {
+                            return Err(RegistryError::Refused(format!(
+                                "{}@{v} is retired: it can never serve again; change the definition for a new version",
+                                g.name
+                            )));
+                        }
                         let from = serving_before.unwrap_or(0);
                         details.push(format!("~ serving: v{from} -> v{v}"));
                         let p =
@@ -740,9 +746,16 @@ impl Registry {
             // added features; any other feature gets a fresh id (a new keyspace: a staged
             // version's backfill never touches serving data, and history of another type or
             // length is never reinterpreted).
+            // Ids are kept from the newest version that is not retired (a retired version's
+            // data may be dropped).
+            let base = next
+                .groups
+                .get(&g.name)
+                .and_then(|vs| vs.iter().rev().find(|(n, _)| !next.is_retired(&g.name, **n)))
+                .map(|(v, s)| (*v, s.clone()));
             let mut feature_ids = Vec::with_capacity(g.features.len());
             for f in &g.features {
-                let kept = latest.as_ref().and_then(|(_, s)| {
+                let kept = base.as_ref().and_then(|(_, s)| {
                     let old = s.def.as_ref()?;
                     if old.transformation != g.transformation || old.code_hash != g.code_hash {
                         return None;
@@ -772,10 +785,9 @@ impl Registry {
                 feature_ids.push(id);
             }
             let def = pb::FeatureGroup { version, created_at: Some(now_timestamp()), ..g.clone() };
-            let shared = feature_ids
-                .iter()
-                .filter(|id| latest.as_ref().is_some_and(|(_, s)| s.feature_ids.contains(id)))
-                .count();
+            let shared =
+                feature_ids.iter().filter(|id| base.as_ref().is_some_and(|(_, s)| s.feature_ids.contains(id))).count();
+            let base_version = base.as_ref().map_or(0, |(v, _)| *v);
             let stored = StoredGroup { def: Some(def), feature_ids };
             let mut key = GROUP_PREFIX.to_vec();
             key.extend_from_slice(g.name.as_bytes());
@@ -805,10 +817,9 @@ impl Registry {
             let serving = old_def.is_none() || req.promote;
             if old_def.is_some() {
                 details.push(format!(
-                    "{}: {shared} of {} features share data with v{}",
+                    "{}: {shared} of {} features share data with v{base_version}",
                     if serving { "serving" } else { "staged (quiver promote to serve it)" },
                     g.features.len(),
-                    version - 1
                 ));
             }
             if let Some(p) = pointer {
@@ -828,6 +839,8 @@ impl Registry {
             }
             *st = next;
             self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+            drop(st);
+            self.refresh_dropped_features(self.db.system_time_now().0 as i64);
         }
         Ok(changes)
     }
@@ -1013,14 +1026,18 @@ impl Registry {
         let st = self.state.lock();
         let (mut dead, mut live) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
         for (group, versions) in &st.groups {
+            // The serving version is live whatever happened (a promotion racing a retirement
+            // in another region).
+            let serving = st.serving_at(group, u64::MAX);
             for (v, stored) in versions {
-                let expired = st
-                    .retired
-                    .get(group)
-                    .and_then(|r| r.get(v))
-                    .and_then(|r| r.drop_after.as_ref())
-                    .and_then(|t| crate::convert::micros(t, "drop_after").ok())
-                    .is_some_and(|t| t <= now_us);
+                let expired = Some(*v) != serving
+                    && st
+                        .retired
+                        .get(group)
+                        .and_then(|r| r.get(v))
+                        .and_then(|r| r.drop_after.as_ref())
+                        .and_then(|t| crate::convert::micros(t, "drop_after").ok())
+                        .is_some_and(|t| t <= now_us);
                 let set = if expired { &mut dead } else { &mut live };
                 set.extend(stored.feature_ids.iter().copied());
             }

@@ -506,6 +506,12 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
                     // The gate reads outside the registry's lock; the promotion is one write.
                     let serving = r.group(&req.group, 0).map_err(registry_status)?.version;
                     r.group(&req.group, req.version).map_err(registry_status)?;
+                    if r.is_retired(&req.group, req.version) {
+                        return Err(Status::failed_precondition(format!(
+                            "{}@{} is retired: it can never serve again",
+                            req.group, req.version
+                        )));
+                    }
                     let gate = if !req.dry_run && (req.force || serving == req.version) {
                         None
                     } else {

@@ -7,9 +7,10 @@
 //! lookup's path pays only that count and, for a sampled lookup, a copy of its entities and of
 //! the shadowed columns into a queue bounded at [`SHADOW_QUEUE_LOOKUPS`] lookups (full:
 //! dropped and counted). One background thread answers each queued lookup from the staged
-//! version — the same request with `group@N:feature`, the same `as_of`, TTLs and defaults of
-//! version N, no logging and no health counting — and compares, per entity and feature, the
-//! status and the value (bit for bit: NaN equals NaN). The served answer is never changed.
+//! version — the same request with `group@N:feature`, the same `as_of` and `default_missing`,
+//! TTLs and defaults of version N, no logging and no health counting — and compares, per entity
+//! and feature, the status and the value (bit for bit: NaN equals NaN); cells the lookup's
+//! deadline left UNAVAILABLE are not compared. The served answer is never changed.
 //!
 //! Kept per feature since quiverd started: cells compared and mismatched; where both sides are
 //! numbers, the absolute and relative differences (uniform samples of [`SHADOW_DIFFS_KEPT`]);
@@ -48,6 +49,8 @@ struct Job {
     entity_type: String,
     entities: Vec<pb::EntityKey>,
     as_of_us: i64,
+    /// The lookup's `default_missing`, so the staged answer is made the same way.
+    default_missing: bool,
     group: String,
     version: u32,
     /// Per shadowed feature: its name and the served column.
@@ -213,6 +216,7 @@ impl Shadow {
                 entity_type: req.entity_type.clone(),
                 entities: req.entities.clone(),
                 as_of_us,
+                default_missing: req.default_missing,
                 group: group.clone(),
                 version: staged,
                 served,
@@ -235,6 +239,7 @@ impl Shadow {
             entities: job.entities,
             features: job.served.iter().map(|(f, _)| format!("{}@{}:{f}", job.group, job.version)).collect(),
             as_of: Some(crate::convert::timestamp(job.as_of_us)),
+            default_missing: job.default_missing,
             ..Default::default()
         };
         let staged = match features.get_online_quiet(&req, job.as_of_us) {
@@ -257,6 +262,10 @@ impl Shadow {
             });
             let (mut matched, mut differed) = (0u64, 0u64);
             for i in 0..served.statuses.len() {
+                // A cell the deadline left unread was not served: nothing to compare.
+                if served.statuses[i] == pb::FeatureStatus::Unavailable as i32 {
+                    continue;
+                }
                 let a = (served.statuses[i], crate::convert::column_value(served, i));
                 let b = (staged.statuses.get(i).copied().unwrap_or(0), crate::convert::column_value(staged, i));
                 let same = a.0 == b.0 && same_value(a.1.as_ref(), b.1.as_ref());

@@ -161,6 +161,39 @@ fn refusals_change_nothing() {
     assert!(matches!(call(1, 2, vec!["spend", "spend"]), Err(ServiceError::Invalid(_))));
     assert!(history(&db, &entity(0), to).is_empty(), "nothing was written");
 
+    // A target whose data the serving version shares: v2 serves, v4 keeps v2's ids.
+    {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let db = Arc::new(Db::open(tmp.path(), Options::default()).expect("db"));
+        let reg = Registry::open(db.clone()).expect("registry");
+        let base = pb::ApplyRegistryRequest {
+            entity_types: vec![pb::EntityType {
+                name: "user".into(),
+                join_keys: vec![pb::JoinKey { name: "user_id".into(), r#type: pb::JoinKeyType::String as i32 }],
+                description: String::new(),
+            }],
+            feature_groups: vec![group("a")],
+            ..Default::default()
+        };
+        reg.apply(&base).expect("v1");
+        reg.apply(&pb::ApplyRegistryRequest { feature_groups: vec![group("b")], promote: true, ..Default::default() })
+            .expect("v2 serving");
+        let mut v3 = group("b");
+        v3.description = "shares v2".into();
+        reg.apply(&pb::ApplyRegistryRequest { feature_groups: vec![v3], ..Default::default() }).expect("v3");
+        write_v1(&db, &reg);
+        let req = pb::CopyFeatureHistoryRequest {
+            group: "user_stats".into(),
+            from_version: 1,
+            to_version: 3,
+            features: vec![],
+            start_entity: vec![],
+        };
+        let r = copy_history(&db, &reg, &req, |_| true);
+        assert!(matches!(&r, Err(ServiceError::Refused(m)) if m.contains("serving version v2")), "{r:?}");
+        assert!(history(&db, &entity(0), id(&reg, "user_stats@2:clicks")).is_empty(), "nothing was written");
+    }
+
     // A feature whose data the versions share is reported, not copied.
     let mut v3 = group("b");
     v3.description = "metadata only".into();

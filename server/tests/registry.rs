@@ -471,8 +471,43 @@ fn retirement_is_for_good_and_frees_only_ids_no_other_version_uses() {
     assert_eq!(dropped, v2_ids);
     assert!(v1_ids.iter().all(|id| !dropped.contains(id)), "the serving version's data is never dropped");
 
+    // An apply cannot promote a retired version; a new version keeps no id of a retired one.
+    let mut again = v2.clone();
+    again.description = "v3".into();
+    let promote_retired =
+        r.apply(&pb::ApplyRegistryRequest { feature_groups: vec![again], promote: true, ..Default::default() });
+    assert!(matches!(promote_retired, Err(RegistryError::Refused(_))), "{promote_retired:?}");
+    let mut v4 = v2.clone();
+    v4.description = "v4".into();
+    stage(&r, v4);
+    let v4_ids: Vec<_> = r.resolve_group("user_stats@4").expect("v4").iter().map(|f| f.id).collect();
+    assert!(v4_ids.iter().all(|id| !v2_ids.contains(id)), "v4 does not inherit the retired v2/v3 keyspaces");
+
     // The retirement survives a restart.
     drop(r);
     let r = open(tmp.path());
     assert!(r.is_retired("user_stats", 2) && r.is_retired("user_stats", 3));
+}
+
+#[test]
+fn the_serving_version_is_never_dropped_even_if_a_replicated_retirement_names_it() {
+    use prost::Message;
+    use quiver_storage::{Durability, EventTime, FeatureId, Value, WriteBatch};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let db = Arc::new(Db::open(tmp.path(), Options::default()).expect("db"));
+    let r = Registry::open(db.clone()).expect("registry");
+    apply(&r, vec![user()], vec![stats()], false).expect("v1");
+    drop(r);
+    // As if another region retired v1 while this one promoted it: both cells arrive.
+    let mut key = quiver_storage::reserved::REGISTRY_RETIRED.to_vec();
+    key.extend_from_slice(b"user_stats");
+    let ret =
+        pb::GroupRetirement { version: 1, drop_after: Some(prost_types::Timestamp::default()), ..Default::default() };
+    let mut b = WriteBatch::new();
+    b.put(&key, FeatureId(1), EventTime(0), Value::Bytes(ret.encode_to_vec())).expect("put");
+    db.write(b, Durability::Sync).expect("write");
+    let r = Registry::open(db).expect("reopen");
+    assert!(r.is_retired("user_stats", 1));
+    assert_eq!(r.group("user_stats", 0).expect("serving").version, 1);
+    assert!(r.dropped_feature_ids(i64::MAX).is_empty(), "the serving version's data stays");
 }

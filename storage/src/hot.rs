@@ -68,8 +68,9 @@
 //! # Dropped features
 //!
 //! Feature ids the service has dropped ([`crate::Db::set_dropped_features`]) are never answered
-//! here: compaction removes their versions, which a state could not follow, so their reads
-//! miss and go to the engine (which answers what its files still hold).
+//! here, from then on until the engine closes: compaction removes their versions, which a state
+//! could not follow, so their reads miss and go to the engine (which answers what its files
+//! still hold).
 //!
 //! # Admission and eviction
 //!
@@ -516,10 +517,16 @@ impl HotTier {
         EntityView { row, complete: self.complete.load(Ordering::SeqCst), dropped }
     }
 
-    /// Stops answering the (sorted) feature ids `ids` (see the module docs).
-    pub fn set_dropped(&self, ids: Arc<Vec<u32>>) {
-        let any = !ids.is_empty();
-        *self.dropped.write() = ids;
+    /// Stops answering the feature ids `ids` (see the module docs). The set only grows: an id
+    /// taken out of the engine's dropped set may have rows whose states compaction has since
+    /// outdated, so its reads keep going to the files.
+    pub fn set_dropped(&self, ids: &[u32]) {
+        let mut d = self.dropped.write();
+        let mut all: Vec<u32> = d.iter().chain(ids).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        let any = !all.is_empty();
+        *d = Arc::new(all);
         self.any_dropped.store(any, Ordering::Release);
     }
 

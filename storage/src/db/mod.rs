@@ -456,7 +456,7 @@ impl Db {
         let ids = Arc::new(ids);
         // The hot tier stops answering them first: from now on their reads go to the files.
         if let Some(hot) = &self.inner.hot {
-            hot.set_dropped(ids.clone());
+            hot.set_dropped(&ids);
         }
         *self.inner.dropped_features.write() = ids;
     }
