@@ -404,3 +404,35 @@ async fn a_retired_version_takes_no_writes_never_serves_and_its_own_data_is_comp
         .into_inner();
     assert_eq!(v.versions[1].state(), pb::group_version::State::Retired);
 }
+
+/// A lookup with `default_missing` is shadowed the same way: a missing value defaulted on both
+/// sides is a match, not a mismatch (a bug the review found).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_reads_make_their_answers_as_the_lookup_did() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = Daemon::start(dir.path(), &["--shadow", "user_stats@2", "--shadow-sample-rate", "1"]);
+    let mut c = Clients::of(&d).await;
+    c.registry.apply_registry(example_registry()).await.expect("v1");
+    write_values(&mut c, "user_stats", 0..5, |i| (Some(i as i64), Some(i as f64))).await;
+    c.registry.apply_registry(stage_code("v2")).await.expect("v2");
+    write_values(&mut c, "user_stats@2", 0..5, |i| (Some(i as i64), Some(i as f64))).await;
+    let lookup = pb::GetOnlineFeaturesRequest {
+        entity_type: "user".into(),
+        entities: (0..10).map(|i| key(&user(i))).collect(), // users 5..10 have no value
+        features: vec!["user_stats:clicks".into(), "user_stats:spend".into()],
+        as_of: ts(T0 + 1),
+        default_missing: true,
+        ..Default::default()
+    };
+    let r = c.features.get_online_features(lookup).await.expect("lookup").into_inner();
+    assert_eq!(r.columns[0].statuses[9], pb::FeatureStatus::Defaulted as i32);
+    let shadow = loop {
+        let h = c.monitor.get_feature_health(pb::GetFeatureHealthRequest { group: "user_stats".into() }).await;
+        let s = h.expect("health").into_inner().groups.remove(0).shadow.expect("shadowed");
+        if s.features.iter().map(|f| f.compared).sum::<u64>() == 20 {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(shadow.features.iter().all(|f| f.mismatched == 0), "{shadow:?}");
+}
