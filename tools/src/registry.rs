@@ -87,6 +87,14 @@ fn print_promotion(group: &str, p: &pb::GroupPromotion) {
     );
 }
 
+/// `group@N` (N >= 1), parsed as the registry parses references.
+fn version_ref(reference: &str) -> Result<(&str, u32)> {
+    match quiver_server::registry::parse_group_ref(reference) {
+        Some((group, version)) if version > 0 => Ok((group, version)),
+        _ => Err(format!("{reference:?} is not group@N (N >= 1)")),
+    }
+}
+
 /// The exit code of `quiver promote` when the release gate refuses (or, with `--dry-run`,
 /// would refuse).
 pub const EXIT_GATE_REFUSED: i32 = 2;
@@ -171,9 +179,7 @@ pub async fn promote(
     dry_run: bool,
     reason: String,
 ) -> Result<bool> {
-    let bad = || format!("{reference:?} is not group@N (N >= 1)");
-    let (group, version) = reference.split_once('@').ok_or_else(bad)?;
-    let version: u32 = version.parse().ok().filter(|v| *v > 0).ok_or_else(bad)?;
+    let (group, version) = version_ref(reference)?;
     let mut c = pb::registry_service_client::RegistryServiceClient::new(server.channel().await?);
     let req = pb::PromoteGroupRequest { group: group.to_string(), version, force, reason, dry_run };
     let r = match c.promote_group(req).await {
@@ -290,9 +296,7 @@ pub async fn retire(
     retention_hours: Option<u64>,
     reason: String,
 ) -> Result<()> {
-    let bad = || format!("{reference:?} is not group@N (N >= 1)");
-    let (group, version) = reference.split_once('@').ok_or_else(bad)?;
-    let version: u32 = version.parse().ok().filter(|v| *v > 0).ok_or_else(bad)?;
+    let (group, version) = version_ref(reference)?;
     if retention_hours.is_some_and(|h| h > RETENTION_HOURS_MAX) {
         return Err(format!("--retention-hours must be at most {RETENTION_HOURS_MAX}"));
     }
