@@ -1,0 +1,174 @@
+"""Fixtures: a real quiverd (the build's binary) started once per session on a free loopback
+port with a fresh data directory, and the registry the tests share.
+
+The binary is ``$QUIVERD``, else ``target/debug/quiverd`` of this checkout (``cargo build -p
+quiver-server`` makes it; ``cargo test --workspace`` runs these tests through
+``tests/tests/python_sdk.rs`` with ``QUIVERD`` set). The CLI (for tokens and the CLI/SDK
+registry check) is ``$QUIVER_CLI``, else ``target/debug/quiver``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import quiver
+
+REPO = Path(__file__).resolve().parents[2]
+LISTENING = "quiverd listening on "
+
+REGISTRY = """
+[[entity_types]]
+name = "user"
+join_keys = [{ name = "user_id", type = "string" }]
+
+[[entity_types]]
+name = "account"
+join_keys = [{ name = "bank", type = "string" }, { name = "number", type = "int64" }]
+
+[[feature_groups]]
+name = "user_stats"
+entity_type = "user"
+owner = "growth@example.com"
+ttl = "2h"
+tags = { team = "growth" }
+[[feature_groups.features]]
+name = "clicks"
+type = "int64"
+default = 0
+[[feature_groups.features]]
+name = "spend"
+type = "float64"
+[[feature_groups.features]]
+name = "country"
+type = "string"
+default = "unknown"
+
+[[feature_groups]]
+name = "all_types"
+entity_type = "user"
+ttl = "0s"
+[[feature_groups.features]]
+name = "b"
+type = "bool"
+[[feature_groups.features]]
+name = "i"
+type = "int64"
+[[feature_groups.features]]
+name = "f32"
+type = "float32"
+[[feature_groups.features]]
+name = "f64"
+type = "float64"
+[[feature_groups.features]]
+name = "s"
+type = "string"
+[[feature_groups.features]]
+name = "raw"
+type = "bytes"
+[[feature_groups.features]]
+name = "emb"
+type = "float32_vector"
+dim = 3
+[[feature_groups.features]]
+name = "ids"
+type = "int64_list"
+[[feature_groups.features]]
+name = "tags"
+type = "string_list"
+
+[[feature_groups]]
+name = "balances"
+entity_type = "account"
+ttl = "1d"
+[[feature_groups.features]]
+name = "balance"
+type = "float64"
+"""
+
+
+def binary(env: str, name: str) -> Path:
+    path = Path(os.environ.get(env) or REPO / "target" / "debug" / name)
+    if not path.exists():
+        pytest.fail(f"{path} not found: build it with `cargo build -p quiver-server -p quiver-tools`, or set {env}")
+    return path
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[str]
+    address: str
+    data_dir: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_quiverd(data_dir: Path, *extra: str) -> Daemon:
+    proc = subprocess.Popen(
+        [
+            str(binary("QUIVERD", "quiverd")),
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(LISTENING):
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"quiverd did not start: first line {line!r}")
+    address = line[len(LISTENING) :].split(",")[0].strip()
+    return Daemon(proc, address, data_dir)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start_quiverd(tmp_path_factory.mktemp("quiverd"))
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("registry") / "registry.toml"
+    path.write_text(REGISTRY)
+    return path
+
+
+@pytest.fixture(scope="session")
+def client(daemon: Daemon, registry_file: Path) -> Iterator[quiver.Client]:
+    with quiver.Client(daemon.address) as q:
+        q.apply(registry_file)
+        yield q
+
+
+@pytest.fixture
+def uid() -> str:
+    """A prefix that keeps one test's entities apart from the others' on the shared server."""
+    return uuid.uuid4().hex[:8]
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(binary("QUIVER_CLI", "quiver")), *args], capture_output=True, text=True, check=check)
