@@ -77,7 +77,7 @@ def test_join_matches_merge_asof_and_keeps_spine_order_and_columns(client: quive
     assert list(out["label"]) == list(spine_df["label"])
     got = [None if pd.isna(v) else float(v) for v in out["spend"]]
     want = expected_spend(events, spine_df)
-    mismatches = [(i, g, w) for i, (g, w) in enumerate(zip(got, want, strict=True), strict=True) if g != w]
+    mismatches = [(i, g, w) for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
     assert not mismatches, mismatches[:5]
     assert sum(w is not None for w in want) > 500  # the data exercises both sides
     # Statuses line up with values; clicks was never written: NOT_FOUND without use_defaults.
