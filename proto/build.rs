@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "quiver/v1/replication.proto",
         "quiver/v1/admin.proto",
         "quiver/v1/monitor.proto",
+        "quiver/v1/flight.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

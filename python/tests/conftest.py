@@ -157,9 +157,11 @@ def registry_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def client(daemon: Daemon, registry_file: Path) -> Iterator[quiver.Client]:
-    with quiver.Client(daemon.address) as q:
+@pytest.fixture(scope="session", params=["flight", "grpc"])
+def client(request: pytest.FixtureRequest, daemon: Daemon, registry_file: Path) -> Iterator[quiver.Client]:
+    """A client on the shared server, once with Arrow Flight for training sets and writes (the
+    default) and once on the protobuf API alone: every test using it runs on both."""
+    with quiver.Client(daemon.address, use_flight=request.param == "flight") as q:
         q.apply(registry_file)
         yield q
 
@@ -172,3 +174,20 @@ def uid() -> str:
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(binary("QUIVER_CLI", "quiver")), *args], capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="session")
+def secured(tmp_path_factory: pytest.TempPathFactory, registry_file: Path) -> Iterator[tuple[Daemon, dict[str, str]]]:
+    d = tmp_path_factory.mktemp("secured")
+    tokens_file = d / "tokens.toml"
+    tokens = {}
+    for name, scopes in (("admin", ["registry", "read", "write"]), ("reader", ["read"])):
+        args = ["auth", "create", "--file", str(tokens_file), "--name", name]
+        for s in scopes:
+            args += ["--scope", s]
+        tokens[name] = cli(*args).stdout.strip()
+    daemon = start_quiverd(d / "data", "--auth", "tokens", "--auth-tokens", str(tokens_file))
+    with quiver.Client(daemon.address, token=tokens["admin"]) as q:
+        q.apply(registry_file)
+    yield daemon, tokens
+    daemon.stop()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import Daemon, cli, start_quiverd
+from conftest import Daemon
 
 import quiver
 
@@ -64,23 +62,6 @@ def test_idempotency_keys(client: quiver.Client, uid: str) -> None:
         client.write(rows.assign(clicks=2), "user_stats", idempotency_key=f"k-{uid}")
     with pytest.raises(quiver.QuiverInvalidArgument, match="over 128 bytes"):
         client.write(rows, "user_stats", idempotency_key="x" * 129)
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory, registry_file: Path) -> Iterator[tuple[Daemon, dict[str, str]]]:
-    d = tmp_path_factory.mktemp("secured")
-    tokens_file = d / "tokens.toml"
-    tokens = {}
-    for name, scopes in (("admin", ["registry", "read", "write"]), ("reader", ["read"])):
-        args = ["auth", "create", "--file", str(tokens_file), "--name", name]
-        for s in scopes:
-            args += ["--scope", s]
-        tokens[name] = cli(*args).stdout.strip()
-    daemon = start_quiverd(d / "data", "--auth", "tokens", "--auth-tokens", str(tokens_file))
-    with quiver.Client(daemon.address, token=tokens["admin"]) as q:
-        q.apply(registry_file)
-    yield daemon, tokens
-    daemon.stop()
 
 
 def test_tokens(secured: tuple[Daemon, dict[str, str]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -97,12 +98,18 @@ def test_results_as_arrow_polars_parquet_and_batches_across_spine_requests(
     want = expected_spend(events, spine_df)
     monkeypatch.setattr(_core, "SPINE_ROWS_PER_REQUEST", 1000)
     sent: list[int] = []
-    build = _core.historical_request
-    monkeypatch.setattr(_core, "historical_request", lambda chunk, *a: sent.append(chunk.num_rows) or build(chunk, *a))
+    chunks = _core.spine_chunks
+
+    def counted(entity_df: object) -> Iterator[pa.Table]:
+        for chunk in chunks(entity_df):
+            sent.append(chunk.num_rows)
+            yield chunk
+
+    monkeypatch.setattr(_core, "spine_chunks", counted)
     job = client.get_historical_features(spine_df, ["user_stats:spend"])
     batches = list(job.iter_batches())
     assert sum(b.num_rows for b in batches) == 2500
-    assert sent == [1000, 1000, 500]
+    assert sent == [1000, 1000, 500]  # one join request each
     table = job.to_arrow()
     assert table.column("spend").to_pylist() == want
     assert table.schema.field("spend").type == pa.float64()

@@ -386,6 +386,20 @@ pub async fn serve(
         admission.clone(),
         MESSAGE_BYTES_MAX,
     ));
+    // Arrow Flight (joins out, bulk writes in) behind the same tokens and admission.
+    let flight_svc = AdmitRequests::new(
+        InterceptedService::new(
+            arrow_flight::flight_service_server::FlightServiceServer::new(
+                crate::flight::FlightApi::new(features.clone(), metrics.clone(), admission.clone())
+                    .with_stopping(stopping_rx.clone()),
+            )
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX),
+            auth.interceptor(None),
+        ),
+        admission.clone(),
+        MESSAGE_BYTES_MAX,
+    );
     let registry_svc = AdmitRequests::new(
         InterceptedService::new(
             pb::registry_service_server::RegistryServiceServer::new(
@@ -450,6 +464,7 @@ pub async fn serve(
             .add_service(health)
             .add_service(reflection)
             .add_service(feature_svc)
+            .add_service(flight_svc)
             .add_service(registry_svc)
             .add_service(admin_svc)
             .add_service(monitor_svc)

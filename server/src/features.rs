@@ -526,6 +526,56 @@ pub const JOIN_THREADS_MAX: usize = 8;
 
 /// Rows per streamed chunk of a point-in-time join.
 pub const HISTORICAL_CHUNK_ROWS: usize = 4096;
+
+/// A point-in-time join's parameters, whatever carries its spine (`GetHistoricalFeatures`'s
+/// protobuf rows, or an Arrow table through Flight).
+#[derive(Debug, Clone, Copy)]
+pub struct JoinSpec<'a> {
+    /// The entity type of the spine's keys.
+    pub entity_type: &'a str,
+    /// "group:feature" or "group@3:feature", in output order.
+    pub features: &'a [String],
+    /// Only versions the store knew at this system time (None: no limit).
+    pub known_at: Option<&'a prost_types::Timestamp>,
+    /// Each row sees only versions known by its own time.
+    pub strict_availability: bool,
+    /// Serve registered defaults where nothing is within the TTL.
+    pub use_defaults: bool,
+}
+
+/// Where a join's spine rows come from. `check` turns rows `range` into (encoded entity key,
+/// time) pairs against the entity type, refusing a bad row with INVALID_ARGUMENT naming it; the
+/// join calls it on disjoint ranges from several threads.
+pub trait SpineRows: Sync {
+    /// Rows in the spine.
+    fn len(&self) -> usize;
+    /// No rows.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Rows `range`, checked and encoded.
+    fn check(&self, et: &pb::EntityType, range: std::ops::Range<usize>) -> Result<Vec<(Vec<u8>, EventTime)>>;
+}
+
+impl SpineRows for Vec<pb::SpineRow> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+
+    fn check(&self, et: &pb::EntityType, range: std::ops::Range<usize>) -> Result<Vec<(Vec<u8>, EventTime)>> {
+        let mut rows = Vec::with_capacity(range.len());
+        for i in range {
+            let r = &self[i];
+            let entity =
+                r.entity.as_ref().ok_or_else(|| ServiceError::Invalid(format!("spine row {i}: entity is required")))?;
+            let key =
+                convert::entity_key(et, entity).map_err(|e| ServiceError::Invalid(format!("spine row {i}: {e}")))?;
+            let t = convert::event_time(r.timestamp.as_ref(), &format!("spine row {i}: timestamp"))?;
+            rows.push((key, t));
+        }
+        Ok(rows)
+    }
+}
 /// Most spine rows in one point-in-time join.
 pub const SPINE_ROWS_MAX: usize = 10_000_000;
 /// Versions per streamed chunk of a history scan.
@@ -917,62 +967,77 @@ impl Features {
     pub fn historical(
         &self,
         req: &pb::GetHistoricalFeaturesRequest,
-        mut emit: impl FnMut(pb::GetHistoricalFeaturesResponse) -> bool,
+        emit: impl FnMut(pb::GetHistoricalFeaturesResponse) -> bool,
     ) -> Result<()> {
-        if req.spine.len() > SPINE_ROWS_MAX {
-            return Err(ServiceError::TooLarge(format!("spine has more than {SPINE_ROWS_MAX} rows")));
-        }
-        let started = std::time::Instant::now();
-        let known_at = match &req.known_at {
+        let spec = JoinSpec {
+            entity_type: &req.entity_type,
+            features: &req.features,
+            known_at: req.known_at.as_ref(),
+            strict_availability: req.strict_availability,
+            use_defaults: req.use_defaults,
+        };
+        self.join(&spec, &req.spine, emit)
+    }
+
+    /// The features a join of `spec` answers with, resolved as the join resolves them: (type,
+    /// group version) per requested reference (for a caller that needs the output's shape
+    /// before any row, e.g. an Arrow schema).
+    pub fn join_columns(&self, spec: &JoinSpec<'_>) -> Result<Vec<(pb::ValueType, u32)>> {
+        let (resolution, _) = self.join_resolution(spec)?;
+        Ok(resolution.features.iter().map(|f| (f.value_type, f.version)).collect())
+    }
+
+    fn join_resolution(&self, spec: &JoinSpec<'_>) -> Result<(Arc<Resolution>, SystemTime)> {
+        let known_at = match spec.known_at {
             Some(t) => convert::system_time(t, "known_at")?,
             None => SystemTime::MAX,
         };
         // Unpinned references resolve to the versions that served as of `known_at`, so a
         // pinned training set does not change when a group's serving version does.
         let resolution = if known_at == SystemTime::MAX {
-            self.resolve_features(&req.entity_type, &req.features)?
+            self.resolve_features(spec.entity_type, spec.features)?
         } else {
-            let (et, features) = self.resolve_uncached(&req.entity_type, &req.features, known_at)?;
-            Arc::new(Resolution::new(et, req.features.clone(), features, None, None)?)
+            let (et, features) = self.resolve_uncached(spec.entity_type, spec.features, known_at)?;
+            Arc::new(Resolution::new(et, spec.features.to_vec(), features, None, None)?)
         };
+        Ok((resolution, known_at))
+    }
+
+    /// The point-in-time join of `spec` over `spine` (whatever carries it: protobuf rows or an
+    /// Arrow table), as [`Features::historical`].
+    pub fn join(
+        &self,
+        spec: &JoinSpec<'_>,
+        spine: &dyn SpineRows,
+        mut emit: impl FnMut(pb::GetHistoricalFeaturesResponse) -> bool,
+    ) -> Result<()> {
+        let spine_len = spine.len();
+        if spine_len > SPINE_ROWS_MAX {
+            return Err(ServiceError::TooLarge(format!("spine has more than {SPINE_ROWS_MAX} rows")));
+        }
+        let started = std::time::Instant::now();
+        let (resolution, known_at) = self.join_resolution(spec)?;
         let (et, features) = (&resolution.entity_type, &resolution.features);
         // Check the whole spine before streaming anything: a long spine in parts, one per
         // join thread (the first failing row is reported either way).
-        let check = |base: usize, spine: &[pb::SpineRow]| -> Result<Vec<(Vec<u8>, EventTime)>> {
-            let mut rows = Vec::with_capacity(spine.len());
-            for (i, r) in spine.iter().enumerate().map(|(i, r)| (base + i, r)) {
-                let entity = r
-                    .entity
-                    .as_ref()
-                    .ok_or_else(|| ServiceError::Invalid(format!("spine row {i}: entity is required")))?;
-                let key = convert::entity_key(et, entity)
-                    .map_err(|e| ServiceError::Invalid(format!("spine row {i}: {e}")))?;
-                let t = convert::event_time(r.timestamp.as_ref(), &format!("spine row {i}: timestamp"))?;
-                rows.push((key, t));
-            }
-            Ok(rows)
-        };
-        let parts = if req.spine.len() >= SPINE_ROWS_PER_PART_MIN { self.join_threads } else { 1 };
-        let part_rows = req.spine.len().div_ceil(parts).max(1);
+        let parts = if spine_len >= SPINE_ROWS_PER_PART_MIN { self.join_threads } else { 1 };
+        let part_rows = spine_len.div_ceil(parts).max(1);
         let rows = if parts == 1 {
-            check(0, &req.spine)?
+            spine.check(et, 0..spine_len)?
         } else {
             std::thread::scope(|scope| -> Result<_> {
-                let check = &check;
-                let handles: Vec<_> = req
-                    .spine
-                    .chunks(part_rows)
-                    .enumerate()
-                    .map(|(p, c)| scope.spawn(move || check(p * part_rows, c)))
+                let handles: Vec<_> = (0..spine_len)
+                    .step_by(part_rows)
+                    .map(|start| scope.spawn(move || spine.check(et, start..(start + part_rows).min(spine_len))))
                     .collect();
-                let mut rows = Vec::with_capacity(req.spine.len());
+                let mut rows = Vec::with_capacity(spine_len);
                 for h in handles {
                     rows.extend(h.join().unwrap_or_else(|p| Err(worker_panicked(&*p)))?);
                 }
                 Ok(rows)
             })?
         };
-        let defaults: Vec<Option<Value>> = if req.use_defaults {
+        let defaults: Vec<Option<Value>> = if spec.use_defaults {
             features.iter().map(default_of).collect::<Result<_>>()?
         } else {
             vec![None; features.len()]
@@ -1049,7 +1114,7 @@ impl Features {
                 history.index(&versions, &distinct);
                 for &r in *group {
                     let t = rows[r as usize].1;
-                    let k = if req.strict_availability {
+                    let k = if spec.strict_availability {
                         quiver_storage::asof::strict_known_at(known_at, t)
                     } else {
                         known_at
@@ -1089,7 +1154,7 @@ impl Features {
         let build = |c: usize, buf: &mut Vec<u8>| -> Result<pb::GetHistoricalFeaturesResponse> {
             let chunk = &at[c * HISTORICAL_CHUNK_ROWS..((c + 1) * HISTORICAL_CHUNK_ROWS).min(at.len())];
             let mut columns: Vec<pb::FeatureColumn> =
-                features.iter().zip(&req.features).map(|(f, reference)| column(f, reference, chunk.len())).collect();
+                features.iter().zip(spec.features).map(|(f, reference)| column(f, reference, chunk.len())).collect();
             for &(i, offset, len) in chunk {
                 let mut r = logs[i as usize].read(offset, len as usize, buf)?;
                 for (j, f) in features.iter().enumerate() {

@@ -12,6 +12,7 @@ pub mod convert;
 pub mod daemon;
 pub mod drift;
 pub mod features;
+pub mod flight;
 pub mod fuzzing;
 pub mod gate;
 pub mod health;

@@ -69,7 +69,7 @@ fn registry_status(e: RegistryError) -> Status {
 
 /// The caller, if it holds `scope` for every group `refs` name (group or feature references;
 /// no references: the scope alone); `PERMISSION_DENIED` otherwise.
-fn authorize<'a, T>(
+pub(crate) fn authorize<'a, T>(
     req: &Request<T>,
     scope: Scope,
     refs: impl IntoIterator<Item = &'a str>,
@@ -103,14 +103,14 @@ pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Runs a chunk producer on the blocking pool and streams its chunks to the client through a
 /// bounded channel; the producer stops when the client goes away (`emit` returns false), and
 /// an error after some chunks ends the stream with that error.
 /// A server that is stopping (`stopping` true) ends the stream with `UNAVAILABLE` after the
 /// chunks already made.
-fn stream_blocking<T: Send + 'static>(
+pub(crate) fn stream_blocking<T: Send + 'static>(
     stopping: Option<Stopping>,
     produce: impl FnOnce(&mut dyn FnMut(T) -> bool) -> Result<(), ServiceError> + Send + 'static,
 ) -> BoxStream<T> {
@@ -214,7 +214,7 @@ fn parse_grpc_timeout(s: &str) -> Option<std::time::Duration> {
 
 /// Memory a decoded request holds, about, per byte of its encoding (owned strings and
 /// vectors, each with its header).
-const DECODED_BYTES_PER_ENCODED: usize = 2;
+pub(crate) const DECODED_BYTES_PER_ENCODED: usize = 2;
 
 #[tonic::async_trait]
 impl pb::feature_service_server::FeatureService for FeatureApi {

@@ -294,6 +294,63 @@ def _float(v: Any) -> float:
     return float(v)
 
 
+def _feeds(t: pa.DataType, type_name: str) -> bool:
+    """Whether an Arrow column of type t can feed a feature of type_name (as the server's
+    Flight writes convert them)."""
+    ints = pa.types.is_integer(t)
+    strings = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    if type_name == "bool":
+        return pa.types.is_boolean(t)
+    if type_name == "int64":
+        return ints
+    if type_name in ("float32", "float64"):
+        return pa.types.is_floating(t) or ints
+    if type_name == "string":
+        return strings
+    if type_name == "bytes":
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return False
+    item = t.value_type
+    if pa.types.is_null(item):
+        return type_name in ("float32_vector", "int64_list", "string_list")  # empty lists only
+    if type_name == "float32_vector":
+        return pa.types.is_floating(item) or pa.types.is_integer(item)
+    if type_name == "int64_list":
+        return pa.types.is_integer(item)
+    return pa.types.is_string(item) or pa.types.is_large_string(item)
+
+
+def check_write_columns(
+    table: pa.Table, group: FeatureGroup, group_ref: str, join_keys: list[tuple[str, str]], timestamp_column: str
+) -> pa.Table:
+    """The table to write: every column a join key, the time column or a feature whose type
+    the column can feed (all-null columns are dropped: they write nothing)."""
+    what = f"write to {group_ref}"
+    if timestamp_column not in table.column_names:
+        raise QuiverInvalidArgument(f"{what}: missing event time column {timestamp_column!r}")
+    key_names = {name for name, _ in join_keys}
+    feature_types = {f.name: f.type for f in group.features}
+    keep = []
+    for c in table.column_names:
+        if c in key_names or c == timestamp_column:
+            keep.append(c)
+            continue
+        if c not in feature_types:
+            raise QuiverInvalidArgument(
+                f"{what}: column {c!r} is not a feature of {group.name} (features: {', '.join(feature_types)})"
+            )
+        t = table.schema.field(c).type
+        if pa.types.is_null(t):
+            continue
+        if not _feeds(t, feature_types[c]):
+            raise QuiverInvalidArgument(f"{what}: column {c!r} holds {t}, which is not a {feature_types[c]}")
+        keep.append(c)
+    if len(keep) == len(key_names) + 1:
+        raise QuiverInvalidArgument(f"{what}: no feature columns")
+    return table.select(keep)
+
+
 def write_rows(
     table: pa.Table,
     group: FeatureGroup,

@@ -194,9 +194,15 @@ class Client:
         cache: OnlineCache | None = None,
         fallback: bool = False,
         options: Sequence[tuple[str, Any]] = (),
+        use_flight: bool | None = None,
     ) -> None:
         creds = channel_credentials(tls)
         opts = core.CHANNEL_OPTIONS + list(options)
+        self._target, self._token, self._tls = core.target(address), token, tls
+        #: Arrow Flight for training sets and writes: True, False, or None (use it unless the
+        #: server turns out not to serve it).
+        self.use_flight = use_flight
+        self._flight: Any = None
         self._channel = (
             grpc.secure_channel(core.target(address), creds, opts)
             if creds is not None
@@ -220,7 +226,29 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if self._flight is not None:
+            self._flight.close()
         self._channel.close()
+
+    def _flight_transport(self) -> Any:
+        """The Flight transport, or None when it is off (or the server lacks it)."""
+        if self.use_flight is False:
+            return None
+        if self._flight is None:
+            from quiver._flight import FlightTransport
+
+            self._flight = FlightTransport(self._target, self._token, self._tls, self._timeout)
+        return self._flight
+
+    def _flight_failed(self, e: QuiverError) -> bool:
+        """True if the call should go over the protobuf API instead: the server has no Flight
+        and the client was not told to insist on it."""
+        from quiver._flight import is_unimplemented
+
+        if is_unimplemented(e) and self.use_flight is None:
+            self.use_flight = False
+            return True
+        return False
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
         try:
@@ -357,7 +385,18 @@ class Client:
         compare-and-swap per feature: ``{feature: {region: counter}}`` ({} = must not exist);
         a mismatch raises :class:`quiver.CasConflict` and writes nothing.
         """
-        reqs = self._write_requests(df, group, durability, idempotency_key, timestamp_column, expected_versions)
+        d = core.durability(durability)
+        table = cv.to_arrow_table(df, f"write to {group}")
+        g, join_keys = self._group_for_write(group)
+        table = cv.check_write_columns(table, g, group, join_keys, timestamp_column)
+        ft = self._flight_transport() if expected_versions is None else None
+        if ft is not None:
+            try:
+                return ft.write(table, group, join_keys, timestamp_column, d, idempotency_key)
+            except QuiverError as e:
+                if not self._flight_failed(e):
+                    raise
+        reqs = write_requests(table, group, g, join_keys, durability, idempotency_key, timestamp_column, expected_versions)
         result = WriteResult()
         for req in reqs:
             result.add(self._call(self._features.WriteFeatures, req))
@@ -394,20 +433,6 @@ class Client:
             self._meta.put_entity_type(EntityType.from_proto(e))
             keys = self._meta.join_keys(g.entity_type) or []
         return g, keys
-
-    def _write_requests(
-        self,
-        df: Any,
-        group: str,
-        durability: str | None,
-        idempotency_key: str | None,
-        timestamp_column: str,
-        expected_versions: dict[str, dict[int, int]] | None,
-    ) -> list[fs.WriteFeaturesRequest]:
-        core.durability(durability)
-        table = cv.to_arrow_table(df, f"write to {group}")
-        g, join_keys = self._group_for_write(group)
-        return write_requests(table, group, g, join_keys, durability, idempotency_key, timestamp_column, expected_versions)
 
     def _delete_requests(
         self, group: str, entity_rows: Any, features: Sequence[str], event_time: Any, durability: str | None
@@ -537,6 +562,20 @@ class HistoricalJob:
         for chunk in core.spine_chunks(self._entity_df):
             columns = self._columns(chunk.schema)
             self._schema = core.historical_schema(chunk.schema, self._client._meta, self._refs, columns, self._with_status)
+            ft = self._client._flight_transport()
+            if ft is not None:
+                answers = ft.join(chunk, self._entity_type, self._join_keys, self._refs, columns, p, self._with_status)
+                try:
+                    first = next(answers, None)
+                except QuiverError as e:
+                    if not self._client._flight_failed(e):
+                        raise
+                else:
+                    if first is not None:
+                        yield first.cast(self._schema) if first.schema != self._schema else first
+                    for batch in answers:
+                        yield batch.cast(self._schema) if batch.schema != self._schema else batch
+                    continue
             req = core.historical_request(
                 chunk,
                 self._entity_type,

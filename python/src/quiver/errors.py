@@ -26,6 +26,7 @@ __all__ = [
     "QuiverUnavailable",
     "QuiverDeadlineExceeded",
     "QuiverInternal",
+    "from_code",
     "from_rpc_error",
 ]
 
@@ -143,6 +144,13 @@ def _retry_after(details: bytes) -> timedelta | None:
     return None
 
 
+def from_code(code: grpc.StatusCode, message: str, details: bytes = b"") -> QuiverError:
+    """The typed error for a status code."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return QuiverInvalidArgument(message, details)
+    return _BY_CODE.get(code, QuiverInternal)(code, message, details)
+
+
 def from_rpc_error(err: grpc.RpcError) -> QuiverError:
     """The typed error for a failed gRPC call (sync or asyncio)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
@@ -152,7 +160,4 @@ def from_rpc_error(err: grpc.RpcError) -> QuiverError:
     for key, value in trailing or ():
         if key == _DETAILS_KEY and isinstance(value, bytes):
             details = value
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return QuiverInvalidArgument(message, details)
-    cls = _BY_CODE.get(code, QuiverInternal)
-    return cls(code, message, details)
+    return from_code(code, message, details)

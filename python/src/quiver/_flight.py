@@ -1,0 +1,210 @@
+"""The Arrow Flight transport (``proto/quiver/v1/flight.proto``): training sets and bulk writes
+move as Arrow record batches, with no protobuf message per row on either side.
+
+quiverd serves Flight on its gRPC port. :class:`quiver.Client` uses it for
+``get_historical_features`` and ``write`` unless ``use_flight=False``; with the default
+(``None``) a server that answers UNIMPLEMENTED (one without Flight) is remembered and the
+protobuf API used instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as fl
+
+from quiver import _convert as cv
+from quiver._core import FeatureRef, WriteResult
+from quiver.errors import (
+    QuiverDeadlineExceeded,
+    QuiverError,
+    QuiverInternal,
+    QuiverInvalidArgument,
+    QuiverNotFound,
+    QuiverPermissionDenied,
+    QuiverUnauthenticated,
+    QuiverUnavailable,
+    from_code,
+)
+from quiver.v1 import flight_pb2 as fpb
+
+#: Rows per record batch a write sends (the server splits each into atomic requests of at most
+#: 10,000 rows and 99,999 values).
+WRITE_BATCH_ROWS = 100_000
+
+_CONTEXT = re.compile(r"gRPC client debug context: ([A-Z_]+):")
+_MESSAGE = re.compile(r"with message: (.*?)(?:\. gRPC client debug context|$)", re.S)
+
+
+def error_from(e: Exception) -> QuiverError:
+    """The typed error for a failed Flight call: the gRPC code pyarrow reports in its message,
+    else the exception's kind."""
+    text = str(e)
+    m = _MESSAGE.search(text)
+    message = m.group(1) if m else text
+    c = _CONTEXT.search(text)
+    if c and c.group(1) in grpc.StatusCode.__members__:
+        return from_code(grpc.StatusCode[c.group(1)], message)
+    if isinstance(e, fl.FlightUnauthenticatedError):
+        return QuiverUnauthenticated(grpc.StatusCode.UNAUTHENTICATED, message)
+    if isinstance(e, fl.FlightUnauthorizedError):
+        return QuiverPermissionDenied(grpc.StatusCode.PERMISSION_DENIED, message)
+    if isinstance(e, fl.FlightUnavailableError):
+        return QuiverUnavailable(grpc.StatusCode.UNAVAILABLE, message)
+    if isinstance(e, fl.FlightTimedOutError):
+        return QuiverDeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+    if isinstance(e, pa.ArrowInvalid):
+        return QuiverInvalidArgument(message)
+    if isinstance(e, pa.ArrowKeyError):
+        return QuiverNotFound(grpc.StatusCode.NOT_FOUND, message)
+    if isinstance(e, pa.ArrowNotImplementedError):
+        return from_code(grpc.StatusCode.UNIMPLEMENTED, message)
+    return QuiverInternal(grpc.StatusCode.INTERNAL, message)
+
+
+def is_unimplemented(e: QuiverError) -> bool:
+    return e.code == grpc.StatusCode.UNIMPLEMENTED
+
+
+class FlightTransport:
+    """One pyarrow Flight client to quiverd."""
+
+    def __init__(self, target: str, token: str | None, tls: Any, timeout: float | None) -> None:
+        kwargs: dict[str, Any] = {}
+        scheme = "grpc+tcp"
+        if tls is not None and tls is not False:
+            scheme = "grpc+tls"
+            if tls is not True:
+                if tls.ca is not None:
+                    kwargs["tls_root_certs"] = tls.ca
+                if tls.cert is not None and tls.key is not None:
+                    kwargs["cert_chain"] = tls.cert
+                    kwargs["private_key"] = tls.key
+        self._client = fl.FlightClient(f"{scheme}://{target}", **kwargs)
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        self._options = fl.FlightCallOptions(headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def join(
+        self,
+        chunk: pa.Table,
+        entity_type: str,
+        join_keys: list[tuple[str, str]],
+        refs: Sequence[FeatureRef],
+        columns: list[str],
+        params: dict[str, Any],
+        with_status: bool,
+    ) -> Iterator[pa.RecordBatch]:
+        """One spine chunk's answers, in spine order, with the chunk's own columns first."""
+        ts_col = params["timestamp_column"]
+        if ts_col not in chunk.column_names:
+            raise QuiverInvalidArgument(f"entity_df: missing timestamp column {ts_col!r}")
+        cv.key_columns(chunk, join_keys, "entity_df")  # the SDK's checks and messages first
+        micros = cv.micros_column(chunk.column(ts_col), f"entity_df: {ts_col}")
+        spine = pa.table(
+            {
+                **{name: chunk.column(name) for name, _ in join_keys},
+                ts_col: pa.array(micros, type=cv.TIMESTAMP),
+            }
+        )
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, spine.schema) as w:
+            w.write_table(spine)
+        join = fpb.FlightJoin(
+            entity_type=entity_type,
+            features=[r.text for r in refs],
+            strict_availability=params["strict_availability"],
+            use_defaults=params["use_defaults"],
+            spine_ipc=sink.getvalue().to_pybytes(),
+            timestamp_column=ts_col,
+            with_status=with_status,
+        )
+        if params["known_at"] is not None:
+            cv.set_timestamp(join.known_at, cv.to_micros(params["known_at"]))
+        ticket = fl.Ticket(fpb.FlightTicket(join=join).SerializeToString())
+        row = 0
+        try:
+            reader = self._client.do_get(ticket, self._options)
+            for piece in reader:
+                batch = piece.data
+                n = batch.num_rows
+                if row + n > chunk.num_rows:
+                    raise QuiverInvalidArgument(f"the server answered rows {row}..{row + n} of a {chunk.num_rows}-row spine")
+                yield _rename(chunk.slice(row, n), batch, columns, with_status)
+                row += n
+        except fl.FlightError as e:
+            raise error_from(e) from None
+        except pa.ArrowException as e:
+            raise error_from(e) from None
+        if row != chunk.num_rows:
+            raise QuiverInternal(grpc.StatusCode.INTERNAL, f"the join answered {row} of {chunk.num_rows} rows")
+
+    def write(
+        self,
+        table: pa.Table,
+        group: str,
+        join_keys: list[tuple[str, str]],
+        timestamp_column: str,
+        durability: int,
+        idempotency_key: str | None,
+    ) -> WriteResult:
+        if timestamp_column not in table.column_names:
+            raise QuiverInvalidArgument(f"write to {group}: missing event time column {timestamp_column!r}")
+        cv.key_columns(table, join_keys, f"write to {group}")
+        micros = cv.micros_column(table.column(timestamp_column), f"write to {group}: {timestamp_column}")
+        i = table.column_names.index(timestamp_column)
+        table = table.set_column(i, timestamp_column, pa.array(np.asarray(micros), type=cv.TIMESTAMP))
+        cmd = fpb.FlightWrite(
+            group=group,
+            durability=durability,
+            idempotency_key=idempotency_key or "",
+            timestamp_column=timestamp_column,
+        )
+        result = WriteResult()
+        try:
+            writer, reader = self._client.do_put(
+                fl.FlightDescriptor.for_command(cmd.SerializeToString()), table.schema, self._options
+            )
+            with writer:
+                for batch in table.to_batches(max_chunksize=WRITE_BATCH_ROWS):
+                    writer.write_batch(batch)
+                writer.done_writing()
+                while True:
+                    buf = reader.read()
+                    if buf is None:
+                        break
+                    r = fpb.FlightWriteResult.FromString(buf.to_pybytes())
+                    result.values_written += r.values_written
+                    result.requests += r.requests
+                    result.deduplicated += r.deduplicated
+                    if r.HasField("system_time"):
+                        result.system_time = cv.from_micros(cv.timestamp_micros(r.system_time))
+                        result.version = {e.region: e.counter for e in r.version.entries}
+        except fl.FlightError as e:
+            raise error_from(e) from None
+        except pa.ArrowException as e:
+            raise error_from(e) from None
+        return result
+
+
+def _rename(spine: pa.Table, answers: pa.RecordBatch, columns: list[str], with_status: bool) -> pa.RecordBatch:
+    arrays = [c.combine_chunks() for c in spine.columns]
+    names = list(spine.column_names)
+    per = 3 if with_status else 1
+    if answers.num_columns != per * len(columns):
+        raise QuiverInternal(grpc.StatusCode.INTERNAL, f"the join answered {answers.num_columns} columns")
+    for k, name in enumerate(columns):
+        arrays.append(answers.column(per * k))
+        names.append(name)
+        if with_status:
+            arrays.append(answers.column(per * k + 1).cast(pa.string()))
+            arrays.append(answers.column(per * k + 2))
+            names += [f"{name}__status", f"{name}__event_timestamp"]
+    return pa.RecordBatch.from_arrays(arrays, names=names)

@@ -1,0 +1,170 @@
+"""Arrow Flight on quiverd's port, spoken directly with pyarrow.flight: answers, refusals with
+their gRPC codes, tokens, and the methods it does not serve."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.flight as fl
+import pytest
+from conftest import Daemon
+
+import quiver
+from quiver._flight import error_from
+from quiver.v1 import flight_pb2 as fpb
+
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def join_ticket(spine: pa.Table, features: list[str], **kw: object) -> fl.Ticket:
+    join = fpb.FlightJoin(entity_type="user", features=features, spine_ipc=ipc(spine), **kw)  # type: ignore[arg-type]
+    return fl.Ticket(fpb.FlightTicket(join=join).SerializeToString())
+
+
+def spine(users: list[str], ts: pa.Array | None = None) -> pa.Table:
+    return pa.table(
+        {"user_id": users, "event_timestamp": ts if ts is not None else pa.array([NOW] * len(users), pa.timestamp("us"))}
+    )
+
+
+def refused(call: object) -> quiver.QuiverError:
+    with pytest.raises((fl.FlightError, pa.ArrowException)) as e:
+        call()  # type: ignore[operator]
+    return error_from(e.value)
+
+
+def test_join_batches_schema_and_group_version(daemon: Daemon, client: quiver.Client, uid: str) -> None:
+    client.write([{"user_id": f"{uid}-1", "event_timestamp": NOW, "spend": 3.5}], "user_stats")
+    c = fl.FlightClient(f"grpc+tcp://{daemon.address}")
+    out = c.do_get(join_ticket(spine([f"{uid}-1", f"{uid}-2"]), ["user_stats:spend"], with_status=True)).read_all()
+    assert out.column_names == ["user_stats:spend", "user_stats:spend:status", "user_stats:spend:event_timestamp"]
+    assert out.column(0).to_pylist() == [3.5, None]
+    assert out.column(1).to_pylist() == ["PRESENT", "NOT_FOUND"]
+    assert out.column(2).to_pylist()[0] == NOW and out.column(2).to_pylist()[1] is None
+    assert out.schema.field(0).metadata == {b"quiver.group_version": b"1"}
+    # Without statuses: the values alone; an empty spine: the schema and no rows.
+    assert c.do_get(join_ticket(spine([f"{uid}-1"]), ["user_stats:spend"])).read_all().num_columns == 1
+    empty = c.do_get(join_ticket(spine([]), ["user_stats:spend"])).read_all()
+    assert empty.num_rows == 0 and empty.column_names == ["user_stats:spend"]
+
+
+def test_bad_tickets_and_spines_are_refused_with_their_codes(daemon: Daemon, client: quiver.Client) -> None:
+    c = fl.FlightClient(f"grpc+tcp://{daemon.address}")
+    get = lambda t: lambda: c.do_get(t).read_all()  # noqa: E731
+    codes = {
+        "garbage ticket": refused(get(fl.Ticket(b"\xff\xff\xff"))),
+        "empty ticket": refused(get(fl.Ticket(b""))),
+        "not IPC": refused(
+            get(
+                fl.Ticket(
+                    fpb.FlightTicket(
+                        join=fpb.FlightJoin(entity_type="user", features=["user_stats:spend"], spine_ipc=b"junk")
+                    ).SerializeToString()
+                )
+            )
+        ),
+        "null key": refused(
+            get(
+                join_ticket(
+                    pa.table({"user_id": pa.array(["a", None]), "event_timestamp": pa.array([NOW, NOW], pa.timestamp("us"))}),
+                    ["user_stats:spend"],
+                )
+            )
+        ),
+        "int key": refused(
+            get(
+                join_ticket(
+                    pa.table({"user_id": [1], "event_timestamp": pa.array([NOW], pa.timestamp("us"))}), ["user_stats:spend"]
+                )
+            )
+        ),
+        "no key": refused(
+            get(
+                join_ticket(
+                    pa.table({"uid": ["a"], "event_timestamp": pa.array([NOW], pa.timestamp("us"))}), ["user_stats:spend"]
+                )
+            )
+        ),
+        "nanoseconds": refused(
+            get(join_ticket(spine(["a"], pa.array([1_700_000_000_000_000_001], pa.timestamp("ns"))), ["user_stats:spend"]))
+        ),
+        "year 10000": refused(
+            get(join_ticket(spine(["a"], pa.array([253_402_300_800], pa.timestamp("s"))), ["user_stats:spend"]))
+        ),
+        "not a time": refused(get(join_ticket(pa.table({"user_id": ["a"], "event_timestamp": ["noon"]}), ["user_stats:spend"]))),
+    }
+    for what, e in codes.items():
+        assert isinstance(e, quiver.QuiverInvalidArgument), (what, e)
+    assert "spine row" in codes["null key"].message or "nulls" in codes["null key"].message
+    assert "below a microsecond" in codes["nanoseconds"].message
+    assert isinstance(refused(get(join_ticket(spine(["a"]), ["user_stats:nope"]))), quiver.QuiverNotFound)
+    assert isinstance(refused(get(join_ticket(spine(["a"]), ["balances:balance"]))), quiver.QuiverInvalidArgument)
+    unimplemented = refused(lambda: list(c.list_flights()))
+    assert unimplemented.code.name == "UNIMPLEMENTED"
+
+
+def test_bad_writes_write_nothing(daemon: Daemon, client: quiver.Client, uid: str) -> None:
+    c = fl.FlightClient(f"grpc+tcp://{daemon.address}")
+
+    def put(cmd: bytes, table: pa.Table) -> None:
+        w, r = c.do_put(fl.FlightDescriptor.for_command(cmd), table.schema)
+        w.write_table(table)
+        w.done_writing()
+        while r.read() is not None:
+            pass
+        w.close()
+
+    user = f"{uid}-w"
+    good = pa.table({"user_id": [user], "event_timestamp": pa.array([NOW], pa.timestamp("us", "UTC")), "spend": [1.0]})
+    write = lambda group: fpb.FlightWrite(group=group).SerializeToString()  # noqa: E731
+    assert isinstance(refused(lambda: put(b"\xff", good)), quiver.QuiverInvalidArgument)
+    assert isinstance(refused(lambda: put(write("no_group"), good)), quiver.QuiverNotFound)
+    assert isinstance(
+        refused(lambda: put(write("user_stats"), good.append_column("extra", pa.array([1])))), quiver.QuiverInvalidArgument
+    )
+    assert isinstance(
+        refused(lambda: put(write("user_stats"), good.set_column(2, "spend", pa.array(["x"])))), quiver.QuiverInvalidArgument
+    )
+    assert isinstance(
+        refused(lambda: put(write("user_stats"), good.drop_columns(["event_timestamp"]))), quiver.QuiverInvalidArgument
+    )
+    long_key = fpb.FlightWrite(group="user_stats", idempotency_key="k" * 126).SerializeToString()
+    assert isinstance(refused(lambda: put(long_key, good)), quiver.QuiverInvalidArgument)
+    got = client.get_online_features(["user_stats:spend"], [{"user_id": user}]).to_dict()
+    assert got["spend__status"] == ["NOT_FOUND"]
+    put(write("user_stats"), good)
+    assert client.get_online_features(["user_stats:spend"], [{"user_id": user}]).to_dict()["spend"] == [1.0]
+
+
+def test_flight_needs_the_same_tokens(secured: tuple[Daemon, dict[str, str]]) -> None:
+    daemon, tokens = secured
+    c = fl.FlightClient(f"grpc+tcp://{daemon.address}")
+    assert isinstance(
+        refused(lambda: c.do_get(join_ticket(spine(["a"]), ["user_stats:spend"])).read_all()), quiver.QuiverUnauthenticated
+    )
+    reader = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {tokens['reader']}".encode())])
+    assert c.do_get(join_ticket(spine(["a"]), ["user_stats:spend"]), reader).read_all().num_rows == 1
+    table = pa.table({"user_id": ["a"], "event_timestamp": pa.array([NOW], pa.timestamp("us")), "spend": [1.0]})
+
+    def put() -> None:
+        w, r = c.do_put(
+            fl.FlightDescriptor.for_command(fpb.FlightWrite(group="user_stats").SerializeToString()), table.schema, reader
+        )
+        w.write_table(table)
+        w.done_writing()
+        r.read()
+        w.close()
+
+    assert isinstance(refused(put), quiver.QuiverPermissionDenied)
+    # The SDK over Flight with the admin token.
+    with quiver.Client(daemon.address, token=tokens["admin"], use_flight=True) as q:
+        assert q.write(table, "user_stats").values_written == 1
+        assert q.get_historical_features(spine(["a"]), ["user_stats:spend"]).to_df()["spend"].tolist() == [1.0]

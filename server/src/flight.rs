@@ -1,0 +1,778 @@
+//! Arrow Flight on quiverd's gRPC port (`proto/quiver/v1/flight.proto`): point-in-time joins out
+//! and bulk writes in, as Arrow record batches, so that a Python or Spark client moves columns
+//! instead of building and parsing a protobuf message per row.
+//!
+//! - `DoGet(FlightTicket::join)`: the spine arrives as an Arrow IPC stream inside the ticket; its
+//!   key and time columns are checked and encoded by [`ArrowSpine`] and handed to the same join
+//!   as `GetHistoricalFeatures` ([`Features::join`]); each answer chunk's columns are moved into
+//!   Arrow arrays ([`answer_batch`]) and streamed in spine order.
+//! - `DoPut(FlightWrite)`: each record batch becomes `WriteFeatures` requests (at most
+//!   `WRITE_ROWS_MAX` rows and `WRITE_VALUES_MAX` values each), written as that RPC writes them,
+//!   with one `PutResult` per batch.
+//!
+//! Authentication, scopes, rate limits and admission are the protobuf API's: the service sits
+//! behind the same interceptor, joins need `read` on every feature's group, writes `write` on
+//! the group. The other Flight methods are UNIMPLEMENTED.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use arrow_array::builder::{Float32Builder, Int64Builder, ListBuilder, StringBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, TimestampMicrosecondType,
+    TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt16Type, UInt32Type, UInt64Type,
+    UInt8Type,
+};
+use arrow_array::{
+    Array, ArrayRef, BinaryArray, BooleanArray, DictionaryArray, Float32Array, Float64Array, Int64Array, Int8Array,
+    RecordBatch, StringArray, TimestampMicrosecondArray,
+};
+use arrow_buffer::{BooleanBuffer, NullBuffer, ScalarBuffer};
+use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo, HandshakeRequest, HandshakeResponse,
+    PollInfo, PutResult, SchemaResult, Ticket,
+};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use futures::{StreamExt, TryStreamExt};
+use prost::Message;
+use quiver_proto::v1 as pb;
+use quiver_storage::types::{encode_entity_key, KeyPart};
+use quiver_storage::EventTime;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::admission::Admission;
+use crate::auth::Scope;
+use crate::convert::{TIMESTAMP_SECONDS_MAX, TIMESTAMP_SECONDS_MIN};
+use crate::features::{
+    Features, JoinSpec, ServiceError, SpineRows, FEATURES_PER_REQUEST_MAX, IDEMPOTENCY_KEY_BYTES_MAX, SPINE_ROWS_MAX,
+    WRITE_ROWS_MAX, WRITE_VALUES_MAX,
+};
+use crate::metrics::Metrics;
+use crate::service::{authorize, blocking, status, stream_blocking, BoxStream, Stopping, DECODED_BYTES_PER_ENCODED};
+
+type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// The spine's time column when the ticket names none.
+pub const DEFAULT_TIMESTAMP_COLUMN: &str = "event_timestamp";
+/// Field metadata key holding the group version that answered a feature column.
+pub const GROUP_VERSION_METADATA: &str = "quiver.group_version";
+/// Status names by `quiver.v1.FeatureStatus` value: the status columns' dictionary.
+pub const STATUS_NAMES: [&str; 6] = ["UNSPECIFIED", "PRESENT", "NOT_FOUND", "STALE", "DEFAULTED", "UNAVAILABLE"];
+
+/// `arrow.flight.protocol.FlightService`.
+#[derive(Debug, Clone)]
+pub struct FlightApi {
+    features: Arc<Features>,
+    metrics: Arc<Metrics>,
+    admission: Arc<Admission>,
+    stopping: Option<Stopping>,
+}
+
+impl FlightApi {
+    /// The Flight endpoints over `features`.
+    pub fn new(features: Arc<Features>, metrics: Arc<Metrics>, admission: Arc<Admission>) -> Self {
+        Self { features, metrics, admission, stopping: None }
+    }
+
+    /// Open streams end with UNAVAILABLE when this turns true.
+    pub fn with_stopping(mut self, stopping: Stopping) -> Self {
+        self.stopping = Some(stopping);
+        self
+    }
+}
+
+fn invalid(m: impl Into<String>) -> ServiceError {
+    ServiceError::Invalid(m.into())
+}
+
+/// The Arrow type of a feature's values.
+pub fn arrow_type(t: pb::ValueType) -> DataType {
+    let list = |dt: DataType| DataType::List(Arc::new(Field::new_list_field(dt, true)));
+    match t {
+        pb::ValueType::Bool => DataType::Boolean,
+        pb::ValueType::Int64 => DataType::Int64,
+        pb::ValueType::Float32 => DataType::Float32,
+        pb::ValueType::Float64 => DataType::Float64,
+        pb::ValueType::String => DataType::Utf8,
+        pb::ValueType::Bytes => DataType::Binary,
+        pb::ValueType::Float32Vector => list(DataType::Float32),
+        pb::ValueType::Int64List => list(DataType::Int64),
+        pb::ValueType::StringList => list(DataType::Utf8),
+        pb::ValueType::Unspecified => DataType::Null,
+    }
+}
+
+fn status_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int8), Box::new(DataType::Utf8))
+}
+
+fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// The schema of a join's answers: per feature its value column, and with `with_status` its
+/// status and event-time columns.
+pub fn answer_schema(refs: &[String], columns: &[(pb::ValueType, u32)], with_status: bool) -> Schema {
+    let mut fields = Vec::with_capacity(refs.len() * 3);
+    for (r, (t, version)) in refs.iter().zip(columns) {
+        let meta: std::collections::HashMap<String, String> =
+            [(GROUP_VERSION_METADATA.to_string(), version.to_string())].into_iter().collect();
+        fields.push(Field::new(r, arrow_type(*t), true).with_metadata(meta));
+        if with_status {
+            fields.push(Field::new(format!("{r}:status"), status_type(), false));
+            fields.push(Field::new(format!("{r}:event_timestamp"), timestamp_type(), true));
+        }
+    }
+    Schema::new(fields)
+}
+
+/// One answer chunk as a record batch of `schema`: the columns' vectors are moved into Arrow
+/// buffers; values are null where the status serves none, event times where it is not PRESENT.
+pub fn answer_batch(
+    schema: &SchemaRef,
+    chunk: pb::GetHistoricalFeaturesResponse,
+    with_status: bool,
+) -> Result<RecordBatch> {
+    let mut arrays: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    let status_values: ArrayRef = Arc::new(StringArray::from(STATUS_NAMES.to_vec()));
+    for col in chunk.columns {
+        let n = col.statuses.len();
+        let served = |s: &i32| *s == pb::FeatureStatus::Present as i32 || *s == pb::FeatureStatus::Defaulted as i32;
+        let valid: Vec<bool> = col.statuses.iter().map(served).collect();
+        let nulls = valid.iter().any(|v| !v).then(|| NullBuffer::from(valid.clone()));
+        let values = feature_array(col.r#type(), &col, &valid, nulls)?;
+        if values.len() != n {
+            return Err(invalid(format!("{}: {} values for {n} rows", col.feature_ref, values.len())));
+        }
+        arrays.push(values);
+        if with_status {
+            let keys = Int8Array::from(col.statuses.iter().map(|&s| s as i8).collect::<Vec<_>>());
+            let statuses = DictionaryArray::<Int8Type>::try_new(keys, status_values.clone())
+                .map_err(|e| invalid(format!("{}: statuses: {e}", col.feature_ref)))?;
+            arrays.push(Arc::new(statuses));
+            let present: Vec<bool> = col.statuses.iter().map(|&s| s == pb::FeatureStatus::Present as i32).collect();
+            let present = present.iter().any(|p| !p).then(|| NullBuffer::from(present));
+            let times =
+                TimestampMicrosecondArray::new(ScalarBuffer::from(col.event_times_us), present).with_timezone("UTC");
+            arrays.push(Arc::new(times));
+        }
+    }
+    RecordBatch::try_new(schema.clone(), arrays).map_err(|e| invalid(format!("answer batch: {e}")))
+}
+
+fn feature_array(
+    t: pb::ValueType,
+    col: &pb::FeatureColumn,
+    valid: &[bool],
+    nulls: Option<NullBuffer>,
+) -> Result<ArrayRef> {
+    let pick = |i: usize| valid.get(i).copied().unwrap_or(false);
+    Ok(match t {
+        pb::ValueType::Bool => Arc::new(BooleanArray::new(BooleanBuffer::from(col.bool_values.clone()), nulls)),
+        pb::ValueType::Int64 => Arc::new(Int64Array::new(ScalarBuffer::from(col.int64_values.clone()), nulls)),
+        pb::ValueType::Float32 => Arc::new(Float32Array::new(ScalarBuffer::from(col.float32_values.clone()), nulls)),
+        pb::ValueType::Float64 => Arc::new(Float64Array::new(ScalarBuffer::from(col.float64_values.clone()), nulls)),
+        pb::ValueType::String => Arc::new(StringArray::from_iter(
+            col.string_values.iter().enumerate().map(|(i, s)| pick(i).then_some(s.as_str())),
+        )),
+        pb::ValueType::Bytes => Arc::new(BinaryArray::from_iter(
+            col.bytes_values.iter().enumerate().map(|(i, b)| pick(i).then_some(b.as_slice())),
+        )),
+        pb::ValueType::Float32Vector => {
+            let mut b = ListBuilder::new(Float32Builder::new());
+            for (i, l) in col.float32_vector_values.iter().enumerate() {
+                if pick(i) {
+                    b.values().append_slice(&l.values);
+                }
+                b.append(pick(i));
+            }
+            Arc::new(b.finish())
+        }
+        pb::ValueType::Int64List => {
+            let mut b = ListBuilder::new(Int64Builder::new());
+            for (i, l) in col.int64_list_values.iter().enumerate() {
+                if pick(i) {
+                    b.values().append_slice(&l.values);
+                }
+                b.append(pick(i));
+            }
+            Arc::new(b.finish())
+        }
+        pb::ValueType::StringList => {
+            let mut b = ListBuilder::new(StringBuilder::new());
+            for (i, l) in col.string_list_values.iter().enumerate() {
+                if pick(i) {
+                    for s in &l.values {
+                        b.values().append_value(s);
+                    }
+                }
+                b.append(pick(i));
+            }
+            Arc::new(b.finish())
+        }
+        pb::ValueType::Unspecified => return Err(invalid(format!("{}: no value type", col.feature_ref))),
+    })
+}
+
+/// A key column of an Arrow table, read as its join key's type.
+enum KeyColumn {
+    Str(ArrayRef),
+    Int(Vec<i64>),
+}
+
+impl KeyColumn {
+    fn of(a: &ArrayRef, kind: pb::JoinKeyType, name: &str, what: &str) -> Result<KeyColumn> {
+        if a.null_count() > 0 {
+            return Err(invalid(format!("{what}: join key column {name:?} has {} nulls", a.null_count())));
+        }
+        match kind {
+            pb::JoinKeyType::String => match a.data_type() {
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Ok(KeyColumn::Str(a.clone())),
+                other => Err(invalid(format!("{what}: join key {name:?} is a string, the column holds {other}"))),
+            },
+            pb::JoinKeyType::Int64 => Ok(KeyColumn::Int(integers(a).ok_or_else(|| {
+                invalid(format!(
+                    "{what}: join key {name:?} is int64, the column holds {} (or a value past int64)",
+                    a.data_type()
+                ))
+            })?)),
+            pb::JoinKeyType::Unspecified => Err(invalid(format!("{what}: join key {name:?} has no type"))),
+        }
+    }
+
+    fn str_at(&self, i: usize) -> Option<&str> {
+        let KeyColumn::Str(a) = self else { return None };
+        match a.data_type() {
+            DataType::Utf8 => Some(a.as_string::<i32>().value(i)),
+            DataType::LargeUtf8 => Some(a.as_string::<i64>().value(i)),
+            _ => Some(a.as_string_view().value(i)),
+        }
+    }
+
+    fn part(&self, i: usize) -> KeyPart<'_> {
+        match self {
+            KeyColumn::Int(v) => KeyPart::Int(v[i]),
+            KeyColumn::Str(_) => KeyPart::Str(self.str_at(i).unwrap_or("")),
+        }
+    }
+
+    fn proto(&self, i: usize) -> pb::KeyPart {
+        use pb::key_part::Kind;
+        let kind = match self {
+            KeyColumn::Int(v) => Kind::Int64Value(v[i]),
+            KeyColumn::Str(_) => Kind::StringValue(self.str_at(i).unwrap_or("").to_string()),
+        };
+        pb::KeyPart { kind: Some(kind) }
+    }
+}
+
+/// An integer column of any width as i64 (None: not integers, or a u64 past i64).
+fn integers(a: &ArrayRef) -> Option<Vec<i64>> {
+    Some(match a.data_type() {
+        DataType::Int64 => a.as_primitive::<Int64Type>().values().to_vec(),
+        DataType::Int32 => a.as_primitive::<Int32Type>().values().iter().map(|&v| i64::from(v)).collect(),
+        DataType::Int16 => a.as_primitive::<Int16Type>().values().iter().map(|&v| i64::from(v)).collect(),
+        DataType::Int8 => a.as_primitive::<Int8Type>().values().iter().map(|&v| i64::from(v)).collect(),
+        DataType::UInt32 => a.as_primitive::<UInt32Type>().values().iter().map(|&v| i64::from(v)).collect(),
+        DataType::UInt16 => a.as_primitive::<UInt16Type>().values().iter().map(|&v| i64::from(v)).collect(),
+        DataType::UInt8 => a.as_primitive::<UInt8Type>().values().iter().map(|&v| i64::from(v)).collect(),
+        DataType::UInt64 => {
+            a.as_primitive::<UInt64Type>().values().iter().map(|&v| i64::try_from(v).ok()).collect::<Option<_>>()?
+        }
+        _ => return None,
+    })
+}
+
+/// A timestamp column as microseconds since the epoch, within protobuf's timestamp range.
+fn micros_column(a: &ArrayRef, name: &str, what: &str) -> Result<Vec<i64>> {
+    if a.null_count() > 0 {
+        return Err(invalid(format!("{what}: time column {name:?} has {} nulls", a.null_count())));
+    }
+    let DataType::Timestamp(unit, _) = a.data_type() else {
+        return Err(invalid(format!("{what}: time column {name:?} is {}, not a timestamp", a.data_type())));
+    };
+    let raw = match unit {
+        TimeUnit::Second => a.as_primitive::<TimestampSecondType>().values(),
+        TimeUnit::Millisecond => a.as_primitive::<TimestampMillisecondType>().values(),
+        TimeUnit::Microsecond => a.as_primitive::<TimestampMicrosecondType>().values(),
+        TimeUnit::Nanosecond => a.as_primitive::<TimestampNanosecondType>().values(),
+    };
+    let (lo, hi) = (TIMESTAMP_SECONDS_MIN * 1_000_000, TIMESTAMP_SECONDS_MAX * 1_000_000 + 999_999);
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, &v) in raw.iter().enumerate() {
+        let us = match unit {
+            TimeUnit::Second => v.checked_mul(1_000_000),
+            TimeUnit::Millisecond => v.checked_mul(1000),
+            TimeUnit::Microsecond => Some(v),
+            TimeUnit::Nanosecond if v % 1000 == 0 => Some(v / 1000),
+            TimeUnit::Nanosecond => {
+                return Err(invalid(format!("{what}: row {i}: {name:?} has nanoseconds below a microsecond")))
+            }
+        };
+        match us {
+            Some(us) if (lo..=hi).contains(&us) => out.push(us),
+            _ => {
+                return Err(invalid(format!(
+                    "{what}: row {i}: {name:?} is outside protobuf's timestamp range (0001-01-01 to 9999-12-31)"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The key columns and times of one Arrow table (a spine, or a batch to write).
+struct KeyedBatch {
+    keys: Vec<KeyColumn>,
+    times: Vec<i64>,
+    rows: usize,
+}
+
+impl KeyedBatch {
+    fn new(batch: &RecordBatch, et: &pb::EntityType, time_column: &str, what: &str) -> Result<KeyedBatch> {
+        let mut keys = Vec::with_capacity(et.join_keys.len());
+        for jk in &et.join_keys {
+            let col = batch.column_by_name(&jk.name).ok_or_else(|| {
+                invalid(format!("{what}: missing join key column {:?} (entity type {})", jk.name, et.name))
+            })?;
+            keys.push(KeyColumn::of(col, jk.r#type(), &jk.name, what)?);
+        }
+        let time = batch
+            .column_by_name(time_column)
+            .ok_or_else(|| invalid(format!("{what}: missing time column {time_column:?}")))?;
+        Ok(KeyedBatch { keys, times: micros_column(time, time_column, what)?, rows: batch.num_rows() })
+    }
+
+    fn encoded_key(&self, i: usize, what: &str) -> Result<Vec<u8>> {
+        let parts: Vec<KeyPart<'_>> = self.keys.iter().map(|k| k.part(i)).collect();
+        let key = encode_entity_key(&parts);
+        quiver_storage::types::check_entity_key(&key).map_err(|e| invalid(format!("{what}: row {i}: {e}")))?;
+        Ok(key)
+    }
+}
+
+/// A join's spine from an Arrow IPC stream.
+pub struct ArrowSpine {
+    batches: Vec<KeyedBatch>,
+    /// Row number of each batch's first row (and the total at the end).
+    starts: Vec<usize>,
+}
+
+impl ArrowSpine {
+    /// Reads the IPC stream and checks its key and time columns against the entity type.
+    pub fn decode(ipc: &[u8], et: &pb::EntityType, time_column: &str) -> Result<ArrowSpine> {
+        let reader = arrow_ipc::reader::StreamReader::try_new(Cursor::new(ipc), None)
+            .map_err(|e| invalid(format!("spine_ipc is not an Arrow IPC stream: {e}")))?;
+        let (mut batches, mut starts) = (Vec::new(), vec![0]);
+        for batch in reader {
+            let batch = batch.map_err(|e| invalid(format!("spine_ipc: {e}")))?;
+            let at = starts[starts.len() - 1];
+            let what = format!("spine rows {at}..{}", at + batch.num_rows());
+            let keyed = KeyedBatch::new(&batch, et, time_column, &what)?;
+            starts.push(at + keyed.rows);
+            batches.push(keyed);
+        }
+        Ok(ArrowSpine { batches, starts })
+    }
+}
+
+impl SpineRows for ArrowSpine {
+    fn len(&self) -> usize {
+        self.starts[self.starts.len() - 1]
+    }
+
+    fn check(&self, _et: &pb::EntityType, range: std::ops::Range<usize>) -> Result<Vec<(Vec<u8>, EventTime)>> {
+        let mut out = Vec::with_capacity(range.len());
+        let mut b = self.starts.partition_point(|&s| s <= range.start).saturating_sub(1);
+        for row in range {
+            while row >= self.starts[b + 1] {
+                b += 1;
+            }
+            let (batch, i) = (&self.batches[b], row - self.starts[b]);
+            out.push((batch.encoded_key(i, &format!("spine row {row}"))?, EventTime(batch.times[i])));
+        }
+        Ok(out)
+    }
+}
+
+/// Values of an Arrow column as API values of a feature's type (None where null).
+fn column_values(a: &ArrayRef, t: pb::ValueType, name: &str) -> Result<Vec<Option<pb::Value>>> {
+    use pb::value::Kind;
+    let bad = || invalid(format!("column {name:?} holds {}, which cannot feed a {t:?} feature", a.data_type()));
+    let n = a.len();
+    let valid = |i: usize| a.is_valid(i);
+    let wrap = |k: Kind| Some(pb::Value { kind: Some(k) });
+    let floats = |a: &ArrayRef| -> Option<Vec<f64>> {
+        match a.data_type() {
+            DataType::Float64 => Some(a.as_primitive::<Float64Type>().values().to_vec()),
+            DataType::Float32 => Some(a.as_primitive::<Float32Type>().values().iter().map(|&v| f64::from(v)).collect()),
+            _ => integers(a).map(|v| v.into_iter().map(|x| x as f64).collect()),
+        }
+    };
+    let out: Vec<Option<pb::Value>> = match t {
+        pb::ValueType::Bool => {
+            let DataType::Boolean = a.data_type() else { return Err(bad()) };
+            let b = a.as_boolean();
+            (0..n).map(|i| valid(i).then(|| pb::Value { kind: Some(Kind::BoolValue(b.value(i))) })).collect()
+        }
+        pb::ValueType::Int64 => {
+            let v = integers(a).ok_or_else(bad)?;
+            (0..n).map(|i| if valid(i) { wrap(Kind::Int64Value(v[i])) } else { None }).collect()
+        }
+        pb::ValueType::Float32 => {
+            if let DataType::Float32 = a.data_type() {
+                let v = a.as_primitive::<Float32Type>().values();
+                (0..n).map(|i| if valid(i) { wrap(Kind::Float32Value(v[i])) } else { None }).collect()
+            } else {
+                let v = floats(a).ok_or_else(bad)?;
+                (0..n).map(|i| if valid(i) { wrap(Kind::Float32Value(v[i] as f32)) } else { None }).collect()
+            }
+        }
+        pb::ValueType::Float64 => {
+            let v = floats(a).ok_or_else(bad)?;
+            (0..n).map(|i| if valid(i) { wrap(Kind::Float64Value(v[i])) } else { None }).collect()
+        }
+        pb::ValueType::String => {
+            let s = KeyColumn::Str(a.clone());
+            if !matches!(a.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+                return Err(bad());
+            }
+            (0..n)
+                .map(|i| if valid(i) { wrap(Kind::StringValue(s.str_at(i).unwrap_or("").to_string())) } else { None })
+                .collect()
+        }
+        pb::ValueType::Bytes => {
+            let bytes = |i: usize| -> Vec<u8> {
+                match a.data_type() {
+                    DataType::LargeBinary => a.as_binary::<i64>().value(i).to_vec(),
+                    _ => a.as_binary::<i32>().value(i).to_vec(),
+                }
+            };
+            if !matches!(a.data_type(), DataType::Binary | DataType::LargeBinary) {
+                return Err(bad());
+            }
+            (0..n).map(|i| if valid(i) { wrap(Kind::BytesValue(bytes(i))) } else { None }).collect()
+        }
+        pb::ValueType::Float32Vector | pb::ValueType::Int64List | pb::ValueType::StringList => {
+            let inner_t = match t {
+                pb::ValueType::Float32Vector => pb::ValueType::Float32,
+                pb::ValueType::Int64List => pb::ValueType::Int64,
+                _ => pb::ValueType::String,
+            };
+            let lists: Vec<Option<ArrayRef>> = match a.data_type() {
+                DataType::List(_) => a.as_list::<i32>().iter().collect(),
+                DataType::LargeList(_) => a.as_list::<i64>().iter().collect(),
+                _ => return Err(bad()),
+            };
+            let mut out = Vec::with_capacity(n);
+            for l in lists {
+                let Some(l) = l else {
+                    out.push(None);
+                    continue;
+                };
+                // An empty list may come typed list<null> (nothing to infer from).
+                let items = if l.is_empty() { Vec::new() } else { column_values(&l, inner_t, name)? };
+                let items: Vec<pb::Value> = items
+                    .into_iter()
+                    .map(|v| v.ok_or_else(|| invalid(format!("column {name:?}: a list holds a null"))))
+                    .collect::<Result<_>>()?;
+                let kind = match t {
+                    pb::ValueType::Float32Vector => Kind::Float32Vector(pb::Float32List {
+                        values: items
+                            .iter()
+                            .map(|v| if let Some(Kind::Float32Value(x)) = v.kind { x } else { 0.0 })
+                            .collect(),
+                    }),
+                    pb::ValueType::Int64List => Kind::Int64List(pb::Int64List {
+                        values: items
+                            .iter()
+                            .map(|v| if let Some(Kind::Int64Value(x)) = v.kind { x } else { 0 })
+                            .collect(),
+                    }),
+                    _ => Kind::StringList(pb::StringList {
+                        values: items
+                            .into_iter()
+                            .map(|v| if let Some(Kind::StringValue(s)) = v.kind { s } else { String::new() })
+                            .collect(),
+                    }),
+                };
+                out.push(wrap(kind));
+            }
+            out
+        }
+        pb::ValueType::Unspecified => return Err(bad()),
+    };
+    Ok(out)
+}
+
+/// One Arrow batch of a DoPut as WriteFeatures requests within the request limits.
+fn write_requests(
+    features: &Features,
+    cmd: &pb::FlightWrite,
+    batch_no: u64,
+    batch: &RecordBatch,
+) -> Result<Vec<pb::WriteFeaturesRequest>> {
+    let what = format!("batch {batch_no}");
+    let resolved = features.registry().resolve_group(&cmd.group)?;
+    let et_name = resolved.first().map(|f| f.entity_type.clone()).unwrap_or_default();
+    let et = features.registry().entity_type(&et_name)?;
+    let time_column = if cmd.timestamp_column.is_empty() { DEFAULT_TIMESTAMP_COLUMN } else { &cmd.timestamp_column };
+    let keyed = KeyedBatch::new(batch, &et, time_column, &what)?;
+    let mut columns = Vec::new();
+    for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
+        let name = field.name();
+        if name == time_column || et.join_keys.iter().any(|k| &k.name == name) {
+            continue;
+        }
+        let f = resolved.iter().find(|f| &f.feature == name).ok_or_else(|| {
+            invalid(format!(
+                "{what}: column {name:?} is not a feature of {} (nor a join key or the time column)",
+                cmd.group
+            ))
+        })?;
+        columns
+            .push((name.clone(), column_values(col, f.value_type, name).map_err(|e| invalid(format!("{what}: {e}")))?));
+    }
+    if columns.is_empty() {
+        return Err(invalid(format!("{what}: no feature columns")));
+    }
+    let rows_per_request = WRITE_ROWS_MAX.min(WRITE_VALUES_MAX / columns.len()).max(1);
+    let mut out = Vec::new();
+    for (r, start) in (0..keyed.rows).step_by(rows_per_request).enumerate() {
+        let end = (start + rows_per_request).min(keyed.rows);
+        let mut rows = Vec::with_capacity(end - start);
+        for i in start..end {
+            let mut values = std::collections::HashMap::with_capacity(columns.len());
+            for (name, vals) in &mut columns {
+                if let Some(v) = vals[i].take() {
+                    values.insert(name.clone(), v);
+                }
+            }
+            rows.push(pb::WriteRow {
+                entity: Some(pb::EntityKey { parts: keyed.keys.iter().map(|k| k.proto(i)).collect() }),
+                group: cmd.group.clone(),
+                event_time: Some(crate::convert::timestamp(keyed.times[i])),
+                values,
+                ..Default::default()
+            });
+        }
+        let idempotency_key = if cmd.idempotency_key.is_empty() {
+            String::new()
+        } else {
+            format!("{}/{batch_no}/{r}", cmd.idempotency_key)
+        };
+        if idempotency_key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+            return Err(invalid(format!(
+                "idempotency key {idempotency_key:?} is over {IDEMPOTENCY_KEY_BYTES_MAX} bytes (with /<batch>/<request>)"
+            )));
+        }
+        out.push(pb::WriteFeaturesRequest { rows, durability: cmd.durability, idempotency_key });
+    }
+    Ok(out)
+}
+
+fn flight_status(e: FlightError) -> Status {
+    match e {
+        FlightError::Tonic(s) => *s,
+        other => Status::invalid_argument(other.to_string()),
+    }
+}
+
+type FlightStream<T> = BoxStream<T>;
+
+#[tonic::async_trait]
+impl FlightService for FlightApi {
+    type HandshakeStream = FlightStream<HandshakeResponse>;
+    type ListFlightsStream = FlightStream<FlightInfo>;
+    type DoGetStream = FlightStream<FlightData>;
+    type DoPutStream = FlightStream<PutResult>;
+    type DoExchangeStream = FlightStream<FlightData>;
+    type DoActionStream = FlightStream<arrow_flight::Result>;
+    type ListActionsStream = FlightStream<ActionType>;
+
+    async fn do_get(&self, req: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("FlightDoGet", async move {
+                let ticket = pb::FlightTicket::decode(req.get_ref().ticket.as_ref())
+                    .map_err(|e| Status::invalid_argument(format!("ticket is not a quiver.v1.FlightTicket: {e}")))?;
+                let Some(pb::flight_ticket::Kind::Join(join)) = ticket.kind else {
+                    return Err(Status::invalid_argument("ticket holds no request (join)"));
+                };
+                let p = authorize(&req, Scope::Read, join.features.iter().map(String::as_str))?;
+                let admitted = self
+                    .admission
+                    .admit(join.spine_ipc.len() * DECODED_BYTES_PER_ENCODED + self.features.join_spill_bytes())?;
+                let f = self.features.clone();
+                let stopping = self.stopping.clone();
+                // The spine is decoded and checked off the async threads.
+                let (spine, schema, join) = blocking(move || {
+                    let et = f.registry().entity_type(&join.entity_type).map_err(|e| status(e.into()))?;
+                    let time_column = if join.timestamp_column.is_empty() {
+                        DEFAULT_TIMESTAMP_COLUMN
+                    } else {
+                        &join.timestamp_column
+                    };
+                    let spine = ArrowSpine::decode(&join.spine_ipc, &et, time_column).map_err(status)?;
+                    let spec = spec_of(&join);
+                    let columns = f.join_columns(&spec).map_err(status)?;
+                    let schema = Arc::new(answer_schema(&join.features, &columns, join.with_status));
+                    Ok((spine, schema, join))
+                })
+                .await?;
+                p.take_values(
+                    spine.len().min(SPINE_ROWS_MAX) as u64 * join.features.len().min(FEATURES_PER_REQUEST_MAX) as u64,
+                )?;
+                let f = self.features.clone();
+                let batch_schema = schema.clone();
+                let batches = stream_blocking(stopping, move |emit: &mut dyn FnMut(RecordBatch) -> bool| {
+                    let _admitted = admitted;
+                    let mut failed = None;
+                    let spec = spec_of(&join);
+                    f.join(&spec, &spine, |chunk| match answer_batch(&batch_schema, chunk, join.with_status) {
+                        Ok(b) => emit(b),
+                        Err(e) => {
+                            failed = Some(e);
+                            false
+                        }
+                    })?;
+                    failed.map_or(Ok(()), Err)
+                });
+                let encoded = FlightDataEncoderBuilder::new()
+                    .with_schema(schema)
+                    .with_dictionary_handling(DictionaryHandling::Resend)
+                    .build(batches.map_err(|s| FlightError::Tonic(Box::new(s))))
+                    .map_err(flight_status);
+                Ok(Response::new(Box::pin(encoded) as Self::DoGetStream))
+            })
+            .await
+    }
+
+    async fn do_put(&self, req: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+        let metrics = self.metrics.clone();
+        metrics
+            .timed("FlightDoPut", async move {
+                let principal = authorize(&req, Scope::Write, [])?;
+                let mut ticket = self.admission.admit(0)?;
+                let mut input = req.into_inner();
+                let first = input.message().await?.ok_or_else(|| {
+                    Status::invalid_argument("DoPut: no messages (a descriptor and a schema come first)")
+                })?;
+                let cmd = first
+                    .flight_descriptor
+                    .as_ref()
+                    .ok_or_else(|| Status::invalid_argument("DoPut: the first message has no FlightDescriptor"))
+                    .and_then(|d| {
+                        pb::FlightWrite::decode(d.cmd.as_ref()).map_err(|e| {
+                            Status::invalid_argument(format!(
+                                "DoPut: the descriptor's cmd is not a quiver.v1.FlightWrite: {e}"
+                            ))
+                        })
+                    })?;
+                principal.require_group(Scope::Write, &cmd.group)?;
+                let cmd = Arc::new(cmd);
+                let rest = futures::stream::once(async move { Ok(first) })
+                    .chain(input)
+                    .map_err(|s| FlightError::Tonic(Box::new(s)));
+                let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(rest);
+                let mut results = Vec::new();
+                let mut batch_no = 0u64;
+                while let Some(batch) = batches.next().await {
+                    let batch = batch.map_err(flight_status)?;
+                    let in_batch = |s: Status| {
+                        let message = format!("DoPut batch {batch_no} (earlier batches were applied): {}", s.message());
+                        Status::with_details(s.code(), message, s.details().to_vec().into())
+                    };
+                    if batch_no > 0 {
+                        principal.take_request().map_err(in_batch)?;
+                    }
+                    let bytes = batch.get_array_memory_size();
+                    let reserved = bytes * (DECODED_BYTES_PER_ENCODED + 1);
+                    if !ticket.charge(reserved) {
+                        return Err(in_batch(crate::admission::shed_status(
+                            "overloaded: requests in flight hold the memory this batch needs; retry shortly".into(),
+                        )));
+                    }
+                    let (f, c) = (self.features.clone(), cmd.clone());
+                    let rows = batch.num_rows() as u64;
+                    let requests = blocking(move || write_requests(&f, &c, batch_no, &batch).map_err(status))
+                        .await
+                        .map_err(in_batch)?;
+                    let mut result = pb::FlightWriteResult { batch: batch_no, rows, ..Default::default() };
+                    for r in requests {
+                        let values: u64 = r.rows.iter().map(|w| w.values.len() as u64).sum();
+                        principal.take_values(values).map_err(in_batch)?;
+                        let f = self.features.clone();
+                        let resp = blocking(move || f.write(&r).map_err(status)).await.map_err(in_batch)?;
+                        result.values_written += resp.values_written;
+                        result.requests += 1;
+                        result.system_time = resp.system_time;
+                        result.version = resp.version;
+                        if resp.deduplicated {
+                            result.deduplicated += 1;
+                        } else {
+                            self.metrics.values_written.inc_by(resp.values_written);
+                        }
+                    }
+                    ticket.refund(reserved);
+                    results.push(Ok(PutResult { app_metadata: result.encode_to_vec().into() }));
+                    batch_no += 1;
+                }
+                Ok(Response::new(Box::pin(futures::stream::iter(results)) as Self::DoPutStream))
+            })
+            .await
+    }
+
+    async fn handshake(
+        &self,
+        _: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(unimplemented_status("Handshake (authenticate with `authorization: Bearer <token>` on each call)"))
+    }
+
+    async fn list_flights(&self, _: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+        Err(unimplemented_status("ListFlights"))
+    }
+
+    async fn get_flight_info(&self, _: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        Err(unimplemented_status("GetFlightInfo (call DoGet with a FlightTicket directly)"))
+    }
+
+    async fn poll_flight_info(&self, _: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+        Err(unimplemented_status("PollFlightInfo"))
+    }
+
+    async fn get_schema(&self, _: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+        Err(unimplemented_status("GetSchema"))
+    }
+
+    async fn do_exchange(&self, _: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+        Err(unimplemented_status("DoExchange"))
+    }
+
+    async fn do_action(&self, _: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+        Err(unimplemented_status("DoAction"))
+    }
+
+    async fn list_actions(&self, _: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+        Err(unimplemented_status("ListActions"))
+    }
+}
+
+fn unimplemented_status(what: &str) -> Status {
+    Status::unimplemented(format!("Flight {what} is not served; quiverd serves DoGet (joins) and DoPut (writes)"))
+}
+
+fn spec_of(join: &pb::FlightJoin) -> JoinSpec<'_> {
+    JoinSpec {
+        entity_type: &join.entity_type,
+        features: &join.features,
+        known_at: join.known_at.as_ref(),
+        strict_availability: join.strict_availability,
+        use_defaults: join.use_defaults,
+    }
+}
