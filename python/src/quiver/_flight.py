@@ -32,6 +32,7 @@ from quiver.errors import (
     from_code,
 )
 from quiver.v1 import flight_pb2 as fpb
+from quiver.v1 import types_pb2 as types
 
 #: Rows per record batch a write sends (the server splits each into atomic requests of at most
 #: 10,000 rows and 99,999 values).
@@ -152,7 +153,7 @@ class FlightTransport:
         group: str,
         join_keys: list[tuple[str, str]],
         timestamp_column: str,
-        durability: int,
+        durability: types.Durability,
         idempotency_key: str | None,
     ) -> WriteResult:
         if timestamp_column not in table.column_names:
