@@ -16,7 +16,10 @@
 #      with the answers logged and dropped in each run (from quiverd's metrics);
 #   5. a point-in-time join of a 1,000,000-row spine over 100,000 entities x 100 hourly events x
 #      10 features against DuckDB's ASOF JOIN (pip duckdb) on the same data as Parquet, every
-#      output row compared (benches/join_compare.py).
+#      output row compared (benches/join_compare.py); and the same join into a pyarrow Table
+#      through the Python SDK over Arrow Flight and over the protobuf stream, against DuckDB's
+#      ASOF JOIN fetched as Arrow; then 10M values written from a pandas DataFrame through the
+#      SDK over Flight and over WriteFeaturesStream (benches/python_ingest.py).
 # Each online and ingest step also records the server's CPU time per request (or value), read
 # from /proc/PID/stat over the measured window (quiver-bench --server-pid), and the memory each
 # server holds the online set in (quiverd RSS; Redis used_memory and RSS). After Quiver's ingest
@@ -73,9 +76,16 @@ echo "building (release)..."
 (cd "$ROOT" && cargo build -j2 --release -q -p quiver-server -p quiver-bench -p quiver-tools)
 QUIVERD="$ROOT/target/release/quiverd"
 QUIVER="$ROOT/target/release/quiver"
-if [ "$ONLY" != online ] && ! python3 -c "import duckdb" 2>/dev/null; then
-  echo "installing duckdb (pip)..."
-  python3 -m pip install --quiet duckdb 2>/dev/null || python3 -m pip install --quiet --break-system-packages duckdb
+# The join's Python side (DuckDB, and the Python SDK for the Arrow runs) lives in a venv.
+PY="$ROOT/target/bench-venv/bin/python"
+if [ "$ONLY" != online ]; then
+  if ! "$PY" -c "import duckdb, numpy" 2>/dev/null; then
+    echo "making a venv with duckdb (pip)..."
+    python3 -m venv "$ROOT/target/bench-venv"
+    "$PY" -m pip install --quiet --disable-pip-version-check duckdb numpy
+  fi
+  "$PY" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$ROOT/python"
+  "$PY" -m pip install --quiet --disable-pip-version-check "$ROOT/python"
 fi
 BENCH="$ROOT/target/release/quiver-bench"
 
@@ -178,8 +188,11 @@ if [ "$ONLY" != online ]; then
   # As after the online ingest: the join starts once compactions are done, as DuckDB's does
   # on an idle machine.
   settle
-  python3 "$ROOT/benches/join_compare.py" --addr "$ADDR" --quiver "$QUIVER" --entities "$JOIN_ENTITIES" \
-    --events "$JOIN_EVENTS" --features 10 --spine "$JOIN_SPINE" --work "$WORK/join" --results "$RESULTS" >/dev/null
+  "$PY" "$ROOT/benches/join_compare.py" --addr "$ADDR" --quiver "$QUIVER" --entities "$JOIN_ENTITIES" \
+    --events "$JOIN_EVENTS" --features 10 --spine "$JOIN_SPINE" --work "$WORK/join" --results "$RESULTS" \
+    --server-pid "$QUIVER_PID" >/dev/null
+  # Ingest from a DataFrame through the SDK: Flight against the protobuf stream.
+  "$PY" "$ROOT/benches/python_ingest.py" --addr "$ADDR" --server-pid "$QUIVER_PID" --results "$RESULTS" >/dev/null
 fi
 
 python3 "$ROOT/benches/report.py" "$RESULTS" | tee "$OUT/results.md"

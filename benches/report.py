@@ -65,11 +65,29 @@ def main(path):
         runs = len(q.get("rounds", [])) if q else 0
         median = f", median of {runs} alternating runs" if runs > 1 else ""
         print(f"| point-in-time join, {q['rows'] if q else 0:,} spine rows{median} (vs DuckDB ASOF JOIN) | {cell(q)} | {cell(d)} | {ratio} |")
+        da = join.get("duckdb-arrow")
+        for target, how in (("quiver-sdk-flight", "Arrow Flight"), ("quiver-sdk-grpc", "protobuf stream")):
+            x = join.get(target)
+            if x:
+                ratio = f"{x['rows_per_s'] / da['rows_per_s']:.2f}" if da else "-"
+                cpu = f", server CPU {x['server_cpu_s']:.1f} s" if x.get("server_cpu_s") is not None else ""
+                print(f"| same join into a pyarrow Table, Python SDK over {how} (vs DuckDB to Arrow) | {cell(x)}{cpu} | {cell(da)} | {ratio} |")
     for r in rows:
         if r.get("mode") == "join-check":
-            print(f"| join answers compared | {r['rows']:,} rows, {r['mismatches']} differ | | |")
+            via = " (SDK over Flight)" if r.get("target") == "quiver-sdk-flight" else ""
+            print(f"| join answers compared{via} | {r['rows']:,} rows, {r['mismatches']} differ | | |")
         if r.get("mode") == "join-ingest":
             print(f"| join data ingest (async) | {r['values_per_s']:,.0f} values/s | | |")
+    sdk = {r["target"]: r for r in rows if r.get("mode") == "sdk-ingest"}
+    if sdk:
+        f, g = sdk.get("flight"), sdk.get("grpc-stream")
+        cell = lambda x: (
+            f"{x['values_per_s']:,.0f} values/s" + (f", server CPU {x['server_cpu_us_per_value']:.2f} µs/value" if x.get("server_cpu_us_per_value") else "")
+            if x else "-"
+        )
+        ratio = f"{f['values_per_s'] / g['values_per_s']:.2f}" if f and g else "-"
+        n = (f or g)["values"]
+        print(f"| ingest of {n:,} values from a pandas DataFrame: Python SDK over Arrow Flight (vs over WriteFeaturesStream) | {cell(f)} | {cell(g)} | {ratio} |")
     logging = [r for r in rows if r.get("mode") == "logging"]
     for batch in sorted({r["batch"] for r in logging}):
         runs = sorted((r for r in logging if r["batch"] == batch), key=lambda r: r["log_sample_rate"])

@@ -3,7 +3,8 @@ defaults when the server is unreachable or the deadline passes."""
 
 from __future__ import annotations
 
-import signal
+import socket
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -37,16 +38,16 @@ def test_cache_then_fallback_when_the_server_is_gone(tmp_path: Path, registry_fi
         assert again.to_dict() == first and cache.hits == hits + 4 and not again.degraded
         q_short.get_online_features(FEATURES, [{"user_id": "u1"}])
         strict.get_online_features(FEATURES, [{"user_id": "u1"}])  # metadata known before the stop
-        # A server that does not answer (stopped, connection open): at the deadline the
-        # client answers u1 from the cache and u9 with defaults, instead of raising.
-        daemon.process.send_signal(signal.SIGSTOP)
-        try:
+        # A server that does not answer (the connection open, nothing coming back): at the
+        # deadline the client answers u1 from the cache and u9 with defaults, instead of raising.
+        with Proxy(daemon.address) as proxy, quiver.Client(proxy.address, cache=cache, fallback=True) as through:
+            through._meta = q._meta  # the registry metadata q fetched (join keys, defaults)
+            assert not through.get_online_features(FEATURES, [{"user_id": "u1"}, {"user_id": "u8"}]).degraded
+            proxy.frozen.set()
             started = time.monotonic()
-            late = q.get_online_features(FEATURES, [{"user_id": "u1"}, {"user_id": "u9"}], deadline=0.5)
+            late = through.get_online_features(FEATURES, [{"user_id": "u1"}, {"user_id": "u9"}], deadline=0.5)
             assert time.monotonic() - started < 5
-        finally:
-            daemon.process.send_signal(signal.SIGCONT)
-        assert late.degraded
+        assert late.degraded, late.to_dict()
         assert late.to_dict()["clicks"] == [5, 0] and late.to_dict()["clicks__status"] == ["PRESENT", "DEFAULTED"]
         assert late.to_dict()["spend__status"] == ["PRESENT", "UNAVAILABLE"]
 
@@ -74,6 +75,53 @@ def test_cache_then_fallback_when_the_server_is_gone(tmp_path: Path, registry_fi
             c.close()
     finally:
         daemon.stop()
+
+
+class Proxy:
+    """A TCP proxy to a server that can be frozen: it then holds every byte in both directions,
+    so calls through it hang until their deadline (a server that accepted and went silent)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.frozen = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data or self.frozen.is_set():
+                if not data:
+                    return
+                continue  # frozen: swallowed
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s in self.sockets:
+            s.close()
 
 
 def test_as_of_bypasses_the_cache(daemon: Daemon, client: quiver.Client, uid: str) -> None:

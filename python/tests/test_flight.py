@@ -4,11 +4,13 @@ their gRPC codes, tokens, and the methods it does not serve."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.flight as fl
 import pytest
-from conftest import Daemon
+from conftest import Daemon, start_quiverd
 
 import quiver
 from quiver._flight import error_from
@@ -61,7 +63,6 @@ def test_bad_tickets_and_spines_are_refused_with_their_codes(daemon: Daemon, cli
     get = lambda t: lambda: c.do_get(t).read_all()  # noqa: E731
     codes = {
         "garbage ticket": refused(get(fl.Ticket(b"\xff\xff\xff"))),
-        "empty ticket": refused(get(fl.Ticket(b""))),
         "not IPC": refused(
             get(
                 fl.Ticket(
@@ -109,6 +110,9 @@ def test_bad_tickets_and_spines_are_refused_with_their_codes(daemon: Daemon, cli
     assert isinstance(refused(get(join_ticket(spine(["a"]), ["balances:balance"]))), quiver.QuiverInvalidArgument)
     unimplemented = refused(lambda: list(c.list_flights()))
     assert unimplemented.code.name == "UNIMPLEMENTED"
+    # A ticket with no request this server knows (empty, or a newer client's kind): UNIMPLEMENTED,
+    # which the SDK takes as "use the protobuf API".
+    assert refused(get(fl.Ticket(b""))).code.name == "UNIMPLEMENTED"
 
 
 def test_bad_writes_write_nothing(daemon: Daemon, client: quiver.Client, uid: str) -> None:
@@ -168,3 +172,34 @@ def test_flight_needs_the_same_tokens(secured: tuple[Daemon, dict[str, str]]) ->
     with quiver.Client(daemon.address, token=tokens["admin"], use_flight=True) as q:
         assert q.write(table, "user_stats").values_written == 1
         assert q.get_historical_features(spine(["a"]), ["user_stats:spend"]).to_df()["spend"].tolist() == [1.0]
+
+
+def test_error_codes_are_read_from_either_form_pyarrow_reports() -> None:
+    named = fl.FlightServerError(
+        "Flight returned not found error, with message: no group. gRPC client debug context: NOT_FOUND:no group"
+    )
+    assert isinstance(error_from(named), quiver.QuiverNotFound) and error_from(named).message == "no group"
+    numbered = fl.FlightServerError(
+        "Flight returned unknown error, with message: gone. gRPC client debug context: UNKNOWN:Error received from peer "
+        'ipv4:127.0.0.1:1 {grpc_message:"gone", grpc_status:12}'
+    )
+    assert error_from(numbered).code.name == "UNIMPLEMENTED"
+    assert isinstance(error_from(fl.FlightUnauthenticatedError("no token")), quiver.QuiverUnauthenticated)
+
+
+def test_categorical_keys_and_requests_too_large_for_the_server(tmp_path: Path, registry_file: Path) -> None:
+    # Requests may hold 1/8 of a 16 MiB budget: a 150,000-row spine does not fit in one request,
+    # is refused without retry advice, and is sent again in halves until it fits.
+    daemon = start_quiverd(tmp_path / "data", "--memory-budget-mb", "16")
+    try:
+        for use_flight in (True, False):
+            with quiver.Client(daemon.address, use_flight=use_flight) as q:
+                q.apply(registry_file)
+                users = pd.Categorical([f"c{i % 500}" for i in range(150_000)])
+                q.write(pd.DataFrame({"user_id": users[:500], "event_timestamp": NOW, "clicks": range(500)}), "user_stats")
+                spine_df = pd.DataFrame({"user_id": users, "event_timestamp": NOW, "row": range(150_000)})
+                out = q.get_historical_features(spine_df, ["user_stats:clicks"]).to_arrow()
+                assert out.column("row").to_pylist() == list(range(150_000)), use_flight
+                assert out.column("clicks").to_pylist() == [i % 500 for i in range(150_000)], use_flight
+    finally:
+        daemon.stop()

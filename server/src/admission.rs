@@ -101,6 +101,14 @@ impl Admission {
             )));
         }
         let mut ticket = Ticket { admission: self.clone(), bytes: 0 };
+        if bytes > self.bytes_max {
+            // It would never fit: no retry advice, so a client splits it instead of retrying.
+            return Err(Status::resource_exhausted(format!(
+                "this request needs {bytes} bytes, more than all requests in flight may hold ({}; quiverd \
+                 --memory-budget-mb sets it): send it in smaller parts",
+                self.bytes_max
+            )));
+        }
         if !ticket.charge(bytes) {
             return Err(shed_status(format!(
                 "overloaded: this request needs {bytes} bytes and requests in flight hold {} of {}; retry shortly",
@@ -509,6 +517,23 @@ mod tests {
             out.extend_from_slice(m);
         }
         out
+    }
+
+    #[test]
+    fn a_call_larger_than_all_request_memory_is_refused_without_retry_advice() {
+        use tonic_types::StatusExt;
+        let a = Admission::new(4, 1000);
+        let never = a.admit(1001).expect_err("it can never fit");
+        assert_eq!(never.code(), tonic::Code::ResourceExhausted);
+        assert!(never.get_details_retry_info().is_none(), "retrying cannot help: {never:?}");
+        assert!(never.message().contains("smaller parts"), "{}", never.message());
+        assert_eq!(a.bytes_in_flight(), 0);
+        // One that fits the total but not now keeps its retry advice.
+        let _held = a.admit(600).expect("fits");
+        let busy = a.admit(1000).expect_err("busy");
+        assert!(busy.get_details_retry_info().is_some());
+        drop(_held);
+        assert!(a.admit(1000).is_ok(), "the whole budget when nothing else holds it");
     }
 
     #[test]

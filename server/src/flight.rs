@@ -6,6 +6,7 @@
 //!   key and time columns are checked and encoded by [`ArrowSpine`] and handed to the same join
 //!   as `GetHistoricalFeatures` ([`Features::join`]); each answer chunk's columns are moved into
 //!   Arrow arrays ([`answer_batch`]) and streamed in spine order.
+//! - `DoGet(FlightTicket::scan)`: `ScanHistory`'s chunks as Arrow ([`scan_batch`]).
 //! - `DoPut(FlightWrite)`: each record batch becomes `WriteFeatures` requests (at most
 //!   `WRITE_ROWS_MAX` rows and `WRITE_VALUES_MAX` values each), written as that RPC writes them,
 //!   with one `PutResult` per batch.
@@ -52,7 +53,9 @@ use crate::features::{
     WRITE_ROWS_MAX, WRITE_VALUES_MAX,
 };
 use crate::metrics::Metrics;
-use crate::service::{authorize, blocking, status, stream_blocking, BoxStream, Stopping, DECODED_BYTES_PER_ENCODED};
+use crate::service::{
+    authorize, blocking, status, stream_blocking, BoxStream, Stopping, DECODED_BYTES_PER_ENCODED, SCAN_RESERVE_BYTES,
+};
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
@@ -144,7 +147,8 @@ pub fn answer_batch(
         let served = |s: &i32| *s == pb::FeatureStatus::Present as i32 || *s == pb::FeatureStatus::Defaulted as i32;
         let valid: Vec<bool> = col.statuses.iter().map(served).collect();
         let nulls = valid.iter().any(|v| !v).then(|| NullBuffer::from(valid.clone()));
-        let values = feature_array(col.r#type(), &col, &valid, nulls)?;
+        let values = feature_array(col.r#type(), &col, &valid, nulls)
+            .map_err(|e| invalid(format!("{}: {n} rows: {e}", col.feature_ref)))?;
         if values.len() != n {
             return Err(invalid(format!("{}: {} values for {n} rows", col.feature_ref, values.len())));
         }
@@ -172,10 +176,24 @@ fn feature_array(
 ) -> Result<ArrayRef> {
     let pick = |i: usize| valid.get(i).copied().unwrap_or(false);
     Ok(match t {
-        pb::ValueType::Bool => Arc::new(BooleanArray::new(BooleanBuffer::from(col.bool_values.clone()), nulls)),
-        pb::ValueType::Int64 => Arc::new(Int64Array::new(ScalarBuffer::from(col.int64_values.clone()), nulls)),
-        pb::ValueType::Float32 => Arc::new(Float32Array::new(ScalarBuffer::from(col.float32_values.clone()), nulls)),
-        pb::ValueType::Float64 => Arc::new(Float64Array::new(ScalarBuffer::from(col.float64_values.clone()), nulls)),
+        pb::ValueType::Bool => {
+            if col.bool_values.len() != valid.len() {
+                return Err(invalid(format!("{} values", col.bool_values.len())));
+            }
+            Arc::new(BooleanArray::new(BooleanBuffer::from(col.bool_values.clone()), nulls))
+        }
+        pb::ValueType::Int64 => Arc::new(
+            Int64Array::try_new(ScalarBuffer::from(col.int64_values.clone()), nulls)
+                .map_err(|e| invalid(e.to_string()))?,
+        ),
+        pb::ValueType::Float32 => Arc::new(
+            Float32Array::try_new(ScalarBuffer::from(col.float32_values.clone()), nulls)
+                .map_err(|e| invalid(e.to_string()))?,
+        ),
+        pb::ValueType::Float64 => Arc::new(
+            Float64Array::try_new(ScalarBuffer::from(col.float64_values.clone()), nulls)
+                .map_err(|e| invalid(e.to_string()))?,
+        ),
         pb::ValueType::String => Arc::new(StringArray::from_iter(
             col.string_values.iter().enumerate().map(|(i, s)| pick(i).then_some(s.as_str())),
         )),
@@ -600,8 +618,15 @@ impl FlightService for FlightApi {
             .timed("FlightDoGet", async move {
                 let ticket = pb::FlightTicket::decode(req.get_ref().ticket.as_ref())
                     .map_err(|e| Status::invalid_argument(format!("ticket is not a quiver.v1.FlightTicket: {e}")))?;
-                let Some(pb::flight_ticket::Kind::Join(join)) = ticket.kind else {
-                    return Err(Status::invalid_argument("ticket holds no request (join)"));
+                let join = match ticket.kind {
+                    Some(pb::flight_ticket::Kind::Join(join)) => join,
+                    Some(pb::flight_ticket::Kind::Scan(scan)) => return self.scan(&req, scan).await,
+                    // An empty ticket, or a kind this server does not know (a newer client).
+                    None => {
+                        return Err(Status::unimplemented(
+                            "the ticket holds no request this server serves (it serves join and scan)",
+                        ))
+                    }
                 };
                 let p = authorize(&req, Scope::Read, join.features.iter().map(String::as_str))?;
                 let admitted = self
@@ -681,7 +706,18 @@ impl FlightService for FlightApi {
                 let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(rest);
                 let mut results = Vec::new();
                 let mut batch_no = 0u64;
-                while let Some(batch) = batches.next().await {
+                let mut stopping = self.stopping.clone();
+                loop {
+                    let next = match stopping.as_mut() {
+                        Some(s) => tokio::select! {
+                            b = batches.next() => b,
+                            Ok(_) = s.wait_for(|stop| *stop) => return Err(Status::unavailable(format!(
+                                "the server is stopping; the call's first {batch_no} batches were applied"
+                            ))),
+                        },
+                        None => batches.next().await,
+                    };
+                    let Some(batch) = next else { break };
                     let batch = batch.map_err(flight_status)?;
                     let in_batch = |s: Status| {
                         let message = format!("DoPut batch {batch_no} (earlier batches were applied): {}", s.message());
@@ -690,7 +726,10 @@ impl FlightService for FlightApi {
                     if batch_no > 0 {
                         principal.take_request().map_err(in_batch)?;
                     }
-                    let bytes = batch.get_array_memory_size();
+                    // The batch's own bytes (its arrays may share the whole message's buffer, which
+                    // get_array_memory_size would count once per column).
+                    let bytes: usize =
+                        batch.columns().iter().map(|c| c.to_data().get_slice_memory_size().unwrap_or(0)).sum();
                     let reserved = bytes * (DECODED_BYTES_PER_ENCODED + 1);
                     if !ticket.charge(reserved) {
                         return Err(in_batch(crate::admission::shed_status(
@@ -705,6 +744,7 @@ impl FlightService for FlightApi {
                     let mut result = pb::FlightWriteResult { batch: batch_no, rows, ..Default::default() };
                     for r in requests {
                         let values: u64 = r.rows.iter().map(|w| w.values.len() as u64).sum();
+                        let request_bytes = r.encoded_len() as u64;
                         principal.take_values(values).map_err(in_batch)?;
                         let f = self.features.clone();
                         let resp = blocking(move || f.write(&r).map_err(status)).await.map_err(in_batch)?;
@@ -716,6 +756,7 @@ impl FlightService for FlightApi {
                             result.deduplicated += 1;
                         } else {
                             self.metrics.values_written.inc_by(resp.values_written);
+                            self.metrics.write_bytes.inc_by(request_bytes);
                         }
                     }
                     ticket.refund(reserved);
@@ -763,6 +804,128 @@ impl FlightService for FlightApi {
     }
 }
 
+impl FlightApi {
+    /// DoGet of a history scan: ScanHistory's versions as Arrow (flight.proto, FlightTicket).
+    async fn scan(
+        &self,
+        req: &Request<Ticket>,
+        scan: pb::ScanHistoryRequest,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        authorize(req, Scope::Read, scan.features.iter().map(String::as_str).chain([scan.group.as_str()]))?;
+        let admitted = self.admission.admit(scan.encoded_len() * DECODED_BYTES_PER_ENCODED + SCAN_RESERVE_BYTES)?;
+        let f = self.features.clone();
+        let (scan, features) = blocking(move || {
+            let registry = f.registry();
+            let features = if scan.features.is_empty() {
+                registry.resolve_group(&scan.group)
+            } else {
+                registry.resolve_all_at(&scan.features, quiver_storage::SystemTime::MAX)
+            }
+            .map_err(|e| status(e.into()))?;
+            Ok((scan, features))
+        })
+        .await?;
+        let columns: Vec<(String, pb::ValueType)> =
+            features.iter().map(|f| (format!("{}@{}:{}", f.group, f.version, f.feature), f.value_type)).collect();
+        let schema = Arc::new(scan_schema(&columns));
+        let f = self.features.clone();
+        let batch_schema = schema.clone();
+        let batches = stream_blocking(self.stopping.clone(), move |emit: &mut dyn FnMut(RecordBatch) -> bool| {
+            let _admitted = admitted;
+            let mut failed = None;
+            f.scan_history(&scan, |chunk| match scan_batch(&batch_schema, &columns, chunk) {
+                Ok(b) => emit(b),
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            })?;
+            failed.map_or(Ok(()), Err)
+        });
+        let encoded = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(batches.map_err(|s| FlightError::Tonic(Box::new(s))))
+            .map_err(flight_status);
+        Ok(Response::new(Box::pin(encoded)))
+    }
+}
+
+/// The schema of a history scan's batches over `columns` (ref, type).
+pub fn scan_schema(columns: &[(String, pb::ValueType)]) -> Schema {
+    let list = |dt: DataType| DataType::List(Arc::new(Field::new_list_field(dt, true)));
+    let mut fields = vec![
+        Field::new("feature", DataType::Utf8, false),
+        Field::new("event_timestamp", timestamp_type(), false),
+        Field::new("system_timestamp", timestamp_type(), false),
+        Field::new("deleted", DataType::Boolean, false),
+        Field::new("version_regions", list(DataType::UInt32), false),
+        Field::new("version_counters", list(DataType::UInt64), false),
+    ];
+    fields.extend(columns.iter().map(|(r, t)| Field::new(r, arrow_type(*t), true)));
+    Schema::new(fields)
+}
+
+/// One ScanHistory chunk as a record batch of [`scan_schema`].
+pub fn scan_batch(
+    schema: &SchemaRef,
+    columns: &[(String, pb::ValueType)],
+    chunk: pb::ScanHistoryResponse,
+) -> Result<RecordBatch> {
+    use arrow_array::builder::{UInt32Builder, UInt64Builder};
+    let n = chunk.versions.len();
+    let micros = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref().map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000))
+    };
+    let mut regions = ListBuilder::new(UInt32Builder::new());
+    let mut counters = ListBuilder::new(UInt64Builder::new());
+    let mut per_feature: Vec<(pb::FeatureColumn, Vec<bool>)> = columns
+        .iter()
+        .map(|(r, t)| {
+            (
+                pb::FeatureColumn { feature_ref: r.clone(), r#type: *t as i32, ..Default::default() },
+                Vec::with_capacity(n),
+            )
+        })
+        .collect();
+    for v in &chunk.versions {
+        for e in v.version.iter().flat_map(|vv| &vv.entries) {
+            regions.values().append_value(e.region);
+            counters.values().append_value(e.counter);
+        }
+        regions.append(true);
+        counters.append(true);
+        for (col, valid) in &mut per_feature {
+            let value = match &v.value {
+                Some(x) if col.feature_ref == v.feature_ref => {
+                    Some(crate::convert::to_engine(x, col.r#type(), &col.feature_ref)?)
+                }
+                _ => None,
+            };
+            valid.push(value.is_some());
+            crate::convert::push_value(col, col.r#type(), value.as_ref());
+        }
+    }
+    let mut arrays: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(chunk.versions.iter().map(|v| v.feature_ref.as_str()))),
+        Arc::new(
+            TimestampMicrosecondArray::from(chunk.versions.iter().map(|v| micros(&v.event_time)).collect::<Vec<_>>())
+                .with_timezone("UTC"),
+        ),
+        Arc::new(
+            TimestampMicrosecondArray::from(chunk.versions.iter().map(|v| micros(&v.system_time)).collect::<Vec<_>>())
+                .with_timezone("UTC"),
+        ),
+        Arc::new(BooleanArray::from(chunk.versions.iter().map(|v| v.value.is_none()).collect::<Vec<_>>())),
+        Arc::new(regions.finish()),
+        Arc::new(counters.finish()),
+    ];
+    for (col, valid) in &per_feature {
+        let nulls = valid.iter().any(|v| !v).then(|| NullBuffer::from(valid.clone()));
+        arrays.push(feature_array(col.r#type(), col, valid, nulls)?);
+    }
+    RecordBatch::try_new(schema.clone(), arrays).map_err(|e| invalid(format!("scan batch: {e}")))
+}
+
 fn unimplemented_status(what: &str) -> Status {
     Status::unimplemented(format!("Flight {what} is not served; quiverd serves DoGet (joins) and DoPut (writes)"))
 }
@@ -774,5 +937,133 @@ fn spec_of(join: &pb::FlightJoin) -> JoinSpec<'_> {
         known_at: join.known_at.as_ref(),
         strict_availability: join.strict_availability,
         use_defaults: join.use_defaults,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::TimestampNanosecondArray;
+
+    fn column(statuses: &[pb::FeatureStatus], values: Vec<f64>, times: Vec<i64>) -> pb::FeatureColumn {
+        pb::FeatureColumn {
+            feature_ref: "g:f".into(),
+            group_version: 3,
+            r#type: pb::ValueType::Float64 as i32,
+            statuses: statuses.iter().map(|s| *s as i32).collect(),
+            event_times_us: times,
+            float64_values: values,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn answers_are_null_where_nothing_is_served_and_statuses_keep_their_names() {
+        use pb::FeatureStatus::*;
+        let refs = vec!["g:f".to_string()];
+        let schema = Arc::new(answer_schema(&refs, &[(pb::ValueType::Float64, 3)], true));
+        let chunk = pb::GetHistoricalFeaturesResponse {
+            first_row: 0,
+            columns: vec![column(&[Present, NotFound, Defaulted, Stale], vec![1.5, 0.0, 7.0, 0.0], vec![10, 0, 0, 0])],
+        };
+        let b = answer_batch(&schema, chunk, true).expect("batch");
+        let v = b.column(0).as_primitive::<Float64Type>();
+        assert_eq!((v.value(0), v.is_null(1), v.value(2), v.is_null(3)), (1.5, true, 7.0, true));
+        let s = b.column(1).as_dictionary::<Int8Type>();
+        let names = s.values().as_string::<i32>();
+        let got: Vec<&str> = s.keys().values().iter().map(|&k| names.value(k as usize)).collect();
+        assert_eq!(got, ["PRESENT", "NOT_FOUND", "DEFAULTED", "STALE"]);
+        let t = b.column(2).as_primitive::<TimestampMicrosecondType>();
+        assert_eq!((t.value(0), t.is_null(1), t.is_null(2)), (10, true, true));
+        assert_eq!(schema.field(0).metadata().get(GROUP_VERSION_METADATA).map(String::as_str), Some("3"));
+        // A column whose values do not line up with its statuses is refused, not sliced.
+        let short = pb::GetHistoricalFeaturesResponse {
+            first_row: 0,
+            columns: vec![column(&[Present, Present], vec![1.0], vec![1, 1])],
+        };
+        assert!(matches!(answer_batch(&schema, short, true), Err(ServiceError::Invalid(_))));
+    }
+
+    #[test]
+    fn times_are_whole_microseconds_within_protobufs_range() {
+        let ns: ArrayRef = Arc::new(TimestampNanosecondArray::from(vec![1_000, 2_001]));
+        let e = micros_column(&ns, "t", "spine").expect_err("a nanosecond part");
+        assert!(e.to_string().contains("row 1") && e.to_string().contains("below a microsecond"), "{e}");
+        let ok: ArrayRef = Arc::new(TimestampNanosecondArray::from(vec![1_000, -3_000]));
+        assert_eq!(micros_column(&ok, "t", "spine").expect("whole"), vec![1, -3]);
+        let far: ArrayRef = Arc::new(arrow_array::TimestampSecondArray::from(vec![TIMESTAMP_SECONDS_MAX + 1]));
+        assert!(micros_column(&far, "t", "spine").is_err());
+        let overflow: ArrayRef = Arc::new(arrow_array::TimestampSecondArray::from(vec![i64::MAX]));
+        assert!(micros_column(&overflow, "t", "spine").is_err());
+        let not_time: ArrayRef = Arc::new(Int64Array::from(vec![1]));
+        assert!(micros_column(&not_time, "t", "spine").is_err());
+    }
+
+    #[test]
+    fn columns_feed_only_features_of_a_fitting_type() {
+        let ints: ArrayRef = Arc::new(arrow_array::Int32Array::from(vec![Some(1), None]));
+        let v = column_values(&ints, pb::ValueType::Float64, "c").expect("ints feed floats");
+        assert_eq!(v[0], Some(pb::Value { kind: Some(pb::value::Kind::Float64Value(1.0)) }));
+        assert_eq!(v[1], None);
+        assert!(column_values(&ints, pb::ValueType::String, "c").is_err());
+        let big: ArrayRef = Arc::new(arrow_array::UInt64Array::from(vec![u64::MAX]));
+        assert!(column_values(&big, pb::ValueType::Int64, "c").is_err());
+        let strings: ArrayRef = Arc::new(StringArray::from(vec!["a"]));
+        assert!(column_values(&strings, pb::ValueType::Bool, "c").is_err());
+        let mut lists = ListBuilder::new(Int64Builder::new());
+        lists.values().append_value(5);
+        lists.values().append_null();
+        lists.append(true);
+        let lists: ArrayRef = Arc::new(lists.finish());
+        let e = column_values(&lists, pb::ValueType::Int64List, "c").expect_err("a null inside a list");
+        assert!(e.to_string().contains("null"), "{e}");
+    }
+
+    #[test]
+    fn scan_rows_fill_only_their_own_features_column() {
+        let columns = vec![("g@1:a".to_string(), pb::ValueType::Int64), ("g@1:b".to_string(), pb::ValueType::String)];
+        let schema = Arc::new(scan_schema(&columns));
+        let version =
+            |region, counter| Some(pb::VersionVector { entries: vec![pb::version_vector::Entry { region, counter }] });
+        let value = |k| Some(pb::Value { kind: Some(k) });
+        let chunk = pb::ScanHistoryResponse {
+            versions: vec![
+                pb::HistoryVersion {
+                    feature_ref: "g@1:b".into(),
+                    event_time: Some(crate::convert::timestamp(5)),
+                    system_time: Some(crate::convert::timestamp(9)),
+                    value: value(pb::value::Kind::StringValue("x".into())),
+                    version: version(2, 9),
+                },
+                pb::HistoryVersion {
+                    feature_ref: "g@1:a".into(),
+                    event_time: Some(crate::convert::timestamp(-1)),
+                    system_time: Some(crate::convert::timestamp(8)),
+                    value: None,
+                    version: version(0, 8),
+                },
+            ],
+        };
+        let b = scan_batch(&schema, &columns, chunk).expect("batch");
+        assert_eq!(b.num_rows(), 2);
+        let a = b.column_by_name("g@1:a").expect("a").as_primitive::<Int64Type>();
+        let s = b.column_by_name("g@1:b").expect("b").as_string::<i32>();
+        assert!(a.is_null(0) && a.is_null(1), "a tombstone has no value");
+        assert_eq!((s.value(0), s.is_null(1)), ("x", true));
+        let deleted = b.column_by_name("deleted").expect("deleted").as_boolean();
+        assert_eq!((deleted.value(0), deleted.value(1)), (false, true));
+        let t = b.column_by_name("event_timestamp").expect("t").as_primitive::<TimestampMicrosecondType>();
+        assert_eq!((t.value(0), t.value(1)), (5, -1));
+        let counters = b.column_by_name("version_counters").expect("v").as_list::<i32>();
+        assert_eq!(counters.value(0).as_primitive::<UInt64Type>().values().to_vec(), vec![9]);
+        // A value of the wrong type for its feature is refused.
+        let bad = pb::ScanHistoryResponse {
+            versions: vec![pb::HistoryVersion {
+                feature_ref: "g@1:a".into(),
+                value: value(pb::value::Kind::StringValue("not an int".into())),
+                ..Default::default()
+            }],
+        };
+        assert!(scan_batch(&schema, &columns, bad).is_err());
     }
 }

@@ -424,7 +424,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
 }
 
 /// Memory reserved for a history scan's chunks in flight (its request aside).
-const SCAN_RESERVE_BYTES: usize = 4 << 20;
+pub(crate) const SCAN_RESERVE_BYTES: usize = 4 << 20;
 
 /// `quiver.v1.RegistryService`.
 #[derive(Debug, Clone)]

@@ -142,6 +142,18 @@ def _pandas_to_arrow(df: Any) -> pa.Table:
     return pa.table(columns)
 
 
+def plain_key(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """A join key column as the server reads it: dictionary (pandas categorical) strings as
+    plain strings."""
+    if pa.types.is_dictionary(col.type):
+        return pc.cast(col, col.type.value_type)
+    return col
+
+
+#: Protobuf's timestamp range (0001-01-01 .. 9999-12-31), in seconds since the epoch.
+_SECONDS_MIN, _SECONDS_MAX = -62_135_596_800, 253_402_300_799
+
+
 def micros_column(col: pa.ChunkedArray | pa.Array, what: str) -> np.ndarray:
     """A timestamp column (any unit; no time zone = UTC) as int64 microseconds, refusing nulls
     and parts below a microsecond."""
@@ -155,7 +167,11 @@ def micros_column(col: pa.ChunkedArray | pa.Array, what: str) -> np.ndarray:
                 raise QuiverInvalidArgument(f"{what}: a timestamp has nanoseconds below a microsecond")
             return ns // 1000
         scale = {"s": 1_000_000, "ms": 1000, "us": 1}[t.unit]
-        return pc.cast(col, pa.int64()).to_numpy() * scale
+        raw = pc.cast(col, pa.int64()).to_numpy()
+        lo, hi = _SECONDS_MIN * 1_000_000 // scale, (_SECONDS_MAX + 1) * 1_000_000 // scale
+        if len(raw) and (raw.min() < lo or raw.max() >= hi):
+            raise QuiverInvalidArgument(f"{what}: a timestamp is outside 0001-01-01 .. 9999-12-31")
+        return raw * scale
     if pa.types.is_date(t):
         return pc.cast(pc.cast(col, pa.timestamp("us")), pa.int64()).to_numpy()
     raise QuiverInvalidArgument(f"{what}: not a timestamp column (type {t})")
@@ -164,25 +180,27 @@ def micros_column(col: pa.ChunkedArray | pa.Array, what: str) -> np.ndarray:
 # ---- entity keys ---------------------------------------------------------------------------
 
 
-def key_columns(table: pa.Table, join_keys: list[tuple[str, str]], what: str) -> list[list[Any]]:
-    """The join key columns of a table as Python lists, checked against the key types."""
+def check_key_columns(table: pa.Table, join_keys: list[tuple[str, str]], what: str) -> list[Any]:
+    """The join key columns of a table (dictionaries decoded), checked against the key types."""
     cols = []
     for name, kind in join_keys:
         if name not in table.column_names:
             raise QuiverInvalidArgument(f"{what}: missing join key column {name!r}")
-        col = table.column(name)
+        col = plain_key(table.column(name))
         if col.null_count:
             raise QuiverInvalidArgument(f"{what}: join key column {name!r} has nulls")
         t = col.type
         if kind == "int64" and not pa.types.is_integer(t):
             raise QuiverInvalidArgument(f"{what}: join key {name!r} is int64 but the column holds {t}")
-        if kind == "string" and not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            if pa.types.is_dictionary(t) or pa.types.is_string_view(t):
-                col = pc.cast(col, pa.string())
-            else:
-                raise QuiverInvalidArgument(f"{what}: join key {name!r} is a string but the column holds {t}")
-        cols.append(col.to_pylist())
+        if kind == "string" and not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+            raise QuiverInvalidArgument(f"{what}: join key {name!r} is a string but the column holds {t}")
+        cols.append(col)
     return cols
+
+
+def key_columns(table: pa.Table, join_keys: list[tuple[str, str]], what: str) -> list[list[Any]]:
+    """The join key columns of a table as Python lists, checked against the key types."""
+    return [col.to_pylist() for col in check_key_columns(table, join_keys, what)]
 
 
 def fill_key(key: Any, parts: Sequence[Any], join_keys: list[tuple[str, str]]) -> None:
@@ -242,7 +260,9 @@ def column_to_arrow(col: Any, n: int) -> tuple[pa.Array, pa.Array, pa.Array]:
         missing |= np.array([v is None for v in py])
     values = pa.array(py, type=arrow_type, mask=missing if missing.any() else None)
     times = np.fromiter(col.event_times_us, dtype=np.int64, count=len(col.event_times_us))
-    event_times = pa.array(times, type=TIMESTAMP, mask=times == 0) if len(times) == n else pa.nulls(n, TIMESTAMP)
+    # An event time only for a PRESENT value (as the Flight answers have it).
+    present = statuses == types.FEATURE_STATUS_PRESENT
+    event_times = pa.array(times, type=TIMESTAMP, mask=~present) if len(times) == n else pa.nulls(n, TIMESTAMP)
     status_names = pa.array([STATUS_NAMES.get(int(s), "UNSPECIFIED") for s in statuses], type=pa.string())
     return values, status_names, event_times
 

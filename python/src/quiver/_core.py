@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import grpc
 import pandas as pd
 import pyarrow as pa
 
 from quiver import _convert as cv
-from quiver.errors import QuiverInvalidArgument
+from quiver.errors import QuiverInternal, QuiverInvalidArgument
 from quiver.registry import VALUE_TYPES, EntityType, FeatureGroup, value_from_proto
 from quiver.v1 import feature_service_pb2 as fs
 from quiver.v1 import types_pb2 as types
@@ -32,6 +33,9 @@ WRITE_ROWS_MAX = 10_000
 WRITE_VALUES_MAX = 99_999
 #: Idempotency key bytes.
 IDEMPOTENCY_KEY_MAX = 128
+#: Bytes per WriteFeatures request the client aims at most (quiverd reserves three times a
+#: request's bytes; its default memory budget gives requests 64 MiB in all).
+WRITE_REQUEST_BYTES = 8 * 1024 * 1024
 #: Spine rows the client sends per GetHistoricalFeatures request (the server takes up to
 #: 10,000,000; smaller requests keep both sides' memory bounded and start answers sooner).
 SPINE_ROWS_PER_REQUEST = 1_000_000
@@ -309,10 +313,12 @@ class OnlinePlan:
         cache: OnlineCache | None,
         default_missing: bool,
         with_status: bool,
+        default_unavailable: bool = False,
     ) -> None:
         self.meta, self.refs, self.columns = meta, refs, columns
         self.entity_type, self.join_keys, self.keys = entity_type, join_keys, keys
         self.cache, self.default_missing, self.with_status = cache, default_missing, with_status
+        self.default_unavailable = default_unavailable
         # cells[(row, feature index)] = (value, status, event_us); filled from the cache first.
         self.cells: dict[tuple[int, int], tuple[Any, str, int]] = {}
         self.versions = [0] * len(refs)
@@ -333,7 +339,9 @@ class OnlinePlan:
         self.degraded = False
 
     def cache_key(self, key: tuple[Any, ...], ref: FeatureRef) -> Any:
-        return (self.entity_type, key, ref.text, self.default_missing)
+        # The flags change what a status means (a DEFAULTED answer may stand for a missed
+        # deadline), so answers are cached per flag combination.
+        return (self.entity_type, key, ref.text, self.default_missing, self.default_unavailable)
 
     def requests(self, as_of: Any, default_unavailable: bool) -> Iterator[tuple[list[int], fs.GetOnlineFeaturesRequest]]:
         for start, end in online_chunks(len(self.fetch), len(self.refs)):
@@ -512,6 +520,12 @@ def historical_batch(
     return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
+def check_answered(rows: int, spine_rows: int) -> None:
+    """A join stream that ended early (a server fault) is an error, not a short answer."""
+    if rows != spine_rows:
+        raise QuiverInternal(grpc.StatusCode.INTERNAL, f"the join answered {rows} of {spine_rows} spine rows")
+
+
 def historical_schema(
     spine_schema: pa.Schema, meta: Meta, refs: Sequence[FeatureRef], columns: list[str], with_status: bool
 ) -> pa.Schema:
@@ -561,11 +575,16 @@ def write_requests(
     idempotency_key: str | None,
 ) -> list[fs.WriteFeaturesRequest]:
     step = max(1, min(WRITE_ROWS_MAX, WRITE_VALUES_MAX // max(1, values_per_row)))
+    if rows:
+        # Requests of at most WRITE_REQUEST_BYTES (the server reserves three times a request).
+        sample = rows[: min(len(rows), 100)]
+        per_row = max(1, sum(r.ByteSize() for r in sample) // len(sample))
+        step = max(1, min(step, WRITE_REQUEST_BYTES // per_row))
     n = (len(rows) + step - 1) // step
     out = []
     for i in range(n):
         key = ""
-        if idempotency_key is not None:
+        if idempotency_key:  # "" is no key
             key = idempotency_key if n == 1 else f"{idempotency_key}/{i}"
             if len(key.encode()) > IDEMPOTENCY_KEY_MAX:
                 raise QuiverInvalidArgument(
@@ -591,6 +610,25 @@ def history_frame(responses: Iterable[fs.ScanHistoryResponse]) -> pd.DataFrame:
             )
     columns = ["feature", "event_timestamp", "system_timestamp", "value", "deleted", "version"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def history_frame_from_arrow(t: pa.Table) -> pd.DataFrame:
+    """A history scan over Flight (flight.proto, FlightTicket.scan) as history_frame's DataFrame."""
+    features = t.column("feature").to_pylist()
+    values = {name: t.column(name).to_pylist() for name in t.column_names[6:]}
+    regions, counters = t.column("version_regions").to_pylist(), t.column("version_counters").to_pylist()
+    deleted = t.column("deleted").to_pylist()
+    return pd.DataFrame(
+        {
+            "feature": features,
+            "event_timestamp": t.column("event_timestamp").to_pylist(),
+            "system_timestamp": t.column("system_timestamp").to_pylist(),
+            "value": [None if deleted[i] else values[f][i] for i, f in enumerate(features)],
+            "deleted": deleted,
+            "version": [dict(zip(r, c, strict=True)) for r, c in zip(regions, counters, strict=True)],
+        },
+        columns=["feature", "event_timestamp", "system_timestamp", "value", "deleted", "version"],
+    )
 
 
 def health_frame(resp: Any) -> pd.DataFrame:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from quiver import _convert as cv
-from quiver._core import FeatureRef, WriteResult
+from quiver._core import IDEMPOTENCY_KEY_MAX, WRITE_ROWS_MAX, WRITE_VALUES_MAX, FeatureRef, WriteResult
 from quiver.errors import (
     QuiverDeadlineExceeded,
     QuiverError,
@@ -34,11 +34,24 @@ from quiver.errors import (
 from quiver.v1 import flight_pb2 as fpb
 from quiver.v1 import types_pb2 as types
 
-#: Rows per record batch a write sends (the server splits each into atomic requests of at most
-#: 10,000 rows and 99,999 values).
+#: Rows per record batch a write sends at most (the server splits each into atomic requests of
+#: at most 10,000 rows and 99,999 values) ...
 WRITE_BATCH_ROWS = 100_000
+#: ... and bytes per batch at most, so that a batch fits the server's request memory (it
+#: reserves three times a batch while writing it; 64 MiB at quiverd's default budget).
+WRITE_BATCH_BYTES = 8 * 1024 * 1024
+
+
+def batch_rows(table: pa.Table) -> int:
+    """Rows per write batch for this table: WRITE_BATCH_BYTES of its rows, within 1 ..
+    WRITE_BATCH_ROWS."""
+    per_row = max(1, table.nbytes // max(1, table.num_rows))
+    return max(1, min(WRITE_BATCH_ROWS, WRITE_BATCH_BYTES // per_row))
+
 
 _CONTEXT = re.compile(r"gRPC client debug context: ([A-Z_]+):")
+_GRPC_STATUS = re.compile(r"grpc_status:(\d+)")
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _MESSAGE = re.compile(r"with message: (.*?)(?:\. gRPC client debug context|$)", re.S)
 
 
@@ -48,8 +61,13 @@ def error_from(e: Exception) -> QuiverError:
     text = str(e)
     m = _MESSAGE.search(text)
     message = m.group(1) if m else text
+    # pyarrow names the code in its debug context ("...context: NOT_FOUND:..."), or, in some
+    # versions, only as "grpc_status:5" inside it.
+    n = _GRPC_STATUS.search(text)
+    if n and int(n.group(1)) in _CODES:
+        return from_code(_CODES[int(n.group(1))], message)
     c = _CONTEXT.search(text)
-    if c and c.group(1) in grpc.StatusCode.__members__:
+    if c and c.group(1) in grpc.StatusCode.__members__ and c.group(1) != "UNKNOWN":
         return from_code(grpc.StatusCode[c.group(1)], message)
     if isinstance(e, fl.FlightUnauthenticatedError):
         return QuiverUnauthenticated(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -107,11 +125,11 @@ class FlightTransport:
         ts_col = params["timestamp_column"]
         if ts_col not in chunk.column_names:
             raise QuiverInvalidArgument(f"entity_df: missing timestamp column {ts_col!r}")
-        cv.key_columns(chunk, join_keys, "entity_df")  # the SDK's checks and messages first
+        cv.check_key_columns(chunk, join_keys, "entity_df")  # the SDK's checks and messages first
         micros = cv.micros_column(chunk.column(ts_col), f"entity_df: {ts_col}")
         spine = pa.table(
             {
-                **{name: chunk.column(name) for name, _ in join_keys},
+                **{name: cv.plain_key(chunk.column(name)) for name, _ in join_keys},
                 ts_col: pa.array(micros, type=cv.TIMESTAMP),
             }
         )
@@ -140,12 +158,18 @@ class FlightTransport:
                     raise QuiverInvalidArgument(f"the server answered rows {row}..{row + n} of a {chunk.num_rows}-row spine")
                 yield _rename(chunk.slice(row, n), batch, columns, with_status)
                 row += n
-        except fl.FlightError as e:
-            raise error_from(e) from None
-        except pa.ArrowException as e:
+        except (fl.FlightError, pa.ArrowException) as e:
             raise error_from(e) from None
         if row != chunk.num_rows:
             raise QuiverInternal(grpc.StatusCode.INTERNAL, f"the join answered {row} of {chunk.num_rows} rows")
+
+    def scan(self, req: Any) -> pa.Table:
+        """A history scan (a quiver.v1.ScanHistoryRequest) as one Arrow table."""
+        ticket = fl.Ticket(fpb.FlightTicket(scan=req).SerializeToString())
+        try:
+            return self._client.do_get(ticket, self._options).read_all()
+        except (fl.FlightError, pa.ArrowException) as e:
+            raise error_from(e) from None
 
     def write(
         self,
@@ -158,14 +182,28 @@ class FlightTransport:
     ) -> WriteResult:
         if timestamp_column not in table.column_names:
             raise QuiverInvalidArgument(f"write to {group}: missing event time column {timestamp_column!r}")
-        cv.key_columns(table, join_keys, f"write to {group}")
+        cv.check_key_columns(table, join_keys, f"write to {group}")
         micros = cv.micros_column(table.column(timestamp_column), f"write to {group}: {timestamp_column}")
         i = table.column_names.index(timestamp_column)
         table = table.set_column(i, timestamp_column, pa.array(np.asarray(micros), type=cv.TIMESTAMP))
+        for name, _ in join_keys:
+            table = table.set_column(table.column_names.index(name), name, cv.plain_key(table.column(name)))
+        # Batches at fixed row offsets (not the table's chunk layout), so that a retry of the same
+        # rows maps each idempotency key to the same rows.
+        table = table.combine_chunks()
+        rows = batch_rows(table)
+        batches = table.to_batches(max_chunksize=rows)
+        if idempotency_key:
+            per_request = max(1, min(WRITE_ROWS_MAX, WRITE_VALUES_MAX // max(1, table.num_columns - len(join_keys) - 1)))
+            longest = f"{idempotency_key}/{max(0, len(batches) - 1)}/{max(0, (rows - 1) // per_request)}"
+            if len(longest.encode()) > IDEMPOTENCY_KEY_MAX:
+                raise QuiverInvalidArgument(
+                    f"idempotency key {idempotency_key[:20]!r}...: with /<batch>/<request> it is over {IDEMPOTENCY_KEY_MAX} bytes"
+                )
         cmd = fpb.FlightWrite(
             group=group,
             durability=durability,
-            idempotency_key=idempotency_key or "",
+            idempotency_key=idempotency_key or "",  # "" is no key, as on the protobuf path
             timestamp_column=timestamp_column,
         )
         result = WriteResult()
@@ -174,7 +212,7 @@ class FlightTransport:
                 fl.FlightDescriptor.for_command(cmd.SerializeToString()), table.schema, self._options
             )
             with writer:
-                for batch in table.to_batches(max_chunksize=WRITE_BATCH_ROWS):
+                for batch in batches:
                     writer.write_batch(batch)
                 writer.done_writing()
                 while True:
@@ -188,9 +226,7 @@ class FlightTransport:
                     if r.HasField("system_time"):
                         result.system_time = cv.from_micros(cv.timestamp_micros(r.system_time))
                         result.version = {e.region: e.counter for e in r.version.entries}
-        except fl.FlightError as e:
-            raise error_from(e) from None
-        except pa.ArrowException as e:
+        except (fl.FlightError, pa.ArrowException) as e:
             raise error_from(e) from None
         return result
 

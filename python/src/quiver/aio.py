@@ -27,7 +27,7 @@ from quiver.client import (
     scan_request,
     write_requests,
 )
-from quiver.errors import QuiverError, from_rpc_error
+from quiver.errors import QuiverError, QuiverResourceExhausted, from_rpc_error
 from quiver.registry import EntityType, FeatureGroup, GroupVersion, RegistryChange
 from quiver.v1 import feature_service_pb2_grpc as fs_grpc
 from quiver.v1 import monitor_pb2 as mon
@@ -136,7 +136,9 @@ class AsyncClient:
         keys = cv.rows_to_keys(entity_rows, join_keys)
         columns = core.column_names(refs, full_feature_names, [name for name, _ in join_keys])
         cache = self.cache if as_of is None else None
-        plan = core.OnlinePlan(self._meta, refs, columns, entity_type, join_keys, keys, cache, default_missing, with_status)
+        plan = core.OnlinePlan(
+            self._meta, refs, columns, entity_type, join_keys, keys, cache, default_missing, with_status, default_unavailable
+        )
         timeout = core.timeout_seconds(deadline)
         for rows, req in plan.requests(as_of, default_unavailable):
             try:
@@ -185,6 +187,7 @@ class AsyncClient:
         core.durability(durability)
         table = cv.to_arrow_table(df, f"write to {group}")
         g, join_keys = await self._group_meta(group)
+        table = cv.check_write_columns(table, g, group, join_keys, timestamp_column)
         reqs = write_requests(table, group, g, join_keys, durability, idempotency_key, timestamp_column, expected_versions)
         result = WriteResult()
         for req in reqs:
@@ -226,6 +229,21 @@ class AsyncClient:
     async def list_entity_types(self) -> list[EntityType]:
         resp = await self._call(self._registry.ListEntityTypes, reg.ListEntityTypesRequest())
         return [EntityType.from_proto(e) for e in resp.entity_types]
+
+    async def get_entity_type(self, name: str) -> EntityType:
+        return EntityType.from_proto(await self._call(self._registry.GetEntityType, reg.GetEntityTypeRequest(name=name)))
+
+    async def promote(self, group: str, version: int, *, dry_run: bool = False, force: bool = False, reason: str = "") -> bool:
+        """See :meth:`quiver.Client.promote`."""
+        resp = await self._call(
+            self._registry.PromoteGroup,
+            reg.PromoteGroupRequest(group=group, version=version, force=force, reason=reason, dry_run=dry_run),
+        )
+        return resp.changed
+
+    async def rollback(self, group: str, *, reason: str = "") -> int:
+        resp = await self._call(self._registry.RollbackGroup, reg.RollbackGroupRequest(group=group, reason=reason))
+        return resp.promotion.to_version
 
     async def list_group_versions(self, group: str) -> list[GroupVersion]:
         resp = await self._call(self._registry.ListGroupVersions, reg.ListGroupVersionsRequest(group=group))
@@ -284,23 +302,40 @@ class AsyncHistoricalJob:
         self._schema: pa.Schema | None = None
 
     async def iter_batches(self) -> AsyncIterator[pa.RecordBatch]:
-        p = self._params
         for chunk in core.spine_chunks(self._entity_df):
-            columns = core.column_names(self._refs, self._full, chunk.schema.names)
-            self._schema = core.historical_schema(chunk.schema, self._client._meta, self._refs, columns, self._with_status)
-            req = core.historical_request(
-                chunk,
-                self._entity_type,
-                self._join_keys,
-                self._refs,
-                p["timestamp_column"],
-                p["known_at"],
-                p["strict_availability"],
-                p["use_defaults"],
-            )
+            async for batch in self._chunk(chunk):
+                yield batch
+
+    async def _chunk(self, chunk: pa.Table) -> AsyncIterator[pa.RecordBatch]:
+        """One spine request's answers; one the server could never hold is sent in halves."""
+        p = self._params
+        columns = core.column_names(self._refs, self._full, chunk.schema.names)
+        self._schema = core.historical_schema(chunk.schema, self._client._meta, self._refs, columns, self._with_status)
+        req = core.historical_request(
+            chunk,
+            self._entity_type,
+            self._join_keys,
+            self._refs,
+            p["timestamp_column"],
+            p["known_at"],
+            p["strict_availability"],
+            p["use_defaults"],
+        )
+        rows = 0
+        try:
             async for resp in self._client._stream(self._client._features.GetHistoricalFeatures, req):
                 batch = core.historical_batch(chunk, resp, columns, self._with_status)
+                rows += batch.num_rows
                 yield batch.cast(self._schema) if batch.schema != self._schema else batch
+        except QuiverResourceExhausted as e:
+            if rows or e.retry_after is not None or chunk.num_rows < 2:
+                raise
+            half = chunk.num_rows // 2
+            for part in (chunk.slice(0, half), chunk.slice(half)):
+                async for batch in self._chunk(part):
+                    yield batch
+            return
+        core.check_answered(rows, chunk.num_rows)
 
     async def to_arrow(self) -> pa.Table:
         batches = [b async for b in self.iter_batches()]
@@ -328,7 +363,8 @@ class AsyncHistoricalJob:
                 writer.write_batch(batch)
                 rows += batch.num_rows
             if writer is None:
-                pq.write_table(await self.to_arrow(), fspath(path))
+                empty = core.empty_result(self._entity_df, self._client._meta, self._refs, self._full, self._with_status)
+                pq.write_table(empty, fspath(path))
         finally:
             if writer is not None:
                 writer.close()

@@ -14,7 +14,7 @@ import pyarrow as pa
 from quiver import _convert as cv
 from quiver import _core as core
 from quiver._core import FeatureRef, OnlineCache, OnlineResponse, WriteResult
-from quiver.errors import QuiverError, QuiverInvalidArgument, from_rpc_error
+from quiver.errors import QuiverError, QuiverInvalidArgument, QuiverResourceExhausted, from_rpc_error
 from quiver.registry import EntityType, FeatureGroup, GroupVersion, RegistryChange, load_registry
 from quiver.v1 import feature_service_pb2 as fs
 from quiver.v1 import feature_service_pb2_grpc as fs_grpc
@@ -307,7 +307,9 @@ class Client:
         keys = cv.rows_to_keys(entity_rows, join_keys)
         columns = core.column_names(refs, full_feature_names, [name for name, _ in join_keys])
         cache = self.cache if as_of is None else None
-        plan = core.OnlinePlan(self._meta, refs, columns, entity_type, join_keys, keys, cache, default_missing, with_status)
+        plan = core.OnlinePlan(
+            self._meta, refs, columns, entity_type, join_keys, keys, cache, default_missing, with_status, default_unavailable
+        )
         timeout = core.timeout_seconds(deadline)
         for rows, req in plan.requests(as_of, default_unavailable):
             try:
@@ -380,7 +382,8 @@ class Client:
 
         Rows go in requests of at most ``WRITE_ROWS_MAX`` rows and ``WRITE_VALUES_MAX`` values,
         each atomic; with ``idempotency_key`` a retry of the same write is applied once (request
-        i of a split write carries ``<key>/<i>``). ``durability`` is "sync", "async" or None
+        i of a split write carries ``<key>/<i>``; over Flight request i of batch b carries
+        ``<key>/<b>/<i>``, so a retry must use the same transport). ``durability`` is "sync", "async" or None
         (the server's default). ``expected_versions`` (one-row writes only) makes the write a
         compare-and-swap per feature: ``{feature: {region: counter}}`` ({} = must not exist);
         a mismatch raises :class:`quiver.CasConflict` and writes nothing.
@@ -526,6 +529,13 @@ class Client:
             system_time_to,
             limit,
         )
+        ft = self._flight_transport()
+        if ft is not None:
+            try:
+                return core.history_frame_from_arrow(ft.scan(req))
+            except QuiverError as e:
+                if not self._flight_failed(e):
+                    raise
         return core.history_frame(self._stream(self._features.ScanHistory, req))
 
     def monitor(self, group: str = "") -> pd.DataFrame:
@@ -558,37 +568,57 @@ class HistoricalJob:
 
     def iter_batches(self) -> Iterator[pa.RecordBatch]:
         """The answers as Arrow record batches in spine order, one spine request at a time."""
-        p = self._params
         for chunk in core.spine_chunks(self._entity_df):
-            columns = self._columns(chunk.schema)
-            self._schema = core.historical_schema(chunk.schema, self._client._meta, self._refs, columns, self._with_status)
-            ft = self._client._flight_transport()
-            if ft is not None:
-                answers = ft.join(chunk, self._entity_type, self._join_keys, self._refs, columns, p, self._with_status)
-                try:
-                    first = next(answers, None)
-                except QuiverError as e:
-                    if not self._client._flight_failed(e):
-                        raise
-                else:
-                    if first is not None:
-                        yield first.cast(self._schema) if first.schema != self._schema else first
-                    for batch in answers:
-                        yield batch.cast(self._schema) if batch.schema != self._schema else batch
-                    continue
-            req = core.historical_request(
-                chunk,
-                self._entity_type,
-                self._join_keys,
-                self._refs,
-                p["timestamp_column"],
-                p["known_at"],
-                p["strict_availability"],
-                p["use_defaults"],
-            )
-            for resp in self._client._stream(self._client._features.GetHistoricalFeatures, req):
-                batch = core.historical_batch(chunk, resp, columns, self._with_status)
+            yield from self._chunk(chunk)
+
+    def _chunk(self, chunk: pa.Table) -> Iterator[pa.RecordBatch]:
+        """One spine request's answers; a request the server could never hold (RESOURCE_EXHAUSTED
+        without retry advice) is sent again in two halves."""
+        columns = self._columns(chunk.schema)
+        self._schema = core.historical_schema(chunk.schema, self._client._meta, self._refs, columns, self._with_status)
+        yielded = False
+        try:
+            for batch in self._answers(chunk, columns):
+                yielded = True
                 yield batch.cast(self._schema) if batch.schema != self._schema else batch
+        except QuiverResourceExhausted as e:
+            if yielded or e.retry_after is not None or chunk.num_rows < 2:
+                raise
+            half = chunk.num_rows // 2
+            yield from self._chunk(chunk.slice(0, half))
+            yield from self._chunk(chunk.slice(half))
+
+    def _answers(self, chunk: pa.Table, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        p = self._params
+        ft = self._client._flight_transport()
+        if ft is not None:
+            answers = ft.join(chunk, self._entity_type, self._join_keys, self._refs, columns, p, self._with_status)
+            try:
+                first = next(answers, None)
+            except QuiverError as e:
+                if not self._client._flight_failed(e):
+                    raise
+            else:
+                if first is not None:
+                    yield first
+                yield from answers
+                return
+        req = core.historical_request(
+            chunk,
+            self._entity_type,
+            self._join_keys,
+            self._refs,
+            p["timestamp_column"],
+            p["known_at"],
+            p["strict_availability"],
+            p["use_defaults"],
+        )
+        rows = 0
+        for resp in self._client._stream(self._client._features.GetHistoricalFeatures, req):
+            batch = core.historical_batch(chunk, resp, columns, self._with_status)
+            rows += batch.num_rows
+            yield batch
+        core.check_answered(rows, chunk.num_rows)
 
     def to_arrow(self) -> pa.Table:
         batches = list(self.iter_batches())
