@@ -142,7 +142,21 @@ pub fn answer_batch(
 ) -> Result<RecordBatch> {
     let mut arrays: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     let status_values: ArrayRef = Arc::new(StringArray::from(STATUS_NAMES.to_vec()));
-    for col in chunk.columns {
+    let per_feature = if with_status { 3 } else { 1 };
+    for (j, col) in chunk.columns.into_iter().enumerate() {
+        // The schema was sent before the join resolved its features again; a promotion in
+        // between may have changed what a reference names.
+        let field =
+            schema.fields().get(j * per_feature).ok_or_else(|| invalid("more answer columns than the schema"))?;
+        let version = col.group_version.to_string();
+        if field.data_type() != &arrow_type(col.r#type())
+            || field.metadata().get(GROUP_VERSION_METADATA) != Some(&version)
+        {
+            return Err(ServiceError::Refused(format!(
+                "{}: the registry changed as the join started (now version {version}); run it again",
+                col.feature_ref
+            )));
+        }
         let n = col.statuses.len();
         let served = |s: &i32| *s == pb::FeatureStatus::Present as i32 || *s == pb::FeatureStatus::Defaulted as i32;
         let valid: Vec<bool> = col.statuses.iter().map(served).collect();
@@ -982,6 +996,11 @@ mod tests {
             columns: vec![column(&[Present, Present], vec![1.0], vec![1, 1])],
         };
         assert!(matches!(answer_batch(&schema, short, true), Err(ServiceError::Invalid(_))));
+        // A reference that resolves to another version than the schema announced: refused.
+        let mut moved = column(&[Present], vec![1.0], vec![1]);
+        moved.group_version = 4;
+        let moved = pb::GetHistoricalFeaturesResponse { first_row: 0, columns: vec![moved] };
+        assert!(matches!(answer_batch(&schema, moved, true), Err(ServiceError::Refused(_))));
     }
 
     #[test]
