@@ -143,7 +143,7 @@ pub fn answer_batch(
     let mut arrays: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     let status_values: ArrayRef = Arc::new(StringArray::from(STATUS_NAMES.to_vec()));
     let per_feature = if with_status { 3 } else { 1 };
-    for (j, col) in chunk.columns.into_iter().enumerate() {
+    for (j, mut col) in chunk.columns.into_iter().enumerate() {
         // The schema was sent before the join resolved its features again; a promotion in
         // between may have changed what a reference names.
         let field =
@@ -160,8 +160,8 @@ pub fn answer_batch(
         let n = col.statuses.len();
         let served = |s: &i32| *s == pb::FeatureStatus::Present as i32 || *s == pb::FeatureStatus::Defaulted as i32;
         let valid: Vec<bool> = col.statuses.iter().map(served).collect();
-        let nulls = valid.iter().any(|v| !v).then(|| NullBuffer::from(valid.clone()));
-        let values = feature_array(col.r#type(), &col, &valid, nulls)
+        let nulls = valid.iter().any(|v| !v).then(|| NullBuffer::from(valid.as_slice()));
+        let values = feature_array(col.r#type(), &mut col, &valid, nulls)
             .map_err(|e| invalid(format!("{}: {n} rows: {e}", col.feature_ref)))?;
         if values.len() != n {
             return Err(invalid(format!("{}: {} values for {n} rows", col.feature_ref, values.len())));
@@ -182,9 +182,10 @@ pub fn answer_batch(
     RecordBatch::try_new(schema.clone(), arrays).map_err(|e| invalid(format!("answer batch: {e}")))
 }
 
+/// A column's values as an Arrow array; the scalar vectors are moved out of `col`, not copied.
 fn feature_array(
     t: pb::ValueType,
-    col: &pb::FeatureColumn,
+    col: &mut pb::FeatureColumn,
     valid: &[bool],
     nulls: Option<NullBuffer>,
 ) -> Result<ArrayRef> {
@@ -194,18 +195,18 @@ fn feature_array(
             if col.bool_values.len() != valid.len() {
                 return Err(invalid(format!("{} values", col.bool_values.len())));
             }
-            Arc::new(BooleanArray::new(BooleanBuffer::from(col.bool_values.clone()), nulls))
+            Arc::new(BooleanArray::new(BooleanBuffer::from(std::mem::take(&mut col.bool_values)), nulls))
         }
         pb::ValueType::Int64 => Arc::new(
-            Int64Array::try_new(ScalarBuffer::from(col.int64_values.clone()), nulls)
+            Int64Array::try_new(ScalarBuffer::from(std::mem::take(&mut col.int64_values)), nulls)
                 .map_err(|e| invalid(e.to_string()))?,
         ),
         pb::ValueType::Float32 => Arc::new(
-            Float32Array::try_new(ScalarBuffer::from(col.float32_values.clone()), nulls)
+            Float32Array::try_new(ScalarBuffer::from(std::mem::take(&mut col.float32_values)), nulls)
                 .map_err(|e| invalid(e.to_string()))?,
         ),
         pb::ValueType::Float64 => Arc::new(
-            Float64Array::try_new(ScalarBuffer::from(col.float64_values.clone()), nulls)
+            Float64Array::try_new(ScalarBuffer::from(std::mem::take(&mut col.float64_values)), nulls)
                 .map_err(|e| invalid(e.to_string()))?,
         ),
         pb::ValueType::String => Arc::new(StringArray::from_iter(
@@ -933,8 +934,8 @@ pub fn scan_batch(
         Arc::new(regions.finish()),
         Arc::new(counters.finish()),
     ];
-    for (col, valid) in &per_feature {
-        let nulls = valid.iter().any(|v| !v).then(|| NullBuffer::from(valid.clone()));
+    for (col, valid) in &mut per_feature {
+        let nulls = valid.iter().any(|v| !v).then(|| NullBuffer::from(valid.as_slice()));
         arrays.push(feature_array(col.r#type(), col, valid, nulls)?);
     }
     RecordBatch::try_new(schema.clone(), arrays).map_err(|e| invalid(format!("scan batch: {e}")))

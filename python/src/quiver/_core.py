@@ -545,6 +545,49 @@ def empty_result(entity_df: Any, meta: Meta, refs: Sequence[FeatureRef], full: b
     return historical_schema(spine_schema, meta, refs, columns, with_status).empty_table()
 
 
+class JoinJob:
+    """What the sync and asyncio join jobs share: the request's parts, the output column names,
+    one spine chunk's protobuf request, and the answer to an empty spine."""
+
+    def __init__(
+        self,
+        client: Any,
+        entity_df: Any,
+        refs: list[FeatureRef],
+        entity_type: str,
+        join_keys: list[tuple[str, str]],
+        params: dict[str, Any],
+        full_feature_names: bool,
+        with_status: bool,
+    ) -> None:
+        self._client, self._entity_df, self._refs = client, entity_df, refs
+        self._entity_type, self._join_keys, self._params = entity_type, join_keys, params
+        self._full, self._with_status = full_feature_names, with_status
+        self._schema: pa.Schema | None = None
+
+    def _columns(self, spine: pa.Schema) -> list[str]:
+        """The feature columns' names for a chunk, and the chunk's output schema (kept)."""
+        columns = column_names(self._refs, self._full, spine.names)
+        self._schema = historical_schema(spine, self._client._meta, self._refs, columns, self._with_status)
+        return columns
+
+    def _request(self, chunk: pa.Table) -> fs.GetHistoricalFeaturesRequest:
+        p = self._params
+        return historical_request(
+            chunk,
+            self._entity_type,
+            self._join_keys,
+            self._refs,
+            p["timestamp_column"],
+            p["known_at"],
+            p["strict_availability"],
+            p["use_defaults"],
+        )
+
+    def _empty(self) -> pa.Table:
+        return empty_result(self._entity_df, self._client._meta, self._refs, self._full, self._with_status)
+
+
 # ---- writes --------------------------------------------------------------------------------
 
 

@@ -281,25 +281,9 @@ class AsyncClient:
         return core.health_frame(resp)
 
 
-class AsyncHistoricalJob:
+class AsyncHistoricalJob(core.JoinJob):
     """:class:`quiver.HistoricalJob` for asyncio: ``await job.to_df()``, ``async for batch in
     job.iter_batches()``."""
-
-    def __init__(
-        self,
-        client: AsyncClient,
-        entity_df: Any,
-        refs: list[FeatureRef],
-        entity_type: str,
-        join_keys: list[tuple[str, str]],
-        params: dict[str, Any],
-        full_feature_names: bool,
-        with_status: bool,
-    ) -> None:
-        self._client, self._entity_df, self._refs = client, entity_df, refs
-        self._entity_type, self._join_keys, self._params = entity_type, join_keys, params
-        self._full, self._with_status = full_feature_names, with_status
-        self._schema: pa.Schema | None = None
 
     async def iter_batches(self) -> AsyncIterator[pa.RecordBatch]:
         for chunk in core.spine_chunks(self._entity_df):
@@ -308,19 +292,8 @@ class AsyncHistoricalJob:
 
     async def _chunk(self, chunk: pa.Table) -> AsyncIterator[pa.RecordBatch]:
         """One spine request's answers; one the server could never hold is sent in halves."""
-        p = self._params
-        columns = core.column_names(self._refs, self._full, chunk.schema.names)
-        self._schema = core.historical_schema(chunk.schema, self._client._meta, self._refs, columns, self._with_status)
-        req = core.historical_request(
-            chunk,
-            self._entity_type,
-            self._join_keys,
-            self._refs,
-            p["timestamp_column"],
-            p["known_at"],
-            p["strict_availability"],
-            p["use_defaults"],
-        )
+        columns = self._columns(chunk.schema)
+        req = self._request(chunk)
         rows = 0
         try:
             async for resp in self._client._stream(self._client._features.GetHistoricalFeatures, req):
@@ -340,7 +313,7 @@ class AsyncHistoricalJob:
     async def to_arrow(self) -> pa.Table:
         batches = [b async for b in self.iter_batches()]
         if not batches:
-            return core.empty_result(self._entity_df, self._client._meta, self._refs, self._full, self._with_status)
+            return self._empty()
         return pa.Table.from_batches(batches, schema=self._schema)
 
     async def to_df(self) -> pd.DataFrame:
@@ -363,8 +336,7 @@ class AsyncHistoricalJob:
                 writer.write_batch(batch)
                 rows += batch.num_rows
             if writer is None:
-                empty = core.empty_result(self._entity_df, self._client._meta, self._refs, self._full, self._with_status)
-                pq.write_table(empty, fspath(path))
+                pq.write_table(self._empty(), fspath(path))
         finally:
             if writer is not None:
                 writer.close()

@@ -273,12 +273,16 @@ class Client:
         for r in refs:
             self._meta.feature(r)  # an unknown feature is refused here, with its name
         et = self._meta.entity_type_of(refs, entity_type)
-        keys = self._meta.join_keys(et)
+        return et, self._entity_keys(et)
+
+    def _entity_keys(self, entity_type: str) -> list[tuple[str, str]]:
+        """The entity type's join keys, fetched once."""
+        keys = self._meta.join_keys(entity_type)
         if keys is None:
-            e = self._call(self._registry.GetEntityType, reg.GetEntityTypeRequest(name=et))
+            e = self._call(self._registry.GetEntityType, reg.GetEntityTypeRequest(name=entity_type))
             self._meta.put_entity_type(EntityType.from_proto(e))
-            keys = self._meta.join_keys(et) or []
-        return et, keys
+            keys = self._meta.join_keys(entity_type) or []
+        return keys
 
     # ---- online -----------------------------------------------------------------------------
 
@@ -430,17 +434,11 @@ class Client:
             m = self._call(self._registry.GetFeatureGroup, reg.GetFeatureGroupRequest(name=key[0], version=key[1]))
             self._meta.put_group(key, FeatureGroup.from_proto(m))
         g = self._meta.groups[key]
-        keys = self._meta.join_keys(g.entity_type)
-        if keys is None:
-            e = self._call(self._registry.GetEntityType, reg.GetEntityTypeRequest(name=g.entity_type))
-            self._meta.put_entity_type(EntityType.from_proto(e))
-            keys = self._meta.join_keys(g.entity_type) or []
-        return g, keys
+        return g, self._entity_keys(g.entity_type)
 
     def _delete_requests(
         self, group: str, entity_rows: Any, features: Sequence[str], event_time: Any, durability: str | None
     ) -> list[fs.WriteFeaturesRequest]:
-        core.durability(durability)
         _, join_keys = self._group_for_write(group)
         return delete_requests(group, join_keys, entity_rows, features, event_time, durability)
 
@@ -544,27 +542,8 @@ class Client:
         return core.health_frame(self._call(self._monitor.GetFeatureHealth, mon.GetFeatureHealthRequest(group=group)))
 
 
-class HistoricalJob:
+class HistoricalJob(core.JoinJob):
     """A point-in-time join, run when read. Reading it twice runs it twice."""
-
-    def __init__(
-        self,
-        client: Client,
-        entity_df: Any,
-        refs: list[FeatureRef],
-        entity_type: str,
-        join_keys: list[tuple[str, str]],
-        params: dict[str, Any],
-        full_feature_names: bool,
-        with_status: bool,
-    ) -> None:
-        self._client, self._entity_df, self._refs = client, entity_df, refs
-        self._entity_type, self._join_keys, self._params = entity_type, join_keys, params
-        self._full, self._with_status = full_feature_names, with_status
-        self._schema: pa.Schema | None = None
-
-    def _columns(self, spine: pa.Schema) -> list[str]:
-        return core.column_names(self._refs, self._full, spine.names)
 
     def iter_batches(self) -> Iterator[pa.RecordBatch]:
         """The answers as Arrow record batches in spine order, one spine request at a time."""
@@ -575,7 +554,6 @@ class HistoricalJob:
         """One spine request's answers; a request the server could never hold (RESOURCE_EXHAUSTED
         without retry advice) is sent again in two halves."""
         columns = self._columns(chunk.schema)
-        self._schema = core.historical_schema(chunk.schema, self._client._meta, self._refs, columns, self._with_status)
         yielded = False
         try:
             for batch in self._answers(chunk, columns):
@@ -603,16 +581,7 @@ class HistoricalJob:
                     yield first
                 yield from answers
                 return
-        req = core.historical_request(
-            chunk,
-            self._entity_type,
-            self._join_keys,
-            self._refs,
-            p["timestamp_column"],
-            p["known_at"],
-            p["strict_availability"],
-            p["use_defaults"],
-        )
+        req = self._request(chunk)
         rows = 0
         for resp in self._client._stream(self._client._features.GetHistoricalFeatures, req):
             batch = core.historical_batch(chunk, resp, columns, self._with_status)
@@ -625,9 +594,6 @@ class HistoricalJob:
         if not batches:
             return self._empty()
         return pa.Table.from_batches(batches, schema=self._schema)
-
-    def _empty(self) -> pa.Table:
-        return core.empty_result(self._entity_df, self._client._meta, self._refs, self._full, self._with_status)
 
     def to_df(self) -> pd.DataFrame:
         return core.arrow_to_pandas(self.to_arrow())
