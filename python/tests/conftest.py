@@ -106,6 +106,8 @@ class Daemon:
     process: subprocess.Popen[str]
     address: str
     data_dir: Path
+    # The web UI's base URL ("http://127.0.0.1:PORT"), when quiverd serves it.
+    ui: str | None = None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -117,14 +119,14 @@ class Daemon:
                 self.process.wait()
 
 
-def start_quiverd(data_dir: Path, *extra: str) -> Daemon:
+def start_quiverd(data_dir: Path, *extra: str, listen: str = "127.0.0.1:0") -> Daemon:
     proc = subprocess.Popen(
         [
             str(binary("QUIVERD", "quiverd")),
             "--data-dir",
             str(data_dir),
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--metrics-listen",
             "off",
             *extra,
@@ -140,7 +142,9 @@ def start_quiverd(data_dir: Path, *extra: str) -> Daemon:
         proc.wait()
         pytest.fail(f"quiverd did not start: first line {line!r}")
     address = line[len(LISTENING) :].split(",")[0].strip()
-    return Daemon(proc, address, data_dir)
+    # "..., ui http://HOST:PORT/" or "..., ui off"
+    ui = line.rsplit(", ui ", 1)[1].strip().rstrip("/") if ", ui http://" in line else None
+    return Daemon(proc, address, data_dir, ui)
 
 
 @pytest.fixture(scope="session")

@@ -199,16 +199,49 @@ pub const SHUTDOWN_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::f
 /// ending) before it closes the engine through its drop.
 pub const SHUTDOWN_ENGINE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Opens the engine in `cfg.data_dir` and serves the API on `listener` until `shutdown`
+/// Where a server listens: the API (gRPC and Arrow Flight), and optionally the metrics and the
+/// web UI (crate::ui; loopback only).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC port.
+    pub api: tokio::net::TcpListener,
+    /// `GET /metrics`.
+    pub metrics: Option<tokio::net::TcpListener>,
+    /// The web UI.
+    pub ui: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    /// The API alone.
+    pub fn api(api: tokio::net::TcpListener) -> Listeners {
+        Listeners { api, metrics: None, ui: None }
+    }
+}
+
+/// The addresses a server is bound to, as [`serve`] reports them when ready.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// The gRPC port.
+    pub api: std::net::SocketAddr,
+    /// `GET /metrics`, when on.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// The web UI, when on.
+    pub ui: Option<std::net::SocketAddr>,
+}
+
+/// Opens the engine in `cfg.data_dir` and serves the API on `listeners` until `shutdown`
 /// completes; then finishes in-flight requests and closes the engine (syncing the WAL).
-/// `ready` is called with the bound address once the engine is open.
+/// `ready` is called with the bound addresses once the engine is open.
 pub async fn serve(
     cfg: ServeConfig,
-    listener: tokio::net::TcpListener,
-    metrics_listener: Option<tokio::net::TcpListener>,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
-    ready: impl FnOnce(std::net::SocketAddr, Option<std::net::SocketAddr>),
+    ready: impl FnOnce(Bound),
 ) -> Result<(), String> {
+    let Listeners { api: listener, metrics: metrics_listener, ui: ui_listener } = listeners;
+    if let Some(l) = &ui_listener {
+        crate::ui::check_listen(l.local_addr().map_err(|e| e.to_string())?)?;
+    }
     let budget = cfg.memory_budget_bytes;
     let opts = Options {
         // Online lookups are served from the hot tier (complete on a fresh engine while the
@@ -348,6 +381,37 @@ pub async fn serve(
             let _ = metrics_stopped.await;
         }))
     });
+    let ui_addr = match &ui_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let (ui_stop, ui_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ui_task, history_task) = match ui_listener {
+        Some(l) => {
+            let history = crate::ui::History::new(feature_health.clone());
+            let monitor = crate::service::MonitorApi::new(
+                feature_health.clone(),
+                served_log.clone(),
+                registry.clone(),
+                metrics.clone(),
+            )
+            .with_features(features.clone())
+            .with_stopping(stopping_rx.clone());
+            let ui = crate::ui::Ui::new(
+                auth.clone(),
+                RegistryApi::new(registry.clone(), metrics.clone()).with_shadow(shadow.clone()),
+                monitor,
+                AdminApi::new(db.clone(), registry.clone(), metrics.clone(), replicator.clone()),
+                history.clone(),
+                cfg.cluster.region,
+            );
+            let serve_ui = crate::ui::serve(ui, l, async {
+                let _ = ui_stopped.await;
+            });
+            (Some(tokio::spawn(serve_ui)), Some(tokio::spawn(history.sample_every_interval())))
+        }
+        None => (None, None),
+    };
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     for name in [
@@ -450,7 +514,7 @@ pub async fn serve(
     );
     let reload_task = matches!(auth.mode(), AuthMode::Tokens(_)).then(|| tokio::spawn(reload_on_hangup(auth.clone())));
     let incoming = crate::conn::incoming(listener, cfg.max_connections, conn_stats);
-    ready(addr, metrics_addr);
+    ready(Bound { api: addr, metrics: metrics_addr, ui: ui_addr });
     let pullers = replicator.start();
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "serving");
     let mut builder = tonic::transport::Server::builder()
@@ -489,6 +553,15 @@ pub async fn serve(
         } => tracing::warn!(deadline_s = deadline.as_secs_f64(), "shutdown deadline passed: not waiting for the connections still open"),
     }
     drop(server);
+    // The UI holds the services (and through them the engine).
+    let _ = ui_stop.send(());
+    if let Some(t) = ui_task {
+        let _ = t.await;
+    }
+    if let Some(t) = history_task {
+        t.abort();
+        let _ = t.await;
+    }
     if let Some(t) = reload_task {
         t.abort();
     }

@@ -431,6 +431,7 @@ fn drift_of(
         max_psi,
         max_ks,
         breached,
+        counts: buckets.to_vec(),
     }
 }
 

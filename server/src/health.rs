@@ -169,6 +169,11 @@ impl ServedTrack {
         }
     }
 
+    /// Answers by status since start.
+    fn totals(&self) -> ServedCounts {
+        self.counters.each_ref().map(IntCounter::get)
+    }
+
     /// The counts of the window ending at `now_us`.
     fn window(&self, now_us: i64) -> ServedCounts {
         let now = minute_of(now_us);
@@ -690,6 +695,18 @@ impl Health {
                 Err(e) => tracing::warn!(error = %e, "storing watermarks failed"),
             }
         }
+    }
+
+    /// Online answers per group since start, by status, summed over the group's features.
+    pub fn served_totals(&self) -> HashMap<String, ServedCounts> {
+        let mut out: HashMap<String, ServedCounts> = HashMap::new();
+        for ((group, _), track) in self.served.lock().iter() {
+            let sum = out.entry(group.clone()).or_default();
+            for (a, n) in sum.iter_mut().zip(track.totals()) {
+                *a += n;
+            }
+        }
+        out
     }
 
     /// The health of every group (or only `only`) at `now_us`; `visible` filters groups.

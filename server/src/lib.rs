@@ -24,3 +24,4 @@ pub mod service;
 pub mod shadow;
 pub mod skew;
 pub mod tls;
+pub mod ui;

@@ -11,7 +11,7 @@ use clap::Parser;
 use quiver_server::admission::{REQUESTS_IN_FLIGHT_MAX, REQUESTS_IN_FLIGHT_MAX_DEFAULT};
 use quiver_server::auth::{AuthMode, BearerToken};
 use quiver_server::conn::{CONNECTIONS_MAX, CONNECTIONS_MAX_DEFAULT};
-use quiver_server::daemon::{serve, ServeConfig, SHUTDOWN_TIMEOUT_DEFAULT};
+use quiver_server::daemon::{serve, Listeners, ServeConfig, SHUTDOWN_TIMEOUT_DEFAULT};
 use quiver_server::features::JOIN_THREADS_MAX;
 use quiver_server::replication::{ClusterConfig, Peer};
 use quiver_server::tls::TlsConfig;
@@ -50,6 +50,9 @@ struct Args {
     /// Durability of writes that do not ask for one: "sync" or "async".
     #[arg(long, env = "QUIVER_DURABILITY")]
     durability: Option<String>,
+    /// The web UI's address (loopback only; off unless given), e.g. 127.0.0.1:8080.
+    #[arg(long, env = "QUIVER_UI_LISTEN")]
+    ui_listen: Option<SocketAddr>,
     /// Prometheus metrics address (`GET /metrics`), or "off".
     #[arg(long, env = "QUIVER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -129,7 +132,7 @@ struct Args {
     #[arg(long, env = "QUIVER_SHADOW_SAMPLE_RATE")]
     shadow_sample_rate: Option<f64>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
-    /// io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
+    /// ui_listen, io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
     /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file, tls_cert, tls_key,
     /// tls_ca, checkpoint_root, max_concurrent_requests, max_connections, shutdown_timeout_ms,
     /// log_sample_rate, log_retention_hours, shadow (a list of "group@N"), shadow_sample_rate.
@@ -145,6 +148,7 @@ struct FileConfig {
     durability: Option<String>,
     memory_budget_mb: Option<u64>,
     metrics_listen: Option<String>,
+    ui_listen: Option<SocketAddr>,
     io_backend: Option<String>,
     direct_reads: Option<bool>,
     region: Option<u32>,
@@ -174,6 +178,7 @@ struct Config {
     durability: Durability,
     memory_budget_mb: u64,
     metrics_listen: Option<SocketAddr>,
+    ui_listen: Option<SocketAddr>,
     io_backend: IoBackend,
     direct_reads: bool,
     cluster: ClusterConfig,
@@ -225,6 +230,10 @@ fn config(args: Args) -> Result<Config, String> {
         Some("off") => None,
         Some(a) => Some(a.parse().map_err(|_| format!("metrics address {a:?} is not host:port or \"off\""))?),
     };
+    let ui_listen = args.ui_listen.or(file.ui_listen);
+    if let Some(a) = ui_listen {
+        quiver_server::ui::check_listen(a)?;
+    }
     let io_backend = match args.io_backend.or(file.io_backend) {
         None => IoBackend::Auto,
         Some(b) => b.parse()?,
@@ -321,6 +330,7 @@ fn config(args: Args) -> Result<Config, String> {
         durability,
         memory_budget_mb,
         metrics_listen,
+        ui_listen,
         io_backend,
         direct_reads,
         cluster,
@@ -351,6 +361,10 @@ async fn run(cfg: Config) -> Result<(), String> {
         Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| format!("metrics listening on {a}: {e}"))?),
         None => None,
     };
+    let ui_listener = match cfg.ui_listen {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| format!("UI listening on {a}: {e}"))?),
+        None => None,
+    };
     let data_dir = cfg.data_dir.clone();
     let serve_cfg = ServeConfig {
         data_dir: cfg.data_dir,
@@ -373,9 +387,15 @@ async fn run(cfg: Config) -> Result<(), String> {
         shadow: cfg.shadow,
         shadow_sample_rate: cfg.shadow_sample_rate,
     };
-    serve(serve_cfg, listener, metrics_listener, shutdown_signal(), |addr, metrics| {
-        let metrics = metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));
-        println!("quiverd listening on {addr}, data directory {}, metrics {metrics}", data_dir.display());
+    let listeners = Listeners { api: listener, metrics: metrics_listener, ui: ui_listener };
+    serve(serve_cfg, listeners, shutdown_signal(), |bound| {
+        let metrics = bound.metrics.map_or("off".to_string(), |m| format!("http://{m}/metrics"));
+        let ui = bound.ui.map_or("off".to_string(), |u| format!("http://{u}/"));
+        println!(
+            "quiverd listening on {}, data directory {}, metrics {metrics}, ui {ui}",
+            bound.api,
+            data_dir.display()
+        );
     })
     .await
 }

@@ -45,17 +45,23 @@ pub struct Listening {
     pub addr: String,
     /// The metrics address, `host:port`, when metrics are on.
     pub metrics: Option<String>,
+    /// The web UI's address, `host:port`, when the UI is on.
+    pub ui: Option<String>,
 }
 
-/// Parses `quiverd listening on ADDR, data directory DIR, metrics http://HOST:PORT/metrics`
-/// (or `metrics off`).
+/// Parses `quiverd listening on ADDR, data directory DIR, metrics http://HOST:PORT/metrics, ui
+/// http://HOST:PORT/` (either may be `off`).
 pub fn parse_listening(line: &str) -> Option<Listening> {
     let addr = line.strip_prefix(LISTENING)?.split(',').next()?.trim();
     if addr.is_empty() {
         return None;
     }
-    let metrics = line.rsplit_once("metrics http://").map(|(_, m)| m.trim().trim_end_matches("/metrics").to_string());
-    Some(Listening { addr: addr.to_string(), metrics })
+    let url = |label: &str, path: &str| {
+        let (_, rest) = line.rsplit_once(&format!(", {label} http://"))?;
+        let hostport = rest.split([',', '\n']).next()?.trim();
+        Some(hostport.strip_suffix(path).unwrap_or(hostport).to_string())
+    };
+    Some(Listening { addr: addr.to_string(), metrics: url("metrics", "/metrics"), ui: url("ui", "/") })
 }
 
 /// Spawns `cmd` (a `quiverd` command line, perhaps behind a prefix) with its stdout piped here,
@@ -85,11 +91,14 @@ mod tests {
     #[test]
     fn parses_the_listening_line() {
         let l = parse_listening(
-            "quiverd listening on 127.0.0.1:4001, data directory /tmp/a, b, metrics http://127.0.0.1:9464/metrics\n",
+            "quiverd listening on 127.0.0.1:4001, data directory /tmp/a, b, metrics http://127.0.0.1:9464/metrics, ui \
+             off\n",
         );
-        assert_eq!(l, Some(Listening { addr: "127.0.0.1:4001".into(), metrics: Some("127.0.0.1:9464".into()) }));
-        let l = parse_listening("quiverd listening on [::1]:7000, data directory /d, metrics off\n");
-        assert_eq!(l, Some(Listening { addr: "[::1]:7000".into(), metrics: None }));
+        let want = Listening { addr: "127.0.0.1:4001".into(), metrics: Some("127.0.0.1:9464".into()), ui: None };
+        assert_eq!(l, Some(want));
+        let l =
+            parse_listening("quiverd listening on [::1]:7000, data directory /d, metrics off, ui http://[::1]:80/\n");
+        assert_eq!(l, Some(Listening { addr: "[::1]:7000".into(), metrics: None, ui: Some("[::1]:80".into()) }));
         assert_eq!(parse_listening("error: no such directory\n"), None);
         assert_eq!(parse_listening(""), None);
     }

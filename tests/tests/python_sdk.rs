@@ -17,7 +17,7 @@ fn python_sdk_pytest_suite_passes_against_a_real_quiverd() {
     );
     let sdk = concat!(env!("CARGO_MANIFEST_DIR"), "/../python");
     let probe = Command::new(&python)
-        .args(["-c", "import quiver, pytest, polars, grpc_tools"])
+        .args(["-c", "import quiver, pytest, polars, grpc_tools, selenium"])
         .output()
         .unwrap_or_else(|e| panic!("{python}: {e} (set QUIVER_TEST_PYTHON to a Python with the SDK installed)"));
     assert!(

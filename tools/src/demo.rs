@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use quiver_proto::v1 as pb;
-use quiver_server::daemon::{serve, ServeConfig};
+use quiver_server::daemon::{serve, Listeners, ServeConfig};
 use tonic::transport::Channel;
 
 use crate::common::{cell_text, grpc, now_us, Conn, Result};
@@ -56,7 +56,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         shadow: Vec::new(),
         shadow_sample_rate: quiver_server::shadow::SHADOW_SAMPLE_RATE_DEFAULT,
     };
-    let server = tokio::spawn(serve(cfg, listener, None, async { stopped.await.unwrap_or(()) }, |_, _| {}));
+    let server = tokio::spawn(serve(cfg, Listeners::api(listener), async { stopped.await.unwrap_or(()) }, |_| {}));
     println!("demo: embedded quiverd on {addr}, data in {}", tmp.path().display());
     let ch = connect(&format!("http://{addr}")).await?;
     let mut registry = pb::registry_service_client::RegistryServiceClient::new(ch.clone());
