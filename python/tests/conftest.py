@@ -119,7 +119,7 @@ class Daemon:
                 self.process.wait()
 
 
-def start_quiverd(data_dir: Path, *extra: str, listen: str = "127.0.0.1:0") -> Daemon:
+def start_quiverd(data_dir: Path, *extra: str, listen: str = "127.0.0.1:0", env: dict[str, str] | None = None) -> Daemon:
     proc = subprocess.Popen(
         [
             str(binary("QUIVERD", "quiverd")),
@@ -134,6 +134,7 @@ def start_quiverd(data_dir: Path, *extra: str, listen: str = "127.0.0.1:0") -> D
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

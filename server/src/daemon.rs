@@ -80,6 +80,10 @@ pub const WATERMARK_INTERVAL_ENV: &str = "QUIVER_TEST_WATERMARK_INTERVAL_MS";
 /// milliseconds, instead of `drift::DRIFT_INTERVAL`.
 pub const DRIFT_INTERVAL_ENV: &str = "QUIVER_TEST_DRIFT_INTERVAL_MS";
 
+/// Test-only: how often the web UI samples the counters it charts, in milliseconds, instead of
+/// `ui::UI_SAMPLE_INTERVAL`.
+pub const UI_SAMPLE_INTERVAL_ENV: &str = "QUIVER_TEST_UI_SAMPLE_MS";
+
 /// Test-only: every round of data-block reads first sleeps this many milliseconds (a slow SSD),
 /// to show that online lookups with a deadline still answer from the hot tier in time.
 pub const SSD_READ_DELAY_ENV: &str = "QUIVER_TEST_SSD_READ_DELAY_MS";
@@ -381,37 +385,6 @@ pub async fn serve(
             let _ = metrics_stopped.await;
         }))
     });
-    let ui_addr = match &ui_listener {
-        Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
-        None => None,
-    };
-    let (ui_stop, ui_stopped) = tokio::sync::oneshot::channel::<()>();
-    let (ui_task, history_task) = match ui_listener {
-        Some(l) => {
-            let history = crate::ui::History::new(feature_health.clone());
-            let monitor = crate::service::MonitorApi::new(
-                feature_health.clone(),
-                served_log.clone(),
-                registry.clone(),
-                metrics.clone(),
-            )
-            .with_features(features.clone())
-            .with_stopping(stopping_rx.clone());
-            let ui = crate::ui::Ui::new(
-                auth.clone(),
-                RegistryApi::new(registry.clone(), metrics.clone()).with_shadow(shadow.clone()),
-                monitor,
-                AdminApi::new(db.clone(), registry.clone(), metrics.clone(), replicator.clone()),
-                history.clone(),
-                cfg.cluster.region,
-            );
-            let serve_ui = crate::ui::serve(ui, l, async {
-                let _ = ui_stopped.await;
-            });
-            (Some(tokio::spawn(serve_ui)), Some(tokio::spawn(history.sample_every_interval())))
-        }
-        None => (None, None),
-    };
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     for name in [
@@ -497,7 +470,7 @@ pub async fn serve(
     let admin_svc = AdmitRequests::new(
         InterceptedService::new(
             pb::admin_service_server::AdminServiceServer::new(
-                AdminApi::new(db.clone(), registry, metrics.clone(), replicator.clone())
+                AdminApi::new(db.clone(), registry.clone(), metrics.clone(), replicator.clone())
                     .with_test_clock(manual)
                     .with_checkpoint_root(checkpoint_root),
             )
@@ -514,6 +487,40 @@ pub async fn serve(
     );
     let reload_task = matches!(auth.mode(), AuthMode::Tokens(_)).then(|| tokio::spawn(reload_on_hangup(auth.clone())));
     let incoming = crate::conn::incoming(listener, cfg.max_connections, conn_stats);
+    // The web UI, last: nothing below returns early before the server runs.
+    let ui_sample_interval = test_switch_value::<u64>(UI_SAMPLE_INTERVAL_ENV)?
+        .map_or(crate::ui::UI_SAMPLE_INTERVAL, std::time::Duration::from_millis);
+    let ui_addr = match &ui_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let (ui_stop, ui_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ui_task, history_task) = match ui_listener {
+        Some(l) => {
+            let history = crate::ui::History::new(feature_health.clone(), ui_sample_interval);
+            let monitor = crate::service::MonitorApi::new(
+                feature_health.clone(),
+                served_log.clone(),
+                registry.clone(),
+                metrics.clone(),
+            )
+            .with_features(features.clone())
+            .with_stopping(stopping_rx.clone());
+            let ui = crate::ui::Ui::new(
+                auth.clone(),
+                RegistryApi::new(registry.clone(), metrics.clone()).with_shadow(shadow.clone()),
+                monitor,
+                AdminApi::new(db.clone(), registry.clone(), metrics.clone(), replicator.clone()),
+                history.clone(),
+                cfg.cluster.region,
+            );
+            let serve_ui = crate::ui::serve(ui, l, async {
+                let _ = ui_stopped.await;
+            });
+            (Some(tokio::spawn(serve_ui)), Some(tokio::spawn(history.sample_every_interval())))
+        }
+        None => (None, None),
+    };
     ready(Bound { api: addr, metrics: metrics_addr, ui: ui_addr });
     let pullers = replicator.start();
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "serving");
@@ -537,6 +544,8 @@ pub async fn serve(
                 shutdown.await;
                 tracing::info!("stopping: no new connections; open streams end with UNAVAILABLE");
                 let _ = stopping_tx.send(true);
+                // The UI stops with the API, so that its reads drain within the same deadline.
+                let _ = ui_stop.send(());
             }),
     );
     // The stop has a deadline: past it the server stops waiting for open connections. Their
@@ -553,8 +562,8 @@ pub async fn serve(
         } => tracing::warn!(deadline_s = deadline.as_secs_f64(), "shutdown deadline passed: not waiting for the connections still open"),
     }
     drop(server);
-    // The UI holds the services (and through them the engine).
-    let _ = ui_stop.send(());
+    // The UI holds the services (and through them the engine); it was told to stop with the
+    // server (its open connections are cut).
     if let Some(t) = ui_task {
         let _ = t.await;
     }

@@ -293,7 +293,15 @@ pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener, shu
             _ = &mut shutdown => return,
             c = listener.accept() => c,
         };
-        let Ok((stream, _)) = conn else { continue };
+        let stream = match conn {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: do not spin.
+                tracing::debug!(error = %e, "metrics accept");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let m = metrics.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {

@@ -6,7 +6,8 @@
 //!   embedded in the binary (`server/ui/`). No build step and no runtime Node.
 //! - `GET /api/...`: JSON read by the pages. Every endpoint calls the gRPC service that answers
 //!   the same question ([`RegistryService`], [`MonitorService`], [`AdminService`]) in process,
-//!   so a page shows exactly what the API and the CLI show, under the same rules:
+//!   so a page shows exactly what the API and the CLI show, under the same tokens, scopes,
+//!   group limits and rate limits (one `/api` call is one request against a token's rate);
 //!   - `/api/node`: the node (region, authentication, version, start time);
 //!   - `/api/registry`: entity types, and every group's serving definition and versions;
 //!   - `/api/group?name=G`: every version of a group, its promotions, and which one serves;
@@ -25,7 +26,9 @@
 //!   reach it through an SSH tunnel or a TLS-terminating proxy on the same host. Requests whose
 //!   `Host` is not a loopback name are refused (`421`), which defeats DNS rebinding.
 //! - Pages are sent with a `Content-Security-Policy` allowing only their own script and style.
-//! - At most [`UI_CONNECTIONS_MAX`] connections are open at once; more are closed.
+//! - At most [`UI_CONNECTIONS_MAX`] connections are open at once; more are closed. At most
+//!   [`UI_API_REQUESTS_MAX`] `/api` calls run at once (the UI's own bound: its calls do not
+//!   pass through the gRPC services' admission); more are refused with `429`.
 //!
 //! # History
 //! quiverd's counters are totals since start; charts need them over time. [`History`] samples
@@ -62,6 +65,9 @@ pub const UI_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
 pub const UI_SAMPLES: usize = 360;
 /// UI connections open at once; more are closed as they are accepted.
 pub const UI_CONNECTIONS_MAX: usize = 64;
+/// `/api` requests served at once (each may scan the served-feature log for drift); more are
+/// refused with `429`.
+pub const UI_API_REQUESTS_MAX: usize = 8;
 /// How long a connection may take to send a request's headers.
 pub const UI_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -92,13 +98,16 @@ struct Sample {
 #[derive(Debug)]
 pub struct History {
     health: Arc<Health>,
+    interval: Duration,
     samples: Mutex<VecDeque<Sample>>,
 }
 
 impl History {
-    /// An empty history of `health`'s figures.
-    pub fn new(health: Arc<Health>) -> Arc<History> {
-        Arc::new(History { health, samples: Mutex::new(VecDeque::with_capacity(UI_SAMPLES)) })
+    /// An empty history of `health`'s figures, sampled every `interval` ([`UI_SAMPLE_INTERVAL`]
+    /// but in tests).
+    pub fn new(health: Arc<Health>, interval: Duration) -> Arc<History> {
+        let interval = interval.max(Duration::from_millis(1));
+        Arc::new(History { health, interval, samples: Mutex::new(VecDeque::with_capacity(UI_SAMPLES)) })
     }
 
     /// Every group's figures now (reads the stored watermarks: call off the async threads).
@@ -125,9 +134,9 @@ impl History {
         samples.push_back(s);
     }
 
-    /// Samples every [`UI_SAMPLE_INTERVAL`], forever (the task is aborted when quiverd stops).
+    /// Samples every interval, forever (the task is aborted when quiverd stops).
     pub async fn sample_every_interval(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(UI_SAMPLE_INTERVAL);
+        let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -167,6 +176,7 @@ pub struct Ui {
     history: Arc<History>,
     region: u32,
     started_ms: i64,
+    api_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// An answer to one `/api` call.
@@ -183,22 +193,19 @@ impl Ui {
         region: u32,
     ) -> Ui {
         let started_ms = crate::service::now_us().div_euclid(1000);
-        Ui { auth, registry, monitor, admin, history, region, started_ms }
+        let api_slots = Arc::new(tokio::sync::Semaphore::new(UI_API_REQUESTS_MAX));
+        Ui { auth, registry, monitor, admin, history, region, started_ms, api_slots }
     }
 
-    /// A request to a service as the caller of `headers`: authenticated and rate-limited as the
-    /// gRPC interceptor does it (crate::auth), with `scope` checked when given.
-    fn request<T>(&self, headers: &hyper::HeaderMap, scope: Option<Scope>, msg: T) -> Result<Request<T>, Status> {
-        let p = self.principal(headers)?;
-        if let Some(s) = scope {
-            p.require(s)?;
-        }
-        p.take_request()?;
+    /// A request to a service from `p` (authenticated and charged once for the whole `/api`
+    /// call by [`Ui::api`]: one page load is one request against the token's rate limit).
+    fn request<T>(p: &Arc<Principal>, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
-        req.extensions_mut().insert(p);
-        Ok(req)
+        req.extensions_mut().insert(p.clone());
+        req
     }
 
+    /// Who sent `headers`, as the gRPC interceptor decides it (crate::auth).
     fn principal(&self, headers: &hyper::HeaderMap) -> Result<Arc<Principal>, Status> {
         let mut md = tonic::metadata::MetadataMap::new();
         if let Some(v) = headers.get(hyper::header::AUTHORIZATION) {
@@ -232,17 +239,17 @@ impl Ui {
             "version": env!("CARGO_PKG_VERSION"),
             "started_ms": self.started_ms,
             "now_ms": crate::service::now_us().div_euclid(1000),
-            "sample_interval_s": UI_SAMPLE_INTERVAL.as_secs(),
+            "sample_interval_ms": self.history.interval.as_millis() as u64,
         }))
     }
 
-    async fn registry(&self, h: &hyper::HeaderMap) -> Answer {
-        let types = self.registry.list_entity_types(self.request(h, None, pb::ListEntityTypesRequest {})?).await?;
-        let groups = self.registry.list_feature_groups(self.request(h, None, pb::ListFeatureGroupsRequest {})?).await?;
+    async fn registry(&self, p: &Arc<Principal>) -> Answer {
+        let types = self.registry.list_entity_types(Self::request(p, pb::ListEntityTypesRequest {})).await?;
+        let groups = self.registry.list_feature_groups(Self::request(p, pb::ListFeatureGroupsRequest {})).await?;
         let mut out = Vec::new();
         for g in groups.into_inner().feature_groups {
             let req = pb::ListGroupVersionsRequest { group: g.name.clone() };
-            let versions = self.registry.list_group_versions(self.request(h, None, req)?).await?.into_inner();
+            let versions = self.registry.list_group_versions(Self::request(p, req)).await?.into_inner();
             let mut j = group_json(&g);
             j["serving_version"] = json!(versions.serving_version);
             j["versions"] = versions.versions.iter().map(version_json).collect();
@@ -254,14 +261,14 @@ impl Ui {
         }))
     }
 
-    async fn group(&self, h: &hyper::HeaderMap, query: &HashMap<String, String>) -> Answer {
+    async fn group(&self, p: &Arc<Principal>, query: &HashMap<String, String>) -> Answer {
         let name = required(query, "name")?;
         let req = pb::ListGroupVersionsRequest { group: name.to_string() };
-        let versions = self.registry.list_group_versions(self.request(h, None, req)?).await?.into_inner();
+        let versions = self.registry.list_group_versions(Self::request(p, req)).await?.into_inner();
         let mut defs = Vec::new();
         for v in &versions.versions {
             let req = pb::GetFeatureGroupRequest { name: name.to_string(), version: v.version };
-            let def = self.registry.get_feature_group(self.request(h, None, req)?).await?.into_inner();
+            let def = self.registry.get_feature_group(Self::request(p, req)).await?.into_inner();
             let mut j = group_json(&def);
             j["state"] = json!(version_json(v));
             defs.push(j);
@@ -274,8 +281,8 @@ impl Ui {
         }))
     }
 
-    async fn health(&self, h: &hyper::HeaderMap) -> Answer {
-        let req = self.request(h, None, pb::GetFeatureHealthRequest { group: String::new() })?;
+    async fn health(&self, p: &Arc<Principal>) -> Answer {
+        let req = Self::request(p, pb::GetFeatureHealthRequest { group: String::new() });
         let report = self.monitor.get_feature_health(req).await?.into_inner();
         let history = self.history.clone();
         let live = tokio::task::spawn_blocking(move || history.take())
@@ -301,8 +308,9 @@ impl Ui {
         }))
     }
 
-    async fn replication(&self, h: &hyper::HeaderMap) -> Answer {
-        let req = self.request(h, Some(Scope::Admin), pb::GetReplicationStatusRequest {})?;
+    async fn replication(&self, p: &Arc<Principal>) -> Answer {
+        p.require(Scope::Admin)?;
+        let req = Self::request(p, pb::GetReplicationStatusRequest {});
         let r = self.admin.get_replication_status(req).await?.into_inner();
         let peers: Vec<Json> = r
             .peers
@@ -339,10 +347,10 @@ impl Ui {
         }))
     }
 
-    async fn drift(&self, h: &hyper::HeaderMap, query: &HashMap<String, String>) -> Answer {
+    async fn drift(&self, p: &Arc<Principal>, query: &HashMap<String, String>) -> Answer {
         let group = required(query, "group")?;
         let req = pb::ListBaselinesRequest { group: group.to_string() };
-        let baselines = self.monitor.list_baselines(self.request(h, None, req)?).await?.into_inner().baselines;
+        let baselines = self.monitor.list_baselines(Self::request(p, req)).await?.into_inner().baselines;
         let Some(base) = baselines.into_iter().next() else {
             return Ok(json!({ "group": group, "baseline": null }));
         };
@@ -354,10 +362,29 @@ impl Ui {
                 source: source as i32,
                 ..Default::default()
             };
-            let r = self.monitor.measure_drift(self.request(h, None, req)?).await?.into_inner();
+            let r = self.monitor.measure_drift(Self::request(p, req)).await?.into_inner();
             measured.insert(name.into(), drift_json(&r));
         }
         Ok(json!({ "group": group, "baseline": baseline_json(&base), "drift": measured }))
+    }
+
+    /// One `/api` call: authenticated and charged against the token's rate limit once, within
+    /// [`UI_API_REQUESTS_MAX`] at once.
+    async fn api(&self, path: &str, h: &hyper::HeaderMap, query: &HashMap<String, String>) -> Answer {
+        let p = self.principal(h)?;
+        let Ok(_slot) = self.api_slots.try_acquire() else {
+            return Err(Status::resource_exhausted(format!(
+                "the UI serves {UI_API_REQUESTS_MAX} API requests at once; retry"
+            )));
+        };
+        p.take_request()?;
+        match path {
+            "/api/registry" => self.registry(&p).await,
+            "/api/group" => self.group(&p, query).await,
+            "/api/health" => self.health(&p).await,
+            "/api/replication" => self.replication(&p).await,
+            _ => self.drift(&p, query).await,
+        }
     }
 
     /// Answers one HTTP request.
@@ -382,14 +409,11 @@ impl Ui {
         }
         let query: HashMap<String, String> =
             form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect();
-        let h = req.headers();
         let answer = match path {
-            "/api/node" => self.node(h).await,
-            "/api/registry" => self.registry(h).await,
-            "/api/group" => self.group(h, &query).await,
-            "/api/health" => self.health(h).await,
-            "/api/replication" => self.replication(h).await,
-            "/api/drift" => self.drift(h, &query).await,
+            "/api/node" => self.node(req.headers()).await,
+            "/api/registry" | "/api/group" | "/api/health" | "/api/replication" | "/api/drift" => {
+                self.api(path, req.headers(), &query).await
+            }
             _ => return plain(StatusCode::NOT_FOUND, "not found\n"),
         };
         let (status, body) = match answer {
@@ -416,7 +440,15 @@ pub async fn serve(ui: Ui, listener: tokio::net::TcpListener, shutdown: impl Fut
             c = listener.accept() => c,
         };
         while open.try_join_next().is_some() {}
-        let Ok((stream, _)) = conn else { continue };
+        let stream = match conn {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: do not spin.
+                tracing::debug!(error = %e, "UI accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::debug!("UI connection closed: {UI_CONNECTIONS_MAX} are open");
             continue;
@@ -707,7 +739,21 @@ fn baseline_json(b: &pb::Baseline) -> Json {
 
 /// Labels of the bins `edges` make (see NumericSummary).
 fn bin_labels(edges: &[f64]) -> Vec<String> {
-    let short = |x: f64| format!("{x:.4}").trim_end_matches('0').trim_end_matches('.').to_string();
+    // About three significant digits: labels are for reading, the edges are in the baseline.
+    let short = |x: f64| {
+        let digits = match x.abs() {
+            a if a >= 100.0 || a == 0.0 => 0,
+            a if a >= 10.0 => 1,
+            a if a >= 1.0 => 2,
+            _ => 3,
+        };
+        let s = format!("{x:.digits$}");
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    };
     let mut out = Vec::with_capacity(edges.len() + 1);
     if let Some(first) = edges.first() {
         out.push(format!("< {}", short(*first)));
@@ -786,6 +832,7 @@ mod tests {
         assert_eq!(code_name(tonic::Code::Ok), "OK");
         assert_eq!(http_status(tonic::Code::PermissionDenied), StatusCode::FORBIDDEN);
         assert_eq!(bin_labels(&[1.0, 2.5]), ["< 1", "[1, 2.5)", "≥ 2.5"]);
+        assert_eq!(bin_labels(&[13.4781, 150.0, 0.012345]), ["< 13.5", "[13.5, 150)", "[150, 0.012)", "≥ 0.012"]);
         assert_eq!(bin_labels(&[]), ["all"]);
         let v = pb::Value { kind: Some(pb::value::Kind::Int64Value(i64::MIN)) };
         assert_eq!(value_text(&v), "-9223372036854775808");

@@ -173,12 +173,17 @@ function lineChart(title, points, unit, color) {
   return box;
 }
 
-// Rates between consecutive samples of a counter: [t_ms, per second].
+// Rates between consecutive samples of a counter: [t_ms, per second]. A sample closer than
+// half an interval to the one before (the live one, just after a periodic one) is skipped: a
+// rate over a few milliseconds says nothing.
 function rates(t, counter) {
   const out = [];
+  const minGap = (node.sample_interval_ms || 10000) / 2;
+  let j = 0;
   for (let i = 1; i < t.length; i++) {
-    const dt = (t[i] - t[i - 1]) / 1000;
-    if (dt > 0) out.push([t[i], Math.max(0, counter[i] - counter[i - 1]) / dt]);
+    if (t[i] - t[j] < minGap) continue;
+    out.push([t[i], Math.max(0, counter[i] - counter[j]) / ((t[i] - t[j]) / 1000)]);
+    j = i;
   }
   return out;
 }
@@ -240,8 +245,11 @@ function histograms(buckets, series) {
       r.appendChild(s("title", {}, `${name} ${label}: ${(v * 100).toFixed(1)}%`));
       svg.appendChild(r);
     });
-    const short = label.length > 14 ? label.slice(0, 13) + "…" : label;
-    svg.appendChild(s("text", { x: gx + groupW / 2 - 3, y: height - pad.b + 14, "text-anchor": "middle" }, short));
+    // About 6 px a character: labels that do not fit keep their lower edge.
+    const room = Math.floor(groupW / 6);
+    const lower = label.startsWith("[") ? "≥ " + label.slice(1).split(",")[0] : label;
+    const fit = label.length <= room ? label : lower.length <= room ? lower : lower.slice(0, Math.max(room - 1, 1)) + "…";
+    svg.appendChild(s("text", { x: gx + groupW / 2 - 3, y: height - pad.b + 14, "text-anchor": "middle" }, fit));
   });
   return svg;
 }
@@ -261,7 +269,7 @@ function freshnessBadge(g) {
   return badge("no SLA");
 }
 
-async function overview() {
+async function overview(show) {
   const [reg, health] = await Promise.all([api("/api/registry"), api("/api/health")]);
   const hByGroup = Object.fromEntries(health.groups.map((g) => [g.group, g]));
   const slaBad = health.groups.filter((g) => g.sla_breached).length;
@@ -282,7 +290,7 @@ async function overview() {
       fmtInt(answers),
     ];
   });
-  page(
+  show(
     "overview",
     h("h1", {}, "Overview"),
     h(
@@ -306,7 +314,7 @@ async function overview() {
   );
 }
 
-async function registryPage() {
+async function registryPage(show) {
   const reg = await api("/api/registry");
   const types = reg.entity_types.map((e) => [
     h("strong", {}, e.name),
@@ -322,7 +330,7 @@ async function registryPage() {
     fmtInt(g.features.length),
     g.description,
   ]);
-  page(
+  show(
     "registry",
     h("h1", {}, "Registry"),
     h("h2", {}, "Entity types"),
@@ -368,16 +376,16 @@ function groupVersionView(v) {
   ];
 }
 
-async function groupPage(name) {
+async function groupPage(show, name) {
   const g = await api("/api/group?name=" + encodeURIComponent(name));
   const holder = h("div", { id: "version" });
   const tabs = h("div", { class: "tabs" });
-  const show = (v) => {
+  const showVersion = (v) => {
     holder.replaceChildren(...groupVersionView(v));
     tabs.querySelectorAll("button").forEach((b) => b.classList.toggle("active", b.dataset.version === String(v.version)));
   };
   for (const v of g.versions) {
-    tabs.appendChild(h("button", { "data-version": v.version, type: "button", onclick: () => show(v) }, `v${v.version} · ${v.state.state}`));
+    tabs.appendChild(h("button", { "data-version": v.version, type: "button", onclick: () => showVersion(v) }, `v${v.version} · ${v.state.state}`));
   }
   const promotions = g.promotions.map((p) => [
     fmtTime(p.at_ms),
@@ -387,7 +395,7 @@ async function groupPage(name) {
     p.reason || "—",
     p.forced ? badge("forced", "warn") : "",
   ]);
-  page(
+  show(
     "group",
     h("h1", {}, "Feature group ", h("span", { class: "mono", id: "group-name" }, g.name)),
     h("p", {}, h("a", { href: "#/health" }, "Health"), " · ", h("a", { href: "#/drift/" + encodeURIComponent(g.name) }, "Drift")),
@@ -397,10 +405,10 @@ async function groupPage(name) {
     table(["When", "Kind", "Versions", "By", "Reason", ""], promotions, { id: "promotions" })
   );
   const serving = g.versions.find((v) => v.version === g.serving_version) || g.versions[g.versions.length - 1];
-  if (serving) show(serving);
+  if (serving) showVersion(serving);
 }
 
-async function healthPage() {
+async function healthPage(show) {
   const health = await api("/api/health");
   const sections = health.groups.map((g) => {
     const ser = g.series;
@@ -410,7 +418,7 @@ async function healthPage() {
       { class: "charts" },
       lineChart("Freshness (now − newest event time)", fresh, "s", "#2f5bd3"),
       lineChart("Ingest (values written per second)", rates(ser.t_ms, ser.written), "", "#2f9e62"),
-      lineChart("Serve (online answers per second)", rates(ser.t_ms, ser.served), "", "#805ad5")
+      lineChart("Serve (feature values answered per second)", rates(ser.t_ms, ser.served), "", "#805ad5")
     );
     const rows = g.features.map((f) => [f.feature, f.counts]);
     const answered = rows.some(([, c]) => c.some((n) => n > 0));
@@ -437,15 +445,15 @@ async function healthPage() {
       table(["Feature", "Present", "Not found", "Stale", "Defaulted", "Unavailable", "Null rate", "Max", ""], feats, { numeric: [1, 2, 3, 4, 5, 6] })
     );
   });
-  page(
+  show(
     "health",
     h("h1", {}, "Health"),
-    h("p", { class: "muted" }, `Sampled every ${node.sample_interval_s} s for the last hour (kept in quiverd's memory), plus now.`),
+    h("p", { class: "muted" }, `Sampled every ${fmtDuration(node.sample_interval_ms / 1000)} for the last hour (kept in quiverd's memory), plus now.`),
     sections.length ? sections : h("p", { class: "muted" }, "No feature groups.")
   );
 }
 
-async function replicationPage() {
+async function replicationPage(show) {
   const r = await api("/api/replication");
   const peers = r.peers.map((p) => [
     String(p.region),
@@ -459,7 +467,7 @@ async function replicationPage() {
     fmtTime(p.last_contact_ms),
     p.last_error || "—",
   ]);
-  page(
+  show(
     "replication",
     h("h1", {}, "Replication"),
     h(
@@ -484,7 +492,7 @@ async function replicationPage() {
   );
 }
 
-async function driftPage(group) {
+async function driftPage(show, group) {
   const reg = await api("/api/registry");
   const select = h(
     "select",
@@ -494,12 +502,12 @@ async function driftPage(group) {
   );
   const head = [h("h1", {}, "Drift"), h("p", {}, "Group: ", select)];
   if (!group) {
-    page("drift", head, h("p", { class: "muted" }, "Drift compares a group's served and written values with its newest baseline (quiver baseline capture)."));
+    show("drift", head, h("p", { class: "muted" }, "Drift compares a group's served and written values with its newest baseline (quiver baseline capture)."));
     return;
   }
   const d = await api("/api/drift?group=" + encodeURIComponent(group));
   if (!d.baseline) {
-    page("drift:" + group, head, h("p", { class: "muted", id: "no-baseline" }, `${group} has no baseline: capture one from a training set with quiver baseline capture.`));
+    show("drift:" + group, head, h("p", { class: "muted", id: "no-baseline" }, `${group} has no baseline: capture one from a training set with quiver baseline capture.`));
     return;
   }
   const byFeature = (src) => Object.fromEntries((d.drift[src] ? d.drift[src].features : []).map((f) => [f.feature, f]));
@@ -534,7 +542,7 @@ async function driftPage(group) {
       b.kind === "none" ? h("p", { class: "muted" }, "no summary") : h("div", { class: "chart" }, histograms(b.buckets, series))
     );
   });
-  page(
+  show(
     "drift:" + group,
     head,
     h(
@@ -579,6 +587,24 @@ function renderWho() {
   const who = document.getElementById("who");
   const parts = [];
   if (node && node.signed_in) {
+    const paused = !!sessionStorage.getItem(LIVE_KEY);
+    parts.push(
+      h(
+        "button",
+        {
+          type: "button",
+          id: "live",
+          title: "The overview and health pages follow the counters",
+          onclick: () => {
+            if (paused) sessionStorage.removeItem(LIVE_KEY);
+            else sessionStorage.setItem(LIVE_KEY, "1");
+            renderWho();
+            route();
+          },
+        },
+        paused ? "Resume updates" : "Pause updates"
+      )
+    );
     parts.push(h("span", {}, `region ${node.region} · quiverd ${node.version}`));
     if (node.auth === "tokens") {
       parts.push(h("span", {}, `token ${node.token}`));
@@ -604,19 +630,32 @@ function renderWho() {
   document.getElementById("nav-replication").style.display = admin ? "" : "none";
 }
 
+const LIVE_KEY = "quiver.paused";
+// Each navigation (or refresh) gets a number; a page that finishes after a newer one started is
+// dropped, with its refresh.
+let generation = 0;
+
 async function route() {
   clearTimeout(refreshTimer);
-  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
-  const [name, arg] = [parts[0] || "overview", parts[1] || ""];
+  const mine = ++generation;
+  let name = "overview";
   try {
-    if (name === "overview") await overview();
-    else if (name === "registry") await registryPage();
-    else if (name === "group") await groupPage(arg);
-    else if (name === "health") await healthPage();
-    else if (name === "replication") await replicationPage();
-    else if (name === "drift") await driftPage(arg);
-    else page("missing", h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/" }, "Overview")));
+    const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+    name = parts[0] || "overview";
+    const arg = parts[1] || "";
+    // A page renders only if no newer navigation started meanwhile.
+    const show = (...args) => {
+      if (mine === generation) page(...args);
+    };
+    if (name === "overview") await overview(show);
+    else if (name === "registry") await registryPage(show);
+    else if (name === "group") await groupPage(show, arg);
+    else if (name === "health") await healthPage(show);
+    else if (name === "replication") await replicationPage(show);
+    else if (name === "drift") await driftPage(show, arg);
+    else show("missing", h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/" }, "Overview")));
   } catch (e) {
+    if (mine !== generation) return;
     if (e instanceof ApiError && e.status === 401) {
       sessionStorage.removeItem(TOKEN_KEY);
       loginPage(e.message);
@@ -625,15 +664,17 @@ async function route() {
     page("error", h("h1", {}, "Error"), h("div", { class: "error", id: "error" }, e instanceof ApiError ? `${e.code}: ${e.message}` : String(e)));
     return;
   }
+  if (mine !== generation) return;
   document.getElementById("footer").textContent = `Updated ${fmtTime(Date.now())}`;
-  // The live pages follow the counters.
-  if (name === "overview" || name === "health") {
-    refreshTimer = setTimeout(route, (node.sample_interval_s || 10) * 1000);
+  // The live pages follow the counters, unless paused.
+  if ((name === "overview" || name === "health") && !sessionStorage.getItem(LIVE_KEY)) {
+    refreshTimer = setTimeout(route, Math.max(node.sample_interval_ms || 10000, 5000));
   }
 }
 
 async function start() {
   clearTimeout(refreshTimer);
+  generation++; // whatever was loading belongs to the previous sign-in
   try {
     node = await api("/api/node");
   } catch (e) {
