@@ -1,4 +1,5 @@
-"""AsyncClient: the same answers as the sync client, over grpc.aio."""
+"""AsyncClient: the same answers as the sync client, over grpc.aio and (training sets, writes,
+history scans) Arrow Flight run in worker threads."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
 def test_async_client(daemon: Daemon, client: quiver.Client, uid: str) -> None:
     async def run() -> None:
-        async with quiver.AsyncClient(daemon.address) as q:
+        # The shared client's transport: this test runs over Flight and over protobuf alone.
+        async with quiver.AsyncClient(daemon.address, use_flight=client.use_flight) as q:
             user = f"{uid}-async"
             t = NOW - timedelta(minutes=1)
             w = await q.write(
@@ -40,6 +42,9 @@ def test_async_client(daemon: Daemon, client: quiver.Client, uid: str) -> None:
             assert df["spend"].isna().tolist() == [True, False] and df["y"].tolist() == [0, 1]
             batches = [b async for b in job.iter_batches()]
             assert sum(b.num_rows for b in batches) == 2
+            # Joins at once on one client (over Flight, each in its own worker thread).
+            many = await asyncio.gather(*(job.to_arrow() for _ in range(4)))
+            assert all(t.equals(many[0]) for t in many) and many[0].num_rows == 2
 
             history = await q.scan_history({"user_id": user}, "user_stats")
             assert sorted(history["feature"]) == ["user_stats@1:clicks", "user_stats@1:spend"]
@@ -51,5 +56,8 @@ def test_async_client(daemon: Daemon, client: quiver.Client, uid: str) -> None:
                 await q.get_feature_group("nope")
             with pytest.raises(quiver.QuiverInvalidArgument):
                 await q.write([{"user_id": user, "event_timestamp": t, "spend": "x"}], "user_stats")
+            # Over Flight the transport was made and never given up on.
+            assert (q._flight._transport is not None) == (client.use_flight is not False)
+            assert q.use_flight == client.use_flight
 
     asyncio.run(run())

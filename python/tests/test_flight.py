@@ -3,7 +3,7 @@ their gRPC codes, tokens, and the methods it does not serve."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -185,6 +185,20 @@ def test_error_codes_are_read_from_either_form_pyarrow_reports() -> None:
     )
     assert error_from(numbered).code.name == "UNIMPLEMENTED"
     assert isinstance(error_from(fl.FlightUnauthenticatedError("no token")), quiver.QuiverUnauthenticated)
+    # A request shed for load keeps its retry advice, which pyarrow's error drops (as quiverd
+    # words it); one that can never fit has none.
+    shed = pa.ArrowInvalid(
+        "gRPC returned resource exhausted error, with message: overloaded: this request needs 3 bytes and requests in "
+        "flight hold 9 of 10; retry shortly. gRPC client debug context: RESOURCE_EXHAUSTED:overloaded: ..."
+    )
+    e = error_from(shed)
+    assert isinstance(e, quiver.QuiverResourceExhausted) and e.retry_after == timedelta(milliseconds=100)
+    never = pa.ArrowInvalid(
+        "gRPC returned resource exhausted error, with message: this request needs 30 bytes, more than requests may hold "
+        "(10). gRPC client debug context: RESOURCE_EXHAUSTED:this request ..."
+    )
+    e = error_from(never)
+    assert isinstance(e, quiver.QuiverResourceExhausted) and e.retry_after is None
 
 
 def test_categorical_keys_and_requests_too_large_for_the_server(tmp_path: Path, registry_file: Path) -> None:

@@ -162,3 +162,29 @@ def test_empty_spine_and_bad_spines(client: quiver.Client, uid: str) -> None:
     # Unpinned naive timestamps are UTC, numpy datetime64 too.
     naive = pd.DataFrame({"user_id": [f"{uid}-z"], "event_timestamp": np.array(["2026-01-01T00:00:00"], dtype="datetime64[s]")})
     assert client.get_historical_features(naive, ["user_stats:spend"]).to_arrow().num_rows == 1
+
+
+def test_concurrent_joins_shed_by_the_server_are_retried(
+    client: quiver.Client, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """quiverd admits one join at a time within its default request memory (each reserves its
+    answers' share); the others are shed with retry advice, and the SDK sends them again."""
+    events = write_events(client, uid, seed=11)
+    s = spine(uid, seed=11, n=50_000)
+    waits: list[float] = []
+    delay = _core.ShedRetry.delay
+
+    def counted(self: _core.ShedRetry, e: Exception) -> float | None:
+        d = delay(self, e)
+        if d is not None:
+            waits.append(d)
+        return d
+
+    monkeypatch.setattr(_core.ShedRetry, "delay", counted)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        tables = list(pool.map(lambda _: client.get_historical_features(s, ["user_stats:spend"]).to_arrow(), range(6)))
+    assert waits, "no join was shed: the test did not run joins at once"
+    assert all(t.equals(tables[0]) for t in tables)
+    assert tables[0].column("spend").to_pylist() == expected_spend(events, s)

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from quiver import _convert as cv
-from quiver.errors import QuiverInternal, QuiverInvalidArgument
+from quiver.errors import QuiverError, QuiverInternal, QuiverInvalidArgument
 from quiver.registry import VALUE_TYPES, EntityType, FeatureGroup, value_from_proto
 from quiver.v1 import feature_service_pb2 as fs
 from quiver.v1 import types_pb2 as types
@@ -41,6 +41,11 @@ WRITE_REQUEST_BYTES = 8 * 1024 * 1024
 SPINE_ROWS_PER_REQUEST = 1_000_000
 #: The largest message either side accepts (the server's request limit).
 MESSAGE_BYTES_MAX = 256 * 1024 * 1024
+#: How long a spine request the server sheds for load (RESOURCE_EXHAUSTED with retry advice)
+#: is sent again before the error is raised: joins only read, so a retry is safe. Waits start
+#: at the server's advice and double up to SHED_RETRY_DELAY_MAX.
+SHED_RETRY_SECONDS = 120.0
+SHED_RETRY_DELAY_MAX = 2.0
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
@@ -714,3 +719,58 @@ def health_frame(resp: Any) -> pd.DataFrame:
 
 def as_datetime(t: Any) -> datetime | None:
     return None if t is None else cv.from_micros(cv.to_micros(t))
+
+
+class FlightChoice:
+    """Whether a client sends training sets, writes and history scans over Arrow Flight: ``use``
+    is True, False, or None (use it unless the server turns out not to serve it). Shared by
+    :class:`quiver.Client` and :class:`quiver.AsyncClient` (which runs the blocking transport in
+    a worker thread)."""
+
+    def __init__(self, target: str, token: str | None, tls: Any, timeout: float | None, use: bool | None) -> None:
+        self.use = use
+        self._args = (target, token, tls, timeout)
+        self._transport: Any = None
+
+    def transport(self) -> Any:
+        """The Flight transport (made on first use), or None when Flight is off."""
+        if self.use is False:
+            return None
+        if self._transport is None:
+            from quiver._flight import FlightTransport
+
+            self._transport = FlightTransport(*self._args)
+        return self._transport
+
+    def failed(self, e: Exception) -> bool:
+        """True if the call should go over the protobuf API instead: the server has no Flight
+        and the client was not told to insist on it (Flight is then off for this client)."""
+        from quiver._flight import is_unimplemented
+
+        if isinstance(e, QuiverError) and is_unimplemented(e) and self.use is None:
+            self.use = False
+            return True
+        return False
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class ShedRetry:
+    """When to send a shed read again (see SHED_RETRY_SECONDS): ``delay(e)`` is the wait
+    before the next attempt, or None when ``e`` is not worth retrying or the time is up."""
+
+    def __init__(self, budget: float = SHED_RETRY_SECONDS) -> None:
+        self._until = time.monotonic() + budget
+        self._attempt = 0
+
+    def delay(self, e: Exception) -> float | None:
+        advice = getattr(e, "retry_after", None)
+        if advice is None:
+            return None
+        d = min(max(advice.total_seconds(), 0.01) * 2**self._attempt, SHED_RETRY_DELAY_MAX)
+        self._attempt += 1
+        if time.monotonic() + d > self._until:
+            return None
+        return d

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -27,6 +28,7 @@ from quiver.errors import (
     QuiverInvalidArgument,
     QuiverNotFound,
     QuiverPermissionDenied,
+    QuiverResourceExhausted,
     QuiverUnauthenticated,
     QuiverUnavailable,
     from_code,
@@ -63,12 +65,13 @@ def error_from(e: Exception) -> QuiverError:
     message = m.group(1) if m else text
     # pyarrow names the code in its debug context ("...context: NOT_FOUND:..."), or, in some
     # versions, only as "grpc_status:5" inside it.
-    n = _GRPC_STATUS.search(text)
-    if n and int(n.group(1)) in _CODES:
-        return from_code(_CODES[int(n.group(1))], message)
-    c = _CONTEXT.search(text)
-    if c and c.group(1) in grpc.StatusCode.__members__ and c.group(1) != "UNKNOWN":
-        return from_code(grpc.StatusCode[c.group(1)], message)
+    err = _coded(text, message)
+    if isinstance(err, QuiverResourceExhausted) and err.retry_after is None and message.endswith(SHED_SUFFIX):
+        # pyarrow drops the status's details (its RetryInfo) over Flight: a shed request says
+        # so in its message, and the server's advice is a fixed delay.
+        err.retry_after = SHED_RETRY_AFTER
+    if err is not None:
+        return err
     if isinstance(e, fl.FlightUnauthenticatedError):
         return QuiverUnauthenticated(grpc.StatusCode.UNAUTHENTICATED, message)
     if isinstance(e, fl.FlightUnauthorizedError):
@@ -84,6 +87,23 @@ def error_from(e: Exception) -> QuiverError:
     if isinstance(e, pa.ArrowNotImplementedError):
         return from_code(grpc.StatusCode.UNIMPLEMENTED, message)
     return QuiverInternal(grpc.StatusCode.INTERNAL, message)
+
+
+#: How quiverd's refusals for load end (README "Overload"), and the retry advice they carry
+#: (``RETRY_AFTER`` in server/src/admission.rs).
+SHED_SUFFIX = "; retry shortly"
+SHED_RETRY_AFTER = timedelta(milliseconds=100)
+
+
+def _coded(text: str, message: str) -> QuiverError | None:
+    """The error for the gRPC code pyarrow names in ``text``, if it names one."""
+    n = _GRPC_STATUS.search(text)
+    if n and int(n.group(1)) in _CODES:
+        return from_code(_CODES[int(n.group(1))], message)
+    c = _CONTEXT.search(text)
+    if c and c.group(1) in grpc.StatusCode.__members__ and c.group(1) != "UNKNOWN":
+        return from_code(grpc.StatusCode[c.group(1)], message)
+    return None
 
 
 def is_unimplemented(e: QuiverError) -> bool:

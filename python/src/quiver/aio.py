@@ -3,6 +3,7 @@ as coroutines (and an async iterator for join batches)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
 from os import PathLike, fspath
@@ -51,8 +52,11 @@ class AsyncClient:
         cache: OnlineCache | None = None,
         fallback: bool = False,
         options: Sequence[tuple[str, Any]] = (),
+        use_flight: bool | None = None,
     ) -> None:
         creds = channel_credentials(tls)
+        # Flight calls run the blocking pyarrow client in a worker thread (asyncio.to_thread).
+        self._flight = core.FlightChoice(core.target(address), token, tls, core.timeout_seconds(timeout), use_flight)
         opts = core.CHANNEL_OPTIONS + list(options)
         self._channel = (
             grpc.aio.secure_channel(core.target(address), creds, opts)
@@ -75,7 +79,17 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        self._flight.close()
         await self._channel.close()
+
+    @property
+    def use_flight(self) -> bool | None:
+        """See :attr:`quiver.Client.use_flight`."""
+        return self._flight.use
+
+    @use_flight.setter
+    def use_flight(self, use: bool | None) -> None:
+        self._flight.use = use
 
     async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
@@ -184,10 +198,20 @@ class AsyncClient:
         expected_versions: dict[str, dict[int, int]] | None = None,
     ) -> WriteResult:
         """See :meth:`quiver.Client.write`."""
-        core.durability(durability)
+        d = core.durability(durability)
         table = cv.to_arrow_table(df, f"write to {group}")
         g, join_keys = await self._group_meta(group)
         table = cv.check_write_columns(table, g, group, join_keys, timestamp_column)
+        ft = self._flight.transport() if expected_versions is None else None
+        if ft is not None:
+            try:
+                result: WriteResult = await asyncio.to_thread(
+                    ft.write, table, group, join_keys, timestamp_column, d, idempotency_key
+                )
+                return result
+            except QuiverError as e:
+                if not self._flight.failed(e):
+                    raise
         reqs = write_requests(table, group, g, join_keys, durability, idempotency_key, timestamp_column, expected_versions)
         result = WriteResult()
         for req in reqs:
@@ -274,6 +298,13 @@ class AsyncClient:
             system_time_to,
             limit,
         )
+        ft = self._flight.transport()
+        if ft is not None:
+            try:
+                return core.history_frame_from_arrow(await asyncio.to_thread(ft.scan, req))
+            except QuiverError as e:
+                if not self._flight.failed(e):
+                    raise
         return core.history_frame([resp async for resp in self._stream(self._features.ScanHistory, req)])
 
     async def monitor(self, group: str = "") -> pd.DataFrame:
@@ -291,23 +322,53 @@ class AsyncHistoricalJob(core.JoinJob):
                 yield batch
 
     async def _chunk(self, chunk: pa.Table) -> AsyncIterator[pa.RecordBatch]:
-        """One spine request's answers; one the server could never hold is sent in halves."""
+        """One spine request's answers; one the server sheds for load is sent again after its
+        advice, one it could never hold is sent in halves (see HistoricalJob)."""
         columns = self._columns(chunk.schema)
-        req = self._request(chunk)
-        rows = 0
-        try:
-            async for resp in self._client._stream(self._client._features.GetHistoricalFeatures, req):
-                batch = core.historical_batch(chunk, resp, columns, self._with_status)
-                rows += batch.num_rows
-                yield batch.cast(self._schema) if batch.schema != self._schema else batch
-        except QuiverResourceExhausted as e:
-            if rows or e.retry_after is not None or chunk.num_rows < 2:
-                raise
-            half = chunk.num_rows // 2
-            for part in (chunk.slice(0, half), chunk.slice(half)):
-                async for batch in self._chunk(part):
+        retry = core.ShedRetry()
+        while True:
+            rows = 0
+            try:
+                async for batch in self._answers(chunk, columns):
+                    rows += batch.num_rows
+                    yield batch.cast(self._schema) if batch.schema != self._schema else batch
+                return
+            except QuiverResourceExhausted as e:
+                if rows:
+                    raise
+                if e.retry_after is None and chunk.num_rows >= 2:
+                    half = chunk.num_rows // 2
+                    for part in (chunk.slice(0, half), chunk.slice(half)):
+                        async for batch in self._chunk(part):
+                            yield batch
+                    return
+                wait = retry.delay(e)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
+
+    async def _answers(self, chunk: pa.Table, columns: list[str]) -> AsyncIterator[pa.RecordBatch]:
+        """Over Flight (each batch read in a worker thread), else the protobuf stream."""
+        p = self._params
+        flight = self._client._flight
+        ft = flight.transport()
+        if ft is not None:
+            answers = ft.join(chunk, self._entity_type, self._join_keys, self._refs, columns, p, self._with_status)
+            try:
+                batch = await asyncio.to_thread(next, answers, None)
+            except QuiverError as e:
+                if not flight.failed(e):
+                    raise
+            else:
+                while batch is not None:
                     yield batch
-            return
+                    batch = await asyncio.to_thread(next, answers, None)
+                return
+        rows = 0
+        async for resp in self._client._stream(self._client._features.GetHistoricalFeatures, self._request(chunk)):
+            batch = core.historical_batch(chunk, resp, columns, self._with_status)
+            rows += batch.num_rows
+            yield batch
         core.check_answered(rows, chunk.num_rows)
 
     async def to_arrow(self) -> pa.Table:

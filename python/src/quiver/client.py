@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from os import PathLike, fspath
@@ -198,11 +199,7 @@ class Client:
     ) -> None:
         creds = channel_credentials(tls)
         opts = core.CHANNEL_OPTIONS + list(options)
-        self._target, self._token, self._tls = core.target(address), token, tls
-        #: Arrow Flight for training sets and writes: True, False, or None (use it unless the
-        #: server turns out not to serve it).
-        self.use_flight = use_flight
-        self._flight: Any = None
+        self._flight = core.FlightChoice(core.target(address), token, tls, core.timeout_seconds(timeout), use_flight)
         self._channel = (
             grpc.secure_channel(core.target(address), creds, opts)
             if creds is not None
@@ -226,29 +223,18 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._flight is not None:
-            self._flight.close()
+        self._flight.close()
         self._channel.close()
 
-    def _flight_transport(self) -> Any:
-        """The Flight transport, or None when it is off (or the server lacks it)."""
-        if self.use_flight is False:
-            return None
-        if self._flight is None:
-            from quiver._flight import FlightTransport
+    @property
+    def use_flight(self) -> bool | None:
+        """Arrow Flight for training sets, writes and history scans: True, False, or None (use
+        it unless the server turns out not to serve it)."""
+        return self._flight.use
 
-            self._flight = FlightTransport(self._target, self._token, self._tls, self._timeout)
-        return self._flight
-
-    def _flight_failed(self, e: QuiverError) -> bool:
-        """True if the call should go over the protobuf API instead: the server has no Flight
-        and the client was not told to insist on it."""
-        from quiver._flight import is_unimplemented
-
-        if is_unimplemented(e) and self.use_flight is None:
-            self.use_flight = False
-            return True
-        return False
+    @use_flight.setter
+    def use_flight(self, use: bool | None) -> None:
+        self._flight.use = use
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
         try:
@@ -396,12 +382,12 @@ class Client:
         table = cv.to_arrow_table(df, f"write to {group}")
         g, join_keys = self._group_for_write(group)
         table = cv.check_write_columns(table, g, group, join_keys, timestamp_column)
-        ft = self._flight_transport() if expected_versions is None else None
+        ft = self._flight.transport() if expected_versions is None else None
         if ft is not None:
             try:
                 return ft.write(table, group, join_keys, timestamp_column, d, idempotency_key)
             except QuiverError as e:
-                if not self._flight_failed(e):
+                if not self._flight.failed(e):
                     raise
         reqs = write_requests(table, group, g, join_keys, durability, idempotency_key, timestamp_column, expected_versions)
         result = WriteResult()
@@ -527,12 +513,12 @@ class Client:
             system_time_to,
             limit,
         )
-        ft = self._flight_transport()
+        ft = self._flight.transport()
         if ft is not None:
             try:
                 return core.history_frame_from_arrow(ft.scan(req))
             except QuiverError as e:
-                if not self._flight_failed(e):
+                if not self._flight.failed(e):
                     raise
         return core.history_frame(self._stream(self._features.ScanHistory, req))
 
@@ -551,30 +537,40 @@ class HistoricalJob(core.JoinJob):
             yield from self._chunk(chunk)
 
     def _chunk(self, chunk: pa.Table) -> Iterator[pa.RecordBatch]:
-        """One spine request's answers; a request the server could never hold (RESOURCE_EXHAUSTED
-        without retry advice) is sent again in two halves."""
+        """One spine request's answers. A request the server sheds for load is sent again after
+        its advice (``core.ShedRetry``); one it could never hold (RESOURCE_EXHAUSTED without
+        retry advice) is sent again in two halves."""
         columns = self._columns(chunk.schema)
-        yielded = False
-        try:
-            for batch in self._answers(chunk, columns):
-                yielded = True
-                yield batch.cast(self._schema) if batch.schema != self._schema else batch
-        except QuiverResourceExhausted as e:
-            if yielded or e.retry_after is not None or chunk.num_rows < 2:
-                raise
-            half = chunk.num_rows // 2
-            yield from self._chunk(chunk.slice(0, half))
-            yield from self._chunk(chunk.slice(half))
+        retry = core.ShedRetry()
+        while True:
+            yielded = False
+            try:
+                for batch in self._answers(chunk, columns):
+                    yielded = True
+                    yield batch.cast(self._schema) if batch.schema != self._schema else batch
+                return
+            except QuiverResourceExhausted as e:
+                if yielded:
+                    raise
+                if e.retry_after is None and chunk.num_rows >= 2:
+                    half = chunk.num_rows // 2
+                    yield from self._chunk(chunk.slice(0, half))
+                    yield from self._chunk(chunk.slice(half))
+                    return
+                wait = retry.delay(e)
+                if wait is None:
+                    raise
+                time.sleep(wait)
 
     def _answers(self, chunk: pa.Table, columns: list[str]) -> Iterator[pa.RecordBatch]:
         p = self._params
-        ft = self._client._flight_transport()
+        ft = self._client._flight.transport()
         if ft is not None:
             answers = ft.join(chunk, self._entity_type, self._join_keys, self._refs, columns, p, self._with_status)
             try:
                 first = next(answers, None)
             except QuiverError as e:
-                if not self._client._flight_failed(e):
+                if not self._client._flight.failed(e):
                     raise
             else:
                 if first is not None:
