@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import grpc
 import pandas as pd
 import pyarrow as pa
 import pyarrow.flight as fl
@@ -13,6 +14,7 @@ import pytest
 from conftest import Daemon, start_quiverd
 
 import quiver
+from quiver import _core
 from quiver._flight import error_from
 from quiver.v1 import flight_pb2 as fpb
 
@@ -199,6 +201,46 @@ def test_error_codes_are_read_from_either_form_pyarrow_reports() -> None:
     )
     e = error_from(never)
     assert isinstance(e, quiver.QuiverResourceExhausted) and e.retry_after is None
+    # A token over its rate says when to come back (a Rust Duration).
+    for said, seconds in (("1.5s", 1.5), ("250ms", 0.25), ("12.5µs", 12.5e-6)):
+        limited = pa.ArrowInvalid(
+            'gRPC returned resource exhausted error, with message: token "t" is over its rate limit of 3 requests per '
+            f"second; retry in {said}. gRPC client debug context: RESOURCE_EXHAUSTED:token ..."
+        )
+        e = error_from(limited)
+        assert isinstance(e, quiver.QuiverResourceExhausted) and e.retry_after == timedelta(seconds=seconds), said
+
+
+def test_shed_retries_wait_at_least_the_advice_within_their_budget() -> None:
+    err = quiver.QuiverResourceExhausted(grpc.StatusCode.RESOURCE_EXHAUSTED, "x")
+    err.retry_after = timedelta(seconds=3)  # over SHED_RETRY_DELAY_MAX: the advice still wins
+    r = _core.ShedRetry(budget=8.0)
+    assert 3.0 <= (r.delay(err) or 0) <= 3.3
+    assert 3.0 <= (r.delay(err) or 0) <= 3.3
+    assert r.delay(err) is None  # over 6 s of 8 waited: another 3 s does not fit
+    err.retry_after = timedelta(milliseconds=100)
+    r = _core.ShedRetry(budget=60.0)
+    waits = [r.delay(err) or 0 for _ in range(8)]
+    assert 0.1 <= waits[0] <= 0.11 and 0.2 <= waits[1] <= 0.22 and all(2.0 <= w <= 2.2 for w in waits[5:])
+    err.retry_after = None
+    assert _core.ShedRetry().delay(err) is None
+
+
+def test_a_cancelled_flight_join_ends_its_call(daemon: Daemon, registry_file: Path, uid: str) -> None:
+    """An abandoned or cancelled join must not keep the server's join (and its memory) running:
+    cancel() ends the call, from any thread."""
+    with quiver.Client(daemon.address, use_flight=True) as q:
+        q.apply(registry_file)  # unchanged if another test applied it
+        big = pa.table({"user_id": [f"{uid}-{i}" for i in range(300_000)], "event_timestamp": pa.array([NOW] * 300_000)})
+        job = q.get_historical_features(big, ["user_stats:spend"])
+        columns = job._columns(big.schema)
+        stream = q._flight.transport().join(big, "user", [("user_id", "string")], job._refs, columns, job._params, True)
+        assert next(stream).num_rows > 0
+        stream.cancel()
+        with pytest.raises(quiver.QuiverError) as e:
+            for _ in stream:
+                pass
+        assert e.value.code == grpc.StatusCode.CANCELLED
 
 
 def test_categorical_keys_and_requests_too_large_for_the_server(tmp_path: Path, registry_file: Path) -> None:

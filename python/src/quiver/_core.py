@@ -3,6 +3,7 @@ request building and answer assembly. The clients only do the I/O."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -41,9 +42,10 @@ WRITE_REQUEST_BYTES = 8 * 1024 * 1024
 SPINE_ROWS_PER_REQUEST = 1_000_000
 #: The largest message either side accepts (the server's request limit).
 MESSAGE_BYTES_MAX = 256 * 1024 * 1024
-#: How long a spine request the server sheds for load (RESOURCE_EXHAUSTED with retry advice)
-#: is sent again before the error is raised: joins only read, so a retry is safe. Waits start
-#: at the server's advice and double up to SHED_RETRY_DELAY_MAX.
+#: How long a spine request the server refuses with retry advice (shed for load, or a token
+#: over its rate) is sent again before the error is raised: joins only read, so a retry is
+#: safe. Each wait is at least the advice; past it, waits double up to SHED_RETRY_DELAY_MAX
+#: (with up to a tenth more at random, so that clients shed together do not return together).
 SHED_RETRY_SECONDS = 120.0
 SHED_RETRY_DELAY_MAX = 2.0
 
@@ -731,16 +733,19 @@ class FlightChoice:
         self.use = use
         self._args = (target, token, tls, timeout)
         self._transport: Any = None
+        self._lock = threading.Lock()
 
     def transport(self) -> Any:
-        """The Flight transport (made on first use), or None when Flight is off."""
+        """The Flight transport (made once, on first use, whichever thread asks), or None when
+        Flight is off."""
         if self.use is False:
             return None
-        if self._transport is None:
-            from quiver._flight import FlightTransport
+        with self._lock:
+            if self._transport is None:
+                from quiver._flight import FlightTransport
 
-            self._transport = FlightTransport(*self._args)
-        return self._transport
+                self._transport = FlightTransport(*self._args)
+            return self._transport
 
     def failed(self, e: Exception) -> bool:
         """True if the call should go over the protobuf API instead: the server has no Flight
@@ -764,13 +769,18 @@ class ShedRetry:
     def __init__(self, budget: float = SHED_RETRY_SECONDS) -> None:
         self._until = time.monotonic() + budget
         self._attempt = 0
+        # When the waits handed out so far end (the caller sleeps them).
+        self._waited = 0.0
 
     def delay(self, e: Exception) -> float | None:
         advice = getattr(e, "retry_after", None)
         if advice is None:
             return None
-        d = min(max(advice.total_seconds(), 0.01) * 2**self._attempt, SHED_RETRY_DELAY_MAX)
+        a = max(advice.total_seconds(), 0.01)
+        d = max(a, min(a * 2**self._attempt, SHED_RETRY_DELAY_MAX)) * (1 + random.random() / 10)
         self._attempt += 1
-        if time.monotonic() + d > self._until:
+        start = max(time.monotonic(), self._waited)
+        if start + d > self._until:
             return None
+        self._waited = start + d
         return d

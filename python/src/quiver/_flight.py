@@ -10,7 +10,7 @@ protobuf API used instead.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -66,10 +66,10 @@ def error_from(e: Exception) -> QuiverError:
     # pyarrow names the code in its debug context ("...context: NOT_FOUND:..."), or, in some
     # versions, only as "grpc_status:5" inside it.
     err = _coded(text, message)
-    if isinstance(err, QuiverResourceExhausted) and err.retry_after is None and message.endswith(SHED_SUFFIX):
-        # pyarrow drops the status's details (its RetryInfo) over Flight: a shed request says
-        # so in its message, and the server's advice is a fixed delay.
-        err.retry_after = SHED_RETRY_AFTER
+    if isinstance(err, QuiverResourceExhausted) and err.retry_after is None:
+        # pyarrow drops the status's details (its RetryInfo) over Flight; quiverd's message
+        # says the same thing in words.
+        err.retry_after = retry_advice(message)
     if err is not None:
         return err
     if isinstance(e, fl.FlightUnauthenticatedError):
@@ -93,6 +93,66 @@ def error_from(e: Exception) -> QuiverError:
 #: (``RETRY_AFTER`` in server/src/admission.rs).
 SHED_SUFFIX = "; retry shortly"
 SHED_RETRY_AFTER = timedelta(milliseconds=100)
+#: How a token's rate-limit refusal ends: "; retry in <duration>" (a Rust Duration, "1.5s").
+_RETRY_IN = re.compile(r"; retry in ([0-9]+(?:\.[0-9]+)?)(ns|µs|us|ms|s)$")
+_UNIT_SECONDS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def retry_advice(message: str) -> timedelta | None:
+    """The retry advice a quiverd RESOURCE_EXHAUSTED message states, if any: a request shed for
+    load, or a token over its rate limit. A request that can never fit states none."""
+    if message.endswith(SHED_SUFFIX):
+        return SHED_RETRY_AFTER
+    m = _RETRY_IN.search(message)
+    if m:
+        return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    return None
+
+
+class JoinStream:
+    """One spine chunk's answers over Flight: an iterator of record batches. The call starts at
+    the first ``next``; ``cancel()`` ends it from any thread (an abandoned or cancelled join
+    must not keep the server's join, and its share of memory, running)."""
+
+    def __init__(self, start: Callable[[], Any], chunk: pa.Table, columns: list[str], with_status: bool) -> None:
+        self._start = start
+        self._chunk, self._columns, self._with_status = chunk, columns, with_status
+        self._reader: Any = None
+        self._cancelled = False
+        self._batches = self._read()
+
+    def __iter__(self) -> JoinStream:
+        return self
+
+    def __next__(self) -> pa.RecordBatch:
+        return next(self._batches)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._reader is not None:
+            self._reader.cancel()
+
+    def _read(self) -> Iterator[pa.RecordBatch]:
+        chunk, row = self._chunk, 0
+        try:
+            self._reader = reader = self._start()
+            if self._cancelled:
+                reader.cancel()
+            try:
+                for piece in reader:
+                    batch = piece.data
+                    n = batch.num_rows
+                    if row + n > chunk.num_rows:
+                        raise QuiverInvalidArgument(f"the server answered rows {row}..{row + n} of a {chunk.num_rows}-row spine")
+                    yield _rename(chunk.slice(row, n), batch, self._columns, self._with_status)
+                    row += n
+            finally:
+                # Ends the call if the reader stopped early (a no-op once it has ended).
+                reader.cancel()
+        except (fl.FlightError, pa.ArrowException) as e:
+            raise error_from(e) from None
+        if row != chunk.num_rows:
+            raise QuiverInternal(grpc.StatusCode.INTERNAL, f"the join answered {row} of {chunk.num_rows} rows")
 
 
 def _coded(text: str, message: str) -> QuiverError | None:
@@ -140,7 +200,7 @@ class FlightTransport:
         columns: list[str],
         params: dict[str, Any],
         with_status: bool,
-    ) -> Iterator[pa.RecordBatch]:
+    ) -> JoinStream:
         """One spine chunk's answers, in spine order, with the chunk's own columns first."""
         ts_col = params["timestamp_column"]
         if ts_col not in chunk.column_names:
@@ -168,20 +228,7 @@ class FlightTransport:
         if params["known_at"] is not None:
             cv.set_timestamp(join.known_at, cv.to_micros(params["known_at"]))
         ticket = fl.Ticket(fpb.FlightTicket(join=join).SerializeToString())
-        row = 0
-        try:
-            reader = self._client.do_get(ticket, self._options)
-            for piece in reader:
-                batch = piece.data
-                n = batch.num_rows
-                if row + n > chunk.num_rows:
-                    raise QuiverInvalidArgument(f"the server answered rows {row}..{row + n} of a {chunk.num_rows}-row spine")
-                yield _rename(chunk.slice(row, n), batch, columns, with_status)
-                row += n
-        except (fl.FlightError, pa.ArrowException) as e:
-            raise error_from(e) from None
-        if row != chunk.num_rows:
-            raise QuiverInternal(grpc.StatusCode.INTERNAL, f"the join answered {row} of {chunk.num_rows} rows")
+        return JoinStream(lambda: self._client.do_get(ticket, self._options), chunk, columns, with_status)
 
     def scan(self, req: Any) -> pa.Table:
         """A history scan (a quiver.v1.ScanHistoryRequest) as one Arrow table."""

@@ -4,7 +4,8 @@ as coroutines (and an async iterator for join batches)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
 from os import PathLike, fspath
 from typing import Any
@@ -329,9 +330,11 @@ class AsyncHistoricalJob(core.JoinJob):
         while True:
             rows = 0
             try:
-                async for batch in self._answers(chunk, columns):
-                    rows += batch.num_rows
-                    yield batch.cast(self._schema) if batch.schema != self._schema else batch
+                # Closed at once if this request ends early, so its Flight call ends with it.
+                async with contextlib.aclosing(self._answers(chunk, columns)) as answers:
+                    async for batch in answers:
+                        rows += batch.num_rows
+                        yield batch.cast(self._schema) if batch.schema != self._schema else batch
                 return
             except QuiverResourceExhausted as e:
                 if rows:
@@ -347,7 +350,7 @@ class AsyncHistoricalJob(core.JoinJob):
                     raise
                 await asyncio.sleep(wait)
 
-    async def _answers(self, chunk: pa.Table, columns: list[str]) -> AsyncIterator[pa.RecordBatch]:
+    async def _answers(self, chunk: pa.Table, columns: list[str]) -> AsyncGenerator[pa.RecordBatch, None]:
         """Over Flight (each batch read in a worker thread), else the protobuf stream."""
         p = self._params
         flight = self._client._flight
@@ -355,15 +358,20 @@ class AsyncHistoricalJob(core.JoinJob):
         if ft is not None:
             answers = ft.join(chunk, self._entity_type, self._join_keys, self._refs, columns, p, self._with_status)
             try:
-                batch = await asyncio.to_thread(next, answers, None)
-            except QuiverError as e:
-                if not flight.failed(e):
-                    raise
-            else:
-                while batch is not None:
-                    yield batch
+                try:
                     batch = await asyncio.to_thread(next, answers, None)
-                return
+                except QuiverError as e:
+                    if not flight.failed(e):
+                        raise
+                else:
+                    while batch is not None:
+                        yield batch
+                        batch = await asyncio.to_thread(next, answers, None)
+                    return
+            finally:
+                # Cancelled, or abandoned by the reader: end the call, which also frees a
+                # worker thread blocked in it (a no-op once the call has ended).
+                answers.cancel()
         rows = 0
         async for resp in self._client._stream(self._client._features.GetHistoricalFeatures, self._request(chunk)):
             batch = core.historical_batch(chunk, resp, columns, self._with_status)
