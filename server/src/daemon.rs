@@ -594,8 +594,10 @@ pub async fn serve(
     // The answers still queued for the log are written before the engine closes.
     served_log.close();
     drop(served_log);
-    // The feature service (kept here for the monitor's replays) holds the engine too.
+    // The feature service (kept here for the monitor's replays) and the registry (kept for the
+    // UI's services) hold the engine too.
     drop(features);
+    drop(registry);
     // The metrics endpoint holds the engine (and the replicator): stop it first, so that the
     // wait below only waits for what may really still run.
     let _ = metrics_stop.send(());

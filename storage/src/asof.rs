@@ -28,6 +28,19 @@
 //!   point-in-time join's sort-merge).
 //! - [`present`]: tombstones read as absent.
 //! - [`strict_known_at`]: `strict_availability`, which caps `known_at` at the row's time.
+//!
+//! Windowed aggregates (`aggregate_at` in `storage/READS.md`; folded by [`crate::agg`]) see
+//! the versions this module picks:
+//!
+//! ```text
+//! aggregate_at(entity, source, agg, window W, as_of = T, known_at = K):
+//!     for each event time e with  T - W < e <= T:
+//!         its winner: among the versions at e with system_time <= K, the greatest system_time
+//!     agg over the winners' values in event-time order; a tombstone winner removes its e.
+//! ```
+//!
+//! - [`in_agg_window`]: the window's bounds.
+//! - [`window_winners`]: the winners in one pair's versions listed in key order.
 
 use crate::types::{AsOf, CellVersion, EventTime, SystemTime};
 
@@ -129,9 +142,72 @@ pub fn strict_known_at(known_at: SystemTime, as_of: EventTime) -> SystemTime {
     known_at.min(SystemTime(as_of.0.max(0) as u64))
 }
 
+/// Whether `event_time` is in the aggregate window of width `width_us` ending at `as_of`:
+/// `as_of - width < event_time <= as_of`. The upper bound is inclusive, as `value_at`'s (an
+/// event at `as_of` is known then); the lower one exclusive, so that windows of one width laid
+/// end to end cover each instant once, and a day's window is the sum of its hours'.
+#[inline]
+pub fn in_agg_window(event_time: EventTime, as_of: EventTime, width_us: u64) -> bool {
+    event_time <= as_of && i128::from(event_time.0) > i128::from(as_of.0) - i128::from(width_us)
+}
+
+/// The winners of an aggregate window (see [`in_agg_window`]) in one pair's versions listed in
+/// key order (event time descending, then system time descending): for each event time in the
+/// window, its first version known at `known_at`. Newest event time first; tombstones included
+/// (a tombstone winner removes its event time: the caller skips it).
+pub fn window_winners<'a, V>(
+    versions: &'a [V],
+    times: impl Fn(&V) -> (EventTime, SystemTime) + Copy + 'a,
+    as_of: EventTime,
+    width_us: u64,
+    known_at: SystemTime,
+) -> impl Iterator<Item = &'a V> + 'a {
+    let first = versions.partition_point(|v| times(v).0 > as_of);
+    let mut last_event: Option<EventTime> = None;
+    versions[first..].iter().take_while(move |v| in_agg_window(times(v).0, as_of, width_us)).filter(move |v| {
+        let (e, s) = times(v);
+        // The first version of an event time known at K wins it; the rest of it is skipped.
+        if last_event == Some(e) || s > known_at {
+            return false;
+        }
+        last_event = Some(e);
+        true
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aggregate_windows_include_their_end_and_exclude_their_start() {
+        let (t, w) = (EventTime(1_000), 100);
+        assert!(in_agg_window(EventTime(1_000), t, w));
+        assert!(!in_agg_window(EventTime(1_001), t, w));
+        assert!(in_agg_window(EventTime(901), t, w));
+        assert!(!in_agg_window(EventTime(900), t, w));
+        // Saturating at the start of time: everything up to as_of.
+        assert!(in_agg_window(EventTime(i64::MIN), EventTime(i64::MIN + 5), u64::MAX));
+        // Key order: event time descending, system time descending; (event, system, value).
+        let versions = [
+            (1_001, 9, 'a'),
+            (1_000, 8, 'b'),
+            (1_000, 3, 'c'),
+            (950, 7, 'd'),
+            (950, 2, 'e'),
+            (901, 1, 'f'),
+            (900, 1, 'g'),
+        ];
+        let times = |v: &(i64, u64, char)| (EventTime(v.0), SystemTime(v.1));
+        let won: Vec<char> = window_winners(&versions, times, t, w, SystemTime::MAX).map(|v| v.2).collect();
+        assert_eq!(won, ['b', 'd', 'f']);
+        // Known at 5: 1,000's correction and 950's first write are not yet known.
+        let won: Vec<char> = window_winners(&versions, times, t, w, SystemTime(5)).map(|v| v.2).collect();
+        assert_eq!(won, ['c', 'e', 'f']);
+        let won: Vec<char> =
+            window_winners(&versions, times, EventTime(1_001), 1, SystemTime::MAX).map(|v| v.2).collect();
+        assert_eq!(won, ['a']);
+    }
 
     #[test]
     fn lookback_saturates() {

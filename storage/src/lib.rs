@@ -10,6 +10,7 @@
 #![deny(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
+pub mod agg;
 pub mod asof;
 pub(crate) mod batch;
 pub mod cell;

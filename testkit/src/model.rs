@@ -49,6 +49,23 @@ pub fn value_at<V>(versions: &[Version<V>], as_of: i64, known_at: u64, lookback:
         .max_by_key(|v| (v.event_time, v.system_time))
 }
 
+/// What `aggregate_at` (`storage/READS.md`) folds: for each event time `e` with
+/// `as_of - width < e <= as_of`, oldest first, the value of `e`'s winner known at `known_at`
+/// (`value_at` at `e` with no lookback); event times whose winner is a tombstone are left out.
+pub fn window_values<V>(versions: &[Version<V>], as_of: i64, width: u64, known_at: u64) -> Vec<(i64, &V)> {
+    let mut times: Vec<i64> = versions
+        .iter()
+        .map(|v| v.event_time)
+        .filter(|&e| e <= as_of && i128::from(e) > i128::from(as_of) - i128::from(width))
+        .collect();
+    times.sort_unstable();
+    times.dedup();
+    times
+        .into_iter()
+        .filter_map(|e| value_at(versions, e, known_at, Some(0)).and_then(|w| w.value.as_ref()).map(|v| (e, v)))
+        .collect()
+}
+
 /// Every version ever written, per key (for example `(entity, feature)`); nothing dropped.
 #[derive(Debug, Clone)]
 pub struct Model<K, V> {

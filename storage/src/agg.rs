@@ -1,0 +1,541 @@
+//! Windowed aggregates over a feature's history (`storage/READS.md`, "`aggregate_at`").
+//!
+//! Which versions an aggregate sees is decided in [`crate::asof`] ([`crate::asof::in_agg_window`]
+//! and [`crate::asof::window_winners`]), next to `value_at`. This module folds those values:
+//! one [`Accumulator`] per aggregate, fed the window's values in event-time order.
+//!
+//! Every accumulator can be [merged](Accumulator::merge) with another over a disjoint set of
+//! event times, and the answer of a merge is *identical* (bit for bit) to the answer over all
+//! the values at once, whatever the grouping. That is what lets partial aggregates (tiles of an
+//! hour or a day) stand in for the raw values: rebuilding them from the history must give the
+//! same answers. Hence the rules below:
+//!
+//! - `count`: values in the window (tombstoned event times excluded).
+//! - `sum`: int64 values are summed exactly (`i128`); a result outside int64 is
+//!   [`AggValue::Overflow`]. float32/float64 values are summed exactly and rounded once to
+//!   float64 ([`ExactSum`]), so the order of addition does not matter; a NaN, or both
+//!   infinities, make the sum NaN; one infinity makes it that infinity; an exact sum beyond
+//!   float64's range is an infinity. An empty window sums to 0 (of the source's kind).
+//! - `mean`: the exact sum (as above) divided by the count, as float64, rounded from the exact
+//!   int64 sum or the float sum; absent for an empty window.
+//! - `min`, `max`: by the IEEE total order (`-0.0 < +0.0`), except that a NaN in the window makes
+//!   the answer NaN; absent for an empty window. int64 stays int64; floats answer float64.
+//! - `last_n(n)`: the values of the newest `n` event times, oldest first, of any type.
+//! - `count_distinct`: a HyperLogLog estimate ([`Hll`], 2^12 registers: standard error
+//!   1.04 / 64 = 1.6%) over the values' canonical encodings; exact (linear counting) while the
+//!   count is small.
+
+use crate::types::{CellVersion, EventTime, SystemTime, Value, ValueType, VersionVector};
+
+/// An aggregate function (README "Windowed aggregations").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Agg {
+    /// Values in the window.
+    Count,
+    /// Their sum (numeric sources).
+    Sum,
+    /// Their mean (numeric sources).
+    Mean,
+    /// The smallest (numeric sources).
+    Min,
+    /// The largest (numeric sources).
+    Max,
+    /// The values of the newest `n` event times, oldest first (any source).
+    LastN(u32),
+    /// About how many distinct values (any source; see [`Hll`]).
+    CountDistinct,
+}
+
+/// The most values `last_n` may keep.
+pub const LAST_N_MAX: u32 = 1_000;
+
+/// An aggregate's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AggValue {
+    /// No answer: `mean`, `min` or `max` of an empty window.
+    Absent,
+    /// A count (`count`, `count_distinct`).
+    Count(u64),
+    /// An int64 `sum`, `min` or `max`.
+    Int(i64),
+    /// A float `sum`, `mean`, `min` or `max`.
+    Float(f64),
+    /// `last_n`'s values.
+    List(Vec<Value>),
+    /// An int64 sum outside int64's range.
+    Overflow,
+}
+
+/// Why an aggregate cannot take a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AggError {
+    /// A numeric aggregate over a source that is not int64, float32 or float64.
+    #[error("{agg:?} takes int64, float32 or float64 values, not {found:?}")]
+    NotNumeric {
+        /// The aggregate.
+        agg: Agg,
+        /// The source's type.
+        found: ValueType,
+    },
+    /// A value of another type than the source's (a source has one type).
+    #[error("{agg:?} over a {source_type:?} source met a {found:?} value")]
+    WrongType {
+        /// The aggregate.
+        agg: Agg,
+        /// The source's type.
+        source_type: ValueType,
+        /// The value's.
+        found: ValueType,
+    },
+}
+
+/// The number inside a numeric value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Number {
+    Int(i64),
+    Float(f64),
+}
+
+fn number(v: &Value) -> Option<Number> {
+    match v {
+        Value::Int64(i) => Some(Number::Int(*i)),
+        Value::Float32(x) => Some(Number::Float(f64::from(*x))),
+        Value::Float64(x) => Some(Number::Float(*x)),
+        _ => None,
+    }
+}
+
+fn less(a: Number, b: Number) -> bool {
+    match (a, b) {
+        (Number::Int(a), Number::Int(b)) => a < b,
+        (Number::Float(a), Number::Float(b)) => a.total_cmp(&b).is_lt(),
+        // One source has one type (checked as values are added).
+        _ => false,
+    }
+}
+
+/// The state of one aggregate over some of a window's event times (mergeable; see the module
+/// docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accumulator {
+    agg: Agg,
+    source: ValueType,
+    count: u64,
+    int_sum: i128,
+    float_sum: ExactSum,
+    nan: bool,
+    /// The smallest and largest number so far (total order).
+    min: Option<Number>,
+    max: Option<Number>,
+    /// `last_n`: the newest values, oldest first, with their event times.
+    last: std::collections::VecDeque<(i64, Value)>,
+    hll: Option<Box<Hll>>,
+}
+
+impl Accumulator {
+    /// An empty accumulator of `agg` over a source of type `source`; a numeric aggregate
+    /// over another type is refused.
+    pub fn new(agg: Agg, source: ValueType) -> Result<Accumulator, AggError> {
+        let numeric_agg = matches!(agg, Agg::Sum | Agg::Mean | Agg::Min | Agg::Max);
+        let numeric_source = matches!(source, ValueType::Int64 | ValueType::Float32 | ValueType::Float64);
+        if numeric_agg && !numeric_source {
+            return Err(AggError::NotNumeric { agg, found: source });
+        }
+        Ok(Accumulator {
+            agg,
+            source,
+            count: 0,
+            int_sum: 0,
+            float_sum: ExactSum::default(),
+            nan: false,
+            min: None,
+            max: None,
+            last: std::collections::VecDeque::new(),
+            hll: matches!(agg, Agg::CountDistinct).then(|| Box::new(Hll::new())),
+        })
+    }
+
+    /// The aggregate.
+    pub fn agg(&self) -> Agg {
+        self.agg
+    }
+
+    /// Adds the winning value at `event_time` (each event time once; in ascending order, or
+    /// through [`Accumulator::merge`]).
+    pub fn add(&mut self, event_time: i64, v: &Value) -> Result<(), AggError> {
+        if v.value_type() != self.source {
+            return Err(AggError::WrongType { agg: self.agg, source_type: self.source, found: v.value_type() });
+        }
+        self.count += 1;
+        match self.agg {
+            Agg::Count => {}
+            Agg::Sum | Agg::Mean | Agg::Min | Agg::Max => {
+                if let Some(n) = number(v) {
+                    match n {
+                        Number::Int(i) => self.int_sum += i128::from(i),
+                        Number::Float(x) => {
+                            self.nan |= x.is_nan();
+                            self.float_sum.add(x);
+                        }
+                    }
+                    self.extremes(n);
+                }
+            }
+            Agg::LastN(n) => {
+                self.last.push_back((event_time, v.clone()));
+                while self.last.len() > n.min(LAST_N_MAX) as usize {
+                    self.last.pop_front();
+                }
+            }
+            Agg::CountDistinct => {
+                if let Some(h) = &mut self.hll {
+                    h.add(v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn extremes(&mut self, n: Number) {
+        if self.min.is_none_or(|m| less(n, m)) {
+            self.min = Some(n);
+        }
+        if self.max.is_none_or(|m| less(m, n)) {
+            self.max = Some(n);
+        }
+    }
+
+    /// Folds in another accumulator of the same aggregate and source over other event times.
+    pub fn merge(&mut self, other: &Accumulator) {
+        debug_assert_eq!((self.agg, self.source), (other.agg, other.source));
+        self.count += other.count;
+        self.int_sum += other.int_sum;
+        self.float_sum.merge(&other.float_sum);
+        self.nan |= other.nan;
+        // The other side's extremes are among its numbers: folding them in is exact.
+        for n in other.min.into_iter().chain(other.max) {
+            self.extremes(n);
+        }
+        if let Agg::LastN(n) = self.agg {
+            let mut all: Vec<(i64, Value)> = self.last.drain(..).chain(other.last.iter().cloned()).collect();
+            all.sort_by_key(|(t, _)| *t);
+            let keep = all.len().saturating_sub(n.min(LAST_N_MAX) as usize);
+            self.last = all.into_iter().skip(keep).collect();
+        }
+        if let (Some(a), Some(b)) = (&mut self.hll, &other.hll) {
+            a.merge(b);
+        }
+    }
+
+    /// The answer.
+    pub fn value(&self) -> AggValue {
+        let empty = self.count == 0;
+        let ints = self.source == ValueType::Int64;
+        match self.agg {
+            Agg::Count => AggValue::Count(self.count),
+            Agg::CountDistinct => AggValue::Count(self.hll.as_ref().map_or(0, |h| h.estimate())),
+            Agg::LastN(_) => AggValue::List(self.last.iter().map(|(_, v)| v.clone()).collect()),
+            Agg::Sum if ints => i64::try_from(self.int_sum).map_or(AggValue::Overflow, AggValue::Int),
+            Agg::Sum => AggValue::Float(self.float_sum.value()),
+            Agg::Mean if empty => AggValue::Absent,
+            Agg::Mean => {
+                let sum = if ints { self.int_sum as f64 } else { self.float_sum.value() };
+                AggValue::Float(sum / self.count as f64)
+            }
+            Agg::Min | Agg::Max if empty => AggValue::Absent,
+            Agg::Min | Agg::Max if self.nan => AggValue::Float(f64::NAN),
+            Agg::Min | Agg::Max => match if self.agg == Agg::Min { self.min } else { self.max } {
+                Some(Number::Int(i)) => AggValue::Int(i),
+                Some(Number::Float(x)) => AggValue::Float(x),
+                None => AggValue::Absent,
+            },
+        }
+    }
+}
+
+/// `aggregate_at` (`storage/READS.md`) over one pair's versions listed in key order: the
+/// brute-force answer, which pre-aggregated tiles must equal.
+pub fn aggregate_sorted(
+    versions: &[CellVersion],
+    agg: Agg,
+    source: ValueType,
+    as_of: EventTime,
+    width_us: u64,
+    known_at: SystemTime,
+) -> Result<AggValue, AggError> {
+    let mut acc = Accumulator::new(agg, source)?;
+    let winners: Vec<&CellVersion> =
+        crate::asof::window_winners(versions, |v| (v.event_time, v.system_time), as_of, width_us, known_at).collect();
+    // Oldest first; a tombstone winner removes its event time.
+    for v in winners.iter().rev() {
+        if let Some(value) = &v.value {
+            acc.add(v.event_time.0, value)?;
+        }
+    }
+    Ok(acc.value())
+}
+
+/// An exact sum of float64 values, rounded once when read: the same answer whatever the order
+/// of addition or grouping (Shewchuk's non-overlapping partials, as Python's `math.fsum`).
+///
+/// Values of magnitude 2^960 or more are kept apart, scaled by 2^-64 (exactly: they are far
+/// from subnormal), so that no partial sum of either group can overflow while the count stays
+/// below 2^62; the two exact sums are combined when read. NaN and infinities are counted aside.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExactSum {
+    small: Vec<f64>,
+    big: Vec<f64>,
+    nan: bool,
+    pos_inf: bool,
+    neg_inf: bool,
+}
+
+/// 2^`e` (a normal exponent), exactly.
+const fn pow2(e: i32) -> f64 {
+    f64::from_bits(((1023 + e) as u64) << 52)
+}
+const BIG: f64 = pow2(960);
+const SCALE_DOWN: f64 = pow2(-64);
+const SCALE_UP: f64 = pow2(64);
+
+/// Adds `x` to the non-overlapping partials `p` (Shewchuk; cannot overflow within the bounds
+/// of [`ExactSum`]).
+fn grow(p: &mut Vec<f64>, mut x: f64) {
+    let mut i = 0;
+    for j in 0..p.len() {
+        let mut y = p[j];
+        if x.abs() < y.abs() {
+            std::mem::swap(&mut x, &mut y);
+        }
+        let hi = x + y;
+        let lo = y - (hi - x);
+        if lo != 0.0 {
+            p[i] = lo;
+            i += 1;
+        }
+        x = hi;
+    }
+    p.truncate(i);
+    p.push(x);
+}
+
+/// The partials' exact sum rounded to nearest, ties to even (CPython's `fsum` ending).
+fn round(p: &[f64]) -> f64 {
+    let mut n = p.len();
+    if n == 0 {
+        return 0.0;
+    }
+    n -= 1;
+    let mut hi = p[n];
+    let mut lo = 0.0;
+    while n > 0 {
+        let x = hi;
+        n -= 1;
+        let y = p[n];
+        hi = x + y;
+        let yr = hi - x;
+        lo = y - yr;
+        if lo != 0.0 {
+            break;
+        }
+    }
+    if n > 0 && ((lo < 0.0 && p[n - 1] < 0.0) || (lo > 0.0 && p[n - 1] > 0.0)) {
+        let y = lo * 2.0;
+        let x = hi + y;
+        let yr = x - hi;
+        if y == yr {
+            hi = x;
+        }
+    }
+    hi
+}
+
+impl ExactSum {
+    /// Adds one value.
+    pub fn add(&mut self, x: f64) {
+        if x.is_nan() {
+            self.nan = true;
+        } else if x == f64::INFINITY {
+            self.pos_inf = true;
+        } else if x == f64::NEG_INFINITY {
+            self.neg_inf = true;
+        } else if x.abs() >= BIG {
+            grow(&mut self.big, x * SCALE_DOWN);
+        } else if x != 0.0 {
+            grow(&mut self.small, x);
+        }
+    }
+
+    /// Adds another sum's values.
+    pub fn merge(&mut self, other: &ExactSum) {
+        for &x in &other.small {
+            grow(&mut self.small, x);
+        }
+        for &x in &other.big {
+            grow(&mut self.big, x);
+        }
+        self.nan |= other.nan;
+        self.pos_inf |= other.pos_inf;
+        self.neg_inf |= other.neg_inf;
+    }
+
+    /// The exact sum, rounded once.
+    pub fn value(&self) -> f64 {
+        if self.nan || (self.pos_inf && self.neg_inf) {
+            return f64::NAN;
+        }
+        if self.pos_inf {
+            return f64::INFINITY;
+        }
+        if self.neg_inf {
+            return f64::NEG_INFINITY;
+        }
+        if self.big.is_empty() {
+            return round(&self.small);
+        }
+        // big * 2^64 + small, exactly: the big partials scaled back are exact unless they
+        // overflow, and then the sum is beyond float64 (small cannot bring it back: it is
+        // below 2^1022 in all).
+        let big = round(&self.big);
+        let scaled = big * SCALE_UP;
+        if scaled.is_infinite() {
+            return scaled;
+        }
+        let mut p = Vec::with_capacity(self.small.len() + self.big.len());
+        for &x in &self.big {
+            grow(&mut p, x * SCALE_UP);
+        }
+        for &x in &self.small {
+            grow(&mut p, x);
+        }
+        round(&p)
+    }
+}
+
+/// HyperLogLog over values' canonical encodings, 2^[`HLL_BITS`] one-byte registers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hll {
+    registers: Vec<u8>,
+}
+
+/// Index bits of [`Hll`]: 4,096 registers, standard error 1.04 / sqrt(4096) = 1.625%.
+pub const HLL_BITS: u32 = 12;
+
+/// A fixed 64-bit hash (FNV-1a, then MurmurHash3's finaliser to spread it): the same on every
+/// build and machine, so estimates are reproducible.
+fn hash64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+impl Default for Hll {
+    fn default() -> Self {
+        Hll::new()
+    }
+}
+
+impl Hll {
+    /// An empty sketch.
+    pub fn new() -> Hll {
+        Hll { registers: vec![0; 1 << HLL_BITS] }
+    }
+
+    /// Adds a value (by its encoding, so `1` the int and `1.0` the float differ, and `-0.0`
+    /// differs from `+0.0`).
+    pub fn add(&mut self, v: &Value) {
+        let mut buf = Vec::new();
+        crate::cell::encode(Some(v), &VersionVector::new(), &mut buf);
+        let h = hash64(&buf);
+        let index = (h >> (64 - HLL_BITS)) as usize;
+        let rank = ((h << HLL_BITS) | (1 << (HLL_BITS - 1))).leading_zeros() as u8 + 1;
+        if self.registers[index] < rank {
+            self.registers[index] = rank;
+        }
+    }
+
+    /// Folds in another sketch (register-wise maximum: exact, whatever the grouping).
+    pub fn merge(&mut self, other: &Hll) {
+        for (a, b) in self.registers.iter_mut().zip(&other.registers) {
+            *a = (*a).max(*b);
+        }
+    }
+
+    /// The estimate: HyperLogLog's, with linear counting while it is at most 2.5 registers'
+    /// worth (Flajolet et al.; a 64-bit hash needs no large-range correction).
+    pub fn estimate(&self) -> u64 {
+        let m = self.registers.len() as f64;
+        let zeros = self.registers.iter().filter(|r| **r == 0).count();
+        let sum: f64 = self.registers.iter().map(|&r| 2f64.powi(-i32::from(r))).sum();
+        let alpha = 0.7213 / (1.0 + 1.079 / m);
+        let raw = alpha * m * m / sum;
+        let e = if raw <= 2.5 * m && zeros > 0 { m * (m / zeros as f64).ln() } else { raw };
+        e.round() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(xs: &[f64]) -> f64 {
+        let mut s = ExactSum::default();
+        for &x in xs {
+            s.add(x);
+        }
+        s.value()
+    }
+
+    #[test]
+    fn float_sums_are_exact_and_rounded_once() {
+        assert_eq!((BIG, SCALE_DOWN * SCALE_UP), (2f64.powi(960), 1.0));
+        assert_eq!(sum(&[1e100, 1.0, -1e100]), 1.0);
+        assert_eq!(sum(&[0.1; 10]), 1.0); // naive addition gives 0.9999999999999999
+        assert_eq!(sum(&[1e308, 1e308, -1e308]), 1e308); // no intermediate overflow
+        assert_eq!(sum(&[f64::MAX, f64::MAX]), f64::INFINITY);
+        assert_eq!(sum(&[f64::MAX, f64::MAX, -f64::MAX]), f64::MAX);
+        assert_eq!(sum(&[5e-324, 5e-324]), 1e-323); // subnormals exactly
+        assert_eq!(sum(&[]), 0.0);
+        assert!(sum(&[1.0, f64::NAN]).is_nan());
+        assert!(sum(&[f64::INFINITY, f64::NEG_INFINITY]).is_nan());
+        assert_eq!(sum(&[f64::INFINITY, 1.0]), f64::INFINITY);
+        // Ties round to even across partials: 1 + 2^-53 + 2^-106 is just above the tie.
+        assert_eq!(sum(&[1.0, 2f64.powi(-53), 2f64.powi(-106)]), 1.0 + f64::EPSILON);
+        assert_eq!(sum(&[1.0, 2f64.powi(-53)]), 1.0);
+    }
+
+    #[test]
+    fn any_grouping_gives_the_same_sum() {
+        let xs = [1e300, 3.5, -1e300, 1e-300, 7e299, 0.1, 0.2, -0.3, 2e290, 1e17, -1e17, 1.0];
+        let whole = sum(&xs);
+        for cut in 0..xs.len() {
+            let (mut a, mut b) = (ExactSum::default(), ExactSum::default());
+            xs[..cut].iter().for_each(|&x| a.add(x));
+            xs[cut..].iter().rev().for_each(|&x| b.add(x));
+            b.merge(&a);
+            assert_eq!(b.value().to_bits(), whole.to_bits(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn hll_is_exact_for_few_values_and_close_for_many() {
+        let mut h = Hll::new();
+        for i in 0..100 {
+            h.add(&Value::Int64(i % 50));
+        }
+        assert_eq!(h.estimate(), 50);
+        let mut h = Hll::new();
+        for i in 0..200_000 {
+            h.add(&Value::Int64(i));
+        }
+        let e = h.estimate() as f64;
+        assert!((e - 200_000.0).abs() / 200_000.0 < 0.05, "{e}");
+    }
+}
