@@ -253,19 +253,38 @@ impl Accumulator {
     }
 }
 
+/// Which window an aggregate reads: `as_of - width < event_time <= as_of`, versions known at
+/// `known_at` ([`crate::asof::in_agg_window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AggWindow {
+    /// The window's end (inclusive).
+    pub as_of: EventTime,
+    /// Its width in microseconds (at least 1).
+    pub width_us: u64,
+    /// The latest system time considered ([`SystemTime::MAX`]: everything).
+    pub known_at: SystemTime,
+}
+
+impl AggWindow {
+    /// The oldest event time in the window (`as_of - width + 1`, saturating).
+    pub fn event_time_min(&self) -> EventTime {
+        let min = i128::from(self.as_of.0) - i128::from(self.width_us) + 1;
+        EventTime(min.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64)
+    }
+}
+
 /// `aggregate_at` (`storage/READS.md`) over one pair's versions listed in key order: the
 /// brute-force answer, which pre-aggregated tiles must equal.
 pub fn aggregate_sorted(
     versions: &[CellVersion],
     agg: Agg,
     source: ValueType,
-    as_of: EventTime,
-    width_us: u64,
-    known_at: SystemTime,
+    w: AggWindow,
 ) -> Result<AggValue, AggError> {
     let mut acc = Accumulator::new(agg, source)?;
     let winners: Vec<&CellVersion> =
-        crate::asof::window_winners(versions, |v| (v.event_time, v.system_time), as_of, width_us, known_at).collect();
+        crate::asof::window_winners(versions, |v| (v.event_time, v.system_time), w.as_of, w.width_us, w.known_at)
+            .collect();
     // Oldest first; a tombstone winner removes its event time.
     for v in winners.iter().rev() {
         if let Some(value) = &v.value {

@@ -6,7 +6,7 @@
 //! window cut into tiles, each folded alone and merged in any order, answers identically.
 
 use proptest::prelude::*;
-use quiver_storage::agg::{aggregate_sorted, Accumulator, Agg, AggValue, ExactSum};
+use quiver_storage::agg::{aggregate_sorted, Accumulator, Agg, AggValue, AggWindow, ExactSum};
 use quiver_storage::types::{CellVersion, EventTime, SystemTime, Value, ValueType, VersionVector};
 use quiver_testkit::model::{window_values, Version};
 
@@ -43,6 +43,10 @@ fn engine_versions<T: Clone>(h: &[(i64, Option<T>)], value: impl Fn(T) -> Value)
     out
 }
 
+fn window_of(as_of: i64, width: u64, k: u64) -> AggWindow {
+    AggWindow { as_of: EventTime(as_of), width_us: width, known_at: known(k) }
+}
+
 fn known(k: u64) -> SystemTime {
     if k >= 45 {
         SystemTime::MAX
@@ -65,7 +69,7 @@ proptest! {
         let model = model_versions(&h);
         let window = window_values(&model, as_of, width, known(k).0);
         let nums: Vec<i64> = window.iter().map(|(_, v)| **v).collect();
-        let run = |agg| aggregate_sorted(&engine, agg, ValueType::Int64, EventTime(as_of), width, known(k)).unwrap();
+        let run = |agg| aggregate_sorted(&engine, agg, ValueType::Int64, window_of(as_of, width, k)).unwrap();
 
         prop_assert_eq!(run(Agg::Count), AggValue::Count(nums.len() as u64));
         let exact: i128 = nums.iter().map(|&x| i128::from(x)).sum();
@@ -100,7 +104,7 @@ proptest! {
         let model = model_versions(&h);
         let window = window_values(&model, as_of, width, known(k).0);
         let nums: Vec<f64> = window.iter().map(|(_, v)| **v).collect();
-        let run = |agg| aggregate_sorted(&engine, agg, ValueType::Float64, EventTime(as_of), width, known(k)).unwrap();
+        let run = |agg| aggregate_sorted(&engine, agg, ValueType::Float64, window_of(as_of, width, k)).unwrap();
         let float = |a: AggValue| match a { AggValue::Float(x) => Some(x), AggValue::Absent => None, other => panic!("{other:?}") };
         let same = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) => a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),

@@ -568,6 +568,36 @@ impl Db {
         Snapshot { inner: self.inner.clone(), view, visible }
     }
 
+    /// `aggregate_at` (`storage/READS.md`): `agg` over the versions of `(entity, feature)` in
+    /// the window `w`, from one consistent view, the feature's values being of type `source`.
+    /// It reads every version in the window (the brute-force answer; a numeric aggregate over
+    /// another type, or a value of another type, is `InvalidArgument`).
+    pub fn aggregate_at(
+        &self,
+        entity: &[u8],
+        feature: FeatureId,
+        source: crate::types::ValueType,
+        agg: crate::agg::Agg,
+        w: crate::agg::AggWindow,
+    ) -> Result<crate::agg::AggValue> {
+        let invalid = |e: crate::agg::AggError| Error::InvalidArgument(e.to_string());
+        // Refused before reading anything.
+        crate::agg::Accumulator::new(agg, source).map_err(invalid)?;
+        if w.width_us == 0 {
+            return Err(Error::InvalidArgument("an aggregate window is at least 1 microsecond wide".into()));
+        }
+        let mut range = ScanRange::entity(entity);
+        range.features = Some((feature, feature));
+        range.event_time_min = w.event_time_min();
+        range.event_time_max = w.as_of;
+        range.system_time_max = w.known_at;
+        let mut versions = Vec::new();
+        for item in self.scan(range)? {
+            versions.push(item?.version);
+        }
+        crate::agg::aggregate_sorted(&versions, agg, source, w).map_err(invalid)
+    }
+
     /// Every version in `range`, in key order (entity, feature, event time descending, system
     /// time descending), streamed from one consistent view.
     pub fn scan(&self, range: ScanRange) -> Result<ScanIter> {

@@ -32,6 +32,12 @@ impl Model {
         self.version_at(entity, feature, q).and_then(|r| r.value.clone())
     }
 
+    /// What `aggregate_at` folds over `(entity, feature)` in window `w`: each event time's
+    /// winning value, oldest first (`quiver_testkit::model::window_values`).
+    pub fn window(&self, entity: &[u8], feature: FeatureId, w: quiver_storage::agg::AggWindow) -> Vec<(i64, &Value)> {
+        model::window_values(self.0.versions(&(entity.to_vec(), feature)), w.as_of.0, w.width_us, w.known_at.0)
+    }
+
     /// Every version as a tuple, in no particular order.
     pub fn rows(&self) -> impl Iterator<Item = Tuple> + '_ {
         self.0.iter().map(|((entity, feature), v)| {
