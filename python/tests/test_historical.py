@@ -164,13 +164,12 @@ def test_empty_spine_and_bad_spines(client: quiver.Client, uid: str) -> None:
     assert client.get_historical_features(naive, ["user_stats:spend"]).to_arrow().num_rows == 1
 
 
-def test_concurrent_joins_shed_by_the_server_are_retried(
-    client: quiver.Client, uid: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """quiverd admits one join at a time within its default request memory (each reserves its
-    answers' share); the others are shed with retry advice, and the SDK sends them again."""
-    events = write_events(client, uid, seed=11)
-    s = spine(uid, seed=11, n=50_000)
+def run_concurrently(
+    client: quiver.Client, s: pd.DataFrame, n: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[pa.Table], list[float]]:
+    """n joins of spine s at once on one client; also the retry waits the SDK took."""
+    from concurrent.futures import ThreadPoolExecutor
+
     waits: list[float] = []
     delay = _core.ShedRetry.delay
 
@@ -181,10 +180,30 @@ def test_concurrent_joins_shed_by_the_server_are_retried(
         return d
 
     monkeypatch.setattr(_core.ShedRetry, "delay", counted)
-    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(n) as pool:
+        tables = list(pool.map(lambda _: client.get_historical_features(s, ["user_stats:spend"]).to_arrow(), range(n)))
+    return tables, waits
 
-    with ThreadPoolExecutor(6) as pool:
-        tables = list(pool.map(lambda _: client.get_historical_features(s, ["user_stats:spend"]).to_arrow(), range(6)))
+
+def test_small_joins_run_side_by_side(client: quiver.Client, uid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A join reserves memory for its answers by its size (rows x features), not the whole join
+    share, so small joins are admitted together rather than shed."""
+    events = write_events(client, uid, seed=12)
+    s = spine(uid, seed=12, n=2_000)
+    tables, waits = run_concurrently(client, s, 6, monkeypatch)
+    assert waits == [], "small joins were shed"
+    assert all(t.equals(tables[0]) for t in tables)
+    assert tables[0].column("spend").to_pylist() == expected_spend(events, s)
+
+
+def test_concurrent_joins_shed_by_the_server_are_retried(
+    client: quiver.Client, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joins whose spines and answers together exceed the requests' memory (64 MiB at quiverd's
+    default budget) are shed with retry advice, and the SDK sends them again."""
+    events = write_events(client, uid, seed=11)
+    s = spine(uid, seed=11, n=300_000)
+    tables, waits = run_concurrently(client, s, 4, monkeypatch)
     assert waits, "no join was shed: the test did not run joins at once"
     assert all(t.equals(tables[0]) for t in tables)
     assert tables[0].column("spend").to_pylist() == expected_spend(events, s)

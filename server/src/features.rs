@@ -318,6 +318,15 @@ impl AnswerBudget<'_> {
 /// to its memory budget / [`JOIN_MEMORY_SHARE_DIVISOR`] instead.
 pub const JOIN_SPILL_BYTES: usize = 64 << 20;
 
+/// Bytes a join's answer is expected to take per (row, feature) in memory: a status byte, an
+/// event time, a length and a small cell. A join may hold `rows x features x` this in memory
+/// (at least [`JOIN_ANSWER_BYTES_MIN`], at most the spill bound) and spills past it, so a
+/// small join reserves little of the requests' memory and joins run side by side.
+pub const JOIN_ANSWER_BYTES_PER_CELL: usize = 32;
+
+/// The least answer memory a join holds before it spills.
+pub const JOIN_ANSWER_BYTES_MIN: usize = 64 << 10;
+
 /// quiverd holds a join's answers in memory up to its memory budget divided by this.
 pub const JOIN_MEMORY_SHARE_DIVISOR: usize = 16;
 
@@ -726,9 +735,19 @@ impl Features {
         &self.db
     }
 
-    /// Bytes of answers a join holds in memory before it spills.
+    /// Bytes of answers a join holds in memory before it spills, at most.
     pub fn join_spill_bytes(&self) -> usize {
         self.join_spill_bytes
+    }
+
+    /// Bytes of answers a join of `rows` spine rows (at most) and `features` features holds in
+    /// memory before it spills: what admission reserves for them (see
+    /// [`JOIN_ANSWER_BYTES_PER_CELL`]).
+    pub fn join_answer_bytes(&self, rows: usize, features: usize) -> usize {
+        rows.saturating_mul(features)
+            .saturating_mul(JOIN_ANSWER_BYTES_PER_CELL)
+            .max(JOIN_ANSWER_BYTES_MIN)
+            .min(self.join_spill_bytes)
     }
 
     /// The same service with join answers spilling to disk past `bytes` (tests use tiny
@@ -1099,7 +1118,8 @@ impl Features {
         }
         runs.push(&groups[start..]);
         let sorted = started.elapsed();
-        let spill_at = self.join_spill_bytes / threads;
+        // The memory admission reserved for the answers, shared by the runs.
+        let spill_at = (self.join_answer_bytes(spine_len, features.len()) / threads).max(1);
         let answer_run = |run: &[&[u32]]| -> Result<RunAnswers> {
             let run_started = std::time::Instant::now();
             let mut cursor = snap.pair_cursor(known_at);

@@ -644,9 +644,11 @@ impl FlightService for FlightApi {
                     }
                 };
                 let p = authorize(&req, Scope::Read, join.features.iter().map(String::as_str))?;
-                let admitted = self
-                    .admission
-                    .admit(join.spine_ipc.len() * DECODED_BYTES_PER_ENCODED + self.features.join_spill_bytes())?;
+                // The spine, and its answers: the rows are not counted before the spine is
+                // decoded, so the reservation takes the most the IPC bytes can hold (a row
+                // has at least its 8-byte time).
+                let answers = self.features.join_answer_bytes(join.spine_ipc.len() / 8, join.features.len());
+                let admitted = self.admission.admit(join.spine_ipc.len() * DECODED_BYTES_PER_ENCODED + answers)?;
                 let f = self.features.clone();
                 let stopping = self.stopping.clone();
                 // The spine is decoded and checked off the async threads.

@@ -366,9 +366,9 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
             .timed("GetHistoricalFeatures", async move {
                 let p = authorize(&req, Scope::Read, req.get_ref().features.iter().map(String::as_str))?;
                 // The spine, and the answers the join holds in memory before it spills.
-                let bytes = req.get_ref().encoded_len() * DECODED_BYTES_PER_ENCODED + self.features.join_spill_bytes();
-                let ticket = self.admission.admit(bytes)?;
                 let r = req.get_ref();
+                let answers = self.features.join_answer_bytes(r.spine.len(), r.features.len());
+                let ticket = self.admission.admit(r.encoded_len() * DECODED_BYTES_PER_ENCODED + answers)?;
                 let cells =
                     r.spine.len().min(SPINE_ROWS_MAX) as u64 * r.features.len().min(FEATURES_PER_REQUEST_MAX) as u64;
                 p.take_values(cells)?;

@@ -534,3 +534,16 @@ fn a_retry_racing_its_first_request_gets_the_first_answer_whatever_changed() {
     assert!(retry.deduplicated);
     assert_eq!((retry.system_time, retry.version), (first.system_time, first.version));
 }
+
+#[test]
+fn a_join_reserves_answer_memory_by_its_size_within_the_share() {
+    use quiver_server::features::{JOIN_ANSWER_BYTES_MIN, JOIN_ANSWER_BYTES_PER_CELL};
+    let (_tmp, f, _db) = setup();
+    let f = f.with_join_spill_bytes(32 << 20);
+    assert_eq!(f.join_answer_bytes(2, 1), JOIN_ANSWER_BYTES_MIN, "a tiny join reserves the floor");
+    assert_eq!(f.join_answer_bytes(10_000, 3), 10_000 * 3 * JOIN_ANSWER_BYTES_PER_CELL);
+    assert_eq!(f.join_answer_bytes(1_000_000, 10), 32 << 20, "a large one the whole share");
+    assert_eq!(f.join_answer_bytes(usize::MAX, usize::MAX), 32 << 20, "no overflow");
+    // A share below the floor bounds it too (tests spill with tiny shares).
+    assert_eq!(f.with_join_spill_bytes(7).join_answer_bytes(2, 1), 7);
+}
