@@ -363,6 +363,13 @@ impl AnswerLog {
             self.mem.clear();
         }
         let at = self.file_len + self.mem.len() as u64;
+        let need = self.mem.len() + rec.len();
+        if need > self.mem.capacity() {
+            // Grow by doubling, but not past the spill bound: a doubled buffer could hold twice
+            // what admission reserved. (A first record larger than the bound is kept whole.)
+            let target = need.max((self.mem.capacity() * 2).min(self.spill_at));
+            self.mem.reserve_exact(target - self.mem.len());
+        }
         self.mem.extend_from_slice(rec);
         Ok(at)
     }

@@ -183,3 +183,97 @@ fn numeric_aggregates_refuse_other_sources_and_values() {
     s.add(f64::MAX);
     assert_eq!(s.value(), f64::INFINITY);
 }
+
+/// An independent exact sum for the check below: Shewchuk's partials and CPython's `fsum`
+/// rounding (valid while no partial sum overflows).
+fn fsum(xs: &[f64]) -> f64 {
+    let mut p: Vec<f64> = Vec::new();
+    for &x0 in xs {
+        let mut x = x0;
+        let mut i = 0;
+        for j in 0..p.len() {
+            let mut y = p[j];
+            if x.abs() < y.abs() {
+                std::mem::swap(&mut x, &mut y);
+            }
+            let hi = x + y;
+            let lo = y - (hi - x);
+            if lo != 0.0 {
+                p[i] = lo;
+                i += 1;
+            }
+            x = hi;
+        }
+        p.truncate(i);
+        p.push(x);
+    }
+    let mut n = p.len();
+    if n == 0 {
+        return 0.0;
+    }
+    n -= 1;
+    let (mut hi, mut lo) = (p[n], 0.0);
+    while n > 0 {
+        let x = hi;
+        n -= 1;
+        let y = p[n];
+        hi = x + y;
+        lo = y - (hi - x);
+        if lo != 0.0 {
+            break;
+        }
+    }
+    if n > 0 && ((lo < 0.0 && p[n - 1] < 0.0) || (lo > 0.0 && p[n - 1] > 0.0)) {
+        let y = lo * 2.0;
+        let x = hi + y;
+        if y == x - hi {
+            hi = x;
+        }
+    }
+    hi
+}
+
+fn any_float() -> impl Strategy<Value = f64> {
+    // Every binade from subnormals up to 2^1000, both signs, and exact cancellations.
+    (any::<bool>(), 0u64..(1 << 52), 0u64..2001).prop_map(|(neg, frac, exp)| {
+        let x = f64::from_bits((exp << 52) | frac);
+        if neg {
+            -x
+        } else {
+            x
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+    #[test]
+    fn exact_sums_match_an_independent_exact_sum_in_any_grouping(
+        mut xs in prop::collection::vec(any_float(), 0..30),
+        cut in any::<prop::sample::Index>(),
+        cancel in any::<bool>(),
+        tie in any::<bool>(),
+    ) {
+        if cancel && !xs.is_empty() {
+            let x = xs[0];
+            xs.push(-x); // cancellation down to the small terms
+        }
+        if tie && !xs.is_empty() {
+            // x and half its ulp: an exact tie, rounded to even.
+            let x = xs[0];
+            let half = (f64::from_bits(x.abs().to_bits() + 1) - x.abs()) / 2.0;
+            xs = vec![x, half.copysign(x)];
+        }
+        let want = fsum(&xs) + 0.0;
+        let mut whole = ExactSum::default();
+        xs.iter().for_each(|&x| whole.add(x));
+        prop_assert_eq!(whole.value().to_bits(), want.to_bits(), "{:?}", xs);
+        let k = if xs.is_empty() { 0 } else { cut.index(xs.len() + 1) };
+        let (mut a, mut b) = (ExactSum::default(), ExactSum::default());
+        xs[..k].iter().rev().for_each(|&x| a.add(x));
+        xs[k..].iter().for_each(|&x| b.add(x));
+        b.merge(&a);
+        prop_assert_eq!(b.value().to_bits(), want.to_bits());
+    }
+}
