@@ -177,6 +177,25 @@ pub fn push_value(col: &mut pb::FeatureColumn, t: pb::ValueType, v: Option<&Valu
     }
 }
 
+/// A value as people read it: the web UI's JSON (int64 as text: JSON numbers lose digits past
+/// 2^53) and the CLI's reports. Strings quoted, bytes in hex.
+pub fn value_text(v: &pb::Value) -> String {
+    use pb::value::Kind;
+    let list = |items: Vec<String>| format!("[{}]", items.join(", "));
+    match &v.kind {
+        None => "null".into(),
+        Some(Kind::BoolValue(b)) => b.to_string(),
+        Some(Kind::Int64Value(i)) => i.to_string(),
+        Some(Kind::Float32Value(x)) => x.to_string(),
+        Some(Kind::Float64Value(x)) => x.to_string(),
+        Some(Kind::StringValue(s)) => format!("{s:?}"),
+        Some(Kind::BytesValue(b)) => format!("0x{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
+        Some(Kind::Float32Vector(l)) => list(l.values.iter().map(f32::to_string).collect()),
+        Some(Kind::Int64List(l)) => list(l.values.iter().map(i64::to_string).collect()),
+        Some(Kind::StringList(l)) => list(l.values.iter().map(|s| format!("{s:?}")).collect()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

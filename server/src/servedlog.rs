@@ -49,17 +49,7 @@ pub const REQUEST_ID_BYTES_MAX: usize = 128;
 
 /// Where an entity key falls in [0, 1) for sampling (see the module docs).
 pub fn sample_point(entity_key: &[u8]) -> f64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in entity_key {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    // MurmurHash3's finaliser: FNV alone leaves the top bits of similar keys clustered.
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^= h >> 33;
+    let h = quiver_storage::hash::stable_hash64(entity_key);
     // The top 53 bits, as a fraction.
     (h >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -34,8 +34,8 @@
 //! quiverd's counters are totals since start; charts need them over time. [`History`] samples
 //! every group's freshness, values written and answers served every [`UI_SAMPLE_INTERVAL`] and
 //! keeps the last [`UI_SAMPLES`] (an hour), one record per group per sample; `/api/health`
-//! adds a sample taken at the request. The history is in memory only: it starts again with
-//! quiverd.
+//! adds the report it answers with as the last sample. The history is in memory only: it
+//! starts again with quiverd.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -113,17 +113,21 @@ impl History {
     /// Every group's figures now (reads the stored watermarks: call off the async threads).
     fn take(&self) -> Result<Sample, quiver_storage::Error> {
         let now_us = crate::service::now_us();
+        Ok(self.sample_of(&self.health.report(now_us, None, |_| true)?, now_us))
+    }
+
+    /// A sample from a health report made at `now_us` (the groups it holds).
+    fn sample_of(&self, report: &[pb::GroupHealth], now_us: i64) -> Sample {
         let served = self.health.served_totals();
-        let report = self.health.report(now_us, None, |_| true)?;
         let groups = report
-            .into_iter()
+            .iter()
             .map(|g| {
-                let freshness_s = g.freshness.map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9);
+                let freshness_s = g.freshness.as_ref().map(dur_s);
                 let served = served.get(&g.group).copied().unwrap_or_default();
                 (Arc::from(g.group.as_str()), GroupSample { freshness_s, written: g.values_written, served })
             })
             .collect();
-        Ok(Sample { at_ms: now_us.div_euclid(1000), groups })
+        Sample { at_ms: now_us.div_euclid(1000), groups }
     }
 
     fn record(&self, s: Sample) {
@@ -284,11 +288,13 @@ impl Ui {
     async fn health(&self, p: &Arc<Principal>) -> Answer {
         let req = Self::request(p, pb::GetFeatureHealthRequest { group: String::new() });
         let report = self.monitor.get_feature_health(req).await?.into_inner();
-        let history = self.history.clone();
-        let live = tokio::task::spawn_blocking(move || history.take())
-            .await
-            .map_err(|e| Status::internal(format!("sampling: {e}")))?
-            .map_err(|e| Status::internal(format!("reading the watermarks: {e}")))?;
+        // The live sample is the report itself (no second read of the watermarks).
+        let now_us = report
+            .now
+            .as_ref()
+            .and_then(|t| crate::convert::micros(t, "now").ok())
+            .unwrap_or_else(crate::service::now_us);
+        let live = self.history.sample_of(&report.groups, now_us);
         let groups: Vec<Json> = report
             .groups
             .iter()
@@ -571,24 +577,6 @@ fn type_name(t: i32) -> String {
     )
 }
 
-/// A value as people read it (int64 as text: JSON numbers lose digits past 2^53).
-pub fn value_text(v: &pb::Value) -> String {
-    use pb::value::Kind;
-    let list = |items: Vec<String>| format!("[{}]", items.join(", "));
-    match &v.kind {
-        None => "null".into(),
-        Some(Kind::BoolValue(b)) => b.to_string(),
-        Some(Kind::Int64Value(i)) => i.to_string(),
-        Some(Kind::Float32Value(x)) => x.to_string(),
-        Some(Kind::Float64Value(x)) => x.to_string(),
-        Some(Kind::StringValue(s)) => format!("{s:?}"),
-        Some(Kind::BytesValue(b)) => format!("0x{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
-        Some(Kind::Float32Vector(l)) => list(l.values.iter().map(f32::to_string).collect()),
-        Some(Kind::Int64List(l)) => list(l.values.iter().map(i64::to_string).collect()),
-        Some(Kind::StringList(l)) => list(l.values.iter().map(|s| format!("{s:?}")).collect()),
-    }
-}
-
 fn entity_type_json(e: &pb::EntityType) -> Json {
     let keys: Vec<Json> = e
         .join_keys
@@ -612,7 +600,7 @@ fn group_json(g: &pb::FeatureGroup) -> Json {
                 "name": f.name,
                 "type": type_name(f.r#type),
                 "dim": (f.dim > 0).then_some(f.dim),
-                "default": f.default_value.as_ref().map(value_text),
+                "default": f.default_value.as_ref().map(crate::convert::value_text),
                 "description": f.description,
                 "max_null_rate": f.max_null_rate,
                 "max_psi": f.max_psi,
@@ -835,8 +823,8 @@ mod tests {
         assert_eq!(bin_labels(&[13.4781, 150.0, 0.012345]), ["< 13.5", "[13.5, 150)", "[150, 0.012)", "≥ 0.012"]);
         assert_eq!(bin_labels(&[]), ["all"]);
         let v = pb::Value { kind: Some(pb::value::Kind::Int64Value(i64::MIN)) };
-        assert_eq!(value_text(&v), "-9223372036854775808");
+        assert_eq!(crate::convert::value_text(&v), "-9223372036854775808");
         let v = pb::Value { kind: Some(pb::value::Kind::BytesValue(vec![0, 255])) };
-        assert_eq!(value_text(&v), "0x00ff");
+        assert_eq!(crate::convert::value_text(&v), "0x00ff");
     }
 }

@@ -348,40 +348,27 @@ impl ExactSum {
         let (idx, bit) = ((shift / 64) as usize, shift % 64);
         let lo = mant << bit;
         let hi = if bit == 0 { 0 } else { mant >> (64 - bit) };
-        if bits >> 63 == 1 {
-            self.sub_at(idx, lo, hi);
-        } else {
-            self.add_at(idx, lo, hi);
-        }
+        let op = if bits >> 63 == 1 { u64::overflowing_sub } else { u64::overflowing_add };
+        self.ripple(idx, lo, hi, op);
     }
 
-    fn add_at(&mut self, idx: usize, lo: u64, hi: u64) {
-        let mut carry;
-        (self.limbs[idx], carry) = self.limbs[idx].overflowing_add(lo);
-        let mut i = idx + 1;
-        let mut addend = hi;
-        while i < SUM_LIMBS && (carry || addend != 0) {
-            let (a, c1) = self.limbs[i].overflowing_add(addend);
-            let (b, c2) = a.overflowing_add(u64::from(carry));
-            self.limbs[i] = b;
+    /// Adds (`op` = `u64::overflowing_add`) or subtracts (`u64::overflowing_sub`) the two-limb
+    /// number `hi:lo` at limb `idx`, rippling the carry or borrow upward.
+    fn ripple(&mut self, idx: usize, lo: u64, hi: u64, op: fn(u64, u64) -> (u64, bool)) {
+        let mut carry = false;
+        for (i, limb) in self.limbs[idx..].iter_mut().enumerate() {
+            let operand = match i {
+                0 => lo,
+                1 => hi,
+                _ => 0,
+            };
+            if i > 0 && operand == 0 && !carry {
+                break;
+            }
+            let (a, c1) = op(*limb, operand);
+            let (b, c2) = op(a, u64::from(carry));
+            *limb = b;
             carry = c1 || c2;
-            addend = 0;
-            i += 1;
-        }
-    }
-
-    fn sub_at(&mut self, idx: usize, lo: u64, hi: u64) {
-        let mut borrow;
-        (self.limbs[idx], borrow) = self.limbs[idx].overflowing_sub(lo);
-        let mut i = idx + 1;
-        let mut subtrahend = hi;
-        while i < SUM_LIMBS && (borrow || subtrahend != 0) {
-            let (a, b1) = self.limbs[i].overflowing_sub(subtrahend);
-            let (b, b2) = a.overflowing_sub(u64::from(borrow));
-            self.limbs[i] = b;
-            borrow = b1 || b2;
-            subtrahend = 0;
-            i += 1;
         }
     }
 
@@ -476,21 +463,6 @@ pub struct Hll {
 /// Index bits of [`Hll`]: 4,096 registers, standard error 1.04 / sqrt(4096) = 1.625%.
 pub const HLL_BITS: u32 = 12;
 
-/// A fixed 64-bit hash (FNV-1a, then MurmurHash3's finaliser to spread it): the same on every
-/// build and machine, so estimates are reproducible.
-fn hash64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
-
 impl Default for Hll {
     fn default() -> Self {
         Hll::new()
@@ -508,7 +480,7 @@ impl Hll {
     pub fn add(&mut self, v: &Value) {
         let mut buf = Vec::new();
         crate::cell::encode(Some(v), &VersionVector::new(), &mut buf);
-        let h = hash64(&buf);
+        let h = crate::hash::stable_hash64(&buf);
         let index = (h >> (64 - HLL_BITS)) as usize;
         let rank = ((h << HLL_BITS) | (1 << (HLL_BITS - 1))).leading_zeros() as u8 + 1;
         if self.registers[index] < rank {

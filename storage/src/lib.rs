@@ -19,6 +19,7 @@ pub(crate) mod error;
 pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hash;
 pub(crate) mod key;
 pub mod limits;
 pub(crate) mod record;

@@ -116,19 +116,7 @@ struct Compared {
 }
 
 fn value_text(v: &Option<pb::Value>) -> String {
-    use pb::value::Kind;
-    match v.as_ref().and_then(|v| v.kind.as_ref()) {
-        None => "null".into(),
-        Some(Kind::BoolValue(b)) => b.to_string(),
-        Some(Kind::Int64Value(i)) => i.to_string(),
-        Some(Kind::Float32Value(f)) => f.to_string(),
-        Some(Kind::Float64Value(f)) => f.to_string(),
-        Some(Kind::StringValue(s)) => format!("{s:?}"),
-        Some(Kind::BytesValue(b)) => format!("{} bytes", b.len()),
-        Some(Kind::Float32Vector(l)) => format!("{:?}", l.values),
-        Some(Kind::Int64List(l)) => format!("{:?}", l.values),
-        Some(Kind::StringList(l)) => format!("{:?}", l.values),
-    }
+    v.as_ref().map_or_else(|| "null".into(), quiver_server::convert::value_text)
 }
 
 /// `quiver skew --training-set`: joins the training set's own spine through Quiver and compares

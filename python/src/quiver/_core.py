@@ -772,6 +772,19 @@ class ShedRetry:
         # When the waits handed out so far end (the caller sleeps them).
         self._waited = 0.0
 
+    def after(self, e: Exception, answered: bool, rows: int) -> float | None:
+        """What a join's spine request does once refused with RESOURCE_EXHAUSTED ``e``: wait the
+        returned seconds and send it again, or (None) send it again in two halves (it can never
+        fit). Raises ``e`` when answers were already given, or the retries are spent."""
+        if answered:
+            raise e
+        if getattr(e, "retry_after", None) is None and rows >= 2:
+            return None
+        wait = self.delay(e)
+        if wait is None:
+            raise e
+        return wait
+
     def delay(self, e: Exception) -> float | None:
         advice = getattr(e, "retry_after", None)
         if advice is None:

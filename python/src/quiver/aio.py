@@ -337,17 +337,13 @@ class AsyncHistoricalJob(core.JoinJob):
                         yield batch.cast(self._schema) if batch.schema != self._schema else batch
                 return
             except QuiverResourceExhausted as e:
-                if rows:
-                    raise
-                if e.retry_after is None and chunk.num_rows >= 2:
+                wait = retry.after(e, rows > 0, chunk.num_rows)
+                if wait is None:
                     half = chunk.num_rows // 2
                     for part in (chunk.slice(0, half), chunk.slice(half)):
                         async for batch in self._chunk(part):
                             yield batch
                     return
-                wait = retry.delay(e)
-                if wait is None:
-                    raise
                 await asyncio.sleep(wait)
 
     async def _answers(self, chunk: pa.Table, columns: list[str]) -> AsyncGenerator[pa.RecordBatch, None]:

@@ -550,16 +550,12 @@ class HistoricalJob(core.JoinJob):
                     yield batch.cast(self._schema) if batch.schema != self._schema else batch
                 return
             except QuiverResourceExhausted as e:
-                if yielded:
-                    raise
-                if e.retry_after is None and chunk.num_rows >= 2:
+                wait = retry.after(e, yielded, chunk.num_rows)
+                if wait is None:
                     half = chunk.num_rows // 2
                     yield from self._chunk(chunk.slice(0, half))
                     yield from self._chunk(chunk.slice(half))
                     return
-                wait = retry.delay(e)
-                if wait is None:
-                    raise
                 time.sleep(wait)
 
     def _answers(self, chunk: pa.Table, columns: list[str]) -> Iterator[pa.RecordBatch]:
