@@ -361,9 +361,7 @@ pub async fn serve(
             loop {
                 tick.tick().await;
                 let r = registry.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || r.refresh_dropped_features(r.db().system_time_now().0 as i64))
-                        .await;
+                let _ = tokio::task::spawn_blocking(move || r.refresh_dropped_features()).await;
             }
         })
     };

@@ -557,7 +557,7 @@ impl Registry {
     pub fn open_in_cluster(db: Arc<Db>, region: Option<u32>) -> Result<Registry> {
         let state = Self::load(&db)?;
         let r = Registry { db, state: Mutex::new(state), generation: std::sync::atomic::AtomicU64::new(0), region };
-        r.refresh_dropped_features(r.db.system_time_now().0 as i64);
+        r.refresh_dropped_features();
         Ok(r)
     }
 
@@ -572,7 +572,7 @@ impl Registry {
         }
         drop(st);
         // A retirement may have arrived.
-        self.refresh_dropped_features(self.db.system_time_now().0 as i64);
+        self.refresh_dropped_features();
         Ok(())
     }
 
@@ -840,7 +840,7 @@ impl Registry {
             *st = next;
             self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
             drop(st);
-            self.refresh_dropped_features(self.db.system_time_now().0 as i64);
+            self.refresh_dropped_features();
         }
         Ok(changes)
     }
@@ -1023,7 +1023,10 @@ impl Registry {
     /// past their retention that no other version (retired within its retention, or not
     /// retired) uses.
     pub fn dropped_feature_ids(&self, now_us: i64) -> Vec<FeatureId> {
-        let st = self.state.lock();
+        Self::dropped_in(&self.state.lock(), now_us)
+    }
+
+    fn dropped_in(st: &State, now_us: i64) -> Vec<FeatureId> {
         let (mut dead, mut live) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
         for (group, versions) in &st.groups {
             // The serving version is live whatever happened (a promotion racing a retirement
@@ -1045,9 +1048,14 @@ impl Registry {
         dead.difference(&live).map(|&id| FeatureId(id)).collect()
     }
 
-    /// Hands [`Registry::dropped_feature_ids`] at `now_us` to the engine's compactions.
-    pub fn refresh_dropped_features(&self, now_us: i64) {
-        self.db.set_dropped_features(&self.dropped_feature_ids(now_us));
+    /// Hands [`Registry::dropped_feature_ids`] now to the engine's compactions. The registry's
+    /// lock is held from reading the clock to handing the set over, so concurrent refreshes
+    /// (the periodic check racing a retirement) hand theirs over in clock order: the last set
+    /// handed over is never one computed before a retirement it should include.
+    pub fn refresh_dropped_features(&self) {
+        let st = self.state.lock();
+        let now_us = self.db.system_time_now().0 as i64;
+        self.db.set_dropped_features(&Self::dropped_in(&st, now_us));
     }
 
     /// Every version of `group`, its state, and its serving history.

@@ -581,7 +581,7 @@ impl pb::registry_service_server::RegistryService for RegistryApi {
                 blocking(move || {
                     let (retirement, changed) =
                         r.retire(&req.group, req.version, retention, &req.reason, &p.name).map_err(registry_status)?;
-                    r.refresh_dropped_features(r.db().system_time_now().0 as i64);
+                    r.refresh_dropped_features();
                     Ok(Response::new(pb::RetireGroupVersionResponse { retirement: Some(retirement), changed }))
                 })
                 .await
