@@ -97,6 +97,39 @@ pub fn to_engine(v: &pb::Value, expected: pb::ValueType, what: &str) -> Result<V
     })
 }
 
+/// The engine's value type of an API value type (`None`: unspecified).
+pub fn engine_type(t: pb::ValueType) -> Option<quiver_storage::ValueType> {
+    use quiver_storage::ValueType as E;
+    Some(match t {
+        pb::ValueType::Unspecified => return None,
+        pb::ValueType::Bool => E::Bool,
+        pb::ValueType::Int64 => E::Int64,
+        pb::ValueType::Float32 => E::Float32,
+        pb::ValueType::Float64 => E::Float64,
+        pb::ValueType::String => E::String,
+        pb::ValueType::Bytes => E::Bytes,
+        pb::ValueType::Float32Vector => E::Float32Vector,
+        pb::ValueType::Int64List => E::Int64List,
+        pb::ValueType::StringList => E::StringList,
+    })
+}
+
+/// The API value type of an engine value type.
+pub fn api_type(t: quiver_storage::ValueType) -> pb::ValueType {
+    use quiver_storage::ValueType as E;
+    match t {
+        E::Bool => pb::ValueType::Bool,
+        E::Int64 => pb::ValueType::Int64,
+        E::Float32 => pb::ValueType::Float32,
+        E::Float64 => pb::ValueType::Float64,
+        E::String => pb::ValueType::String,
+        E::Bytes => pb::ValueType::Bytes,
+        E::Float32Vector => pb::ValueType::Float32Vector,
+        E::Int64List => pb::ValueType::Int64List,
+        E::StringList => pb::ValueType::StringList,
+    }
+}
+
 /// An API value from an engine value.
 pub fn to_api(v: &Value) -> pb::Value {
     use pb::value::Kind;

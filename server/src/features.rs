@@ -12,6 +12,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use prost::Message;
 use quiver_proto::v1 as pb;
+use quiver_storage::agg::{AggAnswer, AggValue, AggWindow};
 use quiver_storage::{
     AsOf, CellVersion, Db, Durability, EventTime, Expectation, FeatureId, SystemTime, Value, VersionVector, WriteBatch,
     WriteIf,
@@ -20,7 +21,7 @@ use quiver_storage::{
 use crate::admission::ONLINE_ANSWER_BYTES_MAX;
 use crate::convert::{self, push_value, Invalid};
 use crate::health::{status_index, Health, ServedCounts, ServedTrack, Written};
-use crate::registry::{Registry, RegistryError, ResolvedFeature};
+use crate::registry::{AggregateSpec, Registry, RegistryError, ResolvedFeature};
 use crate::replication::REGION_ID_MAX;
 
 /// Most entities in one online request.
@@ -151,6 +152,14 @@ pub enum ServiceError {
 impl From<Invalid> for ServiceError {
     fn from(e: Invalid) -> Self {
         ServiceError::Invalid(e.0)
+    }
+}
+
+/// An aggregate met a stored value of another type than its source's: the registry gives a
+/// retyped feature a fresh id, so this is data the engine should never hold (`DATA_LOSS`).
+impl From<quiver_storage::agg::AggError> for ServiceError {
+    fn from(e: quiver_storage::agg::AggError) -> Self {
+        corrupt(STORED_CELL, &format!("aggregate: {e}"))
     }
 }
 
@@ -487,6 +496,75 @@ impl PairHistory {
     }
 }
 
+impl PairHistory {
+    /// `aggregate_at` (`storage/READS.md`) of feature slot `d` (the aggregate's source) with
+    /// the window of `spec` ending at `as_of`, versions known at `known_at`.
+    fn aggregate(
+        &self,
+        versions: &quiver_storage::EntityVersions<'_>,
+        d: usize,
+        spec: &AggregateSpec,
+        as_of: EventTime,
+        known_at: SystemTime,
+    ) -> Result<AggAnswer> {
+        let run = &versions.versions()[self.runs[d].clone()];
+        let w = AggWindow { as_of, width_us: spec.width_us, known_at };
+        quiver_storage::agg::aggregate_run(
+            run,
+            |v| (v.event_time, v.system_time),
+            |v| {
+                let part = quiver_storage::cell::value_part(versions.cell(v))
+                    .map_err(|w| corrupt(STORED_CELL, &format!("cell value: {w}")))?;
+                part.map(|p| {
+                    quiver_storage::cell::decode_value_part(p)
+                        .map_err(|w| corrupt(STORED_CELL, &format!("cell value: {w}")))
+                })
+                .transpose()
+            },
+            spec.agg,
+            spec.source_type,
+            w,
+        )
+    }
+}
+
+/// The served status, event time and value of an aggregate's answer: PRESENT with its value
+/// and the newest event time in its window (0 for an empty one); OVERFLOW for an int64 sum
+/// outside int64; an absent answer (the mean, min or max of an empty window) is the default
+/// (DEFAULTED) when there is one, else NOT_FOUND.
+fn aggregate_status(answer: AggAnswer, default: Option<&Value>) -> (pb::FeatureStatus, i64, Option<Value>) {
+    let event_us = answer.newest.map_or(0, |e| e.0);
+    match answer.value {
+        AggValue::Overflow => (pb::FeatureStatus::Overflow, 0, None),
+        value => match value.into_value() {
+            Some(v) => (pb::FeatureStatus::Present, event_us, Some(v)),
+            None if default.is_some() => (pb::FeatureStatus::Defaulted, 0, default.cloned()),
+            None => (pb::FeatureStatus::NotFound, 0, None),
+        },
+    }
+}
+
+/// Writes a join answer with its status, event time and value as [`decode_answer`] reads it
+/// (aggregates; plain features go through [`encode_answer`]).
+fn encode_value_answer(
+    rec: &mut Vec<u8>,
+    (status, event_us, value): (pb::FeatureStatus, i64, Option<Value>),
+    scratch: &mut Vec<u8>,
+) -> Result<()> {
+    rec.push(status as u8);
+    if let (pb::FeatureStatus::Present, Some(v)) = (status, value) {
+        scratch.clear();
+        quiver_storage::cell::encode(Some(&v), &quiver_storage::VersionVector::default(), scratch);
+        let part = quiver_storage::cell::value_part(scratch)
+            .map_err(|w| corrupt(ANSWER_LOG, &format!("aggregate value: {w}")))?
+            .unwrap_or_default();
+        rec.extend_from_slice(&event_us.to_le_bytes());
+        rec.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        rec.extend_from_slice(part);
+    }
+    Ok(())
+}
+
 /// Spine rows from which a join checks and sorts its spine in parts, one per join thread.
 pub const SPINE_ROWS_PER_PART_MIN: usize = 1 << 16;
 
@@ -650,9 +728,10 @@ struct Resolution {
     refs: Vec<String>,
     features: Vec<ResolvedFeature>,
     defaults: Vec<Option<Value>>,
-    /// The distinct feature ids, in order of first mention (a feature named twice is read once).
+    /// The distinct feature ids of the features that are not aggregates, in order of first
+    /// mention (a feature named twice is read once).
     distinct: Vec<FeatureId>,
-    /// Per requested feature: its index in `distinct`.
+    /// Per requested feature: its index in `distinct` (`usize::MAX` for an aggregate).
     slot: Vec<usize>,
     /// Per distinct feature: the last requested feature it answers (its value moves there).
     last_use: Vec<usize>,
@@ -680,9 +759,13 @@ impl Resolution {
         let defaults = features.iter().map(default_of).collect::<Result<Vec<_>>>()?;
         let mut distinct: Vec<FeatureId> = Vec::with_capacity(features.len());
         let mut seen: HashMap<FeatureId, usize> = HashMap::with_capacity(features.len());
+        // Aggregates are not in the batch read (they read their sources' windows).
         let slot: Vec<usize> = features
             .iter()
             .map(|f| {
+                if f.aggregate.is_some() {
+                    return usize::MAX;
+                }
                 *seen.entry(f.id).or_insert_with(|| {
                     distinct.push(f.id);
                     distinct.len() - 1
@@ -690,7 +773,7 @@ impl Resolution {
             })
             .collect();
         let mut last_use = vec![0; distinct.len()];
-        for (j, &k) in slot.iter().enumerate() {
+        for (j, &k) in slot.iter().enumerate().filter(|(_, &k)| k != usize::MAX) {
             last_use[k] = j;
         }
         Ok(Resolution { entity_type, refs, features, defaults, distinct, slot, last_use, served, log_rates })
@@ -861,10 +944,12 @@ impl Features {
         let q = AsOf { as_of: EventTime(as_of), known_at: SystemTime::MAX, lookback_us: None };
         let mut budget = AnswerBudget { spent: 0, max: answer_max, charge, too_large: false };
         let read = self.db.multi_version_at_within(&keys, ids, q, &mut |bytes| budget.spend(bytes), deadline);
-        let quiver_storage::BatchRead { mut versions, unread } = match read {
+        let quiver_storage::BatchRead { mut versions, unread, known_at } = match read {
             Err(quiver_storage::Error::OverBudget(_)) => return Err(budget.refusal()),
             r => r?,
         };
+        // Aggregates from the view the batch read saw (a later snapshot, read at its known_at).
+        let mut aggregates = self.online_aggregates(&keys, features, EventTime(as_of), known_at)?;
         if unread.contains(&true) {
             if let Some(h) = &self.health {
                 h.cut_short();
@@ -882,6 +967,23 @@ impl Features {
             let k = slot[j];
             let mut counts: ServedCounts = Default::default();
             for i in 0..n {
+                if let Some(answers) = aggregates.get_mut(j).and_then(Option::as_mut) {
+                    let answer = std::mem::take(&mut answers[i]);
+                    let (status, event_us, value) = match aggregate_status(answer, default.as_ref()) {
+                        (pb::FeatureStatus::NotFound, _, _) if req.default_missing => {
+                            (pb::FeatureStatus::Defaulted, 0, None)
+                        }
+                        answer => answer,
+                    };
+                    pending += CELL_BYTES + value.as_ref().map_or(0, Value::heap_bytes);
+                    if let Some(s) = status_index(status) {
+                        counts[s] += 1;
+                    }
+                    col.statuses.push(status as i32);
+                    col.event_times_us.push(event_us);
+                    push_value(&mut col, f.value_type, value.as_ref());
+                    continue;
+                }
                 let v = match versions.get_mut(i * d + k) {
                     Some(v) if last_use[k] == j => v.take(),
                     Some(v) => v.clone(),
@@ -929,6 +1031,45 @@ impl Features {
             s.offer(req, as_of, features, &columns);
         }
         Ok(pb::GetOnlineFeaturesResponse { columns })
+    }
+
+    /// The answers of a lookup's aggregate features (`None` for the other features), per
+    /// entity: each entity's sources read once from one snapshot at `known_at`, entities in
+    /// key order through one cursor.
+    fn online_aggregates(
+        &self,
+        keys: &[Vec<u8>],
+        features: &[ResolvedFeature],
+        as_of: EventTime,
+        known_at: SystemTime,
+    ) -> Result<Vec<Option<Vec<AggAnswer>>>> {
+        let sources: Vec<FeatureId> = features.iter().filter(|f| f.aggregate.is_some()).map(|f| f.id).collect();
+        let (Some(&lo), Some(&hi)) = (sources.iter().min(), sources.iter().max()) else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<Option<Vec<AggAnswer>>> =
+            features.iter().map(|f| f.aggregate.as_ref().map(|_| vec![AggAnswer::default(); keys.len()])).collect();
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by(|&a, &b| keys[a].cmp(&keys[b]));
+        let snap = self.db.snapshot();
+        let mut cursor = snap.pair_cursor(known_at);
+        let mut distinct = sources;
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut history = PairHistory::new(distinct.len());
+        for same in order.chunk_by(|&a, &b| keys[a] == keys[b]) {
+            let versions = cursor.entity(&keys[same[0]], lo, hi)?;
+            history.index(&versions, &distinct);
+            for (j, f) in features.iter().enumerate() {
+                let (Some(spec), Some(answers)) = (&f.aggregate, out[j].as_mut()) else { continue };
+                let d = distinct.binary_search(&f.id).unwrap_or(0);
+                let answer = history.aggregate(&versions, d, spec, as_of, SystemTime::MAX)?;
+                for &i in same {
+                    answers[i] = answer.clone();
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The entity type and features of a request, from the resolution cache when the registry
@@ -1135,7 +1276,7 @@ impl Features {
             // A status byte per answer, and for values an event time, a length and a small cell.
             let mut log = AnswerLog::new(spill_at, run_rows * features.len() * 24);
             let mut placed = Vec::with_capacity(run_rows);
-            let mut rec = Vec::new();
+            let (mut rec, mut scratch) = (Vec::new(), Vec::new());
             for group in run {
                 let versions = cursor.entity(&rows[group[0] as usize].0, lo, hi)?;
                 history.index(&versions, &distinct);
@@ -1148,6 +1289,12 @@ impl Features {
                     };
                     rec.clear();
                     for (j, f) in features.iter().enumerate() {
+                        if let Some(spec) = &f.aggregate {
+                            let answer = history.aggregate(&versions, slot[j], spec, t, k)?;
+                            let answer = aggregate_status(answer, defaults[j].as_ref());
+                            encode_value_answer(&mut rec, answer, &mut scratch)?;
+                            continue;
+                        }
                         let winner = history.winner(&versions, slot[j], t, k);
                         encode_answer(&mut rec, winner, t, f, defaults[j].is_some())?;
                     }
@@ -1466,7 +1613,14 @@ impl Features {
             }
             let feature = |name: &str| {
                 feats.get(name).ok_or_else(|| {
-                    ServiceError::NotFound(format!("row {i}: group {} has no feature {name:?}", row.group))
+                    // An aggregate is not among the group's written features.
+                    match self.registry.resolve(&format!("{}:{name}", row.group)).map(|f| f.aggregate) {
+                        Ok(Some(a)) => ServiceError::Invalid(format!(
+                            "row {i}: {}:{name} is an aggregate of {}: aggregates are computed, write {} instead",
+                            row.group, a.source, a.source
+                        )),
+                        _ => ServiceError::NotFound(format!("row {i}: group {} has no feature {name:?}", row.group)),
+                    }
                 })
             };
             let mut names: Vec<&String> = row.values.keys().collect();

@@ -64,7 +64,8 @@ pub const DEFAULT_TIMESTAMP_COLUMN: &str = "event_timestamp";
 /// Field metadata key holding the group version that answered a feature column.
 pub const GROUP_VERSION_METADATA: &str = "quiver.group_version";
 /// Status names by `quiver.v1.FeatureStatus` value: the status columns' dictionary.
-pub const STATUS_NAMES: [&str; 6] = ["UNSPECIFIED", "PRESENT", "NOT_FOUND", "STALE", "DEFAULTED", "UNAVAILABLE"];
+pub const STATUS_NAMES: [&str; 7] =
+    ["UNSPECIFIED", "PRESENT", "NOT_FOUND", "STALE", "DEFAULTED", "UNAVAILABLE", "OVERFLOW"];
 
 /// `arrow.flight.protocol.FlightService`.
 #[derive(Debug, Clone)]

@@ -61,6 +61,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use prost::Message;
 use quiver_proto::v1 as pb;
+use quiver_storage::agg::Agg;
 use quiver_storage::{AsOf, Db, Durability, EventTime, FeatureId, ScanRange, SystemTime, Value, WriteBatch};
 
 /// Longest name of an entity type, group or feature.
@@ -75,6 +76,12 @@ pub const OBJECTS_PER_APPLY_MAX: usize = 1_000;
 pub const TEXT_BYTES_MAX: usize = 4096;
 /// The longest `dim` a float32_vector feature may declare.
 pub const VECTOR_DIM_MAX: u32 = 65_536;
+/// The shortest window of an aggregate feature, in seconds.
+pub const AGG_WINDOW_SECONDS_MIN: i64 = 1;
+/// The longest window of an aggregate feature, in seconds: a leap year.
+pub const AGG_WINDOW_SECONDS_MAX: i64 = 366 * 86_400;
+/// Most values a `last_n` aggregate keeps (the engine's bound).
+pub const LAST_N_MAX: u32 = quiver_storage::agg::LAST_N_MAX;
 /// Most versions of one feature group: every version stays addressable (`group@N`) and in
 /// memory, so repeated applies stop here instead of growing the registry without end.
 pub const GROUP_VERSIONS_MAX: u32 = 1_000;
@@ -152,6 +159,84 @@ pub struct ResolvedFeature {
     pub dim: u32,
     /// The group's share of entities whose answers are logged (`None`: the server's default).
     pub log_sample_rate: Option<f64>,
+    /// Set for an aggregate feature: what it computes. Its `id` is then its source's (the
+    /// versions it reads) and `value_type` the type of its answers.
+    pub aggregate: Option<AggregateSpec>,
+}
+
+/// An aggregate feature, resolved (README "Windowed aggregations").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregateSpec {
+    /// The source feature's name.
+    pub source: String,
+    /// The function.
+    pub agg: Agg,
+    /// The window's width in microseconds.
+    pub width_us: u64,
+    /// The type of the source's values.
+    pub source_type: quiver_storage::ValueType,
+}
+
+/// The engine's aggregate function of an aggregation (`None`: unspecified).
+fn agg_of(a: &pb::Aggregation) -> Option<Agg> {
+    use pb::AggFunction as F;
+    Some(match a.function() {
+        F::Unspecified => return None,
+        F::Count => Agg::Count,
+        F::Sum => Agg::Sum,
+        F::Mean => Agg::Mean,
+        F::Min => Agg::Min,
+        F::Max => Agg::Max,
+        F::LastN => Agg::LastN(a.n),
+        F::CountDistinct => Agg::CountDistinct,
+    })
+}
+
+/// The type of an aggregate feature's answers, its definition checked against its group's
+/// other features (`f.aggregation` must be set).
+fn aggregate_type(g: &pb::FeatureGroup, f: &pb::FeatureDef) -> Result<pb::ValueType> {
+    let bad = |why: String| RegistryError::Invalid(format!("feature {}:{}: {why}", g.name, f.name));
+    let Some(a) = &f.aggregation else { return Err(bad("not an aggregate".into())) };
+    let source = g
+        .features
+        .iter()
+        .find(|o| o.name == a.source && o.name != f.name)
+        .ok_or_else(|| bad(format!("its source {:?} is not another feature of the group", a.source)))?;
+    if source.aggregation.is_some() {
+        return Err(bad(format!("its source {} is an aggregate; aggregate a written feature", source.name)));
+    }
+    let agg = agg_of(a).ok_or_else(|| bad("an aggregate needs a function".into()))?;
+    match agg {
+        Agg::LastN(n) if !(1..=LAST_N_MAX).contains(&n) => {
+            return Err(bad(format!("last_n keeps 1 to {LAST_N_MAX} values, not {n}")))
+        }
+        Agg::LastN(_) => {}
+        _ if a.n != 0 => return Err(bad(format!("n is for last_n, not {:?}", a.function()))),
+        _ => {}
+    }
+    let window = a.window.as_ref().ok_or_else(|| bad("an aggregate needs a window".into()))?;
+    if window.nanos != 0 || !(AGG_WINDOW_SECONDS_MIN..=AGG_WINDOW_SECONDS_MAX).contains(&window.seconds) {
+        return Err(bad(format!(
+            "a window is whole seconds from {AGG_WINDOW_SECONDS_MIN} to {AGG_WINDOW_SECONDS_MAX} (366 days), not {}.{:09} s",
+            window.seconds, window.nanos
+        )));
+    }
+    let source_type = crate::convert::engine_type(source.r#type())
+        .ok_or_else(|| bad(format!("its source {} has no type", source.name)))?;
+    let t = agg.answer_type(source_type).map_err(|e| bad(e.to_string()))?;
+    Ok(crate::convert::api_type(t))
+}
+
+/// `g` with each aggregate feature's unset type set to the type of its answers (left unset
+/// when its definition is bad: [`check_group`] says why).
+fn with_aggregate_types(g: &pb::FeatureGroup) -> pb::FeatureGroup {
+    let mut out = g.clone();
+    for f in out.features.iter_mut().filter(|f| f.aggregation.is_some() && f.r#type() == pb::ValueType::Unspecified) {
+        if let Ok(t) = aggregate_type(g, f) {
+            f.r#type = t as i32;
+        }
+    }
+    out
 }
 
 /// One serving cell of a group.
@@ -351,6 +436,23 @@ fn check_group(g: &pb::FeatureGroup, entity_known: bool) -> Result<()> {
         if g.features[..i].iter().any(|o| o.name == f.name) {
             return Err(RegistryError::Invalid(format!("feature group {} names feature {} twice", g.name, f.name)));
         }
+        if f.aggregation.is_some() {
+            let t = aggregate_type(g, f)?;
+            if f.r#type() != t {
+                return Err(RegistryError::Invalid(format!(
+                    "feature {}:{}: the aggregate answers {t:?}, not {:?}",
+                    g.name,
+                    f.name,
+                    f.r#type()
+                )));
+            }
+            if f.dim != 0 {
+                return Err(RegistryError::Invalid(format!(
+                    "feature {}:{}: an aggregate takes no dim",
+                    g.name, f.name
+                )));
+            }
+        }
         if f.r#type() == pb::ValueType::Unspecified {
             return Err(RegistryError::Invalid(format!("feature {}:{} needs a type", g.name, f.name)));
         }
@@ -443,6 +545,24 @@ fn resolved(
         )))
     })?;
     let ttl = positive(def.ttl.as_ref());
+    let aggregate = match &f.aggregation {
+        Some(a) => {
+            let bad = || {
+                RegistryError::Storage(quiver_storage::Error::InvalidArgument(format!(
+                    "registry record of {group}@{version}: aggregate {} is malformed",
+                    f.name
+                )))
+            };
+            let source = def.features.iter().find(|o| o.name == a.source).ok_or_else(bad)?;
+            Some(AggregateSpec {
+                source: a.source.clone(),
+                agg: agg_of(a).ok_or_else(bad)?,
+                width_us: a.window.as_ref().map_or(0, |w| w.seconds.max(0) as u64 * 1_000_000),
+                source_type: crate::convert::engine_type(source.r#type()).ok_or_else(bad)?,
+            })
+        }
+        None => None,
+    };
     Ok(ResolvedFeature {
         group: group.to_string(),
         version,
@@ -454,6 +574,7 @@ fn resolved(
         entity_type: def.entity_type.clone(),
         dim: f.dim,
         log_sample_rate: def.log_sample_rate,
+        aggregate,
     })
 }
 
@@ -483,6 +604,18 @@ fn fmt_ttl(d: &Option<prost_types::Duration>) -> String {
 }
 
 /// Human-readable differences between two definitions of a group.
+/// An aggregation as the registry file writes it (`-`: a written feature).
+fn fmt_aggregation(f: &pb::FeatureDef) -> String {
+    match &f.aggregation {
+        None => "-".into(),
+        Some(a) => {
+            let n = if a.function() == pb::AggFunction::LastN { format!("({})", a.n) } else { String::new() };
+            let window = a.window.as_ref().map_or(0, |w| w.seconds);
+            format!("{:?}{n} of {} over {window} s", a.function(), a.source)
+        }
+    }
+}
+
 fn diff(old: &pb::FeatureGroup, new: &pb::FeatureGroup) -> Vec<String> {
     let mut out = Vec::new();
     let mut field = |name: &str, a: String, b: String| {
@@ -513,6 +646,9 @@ fn diff(old: &pb::FeatureGroup, new: &pb::FeatureGroup) -> Vec<String> {
                 let mut what = Vec::new();
                 if o.dim != f.dim {
                     what.push(format!("dim {} -> {}", o.dim, f.dim));
+                }
+                if o.aggregation != f.aggregation {
+                    what.push(format!("aggregation {} -> {}", fmt_aggregation(o), fmt_aggregation(f)));
                 }
                 if o.max_null_rate != f.max_null_rate {
                     what.push(format!("max_null_rate {:?} -> {:?}", o.max_null_rate, f.max_null_rate));
@@ -696,9 +832,10 @@ impl Registry {
                 }
             }
         }
-        for (i, g) in req.feature_groups.iter().enumerate() {
+        let groups: Vec<pb::FeatureGroup> = req.feature_groups.iter().map(with_aggregate_types).collect();
+        for (i, g) in groups.iter().enumerate() {
             check_group(g, next.entity_types.contains_key(&g.entity_type))?;
-            if req.feature_groups[..i].iter().any(|o| o.name == g.name) {
+            if groups[..i].iter().any(|o| o.name == g.name) {
                 return Err(RegistryError::Invalid(format!("feature group {} appears twice", g.name)));
             }
             let object = format!("feature_group:{}", g.name);
@@ -755,13 +892,20 @@ impl Registry {
                 .map(|(v, s)| (*v, s.clone()));
             let mut feature_ids = Vec::with_capacity(g.features.len());
             for f in &g.features {
+                // An aggregate reads its source's versions: it has the source's id (filled
+                // in below, once every written feature has its id).
+                if f.aggregation.is_some() {
+                    feature_ids.push(0);
+                    continue;
+                }
                 let kept = base.as_ref().and_then(|(_, s)| {
                     let old = s.def.as_ref()?;
                     if old.transformation != g.transformation || old.code_hash != g.code_hash {
                         return None;
                     }
-                    let i =
-                        old.features.iter().position(|o| o.name == f.name && o.r#type == f.r#type && o.dim == f.dim)?;
+                    let i = old.features.iter().position(|o| {
+                        o.name == f.name && o.r#type == f.r#type && o.dim == f.dim && o.aggregation.is_none()
+                    })?;
                     s.feature_ids.get(i).copied()
                 });
                 let id = match kept {
@@ -783,6 +927,14 @@ impl Registry {
                     }
                 };
                 feature_ids.push(id);
+            }
+            for (i, f) in g.features.iter().enumerate() {
+                if let Some(a) = &f.aggregation {
+                    // check_group found the source.
+                    if let Some(src) = g.features.iter().position(|o| o.name == a.source) {
+                        feature_ids[i] = feature_ids[src];
+                    }
+                }
             }
             let def = pb::FeatureGroup { version, created_at: Some(now_timestamp()), ..g.clone() };
             let shared =
@@ -1178,7 +1330,8 @@ impl Registry {
         resolved(group, version, def, stored, i)
     }
 
-    /// Resolves `group` or `group@N` to its version and every feature of it.
+    /// Resolves `group` or `group@N` to its version and every written feature of it (its
+    /// aggregates hold no data of their own: writes, scans, backfills and gates skip them).
     pub fn resolve_group(&self, reference: &str) -> Result<Vec<ResolvedFeature>> {
         let (group, version) = parse_group_ref(reference)
             .ok_or_else(|| RegistryError::Invalid(format!("group reference {reference:?} is not group or group@N")))?;
@@ -1186,7 +1339,10 @@ impl Registry {
         let (version, stored) = Self::stored(&st, group, version)?;
         let def =
             stored.def.as_ref().ok_or_else(|| RegistryError::NotFound(format!("feature group {group:?} is empty")))?;
-        (0..def.features.len()).map(|i| resolved(group, version, def, stored, i)).collect()
+        (0..def.features.len())
+            .filter(|&i| def.features[i].aggregation.is_none())
+            .map(|i| resolved(group, version, def, stored, i))
+            .collect()
     }
 
     /// A stored group version (`version` 0: the serving one).

@@ -51,9 +51,10 @@ pub enum Agg {
 pub const LAST_N_MAX: u32 = 1_000;
 
 /// An aggregate's answer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub enum AggValue {
     /// No answer: `mean`, `min` or `max` of an empty window.
+    #[default]
     Absent,
     /// A count (`count`, `count_distinct`).
     Count(u64),
@@ -67,6 +68,53 @@ pub enum AggValue {
     Overflow,
 }
 
+impl Agg {
+    /// The type of this aggregate's answers over a source of type `source`: `count` and
+    /// `count_distinct` answer int64; `sum`, `min` and `max` int64 over int64 and float64 over
+    /// floats; `mean` float64; `last_n` the list type of its source (int64_list, string_list,
+    /// or float32_vector over float32). Other sources of `last_n` have no list type to hold
+    /// them exactly, and numeric aggregates need numeric sources: both are refused.
+    pub fn answer_type(self, source: ValueType) -> Result<ValueType, AggError> {
+        Accumulator::new(self, source)?;
+        Ok(match self {
+            Agg::Count | Agg::CountDistinct => ValueType::Int64,
+            Agg::Mean => ValueType::Float64,
+            Agg::Sum | Agg::Min | Agg::Max if source == ValueType::Int64 => ValueType::Int64,
+            Agg::Sum | Agg::Min | Agg::Max => ValueType::Float64,
+            Agg::LastN(_) => match source {
+                ValueType::Int64 => ValueType::Int64List,
+                ValueType::String => ValueType::StringList,
+                ValueType::Float32 => ValueType::Float32Vector,
+                found => return Err(AggError::NoListType { found }),
+            },
+        })
+    }
+}
+
+impl AggValue {
+    /// The answer as a value of [`Agg::answer_type`] (`None`: absent, or an overflow).
+    pub fn into_value(self) -> Option<Value> {
+        Some(match self {
+            AggValue::Absent | AggValue::Overflow => return None,
+            AggValue::Count(n) => Value::Int64(i64::try_from(n).unwrap_or(i64::MAX)),
+            AggValue::Int(i) => Value::Int64(i),
+            AggValue::Float(x) => Value::Float64(x),
+            AggValue::List(values) => match values.first() {
+                Some(Value::String(_)) => Value::StringList(
+                    values.into_iter().filter_map(|v| if let Value::String(s) = v { Some(s) } else { None }).collect(),
+                ),
+                Some(Value::Float32(_)) => Value::Float32Vector(
+                    values.into_iter().filter_map(|v| if let Value::Float32(x) = v { Some(x) } else { None }).collect(),
+                ),
+                // int64 lists, and an empty list of any type (the caller knows its type).
+                _ => Value::Int64List(
+                    values.into_iter().filter_map(|v| if let Value::Int64(i) = v { Some(i) } else { None }).collect(),
+                ),
+            },
+        })
+    }
+}
+
 /// Why an aggregate cannot take a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AggError {
@@ -75,6 +123,12 @@ pub enum AggError {
     NotNumeric {
         /// The aggregate.
         agg: Agg,
+        /// The source's type.
+        found: ValueType,
+    },
+    /// `last_n` over a source whose values no list type holds exactly.
+    #[error("last_n takes int64, float32 or string values (answered as int64_list, float32_vector or string_list), not {found:?}")]
+    NoListType {
         /// The source's type.
         found: ValueType,
     },
@@ -282,17 +336,43 @@ pub fn aggregate_sorted(
     source: ValueType,
     w: AggWindow,
 ) -> Result<AggValue, AggError> {
+    let times = |v: &CellVersion| (v.event_time, v.system_time);
+    let answer = aggregate_run(versions, times, |v| Ok::<_, AggError>(v.value.clone()), agg, source, w)?;
+    Ok(answer.value)
+}
+
+/// An aggregate's answer with the newest event time that contributed to it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AggAnswer {
+    /// The answer.
+    pub value: AggValue,
+    /// The newest event time in the window with a value (`None`: the window is empty).
+    pub newest: Option<EventTime>,
+}
+
+/// [`aggregate_sorted`] over one pair's versions of any representation, in key order:
+/// `times` gives a version's event and system time, `value` its value (`None`: a tombstone).
+/// The join and the online path use it over the versions they gathered.
+pub fn aggregate_run<V, E: From<AggError>>(
+    versions: &[V],
+    times: impl Fn(&V) -> (EventTime, SystemTime) + Copy,
+    value: impl Fn(&V) -> Result<Option<Value>, E>,
+    agg: Agg,
+    source: ValueType,
+    w: AggWindow,
+) -> Result<AggAnswer, E> {
     let mut acc = Accumulator::new(agg, source)?;
-    let winners: Vec<&CellVersion> =
-        crate::asof::window_winners(versions, |v| (v.event_time, v.system_time), w.as_of, w.width_us, w.known_at)
-            .collect();
+    let winners: Vec<&V> = crate::asof::window_winners(versions, times, w.as_of, w.width_us, w.known_at).collect();
+    let mut newest = None;
     // Oldest first; a tombstone winner removes its event time.
     for v in winners.iter().rev() {
-        if let Some(value) = &v.value {
-            acc.add(v.event_time.0, value)?;
+        if let Some(x) = value(v)? {
+            let e = times(v).0;
+            acc.add(e.0, &x)?;
+            newest = Some(e);
         }
     }
-    Ok(acc.value())
+    Ok(AggAnswer { value: acc.value(), newest })
 }
 
 /// An exact sum of float64 values, rounded once when read: the same answer whatever the order

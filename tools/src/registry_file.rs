@@ -28,6 +28,11 @@
 //! name = "embedding"
 //! type = "float32_vector"
 //! dim = 64                        # optional: every written vector has 64 elements
+//! [[feature_groups.features]]     # an aggregate: read-only, computed from its source
+//! name = "clicks_7d"
+//! source = "clicks_1h"            # a written feature of the same group
+//! agg = "sum"                     # count sum mean min max last_n count_distinct
+//! window = "7d"                   # 1s to 366d; last_n also takes n = 1..1000
 //! ```
 
 use std::collections::BTreeMap;
@@ -95,8 +100,18 @@ struct Group {
 #[serde(deny_unknown_fields)]
 struct Feature {
     name: String,
-    #[serde(rename = "type")]
-    ty: String,
+    /// Required for written features; an aggregate's follows from `agg` and its source.
+    #[serde(rename = "type", default)]
+    ty: Option<String>,
+    /// Aggregates: the feature aggregated, the function, the window, and last_n's n.
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    agg: Option<String>,
+    #[serde(default)]
+    window: Option<String>,
+    #[serde(default)]
+    n: u32,
     #[serde(default)]
     default: Option<toml::Value>,
     #[serde(default)]
@@ -125,6 +140,35 @@ pub fn value_type(s: &str) -> Result<pb::ValueType, String> {
         "string_list" => pb::ValueType::StringList,
         other => return Err(format!("unknown type {other:?}")),
     })
+}
+
+/// Parses an aggregate function name.
+pub fn agg_function(s: &str) -> Result<pb::AggFunction, String> {
+    Ok(match s {
+        "count" => pb::AggFunction::Count,
+        "sum" => pb::AggFunction::Sum,
+        "mean" => pb::AggFunction::Mean,
+        "min" => pb::AggFunction::Min,
+        "max" => pb::AggFunction::Max,
+        "last_n" => pb::AggFunction::LastN,
+        "count_distinct" => pb::AggFunction::CountDistinct,
+        other => return Err(format!("unknown agg {other:?} (count, sum, mean, min, max, last_n, count_distinct)")),
+    })
+}
+
+/// The aggregation of a feature of the file (`None`: a written feature).
+fn aggregation(ft: &Feature) -> Result<Option<pb::Aggregation>, String> {
+    let (source, agg, window) = match (&ft.source, &ft.agg, &ft.window) {
+        (None, None, None) if ft.n == 0 => return Ok(None),
+        (Some(source), Some(agg), Some(window)) => (source, agg, window),
+        _ => return Err("an aggregate needs source, agg and window (and n for last_n)".into()),
+    };
+    Ok(Some(pb::Aggregation {
+        source: source.clone(),
+        function: agg_function(agg)? as i32,
+        window: Some(duration(window).map_err(|e| format!("window: {e}"))?),
+        n: ft.n,
+    }))
 }
 
 /// Parses "90s", "15m", "1h", "7d".
@@ -195,10 +239,20 @@ pub fn parse(text: &str) -> Result<pb::ApplyRegistryRequest, String> {
     for g in f.feature_groups {
         let mut features = Vec::new();
         for ft in g.features {
-            let t = value_type(&ft.ty).map_err(|e| format!("feature {}:{}: {e}", g.name, ft.name))?;
-            let default = match &ft.default {
-                Some(v) => Some(toml_value(v, t, &format!("feature {}:{}", g.name, ft.name))?),
-                None => None,
+            let what = format!("feature {}:{}", g.name, ft.name);
+            let aggregation = aggregation(&ft).map_err(|e| format!("{what}: {e}"))?;
+            let t = match (&ft.ty, &aggregation) {
+                (Some(ty), _) => value_type(ty).map_err(|e| format!("{what}: {e}"))?,
+                // The server sets an aggregate's type.
+                (None, Some(_)) => pb::ValueType::Unspecified,
+                (None, None) => return Err(format!("{what}: needs a type")),
+            };
+            let default = match (&ft.default, t) {
+                (Some(_), pb::ValueType::Unspecified) => {
+                    return Err(format!("{what}: give the aggregate's type to give it a default"))
+                }
+                (Some(v), t) => Some(toml_value(v, t, &what)?),
+                (None, _) => None,
             };
             features.push(pb::FeatureDef {
                 name: ft.name,
@@ -209,6 +263,7 @@ pub fn parse(text: &str) -> Result<pb::ApplyRegistryRequest, String> {
                 max_psi: ft.max_psi,
                 max_ks: ft.max_ks,
                 dim: ft.dim,
+                aggregation,
             });
         }
         let ttl = match &g.ttl {
@@ -301,5 +356,32 @@ mod tests {
         assert!(parse(&bad_default).expect_err("default").contains("default"));
         assert!(duration("5x").is_err() && duration("h").is_err());
         assert!(duration("9223372036854775807d").is_err());
+    }
+
+    #[test]
+    fn aggregates_parse_without_a_type_and_half_declared_ones_say_why() {
+        let with = |lines: &str| format!("{EXAMPLE}\n[[feature_groups.features]]\nname = \"clicks_7d\"\n{lines}\n");
+        let req = parse(&with("source = \"clicks_1h\"\nagg = \"last_n\"\nwindow = \"7d\"\nn = 5")).expect("aggregate");
+        let f = &req.feature_groups[0].features[3];
+        assert_eq!(f.r#type(), pb::ValueType::Unspecified, "the server sets an aggregate's type");
+        let a = f.aggregation.as_ref().expect("aggregation");
+        assert_eq!((a.source.as_str(), a.function(), a.n), ("clicks_1h", pb::AggFunction::LastN, 5));
+        assert_eq!(a.window, Some(prost_types::Duration { seconds: 7 * 86_400, nanos: 0 }));
+        assert!(req.feature_groups[0].features[0].aggregation.is_none());
+        let typed =
+            parse(&with("type = \"int64\"\nsource = \"clicks_1h\"\nagg = \"sum\"\nwindow = \"1h\"\ndefault = 0"));
+        assert_eq!(typed.expect("typed").feature_groups[0].features[3].r#type(), pb::ValueType::Int64);
+        for (lines, why) in [
+            ("source = \"clicks_1h\"\nagg = \"sum\"", "needs source, agg and window"),
+            ("agg = \"sum\"\nwindow = \"1h\"", "needs source, agg and window"),
+            ("source = \"clicks_1h\"\nagg = \"median\"\nwindow = \"1h\"", "unknown agg \"median\""),
+            ("source = \"clicks_1h\"\nagg = \"sum\"\nwindow = \"1 week\"", "window"),
+            ("source = \"clicks_1h\"\nagg = \"sum\"\nwindow = \"1h\"\ndefault = 0", "give the aggregate's type"),
+            ("n = 3", "needs source, agg and window"),
+            ("description = \"x\"", "needs a type"),
+        ] {
+            let e = parse(&with(lines)).expect_err(lines);
+            assert!(e.contains(why) && e.contains("clicks_7d"), "{lines}: {e}");
+        }
     }
 }

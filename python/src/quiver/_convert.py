@@ -29,6 +29,7 @@ STATUS_NAMES: dict[int, str] = {
     types.FEATURE_STATUS_STALE: "STALE",
     types.FEATURE_STATUS_DEFAULTED: "DEFAULTED",
     types.FEATURE_STATUS_UNAVAILABLE: "UNAVAILABLE",
+    types.FEATURE_STATUS_OVERFLOW: "OVERFLOW",
 }
 #: Statuses whose value slot holds a served value (the others hold the type's zero value,
 #: surfaced as null).

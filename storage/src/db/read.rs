@@ -26,6 +26,9 @@ pub struct BatchRead {
     /// Empty when every pair was read; otherwise `unread[i]` is true for each pair left unread
     /// because the deadline was near.
     pub unread: Vec<bool>,
+    /// The system time the read saw everything through (its effective `known_at`): a
+    /// [`crate::Snapshot`] taken afterwards and read at this `known_at` sees what it saw.
+    pub known_at: SystemTime,
 }
 
 /// The pairs of one entity a batch lookup must read from the view: its features missed by the
@@ -255,7 +258,7 @@ impl Inner {
                 hot.fill(e, ticket, filled);
             }
         }
-        Ok(BatchRead { versions: answers.into_iter().map(Option::flatten).collect(), unread })
+        Ok(BatchRead { versions: answers.into_iter().map(Option::flatten).collect(), unread, known_at })
     }
 
     /// The newest version visible to each probe of one entity, from the view: the memtables
