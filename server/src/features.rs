@@ -528,6 +528,13 @@ impl PairHistory {
     }
 }
 
+/// Why a write to `group`'s feature `name` is refused when `name` is one of its aggregates
+/// (they are not among a group's written features).
+pub fn aggregate_refusal(registry: &Registry, group: &str, name: &str) -> Option<String> {
+    let a = registry.resolve(&format!("{group}:{name}")).ok()?.aggregate?;
+    Some(format!("{group}:{name} is an aggregate of {0}: aggregates are computed, write {0} instead", a.source))
+}
+
 /// The served status, event time and value of an aggregate's answer: PRESENT with its value
 /// and the newest event time in its window (0 for an empty one); OVERFLOW for an int64 sum
 /// outside int64; an absent answer (the mean, min or max of an empty window) is the default
@@ -1612,15 +1619,9 @@ impl Features {
                 return Err(ServiceError::Invalid(format!("row {i} writes nothing")));
             }
             let feature = |name: &str| {
-                feats.get(name).ok_or_else(|| {
-                    // An aggregate is not among the group's written features.
-                    match self.registry.resolve(&format!("{}:{name}", row.group)).map(|f| f.aggregate) {
-                        Ok(Some(a)) => ServiceError::Invalid(format!(
-                            "row {i}: {}:{name} is an aggregate of {}: aggregates are computed, write {} instead",
-                            row.group, a.source, a.source
-                        )),
-                        _ => ServiceError::NotFound(format!("row {i}: group {} has no feature {name:?}", row.group)),
-                    }
+                feats.get(name).ok_or_else(|| match aggregate_refusal(&self.registry, &row.group, name) {
+                    Some(why) => ServiceError::Invalid(format!("row {i}: {why}")),
+                    None => ServiceError::NotFound(format!("row {i}: group {} has no feature {name:?}", row.group)),
                 })
             };
             let mut names: Vec<&String> = row.values.keys().collect();

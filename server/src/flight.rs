@@ -563,10 +563,13 @@ fn write_requests(
             continue;
         }
         let f = resolved.iter().find(|f| &f.feature == name).ok_or_else(|| {
-            invalid(format!(
-                "{what}: column {name:?} is not a feature of {} (nor a join key or the time column)",
-                cmd.group
-            ))
+            invalid(match crate::features::aggregate_refusal(features.registry(), &cmd.group, name) {
+                Some(why) => format!("{what}: {why}"),
+                None => format!(
+                    "{what}: column {name:?} is not a feature of {} (nor a join key or the time column)",
+                    cmd.group
+                ),
+            })
         })?;
         columns
             .push((name.clone(), column_values(col, f.value_type, name).map_err(|e| invalid(format!("{what}: {e}")))?));

@@ -188,7 +188,8 @@ class FeatureResult:
 @dataclass
 class OnlineResponse:
     """Answers of :meth:`Client.get_online_features`: values, statuses ("PRESENT",
-    "NOT_FOUND", "STALE", "DEFAULTED", "UNAVAILABLE") and event times per feature.
+    "NOT_FOUND", "STALE", "DEFAULTED", "UNAVAILABLE", and "OVERFLOW" for an aggregate's int64 sum
+    outside int64) and event times per feature.
 
     ``degraded`` is true when some answers came from the client's cache or registered defaults
     because the server could not answer (see ``fallback``)."""

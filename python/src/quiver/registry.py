@@ -14,6 +14,11 @@ The TOML format is the one ``quiver apply`` reads (``tools/src/registry_file.rs`
     name = "clicks"
     type = "int64"
     default = 0
+    [[feature_groups.features]]     # an aggregate, computed from its source when read
+    name = "clicks_7d"
+    source = "clicks"
+    agg = "sum"                     # count sum mean min max last_n count_distinct
+    window = "7d"
 
 Applying the same file with the CLI and with :meth:`quiver.Client.apply` gives the same
 request; ``tests/test_registry.py`` checks it by applying a file with one and seeing the other
@@ -45,6 +50,7 @@ __all__ = [
     "GroupVersion",
     "load_registry",
     "VALUE_TYPES",
+    "AGG_FUNCTIONS",
 ]
 
 #: Value type names as the registry file spells them, and their protobuf enum values.
@@ -60,6 +66,17 @@ VALUE_TYPES: dict[str, types.ValueType] = {
     "string_list": types.VALUE_TYPE_STRING_LIST,
 }
 _TYPE_NAMES = {v: k for k, v in VALUE_TYPES.items()}
+#: Aggregate function names as the registry file spells them, and their protobuf enum values.
+AGG_FUNCTIONS: dict[str, reg.AggFunction] = {
+    "count": reg.AGG_FUNCTION_COUNT,
+    "sum": reg.AGG_FUNCTION_SUM,
+    "mean": reg.AGG_FUNCTION_MEAN,
+    "min": reg.AGG_FUNCTION_MIN,
+    "max": reg.AGG_FUNCTION_MAX,
+    "last_n": reg.AGG_FUNCTION_LAST_N,
+    "count_distinct": reg.AGG_FUNCTION_COUNT_DISTINCT,
+}
+_AGG_NAMES = {v: k for k, v in AGG_FUNCTIONS.items()}
 _JOIN_KEY_TYPES = {"string": reg.JOIN_KEY_TYPE_STRING, "int64": reg.JOIN_KEY_TYPE_INT64}
 _JOIN_KEY_NAMES = {v: k for k, v in _JOIN_KEY_TYPES.items()}
 
@@ -104,9 +121,13 @@ class EntityType:
 
 @dataclass
 class Feature:
+    """A feature of a group: written (``type`` given), or an aggregate of a written feature of
+    the same group (``source``, ``agg``, ``window``; README "Windowed aggregations"), whose
+    type the server sets from the function and the source."""
+
     name: str
-    #: One of :data:`VALUE_TYPES`' keys.
-    type: str
+    #: One of :data:`VALUE_TYPES`' keys ("" for an aggregate: the server sets it).
+    type: str = ""
     #: Served with status DEFAULTED when nothing is within the TTL (must match ``type``).
     default: Any = None
     description: str = ""
@@ -115,6 +136,23 @@ class Feature:
     max_ks: float | None = None
     #: float32_vector only: the length of every vector (0: any).
     dim: int = 0
+    #: Aggregates: the written feature aggregated, one of :data:`AGG_FUNCTIONS`' keys, the
+    #: window (whole seconds, 1 s to 366 days) and, for "last_n", how many values (1 to 1000).
+    source: str = ""
+    agg: str = ""
+    window: timedelta | None = None
+    n: int = 0
+
+    def _aggregation(self, what: str) -> reg.Aggregation | None:
+        if not (self.source or self.agg or self.window is not None or self.n):
+            return None
+        if not (self.source and self.agg and self.window is not None):
+            raise _bad(f"{what}: an aggregate needs source, agg and window (and n for last_n)")
+        if self.agg not in AGG_FUNCTIONS:
+            raise _bad(f"{what}: unknown agg {self.agg!r} ({', '.join(AGG_FUNCTIONS)})")
+        a = reg.Aggregation(source=self.source, function=AGG_FUNCTIONS[self.agg], n=self.n)
+        a.window.FromTimedelta(self.window)
+        return a
 
 
 @dataclass
@@ -148,10 +186,17 @@ class FeatureGroup:
     def to_proto(self) -> reg.FeatureGroup:
         features = []
         for f in self.features:
-            if f.type not in VALUE_TYPES:
-                raise _bad(f"feature {self.name}:{f.name}: unknown type {f.type!r}")
-            t = VALUE_TYPES[f.type]
-            default = None if f.default is None else _default_value(f.default, f.type, f"feature {self.name}:{f.name}")
+            what = f"feature {self.name}:{f.name}"
+            aggregation = f._aggregation(what)
+            if not f.type and aggregation is not None:
+                t = types.VALUE_TYPE_UNSPECIFIED
+                if f.default is not None:
+                    raise _bad(f"{what}: give the aggregate's type to give it a default")
+            elif f.type not in VALUE_TYPES:
+                raise _bad(f"{what}: unknown type {f.type!r}" if f.type else f"{what}: needs a type")
+            else:
+                t = VALUE_TYPES[f.type]
+            default = None if f.default is None else _default_value(f.default, f.type, what)
             features.append(
                 reg.FeatureDef(
                     name=f.name,
@@ -162,6 +207,7 @@ class FeatureGroup:
                     max_psi=f.max_psi,
                     max_ks=f.max_ks,
                     dim=f.dim,
+                    aggregation=aggregation,
                 )
             )
         m = reg.FeatureGroup(
@@ -200,6 +246,10 @@ class FeatureGroup:
                     max_psi=f.max_psi if f.HasField("max_psi") else None,
                     max_ks=f.max_ks if f.HasField("max_ks") else None,
                     dim=f.dim,
+                    source=f.aggregation.source,
+                    agg=_AGG_NAMES.get(f.aggregation.function, ""),
+                    window=f.aggregation.window.ToTimedelta() if f.HasField("aggregation") else None,
+                    n=f.aggregation.n,
                 )
                 for f in m.features
             ],
@@ -339,7 +389,20 @@ _GROUP_KEYS = {
     "code_hash",
     "features",
 }
-_FEATURE_KEYS = {"name", "type", "default", "description", "max_null_rate", "max_psi", "max_ks", "dim"}
+_FEATURE_KEYS = {
+    "name",
+    "type",
+    "default",
+    "description",
+    "max_null_rate",
+    "max_psi",
+    "max_ks",
+    "dim",
+    "source",
+    "agg",
+    "window",
+    "n",
+}
 
 
 def _check_keys(table: dict[str, Any], allowed: set[str], required: set[str], what: str) -> None:
@@ -374,8 +437,12 @@ def parse_registry(text: str) -> tuple[list[EntityType], list[FeatureGroup]]:
         _check_keys(g, _GROUP_KEYS, {"name", "entity_type", "features"}, what)
         features = []
         for f in g["features"]:
-            _check_keys(f, _FEATURE_KEYS, {"name", "type"}, f"{what}: feature")
-            features.append(Feature(**f))
+            _check_keys(f, _FEATURE_KEYS, {"name"} if "agg" in f else {"name", "type"}, f"{what}: feature")
+            window = f.get("window")
+            fields = {k: v for k, v in f.items() if k != "window"}
+            if window is not None:
+                fields["window"] = _duration(window, f"{what}: feature {f['name']}: window")
+            features.append(Feature(**fields))
         group = FeatureGroup(
             **{k: v for k, v in g.items() if k not in ("features", "ttl", "freshness_sla")},
             features=features,
