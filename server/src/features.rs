@@ -539,11 +539,15 @@ pub fn aggregate_refusal(registry: &Registry, group: &str, name: &str) -> Option
 /// and the newest event time in its window (0 for an empty one); OVERFLOW for an int64 sum
 /// outside int64; an absent answer (the mean, min or max of an empty window) is the default
 /// (DEFAULTED) when there is one, else NOT_FOUND.
-fn aggregate_status(answer: AggAnswer, default: Option<&Value>) -> (pb::FeatureStatus, i64, Option<Value>) {
+fn aggregate_status(
+    answer: AggAnswer,
+    t: pb::ValueType,
+    default: Option<&Value>,
+) -> (pb::FeatureStatus, i64, Option<Value>) {
     let event_us = answer.newest.map_or(0, |e| e.0);
     match answer.value {
         AggValue::Overflow => (pb::FeatureStatus::Overflow, 0, None),
-        value => match value.into_value() {
+        value => match convert::engine_type(t).and_then(|t| value.into_value(t)) {
             Some(v) => (pb::FeatureStatus::Present, event_us, Some(v)),
             None if default.is_some() => (pb::FeatureStatus::Defaulted, 0, default.cloned()),
             None => (pb::FeatureStatus::NotFound, 0, None),
@@ -956,7 +960,11 @@ impl Features {
             r => r?,
         };
         // Aggregates from the view the batch read saw (a later snapshot, read at its known_at).
-        let mut aggregates = self.online_aggregates(&keys, features, EventTime(as_of), known_at)?;
+        let mut aggregates =
+            match self.online_aggregates(&keys, features, EventTime(as_of), known_at, &mut budget, deadline) {
+                Err(ServiceError::Storage(quiver_storage::Error::OverBudget(_))) => return Err(budget.refusal()),
+                r => r?,
+            };
         if unread.contains(&true) {
             if let Some(h) = &self.health {
                 h.cut_short();
@@ -974,36 +982,31 @@ impl Features {
             let k = slot[j];
             let mut counts: ServedCounts = Default::default();
             for i in 0..n {
-                if let Some(answers) = aggregates.get_mut(j).and_then(Option::as_mut) {
-                    let answer = std::mem::take(&mut answers[i]);
-                    let (status, event_us, value) = match aggregate_status(answer, default.as_ref()) {
-                        (pb::FeatureStatus::NotFound, _, _) if req.default_missing => {
-                            (pb::FeatureStatus::Defaulted, 0, None)
-                        }
-                        answer => answer,
-                    };
-                    pending += CELL_BYTES + value.as_ref().map_or(0, Value::heap_bytes);
-                    if let Some(s) = status_index(status) {
-                        counts[s] += 1;
+                // An aggregate's answer (`None`: not read, the deadline was near), or a plain
+                // feature's winning version.
+                let (unread_cell, answer) = match aggregates.get_mut(j).and_then(Option::as_mut) {
+                    Some(answers) => {
+                        let a = answers[i].take();
+                        (a.is_none(), a.map(|a| aggregate_status(a, f.value_type, default.as_ref())))
                     }
-                    col.statuses.push(status as i32);
-                    col.event_times_us.push(event_us);
-                    push_value(&mut col, f.value_type, value.as_ref());
-                    continue;
-                }
-                let v = match versions.get_mut(i * d + k) {
-                    Some(v) if last_use[k] == j => v.take(),
-                    Some(v) => v.clone(),
-                    None => None,
+                    None => {
+                        let v = match versions.get_mut(i * d + k) {
+                            Some(v) if last_use[k] == j => v.take(),
+                            Some(v) => v.clone(),
+                            None => None,
+                        };
+                        let unread = unread.get(i * d + k).copied().unwrap_or(false);
+                        (unread, Some(cell_status(v, EventTime(as_of), f, default.as_ref())))
+                    }
                 };
-                let (status, event_us, value) = if unread.get(i * d + k).copied().unwrap_or(false) {
+                let (status, event_us, value) = if unread_cell {
                     if req.default_unavailable {
                         (pb::FeatureStatus::Defaulted, 0, default.clone())
                     } else {
                         (pb::FeatureStatus::Unavailable, 0, None)
                     }
                 } else {
-                    match cell_status(v, EventTime(as_of), f, default.as_ref()) {
+                    match answer.unwrap_or((pb::FeatureStatus::NotFound, 0, None)) {
                         // Without a registered default, the type's zero value (`None` here).
                         (pb::FeatureStatus::NotFound | pb::FeatureStatus::Stale, _, _) if req.default_missing => {
                             (pb::FeatureStatus::Defaulted, 0, None)
@@ -1043,19 +1046,26 @@ impl Features {
     /// The answers of a lookup's aggregate features (`None` for the other features), per
     /// entity: each entity's sources read once from one snapshot at `known_at`, entities in
     /// key order through one cursor.
+    ///
+    /// The versions gathered for one entity are charged to the request's answer budget at
+    /// their peak (they are dropped before the next entity); entities not started before
+    /// `deadline` are left unread (`None`), like the batch read's pairs.
     fn online_aggregates(
         &self,
         keys: &[Vec<u8>],
         features: &[ResolvedFeature],
         as_of: EventTime,
         known_at: SystemTime,
-    ) -> Result<Vec<Option<Vec<AggAnswer>>>> {
+        budget: &mut AnswerBudget<'_>,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Vec<Option<Vec<Option<AggAnswer>>>>> {
         let sources: Vec<FeatureId> = features.iter().filter(|f| f.aggregate.is_some()).map(|f| f.id).collect();
         let (Some(&lo), Some(&hi)) = (sources.iter().min(), sources.iter().max()) else {
             return Ok(Vec::new());
         };
-        let mut out: Vec<Option<Vec<AggAnswer>>> =
-            features.iter().map(|f| f.aggregate.as_ref().map(|_| vec![AggAnswer::default(); keys.len()])).collect();
+        let mut out: Vec<Option<Vec<Option<AggAnswer>>>> =
+            features.iter().map(|f| f.aggregate.as_ref().map(|_| vec![None; keys.len()])).collect();
+        let mut peak = 0usize;
         let mut order: Vec<usize> = (0..keys.len()).collect();
         order.sort_by(|&a, &b| keys[a].cmp(&keys[b]));
         let snap = self.db.snapshot();
@@ -1065,14 +1075,27 @@ impl Features {
         distinct.dedup();
         let mut history = PairHistory::new(distinct.len());
         for same in order.chunk_by(|&a, &b| keys[a] == keys[b]) {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                if let Some(h) = &self.health {
+                    h.cut_short();
+                }
+                break;
+            }
             let versions = cursor.entity(&keys[same[0]], lo, hi)?;
+            let held = std::mem::size_of_val(versions.versions());
+            if held > peak {
+                if !budget.spend(held - peak) {
+                    return Err(budget.refusal());
+                }
+                peak = held;
+            }
             history.index(&versions, &distinct);
             for (j, f) in features.iter().enumerate() {
                 let (Some(spec), Some(answers)) = (&f.aggregate, out[j].as_mut()) else { continue };
                 let d = distinct.binary_search(&f.id).unwrap_or(0);
                 let answer = history.aggregate(&versions, d, spec, as_of, SystemTime::MAX)?;
                 for &i in same {
-                    answers[i] = answer.clone();
+                    answers[i] = Some(answer.clone());
                 }
             }
         }
@@ -1298,7 +1321,7 @@ impl Features {
                     for (j, f) in features.iter().enumerate() {
                         if let Some(spec) = &f.aggregate {
                             let answer = history.aggregate(&versions, slot[j], spec, t, k)?;
-                            let answer = aggregate_status(answer, defaults[j].as_ref());
+                            let answer = aggregate_status(answer, f.value_type, defaults[j].as_ref());
                             encode_value_answer(&mut rec, answer, &mut scratch)?;
                             continue;
                         }
@@ -1422,7 +1445,7 @@ impl Features {
         mut emit: impl FnMut(pb::ScanHistoryResponse) -> bool,
     ) -> Result<()> {
         let features: Vec<ResolvedFeature> = match (req.features.is_empty(), req.group.is_empty()) {
-            (false, _) => self.registry.resolve_all_at(&req.features, SystemTime::MAX)?,
+            (false, _) => self.registry.resolve_written_at(&req.features, SystemTime::MAX)?,
             (true, false) => self.registry.resolve_group(&req.group)?,
             (true, true) => return Err(ServiceError::Invalid("name features or a group to scan".into())),
         };

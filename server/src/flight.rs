@@ -840,7 +840,7 @@ impl FlightApi {
             let features = if scan.features.is_empty() {
                 registry.resolve_group(&scan.group)
             } else {
-                registry.resolve_all_at(&scan.features, quiver_storage::SystemTime::MAX)
+                registry.resolve_written_at(&scan.features, quiver_storage::SystemTime::MAX)
             }
             .map_err(|e| status(e.into()))?;
             Ok((scan, features))

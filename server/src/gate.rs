@@ -105,9 +105,12 @@ pub fn check(
     let candidate_def = registry.group(group, candidate)?;
     let serving_ids = registry.resolve_group(&format!("{group}@{}", serving_def.version))?;
     let candidate_ids = registry.resolve_group(&format!("{group}@{candidate}"))?;
+    // resolve_group lists the written features, in definition order (aggregates hold no data
+    // of their own and are not gated).
+    let written = candidate_def.features.iter().filter(|f| f.aggregation.is_none());
     let mut checked: Vec<Checked> = candidate_ids
         .iter()
-        .zip(&candidate_def.features)
+        .zip(written)
         .map(|(c, def)| {
             let serving = serving_ids.iter().find(|s| s.feature == c.feature).map(|s| (s.id, s.value_type));
             let same_type = serving.is_some_and(|(_, t)| t == c.value_type) && drift::summarised(c.value_type);

@@ -603,8 +603,7 @@ fn fmt_ttl(d: &Option<prost_types::Duration>) -> String {
     }
 }
 
-/// Human-readable differences between two definitions of a group.
-/// An aggregation as the registry file writes it (`-`: a written feature).
+/// An aggregation, for change details (`-`: a written feature).
 fn fmt_aggregation(f: &pb::FeatureDef) -> String {
     match &f.aggregation {
         None => "-".into(),
@@ -616,6 +615,7 @@ fn fmt_aggregation(f: &pb::FeatureDef) -> String {
     }
 }
 
+/// Human-readable differences between two definitions of a group.
 fn diff(old: &pb::FeatureGroup, new: &pb::FeatureGroup) -> Vec<String> {
     let mut out = Vec::new();
     let mut field = |name: &str, a: String, b: String| {
@@ -931,9 +931,10 @@ impl Registry {
             for (i, f) in g.features.iter().enumerate() {
                 if let Some(a) = &f.aggregation {
                     // check_group found the source.
-                    if let Some(src) = g.features.iter().position(|o| o.name == a.source) {
-                        feature_ids[i] = feature_ids[src];
-                    }
+                    let src = g.features.iter().position(|o| o.name == a.source).ok_or_else(|| {
+                        RegistryError::Invalid(format!("feature {}:{}: no source {:?}", g.name, f.name, a.source))
+                    })?;
+                    feature_ids[i] = feature_ids[src];
                 }
             }
             let def = pb::FeatureGroup { version, created_at: Some(now_timestamp()), ..g.clone() };
@@ -1313,6 +1314,20 @@ impl Registry {
     pub fn resolve_all_at(&self, references: &[String], known_at: SystemTime) -> Result<Vec<ResolvedFeature>> {
         let st = self.state.lock();
         references.iter().map(|r| Self::resolve_in(&st, r, known_at)).collect()
+    }
+
+    /// [`Registry::resolve_all_at`] for reads of stored history (scans): an aggregate has no
+    /// history of its own, so naming one is refused with its source's name.
+    pub fn resolve_written_at(&self, references: &[String], known_at: SystemTime) -> Result<Vec<ResolvedFeature>> {
+        let features = self.resolve_all_at(references, known_at)?;
+        if let Some(f) = features.iter().find(|f| f.aggregate.is_some()) {
+            let source = f.aggregate.as_ref().map_or("", |a| a.source.as_str());
+            return Err(RegistryError::Invalid(format!(
+                "{}:{} is an aggregate of {source}: it has no history of its own; scan {source}",
+                f.group, f.feature
+            )));
+        }
+        Ok(features)
     }
 
     fn resolve_in(st: &State, reference: &str, known_at: SystemTime) -> Result<ResolvedFeature> {

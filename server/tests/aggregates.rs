@@ -420,3 +420,44 @@ fn bad_aggregate_definitions_are_refused_with_the_reason() {
     assert_eq!(a.value_type, pb::ValueType::StringList);
     assert_eq!(a.id, reg.resolve("events:tag").expect("tag").id, "an aggregate reads its source's data");
 }
+
+/// Aggregates have no data of their own: a scan naming one is refused with its source, and a
+/// release gate checks each written feature against its own definition even when aggregates
+/// sit between them (a bug the review found: the gate paired written features with the
+/// definitions of the group's features in order, aggregates included).
+#[test]
+fn scans_refuse_aggregates_and_gates_check_written_features_by_their_own_definitions() {
+    use pb::AggFunction as F;
+    let (_tmp, f, db) = setup();
+    let scan = pb::ScanHistoryRequest {
+        entity_type: "user".into(),
+        entity: Some(key("ann")),
+        features: vec!["events:clicks".into(), "events:clicks_sum".into()],
+        ..Default::default()
+    };
+    match f.scan_history(&scan, |_| true) {
+        Err(ServiceError::Invalid(m)) => assert!(m.contains("aggregate of clicks") && m.contains("scan clicks"), "{m}"),
+        other => panic!("a scan naming an aggregate: {other:?}"),
+    }
+
+    let reg = f.registry();
+    let with_bound = |rate: f64| {
+        let mut price = written("price", pb::ValueType::Float64);
+        price.max_null_rate = Some(rate);
+        let mut g = group(vec![
+            written("clicks", pb::ValueType::Int64),
+            aggregate("clicks_sum", "clicks", F::Sum, 60, 0),
+            price,
+        ]);
+        g.feature_groups[0].name = "gated".into();
+        g
+    };
+    reg.apply(&with_bound(0.5)).expect("v1");
+    let mut v2 = with_bound(0.25);
+    v2.feature_groups[0].code_hash = "v2".into();
+    reg.apply(&v2).expect("v2");
+    let report = quiver_server::gate::check(&db, reg, "gated", 2, |_| None).expect("gate");
+    let checked: Vec<(&str, Option<f64>)> =
+        report.features.iter().map(|g| (g.feature.as_str(), g.max_null_rate)).collect();
+    assert_eq!(checked, [("clicks", None), ("price", Some(0.25))]);
+}

@@ -92,25 +92,23 @@ impl Agg {
 }
 
 impl AggValue {
-    /// The answer as a value of [`Agg::answer_type`] (`None`: absent, or an overflow).
-    pub fn into_value(self) -> Option<Value> {
-        Some(match self {
-            AggValue::Absent | AggValue::Overflow => return None,
-            AggValue::Count(n) => Value::Int64(i64::try_from(n).unwrap_or(i64::MAX)),
-            AggValue::Int(i) => Value::Int64(i),
-            AggValue::Float(x) => Value::Float64(x),
-            AggValue::List(values) => match values.first() {
-                Some(Value::String(_)) => Value::StringList(
-                    values.into_iter().filter_map(|v| if let Value::String(s) = v { Some(s) } else { None }).collect(),
-                ),
-                Some(Value::Float32(_)) => Value::Float32Vector(
-                    values.into_iter().filter_map(|v| if let Value::Float32(x) = v { Some(x) } else { None }).collect(),
-                ),
-                // int64 lists, and an empty list of any type (the caller knows its type).
-                _ => Value::Int64List(
-                    values.into_iter().filter_map(|v| if let Value::Int64(i) = v { Some(i) } else { None }).collect(),
-                ),
-            },
+    /// The answer as a value of `t`, the aggregate's [`Agg::answer_type`] (`None`: absent,
+    /// an overflow, or an answer `t` does not hold).
+    pub fn into_value(self, t: ValueType) -> Option<Value> {
+        Some(match (self, t) {
+            (AggValue::Count(n), ValueType::Int64) => Value::Int64(i64::try_from(n).unwrap_or(i64::MAX)),
+            (AggValue::Int(i), ValueType::Int64) => Value::Int64(i),
+            (AggValue::Float(x), ValueType::Float64) => Value::Float64(x),
+            (AggValue::List(values), ValueType::StringList) => Value::StringList(
+                values.into_iter().filter_map(|v| if let Value::String(s) = v { Some(s) } else { None }).collect(),
+            ),
+            (AggValue::List(values), ValueType::Float32Vector) => Value::Float32Vector(
+                values.into_iter().filter_map(|v| if let Value::Float32(x) = v { Some(x) } else { None }).collect(),
+            ),
+            (AggValue::List(values), ValueType::Int64List) => Value::Int64List(
+                values.into_iter().filter_map(|v| if let Value::Int64(i) = v { Some(i) } else { None }).collect(),
+            ),
+            _ => return None,
         })
     }
 }
