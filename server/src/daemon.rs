@@ -123,6 +123,7 @@ impl quiver_storage::Clock for SkewedClock {
 /// How the memory budget is shared, in sixteenths. Together they are the whole budget, so
 /// quiverd's resident memory stays within it:
 /// - the hot tier, [`HOT_TIER_SIXTEENTHS`] (online reads are served from it);
+/// - the tiles of windowed aggregates, [`TILE_CACHE_SIXTEENTHS`];
 /// - the block cache, [`BLOCK_CACHE_SIXTEENTHS`], which also holds the open tables' indexes
 ///   and filters (blocks get what those leave);
 /// - memtables, [`MEMTABLE_SIXTEENTHS`] each: the active one and one being flushed (writers
@@ -131,7 +132,9 @@ impl quiver_storage::Clock for SkewedClock {
 /// - a join's answers before they spill, 1/[`JOIN_MEMORY_SHARE_DIVISOR`];
 /// - [`PROCESS_SIXTEENTHS`] for the process itself: threads, connections, a flush's or
 ///   compaction's buffers, the allocator's slack.
-pub const HOT_TIER_SIXTEENTHS: usize = 7;
+pub const HOT_TIER_SIXTEENTHS: usize = 6;
+/// See [`HOT_TIER_SIXTEENTHS`].
+pub const TILE_CACHE_SIXTEENTHS: usize = 1;
 /// See [`HOT_TIER_SIXTEENTHS`].
 pub const BLOCK_CACHE_SIXTEENTHS: usize = 3;
 /// See [`HOT_TIER_SIXTEENTHS`].
@@ -142,6 +145,7 @@ pub const IMMUTABLE_MEMTABLES: usize = 1;
 pub const PROCESS_SIXTEENTHS: usize = 1;
 const _: () = assert!(
     HOT_TIER_SIXTEENTHS
+        + TILE_CACHE_SIXTEENTHS
         + BLOCK_CACHE_SIXTEENTHS
         + MEMTABLE_SIXTEENTHS * (1 + IMMUTABLE_MEMTABLES)
         + 16 / REQUEST_MEMORY_SHARE_DIVISOR
@@ -253,6 +257,7 @@ pub async fn serve(
         memtable_bytes: budget / 16 * MEMTABLE_SIXTEENTHS,
         immutable_memtables_max: IMMUTABLE_MEMTABLES,
         hot_tier_bytes: budget / 16 * HOT_TIER_SIXTEENTHS,
+        tile_cache_bytes: budget / 16 * TILE_CACHE_SIXTEENTHS,
         block_cache_bytes: budget / 16 * BLOCK_CACHE_SIXTEENTHS,
         io_backend: cfg.io_backend,
         direct_reads: cfg.direct_reads,

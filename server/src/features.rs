@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use prost::Message;
 use quiver_proto::v1 as pb;
 use quiver_storage::agg::{AggAnswer, AggValue, AggWindow};
+use quiver_storage::AggQuery;
 use quiver_storage::{
     AsOf, CellVersion, Db, Durability, EventTime, Expectation, FeatureId, SystemTime, Value, VersionVector, WriteBatch,
     WriteIf,
@@ -960,11 +961,7 @@ impl Features {
             r => r?,
         };
         // Aggregates from the view the batch read saw (a later snapshot, read at its known_at).
-        let mut aggregates =
-            match self.online_aggregates(&keys, features, EventTime(as_of), known_at, &mut budget, deadline) {
-                Err(ServiceError::Storage(quiver_storage::Error::OverBudget(_))) => return Err(budget.refusal()),
-                r => r?,
-            };
+        let mut aggregates = self.online_aggregates(&keys, features, EventTime(as_of), known_at, deadline)?;
         if unread.contains(&true) {
             if let Some(h) = &self.health {
                 h.cut_short();
@@ -1044,62 +1041,49 @@ impl Features {
     }
 
     /// The answers of a lookup's aggregate features (`None` for the other features), per
-    /// entity: each entity's sources read once from one snapshot at `known_at`, entities in
-    /// key order through one cursor.
-    ///
-    /// The versions gathered for one entity are charged to the request's answer budget at
-    /// their peak (they are dropped before the next entity); entities not started before
-    /// `deadline` are left unread (`None`), like the batch read's pairs.
+    /// entity (`None`: not read, the deadline was near): one engine read of every distinct
+    /// entity and aggregate from one view at `known_at`, folded from hourly tiles where they
+    /// answer (`Db::aggregates_at`).
     fn online_aggregates(
         &self,
         keys: &[Vec<u8>],
         features: &[ResolvedFeature],
         as_of: EventTime,
         known_at: SystemTime,
-        budget: &mut AnswerBudget<'_>,
         deadline: Option<std::time::Instant>,
     ) -> Result<Vec<Option<Vec<Option<AggAnswer>>>>> {
-        let sources: Vec<FeatureId> = features.iter().filter(|f| f.aggregate.is_some()).map(|f| f.id).collect();
-        let (Some(&lo), Some(&hi)) = (sources.iter().min(), sources.iter().max()) else {
+        let mut queries: Vec<AggQuery> = Vec::new();
+        let slots: Vec<Option<usize>> = features
+            .iter()
+            .map(|f| {
+                let spec = f.aggregate.as_ref()?;
+                let q = AggQuery { feature: f.id, source: spec.source_type, agg: spec.agg, width_us: spec.width_us };
+                Some(queries.iter().position(|x| *x == q).unwrap_or_else(|| {
+                    queries.push(q);
+                    queries.len() - 1
+                }))
+            })
+            .collect();
+        if queries.is_empty() {
             return Ok(Vec::new());
-        };
-        let mut out: Vec<Option<Vec<Option<AggAnswer>>>> =
-            features.iter().map(|f| f.aggregate.as_ref().map(|_| vec![None; keys.len()])).collect();
-        let mut peak = 0usize;
-        let mut order: Vec<usize> = (0..keys.len()).collect();
-        order.sort_by(|&a, &b| keys[a].cmp(&keys[b]));
-        let snap = self.db.snapshot();
-        let mut cursor = snap.pair_cursor(known_at);
-        let mut distinct = sources;
+        }
+        // Each distinct entity once, in key order.
+        let mut distinct: Vec<Vec<u8>> = keys.to_vec();
         distinct.sort_unstable();
         distinct.dedup();
-        let mut history = PairHistory::new(distinct.len());
-        for same in order.chunk_by(|&a, &b| keys[a] == keys[b]) {
-            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                if let Some(h) = &self.health {
-                    h.cut_short();
-                }
-                break;
-            }
-            let versions = cursor.entity(&keys[same[0]], lo, hi)?;
-            let held = std::mem::size_of_val(versions.versions());
-            if held > peak {
-                if !budget.spend(held - peak) {
-                    return Err(budget.refusal());
-                }
-                peak = held;
-            }
-            history.index(&versions, &distinct);
-            for (j, f) in features.iter().enumerate() {
-                let (Some(spec), Some(answers)) = (&f.aggregate, out[j].as_mut()) else { continue };
-                let d = distinct.binary_search(&f.id).unwrap_or(0);
-                let answer = history.aggregate(&versions, d, spec, as_of, SystemTime::MAX)?;
-                for &i in same {
-                    answers[i] = Some(answer.clone());
-                }
+        let late = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
+        let read = self.db.aggregates_at(&distinct, &queries, as_of, known_at, || !late())?;
+        if read.iter().any(Option::is_none) {
+            if let Some(h) = &self.health {
+                h.cut_short();
             }
         }
-        Ok(out)
+        let rows: Vec<Option<&Vec<AggAnswer>>> =
+            keys.iter().map(|k| distinct.binary_search(k).ok().and_then(|i| read[i].as_ref())).collect();
+        Ok(slots
+            .iter()
+            .map(|slot| slot.map(|q| rows.iter().map(|r| r.map(|answers| answers[q].clone())).collect()))
+            .collect())
     }
 
     /// The entity type and features of a request, from the resolution cache when the registry

@@ -109,7 +109,7 @@ impl Metrics {
             registry.register(Box::new(c.clone())).map_err(err)?;
         }
         registry.register(Box::new(lag_seconds.clone())).map_err(err)?;
-        let figures: [(&str, &str, Figure); 25] = [
+        let figures: [(&str, &str, Figure); 30] = [
             ("replication_conflicts", "replicated versions concurrent with their cell's winner since start", |s| {
                 s.replication_conflicts as i64
             }),
@@ -140,6 +140,13 @@ impl Metrics {
             ("engine_hot_tier_evictions", "hot tier rows evicted since start", |s| s.hot.evictions as i64),
             ("engine_hot_tier_entries", "entity rows held by the hot tier", |s| s.hot.entries as i64),
             ("engine_hot_tier_bytes", "approximate bytes held by the hot tier", |s| s.hot.bytes as i64),
+            ("engine_tile_hits", "aggregate tiles that answered a read since start", |s| s.tiles.hits as i64),
+            ("engine_tile_misses", "aggregate tiles folded from raw versions since start", |s| s.tiles.misses as i64),
+            ("engine_tile_invalidations", "aggregate tiles removed by writes since start", |s| {
+                s.tiles.invalidations as i64
+            }),
+            ("engine_tile_entries", "aggregate tiles held", |s| s.tiles.entries as i64),
+            ("engine_tile_bytes", "approximate bytes held by aggregate tiles", |s| s.tiles.bytes as i64),
             (
                 "engine_hot_tier_complete",
                 "1 while the hot tier holds every entity's newest states (online reads never touch tables)",

@@ -800,6 +800,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     ssd_block_reads: s.ssd.block_reads,
                     ssd_read_rounds: s.ssd.read_rounds,
                     ssd_bytes_read: s.ssd.bytes_read,
+                    tile_hits: s.tiles.hits,
+                    tile_misses: s.tiles.misses,
+                    tile_invalidations: s.tiles.invalidations,
+                    tile_entries: s.tiles.entries,
+                    tile_bytes: s.tiles.bytes,
                 }))
             })
             .await

@@ -213,6 +213,19 @@ impl Accumulator {
         self.agg
     }
 
+    /// The source's type.
+    pub fn source(&self) -> ValueType {
+        self.source
+    }
+
+    /// Bytes this accumulator holds on the heap (for cache budgets).
+    pub fn heap_bytes(&self) -> usize {
+        self.float_sum.limbs.capacity() * 8
+            + self.last.iter().map(|(_, v)| 16 + v.heap_bytes()).sum::<usize>()
+            + self.hll.as_ref().map_or(0, |h| std::mem::size_of_val(&**h))
+            + std::mem::size_of::<Self>()
+    }
+
     /// Adds the winning value at `event_time` (each event time once; in ascending order, or
     /// through [`Accumulator::merge`]).
     pub fn add(&mut self, event_time: i64, v: &Value) -> Result<(), AggError> {
@@ -259,24 +272,53 @@ impl Accumulator {
     }
 
     /// Folds in another accumulator of the same aggregate and source over other event times.
+    /// Only the state its aggregate reads is merged (tiles merge many per read).
     pub fn merge(&mut self, other: &Accumulator) {
         debug_assert_eq!((self.agg, self.source), (other.agg, other.source));
         self.count += other.count;
-        self.int_sum += other.int_sum;
-        self.float_sum.merge(&other.float_sum);
-        self.nan |= other.nan;
-        // The other side's extremes are among its numbers: folding them in is exact.
-        for n in other.min.into_iter().chain(other.max) {
-            self.extremes(n);
-        }
-        if let Agg::LastN(n) = self.agg {
-            let mut all: Vec<(i64, Value)> = self.last.drain(..).chain(other.last.iter().cloned()).collect();
-            all.sort_by_key(|(t, _)| *t);
-            let keep = all.len().saturating_sub(n.min(LAST_N_MAX) as usize);
-            self.last = all.into_iter().skip(keep).collect();
-        }
-        if let (Some(a), Some(b)) = (&mut self.hll, &other.hll) {
-            a.merge(b);
+        match self.agg {
+            Agg::Count => {}
+            Agg::Sum | Agg::Mean | Agg::Min | Agg::Max => {
+                if self.source == ValueType::Int64 {
+                    self.int_sum += other.int_sum;
+                } else {
+                    self.float_sum.merge(&other.float_sum);
+                    self.nan |= other.nan;
+                }
+                // The other side's extremes are among its numbers: folding them in is exact.
+                for n in other.min.into_iter().chain(other.max) {
+                    self.extremes(n);
+                }
+            }
+            Agg::LastN(n) => {
+                let keep = n.min(LAST_N_MAX) as usize;
+                let (mine, theirs) = (self.last.back().map(|v| v.0), other.last.front().map(|v| v.0));
+                match (mine, theirs) {
+                    (_, None) => {}
+                    // The usual cases of disjoint ranges: append, or put in front.
+                    (None, Some(_)) => self.last.extend(other.last.iter().cloned()),
+                    (Some(a), Some(b)) if a < b => self.last.extend(other.last.iter().cloned()),
+                    _ if other.last.back().map(|v| v.0) < self.last.front().map(|v| v.0) => {
+                        for v in other.last.iter().rev() {
+                            self.last.push_front(v.clone());
+                        }
+                    }
+                    _ => {
+                        let mut all: Vec<(i64, Value)> =
+                            self.last.drain(..).chain(other.last.iter().cloned()).collect();
+                        all.sort_by_key(|(t, _)| *t);
+                        self.last = all.into();
+                    }
+                }
+                while self.last.len() > keep {
+                    self.last.pop_front();
+                }
+            }
+            Agg::CountDistinct => {
+                if let (Some(a), Some(b)) = (&mut self.hll, &other.hll) {
+                    a.merge(b);
+                }
+            }
         }
     }
 

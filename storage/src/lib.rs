@@ -24,6 +24,7 @@ pub(crate) mod key;
 pub mod limits;
 pub(crate) mod record;
 pub mod sstable;
+pub mod tiles;
 pub mod types;
 pub(crate) mod wal;
 
@@ -43,9 +44,9 @@ pub(crate) mod version;
 
 pub use batch::WriteBatch;
 pub use db::{
-    verify_dir, ApplyReport, BatchRead, Db, EntityVersions, Expectation, Gathered, LevelStats, Mismatch, PairCursor,
-    RawVersion, ScanItem, ScanIter, ScanRange, ShippedBatch, ShippedOp, Snapshot, SnapshotReader, SnapshotVersion,
-    Stats, VerifyReport, WriteIf, WriteReceipt, WritesRefused, EXPECTATIONS_MAX, REPLICATION_ENTITY,
+    verify_dir, AggQuery, ApplyReport, BatchRead, Db, EntityVersions, Expectation, Gathered, LevelStats, Mismatch,
+    PairCursor, RawVersion, ScanItem, ScanIter, ScanRange, ShippedBatch, ShippedOp, Snapshot, SnapshotReader,
+    SnapshotVersion, Stats, VerifyReport, WriteIf, WriteReceipt, WritesRefused, EXPECTATIONS_MAX, REPLICATION_ENTITY,
     SHIPPED_VERSIONS_MAX,
 };
 pub use hlc::{Clock, ManualClock, SystemClock};

@@ -33,6 +33,9 @@ pub struct Options {
     /// Bytes of the hot tier (the newest version of recently read or written pairs, see
     /// `src/hot.rs`); 0 disables it.
     pub hot_tier_bytes: usize,
+    /// Bytes of the tile cache (hourly partial aggregates of pairs' histories, see
+    /// `src/tiles.rs`); 0 disables it (aggregates then read raw versions only).
+    pub tile_cache_bytes: usize,
     /// Which backend reads data blocks for point reads (`src/sstable/ssd.rs`).
     pub io_backend: IoBackend,
     /// Read data blocks for point reads with `O_DIRECT` where the file system takes it, so the
@@ -84,6 +87,7 @@ impl Default for Options {
             block_bytes: 16 << 10,
             block_cache_bytes: 256 << 20,
             hot_tier_bytes: 64 << 20,
+            tile_cache_bytes: 16 << 20,
             io_backend: IoBackend::Auto,
             direct_reads: true,
             compression: Compression::Zstd(1),

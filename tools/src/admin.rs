@@ -29,6 +29,10 @@ pub async fn admin(server: &Server, cmd: AdminCmd) -> Result<()> {
                 s.hot_tier_bytes
             );
             println!(
+                "tiles {} hits / {} misses, {} removed by writes; {} tiles, {} bytes",
+                s.tile_hits, s.tile_misses, s.tile_invalidations, s.tile_entries, s.tile_bytes
+            );
+            println!(
                 "ssd tier: {}{}; {} block reads in {} rounds, {} bytes",
                 s.io_backend,
                 if s.direct_reads { " (O_DIRECT)" } else { "" },

@@ -34,6 +34,7 @@ mod offline;
 mod read;
 mod recovery;
 mod replicate;
+mod window;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,7 @@ pub use read::{BatchRead, EntityVersions, Gathered, PairCursor, RawVersion, Scan
 pub use replicate::{
     ApplyReport, ShippedBatch, ShippedOp, SnapshotReader, SnapshotVersion, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
 };
+pub use window::AggQuery;
 pub use write::{Expectation, Mismatch, WriteIf, WriteReceipt, EXPECTATIONS_MAX};
 
 use crate::fs::{Fs, RealFs};
@@ -166,6 +168,8 @@ pub(crate) struct Inner {
     /// the WAL back (only when `replication_log_bytes > 0`).
     log_tail: Mutex<replicate::LogTail>,
     hot: Option<crate::hot::HotTier>,
+    /// Hourly partial aggregates (`src/tiles.rs`); `None` when disabled.
+    tiles: Option<crate::tiles::Tiles>,
     /// Feature ids whose versions compaction drops (rule 5 of `crate::compaction`), sorted.
     dropped_features: RwLock<Arc<Vec<u32>>>,
 }
@@ -329,6 +333,8 @@ pub struct Stats {
     pub replication_conflicts: u64,
     /// The hot tier's counters (all zero when it is disabled).
     pub hot: crate::hot::HotStats,
+    /// The tile cache's counters (all zero when it is disabled).
+    pub tiles: crate::tiles::TileStats,
 }
 
 impl Db {
@@ -457,6 +463,12 @@ impl Db {
         // The hot tier stops answering them first: from now on their reads go to the files.
         if let Some(hot) = &self.inner.hot {
             hot.set_dropped(&ids);
+        }
+        // Tiles of them are never used again (see `db/window.rs`); forget those held.
+        if let Some(tiles) = &self.inner.tiles {
+            if !ids.is_empty() {
+                tiles.clear();
+            }
         }
         *self.inner.dropped_features.write() = ids;
     }
@@ -596,6 +608,46 @@ impl Db {
             versions.push(item?.version);
         }
         crate::agg::aggregate_sorted(&versions, agg, source, w).map_err(invalid)
+    }
+
+    /// `aggregate_at` (`storage/READS.md`) of every query for every entity, at `as_of`, from
+    /// one view read at `known_at`, folded from hourly tiles where they answer
+    /// (`src/tiles.rs`, `db/window.rs`) and from raw versions elsewhere: identical to
+    /// [`Db::aggregate_at`] per entity and query. `keep_going` is asked before each entity;
+    /// once it says no, that entity and the rest are left unread (`None`).
+    pub fn aggregates_at(
+        &self,
+        entities: &[Vec<u8>],
+        queries: &[AggQuery],
+        as_of: EventTime,
+        known_at: SystemTime,
+        mut keep_going: impl FnMut() -> bool,
+    ) -> Result<Vec<Option<Vec<crate::agg::AggAnswer>>>> {
+        for q in queries {
+            window::check_query(q)?;
+        }
+        for e in entities {
+            crate::types::check_entity_key(e)?;
+        }
+        let tiles = self.inner.tiles.as_ref();
+        // Tickets before the view (see `src/tiles.rs`).
+        let tickets: Vec<_> = tiles.map(|t| entities.iter().map(|e| t.ticket(e)).collect()).unwrap_or_default();
+        let (view, known_at) = self.inner.read_view(known_at);
+        let mut scratch = Vec::new();
+        let mut out = Vec::with_capacity(entities.len());
+        for (i, e) in entities.iter().enumerate() {
+            if !keep_going() {
+                break;
+            }
+            let mut answers = Vec::with_capacity(queries.len());
+            for q in queries {
+                let t = tiles.zip(tickets.get(i).copied());
+                answers.push(self.inner.window_answer(&view, known_at, e, q, as_of, t, &mut scratch)?);
+            }
+            out.push(Some(answers));
+        }
+        out.resize(entities.len(), None);
+        Ok(out)
     }
 
     /// Every version in `range`, in key order (entity, feature, event time descending, system
@@ -981,6 +1033,7 @@ impl Inner {
             ssd: self.ssd.stats(),
             replication_conflicts: c.replication_conflicts.load(Ordering::Relaxed),
             hot: self.hot.as_ref().map(|h| h.stats()).unwrap_or_default(),
+            tiles: self.tiles.as_ref().map(|t| t.stats()).unwrap_or_default(),
             block_cache_hits,
             block_cache_misses,
             block_cache_bytes,

@@ -392,6 +392,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         _lock: lock,
         ssd,
         hot: crate::hot::HotTier::new(opts.hot_tier_bytes, fresh),
+        tiles: crate::tiles::Tiles::new(opts.tile_cache_bytes),
         dropped_features: RwLock::new(Arc::new(Vec::new())),
         knowledge: Mutex::new(knowledge),
         log_needed_after: AtomicU64::new(if opts.replication_log_bytes > 0 { 0 } else { u64::MAX }),

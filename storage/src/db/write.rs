@@ -348,6 +348,8 @@ impl Inner {
         w.last_seqno = last;
         // The hot tier learns of every version before it is published (see `src/hot.rs`).
         let announced = self.hot.as_ref().map(|hot| announce(hot, &decoded)).unwrap_or_default();
+        // So do the tiles (see `src/tiles.rs`).
+        let tiles_announced = self.tiles.as_ref().map(|t| announce_tiles(t, &decoded)).unwrap_or_default();
         for b in &decoded {
             insert_batch(mem, b);
         }
@@ -356,6 +358,11 @@ impl Inner {
         if let Some(hot) = &self.hot {
             for token in announced {
                 hot.write_end(token);
+            }
+        }
+        if let Some(tiles) = &self.tiles {
+            for token in tiles_announced {
+                tiles.write_end(token);
             }
         }
         if local {
@@ -462,6 +469,21 @@ pub(super) fn announce(hot: &crate::hot::HotTier, batches: &[batch::DecodedBatch
         for run in b.ops.chunk_by(|x, y| x.entity == y.entity) {
             let cells = run.iter().map(|op| (op.feature, op.event_time, op.system_time, op.cell));
             tokens.push(hot.write_begin(run[0].entity, cells));
+        }
+    }
+    tokens
+}
+
+/// Calls [`crate::tiles::Tiles::write_begin`] once per run of writes to one entity in the
+/// batches; returns the tokens for the matching `write_end`s.
+pub(super) fn announce_tiles(
+    tiles: &crate::tiles::Tiles,
+    batches: &[batch::DecodedBatch<'_>],
+) -> Vec<crate::tiles::TileWriteToken> {
+    let mut tokens = Vec::new();
+    for b in batches {
+        for run in b.ops.chunk_by(|x, y| x.entity == y.entity) {
+            tokens.push(tiles.write_begin(run[0].entity, run.iter().map(|op| (op.feature, op.event_time))));
         }
     }
     tokens

@@ -1,0 +1,247 @@
+//! Windowed aggregates from one read view, folded from hourly tiles (`crate::tiles`) where they
+//! answer and from raw versions elsewhere: `aggregate_at` of `storage/READS.md`, exactly.
+//!
+//! A window `(T - W, T]` of at least [`TILE_WINDOW_MIN_TILES`] hours is cut into the whole
+//! days inside it, then the whole hours of what is left at each end, then the raw versions of
+//! what is left after that (less than an hour at each end). Each whole tile comes from the
+//! cache when it is there and valid at the read's `known_at`; the tiles that are not are folded
+//! from one raw pass over each run of them (which also refills them, when no write of the
+//! entity can be missing from the view). Tiles are never used for ranges below
+//! the event-time horizon or for dropped feature ids: compaction may remove those versions,
+//! which a tile could not follow.
+
+use super::ReadView;
+use crate::agg::{Accumulator, AggAnswer};
+use crate::iter::{MergingIter, Source};
+use crate::key;
+use crate::tiles::{tile_range, Tile, TileTicket, Tiles, LEVEL_US, TILE_US, TILE_WINDOW_MIN_TILES};
+use crate::types::{EventTime, FeatureId, SystemTime, Value, ValueType};
+use crate::{Error, Result};
+
+use super::Inner;
+
+/// One aggregate a [`crate::Db::aggregates_at`] read computes for every entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AggQuery {
+    /// The source feature.
+    pub feature: FeatureId,
+    /// The type of its values.
+    pub source: ValueType,
+    /// The function.
+    pub agg: crate::agg::Agg,
+    /// The window's width, microseconds (at least 1).
+    pub width_us: u64,
+}
+
+/// One version of a pair as a raw pass reads it.
+struct Raw {
+    event_time: EventTime,
+    system_time: SystemTime,
+    value: Option<Value>,
+}
+
+fn to_event(t: i128) -> EventTime {
+    EventTime(t.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64)
+}
+
+/// Folds `versions` (one pair's, key order) into `acc`: each event time's first version known
+/// at `known_at` wins, tombstones left out, oldest first. Returns the newest event time with a
+/// value.
+fn fold(versions: &[Raw], known_at: SystemTime, acc: &mut Accumulator) -> Result<Option<EventTime>> {
+    let winners: Vec<&Raw> = crate::asof::window_winners(
+        versions,
+        |v| (v.event_time, v.system_time),
+        EventTime(i64::MAX),
+        u64::MAX,
+        known_at,
+    )
+    .collect();
+    let mut newest = None;
+    for v in winners.iter().rev() {
+        if let Some(x) = &v.value {
+            acc.add(v.event_time.0, x).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            newest = Some(v.event_time);
+        }
+    }
+    Ok(newest)
+}
+
+impl Inner {
+    /// Every version of `(entity, feature)` in `view` with an event time in `(lo, hi]`, in key
+    /// order (event time descending, then system time descending).
+    fn pair_raw(&self, view: &ReadView, entity: &[u8], feature: FeatureId, lo: i128, hi: i128) -> Result<Vec<Raw>> {
+        let mut out = Vec::new();
+        if hi <= lo || hi < i128::from(i64::MIN) {
+            return Ok(out);
+        }
+        let prefix = key::prefix(entity, feature);
+        let mut merge = MergingIter::new(Source::of_view(view));
+        merge.seek(&key::encode(entity, feature, to_event(hi), SystemTime::MAX))?;
+        while merge.valid() {
+            let k = merge.key();
+            if key::prefix_of(k) != prefix.as_slice() {
+                break;
+            }
+            let e = key::event_time_of(k);
+            if i128::from(e.0) <= lo {
+                break;
+            }
+            let (value, _) = crate::cell::decode(merge.value()).map_err(|w| Error::Corruption {
+                file: "(a window read)".into(),
+                offset: 0,
+                what: w.to_string(),
+            })?;
+            out.push(Raw { event_time: e, system_time: key::system_time_of(k), value });
+            merge.step()?;
+        }
+        Ok(out)
+    }
+
+    /// `aggregate_at` of `q` for `entity` at `as_of`, from `view` at `known_at` (see the module
+    /// docs); `ticket` was taken before the view.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn window_answer(
+        &self,
+        view: &ReadView,
+        known_at: SystemTime,
+        entity: &[u8],
+        q: &AggQuery,
+        as_of: EventTime,
+        tiles: Option<(&Tiles, TileTicket)>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<AggAnswer> {
+        let mut acc = Accumulator::new(q.agg, q.source).map_err(invalid)?;
+        let (lo, hi) = (i128::from(as_of.0) - i128::from(q.width_us), i128::from(as_of.0));
+        let dropped = self.dropped_features.read().binary_search(&q.feature.0).is_ok();
+        let tiled = tiles.filter(|_| !dropped && q.width_us >= TILE_WINDOW_MIN_TILES * TILE_US as u64);
+        let mut w = Window { inner: self, view, known_at, entity, q, scratch, acc: &mut acc, newest: None };
+        match tiled {
+            Some((cache, ticket)) => {
+                let horizon = i128::from(*self.horizon.read());
+                w.fold_levels(cache, ticket, horizon, LEVEL_US.len(), lo, hi)?;
+            }
+            None => w.fold_raw(lo, hi)?,
+        }
+        let newest = w.newest;
+        Ok(AggAnswer { value: acc.value(), newest })
+    }
+}
+
+fn invalid(e: crate::agg::AggError) -> Error {
+    Error::InvalidArgument(e.to_string())
+}
+
+/// One aggregate of one entity being folded.
+struct Window<'a> {
+    inner: &'a Inner,
+    view: &'a ReadView,
+    known_at: SystemTime,
+    entity: &'a [u8],
+    q: &'a AggQuery,
+    scratch: &'a mut Vec<u8>,
+    acc: &'a mut Accumulator,
+    newest: Option<EventTime>,
+}
+
+impl Window<'_> {
+    fn fold_raw(&mut self, lo: i128, hi: i128) -> Result<()> {
+        let raw = self.inner.pair_raw(self.view, self.entity, self.q.feature, lo, hi)?;
+        self.absorb(&raw)
+    }
+
+    /// Folds raw versions at this read's `known_at` through an accumulator of their own:
+    /// pieces arrive in any order of event time, and only merging takes that (adding wants
+    /// event times ascending).
+    fn absorb(&mut self, raw: &[Raw]) -> Result<()> {
+        let mut part = Accumulator::new(self.q.agg, self.q.source).map_err(invalid)?;
+        let n = fold(raw, self.known_at, &mut part)?;
+        self.acc.merge(&part);
+        self.newest = self.newest.max(n);
+        Ok(())
+    }
+
+    /// Folds `(lo, hi]` with the tiles of the levels below `levels` (the widest first), and
+    /// raw versions for what no whole tile covers. Tiles start at or above `horizon`.
+    fn fold_levels(
+        &mut self,
+        cache: &Tiles,
+        ticket: TileTicket,
+        horizon: i128,
+        levels: usize,
+        lo: i128,
+        hi: i128,
+    ) -> Result<()> {
+        if hi <= lo {
+            return Ok(());
+        }
+        let Some(level) = levels.checked_sub(1) else { return self.fold_raw(lo, hi) };
+        let width = i128::from(LEVEL_US[level]);
+        // Whole tiles: start >= max(lo, horizon) and end <= hi.
+        let from = lo.max(horizon);
+        let first = from.div_euclid(width) + i128::from(from.rem_euclid(width) != 0);
+        let last = hi.div_euclid(width) - 1;
+        if first > last {
+            return self.fold_levels(cache, ticket, horizon, level, lo, hi);
+        }
+        let (first, last) = (first as i64, last as i64);
+        self.fold_levels(cache, ticket, horizon, level, lo, tile_range(level, first).0)?;
+        self.fold_levels(cache, ticket, horizon, level, tile_range(level, last).1, hi)?;
+        let (q, known_at) = (self.q, self.known_at);
+        // Cached tiles that answer at known_at; the rest in runs folded raw (and refilled).
+        let (mut hits, mut missing) = (0u64, Vec::new());
+        for i in first..=last {
+            match cache.get(self.scratch, self.entity, q.feature, level, i) {
+                Some(t) if t.max_system_time <= known_at => match t.get(q.agg, q.source) {
+                    Some(a) => {
+                        self.acc.merge(a);
+                        self.newest = self.newest.max(t.newest);
+                        hits += 1;
+                    }
+                    None => missing.push(i),
+                },
+                _ => missing.push(i),
+            }
+        }
+        cache.count(hits, missing.len() as u64);
+        let mut fills = Vec::new();
+        for run in missing.chunk_by(|a, b| b - a == 1) {
+            let (a, b) = (run[0], run[run.len() - 1]);
+            let raw = self.inner.pair_raw(
+                self.view,
+                self.entity,
+                q.feature,
+                tile_range(level, a).0,
+                tile_range(level, b).1,
+            )?;
+            // Key order is newest first: cut the run's versions by tile from its last.
+            let mut at = 0;
+            for i in (a..=b).rev() {
+                let start = tile_range(level, i).0;
+                let end = at + raw[at..].partition_point(|v| i128::from(v.event_time.0) > start);
+                let part = &raw[at..end];
+                at = end;
+                let mut full = Accumulator::new(q.agg, q.source).map_err(invalid)?;
+                let tile_newest = fold(part, SystemTime::MAX, &mut full)?;
+                let max_system_time = part.iter().map(|v| v.system_time).max().unwrap_or(SystemTime(0));
+                if max_system_time <= known_at {
+                    self.acc.merge(&full);
+                    self.newest = self.newest.max(tile_newest);
+                } else {
+                    self.absorb(part)?;
+                }
+                fills.push((i, Tile { max_system_time, newest: tile_newest, accs: vec![full] }));
+            }
+        }
+        cache.fill(self.entity, q.feature, level, ticket, fills);
+        Ok(())
+    }
+}
+
+/// Checks a query before anything is read.
+pub(super) fn check_query(q: &AggQuery) -> Result<()> {
+    Accumulator::new(q.agg, q.source).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    if q.width_us == 0 {
+        return Err(Error::InvalidArgument("an aggregate window is at least 1 microsecond wide".into()));
+    }
+    Ok(())
+}

@@ -1,0 +1,392 @@
+//! Tiles: the partial aggregates of one hour, or one day, of one pair's history, kept in
+//! memory, so that an aggregate over a long window reads its whole days, then the whole hours
+//! of its two ragged ends, then the raw versions of what is left (less than an hour at each
+//! end) instead of every version in the window (`storage/READS.md`, "`aggregate_at`").
+//!
+//! # What a tile is
+//!
+//! Tile `i` of level `l` of a pair `(entity, feature)` covers the event times `(i x w, (i + 1)
+//! x w]` for the level's width `w` ([`LEVEL_US`]: an hour, a day) — the same orientation as an
+//! aggregate window, so a window whose ends fall on hour boundaries is exactly a run of tiles. A tile holds, for each aggregate function asked
+//! of it, the [`Accumulator`] of the winners of its event times (each event time's version
+//! with the greatest system time; tombstone winners left out), computed from one read view
+//! with nothing filtered by system time, together with the greatest system time of any
+//! version in its range (`max_system_time`) and its newest event time with a value. Merging
+//! accumulators is exact (`crate::agg`), so a window folded from tiles and edges answers bit for
+//! bit as the raw versions do; tiles are derived data, rebuilt from the raw versions whenever
+//! they are missing.
+//!
+//! # When a tile answers a read
+//!
+//! A read at `known_at = K` from a view may use a tile when the tile is *current* (it holds
+//! every version of its range that any view taken before the lookup holds) and
+//! `max_system_time <= K`: then the tile's versions are exactly the view's versions of the
+//! range known at `K` (the view holds every version stamped `<= K`, and the tile holds no other).
+//! Otherwise the read folds that tile's range from the raw versions itself.
+//!
+//! Tiles are kept current the way the hot tier keeps its states (`src/hot.rs`, "Keeping states
+//! newest"), with stripes of entities of their own:
+//! - **writes** announce themselves before they are published ([`Tiles::write_begin`], under
+//!   the stripe lock: `pending` then `gen` move, and the tiles of every written (feature, hour)
+//!   and (feature, day) are removed) and end after ([`Tiles::write_end`]);
+//! - **fills**: a reader takes a [`TileTicket`] before its view and offers the tiles it folded
+//!   from that view; the fill is refused when a write of the entity may be missing from the
+//!   view (a write was in flight at the ticket, or `gen` moved since).
+//!
+//! A write that began before the ticket was published before the view (or the fill is
+//! refused); one that begins after the ticket either moves `gen` before the fill (refused) or
+//! removes the tile after it. So a tile found in the cache holds every version published before
+//! the lookup.
+//!
+//! Compaction never changes a tile's answer at `K >= max_system_time` (retention keeps every
+//! pair's current winners), except where the engine forgets history on purpose: moving the
+//! event-time horizon or dropping feature ids clears every tile.
+//!
+//! # Bounds
+//!
+//! The cache is bounded by bytes (`Options::tile_cache_bytes`; quiverd gives it a sixteenth of
+//! its memory budget), evicting with `quick_cache`'s policy; a tile evicted or never filled
+//! is folded from the raw versions again.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use quick_cache::sync::Cache;
+use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
+
+use crate::agg::{Accumulator, Agg};
+use crate::types::{EventTime, FeatureId, SystemTime, ValueType};
+
+/// The narrowest tile's width: one hour of event time, in microseconds.
+pub const TILE_US: i64 = 3_600_000_000;
+/// The tiles' widths by level: hours, then days (each a whole number of the level below).
+pub const LEVEL_US: [i64; 2] = [TILE_US, 24 * TILE_US];
+/// Windows narrower than this many tiles are folded from raw versions alone.
+pub const TILE_WINDOW_MIN_TILES: u64 = 3;
+/// Stripes of entities sharing one fill/write guard.
+const STRIPES: usize = 1024;
+/// Bytes a tile costs beyond its key and accumulators (cache slot, `Arc`, vector headers).
+const TILE_OVERHEAD_BYTES: usize = 128;
+/// Typical tile size, for sizing the cache's index.
+const TILE_BYTES_TYPICAL: usize = 512;
+/// Suffix of a tile's cache key after the entity: feature id, level and tile index.
+const KEY_SUFFIX_BYTES: usize = 4 + 1 + 8;
+
+/// The tile of level `level` holding event time `e`: tile `i` covers `(i x w, (i + 1) x w]`
+/// for the level's width `w` ([`LEVEL_US`]).
+pub fn tile_of(level: usize, e: EventTime) -> i64 {
+    (i128::from(e.0) - 1).div_euclid(i128::from(LEVEL_US[level])) as i64
+}
+
+/// The event-time range `(start, end]` of tile `i` of level `level`, as `(start, end)`
+/// (i128: no overflow).
+pub fn tile_range(level: usize, i: i64) -> (i128, i128) {
+    let w = i128::from(LEVEL_US[level]);
+    let start = i128::from(i) * w;
+    (start, start + w)
+}
+
+/// One hour of a pair, folded (see the module docs).
+#[derive(Debug, Clone)]
+pub(crate) struct Tile {
+    /// The greatest system time of any version in the tile's range.
+    pub max_system_time: SystemTime,
+    /// The newest event time in the range whose winner holds a value.
+    pub newest: Option<EventTime>,
+    /// One accumulator per aggregate asked of the tile.
+    pub accs: Vec<Accumulator>,
+}
+
+impl Tile {
+    /// The accumulator of `agg` over a source of type `source`, if the tile holds it.
+    pub fn get(&self, agg: Agg, source: ValueType) -> Option<&Accumulator> {
+        self.accs.iter().find(|a| a.agg() == agg && a.source() == source)
+    }
+
+    fn bytes(&self) -> usize {
+        TILE_OVERHEAD_BYTES + self.accs.iter().map(Accumulator::heap_bytes).sum::<usize>()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TileWeighter;
+
+impl Weighter<Vec<u8>, Arc<Tile>> for TileWeighter {
+    fn weight(&self, key: &Vec<u8>, val: &Arc<Tile>) -> u64 {
+        (key.len() + val.bytes()) as u64
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stripe {
+    lock: Mutex<()>,
+    gen: AtomicU64,
+    pending: AtomicU64,
+}
+
+/// What a reader saw of an entity's stripe before taking its view.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TileTicket {
+    stripe: usize,
+    gen: u64,
+    quiet: bool,
+}
+
+/// A write announced to the tiles and not yet ended: its entity's stripe.
+#[derive(Debug)]
+#[must_use = "every write_begin needs its write_end, or fills of the stripe stay refused"]
+pub(crate) struct TileWriteToken(usize);
+
+/// Counters of the tile cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TileStats {
+    /// Tiles that answered a read.
+    pub hits: u64,
+    /// Tiles a read folded from raw versions (missing, or not valid at its `known_at`).
+    pub misses: u64,
+    /// Tiles inserted by readers.
+    pub fills: u64,
+    /// Fills refused because a write of the entity could be missing from the reader's view.
+    pub fills_refused: u64,
+    /// Tiles removed by writes.
+    pub invalidations: u64,
+    /// Tiles held.
+    pub entries: u64,
+    /// Approximate bytes held.
+    pub bytes: u64,
+}
+
+/// The tile cache of one engine.
+#[derive(Debug)]
+pub(crate) struct Tiles {
+    cache: Cache<Vec<u8>, Arc<Tile>, TileWeighter, DefaultHashBuilder>,
+    stripes: Box<[Stripe]>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fills: AtomicU64,
+    fills_refused: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+fn stripe_of(entity: &[u8]) -> usize {
+    (xxhash_rust::xxh3::xxh3_64(entity) % STRIPES as u64) as usize
+}
+
+/// The cache key of tile `tile` of level `level` of `(entity, feature)` in `out` (cleared
+/// first).
+fn key_into(out: &mut Vec<u8>, entity: &[u8], feature: FeatureId, level: usize, tile: i64) {
+    out.clear();
+    out.reserve(entity.len() + KEY_SUFFIX_BYTES);
+    out.extend_from_slice(entity);
+    out.extend_from_slice(&feature.0.to_be_bytes());
+    out.push(level as u8);
+    out.extend_from_slice(&tile.to_be_bytes());
+}
+
+impl Tiles {
+    /// A tile cache of about `bytes`; `None` when `bytes` is 0 (disabled: aggregates read raw
+    /// versions only).
+    pub fn new(bytes: usize) -> Option<Tiles> {
+        if bytes == 0 {
+            return None;
+        }
+        let options = match OptionsBuilder::new()
+            .estimated_items_capacity((bytes / TILE_BYTES_TYPICAL).max(16))
+            .weight_capacity(bytes as u64)
+            .build()
+        {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(bytes, error = ?e, "tiles disabled: their cache options were refused");
+                return None;
+            }
+        };
+        Some(Tiles {
+            cache: Cache::with_options(options, TileWeighter, DefaultHashBuilder::default(), Default::default()),
+            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            fills: AtomicU64::new(0),
+            fills_refused: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+        })
+    }
+
+    /// A ticket for later [`Tiles::fill`]s of `entity`; take it before the read view.
+    pub fn ticket(&self, entity: &[u8]) -> TileTicket {
+        let stripe = stripe_of(entity);
+        let s = &self.stripes[stripe];
+        let gen = s.gen.load(Ordering::SeqCst);
+        let quiet = s.pending.load(Ordering::SeqCst) == 0;
+        TileTicket { stripe, gen, quiet }
+    }
+
+    /// Tile `tile` of level `level` of `(entity, feature)`, if held (`key`: scratch).
+    pub fn get(
+        &self,
+        key: &mut Vec<u8>,
+        entity: &[u8],
+        feature: FeatureId,
+        level: usize,
+        tile: i64,
+    ) -> Option<Arc<Tile>> {
+        key_into(key, entity, feature, level, tile);
+        self.cache.get(key.as_slice())
+    }
+
+    /// Counts tiles that answered and tiles folded from raw versions.
+    pub fn count(&self, hits: u64, misses: u64) {
+        self.hits.fetch_add(hits, Ordering::Relaxed);
+        self.misses.fetch_add(misses, Ordering::Relaxed);
+    }
+
+    /// Offers tiles of level `level` of `(entity, feature)` folded from a view taken after
+    /// `ticket`: each `(tile index, tile)` holding one accumulator, merged into what the cache
+    /// holds of it.
+    pub fn fill(&self, entity: &[u8], feature: FeatureId, level: usize, ticket: TileTicket, tiles: Vec<(i64, Tile)>) {
+        if tiles.is_empty() {
+            return;
+        }
+        let s = &self.stripes[ticket.stripe];
+        let _g = s.lock.lock();
+        if !ticket.quiet || s.gen.load(Ordering::SeqCst) != ticket.gen {
+            self.fills_refused.fetch_add(tiles.len() as u64, Ordering::Relaxed);
+            return;
+        }
+        let mut key = Vec::new();
+        for (i, mut tile) in tiles {
+            key_into(&mut key, entity, feature, level, i);
+            // Both were folded from views holding every version of the range (no write came
+            // between, or this fill would be refused), so they agree on all but the aggregates.
+            if let Some(old) = self.cache.peek(key.as_slice()) {
+                for a in &old.accs {
+                    if tile.get(a.agg(), a.source()).is_none() {
+                        tile.accs.push(a.clone());
+                    }
+                }
+                // Remove first: if the new tile is not admitted, no stale one may stay behind.
+                self.cache.remove(key.as_slice());
+            }
+            self.cache.insert(key.clone(), Arc::new(tile));
+            self.fills.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Versions of `entity` (`cells`: feature and event time) are about to be published:
+    /// removes the tiles they fall in, of every level. Hand the token to [`Tiles::write_end`] once published.
+    pub fn write_begin(&self, entity: &[u8], cells: impl Iterator<Item = (FeatureId, EventTime)>) -> TileWriteToken {
+        let token = TileWriteToken(stripe_of(entity));
+        let s = &self.stripes[token.0];
+        let _g = s.lock.lock();
+        s.pending.fetch_add(1, Ordering::SeqCst);
+        s.gen.fetch_add(1, Ordering::SeqCst);
+        // Fills insert under this lock, so an empty cache has nothing of this entity.
+        if self.cache.is_empty() {
+            return token;
+        }
+        let mut key = Vec::new();
+        let mut last = None;
+        for (f, e) in cells {
+            let t = tile_of(0, e);
+            if last == Some((f, t)) {
+                continue;
+            }
+            last = Some((f, t));
+            for level in 0..LEVEL_US.len() {
+                key_into(&mut key, entity, f, level, tile_of(level, e));
+                if self.cache.remove(key.as_slice()).is_some() {
+                    self.invalidations.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        token
+    }
+
+    /// The versions announced by the [`Tiles::write_begin`] that returned `token` are
+    /// published (or abandoned).
+    pub fn write_end(&self, token: TileWriteToken) {
+        self.stripes[token.0].pending.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Forgets every tile (the engine forgot history: the event-time horizon moved, or
+    /// feature ids were dropped). Fills in flight are refused: every stripe's `gen` moves.
+    pub fn clear(&self) {
+        for s in self.stripes.iter() {
+            let _g = s.lock.lock();
+            s.gen.fetch_add(1, Ordering::SeqCst);
+        }
+        self.cache.clear();
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> TileStats {
+        TileStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            fills: self.fills.load(Ordering::Relaxed),
+            fills_refused: self.fills_refused.load(Ordering::Relaxed),
+            invalidations: self.invalidations.load(Ordering::Relaxed),
+            entries: self.cache.len() as u64,
+            bytes: self.cache.weight(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_hours_open_at_their_start_and_closed_at_their_end() {
+        assert_eq!(tile_of(0, EventTime(TILE_US)), 0);
+        assert_eq!(tile_of(0, EventTime(TILE_US + 1)), 1);
+        assert_eq!(tile_of(0, EventTime(1)), 0);
+        assert_eq!(tile_of(0, EventTime(0)), -1);
+        assert_eq!(tile_of(1, EventTime(25 * TILE_US)), 1);
+        assert_eq!(tile_of(0, EventTime(i64::MIN)), i64::MIN / TILE_US - 1);
+        assert_eq!(tile_range(0, 2), (2 * i128::from(TILE_US), 3 * i128::from(TILE_US)));
+        for level in 0..LEVEL_US.len() {
+            for e in [i64::MIN, -TILE_US - 1, -1, 0, 1, TILE_US, i64::MAX] {
+                let (lo, hi) = tile_range(level, tile_of(level, EventTime(e)));
+                assert!(lo < i128::from(e) && i128::from(e) <= hi, "{e}");
+            }
+        }
+    }
+
+    fn tile(agg: Agg) -> Tile {
+        let acc = Accumulator::new(agg, ValueType::Int64).expect("acc");
+        Tile { max_system_time: SystemTime(1), newest: None, accs: vec![acc] }
+    }
+
+    #[test]
+    fn writes_remove_the_tiles_they_fall_in_and_refuse_fills_they_race() {
+        let tiles = Tiles::new(1 << 20).expect("tiles");
+        let (e, f) = (b"entity".as_slice(), FeatureId(7));
+        let mut key = Vec::new();
+        let t = tiles.ticket(e);
+        tiles.fill(e, f, 0, t, vec![(0, tile(Agg::Sum)), (1, tile(Agg::Sum))]);
+        tiles.fill(e, f, 1, t, vec![(0, tile(Agg::Sum))]);
+        // A second aggregate of the same tile is merged in.
+        tiles.fill(e, f, 0, tiles.ticket(e), vec![(0, tile(Agg::Count))]);
+        let held = tiles.get(&mut key, e, f, 0, 0).expect("tile 0");
+        assert!(held.get(Agg::Sum, ValueType::Int64).is_some() && held.get(Agg::Count, ValueType::Int64).is_some());
+        // A write into hour 1 removes it and its day, not hour 0.
+        let w = tiles.write_begin(e, [(f, EventTime(TILE_US + 5))].into_iter());
+        assert!(tiles.get(&mut key, e, f, 0, 1).is_none() && tiles.get(&mut key, e, f, 1, 0).is_none());
+        assert!(tiles.get(&mut key, e, f, 0, 0).is_some());
+        // A ticket taken while it is in flight, or before it began, cannot fill.
+        let during = tiles.ticket(e);
+        tiles.write_end(w);
+        tiles.fill(e, f, 0, during, vec![(1, tile(Agg::Sum))]);
+        assert!(tiles.get(&mut key, e, f, 0, 1).is_none());
+        let before = tiles.ticket(e);
+        let w = tiles.write_begin(e, [(FeatureId(8), EventTime(1))].into_iter());
+        tiles.write_end(w);
+        tiles.fill(e, f, 0, before, vec![(1, tile(Agg::Sum))]);
+        assert!(tiles.get(&mut key, e, f, 0, 1).is_none());
+        assert_eq!(tiles.stats().fills_refused, 2);
+        tiles.clear();
+        assert!(tiles.get(&mut key, e, f, 0, 0).is_none());
+    }
+}
