@@ -18,8 +18,10 @@
 #      10 features against DuckDB's ASOF JOIN (pip duckdb) on the same data as Parquet, every
 #      output row compared (benches/join_compare.py); and the same join into a pyarrow Table
 #      through the Python SDK over Arrow Flight and over the protobuf stream, against DuckDB's
-#      ASOF JOIN fetched as Arrow; then 10M values written from a pandas DataFrame through the
-#      SDK over Flight and over WriteFeaturesStream (benches/python_ingest.py).
+#      ASOF JOIN fetched as Arrow; the same spine with windowed sums (aggregate features, 7 and
+#      1 days) against DuckDB's window query, every row compared (benches/agg_join_compare.py);
+#      then 10M values written from a pandas DataFrame through the SDK over Flight and over
+#      WriteFeaturesStream (benches/python_ingest.py).
 # Each online and ingest step also records the server's CPU time per request (or value), read
 # from /proc/PID/stat over the measured window (quiver-bench --server-pid), and the memory each
 # server holds the online set in (quiverd RSS; Redis used_memory and RSS). After Quiver's ingest
@@ -191,6 +193,9 @@ if [ "$ONLY" != online ]; then
   "$PY" "$ROOT/benches/join_compare.py" --addr "$ADDR" --quiver "$QUIVER" --entities "$JOIN_ENTITIES" \
     --events "$JOIN_EVENTS" --features 10 --spine "$JOIN_SPINE" --work "$WORK/join" --results "$RESULTS" \
     --server-pid "$QUIVER_PID" >/dev/null
+  # The same spine with windowed sums (7 and 1 days) against DuckDB's window query.
+  "$PY" "$ROOT/benches/agg_join_compare.py" --addr "$ADDR" --quiver "$QUIVER" --features 10 \
+    --spine "$JOIN_SPINE" --work "$WORK/join" --results "$RESULTS" --server-pid "$QUIVER_PID" >/dev/null
   # Ingest from a DataFrame through the SDK: Flight against the protobuf stream.
   "$PY" "$ROOT/benches/python_ingest.py" --addr "$ADDR" --server-pid "$QUIVER_PID" --results "$RESULTS" >/dev/null
 fi

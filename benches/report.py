@@ -72,7 +72,16 @@ def main(path):
                 ratio = f"{x['rows_per_s'] / da['rows_per_s']:.2f}" if da else "-"
                 cpu = f", server CPU {x['server_cpu_s']:.1f} s" if x.get("server_cpu_s") is not None else ""
                 print(f"| same join into a pyarrow Table, Python SDK over {how} (vs DuckDB to Arrow) | {cell(x)}{cpu} | {cell(da)} | {ratio} |")
+    agg = {r["target"]: r for r in rows if r.get("mode") == "agg-join"}
+    if agg:
+        q, d = agg.get("quiver"), agg.get("duckdb")
+        ratio = f"{q['rows_per_s'] / d['rows_per_s']:.2f}" if q and d else "-"
+        cell = lambda x: f"{x['rows_per_s']:,.0f} rows/s ({x['seconds']:.1f} s)" if x else "-"
+        cpu = f", server CPU {q['server_cpu_s']:.1f} s" if q and q.get("server_cpu_s") is not None else ""
+        print(f"| the same spine with 10 windowed sums (7 d, 1 d) (vs DuckDB window query) | {cell(q)}{cpu} | {cell(d)} | {ratio} |")
     for r in rows:
+        if r.get("mode") == "agg-join-check":
+            print(f"| windowed sums compared | {r['rows']:,} rows, {r['mismatches']} differ | | |")
         if r.get("mode") == "join-check":
             via = " (SDK over Flight)" if r.get("target") == "quiver-sdk-flight" else ""
             print(f"| join answers compared{via} | {r['rows']:,} rows, {r['mismatches']} differ | | |")

@@ -63,12 +63,12 @@ fn online(c: &mut Criterion) {
         let mut rng = Rng::new(7);
         // Warm the block cache and (with tiles) every entity's tiles.
         for e in 0..ENTITIES {
-            db.aggregates_at(&[entity(e)], &qs, as_of, SystemTime::MAX, || true).expect("read");
+            db.aggregates_at(&[entity(e)], &qs, as_of, SystemTime::MAX, || true, &mut |_| true).expect("read");
         }
         g.bench_function(name, |b| {
             b.iter(|| {
                 let e = entity(rng.below(ENTITIES));
-                db.aggregates_at(&[e], &qs, as_of, SystemTime::MAX, || true).expect("read")
+                db.aggregates_at(&[e], &qs, as_of, SystemTime::MAX, || true, &mut |_| true).expect("read")
             })
         });
         eprintln!("{name}: tiles {:?}", db.stats().tiles);

@@ -513,15 +513,7 @@ impl PairHistory {
         quiver_storage::agg::aggregate_run(
             run,
             |v| (v.event_time, v.system_time),
-            |v| {
-                let part = quiver_storage::cell::value_part(versions.cell(v))
-                    .map_err(|w| corrupt(STORED_CELL, &format!("cell value: {w}")))?;
-                part.map(|p| {
-                    quiver_storage::cell::decode_value_part(p)
-                        .map_err(|w| corrupt(STORED_CELL, &format!("cell value: {w}")))
-                })
-                .transpose()
-            },
+            |v| stored_value(versions.cell(v)),
             spec.agg,
             spec.source_type,
             w,
@@ -534,6 +526,38 @@ impl PairHistory {
 pub fn aggregate_refusal(registry: &Registry, group: &str, name: &str) -> Option<String> {
     let a = registry.resolve(&format!("{group}:{name}")).ok()?.aggregate?;
     Some(format!("{group}:{name} is an aggregate of {0}: aggregates are computed, write {0} instead", a.source))
+}
+
+impl PairHistory {
+    /// [`PairHistory::aggregate`] at each of `at` (any order), all at `known_at`, in one pass
+    /// over the source's versions ([`quiver_storage::agg::aggregate_many`]).
+    fn aggregate_many(
+        &self,
+        versions: &quiver_storage::EntityVersions<'_>,
+        d: usize,
+        spec: &AggregateSpec,
+        at: &[EventTime],
+        known_at: SystemTime,
+    ) -> Result<Vec<AggAnswer>> {
+        let run = &versions.versions()[self.runs[d].clone()];
+        quiver_storage::agg::aggregate_many(
+            run,
+            |v| (v.event_time, v.system_time),
+            |v| stored_value(versions.cell(v)),
+            spec.agg,
+            spec.source_type,
+            spec.width_us,
+            known_at,
+            at,
+        )
+    }
+}
+
+/// The value of a stored cell a read gathered (`None`: a tombstone).
+fn stored_value(cell: &[u8]) -> Result<Option<Value>> {
+    let bad = |w: &str| corrupt(STORED_CELL, &format!("cell value: {w}"));
+    let part = quiver_storage::cell::value_part(cell).map_err(bad)?;
+    part.map(|p| quiver_storage::cell::decode_value_part(p).map_err(bad)).transpose()
 }
 
 /// The served status, event time and value of an aggregate's answer: PRESENT with its value
@@ -961,7 +985,8 @@ impl Features {
             r => r?,
         };
         // Aggregates from the view the batch read saw (a later snapshot, read at its known_at).
-        let mut aggregates = self.online_aggregates(&keys, features, EventTime(as_of), known_at, deadline)?;
+        let mut aggregates =
+            self.online_aggregates(&keys, features, EventTime(as_of), known_at, deadline, &mut budget)?;
         if unread.contains(&true) {
             if let Some(h) = &self.health {
                 h.cut_short();
@@ -1051,6 +1076,7 @@ impl Features {
         as_of: EventTime,
         known_at: SystemTime,
         deadline: Option<std::time::Instant>,
+        budget: &mut AnswerBudget<'_>,
     ) -> Result<Vec<Option<Vec<Option<AggAnswer>>>>> {
         let mut queries: Vec<AggQuery> = Vec::new();
         let slots: Vec<Option<usize>> = features
@@ -1072,7 +1098,11 @@ impl Features {
         distinct.sort_unstable();
         distinct.dedup();
         let late = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
-        let read = self.db.aggregates_at(&distinct, &queries, as_of, known_at, || !late())?;
+        let read =
+            match self.db.aggregates_at(&distinct, &queries, as_of, known_at, || !late(), &mut |b| budget.spend(b)) {
+                Err(quiver_storage::Error::OverBudget(_)) => return Err(budget.refusal()),
+                r => r?,
+            };
         if read.iter().any(Option::is_none) {
             if let Some(h) = &self.health {
                 h.cut_short();
@@ -1294,7 +1324,19 @@ impl Features {
             for group in run {
                 let versions = cursor.entity(&rows[group[0] as usize].0, lo, hi)?;
                 history.index(&versions, &distinct);
-                for &r in *group {
+                // Aggregates of the group's rows in one pass each (a window sliding along the
+                // rows' times), unless every row has a known_at of its own (strict).
+                let mut many: Vec<Option<Vec<AggAnswer>>> = Vec::new();
+                if !spec.strict_availability {
+                    let at: Vec<EventTime> = group.iter().map(|&r| rows[r as usize].1).collect();
+                    for (j, f) in features.iter().enumerate() {
+                        many.push(match &f.aggregate {
+                            Some(a) => Some(history.aggregate_many(&versions, slot[j], a, &at, known_at)?),
+                            None => None,
+                        });
+                    }
+                }
+                for (p, &r) in group.iter().enumerate() {
                     let t = rows[r as usize].1;
                     let k = if spec.strict_availability {
                         quiver_storage::asof::strict_known_at(known_at, t)
@@ -1304,7 +1346,10 @@ impl Features {
                     rec.clear();
                     for (j, f) in features.iter().enumerate() {
                         if let Some(spec) = &f.aggregate {
-                            let answer = history.aggregate(&versions, slot[j], spec, t, k)?;
+                            let answer = match many.get_mut(j).and_then(Option::as_mut) {
+                                Some(answers) => std::mem::take(&mut answers[p]),
+                                None => history.aggregate(&versions, slot[j], spec, t, k)?,
+                            };
                             let answer = aggregate_status(answer, f.value_type, defaults[j].as_ref());
                             encode_value_answer(&mut rec, answer, &mut scratch)?;
                             continue;

@@ -194,12 +194,15 @@ impl Accumulator {
         if numeric_agg && !numeric_source {
             return Err(AggError::NotNumeric { agg, found: source });
         }
+        let floats = numeric_agg && matches!(source, ValueType::Float32 | ValueType::Float64);
         Ok(Accumulator {
             agg,
             source,
             count: 0,
             int_sum: 0,
-            float_sum: ExactSum::default(),
+            // Only a numeric aggregate of floats reads it: the others keep no limbs (tiles
+            // hold many accumulators).
+            float_sum: if floats { ExactSum::default() } else { ExactSum::unused() },
             nan: false,
             min: None,
             max: None,
@@ -221,8 +224,9 @@ impl Accumulator {
     /// Bytes this accumulator holds on the heap (for cache budgets).
     pub fn heap_bytes(&self) -> usize {
         self.float_sum.limbs.capacity() * 8
-            + self.last.iter().map(|(_, v)| 16 + v.heap_bytes()).sum::<usize>()
-            + self.hll.as_ref().map_or(0, |h| std::mem::size_of_val(&**h))
+            + self.last.capacity() * std::mem::size_of::<(i64, Value)>()
+            + self.last.iter().map(|(_, v)| v.heap_bytes()).sum::<usize>()
+            + self.hll.as_ref().map_or(0, |h| std::mem::size_of::<Hll>() + h.heap_bytes())
             + std::mem::size_of::<Self>()
     }
 
@@ -293,8 +297,12 @@ impl Accumulator {
             Agg::LastN(n) => {
                 let keep = n.min(LAST_N_MAX) as usize;
                 let (mine, theirs) = (self.last.back().map(|v| v.0), other.last.front().map(|v| v.0));
+                let full_and_newer =
+                    self.last.len() >= keep && other.last.back().map(|v| v.0) < self.last.front().map(|v| v.0);
                 match (mine, theirs) {
                     (_, None) => {}
+                    // Nothing of the other side would be kept.
+                    _ if full_and_newer => {}
                     // The usual cases of disjoint ranges: append, or put in front.
                     (None, Some(_)) => self.last.extend(other.last.iter().cloned()),
                     (Some(a), Some(b)) if a < b => self.last.extend(other.last.iter().cloned()),
@@ -415,6 +423,162 @@ pub fn aggregate_run<V, E: From<AggError>>(
     Ok(AggAnswer { value: acc.value(), newest })
 }
 
+/// [`aggregate_run`] at many times over one pair's versions (key order), all read at
+/// `known_at`: the answers in the order of `at`. Each event time's winner is found and its
+/// value decoded once; `count`, `sum` and `mean` then slide one window along the times in
+/// ascending order (each value enters and leaves it once: O(versions + times)), and the other
+/// functions fold each time's window from the decoded winners (O(window) per time, `last_n`
+/// only its last `n`). Answers equal [`aggregate_run`]'s at each time.
+#[allow(clippy::too_many_arguments)]
+pub fn aggregate_many<V, E: From<AggError>>(
+    versions: &[V],
+    times: impl Fn(&V) -> (EventTime, SystemTime) + Copy,
+    value: impl Fn(&V) -> Result<Option<Value>, E>,
+    agg: Agg,
+    source: ValueType,
+    width_us: u64,
+    known_at: SystemTime,
+    at: &[EventTime],
+) -> Result<Vec<AggAnswer>, E> {
+    Accumulator::new(agg, source)?;
+    // Every event time's winner known at `known_at`, oldest first; tombstones left out.
+    let mut winners: Vec<(EventTime, Value)> = Vec::new();
+    let all = crate::asof::all_winners(versions, times, known_at);
+    for v in all.collect::<Vec<_>>().into_iter().rev() {
+        if let Some(x) = value(v)? {
+            if x.value_type() != source {
+                return Err(AggError::WrongType { agg, source_type: source, found: x.value_type() }.into());
+            }
+            winners.push((times(v).0, x));
+        }
+    }
+    let mut order: Vec<usize> = (0..at.len()).collect();
+    order.sort_by_key(|&i| at[i]);
+    let mut out = vec![AggAnswer::default(); at.len()];
+    // The window of time t is winners[start..end]: start - width < e, e <= t.
+    let bounds = |t: EventTime, from: (usize, usize)| {
+        let lo = i128::from(t.0) - i128::from(width_us);
+        let end = from.1 + winners[from.1..].partition_point(|(e, _)| e.0 <= t.0);
+        let start = from.0 + winners[from.0..end.max(from.0)].partition_point(|(e, _)| i128::from(e.0) <= lo);
+        (start, end)
+    };
+    let newest = |(start, end): (usize, usize)| (end > start).then(|| winners[end - 1].0);
+    if matches!(agg, Agg::Count | Agg::Sum | Agg::Mean) {
+        let mut w = Sliding::new(source);
+        let (mut start, mut end) = (0, 0);
+        for &i in &order {
+            let (s, e) = bounds(at[i], (start, end));
+            for (_, x) in &winners[end..e] {
+                w.enter(x);
+            }
+            for (_, x) in &winners[start..s] {
+                w.leave(x);
+            }
+            (start, end) = (s, e);
+            out[i] = AggAnswer { value: w.value(agg), newest: newest((s, e)) };
+        }
+    } else {
+        let mut from = (0, 0);
+        for &i in &order {
+            let (s, e) = bounds(at[i], from);
+            from = (s, e);
+            let skip = match agg {
+                Agg::LastN(n) => e.saturating_sub(n.min(LAST_N_MAX) as usize).max(s),
+                _ => s,
+            };
+            let mut acc = Accumulator::new(agg, source)?;
+            for (t, x) in &winners[skip..e] {
+                acc.add(t.0, x)?;
+            }
+            out[i] = AggAnswer { value: acc.value(), newest: newest((s, e)) };
+        }
+    }
+    Ok(out)
+}
+
+/// `count`, `sum` and `mean` over a window that slides forward: values enter at its end and
+/// leave at its start. Exact: an int64 sum is an `i128`, a float sum an [`ExactSum`] of the
+/// finite values (adding `-x` takes `x` out exactly), with NaN and the infinities counted
+/// aside, so the answer equals [`Accumulator::value`] over the values in the window.
+#[derive(Debug, Clone)]
+struct Sliding {
+    ints: bool,
+    count: u64,
+    int_sum: i128,
+    float_sum: ExactSum,
+    nan: u64,
+    pos_inf: u64,
+    neg_inf: u64,
+}
+
+impl Sliding {
+    fn new(source: ValueType) -> Sliding {
+        Sliding {
+            ints: source == ValueType::Int64,
+            count: 0,
+            int_sum: 0,
+            float_sum: ExactSum::default(),
+            nan: 0,
+            pos_inf: 0,
+            neg_inf: 0,
+        }
+    }
+
+    fn step(&mut self, v: &Value, sign: i8) {
+        self.count = if sign > 0 { self.count + 1 } else { self.count - 1 };
+        match number(v) {
+            Some(Number::Int(i)) => self.int_sum += i128::from(sign) * i128::from(i),
+            Some(Number::Float(x)) => {
+                let n = if x.is_nan() {
+                    &mut self.nan
+                } else if x == f64::INFINITY {
+                    &mut self.pos_inf
+                } else if x == f64::NEG_INFINITY {
+                    &mut self.neg_inf
+                } else {
+                    self.float_sum.add(if sign > 0 { x } else { -x });
+                    return;
+                };
+                *n = if sign > 0 { *n + 1 } else { *n - 1 };
+            }
+            None => {}
+        }
+    }
+
+    fn enter(&mut self, v: &Value) {
+        self.step(v, 1);
+    }
+
+    fn leave(&mut self, v: &Value) {
+        self.step(v, -1);
+    }
+
+    fn value(&self, agg: Agg) -> AggValue {
+        let float = || {
+            if self.nan > 0 || (self.pos_inf > 0 && self.neg_inf > 0) {
+                f64::NAN
+            } else if self.pos_inf > 0 {
+                f64::INFINITY
+            } else if self.neg_inf > 0 {
+                f64::NEG_INFINITY
+            } else {
+                self.float_sum.value()
+            }
+        };
+        match agg {
+            Agg::Count => AggValue::Count(self.count),
+            Agg::Sum if self.ints => i64::try_from(self.int_sum).map_or(AggValue::Overflow, AggValue::Int),
+            Agg::Sum => AggValue::Float(float()),
+            Agg::Mean if self.count == 0 => AggValue::Absent,
+            Agg::Mean => {
+                let sum = if self.ints { self.int_sum as f64 } else { float() };
+                AggValue::Float(sum / self.count as f64)
+            }
+            _ => AggValue::Absent,
+        }
+    }
+}
+
 /// An exact sum of float64 values, rounded once when read: the same answer whatever the order
 /// of addition or grouping.
 ///
@@ -443,6 +607,12 @@ impl Default for ExactSum {
 }
 
 impl ExactSum {
+    /// A sum no value is ever added to (it holds no limbs; only [`Accumulator`]s that never
+    /// use their float sum have one).
+    fn unused() -> ExactSum {
+        ExactSum { limbs: Vec::new(), nan: false, pos_inf: false, neg_inf: false }
+    }
+
     /// Adds one value.
     pub fn add(&mut self, x: f64) {
         if x.is_nan() {
@@ -590,6 +760,11 @@ impl Default for Hll {
 }
 
 impl Hll {
+    /// Bytes its registers hold on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        self.registers.capacity()
+    }
+
     /// An empty sketch.
     pub fn new() -> Hll {
         Hll { registers: vec![0; 1 << HLL_BITS] }

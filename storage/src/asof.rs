@@ -163,8 +163,28 @@ pub fn window_winners<'a, V>(
     known_at: SystemTime,
 ) -> impl Iterator<Item = &'a V> + 'a {
     let first = versions.partition_point(|v| times(v).0 > as_of);
+    let in_window = versions[first..].iter().take_while(move |v| in_agg_window(times(v).0, as_of, width_us));
+    winners_of(in_window, times, known_at)
+}
+
+/// Every event time's winner known at `known_at` among `versions` (one pair's, in key order),
+/// with no window: what [`window_winners`] picks, over all of them. Newest event time first;
+/// tombstones included.
+pub fn all_winners<'a, V>(
+    versions: &'a [V],
+    times: impl Fn(&V) -> (EventTime, SystemTime) + Copy + 'a,
+    known_at: SystemTime,
+) -> impl Iterator<Item = &'a V> + 'a {
+    winners_of(versions.iter(), times, known_at)
+}
+
+fn winners_of<'a, V: 'a>(
+    versions: impl Iterator<Item = &'a V> + 'a,
+    times: impl Fn(&V) -> (EventTime, SystemTime) + Copy + 'a,
+    known_at: SystemTime,
+) -> impl Iterator<Item = &'a V> + 'a {
     let mut last_event: Option<EventTime> = None;
-    versions[first..].iter().take_while(move |v| in_agg_window(times(v).0, as_of, width_us)).filter(move |v| {
+    versions.filter(move |v| {
         let (e, s) = times(v);
         // The first version of an event time known at K wins it; the rest of it is skipped.
         if last_event == Some(e) || s > known_at {

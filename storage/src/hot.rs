@@ -89,8 +89,6 @@ use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
 use crate::types::{CellVersion, EventTime, FeatureId, SystemTime};
 
-/// Stripes of entities sharing one fill/write guard.
-const STRIPES: usize = 1024;
 /// Bytes a row costs beyond its key and states (cache slot, `Arc`, vector headers).
 const ROW_OVERHEAD_BYTES: usize = 256;
 /// Typical row size, for sizing the cache's index and the doorkeeper.
@@ -376,26 +374,14 @@ impl EntityView {
     }
 }
 
-#[derive(Debug, Default)]
-struct Stripe {
-    lock: Mutex<()>,
-    gen: AtomicU64,
-    pending: AtomicU64,
-}
-
 /// What a reader saw of an entity's stripe before taking its view (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ticket {
     hash: u64,
-    stripe: usize,
-    gen: u64,
-    quiet: bool,
+    guard: crate::stripes::Ticket,
 }
 
-/// A write announced to the hot tier and not yet ended: its entity's stripe.
-#[derive(Debug)]
-#[must_use = "every write_begin needs its write_end, or fills of the stripe stay refused"]
-pub(crate) struct WriteToken(usize);
+pub(crate) use crate::stripes::WriteToken;
 
 /// Counters of the hot tier.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -434,7 +420,7 @@ pub(crate) struct HotTier {
     held: AtomicU64,
     /// Serialises the inserts of complete mode with the switch out of it.
     grow: Mutex<()>,
-    stripes: Box<[Stripe]>,
+    stripes: crate::stripes::Stripes,
     doorkeeper: Box<[AtomicU64]>,
     doorkeeper_set: AtomicU64,
     hits: AtomicU64,
@@ -451,10 +437,6 @@ pub(crate) struct HotTier {
 
 fn hash_of(entity: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(entity)
-}
-
-fn stripe_of(hash: u64) -> usize {
-    (hash % STRIPES as u64) as usize
 }
 
 impl HotTier {
@@ -492,7 +474,7 @@ impl HotTier {
             complete,
             held: AtomicU64::new(0),
             grow: Mutex::new(()),
-            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            stripes: crate::stripes::Stripes::new(),
             doorkeeper: (0..((rows * DOORKEEPER_BITS_PER_ROW).next_power_of_two().max(DOORKEEPER_BITS_MIN) / 64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -596,11 +578,7 @@ impl HotTier {
     /// A ticket for a later [`HotTier::fill`] of `entity`; take it before the read view.
     pub fn ticket(&self, entity: &[u8]) -> Ticket {
         let hash = hash_of(entity);
-        let stripe = stripe_of(hash);
-        let s = &self.stripes[stripe];
-        let gen = s.gen.load(Ordering::SeqCst);
-        let quiet = s.pending.load(Ordering::SeqCst) == 0;
-        Ticket { hash, stripe, gen, quiet }
+        Ticket { hash, guard: self.stripes.ticket(hash) }
     }
 
     /// The doorkeeper: true if the entity missed before within the current window (fill it),
@@ -633,21 +611,20 @@ impl HotTier {
             self.fills_deferred.fetch_add(newest.len() as u64, Ordering::Relaxed);
             return;
         }
-        let s = &self.stripes[ticket.stripe];
-        let _g = s.lock.lock();
-        if !ticket.quiet || s.gen.load(Ordering::SeqCst) != ticket.gen {
+        let filled = self.stripes.fill(ticket.guard, || {
+            let cur = self.cache.peek(entity);
+            let offers = newest.iter().map(|(f, n)| (*f, n.offer())).collect();
+            let updates = newer_than(cur.as_deref(), offers, false);
+            if updates.is_empty() {
+                return;
+            }
+            let row = cur.as_deref().map_or_else(Row::default, Row::clone).with(&updates);
+            self.store(entity, cur.as_deref(), row);
+            self.fills.fetch_add(updates.len() as u64, Ordering::Relaxed);
+        });
+        if filled.is_none() {
             self.fills_refused.fetch_add(newest.len() as u64, Ordering::Relaxed);
-            return;
         }
-        let cur = self.cache.peek(entity);
-        let offers = newest.iter().map(|(f, n)| (*f, n.offer())).collect();
-        let updates = newer_than(cur.as_deref(), offers, false);
-        if updates.is_empty() {
-            return;
-        }
-        let row = cur.as_deref().map_or_else(Row::default, Row::clone).with(&updates);
-        self.store(entity, cur.as_deref(), row);
-        self.fills.fetch_add(updates.len() as u64, Ordering::Relaxed);
     }
 
     /// Versions of the entity's pairs are about to be published (`cells`: feature, event
@@ -659,37 +636,34 @@ impl HotTier {
         entity: &[u8],
         cells: impl Iterator<Item = (FeatureId, EventTime, SystemTime, &'c [u8])>,
     ) -> WriteToken {
-        let token = WriteToken(stripe_of(hash_of(entity)));
-        let s = &self.stripes[token.0];
-        let _g = s.lock.lock();
-        s.pending.fetch_add(1, Ordering::SeqCst);
-        s.gen.fetch_add(1, Ordering::SeqCst);
-        let complete = self.is_complete();
-        let cur = self.cache.peek(entity);
-        if cur.is_none() && !complete {
-            return token;
-        }
-        let offered = cells
-            .filter(|c| complete || cur.as_ref().is_some_and(|r| r.position(c.0).is_some()))
-            .map(|(f, e, t, cell)| (f, Offer { event_time: e, system_time: t, cell: Some(cell) }))
-            .collect();
-        let updates = newer_than(cur.as_deref(), offered, true);
-        if updates.is_empty() {
-            return token;
-        }
-        self.write_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
-        let row = match cur.as_deref() {
-            Some(r) => r.with(&updates),
-            None => Row::default().with(&updates),
-        };
-        self.store(entity, cur.as_deref(), row);
+        let (token, ()) = self.stripes.write_begin(hash_of(entity), || {
+            let complete = self.is_complete();
+            let cur = self.cache.peek(entity);
+            if cur.is_none() && !complete {
+                return;
+            }
+            let offered = cells
+                .filter(|c| complete || cur.as_ref().is_some_and(|r| r.position(c.0).is_some()))
+                .map(|(f, e, t, cell)| (f, Offer { event_time: e, system_time: t, cell: Some(cell) }))
+                .collect();
+            let updates = newer_than(cur.as_deref(), offered, true);
+            if updates.is_empty() {
+                return;
+            }
+            self.write_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
+            let row = match cur.as_deref() {
+                Some(r) => r.with(&updates),
+                None => Row::default().with(&updates),
+            };
+            self.store(entity, cur.as_deref(), row);
+        });
         token
     }
 
     /// The versions announced by the [`HotTier::write_begin`] that returned `token` are
     /// published (or abandoned).
     pub fn write_end(&self, token: WriteToken) {
-        self.stripes[token.0].pending.fetch_sub(1, Ordering::SeqCst);
+        self.stripes.write_end(token);
     }
 
     /// The counters.

@@ -40,6 +40,7 @@ pub(crate) mod memtable;
 pub(crate) mod options;
 pub mod replication;
 pub mod reserved;
+pub(crate) mod stripes;
 pub(crate) mod version;
 
 pub use batch::WriteBatch;

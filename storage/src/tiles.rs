@@ -24,8 +24,8 @@
 //! range known at `K` (the view holds every version stamped `<= K`, and the tile holds no other).
 //! Otherwise the read folds that tile's range from the raw versions itself.
 //!
-//! Tiles are kept current the way the hot tier keeps its states (`src/hot.rs`, "Keeping states
-//! newest"), with stripes of entities of their own:
+//! Tiles are kept current the way the hot tier keeps its states, with stripes of entities of
+//! their own (`src/stripes.rs`):
 //! - **writes** announce themselves before they are published ([`Tiles::write_begin`], under
 //!   the stripe lock: `pending` then `gen` move, and the tiles of every written (feature, hour)
 //!   and (feature, day) are removed) and end after ([`Tiles::write_end`]);
@@ -39,8 +39,17 @@
 //! the lookup.
 //!
 //! Compaction never changes a tile's answer at `K >= max_system_time` (retention keeps every
-//! pair's current winners), except where the engine forgets history on purpose: moving the
-//! event-time horizon or dropping feature ids clears every tile.
+//! pair's current winners), except where the engine forgets history on purpose: below the
+//! event-time horizon, which tiles never cover (a read takes the horizon after its view, so a
+//! tile it uses starts above any horizon compaction applied), and for dropped feature ids,
+//! which tiles never serve from the moment they are dropped until the engine closes (the set
+//! only grows, as the hot tier's; tiles held of them are forgotten).
+//!
+//! Versions replicated from another region keep their origin's stamps, which may lie below
+//! the reader's `known_at` although they were published after its view was taken: a read may
+//! then see such a batch through a tile and not through its raw edges, as a plain read of
+//! several pairs can see part of such a batch while it is being published into the memtable
+//! it reads; a read made after the batch is published sees all of it.
 //!
 //! # Bounds
 //!
@@ -51,7 +60,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 
@@ -62,10 +70,11 @@ use crate::types::{EventTime, FeatureId, SystemTime, ValueType};
 pub const TILE_US: i64 = 3_600_000_000;
 /// The tiles' widths by level: hours, then days (each a whole number of the level below).
 pub const LEVEL_US: [i64; 2] = [TILE_US, 24 * TILE_US];
-/// Windows narrower than this many tiles are folded from raw versions alone.
+/// Windows narrower than this many hours are folded from raw versions alone.
 pub const TILE_WINDOW_MIN_TILES: u64 = 3;
-/// Stripes of entities sharing one fill/write guard.
-const STRIPES: usize = 1024;
+/// Windows wider than this (microseconds: 400 days) are folded from raw versions alone: the
+/// registry's longest window is 366 days, and the engine's API takes any width.
+pub const TILE_WINDOW_MAX_US: u64 = 400 * 86_400_000_000;
 /// Bytes a tile costs beyond its key and accumulators (cache slot, `Arc`, vector headers).
 const TILE_OVERHEAD_BYTES: usize = 128;
 /// Typical tile size, for sizing the cache's index.
@@ -118,25 +127,10 @@ impl Weighter<Vec<u8>, Arc<Tile>> for TileWeighter {
     }
 }
 
-#[derive(Debug, Default)]
-struct Stripe {
-    lock: Mutex<()>,
-    gen: AtomicU64,
-    pending: AtomicU64,
-}
-
-/// What a reader saw of an entity's stripe before taking its view.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct TileTicket {
-    stripe: usize,
-    gen: u64,
-    quiet: bool,
-}
-
-/// A write announced to the tiles and not yet ended: its entity's stripe.
-#[derive(Debug)]
-#[must_use = "every write_begin needs its write_end, or fills of the stripe stay refused"]
-pub(crate) struct TileWriteToken(usize);
+/// What a reader saw of an entity's stripe before taking its view (`src/stripes.rs`).
+pub(crate) type TileTicket = crate::stripes::Ticket;
+/// A write announced to the tiles and not yet ended.
+pub(crate) type TileWriteToken = crate::stripes::WriteToken;
 
 /// Counters of the tile cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -161,16 +155,18 @@ pub struct TileStats {
 #[derive(Debug)]
 pub(crate) struct Tiles {
     cache: Cache<Vec<u8>, Arc<Tile>, TileWeighter, DefaultHashBuilder>,
-    stripes: Box<[Stripe]>,
+    stripes: crate::stripes::Stripes,
     hits: AtomicU64,
     misses: AtomicU64,
     fills: AtomicU64,
     fills_refused: AtomicU64,
     invalidations: AtomicU64,
+    /// Feature ids never served from tiles (sorted; see the module docs).
+    dropped: parking_lot::RwLock<Arc<Vec<u32>>>,
 }
 
-fn stripe_of(entity: &[u8]) -> usize {
-    (xxhash_rust::xxh3::xxh3_64(entity) % STRIPES as u64) as usize
+fn hash_of(entity: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(entity)
 }
 
 /// The cache key of tile `tile` of level `level` of `(entity, feature)` in `out` (cleared
@@ -204,22 +200,19 @@ impl Tiles {
         };
         Some(Tiles {
             cache: Cache::with_options(options, TileWeighter, DefaultHashBuilder::default(), Default::default()),
-            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            stripes: crate::stripes::Stripes::new(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             fills: AtomicU64::new(0),
             fills_refused: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
+            dropped: parking_lot::RwLock::new(Arc::new(Vec::new())),
         })
     }
 
     /// A ticket for later [`Tiles::fill`]s of `entity`; take it before the read view.
     pub fn ticket(&self, entity: &[u8]) -> TileTicket {
-        let stripe = stripe_of(entity);
-        let s = &self.stripes[stripe];
-        let gen = s.gen.load(Ordering::SeqCst);
-        let quiet = s.pending.load(Ordering::SeqCst) == 0;
-        TileTicket { stripe, gen, quiet }
+        self.stripes.ticket(hash_of(entity))
     }
 
     /// Tile `tile` of level `level` of `(entity, feature)`, if held (`key`: scratch).
@@ -248,75 +241,102 @@ impl Tiles {
         if tiles.is_empty() {
             return;
         }
-        let s = &self.stripes[ticket.stripe];
-        let _g = s.lock.lock();
-        if !ticket.quiet || s.gen.load(Ordering::SeqCst) != ticket.gen {
+        if !ticket.quiet() {
             self.fills_refused.fetch_add(tiles.len() as u64, Ordering::Relaxed);
             return;
         }
-        let mut key = Vec::new();
-        for (i, mut tile) in tiles {
-            key_into(&mut key, entity, feature, level, i);
-            // Both were folded from views holding every version of the range (no write came
-            // between, or this fill would be refused), so they agree on all but the aggregates.
-            if let Some(old) = self.cache.peek(key.as_slice()) {
-                for a in &old.accs {
-                    if tile.get(a.agg(), a.source()).is_none() {
-                        tile.accs.push(a.clone());
+        // The other aggregates a held tile has are merged in outside the stripe lock (writers
+        // wait on it); the held tile is current if the fill's ticket still holds, checked
+        // under the lock before anything is inserted.
+        let merged: Vec<(Vec<u8>, Tile)> = tiles
+            .into_iter()
+            .map(|(i, mut tile)| {
+                let mut key = Vec::new();
+                key_into(&mut key, entity, feature, level, i);
+                if let Some(old) = self.cache.peek(key.as_slice()) {
+                    for a in &old.accs {
+                        if tile.get(a.agg(), a.source()).is_none() {
+                            tile.accs.push(a.clone());
+                        }
                     }
                 }
+                (key, tile)
+            })
+            .collect();
+        let n = merged.len() as u64;
+        let filled = self.stripes.fill(ticket, || {
+            for (key, tile) in merged {
                 // Remove first: if the new tile is not admitted, no stale one may stay behind.
                 self.cache.remove(key.as_slice());
+                self.cache.insert(key, Arc::new(tile));
             }
-            self.cache.insert(key.clone(), Arc::new(tile));
-            self.fills.fetch_add(1, Ordering::Relaxed);
-        }
+        });
+        match filled {
+            Some(()) => self.fills.fetch_add(n, Ordering::Relaxed),
+            None => self.fills_refused.fetch_add(n, Ordering::Relaxed),
+        };
     }
 
     /// Versions of `entity` (`cells`: feature and event time) are about to be published:
     /// removes the tiles they fall in, of every level. Hand the token to [`Tiles::write_end`] once published.
     pub fn write_begin(&self, entity: &[u8], cells: impl Iterator<Item = (FeatureId, EventTime)>) -> TileWriteToken {
-        let token = TileWriteToken(stripe_of(entity));
-        let s = &self.stripes[token.0];
-        let _g = s.lock.lock();
-        s.pending.fetch_add(1, Ordering::SeqCst);
-        s.gen.fetch_add(1, Ordering::SeqCst);
-        // Fills insert under this lock, so an empty cache has nothing of this entity.
-        if self.cache.is_empty() {
-            return token;
-        }
-        let mut key = Vec::new();
-        let mut last = None;
-        for (f, e) in cells {
-            let t = tile_of(0, e);
-            if last == Some((f, t)) {
-                continue;
+        let (token, ()) = self.stripes.write_begin(hash_of(entity), || {
+            // Fills insert under this lock, so an empty cache has nothing of this entity.
+            if self.cache.is_empty() {
+                return;
             }
-            last = Some((f, t));
-            for level in 0..LEVEL_US.len() {
-                key_into(&mut key, entity, f, level, tile_of(level, e));
-                if self.cache.remove(key.as_slice()).is_some() {
-                    self.invalidations.fetch_add(1, Ordering::Relaxed);
+            let mut key = Vec::new();
+            let mut last = None;
+            for (f, e) in cells {
+                let t = tile_of(0, e);
+                if last == Some((f, t)) {
+                    continue;
+                }
+                last = Some((f, t));
+                for level in 0..LEVEL_US.len() {
+                    key_into(&mut key, entity, f, level, tile_of(level, e));
+                    if self.cache.remove(key.as_slice()).is_some() {
+                        self.invalidations.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
-        }
+        });
         token
     }
 
     /// The versions announced by the [`Tiles::write_begin`] that returned `token` are
     /// published (or abandoned).
     pub fn write_end(&self, token: TileWriteToken) {
-        self.stripes[token.0].pending.fetch_sub(1, Ordering::SeqCst);
+        self.stripes.write_end(token);
     }
 
-    /// Forgets every tile (the engine forgot history: the event-time horizon moved, or
-    /// feature ids were dropped). Fills in flight are refused: every stripe's `gen` moves.
-    pub fn clear(&self) {
-        for s in self.stripes.iter() {
-            let _g = s.lock.lock();
-            s.gen.fetch_add(1, Ordering::SeqCst);
+    /// Stops serving the feature ids `ids` from tiles, from now until the engine closes (the
+    /// set only grows: compaction may have removed versions of an id taken out of it, which a
+    /// tile could not follow). When the set grows every tile is forgotten, after the new set is
+    /// published; fills in flight are refused.
+    pub fn set_dropped(&self, ids: &[u32]) {
+        let grew = {
+            let mut d = self.dropped.write();
+            let mut all: Vec<u32> = d.iter().chain(ids).copied().collect();
+            all.sort_unstable();
+            all.dedup();
+            let grew = all.len() > d.len();
+            *d = Arc::new(all);
+            grew
+        };
+        if grew {
+            self.clear();
         }
-        self.cache.clear();
+    }
+
+    /// Whether `feature` is never served from tiles.
+    pub fn is_dropped(&self, feature: FeatureId) -> bool {
+        self.dropped.read().binary_search(&feature.0).is_ok()
+    }
+
+    /// Forgets every tile. Fills in flight are refused: every stripe's `gen` moves.
+    pub fn clear(&self) {
+        self.stripes.refuse_all(|| self.cache.clear());
     }
 
     /// The counters.

@@ -269,7 +269,7 @@ fn run(config: Config, ops: Vec<Op>) -> Result<Vec<String>, TestCaseError> {
                 let q =
                     AggQuery { feature: FeatureId(feature), source: ValueType::Int64, agg: AGGS[agg], width_us: width };
                 let windowed = db
-                    .aggregates_at(&[ENTITIES[entity].to_vec()], &[q], w.as_of, w.known_at, || true)
+                    .aggregates_at(&[ENTITIES[entity].to_vec()], &[q], w.as_of, w.known_at, || true, &mut |_| true)
                     .expect("windowed aggregate");
                 prop_assert_eq!(&windowed[0].as_ref().expect("read")[0].value, &got, "windowed read of {:?}", w);
                 // Retention may drop versions a window would count; compare only without it.

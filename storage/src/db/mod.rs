@@ -138,6 +138,9 @@ pub(crate) struct Inner {
     published_seqno: AtomicU64,
     hlc: Hlc,
     horizon: RwLock<i64>,
+    /// The horizon as last set, for readers that must not queue behind writers on `horizon`
+    /// (aggregate reads: `db/window.rs`).
+    horizon_now: std::sync::atomic::AtomicI64,
     work: Mutex<()>,
     work_cv: Condvar,
     bg_error: Mutex<Option<String>>,
@@ -464,11 +467,9 @@ impl Db {
         if let Some(hot) = &self.inner.hot {
             hot.set_dropped(&ids);
         }
-        // Tiles of them are never used again (see `db/window.rs`); forget those held.
+        // Nor do tiles (see `src/tiles.rs`).
         if let Some(tiles) = &self.inner.tiles {
-            if !ids.is_empty() {
-                tiles.clear();
-            }
+            tiles.set_dropped(&ids);
         }
         *self.inner.dropped_features.write() = ids;
     }
@@ -594,10 +595,7 @@ impl Db {
     ) -> Result<crate::agg::AggValue> {
         let invalid = |e: crate::agg::AggError| Error::InvalidArgument(e.to_string());
         // Refused before reading anything.
-        crate::agg::Accumulator::new(agg, source).map_err(invalid)?;
-        if w.width_us == 0 {
-            return Err(Error::InvalidArgument("an aggregate window is at least 1 microsecond wide".into()));
-        }
+        window::check_query(&AggQuery { feature, source, agg, width_us: w.width_us })?;
         let mut range = ScanRange::entity(entity);
         range.features = Some((feature, feature));
         range.event_time_min = w.event_time_min();
@@ -614,7 +612,9 @@ impl Db {
     /// one view read at `known_at`, folded from hourly tiles where they answer
     /// (`src/tiles.rs`, `db/window.rs`) and from raw versions elsewhere: identical to
     /// [`Db::aggregate_at`] per entity and query. `keep_going` is asked before each entity;
-    /// once it says no, that entity and the rest are left unread (`None`).
+    /// once it says no, that entity and the rest are left unread (`None`). The raw versions
+    /// the read holds at its peak are offered to `charge` (false refuses the read with
+    /// [`Error::OverBudget`]).
     pub fn aggregates_at(
         &self,
         entities: &[Vec<u8>],
@@ -622,6 +622,7 @@ impl Db {
         as_of: EventTime,
         known_at: SystemTime,
         mut keep_going: impl FnMut() -> bool,
+        charge: &mut dyn FnMut(usize) -> bool,
     ) -> Result<Vec<Option<Vec<crate::agg::AggAnswer>>>> {
         for q in queries {
             window::check_query(q)?;
@@ -634,6 +635,13 @@ impl Db {
         let tickets: Vec<_> = tiles.map(|t| entities.iter().map(|e| t.ticket(e)).collect()).unwrap_or_default();
         let (view, known_at) = self.inner.read_view(known_at);
         let mut scratch = Vec::new();
+        // Each step's raw versions are dropped before the next: the peak is charged.
+        let mut peak = 0usize;
+        let mut charge_peak = |bytes: usize| {
+            let more = bytes.saturating_sub(peak);
+            peak = peak.max(bytes);
+            more == 0 || charge(more)
+        };
         let mut out = Vec::with_capacity(entities.len());
         for (i, e) in entities.iter().enumerate() {
             if !keep_going() {
@@ -642,7 +650,16 @@ impl Db {
             let mut answers = Vec::with_capacity(queries.len());
             for q in queries {
                 let t = tiles.zip(tickets.get(i).copied());
-                answers.push(self.inner.window_answer(&view, known_at, e, q, as_of, t, &mut scratch)?);
+                answers.push(self.inner.window_answer(
+                    &view,
+                    known_at,
+                    e,
+                    q,
+                    as_of,
+                    t,
+                    &mut scratch,
+                    &mut charge_peak,
+                )?);
             }
             out.push(Some(answers));
         }
@@ -1009,6 +1026,7 @@ impl Inner {
         let mut vs = self.versions.lock();
         self.log_and_apply(&mut vs, VersionEdit { event_horizon: Some(t.0), ..Default::default() }, &[], |_| {})?;
         *h = t.0;
+        self.horizon_now.store(t.0, Ordering::Release);
         Ok(())
     }
 

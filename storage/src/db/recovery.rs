@@ -380,6 +380,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         published_seqno: AtomicU64::new(last_seqno),
         hlc,
         horizon: RwLock::new(horizon),
+        horizon_now: std::sync::atomic::AtomicI64::new(horizon),
         work: Mutex::new(()),
         work_cv: Condvar::new(),
         bg_error: Mutex::new(None),

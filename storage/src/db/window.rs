@@ -14,7 +14,7 @@ use super::ReadView;
 use crate::agg::{Accumulator, AggAnswer};
 use crate::iter::{MergingIter, Source};
 use crate::key;
-use crate::tiles::{tile_range, Tile, TileTicket, Tiles, LEVEL_US, TILE_US, TILE_WINDOW_MIN_TILES};
+use crate::tiles::{tile_range, Tile, TileTicket, Tiles, LEVEL_US, TILE_US, TILE_WINDOW_MAX_US, TILE_WINDOW_MIN_TILES};
 use crate::types::{EventTime, FeatureId, SystemTime, Value, ValueType};
 use crate::{Error, Result};
 
@@ -48,14 +48,7 @@ fn to_event(t: i128) -> EventTime {
 /// at `known_at` wins, tombstones left out, oldest first. Returns the newest event time with a
 /// value.
 fn fold(versions: &[Raw], known_at: SystemTime, acc: &mut Accumulator) -> Result<Option<EventTime>> {
-    let winners: Vec<&Raw> = crate::asof::window_winners(
-        versions,
-        |v| (v.event_time, v.system_time),
-        EventTime(i64::MAX),
-        u64::MAX,
-        known_at,
-    )
-    .collect();
+    let winners: Vec<&Raw> = crate::asof::all_winners(versions, |v| (v.event_time, v.system_time), known_at).collect();
     let mut newest = None;
     for v in winners.iter().rev() {
         if let Some(x) = &v.value {
@@ -98,7 +91,8 @@ impl Inner {
     }
 
     /// `aggregate_at` of `q` for `entity` at `as_of`, from `view` at `known_at` (see the module
-    /// docs); `ticket` was taken before the view.
+    /// docs); `ticket` was taken before the view. The raw versions each step holds in memory
+    /// are offered to `charge` as they are read (false: refuse the read, `OverBudget`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn window_answer(
         &self,
@@ -109,21 +103,24 @@ impl Inner {
         as_of: EventTime,
         tiles: Option<(&Tiles, TileTicket)>,
         scratch: &mut Vec<u8>,
+        charge: &mut dyn FnMut(usize) -> bool,
     ) -> Result<AggAnswer> {
-        let mut acc = Accumulator::new(q.agg, q.source).map_err(invalid)?;
         let (lo, hi) = (i128::from(as_of.0) - i128::from(q.width_us), i128::from(as_of.0));
-        let dropped = self.dropped_features.read().binary_search(&q.feature.0).is_ok();
-        let tiled = tiles.filter(|_| !dropped && q.width_us >= TILE_WINDOW_MIN_TILES * TILE_US as u64);
-        let mut w = Window { inner: self, view, known_at, entity, q, scratch, acc: &mut acc, newest: None };
+        let tiled = tiles.filter(|(cache, _)| {
+            (TILE_WINDOW_MIN_TILES * TILE_US as u64..=TILE_WINDOW_MAX_US).contains(&q.width_us)
+                && !cache.is_dropped(q.feature)
+        });
+        let acc = Accumulator::new(q.agg, q.source).map_err(invalid)?;
+        let mut w = Window { inner: self, view, known_at, entity, q, scratch, charge, acc, newest: None };
         match tiled {
             Some((cache, ticket)) => {
-                let horizon = i128::from(*self.horizon.read());
+                // Taken after the view (see `src/tiles.rs`), without queueing behind writers.
+                let horizon = i128::from(self.horizon_now.load(std::sync::atomic::Ordering::Acquire));
                 w.fold_levels(cache, ticket, horizon, LEVEL_US.len(), lo, hi)?;
             }
             None => w.fold_raw(lo, hi)?,
         }
-        let newest = w.newest;
-        Ok(AggAnswer { value: acc.value(), newest })
+        Ok(AggAnswer { value: w.acc.value(), newest: w.newest })
     }
 }
 
@@ -131,7 +128,8 @@ fn invalid(e: crate::agg::AggError) -> Error {
     Error::InvalidArgument(e.to_string())
 }
 
-/// One aggregate of one entity being folded.
+/// One aggregate of one entity being folded: pieces are merged oldest first (the cheap case
+/// of every merge, `last_n`'s above all).
 struct Window<'a> {
     inner: &'a Inner,
     view: &'a ReadView,
@@ -139,19 +137,30 @@ struct Window<'a> {
     entity: &'a [u8],
     q: &'a AggQuery,
     scratch: &'a mut Vec<u8>,
-    acc: &'a mut Accumulator,
+    charge: &'a mut dyn FnMut(usize) -> bool,
+    acc: Accumulator,
     newest: Option<EventTime>,
 }
 
 impl Window<'_> {
-    fn fold_raw(&mut self, lo: i128, hi: i128) -> Result<()> {
+    /// The raw versions of `(lo, hi]`, charged.
+    fn raw(&mut self, lo: i128, hi: i128) -> Result<Vec<Raw>> {
         let raw = self.inner.pair_raw(self.view, self.entity, self.q.feature, lo, hi)?;
+        let bytes = raw.len() * std::mem::size_of::<Raw>()
+            + raw.iter().map(|r| r.value.as_ref().map_or(0, Value::heap_bytes)).sum::<usize>();
+        if !(self.charge)(bytes) {
+            return Err(Error::OverBudget("an aggregate's window is over the memory budget of its request".into()));
+        }
+        Ok(raw)
+    }
+
+    fn fold_raw(&mut self, lo: i128, hi: i128) -> Result<()> {
+        let raw = self.raw(lo, hi)?;
         self.absorb(&raw)
     }
 
-    /// Folds raw versions at this read's `known_at` through an accumulator of their own:
-    /// pieces arrive in any order of event time, and only merging takes that (adding wants
-    /// event times ascending).
+    /// Folds raw versions at this read's `known_at` through an accumulator of their own and
+    /// merges it (adding wants event times ascending; merging takes any order).
     fn absorb(&mut self, raw: &[Raw]) -> Result<()> {
         let mut part = Accumulator::new(self.q.agg, self.q.source).map_err(invalid)?;
         let n = fold(raw, self.known_at, &mut part)?;
@@ -161,7 +170,8 @@ impl Window<'_> {
     }
 
     /// Folds `(lo, hi]` with the tiles of the levels below `levels` (the widest first), and
-    /// raw versions for what no whole tile covers. Tiles start at or above `horizon`.
+    /// raw versions for what no whole tile covers, oldest first. Tiles start at or above
+    /// `horizon`.
     fn fold_levels(
         &mut self,
         cache: &Tiles,
@@ -185,41 +195,39 @@ impl Window<'_> {
         }
         let (first, last) = (first as i64, last as i64);
         self.fold_levels(cache, ticket, horizon, level, lo, tile_range(level, first).0)?;
-        self.fold_levels(cache, ticket, horizon, level, tile_range(level, last).1, hi)?;
         let (q, known_at) = (self.q, self.known_at);
-        // Cached tiles that answer at known_at; the rest in runs folded raw (and refilled).
-        let (mut hits, mut missing) = (0u64, Vec::new());
-        for i in first..=last {
-            match cache.get(self.scratch, self.entity, q.feature, level, i) {
-                Some(t) if t.max_system_time <= known_at => match t.get(q.agg, q.source) {
-                    Some(a) => {
-                        self.acc.merge(a);
-                        self.newest = self.newest.max(t.newest);
-                        hits += 1;
-                    }
-                    None => missing.push(i),
-                },
-                _ => missing.push(i),
-            }
-        }
-        cache.count(hits, missing.len() as u64);
+        // Each tile from the cache when it answers at known_at; runs of the others folded from
+        // one raw pass each (and refilled).
         let mut fills = Vec::new();
-        for run in missing.chunk_by(|a, b| b - a == 1) {
-            let (a, b) = (run[0], run[run.len() - 1]);
-            let raw = self.inner.pair_raw(
-                self.view,
-                self.entity,
-                q.feature,
-                tile_range(level, a).0,
-                tile_range(level, b).1,
-            )?;
-            // Key order is newest first: cut the run's versions by tile from its last.
-            let mut at = 0;
-            for i in (a..=b).rev() {
-                let start = tile_range(level, i).0;
-                let end = at + raw[at..].partition_point(|v| i128::from(v.event_time.0) > start);
-                let part = &raw[at..end];
-                at = end;
+        let mut i = first;
+        while i <= last {
+            if let Some(t) = cache.get(self.scratch, self.entity, q.feature, level, i) {
+                if let (true, Some(a)) = (t.max_system_time <= known_at, t.get(q.agg, q.source)) {
+                    self.acc.merge(a);
+                    self.newest = self.newest.max(t.newest);
+                    cache.count(1, 0);
+                    i += 1;
+                    continue;
+                }
+            }
+            // A run of tiles that do not answer, up to the next one that does.
+            let mut end = i;
+            while end < last
+                && !cache
+                    .get(self.scratch, self.entity, q.feature, level, end + 1)
+                    .is_some_and(|t| t.max_system_time <= known_at && t.get(q.agg, q.source).is_some())
+            {
+                end += 1;
+            }
+            cache.count(0, (end - i + 1) as u64);
+            let raw = self.raw(tile_range(level, i).0, tile_range(level, end).1)?;
+            // Key order is newest first: the oldest tile's versions are the run's tail.
+            let mut upto = raw.len();
+            for t in i..=end {
+                let stop = tile_range(level, t).1;
+                let from = raw[..upto].partition_point(|v| i128::from(v.event_time.0) > stop);
+                let part = &raw[from..upto];
+                upto = from;
                 let mut full = Accumulator::new(q.agg, q.source).map_err(invalid)?;
                 let tile_newest = fold(part, SystemTime::MAX, &mut full)?;
                 let max_system_time = part.iter().map(|v| v.system_time).max().unwrap_or(SystemTime(0));
@@ -229,11 +237,12 @@ impl Window<'_> {
                 } else {
                     self.absorb(part)?;
                 }
-                fills.push((i, Tile { max_system_time, newest: tile_newest, accs: vec![full] }));
+                fills.push((t, Tile { max_system_time, newest: tile_newest, accs: vec![full] }));
             }
+            i = end + 1;
         }
         cache.fill(self.entity, q.feature, level, ticket, fills);
-        Ok(())
+        self.fold_levels(cache, ticket, horizon, level, tile_range(level, last).1, hi)
     }
 }
 

@@ -347,9 +347,8 @@ impl Inner {
         debug_assert!(decoded.iter().all(|b| b.origin.is_none() == local), "a group is all local or all replicated");
         w.last_seqno = last;
         // The hot tier learns of every version before it is published (see `src/hot.rs`).
-        let announced = self.hot.as_ref().map(|hot| announce(hot, &decoded)).unwrap_or_default();
         // So do the tiles (see `src/tiles.rs`).
-        let tiles_announced = self.tiles.as_ref().map(|t| announce_tiles(t, &decoded)).unwrap_or_default();
+        let (announced, tiles_announced) = announce(self.hot.as_ref(), self.tiles.as_ref(), &decoded);
         for b in &decoded {
             insert_batch(mem, b);
         }
@@ -461,32 +460,27 @@ impl Inner {
     }
 }
 
-/// Calls [`crate::hot::HotTier::write_begin`] once per run of writes to one entity in the
-/// batches; returns the tokens for the matching `write_end`s.
-pub(super) fn announce(hot: &crate::hot::HotTier, batches: &[batch::DecodedBatch<'_>]) -> Vec<crate::hot::WriteToken> {
-    let mut tokens = Vec::new();
-    for b in batches {
-        for run in b.ops.chunk_by(|x, y| x.entity == y.entity) {
-            let cells = run.iter().map(|op| (op.feature, op.event_time, op.system_time, op.cell));
-            tokens.push(hot.write_begin(run[0].entity, cells));
-        }
-    }
-    tokens
-}
-
-/// Calls [`crate::tiles::Tiles::write_begin`] once per run of writes to one entity in the
-/// batches; returns the tokens for the matching `write_end`s.
-pub(super) fn announce_tiles(
-    tiles: &crate::tiles::Tiles,
+/// Announces each run of writes to one entity in the batches to the hot tier
+/// ([`crate::hot::HotTier::write_begin`]) and to the tiles ([`crate::tiles::Tiles::write_begin`]),
+/// before they are published; returns the tokens of each for the matching `write_end`s.
+pub(super) fn announce(
+    hot: Option<&crate::hot::HotTier>,
+    tiles: Option<&crate::tiles::Tiles>,
     batches: &[batch::DecodedBatch<'_>],
-) -> Vec<crate::tiles::TileWriteToken> {
-    let mut tokens = Vec::new();
+) -> (Vec<crate::stripes::WriteToken>, Vec<crate::stripes::WriteToken>) {
+    let (mut to_hot, mut to_tiles) = (Vec::new(), Vec::new());
     for b in batches {
         for run in b.ops.chunk_by(|x, y| x.entity == y.entity) {
-            tokens.push(tiles.write_begin(run[0].entity, run.iter().map(|op| (op.feature, op.event_time))));
+            if let Some(hot) = hot {
+                let cells = run.iter().map(|op| (op.feature, op.event_time, op.system_time, op.cell));
+                to_hot.push(hot.write_begin(run[0].entity, cells));
+            }
+            if let Some(tiles) = tiles {
+                to_tiles.push(tiles.write_begin(run[0].entity, run.iter().map(|op| (op.feature, op.event_time))));
+            }
         }
     }
-    tokens
+    (to_hot, to_tiles)
 }
 
 /// Inserts a decoded batch into a memtable.
