@@ -265,3 +265,43 @@ fn tiles_filled_while_writes_race_never_miss_a_write() {
     let s = db.stats().tiles;
     assert!(s.invalidations > 0, "writes removed tiles: {s:?}");
 }
+
+/// A batch replicated from another region (versions with that region's stamps, applied after
+/// tiles were filled) removes the tiles it falls in like a local write.
+#[test]
+fn replicated_writes_remove_the_tiles_they_fall_in() {
+    let (tmp_a, tmp_b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let opts = |region: u32| Options {
+        region,
+        replication_log_bytes: 1 << 30,
+        background: Background::Inline,
+        ..Options::default()
+    };
+    let (a, b) = (Db::open(tmp_a.path(), opts(1)).expect("a"), Db::open(tmp_b.path(), opts(2)).expect("b"));
+    let q = AggQuery { feature: FeatureId(1), source: ValueType::Int64, agg: Agg::Sum, width_us: 10 * TILE_US as u64 };
+    let as_of = EventTime(BASE + 10 * TILE_US);
+    let write = |db: &Db, t: i64, v: i64| {
+        let mut batch = WriteBatch::new();
+        batch.put(b"e", FeatureId(1), EventTime(BASE + t), Value::Int64(v)).expect("put");
+        db.write(batch, Durability::Async).expect("write");
+    };
+    for h in 0..10 {
+        write(&b, h * TILE_US + 1, 1);
+    }
+    let read = |db: &Db| {
+        let r = db.aggregates_at(&[b"e".to_vec()], &[q], as_of, SystemTime::MAX, || true, &mut |_| true).expect("read");
+        r[0].as_ref().expect("read")[0].value.clone()
+    };
+    assert_eq!(read(&b), quiver_storage::agg::AggValue::Int(10));
+    assert!(b.stats().tiles.entries > 0);
+    // Region 1 writes into hour 3 and corrects hour 5's event; region 2 applies both.
+    write(&a, 3 * TILE_US + 7, 100);
+    write(&a, 5 * TILE_US + 1, 1_000);
+    for batch in a.origin_log(0, usize::MAX).expect("log") {
+        b.apply_replicated(&batch, Durability::Async).expect("apply");
+    }
+    let w = AggWindow { as_of, width_us: q.width_us, known_at: SystemTime::MAX };
+    let brute = b.aggregate_at(b"e", FeatureId(1), ValueType::Int64, Agg::Sum, w).expect("brute");
+    assert_eq!(read(&b), brute);
+    assert!(b.stats().tiles.invalidations >= 2, "{:?}", b.stats().tiles);
+}
