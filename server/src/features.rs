@@ -1067,7 +1067,7 @@ impl Features {
 
     /// The answers of a lookup's aggregate features (`None` for the other features), per
     /// entity (`None`: not read, the deadline was near): one engine read of every distinct
-    /// entity and aggregate from one view at `known_at`, folded from hourly tiles where they
+    /// entity and aggregate from one view at `known_at`, folded from hour and day tiles where they
     /// answer (`Db::aggregates_at`).
     fn online_aggregates(
         &self,

@@ -557,7 +557,12 @@ fn resolved(
             Some(AggregateSpec {
                 source: a.source.clone(),
                 agg: agg_of(a).ok_or_else(bad)?,
-                width_us: a.window.as_ref().map_or(0, |w| w.seconds.max(0) as u64 * 1_000_000),
+                width_us: a
+                    .window
+                    .as_ref()
+                    .and_then(|w| u64::try_from(w.seconds).ok()?.checked_mul(1_000_000))
+                    .filter(|&w| w > 0)
+                    .ok_or_else(bad)?,
                 source_type: crate::convert::engine_type(source.r#type()).ok_or_else(bad)?,
             })
         }

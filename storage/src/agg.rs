@@ -21,7 +21,8 @@
 //!   int64 sum or the float sum; absent for an empty window.
 //! - `min`, `max`: by the IEEE total order (`-0.0 < +0.0`), except that a NaN in the window makes
 //!   the answer NaN; absent for an empty window. int64 stays int64; floats answer float64.
-//! - `last_n(n)`: the values of the newest `n` event times, oldest first, of any type.
+//! - `last_n(n)`: the values of the newest `n` event times, oldest first (int64, float32 and
+//!   string sources: [`Agg::answer_type`] has no exact list type for the others).
 //! - `count_distinct`: a HyperLogLog estimate ([`Hll`], 2^12 registers: standard error
 //!   1.04 / 64 = 1.6%) over the values' canonical encodings, with linear counting while the
 //!   count is small (within one of the exact count at a few hundred values, but an estimate).
@@ -41,7 +42,7 @@ pub enum Agg {
     Min,
     /// The largest (numeric sources).
     Max,
-    /// The values of the newest `n` event times, oldest first (any source).
+    /// The values of the newest `n` event times, oldest first (int64, float32, string sources).
     LastN(u32),
     /// About how many distinct values (any source; see [`Hll`]).
     CountDistinct,
@@ -140,6 +141,12 @@ pub enum AggError {
         /// The value's.
         found: ValueType,
     },
+}
+
+impl From<AggError> for crate::Error {
+    fn from(e: AggError) -> Self {
+        crate::Error::InvalidArgument(e.to_string())
+    }
 }
 
 /// The number inside a numeric value.
@@ -441,9 +448,14 @@ pub fn aggregate_many<V, E: From<AggError>>(
     at: &[EventTime],
 ) -> Result<Vec<AggAnswer>, E> {
     Accumulator::new(agg, source)?;
-    // Every event time's winner known at `known_at`, oldest first; tombstones left out.
+    // Only the event times some window holds: (earliest time - width, latest time].
+    let (Some(&first), Some(&last)) = (at.iter().min(), at.iter().max()) else { return Ok(Vec::new()) };
+    let lo = i128::from(first.0) - i128::from(width_us);
+    let from = versions.partition_point(|v| times(v).0 > last);
+    let to = from + versions[from..].partition_point(|v| i128::from(times(v).0 .0) > lo);
+    // Every such event time's winner known at `known_at`, oldest first; tombstones left out.
     let mut winners: Vec<(EventTime, Value)> = Vec::new();
-    let all = crate::asof::all_winners(versions, times, known_at);
+    let all = crate::asof::all_winners(&versions[from..to], times, known_at);
     for v in all.collect::<Vec<_>>().into_iter().rev() {
         if let Some(x) = value(v)? {
             if x.value_type() != source {
@@ -678,6 +690,7 @@ impl ExactSum {
 
     /// The exact sum, rounded once (to nearest, ties to even).
     pub fn value(&self) -> f64 {
+        debug_assert_eq!(self.limbs.len(), SUM_LIMBS, "an unused sum is never read");
         if self.nan || (self.pos_inf && self.neg_inf) {
             return f64::NAN;
         }

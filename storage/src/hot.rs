@@ -435,9 +435,7 @@ pub(crate) struct HotTier {
     any_dropped: AtomicBool,
 }
 
-fn hash_of(entity: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(entity)
-}
+use crate::stripes::hash_of;
 
 impl HotTier {
     /// A hot tier of about `bytes`; `None` when `bytes` is 0 (disabled). `complete`: the

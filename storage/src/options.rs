@@ -33,7 +33,7 @@ pub struct Options {
     /// Bytes of the hot tier (the newest version of recently read or written pairs, see
     /// `src/hot.rs`); 0 disables it.
     pub hot_tier_bytes: usize,
-    /// Bytes of the tile cache (hourly partial aggregates of pairs' histories, see
+    /// Bytes of the tile cache (partial aggregates of hours and days of pairs' histories, see
     /// `src/tiles.rs`); 0 disables it (aggregates then read raw versions only).
     pub tile_cache_bytes: usize,
     /// Which backend reads data blocks for point reads (`src/sstable/ssd.rs`).

@@ -3,7 +3,7 @@
 //! missing a write.
 //!
 //! A reader takes a [`Ticket`] for an entity *before* it takes its read view, derives state
-//! from that view, and offers it through [`Stripes::fill`], which runs the insert only when no
+//! from that view, and offers it through [`Stripes::fill`], which refuses the insert when a
 //! write of the entity may be missing from the view: the ticket saw a write in flight
 //! (`pending > 0`), or a write began since (`gen` moved). A writer announces itself with
 //! [`Stripes::write_begin`] (under the stripe lock, `pending` then `gen` move, and its own
@@ -51,6 +51,11 @@ pub(crate) struct WriteToken(usize);
 /// The stripes of one derived state.
 #[derive(Debug)]
 pub(crate) struct Stripes(Box<[Stripe]>);
+
+/// The hash of an entity key that picks its stripe (and, in the hot tier, its doorkeeper bit).
+pub(crate) fn hash_of(entity: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(entity)
+}
 
 /// The stripe of an entity whose key hashes to `hash`.
 pub(crate) fn stripe_of(hash: u64) -> usize {

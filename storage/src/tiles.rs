@@ -96,7 +96,7 @@ pub fn tile_range(level: usize, i: i64) -> (i128, i128) {
     (start, start + w)
 }
 
-/// One hour of a pair, folded (see the module docs).
+/// One hour, or one day, of a pair, folded (see the module docs).
 #[derive(Debug, Clone)]
 pub(crate) struct Tile {
     /// The greatest system time of any version in the tile's range.
@@ -165,9 +165,7 @@ pub(crate) struct Tiles {
     dropped: parking_lot::RwLock<Arc<Vec<u32>>>,
 }
 
-fn hash_of(entity: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(entity)
-}
+use crate::stripes::hash_of;
 
 /// The cache key of tile `tile` of level `level` of `(entity, feature)` in `out` (cleared
 /// first).

@@ -134,7 +134,13 @@ pub fn status_name(status: i32) -> Option<String> {
 pub fn cell_text(col: &pb::FeatureColumn, i: usize) -> String {
     let status = pb::FeatureStatus::try_from(col.statuses.get(i).copied().unwrap_or(0))
         .unwrap_or(pb::FeatureStatus::Unspecified);
-    if matches!(status, pb::FeatureStatus::NotFound | pb::FeatureStatus::Stale | pb::FeatureStatus::Unavailable) {
+    if matches!(
+        status,
+        pb::FeatureStatus::NotFound
+            | pb::FeatureStatus::Stale
+            | pb::FeatureStatus::Unavailable
+            | pb::FeatureStatus::Overflow
+    ) {
         return format!("({})", status_name(status as i32).unwrap_or_default());
     }
     let v = match col.r#type() {

@@ -171,7 +171,7 @@ pub(crate) struct Inner {
     /// the WAL back (only when `replication_log_bytes > 0`).
     log_tail: Mutex<replicate::LogTail>,
     hot: Option<crate::hot::HotTier>,
-    /// Hourly partial aggregates (`src/tiles.rs`); `None` when disabled.
+    /// Partial aggregates of hours and days (`src/tiles.rs`); `None` when disabled.
     tiles: Option<crate::tiles::Tiles>,
     /// Feature ids whose versions compaction drops (rule 5 of `crate::compaction`), sorted.
     dropped_features: RwLock<Arc<Vec<u32>>>,
@@ -593,7 +593,6 @@ impl Db {
         agg: crate::agg::Agg,
         w: crate::agg::AggWindow,
     ) -> Result<crate::agg::AggValue> {
-        let invalid = |e: crate::agg::AggError| Error::InvalidArgument(e.to_string());
         // Refused before reading anything.
         window::check_query(&AggQuery { feature, source, agg, width_us: w.width_us })?;
         let mut range = ScanRange::entity(entity);
@@ -605,11 +604,11 @@ impl Db {
         for item in self.scan(range)? {
             versions.push(item?.version);
         }
-        crate::agg::aggregate_sorted(&versions, agg, source, w).map_err(invalid)
+        Ok(crate::agg::aggregate_sorted(&versions, agg, source, w)?)
     }
 
     /// `aggregate_at` (`storage/READS.md`) of every query for every entity, at `as_of`, from
-    /// one view read at `known_at`, folded from hourly tiles where they answer
+    /// one view read at `known_at`, folded from hour and day tiles where they answer
     /// (`src/tiles.rs`, `db/window.rs`) and from raw versions elsewhere: identical to
     /// [`Db::aggregate_at`] per entity and query. `keep_going` is asked before each entity;
     /// once it says no, that entity and the rest are left unread (`None`). The raw versions

@@ -1,4 +1,4 @@
-//! Windowed aggregates from one read view, folded from hourly tiles (`crate::tiles`) where they
+//! Windowed aggregates from one read view, folded from hour and day tiles (`crate::tiles`) where they
 //! answer and from raw versions elsewhere: `aggregate_at` of `storage/READS.md`, exactly.
 //!
 //! A window `(T - W, T]` of at least [`TILE_WINDOW_MIN_TILES`] hours is cut into the whole
@@ -52,7 +52,7 @@ fn fold(versions: &[Raw], known_at: SystemTime, acc: &mut Accumulator) -> Result
     let mut newest = None;
     for v in winners.iter().rev() {
         if let Some(x) = &v.value {
-            acc.add(v.event_time.0, x).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            acc.add(v.event_time.0, x)?;
             newest = Some(v.event_time);
         }
     }
@@ -110,7 +110,7 @@ impl Inner {
             (TILE_WINDOW_MIN_TILES * TILE_US as u64..=TILE_WINDOW_MAX_US).contains(&q.width_us)
                 && !cache.is_dropped(q.feature)
         });
-        let acc = Accumulator::new(q.agg, q.source).map_err(invalid)?;
+        let acc = Accumulator::new(q.agg, q.source)?;
         let mut w = Window { inner: self, view, known_at, entity, q, scratch, charge, acc, newest: None };
         match tiled {
             Some((cache, ticket)) => {
@@ -122,10 +122,6 @@ impl Inner {
         }
         Ok(AggAnswer { value: w.acc.value(), newest: w.newest })
     }
-}
-
-fn invalid(e: crate::agg::AggError) -> Error {
-    Error::InvalidArgument(e.to_string())
 }
 
 /// One aggregate of one entity being folded: pieces are merged oldest first (the cheap case
@@ -162,7 +158,7 @@ impl Window<'_> {
     /// Folds raw versions at this read's `known_at` through an accumulator of their own and
     /// merges it (adding wants event times ascending; merging takes any order).
     fn absorb(&mut self, raw: &[Raw]) -> Result<()> {
-        let mut part = Accumulator::new(self.q.agg, self.q.source).map_err(invalid)?;
+        let mut part = Accumulator::new(self.q.agg, self.q.source)?;
         let n = fold(raw, self.known_at, &mut part)?;
         self.acc.merge(&part);
         self.newest = self.newest.max(n);
@@ -199,24 +195,26 @@ impl Window<'_> {
         // Each tile from the cache when it answers at known_at; runs of the others folded from
         // one raw pass each (and refilled).
         let mut fills = Vec::new();
+        // A tile that answers this read: held, with this aggregate, and known at known_at.
+        let answering = |w: &mut Self, i: i64| {
+            cache
+                .get(w.scratch, w.entity, q.feature, level, i)
+                .filter(|t| t.max_system_time <= known_at && t.get(q.agg, q.source).is_some())
+        };
         let mut i = first;
         while i <= last {
-            if let Some(t) = cache.get(self.scratch, self.entity, q.feature, level, i) {
-                if let (true, Some(a)) = (t.max_system_time <= known_at, t.get(q.agg, q.source)) {
+            if let Some(t) = answering(self, i) {
+                if let Some(a) = t.get(q.agg, q.source) {
                     self.acc.merge(a);
-                    self.newest = self.newest.max(t.newest);
-                    cache.count(1, 0);
-                    i += 1;
-                    continue;
                 }
+                self.newest = self.newest.max(t.newest);
+                cache.count(1, 0);
+                i += 1;
+                continue;
             }
             // A run of tiles that do not answer, up to the next one that does.
             let mut end = i;
-            while end < last
-                && !cache
-                    .get(self.scratch, self.entity, q.feature, level, end + 1)
-                    .is_some_and(|t| t.max_system_time <= known_at && t.get(q.agg, q.source).is_some())
-            {
+            while end < last && answering(self, end + 1).is_none() {
                 end += 1;
             }
             cache.count(0, (end - i + 1) as u64);
@@ -228,7 +226,7 @@ impl Window<'_> {
                 let from = raw[..upto].partition_point(|v| i128::from(v.event_time.0) > stop);
                 let part = &raw[from..upto];
                 upto = from;
-                let mut full = Accumulator::new(q.agg, q.source).map_err(invalid)?;
+                let mut full = Accumulator::new(q.agg, q.source)?;
                 let tile_newest = fold(part, SystemTime::MAX, &mut full)?;
                 let max_system_time = part.iter().map(|v| v.system_time).max().unwrap_or(SystemTime(0));
                 if max_system_time <= known_at {
@@ -248,7 +246,7 @@ impl Window<'_> {
 
 /// Checks a query before anything is read.
 pub(super) fn check_query(q: &AggQuery) -> Result<()> {
-    Accumulator::new(q.agg, q.source).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Accumulator::new(q.agg, q.source)?;
     if q.width_us == 0 {
         return Err(Error::InvalidArgument("an aggregate window is at least 1 microsecond wide".into()));
     }
