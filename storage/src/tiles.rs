@@ -132,6 +132,9 @@ pub(crate) type TileTicket = crate::stripes::Ticket;
 /// A write announced to the tiles and not yet ended.
 pub(crate) type TileWriteToken = crate::stripes::WriteToken;
 
+/// A tile held: (entity, feature, level, tile index, tile).
+pub(crate) type Held = (Vec<u8>, FeatureId, usize, i64, Arc<Tile>);
+
 /// Counters of the tile cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TileStats {
@@ -224,6 +227,36 @@ impl Tiles {
     ) -> Option<Arc<Tile>> {
         key_into(key, entity, feature, level, tile);
         self.cache.get(key.as_slice())
+    }
+
+    /// Every tile held now.
+    pub fn held(&self) -> Vec<Held> {
+        self.cache
+            .iter()
+            .filter_map(|(key, tile)| {
+                let (entity, suffix) = key.split_at(key.len().checked_sub(KEY_SUFFIX_BYTES)?);
+                let feature = u32::from_be_bytes(suffix[..4].try_into().ok()?);
+                let i = i64::from_be_bytes(suffix[5..].try_into().ok()?);
+                Some((entity.to_vec(), FeatureId(feature), usize::from(suffix[4]), i, tile))
+            })
+            .collect()
+    }
+
+    /// Whether `tile` is still the cache's tile `i` of level `level` of `(entity, feature)`
+    /// and no write of the entity began since `ticket`.
+    pub fn unchanged(
+        &self,
+        ticket: TileTicket,
+        entity: &[u8],
+        feature: FeatureId,
+        level: usize,
+        i: i64,
+        tile: &Arc<Tile>,
+    ) -> bool {
+        let mut key = Vec::new();
+        self.stripes
+            .fill(ticket, || self.get(&mut key, entity, feature, level, i).is_some_and(|t| Arc::ptr_eq(&t, tile)))
+            .unwrap_or(false)
     }
 
     /// Counts tiles that answered and tiles folded from raw versions.

@@ -166,6 +166,8 @@ fn run(tile_cache_bytes: usize, hot_tier_bytes: usize, ops: Vec<Op>) -> Result<(
             }
         }
     }
+    // Every tile still held folds again to the same answers (`Db::verify`).
+    db.verify().expect("verify");
     Ok(())
 }
 

@@ -742,9 +742,13 @@ impl Db {
         self.inner.stats()
     }
 
-    /// Reads every table and checks every checksum and ordering.
+    /// Reads every table and checks every checksum and ordering; then folds every tile held
+    /// again from the raw versions of its range and checks it answers the same
+    /// (`src/tiles.rs`).
     pub fn verify(&self) -> Result<()> {
-        self.inner.verify()
+        self.inner.verify()?;
+        self.inner.verify_tiles()?;
+        Ok(())
     }
 
     /// Writes a consistent copy of the engine into the new or empty directory `target` by hard
