@@ -23,20 +23,14 @@ import time
 
 import duckdb
 
+from join_compare import server_cpu  # same directory: run as a script
+
 DAY_US = 86_400_000_000
 
 
 def windows(features):
     """(name, source, days) of each aggregate: 7-day sums of the first half, 1-day of the rest."""
     return [(f"f{k}_sum", f"f{k}", 7 if k < features // 2 else 1) for k in range(features)]
-
-
-def server_cpu(pid):
-    if not pid:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main():

@@ -10,7 +10,6 @@ JSON lines (mode "sdk-ingest").
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -21,13 +20,7 @@ import quiver
 from quiver import _convert, client
 from quiver.v1 import feature_service_pb2_grpc as fs_grpc
 
-
-def server_cpu(pid):
-    if not pid:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from join_compare import server_cpu  # same directory: run as a script
 
 
 def main():

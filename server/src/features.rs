@@ -12,7 +12,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use prost::Message;
 use quiver_proto::v1 as pb;
-use quiver_storage::agg::{AggAnswer, AggValue, AggWindow};
+use quiver_storage::agg::{AggAnswer, AggValue};
 use quiver_storage::AggQuery;
 use quiver_storage::{
     AsOf, CellVersion, Db, Durability, EventTime, Expectation, FeatureId, SystemTime, Value, VersionVector, WriteBatch,
@@ -417,11 +417,20 @@ fn encode_answer(
     let status = status_of(value.map(|v| v.0), as_of, f, has_default);
     rec.push(status as u8);
     if let (pb::FeatureStatus::Present, Some((e, part))) = (status, value) {
-        rec.extend_from_slice(&e.0.to_le_bytes());
-        rec.extend_from_slice(&(part.len() as u32).to_le_bytes());
-        rec.extend_from_slice(part);
+        push_present(rec, e.0, |r| r.extend_from_slice(part));
     }
     Ok(())
+}
+
+/// Appends a PRESENT answer's event time and value part (written by `part`), with the part's
+/// length before it, as [`decode_answer`] reads them.
+fn push_present(rec: &mut Vec<u8>, event_us: i64, part: impl FnOnce(&mut Vec<u8>)) {
+    rec.extend_from_slice(&event_us.to_le_bytes());
+    let at = rec.len();
+    rec.extend_from_slice(&[0; 4]);
+    part(rec);
+    let len = (rec.len() - at - 4) as u32;
+    rec[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Where a join's corruption error lies: its answer log, or a stored cell it read (its table
@@ -495,41 +504,9 @@ impl PairHistory {
         quiver_storage::asof::winner_in_sorted(run, |v| (v.event_time, v.system_time), as_of, known_at)
             .map(|v| (v.event_time, versions.cell(v)))
     }
-}
 
-impl PairHistory {
     /// `aggregate_at` (`storage/READS.md`) of feature slot `d` (the aggregate's source) with
-    /// the window of `spec` ending at `as_of`, versions known at `known_at`.
-    fn aggregate(
-        &self,
-        versions: &quiver_storage::EntityVersions<'_>,
-        d: usize,
-        spec: &AggregateSpec,
-        as_of: EventTime,
-        known_at: SystemTime,
-    ) -> Result<AggAnswer> {
-        let run = &versions.versions()[self.runs[d].clone()];
-        let w = AggWindow { as_of, width_us: spec.width_us, known_at };
-        quiver_storage::agg::aggregate_run(
-            run,
-            |v| (v.event_time, v.system_time),
-            |v| stored_value(versions.cell(v)),
-            spec.agg,
-            spec.source_type,
-            w,
-        )
-    }
-}
-
-/// Why a write to `group`'s feature `name` is refused when `name` is one of its aggregates
-/// (they are not among a group's written features).
-pub fn aggregate_refusal(registry: &Registry, group: &str, name: &str) -> Option<String> {
-    let a = registry.resolve(&format!("{group}:{name}")).ok()?.aggregate?;
-    Some(format!("{group}:{name} is an aggregate of {0}: aggregates are computed, write {0} instead", a.source))
-}
-
-impl PairHistory {
-    /// [`PairHistory::aggregate`] at each of `at` (any order), all at `known_at`, in one pass
+    /// the window of `spec` ending at each of `at` (any order), all at `known_at`, in one pass
     /// over the source's versions ([`quiver_storage::agg::aggregate_many`]).
     fn aggregate_many(
         &self,
@@ -551,6 +528,13 @@ impl PairHistory {
             at,
         )
     }
+}
+
+/// Why a write to `group`'s feature `name` is refused when `name` is one of its aggregates
+/// (they are not among a group's written features).
+pub fn aggregate_refusal(registry: &Registry, group: &str, name: &str) -> Option<String> {
+    let a = registry.resolve(&format!("{group}:{name}")).ok()?.aggregate?;
+    Some(format!("{group}:{name} is an aggregate of {0}: aggregates are computed, write {0} instead", a.source))
 }
 
 /// The value of a stored cell a read gathered (`None`: a tombstone).
@@ -582,23 +566,11 @@ fn aggregate_status(
 
 /// Writes a join answer with its status, event time and value as [`decode_answer`] reads it
 /// (aggregates; plain features go through [`encode_answer`]).
-fn encode_value_answer(
-    rec: &mut Vec<u8>,
-    (status, event_us, value): (pb::FeatureStatus, i64, Option<Value>),
-    scratch: &mut Vec<u8>,
-) -> Result<()> {
+fn encode_value_answer(rec: &mut Vec<u8>, (status, event_us, value): (pb::FeatureStatus, i64, Option<Value>)) {
     rec.push(status as u8);
     if let (pb::FeatureStatus::Present, Some(v)) = (status, value) {
-        scratch.clear();
-        quiver_storage::cell::encode(Some(&v), &quiver_storage::VersionVector::default(), scratch);
-        let part = quiver_storage::cell::value_part(scratch)
-            .map_err(|w| corrupt(ANSWER_LOG, &format!("aggregate value: {w}")))?
-            .unwrap_or_default();
-        rec.extend_from_slice(&event_us.to_le_bytes());
-        rec.extend_from_slice(&(part.len() as u32).to_le_bytes());
-        rec.extend_from_slice(part);
+        push_present(rec, event_us, |r| quiver_storage::cell::encode_value_part(&v, r));
     }
-    Ok(())
 }
 
 /// Spine rows from which a join checks and sorts its spine in parts, one per join thread.
@@ -1320,7 +1292,7 @@ impl Features {
             // A status byte per answer, and for values an event time, a length and a small cell.
             let mut log = AnswerLog::new(spill_at, run_rows * features.len() * 24);
             let mut placed = Vec::with_capacity(run_rows);
-            let (mut rec, mut scratch) = (Vec::new(), Vec::new());
+            let mut rec = Vec::new();
             for group in run {
                 let versions = cursor.entity(&rows[group[0] as usize].0, lo, hi)?;
                 history.index(&versions, &distinct);
@@ -1348,10 +1320,13 @@ impl Features {
                         if let Some(spec) = &f.aggregate {
                             let answer = match many.get_mut(j).and_then(Option::as_mut) {
                                 Some(answers) => std::mem::take(&mut answers[p]),
-                                None => history.aggregate(&versions, slot[j], spec, t, k)?,
+                                // Strict: this row's own known_at.
+                                None => {
+                                    history.aggregate_many(&versions, slot[j], spec, &[t], k)?.pop().unwrap_or_default()
+                                }
                             };
                             let answer = aggregate_status(answer, f.value_type, defaults[j].as_ref());
-                            encode_value_answer(&mut rec, answer, &mut scratch)?;
+                            encode_value_answer(&mut rec, answer);
                             continue;
                         }
                         let winner = history.winner(&versions, slot[j], t, k);

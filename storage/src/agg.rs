@@ -342,16 +342,11 @@ impl Accumulator {
         let empty = self.count == 0;
         let ints = self.source == ValueType::Int64;
         match self.agg {
-            Agg::Count => AggValue::Count(self.count),
+            Agg::Count | Agg::Sum | Agg::Mean => {
+                count_sum_mean(self.agg, ints, self.count, self.int_sum, || self.float_sum.value())
+            }
             Agg::CountDistinct => AggValue::Count(self.hll.as_ref().map_or(0, |h| h.estimate())),
             Agg::LastN(_) => AggValue::List(self.last.iter().map(|(_, v)| v.clone()).collect()),
-            Agg::Sum if ints => i64::try_from(self.int_sum).map_or(AggValue::Overflow, AggValue::Int),
-            Agg::Sum => AggValue::Float(self.float_sum.value()),
-            Agg::Mean if empty => AggValue::Absent,
-            Agg::Mean => {
-                let sum = if ints { self.int_sum as f64 } else { self.float_sum.value() };
-                AggValue::Float(sum / self.count as f64)
-            }
             Agg::Min | Agg::Max if empty => AggValue::Absent,
             Agg::Min | Agg::Max if self.nan => AggValue::Float(f64::NAN),
             Agg::Min | Agg::Max => match if self.agg == Agg::Min { self.min } else { self.max } {
@@ -361,6 +356,43 @@ impl Accumulator {
             },
         }
     }
+}
+
+/// The answer of `count`, `sum` or `mean` (`Absent` for another function) from the count,
+/// the exact int64 sum and the float sum (read only for a float source), as
+/// [`Accumulator::value`] and the join's sliding window give it.
+fn count_sum_mean(agg: Agg, ints: bool, count: u64, int_sum: i128, float_sum: impl FnOnce() -> f64) -> AggValue {
+    match agg {
+        Agg::Count => AggValue::Count(count),
+        Agg::Sum if ints => i64::try_from(int_sum).map_or(AggValue::Overflow, AggValue::Int),
+        Agg::Sum => AggValue::Float(float_sum()),
+        Agg::Mean if count == 0 => AggValue::Absent,
+        Agg::Mean => {
+            let sum = if ints { int_sum as f64 } else { float_sum() };
+            AggValue::Float(sum / count as f64)
+        }
+        _ => AggValue::Absent,
+    }
+}
+
+/// Folds an aggregate window's winners, listed newest first (as [`crate::asof::window_winners`]
+/// and [`crate::asof::all_winners`] give them), into `acc` oldest first; a tombstone winner
+/// (no value) removes its event time. Returns the newest event time with a value.
+pub fn fold_winners<V, E: From<AggError>>(
+    winners: &[&V],
+    times: impl Fn(&V) -> (EventTime, SystemTime),
+    value: impl Fn(&V) -> Result<Option<Value>, E>,
+    acc: &mut Accumulator,
+) -> Result<Option<EventTime>, E> {
+    let mut newest = None;
+    for v in winners.iter().rev() {
+        if let Some(x) = value(v)? {
+            let e = times(v).0;
+            acc.add(e.0, &x)?;
+            newest = Some(e);
+        }
+    }
+    Ok(newest)
 }
 
 /// Which window an aggregate reads: `as_of - width < event_time <= as_of`, versions known at
@@ -418,15 +450,7 @@ pub fn aggregate_run<V, E: From<AggError>>(
 ) -> Result<AggAnswer, E> {
     let mut acc = Accumulator::new(agg, source)?;
     let winners: Vec<&V> = crate::asof::window_winners(versions, times, w.as_of, w.width_us, w.known_at).collect();
-    let mut newest = None;
-    // Oldest first; a tombstone winner removes its event time.
-    for v in winners.iter().rev() {
-        if let Some(x) = value(v)? {
-            let e = times(v).0;
-            acc.add(e.0, &x)?;
-            newest = Some(e);
-        }
-    }
+    let newest = fold_winners(&winners, times, value, &mut acc)?;
     Ok(AggAnswer { value: acc.value(), newest })
 }
 
@@ -476,7 +500,7 @@ pub fn aggregate_many<V, E: From<AggError>>(
     };
     let newest = |(start, end): (usize, usize)| (end > start).then(|| winners[end - 1].0);
     if matches!(agg, Agg::Count | Agg::Sum | Agg::Mean) {
-        let mut w = Sliding::new(source);
+        let mut w = Sliding::new(agg, source);
         let (mut start, mut end) = (0, 0);
         for &i in &order {
             let (s, e) = bounds(at[i], (start, end));
@@ -487,7 +511,7 @@ pub fn aggregate_many<V, E: From<AggError>>(
                 w.leave(x);
             }
             (start, end) = (s, e);
-            out[i] = AggAnswer { value: w.value(agg), newest: newest((s, e)) };
+            out[i] = AggAnswer { value: w.value(), newest: newest((s, e)) };
         }
     } else {
         let mut from = (0, 0);
@@ -514,6 +538,7 @@ pub fn aggregate_many<V, E: From<AggError>>(
 /// aside, so the answer equals [`Accumulator::value`] over the values in the window.
 #[derive(Debug, Clone)]
 struct Sliding {
+    agg: Agg,
     ints: bool,
     count: u64,
     int_sum: i128,
@@ -524,8 +549,9 @@ struct Sliding {
 }
 
 impl Sliding {
-    fn new(source: ValueType) -> Sliding {
+    fn new(agg: Agg, source: ValueType) -> Sliding {
         Sliding {
+            agg,
             ints: source == ValueType::Int64,
             count: 0,
             int_sum: 0,
@@ -538,6 +564,9 @@ impl Sliding {
 
     fn step(&mut self, v: &Value, sign: i8) {
         self.count = if sign > 0 { self.count + 1 } else { self.count - 1 };
+        if self.agg == Agg::Count {
+            return;
+        }
         match number(v) {
             Some(Number::Int(i)) => self.int_sum += i128::from(sign) * i128::from(i),
             Some(Number::Float(x)) => {
@@ -565,29 +594,12 @@ impl Sliding {
         self.step(v, -1);
     }
 
-    fn value(&self, agg: Agg) -> AggValue {
+    fn value(&self) -> AggValue {
         let float = || {
-            if self.nan > 0 || (self.pos_inf > 0 && self.neg_inf > 0) {
-                f64::NAN
-            } else if self.pos_inf > 0 {
-                f64::INFINITY
-            } else if self.neg_inf > 0 {
-                f64::NEG_INFINITY
-            } else {
-                self.float_sum.value()
-            }
+            ExactSum::special(self.nan > 0, self.pos_inf > 0, self.neg_inf > 0)
+                .unwrap_or_else(|| self.float_sum.value())
         };
-        match agg {
-            Agg::Count => AggValue::Count(self.count),
-            Agg::Sum if self.ints => i64::try_from(self.int_sum).map_or(AggValue::Overflow, AggValue::Int),
-            Agg::Sum => AggValue::Float(float()),
-            Agg::Mean if self.count == 0 => AggValue::Absent,
-            Agg::Mean => {
-                let sum = if self.ints { self.int_sum as f64 } else { float() };
-                AggValue::Float(sum / self.count as f64)
-            }
-            _ => AggValue::Absent,
-        }
+        count_sum_mean(self.agg, self.ints, self.count, self.int_sum, float)
     }
 }
 
@@ -623,6 +635,17 @@ impl ExactSum {
     /// use their float sum have one).
     fn unused() -> ExactSum {
         ExactSum { limbs: Vec::new(), nan: false, pos_inf: false, neg_inf: false }
+    }
+
+    /// The sum when it holds a NaN or an infinity: NaN for a NaN or both infinities, else the
+    /// infinity (`None`: only finite values).
+    fn special(nan: bool, pos_inf: bool, neg_inf: bool) -> Option<f64> {
+        match (nan || (pos_inf && neg_inf), pos_inf, neg_inf) {
+            (true, _, _) => Some(f64::NAN),
+            (_, true, _) => Some(f64::INFINITY),
+            (_, _, true) => Some(f64::NEG_INFINITY),
+            _ => None,
+        }
     }
 
     /// Adds one value.
@@ -691,14 +714,8 @@ impl ExactSum {
     /// The exact sum, rounded once (to nearest, ties to even).
     pub fn value(&self) -> f64 {
         debug_assert_eq!(self.limbs.len(), SUM_LIMBS, "an unused sum is never read");
-        if self.nan || (self.pos_inf && self.neg_inf) {
-            return f64::NAN;
-        }
-        if self.pos_inf {
-            return f64::INFINITY;
-        }
-        if self.neg_inf {
-            return f64::NEG_INFINITY;
+        if let Some(x) = Self::special(self.nan, self.pos_inf, self.neg_inf) {
+            return x;
         }
         let negative = self.limbs[SUM_LIMBS - 1] >> 63 == 1;
         let mut m = self.limbs.clone();

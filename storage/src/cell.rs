@@ -29,7 +29,14 @@ pub fn encode(value: Option<&Value>, vv: &VersionVector, out: &mut Vec<u8>) {
         put_uvarint(out, u64::from(r));
         put_uvarint(out, c);
     }
-    let Some(v) = value else { return };
+    if let Some(v) = value {
+        encode_value_part(v, out);
+    }
+}
+
+/// Encodes a value as a cell's [`value_part`] (type and payload), which
+/// [`decode_value_part`] reads.
+pub fn encode_value_part(v: &Value, out: &mut Vec<u8>) {
     out.push(v.value_type() as u8);
     match v {
         Value::Bool(b) => out.push(u8::from(*b)),

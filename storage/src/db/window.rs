@@ -11,6 +11,8 @@
 //! which a tile could not follow.
 
 use super::ReadView;
+use std::sync::Arc;
+
 use crate::agg::{Accumulator, AggAnswer};
 use crate::iter::{MergingIter, Source};
 use crate::key;
@@ -48,15 +50,9 @@ fn to_event(t: i128) -> EventTime {
 /// at `known_at` wins, tombstones left out, oldest first. Returns the newest event time with a
 /// value.
 fn fold(versions: &[Raw], known_at: SystemTime, acc: &mut Accumulator) -> Result<Option<EventTime>> {
-    let winners: Vec<&Raw> = crate::asof::all_winners(versions, |v| (v.event_time, v.system_time), known_at).collect();
-    let mut newest = None;
-    for v in winners.iter().rev() {
-        if let Some(x) = &v.value {
-            acc.add(v.event_time.0, x)?;
-            newest = Some(v.event_time);
-        }
-    }
-    Ok(newest)
+    let times = |v: &Raw| (v.event_time, v.system_time);
+    let winners: Vec<&Raw> = crate::asof::all_winners(versions, times, known_at).collect();
+    crate::agg::fold_winners(&winners, times, |v| Ok::<_, Error>(v.value.clone()), acc)
 }
 
 impl Inner {
@@ -194,34 +190,35 @@ impl Window<'_> {
         let (q, known_at) = (self.q, self.known_at);
         // Each tile from the cache when it answers at known_at; runs of the others folded from
         // one raw pass each (and refilled).
+        // Each tile looked up once: it answers when held, with this aggregate, known at
+        // known_at. Runs of those that do not are folded from one raw pass each (and refilled).
+        let held: Vec<Option<Arc<Tile>>> = (first..=last)
+            .map(|i| {
+                cache
+                    .get(self.scratch, self.entity, q.feature, level, i)
+                    .filter(|t| t.max_system_time <= known_at && t.get(q.agg, q.source).is_some())
+            })
+            .collect();
         let mut fills = Vec::new();
-        // A tile that answers this read: held, with this aggregate, and known at known_at.
-        let answering = |w: &mut Self, i: i64| {
-            cache
-                .get(w.scratch, w.entity, q.feature, level, i)
-                .filter(|t| t.max_system_time <= known_at && t.get(q.agg, q.source).is_some())
-        };
-        let mut i = first;
-        while i <= last {
-            if let Some(t) = answering(self, i) {
-                if let Some(a) = t.get(q.agg, q.source) {
-                    self.acc.merge(a);
+        let mut a = first;
+        for run in held.chunk_by(|x, y| x.is_some() == y.is_some()) {
+            let b = a + run.len() as i64 - 1;
+            if run[0].is_some() {
+                for t in run.iter().flatten() {
+                    if let Some(acc) = t.get(q.agg, q.source) {
+                        self.acc.merge(acc);
+                    }
+                    self.newest = self.newest.max(t.newest);
                 }
-                self.newest = self.newest.max(t.newest);
-                cache.count(1, 0);
-                i += 1;
+                cache.count(run.len() as u64, 0);
+                a = b + 1;
                 continue;
             }
-            // A run of tiles that do not answer, up to the next one that does.
-            let mut end = i;
-            while end < last && answering(self, end + 1).is_none() {
-                end += 1;
-            }
-            cache.count(0, (end - i + 1) as u64);
-            let raw = self.raw(tile_range(level, i).0, tile_range(level, end).1)?;
+            cache.count(0, run.len() as u64);
+            let raw = self.raw(tile_range(level, a).0, tile_range(level, b).1)?;
             // Key order is newest first: the oldest tile's versions are the run's tail.
             let mut upto = raw.len();
-            for t in i..=end {
+            for t in a..=b {
                 let stop = tile_range(level, t).1;
                 let from = raw[..upto].partition_point(|v| i128::from(v.event_time.0) > stop);
                 let part = &raw[from..upto];
@@ -237,7 +234,7 @@ impl Window<'_> {
                 }
                 fills.push((t, Tile { max_system_time, newest: tile_newest, accs: vec![full] }));
             }
-            i = end + 1;
+            a = b + 1;
         }
         cache.fill(self.entity, q.feature, level, ticket, fills);
         self.fold_levels(cache, ticket, horizon, level, tile_range(level, last).1, hi)
