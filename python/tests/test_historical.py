@@ -203,7 +203,13 @@ def test_concurrent_joins_shed_by_the_server_are_retried(
     default budget) are shed with retry advice, and the SDK sends them again."""
     events = write_events(client, uid, seed=11)
     s = spine(uid, seed=11, n=300_000)
-    tables, waits = run_concurrently(client, s, 4, monkeypatch)
-    assert waits, "no join was shed: the test did not run joins at once"
-    assert all(t.equals(tables[0]) for t in tables)
-    assert tables[0].column("spend").to_pylist() == expected_spend(events, s)
+    want = expected_spend(events, s)
+    # Whether the joins overlap at the server depends on scheduling (on a loaded machine the
+    # client may send them one after another): up to three rounds, every answer checked in each.
+    for _ in range(3):
+        tables, waits = run_concurrently(client, s, 4, monkeypatch)
+        assert all(t.equals(tables[0]) for t in tables)
+        assert tables[0].column("spend").to_pylist() == want
+        if waits:
+            break
+    assert waits, "no join was shed in three rounds: the test did not run joins at once"
