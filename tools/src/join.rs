@@ -1,5 +1,6 @@
 //! `quiver join SPINE.csv|SPINE.parquet --feature group:feature ... -o OUT.parquet`: the
-//! point-in-time join of a training spine through `GetHistoricalFeatures`, written as Parquet.
+//! point-in-time join of a training spine over Arrow Flight (`DoGet` with a join ticket; see
+//! `proto/quiver/v1/flight.proto`), written as Parquet.
 //!
 //! The spine has one column per join key of the features' entity type and a time column
 //! (`event_time` unless `--time-column` says otherwise; a Parquet timestamp, or microseconds
@@ -9,8 +10,11 @@
 //! null where the join found nothing within the TTL (NOT_FOUND, STALE); `--use-defaults` fills
 //! registered defaults.
 //!
-//! The spine is sent in requests of [`SPINE_ROWS_PER_REQUEST`] rows; each streamed answer
-//! becomes one Parquet row group, so memory holds the spine's keys plus one request's answer.
+//! The spine is sent as Arrow IPC in tickets of [`SPINE_ROWS_PER_REQUEST`] rows; each streamed
+//! answer batch (feature columns only, in spine order) is written with its rows' keys as one
+//! Parquet row group, so memory holds the spine's keys plus one batch of answers. Flight moves
+//! columns both ways: the server neither parses a protobuf message per spine row nor builds one
+//! per answer row, and the answers go to Parquet as they arrive.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -20,19 +24,52 @@ use arrow_array::builder::{
     BinaryBuilder, BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
 };
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::Ticket;
+use arrow_ipc::writer::StreamWriter;
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use futures::{StreamExt, TryStreamExt};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
+use prost::Message;
 use quiver_proto::v1 as pb;
 
 use crate::common::{fetch_group, grpc, Result, Server};
 use crate::tabular;
 
-/// Spine rows per `GetHistoricalFeatures` request (the server takes up to 10,000,000; smaller
-/// requests keep each message and each answer's memory modest).
+/// Spine rows per join ticket (the server takes up to 10,000,000; smaller tickets keep each
+/// message and each answer's memory modest).
 pub const SPINE_ROWS_PER_REQUEST: usize = 1_000_000;
+
+/// The time column's name in the spine the CLI sends (not a join key's name: those may be
+/// anything, and this one is reserved-looking enough not to collide).
+const SPINE_TIME_COLUMN: &str = "__quiver_spine_time";
+
+/// `rows` as the Arrow IPC stream a join ticket carries: the join keys by name, then the time.
+fn spine_ipc(rows: &[pb::SpineRow], et: &pb::EntityType) -> Result<Vec<u8>> {
+    let arrays = key_arrays(rows, et);
+    let names = et.join_keys.iter().map(|k| k.name.as_str()).chain([SPINE_TIME_COLUMN]);
+    let fields: Vec<Field> = names.zip(&arrays).map(|(n, a)| Field::new(n, a.data_type().clone(), true)).collect();
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|e| format!("spine: {e}"))?;
+    let mut out = Vec::new();
+    let mut w = StreamWriter::try_new(&mut out, &batch.schema()).map_err(|e| format!("spine: {e}"))?;
+    w.write(&batch).map_err(|e| format!("spine: {e}"))?;
+    w.finish().map_err(|e| format!("spine: {e}"))?;
+    drop(w);
+    Ok(out)
+}
+
+/// A Flight call's error as the CLI reports gRPC errors (code: message).
+fn flight_error(e: FlightError) -> String {
+    match e {
+        FlightError::Tonic(s) => grpc(*s),
+        e => format!("the server's answer: {e}"),
+    }
+}
 
 /// What to join.
 #[derive(Debug)]
@@ -213,35 +250,35 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
     let mut writer: Option<(ArrowWriter<File>, Arc<Schema>)> = None;
     let mut filled = vec![0u64; names.len()];
     let out = args.output.display().to_string();
-    let mut client = pb::feature_service_client::FeatureServiceClient::new(ch)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
+    let mut client =
+        FlightServiceClient::new(ch).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
     for (chunk_no, chunk) in spine.rows.chunks(SPINE_ROWS_PER_REQUEST).enumerate() {
         let base = chunk_no * SPINE_ROWS_PER_REQUEST;
-        let mut stream = client
-            .get_historical_features(pb::GetHistoricalFeaturesRequest {
+        let ticket = pb::FlightTicket {
+            kind: Some(pb::flight_ticket::Kind::Join(pb::FlightJoin {
                 entity_type: et.name.clone(),
-                spine: chunk.to_vec(),
                 features: args.features.clone(),
                 known_at: args.known_at_us.map(quiver_server::convert::timestamp),
                 strict_availability: args.strict_availability,
                 use_defaults: args.use_defaults,
-            })
-            .await
-            .map_err(grpc)?
-            .into_inner();
+                spine_ipc: spine_ipc(chunk, &et)?,
+                timestamp_column: SPINE_TIME_COLUMN.into(),
+                with_status: false,
+            })),
+        };
+        let flight = client.do_get(Ticket { ticket: ticket.encode_to_vec().into() }).await.map_err(grpc)?.into_inner();
+        let mut answers = FlightRecordBatchStream::new_from_flight_data(flight.map_err(FlightError::from));
         let mut next = 0usize;
-        while let Some(part) = stream.message().await.map_err(grpc)? {
-            let first = usize::try_from(part.first_row).unwrap_or(usize::MAX);
-            let n = part.columns.first().map_or(0, |c| c.statuses.len());
-            if first != next || part.columns.len() != names.len() || first + n > chunk.len() {
-                return Err(format!("the server's answer is out of order at spine row {}", base + first));
+        while let Some(batch) = answers.next().await {
+            let batch = batch.map_err(flight_error)?;
+            let n = batch.num_rows();
+            if batch.num_columns() != names.len() || next + n > chunk.len() {
+                return Err(format!("the server's answer does not fit the spine at row {}", base + next));
             }
-            let mut columns = key_arrays(&chunk[first..first + n], &et);
-            for (j, c) in part.columns.iter().enumerate() {
-                let a = feature_array(c);
+            let mut columns = key_arrays(&chunk[next..next + n], &et);
+            for (j, a) in batch.columns().iter().enumerate() {
                 filled[j] += (a.len() - a.null_count()) as u64;
-                columns.push(a);
+                columns.push(a.clone());
             }
             if writer.is_none() {
                 let mut fields: Vec<Field> = et
@@ -255,8 +292,8 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
                     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
                     true,
                 ));
-                for (name, c) in names.iter().zip(&part.columns) {
-                    fields.push(Field::new(name, arrow_type(c.r#type()), true));
+                for (name, a) in names.iter().zip(batch.columns()) {
+                    fields.push(Field::new(name, a.data_type().clone(), true));
                 }
                 let file = File::create(&args.output).map_err(|e| format!("{out}: {e}"))?;
                 // zstd at level 1, and dictionaries only for the join keys (which repeat): feature
@@ -277,7 +314,7 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
                 let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| format!("{out}: {e}"))?;
                 w.write(&batch).map_err(|e| format!("{out}: {e}"))?;
             }
-            next = first + n;
+            next += n;
         }
         if next != chunk.len() {
             return Err(format!("the server's answer ended early at spine row {}", base + next));
