@@ -107,6 +107,12 @@ impl<'a> KeyRef<'a> {
             .then_some(KeyRef { raw })
     }
 
+    /// `raw` as a key, unchecked: only for a key already known to be well formed (a table
+    /// block's entry, which [`crate::sstable::block::Block`] checked when it was loaded).
+    pub(crate) fn known_valid(raw: &'a [u8]) -> KeyRef<'a> {
+        KeyRef { raw }
+    }
+
     /// The `(entity, feature)` prefix.
     pub fn prefix(&self) -> &'a [u8] {
         &self.raw[..self.raw.len() - TIME_SUFFIX_BYTES]

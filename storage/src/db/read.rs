@@ -697,11 +697,23 @@ impl PairCursor {
                 self.positioned[i] = true;
             }
             let before = found.len();
+            // The table entry visited last, when its entity was this one.
+            let mut last: Option<(*const Block, usize)> = None;
             s.visit(|k, v, at| {
-                // A key of another entity (or malformed) ends the entity's run.
-                let Some(kr) = KeyRef::with_entity_prefix(k, entity_prefix) else {
-                    return false;
+                // A key of another entity (or malformed) ends the entity's run. A table
+                // entry that follows one of this entity and shares its entity part (checked
+                // when the block was loaded) needs no comparison.
+                let follows =
+                    at.is_some_and(|(b, e)| e > 0 && last == Some((Arc::as_ptr(b), e - 1)) && b.shares_entity(e));
+                let kr = if follows {
+                    KeyRef::known_valid(k)
+                } else {
+                    match KeyRef::with_entity_prefix(k, entity_prefix) {
+                        Some(kr) => kr,
+                        None => return false,
+                    }
                 };
+                last = at.map(|(b, e)| (Arc::as_ptr(b), e));
                 let feature = kr.feature();
                 if feature > hi {
                     return false;

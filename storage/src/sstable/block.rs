@@ -98,9 +98,10 @@ impl BlockBuilder {
 /// One entry's location inside a block's data.
 #[derive(Debug, Clone, Copy)]
 struct EntryPos {
-    key_start: u32,
     value_start: u32,
     value_end: u32,
+    /// The key has the previous entry's entity part and length (see [`Block::shares_entity`]).
+    same_entity: bool,
 }
 
 /// A loaded, checked block. Keys are materialised once at load (prefix compression undone) so
@@ -185,7 +186,6 @@ impl Block {
             if keys.len() > KEYS_EXPANSION_MAX * data.len() {
                 return Err("block keys expand beyond the limit");
             }
-            let key_start = r.pos() as u32;
             let value_start = r.pos();
             r.bytes(vlen)?;
             let end = keys.len();
@@ -212,7 +212,7 @@ impl Block {
             if !same_entity && KeyRef::parse(&keys[start..end]).is_none() {
                 return Err("malformed key in block");
             }
-            entries.push(EntryPos { key_start, value_start: value_start as u32, value_end: r.pos() as u32 });
+            entries.push(EntryPos { value_start: value_start as u32, value_end: r.pos() as u32, same_entity });
             key_ends.push(end as u32);
             prev = Some((start, end));
         }
@@ -256,10 +256,16 @@ impl Block {
         &self.keys[start..self.key_ends[i] as usize]
     }
 
+    /// True if entry `i`'s key is as long as entry `i - 1`'s and shares its entity part (the
+    /// escaped entity and terminator): a reader that checked that entry's entity need not
+    /// compare this one's. False for entry 0.
+    pub fn shares_entity(&self, i: usize) -> bool {
+        self.entries[i].same_entity
+    }
+
     /// The value of entry `i`.
     pub fn value(&self, i: usize) -> &[u8] {
         let e = self.entries[i];
-        debug_assert!(e.key_start <= e.value_start);
         &self.data[e.value_start as usize..e.value_end as usize]
     }
 
