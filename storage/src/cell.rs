@@ -1,4 +1,6 @@
-//! The encoded value of one cell version, as stored in the WAL, the memtable and SSTables.
+//! The encoded value of one cell version, as stored in the WAL, the memtable and SSTables
+//! (tables and the hot tier keep it in the stored form of [`compact`], which needs the key's
+//! system time to decode: [`decode_stored`]).
 //!
 //! ```text
 //! cell value = flags u8 (bit 0: tombstone; other bits must be 0)
@@ -17,8 +19,9 @@ use crate::limits::{LIST_ELEMENTS_MAX, VALUE_BYTES_MAX, VERSION_VECTOR_ENTRIES_M
 use crate::types::{Value, ValueType, VersionVector};
 
 const FLAG_TOMBSTONE: u8 = 1;
-/// In the compact form only (never stored in files): the version vector is `{region:
-/// system_time}`, with `region` as a uvarint in place of the vector.
+/// In the stored form only (tables and the hot tier, never the WAL or the wire): the version
+/// vector is `{region: system_time}` with `system_time` the key's, and `region` is a uvarint
+/// in place of the vector.
 const FLAG_OWN_STAMP: u8 = 2;
 
 /// Encodes a cell version's value (`None` = tombstone) and version vector.
@@ -84,16 +87,21 @@ pub fn decode(raw: &[u8]) -> Result<(Option<Value>, VersionVector), DecodeError>
 /// The value part of a cell as stored (type and payload, after the flags and the version
 /// vector), for readers that want the value alone: `None` for a tombstone. Decode it with
 /// [`decode_value_part`].
+/// Takes either form: the full one and the stored one ([`compact`]).
 pub fn value_part(raw: &[u8]) -> Result<Option<&[u8]>, DecodeError> {
     let mut r = Reader::new(raw);
     let flags = r.u8()?;
-    if flags & !FLAG_TOMBSTONE != 0 {
+    if flags & !(FLAG_TOMBSTONE | FLAG_OWN_STAMP) != 0 {
         return Err("unknown cell flags");
     }
-    let n = r.len(VERSION_VECTOR_ENTRIES_MAX)?;
-    for _ in 0..n {
+    if flags & FLAG_OWN_STAMP != 0 {
         r.uvarint()?;
-        r.uvarint()?;
+    } else {
+        let n = r.len(VERSION_VECTOR_ENTRIES_MAX)?;
+        for _ in 0..n {
+            r.uvarint()?;
+            r.uvarint()?;
+        }
     }
     Ok((flags & FLAG_TOMBSTONE == 0).then(|| &raw[r.pos()..]))
 }
@@ -109,7 +117,7 @@ pub fn decode_value_part(part: &[u8]) -> Result<Value, DecodeError> {
 }
 
 /// Decodes a cell value, in the [`compact`] form too when `own_stamp` gives the version's
-/// system time (files never hold that form, so [`decode`] refuses it).
+/// system time (the WAL and the wire never hold that form, so [`decode`] refuses it).
 fn decode_with(raw: &[u8], own_stamp: Option<u64>) -> Result<(Option<Value>, VersionVector), DecodeError> {
     let mut r = Reader::new(raw);
     let mut flags = r.u8()?;
@@ -148,7 +156,8 @@ fn decode_with(raw: &[u8], own_stamp: Option<u64>) -> Result<(Option<Value>, Ver
 fn own_stamp_parts(raw: &[u8], system_time: u64) -> Option<(u8, std::ops::Range<usize>, usize)> {
     let mut r = Reader::new(raw);
     let flags = r.u8().ok()?;
-    if r.uvarint().ok()? != 1 {
+    // Already in the stored form: nothing to elide.
+    if flags & FLAG_OWN_STAMP != 0 || r.uvarint().ok()? != 1 {
         return None;
     }
     let region_start = r.pos();
@@ -157,11 +166,12 @@ fn own_stamp_parts(raw: &[u8], system_time: u64) -> Option<(u8, std::ops::Range<
     (r.uvarint().ok()? == system_time).then(|| (flags, region, r.pos()))
 }
 
-/// The compact in-memory form of an encoded cell whose version has system time
-/// `system_time` (the hot tier's): a version vector `{region: system_time}`, which every local
+/// The stored form (tables and the hot tier; `FORMAT.md` §2) of an encoded cell whose version
+/// has system time `system_time`: a version vector `{region: system_time}`, which every local
 /// write has when no other region is known, is replaced by the region alone, so a float64
-/// takes 11 bytes instead of 20. Other cells are kept as they are.
-pub(crate) fn compact(raw: &[u8], system_time: u64, out: &mut Vec<u8>) {
+/// takes 11 bytes instead of 20. Other cells, and cells already in that form, are kept as they
+/// are.
+pub fn compact(raw: &[u8], system_time: u64, out: &mut Vec<u8>) {
     match own_stamp_parts(raw, system_time) {
         Some((flags, region, value)) => {
             out.push(flags | FLAG_OWN_STAMP);
@@ -177,8 +187,9 @@ pub(crate) fn compact_len(raw: &[u8], system_time: u64) -> usize {
     own_stamp_parts(raw, system_time).map_or(raw.len(), |(_, region, value)| 1 + region.len() + raw.len() - value)
 }
 
-/// Decodes the [`compact`] form of a cell whose version has system time `system_time`.
-pub(crate) fn decode_compact(raw: &[u8], system_time: u64) -> Result<(Option<Value>, VersionVector), DecodeError> {
+/// Decodes a stored cell (either form: [`compact`]'s or the full one) whose version has
+/// system time `system_time` (its key's).
+pub fn decode_stored(raw: &[u8], system_time: u64) -> Result<(Option<Value>, VersionVector), DecodeError> {
     decode_with(raw, Some(system_time))
 }
 
@@ -250,6 +261,9 @@ mod tests {
     fn compact_form_round_trips_and_elides_only_own_stamps() {
         let cases = [
             (Some(Value::Float64(1.5)), VersionVector::single(3, 77), 77, 11),
+            // Region 1 reads like a one-entry vector's length if the flag is missed, and then
+            // the type tag (1) and the payload's first byte (77) like region and stamp.
+            (Some(Value::Int64(77)), VersionVector::single(1, 77), 77, 11),
             (None, VersionVector::single(1, 9), 9, 2),
             // Another counter, or several regions: kept whole.
             (Some(Value::Int64(4)), VersionVector::single(3, 76), 77, 0),
@@ -263,13 +277,20 @@ mod tests {
             compact(&raw, stamp, &mut c);
             if want_len > 0 {
                 assert_eq!(c.len(), want_len, "{value:?} {vv:?}");
-                assert!(decode(&c).is_err(), "files never hold the compact form");
+                assert!(decode(&c).is_err(), "the WAL and the wire never hold the stored form");
             } else {
                 assert_eq!(c, raw);
             }
             assert_eq!(compact_len(&raw, stamp), c.len());
-            assert_eq!(decode_compact(&c, stamp), Ok((value.clone(), vv.clone())));
-            assert!(decode_compact(&c[..c.len() - 1], stamp).is_err());
+            // Both forms give the same value part, and compacting twice changes nothing (a
+            // compaction rewrites tables whose cells are already stored).
+            assert_eq!(value_part(&c), value_part(&raw));
+            assert_eq!(value_part(&c).expect("value part").is_none(), value.is_none());
+            let mut again = Vec::new();
+            compact(&c, stamp, &mut again);
+            assert_eq!(again, c);
+            assert_eq!(decode_stored(&c, stamp), Ok((value.clone(), vv.clone())));
+            assert!(decode_stored(&c[..c.len() - 1], stamp).is_err());
         }
     }
 

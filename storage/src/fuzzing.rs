@@ -20,7 +20,7 @@ pub fn block(data: &[u8]) {
             let k = it.key().to_vec();
             assert!(prev.as_ref().is_none_or(|p| *p < k), "parsed block keys must increase");
             assert!(key::KeyRef::parse(&k).is_some(), "parsed block keys must be valid");
-            let _ = cell::decode(it.value());
+            let _ = cell::decode_stored(it.value(), key::system_time_of(&k).0);
             let mut s = BlockIter::new(b.clone());
             s.seek(&k);
             assert_eq!(s.key(), k.as_slice(), "seek must find an existing key");

@@ -198,7 +198,7 @@ impl Row {
             return None;
         }
         // Cells were encoded by this engine; one that does not decode is not served from here.
-        let (value, version_vector) = crate::cell::decode_compact(cell, system_time.0).ok()?;
+        let (value, version_vector) = crate::cell::decode_stored(cell, system_time.0).ok()?;
         Some(Some(CellVersion { event_time, system_time, value, version_vector }))
     }
 

@@ -160,7 +160,7 @@ impl Iterator for TableEntries {
                 feature: kr.feature(),
                 event_time: kr.event_time(),
                 system_time: kr.system_time(),
-                cell: cell::decode(v).map_err(|w| w.to_string()),
+                cell: cell::decode_stored(v, kr.system_time().0).map_err(|w| w.to_string()),
             }),
             None => TableEntry::MalformedKey(k.to_vec()),
         };

@@ -244,7 +244,8 @@ fn run(config: Config, ops: Vec<Op>) -> Result<Vec<String>, TestCaseError> {
                         let mut versions = Vec::new();
                         cursor
                             .entity_versions(e, lo, hi, |f, v| {
-                                let value = quiver_storage::cell::decode(v.cell).expect("cell").0;
+                                let value =
+                                    quiver_storage::cell::decode_stored(v.cell, v.system_time.0).expect("cell").0;
                                 versions.push((e.to_vec(), f, v.event_time, v.system_time, value));
                             })
                             .expect("sort-merge read");

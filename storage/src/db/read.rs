@@ -104,8 +104,8 @@ fn consider(best: &mut Found, cand: Found) {
 }
 
 fn to_version(path: &std::path::Path, k: &[u8], v: &[u8]) -> Result<CellVersion> {
-    let (value, version_vector) =
-        cell::decode(v).map_err(|w| Error::corruption(path, 0, format!("cell value: {w}")))?;
+    let (value, version_vector) = cell::decode_stored(v, key::system_time_of(k).0)
+        .map_err(|w| Error::corruption(path, 0, format!("cell value: {w}")))?;
     Ok(CellVersion { event_time: key::event_time_of(k), system_time: key::system_time_of(k), value, version_vector })
 }
 
@@ -549,7 +549,8 @@ impl Iterator for ScanIter {
 }
 
 /// One version as a [`PairCursor`] hands it out: times and the encoded cell (see
-/// [`crate::cell`]; decode it with [`crate::cell::decode`]).
+/// [`crate::cell`]; decode it with [`crate::cell::decode_stored`] and its system time, or take
+/// its value with [`crate::cell::value_part`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawVersion<'a> {
     /// Event time.

@@ -75,11 +75,8 @@ impl Inner {
             if i128::from(e.0) <= lo {
                 break;
             }
-            let (value, _) = crate::cell::decode(merge.value()).map_err(|w| Error::Corruption {
-                file: "(a window read)".into(),
-                offset: 0,
-                what: w.to_string(),
-            })?;
+            let (value, _) = crate::cell::decode_stored(merge.value(), key::system_time_of(k).0)
+                .map_err(|w| Error::Corruption { file: "(a window read)".into(), offset: 0, what: w.to_string() })?;
             out.push(Raw { event_time: e, system_time: key::system_time_of(k), value });
             merge.step()?;
         }

@@ -28,8 +28,9 @@ pub use writer::{TableInfo, TableWriter};
 
 /// Magic number at the very end of every table: "QUIVSST1".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"QUIVSST1");
-/// Format version this code writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version this code writes. Version 2: cells may be in the stored form (own stamps
+/// elided, see [`crate::cell::compact`]); version 1 tables never hold it and read the same.
+pub const FORMAT_VERSION: u32 = 2;
 /// Oldest format version this code reads.
 pub const FORMAT_VERSION_READ_MIN: u32 = 1;
 

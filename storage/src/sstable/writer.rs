@@ -53,6 +53,8 @@ pub struct TableWriter {
     system_time_min: u64,
     system_time_max: u64,
     scratch: Vec<u8>,
+    /// The cell being added, in the stored form.
+    cell: Vec<u8>,
     compressor: Option<Zstd>,
 }
 
@@ -106,6 +108,7 @@ impl TableWriter {
             system_time_min: u64::MAX,
             system_time_max: 0,
             scratch: Vec::new(),
+            cell: Vec::new(),
             compressor: match compression {
                 Compression::Zstd(level) => Some(Zstd::new(level).map_err(|e| Error::io(dir, e))?),
                 Compression::None => None,
@@ -152,7 +155,10 @@ impl TableWriter {
         let s = key::system_time_of(k).0;
         self.system_time_min = self.system_time_min.min(s);
         self.system_time_max = self.system_time_max.max(s);
-        self.data.add(k, value);
+        // The stored form: an own stamp is the key's system time, so it is not repeated.
+        self.cell.clear();
+        crate::cell::compact(value, s, &mut self.cell);
+        self.data.add(k, &self.cell);
         self.entries += 1;
         if self.data.size_estimate() >= self.block_size {
             self.finish_data_block()?;
