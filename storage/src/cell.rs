@@ -3,7 +3,7 @@
 //! system time to decode: [`decode_stored`]).
 //!
 //! ```text
-//! cell value = flags u8 (bit 0: tombstone; other bits must be 0)
+//! cell value = flags u8 (bit 0: tombstone; other bits must be 0 in this form)
 //!              | vv_len uvarint | vv_len x (region uvarint, counter uvarint)   (regions ascending)
 //!              | [if not tombstone] type u8 | payload
 //! payload    = bool: u8 0|1 | int64: i64 LE | float32: f32 LE | float64: f64 LE
@@ -13,6 +13,11 @@
 //! ```
 //!
 //! Example: int64 42 with version vector {1: 5} is `00 01 01 05 01 2a 00 00 00 00 00 00 00`.
+//!
+//! Stored form ([`compact`]; `FORMAT.md` §2): when the version vector is `{region: stamp}` and
+//! `stamp` is the key's system time, bit 1 of the flags is set and the region alone replaces
+//! the vector: `flags u8 | region uvarint | [if not tombstone] type u8 | payload`. The same
+//! int64 42 written at system time 5 is stored as `02 01 01 2a 00 00 00 00 00 00 00`.
 
 use crate::coding::{put_bytes, put_uvarint, DecodeError, Reader};
 use crate::limits::{LIST_ELEMENTS_MAX, VALUE_BYTES_MAX, VERSION_VECTOR_ENTRIES_MAX};
@@ -248,6 +253,9 @@ mod tests {
         let mut out = Vec::new();
         encode(Some(&Value::Int64(42)), &VersionVector::single(1, 5), &mut out);
         assert_eq!(out, [0x00, 0x01, 0x01, 0x05, 0x01, 0x2a, 0, 0, 0, 0, 0, 0, 0]);
+        let mut stored = Vec::new();
+        compact(&out, 5, &mut stored);
+        assert_eq!(stored, [0x02, 0x01, 0x01, 0x2a, 0, 0, 0, 0, 0, 0, 0]);
         let mut t = Vec::new();
         encode(None, &VersionVector::new(), &mut t);
         assert_eq!(t, [0x01, 0x00]);

@@ -10,11 +10,11 @@
 //! null where the join found nothing within the TTL (NOT_FOUND, STALE); `--use-defaults` fills
 //! registered defaults.
 //!
-//! The spine is sent as Arrow IPC in tickets of [`SPINE_ROWS_PER_REQUEST`] rows; each streamed
-//! answer batch (feature columns only, in spine order) is written with its rows' keys as one
-//! Parquet row group, so memory holds the spine's keys plus one batch of answers. Flight moves
-//! columns both ways: the server neither parses a protobuf message per spine row nor builds one
-//! per answer row, and the answers go to Parquet as they arrive.
+//! The spine is read whole (each row checked), then sent as Arrow IPC in tickets of
+//! [`SPINE_ROWS_PER_REQUEST`] rows; the answer batches (feature columns only, in spine order)
+//! are written to Parquet with their rows' keys as they arrive (the writer buffers up to a row
+//! group). Flight moves columns both ways: the server neither parses a protobuf message per
+//! spine row nor builds one per answer row.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -45,16 +45,14 @@ use crate::tabular;
 /// message and each answer's memory modest).
 pub const SPINE_ROWS_PER_REQUEST: usize = 1_000_000;
 
-/// The time column's name in the spine the CLI sends (not a join key's name: those may be
-/// anything, and this one is reserved-looking enough not to collide).
-const SPINE_TIME_COLUMN: &str = "__quiver_spine_time";
-
-/// `rows` as the Arrow IPC stream a join ticket carries: the join keys by name, then the time.
-fn spine_ipc(rows: &[pb::SpineRow], et: &pb::EntityType) -> Result<Vec<u8>> {
-    let arrays = key_arrays(rows, et);
-    let names = et.join_keys.iter().map(|k| k.name.as_str()).chain([SPINE_TIME_COLUMN]);
-    let fields: Vec<Field> = names.zip(&arrays).map(|(n, a)| Field::new(n, a.data_type().clone(), true)).collect();
-    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|e| format!("spine: {e}"))?;
+/// `arrays` (a spine chunk's [`key_arrays`]) as the Arrow IPC stream a join ticket carries:
+/// the join keys by name, then the time as `time_column` (the spine file's own name for it, so
+/// the server's errors name it as the user does; it is not a join key's).
+fn spine_ipc(arrays: &[ArrayRef], et: &pb::EntityType, time_column: &str) -> Result<Vec<u8>> {
+    let names = et.join_keys.iter().map(|k| k.name.as_str()).chain([time_column]);
+    let fields: Vec<Field> = names.zip(arrays).map(|(n, a)| Field::new(n, a.data_type().clone(), true)).collect();
+    let batch =
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays.to_vec()).map_err(|e| format!("spine: {e}"))?;
     let mut out = Vec::new();
     let mut w = StreamWriter::try_new(&mut out, &batch.schema()).map_err(|e| format!("spine: {e}"))?;
     w.write(&batch).map_err(|e| format!("spine: {e}"))?;
@@ -103,7 +101,11 @@ fn read_spine(path: &Path, et: &pb::EntityType, time_column: &str) -> Result<Spi
     let mut rows = Vec::new();
     while let Some((at, mut cells)) = table.next_row()? {
         let (entity, t) = cols.take(at, &mut cells)?;
-        rows.push(pb::SpineRow { entity: Some(entity), timestamp: Some(quiver_server::convert::timestamp(t)) });
+        let timestamp = quiver_server::convert::timestamp(t);
+        // A time outside what the API carries is this row's error, not a null later.
+        quiver_server::convert::micros(&timestamp, time_column)
+            .map_err(|e| format!("{}: {at}: {e}", path.display()))?;
+        rows.push(pb::SpineRow { entity: Some(entity), timestamp: Some(timestamp) });
     }
     Ok(Spine { rows })
 }
@@ -254,6 +256,8 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
         FlightServiceClient::new(ch).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
     for (chunk_no, chunk) in spine.rows.chunks(SPINE_ROWS_PER_REQUEST).enumerate() {
         let base = chunk_no * SPINE_ROWS_PER_REQUEST;
+        // The chunk's key and time columns: sent in the ticket, then sliced beside each answer.
+        let keys = key_arrays(chunk, &et);
         let ticket = pb::FlightTicket {
             kind: Some(pb::flight_ticket::Kind::Join(pb::FlightJoin {
                 entity_type: et.name.clone(),
@@ -261,8 +265,8 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
                 known_at: args.known_at_us.map(quiver_server::convert::timestamp),
                 strict_availability: args.strict_availability,
                 use_defaults: args.use_defaults,
-                spine_ipc: spine_ipc(chunk, &et)?,
-                timestamp_column: SPINE_TIME_COLUMN.into(),
+                spine_ipc: spine_ipc(&keys, &et, &args.time_column)?,
+                timestamp_column: args.time_column.clone(),
                 with_status: false,
             })),
         };
@@ -275,7 +279,7 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
             if batch.num_columns() != names.len() || next + n > chunk.len() {
                 return Err(format!("the server's answer does not fit the spine at row {}", base + next));
             }
-            let mut columns = key_arrays(&chunk[next..next + n], &et);
+            let mut columns: Vec<ArrayRef> = keys.iter().map(|a| a.slice(next, n)).collect();
             for (j, a) in batch.columns().iter().enumerate() {
                 filled[j] += (a.len() - a.null_count()) as u64;
                 columns.push(a.clone());

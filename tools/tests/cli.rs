@@ -353,14 +353,18 @@ features = [
         quiver(&["--addr", &addr, "get", "--entity-type", "user", "--entity", "fresh", "--feature", "stats:spend"]);
     assert!(ok && out.contains("(not_found)"), "nothing of the bad file was written: {out}");
 
-    // The spine: every user (and one unknown) at times before, between and after the events.
+    // The spine: every user (and one unknown) at times before, between and after the events,
+    // 12 rounds over with the times a microsecond later each round: 4,284 rows, so that the
+    // answer comes in several Flight batches (4,096 rows each), in an order not the entities'.
     let offsets_us = [-1, 0, HOUR_US / 2 - 1, HOUR_US / 2 + 1, HOUR_US + 5, 2 * HOUR_US, 4 * HOUR_US];
     let mut spine_ids = Vec::new();
     let mut spine_ts = Vec::new();
-    for i in 0..=users {
-        for off in offsets_us {
-            spine_ids.push(format!("u{i}"));
-            spine_ts.push(T0_MS * 1000 + off);
+    for round in 0..12 {
+        for i in 0..=users {
+            for off in offsets_us {
+                spine_ids.push(format!("u{i}"));
+                spine_ts.push(T0_MS * 1000 + off + round);
+            }
         }
     }
     // What the join must answer: the newest event at or before t, within the 1 h TTL.
@@ -453,6 +457,22 @@ features = [
         "stats:clicks",
     ]);
     assert!(!ok && err.contains("no event_time column") && err.trim().lines().count() == 1, "{err}");
+    // A time the API cannot carry is its row's error, before anything is sent.
+    let far = tmp.path().join("far.csv");
+    std::fs::write(&far, "user_id,ts\nu1,5\nu2,400000000000000000\n").expect("csv");
+    let (ok, _, err) = quiver(&[
+        "--addr",
+        &addr,
+        "join",
+        far.to_str().expect("path"),
+        "-o",
+        tmp.path().join("x.parquet").to_str().expect("path"),
+        "--time-column",
+        "ts",
+        "--feature",
+        "stats:clicks",
+    ]);
+    assert!(!ok && err.contains("far.csv") && err.contains("9999-12-31") && err.contains("ts"), "{err}");
     assert!(d.stop());
 }
 

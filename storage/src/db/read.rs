@@ -698,14 +698,15 @@ impl PairCursor {
                 self.positioned[i] = true;
             }
             let before = found.len();
-            // The table entry visited last, when its entity was this one.
-            let mut last: Option<(*const Block, usize)> = None;
+            // Whether this visit has taken an entry (each is of this entity). A visit hands
+            // out a block's entries one after another from where it starts, and a new block
+            // from its entry 0, so an entry `e > 0` comes right after entry `e - 1` of its block.
+            let mut took = false;
             s.visit(|k, v, at| {
                 // A key of another entity (or malformed) ends the entity's run. A table
-                // entry that follows one of this entity and shares its entity part (checked
+                // entry right after one of this entity that shares its entity part (checked
                 // when the block was loaded) needs no comparison.
-                let follows =
-                    at.is_some_and(|(b, e)| e > 0 && last == Some((Arc::as_ptr(b), e - 1)) && b.shares_entity(e));
+                let follows = took && at.is_some_and(|(b, e)| e > 0 && b.shares_entity(e));
                 let kr = if follows {
                     KeyRef::known_valid(k)
                 } else {
@@ -714,7 +715,7 @@ impl PairCursor {
                         None => return false,
                     }
                 };
-                last = at.map(|(b, e)| (Arc::as_ptr(b), e));
+                took = true;
                 let feature = kr.feature();
                 if feature > hi {
                     return false;

@@ -432,4 +432,26 @@ mod tests {
         }
         assert!(kept.approximate_bytes() < once.approximate_bytes(), "only the kept block is trimmed");
     }
+
+    #[test]
+    fn shares_entity_marks_exactly_the_entries_whose_entity_part_is_the_previous_ones() {
+        // Entities of the same length next to each other, a longer and a shorter one, and an
+        // entity that extends the previous one's bytes; restarts every 4 entries.
+        let entities: [&[u8]; 6] = [b"ab", b"ab", b"ac", b"abc", b"abc", b"b"];
+        let mut ks: Vec<Vec<u8>> = Vec::new();
+        for (i, e) in entities.iter().enumerate() {
+            for f in 0..3 {
+                ks.push(encode(e, FeatureId(f), EventTime(i as i64), SystemTime(1)));
+            }
+        }
+        ks.sort();
+        ks.dedup();
+        let b = Block::parse(block_of(ks.iter().map(|k| (k, b"v")), 4)).expect("parses");
+        for i in 0..b.len() {
+            let entity = |j: usize| crate::key::KeyRef::parse(b.key(j)).expect("key").entity_prefix().to_vec();
+            let want = i % 4 != 0 && entity(i) == entity(i - 1);
+            assert_eq!(b.shares_entity(i), want, "entry {i}");
+        }
+        assert!((0..b.len()).any(|i| b.shares_entity(i)) && (1..b.len()).any(|i| !b.shares_entity(i)));
+    }
 }
