@@ -10,11 +10,14 @@
 //! null where the join found nothing within the TTL (NOT_FOUND, STALE); `--use-defaults` fills
 //! registered defaults.
 //!
-//! The spine is read whole (each row checked), then sent as Arrow IPC in tickets of
-//! [`SPINE_ROWS_PER_REQUEST`] rows; the answer batches (feature columns only, in spine order)
+//! The spine is read [`SPINE_ROWS_PER_REQUEST`] rows at a time (each row checked) and each part
+//! sent as Arrow IPC in one ticket; the answer batches (feature columns only, in spine order)
 //! are written to Parquet with their rows' keys as they arrive (the writer buffers up to a row
-//! group). Flight moves columns both ways: the server neither parses a protobuf message per
-//! spine row nor builds one per answer row.
+//! group), so memory holds one part of the spine and its answers whatever the spine's length.
+//! The output goes to a temporary file renamed at the end: a join that fails midway (a bad row
+//! in a later part, the server gone) leaves nothing at the output path. Flight moves columns
+//! both ways: the server neither parses a protobuf message per spine row nor builds one per
+//! answer row.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -89,25 +92,37 @@ pub struct JoinSummary {
     pub filled: Vec<(String, u64)>,
 }
 
-/// The spine: entity keys and times, in file order.
-struct Spine {
-    rows: Vec<pb::SpineRow>,
+/// The spine file, read [`SPINE_ROWS_PER_REQUEST`] rows at a time: entity keys and times, in
+/// file order, each row checked.
+struct SpineReader {
+    path: PathBuf,
+    table: Box<dyn tabular::Rows + Send>,
+    cols: tabular::KeyColumns,
+    time_column: String,
 }
 
-fn read_spine(path: &Path, et: &pb::EntityType, time_column: &str) -> Result<Spine> {
-    let mut table = tabular::open(path)?;
-    let cols = tabular::KeyColumns::locate(&path.display().to_string(), table.header(), et, time_column)
-        .map_err(|e| format!("{e} (see --time-column)"))?;
-    let mut rows = Vec::new();
-    while let Some((at, mut cells)) = table.next_row()? {
-        let (entity, t) = cols.take(at, &mut cells)?;
-        let timestamp = quiver_server::convert::timestamp(t);
-        // A time outside what the API carries is this row's error, not a null later.
-        quiver_server::convert::micros(&timestamp, time_column)
-            .map_err(|e| format!("{}: {at}: {e}", path.display()))?;
-        rows.push(pb::SpineRow { entity: Some(entity), timestamp: Some(timestamp) });
+impl SpineReader {
+    fn open(path: &Path, et: &pb::EntityType, time_column: &str) -> Result<SpineReader> {
+        let table = tabular::open(path)?;
+        let cols = tabular::KeyColumns::locate(&path.display().to_string(), table.header(), et, time_column)
+            .map_err(|e| format!("{e} (see --time-column)"))?;
+        Ok(SpineReader { path: path.to_path_buf(), table, cols, time_column: time_column.to_string() })
     }
-    Ok(Spine { rows })
+
+    /// The next rows, at most [`SPINE_ROWS_PER_REQUEST`] (none at the end of the file).
+    fn next_chunk(&mut self) -> Result<Vec<pb::SpineRow>> {
+        let mut rows = Vec::new();
+        while rows.len() < SPINE_ROWS_PER_REQUEST {
+            let Some((at, mut cells)) = self.table.next_row()? else { break };
+            let (entity, t) = self.cols.take(at, &mut cells)?;
+            let timestamp = quiver_server::convert::timestamp(t);
+            // A time outside what the API carries is this row's error, not a null later.
+            quiver_server::convert::micros(&timestamp, &self.time_column)
+                .map_err(|e| format!("{}: {at}: {e}", self.path.display()))?;
+            rows.push(pb::SpineRow { entity: Some(entity), timestamp: Some(timestamp) });
+        }
+        Ok(rows)
+    }
 }
 
 pub(crate) fn arrow_type(t: pb::ValueType) -> DataType {
@@ -243,19 +258,41 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
     let group = first.split_once(':').map(|(g, _)| g).ok_or_else(|| format!("bad feature reference {first:?}"))?;
     let ch = server.channel().await?;
     let (_, et) = fetch_group(&ch, group).await?;
-    let (path, et2, tc) = (args.spine.clone(), et.clone(), args.time_column.clone());
-    let spine = tokio::task::spawn_blocking(move || read_spine(&path, &et2, &tc))
-        .await
-        .map_err(|e| format!("reading the spine: {e}"))??;
+    let mut spine = SpineReader::open(&args.spine, &et, &args.time_column)?;
+    // The output is written to a temporary file beside it and renamed at the end: a join that
+    // fails midway (a bad spine row in a later chunk, the server gone) leaves nothing there.
+    let out = args.output.display().to_string();
+    let dir = match args.output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // Readable as a file `File::create` makes (0644 less the umask), not a temporary file's 0600.
+    let partial = tempfile::Builder::new()
+        .prefix(".quiver-join-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .tempfile_in(&dir)
+        .map_err(|e| format!("{out}: {e}"))?;
 
     let names = output_names(&args.features);
     let mut writer: Option<(ArrowWriter<File>, Arc<Schema>)> = None;
     let mut filled = vec![0u64; names.len()];
-    let out = args.output.display().to_string();
     let mut client =
         FlightServiceClient::new(ch).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-    for (chunk_no, chunk) in spine.rows.chunks(SPINE_ROWS_PER_REQUEST).enumerate() {
-        let base = chunk_no * SPINE_ROWS_PER_REQUEST;
+    let mut base = 0usize;
+    loop {
+        // Read on a blocking thread (the file may be large); the reader goes there and back.
+        let (back, chunk) = tokio::task::spawn_blocking(move || {
+            let chunk = spine.next_chunk();
+            (spine, chunk)
+        })
+        .await
+        .map_err(|e| format!("reading the spine: {e}"))?;
+        spine = back;
+        let chunk = chunk?;
+        if chunk.is_empty() {
+            break;
+        }
+        let chunk = chunk.as_slice();
         // The chunk's key and time columns: sent in the ticket, then sliced beside each answer.
         let keys = key_arrays(chunk, &et);
         let ticket = pb::FlightTicket {
@@ -299,7 +336,7 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
                 for (name, a) in names.iter().zip(batch.columns()) {
                     fields.push(Field::new(name, a.data_type().clone(), true));
                 }
-                let file = File::create(&args.output).map_err(|e| format!("{out}: {e}"))?;
+                let file = partial.reopen().map_err(|e| format!("{out}: {e}"))?;
                 // zstd at level 1, and dictionaries only for the join keys (which repeat): feature
                 // values rarely do, and building their dictionaries cost more than the rest of
                 // the write.
@@ -323,6 +360,7 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
         if next != chunk.len() {
             return Err(format!("the server's answer ended early at spine row {}", base + next));
         }
+        base += chunk.len();
     }
     match writer {
         Some((w, _)) => {
@@ -330,5 +368,6 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
         }
         None => return Err(format!("{}: the spine has no rows", args.spine.display())),
     }
-    Ok(JoinSummary { rows: spine.rows.len() as u64, filled: names.into_iter().zip(filled).collect() })
+    partial.persist(&args.output).map_err(|e| format!("{out}: {}", e.error))?;
+    Ok(JoinSummary { rows: base as u64, filled: names.into_iter().zip(filled).collect() })
 }

@@ -473,6 +473,14 @@ features = [
         "stats:clicks",
     ]);
     assert!(!ok && err.contains("far.csv") && err.contains("9999-12-31") && err.contains("ts"), "{err}");
+    // A failed join leaves nothing at its output path, and no temporary file beside it.
+    assert!(!tmp.path().join("x.parquet").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".quiver-join-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     assert!(d.stop());
 }
 
