@@ -176,7 +176,7 @@ fn own_stamp_parts(raw: &[u8], system_time: u64) -> Option<(u8, std::ops::Range<
 /// write has when no other region is known, is replaced by the region alone, so a float64
 /// takes 11 bytes instead of 20. Other cells, and cells already in that form, are kept as they
 /// are.
-pub fn compact(raw: &[u8], system_time: u64, out: &mut Vec<u8>) {
+pub(crate) fn compact(raw: &[u8], system_time: u64, out: &mut Vec<u8>) {
     match own_stamp_parts(raw, system_time) {
         Some((flags, region, value)) => {
             out.push(flags | FLAG_OWN_STAMP);

@@ -56,12 +56,10 @@ fn spine_ipc(arrays: &[ArrayRef], et: &pb::EntityType, time_column: &str) -> Res
     let fields: Vec<Field> = names.zip(arrays).map(|(n, a)| Field::new(n, a.data_type().clone(), true)).collect();
     let batch =
         RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays.to_vec()).map_err(|e| format!("spine: {e}"))?;
-    let mut out = Vec::new();
-    let mut w = StreamWriter::try_new(&mut out, &batch.schema()).map_err(|e| format!("spine: {e}"))?;
+    let mut w = StreamWriter::try_new(Vec::new(), &batch.schema()).map_err(|e| format!("spine: {e}"))?;
     w.write(&batch).map_err(|e| format!("spine: {e}"))?;
     w.finish().map_err(|e| format!("spine: {e}"))?;
-    drop(w);
-    Ok(out)
+    w.into_inner().map_err(|e| format!("spine: {e}"))
 }
 
 /// A Flight call's error as the CLI reports gRPC errors (code: message).
