@@ -26,7 +26,7 @@ use std::sync::Arc;
 use arrow_array::builder::{
     BinaryBuilder, BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
 };
-use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_client::FlightServiceClient;
@@ -90,36 +90,98 @@ pub struct JoinSummary {
     pub filled: Vec<(String, u64)>,
 }
 
-/// The spine file, read [`SPINE_ROWS_PER_REQUEST`] rows at a time: entity keys and times, in
-/// file order, each row checked.
+/// The spine file, read [`SPINE_ROWS_PER_REQUEST`] rows at a time as the Arrow columns a join
+/// ticket carries (see [`spine_ipc`]): one per join key, then the time. Every row is checked.
 struct SpineReader {
     path: PathBuf,
-    table: Box<dyn tabular::Rows + Send>,
-    cols: tabular::KeyColumns,
+    source: SpineSource,
     time_column: String,
+    /// Rows of the last Parquet batch beyond the previous chunk (its first row number).
+    pending: Option<(tabular::KeyBatch, usize)>,
+}
+
+/// A spine time outside what the API carries is its row's error, not a null later.
+fn check_time(path: &Path, time_column: &str, t: i64, at: tabular::Location) -> Result<()> {
+    quiver_server::convert::micros(&quiver_server::convert::timestamp(t), time_column)
+        .map(drop)
+        .map_err(|e| format!("{}: {at}: {e}", path.display()))
+}
+
+/// Where spine rows come from: a Parquet file's key and time columns a record batch at a time,
+/// or a table row by row (CSV).
+enum SpineSource {
+    Columns(tabular::KeyBatches),
+    Rows { table: Box<dyn tabular::Rows + Send>, cols: tabular::KeyColumns, et: pb::EntityType },
 }
 
 impl SpineReader {
     fn open(path: &Path, et: &pb::EntityType, time_column: &str) -> Result<SpineReader> {
-        let table = tabular::open(path)?;
-        let cols = tabular::KeyColumns::locate(&path.display().to_string(), table.header(), et, time_column)
-            .map_err(|e| format!("{e} (see --time-column)"))?;
-        Ok(SpineReader { path: path.to_path_buf(), table, cols, time_column: time_column.to_string() })
+        let parquet = matches!(
+            path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
+            Some("parquet" | "pq")
+        );
+        let see = |e: String| format!("{e} (see --time-column)");
+        let source = if parquet {
+            SpineSource::Columns(tabular::KeyBatches::open(path, et, time_column).map_err(see)?)
+        } else {
+            let table = tabular::open(path)?;
+            let cols = tabular::KeyColumns::locate(&path.display().to_string(), table.header(), et, time_column)
+                .map_err(see)?;
+            SpineSource::Rows { table, cols, et: et.clone() }
+        };
+        Ok(SpineReader { path: path.to_path_buf(), source, time_column: time_column.to_string(), pending: None })
     }
 
-    /// The next rows, at most [`SPINE_ROWS_PER_REQUEST`] (none at the end of the file).
-    fn next_chunk(&mut self) -> Result<Vec<pb::SpineRow>> {
-        let mut rows = Vec::new();
-        while rows.len() < SPINE_ROWS_PER_REQUEST {
-            let Some((at, mut cells)) = self.table.next_row()? else { break };
-            let (entity, t) = self.cols.take(at, &mut cells)?;
-            let timestamp = quiver_server::convert::timestamp(t);
-            // A time outside what the API carries is this row's error, not a null later.
-            quiver_server::convert::micros(&timestamp, &self.time_column)
-                .map_err(|e| format!("{}: {at}: {e}", self.path.display()))?;
-            rows.push(pb::SpineRow { entity: Some(entity), timestamp: Some(timestamp) });
+    /// The next rows' key and time columns, at most [`SPINE_ROWS_PER_REQUEST`] rows (`None`
+    /// at the end of the file).
+    fn next_chunk(&mut self) -> Result<Option<Vec<ArrayRef>>> {
+        if let SpineSource::Rows { table, cols, et } = &mut self.source {
+            let mut rows = Vec::new();
+            while rows.len() < SPINE_ROWS_PER_REQUEST {
+                let Some((at, mut cells)) = table.next_row()? else { break };
+                let (entity, t) = cols.take(at, &mut cells)?;
+                check_time(&self.path, &self.time_column, t, at)?;
+                rows.push(pb::SpineRow { entity: Some(entity), timestamp: Some(quiver_server::convert::timestamp(t)) });
+            }
+            return Ok((!rows.is_empty()).then(|| key_arrays(&rows, et)));
         }
-        Ok(rows)
+        // Parquet: whole batches, the last one cut at the chunk's end (its rest starts the next).
+        let mut parts: Vec<Vec<ArrayRef>> = Vec::new();
+        let mut times: Vec<i64> = Vec::new();
+        while times.len() < SPINE_ROWS_PER_REQUEST {
+            let (batch, from) = match self.pending.take() {
+                Some(p) => p,
+                None => {
+                    let SpineSource::Columns(reader) = &mut self.source else { break };
+                    match reader.next_batch()? {
+                        Some(b) => {
+                            for (i, &t) in b.times.iter().enumerate() {
+                                let at = tabular::Location::Row(b.first_row + i as u64);
+                                check_time(&self.path, &self.time_column, t, at)?;
+                            }
+                            (b, 0)
+                        }
+                        None => break,
+                    }
+                }
+            };
+            let take = (batch.times.len() - from).min(SPINE_ROWS_PER_REQUEST - times.len());
+            parts.push(batch.keys.iter().map(|a| a.slice(from, take)).collect());
+            times.extend_from_slice(&batch.times[from..from + take]);
+            if from + take < batch.times.len() {
+                self.pending = Some((batch, from + take));
+            }
+        }
+        if times.is_empty() {
+            return Ok(None);
+        }
+        let mut columns = Vec::with_capacity(parts[0].len() + 1);
+        for k in 0..parts[0].len() {
+            let pieces: Vec<&dyn Array> = parts.iter().map(|p| p[k].as_ref()).collect();
+            columns.push(arrow_select::concat::concat(&pieces).map_err(|e| format!("{}: {e}", self.path.display()))?);
+        }
+        columns.push(Arc::new(TimestampMicrosecondArray::new(times.into(), None).with_timezone("UTC")));
+        Ok(Some(columns))
     }
 }
 
@@ -286,13 +348,9 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
         .await
         .map_err(|e| format!("reading the spine: {e}"))?;
         spine = back;
-        let chunk = chunk?;
-        if chunk.is_empty() {
-            break;
-        }
-        let chunk = chunk.as_slice();
         // The chunk's key and time columns: sent in the ticket, then sliced beside each answer.
-        let keys = key_arrays(chunk, &et);
+        let Some(keys) = chunk? else { break };
+        let rows = keys[0].len();
         let ticket = pb::FlightTicket {
             kind: Some(pb::flight_ticket::Kind::Join(pb::FlightJoin {
                 entity_type: et.name.clone(),
@@ -311,7 +369,7 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
         while let Some(batch) = answers.next().await {
             let batch = batch.map_err(flight_error)?;
             let n = batch.num_rows();
-            if batch.num_columns() != names.len() || next + n > chunk.len() {
+            if batch.num_columns() != names.len() || next + n > rows {
                 return Err(format!("the server's answer does not fit the spine at row {}", base + next));
             }
             let mut columns: Vec<ArrayRef> = keys.iter().map(|a| a.slice(next, n)).collect();
@@ -355,10 +413,10 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
             }
             next += n;
         }
-        if next != chunk.len() {
+        if next != rows {
             return Err(format!("the server's answer ended early at spine row {}", base + next));
         }
-        base += chunk.len();
+        base += rows;
     }
     match writer {
         Some((w, _)) => {

@@ -352,6 +352,133 @@ impl KeyColumns {
     }
 }
 
+/// A Parquet table's join key and time columns read whole, a record batch at a time (for a
+/// join's spine, where converting each row to cells cost more than the rest of the client).
+/// Only those columns are decoded. Every row is checked as [`KeyColumns::take`] checks it, with
+/// the same messages: a key or time that would be refused in the row path is refused here at
+/// its row.
+pub struct KeyBatches {
+    what: String,
+    reader: ParquetRecordBatchReader,
+    keys: Vec<(String, pb::JoinKeyType)>,
+    time_name: String,
+    /// Rows read so far.
+    row: u64,
+}
+
+/// One batch of a [`KeyBatches`]: the join key columns (Int64 or Utf8, one per join key of the
+/// entity type, no nulls), the times in microseconds, and the 1-based row number of its first row.
+pub struct KeyBatch {
+    pub keys: Vec<ArrayRef>,
+    pub times: Vec<i64>,
+    pub first_row: u64,
+}
+
+impl KeyBatches {
+    /// Opens `path` (a Parquet file) for the join keys of `et` and the column `time_name`.
+    pub fn open(path: &Path, et: &pb::EntityType, time_name: &str) -> Result<Self> {
+        let what = path.display().to_string();
+        let file = File::open(path).map_err(|e| format!("{what}: {e}"))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format!("{what}: {e}"))?;
+        let header: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
+        // The same lookups (and errors) as the row path.
+        let cols = KeyColumns::locate(&what, &header, et, time_name)?;
+        let mut wanted: Vec<usize> = cols.keys.iter().map(|k| k.0).chain([cols.time]).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), wanted);
+        let reader = builder
+            .with_projection(mask)
+            .with_batch_size(PARQUET_BATCH_ROWS)
+            .build()
+            .map_err(|e| format!("{what}: {e}"))?;
+        let keys = cols.keys.into_iter().map(|(_, name, t)| (name, t)).collect();
+        Ok(KeyBatches { what, reader, keys, time_name: cols.time_name, row: 0 })
+    }
+
+    /// The next batch, or `None` at the end of the file.
+    pub fn next_batch(&mut self) -> Result<Option<KeyBatch>> {
+        let what = &self.what;
+        let batch = loop {
+            match self.reader.next() {
+                None => return Ok(None),
+                Some(b) => {
+                    let b = b.map_err(|e| format!("{what}: {e}"))?;
+                    if b.num_rows() > 0 {
+                        break b;
+                    }
+                }
+            }
+        };
+        let first_row = self.row + 1;
+        let column = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("{what}: no {name} column"));
+        let mut keys = Vec::with_capacity(self.keys.len());
+        for (name, t) in &self.keys {
+            let a = column(name)?;
+            keys.push(key_array(a, *t).map_err(|(i, e)| match i {
+                Some(i) => format!("{what}: {}: {name}: {e}", Location::Row(first_row + i as u64)),
+                None => format!("{what}: column {name}: {e}"),
+            })?);
+        }
+        let name = &self.time_name;
+        let times = time_values(column(name)?).map_err(|(i, e)| match i {
+            Some(i) => format!("{what}: {}: {name}: {e}", Location::Row(first_row + i as u64)),
+            None => format!("{what}: column {name}: {e}"),
+        })?;
+        self.row += batch.num_rows() as u64;
+        Ok(Some(KeyBatch { keys, times, first_row }))
+    }
+}
+
+/// A column's failure: at a row (its index in the batch), or of the whole column.
+type ColumnError = (Option<usize>, String);
+
+/// A join key column as Int64 or Utf8 values: as it is when it already is one without nulls,
+/// else cell by cell through [`key_part`] (its conversions and messages).
+fn key_array(a: &ArrayRef, t: pb::JoinKeyType) -> std::result::Result<ArrayRef, ColumnError> {
+    use pb::key_part::Kind;
+    let exact = match t {
+        pb::JoinKeyType::Int64 => a.data_type() == &DataType::Int64,
+        _ => a.data_type() == &DataType::Utf8,
+    };
+    if exact && a.null_count() == 0 {
+        return Ok(a.clone());
+    }
+    let cells = column_cells(a).map_err(|e| (None, e))?;
+    let mut ints = Vec::new();
+    let mut strs = arrow_array::builder::StringBuilder::new();
+    for (i, c) in cells.into_iter().enumerate() {
+        match key_part(c, t).map_err(|e| (Some(i), e))?.kind {
+            Some(Kind::Int64Value(v)) => ints.push(v),
+            Some(Kind::StringValue(s)) => strs.append_value(s),
+            None => return Err((Some(i), "a join key is missing".into())),
+        }
+    }
+    Ok(match t {
+        pb::JoinKeyType::Int64 => std::sync::Arc::new(arrow_array::Int64Array::from(ints)),
+        _ => std::sync::Arc::new(strs.finish()),
+    })
+}
+
+/// A time column in microseconds: read directly from an Int64 or timestamp column without
+/// nulls, else cell by cell through [`time`] (its conversions and messages).
+fn time_values(a: &ArrayRef) -> std::result::Result<Vec<i64>, ColumnError> {
+    if a.null_count() == 0 {
+        let direct = match a.data_type() {
+            DataType::Int64 => Some(a.as_primitive::<Int64Type>().values().to_vec()),
+            DataType::Timestamp(TimeUnit::Microsecond, _) => {
+                Some(a.as_primitive::<TimestampMicrosecondType>().values().to_vec())
+            }
+            _ => None,
+        };
+        if let Some(v) = direct {
+            return Ok(v);
+        }
+    }
+    let cells = column_cells(a).map_err(|e| (None, e))?;
+    cells.into_iter().enumerate().map(|(i, c)| time(c).map_err(|e| (Some(i), e))).collect()
+}
+
 /// A join key part of type `t` from a cell.
 pub fn key_part(c: Cell, t: pb::JoinKeyType) -> Result<pb::KeyPart> {
     use pb::key_part::Kind;

@@ -258,7 +258,7 @@ fn parquet_ingest_and_join_agree_with_the_as_of_rule() {
     use arrow_array::builder::{Float32Builder, ListBuilder, StringBuilder};
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Float64Type, Int64Type, TimestampMicrosecondType};
-    use arrow_array::{Array, TimestampMillisecondArray};
+    use arrow_array::{Array, TimestampMillisecondArray, TimestampSecondArray};
     use arrow_array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use parquet::arrow::ArrowWriter;
@@ -473,6 +473,44 @@ features = [
         "stats:clicks",
     ]);
     assert!(!ok && err.contains("far.csv") && err.contains("9999-12-31") && err.contains("ts"), "{err}");
+    // A Parquet spine's columns are checked row by row as well: a missing key, and a time
+    // (here in seconds) the API cannot carry, each at its row.
+    let join_err = |spine: &std::path::Path| {
+        let (ok, _, err) = quiver(&[
+            "--addr",
+            &addr,
+            "join",
+            spine.to_str().expect("path"),
+            "-o",
+            tmp.path().join("x.parquet").to_str().expect("path"),
+            "--time-column",
+            "ts",
+            "--feature",
+            "stats:clicks",
+        ]);
+        assert!(!ok);
+        err
+    };
+    let no_key = tmp.path().join("no_key.parquet");
+    write_parquet(
+        &no_key,
+        vec![
+            ("user_id", Arc::new(StringArray::from(vec![Some("u1"), Some("u2"), None])) as ArrayRef),
+            ("ts", Arc::new(Int64Array::from(vec![5, 6, 7]))),
+        ],
+    );
+    let err = join_err(&no_key);
+    assert!(err.contains("no_key.parquet: row 3: user_id: a join key is missing"), "{err}");
+    let far_pq = tmp.path().join("far.parquet");
+    write_parquet(
+        &far_pq,
+        vec![
+            ("user_id", Arc::new(StringArray::from(vec!["u1", "u2"])) as ArrayRef),
+            ("ts", Arc::new(TimestampSecondArray::from(vec![5, 400_000_000_000]))),
+        ],
+    );
+    let err = join_err(&far_pq);
+    assert!(err.contains("far.parquet: row 2") && err.contains("9999-12-31") && err.contains("ts"), "{err}");
     // A failed join leaves nothing at its output path, and no temporary file beside it.
     assert!(!tmp.path().join("x.parquet").exists());
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
