@@ -466,6 +466,199 @@ fn decode_answer(r: &mut &[u8], default: Option<&Value>) -> Result<(pb::FeatureS
     }
 }
 
+/// Bytes one answer takes in a [`FixedAnswers`] record: its status, its event time and its
+/// value's 8-byte slot, for a fixed-width type (`None` for the other types, which go to an
+/// [`AnswerLog`]).
+fn fixed_answer_bytes(t: pb::ValueType) -> Option<usize> {
+    matches!(t, pb::ValueType::Bool | pb::ValueType::Int64 | pb::ValueType::Float32 | pb::ValueType::Float64)
+        .then_some(FIXED_ANSWER_BYTES)
+}
+
+/// See [`fixed_answer_bytes`]: status byte, event time (i64 LE), value slot (LE, zero-padded).
+const FIXED_ANSWER_BYTES: usize = 1 + 8 + 8;
+
+/// A join run's answers for features whose values have a fixed width, one fixed-size record
+/// per spine row in the order the run answered them (entity order): per feature, its status,
+/// its event time and its value (the served value where PRESENT, the default where DEFAULTED,
+/// else zero, as [`push_value`] fills a protobuf column). Nothing is encoded or decoded per
+/// answer, and a row's answers lie together for the gather in spine order.
+struct FixedAnswers {
+    types: Vec<pb::ValueType>,
+    buf: Vec<u8>,
+    rows: usize,
+}
+
+impl FixedAnswers {
+    /// Records for `rows` rows of answers to features of `types` (all fixed-width).
+    fn new(types: Vec<pb::ValueType>, rows: usize) -> Self {
+        FixedAnswers { buf: Vec::with_capacity(rows * types.len() * FIXED_ANSWER_BYTES), types, rows: 0 }
+    }
+
+    /// The current row's next answer (features in order): a status, an event time and the
+    /// value that goes with it.
+    fn push(&mut self, status: pb::FeatureStatus, event_us: i64, value: Option<&Value>) {
+        // Which feature this answer is to: a value of another type is zero, as in push_value.
+        let t = self.types[(self.buf.len() / FIXED_ANSWER_BYTES) % self.types.len()];
+        let slot: [u8; 8] = match (t, value) {
+            (pb::ValueType::Bool, Some(Value::Bool(x))) => u64::from(*x).to_le_bytes(),
+            (pb::ValueType::Int64, Some(Value::Int64(x))) => x.to_le_bytes(),
+            (pb::ValueType::Float32, Some(Value::Float32(x))) => u64::from(x.to_bits()).to_le_bytes(),
+            (pb::ValueType::Float64, Some(Value::Float64(x))) => x.to_le_bytes(),
+            _ => [0; 8],
+        };
+        self.buf.push(status as u8);
+        self.buf.extend_from_slice(&event_us.to_le_bytes());
+        self.buf.extend_from_slice(&slot);
+    }
+
+    /// Ends the current row; returns its index.
+    fn end_row(&mut self) -> usize {
+        self.rows += 1;
+        self.rows - 1
+    }
+
+    /// Appends row `i`'s answers to `out` (one column per feature, as [`column`] made them).
+    fn copy_row(&self, i: usize, out: &mut [pb::FeatureColumn]) -> Result<()> {
+        let stride = self.types.len() * FIXED_ANSWER_BYTES;
+        let rec = self.buf.get(i * stride..(i + 1) * stride).ok_or_else(|| corrupt(ANSWER_LOG, "no such row"))?;
+        for ((a, t), col) in rec.chunks_exact(FIXED_ANSWER_BYTES).zip(&self.types).zip(out) {
+            let word = |r: std::ops::Range<usize>| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&a[r]);
+                b
+            };
+            let status =
+                pb::FeatureStatus::try_from(i32::from(a[0])).map_err(|_| corrupt(ANSWER_LOG, "bad answer status"))?;
+            col.statuses.push(status as i32);
+            col.event_times_us.push(i64::from_le_bytes(word(1..9)));
+            let slot = word(9..17);
+            // A Value of the feature's own type: so a stored value of another type was written
+            // as zero (and is read back as zero), as `push_value` treats it.
+            match t {
+                pb::ValueType::Bool => col.bool_values.push(u64::from_le_bytes(slot) != 0),
+                pb::ValueType::Int64 => col.int64_values.push(i64::from_le_bytes(slot)),
+                pb::ValueType::Float32 => col.float32_values.push(f32::from_bits(u64::from_le_bytes(slot) as u32)),
+                pb::ValueType::Float64 => col.float64_values.push(f64::from_le_bytes(slot)),
+                _ => return Err(corrupt(ANSWER_LOG, "a variable-width answer among fixed ones")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where one join run keeps its answers until they are streamed in spine order: as fixed-size
+/// records when every feature has a fixed-width type and they fit the run's share of the
+/// join's memory, else as encoded records in an [`AnswerLog`] (which spills to a temporary
+/// file).
+enum RunStore {
+    Fixed(FixedAnswers),
+    Log { log: AnswerLog, rec: Vec<u8> },
+}
+
+impl RunStore {
+    /// A store for `rows` answers to each of `features` within `spill_at` bytes of memory.
+    fn new(features: &[ResolvedFeature], rows: usize, spill_at: usize) -> Self {
+        let bytes: Option<usize> = features.iter().map(|f| fixed_answer_bytes(f.value_type)).sum();
+        if bytes.is_some_and(|b| b.saturating_mul(rows) <= spill_at) {
+            return RunStore::Fixed(FixedAnswers::new(features.iter().map(|f| f.value_type).collect(), rows));
+        }
+        // A status byte per answer, and for values an event time, a length and a small cell.
+        RunStore::Log { log: AnswerLog::new(spill_at, rows * features.len() * 24), rec: Vec::new() }
+    }
+
+    /// The current row's next answer (features in order) from its as-of winner (see [`encode_answer`]).
+    fn winner(
+        &mut self,
+        winner: Option<(EventTime, &[u8])>,
+        as_of: EventTime,
+        f: &ResolvedFeature,
+        default: Option<&Value>,
+    ) -> Result<()> {
+        match self {
+            RunStore::Log { rec, .. } => encode_answer(rec, winner, as_of, f, default.is_some()),
+            RunStore::Fixed(c) => {
+                let value = match winner {
+                    Some((e, cell)) => quiver_storage::cell::value_part(cell)
+                        .map_err(|w| corrupt(STORED_CELL, &format!("cell value: {w}")))?
+                        .map(|part| (e, part)),
+                    None => None,
+                };
+                let status = status_of(value.map(|v| v.0), as_of, f, default.is_some());
+                match (status, value) {
+                    (pb::FeatureStatus::Present, Some((e, part))) => {
+                        let v = quiver_storage::cell::decode_value_part(part)
+                            .map_err(|w| corrupt(STORED_CELL, &format!("cell value: {w}")))?;
+                        c.push(status, e.0, Some(&v));
+                    }
+                    (pb::FeatureStatus::Defaulted, _) => c.push(status, 0, default),
+                    _ => c.push(status, 0, None),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The current row's next answer as a status, event time and value (an
+    /// aggregate's; see [`encode_value_answer`]).
+    fn value(&mut self, answer: (pb::FeatureStatus, i64, Option<Value>), default: Option<&Value>) {
+        match self {
+            RunStore::Log { rec, .. } => encode_value_answer(rec, answer),
+            RunStore::Fixed(c) => match answer {
+                (pb::FeatureStatus::Present, e, v) => c.push(pb::FeatureStatus::Present, e, v.as_ref()),
+                (pb::FeatureStatus::Defaulted, _, _) => c.push(pb::FeatureStatus::Defaulted, 0, default),
+                (s, _, _) => c.push(s, 0, None),
+            },
+        }
+    }
+
+    /// Ends the current row: returns where its answers lie, `(offset, length)` in the log, or
+    /// `(index, 0)` among the fixed records.
+    fn end_row(&mut self) -> Result<(u64, u32)> {
+        match self {
+            RunStore::Fixed(c) => Ok((c.end_row() as u64, 0)),
+            RunStore::Log { log, rec } => {
+                let at = log.append(rec)?;
+                let len = rec.len() as u32;
+                rec.clear();
+                Ok((at, len))
+            }
+        }
+    }
+
+    /// Appends the answers of the row at `(at, len)` to `out`, one column per feature.
+    fn copy_row(
+        &self,
+        (at, len): (u64, u32),
+        buf: &mut Vec<u8>,
+        features: &[ResolvedFeature],
+        defaults: &[Option<Value>],
+        out: &mut [pb::FeatureColumn],
+    ) -> Result<()> {
+        match self {
+            RunStore::Fixed(c) => c.copy_row(at as usize, out)?,
+            RunStore::Log { log, .. } => {
+                let mut r = log.read(at, len as usize, buf)?;
+                for (j, f) in features.iter().enumerate() {
+                    let (status, event_us, value) = decode_answer(&mut r, defaults[j].as_ref())?;
+                    let col = &mut out[j];
+                    col.statuses.push(status as i32);
+                    col.event_times_us.push(event_us);
+                    push_value(col, f.value_type, value.as_ref());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes spilled to disk.
+    fn spilled(&self) -> u64 {
+        match self {
+            RunStore::Fixed(_) => 0,
+            RunStore::Log { log, .. } => log.file_len,
+        }
+    }
+}
+
 /// Where each requested feature's versions lie among one entity's gathered versions (a
 /// [`quiver_storage::EntityVersions`], in key order: one run per feature, event time
 /// descending, then system time descending).
@@ -613,9 +806,9 @@ fn worker_panicked(payload: &(dyn std::any::Any + Send)) -> ServiceError {
     ServiceError::Storage(quiver_storage::Error::PreviousError(format!("internal: a join worker panicked: {why}")))
 }
 
-/// What one thread of a join produced: its answer log and, per spine row it answered, `(row,
-/// offset, length)` of the answer in that log.
-type RunAnswers = (AnswerLog, Vec<(u32, u64, u32)>);
+/// What one thread of a join produced: its answers and, per spine row it answered, `(row,
+/// where)` of the row's answers in them (see [`RunStore::end_row`]).
+type RunAnswers = (RunStore, Vec<(u32, (u64, u32))>);
 
 /// Threads a point-in-time join reads the engine with: one per core, at most
 /// [`JOIN_THREADS_MAX`].
@@ -1228,8 +1421,8 @@ impl Features {
         // Sort-merge: the spine is sorted by entity, and a cursor over one snapshot walks the
         // entities in key order, reading every version of an entity's requested features in
         // one forward pass; each row's answer is the as-of rule applied to that list. Answers
-        // are logged in that order (spilling to a temporary file past a memory bound) and
-        // streamed in spine order. The entities are split into runs read by parallel threads.
+        // are kept in that order (in columns, or in a log that spills to a temporary file past
+        // a memory bound; see `RunStore`) and streamed in spine order. The entities are split into runs read by parallel threads.
         let checked = started.elapsed();
         let snap = self.db.snapshot();
         let mut distinct: Vec<FeatureId> = features.iter().map(|f| f.id).collect();
@@ -1268,7 +1461,7 @@ impl Features {
         };
         let groups: Vec<&[u32]> = order.chunk_by(|&a, &b| rows[a as usize].0 == rows[b as usize].0).collect();
         // The entity groups are cut into JOIN_THREADS runs of about equal row counts; each run
-        // gets its own cursor over the same snapshot and its own answer log.
+        // gets its own cursor over the same snapshot and its own answer store.
         let threads = self.join_threads.min(groups.len()).max(1);
         let per_run = rows.len().div_ceil(threads);
         let mut runs: Vec<&[&[u32]]> = Vec::with_capacity(threads);
@@ -1289,10 +1482,8 @@ impl Features {
             let mut cursor = snap.pair_cursor(known_at);
             let mut history = PairHistory::new(distinct.len());
             let run_rows: usize = run.iter().map(|g| g.len()).sum();
-            // A status byte per answer, and for values an event time, a length and a small cell.
-            let mut log = AnswerLog::new(spill_at, run_rows * features.len() * 24);
+            let mut store = RunStore::new(features, run_rows, spill_at);
             let mut placed = Vec::with_capacity(run_rows);
-            let mut rec = Vec::new();
             for group in run {
                 let versions = cursor.entity(&rows[group[0] as usize].0, lo, hi)?;
                 history.index(&versions, &distinct);
@@ -1315,7 +1506,6 @@ impl Features {
                     } else {
                         known_at
                     };
-                    rec.clear();
                     for (j, f) in features.iter().enumerate() {
                         if let Some(spec) = &f.aggregate {
                             let answer = match many.get_mut(j).and_then(Option::as_mut) {
@@ -1326,17 +1516,17 @@ impl Features {
                                 }
                             };
                             let answer = aggregate_status(answer, f.value_type, defaults[j].as_ref());
-                            encode_value_answer(&mut rec, answer);
+                            store.value(answer, defaults[j].as_ref());
                             continue;
                         }
                         let winner = history.winner(&versions, slot[j], t, k);
-                        encode_answer(&mut rec, winner, t, f, defaults[j].is_some())?;
+                        store.winner(winner, t, f, defaults[j].as_ref())?;
                     }
-                    placed.push((r, log.append(&rec)?, rec.len() as u32));
+                    placed.push((r, store.end_row()?));
                 }
             }
-            tracing::debug!(rows = placed.len(), elapsed = ?run_started.elapsed(), spilled = log.file_len, "join run answered");
-            Ok((log, placed))
+            tracing::debug!(rows = placed.len(), elapsed = ?run_started.elapsed(), spilled = store.spilled(), "join run answered");
+            Ok((store, placed))
         };
         let results: Vec<Result<RunAnswers>> = if threads == 1 {
             vec![answer_run(runs[0])]
@@ -1348,30 +1538,23 @@ impl Features {
         };
         let answered = started.elapsed();
         tracing::debug!(rows = rows.len(), threads, ?checked, ?sorted, ?answered, "point-in-time join answered");
-        let mut logs = Vec::with_capacity(threads);
-        let mut at = vec![(0u32, 0u64, 0u32); rows.len()];
+        let mut stores = Vec::with_capacity(threads);
+        let mut at = vec![(0u32, (0u64, 0u32)); rows.len()];
         for (i, result) in results.into_iter().enumerate() {
-            let (log, placed) = result?;
-            for (r, offset, len) in placed {
-                at[r as usize] = (i as u32, offset, len);
+            let (store, placed) = result?;
+            for (r, where_) in placed {
+                at[r as usize] = (i as u32, where_);
             }
-            logs.push(log);
+            stores.push(store);
         }
-        // Chunks in spine order, built from the answer logs by the same number of threads (each
+        // Chunks in spine order, built from the runs' answers by the same number of threads (each
         // takes every `workers`-th chunk) and emitted here in order.
         let build = |c: usize, buf: &mut Vec<u8>| -> Result<pb::GetHistoricalFeaturesResponse> {
             let chunk = &at[c * HISTORICAL_CHUNK_ROWS..((c + 1) * HISTORICAL_CHUNK_ROWS).min(at.len())];
             let mut columns: Vec<pb::FeatureColumn> =
                 features.iter().zip(spec.features).map(|(f, reference)| column(f, reference, chunk.len())).collect();
-            for &(i, offset, len) in chunk {
-                let mut r = logs[i as usize].read(offset, len as usize, buf)?;
-                for (j, f) in features.iter().enumerate() {
-                    let (status, event_us, value) = decode_answer(&mut r, defaults[j].as_ref())?;
-                    let col = &mut columns[j];
-                    col.statuses.push(status as i32);
-                    col.event_times_us.push(event_us);
-                    push_value(col, f.value_type, value.as_ref());
-                }
+            for &(i, where_) in chunk {
+                stores[i as usize].copy_row(where_, buf, features, &defaults, &mut columns)?;
             }
             Ok(pb::GetHistoricalFeaturesResponse { first_row: (c * HISTORICAL_CHUNK_ROWS) as u64, columns })
         };
@@ -1769,5 +1952,53 @@ impl Features {
             deduplicated: false,
             version: Some(api_vv(&receipt.version_vector)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_answers_give_back_what_a_protobuf_column_would_hold() {
+        use pb::FeatureStatus as S;
+        use pb::ValueType as T;
+        let types = vec![T::Bool, T::Int64, T::Float32, T::Float64];
+        let rows: Vec<Vec<(S, i64, Option<Value>)>> = vec![
+            vec![
+                (S::Present, 7, Some(Value::Bool(true))),
+                (S::Present, -1, Some(Value::Int64(i64::MIN))),
+                (S::Present, 3, Some(Value::Float32(-1.5e-7))),
+                (S::Present, i64::MAX, Some(Value::Float64(f64::MAX))),
+            ],
+            vec![
+                (S::NotFound, 0, None),
+                (S::Defaulted, 0, Some(Value::Int64(42))),
+                (S::Stale, 0, None),
+                // A stored value of another type is answered as zero, as push_value does.
+                (S::Present, 9, Some(Value::Int64(5))),
+            ],
+        ];
+        let mut fixed = FixedAnswers::new(types.clone(), rows.len());
+        for row in &rows {
+            for (status, e, v) in row {
+                fixed.push(*status, *e, v.as_ref());
+            }
+            fixed.end_row();
+        }
+        // Read back in the other order, as a spine's order may be.
+        for i in [1, 0] {
+            let mut got: Vec<pb::FeatureColumn> =
+                types.iter().map(|&t| pb::FeatureColumn { r#type: t as i32, ..Default::default() }).collect();
+            fixed.copy_row(i, &mut got).expect("row");
+            for (j, (status, e, v)) in rows[i].iter().enumerate() {
+                let mut want = pb::FeatureColumn { r#type: types[j] as i32, ..Default::default() };
+                want.statuses.push(*status as i32);
+                want.event_times_us.push(*e);
+                push_value(&mut want, types[j], v.as_ref());
+                assert_eq!(got[j], want, "row {i}, feature {j}");
+            }
+        }
+        assert!(fixed.copy_row(2, &mut []).is_err(), "no third row");
     }
 }

@@ -254,9 +254,10 @@ fn a_new_group_version_is_served_by_the_next_lookup() {
     assert_eq!((r.columns[0].group_version, r.columns[0].float64_values.clone()), (2, vec![-2.0]));
 }
 
-/// The sort-merge join (spine sorted by entity, answers logged in that order and spilled to a
-/// temporary file past a bound) answers every spine row as the online path answers a lookup
-/// at the row's time, in spine order, whether answers stay in memory or spill.
+/// The sort-merge join (spine sorted by entity, answers kept in that order and streamed in
+/// spine order) answers every spine row as the online path answers a lookup at the row's
+/// time, whether its answers are fixed-size records in memory (numbers within the memory
+/// share) or an encoded log in memory or spilled to a temporary file past a bound.
 #[test]
 fn the_join_agrees_with_point_reads_across_window_boundaries() {
     let (_tmp, f, db) = setup();
@@ -313,7 +314,7 @@ fn the_join_agrees_with_point_reads_across_window_boundaries() {
                 .clone()
         })
         .collect();
-    for (spill, threads) in [(1, 1), (7, 2), (64, 3), (1 << 20, 1), (1 << 20, 4)] {
+    for (spill, threads) in [(1, 1), (7, 2), (64, 3), (1 << 20, 1), (1 << 20, 4), (64 << 20, 1)] {
         let f = Features::new(f.registry().clone(), quiver_storage::Durability::Sync)
             .with_join_spill_bytes(spill)
             .with_join_threads(threads);
