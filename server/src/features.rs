@@ -466,39 +466,42 @@ fn decode_answer(r: &mut &[u8], default: Option<&Value>) -> Result<(pb::FeatureS
     }
 }
 
-/// Bytes one answer takes in a [`FixedAnswers`] record: its status, its event time and its
-/// value's 8-byte slot, for a fixed-width type (`None` for the other types, which go to an
-/// [`AnswerLog`]).
-fn fixed_answer_bytes(t: pb::ValueType) -> Option<usize> {
+/// Bytes one answer takes in a [`FixedAnswers`] record: its status, its event time (if the
+/// join answers them) and its value's 8-byte slot, for a fixed-width type (`None` for the other
+/// types, which go to an [`AnswerLog`]).
+fn fixed_answer_bytes(t: pb::ValueType, event_times: bool) -> Option<usize> {
     matches!(t, pb::ValueType::Bool | pb::ValueType::Int64 | pb::ValueType::Float32 | pb::ValueType::Float64)
-        .then_some(FIXED_ANSWER_BYTES)
+        .then_some(1 + 8 * usize::from(event_times) + 8)
 }
 
-/// See [`fixed_answer_bytes`]: status byte, event time (i64 LE), value slot (LE, zero-padded).
-const FIXED_ANSWER_BYTES: usize = 1 + 8 + 8;
-
 /// A join run's answers for features whose values have a fixed width, one fixed-size record
-/// per spine row in the order the run answered them (entity order): per feature, its status,
-/// its event time and its value (the served value where PRESENT, the default where DEFAULTED,
+/// per spine row in the order the run answered them (entity order): per feature, its status
+/// byte, its event time (i64 LE; only if the join answers them) and its value in an 8-byte
+/// little-endian slot (the served value where PRESENT, the default where DEFAULTED,
 /// else zero, as [`push_value`] fills a protobuf column). Nothing is encoded or decoded per
 /// answer, and a row's answers lie together for the gather in spine order.
 struct FixedAnswers {
     types: Vec<pb::ValueType>,
+    event_times: bool,
+    /// Bytes of one answer in a record (see [`fixed_answer_bytes`]).
+    width: usize,
     buf: Vec<u8>,
     rows: usize,
 }
 
 impl FixedAnswers {
-    /// Records for `rows` rows of answers to features of `types` (all fixed-width).
-    fn new(types: Vec<pb::ValueType>, rows: usize) -> Self {
-        FixedAnswers { buf: Vec::with_capacity(rows * types.len() * FIXED_ANSWER_BYTES), types, rows: 0 }
+    /// Records for `rows` rows of answers to features of `types` (all fixed-width), with their
+    /// event times if `event_times`.
+    fn new(types: Vec<pb::ValueType>, event_times: bool, rows: usize) -> Self {
+        let width = 1 + 8 * usize::from(event_times) + 8;
+        FixedAnswers { buf: Vec::with_capacity(rows * types.len() * width), types, event_times, width, rows: 0 }
     }
 
     /// The current row's next answer (features in order): a status, an event time and the
     /// value that goes with it.
     fn push(&mut self, status: pb::FeatureStatus, event_us: i64, value: Option<&Value>) {
         // Which feature this answer is to: a value of another type is zero, as in push_value.
-        let t = self.types[(self.buf.len() / FIXED_ANSWER_BYTES) % self.types.len()];
+        let t = self.types[(self.buf.len() / self.width) % self.types.len()];
         let slot: [u8; 8] = match (t, value) {
             (pb::ValueType::Bool, Some(Value::Bool(x))) => u64::from(*x).to_le_bytes(),
             (pb::ValueType::Int64, Some(Value::Int64(x))) => x.to_le_bytes(),
@@ -507,7 +510,9 @@ impl FixedAnswers {
             _ => [0; 8],
         };
         self.buf.push(status as u8);
-        self.buf.extend_from_slice(&event_us.to_le_bytes());
+        if self.event_times {
+            self.buf.extend_from_slice(&event_us.to_le_bytes());
+        }
         self.buf.extend_from_slice(&slot);
     }
 
@@ -517,21 +522,24 @@ impl FixedAnswers {
         self.rows - 1
     }
 
-    /// Appends row `i`'s answers to `out` (one column per feature, as [`column`] made them).
+    /// Appends row `i`'s answers to `out` (one column per feature, as [`column`] made them;
+    /// their event times only if this join answers them).
     fn copy_row(&self, i: usize, out: &mut [pb::FeatureColumn]) -> Result<()> {
-        let stride = self.types.len() * FIXED_ANSWER_BYTES;
+        let stride = self.types.len() * self.width;
         let rec = self.buf.get(i * stride..(i + 1) * stride).ok_or_else(|| corrupt(ANSWER_LOG, "no such row"))?;
-        for ((a, t), col) in rec.chunks_exact(FIXED_ANSWER_BYTES).zip(&self.types).zip(out) {
-            let word = |r: std::ops::Range<usize>| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&a[r]);
-                b
-            };
+        let word = |b: &[u8]| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(b);
+            w
+        };
+        for ((a, t), col) in rec.chunks_exact(self.width).zip(&self.types).zip(out) {
             let status =
                 pb::FeatureStatus::try_from(i32::from(a[0])).map_err(|_| corrupt(ANSWER_LOG, "bad answer status"))?;
             col.statuses.push(status as i32);
-            col.event_times_us.push(i64::from_le_bytes(word(1..9)));
-            let slot = word(9..17);
+            if self.event_times {
+                col.event_times_us.push(i64::from_le_bytes(word(&a[1..9])));
+            }
+            let slot = word(&a[self.width - 8..]);
             // A Value of the feature's own type: so a stored value of another type was written
             // as zero (and is read back as zero), as `push_value` treats it.
             match t {
@@ -556,11 +564,13 @@ enum RunStore {
 }
 
 impl RunStore {
-    /// A store for `rows` answers to each of `features` within `spill_at` bytes of memory.
-    fn new(features: &[ResolvedFeature], rows: usize, spill_at: usize) -> Self {
-        let bytes: Option<usize> = features.iter().map(|f| fixed_answer_bytes(f.value_type)).sum();
+    /// A store for `rows` answers to each of `features` (with their event times if
+    /// `event_times`) within `spill_at` bytes of memory.
+    fn new(features: &[ResolvedFeature], event_times: bool, rows: usize, spill_at: usize) -> Self {
+        let bytes: Option<usize> = features.iter().map(|f| fixed_answer_bytes(f.value_type, event_times)).sum();
         if bytes.is_some_and(|b| b.saturating_mul(rows) <= spill_at) {
-            return RunStore::Fixed(FixedAnswers::new(features.iter().map(|f| f.value_type).collect(), rows));
+            let types = features.iter().map(|f| f.value_type).collect();
+            return RunStore::Fixed(FixedAnswers::new(types, event_times, rows));
         }
         // A status byte per answer, and for values an event time, a length and a small cell.
         RunStore::Log { log: AnswerLog::new(spill_at, rows * features.len() * 24), rec: Vec::new() }
@@ -836,6 +846,9 @@ pub struct JoinSpec<'a> {
     pub strict_availability: bool,
     /// Serve registered defaults where nothing is within the TTL.
     pub use_defaults: bool,
+    /// Answer each value's event time (`FeatureColumn.event_times_us`). Without it the join
+    /// need not fill that list, and keeps less per answer (for a caller that sends only values).
+    pub event_times: bool,
 }
 
 /// Where a join's spine rows come from. `check` turns rows `range` into (encoded entity key,
@@ -1351,6 +1364,7 @@ impl Features {
             known_at: req.known_at.as_ref(),
             strict_availability: req.strict_availability,
             use_defaults: req.use_defaults,
+            event_times: true,
         };
         self.join(&spec, &req.spine, emit)
     }
@@ -1482,7 +1496,7 @@ impl Features {
             let mut cursor = snap.pair_cursor(known_at);
             let mut history = PairHistory::new(distinct.len());
             let run_rows: usize = run.iter().map(|g| g.len()).sum();
-            let mut store = RunStore::new(features, run_rows, spill_at);
+            let mut store = RunStore::new(features, spec.event_times, run_rows, spill_at);
             let mut placed = Vec::with_capacity(run_rows);
             for group in run {
                 let versions = cursor.entity(&rows[group[0] as usize].0, lo, hi)?;
@@ -1979,26 +1993,30 @@ mod tests {
                 (S::Present, 9, Some(Value::Int64(5))),
             ],
         ];
-        let mut fixed = FixedAnswers::new(types.clone(), rows.len());
-        for row in &rows {
-            for (status, e, v) in row {
-                fixed.push(*status, *e, v.as_ref());
+        for event_times in [true, false] {
+            let mut fixed = FixedAnswers::new(types.clone(), event_times, rows.len());
+            for row in &rows {
+                for (status, e, v) in row {
+                    fixed.push(*status, *e, v.as_ref());
+                }
+                fixed.end_row();
             }
-            fixed.end_row();
-        }
-        // Read back in the other order, as a spine's order may be.
-        for i in [1, 0] {
-            let mut got: Vec<pb::FeatureColumn> =
-                types.iter().map(|&t| pb::FeatureColumn { r#type: t as i32, ..Default::default() }).collect();
-            fixed.copy_row(i, &mut got).expect("row");
-            for (j, (status, e, v)) in rows[i].iter().enumerate() {
-                let mut want = pb::FeatureColumn { r#type: types[j] as i32, ..Default::default() };
-                want.statuses.push(*status as i32);
-                want.event_times_us.push(*e);
-                push_value(&mut want, types[j], v.as_ref());
-                assert_eq!(got[j], want, "row {i}, feature {j}");
+            // Read back in the other order, as a spine's order may be.
+            for i in [1, 0] {
+                let column = |t: T| pb::FeatureColumn { r#type: t as i32, ..Default::default() };
+                let mut got: Vec<pb::FeatureColumn> = types.iter().map(|&t| column(t)).collect();
+                fixed.copy_row(i, &mut got).expect("row");
+                for (j, (status, e, v)) in rows[i].iter().enumerate() {
+                    let mut want = column(types[j]);
+                    want.statuses.push(*status as i32);
+                    if event_times {
+                        want.event_times_us.push(*e);
+                    }
+                    push_value(&mut want, types[j], v.as_ref());
+                    assert_eq!(got[j], want, "row {i}, feature {j}, event times {event_times}");
+                }
             }
+            assert!(fixed.copy_row(2, &mut []).is_err(), "no third row");
         }
-        assert!(fixed.copy_row(2, &mut []).is_err(), "no third row");
     }
 }

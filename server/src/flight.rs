@@ -958,6 +958,8 @@ fn spec_of(join: &pb::FlightJoin) -> JoinSpec<'_> {
         known_at: join.known_at.as_ref(),
         strict_availability: join.strict_availability,
         use_defaults: join.use_defaults,
+        // Answered only with the statuses (see answer_batch).
+        event_times: join.with_status,
     }
 }
 
