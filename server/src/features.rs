@@ -324,7 +324,7 @@ impl AnswerBudget<'_> {
 }
 
 /// Bytes of point-in-time join answers held in memory by default; past this they spill to a
-/// temporary file (the spine's sort keys and 12 bytes per row stay in memory). quiverd sets it
+/// temporary file (the spine's sort keys and 32 bytes per row stay in memory). quiverd sets it
 /// to its memory budget / [`JOIN_MEMORY_SHARE_DIVISOR`] instead.
 pub const JOIN_SPILL_BYTES: usize = 64 << 20;
 
@@ -398,6 +398,26 @@ impl AnswerLog {
     }
 }
 
+/// A version as a join answers with it: its event time and its cell (or the cell's value part).
+type Answered<'a> = Option<(EventTime, &'a [u8])>;
+
+/// The status of an answer from its as-of winner without lookback (event time, encoded cell),
+/// and the winner's event time and value part (none for a tombstone).
+fn answer_of<'a>(
+    winner: Answered<'a>,
+    as_of: EventTime,
+    f: &ResolvedFeature,
+    has_default: bool,
+) -> Result<(pb::FeatureStatus, Answered<'a>)> {
+    let value = match winner {
+        Some((e, cell)) => quiver_storage::cell::value_part(cell)
+            .map_err(|w| corrupt(STORED_CELL, &format!("cell value: {w}")))?
+            .map(|part| (e, part)),
+        None => None,
+    };
+    Ok((status_of(value.map(|v| v.0), as_of, f, has_default), value))
+}
+
 /// Appends one answer: its status byte, then for PRESENT the event time and the cell's value
 /// part (its version vector is not part of the answer). `winner` is the as-of winner without
 /// lookback (event time, encoded cell); [`status_of`] decides the status.
@@ -408,13 +428,7 @@ fn encode_answer(
     f: &ResolvedFeature,
     has_default: bool,
 ) -> Result<()> {
-    let value = match winner {
-        Some((e, cell)) => quiver_storage::cell::value_part(cell)
-            .map_err(|w| corrupt(STORED_CELL, &format!("cell value: {w}")))?
-            .map(|part| (e, part)),
-        None => None,
-    };
-    let status = status_of(value.map(|v| v.0), as_of, f, has_default);
+    let (status, value) = answer_of(winner, as_of, f, has_default)?;
     rec.push(status as u8);
     if let (pb::FeatureStatus::Present, Some((e, part))) = (status, value) {
         push_present(rec, e.0, |r| r.extend_from_slice(part));
@@ -471,7 +485,12 @@ fn decode_answer(r: &mut &[u8], default: Option<&Value>) -> Result<(pb::FeatureS
 /// types, which go to an [`AnswerLog`]).
 fn fixed_answer_bytes(t: pb::ValueType, event_times: bool) -> Option<usize> {
     matches!(t, pb::ValueType::Bool | pb::ValueType::Int64 | pb::ValueType::Float32 | pb::ValueType::Float64)
-        .then_some(1 + 8 * usize::from(event_times) + 8)
+        .then_some(fixed_width(event_times))
+}
+
+/// Bytes of one answer in a [`FixedAnswers`] record.
+const fn fixed_width(event_times: bool) -> usize {
+    1 + 8 * event_times as usize + 8
 }
 
 /// A join run's answers for features whose values have a fixed width, one fixed-size record
@@ -483,25 +502,35 @@ fn fixed_answer_bytes(t: pb::ValueType, event_times: bool) -> Option<usize> {
 struct FixedAnswers {
     types: Vec<pb::ValueType>,
     event_times: bool,
-    /// Bytes of one answer in a record (see [`fixed_answer_bytes`]).
+    /// Bytes of one answer in a record ([`fixed_width`]).
     width: usize,
     buf: Vec<u8>,
     rows: usize,
+    /// Answers of the current row so far.
+    answered: usize,
 }
 
 impl FixedAnswers {
     /// Records for `rows` rows of answers to features of `types` (all fixed-width), with their
     /// event times if `event_times`.
     fn new(types: Vec<pb::ValueType>, event_times: bool, rows: usize) -> Self {
-        let width = 1 + 8 * usize::from(event_times) + 8;
-        FixedAnswers { buf: Vec::with_capacity(rows * types.len() * width), types, event_times, width, rows: 0 }
+        let width = fixed_width(event_times);
+        FixedAnswers {
+            buf: Vec::with_capacity(rows * types.len() * width),
+            types,
+            event_times,
+            width,
+            rows: 0,
+            answered: 0,
+        }
     }
 
     /// The current row's next answer (features in order): a status, an event time and the
     /// value that goes with it.
     fn push(&mut self, status: pb::FeatureStatus, event_us: i64, value: Option<&Value>) {
-        // Which feature this answer is to: a value of another type is zero, as in push_value.
-        let t = self.types[(self.buf.len() / self.width) % self.types.len()];
+        // A value of another type than the feature's is zero, as in push_value.
+        let t = self.types[self.answered];
+        self.answered += 1;
         let slot: [u8; 8] = match (t, value) {
             (pb::ValueType::Bool, Some(Value::Bool(x))) => u64::from(*x).to_le_bytes(),
             (pb::ValueType::Int64, Some(Value::Int64(x))) => x.to_le_bytes(),
@@ -516,8 +545,10 @@ impl FixedAnswers {
         self.buf.extend_from_slice(&slot);
     }
 
-    /// Ends the current row; returns its index.
+    /// Ends the current row (one answer per feature pushed); returns its index.
     fn end_row(&mut self) -> usize {
+        debug_assert_eq!(self.answered, self.types.len(), "answers in a row");
+        self.answered = 0;
         self.rows += 1;
         self.rows - 1
     }
@@ -587,13 +618,7 @@ impl RunStore {
         match self {
             RunStore::Log { rec, .. } => encode_answer(rec, winner, as_of, f, default.is_some()),
             RunStore::Fixed(c) => {
-                let value = match winner {
-                    Some((e, cell)) => quiver_storage::cell::value_part(cell)
-                        .map_err(|w| corrupt(STORED_CELL, &format!("cell value: {w}")))?
-                        .map(|part| (e, part)),
-                    None => None,
-                };
-                let status = status_of(value.map(|v| v.0), as_of, f, default.is_some());
+                let (status, value) = answer_of(winner, as_of, f, default.is_some())?;
                 match (status, value) {
                     (pb::FeatureStatus::Present, Some((e, part))) => {
                         let v = quiver_storage::cell::decode_value_part(part)
@@ -817,8 +842,8 @@ fn worker_panicked(payload: &(dyn std::any::Any + Send)) -> ServiceError {
 }
 
 /// What one thread of a join produced: its answers and, per spine row it answered, `(row,
-/// where)` of the row's answers in them (see [`RunStore::end_row`]).
-type RunAnswers = (RunStore, Vec<(u32, (u64, u32))>);
+/// offset, length)` of the row's answers in them (see [`RunStore::end_row`]).
+type RunAnswers = (RunStore, Vec<(u32, u64, u32)>);
 
 /// Threads a point-in-time join reads the engine with: one per core, at most
 /// [`JOIN_THREADS_MAX`].
@@ -1435,8 +1460,8 @@ impl Features {
         // Sort-merge: the spine is sorted by entity, and a cursor over one snapshot walks the
         // entities in key order, reading every version of an entity's requested features in
         // one forward pass; each row's answer is the as-of rule applied to that list. Answers
-        // are kept in that order (in columns, or in a log that spills to a temporary file past
-        // a memory bound; see `RunStore`) and streamed in spine order. The entities are split into runs read by parallel threads.
+        // are kept in that order (as fixed-size records, or in a log that spills to a temporary
+        // file past a memory bound; see `RunStore`) and streamed in spine order. The entities are split into runs read by parallel threads.
         let checked = started.elapsed();
         let snap = self.db.snapshot();
         let mut distinct: Vec<FeatureId> = features.iter().map(|f| f.id).collect();
@@ -1536,7 +1561,8 @@ impl Features {
                         let winner = history.winner(&versions, slot[j], t, k);
                         store.winner(winner, t, f, defaults[j].as_ref())?;
                     }
-                    placed.push((r, store.end_row()?));
+                    let (at, len) = store.end_row()?;
+                    placed.push((r, at, len));
                 }
             }
             tracing::debug!(rows = placed.len(), elapsed = ?run_started.elapsed(), spilled = store.spilled(), "join run answered");
@@ -1553,11 +1579,11 @@ impl Features {
         let answered = started.elapsed();
         tracing::debug!(rows = rows.len(), threads, ?checked, ?sorted, ?answered, "point-in-time join answered");
         let mut stores = Vec::with_capacity(threads);
-        let mut at = vec![(0u32, (0u64, 0u32)); rows.len()];
+        let mut at = vec![(0u32, 0u64, 0u32); rows.len()];
         for (i, result) in results.into_iter().enumerate() {
             let (store, placed) = result?;
-            for (r, where_) in placed {
-                at[r as usize] = (i as u32, where_);
+            for (r, offset, len) in placed {
+                at[r as usize] = (i as u32, offset, len);
             }
             stores.push(store);
         }
@@ -1567,8 +1593,8 @@ impl Features {
             let chunk = &at[c * HISTORICAL_CHUNK_ROWS..((c + 1) * HISTORICAL_CHUNK_ROWS).min(at.len())];
             let mut columns: Vec<pb::FeatureColumn> =
                 features.iter().zip(spec.features).map(|(f, reference)| column(f, reference, chunk.len())).collect();
-            for &(i, where_) in chunk {
-                stores[i as usize].copy_row(where_, buf, features, &defaults, &mut columns)?;
+            for &(i, offset, len) in chunk {
+                stores[i as usize].copy_row((offset, len), buf, features, &defaults, &mut columns)?;
             }
             Ok(pb::GetHistoricalFeaturesResponse { first_row: (c * HISTORICAL_CHUNK_ROWS) as u64, columns })
         };

@@ -48,7 +48,8 @@ use crate::tabular;
 /// message and each answer's memory modest).
 pub const SPINE_ROWS_PER_REQUEST: usize = 1_000_000;
 
-/// `arrays` (a spine chunk's [`key_arrays`]) as the Arrow IPC stream a join ticket carries:
+/// `arrays` (a spine chunk's key and time columns, [`SpineReader::next_chunk`]) as the Arrow IPC
+/// stream a join ticket carries:
 /// the join keys by name, then the time as `time_column` (the spine file's own name for it, so
 /// the server's errors name it as the user does; it is not a join key's).
 fn spine_ipc(arrays: &[ArrayRef], et: &pb::EntityType, time_column: &str) -> Result<Vec<u8>> {
@@ -96,7 +97,9 @@ struct SpineReader {
     path: PathBuf,
     source: SpineSource,
     time_column: String,
-    /// Rows of the last Parquet batch beyond the previous chunk (its first row number).
+    /// Rows per chunk: [`SPINE_ROWS_PER_REQUEST`] (tests take fewer).
+    chunk_rows: usize,
+    /// The last Parquet batch, and the index in it of its first row not yet in a chunk.
     pending: Option<(tabular::KeyBatch, usize)>,
 }
 
@@ -116,28 +119,30 @@ enum SpineSource {
 
 impl SpineReader {
     fn open(path: &Path, et: &pb::EntityType, time_column: &str) -> Result<SpineReader> {
-        let parquet = matches!(
-            path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
-            Some("parquet" | "pq")
-        );
         let see = |e: String| format!("{e} (see --time-column)");
-        let source = if parquet {
-            SpineSource::Columns(tabular::KeyBatches::open(path, et, time_column).map_err(see)?)
+        let source = if tabular::is_parquet(path) {
+            SpineSource::Columns(tabular::KeyBatches::open(path, et, time_column, see)?)
         } else {
             let table = tabular::open(path)?;
             let cols = tabular::KeyColumns::locate(&path.display().to_string(), table.header(), et, time_column)
                 .map_err(see)?;
             SpineSource::Rows { table, cols, et: et.clone() }
         };
-        Ok(SpineReader { path: path.to_path_buf(), source, time_column: time_column.to_string(), pending: None })
+        Ok(SpineReader {
+            path: path.to_path_buf(),
+            source,
+            time_column: time_column.to_string(),
+            chunk_rows: SPINE_ROWS_PER_REQUEST,
+            pending: None,
+        })
     }
 
-    /// The next rows' key and time columns, at most [`SPINE_ROWS_PER_REQUEST`] rows (`None`
-    /// at the end of the file).
+    /// The next rows' key and time columns, at most `chunk_rows` rows (`None` at the end of
+    /// the file).
     fn next_chunk(&mut self) -> Result<Option<Vec<ArrayRef>>> {
         if let SpineSource::Rows { table, cols, et } = &mut self.source {
             let mut rows = Vec::new();
-            while rows.len() < SPINE_ROWS_PER_REQUEST {
+            while rows.len() < self.chunk_rows {
                 let Some((at, mut cells)) = table.next_row()? else { break };
                 let (entity, t) = cols.take(at, &mut cells)?;
                 check_time(&self.path, &self.time_column, t, at)?;
@@ -148,24 +153,24 @@ impl SpineReader {
         // Parquet: whole batches, the last one cut at the chunk's end (its rest starts the next).
         let mut parts: Vec<Vec<ArrayRef>> = Vec::new();
         let mut times: Vec<i64> = Vec::new();
-        while times.len() < SPINE_ROWS_PER_REQUEST {
+        while times.len() < self.chunk_rows {
             let (batch, from) = match self.pending.take() {
                 Some(p) => p,
                 None => {
                     let SpineSource::Columns(reader) = &mut self.source else { break };
-                    match reader.next_batch()? {
-                        Some(b) => {
-                            for (i, &t) in b.times.iter().enumerate() {
-                                let at = tabular::Location::Row(b.first_row + i as u64);
-                                check_time(&self.path, &self.time_column, t, at)?;
-                            }
-                            (b, 0)
-                        }
+                    let column = self.time_column.as_str();
+                    let check = |t| {
+                        quiver_server::convert::micros(&quiver_server::convert::timestamp(t), column)
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    };
+                    match reader.next_batch(check)? {
+                        Some(b) => (b, 0),
                         None => break,
                     }
                 }
             };
-            let take = (batch.times.len() - from).min(SPINE_ROWS_PER_REQUEST - times.len());
+            let take = (batch.times.len() - from).min(self.chunk_rows - times.len());
             parts.push(batch.keys.iter().map(|a| a.slice(from, take)).collect());
             times.extend_from_slice(&batch.times[from..from + take]);
             if from + take < batch.times.len() {
@@ -426,4 +431,110 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
     }
     partial.persist(&args.output).map_err(|e| format!("{out}: {}", e.error))?;
     Ok(JoinSummary { rows: base as u64, filled: names.into_iter().zip(filled).collect() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::cast::AsArray;
+    use arrow_array::{LargeStringArray, TimestampMillisecondArray};
+
+    fn user() -> pb::EntityType {
+        pb::EntityType {
+            name: "user".into(),
+            join_keys: vec![pb::JoinKey { name: "user_id".into(), r#type: pb::JoinKeyType::String as i32 }],
+            ..Default::default()
+        }
+    }
+
+    fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>) {
+        let batch = RecordBatch::try_from_iter(columns).expect("batch");
+        let mut w = ArrowWriter::try_new(File::create(path).expect("create"), batch.schema(), None).expect("writer");
+        w.write(&batch).expect("write");
+        w.close().expect("close");
+    }
+
+    /// Every chunk of `path` read `chunk_rows` at a time: (keys, times) per chunk.
+    fn chunks(path: &Path, chunk_rows: usize) -> Result<Vec<(Vec<String>, Vec<i64>)>> {
+        let mut r = SpineReader::open(path, &user(), "ts")?;
+        r.chunk_rows = chunk_rows;
+        let mut out = Vec::new();
+        while let Some(c) = r.next_chunk()? {
+            assert!(c[0].len() <= chunk_rows);
+            let keys = c[0].as_string::<i32>().iter().map(|k| k.expect("no nulls").to_string()).collect();
+            let times = c[1].as_primitive::<arrow_array::types::TimestampMicrosecondType>().values().to_vec();
+            out.push((keys, times));
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn a_parquet_spine_read_by_columns_gives_the_rows_and_errors_of_the_row_path() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        // Several Parquet batches (8,192 rows), cut into chunks at other places.
+        let n = 20_000;
+        let ids: Vec<String> = (0..n).map(|i| format!("u{}", (i * 7919) % 1000)).collect();
+        let ts: Vec<i64> = (0..n).map(|i| 1_000_000 + i as i64 * 1_000).collect();
+        let csv = tmp.path().join("spine.csv");
+        let mut text = String::from("user_id,ts\n");
+        for (u, t) in ids.iter().zip(&ts) {
+            text.push_str(&format!("{u},{t}\n"));
+        }
+        std::fs::write(&csv, text).expect("csv");
+        let fast = tmp.path().join("fast.parquet");
+        write_parquet(
+            &fast,
+            vec![
+                ("ts", Arc::new(Int64Array::from(ts.clone())) as ArrayRef),
+                ("user_id", Arc::new(StringArray::from(ids.clone()))),
+            ],
+        );
+        // Types the fast path does not take: converted cell by cell.
+        let slow = tmp.path().join("slow.parquet");
+        let ms: Vec<i64> = ts.iter().map(|t| t / 1_000).collect();
+        write_parquet(
+            &slow,
+            vec![
+                ("user_id", Arc::new(LargeStringArray::from(ids.clone())) as ArrayRef),
+                ("ts", Arc::new(TimestampMillisecondArray::from(ms))),
+            ],
+        );
+        let want = chunks(&csv, 5_000).expect("csv");
+        assert_eq!(want.len(), 4);
+        assert_eq!(want.iter().flat_map(|c| c.0.clone()).collect::<Vec<_>>(), ids);
+        assert_eq!(want.iter().flat_map(|c| c.1.clone()).collect::<Vec<_>>(), ts);
+        for file in [&fast, &slow] {
+            assert_eq!(chunks(file, 5_000).expect("parquet"), want, "{}", file.display());
+            assert_eq!(chunks(file, 1_000_000).expect("parquet").len(), 1);
+        }
+
+        // Bad rows past the first batch: the first one in row order is reported, whichever
+        // column it is in; within a row, its key before its time.
+        let bad = |key_row: usize, time_row: usize| {
+            let path = tmp.path().join("bad.parquet");
+            let ids: Vec<Option<String>> =
+                ids.iter().enumerate().map(|(i, u)| (i + 1 != key_row).then(|| u.clone())).collect();
+            let ts: Vec<i64> =
+                ts.iter().enumerate().map(|(i, &t)| if i + 1 == time_row { i64::MAX } else { t }).collect();
+            write_parquet(
+                &path,
+                vec![("user_id", Arc::new(StringArray::from(ids)) as ArrayRef), ("ts", Arc::new(Int64Array::from(ts)))],
+            );
+            chunks(&path, 5_000).expect_err("a bad row")
+        };
+        let err = bad(16_995, 16_990);
+        assert!(err.contains("bad.parquet: row 16990: ts: ") && err.contains("9999-12-31"), "{err}");
+        let err = bad(16_990, 16_995);
+        assert_eq!(
+            err,
+            format!("{}: row 16990: user_id: a join key is missing", tmp.path().join("bad.parquet").display())
+        );
+        let err = bad(16_990, 16_990);
+        assert!(err.ends_with("row 16990: user_id: a join key is missing"), "{err}");
+        // A missing column gets the hint; a missing file does not.
+        let err = chunks(&tmp.path().join("none.parquet"), 10).expect_err("no file");
+        assert!(!err.contains("--time-column"), "{err}");
+        let err = SpineReader::open(&fast, &user(), "event_time").map(drop).expect_err("no such column");
+        assert!(err.contains("no event_time column (see --time-column)"), "{err}");
+    }
 }

@@ -1,6 +1,8 @@
 //! Tables in files, row by row: CSV (every cell text) and Parquet (typed cells), chosen by
 //! the file's extension, and the conversions from their cells to the API's keys, times and
-//! values with one error per bad cell naming the file, the row and the column.
+//! values with one error per bad cell naming the file, the row and the column. A Parquet
+//! table's keys and times can also be read as whole columns ([`KeyBatches`]), with the same
+//! checks and messages.
 //!
 //! Parquet column types accepted (nulls are missing values):
 //!
@@ -83,9 +85,11 @@ pub trait Rows {
 /// Opens `path` by its extension: `.csv` or `.parquet` / `.pq`.
 pub fn open(path: &Path) -> Result<Box<dyn Rows + Send>> {
     let what = path.display().to_string();
+    if is_parquet(path) {
+        return Ok(Box::new(ParquetRows::open(path, what)?));
+    }
     match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
         Some("csv") => Ok(Box::new(CsvRows::open(path, what)?)),
-        Some("parquet" | "pq") => Ok(Box::new(ParquetRows::open(path, what)?)),
         _ => Err(format!("{what}: unknown file type (expected .csv or .parquet)")),
     }
 }
@@ -352,11 +356,15 @@ impl KeyColumns {
     }
 }
 
+/// True if `path` names a Parquet file (by its extension, as [`open`] decides).
+pub fn is_parquet(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(), Some("parquet" | "pq"))
+}
+
 /// A Parquet table's join key and time columns read whole, a record batch at a time (for a
 /// join's spine, where converting each row to cells cost more than the rest of the client).
 /// Only those columns are decoded. Every row is checked as [`KeyColumns::take`] checks it, with
-/// the same messages: a key or time that would be refused in the row path is refused here at
-/// its row.
+/// the same messages, and the first bad row of a batch is the one reported.
 pub struct KeyBatches {
     what: String,
     reader: ParquetRecordBatchReader,
@@ -367,22 +375,27 @@ pub struct KeyBatches {
 }
 
 /// One batch of a [`KeyBatches`]: the join key columns (Int64 or Utf8, one per join key of the
-/// entity type, no nulls), the times in microseconds, and the 1-based row number of its first row.
+/// entity type, no nulls) and the times in microseconds.
 pub struct KeyBatch {
     pub keys: Vec<ArrayRef>,
     pub times: Vec<i64>,
-    pub first_row: u64,
 }
 
+/// Where a column of a batch first fails: at a row (its index in the batch, and the message
+/// after the row's location, naming the column), or as a whole column (before any row, as the
+/// row path fails on loading the batch).
+type ColumnError = (Option<usize>, String);
+
 impl KeyBatches {
-    /// Opens `path` (a Parquet file) for the join keys of `et` and the column `time_name`.
-    pub fn open(path: &Path, et: &pb::EntityType, time_name: &str) -> Result<Self> {
+    /// Opens `path` (a Parquet file) for the join keys of `et` and the column `time_name`;
+    /// `missing` adds to the error of a column that is not there (a hint for the user).
+    pub fn open(path: &Path, et: &pb::EntityType, time_name: &str, missing: impl Fn(String) -> String) -> Result<Self> {
         let what = path.display().to_string();
         let file = File::open(path).map_err(|e| format!("{what}: {e}"))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format!("{what}: {e}"))?;
         let header: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
         // The same lookups (and errors) as the row path.
-        let cols = KeyColumns::locate(&what, &header, et, time_name)?;
+        let cols = KeyColumns::locate(&what, &header, et, time_name).map_err(missing)?;
         let mut wanted: Vec<usize> = cols.keys.iter().map(|k| k.0).chain([cols.time]).collect();
         wanted.sort_unstable();
         wanted.dedup();
@@ -396,8 +409,9 @@ impl KeyBatches {
         Ok(KeyBatches { what, reader, keys, time_name: cols.time_name, row: 0 })
     }
 
-    /// The next batch, or `None` at the end of the file.
-    pub fn next_batch(&mut self) -> Result<Option<KeyBatch>> {
+    /// The next batch, or `None` at the end of the file. `check` is a time's last check (its
+    /// range, say), made at its row like the conversions; its error names the column itself.
+    pub fn next_batch(&mut self, check: impl Fn(i64) -> std::result::Result<(), String>) -> Result<Option<KeyBatch>> {
         let what = &self.what;
         let batch = loop {
             match self.reader.next() {
@@ -412,34 +426,44 @@ impl KeyBatches {
         };
         let first_row = self.row + 1;
         let column = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("{what}: no {name} column"));
+        // Each column converted whole; of their failures, the one the row path meets first: a
+        // whole column's, else the lowest row's (a row's keys in order, then its time).
         let mut keys = Vec::with_capacity(self.keys.len());
-        for (name, t) in &self.keys {
-            let a = column(name)?;
-            keys.push(key_array(a, *t).map_err(|(i, e)| match i {
-                Some(i) => format!("{what}: {}: {name}: {e}", Location::Row(first_row + i as u64)),
-                None => format!("{what}: column {name}: {e}"),
-            })?);
+        let mut first: Option<(Option<usize>, usize, String)> = None;
+        let mut fail = |col: usize, name: &str, (i, e): ColumnError| {
+            if first.as_ref().is_none_or(|(fi, fc, _)| (i, col) < (*fi, *fc)) {
+                let e = match i {
+                    Some(i) => format!("{what}: {}: {e}", Location::Row(first_row + i as u64)),
+                    None => format!("{what}: column {name}: {e}"),
+                };
+                first = Some((i, col, e));
+            }
+        };
+        for (c, (name, t)) in self.keys.iter().enumerate() {
+            match key_array(column(name)?, *t, name) {
+                Ok(a) => keys.push(a),
+                Err(e) => fail(c, name, e),
+            }
         }
         let name = &self.time_name;
-        let times = time_values(column(name)?).map_err(|(i, e)| match i {
-            Some(i) => format!("{what}: {}: {name}: {e}", Location::Row(first_row + i as u64)),
-            None => format!("{what}: column {name}: {e}"),
-        })?;
+        let times = time_values(column(name)?, name, &check).map_err(|e| fail(self.keys.len(), name, e)).ok();
+        if let Some((_, _, e)) = first {
+            return Err(e);
+        }
+        let times = times.ok_or_else(|| format!("{what}: column {name}"))?;
         self.row += batch.num_rows() as u64;
-        Ok(Some(KeyBatch { keys, times, first_row }))
+        Ok(Some(KeyBatch { keys, times }))
     }
 }
 
-/// A column's failure: at a row (its index in the batch), or of the whole column.
-type ColumnError = (Option<usize>, String);
-
 /// A join key column as Int64 or Utf8 values: as it is when it already is one without nulls,
 /// else cell by cell through [`key_part`] (its conversions and messages).
-fn key_array(a: &ArrayRef, t: pb::JoinKeyType) -> std::result::Result<ArrayRef, ColumnError> {
+fn key_array(a: &ArrayRef, t: pb::JoinKeyType, name: &str) -> std::result::Result<ArrayRef, ColumnError> {
     use pb::key_part::Kind;
     let exact = match t {
         pb::JoinKeyType::Int64 => a.data_type() == &DataType::Int64,
-        _ => a.data_type() == &DataType::Utf8,
+        pb::JoinKeyType::String => a.data_type() == &DataType::Utf8,
+        _ => false,
     };
     if exact && a.null_count() == 0 {
         return Ok(a.clone());
@@ -448,10 +472,10 @@ fn key_array(a: &ArrayRef, t: pb::JoinKeyType) -> std::result::Result<ArrayRef, 
     let mut ints = Vec::new();
     let mut strs = arrow_array::builder::StringBuilder::new();
     for (i, c) in cells.into_iter().enumerate() {
-        match key_part(c, t).map_err(|e| (Some(i), e))?.kind {
+        match key_part(c, t).map_err(|e| (Some(i), format!("{name}: {e}")))?.kind {
             Some(Kind::Int64Value(v)) => ints.push(v),
             Some(Kind::StringValue(s)) => strs.append_value(s),
-            None => return Err((Some(i), "a join key is missing".into())),
+            None => return Err((Some(i), format!("{name}: a join key is missing"))),
         }
     }
     Ok(match t {
@@ -460,23 +484,38 @@ fn key_array(a: &ArrayRef, t: pb::JoinKeyType) -> std::result::Result<ArrayRef, 
     })
 }
 
-/// A time column in microseconds: read directly from an Int64 or timestamp column without
-/// nulls, else cell by cell through [`time`] (its conversions and messages).
-fn time_values(a: &ArrayRef) -> std::result::Result<Vec<i64>, ColumnError> {
-    if a.null_count() == 0 {
-        let direct = match a.data_type() {
-            DataType::Int64 => Some(a.as_primitive::<Int64Type>().values().to_vec()),
-            DataType::Timestamp(TimeUnit::Microsecond, _) => {
-                Some(a.as_primitive::<TimestampMicrosecondType>().values().to_vec())
-            }
-            _ => None,
-        };
-        if let Some(v) = direct {
-            return Ok(v);
+/// A time column in microseconds, each passing `check`: read directly from an Int64 or
+/// timestamp (µs) column without nulls, else cell by cell through [`time`] (its conversions and
+/// messages).
+fn time_values(
+    a: &ArrayRef,
+    name: &str,
+    check: &impl Fn(i64) -> std::result::Result<(), String>,
+) -> std::result::Result<Vec<i64>, ColumnError> {
+    let direct = match a.data_type() {
+        _ if a.null_count() > 0 => None,
+        DataType::Int64 => Some(a.as_primitive::<Int64Type>().values().to_vec()),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            Some(a.as_primitive::<TimestampMicrosecondType>().values().to_vec())
         }
+        _ => None,
+    };
+    let times = match direct {
+        Some(v) => v,
+        None => {
+            let cells = column_cells(a).map_err(|e| (None, e))?;
+            let at = |i: usize, e: String| (Some(i), format!("{name}: {e}"));
+            cells
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| time(c).map_err(|e| at(i, e)))
+                .collect::<std::result::Result<_, _>>()?
+        }
+    };
+    for (i, &t) in times.iter().enumerate() {
+        check(t).map_err(|e| (Some(i), e))?;
     }
-    let cells = column_cells(a).map_err(|e| (None, e))?;
-    cells.into_iter().enumerate().map(|(i, c)| time(c).map_err(|e| (Some(i), e))).collect()
+    Ok(times)
 }
 
 /// A join key part of type `t` from a cell.
