@@ -81,6 +81,28 @@ pub struct JoinArgs {
     pub known_at_us: Option<i64>,
     pub strict_availability: bool,
     pub use_defaults: bool,
+    pub compression: OutputCompression,
+}
+
+/// The output file's Parquet compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputCompression {
+    /// zstd at level 1: the smallest files.
+    Zstd,
+    /// Snappy: most writers' default, faster, about twice the size for float features.
+    Snappy,
+    /// Uncompressed.
+    None,
+}
+
+impl OutputCompression {
+    fn parquet(self) -> Result<Compression> {
+        Ok(match self {
+            OutputCompression::Zstd => Compression::ZSTD(ZstdLevel::try_new(1).map_err(|e| e.to_string())?),
+            OutputCompression::Snappy => Compression::SNAPPY,
+            OutputCompression::None => Compression::UNCOMPRESSED,
+        })
+    }
 }
 
 /// What a join did.
@@ -398,11 +420,10 @@ pub async fn join(server: &Server, args: JoinArgs) -> Result<JoinSummary> {
                     fields.push(Field::new(name, a.data_type().clone(), true));
                 }
                 let file = partial.reopen().map_err(|e| format!("{out}: {e}"))?;
-                // zstd at level 1, and dictionaries only for the join keys (which repeat): feature
-                // values rarely do, and building their dictionaries cost more than the rest of
-                // the write.
+                // Dictionaries only for the join keys (which repeat): feature values rarely do,
+                // and building their dictionaries cost more than the rest of the write.
                 let mut props = WriterProperties::builder()
-                    .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).map_err(|e| e.to_string())?))
+                    .set_compression(args.compression.parquet()?)
                     .set_dictionary_enabled(false);
                 for k in &et.join_keys {
                     props = props.set_column_dictionary_enabled(ColumnPath::from(k.name.as_str()), true);

@@ -215,6 +215,10 @@ enum Cmd {
         /// Fill registered defaults where nothing is within the TTL.
         #[arg(long)]
         use_defaults: bool,
+        /// The output's compression: zstd (level 1, the smallest files), snappy (what most
+        /// Parquet writers default to; faster to write and read, about twice the size), none.
+        #[arg(long, value_enum, default_value_t = join::OutputCompression::Zstd)]
+        compression: join::OutputCompression,
     },
     /// Every version of an entity's features (time travel), newest event first.
     History {
@@ -507,9 +511,26 @@ async fn run(cli: Cli) -> Result<()> {
             features::history(server, entity_type, entity, group, limit).await
         }
         Cmd::Ingest { file, group, batch_rows } => ingest::run(server, &file, &group, batch_rows).await,
-        Cmd::Join { spine, output, features, time_column, known_at_us, strict_availability, use_defaults } => {
-            let args =
-                join::JoinArgs { spine, output, features, time_column, known_at_us, strict_availability, use_defaults };
+        Cmd::Join {
+            spine,
+            output,
+            features,
+            time_column,
+            known_at_us,
+            strict_availability,
+            use_defaults,
+            compression,
+        } => {
+            let args = join::JoinArgs {
+                spine,
+                output,
+                features,
+                time_column,
+                known_at_us,
+                strict_availability,
+                use_defaults,
+                compression,
+            };
             join::run(server, cli.json, args).await
         }
         Cmd::Logs { cmd: LogsCmd::Export { from, to, output, entity_type } } => {

@@ -164,6 +164,7 @@ pub async fn training(server: &Server, json: bool, args: TrainingArgs) -> Result
             known_at_us: args.known_at_us,
             strict_availability: false,
             use_defaults: args.use_defaults,
+            compression: crate::join::OutputCompression::Zstd,
         },
     )
     .await?;

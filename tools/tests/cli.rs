@@ -446,6 +446,31 @@ features = [
         assert!(filled > users, "the spine hits values: {filled}");
     }
 
+    // zstd unless told otherwise; `--compression snappy` writes the same rows with snappy.
+    let codec = |path: &std::path::Path| {
+        let b = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).expect("open")).expect("parquet");
+        let rows = b.metadata().file_metadata().num_rows();
+        (b.metadata().row_group(0).column(2).compression(), rows)
+    };
+    let out_path = tmp.path().join("out.parquet");
+    assert!(matches!(codec(&out_path), (parquet::basic::Compression::ZSTD(_), n) if n as usize == spine_ids.len()));
+    let snappy = tmp.path().join("snappy.parquet");
+    let (ok, _, err) = quiver(&[
+        "--addr",
+        &addr,
+        "join",
+        spine_pq.to_str().expect("path"),
+        "-o",
+        snappy.to_str().expect("path"),
+        "--time-column",
+        "ts",
+        "--feature",
+        "stats:clicks",
+        "--compression",
+        "snappy",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(codec(&snappy), (parquet::basic::Compression::SNAPPY, spine_ids.len() as i64));
     let (ok, _, err) = quiver(&[
         "--addr",
         &addr,
