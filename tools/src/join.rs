@@ -89,7 +89,7 @@ pub struct JoinArgs {
 pub enum OutputCompression {
     /// zstd at level 1: the smallest files.
     Zstd,
-    /// Snappy: most writers' default, faster, about twice the size for float features.
+    /// Snappy: most Parquet writers' default; writes faster, about twice the size for floats.
     Snappy,
     /// Uncompressed.
     None,
@@ -552,6 +552,21 @@ mod tests {
         );
         let err = bad(16_990, 16_990);
         assert!(err.ends_with("row 16990: user_id: a join key is missing"), "{err}");
+        // A time column with nulls is converted cell by cell, and checked in the same pass: an
+        // out-of-range time before a null is the one reported.
+        let path = tmp.path().join("null_time.parquet");
+        let mut times: Vec<Option<i64>> = ts.iter().map(|&t| Some(t)).collect();
+        times[12_000] = Some(i64::MAX);
+        times[12_005] = None;
+        write_parquet(
+            &path,
+            vec![
+                ("user_id", Arc::new(StringArray::from(ids.clone())) as ArrayRef),
+                ("ts", Arc::new(Int64Array::from(times))),
+            ],
+        );
+        let err = chunks(&path, 5_000).expect_err("a bad time");
+        assert!(err.contains("null_time.parquet: row 12001: ts: ") && err.contains("9999-12-31"), "{err}");
         // A missing column gets the hint; a missing file does not.
         let err = chunks(&tmp.path().join("none.parquet"), 10).expect_err("no file");
         assert!(!err.contains("--time-column"), "{err}");

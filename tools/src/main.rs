@@ -215,8 +215,7 @@ enum Cmd {
         /// Fill registered defaults where nothing is within the TTL.
         #[arg(long)]
         use_defaults: bool,
-        /// The output's compression: zstd (level 1, the smallest files), snappy (what most
-        /// Parquet writers default to; faster to write and read, about twice the size), none.
+        /// The output file's Parquet compression.
         #[arg(long, value_enum, default_value_t = join::OutputCompression::Zstd)]
         compression: join::OutputCompression,
     },

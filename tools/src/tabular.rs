@@ -446,11 +446,18 @@ impl KeyBatches {
             }
         }
         let name = &self.time_name;
-        let times = time_values(column(name)?, name, &check).map_err(|e| fail(self.keys.len(), name, e)).ok();
+        let times = match time_values(column(name)?, name, &check) {
+            Ok(times) => Some(times),
+            Err(e) => {
+                fail(self.keys.len(), name, e);
+                None
+            }
+        };
         if let Some((_, _, e)) = first {
             return Err(e);
         }
-        let times = times.ok_or_else(|| format!("{what}: column {name}"))?;
+        // (A failed time column is in `first`.)
+        let times = times.ok_or_else(|| format!("{what}: column {name}: unreadable"))?;
         self.row += batch.num_rows() as u64;
         Ok(Some(KeyBatch { keys, times }))
     }
@@ -500,22 +507,24 @@ fn time_values(
         }
         _ => None,
     };
-    let times = match direct {
-        Some(v) => v,
-        None => {
-            let cells = column_cells(a).map_err(|e| (None, e))?;
-            let at = |i: usize, e: String| (Some(i), format!("{name}: {e}"));
-            cells
-                .into_iter()
-                .enumerate()
-                .map(|(i, c)| time(c).map_err(|e| at(i, e)))
-                .collect::<std::result::Result<_, _>>()?
+    match direct {
+        Some(times) => {
+            for (i, &t) in times.iter().enumerate() {
+                check(t).map_err(|e| (Some(i), e))?;
+            }
+            Ok(times)
         }
-    };
-    for (i, &t) in times.iter().enumerate() {
-        check(t).map_err(|e| (Some(i), e))?;
+        None => {
+            // Each cell converted and checked in turn: the first bad row is the first reported.
+            let cells = column_cells(a).map_err(|e| (None, e))?;
+            let converted = |(i, c): (usize, Cell)| {
+                let t = time(c).map_err(|e| (Some(i), format!("{name}: {e}")))?;
+                check(t).map_err(|e| (Some(i), e))?;
+                Ok(t)
+            };
+            cells.into_iter().enumerate().map(converted).collect()
+        }
     }
-    Ok(times)
 }
 
 /// A join key part of type `t` from a cell.
