@@ -502,8 +502,6 @@ const fn fixed_width(event_times: bool) -> usize {
 struct FixedAnswers {
     types: Vec<pb::ValueType>,
     event_times: bool,
-    /// Bytes of one answer in a record ([`fixed_width`]).
-    width: usize,
     buf: Vec<u8>,
     rows: usize,
     /// Answers of the current row so far.
@@ -515,14 +513,7 @@ impl FixedAnswers {
     /// event times if `event_times`.
     fn new(types: Vec<pb::ValueType>, event_times: bool, rows: usize) -> Self {
         let width = fixed_width(event_times);
-        FixedAnswers {
-            buf: Vec::with_capacity(rows * types.len() * width),
-            types,
-            event_times,
-            width,
-            rows: 0,
-            answered: 0,
-        }
+        FixedAnswers { buf: Vec::with_capacity(rows * types.len() * width), types, event_times, rows: 0, answered: 0 }
     }
 
     /// The current row's next answer (features in order): a status, an event time and the
@@ -556,21 +547,22 @@ impl FixedAnswers {
     /// Appends row `i`'s answers to `out` (one column per feature, as [`column`] made them;
     /// their event times only if this join answers them).
     fn copy_row(&self, i: usize, out: &mut [pb::FeatureColumn]) -> Result<()> {
-        let stride = self.types.len() * self.width;
+        let width = fixed_width(self.event_times);
+        let stride = self.types.len() * width;
         let rec = self.buf.get(i * stride..(i + 1) * stride).ok_or_else(|| corrupt(ANSWER_LOG, "no such row"))?;
         let word = |b: &[u8]| {
             let mut w = [0u8; 8];
             w.copy_from_slice(b);
             w
         };
-        for ((a, t), col) in rec.chunks_exact(self.width).zip(&self.types).zip(out) {
+        for ((a, t), col) in rec.chunks_exact(width).zip(&self.types).zip(out) {
             let status =
                 pb::FeatureStatus::try_from(i32::from(a[0])).map_err(|_| corrupt(ANSWER_LOG, "bad answer status"))?;
             col.statuses.push(status as i32);
             if self.event_times {
                 col.event_times_us.push(i64::from_le_bytes(word(&a[1..9])));
             }
-            let slot = word(&a[self.width - 8..]);
+            let slot = word(&a[width - 8..]);
             // A Value of the feature's own type: so a stored value of another type was written
             // as zero (and is read back as zero), as `push_value` treats it.
             match t {

@@ -127,9 +127,14 @@ struct SpineReader {
 
 /// A spine time outside what the API carries is its row's error, not a null later.
 fn check_time(path: &Path, time_column: &str, t: i64, at: tabular::Location) -> Result<()> {
+    time_in_range(time_column, t).map_err(|e| format!("{}: {at}: {e}", path.display()))
+}
+
+/// Whether the API carries time `t` (µs); the error names `time_column`.
+fn time_in_range(time_column: &str, t: i64) -> Result<()> {
     quiver_server::convert::micros(&quiver_server::convert::timestamp(t), time_column)
         .map(drop)
-        .map_err(|e| format!("{}: {at}: {e}", path.display()))
+        .map_err(|e| e.to_string())
 }
 
 /// Where spine rows come from: a Parquet file's key and time columns a record batch at a time,
@@ -181,12 +186,7 @@ impl SpineReader {
                 None => {
                     let SpineSource::Columns(reader) = &mut self.source else { break };
                     let column = self.time_column.as_str();
-                    let check = |t| {
-                        quiver_server::convert::micros(&quiver_server::convert::timestamp(t), column)
-                            .map(drop)
-                            .map_err(|e| e.to_string())
-                    };
-                    match reader.next_batch(check)? {
+                    match reader.next_batch(|t| time_in_range(column, t))? {
                         Some(b) => (b, 0),
                         None => break,
                     }

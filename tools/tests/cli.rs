@@ -482,24 +482,7 @@ features = [
         "stats:clicks",
     ]);
     assert!(!ok && err.contains("no event_time column") && err.trim().lines().count() == 1, "{err}");
-    // A time the API cannot carry is its row's error, before anything is sent.
-    let far = tmp.path().join("far.csv");
-    std::fs::write(&far, "user_id,ts\nu1,5\nu2,400000000000000000\n").expect("csv");
-    let (ok, _, err) = quiver(&[
-        "--addr",
-        &addr,
-        "join",
-        far.to_str().expect("path"),
-        "-o",
-        tmp.path().join("x.parquet").to_str().expect("path"),
-        "--time-column",
-        "ts",
-        "--feature",
-        "stats:clicks",
-    ]);
-    assert!(!ok && err.contains("far.csv") && err.contains("9999-12-31") && err.contains("ts"), "{err}");
-    // A Parquet spine's columns are checked row by row as well: a missing key, and a time
-    // (here in seconds) the API cannot carry, each at its row.
+    // A join expected to fail, and its error.
     let join_err = |spine: &std::path::Path| {
         let (ok, _, err) = quiver(&[
             "--addr",
@@ -516,6 +499,13 @@ features = [
         assert!(!ok);
         err
     };
+    // A time the API cannot carry is its row's error, before anything is sent.
+    let far = tmp.path().join("far.csv");
+    std::fs::write(&far, "user_id,ts\nu1,5\nu2,400000000000000000\n").expect("csv");
+    let err = join_err(&far);
+    assert!(err.contains("far.csv") && err.contains("9999-12-31") && err.contains("ts"), "{err}");
+    // A Parquet spine's columns are checked row by row as well: a missing key, and a time
+    // (here in seconds) the API cannot carry, each at its row.
     let no_key = tmp.path().join("no_key.parquet");
     write_parquet(
         &no_key,
