@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use quiver_proto::v1 as pb;
 use quiver_storage::sstable::IoBackend;
-use quiver_storage::{Db, Durability, Options};
+use quiver_storage::{Compression, Db, Durability, Options};
 
 use tonic::service::interceptor::InterceptedService;
 
@@ -167,6 +167,8 @@ pub struct ServeConfig {
     pub io_backend: IoBackend,
     /// Read data blocks with `O_DIRECT` (where the file system takes it).
     pub direct_reads: bool,
+    /// How new tables' data blocks are compressed.
+    pub table_compression: Compression,
     /// This node's region and peers.
     pub cluster: ClusterConfig,
     /// Bytes of flushed WAL kept for peers that have not applied them (with peers only).
@@ -261,6 +263,7 @@ pub async fn serve(
         block_cache_bytes: budget / 16 * BLOCK_CACHE_SIXTEENTHS,
         io_backend: cfg.io_backend,
         direct_reads: cfg.direct_reads,
+        compression: cfg.table_compression,
         region: cfg.cluster.region,
         replication_log_bytes: if cfg.cluster.peers.is_empty() { 0 } else { cfg.replication_log_bytes },
         // The in-memory tail of the log is part of what is retained, within the same bound.

@@ -16,7 +16,7 @@ use quiver_server::features::JOIN_THREADS_MAX;
 use quiver_server::replication::{ClusterConfig, Peer};
 use quiver_server::tls::TlsConfig;
 use quiver_storage::sstable::IoBackend;
-use quiver_storage::Durability;
+use quiver_storage::{Compression, Durability};
 use serde::Deserialize;
 
 /// Default memory budget: memtables plus block cache.
@@ -67,6 +67,11 @@ struct Args {
     /// through the page cache (false).
     #[arg(long, env = "QUIVER_DIRECT_READS")]
     direct_reads: Option<bool>,
+    /// How new tables' data blocks are compressed: "lz4" (default; fastest to read), "zstd"
+    /// or "zstd:LEVEL" (-7 to 22; about half the disk of lz4), or "none". Tables already
+    /// written keep theirs.
+    #[arg(long, env = "QUIVER_TABLE_COMPRESSION")]
+    table_compression: Option<String>,
     /// This node's region (0 to 63): stamped on every write's version vector.
     #[arg(long, env = "QUIVER_REGION")]
     region: Option<u32>,
@@ -132,7 +137,7 @@ struct Args {
     #[arg(long, env = "QUIVER_SHADOW_SAMPLE_RATE")]
     shadow_sample_rate: Option<f64>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
-    /// ui_listen, io_backend, direct_reads, region, peers (a list of "REGION=HOST:PORT"),
+    /// ui_listen, io_backend, direct_reads, table_compression, region, peers (a list of "REGION=HOST:PORT"),
     /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file, tls_cert, tls_key,
     /// tls_ca, checkpoint_root, max_concurrent_requests, max_connections, shutdown_timeout_ms,
     /// log_sample_rate, log_retention_hours, shadow (a list of "group@N"), shadow_sample_rate.
@@ -151,6 +156,7 @@ struct FileConfig {
     ui_listen: Option<SocketAddr>,
     io_backend: Option<String>,
     direct_reads: Option<bool>,
+    table_compression: Option<String>,
     region: Option<u32>,
     peers: Option<Vec<String>>,
     replication_log_mb: Option<u64>,
@@ -181,6 +187,7 @@ struct Config {
     ui_listen: Option<SocketAddr>,
     io_backend: IoBackend,
     direct_reads: bool,
+    table_compression: Compression,
     cluster: ClusterConfig,
     replication_log_mb: u64,
     join_threads: Option<usize>,
@@ -239,6 +246,10 @@ fn config(args: Args) -> Result<Config, String> {
         Some(b) => b.parse()?,
     };
     let direct_reads = args.direct_reads.or(file.direct_reads).unwrap_or(DIRECT_READS_DEFAULT);
+    let table_compression = match args.table_compression.or(file.table_compression) {
+        None => Compression::Lz4,
+        Some(c) => c.parse()?,
+    };
     let peers = if args.peers.is_empty() { file.peers.unwrap_or_default() } else { args.peers };
     let cluster = ClusterConfig {
         region: args.region.or(file.region).unwrap_or(0),
@@ -333,6 +344,7 @@ fn config(args: Args) -> Result<Config, String> {
         ui_listen,
         io_backend,
         direct_reads,
+        table_compression,
         cluster,
         replication_log_mb,
     })
@@ -372,6 +384,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         memory_budget_bytes: (cfg.memory_budget_mb << 20) as usize,
         io_backend: cfg.io_backend,
         direct_reads: cfg.direct_reads,
+        table_compression: cfg.table_compression,
         cluster: cfg.cluster,
         replication_log_bytes: cfg.replication_log_mb << 20,
         join_threads: cfg.join_threads,

@@ -41,7 +41,7 @@ pub struct Options {
     /// Read data blocks for point reads with `O_DIRECT` where the file system takes it, so the
     /// block cache is their only cache.
     pub direct_reads: bool,
-    /// Data block compression.
+    /// Data block compression (LZ4 by default; see [`Compression`] for the trade).
     pub compression: Compression,
     /// Number of L0 tables that triggers a compaction.
     pub l0_compaction_trigger: usize,
@@ -90,7 +90,7 @@ impl Default for Options {
             tile_cache_bytes: 16 << 20,
             io_backend: IoBackend::Auto,
             direct_reads: true,
-            compression: Compression::Zstd(1),
+            compression: Compression::Lz4,
             l0_compaction_trigger: 4,
             l0_stop_writes: 20,
             l1_bytes: 256 << 20,
@@ -133,8 +133,9 @@ impl Options {
             return bad(format!("level_multiplier must be at least 2, not {}", self.level_multiplier));
         }
         if let Compression::Zstd(level) = self.compression {
-            if !(-7..=22).contains(&level) {
-                return bad(format!("zstd level {level} is outside -7..=22"));
+            use crate::sstable::{ZSTD_LEVEL_MAX, ZSTD_LEVEL_MIN};
+            if !(ZSTD_LEVEL_MIN..=ZSTD_LEVEL_MAX).contains(&level) {
+                return bad(format!("zstd level {level} is outside {ZSTD_LEVEL_MIN}..={ZSTD_LEVEL_MAX}"));
             }
         }
         if self.async_sync_interval.is_zero() {

@@ -82,9 +82,14 @@ fn expect_corruption_in(r: Result<(), Error>, file: &Path, what: &str) {
 }
 
 fn with_table() -> (tempfile::TempDir, PathBuf, Model) {
+    with_table_compressed(Compression::None)
+}
+
+/// A directory with one table whose data blocks are compressed with `compression`.
+fn with_table_compressed(compression: Compression) -> (tempfile::TempDir, PathBuf, Model) {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("db");
-    let db = Db::open(&dir, options()).expect("open");
+    let db = Db::open(&dir, Options { compression, ..options() }).expect("open");
     let mut model = Model::default();
     write_batches(&db, &mut model, 40);
     db.compact_all().expect("compact");
@@ -94,11 +99,34 @@ fn with_table() -> (tempfile::TempDir, PathBuf, Model) {
 
 #[test]
 fn table_bit_flips_are_caught_everywhere() {
-    let (_tmp, dir, model) = with_table();
+    bit_flips_are_caught_everywhere(Compression::None);
+}
+
+/// The same with LZ4 blocks (the default): no flip decompresses into a wrong answer.
+#[test]
+fn lz4_table_bit_flips_are_caught_everywhere() {
+    bit_flips_are_caught_everywhere(Compression::Lz4);
+}
+
+fn bit_flips_are_caught_everywhere(compression: Compression) {
+    let (_tmp, dir, model) = with_table_compressed(compression);
     let tables = files_with(&dir, |n| n.ends_with(".sst"));
     assert_eq!(tables.len(), 1);
     let path = &tables[0];
     let good = std::fs::read(path).expect("read");
+    // The codec's bytes are there to flip: count the data blocks stored with it.
+    let number = quiver_storage::sstable::parse_table_name(path.file_name().and_then(|n| n.to_str()).expect("name"))
+        .expect("number");
+    let table = Table::open(&quiver_storage::fs::RealFs, &dir, number).expect("table");
+    let codec = |i| {
+        let h = table.block_handle(i);
+        good[(h.offset + h.len) as usize]
+    };
+    let compressed = (0..table.block_count()).filter(|&i| codec(i) != 0).count();
+    match compression {
+        Compression::None => assert_eq!(compressed, 0),
+        _ => assert!(compressed * 2 > table.block_count(), "{compressed} of {} blocks compressed", table.block_count()),
+    }
     for pos in 0..good.len() {
         let mut bad = good.clone();
         bad[pos] ^= 1 << (pos % 8);

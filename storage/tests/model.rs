@@ -85,7 +85,7 @@ fn op() -> impl Strategy<Value = Op> {
 struct Config {
     memtable_bytes: usize,
     block_bytes: usize,
-    zstd: bool,
+    compression: Compression,
     retention: Option<u64>,
     hot_tier_bytes: usize,
     block_cache_bytes: usize,
@@ -98,7 +98,7 @@ fn config() -> impl Strategy<Value = Config> {
     (
         prop_oneof![Just(512usize), Just(4096), Just(1 << 20)],
         prop_oneof![Just(64usize), Just(256), Just(4096)],
-        any::<bool>(),
+        prop_oneof![Just(Compression::None), Just(Compression::Zstd(1)), Just(Compression::Lz4)],
         prop::option::of(0u64..60),
         // Hot tier off, tiny (constant eviction and refill), small (complete on a fresh engine
         // until a few rows fill it, then a cache), or roomy (complete until the first reopen).
@@ -106,14 +106,16 @@ fn config() -> impl Strategy<Value = Config> {
         // Block cache off (every block read from the file), tiny, or roomy.
         prop_oneof![Just(0usize), Just(2048), Just(1 << 20)],
     )
-        .prop_map(|(memtable_bytes, block_bytes, zstd, retention, hot_tier_bytes, block_cache_bytes)| Config {
-            memtable_bytes,
-            block_bytes,
-            zstd,
-            retention,
-            hot_tier_bytes,
-            block_cache_bytes,
-            disk: None,
+        .prop_map(|(memtable_bytes, block_bytes, compression, retention, hot_tier_bytes, block_cache_bytes)| {
+            Config {
+                memtable_bytes,
+                block_bytes,
+                compression,
+                retention,
+                hot_tier_bytes,
+                block_cache_bytes,
+                disk: None,
+            }
         })
 }
 
@@ -129,7 +131,7 @@ fn options(c: &Config, clock: &ManualClock) -> Options {
         hot_tier_bytes: c.hot_tier_bytes,
         block_cache_bytes: c.block_cache_bytes,
         io_backend: c.disk.unwrap_or_default(),
-        compression: if c.zstd { Compression::Zstd(1) } else { Compression::None },
+        compression: c.compression,
         l0_compaction_trigger: 2,
         l1_bytes: 2048,
         level_multiplier: 2,

@@ -126,11 +126,34 @@ async fn registry_online_writes_and_restart() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("unknown I/O backend \"mmap\""), "{err}");
-    // Restart with the pread backend: the same data, read the other way.
-    let d = Daemon::start(tmp.path(), &["--io-backend", "pread"]);
+    // So is a table compression it does not know.
+    let bad = std::process::Command::new(quiver_e2e::quiverd_path())
+        .args(["--data-dir"])
+        .arg(tmp.path())
+        .args(["--listen", "127.0.0.1:0", "--table-compression", "zstd:30"])
+        .output()
+        .expect("run quiverd");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("unknown table compression \"zstd:30\": expected lz4, zstd, zstd:LEVEL (-7 to 22) or none"),
+        "{err}"
+    );
+    // Restart with the pread backend and zstd for new tables: the same data, read the other
+    // way, and the LZ4 tables written so far rewritten as zstd by a full compaction.
+    let d = Daemon::start(tmp.path(), &["--io-backend", "pread", "--table-compression", "zstd:3"]);
     let mut c = Clients::of(&d).await;
     let r = c.features.get_online_features(online_req(&["erin"], T0 + 1)).await.expect("online").into_inner();
     assert_eq!(r.columns[0].int64_values, vec![42]);
+    c.admin.compact(pb::CompactRequest { full: true, ..Default::default() }).await.expect("compact");
+    let r = c
+        .features
+        .get_online_features(online_req(&["alice", "dave", "erin"], T0 + 1))
+        .await
+        .expect("online")
+        .into_inner();
+    assert_eq!(r.columns[0].int64_values, vec![6, 1, 42]);
+    c.admin.verify(pb::VerifyRequest {}).await.expect("verify");
     let stats = c.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner();
     assert_eq!(stats.io_backend, "pread");
     // The second miss of a pair fills the hot tier (the first is only remembered); the same
@@ -151,7 +174,7 @@ async fn registry_online_writes_and_restart() {
     let page = d.scrape();
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     for needle in [
-        "quiver_grpc_requests_total{code=\"Ok\",method=\"GetOnlineFeatures\"} 3",
+        "quiver_grpc_requests_total{code=\"Ok\",method=\"GetOnlineFeatures\"} 4",
         "quiver_grpc_requests_total{code=\"Ok\",method=\"WriteFeatures\"} 1",
         "quiver_grpc_request_seconds_bucket{method=\"Verify\"",
         "quiver_values_written_total 1",

@@ -10,7 +10,8 @@ use super::block::{Block, BlockIter};
 use super::bloom::{self, Bloom};
 use super::ssd::{Prefetched, SsdTier};
 use super::{
-    block_crc, table_name, BlockHandle, Footer, BLOCK_TRAILER_BYTES, COMPRESSION_NONE, COMPRESSION_ZSTD, FOOTER_BYTES,
+    block_crc, table_name, BlockHandle, Footer, BLOCK_TRAILER_BYTES, COMPRESSION_LZ4, COMPRESSION_NONE,
+    COMPRESSION_ZSTD, FOOTER_BYTES,
 };
 use crate::coding::Reader;
 use crate::fs::{File, Fs};
@@ -23,6 +24,46 @@ thread_local! {
     /// decompression itself.
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
+}
+
+/// The block format bytes of a compressed payload (compression byte `ctype`, not 0), at most
+/// `max` of them; the error says what is wrong with it.
+fn decompress(ctype: u8, payload: &[u8], max: usize) -> std::result::Result<Vec<u8>, &'static str> {
+    match ctype {
+        COMPRESSION_ZSTD => {
+            // Allocate exactly the frame's content size (the writer always records it).
+            let n = match zstd::zstd_safe::get_frame_content_size(payload) {
+                Ok(Some(n)) if n <= max as u64 => n as usize,
+                _ => return Err("zstd block has no or an oversized content size"),
+            };
+            let mut out = Vec::with_capacity(n);
+            let got = DECOMPRESSOR.with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = zstd::bulk::Decompressor::new().ok();
+                }
+                d.as_mut().map(|d| d.decompress_to_buffer(payload, &mut out))
+            });
+            match got {
+                Some(Ok(len)) if len == n => Ok(out),
+                Some(_) => Err("zstd block does not decompress"),
+                None => Err("zstd decompressor unavailable"),
+            }
+        }
+        COMPRESSION_LZ4 => {
+            let mut r = Reader::new(payload);
+            let n = match r.uvarint() {
+                Ok(n) if n <= max as u64 => n as usize,
+                _ => return Err("lz4 block has no or an oversized content size"),
+            };
+            // The output is allocated at the content size and never grows past it.
+            match lz4_flex::block::decompress(&payload[r.pos()..], n) {
+                Ok(out) if out.len() == n => Ok(out),
+                _ => Err("lz4 block does not decompress to its content size"),
+            }
+        }
+        _ => Err("unknown block compression"),
+    }
 }
 
 /// An open table.
@@ -188,35 +229,12 @@ impl Table {
         if block_crc(h.offset, payload, ctype) != crc {
             return Err(corrupt("block checksum mismatch"));
         }
-        match ctype {
-            COMPRESSION_NONE => {
-                buf.truncate(at + total);
-                buf.drain(..at);
-                Ok(buf)
-            }
-            COMPRESSION_ZSTD => {
-                let buf = payload;
-                // Allocate exactly the frame's content size (the writer always records it).
-                let n = match zstd::zstd_safe::get_frame_content_size(buf) {
-                    Ok(Some(n)) if n <= max as u64 => n as usize,
-                    _ => return Err(corrupt("zstd block has no or an oversized content size")),
-                };
-                let mut out = Vec::with_capacity(n);
-                let got = DECOMPRESSOR.with(|d| {
-                    let mut d = d.borrow_mut();
-                    if d.is_none() {
-                        *d = zstd::bulk::Decompressor::new().ok();
-                    }
-                    d.as_mut().map(|d| d.decompress_to_buffer(buf, &mut out))
-                });
-                match got {
-                    Some(Ok(len)) if len == n => Ok(out),
-                    Some(_) => Err(corrupt("zstd block does not decompress")),
-                    None => Err(corrupt("zstd decompressor unavailable")),
-                }
-            }
-            _ => Err(corrupt("unknown block compression")),
+        if ctype == COMPRESSION_NONE {
+            buf.truncate(at + total);
+            buf.drain(..at);
+            return Ok(buf);
         }
+        decompress(ctype, payload, max).map_err(corrupt)
     }
 
     /// Data block `i` for a point read: read ahead, cached, or read through the SSD tier.
@@ -511,5 +529,81 @@ impl TableIter {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sstable::{Compression, ZSTD_LEVEL_DEFAULT};
+
+    /// `content size uvarint | LZ4 block`, the block from the LZ4 encoder.
+    fn lz4_payload(raw: &[u8]) -> Vec<u8> {
+        let mut p = Vec::new();
+        crate::coding::put_uvarint(&mut p, raw.len() as u64);
+        p.extend_from_slice(&lz4_flex::block::compress(raw));
+        p
+    }
+
+    #[test]
+    fn an_lz4_payload_is_its_content_size_then_a_plain_lz4_block() {
+        // Literal bytes: content size 12, then one LZ4 sequence of 12 literals (token 0xC0).
+        let mut literal = vec![0x0c, 0xc0];
+        literal.extend_from_slice(b"abcabcabcabc");
+        assert_eq!(decompress(COMPRESSION_LZ4, &literal, 1 << 16).as_deref(), Ok(&b"abcabcabcabc"[..]));
+        let raw: Vec<u8> = (0..4000u32).flat_map(|i| (i / 7).to_be_bytes()).collect();
+        let p = lz4_payload(&raw);
+        assert!(p.len() < raw.len() / 2, "compressible input shrinks");
+        assert_eq!(decompress(COMPRESSION_LZ4, &p, 1 << 16), Ok(raw));
+    }
+
+    #[test]
+    fn an_lz4_payload_that_disagrees_with_its_content_size_is_refused() {
+        let raw: Vec<u8> = (0..4000u32).flat_map(|i| (i / 7).to_be_bytes()).collect();
+        let block = lz4_flex::block::compress(&raw);
+        let with_size = |n: u64| {
+            let mut p = Vec::new();
+            crate::coding::put_uvarint(&mut p, n);
+            p.extend_from_slice(&block);
+            p
+        };
+        let n = raw.len() as u64;
+        let (short, oversized) =
+            ("lz4 block does not decompress to its content size", "lz4 block has no or an oversized content size");
+        for (p, max, what) in [
+            (with_size(n - 1), 1 << 16, short),
+            (with_size(n + 1), 1 << 16, short),
+            (with_size(0), 1 << 16, short),
+            // The right size, but more than a block may hold.
+            (with_size(n), raw.len() - 1, oversized),
+            (Vec::new(), 1 << 16, oversized),
+            (vec![0x80], 1 << 16, oversized),
+        ] {
+            assert_eq!(decompress(COMPRESSION_LZ4, &p, max), Err(what), "{p:x?}");
+        }
+        // Every truncation of the block is refused, never answered short or long.
+        let full = with_size(n);
+        for len in 0..full.len() {
+            assert!(decompress(COMPRESSION_LZ4, &full[..len], 1 << 16).is_err(), "truncated to {len}");
+        }
+        assert_eq!(decompress(7, &full, 1 << 16), Err("unknown block compression"));
+    }
+
+    #[test]
+    fn compression_settings_parse_and_print_back() {
+        for (s, c) in [
+            ("lz4", Compression::Lz4),
+            ("none", Compression::None),
+            ("zstd", Compression::Zstd(ZSTD_LEVEL_DEFAULT)),
+            ("zstd:-7", Compression::Zstd(-7)),
+            ("zstd:22", Compression::Zstd(22)),
+        ] {
+            assert_eq!(s.parse::<Compression>(), Ok(c));
+            assert_eq!(c.to_string().parse::<Compression>(), Ok(c));
+        }
+        for bad in ["", "LZ4", "snappy", "zstd:", "zstd:23", "zstd:-8", "zstd:x"] {
+            let e = bad.parse::<Compression>().expect_err(bad);
+            assert!(e.contains("expected lz4, zstd, zstd:LEVEL (-7 to 22) or none"), "{e}");
+        }
     }
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use super::block::BlockBuilder;
 use super::{
-    block_crc, bloom, table_name, BlockHandle, Compression, Footer, COMPRESSION_NONE, COMPRESSION_ZSTD, FORMAT_VERSION,
+    block_crc, bloom, table_name, BlockHandle, Compression, Footer, COMPRESSION_LZ4, COMPRESSION_NONE,
+    COMPRESSION_ZSTD, FORMAT_VERSION,
 };
 use crate::coding::put_uvarint;
 use crate::fs::{File, Fs};
@@ -53,6 +54,8 @@ pub struct TableWriter {
     system_time_min: u64,
     system_time_max: u64,
     scratch: Vec<u8>,
+    /// An LZ4 block being compressed (reused).
+    packed: Vec<u8>,
     /// The cell being added, in the stored form.
     cell: Vec<u8>,
     compressor: Option<Zstd>,
@@ -108,10 +111,11 @@ impl TableWriter {
             system_time_min: u64::MAX,
             system_time_max: 0,
             scratch: Vec::new(),
+            packed: Vec::new(),
             cell: Vec::new(),
             compressor: match compression {
                 Compression::Zstd(level) => Some(Zstd::new(level).map_err(|e| Error::io(dir, e))?),
-                Compression::None => None,
+                Compression::None | Compression::Lz4 => None,
             },
         })
     }
@@ -168,6 +172,22 @@ impl TableWriter {
 
     fn write_block(&mut self, raw: &[u8]) -> Result<BlockHandle> {
         let (payload, ctype): (std::borrow::Cow<'_, [u8]>, u8) = match (self.compression, &mut self.compressor) {
+            (Compression::Lz4, _) => {
+                let c = &mut self.packed;
+                c.clear();
+                put_uvarint(c, raw.len() as u64);
+                let at = c.len();
+                c.resize(at + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+                let n = lz4_flex::block::compress_into(raw, &mut c[at..])
+                    .map_err(|e| Error::io(&self.tmp, std::io::Error::other(e)))?;
+                c.truncate(at + n);
+                // As for zstd: a block that shrinks by less than an eighth is stored as it is.
+                if c.len() + c.len() / 8 < raw.len() {
+                    (std::borrow::Cow::Borrowed(&c[..]), COMPRESSION_LZ4)
+                } else {
+                    (raw.into(), COMPRESSION_NONE)
+                }
+            }
             (Compression::None, _) | (_, None) => (raw.into(), COMPRESSION_NONE),
             (Compression::Zstd(_), Some(c)) => match c.0.compress(raw) {
                 Ok(c) if c.len() + c.len() / 8 < raw.len() => (c.into(), COMPRESSION_ZSTD),
