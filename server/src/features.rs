@@ -1462,35 +1462,55 @@ impl Features {
         let slot: Vec<usize> = features.iter().map(|f| distinct.binary_search(&f.id).unwrap_or(0)).collect();
         let (lo, hi) = (distinct[0], distinct[distinct.len() - 1]);
         // Rows of one entity may come in any order: each answer is placed by its row number.
-        // Sorted by the keys' first 8 bytes (big-endian, so integer order is byte order) with
-        // the whole key only to break ties: most comparisons touch no key.
+        // Sorted by the keys' first 16 bytes (big-endian, so integer order is byte order), then
+        // their length; the whole key is compared only to break a tie between keys longer than
+        // that, so sorting and grouping the usual short entity keys touch no key at all.
+        const HEAD: usize = 16;
         let head = |k: &[u8]| {
-            let mut b = [0u8; 8];
-            let n = k.len().min(8);
+            let mut b = [0u8; HEAD];
+            let n = k.len().min(HEAD);
             b[..n].copy_from_slice(&k[..n]);
-            u64::from_be_bytes(b)
+            u128::from_be_bytes(b)
         };
-        let mut keyed: Vec<(u64, u32)> = rows.iter().enumerate().map(|(i, r)| (head(&r.0), i as u32)).collect();
-        let by_key = |a: &(u64, u32), b: &(u64, u32)| {
-            a.0.cmp(&b.0).then_with(|| rows[a.1 as usize].0.cmp(&rows[b.1 as usize].0))
+        type Keyed = (u128, u32, u32);
+        let mut keyed: Vec<Keyed> =
+            rows.iter().enumerate().map(|(i, r)| (head(&r.0), r.0.len() as u32, i as u32)).collect();
+        // Equal heads: a key within the head is its zero-padded head, so the shorter one (a
+        // prefix of the other) sorts first.
+        let by_key = |a: &Keyed, b: &Keyed| {
+            a.0.cmp(&b.0).then_with(|| {
+                if a.1 as usize <= HEAD && b.1 as usize <= HEAD {
+                    a.1.cmp(&b.1)
+                } else {
+                    rows[a.2 as usize].0.cmp(&rows[b.2 as usize].0)
+                }
+            })
         };
         // A long spine is sorted in parts in parallel, then merged.
-        let order: Vec<u32> = if parts == 1 {
+        let keyed: Vec<Keyed> = if parts == 1 {
             keyed.sort_unstable_by(by_key);
-            keyed.into_iter().map(|(_, i)| i).collect()
+            keyed
         } else {
             std::thread::scope(|scope| {
                 for part in keyed.chunks_mut(part_rows) {
                     scope.spawn(move || part.sort_unstable_by(by_key));
                 }
             });
-            let mut merged: Vec<(u64, u32)> = Vec::new();
+            let mut merged: Vec<Keyed> = Vec::new();
             for part in keyed.chunks(part_rows) {
                 merged = merge_sorted(&merged, part, by_key);
             }
-            merged.into_iter().map(|(_, i)| i).collect()
+            merged
         };
-        let groups: Vec<&[u32]> = order.chunk_by(|&a, &b| rows[a as usize].0 == rows[b as usize].0).collect();
+        let order: Vec<u32> = keyed.iter().map(|k| k.2).collect();
+        let mut at = 0;
+        let groups: Vec<&[u32]> = keyed
+            .chunk_by(|a, b| by_key(a, b).is_eq())
+            .map(|g| {
+                at += g.len();
+                &order[at - g.len()..at]
+            })
+            .collect();
         // The entity groups are cut into JOIN_THREADS runs of about equal row counts; each run
         // gets its own cursor over the same snapshot and its own answer store.
         let threads = self.join_threads.min(groups.len()).max(1);
