@@ -228,6 +228,18 @@ type = "string_list"
     let (ok, out, err) = quiver(&["sst", "dump", sst[0].to_str().expect("path")]);
     assert!(ok, "{err}");
     assert!(out.contains("data blocks") && out.contains("Int64(7)") && out.contains("entries"), "{out}");
+    // A reader that stops reading (`| head`) ends the dump quietly: no panic, success. The
+    // pipe's read end is closed before quiver can have written, so its first write fails.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args(["sst", "dump", sst[0].to_str().expect("path")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run quiver");
+    drop(child.stdout.take());
+    let done = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success() && err.is_empty(), "{:?}: {err}", done.status);
     let wal = files(".wal");
     let (ok, out, err) = quiver(&["wal", "dump", wal.last().expect("a WAL segment with data").to_str().expect("path")]);
     assert!(ok, "{err}");

@@ -58,8 +58,8 @@ pub const BLOCK_TRAILER_BYTES: usize = 5;
 /// block 5.6x and LZ4 2.7x; LZ4 decompresses them 2.4x as fast (`lz4 -b1` against
 /// `zstd -b1 --no-compress-literals`, 3,050 against 1,270 MB/s). Every read that misses the
 /// block cache decompresses a block, and a point-in-time join decompresses every block it
-/// scans, so the default is LZ4: CPU over disk, as for most LSM stores that serve reads
-/// (Cassandra, ScyllaDB, ClickHouse). zstd is for deployments bound by disk.
+/// scans, so the default is LZ4: CPU over disk, the default Cassandra, ScyllaDB and ClickHouse
+/// chose too. zstd is for deployments bound by disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     /// Blocks stored as they are.
