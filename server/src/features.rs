@@ -796,6 +796,41 @@ fn encode_value_answer(rec: &mut Vec<u8>, (status, event_us, value): (pb::Featur
 /// Spine rows from which a join checks and sorts its spine in parts, one per join thread.
 pub const SPINE_ROWS_PER_PART_MIN: usize = 1 << 16;
 
+/// A spine row's place in the join's sort (24 bytes): its entity key's first 16 bytes (as two
+/// big-endian integers, so integer order is byte order, zero-padded) and length, and its row.
+#[derive(Debug, Clone, Copy)]
+struct SpineKey {
+    head: (u64, u64),
+    len: u32,
+    row: u32,
+}
+
+impl SpineKey {
+    const HEAD: usize = 16;
+
+    fn of(key: &[u8], row: u32) -> SpineKey {
+        let mut b = [0u8; Self::HEAD];
+        let n = key.len().min(Self::HEAD);
+        b[..n].copy_from_slice(&key[..n]);
+        let (hi, lo) = b.split_at(8);
+        let word = |w: &[u8]| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        SpineKey { head: (word(hi), word(lo)), len: key.len() as u32, row }
+    }
+
+    /// Byte order of the two rows' keys (`key` gives a row's key). Equal heads with both keys
+    /// within them: each key is its zero-padded head, so the shorter is a prefix of the longer
+    /// and sorts first. Only a tie involving a longer key compares the keys themselves.
+    fn cmp<'k>(&self, o: &SpineKey, key: impl Fn(u32) -> &'k [u8]) -> std::cmp::Ordering {
+        self.head.cmp(&o.head).then_with(|| {
+            if self.len as usize <= Self::HEAD && o.len as usize <= Self::HEAD {
+                self.len.cmp(&o.len)
+            } else {
+                key(self.row).cmp(key(o.row))
+            }
+        })
+    }
+}
+
 /// The merge of two sorted lists.
 fn merge_sorted<T: Copy>(a: &[T], b: &[T], cmp: impl Fn(&T, &T) -> std::cmp::Ordering) -> Vec<T> {
     let mut out = Vec::with_capacity(a.len() + b.len());
@@ -1462,32 +1497,12 @@ impl Features {
         let slot: Vec<usize> = features.iter().map(|f| distinct.binary_search(&f.id).unwrap_or(0)).collect();
         let (lo, hi) = (distinct[0], distinct[distinct.len() - 1]);
         // Rows of one entity may come in any order: each answer is placed by its row number.
-        // Sorted by the keys' first 16 bytes (big-endian, so integer order is byte order), then
-        // their length; the whole key is compared only to break a tie between keys longer than
-        // that, so sorting and grouping the usual short entity keys touch no key at all.
-        const HEAD: usize = 16;
-        let head = |k: &[u8]| {
-            let mut b = [0u8; HEAD];
-            let n = k.len().min(HEAD);
-            b[..n].copy_from_slice(&k[..n]);
-            u128::from_be_bytes(b)
-        };
-        type Keyed = (u128, u32, u32);
-        let mut keyed: Vec<Keyed> =
-            rows.iter().enumerate().map(|(i, r)| (head(&r.0), r.0.len() as u32, i as u32)).collect();
-        // Equal heads: a key within the head is its zero-padded head, so the shorter one (a
-        // prefix of the other) sorts first.
-        let by_key = |a: &Keyed, b: &Keyed| {
-            a.0.cmp(&b.0).then_with(|| {
-                if a.1 as usize <= HEAD && b.1 as usize <= HEAD {
-                    a.1.cmp(&b.1)
-                } else {
-                    rows[a.2 as usize].0.cmp(&rows[b.2 as usize].0)
-                }
-            })
-        };
+        // Sorted by `SpineKey` (the keys' first 16 bytes, then their length): sorting and
+        // grouping the usual short entity keys touch no key at all.
+        let mut keyed: Vec<SpineKey> = rows.iter().enumerate().map(|(i, r)| SpineKey::of(&r.0, i as u32)).collect();
+        let by_key = |a: &SpineKey, b: &SpineKey| a.cmp(b, |i| &rows[i as usize].0);
         // A long spine is sorted in parts in parallel, then merged.
-        let keyed: Vec<Keyed> = if parts == 1 {
+        let keyed: Vec<SpineKey> = if parts == 1 {
             keyed.sort_unstable_by(by_key);
             keyed
         } else {
@@ -1496,13 +1511,13 @@ impl Features {
                     scope.spawn(move || part.sort_unstable_by(by_key));
                 }
             });
-            let mut merged: Vec<Keyed> = Vec::new();
+            let mut merged: Vec<SpineKey> = Vec::new();
             for part in keyed.chunks(part_rows) {
                 merged = merge_sorted(&merged, part, by_key);
             }
             merged
         };
-        let order: Vec<u32> = keyed.iter().map(|k| k.2).collect();
+        let order: Vec<u32> = keyed.iter().map(|k| k.row).collect();
         let mut at = 0;
         let groups: Vec<&[u32]> = keyed
             .chunk_by(|a, b| by_key(a, b).is_eq())
@@ -1511,6 +1526,8 @@ impl Features {
                 &order[at - g.len()..at]
             })
             .collect();
+        // Only `order` (4 bytes a row) stays for the answers.
+        drop(keyed);
         // The entity groups are cut into JOIN_THREADS runs of about equal row counts; each run
         // gets its own cursor over the same snapshot and its own answer store.
         let threads = self.join_threads.min(groups.len()).max(1);
@@ -2010,6 +2027,42 @@ impl Features {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spine_keys_sort_in_the_byte_order_of_their_keys() {
+        let mut keys: Vec<Vec<u8>> = vec![
+            vec![],
+            b"a".to_vec(),
+            b"a\0".to_vec(),
+            b"a\0\0".to_vec(),
+            b"a\x01".to_vec(),
+            b"\xff".to_vec(),
+            b"0123456789abcdef".to_vec(),
+            b"0123456789abcde\0".to_vec(),
+            b"0123456789abcdef\0".to_vec(),
+            b"0123456789abcdefg".to_vec(),
+            b"0123456789abcdef\xff\xff".to_vec(),
+            b"0123456789abcdee\xff\xff".to_vec(),
+            b"01234567".to_vec(),
+            b"01234567\0".to_vec(),
+            b"012345678".to_vec(),
+        ];
+        keys.extend((0..40u8).map(|i| [b"customer-000000".as_slice(), &[i % 3, i]].concat()));
+        let spine: Vec<SpineKey> = keys.iter().enumerate().map(|(i, k)| SpineKey::of(k, i as u32)).collect();
+        for a in &spine {
+            for b in &spine {
+                let want = keys[a.row as usize].cmp(&keys[b.row as usize]);
+                assert_eq!(
+                    a.cmp(b, |r| &keys[r as usize]),
+                    want,
+                    "{:?} vs {:?}",
+                    keys[a.row as usize],
+                    keys[b.row as usize]
+                );
+            }
+        }
+        assert_eq!(std::mem::size_of::<SpineKey>(), 24);
+    }
 
     #[test]
     fn fixed_answers_give_back_what_a_protobuf_column_would_hold() {

@@ -68,8 +68,8 @@ struct Args {
     #[arg(long, env = "QUIVER_DIRECT_READS")]
     direct_reads: Option<bool>,
     /// How new tables' data blocks are compressed: "lz4" (default; fastest to read), "zstd"
-    /// or "zstd:LEVEL" (-7 to 22; about half the disk of lz4), or "none". Tables already
-    /// written keep theirs.
+    /// (level 1; half the disk of lz4 on the join benchmark's tables) or "zstd:LEVEL" (-7 to
+    /// 22), or "none". Tables already written keep theirs.
     #[arg(long, env = "QUIVER_TABLE_COMPRESSION")]
     table_compression: Option<String>,
     /// This node's region (0 to 63): stamped on every write's version vector.
@@ -247,7 +247,7 @@ fn config(args: Args) -> Result<Config, String> {
     };
     let direct_reads = args.direct_reads.or(file.direct_reads).unwrap_or(DIRECT_READS_DEFAULT);
     let table_compression = match args.table_compression.or(file.table_compression) {
-        None => Compression::Lz4,
+        None => quiver_storage::Options::default().compression,
         Some(c) => c.parse()?,
     };
     let peers = if args.peers.is_empty() { file.peers.unwrap_or_default() } else { args.peers };

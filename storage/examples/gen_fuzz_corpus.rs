@@ -12,7 +12,7 @@ use quiver_storage::{
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-    for (i, compression) in [Compression::None, Compression::Zstd(1)].into_iter().enumerate() {
+    for (i, compression) in [Compression::None, Compression::Zstd(1), Compression::Lz4].into_iter().enumerate() {
         let fs = MemFs::new();
         let dir = Path::new("/db");
         let opts = Options {

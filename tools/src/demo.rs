@@ -40,7 +40,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         durability: quiver_storage::Durability::Sync,
         memory_budget_bytes: 256 << 20,
         io_backend: quiver_storage::sstable::IoBackend::Auto,
-        table_compression: quiver_storage::Compression::Lz4,
+        table_compression: quiver_storage::Options::default().compression,
         direct_reads: true,
         cluster: Default::default(),
         replication_log_bytes: 0,

@@ -31,9 +31,13 @@ pub use writer::{TableInfo, TableWriter};
 pub const MAGIC: u64 = u64::from_le_bytes(*b"QUIVSST1");
 /// Format version this code writes. Version 2: cells may be in the stored form (own stamps
 /// elided, see [`crate::cell::compact`]); version 1 tables never hold it and read the same.
-/// Version 3: blocks may be LZ4-compressed (compression byte 2); otherwise as version 2, so an
-/// older reader refuses the table by its version rather than calling a block corrupt.
+/// Version 3: blocks may be LZ4-compressed (compression byte 2); otherwise as version 2. A
+/// table is written as version 3 only if one of its blocks is LZ4, so an older reader refuses
+/// it by its version rather than calling a block corrupt, and tables written with zstd or none
+/// stay readable by the binaries before LZ4.
 pub const FORMAT_VERSION: u32 = 3;
+/// The version of a table without LZ4 blocks.
+pub const FORMAT_VERSION_WITHOUT_LZ4: u32 = 2;
 /// Oldest format version this code reads.
 pub const FORMAT_VERSION_READ_MIN: u32 = 1;
 
@@ -93,7 +97,9 @@ impl std::str::FromStr for Compression {
                 if (ZSTD_LEVEL_MIN..=ZSTD_LEVEL_MAX).contains(&level) {
                     Ok(Compression::Zstd(level))
                 } else {
-                    Err(bad())
+                    Err(format!(
+                        "table compression {s:?}: zstd level {level} is outside {ZSTD_LEVEL_MIN} to {ZSTD_LEVEL_MAX}"
+                    ))
                 }
             }
         }

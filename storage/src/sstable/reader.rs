@@ -601,9 +601,16 @@ mod tests {
             assert_eq!(s.parse::<Compression>(), Ok(c));
             assert_eq!(c.to_string().parse::<Compression>(), Ok(c));
         }
-        for bad in ["", "LZ4", "snappy", "zstd:", "zstd:23", "zstd:-8", "zstd:x"] {
+        for bad in ["", "LZ4", "snappy", "zstd:", "zstd:x", "zstd:1.5"] {
             let e = bad.parse::<Compression>().expect_err(bad);
-            assert!(e.contains("expected lz4, zstd, zstd:LEVEL (-7 to 22) or none"), "{e}");
+            assert_eq!(
+                e,
+                format!("unknown table compression {bad:?}: expected lz4, zstd, zstd:LEVEL (-7 to 22) or none")
+            );
+        }
+        for (bad, level) in [("zstd:23", 23), ("zstd:-8", -8)] {
+            let e = bad.parse::<Compression>().expect_err(bad);
+            assert_eq!(e, format!("table compression {bad:?}: zstd level {level} is outside -7 to 22"));
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::block::BlockBuilder;
 use super::{
     block_crc, bloom, table_name, BlockHandle, Compression, Footer, COMPRESSION_LZ4, COMPRESSION_NONE,
-    COMPRESSION_ZSTD, FORMAT_VERSION,
+    COMPRESSION_ZSTD, FORMAT_VERSION, FORMAT_VERSION_WITHOUT_LZ4,
 };
 use crate::coding::put_uvarint;
 use crate::fs::{File, Fs};
@@ -56,6 +56,8 @@ pub struct TableWriter {
     scratch: Vec<u8>,
     /// An LZ4 block being compressed (reused).
     packed: Vec<u8>,
+    /// Whether a block was stored LZ4-compressed (the table is then of [`FORMAT_VERSION`] 3).
+    wrote_lz4: bool,
     /// The cell being added, in the stored form.
     cell: Vec<u8>,
     compressor: Option<Zstd>,
@@ -112,6 +114,7 @@ impl TableWriter {
             system_time_max: 0,
             scratch: Vec::new(),
             packed: Vec::new(),
+            wrote_lz4: false,
             cell: Vec::new(),
             compressor: match compression {
                 Compression::Zstd(level) => Some(Zstd::new(level).map_err(|e| Error::io(dir, e))?),
@@ -181,8 +184,10 @@ impl TableWriter {
                 let n = lz4_flex::block::compress_into(raw, &mut c[at..])
                     .map_err(|e| Error::io(&self.tmp, std::io::Error::other(e)))?;
                 c.truncate(at + n);
-                // As for zstd: a block that shrinks by less than an eighth is stored as it is.
+                // As for zstd: a block that compression saves less than a ninth of (compressed
+                // form plus an eighth not below the raw size) is stored as it is.
                 if c.len() + c.len() / 8 < raw.len() {
+                    self.wrote_lz4 = true;
                     (std::borrow::Cow::Borrowed(&c[..]), COMPRESSION_LZ4)
                 } else {
                     (raw.into(), COMPRESSION_NONE)
@@ -243,7 +248,8 @@ impl TableWriter {
         let index_raw = self.index.finish();
         let index = self.write_block(&index_raw)?;
         self.compression = saved;
-        let footer = Footer { filter, index, version: FORMAT_VERSION }.encode();
+        let version = if self.wrote_lz4 { FORMAT_VERSION } else { FORMAT_VERSION_WITHOUT_LZ4 };
+        let footer = Footer { filter, index, version }.encode();
         self.file.append(&footer)?;
         self.offset += footer.len() as u64;
         self.file.sync()?;
