@@ -116,25 +116,23 @@ async fn registry_online_writes_and_restart() {
         .expect("write");
     drop(c);
     d.kill();
-    // A backend name quiverd does not know is refused before it touches the directory.
-    let bad = std::process::Command::new(quiver_e2e::quiverd_path())
-        .args(["--data-dir"])
-        .arg(tmp.path())
-        .args(["--listen", "127.0.0.1:0", "--io-backend", "mmap"])
-        .output()
-        .expect("run quiverd");
-    assert!(!bad.status.success());
-    let err = String::from_utf8_lossy(&bad.stderr);
+    // A start quiverd refuses (before it touches the directory): its stderr.
+    let refused = |flags: &[&str]| {
+        let bad = std::process::Command::new(quiver_e2e::quiverd_path())
+            .args(["--data-dir"])
+            .arg(tmp.path())
+            .args(["--listen", "127.0.0.1:0"])
+            .args(flags)
+            .output()
+            .expect("run quiverd");
+        assert!(!bad.status.success(), "{flags:?}");
+        String::from_utf8_lossy(&bad.stderr).into_owned()
+    };
+    // A backend name quiverd does not know is refused.
+    let err = refused(&["--io-backend", "mmap"]);
     assert!(err.contains("unknown I/O backend \"mmap\""), "{err}");
-    // So is a table compression it does not know.
-    let bad = std::process::Command::new(quiver_e2e::quiverd_path())
-        .args(["--data-dir"])
-        .arg(tmp.path())
-        .args(["--listen", "127.0.0.1:0", "--table-compression", "zstd:30"])
-        .output()
-        .expect("run quiverd");
-    assert!(!bad.status.success());
-    let err = String::from_utf8_lossy(&bad.stderr);
+    // So is a table compression level zstd does not have.
+    let err = refused(&["--table-compression", "zstd:30"]);
     assert!(err.contains("table compression \"zstd:30\": zstd level 30 is outside -7 to 22"), "{err}");
     // Restart with the pread backend and zstd for new tables: the same data, read the other
     // way, and the LZ4 tables written so far rewritten as zstd by a full compaction.

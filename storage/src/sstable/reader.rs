@@ -537,11 +537,16 @@ mod tests {
     use super::*;
     use crate::sstable::{Compression, ZSTD_LEVEL_DEFAULT};
 
-    /// `content size uvarint | LZ4 block`, the block from the LZ4 encoder.
-    fn lz4_payload(raw: &[u8]) -> Vec<u8> {
+    /// Bytes LZ4 shrinks.
+    fn compressible() -> Vec<u8> {
+        (0..4000u32).flat_map(|i| (i / 7).to_be_bytes()).collect()
+    }
+
+    /// `content size uvarint | LZ4 block`: `block` after a declared content size of `n`.
+    fn lz4_payload(n: u64, block: &[u8]) -> Vec<u8> {
         let mut p = Vec::new();
-        crate::coding::put_uvarint(&mut p, raw.len() as u64);
-        p.extend_from_slice(&lz4_flex::block::compress(raw));
+        crate::coding::put_uvarint(&mut p, n);
+        p.extend_from_slice(block);
         p
     }
 
@@ -551,22 +556,17 @@ mod tests {
         let mut literal = vec![0x0c, 0xc0];
         literal.extend_from_slice(b"abcabcabcabc");
         assert_eq!(decompress(COMPRESSION_LZ4, &literal, 1 << 16).as_deref(), Ok(&b"abcabcabcabc"[..]));
-        let raw: Vec<u8> = (0..4000u32).flat_map(|i| (i / 7).to_be_bytes()).collect();
-        let p = lz4_payload(&raw);
+        let raw = compressible();
+        let p = lz4_payload(raw.len() as u64, &lz4_flex::block::compress(&raw));
         assert!(p.len() < raw.len() / 2, "compressible input shrinks");
         assert_eq!(decompress(COMPRESSION_LZ4, &p, 1 << 16), Ok(raw));
     }
 
     #[test]
     fn an_lz4_payload_that_disagrees_with_its_content_size_is_refused() {
-        let raw: Vec<u8> = (0..4000u32).flat_map(|i| (i / 7).to_be_bytes()).collect();
+        let raw = compressible();
         let block = lz4_flex::block::compress(&raw);
-        let with_size = |n: u64| {
-            let mut p = Vec::new();
-            crate::coding::put_uvarint(&mut p, n);
-            p.extend_from_slice(&block);
-            p
-        };
+        let with_size = |n: u64| lz4_payload(n, &block);
         let n = raw.len() as u64;
         let (short, oversized) =
             ("lz4 block does not decompress to its content size", "lz4 block has no or an oversized content size");

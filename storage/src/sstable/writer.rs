@@ -54,8 +54,6 @@ pub struct TableWriter {
     system_time_min: u64,
     system_time_max: u64,
     scratch: Vec<u8>,
-    /// An LZ4 block being compressed (reused).
-    packed: Vec<u8>,
     /// Whether a block was stored LZ4-compressed (the table is then of [`FORMAT_VERSION`] 3).
     wrote_lz4: bool,
     /// The cell being added, in the stored form.
@@ -113,7 +111,6 @@ impl TableWriter {
             system_time_min: u64::MAX,
             system_time_max: 0,
             scratch: Vec::new(),
-            packed: Vec::new(),
             wrote_lz4: false,
             cell: Vec::new(),
             compressor: match compression {
@@ -173,40 +170,41 @@ impl TableWriter {
         Ok(())
     }
 
+    /// Appends `raw` as a block (payload, compression byte, crc), compressed as the table's
+    /// setting says, built in place in the reused scratch buffer.
     fn write_block(&mut self, raw: &[u8]) -> Result<BlockHandle> {
-        let (payload, ctype): (std::borrow::Cow<'_, [u8]>, u8) = match (self.compression, &mut self.compressor) {
+        let out = &mut self.scratch;
+        out.clear();
+        let mut ctype = match (self.compression, &mut self.compressor) {
             (Compression::Lz4, _) => {
-                let c = &mut self.packed;
-                c.clear();
-                put_uvarint(c, raw.len() as u64);
-                let at = c.len();
-                c.resize(at + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
-                let n = lz4_flex::block::compress_into(raw, &mut c[at..])
+                put_uvarint(out, raw.len() as u64);
+                let at = out.len();
+                out.resize(at + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+                let n = lz4_flex::block::compress_into(raw, &mut out[at..])
                     .map_err(|e| Error::io(&self.tmp, std::io::Error::other(e)))?;
-                c.truncate(at + n);
-                // As for zstd: a block that compression saves less than a ninth of (compressed
-                // form plus an eighth not below the raw size) is stored as it is.
-                if c.len() + c.len() / 8 < raw.len() {
-                    self.wrote_lz4 = true;
-                    (std::borrow::Cow::Borrowed(&c[..]), COMPRESSION_LZ4)
-                } else {
-                    (raw.into(), COMPRESSION_NONE)
-                }
+                out.truncate(at + n);
+                COMPRESSION_LZ4
             }
-            (Compression::None, _) | (_, None) => (raw.into(), COMPRESSION_NONE),
-            (Compression::Zstd(_), Some(c)) => match c.0.compress(raw) {
-                Ok(c) if c.len() + c.len() / 8 < raw.len() => (c.into(), COMPRESSION_ZSTD),
-                Ok(_) => (raw.into(), COMPRESSION_NONE),
-                Err(e) => return Err(Error::io(&self.tmp, e)),
-            },
+            (Compression::Zstd(_), Some(c)) => {
+                out.extend_from_slice(&c.0.compress(raw).map_err(|e| Error::io(&self.tmp, e))?);
+                COMPRESSION_ZSTD
+            }
+            (Compression::None, _) | (Compression::Zstd(_), None) => COMPRESSION_NONE,
         };
-        let handle = BlockHandle { offset: self.offset, len: payload.len() as u64 };
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&payload);
-        self.scratch.push(ctype);
-        self.scratch.extend_from_slice(&block_crc(handle.offset, &payload, ctype).to_le_bytes());
-        self.file.append(&self.scratch)?;
-        self.offset += self.scratch.len() as u64;
+        // A block that compression saves less than a ninth of (its compressed form plus an
+        // eighth is not below the raw size) is stored as it is.
+        if ctype == COMPRESSION_NONE || out.len() + out.len() / 8 >= raw.len() {
+            out.clear();
+            out.extend_from_slice(raw);
+            ctype = COMPRESSION_NONE;
+        }
+        self.wrote_lz4 |= ctype == COMPRESSION_LZ4;
+        let handle = BlockHandle { offset: self.offset, len: out.len() as u64 };
+        let crc = block_crc(handle.offset, out, ctype);
+        out.push(ctype);
+        out.extend_from_slice(&crc.to_le_bytes());
+        self.file.append(out)?;
+        self.offset += out.len() as u64;
         Ok(handle)
     }
 
