@@ -6,12 +6,26 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::fs::{Fs, MemFs};
-use crate::sstable::block::{Block, BlockIter};
+use crate::sstable::block::{Block, BlockIter, ScanIter};
 use crate::sstable::Table;
+use crate::sstable::TableIter;
 use crate::{batch, cell, key, manifest, record};
 
-/// Data/index block decoder: parse, then walk and seek every key.
+/// Data/index block decoder: parse, then walk and seek every key; a scan of the same bytes
+/// must hand out the same entries (or fail where the parse does).
 pub fn block(data: &[u8]) {
+    let scanned = ScanIter::new(data.to_vec()).and_then(|mut it| {
+        let mut out = Vec::new();
+        it.visit(&mut |k, v, _| {
+            out.push((k.to_vec(), v.to_vec()));
+            true
+        })?;
+        Ok(out)
+    });
+    if let Ok(b) = Block::parse(data.to_vec()) {
+        let all: Vec<_> = (0..b.len()).map(|i| (b.key(i).to_vec(), b.value(i).to_vec())).collect();
+        assert_eq!(scanned.as_ref(), Ok(&all), "a scan must read what the parse did");
+    }
     if let Ok(b) = Block::parse(data.to_vec()) {
         let b = Arc::new(b);
         let mut it = BlockIter::new(b.clone());
@@ -41,6 +55,13 @@ pub fn table(data: &[u8]) {
     }
     let Ok(t) = Table::from_file(f, path, 1, None, None) else { return };
     let _ = t.verify();
+    // A scanning cursor reads what a parsing one does, wherever the parsing one succeeds.
+    let (parsed, parsed_ok) = walk(&mut t.iter(), 100_000);
+    let (scanned, scanned_ok) = walk(&mut t.iter_filling(false), 100_000);
+    if parsed_ok {
+        assert!(scanned_ok, "a scan must succeed where the parse did");
+        assert_eq!(scanned, parsed, "a scan must read what the parse did");
+    }
     let mut it = t.iter();
     if it.seek_to_first().is_ok() {
         let mut n = 0;
@@ -61,6 +82,25 @@ pub fn table(data: &[u8]) {
             n += 1;
         }
     }
+}
+
+/// A table's entries: keys and values.
+type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The first `n` entries of `it` (or fewer, up to its end or an error), and whether the walk
+/// ended without an error.
+fn walk(it: &mut TableIter, n: usize) -> (Entries, bool) {
+    let mut out = Vec::new();
+    if it.seek_to_first().is_err() {
+        return (out, false);
+    }
+    while it.valid() && out.len() < n {
+        out.push((it.key().to_vec(), it.value().to_vec()));
+        if it.step().is_err() {
+            return (out, false);
+        }
+    }
+    (out, true)
 }
 
 /// WAL segment decoder: records (tail may be torn), then each batch and its cells.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::db::ReadView;
 use crate::memtable::Memtable;
-use crate::sstable::block::Block;
+use crate::sstable::block::EntryAt;
 use crate::sstable::TableIter;
 use crate::version::TableHandle;
 use crate::Result;
@@ -95,7 +95,7 @@ impl LevelIter {
     }
 
     /// [`TableIter::visit`] across the level's tables.
-    fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8], Option<(&Arc<Block>, usize)>) -> bool) -> Result<bool> {
+    fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8], Option<EntryAt<'_>>) -> bool) -> Result<bool> {
         while let Some(it) = &mut self.cur {
             if it.visit(f)? {
                 return Ok(true);
@@ -206,10 +206,7 @@ impl Source {
     /// Calls `f` with each entry from the current one on, in order, until it returns false
     /// (the source stays at that entry) or the source runs out. An entry of a table comes with
     /// its block and index in it; a memtable's without.
-    pub(crate) fn visit(
-        &mut self,
-        mut f: impl FnMut(&[u8], &[u8], Option<(&Arc<Block>, usize)>) -> bool,
-    ) -> Result<()> {
+    pub(crate) fn visit(&mut self, mut f: impl FnMut(&[u8], &[u8], Option<EntryAt<'_>>) -> bool) -> Result<()> {
         match self {
             Source::Table(t) => t.visit(&mut f).map(drop),
             Source::Level(l) => l.visit(&mut f).map(drop),

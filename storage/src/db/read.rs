@@ -10,7 +10,7 @@ use crate::cell;
 use crate::hot::NewState;
 use crate::iter::{MergingIter, Source};
 use crate::key::{self, KeyRef};
-use crate::sstable::block::Block;
+use crate::sstable::block::EntryAt;
 use crate::sstable::{Prefetched, Table};
 use crate::types::{AsOf, CellVersion, EntityKey, EventTime, FeatureId, SystemTime, Value};
 use crate::{Error, Result};
@@ -583,7 +583,7 @@ pub struct PairCursor {
     cells: Vec<u8>,
     /// The table blocks the current entity's versions lie in (held so their cells need no
     /// copy; dropped at the next entity).
-    blocks: Vec<Arc<Block>>,
+    blocks: Vec<Arc<Vec<u8>>>,
     _view: Arc<ReadView>,
 }
 
@@ -602,11 +602,11 @@ pub struct Gathered {
 }
 
 /// Where a gathered version's cell lies: copied into the cursor's buffer (from a memtable), or
-/// in a table block the cursor holds for the entity (index in its list, entry in the block).
+/// in a table block's bytes the cursor holds for the entity (index in its list, range in them).
 #[derive(Debug, Clone, Copy)]
 enum CellAt {
     Copied(usize, usize),
-    Block(u32, u32),
+    Block(u32, u32, u32),
 }
 
 impl Gathered {
@@ -630,7 +630,7 @@ impl Gathered {
 pub struct EntityVersions<'a> {
     found: &'a [Gathered],
     cells: &'a [u8],
-    blocks: &'a [Arc<Block>],
+    blocks: &'a [Arc<Vec<u8>>],
 }
 
 impl<'a> EntityVersions<'a> {
@@ -643,7 +643,7 @@ impl<'a> EntityVersions<'a> {
     pub fn cell(&self, v: &Gathered) -> &'a [u8] {
         match v.cell {
             CellAt::Copied(a, b) => &self.cells[a..b],
-            CellAt::Block(block, i) => self.blocks[block as usize].value(i as usize),
+            CellAt::Block(block, start, end) => &self.blocks[block as usize][start as usize..end as usize],
         }
     }
 
@@ -700,13 +700,14 @@ impl PairCursor {
             let before = found.len();
             // Whether this visit has taken an entry (each is of this entity). A visit hands
             // out a block's entries one after another from where it starts, and a new block
-            // from its entry 0, so an entry `e > 0` comes right after entry `e - 1` of its block.
+            // from its first entry (which shares nothing), so an entry that shares its entity
+            // part comes right after the entry it shares it with.
             let mut took = false;
             s.visit(|k, v, at| {
                 // A key of another entity (or malformed) ends the entity's run. A table
                 // entry right after one of this entity that shares its entity part (checked
-                // when the block was loaded) needs no comparison.
-                let follows = took && at.is_some_and(|(b, e)| e > 0 && b.shares_entity(e));
+                // when the block was loaded or the entry decoded) needs no comparison.
+                let follows = took && at.is_some_and(|a| a.shares_entity);
                 let kr = if follows {
                     KeyRef::known_valid(k)
                 } else {
@@ -725,11 +726,11 @@ impl PairCursor {
                     // A table's cell stays in its block (entry indexes fit in u32: a block is
                     // at most BLOCK_BYTES_MAX); a memtable's is copied.
                     let cell = match at {
-                        Some((block, entry)) => {
-                            if !blocks.last().is_some_and(|b| Arc::ptr_eq(b, block)) {
-                                blocks.push(block.clone());
+                        Some(EntryAt { bytes, value: (start, end), .. }) => {
+                            if !blocks.last().is_some_and(|b| Arc::ptr_eq(b, bytes)) {
+                                blocks.push(bytes.clone());
                             }
-                            CellAt::Block((blocks.len() - 1) as u32, entry as u32)
+                            CellAt::Block((blocks.len() - 1) as u32, start, end)
                         }
                         None => {
                             let start = cells.len();

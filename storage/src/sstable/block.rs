@@ -12,6 +12,12 @@
 //! A block is checked whole when it is loaded ([`Block::parse`]): lengths in range, restarts in
 //! order and at entries with `shared = 0`, keys strictly increasing and structurally valid.
 //! After that, iteration cannot fail.
+//!
+//! A pass that reads each entry once, in order, from a block that is not cached (a
+//! compaction, a join) uses a [`ScanIter`] instead: it checks the block's frame when it is
+//! loaded, then decodes and checks one entry at a time into a single key buffer, copying only
+//! each key's unshared bytes. It applies the same checks as [`Block::parse`] to every entry it
+//! hands out, so a bad entry is an error before it is used rather than when the block loads.
 
 use std::sync::Arc;
 
@@ -95,6 +101,50 @@ impl BlockBuilder {
     }
 }
 
+/// Checks a block's frame: its size, and restart points in order inside its entries, the first
+/// at 0. Returns where the entries end (the restart array begins) and the number of restarts.
+fn frame(data: &[u8], max: usize) -> Result<(usize, usize), DecodeError> {
+    if data.len() > max || data.len() < 4 {
+        return Err("block size out of range");
+    }
+    let n = data.len();
+    let nrestarts = u32::from_le_bytes([data[n - 4], data[n - 3], data[n - 2], data[n - 1]]) as usize;
+    if nrestarts == 0 || nrestarts > (n - 4) / 4 {
+        return Err("bad restart count");
+    }
+    let entries_end = n - 4 - 4 * nrestarts;
+    let mut prev = None;
+    for j in 0..nrestarts {
+        let x = restart(data, entries_end, j);
+        if prev.map_or(x != 0, |p| p >= x) || x > entries_end {
+            return Err("restart points out of order");
+        }
+        prev = Some(x);
+    }
+    Ok((entries_end, nrestarts))
+}
+
+/// Restart point `j` of a block whose entries end at `entries_end` (`j` below the count that
+/// [`frame`] returned).
+fn restart(data: &[u8], entries_end: usize, j: usize) -> usize {
+    let at = entries_end + 4 * j;
+    u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize
+}
+
+/// Where a visited table entry lies, for a reader that keeps its value without copying it
+/// (it holds `bytes` and takes the range `value`).
+#[derive(Debug, Clone, Copy)]
+pub struct EntryAt<'a> {
+    /// The bytes of the block the entry is in.
+    pub bytes: &'a Arc<Vec<u8>>,
+    /// The value's range in `bytes`.
+    pub value: (u32, u32),
+    /// The entry's key is as long as the previous entry's of the same block and shares its
+    /// entity part (the escaped entity and terminator), which was checked: a reader that
+    /// checked that entry's entity need not compare this one's. False for a block's first.
+    pub shares_entity: bool,
+}
+
 /// One entry's location inside a block's data.
 #[derive(Debug, Clone, Copy)]
 struct EntryPos {
@@ -109,7 +159,9 @@ struct EntryPos {
 #[derive(Debug)]
 pub struct Block {
     keys: Vec<u8>,
-    data: Vec<u8>,
+    /// The block's bytes (values are ranges of them), shared with readers that keep values
+    /// (see [`EntryAt`]).
+    data: Arc<Vec<u8>>,
     entries: Vec<EntryPos>,
     key_ends: Vec<u32>,
 }
@@ -135,23 +187,8 @@ impl Block {
     }
 
     fn parse_with(data: Vec<u8>, max: usize, trim: bool) -> Result<Block, DecodeError> {
-        if data.len() > max || data.len() < 4 {
-            return Err("block size out of range");
-        }
-        let n = data.len();
-        let nrestarts = u32::from_le_bytes([data[n - 4], data[n - 3], data[n - 2], data[n - 1]]) as usize;
-        if nrestarts == 0 || nrestarts > (n - 4) / 4 {
-            return Err("bad restart count");
-        }
-        let entries_end = n - 4 - 4 * nrestarts;
-        let mut restarts = Vec::with_capacity(nrestarts);
-        let mut r = Reader::new(&data[entries_end..n - 4]);
-        for _ in 0..nrestarts {
-            restarts.push(r.u32_le()? as usize);
-        }
-        if restarts[0] != 0 || restarts.windows(2).any(|w| w[0] >= w[1]) || restarts.iter().any(|&x| x > entries_end) {
-            return Err("restart points out of order");
-        }
+        let (entries_end, nrestarts) = frame(&data, max)?;
+        let restarts: Vec<usize> = (0..nrestarts).map(|j| restart(&data, entries_end, j)).collect();
         // Materialised keys are longer than their prefix-compressed form; reserve for that.
         // (Estimates only; an entry takes at least 3 bytes, so `entries_end / 3` bounds the count.)
         let estimate = (nrestarts * crate::limits::BLOCK_RESTART_INTERVAL).min(entries_end / 3 + 1);
@@ -228,7 +265,7 @@ impl Block {
             entries.shrink_to_fit();
             key_ends.shrink_to_fit();
         }
-        Ok(Block { keys, data, entries, key_ends })
+        Ok(Block { keys, data: Arc::new(data), entries, key_ends })
     }
 
     /// Number of entries.
@@ -269,6 +306,12 @@ impl Block {
         &self.data[e.value_start as usize..e.value_end as usize]
     }
 
+    /// Where entry `i` lies, for a reader that keeps its value.
+    fn entry_at(&self, i: usize) -> EntryAt<'_> {
+        let e = self.entries[i];
+        EntryAt { bytes: &self.data, value: (e.value_start, e.value_end), shares_entity: e.same_entity }
+    }
+
     /// Index of the first entry with key >= `target` (`len()` if none).
     pub fn seek(&self, target: &[u8]) -> usize {
         self.seek_from(0, target)
@@ -301,15 +344,15 @@ impl BlockIter {
     pub fn new(block: Arc<Block>) -> Self {
         BlockIter { block, i: 0 }
     }
-    /// Calls `f` with each entry from the current one on (its key, its value, and the block
-    /// and index it lies at, for a caller that keeps the value without copying it), until it
+    /// Calls `f` with each entry from the current one on (its key, its value, and where it
+    /// lies, for a caller that keeps the value without copying it), until it
     /// returns false (the cursor stays at that entry; returns false) or the block runs out
     /// (returns true).
     #[inline]
-    pub fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8], Option<(&Arc<Block>, usize)>) -> bool) -> bool {
+    pub fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8], Option<EntryAt<'_>>) -> bool) -> bool {
         let b = &self.block;
         while self.i < b.len() {
-            if !f(b.key(self.i), b.value(self.i), Some((b, self.i))) {
+            if !f(b.key(self.i), b.value(self.i), Some(b.entry_at(self.i))) {
                 return false;
             }
             self.i += 1;
@@ -340,6 +383,169 @@ impl BlockIter {
     /// Advances.
     pub fn next(&mut self) {
         self.i += 1;
+    }
+}
+
+/// A cursor that decodes a block's entries one at a time, in order, checking each as
+/// [`Block::parse`] would before handing it out (see the module doc). It holds one key: only
+/// each entry's unshared bytes are copied. It moves forward only; it can fail where a
+/// [`BlockIter`] cannot, and after an error it is no longer valid.
+#[derive(Debug, Clone)]
+pub struct ScanIter {
+    data: Arc<Vec<u8>>,
+    entries_end: usize,
+    nrestarts: usize,
+    /// The next restart point that an entry must start at, and its index.
+    next_restart: usize,
+    next_restart_off: usize,
+    /// Where the next entry starts.
+    pos: usize,
+    /// The current (or, once the block ran out, the last) entry.
+    key: Vec<u8>,
+    value: (u32, u32),
+    shares_entity: bool,
+    valid: bool,
+}
+
+impl ScanIter {
+    /// Checks `data`'s frame and decodes its first entry.
+    pub fn new(data: Vec<u8>) -> Result<ScanIter, DecodeError> {
+        let (entries_end, nrestarts) = frame(&data, BLOCK_BYTES_MAX)?;
+        let mut it = ScanIter {
+            entries_end,
+            nrestarts,
+            next_restart: 0,
+            next_restart_off: 0,
+            pos: 0,
+            key: Vec::with_capacity(64),
+            value: (0, 0),
+            shares_entity: false,
+            valid: true,
+            data: Arc::new(data),
+        };
+        it.advance()?;
+        if !it.valid {
+            return Err("empty block");
+        }
+        Ok(it)
+    }
+
+    /// True while positioned at an entry.
+    pub fn valid(&self) -> bool {
+        self.valid
+    }
+
+    /// The current key; once the block ran out, its last key.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// The current value.
+    pub fn value(&self) -> &[u8] {
+        &self.data[self.value.0 as usize..self.value.1 as usize]
+    }
+
+    /// Decodes the next entry (or runs out at the block's end).
+    pub fn advance(&mut self) -> Result<(), DecodeError> {
+        let r = self.decode();
+        if r.is_err() {
+            self.valid = false;
+        }
+        r
+    }
+
+    #[inline]
+    fn decode(&mut self) -> Result<(), DecodeError> {
+        let off = self.pos;
+        if off == self.entries_end {
+            if self.next_restart != self.nrestarts {
+                return Err("restart point past the last entry");
+            }
+            self.valid = false;
+            return Ok(());
+        }
+        let data = &self.data[..self.entries_end];
+        let at_restart = self.next_restart < self.nrestarts && self.next_restart_off == off;
+        if self.next_restart < self.nrestarts && self.next_restart_off < off {
+            return Err("restart point inside an entry");
+        }
+        // Three one-byte lengths are the common case (short key suffixes, small cells).
+        let (shared, unshared, vlen, head) = match &data[off..] {
+            [a, b, c, ..] if (a | b | c) < 0x80 => (usize::from(*a), usize::from(*b), usize::from(*c), 3),
+            rest => {
+                let mut r = Reader::new(rest);
+                (r.len(BLOCK_BYTES_MAX)?, r.len(BLOCK_BYTES_MAX)?, r.len(BLOCK_BYTES_MAX)?, r.pos())
+            }
+        };
+        let first = off == 0;
+        if at_restart {
+            self.next_restart += 1;
+            if self.next_restart < self.nrestarts {
+                self.next_restart_off = restart(&self.data, self.entries_end, self.next_restart);
+            }
+            if shared != 0 {
+                return Err("restart entry shares a prefix");
+            }
+        }
+        if shared > self.key.len() {
+            return Err("shared prefix longer than previous key");
+        }
+        // (Each length is at most BLOCK_BYTES_MAX: no overflow.)
+        let value_start = off + head + unshared;
+        let end = value_start + vlen;
+        if end > data.len() {
+            return Err("truncated field");
+        }
+        let tail = &data[off + head..value_start];
+        let prev_len = self.key.len();
+        if !first {
+            // As in `Block::parse`: equal up to `shared`, so the first unshared byte decides,
+            // unless the writer under-reported the shared prefix.
+            let greater = match (tail.first(), self.key.get(shared)) {
+                (Some(_), None) => true,
+                (Some(a), Some(b)) if a != b => a > b,
+                (None, _) => false,
+                _ => tail > &self.key[shared..],
+            };
+            if !greater {
+                return Err("block keys not increasing");
+            }
+        }
+        self.shares_entity =
+            !first && shared + unshared == prev_len && shared + FEATURE_BYTES + TIME_SUFFIX_BYTES >= prev_len;
+        self.key.truncate(shared);
+        self.key.extend_from_slice(tail);
+        if !self.shares_entity && KeyRef::parse(&self.key).is_none() {
+            return Err("malformed key in block");
+        }
+        self.pos = end;
+        self.value = (value_start as u32, end as u32);
+        self.valid = true;
+        Ok(())
+    }
+
+    /// Moves to the first entry >= `target` at or after the current one.
+    pub fn seek_forward(&mut self, target: &[u8]) -> Result<(), DecodeError> {
+        while self.valid && self.key.as_slice() < target {
+            self.advance()?;
+        }
+        Ok(())
+    }
+
+    /// As [`BlockIter::visit`]; fails on the first entry that does not decode.
+    #[inline]
+    pub fn visit(
+        &mut self,
+        f: &mut impl FnMut(&[u8], &[u8], Option<EntryAt<'_>>) -> bool,
+    ) -> Result<bool, DecodeError> {
+        while self.valid {
+            let at = EntryAt { bytes: &self.data, value: self.value, shares_entity: self.shares_entity };
+            if !f(&self.key, &self.data[self.value.0 as usize..self.value.1 as usize], Some(at)) {
+                return Ok(false);
+            }
+            self.advance()?;
+        }
+        Ok(true)
     }
 }
 
@@ -453,5 +659,110 @@ mod tests {
             assert_eq!(b.shares_entity(i), want, "entry {i}");
         }
         assert!((0..b.len()).any(|i| b.shares_entity(i)) && (1..b.len()).any(|i| !b.shares_entity(i)));
+    }
+
+    /// A block entry as a test sees it: key, value, and whether it shares its entity part.
+    type Entry = (Vec<u8>, Vec<u8>, bool);
+
+    /// Every entry a scan of `raw` hands out (key, value, shares_entity), or its first error.
+    fn scan_all(raw: Vec<u8>) -> Result<Vec<Entry>, DecodeError> {
+        let mut it = ScanIter::new(raw)?;
+        let mut out = Vec::new();
+        it.visit(&mut |k, v, at| {
+            out.push((k.to_vec(), v.to_vec(), at.expect("a block entry").shares_entity));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// What a parse of `raw` holds, in the same form.
+    fn parse_all(raw: Vec<u8>) -> Result<Vec<Entry>, DecodeError> {
+        let b = Arc::new(Block::parse(raw)?);
+        let mut out = Vec::new();
+        BlockIter::new(b).visit(&mut |k, v, at| {
+            let at = at.expect("a block entry");
+            assert_eq!(&at.bytes[at.value.0 as usize..at.value.1 as usize], v);
+            out.push((k.to_vec(), v.to_vec(), at.shares_entity));
+            true
+        });
+        Ok(out)
+    }
+
+    /// Keys of entities of several lengths, some sharing bytes, three features each.
+    fn mixed_keys() -> Vec<Vec<u8>> {
+        let entities: [&[u8]; 7] = [b"ab", b"ab\x00", b"ac", b"abc", b"abcdefghijklmnopq", b"abcdefghijklmnopr", b"b"];
+        let mut ks: Vec<Vec<u8>> = Vec::new();
+        for (i, e) in entities.iter().enumerate() {
+            for f in 0..3 {
+                for t in 0..3 {
+                    ks.push(encode(e, FeatureId(f), EventTime(i as i64 * 10 + t), SystemTime(1 + t as u64)));
+                }
+            }
+        }
+        ks.sort();
+        ks.dedup();
+        ks
+    }
+
+    #[test]
+    fn a_scan_hands_out_exactly_what_a_parse_holds() {
+        for restart in [1, 3, 16] {
+            for ks in [keys(100), mixed_keys()] {
+                let raw = block_of(ks.iter().enumerate().map(|(i, k)| (k, vec![b'v'; i % 5])), restart);
+                let scanned = scan_all(raw.clone()).expect("scans");
+                assert_eq!(scanned, parse_all(raw).expect("parses"), "restart {restart}");
+                assert_eq!(scanned.len(), ks.len());
+                // (With a restart at every entry, no entry shares anything.)
+                assert_eq!(scanned.iter().any(|e| e.2), restart > 1, "restart {restart}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_scan_fails_exactly_where_a_parse_does_on_every_truncation_and_flip() {
+        let raw = block_of(mixed_keys().into_iter().map(|k| (k, b"xy")), 4);
+        let mut refused = 0;
+        for cut in 0..raw.len() {
+            let (s, p) = (scan_all(raw[..cut].to_vec()), parse_all(raw[..cut].to_vec()));
+            assert!(p.is_err(), "cut at {cut}");
+            assert_eq!(s, p, "cut at {cut}");
+        }
+        for i in 0..raw.len() {
+            for bit in [0x01u8, 0x10, 0x80] {
+                let mut bad = raw.clone();
+                bad[i] ^= bit;
+                let (s, p) = (scan_all(bad.clone()), parse_all(bad));
+                refused += usize::from(p.is_err());
+                assert_eq!(s, p, "flip {i}/{bit:#x}");
+            }
+        }
+        assert!(refused > raw.len(), "most flips are refused ({refused})");
+    }
+
+    #[test]
+    fn a_scan_seeks_forward_to_the_first_key_at_or_after_the_target() {
+        let ks = mixed_keys();
+        let raw = block_of(ks.iter().map(|k| (k, b"v")), 4);
+        let b = Block::parse(raw.clone()).expect("parses");
+        let mut targets: Vec<Vec<u8>> = ks.clone();
+        targets.extend(ks.iter().map(|k| [k.as_slice(), b"\x00"].concat()));
+        targets.extend([b"".to_vec(), b"\xff".to_vec()]);
+        targets.sort();
+        // From the start, and continuing from the previous (smaller) target, as a merge does.
+        let mut cont = ScanIter::new(raw.clone()).expect("scans");
+        for t in &targets {
+            let mut fresh = ScanIter::new(raw.clone()).expect("scans");
+            fresh.seek_forward(t).expect("seeks");
+            cont.seek_forward(t).expect("seeks");
+            let want = b.seek(t);
+            for it in [&fresh, &cont] {
+                assert_eq!(it.valid(), want < b.len(), "target {t:x?}");
+                if it.valid() {
+                    assert_eq!((it.key(), it.value()), (b.key(want), b.value(want)));
+                }
+            }
+        }
+        assert!(!cont.valid());
+        assert_eq!(cont.key(), b.key(b.len() - 1), "a finished scan keeps its last key");
     }
 }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::block::{Block, BlockIter};
+use super::block::{Block, BlockIter, EntryAt, ScanIter};
 use super::bloom::{self, Bloom};
 use super::ssd::{Prefetched, SsdTier};
 use super::{
@@ -268,6 +268,11 @@ impl Table {
         Ok(b)
     }
 
+    /// A corruption found in data block `i`.
+    fn block_corrupt(&self, i: usize, what: &'static str) -> Error {
+        Error::corruption(&self.path, self.index.get(i).map_or(0, |(_, h)| h.offset), what)
+    }
+
     /// Reads, checks and parses data block `i` with a buffered read, bypassing the cache.
     pub fn load_block(&self, i: usize) -> Result<Arc<Block>> {
         let h = self.index[i].1;
@@ -439,21 +444,73 @@ impl Table {
 }
 
 /// A cursor over a table's entries in key order.
+///
+/// A cursor that does not fill the block cache reads the blocks it walks into from the start
+/// with a [`ScanIter`] (unless the cache has them parsed already): each entry is decoded and
+/// checked as it is reached, and the block's first and last keys are checked against the
+/// index as the cursor enters and leaves it. A seek into a block parses it whole.
 #[derive(Debug, Clone)]
 pub struct TableIter {
     table: Arc<Table>,
     block_idx: usize,
-    cur: Option<BlockIter>,
+    cur: Option<Cursor>,
     fill_cache: bool,
 }
 
+/// A [`TableIter`]'s position in its current block.
+#[derive(Debug, Clone)]
+enum Cursor {
+    Parsed(BlockIter),
+    Scan(ScanIter),
+}
+
+impl Cursor {
+    fn valid(&self) -> bool {
+        match self {
+            Cursor::Parsed(it) => it.valid(),
+            Cursor::Scan(it) => it.valid(),
+        }
+    }
+    fn key(&self) -> &[u8] {
+        match self {
+            Cursor::Parsed(it) => it.key(),
+            Cursor::Scan(it) => it.key(),
+        }
+    }
+    fn value(&self) -> &[u8] {
+        match self {
+            Cursor::Parsed(it) => it.value(),
+            Cursor::Scan(it) => it.value(),
+        }
+    }
+}
+
 impl TableIter {
-    fn load(&mut self) -> Result<()> {
+    /// Positions the cursor at the first entry of block `block_idx` or a later one. A scan
+    /// (`from_start`, a cursor that does not fill the cache) decodes as it goes; otherwise the
+    /// block is parsed whole.
+    fn load(&mut self, from_start: bool) -> Result<()> {
         self.cur = None;
         while self.block_idx < self.table.index.len() {
-            let it = BlockIter::new(self.table.read_block_seq(self.block_idx, self.fill_cache)?);
-            if it.valid() {
-                self.cur = Some(it);
+            let i = self.block_idx;
+            let cached = || {
+                self.table.tier.as_ref().and_then(|t| t.cache()?.peek(self.table.number, self.table.index[i].1.offset))
+            };
+            let cur = match (from_start && !self.fill_cache).then(cached) {
+                Some(None) => {
+                    let h = self.table.index[i].1;
+                    let it = ScanIter::new(self.table.read_block_raw(h, BLOCK_BYTES_MAX)?)
+                        .map_err(|w| Error::corruption(&self.table.path, h.offset, w))?;
+                    if i > 0 && it.key() <= self.table.index[i - 1].0.as_slice() {
+                        return Err(self.corrupt("block's first key is not after the previous block"));
+                    }
+                    Cursor::Scan(it)
+                }
+                Some(Some(b)) => Cursor::Parsed(BlockIter::new(b)),
+                None => Cursor::Parsed(BlockIter::new(self.table.read_block_seq(i, self.fill_cache)?)),
+            };
+            if cur.valid() {
+                self.cur = Some(cur);
                 return Ok(());
             }
             self.block_idx += 1;
@@ -461,71 +518,100 @@ impl TableIter {
         Ok(())
     }
 
+    /// A corruption of the current block.
+    fn corrupt(&self, what: &'static str) -> Error {
+        self.table.block_corrupt(self.block_idx, what)
+    }
+
+    /// Leaves the current block, which the cursor has walked to its end, for the next one. A
+    /// scanned block's last key must be its index entry (a parsed block's was checked when it
+    /// was parsed).
+    fn next_block(&mut self) -> Result<()> {
+        if let Some(Cursor::Scan(it)) = &self.cur {
+            if it.key() != self.table.index[self.block_idx].0.as_slice() {
+                return Err(self.corrupt("block's last key differs from its index entry"));
+            }
+        }
+        self.block_idx += 1;
+        self.load(true)
+    }
+
     /// Moves to the first entry.
     pub fn seek_to_first(&mut self) -> Result<()> {
         self.block_idx = 0;
-        self.load()
+        self.load(true)
     }
 
-    /// Moves to the first entry with key >= `target`. A seek into the block already under
+    /// Moves to the first entry with key >= `target`. A seek forward inside the block under
     /// the cursor reuses it (forward seeks of a sort-merge read land there most of the time).
     pub fn seek(&mut self, target: &[u8]) -> Result<()> {
         let block = self.table.block_for(target);
-        let same = block == self.block_idx && self.cur.is_some();
-        if !same {
-            self.block_idx = block;
-            self.load()?;
+        let here = block == self.block_idx;
+        let (table, block_idx) = (&self.table, self.block_idx);
+        match &mut self.cur {
+            Some(c) if here && c.valid() && c.key() <= target => match c {
+                // (A scan's forward seek decodes and checks every entry it passes.)
+                Cursor::Parsed(it) => it.seek_forward(target),
+                Cursor::Scan(it) => it.seek_forward(target).map_err(|w| table.block_corrupt(block_idx, w))?,
+            },
+            Some(Cursor::Parsed(it)) if here => it.seek(target),
+            _ => {
+                self.block_idx = block;
+                self.load(false)?;
+                if let Some(Cursor::Parsed(it)) = &mut self.cur {
+                    it.seek(target);
+                }
+            }
         }
-        if let Some(it) = &mut self.cur {
-            if same && it.valid() && it.key() <= target {
-                it.seek_forward(target);
-            } else {
-                it.seek(target);
-            }
-            if !it.valid() {
-                self.block_idx += 1;
-                self.load()?;
-            }
+        if self.cur.as_ref().is_some_and(|c| !c.valid()) {
+            self.next_block()?;
         }
         Ok(())
     }
 
     /// True while positioned at an entry.
     pub fn valid(&self) -> bool {
-        self.cur.as_ref().is_some_and(BlockIter::valid)
+        self.cur.as_ref().is_some_and(Cursor::valid)
     }
 
     /// Current key (only while valid).
     pub fn key(&self) -> &[u8] {
-        self.cur.as_ref().map_or(&[], BlockIter::key)
+        self.cur.as_ref().map_or(&[], Cursor::key)
     }
 
     /// Current value (only while valid).
     pub fn value(&self) -> &[u8] {
-        self.cur.as_ref().map_or(&[], BlockIter::value)
+        self.cur.as_ref().map_or(&[], Cursor::value)
     }
 
     /// Calls `f` with each entry from the current one on, in order, until it returns false
     /// (the cursor stays at that entry; returns true) or the table runs out (returns false).
     /// One call walks many entries without a cursor step each.
-    pub fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8], Option<(&Arc<Block>, usize)>) -> bool) -> Result<bool> {
-        while let Some(it) = &mut self.cur {
-            if !it.visit(f) {
+    pub fn visit(&mut self, f: &mut impl FnMut(&[u8], &[u8], Option<EntryAt<'_>>) -> bool) -> Result<bool> {
+        while let Some(c) = &mut self.cur {
+            let (table, block_idx) = (&self.table, self.block_idx);
+            let stopped = match c {
+                Cursor::Parsed(it) => !it.visit(f),
+                Cursor::Scan(it) => !it.visit(f).map_err(|w| table.block_corrupt(block_idx, w))?,
+            };
+            if stopped {
                 return Ok(true);
             }
-            self.block_idx += 1;
-            self.load()?;
+            self.next_block()?;
         }
         Ok(false)
     }
 
     /// Advances to the next entry.
     pub fn step(&mut self) -> Result<()> {
-        if let Some(it) = &mut self.cur {
-            it.next();
-            if !it.valid() {
-                self.block_idx += 1;
-                self.load()?;
+        if let Some(c) = &mut self.cur {
+            let (table, block_idx) = (&self.table, self.block_idx);
+            match c {
+                Cursor::Parsed(it) => it.next(),
+                Cursor::Scan(it) => it.advance().map_err(|w| table.block_corrupt(block_idx, w))?,
+            }
+            if !self.valid() {
+                self.next_block()?;
             }
         }
         Ok(())
@@ -612,5 +698,117 @@ mod tests {
             let e = bad.parse::<Compression>().expect_err(bad);
             assert_eq!(e, format!("table compression {bad:?}: zstd level {level} is outside -7 to 22"));
         }
+    }
+
+    /// A table of `n` entities x 3 features x 4 times in 4 KiB blocks, in `fs` as table 1 of
+    /// `/t` (bytes returned), and its keys.
+    fn small_table(fs: &crate::fs::MemFs, n: u32) -> (Vec<u8>, Vec<Vec<u8>>) {
+        use crate::types::{EventTime, FeatureId, SystemTime};
+        let dir = Path::new("/t");
+        let fs: Arc<dyn Fs> = Arc::new(fs.clone());
+        let mut w = super::super::TableWriter::create(fs.clone(), dir, 1, 4096, Compression::Lz4).expect("create");
+        let mut keys = Vec::new();
+        for e in 0..n {
+            for f in 0..3 {
+                for t in (0..4).rev() {
+                    let k = key::encode(format!("entity-{e:05}").as_bytes(), FeatureId(f), EventTime(t), SystemTime(1));
+                    w.add(&k, format!("value {e} {f} {t}").as_bytes()).expect("add");
+                    keys.push(k);
+                }
+            }
+        }
+        w.finish().expect("finish").expect("non-empty");
+        let bytes = crate::fs::read_all(fs.open(&dir.join(table_name(1))).expect("open").as_ref()).expect("read");
+        (bytes, keys)
+    }
+
+    /// Every entry `it` walks from where it is, by `step`.
+    fn walk(it: &mut TableIter) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        while it.valid() {
+            out.push((it.key().to_vec(), it.value().to_vec()));
+            it.step()?;
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn a_scanning_cursor_reads_and_seeks_as_a_parsing_one() {
+        let fs = crate::fs::MemFs::new();
+        let (_, keys) = small_table(&fs, 300);
+        let t = Table::open(&fs, Path::new("/t"), 1).expect("open");
+        assert!(t.block_count() > 10, "{} blocks", t.block_count());
+        let (mut scan, mut parse) = (t.iter_filling(false), t.iter());
+        scan.seek_to_first().expect("seek");
+        parse.seek_to_first().expect("seek");
+        assert!(matches!(scan.cur, Some(Cursor::Scan(_))) && matches!(parse.cur, Some(Cursor::Parsed(_))));
+        let all = walk(&mut parse).expect("walk");
+        assert_eq!(all.len(), keys.len());
+        assert_eq!(walk(&mut scan).expect("walk"), all);
+        // Visits hand out the same entries, stopping and resuming anywhere.
+        scan.seek_to_first().expect("seek");
+        let mut visited = Vec::new();
+        while scan.valid() {
+            let mut left = 7;
+            scan.visit(&mut |k, v, _| {
+                left -= 1;
+                if left == 0 {
+                    return false;
+                }
+                visited.push((k.to_vec(), v.to_vec()));
+                true
+            })
+            .expect("visit");
+            if scan.valid() {
+                visited.push((scan.key().to_vec(), scan.value().to_vec()));
+                scan.step().expect("step");
+            }
+        }
+        assert_eq!(visited, all);
+        // Seeks forward (within a scanned block and past it) and backward, then a few steps.
+        let targets = [1000usize, 1001, 1003, 1100, 2000, 5, 3599, 3599, 0].map(|i| keys[i].clone());
+        for (j, target) in targets.iter().enumerate() {
+            let probe = if j % 2 == 0 { target.clone() } else { [target.as_slice(), b"\x00"].concat() };
+            scan.seek(&probe).expect("seek");
+            parse.seek(&probe).expect("seek");
+            for _ in 0..30 {
+                assert_eq!((scan.valid(), scan.key(), scan.value()), (parse.valid(), parse.key(), parse.value()));
+                scan.step().expect("step");
+                parse.step().expect("step");
+            }
+        }
+        scan.seek(b"\xff").expect("seek");
+        assert!(!scan.valid());
+    }
+
+    #[test]
+    fn a_scanning_cursor_finds_blocks_out_of_place() {
+        let fs = crate::fs::MemFs::new();
+        let (good, keys) = small_table(&fs, 300);
+        let t = Table::open(&fs, Path::new("/t"), 1).expect("open");
+        // Swap two data blocks of the same length: every block checks, only the places are wrong.
+        let handles: Vec<_> = (0..t.block_count()).map(|i| t.block_handle(i)).collect();
+        let (a, b) = handles
+            .iter()
+            .enumerate()
+            .find_map(|(i, a)| handles[i + 2..].iter().find(|b| b.len == a.len).map(|b| (*a, *b)))
+            .expect("two blocks of equal length");
+        let n = a.len as usize + BLOCK_TRAILER_BYTES;
+        let (ao, bo) = (a.offset as usize, b.offset as usize);
+        for (lo, hi) in [(ao, bo), (bo, ao)] {
+            // The later block's bytes in the earlier place, and then the other way round.
+            let mut bad = good.clone();
+            bad[lo..lo + n].copy_from_slice(&good[hi..hi + n]);
+            let f = fs.create(Path::new("/t/000002.sst")).expect("create");
+            f.append(&bad).expect("write");
+            let bad_table = Table::from_file(f, "/t/000002.sst".into(), 2, None, None).expect("index is intact");
+            let mut it = bad_table.iter_filling(false);
+            let got = it.seek_to_first().and_then(|()| walk(&mut it));
+            match got {
+                Err(Error::Corruption { .. }) => {}
+                other => panic!("blocks out of place read as {:?}", other.map(|v| v.len())),
+            }
+        }
+        assert!(keys.len() > 1000);
     }
 }
