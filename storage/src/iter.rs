@@ -205,7 +205,7 @@ impl Source {
     }
     /// Calls `f` with each entry from the current one on, in order, until it returns false
     /// (the source stays at that entry) or the source runs out. An entry of a table comes with
-    /// its block and index in it; a memtable's without.
+    /// where it lies in its block ([`EntryAt`]); a memtable's without.
     pub(crate) fn visit(&mut self, mut f: impl FnMut(&[u8], &[u8], Option<EntryAt<'_>>) -> bool) -> Result<()> {
         match self {
             Source::Table(t) => t.visit(&mut f).map(drop),

@@ -108,7 +108,7 @@ impl<'a> KeyRef<'a> {
     }
 
     /// `raw` as a key, unchecked: only for a key already known to be well formed (a table
-    /// block's entry, which [`crate::sstable::block::Block`] checked when it was loaded).
+    /// block's entry, which the block's parse or scan checked before handing it out).
     pub(crate) fn known_valid(raw: &'a [u8]) -> KeyRef<'a> {
         KeyRef { raw }
     }

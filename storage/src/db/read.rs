@@ -723,8 +723,8 @@ impl PairCursor {
                 }
                 let system_time = kr.system_time();
                 if system_time <= known_at {
-                    // A table's cell stays in its block (entry indexes fit in u32: a block is
-                    // at most BLOCK_BYTES_MAX); a memtable's is copied.
+                    // A table's cell stays in its block's bytes (its offsets fit in u32: a block
+                    // is at most BLOCK_BYTES_MAX); a memtable's is copied.
                     let cell = match at {
                         Some(EntryAt { bytes, value: (start, end), .. }) => {
                             if !blocks.last().is_some_and(|b| Arc::ptr_eq(b, bytes)) {

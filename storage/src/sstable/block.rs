@@ -15,9 +15,11 @@
 //!
 //! A pass that reads each entry once, in order, from a block that is not cached (a
 //! compaction, a join) uses a [`ScanIter`] instead: it checks the block's frame when it is
-//! loaded, then decodes and checks one entry at a time into a single key buffer, copying only
-//! each key's unshared bytes. It applies the same checks as [`Block::parse`] to every entry it
-//! hands out, so a bad entry is an error before it is used rather than when the block loads.
+//! loaded, then decodes one entry at a time into a single key buffer, copying only each key's
+//! unshared bytes. Every entry it hands out has passed the checks [`Block::parse`] applies to
+//! it, and lies within the bounds the table's index gives the block; the checks of the block as
+//! a whole (its last key is its index entry, every restart point was reached) come when the scan
+//! reaches its end. An error stays: the scan hands out nothing after it.
 
 use std::sync::Arc;
 
@@ -131,6 +133,44 @@ fn restart(data: &[u8], entries_end: usize, j: usize) -> usize {
     u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize
 }
 
+/// Checks an entry's key against the previous key of its block, `prev`: the entry keeps
+/// `shared` (at most `prev.len()`) of its bytes and adds `tail`. Returns whether the key is as
+/// long as `prev` and shares its entity part (the escaped entity and terminator), which was
+/// checked: only its length matters to [`KeyRef::parse`] then, so its byte-by-byte scan of the
+/// entity can be skipped.
+#[inline]
+fn follows(prev: &[u8], shared: usize, tail: &[u8]) -> Result<bool, DecodeError> {
+    // The key equals `prev` up to `shared`; it is greater iff its first unshared byte is
+    // greater, or it extends `prev`. Only when the writer under-reported the shared prefix is
+    // a full comparison needed.
+    let greater = match (tail.first(), prev.get(shared)) {
+        (Some(_), None) => true,
+        (Some(a), Some(b)) if a != b => a > b,
+        (None, _) => false,
+        _ => tail > &prev[shared..],
+    };
+    if !greater {
+        return Err("block keys not increasing");
+    }
+    let n = prev.len();
+    Ok(shared + tail.len() == n && shared + FEATURE_BYTES + TIME_SUFFIX_BYTES >= n)
+}
+
+/// The keys a table's index allows one of its data blocks: after the previous block's last key
+/// (none for the first block), up to the block's own last key, which must be its last entry's.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds<'a> {
+    /// The previous block's last key.
+    pub after: Option<&'a [u8]>,
+    /// This block's last key.
+    pub last: &'a [u8],
+}
+
+/// A block whose first key is not after the previous block's last.
+const FIRST_KEY_NOT_AFTER: DecodeError = "block's first key is not after the previous block";
+/// A block whose last key is not its index entry.
+const LAST_KEY_NOT_INDEXED: DecodeError = "block's last key differs from its index entry";
+
 /// Where a visited table entry lies, for a reader that keeps its value without copying it
 /// (it holds `bytes` and takes the range `value`).
 #[derive(Debug, Clone, Copy)]
@@ -150,7 +190,7 @@ pub struct EntryAt<'a> {
 struct EntryPos {
     value_start: u32,
     value_end: u32,
-    /// The key has the previous entry's entity part and length (see [`Block::shares_entity`]).
+    /// The key has the previous entry's entity part and length (see [`EntryAt::shares_entity`]).
     same_entity: bool,
 }
 
@@ -213,39 +253,23 @@ impl Block {
                     return Err("restart entry shares a prefix");
                 }
             }
-            let start = keys.len();
-            match prev {
-                Some((ps, pe)) if shared <= pe - ps => keys.extend_from_within(ps..ps + shared),
-                None if shared == 0 => {}
-                _ => return Err("shared prefix longer than previous key"),
+            let prev_key = prev.map_or(&[][..], |(ps, pe)| &keys[ps..pe]);
+            if shared > prev_key.len() {
+                return Err("shared prefix longer than previous key");
             }
-            keys.extend_from_slice(r.bytes(unshared)?);
+            let tail = r.bytes(unshared)?;
+            let value_start = r.pos();
+            r.bytes(vlen)?;
+            let same_entity = if prev.is_some() { follows(prev_key, shared, tail)? } else { false };
+            let start = keys.len();
+            if let Some((ps, _)) = prev {
+                keys.extend_from_within(ps..ps + shared);
+            }
+            keys.extend_from_slice(tail);
             if keys.len() > KEYS_EXPANSION_MAX * data.len() {
                 return Err("block keys expand beyond the limit");
             }
-            let value_start = r.pos();
-            r.bytes(vlen)?;
             let end = keys.len();
-            if let Some((ps, pe)) = prev {
-                // The new key equals the previous one up to `shared`; it is greater iff its
-                // first unshared byte is greater, or it extends the previous key. Only when
-                // the writer under-reported the shared prefix is a full comparison needed.
-                let greater = match (keys.get(start + shared), keys.get(ps + shared)) {
-                    (Some(_), None) => true,
-                    (Some(a), Some(b)) if a != b => a > b,
-                    (None, _) => false,
-                    _ => keys[start..end] > keys[ps..pe],
-                };
-                if !greater {
-                    return Err("block keys not increasing");
-                }
-            }
-            // A key as long as the previous one that shares at least its entity part (escaped
-            // entity and terminator) has the same, already checked, entity part: only its
-            // length matters to `KeyRef::parse`, so the byte-by-byte scan is skipped.
-            let same_entity = prev.is_some_and(|(ps, pe)| {
-                end - start == pe - ps && shared + FEATURE_BYTES + TIME_SUFFIX_BYTES >= pe - ps
-            });
             if !same_entity && KeyRef::parse(&keys[start..end]).is_none() {
                 return Err("malformed key in block");
             }
@@ -293,13 +317,6 @@ impl Block {
         &self.keys[start..self.key_ends[i] as usize]
     }
 
-    /// True if entry `i`'s key is as long as entry `i - 1`'s and shares its entity part (the
-    /// escaped entity and terminator): a reader that checked that entry's entity need not
-    /// compare this one's. False for entry 0.
-    pub fn shares_entity(&self, i: usize) -> bool {
-        self.entries[i].same_entity
-    }
-
     /// The value of entry `i`.
     pub fn value(&self, i: usize) -> &[u8] {
         let e = self.entries[i];
@@ -307,9 +324,20 @@ impl Block {
     }
 
     /// Where entry `i` lies, for a reader that keeps its value.
-    fn entry_at(&self, i: usize) -> EntryAt<'_> {
+    pub fn entry_at(&self, i: usize) -> EntryAt<'_> {
         let e = self.entries[i];
         EntryAt { bytes: &self.data, value: (e.value_start, e.value_end), shares_entity: e.same_entity }
+    }
+
+    /// Checks that the block's keys lie within `bounds`.
+    pub fn check_bounds(&self, bounds: Bounds<'_>) -> Result<(), DecodeError> {
+        if self.key(self.len() - 1) != bounds.last {
+            return Err(LAST_KEY_NOT_INDEXED);
+        }
+        if bounds.after.is_some_and(|after| self.key(0) <= after) {
+            return Err(FIRST_KEY_NOT_AFTER);
+        }
+        Ok(())
     }
 
     /// Index of the first entry with key >= `target` (`len()` if none).
@@ -388,8 +416,8 @@ impl BlockIter {
 
 /// A cursor that decodes a block's entries one at a time, in order, checking each as
 /// [`Block::parse`] would before handing it out (see the module doc). It holds one key: only
-/// each entry's unshared bytes are copied. It moves forward only; it can fail where a
-/// [`BlockIter`] cannot, and after an error it is no longer valid.
+/// each entry's unshared bytes are copied. It moves forward only, and can fail where a
+/// [`BlockIter`] cannot; after an error it is not valid, and every later step returns it again.
 #[derive(Debug, Clone)]
 pub struct ScanIter {
     data: Arc<Vec<u8>>,
@@ -405,11 +433,20 @@ pub struct ScanIter {
     value: (u32, u32),
     shares_entity: bool,
     valid: bool,
+    /// The bytes of the keys decoded so far (the limit [`Block::parse`] puts on them).
+    key_bytes: usize,
+    /// The block's last key by the index, and how long a prefix the current key shares with
+    /// it: the current key is below it (or equal) at that byte.
+    last: Option<Vec<u8>>,
+    last_common: usize,
+    /// The error the scan stopped at.
+    failed: Option<DecodeError>,
 }
 
 impl ScanIter {
-    /// Checks `data`'s frame and decodes its first entry.
-    pub fn new(data: Vec<u8>) -> Result<ScanIter, DecodeError> {
+    /// Checks `data`'s frame and decodes its first entry; with `bounds`, every key is checked
+    /// against them.
+    pub fn new(data: Vec<u8>, bounds: Option<Bounds<'_>>) -> Result<ScanIter, DecodeError> {
         let (entries_end, nrestarts) = frame(&data, BLOCK_BYTES_MAX)?;
         let mut it = ScanIter {
             entries_end,
@@ -421,11 +458,18 @@ impl ScanIter {
             value: (0, 0),
             shares_entity: false,
             valid: true,
+            key_bytes: 0,
+            last: bounds.map(|b| b.last.to_vec()),
+            last_common: 0,
+            failed: None,
             data: Arc::new(data),
         };
         it.advance()?;
         if !it.valid {
             return Err("empty block");
+        }
+        if bounds.and_then(|b| b.after).is_some_and(|after| it.key.as_slice() <= after) {
+            return Err(FIRST_KEY_NOT_AFTER);
         }
         Ok(it)
     }
@@ -447,9 +491,13 @@ impl ScanIter {
 
     /// Decodes the next entry (or runs out at the block's end).
     pub fn advance(&mut self) -> Result<(), DecodeError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
         let r = self.decode();
-        if r.is_err() {
+        if let Err(e) = r {
             self.valid = false;
+            self.failed = Some(e);
         }
         r
     }
@@ -460,6 +508,9 @@ impl ScanIter {
         if off == self.entries_end {
             if self.next_restart != self.nrestarts {
                 return Err("restart point past the last entry");
+            }
+            if self.last.as_ref().is_some_and(|last| *last != self.key) {
+                return Err(LAST_KEY_NOT_INDEXED);
             }
             self.valid = false;
             return Ok(());
@@ -477,7 +528,6 @@ impl ScanIter {
                 (r.len(BLOCK_BYTES_MAX)?, r.len(BLOCK_BYTES_MAX)?, r.len(BLOCK_BYTES_MAX)?, r.pos())
             }
         };
-        let first = off == 0;
         if at_restart {
             self.next_restart += 1;
             if self.next_restart < self.nrestarts {
@@ -497,26 +547,28 @@ impl ScanIter {
             return Err("truncated field");
         }
         let tail = &data[off + head..value_start];
-        let prev_len = self.key.len();
-        if !first {
-            // As in `Block::parse`: equal up to `shared`, so the first unshared byte decides,
-            // unless the writer under-reported the shared prefix.
-            let greater = match (tail.first(), self.key.get(shared)) {
-                (Some(_), None) => true,
-                (Some(a), Some(b)) if a != b => a > b,
-                (None, _) => false,
-                _ => tail > &self.key[shared..],
-            };
-            if !greater {
-                return Err("block keys not increasing");
-            }
-        }
-        self.shares_entity =
-            !first && shared + unshared == prev_len && shared + FEATURE_BYTES + TIME_SUFFIX_BYTES >= prev_len;
+        self.shares_entity = off != 0 && follows(&self.key, shared, tail)?;
         self.key.truncate(shared);
         self.key.extend_from_slice(tail);
+        self.key_bytes += self.key.len();
+        if self.key_bytes > KEYS_EXPANSION_MAX * self.data.len() {
+            return Err("block keys expand beyond the limit");
+        }
         if !self.shares_entity && KeyRef::parse(&self.key).is_none() {
             return Err("malformed key in block");
+        }
+        if let Some(last) = &self.last {
+            // The previous key equals `last` up to `last_common` and is below it at that
+            // byte; a key that keeps more than that of it is below it too. Otherwise only its
+            // bytes from `shared` on need comparing.
+            if shared <= self.last_common {
+                let rest = &last[shared.min(last.len())..];
+                let common = tail.iter().zip(rest).take_while(|(a, b)| a == b).count();
+                if tail.get(common).is_some_and(|&a| rest.get(common).is_none_or(|&b| a > b)) {
+                    return Err("block key after its index entry");
+                }
+                self.last_common = shared + common;
+            }
         }
         self.pos = end;
         self.value = (value_start as u32, end as u32);
@@ -538,6 +590,9 @@ impl ScanIter {
         &mut self,
         f: &mut impl FnMut(&[u8], &[u8], Option<EntryAt<'_>>) -> bool,
     ) -> Result<bool, DecodeError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
         while self.valid {
             let at = EntryAt { bytes: &self.data, value: self.value, shares_entity: self.shares_entity };
             if !f(&self.key, &self.data[self.value.0 as usize..self.value.1 as usize], Some(at)) {
@@ -656,9 +711,11 @@ mod tests {
         for i in 0..b.len() {
             let entity = |j: usize| crate::key::KeyRef::parse(b.key(j)).expect("key").entity_prefix().to_vec();
             let want = i % 4 != 0 && entity(i) == entity(i - 1);
-            assert_eq!(b.shares_entity(i), want, "entry {i}");
+            assert_eq!(b.entry_at(i).shares_entity, want, "entry {i}");
         }
-        assert!((0..b.len()).any(|i| b.shares_entity(i)) && (1..b.len()).any(|i| !b.shares_entity(i)));
+        assert!(
+            (0..b.len()).any(|i| b.entry_at(i).shares_entity) && (1..b.len()).any(|i| !b.entry_at(i).shares_entity)
+        );
     }
 
     /// A block entry as a test sees it: key, value, and whether it shares its entity part.
@@ -666,7 +723,7 @@ mod tests {
 
     /// Every entry a scan of `raw` hands out (key, value, shares_entity), or its first error.
     fn scan_all(raw: Vec<u8>) -> Result<Vec<Entry>, DecodeError> {
-        let mut it = ScanIter::new(raw)?;
+        let mut it = ScanIter::new(raw, None)?;
         let mut out = Vec::new();
         it.visit(&mut |k, v, at| {
             out.push((k.to_vec(), v.to_vec(), at.expect("a block entry").shares_entity));
@@ -749,9 +806,9 @@ mod tests {
         targets.extend([b"".to_vec(), b"\xff".to_vec()]);
         targets.sort();
         // From the start, and continuing from the previous (smaller) target, as a merge does.
-        let mut cont = ScanIter::new(raw.clone()).expect("scans");
+        let mut cont = ScanIter::new(raw.clone(), None).expect("scans");
         for t in &targets {
-            let mut fresh = ScanIter::new(raw.clone()).expect("scans");
+            let mut fresh = ScanIter::new(raw.clone(), None).expect("scans");
             fresh.seek_forward(t).expect("seeks");
             cont.seek_forward(t).expect("seeks");
             let want = b.seek(t);
@@ -764,5 +821,72 @@ mod tests {
         }
         assert!(!cont.valid());
         assert_eq!(cont.key(), b.key(b.len() - 1), "a finished scan keeps its last key");
+    }
+
+    #[test]
+    fn a_scan_hands_out_only_keys_within_its_bounds() {
+        let ks = mixed_keys();
+        let raw = block_of(ks.iter().map(|k| (k, b"v")), 4);
+        let b = Block::parse(raw.clone()).expect("parses");
+        let (first, last) = (ks[0].as_slice(), ks[ks.len() - 1].as_slice());
+        // What a scan bounded by `bounds` hands out before it stops, and why it stops.
+        let scan = |bounds: Bounds<'_>| -> (usize, Result<(), DecodeError>) {
+            let mut it = match ScanIter::new(raw.clone(), Some(bounds)) {
+                Ok(it) => it,
+                Err(e) => return (0, Err(e)),
+            };
+            let mut n = 0;
+            let r = it.visit(&mut |_, _, _| {
+                n += 1;
+                true
+            });
+            (n, r.map(drop))
+        };
+        let (before_first, after_last) = (&first[..first.len() - 1], [last, b"\x00"].concat());
+        for after in [None, Some(before_first)] {
+            let ok = Bounds { after, last };
+            assert_eq!(scan(ok), (ks.len(), Ok(())));
+            assert_eq!(b.check_bounds(ok), Ok(()));
+        }
+        // The first key not after the previous block's last.
+        for after in [first, last] {
+            let bad = Bounds { after: Some(after), last };
+            assert_eq!(scan(bad), (0, Err(FIRST_KEY_NOT_AFTER)));
+            assert_eq!(b.check_bounds(bad), Err(FIRST_KEY_NOT_AFTER));
+        }
+        // An index entry below some keys: the scan stops at the first key above it, whether
+        // the entry is a key of the block or falls between two, and whichever entry it is.
+        for (m, k) in ks.iter().enumerate().take(ks.len() - 1) {
+            let between = [k.as_slice(), b"\x00"].concat();
+            for bound in [k.as_slice(), between.as_slice()] {
+                let bad = Bounds { after: None, last: bound };
+                assert_eq!(scan(bad), (m + 1, Err("block key after its index entry")), "entry {m}");
+                assert_eq!(b.check_bounds(bad), Err(LAST_KEY_NOT_INDEXED));
+            }
+        }
+        // An index entry above every key: all are handed out, then the end is refused.
+        let bad = Bounds { after: None, last: &after_last };
+        assert_eq!(scan(bad), (ks.len(), Err(LAST_KEY_NOT_INDEXED)));
+        assert_eq!(b.check_bounds(bad), Err(LAST_KEY_NOT_INDEXED));
+    }
+
+    #[test]
+    fn a_scan_that_failed_keeps_failing() {
+        // Entry 4 is a restart point; make it claim a shared prefix (its key unchanged).
+        let ks = keys(8);
+        let mut raw = block_of(ks.iter().map(|k| (k, b"v")), 4);
+        let at = restart(&raw, raw.len() - 4 - 4 * 2, 1);
+        assert_eq!(raw[at], 0, "a restart entry shares nothing");
+        raw[at] = 1;
+        let mut it = ScanIter::new(raw, None).expect("the first entries are fine");
+        for _ in 0..3 {
+            it.advance().expect("entries 1 to 3");
+        }
+        assert!(it.valid());
+        for _ in 0..3 {
+            assert_eq!(it.advance(), Err("restart entry shares a prefix"));
+            assert!(!it.valid());
+        }
+        assert_eq!(it.visit(&mut |_, _, _| panic!("nothing after an error")), Err("restart entry shares a prefix"));
     }
 }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::block::{Block, BlockIter, EntryAt, ScanIter};
+use super::block::{Block, BlockIter, Bounds, EntryAt, ScanIter};
 use super::bloom::{self, Bloom};
 use super::ssd::{Prefetched, SsdTier};
 use super::{
@@ -268,6 +268,11 @@ impl Table {
         Ok(b)
     }
 
+    /// The keys the index allows data block `i`.
+    fn bounds(&self, i: usize) -> Bounds<'_> {
+        Bounds { after: i.checked_sub(1).map(|p| self.index[p].0.as_slice()), last: &self.index[i].0 }
+    }
+
     /// A corruption found in data block `i`.
     fn block_corrupt(&self, i: usize, what: &'static str) -> Error {
         Error::corruption(&self.path, self.index.get(i).map_or(0, |(_, h)| h.offset), what)
@@ -291,13 +296,9 @@ impl Table {
     fn parse_block(&self, i: usize, payload: Vec<u8>, kept: bool) -> Result<Arc<Block>> {
         let h = self.index[i].1;
         let parsed = if kept { Block::parse(payload) } else { Block::parse_transient(payload) };
-        let block = parsed.map_err(|w| Error::corruption(&self.path, h.offset, w))?;
-        if block.key(block.len() - 1) != self.index[i].0.as_slice() {
-            return Err(Error::corruption(&self.path, h.offset, "block's last key differs from its index entry"));
-        }
-        if i > 0 && block.key(0) <= self.index[i - 1].0.as_slice() {
-            return Err(Error::corruption(&self.path, h.offset, "block's first key is not after the previous block"));
-        }
+        let block = parsed
+            .and_then(|b| b.check_bounds(self.bounds(i)).map(|()| b))
+            .map_err(|w| Error::corruption(&self.path, h.offset, w))?;
         Ok(Arc::new(block))
     }
 
@@ -447,8 +448,8 @@ impl Table {
 ///
 /// A cursor that does not fill the block cache reads the blocks it walks into from the start
 /// with a [`ScanIter`] (unless the cache has them parsed already): each entry is decoded and
-/// checked as it is reached, and the block's first and last keys are checked against the
-/// index as the cursor enters and leaves it. A seek into a block parses it whole.
+/// checked, against the block's bounds in the index too, as it is reached. A seek into a block
+/// parses it whole.
 #[derive(Debug, Clone)]
 pub struct TableIter {
     table: Arc<Table>,
@@ -498,13 +499,9 @@ impl TableIter {
             };
             let cur = match (from_start && !self.fill_cache).then(cached) {
                 Some(None) => {
-                    let h = self.table.index[i].1;
-                    let it = ScanIter::new(self.table.read_block_raw(h, BLOCK_BYTES_MAX)?)
-                        .map_err(|w| Error::corruption(&self.table.path, h.offset, w))?;
-                    if i > 0 && it.key() <= self.table.index[i - 1].0.as_slice() {
-                        return Err(self.corrupt("block's first key is not after the previous block"));
-                    }
-                    Cursor::Scan(it)
+                    let raw = self.table.read_block_raw(self.table.index[i].1, BLOCK_BYTES_MAX)?;
+                    let it = ScanIter::new(raw, Some(self.table.bounds(i)));
+                    Cursor::Scan(it.map_err(|w| self.table.block_corrupt(i, w))?)
                 }
                 Some(Some(b)) => Cursor::Parsed(BlockIter::new(b)),
                 None => Cursor::Parsed(BlockIter::new(self.table.read_block_seq(i, self.fill_cache)?)),
@@ -518,20 +515,8 @@ impl TableIter {
         Ok(())
     }
 
-    /// A corruption of the current block.
-    fn corrupt(&self, what: &'static str) -> Error {
-        self.table.block_corrupt(self.block_idx, what)
-    }
-
-    /// Leaves the current block, which the cursor has walked to its end, for the next one. A
-    /// scanned block's last key must be its index entry (a parsed block's was checked when it
-    /// was parsed).
+    /// Leaves the current block, which the cursor has walked to its end, for the next one.
     fn next_block(&mut self) -> Result<()> {
-        if let Some(Cursor::Scan(it)) = &self.cur {
-            if it.key() != self.table.index[self.block_idx].0.as_slice() {
-                return Err(self.corrupt("block's last key differs from its index entry"));
-            }
-        }
         self.block_idx += 1;
         self.load(true)
     }
@@ -781,34 +766,90 @@ mod tests {
         assert!(!scan.valid());
     }
 
+    /// `t` with its index entries replaced by `index` (its blocks and their checksums intact).
+    fn with_index(t: &Table, index: Vec<(Vec<u8>, BlockHandle)>) -> Arc<Table> {
+        Arc::new(Table {
+            file: t.file.clone(),
+            path: t.path.clone(),
+            number: t.number,
+            size: t.size,
+            index,
+            filter: t.filter.clone(),
+            tier: None,
+            raw: None,
+            memory_bytes: t.memory_bytes,
+        })
+    }
+
     #[test]
-    fn a_scanning_cursor_finds_blocks_out_of_place() {
+    fn a_scanning_cursor_seeks_from_a_scanned_block_as_a_parsing_one() {
         let fs = crate::fs::MemFs::new();
-        let (good, keys) = small_table(&fs, 300);
+        let (_, keys) = small_table(&fs, 300);
         let t = Table::open(&fs, Path::new("/t"), 1).expect("open");
-        // Swap two data blocks of the same length: every block checks, only the places are wrong.
-        let handles: Vec<_> = (0..t.block_count()).map(|i| t.block_handle(i)).collect();
-        let (a, b) = handles
-            .iter()
-            .enumerate()
-            .find_map(|(i, a)| handles[i + 2..].iter().find(|b| b.len == a.len).map(|b| (*a, *b)))
-            .expect("two blocks of equal length");
-        let n = a.len as usize + BLOCK_TRAILER_BYTES;
-        let (ao, bo) = (a.offset as usize, b.offset as usize);
-        for (lo, hi) in [(ao, bo), (bo, ao)] {
-            // The later block's bytes in the earlier place, and then the other way round.
-            let mut bad = good.clone();
-            bad[lo..lo + n].copy_from_slice(&good[hi..hi + n]);
-            let f = fs.create(Path::new("/t/000002.sst")).expect("create");
-            f.append(&bad).expect("write");
-            let bad_table = Table::from_file(f, "/t/000002.sst".into(), 2, None, None).expect("index is intact");
-            let mut it = bad_table.iter_filling(false);
-            let got = it.seek_to_first().and_then(|()| walk(&mut it));
-            match got {
-                Err(Error::Corruption { .. }) => {}
-                other => panic!("blocks out of place read as {:?}", other.map(|v| v.len())),
+        let pos = |k: &[u8]| keys.partition_point(|x| x.as_slice() < k);
+        for b in 1..t.block_count() - 2 {
+            // Into block b from its start (a scan), then: forward inside it, back inside it,
+            // forward into the block after next, and past the end.
+            let (first, last) = (pos(&t.index[b - 1].0) + 1, pos(&t.index[b].0));
+            let next_next = pos(&t.index[b + 1].0) + 2;
+            for target in [first + 1, last, first, first + (last - first) / 2, next_next, keys.len()] {
+                let (mut scan, mut parse) = (t.iter_filling(false), t.iter());
+                for it in [&mut scan, &mut parse] {
+                    it.seek(&t.index[b - 1].0).expect("seek");
+                    it.step().expect("step into block b");
+                    assert_eq!(it.key(), keys[first].as_slice());
+                    it.seek(&keys[first + 2]).expect("forward inside block b");
+                }
+                assert!(matches!(scan.cur, Some(Cursor::Scan(_))), "block {b} is scanned");
+                let target = keys.get(target).map_or(b"\xff".to_vec(), Clone::clone);
+                scan.seek(&target).expect("seek");
+                parse.seek(&target).expect("seek");
+                for _ in 0..3 {
+                    assert_eq!((scan.valid(), scan.key(), scan.value()), (parse.valid(), parse.key(), parse.value()));
+                    scan.step().expect("step");
+                    parse.step().expect("step");
+                }
             }
         }
-        assert!(keys.len() > 1000);
+    }
+
+    #[test]
+    fn a_scanning_cursor_refuses_blocks_outside_their_index_bounds() {
+        let fs = crate::fs::MemFs::new();
+        let (_, keys) = small_table(&fs, 300);
+        let t = Table::open(&fs, Path::new("/t"), 1).expect("open");
+        let pos = |k: &[u8]| keys.partition_point(|x| x.as_slice() < k);
+        let b = t.block_count() / 2;
+        let last = pos(&t.index[b].0);
+        // Block b's index entry lowered to its second-to-last key, then raised past its last
+        // key (below block b + 1's first): every block still checks, only the bounds are off.
+        let raised = [keys[last].as_slice(), b"\x00"].concat();
+        for (entry, what, readable) in [
+            (keys[last - 1].clone(), "block key after its index entry", last - 1),
+            (raised, "block's last key differs from its index entry", last),
+        ] {
+            let mut index = t.index.clone();
+            index[b].0 = entry.clone();
+            let bad = with_index(&t, index);
+            let mut scan = bad.iter_filling(false);
+            scan.seek_to_first().expect("seek");
+            let mut read = 0;
+            let err = loop {
+                assert!(scan.valid(), "the bad bounds went unnoticed");
+                if let Err(e) = scan.step() {
+                    break e;
+                }
+                read += 1;
+            };
+            assert!(err.to_string().contains(what), "{err}");
+            assert!(matches!(err, Error::Corruption { .. }));
+            // The keys up to the bound were handed out (`read` steps from key 0), nothing past it.
+            assert_eq!(read, readable);
+            assert!(!scan.valid());
+            assert!(scan.step().is_err(), "the error stays");
+            // A parsing cursor refuses the block too.
+            let mut parse = bad.iter();
+            assert!(parse.seek(&entry).is_err());
+        }
     }
 }
