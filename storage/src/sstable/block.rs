@@ -160,9 +160,9 @@ fn follows(prev: &[u8], shared: usize, tail: &[u8]) -> Result<bool, DecodeError>
 /// (none for the first block), up to the block's own last key, which must be its last entry's.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds<'a> {
-    /// The previous block's last key.
+    /// The previous block's index entry (its last key).
     pub after: Option<&'a [u8]>,
-    /// This block's last key.
+    /// This block's index entry: its last key.
     pub last: &'a [u8],
 }
 
@@ -331,11 +331,11 @@ impl Block {
 
     /// Checks that the block's keys lie within `bounds`.
     pub fn check_bounds(&self, bounds: Bounds<'_>) -> Result<(), DecodeError> {
-        if self.key(self.len() - 1) != bounds.last {
-            return Err(LAST_KEY_NOT_INDEXED);
-        }
         if bounds.after.is_some_and(|after| self.key(0) <= after) {
             return Err(FIRST_KEY_NOT_AFTER);
+        }
+        if self.key(self.len() - 1) != bounds.last {
+            return Err(LAST_KEY_NOT_INDEXED);
         }
         Ok(())
     }
@@ -479,7 +479,8 @@ impl ScanIter {
         self.valid
     }
 
-    /// The current key; once the block ran out, its last key.
+    /// The current key; once the block ran out, its last key (after an error, the key refused
+    /// or a part of it).
     pub fn key(&self) -> &[u8] {
         &self.key
     }
@@ -854,13 +855,15 @@ mod tests {
             assert_eq!(scan(bad), (0, Err(FIRST_KEY_NOT_AFTER)));
             assert_eq!(b.check_bounds(bad), Err(FIRST_KEY_NOT_AFTER));
         }
-        // An index entry below some keys: the scan stops at the first key above it, whether
-        // the entry is a key of the block or falls between two, and whichever entry it is.
-        for (m, k) in ks.iter().enumerate().take(ks.len() - 1) {
-            let between = [k.as_slice(), b"\x00"].concat();
-            for bound in [k.as_slice(), between.as_slice()] {
+        // An index entry below some keys: the scan hands out the keys up to it and stops at
+        // the first key above it, whether the entry is a key of the block, falls between two,
+        // or is a proper prefix of a key.
+        for k in &ks[..ks.len() - 1] {
+            let (between, prefix) = ([k.as_slice(), b"\x00"].concat(), &k[..k.len() - 1]);
+            for bound in [k.as_slice(), between.as_slice(), prefix] {
                 let bad = Bounds { after: None, last: bound };
-                assert_eq!(scan(bad), (m + 1, Err("block key after its index entry")), "entry {m}");
+                let below = ks.partition_point(|x| x.as_slice() <= bound);
+                assert_eq!(scan(bad), (below, Err("block key after its index entry")), "bound {bound:x?}");
                 assert_eq!(b.check_bounds(bad), Err(LAST_KEY_NOT_INDEXED));
             }
         }

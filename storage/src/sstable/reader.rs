@@ -851,5 +851,14 @@ mod tests {
             let mut parse = bad.iter();
             assert!(parse.seek(&entry).is_err());
         }
+        // Block b's place in the index pointing at block b - 1's bytes (their checksum holds:
+        // it is seeded with the block's offset): its first key is not after block b - 1's.
+        let mut index = t.index.clone();
+        index[b].1 = index[b - 1].1;
+        let bad = with_index(&t, index);
+        let mut scan = bad.iter_filling(false);
+        scan.seek(&t.index[b - 1].0).expect("block b - 1 is intact");
+        let err = scan.step().expect_err("block b is refused");
+        assert!(err.to_string().contains("block's first key is not after the previous block"), "{err}");
     }
 }
