@@ -93,11 +93,11 @@ pub fn table(data: &[u8]) {
 }
 
 /// A table's entries: keys and values.
-type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+pub(crate) type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The first `n` entries of `it` (or fewer, up to its end or an error), and whether the walk
 /// ended without an error.
-fn walk(it: &mut TableIter, n: usize) -> (Entries, bool) {
+pub(crate) fn walk(it: &mut TableIter, n: usize) -> (Entries, bool) {
     let mut out = Vec::new();
     if it.seek_to_first().is_err() {
         return (out, false);

@@ -228,7 +228,6 @@ impl Block {
 
     fn parse_with(data: Vec<u8>, max: usize, trim: bool) -> Result<Block, DecodeError> {
         let (entries_end, nrestarts) = frame(&data, max)?;
-        let restarts: Vec<usize> = (0..nrestarts).map(|j| restart(&data, entries_end, j)).collect();
         // Materialised keys are longer than their prefix-compressed form; reserve for that.
         // (Estimates only; an entry takes at least 3 bytes, so `entries_end / 3` bounds the count.)
         let estimate = (nrestarts * crate::limits::BLOCK_RESTART_INTERVAL).min(entries_end / 3 + 1);
@@ -240,8 +239,9 @@ impl Block {
         let mut prev: Option<(usize, usize)> = None;
         while !r.is_empty() {
             let off = r.pos();
-            let at_restart = restarts.get(next_restart) == Some(&off);
-            if restarts.get(next_restart).is_some_and(|&x| x < off) {
+            let next = (next_restart < nrestarts).then(|| restart(&data, entries_end, next_restart));
+            let at_restart = next == Some(off);
+            if next.is_some_and(|x| x < off) {
                 return Err("restart point inside an entry");
             }
             let shared = r.len(max)?;
@@ -277,7 +277,7 @@ impl Block {
             key_ends.push(end as u32);
             prev = Some((start, end));
         }
-        if next_restart != restarts.len() {
+        if next_restart != nrestarts {
             return Err("restart point past the last entry");
         }
         if entries.is_empty() {

@@ -707,14 +707,15 @@ mod tests {
         (bytes, keys)
     }
 
-    /// Every entry `it` walks from where it is, by `step`.
-    fn walk(it: &mut TableIter) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut out = Vec::new();
-        while it.valid() {
-            out.push((it.key().to_vec(), it.value().to_vec()));
-            it.step()?;
+    /// Seeks `scan` and `parse` to `target` and checks that they read the same `steps` entries.
+    fn assert_same_from(scan: &mut TableIter, parse: &mut TableIter, target: &[u8], steps: usize) {
+        scan.seek(target).expect("seek");
+        parse.seek(target).expect("seek");
+        for _ in 0..steps {
+            assert_eq!((scan.valid(), scan.key(), scan.value()), (parse.valid(), parse.key(), parse.value()));
+            scan.step().expect("step");
+            parse.step().expect("step");
         }
-        Ok(out)
     }
 
     #[test]
@@ -727,9 +728,10 @@ mod tests {
         scan.seek_to_first().expect("seek");
         parse.seek_to_first().expect("seek");
         assert!(matches!(scan.cur, Some(Cursor::Scan(_))) && matches!(parse.cur, Some(Cursor::Parsed(_))));
-        let all = walk(&mut parse).expect("walk");
+        let (all, parsed) = crate::fuzzing::walk(&mut parse, usize::MAX);
+        assert!(parsed);
         assert_eq!(all.len(), keys.len());
-        assert_eq!(walk(&mut scan).expect("walk"), all);
+        assert_eq!(crate::fuzzing::walk(&mut scan, usize::MAX), (all.clone(), true));
         // Visits hand out the same entries, stopping and resuming anywhere.
         scan.seek_to_first().expect("seek");
         let mut visited = Vec::new();
@@ -754,13 +756,7 @@ mod tests {
         let targets = [1000usize, 1001, 1003, 1100, 2000, 5, 3599, 3599, 0].map(|i| keys[i].clone());
         for (j, target) in targets.iter().enumerate() {
             let probe = if j % 2 == 0 { target.clone() } else { [target.as_slice(), b"\x00"].concat() };
-            scan.seek(&probe).expect("seek");
-            parse.seek(&probe).expect("seek");
-            for _ in 0..30 {
-                assert_eq!((scan.valid(), scan.key(), scan.value()), (parse.valid(), parse.key(), parse.value()));
-                scan.step().expect("step");
-                parse.step().expect("step");
-            }
+            assert_same_from(&mut scan, &mut parse, &probe, 30);
         }
         scan.seek(b"\xff").expect("seek");
         assert!(!scan.valid());
@@ -802,13 +798,7 @@ mod tests {
                 }
                 assert!(matches!(scan.cur, Some(Cursor::Scan(_))), "block {b} is scanned");
                 let target = keys.get(target).map_or(b"\xff".to_vec(), Clone::clone);
-                scan.seek(&target).expect("seek");
-                parse.seek(&target).expect("seek");
-                for _ in 0..3 {
-                    assert_eq!((scan.valid(), scan.key(), scan.value()), (parse.valid(), parse.key(), parse.value()));
-                    scan.step().expect("step");
-                    parse.step().expect("step");
-                }
+                assert_same_from(&mut scan, &mut parse, &target, 3);
             }
         }
     }
