@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "quiver/v1/admin.proto",
         "quiver/v1/monitor.proto",
         "quiver/v1/flight.proto",
+        "quiver/v1/cluster.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -25,7 +25,14 @@ mod tests {
             .filter(|f| f.package() == "quiver.v1")
             .flat_map(|f| f.service.iter().map(|s| s.name().to_string()))
             .collect();
-        for s in ["FeatureService", "RegistryService", "AdminService", "ReplicationService", "MonitorService"] {
+        for s in [
+            "FeatureService",
+            "RegistryService",
+            "AdminService",
+            "ReplicationService",
+            "MonitorService",
+            "ClusterService",
+        ] {
             assert!(services.iter().any(|x| x == s), "{s} missing from {services:?}");
         }
     }

@@ -171,6 +171,9 @@ pub struct ServeConfig {
     pub table_compression: Compression,
     /// This node's region and peers.
     pub cluster: ClusterConfig,
+    /// Where this node registers as a shard of its region (`None`: not sharded). An empty
+    /// `advertise` is filled with the address the API is bound to.
+    pub shard: Option<crate::cluster::ShardConfig>,
     /// Bytes of flushed WAL kept for peers that have not applied them (with peers only).
     pub replication_log_bytes: u64,
     /// Threads per point-in-time join (`None`: one per core, at most `JOIN_THREADS_MAX`).
@@ -343,6 +346,19 @@ pub async fn serve(
     if let Some(n) = cfg.join_threads {
         features = features.with_join_threads(n);
     }
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let cluster = match cfg.shard.clone() {
+        Some(mut shard) => {
+            if shard.advertise.is_empty() {
+                shard.advertise = addr.to_string();
+            }
+            shard.region = cfg.cluster.region;
+            let cluster = crate::cluster::Cluster::new(shard)?;
+            features = features.with_cluster(cluster.clone());
+            Some(cluster)
+        }
+        None => None,
+    };
     let features = Arc::new(features);
     if !shadow.is_empty() {
         shadow.start(Arc::downgrade(&features))?;
@@ -391,7 +407,6 @@ pub async fn serve(
             let _ = metrics_stopped.await;
         }))
     });
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     for name in [
         "quiver.v1.FeatureService",
@@ -399,6 +414,7 @@ pub async fn serve(
         "quiver.v1.AdminService",
         "quiver.v1.ReplicationService",
         "quiver.v1.MonitorService",
+        "quiver.v1.ClusterService",
         "",
     ] {
         health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
@@ -486,6 +502,14 @@ pub async fn serve(
         admission.clone(),
         MESSAGE_BYTES_MAX,
     );
+    let cluster_svc = AdmitRequests::new(
+        InterceptedService::new(
+            pb::cluster_service_server::ClusterServiceServer::new(crate::service::ClusterApi::new(cluster.clone())),
+            auth.interceptor(None),
+        ),
+        admission.clone(),
+        MESSAGE_BYTES_MAX,
+    );
     let replication_svc = AdmitRequests::new(
         crate::replication::service(replicator.clone(), &auth),
         admission.clone(),
@@ -529,6 +553,8 @@ pub async fn serve(
     };
     ready(Bound { api: addr, metrics: metrics_addr, ui: ui_addr });
     let pullers = replicator.start();
+    // A shard registers in etcd and follows the slot map until the server stops.
+    let cluster_task = cluster.clone().map(|c| tokio::spawn(c.run(stopping_rx.clone())));
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "serving");
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(crate::conn::KEEPALIVE_INTERVAL))
@@ -545,6 +571,7 @@ pub async fn serve(
             .add_service(registry_svc)
             .add_service(admin_svc)
             .add_service(monitor_svc)
+            .add_service(cluster_svc)
             .add_service(replication_svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
@@ -581,6 +608,9 @@ pub async fn serve(
         t.abort();
     }
     write_health.abort();
+    if let Some(t) = cluster_task {
+        let _ = t.await;
+    }
     replicator.shutdown();
     for p in pullers {
         let _ = p.await;

@@ -145,6 +145,10 @@ pub enum ServiceError {
         /// `(feature, current version vector)` of every mismatching cell.
         current: Vec<(String, pb::VersionVector)>,
     },
+    /// A sharded node does not serve an entity of the request (`FAILED_PRECONDITION` with
+    /// `SlotNotOwned` details, or `UNAVAILABLE` before the map exists).
+    #[error("{0}")]
+    NotServed(crate::cluster::NotServed),
     /// The engine failed (`INTERNAL`, or `DATA_LOSS` for corruption).
     #[error("storage: {0}")]
     Storage(#[from] quiver_storage::Error),
@@ -969,6 +973,8 @@ pub struct Features {
     served_log: Option<Arc<crate::servedlog::ServedLog>>,
     /// Where sampled lookups are offered for shadow reads (`None`: none).
     shadow: Option<Arc<crate::shadow::Shadow>>,
+    /// The slot map this node serves under (`None`: not sharded, it owns every entity).
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     #[cfg(feature = "testing")]
     before_commit: Mutex<Option<Arc<TestHook>>>,
 }
@@ -1069,6 +1075,7 @@ impl Features {
             health: None,
             served_log: None,
             shadow: None,
+            cluster: None,
             #[cfg(feature = "testing")]
             before_commit: Mutex::new(None),
         }
@@ -1123,6 +1130,20 @@ impl Features {
     pub fn with_served_log(mut self, log: Arc<crate::servedlog::ServedLog>) -> Self {
         self.served_log = Some(log);
         self
+    }
+
+    /// The same service serving only the entities `cluster`'s slot map gives this node.
+    pub fn with_cluster(mut self, cluster: Arc<crate::cluster::Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Refuses the request unless this node owns every entity of `keys` (always, when it is not
+    /// sharded): one map decides for the whole request.
+    fn check_owned<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Result<()> {
+        let Some(cluster) = &self.cluster else { return Ok(()) };
+        let map = cluster.map();
+        keys.into_iter().try_for_each(|k| cluster.check(&map, k)).map_err(ServiceError::NotServed)
     }
 
     /// The same service offering sampled lookups to `shadow` (none if it shadows no group).
@@ -1199,6 +1220,7 @@ impl Features {
         let (et, features) = (&resolution.entity_type, &resolution.features);
         let keys: Vec<Vec<u8>> =
             req.entities.iter().map(|k| convert::entity_key(et, k)).collect::<std::result::Result<_, _>>()?;
+        self.check_owned(keys.iter().map(Vec::as_slice))?;
         let as_of = match &req.as_of {
             Some(ts) => convert::micros(ts, "as_of")?,
             None => now_us,
@@ -1479,6 +1501,7 @@ impl Features {
                 Ok(rows)
             })?
         };
+        self.check_owned(rows.iter().map(|(k, _)| k.as_slice()))?;
         let defaults: Vec<Option<Value>> = if spec.use_defaults {
             features.iter().map(default_of).collect::<Result<_>>()?
         } else {
@@ -1714,6 +1737,7 @@ impl Features {
         }
         let entity = req.entity.as_ref().ok_or_else(|| ServiceError::Invalid("entity is required".into()))?;
         let key = convert::entity_key(&et, entity)?;
+        self.check_owned([key.as_slice()])?;
         let mut range = quiver_storage::ScanRange::entity(&key);
         if let Some(t) = &req.event_time_from {
             range.event_time_min = EventTime(convert::micros(t, "event_time_from")?);
@@ -1885,6 +1909,7 @@ impl Features {
             let entity =
                 row.entity.as_ref().ok_or_else(|| ServiceError::Invalid(format!("row {i}: entity is required")))?;
             let key = convert::entity_key(&et, entity).map_err(|e| ServiceError::Invalid(format!("row {i}: {e}")))?;
+            self.check_owned([key.as_slice()])?;
             let e = convert::event_time(row.event_time.as_ref(), &format!("row {i}: event_time"))?;
             if let Some((group, _)) = crate::registry::parse_group_ref(&row.group) {
                 written.push(Written {

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod auth;
 pub mod backfill;
 pub mod checkpoint;
+pub mod cluster;
 pub mod conn;
 pub mod convert;
 pub mod daemon;

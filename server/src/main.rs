@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use quiver_server::admission::{REQUESTS_IN_FLIGHT_MAX, REQUESTS_IN_FLIGHT_MAX_DEFAULT};
 use quiver_server::auth::{AuthMode, BearerToken};
+use quiver_server::cluster::{ShardConfig, CLUSTER_NAME_DEFAULT};
 use quiver_server::conn::{CONNECTIONS_MAX, CONNECTIONS_MAX_DEFAULT};
 use quiver_server::daemon::{serve, Listeners, ServeConfig, SHUTDOWN_TIMEOUT_DEFAULT};
 use quiver_server::features::JOIN_THREADS_MAX;
@@ -78,6 +79,20 @@ struct Args {
     /// A peer region to replicate with, as REGION=HOST:PORT (repeat for each peer).
     #[arg(long = "peer", env = "QUIVER_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
+    /// etcd endpoints (http://host:port, comma-separated): this node is a shard of a sharded
+    /// region (server/CLUSTER.md) and serves only the slots the map in etcd gives it.
+    #[arg(long, env = "QUIVER_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// This node's id in its sharded region (letters, digits, '-', '_', '.'; at most 64 bytes).
+    #[arg(long, env = "QUIVER_NODE_ID")]
+    node_id: Option<String>,
+    /// The sharded region's name: its keys in etcd live under /quiver/NAME/. Default "quiver".
+    #[arg(long = "cluster", env = "QUIVER_CLUSTER")]
+    cluster_name: Option<String>,
+    /// The address clients and other nodes reach this node at (host:port). Default: the
+    /// listen address, which must then not be unspecified (0.0.0.0).
+    #[arg(long, env = "QUIVER_ADVERTISE")]
+    advertise: Option<String>,
     /// MiB of flushed WAL kept for peers that have not applied it yet (with peers only).
     #[arg(long, env = "QUIVER_REPLICATION_LOG_MB")]
     replication_log_mb: Option<u64>,
@@ -138,6 +153,7 @@ struct Args {
     shadow_sample_rate: Option<f64>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
     /// ui_listen, io_backend, direct_reads, table_compression, region, peers (a list of "REGION=HOST:PORT"),
+    /// etcd (a list of endpoints), node_id, cluster, advertise,
     /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file, tls_cert, tls_key,
     /// tls_ca, checkpoint_root, max_concurrent_requests, max_connections, shutdown_timeout_ms,
     /// log_sample_rate, log_retention_hours, shadow (a list of "group@N"), shadow_sample_rate.
@@ -159,6 +175,10 @@ struct FileConfig {
     table_compression: Option<String>,
     region: Option<u32>,
     peers: Option<Vec<String>>,
+    etcd: Option<Vec<String>>,
+    node_id: Option<String>,
+    cluster: Option<String>,
+    advertise: Option<String>,
     replication_log_mb: Option<u64>,
     join_threads: Option<usize>,
     auth: Option<String>,
@@ -189,6 +209,7 @@ struct Config {
     direct_reads: bool,
     table_compression: Compression,
     cluster: ClusterConfig,
+    shard: Option<ShardConfig>,
     replication_log_mb: u64,
     join_threads: Option<usize>,
     auth: AuthMode,
@@ -256,6 +277,30 @@ fn config(args: Args) -> Result<Config, String> {
         peers: peers.iter().map(|p| p.parse::<Peer>()).collect::<Result<_, _>>()?,
     };
     cluster.check()?;
+    let etcd = if args.etcd.is_empty() { file.etcd.unwrap_or_default() } else { args.etcd };
+    let node_id = args.node_id.or(file.node_id);
+    let cluster_name = args.cluster_name.or(file.cluster);
+    let advertise = args.advertise.or(file.advertise);
+    let shard = match (etcd.is_empty(), node_id) {
+        (true, None) if cluster_name.is_none() && advertise.is_none() => None,
+        (true, _) => return Err("node_id, cluster and advertise need etcd endpoints (--etcd)".into()),
+        (false, None) => return Err("a sharded node (--etcd) needs its id (--node-id)".into()),
+        (false, Some(node)) => {
+            if advertise.is_none() && listen.ip().is_unspecified() {
+                return Err(format!("listening on {listen}: say where clients reach this node (--advertise)"));
+            }
+            let shard = ShardConfig {
+                node,
+                cluster: cluster_name.unwrap_or_else(|| CLUSTER_NAME_DEFAULT.to_string()),
+                etcd,
+                advertise: advertise.unwrap_or_default(),
+                region: cluster.region,
+            };
+            quiver_server::cluster::check_name("node id", &shard.node)?;
+            quiver_server::cluster::check_name("cluster name", &shard.cluster)?;
+            Some(shard)
+        }
+    };
     let replication_log_mb = args.replication_log_mb.or(file.replication_log_mb).unwrap_or(REPLICATION_LOG_MB_DEFAULT);
     if replication_log_mb > REPLICATION_LOG_MB_MAX {
         return Err(format!("replication log must be at most {REPLICATION_LOG_MB_MAX} MiB"));
@@ -346,6 +391,7 @@ fn config(args: Args) -> Result<Config, String> {
         direct_reads,
         table_compression,
         cluster,
+        shard,
         replication_log_mb,
     })
 }
@@ -386,6 +432,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         direct_reads: cfg.direct_reads,
         table_compression: cfg.table_compression,
         cluster: cfg.cluster,
+        shard: cfg.shard,
         replication_log_bytes: cfg.replication_log_mb << 20,
         join_threads: cfg.join_threads,
         auth: cfg.auth,

@@ -29,6 +29,12 @@ pub fn status(e: ServiceError) -> Status {
         ServiceError::TooLarge(m) => Status::resource_exhausted(m),
         ServiceError::Overloaded(m) => crate::admission::shed_status(m),
         ServiceError::Refused(m) => Status::failed_precondition(m),
+        ServiceError::NotServed(e) => match &e {
+            crate::cluster::NotServed::NotOwner(d) => {
+                Status::with_details(tonic::Code::FailedPrecondition, e.to_string(), d.encode_to_vec().into())
+            }
+            crate::cluster::NotServed::NoMap => Status::unavailable(e.to_string()),
+        },
         ServiceError::Aborted { message, current } => {
             let details = pb::CasConflict {
                 cells: current
@@ -1143,5 +1149,39 @@ mod tests {
         assert_eq!(deadline_of(&m, now).expect("deadline"), Some(now + Duration::from_micros(500)));
         m.insert("grpc-timeout", "soon".parse().expect("ascii"));
         assert_eq!(deadline_of(&m, now).expect_err("bad").code(), tonic::Code::InvalidArgument);
+    }
+}
+
+/// `ClusterService`: the slot map and the nodes of a sharded region (`server/CLUSTER.md`).
+#[derive(Debug, Clone)]
+pub struct ClusterApi {
+    /// `None`: this node is not sharded.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+impl ClusterApi {
+    /// The service of a node, sharded under `cluster` or not (`None`).
+    pub fn new(cluster: Option<Arc<crate::cluster::Cluster>>) -> Self {
+        ClusterApi { cluster }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_service_server::ClusterService for ClusterApi {
+    async fn get_cluster_status(
+        &self,
+        req: Request<pb::GetClusterStatusRequest>,
+    ) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
+        authorize(&req, Scope::Read, std::iter::empty())?;
+        Ok(Response::new(self.cluster.as_ref().map(|c| c.status()).unwrap_or_default()))
+    }
+
+    async fn init_slots(&self, req: Request<pb::InitSlotsRequest>) -> Result<Response<pb::InitSlotsResponse>, Status> {
+        authorize(&req, Scope::Admin, std::iter::empty())?;
+        let Some(cluster) = &self.cluster else {
+            return Err(Status::failed_precondition("this node is not sharded (start it with --etcd and --node-id)"));
+        };
+        let map = cluster.init_slots().await?;
+        Ok(Response::new(pb::InitSlotsResponse { map: Some(map.to_pb()) }))
     }
 }

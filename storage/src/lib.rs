@@ -3,7 +3,8 @@
 //! The public surface: [`Db`] (open, write, `write_if`, reads, scans, replication, operator
 //! calls) with its options and results; the data model ([`types`]); the read contract
 //! ([`asof`], `storage/READS.md`); encoded cells ([`cell`]); the reserved keyspace
-//! ([`reserved`]); the conflict rule of replication ([`replication`]); offline inspection of
+//! ([`reserved`]); the conflict rule of replication ([`replication`]); the slots of a sharded
+//! region ([`slot`]); offline inspection of
 //! files ([`inspect`]); limits ([`limits`]); and, for tests and tools that need them, the file
 //! system seam ([`fs`]) and table reading ([`sstable`]). Everything else (WAL, batches,
 //! records, keys, manifest, memtables, compaction) is internal.
@@ -40,6 +41,7 @@ pub(crate) mod memtable;
 pub(crate) mod options;
 pub mod replication;
 pub mod reserved;
+pub mod slot;
 pub(crate) mod stripes;
 pub(crate) mod version;
 

@@ -291,3 +291,67 @@ pub fn int64_baseline(group: &str, feature: &str, sample: Vec<f64>) -> pb::PutBa
         }),
     }
 }
+
+/// A single-member etcd on loopback ports, in its own temporary directory (the `etcd` binary on
+/// the PATH, or `QUIVER_TEST_ETCD`; `.ci/run` installs Debian's `etcd-server`).
+pub struct Etcd {
+    child: Child,
+    /// Its client URL (`http://127.0.0.1:PORT`).
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts it and waits until it answers on its client port; panics if there is no etcd.
+    pub fn start() -> Etcd {
+        let bin = std::env::var("QUIVER_TEST_ETCD").unwrap_or_else(|_| "etcd".into());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(&bin)
+            .args(["--name", "e2e", "--data-dir"])
+            .arg(dir.path().join("etcd"))
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("e2e={peer_url}"), "--log-level", "error"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin} (install etcd-server, or set QUIVER_TEST_ETCD): {e}"));
+        let etcd = Etcd { child, url, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !etcd.healthy() {
+            assert!(Instant::now() < deadline, "etcd did not answer /health at {}", etcd.url);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        etcd
+    }
+
+    /// Whether `GET /health` answers `"health":"true"`.
+    pub fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let hostport = self.url.trim_start_matches("http://");
+        let Ok(mut s) = std::net::TcpStream::connect(hostport) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if write!(s, "GET /health HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").is_err() {
+            return false;
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.contains("\"health\":\"true\"")
+    }
+
+    /// Kills it (SIGKILL) and waits.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -43,6 +43,7 @@ pub async fn run(users: u32, hours: u32) -> Result<()> {
         table_compression: quiver_storage::Options::default().compression,
         direct_reads: true,
         cluster: Default::default(),
+        shard: None,
         replication_log_bytes: 0,
         join_threads: None,
         auth: quiver_server::auth::AuthMode::None,

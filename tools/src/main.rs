@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod backfill;
+mod cluster;
 mod common;
 mod demo;
 mod drift;
@@ -172,6 +173,11 @@ enum Cmd {
     Admin {
         #[command(subcommand)]
         cmd: AdminCmd,
+    },
+    /// A sharded region (server/CLUSTER.md): its nodes and slot map, through any node.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
     },
     /// Replication with peer regions: status, pause, resume, re-bootstrap.
     Replication {
@@ -446,6 +452,15 @@ enum AdminCmd {
     },
 }
 
+/// `quiver cluster ...`.
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// The nodes (live in etcd or named by the map), their slots, the map's runs and epochs.
+    Status,
+    /// Create the slot map: every slot spread evenly over the nodes registered now.
+    Init,
+}
+
 /// `quiver replication ...`.
 #[derive(Debug, Subcommand)]
 enum ReplicationCmd {
@@ -505,6 +520,8 @@ async fn run(cli: Cli) -> Result<()> {
             features::put(server, group, entity, event_time_us, values).await
         }
         Cmd::Replication { cmd } => admin::replication(server, cmd).await,
+        Cmd::Cluster { cmd: ClusterCmd::Status } => cluster::status(server, cli.json).await,
+        Cmd::Cluster { cmd: ClusterCmd::Init } => cluster::init(server, cli.json).await,
         Cmd::Admin { cmd } => admin::admin(server, cmd).await,
         Cmd::History { entity_type, entity, group, limit } => {
             features::history(server, entity_type, entity, group, limit).await

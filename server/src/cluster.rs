@@ -1,0 +1,616 @@
+//! A node of a sharded region (`server/CLUSTER.md` §2–§3): its registration in etcd, the slot
+//! map it watches there, and the ownership check every request that names entities passes.
+//!
+//! etcd is the source of truth. Under the prefix `/quiver/<cluster>/`, `nodes/<id>` holds each
+//! live node (attached to its lease) and `map` holds the slot map, changed only by transactions
+//! that compare its revision. A node keeps the last valid map it saw and serves from it while
+//! etcd is unreachable; every change is refused then.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp};
+use parking_lot::{Mutex, RwLock};
+use quiver_proto::v1 as pb;
+use quiver_storage::slot::{slot_of, Slot, SLOTS};
+use serde::{Deserialize, Serialize};
+
+/// How long a node's registration outlives its last keep-alive.
+pub const NODE_LEASE_TTL: Duration = Duration::from_secs(10);
+/// First wait before reconnecting to etcd after a failure; it doubles up to [`ETCD_RETRY_MAX`].
+pub const ETCD_RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between reconnections to etcd.
+pub const ETCD_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Longest wait for one etcd call (and for connecting).
+pub const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The cluster name when none is given: keys under `/quiver/quiver/`.
+pub const CLUSTER_NAME_DEFAULT: &str = "quiver";
+/// Longest node id and cluster name, in bytes.
+pub const NAME_BYTES_MAX: usize = 64;
+
+/// Where a sharded node registers and what it calls itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardConfig {
+    /// Its id, unique in the cluster ([`check_name`]).
+    pub node: String,
+    /// The cluster's name: the etcd prefix `/quiver/<cluster>/`.
+    pub cluster: String,
+    /// etcd endpoints (`http://host:port`).
+    pub etcd: Vec<String>,
+    /// The address other nodes and clients reach it at (`host:port`).
+    pub advertise: String,
+    /// Its region.
+    pub region: u32,
+}
+
+/// Refuses a node id or cluster name that is empty, longer than [`NAME_BYTES_MAX`], or holds
+/// anything but ASCII letters, digits, `-`, `_` and `.` (they are etcd key segments).
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > NAME_BYTES_MAX {
+        return Err(format!("{what} must be 1 to {NAME_BYTES_MAX} bytes, got {}", name.len()));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("{what} {name:?}: {c:?} is not allowed (letters, digits, '-', '_', '.')"));
+    }
+    Ok(())
+}
+
+/// One run of the stored map: slots `first..=last`, one owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// First slot of the run.
+    pub first: Slot,
+    /// Last slot of the run (inclusive).
+    pub last: Slot,
+    /// The owner's node id.
+    pub owner: String,
+    /// How many times these slots' owner has changed (1 when first assigned).
+    pub epoch: u64,
+}
+
+/// The stored form of the map (JSON in etcd).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredMap {
+    runs: Vec<Run>,
+}
+
+/// A node's registration (JSON in etcd).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredNode {
+    node: String,
+    addr: String,
+    region: u32,
+}
+
+/// The slot map at one etcd revision: runs that cover every slot exactly once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotMap {
+    revision: i64,
+    runs: Vec<Run>,
+    /// Index into `runs` of each slot's run (empty: no map).
+    run_of: Vec<u16>,
+}
+
+impl SlotMap {
+    /// No map yet (revision 0).
+    pub fn empty() -> Self {
+        SlotMap { revision: 0, runs: Vec::new(), run_of: Vec::new() }
+    }
+
+    /// A map from its runs, refused unless they cover `0..SLOTS` exactly once, in order, with
+    /// valid owners and epochs of at least 1.
+    pub fn from_runs(revision: i64, runs: Vec<Run>) -> Result<Self, String> {
+        let mut next: u32 = 0;
+        for (i, r) in runs.iter().enumerate() {
+            if u32::from(r.first) != next || r.last < r.first {
+                return Err(format!("run {i} is slots {}..={}, expected one starting at {next}", r.first, r.last));
+            }
+            if r.last >= SLOTS {
+                return Err(format!("run {i} ends at slot {}, past the last slot {}", r.last, SLOTS - 1));
+            }
+            check_name(&format!("run {i}: owner"), &r.owner)?;
+            if r.epoch == 0 {
+                return Err(format!("run {i}: epoch 0 (epochs start at 1)"));
+            }
+            next = u32::from(r.last) + 1;
+        }
+        if next != u32::from(SLOTS) {
+            return Err(format!("the runs cover slots 0..{next}, not all {SLOTS}"));
+        }
+        let mut run_of = Vec::with_capacity(usize::from(SLOTS));
+        for (i, r) in runs.iter().enumerate() {
+            let i = u16::try_from(i).map_err(|_| "more runs than slots".to_string())?;
+            run_of.extend(std::iter::repeat_n(i, usize::from(r.last - r.first) + 1));
+        }
+        Ok(SlotMap { revision, runs, run_of })
+    }
+
+    /// Parses the stored map (the value of the `map` key at `revision`).
+    fn parse(value: &[u8], revision: i64) -> Result<Self, String> {
+        let stored: StoredMap = serde_json::from_slice(value).map_err(|e| format!("the slot map is not valid: {e}"))?;
+        SlotMap::from_runs(revision, stored.runs).map_err(|e| format!("the slot map is not valid: {e}"))
+    }
+
+    /// Every slot spread over `nodes` in contiguous runs as even as can be (the first
+    /// `SLOTS % n` nodes get one slot more), epoch 1.
+    pub fn spread(nodes: &[String]) -> Vec<Run> {
+        let n = nodes.len().max(1);
+        let (base, extra) = (usize::from(SLOTS) / n, usize::from(SLOTS) % n);
+        let mut first = 0usize;
+        let mut runs = Vec::with_capacity(nodes.len());
+        for (i, node) in nodes.iter().enumerate() {
+            let len = base + usize::from(i < extra);
+            if len == 0 {
+                continue;
+            }
+            // Both below SLOTS (a u16).
+            runs.push(Run { first: first as Slot, last: (first + len - 1) as Slot, owner: node.clone(), epoch: 1 });
+            first += len;
+        }
+        runs
+    }
+
+    /// The etcd revision it was read at (0: no map).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Whether a map exists.
+    pub fn is_set(&self) -> bool {
+        !self.runs.is_empty()
+    }
+
+    /// The run holding `slot` (`None`: no map).
+    pub fn run(&self, slot: Slot) -> Option<&Run> {
+        self.run_of.get(usize::from(slot)).map(|&i| &self.runs[usize::from(i)])
+    }
+
+    /// Its runs, in slot order.
+    pub fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+
+    /// The API's form.
+    pub fn to_pb(&self) -> pb::SlotMap {
+        pb::SlotMap {
+            revision: self.revision,
+            runs: self
+                .runs
+                .iter()
+                .map(|r| pb::SlotRun {
+                    first: u32::from(r.first),
+                    last: u32::from(r.last),
+                    owner: r.owner.clone(),
+                    epoch: r.epoch,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Why a request naming an entity is refused by this node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NotServed {
+    /// The map names another owner (`FAILED_PRECONDITION` with these details).
+    NotOwner(Box<pb::SlotNotOwned>),
+    /// No map exists yet (`UNAVAILABLE`).
+    NoMap,
+}
+
+impl std::fmt::Display for NotServed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotServed::NotOwner(d) => write!(
+                f,
+                "slot {} is owned by node {:?} at {} (epoch {}, map revision {}); send it there, or re-read the map",
+                d.slot, d.owner, d.owner_addr, d.epoch, d.map_revision
+            ),
+            NotServed::NoMap => {
+                f.write_str("this node is sharded and the slot map is not initialised (quiver cluster init)")
+            }
+        }
+    }
+}
+
+/// What the node knows of etcd now.
+#[derive(Debug, Clone, Default)]
+struct EtcdState {
+    connected: bool,
+    error: String,
+}
+
+/// A sharded node's view of its cluster, kept current by [`Cluster::run`].
+pub struct Cluster {
+    cfg: ShardConfig,
+    map: RwLock<Arc<SlotMap>>,
+    nodes: RwLock<BTreeMap<String, StoredNode>>,
+    state: Mutex<EtcdState>,
+    client: Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("cfg", &self.cfg).field("revision", &self.map.read().revision).finish()
+    }
+}
+
+impl Cluster {
+    /// A node with no map yet; [`Cluster::run`] connects it.
+    pub fn new(cfg: ShardConfig) -> Result<Arc<Self>, String> {
+        check_name("--node-id", &cfg.node)?;
+        check_name("--cluster", &cfg.cluster)?;
+        if cfg.etcd.is_empty() {
+            return Err("--etcd needs at least one endpoint".into());
+        }
+        Ok(Arc::new(Cluster {
+            cfg,
+            map: RwLock::new(Arc::new(SlotMap::empty())),
+            nodes: RwLock::new(BTreeMap::new()),
+            state: Mutex::new(EtcdState::default()),
+            client: Mutex::new(None),
+        }))
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &ShardConfig {
+        &self.cfg
+    }
+
+    fn prefix(&self) -> String {
+        format!("/quiver/{}/", self.cfg.cluster)
+    }
+
+    fn map_key(&self) -> String {
+        format!("{}map", self.prefix())
+    }
+
+    fn nodes_prefix(&self) -> String {
+        format!("{}nodes/", self.prefix())
+    }
+
+    /// The map as this node knows it.
+    pub fn map(&self) -> Arc<SlotMap> {
+        self.map.read().clone()
+    }
+
+    /// Installs `map` unless this node already has a newer one.
+    fn install(&self, map: SlotMap) {
+        let mut cur = self.map.write();
+        if map.revision > cur.revision {
+            tracing::info!(revision = map.revision, runs = map.runs.len(), "slot map");
+            *cur = Arc::new(map);
+        }
+    }
+
+    /// Whether this node serves `entity_key` under `map` (one map for a whole request).
+    pub fn check(&self, map: &SlotMap, entity_key: &[u8]) -> Result<(), NotServed> {
+        let slot = slot_of(entity_key);
+        let Some(run) = map.run(slot) else { return Err(NotServed::NoMap) };
+        if run.owner == self.cfg.node {
+            return Ok(());
+        }
+        let owner_addr = self.nodes.read().get(&run.owner).map(|n| n.addr.clone()).unwrap_or_default();
+        Err(NotServed::NotOwner(Box::new(pb::SlotNotOwned {
+            slot: u32::from(slot),
+            owner: run.owner.clone(),
+            owner_addr,
+            epoch: run.epoch,
+            map_revision: map.revision,
+        })))
+    }
+
+    /// The map, the nodes and this node's view of etcd.
+    pub fn status(&self) -> pb::GetClusterStatusResponse {
+        let map = self.map();
+        let mut slots: BTreeMap<&str, u32> = BTreeMap::new();
+        for r in map.runs() {
+            *slots.entry(r.owner.as_str()).or_default() += u32::from(r.last - r.first) + 1;
+        }
+        let live = self.nodes.read().clone();
+        let mut nodes: BTreeMap<String, pb::ClusterNode> = live
+            .values()
+            .map(|n| {
+                let node = pb::ClusterNode {
+                    node: n.node.clone(),
+                    addr: n.addr.clone(),
+                    region: n.region,
+                    live: true,
+                    slots: 0,
+                };
+                (n.node.clone(), node)
+            })
+            .collect();
+        for (owner, count) in slots {
+            nodes
+                .entry(owner.to_string())
+                .or_insert_with(|| pb::ClusterNode { node: owner.to_string(), ..Default::default() })
+                .slots = count;
+        }
+        let state = self.state.lock().clone();
+        pb::GetClusterStatusResponse {
+            sharded: true,
+            node: self.cfg.node.clone(),
+            cluster: self.cfg.cluster.clone(),
+            map: Some(map.to_pb()),
+            nodes: nodes.into_values().collect(),
+            etcd_connected: state.connected,
+            etcd_error: state.error,
+        }
+    }
+
+    fn connected_client(&self) -> Result<Client, tonic::Status> {
+        self.client.lock().clone().ok_or_else(|| {
+            let error = self.state.lock().error.clone();
+            tonic::Status::unavailable(format!("etcd is not reachable from this node ({error}); the map cannot change"))
+        })
+    }
+
+    /// Creates the map: every slot spread over the nodes registered now, sorted by id.
+    pub async fn init_slots(&self) -> Result<Arc<SlotMap>, tonic::Status> {
+        let mut client = self.connected_client()?;
+        let unavailable = |e: etcd_client::Error| tonic::Status::unavailable(format!("etcd: {e}"));
+        let got = client.get(self.nodes_prefix(), Some(GetOptions::new().with_prefix())).await.map_err(unavailable)?;
+        let mut ids: Vec<String> = got
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<StoredNode>(kv.value()).ok())
+            .map(|n| n.node)
+            .collect();
+        ids.sort();
+        if ids.is_empty() {
+            return Err(tonic::Status::failed_precondition("no node is registered"));
+        }
+        let runs = SlotMap::spread(&ids);
+        let value = serde_json::to_vec(&StoredMap { runs: runs.clone() })
+            .map_err(|e| tonic::Status::internal(format!("encoding the map: {e}")))?;
+        let key = self.map_key();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)]);
+        let done = client.txn(txn).await.map_err(unavailable)?;
+        if !done.succeeded() {
+            return Err(tonic::Status::already_exists("the slot map exists already"));
+        }
+        let revision = done.header().map_or(0, |h| h.revision());
+        let map = SlotMap::from_runs(revision, runs).map_err(tonic::Status::internal)?;
+        tracing::info!(revision, nodes = ?ids, "slot map created");
+        self.install(map);
+        Ok(self.map())
+    }
+
+    /// Keeps the node registered and its map current, reconnecting with backoff after every
+    /// failure, until `stop` turns true.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = ETCD_RETRY_MIN;
+        loop {
+            let started = Instant::now();
+            let ended = tokio::select! {
+                r = self.session() => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            *self.client.lock() = None;
+            let error = match ended {
+                Ok(()) => "the session ended".to_string(),
+                Err(e) => e,
+            };
+            tracing::warn!(%error, "etcd: serving from the last known slot map while reconnecting");
+            *self.state.lock() = EtcdState { connected: false, error };
+            if started.elapsed() > ETCD_RETRY_MAX {
+                backoff = ETCD_RETRY_MIN;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            backoff = (backoff * 2).min(ETCD_RETRY_MAX);
+        }
+    }
+
+    /// One connection: register, read the map and the nodes, then keep the lease alive and
+    /// follow every change until something fails.
+    async fn session(&self) -> Result<(), String> {
+        let opts = ConnectOptions::new().with_connect_timeout(ETCD_CALL_TIMEOUT).with_timeout(ETCD_CALL_TIMEOUT);
+        let e = |what: &str| {
+            let what = what.to_string();
+            move |err: etcd_client::Error| format!("{what}: {err}")
+        };
+        let mut client = Client::connect(&self.cfg.etcd, Some(opts)).await.map_err(e("connecting"))?;
+        let ttl = i64::try_from(NODE_LEASE_TTL.as_secs()).unwrap_or(10);
+        let lease = client.lease_grant(ttl, None).await.map_err(e("granting a lease"))?.id();
+        let me = StoredNode { node: self.cfg.node.clone(), addr: self.cfg.advertise.clone(), region: self.cfg.region };
+        let me = serde_json::to_vec(&me).map_err(|err| format!("encoding the registration: {err}"))?;
+        let my_key = format!("{}{}", self.nodes_prefix(), self.cfg.node);
+        client.put(my_key, me, Some(PutOptions::new().with_lease(lease))).await.map_err(e("registering"))?;
+        let (mut keeper, mut acks) = client.lease_keep_alive(lease).await.map_err(e("keeping the lease"))?;
+        let prefix = self.prefix();
+        let got = client.get(prefix.clone(), Some(GetOptions::new().with_prefix())).await.map_err(e("reading"))?;
+        let revision = got.header().map_or(0, |h| h.revision());
+        let mut nodes = BTreeMap::new();
+        for kv in got.kvs() {
+            self.take(kv.key(), Some((kv.value(), kv.mod_revision())), &mut nodes);
+        }
+        *self.nodes.write() = nodes;
+        let mut watch = client
+            .watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
+            .await
+            .map_err(e("watching"))?;
+        *self.client.lock() = Some(client);
+        *self.state.lock() = EtcdState { connected: true, error: String::new() };
+        tracing::info!(node = %self.cfg.node, revision, "registered in etcd");
+        let mut tick = tokio::time::interval(NODE_LEASE_TTL / 3);
+        let mut last_ack = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if last_ack.elapsed() > NODE_LEASE_TTL {
+                        return Err("no lease keep-alive answer within the lease's TTL".into());
+                    }
+                    keeper.keep_alive().await.map_err(e("keeping the lease"))?;
+                }
+                ack = acks.message() => match ack.map_err(e("keeping the lease"))? {
+                    Some(a) if a.ttl() > 0 => last_ack = Instant::now(),
+                    Some(_) => return Err("the lease expired".into()),
+                    None => return Err("the lease's keep-alive stream ended".into()),
+                },
+                msg = watch.message() => {
+                    let Some(resp) = msg.map_err(e("watching"))? else {
+                        return Err("the watch ended".into());
+                    };
+                    if resp.canceled() {
+                        return Err(format!("the watch was cancelled: {}", resp.cancel_reason()));
+                    }
+                    let mut nodes = self.nodes.read().clone();
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let put = matches!(ev.event_type(), EventType::Put).then(|| (kv.value(), kv.mod_revision()));
+                        self.take(kv.key(), put, &mut nodes);
+                    }
+                    *self.nodes.write() = nodes;
+                }
+            }
+        }
+    }
+
+    /// Takes one key of the prefix: the map (installed if valid and newer) or a node (`put`:
+    /// its value and revision; `None`: deleted).
+    fn take(&self, key: &[u8], put: Option<(&[u8], i64)>, nodes: &mut BTreeMap<String, StoredNode>) {
+        let Some(rest) = key.strip_prefix(self.prefix().as_bytes()) else { return };
+        if rest == b"map" {
+            match put {
+                Some((value, revision)) => match SlotMap::parse(value, revision) {
+                    Ok(map) => self.install(map),
+                    Err(error) => tracing::error!(%error, revision, "keeping the last valid slot map"),
+                },
+                None => tracing::error!("the slot map was deleted from etcd; keeping the last one"),
+            }
+        } else if let Some(id) = rest.strip_prefix(b"nodes/") {
+            let id = String::from_utf8_lossy(id).into_owned();
+            match put.map(|(v, _)| serde_json::from_slice::<StoredNode>(v)) {
+                Some(Ok(n)) => {
+                    nodes.insert(id, n);
+                }
+                Some(Err(error)) => tracing::warn!(%error, node = %id, "ignoring a node registration"),
+                None => {
+                    nodes.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("n{i}")).collect()
+    }
+
+    #[test]
+    fn spread_covers_every_slot_evenly() {
+        for n in [1, 2, 3, 7, 4096, 5000] {
+            let runs = SlotMap::spread(&nodes(n));
+            let map = SlotMap::from_runs(5, runs.clone()).expect("a spread map is valid");
+            let sizes: Vec<u32> = runs.iter().map(|r| u32::from(r.last - r.first) + 1).collect();
+            let (min, max) = (sizes.iter().min().copied(), sizes.iter().max().copied());
+            assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 1), "n={n}: {min:?}..{max:?}");
+            assert_eq!(sizes.iter().sum::<u32>(), u32::from(SLOTS));
+            assert_eq!(runs.len(), n.min(usize::from(SLOTS)));
+            assert_eq!(map.run(0).map(|r| r.owner.as_str()), Some("n0"));
+            assert!(map.run(SLOTS - 1).is_some());
+        }
+    }
+
+    #[test]
+    fn maps_that_do_not_cover_every_slot_once_are_refused() {
+        let run = |first, last, owner: &str, epoch| Run { first, last, owner: owner.into(), epoch };
+        let bad = [
+            (vec![], "cover"),
+            (vec![run(0, 100, "a", 1)], "cover"),
+            (vec![run(0, 100, "a", 1), run(100, SLOTS - 1, "b", 1)], "starting at 101"),
+            (vec![run(0, 100, "a", 1), run(102, SLOTS - 1, "b", 1)], "starting at 101"),
+            (vec![run(1, SLOTS - 1, "a", 1)], "starting at 0"),
+            (vec![run(0, SLOTS - 1, "a", 0)], "epoch 0"),
+            (vec![run(0, SLOTS - 1, "a/b", 1)], "not allowed"),
+            (vec![run(0, SLOTS - 1, "", 1)], "1 to 64"),
+            (vec![run(0, SLOTS - 1, "a", 1), run(SLOTS, SLOTS, "b", 1)], "past the last slot"),
+            (vec![run(0, 10, "a", 1), run(20, 11, "b", 1)], "starting at 11"),
+        ];
+        for (runs, want) in bad {
+            let err = SlotMap::from_runs(1, runs.clone()).expect_err("refused");
+            assert!(err.contains(want), "{runs:?}: {err}");
+        }
+        for value in [&b"{"[..], b"{\"runs\": 3}", b"[]"] {
+            assert!(SlotMap::parse(value, 1).is_err());
+        }
+        let good = serde_json::to_vec(&StoredMap { runs: SlotMap::spread(&nodes(3)) }).expect("encodes");
+        assert_eq!(SlotMap::parse(&good, 9).map(|m| m.revision()), Ok(9));
+    }
+
+    #[test]
+    fn the_owner_serves_and_others_name_it() {
+        let cfg = ShardConfig {
+            node: "n1".into(),
+            cluster: "c".into(),
+            etcd: vec!["http://127.0.0.1:1".into()],
+            advertise: "127.0.0.1:7".into(),
+            region: 0,
+        };
+        let cluster = Cluster::new(cfg).expect("valid");
+        let key = quiver_storage::encode_entity_key(&[quiver_storage::KeyPart::Str("u1")]);
+        assert_eq!(cluster.check(&cluster.map(), &key), Err(NotServed::NoMap));
+        let slot = slot_of(&key);
+        let mut nodes = BTreeMap::new();
+        let reg = serde_json::to_vec(&StoredNode { node: "n0".into(), addr: "10.0.0.1:5".into(), region: 0 })
+            .expect("encodes");
+        cluster.take(b"/quiver/c/nodes/n0", Some((&reg, 3)), &mut nodes);
+        *cluster.nodes.write() = nodes;
+        // Everything below `slot` to n0, the rest to n1.
+        let split = |owner_low: &str, revision| {
+            let mut runs = vec![];
+            if slot > 0 {
+                runs.push(Run { first: 0, last: slot - 1, owner: "n1".into(), epoch: 1 });
+            }
+            runs.push(Run { first: slot, last: SLOTS - 1, owner: owner_low.into(), epoch: 2 });
+            serde_json::to_vec(&StoredMap { runs }).map(|v| (v, revision)).expect("encodes")
+        };
+        let (v, r) = split("n0", 10);
+        cluster.take(b"/quiver/c/map", Some((&v, r)), &mut BTreeMap::new());
+        let Err(NotServed::NotOwner(d)) = cluster.check(&cluster.map(), &key) else { panic!("n0 owns it") };
+        assert_eq!(
+            *d,
+            pb::SlotNotOwned {
+                slot: u32::from(slot),
+                owner: "n0".into(),
+                owner_addr: "10.0.0.1:5".into(),
+                epoch: 2,
+                map_revision: 10
+            }
+        );
+        // An older revision never replaces a newer map; a newer one does.
+        let (v, _) = split("n1", 0);
+        cluster.take(b"/quiver/c/map", Some((&v, 9)), &mut BTreeMap::new());
+        assert!(cluster.check(&cluster.map(), &key).is_err());
+        cluster.take(b"/quiver/c/map", Some((&v, 11)), &mut BTreeMap::new());
+        assert_eq!(cluster.check(&cluster.map(), &key), Ok(()));
+        // An invalid map, or a deleted one, leaves the last valid map in place.
+        cluster.take(b"/quiver/c/map", Some((b"{}", 12)), &mut BTreeMap::new());
+        cluster.take(b"/quiver/c/map", None, &mut BTreeMap::new());
+        assert_eq!(cluster.map().revision(), 11);
+        // Keys of other clusters are not taken.
+        let (v, _) = split("n0", 0);
+        cluster.take(b"/quiver/other/map", Some((&v, 20)), &mut BTreeMap::new());
+        assert_eq!(cluster.map().revision(), 11);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["a", "node-1", "n_2.x", &"x".repeat(NAME_BYTES_MAX)] {
+            assert_eq!(check_name("id", ok), Ok(()));
+        }
+        for bad in ["", "a/b", "a b", "é", &"x".repeat(NAME_BYTES_MAX + 1)] {
+            assert!(check_name("id", bad).is_err(), "{bad:?}");
+        }
+    }
+}

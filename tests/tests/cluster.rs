@@ -1,0 +1,277 @@
+//! A sharded region end to end (server/CLUSTER.md §1–§3): a real etcd and three `quiverd`
+//! nodes. The slot map is created once; each entity is served by its slot's owner alone; the
+//! others refuse with the owner's name and address, which corrects a client that sent to the
+//! wrong node; with etcd gone the nodes keep serving from their last map and refuse changes.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use quiver_e2e::{example_registry, int, key, ts, Clients, Daemon, Etcd};
+use quiver_proto::v1 as pb;
+use tonic::Code;
+
+const T0: i64 = 1_767_225_600_000_000;
+const SLOTS: u32 = 4096;
+
+/// The slot of a one-string entity key, written here from CLUSTER.md §1 alone (FNV-1a, then
+/// MurmurHash3's finaliser, of the encoded key; its top 12 bits) so that the test checks the
+/// server's function rather than reusing it.
+fn slot_of_user(id: &str) -> u32 {
+    let mut encoded = vec![0x01];
+    for &b in id.as_bytes() {
+        encoded.push(b);
+        if b == 0 {
+            encoded.push(0xff);
+        }
+    }
+    encoded.extend_from_slice(&[0x00, 0x01]);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in encoded {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h >> 52) as u32
+}
+
+fn row(user: &str, clicks: i64) -> pb::WriteRow {
+    pb::WriteRow {
+        entity: Some(key(user)),
+        group: "user_stats".into(),
+        event_time: ts(T0),
+        values: [("clicks".to_string(), int(clicks))].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+fn write(users: &[&str]) -> pb::WriteFeaturesRequest {
+    pb::WriteFeaturesRequest {
+        rows: users.iter().enumerate().map(|(i, u)| row(u, i as i64 + 100)).collect(),
+        ..Default::default()
+    }
+}
+
+fn lookup(users: &[&str]) -> pb::GetOnlineFeaturesRequest {
+    pb::GetOnlineFeaturesRequest {
+        entity_type: "user".into(),
+        entities: users.iter().map(|u| key(u)).collect(),
+        features: vec!["user_stats:clicks".into()],
+        as_of: ts(T0 + 1),
+        ..Default::default()
+    }
+}
+
+/// The `SlotNotOwned` details of a refusal (panics unless it is one).
+fn not_owned(s: &tonic::Status) -> pb::SlotNotOwned {
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    pb::SlotNotOwned::decode(s.details()).unwrap_or_else(|e| panic!("details of {s:?}: {e}"))
+}
+
+struct Node {
+    id: String,
+    daemon: Daemon,
+    clients: Clients,
+    cluster: pb::cluster_service_client::ClusterServiceClient<tonic::transport::Channel>,
+}
+
+impl Node {
+    async fn start(dir: &std::path::Path, etcd: &Etcd, id: &str) -> Node {
+        let data = dir.join(id);
+        let daemon = Daemon::start(&data, &["--etcd", &etcd.url, "--node-id", id, "--cluster", "e2e"]);
+        let clients = Clients::of(&daemon).await;
+        let cluster = pb::cluster_service_client::ClusterServiceClient::new(daemon.channel().await);
+        Node { id: id.to_string(), daemon, clients, cluster }
+    }
+
+    async fn status(&self) -> pb::GetClusterStatusResponse {
+        let mut c = self.cluster.clone();
+        c.get_cluster_status(pb::GetClusterStatusRequest {}).await.expect("status").into_inner()
+    }
+
+    /// Waits (up to 30 s) until its status satisfies `done`.
+    async fn wait_for(&self, what: &str, done: impl Fn(&pb::GetClusterStatusResponse) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.status().await;
+            if done(&s) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{}: timed out waiting for {what}: {s:?}", self.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start();
+    let mut nodes = Vec::new();
+    for id in ["n0", "n1", "n2"] {
+        nodes.push(Node::start(dir.path(), &etcd, id).await);
+    }
+    for n in &mut nodes {
+        n.clients.registry.apply_registry(example_registry()).await.expect("registry");
+    }
+
+    // Before the map exists, a sharded node serves no entity.
+    let s = nodes[0].clients.features.get_online_features(lookup(&["u1"])).await.expect_err("no map");
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert!(s.message().contains("not initialised"), "{s:?}");
+
+    // Every node registers; the map is created once, over all three.
+    for n in &nodes {
+        n.wait_for("three live nodes", |s| {
+            s.sharded && s.etcd_connected && s.nodes.iter().filter(|x| x.live).count() == 3
+        })
+        .await;
+    }
+    let map = nodes[1].cluster.init_slots(pb::InitSlotsRequest {}).await.expect("init").into_inner().map;
+    let map = map.expect("a map");
+    let again = nodes[2].cluster.init_slots(pb::InitSlotsRequest {}).await.expect_err("exists");
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+    let owners: Vec<&str> = map.runs.iter().map(|r| r.owner.as_str()).collect();
+    assert_eq!(owners, ["n0", "n1", "n2"]);
+    assert_eq!(map.runs.iter().map(|r| r.last - r.first + 1).collect::<Vec<_>>(), [1366, 1365, 1365]);
+    assert!(map.runs.iter().all(|r| r.epoch == 1));
+    let revision = map.revision;
+    for n in &nodes {
+        n.wait_for("the map's revision", |s| s.map.as_ref().is_some_and(|m| m.revision == revision)).await;
+    }
+    let status = nodes[0].status().await;
+    let slots: BTreeMap<String, (u32, String)> =
+        status.nodes.iter().map(|n| (n.node.clone(), (n.slots, n.addr.clone()))).collect();
+    assert_eq!(slots.values().map(|s| s.0).sum::<u32>(), SLOTS);
+    let owner_of = |slot: u32| {
+        let run = map.runs.iter().find(|r| (r.first..=r.last).contains(&slot)).expect("every slot has a run");
+        run.owner.clone()
+    };
+
+    // Each user is written at its owner alone; the others refuse, naming the owner.
+    let users: Vec<String> = (0..60).map(|i| format!("u{i}")).collect();
+    let mut by_owner: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for u in &users {
+        let slot = slot_of_user(u);
+        let owner = owner_of(slot);
+        for n in &mut nodes {
+            let r = n.clients.features.write_features(write(&[u.as_str()])).await;
+            if n.id == owner {
+                r.unwrap_or_else(|e| panic!("{u} at its owner {owner}: {e:?}"));
+            } else {
+                let d = not_owned(&r.expect_err("not the owner"));
+                let want = pb::SlotNotOwned {
+                    slot,
+                    owner: owner.clone(),
+                    owner_addr: slots[&owner].1.clone(),
+                    epoch: 1,
+                    map_revision: revision,
+                };
+                assert_eq!(d, want, "{u} at {}", n.id);
+            }
+        }
+        by_owner.entry(owner).or_default().push(u.as_str());
+    }
+    assert_eq!(by_owner.len(), 3, "60 users land on every node: {by_owner:?}");
+
+    // A batch of one owner's users reads back there; a batch spanning shards is refused whole
+    // (forwarding is the next step), and so is a join or a history scan naming another's user.
+    for n in &mut nodes {
+        let mine = &by_owner[&n.id];
+        let r = n.clients.features.get_online_features(lookup(mine)).await.expect("own users").into_inner();
+        let col = &r.columns[0];
+        assert!(col.statuses.iter().all(|s| *s == pb::FeatureStatus::Present as i32), "{col:?}");
+        assert_eq!(col.int64_values, vec![100; mine.len()]);
+        let other = by_owner.iter().find(|(o, _)| **o != n.id).map(|(_, u)| u[0]).expect("another owner");
+        let mixed: Vec<&str> = mine.iter().copied().chain([other]).collect();
+        let s = n.clients.features.get_online_features(lookup(&mixed)).await.expect_err("spans shards");
+        assert_eq!(not_owned(&s).slot, slot_of_user(other));
+        let spine = vec![
+            pb::SpineRow { entity: Some(key(mine[0])), timestamp: ts(T0 + 1) },
+            pb::SpineRow { entity: Some(key(other)), timestamp: ts(T0 + 1) },
+        ];
+        let join = pb::GetHistoricalFeaturesRequest {
+            entity_type: "user".into(),
+            features: vec!["user_stats:clicks".into()],
+            spine,
+            ..Default::default()
+        };
+        let s = match n.clients.features.get_historical_features(join).await {
+            Err(s) => s,
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                stream.message().await.expect_err("refused before any answer")
+            }
+        };
+        assert_eq!(not_owned(&s).owner, owner_of(slot_of_user(other)));
+        let scan = pb::ScanHistoryRequest {
+            entity_type: "user".into(),
+            entity: Some(key(other)),
+            group: "user_stats".into(),
+            ..Default::default()
+        };
+        let s = match n.clients.features.scan_history(scan).await {
+            Err(s) => s,
+            Ok(resp) => resp.into_inner().message().await.expect_err("refused before any answer"),
+        };
+        not_owned(&s);
+    }
+
+    // A client that guessed wrong is corrected by the refusal: it resends to the named owner.
+    let stray = by_owner["n2"][0];
+    let s = nodes[0].clients.features.write_features(write(&[stray])).await.expect_err("n2's user");
+    let d = not_owned(&s);
+    let owner = nodes.iter_mut().find(|n| n.daemon.addr == format!("http://{}", d.owner_addr));
+    let owner = owner.expect("the refusal names a node's address");
+    assert_eq!(owner.id, "n2");
+    owner.clients.features.write_features(write(&[stray])).await.expect("written at the owner");
+
+    // Without etcd the nodes keep serving from their last map; changes are refused.
+    etcd.kill();
+    for n in &nodes {
+        n.wait_for("etcd to be gone", |s| !s.etcd_connected).await;
+    }
+    for n in &mut nodes {
+        let mine = by_owner[&n.id].clone();
+        n.clients.features.write_features(write(&mine)).await.expect("owners still take writes");
+        let r = n.clients.features.get_online_features(lookup(&mine)).await.expect("and answer").into_inner();
+        assert_eq!(r.columns[0].int64_values.len(), mine.len());
+        let other = by_owner.iter().find(|(o, _)| **o != n.id).map(|(_, u)| u[0]).expect("another owner");
+        let s = n.clients.features.get_online_features(lookup(&[other])).await.expect_err("still not its slot");
+        assert_eq!(not_owned(&s).map_revision, revision);
+    }
+    let s = nodes[0].cluster.init_slots(pb::InitSlotsRequest {}).await.expect_err("no etcd");
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_shard_settings_are_refused_and_unsharded_nodes_say_so() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let quiverd = quiver_e2e::quiverd_path();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&quiverd)
+            .arg("--data-dir")
+            .arg(dir.path().join("bad"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .expect("runs");
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(run(&["--etcd", "http://127.0.0.1:1"]).contains("--node-id"));
+    assert!(run(&["--node-id", "a"]).contains("--etcd"));
+    assert!(run(&["--etcd", "http://127.0.0.1:1", "--node-id", "a/b"]).contains("not allowed"));
+    assert!(run(&["--etcd", "http://127.0.0.1:1", "--node-id", "a", "--cluster", ""]).contains("1 to 64"));
+
+    let plain = Daemon::start(&dir.path().join("plain"), &[]);
+    let mut c = pb::cluster_service_client::ClusterServiceClient::new(plain.channel().await);
+    let s = c.get_cluster_status(pb::GetClusterStatusRequest {}).await.expect("status").into_inner();
+    assert!(!s.sharded);
+    let e = c.init_slots(pb::InitSlotsRequest {}).await.expect_err("not sharded");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+}

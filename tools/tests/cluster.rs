@@ -1,0 +1,79 @@
+//! `quiver cluster status` and `quiver cluster init` against two sharded quiverd nodes and a
+//! real etcd, and against an unsharded node.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use quiver_e2e::{Daemon, Etcd};
+
+fn quiver(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_quiver")).args(args).output().expect("run quiver");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `quiver --json cluster status` at `addr`, parsed.
+fn status(addr: &str) -> serde_json::Value {
+    let (ok, out, err) = quiver(&["--addr", addr, "--json", "cluster", "status"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn cluster_init_and_status_on_a_sharded_region() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let etcd = Etcd::start();
+    let shard =
+        |id: &str| Daemon::start(&tmp.path().join(id), &["--etcd", &etcd.url, "--node-id", id, "--cluster", "cli"]);
+    let (a, b) = (shard("alpha"), shard("beta"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&a.addr)["nodes"].as_array().map_or(0, Vec::len) < 2 {
+        assert!(Instant::now() < deadline, "both nodes never registered: {}", status(&a.addr));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out, err) = quiver(&["--addr", &b.addr, "cluster", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("asked node beta; etcd connected; map revision none yet"), "{out}");
+
+    let (ok, out, err) = quiver(&["--addr", &a.addr, "cluster", "init"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("slots 0..=2047 -> alpha (epoch 1)") && out.contains("slots 2048..=4095 -> beta (epoch 1)"),
+        "{out}"
+    );
+    let (ok, _, err) = quiver(&["--addr", &b.addr, "cluster", "init"]);
+    assert!(!ok && err.contains("AlreadyExists"), "{err}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&b.addr);
+        if s["map_revision"].as_i64().unwrap_or(0) > 0 {
+            let slots: Vec<(String, u64, bool)> = s["nodes"]
+                .as_array()
+                .expect("nodes")
+                .iter()
+                .map(|n| {
+                    (n["node"].as_str().unwrap_or("").to_string(), n["slots"].as_u64().unwrap_or(0), n["live"] == true)
+                })
+                .collect();
+            assert_eq!(slots, [("alpha".to_string(), 2048, true), ("beta".to_string(), 2048, true)]);
+            assert_eq!(s["runs"].as_array().map(Vec::len), Some(2));
+            break;
+        }
+        assert!(Instant::now() < deadline, "beta never saw the map: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out, err) = quiver(&["--addr", &a.addr, "cluster", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("0..=2047") && out.contains("beta"), "{out}");
+
+    let plain = Daemon::start(&tmp.path().join("plain"), &[]);
+    let (ok, out, err) = quiver(&["--addr", &plain.addr, "cluster", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("not sharded"), "{out}");
+    let (ok, _, err) = quiver(&["--addr", &plain.addr, "cluster", "init"]);
+    assert!(!ok && err.contains("FailedPrecondition") && err.contains("not sharded"), "{err}");
+}
