@@ -16,7 +16,9 @@ use quiver_proto::v1 as pb;
 use quiver_storage::slot::{slot_of, Slot, SLOTS};
 use serde::{Deserialize, Serialize};
 
-/// How long a node's registration outlives its last keep-alive.
+/// How long a node's registration outlives its last keep-alive. Keep-alives go every quarter
+/// of it; a node that has had no answer for two thirds of it starts a new session (so it knows
+/// it may be unregistered before etcd drops it).
 pub const NODE_LEASE_TTL: Duration = Duration::from_secs(10);
 /// First wait before reconnecting to etcd after a failure; it doubles up to [`ETCD_RETRY_MAX`].
 pub const ETCD_RETRY_MIN: Duration = Duration::from_millis(100);
@@ -227,6 +229,8 @@ pub struct Cluster {
     nodes: RwLock<BTreeMap<String, StoredNode>>,
     state: Mutex<EtcdState>,
     client: Mutex<Option<Client>>,
+    /// The lease of this node's registration (revoked before registering again, and at stop).
+    lease: Mutex<Option<i64>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -249,6 +253,7 @@ impl Cluster {
             nodes: RwLock::new(BTreeMap::new()),
             state: Mutex::new(EtcdState::default()),
             client: Mutex::new(None),
+            lease: Mutex::new(None),
         }))
     }
 
@@ -307,7 +312,11 @@ impl Cluster {
         for r in map.runs() {
             *slots.entry(r.owner.as_str()).or_default() += u32::from(r.last - r.first) + 1;
         }
-        let live = self.nodes.read().clone();
+        let state = self.state.lock().clone();
+        // Registrations as last seen; none is known to be live while etcd is out of reach.
+        let live = if state.connected { self.nodes.read().clone() } else { BTreeMap::new() };
+        let known: Vec<(String, String, u32)> =
+            self.nodes.read().values().map(|n| (n.node.clone(), n.addr.clone(), n.region)).collect();
         let mut nodes: BTreeMap<String, pb::ClusterNode> = live
             .values()
             .map(|n| {
@@ -322,12 +331,17 @@ impl Cluster {
             })
             .collect();
         for (owner, count) in slots {
+            let addr = known.iter().find(|k| k.0 == owner);
             nodes
                 .entry(owner.to_string())
-                .or_insert_with(|| pb::ClusterNode { node: owner.to_string(), ..Default::default() })
+                .or_insert_with(|| pb::ClusterNode {
+                    node: owner.to_string(),
+                    addr: addr.map(|k| k.1.clone()).unwrap_or_default(),
+                    region: addr.map_or(0, |k| k.2),
+                    ..Default::default()
+                })
                 .slots = count;
         }
-        let state = self.state.lock().clone();
         pb::GetClusterStatusResponse {
             sharded: true,
             node: self.cfg.node.clone(),
@@ -375,8 +389,8 @@ impl Cluster {
         let revision = done.header().map_or(0, |h| h.revision());
         let map = SlotMap::from_runs(revision, runs).map_err(tonic::Status::internal)?;
         tracing::info!(revision, nodes = ?ids, "slot map created");
-        self.install(map);
-        Ok(self.map())
+        self.install(map.clone());
+        Ok(Arc::new(map))
     }
 
     /// Keeps the node registered and its map current, reconnecting with backoff after every
@@ -386,8 +400,12 @@ impl Cluster {
         loop {
             let started = Instant::now();
             let ended = tokio::select! {
-                r = self.session() => r,
-                _ = stop.wait_for(|s| *s) => return,
+                r = self.session() => Some(r),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let Some(ended) = ended else {
+                self.unregister().await;
+                return;
             };
             *self.client.lock() = None;
             let error = match ended {
@@ -407,21 +425,58 @@ impl Cluster {
         }
     }
 
+    /// At stop: revokes the registration's lease, so the node leaves `nodes/` at once (and can
+    /// register again at once when it restarts).
+    async fn unregister(&self) {
+        let (client, lease) = (self.client.lock().take(), self.lease.lock().take());
+        if let (Some(mut client), Some(lease)) = (client, lease) {
+            let _ = tokio::time::timeout(ETCD_CALL_TIMEOUT, client.lease_revoke(lease)).await;
+        }
+    }
+
     /// One connection: register, read the map and the nodes, then keep the lease alive and
     /// follow every change until something fails.
     async fn session(&self) -> Result<(), String> {
-        let opts = ConnectOptions::new().with_connect_timeout(ETCD_CALL_TIMEOUT).with_timeout(ETCD_CALL_TIMEOUT);
+        // Require a leader: a member cut off from the others would keep a watch open and
+        // silent.
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(ETCD_CALL_TIMEOUT)
+            .with_timeout(ETCD_CALL_TIMEOUT)
+            .with_require_leader(true);
         let e = |what: &str| {
             let what = what.to_string();
             move |err: etcd_client::Error| format!("{what}: {err}")
         };
         let mut client = Client::connect(&self.cfg.etcd, Some(opts)).await.map_err(e("connecting"))?;
         let ttl = i64::try_from(NODE_LEASE_TTL.as_secs()).unwrap_or(10);
+        // This node's previous registration (an earlier session's) goes first, so that the
+        // check below only ever finds another process's.
+        let previous = *self.lease.lock();
+        if let Some(old) = previous {
+            let _ = client.lease_revoke(old).await;
+        }
         let lease = client.lease_grant(ttl, None).await.map_err(e("granting a lease"))?.id();
+        *self.lease.lock() = Some(lease);
         let me = StoredNode { node: self.cfg.node.clone(), addr: self.cfg.advertise.clone(), region: self.cfg.region };
         let me = serde_json::to_vec(&me).map_err(|err| format!("encoding the registration: {err}"))?;
         let my_key = format!("{}{}", self.nodes_prefix(), self.cfg.node);
-        client.put(my_key, me, Some(PutOptions::new().with_lease(lease))).await.map_err(e("registering"))?;
+        // Registered only if no live process holds the id: two processes with one id would
+        // both serve its slots.
+        let register = Txn::new()
+            .when([Compare::create_revision(my_key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(my_key, me, Some(PutOptions::new().with_lease(lease)))]);
+        if !client.txn(register).await.map_err(e("registering"))?.succeeded() {
+            let _ = client.lease_revoke(lease).await;
+            *self.lease.lock() = None;
+            // Etcd answered, so this is no outage: the id is someone else's now.
+            *self.map.write() = Arc::new(SlotMap::empty());
+            return Err(format!(
+                "node id {:?} is registered by another live process (or by this one before a crash, until its \
+                 lease of {} s expires); not serving any slot under it until it is free",
+                self.cfg.node,
+                NODE_LEASE_TTL.as_secs()
+            ));
+        }
         let (mut keeper, mut acks) = client.lease_keep_alive(lease).await.map_err(e("keeping the lease"))?;
         let prefix = self.prefix();
         let got = client.get(prefix.clone(), Some(GetOptions::new().with_prefix())).await.map_err(e("reading"))?;
@@ -438,13 +493,13 @@ impl Cluster {
         *self.client.lock() = Some(client);
         *self.state.lock() = EtcdState { connected: true, error: String::new() };
         tracing::info!(node = %self.cfg.node, revision, "registered in etcd");
-        let mut tick = tokio::time::interval(NODE_LEASE_TTL / 3);
+        let mut tick = tokio::time::interval(NODE_LEASE_TTL / 4);
         let mut last_ack = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if last_ack.elapsed() > NODE_LEASE_TTL {
-                        return Err("no lease keep-alive answer within the lease's TTL".into());
+                    if last_ack.elapsed() > NODE_LEASE_TTL * 2 / 3 {
+                        return Err("no lease keep-alive answer for two thirds of the lease's TTL".into());
                     }
                     keeper.keep_alive().await.map_err(e("keeping the lease"))?;
                 }

@@ -1138,9 +1138,14 @@ impl Features {
         self
     }
 
+    /// Whether this node serves only the slots a slot map gives it.
+    pub fn is_sharded(&self) -> bool {
+        self.cluster.is_some()
+    }
+
     /// Refuses the request unless this node owns every entity of `keys` (always, when it is not
     /// sharded): one map decides for the whole request.
-    fn check_owned<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Result<()> {
+    pub(crate) fn check_owned<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Result<()> {
         let Some(cluster) = &self.cluster else { return Ok(()) };
         let map = cluster.map();
         keys.into_iter().try_for_each(|k| cluster.check(&map, k)).map_err(ServiceError::NotServed)
@@ -1892,6 +1897,8 @@ impl Features {
         let mut written = Vec::with_capacity(req.rows.len());
         let (mut expect, mut cas_names) = (Vec::new(), Vec::new());
         let mut groups: HashMap<&str, (String, HashMap<String, ResolvedFeature>)> = HashMap::new();
+        // A sharded node checks every row's entity against one map once the rows are read.
+        let mut owned_keys: Vec<Vec<u8>> = Vec::new();
         for (i, row) in req.rows.iter().enumerate() {
             if !groups.contains_key(row.group.as_str()) {
                 let feats = self.registry.resolve_group(&row.group)?;
@@ -1909,7 +1916,9 @@ impl Features {
             let entity =
                 row.entity.as_ref().ok_or_else(|| ServiceError::Invalid(format!("row {i}: entity is required")))?;
             let key = convert::entity_key(&et, entity).map_err(|e| ServiceError::Invalid(format!("row {i}: {e}")))?;
-            self.check_owned([key.as_slice()])?;
+            if self.cluster.is_some() {
+                owned_keys.push(key.clone());
+            }
             let e = convert::event_time(row.event_time.as_ref(), &format!("row {i}: event_time"))?;
             if let Some((group, _)) = crate::registry::parse_group_ref(&row.group) {
                 written.push(Written {
@@ -1970,6 +1979,7 @@ impl Features {
                 cas_names.push(format!("{}:{name}", row.group));
             }
         }
+        self.check_owned(owned_keys.iter().map(Vec::as_slice))?;
         Ok(Prepared { batch, expect, names: cas_names, written })
     }
 

@@ -556,6 +556,11 @@ fn write_requests(
     let et = features.registry().entity_type(&et_name)?;
     let time_column = if cmd.timestamp_column.is_empty() { DEFAULT_TIMESTAMP_COLUMN } else { &cmd.timestamp_column };
     let keyed = KeyedBatch::new(batch, &et, time_column, &what)?;
+    // A sharded node refuses the whole batch before any of its requests is written.
+    if features.is_sharded() {
+        let keys = (0..keyed.rows).map(|i| keyed.encoded_key(i, &what)).collect::<Result<Vec<_>>>()?;
+        features.check_owned(keys.iter().map(Vec::as_slice))?;
+    }
     let mut columns = Vec::new();
     for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
         let name = field.name();

@@ -4,8 +4,15 @@
 /// FNV-1a over `bytes`, then MurmurHash3's 64-bit finaliser (FNV alone leaves the top bits of
 /// similar keys clustered). Never change it: sampled entities and stored sketches depend on it.
 pub fn stable_hash64(bytes: &[u8]) -> u64 {
+    stable_hash64_salted(&[], bytes)
+}
+
+/// [`stable_hash64`] of `salt` followed by `bytes` (without copying them): a hash of its own
+/// for each salt, so that decisions made on different salts do not agree by construction (an
+/// entity's slot says nothing of whether it is sampled for logging).
+pub fn stable_hash64_salted(salt: &[u8], bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
+    for &b in salt.iter().chain(bytes) {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }

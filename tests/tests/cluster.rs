@@ -14,11 +14,12 @@ use tonic::Code;
 const T0: i64 = 1_767_225_600_000_000;
 const SLOTS: u32 = 4096;
 
-/// The slot of a one-string entity key, written here from CLUSTER.md §1 alone (FNV-1a, then
-/// MurmurHash3's finaliser, of the encoded key; its top 12 bits) so that the test checks the
-/// server's function rather than reusing it.
+/// The slot of a one-string entity key, written here from its definition (CLUSTER.md §1: the
+/// key's encoding, FNV-1a of the salt and the key, MurmurHash3's finaliser, the top 12 bits)
+/// so that the test checks the server's function rather than reusing it.
 fn slot_of_user(id: &str) -> u32 {
-    let mut encoded = vec![0x01];
+    let mut encoded = b"quiver/slot\0".to_vec();
+    encoded.push(0x01);
     for &b in id.as_bytes() {
         encoded.push(b);
         if b == 0 {
@@ -220,6 +221,41 @@ async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
         };
         not_owned(&s);
     }
+
+    // A write spanning shards is refused whole: its own user keeps the value it had.
+    for n in &mut nodes {
+        let mine = by_owner[&n.id][0];
+        let other = by_owner.iter().find(|(o, _)| **o != n.id).map(|(_, u)| u[0]).expect("another owner");
+        let mut spanning = write(&[mine, other]);
+        spanning.rows.iter_mut().for_each(|r| {
+            r.values.insert("clicks".into(), int(500));
+        });
+        let s = n.clients.features.write_features(spanning).await.expect_err("spans shards");
+        assert_eq!(not_owned(&s).slot, slot_of_user(other));
+        let r = n.clients.features.get_online_features(lookup(&[mine])).await.expect("own user").into_inner();
+        assert_eq!(r.columns[0].int64_values, [100], "{} wrote part of a refused batch", n.id);
+    }
+
+    // A second process with a live node's id is not registered and serves nothing.
+    let dup_daemon =
+        Daemon::start(&dir.path().join("dup"), &["--etcd", &etcd.url, "--node-id", "n1", "--cluster", "e2e"]);
+    let dup = Node {
+        id: "n1".into(),
+        clients: Clients::of(&dup_daemon).await,
+        cluster: pb::cluster_service_client::ClusterServiceClient::new(dup_daemon.channel().await),
+        daemon: dup_daemon,
+    };
+    dup.wait_for("the duplicate id to be refused", |s| s.etcd_error.contains("registered by another live process"))
+        .await;
+    let mut dup_clients = dup.clients.clone();
+    dup_clients.registry.apply_registry(example_registry()).await.expect("registry");
+    let s = dup_clients.features.get_online_features(lookup(&by_owner["n1"])).await.expect_err("not registered");
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert_eq!(
+        nodes[0].status().await.nodes.iter().find(|x| x.node == "n1").map(|x| x.addr.clone()),
+        Some(slots["n1"].1.clone())
+    );
+    drop(dup);
 
     // A client that guessed wrong is corrected by the refusal: it resends to the named owner.
     let stray = by_owner["n2"][0];

@@ -30,7 +30,8 @@ fn cluster_init_and_status_on_a_sharded_region() {
         |id: &str| Daemon::start(&tmp.path().join(id), &["--etcd", &etcd.url, "--node-id", id, "--cluster", "cli"]);
     let (a, b) = (shard("alpha"), shard("beta"));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while status(&a.addr)["nodes"].as_array().map_or(0, Vec::len) < 2 {
+    // Both registered, and beta connected (it registers before it reads and watches).
+    while status(&a.addr)["nodes"].as_array().map_or(0, Vec::len) < 2 || status(&b.addr)["etcd_connected"] != true {
         assert!(Instant::now() < deadline, "both nodes never registered: {}", status(&a.addr));
         std::thread::sleep(Duration::from_millis(50));
     }
