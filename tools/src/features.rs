@@ -2,7 +2,9 @@
 
 use quiver_proto::v1 as pb;
 
-use crate::common::{cell_text, entity_key, fetch_entity_type, fetch_group, grpc, now_us, parse_value, Result, Server};
+use crate::common::{
+    at_owner, cell_text, entity_key, fetch_entity_type, fetch_group, grpc, now_us, parse_value, Result, Server,
+};
 
 /// How `quiver get` asks: defaults for missing features, and a deadline.
 #[derive(Debug, Clone, Copy, Default)]
@@ -25,21 +27,22 @@ pub async fn get(
     let ch = server.channel().await?;
     let et = fetch_entity_type(&ch, &entity_type).await?;
     let keys = entities.iter().map(|e| entity_key(&et, e)).collect::<Result<Vec<_>>>()?;
-    let mut req = tonic::Request::new(pb::GetOnlineFeaturesRequest {
+    let msg = pb::GetOnlineFeaturesRequest {
         entity_type,
         entities: keys,
         features,
         default_missing: opts.default_missing,
         ..Default::default()
-    });
-    if let Some(t) = opts.timeout {
-        req.set_timeout(t);
-    }
-    let resp = pb::feature_service_client::FeatureServiceClient::new(ch)
-        .get_online_features(req)
-        .await
-        .map_err(grpc)?
-        .into_inner();
+    };
+    let resp = at_owner(server, |ch| {
+        let mut req = tonic::Request::new(msg.clone());
+        if let Some(t) = opts.timeout {
+            req.set_timeout(t);
+        }
+        async move { pb::feature_service_client::FeatureServiceClient::new(ch).get_online_features(req).await }
+    })
+    .await?
+    .into_inner();
     for (i, e) in entities.iter().enumerate() {
         let cells: Vec<String> =
             resp.columns.iter().map(|c| format!("{}={}", c.feature_ref, cell_text(c, i))).collect();
@@ -80,11 +83,13 @@ pub async fn put(
             def.features.iter().find(|f| f.name == k).ok_or_else(|| format!("group {group} has no feature {k:?}"))?;
         row.values.insert(k.to_string(), parse_value(v, f.r#type()).map_err(|e| format!("{k}: {e}"))?);
     }
-    let resp = pb::feature_service_client::FeatureServiceClient::new(ch)
-        .write_features(pb::WriteFeaturesRequest { rows: vec![row], ..Default::default() })
-        .await
-        .map_err(grpc)?
-        .into_inner();
+    let req = pb::WriteFeaturesRequest { rows: vec![row], ..Default::default() };
+    let resp = at_owner(server, |ch| {
+        let req = req.clone();
+        async move { pb::feature_service_client::FeatureServiceClient::new(ch).write_features(req).await }
+    })
+    .await?
+    .into_inner();
     println!("wrote {} values", resp.values_written);
     Ok(())
 }

@@ -71,6 +71,43 @@ fn cluster_init_and_status_on_a_sharded_region() {
     assert!(ok, "{err}");
     assert!(out.contains("0..=2047") && out.contains("beta"), "{out}");
 
+    // put and get follow a refusal to the owner it names: every user is written through alpha
+    // and read back through beta, whichever owns it.
+    let file = tmp.path().join("registry.toml");
+    std::fs::write(
+        &file,
+        "[[entity_types]]\nname = \"user\"\njoin_keys = [{ name = \"user_id\", type = \"string\" }]\n\n\
+         [[feature_groups]]\nname = \"g\"\nentity_type = \"user\"\n\
+         [[feature_groups.features]]\nname = \"clicks\"\ntype = \"int64\"\n",
+    )
+    .expect("write file");
+    for d in [&a, &b] {
+        let (ok, _, err) = quiver(&["--addr", &d.addr, "apply", file.to_str().expect("path")]);
+        assert!(ok, "{err}");
+    }
+    let mut redirected = 0;
+    for i in 0..12 {
+        let user = format!("u{i}");
+        let (ok, out, err) =
+            quiver(&["--addr", &a.addr, "put", "--group", "g", "--entity", &user, &format!("clicks={i}")]);
+        assert!(ok && out.contains("wrote 1 values"), "{user}: {out}{err}");
+        if err.contains("sending to its owner beta at") {
+            redirected += 1;
+        } else {
+            assert!(err.is_empty(), "{err}");
+        }
+        let get = ["--addr", &b.addr, "get", "--entity-type", "user", "--entity", &user, "--feature", "g:clicks"];
+        let (ok, out, err) = quiver(&get);
+        assert!(ok && out.contains(&format!("{user}: g:clicks={i}")), "{user}: {out}{err}");
+    }
+    assert!((1..12).contains(&redirected), "{redirected} of 12 users were beta's");
+    // A lookup spanning both shards is refused even after the one redirect.
+    let users: Vec<String> = (0..12).flat_map(|i| ["--entity".to_string(), format!("u{i}")]).collect();
+    let mut args = vec!["--addr", &a.addr, "get", "--entity-type", "user", "--feature", "g:clicks"];
+    args.extend(users.iter().map(String::as_str));
+    let (ok, _, err) = quiver(&args);
+    assert!(!ok && err.contains("FailedPrecondition") && err.contains("is owned by node"), "{err}");
+
     let plain = Daemon::start(&tmp.path().join("plain"), &[]);
     let (ok, out, err) = quiver(&["--addr", &plain.addr, "cluster", "status"]);
     assert!(ok, "{err}");
