@@ -314,32 +314,25 @@ impl Cluster {
         }
         let state = self.state.lock().clone();
         // Registrations as last seen; none is known to be live while etcd is out of reach.
-        let live = if state.connected { self.nodes.read().clone() } else { BTreeMap::new() };
-        let known: Vec<(String, String, u32)> =
-            self.nodes.read().values().map(|n| (n.node.clone(), n.addr.clone(), n.region)).collect();
-        let mut nodes: BTreeMap<String, pb::ClusterNode> = live
+        let mut nodes: BTreeMap<String, pb::ClusterNode> = self
+            .nodes
+            .read()
             .values()
             .map(|n| {
                 let node = pb::ClusterNode {
                     node: n.node.clone(),
                     addr: n.addr.clone(),
                     region: n.region,
-                    live: true,
+                    live: state.connected,
                     slots: 0,
                 };
                 (n.node.clone(), node)
             })
             .collect();
         for (owner, count) in slots {
-            let addr = known.iter().find(|k| k.0 == owner);
             nodes
                 .entry(owner.to_string())
-                .or_insert_with(|| pb::ClusterNode {
-                    node: owner.to_string(),
-                    addr: addr.map(|k| k.1.clone()).unwrap_or_default(),
-                    region: addr.map_or(0, |k| k.2),
-                    ..Default::default()
-                })
+                .or_insert_with(|| pb::ClusterNode { node: owner.to_string(), ..Default::default() })
                 .slots = count;
         }
         pb::GetClusterStatusResponse {

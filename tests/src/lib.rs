@@ -78,13 +78,8 @@ impl Daemon {
 
     /// The metrics page (a plain HTTP/1.1 GET).
     pub fn scrape(&self) -> String {
-        use std::io::{Read, Write};
         let addr = self.metrics.as_ref().expect("metrics are on");
-        let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        out
+        http_get(addr, "/metrics").unwrap_or_else(|e| panic!("GET http://{addr}/metrics: {e}"))
     }
 
     /// The value of the unlabelled metric `name` (e.g. `quiver_requests_shed_total`); panics if
@@ -228,6 +223,29 @@ pub fn key(id: &str) -> pb::EntityKey {
     pb::EntityKey { parts: vec![pb::KeyPart { kind: Some(pb::key_part::Kind::StringValue(id.into())) }] }
 }
 
+/// A write of `user_stats:clicks` (the example registry) for `user` at `event_us`.
+pub fn clicks_row(user: &str, event_us: i64, clicks: i64) -> pb::WriteRow {
+    pb::WriteRow {
+        entity: Some(key(user)),
+        group: "user_stats".into(),
+        event_time: ts(event_us),
+        values: [("clicks".to_string(), int(clicks))].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// The body of `GET path` from a plain HTTP/1.1 server at `hostport` (status line and headers
+/// included), or the error that stopped it.
+pub fn http_get(hostport: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(hostport)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
 /// An int64 value.
 pub fn int(v: i64) -> pb::Value {
     pb::Value { kind: Some(pb::value::Kind::Int64Value(v)) }
@@ -330,16 +348,7 @@ impl Etcd {
 
     /// Whether `GET /health` answers `"health":"true"`.
     pub fn healthy(&self) -> bool {
-        use std::io::{Read, Write};
-        let hostport = self.url.trim_start_matches("http://");
-        let Ok(mut s) = std::net::TcpStream::connect(hostport) else { return false };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if write!(s, "GET /health HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").is_err() {
-            return false;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.contains("\"health\":\"true\"")
+        http_get(self.url.trim_start_matches("http://"), "/health").is_ok_and(|r| r.contains("\"health\":\"true\""))
     }
 
     /// Kills it (SIGKILL) and waits.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use quiver_e2e::{example_registry, int, key, ts, Clients, Daemon, Etcd};
+use quiver_e2e::{clicks_row, example_registry, int, key, ts, Clients, Daemon, Etcd};
 use quiver_proto::v1 as pb;
 use tonic::Code;
 
@@ -41,13 +41,7 @@ fn slot_of_user(id: &str) -> u32 {
 }
 
 fn row(user: &str, clicks: i64) -> pb::WriteRow {
-    pb::WriteRow {
-        entity: Some(key(user)),
-        group: "user_stats".into(),
-        event_time: ts(T0),
-        values: [("clicks".to_string(), int(clicks))].into_iter().collect(),
-        ..Default::default()
-    }
+    clicks_row(user, T0, clicks)
 }
 
 fn write(users: &[&str]) -> pb::WriteFeaturesRequest {
@@ -81,9 +75,9 @@ struct Node {
 }
 
 impl Node {
-    async fn start(dir: &std::path::Path, etcd: &Etcd, id: &str) -> Node {
-        let data = dir.join(id);
-        let daemon = Daemon::start(&data, &["--etcd", &etcd.url, "--node-id", id, "--cluster", "e2e"]);
+    /// Node `id` on the data directory `data` (under `dir`).
+    async fn start(dir: &std::path::Path, data: &str, etcd: &Etcd, id: &str) -> Node {
+        let daemon = Daemon::start(&dir.join(data), &["--etcd", &etcd.url, "--node-id", id, "--cluster", "e2e"]);
         let clients = Clients::of(&daemon).await;
         let cluster = pb::cluster_service_client::ClusterServiceClient::new(daemon.channel().await);
         Node { id: id.to_string(), daemon, clients, cluster }
@@ -114,7 +108,7 @@ async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
     let etcd = Etcd::start();
     let mut nodes = Vec::new();
     for id in ["n0", "n1", "n2"] {
-        nodes.push(Node::start(dir.path(), &etcd, id).await);
+        nodes.push(Node::start(dir.path(), id, &etcd, id).await);
     }
     for n in &mut nodes {
         n.clients.registry.apply_registry(example_registry()).await.expect("registry");
@@ -237,14 +231,7 @@ async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
     }
 
     // A second process with a live node's id is not registered and serves nothing.
-    let dup_daemon =
-        Daemon::start(&dir.path().join("dup"), &["--etcd", &etcd.url, "--node-id", "n1", "--cluster", "e2e"]);
-    let dup = Node {
-        id: "n1".into(),
-        clients: Clients::of(&dup_daemon).await,
-        cluster: pb::cluster_service_client::ClusterServiceClient::new(dup_daemon.channel().await),
-        daemon: dup_daemon,
-    };
+    let dup = Node::start(dir.path(), "dup", &etcd, "n1").await;
     dup.wait_for("the duplicate id to be refused", |s| s.etcd_error.contains("registered by another live process"))
         .await;
     let mut dup_clients = dup.clients.clone();

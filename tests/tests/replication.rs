@@ -4,20 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use quiver_e2e::{example_registry, free_port, int, key, ts, Clients, Daemon};
+use quiver_e2e::{clicks_row, example_registry, free_port, key, ts, Clients, Daemon};
 use quiver_proto::v1 as pb;
 use tonic::Code;
 
 const T0: i64 = 1_767_225_600_000_000;
 
 fn row(user: &str, clicks: i64) -> pb::WriteRow {
-    pb::WriteRow {
-        entity: Some(key(user)),
-        group: "user_stats".into(),
-        event_time: ts(T0),
-        values: [("clicks".to_string(), int(clicks))].into_iter().collect(),
-        ..Default::default()
-    }
+    clicks_row(user, T0, clicks)
 }
 
 /// The clicks `user` holds in a region (None: nothing yet).

@@ -29,14 +29,15 @@ pub fn slot_owner(server: &Server, status: &tonic::Status) -> Option<(Server, pb
     Some((Server { addr: format!("{scheme}://{}", d.owner_addr), ..server.clone() }, d))
 }
 
-/// Runs `call` at `server`; if a sharded node refuses it for another node's slot, tells the
-/// user and runs it once more at the owner it names (a batch spanning shards stays refused).
-pub async fn at_owner<T, F, Fut>(server: &Server, mut call: F) -> Result<T>
+/// Runs `call` over `conn` (a connection to `server`); if a sharded node refuses it for another
+/// node's slot, tells the user and runs it once more at the owner it names (a batch spanning
+/// shards stays refused).
+pub async fn at_owner<T, F, Fut>(server: &Server, conn: Conn, mut call: F) -> Result<T>
 where
     F: FnMut(Conn) -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
 {
-    match call(server.channel().await?).await {
+    match call(conn).await {
         Ok(v) => Ok(v),
         Err(s) => match slot_owner(server, &s) {
             Some((owner, d)) => {

@@ -34,7 +34,7 @@ pub async fn get(
         default_missing: opts.default_missing,
         ..Default::default()
     };
-    let resp = at_owner(server, |ch| {
+    let resp = at_owner(server, ch, |ch| {
         let mut req = tonic::Request::new(msg.clone());
         if let Some(t) = opts.timeout {
             req.set_timeout(t);
@@ -84,7 +84,7 @@ pub async fn put(
         row.values.insert(k.to_string(), parse_value(v, f.r#type()).map_err(|e| format!("{k}: {e}"))?);
     }
     let req = pb::WriteFeaturesRequest { rows: vec![row], ..Default::default() };
-    let resp = at_owner(server, |ch| {
+    let resp = at_owner(server, ch, |ch| {
         let req = req.clone();
         async move { pb::feature_service_client::FeatureServiceClient::new(ch).write_features(req).await }
     })
