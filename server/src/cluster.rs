@@ -44,6 +44,8 @@ pub struct ShardConfig {
     pub advertise: String,
     /// Its region.
     pub region: u32,
+    /// Whether it forwards what it does not own to the owner (§4) instead of refusing it.
+    pub forward: bool,
 }
 
 /// Refuses a node id or cluster name that is empty, longer than [`NAME_BYTES_MAX`], or holds
@@ -215,6 +217,26 @@ impl std::fmt::Display for NotServed {
     }
 }
 
+/// Where a request's entities go ([`Cluster::split`]), as positions in the request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Split {
+    /// The positions this node owns, ascending.
+    pub local: Vec<usize>,
+    /// The others, by owner (in the order owners first appear), each ascending.
+    pub remote: Vec<Remote>,
+}
+
+/// The part of a request one other node owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// The owner's node id.
+    pub node: String,
+    /// Its address (`host:port`).
+    pub address: String,
+    /// The positions it owns, ascending.
+    pub rows: Vec<usize>,
+}
+
 /// What the node knows of etcd now.
 #[derive(Debug, Clone, Default)]
 struct EtcdState {
@@ -303,6 +325,33 @@ impl Cluster {
             epoch: run.epoch,
             map_revision: map.revision,
         })))
+    }
+
+    /// Where the entities of one request go, under one map (§4): the positions of `keys` this
+    /// node owns, and those of each other owner. A key whose owner is not registered (so has no
+    /// address to forward to) refuses the whole request, as [`Cluster::check`] does.
+    pub fn split<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Result<Split, NotServed> {
+        let map = self.map();
+        let mut split = Split::default();
+        let mut at: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, key) in keys.into_iter().enumerate() {
+            match self.check(&map, key) {
+                Ok(()) => split.local.push(i),
+                Err(NotServed::NotOwner(d)) if !d.owner_addr.is_empty() => {
+                    let k = *at.entry(d.owner.clone()).or_insert_with(|| {
+                        split.remote.push(Remote {
+                            node: d.owner.clone(),
+                            address: d.owner_addr.clone(),
+                            rows: vec![],
+                        });
+                        split.remote.len() - 1
+                    });
+                    split.remote[k].rows.push(i);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(split)
     }
 
     /// The map, the nodes and this node's view of etcd.
@@ -604,6 +653,7 @@ mod tests {
             etcd: vec!["http://127.0.0.1:1".into()],
             advertise: "127.0.0.1:7".into(),
             region: 0,
+            forward: true,
         };
         let cluster = Cluster::new(cfg).expect("valid");
         let key = quiver_storage::encode_entity_key(&[quiver_storage::KeyPart::Str("u1")]);
@@ -626,6 +676,18 @@ mod tests {
         let (v, r) = split("n0", 10);
         cluster.take(b"/quiver/c/map", Some((&v, r)), &mut BTreeMap::new());
         let Err(NotServed::NotOwner(d)) = cluster.check(&cluster.map(), &key) else { panic!("n0 owns it") };
+        // A request splits by owner, positions kept.
+        let keys: Vec<Vec<u8>> = (0..200)
+            .map(|i| quiver_storage::encode_entity_key(&[quiver_storage::KeyPart::Str(&format!("u{i}"))]))
+            .collect();
+        let (low, high): (Vec<usize>, Vec<usize>) = (0..keys.len()).partition(|&i| slot_of(&keys[i]) < slot);
+        let got = cluster.split(keys.iter().map(Vec::as_slice)).expect("every owner is known");
+        let remote = Remote { node: "n0".into(), address: "10.0.0.1:5".into(), rows: high };
+        assert_eq!(got, Split { local: low, remote: vec![remote] });
+        // An owner with no registration has no address to forward to: refused as a check is.
+        let registered = std::mem::take(&mut *cluster.nodes.write());
+        assert!(matches!(cluster.split([key.as_slice()]), Err(NotServed::NotOwner(_))));
+        *cluster.nodes.write() = registered;
         assert_eq!(
             *d,
             pb::SlotNotOwned {

@@ -360,6 +360,16 @@ pub async fn serve(
         None => None,
     };
     let features = Arc::new(features);
+    // Toward the other nodes of a sharded region: TLS when this node speaks it, verifying them
+    // against its CA.
+    let forward_tls = match &cfg.tls {
+        Some(tls) if features.forwards() => Some(tls.peer_client().ok_or(
+            "a sharded node with TLS forwards to the others over TLS: it needs the CA to verify them \
+             (--tls-ca), or --no-forward",
+        )?),
+        _ => None,
+    };
+    let forwarder = Arc::new(crate::forward::Forwarder::new(forward_tls, MESSAGE_BYTES_MAX));
     if !shadow.is_empty() {
         shadow.start(Arc::downgrade(&features))?;
         tracing::info!(targets = ?cfg.shadow, rate = cfg.shadow_sample_rate, "shadow reads on");
@@ -436,7 +446,8 @@ pub async fn serve(
         InterceptedService::new(
             pb::feature_service_server::FeatureServiceServer::new(
                 FeatureApi::new(features.clone(), metrics.clone(), admission.clone())
-                    .with_stopping(stopping_rx.clone()),
+                    .with_stopping(stopping_rx.clone())
+                    .with_forwarder(forwarder.clone()),
             )
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX),

@@ -1151,6 +1151,57 @@ impl Features {
         keys.into_iter().try_for_each(|k| cluster.check(&map, k)).map_err(ServiceError::NotServed)
     }
 
+    /// Where the entities of a request go when this node forwards (`server/CLUSTER.md` §4):
+    /// `None` when it owns every one of `keys`, or is not sharded, or refuses rather than
+    /// forwards; else the split, under one map. A key whose owner has no address refuses the
+    /// request as [`Features::check_owned`] does.
+    pub(crate) fn route(&self, keys: &[Vec<u8>]) -> Result<Option<crate::cluster::Split>> {
+        let Some(cluster) = self.cluster.as_ref().filter(|c| c.config().forward) else { return Ok(None) };
+        let split = cluster.split(keys.iter().map(Vec::as_slice)).map_err(ServiceError::NotServed)?;
+        Ok((!split.remote.is_empty()).then_some(split))
+    }
+
+    /// The encoded entity keys of an online lookup, in request order.
+    pub(crate) fn online_keys(&self, req: &pb::GetOnlineFeaturesRequest) -> Result<Vec<Vec<u8>>> {
+        let et = self.registry.entity_type(&req.entity_type)?;
+        Ok(req.entities.iter().map(|k| convert::entity_key(&et, k)).collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// The encoded entity key of each row of a write (each row's group names its entity type).
+    pub(crate) fn write_keys(&self, req: &pb::WriteFeaturesRequest) -> Result<Vec<Vec<u8>>> {
+        let mut types: HashMap<&str, pb::EntityType> = HashMap::new();
+        let mut keys = Vec::with_capacity(req.rows.len());
+        for (i, row) in req.rows.iter().enumerate() {
+            if !types.contains_key(row.group.as_str()) {
+                let feats = self.registry.resolve_group(&row.group)?;
+                let name = feats.first().map(|f| f.entity_type.as_str()).unwrap_or_default();
+                types.insert(&row.group, self.registry.entity_type(name)?);
+            }
+            let Some(et) = types.get(row.group.as_str()) else { continue };
+            let entity =
+                row.entity.as_ref().ok_or_else(|| ServiceError::Invalid(format!("row {i}: entity is required")))?;
+            keys.push(convert::entity_key(et, entity).map_err(|e| ServiceError::Invalid(format!("row {i}: {e}")))?);
+        }
+        Ok(keys)
+    }
+
+    /// The encoded entity key of a history scan.
+    pub(crate) fn scan_key(&self, req: &pb::ScanHistoryRequest) -> Result<Vec<u8>> {
+        let et = self.registry.entity_type(&req.entity_type)?;
+        let entity = req.entity.as_ref().ok_or_else(|| ServiceError::Invalid("entity is required".into()))?;
+        Ok(convert::entity_key(&et, entity)?)
+    }
+
+    /// This node's id in its sharded region (`None` when it is not sharded).
+    pub fn node_id(&self) -> Option<String> {
+        self.cluster.as_ref().map(|c| c.config().node.clone())
+    }
+
+    /// Whether this node forwards what it does not own (a sharded node, unless `--no-forward`).
+    pub fn forwards(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.config().forward)
+    }
+
     /// The same service offering sampled lookups to `shadow` (none if it shadows no group).
     pub fn with_shadow(mut self, shadow: Arc<crate::shadow::Shadow>) -> Self {
         self.shadow = (!shadow.is_empty()).then_some(shadow);

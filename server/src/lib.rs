@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod drift;
 pub mod features;
 pub mod flight;
+pub mod forward;
 pub mod fuzzing;
 pub mod gate;
 pub mod health;

@@ -93,6 +93,10 @@ struct Args {
     /// listen address, which must then not be unspecified (0.0.0.0).
     #[arg(long, env = "QUIVER_ADVERTISE")]
     advertise: Option<String>,
+    /// In a sharded region, refuse what this node does not own (FAILED_PRECONDITION naming the
+    /// owner) instead of forwarding it to the owner (server/CLUSTER.md §4).
+    #[arg(long, env = "QUIVER_NO_FORWARD")]
+    no_forward: bool,
     /// MiB of flushed WAL kept for peers that have not applied it yet (with peers only).
     #[arg(long, env = "QUIVER_REPLICATION_LOG_MB")]
     replication_log_mb: Option<u64>,
@@ -153,7 +157,7 @@ struct Args {
     shadow_sample_rate: Option<f64>,
     /// A TOML file with any of: data_dir, listen, durability, memory_budget_mb, metrics_listen,
     /// ui_listen, io_backend, direct_reads, table_compression, region, peers (a list of "REGION=HOST:PORT"),
-    /// etcd (a list of endpoints), node_id, cluster, advertise,
+    /// etcd (a list of endpoints), node_id, cluster, advertise, forward (a bool),
     /// replication_log_mb, join_threads, auth, auth_tokens, peer_token_file, tls_cert, tls_key,
     /// tls_ca, checkpoint_root, max_concurrent_requests, max_connections, shutdown_timeout_ms,
     /// log_sample_rate, log_retention_hours, shadow (a list of "group@N"), shadow_sample_rate.
@@ -179,6 +183,7 @@ struct FileConfig {
     node_id: Option<String>,
     cluster: Option<String>,
     advertise: Option<String>,
+    forward: Option<bool>,
     replication_log_mb: Option<u64>,
     join_threads: Option<usize>,
     auth: Option<String>,
@@ -281,9 +286,10 @@ fn config(args: Args) -> Result<Config, String> {
     let node_id = args.node_id.or(file.node_id);
     let cluster_name = args.cluster_name.or(file.cluster);
     let advertise = args.advertise.or(file.advertise);
+    let forward = if args.no_forward { Some(false) } else { file.forward };
     let shard = match (etcd.is_empty(), node_id) {
-        (true, None) if cluster_name.is_none() && advertise.is_none() => None,
-        (true, _) => return Err("node_id, cluster and advertise need etcd endpoints (--etcd)".into()),
+        (true, None) if cluster_name.is_none() && advertise.is_none() && forward.is_none() => None,
+        (true, _) => return Err("node_id, cluster, advertise and forward need etcd endpoints (--etcd)".into()),
         (false, None) => return Err("a sharded node (--etcd) needs its id (--node-id)".into()),
         (false, Some(_)) if !cluster.peers.is_empty() => {
             return Err("a sharded node (--etcd) cannot replicate to peer regions yet (--peer): \
@@ -300,6 +306,7 @@ fn config(args: Args) -> Result<Config, String> {
                 etcd,
                 advertise: advertise.unwrap_or_default(),
                 region: cluster.region,
+                forward: forward.unwrap_or(true),
             };
             quiver_server::cluster::check_name("node id", &shard.node)?;
             quiver_server::cluster::check_name("cluster name", &shard.cluster)?;

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub values_written: IntCounter,
     /// Encoded bytes of accepted write requests.
     pub write_bytes: IntCounter,
+    /// Entities (lookups, scans) and rows (writes) this node forwarded to their owner, by method
+    /// (`server/CLUSTER.md` §4).
+    pub forwarded: IntCounterVec,
     engine: Vec<(IntGauge, Figure)>,
     db: Arc<Db>,
     replicator: Arc<crate::replication::Replicator>,
@@ -92,6 +95,12 @@ impl Metrics {
         registry.register(Box::new(latency.clone())).map_err(err)?;
         registry.register(Box::new(values_written.clone())).map_err(err)?;
         registry.register(Box::new(write_bytes.clone())).map_err(err)?;
+        let forwarded = IntCounterVec::new(
+            Opts::new("forwarded_total", "entities and write rows this node forwarded to their slot's owner"),
+            &["method"],
+        )
+        .map_err(err)?;
+        registry.register(Box::new(forwarded.clone())).map_err(err)?;
         let lag_seconds = GaugeVec::new(
             Opts::new(
                 "replication_lag_seconds",
@@ -219,6 +228,7 @@ impl Metrics {
             latency,
             values_written,
             write_bytes,
+            forwarded,
             engine,
             db,
             replicator,

@@ -18,6 +18,7 @@ use crate::features::{
     Features, ServiceError, FEATURES_PER_REQUEST_MAX, ONLINE_CELLS_MAX, ONLINE_INLINE_CELLS_MAX, SPINE_ROWS_MAX,
     WRITE_VALUES_MAX,
 };
+use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 
@@ -153,12 +154,180 @@ pub struct FeatureApi {
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
     stopping: Option<Stopping>,
+    /// Sends what this node does not own to its owner (a sharded node that forwards).
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 impl FeatureApi {
     /// The endpoints over `features`; every call is admitted by `admission` first.
     pub fn new(features: Arc<Features>, metrics: Arc<Metrics>, admission: Arc<Admission>) -> Self {
-        FeatureApi { features, metrics, admission, stopping: None }
+        FeatureApi { features, metrics, admission, stopping: None, forwarder: None }
+    }
+
+    /// The same endpoints forwarding what this node does not own through `forwarder`
+    /// (`crate::forward`), when its features say it forwards.
+    pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
+        self.forwarder = self.features.forwards().then_some(forwarder);
+        self
+    }
+
+    /// The forwarder, unless the request was itself forwarded (one hop at most).
+    fn forwarding(&self, metadata: &tonic::metadata::MetadataMap) -> Option<Arc<Forwarder>> {
+        self.forwarder.clone().filter(|_| !crate::forward::is_forwarded(metadata))
+    }
+
+    /// An online lookup whose entities `split` spreads over several owners: each part sent to
+    /// its owner (the local one answered here) at once, the answers merged in request order.
+    #[allow(clippy::too_many_arguments)]
+    async fn online_split(
+        &self,
+        fw: &Arc<Forwarder>,
+        caller: &tonic::metadata::MetadataMap,
+        mut req: pb::GetOnlineFeaturesRequest,
+        split: crate::cluster::Split,
+        deadline: Option<std::time::Instant>,
+        request_id: Option<String>,
+        answer_max: usize,
+        mut ticket: crate::admission::Ticket,
+    ) -> Result<Response<pb::GetOnlineFeaturesResponse>, Status> {
+        let n = req.entities.len();
+        let entities = std::mem::take(&mut req.entities);
+        let part = |at: &[usize]| pb::GetOnlineFeaturesRequest {
+            entities: crate::forward::subset(&entities, at),
+            ..req.clone()
+        };
+        let mut sends = tokio::task::JoinSet::new();
+        for (k, to) in split.remote.iter().enumerate() {
+            let (fw, caller, to, part) = (fw.clone(), caller.clone(), to.clone(), part(&to.rows));
+            self.metrics.forwarded.with_label_values(&["GetOnlineFeatures"]).inc_by(to.rows.len() as u64);
+            sends.spawn(async move { (k, fw.online(&caller, deadline, &to, part).await) });
+        }
+        let mut parts: Vec<(&[usize], pb::GetOnlineFeaturesResponse)> = Vec::with_capacity(split.remote.len() + 1);
+        // Encoded bytes of the parts' answers: together they are held to one answer's limit.
+        let mut answered = 0usize;
+        if !split.local.is_empty() {
+            let (f, local) = (self.features.clone(), part(&split.local));
+            let (answer, back) = blocking(move || {
+                let a = f.get_online_charged(
+                    &local,
+                    now_us(),
+                    answer_max,
+                    &mut |b| ticket.charge(b),
+                    deadline,
+                    request_id.as_deref(),
+                );
+                Ok((a.map_err(status), ticket))
+            })
+            .await?;
+            ticket = back;
+            let answer = answer?;
+            answered += answer.encoded_len();
+            parts.push((&split.local, answer));
+        }
+        let mut remote: Vec<Option<pb::GetOnlineFeaturesResponse>> = vec![None; split.remote.len()];
+        while let Some(done) = sends.join_next().await {
+            let (k, answer) = done.map_err(|e| Status::internal(format!("forwarding failed: {e}")))?;
+            let answer = answer?;
+            answered += answer.encoded_len();
+            if answered > answer_max {
+                return Err(Status::resource_exhausted(format!(
+                    "the answer is over {answer_max} bytes; ask for fewer entities or features"
+                )));
+            }
+            // The owners' answers are held here until merged and sent.
+            if !ticket.charge(answer.encoded_len() * DECODED_BYTES_PER_ENCODED) {
+                return Err(crate::admission::shed_status(
+                    "overloaded: requests in flight hold the memory the owners' answers need; retry shortly".into(),
+                ));
+            }
+            remote[k] = Some(answer);
+        }
+        for (to, answer) in split.remote.iter().zip(remote) {
+            let answer = answer.ok_or_else(|| Status::internal("a forwarded part has no answer"))?;
+            parts.push((&to.rows, answer));
+        }
+        let mut resp = Response::new(crate::forward::merge_online(n, parts)?);
+        resp.extensions_mut().insert(HeldTicket(Arc::new(ticket)));
+        Ok(resp)
+    }
+
+    /// A write, its rows forwarded to their owners when this node forwards (`crate::forward`).
+    async fn write_routed(
+        &self,
+        caller: &tonic::metadata::MetadataMap,
+        req: pb::WriteFeaturesRequest,
+    ) -> Result<pb::WriteFeaturesResponse, Status> {
+        let f = self.features.clone();
+        let forwarder = self.forwarding(caller);
+        let forwards = forwarder.is_some();
+        let routed = blocking(move || {
+            if forwards {
+                let keys = f.write_keys(&req).map_err(status)?;
+                if let Some(split) = f.route(&keys).map_err(status)? {
+                    return Ok(Err((req, split)));
+                }
+            }
+            f.write(&req).map(Ok).map_err(status)
+        })
+        .await?;
+        let (mut req, split) = match routed {
+            Ok(resp) => return Ok(resp),
+            Err(routed) => routed,
+        };
+        let Some(fw) = forwarder else {
+            return Err(Status::internal("a write was split on a node that does not forward"));
+        };
+        let rows = std::mem::take(&mut req.rows);
+        let part = |at: &[usize]| pb::WriteFeaturesRequest { rows: crate::forward::subset(&rows, at), ..req.clone() };
+        let mut sends = tokio::task::JoinSet::new();
+        for (k, to) in split.remote.iter().enumerate() {
+            let (fw, caller, to, part) = (fw.clone(), caller.clone(), to.clone(), part(&to.rows));
+            self.metrics.forwarded.with_label_values(&["WriteFeatures"]).inc_by(to.rows.len() as u64);
+            sends.spawn(async move { (k, fw.write(&caller, &to, part).await) });
+        }
+        // Each part's outcome, with who applied it and how many rows.
+        let mut outcomes: Vec<(String, &[usize], Result<pb::WriteFeaturesResponse, Status>)> = Vec::new();
+        if !split.local.is_empty() {
+            let (f, local) = (self.features.clone(), part(&split.local));
+            let here = self.features.node_id().unwrap_or_default();
+            outcomes.push((here, &split.local, blocking(move || f.write(&local).map_err(status)).await));
+        }
+        let mut remote: Vec<Option<Result<pb::WriteFeaturesResponse, Status>>> = vec![None; split.remote.len()];
+        while let Some(done) = sends.join_next().await {
+            let (k, r) = done.map_err(|e| Status::internal(format!("forwarding failed: {e}")))?;
+            remote[k] = Some(r);
+        }
+        for (to, r) in split.remote.iter().zip(remote) {
+            let r = r.unwrap_or_else(|| Err(Status::internal("a forwarded part has no outcome")));
+            outcomes.push((to.node.clone(), &to.rows, r));
+        }
+        let applied: Vec<String> = outcomes
+            .iter()
+            .filter(|(_, _, r)| r.is_ok())
+            .map(|(node, rows, _)| format!("{node} ({} rows)", rows.len()))
+            .collect();
+        let mut answers = Vec::with_capacity(outcomes.len());
+        for (node, rows, r) in outcomes {
+            match r {
+                Ok(a) => answers.push(a),
+                Err(s) => {
+                    let applied = if applied.is_empty() { "none".to_string() } else { applied.join(", ") };
+                    // The shard numbers the rows of its own part: say which rows of the request
+                    // those are.
+                    let shown: Vec<String> = rows.iter().take(ROWS_NAMED_MAX).map(usize::to_string).collect();
+                    let more = if rows.len() > ROWS_NAMED_MAX { ", ..." } else { "" };
+                    let message = format!(
+                        "the write spans {} shards and was not applied on node {node} (its part holds rows {}{more} \
+                         of the request): {}; shards that applied their rows: {applied}",
+                        split.remote.len() + usize::from(!split.local.is_empty()),
+                        shown.join(", "),
+                        s.message()
+                    );
+                    return Err(Status::with_details(s.code(), message, s.details().to_vec().into()));
+                }
+            }
+        }
+        Ok(crate::forward::merge_writes(&answers))
     }
 
     /// The same endpoints ending their streams with `UNAVAILABLE` once `stopping` turns true.
@@ -167,6 +336,9 @@ impl FeatureApi {
         self
     }
 }
+
+/// Most row numbers an error of a write split across shards names (of the part that failed).
+pub const ROWS_NAMED_MAX: usize = 10;
 
 /// Of an online lookup's gRPC deadline, the time kept to encode and send the answer: reads
 /// that would end later are skipped (at most half the timeout).
@@ -240,6 +412,25 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 // One answer may take a quarter of the requests' memory at most, so that a few
                 // huge requests cannot starve the rest.
                 let answer_max = ONLINE_ANSWER_BYTES_MAX.min(self.admission.bytes_max() / ONLINE_ANSWER_SHARE_DIVISOR);
+                if let Some(fw) = self.forwarding(req.metadata()) {
+                    let keys = self.features.online_keys(r).map_err(status)?;
+                    if let Some(split) = self.features.route(&keys).map_err(status)? {
+                        let caller = req.metadata().clone();
+                        let answer = self
+                            .online_split(
+                                &fw,
+                                &caller,
+                                req.into_inner(),
+                                split,
+                                deadline,
+                                request_id,
+                                answer_max,
+                                ticket,
+                            )
+                            .await?;
+                        return Ok(answer);
+                    }
+                }
                 let f = self.features.clone();
                 let req = req.into_inner();
                 let inline = req.entities.len().saturating_mul(req.features.len()) <= ONLINE_INLINE_CELLS_MAX;
@@ -275,17 +466,15 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
         metrics
             .timed("WriteFeatures", async move {
                 let p = authorize(&req, Scope::Write, req.get_ref().rows.iter().map(|r| r.group.as_str()))?;
-                let f = self.features.clone();
+                let caller = req.metadata().clone();
                 let req = req.into_inner();
                 let bytes = req.encoded_len() as u64;
                 // The decoded request, and the engine batch made of it.
                 let ticket = self.admission.admit(bytes as usize * (DECODED_BYTES_PER_ENCODED + 1))?;
                 p.take_values(values_in(&req))?;
-                let resp = blocking(move || {
-                    let _ticket = ticket;
-                    f.write(&req).map_err(status)
-                })
-                .await?;
+                let resp = self.write_routed(&caller, req).await;
+                drop(ticket);
+                let resp = resp?;
                 if !resp.deduplicated {
                     self.metrics.values_written.inc_by(resp.values_written);
                     self.metrics.write_bytes.inc_by(bytes);
@@ -311,6 +500,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                     let message = format!("stream message {n} (earlier messages were applied): {}", s.message());
                     Status::with_details(s.code(), message, s.details().to_vec().into())
                 };
+                let caller = req.metadata().clone();
                 let mut stream = req.into_inner();
                 let mut summary = pb::WriteFeaturesStreamResponse::default();
                 let mut stopping = self.stopping.clone();
@@ -335,7 +525,6 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                     if n > 0 {
                         principal.take_request().map_err(|s| in_message(n, s))?;
                     }
-                    let f = self.features.clone();
                     let rows = msg.rows.len() as u64;
                     let bytes = msg.encoded_len() as u64;
                     let reserved = bytes as usize * (DECODED_BYTES_PER_ENCODED + 1);
@@ -346,7 +535,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                         return Err(in_message(n, shed));
                     }
                     principal.take_values(values_in(&msg)).map_err(|s| in_message(n, s))?;
-                    let resp = blocking(move || f.write(&msg).map_err(status)).await.map_err(|s| in_message(n, s))?;
+                    let resp = self.write_routed(&caller, msg).await.map_err(|s| in_message(n, s))?;
                     ticket.refund(reserved);
                     summary.requests += 1;
                     summary.rows += rows;
@@ -418,6 +607,22 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 let r = req.get_ref();
                 authorize(&req, Scope::Read, r.features.iter().map(String::as_str).chain([r.group.as_str()]))?;
                 let ticket = self.admission.admit(r.encoded_len() * DECODED_BYTES_PER_ENCODED + SCAN_RESERVE_BYTES)?;
+                if let Some(fw) = self.forwarding(req.metadata()) {
+                    let key = self.features.scan_key(r).map_err(status)?;
+                    if let Some(to) =
+                        self.features.route(&[key]).map_err(status)?.and_then(|s| s.remote.into_iter().next())
+                    {
+                        self.metrics.forwarded.with_label_values(&["ScanHistory"]).inc();
+                        let caller = req.metadata().clone();
+                        let stream = fw.scan(&caller, &to, req.into_inner()).await?;
+                        // The ticket is held until the owner's stream has been passed through.
+                        let stream = tokio_stream::StreamExt::map(stream, move |chunk| {
+                            let _held = &ticket;
+                            chunk
+                        });
+                        return Ok(Response::new(Box::pin(stream) as Self::ScanHistoryStream));
+                    }
+                }
                 let f = self.features.clone();
                 let req = req.into_inner();
                 Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {

@@ -1,7 +1,10 @@
-//! A sharded region end to end (server/CLUSTER.md §1–§3): a real etcd and three `quiverd`
-//! nodes. The slot map is created once; each entity is served by its slot's owner alone; the
-//! others refuse with the owner's name and address, which corrects a client that sent to the
-//! wrong node; with etcd gone the nodes keep serving from their last map and refuse changes.
+//! A sharded region end to end (server/CLUSTER.md §1–§4): a real etcd and three `quiverd`
+//! nodes. The slot map is created once; each entity is stored by its slot's owner alone. A
+//! forwarding node (the default) sends what it does not own to the owner and merges the
+//! answers in request order; a forwarded request is never forwarded again, and a node started
+//! with `--no-forward` refuses instead, naming the owner and its address, which corrects a
+//! client that sent to the wrong node. With etcd gone the nodes keep serving from their last
+//! map and refuse changes.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -61,6 +64,13 @@ fn lookup(users: &[&str]) -> pb::GetOnlineFeaturesRequest {
     }
 }
 
+/// `msg` marked as already forwarded once: the node must answer it itself or refuse it.
+fn hop<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert("quiver-forwarded", tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
 /// The `SlotNotOwned` details of a refusal (panics unless it is one).
 fn not_owned(s: &tonic::Status) -> pb::SlotNotOwned {
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
@@ -75,9 +85,11 @@ struct Node {
 }
 
 impl Node {
-    /// Node `id` on the data directory `data` (under `dir`).
-    async fn start(dir: &std::path::Path, data: &str, etcd: &Etcd, id: &str) -> Node {
-        let daemon = Daemon::start(&dir.join(data), &["--etcd", &etcd.url, "--node-id", id, "--cluster", "e2e"]);
+    /// Node `id` on the data directory `data` (under `dir`), with `extra` flags.
+    async fn start(dir: &std::path::Path, data: &str, etcd: &Etcd, id: &str, extra: &[&str]) -> Node {
+        let mut args = vec!["--etcd", &etcd.url, "--node-id", id, "--cluster", "e2e"];
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start(&dir.join(data), &args);
         let clients = Clients::of(&daemon).await;
         let cluster = pb::cluster_service_client::ClusterServiceClient::new(daemon.channel().await);
         Node { id: id.to_string(), daemon, clients, cluster }
@@ -103,12 +115,13 @@ impl Node {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
+async fn three_shards_serve_their_slots_forward_or_name_the_owner_of_the_rest() {
     let dir = tempfile::tempdir().expect("temp dir");
     let etcd = Etcd::start();
     let mut nodes = Vec::new();
-    for id in ["n0", "n1", "n2"] {
-        nodes.push(Node::start(dir.path(), id, &etcd, id).await);
+    // n0 refuses what it does not own; n1 and n2 forward it.
+    for (id, extra) in [("n0", &["--no-forward"][..]), ("n1", &[]), ("n2", &[])] {
+        nodes.push(Node::start(dir.path(), id, &etcd, id, extra).await);
     }
     for n in &mut nodes {
         n.clients.registry.apply_registry(example_registry()).await.expect("registry");
@@ -147,14 +160,15 @@ async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
         run.owner.clone()
     };
 
-    // Each user is written at its owner alone; the others refuse, naming the owner.
+    // Each user is written at its owner alone; the others refuse a request already forwarded
+    // (one hop at most), naming the owner.
     let users: Vec<String> = (0..60).map(|i| format!("u{i}")).collect();
     let mut by_owner: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for u in &users {
         let slot = slot_of_user(u);
         let owner = owner_of(slot);
         for n in &mut nodes {
-            let r = n.clients.features.write_features(write(&[u.as_str()])).await;
+            let r = n.clients.features.write_features(hop(write(&[u.as_str()]))).await;
             if n.id == owner {
                 r.unwrap_or_else(|e| panic!("{u} at its owner {owner}: {e:?}"));
             } else {
@@ -173,8 +187,11 @@ async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
     }
     assert_eq!(by_owner.len(), 3, "60 users land on every node: {by_owner:?}");
 
-    // A batch of one owner's users reads back there; a batch spanning shards is refused whole
-    // (forwarding is the next step), and so is a join or a history scan naming another's user.
+    // A batch of one owner's users reads back there. A batch spanning shards is refused whole
+    // by n0 and when already forwarded; n1 and n2 answer it, every user's value in request
+    // order. A join naming another's user is refused everywhere (joins split by shard later);
+    // a history scan is forwarded whole.
+    let everyone: Vec<&str> = users.iter().rev().map(String::as_str).collect();
     for n in &mut nodes {
         let mine = &by_owner[&n.id];
         let r = n.clients.features.get_online_features(lookup(mine)).await.expect("own users").into_inner();
@@ -183,8 +200,17 @@ async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
         assert_eq!(col.int64_values, vec![100; mine.len()]);
         let other = by_owner.iter().find(|(o, _)| **o != n.id).map(|(_, u)| u[0]).expect("another owner");
         let mixed: Vec<&str> = mine.iter().copied().chain([other]).collect();
-        let s = n.clients.features.get_online_features(lookup(&mixed)).await.expect_err("spans shards");
+        let s = n.clients.features.get_online_features(hop(lookup(&mixed))).await.expect_err("forwarded already");
         assert_eq!(not_owned(&s).slot, slot_of_user(other));
+        let r = n.clients.features.get_online_features(lookup(&everyone)).await;
+        if n.id == "n0" {
+            assert!(not_owned(&r.expect_err("n0 does not forward")).slot < SLOTS);
+        } else {
+            let col = r.unwrap_or_else(|e| panic!("{} forwards: {e:?}", n.id)).into_inner().columns.remove(0);
+            assert_eq!(col.int64_values, vec![100; everyone.len()], "{}", n.id);
+            assert_eq!(col.event_times_us, vec![T0; everyone.len()], "{}", n.id);
+            assert_eq!(col.feature_ref, "user_stats:clicks");
+        }
         let spine = vec![
             pb::SpineRow { entity: Some(key(mine[0])), timestamp: ts(T0 + 1) },
             pb::SpineRow { entity: Some(key(other)), timestamp: ts(T0 + 1) },
@@ -209,29 +235,72 @@ async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
             group: "user_stats".into(),
             ..Default::default()
         };
-        let s = match n.clients.features.scan_history(scan).await {
-            Err(s) => s,
-            Ok(resp) => resp.into_inner().message().await.expect_err("refused before any answer"),
+        let r = n.clients.features.scan_history(scan).await;
+        let first = match r {
+            Err(s) => Err(s),
+            Ok(resp) => resp.into_inner().message().await,
         };
-        not_owned(&s);
+        if n.id == "n0" {
+            not_owned(&first.expect_err("n0 does not forward"));
+        } else {
+            let chunk = first.unwrap_or_else(|e| panic!("{} forwards the scan: {e:?}", n.id)).expect("a chunk");
+            let values: Vec<i64> = chunk
+                .versions
+                .iter()
+                .filter_map(|v| v.value.as_ref())
+                .map(|v| match v.kind {
+                    Some(pb::value::Kind::Int64Value(x)) => x,
+                    _ => panic!("not an int: {v:?}"),
+                })
+                .collect();
+            assert_eq!(values, [100], "{}: {chunk:?}", n.id);
+        }
     }
+    let forwarded = nodes[1].daemon.scrape();
+    assert!(forwarded.contains("quiver_forwarded_total{method=\"GetOnlineFeatures\"}"), "{forwarded}");
 
-    // A write spanning shards is refused whole: its own user keeps the value it had.
-    for n in &mut nodes {
+    // A write spanning shards: n0 refuses it whole (its own user keeps the value it had); n1
+    // and n2 apply each shard's part at its owner.
+    for (k, n) in nodes.iter_mut().enumerate() {
         let mine = by_owner[&n.id][0];
         let other = by_owner.iter().find(|(o, _)| **o != n.id).map(|(_, u)| u[0]).expect("another owner");
         let mut spanning = write(&[mine, other]);
         spanning.rows.iter_mut().for_each(|r| {
-            r.values.insert("clicks".into(), int(500));
+            r.values.insert("clicks".into(), int(500 + k as i64));
         });
-        let s = n.clients.features.write_features(spanning).await.expect_err("spans shards");
-        assert_eq!(not_owned(&s).slot, slot_of_user(other));
+        let r = n.clients.features.write_features(spanning).await;
+        let want = if n.id == "n0" {
+            assert_eq!(not_owned(&r.expect_err("spans shards")).slot, slot_of_user(other));
+            100
+        } else {
+            let r = r.unwrap_or_else(|e| panic!("{} forwards: {e:?}", n.id)).into_inner();
+            assert_eq!(r.values_written, 2, "{r:?}");
+            assert!(r.version.is_none(), "one vector for two shards: {r:?}");
+            500 + k as i64
+        };
+        let r = n.clients.features.get_online_features(lookup(&[mine, other])).await;
+        if n.id != "n0" {
+            assert_eq!(r.expect("forwarded lookup").into_inner().columns[0].int64_values, [want, want], "{}", n.id);
+        }
         let r = n.clients.features.get_online_features(lookup(&[mine])).await.expect("own user").into_inner();
-        assert_eq!(r.columns[0].int64_values, [100], "{} wrote part of a refused batch", n.id);
+        assert_eq!(r.columns[0].int64_values, [want], "{}", n.id);
     }
+    // A part its owner refuses fails the write, which says which shards applied theirs.
+    let mine = by_owner["n1"][1];
+    let other = by_owner["n2"][1];
+    let mut partial = write(&[mine, other]);
+    partial.rows[0].values.insert("clicks".into(), int(777));
+    partial.rows[1].values.insert("no_such_feature".into(), int(1));
+    let s = nodes[1].clients.features.write_features(partial).await.expect_err("n2 refuses its part");
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    let m = s.message();
+    assert!(m.contains("not applied on node n2 (its part holds rows 1 of the request)"), "{s:?}");
+    assert!(m.contains("no_such_feature") && m.contains("applied their rows: n1 (1 rows)"), "{s:?}");
+    let r = nodes[1].clients.features.get_online_features(lookup(&[mine, other])).await.expect("both").into_inner();
+    assert_eq!(r.columns[0].int64_values, [777, 100], "n1's part applied, n2's not");
 
     // A second process with a live node's id is not registered and serves nothing.
-    let dup = Node::start(dir.path(), "dup", &etcd, "n1").await;
+    let dup = Node::start(dir.path(), "dup", &etcd, "n1", &[]).await;
     dup.wait_for("the duplicate id to be refused", |s| s.etcd_error.contains("registered by another live process"))
         .await;
     let mut dup_clients = dup.clients.clone();
@@ -244,7 +313,7 @@ async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
     );
     drop(dup);
 
-    // A client that guessed wrong is corrected by the refusal: it resends to the named owner.
+    // A client that guessed wrong is corrected by n0's refusal: it resends to the named owner.
     let stray = by_owner["n2"][0];
     let s = nodes[0].clients.features.write_features(write(&[stray])).await.expect_err("n2's user");
     let d = not_owned(&s);
@@ -253,7 +322,8 @@ async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
     assert_eq!(owner.id, "n2");
     owner.clients.features.write_features(write(&[stray])).await.expect("written at the owner");
 
-    // Without etcd the nodes keep serving from their last map; changes are refused.
+    // Without etcd the nodes keep serving (and forwarding) from their last map; changes are
+    // refused.
     etcd.kill();
     for n in &nodes {
         n.wait_for("etcd to be gone", |s| !s.etcd_connected).await;
@@ -264,8 +334,12 @@ async fn three_shards_serve_their_slots_and_name_the_owner_of_the_rest() {
         let r = n.clients.features.get_online_features(lookup(&mine)).await.expect("and answer").into_inner();
         assert_eq!(r.columns[0].int64_values.len(), mine.len());
         let other = by_owner.iter().find(|(o, _)| **o != n.id).map(|(_, u)| u[0]).expect("another owner");
-        let s = n.clients.features.get_online_features(lookup(&[other])).await.expect_err("still not its slot");
+        let s = n.clients.features.get_online_features(hop(lookup(&[other]))).await.expect_err("not its slot");
         assert_eq!(not_owned(&s).map_revision, revision);
+        if n.id != "n0" {
+            let r = n.clients.features.get_online_features(lookup(&everyone)).await.expect("forwarded");
+            assert_eq!(r.into_inner().columns[0].int64_values.len(), everyone.len());
+        }
     }
     let s = nodes[0].cluster.init_slots(pb::InitSlotsRequest {}).await.expect_err("no etcd");
     assert_eq!(s.code(), Code::Unavailable, "{s:?}");
@@ -288,6 +362,7 @@ async fn bad_shard_settings_are_refused_and_unsharded_nodes_say_so() {
     };
     assert!(run(&["--etcd", "http://127.0.0.1:1"]).contains("--node-id"));
     assert!(run(&["--node-id", "a"]).contains("--etcd"));
+    assert!(run(&["--no-forward"]).contains("--etcd"));
     assert!(run(&["--etcd", "http://127.0.0.1:1", "--node-id", "a/b"]).contains("not allowed"));
     assert!(run(&["--etcd", "http://127.0.0.1:1", "--node-id", "a", "--cluster", ""]).contains("1 to 64"));
 

@@ -26,8 +26,10 @@ fn status(addr: &str) -> serde_json::Value {
 fn cluster_init_and_status_on_a_sharded_region() {
     let tmp = tempfile::tempdir().expect("tmp");
     let etcd = Etcd::start();
-    let shard =
-        |id: &str| Daemon::start(&tmp.path().join(id), &["--etcd", &etcd.url, "--node-id", id, "--cluster", "cli"]);
+    // Nodes that refuse what they do not own, so that the CLI's own redirect is what is tested.
+    let shard = |id: &str| {
+        Daemon::start(&tmp.path().join(id), &["--etcd", &etcd.url, "--node-id", id, "--cluster", "cli", "--no-forward"])
+    };
     let (a, b) = (shard("alpha"), shard("beta"));
     let deadline = Instant::now() + Duration::from_secs(30);
     // Both registered, and beta connected (it registers before it reads and watches).

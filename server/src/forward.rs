@@ -1,0 +1,319 @@
+//! Forwarding (`server/CLUSTER.md` §4): a node of a sharded region accepts any request and
+//! sends the entities it does not own to their owners, so that a plain gRPC client works
+//! against any node.
+//!
+//! - An online lookup is split by owner under one map; each part goes to its owner (the local
+//!   part is answered here) at the same time, and the answers are merged back into request order.
+//! - A write is split by owner the same way. Each part is applied atomically on its shard; the
+//!   parts together are not (there is no transaction across shards). A failed part fails the
+//!   request, whose message says which shards applied their rows. A retry with the same
+//!   idempotency key is applied once per shard as long as the map has not changed (each shard
+//!   keeps its own records, of its own part).
+//! - A history scan names one entity: it is forwarded whole and its stream passed through.
+//! - Joins are refused as before (they split by shard in a later step, §6).
+//!
+//! **One hop at most.** A forwarded request carries [`FORWARDED_HEADER`] and is never forwarded
+//! again: if the map changed on the way, the owner refuses it (`FAILED_PRECONDITION` with
+//! `SlotNotOwned`), and that refusal is the caller's answer to retry.
+//!
+//! A forwarded part carries the caller's `authorization` and `x-request-id`, and the time left
+//! of its deadline; the owner authenticates and rate-limits it again (every node of a region
+//! holds the same tokens). Channels to other nodes are opened lazily, one per address, kept
+//! for the life of the process, and speak TLS when the node does (verifying the others against
+//! its CA, `--tls-ca`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use quiver_proto::v1 as pb;
+use tonic::metadata::MetadataMap;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+use crate::cluster::Remote;
+
+/// The metadata key that marks a forwarded request (its value is `1`).
+pub const FORWARDED_HEADER: &str = "quiver-forwarded";
+/// Longest wait to connect to another node of the region.
+pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Metadata of the caller's request that a forwarded part carries.
+const CARRIED_HEADERS: [&str; 2] = ["authorization", "x-request-id"];
+
+/// Whether a request was forwarded to this node by another (and so must not be forwarded again).
+pub fn is_forwarded(metadata: &MetadataMap) -> bool {
+    metadata.contains_key(FORWARDED_HEADER)
+}
+
+/// Channels to the other nodes of the region.
+#[derive(Debug)]
+pub struct Forwarder {
+    tls: Option<ClientTlsConfig>,
+    message_bytes_max: usize,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Forwarder {
+    /// Forwards over TLS with `tls` (verifying other nodes), or in plain text without it;
+    /// messages up to `message_bytes_max` bytes each way.
+    pub fn new(tls: Option<ClientTlsConfig>, message_bytes_max: usize) -> Forwarder {
+        Forwarder { tls, message_bytes_max, channels: Mutex::new(HashMap::new()) }
+    }
+
+    fn client(&self, to: &Remote) -> Result<pb::feature_service_client::FeatureServiceClient<Channel>, Status> {
+        let mut channels = self.channels.lock();
+        let channel = match channels.get(&to.address) {
+            Some(c) => c.clone(),
+            None => {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", to.address))
+                    .map_err(|e| {
+                        Status::unavailable(format!("node {} has a bad address {:?}: {e}", to.node, to.address))
+                    })?
+                    .connect_timeout(FORWARD_CONNECT_TIMEOUT)
+                    .tcp_nodelay(true);
+                if let Some(tls) = &self.tls {
+                    endpoint = endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|e| Status::unavailable(format!("TLS toward node {}: {e}", to.node)))?;
+                }
+                let c = endpoint.connect_lazy();
+                channels.insert(to.address.clone(), c.clone());
+                c
+            }
+        };
+        Ok(pb::feature_service_client::FeatureServiceClient::new(channel)
+            .max_decoding_message_size(self.message_bytes_max)
+            .max_encoding_message_size(self.message_bytes_max))
+    }
+
+    /// Sends an online lookup's part to its owner.
+    pub async fn online(
+        &self,
+        caller: &MetadataMap,
+        deadline: Option<Instant>,
+        to: &Remote,
+        part: pb::GetOnlineFeaturesRequest,
+    ) -> Result<pb::GetOnlineFeaturesResponse, Status> {
+        let mut client = self.client(to)?;
+        let r = client.get_online_features(outgoing(caller, deadline, part)).await;
+        r.map(tonic::Response::into_inner).map_err(|s| from_owner(to, s))
+    }
+
+    /// Sends a write's part to its owner.
+    pub async fn write(
+        &self,
+        caller: &MetadataMap,
+        to: &Remote,
+        part: pb::WriteFeaturesRequest,
+    ) -> Result<pb::WriteFeaturesResponse, Status> {
+        let mut client = self.client(to)?;
+        let r = client.write_features(outgoing(caller, None, part)).await;
+        r.map(tonic::Response::into_inner).map_err(|s| from_owner(to, s))
+    }
+
+    /// Sends a history scan to its owner; its stream, as the owner sends it.
+    pub async fn scan(
+        &self,
+        caller: &MetadataMap,
+        to: &Remote,
+        req: pb::ScanHistoryRequest,
+    ) -> Result<tonic::Streaming<pb::ScanHistoryResponse>, Status> {
+        let mut client = self.client(to)?;
+        let r = client.scan_history(outgoing(caller, None, req)).await;
+        r.map(tonic::Response::into_inner).map_err(|s| from_owner(to, s))
+    }
+}
+
+/// A part of the caller's request, as sent to its owner.
+fn outgoing<T>(caller: &MetadataMap, deadline: Option<Instant>, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    for key in CARRIED_HEADERS {
+        if let Some(v) = caller.get(key) {
+            req.metadata_mut().insert(key, v.clone());
+        }
+    }
+    req.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    if let Some(d) = deadline {
+        // Past the deadline already: the owner answers what it can in no time (UNAVAILABLE
+        // cells, or the deadline's own error).
+        req.set_timeout(d.saturating_duration_since(Instant::now()).max(Duration::from_micros(1)));
+    }
+    req
+}
+
+/// The owner's refusal or failure, saying which node it came from, its code and details kept.
+fn from_owner(to: &Remote, s: Status) -> Status {
+    let message = format!("forwarded to node {} at {}: {}", to.node, to.address, s.message());
+    Status::with_details(s.code(), message, s.details().to_vec().into())
+}
+
+/// The items of `all` at `rows`.
+pub fn subset<T: Clone>(all: &[T], rows: &[usize]) -> Vec<T> {
+    rows.iter().filter_map(|&i| all.get(i).cloned()).collect()
+}
+
+/// Puts the answers of a lookup's parts back into request order: `parts` holds each part's
+/// positions in the request (of `n` entities) and its answer.
+pub fn merge_online(
+    n: usize,
+    parts: Vec<(&[usize], pb::GetOnlineFeaturesResponse)>,
+) -> Result<pb::GetOnlineFeaturesResponse, Status> {
+    let mut merged: Vec<pb::FeatureColumn> = Vec::new();
+    for (k, (rows, answer)) in parts.into_iter().enumerate() {
+        if k == 0 {
+            merged = answer
+                .columns
+                .iter()
+                .map(|c| pb::FeatureColumn {
+                    feature_ref: c.feature_ref.clone(),
+                    group_version: c.group_version,
+                    r#type: c.r#type,
+                    statuses: vec![0; n],
+                    event_times_us: vec![0; n],
+                    ..Default::default()
+                })
+                .collect();
+        }
+        if answer.columns.len() != merged.len() {
+            return Err(Status::internal(format!(
+                "a shard answered {} features where another answered {}",
+                answer.columns.len(),
+                merged.len()
+            )));
+        }
+        for (out, mut col) in merged.iter_mut().zip(answer.columns) {
+            if col.group_version != out.group_version || col.r#type != out.r#type {
+                return Err(Status::unavailable(format!(
+                    "shards serve different versions of {} ({} and {}): a promotion is reaching them; retry",
+                    out.feature_ref, out.group_version, col.group_version
+                )));
+            }
+            if col.statuses.len() != rows.len() || col.event_times_us.len() != rows.len() {
+                return Err(Status::internal(format!(
+                    "a shard answered {} rows of {} for {} entities",
+                    col.statuses.len(),
+                    out.feature_ref,
+                    rows.len()
+                )));
+            }
+            scatter(&mut out.statuses, n, rows, std::mem::take(&mut col.statuses))?;
+            scatter(&mut out.event_times_us, n, rows, std::mem::take(&mut col.event_times_us))?;
+            macro_rules! values {
+                ($($field:ident),*) => {$(
+                    if !col.$field.is_empty() {
+                        scatter(&mut out.$field, n, rows, std::mem::take(&mut col.$field))?;
+                    }
+                )*};
+            }
+            values!(
+                bool_values,
+                int64_values,
+                float32_values,
+                float64_values,
+                string_values,
+                bytes_values,
+                float32_vector_values,
+                int64_list_values,
+                string_list_values
+            );
+        }
+    }
+    Ok(pb::GetOnlineFeaturesResponse { columns: merged })
+}
+
+/// Writes a part's `values` (one per position of `rows`) at those positions of `out`, a column
+/// of `n` rows (sized on first use).
+fn scatter<T: Clone + Default>(out: &mut Vec<T>, n: usize, rows: &[usize], values: Vec<T>) -> Result<(), Status> {
+    if values.len() != rows.len() {
+        return Err(Status::internal(format!("a shard answered {} values for {} entities", values.len(), rows.len())));
+    }
+    if out.is_empty() {
+        *out = vec![T::default(); n];
+    }
+    for (v, &i) in values.into_iter().zip(rows) {
+        let slot = out.get_mut(i).ok_or_else(|| Status::internal(format!("row {i} is past the request's {n}")))?;
+        *slot = v;
+    }
+    Ok(())
+}
+
+/// One answer for a write whose parts were applied on several shards: the values written
+/// summed, the latest system time, deduplicated only if every part was. `version` is left
+/// empty: each shard stamped its own (read the cells back for a compare-and-swap).
+pub fn merge_writes(parts: &[pb::WriteFeaturesResponse]) -> pb::WriteFeaturesResponse {
+    if let [one] = parts {
+        return one.clone();
+    }
+    let system_time = parts.iter().filter_map(|p| p.system_time).max_by_key(|t| (t.seconds, t.nanos));
+    pb::WriteFeaturesResponse {
+        values_written: parts.iter().map(|p| p.values_written).sum(),
+        system_time,
+        deduplicated: !parts.is_empty() && parts.iter().all(|p| p.deduplicated),
+        version: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(version: u32, statuses: Vec<i32>, ints: Vec<i64>) -> pb::FeatureColumn {
+        pb::FeatureColumn {
+            feature_ref: "g:f".into(),
+            group_version: version,
+            r#type: pb::ValueType::Int64 as i32,
+            event_times_us: ints.iter().map(|v| v * 10).collect(),
+            statuses,
+            int64_values: ints,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn parts_merge_back_into_request_order() {
+        let a = pb::GetOnlineFeaturesResponse { columns: vec![col(1, vec![1, 2], vec![5, 7])] };
+        let b = pb::GetOnlineFeaturesResponse { columns: vec![col(1, vec![1, 1, 3], vec![4, 6, 9])] };
+        let merged = merge_online(5, vec![(&[1, 3][..], a), (&[0, 2, 4][..], b)]).expect("merges");
+        assert_eq!(merged.columns, vec![col(1, vec![1, 1, 1, 2, 3], vec![4, 5, 6, 7, 9])]);
+    }
+
+    #[test]
+    fn parts_that_disagree_are_refused() {
+        let a = pb::GetOnlineFeaturesResponse { columns: vec![col(1, vec![1], vec![5])] };
+        let b = pb::GetOnlineFeaturesResponse { columns: vec![col(2, vec![1], vec![4])] };
+        let e = merge_online(2, vec![(&[0][..], a.clone()), (&[1][..], b)]).expect_err("versions differ");
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        let short = pb::GetOnlineFeaturesResponse { columns: vec![col(1, vec![1], vec![4])] };
+        let e = merge_online(3, vec![(&[0][..], a.clone()), (&[1, 2][..], short)]).expect_err("a row is missing");
+        assert_eq!(e.code(), tonic::Code::Internal);
+        let none = pb::GetOnlineFeaturesResponse { columns: vec![] };
+        let e = merge_online(2, vec![(&[0][..], a), (&[1][..], none)]).expect_err("a column is missing");
+        assert_eq!(e.code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn writes_merge_their_counts_and_latest_stamp() {
+        let at = |s| Some(prost_types::Timestamp { seconds: s, nanos: 0 });
+        let one =
+            pb::WriteFeaturesResponse { values_written: 3, system_time: at(5), deduplicated: true, version: None };
+        let two = pb::WriteFeaturesResponse { values_written: 4, system_time: at(9), ..Default::default() };
+        let m = merge_writes(&[one.clone(), two]);
+        assert_eq!((m.values_written, m.system_time, m.deduplicated, m.version), (7, at(9), false, None));
+        assert_eq!(merge_writes(std::slice::from_ref(&one)), one);
+    }
+
+    #[test]
+    fn a_part_carries_the_callers_credentials_and_the_mark() {
+        let mut caller = MetadataMap::new();
+        caller.insert("authorization", "Bearer qvt_x".parse().expect("ascii"));
+        caller.insert("x-request-id", "r-1".parse().expect("ascii"));
+        caller.insert("other", "no".parse().expect("ascii"));
+        let req = outgoing(&caller, None, ());
+        assert!(is_forwarded(req.metadata()));
+        assert_eq!(req.metadata().get("authorization").map(|v| v.as_bytes()), Some(&b"Bearer qvt_x"[..]));
+        assert_eq!(req.metadata().get("x-request-id").map(|v| v.as_bytes()), Some(&b"r-1"[..]));
+        assert!(req.metadata().get("other").is_none());
+        assert!(!is_forwarded(&caller));
+    }
+}
