@@ -13,6 +13,7 @@
 //!
 //! Latencies go into HDR histograms (µs, 3 significant digits), merged across workers.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -120,9 +121,9 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// Open loop at this many requests per second; `None`: closed loop.
     pub rate: Option<f64>,
-    /// The server's process (on this machine): its CPU time over the measured window is
-    /// reported per request.
-    pub server_pid: Option<u32>,
+    /// The server's processes (on this machine; several for a sharded region): their CPU time
+    /// over the measured window, summed, is reported per request.
+    pub server_pids: Vec<u32>,
 }
 
 /// What a run measured.
@@ -169,6 +170,8 @@ impl Report {
 pub enum Target {
     /// Quiver over gRPC; one client per connection.
     Quiver { clients: Vec<pb::feature_service_client::FeatureServiceClient<Channel>>, refs: Vec<String> },
+    /// Quiver's sharded region through the routing client: each entity sent to its owner.
+    Routed { router: Arc<quiver_tools::route::Router>, refs: Vec<String> },
     /// Redis HMGET (pipelined for batches); one multiplexed connection per connection.
     Redis { conns: Vec<redis::aio::MultiplexedConnection>, fields: Vec<String> },
 }
@@ -193,6 +196,15 @@ impl Target {
         Ok(Target::Quiver { clients, refs: feature_names(features).iter().map(|f| format!("{GROUP}:{f}")).collect() })
     }
 
+    /// A routing client of the sharded region whose map `seed` serves.
+    pub async fn routed(seed: &str, features: u32) -> Result<Target, String> {
+        let router = quiver_tools::route::Router::connect(seed, Default::default(), None)
+            .await
+            .map_err(|s| format!("cannot read the slot map at {seed}: {:?}: {}", s.code(), s.message()))?;
+        let refs = feature_names(features).iter().map(|f| format!("{GROUP}:{f}")).collect();
+        Ok(Target::Routed { router: Arc::new(router), refs })
+    }
+
     /// Connects `connections` multiplexed connections to Redis at `url`.
     pub async fn redis(url: &str, connections: usize, features: u32) -> Result<Target, String> {
         let client = redis::Client::open(url).map_err(|e| format!("redis {url}: {e}"))?;
@@ -214,26 +226,14 @@ impl Target {
         match self {
             Target::Quiver { clients, refs } => {
                 let mut c = clients[worker % clients.len()].clone();
-                let resp = c
-                    .get_online_features(pb::GetOnlineFeaturesRequest {
-                        entity_type: ENTITY_TYPE.into(),
-                        entities: entities.iter().map(|&i| entity_key(i)).collect(),
-                        features: refs.clone(),
-                        as_of: None,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-                    .into_inner();
-                let mut out = vec![None; entities.len() * refs.len()];
-                for (j, col) in resp.columns.iter().enumerate() {
-                    for (i, v) in col.float64_values.iter().enumerate() {
-                        if col.statuses.get(i) == Some(&(pb::FeatureStatus::Present as i32)) {
-                            out[i * refs.len() + j] = Some(*v);
-                        }
-                    }
-                }
-                Ok(out)
+                let resp = c.get_online_features(lookup_request(entities, refs)).await;
+                let resp = resp.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?.into_inner();
+                Ok(values_of(&resp, entities.len(), refs.len()))
+            }
+            Target::Routed { router, refs } => {
+                let resp = router.get_online_features(lookup_request(entities, refs)).await;
+                let resp = resp.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+                Ok(values_of(&resp, entities.len(), refs.len()))
             }
             Target::Redis { conns, fields } => {
                 let mut c = conns[worker % conns.len()].clone();
@@ -248,6 +248,31 @@ impl Target {
     }
 }
 
+/// The benchmark's lookup of `entities`' features `refs`.
+fn lookup_request(entities: &[u64], refs: &[String]) -> pb::GetOnlineFeaturesRequest {
+    pb::GetOnlineFeaturesRequest {
+        entity_type: ENTITY_TYPE.into(),
+        entities: entities.iter().map(|&i| entity_key(i)).collect(),
+        features: refs.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// An answer's values in row-major order (`None`: not present).
+fn values_of(resp: &pb::GetOnlineFeaturesResponse, rows: usize, features: usize) -> Vec<Option<f64>> {
+    let mut out = vec![None; rows * features];
+    for (j, col) in resp.columns.iter().enumerate() {
+        for (i, v) in col.float64_values.iter().enumerate() {
+            if col.statuses.get(i) == Some(&(pb::FeatureStatus::Present as i32)) {
+                if let Some(slot) = out.get_mut(i * features + j) {
+                    *slot = Some(*v);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Runs a lookup load against `target`.
 pub async fn run_lookups(target: &Target, spec: &LoadSpec) -> Report {
     let per_worker_rate = spec.rate.map(|r| r / spec.concurrency.max(1) as f64);
@@ -255,12 +280,13 @@ pub async fn run_lookups(target: &Target, spec: &LoadSpec) -> Report {
     let measure_from = start + spec.warmup;
     let end = measure_from + spec.duration;
     // The server's CPU time at the start and the end of the measured window.
-    let cpu = spec.server_pid.map(|pid| {
+    let cpu = (!spec.server_pids.is_empty()).then(|| {
+        let pids = spec.server_pids.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(measure_from.into()).await;
-            let a = process_cpu_us(pid);
+            let a = processes_cpu_us(&pids);
             tokio::time::sleep_until(end.into()).await;
-            let b = process_cpu_us(pid);
+            let b = processes_cpu_us(&pids);
             a.zip(b).map(|(a, b)| b.saturating_sub(a))
         })
     });
@@ -387,6 +413,22 @@ fn clock_ticks_per_second() -> u64 {
             .filter(|&t| t > 0)
             .unwrap_or(100)
     })
+}
+
+/// The summed CPU time (µs) of `pids` (`None` if there are none, or one is unreadable).
+pub fn processes_cpu_us(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| process_cpu_us(p)).sum()
+}
+
+/// The summed resident set size (MiB) of `pids` (`None` if there are none, or one is unreadable).
+pub fn processes_rss_mib(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| process_rss_mib(p)).sum()
 }
 
 /// Resident memory of a process (MiB), from `/proc/PID/status`.

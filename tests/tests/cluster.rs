@@ -299,6 +299,27 @@ async fn three_shards_serve_their_slots_forward_or_name_the_owner_of_the_rest() 
     let r = nodes[1].clients.features.get_online_features(lookup(&[mine, other])).await.expect("both").into_inner();
     assert_eq!(r.columns[0].int64_values, [777, 100], "n1's part applied, n2's not");
 
+    // The routing client reads the map from n0 (which forwards nothing) and sends each user to
+    // its owner: a lookup of everyone answers as a forwarding node does, and a write of
+    // everyone lands at each owner.
+    let router = quiver_tools::route::Router::connect(&nodes[0].daemon.addr, Default::default(), None)
+        .await
+        .expect("the router reads the map");
+    assert_eq!(router.revision(), revision);
+    let want = nodes[1].clients.features.get_online_features(lookup(&everyone)).await.expect("forwarded");
+    let got = router.get_online_features(lookup(&everyone)).await.expect("routed");
+    assert_eq!(got, want.into_inner());
+    let mut all = write(&everyone);
+    all.rows.iter_mut().for_each(|r| {
+        r.values.insert("clicks".into(), int(900));
+    });
+    assert_eq!(router.write_features(all).await.expect("routed write").values_written, everyone.len() as u64);
+    for n in &mut nodes {
+        let mine = by_owner[&n.id].clone();
+        let r = n.clients.features.get_online_features(hop(lookup(&mine))).await.expect("its own").into_inner();
+        assert_eq!(r.columns[0].int64_values, vec![900; mine.len()], "{}", n.id);
+    }
+
     // A second process with a live node's id is not registered and serves nothing.
     let dup = Node::start(dir.path(), "dup", &etcd, "n1", &[]).await;
     dup.wait_for("the duplicate id to be refused", |s| s.etcd_error.contains("registered by another live process"))

@@ -27,10 +27,11 @@ struct Cli {
     /// One JSON object per result instead of text.
     #[arg(long, global = true)]
     json: bool,
-    /// The server's process id (same machine): `online` and `ingest` report its CPU time per
-    /// request or value, read from `/proc/PID/stat` over the measured window, and its RSS.
-    #[arg(long, global = true)]
-    server_pid: Option<u32>,
+    /// The server's process id (same machine; comma-separated for the nodes of a sharded
+    /// region): `online` and `ingest` report their CPU time per request or value, read from
+    /// `/proc/PID/stat` over the measured window and summed, and their RSS.
+    #[arg(long, global = true, value_delimiter = ',')]
+    server_pid: Vec<u32>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -41,6 +42,10 @@ struct Endpoint {
     /// Redis URL (the same harness against Redis).
     #[arg(long, conflicts_with = "addr")]
     redis: Option<String>,
+    /// Send each entity to its slot's owner (the routing client) instead of everything to
+    /// --addr, which gives the sharded region's map (`online` only).
+    #[arg(long, requires = "addr")]
+    route: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -234,7 +239,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", if cli.json { "{\"setup\":\"ok\"}" } else { "registry applied" });
         }
         Cmd::Ingest { to, entities, features, events, group, rows_per_request, streams, durability } => {
-            let cpu_before = cli.server_pid.and_then(load::process_cpu_us);
+            let cpu_before = load::processes_cpu_us(&cli.server_pid);
             let started = Instant::now();
             let (target, values) = match (&to.addr, &to.redis) {
                 (Some(addr), _) => {
@@ -258,10 +263,9 @@ async fn run(cli: Cli) -> Result<()> {
                 (None, None) => return Err("give --addr or --redis".into()),
             };
             let secs = started.elapsed().as_secs_f64();
-            let cpu_us =
-                cli.server_pid.and_then(load::process_cpu_us).zip(cpu_before).map(|(b, a)| b.saturating_sub(a));
+            let cpu_us = load::processes_cpu_us(&cli.server_pid).zip(cpu_before).map(|(b, a)| b.saturating_sub(a));
             let cpu_per_value = cpu_us.filter(|_| values > 0).map(|c| c as f64 / values as f64);
-            let rss = cli.server_pid.and_then(load::process_rss_mib);
+            let rss = load::processes_rss_mib(&cli.server_pid);
             if cli.json {
                 let line = serde_json::json!({
                     "target": target, "mode": "ingest", "durability": durability, "values": values,
@@ -282,6 +286,7 @@ async fn run(cli: Cli) -> Result<()> {
                 return Err("--entities, --batch and --concurrency must be positive".into());
             }
             let (name, target) = match (&to.addr, &to.redis) {
+                (Some(addr), _) if to.route => ("quiver-routed", Target::routed(addr, features).await?),
                 (Some(addr), _) => ("quiver", Target::quiver(addr, connections, features).await?),
                 (None, Some(url)) => ("redis", Target::redis(url, connections, features).await?),
                 (None, None) => return Err("give --addr or --redis".into()),
@@ -294,7 +299,7 @@ async fn run(cli: Cli) -> Result<()> {
                 duration: Duration::from_secs_f64(duration),
                 warmup: Duration::from_secs_f64(warmup),
                 rate,
-                server_pid: cli.server_pid,
+                server_pids: cli.server_pid.clone(),
             };
             let r = load::run_lookups(&target, &spec).await;
             if cli.json {
