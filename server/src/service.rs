@@ -191,6 +191,15 @@ impl FeatureApi {
         mut ticket: crate::admission::Ticket,
     ) -> Result<Response<pb::GetOnlineFeaturesResponse>, Status> {
         let n = req.entities.len();
+        // All of it at one other node: its answer is the answer.
+        if let ([to], true) = (split.remote.as_slice(), split.local.is_empty()) {
+            self.metrics.forwarded.with_label_values(&["GetOnlineFeatures"]).inc_by(n as u64);
+            let answer = fw.online(caller, deadline, to, req).await?;
+            hold_owners_answer(&mut ticket, &mut 0, answer_max, &answer)?;
+            let mut resp = Response::new(answer);
+            resp.extensions_mut().insert(HeldTicket(Arc::new(ticket)));
+            return Ok(resp);
+        }
         let entities = std::mem::take(&mut req.entities);
         let part = |at: &[usize]| pb::GetOnlineFeaturesRequest {
             entities: crate::forward::subset(&entities, at),
@@ -228,18 +237,7 @@ impl FeatureApi {
         while let Some(done) = sends.join_next().await {
             let (k, answer) = done.map_err(|e| Status::internal(format!("forwarding failed: {e}")))?;
             let answer = answer?;
-            answered += answer.encoded_len();
-            if answered > answer_max {
-                return Err(Status::resource_exhausted(format!(
-                    "the answer is over {answer_max} bytes; ask for fewer entities or features"
-                )));
-            }
-            // The owners' answers are held here until merged and sent.
-            if !ticket.charge(answer.encoded_len() * DECODED_BYTES_PER_ENCODED) {
-                return Err(crate::admission::shed_status(
-                    "overloaded: requests in flight hold the memory the owners' answers need; retry shortly".into(),
-                ));
-            }
+            hold_owners_answer(&mut ticket, &mut answered, answer_max, &answer)?;
             remote[k] = Some(answer);
         }
         for (to, answer) in split.remote.iter().zip(remote) {
@@ -335,6 +333,29 @@ impl FeatureApi {
         self.stopping = Some(stopping);
         self
     }
+}
+
+/// Holds an owner's answer to a forwarded part until it is sent: `answered` (the encoded bytes
+/// of the request's parts so far) must stay within `answer_max`, and its memory is charged to
+/// the request's ticket.
+fn hold_owners_answer(
+    ticket: &mut crate::admission::Ticket,
+    answered: &mut usize,
+    answer_max: usize,
+    answer: &pb::GetOnlineFeaturesResponse,
+) -> Result<(), Status> {
+    *answered += answer.encoded_len();
+    if *answered > answer_max {
+        return Err(Status::resource_exhausted(format!(
+            "the answer is over {answer_max} bytes; ask for fewer entities or features"
+        )));
+    }
+    if !ticket.charge(answer.encoded_len() * DECODED_BYTES_PER_ENCODED) {
+        return Err(crate::admission::shed_status(
+            "overloaded: requests in flight hold the memory the owners' answers need; retry shortly".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Most row numbers an error of a write split across shards names (of the part that failed).

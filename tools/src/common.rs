@@ -13,45 +13,6 @@ pub fn grpc(e: tonic::Status) -> String {
     format!("{:?}: {}", e.code(), e.message())
 }
 
-/// The node to send a request to instead, when a node of a sharded region refused it for an
-/// entity of a slot it does not own (`FAILED_PRECONDITION` with `SlotNotOwned` details naming
-/// the owner's address; server/CLUSTER.md §3). `None` for any other status.
-pub fn slot_owner(server: &Server, status: &tonic::Status) -> Option<(Server, pb::SlotNotOwned)> {
-    use prost::Message;
-    if status.code() != tonic::Code::FailedPrecondition || !status.message().starts_with("slot ") {
-        return None;
-    }
-    let d = pb::SlotNotOwned::decode(status.details()).ok()?;
-    if d.owner_addr.is_empty() || d.owner.is_empty() {
-        return None;
-    }
-    let scheme = if server.addr.starts_with("https://") { "https" } else { "http" };
-    Some((Server { addr: format!("{scheme}://{}", d.owner_addr), ..server.clone() }, d))
-}
-
-/// Runs `call` over `conn` (a connection to `server`); if a sharded node refuses it for another
-/// node's slot, tells the user and runs it once more at the owner it names (a batch spanning
-/// shards stays refused).
-pub async fn at_owner<T, F, Fut>(server: &Server, conn: Conn, mut call: F) -> Result<T>
-where
-    F: FnMut(Conn) -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
-{
-    match call(conn).await {
-        Ok(v) => Ok(v),
-        Err(s) => match slot_owner(server, &s) {
-            Some((owner, d)) => {
-                eprintln!(
-                    "quiver: {} does not own slot {}; sending to its owner {} at {}",
-                    server.addr, d.slot, d.owner, owner.addr
-                );
-                call(owner.channel().await?).await.map_err(grpc)
-            }
-            None => Err(grpc(s)),
-        },
-    }
-}
-
 /// A connection that sends the command line's token (if any) with every call.
 pub type Conn = AuthChannel;
 
@@ -67,6 +28,12 @@ pub struct Server {
 }
 
 impl Server {
+    /// A routing client seeded at it: in a sharded region, each entity goes straight to its
+    /// slot's owner (`quiver_tools::route`).
+    pub async fn router(&self) -> Result<quiver_tools::route::Router> {
+        quiver_tools::route::Router::connect(&self.addr, self.token.clone(), self.ca_pem.clone()).await.map_err(grpc)
+    }
+
     /// A connection to it.
     pub async fn channel(&self) -> Result<Conn> {
         let addr = &self.addr;

@@ -2,9 +2,7 @@
 
 use quiver_proto::v1 as pb;
 
-use crate::common::{
-    at_owner, cell_text, entity_key, fetch_entity_type, fetch_group, grpc, now_us, parse_value, Result, Server,
-};
+use crate::common::{cell_text, entity_key, fetch_entity_type, fetch_group, grpc, now_us, parse_value, Result, Server};
 
 /// How `quiver get` asks: defaults for missing features, and a deadline.
 #[derive(Debug, Clone, Copy, Default)]
@@ -34,15 +32,8 @@ pub async fn get(
         default_missing: opts.default_missing,
         ..Default::default()
     };
-    let resp = at_owner(server, ch, |ch| {
-        let mut req = tonic::Request::new(msg.clone());
-        if let Some(t) = opts.timeout {
-            req.set_timeout(t);
-        }
-        async move { pb::feature_service_client::FeatureServiceClient::new(ch).get_online_features(req).await }
-    })
-    .await?
-    .into_inner();
+    let router = server.router().await?.with_timeout(opts.timeout);
+    let resp = router.get_online_features(msg).await.map_err(grpc)?;
     for (i, e) in entities.iter().enumerate() {
         let cells: Vec<String> =
             resp.columns.iter().map(|c| format!("{}={}", c.feature_ref, cell_text(c, i))).collect();
@@ -84,12 +75,7 @@ pub async fn put(
         row.values.insert(k.to_string(), parse_value(v, f.r#type()).map_err(|e| format!("{k}: {e}"))?);
     }
     let req = pb::WriteFeaturesRequest { rows: vec![row], ..Default::default() };
-    let resp = at_owner(server, ch, |ch| {
-        let req = req.clone();
-        async move { pb::feature_service_client::FeatureServiceClient::new(ch).write_features(req).await }
-    })
-    .await?
-    .into_inner();
+    let resp = server.router().await?.write_features(req).await.map_err(grpc)?;
     println!("wrote {} values", resp.values_written);
     Ok(())
 }

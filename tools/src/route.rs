@@ -6,7 +6,8 @@
 //! - The map and the nodes' addresses come from `GetClusterStatus` at the seed address; entity
 //!   types and groups from the seed's registry (cached for the router's life: an entity type's
 //!   join keys never change).
-//! - Against a node that is not sharded, everything goes to it.
+//! - Against a node that is not sharded, or with a token that may not read the map (no `read`
+//!   scope), everything goes to the seed.
 //! - An entity whose slot has no owner with a known address goes to the seed, which forwards it
 //!   or refuses it with a status the caller can act on.
 //! - A part refused for a slot its node no longer owns (`SlotNotOwned`, from nodes started with
@@ -54,6 +55,8 @@ pub struct Router {
     view: RwLock<Arc<View>>,
     clients: Mutex<HashMap<String, FeatureClient>>,
     entity_types: Mutex<HashMap<String, pb::EntityType>>,
+    /// Each call's deadline.
+    timeout: Option<std::time::Duration>,
     /// A write's group reference (`group` or `group@N`) -> its entity type's name.
     groups: Mutex<HashMap<String, String>>,
 }
@@ -85,10 +88,30 @@ impl Router {
             view: RwLock::new(Arc::new(View::default())),
             clients: Mutex::new(HashMap::new()),
             entity_types: Mutex::new(HashMap::new()),
+            timeout: None,
             groups: Mutex::new(HashMap::new()),
         };
-        router.refresh().await?;
-        Ok(router)
+        match router.refresh().await {
+            // A token without the read scope cannot see the map: everything goes to the seed,
+            // which forwards it (or refuses it, naming the owner).
+            Err(s) if s.code() == Code::PermissionDenied => Ok(router),
+            r => r.map(|()| router),
+        }
+    }
+
+    /// The same router giving every call `timeout` as its deadline.
+    pub fn with_timeout(mut self, timeout: Option<std::time::Duration>) -> Router {
+        self.timeout = timeout;
+        self
+    }
+
+    /// `msg` as a call, with the router's deadline.
+    fn call<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = self.timeout {
+            req.set_timeout(t);
+        }
+        req
     }
 
     fn channel(&self, addr: &str) -> Result<AuthChannel, Status> {
@@ -251,7 +274,8 @@ impl Router {
         let n = keys.len();
         let mut answers = self
             .fan_out(&keys, |mut c, rows| {
-                let part = pb::GetOnlineFeaturesRequest { entities: subset(&req.entities, &rows), ..req.clone() };
+                let part =
+                    self.call(pb::GetOnlineFeaturesRequest { entities: subset(&req.entities, &rows), ..req.clone() });
                 async move { c.get_online_features(part).await.map(tonic::Response::into_inner) }
             })
             .await?;
@@ -274,7 +298,7 @@ impl Router {
         }
         let answers = self
             .fan_out(&keys, |mut c, rows| {
-                let part = pb::WriteFeaturesRequest { rows: subset(&req.rows, &rows), ..req.clone() };
+                let part = self.call(pb::WriteFeaturesRequest { rows: subset(&req.rows, &rows), ..req.clone() });
                 async move { c.write_features(part).await.map(tonic::Response::into_inner) }
             })
             .await?;
