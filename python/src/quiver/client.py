@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from quiver import _convert as cv
 from quiver import _core as core
+from quiver import _route
 from quiver._core import FeatureRef, OnlineCache, OnlineResponse, WriteResult
 from quiver.errors import QuiverError, QuiverInvalidArgument, QuiverResourceExhausted, from_rpc_error
 from quiver.registry import EntityType, FeatureGroup, GroupVersion, RegistryChange, load_registry
@@ -183,6 +184,12 @@ class Client:
     cached answers are served for lookups without ``as_of``, and when the server is unreachable
     or the deadline passes, the client answers from the cache, else the feature's registered
     default (DEFAULTED), else nothing (UNAVAILABLE), instead of raising.
+
+    With ``route=True`` the client reads a sharded region's slot map from ``address`` and sends
+    each entity of a lookup or write straight to its owner (``server/CLUSTER.md`` §4), saving
+    the hop a forwarding node adds; writes then go over gRPC, not Flight. A write spanning
+    shards is atomic on each shard, not across them. Against a node that is not sharded it
+    changes nothing.
     """
 
     def __init__(
@@ -196,6 +203,7 @@ class Client:
         fallback: bool = False,
         options: Sequence[tuple[str, Any]] = (),
         use_flight: bool | None = None,
+        route: bool = False,
     ) -> None:
         creds = channel_credentials(tls)
         opts = core.CHANNEL_OPTIONS + list(options)
@@ -213,6 +221,16 @@ class Client:
         self._meta = core.Meta()
         self.cache = cache
         self.fallback = fallback
+        self._router: _route.Router | None = None
+        if route:
+
+            def open_channel(addr: str) -> grpc.Channel:
+                target = core.target(addr)
+                return grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
+
+            self._router = _route.Router(self._features, self._channel, open_channel, self._call)
+            # Flight's DoPut is not routed: a node refuses another node's entities there.
+            self._flight.use = False
 
     # ---- plumbing ---------------------------------------------------------------------------
 
@@ -223,6 +241,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if self._router is not None:
+            self._router.close()
         self._flight.close()
         self._channel.close()
 
@@ -303,12 +323,45 @@ class Client:
         timeout = core.timeout_seconds(deadline)
         for rows, req in plan.requests(as_of, default_unavailable):
             try:
-                plan.answered(rows, self._call(self._features.GetOnlineFeatures, req, timeout))
+                self._online(plan, rows, req, timeout)
             except QuiverError as e:
                 if not (self.fallback and e.code in DEGRADE_CODES):
                     raise
                 plan.degrade(rows)
         return plan.response()
+
+    def _online(self, plan: core.OnlinePlan, rows: list[int], req: fs.GetOnlineFeaturesRequest, timeout: float | None) -> None:
+        """Sends one request of a lookup (of the plan's ``rows``), each entity to its owner when
+        the client routes."""
+        if self._router is None:
+            plan.answered(rows, self._call(self._features.GetOnlineFeatures, req, timeout))
+            return
+
+        def send(stub: fs_grpc.FeatureServiceStub, at: list[int]) -> fs.GetOnlineFeaturesResponse:
+            part = fs.GetOnlineFeaturesRequest()
+            part.CopyFrom(req)
+            del part.entities[:]
+            part.entities.extend(req.entities[i] for i in at)
+            return self._call(stub.GetOnlineFeatures, part, timeout)
+
+        for at, resp in self._router.fan_out(req.entities, send):
+            plan.answered([rows[i] for i in at], resp)
+
+    def _write(self, req: fs.WriteFeaturesRequest, result: WriteResult) -> None:
+        """Sends one write request, each row to its owner when the client routes."""
+        if self._router is None:
+            result.add(self._call(self._features.WriteFeatures, req))
+            return
+
+        def send(stub: fs_grpc.FeatureServiceStub, at: list[int]) -> fs.WriteFeaturesResponse:
+            part = fs.WriteFeaturesRequest()
+            part.CopyFrom(req)
+            del part.rows[:]
+            part.rows.extend(req.rows[i] for i in at)
+            return self._call(stub.WriteFeatures, part)
+
+        for _, resp in self._router.fan_out([r.entity for r in req.rows], send):
+            result.add(resp)
 
     # ---- training sets ----------------------------------------------------------------------
 
@@ -392,7 +445,7 @@ class Client:
         reqs = write_requests(table, group, g, join_keys, durability, idempotency_key, timestamp_column, expected_versions)
         result = WriteResult()
         for req in reqs:
-            result.add(self._call(self._features.WriteFeatures, req))
+            self._write(req, result)
         return result
 
     push = write
@@ -411,7 +464,7 @@ class Client:
         reqs = self._delete_requests(group, entity_rows, features, event_time, durability)
         result = WriteResult()
         for req in reqs:
-            result.add(self._call(self._features.WriteFeatures, req))
+            self._write(req, result)
         return result
 
     def _group_for_write(self, group: str) -> tuple[FeatureGroup, list[tuple[str, str]]]:
