@@ -113,3 +113,19 @@ def test_a_routed_client_sends_each_entity_to_its_owner(region: list[Daemon]) ->
     # A plain client is refused by a node that does not forward, naming the owner.
     with quiver.Client(a.address) as q, pytest.raises(quiver.QuiverFailedPrecondition, match="is owned by node"):
         q.get_online_features(["user_stats:clicks"], entities)
+
+
+def test_only_a_slot_refusal_with_its_details_is_resent() -> None:
+    import grpc
+
+    from quiver._route import not_owned
+    from quiver.v1 import cluster_pb2 as cl
+
+    fp, un = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE
+
+    details = cl.SlotNotOwned(slot=7, owner="b", owner_addr="127.0.0.1:1", epoch=1, map_revision=3)
+    assert not_owned(quiver.QuiverFailedPrecondition(fp, "slot 7 is owned by node b", details.SerializeToString()))
+    # A split write that other shards applied carries no details: it must not be resent.
+    assert not not_owned(quiver.QuiverFailedPrecondition(fp, "the write spans 2 shards ...", b""))
+    assert not not_owned(quiver.QuiverFailedPrecondition(fp, "slot 7 ...", b"\xff\xff"))
+    assert not not_owned(quiver.QuiverUnavailable(un, "down", details.SerializeToString()))

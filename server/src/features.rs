@@ -195,6 +195,18 @@ fn column(f: &ResolvedFeature, reference: &str, rows: usize) -> pb::FeatureColum
     }
 }
 
+/// Refuses an online lookup over the limits on entities, features and cells.
+fn check_online_size(req: &pb::GetOnlineFeaturesRequest) -> Result<()> {
+    let (n, m) = (req.entities.len(), req.features.len());
+    if n > ONLINE_ENTITIES_MAX || m > FEATURES_PER_REQUEST_MAX || n * m > ONLINE_CELLS_MAX {
+        return Err(ServiceError::TooLarge(format!(
+            "{n} entities x {m} features is over the limits ({ONLINE_ENTITIES_MAX} entities, \
+             {FEATURES_PER_REQUEST_MAX} features, {ONLINE_CELLS_MAX} cells)"
+        )));
+    }
+    Ok(())
+}
+
 /// When and how an online answer was served, as logged.
 struct Served<'a> {
     /// The engine's system time after the read (the replay's known_at).
@@ -955,6 +967,8 @@ struct Prepared<'a> {
     names: Vec<String>,
     /// Each row's group and event time, for feature health once committed.
     written: Vec<Written<'a>>,
+    /// Each row's encoded entity key (on a sharded node only).
+    keys: Vec<Vec<u8>>,
 }
 
 /// The feature service of one node.
@@ -1161,28 +1175,39 @@ impl Features {
         Ok((!split.remote.is_empty()).then_some(split))
     }
 
-    /// The encoded entity keys of an online lookup, in request order.
+    /// The encoded entity keys of an online lookup, in request order, once the whole lookup is
+    /// checked as [`Features::get_online_charged`] checks it (its limits, its features): what a
+    /// forwarding node does before it splits a lookup over shards.
     pub(crate) fn online_keys(&self, req: &pb::GetOnlineFeaturesRequest) -> Result<Vec<Vec<u8>>> {
-        let et = self.registry.entity_type(&req.entity_type)?;
-        Ok(req.entities.iter().map(|k| convert::entity_key(&et, k)).collect::<std::result::Result<_, _>>()?)
+        check_online_size(req)?;
+        let resolution = self.resolve_features(&req.entity_type, &req.features)?;
+        let et = &resolution.entity_type;
+        Ok(req.entities.iter().map(|k| convert::entity_key(et, k)).collect::<std::result::Result<_, _>>()?)
     }
 
-    /// The encoded entity key of each row of a write (each row's group names its entity type).
-    pub(crate) fn write_keys(&self, req: &pb::WriteFeaturesRequest) -> Result<Vec<Vec<u8>>> {
-        let mut types: HashMap<&str, pb::EntityType> = HashMap::new();
-        let mut keys = Vec::with_capacity(req.rows.len());
-        for (i, row) in req.rows.iter().enumerate() {
-            if !types.contains_key(row.group.as_str()) {
-                let feats = self.registry.resolve_group(&row.group)?;
-                let name = feats.first().map(|f| f.entity_type.as_str()).unwrap_or_default();
-                types.insert(&row.group, self.registry.entity_type(name)?);
+    /// The answer to `req` when none of it could be read in time (its part was forwarded and
+    /// the owner did not answer by the deadline): every cell UNAVAILABLE, or with
+    /// `default_unavailable` DEFAULTED with its registered default (the type's zero value when
+    /// it has none), as a deadline does on one node.
+    pub(crate) fn unread_answer(&self, req: &pb::GetOnlineFeaturesRequest) -> Result<pb::GetOnlineFeaturesResponse> {
+        let resolution = self.resolve_features(&req.entity_type, &req.features)?;
+        let n = req.entities.len();
+        let mut columns = Vec::with_capacity(req.features.len());
+        for (j, (f, reference)) in resolution.features.iter().zip(&req.features).enumerate() {
+            let mut col = column(f, reference, n);
+            let (status, value) = if req.default_unavailable {
+                (pb::FeatureStatus::Defaulted, resolution.defaults[j].as_ref())
+            } else {
+                (pb::FeatureStatus::Unavailable, None)
+            };
+            for _ in 0..n {
+                col.statuses.push(status as i32);
+                col.event_times_us.push(0);
+                push_value(&mut col, f.value_type, value);
             }
-            let Some(et) = types.get(row.group.as_str()) else { continue };
-            let entity =
-                row.entity.as_ref().ok_or_else(|| ServiceError::Invalid(format!("row {i}: entity is required")))?;
-            keys.push(convert::entity_key(et, entity).map_err(|e| ServiceError::Invalid(format!("row {i}: {e}")))?);
+            columns.push(col);
         }
-        Ok(keys)
+        Ok(pb::GetOnlineFeaturesResponse { columns })
     }
 
     /// The encoded entity key of a history scan.
@@ -1248,13 +1273,7 @@ impl Features {
         deadline: Option<std::time::Instant>,
         request_id: Option<&str>,
     ) -> Result<pb::GetOnlineFeaturesResponse> {
-        let (n, m) = (req.entities.len(), req.features.len());
-        if n > ONLINE_ENTITIES_MAX || m > FEATURES_PER_REQUEST_MAX || n * m > ONLINE_CELLS_MAX {
-            return Err(ServiceError::TooLarge(format!(
-                "{n} entities x {m} features is over the limits ({ONLINE_ENTITIES_MAX} entities, \
-                 {FEATURES_PER_REQUEST_MAX} features, {ONLINE_CELLS_MAX} cells)"
-            )));
-        }
+        check_online_size(req)?;
         let resolution = self.resolve_features(&req.entity_type, &req.features)?;
         self.answer_online(req, &resolution, now_us, answer_max, charge, deadline, request_id, true)
     }
@@ -1844,6 +1863,30 @@ impl Features {
 
     /// `WriteFeatures`: all rows or none.
     pub fn write(&self, req: &pb::WriteFeaturesRequest) -> Result<pb::WriteFeaturesResponse> {
+        let durability = self.check_write_request(req)?;
+        // A retry gets the first answer whatever changed since (even the registry), so the
+        // record is looked up before anything else. Two requests with one key racing past this
+        // look-up are settled by the engine: the record is written only if it is still absent
+        // (below), and the loser replays the winner's answer.
+        let digest = if req.idempotency_key.is_empty() { [0; 32] } else { request_digest(req) };
+        if let Some(resp) = self.replay(&req.idempotency_key, &digest)? {
+            return Ok(resp);
+        }
+        let result = self.prepare(req, true).and_then(|prepared| self.commit(req, &digest, prepared, durability));
+        self.after_write(req, &digest, result)
+    }
+
+    /// Checks a whole write as [`Features::write`] would (its limits, and every row against the
+    /// registry), but not who owns its entities, and writes nothing: what a forwarding node
+    /// does before it splits a write over shards, so that a write refused anywhere is refused
+    /// whole. Each row's encoded entity key.
+    pub(crate) fn write_keys(&self, req: &pb::WriteFeaturesRequest) -> Result<Vec<Vec<u8>>> {
+        self.check_write_request(req)?;
+        Ok(self.prepare(req, false)?.keys)
+    }
+
+    /// A write's limits and durability, checked before anything else.
+    fn check_write_request(&self, req: &pb::WriteFeaturesRequest) -> Result<Durability> {
         if req.rows.is_empty() {
             return Err(ServiceError::Invalid("write has no rows".into()));
         }
@@ -1862,32 +1905,31 @@ impl Features {
                 "idempotency key is longer than {IDEMPOTENCY_KEY_BYTES_MAX} bytes"
             )));
         }
-        let durability = match pb::Durability::try_from(req.durability) {
-            Ok(pb::Durability::Async) => Durability::Async,
-            Ok(pb::Durability::Sync) => Durability::Sync,
-            Ok(pb::Durability::Unspecified) => self.default_durability,
-            Err(_) => {
-                return Err(ServiceError::Invalid(format!(
-                    "durability {} is not a Durability (0 unspecified, 1 sync, 2 async)",
-                    req.durability
-                )))
-            }
-        };
-        // A retry gets the first answer whatever changed since (even the registry), so the
-        // record is looked up before anything else. Two requests with one key racing past this
-        // look-up are settled by the engine: the record is written only if it is still absent
-        // (below), and the loser replays the winner's answer.
-        let digest = if req.idempotency_key.is_empty() { [0; 32] } else { request_digest(req) };
-        if let Some(resp) = self.replay(&req.idempotency_key, &digest)? {
-            return Ok(resp);
+        match pb::Durability::try_from(req.durability) {
+            Ok(pb::Durability::Async) => Ok(Durability::Async),
+            Ok(pb::Durability::Sync) => Ok(Durability::Sync),
+            Ok(pb::Durability::Unspecified) => Ok(self.default_durability),
+            Err(_) => Err(ServiceError::Invalid(format!(
+                "durability {} is not a Durability (0 unspecified, 1 sync, 2 async)",
+                req.durability
+            ))),
         }
-        let result = self.prepare(req).and_then(|prepared| self.commit(req, &digest, prepared, durability));
+    }
+
+    /// A write's outcome, or on failure with an idempotency key the first answer if a request
+    /// with the same key committed meanwhile.
+    fn after_write(
+        &self,
+        req: &pb::WriteFeaturesRequest,
+        digest: &[u8; 32],
+        result: Result<pb::WriteFeaturesResponse>,
+    ) -> Result<pb::WriteFeaturesResponse> {
         match result {
             // A request with the same key may have committed since the look-up, and then
             // changed what this one is checked against (the registry, the event horizon): the
             // retry still gets the first answer.
             // If that look-up fails too, the write's own error is the one to report.
-            Err(e) if !req.idempotency_key.is_empty() => match self.replay(&req.idempotency_key, &digest) {
+            Err(e) if !req.idempotency_key.is_empty() => match self.replay(&req.idempotency_key, digest) {
                 Ok(Some(resp)) => Ok(resp),
                 Ok(None) => Err(e),
                 Err(refused @ ServiceError::Refused(_)) => Err(refused),
@@ -1943,7 +1985,8 @@ impl Features {
     }
 
     /// Checks every row against the registry and builds the engine batch; writes nothing.
-    fn prepare<'a>(&self, req: &'a pb::WriteFeaturesRequest) -> Result<Prepared<'a>> {
+    /// With `check_owned`, a sharded node refuses rows of entities it does not own.
+    fn prepare<'a>(&self, req: &'a pb::WriteFeaturesRequest, check_owned: bool) -> Result<Prepared<'a>> {
         let mut batch = WriteBatch::new();
         let mut written = Vec::with_capacity(req.rows.len());
         let (mut expect, mut cas_names) = (Vec::new(), Vec::new());
@@ -2030,8 +2073,10 @@ impl Features {
                 cas_names.push(format!("{}:{name}", row.group));
             }
         }
-        self.check_owned(owned_keys.iter().map(Vec::as_slice))?;
-        Ok(Prepared { batch, expect, names: cas_names, written })
+        if check_owned {
+            self.check_owned(owned_keys.iter().map(Vec::as_slice))?;
+        }
+        Ok(Prepared { batch, expect, names: cas_names, written, keys: owned_keys })
     }
 
     /// Commits a prepared write in one engine step: its compare-and-swap expectations, and
@@ -2044,7 +2089,7 @@ impl Features {
         prepared: Prepared<'_>,
         durability: Durability,
     ) -> Result<pb::WriteFeaturesResponse> {
-        let Prepared { mut batch, mut expect, names, written: rows } = prepared;
+        let Prepared { mut batch, mut expect, names, written: rows, .. } = prepared;
         // Cell versions stored: a later write of a cell in the batch replaces an earlier one.
         let written = batch.distinct_cells() as u64;
         let idempotent = !req.idempotency_key.is_empty();

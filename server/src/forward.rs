@@ -37,6 +37,10 @@ use crate::cluster::Remote;
 pub const FORWARDED_HEADER: &str = "quiver-forwarded";
 /// Longest wait to connect to another node of the region.
 pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an idle connection to another node is pinged, and how long its answer may take
+/// before the connection is dropped (its calls fail with `UNAVAILABLE`): a stalled owner does
+/// not hold a forwarded call for ever when the caller set no deadline.
+pub const FORWARD_KEEPALIVE: Duration = Duration::from_secs(10);
 /// Metadata of the caller's request that a forwarded part carries.
 const CARRIED_HEADERS: [&str; 2] = ["authorization", "x-request-id"];
 
@@ -71,6 +75,9 @@ impl Forwarder {
                         Status::unavailable(format!("node {} has a bad address {:?}: {e}", to.node, to.address))
                     })?
                     .connect_timeout(FORWARD_CONNECT_TIMEOUT)
+                    .http2_keep_alive_interval(FORWARD_KEEPALIVE)
+                    .keep_alive_timeout(FORWARD_KEEPALIVE)
+                    .keep_alive_while_idle(true)
                     .tcp_nodelay(true);
                 if let Some(tls) = &self.tls {
                     endpoint = endpoint
@@ -87,15 +94,17 @@ impl Forwarder {
             .max_encoding_message_size(self.message_bytes_max))
     }
 
-    /// Sends an online lookup's part to its owner.
+    /// Sends an online lookup's part to its owner; an answer over `answer_max` bytes is
+    /// refused as it arrives.
     pub async fn online(
         &self,
         caller: &MetadataMap,
         deadline: Option<Instant>,
         to: &Remote,
         part: pb::GetOnlineFeaturesRequest,
+        answer_max: usize,
     ) -> Result<pb::GetOnlineFeaturesResponse, Status> {
-        let mut client = self.client(to)?;
+        let mut client = self.client(to)?.max_decoding_message_size(answer_max.min(self.message_bytes_max));
         let r = client.get_online_features(outgoing(caller, deadline, part)).await;
         r.map(tonic::Response::into_inner).map_err(|s| from_owner(to, s))
     }
@@ -104,11 +113,12 @@ impl Forwarder {
     pub async fn write(
         &self,
         caller: &MetadataMap,
+        deadline: Option<Instant>,
         to: &Remote,
         part: pb::WriteFeaturesRequest,
     ) -> Result<pb::WriteFeaturesResponse, Status> {
         let mut client = self.client(to)?;
-        let r = client.write_features(outgoing(caller, None, part)).await;
+        let r = client.write_features(outgoing(caller, deadline, part)).await;
         r.map(tonic::Response::into_inner).map_err(|s| from_owner(to, s))
     }
 
@@ -116,11 +126,12 @@ impl Forwarder {
     pub async fn scan(
         &self,
         caller: &MetadataMap,
+        deadline: Option<Instant>,
         to: &Remote,
         req: pb::ScanHistoryRequest,
     ) -> Result<tonic::Streaming<pb::ScanHistoryResponse>, Status> {
         let mut client = self.client(to)?;
-        let r = client.scan_history(outgoing(caller, None, req)).await;
+        let r = client.scan_history(outgoing(caller, deadline, req)).await;
         r.map(tonic::Response::into_inner).map_err(|s| from_owner(to, s))
     }
 }
@@ -135,8 +146,8 @@ fn outgoing<T>(caller: &MetadataMap, deadline: Option<Instant>, msg: T) -> Reque
     }
     req.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
     if let Some(d) = deadline {
-        // Past the deadline already: the owner answers what it can in no time (UNAVAILABLE
-        // cells, or the deadline's own error).
+        // The time left (at least 1 µs): the owner plans its reads by it, and the call ends
+        // with it, `DEADLINE_EXCEEDED` or `CANCELLED` if the owner has not answered by then.
         req.set_timeout(d.saturating_duration_since(Instant::now()).max(Duration::from_micros(1)));
     }
     req
@@ -148,9 +159,23 @@ fn from_owner(to: &Remote, s: Status) -> Status {
     Status::with_details(s.code(), message, s.details().to_vec().into())
 }
 
-/// The items of `all` at `rows`.
+/// The items of `all` at `rows` (positions a split made of `all`, so all within it).
 pub fn subset<T: Clone>(all: &[T], rows: &[usize]) -> Vec<T> {
-    rows.iter().filter_map(|&i| all.get(i).cloned()).collect()
+    rows.iter().map(|&i| all[i].clone()).collect()
+}
+
+/// Whether a forwarded part failed only because its deadline passed (the caller's deadline,
+/// carried to the owner, ran out on the way or at the owner).
+pub fn timed_out(s: &Status) -> bool {
+    matches!(s.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+}
+
+/// Whether `s` refuses a slot its node does not own (`SlotNotOwned` details).
+pub fn is_not_owned(s: &Status) -> bool {
+    use prost::Message;
+    s.code() == tonic::Code::FailedPrecondition
+        && s.message().starts_with("slot ")
+        && pb::SlotNotOwned::decode(s.details()).is_ok_and(|d| !d.owner.is_empty())
 }
 
 /// Puts the answers of a lookup's parts back into request order: `parts` holds each part's

@@ -194,7 +194,14 @@ impl FeatureApi {
         // All of it at one other node: its answer is the answer.
         if let ([to], true) = (split.remote.as_slice(), split.local.is_empty()) {
             self.metrics.forwarded.with_label_values(&["GetOnlineFeatures"]).inc_by(n as u64);
-            let answer = fw.online(caller, deadline, to, req).await?;
+            // Kept to answer UNAVAILABLE cells if the owner does not answer in time.
+            let unread = deadline.map(|_| req.clone());
+            let answer = match (fw.online(caller, deadline, to, req, answer_max).await, unread) {
+                (Err(s), Some(req)) if crate::forward::timed_out(&s) => {
+                    self.features.unread_answer(&req).map_err(status)?
+                }
+                (answer, _) => answer?,
+            };
             hold_owners_answer(&mut ticket, &mut 0, answer_max, &answer)?;
             let mut resp = Response::new(answer);
             resp.extensions_mut().insert(HeldTicket(Arc::new(ticket)));
@@ -209,7 +216,7 @@ impl FeatureApi {
         for (k, to) in split.remote.iter().enumerate() {
             let (fw, caller, to, part) = (fw.clone(), caller.clone(), to.clone(), part(&to.rows));
             self.metrics.forwarded.with_label_values(&["GetOnlineFeatures"]).inc_by(to.rows.len() as u64);
-            sends.spawn(async move { (k, fw.online(&caller, deadline, &to, part).await) });
+            sends.spawn(async move { (k, fw.online(&caller, deadline, &to, part, answer_max).await) });
         }
         let mut parts: Vec<(&[usize], pb::GetOnlineFeaturesResponse)> = Vec::with_capacity(split.remote.len() + 1);
         // Encoded bytes of the parts' answers: together they are held to one answer's limit.
@@ -236,7 +243,14 @@ impl FeatureApi {
         let mut remote: Vec<Option<pb::GetOnlineFeaturesResponse>> = vec![None; split.remote.len()];
         while let Some(done) = sends.join_next().await {
             let (k, answer) = done.map_err(|e| Status::internal(format!("forwarding failed: {e}")))?;
-            let answer = answer?;
+            // An owner that did not answer by the deadline: its cells are UNAVAILABLE (or
+            // DEFAULTED), as they would be on one node, not an error for the whole lookup.
+            let answer = match answer {
+                Err(s) if deadline.is_some() && crate::forward::timed_out(&s) => {
+                    self.features.unread_answer(&part(&split.remote[k].rows)).map_err(status)?
+                }
+                answer => answer?,
+            };
             hold_owners_answer(&mut ticket, &mut answered, answer_max, &answer)?;
             remote[k] = Some(answer);
         }
@@ -255,11 +269,15 @@ impl FeatureApi {
         caller: &tonic::metadata::MetadataMap,
         req: pb::WriteFeaturesRequest,
     ) -> Result<pb::WriteFeaturesResponse, Status> {
+        let deadline = deadline_of(caller, std::time::Instant::now())?;
         let f = self.features.clone();
         let forwarder = self.forwarding(caller);
         let forwards = forwarder.is_some();
+        let bytes = req.encoded_len() as u64;
         let routed = blocking(move || {
             if forwards {
+                // The whole write is checked here first, so that one refused anywhere is
+                // refused whole, with nothing written.
                 let keys = f.write_keys(&req).map_err(status)?;
                 if let Some(split) = f.route(&keys).map_err(status)? {
                     return Ok(Err((req, split)));
@@ -269,7 +287,10 @@ impl FeatureApi {
         })
         .await?;
         let (mut req, split) = match routed {
-            Ok(resp) => return Ok(resp),
+            Ok(resp) => {
+                self.count_written(&resp, bytes);
+                return Ok(resp);
+            }
             Err(routed) => routed,
         };
         let Some(fw) = forwarder else {
@@ -281,14 +302,20 @@ impl FeatureApi {
         for (k, to) in split.remote.iter().enumerate() {
             let (fw, caller, to, part) = (fw.clone(), caller.clone(), to.clone(), part(&to.rows));
             self.metrics.forwarded.with_label_values(&["WriteFeatures"]).inc_by(to.rows.len() as u64);
-            sends.spawn(async move { (k, fw.write(&caller, &to, part).await) });
+            sends.spawn(async move { (k, fw.write(&caller, deadline, &to, part).await) });
         }
         // Each part's outcome, with who applied it and how many rows.
         let mut outcomes: Vec<(String, &[usize], Result<pb::WriteFeaturesResponse, Status>)> = Vec::new();
         if !split.local.is_empty() {
             let (f, local) = (self.features.clone(), part(&split.local));
             let here = self.features.node_id().unwrap_or_default();
-            outcomes.push((here, &split.local, blocking(move || f.write(&local).map_err(status)).await));
+            let bytes = local.encoded_len() as u64;
+            let r = blocking(move || f.write(&local).map_err(status)).await;
+            if let Ok(resp) = &r {
+                // Each owner counts what it wrote itself.
+                self.count_written(resp, bytes);
+            }
+            outcomes.push((here, &split.local, r));
         }
         let mut remote: Vec<Option<Result<pb::WriteFeaturesResponse, Status>>> = vec![None; split.remote.len()];
         while let Some(done) = sends.join_next().await {
@@ -321,11 +348,25 @@ impl FeatureApi {
                         shown.join(", "),
                         s.message()
                     );
-                    return Err(Status::with_details(s.code(), message, s.details().to_vec().into()));
+                    // A refusal for a slot the owner no longer holds must not tell the caller to
+                    // resend the write once other shards applied theirs.
+                    let details = match (s.code(), applied == "none") {
+                        (tonic::Code::FailedPrecondition, false) => Vec::new(),
+                        _ => s.details().to_vec(),
+                    };
+                    return Err(Status::with_details(s.code(), message, details.into()));
                 }
             }
         }
         Ok(crate::forward::merge_writes(&answers))
+    }
+
+    /// Counts a write this node applied in its metrics (a replayed one writes nothing).
+    fn count_written(&self, resp: &pb::WriteFeaturesResponse, bytes: u64) {
+        if !resp.deduplicated {
+            self.metrics.values_written.inc_by(resp.values_written);
+            self.metrics.write_bytes.inc_by(bytes);
+        }
     }
 
     /// The same endpoints ending their streams with `UNAVAILABLE` once `stopping` turns true.
@@ -495,12 +536,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 p.take_values(values_in(&req))?;
                 let resp = self.write_routed(&caller, req).await;
                 drop(ticket);
-                let resp = resp?;
-                if !resp.deduplicated {
-                    self.metrics.values_written.inc_by(resp.values_written);
-                    self.metrics.write_bytes.inc_by(bytes);
-                }
-                Ok(Response::new(resp))
+                Ok(Response::new(resp?))
             })
             .await
     }
@@ -561,10 +597,6 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                     summary.requests += 1;
                     summary.rows += rows;
                     summary.values_written += resp.values_written;
-                    if !resp.deduplicated {
-                        self.metrics.values_written.inc_by(resp.values_written);
-                        self.metrics.write_bytes.inc_by(bytes);
-                    }
                 }
                 Ok(Response::new(summary))
             })
@@ -635,7 +667,8 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                     {
                         self.metrics.forwarded.with_label_values(&["ScanHistory"]).inc();
                         let caller = req.metadata().clone();
-                        let stream = fw.scan(&caller, &to, req.into_inner()).await?;
+                        let deadline = deadline_of(&caller, std::time::Instant::now())?;
+                        let stream = fw.scan(&caller, deadline, &to, req.into_inner()).await?;
                         // The ticket is held until the owner's stream has been passed through.
                         let stream = tokio_stream::StreamExt::map(stream, move |chunk| {
                             let _held = &ticket;

@@ -31,8 +31,6 @@ use tonic::{Code, Status};
 
 /// How many times a part refused for a moved slot is resent after re-reading the map.
 pub const ROUTE_RETRIES: usize = 1;
-/// Largest message sent or received (as quiverd's limit).
-const MESSAGE_BYTES_MAX: usize = 64 << 20;
 
 type FeatureClient = pb::feature_service_client::FeatureServiceClient<AuthChannel>;
 
@@ -79,7 +77,10 @@ impl Router {
         let tls = match (seed.starts_with("https://"), ca_pem) {
             (true, Some(ca)) => Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca))),
             (true, None) => return Err(Status::invalid_argument(format!("{seed} is TLS: the router needs its CA"))),
-            (false, _) => None,
+            (false, Some(_)) => {
+                return Err(Status::invalid_argument(format!("a CA is for https:// addresses, not {seed}")))
+            }
+            (false, None) => None,
         };
         let router = Router {
             seed: seed.trim_end_matches('/').to_string(),
@@ -131,8 +132,8 @@ impl Router {
             return Ok(c.clone());
         }
         let c = pb::feature_service_client::FeatureServiceClient::new(self.channel(addr)?)
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX);
+            .max_decoding_message_size(quiver_server::daemon::MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(quiver_server::daemon::MESSAGE_BYTES_MAX);
         clients.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -149,10 +150,11 @@ impl Router {
         let scheme = if self.seed.starts_with("https://") { "https" } else { "http" };
         let mut view = View { owners: vec![None; usize::from(SLOTS)], ..Default::default() };
         if let Some(map) = st.map.filter(|_| st.sharded) {
-            let index: HashMap<&str, usize> =
-                st.nodes.iter().filter(|n| !n.addr.is_empty()).enumerate().map(|(i, n)| (n.node.as_str(), i)).collect();
-            view.addrs =
-                st.nodes.iter().filter(|n| !n.addr.is_empty()).map(|n| format!("{scheme}://{}", n.addr)).collect();
+            let mut index: HashMap<&str, usize> = HashMap::new();
+            for n in st.nodes.iter().filter(|n| !n.addr.is_empty()) {
+                index.insert(n.node.as_str(), view.addrs.len());
+                view.addrs.push(format!("{scheme}://{}", n.addr));
+            }
             for run in &map.runs {
                 let owner = index.get(run.owner.as_str()).copied();
                 for slot in run.first..=run.last.min(u32::from(SLOTS) - 1) {
@@ -222,10 +224,22 @@ impl Router {
         F: Fn(FeatureClient, Vec<usize>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let mut pending: Vec<usize> = (0..keys.len()).collect();
-        let mut answers = Vec::new();
+        // Parts still to send: to the address given, or (None) by the map. An empty request
+        // goes to the seed whole, which answers it (or refuses it) as it would anyone's.
+        let mut pending: Vec<(Option<String>, Vec<usize>)> = if keys.is_empty() {
+            vec![(Some(self.seed.clone()), vec![])]
+        } else {
+            vec![(None, (0..keys.len()).collect())]
+        };
+        let mut answers: Vec<(String, Vec<usize>, T)> = Vec::new();
         for attempt in 0..=ROUTE_RETRIES {
-            let parts = self.split(keys, &pending);
+            let mut parts = Vec::new();
+            for (to, rows) in pending.drain(..) {
+                match to {
+                    Some(addr) => parts.push((addr, rows)),
+                    None => parts.extend(self.split(keys, &rows)),
+                }
+            }
             let sends = parts.into_iter().map(|(addr, rows)| {
                 let client = self.client(&addr);
                 let send = &send;
@@ -237,26 +251,45 @@ impl Router {
                     (addr, rows, r)
                 }
             });
-            pending.clear();
+            // Parts refused for a slot their node does not own, with the owner it names.
+            let mut refused: Vec<(Option<String>, Vec<usize>)> = Vec::new();
             let mut failed = None;
             for (addr, rows, r) in futures::future::join_all(sends).await {
                 match r {
-                    Ok(a) => answers.push((rows, a)),
-                    Err(s) if not_owned(&s) && attempt < ROUTE_RETRIES => pending.extend(rows),
+                    Ok(a) => answers.push((addr, rows, a)),
+                    Err(s) if attempt < ROUTE_RETRIES && not_owned(&s) => refused.push((self.owner_named(&s), rows)),
                     Err(s) => failed = failed.or(Some((addr, rows, s))),
                 }
             }
+            let failure = |addr: String, rows: Vec<usize>, status: Status, answers: &[(String, Vec<usize>, T)]| {
+                let applied = answers.iter().map(|(a, r, _)| (a.clone(), r.len())).collect();
+                Failed { addr, rows, status, applied }.into_status()
+            };
             if let Some((addr, rows, s)) = failed {
-                return Err(Failed { addr, rows, status: s, applied: answers.iter().map(|(r, _)| r.len()).collect() }
-                    .into_status());
+                return Err(failure(addr, rows, s, &answers));
             }
-            if pending.is_empty() {
+            if refused.is_empty() {
                 break;
             }
-            pending.sort_unstable();
-            self.refresh().await?;
+            match self.refresh().await {
+                Ok(()) => pending = refused.into_iter().map(|(_, rows)| (None, rows)).collect(),
+                // A token that may not read the map: each refused part goes to the owner its
+                // refusal names.
+                Err(e) if e.code() == Code::PermissionDenied => pending = refused,
+                Err(e) => {
+                    let rows = refused.into_iter().flat_map(|(_, rows)| rows).collect();
+                    return Err(failure(self.seed.clone(), rows, e, &answers));
+                }
+            }
         }
-        Ok(answers)
+        Ok(answers.into_iter().map(|(_, rows, a)| (rows, a)).collect())
+    }
+
+    /// The address (with the seed's scheme) of the owner a `SlotNotOwned` refusal names.
+    fn owner_named(&self, s: &Status) -> Option<String> {
+        let d = pb::SlotNotOwned::decode(s.details()).ok()?;
+        let scheme = if self.seed.starts_with("https://") { "https" } else { "http" };
+        (!d.owner_addr.is_empty()).then(|| format!("{scheme}://{}", d.owner_addr))
     }
 
     /// `GetOnlineFeatures`, each entity read at its owner; columns in request order.
@@ -307,24 +340,30 @@ impl Router {
     }
 }
 
-/// A part that failed, and the sizes of the parts that did not.
+/// A part that failed, and the parts that did not (their node, and how many entities each).
 struct Failed {
     addr: String,
     rows: Vec<usize>,
     status: Status,
-    applied: Vec<usize>,
+    applied: Vec<(String, usize)>,
 }
 
 impl Failed {
     fn into_status(self) -> Status {
+        let done: Vec<String> = self.applied.iter().map(|(a, n)| format!("{a} ({n} entities)")).collect();
+        let done = if done.is_empty() { "none".to_string() } else { done.join(", ") };
         let message = format!(
-            "{} of the request's entities sent to {} failed ({} other parts answered, of {} entities): {}",
+            "{} of the request's entities sent to {} failed: {}; parts answered (a write's: applied): {done}",
             self.rows.len(),
             self.addr,
-            self.applied.len(),
-            self.applied.iter().sum::<usize>(),
             self.status.message()
         );
-        Status::with_details(self.status.code(), message, self.status.details().to_vec().into())
+        // A refusal for a moved slot after other parts were applied must not invite a resend
+        // of the whole request.
+        let details = match (self.status.code(), self.applied.is_empty()) {
+            (Code::FailedPrecondition, false) => Vec::new(),
+            _ => self.status.details().to_vec(),
+        };
+        Status::with_details(self.status.code(), message, details.into())
     }
 }

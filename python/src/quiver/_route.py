@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from quiver.errors import QuiverError, QuiverFailedPrecondition
 from quiver.slots import SLOTS, slot_of
@@ -39,8 +40,14 @@ def key_of(entity: ty.EntityKey) -> tuple[str | int, ...]:
 
 
 def not_owned(e: QuiverError) -> bool:
-    """Whether ``e`` refuses a slot its node does not own (``SlotNotOwned``)."""
-    return isinstance(e, QuiverFailedPrecondition) and str(e).startswith("slot ")
+    """Whether ``e`` refuses a slot its node does not own (``SlotNotOwned`` in its details; a
+    node strips them from a split write that other shards applied, which must not be resent)."""
+    if not isinstance(e, QuiverFailedPrecondition) or not e.details:
+        return False
+    try:
+        return bool(cl.SlotNotOwned.FromString(e.details).owner)
+    except DecodeError:
+        return False
 
 
 class Router:
