@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::admission::{Admission, HeldTicket, ONLINE_ANSWER_BYTES_MAX, ONLINE_ANSWER_SHARE_DIVISOR};
 use crate::auth::{self, Scope};
+use crate::cluster::NotServed;
 use crate::convert;
 use crate::features::{
     Features, ServiceError, FEATURES_PER_REQUEST_MAX, ONLINE_CELLS_MAX, ONLINE_INLINE_CELLS_MAX, SPINE_ROWS_MAX,
@@ -275,15 +276,24 @@ impl FeatureApi {
         let forwards = forwarder.is_some();
         let bytes = req.encoded_len() as u64;
         let routed = blocking(move || {
-            if forwards {
-                // The whole write is checked here first, so that one refused anywhere is
-                // refused whole, with nothing written.
-                let keys = f.write_keys(&req).map_err(status)?;
-                if let Some(split) = f.route(&keys).map_err(status)? {
-                    return Ok(Err((req, split)));
+            // Without an idempotency key, a write this node owns whole is simply written: one
+            // it does not is refused before anything is written, and split below. (With a key
+            // the split is decided first: each shard's record is of its own part, and the
+            // whole request's digest would not match this node's.)
+            if !forwards || req.idempotency_key.is_empty() {
+                match f.write(&req) {
+                    Err(ServiceError::NotServed(NotServed::NotOwner(_))) if forwards => {}
+                    r => return r.map(Ok).map_err(status),
                 }
             }
-            f.write(&req).map(Ok).map_err(status)
+            // The whole write is checked here first, so that one refused anywhere is refused
+            // whole, with nothing written.
+            let keys = f.write_keys(&req).map_err(status)?;
+            match f.route(&keys).map_err(status)? {
+                Some(split) => Ok(Err((req, split))),
+                // This node owns it all (the map changed in between, or the write has a key).
+                None => f.write(&req).map(Ok).map_err(status),
+            }
         })
         .await?;
         let (mut req, split) = match routed {

@@ -302,6 +302,16 @@ async fn three_shards_serve_their_slots_forward_or_name_the_owner_of_the_rest() 
     let s = nodes[1].clients.features.get_online_features(lookup(&many)).await.expect_err("over the limit");
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
 
+    // A split write with an idempotency key is applied once: its retry is replayed by every
+    // shard (each keeps the record of its own part).
+    let (mine, other) = (by_owner["n1"][3], by_owner["n2"][3]);
+    let mut keyed = write(&[mine, other]);
+    keyed.idempotency_key = "span-1".into();
+    let first = nodes[1].clients.features.write_features(keyed.clone()).await.expect("keyed").into_inner();
+    assert!(!first.deduplicated && first.values_written == 2, "{first:?}");
+    let again = nodes[1].clients.features.write_features(keyed).await.expect("retried").into_inner();
+    assert!(again.deduplicated && again.values_written == 2, "{again:?}");
+
     // The routing client reads the map from n0 (which forwards nothing) and sends each user to
     // its owner: a lookup of everyone answers as a forwarding node does, and a write of
     // everyone lands at each owner.
