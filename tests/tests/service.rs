@@ -2,7 +2,7 @@
 //! idempotency and compare-and-swap, bad input (codes, messages, nothing changed), restarts.
 
 use prost::Message;
-use quiver_e2e::{example_registry, int, key, ts, Clients, Daemon};
+use quiver_e2e::{clicks_row, example_registry, int, key, ts, Clients, Daemon};
 use quiver_proto::v1 as pb;
 use tonic::Code;
 
@@ -10,13 +10,7 @@ const HOUR_US: i64 = 3_600_000_000;
 const T0: i64 = 1_767_225_600_000_000;
 
 fn row(user: &str, at: i64, clicks: i64) -> pb::WriteRow {
-    pb::WriteRow {
-        entity: Some(key(user)),
-        group: "user_stats".into(),
-        event_time: ts(at),
-        values: [("clicks".to_string(), int(clicks))].into_iter().collect(),
-        ..Default::default()
-    }
+    clicks_row(user, at, clicks)
 }
 
 fn online_req(users: &[&str], as_of: i64) -> pb::GetOnlineFeaturesRequest {

@@ -28,9 +28,20 @@ pub struct Server {
 }
 
 impl Server {
+    /// A CA goes with an `https://` address and only with one (the error names the flag).
+    fn check_tls(&self) -> Result<()> {
+        let addr = &self.addr;
+        match (addr.starts_with("https://"), &self.ca_pem) {
+            (true, None) => Err(format!("{addr} is TLS: give the CA that signed its certificate (--ca-cert)")),
+            (false, Some(_)) => Err(format!("--ca-cert is for https:// addresses, not {addr}")),
+            _ => Ok(()),
+        }
+    }
+
     /// A routing client seeded at it: in a sharded region, each entity goes straight to its
     /// slot's owner (`quiver_tools::route`).
     pub async fn router(&self) -> Result<quiver_tools::route::Router> {
+        self.check_tls()?;
         quiver_tools::route::Router::connect(&self.addr, self.token.clone(), self.ca_pem.clone()).await.map_err(grpc)
     }
 
@@ -38,15 +49,11 @@ impl Server {
     pub async fn channel(&self) -> Result<Conn> {
         let addr = &self.addr;
         let mut endpoint = Channel::from_shared(addr.to_string()).map_err(|e| format!("bad address {addr:?}: {e}"))?;
-        match (addr.starts_with("https://"), &self.ca_pem) {
-            (true, Some(ca)) => {
-                let tls = tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(ca));
-                endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
-            }
-            (true, None) => return Err(format!("{addr} is TLS: give the CA that signed its certificate (--ca-cert)")),
-            (false, Some(_)) => return Err(format!("--ca-cert is for https:// addresses, not {addr}")),
-            (false, None) => {}
+        self.check_tls()?;
+        if let Some(ca) = &self.ca_pem {
+            let tls =
+                tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+            endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
         }
         let ch = endpoint.connect().await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
         Ok(Conn::new(ch, self.token.clone()))

@@ -22,8 +22,9 @@ pub async fn get(
     features: Vec<String>,
     opts: GetOptions,
 ) -> Result<()> {
-    let ch = server.channel().await?;
-    let et = fetch_entity_type(&ch, &entity_type).await?;
+    // One connection for the registry and the lookup: the router's, which caches the type.
+    let router = server.router().await?.with_timeout(opts.timeout);
+    let et = router.entity_type(&entity_type).await.map_err(grpc)?;
     let keys = entities.iter().map(|e| entity_key(&et, e)).collect::<Result<Vec<_>>>()?;
     let msg = pb::GetOnlineFeaturesRequest {
         entity_type,
@@ -32,7 +33,6 @@ pub async fn get(
         default_missing: opts.default_missing,
         ..Default::default()
     };
-    let router = server.router().await?.with_timeout(opts.timeout);
     let resp = router.get_online_features(msg).await.map_err(grpc)?;
     for (i, e) in entities.iter().enumerate() {
         let cells: Vec<String> =

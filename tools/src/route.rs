@@ -48,6 +48,8 @@ struct View {
 /// A client of a (possibly sharded) region that sends each entity to its owner.
 pub struct Router {
     seed: String,
+    /// A channel to the seed (for the map and the registry), opened with the first call.
+    seed_channel: AuthChannel,
     token: BearerToken,
     tls: Option<ClientTlsConfig>,
     view: RwLock<Arc<View>>,
@@ -63,6 +65,17 @@ impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Router").field("seed", &self.seed).field("revision", &self.view.read().revision).finish()
     }
+}
+
+/// A channel to `addr` that connects on its first call and sends `token` with every call.
+fn lazy_channel(addr: &str, tls: Option<&ClientTlsConfig>, token: &BearerToken) -> Result<AuthChannel, Status> {
+    let mut endpoint = Endpoint::from_shared(addr.to_string())
+        .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| Status::invalid_argument(format!("TLS: {e}")))?;
+    }
+    Ok(AuthChannel::new(endpoint.connect_lazy(), token.clone()))
 }
 
 /// Whether `s` is a refusal for a slot its node does not own.
@@ -83,6 +96,7 @@ impl Router {
             (false, None) => None,
         };
         let router = Router {
+            seed_channel: lazy_channel(seed, tls.as_ref(), &token)?,
             seed: seed.trim_end_matches('/').to_string(),
             token,
             tls,
@@ -115,25 +129,16 @@ impl Router {
         req
     }
 
-    fn channel(&self, addr: &str) -> Result<AuthChannel, Status> {
-        let mut endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
-            .tcp_nodelay(true);
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| Status::invalid_argument(format!("TLS: {e}")))?;
-        }
-        Ok(AuthChannel::new(endpoint.connect_lazy(), self.token.clone()))
-    }
-
     /// The feature service at `addr` (one lazily connected channel per address).
     fn client(&self, addr: &str) -> Result<FeatureClient, Status> {
         let mut clients = self.clients.lock();
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
-        let c = pb::feature_service_client::FeatureServiceClient::new(self.channel(addr)?)
-            .max_decoding_message_size(quiver_server::daemon::MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(quiver_server::daemon::MESSAGE_BYTES_MAX);
+        let c =
+            pb::feature_service_client::FeatureServiceClient::new(lazy_channel(addr, self.tls.as_ref(), &self.token)?)
+                .max_decoding_message_size(quiver_server::daemon::MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(quiver_server::daemon::MESSAGE_BYTES_MAX);
         clients.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -145,7 +150,7 @@ impl Router {
 
     /// Re-reads the map and the nodes from the seed (an older map never replaces a newer one).
     pub async fn refresh(&self) -> Result<(), Status> {
-        let mut c = pb::cluster_service_client::ClusterServiceClient::new(self.channel(&self.seed)?);
+        let mut c = pb::cluster_service_client::ClusterServiceClient::new(self.seed_channel.clone());
         let st = c.get_cluster_status(pb::GetClusterStatusRequest {}).await?.into_inner();
         let scheme = if self.seed.starts_with("https://") { "https" } else { "http" };
         let mut view = View { owners: vec![None; usize::from(SLOTS)], ..Default::default() };
@@ -189,11 +194,12 @@ impl Router {
         parts
     }
 
-    async fn entity_type(&self, name: &str) -> Result<pb::EntityType, Status> {
+    /// An entity type from the seed's registry (fetched once).
+    pub async fn entity_type(&self, name: &str) -> Result<pb::EntityType, Status> {
         if let Some(et) = self.entity_types.lock().get(name) {
             return Ok(et.clone());
         }
-        let mut reg = pb::registry_service_client::RegistryServiceClient::new(self.channel(&self.seed)?);
+        let mut reg = pb::registry_service_client::RegistryServiceClient::new(self.seed_channel.clone());
         let et = reg.get_entity_type(pb::GetEntityTypeRequest { name: name.to_string() }).await?.into_inner();
         self.entity_types.lock().insert(name.to_string(), et.clone());
         Ok(et)
@@ -206,7 +212,7 @@ impl Router {
             None => {
                 let (name, version) = quiver_server::registry::parse_group_ref(group)
                     .ok_or_else(|| Status::invalid_argument(format!("bad group reference {group:?}")))?;
-                let mut reg = pb::registry_service_client::RegistryServiceClient::new(self.channel(&self.seed)?);
+                let mut reg = pb::registry_service_client::RegistryServiceClient::new(self.seed_channel.clone());
                 let req = pb::GetFeatureGroupRequest { name: name.to_string(), version };
                 let def = reg.get_feature_group(req).await?.into_inner();
                 self.groups.lock().insert(group.to_string(), def.entity_type.clone());
