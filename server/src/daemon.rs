@@ -268,7 +268,12 @@ pub async fn serve(
         direct_reads: cfg.direct_reads,
         compression: cfg.table_compression,
         region: cfg.cluster.region,
-        replication_log_bytes: if cfg.cluster.peers.is_empty() { 0 } else { cfg.replication_log_bytes },
+        // Peers and moves of slots (a sharded node is a move's source) read the node's log.
+        replication_log_bytes: if cfg.cluster.peers.is_empty() && cfg.shard.is_none() {
+            0
+        } else {
+            cfg.replication_log_bytes
+        },
         // The in-memory tail of the log is part of what is retained, within the same bound.
         replication_tail_bytes: REPLICATION_TAIL_BYTES_MAX.min(cfg.replication_log_bytes as usize),
         // The registry and the monitoring watermarks replicate with the data.

@@ -33,6 +33,7 @@ mod jobs;
 mod offline;
 mod read;
 mod recovery;
+mod moved;
 mod replicate;
 mod window;
 mod write;
@@ -44,6 +45,7 @@ use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
+pub use moved::{HistoryReader, LocalLog, MOVED_ORIGIN_SEQNO};
 pub use offline::{verify_dir, VerifyReport};
 pub use read::{BatchRead, EntityVersions, Gathered, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
 pub use replicate::{
@@ -549,6 +551,33 @@ impl Db {
             }
         }
         Ok(r)
+    }
+
+    /// Every version (full history, tombstones included) of the user entities `keep` accepts,
+    /// from one read view, for moving them to another node of this region
+    /// (`server/CLUSTER.md` §5); [`HistoryReader::through`] says where [`Db::local_log`]
+    /// continues.
+    pub fn history(&self, keep: Box<dyn Fn(&[u8]) -> bool + Send>) -> Result<HistoryReader> {
+        self.inner.history(keep)
+    }
+
+    /// This node's local batches after `after` (at most `max`), every op kept, and how far they
+    /// reach. [`Error::LogTruncated`] if the log no longer holds them all.
+    pub fn local_log(&self, after: u64, max: usize) -> Result<LocalLog> {
+        self.inner.local_log(after, max)
+    }
+
+    /// Applies versions moved from another node of this region verbatim: same keys, same
+    /// cells; a key held already is skipped. User entities and idempotency records only; at
+    /// most [`SHIPPED_VERSIONS_MAX`]. Returns how many were inserted.
+    pub fn apply_moved(&self, versions: &[SnapshotVersion], durability: Durability) -> Result<u64> {
+        let n = self.inner.apply_moved(versions, durability)?;
+        if self.inner.opts.background == Background::Inline && n > 0 {
+            if let Err(e) = self.inner.run_inline_work() {
+                tracing::error!(error = %e, "inline background work failed");
+            }
+        }
+        Ok(n)
     }
 
     /// The origin sequence number this node has applied `origin`'s log through (0: none).

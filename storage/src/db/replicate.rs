@@ -262,6 +262,17 @@ impl Inner {
     /// the in-memory tail when it reaches back far enough, else from the WAL segments still on
     /// disk.
     pub(super) fn origin_log(&self, after: u64, max: usize) -> Result<Vec<ShippedBatch>> {
+        self.log_after(after, max, &|b| self.shipped(b))
+    }
+
+    /// The local batches with sequence numbers above `after`, at most `max`, each as `ship`
+    /// makes it (see [`Inner::origin_log`]).
+    pub(super) fn log_after(
+        &self,
+        after: u64,
+        max: usize,
+        ship: &dyn Fn(&batch::DecodedBatch<'_>) -> ShippedBatch,
+    ) -> Result<Vec<ShippedBatch>> {
         // Only durable batches leave the node: one lost in a crash must not be on a peer (the
         // origin would reuse its sequence number). Older segments were synced at their switch.
         // `published` first: everything published by then was appended to this segment or to
@@ -281,7 +292,7 @@ impl Inner {
                         break;
                     }
                     let b = batch::decode(payload).map_err(|w| Error::corruption(&self.dir, 0, w))?;
-                    out.push(self.shipped(&b));
+                    out.push(ship(&b));
                 }
                 return Ok(out);
             }
@@ -339,7 +350,7 @@ impl Inner {
                 if out.len() >= max {
                     return Ok(out);
                 }
-                out.push(self.shipped(&b));
+                out.push(ship(&b));
             }
         }
         if after < published && prev.is_none_or(|p| p < published) && !self.gap_pruned(after, published + 1) {
