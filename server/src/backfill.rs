@@ -38,11 +38,14 @@ type Result<T> = std::result::Result<T, ServiceError>;
 const USER_KEYS_START: &[u8] = &[1];
 
 /// `CopyFeatureHistory`: copies, sending progress to `emit` after each durable batch (it
-/// returns false to stop: the client went away).
+/// returns false to stop: the client went away). On a sharded node (`shard`), only the
+/// entities it owns now are copied (it may hold others' versions from before a move), and each
+/// batch is written as a write is: refused while a move of its slots is fenced (CLUSTER.md §5).
 pub fn copy_history(
     db: &Db,
     registry: &Registry,
     req: &pb::CopyFeatureHistoryRequest,
+    shard: Option<&crate::features::Features>,
     mut emit: impl FnMut(pb::CopyFeatureHistoryProgress) -> bool,
 ) -> Result<()> {
     if req.from_version == 0 || req.to_version == 0 || req.from_version == req.to_version {
@@ -103,9 +106,23 @@ pub fn copy_history(
     let mut batch = WriteBatch::new();
     // The last source cell written: (entity, feature, event time).
     let mut last: Option<(Vec<u8>, u32, i64)> = None;
-    let mut flush = |batch: &mut WriteBatch, next: &[u8], progress: &mut pb::CopyFeatureHistoryProgress| {
+    // The entities of the batch being built (for the fence).
+    let mut entities: Vec<Vec<u8>> = Vec::new();
+    let write = |batch: WriteBatch, entities: &mut Vec<Vec<u8>>| {
+        let _fence = match shard {
+            Some(f) => f.write_guard(entities)?,
+            None => None,
+        };
+        entities.clear();
+        db.write(batch, Durability::Sync)?;
+        Ok::<(), ServiceError>(())
+    };
+    let mut flush = |batch: &mut WriteBatch,
+                     entities: &mut Vec<Vec<u8>>,
+                     next: &[u8],
+                     progress: &mut pb::CopyFeatureHistoryProgress| {
         let cells = batch.len() as u64;
-        db.write(std::mem::take(batch), Durability::Sync)?;
+        write(std::mem::take(batch), entities)?;
         progress.cells_copied += cells;
         progress.next_entity = next.to_vec();
         Ok::<bool, ServiceError>(emit(progress.clone()))
@@ -113,6 +130,9 @@ pub fn copy_history(
     for item in db.scan(range)? {
         let item = item?;
         let Some(&t) = target.get(&item.feature.0) else { continue };
+        if shard.is_some_and(|f| !f.owns(&item.entity)) {
+            continue;
+        }
         let e = item.version.event_time.0;
         let new_entity = last.as_ref().is_none_or(|(le, _, _)| *le != item.entity);
         if !new_entity && last.as_ref().is_some_and(|(_, lf, le)| *lf == item.feature.0 && *le == e) {
@@ -121,15 +141,18 @@ pub fn copy_history(
         if new_entity {
             progress.entities += 1;
             // Cut at the entity boundary: everything before this entity is in the batch.
-            if batch.len() >= COPY_BATCH_CELLS && !flush(&mut batch, &item.entity, &mut progress)? {
+            if batch.len() >= COPY_BATCH_CELLS && !flush(&mut batch, &mut entities, &item.entity, &mut progress)? {
                 return Ok(());
             }
         } else if (batch.len() >= COPY_BATCH_CELLS_MAX
             || batch.size_bytes() >= quiver_storage::limits::BATCH_BYTES_MAX / 4)
-            && !flush(&mut batch, &item.entity, &mut progress)?
+            && !flush(&mut batch, &mut entities, &item.entity, &mut progress)?
         {
             // One entity too large for a batch is split; a copy resumed restarts at it.
             return Ok(());
+        }
+        if entities.last() != Some(&item.entity) {
+            entities.push(item.entity.clone());
         }
         match item.version.value {
             Some(v) => batch.put(&item.entity, t, item.version.event_time, v)?,
@@ -139,7 +162,7 @@ pub fn copy_history(
     }
     if !batch.is_empty() {
         let cells = batch.len() as u64;
-        db.write(batch, Durability::Sync)?;
+        write(batch, &mut entities)?;
         progress.cells_copied += cells;
     }
     progress.next_entity = Vec::new();

@@ -28,6 +28,8 @@ pub const ETCD_RETRY_MAX: Duration = Duration::from_secs(5);
 pub const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The cluster name when none is given: keys under `/quiver/quiver/`.
 pub const CLUSTER_NAME_DEFAULT: &str = "quiver";
+/// Most tries of one change of the map when other changes keep winning the compare-and-swap.
+pub const MAP_CHANGE_ATTEMPTS: usize = 8;
 /// Longest node id and cluster name, in bytes.
 pub const NAME_BYTES_MAX: usize = 64;
 
@@ -73,10 +75,59 @@ pub struct Run {
     pub epoch: u64,
 }
 
+/// Where a move stands (§5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MoveState {
+    /// The target copies and catches up; the source serves the slots.
+    Copying,
+    /// The source refuses writes to the slots until the switch.
+    Fenced,
+}
+
+/// A move of slots `first..=last` from `from` (their one owner) to `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    /// First slot.
+    pub first: Slot,
+    /// Last slot (inclusive).
+    pub last: Slot,
+    /// The source: the slots' owner.
+    pub from: String,
+    /// The target.
+    pub to: String,
+    /// Where it stands.
+    pub state: MoveState,
+}
+
+impl Move {
+    /// Whether it moves `slot`.
+    pub fn holds(&self, slot: Slot) -> bool {
+        (self.first..=self.last).contains(&slot)
+    }
+
+    /// The API's form.
+    pub fn to_pb(&self) -> pb::SlotMove {
+        pb::SlotMove {
+            first: u32::from(self.first),
+            last: u32::from(self.last),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            state: match self.state {
+                MoveState::Copying => pb::MoveState::Copying,
+                MoveState::Fenced => pb::MoveState::Fenced,
+            } as i32,
+        }
+    }
+}
+
 /// The stored form of the map (JSON in etcd).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct StoredMap {
     runs: Vec<Run>,
+    /// Moves under way (absent in maps written before moves existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    moves: Vec<Move>,
 }
 
 /// A node's registration (JSON in etcd).
@@ -94,12 +145,14 @@ pub struct SlotMap {
     runs: Vec<Run>,
     /// Index into `runs` of each slot's run (empty: no map).
     run_of: Vec<u16>,
+    /// Moves under way, in slot order, disjoint.
+    moves: Vec<Move>,
 }
 
 impl SlotMap {
     /// No map yet (revision 0).
     pub fn empty() -> Self {
-        SlotMap { revision: 0, runs: Vec::new(), run_of: Vec::new() }
+        SlotMap { revision: 0, runs: Vec::new(), run_of: Vec::new(), moves: Vec::new() }
     }
 
     /// A map from its runs, refused unless they cover `0..SLOTS` exactly once, in order, with
@@ -127,13 +180,74 @@ impl SlotMap {
             let i = u16::try_from(i).map_err(|_| "more runs than slots".to_string())?;
             run_of.extend(std::iter::repeat_n(i, usize::from(r.last - r.first) + 1));
         }
-        Ok(SlotMap { revision, runs, run_of })
+        Ok(SlotMap { revision, runs, run_of, moves: Vec::new() })
+    }
+
+    /// A map from its runs and its moves, refused unless the runs are valid
+    /// ([`SlotMap::from_runs`]) and each move covers slots of its source alone, to another
+    /// node, in slot order, no two sharing a slot.
+    pub fn with_moves(revision: i64, runs: Vec<Run>, moves: Vec<Move>) -> Result<Self, String> {
+        let mut map = SlotMap::from_runs(revision, runs)?;
+        let mut next: u32 = 0;
+        for (i, m) in moves.iter().enumerate() {
+            if u32::from(m.first) < next || m.last < m.first || m.last >= SLOTS {
+                return Err(format!("move {i} (slots {}..={}) overlaps another or is out of order", m.first, m.last));
+            }
+            check_name(&format!("move {i}: from"), &m.from)?;
+            check_name(&format!("move {i}: to"), &m.to)?;
+            if m.from == m.to {
+                return Err(format!("move {i} is from {:?} to itself", m.from));
+            }
+            if let Some(s) = (m.first..=m.last).find(|&s| map.run(s).is_none_or(|r| r.owner != m.from)) {
+                return Err(format!("move {i}: slot {s} is not owned by its source {:?}", m.from));
+            }
+            next = u32::from(m.last) + 1;
+        }
+        map.moves = moves;
+        Ok(map)
     }
 
     /// Parses the stored map (the value of the `map` key at `revision`).
     fn parse(value: &[u8], revision: i64) -> Result<Self, String> {
         let stored: StoredMap = serde_json::from_slice(value).map_err(|e| format!("the slot map is not valid: {e}"))?;
-        SlotMap::from_runs(revision, stored.runs).map_err(|e| format!("the slot map is not valid: {e}"))
+        SlotMap::with_moves(revision, stored.runs, stored.moves).map_err(|e| format!("the slot map is not valid: {e}"))
+    }
+
+    /// The moves under way.
+    pub fn moves(&self) -> &[Move] {
+        &self.moves
+    }
+
+    /// The move holding `slot`, if any.
+    pub fn move_of(&self, slot: Slot) -> Option<&Move> {
+        self.moves.iter().find(|m| m.holds(slot))
+    }
+
+    /// The runs with slots `first..=last` given to `to` at the next epoch of each, merging
+    /// neighbours with one owner and epoch.
+    fn runs_switched(&self, first: Slot, last: Slot, to: &str) -> Vec<Run> {
+        let mut out: Vec<Run> = Vec::new();
+        let mut push = |r: Run| match out.last_mut() {
+            Some(p) if p.owner == r.owner && p.epoch == r.epoch && u32::from(p.last) + 1 == u32::from(r.first) => {
+                p.last = r.last
+            }
+            _ => out.push(r),
+        };
+        for r in &self.runs {
+            if r.last < first || r.first > last {
+                push(r.clone());
+                continue;
+            }
+            if r.first < first {
+                push(Run { last: first - 1, ..r.clone() });
+            }
+            let (a, b) = (r.first.max(first), r.last.min(last));
+            push(Run { first: a, last: b, owner: to.to_string(), epoch: r.epoch + 1 });
+            if r.last > last {
+                push(Run { first: last + 1, ..r.clone() });
+            }
+        }
+        out
     }
 
     /// Every slot spread over `nodes` in contiguous runs as even as can be (the first
@@ -189,6 +303,7 @@ impl SlotMap {
                     epoch: r.epoch,
                 })
                 .collect(),
+            moves: self.moves.iter().map(Move::to_pb).collect(),
         }
     }
 }
@@ -200,6 +315,13 @@ pub enum NotServed {
     NotOwner(Box<pb::SlotNotOwned>),
     /// No map exists yet (`UNAVAILABLE`).
     NoMap,
+    /// A write to a slot whose move is fenced (`UNAVAILABLE`: retry once it has switched).
+    Fenced {
+        /// The slot.
+        slot: Slot,
+        /// The move's target.
+        to: String,
+    },
 }
 
 impl std::fmt::Display for NotServed {
@@ -212,6 +334,9 @@ impl std::fmt::Display for NotServed {
             ),
             NotServed::NoMap => {
                 f.write_str("this node is sharded and the slot map is not initialised (quiver cluster init)")
+            }
+            NotServed::Fenced { slot, to } => {
+                write!(f, "slot {slot} is moving to node {to:?} and takes no writes until the switch (moments); retry")
             }
         }
     }
@@ -237,6 +362,20 @@ pub struct Remote {
     pub rows: Vec<usize>,
 }
 
+/// The position of `mv` (same slots, source and target) among the map's moves, or
+/// `FAILED_PRECONDITION`: it was aborted (or switched).
+fn find_move(map: &SlotMap, mv: &Move) -> Result<usize, tonic::Status> {
+    map.moves
+        .iter()
+        .position(|m| m.first == mv.first && m.last == mv.last && m.from == mv.from && m.to == mv.to)
+        .ok_or_else(|| {
+            tonic::Status::failed_precondition(format!(
+                "the move of slots {}..={} to {:?} is no longer in the map (aborted)",
+                mv.first, mv.last, mv.to
+            ))
+        })
+}
+
 /// What the node knows of etcd now.
 #[derive(Debug, Clone, Default)]
 struct EtcdState {
@@ -253,6 +392,10 @@ pub struct Cluster {
     client: Mutex<Option<Client>>,
     /// The lease of this node's registration (revoked before registering again, and at stop).
     lease: Mutex<Option<i64>>,
+    /// Held shared by every write from its ownership check to its commit, and exclusively by a
+    /// move's fence (§5): once the fence holds it, every write checked under an older map has
+    /// committed.
+    fence: RwLock<()>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -276,6 +419,7 @@ impl Cluster {
             state: Mutex::new(EtcdState::default()),
             client: Mutex::new(None),
             lease: Mutex::new(None),
+            fence: RwLock::new(()),
         }))
     }
 
@@ -327,6 +471,31 @@ impl Cluster {
         })))
     }
 
+    /// Checks that this node may write `keys` now (it owns them, and no fenced move holds
+    /// them), under one map, and returns the guard a write holds until it has committed (§5).
+    /// A write must not take a second guard while holding one.
+    pub fn write_guard<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<parking_lot::RwLockReadGuard<'_, ()>, NotServed> {
+        let guard = self.fence.read();
+        let map = self.map();
+        for key in keys {
+            self.check(&map, key)?;
+            if let Some(m) = map.move_of(slot_of(key)).filter(|m| m.state == MoveState::Fenced) {
+                return Err(NotServed::Fenced { slot: slot_of(key), to: m.to.clone() });
+            }
+        }
+        Ok(guard)
+    }
+
+    /// Fences writes to a move's slots on its source (§5 step 3): waits until every write
+    /// that checked ownership before the map showed the fence has committed. The caller
+    /// checked that this node's map shows it.
+    pub fn drain_writes(&self) {
+        drop(self.fence.write());
+    }
+
     /// Where the entities of one request go, under one map (§4): the positions of `keys` this
     /// node owns, and those of each other owner. A key whose owner is not registered (so has no
     /// address to forward to) refuses the whole request, as [`Cluster::check`] does.
@@ -352,6 +521,11 @@ impl Cluster {
             }
         }
         Ok(split)
+    }
+
+    /// The address node `node` registered, if it is registered.
+    pub fn address_of(&self, node: &str) -> Option<String> {
+        self.nodes.read().get(node).map(|n| n.addr.clone())
     }
 
     /// The map, the nodes and this node's view of etcd.
@@ -392,6 +566,7 @@ impl Cluster {
             nodes: nodes.into_values().collect(),
             etcd_connected: state.connected,
             etcd_error: state.error,
+            progress: Vec::new(),
         }
     }
 
@@ -418,7 +593,7 @@ impl Cluster {
             return Err(tonic::Status::failed_precondition("no node is registered"));
         }
         let runs = SlotMap::spread(&ids);
-        let value = serde_json::to_vec(&StoredMap { runs: runs.clone() })
+        let value = serde_json::to_vec(&StoredMap { runs: runs.clone(), moves: Vec::new() })
             .map_err(|e| tonic::Status::internal(format!("encoding the map: {e}")))?;
         let key = self.map_key();
         let txn = Txn::new()
@@ -433,6 +608,146 @@ impl Cluster {
         tracing::info!(revision, nodes = ?ids, "slot map created");
         self.install(map.clone());
         Ok(Arc::new(map))
+    }
+
+    /// Reads the map from etcd now (not from the watch), installs it if newer, and returns
+    /// it with its `mod_revision` (0: no map).
+    pub async fn read_map(&self) -> Result<(Arc<SlotMap>, i64), tonic::Status> {
+        let mut client = self.connected_client()?;
+        let got =
+            client.get(self.map_key(), None).await.map_err(|e| tonic::Status::unavailable(format!("etcd: {e}")))?;
+        let Some(kv) = got.kvs().first() else { return Ok((Arc::new(SlotMap::empty()), 0)) };
+        let map = SlotMap::parse(kv.value(), kv.mod_revision()).map_err(tonic::Status::internal)?;
+        self.install(map);
+        let current = self.map();
+        Ok((current, kv.mod_revision()))
+    }
+
+    /// Changes the map by compare-and-swap (§2): reads it, asks `change` for the new one
+    /// (`Ok(None)`: nothing to change), and commits it only if the map is still the one read,
+    /// retrying from a fresh read when another change won, at most [`MAP_CHANGE_ATTEMPTS`]
+    /// times. Returns the map now in force.
+    pub async fn change_map<F>(&self, change: F) -> Result<Arc<SlotMap>, tonic::Status>
+    where
+        F: Fn(&SlotMap) -> Result<Option<(Vec<Run>, Vec<Move>)>, tonic::Status>,
+    {
+        for _ in 0..MAP_CHANGE_ATTEMPTS {
+            let (map, mod_revision) = self.read_map().await?;
+            if !map.is_set() {
+                return Err(tonic::Status::failed_precondition(
+                    "the slot map is not initialised (quiver cluster init)",
+                ));
+            }
+            let Some((runs, moves)) = change(&map)? else { return Ok(map) };
+            // Checked as every reader will check it.
+            SlotMap::with_moves(mod_revision, runs.clone(), moves.clone()).map_err(tonic::Status::internal)?;
+            let value = serde_json::to_vec(&StoredMap { runs: runs.clone(), moves: moves.clone() })
+                .map_err(|e| tonic::Status::internal(format!("encoding the map: {e}")))?;
+            let key = self.map_key();
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)])
+                .and_then([TxnOp::put(key, value, None)]);
+            let mut client = self.connected_client()?;
+            let done = client.txn(txn).await.map_err(|e| tonic::Status::unavailable(format!("etcd: {e}")))?;
+            if done.succeeded() {
+                let revision = done.header().map_or(0, |h| h.revision());
+                let map = SlotMap::with_moves(revision, runs, moves).map_err(tonic::Status::internal)?;
+                self.install(map);
+                return Ok(self.map());
+            }
+        }
+        Err(tonic::Status::aborted(format!(
+            "the slot map kept changing under this change ({MAP_CHANGE_ATTEMPTS} attempts); try again"
+        )))
+    }
+
+    /// Records a move of `first..=last` to `to`, or finds it recorded (§5): the map after,
+    /// and the move. Refused if the slots have more than one owner, belong to `to` already
+    /// (with no move: nothing to do, `Ok` with no move), or overlap another move.
+    pub async fn begin_move(
+        &self,
+        first: Slot,
+        last: Slot,
+        to: &str,
+    ) -> Result<(Arc<SlotMap>, Option<Move>), tonic::Status> {
+        let to = to.to_string();
+        let map = self
+            .change_map(|map| {
+                if map.moves.iter().any(|m| m.first == first && m.last == last && m.to == to) {
+                    return Ok(None);
+                }
+                if let Some(m) = map.moves.iter().find(|m| m.first <= last && first <= m.last) {
+                    return Err(tonic::Status::failed_precondition(format!(
+                        "slots {}..={} are moving from {:?} to {:?} already (abort that move, or move exactly those slots to {:?})",
+                        m.first, m.last, m.from, m.to, m.to
+                    )));
+                }
+                let owners: std::collections::BTreeSet<&str> =
+                    (first..=last).filter_map(|s| map.run(s)).map(|r| r.owner.as_str()).collect();
+                let from = match owners.into_iter().collect::<Vec<_>>()[..] {
+                    [one] => one.to_string(),
+                    ref many => {
+                        return Err(tonic::Status::failed_precondition(format!(
+                            "slots {first}..={last} have {} owners ({}); a move takes slots of one owner",
+                            many.len(),
+                            many.join(", ")
+                        )))
+                    }
+                };
+                if from == to {
+                    return Ok(None);
+                }
+                let mut moves = map.moves.clone();
+                moves.push(Move { first, last, from, to: to.clone(), state: MoveState::Copying });
+                moves.sort_by_key(|m| m.first);
+                Ok(Some((map.runs.clone(), moves)))
+            })
+            .await?;
+        let m = map.moves.iter().find(|m| m.first == first && m.last == last && m.to == to).cloned();
+        Ok((map, m))
+    }
+
+    /// Sets a recorded move `fenced` (§5 step 3). `FAILED_PRECONDITION` if it is no longer in
+    /// the map (aborted).
+    pub async fn fence_move(&self, mv: &Move) -> Result<Arc<SlotMap>, tonic::Status> {
+        self.change_map(|map| {
+            let i = find_move(map, mv)?;
+            if map.moves[i].state == MoveState::Fenced {
+                return Ok(None);
+            }
+            let mut moves = map.moves.clone();
+            moves[i].state = MoveState::Fenced;
+            Ok(Some((map.runs.clone(), moves)))
+        })
+        .await
+    }
+
+    /// Switches a fenced move (§5 step 4): the target owns the slots at the next epoch and the
+    /// move leaves the map, in one transaction.
+    pub async fn switch_move(&self, mv: &Move) -> Result<Arc<SlotMap>, tonic::Status> {
+        self.change_map(|map| {
+            let i = find_move(map, mv)?;
+            if map.moves[i].state != MoveState::Fenced {
+                return Err(tonic::Status::failed_precondition("the move is not fenced"));
+            }
+            let mut moves = map.moves.clone();
+            moves.remove(i);
+            Ok(Some((map.runs_switched(mv.first, mv.last, &mv.to), moves)))
+        })
+        .await
+    }
+
+    /// Removes the move of exactly `first..=last` that has not switched (`NOT_FOUND`: none).
+    pub async fn abort_move(&self, first: Slot, last: Slot) -> Result<Arc<SlotMap>, tonic::Status> {
+        self.change_map(|map| {
+            let Some(i) = map.moves.iter().position(|m| m.first == first && m.last == last) else {
+                return Err(tonic::Status::not_found(format!("no move of slots {first}..={last} is in the map")));
+            };
+            let mut moves = map.moves.clone();
+            moves.remove(i);
+            Ok(Some((map.runs.clone(), moves)))
+        })
+        .await
     }
 
     /// Keeps the node registered and its map current, reconnecting with backoff after every
@@ -641,7 +956,7 @@ mod tests {
         for value in [&b"{"[..], b"{\"runs\": 3}", b"[]"] {
             assert!(SlotMap::parse(value, 1).is_err());
         }
-        let good = serde_json::to_vec(&StoredMap { runs: SlotMap::spread(&nodes(3)) }).expect("encodes");
+        let good = serde_json::to_vec(&StoredMap { runs: SlotMap::spread(&nodes(3)), moves: vec![] }).expect("encodes");
         assert_eq!(SlotMap::parse(&good, 9).map(|m| m.revision()), Ok(9));
     }
 
@@ -671,7 +986,7 @@ mod tests {
                 runs.push(Run { first: 0, last: slot - 1, owner: "n1".into(), epoch: 1 });
             }
             runs.push(Run { first: slot, last: SLOTS - 1, owner: owner_low.into(), epoch: 2 });
-            serde_json::to_vec(&StoredMap { runs }).map(|v| (v, revision)).expect("encodes")
+            serde_json::to_vec(&StoredMap { runs, moves: vec![] }).map(|v| (v, revision)).expect("encodes")
         };
         let (v, r) = split("n0", 10);
         cluster.take(b"/quiver/c/map", Some((&v, r)), &mut BTreeMap::new());
@@ -712,6 +1027,76 @@ mod tests {
         let (v, _) = split("n0", 0);
         cluster.take(b"/quiver/other/map", Some((&v, 20)), &mut BTreeMap::new());
         assert_eq!(cluster.map().revision(), 11);
+    }
+
+    #[test]
+    fn moves_are_checked_switched_and_fence_writes() {
+        let run = |first, last, owner: &str, epoch| Run { first, last, owner: owner.into(), epoch };
+        let runs = vec![run(0, 99, "a", 1), run(100, SLOTS - 1, "b", 3)];
+        let mv = |first, last, from: &str, to: &str| Move {
+            first,
+            last,
+            from: from.into(),
+            to: to.into(),
+            state: MoveState::Copying,
+        };
+        let bad = [
+            (vec![mv(90, 110, "a", "c")], "not owned by its source"),
+            (vec![mv(0, 10, "a", "a")], "to itself"),
+            (vec![mv(0, 10, "a", "c"), mv(5, 20, "a", "d")], "overlaps"),
+            (vec![mv(20, 30, "a", "c"), mv(0, 10, "a", "d")], "out of order"),
+            (vec![mv(10, 5, "a", "c")], "out of order"),
+            (vec![mv(0, 10, "a", "c/d")], "not allowed"),
+        ];
+        for (moves, want) in bad {
+            let err = SlotMap::with_moves(1, runs.clone(), moves.clone()).expect_err("refused");
+            assert!(err.contains(want), "{moves:?}: {err}");
+        }
+        let map = SlotMap::with_moves(1, runs.clone(), vec![mv(10, 19, "a", "c"), mv(100, 200, "b", "a")])
+            .expect("valid moves");
+        assert_eq!(map.move_of(15).map(|m| m.to.as_str()), Some("c"));
+        assert!(map.move_of(20).is_none());
+        // A switch gives the slots to the target at the next epoch, splitting runs as needed
+        // and merging neighbours of one owner and epoch.
+        assert_eq!(
+            map.runs_switched(10, 19, "c"),
+            vec![run(0, 9, "a", 1), run(10, 19, "c", 2), run(20, 99, "a", 1), run(100, SLOTS - 1, "b", 3)]
+        );
+        assert_eq!(map.runs_switched(0, 99, "b"), vec![run(0, 99, "b", 2), run(100, SLOTS - 1, "b", 3)]);
+        let back = SlotMap::from_runs(2, vec![run(0, 9, "a", 2), run(10, 19, "a", 2), run(20, SLOTS - 1, "b", 1)])
+            .expect("valid");
+        assert_eq!(back.runs_switched(20, SLOTS - 1, "a"), vec![run(0, SLOTS - 1, "a", 2)]);
+        // Stored maps from before moves read as maps with none.
+        let old = br#"{"runs":[{"first":0,"last":4095,"owner":"a","epoch":1}]}"#;
+        assert!(SlotMap::parse(old, 3).expect("an old map").moves().is_empty());
+
+        // A fenced move refuses writes of its slots at its source; a copying one does not.
+        let cfg = ShardConfig {
+            node: "a".into(),
+            cluster: "c".into(),
+            etcd: vec!["http://127.0.0.1:1".into()],
+            advertise: "127.0.0.1:7".into(),
+            region: 0,
+            forward: true,
+        };
+        let cluster = Cluster::new(cfg).expect("valid");
+        let key = (0..)
+            .map(|i| quiver_storage::encode_entity_key(&[quiver_storage::KeyPart::Str(&format!("u{i}"))]))
+            .find(|k| slot_of(k) < 100)
+            .expect("a key of a's slots");
+        let slot = slot_of(&key);
+        let stored = |state| {
+            let m = Move { first: slot, last: slot, from: "a".into(), to: "c".into(), state };
+            serde_json::to_vec(&StoredMap { runs: runs.clone(), moves: vec![m] }).expect("encodes")
+        };
+        cluster.take(b"/quiver/c/map", Some((&stored(MoveState::Copying), 5)), &mut BTreeMap::new());
+        assert!(cluster.write_guard([key.as_slice()]).is_ok());
+        cluster.take(b"/quiver/c/map", Some((&stored(MoveState::Fenced), 6)), &mut BTreeMap::new());
+        let refused = cluster.write_guard([key.as_slice()]).map(|_| ()).expect_err("fenced");
+        assert_eq!(refused, NotServed::Fenced { slot, to: "c".into() });
+        // Reads still pass the ownership check; the fence waits for no one here.
+        assert_eq!(cluster.check(&cluster.map(), &key), Ok(()));
+        cluster.drain_writes();
     }
 
     #[test]

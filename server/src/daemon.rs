@@ -391,6 +391,14 @@ pub async fn serve(
         feature_health.clone(),
         served_log.clone(),
     )?;
+    let mover = match &cluster {
+        Some(c) => {
+            let m = Arc::new(crate::moving::Mover::new(c.clone(), db.clone(), forwarder.clone())?);
+            metrics.register(m.collectors())?;
+            Some(m)
+        }
+        None => None,
+    };
     let persist_task = tokio::spawn(feature_health.clone().persist_every_interval());
     // Retired versions pass their retention with time alone: hand their ids to compaction.
     let retire_task = {
@@ -520,7 +528,12 @@ pub async fn serve(
     );
     let cluster_svc = AdmitRequests::new(
         InterceptedService::new(
-            pb::cluster_service_server::ClusterServiceServer::new(crate::service::ClusterApi::new(cluster.clone())),
+            pb::cluster_service_server::ClusterServiceServer::new(crate::service::ClusterApi::new(
+                cluster.clone(),
+                mover.clone(),
+            ))
+            .max_decoding_message_size(crate::moving::MOVE_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(crate::moving::MOVE_MESSAGE_BYTES_MAX),
             auth.interceptor(None),
         ),
         admission.clone(),

@@ -1165,6 +1165,19 @@ impl Features {
         keys.into_iter().try_for_each(|k| cluster.check(&map, k)).map_err(ServiceError::NotServed)
     }
 
+    /// Whether this node owns `key` under its map now (always, when it is not sharded).
+    pub(crate) fn owns(&self, key: &[u8]) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.check(&c.map(), key).is_ok())
+    }
+
+    /// On a sharded node, checks that it may write `keys` now (it owns them, and no fenced
+    /// move holds them) and returns the guard the write holds until it has committed
+    /// (`server/CLUSTER.md` §5). `None` on an unsharded node.
+    pub(crate) fn write_guard(&self, keys: &[Vec<u8>]) -> Result<Option<parking_lot::RwLockReadGuard<'_, ()>>> {
+        let Some(cluster) = &self.cluster else { return Ok(None) };
+        cluster.write_guard(keys.iter().map(Vec::as_slice)).map(Some).map_err(ServiceError::NotServed)
+    }
+
     /// Where the entities of a request go when this node forwards (`server/CLUSTER.md` §4):
     /// `None` when it owns every one of `keys`, or is not sharded, or refuses rather than
     /// forwards; else the split, under one map. A key whose owner has no address refuses the
@@ -1872,7 +1885,21 @@ impl Features {
         if let Some(resp) = self.replay(&req.idempotency_key, &digest)? {
             return Ok(resp);
         }
-        let result = self.prepare(req, true).and_then(|prepared| self.commit(req, &digest, prepared, durability));
+        let result = self.prepare(req).and_then(|prepared| {
+            #[cfg(feature = "testing")]
+            {
+                // Not called under the fence or the engine's lock: the hook may write through
+                // this service itself.
+                let hook = self.before_commit.lock().clone();
+                if let Some(hook) = hook {
+                    (hook.0)();
+                }
+            }
+            // A sharded node checks ownership (and the fence of a moving slot) under one map,
+            // and holds the fence's guard until the write has committed (CLUSTER.md §5).
+            let _fence = self.write_guard(&prepared.keys)?;
+            self.commit(req, &digest, prepared, durability)
+        });
         self.after_write(req, &digest, result)
     }
 
@@ -1882,7 +1909,7 @@ impl Features {
     /// whole. Each row's encoded entity key.
     pub(crate) fn write_keys(&self, req: &pb::WriteFeaturesRequest) -> Result<Vec<Vec<u8>>> {
         self.check_write_request(req)?;
-        Ok(self.prepare(req, false)?.keys)
+        Ok(self.prepare(req)?.keys)
     }
 
     /// A write's limits and durability, checked before anything else.
@@ -1984,9 +2011,9 @@ impl Features {
         }))
     }
 
-    /// Checks every row against the registry and builds the engine batch; writes nothing.
-    /// With `check_owned`, a sharded node refuses rows of entities it does not own.
-    fn prepare<'a>(&self, req: &'a pb::WriteFeaturesRequest, check_owned: bool) -> Result<Prepared<'a>> {
+    /// Checks every row against the registry and builds the engine batch, with each row's
+    /// entity key on a sharded node (whose ownership the caller checks); writes nothing.
+    fn prepare<'a>(&self, req: &'a pb::WriteFeaturesRequest) -> Result<Prepared<'a>> {
         let mut batch = WriteBatch::new();
         let mut written = Vec::with_capacity(req.rows.len());
         let (mut expect, mut cas_names) = (Vec::new(), Vec::new());
@@ -2073,9 +2100,6 @@ impl Features {
                 cas_names.push(format!("{}:{name}", row.group));
             }
         }
-        if check_owned {
-            self.check_owned(owned_keys.iter().map(Vec::as_slice))?;
-        }
         Ok(Prepared { batch, expect, names: cas_names, written, keys: owned_keys })
     }
 
@@ -2106,14 +2130,6 @@ impl Features {
                 event_time: EventTime(0),
                 version: None,
             });
-        }
-        #[cfg(feature = "testing")]
-        {
-            // Not called under the lock: the hook may write through this service itself.
-            let hook = self.before_commit.lock().clone();
-            if let Some(hook) = hook {
-                (hook.0)();
-            }
         }
         let receipt = match self.db.write_if(batch, expect, durability)? {
             WriteIf::Committed(receipt) => receipt,

@@ -65,15 +65,21 @@ impl Forwarder {
     }
 
     fn client(&self, to: &Remote) -> Result<pb::feature_service_client::FeatureServiceClient<Channel>, Status> {
+        let channel = self.channel(&to.node, &to.address)?;
+        Ok(pb::feature_service_client::FeatureServiceClient::new(channel)
+            .max_decoding_message_size(self.message_bytes_max)
+            .max_encoding_message_size(self.message_bytes_max))
+    }
+
+    /// The channel to node `node` at `address`, opened lazily and kept.
+    pub fn channel(&self, node: &str, address: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock();
-        let channel = match channels.get(&to.address) {
+        let channel = match channels.get(address) {
             Some(c) => c.clone(),
             None => {
                 let scheme = if self.tls.is_some() { "https" } else { "http" };
-                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", to.address))
-                    .map_err(|e| {
-                        Status::unavailable(format!("node {} has a bad address {:?}: {e}", to.node, to.address))
-                    })?
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+                    .map_err(|e| Status::unavailable(format!("node {node} has a bad address {address:?}: {e}")))?
                     .connect_timeout(FORWARD_CONNECT_TIMEOUT)
                     .http2_keep_alive_interval(FORWARD_KEEPALIVE)
                     .keep_alive_timeout(FORWARD_KEEPALIVE)
@@ -82,16 +88,14 @@ impl Forwarder {
                 if let Some(tls) = &self.tls {
                     endpoint = endpoint
                         .tls_config(tls.clone())
-                        .map_err(|e| Status::unavailable(format!("TLS toward node {}: {e}", to.node)))?;
+                        .map_err(|e| Status::unavailable(format!("TLS toward node {node}: {e}")))?;
                 }
                 let c = endpoint.connect_lazy();
-                channels.insert(to.address.clone(), c.clone());
+                channels.insert(address.to_string(), c.clone());
                 c
             }
         };
-        Ok(pb::feature_service_client::FeatureServiceClient::new(channel)
-            .max_decoding_message_size(self.message_bytes_max)
-            .max_encoding_message_size(self.message_bytes_max))
+        Ok(channel)
     }
 
     /// Sends an online lookup's part to its owner; an answer over `answer_max` bytes is
@@ -134,6 +138,18 @@ impl Forwarder {
         let r = client.scan_history(outgoing(caller, deadline, req)).await;
         r.map(tonic::Response::into_inner).map_err(|s| from_owner(to, s))
     }
+}
+
+/// A request made on behalf of the caller (a move's calls to its source): the caller's
+/// credentials and request id go with it.
+pub fn carried<T>(caller: &MetadataMap, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    for key in CARRIED_HEADERS {
+        if let Some(v) = caller.get(key) {
+            req.metadata_mut().insert(key, v.clone());
+        }
+    }
+    req
 }
 
 /// A part of the caller's request, as sent to its owner.

@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod gate;
 pub mod health;
 pub mod metrics;
+pub mod moving;
 pub mod registry;
 pub mod replication;
 pub mod servedlog;

@@ -62,6 +62,11 @@ fn err(e: prometheus::Error) -> String {
 }
 
 impl Metrics {
+    /// Adds more metrics (a part of the node made after the registry).
+    pub fn register(&self, collectors: Vec<Box<dyn prometheus::core::Collector>>) -> Result<(), String> {
+        collectors.into_iter().try_for_each(|c| self.registry.register(c).map_err(err))
+    }
+
     /// Metrics for a node serving `db`.
     pub fn new(
         db: Arc<Db>,

@@ -35,7 +35,9 @@ pub fn status(e: ServiceError) -> Status {
             crate::cluster::NotServed::NotOwner(d) => {
                 Status::with_details(tonic::Code::FailedPrecondition, e.to_string(), d.encode_to_vec().into())
             }
-            crate::cluster::NotServed::NoMap => Status::unavailable(e.to_string()),
+            crate::cluster::NotServed::NoMap | crate::cluster::NotServed::Fenced { .. } => {
+                Status::unavailable(e.to_string())
+            }
         },
         ServiceError::Aborted { message, current } => {
             let details = pb::CasConflict {
@@ -654,7 +656,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 let f = self.features.clone();
                 let req = req.into_inner();
                 Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {
-                    crate::backfill::copy_history(f.db(), f.registry(), &req, emit)
+                    crate::backfill::copy_history(f.db(), f.registry(), &req, f.is_sharded().then_some(&*f), emit)
                 })))
             })
             .await
@@ -1426,12 +1428,22 @@ mod tests {
 pub struct ClusterApi {
     /// `None`: this node is not sharded.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Moves of slots to and from this node (with `cluster`).
+    mover: Option<Arc<crate::moving::Mover>>,
 }
 
 impl ClusterApi {
-    /// The service of a node, sharded under `cluster` or not (`None`).
-    pub fn new(cluster: Option<Arc<crate::cluster::Cluster>>) -> Self {
-        ClusterApi { cluster }
+    /// The service of a node, sharded under `cluster` (moving slots with `mover`) or not
+    /// (`None`).
+    pub fn new(cluster: Option<Arc<crate::cluster::Cluster>>, mover: Option<Arc<crate::moving::Mover>>) -> Self {
+        ClusterApi { cluster, mover }
+    }
+
+    fn cluster(&self) -> Result<(&Arc<crate::cluster::Cluster>, &Arc<crate::moving::Mover>), Status> {
+        match (&self.cluster, &self.mover) {
+            (Some(c), Some(m)) => Ok((c, m)),
+            _ => Err(Status::failed_precondition("this node is not sharded (start it with --etcd and --node-id)")),
+        }
     }
 }
 
@@ -1442,15 +1454,64 @@ impl pb::cluster_service_server::ClusterService for ClusterApi {
         req: Request<pb::GetClusterStatusRequest>,
     ) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
         authorize(&req, Scope::Read, std::iter::empty())?;
-        Ok(Response::new(self.cluster.as_ref().map(|c| c.status()).unwrap_or_default()))
+        let mut status = self.cluster.as_ref().map(|c| c.status()).unwrap_or_default();
+        if let Some(m) = &self.mover {
+            status.progress = m.progress();
+        }
+        Ok(Response::new(status))
     }
 
     async fn init_slots(&self, req: Request<pb::InitSlotsRequest>) -> Result<Response<pb::InitSlotsResponse>, Status> {
         authorize(&req, Scope::Admin, std::iter::empty())?;
-        let Some(cluster) = &self.cluster else {
-            return Err(Status::failed_precondition("this node is not sharded (start it with --etcd and --node-id)"));
-        };
+        let (cluster, _) = self.cluster()?;
         let map = cluster.init_slots().await?;
         Ok(Response::new(pb::InitSlotsResponse { map: Some(map.to_pb()) }))
+    }
+
+    type MoveSlotsStream = BoxStream<pb::MoveProgress>;
+
+    async fn move_slots(&self, req: Request<pb::MoveSlotsRequest>) -> Result<Response<Self::MoveSlotsStream>, Status> {
+        authorize(&req, Scope::Admin, std::iter::empty())?;
+        let (_, mover) = self.cluster()?;
+        let caller = req.metadata().clone();
+        let rx = mover.move_slots(req.get_ref(), caller).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn abort_move(&self, req: Request<pb::AbortMoveRequest>) -> Result<Response<pb::AbortMoveResponse>, Status> {
+        authorize(&req, Scope::Admin, std::iter::empty())?;
+        let (cluster, _) = self.cluster()?;
+        let r = req.get_ref();
+        if r.first > r.last || r.last >= u32::from(quiver_storage::slot::SLOTS) {
+            return Err(Status::invalid_argument(format!("slots {}..={} are not a range of slots", r.first, r.last)));
+        }
+        // Both below SLOTS, a u16.
+        let map = cluster.abort_move(r.first as u16, r.last as u16).await?;
+        tracing::info!(first = r.first, last = r.last, revision = map.revision(), "move aborted");
+        Ok(Response::new(pb::AbortMoveResponse { map: Some(map.to_pb()) }))
+    }
+
+    type CopySlotsStream = BoxStream<pb::CopySlotsPart>;
+
+    async fn copy_slots(&self, req: Request<pb::CopySlotsRequest>) -> Result<Response<Self::CopySlotsStream>, Status> {
+        authorize(&req, Scope::Admin, std::iter::empty())?;
+        let (_, mover) = self.cluster()?;
+        let rx = mover.copy(req.get_ref())?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn slot_log(&self, req: Request<pb::SlotLogRequest>) -> Result<Response<pb::SlotLogResponse>, Status> {
+        authorize(&req, Scope::Admin, std::iter::empty())?;
+        let (_, mover) = self.cluster()?;
+        Ok(Response::new(mover.slot_log(req.get_ref()).await?))
+    }
+
+    async fn fence_slots(
+        &self,
+        req: Request<pb::FenceSlotsRequest>,
+    ) -> Result<Response<pb::FenceSlotsResponse>, Status> {
+        authorize(&req, Scope::Admin, std::iter::empty())?;
+        let (_, mover) = self.cluster()?;
+        Ok(Response::new(mover.fence(req.get_ref()).await?))
     }
 }

@@ -545,7 +545,7 @@ fn http_status(code: tonic::Code) -> StatusCode {
     }
 }
 
-fn code_name(code: tonic::Code) -> String {
+pub(crate) fn code_name(code: tonic::Code) -> String {
     // "NotFound" -> "NOT_FOUND", as the CLI and the SDK name codes.
     let mut out = String::new();
     for (i, c) in format!("{code:?}").chars().enumerate() {

@@ -115,7 +115,7 @@ fn a_copy_answers_as_the_source_and_resumes_after_any_batch() {
 
     // Stop after the first batch, then resume from what it said.
     let mut first = None;
-    copy_history(&db, &reg, &req(vec![], vec![]), |p| {
+    copy_history(&db, &reg, &req(vec![], vec![]), None, |p| {
         first = Some(p);
         false
     })
@@ -125,7 +125,7 @@ fn a_copy_answers_as_the_source_and_resumes_after_any_batch() {
     assert!(!first.done && first.cells_copied >= COPY_BATCH_CELLS as u64, "{first:?}");
     let mut last = None;
     let mut messages = 0;
-    copy_history(&db, &reg, &req(vec![], first.next_entity.clone()), |p| {
+    copy_history(&db, &reg, &req(vec![], first.next_entity.clone()), None, |p| {
         messages += 1;
         last = Some(p);
         true
@@ -151,7 +151,7 @@ fn refusals_change_nothing() {
             features: features.into_iter().map(String::from).collect(),
             start_entity: vec![],
         };
-        copy_history(&db, &reg, &req, |_| true)
+        copy_history(&db, &reg, &req, None, |_| true)
     };
     assert!(matches!(call(2, 1, vec![]), Err(ServiceError::Refused(_))), "v1 serves");
     assert!(matches!(call(1, 1, vec![]), Err(ServiceError::Invalid(_))));
@@ -189,7 +189,7 @@ fn refusals_change_nothing() {
             features: vec![],
             start_entity: vec![],
         };
-        let r = copy_history(&db, &reg, &req, |_| true);
+        let r = copy_history(&db, &reg, &req, None, |_| true);
         assert!(matches!(&r, Err(ServiceError::Refused(m)) if m.contains("serving version v2")), "{r:?}");
         assert!(history(&db, &entity(0), id(&reg, "user_stats@2:clicks")).is_empty(), "nothing was written");
     }
@@ -206,7 +206,7 @@ fn refusals_change_nothing() {
         features: vec![],
         start_entity: vec![],
     };
-    copy_history(&db, &reg, &req, |p| {
+    copy_history(&db, &reg, &req, None, |p| {
         out.push(p);
         true
     })

@@ -47,10 +47,10 @@ pub(crate) mod version;
 
 pub use batch::WriteBatch;
 pub use db::{
-    verify_dir, AggQuery, ApplyReport, HistoryReader, LocalLog, MOVED_ORIGIN_SEQNO, BatchRead, Db, EntityVersions, Expectation, Gathered, LevelStats, Mismatch,
-    PairCursor, RawVersion, ScanItem, ScanIter, ScanRange, ShippedBatch, ShippedOp, Snapshot, SnapshotReader,
-    SnapshotVersion, Stats, VerifyReport, WriteIf, WriteReceipt, WritesRefused, EXPECTATIONS_MAX, REPLICATION_ENTITY,
-    SHIPPED_VERSIONS_MAX,
+    verify_dir, AggQuery, ApplyReport, BatchRead, Db, EntityVersions, Expectation, Gathered, HistoryReader, LevelStats,
+    LocalLog, Mismatch, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange, ShippedBatch, ShippedOp, Snapshot,
+    SnapshotReader, SnapshotVersion, Stats, VerifyReport, WriteIf, WriteReceipt, WritesRefused, EXPECTATIONS_MAX,
+    MOVED_ORIGIN_SEQNO, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
 };
 pub use hlc::{Clock, ManualClock, SystemClock};
 pub use hot::HotStats;

@@ -43,12 +43,22 @@ fn open(fs: &MemFs, clock: &ManualClock, keep_log: bool) -> Db {
     Db::open_with_fs(Arc::new(fs.clone()), Path::new("/db"), options(1, clock, keep_log)).expect("open")
 }
 
+/// A cell (entity index, feature, event time) and what a write puts in it (`None`: a delete).
+type CellWrite = ((usize, u32, i64), Option<i64>);
+/// A version as compared: (feature, event time, system time, value, vector entries).
+type Version = (u32, i64, u64, Option<Value>, Vec<(u32, u64)>);
+
 #[derive(Debug, Clone)]
 enum Op {
     /// The source writes a batch (an idempotency record with it when `idem`).
-    Write { cells: Vec<((usize, u32, i64), Option<i64>)>, idem: bool },
+    Write {
+        cells: Vec<((usize, u32, i64), Option<i64>)>,
+        idem: bool,
+    },
     /// The target catches up from the source's log, at most `n` batches.
-    CatchUp { n: usize },
+    CatchUp {
+        n: usize,
+    },
     FlushSource,
     FlushTarget,
     ReopenTarget,
@@ -70,7 +80,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// Every version of `entity`, as (feature, event time, system time, value, vector).
-fn history(db: &Db, entity: &[u8]) -> Vec<(u32, i64, u64, Option<Value>, Vec<(u32, u64)>)> {
+fn history(db: &Db, entity: &[u8]) -> Vec<Version> {
     db.scan(ScanRange::entity(entity))
         .expect("scan")
         .map(|i| {
@@ -127,7 +137,7 @@ fn run(before: Vec<Op>, during: Vec<Op>) -> Result<(), TestCaseError> {
     let source = open(&src_fs, &src_clock, true);
     let mut target = Some(open(&dst_fs, &dst_clock, false));
     let mut idem_writes = 0;
-    let write = |source: &Db, cells: &[((usize, u32, i64), Option<i64>)], idem: bool, n: &mut i64| {
+    let write = |source: &Db, cells: &[CellWrite], idem: bool, n: &mut i64| {
         let mut b = WriteBatch::new();
         for ((e, f, t), v) in cells {
             match v {

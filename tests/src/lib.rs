@@ -1,6 +1,8 @@
 //! Harness for end-to-end tests: starts a real `quiverd` on a loopback port with a temp data
 //! directory and connects the generated clients.
 
+pub mod shard;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};

@@ -7,41 +7,15 @@
 //! map and refuse changes.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use prost::Message;
-use quiver_e2e::{clicks_row, example_registry, int, key, ts, Clients, Daemon, Etcd};
+use quiver_e2e::shard::{slot_of_user, Node};
+use quiver_e2e::{clicks_row, example_registry, int, key, ts, Daemon, Etcd};
 use quiver_proto::v1 as pb;
 use tonic::Code;
 
 const T0: i64 = 1_767_225_600_000_000;
 const SLOTS: u32 = 4096;
-
-/// The slot of a one-string entity key, written here from its definition (CLUSTER.md §1: the
-/// key's encoding, FNV-1a of the salt and the key, MurmurHash3's finaliser, the top 12 bits)
-/// so that the test checks the server's function rather than reusing it.
-fn slot_of_user(id: &str) -> u32 {
-    let mut encoded = b"quiver/slot\0".to_vec();
-    encoded.push(0x01);
-    for &b in id.as_bytes() {
-        encoded.push(b);
-        if b == 0 {
-            encoded.push(0xff);
-        }
-    }
-    encoded.extend_from_slice(&[0x00, 0x01]);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in encoded {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^= h >> 33;
-    (h >> 52) as u32
-}
 
 fn row(user: &str, clicks: i64) -> pb::WriteRow {
     clicks_row(user, T0, clicks)
@@ -75,43 +49,6 @@ fn hop<T>(msg: T) -> tonic::Request<T> {
 fn not_owned(s: &tonic::Status) -> pb::SlotNotOwned {
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     pb::SlotNotOwned::decode(s.details()).unwrap_or_else(|e| panic!("details of {s:?}: {e}"))
-}
-
-struct Node {
-    id: String,
-    daemon: Daemon,
-    clients: Clients,
-    cluster: pb::cluster_service_client::ClusterServiceClient<tonic::transport::Channel>,
-}
-
-impl Node {
-    /// Node `id` on the data directory `data` (under `dir`), with `extra` flags.
-    async fn start(dir: &std::path::Path, data: &str, etcd: &Etcd, id: &str, extra: &[&str]) -> Node {
-        let mut args = vec!["--etcd", &etcd.url, "--node-id", id, "--cluster", "e2e"];
-        args.extend_from_slice(extra);
-        let daemon = Daemon::start(&dir.join(data), &args);
-        let clients = Clients::of(&daemon).await;
-        let cluster = pb::cluster_service_client::ClusterServiceClient::new(daemon.channel().await);
-        Node { id: id.to_string(), daemon, clients, cluster }
-    }
-
-    async fn status(&self) -> pb::GetClusterStatusResponse {
-        let mut c = self.cluster.clone();
-        c.get_cluster_status(pb::GetClusterStatusRequest {}).await.expect("status").into_inner()
-    }
-
-    /// Waits (up to 30 s) until its status satisfies `done`.
-    async fn wait_for(&self, what: &str, done: impl Fn(&pb::GetClusterStatusResponse) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let s = self.status().await;
-            if done(&s) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{}: timed out waiting for {what}: {s:?}", self.id);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,19 @@
 //! `quiver cluster ...`: a sharded region's slot map and nodes (`server/CLUSTER.md`), through
 //! any node's `ClusterService`.
 
+use std::time::Duration;
+
 use quiver_proto::v1 as pb;
 
 use crate::common::{grpc, Result, Server};
+
+/// How many times `quiver cluster move` resumes a move after the target or the source was
+/// unreachable, unless `--retries` says otherwise.
+pub const MOVE_RETRIES_DEFAULT: u32 = 10;
+/// The wait before resuming a move the first time; it doubles up to [`MOVE_RETRY_WAIT_MAX`].
+pub const MOVE_RETRY_WAIT_MIN: Duration = Duration::from_millis(500);
+/// The longest wait before resuming a move.
+pub const MOVE_RETRY_WAIT_MAX: Duration = Duration::from_secs(8);
 
 /// `quiver cluster status`: the nodes, how many slots each owns, and the map's runs.
 pub async fn status(server: &Server, json: bool) -> Result<()> {
@@ -24,6 +34,8 @@ pub async fn status(server: &Server, json: bool) -> Result<()> {
             "runs": map.runs.iter().map(|r| serde_json::json!({
                 "first": r.first, "last": r.last, "owner": r.owner, "epoch": r.epoch,
             })).collect::<Vec<_>>(),
+            "moves": map.moves.iter().map(move_json).collect::<Vec<_>>(),
+            "progress": s.progress.iter().map(progress_json).collect::<Vec<_>>(),
         });
         println!("{line}");
         return Ok(());
@@ -47,7 +59,152 @@ pub async fn status(server: &Server, json: bool) -> Result<()> {
             println!("{:<12} {:<20} {:>6}", format!("{}..={}", r.first, r.last), r.owner, r.epoch);
         }
     }
+    for m in &map.moves {
+        println!("moving slots {}..={} from {} to {}: {}", m.first, m.last, m.from, m.to, state_name(m.state));
+    }
+    for p in &s.progress {
+        println!("{}", progress_line(p));
+    }
     Ok(())
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::MoveState::try_from(state) {
+        Ok(pb::MoveState::Copying) => "copying",
+        Ok(pb::MoveState::Fenced) => "fenced (writes to these slots wait for the switch)",
+        _ => "unknown",
+    }
+}
+
+fn move_json(m: &pb::SlotMove) -> serde_json::Value {
+    serde_json::json!({
+        "first": m.first, "last": m.last, "from": m.from, "to": m.to,
+        "state": match pb::MoveState::try_from(m.state) {
+            Ok(pb::MoveState::Copying) => "copying",
+            Ok(pb::MoveState::Fenced) => "fenced",
+            _ => "unknown",
+        },
+    })
+}
+
+fn progress_json(p: &pb::MoveProgress) -> serde_json::Value {
+    serde_json::json!({
+        "move": p.moving.as_ref().map(move_json),
+        "phase": p.phase,
+        "versions_copied": p.versions_copied,
+        "versions_caught_up": p.versions_caught_up,
+        "source_cursor": p.source_cursor,
+        "lag_batches": p.lag_batches,
+        "copies": p.copies,
+        "switched_revision": p.switched_revision,
+        "error": p.error,
+    })
+}
+
+fn progress_line(p: &pb::MoveProgress) -> String {
+    let m = p.moving.clone().unwrap_or_default();
+    let mut line = format!(
+        "move of slots {}..={} from {} to {}: {}; {} versions copied, {} caught up; source log at {}, {} batches behind",
+        m.first, m.last, m.from, m.to, p.phase, p.versions_copied, p.versions_caught_up, p.source_cursor, p.lag_batches
+    );
+    if p.switched_revision != 0 {
+        line.push_str(&format!("; switched at map revision {}", p.switched_revision));
+    }
+    if !p.error.is_empty() {
+        line.push_str(&format!("; error: {}", p.error));
+    }
+    line
+}
+
+/// Parses `A..B` (both included), `A..=B` or `A` into slots.
+pub fn parse_slots(s: &str) -> Result<(u32, u32)> {
+    let bad =
+        || format!("--slots {s:?}: give A..B (both included) or one slot A, below {}", quiver_storage::slot::SLOTS);
+    let num = |t: &str| t.trim().parse::<u32>().map_err(|_| bad());
+    let (first, last) = match s.split_once("..") {
+        Some((a, b)) => (num(a)?, num(b.strip_prefix('=').unwrap_or(b))?),
+        None => (num(s)?, num(s)?),
+    };
+    if first > last || last >= u32::from(quiver_storage::slot::SLOTS) {
+        return Err(bad());
+    }
+    Ok((first, last))
+}
+
+/// The server at another node's advertised address, with the same credentials.
+fn node(server: &Server, addr: &str) -> Server {
+    let scheme = if server.addr.starts_with("https://") { "https" } else { "http" };
+    Server { addr: format!("{scheme}://{addr}"), ..server.clone() }
+}
+
+/// `quiver cluster move --abort`: removes a move that has not switched.
+pub async fn abort(server: &Server, json: bool, first: u32, last: u32) -> Result<()> {
+    let mut c = pb::cluster_service_client::ClusterServiceClient::new(server.channel().await?);
+    let r = c.abort_move(pb::AbortMoveRequest { first, last }).await.map_err(grpc)?.into_inner();
+    let revision = r.map.map_or(0, |m| m.revision);
+    if json {
+        println!("{}", serde_json::json!({ "aborted": { "first": first, "last": last }, "map_revision": revision }));
+    } else {
+        println!("move of slots {first}..={last} aborted at map revision {revision}; the owner takes writes again");
+    }
+    Ok(())
+}
+
+/// `quiver cluster move`: asks the target to run the move, printing its progress, and
+/// resumes it (up to `retries` times) when the target or the source was out of reach.
+pub async fn move_slots(server: &Server, json: bool, first: u32, last: u32, to: &str, retries: u32) -> Result<()> {
+    let mut wait = MOVE_RETRY_WAIT_MIN;
+    let mut attempt = 0;
+    loop {
+        match move_once(server, json, first, last, to).await {
+            Ok(()) => return Ok(()),
+            Err((code, e)) if attempt < retries && matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown) => {
+                attempt += 1;
+                eprintln!("quiver: {e}; resuming the move in {} ms ({attempt}/{retries})", wait.as_millis());
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MOVE_RETRY_WAIT_MAX);
+            }
+            Err((_, e)) => return Err(e),
+        }
+    }
+}
+
+/// One `MoveSlots` call to the target; a failure with its code (`UNAVAILABLE` also when a
+/// node cannot be reached at all).
+async fn move_once(
+    server: &Server,
+    json: bool,
+    first: u32,
+    last: u32,
+    to: &str,
+) -> std::result::Result<(), (tonic::Code, String)> {
+    let unreachable = |e: String| (tonic::Code::Unavailable, e);
+    let status = |e: tonic::Status| (e.code(), grpc(e));
+    let mut c = pb::cluster_service_client::ClusterServiceClient::new(server.channel().await.map_err(unreachable)?);
+    let s = c.get_cluster_status(pb::GetClusterStatusRequest {}).await.map_err(status)?.into_inner();
+    let Some(target) = s.nodes.iter().find(|n| n.node == to) else {
+        return Err((tonic::Code::FailedPrecondition, format!("no node {to:?} in the cluster")));
+    };
+    if target.addr.is_empty() || !target.live {
+        return Err(unreachable(format!("node {to:?} is not registered in etcd now (is it running?)")));
+    }
+    let target = node(server, &target.addr);
+    let mut c = pb::cluster_service_client::ClusterServiceClient::new(target.channel().await.map_err(unreachable)?);
+    let req = pb::MoveSlotsRequest { first, last, to: to.to_string() };
+    let mut stream = c.move_slots(req).await.map_err(status)?.into_inner();
+    let mut last_phase = String::new();
+    while let Some(p) = stream.message().await.map_err(status)? {
+        if json {
+            println!("{}", progress_json(&p));
+        } else if p.phase != last_phase || p.phase == "catch-up" {
+            println!("{}", progress_line(&p));
+        }
+        last_phase = p.phase.clone();
+        if p.phase == "done" {
+            return Ok(());
+        }
+    }
+    Err(unreachable(format!("node {to:?} ended the move's stream before the switch")))
 }
 
 /// `quiver cluster init`: spread every slot over the nodes registered now.

@@ -459,6 +459,25 @@ enum ClusterCmd {
     Status,
     /// Create the slot map: every slot spread evenly over the nodes registered now.
     Init,
+    /// Move slots to a node (server/CLUSTER.md §5): the target copies them and catches up from
+    /// the owner's log, then the owner switches in one etcd transaction. Progress is printed
+    /// until the switch; a move interrupted (this command stopped, a node restarted) stays in
+    /// the map and is resumed by running the same command again, or rolled back with --abort.
+    Move {
+        /// The slots, `A..B` (both included) or one slot `A`; all owned by one node.
+        #[arg(long)]
+        slots: String,
+        /// The target node's id.
+        #[arg(long, required_unless_present = "abort")]
+        to: Option<String>,
+        /// Roll back the move of exactly these slots (it has not switched): the owner takes
+        /// writes again.
+        #[arg(long)]
+        abort: bool,
+        /// Times to resume the move after the target or the source was unreachable.
+        #[arg(long, default_value_t = cluster::MOVE_RETRIES_DEFAULT)]
+        retries: u32,
+    },
 }
 
 /// `quiver replication ...`.
@@ -522,6 +541,14 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Replication { cmd } => admin::replication(server, cmd).await,
         Cmd::Cluster { cmd: ClusterCmd::Status } => cluster::status(server, cli.json).await,
         Cmd::Cluster { cmd: ClusterCmd::Init } => cluster::init(server, cli.json).await,
+        Cmd::Cluster { cmd: ClusterCmd::Move { slots, to, abort, retries } } => {
+            let (first, last) = cluster::parse_slots(&slots)?;
+            match (abort, to) {
+                (true, _) => cluster::abort(server, cli.json, first, last).await,
+                (false, Some(to)) => cluster::move_slots(server, cli.json, first, last, &to, retries).await,
+                (false, None) => Err("--to names the target node".into()),
+            }
+        }
         Cmd::Admin { cmd } => admin::admin(server, cmd).await,
         Cmd::History { entity_type, entity, group, limit } => {
             features::history(server, entity_type, entity, group, limit).await

@@ -30,10 +30,10 @@
 
 mod group;
 mod jobs;
+mod moved;
 mod offline;
 mod read;
 mod recovery;
-mod moved;
 mod replicate;
 mod window;
 mod write;
@@ -45,7 +45,7 @@ use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-pub use moved::{HistoryReader, LocalLog, MOVED_ORIGIN_SEQNO};
+pub use moved::{EntityFilter, HistoryReader, LocalLog, MOVED_ORIGIN_SEQNO};
 pub use offline::{verify_dir, VerifyReport};
 pub use read::{BatchRead, EntityVersions, Gathered, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
 pub use replicate::{
@@ -557,7 +557,7 @@ impl Db {
     /// from one read view, for moving them to another node of this region
     /// (`server/CLUSTER.md` §5); [`HistoryReader::through`] says where [`Db::local_log`]
     /// continues.
-    pub fn history(&self, keep: Box<dyn Fn(&[u8]) -> bool + Send>) -> Result<HistoryReader> {
+    pub fn history(&self, keep: EntityFilter) -> Result<HistoryReader> {
         self.inner.history(keep)
     }
 

@@ -27,12 +27,15 @@ use crate::{Error, Result};
 /// The origin sequence number of a logged batch of moved versions (no peer's log has 0).
 pub const MOVED_ORIGIN_SEQNO: u64 = 0;
 
+/// Which entities a [`HistoryReader`] keeps (by entity key).
+pub type EntityFilter = Box<dyn Fn(&[u8]) -> bool + Send>;
+
 /// Every version (tombstones and superseded versions included) of the user entities a filter
 /// keeps, from one read view, in key order.
 pub struct HistoryReader {
     scan: super::read::ScanIter,
     through: u64,
-    keep: Box<dyn Fn(&[u8]) -> bool + Send>,
+    keep: EntityFilter,
 }
 
 impl std::fmt::Debug for HistoryReader {
@@ -88,7 +91,7 @@ pub struct LocalLog {
 
 impl Inner {
     /// See [`HistoryReader`].
-    pub(super) fn history(&self, keep: Box<dyn Fn(&[u8]) -> bool + Send>) -> Result<HistoryReader> {
+    pub(super) fn history(&self, keep: EntityFilter) -> Result<HistoryReader> {
         let through = self.published_seqno.load(Ordering::Acquire);
         let scan = self.scan(super::read::ScanRange::all())?;
         // Only durable batches leave the node (as in `origin_log`).
@@ -102,9 +105,7 @@ impl Inner {
         if self.opts.replication_log_bytes == 0 {
             // The tail in memory is not kept and flushed segments go at once: an empty answer
             // would be a lie.
-            return Err(Error::InvalidArgument(
-                "this node keeps no log (Options::replication_log_bytes is 0)".into(),
-            ));
+            return Err(Error::InvalidArgument("this node keeps no log (Options::replication_log_bytes is 0)".into()));
         }
         let head = self.published_seqno.load(Ordering::Acquire);
         let all = |b: &batch::DecodedBatch<'_>| ShippedBatch {

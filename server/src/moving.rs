@@ -1,0 +1,552 @@
+//! Moving slots between the nodes of a region (`server/CLUSTER.md` §5).
+//!
+//! The target runs a move, inside the `MoveSlots` call an operator makes to it: it copies the
+//! slots' whole history from one view of the source (`CopySlots`), catches up from the
+//! source's log (`SlotLog`), fences the move in the map and has the source drain its writes
+//! (`FenceSlots`), catches up through the fence, and switches the owner in one etcd
+//! transaction. Both sides of it live here: [`Mover`] answers the source's RPCs and drives the
+//! target's steps.
+//!
+//! The target calls the source with the operator's credentials (`authorization` is carried),
+//! so a node needs none of its own. A move's progress is kept in memory by its target; the
+//! move itself is in the map, so a call that ends (the operator's client stops, the target
+//! dies) leaves it there to be resumed by calling again, or aborted.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prometheus::core::Collector;
+use prometheus::{IntCounterVec, IntGauge, Opts};
+use quiver_proto::v1 as pb;
+use quiver_storage::slot::{slot_of, Slot, SLOTS};
+use quiver_storage::{Db, Durability, EventTime, FeatureId, SnapshotVersion, SystemTime, SHIPPED_VERSIONS_MAX};
+use tokio::sync::watch;
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use crate::cluster::{Cluster, Move, MoveState};
+use crate::service::storage_status;
+
+/// Most versions in one `CopySlots` part (and one verbatim apply).
+pub const MOVE_PART_VERSIONS: usize = if SHIPPED_VERSIONS_MAX < 4096 { SHIPPED_VERSIONS_MAX } else { 4096 };
+/// Most of the source's batches one `SlotLog` answer holds.
+pub const MOVE_LOG_BATCHES_MAX: usize = 256;
+/// The target fences the move once it is within this many batches of the source's last one:
+/// what is left to catch up while writes to the slots are refused.
+pub const MOVE_CATCHUP_BATCHES: u64 = 64;
+/// Copies one move may begin (a copy restarts when the source no longer holds its log after
+/// the copy's view) before it fails.
+pub const MOVE_COPY_ATTEMPTS: u32 = 3;
+/// How long the source waits for its map to show a move fenced before it answers
+/// `FenceSlots` with `UNAVAILABLE`.
+pub const FENCE_MAP_WAIT: Duration = Duration::from_secs(10);
+/// How often a running move's progress goes to the operator's stream (and on every phase).
+pub const MOVE_PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// Largest message between the nodes of a move, each way.
+pub const MOVE_MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+/// A move this node runs as its target.
+struct Running {
+    progress: watch::Sender<pb::MoveProgress>,
+    /// Why it stopped, with its code (set before the phase turns "failed").
+    failure: Mutex<Option<Status>>,
+}
+
+/// Both halves of moving slots on one node.
+pub struct Mover {
+    cluster: Arc<Cluster>,
+    db: Arc<Db>,
+    forwarder: Arc<crate::forward::Forwarder>,
+    /// Moves this node runs or last ran as target, by their slots.
+    running: Mutex<BTreeMap<(Slot, Slot), Arc<Running>>>,
+    versions: IntCounterVec,
+    outcomes: IntCounterVec,
+    lag: IntGauge,
+}
+
+impl std::fmt::Debug for Mover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mover").field("cluster", &self.cluster).finish()
+    }
+}
+
+/// Checks slots `first..=last` given in a request.
+fn slots(first: u32, last: u32) -> Result<(Slot, Slot), Status> {
+    if first > last || last >= u32::from(SLOTS) {
+        return Err(Status::invalid_argument(format!(
+            "slots {first}..={last}: a range of slots 0 to {} with first <= last",
+            SLOTS - 1
+        )));
+    }
+    // Both below SLOTS, a u16.
+    Ok((first as Slot, last as Slot))
+}
+
+impl Mover {
+    /// The mover of a sharded node.
+    pub fn new(cluster: Arc<Cluster>, db: Arc<Db>, forwarder: Arc<crate::forward::Forwarder>) -> Result<Self, String> {
+        let err = |e: prometheus::Error| format!("metrics: {e}");
+        Ok(Mover {
+            cluster,
+            db,
+            forwarder,
+            running: Mutex::new(BTreeMap::new()),
+            versions: IntCounterVec::new(
+                Opts::new("move_versions_total", "versions this node applied as a move's target, by phase"),
+                &["phase"],
+            )
+            .map_err(err)?,
+            outcomes: IntCounterVec::new(
+                Opts::new("moves_total", "moves this node ran as target, by outcome (switched, failed)"),
+                &["outcome"],
+            )
+            .map_err(err)?,
+            lag: IntGauge::with_opts(Opts::new(
+                "move_lag_batches",
+                "batches of the source's log a running move has yet to apply",
+            ))
+            .map_err(err)?,
+        })
+    }
+
+    /// Its metrics, for the node's registry.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![Box::new(self.versions.clone()), Box::new(self.outcomes.clone()), Box::new(self.lag.clone())]
+    }
+
+    /// The progress of the moves this node runs or last ran as target.
+    pub fn progress(&self) -> Vec<pb::MoveProgress> {
+        self.running.lock().values().map(|r| r.progress.borrow().clone()).collect()
+    }
+
+    // ---- The source's half.
+
+    /// The move of exactly `first..=last` from this node, as its map shows it.
+    fn outgoing(&self, first: u32, last: u32) -> Result<Move, Status> {
+        let (first, last) = slots(first, last)?;
+        let map = self.cluster.map();
+        map.moves()
+            .iter()
+            .find(|m| m.first == first && m.last == last && m.from == self.cluster.config().node)
+            .cloned()
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "this node's map (revision {}) moves no slots {first}..={last} from it",
+                    map.revision()
+                ))
+            })
+    }
+
+    /// `CopySlots`: every version of the slots from one view, in parts; the last part says
+    /// how far the view holds the log.
+    pub fn copy(
+        &self,
+        req: &pb::CopySlotsRequest,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<pb::CopySlotsPart, Status>>, Status> {
+        let mv = self.outgoing(req.first, req.last)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let (first, last) = (mv.first, mv.last);
+            let reader = match db.history(Box::new(move |e| (first..=last).contains(&slot_of(e)))) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(storage_status(&e)));
+                    return;
+                }
+            };
+            let through = reader.through();
+            let mut reader = reader.peekable();
+            loop {
+                let mut versions = Vec::with_capacity(MOVE_PART_VERSIONS);
+                let mut bytes = 0;
+                while versions.len() < MOVE_PART_VERSIONS && bytes < MOVE_MESSAGE_BYTES_MAX / 4 {
+                    match reader.next() {
+                        Some(Ok(v)) => {
+                            bytes += v.entity.len() + v.cell.len() + 24;
+                            versions.push(pb::SnapshotVersion {
+                                entity: v.entity,
+                                feature: v.feature.0,
+                                event_time_us: v.event_time.0,
+                                system_time_us: v.system_time.0,
+                                cell: v.cell,
+                            });
+                        }
+                        Some(Err(e)) => {
+                            let _ = tx.blocking_send(Err(storage_status(&e)));
+                            return;
+                        }
+                        None => break,
+                    }
+                }
+                let last = reader.peek().is_none();
+                let part = pb::CopySlotsPart { versions, last, through: if last { through } else { 0 } };
+                if tx.blocking_send(Ok(part)).is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// `SlotLog`: the source's local batches after `after`, each cut to its versions of the
+    /// slots and, when it holds any, its idempotency records; batches with none are left out.
+    pub async fn slot_log(&self, req: &pb::SlotLogRequest) -> Result<pb::SlotLogResponse, Status> {
+        let mv = self.outgoing(req.first, req.last)?;
+        let (db, after) = (self.db.clone(), req.after);
+        let log = tokio::task::spawn_blocking(move || db.local_log(after, MOVE_LOG_BATCHES_MAX))
+            .await
+            .map_err(|e| Status::internal(format!("reading the log: {e}")))?
+            .map_err(|e| match e {
+                quiver_storage::Error::LogTruncated { oldest } => Status::out_of_range(format!(
+                    "this node's log no longer reaches back to batch {} (oldest kept: {oldest}); copy again",
+                    after + 1
+                )),
+                e => storage_status(&e),
+            })?;
+        let moving = |e: &[u8]| !quiver_storage::reserved::is_reserved(e) && mv.holds(slot_of(e));
+        let mut batches = Vec::new();
+        for b in log.batches {
+            if !b.ops.iter().any(|op| moving(&op.entity)) {
+                continue;
+            }
+            let ops = b
+                .ops
+                .into_iter()
+                .filter(|op| moving(&op.entity) || op.entity.starts_with(quiver_storage::reserved::IDEMPOTENCY))
+                .map(|op| pb::ShippedOp {
+                    entity: op.entity,
+                    feature: op.feature.0,
+                    event_time_us: op.event_time.0,
+                    cell: op.cell,
+                })
+                .collect();
+            batches.push(pb::ShippedBatch { seqno: b.seqno, prev_seqno: 0, system_time_us: b.system_time.0, ops });
+        }
+        Ok(pb::SlotLogResponse { batches, through: log.through, head: log.head })
+    }
+
+    /// `FenceSlots`: once this node's map shows the move fenced (read from etcd if the watch
+    /// has not brought it yet, waiting up to [`FENCE_MAP_WAIT`]), waits for every write that
+    /// checked ownership before it to commit, and answers the last sequence number then.
+    pub async fn fence(&self, req: &pb::FenceSlotsRequest) -> Result<pb::FenceSlotsResponse, Status> {
+        let (first, last) = slots(req.first, req.last)?;
+        let started = tokio::time::Instant::now();
+        loop {
+            let map = self.cluster.map();
+            if map.revision() >= req.map_revision {
+                let mv = self.outgoing(req.first, req.last)?;
+                if mv.state == MoveState::Fenced {
+                    break;
+                }
+            }
+            if started.elapsed() > FENCE_MAP_WAIT {
+                return Err(Status::unavailable(format!(
+                    "this node's map (revision {}) does not show the move of slots {first}..={last} fenced after {} s",
+                    map.revision(),
+                    FENCE_MAP_WAIT.as_secs()
+                )));
+            }
+            // The watch usually brings it first; etcd is asked when it has not.
+            if let Err(e) = self.cluster.read_map().await {
+                tracing::debug!(error = %e, "reading the map for a fence");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (cluster, db) = (self.cluster.clone(), self.db.clone());
+        let fence_seqno = tokio::task::spawn_blocking(move || {
+            cluster.drain_writes();
+            db.last_seqno()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("fencing: {e}")))?;
+        tracing::info!(first, last, fence_seqno, "writes to moving slots fenced");
+        Ok(pb::FenceSlotsResponse { fence_seqno })
+    }
+
+    // ---- The target's half.
+
+    /// `MoveSlots`: the progress of the move, every [`MOVE_PROGRESS_INTERVAL`] and at every
+    /// phase, until it switches (the last message, phase "done") or stops (the stream ends
+    /// with its error).
+    pub async fn move_slots(
+        self: &Arc<Self>,
+        req: &pb::MoveSlotsRequest,
+        caller: MetadataMap,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<pb::MoveProgress, Status>>, Status> {
+        let (mut progress, running) = self.start(req, caller).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let p = progress.borrow_and_update().clone();
+                match p.phase.as_str() {
+                    "done" => {
+                        let _ = tx.send(Ok(p)).await;
+                        return;
+                    }
+                    "failed" => {
+                        let failure = running.as_ref().and_then(|r| r.failure.lock().clone());
+                        let _ = tx.send(Err(failure.unwrap_or_else(|| Status::unknown(p.error)))).await;
+                        return;
+                    }
+                    _ => {}
+                }
+                if tx.send(Ok(p)).await.is_err() {
+                    return;
+                }
+                let _ = tokio::time::timeout(MOVE_PROGRESS_INTERVAL, progress.changed()).await;
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Records the move (or finds it recorded) and runs it here, or joins the run under way.
+    async fn start(
+        self: &Arc<Self>,
+        req: &pb::MoveSlotsRequest,
+        caller: MetadataMap,
+    ) -> Result<(watch::Receiver<pb::MoveProgress>, Option<Arc<Running>>), Status> {
+        let (first, last) = slots(req.first, req.last)?;
+        let me = self.cluster.config().node.clone();
+        if req.to != me {
+            return Err(Status::failed_precondition(format!(
+                "this is node {me:?}; a move to {:?} is run by that node: send MoveSlots to it",
+                req.to
+            )));
+        }
+        if let Some(r) = self.running.lock().get(&(first, last)) {
+            if !matches!(r.progress.borrow().phase.as_str(), "done" | "failed") {
+                return Ok((r.progress.subscribe(), Some(r.clone())));
+            }
+        }
+        let (map, mv) = self.cluster.begin_move(first, last, &me).await?;
+        let Some(mv) = mv else {
+            // The slots are this node's already.
+            let p = pb::MoveProgress {
+                phase: "done".into(),
+                switched_revision: map.revision(),
+                moving: Some(pb::SlotMove { first: req.first, last: req.last, from: me.clone(), to: me, state: 0 }),
+                ..Default::default()
+            };
+            return Ok((watch::channel(p).1, None));
+        };
+        let mut running = self.running.lock();
+        if let Some(r) = running.get(&(first, last)) {
+            if !matches!(r.progress.borrow().phase.as_str(), "done" | "failed") {
+                return Ok((r.progress.subscribe(), Some(r.clone())));
+            }
+        }
+        let (tx, rx) =
+            watch::channel(pb::MoveProgress { moving: Some(mv.to_pb()), phase: "copy".into(), ..Default::default() });
+        let r = Arc::new(Running { progress: tx, failure: Mutex::new(None) });
+        running.insert((first, last), r.clone());
+        drop(running);
+        let this = self.clone();
+        let task = r.clone();
+        tokio::spawn(async move {
+            let r = task;
+            let outcome = this.run(mv, &caller, &r.progress).await;
+            this.lag.set(0);
+            match outcome {
+                Ok(revision) => {
+                    this.outcomes.with_label_values(&["switched"]).inc();
+                    r.progress.send_modify(|p| {
+                        p.phase = "done".into();
+                        p.switched_revision = revision;
+                        p.lag_batches = 0;
+                    });
+                }
+                Err(e) => {
+                    this.outcomes.with_label_values(&["failed"]).inc();
+                    tracing::warn!(error = %e, "a move stopped; it stays in the map, to resume or abort");
+                    *r.failure.lock() = Some(Status::new(e.code(), e.message()));
+                    r.progress.send_modify(|p| {
+                        p.phase = "failed".into();
+                        p.error = format!("{}: {}", crate::ui::code_name(e.code()), e.message());
+                    });
+                }
+            }
+        });
+        Ok((rx, Some(r)))
+    }
+
+    /// The source's client, carrying the caller's credentials.
+    fn source(
+        &self,
+        mv: &Move,
+    ) -> Result<pb::cluster_service_client::ClusterServiceClient<tonic::transport::Channel>, Status> {
+        let address = self.cluster.address_of(&mv.from).ok_or_else(|| {
+            Status::unavailable(format!("the move's source {:?} is not registered now (is it running?)", mv.from))
+        })?;
+        let channel = self.forwarder.channel(&mv.from, &address)?;
+        Ok(pb::cluster_service_client::ClusterServiceClient::new(channel)
+            .max_decoding_message_size(MOVE_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MOVE_MESSAGE_BYTES_MAX))
+    }
+
+    /// Applies moved versions here, in parts.
+    async fn apply(&self, versions: Vec<SnapshotVersion>) -> Result<u64, Status> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut n = 0;
+            for part in versions.chunks(MOVE_PART_VERSIONS) {
+                n += db.apply_moved(part, Durability::Sync).map_err(|e| storage_status(&e))?;
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("applying moved versions: {e}")))?
+    }
+
+    /// Fails if the move left the map (aborted) since it began here.
+    fn still_recorded(&self, mv: &Move) -> Result<(), Status> {
+        let map = self.cluster.map();
+        if map.moves().iter().any(|m| m.first == mv.first && m.last == mv.last && m.from == mv.from && m.to == mv.to) {
+            return Ok(());
+        }
+        Err(Status::aborted(format!(
+            "the move of slots {}..={} is no longer in the map (revision {}): aborted",
+            mv.first,
+            mv.last,
+            map.revision()
+        )))
+    }
+
+    /// Applies the source's log after `cursor` until `done(cursor, head)`; the new cursor.
+    /// `Ok(None)`: the source no longer holds that log (copy again).
+    async fn catch_up(
+        &self,
+        mv: &Move,
+        caller: &MetadataMap,
+        mut cursor: u64,
+        progress: &watch::Sender<pb::MoveProgress>,
+        done: impl Fn(u64, u64) -> bool,
+    ) -> Result<Option<u64>, Status> {
+        let mut source = self.source(mv)?;
+        loop {
+            self.still_recorded(mv)?;
+            let req = pb::SlotLogRequest { first: u32::from(mv.first), last: u32::from(mv.last), after: cursor };
+            let log = match source.slot_log(crate::forward::carried(caller, req)).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::OutOfRange => return Ok(None),
+                Err(s) => return Err(from_source(mv, s)),
+            };
+            let mut versions = Vec::new();
+            for b in log.batches {
+                for op in b.ops {
+                    versions.push(SnapshotVersion {
+                        entity: op.entity,
+                        feature: FeatureId(op.feature),
+                        event_time: EventTime(op.event_time_us),
+                        system_time: SystemTime(b.system_time_us),
+                        cell: op.cell,
+                    });
+                }
+            }
+            let n = self.apply(versions).await?;
+            self.versions.with_label_values(&["catch-up"]).inc_by(n);
+            if log.through < cursor {
+                return Err(Status::internal(format!(
+                    "the source's log went back from {cursor} to {} (was it restored from a backup?)",
+                    log.through
+                )));
+            }
+            cursor = log.through;
+            let lag = log.head.saturating_sub(cursor);
+            self.lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
+            progress.send_modify(|p| {
+                p.versions_caught_up += n;
+                p.source_cursor = cursor;
+                p.lag_batches = lag;
+            });
+            if done(cursor, log.head) {
+                return Ok(Some(cursor));
+            }
+        }
+    }
+
+    /// Runs a move to its switch (§5); the map revision of the switch.
+    async fn run(
+        &self,
+        mut mv: Move,
+        caller: &MetadataMap,
+        progress: &watch::Sender<pb::MoveProgress>,
+    ) -> Result<i64, Status> {
+        let phase = |name: &str, mv: &Move| {
+            progress.send_modify(|p| {
+                p.phase = name.into();
+                p.moving = Some(mv.to_pb());
+            })
+        };
+        for copy in 1..=MOVE_COPY_ATTEMPTS {
+            phase("copy", &mv);
+            progress.send_modify(|p| p.copies = copy);
+            let req = pb::CopySlotsRequest { first: u32::from(mv.first), last: u32::from(mv.last) };
+            let mut parts = self
+                .source(&mv)?
+                .copy_slots(crate::forward::carried(caller, req))
+                .await
+                .map_err(|s| from_source(&mv, s))?
+                .into_inner();
+            let mut through = None;
+            while let Some(part) = parts.message().await.map_err(|s| from_source(&mv, s))? {
+                let versions = part
+                    .versions
+                    .into_iter()
+                    .map(|v| SnapshotVersion {
+                        entity: v.entity,
+                        feature: FeatureId(v.feature),
+                        event_time: EventTime(v.event_time_us),
+                        system_time: SystemTime(v.system_time_us),
+                        cell: v.cell,
+                    })
+                    .collect();
+                let n = self.apply(versions).await?;
+                self.versions.with_label_values(&["copy"]).inc_by(n);
+                progress.send_modify(|p| p.versions_copied += n);
+                if part.last {
+                    through = Some(part.through);
+                    break;
+                }
+            }
+            let Some(through) = through else {
+                return Err(from_source(&mv, Status::unavailable("the copy ended before its last part")));
+            };
+            progress.send_modify(|p| p.source_cursor = through);
+            phase("catch-up", &mv);
+            let near = |cursor: u64, head: u64| head.saturating_sub(cursor) <= MOVE_CATCHUP_BATCHES;
+            let Some(cursor) = self.catch_up(&mv, caller, through, progress, near).await? else { continue };
+            phase("fence", &mv);
+            let map = self.cluster.fence_move(&mv).await?;
+            mv.state = MoveState::Fenced;
+            let req = pb::FenceSlotsRequest {
+                first: u32::from(mv.first),
+                last: u32::from(mv.last),
+                map_revision: map.revision(),
+            };
+            let fence = self
+                .source(&mv)?
+                .fence_slots(crate::forward::carried(caller, req))
+                .await
+                .map_err(|s| from_source(&mv, s))?
+                .into_inner()
+                .fence_seqno;
+            let Some(_) = self.catch_up(&mv, caller, cursor, progress, |c, _| c >= fence).await? else { continue };
+            phase("switch", &mv);
+            let map = self.cluster.switch_move(&mv).await?;
+            tracing::info!(first = mv.first, last = mv.last, from = %mv.from, revision = map.revision(), "slots moved here");
+            return Ok(map.revision());
+        }
+        Err(Status::unavailable(format!(
+            "the source's log moved past {MOVE_COPY_ATTEMPTS} copies in a row (raise --replication-log-mb on {:?})",
+            mv.from
+        )))
+    }
+}
+
+/// A failure of the source's half, naming it.
+fn from_source(mv: &Move, s: Status) -> Status {
+    Status::new(s.code(), format!("the move's source {:?}: {}", mv.from, s.message()))
+}
