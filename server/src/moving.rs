@@ -123,29 +123,35 @@ impl Mover {
 
     // ---- The source's half.
 
-    /// The move of exactly `first..=last` from this node, as its map shows it.
-    fn outgoing(&self, first: u32, last: u32) -> Result<Move, Status> {
+    /// The move of exactly `first..=last` from this node, as its map shows it. The target may
+    /// have recorded it a moment ago: a map that does not show it is read again from etcd.
+    async fn outgoing(&self, first: u32, last: u32) -> Result<Move, Status> {
         let (first, last) = slots(first, last)?;
-        let map = self.cluster.map();
-        map.moves()
-            .iter()
-            .find(|m| m.first == first && m.last == last && m.from == self.cluster.config().node)
-            .cloned()
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "this node's map (revision {}) moves no slots {first}..={last} from it",
-                    map.revision()
-                ))
-            })
+        let find = |map: &crate::cluster::SlotMap| {
+            map.moves()
+                .iter()
+                .find(|m| m.first == first && m.last == last && m.from == self.cluster.config().node)
+                .cloned()
+        };
+        if let Some(m) = find(&self.cluster.map()) {
+            return Ok(m);
+        }
+        let (map, _) = self.cluster.read_map().await?;
+        find(&map).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "this node's map (revision {}) moves no slots {first}..={last} from it",
+                map.revision()
+            ))
+        })
     }
 
     /// `CopySlots`: every version of the slots from one view, in parts; the last part says
     /// how far the view holds the log.
-    pub fn copy(
+    pub async fn copy(
         &self,
         req: &pb::CopySlotsRequest,
     ) -> Result<tokio::sync::mpsc::Receiver<Result<pb::CopySlotsPart, Status>>, Status> {
-        let mv = self.outgoing(req.first, req.last)?;
+        let mv = self.outgoing(req.first, req.last).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
@@ -194,7 +200,7 @@ impl Mover {
     /// `SlotLog`: the source's local batches after `after`, each cut to its versions of the
     /// slots and, when it holds any, its idempotency records; batches with none are left out.
     pub async fn slot_log(&self, req: &pb::SlotLogRequest) -> Result<pb::SlotLogResponse, Status> {
-        let mv = self.outgoing(req.first, req.last)?;
+        let mv = self.outgoing(req.first, req.last).await?;
         let (db, after) = (self.db.clone(), req.after);
         let log = tokio::task::spawn_blocking(move || db.local_log(after, MOVE_LOG_BATCHES_MAX))
             .await
@@ -237,7 +243,7 @@ impl Mover {
         loop {
             let map = self.cluster.map();
             if map.revision() >= req.map_revision {
-                let mv = self.outgoing(req.first, req.last)?;
+                let mv = self.outgoing(req.first, req.last).await?;
                 if mv.state == MoveState::Fenced {
                     break;
                 }

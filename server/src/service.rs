@@ -1496,7 +1496,7 @@ impl pb::cluster_service_server::ClusterService for ClusterApi {
     async fn copy_slots(&self, req: Request<pb::CopySlotsRequest>) -> Result<Response<Self::CopySlotsStream>, Status> {
         authorize(&req, Scope::Admin, std::iter::empty())?;
         let (_, mover) = self.cluster()?;
-        let rx = mover.copy(req.get_ref())?;
+        let rx = mover.copy(req.get_ref()).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

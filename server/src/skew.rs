@@ -132,7 +132,22 @@ pub fn measure(
     // Batches by (entity type, pinned features); features served UNAVAILABLE are missing.
     let mut batches: BTreeMap<(String, Vec<String>), Batch<'_>> = BTreeMap::new();
     let mut replayed_answers = 0u64;
-    for a in &answers {
+    // A sharded node replays only the answers of entities it owns now: those of slots that
+    // moved away are no longer here to read (CLUSTER.md §5), and are left out.
+    let mut entity_types: BTreeMap<String, Option<pb::EntityType>> = BTreeMap::new();
+    let mut owned = |a: &pb::LoggedAnswer| {
+        if !features.is_sharded() {
+            return true;
+        }
+        let et = entity_types
+            .entry(a.entity_type.clone())
+            .or_insert_with(|| features.registry().entity_type(&a.entity_type).ok());
+        match (et.as_ref(), a.entity.as_ref()) {
+            (Some(et), Some(e)) => crate::convert::entity_key(et, e).map_or(true, |k| features.owns(&k)),
+            _ => true,
+        }
+    };
+    for a in answers.iter().filter(|a| owned(a)) {
         let mut pins = Vec::new();
         let mut served = Vec::new();
         for f in a.features.iter().filter(|f| keep(f)) {

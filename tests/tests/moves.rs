@@ -23,6 +23,11 @@ const T0: i64 = 1_767_225_600_000_000;
 /// Event times of the concurrent writes start here (one per write: each is one version).
 const LIVE_T0: i64 = T0 + 1_000_000_000;
 
+fn now_us() -> i64 {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    i64::try_from(d.as_micros()).expect("fits")
+}
+
 /// `msg` marked as already forwarded: the node answers it itself or refuses it.
 fn hop<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
@@ -125,8 +130,9 @@ async fn slots_move_under_writes_resume_after_a_kill_abort_and_wait_for_etcd() {
     let dir = tempfile::tempdir().expect("temp dir");
     let etcd = Etcd::start();
     let mut nodes = Vec::new();
+    // Every online answer is logged, for MeasureSkew.
     for id in ["n0", "n1", "n2"] {
-        nodes.push(Node::start(dir.path(), id, &etcd, id, &[]).await);
+        nodes.push(Node::start(dir.path(), id, &etcd, id, &["--log-sample-rate", "1"]).await);
     }
     for n in &mut nodes {
         n.clients.registry.apply_registry(example_registry()).await.expect("registry");
@@ -170,6 +176,19 @@ async fn slots_move_under_writes_resume_after_a_kill_abort_and_wait_for_etcd() {
         before.insert(u.clone(), history(&nodes[0], u).await);
     }
     assert!(before.values().all(|h| h.len() >= 2), "{before:?}");
+
+    // Answers n0 serves now are logged there: five of users that move, five that stay.
+    let logged_from = now_us();
+    for batch in [&moving[..5], &staying[..5]] {
+        let lookup = pb::GetOnlineFeaturesRequest {
+            entity_type: "user".into(),
+            entities: batch.iter().map(|u| key(u)).collect(),
+            features: vec!["user_stats:clicks".into()],
+            as_of: ts(T0),
+            ..Default::default()
+        };
+        n0.get_online_features(hop(lookup)).await.expect("n0 serves its users");
+    }
 
     // Two clients write through n1 (to moving users and staying ones) during the move.
     let (stop, next, refused) =
@@ -242,6 +261,13 @@ async fn slots_move_under_writes_resume_after_a_kill_abort_and_wait_for_etcd() {
     let m = nodes[2].daemon.scrape();
     assert!(m.contains("quiver_moves_total{outcome=\"switched\"} 1"), "{m}");
     assert!(nodes[2].daemon.metric("quiver_move_versions_total{phase=\"copy\"}") > 0, "{m}");
+
+    // n0 measures skew over what it logged, leaving out the answers of the users that moved
+    // away (it no longer holds them to replay).
+    let skew = pb::MeasureSkewRequest { from: ts(logged_from), to: ts(now_us() + 1_000_000), ..Default::default() };
+    let r = nodes[0].clients.monitor.measure_skew(skew).await.expect("skew at the old owner").into_inner();
+    assert_eq!(r.answers, 5, "only the staying users' answers: {r:?}");
+    assert!(r.features.iter().all(|f| f.mismatched == 0), "{r:?}");
 
     // The new owner's write wins over every moved version (its clock went past their stamps).
     let u = &moving[0];
