@@ -269,6 +269,32 @@ impl SlotMap {
         runs
     }
 
+    /// A map as the API gives it ([`SlotMap::to_pb`]), checked as a stored one is.
+    pub fn from_pb(map: &pb::SlotMap) -> Result<Self, String> {
+        if map.runs.is_empty() {
+            return Ok(SlotMap::empty());
+        }
+        let slot = |s: u32| Slot::try_from(s).map_err(|_| format!("slot {s} is out of range"));
+        let runs = map
+            .runs
+            .iter()
+            .map(|r| Ok(Run { first: slot(r.first)?, last: slot(r.last)?, owner: r.owner.clone(), epoch: r.epoch }))
+            .collect::<Result<Vec<_>, String>>()?;
+        let moves = map
+            .moves
+            .iter()
+            .map(|m| {
+                let state = match pb::MoveState::try_from(m.state) {
+                    Ok(pb::MoveState::Copying) => MoveState::Copying,
+                    Ok(pb::MoveState::Fenced) => MoveState::Fenced,
+                    _ => return Err(format!("move state {} is not one", m.state)),
+                };
+                Ok(Move { first: slot(m.first)?, last: slot(m.last)?, from: m.from.clone(), to: m.to.clone(), state })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        SlotMap::with_moves(map.revision, runs, moves)
+    }
+
     /// The etcd revision it was read at (0: no map).
     pub fn revision(&self) -> i64 {
         self.revision
@@ -360,6 +386,82 @@ pub struct Remote {
     pub address: String,
     /// The positions it owns, ascending.
     pub rows: Vec<usize>,
+}
+
+/// One move of a rebalancing plan: slots `first..=last` from `from` to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedMove {
+    /// First slot.
+    pub first: Slot,
+    /// Last slot (inclusive).
+    pub last: Slot,
+    /// Their owner now.
+    pub from: String,
+    /// Where they go.
+    pub to: String,
+}
+
+/// The moves that leave every node of `nodes` owning `SLOTS / n` or one more slots (the extra
+/// ones stay with the nodes that own the most now, so as little moves as can), taking each
+/// donor's slots from the end of its runs. Refused if the map gives slots to a node not in
+/// `nodes` (it must be live to give them away) or a move is under way.
+pub fn plan_rebalance(map: &SlotMap, nodes: &[String]) -> Result<Vec<PlannedMove>, String> {
+    if !map.is_set() {
+        return Err("the slot map is not initialised (quiver cluster init)".into());
+    }
+    if let Some(m) = map.moves().first() {
+        return Err(format!(
+            "slots {}..={} are moving from {} to {}: finish or abort that move first",
+            m.first, m.last, m.from, m.to
+        ));
+    }
+    if nodes.is_empty() {
+        return Err("no node is registered".into());
+    }
+    let mut owned: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.as_str(), 0)).collect();
+    for r in map.runs() {
+        match owned.get_mut(r.owner.as_str()) {
+            Some(c) => *c += usize::from(r.last - r.first) + 1,
+            None => return Err(format!("node {} owns slots but is not registered now: bring it back first", r.owner)),
+        }
+    }
+    let n = nodes.len();
+    let (base, extra) = (usize::from(SLOTS) / n, usize::from(SLOTS) % n);
+    let mut order: Vec<&str> = owned.keys().copied().collect();
+    order.sort_by_key(|id| (std::cmp::Reverse(owned[id]), *id));
+    let target: BTreeMap<&str, usize> =
+        order.iter().enumerate().map(|(i, id)| (*id, base + usize::from(i < extra))).collect();
+    let mut deficit: Vec<(&str, usize)> =
+        order.iter().rev().filter(|id| owned[*id] < target[*id]).map(|id| (*id, target[id] - owned[id])).collect();
+    deficit.sort_by_key(|(id, _)| *id);
+    let mut plan = Vec::new();
+    let mut want = deficit.into_iter();
+    let mut current = want.next();
+    for (donor, &count) in &owned {
+        let mut surplus = count.saturating_sub(target[donor]);
+        for r in map.runs().iter().rev().filter(|r| r.owner == *donor) {
+            let mut last = r.last;
+            while surplus > 0 {
+                let Some((to, need)) = current.as_mut() else { break };
+                let room = usize::from(last - r.first) + 1;
+                let take = surplus.min(*need).min(room);
+                // `take` >= 1 and at most the run's slots from `r.first` to `last`.
+                let first = last - (take - 1) as Slot;
+                plan.push(PlannedMove { first, last, from: donor.to_string(), to: to.to_string() });
+                surplus -= take;
+                *need -= take;
+                if *need == 0 {
+                    current = want.next();
+                }
+                if first == r.first {
+                    break;
+                }
+                last = first - 1;
+            }
+        }
+    }
+    plan.sort_by_key(|m| m.first);
+    Ok(plan)
 }
 
 /// The position of `mv` (same slots, source and target) among the map's moves, or
@@ -1097,6 +1199,41 @@ mod tests {
         // Reads still pass the ownership check; the fence waits for no one here.
         assert_eq!(cluster.check(&cluster.map(), &key), Ok(()));
         cluster.drain_writes();
+    }
+
+    #[test]
+    fn a_rebalance_evens_the_slots_out_moving_as_little_as_it_can() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let map = SlotMap::from_runs(1, SlotMap::spread(&ids(&["a", "b"]))).expect("valid");
+        // A third node joins: a third of each run's end goes to it.
+        let plan = plan_rebalance(&map, &ids(&["a", "b", "c"])).expect("a plan");
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for r in map.runs() {
+            *counts.entry(r.owner.clone()).or_default() += usize::from(r.last - r.first) + 1;
+        }
+        for m in &plan {
+            assert!((m.first..=m.last).all(|s| map.run(s).is_some_and(|r| r.owner == m.from)), "{m:?}");
+            let n = usize::from(m.last - m.first) + 1;
+            *counts.get_mut(&m.from).expect("a donor") -= n;
+            *counts.entry(m.to.clone()).or_default() += n;
+        }
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), [1366, 1365, 1365], "{plan:?}");
+        assert!(plan.iter().all(|m| m.to == "c"), "{plan:?}");
+        assert_eq!(plan.iter().map(|m| usize::from(m.last - m.first) + 1).sum::<usize>(), 1365, "{plan:?}");
+        // An even map needs nothing; an owner that is not live, or a move under way, refuses.
+        let even = SlotMap::from_runs(1, SlotMap::spread(&ids(&["a", "b", "c"]))).expect("valid");
+        assert_eq!(plan_rebalance(&even, &ids(&["a", "b", "c"])), Ok(vec![]));
+        assert!(plan_rebalance(&even, &ids(&["a", "b"])).expect_err("c is gone").contains("not registered"));
+        let mv = Move { first: 0, last: 0, from: "a".into(), to: "b".into(), state: MoveState::Copying };
+        let moving = SlotMap::with_moves(2, even.runs().to_vec(), vec![mv]).expect("valid");
+        assert!(plan_rebalance(&moving, &ids(&["a", "b", "c"])).expect_err("a move").contains("moving"));
+        // Many nodes, one holding everything: every move is of one owner's run, and the result
+        // is even.
+        let one = SlotMap::from_runs(1, SlotMap::spread(&ids(&["a"]))).expect("valid");
+        let all = ids(&["a", "b", "c", "d", "e", "f", "g"]);
+        let plan = plan_rebalance(&one, &all).expect("a plan");
+        let moved: usize = plan.iter().map(|m| usize::from(m.last - m.first) + 1).sum();
+        assert_eq!(moved, usize::from(SLOTS) - (usize::from(SLOTS) / 7 + 1));
     }
 
     #[test]

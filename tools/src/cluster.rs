@@ -222,3 +222,37 @@ pub async fn init(server: &Server, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// `quiver cluster rebalance`: plans the moves that even the slots out over the live nodes
+/// (`quiver_server::cluster::plan_rebalance`) and runs them one after another.
+pub async fn rebalance(server: &Server, json: bool, dry_run: bool, retries: u32) -> Result<()> {
+    let mut c = pb::cluster_service_client::ClusterServiceClient::new(server.channel().await?);
+    let s = c.get_cluster_status(pb::GetClusterStatusRequest {}).await.map_err(grpc)?.into_inner();
+    if !s.sharded {
+        return Err("this node is not sharded: there is nothing to rebalance".into());
+    }
+    let map = quiver_server::cluster::SlotMap::from_pb(&s.map.unwrap_or_default())?;
+    let live: Vec<String> = s.nodes.iter().filter(|n| n.live).map(|n| n.node.clone()).collect();
+    let plan = quiver_server::cluster::plan_rebalance(&map, &live)?;
+    for m in &plan {
+        if json {
+            let line = serde_json::json!({ "plan": { "first": m.first, "last": m.last, "from": m.from, "to": m.to } });
+            println!("{line}");
+        } else {
+            println!("plan: slots {}..={} from {} to {}", m.first, m.last, m.from, m.to);
+        }
+    }
+    if plan.is_empty() && !json {
+        println!("the slots are even over {} nodes: nothing to move", live.len());
+    }
+    if dry_run {
+        return Ok(());
+    }
+    for m in &plan {
+        move_slots(server, json, u32::from(m.first), u32::from(m.last), &m.to, retries).await?;
+    }
+    if !json && !plan.is_empty() {
+        println!("rebalanced over {} nodes: {} moves", live.len(), plan.len());
+    }
+    Ok(())
+}

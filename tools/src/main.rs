@@ -478,6 +478,16 @@ enum ClusterCmd {
         #[arg(long, default_value_t = cluster::MOVE_RETRIES_DEFAULT)]
         retries: u32,
     },
+    /// Even the slots out over the nodes registered now (each owns SLOTS / n, or one more),
+    /// moving as few as it can, one move after another (as `quiver cluster move` does).
+    Rebalance {
+        /// Print the plan and move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Times to resume each move after a node was unreachable.
+        #[arg(long, default_value_t = cluster::MOVE_RETRIES_DEFAULT)]
+        retries: u32,
+    },
 }
 
 /// `quiver replication ...`.
@@ -548,6 +558,9 @@ async fn run(cli: Cli) -> Result<()> {
                 (false, Some(to)) => cluster::move_slots(server, cli.json, first, last, &to, retries).await,
                 (false, None) => Err("--to names the target node".into()),
             }
+        }
+        Cmd::Cluster { cmd: ClusterCmd::Rebalance { dry_run, retries } } => {
+            cluster::rebalance(server, cli.json, dry_run, retries).await
         }
         Cmd::Admin { cmd } => admin::admin(server, cmd).await,
         Cmd::History { entity_type, entity, group, limit } => {

@@ -1,4 +1,4 @@
-//! `quiver cluster status` and `quiver cluster init` against two sharded quiverd nodes and a
+//! `quiver cluster status`, `init`, `rebalance` and `move` against sharded quiverd nodes and a
 //! real etcd, and against an unsharded node.
 
 use std::process::Command;
@@ -105,6 +105,56 @@ fn cluster_init_and_status_on_a_sharded_region() {
     assert!(ok, "{err}");
     let want: Vec<String> = (0..12).map(|i| format!("u{i}: g:clicks={i}")).collect();
     assert_eq!(out.lines().collect::<Vec<_>>(), want);
+
+    // A third node joins; rebalance moves a third of the slots to it, one move per donor, and
+    // every user still reads back, from whichever node owns it now.
+    let c = shard("gamma");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&a.addr)["nodes"].as_array().map_or(0, |n| n.iter().filter(|n| n["live"] == true).count()) < 3 {
+        assert!(Instant::now() < deadline, "gamma never registered: {}", status(&a.addr));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, _, err) = quiver(&["--addr", &c.addr, "apply", file.to_str().expect("path")]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = quiver(&["--addr", &a.addr, "cluster", "rebalance", "--dry-run"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("plan: ") && l.ends_with(" to gamma")).count(), 2, "{out}");
+    assert_eq!(status(&a.addr)["nodes"][2]["slots"], 0, "a dry run moves nothing");
+    let (ok, out, err) = quiver(&["--addr", &b.addr, "cluster", "rebalance"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("rebalanced over 3 nodes: 2 moves"), "{out}");
+    assert!(out.contains("switched at map revision"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&c.addr);
+        let slots: Vec<u64> =
+            s["nodes"].as_array().expect("nodes").iter().map(|n| n["slots"].as_u64().unwrap_or(0)).collect();
+        if slots == [1366, 1365, 1365] && s["moves"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gamma never saw the rebalanced map: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut args = vec!["--addr", &c.addr, "get", "--entity-type", "user", "--feature", "g:clicks"];
+    args.extend(users.iter().map(String::as_str));
+    let (ok, out, err) = quiver(&args);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), want, "every user after the rebalance");
+    let (ok, out, err) = quiver(&["--addr", &a.addr, "cluster", "rebalance"]);
+    assert!(ok && out.contains("nothing to move"), "{out}{err}");
+
+    // Moves of slots a node owns already end at once; bad ranges and aborts of no move are
+    // refused with their codes.
+    let (ok, out, err) = quiver(&["--addr", &a.addr, "cluster", "move", "--slots", "0..9", "--to", "alpha"]);
+    assert!(ok && out.contains(": done;"), "{out}{err}");
+    for bad in ["9..3", "0..4096", "x", "1..y"] {
+        let (ok, _, err) = quiver(&["--addr", &a.addr, "cluster", "move", "--slots", bad, "--to", "beta"]);
+        assert!(!ok && err.contains("--slots"), "{bad}: {err}");
+    }
+    let (ok, _, err) = quiver(&["--addr", &a.addr, "cluster", "move", "--slots", "0..9", "--abort"]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
+    let (ok, _, err) = quiver(&["--addr", &a.addr, "cluster", "move", "--slots", "0..9", "--to", "nobody"]);
+    assert!(!ok && err.contains("no node \"nobody\""), "{err}");
 
     let plain = Daemon::start(&tmp.path().join("plain"), &[]);
     let (ok, out, err) = quiver(&["--addr", &plain.addr, "cluster", "status"]);
