@@ -1198,6 +1198,25 @@ impl Features {
         Ok(req.entities.iter().map(|k| convert::entity_key(et, k)).collect::<std::result::Result<_, _>>()?)
     }
 
+    /// The encoded entity keys of a join's spine, in spine order, once the whole join is
+    /// checked as [`Features::join`] checks it (its size, its features, every spine row), but
+    /// not who owns the entities: what a forwarding node does before it splits a join.
+    pub(crate) fn join_keys(&self, req: &pb::GetHistoricalFeaturesRequest) -> Result<Vec<Vec<u8>>> {
+        if req.spine.len() > SPINE_ROWS_MAX {
+            return Err(ServiceError::TooLarge(format!("spine has more than {SPINE_ROWS_MAX} rows")));
+        }
+        let spec = JoinSpec {
+            entity_type: &req.entity_type,
+            features: &req.features,
+            known_at: req.known_at.as_ref(),
+            strict_availability: req.strict_availability,
+            use_defaults: req.use_defaults,
+            event_times: true,
+        };
+        let (resolution, _) = self.join_resolution(&spec)?;
+        Ok(req.spine.check(&resolution.entity_type, 0..req.spine.len())?.into_iter().map(|(k, _)| k).collect())
+    }
+
     /// The answer to `req` when none of it could be read in time (its part was forwarded and
     /// the owner did not answer by the deadline): every cell UNAVAILABLE, or with
     /// `default_unavailable` DEFAULTED with its registered default (the type's zero value when

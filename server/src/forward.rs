@@ -126,6 +126,20 @@ impl Forwarder {
         r.map(tonic::Response::into_inner).map_err(|s| from_owner(to, s))
     }
 
+    /// Sends a join's part (its spine rows) to their owner; its stream of chunks, in the
+    /// part's order.
+    pub async fn join(
+        &self,
+        caller: &MetadataMap,
+        deadline: Option<Instant>,
+        to: &Remote,
+        part: pb::GetHistoricalFeaturesRequest,
+    ) -> Result<tonic::Streaming<pb::GetHistoricalFeaturesResponse>, Status> {
+        let mut client = self.client(to)?;
+        let r = client.get_historical_features(outgoing(caller, deadline, part)).await;
+        r.map(tonic::Response::into_inner).map_err(|s| from_owner(to, s))
+    }
+
     /// Sends a history scan to its owner; its stream, as the owner sends it.
     pub async fn scan(
         &self,
@@ -276,6 +290,160 @@ fn scatter<T: Clone + Default>(out: &mut Vec<T>, n: usize, rows: &[usize], value
         let slot = out.get_mut(i).ok_or_else(|| Status::internal(format!("row {i} is past the request's {n}")))?;
         *slot = v;
     }
+    Ok(())
+}
+
+/// The chunks of one part of a join, in the part's order.
+pub type JoinPart =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::GetHistoricalFeaturesResponse, Status>> + Send>>;
+
+/// A part of a join being merged: its stream and the chunk it is in.
+struct PartCursor {
+    stream: JoinPart,
+    columns: Vec<pb::FeatureColumn>,
+    /// The next row of `columns` to take, and how many rows they hold.
+    pos: usize,
+    len: usize,
+    /// Rows of the part received so far (the next chunk's `first_row`).
+    received: u64,
+}
+
+/// Merges the streams of a join's parts back into spine order, as they arrive: `parts` holds
+/// each part's positions in the spine (of `n` rows, ascending) and its stream; chunks of
+/// `chunk_rows` rows go out in order. Only the chunk each part is in, and the one being built,
+/// are held. A part's failure ends the merged stream with it; parts that disagree on the
+/// answer's shape (a promotion reaching the owners at different moments) end it with
+/// `UNAVAILABLE`.
+pub fn merge_join(
+    n: usize,
+    parts: Vec<(Vec<usize>, JoinPart)>,
+    chunk_rows: usize,
+) -> tokio::sync::mpsc::Receiver<Result<pb::GetHistoricalFeaturesResponse, Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        if let Err(e) = merge_join_into(n, parts, chunk_rows.max(1), &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    rx
+}
+
+async fn merge_join_into(
+    n: usize,
+    parts: Vec<(Vec<usize>, JoinPart)>,
+    chunk_rows: usize,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::GetHistoricalFeaturesResponse, Status>>,
+) -> Result<(), Status> {
+    use futures::StreamExt;
+    let mut owner = vec![usize::MAX; n];
+    let mut cursors = Vec::with_capacity(parts.len());
+    for (p, (rows, stream)) in parts.into_iter().enumerate() {
+        for i in rows {
+            let slot = owner.get_mut(i).ok_or_else(|| Status::internal(format!("row {i} is past the spine's {n}")))?;
+            *slot = p;
+        }
+        cursors.push(PartCursor { stream, columns: Vec::new(), pos: 0, len: 0, received: 0 });
+    }
+    if let Some(i) = owner.iter().position(|&p| p == usize::MAX) {
+        return Err(Status::internal(format!("spine row {i} is in no part")));
+    }
+    // The answer's shape, from the first chunk: (feature, group version, type) per column.
+    let mut shape: Option<Vec<(String, u32, i32)>> = None;
+    let mut out: Vec<pb::FeatureColumn> = Vec::new();
+    let mut first_row = 0u64;
+    for (i, &p) in owner.iter().enumerate() {
+        let c = &mut cursors[p];
+        while c.pos >= c.len {
+            let chunk = match c.stream.next().await {
+                Some(chunk) => chunk?,
+                None => {
+                    return Err(Status::unavailable(format!(
+                        "a shard's part of the join ended early (before spine row {i})"
+                    )))
+                }
+            };
+            if chunk.first_row != c.received {
+                return Err(Status::internal(format!(
+                    "a shard sent rows from {} where {} came next",
+                    chunk.first_row, c.received
+                )));
+            }
+            let got: Vec<(String, u32, i32)> =
+                chunk.columns.iter().map(|col| (col.feature_ref.clone(), col.group_version, col.r#type)).collect();
+            match &shape {
+                None => shape = Some(got),
+                Some(want) if *want != got => {
+                    return Err(Status::unavailable(
+                        "shards answer the join with different versions of its features (a promotion is reaching them); retry",
+                    ))
+                }
+                Some(_) => {}
+            }
+            c.len = chunk.columns.first().map_or(0, |col| col.statuses.len());
+            if c.len == 0 {
+                return Err(Status::internal("a shard sent a chunk of no rows"));
+            }
+            c.received += c.len as u64;
+            c.columns = chunk.columns;
+            c.pos = 0;
+        }
+        if out.is_empty() {
+            out = shape
+                .iter()
+                .flatten()
+                .map(|(feature_ref, group_version, r#type)| pb::FeatureColumn {
+                    feature_ref: feature_ref.clone(),
+                    group_version: *group_version,
+                    r#type: *r#type,
+                    ..Default::default()
+                })
+                .collect();
+        }
+        for (dst, src) in out.iter_mut().zip(&c.columns) {
+            push_row(dst, src, c.pos)?;
+        }
+        c.pos += 1;
+        let rows = out.first().map_or(0, |col| col.statuses.len());
+        if rows == chunk_rows || i + 1 == n {
+            let columns = std::mem::take(&mut out);
+            if tx.send(Ok(pb::GetHistoricalFeaturesResponse { first_row, columns })).await.is_err() {
+                return Ok(());
+            }
+            first_row += rows as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Appends row `pos` of `src` to `dst` (a column of the same feature).
+fn push_row(dst: &mut pb::FeatureColumn, src: &pb::FeatureColumn, pos: usize) -> Result<(), Status> {
+    let r = dst.statuses.len();
+    let bad = || Status::internal(format!("a shard's chunk of {} has no row {pos}", src.feature_ref));
+    dst.statuses.push(*src.statuses.get(pos).ok_or_else(bad)?);
+    dst.event_times_us.push(*src.event_times_us.get(pos).ok_or_else(bad)?);
+    macro_rules! values {
+        ($($field:ident),*) => {$(
+            if let Some(v) = src.$field.get(pos) {
+                if dst.$field.len() < r {
+                    dst.$field.resize(r, Default::default());
+                }
+                dst.$field.push(v.clone());
+            } else if !dst.$field.is_empty() {
+                dst.$field.push(Default::default());
+            }
+        )*};
+    }
+    values!(
+        bool_values,
+        int64_values,
+        float32_values,
+        float64_values,
+        string_values,
+        bytes_values,
+        float32_vector_values,
+        int64_list_values,
+        string_list_values
+    );
     Ok(())
 }
 

@@ -179,6 +179,47 @@ impl FeatureApi {
         self.forwarder.clone().filter(|_| !crate::forward::is_forwarded(metadata))
     }
 
+    /// A join whose spine `split` spreads over several owners: each part sent to its owner
+    /// (the local one joined here) at once, their streams merged back into spine order as
+    /// they arrive (`server/CLUSTER.md` §6).
+    fn join_split(
+        &self,
+        fw: &Arc<Forwarder>,
+        caller: &tonic::metadata::MetadataMap,
+        deadline: Option<std::time::Instant>,
+        req: pb::GetHistoricalFeaturesRequest,
+        split: crate::cluster::Split,
+    ) -> ReceiverStream<Result<pb::GetHistoricalFeaturesResponse, Status>> {
+        use futures::StreamExt as _;
+        let n = req.spine.len();
+        let part_of = |rows: &[usize]| pb::GetHistoricalFeaturesRequest {
+            spine: crate::forward::subset(&req.spine, rows),
+            ..req.clone()
+        };
+        let mut parts: Vec<(Vec<usize>, crate::forward::JoinPart)> = Vec::new();
+        if !split.local.is_empty() {
+            let (f, local) = (self.features.clone(), part_of(&split.local));
+            parts.push((
+                split.local.clone(),
+                stream_blocking(self.stopping.clone(), move |emit| f.historical(&local, emit)),
+            ));
+        }
+        for to in split.remote {
+            self.metrics.forwarded.with_label_values(&["GetHistoricalFeatures"]).inc_by(to.rows.len() as u64);
+            let (fw, caller, part, rows) = (fw.clone(), caller.clone(), part_of(&to.rows), to.rows.clone());
+            let stream = futures::stream::once(async move { fw.join(&caller, deadline, &to, part).await }).flat_map(
+                |opened| -> crate::forward::JoinPart {
+                    match opened {
+                        Ok(s) => Box::pin(s),
+                        Err(e) => Box::pin(futures::stream::once(async move { Err(e) })),
+                    }
+                },
+            );
+            parts.push((rows, Box::pin(stream)));
+        }
+        ReceiverStream::new(crate::forward::merge_join(n, parts, crate::features::HISTORICAL_CHUNK_ROWS))
+    }
+
     /// An online lookup whose entities `split` spreads over several owners: each part sent to
     /// its owner (the local one answered here) at once, the answers merged in request order.
     #[allow(clippy::too_many_arguments)]
@@ -633,6 +674,20 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                     r.spine.len().min(SPINE_ROWS_MAX) as u64 * r.features.len().min(FEATURES_PER_REQUEST_MAX) as u64;
                 p.take_values(cells)?;
                 let f = self.features.clone();
+                if let Some(fw) = self.forwarding(req.metadata()) {
+                    let keys = f.join_keys(req.get_ref()).map_err(status)?;
+                    if let Some(split) = f.route(&keys).map_err(status)? {
+                        let caller = req.metadata().clone();
+                        let deadline = deadline_of(&caller, std::time::Instant::now())?;
+                        use futures::StreamExt as _;
+                        let stream = self.join_split(&fw, &caller, deadline, req.into_inner(), split);
+                        let stream: BoxStream<pb::GetHistoricalFeaturesResponse> = Box::pin(stream.map(move |chunk| {
+                            let _held = &ticket;
+                            chunk
+                        }));
+                        return Ok(Response::new(stream));
+                    }
+                }
                 let req = req.into_inner();
                 Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {
                     let _ticket = ticket;

@@ -126,7 +126,8 @@ async fn three_shards_serve_their_slots_forward_or_name_the_owner_of_the_rest() 
 
     // A batch of one owner's users reads back there. A batch spanning shards is refused whole
     // by n0 and when already forwarded; n1 and n2 answer it, every user's value in request
-    // order. A join naming another's user is refused everywhere (joins split by shard later);
+    // order. A join spanning shards is refused by n0 and when already forwarded; n1 and n2 split
+    // it by owner and merge the rows back into spine order;
     // a history scan is forwarded whole.
     let everyone: Vec<&str> = users.iter().rev().map(String::as_str).collect();
     for n in &mut nodes {
@@ -158,14 +159,26 @@ async fn three_shards_serve_their_slots_forward_or_name_the_owner_of_the_rest() 
             spine,
             ..Default::default()
         };
-        let s = match n.clients.features.get_historical_features(join).await {
-            Err(s) => s,
-            Ok(resp) => {
-                let mut stream = resp.into_inner();
-                stream.message().await.expect_err("refused before any answer")
-            }
-        };
-        assert_eq!(not_owned(&s).owner, owner_of(slot_of_user(other)));
+        let first_error =
+            |r: Result<tonic::Response<tonic::Streaming<pb::GetHistoricalFeaturesResponse>>, tonic::Status>| async {
+                match r {
+                    Err(s) => s,
+                    Ok(resp) => resp.into_inner().message().await.expect_err("refused before any answer"),
+                }
+            };
+        let s = first_error(n.clients.features.get_historical_features(hop(join.clone())).await).await;
+        assert_eq!(not_owned(&s).owner, owner_of(slot_of_user(other)), "a join forwarded once is not forwarded again");
+        let r = n.clients.features.get_historical_features(join).await;
+        if n.id == "n0" {
+            assert_eq!(not_owned(&first_error(r).await).owner, owner_of(slot_of_user(other)));
+        } else {
+            // Split by owner and merged back into spine order.
+            let mut stream = r.unwrap_or_else(|e| panic!("{} forwards the join: {e:?}", n.id)).into_inner();
+            let chunk = stream.message().await.expect("a chunk").expect("one chunk");
+            assert_eq!(chunk.first_row, 0);
+            assert_eq!(chunk.columns[0].int64_values, [100, 100], "{}: {chunk:?}", n.id);
+            assert!(stream.message().await.expect("the end").is_none());
+        }
         let scan = pb::ScanHistoryRequest {
             entity_type: "user".into(),
             entity: Some(key(other)),
@@ -192,6 +205,34 @@ async fn three_shards_serve_their_slots_forward_or_name_the_owner_of_the_rest() 
                 .collect();
             assert_eq!(values, [100], "{}: {chunk:?}", n.id);
         }
+    }
+    // A join of 5,000 spine rows over every shard comes back in spine order, in chunks of
+    // 4,096 rows (HISTORICAL_CHUNK_ROWS), as one node would answer it.
+    let spine: Vec<pb::SpineRow> = (0..5000)
+        .map(|i| pb::SpineRow { entity: Some(key(everyone[i % everyone.len()])), timestamp: ts(T0 + 1 + i as i64) })
+        .collect();
+    let mut missing = spine.clone();
+    missing.push(pb::SpineRow { entity: Some(key("nobody")), timestamp: ts(T0 + 1) });
+    for n in &mut nodes[1..] {
+        let join = pb::GetHistoricalFeaturesRequest {
+            entity_type: "user".into(),
+            features: vec!["user_stats:clicks".into()],
+            spine: missing.clone(),
+            ..Default::default()
+        };
+        let mut stream = n.clients.features.get_historical_features(join).await.expect("a join").into_inner();
+        let mut rows = Vec::new();
+        while let Some(chunk) = stream.message().await.expect("a chunk") {
+            assert_eq!(chunk.first_row as usize, rows.len(), "{}", n.id);
+            let col = &chunk.columns[0];
+            rows.extend(
+                col.statuses.iter().zip(&col.int64_values).zip(&col.event_times_us).map(|((s, v), t)| (*s, *v, *t)),
+            );
+        }
+        assert_eq!(rows.len(), 5001, "{}", n.id);
+        let present = (pb::FeatureStatus::Present as i32, 100, T0);
+        assert!(rows[..5000].iter().all(|r| *r == present), "{}: {:?}", n.id, &rows[..5]);
+        assert_ne!(rows[5000].0, pb::FeatureStatus::Present as i32, "{}: nobody has no value", n.id);
     }
     let forwarded = nodes[1].daemon.scrape();
     assert!(forwarded.contains("quiver_forwarded_total{method=\"GetOnlineFeatures\"}"), "{forwarded}");
