@@ -471,7 +471,7 @@ fn find_move(map: &SlotMap, mv: &Move) -> Result<usize, tonic::Status> {
         .iter()
         .position(|m| m.first == mv.first && m.last == mv.last && m.from == mv.from && m.to == mv.to)
         .ok_or_else(|| {
-            tonic::Status::failed_precondition(format!(
+            tonic::Status::aborted(format!(
                 "the move of slots {}..={} to {:?} is no longer in the map (aborted)",
                 mv.first, mv.last, mv.to
             ))
@@ -591,11 +591,12 @@ impl Cluster {
         Ok(guard)
     }
 
-    /// Fences writes to a move's slots on its source (§5 step 3): waits until every write
-    /// that checked ownership before the map showed the fence has committed. The caller
-    /// checked that this node's map shows it.
-    pub fn drain_writes(&self) {
-        drop(self.fence.write());
+    /// Fences writes to a move's slots on its source (§5 step 3): waits, up to `wait`, until
+    /// every write that checked ownership before the map showed the fence has committed
+    /// (false: they had not). The caller checked that this node's map shows it. Writes of
+    /// every slot wait while it waits.
+    pub fn drain_writes(&self, wait: Duration) -> bool {
+        self.fence.try_write_for(wait).is_some()
     }
 
     /// Where the entities of one request go, under one map (§4): the positions of `keys` this
@@ -819,6 +820,20 @@ impl Cluster {
             }
             let mut moves = map.moves.clone();
             moves[i].state = MoveState::Fenced;
+            Ok(Some((map.runs.clone(), moves)))
+        })
+        .await
+    }
+
+    /// Sets a recorded move back to `copying` (a fenced move run again: §5).
+    pub async fn unfence_move(&self, mv: &Move) -> Result<Arc<SlotMap>, tonic::Status> {
+        self.change_map(|map| {
+            let i = find_move(map, mv)?;
+            if map.moves[i].state == MoveState::Copying {
+                return Ok(None);
+            }
+            let mut moves = map.moves.clone();
+            moves[i].state = MoveState::Copying;
             Ok(Some((map.runs.clone(), moves)))
         })
         .await
@@ -1196,9 +1211,18 @@ mod tests {
         cluster.take(b"/quiver/c/map", Some((&stored(MoveState::Fenced), 6)), &mut BTreeMap::new());
         let refused = cluster.write_guard([key.as_slice()]).map(|_| ()).expect_err("fenced");
         assert_eq!(refused, NotServed::Fenced { slot, to: "c".into() });
-        // Reads still pass the ownership check; the fence waits for no one here.
+        // Reads still pass the ownership check; the fence waits for no one here, and for a
+        // write in flight until it commits.
         assert_eq!(cluster.check(&cluster.map(), &key), Ok(()));
-        cluster.drain_writes();
+        assert!(cluster.drain_writes(Duration::from_millis(10)));
+        let other = (0..)
+            .map(|i| quiver_storage::encode_entity_key(&[quiver_storage::KeyPart::Str(&format!("v{i}"))]))
+            .find(|k| slot_of(k) < 100 && slot_of(k) != slot)
+            .expect("another key of a's slots");
+        let in_flight = cluster.write_guard([other.as_slice()]).expect("not fenced");
+        assert!(!cluster.drain_writes(Duration::from_millis(10)), "a write in flight holds the fence off");
+        drop(in_flight);
+        assert!(cluster.drain_writes(Duration::from_millis(10)));
     }
 
     #[test]

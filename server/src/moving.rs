@@ -42,6 +42,11 @@ pub const MOVE_COPY_ATTEMPTS: u32 = 3;
 /// How long the source waits for its map to show a move fenced before it answers
 /// `FenceSlots` with `UNAVAILABLE`.
 pub const FENCE_MAP_WAIT: Duration = Duration::from_secs(10);
+/// How long the target waits before asking the source's log again when it had nothing new.
+pub const MOVE_LOG_POLL: Duration = Duration::from_millis(20);
+/// How long the source waits for the writes in flight to commit when it fences; past it the
+/// fence fails with `UNAVAILABLE` (and the writes go on).
+pub const FENCE_DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// How often a running move's progress goes to the operator's stream (and on every phase).
 pub const MOVE_PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// Largest message between the nodes of a move, each way.
@@ -156,7 +161,13 @@ impl Mover {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
             let (first, last) = (mv.first, mv.last);
-            let reader = match db.history(Box::new(move |e| (first..=last).contains(&slot_of(e)))) {
+            // Every idempotency record comes along: they are keyed by the client's key, not by
+            // entity, so the ones of writes to these slots cannot be told apart (the target keeps
+            // its own record of a key it holds already).
+            let keep = move |e: &[u8]| {
+                e.starts_with(quiver_storage::reserved::IDEMPOTENCY) || (first..=last).contains(&slot_of(e))
+            };
+            let reader = match db.history(Box::new(keep)) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = tx.blocking_send(Err(storage_status(&e)));
@@ -199,39 +210,14 @@ impl Mover {
 
     /// `SlotLog`: the source's local batches after `after`, each cut to its versions of the
     /// slots and, when it holds any, its idempotency records; batches with none are left out.
+    /// The log is read a few batches at a time and the answer stops at
+    /// [`MOVE_LOG_BATCHES_MAX`] batches read or a quarter of [`MOVE_MESSAGE_BYTES_MAX`] kept.
     pub async fn slot_log(&self, req: &pb::SlotLogRequest) -> Result<pb::SlotLogResponse, Status> {
         let mv = self.outgoing(req.first, req.last).await?;
         let (db, after) = (self.db.clone(), req.after);
-        let log = tokio::task::spawn_blocking(move || db.local_log(after, MOVE_LOG_BATCHES_MAX))
+        tokio::task::spawn_blocking(move || slot_log(&db, &mv, after))
             .await
             .map_err(|e| Status::internal(format!("reading the log: {e}")))?
-            .map_err(|e| match e {
-                quiver_storage::Error::LogTruncated { oldest } => Status::out_of_range(format!(
-                    "this node's log no longer reaches back to batch {} (oldest kept: {oldest}); copy again",
-                    after + 1
-                )),
-                e => storage_status(&e),
-            })?;
-        let moving = |e: &[u8]| !quiver_storage::reserved::is_reserved(e) && mv.holds(slot_of(e));
-        let mut batches = Vec::new();
-        for b in log.batches {
-            if !b.ops.iter().any(|op| moving(&op.entity)) {
-                continue;
-            }
-            let ops = b
-                .ops
-                .into_iter()
-                .filter(|op| moving(&op.entity) || op.entity.starts_with(quiver_storage::reserved::IDEMPOTENCY))
-                .map(|op| pb::ShippedOp {
-                    entity: op.entity,
-                    feature: op.feature.0,
-                    event_time_us: op.event_time.0,
-                    cell: op.cell,
-                })
-                .collect();
-            batches.push(pb::ShippedBatch { seqno: b.seqno, prev_seqno: 0, system_time_us: b.system_time.0, ops });
-        }
-        Ok(pb::SlotLogResponse { batches, through: log.through, head: log.head })
     }
 
     /// `FenceSlots`: once this node's map shows the move fenced (read from etcd if the watch
@@ -262,12 +248,16 @@ impl Mover {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (cluster, db) = (self.cluster.clone(), self.db.clone());
-        let fence_seqno = tokio::task::spawn_blocking(move || {
-            cluster.drain_writes();
-            db.last_seqno()
-        })
-        .await
-        .map_err(|e| Status::internal(format!("fencing: {e}")))?;
+        let fence_seqno =
+            tokio::task::spawn_blocking(move || cluster.drain_writes(FENCE_DRAIN_WAIT).then(|| db.last_seqno()))
+                .await
+                .map_err(|e| Status::internal(format!("fencing: {e}")))?
+                .ok_or_else(|| {
+                    Status::unavailable(format!(
+                        "writes in flight did not finish within {} s of the fence; run the move again",
+                        FENCE_DRAIN_WAIT.as_secs()
+                    ))
+                })?;
         tracing::info!(first, last, fence_seqno, "writes to moving slots fenced");
         Ok(pb::FenceSlotsResponse { fence_seqno })
     }
@@ -436,21 +426,11 @@ impl Mover {
             let req = pb::SlotLogRequest { first: u32::from(mv.first), last: u32::from(mv.last), after: cursor };
             let log = match source.slot_log(crate::forward::carried(caller, req)).await {
                 Ok(r) => r.into_inner(),
-                Err(s) if s.code() == tonic::Code::OutOfRange => return Ok(None),
+                Err(s) if s.metadata().get(LOG_TRUNCATED_HEADER).is_some() => return Ok(None),
                 Err(s) => return Err(from_source(mv, s)),
             };
-            let mut versions = Vec::new();
-            for b in log.batches {
-                for op in b.ops {
-                    versions.push(SnapshotVersion {
-                        entity: op.entity,
-                        feature: FeatureId(op.feature),
-                        event_time: EventTime(op.event_time_us),
-                        system_time: SystemTime(b.system_time_us),
-                        cell: op.cell,
-                    });
-                }
-            }
+            let empty = log.batches.is_empty();
+            let versions: Vec<SnapshotVersion> = log.batches.into_iter().flat_map(batch_versions).collect();
             let n = self.apply(versions).await?;
             self.versions.with_label_values(&["catch-up"]).inc_by(n);
             if log.through < cursor {
@@ -470,6 +450,10 @@ impl Mover {
             if done(cursor, log.head) {
                 return Ok(Some(cursor));
             }
+            if empty && cursor >= log.head {
+                // Nothing new yet: wait for the source to write.
+                tokio::time::sleep(MOVE_LOG_POLL).await;
+            }
         }
     }
 
@@ -486,6 +470,12 @@ impl Mover {
                 p.moving = Some(mv.to_pb());
             })
         };
+        if mv.state == MoveState::Fenced {
+            // A fenced move run again starts from a copy: the source takes writes meanwhile,
+            // and a new fence drains them before the switch.
+            self.cluster.unfence_move(&mv).await?;
+            mv.state = MoveState::Copying;
+        }
         for copy in 1..=MOVE_COPY_ATTEMPTS {
             phase("copy", &mv);
             progress.send_modify(|p| p.copies = copy);
@@ -522,6 +512,7 @@ impl Mover {
             };
             progress.send_modify(|p| p.source_cursor = through);
             phase("catch-up", &mv);
+            // Near the head: the source writes other slots too, so the lag counts their batches.
             let near = |cursor: u64, head: u64| head.saturating_sub(cursor) <= MOVE_CATCHUP_BATCHES;
             let Some(cursor) = self.catch_up(&mv, caller, through, progress, near).await? else { continue };
             phase("fence", &mv);
@@ -539,7 +530,13 @@ impl Mover {
                 .map_err(|s| from_source(&mv, s))?
                 .into_inner()
                 .fence_seqno;
-            let Some(_) = self.catch_up(&mv, caller, cursor, progress, |c, _| c >= fence).await? else { continue };
+            let through_fence = |c: u64, head: u64| c >= fence || head < fence;
+            let Some(cursor) = self.catch_up(&mv, caller, cursor, progress, through_fence).await? else { continue };
+            if cursor < fence {
+                return Err(Status::unavailable(format!(
+                    "the source's log ends before its fence ({cursor} < {fence}): did it restart? Run the move again"
+                )));
+            }
             phase("switch", &mv);
             let map = self.cluster.switch_move(&mv).await?;
             tracing::info!(first = mv.first, last = mv.last, from = %mv.from, revision = map.revision(), "slots moved here");
@@ -552,7 +549,126 @@ impl Mover {
     }
 }
 
+/// Batches of the log read per engine call while answering `SlotLog` (each may be large).
+const LOG_READ_BATCHES: usize = 8;
+/// The metadata key set on a `SlotLog` refusal whose log no longer reaches back (copy again),
+/// so it is not taken for another `OUT_OF_RANGE` (tonic's, for a message too large).
+pub const LOG_TRUNCATED_HEADER: &str = "quiver-log-truncated";
+
+/// See [`Mover::slot_log`].
+fn slot_log(db: &Db, mv: &Move, after: u64) -> Result<pb::SlotLogResponse, Status> {
+    let moving = |e: &[u8]| !quiver_storage::reserved::is_reserved(e) && mv.holds(slot_of(e));
+    let (mut batches, mut bytes, mut read) = (Vec::new(), 0usize, 0usize);
+    let mut through = after;
+    let mut head;
+    loop {
+        let log = db.local_log(through, LOG_READ_BATCHES).map_err(|e| match e {
+            quiver_storage::Error::LogTruncated { oldest } => {
+                let mut s = Status::out_of_range(format!(
+                    "this node's log no longer reaches back to batch {} (oldest kept: {oldest}); copy again",
+                    through + 1
+                ));
+                s.metadata_mut().insert(LOG_TRUNCATED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+                s
+            }
+            e => storage_status(&e),
+        })?;
+        head = log.head;
+        read += log.batches.len();
+        for b in log.batches {
+            if !b.ops.iter().any(|op| moving(&op.entity)) {
+                continue;
+            }
+            let ops: Vec<pb::ShippedOp> = b
+                .ops
+                .into_iter()
+                .filter(|op| moving(&op.entity) || op.entity.starts_with(quiver_storage::reserved::IDEMPOTENCY))
+                .map(|op| pb::ShippedOp {
+                    entity: op.entity,
+                    feature: op.feature.0,
+                    event_time_us: op.event_time.0,
+                    cell: op.cell,
+                })
+                .collect();
+            bytes += ops.iter().map(|o| o.entity.len() + o.cell.len() + 16).sum::<usize>();
+            batches.push(pb::ShippedBatch { seqno: b.seqno, prev_seqno: 0, system_time_us: b.system_time.0, ops });
+        }
+        through = log.through;
+        if through >= head || read >= MOVE_LOG_BATCHES_MAX || bytes >= MOVE_MESSAGE_BYTES_MAX / 4 {
+            break;
+        }
+    }
+    Ok(pb::SlotLogResponse { batches, through, head })
+}
+
+/// A batch of the source's log as moved versions: its ops with the batch's stamp, the last op
+/// of each cell only (a batch that writes a cell twice logs both, and the last counts; two
+/// versions at one key would otherwise be applied first come, first kept).
+fn batch_versions(b: pb::ShippedBatch) -> Vec<SnapshotVersion> {
+    let mut last: BTreeMap<(Vec<u8>, u32, i64), usize> = BTreeMap::new();
+    for (i, op) in b.ops.iter().enumerate() {
+        last.insert((op.entity.clone(), op.feature, op.event_time_us), i);
+    }
+    let keep: std::collections::BTreeSet<usize> = last.into_values().collect();
+    b.ops
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.contains(i))
+        .map(|(_, op)| SnapshotVersion {
+            entity: op.entity,
+            feature: FeatureId(op.feature),
+            event_time: EventTime(op.event_time_us),
+            system_time: SystemTime(b.system_time_us),
+            cell: op.cell,
+        })
+        .collect()
+}
+
 /// A failure of the source's half, naming it.
 fn from_source(mv: &Move, s: Status) -> Status {
     Status::new(s.code(), format!("the move's source {:?}: {}", mv.from, s.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_that_writes_a_cell_twice_moves_its_last_write() {
+        let op = |entity: &[u8], event: i64, cell: &[u8]| pb::ShippedOp {
+            entity: entity.to_vec(),
+            feature: 3,
+            event_time_us: event,
+            cell: cell.to_vec(),
+        };
+        let b = pb::ShippedBatch {
+            seqno: 9,
+            prev_seqno: 0,
+            system_time_us: 77,
+            ops: vec![
+                op(b"\x01a", 1, b"put"),
+                op(b"\x01b", 1, b"other"),
+                op(b"\x01a", 1, b"delete"),
+                op(b"\x01a", 2, b"x"),
+            ],
+        };
+        let got: Vec<(Vec<u8>, i64, Vec<u8>, u64)> =
+            batch_versions(b).into_iter().map(|v| (v.entity, v.event_time.0, v.cell, v.system_time.0)).collect();
+        assert_eq!(
+            got,
+            [
+                (b"\x01b".to_vec(), 1, b"other".to_vec(), 77),
+                (b"\x01a".to_vec(), 1, b"delete".to_vec(), 77),
+                (b"\x01a".to_vec(), 2, b"x".to_vec(), 77),
+            ]
+        );
+    }
+
+    #[test]
+    fn slot_ranges_are_checked() {
+        assert_eq!(slots(0, 4095).map_err(|s| s.code()), Ok((0, 4095)));
+        for (a, b) in [(5, 4), (0, 4096), (4096, 4096)] {
+            assert_eq!(slots(a, b).map_err(|s| s.code()), Err(tonic::Code::InvalidArgument), "{a}..={b}");
+        }
+    }
 }

@@ -171,6 +171,13 @@ async fn slots_move_under_writes_resume_after_a_kill_abort_and_wait_for_etcd() {
                 .expect("delete");
         }
     }
+    // An idempotent write before the move, to be resent after it.
+    let keyed = pb::WriteFeaturesRequest {
+        rows: vec![clicks_row(&moving[1], T0 + 2, 42)],
+        idempotency_key: "before-the-move".into(),
+        ..Default::default()
+    };
+    n0.write_features(keyed.clone()).await.expect("an idempotent write");
     let mut before = BTreeMap::new();
     for u in &moving {
         before.insert(u.clone(), history(&nodes[0], u).await);
@@ -236,6 +243,11 @@ async fn slots_move_under_writes_resume_after_a_kill_abort_and_wait_for_etcd() {
     assert_eq!(refusal.code(), Code::FailedPrecondition, "{refusal:?}");
     let d = pb::SlotNotOwned::decode(refusal.details()).expect("details");
     assert_eq!((d.owner.as_str(), d.epoch), ("n2", 2), "{d:?}");
+
+    // Resent after the switch, the idempotent write is answered by the new owner from the
+    // record that moved with it, not applied again.
+    let again = nodes[1].clients.features.write_features(keyed).await.expect("the retry").into_inner();
+    assert!(again.deduplicated, "{again:?}");
 
     // The moved history is n0's, version for version (same system times); every acknowledged
     // write is present once, at its owner, and nothing else was written.

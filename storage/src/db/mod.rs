@@ -172,6 +172,9 @@ pub(crate) struct Inner {
     /// The newest local batches, in memory, so peers that keep up are served without reading
     /// the WAL back (only when `replication_log_bytes > 0`).
     log_tail: Mutex<replicate::LogTail>,
+    /// Every batch at or below it is published and, if local, in `log_tail` (when the tail is
+    /// kept): what `local_log` may report as read through. `published_seqno` moves first.
+    log_covered: AtomicU64,
     hot: Option<crate::hot::HotTier>,
     /// Partial aggregates of hours and days (`src/tiles.rs`); `None` when disabled.
     tiles: Option<crate::tiles::Tiles>,

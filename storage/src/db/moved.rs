@@ -31,7 +31,8 @@ pub const MOVED_ORIGIN_SEQNO: u64 = 0;
 pub type EntityFilter = Box<dyn Fn(&[u8]) -> bool + Send>;
 
 /// Every version (tombstones and superseded versions included) of the user entities a filter
-/// keeps, from one read view, in key order.
+/// keeps, and of the idempotency records it keeps, from one read view, in key order. Other
+/// reserved entities are never read.
 pub struct HistoryReader {
     scan: super::read::ScanIter,
     through: u64,
@@ -61,7 +62,8 @@ impl Iterator for HistoryReader {
                 Ok(i) => i,
                 Err(e) => return Some(Err(e)),
             };
-            if crate::reserved::is_reserved(&item.entity) || !(self.keep)(&item.entity) {
+            let idempotency = item.entity.starts_with(crate::reserved::IDEMPOTENCY);
+            if (crate::reserved::is_reserved(&item.entity) && !idempotency) || !(self.keep)(&item.entity) {
                 continue;
             }
             let mut cell_bytes = Vec::new();
@@ -107,7 +109,9 @@ impl Inner {
             // would be a lie.
             return Err(Error::InvalidArgument("this node keeps no log (Options::replication_log_bytes is 0)".into()));
         }
-        let head = self.published_seqno.load(Ordering::Acquire);
+        // Not `published_seqno`: a batch is published before it reaches the tail in memory,
+        // and one read through must be in the answer.
+        let head = self.log_covered.load(Ordering::Acquire);
         let all = |b: &batch::DecodedBatch<'_>| ShippedBatch {
             origin: self.opts.region,
             seqno: b.seqno,
@@ -161,27 +165,45 @@ impl Inner {
                 crate::limits::VERSION_VECTOR_ENTRIES_MAX
             )));
         }
-        let horizon = self.horizon.read();
-        self.check_ok()?;
-        let mut w = self.writer.lock();
-        self.make_room(&mut w)?;
-        let view = self.view.read().clone();
         // One version per key: a later one replaces an earlier one, as within a logged batch
         // (a batch that wrote a cell twice logs both ops; the last counts).
         let mut last = BTreeMap::new();
         for (i, v) in versions.iter().enumerate() {
             last.insert((v.entity.as_slice(), v.feature, v.event_time, v.system_time), i);
         }
-        let mut ops = Vec::new();
+        // The versions held already are found before the writer lock is taken, so the copy
+        // does not hold up this node's own writes: no write of this node makes a moved user
+        // key (it does not own them until the move switches).
+        let before = self.view.read().clone();
+        let mut candidates = Vec::with_capacity(last.len());
         for &i in last.values() {
             let v = &versions[i];
+            if !crate::reserved::is_reserved(&v.entity) {
+                let prefix = key::prefix(&v.entity, v.feature);
+                let exact = AsOf { as_of: v.event_time, known_at: v.system_time, lookback_us: Some(0) };
+                let held = self.get_in_view(&before, &prefix, exact, v.system_time, None)?;
+                if held.is_some_and(|h| h.system_time == v.system_time && h.event_time == v.event_time) {
+                    continue;
+                }
+            }
+            candidates.push(v);
+        }
+        drop(before);
+        let horizon = self.horizon.read();
+        self.check_ok()?;
+        let mut w = self.writer.lock();
+        self.make_room(&mut w)?;
+        let view = self.view.read().clone();
+        let mut ops = Vec::new();
+        for v in candidates {
             if crate::reserved::below_horizon(&v.entity, v.event_time, *horizon) {
                 continue;
             }
-            let prefix = key::prefix(&v.entity, v.feature);
-            let exact = AsOf { as_of: v.event_time, known_at: v.system_time, lookback_us: Some(0) };
-            let held = self.get_in_view(&view, &prefix, exact, v.system_time, None)?;
-            if held.is_some_and(|h| h.system_time == v.system_time && h.event_time == v.event_time) {
+            // An idempotency record is the answer of a write whose key this node may have used
+            // itself (a write split over shards sends one key to each): its own record stays.
+            if crate::reserved::is_reserved(&v.entity)
+                && self.cell_in_view(&view, &v.entity, v.feature, v.event_time)?.is_some()
+            {
                 continue;
             }
             ops.push(ResolvedOp {

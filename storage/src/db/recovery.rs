@@ -401,6 +401,7 @@ pub(super) fn open(fs: Arc<dyn Fs>, dir: &Path, opts: Options) -> Result<Inner> 
         pruned_log: Mutex::new(Default::default()),
         own_stamp_max: AtomicU64::new(own_stamp_max),
         log_tail: Mutex::new(super::replicate::LogTail::new(last_seqno, opts.replication_tail_bytes)),
+        log_covered: AtomicU64::new(last_seqno),
         opts,
     };
     if inner.read_only.is_some() {

@@ -304,6 +304,9 @@ impl Inner {
                 tail.push(first + i as u64, p);
             }
         }
+        // Only now may a reader of the log say it read through these batches: they were
+        // published before they reached the tail.
+        self.log_covered.store(w.last_seqno, Ordering::Release);
         if mem.approximate_bytes() >= self.opts.memtable_bytes {
             self.notify_work();
         }
