@@ -9,9 +9,14 @@ registry check) is ``$QUIVER_CLI``, else ``target/debug/quiver``.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -196,3 +201,73 @@ def secured(tmp_path_factory: pytest.TempPathFactory, registry_file: Path) -> It
         q.apply(registry_file)
     yield daemon, tokens
     daemon.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def region(tmp_path_factory: pytest.TempPathFactory, registry_file: Path) -> Iterator[list[Daemon]]:
+    """A sharded region: a real etcd (``$QUIVER_TEST_ETCD``, else ``etcd`` on the PATH; Debian
+    etcd-server, which ``.ci/run`` installs) and two quiverd nodes started with
+    ``--no-forward``, the registry applied to both and the slot map created."""
+    etcd_bin = os.environ.get("QUIVER_TEST_ETCD") or shutil.which("etcd")
+    if etcd_bin is None:
+        pytest.fail("etcd not found: install etcd-server, or set QUIVER_TEST_ETCD")
+    d = tmp_path_factory.mktemp("region")
+    client_port, peer_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{client_port}"
+    etcd = subprocess.Popen(
+        [
+            etcd_bin,
+            "--data-dir",
+            str(d / "etcd"),
+            "--listen-client-urls",
+            url,
+            "--advertise-client-urls",
+            url,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    nodes: list[Daemon] = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if json.load(r).get("health") == "true":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "etcd did not become healthy"
+            time.sleep(0.1)
+        for node in ("a", "b"):
+            args = ["--etcd", url, "--node-id", node, "--cluster", "py", "--no-forward"]
+            nodes.append(start_quiverd(d / node, *args))
+        for n in nodes:
+            with quiver.Client(n.address) as q:
+                q.apply(registry_file)
+        while True:
+            status = json.loads(cli("--addr", f"http://{nodes[0].address}", "--json", "cluster", "status").stdout)
+            if sum(1 for n in status["nodes"] if n["live"]) == 2:
+                break
+            assert time.monotonic() < deadline, f"both nodes never registered: {status}"
+            time.sleep(0.1)
+        cli("--addr", f"http://{nodes[0].address}", "cluster", "init")
+        for n in nodes:
+            while not json.loads(cli("--addr", f"http://{n.address}", "--json", "cluster", "status").stdout)["runs"]:
+                assert time.monotonic() < deadline, "a node never saw the map"
+                time.sleep(0.1)
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+        etcd.terminate()
+        etcd.wait(timeout=20)

@@ -612,6 +612,9 @@ class HistoricalJob(core.JoinJob):
                 time.sleep(wait)
 
     def _answers(self, chunk: pa.Table, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        if self._client._router is not None:
+            yield self._routed(chunk, columns)
+            return
         p = self._params
         ft = self._client._flight.transport()
         if ft is not None:
@@ -633,6 +636,33 @@ class HistoricalJob(core.JoinJob):
             rows += batch.num_rows
             yield batch
         core.check_answered(rows, chunk.num_rows)
+
+    def _routed(self, chunk: pa.Table, columns: list[str]) -> pa.RecordBatch:
+        """One spine request split by the owners of its rows' slots, each part joined by its
+        owner (over gRPC) at once, and the rows put back in spine order."""
+        router = self._client._router
+        assert router is not None
+        req = self._request(chunk)
+
+        def send(stub: fs_grpc.FeatureServiceStub, at: list[int]) -> list[fs.GetHistoricalFeaturesResponse]:
+            part = fs.GetHistoricalFeaturesRequest()
+            part.CopyFrom(req)
+            del part.spine[:]
+            part.spine.extend(req.spine[i] for i in at)
+            return list(self._client._stream(stub.GetHistoricalFeatures, part))
+
+        positions: list[int] = []
+        tables: list[pa.Table] = []
+        for at, resps in router.fan_out([r.entity for r in req.spine], send):
+            sub = chunk.take(pa.array(at, type=pa.int64()))
+            batches = [core.historical_batch(sub, resp, columns, self._with_status) for resp in resps]
+            core.check_answered(sum(b.num_rows for b in batches), len(at))
+            tables.extend(pa.Table.from_batches([b]) for b in batches)
+            positions.extend(at)
+        core.check_answered(len(positions), chunk.num_rows)
+        table = pa.concat_tables(tables)
+        order = sorted(range(len(positions)), key=positions.__getitem__)
+        return table.take(pa.array(order, type=pa.int64())).combine_chunks().to_batches()[0]
 
     def to_arrow(self) -> pa.Table:
         batches = list(self.iter_batches())
