@@ -1258,6 +1258,16 @@ mod tests {
         let plan = plan_rebalance(&one, &all).expect("a plan");
         let moved: usize = plan.iter().map(|m| usize::from(m.last - m.first) + 1).sum();
         assert_eq!(moved, usize::from(SLOTS) - (usize::from(SLOTS) / 7 + 1));
+        let mut counts: BTreeMap<&str, usize> = all.iter().map(|n| (n.as_str(), 0)).collect();
+        *counts.get_mut("a").expect("a") = usize::from(SLOTS);
+        for m in &plan {
+            assert!((m.first..=m.last).all(|s| one.run(s).is_some_and(|r| r.owner == m.from)), "{m:?}");
+            let n = usize::from(m.last - m.first) + 1;
+            *counts.get_mut(m.from.as_str()).expect("a donor") -= n;
+            *counts.get_mut(m.to.as_str()).expect("a node") += n;
+        }
+        let (lo, hi) = (counts.values().min().copied(), counts.values().max().copied());
+        assert_eq!((lo, hi), (Some(usize::from(SLOTS) / 7), Some(usize::from(SLOTS) / 7 + 1)), "{counts:?}");
     }
 
     #[test]

@@ -77,25 +77,30 @@ impl Forwarder {
         let channel = match channels.get(address) {
             Some(c) => c.clone(),
             None => {
-                let scheme = if self.tls.is_some() { "https" } else { "http" };
-                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
-                    .map_err(|e| Status::unavailable(format!("node {node} has a bad address {address:?}: {e}")))?
-                    .connect_timeout(FORWARD_CONNECT_TIMEOUT)
-                    .http2_keep_alive_interval(FORWARD_KEEPALIVE)
-                    .keep_alive_timeout(FORWARD_KEEPALIVE)
-                    .keep_alive_while_idle(true)
-                    .tcp_nodelay(true);
-                if let Some(tls) = &self.tls {
-                    endpoint = endpoint
-                        .tls_config(tls.clone())
-                        .map_err(|e| Status::unavailable(format!("TLS toward node {node}: {e}")))?;
-                }
-                let c = endpoint.connect_lazy();
+                let c = self.endpoint(node, address)?.connect_lazy();
                 channels.insert(address.to_string(), c.clone());
                 c
             }
         };
         Ok(channel)
+    }
+
+    /// How this node reaches node `node` at `address`.
+    fn endpoint(&self, node: &str, address: &str) -> Result<Endpoint, Status> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+            .map_err(|e| Status::unavailable(format!("node {node} has a bad address {address:?}: {e}")))?
+            .connect_timeout(FORWARD_CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(FORWARD_KEEPALIVE)
+            .keep_alive_timeout(FORWARD_KEEPALIVE)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| Status::unavailable(format!("TLS toward node {node}: {e}")))?;
+        }
+        Ok(endpoint)
     }
 
     /// Sends an online lookup's part to its owner; an answer over `answer_max` bytes is
@@ -135,7 +140,13 @@ impl Forwarder {
         to: &Remote,
         part: pb::GetHistoricalFeaturesRequest,
     ) -> Result<tonic::Streaming<pb::GetHistoricalFeaturesResponse>, Status> {
-        let mut client = self.client(to)?;
+        // A connection of its own: a part read slowly (its rows come later in the spine) holds
+        // its flow-control window, which on the shared connection would stall every lookup
+        // and write this node forwards to the owner.
+        let channel = self.endpoint(&to.node, &to.address)?.connect_lazy();
+        let mut client = pb::feature_service_client::FeatureServiceClient::new(channel)
+            .max_decoding_message_size(self.message_bytes_max)
+            .max_encoding_message_size(self.message_bytes_max);
         let r = client.get_historical_features(outgoing(caller, deadline, part)).await;
         r.map(tonic::Response::into_inner).map_err(|s| from_owner(to, s))
     }

@@ -249,7 +249,8 @@ impl Mover {
         }
         let (cluster, db) = (self.cluster.clone(), self.db.clone());
         let fence_seqno =
-            tokio::task::spawn_blocking(move || cluster.drain_writes(FENCE_DRAIN_WAIT).then(|| db.last_seqno()))
+            // The log's head as `local_log` reports it: every batch through it is readable.
+            tokio::task::spawn_blocking(move || cluster.drain_writes(FENCE_DRAIN_WAIT).then(|| db.log_head()))
                 .await
                 .map_err(|e| Status::internal(format!("fencing: {e}")))?
                 .ok_or_else(|| {
@@ -575,7 +576,14 @@ fn slot_log(db: &Db, mv: &Move, after: u64) -> Result<pb::SlotLogResponse, Statu
         })?;
         head = log.head;
         read += log.batches.len();
+        let mut full = false;
         for b in log.batches {
+            if bytes >= MOVE_MESSAGE_BYTES_MAX / 4 {
+                // The answer is full: it reaches through the batch before this one.
+                through = b.seqno - 1;
+                full = true;
+                break;
+            }
             if !b.ops.iter().any(|op| moving(&op.entity)) {
                 continue;
             }
@@ -593,8 +601,11 @@ fn slot_log(db: &Db, mv: &Move, after: u64) -> Result<pb::SlotLogResponse, Statu
             bytes += ops.iter().map(|o| o.entity.len() + o.cell.len() + 16).sum::<usize>();
             batches.push(pb::ShippedBatch { seqno: b.seqno, prev_seqno: 0, system_time_us: b.system_time.0, ops });
         }
+        if full {
+            break;
+        }
         through = log.through;
-        if through >= head || read >= MOVE_LOG_BATCHES_MAX || bytes >= MOVE_MESSAGE_BYTES_MAX / 4 {
+        if through >= head || read >= MOVE_LOG_BATCHES_MAX {
             break;
         }
     }

@@ -187,13 +187,14 @@ impl FeatureApi {
         fw: &Arc<Forwarder>,
         caller: &tonic::metadata::MetadataMap,
         deadline: Option<std::time::Instant>,
-        req: pb::GetHistoricalFeaturesRequest,
+        mut req: pb::GetHistoricalFeaturesRequest,
         split: crate::cluster::Split,
     ) -> ReceiverStream<Result<pb::GetHistoricalFeaturesResponse, Status>> {
         use futures::StreamExt as _;
         let n = req.spine.len();
+        let spine = std::mem::take(&mut req.spine);
         let part_of = |rows: &[usize]| pb::GetHistoricalFeaturesRequest {
-            spine: crate::forward::subset(&req.spine, rows),
+            spine: crate::forward::subset(&spine, rows),
             ..req.clone()
         };
         let mut parts: Vec<(Vec<usize>, crate::forward::JoinPart)> = Vec::new();
@@ -207,15 +208,35 @@ impl FeatureApi {
         for to in split.remote {
             self.metrics.forwarded.with_label_values(&["GetHistoricalFeatures"]).inc_by(to.rows.len() as u64);
             let (fw, caller, part, rows) = (fw.clone(), caller.clone(), part_of(&to.rows), to.rows.clone());
-            let stream = futures::stream::once(async move { fw.join(&caller, deadline, &to, part).await }).flat_map(
-                |opened| -> crate::forward::JoinPart {
-                    match opened {
-                        Ok(s) => Box::pin(s),
-                        Err(e) => Box::pin(futures::stream::once(async move { Err(e) })),
+            // Every part is sent now and read as it comes (one chunk ahead), not when the merge
+            // first needs it: the owners join their parts at the same time.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(async move {
+                // A slot that moved meanwhile: the caller retries (the map has changed).
+                let retryable = |s: Status| {
+                    if crate::forward::is_not_owned(&s) {
+                        Status::unavailable(format!("{} (the slot map changed during the join; retry)", s.message()))
+                    } else {
+                        s
                     }
-                },
-            );
-            parts.push((rows, Box::pin(stream)));
+                };
+                match fw.join(&caller, deadline, &to, part).await {
+                    Ok(mut stream) => loop {
+                        let next = tokio::select! {
+                            next = stream.next() => next,
+                            _ = tx.closed() => return,
+                        };
+                        let Some(chunk) = next else { return };
+                        if tx.send(chunk.map_err(retryable)).await.is_err() {
+                            return;
+                        }
+                    },
+                    Err(e) => {
+                        let _ = tx.send(Err(retryable(e))).await;
+                    }
+                }
+            });
+            parts.push((rows, Box::pin(ReceiverStream::new(rx))));
         }
         ReceiverStream::new(crate::forward::merge_join(n, parts, crate::features::HISTORICAL_CHUNK_ROWS))
     }
@@ -675,18 +696,31 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 p.take_values(cells)?;
                 let f = self.features.clone();
                 if let Some(fw) = self.forwarding(req.metadata()) {
-                    let keys = f.join_keys(req.get_ref()).map_err(status)?;
-                    if let Some(split) = f.route(&keys).map_err(status)? {
-                        let caller = req.metadata().clone();
-                        let deadline = deadline_of(&caller, std::time::Instant::now())?;
+                    // Checking and routing a spine of millions of rows is CPU work: off the
+                    // async runtime. The request comes back with the split (`None`: all here).
+                    let caller = req.metadata().clone();
+                    let g = f.clone();
+                    let (join, split) = blocking(move || {
+                        let join = req.into_inner();
+                        let keys = g.join_keys(&join).map_err(status)?;
+                        let split = g.route(&keys).map_err(status)?;
+                        Ok((join, split))
+                    })
+                    .await?;
+                    if let Some(split) = split {
                         use futures::StreamExt as _;
-                        let stream = self.join_split(&fw, &caller, deadline, req.into_inner(), split);
+                        let deadline = deadline_of(&caller, std::time::Instant::now())?;
+                        let stream = self.join_split(&fw, &caller, deadline, join, split);
                         let stream: BoxStream<pb::GetHistoricalFeaturesResponse> = Box::pin(stream.map(move |chunk| {
                             let _held = &ticket;
                             chunk
                         }));
                         return Ok(Response::new(stream));
                     }
+                    return Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {
+                        let _ticket = ticket;
+                        f.historical(&join, emit)
+                    })));
                 }
                 let req = req.into_inner();
                 Ok(Response::new(stream_blocking(self.stopping.clone(), move |emit| {

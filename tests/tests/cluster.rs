@@ -207,9 +207,15 @@ async fn three_shards_serve_their_slots_forward_or_name_the_owner_of_the_rest() 
         }
     }
     // A join of 5,000 spine rows over every shard comes back in spine order, in chunks of
-    // 4,096 rows (HISTORICAL_CHUNK_ROWS), as one node would answer it.
+    // 4,096 rows (HISTORICAL_CHUNK_ROWS), as one node would answer it: each user has a value
+    // of its own at T0 + 10 (later than every lookup below reads).
+    let own: Vec<pb::WriteRow> =
+        users.iter().enumerate().map(|(i, u)| clicks_row(u, T0 + 10, 1000 + i as i64)).collect();
+    let r =
+        nodes[1].clients.features.write_features(pb::WriteFeaturesRequest { rows: own, ..Default::default() }).await;
+    r.expect("a write over every shard");
     let spine: Vec<pb::SpineRow> = (0..5000)
-        .map(|i| pb::SpineRow { entity: Some(key(everyone[i % everyone.len()])), timestamp: ts(T0 + 1 + i as i64) })
+        .map(|i| pb::SpineRow { entity: Some(key(everyone[i % everyone.len()])), timestamp: ts(T0 + 20) })
         .collect();
     let mut missing = spine.clone();
     missing.push(pb::SpineRow { entity: Some(key("nobody")), timestamp: ts(T0 + 1) });
@@ -230,8 +236,14 @@ async fn three_shards_serve_their_slots_forward_or_name_the_owner_of_the_rest() 
             );
         }
         assert_eq!(rows.len(), 5001, "{}", n.id);
-        let present = (pb::FeatureStatus::Present as i32, 100, T0);
-        assert!(rows[..5000].iter().all(|r| *r == present), "{}: {:?}", n.id, &rows[..5]);
+        let want: Vec<(i32, i64, i64)> = (0..5000)
+            .map(|i| {
+                let u = everyone[i % everyone.len()];
+                let k = users.iter().position(|x| x == u).expect("a user") as i64;
+                (pb::FeatureStatus::Present as i32, 1000 + k, T0 + 10)
+            })
+            .collect();
+        assert_eq!(rows[..5000], want[..], "{}: rows in spine order", n.id);
         assert_ne!(rows[5000].0, pb::FeatureStatus::Present as i32, "{}: nobody has no value", n.id);
     }
     let forwarded = nodes[1].daemon.scrape();

@@ -16,7 +16,7 @@ from quiver import _convert as cv
 from quiver import _core as core
 from quiver import _route
 from quiver._core import FeatureRef, OnlineCache, OnlineResponse, WriteResult
-from quiver.errors import QuiverError, QuiverInvalidArgument, QuiverResourceExhausted, from_rpc_error
+from quiver.errors import QuiverError, QuiverInvalidArgument, QuiverResourceExhausted, QuiverUnavailable, from_rpc_error
 from quiver.registry import EntityType, FeatureGroup, GroupVersion, RegistryChange, load_registry
 from quiver.v1 import feature_service_pb2 as fs
 from quiver.v1 import feature_service_pb2_grpc as fs_grpc
@@ -643,17 +643,28 @@ class HistoricalJob(core.JoinJob):
         router = self._client._router
         assert router is not None
         req = self._request(chunk)
+        spine = list(req.spine)
+        del req.spine[:]  # the template of every part
 
         def send(stub: fs_grpc.FeatureServiceStub, at: list[int]) -> list[fs.GetHistoricalFeaturesResponse]:
             part = fs.GetHistoricalFeaturesRequest()
             part.CopyFrom(req)
-            del part.spine[:]
-            part.spine.extend(req.spine[i] for i in at)
+            part.spine.extend(spine[i] for i in at)
             return list(self._client._stream(stub.GetHistoricalFeatures, part))
 
         positions: list[int] = []
         tables: list[pa.Table] = []
-        for at, resps in router.fan_out([r.entity for r in req.spine], send):
+        shape: list[tuple[str, int, int]] | None = None
+        for at, resps in router.fan_out([r.entity for r in spine], send):
+            for resp in resps:
+                got = [(c.feature_ref, c.group_version, c.type) for c in resp.columns]
+                if shape is None:
+                    shape = got
+                elif got != shape:
+                    raise QuiverUnavailable(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "shards answer the join with different versions of its features (a promotion is reaching them); retry",
+                    )
             sub = chunk.take(pa.array(at, type=pa.int64()))
             batches = [core.historical_batch(sub, resp, columns, self._with_status) for resp in resps]
             core.check_answered(sum(b.num_rows for b in batches), len(at))

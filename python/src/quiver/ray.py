@@ -1,7 +1,8 @@
 """Training sets on Ray (``server/CLUSTER.md`` §6): a point-in-time join of a spine held in a
 Ray Dataset, run by Ray tasks against a sharded region.
 
-Each task joins one block of the spine with its own routing client
+Each task (a Ray actor, which holds the token given in its constructor's arguments, as Ray
+stores them) joins one block of the spine with its own routing client
 (``quiver.Client(address, route=True)``): the block's rows are split by the owners of their
 slots, each part is joined by its owner at once, and the rows come back in the block's order.
 So every shard serves its own part, many tasks run at once, and the answer is the single-node
@@ -59,8 +60,10 @@ def get_historical_features(
 ) -> Any:
     """The point-in-time join of ``ds`` (a ``ray.data.Dataset`` with the entity type's join
     keys and ``timestamp_column``, and any other columns, which are kept) with ``features``,
-    as a Ray Dataset: one output row per spine row, in the spine's order, with the columns
-    ``Client.get_historical_features`` gives. ``address`` is any node of the region; each task
+    as a Ray Dataset: one output row per spine row, with the columns
+    ``Client.get_historical_features`` gives. Rows keep their order within a batch; across
+    blocks Ray Data orders them only with ``DataContext.execution_options.preserve_order``, so
+    carry a row id in the spine if the order matters. ``address`` is any node of the region; each task
     reads the slot map from it and sends each row to its owner, with ``token`` and ``tls`` as
     ``quiver.Client`` takes them. ``concurrency`` is how many tasks (Ray actors, each with its
     client) run at once (``RAY_TASKS_DEFAULT`` unless given)."""

@@ -564,6 +564,12 @@ impl Db {
         self.inner.history(keep)
     }
 
+    /// The sequence number [`Db::local_log`] can read through now: every batch at or below it
+    /// is published and, if local, readable from the log.
+    pub fn log_head(&self) -> u64 {
+        self.inner.log_covered.load(Ordering::Acquire)
+    }
+
     /// This node's local batches after `after` (at most `max`), every op kept, and how far they
     /// reach. [`Error::LogTruncated`] if the log no longer holds them all.
     pub fn local_log(&self, after: u64, max: usize) -> Result<LocalLog> {
