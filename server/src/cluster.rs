@@ -582,10 +582,15 @@ impl Cluster {
     ) -> Result<parking_lot::RwLockReadGuard<'_, ()>, NotServed> {
         let guard = self.fence.read();
         let map = self.map();
+        let fenced = map.moves.iter().any(|m| m.state == MoveState::Fenced);
         for key in keys {
             self.check(&map, key)?;
-            if let Some(m) = map.move_of(slot_of(key)).filter(|m| m.state == MoveState::Fenced) {
-                return Err(NotServed::Fenced { slot: slot_of(key), to: m.to.clone() });
+            if !fenced {
+                continue;
+            }
+            let slot = slot_of(key);
+            if let Some(m) = map.move_of(slot).filter(|m| m.state == MoveState::Fenced) {
+                return Err(NotServed::Fenced { slot, to: m.to.clone() });
             }
         }
         Ok(guard)
@@ -810,30 +815,16 @@ impl Cluster {
         Ok((map, m))
     }
 
-    /// Sets a recorded move `fenced` (§5 step 3). `FAILED_PRECONDITION` if it is no longer in
-    /// the map (aborted).
-    pub async fn fence_move(&self, mv: &Move) -> Result<Arc<SlotMap>, tonic::Status> {
+    /// Sets a recorded move's state: `Fenced` (§5 step 3), or back to `Copying` (a fenced move
+    /// run again). `ABORTED` if it is no longer in the map.
+    pub async fn set_move_state(&self, mv: &Move, state: MoveState) -> Result<Arc<SlotMap>, tonic::Status> {
         self.change_map(|map| {
             let i = find_move(map, mv)?;
-            if map.moves[i].state == MoveState::Fenced {
+            if map.moves[i].state == state {
                 return Ok(None);
             }
             let mut moves = map.moves.clone();
-            moves[i].state = MoveState::Fenced;
-            Ok(Some((map.runs.clone(), moves)))
-        })
-        .await
-    }
-
-    /// Sets a recorded move back to `copying` (a fenced move run again: §5).
-    pub async fn unfence_move(&self, mv: &Move) -> Result<Arc<SlotMap>, tonic::Status> {
-        self.change_map(|map| {
-            let i = find_move(map, mv)?;
-            if map.moves[i].state == MoveState::Copying {
-                return Ok(None);
-            }
-            let mut moves = map.moves.clone();
-            moves[i].state = MoveState::Copying;
+            moves[i].state = state;
             Ok(Some((map.runs.clone(), moves)))
         })
         .await

@@ -919,6 +919,20 @@ pub struct JoinSpec<'a> {
     pub event_times: bool,
 }
 
+impl<'a> JoinSpec<'a> {
+    /// The join a `GetHistoricalFeatures` request asks for (event times answered).
+    pub fn of(req: &'a pb::GetHistoricalFeaturesRequest) -> Self {
+        JoinSpec {
+            entity_type: &req.entity_type,
+            features: &req.features,
+            known_at: req.known_at.as_ref(),
+            strict_availability: req.strict_availability,
+            use_defaults: req.use_defaults,
+            event_times: true,
+        }
+    }
+}
+
 /// Where a join's spine rows come from. `check` turns rows `range` into (encoded entity key,
 /// time) pairs against the entity type, refusing a bad row with INVALID_ARGUMENT naming it; the
 /// join calls it on disjoint ranges from several threads.
@@ -1205,14 +1219,7 @@ impl Features {
         if req.spine.len() > SPINE_ROWS_MAX {
             return Err(ServiceError::TooLarge(format!("spine has more than {SPINE_ROWS_MAX} rows")));
         }
-        let spec = JoinSpec {
-            entity_type: &req.entity_type,
-            features: &req.features,
-            known_at: req.known_at.as_ref(),
-            strict_availability: req.strict_availability,
-            use_defaults: req.use_defaults,
-            event_times: true,
-        };
+        let spec = JoinSpec::of(req);
         let (resolution, _) = self.join_resolution(&spec)?;
         Ok(req.spine.check(&resolution.entity_type, 0..req.spine.len())?.into_iter().map(|(k, _)| k).collect())
     }
@@ -1539,14 +1546,7 @@ impl Features {
         req: &pb::GetHistoricalFeaturesRequest,
         emit: impl FnMut(pb::GetHistoricalFeaturesResponse) -> bool,
     ) -> Result<()> {
-        let spec = JoinSpec {
-            entity_type: &req.entity_type,
-            features: &req.features,
-            known_at: req.known_at.as_ref(),
-            strict_availability: req.strict_availability,
-            use_defaults: req.use_defaults,
-            event_times: true,
-        };
+        let spec = JoinSpec::of(req);
         self.join(&spec, &req.spine, emit)
     }
 

@@ -219,6 +219,24 @@ pub fn is_not_owned(s: &Status) -> bool {
         && pb::SlotNotOwned::decode(s.details()).is_ok_and(|d| !d.owner.is_empty())
 }
 
+/// Calls the macro `$apply` with every typed value list of a `FeatureColumn` (the one list of
+/// them for the merges here).
+macro_rules! value_fields {
+    ($apply:ident) => {
+        $apply!(
+            bool_values,
+            int64_values,
+            float32_values,
+            float64_values,
+            string_values,
+            bytes_values,
+            float32_vector_values,
+            int64_list_values,
+            string_list_values
+        )
+    };
+}
+
 /// Puts the answers of a lookup's parts back into request order: `parts` holds each part's
 /// positions in the request (of `n` entities) and its answer.
 pub fn merge_online(
@@ -272,17 +290,7 @@ pub fn merge_online(
                     }
                 )*};
             }
-            values!(
-                bool_values,
-                int64_values,
-                float32_values,
-                float64_values,
-                string_values,
-                bytes_values,
-                float32_vector_values,
-                int64_list_values,
-                string_list_values
-            );
+            value_fields!(values);
         }
     }
     Ok(pb::GetOnlineFeaturesResponse { columns: merged })
@@ -444,17 +452,7 @@ fn push_row(dst: &mut pb::FeatureColumn, src: &pb::FeatureColumn, pos: usize) ->
             }
         )*};
     }
-    values!(
-        bool_values,
-        int64_values,
-        float32_values,
-        float64_values,
-        string_values,
-        bytes_values,
-        float32_vector_values,
-        int64_list_values,
-        string_list_values
-    );
+    value_fields!(values);
     Ok(())
 }
 

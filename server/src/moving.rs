@@ -183,13 +183,7 @@ impl Mover {
                     match reader.next() {
                         Some(Ok(v)) => {
                             bytes += v.entity.len() + v.cell.len() + 24;
-                            versions.push(pb::SnapshotVersion {
-                                entity: v.entity,
-                                feature: v.feature.0,
-                                event_time_us: v.event_time.0,
-                                system_time_us: v.system_time.0,
-                                cell: v.cell,
-                            });
+                            versions.push(crate::replication::wire::version_to_wire(v));
                         }
                         Some(Err(e)) => {
                             let _ = tx.blocking_send(Err(storage_status(&e)));
@@ -474,7 +468,7 @@ impl Mover {
         if mv.state == MoveState::Fenced {
             // A fenced move run again starts from a copy: the source takes writes meanwhile,
             // and a new fence drains them before the switch.
-            self.cluster.unfence_move(&mv).await?;
+            self.cluster.set_move_state(&mv, MoveState::Copying).await?;
             mv.state = MoveState::Copying;
         }
         for copy in 1..=MOVE_COPY_ATTEMPTS {
@@ -489,17 +483,7 @@ impl Mover {
                 .into_inner();
             let mut through = None;
             while let Some(part) = parts.message().await.map_err(|s| from_source(&mv, s))? {
-                let versions = part
-                    .versions
-                    .into_iter()
-                    .map(|v| SnapshotVersion {
-                        entity: v.entity,
-                        feature: FeatureId(v.feature),
-                        event_time: EventTime(v.event_time_us),
-                        system_time: SystemTime(v.system_time_us),
-                        cell: v.cell,
-                    })
-                    .collect();
+                let versions = part.versions.into_iter().map(crate::replication::wire::version_from_wire).collect();
                 let n = self.apply(versions).await?;
                 self.versions.with_label_values(&["copy"]).inc_by(n);
                 progress.send_modify(|p| p.versions_copied += n);
@@ -517,7 +501,7 @@ impl Mover {
             let near = |cursor: u64, head: u64| head.saturating_sub(cursor) <= MOVE_CATCHUP_BATCHES;
             let Some(cursor) = self.catch_up(&mv, caller, through, progress, near).await? else { continue };
             phase("fence", &mv);
-            let map = self.cluster.fence_move(&mv).await?;
+            let map = self.cluster.set_move_state(&mv, MoveState::Fenced).await?;
             mv.state = MoveState::Fenced;
             let req = pb::FenceSlotsRequest {
                 first: u32::from(mv.first),

@@ -35,7 +35,7 @@ mod chaos;
 mod config;
 mod puller;
 mod service;
-mod wire;
+pub(crate) mod wire;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use quiver_proto::v1 as pb;
-use quiver_storage::{Db, Durability, EventTime, FeatureId, ShippedBatch, SnapshotVersion, SystemTime};
+use quiver_storage::{Db, Durability, ShippedBatch, SnapshotVersion};
 use tokio::sync::Notify;
 use tonic::codec::CompressionEncoding;
 use tonic::Status;
@@ -363,17 +363,8 @@ impl Replicator {
                     slot.peer.address, part.origin
                 )));
             }
-            let versions: Vec<SnapshotVersion> = part
-                .versions
-                .into_iter()
-                .map(|v| SnapshotVersion {
-                    entity: v.entity,
-                    feature: FeatureId(v.feature),
-                    event_time: EventTime(v.event_time_us),
-                    system_time: SystemTime(v.system_time_us),
-                    cell: v.cell,
-                })
-                .collect();
+            let versions: Vec<SnapshotVersion> =
+                part.versions.into_iter().map(super::wire::version_from_wire).collect();
             let through = part.last.then_some(part.through);
             let db = self.db.clone();
             self.run(move || {

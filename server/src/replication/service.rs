@@ -170,13 +170,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                         let mut part = Vec::with_capacity(part_max);
                         while part.len() < part_max {
                             match reader.next() {
-                                Some(Ok(v)) => part.push(pb::SnapshotVersion {
-                                    entity: v.entity,
-                                    feature: v.feature.0,
-                                    event_time_us: v.event_time.0,
-                                    system_time_us: v.system_time.0,
-                                    cell: v.cell,
-                                }),
+                                Some(Ok(v)) => part.push(super::wire::version_to_wire(v)),
                                 Some(Err(e)) => return Err(storage_status(&e)),
                                 None => break,
                             }

@@ -1,7 +1,7 @@
 //! Shipped batches to and from their protobuf form.
 
 use quiver_proto::v1 as pb;
-use quiver_storage::{EventTime, FeatureId, ShippedBatch, ShippedOp, SystemTime};
+use quiver_storage::{EventTime, FeatureId, ShippedBatch, ShippedOp, SnapshotVersion, SystemTime};
 
 use crate::registry::PREFIX as REGISTRY_PREFIX;
 
@@ -44,6 +44,28 @@ pub(super) fn from_wire(origin: u32, b: pb::ShippedBatch) -> (u64, ShippedBatch)
                 .collect(),
         },
     )
+}
+
+/// A snapshot (or moved) version in its protobuf form.
+pub(crate) fn version_to_wire(v: SnapshotVersion) -> pb::SnapshotVersion {
+    pb::SnapshotVersion {
+        entity: v.entity,
+        feature: v.feature.0,
+        event_time_us: v.event_time.0,
+        system_time_us: v.system_time.0,
+        cell: v.cell,
+    }
+}
+
+/// A snapshot (or moved) version from its protobuf form.
+pub(crate) fn version_from_wire(v: pb::SnapshotVersion) -> SnapshotVersion {
+    SnapshotVersion {
+        entity: v.entity,
+        feature: FeatureId(v.feature),
+        event_time: EventTime(v.event_time_us),
+        system_time: SystemTime(v.system_time_us),
+        cell: v.cell,
+    }
 }
 
 pub(super) fn touches_registry<'a>(mut entities: impl Iterator<Item = &'a [u8]>) -> bool {
