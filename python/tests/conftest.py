@@ -214,7 +214,9 @@ def free_port() -> int:
 def region(tmp_path_factory: pytest.TempPathFactory, registry_file: Path) -> Iterator[list[Daemon]]:
     """A sharded region: a real etcd (``$QUIVER_TEST_ETCD``, else ``etcd`` on the PATH; Debian
     etcd-server, which ``.ci/run`` installs) and two quiverd nodes started with
-    ``--no-forward``, the registry applied to both and the slot map created."""
+    ``--no-forward``, the registry applied to both and the slot map created; then a third node,
+    ``gw``, that joins after the map is made (so owns no slots) and forwards everything: a
+    gateway. Yields ``[a, b, gw]``."""
     etcd_bin = os.environ.get("QUIVER_TEST_ETCD") or shutil.which("etcd")
     if etcd_bin is None:
         pytest.fail("etcd not found: install etcd-server, or set QUIVER_TEST_ETCD")
@@ -261,6 +263,9 @@ def region(tmp_path_factory: pytest.TempPathFactory, registry_file: Path) -> Ite
             assert time.monotonic() < deadline, f"both nodes never registered: {status}"
             time.sleep(0.1)
         cli("--addr", f"http://{nodes[0].address}", "cluster", "init")
+        nodes.append(start_quiverd(d / "gw", "--etcd", url, "--node-id", "gw", "--cluster", "py"))
+        with quiver.Client(nodes[2].address) as q:
+            q.apply(registry_file)
         for n in nodes:
             while not json.loads(cli("--addr", f"http://{n.address}", "--json", "cluster", "status").stdout)["runs"]:
                 assert time.monotonic() < deadline, "a node never saw the map"

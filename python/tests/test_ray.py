@@ -31,7 +31,7 @@ def local_ray() -> Iterator[None]:
 def test_the_ray_join_is_the_single_node_join_row_by_row(
     region: list[Daemon], daemon: Daemon, registry_file: Path, local_ray: None
 ) -> None:
-    a, b = region
+    a, b, _gw = region
     users = [f"ray{i}" for i in range(60)]
     assert len({slot_of(u) < 2048 for u in users}) == 2, "both shards hold some"
     now = datetime.now(timezone.utc).replace(microsecond=0)

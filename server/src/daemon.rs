@@ -455,15 +455,14 @@ pub async fn serve(
     // Every service but health and reflection authenticates its calls (crate::auth).
     // Request messages are reserved against the requests' memory as they arrive, and refused
     // over their service's size limit, before tonic buffers them (crate::admission).
+    let feature_api = FeatureApi::new(features.clone(), metrics.clone(), admission.clone())
+        .with_stopping(stopping_rx.clone())
+        .with_forwarder(forwarder.clone());
     let feature_svc = crate::admission::HoldTickets(AdmitRequests::new(
         InterceptedService::new(
-            pb::feature_service_server::FeatureServiceServer::new(
-                FeatureApi::new(features.clone(), metrics.clone(), admission.clone())
-                    .with_stopping(stopping_rx.clone())
-                    .with_forwarder(forwarder.clone()),
-            )
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX),
+            pb::feature_service_server::FeatureServiceServer::new(feature_api.clone())
+                .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(MESSAGE_BYTES_MAX),
             auth.interceptor(None),
         ),
         admission.clone(),
@@ -472,12 +471,9 @@ pub async fn serve(
     // Arrow Flight (joins out, bulk writes in) behind the same tokens and admission.
     let flight_svc = AdmitRequests::new(
         InterceptedService::new(
-            arrow_flight::flight_service_server::FlightServiceServer::new(
-                crate::flight::FlightApi::new(features.clone(), metrics.clone(), admission.clone())
-                    .with_stopping(stopping_rx.clone()),
-            )
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX),
+            arrow_flight::flight_service_server::FlightServiceServer::new(crate::flight::FlightApi::new(feature_api))
+                .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(MESSAGE_BYTES_MAX),
             auth.interceptor(None),
         ),
         admission.clone(),

@@ -54,7 +54,8 @@ use crate::features::{
 };
 use crate::metrics::Metrics;
 use crate::service::{
-    authorize, blocking, status, stream_blocking, BoxStream, Stopping, DECODED_BYTES_PER_ENCODED, SCAN_RESERVE_BYTES,
+    authorize, blocking, status, stream_blocking, BoxStream, FeatureApi, Stopping, DECODED_BYTES_PER_ENCODED,
+    SCAN_RESERVE_BYTES,
 };
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
@@ -74,18 +75,22 @@ pub struct FlightApi {
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
     stopping: Option<Stopping>,
+    /// The protobuf API over the same features: on a sharded node that forwards, what it does
+    /// not own goes through it (joins split by owner, writes routed, scans passed through).
+    api: FeatureApi,
 }
 
 impl FlightApi {
-    /// The Flight endpoints over `features`.
-    pub fn new(features: Arc<Features>, metrics: Arc<Metrics>, admission: Arc<Admission>) -> Self {
-        Self { features, metrics, admission, stopping: None }
-    }
-
-    /// Open streams end with UNAVAILABLE when this turns true.
-    pub fn with_stopping(mut self, stopping: Stopping) -> Self {
-        self.stopping = Some(stopping);
-        self
+    /// The Flight endpoints beside `api` (its features, metrics, admission, forwarder, and
+    /// streams ending with UNAVAILABLE when its server stops).
+    pub fn new(api: FeatureApi) -> Self {
+        Self {
+            features: api.features.clone(),
+            metrics: api.metrics.clone(),
+            admission: api.admission.clone(),
+            stopping: api.stopping.clone(),
+            api,
+        }
     }
 }
 
@@ -412,6 +417,21 @@ impl ArrowSpine {
         }
         Ok(ArrowSpine { batches, starts })
     }
+
+    /// The spine's rows as protobuf spine rows, in order: the parts a forwarding node sends to
+    /// the other owners (`server/CLUSTER.md` §6) travel over the protobuf join.
+    fn proto_rows(&self) -> Vec<pb::SpineRow> {
+        let mut out = Vec::with_capacity(self.len());
+        for b in &self.batches {
+            for i in 0..b.rows {
+                out.push(pb::SpineRow {
+                    entity: Some(pb::EntityKey { parts: b.keys.iter().map(|k| k.proto(i)).collect() }),
+                    timestamp: Some(crate::convert::timestamp(b.times[i])),
+                });
+            }
+        }
+        out
+    }
 }
 
 impl SpineRows for ArrowSpine {
@@ -543,12 +563,15 @@ fn column_values(a: &ArrayRef, t: pb::ValueType, name: &str) -> Result<Vec<Optio
     Ok(out)
 }
 
-/// One Arrow batch of a DoPut as WriteFeatures requests within the request limits.
+/// One Arrow batch of a DoPut as WriteFeatures requests within the request limits. Unless
+/// `routed` (the requests will go to their rows' owners), a sharded node refuses the batch whole
+/// if it names an entity of another node's slot.
 fn write_requests(
     features: &Features,
     cmd: &pb::FlightWrite,
     batch_no: u64,
     batch: &RecordBatch,
+    routed: bool,
 ) -> Result<Vec<pb::WriteFeaturesRequest>> {
     let what = format!("batch {batch_no}");
     let resolved = features.registry().resolve_group(&cmd.group)?;
@@ -557,7 +580,7 @@ fn write_requests(
     let time_column = if cmd.timestamp_column.is_empty() { DEFAULT_TIMESTAMP_COLUMN } else { &cmd.timestamp_column };
     let keyed = KeyedBatch::new(batch, &et, time_column, &what)?;
     // A sharded node refuses the whole batch before any of its requests is written.
-    if features.is_sharded() {
+    if features.is_sharded() && !routed {
         let keys = (0..keyed.rows).map(|i| keyed.encoded_key(i, &what)).collect::<Result<Vec<_>>>()?;
         features.check_owned(keys.iter().map(Vec::as_slice))?;
     }
@@ -660,8 +683,11 @@ impl FlightService for FlightApi {
                 let admitted = self.admission.admit(join.spine_ipc.len() * DECODED_BYTES_PER_ENCODED + answers)?;
                 let f = self.features.clone();
                 let stopping = self.stopping.clone();
-                // The spine is decoded and checked off the async threads.
-                let (spine, schema, join) = blocking(move || {
+                let forwarder = self.api.forwarding(req.metadata());
+                let routes = forwarder.is_some();
+                // The spine is decoded and checked off the async threads; on a node that
+                // forwards, it is checked whole and split by owner (`None`: all of it here).
+                let (spine, schema, join, split) = blocking(move || {
                     let et = f.registry().entity_type(&join.entity_type).map_err(|e| status(e.into()))?;
                     let time_column = if join.timestamp_column.is_empty() {
                         DEFAULT_TIMESTAMP_COLUMN
@@ -672,12 +698,45 @@ impl FlightService for FlightApi {
                     let spec = spec_of(&join);
                     let columns = f.join_columns(&spec).map_err(status)?;
                     let schema = Arc::new(answer_schema(&join.features, &columns, join.with_status));
-                    Ok((spine, schema, join))
+                    let split = if routes && spine.len() <= SPINE_ROWS_MAX {
+                        let keys: Vec<Vec<u8>> =
+                            spine.check(&et, 0..spine.len()).map_err(status)?.into_iter().map(|(k, _)| k).collect();
+                        f.route(&keys).map_err(status)?
+                    } else {
+                        None
+                    };
+                    Ok((spine, schema, join, split))
                 })
                 .await?;
                 p.take_values(
                     spine.len().min(SPINE_ROWS_MAX) as u64 * join.features.len().min(FEATURES_PER_REQUEST_MAX) as u64,
                 )?;
+                if let (Some(split), Some(fw)) = (split, forwarder) {
+                    // Split over shards: the parts go over the protobuf join, their answers
+                    // merged in spine order and turned into Arrow here.
+                    let with_status = join.with_status;
+                    let request = pb::GetHistoricalFeaturesRequest {
+                        entity_type: join.entity_type,
+                        spine: spine.proto_rows(),
+                        features: join.features,
+                        known_at: join.known_at,
+                        strict_availability: join.strict_availability,
+                        use_defaults: join.use_defaults,
+                    };
+                    drop(spine);
+                    let chunks = self.api.join_split(&fw, req.metadata(), request, split)?;
+                    let batch_schema = schema.clone();
+                    let batches = chunks.map(move |chunk| {
+                        let _admitted = &admitted;
+                        answer_batch(&batch_schema, chunk?, with_status).map_err(status)
+                    });
+                    let encoded = FlightDataEncoderBuilder::new()
+                        .with_schema(schema)
+                        .with_dictionary_handling(DictionaryHandling::Resend)
+                        .build(batches.map_err(|s| FlightError::Tonic(Box::new(s))))
+                        .map_err(flight_status);
+                    return Ok(Response::new(Box::pin(encoded) as Self::DoGetStream));
+                }
                 let f = self.features.clone();
                 let batch_schema = schema.clone();
                 let batches = stream_blocking(stopping, move |emit: &mut dyn FnMut(RecordBatch) -> bool| {
@@ -709,6 +768,7 @@ impl FlightService for FlightApi {
             .timed("FlightDoPut", async move {
                 let principal = authorize(&req, Scope::Write, [])?;
                 let mut ticket = self.admission.admit(0)?;
+                let caller = req.metadata().clone();
                 let mut input = req.into_inner();
                 let first = input.message().await?.ok_or_else(|| {
                     Status::invalid_argument("DoPut: no messages (a descriptor and a schema come first)")
@@ -726,6 +786,9 @@ impl FlightService for FlightApi {
                     })?;
                 principal.require_group(Scope::Write, &cmd.group)?;
                 let cmd = Arc::new(cmd);
+                // On a node that forwards, each request goes to its rows' owners; one that
+                // does not refuses a batch naming another node's entity before writing any.
+                let routes = self.api.forwarding(&caller).is_some();
                 let rest = futures::stream::once(async move { Ok(first) })
                     .chain(input)
                     .map_err(|s| FlightError::Tonic(Box::new(s)));
@@ -764,25 +827,20 @@ impl FlightService for FlightApi {
                     }
                     let (f, c) = (self.features.clone(), cmd.clone());
                     let rows = batch.num_rows() as u64;
-                    let requests = blocking(move || write_requests(&f, &c, batch_no, &batch).map_err(status))
+                    let requests = blocking(move || write_requests(&f, &c, batch_no, &batch, routes).map_err(status))
                         .await
                         .map_err(in_batch)?;
                     let mut result = pb::FlightWriteResult { batch: batch_no, rows, ..Default::default() };
                     for r in requests {
                         let values: u64 = r.rows.iter().map(|w| w.values.len() as u64).sum();
-                        let request_bytes = r.encoded_len() as u64;
                         principal.take_values(values).map_err(in_batch)?;
-                        let f = self.features.clone();
-                        let resp = blocking(move || f.write(&r).map_err(status)).await.map_err(in_batch)?;
+                        let resp = self.api.write_routed(&caller, r).await.map_err(in_batch)?;
                         result.values_written += resp.values_written;
                         result.requests += 1;
                         result.system_time = resp.system_time;
                         result.version = resp.version;
                         if resp.deduplicated {
                             result.deduplicated += 1;
-                        } else {
-                            self.metrics.values_written.inc_by(resp.values_written);
-                            self.metrics.write_bytes.inc_by(request_bytes);
                         }
                     }
                     ticket.refund(reserved);
@@ -854,8 +912,20 @@ impl FlightApi {
         let columns: Vec<(String, pb::ValueType)> =
             features.iter().map(|f| (format!("{}@{}:{}", f.group, f.version, f.feature), f.value_type)).collect();
         let schema = Arc::new(scan_schema(&columns));
-        let f = self.features.clone();
         let batch_schema = schema.clone();
+        // An entity another node owns: its owner's protobuf stream, turned into Arrow here.
+        if let Some(chunks) = self.api.scan_elsewhere(req.metadata(), &scan).await? {
+            let batches = chunks.map(move |chunk| {
+                let _admitted = &admitted;
+                scan_batch(&batch_schema, &columns, chunk?).map_err(status)
+            });
+            let encoded = FlightDataEncoderBuilder::new()
+                .with_schema(schema)
+                .build(batches.map_err(|s| FlightError::Tonic(Box::new(s))))
+                .map_err(flight_status);
+            return Ok(Response::new(Box::pin(encoded)));
+        }
+        let f = self.features.clone();
         let batches = stream_blocking(self.stopping.clone(), move |emit: &mut dyn FnMut(RecordBatch) -> bool| {
             let _admitted = admitted;
             let mut failed = None;

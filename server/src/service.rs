@@ -153,10 +153,10 @@ const STREAM_BUFFER_CHUNKS: usize = 4;
 /// `quiver.v1.FeatureService`.
 #[derive(Debug, Clone)]
 pub struct FeatureApi {
-    features: Arc<Features>,
-    metrics: Arc<Metrics>,
-    admission: Arc<Admission>,
-    stopping: Option<Stopping>,
+    pub(crate) features: Arc<Features>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) admission: Arc<Admission>,
+    pub(crate) stopping: Option<Stopping>,
     /// Sends what this node does not own to its owner (a sharded node that forwards).
     forwarder: Option<Arc<Forwarder>>,
 }
@@ -175,22 +175,22 @@ impl FeatureApi {
     }
 
     /// The forwarder, unless the request was itself forwarded (one hop at most).
-    fn forwarding(&self, metadata: &tonic::metadata::MetadataMap) -> Option<Arc<Forwarder>> {
+    pub(crate) fn forwarding(&self, metadata: &tonic::metadata::MetadataMap) -> Option<Arc<Forwarder>> {
         self.forwarder.clone().filter(|_| !crate::forward::is_forwarded(metadata))
     }
 
     /// A join whose spine `split` spreads over several owners: each part sent to its owner
     /// (the local one joined here) at once, their streams merged back into spine order as
-    /// they arrive (`server/CLUSTER.md` §6).
-    fn join_split(
+    /// they arrive (`server/CLUSTER.md` §6). gRPC joins and Flight `DoGet` alike.
+    pub(crate) fn join_split(
         &self,
         fw: &Arc<Forwarder>,
         caller: &tonic::metadata::MetadataMap,
-        deadline: Option<std::time::Instant>,
         mut req: pb::GetHistoricalFeaturesRequest,
         split: crate::cluster::Split,
-    ) -> ReceiverStream<Result<pb::GetHistoricalFeaturesResponse, Status>> {
+    ) -> Result<ReceiverStream<Result<pb::GetHistoricalFeaturesResponse, Status>>, Status> {
         use futures::StreamExt as _;
+        let deadline = deadline_of(caller, std::time::Instant::now())?;
         let n = req.spine.len();
         let spine = std::mem::take(&mut req.spine);
         let part_of = |rows: &[usize]| pb::GetHistoricalFeaturesRequest {
@@ -238,7 +238,7 @@ impl FeatureApi {
             });
             parts.push((rows, Box::pin(ReceiverStream::new(rx))));
         }
-        ReceiverStream::new(crate::forward::merge_join(n, parts, crate::features::HISTORICAL_CHUNK_ROWS))
+        Ok(ReceiverStream::new(crate::forward::merge_join(n, parts, crate::features::HISTORICAL_CHUNK_ROWS)))
     }
 
     /// An online lookup whose entities `split` spreads over several owners: each part sent to
@@ -328,8 +328,10 @@ impl FeatureApi {
         Ok(resp)
     }
 
-    /// A write, its rows forwarded to their owners when this node forwards (`crate::forward`).
-    async fn write_routed(
+    /// A write, its rows forwarded to their owners when this node forwards (`crate::forward`):
+    /// `WriteFeatures`, its stream and Flight `DoPut`. Counts what this node applied in its
+    /// metrics.
+    pub(crate) async fn write_routed(
         &self,
         caller: &tonic::metadata::MetadataMap,
         req: pb::WriteFeaturesRequest,
@@ -433,6 +435,25 @@ impl FeatureApi {
             }
         }
         Ok(crate::forward::merge_writes(&answers))
+    }
+
+    /// The owner's stream of a history scan of an entity another node owns, when this node
+    /// forwards (`None`: this node answers it, or refuses it, itself). `ScanHistory` and
+    /// Flight's scan ticket alike.
+    pub(crate) async fn scan_elsewhere(
+        &self,
+        caller: &tonic::metadata::MetadataMap,
+        req: &pb::ScanHistoryRequest,
+    ) -> Result<Option<BoxStream<pb::ScanHistoryResponse>>, Status> {
+        let Some(fw) = self.forwarding(caller) else { return Ok(None) };
+        let key = self.features.scan_key(req).map_err(status)?;
+        let Some(to) = self.features.route(&[key]).map_err(status)?.and_then(|s| s.remote.into_iter().next()) else {
+            return Ok(None);
+        };
+        self.metrics.forwarded.with_label_values(&["ScanHistory"]).inc();
+        let deadline = deadline_of(caller, std::time::Instant::now())?;
+        let stream = fw.scan(caller, deadline, &to, req.clone()).await?;
+        Ok(Some(Box::pin(stream)))
     }
 
     /// Counts a write this node applied in its metrics (a replayed one writes nothing).
@@ -709,8 +730,7 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                     .await?;
                     if let Some(split) = split {
                         use futures::StreamExt as _;
-                        let deadline = deadline_of(&caller, std::time::Instant::now())?;
-                        let stream = self.join_split(&fw, &caller, deadline, join, split);
+                        let stream = self.join_split(&fw, &caller, join, split)?;
                         let stream: BoxStream<pb::GetHistoricalFeaturesResponse> = Box::pin(stream.map(move |chunk| {
                             let _held = &ticket;
                             chunk
@@ -761,22 +781,13 @@ impl pb::feature_service_server::FeatureService for FeatureApi {
                 let r = req.get_ref();
                 authorize(&req, Scope::Read, r.features.iter().map(String::as_str).chain([r.group.as_str()]))?;
                 let ticket = self.admission.admit(r.encoded_len() * DECODED_BYTES_PER_ENCODED + SCAN_RESERVE_BYTES)?;
-                if let Some(fw) = self.forwarding(req.metadata()) {
-                    let key = self.features.scan_key(r).map_err(status)?;
-                    if let Some(to) =
-                        self.features.route(&[key]).map_err(status)?.and_then(|s| s.remote.into_iter().next())
-                    {
-                        self.metrics.forwarded.with_label_values(&["ScanHistory"]).inc();
-                        let caller = req.metadata().clone();
-                        let deadline = deadline_of(&caller, std::time::Instant::now())?;
-                        let stream = fw.scan(&caller, deadline, &to, req.into_inner()).await?;
-                        // The ticket is held until the owner's stream has been passed through.
-                        let stream = tokio_stream::StreamExt::map(stream, move |chunk| {
-                            let _held = &ticket;
-                            chunk
-                        });
-                        return Ok(Response::new(Box::pin(stream) as Self::ScanHistoryStream));
-                    }
+                if let Some(stream) = self.scan_elsewhere(req.metadata(), r).await? {
+                    // The ticket is held until the owner's stream has been passed through.
+                    let stream = tokio_stream::StreamExt::map(stream, move |chunk| {
+                        let _held = &ticket;
+                        chunk
+                    });
+                    return Ok(Response::new(Box::pin(stream) as Self::ScanHistoryStream));
                 }
                 let f = self.features.clone();
                 let req = req.into_inner();

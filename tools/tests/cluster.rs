@@ -163,3 +163,110 @@ fn cluster_init_and_status_on_a_sharded_region() {
     let (ok, _, err) = quiver(&["--addr", &plain.addr, "cluster", "init"]);
     assert!(!ok && err.contains("FailedPrecondition") && err.contains("not sharded"), "{err}");
 }
+
+/// Reads a Parquet file whole, as one batch.
+fn read_parquet(path: &std::path::Path) -> arrow_array::RecordBatch {
+    let file = std::fs::File::open(path).expect("open");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .expect("parquet")
+        .build()
+        .expect("reader");
+    let batches: Vec<_> = reader.map(|b| b.expect("batch")).collect();
+    let schema = batches.first().map(|b| b.schema()).expect("a batch");
+    arrow_select::concat::concat_batches(&schema, &batches).expect("concat")
+}
+
+/// `quiver ingest` and `quiver join` through a node of a sharded region that forwards: its
+/// writes go to their owners, and its Flight join is split by owner and merged back in spine
+/// order. The training set equals an unsharded node's for the same data, row by row.
+#[test]
+fn a_join_through_a_forwarding_node_equals_the_single_node_join() {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Int64Type;
+    use arrow_array::Array;
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let etcd = Etcd::start();
+    let shard =
+        |id: &str| Daemon::start(&tmp.path().join(id), &["--etcd", &etcd.url, "--node-id", id, "--cluster", "j"]);
+    let (a, b) = (shard("a"), shard("b"));
+    let single = Daemon::start(&tmp.path().join("single"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&a.addr)["nodes"].as_array().map_or(0, Vec::len) < 2 || status(&b.addr)["etcd_connected"] != true {
+        assert!(Instant::now() < deadline, "both nodes never registered: {}", status(&a.addr));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, _, err) = quiver(&["--addr", &a.addr, "cluster", "init"]);
+    assert!(ok, "{err}");
+    while status(&b.addr)["map_revision"].as_i64().unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "b never saw the map");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let registry = tmp.path().join("registry.toml");
+    std::fs::write(
+        &registry,
+        "[[entity_types]]\nname = \"user\"\njoin_keys = [{ name = \"user_id\", type = \"string\" }]\n\n\
+         [[feature_groups]]\nname = \"g\"\nentity_type = \"user\"\n\
+         [[feature_groups.features]]\nname = \"clicks\"\ntype = \"int64\"\n",
+    )
+    .expect("write file");
+    const T0: i64 = 1_767_225_600_000_000;
+    const HOUR: i64 = 3_600_000_000;
+    let csv = tmp.path().join("load.csv");
+    let mut text = String::from("user_id,event_time,clicks\n");
+    for i in 0..300 {
+        text.push_str(&format!("u{i},{T0},{i}\n"));
+        if i % 3 != 0 {
+            text.push_str(&format!("u{i},{},{}\n", T0 + HOUR, 1000 + i));
+        }
+    }
+    std::fs::write(&csv, text).expect("csv");
+    for d in [&a, &b, &single] {
+        let (ok, _, err) = quiver(&["--addr", &d.addr, "apply", registry.to_str().expect("path")]);
+        assert!(ok, "{err}");
+    }
+    for d in [&a, &single] {
+        let (ok, out, err) = quiver(&["--addr", &d.addr, "ingest", csv.to_str().expect("path"), "--group", "g"]);
+        assert!(ok && out.contains("ingested 500 rows"), "{out}{err}");
+    }
+    // Both shards hold some of the users.
+    let slots: Vec<u64> =
+        status(&b.addr)["nodes"].as_array().expect("nodes").iter().map(|n| n["slots"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(slots, [2048, 2048]);
+
+    // A spine of 6,000 rows (two Flight answer chunks): known and unknown users, before,
+    // between and after their versions.
+    let spine = tmp.path().join("spine.csv");
+    let mut text = String::from("user_id,ts\n");
+    let mut x: u64 = 7;
+    for _ in 0..6000 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let user = (x >> 33) % 320;
+        let t = T0 + [-HOUR / 2, HOUR / 2, HOUR * 3 / 2][((x >> 20) % 3) as usize];
+        text.push_str(&format!("u{user},{t}\n"));
+    }
+    std::fs::write(&spine, text).expect("spine");
+    let join = |d: &Daemon, out: &str| {
+        let out = tmp.path().join(out);
+        let (ok, stdout, err) = quiver(&[
+            "--addr",
+            &d.addr,
+            "join",
+            spine.to_str().expect("path"),
+            "-o",
+            out.to_str().expect("path"),
+            "--time-column",
+            "ts",
+            "--feature",
+            "g:clicks",
+        ]);
+        assert!(ok, "{stdout}{err}");
+        read_parquet(&out)
+    };
+    let want = join(&single, "single.parquet");
+    let got = join(&b, "sharded.parquet");
+    assert_eq!(got.num_rows(), 6000);
+    assert_eq!(got, want);
+    let clicks = got.column_by_name("clicks").expect("clicks").as_primitive::<Int64Type>();
+    assert!(clicks.null_count() > 500 && clicks.null_count() < 5500, "values and gaps: {}", clicks.null_count());
+}
