@@ -46,11 +46,12 @@ pub(crate) mod stripes;
 pub(crate) mod version;
 
 pub use batch::WriteBatch;
+pub use db::StreamId;
 pub use db::{
     verify_dir, AggQuery, ApplyReport, BatchRead, Db, EntityVersions, Expectation, Gathered, HistoryReader, LevelStats,
     LocalLog, Mismatch, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange, ShippedBatch, ShippedOp, Snapshot,
     SnapshotReader, SnapshotVersion, Stats, VerifyReport, WriteIf, WriteReceipt, WritesRefused, EXPECTATIONS_MAX,
-    MOVED_ORIGIN_SEQNO, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
+    MOVED_ORIGIN_SEQNO, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX, SOLE_STREAM, STREAM_MAX,
 };
 pub use hlc::{Clock, ManualClock, SystemClock};
 pub use hot::HotStats;

@@ -626,3 +626,70 @@ fn the_event_horizon_applies_to_values_not_to_replicated_registry_records() {
     local.put(b"\x01user", FeatureId(2), EventTime(5_000), Value::Int64(2)).expect("put");
     db.write(local, Durability::Sync).expect("a local write with a reserved record passes the horizon");
 }
+
+/// Two nodes of one origin region number their batches alike (REPLICATION.md §7): a receiver
+/// keeps one cursor per stream, so a batch of one stream is never taken for another's, in a
+/// group and across a reopen, and stream 0 is the cursor every node kept before streams.
+#[test]
+fn each_stream_of_a_region_has_its_own_cursor() {
+    use quiver_storage::{ShippedOp, SnapshotVersion, SOLE_STREAM, STREAM_MAX};
+    let fs = MemFs::new();
+    let clock = ManualClock::new(1_000_000);
+    let open = || Db::open_with_fs(Arc::new(fs.clone()), Path::new("/db"), options(0, &clock, false)).expect("open");
+    let db = open();
+    let batch = |seqno: u64, entity: &[u8], value: i64, stamp: u64| {
+        let mut c = Vec::new();
+        cell::encode(Some(&Value::Int64(value)), &VersionVector::single(1, stamp), &mut c);
+        let op = ShippedOp { entity: entity.to_vec(), feature: FeatureId(1), event_time: EventTime(5), cell: c };
+        ShippedBatch { origin: 1, seqno, system_time: SystemTime(stamp), ops: vec![op] }
+    };
+    let (a, b) = (11u64, STREAM_MAX);
+    // Stream a's batches 1..=3 as one group; then stream b's batch 2 is new, not "applied".
+    let r = db
+        .apply_replicated_stream(
+            a,
+            &[batch(1, b"\x01ann", 1, 900), batch(2, b"\x01ann", 2, 901), batch(3, b"\x01ann", 3, 902)],
+            Durability::Sync,
+        )
+        .expect("stream a");
+    assert!(r.iter().all(|r| !r.already_applied && r.applied == 1), "{r:?}");
+    let r = db.apply_replicated_stream(b, &[batch(2, b"\x01bob", 7, 950)], Durability::Sync).expect("stream b");
+    assert!(!r[0].already_applied && r[0].applied == 1, "{r:?}");
+    assert_eq!(db.replication_cursor_of(1, a).expect("a"), 3);
+    assert_eq!(db.replication_cursor_of(1, b).expect("b"), 2);
+    assert_eq!(db.replication_cursor(1).expect("sole"), 0, "stream 0 is untouched");
+    // A redelivery is one to its own stream only; the sole stream keeps its own cursor.
+    let r = db.apply_replicated_stream(a, &[batch(2, b"\x01ann", 2, 901)], Durability::Sync).expect("again");
+    assert!(r[0].already_applied);
+    db.apply_replicated(&batch(1, b"\x01cat", 4, 960), Durability::Sync).expect("sole stream");
+    assert_eq!(db.replication_cursor_of(1, SOLE_STREAM).expect("sole"), 1);
+    // A snapshot's end raises its own stream's cursor, never another's.
+    let mut c = Vec::new();
+    cell::encode(Some(&Value::Int64(9)), &VersionVector::single(1, 970), &mut c);
+    let v = SnapshotVersion {
+        entity: b"\x01dan".to_vec(),
+        feature: FeatureId(1),
+        event_time: EventTime(5),
+        system_time: SystemTime(970),
+        cell: c,
+    };
+    db.apply_snapshot_stream(1, 12, &[v], Some(40), Durability::Sync).expect("snapshot");
+    assert_eq!(db.replication_cursor_of(1, 12).expect("12"), 40);
+    assert_eq!(db.replication_cursor_of(1, a).expect("a"), 3);
+    // Every cursor, and what they taught, outlives a reopen.
+    let knowledge = db.knowledge();
+    drop(db);
+    let db = open();
+    let cursors: Vec<u64> =
+        [SOLE_STREAM, a, 12, b].iter().map(|&s| db.replication_cursor_of(1, s).expect("c")).collect();
+    assert_eq!(cursors, [1, 3, 40, 2]);
+    assert_eq!(db.knowledge(), knowledge);
+    assert_eq!(db.replication_cursor_of(1, 13).expect("none"), 0, "a stream never seen");
+    let r = db.apply_replicated_stream(b, &[batch(2, b"\x01bob", 7, 950)], Durability::Sync).expect("b again");
+    assert!(r[0].already_applied);
+    assert!(matches!(db.replication_cursor_of(1, STREAM_MAX + 1), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        db.apply_replicated_stream(STREAM_MAX + 1, &[batch(9, b"\x01ann", 1, 990)], Durability::Sync),
+        Err(Error::InvalidArgument(_))
+    ));
+}

@@ -49,7 +49,8 @@ pub use moved::{EntityFilter, HistoryReader, LocalLog, MOVED_ORIGIN_SEQNO};
 pub use offline::{verify_dir, VerifyReport};
 pub use read::{BatchRead, EntityVersions, Gathered, PairCursor, RawVersion, ScanItem, ScanIter, ScanRange};
 pub use replicate::{
-    ApplyReport, ShippedBatch, ShippedOp, SnapshotReader, SnapshotVersion, REPLICATION_ENTITY, SHIPPED_VERSIONS_MAX,
+    ApplyReport, ShippedBatch, ShippedOp, SnapshotReader, SnapshotVersion, StreamId, REPLICATION_ENTITY,
+    SHIPPED_VERSIONS_MAX, SOLE_STREAM, STREAM_MAX,
 };
 pub use window::AggQuery;
 pub use write::{Expectation, Mismatch, WriteIf, WriteReceipt, EXPECTATIONS_MAX};
@@ -520,7 +521,18 @@ impl Db {
         batches: &[ShippedBatch],
         durability: Durability,
     ) -> Result<Vec<ApplyReport>> {
-        let r = self.inner.apply_replicated_group(batches, durability)?;
+        self.apply_replicated_stream(SOLE_STREAM, batches, durability)
+    }
+
+    /// [`Db::apply_replicated_batches`] of batches from `stream` of their origin region (one
+    /// node of a sharded region, `REPLICATION.md` §7): the cursor is that stream's.
+    pub fn apply_replicated_stream(
+        &self,
+        stream: StreamId,
+        batches: &[ShippedBatch],
+        durability: Durability,
+    ) -> Result<Vec<ApplyReport>> {
+        let r = self.inner.apply_replicated_group(stream, batches, durability)?;
         if self.inner.opts.background == Background::Inline && r.iter().any(|r| !r.already_applied) {
             if let Err(e) = self.inner.run_inline_work() {
                 tracing::error!(error = %e, "inline background work failed");
@@ -547,7 +559,20 @@ impl Db {
         through: Option<u64>,
         durability: Durability,
     ) -> Result<ApplyReport> {
-        let r = self.inner.apply_snapshot(origin, versions, through, durability)?;
+        self.apply_snapshot_stream(origin, SOLE_STREAM, versions, through, durability)
+    }
+
+    /// [`Db::apply_snapshot`] of a snapshot of `stream`'s node: `through` raises that stream's
+    /// cursor.
+    pub fn apply_snapshot_stream(
+        &self,
+        origin: crate::types::RegionId,
+        stream: StreamId,
+        versions: &[SnapshotVersion],
+        through: Option<u64>,
+        durability: Durability,
+    ) -> Result<ApplyReport> {
+        let r = self.inner.apply_snapshot(origin, stream, versions, through, durability)?;
         if self.inner.opts.background == Background::Inline {
             if let Err(e) = self.inner.run_inline_work() {
                 tracing::error!(error = %e, "inline background work failed");
@@ -591,7 +616,12 @@ impl Db {
 
     /// The origin sequence number this node has applied `origin`'s log through (0: none).
     pub fn replication_cursor(&self, origin: crate::types::RegionId) -> Result<u64> {
-        self.inner.replication_cursor(origin)
+        self.inner.replication_cursor(origin, SOLE_STREAM)
+    }
+
+    /// The origin sequence number this node has applied `origin`'s `stream` through (0: none).
+    pub fn replication_cursor_of(&self, origin: crate::types::RegionId, stream: StreamId) -> Result<u64> {
+        self.inner.replication_cursor(origin, stream)
     }
 
     /// Tells the engine that every replication peer has applied this region's batches through

@@ -18,10 +18,27 @@ use crate::types::{
 use crate::wal;
 use crate::{Error, Result};
 
-/// The reserved entity under which a node keeps, per origin region (the feature id), how far
-/// it has applied that region's log: an `Int64` of the origin's sequence number, whose vector
-/// is what those batches taught it (`REPLICATION.md` §2). See [`crate::reserved`].
+/// The reserved entity under which a node keeps, per origin region (the feature id) and
+/// stream (the event time), how far it has applied that stream's log: an `Int64` of the
+/// origin's sequence number, whose vector is what those batches taught it (`REPLICATION.md`
+/// §2). See [`crate::reserved`].
 pub const REPLICATION_ENTITY: &[u8] = crate::reserved::REPLICATION_CURSOR;
+
+/// Which log of its origin region a batch comes from (`REPLICATION.md` §7): each node of a
+/// sharded region numbers its own batches, so a receiver keeps one cursor per origin node.
+/// [`SOLE_STREAM`] is the log of a region of one node. At most [`STREAM_MAX`].
+pub type StreamId = u64;
+/// The stream of a region of one node: the cursor every node kept before streams.
+pub const SOLE_STREAM: StreamId = 0;
+/// The greatest stream id (a cursor's event time holds it).
+pub const STREAM_MAX: StreamId = i64::MAX as u64;
+
+fn check_stream(stream: StreamId) -> Result<()> {
+    if stream > STREAM_MAX {
+        return Err(Error::InvalidArgument(format!("stream {stream} is over {STREAM_MAX}")));
+    }
+    Ok(())
+}
 
 /// How far ahead of this node's wall clock a shipped batch's stamp may be (one day): a
 /// stamp beyond it is refused rather than dragging this node's clock along.
@@ -426,11 +443,14 @@ impl Inner {
         pruned.last + 1 >= first && pruned.last_local <= after
     }
 
-    /// This node's cursor for `origin` and what those batches taught it, from `view`.
-    fn cursor_in(&self, view: &super::ReadView, origin: RegionId) -> Result<(u64, VersionVector)> {
+    /// This node's cursor for `origin`'s `stream` and what those batches taught it, from
+    /// `view`.
+    fn cursor_in(&self, view: &super::ReadView, origin: RegionId, stream: StreamId) -> Result<(u64, VersionVector)> {
         let prefix = key::prefix(REPLICATION_ENTITY, FeatureId(origin));
-        let q = AsOf::at(EventTime(0));
-        match self.get_in_view(view, &prefix, q, SystemTime::MAX, None)? {
+        let at = EventTime(stream as i64);
+        // The as-of read answers the greatest event time at or below `at`: another stream's
+        // cursor when this one has none.
+        match self.get_in_view(view, &prefix, AsOf::at(at), SystemTime::MAX, None)?.filter(|v| v.event_time == at) {
             Some(v) => match v.value {
                 Some(Value::Int64(n)) => Ok((n as u64, v.version_vector)),
                 _ => Err(Error::corruption(&self.dir, 0, "replication cursor cell is not an Int64")),
@@ -439,10 +459,12 @@ impl Inner {
         }
     }
 
-    /// This node's cursor for `origin`: the origin sequence number it has applied through.
-    pub(super) fn replication_cursor(&self, origin: RegionId) -> Result<u64> {
+    /// This node's cursor for `origin`'s `stream`: the origin sequence number it has applied
+    /// through.
+    pub(super) fn replication_cursor(&self, origin: RegionId, stream: StreamId) -> Result<u64> {
+        check_stream(stream)?;
         let (view, _) = self.read_view(SystemTime::MAX);
-        Ok(self.cursor_in(&view, origin)?.0)
+        Ok(self.cursor_in(&view, origin, stream)?.0)
     }
 
     /// Whether `entity` replicates: user entities, and reserved ones under
@@ -476,17 +498,18 @@ impl Inner {
     /// each version is resolved against its cell's winner, and the survivors, the rewritten
     /// winners and the new cursor are logged as one WAL record and published together.
     pub(super) fn apply_replicated(&self, b: &ShippedBatch, durability: Durability) -> Result<ApplyReport> {
-        let mut r = self.apply_replicated_group(std::slice::from_ref(b), durability)?;
+        let mut r = self.apply_replicated_group(SOLE_STREAM, std::slice::from_ref(b), durability)?;
         Ok(r.pop().unwrap_or_default())
     }
 
     /// Applies part of a peer's snapshot (its cells' current versions, each with its own stamp
-    /// and region read from its vector); the last part raises the cursor for `origin` to the
-    /// sequence number the snapshot was taken at. Parts may be redelivered: a version already
-    /// held is dropped as a duplicate.
+    /// and region read from its vector); the last part raises the cursor for `origin`'s
+    /// `stream` to the sequence number the snapshot was taken at. Parts may be redelivered: a
+    /// version already held is dropped as a duplicate.
     pub(super) fn apply_snapshot(
         &self,
         origin: RegionId,
+        stream: StreamId,
         versions: &[SnapshotVersion],
         through: Option<u64>,
         durability: Durability,
@@ -494,6 +517,7 @@ impl Inner {
         if origin == self.opts.region {
             return Err(Error::InvalidArgument("a snapshot comes from this node's own region".into()));
         }
+        check_stream(stream)?;
         if versions.len() > SHIPPED_VERSIONS_MAX {
             return Err(Error::InvalidArgument(format!(
                 "a snapshot part holds at most {SHIPPED_VERSIONS_MAX} versions"
@@ -513,29 +537,20 @@ impl Inner {
             Some(s) => CursorMove::Raise(s),
             None => CursorMove::Keep,
         };
-        self.apply_cells(origin, cursor, cells, durability)
-    }
-
-    /// The shared half of [`Inner::apply_replicated`] and [`Inner::apply_snapshot`].
-    fn apply_cells(
-        &self,
-        origin: RegionId,
-        cursor_move: CursorMove,
-        cells: BTreeMap<CellId<'_>, Incoming>,
-        durability: Durability,
-    ) -> Result<ApplyReport> {
-        let mut r = self.apply_group(vec![Pending { origin, cursor_move, cells }], durability)?;
+        let mut r = self.apply_group(vec![Pending { origin, stream, cursor_move: cursor, cells }], durability)?;
         Ok(r.pop().unwrap_or_default())
     }
 
-    /// Applies several batches shipped by their origins, in order, as one group: each is
-    /// resolved against the state the ones before it leave, all are logged (one record each)
-    /// with one sync, then all are published together.
+    /// Applies several batches shipped by their origins' `stream`, in order, as one group:
+    /// each is resolved against the state the ones before it leave, all are logged (one record
+    /// each) with one sync, then all are published together.
     pub(super) fn apply_replicated_group(
         &self,
+        stream: StreamId,
         batches: &[ShippedBatch],
         durability: Durability,
     ) -> Result<Vec<ApplyReport>> {
+        check_stream(stream)?;
         let mut group = Vec::with_capacity(batches.len());
         for b in batches {
             if b.origin == self.opts.region {
@@ -561,7 +576,7 @@ impl Inner {
                 let incoming = Incoming { value, vector, system_time: b.system_time, region: b.origin };
                 cells.insert((op.entity.as_slice(), op.feature, op.event_time), incoming);
             }
-            group.push(Pending { origin: b.origin, cursor_move: CursorMove::Batch(b.seqno), cells });
+            group.push(Pending { origin: b.origin, stream, cursor_move: CursorMove::Batch(b.seqno), cells });
         }
         self.apply_group(group, durability)
     }
@@ -590,7 +605,7 @@ impl Inner {
         let mut w = self.writer.lock();
         self.make_room(&mut w)?;
         let view = self.view.read().clone();
-        // What the group has written so far: versions by key, and cursors by origin.
+        // What the group has written so far: versions by key, and cursors by origin and stream.
         let mut overlay = Overlay::default();
         // Every version this node holds has a vector at or below `bound`: `K` (what it
         // applied), its own latest stamp, and what the group has planned so far. A version
@@ -602,9 +617,9 @@ impl Inner {
         let mut conflicts = 0;
         let group_len = group.len();
         for (i, (p, report)) in group.iter().zip(reports.iter_mut()).enumerate() {
-            let (cursor, taught) = match overlay.cursors.get(&p.origin) {
+            let (cursor, taught) = match overlay.cursors.get(&(p.origin, p.stream)) {
                 Some(c) => c.clone(),
-                None => self.cursor_in(&view, p.origin)?,
+                None => self.cursor_in(&view, p.origin, p.stream)?,
             };
             let new_cursor = match p.cursor_move {
                 CursorMove::Batch(s) if s <= cursor => {
@@ -716,11 +731,11 @@ impl Inner {
                     ops.push(ResolvedOp {
                         entity: REPLICATION_ENTITY.to_vec(),
                         feature: FeatureId(p.origin),
-                        event_time: EventTime(0),
+                        event_time: EventTime(p.stream as i64),
                         system_time: stamp,
                         cell: cursor_cell,
                     });
-                    overlay.cursors.insert(p.origin, (s, taught));
+                    overlay.cursors.insert((p.origin, p.stream), (s, taught));
                     s
                 }
                 None => 0,
@@ -766,6 +781,7 @@ impl Inner {
 /// One batch of a group being applied.
 struct Pending<'a> {
     origin: RegionId,
+    stream: StreamId,
     cursor_move: CursorMove,
     cells: BTreeMap<CellId<'a>, Incoming>,
 }
@@ -775,7 +791,7 @@ struct Pending<'a> {
 struct Overlay {
     /// Versions by cell, then system time.
     versions: BTreeMap<(Vec<u8>, FeatureId, EventTime), BTreeMap<SystemTime, CellVersion>>,
-    cursors: BTreeMap<RegionId, (u64, VersionVector)>,
+    cursors: BTreeMap<(RegionId, StreamId), (u64, VersionVector)>,
 }
 
 impl Overlay {
