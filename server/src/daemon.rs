@@ -360,6 +360,9 @@ pub async fn serve(
             shard.region = cfg.cluster.region;
             let cluster = crate::cluster::Cluster::new(shard)?;
             features = features.with_cluster(cluster.clone());
+            // Each node of a sharded region pulls its own slots from every node of its peers'
+            // regions, under its own stream (server/CLUSTER.md §7).
+            replicator.set_shard(cluster.clone());
             Some(cluster)
         }
         None => None,
@@ -393,7 +396,10 @@ pub async fn serve(
     )?;
     let mover = match &cluster {
         Some(c) => {
-            let m = Arc::new(crate::moving::Mover::new(c.clone(), db.clone(), forwarder.clone())?);
+            let m = Arc::new(
+                crate::moving::Mover::new(c.clone(), db.clone(), forwarder.clone())?
+                    .with_peers(!cfg.cluster.peers.is_empty()),
+            );
             metrics.register(m.collectors())?;
             Some(m)
         }

@@ -291,11 +291,6 @@ fn config(args: Args) -> Result<Config, String> {
         (true, None) if cluster_name.is_none() && advertise.is_none() && forward.is_none() => None,
         (true, _) => return Err("node_id, cluster, advertise and forward need etcd endpoints (--etcd)".into()),
         (false, None) => return Err("a sharded node (--etcd) needs its id (--node-id)".into()),
-        (false, Some(_)) if !cluster.peers.is_empty() => {
-            return Err("a sharded node (--etcd) cannot replicate to peer regions yet (--peer): \
-                        replication per slot owner is not built (server/CLUSTER.md §7)"
-                .into())
-        }
         (false, Some(node)) => {
             if advertise.is_none() && listen.ip().is_unspecified() {
                 return Err(format!("listening on {listen}: say where clients reach this node (--advertise)"));

@@ -66,6 +66,9 @@ pub struct Mover {
     forwarder: Arc<crate::forward::Forwarder>,
     /// Moves this node runs or last ran as target, by their slots.
     running: Mutex<BTreeMap<(Slot, Slot), Arc<Running>>>,
+    /// Whether this node's region replicates to others: moves are refused then, until a move
+    /// backfills what the peers' pullers filtered out (`server/CLUSTER.md` §7).
+    peers: bool,
     versions: IntCounterVec,
     outcomes: IntCounterVec,
     lag: IntGauge,
@@ -98,6 +101,7 @@ impl Mover {
             db,
             forwarder,
             running: Mutex::new(BTreeMap::new()),
+            peers: false,
             versions: IntCounterVec::new(
                 Opts::new("move_versions_total", "versions this node applied as a move's target, by phase"),
                 &["phase"],
@@ -114,6 +118,12 @@ impl Mover {
             ))
             .map_err(err)?,
         })
+    }
+
+    /// The mover of a node that replicates to other regions (`peers`): it refuses moves.
+    pub fn with_peers(mut self, peers: bool) -> Self {
+        self.peers = peers;
+        self
     }
 
     /// Its metrics, for the node's registry.
@@ -267,6 +277,12 @@ impl Mover {
         req: &pb::MoveSlotsRequest,
         caller: MetadataMap,
     ) -> Result<tokio::sync::mpsc::Receiver<Result<pb::MoveProgress, Status>>, Status> {
+        if self.peers {
+            return Err(Status::failed_precondition(
+                "this region replicates to other regions (--peer): moving its slots is not built yet, since the \
+                 target must first backfill what its pullers left out (server/CLUSTER.md §7)",
+            ));
+        }
         let (mut progress, running) = self.start(req, caller).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {

@@ -26,9 +26,78 @@ pub fn slot_of(entity_key: &[u8]) -> Slot {
     (stable_hash64_salted(SLOT_HASH_SALT, entity_key) >> SHIFT) as Slot
 }
 
+/// Bytes of a [`SlotSet`] on the wire: one bit per slot.
+pub const SLOT_SET_BYTES: usize = SLOTS as usize / 8;
+
+/// A set of slots, as a bitmap of [`SLOTS`] bits (slot `s` at bit `s % 8` of byte `s / 8`):
+/// what a replication puller of a sharded region asks its peers for (`server/CLUSTER.md` §7).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SlotSet(Box<[u8; SLOT_SET_BYTES]>);
+
+impl SlotSet {
+    /// No slot.
+    pub fn empty() -> SlotSet {
+        SlotSet(Box::new([0; SLOT_SET_BYTES]))
+    }
+
+    /// The set of a bitmap on the wire; `None` unless it is [`SLOT_SET_BYTES`] long.
+    pub fn from_bytes(bytes: &[u8]) -> Option<SlotSet> {
+        let bits: [u8; SLOT_SET_BYTES] = bytes.try_into().ok()?;
+        Some(SlotSet(Box::new(bits)))
+    }
+
+    /// Adds slots `first..=last` (slots past [`SLOTS`] are ignored).
+    pub fn insert_range(&mut self, first: Slot, last: Slot) {
+        for s in first..=last.min(SLOTS - 1) {
+            self.0[usize::from(s / 8)] |= 1 << (s % 8);
+        }
+    }
+
+    /// Whether `slot` is in the set.
+    pub fn contains(&self, slot: Slot) -> bool {
+        slot < SLOTS && self.0[usize::from(slot / 8)] & (1 << (slot % 8)) != 0
+    }
+
+    /// How many slots are in the set.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|b| b.count_ones() as usize).sum()
+    }
+
+    /// Whether no slot is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|b| *b == 0)
+    }
+
+    /// The bitmap, as sent.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0[..]
+    }
+}
+
+impl std::fmt::Debug for SlotSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlotSet({} slots)", self.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_set_holds_its_ranges_and_round_trips() {
+        let mut set = SlotSet::empty();
+        assert!(set.is_empty());
+        set.insert_range(7, 9);
+        set.insert_range(4095, 4095);
+        assert_eq!(set.len(), 4);
+        assert!(set.contains(7) && set.contains(9) && set.contains(4095));
+        assert!(!set.contains(6) && !set.contains(10) && !set.contains(4096));
+        let back = SlotSet::from_bytes(set.as_bytes()).expect("512 bytes");
+        assert_eq!(back, set);
+        assert_eq!(set.as_bytes()[0], 0b1000_0000);
+        assert!(SlotSet::from_bytes(&[0; 511]).is_none());
+    }
     use crate::{encode_entity_key, KeyPart};
 
     #[test]

@@ -190,19 +190,35 @@ async fn two_regions_replicate_and_operators_pause_resume_and_rebootstrap() {
     let e = c2.admin.pause_replication(pb::PeerRequest { region: 9 }).await.expect_err("unknown peer");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let mut repl = pb::replication_service_client::ReplicationServiceClient::new(r1.channel().await);
-    let e = match repl.pull(pb::PullRequest { region: 7, after: 0, window_ms: 10 }).await {
+    let e = match repl.pull(pb::PullRequest { region: 7, after: 0, window_ms: 10, ..Default::default() }).await {
         Ok(mut s) => s.get_mut().message().await.expect_err("a stranger's pull"),
         Err(e) => e,
     };
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    let e = match repl.snapshot(pb::SnapshotRequest { region: 7 }).await {
+    let e = match repl.snapshot(pb::SnapshotRequest { region: 7, ..Default::default() }).await {
         Ok(mut s) => s.get_mut().message().await.expect_err("a stranger's snapshot"),
         Err(e) => e,
     };
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = repl.members(pb::MembersRequest { region: 7 }).await.expect_err("a stranger's members");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // An unsharded region is one member: the node asked, stream 0.
+    let m = repl.members(pb::MembersRequest { region: 2 }).await.expect("members").into_inner();
+    assert_eq!((m.region, m.members), (1, vec![pb::Member::default()]));
+    // A slot set is empty or 512 bytes.
+    let bad = pb::PullRequest { region: 2, after: 0, window_ms: 10, slots: vec![0xff; 511], ..Default::default() };
+    let e = match repl.pull(bad).await {
+        Ok(mut s) => s.get_mut().message().await.expect_err("a short slot set"),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("512 bytes"), "{e:?}");
     // A cursor past region 1's log is refused and not taken as region 2's acknowledgement.
     let last = c1.admin.get_stats(pb::GetStatsRequest {}).await.expect("stats").into_inner().last_sequence;
-    let e = match repl.pull(pb::PullRequest { region: 2, after: last + 1_000_000, window_ms: 10 }).await {
+    let e = match repl
+        .pull(pb::PullRequest { region: 2, after: last + 1_000_000, window_ms: 10, ..Default::default() })
+        .await
+    {
         Ok(mut s) => s.get_mut().message().await.expect_err("a cursor from the future"),
         Err(e) => e,
     };

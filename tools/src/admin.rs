@@ -128,10 +128,12 @@ fn peer_state(s: i32) -> &'static str {
 
 fn print_peer(p: &pb::PeerStatus) {
     let error = if p.last_error.is_empty() { "-".to_string() } else { p.last_error.clone() };
+    // A sharded peer region is pulled from each of its nodes: name the node.
+    let at = if p.node.is_empty() { p.address.clone() } else { format!("{} {}", p.node, p.address) };
     println!(
         "{:>6}  {:<24} {:<13} {:>10} {:>10} {:>9.3} {:>9} {:>10} {:>4}  {}",
         p.region,
-        p.address,
+        at,
         peer_state(p.state),
         p.cursor,
         p.lag_seqnos,

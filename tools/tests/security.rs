@@ -244,7 +244,7 @@ async fn replication_tokens_pull_only_their_own_region() {
             "3=127.0.0.1:9",
         ],
     );
-    let pull = |region| pb::PullRequest { region, after: 0, window_ms: 1 };
+    let pull = |region| pb::PullRequest { region, after: 0, window_ms: 1, ..Default::default() };
     let client = |token: &str| {
         let token = Token::new(token);
         let d = &d;
@@ -254,7 +254,7 @@ async fn replication_tokens_pull_only_their_own_region() {
     let mut stream = as2.pull(pull(2)).await.expect("region 2 pulls its own stream").into_inner();
     while stream.message().await.expect("message").is_some() {}
     assert_eq!(code(as2.pull(pull(3)).await), Code::PermissionDenied, "region 2's token cannot pull as region 3");
-    let snap = pb::SnapshotRequest { region: 3 };
+    let snap = pb::SnapshotRequest { region: 3, ..Default::default() };
     assert_eq!(code(as2.snapshot(snap).await), Code::PermissionDenied);
     let mut as3 = client(&region3).await;
     as3.pull(pull(3)).await.expect("region 3 pulls its own stream");
@@ -398,7 +398,10 @@ async fn tls_for_clients_and_mutual_tls_between_regions() {
         Err(_) => {}
         Ok(ch) => {
             let mut c = pb::replication_service_client::ReplicationServiceClient::new(ch);
-            assert_ne!(code(c.pull(pb::PullRequest { region: 2, after: 0, window_ms: 1 }).await), Code::Ok);
+            assert_ne!(
+                code(c.pull(pb::PullRequest { region: 2, after: 0, window_ms: 1, ..Default::default() }).await),
+                Code::Ok
+            );
         }
     }
 
@@ -406,18 +409,30 @@ async fn tls_for_clients_and_mutual_tls_between_regions() {
     let as2 = pki.leaf(Some(2));
     let ch = tls_channel(&r1, &ca_pem, Some(&as2)).await.expect("mutual TLS");
     let mut repl = pb::replication_service_client::ReplicationServiceClient::new(ch.clone());
-    let mut s =
-        repl.pull(pb::PullRequest { region: 2, after: 0, window_ms: 1 }).await.expect("own stream").into_inner();
+    let mut s = repl
+        .pull(pb::PullRequest { region: 2, after: 0, window_ms: 1, ..Default::default() })
+        .await
+        .expect("own stream")
+        .into_inner();
     while s.message().await.expect("message").is_some() {}
-    assert_eq!(code(repl.pull(pb::PullRequest { region: 3, after: 0, window_ms: 1 }).await), Code::PermissionDenied);
-    assert_eq!(code(repl.snapshot(pb::SnapshotRequest { region: 3 }).await), Code::PermissionDenied);
+    assert_eq!(
+        code(repl.pull(pb::PullRequest { region: 3, after: 0, window_ms: 1, ..Default::default() }).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(repl.snapshot(pb::SnapshotRequest { region: 3, ..Default::default() }).await),
+        Code::PermissionDenied
+    );
     let mut admin = pb::admin_service_client::AdminServiceClient::new(ch);
     assert_eq!(code(admin.get_stats(pb::GetStatsRequest {}).await), Code::PermissionDenied, "a peer is not an admin");
     // A certificate without a region identifies nobody: it needs a token.
     let nobody = pki.leaf(None);
     let ch = tls_channel(&r1, &ca_pem, Some(&nobody)).await.expect("TLS");
     let mut repl = pb::replication_service_client::ReplicationServiceClient::new(ch);
-    assert_eq!(code(repl.pull(pb::PullRequest { region: 2, after: 0, window_ms: 1 }).await), Code::Unauthenticated);
+    assert_eq!(
+        code(repl.pull(pb::PullRequest { region: 2, after: 0, window_ms: 1, ..Default::default() }).await),
+        Code::Unauthenticated
+    );
 
     // The command line over TLS.
     let https = r1.addr.replace("http://", "https://");

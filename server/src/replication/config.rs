@@ -68,6 +68,14 @@ impl std::str::FromStr for Peer {
     }
 }
 
+/// The stream id of node `node` of a sharded region (`server/CLUSTER.md` §7): a 63-bit hash of
+/// its id, never [`quiver_storage::SOLE_STREAM`] (the stream of a node that is not sharded).
+pub fn stream_of(node: &str) -> quiver_storage::StreamId {
+    let h =
+        quiver_storage::hash::stable_hash64_salted(b"quiver/stream\0", node.as_bytes()) & quiver_storage::STREAM_MAX;
+    h.max(1)
+}
+
 /// This node's place in a cluster.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterConfig {
@@ -104,6 +112,16 @@ impl ClusterConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streams_are_stable_distinct_and_never_the_sole_one() {
+        assert_eq!(stream_of("n1"), stream_of("n1"));
+        assert_ne!(stream_of("n1"), stream_of("n2"));
+        for n in ["", "a", "node-7"] {
+            let s = stream_of(n);
+            assert!(s != quiver_storage::SOLE_STREAM && s <= quiver_storage::STREAM_MAX, "{n}: {s}");
+        }
+    }
 
     #[test]
     fn peers_parse_and_are_checked() {

@@ -42,7 +42,7 @@ use std::time::Duration;
 use crate::registry::FEATURE_ID_STRIDE;
 
 pub use chaos::CHAOS_ENV;
-pub use config::{ClusterConfig, Connect, Peer, Transport};
+pub use config::{stream_of, ClusterConfig, Connect, Peer, Transport};
 pub use puller::Replicator;
 pub use service::{service, ReplicationApi};
 
@@ -72,5 +72,8 @@ pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A Pull stream silent for this long (no heartbeat) is abandoned and reopened.
 pub const PULL_SILENCE_MAX: Duration = Duration::from_secs(5);
+/// How often a node asks a sharded peer region for its nodes (a node that joins it gets a
+/// puller within this).
+pub const MEMBERS_POLL: Duration = Duration::from_secs(5);
 /// Largest replication message accepted.
 pub const REPLICATION_MESSAGE_BYTES_MAX: usize = 64 << 20;

@@ -6,9 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use parking_lot::{Mutex, RwLock};
 use quiver_proto::v1 as pb;
+use quiver_storage::slot::{slot_of, SlotSet};
 use quiver_storage::{Db, Durability, ShippedBatch, SnapshotVersion};
+use quiver_storage::{StreamId, SOLE_STREAM};
 use tokio::sync::Notify;
 use tonic::codec::CompressionEncoding;
 use tonic::Status;
@@ -35,18 +40,62 @@ pub(super) struct PeerInfo {
     pub(super) last_contact_us: i64,
     pub(super) batches_applied: u64,
     pub(super) bootstraps: u64,
-    /// The peer's last Pull `after` on this node (its acknowledgement of this node's log).
-    pub(super) acknowledged: Option<u64>,
 }
 
-/// One peer's puller state, shared with the admin API.
+/// One puller's state, shared with the admin API: a configured peer, or one node of a sharded
+/// peer region (`server/CLUSTER.md` §7).
 #[derive(Debug)]
 pub(super) struct PeerSlot {
+    /// The peer's region, and the address this puller pulls from.
     pub(super) peer: Peer,
+    /// The peer node and its stream (`""` and [`SOLE_STREAM`] for a region of one node).
+    pub(super) node: String,
+    pub(super) stream: StreamId,
+    /// A configured peer's first puller: it asks the region's members first, and retires
+    /// (leaving one puller per member) if the region is sharded.
+    pub(super) seed: bool,
+    pub(super) retired: AtomicBool,
     pub(super) info: Mutex<PeerInfo>,
     pub(super) paused: AtomicBool,
     pub(super) rebootstrap: AtomicBool,
     pub(super) wake: Notify,
+}
+
+impl PeerSlot {
+    fn new(peer: Peer, node: String, stream: StreamId, seed: bool) -> Arc<PeerSlot> {
+        Arc::new(PeerSlot {
+            peer,
+            node,
+            stream,
+            seed,
+            retired: AtomicBool::new(false),
+            info: Mutex::new(PeerInfo { state: pb::PeerState::Connecting as i32, ..PeerInfo::default() }),
+            paused: AtomicBool::new(false),
+            rebootstrap: AtomicBool::new(false),
+            wake: Notify::new(),
+        })
+    }
+}
+
+/// Refuses an answer from a log other than the one `slot` keeps its cursor for (a peer that
+/// was sharded or unsharded since, or an address now serving another node).
+fn check_stream(slot: &PeerSlot, stream: StreamId) -> Result<(), Status> {
+    if stream == slot.stream {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "{} answers with the log of stream {stream}, this puller follows stream {} ({}); restart this node to \
+         learn the peer region's nodes again",
+        slot.peer.address,
+        slot.stream,
+        if slot.node.is_empty() { "an unsharded node" } else { slot.node.as_str() }
+    )))
+}
+
+/// Whether a puller asking for `slots` (`None`: every slot) wants `entity`: registry and
+/// other replicated reserved cells go to every puller.
+pub(super) fn wanted(slots: Option<&SlotSet>, entity: &[u8]) -> bool {
+    slots.is_none_or(|s| quiver_storage::reserved::is_reserved(entity) || s.contains(slot_of(entity)))
 }
 
 /// Replication of one node: its pullers and its `ReplicationService`.
@@ -55,7 +104,15 @@ pub struct Replicator {
     pub(super) db: Arc<Db>,
     pub(super) registry: Arc<Registry>,
     pub(super) region: u32,
-    pub(super) peers: Vec<Arc<PeerSlot>>,
+    /// The configured peers (one per region).
+    pub(super) configured: Vec<Peer>,
+    /// Every puller: one per configured peer, or one per node of a sharded peer region.
+    pub(super) peers: RwLock<Vec<Arc<PeerSlot>>>,
+    /// Acknowledgements of this node's log by the pullers of its peers: (region, node) ->
+    /// their last `after`.
+    pub(super) acks: Mutex<BTreeMap<(u32, String), u64>>,
+    /// This node's shard, when its region is sharded: its node id and slots go with its pulls.
+    pub(super) shard: OnceLock<Arc<crate::cluster::Cluster>>,
     pub(super) shutdown: AtomicBool,
     pub(super) stop: Notify,
     /// Test-only message faults ([`CHAOS_ENV`]).
@@ -76,24 +133,15 @@ impl Replicator {
         cluster: &ClusterConfig,
         transport: Transport,
     ) -> Arc<Replicator> {
-        let peers = cluster
-            .peers
-            .iter()
-            .map(|p| {
-                Arc::new(PeerSlot {
-                    peer: p.clone(),
-                    info: Mutex::new(PeerInfo { state: pb::PeerState::Connecting as i32, ..PeerInfo::default() }),
-                    paused: AtomicBool::new(false),
-                    rebootstrap: AtomicBool::new(false),
-                    wake: Notify::new(),
-                })
-            })
-            .collect();
+        let peers = cluster.peers.iter().map(|p| PeerSlot::new(p.clone(), String::new(), SOLE_STREAM, true)).collect();
         Arc::new(Replicator {
             db,
             registry,
             region: cluster.region,
-            peers,
+            configured: cluster.peers.clone(),
+            peers: RwLock::new(peers),
+            acks: Mutex::new(BTreeMap::new()),
+            shard: OnceLock::new(),
             shutdown: AtomicBool::new(false),
             stop: Notify::new(),
             chaos: transport.chaos_seed.and_then(Chaos::from_seed).map(Mutex::new),
@@ -101,23 +149,56 @@ impl Replicator {
         })
     }
 
-    /// Starts one puller per peer; they run until [`Replicator::shutdown`].
+    /// Makes this node a shard of a sharded region: its pulls carry its node id and ask for
+    /// its slots only, and its `Members` lists its region's nodes (`server/CLUSTER.md` §7).
+    /// Set once, before [`Replicator::start`].
+    pub fn set_shard(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.shard.set(cluster);
+    }
+
+    /// This node's stream: what its peers keep their cursor of its log under.
+    pub(super) fn own_stream(&self) -> StreamId {
+        self.shard.get().map_or(SOLE_STREAM, |c| super::stream_of(&c.config().node))
+    }
+
+    /// The slots this node pulls, on the wire: empty (every slot) when it is not sharded,
+    /// else the bitmap of those it owns under its map now. `UNAVAILABLE` while a sharded node
+    /// has no map: what it pulled then would be filtered by an empty set, and lost to it.
+    /// (The map's owners change only by moves, which are refused with peers, §7.)
+    fn wanted_slots(&self) -> Result<Vec<u8>, Status> {
+        let Some(cluster) = self.shard.get() else { return Ok(Vec::new()) };
+        let map = cluster.map();
+        if !map.is_set() {
+            return Err(Status::unavailable("this node has no slot map yet (quiver cluster init): not pulling"));
+        }
+        let mut set = SlotSet::empty();
+        for r in map.runs().iter().filter(|r| r.owner == cluster.config().node) {
+            set.insert_range(r.first, r.last);
+        }
+        Ok(set.as_bytes().to_vec())
+    }
+
+    /// The pullers now (retired seeds left out).
+    fn slots(&self) -> Vec<Arc<PeerSlot>> {
+        self.peers.read().iter().filter(|p| !p.retired.load(Ordering::Acquire)).cloned().collect()
+    }
+
+    /// Starts one puller per peer; they run until [`Replicator::shutdown`]. A sharded peer
+    /// region's seed puller starts one puller per node of that region in its place.
     pub fn start(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
-        self.peers
-            .iter()
-            .map(|slot| {
-                let me = self.clone();
-                let slot = slot.clone();
-                tokio::spawn(async move { me.run_puller(slot).await })
-            })
-            .collect()
+        self.slots().into_iter().map(|slot| self.spawn_puller(slot)).collect()
+    }
+
+    fn spawn_puller(self: &Arc<Self>, slot: Arc<PeerSlot>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move { me.run_puller(slot).await })
     }
 
     /// Stops the pullers (they finish the batch they are applying).
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::Release);
         self.stop.notify_waiters();
-        for p in &self.peers {
+        for p in self.peers.read().iter() {
             p.wake.notify_waiters();
         }
     }
@@ -138,11 +219,13 @@ impl Replicator {
         self.shutdown.load(Ordering::Acquire)
     }
 
-    fn slot(&self, region: u32) -> Result<&Arc<PeerSlot>, Status> {
-        self.peers
-            .iter()
-            .find(|p| p.peer.region == region)
-            .ok_or_else(|| Status::not_found(format!("region {region} is not a peer of this node")))
+    /// The pullers of peer `region` (one, or one per node of a sharded region).
+    fn region_slots(&self, region: u32) -> Result<Vec<Arc<PeerSlot>>, Status> {
+        let slots: Vec<_> = self.slots().into_iter().filter(|p| p.peer.region == region).collect();
+        if slots.is_empty() {
+            return Err(Status::not_found(format!("region {region} is not a peer of this node")));
+        }
+        Ok(slots)
     }
 
     /// Sleeps `d`, or less if stopping or woken.
@@ -154,7 +237,98 @@ impl Replicator {
         }
     }
 
+    /// The members of `slot`'s region, asked at its address: `None` when that region is not
+    /// sharded (or its node predates `Members`).
+    async fn members(&self, slot: &PeerSlot) -> Result<Option<Vec<pb::Member>>, Status> {
+        let mut client = self.client(slot).await?;
+        let req = pb::MembersRequest { region: self.region };
+        let r = tokio::time::timeout(PULL_SILENCE_MAX, client.members(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the peer did not answer Members"))?;
+        let r = match r {
+            Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(None),
+            r => r?.into_inner(),
+        };
+        if r.region != slot.peer.region {
+            return Err(Status::failed_precondition(format!(
+                "{} answers as region {}, configured as region {}",
+                slot.peer.address, r.region, slot.peer.region
+            )));
+        }
+        let sharded = r.members.iter().any(|m| m.stream != SOLE_STREAM);
+        Ok(sharded.then_some(r.members))
+    }
+
+    /// Starts a puller for every member of `region` that has none.
+    fn adopt(self: &Arc<Self>, region: u32, members: Vec<pb::Member>) {
+        let mut fresh = Vec::new();
+        {
+            let mut peers = self.peers.write();
+            for m in members {
+                if m.stream == SOLE_STREAM || m.address.is_empty() {
+                    continue;
+                }
+                if peers.iter().any(|p| p.peer.region == region && p.stream == m.stream) {
+                    continue;
+                }
+                let address =
+                    if m.address.contains("://") { m.address.clone() } else { format!("http://{}", m.address) };
+                let slot = PeerSlot::new(Peer { region, address }, m.node, m.stream, false);
+                tracing::info!(peer = region, node = %slot.node, address = %slot.peer.address, "pulling from a node of the peer region");
+                peers.push(slot.clone());
+                fresh.push(slot);
+            }
+        }
+        for slot in fresh {
+            drop(self.spawn_puller(slot));
+        }
+    }
+
+    /// A seed puller: asks its region's members until it knows them. Returns true when that
+    /// region is sharded: the seed then retires, leaving one puller per member, and keeps
+    /// asking every [`MEMBERS_POLL`] for nodes that join.
+    async fn discover(self: &Arc<Self>, seed: &Arc<PeerSlot>) -> bool {
+        let mut backoff = RETRY_BACKOFF_MIN;
+        let members = loop {
+            if self.stopping() {
+                return true;
+            }
+            match self.members(seed).await {
+                Ok(m) => break m,
+                Err(s) => {
+                    {
+                        let mut info = seed.info.lock();
+                        info.last_error = format!("{:?}: {}", s.code(), s.message());
+                        info.state = pb::PeerState::Connecting as i32;
+                    }
+                    self.pause_for(seed, backoff).await;
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                }
+            }
+        };
+        let Some(members) = members else { return false };
+        let region = seed.peer.region;
+        seed.retired.store(true, Ordering::Release);
+        self.adopt(region, members);
+        while !self.stopping() {
+            self.pause_for(seed, MEMBERS_POLL).await;
+            // Any node of the region answers: the seed first, then the members known.
+            let mut asked = vec![seed.clone()];
+            asked.extend(self.slots().into_iter().filter(|p| p.peer.region == region));
+            for at in asked {
+                if let Ok(Some(members)) = self.members(&at).await {
+                    self.adopt(region, members);
+                    break;
+                }
+            }
+        }
+        true
+    }
+
     async fn run_puller(self: Arc<Self>, slot: Arc<PeerSlot>) {
+        if slot.seed && self.discover(&slot).await {
+            return;
+        }
         let mut backoff = RETRY_BACKOFF_MIN;
         let mut need_snapshot = false;
         while !self.stopping() {
@@ -244,16 +418,23 @@ impl Replicator {
     /// is visible only once durable, so a crash never rolls a cell back.
     async fn pull(&self, slot: &PeerSlot) -> Result<(), Status> {
         let mut client = self.client(slot).await?;
-        let origin = slot.peer.region;
+        let (origin, stream_id) = (slot.peer.region, slot.stream);
         let db = self.db.clone();
-        let mut cursor = self.run(move || db.replication_cursor(origin).map_err(|e| storage_status(&e))).await?;
+        let mut cursor =
+            self.run(move || db.replication_cursor_of(origin, stream_id).map_err(|e| storage_status(&e))).await?;
         slot.info.lock().cursor = cursor;
         let mut after = cursor;
         if let Some(chaos) = &self.chaos {
             // Test-only: ask again for batches already applied (redelivery).
             after = after.saturating_sub(chaos.lock().below(8));
         }
-        let req = pb::PullRequest { region: self.region, after, window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32 };
+        let req = pb::PullRequest {
+            region: self.region,
+            after,
+            window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32,
+            slots: self.wanted_slots()?,
+            node: self.shard.get().map(|c| c.config().node.clone()).unwrap_or_default(),
+        };
         // Every wait on the peer is bounded: a connection a partition cut silently must not
         // hold the puller forever.
         let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.pull(req))
@@ -282,6 +463,7 @@ impl Replicator {
                     slot.peer.address, msg.origin
                 )));
             }
+            check_stream(slot, msg.stream)?;
             let mut arrived: Vec<(u64, ShippedBatch)> = msg.batches.into_iter().map(|b| from_wire(origin, b)).collect();
             if let Some(chaos) = &self.chaos {
                 let pause = {
@@ -304,14 +486,19 @@ impl Replicator {
                 self.run(move || {
                     // Test-only: a redelivered batch must change nothing.
                     for b in &redelivered {
-                        let r = db.apply_replicated(b, Durability::Sync).map_err(|e| storage_status(&e))?;
+                        let r = db
+                            .apply_replicated_stream(stream_id, std::slice::from_ref(b), Durability::Sync)
+                            .map_err(|e| storage_status(&e))?
+                            .pop()
+                            .unwrap_or_default();
                         if !r.already_applied {
                             return Err(Status::internal(format!("redelivered batch {} was applied again", b.seqno)));
                         }
                     }
                     // One group: one sync, and nothing visible before all of it is durable.
                     if !ready.is_empty() {
-                        db.apply_replicated_batches(&ready, Durability::Sync).map_err(|e| storage_status(&e))?;
+                        db.apply_replicated_stream(stream_id, &ready, Durability::Sync)
+                            .map_err(|e| storage_status(&e))?;
                     }
                     Ok(())
                 })
@@ -342,13 +529,13 @@ impl Replicator {
     /// Applies the peer's snapshot, then lets the puller continue from its log.
     async fn bootstrap(&self, slot: &PeerSlot) -> Result<(), Status> {
         let mut client = self.client(slot).await?;
-        let origin = slot.peer.region;
+        let (origin, stream_id) = (slot.peer.region, slot.stream);
         slot.info.lock().state = pb::PeerState::Bootstrapping as i32;
-        let mut stream =
-            tokio::time::timeout(PULL_SILENCE_MAX, client.snapshot(pb::SnapshotRequest { region: self.region }))
-                .await
-                .map_err(|_| Status::deadline_exceeded("the peer did not answer the snapshot request"))??
-                .into_inner();
+        let req = pb::SnapshotRequest { region: self.region, slots: self.wanted_slots()? };
+        let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.snapshot(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the peer did not answer the snapshot request"))??
+            .into_inner();
         let mut finished = false;
         while let Some(part) = tokio::time::timeout(PULL_SILENCE_MAX * 4, stream.message())
             .await
@@ -363,12 +550,14 @@ impl Replicator {
                     slot.peer.address, part.origin
                 )));
             }
+            check_stream(slot, part.stream)?;
             let versions: Vec<SnapshotVersion> =
                 part.versions.into_iter().map(super::wire::version_from_wire).collect();
             let through = part.last.then_some(part.through);
             let db = self.db.clone();
             self.run(move || {
-                db.apply_snapshot(origin, &versions, through, Durability::Async).map_err(|e| storage_status(&e))
+                db.apply_snapshot_stream(origin, stream_id, &versions, through, Durability::Async)
+                    .map_err(|e| storage_status(&e))
             })
             .await?;
             slot.info.lock().last_contact_us = now_us();
@@ -389,27 +578,34 @@ impl Replicator {
         Ok(())
     }
 
-    /// Records a peer's acknowledgement and releases the log every peer has applied.
-    pub(super) fn acknowledge(&self, region: u32, after: u64) {
-        let mut least: Option<u64> = None;
-        for p in &self.peers {
-            let mut info = p.info.lock();
-            if p.peer.region == region {
-                info.acknowledged = Some(after);
+    /// Records the acknowledgement of a puller of peer `region` (`node`: its node id, empty
+    /// when that region is not sharded) and releases the log every puller has applied.
+    pub(super) fn acknowledge(&self, region: u32, node: &str, after: u64) {
+        let least = {
+            let mut acks = self.acks.lock();
+            acks.insert((region, node.to_string()), after);
+            // Until every peer region has acknowledged once, keep everything (within the bound).
+            if self.configured.iter().any(|p| !acks.keys().any(|(r, _)| *r == p.region)) {
+                return;
             }
-            // Until every peer has acknowledged once, keep everything (within the bound).
-            let Some(a) = info.acknowledged else { return };
-            least = Some(least.map_or(a, |l: u64| l.min(a)));
-        }
+            acks.values().copied().min()
+        };
         if let Some(l) = least {
             self.db.retain_log_after(l);
         }
+    }
+
+    /// The least acknowledgement of this node's log by `region`'s pullers.
+    fn acknowledged_by(&self, region: u32) -> Option<u64> {
+        self.acks.lock().iter().filter(|((r, _), _)| *r == region).map(|(_, a)| *a).min()
     }
 
     fn status_of(&self, slot: &PeerSlot) -> pb::PeerStatus {
         let info = slot.info.lock().clone();
         let state = if slot.paused.load(Ordering::Acquire) { pb::PeerState::Paused as i32 } else { info.state };
         pb::PeerStatus {
+            node: slot.node.clone(),
+            stream: slot.stream,
             region: slot.peer.region,
             address: slot.peer.address.clone(),
             state,
@@ -421,7 +617,7 @@ impl Replicator {
             last_contact_us: info.last_contact_us,
             batches_applied: info.batches_applied,
             bootstraps: info.bootstraps,
-            peer_acknowledged: info.acknowledged.unwrap_or(0),
+            peer_acknowledged: self.acknowledged_by(slot.peer.region).unwrap_or(0),
         }
     }
 
@@ -430,47 +626,58 @@ impl Replicator {
         let stats = self.db.stats();
         pb::GetReplicationStatusResponse {
             region: self.region,
-            peers: self.peers.iter().map(|p| self.status_of(p)).collect(),
+            peers: self.slots().iter().map(|p| self.status_of(p)).collect(),
             knowledge: Some(crate::convert::vector_to_proto(&self.db.knowledge())),
             conflicts: stats.replication_conflicts,
             last_seqno: stats.last_seqno,
         }
     }
 
-    /// Pauses pulling from `region`.
+    /// Sets `flag` on every puller of `region` and wakes them; the first one's status.
+    fn command(
+        &self,
+        region: u32,
+        flag: impl Fn(&PeerSlot) -> &AtomicBool,
+        value: bool,
+    ) -> Result<pb::PeerStatus, Status> {
+        let slots = self.region_slots(region)?;
+        for slot in &slots {
+            flag(slot).store(value, Ordering::Release);
+            slot.wake.notify_waiters();
+        }
+        Ok(self.status_of(&slots[0]))
+    }
+
+    /// Pauses pulling from `region` (from each of its nodes).
     pub fn pause(&self, region: u32) -> Result<pb::PeerStatus, Status> {
-        let slot = self.slot(region)?;
-        slot.paused.store(true, Ordering::Release);
-        slot.wake.notify_waiters();
-        Ok(self.status_of(slot))
+        self.command(region, |s| &s.paused, true)
     }
 
     /// Resumes pulling from `region`.
     pub fn resume(&self, region: u32) -> Result<pb::PeerStatus, Status> {
-        let slot = self.slot(region)?;
-        slot.paused.store(false, Ordering::Release);
-        slot.wake.notify_waiters();
-        Ok(self.status_of(slot))
+        self.command(region, |s| &s.paused, false)
     }
 
-    /// Makes the puller of `region` apply its snapshot again, then continue from its log.
+    /// Makes the pullers of `region` apply their snapshots again, then continue from the log.
     pub fn rebootstrap(&self, region: u32) -> Result<pb::PeerStatus, Status> {
-        let slot = self.slot(region)?;
-        slot.rebootstrap.store(true, Ordering::Release);
-        slot.wake.notify_waiters();
-        Ok(self.status_of(slot))
+        self.command(region, |s| &s.rebootstrap, true)
     }
 
-    /// Per-peer figures for the metrics: (peer region, lag seconds, lag seqnos, batches
-    /// applied, bootstraps, 1 if streaming).
+    /// Per-peer-region figures for the metrics: (peer region, lag seconds, lag seqnos,
+    /// batches applied, bootstraps, 1 if streaming), the worst lag and the sums over a
+    /// sharded region's nodes.
     pub fn peer_figures(&self) -> Vec<(u32, f64, u64, u64, u64, bool)> {
-        self.peers
-            .iter()
-            .map(|p| {
-                let i = p.info.lock();
-                let up = i.state == pb::PeerState::Streaming as i32 && i.last_error.is_empty();
-                (p.peer.region, i.lag_seconds, i.lag_seqnos, i.batches_applied, i.bootstraps, up)
-            })
-            .collect()
+        let mut by_region: BTreeMap<u32, (f64, u64, u64, u64, bool)> = BTreeMap::new();
+        for p in self.slots() {
+            let i = p.info.lock();
+            let up = i.state == pb::PeerState::Streaming as i32 && i.last_error.is_empty();
+            let e = by_region.entry(p.peer.region).or_insert((0.0, 0, 0, 0, true));
+            e.0 = e.0.max(i.lag_seconds);
+            e.1 = e.1.max(i.lag_seqnos);
+            e.2 += i.batches_applied;
+            e.3 += i.bootstraps;
+            e.4 &= up;
+        }
+        by_region.into_iter().map(|(r, (s, n, b, bs, up))| (r, s, n, b, bs, up)).collect()
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quiver_proto::v1 as pb;
+use quiver_storage::slot::{SlotSet, SLOT_SET_BYTES};
 use quiver_storage::{ShippedBatch, SHIPPED_VERSIONS_MAX};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -13,7 +14,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
-use super::puller::Replicator;
+use super::puller::{wanted, Replicator};
 use super::wire::{now_us, to_wire};
 use super::*;
 use crate::auth::AuthInterceptor;
@@ -32,7 +33,7 @@ impl ReplicationApi {
     }
 
     fn check_peer(&self, region: u32) -> Result<(), Status> {
-        if self.replicator.peers.iter().any(|p| p.peer.region == region) {
+        if self.replicator.configured.iter().any(|p| p.region == region) {
             Ok(())
         } else {
             Err(Status::permission_denied(format!(
@@ -44,6 +45,19 @@ impl ReplicationApi {
 }
 
 type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The slots a request asks for: `None` (every slot) when empty, else its bitmap.
+fn slots_of(bytes: &[u8]) -> Result<Option<SlotSet>, Status> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    SlotSet::from_bytes(bytes).map(Some).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "slots is {} bytes: it is empty (every slot) or a bitmap of {SLOT_SET_BYTES} bytes",
+            bytes.len()
+        ))
+    })
+}
 
 /// Splits batches into messages of about [`PULL_MESSAGE_BYTES_TARGET`].
 fn messages(batches: Vec<ShippedBatch>) -> Vec<Vec<ShippedBatch>> {
@@ -68,10 +82,38 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
     type PullStream = StreamOf<pb::PullResponse>;
     type SnapshotStream = StreamOf<pb::SnapshotPart>;
 
+    async fn members(&self, req: Request<pb::MembersRequest>) -> Result<Response<pb::MembersResponse>, Status> {
+        crate::auth::principal(&req)?.require_region(req.get_ref().region)?;
+        self.check_peer(req.get_ref().region)?;
+        let r = &self.replicator;
+        let members = match r.shard.get() {
+            None => vec![pb::Member::default()],
+            Some(cluster) => {
+                let me = cluster.config();
+                let mut members: Vec<pb::Member> = cluster
+                    .status()
+                    .nodes
+                    .into_iter()
+                    .filter(|n| !n.addr.is_empty() && n.node != me.node)
+                    .map(|n| pb::Member { stream: super::stream_of(&n.node), node: n.node, address: n.addr })
+                    .collect();
+                // Itself, registered in etcd yet or not.
+                members.push(pb::Member {
+                    node: me.node.clone(),
+                    address: me.advertise.clone(),
+                    stream: super::stream_of(&me.node),
+                });
+                members
+            }
+        };
+        Ok(Response::new(pb::MembersResponse { region: r.region, members }))
+    }
+
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<Self::PullStream>, Status> {
         crate::auth::principal(&req)?.require_region(req.get_ref().region)?;
         let req = req.into_inner();
         self.check_peer(req.region)?;
+        let slots = slots_of(&req.slots)?;
         let r = self.replicator.clone();
         // A cursor past this node's log is not this log's (the node was restored from an
         // older copy, or the peer is confused): refused, and never taken as an acknowledgement,
@@ -84,7 +126,8 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                 req.after
             )));
         }
-        r.acknowledge(req.region, req.after);
+        r.acknowledge(req.region, &req.node, req.after);
+        let stream = r.own_stream();
         let window = match req.window_ms {
             0 => PULL_WINDOW_DEFAULT,
             ms => Duration::from_millis(u64::from(ms)).min(PULL_WINDOW_MAX),
@@ -101,7 +144,15 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                     .run(move || db.origin_log(after, PULL_BATCHES_PER_MESSAGE_MAX).map_err(|e| storage_status(&e)))
                     .await;
                 let batches = match read {
-                    Ok(b) => b,
+                    // Every batch ships (the chain stays gapless), with the puller's slots only.
+                    Ok(mut b) => {
+                        if slots.is_some() {
+                            for batch in &mut b {
+                                batch.ops.retain(|o| wanted(slots.as_ref(), &o.entity));
+                            }
+                        }
+                        b
+                    }
                     Err(s) => {
                         let _ = tx.send(Err(s)).await;
                         return;
@@ -135,6 +186,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                         caught_up: caught_up && i + 1 == count,
                         head_seqno: head,
                         origin_time_us: now_us(),
+                        stream,
                     };
                     if tx.send(Ok(msg)).await.is_err() {
                         return; // the puller went away
@@ -150,7 +202,9 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
         crate::auth::principal(&req)?.require_region(req.get_ref().region)?;
         let req = req.into_inner();
         self.check_peer(req.region)?;
+        let slots = slots_of(&req.slots)?;
         let r = self.replicator.clone();
+        let stream = r.own_stream();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
             let db = r.db.clone();
@@ -164,13 +218,18 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
             let through = reader.through();
             let part_max = SNAPSHOT_PART_VERSIONS.min(SHIPPED_VERSIONS_MAX);
             let mut reader = reader.peekable();
+            let slots = Arc::new(slots);
             loop {
+                let slots = slots.clone();
                 let read = r
                     .run(move || {
                         let mut part = Vec::with_capacity(part_max);
                         while part.len() < part_max {
                             match reader.next() {
-                                Some(Ok(v)) => part.push(super::wire::version_to_wire(v)),
+                                Some(Ok(v)) if wanted(slots.as_ref().as_ref(), &v.entity) => {
+                                    part.push(super::wire::version_to_wire(v))
+                                }
+                                Some(Ok(_)) => {}
                                 Some(Err(e)) => return Err(storage_status(&e)),
                                 None => break,
                             }
@@ -187,8 +246,13 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                     }
                 };
                 reader = rest;
-                let msg =
-                    pb::SnapshotPart { origin: r.region, versions, last, through: if last { through } else { 0 } };
+                let msg = pb::SnapshotPart {
+                    origin: r.region,
+                    stream,
+                    versions,
+                    last,
+                    through: if last { through } else { 0 },
+                };
                 if tx.send(Ok(msg)).await.is_err() || last {
                     return;
                 }

@@ -1,0 +1,188 @@
+//! Two sharded regions replicating (server/CLUSTER.md §7): one etcd, region 1 of two `quiverd`
+//! nodes (cluster `r1`: halves of the slots) and region 2 of three (cluster `r2`: thirds), so
+//! their maps differ. Every node pulls its own slots from every node of the other region, one
+//! stream per node; writes taken anywhere reach every owner of their slots in the other
+//! region, and each region answers every user. A region with peers refuses to move slots,
+//! until moves backfill what the pullers left out.
+
+use std::time::{Duration, Instant};
+
+use quiver_e2e::{clicks_row, example_registry, free_port, key, ts, Clients, Daemon, Etcd};
+use quiver_proto::v1 as pb;
+use tonic::Code;
+
+const T0: i64 = 1_767_225_600_000_000;
+
+struct Node {
+    id: String,
+    // Held: the process stops when the node is dropped.
+    _daemon: Daemon,
+    clients: Clients,
+    cluster: pb::cluster_service_client::ClusterServiceClient<tonic::transport::Channel>,
+}
+
+async fn status(n: &Node) -> pb::GetClusterStatusResponse {
+    let mut c = n.cluster.clone();
+    c.get_cluster_status(pb::GetClusterStatusRequest {}).await.expect("status").into_inner()
+}
+
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The clicks of `users` read through `c` (None where nothing is served).
+async fn clicks(c: &Clients, users: &[String]) -> Vec<Option<i64>> {
+    let req = pb::GetOnlineFeaturesRequest {
+        entity_type: "user".into(),
+        entities: users.iter().map(|u| key(u)).collect(),
+        features: vec!["user_stats:clicks".into()],
+        as_of: ts(T0 + 1),
+        ..Default::default()
+    };
+    let mut f = c.features.clone();
+    let Ok(r) = f.get_online_features(req).await else { return vec![None; users.len()] };
+    let col = r.into_inner().columns.remove(0);
+    col.statuses
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (*s == pb::FeatureStatus::Present as i32).then(|| col.int64_values.get(i).copied().unwrap_or(-1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sharded_regions_replicate_each_slot_to_its_owners() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start();
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    // a1, b1 in region 1; a2, b2, c2 in region 2; each region's seed for the other is its a node.
+    let spec = [
+        ("a1", 1, 2, addr(2)),
+        ("b1", 1, 2, addr(2)),
+        ("a2", 2, 1, addr(0)),
+        ("b2", 2, 1, addr(0)),
+        ("c2", 2, 1, addr(0)),
+    ];
+    let mut nodes = Vec::new();
+    for (i, (id, region, peer, seed)) in spec.iter().enumerate() {
+        let (region, peer, cluster) = (region.to_string(), format!("{peer}={seed}"), format!("r{region}"));
+        let args = ["--etcd", &etcd.url, "--node-id", id, "--cluster", &cluster, "--region", &region, "--peer", &peer];
+        let daemon = Daemon::start_at(&dir.path().join(id), &addr(i), &args);
+        let clients = Clients::of(&daemon).await;
+        let cluster = pb::cluster_service_client::ClusterServiceClient::new(daemon.channel().await);
+        nodes.push(Node { id: id.to_string(), _daemon: daemon, clients, cluster });
+    }
+    for (seed, size) in [(0, 2), (2, 3)] {
+        let n = &nodes[seed];
+        eventually("every node of a region registered", Duration::from_secs(30), || async {
+            status(n).await.nodes.iter().filter(|x| x.live).count() == size
+        })
+        .await;
+        let mut c = n.cluster.clone();
+        c.init_slots(pb::InitSlotsRequest {}).await.expect("init");
+    }
+    for n in &nodes {
+        eventually("the map", Duration::from_secs(30), || async {
+            status(n).await.map.is_some_and(|m| m.revision > 0)
+        })
+        .await;
+    }
+    // The registry is applied in region 1 (to each of its nodes, in the same order) and
+    // reaches region 2 from both.
+    for n in &nodes[..2] {
+        n.clients.registry.clone().apply_registry(example_registry()).await.expect("apply");
+    }
+    for n in &nodes[2..] {
+        eventually("the registry in region 2", Duration::from_secs(30), || async {
+            let mut r = n.clients.registry.clone();
+            r.get_feature_group(pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 }).await.is_ok()
+        })
+        .await;
+    }
+
+    // Users of every shard, written in region 1 through a1 and in region 2 through c2.
+    let ones: Vec<String> = (0..40).map(|i| format!("one{i}")).collect();
+    let twos: Vec<String> = (0..40).map(|i| format!("two{i}")).collect();
+    let write = |c: &Clients, users: &[String], base: i64| {
+        let rows = users.iter().enumerate().map(|(i, u)| clicks_row(u, T0, base + i as i64)).collect();
+        let mut f = c.features.clone();
+        async move { f.write_features(pb::WriteFeaturesRequest { rows, ..Default::default() }).await.expect("write") }
+    };
+    write(&nodes[0].clients, &ones, 100).await;
+    write(&nodes[4].clients, &twos, 500).await;
+    let everyone: Vec<String> = ones.iter().chain(&twos).cloned().collect();
+    let want: Vec<Option<i64>> = (0..40).map(|i| Some(100 + i)).chain((0..40).map(|i| Some(500 + i))).collect();
+    for n in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = clicks(&n.clients, &everyone).await;
+            if got == want {
+                break;
+            }
+            if Instant::now() > deadline {
+                let mut report = String::new();
+                for m in &nodes {
+                    let mut admin = m.clients.admin.clone();
+                    let s =
+                        admin.get_replication_status(pb::GetReplicationStatusRequest {}).await.map(|r| r.into_inner());
+                    report.push_str(&format!("\n{}: {s:?}", m.id));
+                }
+                panic!("every user at {}: {got:?}{report}", n.id);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // Every node pulls from every node of the other region (those that joined after its
+    // first look within MEMBERS_POLL), each under its own stream.
+    for n in &nodes {
+        let other: &[&str] = if n.id.ends_with('1') { &["a2", "b2", "c2"] } else { &["a1", "b1"] };
+        eventually(
+            &format!("{} pulling from every node of the other region", n.id),
+            Duration::from_secs(30),
+            || async {
+                let mut admin = n.clients.admin.clone();
+                let s = admin.get_replication_status(pb::GetReplicationStatusRequest {}).await.expect("status");
+                let s = s.into_inner();
+                let mut pulled: Vec<&str> = s.peers.iter().map(|p| p.node.as_str()).collect();
+                pulled.sort_unstable();
+                let mut streams: Vec<u64> = s.peers.iter().map(|p| p.stream).collect();
+                streams.sort_unstable();
+                streams.dedup();
+                pulled == other && streams.len() == other.len() && s.peers.iter().all(|p| p.stream != 0)
+            },
+        )
+        .await;
+    }
+
+    // A conflict: both regions write one user at once; both settle on the same winner.
+    let both = vec!["both".to_string()];
+    write(&nodes[1].clients, &both, 7).await;
+    write(&nodes[2].clients, &both, 8).await;
+    eventually("the same winner everywhere", Duration::from_secs(30), || async {
+        let mut seen = Vec::new();
+        for n in &nodes {
+            seen.push(clicks(&n.clients, &both).await[0]);
+        }
+        matches!(seen[0], Some(7 | 8)) && seen.windows(2).all(|w| w[0] == w[1])
+    })
+    .await;
+
+    // Moves are refused while the region replicates.
+    let mut c = nodes[1].cluster.clone();
+    let refused = async {
+        let mut s = c.move_slots(pb::MoveSlotsRequest { first: 0, last: 9, to: "b1".into() }).await?.into_inner();
+        s.message().await
+    };
+    let s = refused.await.expect_err("moves are refused with peers");
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("§7"), "{s:?}");
+}
