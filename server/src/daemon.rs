@@ -398,7 +398,7 @@ pub async fn serve(
         Some(c) => {
             let m = Arc::new(
                 crate::moving::Mover::new(c.clone(), db.clone(), forwarder.clone())?
-                    .with_peers(!cfg.cluster.peers.is_empty()),
+                    .with_replicator(replicator.clone()),
             );
             metrics.register(m.collectors())?;
             Some(m)

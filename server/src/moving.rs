@@ -66,9 +66,9 @@ pub struct Mover {
     forwarder: Arc<crate::forward::Forwarder>,
     /// Moves this node runs or last ran as target, by their slots.
     running: Mutex<BTreeMap<(Slot, Slot), Arc<Running>>>,
-    /// Whether this node's region replicates to others: moves are refused then, until a move
-    /// backfills what the peers' pullers filtered out (`server/CLUSTER.md` §7).
-    peers: bool,
+    /// This node's replication: when its region has peers, a move backfills the peers'
+    /// versions its pullers filtered out (`server/CLUSTER.md` §7).
+    replicator: Option<Arc<crate::replication::Replicator>>,
     versions: IntCounterVec,
     outcomes: IntCounterVec,
     lag: IntGauge,
@@ -101,7 +101,7 @@ impl Mover {
             db,
             forwarder,
             running: Mutex::new(BTreeMap::new()),
-            peers: false,
+            replicator: None,
             versions: IntCounterVec::new(
                 Opts::new("move_versions_total", "versions this node applied as a move's target, by phase"),
                 &["phase"],
@@ -120,9 +120,10 @@ impl Mover {
         })
     }
 
-    /// The mover of a node that replicates to other regions (`peers`): it refuses moves.
-    pub fn with_peers(mut self, peers: bool) -> Self {
-        self.peers = peers;
+    /// The mover of a node replicating through `replicator`: with peers, each move backfills
+    /// the slots from the peer regions before it switches.
+    pub fn with_replicator(mut self, replicator: Arc<crate::replication::Replicator>) -> Self {
+        self.replicator = Some(replicator);
         self
     }
 
@@ -177,13 +178,20 @@ impl Mover {
             let keep = move |e: &[u8]| {
                 e.starts_with(quiver_storage::reserved::IDEMPOTENCY) || (first..=last).contains(&slot_of(e))
             };
-            let reader = match db.history(Box::new(keep)) {
+            // The cursors first, so they are at or below what the history's view holds: the
+            // target backfills each peer stream after them (§7).
+            let read = db.replication_cursors().and_then(|c| Ok((c, db.history(Box::new(keep))?)));
+            let (cursors, reader) = match read {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = tx.blocking_send(Err(storage_status(&e)));
                     return;
                 }
             };
+            let mut cursors: Vec<pb::StreamCursor> = cursors
+                .into_iter()
+                .map(|((region, stream), cursor)| pb::StreamCursor { region, stream, cursor })
+                .collect();
             let through = reader.through();
             let mut reader = reader.peekable();
             loop {
@@ -203,7 +211,12 @@ impl Mover {
                     }
                 }
                 let last = reader.peek().is_none();
-                let part = pb::CopySlotsPart { versions, last, through: if last { through } else { 0 } };
+                let part = pb::CopySlotsPart {
+                    versions,
+                    last,
+                    through: if last { through } else { 0 },
+                    cursors: if last { std::mem::take(&mut cursors) } else { Vec::new() },
+                };
                 if tx.blocking_send(Ok(part)).is_err() || last {
                     return;
                 }
@@ -277,12 +290,6 @@ impl Mover {
         req: &pb::MoveSlotsRequest,
         caller: MetadataMap,
     ) -> Result<tokio::sync::mpsc::Receiver<Result<pb::MoveProgress, Status>>, Status> {
-        if self.peers {
-            return Err(Status::failed_precondition(
-                "this region replicates to other regions (--peer): moving its slots is not built yet, since the \
-                 target must first backfill what its pullers left out (server/CLUSTER.md §7)",
-            ));
-        }
         let (mut progress, running) = self.start(req, caller).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -481,6 +488,8 @@ impl Mover {
                 p.moving = Some(mv.to_pb());
             })
         };
+        // A map that holds the move: once every puller asks with it, they pull the moving slots.
+        let revision = self.cluster.map().revision();
         if mv.state == MoveState::Fenced {
             // A fenced move run again starts from a copy: the source takes writes meanwhile,
             // and a new fence drains them before the switch.
@@ -498,6 +507,7 @@ impl Mover {
                 .map_err(|s| from_source(&mv, s))?
                 .into_inner();
             let mut through = None;
+            let mut cursors = std::collections::BTreeMap::new();
             while let Some(part) = parts.message().await.map_err(|s| from_source(&mv, s))? {
                 let versions = part.versions.into_iter().map(crate::replication::wire::version_from_wire).collect();
                 let n = self.apply(versions).await?;
@@ -505,6 +515,7 @@ impl Mover {
                 progress.send_modify(|p| p.versions_copied += n);
                 if part.last {
                     through = Some(part.through);
+                    cursors = part.cursors.iter().map(|c| ((c.region, c.stream), c.cursor)).collect();
                     break;
                 }
             }
@@ -512,6 +523,12 @@ impl Mover {
                 return Err(from_source(&mv, Status::unavailable("the copy ended before its last part")));
             };
             progress.send_modify(|p| p.source_cursor = through);
+            if let Some(r) = self.replicator.as_ref().filter(|r| r.has_peers()) {
+                phase("backfill", &mv);
+                let n = r.backfill(mv.first, mv.last, revision, &cursors).await?;
+                self.versions.with_label_values(&["backfill"]).inc_by(n);
+                progress.send_modify(|p| p.versions_caught_up += n);
+            }
             phase("catch-up", &mv);
             // Near the head: the source writes other slots too, so the lag counts their batches.
             let near = |cursor: u64, head: u64| head.saturating_sub(cursor) <= MOVE_CATCHUP_BATCHES;

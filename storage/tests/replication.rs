@@ -683,6 +683,8 @@ fn each_stream_of_a_region_has_its_own_cursor() {
     let cursors: Vec<u64> =
         [SOLE_STREAM, a, 12, b].iter().map(|&s| db.replication_cursor_of(1, s).expect("c")).collect();
     assert_eq!(cursors, [1, 3, 40, 2]);
+    let all: Vec<((u32, u64), u64)> = db.replication_cursors().expect("cursors").into_iter().collect();
+    assert_eq!(all, [((1, SOLE_STREAM), 1), ((1, a), 3), ((1, 12), 40), ((1, b), 2)]);
     assert_eq!(db.knowledge(), knowledge);
     assert_eq!(db.replication_cursor_of(1, 13).expect("none"), 0, "a stream never seen");
     let r = db.apply_replicated_stream(b, &[batch(2, b"\x01bob", 7, 950)], Durability::Sync).expect("b again");

@@ -2,14 +2,14 @@
 //! nodes (cluster `r1`: halves of the slots) and region 2 of three (cluster `r2`: thirds), so
 //! their maps differ. Every node pulls its own slots from every node of the other region, one
 //! stream per node; writes taken anywhere reach every owner of their slots in the other
-//! region, and each region answers every user. A region with peers refuses to move slots,
-//! until moves backfill what the pullers left out.
+//! region, and each region answers every user. Then a run of slots moves in region 2 while
+//! region 1 writes to it, and the new owner ends with every version (the move's backfill).
 
 use std::time::{Duration, Instant};
 
+use quiver_e2e::shard::slot_of_user;
 use quiver_e2e::{clicks_row, example_registry, free_port, key, ts, Clients, Daemon, Etcd};
 use quiver_proto::v1 as pb;
-use tonic::Code;
 
 const T0: i64 = 1_767_225_600_000_000;
 
@@ -176,13 +176,92 @@ async fn two_sharded_regions_replicate_each_slot_to_its_owners() {
     })
     .await;
 
-    // Moves are refused while the region replicates.
-    let mut c = nodes[1].cluster.clone();
-    let refused = async {
-        let mut s = c.move_slots(pb::MoveSlotsRequest { first: 0, last: 9, to: "b1".into() }).await?.into_inner();
-        s.message().await
+    // A move in region 2 while region 1 writes to the moving slots: a2's run goes to c2. Every
+    // round writes each user at a new event time, so a version lost in the move shows as a
+    // missing one at the new owner (the later rounds would not hide it).
+    let map = status(&nodes[2]).await.map.expect("map");
+    let run = map.runs.iter().find(|r| r.owner == "a2").expect("a2's run").clone();
+    let moving: Vec<String> = (0..2000)
+        .map(|i| format!("m{i}"))
+        .filter(|u| (run.first..=run.last).contains(&slot_of_user(u)))
+        .take(12)
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (c, users, stop) = (nodes[0].clients.clone(), moving.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rounds = 0i64;
+            // Until told to stop, then one more round.
+            loop {
+                let last = stop.load(std::sync::atomic::Ordering::Acquire);
+                let rows = users.iter().map(|u| clicks_row(u, T0 + rounds * 1_000_000, rounds)).collect();
+                let mut f = c.features.clone();
+                f.write_features(pb::WriteFeaturesRequest { rows, ..Default::default() }).await.expect("write");
+                rounds += 1;
+                if last {
+                    return rounds;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
     };
-    let s = refused.await.expect_err("moves are refused with peers");
-    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
-    assert!(s.message().contains("§7"), "{s:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c2 = nodes[4].cluster.clone();
+    let req = pb::MoveSlotsRequest { first: run.first, last: run.last, to: "c2".into() };
+    let mut progress = c2.move_slots(req).await.expect("move").into_inner();
+    let mut phases = Vec::new();
+    while let Some(p) = progress.message().await.expect("progress") {
+        if phases.last() != Some(&p.phase) {
+            phases.push(p.phase.clone());
+        }
+        if p.phase == "done" {
+            break;
+        }
+    }
+    assert!(
+        phases.contains(&"backfill".to_string()) && phases.last().map(String::as_str) == Some("done"),
+        "{phases:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let rounds = writer.await.expect("writer");
+    assert!(rounds > 20, "writes ran through the move: {rounds} rounds");
+    // The new owner holds every round of every user, as region 1 does.
+    let history = |c: &Clients, user: &str| {
+        let mut f = c.features.clone();
+        let req = pb::ScanHistoryRequest {
+            entity_type: "user".into(),
+            entity: Some(key(user)),
+            group: "user_stats".into(),
+            ..Default::default()
+        };
+        async move {
+            let mut out = Vec::new();
+            if let Ok(r) = f.scan_history(req).await {
+                let mut stream = r.into_inner();
+                while let Ok(Some(chunk)) = stream.message().await {
+                    out.extend(chunk.versions.into_iter().map(|v| (v.event_time, v.value)));
+                }
+            }
+            out.sort_by_key(|(t, _)| t.as_ref().map(|t| (t.seconds, t.nanos)));
+            out
+        }
+    };
+    for u in &moving {
+        let want = history(&nodes[0].clients, u).await;
+        assert_eq!(want.len() as i64, rounds, "{u} in region 1");
+        eventually(&format!("{u}'s every round at c2"), Duration::from_secs(30), || async {
+            history(&nodes[4].clients, u).await == want
+        })
+        .await;
+    }
+    // c2 owns the slots now, and its writes reach region 1.
+    assert!(status(&nodes[4])
+        .await
+        .map
+        .is_some_and(|m| m.runs.iter().any(|r| r.owner == "c2" && r.first == run.first)));
+    write(&nodes[4].clients, &moving[..1], 9_000).await;
+    eventually("c2's write in region 1", Duration::from_secs(30), || async {
+        clicks(&nodes[1].clients, &moving[..1]).await[0] == Some(9_000)
+    })
+    .await;
 }

@@ -75,5 +75,7 @@ pub const PULL_SILENCE_MAX: Duration = Duration::from_secs(5);
 /// How often a node asks a sharded peer region for its nodes (a node that joins it gets a
 /// puller within this).
 pub const MEMBERS_POLL: Duration = Duration::from_secs(5);
+/// How long a move's backfill waits for every puller to ask for the moving slots.
+pub const BACKFILL_WAIT: Duration = Duration::from_secs(30);
 /// Largest replication message accepted.
 pub const REPLICATION_MESSAGE_BYTES_MAX: usize = 64 << 20;

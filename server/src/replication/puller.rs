@@ -59,6 +59,9 @@ pub(super) struct PeerSlot {
     pub(super) paused: AtomicBool,
     pub(super) rebootstrap: AtomicBool,
     pub(super) wake: Notify,
+    /// The map revision whose slots this puller's current `Pull` asks for (0: none yet): a
+    /// move's backfill waits until every puller asks with the moving slots (§7).
+    pub(super) pull_revision: std::sync::atomic::AtomicI64,
 }
 
 impl PeerSlot {
@@ -73,6 +76,7 @@ impl PeerSlot {
             paused: AtomicBool::new(false),
             rebootstrap: AtomicBool::new(false),
             wake: Notify::new(),
+            pull_revision: std::sync::atomic::AtomicI64::new(0),
         })
     }
 }
@@ -161,21 +165,162 @@ impl Replicator {
         self.shard.get().map_or(SOLE_STREAM, |c| super::stream_of(&c.config().node))
     }
 
-    /// The slots this node pulls, on the wire: empty (every slot) when it is not sharded,
-    /// else the bitmap of those it owns under its map now. `UNAVAILABLE` while a sharded node
-    /// has no map: what it pulled then would be filtered by an empty set, and lost to it.
-    /// (The map's owners change only by moves, which are refused with peers, §7.)
-    fn wanted_slots(&self) -> Result<Vec<u8>, Status> {
-        let Some(cluster) = self.shard.get() else { return Ok(Vec::new()) };
+    /// The slots this node pulls, on the wire, and the map revision they are of: empty (every
+    /// slot) when it is not sharded, else the bitmap of those it owns under its map now and
+    /// those moving to it. `UNAVAILABLE` while a sharded node has no map: what it pulled then
+    /// would be filtered by an empty set, and lost to it. (A slot gained by a move is
+    /// backfilled, [`Replicator::backfill`].)
+    fn wanted_slots(&self) -> Result<(Vec<u8>, i64), Status> {
+        let Some(cluster) = self.shard.get() else { return Ok((Vec::new(), 0)) };
         let map = cluster.map();
         if !map.is_set() {
             return Err(Status::unavailable("this node has no slot map yet (quiver cluster init): not pulling"));
         }
+        let me = &cluster.config().node;
         let mut set = SlotSet::empty();
-        for r in map.runs().iter().filter(|r| r.owner == cluster.config().node) {
+        for r in map.runs().iter().filter(|r| &r.owner == me) {
             set.insert_range(r.first, r.last);
         }
-        Ok(set.as_bytes().to_vec())
+        for m in map.moves().iter().filter(|m| &m.to == me) {
+            set.insert_range(m.first, m.last);
+        }
+        Ok((set.as_bytes().to_vec(), map.revision()))
+    }
+
+    /// Whether this node replicates with other regions.
+    pub fn has_peers(&self) -> bool {
+        !self.configured.is_empty()
+    }
+
+    /// A move's backfill at its target (`server/CLUSTER.md` §7): every version of slots
+    /// `first..=last` that the peer regions wrote after the source's `cursors` (read before
+    /// its copy's view) is applied here, cursors untouched, so that what this node's pullers
+    /// filtered out before they asked for these slots is not lost. It first waits (at most
+    /// [`BACKFILL_WAIT`]) until every puller asks with the map of `revision` or newer (which
+    /// holds the move); a stream whose log no longer reaches back is backfilled from that
+    /// node's snapshot of the slots. Returns the versions applied.
+    pub async fn backfill(
+        &self,
+        first: quiver_storage::slot::Slot,
+        last: quiver_storage::slot::Slot,
+        revision: i64,
+        cursors: &BTreeMap<(u32, StreamId), u64>,
+    ) -> Result<u64, Status> {
+        let deadline = tokio::time::Instant::now() + BACKFILL_WAIT;
+        loop {
+            let behind: Vec<Arc<PeerSlot>> = self
+                .slots()
+                .into_iter()
+                // A seed still asking its region's members pulls nothing yet: behind too.
+                .filter(|p| p.pull_revision.load(Ordering::Acquire) < revision)
+                .collect();
+            let Some(p) = behind.first() else { break };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::unavailable(format!(
+                    "the puller of region {} node {:?} has not pulled with the moving slots yet (its last error: {}); \
+                     run the move again",
+                    p.peer.region,
+                    p.node,
+                    p.info.lock().last_error
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut set = SlotSet::empty();
+        set.insert_range(first, last);
+        let mut applied = 0;
+        for slot in self.slots() {
+            let after = cursors.get(&(slot.peer.region, slot.stream)).copied().unwrap_or(0);
+            applied += match self.backfill_stream(&slot, &set, after).await {
+                Err(s) if s.code() == tonic::Code::OutOfRange => self.backfill_snapshot(&slot, &set).await?,
+                r => r?,
+            };
+        }
+        Ok(applied)
+    }
+
+    /// Applies `slot`'s stream after `after`, filtered to `set`, up to its head; cursors kept.
+    async fn backfill_stream(&self, slot: &PeerSlot, set: &SlotSet, after: u64) -> Result<u64, Status> {
+        let mut client = self.client(slot).await?;
+        let req = pb::PullRequest {
+            region: self.region,
+            after,
+            window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32,
+            slots: set.as_bytes().to_vec(),
+            // Its acknowledgement is this node's own (the next regular pull raises it again).
+            node: self.shard.get().map(|c| c.config().node.clone()).unwrap_or_default(),
+        };
+        let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.pull(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the peer did not answer the backfill's pull"))??
+            .into_inner();
+        let (origin, stream_id) = (slot.peer.region, slot.stream);
+        let mut applied = 0;
+        loop {
+            let msg = tokio::time::timeout(PULL_SILENCE_MAX, stream.message())
+                .await
+                .map_err(|_| Status::deadline_exceeded("the peer's backfill went silent"))??
+                .ok_or_else(|| Status::unavailable("the peer's backfill ended before it caught up"))?;
+            check_stream(slot, msg.stream)?;
+            let versions: Vec<SnapshotVersion> = msg
+                .batches
+                .into_iter()
+                .flat_map(|b| {
+                    let system_time_us = b.system_time_us;
+                    b.ops.into_iter().map(move |o| SnapshotVersion {
+                        entity: o.entity,
+                        feature: quiver_storage::FeatureId(o.feature),
+                        event_time: quiver_storage::EventTime(o.event_time_us),
+                        system_time: quiver_storage::SystemTime(system_time_us),
+                        cell: o.cell,
+                    })
+                })
+                .collect();
+            applied += self.apply_kept(origin, stream_id, versions).await?;
+            if msg.caught_up {
+                return Ok(applied);
+            }
+        }
+    }
+
+    /// Applies `slot`'s node's snapshot of `set`; cursors kept.
+    async fn backfill_snapshot(&self, slot: &PeerSlot, set: &SlotSet) -> Result<u64, Status> {
+        let mut client = self.client(slot).await?;
+        let req = pb::SnapshotRequest { region: self.region, slots: set.as_bytes().to_vec() };
+        let mut parts = tokio::time::timeout(PULL_SILENCE_MAX, client.snapshot(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the peer did not answer the backfill's snapshot"))??
+            .into_inner();
+        let mut applied = 0;
+        while let Some(part) = tokio::time::timeout(PULL_SILENCE_MAX * 4, parts.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("the peer's snapshot went silent"))??
+        {
+            check_stream(slot, part.stream)?;
+            let versions = part.versions.into_iter().map(super::wire::version_from_wire).collect();
+            applied += self.apply_kept(slot.peer.region, slot.stream, versions).await?;
+            if part.last {
+                return Ok(applied);
+            }
+        }
+        Err(Status::unavailable("the peer's snapshot ended early"))
+    }
+
+    /// Applies versions of `origin`'s `stream` as snapshot parts (each resolved as a
+    /// replicated version, no cursor moved), in parts the engine takes.
+    async fn apply_kept(&self, origin: u32, stream: StreamId, versions: Vec<SnapshotVersion>) -> Result<u64, Status> {
+        let mut applied = 0;
+        for part in versions.chunks(SNAPSHOT_PART_VERSIONS.min(quiver_storage::SHIPPED_VERSIONS_MAX)) {
+            let (db, part) = (self.db.clone(), part.to_vec());
+            let r = self
+                .run(move || {
+                    db.apply_snapshot_stream(origin, stream, &part, None, Durability::Sync)
+                        .map_err(|e| storage_status(&e))
+                })
+                .await?;
+            applied += r.applied + r.conflicts;
+        }
+        Ok(applied)
     }
 
     /// The pullers now (retired seeds left out).
@@ -428,11 +573,12 @@ impl Replicator {
             // Test-only: ask again for batches already applied (redelivery).
             after = after.saturating_sub(chaos.lock().below(8));
         }
+        let (wanted, revision) = self.wanted_slots()?;
         let req = pb::PullRequest {
             region: self.region,
             after,
             window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32,
-            slots: self.wanted_slots()?,
+            slots: wanted,
             node: self.shard.get().map(|c| c.config().node.clone()).unwrap_or_default(),
         };
         // Every wait on the peer is bounded: a connection a partition cut silently must not
@@ -442,6 +588,7 @@ impl Replicator {
             .map_err(|_| Status::deadline_exceeded("the peer did not answer the pull"))??
             .into_inner();
         slot.info.lock().state = pb::PeerState::Streaming as i32;
+        slot.pull_revision.store(revision, Ordering::Release);
         let mut chain = Chain::new(after, cursor);
         loop {
             if self.stopping() || slot.paused.load(Ordering::Acquire) || slot.rebootstrap.load(Ordering::Acquire) {
@@ -531,7 +678,7 @@ impl Replicator {
         let mut client = self.client(slot).await?;
         let (origin, stream_id) = (slot.peer.region, slot.stream);
         slot.info.lock().state = pb::PeerState::Bootstrapping as i32;
-        let req = pb::SnapshotRequest { region: self.region, slots: self.wanted_slots()? };
+        let req = pb::SnapshotRequest { region: self.region, slots: self.wanted_slots()?.0 };
         let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.snapshot(req))
             .await
             .map_err(|_| Status::deadline_exceeded("the peer did not answer the snapshot request"))??

@@ -619,6 +619,12 @@ impl Db {
         self.inner.replication_cursor(origin, SOLE_STREAM)
     }
 
+    /// Every cursor this node keeps: (origin region, stream) -> the origin sequence number
+    /// it has applied that stream through.
+    pub fn replication_cursors(&self) -> Result<std::collections::BTreeMap<(crate::types::RegionId, StreamId), u64>> {
+        self.inner.replication_cursors()
+    }
+
     /// The origin sequence number this node has applied `origin`'s `stream` through (0: none).
     pub fn replication_cursor_of(&self, origin: crate::types::RegionId, stream: StreamId) -> Result<u64> {
         self.inner.replication_cursor(origin, stream)

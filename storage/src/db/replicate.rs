@@ -467,6 +467,21 @@ impl Inner {
         Ok(self.cursor_in(&view, origin, stream)?.0)
     }
 
+    /// Every replication cursor this node keeps: (origin region, stream) -> the origin
+    /// sequence number applied through.
+    pub(super) fn replication_cursors(&self) -> Result<BTreeMap<(RegionId, StreamId), u64>> {
+        let mut out = BTreeMap::new();
+        for item in self.scan(super::read::ScanRange::entity(REPLICATION_ENTITY))? {
+            let item = item?;
+            // Newest first within a cell: the first version of each is the cursor.
+            if let (Some(Value::Int64(n)), Ok(stream)) = (&item.version.value, u64::try_from(item.version.event_time.0))
+            {
+                out.entry((item.feature.0, stream)).or_insert(*n as u64);
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether `entity` replicates: user entities, and reserved ones under
     /// `Options::replicated_prefixes`.
     pub(super) fn replicates(&self, entity: &[u8]) -> bool {
