@@ -240,45 +240,55 @@ impl Replicator {
     }
 
     /// Applies `slot`'s stream after `after`, filtered to `set`, up to its head; cursors kept.
-    async fn backfill_stream(&self, slot: &PeerSlot, set: &SlotSet, after: u64) -> Result<u64, Status> {
+    /// A `Pull` window that ends first is followed by another from where it stopped.
+    async fn backfill_stream(&self, slot: &PeerSlot, set: &SlotSet, mut after: u64) -> Result<u64, Status> {
         let mut client = self.client(slot).await?;
-        let req = pb::PullRequest {
-            region: self.region,
-            after,
-            window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32,
-            slots: set.as_bytes().to_vec(),
-            // Its acknowledgement is this node's own (the next regular pull raises it again).
-            node: self.shard.get().map(|c| c.config().node.clone()).unwrap_or_default(),
-        };
-        let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.pull(req))
-            .await
-            .map_err(|_| Status::deadline_exceeded("the peer did not answer the backfill's pull"))??
-            .into_inner();
         let (origin, stream_id) = (slot.peer.region, slot.stream);
         let mut applied = 0;
         loop {
-            let msg = tokio::time::timeout(PULL_SILENCE_MAX, stream.message())
+            let req = pb::PullRequest {
+                region: self.region,
+                after,
+                window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32,
+                slots: set.as_bytes().to_vec(),
+                // Its acknowledgement is this node's own (the next regular pull raises it again).
+                node: self.shard.get().map(|c| c.config().node.clone()).unwrap_or_default(),
+            };
+            let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.pull(req))
                 .await
-                .map_err(|_| Status::deadline_exceeded("the peer's backfill went silent"))??
-                .ok_or_else(|| Status::unavailable("the peer's backfill ended before it caught up"))?;
-            check_stream(slot, msg.stream)?;
-            let versions: Vec<SnapshotVersion> = msg
-                .batches
-                .into_iter()
-                .flat_map(|b| {
-                    let system_time_us = b.system_time_us;
-                    b.ops.into_iter().map(move |o| SnapshotVersion {
-                        entity: o.entity,
-                        feature: quiver_storage::FeatureId(o.feature),
-                        event_time: quiver_storage::EventTime(o.event_time_us),
-                        system_time: quiver_storage::SystemTime(system_time_us),
-                        cell: o.cell,
+                .map_err(|_| Status::deadline_exceeded("the peer did not answer the backfill's pull"))??
+                .into_inner();
+            loop {
+                if self.stopping() {
+                    return Err(Status::unavailable("the server is stopping"));
+                }
+                let msg = tokio::time::timeout(PULL_SILENCE_MAX, stream.message())
+                    .await
+                    .map_err(|_| Status::deadline_exceeded("the peer's backfill went silent"))??;
+                // The window ended: pull again from the last batch.
+                let Some(msg) = msg else { break };
+                check_stream(slot, msg.stream)?;
+                if let Some(b) = msg.batches.last() {
+                    after = after.max(b.seqno);
+                }
+                let versions: Vec<SnapshotVersion> = msg
+                    .batches
+                    .into_iter()
+                    .flat_map(|b| {
+                        let system_time_us = b.system_time_us;
+                        b.ops.into_iter().map(move |o| SnapshotVersion {
+                            entity: o.entity,
+                            feature: quiver_storage::FeatureId(o.feature),
+                            event_time: quiver_storage::EventTime(o.event_time_us),
+                            system_time: quiver_storage::SystemTime(system_time_us),
+                            cell: o.cell,
+                        })
                     })
-                })
-                .collect();
-            applied += self.apply_kept(origin, stream_id, versions).await?;
-            if msg.caught_up {
-                return Ok(applied);
+                    .collect();
+                applied += self.apply_kept(origin, stream_id, versions).await?;
+                if msg.caught_up {
+                    return Ok(applied);
+                }
             }
         }
     }

@@ -94,7 +94,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                     .status()
                     .nodes
                     .into_iter()
-                    .filter(|n| !n.addr.is_empty() && n.node != me.node)
+                    .filter(|n| !n.addr.is_empty() && n.node != me.node && n.region == r.region)
                     .map(|n| pb::Member { stream: super::stream_of(&n.node), node: n.node, address: n.addr })
                     .collect();
                 // Itself, registered in etcd yet or not.
