@@ -643,7 +643,7 @@ pub async fn serve(
         let _ = t.await;
     }
     replicator.shutdown();
-    for p in pullers {
+    for p in pullers.into_iter().chain(replicator.take_spawned()) {
         let _ = p.await;
     }
     drop(replicator);

@@ -632,7 +632,7 @@ fn slot_log(db: &Db, mv: &Move, after: u64) -> Result<pb::SlotLogResponse, Statu
 /// A batch of the source's log as moved versions: its ops with the batch's stamp, the last op
 /// of each cell only (a batch that writes a cell twice logs both, and the last counts; two
 /// versions at one key would otherwise be applied first come, first kept).
-fn batch_versions(b: pb::ShippedBatch) -> Vec<SnapshotVersion> {
+pub(crate) fn batch_versions(b: pb::ShippedBatch) -> Vec<SnapshotVersion> {
     let mut last: BTreeMap<(Vec<u8>, u32, i64), usize> = BTreeMap::new();
     for (i, op) in b.ops.iter().enumerate() {
         last.insert((op.entity.clone(), op.feature, op.event_time_us), i);

@@ -10,7 +10,7 @@
 //! | --- | --- | --- |
 //! | [`REGISTRY`] | the feature registry: [`REGISTRY_ENTITY_TYPES`], [`REGISTRY_GROUPS`], [`REGISTRY_SERVING`], [`REGISTRY_RETIRED`] | yes (quiverd lists it) |
 //! | [`IDEMPOTENCY`] | the stored answer of each idempotent write, by key | no: a retry goes to the node that took the write |
-//! | [`REPLICATION_CURSOR`] | per origin region, how far this node applied its log | no: each node's own progress |
+//! | [`REPLICATION_CURSOR`] | per origin region and stream, how far this node applied that log | no: each node's own progress |
 //! | [`SERVED_LOG`] | logged online answers, by served-at time (expire after `Options::served_log_retention`) | no: each node logs what it served |
 //! | [`MONITOR`] | feature monitoring: [`MONITOR_WATERMARKS`], each group's newest ingested times per region; [`MONITOR_BASELINES`], drift baselines | yes (quiverd lists it) |
 

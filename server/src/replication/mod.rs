@@ -62,6 +62,9 @@ pub const PULL_MESSAGE_BYTES_TARGET: usize = 4 << 20;
 pub const PULL_IDLE_POLL: Duration = Duration::from_millis(2);
 /// An idle Pull stream sends an empty message this often (the puller's liveness and lag).
 pub const PULL_HEARTBEAT: Duration = Duration::from_millis(250);
+/// Versions a Snapshot reads at most before it sends a part (empty when none of them is of
+/// the slots asked for).
+pub const SNAPSHOT_SCAN_MAX: usize = 65_536;
 /// Versions per Snapshot part.
 pub const SNAPSHOT_PART_VERSIONS: usize = 4096;
 /// Retry backoff after an error, doubling from the first to the second.

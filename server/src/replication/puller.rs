@@ -81,6 +81,17 @@ impl PeerSlot {
     }
 }
 
+/// Refuses an answer from a node of another region than `slot`'s.
+fn check_origin(slot: &PeerSlot, origin: u32) -> Result<(), Status> {
+    if origin == slot.peer.region {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "{} answers as region {origin}, configured as region {}",
+        slot.peer.address, slot.peer.region
+    )))
+}
+
 /// Refuses an answer from a log other than the one `slot` keeps its cursor for (a peer that
 /// was sharded or unsharded since, or an address now serving another node).
 fn check_stream(slot: &PeerSlot, stream: StreamId) -> Result<(), Status> {
@@ -117,6 +128,8 @@ pub struct Replicator {
     pub(super) acks: Mutex<BTreeMap<(u32, String), u64>>,
     /// This node's shard, when its region is sharded: its node id and slots go with its pulls.
     pub(super) shard: OnceLock<Arc<crate::cluster::Cluster>>,
+    /// The pullers started after `start` (see [`Replicator::take_spawned`]).
+    spawned: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub(super) shutdown: AtomicBool,
     pub(super) stop: Notify,
     /// Test-only message faults ([`CHAOS_ENV`]).
@@ -146,6 +159,7 @@ impl Replicator {
             peers: RwLock::new(peers),
             acks: Mutex::new(BTreeMap::new()),
             shard: OnceLock::new(),
+            spawned: Mutex::new(Vec::new()),
             shutdown: AtomicBool::new(false),
             stop: Notify::new(),
             chaos: transport.chaos_seed.and_then(Chaos::from_seed).map(Mutex::new),
@@ -251,8 +265,9 @@ impl Replicator {
                 after,
                 window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32,
                 slots: set.as_bytes().to_vec(),
-                // Its acknowledgement is this node's own (the next regular pull raises it again).
                 node: self.shard.get().map(|c| c.config().node.clone()).unwrap_or_default(),
+                // Not how far this node applied the stream: the origin must not prune by it.
+                backfill: true,
             };
             let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.pull(req))
                 .await
@@ -267,24 +282,14 @@ impl Replicator {
                     .map_err(|_| Status::deadline_exceeded("the peer's backfill went silent"))??;
                 // The window ended: pull again from the last batch.
                 let Some(msg) = msg else { break };
+                check_origin(slot, msg.origin)?;
                 check_stream(slot, msg.stream)?;
                 if let Some(b) = msg.batches.last() {
                     after = after.max(b.seqno);
                 }
-                let versions: Vec<SnapshotVersion> = msg
-                    .batches
-                    .into_iter()
-                    .flat_map(|b| {
-                        let system_time_us = b.system_time_us;
-                        b.ops.into_iter().map(move |o| SnapshotVersion {
-                            entity: o.entity,
-                            feature: quiver_storage::FeatureId(o.feature),
-                            event_time: quiver_storage::EventTime(o.event_time_us),
-                            system_time: quiver_storage::SystemTime(system_time_us),
-                            cell: o.cell,
-                        })
-                    })
-                    .collect();
+                // A batch's last write of a cell is the one it stands for (as a move's catch-up).
+                let versions: Vec<SnapshotVersion> =
+                    msg.batches.into_iter().flat_map(crate::moving::batch_versions).collect();
                 applied += self.apply_kept(origin, stream_id, versions).await?;
                 if msg.caught_up {
                     return Ok(applied);
@@ -306,6 +311,7 @@ impl Replicator {
             .await
             .map_err(|_| Status::deadline_exceeded("the peer's snapshot went silent"))??
         {
+            check_origin(slot, part.origin)?;
             check_stream(slot, part.stream)?;
             let versions = part.versions.into_iter().map(super::wire::version_from_wire).collect();
             applied += self.apply_kept(slot.peer.region, slot.stream, versions).await?;
@@ -316,12 +322,27 @@ impl Replicator {
         Err(Status::unavailable("the peer's snapshot ended early"))
     }
 
-    /// Applies versions of `origin`'s `stream` as snapshot parts (each resolved as a
-    /// replicated version, no cursor moved), in parts the engine takes.
+    /// Applies versions of `origin`'s `stream`, in order, as snapshot parts (each resolved
+    /// as a replicated version, no cursor moved): a part holds a cell at most once (the engine
+    /// refuses a part that holds one twice), so a cell written again starts a new part.
     async fn apply_kept(&self, origin: u32, stream: StreamId, versions: Vec<SnapshotVersion>) -> Result<u64, Status> {
+        let max = SNAPSHOT_PART_VERSIONS.min(quiver_storage::SHIPPED_VERSIONS_MAX);
+        let mut parts: Vec<Vec<SnapshotVersion>> = vec![Vec::new()];
+        let mut cells = std::collections::HashSet::new();
+        for v in versions {
+            let cell = (v.entity.clone(), v.feature, v.event_time);
+            if parts.last().is_some_and(|p| p.len() >= max) || cells.contains(&cell) {
+                parts.push(Vec::new());
+                cells.clear();
+            }
+            cells.insert(cell);
+            if let Some(p) = parts.last_mut() {
+                p.push(v);
+            }
+        }
         let mut applied = 0;
-        for part in versions.chunks(SNAPSHOT_PART_VERSIONS.min(quiver_storage::SHIPPED_VERSIONS_MAX)) {
-            let (db, part) = (self.db.clone(), part.to_vec());
+        for part in parts.into_iter().filter(|p| !p.is_empty()) {
+            let db = self.db.clone();
             let r = self
                 .run(move || {
                     db.apply_snapshot_stream(origin, stream, &part, None, Durability::Sync)
@@ -347,6 +368,12 @@ impl Replicator {
     fn spawn_puller(self: &Arc<Self>, slot: Arc<PeerSlot>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move { me.run_puller(slot).await })
+    }
+
+    /// The pullers started after [`Replicator::start`] (one per node of a sharded peer
+    /// region), for a stopping server to wait for after [`Replicator::shutdown`].
+    pub fn take_spawned(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        std::mem::take(&mut *self.spawned.lock())
     }
 
     /// Stops the pullers (they finish the batch they are applying).
@@ -434,9 +461,8 @@ impl Replicator {
                 fresh.push(slot);
             }
         }
-        for slot in fresh {
-            drop(self.spawn_puller(slot));
-        }
+        let handles: Vec<_> = fresh.into_iter().map(|slot| self.spawn_puller(slot)).collect();
+        self.spawned.lock().extend(handles);
     }
 
     /// A seed puller: asks its region's members until it knows them. Returns true when that
@@ -463,8 +489,9 @@ impl Replicator {
         };
         let Some(members) = members else { return false };
         let region = seed.peer.region;
-        seed.retired.store(true, Ordering::Release);
+        // Its successors first: a backfill never sees the region without a puller.
         self.adopt(region, members);
+        seed.retired.store(true, Ordering::Release);
         while !self.stopping() {
             self.pause_for(seed, MEMBERS_POLL).await;
             // Any node of the region answers: the seed first, then the members known.
@@ -590,6 +617,7 @@ impl Replicator {
             window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32,
             slots: wanted,
             node: self.shard.get().map(|c| c.config().node.clone()).unwrap_or_default(),
+            backfill: false,
         };
         // Every wait on the peer is bounded: a connection a partition cut silently must not
         // hold the puller forever.
@@ -738,11 +766,17 @@ impl Replicator {
     /// Records the acknowledgement of a puller of peer `region` (`node`: its node id, empty
     /// when that region is not sharded) and releases the log every puller has applied.
     pub(super) fn acknowledge(&self, region: u32, node: &str, after: u64) {
+        // Who must acknowledge: the nodes this node pulls from (pulling goes both ways), or a
+        // peer region's one node (`""`) while it is not known to be sharded.
+        let expected: Vec<(u32, String)> = self.slots().iter().map(|p| (p.peer.region, p.node.clone())).collect();
         let least = {
             let mut acks = self.acks.lock();
             acks.insert((region, node.to_string()), after);
-            // Until every peer region has acknowledged once, keep everything (within the bound).
-            if self.configured.iter().any(|p| !acks.keys().any(|(r, _)| *r == p.region)) {
+            // A node no longer pulled from (the seed's "" once its region is known sharded)
+            // holds nothing back.
+            acks.retain(|k, _| expected.contains(k));
+            // Until every one has acknowledged once, keep everything (within the bound).
+            if expected.iter().any(|k| !acks.contains_key(k)) {
                 return;
             }
             acks.values().copied().min()

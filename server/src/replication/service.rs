@@ -126,7 +126,9 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                 req.after
             )));
         }
-        r.acknowledge(req.region, &req.node, req.after);
+        if !req.backfill {
+            r.acknowledge(req.region, &req.node, req.after);
+        }
         let stream = r.own_stream();
         let window = match req.window_ms {
             0 => PULL_WINDOW_DEFAULT,
@@ -224,7 +226,11 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                 let read = r
                     .run(move || {
                         let mut part = Vec::with_capacity(part_max);
-                        while part.len() < part_max {
+                        // A part goes out at least every SNAPSHOT_SCAN_MAX versions read, empty
+                        // or not, so a small slot set of a large store never goes silent.
+                        let mut scanned = 0;
+                        while part.len() < part_max && scanned < SNAPSHOT_SCAN_MAX {
+                            scanned += 1;
                             match reader.next() {
                                 Some(Ok(v)) if wanted(slots.as_ref().as_ref(), &v.entity) => {
                                     part.push(super::wire::version_to_wire(v))
