@@ -649,6 +649,21 @@ fn flight_status(e: FlightError) -> Status {
 
 type FlightStream<T> = BoxStream<T>;
 
+/// Record batches of `schema` as a `DoGet` answer: the schema first, dictionaries sent with
+/// each batch (the join's status columns; a scan has none), an error ending the stream.
+fn encoded(
+    schema: SchemaRef,
+    batches: impl futures::Stream<Item = Result<RecordBatch, Status>> + Send + 'static,
+) -> FlightStream<FlightData> {
+    Box::pin(
+        FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .with_dictionary_handling(DictionaryHandling::Resend)
+            .build(batches.map_err(|s| FlightError::Tonic(Box::new(s))))
+            .map_err(flight_status),
+    )
+}
+
 #[tonic::async_trait]
 impl FlightService for FlightApi {
     type HandshakeStream = FlightStream<HandshakeResponse>;
@@ -730,12 +745,7 @@ impl FlightService for FlightApi {
                         let _admitted = &admitted;
                         answer_batch(&batch_schema, chunk?, with_status).map_err(status)
                     });
-                    let encoded = FlightDataEncoderBuilder::new()
-                        .with_schema(schema)
-                        .with_dictionary_handling(DictionaryHandling::Resend)
-                        .build(batches.map_err(|s| FlightError::Tonic(Box::new(s))))
-                        .map_err(flight_status);
-                    return Ok(Response::new(Box::pin(encoded) as Self::DoGetStream));
+                    return Ok(Response::new(encoded(schema, batches)));
                 }
                 let f = self.features.clone();
                 let batch_schema = schema.clone();
@@ -752,12 +762,7 @@ impl FlightService for FlightApi {
                     })?;
                     failed.map_or(Ok(()), Err)
                 });
-                let encoded = FlightDataEncoderBuilder::new()
-                    .with_schema(schema)
-                    .with_dictionary_handling(DictionaryHandling::Resend)
-                    .build(batches.map_err(|s| FlightError::Tonic(Box::new(s))))
-                    .map_err(flight_status);
-                Ok(Response::new(Box::pin(encoded) as Self::DoGetStream))
+                Ok(Response::new(encoded(schema, batches)))
             })
             .await
     }
@@ -919,11 +924,7 @@ impl FlightApi {
                 let _admitted = &admitted;
                 scan_batch(&batch_schema, &columns, chunk?).map_err(status)
             });
-            let encoded = FlightDataEncoderBuilder::new()
-                .with_schema(schema)
-                .build(batches.map_err(|s| FlightError::Tonic(Box::new(s))))
-                .map_err(flight_status);
-            return Ok(Response::new(Box::pin(encoded)));
+            return Ok(Response::new(encoded(schema, batches)));
         }
         let f = self.features.clone();
         let batches = stream_blocking(self.stopping.clone(), move |emit: &mut dyn FnMut(RecordBatch) -> bool| {
@@ -938,11 +939,7 @@ impl FlightApi {
             })?;
             failed.map_or(Ok(()), Err)
         });
-        let encoded = FlightDataEncoderBuilder::new()
-            .with_schema(schema)
-            .build(batches.map_err(|s| FlightError::Tonic(Box::new(s))))
-            .map_err(flight_status);
-        Ok(Response::new(Box::pin(encoded)))
+        Ok(Response::new(encoded(schema, batches)))
     }
 }
 

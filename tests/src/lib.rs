@@ -210,6 +210,19 @@ pub async fn join_clicks(
     out
 }
 
+/// Waits until `f` answers true, asking every 20 ms; panics naming `what` after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A free loopback port (bound, read, released: another process could take it meanwhile).
 pub fn free_port() -> u16 {
     quiverd::free_port().unwrap_or_else(|e| panic!("{e}"))

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use quiver_e2e::shard::slot_of_user;
-use quiver_e2e::{clicks_row, example_registry, free_port, key, ts, Clients, Daemon, Etcd};
+use quiver_e2e::{clicks_row, eventually, example_registry, free_port, key, ts, Clients, Daemon, Etcd};
 use quiver_proto::v1 as pb;
 
 const T0: i64 = 1_767_225_600_000_000;
@@ -24,18 +24,6 @@ struct Node {
 async fn status(n: &Node) -> pb::GetClusterStatusResponse {
     let mut c = n.cluster.clone();
     c.get_cluster_status(pb::GetClusterStatusRequest {}).await.expect("status").into_inner()
-}
-
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The clicks of `users` read through `c` (None where nothing is served).

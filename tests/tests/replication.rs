@@ -2,9 +2,9 @@
 //! cross; operators pause, resume and re-bootstrap a peer; bad cluster configurations and
 //! requests from strangers are refused. (Faults are `jepsen/`'s job.)
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use quiver_e2e::{clicks_row, example_registry, free_port, key, ts, Clients, Daemon};
+use quiver_e2e::{clicks_row, eventually, example_registry, free_port, key, ts, Clients, Daemon};
 use quiver_proto::v1 as pb;
 use tonic::Code;
 
@@ -26,18 +26,6 @@ async fn clicks(c: &mut Clients, user: &str) -> Option<i64> {
     let r = c.features.get_online_features(req).await.ok()?.into_inner();
     let col = r.columns.first()?;
     (col.statuses.first() == Some(&(pb::FeatureStatus::Present as i32))).then(|| col.int64_values[0])
-}
-
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn peer_status(c: &mut Clients, region: u32) -> pb::PeerStatus {

@@ -81,6 +81,21 @@ impl PeerSlot {
     }
 }
 
+/// The next part of `slot`'s snapshot, checked to come from its region and stream.
+async fn next_part(
+    slot: &PeerSlot,
+    parts: &mut tonic::Streaming<pb::SnapshotPart>,
+) -> Result<Option<pb::SnapshotPart>, Status> {
+    let part = tokio::time::timeout(PULL_SILENCE_MAX * 4, parts.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("the peer's snapshot went silent"))??;
+    if let Some(p) = &part {
+        check_origin(slot, p.origin)?;
+        check_stream(slot, p.stream)?;
+    }
+    Ok(part)
+}
+
 /// Refuses an answer from a node of another region than `slot`'s.
 fn check_origin(slot: &PeerSlot, origin: u32) -> Result<(), Status> {
     if origin == slot.peer.region {
@@ -201,6 +216,33 @@ impl Replicator {
         Ok((set.as_bytes().to_vec(), map.revision()))
     }
 
+    /// This node's id in its sharded region (empty when it is not sharded).
+    fn own_node(&self) -> String {
+        self.shard.get().map(|c| c.config().node.clone()).unwrap_or_default()
+    }
+
+    /// A `Pull` of the log after `after`, for `slots` (on the wire), as this node.
+    fn pull_request(&self, after: u64, slots: Vec<u8>, backfill: bool) -> pb::PullRequest {
+        pb::PullRequest {
+            region: self.region,
+            after,
+            window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32,
+            slots,
+            node: self.own_node(),
+            backfill,
+        }
+    }
+
+    /// `slot`'s node's snapshot of `slots` (on the wire), as a stream of parts.
+    async fn snapshot(&self, slot: &PeerSlot, slots: Vec<u8>) -> Result<tonic::Streaming<pb::SnapshotPart>, Status> {
+        let mut client = self.client(slot).await?;
+        let req = pb::SnapshotRequest { region: self.region, slots };
+        Ok(tokio::time::timeout(PULL_SILENCE_MAX, client.snapshot(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the peer did not answer the snapshot request"))??
+            .into_inner())
+    }
+
     /// Whether this node replicates with other regions.
     pub fn has_peers(&self) -> bool {
         !self.configured.is_empty()
@@ -260,15 +302,8 @@ impl Replicator {
         let (origin, stream_id) = (slot.peer.region, slot.stream);
         let mut applied = 0;
         loop {
-            let req = pb::PullRequest {
-                region: self.region,
-                after,
-                window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32,
-                slots: set.as_bytes().to_vec(),
-                node: self.shard.get().map(|c| c.config().node.clone()).unwrap_or_default(),
-                // Not how far this node applied the stream: the origin must not prune by it.
-                backfill: true,
-            };
+            // Not how far this node applied the stream: the origin must not prune by it.
+            let req = self.pull_request(after, set.as_bytes().to_vec(), true);
             let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.pull(req))
                 .await
                 .map_err(|_| Status::deadline_exceeded("the peer did not answer the backfill's pull"))??
@@ -300,19 +335,9 @@ impl Replicator {
 
     /// Applies `slot`'s node's snapshot of `set`; cursors kept.
     async fn backfill_snapshot(&self, slot: &PeerSlot, set: &SlotSet) -> Result<u64, Status> {
-        let mut client = self.client(slot).await?;
-        let req = pb::SnapshotRequest { region: self.region, slots: set.as_bytes().to_vec() };
-        let mut parts = tokio::time::timeout(PULL_SILENCE_MAX, client.snapshot(req))
-            .await
-            .map_err(|_| Status::deadline_exceeded("the peer did not answer the backfill's snapshot"))??
-            .into_inner();
+        let mut parts = self.snapshot(slot, set.as_bytes().to_vec()).await?;
         let mut applied = 0;
-        while let Some(part) = tokio::time::timeout(PULL_SILENCE_MAX * 4, parts.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("the peer's snapshot went silent"))??
-        {
-            check_origin(slot, part.origin)?;
-            check_stream(slot, part.stream)?;
+        while let Some(part) = next_part(slot, &mut parts).await? {
             let versions = part.versions.into_iter().map(super::wire::version_from_wire).collect();
             applied += self.apply_kept(slot.peer.region, slot.stream, versions).await?;
             if part.last {
@@ -611,14 +636,7 @@ impl Replicator {
             after = after.saturating_sub(chaos.lock().below(8));
         }
         let (wanted, revision) = self.wanted_slots()?;
-        let req = pb::PullRequest {
-            region: self.region,
-            after,
-            window_ms: PULL_WINDOW_DEFAULT.as_millis() as u32,
-            slots: wanted,
-            node: self.shard.get().map(|c| c.config().node.clone()).unwrap_or_default(),
-            backfill: false,
-        };
+        let req = self.pull_request(after, wanted, false);
         // Every wait on the peer is bounded: a connection a partition cut silently must not
         // hold the puller forever.
         let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.pull(req))
@@ -642,12 +660,7 @@ impl Replicator {
                 _ = slot.wake.notified() => continue,
             };
             let Some(msg) = msg else { return Ok(()) };
-            if msg.origin != origin {
-                return Err(Status::failed_precondition(format!(
-                    "{} answers as region {}, configured as region {origin}",
-                    slot.peer.address, msg.origin
-                )));
-            }
+            check_origin(slot, msg.origin)?;
             check_stream(slot, msg.stream)?;
             let mut arrived: Vec<(u64, ShippedBatch)> = msg.batches.into_iter().map(|b| from_wire(origin, b)).collect();
             if let Some(chaos) = &self.chaos {
@@ -713,29 +726,14 @@ impl Replicator {
 
     /// Applies the peer's snapshot, then lets the puller continue from its log.
     async fn bootstrap(&self, slot: &PeerSlot) -> Result<(), Status> {
-        let mut client = self.client(slot).await?;
         let (origin, stream_id) = (slot.peer.region, slot.stream);
         slot.info.lock().state = pb::PeerState::Bootstrapping as i32;
-        let req = pb::SnapshotRequest { region: self.region, slots: self.wanted_slots()?.0 };
-        let mut stream = tokio::time::timeout(PULL_SILENCE_MAX, client.snapshot(req))
-            .await
-            .map_err(|_| Status::deadline_exceeded("the peer did not answer the snapshot request"))??
-            .into_inner();
+        let mut stream = self.snapshot(slot, self.wanted_slots()?.0).await?;
         let mut finished = false;
-        while let Some(part) = tokio::time::timeout(PULL_SILENCE_MAX * 4, stream.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("the peer's snapshot went silent"))??
-        {
+        while let Some(part) = next_part(slot, &mut stream).await? {
             if self.stopping() {
                 return Ok(());
             }
-            if part.origin != origin {
-                return Err(Status::failed_precondition(format!(
-                    "{} answers as region {}, configured as region {origin}",
-                    slot.peer.address, part.origin
-                )));
-            }
-            check_stream(slot, part.stream)?;
             let versions: Vec<SnapshotVersion> =
                 part.versions.into_iter().map(super::wire::version_from_wire).collect();
             let through = part.last.then_some(part.through);
