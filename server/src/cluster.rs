@@ -48,6 +48,42 @@ pub struct ShardConfig {
     pub region: u32,
     /// Whether it forwards what it does not own to the owner (§4) instead of refusing it.
     pub forward: bool,
+    /// Its data directory's instance id ([`instance_id`]), in its registration: a process
+    /// started on the directory of a dead one takes over its registration at once (§2).
+    /// Empty: it waits for the dead one's lease to expire.
+    pub instance: String,
+}
+
+/// The file in a sharded node's data directory holding its instance id.
+pub const INSTANCE_FILE: &str = "NODE_INSTANCE";
+
+/// The instance id of the data directory `dir`: 32 random hex digits, made and synced the
+/// first time. Only one process at a time opens a data directory (the engine's `LOCK`), so a
+/// registration carrying this id whose process is not this one belongs to a dead process.
+pub fn instance_id(dir: &std::path::Path) -> Result<String, String> {
+    let path = dir.join(INSTANCE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() == 32 && s.trim().bytes().all(|b| b.is_ascii_hexdigit()) => {
+            return Ok(s.trim().to_string())
+        }
+        Ok(s) => return Err(format!("{}: not an instance id: {:?}", path.display(), s.trim())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness: {e}"))?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join(format!("{INSTANCE_FILE}.tmp"));
+    let io = |e: std::io::Error| format!("{}: {e}", tmp.display());
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(format!("{id}\n").as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(id)
 }
 
 /// Refuses a node id or cluster name that is empty, longer than [`NAME_BYTES_MAX`], or holds
@@ -136,6 +172,9 @@ struct StoredNode {
     node: String,
     addr: String,
     region: u32,
+    /// Its data directory's instance id (absent from registrations of older nodes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    instance: String,
 }
 
 /// The slot map at one etcd revision: runs that cover every slot exactly once.
@@ -899,6 +938,24 @@ impl Cluster {
         }
     }
 
+    /// Whether the registration at `key` was this data directory's dead process's (its
+    /// instance id is this node's), and its lease is revoked now so that this process may
+    /// register at once.
+    async fn took_over(&self, client: &mut Client, key: &str) -> Result<bool, etcd_client::Error> {
+        if self.cfg.instance.is_empty() {
+            return Ok(false);
+        }
+        let got = client.get(key, None).await?;
+        let Some(kv) = got.kvs().first() else { return Ok(false) };
+        let theirs: Option<StoredNode> = serde_json::from_slice(kv.value()).ok();
+        if theirs.is_none_or(|t| t.instance != self.cfg.instance) || kv.lease() == 0 {
+            return Ok(false);
+        }
+        client.lease_revoke(kv.lease()).await?;
+        tracing::info!(node = %self.cfg.node, "took over the registration of this data directory's previous process");
+        Ok(true)
+    }
+
     /// One connection: register, read the map and the nodes, then keep the lease alive and
     /// follow every change until something fails.
     async fn session(&self) -> Result<(), String> {
@@ -922,15 +979,24 @@ impl Cluster {
         }
         let lease = client.lease_grant(ttl, None).await.map_err(e("granting a lease"))?.id();
         *self.lease.lock() = Some(lease);
-        let me = StoredNode { node: self.cfg.node.clone(), addr: self.cfg.advertise.clone(), region: self.cfg.region };
+        let me = StoredNode {
+            node: self.cfg.node.clone(),
+            addr: self.cfg.advertise.clone(),
+            region: self.cfg.region,
+            instance: self.cfg.instance.clone(),
+        };
         let me = serde_json::to_vec(&me).map_err(|err| format!("encoding the registration: {err}"))?;
         let my_key = format!("{}{}", self.nodes_prefix(), self.cfg.node);
         // Registered only if no live process holds the id: two processes with one id would
         // both serve its slots.
         let register = Txn::new()
             .when([Compare::create_revision(my_key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(my_key, me, Some(PutOptions::new().with_lease(lease)))]);
-        if !client.txn(register).await.map_err(e("registering"))?.succeeded() {
+            .and_then([TxnOp::put(my_key.clone(), me, Some(PutOptions::new().with_lease(lease)))]);
+        let mut registered = client.txn(register.clone()).await.map_err(e("registering"))?.succeeded();
+        if !registered && self.took_over(&mut client, &my_key).await.map_err(e("reading the registration"))? {
+            registered = client.txn(register).await.map_err(e("registering"))?.succeeded();
+        }
+        if !registered {
             let _ = client.lease_revoke(lease).await;
             *self.lease.lock() = None;
             // Etcd answered, so this is no outage: the id is someone else's now.
@@ -1077,14 +1143,20 @@ mod tests {
             advertise: "127.0.0.1:7".into(),
             region: 0,
             forward: true,
+            instance: String::new(),
         };
         let cluster = Cluster::new(cfg).expect("valid");
         let key = quiver_storage::encode_entity_key(&[quiver_storage::KeyPart::Str("u1")]);
         assert_eq!(cluster.check(&cluster.map(), &key), Err(NotServed::NoMap));
         let slot = slot_of(&key);
         let mut nodes = BTreeMap::new();
-        let reg = serde_json::to_vec(&StoredNode { node: "n0".into(), addr: "10.0.0.1:5".into(), region: 0 })
-            .expect("encodes");
+        let reg = serde_json::to_vec(&StoredNode {
+            node: "n0".into(),
+            addr: "10.0.0.1:5".into(),
+            region: 0,
+            instance: String::new(),
+        })
+        .expect("encodes");
         cluster.take(b"/quiver/c/nodes/n0", Some((&reg, 3)), &mut nodes);
         *cluster.nodes.write() = nodes;
         // Everything below `slot` to n0, the rest to n1.
@@ -1186,6 +1258,7 @@ mod tests {
             advertise: "127.0.0.1:7".into(),
             region: 0,
             forward: true,
+            instance: String::new(),
         };
         let cluster = Cluster::new(cfg).expect("valid");
         let key = (0..)
@@ -1269,5 +1342,19 @@ mod tests {
         for bad in ["", "a/b", "a b", "é", &"x".repeat(NAME_BYTES_MAX + 1)] {
             assert!(check_name("id", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_data_directory_keeps_one_instance_id_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let id = instance_id(dir.path()).expect("made");
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        assert_eq!(instance_id(dir.path()).expect("read"), id, "the same directory keeps its id");
+        let other = tempfile::tempdir().expect("temp dir");
+        assert_ne!(instance_id(other.path()).expect("made"), id, "another directory gets another id");
+        std::fs::write(dir.path().join(INSTANCE_FILE), "not hex\n").expect("write");
+        let e = instance_id(dir.path()).expect_err("damaged");
+        assert!(e.contains("not an instance id"), "{e}");
     }
 }

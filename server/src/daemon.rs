@@ -358,6 +358,8 @@ pub async fn serve(
                 shard.advertise = addr.to_string();
             }
             shard.region = cfg.cluster.region;
+            // Read (or made) now that the engine holds the directory's LOCK.
+            shard.instance = crate::cluster::instance_id(&cfg.data_dir)?;
             let cluster = crate::cluster::Cluster::new(shard)?;
             features = features.with_cluster(cluster.clone());
             // Each node of a sharded region pulls its own slots from every node of its peers'

@@ -302,6 +302,7 @@ fn config(args: Args) -> Result<Config, String> {
                 advertise: advertise.unwrap_or_default(),
                 region: cluster.region,
                 forward: forward.unwrap_or(true),
+                instance: String::new(),
             };
             quiver_server::cluster::check_name("node id", &shard.node)?;
             quiver_server::cluster::check_name("cluster name", &shard.cluster)?;

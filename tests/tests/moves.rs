@@ -321,9 +321,15 @@ async fn slots_move_under_writes_resume_after_a_kill_abort_and_wait_for_etcd() {
     let map = nodes[0].status().await.map.expect("a map");
     let left = map.moves.iter().any(|m| m.first == first2 && m.last == last2 && m.to == "n1");
     assert!(left || owner(&map, first2).0 == "n1", "the move is in the map, or it finished before the kill: {map:?}");
-    // Registered again once the killed process's lease expires.
+    // Restarted on its data directory, it takes over its dead predecessor's registration at
+    // once, rather than serving nothing until that process's lease (10 s, renewed every 2.5 s)
+    // expires: registered again well within the lease's last renewal (5 s of its 7.5 to 10 s).
     let n1 = Node::start(dir.path(), "n1", &etcd, "n1", &[]).await;
-    n1.wait_for("registered again", |s| s.etcd_connected).await;
+    quiver_e2e::eventually("registered again before the dead process's lease expires", Duration::from_secs(5), || {
+        let n1 = &n1;
+        async move { n1.status().await.etcd_connected }
+    })
+    .await;
     let phases = run_move(&n1, first2, last2).await.expect("the move resumes");
     assert_eq!(phases.last().map(String::as_str), Some("done"), "{phases:?}");
     n1.wait_for("the switch", |s| s.map.as_ref().is_some_and(|m| m.moves.is_empty() && owner(m, first2).0 == "n1"))
