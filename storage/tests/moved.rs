@@ -280,3 +280,63 @@ fn the_log_read_while_writing_skips_no_batch() {
     let want: std::collections::BTreeSet<u64> = (1..=db.last_seqno()).collect();
     assert_eq!(seen.len(), want.len(), "missing: {:?}", want.difference(&seen).take(5).collect::<Vec<_>>());
 }
+
+/// A move in a region that replicates (`server/CLUSTER.md` §7): a peer region's version of a
+/// moving cell can reach the target (from its pullers) before the source's concurrent version
+/// of it (from the catch-up), the other way round from the source, which wrote its version
+/// first. Either way the target must end as the source did: the same winner with the same
+/// merged vector, and both versions kept. (Found by jepsen's sharded mode: the target kept the
+/// moved winner's vector unmerged, so a read after the switch saw the vector go back.)
+#[test]
+fn a_moved_version_and_a_concurrent_peer_version_end_as_at_the_source() {
+    use quiver_storage::cell;
+    use quiver_storage::{ShippedBatch, ShippedOp, SystemTime, VersionVector};
+    for peer_stamp in [500u64, 9_000] {
+        let clock = ManualClock::new(1_000);
+        let (source, target) = (open(&MemFs::new(), &clock, true), open(&MemFs::new(), &clock, true));
+        let mut w = WriteBatch::new();
+        w.put(ENTITIES[0], FeatureId(0), EventTime(5), Value::Int64(1)).expect("a valid op");
+        source.write(w, Durability::Sync).expect("the source's write");
+        // The catch-up reads the source's write before the peer's version reaches the source.
+        let mut mv = Move { cursor: 0, given: Vec::new() };
+        let log = source.local_log(0, 10).expect("the log");
+        let mut cell_bytes = Vec::new();
+        cell::encode(Some(&Value::Int64(2)), &VersionVector::single(2, peer_stamp), &mut cell_bytes);
+        let peer = ShippedBatch {
+            origin: 2,
+            seqno: 1,
+            system_time: SystemTime(peer_stamp),
+            ops: vec![ShippedOp {
+                entity: ENTITIES[0].to_vec(),
+                feature: FeatureId(0),
+                event_time: EventTime(5),
+                cell: cell_bytes,
+            }],
+        };
+        source.apply_replicated(&peer, Durability::Sync).expect("the peer's version at the source");
+        target.apply_replicated(&peer, Durability::Sync).expect("the peer's version at the target");
+        let versions: Vec<SnapshotVersion> = log
+            .batches
+            .iter()
+            .flat_map(|b| {
+                b.ops.iter().filter(|op| op.entity == ENTITIES[0]).map(|op| SnapshotVersion {
+                    entity: op.entity.clone(),
+                    feature: op.feature,
+                    event_time: op.event_time,
+                    system_time: b.system_time,
+                    cell: op.cell.clone(),
+                })
+            })
+            .collect();
+        assert_eq!(versions.len(), 1);
+        mv.apply(&target, versions);
+        let (at_source, at_target) = (history(&source, ENTITIES[0]), history(&target, ENTITIES[0]));
+        assert_eq!(at_source.len(), 2, "both versions kept: {at_source:?}");
+        let merged: Vec<(u32, u64)> = at_source[0].4.clone();
+        assert!(merged.len() == 2, "the winner's vector covers both: {at_source:?}");
+        assert_eq!(at_target, at_source, "peer stamped {peer_stamp}: the target ends as the source did");
+        // And moved again (a redelivered part), nothing changes.
+        mv.apply(&target, mv.given.clone());
+        assert_eq!(history(&target, ENTITIES[0]), at_source, "a redelivery changes nothing");
+    }
+}

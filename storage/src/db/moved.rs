@@ -2,11 +2,21 @@
 //! of chosen entities as stored, the node's log of local batches, and applying both verbatim
 //! on another node.
 //!
-//! Unlike replication between regions (`REPLICATION.md`), nothing is resolved: a moved version
-//! keeps its key (so its system time) and its cell (so its vector), and a version whose exact
-//! key the node holds already is skipped, so applying the same versions again changes nothing.
-//! This is right only because a moved entity has one writer at a time (its slot's owner, with a
-//! fence between two owners): the node that receives it took no write of it meanwhile.
+//! Unlike replication between regions (`REPLICATION.md`), a moved version is not dropped for
+//! being older than what its cell holds: it keeps its key (so its system time) and its cell
+//! (so its vector), and a version whose exact key the node holds already is skipped, so
+//! applying the same versions again changes nothing. This is right because a moved entity has
+//! one writer in its region at a time (its slot's owner, with a fence between two owners): the
+//! node that receives it took no write of it meanwhile.
+//!
+//! Peer regions' versions are another matter when the region replicates (`server/CLUSTER.md`
+//! §7): the target's pullers apply them for the moving slots while the move runs, so one may
+//! reach the target before a moved version it is concurrent with, the other way round from
+//! the source (which wrote its version first, and resolved the peer's against it). So a moved
+//! version concurrent with its cell's winner here is resolved as a replicated one is
+//! (`REPLICATION.md` §4): the greater `(system time, region)` wins and takes the merged
+//! vector, the other is kept as it is. The target then ends as the source did, in either
+//! order.
 //!
 //! Moved versions are logged as a replicated record whose origin is the node's own region and
 //! whose origin sequence number is [`MOVED_ORIGIN_SEQNO`]: at replay the stamps come back per
@@ -21,7 +31,8 @@ use super::Inner;
 use crate::batch::{self, ResolvedOp};
 use crate::cell;
 use crate::key;
-use crate::types::{check_entity_key, AsOf, Durability, SystemTime};
+use crate::replication::origin_or_guess;
+use crate::types::{check_entity_key, AsOf, Causality, CellVersion, Durability, SystemTime};
 use crate::{Error, Result};
 
 /// The origin sequence number of a logged batch of moved versions (no peer's log has 0).
@@ -195,6 +206,11 @@ impl Inner {
         self.make_room(&mut w)?;
         let view = self.view.read().clone();
         let mut ops = Vec::new();
+        // Each cell's winner as this call leaves it, once it has planned a version of it.
+        let mut winners: std::collections::HashMap<
+            (Vec<u8>, crate::types::FeatureId, crate::types::EventTime),
+            CellVersion,
+        > = std::collections::HashMap::new();
         for v in candidates {
             if crate::reserved::below_horizon(&v.entity, v.event_time, *horizon) {
                 continue;
@@ -206,12 +222,45 @@ impl Inner {
             {
                 continue;
             }
+            let mut cell_bytes = v.cell.clone();
+            if !crate::reserved::is_reserved(&v.entity) {
+                let id = (v.entity.clone(), v.feature, v.event_time);
+                let current = match winners.get(&id) {
+                    Some(c) => Some(c.clone()),
+                    None => self.cell_in_view(&view, &v.entity, v.feature, v.event_time)?,
+                };
+                let (value, vector) = cell::decode(&v.cell)
+                    .map_err(|w| Error::InvalidArgument(format!("a moved cell does not decode: {w}")))?;
+                let mine =
+                    CellVersion { event_time: v.event_time, system_time: v.system_time, value, version_vector: vector };
+                match resolve_moved(current, mine) {
+                    Moved::Winner(w) => {
+                        cell_bytes.clear();
+                        cell::encode(w.value.as_ref(), &w.version_vector, &mut cell_bytes);
+                        winners.insert(id, w);
+                    }
+                    Moved::History => {}
+                    Moved::Loser(w) => {
+                        // The winner keeps its key and takes the merged vector.
+                        let mut buf = Vec::new();
+                        cell::encode(w.value.as_ref(), &w.version_vector, &mut buf);
+                        ops.push(ResolvedOp {
+                            entity: v.entity.clone(),
+                            feature: v.feature,
+                            event_time: v.event_time,
+                            system_time: w.system_time,
+                            cell: buf,
+                        });
+                        winners.insert(id, w);
+                    }
+                }
+            }
             ops.push(ResolvedOp {
                 entity: v.entity.clone(),
                 feature: v.feature,
                 event_time: v.event_time,
                 system_time: v.system_time,
-                cell: v.cell.clone(),
+                cell: cell_bytes,
             });
         }
         let Some(newest) = ops.iter().map(|o| o.system_time.0).max() else { return Ok(0) };
@@ -230,5 +279,36 @@ impl Inner {
         drop(w);
         drop(horizon);
         Ok(inserted)
+    }
+}
+
+/// How a moved version applies to its cell, whose winner here is the first argument.
+#[derive(Debug)]
+enum Moved {
+    /// It wins: it goes in with this version (its vector merged with a concurrent winner's).
+    Winner(CellVersion),
+    /// It is older history (the winner covers it): it goes in as it is.
+    History,
+    /// It loses to a concurrent winner: it goes in as it is, and the winner takes this
+    /// version (its merged vector).
+    Loser(CellVersion),
+}
+
+/// See [`Moved`]: the rule of `REPLICATION.md` §4, except that an older version is kept.
+fn resolve_moved(current: Option<CellVersion>, mine: CellVersion) -> Moved {
+    let Some(mut c) = current else { return Moved::Winner(mine) };
+    match mine.version_vector.compare(&c.version_vector) {
+        Causality::After => Moved::Winner(mine),
+        Causality::Before | Causality::Equal => Moved::History,
+        Causality::Concurrent => {
+            let merged = mine.version_vector.merge(&c.version_vector);
+            let rank = |v: &CellVersion| (v.system_time, origin_or_guess(&v.version_vector, v.system_time));
+            if rank(&mine) > rank(&c) {
+                Moved::Winner(CellVersion { version_vector: merged, ..mine })
+            } else {
+                c.version_vector = merged;
+                Moved::Loser(c)
+            }
+        }
     }
 }
