@@ -225,6 +225,27 @@ fn check_inner(ops: &[Op], finals: &BTreeMap<u32, State>, regions: u32, shared: 
             bad("lost write", format!("op {} ({value} at {stamp} to {cell:?}) is missing from its region", op.id));
         }
     }
+    // Applied once: every write of the workload writes a value of its own, so no cell holds a
+    // value in two versions (a write applied twice, as a slot move could: once before the
+    // fence and again after it). The bulk cells are left out: each pass of the lagging fault
+    // writes the same round numbers.
+    for (r, s) in finals {
+        for (c, vs) in s {
+            if crate::BULK_ENTITIES.contains(&c.entity) {
+                continue;
+            }
+            let mut stamps: BTreeMap<i64, u64> = BTreeMap::new();
+            for x in vs {
+                let Some(value) = x.value else { continue };
+                if let Some(first) = stamps.insert(value, x.stamp) {
+                    bad(
+                        "applied twice",
+                        format!("region {r} cell {c:?}: value {value} is in versions stamped {first} and {}", x.stamp),
+                    );
+                }
+            }
+        }
+    }
     // Per region: no rollback, read-your-writes.
     let mut reads: BTreeMap<(u32, Cell), Vec<&Op>> = BTreeMap::new();
     let mut writes: BTreeMap<(u32, Cell), Vec<(&Op, u64)>> = BTreeMap::new();
@@ -477,6 +498,13 @@ mod tests {
         assert!(check(&lost_update, &finals, 2).iter().any(|v| v.check == "cas"));
         // Vector size.
         assert!(check(&ops, &finals, 1).iter().any(|v| v.check == "vector size"));
+        // A write applied twice: its value in two versions of its cell.
+        let again = seen(20, 250, vec![(1, 100), (2, 250)]);
+        let twice: BTreeMap<u32, State> =
+            [(1, state(vec![again.clone(), w2.clone(), w1.clone()])), (2, state(vec![again, w2.clone(), w1.clone()]))]
+                .into_iter()
+                .collect();
+        assert!(check(&ops, &twice, 2).iter().any(|v| v.check == "applied twice"), "{:?}", check(&ops, &twice, 2));
     }
 
     /// The shared cell's history in two regions: A (region 1, over nothing), B (region 2, over

@@ -18,6 +18,9 @@ pub const FEATURE_REF: &str = "jepsen:v";
 pub const SLOT0_US: i64 = 1_700_000_000_000_000;
 /// Per-operation deadline: past it the operation is indeterminate.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of one `MoveSlots` call (a move of the workload's few cells takes well under a
+/// second when nothing is wrong).
+pub const MOVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The registry of the workload, applied in one region and replicated to the others.
 pub fn registry() -> pb::ApplyRegistryRequest {
@@ -118,6 +121,7 @@ pub struct Node {
     features: pb::feature_service_client::FeatureServiceClient<Authed>,
     registry: pb::registry_service_client::RegistryServiceClient<Authed>,
     admin: pb::admin_service_client::AdminServiceClient<Authed>,
+    cluster: pb::cluster_service_client::ClusterServiceClient<Authed>,
 }
 
 impl Node {
@@ -138,7 +142,8 @@ impl Node {
         Ok(Node {
             features: pb::feature_service_client::FeatureServiceClient::new(authed(ch.clone())),
             registry: pb::registry_service_client::RegistryServiceClient::new(authed(ch.clone())),
-            admin: pb::admin_service_client::AdminServiceClient::new(authed(ch)),
+            admin: pb::admin_service_client::AdminServiceClient::new(authed(ch.clone())),
+            cluster: pb::cluster_service_client::ClusterServiceClient::new(authed(ch)),
         })
     }
 
@@ -301,5 +306,33 @@ impl Node {
     /// Flushes the node's memtable (so its WAL segments become prunable).
     pub async fn flush(&mut self) -> Result<(), tonic::Status> {
         self.admin.flush(pb::FlushRequest {}).await.map(|_| ())
+    }
+
+    /// The node's view of its sharded region: the map and the nodes.
+    pub async fn cluster_status(&mut self) -> Result<pb::GetClusterStatusResponse, tonic::Status> {
+        self.cluster.get_cluster_status(pb::GetClusterStatusRequest {}).await.map(|r| r.into_inner())
+    }
+
+    /// Spreads the slots over the region's registered nodes.
+    pub async fn init_slots(&mut self) -> Result<(), tonic::Status> {
+        self.cluster.init_slots(pb::InitSlotsRequest {}).await.map(|_| ())
+    }
+
+    /// Moves slots `first..=last` to this node (or resumes that move): its progress stream.
+    /// The call has no deadline of its own: the caller bounds it.
+    pub async fn move_slots(
+        &mut self,
+        first: u32,
+        last: u32,
+        to: &str,
+    ) -> Result<tonic::Streaming<pb::MoveProgress>, tonic::Status> {
+        let mut req = tonic::Request::new(pb::MoveSlotsRequest { first, last, to: to.into() });
+        req.set_timeout(MOVE_TIMEOUT);
+        self.cluster.move_slots(req).await.map(|r| r.into_inner())
+    }
+
+    /// Aborts the move of slots `first..=last`.
+    pub async fn abort_move(&mut self, first: u32, last: u32) -> Result<(), tonic::Status> {
+        self.cluster.abort_move(pb::AbortMoveRequest { first, last }).await.map(|_| ())
     }
 }

@@ -7,7 +7,10 @@ use std::time::Duration;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "quiver-jepsen", about = "Fault-injection test of a three-region Quiver cluster")]
+#[command(
+    name = "quiver-jepsen",
+    about = "Fault-injection test of a Quiver cluster: three regions, or two regions of two shards"
+)]
 struct Args {
     /// Output directory (history.jsonl, summary.json, node logs and data).
     #[arg(long, default_value = "jepsen-out")]
@@ -25,6 +28,10 @@ struct Args {
     /// Clients per region.
     #[arg(long, default_value_t = 2)]
     clients: u32,
+    /// Two regions of two nodes sharing their slots through etcd, with slot moves (and
+    /// nodes killed mid-move) among the faults; needs network namespaces and etcd.
+    #[arg(long)]
+    sharded: bool,
     /// No faults: a healthy run under the same workload (to measure replication lag).
     #[arg(long)]
     no_faults: bool,
@@ -55,7 +62,7 @@ fn main() {
         faults: !a.no_faults,
         chaos: !a.no_chaos,
         network,
-        ..quiver_jepsen::Config::short(a.out)
+        ..if a.sharded { quiver_jepsen::Config::sharded(a.out) } else { quiver_jepsen::Config::short(a.out) }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

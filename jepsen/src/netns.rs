@@ -1,14 +1,14 @@
-//! The network between regions as Linux network namespaces: each region's `quiverd` runs in
-//! its own namespace, joined to the others by veth links on one bridge in the root namespace
-//! (where the clients run). Used when running as root with `ip netns`, `nft` and `tc`
+//! The network between regions as Linux network namespaces: each `quiverd` runs in its own
+//! namespace (a *host*), joined to the others by veth links on one bridge in the root
+//! namespace (where the clients, and a sharded run's etcd, run). Used when running as root with `ip netns`, `nft` and `tc`
 //! available (`apt-get install nftables`); otherwise the harness falls back to loopback
 //! proxies ([`crate::proxy`]).
 //!
 //! Faults are kernel rules inside the receiver's namespace, on its input chain, matching only
-//! peers' addresses (clients keep reaching their region):
-//! - a partition drops what a region receives from a peer (one way) or both regions' (both);
-//! - packet loss drops a fraction of peer packets (`numgen random`);
-//! - a bandwidth cap is a token bucket on the region's interface (`tc qdisc ... tbf`).
+//! other hosts' addresses (clients, and etcd, keep reaching every node):
+//! - a partition drops what a host receives from another (one way) or both hosts' (both);
+//! - packet loss drops a fraction of other hosts' packets (`numgen random`);
+//! - a bandwidth cap is a token bucket on the host's interface (`tc qdisc ... tbf`).
 //!
 //! The kernel here has no netem, so there is no added latency; delay, duplication and
 //! reordering of messages come from the pullers' test-only chaos mode.
@@ -42,39 +42,43 @@ pub fn available() -> bool {
 #[derive(Debug)]
 pub struct Netns {
     id: u32,
-    regions: u32,
+    /// The hosts, numbered 1..=253 (the last byte of their address).
+    hosts: Vec<u32>,
 }
 
 impl Netns {
-    fn ns(&self, region: u32) -> String {
-        format!("qj{:x}n{region}", self.id)
+    fn ns(&self, host: u32) -> String {
+        format!("qj{:x}n{host}", self.id)
     }
 
     fn bridge(&self) -> String {
         format!("qj{:x}br", self.id)
     }
 
-    fn veth(&self, region: u32) -> String {
-        format!("qj{:x}v{region}", self.id)
+    fn veth(&self, host: u32) -> String {
+        format!("qj{:x}v{host}", self.id)
     }
 
-    /// The address of `region`'s node (`region` 0: the bridge, where clients run).
-    pub fn ip(&self, region: u32) -> IpAddr {
-        let region = if region == 0 { 254 } else { region as u8 };
-        IpAddr::V4(Ipv4Addr::new(10, 201, (self.id % 250) as u8, region))
+    /// The address of `host` (0: the bridge, where clients run).
+    pub fn ip(&self, host: u32) -> IpAddr {
+        let host = if host == 0 { 254 } else { host as u8 };
+        IpAddr::V4(Ipv4Addr::new(10, 201, (self.id % 250) as u8, host))
     }
 
-    /// Creates a namespace per region on a new bridge.
-    pub fn create(regions: u32) -> Result<Netns, String> {
+    /// Creates a namespace per host (each in 1..=253) on a new bridge.
+    pub fn create(hosts: &[u32]) -> Result<Netns, String> {
+        if let Some(h) = hosts.iter().find(|&&h| h == 0 || h > 253) {
+            return Err(format!("host {h} is not in 1..=253"));
+        }
         let id = std::process::id() % 0xfff;
-        let n = Netns { id, regions };
+        let n = Netns { id, hosts: hosts.to_vec() };
         // Leftovers of an earlier run with the same id.
         n.remove();
         let br = n.bridge();
         run(&["ip", "link", "add", &br, "type", "bridge"])?;
         run(&["ip", "addr", "add", &format!("{}/24", n.ip(0)), "dev", &br])?;
         run(&["ip", "link", "set", &br, "up"])?;
-        for r in 1..=regions {
+        for &r in hosts {
             let ns = n.ns(r);
             let veth = n.veth(r);
             let inner = format!("{veth}i");
@@ -100,25 +104,25 @@ impl Netns {
         Ok(n)
     }
 
-    /// The command prefix that runs a program inside `region`'s namespace.
-    pub fn exec_prefix(&self, region: u32) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.ns(region)]
+    /// The command prefix that runs a program inside `host`'s namespace.
+    pub fn exec_prefix(&self, host: u32) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.ns(host)]
     }
 
-    fn nft(&self, region: u32, rule: &str) -> Result<(), String> {
-        run(&["ip", "netns", "exec", &self.ns(region), "nft", rule])
+    fn nft(&self, host: u32, rule: &str) -> Result<(), String> {
+        run(&["ip", "netns", "exec", &self.ns(host), "nft", rule])
     }
 
-    /// `puller` stops hearing `origin` (a one-way partition, on `puller`'s input chain).
-    pub fn block(&self, puller: u32, origin: u32) -> Result<(), String> {
-        self.nft(puller, &format!("add rule inet quiver input ip saddr {} drop", self.ip(origin)))
+    /// `receiver` stops hearing `sender` (a one-way partition, on `receiver`'s input chain).
+    pub fn block(&self, receiver: u32, sender: u32) -> Result<(), String> {
+        self.nft(receiver, &format!("add rule inet quiver input ip saddr {} drop", self.ip(sender)))
     }
 
-    /// Every region loses `permille`/1000 of its peers' packets and sends at most
+    /// Every host loses `permille`/1000 of the other hosts' packets and sends at most
     /// `rate_kbit`.
     pub fn flaky(&self, permille: u32, rate_kbit: u32) -> Result<(), String> {
-        for r in 1..=self.regions {
-            let peers: Vec<String> = (1..=self.regions).filter(|&o| o != r).map(|o| self.ip(o).to_string()).collect();
+        for &r in &self.hosts {
+            let peers: Vec<String> = self.hosts.iter().filter(|&&o| o != r).map(|&o| self.ip(o).to_string()).collect();
             self.nft(
                 r,
                 &format!(
@@ -151,7 +155,7 @@ impl Netns {
 
     /// Removes every rule and cap.
     pub fn heal(&self) -> Result<(), String> {
-        for r in 1..=self.regions {
+        for &r in &self.hosts {
             self.nft(r, "flush chain inet quiver input")?;
             let _ = run(&["ip", "netns", "exec", &self.ns(r), "tc", "qdisc", "del", "dev", "eth0", "root"]);
         }
@@ -159,7 +163,7 @@ impl Netns {
     }
 
     fn remove(&self) {
-        for r in 1..=self.regions {
+        for &r in &self.hosts {
             let _ = run(&["ip", "netns", "del", &self.ns(r)]);
             let _ = run(&["ip", "link", "del", &self.veth(r)]);
         }

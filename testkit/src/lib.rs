@@ -6,6 +6,7 @@
 //! - [`time`]: `prost_types::Timestamp` <-> microseconds (checked), and the wall clock in
 //!   microseconds;
 //! - [`quiverd`]: finding the built `quiverd` and starting one, reading the address it prints;
+//! - [`etcd`]: a single-member etcd for the sharded-region tests and jepsen's sharded mode;
 //! - `pki` (feature `pki`): a throwaway CA and region certificates for TLS tests.
 //!
 //! It depends on neither `quiver-storage` nor `quiver-server` (so any crate may dev-depend on it
@@ -13,6 +14,7 @@
 //! any type.
 #![warn(missing_docs)]
 
+pub mod etcd;
 pub mod model;
 #[cfg(feature = "pki")]
 pub mod pki;

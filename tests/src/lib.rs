@@ -249,17 +249,7 @@ pub fn clicks_row(user: &str, event_us: i64, clicks: i64) -> pb::WriteRow {
     }
 }
 
-/// The body of `GET path` from a plain HTTP/1.1 server at `hostport` (status line and headers
-/// included), or the error that stopped it.
-pub fn http_get(hostport: &str, path: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(hostport)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
+pub use quiver_testkit::etcd::http_get;
 
 /// An int64 value.
 pub fn int(v: i64) -> pb::Value {
@@ -325,10 +315,10 @@ pub fn int64_baseline(group: &str, feature: &str, sample: Vec<f64>) -> pb::PutBa
     }
 }
 
-/// A single-member etcd on loopback ports, in its own temporary directory (the `etcd` binary on
-/// the PATH, or `QUIVER_TEST_ETCD`; `.ci/run` installs Debian's `etcd-server`).
+/// A single-member etcd on loopback, in its own temporary directory
+/// ([`quiver_testkit::etcd::Etcd`]; `.ci/run` installs Debian's `etcd-server`).
 pub struct Etcd {
-    child: Child,
+    inner: quiver_testkit::etcd::Etcd,
     /// Its client URL (`http://127.0.0.1:PORT`).
     pub url: String,
     _dir: tempfile::TempDir,
@@ -337,45 +327,19 @@ pub struct Etcd {
 impl Etcd {
     /// Starts it and waits until it answers on its client port; panics if there is no etcd.
     pub fn start() -> Etcd {
-        let bin = std::env::var("QUIVER_TEST_ETCD").unwrap_or_else(|_| "etcd".into());
         let dir = tempfile::tempdir().expect("temp dir");
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new(&bin)
-            .args(["--name", "e2e", "--data-dir"])
-            .arg(dir.path().join("etcd"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("e2e={peer_url}"), "--log-level", "error"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {bin} (install etcd-server, or set QUIVER_TEST_ETCD): {e}"));
-        let etcd = Etcd { child, url, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !etcd.healthy() {
-            assert!(Instant::now() < deadline, "etcd did not answer /health at {}", etcd.url);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        etcd
+        let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+        let inner = quiver_testkit::etcd::Etcd::start_on(localhost, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        Etcd { url: inner.url.clone(), inner, _dir: dir }
     }
 
     /// Whether `GET /health` answers `"health":"true"`.
     pub fn healthy(&self) -> bool {
-        http_get(self.url.trim_start_matches("http://"), "/health").is_ok_and(|r| r.contains("\"health\":\"true\""))
+        self.inner.healthy()
     }
 
     /// Kills it (SIGKILL) and waits.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn kill(self) {
+        self.inner.kill()
     }
 }
