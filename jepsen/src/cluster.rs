@@ -375,9 +375,12 @@ impl Cluster {
         self.nodes[i].stopped = false;
     }
 
-    /// Heals the network, resumes paused nodes and restarts dead ones.
+    /// Heals the network, resumes etcd and paused nodes, and restarts dead ones.
     pub fn heal(&mut self) -> Result<(), String> {
         self.heal_network()?;
+        if let Some(etcd) = &self.etcd {
+            etcd.signal("CONT")?;
+        }
         for i in 0..self.nodes.len() {
             if self.nodes[i].stopped {
                 self.resume(i);

@@ -114,6 +114,10 @@ pub struct Fault {
     pub start_us: u64,
     /// When it was healed.
     pub end_us: u64,
+    /// Operations acknowledged while it held (invoked and completed inside it): what stayed
+    /// available under it.
+    #[serde(default)]
+    pub acknowledged: u64,
 }
 
 /// The shared, append-only history.
@@ -146,7 +150,7 @@ impl History {
     /// Records a fault.
     pub fn fault(&self, name: String, start_us: u64) {
         let end_us = self.now_us();
-        self.faults.lock().unwrap_or_else(|p| p.into_inner()).push(Fault { name, start_us, end_us });
+        self.faults.lock().unwrap_or_else(|p| p.into_inner()).push(Fault { name, start_us, end_us, acknowledged: 0 });
     }
 
     /// Every operation so far.
@@ -156,7 +160,16 @@ impl History {
 
     /// Every fault so far.
     pub fn faults(&self) -> Vec<Fault> {
-        self.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let ops = self.ops();
+        for f in &mut faults {
+            f.acknowledged = ops
+                .iter()
+                .filter(|o| matches!(o.outcome, Outcome::Ok { .. }))
+                .filter(|o| o.invoked_us >= f.start_us && o.completed_us <= f.end_us)
+                .count() as u64;
+        }
+        faults
     }
 }
 

@@ -373,12 +373,16 @@ enum Fault {
     /// As `Move`, with the move's source or target killed mid-move and restarted, then the
     /// move resumed.
     MoveKill,
+    /// etcd frozen (SIGSTOP) for longer than a node's lease: the nodes serve from their last
+    /// known map; then SIGCONT.
+    EtcdPause,
 }
 
 const SCHEDULE: [Fault; 6] = [Fault::Partition, Fault::Lagging, Fault::Kill, Fault::OneWay, Fault::Pause, Fault::Flaky];
 
-/// The sharded mode's schedule: every fault of [`SCHEDULE`] and slot moves between them.
-const SHARDED_SCHEDULE: [Fault; 9] = [
+/// The sharded mode's schedule: every fault of [`SCHEDULE`], slot moves between them, and
+/// etcd frozen.
+const SHARDED_SCHEDULE: [Fault; 11] = [
     Fault::Move,
     Fault::Partition,
     Fault::MoveKill,
@@ -388,7 +392,13 @@ const SHARDED_SCHEDULE: [Fault; 9] = [
     Fault::OneWay,
     Fault::MoveKill,
     Fault::Pause,
+    Fault::Flaky,
+    Fault::EtcdPause,
 ];
+
+/// How many holds etcd stays frozen: past a node's lease (`NODE_LEASE_TTL`, 10 s, with holds
+/// of 3 s).
+pub const ETCD_PAUSE_HOLDS: u32 = 4;
 
 /// Slots moved at once: up to this many around one workload cell's slot (within its run).
 pub const MOVE_SPAN: u32 = 256;
@@ -597,6 +607,13 @@ async fn inject(t: &mut Target<'_>, fault: Fault, x: u32) -> Result<String, Stri
                 tokio::time::sleep(rest).await;
             }
             Ok(format!("lagging peer: {x} cut off while the others write and flush past their retained log"))
+        }
+        Fault::EtcdPause => {
+            let etcd = t.cluster.etcd.as_ref().ok_or("etcd paused in a run without etcd")?;
+            etcd.signal("STOP")?;
+            tokio::time::sleep(hold * ETCD_PAUSE_HOLDS).await;
+            etcd.signal("CONT")?;
+            Ok(format!("etcd frozen (SIGSTOP) for {} s, SIGCONT", (hold * ETCD_PAUSE_HOLDS).as_secs()))
         }
         Fault::Move => t.slot_move(x, false).await,
         Fault::MoveKill => t.slot_move(x, true).await,
