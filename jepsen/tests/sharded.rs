@@ -1,14 +1,22 @@
-//! The sharded run (about a minute and a half): two regions of two `quiverd` nodes each, every
+//! The sharded run (about 85 s): two regions of two `quiverd` nodes each, every
 //! region's slots in one etcd, in network namespaces. Its nemesis moves slots holding workload
 //! cells under the workload, kills a move's source or target mid-move (the move is resumed
 //! after the restart), and partitions, kills, pauses and lags nodes and regions. The checker
 //! must find nothing: every acknowledged write present once, at its region and in the
 //! converged state every node of both regions answers.
 //!
-//! It needs root (network namespaces, nftables, tc) and etcd, which `.ci/run` installs.
+//! It needs root (network namespaces, nftables, tc) and etcd, which `.ci/run` installs and
+//! requires (`QUIVER_JEPSEN_SHARDED=require`). Elsewhere (a developer's machine without root)
+//! it says why and does not run.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_regions_of_two_shards_survive_slot_moves_and_faults() {
+    if !quiver_jepsen::netns::available() {
+        let required = std::env::var("QUIVER_JEPSEN_SHARDED").is_ok_and(|v| v == "require");
+        assert!(!required, "QUIVER_JEPSEN_SHARDED=require, but network namespaces are not available here");
+        eprintln!("the sharded jepsen run needs root with ip, nft and tc (network namespaces): not run");
+        return;
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let out = std::env::var_os("QUIVER_JEPSEN_OUT").map_or_else(|| dir.path().to_path_buf(), Into::into);
     let cfg = quiver_jepsen::Config::sharded(out.clone());
@@ -25,6 +33,7 @@ async fn two_regions_of_two_shards_survive_slot_moves_and_faults() {
     let moved = ["switched", "resumed"].iter().map(|k| s.moves.get(*k).copied().unwrap_or(0)).sum::<u64>();
     assert_eq!(moved, 4, "every move switched: {:?}", s.moves);
     assert_eq!(s.moves.get("aborted"), None, "{:?}", s.moves);
+    // Counted only when the map still held the move after the kill.
     let kills = ["killed source", "killed target"].iter().map(|k| s.moves.get(*k).copied().unwrap_or(0)).sum::<u64>();
     assert!(kills >= 1, "a kill landed mid-move: {:?}", s.moves);
     assert!(s.ops.get("write ok").copied().unwrap_or(0) > 100, "writes were acknowledged: {:?}", s.ops);

@@ -533,6 +533,8 @@ pub struct Cluster {
     client: Mutex<Option<Client>>,
     /// The lease of this node's registration (revoked before registering again, and at stop).
     lease: Mutex<Option<i64>>,
+    /// Whether this process has registered yet (a takeover is only for its first time).
+    registered_once: std::sync::atomic::AtomicBool,
     /// Held shared by every write from its ownership check to its commit, and exclusively by a
     /// move's fence (§5): once the fence holds it, every write checked under an older map has
     /// committed.
@@ -560,6 +562,7 @@ impl Cluster {
             state: Mutex::new(EtcdState::default()),
             client: Mutex::new(None),
             lease: Mutex::new(None),
+            registered_once: std::sync::atomic::AtomicBool::new(false),
             fence: RwLock::new(()),
         }))
     }
@@ -938,20 +941,37 @@ impl Cluster {
         }
     }
 
-    /// Whether the registration at `key` was this data directory's dead process's (its
-    /// instance id is this node's), and its lease is revoked now so that this process may
-    /// register at once.
-    async fn took_over(&self, client: &mut Client, key: &str) -> Result<bool, etcd_client::Error> {
-        if self.cfg.instance.is_empty() {
+    /// Takes over the registration at `key` if it is this data directory's dead process's
+    /// (its instance id is this node's): in one transaction, if the key is still that
+    /// registration, it becomes `me` with `lease`; the dead lease is then revoked. Only before
+    /// this process has first registered: a process whose registration was taken later (a
+    /// copied data directory running beside its original) waits instead of taking it back.
+    async fn take_over(
+        &self,
+        client: &mut Client,
+        key: &str,
+        me: &[u8],
+        lease: i64,
+    ) -> Result<bool, etcd_client::Error> {
+        if self.cfg.instance.is_empty() || self.registered_once.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(false);
         }
         let got = client.get(key, None).await?;
         let Some(kv) = got.kvs().first() else { return Ok(false) };
         let theirs: Option<StoredNode> = serde_json::from_slice(kv.value()).ok();
-        if theirs.is_none_or(|t| t.instance != self.cfg.instance) || kv.lease() == 0 {
+        if theirs.is_none_or(|t| t.instance != self.cfg.instance) {
             return Ok(false);
         }
-        client.lease_revoke(kv.lease()).await?;
+        let take = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision())])
+            .and_then([TxnOp::put(key, me, Some(PutOptions::new().with_lease(lease)))]);
+        if !client.txn(take).await?.succeeded() {
+            return Ok(false);
+        }
+        if kv.lease() != 0 {
+            // Best effort: it would expire anyway, and it held nothing else.
+            let _ = client.lease_revoke(kv.lease()).await;
+        }
         tracing::info!(node = %self.cfg.node, "took over the registration of this data directory's previous process");
         Ok(true)
     }
@@ -991,10 +1011,10 @@ impl Cluster {
         // both serve its slots.
         let register = Txn::new()
             .when([Compare::create_revision(my_key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(my_key.clone(), me, Some(PutOptions::new().with_lease(lease)))]);
-        let mut registered = client.txn(register.clone()).await.map_err(e("registering"))?.succeeded();
-        if !registered && self.took_over(&mut client, &my_key).await.map_err(e("reading the registration"))? {
-            registered = client.txn(register).await.map_err(e("registering"))?.succeeded();
+            .and_then([TxnOp::put(my_key.clone(), me.clone(), Some(PutOptions::new().with_lease(lease)))]);
+        let mut registered = client.txn(register).await.map_err(e("registering"))?.succeeded();
+        if !registered {
+            registered = self.take_over(&mut client, &my_key, &me, lease).await.map_err(e("taking over"))?;
         }
         if !registered {
             let _ = client.lease_revoke(lease).await;
@@ -1008,6 +1028,7 @@ impl Cluster {
                 NODE_LEASE_TTL.as_secs()
             ));
         }
+        self.registered_once.store(true, std::sync::atomic::Ordering::Release);
         let (mut keeper, mut acks) = client.lease_keep_alive(lease).await.map_err(e("keeping the lease"))?;
         let prefix = self.prefix();
         let got = client.get(prefix.clone(), Some(GetOptions::new().with_prefix())).await.map_err(e("reading"))?;

@@ -15,8 +15,9 @@
 //! the source (which wrote its version first, and resolved the peer's against it). So a moved
 //! version concurrent with its cell's winner here is resolved as a replicated one is
 //! (`REPLICATION.md` §4): the greater `(system time, region)` wins and takes the merged
-//! vector, the other is kept as it is. The target then ends as the source did, in either
-//! order.
+//! vector, the other is kept as it is. The target then ends with the source's winner and
+//! vector, in either order. (A superseded version that was the target's winner for a while,
+//! before a newer moved one, may keep a merged vector the source's never had.)
 //!
 //! Moved versions are logged as a replicated record whose origin is the node's own region and
 //! whose origin sequence number is [`MOVED_ORIGIN_SEQNO`]: at replay the stamps come back per
@@ -32,7 +33,7 @@ use crate::batch::{self, ResolvedOp};
 use crate::cell;
 use crate::key;
 use crate::replication::origin_or_guess;
-use crate::types::{check_entity_key, AsOf, Causality, CellVersion, Durability, SystemTime};
+use crate::types::{check_entity_key, AsOf, Causality, CellVersion, Durability, SystemTime, VersionVector};
 use crate::{Error, Result};
 
 /// The origin sequence number of a logged batch of moved versions (no peer's log has 0).
@@ -211,6 +212,12 @@ impl Inner {
             (Vec<u8>, crate::types::FeatureId, crate::types::EventTime),
             CellVersion,
         > = std::collections::HashMap::new();
+        // Every version this node holds has a vector at or below `bound` (what it applied,
+        // moved versions included, and its own latest stamp; then what this call plans): a
+        // moved version above it dominates its cell, which need not be read (as in
+        // `replicate.rs`).
+        let own = VersionVector::single(self.opts.region, self.own_stamp_max.load(Ordering::Acquire));
+        let mut bound = self.knowledge.lock().merge(&own);
         for v in candidates {
             if crate::reserved::below_horizon(&v.entity, v.event_time, *horizon) {
                 continue;
@@ -225,12 +232,19 @@ impl Inner {
             let mut cell_bytes = v.cell.clone();
             if !crate::reserved::is_reserved(&v.entity) {
                 let id = (v.entity.clone(), v.feature, v.event_time);
-                let current = match winners.get(&id) {
-                    Some(c) => Some(c.clone()),
-                    None => self.cell_in_view(&view, &v.entity, v.feature, v.event_time)?,
-                };
                 let (value, vector) = cell::decode(&v.cell)
                     .map_err(|w| Error::InvalidArgument(format!("a moved cell does not decode: {w}")))?;
+                let current = match winners.get(&id) {
+                    Some(c) => Some(c.clone()),
+                    None if bound.compare(&vector) == Causality::Before => None,
+                    None => self.cell_in_view(&view, &v.entity, v.feature, v.event_time)?,
+                };
+                // Its key is the winner's now (this version, merged, from a call that ran
+                // meanwhile; or another region's at the same stamp): it stays.
+                if current.as_ref().is_some_and(|c| c.system_time == v.system_time) {
+                    continue;
+                }
+                bound = bound.merge(&vector);
                 let mine =
                     CellVersion { event_time: v.event_time, system_time: v.system_time, value, version_vector: vector };
                 match resolve_moved(current, mine) {
