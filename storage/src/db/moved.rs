@@ -155,6 +155,9 @@ impl Inner {
             return Err(Error::InvalidArgument(format!("at most {SHIPPED_VERSIONS_MAX} moved versions at once")));
         }
         let mut would_know = self.knowledge.lock().clone();
+        let region = self.opts.region;
+        // Whether any moved vector names another region than this one.
+        let mut others = false;
         for v in versions {
             check_entity_key(&v.entity)?;
             if crate::reserved::is_reserved(&v.entity) && !v.entity.starts_with(crate::reserved::IDEMPOTENCY) {
@@ -169,6 +172,7 @@ impl Inner {
             }
             let (_, vector) = cell::decode(&v.cell)
                 .map_err(|w| Error::InvalidArgument(format!("a moved cell does not decode: {w}")))?;
+            others |= vector.entries().iter().any(|&(r, _)| r != region);
             would_know = would_know.merge(&vector);
         }
         if would_know.len() > crate::limits::VERSION_VECTOR_ENTRIES_MAX {
@@ -216,8 +220,12 @@ impl Inner {
         // moved versions included, and its own latest stamp; then what this call plans): a
         // moved version above it dominates its cell, which need not be read (as in
         // `replicate.rs`).
-        let own = VersionVector::single(self.opts.region, self.own_stamp_max.load(Ordering::Acquire));
+        let own = VersionVector::single(region, self.own_stamp_max.load(Ordering::Acquire));
         let mut bound = self.knowledge.lock().merge(&own);
+        // Nothing held and nothing moved names another region (a region that does not
+        // replicate): every vector is comparable with every other, nothing is concurrent, and
+        // no cell need be read. (The knowledge cannot change while the writer lock is held.)
+        let alone = !others && bound.entries().iter().all(|&(r, _)| r == region);
         for v in candidates {
             if crate::reserved::below_horizon(&v.entity, v.event_time, *horizon) {
                 continue;
@@ -230,10 +238,10 @@ impl Inner {
                 continue;
             }
             let mut cell_bytes = v.cell.clone();
-            if !crate::reserved::is_reserved(&v.entity) {
-                let id = (v.entity.clone(), v.feature, v.event_time);
+            if !crate::reserved::is_reserved(&v.entity) && !alone {
                 let (value, vector) = cell::decode(&v.cell)
                     .map_err(|w| Error::InvalidArgument(format!("a moved cell does not decode: {w}")))?;
+                let id = (v.entity.clone(), v.feature, v.event_time);
                 let current = match winners.get(&id) {
                     Some(c) => Some(c.clone()),
                     None if bound.compare(&vector) == Causality::Before => None,
@@ -245,12 +253,15 @@ impl Inner {
                     continue;
                 }
                 bound = bound.merge(&vector);
+                let merged_from = vector.clone();
                 let mine =
                     CellVersion { event_time: v.event_time, system_time: v.system_time, value, version_vector: vector };
                 match resolve_moved(current, mine) {
                     Moved::Winner(w) => {
-                        cell_bytes.clear();
-                        cell::encode(w.value.as_ref(), &w.version_vector, &mut cell_bytes);
+                        if w.version_vector != merged_from {
+                            cell_bytes.clear();
+                            cell::encode(w.value.as_ref(), &w.version_vector, &mut cell_bytes);
+                        }
                         winners.insert(id, w);
                     }
                     Moved::History => {}
