@@ -318,16 +318,18 @@ impl Node {
         self.cluster.init_slots(pb::InitSlotsRequest {}).await.map(|_| ())
     }
 
-    /// Moves slots `first..=last` to this node (or resumes that move): its progress stream.
-    /// The call has no deadline of its own: the caller bounds it.
+    /// Moves slots `first..=last` to this node (or resumes that move): its progress stream,
+    /// ending by `deadline` at the latest ([`MOVE_TIMEOUT`] from now at most).
     pub async fn move_slots(
         &mut self,
         first: u32,
         last: u32,
         to: &str,
+        deadline: std::time::Instant,
     ) -> Result<tonic::Streaming<pb::MoveProgress>, tonic::Status> {
         let mut req = tonic::Request::new(pb::MoveSlotsRequest { first, last, to: to.into() });
-        req.set_timeout(MOVE_TIMEOUT);
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        req.set_timeout(left.clamp(Duration::from_millis(100), MOVE_TIMEOUT));
         self.cluster.move_slots(req).await.map(|r| r.into_inner())
     }
 

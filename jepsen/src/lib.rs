@@ -477,7 +477,7 @@ impl Target<'_> {
         let mut last_error = String::new();
         while Instant::now() < deadline {
             calls += 1;
-            match target.move_slots(first, last, to).await {
+            match target.move_slots(first, last, to, deadline).await {
                 Ok(mut stream) => loop {
                     match stream.message().await {
                         Ok(Some(p)) if p.phase == "done" => {
@@ -521,7 +521,7 @@ impl Target<'_> {
         let side = if victim == from { "source" } else { "target" };
         let (_, mut target) = self.client(&to)?;
         let mut landed = None;
-        if let Ok(mut stream) = target.move_slots(first, last, &to).await {
+        if let Ok(mut stream) = target.move_slots(first, last, &to, Instant::now() + MOVE_RESUME_TIMEOUT).await {
             while let Ok(Some(p)) = stream.message().await {
                 if p.phase == "done" {
                     break;
