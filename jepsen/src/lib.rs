@@ -402,6 +402,9 @@ pub const ETCD_PAUSE_HOLDS: u32 = 4;
 
 /// Slots moved at once: up to this many around one workload cell's slot (within its run).
 pub const MOVE_SPAN: u32 = 256;
+/// How long the nemesis asks a region for its map and nodes before it gives up planning a
+/// move.
+pub const MOVE_PLAN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the nemesis keeps resuming a move (a call every 500 ms) before aborting it.
 pub const MOVE_RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 /// The phases of a move in order, as `MoveProgress.phase` names them; a kill lands at the
@@ -510,7 +513,15 @@ impl Target<'_> {
     /// A move of slots in region `x`; with `kill`, its source or target is killed at a random
     /// phase, restarted after the hold, and the move resumed.
     async fn slot_move(&mut self, x: u32, kill: bool) -> Result<String, String> {
-        let (first, last, from, to) = self.plan_move(x).await?;
+        // A node restarted by the last heal may not know the map yet: ask again for a while.
+        let deadline = Instant::now() + MOVE_PLAN_TIMEOUT;
+        let (first, last, from, to) = loop {
+            match self.plan_move(x).await {
+                Ok(planned) => break planned,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        };
         let what = format!("move slots {first}..={last} {from} -> {to}");
         if !kill {
             let how = self.finish_move(first, last, &to, false).await?;
