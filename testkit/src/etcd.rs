@@ -26,8 +26,7 @@ impl Etcd {
     /// it answers `/health`.
     pub fn start_on(host: IpAddr, dir: &Path) -> Result<Etcd, String> {
         let bin = std::env::var("QUIVER_TEST_ETCD").unwrap_or_else(|_| "etcd".into());
-        let port = |_| crate::quiverd::free_port();
-        let (client, peer) = (port(0)?, port(1)?);
+        let (client, peer) = (crate::quiverd::free_port()?, crate::quiverd::free_port()?);
         let url = format!("http://{}", SocketAddr::new(host, client));
         let peer_url = format!("http://{}", SocketAddr::new(host, peer));
         let child = Command::new(&bin)

@@ -158,6 +158,8 @@ impl Inner {
         let region = self.opts.region;
         // Whether any moved vector names another region than this one.
         let mut others = false;
+        // Each version's value and vector, decoded once (resolution below takes them).
+        let mut decoded = Vec::with_capacity(versions.len());
         for v in versions {
             check_entity_key(&v.entity)?;
             if crate::reserved::is_reserved(&v.entity) && !v.entity.starts_with(crate::reserved::IDEMPOTENCY) {
@@ -170,10 +172,11 @@ impl Inner {
                     v.system_time.0
                 )));
             }
-            let (_, vector) = cell::decode(&v.cell)
+            let (value, vector) = cell::decode(&v.cell)
                 .map_err(|w| Error::InvalidArgument(format!("a moved cell does not decode: {w}")))?;
             others |= vector.entries().iter().any(|&(r, _)| r != region);
             would_know = would_know.merge(&vector);
+            decoded.push((value, vector));
         }
         if would_know.len() > crate::limits::VERSION_VECTOR_ENTRIES_MAX {
             return Err(Error::InvalidArgument(format!(
@@ -202,7 +205,7 @@ impl Inner {
                     continue;
                 }
             }
-            candidates.push(v);
+            candidates.push(i);
         }
         drop(before);
         let horizon = self.horizon.read();
@@ -226,7 +229,8 @@ impl Inner {
         // replicate): every vector is comparable with every other, nothing is concurrent, and
         // no cell need be read. (The knowledge cannot change while the writer lock is held.)
         let alone = !others && bound.entries().iter().all(|&(r, _)| r == region);
-        for v in candidates {
+        for i in candidates {
+            let v = &versions[i];
             if crate::reserved::below_horizon(&v.entity, v.event_time, *horizon) {
                 continue;
             }
@@ -239,8 +243,7 @@ impl Inner {
             }
             let mut cell_bytes = v.cell.clone();
             if !crate::reserved::is_reserved(&v.entity) && !alone {
-                let (value, vector) = cell::decode(&v.cell)
-                    .map_err(|w| Error::InvalidArgument(format!("a moved cell does not decode: {w}")))?;
+                let (value, vector) = std::mem::take(&mut decoded[i]);
                 let id = (v.entity.clone(), v.feature, v.event_time);
                 let current = match winners.get(&id) {
                     Some(c) => Some(c.clone()),
