@@ -113,6 +113,8 @@ class Daemon:
     data_dir: Path
     # The web UI's base URL ("http://127.0.0.1:PORT"), when quiverd serves it.
     ui: str | None = None
+    # The Prometheus endpoint ("http://127.0.0.1:PORT/metrics"), when quiverd serves it.
+    metrics: str | None = None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -124,7 +126,13 @@ class Daemon:
                 self.process.wait()
 
 
-def start_quiverd(data_dir: Path, *extra: str, listen: str = "127.0.0.1:0", env: dict[str, str] | None = None) -> Daemon:
+def start_quiverd(
+    data_dir: Path,
+    *extra: str,
+    listen: str = "127.0.0.1:0",
+    env: dict[str, str] | None = None,
+    metrics_listen: str = "off",
+) -> Daemon:
     proc = subprocess.Popen(
         [
             str(binary("QUIVERD", "quiverd")),
@@ -133,7 +141,7 @@ def start_quiverd(data_dir: Path, *extra: str, listen: str = "127.0.0.1:0", env:
             "--listen",
             listen,
             "--metrics-listen",
-            "off",
+            metrics_listen,
             *extra,
         ],
         stdout=subprocess.PIPE,
@@ -150,7 +158,27 @@ def start_quiverd(data_dir: Path, *extra: str, listen: str = "127.0.0.1:0", env:
     address = line[len(LISTENING) :].split(",")[0].strip()
     # "..., ui http://HOST:PORT/" or "..., ui off"
     ui = line.rsplit(", ui ", 1)[1].strip().rstrip("/") if ", ui http://" in line else None
-    return Daemon(proc, address, data_dir, ui)
+    # "..., metrics http://HOST:PORT/metrics, ui ..." or "..., metrics off, ..."
+    metrics = line.split(", metrics ", 1)[1].split(",", 1)[0].strip() if ", metrics http://" in line else None
+    return Daemon(proc, address, data_dir, ui, metrics)
+
+
+def metric(daemon: Daemon, name: str) -> float:
+    """One unlabelled sample of the daemon's Prometheus endpoint."""
+    assert daemon.metrics is not None, "quiverd was started without metrics"
+    text = urllib.request.urlopen(daemon.metrics, timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not among {daemon.metrics}'s samples")
+
+
+def wait_for_requests_in_flight(daemon: Daemon, n: int, timeout: float = 30.0) -> None:
+    """Until the daemon counts `n` data requests in flight (quiver_requests_in_flight)."""
+    deadline = time.monotonic() + timeout
+    while metric(daemon, "quiver_requests_in_flight") != n:
+        assert time.monotonic() < deadline, f"quiverd did not reach {n} data requests in flight in {timeout} s"
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import start_quiverd, wait_for_requests_in_flight
 
 import quiver
 from quiver import _core
+from quiver.v1 import feature_service_pb2_grpc as fs_grpc
 
 BASE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 TTL = timedelta(hours=2)  # user_stats' ttl in conftest.REGISTRY
@@ -196,20 +200,47 @@ def test_small_joins_run_side_by_side(client: quiver.Client, uid: str, monkeypat
     assert tables[0].column("spend").to_pylist() == expected_spend(events, s)
 
 
-def test_concurrent_joins_shed_by_the_server_are_retried(
-    client: quiver.Client, uid: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("use_flight", [True, False], ids=["flight", "grpc"])
+def test_a_join_shed_for_load_is_sent_again_after_the_advice(
+    tmp_path: Path, registry_file: Path, monkeypatch: pytest.MonkeyPatch, use_flight: bool
 ) -> None:
-    """Joins whose spines and answers together exceed the requests' memory (64 MiB at quiverd's
-    default budget) are shed with retry advice, and the SDK sends them again."""
-    events = write_events(client, uid, seed=11)
-    s = spine(uid, seed=11, n=300_000)
-    want = expected_spend(events, s)
-    # Whether the joins overlap at the server depends on scheduling (on a loaded machine the
-    # client may send them one after another): up to three rounds, every answer checked in each.
-    for _ in range(3):
-        tables, waits = run_concurrently(client, s, 4, monkeypatch)
-        assert all(t.equals(tables[0]) for t in tables)
-        assert tables[0].column("spend").to_pylist() == want
-        if waits:
-            break
-    assert waits, "no join was shed in three rounds: the test did not run joins at once"
+    """A join the server sheds for load (RESOURCE_EXHAUSTED with retry advice) is sent again by
+    the SDK after the advice, and answers as if it had never been shed. Deterministic: a server
+    that runs one data request at a time has its slot held by an open write stream (a stream
+    counts until it ends) while the join is sent, and the stream ends at the SDK's first wait."""
+    daemon = start_quiverd(tmp_path / "data", "--max-concurrent-requests", "1", metrics_listen="127.0.0.1:0")
+    try:
+        with quiver.Client(daemon.address, use_flight=use_flight) as q:
+            q.apply(registry_file)
+            events = write_events(q, "u", seed=11)
+            s = spine("u", seed=11, n=20_000)
+            release = threading.Event()
+
+            def idle_stream() -> Iterator[object]:
+                release.wait(60)
+                return
+                yield
+
+            with grpc.insecure_channel(daemon.address) as channel:
+                held = fs_grpc.FeatureServiceStub(channel).WriteFeaturesStream.future(idle_stream())
+                try:
+                    wait_for_requests_in_flight(daemon, 1)
+                    waits: list[float] = []
+                    delay = _core.ShedRetry.delay
+
+                    def counted(self: _core.ShedRetry, e: Exception) -> float | None:
+                        d = delay(self, e)
+                        if d is not None:
+                            waits.append(d)
+                            release.set()
+                        return d
+
+                    monkeypatch.setattr(_core.ShedRetry, "delay", counted)
+                    out = q.get_historical_features(s, ["user_stats:spend"]).to_arrow()
+                finally:
+                    release.set()
+                assert held.result(timeout=30).requests == 0
+            assert waits, "the join was not shed while the server's one request slot was held"
+            assert out.column("spend").to_pylist() == expected_spend(events, s)
+    finally:
+        daemon.stop()
