@@ -177,6 +177,16 @@ struct StoredNode {
     instance: String,
 }
 
+/// A node removed from the region (JSON in etcd, under `removed/`; written once, never
+/// deleted): its id never registers again (§7, "Removing a node").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredRemoved {
+    node: String,
+    region: u32,
+    /// The last batch of its stream, which every peer node had pulled when it was removed.
+    head: u64,
+}
+
 /// The slot map at one etcd revision: runs that cover every slot exactly once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotMap {
@@ -445,6 +455,25 @@ pub struct PlannedMove {
 /// donor's slots from the end of its runs. Refused if the map gives slots to a node not in
 /// `nodes` (it must be live to give them away) or a move is under way.
 pub fn plan_rebalance(map: &SlotMap, nodes: &[String]) -> Result<Vec<PlannedMove>, String> {
+    plan(map, nodes, None)
+}
+
+/// The moves that give every slot of `leaving` to the other nodes of `nodes` (live, with
+/// `leaving` among them or not), evening the slots out over them as [`plan_rebalance`] does:
+/// what `quiver cluster remove` runs before it removes a node (§7, "Removing a node").
+pub fn plan_removal(map: &SlotMap, nodes: &[String], leaving: &str) -> Result<Vec<PlannedMove>, String> {
+    let mut nodes = nodes.to_vec();
+    if !nodes.iter().any(|n| n == leaving) {
+        nodes.push(leaving.to_string());
+    }
+    if nodes.len() < 2 {
+        return Err(format!("{leaving} is the only node registered: there is no node to give its slots to"));
+    }
+    plan(map, &nodes, Some(leaving))
+}
+
+/// A rebalancing plan over `nodes`, where `leaving` (one of them) ends with no slot.
+fn plan(map: &SlotMap, nodes: &[String], leaving: Option<&str>) -> Result<Vec<PlannedMove>, String> {
     if !map.is_set() {
         return Err("the slot map is not initialised (quiver cluster init)".into());
     }
@@ -464,12 +493,15 @@ pub fn plan_rebalance(map: &SlotMap, nodes: &[String]) -> Result<Vec<PlannedMove
             None => return Err(format!("node {} owns slots but is not registered now: bring it back first", r.owner)),
         }
     }
-    let n = nodes.len();
+    let n = nodes.len() - usize::from(leaving.is_some());
     let (base, extra) = (usize::from(SLOTS) / n, usize::from(SLOTS) % n);
-    let mut order: Vec<&str> = owned.keys().copied().collect();
+    let mut order: Vec<&str> = owned.keys().copied().filter(|id| Some(*id) != leaving).collect();
     order.sort_by_key(|id| (std::cmp::Reverse(owned[id]), *id));
-    let target: BTreeMap<&str, usize> =
+    let mut target: BTreeMap<&str, usize> =
         order.iter().enumerate().map(|(i, id)| (*id, base + usize::from(i < extra))).collect();
+    if let Some(l) = leaving {
+        target.insert(l, 0);
+    }
     let mut deficit: Vec<(&str, usize)> =
         order.iter().rev().filter(|id| owned[*id] < target[*id]).map(|id| (*id, target[id] - owned[id])).collect();
     deficit.sort_by_key(|(id, _)| *id);
@@ -529,6 +561,8 @@ pub struct Cluster {
     cfg: ShardConfig,
     map: RwLock<Arc<SlotMap>>,
     nodes: RwLock<BTreeMap<String, StoredNode>>,
+    /// Nodes removed from the region, by id.
+    removed: RwLock<BTreeMap<String, StoredRemoved>>,
     state: Mutex<EtcdState>,
     client: Mutex<Option<Client>>,
     /// The lease of this node's registration (revoked before registering again, and at stop).
@@ -559,6 +593,7 @@ impl Cluster {
             cfg,
             map: RwLock::new(Arc::new(SlotMap::empty())),
             nodes: RwLock::new(BTreeMap::new()),
+            removed: RwLock::new(BTreeMap::new()),
             state: Mutex::new(EtcdState::default()),
             client: Mutex::new(None),
             lease: Mutex::new(None),
@@ -582,6 +617,20 @@ impl Cluster {
 
     fn nodes_prefix(&self) -> String {
         format!("{}nodes/", self.prefix())
+    }
+
+    fn removed_key(&self, node: &str) -> String {
+        format!("{}removed/{node}", self.prefix())
+    }
+
+    /// The ids of the nodes removed from the region (as last seen from etcd), sorted.
+    pub fn removed(&self) -> Vec<String> {
+        self.removed.read().keys().cloned().collect()
+    }
+
+    /// Whether `node` was removed from the region (as last seen from etcd).
+    pub fn is_removed(&self, node: &str) -> bool {
+        self.removed.read().contains_key(node)
     }
 
     /// The map as this node knows it.
@@ -717,6 +766,7 @@ impl Cluster {
             etcd_connected: state.connected,
             etcd_error: state.error,
             progress: Vec::new(),
+            removed: self.removed(),
         }
     }
 
@@ -820,6 +870,9 @@ impl Cluster {
         last: Slot,
         to: &str,
     ) -> Result<(Arc<SlotMap>, Option<Move>), tonic::Status> {
+        if self.is_removed(to) {
+            return Err(tonic::Status::failed_precondition(format!("node {to:?} was removed from the region")));
+        }
         let to = to.to_string();
         let map = self
             .change_map(|map| {
@@ -900,6 +953,33 @@ impl Cluster {
         .await
     }
 
+    /// Removes this node from the region (§7, "Removing a node"), in one transaction: if the
+    /// map is still the one of `map_revision` (read when this node was found to own nothing),
+    /// records the removal with the stream's drained `head` and deletes the registration.
+    /// `ABORTED` if the map changed (or the node was removed already).
+    pub async fn remove_self(&self, map_revision: i64, head: u64) -> Result<(), tonic::Status> {
+        let mut client = self.connected_client()?;
+        let record = StoredRemoved { node: self.cfg.node.clone(), region: self.cfg.region, head };
+        let value = serde_json::to_vec(&record).map_err(|e| tonic::Status::internal(format!("encoding: {e}")))?;
+        let removed_key = self.removed_key(&self.cfg.node);
+        let my_key = format!("{}{}", self.nodes_prefix(), self.cfg.node);
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(self.map_key(), CompareOp::Equal, map_revision),
+                Compare::create_revision(removed_key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(removed_key, value, None), TxnOp::delete(my_key, None)]);
+        let done = client.txn(txn).await.map_err(|e| tonic::Status::unavailable(format!("etcd: {e}")))?;
+        if !done.succeeded() {
+            return Err(tonic::Status::aborted(
+                "the slot map changed while the node drained (or it was removed already): call again",
+            ));
+        }
+        self.removed.write().insert(record.node.clone(), record);
+        tracing::warn!(node = %self.cfg.node, head, "removed from the region: stop this process");
+        Ok(())
+    }
+
     /// Keeps the node registered and its map current, reconnecting with backoff after every
     /// failure, until `stop` turns true.
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -963,7 +1043,10 @@ impl Cluster {
             return Ok(false);
         }
         let take = Txn::new()
-            .when([Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision())])
+            .when([
+                Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision()),
+                Compare::create_revision(self.removed_key(&self.cfg.node), CompareOp::Equal, 0),
+            ])
             .and_then([TxnOp::put(key, me, Some(PutOptions::new().with_lease(lease)))]);
         if !client.txn(take).await?.succeeded() {
             return Ok(false);
@@ -1007,18 +1090,31 @@ impl Cluster {
         };
         let me = serde_json::to_vec(&me).map_err(|err| format!("encoding the registration: {err}"))?;
         let my_key = format!("{}{}", self.nodes_prefix(), self.cfg.node);
-        // Registered only if no live process holds the id: two processes with one id would
-        // both serve its slots.
+        let removed_key = self.removed_key(&self.cfg.node);
+        // Registered only if no live process holds the id (two processes with one id would
+        // both serve its slots), and the id was never removed (peers no longer pull from it).
         let register = Txn::new()
-            .when([Compare::create_revision(my_key.clone(), CompareOp::Equal, 0)])
+            .when([
+                Compare::create_revision(my_key.clone(), CompareOp::Equal, 0),
+                Compare::create_revision(removed_key.clone(), CompareOp::Equal, 0),
+            ])
             .and_then([TxnOp::put(my_key.clone(), me.clone(), Some(PutOptions::new().with_lease(lease)))]);
         let mut registered = client.txn(register).await.map_err(e("registering"))?.succeeded();
         if !registered {
             registered = self.take_over(&mut client, &my_key, &me, lease).await.map_err(e("taking over"))?;
         }
+        let removed = !registered && !client.get(removed_key, None).await.map_err(e("reading"))?.kvs().is_empty();
         if !registered {
             let _ = client.lease_revoke(lease).await;
             *self.lease.lock() = None;
+            if removed {
+                *self.map.write() = Arc::new(SlotMap::empty());
+                return Err(format!(
+                    "node id {:?} was removed from the region (quiver cluster remove): peers no longer pull from \
+                     it, so it never serves again; start a node under a new --node-id with an empty data directory",
+                    self.cfg.node
+                ));
+            }
             // Etcd answered, so this is no outage: the id is someone else's now.
             *self.map.write() = Arc::new(SlotMap::empty());
             return Err(format!(
@@ -1033,11 +1129,12 @@ impl Cluster {
         let prefix = self.prefix();
         let got = client.get(prefix.clone(), Some(GetOptions::new().with_prefix())).await.map_err(e("reading"))?;
         let revision = got.header().map_or(0, |h| h.revision());
-        let mut nodes = BTreeMap::new();
+        let (mut nodes, mut removed) = (BTreeMap::new(), BTreeMap::new());
         for kv in got.kvs() {
-            self.take(kv.key(), Some((kv.value(), kv.mod_revision())), &mut nodes);
+            self.take(kv.key(), Some((kv.value(), kv.mod_revision())), &mut nodes, &mut removed);
         }
         *self.nodes.write() = nodes;
+        *self.removed.write() = removed;
         let mut watch = client
             .watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
             .await
@@ -1068,20 +1165,28 @@ impl Cluster {
                         return Err(format!("the watch was cancelled: {}", resp.cancel_reason()));
                     }
                     let mut nodes = self.nodes.read().clone();
+                    let mut removed = self.removed.read().clone();
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
                         let put = matches!(ev.event_type(), EventType::Put).then(|| (kv.value(), kv.mod_revision()));
-                        self.take(kv.key(), put, &mut nodes);
+                        self.take(kv.key(), put, &mut nodes, &mut removed);
                     }
                     *self.nodes.write() = nodes;
+                    *self.removed.write() = removed;
                 }
             }
         }
     }
 
-    /// Takes one key of the prefix: the map (installed if valid and newer) or a node (`put`:
-    /// its value and revision; `None`: deleted).
-    fn take(&self, key: &[u8], put: Option<(&[u8], i64)>, nodes: &mut BTreeMap<String, StoredNode>) {
+    /// Takes one key of the prefix: the map (installed if valid and newer), a node, or a
+    /// removed node (`put`: its value and revision; `None`: deleted).
+    fn take(
+        &self,
+        key: &[u8],
+        put: Option<(&[u8], i64)>,
+        nodes: &mut BTreeMap<String, StoredNode>,
+        removed: &mut BTreeMap<String, StoredRemoved>,
+    ) {
         let Some(rest) = key.strip_prefix(self.prefix().as_bytes()) else { return };
         if rest == b"map" {
             match put {
@@ -1100,6 +1205,18 @@ impl Cluster {
                 Some(Err(error)) => tracing::warn!(%error, node = %id, "ignoring a node registration"),
                 None => {
                     nodes.remove(&id);
+                }
+            }
+        } else if let Some(id) = rest.strip_prefix(b"removed/") {
+            let id = String::from_utf8_lossy(id).into_owned();
+            match put.map(|(v, _)| serde_json::from_slice::<StoredRemoved>(v)) {
+                Some(Ok(r)) => {
+                    removed.insert(id, r);
+                }
+                Some(Err(error)) => tracing::warn!(%error, node = %id, "ignoring a removal record"),
+                // Never deleted by Quiver; an operator's delete is taken as it is.
+                None => {
+                    removed.remove(&id);
                 }
             }
         }
@@ -1178,8 +1295,17 @@ mod tests {
             instance: String::new(),
         })
         .expect("encodes");
-        cluster.take(b"/quiver/c/nodes/n0", Some((&reg, 3)), &mut nodes);
+        cluster.take(b"/quiver/c/nodes/n0", Some((&reg, 3)), &mut nodes, &mut BTreeMap::new());
         *cluster.nodes.write() = nodes;
+        // Removal records: one read, a damaged one ignored.
+        let mut removed = BTreeMap::new();
+        let rec = serde_json::to_vec(&StoredRemoved { node: "n9".into(), region: 0, head: 7 }).expect("encodes");
+        cluster.take(b"/quiver/c/removed/n9", Some((&rec, 4)), &mut BTreeMap::new(), &mut removed);
+        cluster.take(b"/quiver/c/removed/bad", Some((b"{", 5)), &mut BTreeMap::new(), &mut removed);
+        assert_eq!(removed.keys().collect::<Vec<_>>(), ["n9"]);
+        *cluster.removed.write() = removed;
+        assert!(cluster.is_removed("n9") && !cluster.is_removed("n0"));
+        assert_eq!(cluster.status().removed, ["n9"]);
         // Everything below `slot` to n0, the rest to n1.
         let split = |owner_low: &str, revision| {
             let mut runs = vec![];
@@ -1190,7 +1316,7 @@ mod tests {
             serde_json::to_vec(&StoredMap { runs, moves: vec![] }).map(|v| (v, revision)).expect("encodes")
         };
         let (v, r) = split("n0", 10);
-        cluster.take(b"/quiver/c/map", Some((&v, r)), &mut BTreeMap::new());
+        cluster.take(b"/quiver/c/map", Some((&v, r)), &mut BTreeMap::new(), &mut BTreeMap::new());
         let Err(NotServed::NotOwner(d)) = cluster.check(&cluster.map(), &key) else { panic!("n0 owns it") };
         // A request splits by owner, positions kept.
         let keys: Vec<Vec<u8>> = (0..200)
@@ -1216,17 +1342,17 @@ mod tests {
         );
         // An older revision never replaces a newer map; a newer one does.
         let (v, _) = split("n1", 0);
-        cluster.take(b"/quiver/c/map", Some((&v, 9)), &mut BTreeMap::new());
+        cluster.take(b"/quiver/c/map", Some((&v, 9)), &mut BTreeMap::new(), &mut BTreeMap::new());
         assert!(cluster.check(&cluster.map(), &key).is_err());
-        cluster.take(b"/quiver/c/map", Some((&v, 11)), &mut BTreeMap::new());
+        cluster.take(b"/quiver/c/map", Some((&v, 11)), &mut BTreeMap::new(), &mut BTreeMap::new());
         assert_eq!(cluster.check(&cluster.map(), &key), Ok(()));
         // An invalid map, or a deleted one, leaves the last valid map in place.
-        cluster.take(b"/quiver/c/map", Some((b"{}", 12)), &mut BTreeMap::new());
-        cluster.take(b"/quiver/c/map", None, &mut BTreeMap::new());
+        cluster.take(b"/quiver/c/map", Some((b"{}", 12)), &mut BTreeMap::new(), &mut BTreeMap::new());
+        cluster.take(b"/quiver/c/map", None, &mut BTreeMap::new(), &mut BTreeMap::new());
         assert_eq!(cluster.map().revision(), 11);
         // Keys of other clusters are not taken.
         let (v, _) = split("n0", 0);
-        cluster.take(b"/quiver/other/map", Some((&v, 20)), &mut BTreeMap::new());
+        cluster.take(b"/quiver/other/map", Some((&v, 20)), &mut BTreeMap::new(), &mut BTreeMap::new());
         assert_eq!(cluster.map().revision(), 11);
     }
 
@@ -1291,9 +1417,19 @@ mod tests {
             let m = Move { first: slot, last: slot, from: "a".into(), to: "c".into(), state };
             serde_json::to_vec(&StoredMap { runs: runs.clone(), moves: vec![m] }).expect("encodes")
         };
-        cluster.take(b"/quiver/c/map", Some((&stored(MoveState::Copying), 5)), &mut BTreeMap::new());
+        cluster.take(
+            b"/quiver/c/map",
+            Some((&stored(MoveState::Copying), 5)),
+            &mut BTreeMap::new(),
+            &mut BTreeMap::new(),
+        );
         assert!(cluster.write_guard([key.as_slice()]).is_ok());
-        cluster.take(b"/quiver/c/map", Some((&stored(MoveState::Fenced), 6)), &mut BTreeMap::new());
+        cluster.take(
+            b"/quiver/c/map",
+            Some((&stored(MoveState::Fenced), 6)),
+            &mut BTreeMap::new(),
+            &mut BTreeMap::new(),
+        );
         let refused = cluster.write_guard([key.as_slice()]).map(|_| ()).expect_err("fenced");
         assert_eq!(refused, NotServed::Fenced { slot, to: "c".into() });
         // Reads still pass the ownership check; the fence waits for no one here, and for a
@@ -1353,6 +1489,33 @@ mod tests {
         }
         let (lo, hi) = (counts.values().min().copied(), counts.values().max().copied());
         assert_eq!((lo, hi), (Some(usize::from(SLOTS) / 7), Some(usize::from(SLOTS) / 7 + 1)), "{counts:?}");
+    }
+
+    #[test]
+    fn a_removal_gives_every_slot_of_the_leaving_node_to_the_others_evenly() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let map = SlotMap::from_runs(1, SlotMap::spread(&ids(&["a", "b", "c"]))).expect("valid");
+        // With the leaving node among the live ones or not: the same plan.
+        let plan = plan_removal(&map, &ids(&["a", "b", "c"]), "b").expect("a plan");
+        assert_eq!(plan_removal(&map, &ids(&["a", "c"]), "b").expect("a plan"), plan);
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for r in map.runs() {
+            *counts.entry(r.owner.clone()).or_default() += usize::from(r.last - r.first) + 1;
+        }
+        for m in &plan {
+            assert_eq!(m.from, "b", "{m:?}");
+            assert!((m.first..=m.last).all(|s| map.run(s).is_some_and(|r| r.owner == "b")), "{m:?}");
+            let n = usize::from(m.last - m.first) + 1;
+            *counts.get_mut("b").expect("b") -= n;
+            *counts.get_mut(&m.to).expect("a live node") += n;
+        }
+        assert_eq!(counts["b"], 0, "{plan:?}");
+        assert_eq!((counts["a"], counts["c"]), (usize::from(SLOTS) / 2, usize::from(SLOTS) / 2), "{plan:?}");
+        // A node owning nothing leaves with no move; the last node cannot leave.
+        let two = SlotMap::from_runs(1, SlotMap::spread(&ids(&["a", "c"]))).expect("valid");
+        assert_eq!(plan_removal(&two, &ids(&["a", "b", "c"]), "b"), Ok(vec![]));
+        let one = SlotMap::from_runs(1, SlotMap::spread(&ids(&["a"]))).expect("valid");
+        assert!(plan_removal(&one, &ids(&["a"]), "a").expect_err("alone").contains("only node"));
     }
 
     #[test]

@@ -51,6 +51,11 @@ pub const FENCE_DRAIN_WAIT: Duration = Duration::from_secs(5);
 pub const MOVE_PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// Largest message between the nodes of a move, each way.
 pub const MOVE_MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// How long `RemoveNode` waits for every node of every peer region to pull the leaving node's
+/// stream to its head before it answers `UNAVAILABLE` (`server/CLUSTER.md` §7).
+pub const REMOVE_DRAIN_WAIT: Duration = Duration::from_secs(60);
+/// How often `RemoveNode` looks at the peers' acknowledgements while it waits.
+const REMOVE_DRAIN_POLL: Duration = Duration::from_millis(50);
 
 /// A move this node runs as its target.
 struct Running {
@@ -278,6 +283,68 @@ impl Mover {
                 })?;
         tracing::info!(first, last, fence_seqno, "writes to moving slots fenced");
         Ok(pb::FenceSlotsResponse { fence_seqno })
+    }
+
+    // ---- A node leaving the region.
+
+    /// `RemoveNode` (`server/CLUSTER.md` §7, "Removing a node"), on the node leaving: once the
+    /// map (read from etcd) gives it no slot and names it in no move, waits until every peer
+    /// node has pulled its stream through its head now, then removes it from the region in
+    /// one transaction that fails if the map changed meanwhile.
+    pub async fn remove(&self, req: &pb::RemoveNodeRequest) -> Result<pb::RemoveNodeResponse, Status> {
+        let me = &self.cluster.config().node;
+        if req.node != *me {
+            return Err(Status::failed_precondition(format!(
+                "this is node {me:?}: send RemoveNode to node {:?} itself (quiver cluster remove does)",
+                req.node
+            )));
+        }
+        if self.cluster.is_removed(me) {
+            return Err(Status::failed_precondition(format!("node {me:?} was removed already: stop its process")));
+        }
+        let (map, revision) = self.cluster.read_map().await?;
+        if !map.is_set() {
+            return Err(Status::failed_precondition("the slot map is not initialised (quiver cluster init)"));
+        }
+        let owned: u32 = map.runs().iter().filter(|r| r.owner == *me).map(|r| u32::from(r.last - r.first) + 1).sum();
+        if owned > 0 {
+            return Err(Status::failed_precondition(format!(
+                "node {me:?} owns {owned} slots: move them to other nodes first (quiver cluster remove does)"
+            )));
+        }
+        if let Some(m) = map.moves().iter().find(|m| m.from == *me || m.to == *me) {
+            return Err(Status::failed_precondition(format!(
+                "slots {}..={} are moving from {:?} to {:?}: finish or abort that move first",
+                m.first, m.last, m.from, m.to
+            )));
+        }
+        // Batches after `head` are only this node's own writes to reserved cells (registry
+        // applies, which every node of the region makes alike) and the pullers' applies.
+        let head = self.db.last_seqno();
+        let mut pullers = 0;
+        if let Some(r) = &self.replicator {
+            let deadline = tokio::time::Instant::now() + REMOVE_DRAIN_WAIT;
+            loop {
+                let behind = r.not_pulled_through(head);
+                if behind.is_empty() {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let (region, node, acked) = &behind[0];
+                    return Err(Status::unavailable(format!(
+                        "{} peer nodes have not pulled this node's stream through {head} after {} s (region {region} \
+                         node {node:?} is at {}): they must reach this node; call again",
+                        behind.len(),
+                        REMOVE_DRAIN_WAIT.as_secs(),
+                        acked.map_or("nothing acknowledged".to_string(), |a| a.to_string())
+                    )));
+                }
+                tokio::time::sleep(REMOVE_DRAIN_POLL).await;
+            }
+            pullers = r.puller_count();
+        }
+        self.cluster.remove_self(revision, head).await?;
+        Ok(pb::RemoveNodeResponse { head, pullers })
     }
 
     // ---- The target's half.

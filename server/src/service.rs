@@ -1591,6 +1591,17 @@ impl pb::cluster_service_server::ClusterService for ClusterApi {
         Ok(Response::new(pb::AbortMoveResponse { map: Some(map.to_pb()) }))
     }
 
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        authorize(&req, Scope::Admin, std::iter::empty())?;
+        let (_, mover) = self.cluster()?;
+        let r = mover.remove(req.get_ref()).await?;
+        tracing::warn!(node = %req.get_ref().node, head = r.head, pullers = r.pullers, "node removed from the region");
+        Ok(Response::new(r))
+    }
+
     type CopySlotsStream = BoxStream<pb::CopySlotsPart>;
 
     async fn copy_slots(&self, req: Request<pb::CopySlotsRequest>) -> Result<Response<Self::CopySlotsStream>, Status> {

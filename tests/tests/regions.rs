@@ -4,6 +4,7 @@
 //! stream per node; writes taken anywhere reach every owner of their slots in the other
 //! region, and each region answers every user. Then a run of slots moves in region 2 while
 //! region 1 writes to it, and the new owner ends with every version (the move's backfill).
+//! A second test removes a node from a region (drained, then pulled no more by the peers).
 
 use std::time::{Duration, Instant};
 
@@ -264,4 +265,176 @@ async fn two_sharded_regions_replicate_each_slot_to_its_owners() {
         clicks(&nodes[1].clients, &moving[..1]).await[0] == Some(9_000)
     })
     .await;
+}
+
+/// Runs the move of `first..=last` to the node behind `c` until it ends: its phases, or the
+/// status it failed with.
+async fn run_move(
+    c: &pb::cluster_service_client::ClusterServiceClient<tonic::transport::Channel>,
+    first: u32,
+    last: u32,
+    to: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut c = c.clone();
+    let mut progress = c.move_slots(pb::MoveSlotsRequest { first, last, to: to.into() }).await?.into_inner();
+    let mut phases: Vec<String> = Vec::new();
+    while let Some(p) = progress.message().await? {
+        if phases.last() != Some(&p.phase) {
+            phases.push(p.phase.clone());
+        }
+        if p.phase == "done" {
+            break;
+        }
+    }
+    Ok(phases)
+}
+
+/// A node removed from region 2 (CLUSTER.md §7, "Removing a node"): refused while it owns
+/// slots, drained once they moved away, then region 1 stops pulling from it, so a move in
+/// region 1 after it stopped backfills from region 2's remaining node alone (before removals
+/// existed, that backfill waited for the dead node's puller and failed after BACKFILL_WAIT).
+/// What the removed node wrote is at its slots' new owners in both regions, and its id never
+/// registers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_is_drained_and_pulled_no_more() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start();
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    // a1, b1 in region 1; a2, b2 in region 2; each region's seed for the other is its a node
+    // (b2, which leaves, is no one's seed).
+    let spec = [("a1", 1, 2, addr(2)), ("b1", 1, 2, addr(2)), ("a2", 2, 1, addr(0)), ("b2", 2, 1, addr(0))];
+    let start = |i: usize| {
+        let (id, region, peer, seed) = &spec[i];
+        let (region, peer, cluster) = (region.to_string(), format!("{peer}={seed}"), format!("r{region}"));
+        let args = ["--etcd", &etcd.url, "--node-id", id, "--cluster", &cluster, "--region", &region, "--peer", &peer];
+        let daemon = Daemon::start_at(&dir.path().join(id), &addr(i), &args);
+        async move {
+            let clients = Clients::of(&daemon).await;
+            let cluster = pb::cluster_service_client::ClusterServiceClient::new(daemon.channel().await);
+            Node { id: id.to_string(), _daemon: daemon, clients, cluster }
+        }
+    };
+    let mut nodes = Vec::new();
+    for i in 0..spec.len() {
+        nodes.push(start(i).await);
+    }
+    for seed in [0, 2] {
+        let n = &nodes[seed];
+        eventually("every node of a region registered", Duration::from_secs(30), || async {
+            status(n).await.nodes.iter().filter(|x| x.live).count() == 2
+        })
+        .await;
+        let mut c = n.cluster.clone();
+        c.init_slots(pb::InitSlotsRequest {}).await.expect("init");
+    }
+    for n in &nodes {
+        eventually("the map", Duration::from_secs(30), || async {
+            status(n).await.map.is_some_and(|m| m.revision > 0)
+        })
+        .await;
+    }
+    for n in &nodes[..2] {
+        n.clients.registry.clone().apply_registry(example_registry()).await.expect("apply");
+    }
+    for n in &nodes[2..] {
+        eventually("the registry in region 2", Duration::from_secs(30), || async {
+            let mut r = n.clients.registry.clone();
+            r.get_feature_group(pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 }).await.is_ok()
+        })
+        .await;
+    }
+    // Every node pulls from both nodes of the other region.
+    let pulled = |n: &Node| {
+        let mut admin = n.clients.admin.clone();
+        async move {
+            let s = admin.get_replication_status(pb::GetReplicationStatusRequest {}).await.expect("status");
+            let mut ids: Vec<String> = s.into_inner().peers.into_iter().map(|p| p.node).collect();
+            ids.sort();
+            ids
+        }
+    };
+    for n in &nodes {
+        let other = if n.id.ends_with('1') { ["a2", "b2"] } else { ["a1", "b1"] };
+        eventually(
+            &format!("{} pulling from both nodes of the other region", n.id),
+            Duration::from_secs(30),
+            || async { pulled(n).await == other },
+        )
+        .await;
+    }
+
+    // Users of both of region 2's shards, written through b2: those of b2's slots are in b2's
+    // stream alone.
+    let users: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
+    let rows = users.iter().enumerate().map(|(i, u)| clicks_row(u, T0, 100 + i as i64)).collect();
+    let mut f = nodes[3].clients.features.clone();
+    f.write_features(pb::WriteFeaturesRequest { rows, ..Default::default() }).await.expect("write");
+    let want: Vec<Option<i64>> = (0..40).map(|i| Some(100 + i)).collect();
+    let map2 = status(&nodes[2]).await.map.expect("map");
+    let b2_runs: Vec<pb::SlotRun> = map2.runs.iter().filter(|r| r.owner == "b2").cloned().collect();
+    assert!(
+        users.iter().any(|u| b2_runs.iter().any(|r| (r.first..=r.last).contains(&slot_of_user(u)))),
+        "some users are b2's"
+    );
+
+    // Refused: sent to another node than the one leaving, or while it owns slots.
+    let remove = |n: &Node, node: &str| {
+        let mut c = n.cluster.clone();
+        let req = pb::RemoveNodeRequest { node: node.into() };
+        async move { c.remove_node(req).await.map(|r| r.into_inner()) }
+    };
+    let e = remove(&nodes[2], "b2").await.expect_err("a2 is not b2");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let e = remove(&nodes[3], "b2").await.expect_err("b2 owns slots");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("owns 2048 slots"), "{e:?}");
+
+    // b2's slots move to a2; then b2 leaves, drained by both nodes of region 1.
+    for r in &b2_runs {
+        let phases = run_move(&nodes[2].cluster, r.first, r.last, "a2").await.expect("move to a2");
+        assert_eq!(phases.last().map(String::as_str), Some("done"), "{phases:?}");
+    }
+    let removed = remove(&nodes[3], "b2").await.expect("b2 leaves");
+    assert_eq!(removed.pullers, 2, "{removed:?}");
+    assert!(removed.head > 0, "{removed:?}");
+    eventually("a2 sees b2 removed", Duration::from_secs(30), || async {
+        let s = status(&nodes[2]).await;
+        s.removed == ["b2"] && s.nodes.iter().all(|n| n.node != "b2")
+    })
+    .await;
+    // Region 1 stops pulling from b2 (within MEMBERS_POLL), then b2 stops.
+    for n in &nodes[..2] {
+        eventually(&format!("{} pulling from a2 alone", n.id), Duration::from_secs(30), || async {
+            pulled(n).await == ["a2"]
+        })
+        .await;
+    }
+    let b2 = nodes.pop().expect("b2");
+    drop(b2);
+
+    // A move in region 1 now backfills from a2 alone: a1's run goes to b1, and every user is
+    // still answered by every node.
+    let map1 = status(&nodes[0]).await.map.expect("map");
+    let run = map1.runs.iter().find(|r| r.owner == "a1").expect("a1's run").clone();
+    let phases = run_move(&nodes[1].cluster, run.first, run.last, "b1").await.expect("the move in region 1");
+    assert!(
+        phases.contains(&"backfill".to_string()) && phases.last().map(String::as_str) == Some("done"),
+        "{phases:?}"
+    );
+    for n in &nodes {
+        eventually(&format!("every user at {}", n.id), Duration::from_secs(30), || async {
+            clicks(&n.clients, &users).await == want
+        })
+        .await;
+    }
+
+    // b2's id never registers again.
+    let b2 = start(3).await;
+    eventually("b2 refused by etcd", Duration::from_secs(30), || async {
+        status(&b2).await.etcd_error.contains("was removed from the region")
+    })
+    .await;
+    assert!(status(&nodes[0]).await.nodes.iter().all(|n| n.node != "b2"));
+    assert!(status(&nodes[2]).await.nodes.iter().all(|n| n.node != "b2" || !n.live));
 }

@@ -36,6 +36,7 @@ pub async fn status(server: &Server, json: bool) -> Result<()> {
             })).collect::<Vec<_>>(),
             "moves": map.moves.iter().map(move_json).collect::<Vec<_>>(),
             "progress": s.progress.iter().map(progress_json).collect::<Vec<_>>(),
+            "removed": s.removed,
         });
         println!("{line}");
         return Ok(());
@@ -64,6 +65,9 @@ pub async fn status(server: &Server, json: bool) -> Result<()> {
     }
     for p in &s.progress {
         println!("{}", progress_line(p));
+    }
+    if !s.removed.is_empty() {
+        println!("removed from the region: {}", s.removed.join(", "));
     }
     Ok(())
 }
@@ -132,7 +136,7 @@ pub fn parse_slots(s: &str) -> Result<(u32, u32)> {
 }
 
 /// The server at another node's advertised address, with the same credentials.
-fn node(server: &Server, addr: &str) -> Server {
+fn node_at(server: &Server, addr: &str) -> Server {
     let scheme = if server.addr.starts_with("https://") { "https" } else { "http" };
     Server { addr: format!("{scheme}://{addr}"), ..server.clone() }
 }
@@ -188,7 +192,7 @@ async fn move_once(
     if target.addr.is_empty() || !target.live {
         return Err(unreachable(format!("node {to:?} is not registered in etcd now (is it running?)")));
     }
-    let target = node(server, &target.addr);
+    let target = node_at(server, &target.addr);
     let mut c = pb::cluster_service_client::ClusterServiceClient::new(target.channel().await.map_err(unreachable)?);
     let req = pb::MoveSlotsRequest { first, last, to: to.to_string() };
     let mut stream = c.move_slots(req).await.map_err(status)?.into_inner();
@@ -253,6 +257,62 @@ pub async fn rebalance(server: &Server, json: bool, dry_run: bool, retries: u32)
     }
     if !json && !plan.is_empty() {
         println!("rebalanced over {} nodes: {} moves", live.len(), plan.len());
+    }
+    Ok(())
+}
+
+/// `quiver cluster remove`: moves every slot of `node` to the other live nodes
+/// (`quiver_server::cluster::plan_removal`), one move after another, then asks `node` to
+/// leave the region (`RemoveNode`: it waits until every peer node has pulled its stream).
+pub async fn remove(server: &Server, json: bool, node: &str, dry_run: bool, retries: u32) -> Result<()> {
+    let mut c = pb::cluster_service_client::ClusterServiceClient::new(server.channel().await?);
+    let s = c.get_cluster_status(pb::GetClusterStatusRequest {}).await.map_err(grpc)?.into_inner();
+    if !s.sharded {
+        return Err("this node is not sharded: there is no region to remove a node from".into());
+    }
+    if s.removed.iter().any(|r| r == node) {
+        return Err(format!("node {node:?} was removed already"));
+    }
+    let Some(leaving) = s.nodes.iter().find(|n| n.node == node) else {
+        return Err(format!("no node {node:?} in the cluster"));
+    };
+    if leaving.addr.is_empty() || !leaving.live {
+        return Err(format!(
+            "node {node:?} is not registered in etcd now: a node is removed while it runs, so that its peers can \
+             pull the rest of its stream (start it again)"
+        ));
+    }
+    let address = leaving.addr.clone();
+    let map = quiver_server::cluster::SlotMap::from_pb(&s.map.unwrap_or_default())?;
+    let live: Vec<String> = s.nodes.iter().filter(|n| n.live).map(|n| n.node.clone()).collect();
+    let plan = quiver_server::cluster::plan_removal(&map, &live, node)?;
+    for m in &plan {
+        if json {
+            let line = serde_json::json!({ "plan": { "first": m.first, "last": m.last, "from": m.from, "to": m.to } });
+            println!("{line}");
+        } else {
+            println!("plan: slots {}..={} from {} to {}", m.first, m.last, m.from, m.to);
+        }
+    }
+    if dry_run {
+        return Ok(());
+    }
+    for m in &plan {
+        move_slots(server, json, u32::from(m.first), u32::from(m.last), &m.to, retries).await?;
+    }
+    if !json {
+        println!("{node} owns no slot: waiting for every peer node to pull its stream");
+    }
+    let target = node_at(server, &address);
+    let mut c = pb::cluster_service_client::ClusterServiceClient::new(target.channel().await?);
+    let r = c.remove_node(pb::RemoveNodeRequest { node: node.to_string() }).await.map_err(grpc)?.into_inner();
+    if json {
+        println!("{}", serde_json::json!({ "removed": node, "head": r.head, "pullers": r.pullers }));
+    } else {
+        println!(
+            "node {node} removed: {} peer nodes had pulled its stream through batch {}; stop its process now",
+            r.pullers, r.head
+        );
     }
     Ok(())
 }

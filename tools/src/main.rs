@@ -488,6 +488,20 @@ enum ClusterCmd {
         #[arg(long, default_value_t = cluster::MOVE_RETRIES_DEFAULT)]
         retries: u32,
     },
+    /// Remove a running node from the region for good (server/CLUSTER.md §7): its slots move
+    /// to the other nodes (evened out, as rebalance does), then, once every node of every peer
+    /// region has pulled its stream to its head, it leaves etcd and its peers stop pulling from
+    /// it. Stop it afterwards; its id never registers again.
+    Remove {
+        /// The node's id.
+        node: String,
+        /// Print the moves and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Times to resume each move after a node was unreachable.
+        #[arg(long, default_value_t = cluster::MOVE_RETRIES_DEFAULT)]
+        retries: u32,
+    },
 }
 
 /// `quiver replication ...`.
@@ -561,6 +575,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Cluster { cmd: ClusterCmd::Rebalance { dry_run, retries } } => {
             cluster::rebalance(server, cli.json, dry_run, retries).await
+        }
+        Cmd::Cluster { cmd: ClusterCmd::Remove { node, dry_run, retries } } => {
+            cluster::remove(server, cli.json, &node, dry_run, retries).await
         }
         Cmd::Admin { cmd } => admin::admin(server, cmd).await,
         Cmd::History { entity_type, entity, group, limit } => {

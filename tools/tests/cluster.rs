@@ -1,5 +1,5 @@
-//! `quiver cluster status`, `init`, `rebalance` and `move` against sharded quiverd nodes and a
-//! real etcd, and against an unsharded node.
+//! `quiver cluster status`, `init`, `rebalance`, `move` and `remove` against sharded quiverd
+//! nodes and a real etcd, and against an unsharded node.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -155,6 +155,57 @@ fn cluster_init_and_status_on_a_sharded_region() {
     assert!(!ok && err.contains("NotFound"), "{err}");
     let (ok, _, err) = quiver(&["--addr", &a.addr, "cluster", "move", "--slots", "0..9", "--to", "nobody"]);
     assert!(!ok && err.contains("no node \"nobody\""), "{err}");
+
+    // gamma leaves the region: its slots go to alpha and beta, evened out, and it leaves etcd
+    // (no peer region here: nothing to drain). Every user still reads back; its id never
+    // registers again.
+    let (ok, out, err) = quiver(&["--addr", &a.addr, "cluster", "remove", "gamma", "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.lines().all(|l| l.starts_with("plan: ") && l.contains(" from gamma to ")), "{out}");
+    assert_eq!(status(&a.addr)["nodes"][2]["slots"], 1365, "a dry run moves nothing");
+    let (ok, _, err) = quiver(&["--addr", &a.addr, "cluster", "remove", "nobody"]);
+    assert!(!ok && err.contains("no node \"nobody\""), "{err}");
+    let (ok, out, err) = quiver(&["--addr", &a.addr, "cluster", "remove", "gamma"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("node gamma removed: 0 peer nodes"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // As alpha's watch of etcd shows it.
+        let s = status(&a.addr);
+        let slots: Vec<(String, u64)> = s["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| (n["node"].as_str().unwrap_or("").to_string(), n["slots"].as_u64().unwrap_or(0)))
+            .collect();
+        if s["removed"] == serde_json::json!(["gamma"])
+            && slots == [("alpha".to_string(), 2048), ("beta".to_string(), 2048)]
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alpha never saw gamma leave: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut args = vec!["--addr", &a.addr, "get", "--entity-type", "user", "--feature", "g:clicks"];
+    args.extend(users.iter().map(String::as_str));
+    let (ok, out, err) = quiver(&args);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), want, "every user after gamma left");
+    let (ok, _, err) = quiver(&["--addr", &a.addr, "cluster", "remove", "gamma"]);
+    assert!(!ok && err.contains("removed already"), "{err}");
+    drop(c);
+    let c = shard("gamma");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&c.addr);
+        if s["etcd_error"].as_str().is_some_and(|e| e.contains("was removed from the region")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a removed node id registered again: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, _, err) = quiver(&["--addr", &a.addr, "cluster", "move", "--slots", "0..9", "--to", "gamma"]);
+    assert!(!ok && err.contains("no node \"gamma\""), "{err}");
 
     let plain = Daemon::start(&tmp.path().join("plain"), &[]);
     let (ok, out, err) = quiver(&["--addr", &plain.addr, "cluster", "status"]);

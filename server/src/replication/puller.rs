@@ -54,6 +54,8 @@ pub(super) struct PeerSlot {
     /// A configured peer's first puller: it asks the region's members first, and retires
     /// (leaving one puller per member) if the region is sharded.
     pub(super) seed: bool,
+    /// Pulls no more: a seed whose region is sharded, or the puller of a node removed from
+    /// its region (drained: `server/CLUSTER.md` §7, "Removing a node").
     pub(super) retired: AtomicBool,
     pub(super) info: Mutex<PeerInfo>,
     pub(super) paused: AtomicBool,
@@ -444,9 +446,9 @@ impl Replicator {
         }
     }
 
-    /// The members of `slot`'s region, asked at its address: `None` when that region is not
-    /// sharded (or its node predates `Members`).
-    async fn members(&self, slot: &PeerSlot) -> Result<Option<Vec<pb::Member>>, Status> {
+    /// The members of `slot`'s region, asked at its address (and the nodes removed from it):
+    /// `None` when that region is not sharded (or its node predates `Members`).
+    async fn members(&self, slot: &PeerSlot) -> Result<Option<pb::MembersResponse>, Status> {
         let mut client = self.client(slot).await?;
         let req = pb::MembersRequest { region: self.region };
         let r = tokio::time::timeout(PULL_SILENCE_MAX, client.members(req))
@@ -463,16 +465,30 @@ impl Replicator {
             )));
         }
         let sharded = r.members.iter().any(|m| m.stream != SOLE_STREAM);
-        Ok(sharded.then_some(r.members))
+        Ok(sharded.then_some(r))
     }
 
-    /// Starts a puller for every member of `region` that has none.
-    fn adopt(self: &Arc<Self>, region: u32, members: Vec<pb::Member>) {
+    /// Starts a puller for every member of the answer's region that has none, and retires the
+    /// puller of every node removed from it.
+    fn adopt(self: &Arc<Self>, region: u32, answer: pb::MembersResponse) {
         let mut fresh = Vec::new();
         {
             let mut peers = self.peers.write();
-            for m in members {
+            for gone in &answer.removed {
+                let removed = |p: &&Arc<PeerSlot>| p.peer.region == region && p.stream == gone.stream && !p.seed;
+                for p in peers.iter().filter(removed) {
+                    if !p.retired.swap(true, Ordering::AcqRel) {
+                        tracing::info!(peer = region, node = %p.node, "the node was removed from its region: pulling from it no more");
+                        p.wake.notify_waiters();
+                    }
+                }
+            }
+            for m in answer.members {
                 if m.stream == SOLE_STREAM || m.address.is_empty() {
+                    continue;
+                }
+                // A removed node (a stale registration): not pulled again.
+                if answer.removed.iter().any(|r| r.stream == m.stream) {
                     continue;
                 }
                 if peers.iter().any(|p| p.peer.region == region && p.stream == m.stream) {
@@ -538,7 +554,7 @@ impl Replicator {
         }
         let mut backoff = RETRY_BACKOFF_MIN;
         let mut need_snapshot = false;
-        while !self.stopping() {
+        while !self.stopping() && !slot.retired.load(Ordering::Acquire) {
             if slot.paused.load(Ordering::Acquire) {
                 slot.info.lock().state = pb::PeerState::Paused as i32;
                 self.pause_for(&slot, Duration::from_secs(1)).await;
@@ -782,6 +798,26 @@ impl Replicator {
         if let Some(l) = least {
             self.db.retain_log_after(l);
         }
+    }
+
+    /// The nodes that pull from this node (those it pulls from) and have not acknowledged its
+    /// log through `head`, each with what it has acknowledged (`None`: nothing yet). Empty:
+    /// every peer node holds this node's stream up to `head` (a removal's drain, §7).
+    pub fn not_pulled_through(&self, head: u64) -> Vec<(u32, String, Option<u64>)> {
+        let acks = self.acks.lock();
+        self.slots()
+            .iter()
+            .map(|p| (p.peer.region, p.node.clone()))
+            .filter_map(|(region, node)| {
+                let acked = acks.get(&(region, node.clone())).copied();
+                acked.is_none_or(|a| a < head).then_some((region, node, acked))
+            })
+            .collect()
+    }
+
+    /// How many pullers this node runs (retired ones left out).
+    pub fn puller_count(&self) -> u32 {
+        u32::try_from(self.slots().len()).unwrap_or(u32::MAX)
     }
 
     /// The least acknowledgement of this node's log by `region`'s pullers.

@@ -86,27 +86,36 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
         crate::auth::principal(&req)?.require_region(req.get_ref().region)?;
         self.check_peer(req.get_ref().region)?;
         let r = &self.replicator;
-        let members = match r.shard.get() {
-            None => vec![pb::Member::default()],
+        let (members, removed) = match r.shard.get() {
+            None => (vec![pb::Member::default()], Vec::new()),
             Some(cluster) => {
                 let me = cluster.config();
+                let removed: Vec<pb::Member> = cluster
+                    .removed()
+                    .into_iter()
+                    .map(|node| pb::Member { stream: super::stream_of(&node), node, address: String::new() })
+                    .collect();
                 let mut members: Vec<pb::Member> = cluster
                     .status()
                     .nodes
                     .into_iter()
                     .filter(|n| !n.addr.is_empty() && n.node != me.node && n.region == r.region)
+                    .filter(|n| !removed.iter().any(|g| g.node == n.node))
                     .map(|n| pb::Member { stream: super::stream_of(&n.node), node: n.node, address: n.addr })
                     .collect();
-                // Itself, registered in etcd yet or not.
-                members.push(pb::Member {
-                    node: me.node.clone(),
-                    address: me.advertise.clone(),
-                    stream: super::stream_of(&me.node),
-                });
-                members
+                // Itself, registered in etcd yet or not (unless removed: it answers until it
+                // is stopped).
+                if !cluster.is_removed(&me.node) {
+                    members.push(pb::Member {
+                        node: me.node.clone(),
+                        address: me.advertise.clone(),
+                        stream: super::stream_of(&me.node),
+                    });
+                }
+                (members, removed)
             }
         };
-        Ok(Response::new(pb::MembersResponse { region: r.region, members }))
+        Ok(Response::new(pb::MembersResponse { region: r.region, members, removed }))
     }
 
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<Self::PullStream>, Status> {
