@@ -459,8 +459,9 @@ pub fn plan_rebalance(map: &SlotMap, nodes: &[String]) -> Result<Vec<PlannedMove
 }
 
 /// The moves that give every slot of `leaving` to the other nodes of `nodes` (live, with
-/// `leaving` among them or not), evening the slots out over them as [`plan_rebalance`] does:
-/// what `quiver cluster remove` runs before it removes a node (§7, "Removing a node").
+/// `leaving` among them or not), each slot to whichever of them owns the fewest then (so an
+/// even map stays even); no other node's slots move. What `quiver cluster remove` runs
+/// before it removes a node (§7, "Removing a node").
 pub fn plan_removal(map: &SlotMap, nodes: &[String], leaving: &str) -> Result<Vec<PlannedMove>, String> {
     let mut nodes = nodes.to_vec();
     if !nodes.iter().any(|n| n == leaving) {
@@ -493,15 +494,27 @@ fn plan(map: &SlotMap, nodes: &[String], leaving: Option<&str>) -> Result<Vec<Pl
             None => return Err(format!("node {} owns slots but is not registered now: bring it back first", r.owner)),
         }
     }
-    let n = nodes.len() - usize::from(leaving.is_some());
-    let (base, extra) = (usize::from(SLOTS) / n, usize::from(SLOTS) % n);
     let mut order: Vec<&str> = owned.keys().copied().filter(|id| Some(*id) != leaving).collect();
     order.sort_by_key(|id| (std::cmp::Reverse(owned[id]), *id));
-    let mut target: BTreeMap<&str, usize> =
-        order.iter().enumerate().map(|(i, id)| (*id, base + usize::from(i < extra))).collect();
-    if let Some(l) = leaving {
-        target.insert(l, 0);
-    }
+    let target: BTreeMap<&str, usize> = match leaving {
+        // The leaving node's slots go one by one to the node that owns the fewest.
+        Some(l) => {
+            let mut target: BTreeMap<&str, usize> = order.iter().map(|id| (*id, owned[id])).collect();
+            for _ in 0..owned.get(l).copied().unwrap_or(0) {
+                let fewest = target.iter().min_by_key(|(id, c)| (**c, **id)).map(|(id, _)| *id);
+                if let Some(c) = fewest.and_then(|id| target.get_mut(id)) {
+                    *c += 1;
+                }
+            }
+            target.insert(l, 0);
+            target
+        }
+        None => {
+            let n = nodes.len();
+            let (base, extra) = (usize::from(SLOTS) / n, usize::from(SLOTS) % n);
+            order.iter().enumerate().map(|(i, id)| (*id, base + usize::from(i < extra))).collect()
+        }
+    };
     let mut deficit: Vec<(&str, usize)> =
         order.iter().rev().filter(|id| owned[*id] < target[*id]).map(|id| (*id, target[id] - owned[id])).collect();
     deficit.sort_by_key(|(id, _)| *id);
@@ -626,6 +639,11 @@ impl Cluster {
     /// The ids of the nodes removed from the region (as last seen from etcd), sorted.
     pub fn removed(&self) -> Vec<String> {
         self.removed.read().keys().cloned().collect()
+    }
+
+    /// The nodes removed from the region with the heads their peers had pulled, sorted by id.
+    pub fn removed_heads(&self) -> Vec<(String, u64)> {
+        self.removed.read().iter().map(|(id, r)| (id.clone(), r.head)).collect()
     }
 
     /// Whether `node` was removed from the region (as last seen from etcd).
@@ -831,6 +849,14 @@ impl Cluster {
     where
         F: Fn(&SlotMap) -> Result<Option<(Vec<Run>, Vec<Move>)>, tonic::Status>,
     {
+        self.change_map_when(Vec::new(), change).await
+    }
+
+    /// [`Cluster::change_map`], committed only if `when` also holds.
+    async fn change_map_when<F>(&self, when: Vec<Compare>, change: F) -> Result<Arc<SlotMap>, tonic::Status>
+    where
+        F: Fn(&SlotMap) -> Result<Option<(Vec<Run>, Vec<Move>)>, tonic::Status>,
+    {
         for _ in 0..MAP_CHANGE_ATTEMPTS {
             let (map, mod_revision) = self.read_map().await?;
             if !map.is_set() {
@@ -844,9 +870,9 @@ impl Cluster {
             let value = serde_json::to_vec(&StoredMap { runs: runs.clone(), moves: moves.clone() })
                 .map_err(|e| tonic::Status::internal(format!("encoding the map: {e}")))?;
             let key = self.map_key();
-            let txn = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)])
-                .and_then([TxnOp::put(key, value, None)]);
+            let mut compares = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)];
+            compares.extend(when.iter().cloned());
+            let txn = Txn::new().when(compares).and_then([TxnOp::put(key, value, None)]);
             let mut client = self.connected_client()?;
             let done = client.txn(txn).await.map_err(|e| tonic::Status::unavailable(format!("etcd: {e}")))?;
             if done.succeeded() {
@@ -870,12 +896,21 @@ impl Cluster {
         last: Slot,
         to: &str,
     ) -> Result<(Arc<SlotMap>, Option<Move>), tonic::Status> {
-        if self.is_removed(to) {
+        // Read from etcd, not the watch; the transaction below also requires it absent, so a
+        // removal that lands meanwhile fails the move (`ABORTED`).
+        let removed_key = self.removed_key(to);
+        let mut client = self.connected_client()?;
+        let got = client
+            .get(removed_key.clone(), None)
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("etcd: {e}")))?;
+        if self.is_removed(to) || !got.kvs().is_empty() {
             return Err(tonic::Status::failed_precondition(format!("node {to:?} was removed from the region")));
         }
+        let absent = Compare::create_revision(removed_key, CompareOp::Equal, 0);
         let to = to.to_string();
         let map = self
-            .change_map(|map| {
+            .change_map_when(vec![absent], |map| {
                 if map.moves.iter().any(|m| m.first == first && m.last == last && m.to == to) {
                     return Ok(None);
                 }
@@ -1103,11 +1138,18 @@ impl Cluster {
         if !registered {
             registered = self.take_over(&mut client, &my_key, &me, lease).await.map_err(e("taking over"))?;
         }
-        let removed = !registered && !client.get(removed_key, None).await.map_err(e("reading"))?.kvs().is_empty();
+        let removed = if registered {
+            None
+        } else {
+            let got = client.get(removed_key, None).await.map_err(e("reading"))?;
+            got.kvs().first().and_then(|kv| serde_json::from_slice::<StoredRemoved>(kv.value()).ok())
+        };
         if !registered {
             let _ = client.lease_revoke(lease).await;
             *self.lease.lock() = None;
-            if removed {
+            if let Some(record) = removed {
+                // Known as removed here too: `Members` then never offers this node to peers.
+                self.removed.write().insert(record.node.clone(), record);
                 *self.map.write() = Arc::new(SlotMap::empty());
                 return Err(format!(
                     "node id {:?} was removed from the region (quiver cluster remove): peers no longer pull from \
@@ -1511,6 +1553,11 @@ mod tests {
         }
         assert_eq!(counts["b"], 0, "{plan:?}");
         assert_eq!((counts["a"], counts["c"]), (usize::from(SLOTS) / 2, usize::from(SLOTS) / 2), "{plan:?}");
+        // An uneven map: only the leaving node's slots move, to the node owning fewest.
+        let uneven = SlotMap::from_runs(1, SlotMap::spread(&ids(&["a", "b"]))).expect("valid");
+        let plan = plan_removal(&uneven, &ids(&["a", "b", "c"]), "b").expect("a plan");
+        assert!(plan.iter().all(|m| m.from == "b" && m.to == "c"), "{plan:?}");
+        assert_eq!(plan.iter().map(|m| usize::from(m.last - m.first) + 1).sum::<usize>(), 2048, "{plan:?}");
         // A node owning nothing leaves with no move; the last node cannot leave.
         let two = SlotMap::from_runs(1, SlotMap::spread(&ids(&["a", "c"]))).expect("valid");
         assert_eq!(plan_removal(&two, &ids(&["a", "b", "c"]), "b"), Ok(vec![]));

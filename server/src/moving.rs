@@ -55,7 +55,7 @@ pub const MOVE_MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// stream to its head before it answers `UNAVAILABLE` (`server/CLUSTER.md` §7).
 pub const REMOVE_DRAIN_WAIT: Duration = Duration::from_secs(60);
 /// How often `RemoveNode` looks at the peers' acknowledgements while it waits.
-const REMOVE_DRAIN_POLL: Duration = Duration::from_millis(50);
+const REMOVE_DRAIN_POLL: Duration = Duration::from_millis(200);
 
 /// A move this node runs as its target.
 struct Running {
@@ -318,14 +318,16 @@ impl Mover {
                 m.first, m.last, m.from, m.to
             )));
         }
-        // Batches after `head` are only this node's own writes to reserved cells (registry
-        // applies, which every node of the region makes alike) and the pullers' applies.
+        // Local batches after `head` are only this node's own writes to reserved cells
+        // (registry applies, which every node of the region makes alike).
         let head = self.db.last_seqno();
-        let mut pullers = 0;
+        let (mut pullers, mut recorded) = (0, head);
         if let Some(r) = &self.replicator {
+            // Peer nodes that joined since the last `Members` poll are waited for too.
+            r.refresh_members().await;
             let deadline = tokio::time::Instant::now() + REMOVE_DRAIN_WAIT;
             loop {
-                let behind = r.not_pulled_through(head);
+                let behind = r.not_pulled_through(head).await;
                 if behind.is_empty() {
                     break;
                 }
@@ -342,9 +344,13 @@ impl Mover {
                 tokio::time::sleep(REMOVE_DRAIN_POLL).await;
             }
             pullers = r.puller_count();
+            // Recorded: the least acknowledgement, a local batch, which every peer node holds
+            // and at or above the last local batch up to `head`. A source's copy cursor at or
+            // above it needs nothing of this stream read again (§7).
+            recorded = r.least_acknowledgement().unwrap_or(head);
         }
-        self.cluster.remove_self(revision, head).await?;
-        Ok(pb::RemoveNodeResponse { head, pullers })
+        self.cluster.remove_self(revision, recorded).await?;
+        Ok(pb::RemoveNodeResponse { head: recorded, pullers })
     }
 
     // ---- The target's half.

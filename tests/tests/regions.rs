@@ -395,7 +395,27 @@ async fn a_removed_node_is_drained_and_pulled_no_more() {
         let phases = run_move(&nodes[2].cluster, r.first, r.last, "a2").await.expect("move to a2");
         assert_eq!(phases.last().map(String::as_str), Some("done"), "{phases:?}");
     }
+    // Region 1 keeps writing meanwhile: b2 applies its batches, so its log grows past its own
+    // last batch while it drains (only its own batches count).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (c, stop) = (nodes[0].clients.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rounds = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let rows = (0..8).map(|i| clicks_row(&format!("busy{i}"), T0 + rounds, rounds)).collect();
+                let mut f = c.features.clone();
+                f.write_features(pb::WriteFeaturesRequest { rows, ..Default::default() }).await.expect("write");
+                rounds += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            rounds
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let removed = remove(&nodes[3], "b2").await.expect("b2 leaves");
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    assert!(writer.await.expect("writer") > 10, "region 1 wrote through the removal");
     assert_eq!(removed.pullers, 2, "{removed:?}");
     assert!(removed.head > 0, "{removed:?}");
     eventually("a2 sees b2 removed", Duration::from_secs(30), || async {

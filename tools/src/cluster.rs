@@ -303,9 +303,23 @@ pub async fn remove(server: &Server, json: bool, node: &str, dry_run: bool, retr
     if !json {
         println!("{node} owns no slot: waiting for every peer node to pull its stream");
     }
+    // Asked again (as a move is resumed) while the peers are still pulling its stream
+    // (`UNAVAILABLE`) or the map changed meanwhile (`ABORTED`).
     let target = node_at(server, &address);
     let mut c = pb::cluster_service_client::ClusterServiceClient::new(target.channel().await?);
-    let r = c.remove_node(pb::RemoveNodeRequest { node: node.to_string() }).await.map_err(grpc)?.into_inner();
+    let (mut wait, mut attempt) = (MOVE_RETRY_WAIT_MIN, 0);
+    let r = loop {
+        match c.remove_node(pb::RemoveNodeRequest { node: node.to_string() }).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) if attempt < retries && matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Aborted) => {
+                attempt += 1;
+                eprintln!("quiver: {}; asking again in {} ms ({attempt}/{retries})", grpc(e), wait.as_millis());
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MOVE_RETRY_WAIT_MAX);
+            }
+            Err(e) => return Err(grpc(e)),
+        }
+    };
     if json {
         println!("{}", serde_json::json!({ "removed": node, "head": r.head, "pullers": r.pullers }));
     } else {

@@ -489,16 +489,17 @@ enum ClusterCmd {
         retries: u32,
     },
     /// Remove a running node from the region for good (server/CLUSTER.md §7): its slots move
-    /// to the other nodes (evened out, as rebalance does), then, once every node of every peer
-    /// region has pulled its stream to its head, it leaves etcd and its peers stop pulling from
-    /// it. Stop it afterwards; its id never registers again.
+    /// to the other live nodes (each to the one owning fewest), then, once every node of every
+    /// peer region has pulled its stream to its head, it leaves etcd and its peers stop pulling
+    /// from it. Stop it afterwards; its id never registers again.
     Remove {
         /// The node's id.
         node: String,
         /// Print the moves and remove nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Times to resume each move after a node was unreachable.
+        /// Times to resume each move after a node was unreachable, and to ask the node to
+        /// leave again while its peers still pull its stream or the map changed meanwhile.
         #[arg(long, default_value_t = cluster::MOVE_RETRIES_DEFAULT)]
         retries: u32,
     },

@@ -57,6 +57,10 @@ pub(super) struct PeerSlot {
     /// Pulls no more: a seed whose region is sharded, or the puller of a node removed from
     /// its region (drained: `server/CLUSTER.md` §7, "Removing a node").
     pub(super) retired: AtomicBool,
+    /// For the puller of a removed node: one past the head its region recorded (every peer
+    /// node had pulled its stream through the head); 0 otherwise. A move's backfill still
+    /// reads the stream after a copy cursor below the head.
+    pub(super) removed_end: std::sync::atomic::AtomicU64,
     pub(super) info: Mutex<PeerInfo>,
     pub(super) paused: AtomicBool,
     pub(super) rebootstrap: AtomicBool,
@@ -74,6 +78,7 @@ impl PeerSlot {
             stream,
             seed,
             retired: AtomicBool::new(false),
+            removed_end: std::sync::atomic::AtomicU64::new(0),
             info: Mutex::new(PeerInfo { state: pb::PeerState::Connecting as i32, ..PeerInfo::default() }),
             paused: AtomicBool::new(false),
             rebootstrap: AtomicBool::new(false),
@@ -294,6 +299,36 @@ impl Replicator {
                 r => r?,
             };
         }
+        // A node removed from its peer region after the source's copy: the source had pulled
+        // its stream through the removal's head, but perhaps not through the copy's view, so
+        // what lies between is read from the removed node while it still runs (§7).
+        let removed: Vec<Arc<PeerSlot>> = self
+            .peers
+            .read()
+            .iter()
+            .filter(|p| p.retired.load(Ordering::Acquire) && p.removed_end.load(Ordering::Acquire) > 0)
+            .cloned()
+            .collect();
+        for slot in removed {
+            let after = cursors.get(&(slot.peer.region, slot.stream)).copied().unwrap_or(0);
+            if after.saturating_add(1) >= slot.removed_end.load(Ordering::Acquire) {
+                continue;
+            }
+            let got = match self.backfill_stream(&slot, &set, after).await {
+                Err(s) if s.code() == tonic::Code::OutOfRange => self.backfill_snapshot(&slot, &set).await,
+                r => r,
+            };
+            applied += got.map_err(|e| {
+                Status::aborted(format!(
+                    "node {:?} of region {} was removed from its region while this move ran, and its stream after \
+                     the copy cannot be read ({}); abort the move (quiver cluster move --abort) and run it again: a new \
+                     copy holds it",
+                    slot.node,
+                    slot.peer.region,
+                    e.message()
+                ))
+            })?;
+        }
         Ok(applied)
     }
 
@@ -477,6 +512,7 @@ impl Replicator {
             for gone in &answer.removed {
                 let removed = |p: &&Arc<PeerSlot>| p.peer.region == region && p.stream == gone.stream && !p.seed;
                 for p in peers.iter().filter(removed) {
+                    p.removed_end.fetch_max(gone.head.saturating_add(1), Ordering::AcqRel);
                     if !p.retired.swap(true, Ordering::AcqRel) {
                         tracing::info!(peer = region, node = %p.node, "the node was removed from its region: pulling from it no more");
                         p.wake.notify_waiters();
@@ -663,7 +699,11 @@ impl Replicator {
         slot.pull_revision.store(revision, Ordering::Release);
         let mut chain = Chain::new(after, cursor);
         loop {
-            if self.stopping() || slot.paused.load(Ordering::Acquire) || slot.rebootstrap.load(Ordering::Acquire) {
+            if self.stopping()
+                || slot.paused.load(Ordering::Acquire)
+                || slot.rebootstrap.load(Ordering::Acquire)
+                || slot.retired.load(Ordering::Acquire)
+            {
                 return Ok(());
             }
             let msg = tokio::select! {
@@ -800,19 +840,72 @@ impl Replicator {
         }
     }
 
-    /// The nodes that pull from this node (those it pulls from) and have not acknowledged its
-    /// log through `head`, each with what it has acknowledged (`None`: nothing yet). Empty:
+    /// The nodes that pull from this node (those it pulls from) and have not pulled its
+    /// stream through `head`, each with what it has acknowledged (`None`: nothing yet). A
+    /// puller's acknowledgement is the last *local* batch it applied (only those are shipped),
+    /// so one below `head` still counts as through it when no local batch lies between. Empty:
     /// every peer node holds this node's stream up to `head` (a removal's drain, §7).
-    pub fn not_pulled_through(&self, head: u64) -> Vec<(u32, String, Option<u64>)> {
+    pub async fn not_pulled_through(&self, head: u64) -> Vec<(u32, String, Option<u64>)> {
+        let acked: Vec<(u32, String, Option<u64>)> = {
+            let acks = self.acks.lock();
+            self.slots()
+                .iter()
+                .map(|p| (p.peer.region, p.node.clone()))
+                .map(|(region, node)| {
+                    let a = acks.get(&(region, node.clone())).copied();
+                    (region, node, a)
+                })
+                .collect()
+        };
+        let mut behind = Vec::new();
+        for (region, node, a) in acked {
+            let through = match a {
+                None => false,
+                Some(a) if a >= head => true,
+                Some(a) => {
+                    let db = self.db.clone();
+                    // The next local batch after the acknowledgement (an error, e.g. a log
+                    // pruned past it: not through).
+                    let next = self.run(move || db.origin_log(a, 1).map_err(|e| storage_status(&e))).await;
+                    next.is_ok_and(|b| b.first().is_none_or(|b| b.seqno > head))
+                }
+            };
+            if !through {
+                behind.push((region, node, a));
+            }
+        }
+        behind
+    }
+
+    /// Asks every sharded peer region for its members now (as the pullers do every
+    /// [`MEMBERS_POLL`]) and starts pullers for the nodes that joined: a removal's drain then
+    /// waits for them too.
+    pub async fn refresh_members(self: &Arc<Self>) {
+        let seeds: Vec<Arc<PeerSlot>> = self.peers.read().iter().filter(|p| p.seed).cloned().collect();
+        for seed in seeds {
+            let region = seed.peer.region;
+            let mut asked = vec![seed.clone()];
+            asked.extend(self.slots().into_iter().filter(|p| p.peer.region == region && !p.seed));
+            for at in asked {
+                if let Ok(Some(members)) = self.members(&at).await {
+                    self.adopt(region, members);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The least acknowledgement of this node's log by the nodes it pulls from (`None`: one has
+    /// not acknowledged yet, or there are none). After a drain through a log position, every
+    /// local batch up to it is at or below this (acknowledgements are local batches).
+    pub fn least_acknowledgement(&self) -> Option<u64> {
         let acks = self.acks.lock();
-        self.slots()
-            .iter()
-            .map(|p| (p.peer.region, p.node.clone()))
-            .filter_map(|(region, node)| {
-                let acked = acks.get(&(region, node.clone())).copied();
-                acked.is_none_or(|a| a < head).then_some((region, node, acked))
-            })
-            .collect()
+        let mut least: Option<u64> = None;
+        for p in self.slots() {
+            let a = acks.get(&(p.peer.region, p.node.clone())).copied()?;
+            least = Some(least.map_or(a, |l| l.min(a)));
+        }
+        least
     }
 
     /// How many pullers this node runs (retired ones left out).

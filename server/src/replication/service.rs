@@ -91,9 +91,14 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
             Some(cluster) => {
                 let me = cluster.config();
                 let removed: Vec<pb::Member> = cluster
-                    .removed()
+                    .removed_heads()
                     .into_iter()
-                    .map(|node| pb::Member { stream: super::stream_of(&node), node, address: String::new() })
+                    .map(|(node, head)| pb::Member {
+                        stream: super::stream_of(&node),
+                        node,
+                        address: String::new(),
+                        head,
+                    })
                     .collect();
                 let mut members: Vec<pb::Member> = cluster
                     .status()
@@ -101,7 +106,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                     .into_iter()
                     .filter(|n| !n.addr.is_empty() && n.node != me.node && n.region == r.region)
                     .filter(|n| !removed.iter().any(|g| g.node == n.node))
-                    .map(|n| pb::Member { stream: super::stream_of(&n.node), node: n.node, address: n.addr })
+                    .map(|n| pb::Member { stream: super::stream_of(&n.node), node: n.node, address: n.addr, head: 0 })
                     .collect();
                 // Itself, registered in etcd yet or not (unless removed: it answers until it
                 // is stopped).
@@ -110,6 +115,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
                         node: me.node.clone(),
                         address: me.advertise.clone(),
                         stream: super::stream_of(&me.node),
+                        head: 0,
                     });
                 }
                 (members, removed)
