@@ -907,9 +907,9 @@ impl Cluster {
         if self.is_removed(to) || !got.kvs().is_empty() {
             return Err(tonic::Status::failed_precondition(format!("node {to:?} was removed from the region")));
         }
-        let absent = Compare::create_revision(removed_key, CompareOp::Equal, 0);
+        let absent = Compare::create_revision(removed_key.clone(), CompareOp::Equal, 0);
         let to = to.to_string();
-        let map = self
+        let changed = self
             .change_map_when(vec![absent], |map| {
                 if map.moves.iter().any(|m| m.first == first && m.last == last && m.to == to) {
                     return Ok(None);
@@ -940,7 +940,21 @@ impl Cluster {
                 moves.sort_by_key(|m| m.first);
                 Ok(Some((map.runs.clone(), moves)))
             })
-            .await?;
+            .await;
+        let map = match changed {
+            // A removal that landed after the check fails every attempt: say so.
+            Err(e) if e.code() == tonic::Code::Aborted => {
+                let got = client
+                    .get(removed_key, None)
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(format!("etcd: {e}")))?;
+                if got.kvs().is_empty() {
+                    return Err(e);
+                }
+                return Err(tonic::Status::failed_precondition(format!("node {to:?} was removed from the region")));
+            }
+            r => r?,
+        };
         let m = map.moves.iter().find(|m| m.first == first && m.last == last && m.to == to).cloned();
         Ok((map, m))
     }

@@ -320,7 +320,9 @@ impl Mover {
         }
         // Local batches after `head` are only this node's own writes to reserved cells
         // (registry applies, which every node of the region makes alike).
-        let head = self.db.last_seqno();
+        // Read through by the log (published and, if local, in the log), so a local batch at
+        // or below it is seen by the check.
+        let head = self.db.log_head();
         let (mut pullers, mut recorded) = (0, head);
         if let Some(r) = &self.replicator {
             // Peer nodes that joined since the last `Members` poll are waited for too.

@@ -311,6 +311,17 @@ pub async fn remove(server: &Server, json: bool, node: &str, dry_run: bool, retr
     let r = loop {
         match c.remove_node(pb::RemoveNodeRequest { node: node.to_string() }).await {
             Ok(r) => break r.into_inner(),
+            // An earlier call removed it, and its answer was lost.
+            Err(e)
+                if attempt > 0
+                    && e.code() == tonic::Code::FailedPrecondition
+                    && e.message().contains("removed already") =>
+            {
+                if !json {
+                    println!("node {node} removed (by the call before, whose answer was lost); stop its process now");
+                }
+                return Ok(());
+            }
             Err(e) if attempt < retries && matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Aborted) => {
                 attempt += 1;
                 eprintln!("quiver: {}; asking again in {} ms ({attempt}/{retries})", grpc(e), wait.as_millis());

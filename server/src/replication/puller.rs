@@ -310,7 +310,10 @@ impl Replicator {
             .cloned()
             .collect();
         for slot in removed {
-            let after = cursors.get(&(slot.peer.region, slot.stream)).copied().unwrap_or(0);
+            // A source with no cursor for the stream never pulled it: it joined after the
+            // removal (every node there before was drained), and what it holds of the stream
+            // came by moves whose sources held it through the head.
+            let Some(&after) = cursors.get(&(slot.peer.region, slot.stream)) else { continue };
             if after.saturating_add(1) >= slot.removed_end.load(Ordering::Acquire) {
                 continue;
             }
