@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -168,12 +168,8 @@ def test_empty_spine_and_bad_spines(client: quiver.Client, uid: str) -> None:
     assert client.get_historical_features(naive, ["user_stats:spend"]).to_arrow().num_rows == 1
 
 
-def run_concurrently(
-    client: quiver.Client, s: pd.DataFrame, n: int, monkeypatch: pytest.MonkeyPatch
-) -> tuple[list[pa.Table], list[float]]:
-    """n joins of spine s at once on one client; also the retry waits the SDK took."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def count_shed_waits(monkeypatch: pytest.MonkeyPatch, on_wait: Callable[[], None] | None = None) -> list[float]:
+    """The retry waits the SDK takes after sheds from now on (``on_wait`` called at each)."""
     waits: list[float] = []
     delay = _core.ShedRetry.delay
 
@@ -181,9 +177,21 @@ def run_concurrently(
         d = delay(self, e)
         if d is not None:
             waits.append(d)
+            if on_wait is not None:
+                on_wait()
         return d
 
     monkeypatch.setattr(_core.ShedRetry, "delay", counted)
+    return waits
+
+
+def run_concurrently(
+    client: quiver.Client, s: pd.DataFrame, n: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[pa.Table], list[float]]:
+    """n joins of spine s at once on one client; also the retry waits the SDK took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    waits = count_shed_waits(monkeypatch)
     with ThreadPoolExecutor(n) as pool:
         tables = list(pool.map(lambda _: client.get_historical_features(s, ["user_stats:spend"]).to_arrow(), range(n)))
     return tables, waits
@@ -225,17 +233,7 @@ def test_a_join_shed_for_load_is_sent_again_after_the_advice(
                 held = fs_grpc.FeatureServiceStub(channel).WriteFeaturesStream.future(idle_stream())
                 try:
                     wait_for_requests_in_flight(daemon, 1)
-                    waits: list[float] = []
-                    delay = _core.ShedRetry.delay
-
-                    def counted(self: _core.ShedRetry, e: Exception) -> float | None:
-                        d = delay(self, e)
-                        if d is not None:
-                            waits.append(d)
-                            release.set()
-                        return d
-
-                    monkeypatch.setattr(_core.ShedRetry, "delay", counted)
+                    waits = count_shed_waits(monkeypatch, on_wait=release.set)
                     out = q.get_historical_features(s, ["user_stats:spend"]).to_arrow()
                 finally:
                     release.set()

@@ -46,6 +46,37 @@ async fn clicks(c: &Clients, users: &[String]) -> Vec<Option<i64>> {
         .collect()
 }
 
+/// Once every node of each region (the first `ones` nodes are region 1) is registered, creates
+/// both maps, waits for every node to hold its map, and applies the registry in region 1 (to
+/// each of its nodes, in the same order) until it reaches region 2.
+async fn init_regions(nodes: &[Node], ones: usize) {
+    for (seed, size) in [(0, ones), (ones, nodes.len() - ones)] {
+        let n = &nodes[seed];
+        eventually("every node of a region registered", Duration::from_secs(30), || async {
+            status(n).await.nodes.iter().filter(|x| x.live).count() == size
+        })
+        .await;
+        let mut c = n.cluster.clone();
+        c.init_slots(pb::InitSlotsRequest {}).await.expect("init");
+    }
+    for n in nodes {
+        eventually("the map", Duration::from_secs(30), || async {
+            status(n).await.map.is_some_and(|m| m.revision > 0)
+        })
+        .await;
+    }
+    for n in &nodes[..ones] {
+        n.clients.registry.clone().apply_registry(example_registry()).await.expect("apply");
+    }
+    for n in &nodes[ones..] {
+        eventually("the registry in region 2", Duration::from_secs(30), || async {
+            let mut r = n.clients.registry.clone();
+            r.get_feature_group(pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 }).await.is_ok()
+        })
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sharded_regions_replicate_each_slot_to_its_owners() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -69,33 +100,7 @@ async fn two_sharded_regions_replicate_each_slot_to_its_owners() {
         let cluster = pb::cluster_service_client::ClusterServiceClient::new(daemon.channel().await);
         nodes.push(Node { id: id.to_string(), _daemon: daemon, clients, cluster });
     }
-    for (seed, size) in [(0, 2), (2, 3)] {
-        let n = &nodes[seed];
-        eventually("every node of a region registered", Duration::from_secs(30), || async {
-            status(n).await.nodes.iter().filter(|x| x.live).count() == size
-        })
-        .await;
-        let mut c = n.cluster.clone();
-        c.init_slots(pb::InitSlotsRequest {}).await.expect("init");
-    }
-    for n in &nodes {
-        eventually("the map", Duration::from_secs(30), || async {
-            status(n).await.map.is_some_and(|m| m.revision > 0)
-        })
-        .await;
-    }
-    // The registry is applied in region 1 (to each of its nodes, in the same order) and
-    // reaches region 2 from both.
-    for n in &nodes[..2] {
-        n.clients.registry.clone().apply_registry(example_registry()).await.expect("apply");
-    }
-    for n in &nodes[2..] {
-        eventually("the registry in region 2", Duration::from_secs(30), || async {
-            let mut r = n.clients.registry.clone();
-            r.get_feature_group(pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 }).await.is_ok()
-        })
-        .await;
-    }
+    init_regions(&nodes, 2).await;
 
     // Users of every shard, written in region 1 through a1 and in region 2 through c2.
     let ones: Vec<String> = (0..40).map(|i| format!("one{i}")).collect();
@@ -319,31 +324,7 @@ async fn a_removed_node_is_drained_and_pulled_no_more() {
     for i in 0..spec.len() {
         nodes.push(start(i).await);
     }
-    for seed in [0, 2] {
-        let n = &nodes[seed];
-        eventually("every node of a region registered", Duration::from_secs(30), || async {
-            status(n).await.nodes.iter().filter(|x| x.live).count() == 2
-        })
-        .await;
-        let mut c = n.cluster.clone();
-        c.init_slots(pb::InitSlotsRequest {}).await.expect("init");
-    }
-    for n in &nodes {
-        eventually("the map", Duration::from_secs(30), || async {
-            status(n).await.map.is_some_and(|m| m.revision > 0)
-        })
-        .await;
-    }
-    for n in &nodes[..2] {
-        n.clients.registry.clone().apply_registry(example_registry()).await.expect("apply");
-    }
-    for n in &nodes[2..] {
-        eventually("the registry in region 2", Duration::from_secs(30), || async {
-            let mut r = n.clients.registry.clone();
-            r.get_feature_group(pb::GetFeatureGroupRequest { name: "user_stats".into(), version: 0 }).await.is_ok()
-        })
-        .await;
-    }
+    init_regions(&nodes, 2).await;
     // Every node pulls from both nodes of the other region.
     let pulled = |n: &Node| {
         let mut admin = n.clients.admin.clone();

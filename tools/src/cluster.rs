@@ -227,6 +227,18 @@ pub async fn init(server: &Server, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Prints a plan's moves, one line (or JSON object) each.
+fn print_plan(plan: &[quiver_server::cluster::PlannedMove], json: bool) {
+    for m in plan {
+        if json {
+            let line = serde_json::json!({ "plan": { "first": m.first, "last": m.last, "from": m.from, "to": m.to } });
+            println!("{line}");
+        } else {
+            println!("plan: slots {}..={} from {} to {}", m.first, m.last, m.from, m.to);
+        }
+    }
+}
+
 /// `quiver cluster rebalance`: plans the moves that even the slots out over the live nodes
 /// (`quiver_server::cluster::plan_rebalance`) and runs them one after another.
 pub async fn rebalance(server: &Server, json: bool, dry_run: bool, retries: u32) -> Result<()> {
@@ -238,14 +250,7 @@ pub async fn rebalance(server: &Server, json: bool, dry_run: bool, retries: u32)
     let map = quiver_server::cluster::SlotMap::from_pb(&s.map.unwrap_or_default())?;
     let live: Vec<String> = s.nodes.iter().filter(|n| n.live).map(|n| n.node.clone()).collect();
     let plan = quiver_server::cluster::plan_rebalance(&map, &live)?;
-    for m in &plan {
-        if json {
-            let line = serde_json::json!({ "plan": { "first": m.first, "last": m.last, "from": m.from, "to": m.to } });
-            println!("{line}");
-        } else {
-            println!("plan: slots {}..={} from {} to {}", m.first, m.last, m.from, m.to);
-        }
-    }
+    print_plan(&plan, json);
     if plan.is_empty() && !json {
         println!("the slots are even over {} nodes: nothing to move", live.len());
     }
@@ -286,14 +291,7 @@ pub async fn remove(server: &Server, json: bool, node: &str, dry_run: bool, retr
     let map = quiver_server::cluster::SlotMap::from_pb(&s.map.unwrap_or_default())?;
     let live: Vec<String> = s.nodes.iter().filter(|n| n.live).map(|n| n.node.clone()).collect();
     let plan = quiver_server::cluster::plan_removal(&map, &live, node)?;
-    for m in &plan {
-        if json {
-            let line = serde_json::json!({ "plan": { "first": m.first, "last": m.last, "from": m.from, "to": m.to } });
-            println!("{line}");
-        } else {
-            println!("plan: slots {}..={} from {} to {}", m.first, m.last, m.from, m.to);
-        }
-    }
+    print_plan(&plan, json);
     if dry_run {
         return Ok(());
     }
